@@ -1,0 +1,28 @@
+"""Test set-up: repo root on sys.path, offline, deterministic, Triton interpreter on CPU.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here (the
+interpreter is how CPU CI runs the hand-written kernels; see reference/kernels-notes.md §C).
+"""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not os.environ.get("CUDA_VISIBLE_DEVICES_FORCE_GPU"):
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:
+        pass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
