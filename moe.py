@@ -60,3 +60,13 @@ class SparseMoeBlock(nn.Module):
         logits, w, ids = self.route(x2d)
         y = self.experts(x2d, w, ids)
         return y.reshape(B, T, H), logits
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int):
+    """Switch-style auxiliary loss over all MoE layers (as HF `load_balancing_loss_func`):
+    E · Σ_e (fraction of top-k slots routed to e) · (mean router probability of e)."""
+    logits = torch.cat(list(router_logits), 0)                          # (L*N, E)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    ids = torch.topk(probs, top_k, dim=-1).indices                      # (L*N, k)
+    tokens_per_expert = torch.nn.functional.one_hot(ids, num_experts).float().mean(0)  # (k, E)
+    return num_experts * (tokens_per_expert * probs.mean(0)[None]).sum()

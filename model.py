@@ -1,0 +1,676 @@
+"""SAIL-VL2: SAIL-ViT -> 2×2 pixel shuffle -> MLP adapter -> Qwen3 LLM (paper §2, Table 1).
+
+Reads top-down in the paper's order:
+  §2.3 / facts §1.3   Qwen3 LLM (dense; MoE layers by HF's rule, block in moe.py, §2.2)
+  §2.1 / facts §1.2   pixel shuffle v2 (ratio 0.5) and the `mlp1` adapter
+  §2                  `SAILVL`: visual tokens fill the `<IMG_CONTEXT>` positions, shifted CE loss
+                      KV-cache generation (greedy / temperature / top-p, batched, stop tokens)
+  facts §1.4          checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
+                      SAIL-VL2 HF folders, HF Qwen3 / Qwen3-MoE folders (`load_hf_llm`)
+  Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b
+
+`LLMConfig` uses HF config.json field names, so a Qwen3 config.json loads directly. Parameter
+names equal HF's (`model.layers.N.self_attn.q_proj`…) so no renaming table is needed.
+
+`python model.py --preset 8b` prints the parameter counts of a preset (built on the meta device).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+import moe
+import vit
+from vit import RMSNorm, ViTConfig, load_state_dict_strict, read_safetensors_folder
+
+
+# ==============================================================================================
+# Qwen3 LLM (facts §1.3, §3)
+
+@dataclass
+class LLMConfig:
+    """Qwen3 / Qwen3-MoE configuration; field names are HF config.json's."""
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 151643
+    eos_token_id: int | None = 151645
+    pad_token_id: int | None = 151643
+    # MoE (Qwen3-MoE, §2.2); num_experts == 0 means a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+    model_type: str = "qwen3"
+
+    def is_moe_layer(self, i: int) -> bool:
+        """HF's rule (Qwen3MoeDecoderLayer): which decoder layers carry the sparse MoE block."""
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    def moe_config(self) -> "moe.MoEConfig":
+        return moe.MoEConfig(hidden_size=self.hidden_size, moe_intermediate_size=self.moe_intermediate_size,
+                             num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                             norm_topk_prob=self.norm_topk_prob, router_aux_loss_coef=self.router_aux_loss_coef)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LLMConfig":
+        """From an HF Qwen3 / Qwen3-MoE config.json (old and new spellings); refuses features we do
+        not implement rather than building a silently different model."""
+        d = dict(d)
+        rope = d.pop("rope_parameters", None) or {}
+        if "rope_theta" not in d and "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            raise ValueError(f"unsupported LLM config: RoPE scaling {scaling!r} (only plain RoPE is implemented)")
+        if d.get("use_sliding_window") or any(t != "full_attention" for t in d.get("layer_types") or []):
+            raise ValueError("unsupported LLM config: sliding-window attention is on "
+                             f"(use_sliding_window={d.get('use_sliding_window')}, sliding_window={d.get('sliding_window')})")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported LLM config: hidden_act={d['hidden_act']!r} (only silu)")
+        if "num_experts" not in d and "num_local_experts" in d:   # transformers v5 spelling
+            d["num_experts"] = d["num_local_experts"]
+        if d.get("model_type", "qwen3") not in ("qwen3", "qwen3_moe"):
+            raise ValueError(f"unsupported LLM model_type {d['model_type']!r} (expected qwen3 or qwen3_moe)")
+        if d.get("model_type") == "qwen3_moe":
+            d.setdefault("norm_topk_prob", False)                    # HF Qwen3MoeConfig default
+            d.setdefault("tie_word_embeddings", False)
+        ours = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in ours}
+        if kw.get("head_dim") is None:
+            kw["head_dim"] = kw.get("hidden_size", cls.hidden_size) // kw.get("num_attention_heads", cls.num_attention_heads)
+        for k in ("eos_token_id",):                                  # lists allowed in HF: keep the first
+            if isinstance(kw.get(k), list):
+                kw[k] = kw[k][0]
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model_type"] = "qwen3_moe" if self.num_experts > 0 else "qwen3"
+        d["architectures"] = ["Qwen3MoeForCausalLM" if self.num_experts > 0 else "Qwen3ForCausalLM"]
+        return d
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+    """position_ids (B, T) -> cos, sin (B, T, 1, head_dim), the non-interleaved (rotate-half) form."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq                  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                              # (B, T, hd)
+    return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
+
+
+class KVCache:
+    """Static per-layer key/value buffers (B, max_len, Hkv, hd) and the number of filled slots."""
+
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v):                                  # k, v (B, t, Hkv, hd)
+        t = k.shape[1]
+        if self.pos + t > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.pos} + {t} > {self.max_len}")
+        self.k[layer][:, self.pos:self.pos + t] = k
+        self.v[layer][:, self.pos:self.pos + t] = v
+        return self.k[layer][:, :self.pos + t], self.v[layer][:, :self.pos + t]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, H * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, Hkv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, Hkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * hd, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)     # qk-norm over head_dim, before RoPE
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, mask=None, cache=None):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, hd))               # (B, T, H, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, hd))               # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, -1, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cu_seqlens is not None:                                       # packed row: samples never mix
+            out = kernels.packed_attention(q[0], k[0], v[0], cu_seqlens, causal=True)[None]
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)                    # (B, S, Hkv, hd)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=mask, is_causal=mask is None, enable_gqa=True).transpose(1, 2)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.mlp = moe.SparseMoeBlock(cfg.moe_config()) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, mask, cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, router_logits = self.mlp(h)
+        else:
+            h, router_logits = self.mlp(h), None
+        return x + h, router_logits
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def decode_mask(attention_mask, past: int, t: int):
+    """Boolean SDPA mask (B, 1, t, past+t) for a step over `t` new tokens after `past` cached ones:
+    causal and blind to padding; each query also sees itself so fully padded rows stay finite."""
+    S = past + t
+    q_pos = torch.arange(past, S, device=attention_mask.device)
+    allowed = torch.arange(S, device=attention_mask.device)[None, :] <= q_pos[:, None]   # (t, S)
+    allowed = allowed[None] & attention_mask[:, None, :S].bool()                          # (B, t, S)
+    allowed |= torch.arange(S, device=allowed.device)[None, None, :] == q_pos[None, :, None]
+    return allowed[:, None]
+
+
+class Qwen3LM(nn.Module):
+    """Qwen3 causal LM (dense or MoE) with HF parameter names."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Qwen3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self):
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def run(self, input_ids=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
+            attention_mask=None, cache=None):
+        """-> final hidden states (B, T, H) and the router logits of each MoE layer."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        past = cache.pos if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if cu_seqlens is not None and B != 1:
+            raise ValueError(f"packed input (cu_seqlens given) must have batch size 1, got {B}")
+        mask = None
+        if cache is not None or attention_mask is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=x.device)
+            mask = decode_mask(attention_mask, past, T)
+        router_logits = []
+        for layer in self.model.layers:
+            x, rl = layer(x, cos, sin, cu_seqlens, mask, cache)
+            if rl is not None:
+                router_logits.append(rl)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x), router_logits
+
+    def forward(self, input_ids=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
+                attention_mask=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, V). With `cu_seqlens` B is 1 and the row holds packed
+        samples (`position_ids` restart per sample). `attention_mask` (B, S) marks real tokens
+        (left padding) and `cache` a KVCache, both for generation."""
+        h, _ = self.run(input_ids, position_ids, cu_seqlens, inputs_embeds, attention_mask, cache)
+        return self.lm_head(h)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, stop_tokens=(),
+                 generator=None, on_token=None):
+        """Batched generation with a KV cache. `prompts`: list of token-id lists (any lengths).
+        Returns the list of generated id lists (each ending at its first stop token, included)."""
+        embeds = [self.model.embed_tokens(torch.tensor(p, device=self.lm_head.weight.device)) for p in prompts]
+        return generate_from_embeds(self, embeds, max_new_tokens, temperature, top_p, stop_tokens, generator, on_token)
+
+
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    """logits (B, V) -> next ids (B,): greedy at temperature 0, else temperature + nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p                   # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(),
+                         generator=None, on_token=None):
+    """The decode loop shared by Qwen3LM and SAILVL: prompts given as embeddings (L_i, H), left-padded
+    into one batch; prefill once, then one token per step through the KV cache."""
+    B = len(embeds)
+    L = max(e.shape[0] for e in embeds)
+    H = embeds[0].shape[1]
+    device, dtype = embeds[0].device, embeds[0].dtype
+    x = torch.zeros(B, L, H, device=device, dtype=dtype)
+    attn = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=device)
+    for i, e in enumerate(embeds):
+        x[i, L - e.shape[0]:] = e
+        attn[i, L - e.shape[0]:L] = True
+    cache = KVCache(lm.cfg, B, L + max_new_tokens, device, dtype)
+    pos = (attn[:, :L].long().cumsum(-1) - 1).clamp(min=0)              # positions restart after padding
+    logits = lm(inputs_embeds=x, position_ids=pos, attention_mask=attn[:, :L], cache=cache)[:, -1]
+    next_pos = pos[:, -1:] + 1
+    stop = set(int(s) for s in stop_tokens)
+    out = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, generator)        # (B,)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t in stop
+        if on_token is not None:
+            on_token(nxt)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        attn[:, L + step] = True
+        logits = lm(input_ids=nxt[:, None], position_ids=next_pos, attention_mask=attn[:, :L + step + 1],
+                    cache=cache)[:, -1]
+        next_pos = next_pos + 1
+    return out
+
+
+# ==============================================================================================
+# pixel shuffle v2 and the MLP adapter (facts §1.2)
+
+def pixel_shuffle(x, h: int, w: int):
+    """(N, h*w, C) patch features -> (N, h/2 * w/2, 4C). Token (i, j) is the concatenation of the
+    2×2 neighbourhood x(2i,2j), x(2i,2j+1), x(2i+1,2j), x(2i+1,2j+1), each a full C-chunk,
+    row-major, exactly as the official `ps_version='v2'` with downsample_ratio 0.5."""
+    N, P, C = x.shape
+    if P != h * w or h % 2 or w % 2:
+        raise ValueError(f"pixel shuffle needs an even patch grid matching the tokens, got {h}×{w} for {P} tokens")
+    x = x.view(N, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 2, 4, 5)     # (N, h/2, w/2, dy, dx, C)
+    return x.reshape(N, (h // 2) * (w // 2), 4 * C)
+
+
+def make_adapter(vit_hidden: int, llm_hidden: int) -> nn.Sequential:
+    """`mlp1` = LayerNorm -> Linear -> GELU -> Linear; keys mlp1.{0,1,3} as in the checkpoint."""
+    d = 4 * vit_hidden
+    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
+
+
+# ==============================================================================================
+# SAILVL (§2)
+
+@dataclass
+class SAILVLConfig:
+    vision_config: ViTConfig = field(default_factory=ViTConfig)
+    llm_config: LLMConfig = field(default_factory=LLMConfig)
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    select_layer: int = -1
+    force_image_size: int = 448
+    template: str = "univl-chat"
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    img_context_token_id: int = 151671
+    anyres: bool = False               # AnyRes variant (§2.1.2): variable-size images, interpolated pos-embed
+    anyres_max_tokens: int = 16384     # the paper's budget: up to 1792×1792 at 16,384 input tokens
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return (self.vision_config.grid // 2) ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAILVLConfig":
+        if d.get("downsample_ratio", 0.5) != 0.5 or d.get("ps_version", "v2") != "v2":
+            raise ValueError(f"unsupported: downsample_ratio={d.get('downsample_ratio')} ps_version={d.get('ps_version')}"
+                             " (only 0.5 / v2, as SAIL-VL2)")
+        if d.get("select_layer", -1) != -1:
+            raise ValueError(f"unsupported: select_layer={d['select_layer']} (SAIL-VL2 uses -1, the final ViT output)")
+        ours = {f.name for f in fields(cls)} - {"vision_config", "llm_config"}
+        kw = {k: v for k, v in d.items() if k in ours}
+        return cls(vision_config=ViTConfig.from_dict(d["vision_config"]),
+                   llm_config=LLMConfig.from_dict(d["llm_config"]), **kw)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("vision_config", "llm_config")}
+        v = asdict(self.vision_config)
+        v.update(model_type="sailvit", use_bias=self.vision_config.mlp_bias, architectures=["SAILViTModel"])
+        return dict(architectures=["SAILVLModel"], model_type="sailvl", vision_config=v,
+                    llm_config=self.llm_config.to_dict(), **d)
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor
+    loss: torch.Tensor          # mean CE over target tokens (+ router_aux_loss_coef · aux for MoE)
+    ce_sum: torch.Tensor        # summed CE, for a global token mean across micro-batches and ranks
+    n_targets: torch.Tensor     # number of target tokens (labels != -100 after the shift)
+    aux_loss: torch.Tensor | None
+
+
+def shifted_cross_entropy(logits, labels):
+    """Sum of next-token CE over labels != -100 and the count: logits[:, i] predicts labels[:, i+1]."""
+    lg = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    tg = labels[:, 1:].reshape(-1)
+    ce_sum = F.cross_entropy(lg, tg, ignore_index=-100, reduction="sum")
+    return ce_sum, (tg != -100).sum()
+
+
+class SAILVL(nn.Module):
+    def __init__(self, cfg: SAILVLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = vit.SAILViT(cfg.vision_config)
+        self.mlp1 = make_adapter(cfg.vision_config.hidden_size, cfg.llm_config.hidden_size)
+        self.language_model = Qwen3LM(cfg.llm_config)
+
+    def init_weights(self):
+        self.vision_model.init_weights()
+        for m in self.mlp1:
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        self.language_model.init_weights()
+
+    # -- §2.1: visual tokens ------------------------------------------------------------------
+    def encode_images(self, pixel_values):
+        """Tiles (N, 3, S, S), or for AnyRes a list of images (3, H_i, W_i) -> visual tokens
+        (N_tokens, H_llm) in order: per tile/image, row-major over the shuffled grid."""
+        if isinstance(pixel_values, (list, tuple)):
+            feats, grids = self.vision_model.forward_packed(pixel_values)
+            shuffled = [pixel_shuffle(f[None], h, w)[0] for f, (h, w) in zip(feats, grids)]
+            return self.mlp1(torch.cat(shuffled, 0))
+        feats = self.vision_model(pixel_values)                          # (N, P, C)
+        p = self.cfg.vision_config.patch_size
+        h, w = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
+        return self.mlp1(pixel_shuffle(feats, h, w)).reshape(-1, self.cfg.llm_config.hidden_size)
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings with the `<IMG_CONTEXT>` positions filled, in order, by visual tokens."""
+        x = self.language_model.model.embed_tokens(input_ids)            # (B, T, H)
+        slots = input_ids == self.cfg.img_context_token_id
+        n_slots = int(slots.sum())
+        if pixel_values is None or (isinstance(pixel_values, (list, tuple)) and not pixel_values):
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} <IMG_CONTEXT> tokens but no pixel_values were given")
+            return x
+        vis = self.encode_images(pixel_values)                           # (N_tokens, H)
+        if vis.shape[0] != n_slots:
+            raise ValueError(f"image token mismatch: input_ids hold {n_slots} <IMG_CONTEXT> tokens but the "
+                             f"images give {vis.shape[0]} visual tokens")
+        return x.masked_scatter(slots[..., None], vis.to(x.dtype))
+
+    def forward(self, input_ids, pixel_values=None, labels=None, position_ids=None, cu_seqlens=None,
+                attention_mask=None):
+        """input_ids (B, T), pixel_values (N_tiles, 3, S, S) | list (AnyRes) | None.
+        Without labels: logits (B, T, V). With labels: an `Output` (loss = shifted CE over labels
+        != -100, plus the MoE load-balancing term when the LLM has MoE layers)."""
+        x = self.embed(input_ids, pixel_values)
+        h, router_logits = self.language_model.run(position_ids=position_ids, cu_seqlens=cu_seqlens,
+                                                   inputs_embeds=x, attention_mask=attention_mask)
+        logits = self.language_model.lm_head(h)
+        if labels is None:
+            return logits
+        ce_sum, n = shifted_cross_entropy(logits, labels)
+        loss = ce_sum / n.clamp(min=1)
+        aux = None
+        if router_logits:
+            c = self.cfg.llm_config
+            aux = moe.load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok)
+            loss = loss + c.router_aux_loss_coef * aux
+        return Output(logits, loss, ce_sum, n, aux)
+
+    @torch.no_grad()
+    def generate(self, prompts, pixel_values=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
+                 stop_tokens=(), generator=None, on_token=None):
+        """`prompts`: list of token-id lists whose `<IMG_CONTEXT>` slots (over all prompts, in order)
+        take the visual tokens of `pixel_values`. Returns the generated id lists."""
+        device = self.language_model.lm_head.weight.device
+        lens = [len(p) for p in prompts]
+        flat = torch.tensor([t for p in prompts for t in p], device=device)[None]
+        x = self.embed(flat, pixel_values)[0]                            # (sum L_i, H)
+        embeds = list(x.split(lens, 0))
+        return generate_from_embeds(self.language_model, embeds, max_new_tokens, temperature, top_p,
+                                    stop_tokens, generator, on_token)
+
+    # -- checkpoint I/O (facts §1.4) ------------------------------------------------------------
+    def save_pretrained(self, path: str):
+        """config.json + model.safetensors in the official SAIL-VL2 layout, written atomically."""
+        from safetensors.torch import save_file
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.cfg.llm_config.tie_word_embeddings:
+            sd.pop("language_model.lm_head.weight", None)               # shared with embed_tokens
+
+        def write(tmp):
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(self.cfg.to_dict(), f, indent=2)
+            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_dir(path, write)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu") -> "SAILVL":
+        """Our own folder or an official SAIL-VL2 HF folder (sharded safetensors, with index)."""
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+        if "vision_config" not in raw or "llm_config" not in raw:
+            raise ValueError(f"{path}/config.json is not a SAIL-VL2 config (no vision_config / llm_config)")
+        cfg = SAILVLConfig.from_dict(raw)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device).to(dtype)
+        if cfg.llm_config.tie_word_embeddings:
+            model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+        sd = normalize_state_dict(read_safetensors_folder(path), cfg.llm_config, prefix="language_model.")
+        load_state_dict_strict(model, sd, f"SAIL-VL2 weights from {path}")
+        return model
+
+
+# ==============================================================================================
+# checkpoint helpers shared by SAILVL, load_hf_llm and the trainer
+
+def atomic_write_dir(path: str, write_fn):
+    """Write a folder atomically: `write_fn(tmp)` fills a temp folder beside `path`, which then
+    replaces `path` by rename; a crash leaves either the old folder or the new one, never half."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        write_fn(tmp)
+        for name in os.listdir(tmp):                                     # flush file contents to disk
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
+    """Bring LLM tensors to our layout: strip `_orig_mod.` (torch.compile), drop a tied lm_head,
+    stack per-expert MoE weights (hub layout `mlp.experts.N.{gate,up,down}_proj.weight`) or split
+    the fused transformers-v5 layout (`experts.gate_up_proj` (E, 2I, H)) into (E, I, H) tensors."""
+    sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+    if cfg.tie_word_embeddings:
+        sd.pop(prefix + "lm_head.weight", None)
+    experts = {}
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if "experts" in parts:
+            i = parts.index("experts")
+            if parts[i + 1].isdigit():                                   # ...experts.N.gate_proj.weight
+                experts.setdefault((".".join(parts[:i + 1]), parts[i + 2]), {})[int(parts[i + 1])] = v
+                continue
+            if parts[i + 1] == "gate_up_proj":                           # fused (E, 2I, H): gate first
+                gate, up = v.chunk(2, dim=1)
+                base = ".".join(parts[:i + 1])
+                out[base + ".gate_proj"], out[base + ".up_proj"] = gate.contiguous(), up.contiguous()
+                continue
+        out[k] = v
+    for (base, proj), per in experts.items():
+        if sorted(per) != list(range(cfg.num_experts)):
+            raise ValueError(f"{base}: expected experts 0..{cfg.num_experts - 1} for {proj}, found {sorted(per)[:8]}...")
+        out[f"{base}.{proj}"] = torch.stack([per[e] for e in range(cfg.num_experts)])
+    return out
+
+
+def load_hf_llm(path: str, dtype=torch.float32, device="cpu") -> Qwen3LM:
+    """A folder saved by HF `Qwen3ForCausalLM` or `Qwen3MoeForCausalLM` (config.json + safetensors,
+    sharded with an index or not)."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = LLMConfig.from_dict(json.load(f))
+    with torch.device("meta"):
+        lm = Qwen3LM(cfg)
+    lm = lm.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    sd = normalize_state_dict(read_safetensors_folder(path), cfg)
+    load_state_dict_strict(lm, sd, f"Qwen3 weights from {path}")
+    return lm
+
+
+# ==============================================================================================
+# presets (paper Table 1) and the model factory
+
+def preset_config(name: str) -> SAILVLConfig:
+    """tiny (CPU default) / tiny-moe / tiny-anyres, and the paper's 2b / 8b / 30b-a3b."""
+    qwen3_1_7b = LLMConfig()                                             # facts §1.3
+    qwen3_8b = LLMConfig(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    qwen3_30b_a3b = LLMConfig(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                              num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
+                              num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                              norm_topk_prob=True)
+    tiny_llm = LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    tiny = dict(vision_config=ViTConfig.preset("tiny"), force_image_size=112, max_dynamic_patch=4,
+                img_context_token_id=TINY_IMG_CONTEXT_ID)
+    presets = {
+        "tiny": SAILVLConfig(llm_config=tiny_llm, **tiny),
+        "tiny-moe": SAILVLConfig(llm_config=LLMConfig(**{**asdict(tiny_llm), "num_experts": 8,
+                                                         "num_experts_per_tok": 2, "moe_intermediate_size": 96,
+                                                         "decoder_sparse_step": 1, "norm_topk_prob": True}), **tiny),
+        "tiny-anyres": SAILVLConfig(llm_config=tiny_llm, anyres=True, anyres_max_tokens=256, **tiny),
+        "2b": SAILVLConfig(llm_config=qwen3_1_7b),
+        "8b": SAILVLConfig(llm_config=qwen3_8b),
+        "30b-a3b": SAILVLConfig(llm_config=qwen3_30b_a3b),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(presets)}")
+    return presets[name]
+
+
+# Id of <IMG_CONTEXT> in the embedded default tokenizer (data.load_tokenizer(None)): 256 bytes first,
+# then the special tokens; test_model checks the two agree.
+TINY_IMG_CONTEXT_ID = 263
+
+
+def build_model(preset: str = "tiny", device="cpu", seed: int | None = 0) -> SAILVL:
+    """A randomly initialised SAILVL. Big presets can be built with device='meta' (no memory)."""
+    cfg = preset_config(preset)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device("meta" if device == "meta" else "cpu"):
+        model = SAILVL(cfg)
+    if device != "meta":
+        model.init_weights()
+        model = model.to(device)
+    return model
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Print a SAIL-VL2 preset's configuration and parameter counts "
+                                             "(built on the meta device, so no memory is used).")
+    ap.add_argument("--preset", default="tiny", help="tiny | tiny-moe | tiny-anyres | 2b | 8b | 30b-a3b")
+    args = ap.parse_args()
+    model = build_model(args.preset, device="meta")
+    print(json.dumps(model.cfg.to_dict(), indent=2))
+    lm = model.language_model
+    active = count_params(lm)
+    if lm.cfg.num_experts:
+        c = lm.cfg
+        n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+        per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+        active -= n_moe * (c.num_experts - c.num_experts_per_tok) * per_expert
+    print(f"vision {count_params(model.vision_model) / 1e9:.3f}B | adapter {count_params(model.mlp1) / 1e9:.3f}B | "
+          f"llm {count_params(lm) / 1e9:.3f}B (active {active / 1e9:.3f}B) | total {count_params(model) / 1e9:.3f}B")
+
+
+if __name__ == "__main__":
+    main()
