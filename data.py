@@ -1,0 +1,1649 @@
+"""Everything between files on disk and the tensors SAIL-VL2 eats (arXiv 2509.14033).
+
+Sections, in the paper's order:
+
+  1. Tokenizer       Qwen3's byte-level BPE as a tiktoken Encoding; embedded byte-level default (§2.2 LLM)
+  2. Chat template   `univl-chat` (the official conversation template), `<image>`/`<video>` expansion,
+                     label masking per training mode (SFT §4.2.1, LongCoT §4.2.2, Think-Fusion §4.2.4)
+  3. Images          official dynamic tiling + thumbnail (InternVL rule), AnyRes resizing (§2.1.2)
+  4. Video           uniform-segment frame sampling with PyAV, one tile per frame (§6.1)
+  5. Records         JSONL manifests (LLaVA/InternVL `conversations`, `messages`, `text`), bad-input policy
+  6. Curation §3.1   judge-score quality filter (VIR/ITA), chart rendering + QA, caption -> QA
+  7. Resampling      dataset-level mixture (§3.2.2 step 1), n-gram linguistic rebalancing (step 2),
+                     the deterministic, resumable training stream
+  8. LongCoT §4.2.2  format normalisation, dedup, redundancy filter, CoT-length balancing
+  9. Synthetic data  the embedded default dataset (PNG + MP4 + JSONL) and the stage -> data-mix table
+ 10. Command line    `python data.py {synth,check,rebalance,filter,charts,caption2qa,longcot} --help`
+
+Conventions: `labels` are aligned with `input_ids` (the model shifts them, as HF does) and hold -100
+where no loss is taken. Every bad input raises `DataError` naming file and line; datasets skip and
+count such samples and stop when too many are bad. Nothing here downloads anything.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import unicodedata
+from collections import Counter, namedtuple
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import tiktoken
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+
+class DataError(Exception):
+    """A bad sample: `reason` is a short category used for counting, `where` is 'file:line'."""
+
+    def __init__(self, reason: str, where: str, message: str):
+        super().__init__(f"{where}: {message}")
+        self.reason, self.where, self.message = reason, where, message
+
+
+class TooMuchBadData(RuntimeError):
+    """Raised when the fraction of bad samples passes DataConfig.max_bad_fraction."""
+
+
+@dataclass
+class DataConfig:
+    """How samples are turned into tensors. Defaults are the official SAIL-VL2-2B values."""
+    image_size: int = 448          # tile side (official 448; the tiny preset uses 112)
+    patch_size: int = 14           # ViT patch side
+    downsample: int = 2            # pixel shuffle merges downsample x downsample patches into one token
+    min_tiles: int = 1
+    max_tiles: int = 12            # config.json max_dynamic_patch (the processor file says 10)
+    use_thumbnail: bool = True
+    anyres: bool = False           # AnyRes variant (§2.1.2): one variable-size image instead of tiles
+    anyres_max_patches: int = 16384  # 1792x1792 at patch 14, the paper's maximum
+    anyres_min_patches: int = 16
+    num_frames: int = 16           # frames sampled per video (unverified for SAIL-VL2: InternVL-style)
+    max_len: int = 8192            # longer samples are bad input (reason 'too_long')
+    label_mode: str = "sft"        # sft | longcot | thinkfusion | rl | text (see LABEL_MODES)
+    think: str = "auto"            # auto | on | off: append THINK_PROMPT to user turns
+    system: str = ""               # empty -> DEFAULT_SYSTEM
+    max_bad_fraction: float = 0.05
+    bad_check_after: int = 100     # judge the bad fraction only after this many samples
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Visual tokens per tile after pixel shuffle: (448/14)^2/4 = 256; (112/14)^2/4 = 16."""
+        return (self.image_size // self.patch_size // self.downsample) ** 2
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Tokenizer: Qwen3's byte-level BPE in tiktoken
+#
+# HF `tokenizers` BPE repeatedly merges the adjacent pair with the best *merge priority* (its index
+# in merges.txt); tiktoken repeatedly merges the adjacent pair whose *concatenated bytes* have the
+# lowest rank, and uses that rank as the token id. The two agree when (a) each merged token is made
+# by exactly one merge and (b) merged tokens' ids increase with merge priority: then rank(a+b) ==
+# id(a+b) orders pairs exactly as priority(a, b) does. Qwen's vocab (ids 256+i for merge i) and any
+# vocab trained by HF's BpeTrainer satisfy both; `bpe_ranks` checks them and refuses otherwise.
+
+# Qwen2/Qwen3 pre-tokenizer (tokenizer.json: Split(Regex, Isolated) then ByteLevel(use_regex=false)).
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# GPT-2's pattern, used when a tokenizer.json relies on ByteLevel(use_regex=true) instead.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# The SAIL-VL2 added tokens; in the embedded default they take ids 256.. in this order
+# (model.TINY_IMG_CONTEXT_ID relies on <IMG_CONTEXT> being 263).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<img>", "</img>",
+                  "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+
+class NFCEncoding(tiktoken.Encoding):
+    """A tiktoken Encoding that applies Unicode NFC first, as Qwen's tokenizer.json normalizer does."""
+
+    def encode(self, text, **kwargs):
+        return super().encode(unicodedata.normalize("NFC", text), **kwargs)
+
+    def encode_ordinary(self, text):
+        return super().encode_ordinary(unicodedata.normalize("NFC", text))
+
+
+def byte_to_unicode() -> dict:
+    """GPT-2's reversible byte -> printable character map used to spell byte-level vocab entries."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def bpe_ranks(vocab: dict, merges: list, where: str) -> dict:
+    """tiktoken mergeable ranks (token bytes -> id) from an HF byte-level vocab and merge list."""
+    b2u = byte_to_unicode()
+    u2b = {u: b for b, u in b2u.items()}
+    ranks = {}
+    for b in range(256):
+        if b2u[b] not in vocab:
+            raise ValueError(f"{where}: byte-level vocab lacks the single byte {b} ({b2u[b]!r}); "
+                             "tiktoken needs all 256")
+        ranks[bytes([b])] = vocab[b2u[b]]
+    last_id = -1
+    for i, (left, right) in enumerate(merges):
+        merged = left + right
+        if merged not in vocab:
+            raise ValueError(f"{where}: merge #{i} ({left!r}, {right!r}) makes {merged!r}, which is not in the vocab")
+        try:
+            token = bytes(u2b[c] for c in merged)
+        except KeyError as e:
+            raise ValueError(f"{where}: vocab entry {merged!r} is not byte-level (character {e})") from None
+        if token in ranks:
+            raise ValueError(f"{where}: merge #{i} makes {merged!r} a second time; tiktoken ranks tokens, not "
+                             "merges, so it cannot reproduce this BPE")
+        if vocab[merged] <= last_id:
+            raise ValueError(f"{where}: merge #{i} makes id {vocab[merged]} after a merge made id {last_id}; "
+                             "tiktoken uses ids as merge ranks, so merged-token ids must increase with priority")
+        last_id = vocab[merged]
+        ranks[token] = vocab[merged]
+    return ranks
+
+
+def _pattern_of(pre_tokenizer, where: str) -> str:
+    """The split regex of an HF pre-tokenizer spec (Qwen's Split+ByteLevel, or GPT-2's ByteLevel)."""
+    if pre_tokenizer is None:
+        raise ValueError(f"{where}: no pre_tokenizer; expected Qwen's Split + ByteLevel")
+    parts = pre_tokenizer["pretokenizers"] if pre_tokenizer["type"] == "Sequence" else [pre_tokenizer]
+    pattern = None
+    for p in parts:
+        if p["type"] == "Split":
+            if p.get("behavior") != "Isolated" or p.get("invert"):
+                raise ValueError(f"{where}: Split pre-tokenizer must be Isolated and not inverted, got {p}")
+            pattern = p["pattern"].get("Regex") or re.escape(p["pattern"]["String"])
+        elif p["type"] == "ByteLevel":
+            if p.get("add_prefix_space"):
+                raise ValueError(f"{where}: ByteLevel add_prefix_space=true is not supported")
+            if p.get("use_regex", True):
+                pattern = GPT2_PATTERN if pattern is None else None
+        else:
+            raise ValueError(f"{where}: unsupported pre-tokenizer {p['type']!r}")
+        if pattern is None:
+            raise ValueError(f"{where}: pre-tokenizer splits twice; only one split regex is supported")
+    return pattern
+
+
+def _added_tokens(folder: Path) -> dict:
+    """Added tokens (content -> id) from added_tokens.json and tokenizer_config.json, if present."""
+    added = {}
+    if (folder / "added_tokens.json").exists():
+        added.update(json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")))
+    if (folder / "tokenizer_config.json").exists():
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        for idx, spec in config.get("added_tokens_decoder", {}).items():
+            added[spec["content"]] = int(idx)
+    return added
+
+
+def load_tokenizer(path=None) -> tiktoken.Encoding:
+    """A Qwen2/Qwen3 tokenizer folder as a tiktoken Encoding that encodes and decodes as HF does.
+
+    Reads `tokenizer.json`, or `vocab.json` + `merges.txt`, plus added tokens (all of them become
+    tiktoken special tokens, matched before pre-tokenization as HF does; encode with
+    `allowed_special="all"`, see `encode`). `None` gives the embedded default: the 256 bytes as ids
+    0..255 and SPECIAL_TOKENS from 256 on. Never downloads.
+    """
+    if path is None:
+        return tiktoken.Encoding("sailvl-bytes", pat_str=QWEN_PATTERN,
+                                 mergeable_ranks={bytes([b]): b for b in range(256)},
+                                 special_tokens={t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)})
+    folder = Path(path)
+    if (folder / "tokenizer.json").exists():
+        where = str(folder / "tokenizer.json")
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        model = spec["model"]
+        if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback") \
+                or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
+                or model.get("ignore_merges"):
+            raise ValueError(f"{where}: expected a plain byte-level BPE model (no dropout, byte_fallback, "
+                             f"affixes or ignore_merges), got { {k: v for k, v in model.items() if k not in ('vocab', 'merges')} }")
+        vocab = model["vocab"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        pattern = _pattern_of(spec.get("pre_tokenizer"), where)
+        normalizer = spec.get("normalizer")
+        if normalizer not in (None, {"type": "NFC"}):
+            raise ValueError(f"{where}: unsupported normalizer {normalizer}; only NFC (Qwen) or none")
+        nfc = normalizer is not None
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        where = str(folder / "merges.txt")
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        merges = [tuple(line.split(" ")) for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+                  if line and not line.startswith("#version")]
+        pattern, nfc, added = QWEN_PATTERN, True, {}   # Qwen2Tokenizer: NFC, Qwen's split regex
+    else:
+        raise FileNotFoundError(f"{folder}: no tokenizer.json, and no vocab.json + merges.txt")
+    added.update(_added_tokens(folder))
+    ranks = bpe_ranks(vocab, merges, where)
+    clash = set(added.values()) & set(ranks.values())
+    if clash:
+        raise ValueError(f"{folder}: added-token ids {sorted(clash)[:5]} are also BPE token ids")
+    cls = NFCEncoding if nfc else tiktoken.Encoding
+    return cls(f"hf-{folder.name}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
+
+
+def encode(tok: tiktoken.Encoding, text: str) -> list:
+    """Token ids of `text` with added tokens recognised anywhere, as HF's tokenizer does."""
+    return tok.encode(text, allowed_special="all")
+
+
+Tokens = namedtuple("Tokens", "img_context img_start img_end im_start im_end think_start think_end eos pad endoftext")
+
+
+def special_ids(tok: tiktoken.Encoding) -> Tokens:
+    """Ids of the tokens the rest of the project needs; eos is <|im_end|>, pad is <|endoftext|> (facts §1.6)."""
+    def get(t):
+        try:
+            return tok.encode_single_token(t)
+        except KeyError:
+            raise ValueError(f"tokenizer {tok.name} has no {t} token; SAIL-VL2 needs it") from None
+    im_end, endoftext = get("<|im_end|>"), get("<|endoftext|>")
+    return Tokens(img_context=get("<IMG_CONTEXT>"), img_start=get("<img>"), img_end=get("</img>"),
+                  im_start=get("<|im_start|>"), im_end=im_end, think_start=get("<think>"),
+                  think_end=get("</think>"), eos=im_end, pad=endoftext, endoftext=endoftext)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Chat template `univl-chat` (facts §1.6) and label masking
+#
+# MPT separator style: "<|im_start|>system\n{SYS}<|im_end|>" then, per turn,
+# "<|im_start|>{role}\n{content}<|im_end|>" -- no newline after <|im_end|>. The system turn is always
+# present. Each <image> becomes <img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>.
+# Video (our choice; the paper's protocol is unverified, facts §1.7): one tile per frame, the
+# <video> placeholder becomes "Frame1: <image>\nFrame2: <image>\n..." as in InternVL's chat().
+
+DEFAULT_SYSTEM = "你是由抖音内容理解组开发的多模态大模型，英文名叫UniVL, 是一个有用无害的人工智能助手。"
+THINK_PROMPT = ("You FIRST think about the reasoning process as an internal monologue and then provide the "
+                "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final "
+                "answer MUST BE put in \\boxed{}.")
+IMAGE, VIDEO = "<image>", "<video>"
+PLACEHOLDER_RE = re.compile(r"<image>|<video>\n?")
+
+# Which tokens carry loss, per mode (every mode trains every assistant turn plus its <|im_end|>):
+#   sft          the whole assistant content
+#   longcot      the whole content, which must open with a non-empty <think>...</think> (T then A)
+#   thinkfusion  CoT turns (non-empty think): T and A; direct turns (no or empty think block): A only
+#   rl           prompt only (the trailing assistant turn is dropped, generation prompt added); no loss
+#   text         plain-text LM pretraining: {"text": ...} records, loss on every token. A text record
+#                is such an LM sample in every mode but rl (pre-training mixes add text this way).
+LABEL_MODES = ("sft", "longcot", "thinkfusion", "rl", "text")
+
+
+def image_block(n_tokens: int) -> str:
+    """The text that stands for one image (or tile set) of `n_tokens` visual tokens."""
+    return "<img>" + "<IMG_CONTEXT>" * n_tokens + "</img>"
+
+
+def video_prompt(n_frames: int) -> str:
+    """What a <video> placeholder becomes before image expansion: one <image> line per frame."""
+    return "".join(f"Frame{i}: {IMAGE}\n" for i in range(1, n_frames + 1))
+
+
+def expand_placeholders(text: str, blocks: list, where: str = "<text>") -> str:
+    """Replace each <image> of `text`, in order, by the next string of `blocks` (see image_block)."""
+    if text.count(IMAGE) != len(blocks):
+        raise DataError("placeholder_mismatch", where, f"{text.count(IMAGE)} <image> placeholders for {len(blocks)} images")
+    it = iter(blocks)
+    return re.sub(re.escape(IMAGE), lambda m: next(it), text)
+
+
+def split_think(content: str, where: str):
+    """(think_text, rest) when `content` opens with <think>...</think>, else (None, content)."""
+    head = content.lstrip()
+    if not head.startswith("<think>"):
+        if "<think>" in content or "</think>" in content:
+            raise DataError("format", where, "<think> tags must open the assistant turn and be closed once")
+        return None, content
+    end = head.find("</think>")
+    if end < 0:
+        raise DataError("format", where, "<think> is never closed by </think>")
+    return head[len("<think>"):end], head[end + len("</think>"):]
+
+
+def chat_segments(turns: list, system: str = DEFAULT_SYSTEM, mode: str = "sft", think: bool = False,
+                  add_generation_prompt: bool = False, where: str = "<chat>") -> list:
+    """The univl-chat text as (string, trained) pieces. `turns`: [(role, content)], role user|assistant."""
+    if mode not in LABEL_MODES or mode == "text":
+        raise ValueError(f"chat mode must be one of {LABEL_MODES[:-1]}, got {mode!r}")
+    segs = [(f"<|im_start|>system\n{system}<|im_end|>", False)]
+    for role, content in turns:
+        if role == "user":
+            text = f"{content}\n{THINK_PROMPT}" if think else content
+            segs.append((f"<|im_start|>user\n{text}<|im_end|>", False))
+            continue
+        segs.append(("<|im_start|>assistant\n", False))
+        thought, answer = split_think(content, where)
+        if mode == "longcot" and not (thought or "").strip():
+            raise DataError("format", where, "longcot needs every assistant turn to open with a non-empty <think>…</think>")
+        if mode == "thinkfusion" and thought is not None and not thought.strip():
+            cut = len(content) - len(answer.lstrip())        # empty think block + its trailing blank lines
+            segs += [(content[:cut], False), (content[cut:] + "<|im_end|>", True)]
+        else:
+            segs.append((content + "<|im_end|>", True))
+    if add_generation_prompt:
+        segs.append(("<|im_start|>assistant\n", False))
+    return segs
+
+
+def render_chat(turns: list, system: str = DEFAULT_SYSTEM, think: bool = False,
+                add_generation_prompt: bool = False) -> str:
+    """The univl-chat string (no token expansion of <image>; see expand_placeholders)."""
+    return "".join(s for s, _ in chat_segments(turns, system, "sft", think, add_generation_prompt))
+
+
+def tokenize_segments(tok: tiktoken.Encoding, segs: list):
+    """(input_ids, labels) of the concatenated pieces, tokenized as one string (exactly as HF would),
+    each token labelled by the piece its first character falls in."""
+    if isinstance(tok, NFCEncoding):
+        segs = [(unicodedata.normalize("NFC", s), t) for s, t in segs]
+    ids = encode(tok, "".join(s for s, _ in segs))
+    _, offsets = tok.decode_with_offsets(ids)
+    starts = np.cumsum([0] + [len(s) for s, _ in segs[:-1]])
+    piece = np.searchsorted(starts, np.asarray(offsets, dtype=np.int64), side="right") - 1
+    trained = np.array([t for _, t in segs], dtype=bool)[piece]
+    ids = torch.tensor(ids, dtype=torch.long)
+    labels = torch.where(torch.from_numpy(trained), ids, torch.full_like(ids, -100))
+    return ids, labels
+
+
+def tokenize_text(tok: tiktoken.Encoding, text: str):
+    """Plain-text LM sample: the text then <|endoftext|>, loss on every token."""
+    ids = torch.tensor(encode(tok, text) + [special_ids(tok).endoftext], dtype=torch.long)
+    return ids, ids.clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Images: official dynamic tiling (facts §1.5) and AnyRes (§2.1.2)
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> normalised float32 (3, H, W), as torchvision ToTensor + Normalize(ImageNet)."""
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, image_size: int) -> tuple:
+    """(cols, rows) of the official rule: the candidate grid whose aspect ratio is closest to the
+    image's; on a tie the later (larger) grid wins if the image area exceeds half the grid's area."""
+    # Built as the official code builds it (a set sorted by tile count) so ties between grids with the
+    # same tile count resolve in the same order.
+    grids = sorted({(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                    if min_tiles <= i * j <= max_tiles}, key=lambda g: g[0] * g[1])
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def tile_image(img: Image.Image, max_tiles: int = 12, min_tiles: int = 1, image_size: int = 448,
+               use_thumbnail: bool = True) -> list:
+    """The official crops: resize to the chosen grid, tiles row-major, then the thumbnail if >1 tile."""
+    img = img.convert("RGB")
+    cols, rows = tile_grid(img.width, img.height, min_tiles, max_tiles, image_size)
+    resized = img.resize((cols * image_size, rows * image_size), Image.BICUBIC)
+    tiles = [resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+             for r in range(rows) for c in range(cols)]
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(img.resize((image_size, image_size), Image.BICUBIC))
+    return tiles
+
+
+def anyres_size(width: int, height: int, patch_size: int = 14, merge: int = 2,
+                max_patches: int = 16384, min_patches: int = 16) -> tuple:
+    """(W, H) for AnyRes: aspect kept, both sides multiples of patch_size*merge (so the pixel shuffle
+    divides the patch grid), patch count within [min_patches, max_patches]."""
+    f = patch_size * merge
+    w, h = max(f, round(width / f) * f), max(f, round(height / f) * f)
+    if (w // patch_size) * (h // patch_size) > max_patches:
+        scale = math.sqrt(width * height / (max_patches * patch_size * patch_size))
+        w, h = max(f, math.floor(width / scale / f) * f), max(f, math.floor(height / scale / f) * f)
+    elif (w // patch_size) * (h // patch_size) < min_patches:
+        scale = math.sqrt(min_patches * patch_size * patch_size / (width * height))
+        w, h = math.ceil(width * scale / f) * f, math.ceil(height * scale / f) * f
+    return w, h
+
+
+def open_image(path, where: str = None) -> Image.Image:
+    """Decode an image file fully (so truncation shows up here), as RGB; DataError if it can't."""
+    where = where or str(path)
+    if not os.path.exists(path):
+        raise DataError("missing_file", where, f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError("image", where, f"cannot decode image {path}: {e}") from None
+
+
+def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_size: int = 448,
+               use_thumbnail: bool = True, anyres: bool = False, patch_size: int = 14, merge: int = 2,
+               max_patches: int = 16384, min_patches: int = 16, where: str = None):
+    """(pixel_values, n_tiles) of an image path or PIL image.
+
+    Tiled (official): pixel_values (N, 3, S, S), N = tiles (+ thumbnail when N > 1), float32,
+    ImageNet-normalised. AnyRes: (1, 3, H, W) with H, W multiples of patch_size*merge, n_tiles = 1.
+    """
+    img = path_or_image if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
+    if anyres:
+        size = anyres_size(img.width, img.height, patch_size, merge, max_patches, min_patches)
+        return to_tensor(img.convert("RGB").resize(size, Image.BICUBIC)).unsqueeze(0), 1
+    tiles = tile_image(img, max_tiles, min_tiles, image_size, use_thumbnail)
+    return torch.stack([to_tensor(t) for t in tiles]), len(tiles)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Video (facts §1.7): uniform segments, one frame per segment, each frame one tile.
+# The middle frame of each segment for evaluation, a random frame within it for training
+# (InternVL's get_frame_indices). The frame count comes from the container when it states one,
+# otherwise (no duration, variable frame rate) from decoding.
+
+def frame_indices(n_frames: int, num: int, training: bool = False, rng=None) -> list:
+    """`num` indices into `n_frames` frames, one per uniform segment (repeats when n_frames < num)."""
+    edges = np.linspace(0, n_frames, num + 1)
+    out = []
+    for k in range(num):
+        lo = min(int(edges[k]), n_frames - 1)
+        hi = max(lo + 1, min(int(edges[k + 1]), n_frames))
+        out.append(int(rng.integers(lo, hi)) if training else (lo + hi - 1) // 2)
+    return out
+
+
+def _decode_frames(path, wanted: set, where: str):
+    """(frames {index: PIL}, total frames decoded) for one pass over the first video stream."""
+    got, n = {}, 0
+    last = max(wanted) if wanted else -1
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise DataError("video", where, f"{path} has no video stream")
+        for frame in container.decode(video=0):
+            if n in wanted:
+                got[n] = frame.to_image()
+            n += 1
+            if n > last and wanted:
+                break
+    return got, n
+
+
+def load_video(path, num_frames: int = 16, training: bool = False, rng=None, image_size: int = 448,
+               where: str = None) -> torch.Tensor:
+    """(num_frames, 3, S, S) float32 frames in time order, each resized to one S x S tile."""
+    where = where or str(path)
+    if not os.path.exists(path):
+        raise DataError("missing_file", where, f"video file not found: {path}")
+    rng = rng if rng is not None else np.random.default_rng()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError("video", where, f"{path} has no video stream")
+            stated = container.streams.video[0].frames      # 0 when the container does not say
+        n = stated if stated > 0 else _decode_frames(path, set(), where)[1]
+        if n <= 0:
+            raise DataError("video", where, f"{path}: no decodable frames")
+        idx = frame_indices(n, num_frames, training, rng)
+        got, decoded = _decode_frames(path, set(idx), where)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise DataError("video", where, f"cannot decode video {path}: {e}") from None
+    if len(got) < len(set(idx)):
+        raise DataError("video", where, f"{path}: the container states {n} frames but only {decoded} decode "
+                        "(truncated file?)")
+    frames = [got[i].convert("RGB").resize((image_size, image_size), Image.BICUBIC) for i in idx]
+    return torch.stack([to_tensor(f) for f in frames])
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Records: JSONL manifests and the bad-input policy
+#
+# One sample a line, paths relative to the manifest (facts; rl-and-packing-notes §D):
+#   {"image": "a.png" | [...], "video": "b.mp4" | [...], "conversations": [{"from": "human", "value":
+#    "<image>\n..."}, {"from": "gpt", "value": "..."}], "answer": "7", "task": "count"}
+#   {"messages": [{"role": "user", "content": "<image>..." | [{"type": "image"}, {"type": "text",
+#    "text": "..."}]}, ...], "images": [...], "videos": [...]}
+#   {"text": "..."}                                    (label_mode "text": LM pretraining)
+# Missing placeholders are prepended to the first user turn ("<image>\n" per image, then
+# "<video>\n" per video), as InternVL does; any other count mismatch is bad input.
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Record:
+    """A parsed manifest line, before any media is decoded."""
+    where: str                     # "manifest.jsonl:LINE"
+    task: str                      # the record's "task", else the manifest's stem
+    turns: list = None             # [(role, content)], role user|assistant
+    system: str = None             # the record's own system prompt, if any
+    images: list = None            # absolute paths
+    videos: list = None
+    answer: str = None             # ground truth for verifiable rewards / evaluation
+    think: bool = None             # explicit thinking-mode flag of the record
+    text: str = None               # plain-text record
+
+
+def _content_text(content, where: str) -> str:
+    """A message content (string or list of typed parts) as one string with <image>/<video> marks."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError("schema", where, f"message content must be a string or a list of parts, got {type(content).__name__}")
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        elif kind in ("image", "image_url"):
+            out.append(IMAGE + "\n")
+        elif kind == "video":
+            out.append(VIDEO + "\n")
+        else:
+            raise DataError("schema", where, f"unknown content part {part!r}")
+    return "".join(out)
+
+
+def _paths(value, base: Path, key: str, where: str) -> list:
+    if value is None:
+        return []
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError("schema", where, f"'{key}' must be a path or a list of paths")
+    return [str(base / v) for v in value]
+
+
+def parse_record(obj, base: Path, where: str, task: str) -> Record:
+    """Validate one JSON object from a manifest into a Record (DataError with the reason if bad)."""
+    if not isinstance(obj, dict):
+        raise DataError("schema", where, f"expected a JSON object, got {type(obj).__name__}")
+    task = str(obj.get("task", task))
+    answer = None if obj.get("answer") is None else str(obj["answer"])
+    if "conversations" not in obj and "messages" not in obj:
+        if isinstance(obj.get("text"), str):
+            return Record(where, task, text=obj["text"], answer=answer)
+        raise DataError("schema", where, "a record needs 'conversations', 'messages' or 'text'")
+    if "conversations" in obj:
+        raw = [(m.get("from"), m.get("value")) if isinstance(m, dict) else (None, None) for m in obj["conversations"]]
+    else:
+        raw = [(m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None) for m in obj["messages"]]
+    system, turns = None, []
+    for i, (role, content) in enumerate(raw):
+        if role not in ROLES or content is None:
+            raise DataError("schema", where, f"turn {i}: expected a role in {sorted(ROLES)} and a content, got {role!r}")
+        text = _content_text(content, where)
+        if ROLES[role] == "system":
+            if i:
+                raise DataError("schema", where, "a system turn may only come first")
+            system = text
+        else:
+            turns.append((ROLES[role], text))
+    if not any(r == "user" for r, _ in turns):
+        raise DataError("schema", where, "no user turn")
+    images = _paths(obj.get("image", obj.get("images")), base, "image", where)
+    videos = _paths(obj.get("video", obj.get("videos")), base, "video", where)
+    think = obj.get("think")
+    return Record(where, task, turns, system, images, videos, answer, None if think is None else bool(think))
+
+
+def place_media(rec: Record) -> list:
+    """The record's turns with placeholders made explicit, checking counts against the media lists."""
+    turns = list(rec.turns)
+    for mark, media in ((IMAGE, rec.images), (VIDEO, rec.videos)):
+        count = sum(c.count(mark) for _, c in turns)
+        if count == 0 and media:
+            first = next(i for i, (r, _) in enumerate(turns) if r == "user")
+            turns[first] = ("user", (mark + "\n") * len(media) + turns[first][1])
+        elif count != len(media):
+            raise DataError("placeholder_mismatch", rec.where, f"{count} {mark} placeholders but {len(media)} "
+                            f"{'images' if mark == IMAGE else 'videos'} given")
+    return turns
+
+
+def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training: bool = False, rng=None) -> dict:
+    """Decode media, render the template and tokenize one record into a training sample.
+
+    Keys: input_ids (L,) long; labels (L,) long, -100 = no loss; pixel_values (N, 3, S, S) float32 or
+    None (AnyRes: a list of (1, 3, H, W), one per image or video frame); tiles: tiles per <img> block;
+    image_tokens: <IMG_CONTEXT> count per block; n_images: images + videos of the record;
+    n_visual_tokens; source ("file:line"); task; answer (str or None).
+    """
+    mode = cfg.label_mode
+    if mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {mode!r}")
+    base = dict(source=rec.where, task=rec.task, answer=rec.answer)
+    if mode == "text" or rec.text is not None:       # a text record is an LM sample in any mode but rl
+        if rec.text is None or mode == "rl":
+            raise DataError("schema", rec.where, f"label_mode {mode!r} needs a "
+                            f"{'text' if mode == 'text' else 'conversations/messages'} record")
+        ids, labels = tokenize_text(tok, rec.text)
+        if len(ids) > cfg.max_len:
+            raise DataError("too_long", rec.where, f"{len(ids)} tokens > max_len {cfg.max_len}")
+        return dict(input_ids=ids, labels=labels, pixel_values=None, tiles=[], image_tokens=[], n_images=0,
+                    n_visual_tokens=0, **base)
+    if mode == "rl" and rec.answer is None:
+        raise DataError("schema", rec.where, "label_mode 'rl' needs an 'answer' field")
+    turns = place_media(rec)
+    if mode == "rl" and turns[-1][0] == "assistant":
+        turns = turns[:-1]
+    # Decode media in placeholder order (the model fills <IMG_CONTEXT> slots in that order).
+    images, videos = iter(rec.images), iter(rec.videos)
+    pixels, tiles, tokens, expanded = [], [], [], []
+    for role, content in turns:
+        def expand(m):
+            if m.group(0) == IMAGE:
+                pv, n = load_image(next(images), cfg.max_tiles, cfg.min_tiles, cfg.image_size, cfg.use_thumbnail,
+                                   cfg.anyres, cfg.patch_size, cfg.downsample, cfg.anyres_max_patches,
+                                   cfg.anyres_min_patches, where=rec.where)
+                k = (pv.shape[-2] // cfg.patch_size // cfg.downsample) * (pv.shape[-1] // cfg.patch_size // cfg.downsample) \
+                    if cfg.anyres else n * cfg.tokens_per_tile
+                pixels.append(pv), tiles.append(n), tokens.append(k)
+                return image_block(k)
+            frames = load_video(next(videos), cfg.num_frames, training, rng, cfg.image_size, where=rec.where)
+            pixels.extend(frames.split(1) if cfg.anyres else [frames])
+            tiles.extend([1] * len(frames)), tokens.extend([cfg.tokens_per_tile] * len(frames))
+            return "".join(f"Frame{i}: {image_block(cfg.tokens_per_tile)}\n" for i in range(1, len(frames) + 1))
+        expanded.append((role, PLACEHOLDER_RE.sub(expand, content)))
+    think = {"on": True, "off": False}.get(cfg.think)
+    if think is None:       # "auto": the record's flag, else what the mode implies
+        has_cot = any((split_think(c, rec.where)[0] or "").strip() for r, c in turns if r == "assistant")
+        think = rec.think if rec.think is not None else mode in ("longcot", "rl") or (mode == "thinkfusion" and has_cot)
+    system = rec.system if rec.system is not None else (cfg.system or DEFAULT_SYSTEM)
+    segs = chat_segments(expanded, system, mode, think, add_generation_prompt=(mode == "rl"), where=rec.where)
+    ids, labels = tokenize_segments(tok, segs)
+    if len(ids) > cfg.max_len:
+        raise DataError("too_long", rec.where, f"{len(ids)} tokens > max_len {cfg.max_len}")
+    if pixels:
+        pixel_values = [p for p in pixels] if cfg.anyres else torch.cat(pixels)
+    else:
+        pixel_values = None
+    return dict(input_ids=ids, labels=labels, pixel_values=pixel_values, tiles=tiles, image_tokens=tokens,
+                n_images=len(rec.images) + len(rec.videos), n_visual_tokens=sum(tokens), **base)
+
+
+class BadData:
+    """Counts bad samples by reason, reports them, and stops when too large a fraction is bad."""
+
+    def __init__(self, max_fraction: float = 0.05, check_after: int = 100, show_first: int = 5):
+        self.max_fraction, self.check_after, self.show_first = max_fraction, check_after, show_first
+        self.seen, self.counts = 0, Counter()
+
+    def good(self):
+        self.seen += 1
+
+    def bad(self, err: DataError):
+        self.seen += 1
+        self.counts[err.reason] += 1
+        if sum(self.counts.values()) <= self.show_first:
+            print(f"[data] skipping bad sample ({err.reason}): {err}", file=sys.stderr)
+        if self.seen >= self.check_after:
+            self.check()
+
+    def check(self):
+        """Raise TooMuchBadData when the bad fraction so far passes the limit."""
+        total = sum(self.counts.values())
+        if self.seen and total > self.max_fraction * self.seen:
+            raise TooMuchBadData(f"{total} of {self.seen} samples are bad ({total / self.seen:.1%} > "
+                                 f"max_bad_fraction {self.max_fraction:.1%}): {self.report()}; fix the data "
+                                 "(`python data.py check MANIFEST` lists every bad line) or raise max_bad_fraction")
+
+    def report(self) -> str:
+        if not self.counts:
+            return f"no bad samples in {self.seen}"
+        return f"bad samples by reason: {dict(sorted(self.counts.items()))} of {self.seen} seen"
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen, "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict):
+        self.seen, self.counts = state["seen"], Counter(state["counts"])
+
+
+class JsonlDataset:
+    """One JSONL manifest, indexed by line offsets; `load(i)` returns a sample or raises DataError."""
+
+    def __init__(self, path, tok: tiktoken.Encoding, cfg: DataConfig = None, training: bool = False):
+        self.path = Path(path).resolve()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"manifest not found: {path}")
+        self.tok, self.cfg, self.training = tok, cfg or DataConfig(), training
+        self.offsets, self.line_numbers, offset, blank = [], [], 0, 0
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    self.offsets.append(offset), self.line_numbers.append(number)
+                else:
+                    blank += 1
+                offset += len(line)
+        if blank:
+            print(f"[data] {self.path}: {blank} blank lines ignored", file=sys.stderr)
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self.line_numbers[i]}"
+
+    def record(self, i: int) -> Record:
+        """The parsed record of sample i (DataError 'json' for a malformed line)."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[i])
+            line = f.readline()
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError("json", self.where(i), f"malformed JSON: {e}") from None
+        return parse_record(obj, self.path.parent, self.where(i), self.path.stem)
+
+    def load(self, i: int, rng=None) -> dict:
+        return build_sample(self.record(i), self.tok, self.cfg, self.training, rng)
+
+    __getitem__ = load
+
+    def text_of(self, i: int) -> str:
+        """The record's words (all turns, placeholders removed) for n-gram statistics; '' if bad."""
+        try:
+            rec = self.record(i)
+        except DataError:
+            return ""
+        if rec.text is not None:
+            return rec.text
+        return PLACEHOLDER_RE.sub(" ", " ".join(c for _, c in rec.turns))
+
+    def scan(self, bad: BadData = None, progress: bool = True):
+        """Load every sample once, in order; yields the good ones and counts the bad ones in `bad`."""
+        bad = bad or BadData(self.cfg.max_bad_fraction, self.cfg.bad_check_after)
+        for i in tqdm(range(len(self)), desc=f"check {self.path.name}", disable=not progress):
+            try:
+                sample = self.load(i, np.random.default_rng(i))
+            except DataError as e:
+                bad.bad(e)
+                continue
+            bad.good()
+            yield sample
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Curation, §3.1: judge-score quality filter, chart rendering with QA, caption -> QA
+#
+# The paper scores SAIL-Caption2 with judge models for visual information richness (VIR) and
+# image-text alignment (ITA) and drops low scorers. A judge here is any callable
+# (PIL image, text) -> {"vir": float, "ita": float} in [0, 1]; plug in a VLM judge for real data.
+# The default `heuristic_judge` is honest about what it is: image statistics, calibrated for the
+# synthetic domain of section 9 (flat shapes in known colours on white).
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
+           "purple": (140, 60, 180), "orange": (240, 130, 30)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's embedded font (no system fonts, no download)."""
+    return ImageFont.load_default(size=size)
+
+
+def vir_score(img: Image.Image) -> float:
+    """Visual information richness: mean of the normalised colour-histogram entropy (4 levels per
+    channel, 64 bins) and the edge density (share of pixels with a strong luminance gradient)."""
+    a = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.int64)
+    hist = np.bincount(((a // 64) * np.array([16, 4, 1])).sum(-1).ravel(), minlength=64) / (64 * 64)
+    p = hist[hist > 0]
+    entropy = float(-(p * np.log(p)).sum() / math.log(64))
+    gray = a.mean(-1)
+    grad = np.abs(np.diff(gray, axis=0))[:, :-1] + np.abs(np.diff(gray, axis=1))[:-1, :]
+    edges = float((grad > 40).mean())
+    return 0.5 * entropy + 0.5 * min(1.0, 10 * edges)
+
+
+def ita_score(img: Image.Image, text: str) -> float:
+    """Image-text alignment: the share of colour words in `text` whose colour covers at least 0.2%
+    of the image; 0.5 (no evidence either way) when the text names no colour."""
+    named = [c for c in dict.fromkeys(re.findall(r"[a-z]+", text.lower())) if c in COLOURS]
+    if not named:
+        return 0.5
+    a = np.asarray(img.convert("RGB").resize((64, 64), Image.NEAREST), dtype=np.int64)
+    near = [(((a - np.array(COLOURS[c])) ** 2).sum(-1) < 60 ** 2).mean() for c in named]
+    present = [share >= 0.002 for share in near]
+    return sum(present) / len(named)
+
+
+def rebase_media(obj: dict, rec: Record, out_dir: Path) -> dict:
+    """`obj` with its media paths rewritten relative to `out_dir` (where the new manifest goes)."""
+    obj = {k: v for k, v in obj.items() if k not in ("image", "images", "video", "videos")}
+    rel = lambda paths: [os.path.relpath(p, out_dir.resolve()) for p in paths]  # noqa: E731
+    if rec.images:
+        obj["image"] = rel(rec.images)
+    if rec.videos:
+        obj["video"] = rel(rec.videos)
+    return obj
+
+
+def heuristic_judge(img: Image.Image, text: str) -> dict:
+    return {"vir": vir_score(img), "ita": ita_score(img, text)}
+
+
+def quality_filter(manifest, out, judge=heuristic_judge, min_vir: float = 0.05, min_ita: float = 0.5,
+                   progress: bool = True) -> Counter:
+    """Keep records whose single image scores at least min_vir and min_ita against the assistant text.
+    Kept lines gain "scores"; text-only and multi-image records pass unscored. Returns counts per outcome."""
+    manifest, out = Path(manifest), Path(out)
+    stats, kept = Counter(), []
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(tqdm(lines, desc=f"filter {manifest.name}", disable=not progress), start=1):
+        if not line.strip():
+            continue
+        where = f"{manifest}:{number}"
+        try:
+            obj = json.loads(line)
+            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
+            if rec.text is not None or len(rec.images) != 1 or rec.videos:
+                stats["kept_unscored"] += 1
+                kept.append(json.dumps(rebase_media(obj, rec, out.parent) if rec.text is None else obj,
+                                       ensure_ascii=False))
+                continue
+            scores = judge(open_image(rec.images[0], where), " ".join(c for r, c in rec.turns if r == "assistant"))
+        except json.JSONDecodeError:
+            stats["bad:json"] += 1
+            continue
+        except DataError as e:
+            stats[f"bad:{e.reason}"] += 1
+            continue
+        if scores["vir"] < min_vir:
+            stats["low_vir"] += 1
+        elif scores["ita"] < min_ita:
+            stats["low_ita"] += 1
+        else:
+            stats["kept"] += 1
+            kept.append(json.dumps({**rebase_media(obj, rec, out.parent),
+                                    "scores": {k: round(v, 4) for k, v in scores.items()}}, ensure_ascii=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    return stats
+
+
+# Charts (§3.1 synthetic chart data): drawn with Pillow, values printed on the chart so every QA
+# answer is readable from the pixels.
+CHART_KINDS = ("bar", "line", "pie")
+CHART_LABELS = ("cat", "dog", "fish", "bird", "frog", "lion", "bear", "duck")
+
+
+def render_chart(kind: str, labels: list, values: list, size: int = 224) -> Image.Image:
+    """A bar, line or pie chart of positive integer `values`, with value and category labels."""
+    if kind not in CHART_KINDS:
+        raise ValueError(f"chart kind must be one of {CHART_KINDS}, got {kind!r}")
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    f = font(max(8, size // 16))
+    palette = list(COLOURS.values())
+    n, top = len(values), max(values)
+    left, right, upper, lower = size * 0.08, size * 0.96, size * 0.12, size * 0.84
+    if kind == "pie":
+        box = (size * 0.04, size * 0.2, size * 0.56, size * 0.72)
+        start = -90.0
+        for k, v in enumerate(values):
+            sweep = 360.0 * v / sum(values)
+            d.pieslice(box, start, start + sweep, fill=palette[k % len(palette)], outline="white")
+            start += sweep
+        for k, (lab, v) in enumerate(zip(labels, values)):
+            y = size * 0.2 + k * size * 0.1
+            d.rectangle((size * 0.6, y, size * 0.66, y + size * 0.06), fill=palette[k % len(palette)])
+            d.text((size * 0.69, y - size * 0.01), f"{lab} {v}", fill="black", font=f)
+        return img
+    d.line((left, lower, right, lower), fill="black", width=1)
+    step = (right - left) / n
+    points = []
+    for k, (lab, v) in enumerate(zip(labels, values)):
+        cx = left + step * (k + 0.5)
+        y = lower - (lower - upper) * v / top
+        if kind == "bar":
+            d.rectangle((cx - step * 0.3, y, cx + step * 0.3, lower), fill=palette[k % len(palette)])
+        points.append((cx, y))
+        d.text((cx, y - 2), str(v), fill="black", font=f, anchor="md")
+        d.text((cx, lower + 3), lab, fill="black", font=f, anchor="ma")
+    if kind == "line":
+        d.line(points, fill=palette[2], width=2)
+        for cx, y in points:
+            d.ellipse((cx - 3, y - 3, cx + 3, y + 3), fill=palette[0])
+    return img
+
+
+def chart_values(rng: random.Random, n: int) -> tuple:
+    """n distinct labels and values 1..9 with a unique largest and smallest (so QA answers are unique)."""
+    labels = rng.sample(CHART_LABELS, n)
+    values = rng.sample(range(1, 10), n)
+    return labels, values
+
+
+def chart_qa(kind: str, labels: list, values: list) -> list:
+    """(question, answer) pairs answerable from the drawn chart."""
+    item = {"bar": "bar", "line": "point", "pie": "slice"}[kind]
+    qa = [(f"Which {item} has the largest value?", labels[values.index(max(values))]),
+          (f"Which {item} has the smallest value?", labels[values.index(min(values))]),
+          (f"How many {item}s are there?", str(len(values)))]
+    qa += [(f"What is the value of {lab}?", str(v)) for lab, v in zip(labels, values)]
+    return qa
+
+
+def make_charts(out_dir, n: int, seed: int = 0, size: int = 224, progress: bool = True) -> Path:
+    """Write n chart PNGs and charts.jsonl: the chart data and all its QA pairs as one conversation."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng, lines = random.Random(seed), []
+    for i in tqdm(range(n), desc="charts", disable=not progress):
+        kind = CHART_KINDS[i % len(CHART_KINDS)]
+        labels, values = chart_values(rng, rng.randint(3, 5))
+        name = f"images/chart_{i:05d}.png"
+        render_chart(kind, labels, values, size).save(out_dir / name)
+        conv = []
+        for k, (q, a) in enumerate(chart_qa(kind, labels, values)):
+            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+        lines.append({"image": name, "chart": {"kind": kind, "labels": labels, "values": values},
+                      "conversations": conv, "task": "chart"})
+    path = out_dir / "charts.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return path
+
+
+# Caption -> QA (§3.1 "Caption2-QA"): a generator maps a caption to (question, answer) pairs. The
+# template default parses the synthetic caption grammar ("a red circle at the top left and ...");
+# captions it cannot parse fall back to a describe-the-image pair. Plug in an LLM for real captions.
+CAPTION_CLAUSE = re.compile(r"\ban? ([a-z]+) ([a-z]+) at the ([a-z]+) ([a-z]+)")
+
+
+def template_qa(caption: str) -> list:
+    qa = []
+    for colour, shape, row, col in CAPTION_CLAUSE.findall(caption.lower()):
+        qa += [(f"What colour is the {shape} at the {row} {col}?", f"{colour}."),
+               (f"Where is the {colour} {shape}?", f"at the {row} {col}."),
+               (f"What shape is at the {row} {col}?", f"a {shape}.")]
+    return qa or [("Describe the image.", caption)]
+
+
+def caption_to_qa(manifest, out, generator=template_qa, pairs: int = 1, seed: int = 0,
+                  progress: bool = True) -> Counter:
+    """Rewrite caption records (one user turn, one assistant caption) as QA conversations with
+    `pairs` pairs drawn from generator(caption) (0 = all). Other or bad records are counted, not kept."""
+    manifest, out = Path(manifest), Path(out)
+    rng, stats, kept = random.Random(seed), Counter(), []
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(tqdm(lines, desc=f"caption2qa {manifest.name}", disable=not progress), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            rec = parse_record(obj, manifest.parent.resolve(), f"{manifest}:{number}", manifest.stem)
+        except json.JSONDecodeError:
+            stats["bad:json"] += 1
+            continue
+        except DataError as e:
+            stats[f"bad:{e.reason}"] += 1
+            continue
+        if rec.text is not None or len(rec.turns) != 2 or rec.turns[1][0] != "assistant":
+            stats["not_a_caption"] += 1
+            continue
+        qa = generator(rec.turns[1][1])
+        qa = rng.sample(qa, min(pairs, len(qa))) if pairs else qa
+        conv = []
+        for k, (q, a) in enumerate(qa):
+            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 and rec.images else "") + q},
+                     {"from": "gpt", "value": a}]
+        kept.append(json.dumps({**rebase_media({}, rec, out.parent), "conversations": conv, "task": "caption_qa"},
+                               ensure_ascii=False))
+        stats["converted"] += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Resampling, §3.2.2, and the training stream
+#
+# Step 1 (basic pre-training): dataset-level rebalancing -- each manifest gets a sampling weight.
+# Step 2 (multi-task pre-training): n-gram-level rebalancing of caption / synthetic-VQA text. The
+# paper gives no formula; our design: let df(g) be the number of samples of a manifest containing
+# word n-gram g. A sample's weight is the mean of df(g)^-alpha over its distinct n-grams, so samples
+# assembled from phrases many other samples repeat are drawn less, and samples carrying rare
+# phrasing more; alpha = 0.5 softens the correction, weights are clipped to [0.1, 10] x the mean.
+# (The sample's *most* frequent n-gram would be a poorer key: a phrase shared by every sample, such
+# as "at the", makes all weights equal.) `diversity` measures the effect: distinct-n and the
+# entropy of the n-gram distribution over an equal-size weighted draw, before and after.
+
+WORD_RE = re.compile(r"\w+|[^\w\s]")
+
+
+def ngrams(text: str, n: int) -> set:
+    words = WORD_RE.findall(text.lower())
+    return set(zip(*(words[i:] for i in range(n))))
+
+
+def ngram_weights(texts: list, n: int = 3, alpha: float = 0.5, clip: tuple = (0.1, 10.0)) -> np.ndarray:
+    """Per-sample sampling weights (mean 1) that favour samples with rare n-grams (see above)."""
+    grams = [ngrams(t, n) for t in texts]
+    df = Counter(g for gs in grams for g in gs)
+    w = np.array([np.mean([df[g] ** -alpha for g in gs]) if gs else np.nan for gs in grams])
+    mean = np.nanmean(w) if np.isfinite(w).any() else 1.0
+    w = np.where(np.isnan(w), mean, w) / mean          # samples without n-grams: neutral weight
+    w = np.clip(w, *clip)
+    return w / w.mean()
+
+
+def diversity(texts: list, weights=None, n: int = 3, seed: int = 0) -> dict:
+    """distinct-n (distinct / total n-grams) and n-gram entropy (bits) of len(texts) samples drawn
+    with replacement in proportion to `weights` (uniform when None)."""
+    rng = np.random.default_rng(seed)
+    p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    counts = Counter()
+    for i in rng.choice(len(texts), size=len(texts), p=p):
+        words = WORD_RE.findall(texts[i].lower())
+        counts.update(zip(*(words[k:] for k in range(n))))
+    total = sum(counts.values())
+    if not total:
+        return {"distinct": 0.0, "entropy": 0.0}
+    q = np.array(list(counts.values()), dtype=np.float64) / total
+    return {"distinct": len(counts) / total, "entropy": float(-(q * np.log2(q)).sum())}
+
+
+class DataStream:
+    """An endless, deterministic, resumable stream of samples from a weighted mixture of manifests.
+
+    The order is a pure function of (seed, epoch): epoch e draws epoch_size (default: all samples)
+    manifest choices in proportion to `weights`, then per manifest either successive permutations
+    (each sample once per pass) or, with n-gram rebalancing, draws in proportion to ngram_weights.
+    Rank r of world_size takes plan positions r, r + world_size, ... . `state_dict()` after k
+    samples resumes at sample k + 1 exactly. Bad samples are skipped, counted (BadData) and still
+    advance the position, so a resumed run skips the same ones.
+    """
+
+    def __init__(self, sources: list, tok: tiktoken.Encoding, cfg: DataConfig = None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, training: bool = True, ngram_rebalance: bool = False,
+                 epoch_size: int = None, verbose: bool = True):
+        self.cfg = cfg or DataConfig()
+        sources = [(s, 1.0) if isinstance(s, (str, Path)) else s for s in sources]
+        self.datasets = [JsonlDataset(p, tok, self.cfg, training) for p, _ in sources]
+        for ds in self.datasets:
+            if not len(ds):
+                raise ValueError(f"manifest {ds.path} holds no samples")
+        w = np.array([float(wt) for _, wt in sources])
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {w.tolist()}")
+        self.weights = w / w.sum()
+        self.seed, self.rank, self.world_size, self.training = seed, rank, world_size, training
+        self.epoch_size = epoch_size or sum(len(ds) for ds in self.datasets)
+        self.sample_weights = [None] * len(self.datasets)
+        if ngram_rebalance:
+            self.sample_weights = [self._rebalance(ds, verbose) for ds in self.datasets]
+        self.pos = 0                  # samples this rank has consumed
+        self.bad = BadData(self.cfg.max_bad_fraction, self.cfg.bad_check_after)
+        self._plan = (None, None)
+
+    @staticmethod
+    def _rebalance(ds: JsonlDataset, verbose: bool) -> np.ndarray:
+        texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc=f"n-grams {ds.path.name}", disable=not verbose)]
+        w = ngram_weights(texts)
+        if verbose:
+            before, after = diversity(texts), diversity(texts, w)
+            print(f"[data] n-gram rebalancing {ds.path.name}: distinct-3 {before['distinct']:.3f} -> "
+                  f"{after['distinct']:.3f}, 3-gram entropy {before['entropy']:.2f} -> {after['entropy']:.2f} bits")
+        return w / w.sum()
+
+    def plan(self, epoch: int) -> tuple:
+        """(manifest index, sample index) arrays for one epoch: a pure function of (seed, epoch)."""
+        if self._plan[0] == epoch:
+            return self._plan[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        src = rng.choice(len(self.datasets), size=self.epoch_size, p=self.weights)
+        idx = np.zeros(self.epoch_size, dtype=np.int64)
+        for s, ds in enumerate(self.datasets):
+            at = np.flatnonzero(src == s)
+            if not len(at):
+                continue
+            if self.sample_weights[s] is None:
+                perms = [rng.permutation(len(ds)) for _ in range(-(-len(at) // len(ds)))]
+                idx[at] = np.concatenate(perms)[:len(at)]
+            else:
+                idx[at] = rng.choice(len(ds), size=len(at), p=self.sample_weights[s])
+        self._plan = (epoch, (src, idx))
+        return src, idx
+
+    def __iter__(self):
+        while True:
+            k = self.pos * self.world_size + self.rank            # global plan position
+            epoch, offset = divmod(k, self.epoch_size)
+            src, idx = self.plan(epoch)
+            s, i = int(src[offset]), int(idx[offset])
+            self.pos += 1
+            try:
+                sample = self.datasets[s].load(i, np.random.default_rng([self.seed, k, 1]))
+            except DataError as e:
+                self.bad.bad(e)
+                continue
+            self.bad.good()
+            yield sample
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "bad": self.bad.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
+            raise ValueError(f"data state was saved with seed {state['seed']} / world_size {state['world_size']}, "
+                             f"this stream has {self.seed} / {self.world_size}: exact resume is impossible")
+        self.pos = state["pos"]
+        self.bad.load_state_dict(state["bad"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. LongCoT data cleaning, §4.2.2: format to "<think>\nT\n</think>\nA" with A holding \boxed{},
+# deduplicate by (image, question), drop answers that restate the chain (token overlap), and
+# balance CoT lengths by resampling. (The paper's answer distillation by a judge model is not done.)
+
+BOXED = "\\boxed{"
+
+
+def format_longcot(obj: dict, where: str) -> dict:
+    """The record with its last assistant turn in LongCoT form. Accepts a <think>-tagged assistant
+    turn, or {"question", "cot", "answer"} fields. A without \\boxed{} gets "The answer is
+    \\boxed{answer}." when the record has an "answer", else the record is bad ('format')."""
+    if "conversations" not in obj and "messages" not in obj and {"question", "cot"} <= obj.keys():
+        fields = {k: v for k, v in obj.items() if k not in ("question", "cot")}
+        obj = {**fields, "conversations": [{"from": "human", "value": str(obj["question"])},
+                                           {"from": "gpt", "value": f"<think>{obj['cot']}</think>"}]}
+    rec = parse_record(obj, Path("."), where, "longcot")
+    if rec.text is not None or rec.turns[-1][0] != "assistant":
+        raise DataError("format", where, "a LongCoT record must end with an assistant turn")
+    thought, answer = split_think(rec.turns[-1][1], where)
+    if not (thought or "").strip():
+        raise DataError("format", where, "no non-empty <think>…</think> chain")
+    if "<think>" in answer or "</think>" in answer:
+        raise DataError("format", where, "more than one <think> block")
+    answer = answer.strip()
+    if BOXED not in answer:
+        if rec.answer is None:
+            raise DataError("format", where, "answer has no \\boxed{} and the record no 'answer' field")
+        answer = (answer + " " if answer else "") + f"The answer is {BOXED}{rec.answer}}}."
+    key = "conversations" if "conversations" in obj else "messages"
+    turns = [dict(t) for t in obj[key]]
+    turns[-1]["value" if key == "conversations" else "content"] = f"<think>\n{thought.strip()}\n</think>\n{answer}"
+    return {**obj, key: turns}
+
+
+def longcot_overlap(thought: str, answer: str, n: int = 3) -> float:
+    """Share of the answer's word n-grams that also occur in the chain (1.0 = answer restates it);
+    0 for answers too short to have 4 n-grams (a short boxed answer is not redundancy)."""
+    a = ngrams(answer, n)
+    return len(a & ngrams(thought, n)) / len(a) if len(a) >= 4 else 0.0
+
+
+def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True, seed: int = 0,
+                  progress: bool = True) -> Counter:
+    """Format, deduplicate, redundancy-filter and length-balance a LongCoT manifest into `out`.
+    Returns counts per outcome, including the CoT-length histogram (log2 word buckets) before/after."""
+    manifest, out = Path(manifest), Path(out)
+    stats, seen, kept = Counter(), set(), []         # kept: (bucket, json line)
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(tqdm(lines, desc=f"longcot {manifest.name}", disable=not progress), start=1):
+        if not line.strip():
+            continue
+        where = f"{manifest}:{number}"
+        try:
+            obj = format_longcot(json.loads(line), where)
+            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
+        except json.JSONDecodeError:
+            stats["bad:json"] += 1
+            continue
+        except DataError as e:
+            stats[f"bad:{e.reason}"] += 1
+            continue
+        question = " ".join(PLACEHOLDER_RE.sub(" ", " ".join(c for r, c in rec.turns if r == "user")).split()).lower()
+        key = (tuple(rec.images), tuple(rec.videos), question)
+        if key in seen:
+            stats["duplicate"] += 1
+            continue
+        seen.add(key)
+        thought, answer = split_think(rec.turns[-1][1], where)
+        if longcot_overlap(thought, answer) > max_overlap:
+            stats["redundant"] += 1
+            continue
+        bucket = int(math.log2(max(1, len(WORD_RE.findall(thought)))))
+        stats[f"cot_len_2^{bucket}_before"] += 1
+        kept.append((bucket, json.dumps(rebase_media(obj, rec, out.parent), ensure_ascii=False)))
+    if balance and kept:
+        # CoT-length balancing: buckets above the median bucket size are down-sampled to it.
+        sizes = Counter(b for b, _ in kept)
+        target = int(np.ceil(np.median(list(sizes.values()))))
+        rng = random.Random(seed)
+        keep_idx = set()
+        for b in sizes:
+            members = [i for i, (bb, _) in enumerate(kept) if bb == b]
+            keep_idx.update(rng.sample(members, min(target, len(members))))
+        stats["length_balanced_away"] = len(kept) - len(keep_idx)
+        kept = [k for i, k in enumerate(kept) if i in keep_idx]
+    for b, _ in kept:
+        stats[f"cot_len_2^{b}_after"] += 1
+    stats["kept"] = len(kept)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(line + "\n" for _, line in kept), encoding="utf-8")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Synthetic default data: real PNG / MP4 files and JSONL manifests, generated deterministically
+#
+# Layout of DIR (`python data.py synth --out DIR`, or `ensure_synth(DIR)` on first use):
+#   DIR/synth.json                         stamp: version, seed, size, samples per family and split
+#   DIR/{family}/train.jsonl, eval.jsonl   manifests (held-out eval split: different random scenes)
+#   DIR/{family}/images/{split}_{i:05d}[_a|_b].png,  DIR/video/videos/{split}_{i:05d}.mp4
+# The language is small and regular ("a red circle at the top left.") so a tiny byte-level model
+# visibly learns it in minutes. Every record but caption/text carries a short "answer" (RL rewards,
+# evaluation); CoT records (math, count_cot) carry "think": true.
+
+SYNTH_VERSION = 1
+DEFAULT_SYNTH_SIZE = 256           # train samples per family (eval: size // 8; text: 8 x size)
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
+WORDS = ("apple", "bread", "chair", "cloud", "dance", "earth", "flame", "glass", "heart", "jelly", "kite",
+         "lemon", "music", "night", "ocean", "piano", "queen", "robot", "sugar", "tiger", "violin", "water", "zebra")
+CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Write a short caption.")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float):
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
+def scene_image(objects: list, size: int = 112) -> Image.Image:
+    """White canvas with (colour, shape, row, col) objects centred in a 3x3 grid of cells."""
+    img = Image.new("RGB", (size, size), "white")
+    d, cell = ImageDraw.Draw(img), size / 3
+    for colour, shape, row, col in objects:
+        draw_shape(d, shape, colour, (COLS.index(col) + 0.5) * cell, (ROWS.index(row) + 0.5) * cell, cell * 0.35)
+    return img
+
+
+def scene_caption(objects: list) -> str:
+    return " and ".join(f"a {c} {s} at the {r} {col}" for c, s, r, col in objects) + "."
+
+
+def random_objects(rng: random.Random, n: int, shape: str = None) -> list:
+    cells = rng.sample([(r, c) for r in ROWS for c in COLS], n)
+    return [(rng.choice(list(COLOURS)), shape or rng.choice(SHAPES), r, c) for r, c in cells]
+
+
+def text_image(text: str, size: tuple, font_size: int) -> Image.Image:
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((size[0] / 2, size[1] / 2), text, fill="black", font=font(font_size), anchor="mm")
+    return img
+
+
+def write_video(path, frames: list, fps: int = 8):
+    """Frames (PIL, same even size) to an MPEG-4 Part 2 MP4 (single-threaded: byte-deterministic)."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        stream.bit_rate = 600_000
+        stream.codec_context.thread_count = 1
+        for im in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(im)))
+        container.mux(stream.encode())
+
+
+def _count_words(objects: list, shape: str) -> tuple:
+    n = len(objects)
+    return n, f"There {'is' if n == 1 else 'are'} {n} {shape}{'' if n == 1 else 's'}."
+
+
+def _conv(question: str, answer: str, **extra) -> dict:
+    return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], **extra}
+
+
+# One generator per task family: (rng, media path stem relative to the family dir, family dir) -> record.
+def gen_text(rng, stem, root):
+    sentences = []
+    for _ in range(rng.randint(3, 6)):
+        kind = rng.randrange(5)
+        if kind == 0:
+            c, s, r, col = random_objects(rng, 1)[0]
+            sentences.append(f"a {c} {s} is at the {r} {col}.")
+        elif kind == 1:
+            n, shape = rng.randint(2, 6), rng.choice(SHAPES)
+            sentences.append(f"there are {n} {rng.choice(list(COLOURS))} {shape}s.")
+        elif kind == 2:
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            sentences.append(f"{a} plus {b} is {a + b}.")
+        elif kind == 3:
+            sentences.append(f"the word is {rng.choice(WORDS)}.")
+        else:
+            sentences.append(f"the {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} moves {rng.choice(list(DIRECTIONS))}.")
+    return {"text": " ".join(sentences), "task": "text"}
+
+
+def gen_caption(rng, stem, root):
+    objects = random_objects(rng, rng.randint(1, 2))
+    scene_image(objects).save(root / f"{stem}.png")
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\n{rng.choice(CAPTION_PROMPTS)}", scene_caption(objects)),
+            "task": "caption"}
+
+
+def gen_caption_qa(rng, stem, root):
+    objects = random_objects(rng, rng.randint(1, 2))
+    scene_image(objects).save(root / f"{stem}.png")
+    q, a = rng.choice(template_qa(scene_caption(objects)))
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\n{q}", a), "answer": a.rstrip(".").removeprefix("a ")
+            .removeprefix("at the "), "task": "caption_qa"}
+
+
+def gen_ocr(rng, stem, root):
+    word = rng.choice(WORDS)
+    text_image(word, (224, 112), 40).save(root / f"{stem}.png")
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nWhat word is written in the image?", word),
+            "answer": word, "task": "ocr"}
+
+
+def gen_chart(rng, stem, root):
+    kind = rng.choice(CHART_KINDS)
+    labels, values = chart_values(rng, rng.randint(3, 5))
+    render_chart(kind, labels, values).save(root / f"{stem}.png")
+    q, a = rng.choice(chart_qa(kind, labels, values))
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\n{q}", a), "answer": a,
+            "chart": {"kind": kind, "labels": labels, "values": values}, "task": "chart"}
+
+
+def gen_count(rng, stem, root):
+    shape = rng.choice(SHAPES)
+    objects = random_objects(rng, rng.randint(1, 6), shape)
+    scene_image(objects).save(root / f"{stem}.png")
+    n, sentence = _count_words(objects, shape)
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nHow many {shape}s are there?", sentence), "answer": str(n),
+            "task": "count"}
+
+
+def gen_count_cot(rng, stem, root):
+    shape = rng.choice(SHAPES)
+    objects = random_objects(rng, rng.randint(1, 6), shape)
+    scene_image(objects).save(root / f"{stem}.png")
+    seen = ", ".join(f"a {c} {s} at the {r} {col}" for c, s, r, col in objects)
+    n = len(objects)
+    cot = f"<think>\nI see {seen}. That makes {n} {shape}{'' if n == 1 else 's'}.\n</think>\nThe answer is {BOXED}{n}}}."
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nHow many {shape}s are there?", cot), "answer": str(n),
+            "think": True, "task": "count_cot"}
+
+
+def _arithmetic(rng, stem, root):
+    op = rng.choice("+-x")
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    value = {"+": a + b, "-": a - b, "x": a * b}[op]
+    word = {"+": "plus", "-": "minus", "x": "times"}[op]
+    text_image(f"{a} {op} {b}", (112, 112), 32).save(root / f"{stem}.png")
+    return a, op, b, word, value
+
+
+def gen_math(rng, stem, root):
+    a, op, b, word, value = _arithmetic(rng, stem, root)
+    cot = f"<think>\nThe image shows {a} {op} {b}.\n{a} {word} {b} is {value}.\n</think>\nThe answer is {BOXED}{value}}}."
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nWhat is the result of the expression in the image?", cot),
+            "answer": str(value), "think": True, "task": "math"}
+
+
+def gen_math_direct(rng, stem, root):
+    *_, value = _arithmetic(rng, stem, root)
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nWhat is the result of the expression in the image?",
+                                            f"The answer is {BOXED}{value}}}."), "answer": str(value), "task": "math_direct"}
+
+
+def gen_multi(rng, stem, root):
+    (o1,), (o2,) = random_objects(rng, 1), random_objects(rng, 1)
+    scene_image([o1]).save(root / f"{stem}_a.png")
+    scene_image([o2]).save(root / f"{stem}_b.png")
+    if rng.random() < 0.5:
+        q, short = "Do the two images show the same shape?", "yes" if o1[1] == o2[1] else "no"
+        a = short + "."
+    else:
+        first = rng.random() < 0.5
+        c, s = (o1 if first else o2)[:2]
+        if (o1 if not first else o2)[:2] == (c, s):
+            q, short = f"Do both images show a {c} {s}?", "yes"
+            a = "yes."
+        else:
+            q, short = f"Which image shows the {c} {s}?", "first" if first else "second"
+            a = f"the {short} image."
+    return {"image": [f"{stem}_a.png", f"{stem}_b.png"], **_conv(f"Image-1: {IMAGE}\nImage-2: {IMAGE}\n{q}", a),
+            "answer": short, "task": "multi"}
+
+
+def gen_video(rng, stem, root, n_frames: int = 16, size: int = 112):
+    colour, shape, direction = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS))
+    dx, dy = DIRECTIONS[direction]
+    r, frames = size * 0.12, []
+    other = rng.uniform(0.3, 0.7) * size                      # position on the still axis
+    for t in range(n_frames):
+        along = size * (0.15 + 0.7 * t / (n_frames - 1))      # 15% -> 85% of the frame
+        cx = (along if dx > 0 else size - along) if dx else other
+        cy = (along if dy > 0 else size - along) if dy else other
+        img = Image.new("RGB", (size, size), "white")
+        draw_shape(ImageDraw.Draw(img), shape, colour, cx, cy, r)
+        frames.append(img)
+    write_video(root / f"{stem}.mp4", frames)
+    answer = f"It moves to the {direction}." if dx else f"It moves {direction}."
+    return {"video": f"{stem}.mp4", **_conv(f"{VIDEO}\nWhich way does the {colour} {shape} move?", answer),
+            "answer": direction, "task": "video"}
+
+
+SYNTH_FAMILIES = {"text": gen_text, "caption": gen_caption, "caption_qa": gen_caption_qa, "ocr": gen_ocr,
+                  "chart": gen_chart, "count": gen_count, "count_cot": gen_count_cot, "math": gen_math,
+                  "math_direct": gen_math_direct, "multi": gen_multi, "video": gen_video}
+
+
+def synth_counts(size: int) -> dict:
+    """{family: {split: samples}} for a given --size."""
+    n_eval = max(8, size // 8)
+    return {f: {"train": size * (8 if f == "text" else 1), "eval": n_eval * (8 if f == "text" else 1)}
+            for f in SYNTH_FAMILIES}
+
+
+def make_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: bool = True) -> Path:
+    """Generate the synthetic dataset into `out` (which must not exist): files are written to a
+    temporary sibling folder, then renamed, so a crash never leaves half a dataset behind."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; synthetic data is written to a new folder only")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    counts = synth_counts(size)
+    try:
+        for family, gen in tqdm(SYNTH_FAMILIES.items(), desc="synth", disable=not progress):
+            media = tmp / family / ("videos" if family == "video" else "images")
+            media.mkdir(parents=True)
+            for split, n in counts[family].items():
+                rng = random.Random(f"{seed}/{family}/{split}")
+                lines = [gen(rng, f"{media.name}/{split}_{i:05d}", tmp / family) for i in range(n)]
+                (tmp / family / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines),
+                                                             encoding="utf-8")
+        stamp = {"version": SYNTH_VERSION, "seed": seed, "size": size, "samples": counts}
+        (tmp / "synth.json").write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def ensure_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: bool = True) -> Path:
+    """The synthetic dataset at `out`, generated on first use; a no-op when it is already there.
+    Safe when several ranks call it at once (the first rename wins, the others discard their copy)."""
+    out = Path(out)
+    stamp = out / "synth.json"
+    if not stamp.exists():
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} is not empty and has no synth.json; refusing to write synthetic data there")
+        if out.exists():
+            out.rmdir()
+        try:
+            make_synth(out, seed, size, progress)
+        except OSError:
+            if not stamp.exists():      # not another rank's rename winning the race
+                raise
+    have = json.loads(stamp.read_text(encoding="utf-8"))
+    if (have["version"], have["seed"], have["size"]) != (SYNTH_VERSION, seed, size):
+        raise ValueError(f"{out} holds synthetic data v{have['version']} seed {have['seed']} size {have['size']}; "
+                         f"asked for v{SYNTH_VERSION} seed {seed} size {size}: delete it or use another folder")
+    return out
+
+
+# Which synthetic task families each training stage mixes, with what weights (the stand-in for the
+# paper's data of that stage), its label mode and whether n-gram rebalancing is on.
+StageData = namedtuple("StageData", "mix label_mode ngram_rebalance paper")
+STAGE_DATA = {
+    "lm0": StageData({"text": 1.0}, "text", False,
+                     "ours: language pre-training of the tiny LLM (stands in for Qwen3's own pre-training)"),
+    "vit1": StageData({"caption": 0.6, "ocr": 0.4}, "sft", False,
+                      "§2.1.1 stage I: 8M = 4.9M captions + 3.1M OCR"),
+    "vit2": StageData({"caption": 0.4, "caption_qa": 0.3, "ocr": 0.3}, "sft", False,
+                      "§2.1.1 stage II, Table 3: SAIL-Caption2, Caption2-QA, VQA"),
+    "vit3": StageData({"caption": 0.3, "caption_qa": 0.3, "ocr": 0.2, "count": 0.1, "chart": 0.1}, "sft", False,
+                      "§2.1.1 stage III: 36.5M multimodal (caption, Caption2-QA, VQA)"),
+    "pretrain1": StageData({"caption": 0.5, "ocr": 0.25, "chart": 0.15, "text": 0.1}, "sft", False,
+                           "§3.2.1 basic pre-training: captions, chart captions, OCR; 'Pareto' text (Table 3)"),
+    "pretrain2": StageData({"caption": 0.2, "caption_qa": 0.15, "ocr": 0.15, "count": 0.15, "chart": 0.15,
+                            "math_direct": 0.1, "text": 0.1}, "sft", True,
+                           "§3.2.1 multi-task: half visual understanding, half instructions incl. text math; "
+                           "§3.2.2 n-gram rebalancing"),
+    "sft1": StageData({"caption_qa": 0.3, "count": 0.2, "ocr": 0.2, "chart": 0.2, "multi": 0.1}, "sft", False,
+                      "§4.2.1 phase 1: general instructions (Infinity-MM stage 2)"),
+    "sft2": StageData({"caption": 0.1, "caption_qa": 0.15, "ocr": 0.15, "chart": 0.15, "count": 0.15,
+                       "multi": 0.15, "math_direct": 0.15}, "sft", False, "§4.2.1 phase 2: SAIL-Instruction2"),
+    "sft3": StageData({"chart": 0.25, "count_cot": 0.25, "multi": 0.2, "math": 0.3}, "sft", False,
+                      "§4.2.1 phase 3: hard subsets (LLaVA-CoT, MMPR, Condor)"),
+    "sft4": StageData({"video": 0.5, "caption_qa": 0.1, "ocr": 0.1, "chart": 0.1, "count": 0.1, "multi": 0.1},
+                      "sft", False, "§4.2.1 phase 4: image:video 1:1"),
+    "longcot": StageData({"math": 0.6, "count_cot": 0.4}, "longcot", False,
+                         "§4.2.2: <think>…</think> + \\boxed{} chains, loss on T∘A"),
+    "thinkfusion": StageData({"caption_qa": 1.5, "ocr": 1.5, "chart": 1.5, "count": 1.5, "math_direct": 2.0,
+                              "multi": 1.0, "math": 0.5, "count_cot": 0.5}, "thinkfusion", False,
+                             "§4.2.4: 900K direct + 100K CoT (direct:CoT 9:1)"),
+    "rl-verifiable": StageData({"math": 0.4, "count": 0.3, "ocr": 0.15, "chart": 0.15}, "rl", False,
+                               "§4.2.3: math, counting, OCR... with checkable answers"),
+    "rl-mixed": StageData({"math": 0.25, "count": 0.15, "chart": 0.15, "ocr": 0.1, "caption_qa": 0.15,
+                           "multi": 0.1, "video": 0.1}, "rl", False,
+                          "§4.2.5: hard cases + general (LLaVA-OneVision) samples, mixed rewards"),
+}
+
+
+def stage_sources(stage: str, synth_dir, split: str = "train") -> list:
+    """[(manifest path, weight)] of a stage's synthetic mix (see STAGE_DATA)."""
+    if stage not in STAGE_DATA:
+        raise ValueError(f"no data mix for stage {stage!r}; known: {list(STAGE_DATA)}")
+    return [(str(Path(synth_dir) / family / f"{split}.jsonl"), w) for family, w in STAGE_DATA[stage].mix.items()]
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Command line
+
+def _print_counts(title: str, counts: Counter):
+    print(f"{title}:")
+    for k, v in sorted(counts.items()):
+        print(f"  {k:28s} {v}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="SAIL-VL2 data tools: synthetic data, manifest checks, curation (§3.1, "
+                                "§3.2.2, §4.2.2). Run `python data.py SUBCOMMAND --help` for each.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synth", help="generate the synthetic default dataset (PNG, MP4, JSONL) into a new folder")
+    s.add_argument("--out", required=True, help="folder to create (must not exist)")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    s.add_argument("--size", type=int, default=DEFAULT_SYNTH_SIZE, help="train samples per task family")
+    s = sub.add_parser("check", help="load every sample of a manifest and report bad lines by reason")
+    s.add_argument("manifest")
+    s.add_argument("--tokenizer", default=None, help="Qwen tokenizer folder (default: embedded byte tokenizer)")
+    s.add_argument("--image-size", type=int, default=448, help="tile side in pixels")
+    s.add_argument("--max-tiles", type=int, default=12)
+    s.add_argument("--max-len", type=int, default=8192, help="longer samples are reported as too_long")
+    s.add_argument("--label-mode", default="sft", choices=LABEL_MODES)
+    s = sub.add_parser("rebalance", help="n-gram rebalancing weights (§3.2.2) and the diversity before/after")
+    s.add_argument("manifest")
+    s.add_argument("--n", type=int, default=3, help="n-gram order")
+    s.add_argument("--alpha", type=float, default=0.5, help="weight = mean df(g)^-alpha over the sample's n-grams")
+    s.add_argument("--out", default=None, help="write the per-line weights as JSON here")
+    s = sub.add_parser("filter", help="keep samples whose judge scores (VIR, ITA) pass thresholds (§3.1)")
+    s.add_argument("manifest")
+    s.add_argument("out")
+    s.add_argument("--min-vir", type=float, default=0.05, help="visual information richness threshold")
+    s.add_argument("--min-ita", type=float, default=0.5, help="image-text alignment threshold")
+    s = sub.add_parser("charts", help="render bar/line/pie charts to PNG with their data and QA pairs")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=224, help="chart side in pixels")
+    s = sub.add_parser("caption2qa", help="turn caption samples into QA conversations (template generator)")
+    s.add_argument("manifest")
+    s.add_argument("out")
+    s.add_argument("--pairs", type=int, default=1, help="QA pairs per caption (0 = all)")
+    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("longcot", help="clean LongCoT data: format, dedup, redundancy filter, length balance (§4.2.2)")
+    s.add_argument("manifest")
+    s.add_argument("out")
+    s.add_argument("--max-overlap", type=float, default=0.8, help="drop when this share of answer 3-grams is in the CoT")
+    s.add_argument("--no-balance", action="store_true", help="skip CoT-length balancing")
+    s.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    if args.cmd == "synth":
+        out = make_synth(args.out, args.seed, args.size)
+        print(f"wrote {out}: {json.loads((out / 'synth.json').read_text())['samples']}")
+    elif args.cmd == "check":
+        cfg = DataConfig(image_size=args.image_size, max_tiles=args.max_tiles, max_len=args.max_len,
+                         label_mode=args.label_mode)
+        ds = JsonlDataset(args.manifest, load_tokenizer(args.tokenizer), cfg)
+        bad = BadData(max_fraction=1.0, show_first=len(ds))
+        lengths = [len(s["input_ids"]) for s in ds.scan(bad)]
+        print(bad.report())
+        if lengths:
+            print(f"{len(lengths)} good samples, tokens per sample: min {min(lengths)}, mean "
+                  f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+    elif args.cmd == "rebalance":
+        ds = JsonlDataset(args.manifest, load_tokenizer(None))
+        texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc="read")]
+        w = ngram_weights(texts, args.n, args.alpha)
+        before, after = diversity(texts, n=args.n), diversity(texts, w, n=args.n)
+        print(f"distinct-{args.n}: {before['distinct']:.4f} -> {after['distinct']:.4f}")
+        print(f"{args.n}-gram entropy: {before['entropy']:.3f} -> {after['entropy']:.3f} bits")
+        print(f"weights: min {w.min():.3f} max {w.max():.3f}")
+        if args.out:
+            Path(args.out).write_text(json.dumps({str(ds.line_numbers[i]): round(float(x), 6) for i, x in enumerate(w)}))
+    elif args.cmd == "filter":
+        _print_counts("quality filter", quality_filter(args.manifest, args.out, min_vir=args.min_vir, min_ita=args.min_ita))
+    elif args.cmd == "charts":
+        print(f"wrote {make_charts(args.out, args.n, args.seed, args.size)}")
+    elif args.cmd == "caption2qa":
+        _print_counts("caption -> QA", caption_to_qa(args.manifest, args.out, pairs=args.pairs, seed=args.seed))
+    elif args.cmd == "longcot":
+        _print_counts("LongCoT cleaning", clean_longcot(args.manifest, args.out, args.max_overlap,
+                                                         not args.no_balance, args.seed))
+
+
+if __name__ == "__main__":
+    main()
