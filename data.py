@@ -325,6 +325,9 @@ def chat_segments(turns: list, system: str = DEFAULT_SYSTEM, mode: str = "sft", 
             segs.append((f"<|im_start|>user\n{text}<|im_end|>", False))
             continue
         segs.append(("<|im_start|>assistant\n", False))
+        if mode == "sft":
+            segs.append((content + "<|im_end|>", True))
+            continue
         thought, answer = split_think(content, where)
         if mode == "longcot" and not (thought or "").strip():
             raise DataError("format", where, "longcot needs every assistant turn to open with a non-empty <think>…</think>")
@@ -354,15 +357,14 @@ def tokenize_segments(tok: tiktoken.Encoding, segs: list):
     starts = np.cumsum([0] + [len(s) for s, _ in segs[:-1]])
     piece = np.searchsorted(starts, np.asarray(offsets, dtype=np.int64), side="right") - 1
     trained = np.array([t for _, t in segs], dtype=bool)[piece]
-    ids = torch.tensor(ids, dtype=torch.long)
-    labels = torch.where(torch.from_numpy(trained), ids, torch.full_like(ids, -100))
-    return ids, labels
+    ids = np.asarray(ids, dtype=np.int64)
+    return torch.from_numpy(ids), torch.from_numpy(np.where(trained, ids, -100))
 
 
 def tokenize_text(tok: tiktoken.Encoding, text: str):
     """Plain-text LM sample: the text then <|endoftext|>, loss on every token."""
-    ids = torch.tensor(encode(tok, text) + [special_ids(tok).endoftext], dtype=torch.long)
-    return ids, ids.clone()
+    ids = np.asarray(encode(tok, text) + [special_ids(tok).endoftext], dtype=np.int64)
+    return torch.from_numpy(ids), torch.from_numpy(ids.copy())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,10 +374,17 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> normalised float32 (3, H, W), as torchvision ToTensor + Normalize(ImageNet)."""
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+def to_array(img: Image.Image) -> np.ndarray:
+    """PIL RGB -> normalised float32 (3, H, W), as torchvision ToTensor + Normalize(ImageNet).
+    (numpy, not torch: tiny torch ops pay thread-pool wake-ups that dominate data loading.)"""
+    x = np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255)
+    x = (x - IMAGENET_MEAN.numpy().reshape(1, 1, 3)) / IMAGENET_STD.numpy().reshape(1, 1, 3)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def to_pixels(images: list) -> torch.Tensor:
+    """(N, 3, H, W) float32 from same-size PIL images."""
+    return torch.from_numpy(np.stack([to_array(im) for im in images]))
 
 
 def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, image_size: int) -> tuple:
@@ -448,9 +457,9 @@ def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_siz
     img = path_or_image if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
     if anyres:
         size = anyres_size(img.width, img.height, patch_size, merge, max_patches, min_patches)
-        return to_tensor(img.convert("RGB").resize(size, Image.BICUBIC)).unsqueeze(0), 1
+        return to_pixels([img.resize(size, Image.BICUBIC)]), 1
     tiles = tile_image(img, max_tiles, min_tiles, image_size, use_thumbnail)
-    return torch.stack([to_tensor(t) for t in tiles]), len(tiles)
+    return to_pixels(tiles), len(tiles)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,8 +484,6 @@ def _decode_frames(path, wanted: set, where: str):
     got, n = {}, 0
     last = max(wanted) if wanted else -1
     with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise DataError("video", where, f"{path} has no video stream")
         for frame in container.decode(video=0):
             if n in wanted:
                 got[n] = frame.to_image()
@@ -508,8 +515,7 @@ def load_video(path, num_frames: int = 16, training: bool = False, rng=None, ima
     if len(got) < len(set(idx)):
         raise DataError("video", where, f"{path}: the container states {n} frames but only {decoded} decode "
                         "(truncated file?)")
-    frames = [got[i].convert("RGB").resize((image_size, image_size), Image.BICUBIC) for i in idx]
-    return torch.stack([to_tensor(f) for f in frames])
+    return to_pixels([got[i].convert("RGB").resize((image_size, image_size), Image.BICUBIC) for i in idx])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,18 +668,22 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
             return "".join(f"Frame{i}: {image_block(cfg.tokens_per_tile)}\n" for i in range(1, len(frames) + 1))
         expanded.append((role, PLACEHOLDER_RE.sub(expand, content)))
     think = {"on": True, "off": False}.get(cfg.think)
-    if think is None:       # "auto": the record's flag, else what the mode implies
-        has_cot = any((split_think(c, rec.where)[0] or "").strip() for r, c in turns if r == "assistant")
-        think = rec.think if rec.think is not None else mode in ("longcot", "rl") or (mode == "thinkfusion" and has_cot)
+    if think is None and rec.think is not None:
+        think = rec.think
+    elif think is None:     # "auto" and no flag in the record: what the mode implies
+        think = mode in ("longcot", "rl") or (mode == "thinkfusion" and any(
+            (split_think(c, rec.where)[0] or "").strip() for r, c in turns if r == "assistant"))
     system = rec.system if rec.system is not None else (cfg.system or DEFAULT_SYSTEM)
     segs = chat_segments(expanded, system, mode, think, add_generation_prompt=(mode == "rl"), where=rec.where)
     ids, labels = tokenize_segments(tok, segs)
     if len(ids) > cfg.max_len:
         raise DataError("too_long", rec.where, f"{len(ids)} tokens > max_len {cfg.max_len}")
-    if pixels:
-        pixel_values = [p for p in pixels] if cfg.anyres else torch.cat(pixels)
-    else:
+    if not pixels:
         pixel_values = None
+    elif cfg.anyres:
+        pixel_values = pixels
+    else:       # concatenated in numpy: see to_array on tiny torch ops
+        pixel_values = pixels[0] if len(pixels) == 1 else torch.from_numpy(np.concatenate([p.numpy() for p in pixels]))
     return dict(input_ids=ids, labels=labels, pixel_values=pixel_values, tiles=tiles, image_tokens=tokens,
                 n_images=len(rec.images) + len(rec.videos), n_visual_tokens=sum(tokens), **base)
 

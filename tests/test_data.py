@@ -1,0 +1,696 @@
+"""Tests of data.py: tokenizer parity with HF `tokenizers`, univl-chat strings and label masks, the
+official tiling rule, video sampling, bad-input accounting, streams, curation and synthetic data.
+
+References are independent of data.py: HF tokenizers for the tokenizer, the facts-file text for the
+template and the tiling rule (re-implemented here), PIL crops for pixels, hand-counted label spans.
+"""
+import hashlib
+import json
+import pickle
+import random
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import DataConfig, DataError
+
+SYS = "你是由抖音内容理解组开发的多模态大模型，英文名叫UniVL, 是一个有用无害的人工智能助手。"
+THINK = ("You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "
+         "The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in \\boxed{}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer: parity with HF tokenizers on a BPE trained here with Qwen2's pre-tokenizer settings
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")   # copied from Qwen2's tokenizer.json
+
+
+def mixed_corpus(rng: random.Random, n: int) -> list:
+    english = ["The quick brown fox jumps over the lazy dog.", "It's what we'LL DO, isn't it? They've gone.",
+               "Numbers like 3.14159 and 1,000,000 or 2024-11-26 appear.", "HELLO World!!! ... ???"]
+    cjk = ["你好世界，这是一个测试。", "我们今天去公园散步吧！", "日本語のテキストも少し。", "한국어 문장입니다."]
+    emoji = ["😀🎉👍🏽", "family: 👨‍👩‍👧‍👦 flag: 🇯🇵", "❤️‍🔥 ok"]
+    code = ["def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) { a[i] += b[i]; }", "if x:\n\tpass\r\n"]
+    spaces = ["a   b\t\tc", "\n\n\n", "trailing   ", "   leading", " \n \n  x", "\u00a0nbsp\u3000ideo"]
+    nfc = ["café", "cafe\u0301", "Å vs A\u030a", "ﬁ ligature"]
+    pools = english + cjk + emoji + code + spaces + nfc
+    syllables = ["ka", "ro", "tin", "mel", "sha", "qu", "est", "ing", "tion", "pre", "un", "ly", "ed", "ver"]
+    hanzi = [chr(c) for c in range(0x4E00, 0x4E00 + 300)]
+    out = []
+    for _ in range(n):
+        k = rng.randint(1, 4)
+        out.append("".join(rng.choice(pools) + rng.choice(["", " ", "\n", "  "]) for _ in range(k)))
+        words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(rng.randint(2, 8))]
+        out.append(" ".join(w.capitalize() if rng.random() < 0.2 else w for w in words) + rng.choice(".!?,:"))
+        out.append("".join(rng.choices(hanzi, k=rng.randint(2, 10))) + str(rng.randint(0, 99999)))
+    return pools + out
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    corpus = mixed_corpus(random.Random(0), 3000)
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1500, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"])
+    tk.add_tokens(["<think>", "</think>"])           # Qwen3 marks these special=false
+    folder = tmp_path_factory.mktemp("hf_tok")
+    tk.save(str(folder / "tokenizer.json"))
+    assert len(json.loads((folder / "tokenizer.json").read_text())["model"]["merges"]) > 1000
+    return tk, folder
+
+
+def parity_strings() -> list:
+    rng = random.Random(1)
+    strings = mixed_corpus(rng, 400)
+    chars = "aZ09 \n\t\r'’你好😀é\u0301<>|_-.,!?{}()\\"
+    strings += ["".join(rng.choice(chars) for _ in range(rng.randint(1, 40))) for _ in range(300)]
+    strings += ["<|im_start|>user\nHi<think>x</think><|im_end|>", "<img><IMG_CONTEXT><IMG_CONTEXT></img>\nq",
+                "x<|endoftext|>y", "", " ", "it's IT'S It'Ll"]
+    return strings
+
+
+def test_tokenizer_json_parity_and_roundtrip(hf_tokenizer):
+    tk, folder = hf_tokenizer
+    tok = data.load_tokenizer(folder)
+    for s in parity_strings():
+        ids = tk.encode(s).ids
+        assert data.encode(tok, s) == ids, s
+        assert tok.decode(ids) == unicodedata.normalize("NFC", s) == tk.decode(ids, skip_special_tokens=False)
+
+
+def test_vocab_merges_folder_parity(hf_tokenizer, tmp_path):
+    tk, _ = hf_tokenizer
+    tk.model.save(str(tmp_path))                     # vocab.json + merges.txt, the slow-tokenizer form
+    added = {t.content: i for i, t in tk.get_added_tokens_decoder().items()}
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["added_tokens.json", "merges.txt", "vocab.json"]
+    tok = data.load_tokenizer(tmp_path)
+    for s in parity_strings():
+        assert data.encode(tok, s) == tk.encode(s).ids, s
+
+
+def test_tokenizer_rejects_ids_out_of_merge_order(tmp_path):
+    b2u = data.byte_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    vocab.update({"ab": 257, "abc": 256})            # merge #1 makes a smaller id than merge #0
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\nab c\n")
+    with pytest.raises(ValueError, match="increase with priority"):
+        data.load_tokenizer(tmp_path)
+
+
+def test_default_tokenizer_and_special_ids():
+    tok = data.load_tokenizer(None)
+    ids = data.special_ids(tok)
+    assert [tok.encode_single_token(t) for t in data.SPECIAL_TOKENS] == list(range(256, 256 + len(data.SPECIAL_TOKENS)))
+    assert ids.img_context == 263 and ids.eos == ids.im_end == 258 and ids.pad == ids.endoftext == 256
+    assert data.encode(tok, "hi<|im_end|>") == [104, 105, 258]
+    text = "héllo 你好 😀\n\t<think>x</think>"
+    assert tok.decode(data.encode(tok, text)) == text
+    assert len(data.encode(tok, "你")) == 3            # one id per UTF-8 byte
+
+
+def test_tokenizer_pickles(hf_tokenizer):
+    tok = data.load_tokenizer(hf_tokenizer[1])
+    tok2 = pickle.loads(pickle.dumps(tok))
+    assert type(tok2) is type(tok) is data.NFCEncoding
+    assert data.encode(tok2, "cafe\u0301 😀") == data.encode(tok, "cafe\u0301 😀")
+
+
+# ----------------------------------------------------------------------------------------------
+# chat template: byte-identical to facts §1.6
+
+def test_template_single_turn_generation_prompt():
+    got = data.render_chat([("user", "<image>\nWhat is this?")], add_generation_prompt=True)
+    assert got == (f"<|im_start|>system\n{SYS}<|im_end|><|im_start|>user\n<image>\nWhat is this?<|im_end|>"
+                   "<|im_start|>assistant\n")
+
+
+def test_template_multi_turn_and_thinking():
+    turns = [("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")]
+    assert data.render_chat(turns, system="S") == ("<|im_start|>system\nS<|im_end|><|im_start|>user\nQ1<|im_end|>"
+                                                   "<|im_start|>assistant\nA1<|im_end|><|im_start|>user\nQ2<|im_end|>"
+                                                   "<|im_start|>assistant\nA2<|im_end|>")
+    got = data.render_chat([("user", "Q")], think=True, add_generation_prompt=True)
+    assert got == f"<|im_start|>system\n{SYS}<|im_end|><|im_start|>user\nQ\n{THINK}<|im_end|><|im_start|>assistant\n"
+
+
+def save_png(path, size=(112, 112), colour=(200, 30, 30)):
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def write_gray_video(path, levels, fmt="mp4", size=64, pts=None):
+    """A video whose frame i is a flat gray of levels[i] (frames encode their index)."""
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream("mpeg4", rate=8)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        s.bit_rate = 2_000_000
+        if pts is not None:
+            s.codec_context.time_base = s.time_base = __import__("fractions").Fraction(1, 1000)
+        for i, level in enumerate(levels):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), level, np.uint8), format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], s.time_base
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    return path
+
+
+def test_template_image_multi_image_video_via_samples(tmp_path):
+    tok = data.load_tokenizer(None)
+    cfg = DataConfig(image_size=112, max_tiles=4, num_frames=3)          # 16 tokens per tile
+    save_png(tmp_path / "a.png")                                          # 1 tile
+    save_png(tmp_path / "b.png", size=(224, 112))                         # 2x1 grid + thumbnail = 3 tiles
+    write_gray_video(tmp_path / "v.mp4", [10, 60, 110, 160, 210, 250])
+    img = lambda n: "<img>" + "<IMG_CONTEXT>" * n + "</img>"              # noqa: E731
+    lines = [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red."}]},
+        {"image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "Image-1: <image>\nImage-2: <image>\nSame?"},
+                                                         {"from": "gpt", "value": "no."}]},
+        {"video": "v.mp4", "messages": [{"role": "user", "content": "<video>\nWhere?"}, {"role": "assistant", "content": "up."}]},
+        {"images": ["a.png"], "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+                                           {"role": "assistant", "content": "A"}]},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "No placeholder"}, {"from": "gpt", "value": "ok"}]},
+    ]
+    expected_users = [f"{img(16)}\nWhat?", f"Image-1: {img(16)}\nImage-2: {img(48)}\nSame?",
+                      f"Frame1: {img(16)}\nFrame2: {img(16)}\nFrame3: {img(16)}\nWhere?", f"{img(16)}\nQ",
+                      f"{img(16)}\nNo placeholder"]
+    answers = ["red.", "no.", "up.", "A", "ok"]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ds = data.JsonlDataset(tmp_path / "m.jsonl", tok, cfg)
+    for i, (user, answer) in enumerate(zip(expected_users, answers)):
+        s = ds[i]
+        want = (f"<|im_start|>system\n{SYS}<|im_end|><|im_start|>user\n{user}<|im_end|>"
+                f"<|im_start|>assistant\n{answer}<|im_end|>")
+        assert tok.decode(s["input_ids"].tolist()) == want
+        n_ctx = int((s["input_ids"] == 263).sum())
+        assert n_ctx == s["n_visual_tokens"] == s["pixel_values"].shape[0] * 16
+    assert ds[1]["tiles"] == [1, 3] and ds[1]["image_tokens"] == [16, 48] and ds[1]["n_images"] == 2
+    assert ds[2]["pixel_values"].shape == (3, 3, 112, 112) and ds[2]["tiles"] == [1, 1, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# label masks per mode, hand-counted: with the byte tokenizer every ASCII character is one token
+
+def chat_record(tmp_path, reply, question="Q", **extra):
+    line = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": reply}], **extra}
+    (tmp_path / "m.jsonl").write_text(json.dumps(line) + "\n")
+    return tmp_path / "m.jsonl"
+
+
+def expected_labels(tok, text, trained_spans):
+    """-100 everywhere but the character spans (start, end) of `text` (all ASCII or special tokens)."""
+    ids = data.encode(tok, text)
+    labels = [-100] * len(ids)
+    # map char positions to token positions: specials are one token per tag
+    pos, k = [], 0
+    while k < len(text):
+        tag = next((t for t in data.SPECIAL_TOKENS if text.startswith(t, k)), None)
+        pos.append(k)
+        k += len(tag) if tag else 1
+    for start, end in trained_spans:
+        for t, p in enumerate(pos):
+            if start <= p < end:
+                labels[t] = ids[t]
+    return ids, labels
+
+
+def check_mode(tmp_path, mode, answer, trained_text, think=False, question="Q", **extra):
+    tok = data.load_tokenizer(None)
+    s = data.JsonlDataset(chat_record(tmp_path, answer, question, **extra), tok, DataConfig(label_mode=mode, system="S"))[0]
+    user = f"{question}\n{THINK}" if think else question
+    text = f"<|im_start|>system\nS<|im_end|><|im_start|>user\n{user}<|im_end|><|im_start|>assistant\n{answer}<|im_end|>"
+    start = text.index(trained_text, len(text) - len(answer) - len("<|im_end|>"))
+    ids, labels = expected_labels(tok, text, [(start, start + len(trained_text))])
+    assert s["input_ids"].tolist() == ids
+    assert s["labels"].tolist() == labels
+
+
+def test_labels_sft(tmp_path):
+    check_mode(tmp_path, "sft", "a red circle.", "a red circle.<|im_end|>")
+
+
+def test_labels_longcot(tmp_path):
+    answer = "<think>\n2 plus 2 is 4.\n</think>\nThe answer is \\boxed{4}."
+    check_mode(tmp_path, "longcot", answer, answer + "<|im_end|>", think=True)
+    with pytest.raises(DataError, match="non-empty <think>") as e:
+        data.JsonlDataset(chat_record(tmp_path, "4"), data.load_tokenizer(None), DataConfig(label_mode="longcot"))[0]
+    assert e.value.reason == "format" and e.value.where.endswith("m.jsonl:1")
+
+
+def test_labels_thinkfusion(tmp_path):
+    cot = "<think>\nI count 3.\n</think>\nThe answer is \\boxed{3}."
+    check_mode(tmp_path, "thinkfusion", cot, cot + "<|im_end|>", think=True)
+    direct = "<think>\n\n</think>\n\nThe answer is \\boxed{3}."
+    check_mode(tmp_path, "thinkfusion", direct, "The answer is \\boxed{3}.<|im_end|>")
+    check_mode(tmp_path, "thinkfusion", "3", "3<|im_end|>")
+
+
+def test_labels_multi_turn_sft(tmp_path):
+    tok = data.load_tokenizer(None)
+    line = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
+                              {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]}
+    (tmp_path / "m.jsonl").write_text(json.dumps(line) + "\n")
+    s = data.JsonlDataset(tmp_path / "m.jsonl", tok, DataConfig())[0]
+    text = ("<|im_start|>system\nS<|im_end|><|im_start|>user\nQ1<|im_end|><|im_start|>assistant\nA1<|im_end|>"
+            "<|im_start|>user\nQ2<|im_end|><|im_start|>assistant\nA2<|im_end|>")
+    a1, a2 = text.index("A1<|im_end|>"), text.index("A2<|im_end|>")
+    ids, labels = expected_labels(tok, text, [(a1, a1 + 12), (a2, a2 + 12)])
+    assert s["input_ids"].tolist() == ids and s["labels"].tolist() == labels
+
+
+def test_labels_rl_and_text(tmp_path):
+    tok = data.load_tokenizer(None)
+    s = data.JsonlDataset(chat_record(tmp_path, "There are 3.", answer="3"), tok, DataConfig(label_mode="rl", system="S"))[0]
+    assert tok.decode(s["input_ids"].tolist()) == (f"<|im_start|>system\nS<|im_end|><|im_start|>user\nQ\n{THINK}"
+                                                   "<|im_end|><|im_start|>assistant\n")
+    assert (s["labels"] == -100).all() and s["answer"] == "3"
+    with pytest.raises(DataError, match="answer"):
+        data.JsonlDataset(chat_record(tmp_path, "x"), tok, DataConfig(label_mode="rl"))[0]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a red circle."}) + "\n")
+    for mode in ("text", "sft"):                        # a text record is an LM sample in any mode but rl
+        t = data.JsonlDataset(tmp_path / "t.jsonl", tok, DataConfig(label_mode=mode))[0]
+        assert t["input_ids"].tolist() == list(b"a red circle.") + [256] and torch.equal(t["labels"], t["input_ids"])
+
+
+def test_labels_with_bpe_tokenizer_cover_exactly_the_answer(hf_tokenizer, tmp_path):
+    """With a real BPE the trained tokens decode to exactly the assistant content + <|im_end|>."""
+    tok = data.load_tokenizer(hf_tokenizer[1])
+    for answer in ["The quick brown fox.", "你好世界，这是一个测试。", "x = 1\n\ny = 2", "<think>\nok\n</think>\nyes"]:
+        s = data.JsonlDataset(chat_record(tmp_path, answer), tok, DataConfig())[0]
+        trained = s["labels"][s["labels"] != -100].tolist()
+        assert tok.decode(trained) == answer + "<|im_end|>"
+        assert s["input_ids"].tolist() == hf_tokenizer[0].encode(tok.decode(s["input_ids"].tolist())).ids
+
+
+# ----------------------------------------------------------------------------------------------
+# tiling: the official rule, written again here from the facts text (§1.5)
+
+def official_grid(w, h, lo, hi, size):
+    # "Candidate grids: all (i,j) with min_num <= i*j <= max_num, sorted by i*j. Pick the one whose aspect
+    #  ratio is closest to the image. On a tie, prefer the later, larger grid if area > 0.5*448^2*i*j."
+    cands = sorted({(i, j) for n in range(lo, hi + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                    if lo <= i * j <= hi}, key=lambda g: g[0] * g[1])
+    best, best_d = None, None
+    for i, j in cands:
+        d = abs(w / h - i / j)
+        if best is None or d < best_d:
+            best, best_d = (i, j), d
+        elif d == best_d and w * h > 0.5 * size * size * i * j:
+            best = (i, j)
+    return best
+
+
+def test_tile_grid_matches_official_rule():
+    rng = random.Random(0)
+    sizes = [(448, 448), (896, 896), (1344, 1344), (449, 448), (896, 448), (1792, 448), (448, 1344), (100, 100),
+             (1000, 10), (10, 1000), (2000, 1500), (640, 480), (1920, 1080), (3000, 3000), (300, 301)]
+    sizes += [(rng.randint(16, 4000), rng.randint(16, 4000)) for _ in range(400)]
+    for (w, h) in sizes:
+        for lo, hi in [(1, 12), (1, 6), (2, 9), (1, 1)]:
+            cols, rows = official_grid(w, h, lo, hi, 448)
+            assert data.tile_grid(w, h, lo, hi, 448) == (cols, rows), (w, h, lo, hi)
+            tiles = cols * rows + (1 if cols * rows > 1 else 0)
+            if (w, h) in sizes[:15] and hi == 12 and w * h <= 1_000_000:
+                img = Image.new("RGB", (w, h))
+                assert data.load_image(img, max_tiles=hi, min_tiles=lo, image_size=448)[1] == tiles
+    assert data.tile_grid(448, 448, 1, 12, 448) == (1, 1)       # tie: area not > half of 2x2's area
+    assert data.tile_grid(896, 896, 1, 12, 448) == (2, 2)       # tie broken towards the larger grid
+
+
+def test_tile_pixels_equal_direct_crop_resize_normalise():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (150, 310, 3), dtype=np.uint8))      # W=310, H=150
+    pv, n = data.load_image(img, max_tiles=6, image_size=112)
+    cols, rows = official_grid(310, 150, 1, 6, 112)
+    assert n == cols * rows + 1 and pv.shape == (n, 3, 112, 112) and pv.dtype == torch.float32
+    big = img.resize((112 * cols, 112 * rows), Image.BICUBIC)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    norm = lambda im: torch.from_numpy(((np.asarray(im) / 255.0 - mean) / std).transpose(2, 0, 1)).float()  # noqa: E731
+    for k in range(cols * rows):
+        r, c = divmod(k, cols)
+        torch.testing.assert_close(pv[k], norm(big.crop((c * 112, r * 112, (c + 1) * 112, (r + 1) * 112))),
+                                   atol=1e-5, rtol=0)
+    torch.testing.assert_close(pv[-1], norm(img.resize((112, 112), Image.BICUBIC)), atol=1e-5, rtol=0)
+
+
+def test_anyres_sizes_and_sample(tmp_path):
+    for w, h in [(1000, 700), (5000, 300), (50, 40), (1792, 1792), (3000, 3000)]:
+        W, H = data.anyres_size(w, h, 14, 2, max_patches=16384, min_patches=16)
+        assert W % 28 == 0 and H % 28 == 0 and 16 <= (W // 14) * (H // 14) <= 16384
+        if 28 * 4 < min(w, h) and max(w, h) <= 1792:
+            assert abs((W / H) / (w / h) - 1) < 0.1
+    assert data.anyres_size(1792, 1792) == (1792, 1792)
+    save_png(tmp_path / "a.png", size=(300, 200))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}) + "\n")
+    s = data.JsonlDataset(tmp_path / "m.jsonl", data.load_tokenizer(None),
+                          DataConfig(anyres=True, anyres_max_patches=256))[0]
+    (pv,) = s["pixel_values"]
+    assert pv.shape[0] == 1 and (pv.shape[2] // 14) * (pv.shape[3] // 14) <= 256
+    assert s["image_tokens"] == [(pv.shape[2] // 28) * (pv.shape[3] // 28)] == [int((s["input_ids"] == 263).sum())]
+
+
+# ----------------------------------------------------------------------------------------------
+# video
+
+LEVELS = [8 * i for i in range(32)]          # frame i is gray 8*i
+
+
+def frame_ids(frames):
+    """Recover each frame's index from its gray level (undo normalisation, centre pixels)."""
+    g = (frames[:, :, 16:48, 16:48] * data.IMAGENET_STD + data.IMAGENET_MEAN).mean(dim=(1, 2, 3)) * 255
+    return [int(round(v / 8)) for v in g.tolist()]
+
+
+def test_video_frames_in_order(tmp_path):
+    path = write_gray_video(tmp_path / "v.mp4", LEVELS)
+    frames = data.load_video(path, num_frames=16, image_size=64)
+    assert frames.shape == (16, 3, 64, 64)
+    assert frame_ids(frames) == [2 * k for k in range(16)]         # 32 frames, 16 segments of 2: middle = first
+    train = data.load_video(path, num_frames=16, training=True, rng=np.random.default_rng(0), image_size=64)
+    assert all(2 * k <= i <= 2 * k + 1 for k, i in enumerate(frame_ids(train)))
+    again = data.load_video(path, num_frames=16, training=True, rng=np.random.default_rng(0), image_size=64)
+    assert torch.equal(train, again)
+    short = data.load_video(path, num_frames=48, image_size=64)      # more frames asked than exist: repeats
+    ids = frame_ids(short)
+    assert len(ids) == 48 and ids == sorted(ids) and set(ids) == set(range(32))
+
+
+def test_video_without_frame_count_and_vfr(tmp_path):
+    mkv = write_gray_video(tmp_path / "v.mkv", LEVELS, fmt="matroska")
+    with av.open(str(mkv)) as c:
+        assert c.streams.video[0].frames == 0                        # the container does not say: must count
+    assert frame_ids(data.load_video(mkv, num_frames=16, image_size=64)) == [2 * k for k in range(16)]
+    pts = np.cumsum([0] + [random.Random(0).choice([40, 90, 250]) for _ in range(31)]).tolist()
+    vfr = write_gray_video(tmp_path / "vfr.mp4", LEVELS, pts=pts)
+    assert frame_ids(data.load_video(vfr, num_frames=16, image_size=64)) == [2 * k for k in range(16)]
+
+
+def test_video_truncated_or_missing(tmp_path):
+    path = write_gray_video(tmp_path / "v.mp4", LEVELS)
+    raw = path.read_bytes()
+    for cut in (len(raw) // 2, len(raw) - 100, 20):
+        bad = tmp_path / f"cut{cut}.mp4"
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(DataError) as e:
+            data.load_video(bad, num_frames=16, image_size=64)
+        assert e.value.reason == "video" and str(bad) in str(e.value)
+    with pytest.raises(DataError) as e:
+        data.load_video(tmp_path / "nope.mp4")
+    assert e.value.reason == "missing_file"
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: exact counts on a salted manifest, in a scan and in a stream
+
+def salted_manifest(tmp_path):
+    save_png(tmp_path / "ok.png")
+    (tmp_path / "trunc.png").write_bytes((save_png(tmp_path / "full.png", colour=(1, 2, 3))).read_bytes()[:60])
+    good = lambda q: {"image": "ok.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"},  # noqa: E731
+                                                            {"from": "gpt", "value": "red."}]}
+    lines = [json.dumps(good(f"q{i}")) for i in range(12)]
+    bad = {
+        "json": ['{"image": "ok.png", "conversations": [', "not json at all"],
+        "missing_file": [json.dumps({**good("m"), "image": "missing.png"})],
+        "image": [json.dumps({**good("t"), "image": "trunc.png"})],
+        "placeholder_mismatch": [json.dumps({**good("p"), "conversations": [
+            {"from": "human", "value": "<image><image>\nq"}, {"from": "gpt", "value": "x"}]})] * 2,
+        "too_long": [json.dumps({**good("L" * 400)})],
+        "schema": [json.dumps({"conversations": [{"from": "gpt", "value": "no user"}]}), json.dumps([1, 2])],
+    }
+    for reason, bad_lines in bad.items():
+        for b in bad_lines:
+            lines.insert(random.Random(len(lines)).randrange(len(lines) + 1), b)
+    lines.insert(3, "")                                               # blank line: ignored (and reported)
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "m.jsonl", {k: len(v) for k, v in bad.items()}
+
+
+def test_bad_input_counts_exact(tmp_path):
+    path, expected = salted_manifest(tmp_path)
+    tok, cfg = data.load_tokenizer(None), DataConfig(image_size=112, max_len=300)
+    ds = data.JsonlDataset(path, tok, cfg)
+    bad = data.BadData(max_fraction=1.0)
+    good = list(ds.scan(bad, progress=False))
+    assert len(good) == 12 and dict(bad.counts) == expected and bad.seen == len(ds) == 12 + sum(expected.values())
+    # the stream, one epoch of a single manifest: every line once, same counts
+    stream = data.DataStream([path], tok, DataConfig(image_size=112, max_len=300, max_bad_fraction=1.0), seed=3)
+    it = iter(stream)
+    got = [next(it) for _ in range(12)]
+    assert stream.pos == len(ds) and dict(stream.bad.counts) == expected
+    assert sorted(s["source"] for s in got) == sorted(s["source"] for s in good)
+    # every error names file and line
+    errors = {}
+    for i in range(len(ds)):
+        try:
+            ds.load(i)
+        except DataError as e:
+            errors[i] = e
+    assert Counter(e.reason for e in errors.values()) == expected
+    for i, e in errors.items():
+        assert e.where == f"{path.resolve()}:{ds.line_numbers[i]}" and str(e).startswith(e.where + ": ")
+    assert all(e.message.startswith("malformed JSON") for e in errors.values() if e.reason == "json")
+
+
+def test_too_much_bad_data_stops(tmp_path):
+    path, expected = salted_manifest(tmp_path)
+    cfg = DataConfig(image_size=112, max_len=300, max_bad_fraction=0.2, bad_check_after=10)
+    stream = data.DataStream([path], data.load_tokenizer(None), cfg)
+    with pytest.raises(data.TooMuchBadData, match="max_bad_fraction"):
+        for _ in zip(range(100), stream):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# mixture stream: weights, determinism, exact resume, ranks
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    return data.make_synth(tmp_path_factory.mktemp("synth") / "d", seed=0, size=16, progress=False)
+
+
+TINY = dict(image_size=112, max_tiles=4, num_frames=4)
+
+
+def test_stream_resume_and_ranks(synth_dir):
+    tok, cfg = data.load_tokenizer(None), DataConfig(**TINY)
+    sources = data.stage_sources("sft4", synth_dir)
+    a = data.DataStream(sources, tok, cfg, seed=5)
+    it = iter(a)
+    first = [next(it) for _ in range(6)]
+    state = json.loads(json.dumps(a.state_dict()))
+    rest = [next(it) for _ in range(6)]
+    b = data.DataStream(sources, tok, cfg, seed=5)
+    b.load_state_dict(state)
+    again = [s for _, s in zip(range(6), b)]
+    for x, y in zip(rest, again):
+        assert x["source"] == y["source"] and torch.equal(x["input_ids"], y["input_ids"])
+        assert (x["pixel_values"] is None) == (y["pixel_values"] is None)
+        if x["pixel_values"] is not None:
+            assert torch.equal(x["pixel_values"], y["pixel_values"])     # video frames too (training rng)
+    ranks = [data.DataStream(sources, tok, cfg, seed=5, rank=r, world_size=2) for r in range(2)]
+    r0, r1 = ([s["source"] for _, s in zip(range(6), st)] for st in ranks)
+    assert [s["source"] for s in first + rest] == [x for pair in zip(r0, r1) for x in pair]
+    with pytest.raises(ValueError, match="exact resume"):
+        ranks[0].load_state_dict(state)
+
+
+def test_stream_mixture_weights(synth_dir):
+    tok = data.load_tokenizer(None)
+    sources = [(str(synth_dir / "caption" / "train.jsonl"), 3.0), (str(synth_dir / "ocr" / "train.jsonl"), 1.0)]
+    stream = data.DataStream(sources, tok, DataConfig(**TINY), seed=0, epoch_size=4000)
+    src, idx = stream.plan(0)
+    assert abs((src == 0).mean() - 0.75) < 0.03
+    assert all(np.bincount(idx[src == s][:16], minlength=16).max() == 1 for s in (0, 1))   # permutation: no repeats
+    assert np.array_equal(stream.plan(1)[0], data.DataStream(sources, tok, DataConfig(**TINY), seed=0,
+                                                             epoch_size=4000).plan(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# n-gram rebalancing
+
+def test_ngram_weights_hand_computed():
+    w = data.ngram_weights(["a b c", "a b c", "x y z"], n=3, alpha=0.5)
+    raw = np.array([2 ** -0.5, 2 ** -0.5, 1.0])
+    np.testing.assert_allclose(w, raw / raw.mean(), rtol=1e-12)
+
+
+def test_ngram_rebalancing_raises_diversity():
+    rng = random.Random(0)
+    common = ["a red circle at the top left." for _ in range(80)]
+    rare = [f"the {rng.choice(['tiny', 'big', 'odd'])} {w} sits near the {v} corner today."
+            for w, v in zip(["fox", "owl", "cat", "bee", "elk", "ant", "cod", "yak", "emu", "gnu"] * 2,
+                            ["north", "south", "east", "west"] * 5)]
+    texts = common + rare
+    w = data.ngram_weights(texts)
+    assert w[80:].min() > w[:80].max()
+    before, after = data.diversity(texts), data.diversity(texts, w)
+    assert after["entropy"] > before["entropy"] + 0.5 and after["distinct"] > before["distinct"]
+
+
+def test_stream_with_ngram_rebalancing(synth_dir, capsys):
+    stream = data.DataStream(data.stage_sources("pretrain2", synth_dir), data.load_tokenizer(None),
+                             DataConfig(**TINY), ngram_rebalance=data.STAGE_DATA["pretrain2"].ngram_rebalance)
+    assert "distinct-3" in capsys.readouterr().out
+    assert all(w is not None and abs(w.sum() - 1) < 1e-9 for w in stream.sample_weights)
+    assert len([s for _, s in zip(range(5), stream)]) == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic data
+
+def file_digests(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_synth_deterministic(synth_dir, tmp_path):
+    again = data.make_synth(tmp_path / "again", seed=0, size=16, progress=False)
+    da, db = file_digests(synth_dir), file_digests(again)
+    assert da == db and len(da) > 150
+    other = data.make_synth(tmp_path / "other", seed=1, size=16, progress=False)
+    assert (other / "caption" / "train.jsonl").read_bytes() != (synth_dir / "caption" / "train.jsonl").read_bytes()
+    assert data.ensure_synth(synth_dir, seed=0, size=16) == synth_dir      # present: no-op
+    with pytest.raises(ValueError, match="seed 0 size 16"):
+        data.ensure_synth(synth_dir, seed=2, size=16)
+    made = data.ensure_synth(tmp_path / "fresh", seed=0, size=16, progress=False)
+    assert file_digests(made) == da
+
+
+def test_synth_every_sample_loads(synth_dir):
+    tok = data.load_tokenizer(None)
+    stamp = json.loads((synth_dir / "synth.json").read_text())
+    assert set(stamp["samples"]) == set(data.SYNTH_FAMILIES)
+    for family, splits in stamp["samples"].items():
+        for split, n in splits.items():
+            mode = "text" if family == "text" else "sft"
+            ds = data.JsonlDataset(synth_dir / family / f"{split}.jsonl", tok, DataConfig(**TINY, label_mode=mode))
+            bad = data.BadData(max_fraction=0.0)
+            samples = list(ds.scan(bad, progress=False))
+            assert len(samples) == n == len(ds) and not bad.counts, (family, split)
+            if family not in ("caption", "text"):
+                assert all(s["answer"] for s in samples)
+    for stage, spec in data.STAGE_DATA.items():           # every stage's mix names existing families
+        assert set(spec.mix) <= set(data.SYNTH_FAMILIES) and spec.label_mode in data.LABEL_MODES, stage
+        ds = data.JsonlDataset(data.stage_sources(stage, synth_dir)[0][0], tok,
+                               DataConfig(**TINY, label_mode=spec.label_mode))
+        assert ds[0]["input_ids"].numel() > 0
+    w = data.STAGE_DATA["thinkfusion"].mix
+    assert sum(v for k, v in w.items() if k in ("math", "count_cot")) * 9 == pytest.approx(
+        sum(v for k, v in w.items() if k not in ("math", "count_cot")))
+    sft4 = data.STAGE_DATA["sft4"].mix
+    assert sft4["video"] == pytest.approx(sum(sft4.values()) - sft4["video"])
+
+
+# ----------------------------------------------------------------------------------------------
+# curation (§3.1, §4.2.2)
+
+def test_heuristic_judge_and_quality_filter(tmp_path):
+    scene = data.scene_image([("red", "circle", "top", "left"), ("blue", "square", "bottom", "right")])
+    assert data.ita_score(scene, "a red circle and a blue square") == 1.0
+    assert data.ita_score(scene, "a green circle") == 0.0
+    assert data.ita_score(scene, "a red circle and a yellow one") == 0.5
+    blank = Image.new("RGB", (112, 112), "white")
+    assert data.vir_score(blank) < 0.05 < data.vir_score(scene)
+    scene.save(tmp_path / "s.png")
+    blank.save(tmp_path / "b.png")
+    conv = lambda img, cap: {"image": img, "conversations": [{"from": "human", "value": "<image>\nDescribe."},  # noqa: E731
+                                                              {"from": "gpt", "value": cap}]}
+    lines = [conv("s.png", "a red circle and a blue square."), conv("b.png", "a red circle."),
+             conv("s.png", "a green triangle."), conv("missing.png", "x"), {"text": "plain"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
+    stats = data.quality_filter(tmp_path / "m.jsonl", tmp_path / "out" / "f.jsonl", progress=False)
+    assert stats == {"kept": 1, "low_vir": 1, "low_ita": 1, "bad:missing_file": 1, "kept_unscored": 1, "bad:json": 1}
+    kept = [json.loads(x) for x in (tmp_path / "out" / "f.jsonl").read_text().splitlines()]
+    assert kept[0]["image"] == ["../s.png"] and kept[0]["scores"]["ita"] == 1.0
+    assert len(data.JsonlDataset(tmp_path / "out" / "f.jsonl", data.load_tokenizer(None), DataConfig(**TINY))[0]["tiles"]) == 1
+
+
+def test_charts(tmp_path):
+    labels, values = ["cat", "dog", "fish"], [3, 9, 1]
+    qa = dict(data.chart_qa("bar", labels, values))
+    assert qa["Which bar has the largest value?"] == "dog" and qa["Which bar has the smallest value?"] == "fish"
+    assert qa["What is the value of cat?"] == "3" and qa["How many bars are there?"] == "3"
+    for kind in data.CHART_KINDS:
+        img = data.render_chart(kind, labels, values, size=160)
+        assert img.size == (160, 160) and len(img.getcolors(maxcolors=1 << 16)) > 3
+    path = data.make_charts(tmp_path / "c", n=6, progress=False)
+    ds = data.JsonlDataset(path, data.load_tokenizer(None), DataConfig(**TINY))
+    assert len(ds) == 6 and {json.loads(open(path).readlines()[i])["chart"]["kind"] for i in range(3)} == set(data.CHART_KINDS)
+    assert ds[0]["input_ids"].numel() > 0
+
+
+def test_caption_to_qa(tmp_path, synth_dir):
+    qa = data.template_qa("a red circle at the top left and a blue square at the bottom right.")
+    assert ("What colour is the circle at the top left?", "red.") in qa and len(qa) == 6
+    assert ("Where is the blue square?", "at the bottom right.") in qa
+    assert data.template_qa("A sunny beach.") == [("Describe the image.", "A sunny beach.")]
+    out = tmp_path / "qa" / "caption_qa.jsonl"
+    stats = data.caption_to_qa(synth_dir / "caption" / "train.jsonl", out, pairs=2, progress=False)
+    assert stats == {"converted": 16}
+    ds = data.JsonlDataset(out, data.load_tokenizer(None), DataConfig(**TINY))
+    assert len(list(ds.scan(progress=False))) == 16
+    assert len(ds.record(0).turns) == 4
+
+
+def test_clean_longcot(tmp_path):
+    save_png(tmp_path / "a.png")
+    conv = lambda q, a, **kw: {"image": "a.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"},  # noqa: E731
+                                                                    {"from": "gpt", "value": a}], **kw}
+    chain = ("first I add two and two which gives four and then I check it twice by counting on my fingers "
+             "one two three four and it is right")
+    lines = [
+        conv("q1", f"<think>{chain}</think>The answer is \\boxed{{4}}."),                       # kept
+        conv("q1", "<think>other chain</think>\\boxed{4}"),                                        # duplicate of q1
+        conv("q2", "just 4"),                                                                        # format: no think
+        conv("q3", f"<think>{chain}</think>{chain} so \\boxed{{4}}"),                               # redundant
+        conv("q4", "<think>two plus two</think>It is four.", answer="4"),                          # boxed added
+        conv("q5", "<think>two plus two</think>It is four."),                                     # format: no box
+        {"image": "a.png", "question": "<image>\nq6", "cot": "count them", "answer": "3"},        # field form
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    stats = data.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
+    assert stats["kept"] == 3 and stats["duplicate"] == 1 and stats["redundant"] == 1 and stats["bad:format"] == 2
+    kept = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert kept[0]["conversations"][1]["value"] == f"<think>\n{chain}\n</think>\nThe answer is \\boxed{{4}}."
+    assert kept[1]["conversations"][1]["value"] == "<think>\ntwo plus two\n</think>\nIt is four. The answer is \\boxed{4}."
+    assert kept[2]["conversations"][1]["value"] == "<think>\ncount them\n</think>\nThe answer is \\boxed{3}."
+    ds = data.JsonlDataset(tmp_path / "out.jsonl", data.load_tokenizer(None), DataConfig(**TINY, label_mode="longcot"))
+    assert len(list(ds.scan(progress=False))) == 3
+    # length balancing: 6 chains of ~2 words, 2 of ~8 -> buckets {1: 6, 3: 2}, median 4: the big bucket -> 4
+    lines = [conv(f"s{i}", "<think>a b</think>\\boxed{1}") for i in range(6)]
+    lines += [conv(f"l{i}", "<think>a b c d e f g h</think>\\boxed{1}") for i in range(2)]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    stats = data.clean_longcot(tmp_path / "b.jsonl", tmp_path / "b_out.jsonl", progress=False)
+    assert stats["cot_len_2^1_before"] == 6 and stats["cot_len_2^1_after"] == 4 and stats["cot_len_2^3_after"] == 2
+    assert stats["kept"] == 6 and stats["length_balanced_away"] == 2
+
+
+def test_cli_help_and_check(tmp_path, capsys):
+    for cmd in ["synth", "check", "rebalance", "filter", "charts", "caption2qa", "longcot"]:
+        with pytest.raises(SystemExit) as e:
+            data.main([cmd, "--help"])
+        assert e.value.code == 0
+    assert "usage" in capsys.readouterr().out
+    path, expected = salted_manifest(tmp_path)
+    data.main(["check", str(path), "--image-size", "112", "--max-len", "300"])
+    out = capsys.readouterr()
+    assert f"bad samples by reason: {dict(sorted(expected.items()))}" in out.out and "m.jsonl:" in out.err
