@@ -409,7 +409,8 @@ class Output(NamedTuple):
     loss: torch.Tensor          # mean CE over target tokens (+ router_aux_loss_coef · aux for MoE)
     ce_sum: torch.Tensor        # summed CE, for a global token mean across micro-batches and ranks
     n_targets: torch.Tensor     # number of target tokens (labels != -100 after the shift)
-    aux_loss: torch.Tensor | None
+    aux_loss: torch.Tensor | None   # MoE load balancing (moe.load_balancing_loss): this rank's term, mean over ranks = global
+    router_logits: tuple | None = None  # per MoE layer (B*T, E), with grad; for moe.expert_load logging
 
 
 def shifted_cross_entropy(logits, labels):
@@ -477,11 +478,11 @@ class SAILVL(nn.Module):
         ce_sum, n = shifted_cross_entropy(logits, labels)
         loss = ce_sum / n.clamp(min=1)
         aux = None
-        if router_logits:
+        if router_logits:   # §2.2: expert-load statistics averaged across ranks when distributed
             c = self.cfg.llm_config
-            aux = moe.load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok)
+            aux = moe.load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok, attention_mask)
             loss = loss + c.router_aux_loss_coef * aux
-        return Output(logits, loss, ce_sum, n, aux)
+        return Output(logits, loss, ce_sum, n, aux, tuple(router_logits) or None)
 
     @torch.no_grad()
     def generate(self, prompts, pixel_values=None, max_new_tokens=32, temperature=0.0, top_p=1.0,

@@ -1,16 +1,42 @@
-"""Qwen3-MoE sparse block of SAIL-VL2-A3B (paper §2.2).
+"""Mixture-of-experts of SAIL-VL2-A3B (paper §2.2; fused expert kernels §5.2).
 
-Router: Linear(H, E) without bias, softmax in fp32, top-k, optional renormalisation
-(`norm_topk_prob`); experts: SwiGLU of width `moe_intermediate_size`, no shared experts;
-the expert computation goes through `kernels.moe_grouped_mlp` (grouped GEMM, §5.2).
+Reads top-down in the order of §2.2:
+
+  1. The Qwen3-MoE sparse block, exactly as HF `Qwen3MoeSparseMoeBlock` (facts §3): router
+     `gate` = Linear(H, E) without bias, softmax in fp32, top-k, optional renormalisation of the
+     k weights (`norm_topk_prob`), weights cast back to the input dtype, E SwiGLU experts of width
+     `moe_intermediate_size`, no shared experts. The experts run through
+     `kernels.moe_grouped_mlp` (grouped GEMM, §5.2). Which decoder layers are sparse is HF's rule
+     (`model.LLMConfig.is_moe_layer`: `decoder_sparse_step`, `mlp_only_layers`).
+  2. The load-balancing loss: "an auxiliary load-balancing loss [...] and average activation
+     across ranks". Switch-style, equal to HF `load_balancing_loss_func` on one rank; with several
+     data-parallel ranks the expert-load statistics are all-reduced first, so the loss (and its
+     gradient, under the usual mean-over-ranks gradient reduction) is that of the global batch.
+  3. Expert-activation entropy: per-layer load entropy and max/mean load, for the trainer's log.
+  4. Calibration: "data probing and automatic calibration [...] which maximizes expert activation
+     entropy", which "maintains activation behavior on text-only calibration sets and significantly
+     improves entropy on multimodal sets". The paper gives no procedure; ours is documented at
+     `calibrate` and run by `python moe.py calibrate --help`.
 """
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernels
 
+
+# ==============================================================================================
+# 1. The sparse block (HF Qwen3MoeSparseMoeBlock)
 
 @dataclass
 class MoEConfig:
@@ -33,6 +59,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x, topk_weights, topk_ids):
+        """x (N, H), topk_weights (N, k), topk_ids (N, k) -> (N, H): Σ_j w_j · expert_{id_j}(x)."""
         return kernels.moe_grouped_mlp(x, self.gate_proj, self.up_proj, self.down_proj, topk_weights, topk_ids)
 
 
@@ -41,14 +68,17 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
+        if not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
+            raise ValueError(f"MoEConfig: num_experts_per_tok={cfg.num_experts_per_tok} must be in "
+                             f"1..num_experts={cfg.num_experts}")
         self.cfg = cfg
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)   # HF key `mlp.gate.weight`
         self.experts = Experts(cfg)
 
     def route(self, x2d):
         """x2d (N, H) -> router_logits (N, E), topk_weights (N, k) in x's dtype, topk_ids (N, k)."""
         logits = self.gate(x2d)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)      # fp32 even under bf16, as HF
         w, ids = torch.topk(probs, self.cfg.num_experts_per_tok, dim=-1)
         if self.cfg.norm_topk_prob:
             w = w / w.sum(dim=-1, keepdim=True)
@@ -62,11 +92,501 @@ class SparseMoeBlock(nn.Module):
         return y.reshape(B, T, H), logits
 
 
-def load_balancing_loss(router_logits, num_experts: int, top_k: int):
-    """Switch-style auxiliary loss over all MoE layers (as HF `load_balancing_loss_func`):
-    E · Σ_e (fraction of top-k slots routed to e) · (mean router probability of e)."""
-    logits = torch.cat(list(router_logits), 0)                          # (L*N, E)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    ids = torch.topk(probs, top_k, dim=-1).indices                      # (L*N, k)
-    tokens_per_expert = torch.nn.functional.one_hot(ids, num_experts).float().mean(0)  # (k, E)
-    return num_experts * (tokens_per_expert * probs.mean(0)[None]).sum()
+# ==============================================================================================
+# 2. Load-balancing loss, with activation statistics averaged across ranks (§2.2)
+
+def _flat_mask(attention_mask, n_rows: int, device):
+    """attention_mask (B, T) or (N,) of 0/1 -> float (N,), checked against the router rows."""
+    if attention_mask is None:
+        return None
+    m = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    if m.numel() != n_rows:
+        raise ValueError(f"attention_mask has {m.numel()} entries but the router logits have {n_rows} rows "
+                         "(expected one mask entry per token, shape (B, T) with B*T rows)")
+    return m
+
+
+def routing_statistics(router_logits, num_experts: int, top_k: int, attention_mask=None):
+    """Sums over all MoE layers and (unmasked) tokens, as HF `load_balancing_loss_func` forms them:
+    slot counts (E,) (no gradient: top-k is discrete), router-probability sums (E,) (with gradient)
+    and the number of rows (tokens × layers). router_logits: sequence of (N, E), one per layer."""
+    if not router_logits:
+        raise ValueError("no router logits given (the model has no MoE layer?)")
+    device = router_logits[0].device
+    counts = torch.zeros(num_experts, device=device)
+    prob_sum = torch.zeros(num_experts, device=device)
+    rows = torch.zeros((), device=device)
+    for logits in router_logits:
+        logits = logits.reshape(-1, logits.shape[-1])                   # (N, E)
+        if logits.shape[-1] != num_experts:
+            raise ValueError(f"router logits have {logits.shape[-1]} experts, expected {num_experts}")
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)      # (N, E)
+        ids = torch.topk(probs.detach(), top_k, dim=-1).indices         # (N, k), same choice as the block
+        m = _flat_mask(attention_mask, logits.shape[0], device)
+        slot_w = torch.ones_like(ids, dtype=torch.float32) if m is None else m[:, None].expand_as(ids)
+        counts = counts.index_add(0, ids.reshape(-1), slot_w.reshape(-1))
+        prob_sum = prob_sum + (probs if m is None else probs * m[:, None]).sum(0)
+        rows = rows + (logits.shape[0] if m is None else m.sum())
+    return counts, prob_sum, rows
+
+
+def _world_size(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None,
+                        sync: bool = True, group=None):
+    """Switch-style auxiliary loss over all MoE layers, HF `load_balancing_loss_func`'s value:
+
+        aux = E · Σ_e f_e · P_e,  f_e = (top-k slots routed to e) / rows,  P_e = Σ prob_e / rows
+
+    over all layers' rows (a row = one unmasked token at one layer; `attention_mask` (B, T) drops
+    padding). Probabilities are softmaxed in fp32 (HF uses the logits' dtype; equal in fp32).
+
+    Across data-parallel ranks (§2.2 "average activation across ranks"; on when `sync` and
+    torch.distributed is initialised with >1 ranks in `group`): the slot counts f and the row
+    count are all-reduced (no gradient: they are discrete), and each rank returns
+    `R · E · Σ_e f_e^global · prob_sum_e^local / rows^global`. Its mean over the R ranks is exactly
+    the loss of the concatenated global batch, and so is the gradient under the mean-over-ranks
+    gradient reduction of DDP / FSDP. Every rank must call it (it is a collective)."""
+    counts, prob_sum, rows = routing_statistics(router_logits, num_experts, top_k, attention_mask)
+    R = _world_size(group) if sync else 1
+    if R > 1:
+        stats = torch.cat([counts, rows.detach().reshape(1)])           # (E+1,) one all-reduce
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        counts, rows = stats[:-1], stats[-1]
+    rows = rows.clamp(min=1.0)                                          # all padding: loss 0, not NaN
+    return R * num_experts * ((counts / rows) * (prob_sum / rows)).sum()
+
+
+# ==============================================================================================
+# 3. Expert-activation entropy (§2.2), for the training log
+
+class ExpertLoad(NamedTuple):
+    load: torch.Tensor           # (L, E) share of the top-k slots each expert received (rows sum to 1)
+    entropy: torch.Tensor        # (L,) load entropy in nats; log(E) is perfectly balanced
+    max_over_mean: torch.Tensor  # (L,) busiest expert's load over the mean load 1/E (1 is balanced)
+    tokens: torch.Tensor         # () tokens counted per layer
+
+    def log_dict(self, prefix: str = "moe") -> dict:
+        """Floats for a logger (this reads the tensors back: call it at logging steps only)."""
+        E = self.load.shape[-1]
+        ent = self.entropy.float()
+        out = {f"{prefix}/entropy_mean": ent.mean().item(), f"{prefix}/entropy_min": ent.min().item(),
+               f"{prefix}/entropy_norm": (ent.mean() / math.log(E)).item() if E > 1 else 1.0,
+               f"{prefix}/max_load_mean": self.max_over_mean.mean().item(),
+               f"{prefix}/max_load_max": self.max_over_mean.max().item()}
+        out.update({f"{prefix}/entropy_l{i}": v for i, v in enumerate(ent.tolist())})
+        return out
+
+
+def load_entropy(load):
+    """load (..., E) non-negative, summing to 1 -> entropy (...) in nats (0 · log 0 = 0)."""
+    return -(load * torch.log(load.clamp(min=1e-30))).sum(-1)
+
+
+@torch.no_grad()
+def expert_load(router_logits, top_k: int, attention_mask=None, sync: bool = False, group=None) -> ExpertLoad:
+    """Per-layer expert load from router logits (sequence of (N, E)): top-k slot shares, their
+    entropy and max/mean. Cheap (a top-k per layer, no host sync); `sync=True` all-reduces the
+    counts over `group` first so every rank logs the global-batch load."""
+    counts, n = [], None
+    for logits in router_logits:
+        logits = logits.reshape(-1, logits.shape[-1])
+        ids = torch.topk(logits, top_k, dim=-1).indices                 # top-k of logits = of softmax
+        m = _flat_mask(attention_mask, logits.shape[0], logits.device)
+        w = torch.ones_like(ids, dtype=torch.float32) if m is None else m[:, None].expand_as(ids)
+        counts.append(torch.zeros(logits.shape[-1], device=logits.device).index_add_(0, ids.reshape(-1), w.reshape(-1)))
+        n = torch.tensor(float(logits.shape[0]), device=logits.device) if m is None else m.sum()
+    if not counts:
+        raise ValueError("no router logits given (the model has no MoE layer?)")
+    counts = torch.stack(counts)                                        # (L, E)
+    if sync and _world_size(group) > 1:
+        stats = torch.cat([counts.reshape(-1), n.reshape(1)])
+        dist.all_reduce(stats, group=group)
+        counts, n = stats[:-1].reshape(counts.shape), stats[-1]
+    load = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)         # (L, E)
+    return ExpertLoad(load, load_entropy(load), load.amax(-1) * load.shape[-1], n)
+
+
+def expert_load_entropy(router_logits, top_k: int, attention_mask=None, sync: bool = False) -> dict:
+    """The trainer's per-step summary as floats: mean_entropy / min_entropy (nats over layers),
+    norm_entropy (mean / log E, 1 = balanced), max_over_mean (mean over layers), per_layer (list)."""
+    s = expert_load([z.detach() for z in router_logits], top_k, attention_mask, sync)
+    ent = s.entropy.tolist()
+    E = s.load.shape[-1]
+    return {"mean_entropy": sum(ent) / len(ent), "min_entropy": min(ent),
+            "norm_entropy": sum(ent) / len(ent) / math.log(E) if E > 1 else 1.0,
+            "max_over_mean": s.max_over_mean.mean().item(), "per_layer": ent}
+
+
+# ==============================================================================================
+# 4. Calibration: data probing, then per-layer router correction folded into the gate weights
+
+@dataclass
+class CalibConfig:
+    rank: int = 16               # r: probed directions per layer (the correction's rank)
+    steps: int = 200             # Adam steps per layer
+    lr: float = 0.1
+    kl_weight: float = 3.0       # λ: weight of the text-routing KL (trust region); higher keeps text closer
+    l2_weight: float = 1e-3      # μ: pull of the correction towards zero
+    temperature: float = 0.05    # final τ of the soft top-k indicator, × the probe logits' std (annealed from 1×)
+    ridge: float = 1e-3          # ε: ridge on the text second moment, relative to its mean eigenvalue
+    max_tokens: int = 32768      # tokens kept per set and layer (random subset), bounds memory
+
+
+def contrast_directions(probe_h, anchor_h, rank: int, ridge: float = 1e-3):
+    """Probing: the r directions u in which the probe tokens have the most energy relative to the
+    anchor (text) tokens, i.e. the top generalised eigenvectors of E_probe[h hᵀ] u = λ E_anchor[h hᵀ] u.
+    probe_h (Np, H), anchor_h (Na, H) -> U (H, r), each column scaled to unit RMS of uᵀh on the probe.
+    Uncentred moments on purpose: the logit change B Uᵀ h includes the mean of h."""
+    H = probe_h.shape[1]
+    Cp = probe_h.double().T @ probe_h.double() / probe_h.shape[0]      # (H, H)
+    Ca = anchor_h.double().T @ anchor_h.double() / anchor_h.shape[0]
+    Ca = Ca + ridge * Ca.diagonal().mean().clamp(min=1e-12) * torch.eye(H, dtype=Ca.dtype, device=Ca.device)
+    L = torch.linalg.cholesky(Ca)                                       # Ca = L Lᵀ
+    X = torch.linalg.solve_triangular(L, Cp, upper=False)               # L⁻¹ Cp
+    M = torch.linalg.solve_triangular(L, X.T, upper=False)              # L⁻¹ Cp L⁻ᵀ (symmetric)
+    _, V = torch.linalg.eigh((M + M.T) / 2)                             # ascending eigenvalues
+    r = min(rank, H)
+    U = torch.linalg.solve_triangular(L.T, V[:, -r:].flip(-1), upper=True)   # L⁻ᵀ v, largest first
+    U = U / (probe_h.double() @ U).pow(2).mean(0).sqrt().clamp(min=1e-12)
+    return U.to(probe_h.dtype)
+
+
+def soft_load_entropy(logits, top_k: int, temperature: float):
+    """Differentiable stand-in for the load entropy: each token's top-k membership is
+    σ((z_e - θ)/τ) with θ midway between its k-th and (k+1)-th logit (detached), so it tends to
+    the hard top-k indicator as τ -> 0. logits (N, E) -> entropy of the mean membership (nats)."""
+    top = torch.topk(logits.detach(), top_k + 1, dim=-1).values         # (N, k+1)
+    theta = (top[:, -2:].sum(-1, keepdim=True) / 2)                     # (N, 1)
+    member = torch.sigmoid((logits - theta) / temperature)              # (N, E)
+    load = member.mean(0)
+    return load_entropy(load / load.sum())
+
+
+def routing_change(logits_before, logits_after, top_k: int):
+    """Top-k agreement (mean |S_before ∩ S_after| / k) and mean KL(p_before || p_after) of the router
+    distributions, for logits (N, E) of the same tokens."""
+    a = torch.topk(logits_before, top_k, dim=-1).indices                # (N, k)
+    b = torch.topk(logits_after, top_k, dim=-1).indices
+    agree = (a[:, :, None] == b[:, None, :]).any(-1).float().mean()
+    lp, lq = F.log_softmax(logits_before.float(), -1), F.log_softmax(logits_after.float(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    return agree.item(), kl.item()
+
+
+def fit_gate_correction(weight, probe_h, anchor_h, top_k: int, cfg: CalibConfig = CalibConfig()):
+    """Automatic calibration of one router: ΔW = B Uᵀ (E, H) with U from `contrast_directions` and
+    B (E, r) fitted by Adam to maximise the soft load entropy of the probe tokens while keeping the
+    anchor (text) routing: minimise  -H_soft(probe)/log E + λ·KL(p_anchor || p'_anchor) + μ·mean(B²).
+    weight (E, H) is the gate's; returns ΔW (E, H) in its dtype. Logits are linear in W, so the
+    inner loop needs only the (N, r) projections: it costs O(steps · N · r · E)."""
+    E = weight.shape[0]
+    if top_k >= E:
+        return torch.zeros_like(weight)                                 # every expert always chosen
+    W = weight.detach().float()
+    probe_h, anchor_h = probe_h.float(), anchor_h.float()
+    U = contrast_directions(probe_h, anchor_h, cfg.rank, cfg.ridge)     # (H, r)
+    zp0, za0 = probe_h @ W.T, anchor_h @ W.T                            # (Np, E), (Na, E) before
+    pp, pa = probe_h @ U, anchor_h @ U                                  # (Np, r), (Na, r)
+    logp0 = F.log_softmax(za0, -1)
+    B = torch.zeros(E, U.shape[1], device=W.device, requires_grad=True)
+    opt = torch.optim.Adam([B], lr=cfg.lr)
+    # Anneal τ geometrically from the logits' own scale down to `temperature` × it: a collapsed
+    # router has margins of many τ, where a sharp sigmoid has no gradient at all.
+    scale = zp0.std(dim=-1).mean().clamp(min=1e-6)
+    with torch.enable_grad():
+        for step in range(cfg.steps):
+            tau = scale * cfg.temperature ** (step / max(cfg.steps - 1, 1))
+            ent = soft_load_entropy(zp0 + pp @ B.T, top_k, tau)
+            logq = F.log_softmax(za0 + pa @ B.T, -1)
+            kl = (logp0.exp() * (logp0 - logq)).sum(-1).mean()
+            loss = -ent / math.log(E) + cfg.kl_weight * kl + cfg.l2_weight * B.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return (B.detach() @ U.T).to(weight.dtype)
+
+
+# -- probing a whole model ----------------------------------------------------------------------
+
+def tqdm_or_list(items, progress: bool, desc: str):
+    """A tqdm progress bar over `items` (long non-training work), or the items themselves."""
+    if not progress:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc)
+
+
+def moe_blocks(model) -> list:
+    """The SparseMoeBlocks of a Qwen3LM or SAILVL, in layer order."""
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+
+
+def _forward(model, batch):
+    """One forward pass of a SAILVL (input_ids + pixel_values) or a Qwen3LM (input_ids): logits."""
+    if hasattr(model, "language_model"):
+        return model(batch["input_ids"], batch.get("pixel_values"))
+    return model(batch["input_ids"])
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_gate_inputs(model, block: SparseMoeBlock, batches, key: str, max_tokens: int, seed: int = 0):
+    """Probing: the router inputs (N, H) of `block` over `batches`, keeping the positions where
+    `batch[key]` (T,) is true; the forward stops at the block. At most `max_tokens` (random subset)."""
+    got = []
+
+    def hook(_, args):
+        x = args[0]                                                     # (1, T, H)
+        got.append(x.reshape(-1, x.shape[-1])[batch[key].to(x.device)].float())
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook)
+    try:
+        for batch in batches:
+            if batch[key].any():
+                try:
+                    _forward(model, batch)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if not got:
+        raise ValueError(f"no tokens selected by {key!r} in the calibration data")
+    h = torch.cat(got)
+    if h.shape[0] > max_tokens:
+        g = torch.Generator().manual_seed(seed)
+        h = h[torch.randperm(h.shape[0], generator=g)[:max_tokens].to(h.device)]
+    return h
+
+
+def calibrate(model, probe_batches, anchor_batches, cfg: CalibConfig = CalibConfig(), progress: bool = True):
+    """Expert-activation-entropy calibration (§2.2; the paper gives no procedure, this is ours).
+
+    Algorithm. For each MoE layer in order, *probe*: run the model (with the layers before already
+    calibrated) on the probe set (multimodal samples, all tokens) and on the anchor set (text
+    tokens) and record the router inputs h; find the r directions U where probe tokens carry much
+    more energy than text tokens (generalised eigenvectors of the two second-moment matrices).
+    *Calibrate*: fit B (E, r) by Adam so that the soft top-k load entropy of the probe tokens is
+    maximal while KL(text routing before || after) stays small, then fold ΔW = B Uᵀ into the gate:
+    W <- W + ΔW. The model is modified in place; returns {layer_index: ΔW}.
+
+    Why this form. A per-expert logit bias (the usual load-balancing knob) cannot be folded exactly
+    into HF's bias-free `Linear(H, E)` gate (that needs an input direction constant over all
+    tokens), and it moves text and multimodal tokens alike. A rank-r correction along directions
+    text hardly uses acts as a bias for the multimodal tokens only, folds exactly into the gate
+    weight, and so survives export to any Qwen3-MoE loader (HF included): no new tensor.
+
+    Limits. (1) It can only separate what the router input separates: if multimodal and text
+    tokens share the same directions (ratio eigenvalues near 1, e.g. calibrating on text alone,
+    which the paper's "on language data" also allows), it degrades to an entropy / text-KL trade-off
+    set by `kl_weight`. (2) The entropy objective is a soft surrogate of the hard top-k load; the
+    result is measured with the hard load. (3) Layers are fitted one after another, each on the
+    hidden states left by the calibrated layers before it; a layer's fit does not look ahead.
+    (4) Too little probe data over-fits: judge it on held-out samples (the CLI does)."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("calibrate: the model has no MoE layer")
+    deltas = {}
+    for i, block in enumerate(tqdm_or_list(blocks, progress, "calibrate MoE layers")):
+        probe_h = capture_gate_inputs(model, block, probe_batches, "probe_mask", cfg.max_tokens, seed=i)
+        anchor_h = capture_gate_inputs(model, block, anchor_batches, "text_mask", cfg.max_tokens, seed=i)
+        W = block.gate.weight
+        delta = fit_gate_correction(W, probe_h.to(W.device), anchor_h.to(W.device),
+                                    block.cfg.num_experts_per_tok, cfg)
+        with torch.no_grad():
+            W.add_(delta)
+        deltas[i] = delta
+    return deltas
+
+
+# -- measuring the effect: hard loads, top-k agreement, next-token KL -------------------------
+
+def _set_gates(blocks, weights):
+    with torch.no_grad():
+        for b, w in zip(blocks, weights):
+            b.gate.weight.copy_(w)
+
+
+@torch.no_grad()
+def compare_routing(model, batches, gates_before, gates_after, key: str = "probe_mask"):
+    """Run every batch under both sets of gate weights (the rest of the model is shared) and
+    compare over the positions where `batch[key]` is true: per-layer hard load entropy before and
+    after, max/mean load, top-k agreement and router KL, and the next-token KL of the model's
+    output distribution. Differences at layer l include the effect of the layers before it."""
+    blocks = moe_blocks(model)
+    captured = []
+    hooks = [b.register_forward_hook(lambda mod, args, out: captured.append(out[1].float())) for b in blocks]
+    E, k = blocks[0].cfg.num_experts, blocks[0].cfg.num_experts_per_tok
+    L = len(blocks)
+    counts = {"before": torch.zeros(L, E), "after": torch.zeros(L, E)}
+    agree, rkl, nkl, n_tok = torch.zeros(L), torch.zeros(L), 0.0, 0
+    try:
+        for batch in batches:
+            sel = batch[key].reshape(-1)
+            if not sel.any():
+                continue
+            runs = {}
+            for name, gates in (("before", gates_before), ("after", gates_after)):
+                _set_gates(blocks, gates)
+                captured.clear()
+                logits = _forward(model, batch)[0].float()                   # (T, V)
+                runs[name] = ([c[sel.to(c.device)].cpu() for c in captured], logits[sel.to(logits.device)].cpu())
+            n = int(sel.sum())
+            for l in range(L):
+                zb, za = runs["before"][0][l], runs["after"][0][l]
+                for name, z in (("before", zb), ("after", za)):
+                    counts[name][l].index_add_(0, torch.topk(z, k, -1).indices.reshape(-1), torch.ones(n * k))
+                a, kl = routing_change(zb, za, k)
+                agree[l] += a * n
+                rkl[l] += kl * n
+            lp, lq = F.log_softmax(runs["before"][1], -1), F.log_softmax(runs["after"][1], -1)
+            nkl += (lp.exp() * (lp - lq)).sum(-1).sum().item()
+            n_tok += n
+    finally:
+        for h in hooks:
+            h.remove()
+        _set_gates(blocks, gates_after)
+    if n_tok == 0:
+        raise ValueError(f"compare_routing: no tokens selected by {key!r}")
+    out = {"tokens": n_tok, "topk_agreement": (agree / n_tok).tolist(), "router_kl": (rkl / n_tok).tolist(),
+           "next_token_kl": nkl / n_tok, "log_E": math.log(E)}
+    for name, c in counts.items():
+        load = c / c.sum(-1, keepdim=True)
+        out[f"entropy_{name}"] = load_entropy(load).tolist()
+        out[f"max_load_{name}"] = (load.amax(-1) * E).tolist()
+    return out
+
+
+# ==============================================================================================
+# command line: python moe.py calibrate --ckpt DIR --data MANIFEST [--text MANIFEST]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "special_tokens_map.json")
+
+
+def load_batches(manifest: str, model, tok, max_samples: int, desc: str) -> list:
+    """Samples of a JSONL manifest (data.py format) as model inputs, with two token masks:
+    `probe_mask` (every token) and `text_mask` (tokens that are not <IMG_CONTEXT>)."""
+    import data                                                           # lazily: only the CLI needs it
+    cfg = model.cfg
+    dcfg = data.DataConfig(image_size=cfg.force_image_size, patch_size=cfg.vision_config.patch_size,
+                           max_tiles=cfg.max_dynamic_patch, min_tiles=cfg.min_dynamic_patch,
+                           use_thumbnail=cfg.use_thumbnail, anyres=cfg.anyres)
+    ds = data.JsonlDataset(manifest, tok, dcfg)
+    bad = data.BadData(dcfg.max_bad_fraction, dcfg.bad_check_after)
+    device = next(model.parameters()).device
+    batches = []
+    for i in tqdm_or_list(range(len(ds)), True, desc):
+        if len(batches) >= max_samples:
+            break
+        try:
+            s = ds.load(i)
+        except data.DataError as e:
+            bad.bad(e)
+            continue
+        bad.good()
+        ids = torch.as_tensor(s["input_ids"], dtype=torch.long, device=device)[None]   # (1, T)
+        pv = s["pixel_values"]
+        if pv is not None:
+            pv = [p.to(device) for p in pv] if isinstance(pv, list) else pv.to(device)
+        batches.append(dict(input_ids=ids, pixel_values=pv, probe_mask=torch.ones_like(ids[0], dtype=torch.bool),
+                            text_mask=ids[0] != cfg.img_context_token_id))
+    bad.check()
+    if not batches:
+        raise ValueError(f"{manifest}: no usable sample ({bad.report()})")
+    return batches
+
+
+def print_report(title: str, rep: dict):
+    E_log = rep["log_E"]
+    print(f"\n{title}  ({rep['tokens']} tokens; log E = {E_log:.3f})")
+    print(f"  {'layer':>5} {'entropy before':>15} {'after':>8} {'max/mean before':>16} {'after':>8} "
+          f"{'top-k agree':>12} {'router KL':>10}")
+    for l in range(len(rep["entropy_before"])):
+        print(f"  {l:>5} {rep['entropy_before'][l]:>15.3f} {rep['entropy_after'][l]:>8.3f} "
+              f"{rep['max_load_before'][l]:>16.2f} {rep['max_load_after'][l]:>8.2f} "
+              f"{rep['topk_agreement'][l]:>12.3f} {rep['router_kl'][l]:>10.4f}")
+    mean = lambda xs: sum(xs) / len(xs)                                  # noqa: E731
+    print(f"  {'mean':>5} {mean(rep['entropy_before']):>15.3f} {mean(rep['entropy_after']):>8.3f} "
+          f"{mean(rep['max_load_before']):>16.2f} {mean(rep['max_load_after']):>8.2f} "
+          f"{mean(rep['topk_agreement']):>12.3f} {mean(rep['router_kl']):>10.4f}   next-token KL "
+          f"{rep['next_token_kl']:.5f}")
+
+
+def cmd_calibrate(args):
+    import model as M                                                    # lazily: model imports moe
+    import data
+    torch.manual_seed(args.seed)
+    sailvl = M.SAILVL.from_pretrained(args.ckpt, device=args.device).eval()
+    has_tok = any(os.path.exists(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json"))
+    tok = data.load_tokenizer(args.ckpt if has_tok else None)
+    probe = load_batches(args.data, sailvl, tok, args.max_samples, "load --data")
+    anchor = load_batches(args.text, sailvl, tok, args.max_samples, "load --text") if args.text else probe
+    # hold out the last `holdout` share of each set: the numbers printed are measured on those
+    cut = lambda b: max(1, int(round(len(b) * (1 - args.holdout)))) if len(b) > 1 else len(b)  # noqa: E731
+    probe_fit, probe_eval = probe[:cut(probe)], probe[cut(probe):] or probe
+    anchor_fit, anchor_eval = anchor[:cut(anchor)], anchor[cut(anchor):] or anchor
+    if not args.text:
+        print("no --text given: the text tokens of --data are the anchor whose routing is kept", file=sys.stderr)
+    cfg = CalibConfig(rank=args.rank, steps=args.steps, lr=args.lr, kl_weight=args.kl_weight,
+                      temperature=args.temperature, max_tokens=args.max_tokens)
+    blocks = moe_blocks(sailvl)
+    before = [b.gate.weight.detach().clone() for b in blocks]
+    calibrate(sailvl, probe_fit, anchor_fit, cfg)
+    after = [b.gate.weight.detach().clone() for b in blocks]
+    rep_mm = compare_routing(sailvl, probe_eval, before, after, "probe_mask")
+    rep_text = compare_routing(sailvl, anchor_eval, before, after, "text_mask")
+    print_report(f"--data held-out ({len(probe_eval)} samples), all tokens", rep_mm)
+    print_report(f"{'--text' if args.text else '--data text tokens'} held-out ({len(anchor_eval)} samples)", rep_text)
+    out = args.out or args.ckpt.rstrip("/") + "-calibrated"
+    sailvl.save_pretrained(out)
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(args.ckpt, f)):
+            shutil.copy(os.path.join(args.ckpt, f), os.path.join(out, f))
+    with open(os.path.join(out, "calibration.json"), "w") as f:
+        json.dump({"config": vars(args), "multimodal": rep_mm, "text": rep_text}, f, indent=2)
+    print(f"\ncalibrated checkpoint written to {out} (gate weights changed in place; HF-compatible)")
+    return rep_mm, rep_text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="MoE tools of SAIL-VL2 (§2.2).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser(
+        "calibrate", help="expert-activation-entropy calibration of a MoE checkpoint",
+        description="Probe the router inputs of each MoE layer on --data (multimodal) and --text (text-only), "
+                    "then fold a low-rank correction into each gate weight that raises the expert-load "
+                    "entropy of --data while keeping text routing (see moe.calibrate). Prints load "
+                    "entropy, max/mean load, top-k agreement and KL before/after on held-out samples, "
+                    "and writes the calibrated checkpoint.")
+    c.add_argument("--ckpt", required=True, help="SAIL-VL2 checkpoint folder (ours or official) with MoE layers")
+    c.add_argument("--data", required=True, help="JSONL manifest of probe samples (multimodal)")
+    c.add_argument("--text", help="JSONL manifest of text-only samples whose routing must be kept "
+                                  "(default: the text tokens of --data)")
+    c.add_argument("--out", help="output folder (default: CKPT-calibrated)")
+    c.add_argument("--max-samples", type=int, default=64, help="samples read per manifest")
+    c.add_argument("--holdout", type=float, default=0.25, help="share of each manifest kept out of the fit")
+    c.add_argument("--rank", type=int, default=CalibConfig.rank, help="directions per layer")
+    c.add_argument("--steps", type=int, default=CalibConfig.steps, help="Adam steps per layer")
+    c.add_argument("--lr", type=float, default=CalibConfig.lr)
+    c.add_argument("--kl-weight", type=float, default=CalibConfig.kl_weight,
+                   help="weight of the text-routing KL: higher keeps text routing closer")
+    c.add_argument("--temperature", type=float, default=CalibConfig.temperature, help="final soft top-k τ, relative to the logits' std")
+    c.add_argument("--max-tokens", type=int, default=CalibConfig.max_tokens, help="probe tokens per set and layer")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.cmd == "calibrate":
+        if not 0 <= args.holdout < 1:
+            ap.error("--holdout must be in [0, 1)")
+        cmd_calibrate(args)
+
+
+if __name__ == "__main__":
+    main()
