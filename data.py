@@ -30,7 +30,7 @@ import sys
 import tempfile
 import unicodedata
 from collections import Counter, namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import av
@@ -72,6 +72,15 @@ class DataConfig:
     system: str = ""               # empty -> DEFAULT_SYSTEM
     max_bad_fraction: float = 0.05
     bad_check_after: int = 100     # judge the bad fraction only after this many samples
+
+    def __post_init__(self):
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"DataConfig.label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
+        if self.think not in ("auto", "on", "off"):
+            raise ValueError(f"DataConfig.think must be auto, on or off, got {self.think!r}")
+        if self.image_size % (self.patch_size * self.downsample):
+            raise ValueError(f"DataConfig.image_size {self.image_size} must be a multiple of patch_size x downsample "
+                             f"= {self.patch_size * self.downsample}")
 
     @property
     def tokens_per_tile(self) -> int:
@@ -271,6 +280,7 @@ THINK_PROMPT = ("You FIRST think about the reasoning process as an internal mono
                 "answer MUST BE put in \\boxed{}.")
 IMAGE, VIDEO = "<image>", "<video>"
 PLACEHOLDER_RE = re.compile(r"<image>|<video>\n?")
+VIDEO_RE = re.compile(r"<video>\n?")       # the newline is swallowed: the frame lines end with one
 
 # Which tokens carry loss, per mode (every mode trains every assistant turn plus its <|im_end|>):
 #   sft          the whole assistant content
@@ -325,8 +335,8 @@ def chat_segments(turns: list, system: str = DEFAULT_SYSTEM, mode: str = "sft", 
             segs.append((f"<|im_start|>user\n{text}<|im_end|>", False))
             continue
         segs.append(("<|im_start|>assistant\n", False))
-        if mode == "sft":
-            segs.append((content + "<|im_end|>", True))
+        if mode in ("sft", "rl"):       # rl: earlier assistant turns are context, never trained
+            segs.append((content + "<|im_end|>", mode == "sft"))
             continue
         thought, answer = split_think(content, where)
         if mode == "longcot" and not (thought or "").strip():
@@ -454,7 +464,7 @@ def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_siz
     Tiled (official): pixel_values (N, 3, S, S), N = tiles (+ thumbnail when N > 1), float32,
     ImageNet-normalised. AnyRes: (1, 3, H, W) with H, W multiples of patch_size*merge, n_tiles = 1.
     """
-    img = path_or_image if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
+    img = path_or_image.convert("RGB") if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
     if anyres:
         size = anyres_size(img.width, img.height, patch_size, merge, max_patches, min_patches)
         return to_pixels([img.resize(size, Image.BICUBIC)]), 1
@@ -479,7 +489,7 @@ def frame_indices(n_frames: int, num: int, training: bool = False, rng=None) -> 
     return out
 
 
-def _decode_frames(path, wanted: set, where: str):
+def _decode_frames(path, wanted: set):
     """(frames {index: PIL}, total frames decoded) for one pass over the first video stream."""
     got, n = {}, 0
     last = max(wanted) if wanted else -1
@@ -505,11 +515,11 @@ def load_video(path, num_frames: int = 16, training: bool = False, rng=None, ima
             if not container.streams.video:
                 raise DataError("video", where, f"{path} has no video stream")
             stated = container.streams.video[0].frames      # 0 when the container does not say
-        n = stated if stated > 0 else _decode_frames(path, set(), where)[1]
+        n = stated if stated > 0 else _decode_frames(path, set())[1]
         if n <= 0:
             raise DataError("video", where, f"{path}: no decodable frames")
         idx = frame_indices(n, num_frames, training, rng)
-        got, decoded = _decode_frames(path, set(idx), where)
+        got, decoded = _decode_frames(path, set(idx))
     except (av.FFmpegError, OSError, ValueError) as e:
         raise DataError("video", where, f"cannot decode video {path}: {e}") from None
     if len(got) < len(set(idx)):
@@ -623,6 +633,27 @@ def place_media(rec: Record) -> list:
     return turns
 
 
+def load_media(rec: Record, turns: list, cfg: DataConfig, training: bool = False, rng=None) -> tuple:
+    """Decode the record's media in placeholder order, which is the order the model fills
+    <IMG_CONTEXT> slots in. Returns (pixel tensors, tiles per <img> block, tokens per <img> block);
+    a video gives one block of one tile per frame."""
+    images, videos = iter(rec.images), iter(rec.videos)
+    pixels, tiles, tokens = [], [], []
+    for m in PLACEHOLDER_RE.finditer("\0".join(c for _, c in turns)):
+        if m.group(0) == IMAGE:
+            pv, n = load_image(next(images), cfg.max_tiles, cfg.min_tiles, cfg.image_size, cfg.use_thumbnail,
+                               cfg.anyres, cfg.patch_size, cfg.downsample, cfg.anyres_max_patches,
+                               cfg.anyres_min_patches, where=rec.where)
+            grid = cfg.patch_size * cfg.downsample
+            pixels.append(pv), tiles.append(n)
+            tokens.append((pv.shape[-2] // grid) * (pv.shape[-1] // grid) if cfg.anyres else n * cfg.tokens_per_tile)
+        else:
+            frames = load_video(next(videos), cfg.num_frames, training, rng, cfg.image_size, where=rec.where)
+            pixels.extend(frames.split(1) if cfg.anyres else [frames])
+            tiles.extend([1] * len(frames)), tokens.extend([cfg.tokens_per_tile] * len(frames))
+    return pixels, tiles, tokens
+
+
 def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training: bool = False, rng=None) -> dict:
     """Decode media, render the template and tokenize one record into a training sample.
 
@@ -649,24 +680,13 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
     turns = place_media(rec)
     if mode == "rl" and turns[-1][0] == "assistant":
         turns = turns[:-1]
-    # Decode media in placeholder order (the model fills <IMG_CONTEXT> slots in that order).
-    images, videos = iter(rec.images), iter(rec.videos)
-    pixels, tiles, tokens, expanded = [], [], [], []
+    pixels, tiles, tokens = load_media(rec, turns, cfg, training, rng)
+    blocks = iter(image_block(k) for k in tokens)
+    expanded = []
     for role, content in turns:
-        def expand(m):
-            if m.group(0) == IMAGE:
-                pv, n = load_image(next(images), cfg.max_tiles, cfg.min_tiles, cfg.image_size, cfg.use_thumbnail,
-                                   cfg.anyres, cfg.patch_size, cfg.downsample, cfg.anyres_max_patches,
-                                   cfg.anyres_min_patches, where=rec.where)
-                k = (pv.shape[-2] // cfg.patch_size // cfg.downsample) * (pv.shape[-1] // cfg.patch_size // cfg.downsample) \
-                    if cfg.anyres else n * cfg.tokens_per_tile
-                pixels.append(pv), tiles.append(n), tokens.append(k)
-                return image_block(k)
-            frames = load_video(next(videos), cfg.num_frames, training, rng, cfg.image_size, where=rec.where)
-            pixels.extend(frames.split(1) if cfg.anyres else [frames])
-            tiles.extend([1] * len(frames)), tokens.extend([cfg.tokens_per_tile] * len(frames))
-            return "".join(f"Frame{i}: {image_block(cfg.tokens_per_tile)}\n" for i in range(1, len(frames) + 1))
-        expanded.append((role, PLACEHOLDER_RE.sub(expand, content)))
+        content = VIDEO_RE.sub(lambda m: video_prompt(cfg.num_frames), content)
+        expanded.append((role, expand_placeholders(content, [next(blocks) for _ in range(content.count(IMAGE))],
+                                                   rec.where)))
     think = {"on": True, "off": False}.get(cfg.think)
     if think is None and rec.think is not None:
         think = rec.think
@@ -686,6 +706,17 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
         pixel_values = pixels[0] if len(pixels) == 1 else torch.from_numpy(np.concatenate([p.numpy() for p in pixels]))
     return dict(input_ids=ids, labels=labels, pixel_values=pixel_values, tiles=tiles, image_tokens=tokens,
                 n_images=len(rec.images) + len(rec.videos), n_visual_tokens=sum(tokens), **base)
+
+
+def prompt_inputs(tok: tiktoken.Encoding, cfg: DataConfig, question, images=(), videos=(), think: bool = False,
+                  system: str = None) -> dict:
+    """A build_sample dict for generation: the univl-chat prompt up to "<|im_start|>assistant\n".
+    `question`: a string, or [(role, content)] turns ending with a user turn; `images`: paths or PIL
+    images; `videos`: paths. Missing placeholders are prepended as for training data."""
+    turns = [("user", question)] if isinstance(question, str) else list(question)
+    rec = Record("<prompt>", "prompt", turns=turns, system=system, images=list(images), videos=[str(v) for v in videos],
+                 answer="", think=think)
+    return {**build_sample(rec, tok, replace(cfg, label_mode="rl", think="auto")), "answer": None}
 
 
 class BadData:
@@ -742,6 +773,7 @@ class JsonlDataset:
                 else:
                     blank += 1
                 offset += len(line)
+        self.offsets, self.line_numbers = np.array(self.offsets, np.int64), np.array(self.line_numbers, np.int64)
         if blank:
             print(f"[data] {self.path}: {blank} blank lines ignored", file=sys.stderr)
 
@@ -754,7 +786,7 @@ class JsonlDataset:
     def record(self, i: int) -> Record:
         """The parsed record of sample i (DataError 'json' for a malformed line)."""
         with open(self.path, "rb") as f:
-            f.seek(self.offsets[i])
+            f.seek(int(self.offsets[i]))
             line = f.readline()
         try:
             obj = json.loads(line)

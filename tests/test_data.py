@@ -694,3 +694,18 @@ def test_cli_help_and_check(tmp_path, capsys):
     data.main(["check", str(path), "--image-size", "112", "--max-len", "300"])
     out = capsys.readouterr()
     assert f"bad samples by reason: {dict(sorted(expected.items()))}" in out.out and "m.jsonl:" in out.err
+
+
+def test_prompt_inputs(tmp_path):
+    tok, cfg = data.load_tokenizer(None), DataConfig(**TINY)
+    save_png(tmp_path / "a.png")
+    s = data.prompt_inputs(tok, cfg, "What?", images=[tmp_path / "a.png"], think=True, system="S")
+    block = "<img>" + "<IMG_CONTEXT>" * 16 + "</img>"
+    assert tok.decode(s["input_ids"].tolist()) == (f"<|im_start|>system\nS<|im_end|><|im_start|>user\n{block}\nWhat?\n"
+                                                   f"{THINK}<|im_end|><|im_start|>assistant\n")
+    assert s["pixel_values"].shape == (1, 3, 112, 112) and s["answer"] is None
+    pil = data.prompt_inputs(tok, cfg, [("user", "<image>\nA"), ("assistant", "B"), ("user", "C")],
+                             images=[Image.open(tmp_path / "a.png")])
+    assert tok.decode(pil["input_ids"].tolist()).endswith(
+        f"user\n{block}\nA<|im_end|><|im_start|>assistant\nB<|im_end|><|im_start|>user\nC<|im_end|><|im_start|>assistant\n")
+    assert (pil["labels"] == -100).all()
