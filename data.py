@@ -1297,6 +1297,7 @@ def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True,
 # evaluation); CoT records (math, count_cot) carry "think": true.
 
 SYNTH_VERSION = 1
+DEFAULT_SYNTH_DIR = "data_synth"   # relative to the working directory; git-ignored
 DEFAULT_SYNTH_SIZE = 256           # train samples per family (eval: size // 8; text: 8 x size)
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 WORDS = ("apple", "bread", "chair", "cloud", "dance", "earth", "flame", "glass", "heart", "jelly", "kite",
@@ -1533,7 +1534,7 @@ def make_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: boo
     return out
 
 
-def ensure_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: bool = True) -> Path:
+def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: bool = True) -> Path:
     """The synthetic dataset at `out`, generated on first use; a no-op when it is already there.
     Safe when several ranks call it at once (the first rename wins, the others discard their copy)."""
     out = Path(out)
@@ -1615,7 +1616,7 @@ def main(argv=None):
                                 "§3.2.2, §4.2.2). Run `python data.py SUBCOMMAND --help` for each.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synth", help="generate the synthetic default dataset (PNG, MP4, JSONL) into a new folder")
-    s.add_argument("--out", required=True, help="folder to create (must not exist)")
+    s.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="folder to create (must not exist)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     s.add_argument("--size", type=int, default=DEFAULT_SYNTH_SIZE, help="train samples per task family")
     s = sub.add_parser("check", help="load every sample of a manifest and report bad lines by reason")
