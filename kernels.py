@@ -11,6 +11,7 @@ Backend choice: env SAILVL_KERNELS=auto|triton|torch (auto: Triton on CUDA tenso
 elsewhere). With TRITON_INTERPRET=1 and SAILVL_KERNELS=triton the Triton kernels run on CPU
 tensors; that is how CI tests them.
 """
+import argparse
 import inspect
 import itertools
 import math
@@ -935,7 +936,38 @@ def _flex_document_attention(lengths, heads, kv_heads, total, causal, dev):
 
 
 # ----------------------------------------------------------------------------------------------
-# MoE grouped expert SwiGLU, paper §5.2
+# MoE grouped expert SwiGLU, paper §5.2 ("optimized kernel fusion for expert operations")
+#
+# Notation: T tokens, k experts per token, M = T*k (token, expert) pairs, H hidden, I expert
+# intermediate size, E experts. Pair p = t*k + j is token t's j-th choice (topk_ids[t, j]).
+#
+# Triton design (vLLM-style block alignment, ScatterMoE-style gathers, no token copies):
+#   routing  : pairs are sorted by expert and each expert's run is padded to a multiple of
+#              BLOCK_M, so every BLOCK_M-row block of the "padded sorted" layout belongs to ONE
+#              expert. Only indices move: `pair_of_row` (P,) maps a padded row to its pair
+#              (sentinel M on padding rows) and `block_expert` (NB,) gives each block's expert
+#              (E past the last used block: those programs exit at once). NB is a bound known
+#              from shapes alone (M // BLOCK_M + min(E, M)), so nothing syncs with the host.
+#   forward  : K1 gate+up: one program per (block, I-tile) loads the gathered x rows once and
+#              multiplies them by the expert's gate AND up tiles (two fp32 accumulators), then
+#              writes h = silu(g) * u (and g, u for the backward) in the padded sorted layout.
+#              K2 down: h @ W_down[e]^T, the router weight multiplied in the epilogue, each row
+#              written to its pair's slot of y_pairs (M, H); y = y_pairs.view(T, k, H).sum(1)
+#              (a fixed-order reduction: no atomics, bitwise deterministic).
+#   backward : B1 (fused): dy rows @ W_down[e] gives d(unweighted h); its epilogue forms the
+#              router-weight gradient <dy_t, o_p> = sum_i (dy_t W_down)_i h_i (per-I-tile
+#              partials, summed in torch), scales by the router weight and applies the SwiGLU
+#              backward -> dgu = [dg, du] (padded sorted layout).
+#              B2 dx: dgu @ [W_gate[e]; W_up[e]] written per pair, summed over k like the forward.
+#              B3 dW_gate/dW_up and B4 dW_down: one program per (expert, output tile) loops over
+#              that expert's contiguous rows (ScatterMoE's groupXtY): no atomics.
+#   numerics : loads in the storage dtype, tl.dot with fp32 accumulation, epilogue math in fp32,
+#              intermediates (g, u, h, dg, du, per-pair rows) stored in the storage dtype.
+#              Under TRITON_INTERPRET=1 every load is upcast to fp32 before arithmetic (the
+#              interpreter computes wrong bf16 math; kernels-notes §C), fp32 -> bf16 stores are
+#              rounded to nearest even by hand (the interpreter truncates) and a single autotune
+#              config is used. All row/token offsets are int64 before they meet a stride.
+#   host syncs: none; every grid size and buffer size follows from the shapes alone.
 
 def moe_grouped_mlp_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     """Reference: sort token-expert pairs by expert, one matmul per expert, weighted scatter-add.
@@ -966,6 +998,943 @@ def moe_grouped_mlp_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     return y
 
 
+def _check_moe_args(x, w_gate, w_up, w_down, topk_weights, topk_ids):
+    """Shape/dtype checks with messages that name the argument (no host sync on GPU)."""
+    where = "kernels.moe_grouped_mlp"
+    if x.dim() != 2:
+        raise ValueError(f"{where}: x must be (T, H), got shape {tuple(x.shape)}")
+    T, H = x.shape
+    if w_gate.dim() != 3 or w_gate.shape[2] != H:
+        raise ValueError(f"{where}: w_gate must be (E, I, H={H}), got {tuple(w_gate.shape)}")
+    E, I, _ = w_gate.shape
+    if tuple(w_up.shape) != (E, I, H):
+        raise ValueError(f"{where}: w_up must be (E, I, H) = {(E, I, H)}, got {tuple(w_up.shape)}")
+    if tuple(w_down.shape) != (E, H, I):
+        raise ValueError(f"{where}: w_down must be (E, H, I) = {(E, H, I)}, got {tuple(w_down.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"{where}: topk_ids must be (T={T}, k), got {tuple(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"{where}: topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"{where}: topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, "
+                         f"got {tuple(topk_weights.shape)}")
+    if not topk_ids.is_cuda and topk_ids.numel() and (topk_ids.min() < 0 or topk_ids.max() >= E):
+        raise ValueError(f"{where}: topk_ids must lie in [0, E={E}), got range "
+                         f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(gpu, interp):
+    """Autotune configs: a few sensible GPU tiles; exactly one under the interpreter (§C)."""
+    if _interpreting():
+        return [triton.Config(dict(interp), num_warps=4, num_stages=1)]
+    return [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in gpu]
+
+
+# Row-block kernels (K1, K2, B1, B2): BLOCK_M is fixed by the routing alignment, the rest tunes.
+_MOE_GATE_UP_CONFIGS = _configs(  # two (BLOCK_M, BLOCK_N) accumulators: keep BLOCK_N moderate
+    [(dict(BLOCK_N=128, BLOCK_K=64), 8, 3), (dict(BLOCK_N=64, BLOCK_K=64), 4, 4),
+     (dict(BLOCK_N=128, BLOCK_K=32), 8, 4)],
+    dict(BLOCK_N=32, BLOCK_K=32))
+_MOE_ROWS_CONFIGS = _configs(
+    [(dict(BLOCK_N=128, BLOCK_K=64), 4, 4), (dict(BLOCK_N=256, BLOCK_K=64), 8, 3),
+     (dict(BLOCK_N=128, BLOCK_K=64), 8, 3)],
+    dict(BLOCK_N=32, BLOCK_K=32))
+# B1 also reads three (BLOCK_M, BLOCK_N) tiles in its epilogue: no 256-wide tiles (register spills).
+_MOE_DOWN_BWD_CONFIGS = _configs(
+    [(dict(BLOCK_N=128, BLOCK_K=64), 8, 3), (dict(BLOCK_N=64, BLOCK_K=64), 4, 4),
+     (dict(BLOCK_N=64, BLOCK_K=128), 4, 3)],
+    dict(BLOCK_N=32, BLOCK_K=32))
+# Per-expert weight-gradient kernels (B3, B4): output tile (BLOCK_M, BLOCK_N), rows by BLOCK_K.
+_MOE_DW_CONFIGS = _configs(
+    [(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3), (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), 4, 4),
+     (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 4)],
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16))
+_MOE_GROUP_M = 8  # L2 swizzle: this many row blocks share a weight column tile before moving on
+
+
+_moe_pinned_config = None  # set by `_moe_pin_config` (check moe runs every config); None: autotune
+
+
+def _moe_prune(configs, named_args, **kwargs):
+    """Autotune over all configs, or only the pinned one."""
+    if _moe_pinned_config is None:
+        return configs
+    return [configs[min(_moe_pinned_config, len(configs) - 1)]]
+
+
+_MOE_PRUNE = {"early_config_prune": _moe_prune}
+
+
+def _even_k(args):
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+@triton.jit
+def _moe_cast(v, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 -> storage dtype DT, rounding to nearest even as the GPU does.
+
+    The interpreter truncates fp32 -> bf16 casts (a -2.8e-3 relative bias, seen with Triton 3.9),
+    so under it the rounding is done on the bits first; on GPU this is a plain cast.
+    """
+    if UPCAST:
+        if DT == tl.bfloat16:
+            b = v.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            v = b.to(tl.float32, bitcast=True)
+    return v.to(DT)
+
+
+@triton.jit
+def _moe_row_block(pid, num_m, N, M, pair_ptr, bexp_ptr, TOPK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (column tile, expert, padded rows, pairs, row validity, source tokens).
+
+    GROUP_M row blocks sweep a column tile together so the expert's weight tile stays in L2.
+    """
+    width = GROUP_M * ((N + BLOCK_N - 1) // BLOCK_N)
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    e = tl.load(bexp_ptr + pid_m).to(tl.int64)                          # E: unused block
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)        # (BM,) padded sorted rows
+    pair = tl.load(pair_ptr + rows).to(tl.int64)                        # sentinel M on padding
+    row_ok = pair < M
+    tok = tl.where(row_ok, pair // TOPK, 0)
+    return pid_n, e, rows, pair, row_ok, tok
+
+
+@triton.autotune(configs=_MOE_GATE_UP_CONFIGS, key=["N", "K", "BLOCK_M"], prune_configs_by=_MOE_PRUNE)
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _moe_gate_up_fwd_kernel(
+        x_ptr, wg_ptr, wu_ptr, gu_ptr, h_ptr, pair_ptr, bexp_ptr,
+        M, N, K, E, num_m,
+        s_xt, s_xk, s_ge, s_gn, s_gk, s_ue, s_un, s_uk, s_gu, s_h,
+        TOPK: tl.constexpr, SAVE_GU: tl.constexpr, UPCAST: tl.constexpr, LD: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """K1: g = x W_gate[e]^T, u = x W_up[e]^T on one (row block, I tile); h = silu(g) * u.
+
+    N = I, K = H. Reads x rows by token index; writes gu (P, 2I) = [g | u] and h (P, I).
+    """
+    pid_n, e, rows, pair, row_ok, tok = _moe_row_block(
+        tl.program_id(0), num_m, N, M, pair_ptr, bexp_ptr, TOPK, BLOCK_M, BLOCK_N, GROUP_M)
+    if e >= E:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * s_xt + offs_k[None, :] * s_xk                     # (BM, BK)
+    g_ptrs = wg_ptr + e * s_ge + offs_n[None, :].to(tl.int64) * s_gn + offs_k[:, None] * s_gk  # (BK, BN)
+    u_ptrs = wu_ptr + e * s_ue + offs_n[None, :].to(tl.int64) * s_un + offs_k[:, None] * s_uk
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a_mask = row_ok[:, None]
+            b_mask = n_ok[None, :]
+        else:
+            k_ok = offs_k < K - k0
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(LD)
+        bg = tl.load(g_ptrs, mask=b_mask, other=0.0).to(LD)
+        bu = tl.load(u_ptrs, mask=b_mask, other=0.0).to(LD)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+        a_ptrs += BLOCK_K * s_xk
+        g_ptrs += BLOCK_K * s_gk
+        u_ptrs += BLOCK_K * s_uk
+    out_mask = n_ok[None, :]  # every row of a used block lies inside the (P, .) buffers
+    if SAVE_GU:
+        gu_ptrs = gu_ptr + rows[:, None] * s_gu + offs_n[None, :]
+        tl.store(gu_ptrs, _moe_cast(acc_g, gu_ptr.dtype.element_ty, UPCAST), mask=out_mask)
+        tl.store(gu_ptrs + N, _moe_cast(acc_u, gu_ptr.dtype.element_ty, UPCAST), mask=out_mask)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u                          # silu(g) * u
+    h_ptrs = h_ptr + rows[:, None] * s_h + offs_n[None, :]
+    tl.store(h_ptrs, _moe_cast(h, h_ptr.dtype.element_ty, UPCAST), mask=out_mask)
+
+
+@triton.autotune(configs=_MOE_ROWS_CONFIGS, key=["N", "K", "BLOCK_M"], prune_configs_by=_MOE_PRUNE)
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _moe_down_fwd_kernel(
+        h_ptr, wd_ptr, tw_ptr, yp_ptr, pair_ptr, bexp_ptr,
+        M, N, K, E, num_m,
+        s_h, s_de, s_dn, s_dk, s_yp,
+        TOPK: tl.constexpr, UPCAST: tl.constexpr, LD: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """K2: y_pairs[p] = w_p * (h_row W_down[e]^T), N = H, K = I; router weight in the epilogue."""
+    pid_n, e, rows, pair, row_ok, tok = _moe_row_block(
+        tl.program_id(0), num_m, N, M, pair_ptr, bexp_ptr, TOPK, BLOCK_M, BLOCK_N, GROUP_M)
+    if e >= E:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None] * s_h + offs_k[None, :]                               # (BM, BK)
+    b_ptrs = wd_ptr + e * s_de + offs_n[None, :].to(tl.int64) * s_dn + offs_k[:, None] * s_dk  # (BK, BN)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a_mask = row_ok[:, None]
+            b_mask = n_ok[None, :]
+        else:
+            k_ok = offs_k < K - k0
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(LD)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(LD)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * s_dk
+    w = tl.load(tw_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)                 # (BM,)
+    out = acc * w[:, None]
+    y_ptrs = yp_ptr + pair[:, None] * s_yp + offs_n[None, :]
+    tl.store(y_ptrs, _moe_cast(out, yp_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=_MOE_DOWN_BWD_CONFIGS, key=["N", "K", "BLOCK_M"], prune_configs_by=_MOE_PRUNE,
+                 reset_to_zero=["dwp_ptr"])
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _moe_down_bwd_kernel(
+        dy_ptr, wd_ptr, tw_ptr, gu_ptr, h_ptr, dgu_ptr, dwp_ptr, pair_ptr, bexp_ptr,
+        M, N, K, E, num_m,
+        s_dyt, s_dyk, s_de, s_dk, s_dn, s_gu, s_h, s_dgu, s_dwp,
+        TOPK: tl.constexpr, UPCAST: tl.constexpr, LD: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """B1: a = dy_t W_down[e] (N = I, K = H); router grad partial <a, h>; dgu = SwiGLU'(w_p a).
+
+    dwp (M, n_tiles) gets one partial sum per I tile (summed in torch: deterministic).
+    """
+    pid_n, e, rows, pair, row_ok, tok = _moe_row_block(
+        tl.program_id(0), num_m, N, M, pair_ptr, bexp_ptr, TOPK, BLOCK_M, BLOCK_N, GROUP_M)
+    if e >= E:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = dy_ptr + tok[:, None] * s_dyt + offs_k[None, :] * s_dyk                  # (BM, BK)
+    b_ptrs = wd_ptr + e * s_de + offs_k[:, None].to(tl.int64) * s_dk + offs_n[None, :] * s_dn  # (BK, BN)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a_mask = row_ok[:, None]
+            b_mask = n_ok[None, :]
+        else:
+            k_ok = offs_k < K - k0
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(LD)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(LD)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K * s_dyk
+        b_ptrs += BLOCK_K * s_dk
+    # epilogue in fp32: acc (BM, BN) is d(output) / d(h) before the router weight
+    m2 = n_ok[None, :]
+    h = tl.load(h_ptr + rows[:, None] * s_h + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+    tl.store(dwp_ptr + pair * s_dwp + pid_n, tl.sum(acc * h, axis=1), mask=row_ok)
+    w = tl.load(tw_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)                 # 0 on padding
+    gu_ptrs = gu_ptr + rows[:, None] * s_gu + offs_n[None, :]
+    g = tl.load(gu_ptrs, mask=m2, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptrs + N, mask=m2, other=0.0).to(tl.float32)
+    dh = acc * w[:, None]
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    silu = g * sig
+    dg = dh * u * (sig + silu * (1.0 - sig))                           # silu'(g) = s (1 + g (1 - s))
+    du = dh * silu
+    dgu_ptrs = dgu_ptr + rows[:, None] * s_dgu + offs_n[None, :]
+    tl.store(dgu_ptrs, _moe_cast(dg, dgu_ptr.dtype.element_ty, UPCAST), mask=m2)
+    tl.store(dgu_ptrs + N, _moe_cast(du, dgu_ptr.dtype.element_ty, UPCAST), mask=m2)
+
+
+@triton.autotune(configs=_MOE_ROWS_CONFIGS, key=["N", "K", "BLOCK_M"], prune_configs_by=_MOE_PRUNE)
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _moe_gate_up_bwd_dx_kernel(
+        dgu_ptr, wg_ptr, wu_ptr, dxp_ptr, pair_ptr, bexp_ptr,
+        M, N, K, E, num_m,
+        s_dgu, s_ge, s_gk, s_gn, s_ue, s_uk, s_un, s_dxp,
+        TOPK: tl.constexpr, UPCAST: tl.constexpr, LD: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """B2: dx_pairs[p] = dg W_gate[e] + du W_up[e] (N = H, K = I), written by pair."""
+    pid_n, e, rows, pair, row_ok, tok = _moe_row_block(
+        tl.program_id(0), num_m, N, M, pair_ptr, bexp_ptr, TOPK, BLOCK_M, BLOCK_N, GROUP_M)
+    if e >= E:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for half in tl.static_range(2):  # dg against W_gate, then du against W_up, one accumulator
+        if half == 0:
+            b_ptrs = wg_ptr + e * s_ge + offs_k[:, None].to(tl.int64) * s_gk + offs_n[None, :] * s_gn
+            s_bk = s_gk
+        else:
+            b_ptrs = wu_ptr + e * s_ue + offs_k[:, None].to(tl.int64) * s_uk + offs_n[None, :] * s_un
+            s_bk = s_uk
+        a_ptrs = dgu_ptr + rows[:, None] * s_dgu + half * K + offs_k[None, :]             # (BM, BK)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a_mask = row_ok[:, None]
+                b_mask = n_ok[None, :]
+            else:
+                k_ok = offs_k < K - k0
+                a_mask = row_ok[:, None] & k_ok[None, :]
+                b_mask = k_ok[:, None] & n_ok[None, :]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(LD)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(LD)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * s_bk
+    dx_ptrs = dxp_ptr + pair[:, None] * s_dxp + offs_n[None, :]
+    tl.store(dx_ptrs, _moe_cast(acc, dxp_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=_MOE_DW_CONFIGS, key=["I", "H"], prune_configs_by=_MOE_PRUNE)
+@triton.jit
+def _moe_gate_up_bwd_dw_kernel(
+        dgu_ptr, x_ptr, dwg_ptr, dwu_ptr, pair_ptr, rstart_ptr, rend_ptr,
+        I, H,
+        s_dgu, s_xt, s_xk, s_we, s_wi, s_wh,
+        TOPK: tl.constexpr, UPCAST: tl.constexpr, LD: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """B3: [dW_gate[e]; dW_up[e]] (2I, H) = dgu_e^T x_e over expert e's contiguous rows."""
+    num_m = (2 * I + BLOCK_M - 1) // BLOCK_M
+    num_n = (H + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    e = pid // (num_m * num_n)
+    pid_m = (pid % (num_m * num_n)) // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                   # over [g | u]
+    m_ok = offs_m < 2 * I
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    r0 = tl.load(rstart_ptr + e)
+    r1 = tl.load(rend_ptr + e)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(r0, r1, BLOCK_K):
+        rows = r + tl.arange(0, BLOCK_K)
+        r_ok = rows < r1
+        rows = rows.to(tl.int64)
+        tok = tl.load(pair_ptr + rows, mask=r_ok, other=0).to(tl.int64) // TOPK
+        a_mask = r_ok[:, None] & m_ok[None, :]
+        b_mask = r_ok[:, None] & n_ok[None, :]
+        a = tl.load(dgu_ptr + rows[:, None] * s_dgu + offs_m[None, :], mask=a_mask, other=0.0).to(LD)
+        b = tl.load(x_ptr + tok[:, None] * s_xt + offs_n[None, :] * s_xk, mask=b_mask, other=0.0).to(LD)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)                         # (BM, BN)
+    out = _moe_cast(acc, dwg_ptr.dtype.element_ty, UPCAST)
+    e64 = e.to(tl.int64)
+    is_g = offs_m < I
+    off_g = e64 * s_we + offs_m[:, None].to(tl.int64) * s_wi + offs_n[None, :] * s_wh
+    tl.store(dwg_ptr + off_g, out, mask=is_g[:, None] & n_ok[None, :])
+    off_u = e64 * s_we + tl.where(is_g, 0, offs_m - I)[:, None].to(tl.int64) * s_wi + offs_n[None, :] * s_wh
+    tl.store(dwu_ptr + off_u, out, mask=(m_ok & ~is_g)[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=_MOE_DW_CONFIGS, key=["I", "H"], prune_configs_by=_MOE_PRUNE)
+@triton.jit
+def _moe_down_bwd_dw_kernel(
+        dy_ptr, h_ptr, tw_ptr, dwd_ptr, pair_ptr, rstart_ptr, rend_ptr,
+        I, H,
+        s_dyt, s_dyk, s_h, s_de, s_dh, s_di,
+        TOPK: tl.constexpr, UPCAST: tl.constexpr, LD: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """B4: dW_down[e] (H, I) = (w * dy)_e^T h_e over expert e's contiguous rows."""
+    num_m = (H + BLOCK_M - 1) // BLOCK_M
+    num_n = (I + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    e = pid // (num_m * num_n)
+    pid_m = (pid % (num_m * num_n)) // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                   # over H
+    m_ok = offs_m < H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                   # over I
+    n_ok = offs_n < I
+    r0 = tl.load(rstart_ptr + e)
+    r1 = tl.load(rend_ptr + e)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(r0, r1, BLOCK_K):
+        rows = r + tl.arange(0, BLOCK_K)
+        r_ok = rows < r1
+        rows = rows.to(tl.int64)
+        pair = tl.load(pair_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+        w = tl.load(tw_ptr + pair, mask=r_ok, other=0.0).to(tl.float32)
+        a_mask = r_ok[:, None] & m_ok[None, :]
+        b_mask = r_ok[:, None] & n_ok[None, :]
+        dy = tl.load(dy_ptr + (pair // TOPK)[:, None] * s_dyt + offs_m[None, :] * s_dyk,
+                     mask=a_mask, other=0.0).to(tl.float32)
+        a = (dy * w[:, None]).to(LD)      # (BK, BM), rounded to bf16 on GPU as torch's autograd does
+        b = tl.load(h_ptr + rows[:, None] * s_h + offs_n[None, :], mask=b_mask, other=0.0).to(LD)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
+    off = e.to(tl.int64) * s_de + offs_m[:, None].to(tl.int64) * s_dh + offs_n[None, :] * s_di
+    tl.store(dwd_ptr + off, _moe_cast(acc, dwd_ptr.dtype.element_ty, UPCAST),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+_MOE_KERNELS = (_moe_gate_up_fwd_kernel, _moe_down_fwd_kernel, _moe_down_bwd_kernel,
+                _moe_gate_up_bwd_dx_kernel, _moe_gate_up_bwd_dw_kernel, _moe_down_bwd_dw_kernel)
+
+
+def _moe_pin_config(index):
+    """Run every MoE kernel with its index-th config (None: autotune again); forgets tuned choices."""
+    global _moe_pinned_config
+    _moe_pinned_config = index
+    for kernel in _MOE_KERNELS:
+        kernel.cache.clear()
+
+
+def _moe_block_m(M: int, E: int) -> int:
+    """Rows per block (= routing alignment): ~the mean rows per expert, a power of 2 in [16, 128]."""
+    if _interpreting():
+        return 16
+    mean = max(1, M // max(E, 1))
+    return min(128, max(16, triton.next_power_of_2(mean)))
+
+
+def _moe_align(topk_ids, E: int, block_m: int):
+    """Group pairs by expert, each expert's run padded to a multiple of block_m (no host sync).
+
+    Returns pair_of_row (P,) int32 (sentinel M on padding), block_expert (NB,) int32 (E when the
+    block is unused), row_start/row_end (E,) int32: expert e's real rows are [row_start, row_end).
+    """
+    T, k = topk_ids.shape
+    M = T * k
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).long()
+    sorted_e, order = torch.sort(flat, stable=True)                     # (M,), pairs by expert
+    counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = padded.cumsum(0)
+    pad_start = pad_end - padded
+    start = counts.cumsum(0) - counts
+    dest = pad_start[sorted_e] + torch.arange(M, device=dev) - start[sorted_e]
+    num_blocks = M // block_m + min(E, M)                               # >= sum_e ceil(n_e / BM)
+    pair_of_row = torch.full((num_blocks * block_m,), M, dtype=torch.int32, device=dev)
+    pair_of_row[dest] = order.to(torch.int32)
+    block_expert = torch.searchsorted(pad_end // block_m, torch.arange(num_blocks, device=dev), right=True)
+    return (pair_of_row, block_expert.to(torch.int32), pad_start.to(torch.int32),
+            (pad_start + counts).to(torch.int32))
+
+
+def _moe_sum_pairs(pairs, T: int, k: int):
+    """(T*k, H) per-pair rows -> (T, H), summed over each token's k choices in fixed order."""
+    return pairs.view(T, k, -1).sum(1) if k > 1 else pairs.view(T, -1)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _moe_kernel_flags(x):
+    """(UPCAST, LD, PREC): interpreter -> upcast every load to fp32 (LD), exact fp32 dots;
+    GPU -> operands stay in the storage dtype (tensor cores), fp32 inputs use exact fp32 dots."""
+    if x.dtype not in _TL_DTYPES:
+        raise TypeError(f"kernels.moe_grouped_mlp: Triton path supports fp32/bf16/fp16, got {x.dtype}")
+    if _interpreting():
+        return True, tl.float32, "ieee"
+    return False, _TL_DTYPES[x.dtype], ("ieee" if x.dtype == torch.float32 else None)
+
+
+class _MoEGroupedMLP(torch.autograd.Function):
+    """Triton expert SwiGLU: forward K1+K2, backward B1..B4 (see the comment at the section top)."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, topk_weights, topk_ids, grad_enabled):
+        T, H = x.shape
+        E, I, _ = w_gate.shape
+        k = topk_ids.shape[1]
+        M = T * k
+        bm = _moe_block_m(M, E)
+        pair_of_row, block_expert, row_start, row_end = _moe_align(topk_ids, E, bm)
+        num_m, P = block_expert.numel(), pair_of_row.numel()
+        tw = topk_weights.reshape(-1).contiguous()
+        upcast, ld, prec = _moe_kernel_flags(x)
+        save = grad_enabled and any(ctx.needs_input_grad)  # else inference: keep nothing
+        gu = x.new_empty(P, 2 * I) if save else x.new_empty(1, 1)          # [g | u] pre-activations
+        h = x.new_empty(P, I)                                               # silu(g) * u
+        grid = lambda meta: (num_m * triton.cdiv(I, meta["BLOCK_N"]),)     # noqa: E731
+        _moe_gate_up_fwd_kernel[grid](
+            x, w_gate, w_up, gu, h, pair_of_row, block_expert,
+            M, I, H, E, num_m,
+            x.stride(0), x.stride(1), *w_gate.stride(), *w_up.stride(), gu.stride(0), h.stride(0),
+            TOPK=k, SAVE_GU=save, UPCAST=upcast, LD=ld, PREC=prec, BLOCK_M=bm, GROUP_M=_MOE_GROUP_M)
+        y_pairs = x.new_empty(M, H)
+        grid = lambda meta: (num_m * triton.cdiv(H, meta["BLOCK_N"]),)     # noqa: E731
+        _moe_down_fwd_kernel[grid](
+            h, w_down, tw, y_pairs, pair_of_row, block_expert,
+            M, H, I, E, num_m,
+            h.stride(0), *w_down.stride(), y_pairs.stride(0),
+            TOPK=k, UPCAST=upcast, LD=ld, PREC=prec, BLOCK_M=bm, GROUP_M=_MOE_GROUP_M)
+        if save:
+            ctx.save_for_backward(x, w_gate, w_up, w_down, tw, pair_of_row, block_expert,
+                                  row_start, row_end, gu, h)
+            ctx.shape = (T, H, E, I, k, bm)
+            ctx.tw_dtype = topk_weights.dtype
+        return _moe_sum_pairs(y_pairs, T, k)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_gate, w_up, w_down, tw, pair_of_row, block_expert, row_start, row_end, gu, h = ctx.saved_tensors
+        T, H, E, I, k, bm = ctx.shape
+        M, num_m, P = T * k, block_expert.numel(), pair_of_row.numel()
+        need_x, need_g, need_u, need_d, need_w = ctx.needs_input_grad[:5]
+        dy = dy.to(x.dtype).contiguous()                    # autocast may hand back another dtype
+        upcast, ld, prec = _moe_kernel_flags(x)
+        dx = dwg = dwu = dwd = dtw = None
+        if need_x or need_g or need_u or need_w:
+            dgu = x.new_empty(P, 2 * I)
+            min_bn = min(c.kwargs["BLOCK_N"] for c in _MOE_DOWN_BWD_CONFIGS)
+            dwp = torch.zeros(M, triton.cdiv(I, min_bn), dtype=torch.float32, device=x.device)
+            grid = lambda meta: (num_m * triton.cdiv(I, meta["BLOCK_N"]),)  # noqa: E731
+            _moe_down_bwd_kernel[grid](
+                dy, w_down, tw, gu, h, dgu, dwp, pair_of_row, block_expert,
+                M, I, H, E, num_m,
+                dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1), w_down.stride(2),
+                gu.stride(0), h.stride(0), dgu.stride(0), dwp.stride(0),
+                TOPK=k, UPCAST=upcast, LD=ld, PREC=prec, BLOCK_M=bm, GROUP_M=_MOE_GROUP_M)
+            if need_w:
+                dtw = dwp.sum(1).view(T, k).to(ctx.tw_dtype)
+            if need_x:
+                dx_pairs = x.new_empty(M, H)
+                grid = lambda meta: (num_m * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
+                _moe_gate_up_bwd_dx_kernel[grid](
+                    dgu, w_gate, w_up, dx_pairs, pair_of_row, block_expert,
+                    M, H, I, E, num_m,
+                    dgu.stride(0), *w_gate.stride(), *w_up.stride(), dx_pairs.stride(0),
+                    TOPK=k, UPCAST=upcast, LD=ld, PREC=prec, BLOCK_M=bm, GROUP_M=_MOE_GROUP_M)
+                dx = _moe_sum_pairs(dx_pairs, T, k)
+            if need_g or need_u:
+                dwg = torch.empty_like(w_gate, memory_format=torch.contiguous_format)
+                dwu = torch.empty_like(dwg)
+                grid = lambda meta: (  # noqa: E731
+                    E * triton.cdiv(2 * I, meta["BLOCK_M"]) * triton.cdiv(H, meta["BLOCK_N"]),)
+                _moe_gate_up_bwd_dw_kernel[grid](
+                    dgu, x, dwg, dwu, pair_of_row, row_start, row_end,
+                    I, H,
+                    dgu.stride(0), x.stride(0), x.stride(1), *dwg.stride(),
+                    TOPK=k, UPCAST=upcast, LD=ld, PREC=prec)
+        if need_d:
+            dwd = torch.empty_like(w_down, memory_format=torch.contiguous_format)
+            grid = lambda meta: (  # noqa: E731
+                E * triton.cdiv(H, meta["BLOCK_M"]) * triton.cdiv(I, meta["BLOCK_N"]),)
+            _moe_down_bwd_dw_kernel[grid](
+                dy, h, tw, dwd, pair_of_row, row_start, row_end,
+                I, H,
+                dy.stride(0), dy.stride(1), h.stride(0), *dwd.stride(),
+                TOPK=k, UPCAST=upcast, LD=ld, PREC=prec)
+        return dx, dwg, dwu, dwd, dtw, None, None
+
+
+def moe_grouped_mlp_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids):
+    """The Triton path of `moe_grouped_mlp` (same arguments; differentiable in all float inputs).
+
+    Under CUDA autocast the inputs are cast to the autocast dtype, as F.linear would do.
+    """
+    dev = x.device.type
+    if dev == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    else:
+        dtype = x.dtype
+    if x.shape[0] == 0:  # nothing routed: the reference handles the empty case
+        return moe_grouped_mlp_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids)
+    x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
+    with torch.autocast(dev, enabled=False):  # keep autocast off the internal sums
+        return _MoEGroupedMLP.apply(x, w_gate, w_up, w_down, topk_weights, topk_ids, torch.is_grad_enabled())
+
+
 def moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids):
-    """Expert SwiGLU for routed tokens: y[t] = sum_j w[t,j] * down_e(silu(gate_e x_t) * up_e x_t)."""
+    """Expert SwiGLU for routed tokens: y[t] = sum_j w[t,j] * down_e(silu(gate_e x_t) * up_e x_t).
+
+    x (T, H); w_gate, w_up (E, I, H); w_down (E, H, I); topk_weights (T, k); topk_ids (T, k) int
+    -> (T, H). Triton grouped GEMM when `use_triton(x)`, else the torch reference.
+    """
+    _check_moe_args(x, w_gate, w_up, w_down, topk_weights, topk_ids)
+    if use_triton(x):
+        return moe_grouped_mlp_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids)
     return moe_grouped_mlp_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE baselines, benchmark and GPU correctness check (`python kernels.py bench moe`, `check moe`)
+
+def moe_loop_hf_v4(x, w_gate, w_up, w_down, topk_weights, topk_ids):
+    """Baseline: the HF transformers v4 Qwen3-MoE expert loop (mask, torch.where, index_add_)."""
+    E = w_gate.shape[0]
+    y = torch.zeros_like(x)
+    expert_mask = F.one_hot(topk_ids, E).permute(2, 1, 0)              # (E, k, T)
+    for e in range(E):
+        slot, tok = torch.where(expert_mask[e])                          # host sync per expert
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())
+        ye = (h @ w_down[e].t()) * topk_weights[tok, slot, None].to(h.dtype)
+        y.index_add_(0, tok, ye.to(x.dtype))
+    return y
+
+
+def moe_sorted_grouped_mm(x, w_gate, w_up, w_down, topk_weights, topk_ids):
+    """Baseline: sort pairs by expert, torch._grouped_mm per projection (CUTLASS on SM90), un-permute."""
+    T, H = x.shape
+    E = w_gate.shape[0]
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)                           # group end offsets
+    xs = x[order // k]                                                   # (M, H) sorted copy
+    g = torch._grouped_mm(xs, w_gate.transpose(1, 2), offs=offs)         # (M, I)
+    u = torch._grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
+    o = torch._grouped_mm(F.silu(g) * u, w_down.transpose(1, 2), offs=offs)  # (M, H)
+    o = o * topk_weights.reshape(-1)[order, None].to(o.dtype)
+    y_pairs = torch.empty_like(o).index_copy(0, order, o)               # back to pair order
+    return y_pairs.view(T, k, H).sum(1)
+
+
+def _grouped_mm_unavailable(x) -> str:
+    """'' when sort+torch._grouped_mm is a fair baseline here (bf16, CUDA SM90/SM100), else why not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "torch._grouped_mm missing"
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
+        return "needs CUDA SM90/SM100 (elsewhere it is an mm loop with host syncs)"
+    if x.dtype != torch.bfloat16:
+        return "bf16 only"
+    return ""
+
+
+def _moe_make_inputs(T, E, k, H, I, dtype, device, routing="uniform", seed=0):
+    """Random layer inputs; routing 'uniform' (random top-k) or 'skewed' (half the tokens route
+    among 8 hot experts, kernels-notes §D). Weights ~1/sqrt(fan_in) so activations stay O(1)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    x = randn(T, H)
+    w_gate, w_up = randn(E, I, H, scale=H ** -0.5), randn(E, I, H, scale=H ** -0.5)
+    w_down = randn(E, H, I, scale=I ** -0.5)
+    logits = torch.rand(T, E, generator=g, device=device)
+    if routing == "skewed":
+        hot = torch.rand(T, generator=g, device=device) < 0.5
+        logits[hot, :min(E, max(8, k))] += 2.0
+    elif routing != "uniform":
+        raise ValueError(f"routing must be 'uniform' or 'skewed', got {routing!r}")
+    probs, ids = logits.softmax(-1).topk(k, dim=-1)
+    topk_weights = (probs / probs.sum(-1, keepdim=True)).to(dtype)
+    dy = randn(T, H)
+    return [x, w_gate, w_up, w_down, topk_weights], ids, dy
+
+
+def _moe_fwd_bwd(fn, leaves, ids, dy):
+    """Output and gradients of the five float inputs (fresh leaves, so nothing accumulates)."""
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    y = fn(*leaves, ids)
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+_MOE_OUT_NAMES = ("y", "dx", "dw_gate", "dw_up", "dw_down", "dtopk_w")
+
+
+def _moe_three_way(out, ref32, refpt, slack=1e-3):
+    """kernels-notes §D: err(out, ref32) <= 2x (y) / 3x (grads) err(refpt, ref32) + slack, errors
+    as max-abs / max|ref32|; and RMSE(out - ref32) / RMS(ref32) <= 1e-2. Returns (ok, lines)."""
+    ok, lines = True, []
+    for i, name in enumerate(_MOE_OUT_NAMES):
+        r = ref32[i].double()
+        scale = r.abs().max().item() or 1.0
+        err = (out[i].double() - r).abs().max().item() / scale
+        err_pt = (refpt[i].double() - r).abs().max().item() / scale
+        rmse = ((out[i].double() - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+        good = err <= (2 if i == 0 else 3) * err_pt + slack and rmse <= 1e-2
+        ok &= good
+        lines.append(f"{name:>8}: max err {err:.2e} (torch same-dtype {err_pt:.2e})  rel RMSE {rmse:.2e}"
+                     f"  {'ok' if good else 'FAIL'}")
+    return ok, lines
+
+
+def _moe_check_against_reference(leaves, ids, dy, label):
+    """Triton vs torch reference in fp32 (TF32 off) and in the inputs' dtype; prints, returns ok."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out = _moe_fwd_bwd(moe_grouped_mlp_triton, leaves, ids, dy)
+        ref32 = _moe_fwd_bwd(moe_grouped_mlp_torch, [t.float() for t in leaves], ids, dy.float())
+        if leaves[0].dtype == torch.float32:  # fp32 kernel: compare with an fp64 reference instead
+            refpt = ref32
+            ref32 = _moe_fwd_bwd(moe_grouped_mlp_torch, [t.double() for t in leaves], ids, dy.double())
+        else:
+            refpt = _moe_fwd_bwd(moe_grouped_mlp_torch, leaves, ids, dy)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    ok, lines = _moe_three_way(out, ref32, refpt, 1e-5 if leaves[0].dtype == torch.float32 else 1e-3)
+    print(f"check {label}: {'PASS' if ok else 'FAIL'}")
+    for line in lines:
+        print("    " + line)
+    return ok
+
+
+def _moe_add_shape_args(p, defaults, with_dtype=True):
+    p.add_argument("--tokens", type=int, default=defaults["tokens"], help="T, tokens in the batch")
+    p.add_argument("--experts", type=int, default=defaults["experts"], help="E, number of experts")
+    p.add_argument("--topk", type=int, default=defaults["topk"], help="k, experts per token")
+    p.add_argument("--hidden", type=int, default=defaults["hidden"], help="d, model width")
+    p.add_argument("--inter", type=int, default=defaults["inter"], help="f, expert intermediate size")
+    if with_dtype:
+        p.add_argument("--dtype", default=defaults["dtype"], choices=["bf16", "fp16", "fp32"],
+                       help="storage dtype of inputs and weights (accumulation is fp32)")
+
+
+_MOE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _median_ms_cpu(fn, reps=5):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_moe(args):
+    """MoE layer forward+backward: Triton vs HF-v4 loop vs sort+torch._grouped_mm (same inputs)."""
+    T, E, k, H, I = args.tokens, args.experts, args.topk, args.hidden, args.inter
+    flop_fwd = 6 * T * k * H * I                                         # 3 GEMMs of 2*T*k*H*I
+    if not torch.cuda.is_available():
+        return _bench_moe_cpu(args, flop_fwd)
+    import triton.testing
+    dtype = _MOE_DTYPES[args.dtype]
+    props = torch.cuda.get_device_properties(0)
+    print(f"MoE layer fwd+bwd: T={T} E={E} k={k} d={H} f={I} {args.dtype} on {props.name} "
+          f"(torch {torch.__version__}, triton {triton.__version__}); "
+          f"FLOP fwd {flop_fwd / 1e12:.3f} T, fwd+bwd {3 * flop_fwd / 1e12:.3f} T")
+    methods = {"triton": moe_grouped_mlp_triton, "loop (HF v4)": moe_loop_hf_v4,
+               "sort+grouped_mm": moe_sorted_grouped_mm}
+    all_ok, triton_ms = True, {}
+    for routing in args.routing.split(","):
+        leaves, ids, dy = _moe_make_inputs(T, E, k, H, I, dtype, "cuda", routing)
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        print(f"\n[{routing}] tokens per expert: min {int(counts.min())} mean {T * k / E:.0f} "
+              f"max {int(counts.max())}")
+        t0 = time.perf_counter()
+        _moe_fwd_bwd(moe_grouped_mlp_triton, leaves, ids, dy)  # compile + autotune (first call only)
+        torch.cuda.synchronize()
+        print(f"triton first call (compile + autotune): {time.perf_counter() - t0:.1f} s")
+        all_ok &= _moe_check_against_reference(leaves, ids, dy, f"{routing} triton vs torch reference")
+        why_not = _grouped_mm_unavailable(leaves[0])
+        rows = {}
+        for name, fn in methods.items():
+            if name == "sort+grouped_mm" and why_not:
+                print(f"{name}: skipped ({why_not})")
+                continue
+            if name == "loop (HF v4)" and args.skip_loop:
+                continue
+            req = [t.detach().requires_grad_() for t in leaves]
+
+            def fwd():
+                with torch.no_grad():
+                    fn(*req, ids)
+
+            def fwd_bwd():
+                fn(*req, ids).backward(dy)
+
+            try:
+                ms_f = triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median")
+                ms_fb = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=req,
+                                                return_mode="median")
+            except Exception as exc:  # a baseline that cannot run here must not hide the others
+                print(f"{name}: failed ({type(exc).__name__}: {exc})")
+                continue
+            rows[name] = (ms_f, ms_fb)
+        print(f"{'method':<16} {'fwd ms':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}   "
+              f"speed-up (other's fwd+bwd time / this one's)")
+        for name, (ms_f, ms_fb) in rows.items():
+            ratios = "  ".join(f"vs {o}: {rows[o][1] / ms_fb:.2f}x" for o in rows if o != name)
+            print(f"{name:<16} {ms_f:8.3f} {ms_fb:11.3f} {3 * flop_fwd / ms_fb / 1e9:8.1f}   {ratios}")
+        if "triton" in rows:
+            triton_ms[routing] = rows["triton"][1]
+    if "uniform" in triton_ms and "skewed" in triton_ms:
+        print(f"\ntriton skewed / uniform fwd+bwd time: {triton_ms['skewed'] / triton_ms['uniform']:.2f}x "
+              f"(target <= 1.5x)")
+    print(f"\ncorrectness: {'PASS' if all_ok else 'FAIL'}")
+    return 0 if all_ok else 1
+
+
+def _bench_moe_cpu(args, flop_fwd):
+    """No GPU: time the torch paths on CPU (fp32) so the command always works."""
+    dtype = _MOE_DTYPES[args.dtype] if args.dtype != "bf16" else torch.float32
+    T, E, k, H, I = args.tokens, args.experts, args.topk, args.hidden, args.inter
+    print(f"no CUDA device: CPU torch paths only (the Triton kernel needs a GPU for timing); "
+          f"MoE layer fwd+bwd T={T} E={E} k={k} d={H} f={I} {str(dtype).replace('torch.', '')}, "
+          f"{torch.get_num_threads()} threads")
+    leaves, ids, dy = _moe_make_inputs(T, E, k, H, I, dtype, "cpu", "uniform")
+    req = [t.detach().requires_grad_() for t in leaves]
+    rows = {}
+    for name, fn in {"loop (HF v4)": moe_loop_hf_v4, "sorted reference": moe_grouped_mlp_torch}.items():
+        def fwd_bwd():
+            for t in req:
+                t.grad = None
+            fn(*req, ids).backward(dy)
+        rows[name] = _median_ms_cpu(fwd_bwd)
+        print(f"{name:<18} fwd+bwd {rows[name]:9.2f} ms  {3 * flop_fwd / rows[name] / 1e9:7.3f} TFLOP/s")
+    print(f"sorted reference vs loop: {rows['loop (HF v4)'] / rows['sorted reference']:.2f}x")
+    return 0
+
+
+def check_moe(args):
+    """GPU correctness at realistic sizes: edge cases, bf16 + fp32, an int64-offset case, host syncs,
+    determinism. Exit status 1 on any failure."""
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.py check moe needs a CUDA device (CPU CI runs tests/test_kernels_moe.py)")
+    name = torch.cuda.get_device_properties(0).name
+    print(f"check moe on {name}, torch {torch.__version__}, triton {triton.__version__}")
+    ok = True
+    realistic = (args.tokens, args.experts, args.topk, args.hidden, args.inter)
+    edge_cases = [  # (label, T, E, k, H, I, dtype, routing)
+        ("edge: single token", 1, 8, 2, 256, 128, torch.bfloat16, "uniform"),
+        ("edge: odd sizes, zero-token experts", 37, 64, 3, 200, 72, torch.bfloat16, "uniform"),
+        ("edge: top-1, skewed routing", 300, 64, 1, 512, 256, torch.bfloat16, "skewed"),
+        ("fp32, odd sizes", 1000, 16, 4, 520, 300, torch.float32, "uniform"),
+    ]
+    _moe_pin_config(0)  # edge cases: first config of each kernel, no autotune time
+    try:
+        for label, T, E, k, H, I, dtype, routing in edge_cases:
+            leaves, ids, dy = _moe_make_inputs(T, E, k, H, I, dtype, "cuda", routing)
+            ok &= _moe_check_against_reference(leaves, ids, dy, f"{label} (T={T} E={E} k={k} d={H} f={I})")
+        leaves, ids1, dy = _moe_make_inputs(64, 4, 1, 256, 128, torch.bfloat16, "cuda")
+        ids1 = torch.zeros_like(ids1)                                    # every token on expert 0
+        ok &= _moe_check_against_reference(leaves, ids1, dy, "edge: all tokens on one expert")
+        # every GPU config of every kernel at the realistic shape (autotune may pick any of them)
+        leaves, ids, dy = _moe_make_inputs(*realistic, torch.bfloat16, "cuda", "uniform")
+        for i in range(max(len(kern.configs) for kern in _MOE_KERNELS)):
+            _moe_pin_config(i)
+            ok &= _moe_check_against_reference(leaves, ids, dy,
+                                               f"realistic uniform, config #{i} of each kernel")
+    finally:
+        _moe_pin_config(None)
+    leaves, ids, dy = _moe_make_inputs(*realistic, torch.bfloat16, "cuda", "skewed")
+    ok &= _moe_check_against_reference(leaves, ids, dy, "realistic skewed, autotuned")
+
+    # host syncs and determinism on the realistic shape (after the autotune above)
+    a = _moe_fwd_bwd(moe_grouped_mlp_triton, leaves, ids, dy)
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        b = _moe_fwd_bwd(moe_grouped_mlp_triton, leaves, ids, dy)
+        print("host syncs in triton fwd+bwd: none")
+    except RuntimeError as exc:
+        print(f"host syncs in triton fwd+bwd: FOUND ({exc})")
+        b = None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    if b is None:
+        b = _moe_fwd_bwd(moe_grouped_mlp_triton, leaves, ids, dy)
+    same = all(torch.equal(u, v) for u, v in zip(a, b))
+    print(f"bitwise deterministic over two runs: {same}")
+    ok &= same
+    del a, b, leaves, ids, dy
+    torch.cuda.empty_cache()
+
+    # int64 offsets: T*k*d > 2^31 (y_pairs / dx_pairs offsets overflow int32)
+    T, E, k, H, I = 132_000, 8, 8, 2048, 256
+    need = 40e9  # ~10 GB for the kernel, the rest for the autograd torch reference
+    free = torch.cuda.mem_get_info()[0]
+    if free < need:
+        print(f"int64 case T*k*d={T * k * H:.3g}: skipped (needs ~{need / 1e9:.0f} GB free, "
+              f"{free / 1e9:.0f} GB are)")
+    else:
+        leaves, ids, dy = _moe_make_inputs(T, E, k, H, I, torch.bfloat16, "cuda")
+        _moe_pin_config(0)  # addressing, not tiling, is under test here: skip the autotune
+        try:
+            out = _moe_fwd_bwd(moe_grouped_mlp_triton, leaves, ids, dy)
+        finally:
+            _moe_pin_config(None)
+        ref = _moe_fwd_bwd(moe_grouped_mlp_torch, leaves, ids, dy)
+        good = True
+        for name, u, v in zip(_MOE_OUT_NAMES, out, ref):
+            rel = ((u.float() - v.float()).abs().max() / v.float().abs().max()).item()
+            tail = ((u[-1].float() - v[-1].float()).abs().max() / v.float().abs().max()).item()
+            good &= rel < 3e-2 and tail < 3e-2
+            print(f"    {name:>8}: max err / max|ref| {rel:.2e} (last row {tail:.2e}) "
+                  f"vs the torch bf16 reference")
+        print(f"check int64 case T={T} k={k} d={H} (T*k*d = {T * k * H / 2 ** 31:.2f} * 2^31): "
+              f"{'PASS' if good else 'FAIL'}")
+        ok &= good
+    print(f"\ncheck moe: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+_MOE_BENCH_DEFAULTS = dict(tokens=8192, experts=64, topk=8, hidden=2048, inter=1024, dtype="bf16")
+_MOE_BENCH_DEFAULTS_CPU = dict(tokens=512, experts=8, topk=2, hidden=128, inter=256, dtype="fp32")
+
+
+def _run_bench_attention(args):
+    """`bench attention` runs the attention section's bench_attention(args) (looked up at call
+    time so this file imports whatever that section defines)."""
+    fn = globals().get("bench_attention")
+    if fn is None:
+        raise SystemExit("kernels.py bench attention: bench_attention(args) is not defined")
+    return fn(args)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="kernels.py",
+        description="Benchmarks and GPU checks of SAIL-VL2's Triton kernels (§5.1, §5.2).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="time a kernel against its baselines in one run (prints ratios)")
+    bench_sub = bench.add_subparsers(dest="kernel", required=True)
+    gpu = torch.cuda.is_available()
+    p = bench_sub.add_parser(
+        "moe", help="MoE layer fwd+bwd: Triton vs HF-v4 expert loop vs sort+torch._grouped_mm",
+        description="MoE expert SwiGLU layer forward+backward with the same inputs for every method, "
+                    "uniform and skewed routing; on GPU also a correctness line. Without a GPU, times "
+                    "the CPU torch paths (loop vs sorted reference) on a small shape.")
+    _moe_add_shape_args(p, _MOE_BENCH_DEFAULTS if gpu else _MOE_BENCH_DEFAULTS_CPU)
+    p.add_argument("--routing", default="uniform,skewed", help="comma list of uniform, skewed")
+    p.add_argument("--skip-loop", action="store_true", help="skip the (slow) per-expert loop baseline")
+    p.set_defaults(func=bench_moe)
+    # --- `bench attention`: the attention section's entry; flags are those bench_attention reads
+    p = bench_sub.add_parser(
+        "attention", help="packed varlen attention fwd+bwd against its baselines",
+        description="Packed (cu_seqlens) attention forward+backward: Triton vs its torch/flex/FA2 "
+                    "baselines on GPU; the torch variants on CPU. Sample lengths ~ U[64, 4096].")
+    p.add_argument("--total", type=int, nargs="+", default=None,
+                   help="packed tokens T per run (default on GPU: 8192 32768)")
+    p.add_argument("--heads", type=int, default=None, help="query heads H (default 16)")
+    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=None,
+                   help="kv heads for GQA (default = heads)")
+    p.add_argument("--dim", type=int, default=None, help="head dim D (default 128)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16")
+    p.add_argument("--seed", type=int, default=None, help="length sampling seed (default 0)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                   help="causal within each sample (default) or bidirectional (--no-causal)")
+    p.set_defaults(func=_run_bench_attention)
+    check = sub.add_parser("check", help="GPU correctness checks at realistic sizes")
+    check_sub = check.add_subparsers(dest="kernel", required=True)
+    p = check_sub.add_parser(
+        "moe", help="Triton MoE vs torch references: edge cases, bf16/fp32, int64 offsets, syncs",
+        description="Runs on a CUDA device; the --tokens/... flags set the 'realistic' shape.")
+    _moe_add_shape_args(p, _MOE_BENCH_DEFAULTS, with_dtype=False)
+    p.set_defaults(func=check_moe)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
