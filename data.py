@@ -1199,6 +1199,38 @@ class DataStream:
 BOXED = "\\boxed{"
 
 
+def last_boxed(text: str, max_len: int = 1000):
+    """Content of the LAST \\boxed{...} in `text` (nested braces allowed), or None. Linear time and
+    bounded: model output is untrusted, so no regex backtracking and at most `max_len` characters
+    of content are scanned."""
+    start = text.rfind(BOXED)
+    if start < 0:
+        return None
+    depth, i, begin = 1, start + len(BOXED), start + len(BOXED)
+    end = min(len(text), begin + max_len)
+    while i < end:
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:i]
+        i += 1
+    return None
+
+
+def normalize_answer(s: str) -> str:
+    """Canonical form for answer matching: trimmed, lower-case, single spaces, no surrounding $ or
+    final period; numbers in a canonical numeric form ("4.0" == "4")."""
+    s = " ".join(str(s).strip().strip("$").split()).lower().rstrip(".").strip()
+    try:
+        x = float(s.replace(",", ""))
+        return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+    except ValueError:
+        return s
+
+
 def format_longcot(obj: dict, where: str) -> dict:
     """The record with its last assistant turn in LongCoT form. Accepts a <think>-tagged assistant
     turn, or {"question", "cot", "answer"} fields. A without \\boxed{} gets "The answer is

@@ -379,6 +379,7 @@ class SAILVLConfig:
     img_context_token_id: int = 151671
     anyres: bool = False               # AnyRes variant (§2.1.2): variable-size images, interpolated pos-embed
     anyres_max_tokens: int = 16384     # the paper's budget: up to 1792×1792 at 16,384 input tokens
+    system_prompt: str = ""            # "" = the official univl-chat system prompt (data.DEFAULT_SYSTEM)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -601,6 +602,32 @@ def load_hf_llm(path: str, dtype=torch.float32, device="cpu") -> Qwen3LM:
     return lm
 
 
+def save_hf_llm(lm: Qwen3LM, path: str):
+    """Export the language model as an HF Qwen3 folder (config.json + model.safetensors) that
+    `transformers.AutoModelForCausalLM.from_pretrained` and `load_hf_llm` read. MoE experts are
+    written per expert, in the hub layout."""
+    from safetensors.torch import save_file
+    sd = {}
+    for k, v in lm.state_dict().items():
+        if k == "lm_head.weight" and lm.cfg.tie_word_embeddings:
+            continue
+        if ".experts." in k:                                             # (E, ...) -> experts.N.<proj>.weight
+            base, proj = k.rsplit(".", 1)
+            for e in range(v.shape[0]):
+                sd[f"{base}.{e}.{proj}.weight"] = v[e].detach().contiguous().cpu()
+            continue
+        sd[k] = v.detach().contiguous().cpu()
+    cfg = lm.cfg.to_dict()
+    cfg.pop("architectures", None)
+    cfg["architectures"] = ["Qwen3MoeForCausalLM" if lm.cfg.num_experts else "Qwen3ForCausalLM"]
+
+    def write(tmp):
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_dir(path, write)
+
+
 # ==============================================================================================
 # presets (paper Table 1) and the model factory
 
@@ -616,8 +643,9 @@ def preset_config(name: str) -> SAILVLConfig:
     tiny_llm = LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                          max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    # the tiny presets use a short system prompt: the official one is ~130 byte-level tokens per sample
     tiny = dict(vision_config=ViTConfig.preset("tiny"), force_image_size=112, max_dynamic_patch=4,
-                img_context_token_id=TINY_IMG_CONTEXT_ID)
+                img_context_token_id=TINY_IMG_CONTEXT_ID, system_prompt="You are UniVL, a helpful assistant.")
     presets = {
         "tiny": SAILVLConfig(llm_config=tiny_llm, **tiny),
         "tiny-moe": SAILVLConfig(llm_config=LLMConfig(**{**asdict(tiny_llm), "num_experts": 8,

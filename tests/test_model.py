@@ -375,3 +375,11 @@ def test_atomic_save_keeps_old_folder_on_failure(tmp_path):
         M.atomic_write_dir(str(target), boom)
     assert open(target / "a.txt").read() == "old"
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_tiny_preset_uses_the_default_tokenizers_image_token():
+    import data
+    tok = data.load_tokenizer(None)
+    cfg = M.preset_config("tiny")
+    assert cfg.img_context_token_id == data.special_ids(tok).img_context
+    assert cfg.llm_config.vocab_size >= tok.n_vocab
