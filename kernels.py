@@ -1027,31 +1027,44 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(gpu, interp):
-    """Autotune configs: a few sensible GPU tiles; exactly one under the interpreter (§C)."""
+def _configs(gpu16, gpu32, interp):
+    """Autotune configs: a few bf16/fp16 tiles (tensor cores) and one small fp32 tile (exact fp32
+    dots run on FMA units: the 16-bit tiles would spill and take a minute each to compile, seen in
+    sm_90 AOT builds); exactly one config under the interpreter (kernels-notes §C)."""
     if _interpreting():
         return [triton.Config(dict(interp), num_warps=4, num_stages=1)]
-    return [triton.Config(dict(kw), num_warps=w, num_stages=s) for kw, w, s in gpu]
+    configs = []
+    for fp32, table in ((False, gpu16), (True, gpu32)):
+        for kw, warps, stages in table:
+            cfg = triton.Config(dict(kw), num_warps=warps, num_stages=stages)
+            cfg.moe_fp32 = fp32  # the storage dtype this tile is for (`_moe_prune` filters on it)
+            configs.append(cfg)
+    return configs
 
 
 # Row-block kernels (K1, K2, B1, B2): BLOCK_M is fixed by the routing alignment, the rest tunes.
+# sm_90 AOT builds of every bf16 tile below: wgmma + cp.async pipelines, no register spills.
 _MOE_GATE_UP_CONFIGS = _configs(  # two (BLOCK_M, BLOCK_N) accumulators: keep BLOCK_N moderate
     [(dict(BLOCK_N=128, BLOCK_K=64), 8, 3), (dict(BLOCK_N=64, BLOCK_K=64), 4, 4),
      (dict(BLOCK_N=128, BLOCK_K=32), 8, 4)],
+    [(dict(BLOCK_N=32, BLOCK_K=32), 4, 2)],
     dict(BLOCK_N=32, BLOCK_K=32))
 _MOE_ROWS_CONFIGS = _configs(
     [(dict(BLOCK_N=128, BLOCK_K=64), 4, 4), (dict(BLOCK_N=256, BLOCK_K=64), 8, 3),
      (dict(BLOCK_N=128, BLOCK_K=64), 8, 3)],
+    [(dict(BLOCK_N=64, BLOCK_K=32), 4, 2)],
     dict(BLOCK_N=32, BLOCK_K=32))
 # B1 also reads three (BLOCK_M, BLOCK_N) tiles in its epilogue: no 256-wide tiles (register spills).
 _MOE_DOWN_BWD_CONFIGS = _configs(
-    [(dict(BLOCK_N=128, BLOCK_K=64), 8, 3), (dict(BLOCK_N=64, BLOCK_K=64), 4, 4),
-     (dict(BLOCK_N=64, BLOCK_K=128), 4, 3)],
+    [(dict(BLOCK_N=128, BLOCK_K=64), 8, 3), (dict(BLOCK_N=64, BLOCK_K=64), 8, 4),
+     (dict(BLOCK_N=64, BLOCK_K=128), 8, 3)],
+    [(dict(BLOCK_N=32, BLOCK_K=32), 4, 2)],
     dict(BLOCK_N=32, BLOCK_K=32))
 # Per-expert weight-gradient kernels (B3, B4): output tile (BLOCK_M, BLOCK_N), rows by BLOCK_K.
 _MOE_DW_CONFIGS = _configs(
     [(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3), (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), 4, 4),
      (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4, 4)],
+    [(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 2)],
     dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16))
 _MOE_GROUP_M = 8  # L2 swizzle: this many row blocks share a weight column tile before moving on
 
@@ -1060,7 +1073,9 @@ _moe_pinned_config = None  # set by `_moe_pin_config` (check moe runs every conf
 
 
 def _moe_prune(configs, named_args, **kwargs):
-    """Autotune over all configs, or only the pinned one."""
+    """The configs for this storage dtype (that of the kernel's first pointer): all, or the pinned one."""
+    fp32 = next(iter(named_args.values())).dtype == torch.float32
+    configs = [c for c in configs if getattr(c, "moe_fp32", fp32) == fp32]
     if _moe_pinned_config is None:
         return configs
     return [configs[min(_moe_pinned_config, len(configs) - 1)]]
@@ -1393,12 +1408,13 @@ def _moe_pin_config(index):
         kernel.cache.clear()
 
 
-def _moe_block_m(M: int, E: int) -> int:
-    """Rows per block (= routing alignment): ~the mean rows per expert, a power of 2 in [16, 128]."""
+def _moe_block_m(M: int, E: int, dtype) -> int:
+    """Rows per block (= routing alignment): ~the mean rows per expert, a power of 2 in [16, 128]
+    (64 for fp32, whose FMA-unit tiles are small)."""
     if _interpreting():
         return 16
     mean = max(1, M // max(E, 1))
-    return min(128, max(16, triton.next_power_of_2(mean)))
+    return min(64 if dtype == torch.float32 else 128, max(16, triton.next_power_of_2(mean)))
 
 
 def _moe_align(topk_ids, E: int, block_m: int):
@@ -1453,7 +1469,7 @@ class _MoEGroupedMLP(torch.autograd.Function):
         E, I, _ = w_gate.shape
         k = topk_ids.shape[1]
         M = T * k
-        bm = _moe_block_m(M, E)
+        bm = _moe_block_m(M, E, x.dtype)
         pair_of_row, block_expert, row_start, row_end = _moe_align(topk_ids, E, bm)
         num_m, P = block_expert.numel(), pair_of_row.numel()
         tw = topk_weights.reshape(-1).contiguous()
@@ -1818,7 +1834,8 @@ def check_moe(args):
         ok &= _moe_check_against_reference(leaves, ids1, dy, "edge: all tokens on one expert")
         # every GPU config of every kernel at the realistic shape (autotune may pick any of them)
         leaves, ids, dy = _moe_make_inputs(*realistic, torch.bfloat16, "cuda", "uniform")
-        for i in range(max(len(kern.configs) for kern in _MOE_KERNELS)):
+        for i in range(max(sum(not getattr(c, "moe_fp32", False) for c in kern.configs)
+                           for kern in _MOE_KERNELS)):
             _moe_pin_config(i)
             ok &= _moe_check_against_reference(leaves, ids, dy,
                                                f"realistic uniform, config #{i} of each kernel")
