@@ -1747,6 +1747,11 @@ def bench_moe(args):
         torch.cuda.synchronize()
         print(f"triton first call (compile + autotune): {time.perf_counter() - t0:.1f} s")
         all_ok &= _moe_check_against_reference(leaves, ids, dy, f"{routing} triton vs torch reference")
+        bm = _moe_block_m(T * k, E, dtype)
+        ms_route = triton.testing.do_bench(lambda: _moe_align(ids, E, bm), warmup=25, rep=100,
+                                           return_mode="median")
+        print(f"triton routing alone (sort + block alignment, BLOCK_M={bm}): {ms_route:.3f} ms "
+              f"(included in the layer times below)")
         why_not = _grouped_mm_unavailable(leaves[0])
         rows = {}
         for name, fn in methods.items():
