@@ -523,15 +523,21 @@ def cmd_calibrate(args):
     import model as M                                                    # lazily: model imports moe
     import data
     torch.manual_seed(args.seed)
-    sailvl = M.SAILVL.from_pretrained(args.ckpt, device=args.device).eval()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    sailvl = M.SAILVL.from_pretrained(args.ckpt, dtype=dtype, device=args.device).eval()
     has_tok = any(os.path.exists(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json"))
     tok = data.load_tokenizer(args.ckpt if has_tok else None)
-    probe = load_batches(args.data, sailvl, tok, args.max_samples, "load --data")
-    anchor = load_batches(args.text, sailvl, tok, args.max_samples, "load --text") if args.text else probe
-    # hold out the last `holdout` share of each set: the numbers printed are measured on those
+    # hold out the last `holdout` share of each manifest: the numbers printed are measured on those
     cut = lambda b: max(1, int(round(len(b) * (1 - args.holdout)))) if len(b) > 1 else len(b)  # noqa: E731
-    probe_fit, probe_eval = probe[:cut(probe)], probe[cut(probe):] or probe
-    anchor_fit, anchor_eval = anchor[:cut(anchor)], anchor[cut(anchor):] or anchor
+
+    def split(manifests, name):
+        fit, held = [], []
+        for m in manifests:
+            b = load_batches(m, sailvl, tok, args.max_samples, f"load {name} {os.path.basename(m)}")
+            fit, held = fit + b[:cut(b)], held + (b[cut(b):] or b)
+        return fit, held
+    probe_fit, probe_eval = split(args.data, "--data")
+    anchor_fit, anchor_eval = split(args.text, "--text") if args.text else (probe_fit, probe_eval)
     if not args.text:
         print("no --text given: the text tokens of --data are the anchor whose routing is kept", file=sys.stderr)
     cfg = CalibConfig(rank=args.rank, steps=args.steps, lr=args.lr, kl_weight=args.kl_weight,
@@ -566,20 +572,23 @@ def main(argv=None):
                     "entropy, max/mean load, top-k agreement and KL before/after on held-out samples, "
                     "and writes the calibrated checkpoint.")
     c.add_argument("--ckpt", required=True, help="SAIL-VL2 checkpoint folder (ours or official) with MoE layers")
-    c.add_argument("--data", required=True, help="JSONL manifest of probe samples (multimodal)")
-    c.add_argument("--text", help="JSONL manifest of text-only samples whose routing must be kept "
-                                  "(default: the text tokens of --data)")
+    c.add_argument("--data", required=True, nargs="+", help="JSONL manifest(s) of probe samples (multimodal)")
+    c.add_argument("--text", nargs="+", help="JSONL manifest(s) of text-only samples whose routing must be kept "
+                                             "(default: the text tokens of --data)")
     c.add_argument("--out", help="output folder (default: CKPT-calibrated)")
-    c.add_argument("--max-samples", type=int, default=64, help="samples read per manifest")
+    c.add_argument("--max-samples", type=int, default=64, help="samples read from each manifest")
     c.add_argument("--holdout", type=float, default=0.25, help="share of each manifest kept out of the fit")
     c.add_argument("--rank", type=int, default=CalibConfig.rank, help="directions per layer")
     c.add_argument("--steps", type=int, default=CalibConfig.steps, help="Adam steps per layer")
     c.add_argument("--lr", type=float, default=CalibConfig.lr)
     c.add_argument("--kl-weight", type=float, default=CalibConfig.kl_weight,
                    help="weight of the text-routing KL: higher keeps text routing closer")
-    c.add_argument("--temperature", type=float, default=CalibConfig.temperature, help="final soft top-k τ, relative to the logits' std")
+    c.add_argument("--temperature", type=float, default=CalibConfig.temperature,
+                   help="final soft top-k τ, relative to the logits' std")
     c.add_argument("--max-tokens", type=int, default=CalibConfig.max_tokens, help="probe tokens per set and layer")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", help="cpu | cuda")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="model weights (bfloat16 for big checkpoints on GPU); the fit itself runs in fp32")
     c.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.cmd == "calibrate":
@@ -589,4 +598,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import moe          # run as the importable module: model.py builds its blocks from `moe`, not `__main__`
+    moe.main()

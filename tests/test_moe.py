@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import model as M
@@ -302,7 +301,8 @@ def hard_entropy(h, W, k):
 def test_calibration_raises_multimodal_entropy_keeps_text():
     E, k = 8, 2
     W, tokens = skewed_router()
-    mm_fit, mm_eval, text_fit, text_eval = tokens(1000, True), tokens(1000, True), tokens(1000, False), tokens(1000, False)
+    mm_fit, mm_eval = tokens(1000, True), tokens(1000, True)
+    text_fit, text_eval = tokens(1000, False), tokens(1000, False)
     before = hard_entropy(mm_eval, W, k)
     assert before < 0.5 * math.log(E)                                   # the constructed router is collapsed
     delta = moe.fit_gate_correction(W, mm_fit, text_fit, k, moe.CalibConfig(steps=150))
@@ -415,11 +415,14 @@ def test_calibrate_cli(tmp_path, capsys):
 def test_presets():
     big = M.build_model("30b-a3b", device="meta").language_model
     c = big.cfg
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (48, 2048, 32, 4, 128)
-    assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob, c.rope_theta) == (128, 8, 768, True, 1e6)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
+        (48, 2048, 32, 4, 128)
+    assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob, c.rope_theta) == \
+        (128, 8, 768, True, 1e6)
     assert all(layer.is_moe for layer in big.model.layers) and not c.tie_word_embeddings
     total = M.count_params(big)
-    active = total - c.num_hidden_layers * (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+    active = total - c.num_hidden_layers * (c.num_experts - c.num_experts_per_tok) * per_expert
     assert 30.4e9 < total < 30.7e9 and 3.2e9 < active < 3.45e9         # Qwen3-30B-A3B: 30.5B total, 3.3B active
     tiny = M.build_model("tiny-moe")
     t = tiny.cfg.llm_config
