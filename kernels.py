@@ -1558,11 +1558,16 @@ def moe_grouped_mlp_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids):
         dtype = torch.get_autocast_dtype("cuda")
     else:
         dtype = x.dtype
+        if not (w_gate.dtype == w_up.dtype == w_down.dtype == dtype):
+            raise ValueError(f"kernels.moe_grouped_mlp: x and the expert weights must share a dtype "
+                             f"outside autocast, got x {x.dtype}, w_gate {w_gate.dtype}, "
+                             f"w_up {w_up.dtype}, w_down {w_down.dtype}")
     if x.shape[0] == 0:  # nothing routed: the reference handles the empty case
         return moe_grouped_mlp_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids)
     x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
     with torch.autocast(dev, enabled=False):  # keep autocast off the internal sums
-        return _MoEGroupedMLP.apply(x, w_gate, w_up, w_down, topk_weights, topk_ids, torch.is_grad_enabled())
+        return _MoEGroupedMLP.apply(x, w_gate, w_up, w_down, topk_weights, topk_ids,
+                                    torch.is_grad_enabled())
 
 
 def moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids):

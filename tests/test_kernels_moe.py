@@ -204,7 +204,7 @@ def test_routing_alignment_invariants(block_m):
             assert (flat[rows] == e).all()
 
 
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(monkeypatch):
     inputs, _ = make_case(*CASES["single_token"])
     x, wg, wu, wd, tw, ids = inputs
     with pytest.raises(ValueError, match="w_down must be"):
@@ -213,6 +213,9 @@ def test_bad_inputs_raise_clear_errors():
         kernels.moe_grouped_mlp(x, wg, wu, wd, tw, ids + 10)
     with pytest.raises(ValueError, match="topk_weights must have"):
         kernels.moe_grouped_mlp(x, wg, wu, wd, tw[:, :1], ids)
+    use_triton_backend(monkeypatch)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        kernels.moe_grouped_mlp(x, wg.to(torch.bfloat16), wu, wd, tw, ids)
 
 
 def test_empty_batch(monkeypatch):
