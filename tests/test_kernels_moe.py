@@ -59,7 +59,7 @@ CASES = {  # name: (T, H, I, E, k, routing)
     "topk_random_odd_sizes": (64, 48, 40, 8, 4, "random"),
     "top1_random": (45, 56, 20, 5, 1, "random"),
     "zero_token_experts": (33, 40, 24, 8, 2, "few_experts"),
-    "all_on_one_expert_top1": (50, 32, 48, 4, 1, "one_expert"),
+    "all_on_one_expert_top1": (50, 32, 64, 4, 1, "one_expert"),  # H, I multiples of BLOCK_K
     "all_on_one_expert_topk": (40, 24, 36, 4, 3, "one_expert"),
     "single_token": (1, 24, 16, 4, 2, "random"),
 }
