@@ -47,9 +47,10 @@ Benchmark: `python packing.py bench --help`.
 """
 import argparse
 import bisect
-import json
 import math
+import os
 import random
+import tempfile
 import time
 import warnings
 from collections import namedtuple
@@ -60,7 +61,6 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100          # labels with this value carry no loss (PyTorch's CE default)
-IMG_CONTEXT_ID = 151671      # SAIL-VL2's <IMG_CONTEXT> id (reference/sail-vl2-facts.md §1.6)
 WARN_LIMIT = 5               # warnings printed per kind; all occurrences are counted in stats
 
 
@@ -72,7 +72,6 @@ class PackingConfig:
     max_images_per_pack: int = 48     # tiles/images per pack: bounds the ViT batch (InternVL: 48)
     overlong: str = "truncate"        # samples > max_tokens: "truncate" or "own_pack" (see below)
     visual_packing: bool = True       # §5.1 visual packing (pack steering + rank balance)
-    visual_slack: float = 0.05        # allowed excess over a pack's visual / text token target
     micro_batches: int = 1            # packs per rank per optimizer step (gradient accumulation)
     hidden_size: int = 4096           # LLM width in the work proxy 6·H·L + L² (4096 -> verl's 24576)
     shuffle: bool = True              # seeded per-epoch shuffle of the sample order
@@ -93,8 +92,6 @@ class PackingConfig:
             raise ValueError(f"PackingConfig.overlong must be 'truncate' or 'own_pack', got {self.overlong!r}")
         if self.micro_batches < 1:
             raise ValueError(f"PackingConfig.micro_batches must be >= 1, got {self.micro_batches}")
-        if self.visual_slack < 0:
-            raise ValueError(f"PackingConfig.visual_slack must be >= 0, got {self.visual_slack}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +110,7 @@ def count_images(pixel_values) -> int:
         return 0
     if isinstance(pixel_values, torch.Tensor):
         return pixel_values.shape[0]
-    return sum(p.shape[0] for p in pixel_values)
+    return sum(p.shape[0] if p.dim() == 4 else 1 for p in pixel_values)
 
 
 def check_sample(sample, index) -> None:
@@ -131,20 +128,28 @@ def check_sample(sample, index) -> None:
         raise ValueError(f"sample {index}: 'labels' {tuple(sample['labels'].shape)} must match "
                          f"'input_ids' {tuple(sample['input_ids'].shape)}")
     pv = sample.get("pixel_values")
-    images = [pv] if isinstance(pv, torch.Tensor) else (pv if pv is not None else [])
-    if not isinstance(images, (list, tuple)) or any(
-            not isinstance(p, torch.Tensor) or p.dim() != 4 or p.shape[1] != 3 for p in images):
+    if pv is None:
+        return
+    if isinstance(pv, torch.Tensor):
+        ok = pv.dim() == 4 and pv.shape[1] == 3
+    else:
+        ok = isinstance(pv, (list, tuple)) and all(
+            isinstance(p, torch.Tensor) and ((p.dim() == 4 and p.shape[1] == 3) or (p.dim() == 3 and p.shape[0] == 3))
+            for p in pv)
+    if not ok:
         raise ValueError(f"sample {index}: 'pixel_values' must be None, a (N, 3, S, S) tensor or a "
-                         f"list of (1, 3, H, W) tensors")
+                         f"list of (1, 3, H, W) / (3, H, W) images")
 
 
 def sample_meta(sample, index: int, img_context_id: Optional[int] = None) -> SampleMeta:
-    """Metadata of one sample. Visual tokens: sample["n_visual"] if present, else the number of
-    `img_context_id` tokens, else 0 for a text-only sample (an image sample needs one of them)."""
+    """Metadata of one sample. Visual tokens: sample["n_visual"] (data.py: "n_visual_tokens") if
+    present, else the number of `img_context_id` tokens, else 0 for a text-only sample (a sample
+    with pixel_values needs one of them)."""
     check_sample(sample, index)
     n_images = count_images(sample.get("pixel_values"))
-    if sample.get("n_visual") is not None:
-        n_visual = int(sample["n_visual"])
+    given = sample.get("n_visual", sample.get("n_visual_tokens"))
+    if given is not None:
+        n_visual = int(given)
     elif img_context_id is not None:
         n_visual = int((sample["input_ids"] == img_context_id).sum())
     elif n_images == 0:
@@ -176,11 +181,11 @@ class StreamPacker:
     One pack is built at a time from the buffer (kept sorted by length):
       a. samples that waited `max_wait` packs are forced in first, oldest first (§5.1);
       b. then, repeatedly, the LARGEST sample that still fits (best-fit-decreasing for the open
-         pack), within `max_images_per_pack`; with visual packing, samples that keep the pack's
-         visual and text tokens under their budgets are preferred after the first (section 3).
+         pack), within `max_images_per_pack`; with visual packing, after the first sample, the
+         largest one that moves the pack's visual share toward the stream's is preferred (§3).
     Largest-first fills packs almost exactly, but a sample that is rarely the largest that fits
-    (short fillers; a mid-sized sample while larger ones keep arriving; a visual-heavy sample
-    when packs are at their visual budget) can wait indefinitely: forced inclusion bounds every
+    (short fillers; a mid-sized sample while larger ones keep arriving; a sample of the kind
+    the open packs do not want) can wait indefinitely: forced inclusion bounds every
     sample's wait to `max_wait` packs. The buffer turns over every buffer_size / (samples per
     pack) packs on average (~35 with the defaults at 8192 tokens), so 128 packs is ~4 turnovers.
 
@@ -271,25 +276,26 @@ class StreamPacker:
             self.seq += 1
 
     # -- building one pack ---------------------------------------------------------------------
-    def _targets(self):
-        """Visual and text token budgets of one pack (section 3): the stream's visual share."""
-        if not self.cfg.visual_packing or self.seen_visual == 0:
-            return math.inf, math.inf
-        share = self.seen_visual / max(self.seen_tokens, 1)
-        vis = share * self.cfg.max_tokens
-        grow = 1.0 + self.cfg.visual_slack
-        return vis * grow, (self.cfg.max_tokens - vis) * grow
+    def _wanted_kind(self, pack_visual: int, pack_tokens: int) -> int:
+        """Visual packing (section 3): +1 if the open pack's visual share is below the stream's
+        (prefer visual-rich samples), -1 otherwise (prefer text-rich ones), 0 for no preference.
+        Exact integer comparisons, so plans never depend on float rounding."""
+        if not self.cfg.visual_packing or self.seen_visual == 0 or pack_tokens == 0:
+            return 0
+        return 1 if pack_visual * self.seen_tokens < self.seen_visual * pack_tokens else -1
 
-    def _best_fit(self, room, img_room, vis_room, txt_room, empty):
-        """Buffer position of the largest sample that fits `room` tokens and `img_room` images,
-        preferring one that also fits the visual/text budgets; None when nothing fits."""
+    def _best_fit(self, room: int, img_room: int, want: int, empty: bool) -> Optional[int]:
+        """Buffer position of the largest sample that fits `room` tokens and `img_room` images
+        (any number of images when the pack is empty), preferring one of the `want`ed kind
+        (visual share >= the stream's for +1, <= for -1); None when nothing fits."""
         j = bisect.bisect_right(self.buffer, room, key=lambda e: e[0])
         fallback = None
         for k in range(j - 1, -1, -1):
             meta = self.buffer[k][3]
             if meta.n_images > img_room and not empty:
                 continue
-            if meta.n_visual <= vis_room and meta.n_tokens - meta.n_visual <= txt_room:
+            richer = meta.n_visual * self.seen_tokens - self.seen_visual * meta.n_tokens  # >0: more visual
+            if want == 0 or (want > 0 and richer >= 0) or (want < 0 and richer <= 0):
                 return k
             if fallback is None:
                 fallback = k
@@ -301,37 +307,33 @@ class StreamPacker:
         if not self.buffer:
             return None
         cfg, chosen = self.cfg, []
+        room, img_room, pack_visual = cfg.max_tokens, cfg.max_images_per_pack, 0
+
+        def take(k):
+            nonlocal room, img_room, pack_visual
+            entry = self.buffer.pop(k)
+            room -= entry[3].n_tokens
+            img_room -= entry[3].n_images
+            pack_visual += entry[3].n_visual
+            chosen.append(entry)
+
         if self.buffer[-1][0] > cfg.max_tokens:               # overlong="own_pack": alone
-            chosen.append(self.buffer.pop())
+            take(len(self.buffer) - 1)
         else:
-            room, img_room = cfg.max_tokens, cfg.max_images_per_pack
-            vis_room, txt_room = self._targets()
-
-            def take(k):
-                nonlocal room, img_room, vis_room, txt_room
-                entry = self.buffer.pop(k)
-                meta = entry[3]
-                room -= meta.n_tokens
-                img_room -= meta.n_images
-                vis_room -= meta.n_visual
-                txt_room -= meta.n_tokens - meta.n_visual
-                chosen.append(entry)
-
             # a. forced periodic inclusion (§5.1): samples that waited max_wait packs, oldest first
             if cfg.max_wait is not None:
                 starving = sorted((e for e in self.buffer if self.packs_emitted - e[2] >= cfg.max_wait),
                                   key=lambda e: e[1])
                 for entry in starving:
-                    meta = entry[3]
-                    if meta.n_tokens <= room and (not chosen or meta.n_images <= img_room):
+                    if entry[3].n_tokens <= room and (not chosen or entry[3].n_images <= img_room):
                         take(self.buffer.index(entry))
                         self.stats["forced"] += 1
             # b. best-fit-decreasing: the largest sample that still fits, until none does. The
-            # first sample of a pack is simply the largest (so long samples never wait); the
-            # visual/text budgets steer the choice of the samples that follow it.
+            # first sample of a pack is simply the largest (long samples never wait for a pack);
+            # then visual packing steers the pack's visual share toward the stream's.
             while True:
-                budgets = (vis_room, txt_room) if chosen else (math.inf, math.inf)
-                k = self._best_fit(room, img_room, *budgets, empty=not chosen)
+                want = self._wanted_kind(pack_visual, cfg.max_tokens - room)
+                k = self._best_fit(room, img_room, want, empty=not chosen)
                 if k is None:
                     break
                 take(k)
@@ -363,7 +365,7 @@ class StreamPacker:
 
     # -- resume --------------------------------------------------------------------------------
     _PLAN_KEYS = ("max_tokens", "buffer_size", "max_wait", "max_images_per_pack", "overlong",
-                  "visual_packing", "visual_slack", "shuffle", "seed", "epochs")
+                  "visual_packing", "shuffle", "seed", "epochs")
 
     def state_dict(self) -> dict:
         """JSON-serialisable state: the stream cursor and the buffered samples' metadata."""
@@ -438,8 +440,8 @@ def collate_pack(samples: Sequence[dict], plan: Optional[Sequence[SampleMeta]] =
     cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths), 0)
     if not images:
         pixel_values = None
-    elif any_list:                       # AnyRes: one (1, 3, H, W) entry per image, in order
-        pixel_values = [im for t in images for im in t.split(1)]
+    elif any_list:                       # AnyRes: one entry per image, in order
+        pixel_values = [im for t in images for im in (t.split(1) if t.dim() == 4 else [t])]
     else:
         sizes = {tuple(t.shape[1:]) for t in images}
         if len(sizes) > 1:
@@ -558,10 +560,11 @@ def balance_packs(plans: Sequence[Sequence[SampleMeta]], n_ranks: int, hidden_si
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. visual packing: the pack budgets live in StreamPacker._targets (each pack's visual tokens
-# steered toward the stream's visual share x max_tokens, text likewise, with `visual_slack`;
-# when no sample fits the budgets the largest that fits the pack is taken anyway, so fill comes
-# first) and the rank balance in balance_packs(visual=True). PackedLoader ties it together.
+# 3. visual packing lives in two places: StreamPacker._wanted_kind steers each pack's visual
+# share toward the stream's running share (after its first sample, it prefers the largest fitting
+# sample that is visual-richer than the stream while the pack is visual-poorer, and text-richer
+# otherwise; when none of that kind fits, the largest that fits, so fill comes first), and
+# balance_packs(visual=True) equalises visual tokens across ranks. PackedLoader ties them together.
 
 class PackedLoader:
     """Per optimizer step, this rank's `cfg.micro_batches` packed micro-batches (pack dicts).
@@ -762,36 +765,128 @@ def bench_balance(metas, cfg: PackingConfig, n_ranks: int, steps: int):
     return out
 
 
-def bench_throughput(args) -> None:
-    """Part 3: measured useful tokens/s of the tiny model on CPU, packed vs pad-to-longest.
+def load_synth_samples(synth_dir, per_family: int, seed: int = 0) -> list:
+    """`per_family` real samples from every train manifest of data.py's synthetic dataset, made for
+    the tiny preset's tiles (generated on first use by data.ensure_synth; nothing is downloaded).
+    The bench is the only place in this file that imports the project (model.py, data.py)."""
+    import data
+    import model
+    mcfg = model.preset_config("tiny")
+    dcfg = data.DataConfig(image_size=mcfg.force_image_size, max_tiles=mcfg.max_dynamic_patch)
+    tok = data.load_tokenizer(None)
+    root = data.ensure_synth(synth_dir, progress=False)
+    manifests = sorted(root.glob("*/train.jsonl"))
+    rng = random.Random(seed)
+    samples = []
+    try:
+        from tqdm import tqdm
+    except ImportError:                                    # tqdm is in requirements; be lenient
+        def tqdm(x, **_):
+            return x
+    for path in tqdm(manifests, desc="load synthetic samples"):
+        ds = data.JsonlDataset(path, tok, dcfg)
+        for i in rng.sample(range(len(ds)), min(per_family, len(ds))):
+            try:
+                sample = ds[i]
+            except data.DataError as e:
+                print(f"  skipped {e}")
+                continue
+            sample["family"], sample["weight"] = path.parent.name, len(ds)
+            samples.append(sample)
+    return samples
 
-    LEAD TO FINISH if this prints 'skipped': it needs model.build_model('tiny') and
-    data.ensure_synth(dir) (see the task brief); filled in below once they exist."""
-    print("\n[3] tokens/s of the tiny model (packed vs padded): skipped (model.py/data.py not wired yet)")
+
+def synth_stream_metas(samples, n: int, seed: int = 0) -> list:
+    """A stream of n metadata records drawn from the loaded synthetic samples, each family in
+    proportion to its manifest size (lengths within a synthetic family barely vary)."""
+    rng = random.Random(seed)
+    metas = [sample_meta(s, i) for i, s in enumerate(samples)]
+    weights = [s["weight"] / sum(1 for t in samples if t["family"] == s["family"]) for s in samples]
+    picks = rng.choices(range(len(metas)), weights=weights, k=n)
+    return [metas[j]._replace(index=k) for k, j in enumerate(picks)]
+
+
+def bench_throughput(samples, max_tokens: int, batch_size: int, repeats: int, threads: int) -> None:
+    """Part 3: useful (non-pad) tokens/s of the tiny SAILVL, forward + backward in fp32 on CPU,
+    over the same samples: pad-to-longest batches vs stream packs (cu_seqlens, per-sample
+    positions). Passes alternate so both see the same machine load; the median is reported.
+    `threads`: torch CPU threads (1 by default: on a shared machine OpenMP threads that wait on
+    each other slow both sides down several-fold and make the timing noise dominate)."""
+    import model
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = model.build_model("tiny")
+    net.train()
+    order = list(range(len(samples)))
+    random.Random(0).shuffle(order)
+    padded = [collate_padded([samples[i] for i in order[k:k + batch_size]])
+              for k in range(0, len(order), batch_size)]
+    metas = [sample_meta(samples[i], i) for i in order]
+    plans = plan_packs(metas, PackingConfig(max_tokens=max_tokens, max_images_per_pack=10 ** 6))
+    packed = [collate_pack([samples[m.index] for m in p], p) for p in plans]
+    useful = sum(s["input_ids"].numel() for s in samples)
+    computed_pad = sum(b["input_ids"].numel() for b in padded)
+    computed_pack = sum(b["input_ids"].numel() for b in packed)
+
+    def run(batches, is_packed):
+        t0 = time.perf_counter()
+        for b in batches:
+            out = net(b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
+                      position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"] if is_packed else None)
+            out.ce_sum.backward()           # summed CE: the global token mean only rescales it
+            net.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    run(padded[:1], False), run(packed[:1], True)            # warm-up
+    t_pad, t_pack = [], []
+    for _ in range(repeats):
+        t_pad.append(run(padded, False))
+        t_pack.append(run(packed, True))
+    med_pad, med_pack = sorted(t_pad)[repeats // 2], sorted(t_pack)[repeats // 2]
+    print(f"\n[3] tiny SAILVL forward+backward, fp32 CPU ({torch.get_num_threads()} threads), "
+          f"{len(samples)} synthetic samples, {useful} useful tokens, median of {repeats}")
+    print(f"{'batching':<28} {'computed tokens':>16} {'useful':>7} {'seconds':>8} {'useful tok/s':>13}")
+    print(f"{'pad-to-longest, ' + str(batch_size) + ' samples':<28} {computed_pad:>16} "
+          f"{useful / computed_pad:>7.1%} {med_pad:>8.2f} {useful / med_pad:>13,.0f}")
+    print(f"{'stream packs, ' + str(max_tokens) + ' tokens':<28} {computed_pack:>16} "
+          f"{useful / computed_pack:>7.1%} {med_pack:>8.2f} {useful / med_pack:>13,.0f}")
+    print(f"packed / padded useful tokens/s: {med_pad / med_pack:.2f}x")
 
 
 def run_bench(args) -> None:
     cfg = PackingConfig(max_tokens=args.max_tokens, buffer_size=args.buffer_size,
                         micro_batches=args.micro_batches, max_images_per_pack=args.max_images)
-    print(f"packing bench: max_tokens={cfg.max_tokens} buffer={cfg.buffer_size} "
-          f"max_images/pack={cfg.max_images_per_pack} ranks={args.ranks} micro_batches={cfg.micro_batches}")
+    synth = None
+    if not args.skip_synth:
+        synth = load_synth_samples(args.synth_dir, args.per_family, args.seed)
+    streams = {"longtail": synthetic_metas("longtail", args.samples, args.seed, cfg.max_tokens),
+               "anyres": synthetic_metas("anyres", args.samples, args.seed, cfg.max_tokens)}
+    synth_cfg = PackingConfig(**{**asdict(cfg), "max_tokens": args.synth_max_tokens})
+    if synth:
+        streams["synthetic"] = synth_stream_metas(synth, args.samples, args.seed)
+    print(f"packing bench: buffer={cfg.buffer_size} max_images/pack={cfg.max_images_per_pack} "
+          f"ranks={args.ranks} micro_batches={cfg.micro_batches}; max_tokens={cfg.max_tokens} "
+          f"(synthetic manifests: {args.synth_max_tokens}, tiny model)")
     print(f"\n[1] useful-token fraction (padding baseline: batches of {args.batch_size} samples)")
-    print(f"{'distribution':<12} {'samples':>8} {'pad random':>11} {'pad grouped':>12} "
-          f"{'stream pack':>12} {'packs':>6} {'forced':>7} {'time':>6}")
-    for kind in ("longtail", "anyres"):
-        metas = synthetic_metas(kind, args.samples, args.seed, cfg.max_tokens)
-        t0 = time.perf_counter()
-        rnd, grp, packed, stats, n_packs = bench_fill(metas, cfg, args.batch_size)
-        print(f"{kind:<12} {len(metas):>8} {rnd:>11.1%} {grp:>12.1%} {packed:>12.1%} "
-              f"{n_packs:>6} {stats['forced']:>7} {time.perf_counter() - t0:>5.1f}s")
+    print(f"{'distribution':<12} {'samples':>8} {'mean len':>9} {'pad random':>11} {'pad grouped':>12} "
+          f"{'stream pack':>12} {'packs':>6} {'forced':>7}")
+    for kind, metas in streams.items():
+        c = synth_cfg if kind == "synthetic" else cfg
+        rnd, grp, packed, stats, n_packs = bench_fill(metas, c, args.batch_size)
+        mean_len = sum(m.n_tokens for m in metas) / len(metas)
+        print(f"{kind:<12} {len(metas):>8} {mean_len:>9.0f} {rnd:>11.1%} {grp:>12.1%} {packed:>12.1%} "
+              f"{n_packs:>6} {stats['forced']:>7}")
     print(f"\n[2] per-rank balance over {args.ranks} ranks x {cfg.micro_batches} micro-batches, "
-          f"{args.steps} steps: mean (worst) max/mean")
+          f"{args.steps} steps: max/mean per step, mean (worst)")
     print(f"{'distribution':<12} {'assignment':<16} {'visual tokens':>18} {'LLM work':>10}")
-    for kind in ("longtail", "anyres"):
-        metas = synthetic_metas(kind, args.samples, args.seed + 1, cfg.max_tokens)
-        for name, (mv, wv, mw) in bench_balance(metas, cfg, args.ranks, args.steps).items():
+    for kind, metas in streams.items():
+        c = synth_cfg if kind == "synthetic" else cfg
+        for name, (mv, wv, mw) in bench_balance(metas, c, args.ranks, args.steps).items():
             print(f"{kind:<12} {name:<16} {mv:>10.3f} ({wv:.3f}) {mw:>10.3f}")
-    bench_throughput(args)
+    if synth:
+        bench_throughput(synth, args.synth_max_tokens, args.synth_batch_size, args.repeats, args.threads)
+    else:
+        print("\n[3] tokens/s of the tiny model: skipped (--skip-synth)")
 
 
 def main(argv=None):
@@ -813,6 +908,14 @@ def main(argv=None):
     b.add_argument("--micro-batches", type=int, default=4, help="packs per rank per step")
     b.add_argument("--steps", type=int, default=100, help="steps simulated for the balance part")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--synth-dir", default=os.path.join(tempfile.gettempdir(), "sailvl_synth"),
+                   help="data.py synthetic dataset folder (generated there on first use)")
+    b.add_argument("--per-family", type=int, default=8, help="synthetic samples loaded per manifest")
+    b.add_argument("--synth-max-tokens", type=int, default=2048, help="pack length for the tiny model")
+    b.add_argument("--synth-batch-size", type=int, default=8, help="pad-to-longest batch for the tiny model")
+    b.add_argument("--repeats", type=int, default=3, help="timed passes per batching (median reported)")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads for the tokens/s part")
+    b.add_argument("--skip-synth", action="store_true", help="only the length-distribution parts")
     args = parser.parse_args(argv)
     if args.cmd == "bench":
         run_bench(args)
