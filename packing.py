@@ -717,7 +717,7 @@ def synthetic_metas(kind: str, n: int, seed: int = 0, max_tokens: int = 8192) ->
     return metas
 
 
-def padding_useful_fraction(lengths: Sequence[int], batch_size: int, grouped: bool, seed: int = 0) -> float:
+def padding_useful_fraction(lengths: Sequence[int], batch_size: int, grouped: bool) -> float:
     """Useful-token fraction of pad-to-longest batches of `batch_size` samples in stream order,
     or length-grouped (LLaVA's group_by_length: sort megabatches of 50 batches, then split)."""
     lengths = list(lengths)
