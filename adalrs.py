@@ -240,6 +240,7 @@ class AdaLRS:
         self.decisions = 0          # t in lambda^t
         self.rising = 0             # back-to-back baseline windows with a significantly rising loss
         self.max_loss = -math.inf
+        self.settled = False        # alpha' reached 1 (or the LR its cap): the search stopped early
         self.finished = False       # the "search done" line was logged
         self.history = []           # one dict per decision, for tests / benchmarks / plots
         self.snapshot = None
@@ -260,7 +261,7 @@ class AdaLRS:
     @property
     def searching(self):
         """True while a trial may still start or is running."""
-        return self.phase == "trial" or self.step + self.window <= self.search_end
+        return self.phase == "trial" or (not self.settled and self.step + self.window <= self.search_end)
 
     # -- the per-step entry point --------------------------------------------------------------
     def observe(self, loss):
@@ -322,7 +323,9 @@ class AdaLRS:
         factor = up_factor(self.cfg, self.decisions)
         new_scale = min(self.lr_scale * factor, self.cfg.max_scale)
         if new_scale <= self.lr_scale:          # alpha' reached 1 or the cap: nothing left to try
-            self.losses = []
+            self.settled, self.losses = True, []
+            self._log(f"search settled (alpha' = {factor:.3g}, lr scale {self.lr_scale:.4g} of max "
+                      f"{self.cfg.max_scale:g}): no further trials")
             return
         self.snapshot = take_snapshot(self.model, self.optimizer)
         self.base_slope, self.base_err = slope, err
@@ -400,7 +403,7 @@ class AdaLRS:
             "trial_from": None if self.trial_from is None else list(self.trial_from),
             "decisions": self.decisions, "rising": self.rising,
             "max_loss": self.max_loss if math.isfinite(self.max_loss) else None,
-            "finished": self.finished, "history": [dict(h) for h in self.history],
+            "settled": self.settled, "finished": self.finished, "history": [dict(h) for h in self.history],
             "has_snapshot": self.snapshot is not None,
         }
 
@@ -436,7 +439,8 @@ class AdaLRS:
         self.trial_from = None if state["trial_from"] is None else tuple(state["trial_from"])
         self.decisions, self.rising = state["decisions"], state["rising"]
         self.max_loss = -math.inf if state["max_loss"] is None else state["max_loss"]
-        self.finished, self.history = state["finished"], [dict(h) for h in state["history"]]
+        self.settled, self.finished = state["settled"], state["finished"]
+        self.history = [dict(h) for h in state["history"]]
         self.snapshot = snapshot if state["has_snapshot"] else None
 
 
@@ -515,10 +519,10 @@ def bench_real_stage(stage="pretrain1", init_from="", keep=False):
 @dataclass
 class ToyConfig:
     steps: int = 1500
-    batch: int = 64
+    batch: int = 128
     lr: float = 2e-4          # the paper's starting LR for basic pre-training (§3.2.1)
-    feat_dim: int = 64        # frozen vision features
-    hidden: int = 64          # LLM width the adapter maps into
+    feat_dim: int = 256       # frozen vision features
+    hidden: int = 256         # LLM width the adapter maps into
     vocab: int = 256
     warmup: float = 0.03      # fraction of steps
     min_lr_frac: float = 0.1  # cosine floor, as a fraction of the peak
@@ -619,7 +623,7 @@ def bench_toy(cfg, seeds):
         diffs.append(fixed - ada)
         for line in lines:
             print("   ", line)
-        print(f"seed {seed}: fixed LR {cfg.lr:.1e} final loss {fixed:.4f} | AdaLRS -> {cfg.lr * scale:.2e} "
+        print(f"seed {seed}: fixed LR {cfg.lr:.1e} final loss {fixed:.4f} | AdaLRS peak LR -> {cfg.lr * scale:.2e} "
               f"final loss {ada:.4f} | fixed at the found LR from step 0: {found:.4f} | "
               f"fixed - AdaLRS = {fixed - ada:+.4f} ({time.perf_counter() - t0:.1f}s)")
     print(f"mean over {seeds} seeds: fixed - AdaLRS = {sum(diffs) / len(diffs):+.4f} "
@@ -639,8 +643,8 @@ def main(argv=None):
     bench.add_argument("--toy", action="store_true", help="skip the real pretrain1 stage, run only the stand-in")
     bench.add_argument("--stage", default="pretrain1", help="train_stage stage to run (default pretrain1)")
     bench.add_argument("--seeds", type=int, default=3, help="stand-in: number of seeds (default 3)")
-    bench.add_argument("--steps", type=int, default=ToyConfig.steps, help="stand-in: training steps")
-    bench.add_argument("--lr", type=float, default=ToyConfig.lr, help="stand-in: starting / fixed LR")
+    bench.add_argument("--steps", type=int, default=ToyConfig.steps, help=f"stand-in: training steps (default {ToyConfig.steps})")
+    bench.add_argument("--lr", type=float, default=ToyConfig.lr, help=f"stand-in: starting / fixed LR (default {ToyConfig.lr:g}, the paper's)")
     bench.add_argument("--init-from", default="", help="real stage: checkpoint folder both runs start from "
                                                         "(default: the previous stage's output, if any)")
     bench.add_argument("--keep", action="store_true", help="real stage: keep the two run folders")

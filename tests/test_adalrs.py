@@ -194,6 +194,14 @@ def test_no_search_outside_the_configured_fraction():
     assert not any(int(l.split()[2]) > 100 for l in logs)
 
 
+def test_search_settles_when_alpha_prime_reaches_one():
+    search, _, _, logs = make_search(decay=0.5)               # alpha' = 3, 1.5, then max(0.75, 1) = 1
+    feed(search, [10.0 - 1e-3 * i * i for i in range(40)])    # ever faster descent: every trial keeps
+    assert [h["decision"] for h in search.history] == ["keep", "keep"]
+    assert search.lr_scale == pytest.approx(4.5) and search.settled and not search.searching
+    assert sum("search settled" in l for l in logs) == 1 and sum("search done" in l for l in logs) == 1
+
+
 def test_apply_lr_scales_every_group_and_a_lambda_schedule():
     model = tiny_model()
     opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3},
@@ -436,7 +444,8 @@ FSDP_SCRIPT = textwrap.dedent("""
     out = [None, None]
     dist.all_gather_object(out, (search.history, search.lr_scale, shapes))
     assert out[0][:2] == out[1][:2], out                       # same decisions on both ranks
-    print("rank", rank, "ok", shapes)
+    print("rank", rank, "ok", shapes, flush=True)
+    dist.barrier()                                             # neither rank tears gloo down under the other
     dist.destroy_process_group()
 """)
 
