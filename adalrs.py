@@ -50,6 +50,10 @@ Integration with a trainer (see `AdaLRS.apply_lr`): the trainer sets the LR each
 the optimizer, then calls `adalrs.observe(loss)` once. Under FSDP2 every rank holds its own shard:
 the snapshot copies each rank's local shards (no gathering), and the caller must pass the SAME
 loss on every rank (the globally averaged loss, all-reduced) so all ranks take the same decision.
+
+`python adalrs.py bench` compares fixed LR with AdaLRS from the same start: on the real `pretrain1`
+stage through train_stage.run_stage when that exists (imported lazily, inside the bench only:
+the search itself imports nothing from the project), else on a self-contained stand-in.
 """
 import argparse
 import copy
