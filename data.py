@@ -72,6 +72,7 @@ class DataConfig:
     system: str = ""               # empty -> DEFAULT_SYSTEM
     max_bad_fraction: float = 0.05
     bad_check_after: int = 100     # judge the bad fraction only after this many samples
+    drop_media: bool = False       # text-only view: placeholders and media removed (lm0 learns the chat format)
 
     def __post_init__(self):
         if self.label_mode not in LABEL_MODES:
@@ -677,6 +678,9 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
                     n_visual_tokens=0, **base)
     if mode == "rl" and rec.answer is None:
         raise DataError("schema", rec.where, "label_mode 'rl' needs an 'answer' field")
+    if cfg.drop_media:
+        rec = replace(rec, images=[], videos=[],
+                      turns=[(r, PLACEHOLDER_RE.sub("", c).strip()) for r, c in rec.turns])
     turns = place_media(rec)
     if mode == "rl" and turns[-1][0] == "assistant":
         turns = turns[:-1]
@@ -1592,8 +1596,10 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
 # paper's data of that stage), its label mode and whether n-gram rebalancing is on.
 StageData = namedtuple("StageData", "mix label_mode ngram_rebalance paper")
 STAGE_DATA = {
-    "lm0": StageData({"text": 1.0}, "text", False,
-                     "ours: language pre-training of the tiny LLM (stands in for Qwen3's own pre-training)"),
+    "lm0": StageData({"text": 0.4, "caption": 0.2, "ocr": 0.1, "caption_qa": 0.1, "count": 0.1, "math_direct": 0.1},
+                     "sft", False, "ours: language pre-training of the tiny LLM (stands in for Qwen3's own "
+                     "pre-training): plain text plus the chat tasks seen text-only (DataConfig.drop_media), so the "
+                     "LLM knows the univl-chat format and the answers' language before any image"),
     "vit1": StageData({"caption": 0.6, "ocr": 0.4}, "sft", False,
                       "§2.1.1 stage I: 8M = 4.9M captions + 3.1M OCR"),
     "vit2": StageData({"caption": 0.4, "caption_qa": 0.3, "ocr": 0.3}, "sft", False,
