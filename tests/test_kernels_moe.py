@@ -206,7 +206,7 @@ def test_routing_alignment_invariants(block_m):
 
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     inputs, _ = make_case(*CASES["single_token"])
-    x, wg, wu, wd, tw, ids = inputs
+    x, wg, wu, wd, tw, ids = (t.to(DEVICE) for t in inputs)
     with pytest.raises(ValueError, match="w_down must be"):
         kernels.moe_grouped_mlp(x, wg, wu, wd.transpose(1, 2), tw, ids)
     with pytest.raises(ValueError, match="topk_ids must lie in"):
