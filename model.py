@@ -283,11 +283,13 @@ class Qwen3LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, stop_tokens=(),
-                 generator=None, on_token=None):
+                 generator=None, on_token=None, n_valid_tokens=None):
         """Batched generation with a KV cache. `prompts`: list of token-id lists (any lengths).
-        Returns the list of generated id lists (each ending at its first stop token, included)."""
+        Returns the list of generated id lists (each ending at its first stop token, included).
+        `n_valid_tokens`: the tokenizer's size when the embedding table is padded beyond it."""
         embeds = [self.model.embed_tokens(torch.tensor(p, device=self.lm_head.weight.device)) for p in prompts]
-        return generate_from_embeds(self, embeds, max_new_tokens, temperature, top_p, stop_tokens, generator, on_token)
+        return generate_from_embeds(self, embeds, max_new_tokens, temperature, top_p, stop_tokens, generator,
+                                    on_token, n_valid_tokens)
 
 
 def sample_next(logits, temperature: float, top_p: float, generator=None):
@@ -304,7 +306,7 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 
 
 def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(),
-                         generator=None, on_token=None):
+                         generator=None, on_token=None, n_valid_tokens=None):
     """The decode loop shared by Qwen3LM and SAILVL: prompts given as embeddings (L_i, H), left-padded
     into one batch; prefill once, then one token per step through the KV cache."""
     B = len(embeds)
@@ -324,6 +326,8 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     out = [[] for _ in range(B)]
     done = [False] * B
     for step in range(max_new_tokens):
+        if n_valid_tokens is not None:                                  # padded vocab rows are never sampled
+            logits[:, n_valid_tokens:] = float("-inf")
         nxt = sample_next(logits, temperature, top_p, generator)        # (B,)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
@@ -487,7 +491,7 @@ class SAILVL(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, pixel_values=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
-                 stop_tokens=(), generator=None, on_token=None):
+                 stop_tokens=(), generator=None, on_token=None, n_valid_tokens=None):
         """`prompts`: list of token-id lists whose `<IMG_CONTEXT>` slots (over all prompts, in order)
         take the visual tokens of `pixel_values`. Returns the generated id lists."""
         device = self.language_model.lm_head.weight.device
@@ -496,7 +500,7 @@ class SAILVL(nn.Module):
         x = self.embed(flat, pixel_values)[0]                            # (sum L_i, H)
         embeds = list(x.split(lens, 0))
         return generate_from_embeds(self.language_model, embeds, max_new_tokens, temperature, top_p,
-                                    stop_tokens, generator, on_token)
+                                    stop_tokens, generator, on_token, n_valid_tokens)
 
     # -- checkpoint I/O (facts §1.4) ------------------------------------------------------------
     def save_pretrained(self, path: str):

@@ -71,7 +71,8 @@ def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_ne
     gen = torch.Generator().manual_seed(seed)
     streamer = Streamer(tok, stop) if stream else None
     out = model.generate([sample["input_ids"].tolist()], sample["pixel_values"], max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, stop_tokens=stop, generator=gen, on_token=streamer)[0]
+                         temperature=temperature, top_p=top_p, stop_tokens=stop, generator=gen, on_token=streamer,
+                         n_valid_tokens=tok.n_vocab)[0]
     if out and out[-1] in stop:
         out = out[:-1]
     return tok.decode_bytes(out).decode("utf-8", errors="replace")
