@@ -873,6 +873,60 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
 
 
 # ==============================================================================================
+# benchmark: one training step of our Qwen3 vs HF transformers' Qwen3 of the same size
+
+def bench(argv):
+    """Tokens/s of one training step (forward + backward + AdamW) of the tiny preset's LLM, ours vs
+    HF transformers' Qwen3ForCausalLM with the same weights and inputs, measured in one run."""
+    ap = argparse.ArgumentParser(prog="train_stage.py bench", description=bench.__doc__)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per model (best one reported)")
+    args = ap.parse_args(argv)
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise SystemExit("train_stage.py bench compares against HF transformers: pip install -r tests/requirements.txt")
+    import tempfile
+    torch.manual_seed(0)
+    ours = M.build_model(args.preset).language_model.train()
+    with tempfile.TemporaryDirectory() as d:
+        M.save_hf_llm(ours, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+    ids = torch.randint(0, min(256, ours.cfg.vocab_size), (args.batch, args.seq))
+    labels = ids.clone()
+
+    def step_fn(m, is_hf):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+        def step():
+            logits = m(ids).logits if is_hf else m(ids)
+            ce, n = M.shifted_cross_entropy(logits, labels)
+            (ce / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(ce.detach() / n)
+        return step
+
+    runs = {"ours": step_fn(ours, False), "hf": step_fn(hf, True)}
+    first = {k: f() for k, f in runs.items()}                           # warm-up; same weights, same loss
+    best = {k: float("inf") for k in runs}
+    for _ in range(args.steps):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    tok = args.batch * args.seq
+    print(f"train step (fwd+bwd+AdamW), {args.preset} LLM ({M.count_params(ours) / 1e6:.2f}M params), batch "
+          f"{args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, best of {args.steps}")
+    print(f"  first-step loss: ours {first['ours']:.5f} | HF {first['hf']:.5f}")
+    print(f"  ours        {tok / best['ours']:10,.0f} tok/s")
+    print(f"  HF Qwen3    {tok / best['hf']:10,.0f} tok/s")
+    print(f"  ratio ours / HF {best['hf'] / best['ours']:.2f}x")
+
+
+# ==============================================================================================
 # command line
 
 NEXT = {"lm0": "vit1", "vit1": "vit2", "vit2": "vit3", "vit3": "pretrain1", "pretrain1": "pretrain2",
@@ -931,7 +985,10 @@ def run_stage(stage: str, overrides: list = (), resume: Optional[str] = None) ->
 
 
 def main(argv=None):
-    args, cfg, model_cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
+    args, cfg, model_cfg = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
     log(f"stage {cfg.stage}: {cfg.paper}")
