@@ -98,12 +98,16 @@ def _packed_attention_loop(q, k, v, bounds, causal, scale):
     """One SDPA call per sample. bounds: cu_seqlens as a Python list."""
     H, Hkv = q.shape[1], k.shape[1]
     outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e == s:
+    # split (not slicing): its backward concatenates the per-sample grads once, where each slice's
+    # backward would materialise a full-size zero tensor
+    lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    head = [bounds[0]] if bounds[0] > 0 else []
+    tail = [q.shape[0] - bounds[-1]] if bounds[-1] < q.shape[0] else []
+    parts = [t.split(head + lens + tail, 0)[len(head):len(head) + len(lens)] for t in (q, k, v)]
+    for qi, ki, vi in zip(*parts):
+        if qi.shape[0] == 0:
             continue
-        qi = q[s:e].transpose(0, 1)                          # (H, L, D)
-        ki = k[s:e].transpose(0, 1)                          # (Hkv, L, D)
-        vi = v[s:e].transpose(0, 1)
+        qi, ki, vi = qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)   # (H|Hkv, L, D)
         if Hkv != H:  # GQA: each kv head serves H // Hkv consecutive query heads
             ki = ki.repeat_interleave(H // Hkv, dim=0)
             vi = vi.repeat_interleave(H // Hkv, dim=0)

@@ -701,8 +701,9 @@ def main():
         n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
         per_expert = 3 * c.hidden_size * c.moe_intermediate_size
         active -= n_moe * (c.num_experts - c.num_experts_per_tok) * per_expert
-    print(f"vision {count_params(model.vision_model) / 1e9:.3f}B | adapter {count_params(model.mlp1) / 1e9:.3f}B | "
-          f"llm {count_params(lm) / 1e9:.3f}B (active {active / 1e9:.3f}B) | total {count_params(model) / 1e9:.3f}B")
+    n = lambda x: f"{x / 1e9:.3f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"  # noqa: E731
+    print(f"vision {n(count_params(model.vision_model))} | adapter {n(count_params(model.mlp1))} | "
+          f"llm {n(count_params(lm))} (active {n(active)}) | total {n(count_params(model))}")
 
 
 if __name__ == "__main__":
