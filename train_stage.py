@@ -719,6 +719,8 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
             kept = [ln for ln in f if resume and json.loads(ln).get("step", 0) <= step]
         write_lines_atomic(metrics_path, kept)
     metrics = open(metrics_path, "a") if rank == 0 else None
+    if cfg.eval_every and step == 0:                                     # where the held-out loss starts
+        log(f"eval {step:05d} | held-out loss {evaluate(model, eval_factory, cfg.eval_packs, device, autocast):.4f}")
     model.train()
     batches = iter(loader)
     t_last = time.time()
@@ -1024,9 +1026,11 @@ def main(argv=None):
     log(f"done: {cfg.stage} checkpoint in {out}/ (config.json, model.safetensors, meta.json, metrics.jsonl)")
     if nxt:
         tool = "rl.py" if nxt.startswith("rl-") else "train_stage.py"
-        extra = " --ckpts out/sft4 out/sft4-seed2" if nxt == "soup" else ""
-        log(f"next: torchrun {tool} --stage {nxt}{extra}    |    try it: python sample.py --ckpt {out} "
-            f"--image {os.path.join(cfg.data_dir, '<an image>.png')} --prompt 'Describe the image.'")
+        extra = (f" --ckpts {out} <a twin: --stage sft4 --seed=2 --out_dir=out-seed2 --init-from "
+                 f"{stage_dir(cfg, 'sft3')}>/sft4" if nxt == "soup" else "")
+        img = os.path.join(cfg.data_dir, "caption", "images", "eval_00000.png")
+        log(f"next: torchrun {tool} --stage {nxt}{extra}")
+        log(f"try it: python sample.py --ckpt {out} --image {img} --prompt 'Write a short caption.'")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first(synth, tmp_path):
     assert "running the short lm0 stage first" in res.stdout
     assert "init: all weights from" in res.stdout and f"{tmp_path}/lm0" in res.stdout
     assert os.path.exists(f"{tmp_path}/lm0/model.safetensors") and os.path.exists(f"{tmp_path}/vit1/model.safetensors")
-    assert "next: torchrun train_stage.py --stage vit2" in res.stdout
+    assert "next: torchrun train_stage.py --stage vit2" in res.stdout and "try it: python sample.py" in res.stdout
 
 
 def test_resume_in_the_middle_of_an_adalrs_trial_is_bit_identical(synth, tmp_path):
