@@ -234,10 +234,6 @@ def parallelize(model: M.SAILVL, device, mixed_precision: bool):
     return model
 
 
-def is_main(rank):
-    return rank == 0
-
-
 def print0(rank, *a, **k):
     if rank == 0:
         print(*a, **k, flush=True)
@@ -290,8 +286,7 @@ def build_stage_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, log) -> M.SAI
         model.language_model.load_state_dict(lm0.language_model.state_dict())
         log(f"init: language model from {stage_dir(cfg, 'lm0')} (the LLM before SAIL-ViT training, §3.2.1)")
     if cfg.init_vit:
-        import vit
-        v = vit.load_hf_vit(cfg.init_vit)
+        v = M.vit.load_hf_vit(cfg.init_vit)
         model.vision_model.load_state_dict(v.state_dict())
         log(f"init: vision encoder from {cfg.init_vit}")
     if cfg.init_llm:
@@ -794,8 +789,7 @@ def set_full_state_dict(model, sd: dict, world: int):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
     else:
-        vit_mod = sys.modules["vit"]
-        vit_mod.load_state_dict_strict(model, sd, "checkpoint")
+        M.load_state_dict_strict(model, sd, "checkpoint")
 
 
 def save_final(run_dir: str, model, model_cfg, meta: dict, rank: int, world: int):

@@ -207,3 +207,29 @@ def test_resume_in_the_middle_of_an_adalrs_trial_is_bit_identical(synth, tmp_pat
     wa = load_file(f"{tmp_path}/ref/pretrain1/model.safetensors")
     wb = load_file(f"{tmp_path}/again/pretrain1/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_init_from_hf_qwen3_and_aimv2_folders(tmp_path):
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel, Qwen3Config, Qwen3ForCausalLM
+    mcfg = M.preset_config("tiny")
+    L, V = mcfg.llm_config, mcfg.vision_config
+    torch.manual_seed(0)
+    llm = Qwen3ForCausalLM(Qwen3Config(vocab_size=L.vocab_size, hidden_size=L.hidden_size,
+                                       intermediate_size=L.intermediate_size, num_hidden_layers=L.num_hidden_layers,
+                                       num_attention_heads=L.num_attention_heads, head_dim=L.head_dim,
+                                       num_key_value_heads=L.num_key_value_heads, tie_word_embeddings=True,
+                                       rope_theta=L.rope_theta))
+    vis = Aimv2VisionModel(Aimv2VisionConfig(hidden_size=V.hidden_size, intermediate_size=V.intermediate_size,
+                                             num_hidden_layers=V.num_hidden_layers, image_size=V.image_size,
+                                             num_attention_heads=V.num_attention_heads, use_head=False))
+    llm.save_pretrained(tmp_path / "llm")
+    vis.save_pretrained(tmp_path / "vit")
+    cfg = T.stage_config("vit1")
+    T.apply_overrides({"": cfg}, [f"--out_dir={tmp_path}/out", f"--init_llm={tmp_path}/llm",
+                                  f"--init_vit={tmp_path}/vit"])
+    model = T.build_stage_model(cfg, mcfg, lambda *a: None).eval()
+    ids = torch.randint(0, 256, (1, 12))
+    pix = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert (model.language_model(ids) - llm(ids).logits).abs().max() < 1e-4
+        assert (model.vision_model(pix) - vis(pix).last_hidden_state).abs().max() < 1e-4
