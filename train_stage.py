@@ -663,16 +663,29 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         if dist.is_initialized():
             dist.barrier()
 
-    model = build_stage_model(cfg, model_cfg, log)
-    model_cfg = model.cfg
+    cuda = device.type == "cuda"
     trainable = modules_of(cfg.trainable)
-    freeze(model, trainable)
+    if world == 1:
+        model = build_stage_model(cfg, model_cfg, log)
+        model_cfg = model.cfg
+        freeze(model, trainable)
+        model.to(device)
+    else:
+        # FSDP2 (torchtitan's recipe): build on the meta device, shard, allocate only this rank's
+        # shards, then load the full weights that rank 0 alone builds (init / previous stage / HF)
+        full = build_stage_model(cfg, model_cfg, log) if rank == 0 else None
+        box = [full.cfg if full is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        model_cfg = box[0]
+        with torch.device("meta"):
+            model = M.SAILVL(model_cfg)
+        freeze(model, trainable)
+        parallelize(model, device, mixed_precision=cuda)
+        model.to_empty(device=device)
+        set_full_state_dict(model, full.state_dict() if full is not None else {}, world)
+        del full
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {M.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
-    cuda = device.type == "cuda"
-    model.to(device)
-    if world > 1:
-        parallelize(model, device, mixed_precision=cuda)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and world == 1 else \
         (lambda: torch.autocast("cpu", enabled=False))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -692,7 +705,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         if meta.get("world_size", 1) != world:
             raise CheckpointError(f"{resume} was saved by {meta['world_size']} processes, this run has {world}")
         from safetensors.torch import load_file
-        sd = load_file(os.path.join(resume, "model.safetensors"))
+        sd = load_file(os.path.join(resume, "model.safetensors")) if rank == 0 or world == 1 else {}
         set_full_state_dict(model, sd, world)
         load_local_optimizer_state(opt, torch.load(os.path.join(resume, f"optim_rank{rank}.pt"),
                                                    weights_only=True))
@@ -785,9 +798,11 @@ def gather_rng(rank: int, world: int) -> dict:
 
 
 def set_full_state_dict(model, sd: dict, world: int):
+    """Full (consolidated) weights into the model; under FSDP only rank 0 holds them and they are
+    broadcast shard by shard."""
     if world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         M.load_state_dict_strict(model, sd, "checkpoint")
 
