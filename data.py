@@ -870,6 +870,14 @@ def ita_score(img: Image.Image, text: str) -> float:
     return sum(present) / len(named)
 
 
+def manifest_lines(manifest: Path, desc: str, progress: bool):
+    """(where, line) for each non-blank line of a JSONL manifest, with a progress bar; where = 'file:line'."""
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(tqdm(lines, desc=f"{desc} {manifest.name}", disable=not progress), start=1):
+        if line.strip():
+            yield f"{manifest}:{number}", line
+
+
 def rebase_media(obj: dict, rec: Record, out_dir: Path) -> dict:
     """`obj` with its media paths rewritten relative to `out_dir` (where the new manifest goes)."""
     obj = {k: v for k, v in obj.items() if k not in ("image", "images", "video", "videos")}
@@ -891,11 +899,7 @@ def quality_filter(manifest, out, judge=heuristic_judge, min_vir: float = 0.05, 
     Kept lines gain "scores"; text-only and multi-image records pass unscored. Returns counts per outcome."""
     manifest, out = Path(manifest), Path(out)
     stats, kept = Counter(), []
-    lines = manifest.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(tqdm(lines, desc=f"filter {manifest.name}", disable=not progress), start=1):
-        if not line.strip():
-            continue
-        where = f"{manifest}:{number}"
+    for where, line in manifest_lines(manifest, "filter", progress):
         try:
             obj = json.loads(line)
             rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
@@ -1028,13 +1032,10 @@ def caption_to_qa(manifest, out, generator=template_qa, pairs: int = 1, seed: in
     `pairs` pairs drawn from generator(caption) (0 = all). Other or bad records are counted, not kept."""
     manifest, out = Path(manifest), Path(out)
     rng, stats, kept = random.Random(seed), Counter(), []
-    lines = manifest.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(tqdm(lines, desc=f"caption2qa {manifest.name}", disable=not progress), start=1):
-        if not line.strip():
-            continue
+    for where, line in manifest_lines(manifest, "caption2qa", progress):
         try:
             obj = json.loads(line)
-            rec = parse_record(obj, manifest.parent.resolve(), f"{manifest}:{number}", manifest.stem)
+            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
         except json.JSONDecodeError:
             stats["bad:json"] += 1
             continue
@@ -1275,11 +1276,7 @@ def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True,
     Returns counts per outcome, including the CoT-length histogram (log2 word buckets) before/after."""
     manifest, out = Path(manifest), Path(out)
     stats, seen, kept = Counter(), set(), []         # kept: (bucket, json line)
-    lines = manifest.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(tqdm(lines, desc=f"longcot {manifest.name}", disable=not progress), start=1):
-        if not line.strip():
-            continue
-        where = f"{manifest}:{number}"
+    for where, line in manifest_lines(manifest, "longcot", progress):
         try:
             obj = format_longcot(json.loads(line), where)
             rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)

@@ -16,7 +16,6 @@ names equal HF's (`model.layers.N.self_attn.q_proj`…) so no renaming table is 
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import tempfile

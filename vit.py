@@ -14,7 +14,6 @@ go through the trunk together as one packed row, separated by `cu_seqlens`, usin
 `kernels.packed_attention` (non-causal), so no patch attends to another image.
 """
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import torch
 
 import data
 import model as M
