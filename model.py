@@ -71,9 +71,8 @@ class LLMConfig:
                 and (i + 1) % self.decoder_sparse_step == 0)
 
     def moe_config(self) -> "moe.MoEConfig":
-        return moe.MoEConfig(hidden_size=self.hidden_size, moe_intermediate_size=self.moe_intermediate_size,
-                             num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                             norm_topk_prob=self.norm_topk_prob, router_aux_loss_coef=self.router_aux_loss_coef)
+        """The sparse block's config: MoEConfig's fields have LLMConfig's (HF's) names, so it is read off."""
+        return moe.MoEConfig(**{f.name: getattr(self, f.name) for f in fields(moe.MoEConfig)})
 
     @classmethod
     def from_dict(cls, d: dict) -> "LLMConfig":
@@ -373,7 +372,6 @@ class SAILVLConfig:
     downsample_ratio: float = 0.5
     ps_version: str = "v2"
     select_layer: int = -1
-    force_image_size: int = 448
     template: str = "univl-chat"
     dynamic_image_size: bool = True
     use_thumbnail: bool = True
@@ -381,7 +379,7 @@ class SAILVLConfig:
     max_dynamic_patch: int = 12
     img_context_token_id: int = 151671
     anyres: bool = False               # AnyRes variant (§2.1.2): variable-size images, interpolated pos-embed
-    anyres_max_tokens: int = 16384     # the paper's budget: up to 1792×1792 at 16,384 input tokens
+    anyres_max_patches: int = 16384    # ViT patches per AnyRes image: the paper's 1792×1792 at 16,384 input tokens
     system_prompt: str = ""            # "" = the official univl-chat system prompt (data.DEFAULT_SYSTEM)
 
     @property
@@ -395,26 +393,31 @@ class SAILVLConfig:
                              " (only 0.5 / v2, as SAIL-VL2)")
         if d.get("select_layer", -1) != -1:
             raise ValueError(f"unsupported: select_layer={d['select_layer']} (SAIL-VL2 uses -1, the final ViT output)")
+        vision = ViTConfig.from_dict(d["vision_config"])
+        if d.get("force_image_size", vision.image_size) != vision.image_size:   # one name for the tile size
+            raise ValueError(f"unsupported: force_image_size={d['force_image_size']} differs from "
+                             f"vision_config.image_size={vision.image_size}")
         ours = {f.name for f in fields(cls)} - {"vision_config", "llm_config"}
         kw = {k: v for k, v in d.items() if k in ours}
-        return cls(vision_config=ViTConfig.from_dict(d["vision_config"]),
-                   llm_config=LLMConfig.from_dict(d["llm_config"]), **kw)
+        return cls(vision_config=vision, llm_config=LLMConfig.from_dict(d["llm_config"]), **kw)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("vision_config", "llm_config")}
         v = asdict(self.vision_config)
         v.update(model_type="sailvit", use_bias=self.vision_config.mlp_bias, architectures=["SAILViTModel"])
         return dict(architectures=["SAILVLModel"], model_type="sailvl", vision_config=v,
-                    llm_config=self.llm_config.to_dict(), **d)
+                    llm_config=self.llm_config.to_dict(), force_image_size=self.vision_config.image_size, **d)
 
 
 class Output(NamedTuple):
-    logits: torch.Tensor
-    loss: torch.Tensor          # mean CE over target tokens (+ router_aux_loss_coef · aux for MoE)
-    ce_sum: torch.Tensor        # summed CE, for a global token mean across micro-batches and ranks
-    n_targets: torch.Tensor     # number of target tokens (labels != -100 after the shift)
-    aux_loss: torch.Tensor | None   # MoE load balancing (moe.load_balancing_loss): this rank's term, mean over ranks = global
-    router_logits: tuple | None = None  # per MoE layer (B*T, E), with grad; for moe.expert_load logging
+    """What SAILVL.forward returns, with or without labels. The loss is not made here: the training
+    step alone turns these sums into the global token mean of a step and adds the aux term
+    (train_stage.train_step), so no second, different 'loss' exists to be used by mistake."""
+    logits: torch.Tensor                 # (B, T, V)
+    ce_sum: torch.Tensor | None          # summed next-token CE over targets (labels != -100); None without labels
+    n_targets: torch.Tensor | None       # number of those targets
+    aux_loss: torch.Tensor | None        # MoE load balancing: this rank's share of the global-batch loss (moe.py)
+    router_logits: tuple | None = None   # per MoE layer (B*T, E), with grad; for moe.expert_load logging
 
 
 def shifted_cross_entropy(logits, labels):
@@ -469,24 +472,21 @@ class SAILVL(nn.Module):
         return x.masked_scatter(slots[..., None], vis.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, position_ids=None, cu_seqlens=None,
-                attention_mask=None):
-        """input_ids (B, T), pixel_values (N_tiles, 3, S, S) | list (AnyRes) | None.
-        Without labels: logits (B, T, V). With labels: an `Output` (loss = shifted CE over labels
-        != -100, plus the MoE load-balancing term when the LLM has MoE layers)."""
+                attention_mask=None) -> Output:
+        """input_ids (B, T), pixel_values (N_tiles, 3, S, S) | list (AnyRes) | None -> Output.
+        With labels (B, T) the summed shifted CE and its target count are filled in; for MoE LLMs
+        the load-balancing term (§2.2) is this rank's share (statistics averaged across ranks)."""
         x = self.embed(input_ids, pixel_values)
         h, router_logits = self.language_model.run(position_ids=position_ids, cu_seqlens=cu_seqlens,
                                                    inputs_embeds=x, attention_mask=attention_mask)
         logits = self.language_model.lm_head(h)
-        if labels is None:
-            return logits
-        ce_sum, n = shifted_cross_entropy(logits, labels)
-        loss = ce_sum / n.clamp(min=1)
-        aux = None
-        if router_logits:   # §2.2: expert-load statistics averaged across ranks when distributed
+        ce_sum = n = aux = None
+        if labels is not None:
+            ce_sum, n = shifted_cross_entropy(logits, labels)
+        if router_logits:
             c = self.cfg.llm_config
             aux = moe.load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok, attention_mask)
-            loss = loss + c.router_aux_loss_coef * aux
-        return Output(logits, loss, ce_sum, n, aux, tuple(router_logits) or None)
+        return Output(logits, ce_sum, n, aux, tuple(router_logits) or None)
 
     @torch.no_grad()
     def generate(self, prompts, pixel_values=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
@@ -504,16 +504,8 @@ class SAILVL(nn.Module):
     # -- checkpoint I/O (facts §1.4) ------------------------------------------------------------
     def save_pretrained(self, path: str):
         """config.json + model.safetensors in the official SAIL-VL2 layout, written atomically."""
-        from safetensors.torch import save_file
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.cfg.llm_config.tie_word_embeddings:
-            sd.pop("language_model.lm_head.weight", None)               # shared with embed_tokens
-
-        def write(tmp):
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(self.cfg.to_dict(), f, indent=2)
-            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_dir(path, write)
+        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        atomic_write_dir(path, lambda tmp: write_weights(tmp, sd, self.cfg))
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu") -> "SAILVL":
@@ -536,29 +528,48 @@ class SAILVL(nn.Module):
 # ==============================================================================================
 # checkpoint helpers shared by SAILVL, load_hf_llm and the trainer
 
+def write_weights(folder: str, state_dict: dict, cfg: SAILVLConfig):
+    """config.json + model.safetensors of `state_dict` into an existing folder (the one serialiser
+    of SAILVL weights: save_pretrained and the trainer's checkpoint writer both use it). A tied
+    lm_head is dropped, as the official checkpoints do."""
+    from safetensors.torch import save_file
+    sd = {k: v.contiguous() for k, v in state_dict.items()}
+    if cfg.llm_config.tie_word_embeddings:
+        sd.pop("language_model.lm_head.weight", None)                   # shared with embed_tokens
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
 def atomic_write_dir(path: str, write_fn):
     """Write a folder atomically: `write_fn(tmp)` fills a temp folder beside `path`, which then
     replaces `path` by rename; a crash leaves either the old folder or the new one, never half."""
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
     try:
         write_fn(tmp)
-        for name in os.listdir(tmp):                                     # flush file contents to disk
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: str, path: str):
+    """Flush every file of the finished folder `tmp` to disk, then rename it to `path` (an old
+    `path` is moved aside first and removed after), so `path` is always whole or absent."""
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    parent = os.path.dirname(os.path.abspath(path))
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+        os.rmdir(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
@@ -647,14 +658,14 @@ def preset_config(name: str) -> SAILVLConfig:
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                          max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     # the tiny presets use a short system prompt: the official one is ~130 byte-level tokens per sample
-    tiny = dict(vision_config=ViTConfig.preset("tiny"), force_image_size=112, max_dynamic_patch=4,
+    tiny = dict(vision_config=ViTConfig.preset("tiny"), max_dynamic_patch=4,
                 img_context_token_id=TINY_IMG_CONTEXT_ID, system_prompt="You are UniVL, a helpful assistant.")
     presets = {
         "tiny": SAILVLConfig(llm_config=tiny_llm, **tiny),
         "tiny-moe": SAILVLConfig(llm_config=LLMConfig(**{**asdict(tiny_llm), "num_experts": 8,
                                                          "num_experts_per_tok": 2, "moe_intermediate_size": 96,
                                                          "decoder_sparse_step": 1, "norm_topk_prob": True}), **tiny),
-        "tiny-anyres": SAILVLConfig(llm_config=tiny_llm, anyres=True, anyres_max_tokens=256, **tiny),
+        "tiny-anyres": SAILVLConfig(llm_config=tiny_llm, anyres=True, anyres_max_patches=1024, **tiny),
         "2b": SAILVLConfig(llm_config=qwen3_1_7b),
         "8b": SAILVLConfig(llm_config=qwen3_8b),
         "30b-a3b": SAILVLConfig(llm_config=qwen3_30b_a3b),

@@ -10,20 +10,18 @@ Reads top-down in the order of §2.2:
      (`model.LLMConfig.is_moe_layer`: `decoder_sparse_step`, `mlp_only_layers`).
   2. The load-balancing loss: "an auxiliary load-balancing loss [...] and average activation
      across ranks". Switch-style, equal to HF `load_balancing_loss_func` on one rank; with several
-     data-parallel ranks the expert-load statistics are all-reduced first, so the loss (and its
-     gradient, under the usual mean-over-ranks gradient reduction) is that of the global batch.
-  3. Expert-activation entropy: per-layer load entropy and max/mean load, for the trainer's log.
+     data-parallel ranks the expert-load statistics are all-reduced first and each rank returns its
+     share: the shares sum to the loss of the global batch (the trainer's one world-size
+     convention then makes the gradient that of the global batch, as for the CE).
+  3. Expert-activation entropy: per-layer load entropy and max/mean load (`expert_load`, one
+     summary for the trainer's log).
   4. Calibration: "data probing and automatic calibration [...] which maximizes expert activation
      entropy", which "maintains activation behavior on text-only calibration sets and significantly
      improves entropy on multimodal sets". The paper gives no procedure; ours is documented at
-     `calibrate` and run by `python moe.py calibrate --help`.
+     `calibrate`; the command line that loads a checkpoint and data for it is
+     `python train_stage.py calibrate --help` (this file imports no model or data file).
 """
-import argparse
-import json
 import math
-import os
-import shutil
-import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,12 +38,14 @@ import kernels
 
 @dataclass
 class MoEConfig:
+    """The sparse block's sizes. Field names are HF's Qwen3-MoE config names, so model.LLMConfig's
+    `moe_config()` reads them off the LLM config (the aux-loss coefficient stays there: the trainer
+    applies it once)."""
     hidden_size: int = 64
     moe_intermediate_size: int = 32
     num_experts: int = 8
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = True
-    router_aux_loss_coef: float = 0.001
 
 
 class Experts(nn.Module):
@@ -106,28 +106,14 @@ def _flat_mask(attention_mask, n_rows: int, device):
     return m
 
 
-def routing_statistics(router_logits, num_experts: int, top_k: int, attention_mask=None):
-    """Sums over all MoE layers and (unmasked) tokens, as HF `load_balancing_loss_func` forms them:
-    slot counts (E,) (no gradient: top-k is discrete), router-probability sums (E,) (with gradient)
-    and the number of rows (tokens × layers). router_logits: sequence of (N, E), one per layer."""
-    if not router_logits:
-        raise ValueError("no router logits given (the model has no MoE layer?)")
-    device = router_logits[0].device
-    counts = torch.zeros(num_experts, device=device)
-    prob_sum = torch.zeros(num_experts, device=device)
-    rows = torch.zeros((), device=device)
-    for logits in router_logits:
-        logits = logits.reshape(-1, logits.shape[-1])                   # (N, E)
-        if logits.shape[-1] != num_experts:
-            raise ValueError(f"router logits have {logits.shape[-1]} experts, expected {num_experts}")
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)      # (N, E)
-        ids = torch.topk(probs.detach(), top_k, dim=-1).indices         # (N, k), same choice as the block
-        m = _flat_mask(attention_mask, logits.shape[0], device)
-        slot_w = torch.ones_like(ids, dtype=torch.float32) if m is None else m[:, None].expand_as(ids)
-        counts = counts.index_add(0, ids.reshape(-1), slot_w.reshape(-1))
-        prob_sum = prob_sum + (probs if m is None else probs * m[:, None]).sum(0)
-        rows = rows + (logits.shape[0] if m is None else m.sum())
-    return counts, prob_sum, rows
+def slot_counts(logits, top_k: int, mask=None):
+    """Top-k slots each expert receives over one layer's rows: logits (N, E), mask (N,) float | None
+    -> counts (E,) float (no gradient: top-k is discrete), rows () (unmasked tokens)."""
+    ids = torch.topk(logits.detach(), top_k, dim=-1).indices            # (N, k); top-k of logits = of softmax
+    w = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask[:, None].expand_as(ids)
+    counts = torch.zeros(logits.shape[-1], device=logits.device).index_add_(0, ids.reshape(-1), w.reshape(-1))
+    rows = torch.tensor(float(logits.shape[0]), device=logits.device) if mask is None else mask.sum()
+    return counts, rows
 
 
 def _world_size(group=None) -> int:
@@ -145,18 +131,32 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_m
 
     Across data-parallel ranks (§2.2 "average activation across ranks"; on when `sync` and
     torch.distributed is initialised with >1 ranks in `group`): the slot counts f and the row
-    count are all-reduced (no gradient: they are discrete), and each rank returns
-    `R · E · Σ_e f_e^global · prob_sum_e^local / rows^global`. Its mean over the R ranks is exactly
-    the loss of the concatenated global batch, and so is the gradient under the mean-over-ranks
-    gradient reduction of DDP / FSDP. Every rank must call it (it is a collective)."""
-    counts, prob_sum, rows = routing_statistics(router_logits, num_experts, top_k, attention_mask)
-    R = _world_size(group) if sync else 1
-    if R > 1:
-        stats = torch.cat([counts, rows.detach().reshape(1)])           # (E+1,) one all-reduce
+    count are all-reduced (no gradient: they are discrete), and each rank returns its SHARE
+    `E · Σ_e f_e^global · prob_sum_e^local / rows^global`. The shares of all ranks sum exactly to
+    the loss of the concatenated global batch, like each rank's share of the summed CE; the trainer
+    applies the one world-size convention to both (train_stage.train_step). On one rank the share
+    is the loss. Every rank must call it (it is a collective)."""
+    if not router_logits:
+        raise ValueError("no router logits given (the model has no MoE layer?)")
+    device = router_logits[0].device
+    counts = torch.zeros(num_experts, device=device)
+    prob_sum = torch.zeros(num_experts, device=device)
+    rows = torch.zeros((), device=device)
+    for logits in router_logits:
+        logits = logits.reshape(-1, logits.shape[-1])                   # (N, E)
+        if logits.shape[-1] != num_experts:
+            raise ValueError(f"router logits have {logits.shape[-1]} experts, expected {num_experts}")
+        m = _flat_mask(attention_mask, logits.shape[0], device)
+        c, r = slot_counts(logits, top_k, m)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)      # (N, E), with gradient
+        counts, rows = counts + c, rows + r
+        prob_sum = prob_sum + (probs if m is None else probs * m[:, None]).sum(0)
+    if sync and _world_size(group) > 1:
+        stats = torch.cat([counts, rows.reshape(1)])                    # (E+1,) one all-reduce
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
         counts, rows = stats[:-1], stats[-1]
     rows = rows.clamp(min=1.0)                                          # all padding: loss 0, not NaN
-    return R * num_experts * ((counts / rows) * (prob_sum / rows)).sum()
+    return num_experts * ((counts / rows) * (prob_sum / rows)).sum()
 
 
 # ==============================================================================================
@@ -168,16 +168,15 @@ class ExpertLoad(NamedTuple):
     max_over_mean: torch.Tensor  # (L,) busiest expert's load over the mean load 1/E (1 is balanced)
     tokens: torch.Tensor         # () tokens counted per layer
 
-    def log_dict(self, prefix: str = "moe") -> dict:
-        """Floats for a logger (this reads the tensors back: call it at logging steps only)."""
+    def summary(self) -> dict:
+        """Floats for the trainer's log (this reads the tensors back: call it at logging steps):
+        mean / min entropy over layers (nats), norm_entropy = mean / log E (1 = balanced),
+        max_over_mean (mean over layers), per_layer entropies."""
         E = self.load.shape[-1]
-        ent = self.entropy.float()
-        out = {f"{prefix}/entropy_mean": ent.mean().item(), f"{prefix}/entropy_min": ent.min().item(),
-               f"{prefix}/entropy_norm": (ent.mean() / math.log(E)).item() if E > 1 else 1.0,
-               f"{prefix}/max_load_mean": self.max_over_mean.mean().item(),
-               f"{prefix}/max_load_max": self.max_over_mean.max().item()}
-        out.update({f"{prefix}/entropy_l{i}": v for i, v in enumerate(ent.tolist())})
-        return out
+        ent = self.entropy.float().tolist()
+        return {"mean_entropy": sum(ent) / len(ent), "min_entropy": min(ent),
+                "norm_entropy": sum(ent) / len(ent) / math.log(E) if E > 1 else 1.0,
+                "max_over_mean": self.max_over_mean.float().mean().item(), "per_layer": ent}
 
 
 def load_entropy(load):
@@ -190,16 +189,13 @@ def expert_load(router_logits, top_k: int, attention_mask=None, sync: bool = Fal
     """Per-layer expert load from router logits (sequence of (N, E)): top-k slot shares, their
     entropy and max/mean. Cheap (a top-k per layer, no host sync); `sync=True` all-reduces the
     counts over `group` first so every rank logs the global-batch load."""
+    if not router_logits:
+        raise ValueError("no router logits given (the model has no MoE layer?)")
     counts, n = [], None
     for logits in router_logits:
         logits = logits.reshape(-1, logits.shape[-1])
-        ids = torch.topk(logits, top_k, dim=-1).indices                 # top-k of logits = of softmax
-        m = _flat_mask(attention_mask, logits.shape[0], logits.device)
-        w = torch.ones_like(ids, dtype=torch.float32) if m is None else m[:, None].expand_as(ids)
-        counts.append(torch.zeros(logits.shape[-1], device=logits.device).index_add_(0, ids.reshape(-1), w.reshape(-1)))
-        n = torch.tensor(float(logits.shape[0]), device=logits.device) if m is None else m.sum()
-    if not counts:
-        raise ValueError("no router logits given (the model has no MoE layer?)")
+        c, n = slot_counts(logits, top_k, _flat_mask(attention_mask, logits.shape[0], logits.device))
+        counts.append(c)
     counts = torch.stack(counts)                                        # (L, E)
     if sync and _world_size(group) > 1:
         stats = torch.cat([counts.reshape(-1), n.reshape(1)])
@@ -207,17 +203,6 @@ def expert_load(router_logits, top_k: int, attention_mask=None, sync: bool = Fal
         counts, n = stats[:-1].reshape(counts.shape), stats[-1]
     load = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)         # (L, E)
     return ExpertLoad(load, load_entropy(load), load.amax(-1) * load.shape[-1], n)
-
-
-def expert_load_entropy(router_logits, top_k: int, attention_mask=None, sync: bool = False) -> dict:
-    """The trainer's per-step summary as floats: mean_entropy / min_entropy (nats over layers),
-    norm_entropy (mean / log E, 1 = balanced), max_over_mean (mean over layers), per_layer (list)."""
-    s = expert_load([z.detach() for z in router_logits], top_k, attention_mask, sync)
-    ent = s.entropy.tolist()
-    E = s.load.shape[-1]
-    return {"mean_entropy": sum(ent) / len(ent), "min_entropy": min(ent),
-            "norm_entropy": sum(ent) / len(ent) / math.log(E) if E > 1 else 1.0,
-            "max_over_mean": s.max_over_mean.mean().item(), "per_layer": ent}
 
 
 # ==============================================================================================
@@ -327,7 +312,7 @@ def moe_blocks(model) -> list:
 def _forward(model, batch):
     """One forward pass of a SAILVL (input_ids + pixel_values) or a Qwen3LM (input_ids): logits."""
     if hasattr(model, "language_model"):
-        return model(batch["input_ids"], batch.get("pixel_values"))
+        return model(batch["input_ids"], batch.get("pixel_values")).logits
     return model(batch["input_ids"])
 
 
@@ -461,142 +446,3 @@ def compare_routing(model, batches, gates_before, gates_after, key: str = "probe
         out[f"entropy_{name}"] = load_entropy(load).tolist()
         out[f"max_load_{name}"] = (load.amax(-1) * E).tolist()
     return out
-
-
-# ==============================================================================================
-# command line: python moe.py calibrate --ckpt DIR --data MANIFEST [--text MANIFEST]
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "special_tokens_map.json")
-
-
-def load_batches(manifest: str, model, tok, max_samples: int, desc: str) -> list:
-    """Samples of a JSONL manifest (data.py format) as model inputs, with two token masks:
-    `probe_mask` (every token) and `text_mask` (tokens that are not <IMG_CONTEXT>)."""
-    import data                                                           # lazily: only the CLI needs it
-    cfg = model.cfg
-    dcfg = data.DataConfig(image_size=cfg.force_image_size, patch_size=cfg.vision_config.patch_size,
-                           max_tiles=cfg.max_dynamic_patch, min_tiles=cfg.min_dynamic_patch,
-                           use_thumbnail=cfg.use_thumbnail, anyres=cfg.anyres)
-    ds = data.JsonlDataset(manifest, tok, dcfg)
-    bad = data.BadData(dcfg.max_bad_fraction, dcfg.bad_check_after)
-    device = next(model.parameters()).device
-    batches = []
-    for i in tqdm_or_list(range(len(ds)), True, desc):
-        if len(batches) >= max_samples:
-            break
-        try:
-            s = ds.load(i)
-        except data.DataError as e:
-            bad.bad(e)
-            continue
-        bad.good()
-        ids = torch.as_tensor(s["input_ids"], dtype=torch.long, device=device)[None]   # (1, T)
-        pv = s["pixel_values"]
-        if pv is not None:
-            pv = [p.to(device) for p in pv] if isinstance(pv, list) else pv.to(device)
-        batches.append(dict(input_ids=ids, pixel_values=pv, probe_mask=torch.ones_like(ids[0], dtype=torch.bool),
-                            text_mask=ids[0] != cfg.img_context_token_id))
-    bad.check()
-    if not batches:
-        raise ValueError(f"{manifest}: no usable sample ({bad.report()})")
-    return batches
-
-
-def print_report(title: str, rep: dict):
-    E_log = rep["log_E"]
-    print(f"\n{title}  ({rep['tokens']} tokens; log E = {E_log:.3f})")
-    print(f"  {'layer':>5} {'entropy before':>15} {'after':>8} {'max/mean before':>16} {'after':>8} "
-          f"{'top-k agree':>12} {'router KL':>10}")
-    for l in range(len(rep["entropy_before"])):
-        print(f"  {l:>5} {rep['entropy_before'][l]:>15.3f} {rep['entropy_after'][l]:>8.3f} "
-              f"{rep['max_load_before'][l]:>16.2f} {rep['max_load_after'][l]:>8.2f} "
-              f"{rep['topk_agreement'][l]:>12.3f} {rep['router_kl'][l]:>10.4f}")
-    mean = lambda xs: sum(xs) / len(xs)                                  # noqa: E731
-    print(f"  {'mean':>5} {mean(rep['entropy_before']):>15.3f} {mean(rep['entropy_after']):>8.3f} "
-          f"{mean(rep['max_load_before']):>16.2f} {mean(rep['max_load_after']):>8.2f} "
-          f"{mean(rep['topk_agreement']):>12.3f} {mean(rep['router_kl']):>10.4f}   next-token KL "
-          f"{rep['next_token_kl']:.5f}")
-
-
-def cmd_calibrate(args):
-    import model as M                                                    # lazily: model imports moe
-    import data
-    torch.manual_seed(args.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    sailvl = M.SAILVL.from_pretrained(args.ckpt, dtype=dtype, device=args.device).eval()
-    has_tok = any(os.path.exists(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json"))
-    tok = data.load_tokenizer(args.ckpt if has_tok else None)
-    # hold out the last `holdout` share of each manifest: the numbers printed are measured on those
-    cut = lambda b: max(1, int(round(len(b) * (1 - args.holdout)))) if len(b) > 1 else len(b)  # noqa: E731
-
-    def split(manifests, name):
-        fit, held = [], []
-        for m in manifests:
-            b = load_batches(m, sailvl, tok, args.max_samples, f"load {name} {os.path.basename(m)}")
-            fit, held = fit + b[:cut(b)], held + (b[cut(b):] or b)
-        return fit, held
-    probe_fit, probe_eval = split(args.data, "--data")
-    anchor_fit, anchor_eval = split(args.text, "--text") if args.text else (probe_fit, probe_eval)
-    if not args.text:
-        print("no --text given: the text tokens of --data are the anchor whose routing is kept", file=sys.stderr)
-    cfg = CalibConfig(rank=args.rank, steps=args.steps, lr=args.lr, kl_weight=args.kl_weight,
-                      temperature=args.temperature, max_tokens=args.max_tokens)
-    blocks = moe_blocks(sailvl)
-    before = [b.gate.weight.detach().clone() for b in blocks]
-    calibrate(sailvl, probe_fit, anchor_fit, cfg)
-    after = [b.gate.weight.detach().clone() for b in blocks]
-    rep_mm = compare_routing(sailvl, probe_eval, before, after, "probe_mask")
-    rep_text = compare_routing(sailvl, anchor_eval, before, after, "text_mask")
-    print_report(f"--data held-out ({len(probe_eval)} samples), all tokens", rep_mm)
-    print_report(f"{'--text' if args.text else '--data text tokens'} held-out ({len(anchor_eval)} samples)", rep_text)
-    out = args.out or args.ckpt.rstrip("/") + "-calibrated"
-    sailvl.save_pretrained(out)
-    for f in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(args.ckpt, f)):
-            shutil.copy(os.path.join(args.ckpt, f), os.path.join(out, f))
-    with open(os.path.join(out, "calibration.json"), "w") as f:
-        json.dump({"config": vars(args), "multimodal": rep_mm, "text": rep_text}, f, indent=2)
-    print(f"\ncalibrated checkpoint written to {out} (gate weights changed in place; HF-compatible)")
-    return rep_mm, rep_text
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="MoE tools of SAIL-VL2 (§2.2).")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser(
-        "calibrate", help="expert-activation-entropy calibration of a MoE checkpoint",
-        description="Probe the router inputs of each MoE layer on --data (multimodal) and --text (text-only), "
-                    "then fold a low-rank correction into each gate weight that raises the expert-load "
-                    "entropy of --data while keeping text routing (see moe.calibrate). Prints load "
-                    "entropy, max/mean load, top-k agreement and KL before/after on held-out samples, "
-                    "and writes the calibrated checkpoint.")
-    c.add_argument("--ckpt", required=True, help="SAIL-VL2 checkpoint folder (ours or official) with MoE layers")
-    c.add_argument("--data", required=True, nargs="+", help="JSONL manifest(s) of probe samples (multimodal)")
-    c.add_argument("--text", nargs="+", help="JSONL manifest(s) of text-only samples whose routing must be kept "
-                                             "(default: the text tokens of --data)")
-    c.add_argument("--out", help="output folder (default: CKPT-calibrated)")
-    c.add_argument("--max-samples", type=int, default=64, help="samples read from each manifest")
-    c.add_argument("--holdout", type=float, default=0.25, help="share of each manifest kept out of the fit")
-    c.add_argument("--rank", type=int, default=CalibConfig.rank, help="directions per layer")
-    c.add_argument("--steps", type=int, default=CalibConfig.steps, help="Adam steps per layer")
-    c.add_argument("--lr", type=float, default=CalibConfig.lr)
-    c.add_argument("--kl-weight", type=float, default=CalibConfig.kl_weight,
-                   help="weight of the text-routing KL: higher keeps text routing closer")
-    c.add_argument("--temperature", type=float, default=CalibConfig.temperature,
-                   help="final soft top-k τ, relative to the logits' std")
-    c.add_argument("--max-tokens", type=int, default=CalibConfig.max_tokens, help="probe tokens per set and layer")
-    c.add_argument("--device", default="cpu", help="cpu | cuda")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="model weights (bfloat16 for big checkpoints on GPU); the fit itself runs in fp32")
-    c.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.cmd == "calibrate":
-        if not 0 <= args.holdout < 1:
-            ap.error("--holdout must be in [0, 1)")
-        cmd_calibrate(args)
-
-
-if __name__ == "__main__":
-    import moe          # run as the importable module: model.py builds its blocks from `moe`, not `__main__`
-    moe.main()

@@ -3,6 +3,7 @@ and Aimv2VisionModel, and the official pixel-shuffle op sequence written out lit
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -191,13 +192,13 @@ def test_sailvl_matches_hf_composition(official):
     ids[1, 9:13] = IMG_CTX
     want = reference_forward(vis, llm, mlp1, ids, pix)
     with torch.no_grad():
-        got = ours(ids, pix)
+        got = ours(ids, pix).logits
     assert (got - want).abs().max() < 1e-4
     # our own save -> load round trip is exact, and keeps the official key names
     ours.save_pretrained(path + "-ours")
     again = M.SAILVL.from_pretrained(path + "-ours").eval()
     with torch.no_grad():
-        assert torch.equal(again(ids, pix), got)
+        assert torch.equal(again(ids, pix).logits, got)
     from safetensors import safe_open
     keys = set(safe_open(path + "-ours/model.safetensors", "pt").keys())
     assert "vision_model.trunk.blocks.0.attn.qkv.weight" in keys and "mlp1.3.bias" in keys
@@ -214,7 +215,8 @@ def test_loss_is_shifted_ce_over_labels(official):
     lg = out.logits
     terms = [torch.log_softmax(lg[b, t - 1], -1)[ids[b, t]] for b in range(2) for t in range(4, 9)]
     want = -torch.stack(terms).mean()
-    assert abs(out.loss.item() - want.item()) < 1e-5 and out.n_targets.item() == 10
+    assert out.n_targets.item() == 10 and abs((out.ce_sum / out.n_targets).item() - want.item()) < 1e-5
+    assert m(ids).ce_sum is None and m(ids).aux_loss is None               # one return type; no labels, no CE
 
 
 def test_image_token_count_mismatch_names_both_counts(official):
@@ -288,14 +290,45 @@ def test_anyres_native_size_equals_fixed_and_packed_equals_separate():
     assert (got - want).abs().max() < 1e-6
 
 
-def test_sailvl_anyres_images_give_their_own_token_counts():
+def shuffle_by_definition(f, h, w):
+    """(h*w, C) patch features (row-major) -> (h/2 * w/2, 4C): token (i, j) is the concatenation of
+    f(2i,2j), f(2i,2j+1), f(2i+1,2j), f(2i+1,2j+1), written out with loops (the official v2 order,
+    see test_pixel_shuffle_matches_official_ops), for any h != w."""
+    g = f.reshape(h, w, -1)
+    return torch.stack([torch.cat([g[2 * i, 2 * j], g[2 * i, 2 * j + 1], g[2 * i + 1, 2 * j], g[2 * i + 1, 2 * j + 1]])
+                        for i in range(h // 2) for j in range(w // 2)])
+
+
+def test_sailvl_anyres_equals_an_independent_composition():
+    """Several AnyRes images of different sizes (h != w) in one sample: each image alone through
+    the ViT, shuffled by the definition, through mlp1, its tokens written into ITS placeholders;
+    the LLM on those embeddings gives the logits SAILVL gives."""
+    torch.manual_seed(0)
     m = M.build_model("tiny-anyres").eval()
-    ctx = m.cfg.img_context_token_id
-    imgs = [torch.randn(3, 112, 112), torch.randn(3, 56, 168)]     # 16 and 2*6=12 tokens
-    ids = torch.tensor([[1, 2] + [ctx] * 16 + [3] + [ctx] * 12 + [4]])
+    with torch.no_grad():                                       # a non-trivial adapter LayerNorm
+        m.mlp1[0].weight.add_(0.3 * torch.randn_like(m.mlp1[0].weight))
+    ctx, p = m.cfg.img_context_token_id, m.cfg.vision_config.patch_size
+    imgs = [torch.randn(3, 112, 112), torch.randn(3, 56, 168), torch.randn(3, 84, 28)]   # 16, 2x6=12, 3x1=3 tokens
+    n_tok = [(x.shape[1] // p // 2) * (x.shape[2] // p // 2) for x in imgs]
+    assert n_tok == [16, 12, 3]
+    ids = torch.tensor([[1, 2] + [ctx] * 16 + [3] + [ctx] * 12 + [4, 5] + [ctx] * 3 + [6]])
     with torch.no_grad():
-        out = m(ids, imgs)
-    assert out.shape == (1, 32, m.cfg.llm_config.vocab_size)
+        got = m(ids, imgs).logits
+        emb = m.language_model.model.embed_tokens(ids).clone()
+        slots = (ids[0] == ctx).nonzero().flatten().tolist()
+        start = 0
+        for x, n in zip(imgs, n_tok):
+            h, w = x.shape[1] // p, x.shape[2] // p
+            f = m.vision_model(x[None])[0]                          # this image alone, (h*w, C)
+            v = m.mlp1(shuffle_by_definition(f, h, w))              # (n, H)
+            emb[0, slots[start:start + n]] = v
+            start += n
+        want = m.language_model(inputs_embeds=emb)
+    assert (got - want).abs().max() < 1e-5
+    with torch.no_grad():                                       # not vacuous: the images' order matters
+        other = m(torch.tensor([[1, 2] + [ctx] * 12 + [3] + [ctx] * 16 + [4, 5] + [ctx] * 3 + [6]]),
+                  [imgs[1], imgs[0], imgs[2]]).logits
+    assert (other[0, -1] - got[0, -1]).abs().max() > 1e-3
 
 
 # --- generation -------------------------------------------------------------------------------------
@@ -340,6 +373,19 @@ def test_sampling_is_seeded_and_top_p_restricts_support():
     b = [M.sample_next(logits, 2.0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
     assert a == b
 
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
+def test_sampling_temperature_divides_the_logits(T):
+    """Sampled frequencies on a fixed distribution against softmax(logits / T), computed by hand
+    (exp and normalise in numpy); 20,000 draws, so each frequency is within ~4 standard errors."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    n = 20_000
+    g = torch.Generator().manual_seed(0)
+    draws = M.sample_next(logits.expand(n, 4), T, 1.0, g)
+    freq = np.bincount(draws.numpy(), minlength=4) / n
+    e = np.exp(np.array([2.0, 1.0, 0.0, -1.0]) / T)
+    want = e / e.sum()
+    assert np.all(np.abs(freq - want) < 4 * np.sqrt(want * (1 - want) / n) + 1e-3), (freq, want)
+
 
 def test_sailvl_generate_with_images_matches_recompute():
     m = M.build_model("tiny").eval()
@@ -350,7 +396,7 @@ def test_sailvl_generate_with_images_matches_recompute():
     ids = list(prompt)
     for _ in range(6):
         with torch.no_grad():
-            ids.append(m(torch.tensor([ids]), pix)[0, -1].argmax().item())
+            ids.append(m(torch.tensor([ids]), pix).logits[0, -1].argmax().item())
     assert got == ids[len(prompt):]
 
 
