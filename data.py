@@ -20,6 +20,7 @@ where no loss is taken. Every bad input raises `DataError` naming file and line;
 count such samples and stop when too many are bad. Nothing here downloads anything.
 """
 import argparse
+import base64
 import json
 import math
 import os
@@ -55,15 +56,17 @@ class TooMuchBadData(RuntimeError):
 
 @dataclass
 class DataConfig:
-    """How samples are turned into tensors. Defaults are the official SAIL-VL2-2B values."""
-    image_size: int = 448          # tile side (official 448; the tiny preset uses 112)
+    """How samples are turned into tensors. Defaults are the official SAIL-VL2-2B values; a model's
+    own geometry comes from `DataConfig.from_model(model_cfg)` (one name per concept, as in the
+    model config: image_size, patch_size, downsample_ratio, anyres_max_patches)."""
+    image_size: int = 448          # tile side = vision_config.image_size (official 448; the tiny preset 112)
     patch_size: int = 14           # ViT patch side
-    downsample: int = 2            # pixel shuffle merges downsample x downsample patches into one token
+    downsample_ratio: float = 0.5  # pixel shuffle: 1/ratio x 1/ratio patches become one visual token
     min_tiles: int = 1
     max_tiles: int = 12            # config.json max_dynamic_patch (the processor file says 10)
     use_thumbnail: bool = True
     anyres: bool = False           # AnyRes variant (§2.1.2): one variable-size image instead of tiles
-    anyres_max_patches: int = 16384  # 1792x1792 at patch 14, the paper's maximum
+    anyres_max_patches: int = 16384  # ViT patches per image: 1792x1792 at patch 14, the paper's maximum
     anyres_min_patches: int = 16
     num_frames: int = 16           # frames sampled per video (unverified for SAIL-VL2: InternVL-style)
     max_len: int = 8192            # longer samples are bad input (reason 'too_long')
@@ -79,14 +82,30 @@ class DataConfig:
             raise ValueError(f"DataConfig.label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
         if self.think not in ("auto", "on", "off"):
             raise ValueError(f"DataConfig.think must be auto, on or off, got {self.think!r}")
-        if self.image_size % (self.patch_size * self.downsample):
-            raise ValueError(f"DataConfig.image_size {self.image_size} must be a multiple of patch_size x downsample "
-                             f"= {self.patch_size * self.downsample}")
+        if self.image_size % (self.patch_size * self.merge):
+            raise ValueError(f"DataConfig.image_size {self.image_size} must be a multiple of patch_size / "
+                             f"downsample_ratio = {self.patch_size * self.merge}")
+
+    @classmethod
+    def from_model(cls, m, **overrides) -> "DataConfig":
+        """The data geometry a model was built for (`m`: a model.SAILVLConfig; read by attribute, so
+        data.py needs no import of model.py), then `overrides` (max_len, label_mode, ...)."""
+        geometry = dict(image_size=m.vision_config.image_size, patch_size=m.vision_config.patch_size,
+                        downsample_ratio=m.downsample_ratio, min_tiles=m.min_dynamic_patch,
+                        max_tiles=m.max_dynamic_patch, use_thumbnail=m.use_thumbnail, anyres=m.anyres,
+                        anyres_max_patches=m.anyres_max_patches, system=m.system_prompt,
+                        max_len=m.llm_config.max_position_embeddings)
+        return cls(**{**geometry, **overrides})
+
+    @property
+    def merge(self) -> int:
+        """Patches merged per side by the pixel shuffle: 1 / downsample_ratio (2 for SAIL-VL2)."""
+        return round(1 / self.downsample_ratio)
 
     @property
     def tokens_per_tile(self) -> int:
         """Visual tokens per tile after pixel shuffle: (448/14)^2/4 = 256; (112/14)^2/4 = 16."""
-        return (self.image_size // self.patch_size // self.downsample) ** 2
+        return (self.image_size // self.patch_size // self.merge) ** 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,11 +448,11 @@ def tile_image(img: Image.Image, max_tiles: int = 12, min_tiles: int = 1, image_
     return tiles
 
 
-def anyres_size(width: int, height: int, patch_size: int = 14, merge: int = 2,
+def anyres_size(width: int, height: int, patch_size: int = 14, downsample_ratio: float = 0.5,
                 max_patches: int = 16384, min_patches: int = 16) -> tuple:
-    """(W, H) for AnyRes: aspect kept, both sides multiples of patch_size*merge (so the pixel shuffle
-    divides the patch grid), patch count within [min_patches, max_patches]."""
-    f = patch_size * merge
+    """(W, H) for AnyRes: aspect kept, both sides multiples of patch_size / downsample_ratio (so the
+    pixel shuffle divides the patch grid), patch count within [min_patches, max_patches]."""
+    f = patch_size * round(1 / downsample_ratio)
     w, h = max(f, round(width / f) * f), max(f, round(height / f) * f)
     if (w // patch_size) * (h // patch_size) > max_patches:
         scale = math.sqrt(width * height / (max_patches * patch_size * patch_size))
@@ -458,16 +477,16 @@ def open_image(path, where: str = None) -> Image.Image:
 
 
 def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_size: int = 448,
-               use_thumbnail: bool = True, anyres: bool = False, patch_size: int = 14, merge: int = 2,
+               use_thumbnail: bool = True, anyres: bool = False, patch_size: int = 14, downsample_ratio: float = 0.5,
                max_patches: int = 16384, min_patches: int = 16, where: str = None):
     """(pixel_values, n_tiles) of an image path or PIL image.
 
     Tiled (official): pixel_values (N, 3, S, S), N = tiles (+ thumbnail when N > 1), float32,
-    ImageNet-normalised. AnyRes: (1, 3, H, W) with H, W multiples of patch_size*merge, n_tiles = 1.
+    ImageNet-normalised. AnyRes: (1, 3, H, W) with H, W multiples of patch_size / downsample_ratio, n_tiles = 1.
     """
     img = path_or_image.convert("RGB") if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
     if anyres:
-        size = anyres_size(img.width, img.height, patch_size, merge, max_patches, min_patches)
+        size = anyres_size(img.width, img.height, patch_size, downsample_ratio, max_patches, min_patches)
         return to_pixels([img.resize(size, Image.BICUBIC)]), 1
     tiles = tile_image(img, max_tiles, min_tiles, image_size, use_thumbnail)
     return to_pixels(tiles), len(tiles)
@@ -643,9 +662,9 @@ def load_media(rec: Record, turns: list, cfg: DataConfig, training: bool = False
     for m in PLACEHOLDER_RE.finditer("\0".join(c for _, c in turns)):
         if m.group(0) == IMAGE:
             pv, n = load_image(next(images), cfg.max_tiles, cfg.min_tiles, cfg.image_size, cfg.use_thumbnail,
-                               cfg.anyres, cfg.patch_size, cfg.downsample, cfg.anyres_max_patches,
+                               cfg.anyres, cfg.patch_size, cfg.downsample_ratio, cfg.anyres_max_patches,
                                cfg.anyres_min_patches, where=rec.where)
-            grid = cfg.patch_size * cfg.downsample
+            grid = cfg.patch_size * cfg.merge
             pixels.append(pv), tiles.append(n)
             tokens.append((pv.shape[-2] // grid) * (pv.shape[-1] // grid) if cfg.anyres else n * cfg.tokens_per_tile)
         else:
@@ -724,10 +743,13 @@ def prompt_inputs(tok: tiktoken.Encoding, cfg: DataConfig, question, images=(), 
 
 
 class BadData:
-    """Counts bad samples by reason, reports them, and stops when too large a fraction is bad."""
+    """Counts bad samples by reason, reports the first `show_first` (one line each, with file and
+    line), and stops when too large a fraction is bad. Callers count each sample once."""
 
-    def __init__(self, max_fraction: float = 0.05, check_after: int = 100, show_first: int = 5):
+    def __init__(self, max_fraction: float = 0.05, check_after: int = 100, show_first: int = 20,
+                 show: bool = True):
         self.max_fraction, self.check_after, self.show_first = max_fraction, check_after, show_first
+        self.show = show
         self.seen, self.counts = 0, Counter()
 
     def good(self):
@@ -736,8 +758,10 @@ class BadData:
     def bad(self, err: DataError):
         self.seen += 1
         self.counts[err.reason] += 1
-        if sum(self.counts.values()) <= self.show_first:
-            print(f"[data] skipping bad sample ({err.reason}): {err}", file=sys.stderr)
+        n = sum(self.counts.values())
+        if self.show and n <= self.show_first:
+            more = " (further bad samples are only counted)" if n == self.show_first else ""
+            print(f"[data] skipping bad sample ({err.reason}): {err}{more}", file=sys.stderr)
         if self.seen >= self.check_after:
             self.check()
 
@@ -1107,20 +1131,25 @@ def diversity(texts: list, weights=None, n: int = 3, seed: int = 0) -> dict:
     return {"distinct": len(counts) / total, "entropy": float(-(q * np.log2(q)).sum())}
 
 
-class DataStream:
-    """An endless, deterministic, resumable stream of samples from a weighted mixture of manifests.
+class Mixture:
+    """A stage's weighted mixture of manifests, read as one endless, deterministic stream (§3.2.2).
 
-    The order is a pure function of (seed, epoch): epoch e draws epoch_size (default: all samples)
-    manifest choices in proportion to `weights`, then per manifest either successive permutations
-    (each sample once per pass) or, with n-gram rebalancing, draws in proportion to ngram_weights.
-    Rank r of world_size takes plan positions r, r + world_size, ... . `state_dict()` after k
-    samples resumes at sample k + 1 exactly. Bad samples are skipped, counted (BadData) and still
-    advance the position, so a resumed run skips the same ones.
+    Global index g = manifest offset + line. `order(epoch)` is a pure function of (seed, epoch):
+    epoch e draws epoch_size (default: all samples) manifest choices in proportion to `weights`
+    (dataset-level resampling, step 1), then per manifest either successive permutations (each
+    sample once per pass) or, with n-gram rebalancing (step 2), draws in proportion to
+    `ngram_weights`. The stream visits position k = (epoch, pos) of those orders in turn; `load(k)`
+    decodes that visit with its own generator, so training-time video frame jitter differs per
+    visit yet is the same on every rank and after a resume. `next()` returns the next usable
+    (k, sample): a bad sample is reported once with file and line, counted once per sample (not
+    per visit) in `bad`, and skipped; the run stops when too large a fraction of the distinct
+    samples seen is bad. `state_dict()` is the cursor and those counts (JSON), for exact resume.
+    Every rank reads the same global stream (packing decides which rank trains which sample).
     """
 
     def __init__(self, sources: list, tok: tiktoken.Encoding, cfg: DataConfig = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, training: bool = True, ngram_rebalance: bool = False,
-                 epoch_size: int = None, verbose: bool = True):
+                 training: bool = True, ngram_rebalance: bool = False, epoch_size: int = None,
+                 verbose: bool = True):
         self.cfg = cfg or DataConfig()
         sources = [(s, 1.0) if isinstance(s, (str, Path)) else s for s in sources]
         self.datasets = [JsonlDataset(p, tok, self.cfg, training) for p, _ in sources]
@@ -1131,14 +1160,19 @@ class DataStream:
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {w.tolist()}")
         self.weights = w / w.sum()
-        self.seed, self.rank, self.world_size, self.training = seed, rank, world_size, training
-        self.epoch_size = epoch_size or sum(len(ds) for ds in self.datasets)
+        self.offsets = np.cumsum([0] + [len(ds) for ds in self.datasets])
+        self.seed, self.training = seed, training
+        self.epoch_size = epoch_size or int(self.offsets[-1])
         self.sample_weights = [None] * len(self.datasets)
         if ngram_rebalance:
             self.sample_weights = [self._rebalance(ds, verbose) for ds in self.datasets]
-        self.pos = 0                  # samples this rank has consumed
-        self.bad = BadData(self.cfg.max_bad_fraction, self.cfg.bad_check_after)
+        self.bad = BadData(self.cfg.max_bad_fraction, self.cfg.bad_check_after, show=verbose)
+        self.status = np.zeros(len(self), dtype=np.uint8)      # per sample: 0 unseen, 1 good, 2 bad
+        self.epoch, self.pos, self.valid_in_epoch = 0, 0, 0    # the cursor: next visit is order(epoch)[pos]
         self._plan = (None, None)
+
+    def __len__(self):
+        return int(self.offsets[-1])
 
     @staticmethod
     def _rebalance(ds: JsonlDataset, verbose: bool) -> np.ndarray:
@@ -1150,8 +1184,8 @@ class DataStream:
                   f"{after['distinct']:.3f}, 3-gram entropy {before['entropy']:.2f} -> {after['entropy']:.2f} bits")
         return w / w.sum()
 
-    def plan(self, epoch: int) -> tuple:
-        """(manifest index, sample index) arrays for one epoch: a pure function of (seed, epoch)."""
+    def order(self, epoch: int) -> np.ndarray:
+        """Global sample indices of one epoch, in visiting order: a pure function of (seed, epoch)."""
         if self._plan[0] == epoch:
             return self._plan[1]
         rng = np.random.default_rng([self.seed, epoch])
@@ -1166,34 +1200,66 @@ class DataStream:
                 idx[at] = np.concatenate(perms)[:len(at)]
             else:
                 idx[at] = rng.choice(len(ds), size=len(at), p=self.sample_weights[s])
-        self._plan = (epoch, (src, idx))
-        return src, idx
+        self._plan = (epoch, self.offsets[src] + idx)
+        return self._plan[1]
 
-    def __iter__(self):
+    def sample_index(self, k: int) -> int:
+        """The global sample index g that stream position k visits."""
+        epoch, pos = divmod(int(k), self.epoch_size)
+        return int(self.order(epoch)[pos])
+
+    def load(self, k: int) -> dict:
+        """The sample at stream position k (raises DataError for a bad one)."""
+        g = self.sample_index(k)
+        s = int(np.searchsorted(self.offsets, g, side="right") - 1)
+        return self.datasets[s].load(g - int(self.offsets[s]), np.random.default_rng([self.seed, k, 1]))
+
+    def next(self) -> tuple:
+        """(k, sample) of the next usable visit; advances the cursor past bad samples."""
         while True:
-            k = self.pos * self.world_size + self.rank            # global plan position
-            epoch, offset = divmod(k, self.epoch_size)
-            src, idx = self.plan(epoch)
-            s, i = int(src[offset]), int(idx[offset])
+            if self.pos >= self.epoch_size:
+                self.bad.check()                             # every sample was seen: judge even a small set
+                if self.valid_in_epoch == 0:
+                    raise TooMuchBadData(f"epoch {self.epoch} of the data had no usable sample: {self.bad.report()}")
+                self.epoch, self.pos, self.valid_in_epoch = self.epoch + 1, 0, 0
+            k = self.epoch * self.epoch_size + self.pos
             self.pos += 1
+            g = self.sample_index(k)
             try:
-                sample = self.datasets[s].load(i, np.random.default_rng([self.seed, k, 1]))
+                sample = self.load(k)
             except DataError as e:
-                self.bad.bad(e)
+                if self.status[g] == 0:                      # report and count each bad sample once
+                    self.status[g] = 2
+                    self.bad.bad(e)
                 continue
-            self.bad.good()
-            yield sample
+            if self.status[g] == 0:
+                self.status[g] = 1
+                self.bad.good()
+            self.valid_in_epoch += 1
+            return k, sample
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "bad": self.bad.state_dict()}
+        return {"epoch": self.epoch, "pos": self.pos, "valid_in_epoch": self.valid_in_epoch, "seed": self.seed,
+                "n_samples": len(self), "bad": self.bad.state_dict(),
+                "good_bits": _pack_bits(self.status == 1), "bad_bits": _pack_bits(self.status == 2)}
 
     def load_state_dict(self, state: dict):
-        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
-            raise ValueError(f"data state was saved with seed {state['seed']} / world_size {state['world_size']}, "
-                             f"this stream has {self.seed} / {self.world_size}: exact resume is impossible")
-        self.pos = state["pos"]
+        if (state["seed"], state["n_samples"]) != (self.seed, len(self)):
+            raise ValueError(f"data state was saved with seed {state['seed']} over {state['n_samples']} samples, "
+                             f"this mixture has seed {self.seed} over {len(self)}: exact resume is impossible")
+        self.epoch, self.pos, self.valid_in_epoch = state["epoch"], state["pos"], state["valid_in_epoch"]
         self.bad.load_state_dict(state["bad"])
+        good, bad = _unpack_bits(state["good_bits"], len(self)), _unpack_bits(state["bad_bits"], len(self))
+        self.status = np.where(good, 1, np.where(bad, 2, 0)).astype(np.uint8)
+
+
+def _pack_bits(flags: np.ndarray) -> str:
+    """A bool array as base64 text (one bit per sample: 8 MB of JSON for 64M samples)."""
+    return base64.b64encode(np.packbits(flags).tobytes()).decode()
+
+
+def _unpack_bits(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1587,54 +1653,6 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
         raise ValueError(f"{out} holds synthetic data v{have['version']} seed {have['seed']} size {have['size']}; "
                          f"asked for v{SYNTH_VERSION} seed {seed} size {size}: delete it or use another folder")
     return out
-
-
-# Which synthetic task families each training stage mixes, with what weights (the stand-in for the
-# paper's data of that stage), its label mode and whether n-gram rebalancing is on.
-StageData = namedtuple("StageData", "mix label_mode ngram_rebalance paper")
-STAGE_DATA = {
-    "lm0": StageData({"text": 0.4, "caption": 0.2, "ocr": 0.1, "caption_qa": 0.1, "count": 0.1, "math_direct": 0.1},
-                     "sft", False, "ours: language pre-training of the tiny LLM (stands in for Qwen3's own "
-                     "pre-training): plain text plus the chat tasks seen text-only (DataConfig.drop_media), so the "
-                     "LLM knows the univl-chat format and the answers' language before any image"),
-    "vit1": StageData({"caption": 0.6, "ocr": 0.4}, "sft", False,
-                      "§2.1.1 stage I: 8M = 4.9M captions + 3.1M OCR"),
-    "vit2": StageData({"caption": 0.4, "caption_qa": 0.3, "ocr": 0.3}, "sft", False,
-                      "§2.1.1 stage II, Table 3: SAIL-Caption2, Caption2-QA, VQA"),
-    "vit3": StageData({"caption": 0.3, "caption_qa": 0.3, "ocr": 0.2, "count": 0.1, "chart": 0.1}, "sft", False,
-                      "§2.1.1 stage III: 36.5M multimodal (caption, Caption2-QA, VQA)"),
-    "pretrain1": StageData({"caption": 0.5, "ocr": 0.25, "chart": 0.15, "text": 0.1}, "sft", False,
-                           "§3.2.1 basic pre-training: captions, chart captions, OCR; 'Pareto' text (Table 3)"),
-    "pretrain2": StageData({"caption": 0.2, "caption_qa": 0.15, "ocr": 0.15, "count": 0.15, "chart": 0.15,
-                            "math_direct": 0.1, "text": 0.1}, "sft", True,
-                           "§3.2.1 multi-task: half visual understanding, half instructions incl. text math; "
-                           "§3.2.2 n-gram rebalancing"),
-    "sft1": StageData({"caption_qa": 0.3, "count": 0.2, "ocr": 0.2, "chart": 0.2, "multi": 0.1}, "sft", False,
-                      "§4.2.1 phase 1: general instructions (Infinity-MM stage 2)"),
-    "sft2": StageData({"caption": 0.1, "caption_qa": 0.15, "ocr": 0.15, "chart": 0.15, "count": 0.15,
-                       "multi": 0.15, "math_direct": 0.15}, "sft", False, "§4.2.1 phase 2: SAIL-Instruction2"),
-    "sft3": StageData({"chart": 0.25, "count_cot": 0.25, "multi": 0.2, "math": 0.3}, "sft", False,
-                      "§4.2.1 phase 3: hard subsets (LLaVA-CoT, MMPR, Condor)"),
-    "sft4": StageData({"video": 0.5, "caption_qa": 0.1, "ocr": 0.1, "chart": 0.1, "count": 0.1, "multi": 0.1},
-                      "sft", False, "§4.2.1 phase 4: image:video 1:1"),
-    "longcot": StageData({"math": 0.6, "count_cot": 0.4}, "longcot", False,
-                         "§4.2.2: <think>…</think> + \\boxed{} chains, loss on T∘A"),
-    "thinkfusion": StageData({"caption_qa": 1.5, "ocr": 1.5, "chart": 1.5, "count": 1.5, "math_direct": 2.0,
-                              "multi": 1.0, "math": 0.5, "count_cot": 0.5}, "thinkfusion", False,
-                             "§4.2.4: 900K direct + 100K CoT (direct:CoT 9:1)"),
-    "rl-verifiable": StageData({"math": 0.4, "count": 0.3, "ocr": 0.15, "chart": 0.15}, "rl", False,
-                               "§4.2.3: math, counting, OCR... with checkable answers"),
-    "rl-mixed": StageData({"math": 0.25, "count": 0.15, "chart": 0.15, "ocr": 0.1, "caption_qa": 0.15,
-                           "multi": 0.1, "video": 0.1}, "rl", False,
-                          "§4.2.5: hard cases + general (LLaVA-OneVision) samples, mixed rewards"),
-}
-
-
-def stage_sources(stage: str, synth_dir, split: str = "train") -> list:
-    """[(manifest path, weight)] of a stage's synthetic mix (see STAGE_DATA)."""
-    if stage not in STAGE_DATA:
-        raise ValueError(f"no data mix for stage {stage!r}; known: {list(STAGE_DATA)}")
-    return [(str(Path(synth_dir) / family / f"{split}.jsonl"), w) for family, w in STAGE_DATA[stage].mix.items()]
 
 
 # ----------------------------------------------------------------------------------------------

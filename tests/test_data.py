@@ -351,9 +351,24 @@ def test_tile_pixels_equal_direct_crop_resize_normalise():
     torch.testing.assert_close(pv[-1], norm(img.resize((112, 112), Image.BICUBIC)), atol=1e-5, rtol=0)
 
 
+def test_tiles_are_row_major_on_a_3x2_grid():
+    """A grid with several rows AND columns, so row-major and column-major orders differ: tile k
+    is row k // cols, column k % cols of the resized image (the official crop loop)."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (224, 336, 3), dtype=np.uint8))      # W=336, H=224: 3 x 2
+    pv, n = data.load_image(img, max_tiles=6, image_size=112, use_thumbnail=False)
+    cols, rows = official_grid(336, 224, 1, 6, 112)
+    assert (cols, rows) == (3, 2) and n == 6
+    crops = data.to_pixels([img.resize((336, 224), Image.BICUBIC).crop((c * 112, r * 112, (c + 1) * 112, (r + 1) * 112))
+                            for r in range(rows) for c in range(cols)])
+    torch.testing.assert_close(pv, crops, atol=1e-6, rtol=0)
+    column_major = crops.reshape(rows, cols, 3, 112, 112).transpose(0, 1).reshape(6, 3, 112, 112)
+    assert (pv - column_major).abs().max() > 0.1                    # the test can tell the two orders apart
+
+
 def test_anyres_sizes_and_sample(tmp_path):
     for w, h in [(1000, 700), (5000, 300), (50, 40), (1792, 1792), (3000, 3000)]:
-        W, H = data.anyres_size(w, h, 14, 2, max_patches=16384, min_patches=16)
+        W, H = data.anyres_size(w, h, 14, 0.5, max_patches=16384, min_patches=16)
         assert W % 28 == 0 and H % 28 == 0 and 16 <= (W // 14) * (H // 14) <= 16384
         if 28 * 4 < min(w, h) and max(w, h) <= 1792:
             assert abs((W / H) / (w / h) - 1) < 0.1
@@ -452,9 +467,9 @@ def test_bad_input_counts_exact(tmp_path):
     good = list(ds.scan(bad, progress=False))
     assert len(good) == 12 and dict(bad.counts) == expected and bad.seen == len(ds) == 12 + sum(expected.values())
     # the stream, one epoch of a single manifest: every line once, same counts
-    stream = data.DataStream([path], tok, DataConfig(image_size=112, max_len=300, max_bad_fraction=1.0), seed=3)
-    it = iter(stream)
-    got = [next(it) for _ in range(12)]
+    stream = data.Mixture([path], tok, DataConfig(image_size=112, max_len=300, max_bad_fraction=1.0), seed=3,
+                          verbose=False)
+    got = [stream.next()[1] for _ in range(12)]
     assert stream.pos == len(ds) and dict(stream.bad.counts) == expected
     assert sorted(s["source"] for s in got) == sorted(s["source"] for s in good)
     # every error names file and line
@@ -473,10 +488,31 @@ def test_bad_input_counts_exact(tmp_path):
 def test_too_much_bad_data_stops(tmp_path):
     path, expected = salted_manifest(tmp_path)
     cfg = DataConfig(image_size=112, max_len=300, max_bad_fraction=0.2, bad_check_after=10)
-    stream = data.DataStream([path], data.load_tokenizer(None), cfg)
+    stream = data.Mixture([path], data.load_tokenizer(None), cfg, verbose=False)
     with pytest.raises(data.TooMuchBadData, match="max_bad_fraction"):
-        for _ in zip(range(100), stream):
-            pass
+        for _ in range(100):
+            stream.next()
+
+
+def test_each_bad_sample_is_reported_and_counted_once_over_many_passes(tmp_path, capsys):
+    path, expected = salted_manifest(tmp_path)
+    n = 12 + sum(expected.values())
+    cfg = DataConfig(image_size=112, max_len=300, max_bad_fraction=1.0, bad_check_after=1000)
+    stream = data.Mixture([path], data.load_tokenizer(None), cfg, seed=1)
+    for _ in range(12 * 3):                                      # three passes over the manifest
+        stream.next()
+    assert stream.epoch == 2 and stream.bad.seen == n                # distinct samples, not visits
+    assert dict(stream.bad.counts) == expected
+    reported = [ln for ln in capsys.readouterr().err.splitlines() if "skipping bad sample" in ln]
+    assert len(reported) == sum(expected.values()) == len(set(reported))   # once each, not once per pass
+    # the counts survive a resume: a second pass after a restore reports nothing new
+    state = json.loads(json.dumps(stream.state_dict()))
+    again = data.Mixture([path], data.load_tokenizer(None), cfg, seed=1)
+    again.load_state_dict(state)
+    for _ in range(12):
+        again.next()
+    assert not [ln for ln in capsys.readouterr().err.splitlines() if "skipping bad sample" in ln]
+    assert again.bad.seen == n and dict(again.bad.counts) == expected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,38 +526,76 @@ def synth_dir(tmp_path_factory):
 TINY = dict(image_size=112, max_tiles=4, num_frames=4)
 
 
-def test_stream_resume_and_ranks(synth_dir):
+def synth_sources(synth_dir, mix, split="train"):
+    return [(str(synth_dir / family / f"{split}.jsonl"), w) for family, w in mix]
+
+
+SFT4_MIX = (("video", 0.5), ("caption_qa", 0.1), ("ocr", 0.1), ("chart", 0.1), ("count", 0.1), ("multi", 0.1))
+
+
+def test_stream_resume_is_exact(synth_dir):
     tok, cfg = data.load_tokenizer(None), DataConfig(**TINY)
-    sources = data.stage_sources("sft4", synth_dir)
-    a = data.DataStream(sources, tok, cfg, seed=5)
-    it = iter(a)
-    first = [next(it) for _ in range(6)]
+    sources = synth_sources(synth_dir, SFT4_MIX)
+    a = data.Mixture(sources, tok, cfg, seed=5, verbose=False)
+    first = [a.next() for _ in range(6)]
     state = json.loads(json.dumps(a.state_dict()))
-    rest = [next(it) for _ in range(6)]
-    b = data.DataStream(sources, tok, cfg, seed=5)
+    rest = [a.next() for _ in range(6)]
+    b = data.Mixture(sources, tok, cfg, seed=5, verbose=False)
     b.load_state_dict(state)
-    again = [s for _, s in zip(range(6), b)]
-    for x, y in zip(rest, again):
-        assert x["source"] == y["source"] and torch.equal(x["input_ids"], y["input_ids"])
+    again = [b.next() for _ in range(6)]
+    for (kx, x), (ky, y) in zip(rest, again):
+        assert kx == ky and x["source"] == y["source"] and torch.equal(x["input_ids"], y["input_ids"])
         assert (x["pixel_values"] is None) == (y["pixel_values"] is None)
         if x["pixel_values"] is not None:
             assert torch.equal(x["pixel_values"], y["pixel_values"])     # video frames too (training rng)
-    ranks = [data.DataStream(sources, tok, cfg, seed=5, rank=r, world_size=2) for r in range(2)]
-    r0, r1 = ([s["source"] for _, s in zip(range(6), st)] for st in ranks)
-    assert [s["source"] for s in first + rest] == [x for pair in zip(r0, r1) for x in pair]
+    assert [k for k, _ in first + rest] == list(range(12))
     with pytest.raises(ValueError, match="exact resume"):
-        ranks[0].load_state_dict(state)
+        data.Mixture(sources, tok, cfg, seed=6, verbose=False).load_state_dict(state)
 
 
 def test_stream_mixture_weights(synth_dir):
     tok = data.load_tokenizer(None)
     sources = [(str(synth_dir / "caption" / "train.jsonl"), 3.0), (str(synth_dir / "ocr" / "train.jsonl"), 1.0)]
-    stream = data.DataStream(sources, tok, DataConfig(**TINY), seed=0, epoch_size=4000)
-    src, idx = stream.plan(0)
-    assert abs((src == 0).mean() - 0.75) < 0.03
-    assert all(np.bincount(idx[src == s][:16], minlength=16).max() == 1 for s in (0, 1))   # permutation: no repeats
-    assert np.array_equal(stream.plan(1)[0], data.DataStream(sources, tok, DataConfig(**TINY), seed=0,
-                                                             epoch_size=4000).plan(1)[0])
+    stream = data.Mixture(sources, tok, DataConfig(**TINY), seed=0, epoch_size=4000, verbose=False)
+    order = stream.order(0)
+    n_caption = len(stream.datasets[0])
+    assert abs((order < n_caption).mean() - 0.75) < 0.03
+    for part in (order[order < n_caption][:n_caption], order[order >= n_caption][:16]):
+        assert np.bincount(part).max() == 1                                 # permutation: no repeats
+    assert np.array_equal(stream.order(1), data.Mixture(sources, tok, DataConfig(**TINY), seed=0,
+                                                        epoch_size=4000, verbose=False).order(1))
+
+
+def test_training_video_jitter_varies_the_frames_and_evaluation_does_not(synth_dir):
+    """Training samples frames at random within each segment, per visit of the stream; evaluation
+    takes every segment's middle frame. Reference: the frames decoded directly with PyAV."""
+    tok = data.load_tokenizer(None)
+    path = str(synth_dir / "video" / "train.jsonl")
+    cfg = DataConfig(image_size=112, num_frames=4)
+    with av.open(str(synth_dir / "video" / data.JsonlDataset(path, tok, cfg).record(0).videos[0])) as c:
+        decoded = [data.to_array(f.to_image().resize((112, 112), Image.BICUBIC)) for f in c.decode(video=0)]
+    n = len(synth_dir.joinpath("video/train.jsonl").read_text().splitlines())
+
+    def frames_used(training, visits):
+        stream = data.Mixture([path], tok, cfg, seed=0, training=training, verbose=False)
+        out = []
+        for k in visits:                               # the same sample (index 0) at several visits
+            assert stream.sample_index(k) == stream.order(k // n)[k % n]
+            pv = stream.load(k)["pixel_values"]
+            out.append(tuple(int(np.argmin([np.abs(f - pv[j].numpy()).mean() for f in decoded]))
+                             for j in range(pv.shape[0])))
+        return out
+    visits = [k for e in range(6) for k in range(e * n, (e + 1) * n)
+              if data.Mixture([path], tok, cfg, seed=0, verbose=False).sample_index(k) == 0]
+    assert len(visits) == 6
+    train = frames_used(True, visits)
+    assert len(set(train)) > 1                                   # the chosen frames vary across visits
+    edges = np.linspace(0, len(decoded), 5)
+    for chosen in train:                                         # ... within their segments
+        assert all(int(edges[j]) <= f < max(int(edges[j]) + 1, int(edges[j + 1])) for j, f in enumerate(chosen))
+    evals = frames_used(False, visits)
+    assert len(set(evals)) == 1                                  # evaluation: always the middle frames
+    assert evals[0] == tuple((int(edges[j]) + max(int(edges[j]) + 1, int(edges[j + 1])) - 1) // 2 for j in range(4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,12 +620,26 @@ def test_ngram_rebalancing_raises_diversity():
     assert after["entropy"] > before["entropy"] + 0.5 and after["distinct"] > before["distinct"]
 
 
-def test_stream_with_ngram_rebalancing(synth_dir, capsys):
-    stream = data.DataStream(data.stage_sources("pretrain2", synth_dir), data.load_tokenizer(None),
-                             DataConfig(**TINY), ngram_rebalance=data.STAGE_DATA["pretrain2"].ngram_rebalance)
-    assert "distinct-3" in capsys.readouterr().out
-    assert all(w is not None and abs(w.sum() - 1) < 1e-9 for w in stream.sample_weights)
-    assert len([s for _, s in zip(range(5), stream)]) == 5
+def test_ngram_rebalancing_changes_what_the_stream_samples_in_the_stated_direction(tmp_path, capsys):
+    """A manifest of 80 copies of one caption phrasing and 20 rare phrasings: with rebalancing the
+    stream draws the rare samples far more often than their 20% share, without it at that share."""
+    rng = random.Random(0)
+    lines = [json.dumps({"text": "a red circle at the top left."}) for _ in range(80)]
+    lines += [json.dumps({"text": f"the {rng.choice(['tiny', 'big', 'odd'])} {w} sits near the {v} corner."})
+              for w, v in zip(["fox", "owl", "cat", "bee", "elk", "ant", "cod", "yak", "emu", "gnu"] * 2,
+                              ["north", "south", "east", "west"] * 5)]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    tok, cfg = data.load_tokenizer(None), DataConfig(label_mode="text")
+
+    def rare_share(ngram):
+        stream = data.Mixture([str(tmp_path / "m.jsonl")], tok, cfg, seed=0, ngram_rebalance=ngram,
+                              epoch_size=5000)
+        return float((stream.order(0) >= 80).mean())
+    plain, rebalanced = rare_share(False), rare_share(True)
+    assert "distinct-3" in capsys.readouterr().out                  # the effect is reported
+    assert abs(plain - 0.2) < 0.02
+    w = data.ngram_weights([json.loads(x)["text"] for x in lines])
+    assert rebalanced == pytest.approx(w[80:].sum() / w.sum(), abs=0.02) and rebalanced > 0.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,16 +676,6 @@ def test_synth_every_sample_loads(synth_dir):
             assert len(samples) == n == len(ds) and not bad.counts, (family, split)
             if family not in ("caption", "text"):
                 assert all(s["answer"] for s in samples)
-    for stage, spec in data.STAGE_DATA.items():           # every stage's mix names existing families
-        assert set(spec.mix) <= set(data.SYNTH_FAMILIES) and spec.label_mode in data.LABEL_MODES, stage
-        ds = data.JsonlDataset(data.stage_sources(stage, synth_dir)[0][0], tok,
-                               DataConfig(**TINY, label_mode=spec.label_mode))
-        assert ds[0]["input_ids"].numel() > 0
-    w = data.STAGE_DATA["thinkfusion"].mix
-    assert sum(v for k, v in w.items() if k in ("math", "count_cot")) * 9 == pytest.approx(
-        sum(v for k, v in w.items() if k not in ("math", "count_cot")))
-    sft4 = data.STAGE_DATA["sft4"].mix
-    assert sft4["video"] == pytest.approx(sum(sft4.values()) - sft4["video"])
 
 
 # ----------------------------------------------------------------------------------------------
