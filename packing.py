@@ -9,26 +9,27 @@ The paper reports +50% training speed from packing and a further +48% from visua
 
 The file reads in that order:
 
-  1. Stream packing      `StreamPacker`: an online buffer of sample metadata, best-fit-decreasing
-                         fill toward `max_tokens`, forced inclusion of samples that waited
-                         `max_wait` packs, a stated rule for samples longer than `max_tokens`,
-                         a cap on images per pack, seeded order, `state_dict()` for exact resume.
-                         `collate_pack` turns a plan into tensors (layout below).
+  1. Stream packing      `StreamPacker`: an online buffer of the sample metadata it is given
+                         (`push`), best-fit-decreasing fill toward `max_tokens` (`pop`), forced
+                         inclusion of samples that waited `max_wait` packs, a stated rule for
+                         samples longer than `max_tokens`, a cap on images per pack, and
+                         `state_dict()` for exact resume. `collate_pack` turns a plan into
+                         tensors (layout below).
   2. Balanced ranks      `balance_packs`: the packs of one optimizer step are split so that each
                          rank gets the same number of micro-batches and about the same work
                          (`pack_work`: 6·H·L + L² per sample, the verl FLOP proxy).
   3. Visual packing      the packer steers each pack's visual share toward the stream's, and
                          `balance_packs` balances visual tokens per rank as a second objective.
-                         `PackedLoader` ties 1-3 together for a training loop.
-  4. Loss normalisation  `count_loss_tokens`, `global_loss_tokens`, `micro_batch_loss`: a global
-                         token mean that is the same however samples are packed, split into
-                         micro-batches, accumulated or sharded across ranks.
+
+This file imports no project file: it packs what it is given (token, visual-token and image
+counts; tensors). The sample order is data.py's, the loss normalisation is the training step's
+(train_stage.train_step), and train_stage.StageBatches composes data -> packing each step.
 
 Why every rank plans the same global stream: packing decisions only need metadata (token,
 visual-token and image counts per sample), so every rank runs the identical deterministic
 planner over the global sample order, assigns the step's packs to ranks with `balance_packs`,
-and then loads only its own samples. Balancing is exact, no communication is needed, and the
-planner state is a few integers per buffered sample (JSON, saved in `meta.json`).
+and then collates only its own samples. Balancing is exact, no communication is needed, and the
+planner state is a few integers per buffered sample (JSON, saved with each checkpoint).
 
 Layout of one pack (the model computes the loss of logits[i] against labels[i+1]):
 
@@ -41,24 +42,21 @@ Layout of one pack (the model computes the loss of logits[i] against labels[i+1]
   max_seqlen   int             longest sample in the pack
   pixel_values (N, 3, S, S) | list of (1, 3, H, W) | None   the samples' tiles in order
   n_images     (n,) long       tiles/images per sample;  n_visual (n,) long visual tokens
-  sample_ids   list[int]       dataset indices;  sources  list[str] (sample["source"] or "")
+  sample_ids   list[int]       the samples' indices (stream positions in training);  sources  list[str] (sample["source"] or "")
 
 Benchmark: `python packing.py bench --help`.
 """
 import argparse
 import bisect
+import itertools
 import math
-import os
 import random
-import tempfile
-import time
 import warnings
 from collections import namedtuple
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100          # labels with this value carry no loss (PyTorch's CE default)
 WARN_LIMIT = 5               # warnings printed per kind; all occurrences are counted in stats
@@ -66,18 +64,15 @@ WARN_LIMIT = 5               # warnings printed per kind; all occurrences are co
 
 @dataclass
 class PackingConfig:
+    """The packer's knobs; defaults are the paper-scale ones (the trainer's tiny stages set their
+    own, reachable as --packing.key=value)."""
     max_tokens: int = 8192            # pack length (paper: 8192 in pre-training/SFT, 16384, 20480)
+    micro_batches: int = 1            # packs per rank per optimizer step (gradient accumulation)
     buffer_size: int = 256            # candidate samples held by the node buffer
     max_wait: Optional[int] = 128     # packs a sample may wait before forced inclusion; None: never
     max_images_per_pack: int = 48     # tiles/images per pack: bounds the ViT batch (InternVL: 48)
-    overlong: str = "truncate"        # samples > max_tokens: "truncate" or "own_pack" (see below)
+    overlong: str = "truncate"        # samples > max_tokens: "truncate" or "own_pack" (see StreamPacker)
     visual_packing: bool = True       # §5.1 visual packing (pack steering + rank balance)
-    micro_batches: int = 1            # packs per rank per optimizer step (gradient accumulation)
-    hidden_size: int = 4096           # LLM width in the work proxy 6·H·L + L² (4096 -> verl's 24576)
-    shuffle: bool = True              # seeded per-epoch shuffle of the sample order
-    seed: int = 0
-    epochs: Optional[int] = None      # None: cycle forever (training runs by steps)
-    drop_last: bool = True            # PackedLoader: drop a final step that cannot feed every rank
 
     def __post_init__(self):
         if self.max_tokens < 2:
@@ -160,25 +155,14 @@ def sample_meta(sample, index: int, img_context_id: Optional[int] = None) -> Sam
     return SampleMeta(index, sample["input_ids"].numel(), n_visual, n_images)
 
 
-def shuffled_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list:
-    """Sample order of one epoch: a permutation seeded by (seed, epoch), or 0..n-1."""
-    order = list(range(n))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. stream packing (§5.1): online buffer, best-fit-decreasing fill, forced inclusion
 
 class StreamPacker:
-    """Online packer over a stream of sample metadata; yields plans (lists of SampleMeta).
+    """Online packer over the sample metadata it is given; `pop()` yields plans (lists of SampleMeta).
 
-    meta_fn(i) -> SampleMeta | None gives the metadata of dataset index i (None: a bad sample,
-    skipped and counted). The stream visits indices in `order_fn(epoch)` (default: a seeded
-    shuffle of range(n_samples)) for `cfg.epochs` epochs, or forever.
-
-    One pack is built at a time from the buffer (kept sorted by length):
+    The caller streams samples in: `push(meta)` while `not packer.full`, then `pop()` builds one
+    pack from the buffer (kept sorted by length):
       a. samples that waited `max_wait` packs are forced in first, oldest first (§5.1);
       b. then, repeatedly, the LARGEST sample that still fits (best-fit-decreasing for the open
          pack), within `max_images_per_pack`; with visual packing, after the first sample, the
@@ -189,57 +173,41 @@ class StreamPacker:
     sample's wait to `max_wait` packs. The buffer turns over every buffer_size / (samples per
     pack) packs on average (~35 with the defaults at 8192 tokens), so 128 packs is ~4 turnovers.
 
-    Over-long samples (> max_tokens), cfg.overlong:
+    Over-long samples (> max_tokens), cfg.overlong, applied by `push`:
       "truncate"  text-only samples are cut to max_tokens (counted in stats["truncated"] and
                   warned). Samples with visual tokens are never cut (that would orphan image
                   features): they are skipped, counted in stats["skipped_overlong"] and warned.
       "own_pack"  the sample is emitted whole, alone, in a pack of its own length (T > max_tokens;
                   counted in stats["own_pack"]).
     Samples are kept in stream order inside a pack. The plan's n_tokens is the length to use.
+    The packer knows nothing of files or models: `state_dict()` is its buffer and counters (JSON).
     """
 
-    def __init__(self, meta_fn: Callable[[int], Optional[SampleMeta]], n_samples: int,
-                 cfg: PackingConfig, order_fn: Optional[Callable[[int], Sequence[int]]] = None):
-        if n_samples < 1:
-            raise ValueError(f"StreamPacker needs at least one sample, got n_samples={n_samples}")
-        self.meta_fn, self.n_samples, self.cfg = meta_fn, n_samples, cfg
-        self.order_fn = order_fn or (lambda epoch: shuffled_order(n_samples, cfg.seed, epoch, cfg.shuffle))
-        self.epoch, self.pos = 0, 0       # stream cursor: next index is order_fn(epoch)[pos]
-        self.valid_in_epoch = 0           # usable samples met so far in this epoch
+    def __init__(self, cfg: PackingConfig):
+        self.cfg = cfg
         self.seq = 0                      # arrival counter (tie-break; "oldest" = smallest seq)
         self.packs_emitted = 0
         self.seen_tokens = self.seen_visual = 0   # running totals: the stream's visual share
         self.buffer = []                  # sorted entries (n_tokens, seq, born_at_pack, meta)
-        self.stats = dict(samples=0, packs=0, tokens=0, forced=0, truncated=0,
-                          skipped_overlong=0, own_pack=0, bad=0, epochs_done=0)
-        self._order, self._order_epoch = None, None
+        self.stats = dict(samples=0, packs=0, tokens=0, forced=0, truncated=0, skipped_overlong=0, own_pack=0)
         self._warned = {}
 
     # -- the stream ----------------------------------------------------------------------------
-    def _next_meta(self) -> Optional[SampleMeta]:
-        """Next usable sample of the stream (after the over-long rule), or None at its end."""
-        while True:
-            if self.cfg.epochs is not None and self.epoch >= self.cfg.epochs:
-                return None
-            if self._order_epoch != self.epoch:
-                self._order, self._order_epoch = list(self.order_fn(self.epoch)), self.epoch
-            if self.pos >= len(self._order):
-                if self.valid_in_epoch == 0:
-                    raise RuntimeError(f"StreamPacker: epoch {self.epoch} had no usable sample "
-                                       f"(see stats: {self.stats})")
-                self.epoch, self.pos, self.valid_in_epoch = self.epoch + 1, 0, 0
-                self.stats["epochs_done"] += 1
-                continue
-            index = self._order[self.pos]
-            self.pos += 1
-            meta = self.meta_fn(index)
-            if meta is None:
-                self.stats["bad"] += 1
-                continue
-            meta = self._apply_overlong_rule(meta)
-            if meta is not None:
-                self.valid_in_epoch += 1
-                return meta
+    @property
+    def full(self) -> bool:
+        """True when the buffer holds `buffer_size` samples: time to `pop()` a pack."""
+        return len(self.buffer) >= self.cfg.buffer_size
+
+    def push(self, meta: SampleMeta) -> bool:
+        """Add one sample to the buffer (after the over-long rule); False if the rule skipped it."""
+        meta = self._apply_overlong_rule(meta)
+        if meta is None:
+            return False
+        self.seen_tokens += meta.n_tokens
+        self.seen_visual += meta.n_visual
+        bisect.insort(self.buffer, (meta.n_tokens, self.seq, self.packs_emitted, meta))
+        self.seq += 1
+        return True
 
     def _apply_overlong_rule(self, meta: SampleMeta) -> Optional[SampleMeta]:
         cap = self.cfg.max_tokens
@@ -264,16 +232,6 @@ class StreamPacker:
         if self._warned[kind] <= WARN_LIMIT:
             more = " (further ones are only counted in StreamPacker.stats)" if self._warned[kind] == WARN_LIMIT else ""
             warnings.warn(f"packing: {message}{more}", stacklevel=3)
-
-    def _refill(self) -> None:
-        while len(self.buffer) < self.cfg.buffer_size:
-            meta = self._next_meta()
-            if meta is None:
-                return
-            self.seen_tokens += meta.n_tokens
-            self.seen_visual += meta.n_visual
-            bisect.insort(self.buffer, (meta.n_tokens, self.seq, self.packs_emitted, meta))
-            self.seq += 1
 
     # -- building one pack ---------------------------------------------------------------------
     def _wanted_kind(self, pack_visual: int, pack_tokens: int) -> int:
@@ -301,9 +259,8 @@ class StreamPacker:
                 fallback = k
         return fallback
 
-    def next_plan(self) -> Optional[list]:
-        """Build and return the next pack's plan (list of SampleMeta), or None when exhausted."""
-        self._refill()
+    def pop(self) -> Optional[list]:
+        """Build and return the next pack's plan (list of SampleMeta), or None when the buffer is empty."""
         if not self.buffer:
             return None
         cfg, chosen = self.cfg, []
@@ -344,66 +301,47 @@ class StreamPacker:
         self.stats["tokens"] += sum(m.n_tokens for m in plan)
         return plan
 
-    def take(self, k: int) -> list:
-        """Up to k next plans (fewer only at the end of a finite stream)."""
-        plans = []
-        while len(plans) < k:
-            plan = self.next_plan()
-            if plan is None:
-                break
-            plans.append(plan)
-        return plans
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        plan = self.next_plan()
-        if plan is None:
-            raise StopIteration
-        return plan
-
     # -- resume --------------------------------------------------------------------------------
-    _PLAN_KEYS = ("max_tokens", "buffer_size", "max_wait", "max_images_per_pack", "overlong",
-                  "visual_packing", "shuffle", "seed", "epochs")
+    _PLAN_KEYS = ("max_tokens", "buffer_size", "max_wait", "max_images_per_pack", "overlong", "visual_packing")
 
     def state_dict(self) -> dict:
-        """JSON-serialisable state: the stream cursor and the buffered samples' metadata."""
-        return dict(version=1, epoch=self.epoch, pos=self.pos, valid_in_epoch=self.valid_in_epoch, seq=self.seq,
-                    packs_emitted=self.packs_emitted, seen_tokens=self.seen_tokens,
+        """JSON-serialisable state: the buffered samples' metadata and the counters."""
+        return dict(version=2, seq=self.seq, packs_emitted=self.packs_emitted, seen_tokens=self.seen_tokens,
                     seen_visual=self.seen_visual, stats=dict(self.stats),
                     buffer=[[n, seq, born, list(meta)] for n, seq, born, meta in self.buffer],
-                    config={k: getattr(self.cfg, k) for k in self._PLAN_KEYS},
-                    n_samples=self.n_samples)
+                    config={k: getattr(self.cfg, k) for k in self._PLAN_KEYS})
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a state from `state_dict()`; later plans equal those of an uninterrupted run
-        (the order_fn and meta_fn must be the same as in the saved run)."""
-        if state.get("version") != 1:
+        """Restore a state from `state_dict()`; given the same samples afterwards, later plans
+        equal those of an uninterrupted run."""
+        if state.get("version") != 2:
             raise ValueError(f"StreamPacker state: unknown version {state.get('version')!r}")
         for key in self._PLAN_KEYS:
             if state["config"][key] != getattr(self.cfg, key):
                 raise ValueError(f"StreamPacker state was saved with {key}={state['config'][key]!r} but "
                                  f"this packer has {key}={getattr(self.cfg, key)!r}; packs would differ")
-        if state["n_samples"] != self.n_samples:
-            raise ValueError(f"StreamPacker state was saved over {state['n_samples']} samples, "
-                             f"this dataset has {self.n_samples}")
-        self.epoch, self.pos, self.seq = state["epoch"], state["pos"], state["seq"]
-        self.valid_in_epoch = state["valid_in_epoch"]
-        self.packs_emitted = state["packs_emitted"]
+        self.seq, self.packs_emitted = state["seq"], state["packs_emitted"]
         self.seen_tokens, self.seen_visual = state["seen_tokens"], state["seen_visual"]
         self.stats = dict(state["stats"])
         self.buffer = [(n, seq, born, SampleMeta(*meta)) for n, seq, born, meta in state["buffer"]]
-        self._order, self._order_epoch = None, None
+
+
+def pack_stream(metas, cfg: PackingConfig):
+    """Plans of a stream of sample metadata packed online, as a training loop does: fill the
+    buffer, pop a pack, repeat; at the end of a finite stream the buffer is drained."""
+    packer = StreamPacker(cfg)
+    for m in metas:
+        packer.push(m)
+        if packer.full:
+            yield packer.pop()
+    while (plan := packer.pop()) is not None:
+        yield plan
 
 
 def plan_packs(metas: Sequence[SampleMeta], cfg: PackingConfig) -> list:
     """Pack a known list of samples at once (e.g. one step of RL rollouts): the whole list is
     the buffer, one pass, stream order kept; returns a list of plans."""
-    cfg = PackingConfig(**{**asdict(cfg), "buffer_size": max(1, len(metas)), "shuffle": False, "epochs": 1})
-    by_index = {m.index: m for m in metas}
-    order = [m.index for m in metas]
-    return list(StreamPacker(by_index.__getitem__, len(metas), cfg, order_fn=lambda epoch: order))
+    return list(pack_stream(metas, PackingConfig(**{**asdict(cfg), "buffer_size": max(1, len(metas))})))
 
 
 def collate_pack(samples: Sequence[dict], plan: Optional[Sequence[SampleMeta]] = None,
@@ -564,124 +502,9 @@ def balance_packs(plans: Sequence[Sequence[SampleMeta]], n_ranks: int, hidden_si
 # share toward the stream's running share (after its first sample, it prefers the largest fitting
 # sample that is visual-richer than the stream while the pack is visual-poorer, and text-richer
 # otherwise; when none of that kind fits, the largest that fits, so fill comes first), and
-# balance_packs(visual=True) equalises visual tokens across ranks. PackedLoader ties them together.
-
-class PackedLoader:
-    """Per optimizer step, this rank's `cfg.micro_batches` packed micro-batches (pack dicts).
-
-    dataset: anything with len() and [i] -> sample dict (None for a bad sample). Every rank runs
-    the same StreamPacker over the global order, takes world_size x micro_batches packs per step,
-    splits them with balance_packs and collates only its own. meta_fn(i) -> SampleMeta defaults
-    to loading dataset[i] and measuring it; a cheap one (token and tile counts without decoding
-    pixels) saves the other ranks that work. state_dict() after a step resumes after that step.
-    """
-
-    def __init__(self, dataset, cfg: PackingConfig, *, rank: int = 0, world_size: int = 1,
-                 img_context_id: Optional[int] = None,
-                 meta_fn: Optional[Callable[[int], Optional[SampleMeta]]] = None,
-                 order_fn: Optional[Callable[[int], Sequence[int]]] = None):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"PackedLoader: rank {rank} outside world_size {world_size}")
-        self.dataset, self.cfg, self.rank, self.world_size = dataset, cfg, rank, world_size
-        self.img_context_id = img_context_id
-        self.packer = StreamPacker(meta_fn or self._measure, len(dataset), cfg, order_fn)
-        self.steps = 0
-        self.dropped_packs = self.dropped_samples = 0
-        self.last_step = {}              # per-rank loads of the latest step (for logging)
-
-    def _measure(self, index: int) -> Optional[SampleMeta]:
-        sample = self.dataset[index]
-        return None if sample is None else sample_meta(sample, index, self.img_context_id)
-
-    def __iter__(self):
-        want = self.world_size * self.cfg.micro_batches
-        while True:
-            plans = self.packer.take(want)
-            if not plans:
-                return
-            if len(plans) < want and self.cfg.drop_last:
-                self.dropped_packs += len(plans)
-                self.dropped_samples += sum(len(p) for p in plans)
-                warnings.warn(f"packing: final step has {len(plans)} < {want} packs; dropped "
-                              f"(drop_last=True, {sum(len(p) for p in plans)} samples)", stacklevel=2)
-                return
-            groups = (balance_packs(plans, self.world_size, self.cfg.hidden_size, self.cfg.visual_packing)
-                      if self.world_size > 1 else [list(range(len(plans)))])
-            self.last_step = dict(
-                work=[sum(pack_work(plans[j], self.cfg.hidden_size) for j in g) for g in groups],
-                visual=[sum(pack_visual(plans[j]) for j in g) for g in groups],
-                tokens=[sum(m.n_tokens for j in g for m in plans[j]) for g in groups])
-            self.steps += 1
-            yield [self.collate(plans[j]) for j in groups[self.rank]]
-
-    def collate(self, plan) -> dict:
-        samples = [self.dataset[m.index] for m in plan]
-        for m, s in zip(plan, samples):
-            if s is None:
-                raise RuntimeError(f"PackedLoader: dataset[{m.index}] returned None when collating, "
-                                   f"but its metadata was read before; the dataset is not deterministic")
-        return collate_pack(samples, plan)
-
-    def state_dict(self) -> dict:
-        return dict(packer=self.packer.state_dict(), steps=self.steps,
-                    dropped_packs=self.dropped_packs, dropped_samples=self.dropped_samples)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.packer.load_state_dict(state["packer"])
-        self.steps = state["steps"]
-        self.dropped_packs, self.dropped_samples = state["dropped_packs"], state["dropped_samples"]
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. loss normalisation: one global token mean
-#
-# The loss of an optimizer step is  sum over every target token of every rank and micro-batch
-# of CE / N, with N the number of target tokens in the whole step (all ranks, all micro-batches).
-# A per-micro-batch mean (the bug in verl #3332/#5625, TRL #5619, ms-swift #10117) weights a
-# token by 1/(targets in its micro-batch), which changes with packing, splitting and sharding.
-# Each micro-batch therefore backprops loss_sum * world_size / N: gradient accumulation sums
-# micro-batches, and DDP/FSDP *average* gradients over ranks (hence the world_size factor).
-
-def count_loss_tokens(batch) -> int:
-    """Target tokens of a batch (dict with 'labels', or labels (B, T)): labels[:, 1:] != -100,
-    because logits[i] are scored against labels[i+1]."""
-    labels = batch["labels"] if isinstance(batch, dict) else batch
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy (fp32 at least): logits (B, T, V)[:, i] against labels (B, T)[:, i+1]."""
-    V = logits.shape[-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits[..., :-1, :].reshape(-1, V), labels[..., 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def global_loss_tokens(micro_batches: Sequence, group=None) -> int:
-    """Target tokens of the whole step: this rank's micro-batches, summed over ranks when
-    torch.distributed is initialised. Call once per step, before the first backward."""
-    n = sum(count_loss_tokens(b) for b in micro_batches)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        device = "cpu"
-        if torch.distributed.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        t = torch.tensor([n], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t, group=group)
-        n = int(t.item())
-    return n
-
-
-def micro_batch_loss(loss_sum: torch.Tensor, global_tokens: int, world_size: int = 1,
-                     grad_reduction: str = "mean") -> torch.Tensor:
-    """The loss to backprop for one micro-batch, given its summed per-token loss and the step's
-    GLOBAL target count. grad_reduction: how the data-parallel wrapper combines rank gradients,
-    "mean" (DDP, FSDP default) or "sum". A step with no target token gives a zero loss (and zero
-    gradients) instead of NaN. The logged step loss is all_reduce(sum of loss_sum) / global_tokens."""
-    if grad_reduction not in ("mean", "sum"):
-        raise ValueError(f"micro_batch_loss: grad_reduction must be 'mean' or 'sum', got {grad_reduction!r}")
-    scale = world_size if grad_reduction == "mean" else 1
-    return loss_sum * (scale / max(int(global_tokens), 1))
+# balance_packs(visual=True) equalises visual tokens across ranks. The trainer ties 1-3 together
+# (train_stage.StageBatches): every rank pushes the same global stream, pops world x micro_batches
+# packs per step, splits them with balance_packs and collates only its own.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -733,31 +556,36 @@ def padding_useful_fraction(lengths: Sequence[int], batch_size: int, grouped: bo
 
 
 def bench_fill(metas, cfg: PackingConfig, batch_size: int):
-    """(pad-to-longest random, pad-to-longest grouped, stream packing) useful fractions + stats."""
+    """(pad-to-longest random, pad-to-longest grouped, stream packing) useful fractions, packs, forced."""
     lengths = [m.n_tokens for m in metas]
-    cfg = PackingConfig(**{**asdict(cfg), "epochs": 1, "shuffle": False})
-    packer = StreamPacker(lambda i: metas[i], len(metas), cfg)
-    plans = list(packer)
+    packer = StreamPacker(cfg)
+    plans = []
+    for m in metas:
+        packer.push(m)
+        if packer.full:
+            plans.append(packer.pop())
+    while (plan := packer.pop()) is not None:
+        plans.append(plan)
     packed = sum(m.n_tokens for p in plans for m in p) / (len(plans) * cfg.max_tokens)
     return (padding_useful_fraction(lengths, batch_size, False),
-            padding_useful_fraction(lengths, batch_size, True), packed, packer.stats, len(plans))
+            padding_useful_fraction(lengths, batch_size, True), packed, len(plans), packer.stats["forced"])
 
 
-def bench_balance(metas, cfg: PackingConfig, n_ranks: int, steps: int):
+def bench_balance(metas, cfg: PackingConfig, n_ranks: int, steps: int, hidden_size: int = 4096):
     """Mean over steps of max/mean per-rank visual tokens and work: naive (no visual packing,
     round-robin packs) vs balanced (work only) vs visual packing (pack steering + 2-D balance)."""
     out = {}
     for name, visual_packing, assign in (("naive", False, "rr"), ("work-balanced", False, "work"),
                                          ("visual packing", True, "visual")):
-        c = PackingConfig(**{**asdict(cfg), "visual_packing": visual_packing, "epochs": None})
-        packer = StreamPacker(lambda i: metas[i], len(metas), c)
+        c = PackingConfig(**{**asdict(cfg), "visual_packing": visual_packing})
+        stream = pack_stream(itertools.cycle(metas), c)           # endless: as many steps as asked
         ratios_v, ratios_w, worst_v = [], [], 0.0
         for _ in range(steps):
-            plans = packer.take(n_ranks * c.micro_batches)
+            plans = list(itertools.islice(stream, n_ranks * c.micro_batches))
             groups = (round_robin(len(plans), n_ranks) if assign == "rr" else
-                      balance_packs(plans, n_ranks, c.hidden_size, visual=(assign == "visual")))
+                      balance_packs(plans, n_ranks, hidden_size, visual=(assign == "visual")))
             v = [sum(pack_visual(plans[j]) for j in g) for g in groups]
-            w = [sum(pack_work(plans[j], c.hidden_size) for j in g) for g in groups]
+            w = [sum(pack_work(plans[j], hidden_size) for j in g) for g in groups]
             ratios_v.append(max(v) / (sum(v) / n_ranks))
             ratios_w.append(max(w) / (sum(w) / n_ranks))
             worst_v = max(worst_v, ratios_v[-1])
@@ -765,140 +593,47 @@ def bench_balance(metas, cfg: PackingConfig, n_ranks: int, steps: int):
     return out
 
 
-def load_synth_samples(synth_dir, per_family: int, seed: int = 0) -> list:
-    """`per_family` real samples from every train manifest of data.py's synthetic dataset, made for
-    the tiny preset's tiles (generated on first use by data.ensure_synth; nothing is downloaded).
-    The bench is the only place in this file that imports the project (model.py, data.py)."""
-    import data
-    import model
-    mcfg = model.preset_config("tiny")
-    dcfg = data.DataConfig(image_size=mcfg.force_image_size, max_tiles=mcfg.max_dynamic_patch)
-    tok = data.load_tokenizer(None)
-    root = data.ensure_synth(synth_dir, progress=False)
-    manifests = sorted(root.glob("*/train.jsonl"))
-    rng = random.Random(seed)
-    samples = []
-    try:
-        from tqdm import tqdm
-    except ImportError:                                    # tqdm is in requirements; be lenient
-        def tqdm(x, **_):
-            return x
-    for path in tqdm(manifests, desc="load synthetic samples"):
-        ds = data.JsonlDataset(path, tok, dcfg)
-        for i in rng.sample(range(len(ds)), min(per_family, len(ds))):
-            try:
-                sample = ds[i]
-            except data.DataError as e:
-                print(f"  skipped {e}")
-                continue
-            sample["family"], sample["weight"] = path.parent.name, len(ds)
-            samples.append(sample)
-    return samples
-
-
-def synth_stream_metas(samples, n: int, seed: int = 0) -> list:
-    """A stream of n metadata records drawn from the loaded synthetic samples, each family in
-    proportion to its manifest size (lengths within a synthetic family barely vary)."""
-    rng = random.Random(seed)
-    metas = [sample_meta(s, i) for i, s in enumerate(samples)]
-    weights = [s["weight"] / sum(1 for t in samples if t["family"] == s["family"]) for s in samples]
-    picks = rng.choices(range(len(metas)), weights=weights, k=n)
-    return [metas[j]._replace(index=k) for k, j in enumerate(picks)]
-
-
-def bench_throughput(samples, max_tokens: int, batch_size: int, repeats: int, threads: int) -> None:
-    """Part 3: useful (non-pad) tokens/s of the tiny SAILVL, forward + backward in fp32 on CPU,
-    over the same samples: pad-to-longest batches vs stream packs (cu_seqlens, per-sample
-    positions). Passes alternate so both see the same machine load; the median is reported.
-    `threads`: torch CPU threads (1 by default: on a shared machine OpenMP threads that wait on
-    each other slow both sides down several-fold and make the timing noise dominate)."""
-    import model
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = model.build_model("tiny")
-    net.train()
-    order = list(range(len(samples)))
-    random.Random(0).shuffle(order)
-    padded = [collate_padded([samples[i] for i in order[k:k + batch_size]])
-              for k in range(0, len(order), batch_size)]
-    metas = [sample_meta(samples[i], i) for i in order]
-    plans = plan_packs(metas, PackingConfig(max_tokens=max_tokens, max_images_per_pack=10 ** 6))
-    packed = [collate_pack([samples[m.index] for m in p], p) for p in plans]
-    useful = sum(s["input_ids"].numel() for s in samples)
-    computed_pad = sum(b["input_ids"].numel() for b in padded)
-    computed_pack = sum(b["input_ids"].numel() for b in packed)
-
-    def run(batches, is_packed):
-        t0 = time.perf_counter()
-        for b in batches:
-            out = net(b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
-                      position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"] if is_packed else None)
-            out.ce_sum.backward()           # summed CE: the global token mean only rescales it
-            net.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    run(padded[:1], False), run(packed[:1], True)            # warm-up
-    t_pad, t_pack = [], []
-    for _ in range(repeats):
-        t_pad.append(run(padded, False))
-        t_pack.append(run(packed, True))
-    med_pad, med_pack = sorted(t_pad)[repeats // 2], sorted(t_pack)[repeats // 2]
-    print(f"\n[3] tiny SAILVL forward+backward, fp32 CPU ({torch.get_num_threads()} threads), "
-          f"{len(samples)} synthetic samples, {useful} useful tokens, median of {repeats}")
-    print(f"{'batching':<28} {'computed tokens':>16} {'useful':>7} {'seconds':>8} {'useful tok/s':>13}")
-    print(f"{'pad-to-longest, ' + str(batch_size) + ' samples':<28} {computed_pad:>16} "
-          f"{useful / computed_pad:>7.1%} {med_pad:>8.2f} {useful / med_pad:>13,.0f}")
-    print(f"{'stream packs, ' + str(max_tokens) + ' tokens':<28} {computed_pack:>16} "
-          f"{useful / computed_pack:>7.1%} {med_pack:>8.2f} {useful / med_pack:>13,.0f}")
-    print(f"packed / padded useful tokens/s: {med_pad / med_pack:.2f}x")
+def print_fill_and_balance(streams: dict, cfg: PackingConfig, batch_size: int, ranks: int, steps: int,
+                           hidden_size: int = 4096) -> None:
+    """Parts [1] and [2] of the bench for {name: (metas, cfg or None)} streams (None: `cfg`)."""
+    print(f"\n[1] useful-token fraction (padding baseline: batches of {batch_size} samples)")
+    print(f"{'distribution':<12} {'samples':>8} {'mean len':>9} {'pad random':>11} {'pad grouped':>12} "
+          f"{'stream pack':>12} {'packs':>6} {'forced':>7}")
+    for kind, (metas, c) in streams.items():
+        rnd, grp, packed, n_packs, forced = bench_fill(metas, c or cfg, batch_size)
+        mean_len = sum(m.n_tokens for m in metas) / len(metas)
+        print(f"{kind:<12} {len(metas):>8} {mean_len:>9.0f} {rnd:>11.1%} {grp:>12.1%} {packed:>12.1%} "
+              f"{n_packs:>6} {forced:>7}")
+    print(f"\n[2] per-rank balance over {ranks} ranks x {cfg.micro_batches} micro-batches, "
+          f"{steps} steps: max/mean per step, mean (worst)")
+    print(f"{'distribution':<12} {'assignment':<16} {'visual tokens':>18} {'LLM work':>10}")
+    for kind, (metas, c) in streams.items():
+        for name, (mv, wv, mw) in bench_balance(metas, c or cfg, ranks, steps, hidden_size).items():
+            print(f"{kind:<12} {name:<16} {mv:>10.3f} ({wv:.3f}) {mw:>10.3f}")
 
 
 def run_bench(args) -> None:
     cfg = PackingConfig(max_tokens=args.max_tokens, buffer_size=args.buffer_size,
                         micro_batches=args.micro_batches, max_images_per_pack=args.max_images)
-    synth = None
-    if not args.skip_synth:
-        synth = load_synth_samples(args.synth_dir, args.per_family, args.seed)
-    streams = {"longtail": synthetic_metas("longtail", args.samples, args.seed, cfg.max_tokens),
-               "anyres": synthetic_metas("anyres", args.samples, args.seed, cfg.max_tokens)}
-    synth_cfg = PackingConfig(**{**asdict(cfg), "max_tokens": args.synth_max_tokens})
-    if synth:
-        streams["synthetic"] = synth_stream_metas(synth, args.samples, args.seed)
+    streams = {kind: (synthetic_metas(kind, args.samples, args.seed, cfg.max_tokens), None)
+               for kind in ("longtail", "anyres")}
     print(f"packing bench: buffer={cfg.buffer_size} max_images/pack={cfg.max_images_per_pack} "
-          f"ranks={args.ranks} micro_batches={cfg.micro_batches}; max_tokens={cfg.max_tokens} "
-          f"(synthetic manifests: {args.synth_max_tokens}, tiny model)")
-    print(f"\n[1] useful-token fraction (padding baseline: batches of {args.batch_size} samples)")
-    print(f"{'distribution':<12} {'samples':>8} {'mean len':>9} {'pad random':>11} {'pad grouped':>12} "
-          f"{'stream pack':>12} {'packs':>6} {'forced':>7}")
-    for kind, metas in streams.items():
-        c = synth_cfg if kind == "synthetic" else cfg
-        rnd, grp, packed, stats, n_packs = bench_fill(metas, c, args.batch_size)
-        mean_len = sum(m.n_tokens for m in metas) / len(metas)
-        print(f"{kind:<12} {len(metas):>8} {mean_len:>9.0f} {rnd:>11.1%} {grp:>12.1%} {packed:>12.1%} "
-              f"{n_packs:>6} {stats['forced']:>7}")
-    print(f"\n[2] per-rank balance over {args.ranks} ranks x {cfg.micro_batches} micro-batches, "
-          f"{args.steps} steps: max/mean per step, mean (worst)")
-    print(f"{'distribution':<12} {'assignment':<16} {'visual tokens':>18} {'LLM work':>10}")
-    for kind, metas in streams.items():
-        c = synth_cfg if kind == "synthetic" else cfg
-        for name, (mv, wv, mw) in bench_balance(metas, c, args.ranks, args.steps).items():
-            print(f"{kind:<12} {name:<16} {mv:>10.3f} ({wv:.3f}) {mw:>10.3f}")
-    if synth:
-        bench_throughput(synth, args.synth_max_tokens, args.synth_batch_size, args.repeats, args.threads)
-    else:
-        print("\n[3] tokens/s of the tiny model: skipped (--skip-synth)")
+          f"ranks={args.ranks} micro_batches={cfg.micro_batches}; max_tokens={cfg.max_tokens}")
+    print_fill_and_balance(streams, cfg, args.batch_size, args.ranks, args.steps)
+    print("\n(real samples of the synthetic manifests and tokens/s of the tiny model, packed vs padded: "
+          "`python train_stage.py bench packing`)")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="padding vs stream packing, visual balance, tokens/s",
+    b = sub.add_parser("bench", help="padding vs stream packing, visual balance",
                        description="Prints, measured in one run: (1) useful-token fraction of "
                        "pad-to-longest batching vs stream packing on long-tailed length "
                        "distributions; (2) max/mean visual tokens and work per rank over simulated "
-                       "ranks, naive vs visual packing; (3) useful tokens/s of the tiny model on "
-                       "CPU, packed vs padded.")
+                       "ranks, naive vs visual packing. Tokens/s of the tiny model, packed vs padded, "
+                       "is `python train_stage.py bench packing` (this file imports no project file).")
     b.add_argument("--max-tokens", type=int, default=8192, help="pack length (paper: 8192)")
     b.add_argument("--buffer-size", type=int, default=256, help="packer buffer (samples)")
     b.add_argument("--max-images", type=int, default=48, help="tiles/images per pack cap")
@@ -908,14 +643,6 @@ def main(argv=None):
     b.add_argument("--micro-batches", type=int, default=4, help="packs per rank per step")
     b.add_argument("--steps", type=int, default=100, help="steps simulated for the balance part")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--synth-dir", default=os.path.join(tempfile.gettempdir(), "sailvl_synth"),
-                   help="data.py synthetic dataset folder (generated there on first use)")
-    b.add_argument("--per-family", type=int, default=8, help="synthetic samples loaded per manifest")
-    b.add_argument("--synth-max-tokens", type=int, default=2048, help="pack length for the tiny model")
-    b.add_argument("--synth-batch-size", type=int, default=8, help="pad-to-longest batch for the tiny model")
-    b.add_argument("--repeats", type=int, default=3, help="timed passes per batching (median reported)")
-    b.add_argument("--threads", type=int, default=1, help="torch CPU threads for the tokens/s part")
-    b.add_argument("--skip-synth", action="store_true", help="only the length-distribution parts")
     args = parser.parse_args(argv)
     if args.cmd == "bench":
         run_bench(args)
