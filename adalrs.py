@@ -45,17 +45,17 @@ the steps shrink so the search settles. What the papers leave open, and what thi
   6.75e-4, up to the small lambda^t factors. The paper writes it as 2e-4 * 1.5^3; `alpha=1.5`
   (three keeps, no reject) is the other reading and is a plain config value here.
 
-Integration with a trainer (see `AdaLRS.apply_lr`): the trainer sets the LR each step as
-`base_lr * schedule(step) * adalrs.lr_scale` (or calls `adalrs.apply_lr(schedule(step))`), steps
-the optimizer, then calls `adalrs.observe(loss)` once. Under FSDP2 every rank holds its own shard:
-the snapshot copies each rank's local shards (no gathering), and the caller must pass the SAME
-loss on every rank (the globally averaged loss, all-reduced) so all ranks take the same decision.
+Integration with a trainer: the trainer alone writes the LR. Each step it sets every group's
+`lr = base_lr * schedule(step) * adalrs.lr_scale`, steps the optimizer, then calls
+`adalrs.observe(loss)` once; AdaLRS only moves `lr_scale` (and rolls back parameters and
+optimizer state). Under FSDP2 every rank holds its own shard: the snapshot copies each rank's
+local shards (no gathering), and the caller must pass the SAME loss on every rank (the globally
+averaged loss, all-reduced) so all ranks take the same decision.
 
-`python adalrs.py bench` compares fixed LR with AdaLRS from the same start: on the real `pretrain1`
-stage through train_stage.run_stage when that exists (imported lazily, inside the bench only:
-the search itself imports nothing from the project), else on a self-contained stand-in.
+Measured on the real pretrain1 stage by `python train_stage.py bench adalrs` (the trainer's side:
+this file imports nothing from the project); tests/test_adalrs.py also holds a self-contained
+stand-in (an adapter trained into a frozen LM head) run through the trainer's schedule.
 """
-import argparse
 import copy
 import math
 from dataclasses import asdict, dataclass
@@ -168,7 +168,7 @@ def take_snapshot(model, optimizer):
 def restore_snapshot(model, optimizer, snap):
     """Copy a snapshot back in place (same devices, same DTensor shards); bit-exact.
 
-    param_groups (the LR) are left alone on purpose: the LR after a rollback is AdaLRS's decision.
+    param_groups (the LR) are left alone on purpose: the LR is the trainer's to write.
     """
     params, optim_params = _trainable_params(model), _optimizer_params(optimizer)
     if len(snap["params"]) != len(params) or len(snap["optim"]) != len(optim_params):
@@ -210,20 +210,17 @@ class AdaLRS:
 
     model:        the module being trained; its requires_grad params are snapshotted for rollback.
     optimizer:    any torch optimizer over (a subset of) them; its whole per-param state is
-                  snapshotted. Each group's current 'lr' (or 'initial_lr' if a torch scheduler set
-                  one) is taken as that group's base LR for `apply_lr`.
+                  snapshotted. AdaLRS never writes its LR.
     total_steps:  the number of optimizer steps of the run (sets the search fraction).
     cfg:          AdaLRSConfig (None = defaults).
     log:          one-line logger for decisions (default print); pass a no-op on non-zero ranks.
+    base_lr:      the run's peak LR, for the log lines only (default: group 0's LR at start).
 
-    `lr_scale` is the LR multiplier found so far (1.0 at the start). On a change, observe()
-    multiplies every param group's 'lr' by new/old at once, so a trainer that never touches the LR
-    (or uses a chainable torch scheduler) needs nothing else; a trainer that sets the LR itself
-    every step must include the factor: `adalrs.apply_lr(schedule(step))`, or
-    `base_lr * schedule(step) * adalrs.lr_scale`, or LambdaLR(opt, lambda s: f(s) * adalrs.lr_scale).
+    `lr_scale` is the LR multiplier found so far (1.0 at the start); the trainer multiplies its
+    scheduled LR by it every step (see the module docstring).
     """
 
-    def __init__(self, model, optimizer, total_steps, cfg=None, log=print):
+    def __init__(self, model, optimizer, total_steps, cfg=None, log=print, base_lr=None):
         self.cfg = cfg if cfg is not None else AdaLRSConfig()
         self.cfg.check()
         if int(total_steps) < 1:
@@ -233,7 +230,7 @@ class AdaLRS:
         self.window = self.cfg.window or max(8, self.total_steps // 50)
         self.search_begin = int(math.ceil(self.cfg.start * self.total_steps))   # first step a trial may start
         self.search_end = int(math.floor(self.cfg.end * self.total_steps))      # a trial must finish by here
-        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        self.base_lr = float(optimizer.param_groups[0]["lr"] if base_lr is None else base_lr)
         self.step = 0               # observe() calls so far = optimizer steps done
         self.lr_scale = 1.0
         self.phase = "baseline"     # "baseline": measuring the current LR; "trial": measuring alpha' x it
@@ -251,16 +248,6 @@ class AdaLRS:
         if self.search_begin + self.window > self.search_end:
             self._log(f"search fraction [{self.cfg.start}, {self.cfg.end}] of {self.total_steps} steps is "
                       f"shorter than one {self.window}-step window: the LR will not be searched")
-
-    # -- public helpers ------------------------------------------------------------------------
-    def apply_lr(self, multiplier=1.0):
-        """Set every group's lr = its base lr * multiplier (the trainer's schedule) * lr_scale."""
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * float(multiplier) * self.lr_scale
-
-    def lr_at(self, multiplier=1.0, group=0):
-        """The LR a group gets from apply_lr(multiplier)."""
-        return self.base_lrs[group] * float(multiplier) * self.lr_scale
 
     @property
     def searching(self):
@@ -380,13 +367,11 @@ class AdaLRS:
         self.decisions += 1
 
     def _set_scale(self, new_scale):
-        ratio = new_scale / self.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] *= ratio
-        self.lr_scale = new_scale
+        self.lr_scale = new_scale                # the trainer applies it from the next step on
 
     def _lr0(self):
-        return float(self.optimizer.param_groups[0]["lr"])
+        """The peak LR the current scale gives (for the log lines)."""
+        return self.base_lr * self.lr_scale
 
     def _log(self, msg):
         if self.log is not None:
@@ -400,8 +385,8 @@ class AdaLRS:
         a checkpoint taken mid-trial needs both to resume exactly.
         """
         return {
-            "version": 1, "config": asdict(self.cfg), "total_steps": self.total_steps,
-            "window": self.window, "base_lrs": list(self.base_lrs), "step": self.step,
+            "version": 2, "config": asdict(self.cfg), "total_steps": self.total_steps,
+            "window": self.window, "step": self.step,
             "lr_scale": self.lr_scale, "phase": self.phase, "losses": list(self.losses),
             "base_slope": self.base_slope, "base_err": self.base_err,
             "trial_from": None if self.trial_from is None else list(self.trial_from),
@@ -422,8 +407,8 @@ class AdaLRS:
 
         The config and total_steps must match this run's; a mid-trial state without its snapshot is
         refused (the trial could not be rolled back)."""
-        if state.get("version") != 1:
-            raise ValueError(f"adalrs.load_state_dict: unknown state version {state.get('version')!r}, expected 1")
+        if state.get("version") != 2:
+            raise ValueError(f"adalrs.load_state_dict: unknown state version {state.get('version')!r}, expected 2")
         if state["config"] != asdict(self.cfg) or state["total_steps"] != self.total_steps:
             raise ValueError(
                 f"adalrs.load_state_dict: saved config {state['config']} / total_steps {state['total_steps']} "
@@ -436,7 +421,7 @@ class AdaLRS:
             if len(snapshot.get("params", ())) != n_params or len(snapshot.get("optim", ())) != n_optim:
                 raise ValueError(f"adalrs.load_state_dict: snapshot has {len(snapshot.get('params', ()))} params / "
                                  f"{len(snapshot.get('optim', ()))} optimizer entries, expected {n_params} / {n_optim}")
-        self.window, self.base_lrs = state["window"], list(state["base_lrs"])
+        self.window = state["window"]
         self.step, self.lr_scale, self.phase = state["step"], state["lr_scale"], state["phase"]
         self.losses = list(state["losses"])
         self.base_slope, self.base_err = state["base_slope"], state["base_err"]
@@ -446,217 +431,3 @@ class AdaLRS:
         self.settled, self.finished = state["settled"], state["finished"]
         self.history = [dict(h) for h in state["history"]]
         self.snapshot = snapshot if state["has_snapshot"] else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark: fixed LR vs AdaLRS from the same start (§3.2.1: "> 0.06 lower final loss")
-#
-# The real benchmark is the `pretrain1` stage of train_stage.py on the tiny preset. Until that
-# exists (and as a fast stand-in), the bench trains a miniature of the same situation: a
-# randomly initialised 2-layer MLP adapter between a frozen "vision" feature space and a frozen
-# LM head, next-token cross-entropy on labels drawn from a hidden teacher adapter, AdamW,
-# warm-up + cosine, starting from an LR that is too small.
-
-# Hook for the real stage (train_stage.py). What it relies on:
-#   train_stage.run_stage(stage: str, overrides: list of "--key=value") -> the run folder, which
-#   holds metrics.jsonl (one JSON record per step; "eval_loss" on eval steps) and meta.json
-#   ("final_loss": the last training loss); StageConfig has `adalrs` (bool) and `out_dir`.
-# The two runs differ only in --adalrs and their output folder; both start from the same weights
-# (--init_from, default: the previous stage's output under the default out dir, if it exists).
-STAGE_RUNS = {"fixed": ["--adalrs=false"], "adalrs": ["--adalrs=true"]}
-
-
-def final_loss_of(run_dir):
-    """The held-out loss of the last eval in run_dir/metrics.jsonl, else meta.json's final_loss."""
-    import json
-    import os
-    last_eval = None
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            for line in f:
-                record = json.loads(line)
-                if "eval_loss" in record:
-                    last_eval = float(record["eval_loss"])
-    if last_eval is not None:
-        return last_eval, "held-out"
-    with open(os.path.join(run_dir, "meta.json")) as f:
-        return float(json.load(f)["final_loss"]), "last train step"
-
-
-def bench_real_stage(stage="pretrain1", init_from="", keep=False):
-    """Run `stage` twice through train_stage.run_stage; None when train_stage cannot do it yet."""
-    import os
-    import shutil
-    import tempfile
-    try:
-        import train_stage  # lazy on purpose: adalrs.py itself imports nothing from the project
-    except ImportError as err:
-        print(f"adalrs bench: train_stage.py is not importable ({err}); running the self-contained stand-in")
-        return None
-    run_stage = getattr(train_stage, "run_stage", None)
-    if run_stage is None:
-        print("adalrs bench: train_stage.py has no run_stage(stage, overrides) yet; running the stand-in")
-        return None
-    if not init_from and hasattr(train_stage, "stage_config") and hasattr(train_stage, "previous_stage_dir"):
-        init_from = train_stage.previous_stage_dir(train_stage.stage_config(stage)) or ""
-    print(f"adalrs bench: {stage} tiny, fixed LR vs AdaLRS, both from "
-          f"{init_from or 'the same random init (no previous stage output found: run the earlier stages for the real start)'}")
-    tmp = tempfile.mkdtemp(prefix="adalrs_bench_")
-    results = {}
-    try:
-        for name, flags in STAGE_RUNS.items():
-            overrides = flags + [f"--out_dir={os.path.join(tmp, name)}"]
-            overrides += [f"--init_from={init_from}"] if init_from else []
-            results[name] = final_loss_of(run_stage(stage, overrides))
-    finally:
-        if keep:
-            print(f"adalrs bench: runs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    (fixed, kind), (ada, _) = results["fixed"], results["adalrs"]
-    print(f"{stage} tiny ({kind} loss): fixed LR {fixed:.4f} | AdaLRS {ada:.4f} | "
-          f"fixed - AdaLRS = {fixed - ada:+.4f} (paper §3.2.1, full scale: > +0.06)")
-    return results
-
-
-@dataclass
-class ToyConfig:
-    steps: int = 1500
-    batch: int = 128
-    lr: float = 2e-4          # the paper's starting LR for basic pre-training (§3.2.1)
-    feat_dim: int = 256       # frozen vision features
-    hidden: int = 256         # LLM width the adapter maps into
-    vocab: int = 256
-    warmup: float = 0.03      # fraction of steps
-    min_lr_frac: float = 0.1  # cosine floor, as a fraction of the peak
-    eval_size: int = 4096
-    teacher_gain: float = 2.0 # init variance gain of the hidden teacher (sets how peaked its tokens are)
-
-
-class ToyAdapter(torch.nn.Module):
-    """Trainable MLP adapter (the pretrain1 trainable part) + frozen LM head: feats (B, F) -> logits (B, V)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.adapter = torch.nn.Sequential(torch.nn.Linear(cfg.feat_dim, cfg.hidden), torch.nn.GELU(),
-                                           torch.nn.Linear(cfg.hidden, cfg.hidden))
-        self.lm_head = torch.nn.Linear(cfg.hidden, cfg.vocab, bias=False)
-        self.lm_head.requires_grad_(False)
-
-    def forward(self, feats):
-        return self.lm_head(self.adapter(feats))
-
-
-def warmup_cosine(step, cfg):
-    """LR multiplier in [min_lr_frac, 1]: linear warm-up, then cosine decay to the floor."""
-    warm = max(1, int(cfg.warmup * cfg.steps))
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def toy_task(cfg, seed):
-    """A hidden teacher adapter into the same frozen head, and a sampler gen -> (feats (B, F), probs (B, V)).
-
-    Targets are the teacher's token distributions (soft labels): the per-step loss noise then
-    comes only from the batch of features, like the very large batches of real pre-training
-    (2048 samples x 8192 tokens), which is what makes loss slopes over short windows measurable.
-    """
-    g = torch.Generator().manual_seed(10_000 + seed)
-    teacher = ToyAdapter(cfg)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (cfg.teacher_gain / p.shape[-1]) ** 0.5)
-
-    def sample(gen, n):
-        feats = torch.randn(n, cfg.feat_dim, generator=gen)
-        with torch.no_grad():
-            return feats, torch.softmax(teacher(feats), dim=-1)
-
-    return teacher, sample
-
-
-def train_toy(cfg, seed, use_adalrs, lr=None, log=None):
-    """Train the toy adapter; same init and data order for every call with the same seed.
-
-    Returns (held-out loss at the end, final LR multiplier found by AdaLRS or 1.0)."""
-    teacher, sample = toy_task(cfg, seed)
-    torch.manual_seed(seed)
-    model = ToyAdapter(cfg)
-    model.lm_head.weight.data.copy_(teacher.lm_head.weight)   # the frozen LLM is shared, the adapter is not
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr or cfg.lr,
-                            weight_decay=0.0)
-    search = AdaLRS(model, opt, cfg.steps, log=log) if use_adalrs else None
-    data_gen = torch.Generator().manual_seed(20_000 + seed)
-    for step in range(cfg.steps):
-        mult = warmup_cosine(step, cfg)
-        if search is not None:
-            search.apply_lr(mult)
-        else:
-            for group in opt.param_groups:
-                group["lr"] = (lr or cfg.lr) * mult
-        feats, targets = sample(data_gen, cfg.batch)
-        # KL(teacher || student) = soft-label cross-entropy minus the teacher's entropy: the same
-        # gradient, without the teacher-entropy variance across samples in the observed loss
-        loss = torch.nn.functional.kl_div(torch.log_softmax(model(feats), -1), targets, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if search is not None:
-            search.observe(loss)
-    eval_feats, eval_targets = sample(torch.Generator().manual_seed(30_000 + seed), cfg.eval_size)
-    with torch.no_grad():
-        final = float(torch.nn.functional.cross_entropy(model(eval_feats), eval_targets))
-    return final, (search.lr_scale if search is not None else 1.0)
-
-
-def bench_toy(cfg, seeds):
-    """Fixed LR vs AdaLRS (same start, same data) on the stand-in; prints one line per seed + mean."""
-    import time
-    diffs = []
-    print(f"stand-in for pretrain1 (adapter-only, frozen LM head): {cfg.steps} steps, batch {cfg.batch}, "
-          f"start LR {cfg.lr:g}, AdamW, warm-up + cosine; AdaLRS defaults {asdict(AdaLRSConfig())}")
-    for seed in range(seeds):
-        t0 = time.perf_counter()
-        lines = []
-        fixed, _ = train_toy(cfg, seed, use_adalrs=False)
-        ada, scale = train_toy(cfg, seed, use_adalrs=True, log=lines.append)
-        found, _ = train_toy(cfg, seed, use_adalrs=False, lr=cfg.lr * scale)
-        diffs.append(fixed - ada)
-        for line in lines:
-            print("   ", line)
-        print(f"seed {seed}: fixed LR {cfg.lr:.1e} final loss {fixed:.4f} | AdaLRS peak LR -> {cfg.lr * scale:.2e} "
-              f"final loss {ada:.4f} | fixed at the found LR from step 0: {found:.4f} | "
-              f"fixed - AdaLRS = {fixed - ada:+.4f} ({time.perf_counter() - t0:.1f}s)")
-    print(f"mean over {seeds} seeds: fixed - AdaLRS = {sum(diffs) / len(diffs):+.4f} "
-          f"(paper §3.2.1, real pretrain1: > +0.06)")
-    return diffs
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="AdaLRS learning-rate search (SAIL-VL2 §3.2.3). `bench` compares the final loss of a "
-                    "fixed LR with AdaLRS from the same start.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    bench = sub.add_parser("bench", help="final loss, fixed LR vs AdaLRS from the same start",
-                           description="Runs train_stage.run_stage('pretrain1', ...) twice (fixed LR, AdaLRS) "
-                                       "when train_stage.py provides it; otherwise, or with --toy, a "
-                                       "self-contained stand-in: an MLP adapter trained into a frozen LM head.")
-    bench.add_argument("--toy", action="store_true", help="skip the real pretrain1 stage, run only the stand-in")
-    bench.add_argument("--stage", default="pretrain1", help="train_stage stage to run (default pretrain1)")
-    bench.add_argument("--seeds", type=int, default=3, help="stand-in: number of seeds (default 3)")
-    bench.add_argument("--steps", type=int, default=ToyConfig.steps, help=f"stand-in: training steps (default {ToyConfig.steps})")
-    bench.add_argument("--lr", type=float, default=ToyConfig.lr, help=f"stand-in: starting / fixed LR (default {ToyConfig.lr:g}, the paper's)")
-    bench.add_argument("--init-from", default="", help="real stage: checkpoint folder both runs start from "
-                                                        "(default: the previous stage's output, if any)")
-    bench.add_argument("--keep", action="store_true", help="real stage: keep the two run folders")
-    args = parser.parse_args(argv)
-    if not args.toy and bench_real_stage(args.stage, args.init_from, args.keep) is not None:
-        return
-    bench_toy(ToyConfig(steps=args.steps, lr=args.lr), args.seeds)
-
-
-if __name__ == "__main__":
-    main()
