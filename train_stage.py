@@ -2,34 +2,57 @@
 
     torchrun train_stage.py --stage vit1                     # the tiny default, CPU, a few minutes
     torchrun --nproc_per_node 2 train_stage.py --stage sft1  # FSDP2 over 2 processes (gloo on CPU)
-    python train_stage.py --help                             # stages, paper values, every option
+    python train_stage.py --help                             # every stage with the paper's values
+    python train_stage.py --stage pretrain1 --help           # that stage's values for every option
 
 Reads in the paper's order:
-  stages       `STAGES`: the paper's values (section, trainable modules, LR, batch, sequence length,
-               data, epochs, schedule) beside a tiny default that runs on 2 CPU cores in minutes.
-               lm0 (not in the paper) language-pretrains the tiny LLM, standing in for Qwen3.
-               SAIL-ViT progressive alignment vit1 -> vit2 -> vit3 (§2.1.1); basic pre-training
-               pretrain1 with AdaLRS (§3.2.1, §3.2.3) and multi-task pretrain2 with n-gram
-               rebalancing (§3.2.2); SFT phases sft1..sft4 and the model soup (§4.2.1); LongCoT
-               SFT (§4.2.2); Think-Fusion SFT with its dual-target loss (§4.2.4). RL is in rl.py.
-  model init   previous stage's output, --init-from DIR, or HF weights (--init-llm, --init-vit)
+  recipe       `RECIPE`: the ordered stage table, the only place a stage is defined (trainable
+               modules, data mix, label mode, init rule, tiny defaults, the paper's values as
+               data). lm0 (not in the paper) language-pretrains the tiny LLM, standing in for
+               Qwen3. SAIL-ViT progressive alignment vit1 -> vit2 -> vit3 (§2.1.1); basic
+               pre-training pretrain1 with AdaLRS (§3.2.1, §3.2.3) and multi-task pretrain2 with
+               n-gram rebalancing (§3.2.2); SFT phases sft1..sft4, a homogeneous twin and the model
+               soup (§4.2.1); LongCoT SFT (§4.2.2); RL with verifiable rewards, CoT harvest,
+               Think-Fusion SFT (§4.2.4) and RL with mixed rewards; the RL rows run in rl.py.
+  model init   the stage's init rule (previous stage / per-module sources), --init-from DIR, or
+               HF weights (--init-llm, --init-vit)
   FSDP2        `parallelize`: fully_shard each LLM block, the ViT as one unit, then the root (§5.2)
-  the loop     AdamW, warm-up + cosine, grad clipping and accumulation, stream packing with a
-               global token-mean loss (§5.1), one log line per step, metrics.jsonl, eval
-  checkpoints  atomic folders with a weight checksum; --resume continues bit-exactly
-  soup         `--stage soup --ckpts A B ...` averages homogeneous checkpoints (§4.2.1)
+  the loop     AdamW, warm-up + cosine (x the AdaLRS scale), grad clipping and accumulation,
+               stream packing with one global token-mean loss (§5.1), eval, checkpoints
+  checkpoints  one writer and one reader: atomic folders, checksums, exact resume
+  soup         average homogeneous checkpoints (§4.2.1)
 
-Overrides: any StageConfig field as `--key=value` (types checked, unknown keys refused), and the
-model config as `--model.llm_config.hidden_size=256`. The resolved config is printed at start and
-saved in every checkpoint.
+Reading order of one training step, from a manifest line to loss.backward() (file:function):
+  1. train_stage.py:train            the loop: LR = schedule x AdaLRS scale, then the next batch
+  2. train_stage.py:StageBatches.next  data -> packing for this step:
+       data.py:Mixture.next           the next visit of the stage's resampled mixture (§3.2.2)
+       data.py:JsonlDataset.load, build_sample   a manifest line -> media, template, tokens, labels
+       packing.py:sample_meta, StreamPacker.push / pop   stream packing (§5.1)
+       packing.py:balance_packs, collate_pack            this rank's micro-batches as tensors
+  3. train_stage.py:train_step       per micro-batch:
+       model.py:SAILVL.forward        vit.py:SAILViT -> model.py:pixel_shuffle -> mlp1 -> the
+                                      <IMG_CONTEXT> slots -> model.py:Qwen3LM.run (kernels.py:
+                                      packed_attention; moe.py:SparseMoeBlock) -> summed CE
+       train_stage.py:step_loss       the one loss: global token mean, aux term, world size
+       loss.backward(); then clip, AdamW step
+  4. train_stage.py:save_checkpoint  every save_every steps, and the stage output at the end
+
+Options: any StageConfig field as `--key=value` or `--key value` (types checked, unknown keys
+refused), nested configs as `--packing.max_tokens=2048`, `--adalrs_cfg.window=20`, and the model
+as `--model.llm_config.hidden_size=256`. The resolved config is printed at start and saved in
+every checkpoint.
 """
 import argparse
 import dataclasses
+import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -39,168 +62,373 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from adalrs import AdaLRS, AdaLRSConfig
 import data
 import model as M
 import moe
 import packing
+from adalrs import AdaLRS, AdaLRSConfig
+from packing import PackingConfig
+
+MODULES = ("vision_model", "mlp1", "language_model")
+
+
+class UsageError(ValueError):
+    """A bad command line: reported as one line on stderr, exit code 2."""
 
 
 # ==============================================================================================
 # configuration
 
+def tiny_packing() -> PackingConfig:
+    """The packer of the tiny stages: short packs, a small buffer that turns over quickly."""
+    return PackingConfig(max_tokens=1024, buffer_size=64, max_wait=32, max_images_per_pack=64)
+
+
 @dataclass
 class StageConfig:
-    stage: str = "vit1"
-    preset: str = "tiny"                  # model preset (model.preset_config)
-    out_dir: str = "out"                  # the stage writes out/<stage>/ (+ step-NNNNNN/ checkpoints)
+    stage: str = "vit1"                   # a stage of the recipe table (python train_stage.py --help)
+    preset: str = "tiny"                  # model preset (python model.py --preset NAME)
+    scale: str = "tiny"                   # tiny | paper: "paper" applies the stage's paper values (printed)
+    out_dir: str = "out"                  # stage outputs out/<stage>/, run state (step checkpoints) out/<stage>.run/
     data_dir: str = "data_synth"          # synthetic default data, generated on first use
     manifests: str = ""                   # your own data: "a.jsonl:2,b.jsonl:1" (path:weight), replaces the mix
     eval_manifests: str = ""              # held-out data for eval (default: the mix's eval split)
-    init_from: str = ""                   # a SAIL-VL2 folder to start from ("" = previous stage's output)
+    init_from: str = ""                   # "" = the stage's init rule; a SAIL-VL2 folder; "random" = fresh weights
     init_llm: str = ""                    # an HF Qwen3 / Qwen3-MoE folder for the language model
     init_vit: str = ""                    # an HF AIMv2 / SAIL-ViT folder for the vision encoder
     tokenizer: str = ""                   # a Qwen tokenizer folder ("" = the embedded default)
     trainable: str = "mlp1"               # comma list of vision_model, mlp1, language_model
-    reinit: str = ""                      # modules re-initialised at start (pretrain1: the adapter)
     text_only: bool = False               # drop images/videos from the data (lm0: the LLM learns the chat format)
-    label_mode: str = ""                  # sft | text | longcot | thinkfusion ("" = the stage's data mix default)
+    label_mode: str = "sft"               # sft | longcot | thinkfusion | text (which tokens carry loss)
     steps: int = 100                      # optimizer steps
-    max_tokens: int = 1024                # tokens per packed micro-batch (paper: 8192 / 16384 / 20480)
-    micro_batches: int = 1                # packed micro-batches per rank per step (gradient accumulation)
-    lr: float = 1e-3
+    lr: float = 1e-3                      # peak learning rate
     min_lr_ratio: float = 0.1             # cosine floor as a fraction of lr
-    warmup_steps: int = 5
-    schedule: str = "cosine"              # cosine | constant
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    warmup_steps: int = 5                 # linear warm-up steps
+    schedule: str = "cosine"              # cosine | constant (after warm-up)
+    weight_decay: float = 0.0             # AdamW weight decay (matrices only)
+    beta1: float = 0.9                    # AdamW beta1
+    beta2: float = 0.95                   # AdamW beta2
+    grad_clip: float = 1.0                # max global gradient norm
+    max_bad_steps: int = 3                # stop after this many non-finite losses in a row (each is skipped)
+    packing: PackingConfig = field(default_factory=tiny_packing)   # --packing.max_tokens=...
     adalrs: bool = False                  # AdaLRS learning-rate search (pretrain1 by default)
-    adalrs_cfg: AdaLRSConfig = field(default_factory=AdaLRSConfig)  # --adalrs_cfg.window=...
-    ngram_rebalance: bool = False         # force n-gram rebalancing (§3.2.2; on by default in pretrain2's mix)
-    eval_every: int = 50
-    eval_packs: int = 8
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    max_bad_fraction: float = 0.05        # stop when more of the data than this is bad
-    seed: int = 1337
-    lm0_steps: int = 150                  # vit1 on the tiny default runs lm0 first when out/lm0 is missing
-    paper: str = ""                       # the paper's values for this stage (printed, not used)
+    adalrs_cfg: AdaLRSConfig = field(default_factory=AdaLRSConfig)       # --adalrs_cfg.window=...
+    ngram_rebalance: bool = False         # n-gram rebalancing of the mix (§3.2.2; pretrain2 by default)
+    eval_every: int = 50                  # held-out loss every N steps (and at step 0 and the end); 0 = never
+    eval_packs: int = 8                   # held-out steps per eval
+    save_every: int = 50                  # step checkpoint every N steps; 0 = only the stage output
+    keep_checkpoints: int = 2             # step checkpoints kept in out/<stage>.run/
+    max_bad_fraction: float = 0.05        # stop when more of the distinct samples than this are bad
+    seed: int = 1337                      # init, data order and sampling
+    auto_steps: int = 0                   # steps of a stand-in stage run automatically first (0 = its default)
+
+
+def field_help(cls) -> dict:
+    """{field: its one-line comment} read from the dataclass source: the comments ARE the help."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, re.M)}
 
 
 def parse_value(text: str, current, name: str):
-    """Convert `text` to the type of `current` (bool, int, float, str, list/tuple, None -> str)."""
+    """`text` converted to the type of `current` (bool, int, float, str, Optional[int])."""
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{name}: expected a boolean (true/false), got {text!r}")
+        raise UsageError(f"--{name}: expected a boolean (true/false), got {text!r}")
     if isinstance(current, (list, tuple)):
-        items = [t for t in text.split(",") if t != ""]
         proto = current[0] if current else ""
-        return type(current)(parse_value(t, proto, name) for t in items)
-    try:
-        if isinstance(current, int):
+        return type(current)(parse_value(t, proto, name) for t in text.split(",") if t != "")
+    if current is None or isinstance(current, int):
+        if current is None and text.lower() in ("none", ""):
+            return None
+        try:
             return int(text)
-        if isinstance(current, float):
+        except ValueError:
+            raise UsageError(f"--{name}: expected an integer, got {text!r}") from None
+    if isinstance(current, float):
+        try:
             return float(text)
-    except ValueError:
-        raise ValueError(f"--{name}: expected {type(current).__name__}, got {text!r}") from None
+        except ValueError:
+            raise UsageError(f"--{name}: expected a number, got {text!r}") from None
     return text
 
 
-def apply_overrides(roots: dict, items: list) -> None:
-    """Apply `--a.b.c=value` items to dataclass instances. roots maps a prefix ('' for the main
-    config) to a dataclass; dotted keys walk nested dataclass fields. Unknown keys are refused."""
-    for item in items:
-        if not item.startswith("--") or "=" not in item:
-            raise ValueError(f"expected --key=value, got {item!r}")
-        key, value = item[2:].split("=", 1)
-        key = key.replace("-", "_")
-        head, _, rest = key.partition(".")
-        if head in roots and head != "" and rest:
-            obj, path = roots[head], rest.split(".")
+def set_key(roots: dict, key: str, value: str) -> None:
+    """Apply one `--a.b.c=value` to the dataclasses in `roots` ('' = the stage config; 'model' =
+    the model config); dotted keys walk nested dataclass fields. Unknown keys are refused with
+    the nearest known one."""
+    key = key.replace("-", "_")
+    head, _, rest = key.partition(".")
+    obj, path = (roots[head], rest.split(".")) if head in roots and head and rest else (roots[""], key.split("."))
+    for i, p in enumerate(path):
+        names = [f.name for f in fields(obj)] if dataclasses.is_dataclass(obj) else []
+        if p not in names:
+            near = difflib.get_close_matches(p, names, n=1)
+            where = ".".join(path[:i]) or "the stage config"
+            raise UsageError(f"unknown option --{key}" + (f" (did you mean --{'.'.join(path[:i] + near)}?)" if near
+                                                          else f" (no field {p!r} in {where})"))
+        if i == len(path) - 1:
+            setattr(obj, p, parse_value(value, getattr(obj, p), key))
         else:
-            obj, path = roots[""], key.split(".")
-        for p in path[:-1]:
-            if not dataclasses.is_dataclass(obj) or p not in {f.name for f in fields(obj)}:
-                raise ValueError(f"unknown config key --{key}")
             obj = getattr(obj, p)
-        last = path[-1]
-        if not dataclasses.is_dataclass(obj) or last not in {f.name for f in fields(obj)}:
-            known = ", ".join(f.name for f in fields(obj)) if dataclasses.is_dataclass(obj) else ""
-            raise ValueError(f"unknown config key --{key}" + (f" (known here: {known})" if known else ""))
-        setattr(obj, last, parse_value(value, getattr(obj, last), key))
+
+
+def split_options(argv: list, multi=("ckpts",), flags=("help", "resume")) -> list:
+    """[(key, value)] from argv in one option style: `--key=value` or `--key value`. Keys in
+    `multi` take every following value; keys in `flags` may stand alone (value None)."""
+    out, i = [], 0
+    while i < len(argv):
+        item = argv[i]
+        if item in ("-h",):
+            item = "--help"
+        if not item.startswith("--"):
+            raise UsageError(f"unexpected argument {item!r} (options look like --key=value)")
+        key, eq, value = item[2:].partition("=")
+        key = key.replace("-", "_")
+        i += 1
+        if key in multi and not eq:
+            values = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            value = ",".join(values)
+        elif not eq:
+            if i < len(argv) and not argv[i].startswith("--"):
+                value, i = argv[i], i + 1
+            elif key in flags:
+                value = None
+            else:
+                raise UsageError(f"--{key} needs a value: --{key}=VALUE")
+        out.append((key, value))
+    return out
 
 
 # ==============================================================================================
-# stages: the paper's values (with sections) and a tiny default each
+# the recipe: one ordered table of stages (paper sections, values as data, tiny defaults)
 
-PREVIOUS = {"vit1": "lm0", "vit2": "vit1", "vit3": "vit2", "pretrain1": "vit3", "pretrain2": "pretrain1",
-            "sft1": "pretrain2", "sft2": "sft1", "sft3": "sft2", "sft4": "sft3",
-            "longcot": ("soup", "sft4"), "thinkfusion": ("rl-verifiable", "longcot")}
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    section: str                # paper section ("" for a stand-in the miniature needs)
+    note: str                   # what the paper does in this stage, in one line
+    trainable: tuple = MODULES  # the modules the paper trains
+    mix: tuple = ()             # ((synthetic family or "out:<stage>/<file>", weight), ...): the stage's data
+    label_mode: str = "sft"     # which tokens carry loss (data.LABEL_MODES)
+    init: object = "previous"   # "previous", "random", a stage name, or ((module, stage | "fresh"), ...)
+    tiny: tuple = ()            # ((StageConfig key, value), ...): the CPU default
+    paper: tuple = ()           # ((key, value), ...): lr, batch (samples), seq, samples, tokens, epochs, ...
+    runner: str = "train_stage.py"   # the script that runs it (RL stages: rl.py)
+    auto: bool = False          # a stand-in: run automatically when a later stage needs its output
+    inputs: tuple = ()          # soup: the stages whose outputs are averaged
 
-
-def stage_config(name: str) -> StageConfig:
-    """The tiny default of stage `name`, with the paper's values recorded in `paper`."""
-    S = StageConfig
-    stages = {
-        "lm0": S(stage="lm0", trainable="language_model", text_only=True, lr=3e-3, steps=150, warmup_steps=10,
-                 paper="not a paper stage: language pre-training of the tiny LLM on synthetic text, standing in for "
-                       "Qwen3's own pre-training (the real recipe starts from a Qwen3 checkpoint)"),
-        "vit1": S(stage="vit1", trainable="mlp1", lr=3e-3, steps=600, warmup_steps=10, eval_every=100,
-                  paper="§2.1.1 SAIL-ViT stage I: adapter only; 8M samples (4.9M SAIL-Caption2 + 3.1M OCR); "
-                        "LR 2e-4; batch 1920; seq 8192"),
-        "vit2": S(stage="vit2", trainable="vision_model,mlp1", lr=1e-3, steps=100,
-                  paper="§2.1.1 SAIL-ViT stage II: ViT + adapter; LR 2e-5; batch 512; seq 8192"),
-        "vit3": S(stage="vit3", trainable="vision_model,mlp1,language_model", lr=5e-4, steps=100,
-                  paper="§2.1.1 SAIL-ViT stage III: all parameters; 36.5M samples; LR 1e-5; batch 512; seq 8192"),
-        "pretrain1": S(stage="pretrain1", trainable="mlp1", reinit="mlp1", lr=2e-4, steps=200, adalrs=True,
-                       warmup_steps=5, schedule="cosine",
-                       paper="§3.2.1 basic multimodal pre-training: adapter only, from random init; 64M samples "
-                             "(captions, chart captions, OCR), dataset-level resampling (§3.2.2); batch 2048; "
-                             "initial LR 2e-4 with AdaLRS (§3.2.3, ended at 6.75e-4); seq 8192"),
-        "pretrain2": S(stage="pretrain2", trainable="vision_model,mlp1,language_model", lr=5e-4, steps=100,
-                       paper="§3.2.1 multi-task pre-training: all parameters; 180M samples (half visual "
-                             "understanding, half instruction incl. text math); n-gram rebalancing (§3.2.2); "
-                             "no AdaLRS; seq 8192; LR not stated in the paper"),
-        "sft1": S(stage="sft1", trainable="vision_model,mlp1,language_model", lr=3e-4, steps=80,
-                  paper="§4.2.1 SFT phase 1: general instructions (Infinity-MM stage 2); all parameters; "
-                        "42B tokens; seq 8192"),
-        "sft2": S(stage="sft2", trainable="vision_model,mlp1,language_model", lr=3e-4, steps=80,
-                  paper="§4.2.1 SFT phase 2: SAIL-Instruction2 (20M); all parameters; 40B tokens; seq 8192"),
-        "sft3": S(stage="sft3", trainable="vision_model,mlp1,language_model", lr=2e-4, steps=60,
-                  paper="§4.2.1 SFT phase 3: hard subsets (LLaVA-CoT, MMPR, Condor); all; 16B tokens; seq 8192"),
-        "sft4": S(stage="sft4", trainable="vision_model,mlp1,language_model", lr=2e-4, steps=60, max_tokens=2048,
-                  paper="§4.2.1 SFT phase 4: image:video 1:1; all parameters; 70B tokens; seq 16384"),
-        "soup": S(stage="soup", trainable="",
-                  paper="§4.2.1 model soup: average homogeneous checkpoints (same recipe, different seeds / "
-                        "data order): +1.7 avg (Table 5); heterogeneous merges collapse (12.86 avg)"),
-        "longcot": S(stage="longcot", trainable="vision_model,mlp1,language_model", lr=2e-4, steps=80, max_tokens=2048,
-                     paper="§4.2.2 LongCoT SFT: 400K samples, <think>...</think> + \\boxed{}; loss on thinking + "
-                           "answer; 1 epoch; AdamW; batch 1024; cosine; peak LR 1e-6; seq 20480"),
-        "thinkfusion": S(stage="thinkfusion", trainable="vision_model,mlp1,language_model", lr=1e-4, steps=80, max_tokens=2048,
-                         paper="§4.2.4 Think-Fusion SFT: 1M samples = 900K direct + 100K CoT (9:1); dual-target "
-                               "loss (CoT: thinking + answer, direct: answer); 1 epoch; batch 1024; cosine; "
-                               "peak LR 1e-6; seq 20480"),
-    }
-    if name not in stages:
-        raise ValueError(f"unknown stage {name!r}; choose from {', '.join(stages)} (RL stages are in rl.py)")
-    return stages[name]
+    @property
+    def paper_values(self) -> dict:
+        return dict(self.paper)
 
 
-STAGE_NAMES = ["lm0", "vit1", "vit2", "vit3", "pretrain1", "pretrain2", "sft1", "sft2", "sft3", "sft4",
-               "soup", "longcot", "thinkfusion"]
+SFT_MIX_4 = (("video", 0.5), ("caption_qa", 0.1), ("ocr", 0.1), ("chart", 0.1), ("count", 0.1), ("multi", 0.1))
+SFT4_TINY = (("lr", 2e-4), ("steps", 60), ("packing.max_tokens", 2048))
+RECIPE = (
+    Stage("lm0", "", "not a paper stage: language pre-training of the tiny LLM on synthetic text and text-only "
+          "chat, standing in for Qwen3's own pre-training (real runs start from Qwen3: --init-llm)",
+          trainable=("language_model",), init="random", auto=True,
+          mix=(("text", 0.4), ("caption", 0.2), ("ocr", 0.1), ("caption_qa", 0.1), ("count", 0.1), ("math_direct", 0.1)),
+          tiny=(("text_only", True), ("lr", 3e-3), ("steps", 150), ("warmup_steps", 10))),
+    Stage("vit1", "§2.1.1", "SAIL-ViT stage I: the adapter aligns the ViT to the LLM; 4.9M SAIL-Caption2 + 3.1M OCR",
+          trainable=("mlp1",), mix=(("caption", 0.6), ("ocr", 0.4)),
+          tiny=(("lr", 3e-3), ("steps", 600), ("warmup_steps", 10), ("eval_every", 100)),
+          paper=(("lr", 2e-4), ("batch", 1920), ("seq", 8192), ("samples", 8_000_000))),
+    Stage("vit2", "§2.1.1", "SAIL-ViT stage II: ViT + adapter on SAIL-Caption2, Caption2-QA and VQA",
+          trainable=("vision_model", "mlp1"), mix=(("caption", 0.4), ("caption_qa", 0.3), ("ocr", 0.3)),
+          tiny=(("lr", 1e-3), ("steps", 100)), paper=(("lr", 2e-5), ("batch", 512), ("seq", 8192))),
+    Stage("vit3", "§2.1.1", "SAIL-ViT stage III: all parameters, 36.5M multimodal samples",
+          mix=(("caption", 0.3), ("caption_qa", 0.3), ("ocr", 0.2), ("count", 0.1), ("chart", 0.1)),
+          tiny=(("lr", 5e-4), ("steps", 100)),
+          paper=(("lr", 1e-5), ("batch", 512), ("seq", 8192), ("samples", 36_500_000))),
+    Stage("pretrain1", "§3.2.1, §3.2.3", "basic pre-training: SAIL-ViT + the original LLM + a freshly initialised "
+          "adapter, adapter only, AdaLRS from 2e-4 (ended at 6.75e-4); captions, chart captions, OCR",
+          trainable=("mlp1",), init=(("vision_model", "vit3"), ("mlp1", "fresh"), ("language_model", "lm0")),
+          mix=(("caption", 0.5), ("ocr", 0.25), ("chart", 0.15), ("text", 0.1)),
+          tiny=(("lr", 2e-4), ("steps", 200), ("adalrs", True)),
+          paper=(("lr", 2e-4), ("batch", 2048), ("seq", 8192), ("samples", 64_000_000), ("tokens", 128e9))),
+    Stage("pretrain2", "§3.2.1, §3.2.2", "multi-task pre-training: all parameters, half visual understanding, half "
+          "instructions incl. text math; n-gram rebalancing; no AdaLRS",
+          mix=(("caption", 0.2), ("caption_qa", 0.15), ("ocr", 0.15), ("count", 0.15), ("chart", 0.15),
+               ("math_direct", 0.1), ("text", 0.1)),
+          tiny=(("lr", 5e-4), ("steps", 100), ("ngram_rebalance", True)),
+          paper=(("seq", 8192), ("samples", 180_000_000), ("tokens", 360e9))),
+    Stage("sft1", "§4.2.1", "SFT phase 1: general instructions (Infinity-MM stage 2)",
+          mix=(("caption_qa", 0.3), ("count", 0.2), ("ocr", 0.2), ("chart", 0.2), ("multi", 0.1)),
+          tiny=(("lr", 3e-4), ("steps", 80)), paper=(("seq", 8192), ("tokens", 42e9))),
+    Stage("sft2", "§4.2.1", "SFT phase 2: SAIL-Instruction2 (20M)",
+          mix=(("caption", 0.1), ("caption_qa", 0.15), ("ocr", 0.15), ("chart", 0.15), ("count", 0.15),
+               ("multi", 0.15), ("math_direct", 0.15)),
+          tiny=(("lr", 3e-4), ("steps", 80)), paper=(("seq", 8192), ("samples", 20_000_000), ("tokens", 40e9))),
+    Stage("sft3", "§4.2.1", "SFT phase 3: hard subsets (LLaVA-CoT, MMPR, Condor)",
+          mix=(("chart", 0.25), ("count_cot", 0.25), ("multi", 0.2), ("math", 0.3)),
+          tiny=(("lr", 2e-4), ("steps", 60)), paper=(("seq", 8192), ("tokens", 16e9))),
+    Stage("sft4", "§4.2.1", "SFT phase 4: image:video 1:1", mix=SFT_MIX_4, tiny=SFT4_TINY,
+          paper=(("seq", 16384), ("tokens", 70e9))),
+    Stage("sft4-twin", "§4.2.1", "a homogeneous twin of sft4 for the soup: same recipe from sft3, another seed",
+          init="sft3", mix=SFT_MIX_4, tiny=SFT4_TINY + (("seed", 7331),), paper=(("seq", 16384), ("tokens", 70e9))),
+    Stage("soup", "§4.2.1", "model soup: average homogeneous checkpoints (same recipe, different seeds / data "
+          "order): +1.7 avg (Table 5); heterogeneous merges collapse (12.86 avg)",
+          trainable=(), inputs=("sft4", "sft4-twin"), mix=SFT_MIX_4, tiny=SFT4_TINY, runner="soup"),
+    Stage("longcot", "§4.2.2", "LongCoT SFT: <think>...</think> + \\boxed{}; loss on thinking + answer; 1 epoch",
+          mix=(("math", 0.6), ("count_cot", 0.4)), label_mode="longcot",
+          tiny=(("lr", 2e-4), ("steps", 80), ("packing.max_tokens", 2048)),
+          paper=(("lr", 1e-6), ("batch", 1024), ("seq", 20480), ("samples", 400_000), ("epochs", 1))),
+    Stage("rl-verifiable", "§4.2.3", "RL with verifiable rewards (answer + format): DAPO for dense models, GSPO "
+          "for MoE; 2048 rollouts / episode, 8 updates of mini-batch 512; clip in [0.20, 0.28]",
+          mix=(("math", 0.4), ("count", 0.3), ("ocr", 0.15), ("chart", 0.15)), label_mode="rl", runner="rl.py",
+          paper=(("lr", 1e-6), ("seq", 16384), ("samples", 70_000), ("rollouts", 2048), ("mini_batch", 512))),
+    Stage("harvest", "§4.2.4", "CoT harvest: rejection-sample correct, well-formed chains from the RL model",
+          trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py"),
+    Stage("thinkfusion", "§4.2.4", "Think-Fusion SFT: 900K direct + 100K harvested CoT (9:1); dual-target loss",
+          init="rl-verifiable", label_mode="thinkfusion",
+          mix=(("caption_qa", 1.5), ("ocr", 1.5), ("chart", 1.5), ("count", 1.5), ("math_direct", 2.0),
+               ("multi", 1.0), ("out:harvest/cot.jsonl", 1.0)),
+          tiny=(("lr", 1e-4), ("steps", 80), ("packing.max_tokens", 2048)),
+          paper=(("lr", 1e-6), ("batch", 1024), ("seq", 20480), ("samples", 1_000_000), ("epochs", 1))),
+    Stage("rl-mixed", "§4.2.5", "RL with mixed rewards (answer + think + format, weighted): hard cases + general",
+          mix=(("math", 0.25), ("count", 0.15), ("chart", 0.15), ("ocr", 0.1), ("caption_qa", 0.15), ("multi", 0.1),
+               ("video", 0.1)), label_mode="rl", runner="rl.py",
+          paper=(("lr", 1e-6), ("seq", 16384), ("samples", 100_000))),
+)
+STAGES = {s.name: s for s in RECIPE}
+
+
+def stage_row(name: str) -> Stage:
+    if name not in STAGES:
+        near = difflib.get_close_matches(name, list(STAGES), n=1)
+        raise UsageError(f"unknown stage {name!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                         + f"; stages: {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def previous_name(row: Stage) -> Optional[str]:
+    i = RECIPE.index(row)
+    return RECIPE[i - 1].name if i else None
+
+
+def next_name(row: Stage) -> Optional[str]:
+    i = RECIPE.index(row)
+    return RECIPE[i + 1].name if i + 1 < len(RECIPE) else None
+
+
+def init_rule(row: Stage) -> dict:
+    """{module: stage name | "fresh"} of a stage's init rule."""
+    if row.init == "random":
+        return {m: "fresh" for m in MODULES}
+    if isinstance(row.init, tuple):
+        return dict(row.init)
+    src = previous_name(row) if row.init == "previous" else row.init
+    return {m: src for m in MODULES}
+
+
+def stage_config(name: str, scale: str = "tiny", log=None) -> StageConfig:
+    """The stage's config: StageConfig defaults, then the row's tiny defaults, then (scale='paper')
+    the paper's values as far as the paper gives them."""
+    row = stage_row(name)
+    cfg = StageConfig(stage=name, trainable=",".join(row.trainable), label_mode=row.label_mode)
+    roots = {"": cfg}
+    for key, value in row.tiny:
+        set_key(roots, key, str(value))
+    if scale == "paper":
+        apply_paper_scale(cfg, row, log or print)
+    elif scale != "tiny":
+        raise UsageError(f"--scale must be tiny or paper, got {scale!r}")
+    cfg.scale = scale
+    return cfg
+
+
+def apply_paper_scale(cfg: StageConfig, row: Stage, log) -> None:
+    """The paper's values for a real run: LR, sequence length (pack length) and steps (samples /
+    batch, or tokens / (batch x seq)); values the paper does not state are kept and named."""
+    p, changed = row.paper_values, []
+
+    def change(key, value):
+        changed.append(f"{key} {getattr_path(cfg, key)} -> {value}")
+        set_key({"": cfg}, key, str(value))
+    if "lr" in p:
+        change("lr", p["lr"])
+    if "seq" in p:
+        change("packing.max_tokens", p["seq"])
+    batch = p.get("batch")
+    if batch and "samples" in p:
+        change("steps", max(1, int(p["samples"] * p.get("epochs", 1) // batch)))
+    elif batch and "tokens" in p and "seq" in p:
+        change("steps", max(1, int(p["tokens"] // (batch * p["seq"]))))
+    if cfg.preset.startswith("tiny"):
+        changed.append(f"preset {cfg.preset} -> 2b")
+        cfg.preset = "2b"
+    missing = [k for k in ("lr", "batch", "seq") if k not in p]
+    log(f"--scale=paper ({row.name}, {row.section or 'not a paper stage'}): " + ("; ".join(changed) or "nothing")
+        + (f"; the paper does not state {', '.join(missing)}: kept {cfg.lr:g} / packs of {cfg.packing.max_tokens}"
+           if missing else "") + "; the global batch is micro_batches x ranks x packs of max_tokens")
+
+
+def getattr_path(obj, dotted: str):
+    for p in dotted.split("."):
+        obj = getattr(obj, p)
+    return obj
 
 
 def modules_of(spec: str) -> list:
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [n for n in names if n not in ("vision_model", "mlp1", "language_model")]
+    bad = [n for n in names if n not in MODULES]
     if bad:
-        raise ValueError(f"unknown module(s) {bad}: use vision_model, mlp1, language_model")
+        raise UsageError(f"unknown module(s) {bad}: use {', '.join(MODULES)}")
     return names
+
+
+def stage_dir(cfg: StageConfig, name: Optional[str] = None) -> str:
+    """Where a stage's output lives: out/<stage>/."""
+    return os.path.join(cfg.out_dir, name or cfg.stage)
+
+
+def run_dir(cfg: StageConfig) -> str:
+    """Where a running stage keeps its step checkpoints and live metrics: out/<stage>.run/."""
+    return stage_dir(cfg) + ".run"
+
+
+def stage_sources(cfg: StageConfig, split: str) -> list:
+    """[(manifest, weight)]: --manifests / --eval_manifests, else the stage's synthetic mix."""
+    spec = cfg.manifests if split == "train" else cfg.eval_manifests
+    if spec:
+        out = []
+        for item in spec.split(","):
+            path, _, w = item.rpartition(":") if re.search(r":[0-9.]+$", item) else (item, "", "")
+            out.append((path, float(w) if w else 1.0))
+        return out
+    sources = []
+    for name, weight in stage_row(cfg.stage).mix:
+        if name.startswith("out:"):                     # a manifest an earlier step of the recipe writes
+            if split != "train":
+                continue
+            path = os.path.join(cfg.out_dir, name[4:])
+            if not os.path.exists(path):
+                producer = stage_row(name[4:].split("/")[0])
+                raise UsageError(f"{cfg.stage} reads {path}, which the {producer.name} stage writes: run "
+                                 f"`{command_for(producer, cfg)}` first, or pass --manifests=...")
+            sources.append((path, weight))
+        else:
+            sources.append((os.path.join(cfg.data_dir, name, f"{split}.jsonl"), weight))
+    return sources
+
+
+def command_for(row: Stage, cfg: StageConfig) -> str:
+    """The command that runs `row` with the user's output folder and seed (for hints)."""
+    tool = "train_stage.py" if row.runner == "soup" else row.runner
+    extra = [f"--out_dir={cfg.out_dir}"] if cfg.out_dir != StageConfig.out_dir else []
+    extra += [f"--data_dir={cfg.data_dir}"] if cfg.data_dir != StageConfig.data_dir else []
+    extra += [f"--preset={cfg.preset}"] if cfg.preset != StageConfig.preset else []
+    return " ".join([f"torchrun {tool} --stage {row.name}", *extra])
 
 
 # ==============================================================================================
@@ -219,6 +447,15 @@ def setup_distributed():
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def shutdown_distributed():
+    """Every rank waits for the others, then tears the process group down. Without the barrier a
+    rank that finished first closes its gloo connections while the other still uses them, and
+    gloo's background thread aborts that process (SIGABRT, seen in ~1 of 3 two-process runs)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def parallelize(model: M.SAILVL, device, mixed_precision: bool):
@@ -247,164 +484,131 @@ def all_reduce_sum(values, device):
 
 
 # ==============================================================================================
-# model initialisation for a stage
+# model initialisation for a stage: its init rule, then --init-from / --init-vit / --init-llm
 
-def stage_dir(cfg: StageConfig, name: Optional[str] = None) -> str:
-    return os.path.join(cfg.out_dir, name or cfg.stage)
+def init_sources(cfg: StageConfig) -> dict:
+    """{module: a checkpoint folder | "fresh"}: --init-from overrides the stage's init rule."""
+    if cfg.init_from == "random":
+        return {m: "fresh" for m in MODULES}
+    if cfg.init_from:
+        return {m: cfg.init_from for m in MODULES}
+    return {m: src if src == "fresh" else stage_dir(cfg, src) for m, src in init_rule(stage_row(cfg.stage)).items()}
 
 
-def is_finished_stage(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "model.safetensors")) and os.path.exists(os.path.join(path, "meta.json"))
+def missing_sources(cfg: StageConfig) -> list:
+    """Stages whose output this stage starts from but which are not there (their names)."""
+    if cfg.init_from:
+        return []
+    rule = init_rule(stage_row(cfg.stage))
+    return sorted({s for m, s in rule.items() if s != "fresh" and not (m == "language_model" and cfg.init_llm)
+                   and not (m == "vision_model" and cfg.init_vit) and not is_finished_stage(stage_dir(cfg, s))})
 
 
-def previous_stage_dir(cfg: StageConfig) -> Optional[str]:
-    prev = PREVIOUS.get(cfg.stage)
-    for p in (prev if isinstance(prev, tuple) else (prev,)):
-        if p and is_finished_stage(stage_dir(cfg, p)):
-            return stage_dir(cfg, p)
-    return None
+def reinit_module(module, seed: int):
+    """A module freshly initialised as its constructor does (nn defaults), seeded."""
+    torch.manual_seed(seed)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and m is not module:
+            m.reset_parameters()
 
 
 def build_stage_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, log) -> M.SAILVL:
-    """Random init, then (in order) the previous stage / --init-from, then --init-vit / --init-llm."""
+    """Random init, then every module from its source (a whole checkpoint when all modules share
+    one, which also brings its config), then --init-vit / --init-llm."""
     torch.manual_seed(cfg.seed)
     model = M.SAILVL(model_cfg)
     model.init_weights()
-    src = cfg.init_from or previous_stage_dir(cfg)
-    if src:
-        log(f"init: all weights from {src}")
-        loaded = M.SAILVL.from_pretrained(src)
-        if asdict(loaded.cfg) != asdict(model_cfg):
-            diff = {k: (v, asdict(model_cfg)[k]) for k, v in asdict(loaded.cfg).items() if asdict(model_cfg)[k] != v}
-            log(f"init: using the config of {src} (differs from the preset in {sorted(diff)})")
-            model = loaded
-        else:
-            model.load_state_dict(loaded.state_dict())
-    if cfg.stage == "pretrain1" and not cfg.init_from and is_finished_stage(stage_dir(cfg, "lm0")):
-        # §3.2.1: basic pre-training = SAIL-ViT (from vit3) + the original LLM + a fresh adapter
-        lm0 = M.SAILVL.from_pretrained(stage_dir(cfg, "lm0"))
-        model.language_model.load_state_dict(lm0.language_model.state_dict())
-        log(f"init: language model from {stage_dir(cfg, 'lm0')} (the LLM before SAIL-ViT training, §3.2.1)")
+    sources = init_sources(cfg)
+    folders = sorted({s for s in sources.values() if s != "fresh"})
+    loaded = {f: M.SAILVL.from_pretrained(f) for f in folders}
+    if folders and asdict(loaded[folders[0]].cfg) != asdict(model_cfg):
+        diff = sorted(k for k, v in asdict(loaded[folders[0]].cfg).items() if asdict(model_cfg)[k] != v)
+        log(f"init: using the config of {folders[0]} (differs from the preset in {diff})")
+        model = M.SAILVL(loaded[folders[0]].cfg)
+        model.init_weights()
+    if not folders:
+        log("init: random weights (the stage starts from scratch)")
+    elif len(folders) == 1 and all(s == folders[0] for s in sources.values()):
+        model.load_state_dict(loaded[folders[0]].state_dict())
+        log(f"init: all weights from {folders[0]}")
+    else:
+        for name, src in sources.items():
+            if src == "fresh":
+                reinit_module(getattr(model, name), cfg.seed + 1)
+                log(f"init: {name} freshly initialised (random), as the stage starts it")
+            else:
+                getattr(model, name).load_state_dict(getattr(loaded[src], name).state_dict())
+                log(f"init: {name} from {src}")
     if cfg.init_vit:
-        v = M.vit.load_hf_vit(cfg.init_vit)
-        model.vision_model.load_state_dict(v.state_dict())
+        model.vision_model.load_state_dict(M.vit.load_hf_vit(cfg.init_vit).state_dict())
         log(f"init: vision encoder from {cfg.init_vit}")
     if cfg.init_llm:
-        lm = M.load_hf_llm(cfg.init_llm)
-        model.language_model.load_state_dict(lm.state_dict())
+        model.language_model.load_state_dict(M.load_hf_llm(cfg.init_llm).state_dict())
         log(f"init: language model from {cfg.init_llm}")
-    if not (src or cfg.init_vit or cfg.init_llm):
-        log(f"init: nothing to start from (no {stage_dir(cfg, str(PREVIOUS.get(cfg.stage, '-')))}, no --init-from): "
-            f"random initialisation")
-    for name in modules_of(cfg.reinit):
-        torch.manual_seed(cfg.seed + 1)
-        sub = getattr(model, name)
-        for m in sub.modules():
-            if hasattr(m, "reset_parameters") and m is not sub:
-                m.reset_parameters()
-        log(f"init: {name} re-initialised (random), as the paper's stage starts it")
     return model
 
 
 def freeze(model: M.SAILVL, trainable: list):
     """Only the stage's modules train; frozen ones get no gradient and no optimizer state."""
-    for name in ("vision_model", "mlp1", "language_model"):
+    for name in MODULES:
         getattr(model, name).requires_grad_(name in trainable)
 
 
 # ==============================================================================================
-# data (data.py + packing.py, §3.2.2 and §5.1)
+# data -> packing, once per step (§3.2.2, §5.1)
 
-class StageDataset:
-    """Map-style view of a stage's weighted mixture of manifests, as the packer wants it.
+class StageBatches:
+    """This rank's packed micro-batches, one optimizer step at a time.
 
-    Global index g = manifest offset + line index. `order(epoch)` is data.DataStream's plan for that
-    epoch (dataset-level resampling, §3.2.2 step 1, and n-gram rebalancing, step 2), so the packer
-    visits exactly the mixture the paper describes. Bad samples give None (counted by reason with
-    file and line, and the run stops when too many are bad). A small cache holds the samples the
-    packer measured until they are collated, so each is decoded once."""
+    Every rank reads the same global stream (data.Mixture.next), pushes each sample's metadata
+    into the same packer, pops world x micro_batches packs, splits them with balance_packs and
+    collates only its own, so the split is exact with no communication. Samples measured for
+    packing are kept until collated (a bounded cache; an evicted one is decoded again: loading is
+    deterministic per stream position)."""
 
-    def __init__(self, sources, tok, dcfg, seed: int, training: bool, ngram_rebalance: bool,
-                 img_context_id: int, cache_size: int = 256, verbose: bool = True):
-        self.stream = data.DataStream(sources, tok, dcfg, seed=seed, training=training,
-                                      ngram_rebalance=ngram_rebalance, verbose=verbose)
-        self.datasets = self.stream.datasets
-        self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
-        self.seed, self.img_context_id, self.cache_size = seed, img_context_id, cache_size
-        self.bad = data.BadData(dcfg.max_bad_fraction, dcfg.bad_check_after)
+    def __init__(self, mixture: data.Mixture, pcfg: packing.PackingConfig, rank: int, world: int,
+                 img_context_id: int, hidden_size: int, cache_size: int = 256):
+        self.mixture, self.pcfg, self.rank, self.world = mixture, pcfg, rank, world
+        self.packer = packing.StreamPacker(pcfg)
+        self.img_context_id, self.hidden_size, self.cache_size = img_context_id, hidden_size, cache_size
         self.cache = {}
+        self.steps = 0
 
-    def __len__(self):
-        return int(self.offsets[-1])
+    def next(self) -> list:
+        plans = []
+        while len(plans) < self.world * self.pcfg.micro_batches:
+            while not self.packer.full:
+                k, sample = self.mixture.next()
+                if self.packer.push(packing.sample_meta(sample, k, self.img_context_id)):
+                    self.cache[k] = sample
+                    if len(self.cache) > self.cache_size:
+                        self.cache.pop(next(iter(self.cache)))
+            plans.append(self.packer.pop())
+        groups = (packing.balance_packs(plans, self.world, self.hidden_size, self.pcfg.visual_packing)
+                  if self.world > 1 else [list(range(len(plans)))])
+        self.steps += 1
+        return [packing.collate_pack([self.cache.pop(m.index, None) or self.mixture.load(m.index) for m in plans[j]],
+                                     plans[j]) for j in groups[self.rank]]
 
-    def order(self, epoch: int):
-        src, idx = self.stream.plan(epoch)
-        return (self.offsets[src] + idx).tolist()
+    def state_dict(self) -> dict:
+        return {"data": self.mixture.state_dict(), "packer": self.packer.state_dict(), "steps": self.steps}
 
-    def _load(self, g: int):
-        s = int(np.searchsorted(self.offsets, g, side="right") - 1)
-        # per-index generator: random video frames (training) are the same on every rank and on resume
-        return self.datasets[s].load(g - int(self.offsets[s]), np.random.default_rng([self.seed, g, 1]))
-
-    def __getitem__(self, g: int):
-        if g in self.cache:
-            return self.cache.pop(g)
-        try:
-            return self._load(g)
-        except data.DataError:
-            return None
-
-    def meta(self, g: int):
-        """SampleMeta for the packer (None for a bad sample, which is reported and counted)."""
-        try:
-            sample = self._load(g)
-        except data.DataError as e:
-            self.bad.bad(e)
-            return None
-        self.bad.good()
-        if len(self.cache) >= self.cache_size:
-            self.cache.pop(next(iter(self.cache)))
-        self.cache[g] = sample
-        return packing.sample_meta(sample, g, self.img_context_id)
+    def load_state_dict(self, state: dict):
+        self.mixture.load_state_dict(state["data"])
+        self.packer.load_state_dict(state["packer"])
+        self.steps, self.cache = state["steps"], {}
 
 
-def stage_sources(cfg: StageConfig, split: str) -> list:
-    """[(manifest, weight)]: --manifests / --eval_manifests, else the stage's synthetic mix."""
-    spec = cfg.manifests if split == "train" else cfg.eval_manifests
-    if spec:
-        out = []
-        for item in spec.split(","):
-            path, _, w = item.partition(":")
-            out.append((path, float(w) if w else 1.0))
-        return out
-    mix_stage = cfg.stage if cfg.stage in data.STAGE_DATA else "sft4"
-    return data.stage_sources(mix_stage, cfg.data_dir, split)
-
-
-def label_mode(cfg: StageConfig) -> str:
-    return cfg.label_mode or data.STAGE_DATA.get(cfg.stage, data.STAGE_DATA["sft1"]).label_mode
-
-
-def build_loader(cfg: StageConfig, model_cfg: M.SAILVLConfig, tok, split: str, rank: int, world: int,
-                 seed: int, verbose: bool = True):
-    dcfg = data.DataConfig(image_size=model_cfg.vision_config.image_size,
-                           patch_size=model_cfg.vision_config.patch_size, max_tiles=model_cfg.max_dynamic_patch,
-                           min_tiles=model_cfg.min_dynamic_patch, use_thumbnail=model_cfg.use_thumbnail,
-                           anyres=model_cfg.anyres, anyres_max_patches=4 * model_cfg.anyres_max_tokens,
-                           max_len=cfg.max_tokens, label_mode=label_mode(cfg), system=model_cfg.system_prompt,
-                           max_bad_fraction=cfg.max_bad_fraction, drop_media=cfg.text_only)
-    ngram = cfg.ngram_rebalance or (not cfg.manifests and data.STAGE_DATA.get(cfg.stage, data.STAGE_DATA["sft1"])
-                                    .ngram_rebalance)
-    dataset = StageDataset(stage_sources(cfg, split), tok, dcfg, seed, training=split == "train",
-                           ngram_rebalance=ngram and split == "train", img_context_id=model_cfg.img_context_token_id,
-                           verbose=verbose and rank == 0)
-    pcfg = packing.PackingConfig(max_tokens=cfg.max_tokens, micro_batches=cfg.micro_batches,
-                                 hidden_size=model_cfg.llm_config.hidden_size, seed=seed,
-                                 buffer_size=64, max_wait=32, max_images_per_pack=64)
-    loader = packing.PackedLoader(dataset, pcfg, rank=rank, world_size=world,
-                                  img_context_id=model_cfg.img_context_token_id,
-                                  meta_fn=dataset.meta, order_fn=dataset.order)
-    return dataset, loader
+def build_batches(cfg: StageConfig, model_cfg: M.SAILVLConfig, tok, split: str, rank: int, world: int,
+                  verbose: bool = True) -> StageBatches:
+    """The stage's mixture (train or held-out split) read through the packer."""
+    dcfg = data.DataConfig.from_model(model_cfg, max_len=cfg.packing.max_tokens, label_mode=cfg.label_mode,
+                                      max_bad_fraction=cfg.max_bad_fraction, drop_media=cfg.text_only)
+    train = split == "train"
+    mixture = data.Mixture(stage_sources(cfg, split), tok, dcfg, seed=cfg.seed if train else cfg.seed + 1,
+                           training=train, ngram_rebalance=cfg.ngram_rebalance and train, verbose=verbose and rank == 0)
+    return StageBatches(mixture, cfg.packing, rank, world, model_cfg.img_context_token_id,
+                        model_cfg.llm_config.hidden_size)
 
 
 def to_device(pack: dict, device) -> dict:
@@ -419,7 +623,7 @@ def to_device(pack: dict, device) -> dict:
     return out
 
 
-def forward_pack(model, pack):
+def forward_pack(model, pack) -> M.Output:
     return model(pack["input_ids"], pack.get("pixel_values"), labels=pack["labels"],
                  position_ids=pack["position_ids"], cu_seqlens=pack["cu_seqlens"])
 
@@ -438,7 +642,101 @@ def lr_multiplier(step: int, cfg: StageConfig) -> float:
 
 
 # ==============================================================================================
-# checkpoints: atomic folders, weight checksum, exact resume
+# the one loss, and one optimizer step
+
+def global_targets(packs: list, device) -> int:
+    """Target tokens of the whole step (every micro-batch of every rank): labels[:, 1:] != -100,
+    because logits[i] are scored against labels[i+1]."""
+    n = sum(int((p["labels"][:, 1:] != -100).sum()) for p in packs)
+    return int(all_reduce_sum([n], device)[0])
+
+
+def step_loss(out: M.Output, n_global: int, n_micro: int, world: int, aux_coef: float):
+    """The loss one micro-batch backprops; the only place a loss is made.
+
+    The step's loss is the global token mean of the CE (every target of every micro-batch and
+    rank counts once, however the samples were packed, accumulated or sharded; a per-micro-batch
+    mean would weight tokens by 1/targets-in-their-pack, the bug of verl #3332, TRL #5619) plus
+    aux_coef x the mean over micro-batches of the MoE load-balancing loss of the global batch.
+    A micro-batch contributes its share: ce_sum / N and aux_share / n_micro (moe.py returns each
+    rank's share of the global aux). The one world-size convention: FSDP / DDP AVERAGE gradients
+    over ranks, so every share is multiplied by `world` once, here."""
+    loss = out.ce_sum * (world / max(n_global, 1))
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss * (aux_coef * world / n_micro)
+    return loss
+
+
+def train_step(model, opt, packs, params, grad_clip: float, world: int, device, autocast) -> dict:
+    """Forward/backward over this rank's micro-batches with the one loss, then clip and step.
+    A non-finite loss or gradient norm skips the update (gradients dropped, `skipped` set)."""
+    n_global = global_targets(packs, device)
+    llm = (model.module if hasattr(model, "module") else model).cfg.llm_config
+    ce_sum, useful, aux, loads = 0.0, 0, 0.0, []
+    for pack in packs:
+        with autocast():
+            out = forward_pack(model, pack)
+        step_loss(out, n_global, len(packs), world, llm.router_aux_loss_coef).backward()
+        ce_sum += float(out.ce_sum.detach())
+        useful += int(pack["input_ids"].numel())
+        if out.router_logits is not None:                                # MoE: load summary for the log
+            aux += float(out.aux_loss.detach()) / len(packs)
+            loads.append(moe.expert_load(out.router_logits, llm.num_experts_per_tok).summary())
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    ce_tot, useful_tot = all_reduce_sum([ce_sum, useful], device)
+    loss = ce_tot / max(n_global, 1)
+    skipped = not (math.isfinite(loss) and math.isfinite(gnorm))
+    if not skipped:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    res = {"loss": loss, "grad_norm": gnorm, "tokens": useful_tot, "skipped": skipped}
+    if loads:
+        res.update(moe_entropy=sum(x["mean_entropy"] for x in loads) / len(loads),
+                   moe_max_load=sum(x["max_over_mean"] for x in loads) / len(loads), moe_aux=aux)
+    return res
+
+
+@torch.no_grad()
+def evaluate(model, batches_factory, n_packs: int, device, autocast) -> float:
+    """Global token-mean loss over the first `n_packs` steps of the held-out stream (the same
+    samples and packs for every model given the same factory)."""
+    was_training = model.training
+    model.eval()
+    batches = batches_factory()
+    ce, n = 0.0, 0.0
+    for _ in range(n_packs):
+        for pack in batches.next():
+            pack = to_device(pack, device)
+            with autocast():
+                out = forward_pack(model, pack)
+            ce += float(out.ce_sum)
+            n += float(out.n_targets)
+    ce, n = all_reduce_sum([ce, n], device)
+    model.train(was_training)
+    return ce / max(n, 1)
+
+
+# ==============================================================================================
+# checkpoints: one writer, one reader; atomic folders, checksums, exact resume
+#
+# A checkpoint folder (a step checkpoint out/<stage>.run/step-NNNNNN/, a stage output out/<stage>/,
+# the soup): config.json + model.safetensors (model.write_weights), meta.json (stage, step,
+# config, data/packing position, AdaLRS state, sha256 of every file), and for a resumable step
+# checkpoint rank{r}.pt per rank (this rank's optimizer shard, RNG states, AdaLRS rollback copy;
+# plain tensors and numbers, loaded with torch.load(weights_only=True)).
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 def full_state_dict(model, world: int) -> dict:
     """Consolidated fp32 weights on CPU (rank 0 only under FSDP; {} on other ranks)."""
@@ -448,14 +746,41 @@ def full_state_dict(model, world: int) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def set_full_state_dict(model, sd: dict, world: int):
+    """Full weights into the model; under FSDP only rank 0 holds them and they are broadcast."""
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        M.load_state_dict_strict(model, sd, "checkpoint")
+
+
+def rng_state() -> dict:
+    """Every RNG this process draws from, as tensors and numbers (weights_only-loadable)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
+          "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict):
+    torch.set_rng_state(st["torch"])
+    version, mt, gauss = st["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def local_optimizer_state(opt) -> dict:
-    """The optimizer state with every DTensor replaced by this rank's local shard (plain tensors
-    only, so it loads with torch.load(weights_only=True))."""
+    """The optimizer state with every DTensor replaced by this rank's local shard."""
     sd = opt.state_dict()
-    state = {}
-    for idx, s in sd["state"].items():
-        state[idx] = {k: (v.to_local() if hasattr(v, "to_local") else v).detach().cpu().clone()
-                      if torch.is_tensor(v) else v for k, v in s.items()}
+    state = {idx: {k: (v.to_local() if hasattr(v, "to_local") else v).detach().cpu().clone()
+                   if torch.is_tensor(v) else v for k, v in s.items()} for idx, s in sd["state"].items()}
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
@@ -477,182 +802,123 @@ def load_local_optimizer_state(opt, saved: dict):
     opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_state: dict = None,
+                    extra_files: dict = None, model_cfg: M.SAILVLConfig = None):
+    """The one checkpoint writer (step checkpoints, stage outputs, the soup): every rank writes
+    its `rank_state` (None: not resumable) into a staging folder beside `path`, rank 0 writes the
+    weights, `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with the
+    sha256 of every file, then renames the folder to `path`. A crash at any point leaves the
+    previous `path` (or none), never half of one. A full disk or an unwritable folder is one
+    clear CheckpointError and the previous checkpoint stays."""
+    sd = full_state_dict(model, world)                                  # a collective under FSDP
+    model_cfg = model_cfg or (model.module if hasattr(model, "module") else model).cfg
+    staging = os.path.abspath(path) + ".staging"
+    try:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        barrier()
+        if rank_state is not None:
+            torch.save(rank_state, os.path.join(staging, f"rank{rank}.pt"))
+        barrier()
+        if rank == 0:
+            M.write_weights(staging, sd, model_cfg)
+            for name, src in (extra_files or {}).items():
+                shutil.copyfile(src, os.path.join(staging, name))
+            files = {name: file_sha256(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+            meta = dict(meta, world_size=world, resumable=rank_state is not None, files=files)
+            with open(os.path.join(staging, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            M.replace_dir(staging, path)
+    except OSError as e:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} (the previous checkpoint, "
+                              f"if any, is kept)") from None
+    barrier()
 
 
-def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state().tolist(), "python": repr(random.getstate()),
-          "numpy": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()]}
-    if torch.cuda.is_available():
-        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return st
-
-
-def set_rng_state(st: dict):
-    import ast
-    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
-    random.setstate(ast.literal_eval(st["python"]))
-    np_state = st["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
-
-
-def save_checkpoint(path: str, model, model_cfg, opt, meta: dict, rank: int, world: int, extra_rank_files=None):
-    """Write `path` atomically: config.json + model.safetensors (consolidated, rank 0), meta.json
-    (step, config, data position, RNG, AdaLRS, sha256 of the weights), optim_rank{r}.pt per rank
-    (plain tensors, loaded with weights_only=True) and any extra per-rank files (AdaLRS snapshot)."""
-    from safetensors.torch import save_file
-    sd = full_state_dict(model, world)
-    mine = {f"optim_rank{rank}.pt": local_optimizer_state(opt), **(extra_rank_files or {})}
-    parent = os.path.dirname(os.path.abspath(path))
-    staging = os.path.join(parent, "." + os.path.basename(path) + f".rank{rank}")  # per-rank files, moved in below
-    os.makedirs(staging, exist_ok=True)
-    for name, obj in mine.items():
-        torch.save(obj, os.path.join(staging, name + ".tmp"))
-        os.replace(os.path.join(staging, name + ".tmp"), os.path.join(staging, name))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        if model_cfg.llm_config.tie_word_embeddings:
-            sd.pop("language_model.lm_head.weight", None)
-
-        def write(tmp):
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(model_cfg.to_dict(), f, indent=2)
-            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"),
-                      metadata={"format": "pt"})
-            for r in range(world):
-                rdir = os.path.join(parent, "." + os.path.basename(path) + f".rank{r}")
-                for name in os.listdir(rdir):
-                    os.replace(os.path.join(rdir, name), os.path.join(tmp, name))
-            full_meta = dict(meta, world_size=world, weights_sha256=file_sha256(os.path.join(tmp, "model.safetensors")))
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(full_meta, f, indent=1)
-        M.atomic_write_dir(path, write)
-        for r in range(world):
-            os.rmdir(os.path.join(parent, "." + os.path.basename(path) + f".rank{r}"))
+def barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
-def verify_checkpoint(path: str) -> dict:
-    """Return meta.json of a complete, uncorrupted checkpoint, else raise CheckpointError saying why."""
+def verify_checkpoint(path: str, resumable: bool = False) -> dict:
+    """meta.json of a complete, uncorrupted checkpoint, else CheckpointError saying why."""
     meta_path = os.path.join(path, "meta.json")
-    weights = os.path.join(path, "model.safetensors")
-    for p in (meta_path, weights, os.path.join(path, "config.json")):
-        if not os.path.exists(p):
-            raise CheckpointError(f"checkpoint {path} is incomplete: {os.path.basename(p)} is missing")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json is missing")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({e})") from None
-    want = meta.get("weights_sha256")
-    if want and file_sha256(weights) != want:
-        raise CheckpointError(f"checkpoint {path} is corrupted: model.safetensors does not match the sha256 "
-                              f"recorded in meta.json (truncated or modified after saving)")
-    for r in range(meta.get("world_size", 1)):
-        if meta.get("has_optimizer") and not os.path.exists(os.path.join(path, f"optim_rank{r}.pt")):
-            raise CheckpointError(f"checkpoint {path} is incomplete: optim_rank{r}.pt is missing")
+    for name, want in meta.get("files", {}).items():
+        p = os.path.join(path, name)
+        if not os.path.exists(p):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if file_sha256(p) != want:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match the sha256 recorded in "
+                                  f"meta.json (truncated or modified after saving)")
+    if "model.safetensors" not in meta.get("files", {}):
+        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json lists no model.safetensors")
+    if resumable and not meta.get("resumable"):
+        raise CheckpointError(f"{path} is a stage output, not a resumable step checkpoint (no optimizer state)")
     return meta
 
 
-def step_checkpoints(run_dir: str) -> list:
-    if not os.path.isdir(run_dir):
+def is_finished_stage(path: str) -> bool:
+    try:
+        verify_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def load_checkpoint(path: str, model, opt, rank: int, world: int) -> tuple:
+    """The one reader of a resumable checkpoint: weights into the (possibly sharded) model, this
+    rank's optimizer shard; returns (meta, rank_state)."""
+    meta = verify_checkpoint(path, resumable=True)
+    if meta["world_size"] != world:
+        raise CheckpointError(f"{path} was saved by {meta['world_size']} processes, this run has {world}")
+    sd = M.SAILVL.from_pretrained(path).state_dict() if rank == 0 else {}   # ties restored by the loader
+    set_full_state_dict(model, sd, world)
+    rank_state = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
+    load_local_optimizer_state(opt, rank_state["optimizer"])
+    return meta, rank_state
+
+
+def step_checkpoints(folder: str) -> list:
+    if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(run_dir, d) for d in os.listdir(run_dir) if d.startswith("step-"))
+    return sorted(os.path.join(folder, d) for d in os.listdir(folder) if re.fullmatch(r"step-\d+", d))
 
 
-def find_resume_checkpoint(run_dir: str, log) -> Optional[str]:
-    """The newest checkpoint of the run that verifies; corrupt ones are reported and skipped."""
-    for path in reversed(step_checkpoints(run_dir)):
+def find_resume_checkpoint(folder: str, log) -> Optional[str]:
+    """The newest step checkpoint of the run that verifies; corrupt ones are reported and skipped."""
+    for path in reversed(step_checkpoints(folder)):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, resumable=True)
             return path
         except CheckpointError as e:
             log(f"resume: refusing {path}: {e}")
     return None
 
 
-def prune_checkpoints(run_dir: str, keep: int):
-    for path in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        import shutil
+def prune_checkpoints(folder: str, keep: int):
+    for path in step_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
-
-
-# ==============================================================================================
-# evaluation on the held-out split
-
-@torch.no_grad()
-def evaluate(model, loader_factory, n_packs: int, device, autocast) -> float:
-    """Global token-mean loss over the first `n_packs` steps of the held-out stream."""
-    was_training = model.training
-    model.eval()
-    ce, n = 0.0, 0.0
-    for i, packs in enumerate(loader_factory()):
-        if i >= n_packs:
-            break
-        for pack in packs:
-            pack = to_device(pack, device)
-            with autocast():
-                out = forward_pack(model, pack)
-            ce += float(out.ce_sum)
-            n += float(out.n_targets)
-    ce, n = all_reduce_sum([ce, n], device)
-    model.train(was_training)
-    return ce / max(n, 1)
-
-
-# ==============================================================================================
-# one optimizer step (shared by the loop, the tests and the benchmark)
-
-def train_step(model, opt, packs, params, grad_clip: float, world: int, device, autocast) -> dict:
-    """Forward/backward over this rank's packed micro-batches, then clip and step. The loss is the
-    global token mean of the whole step (all micro-batches, all ranks; packing.micro_batch_loss),
-    so it does not depend on how samples were packed, accumulated or sharded (§5.1)."""
-    n_global = packing.global_loss_tokens(packs)
-    cfg = model.cfg.llm_config
-    ce_sum, useful, aux_sum, ent = 0.0, 0, 0.0, []
-    for pack in packs:
-        with autocast():
-            out = forward_pack(model, pack)
-        loss = packing.micro_batch_loss(out.ce_sum, n_global, world)
-        if out.aux_loss is not None:                                     # MoE load balancing (§2.2)
-            loss = loss + cfg.router_aux_loss_coef * out.aux_loss / len(packs)
-            aux_sum += float(out.aux_loss.detach())
-            ent.append(moe.expert_load_entropy(out.router_logits, cfg.num_experts_per_tok))
-        loss.backward()
-        ce_sum += float(out.ce_sum.detach())
-        useful += int(pack["input_ids"].numel())
-    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    ce_tot, useful_tot = all_reduce_sum([ce_sum, useful], device)
-    res = {"loss": ce_tot / max(n_global, 1), "grad_norm": gnorm, "tokens": useful_tot}
-    if ent:
-        res.update(moe_entropy=sum(e["mean_entropy"] for e in ent) / len(ent),
-                   moe_max_load=sum(e["max_over_mean"] for e in ent) / len(ent), moe_aux=aux_sum / len(packs))
-    return res
 
 
 # ==============================================================================================
 # the training loop
 
 def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = None) -> str:
+    """Run one stage; returns its output folder out/<stage>/."""
     rank, world, device = setup_distributed()
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
-    run_dir = stage_dir(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -660,9 +926,9 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
     if not cfg.manifests:
         if rank == 0:
             data.ensure_synth(cfg.data_dir)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
 
+    # -- the model: built (rank 0) from the stage's sources, sharded with FSDP2 when world > 1 --
     cuda = device.type == "cuda"
     trainable = modules_of(cfg.trainable)
     if world == 1:
@@ -671,8 +937,8 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         freeze(model, trainable)
         model.to(device)
     else:
-        # FSDP2 (torchtitan's recipe): build on the meta device, shard, allocate only this rank's
-        # shards, then load the full weights that rank 0 alone builds (init / previous stage / HF)
+        # torchtitan's recipe: build on the meta device, shard, allocate only this rank's shards,
+        # then load the full weights that rank 0 alone builds (init / previous stage / HF)
         full = build_stage_model(cfg, model_cfg, log) if rank == 0 else None
         box = [full.cfg if full is not None else None]
         dist.broadcast_object_list(box, src=0)
@@ -689,157 +955,104 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and world == 1 else \
         (lambda: torch.autocast("cpu", enabled=False))
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=not cuda or None)
-    search = AdaLRS(model, opt, total_steps=cfg.steps, cfg=cfg.adalrs_cfg, log=log) if cfg.adalrs else None
+    search = AdaLRS(model, opt, total_steps=cfg.steps, cfg=cfg.adalrs_cfg, log=log, base_lr=cfg.lr) \
+        if cfg.adalrs else None
+    batches = build_batches(cfg, model_cfg, tok, "train", rank, world)
+    eval_batches = lambda: build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=False)  # noqa: E731
 
-    dataset, loader = build_loader(cfg, model_cfg, tok, "train", rank, world, cfg.seed)
-    eval_factory = lambda: build_loader(cfg, model_cfg, tok, "eval", rank, world, cfg.seed + 1)[1]  # noqa: E731
-
+    # -- resume: weights, optimizer shard, data position, AdaLRS, RNG ------------------------
     step = 0
     if resume:
-        meta = verify_checkpoint(resume)
-        if meta.get("world_size", 1) != world:
-            raise CheckpointError(f"{resume} was saved by {meta['world_size']} processes, this run has {world}")
-        from safetensors.torch import load_file
-        sd = load_file(os.path.join(resume, "model.safetensors")) if rank == 0 or world == 1 else {}
-        set_full_state_dict(model, sd, world)
-        load_local_optimizer_state(opt, torch.load(os.path.join(resume, f"optim_rank{rank}.pt"),
-                                                   weights_only=True))
-        loader.load_state_dict(meta["loader"])
-        if search is not None and meta.get("adalrs"):
-            snap = os.path.join(resume, f"adalrs_rank{rank}.pt")           # the rollback copy of a running trial
-            search.load_state_dict(meta["adalrs"], snapshot=torch.load(snap, weights_only=True)
-                                   if meta["adalrs"].get("has_snapshot") else None)
-        set_rng_state(meta["rng"][str(rank)] if str(rank) in meta["rng"] else meta["rng"]["0"])
+        meta, rank_state = load_checkpoint(resume, model, opt, rank, world)
+        batches.load_state_dict(meta["loader"])
+        if search is not None:
+            search.load_state_dict(meta["adalrs"], snapshot=rank_state.get("adalrs_snapshot"))
+        set_rng_state(rank_state["rng"])
         step = meta["step"]
         log(f"resume: continuing from {resume} at step {step}")
+    start = step
 
     log("config: " + json.dumps(asdict(cfg)))
     log("model config: " + json.dumps(model_cfg.to_dict()))
-    os.makedirs(run_dir, exist_ok=True)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if rank == 0 and os.path.exists(metrics_path):   # keep the log of the steps that the run keeps
-        with open(metrics_path) as f:
-            kept = [ln for ln in f if resume and json.loads(ln).get("step", 0) <= step]
-        write_lines_atomic(metrics_path, kept)
+    rdir = run_dir(cfg)
+    metrics_path = os.path.join(rdir, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(rdir, exist_ok=True)
+        kept = []
+        if resume and os.path.exists(metrics_path):                     # keep the log of the steps kept
+            with open(metrics_path) as f:
+                kept = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
     metrics = open(metrics_path, "a") if rank == 0 else None
-    if cfg.eval_every and step == 0:                                     # where the held-out loss starts
-        log(f"eval {step:05d} | held-out loss {evaluate(model, eval_factory, cfg.eval_packs, device, autocast):.4f}")
     model.train()
-    batches = iter(loader)
     t_last = time.time()
-    first_loss = last_loss = None
-    while step < cfg.steps:
+    first_loss = last_loss = eval_loss = None
+    bad_in_a_row = 0
+    while True:
+        last_step = step == cfg.steps
+        # -- eval at step 0, every eval_every steps and at the end (not again right after a resume)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last_step) and (step > start or not resume):
+            eval_loss = evaluate(model, eval_batches, cfg.eval_packs, device, autocast)
+            log(f"eval {step:05d} | held-out loss {eval_loss:.4f}")
+            if metrics:
+                metrics.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
+                metrics.flush()
+        # -- the stage output at the end; a resumable step checkpoint every save_every steps --
+        if last_step:
+            if metrics:
+                metrics.close()
+            meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "first_loss": first_loss,
+                    "final_loss": last_loss, "eval_loss": eval_loss, "adalrs": search.state_dict() if search else None}
+            save_checkpoint(stage_dir(cfg), model, meta, rank, world, extra_files={"metrics.jsonl": metrics_path},
+                            model_cfg=model_cfg)
+            return stage_dir(cfg)
+        if cfg.save_every and step % cfg.save_every == 0 and step > start:
+            meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": batches.state_dict(),
+                    "adalrs": search.state_dict() if search else None}
+            rank_state = {"optimizer": local_optimizer_state(opt), "rng": rng_state(),
+                          "adalrs_snapshot": search.snapshot_state_dict() if search else None}
+            save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
+                            model_cfg=model_cfg)
+            if rank == 0:
+                prune_checkpoints(rdir, cfg.keep_checkpoints)
         # -- one optimizer step over this rank's micro-batches (global token mean, §5.1) --------
-        mult = lr_multiplier(step, cfg)
+        lr = cfg.lr * lr_multiplier(step, cfg) * (search.lr_scale if search else 1.0)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * mult * (search.lr_scale if search else 1.0)
-        try:
-            packs = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            packs = next(batches)
-        packs = [to_device(p, device) for p in packs]
+            g["lr"] = lr
+        packs = [to_device(p, device) for p in batches.next()]
         res = train_step(model, opt, packs, params, cfg.grad_clip, world, device, autocast)
-        step_loss, gnorm, useful_tot = res["loss"], res["grad_norm"], res["tokens"]
         step += 1
+        if res["skipped"]:
+            bad_in_a_row += 1
+            log(f"step {step:05d}/{cfg.steps:05d} | non-finite loss {res['loss']} or grad norm {res['grad_norm']}: "
+                f"update skipped ({bad_in_a_row} in a row, the run stops at {cfg.max_bad_steps})")
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{cfg.stage}: {bad_in_a_row} non-finite losses in a row at step {step}; "
+                                         f"lower --lr or check the data (the last checkpoint is in {rdir})")
+            continue
+        bad_in_a_row = 0
         if search is not None:
-            search.observe(step_loss)
-        first_loss = step_loss if first_loss is None else first_loss
-        last_loss = step_loss
+            search.observe(res["loss"])
+        first_loss = res["loss"] if first_loss is None else first_loss
+        last_loss = res["loss"]
         # -- one log line per step ----------------------------------------------------------------
-        dt = time.time() - t_last
-        t_last = time.time()
-        capacity = cfg.max_tokens * len(packs) * world
-        rec = {"step": step, "loss": step_loss, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
-               "tok_per_s": useful_tot / max(dt, 1e-9), "pad_frac": 1 - useful_tot / capacity}
-        line = (f"step {step:05d}/{cfg.steps:05d} | loss {step_loss:.4f} | lr {rec['lr']:.2e} | gnorm {gnorm:.3f} "
-                f"| tok/s {rec['tok_per_s']:,.0f} | pad {100 * rec['pad_frac']:.1f}%")
+        dt, t_last = time.time() - t_last, time.time()
+        capacity = cfg.packing.max_tokens * len(packs) * world
+        rec = {"step": step, "loss": res["loss"], "lr": lr, "grad_norm": res["grad_norm"],
+               "tok_per_s": res["tokens"] / max(dt, 1e-9), "pad_frac": 1 - res["tokens"] / capacity}
+        line = (f"step {step:05d}/{cfg.steps:05d} | loss {res['loss']:.4f} | lr {lr:.2e} | gnorm "
+                f"{res['grad_norm']:.3f} | tok/s {rec['tok_per_s']:,.0f} | pad {100 * rec['pad_frac']:.1f}%")
         if "moe_entropy" in res:
             rec.update({k: res[k] for k in ("moe_entropy", "moe_max_load", "moe_aux")})
             line += f" | moe_ent {res['moe_entropy']:.3f} max/mean {res['moe_max_load']:.2f}"
         log(line)
-        # -- eval and checkpoints -------------------------------------------------------------------
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            rec["eval_loss"] = evaluate(model, eval_factory, cfg.eval_packs, device, autocast)
-            log(f"eval {step:05d} | held-out loss {rec['eval_loss']:.4f}")
         if metrics:
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": loader.state_dict(),
-                    "adalrs": search.state_dict() if search else None, "has_optimizer": True,
-                    "rng": gather_rng(rank, world)}
-            extra = {f"adalrs_rank{rank}.pt": search.snapshot_state_dict()} if search else {}
-            save_checkpoint(os.path.join(run_dir, f"step-{step:06d}"), model, model_cfg, opt, meta, rank, world,
-                            extra_rank_files={k: v for k, v in extra.items() if v is not None})
-            if rank == 0:
-                prune_checkpoints(run_dir, cfg.keep_checkpoints)
-    # -- the stage's output: out/<stage>/ (what the next stage starts from) ----------------------
-    meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "first_loss": first_loss,
-            "final_loss": last_loss, "has_optimizer": False, "rng": gather_rng(rank, world)}
-    save_final(run_dir, model, model_cfg, meta, rank, world)
-    if metrics:
-        metrics.close()
-    return run_dir
-
-
-def gather_rng(rank: int, world: int) -> dict:
-    st = rng_state()
-    if world > 1:
-        out = [None] * world
-        dist.all_gather_object(out, st)
-        return {str(r): s for r, s in enumerate(out)}
-    return {str(rank): st}
-
-
-def set_full_state_dict(model, sd: dict, world: int):
-    """Full (consolidated) weights into the model; under FSDP only rank 0 holds them and they are
-    broadcast shard by shard."""
-    if world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        M.load_state_dict_strict(model, sd, "checkpoint")
-
-
-def save_final(run_dir: str, model, model_cfg, meta: dict, rank: int, world: int):
-    """The stage's result in out/<stage>/: config.json, model.safetensors and meta.json written
-    into the folder beside its step-* checkpoints and metrics (each file atomically)."""
-    from safetensors.torch import save_file
-    sd = full_state_dict(model, world)
-    if rank == 0:
-        if model_cfg.llm_config.tie_word_embeddings:
-            sd.pop("language_model.lm_head.weight", None)
-        os.makedirs(run_dir, exist_ok=True)
-        tmp = os.path.join(run_dir, "model.safetensors.tmp")
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(run_dir, "model.safetensors"))
-        write_json_atomic(os.path.join(run_dir, "config.json"), model_cfg.to_dict())
-        meta = dict(meta, world_size=world, weights_sha256=file_sha256(os.path.join(run_dir, "model.safetensors")))
-        write_json_atomic(os.path.join(run_dir, "meta.json"), meta)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def write_lines_atomic(path: str, lines: list):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ==============================================================================================
@@ -847,17 +1060,20 @@ def write_json_atomic(path: str, obj):
 
 def soup(cfg: StageConfig, ckpts: list) -> str:
     """Average the weights of checkpoints with the same architecture (refuses mismatched configs),
-    evaluate every input and the soup on the held-out split, write out/soup/."""
+    evaluate every input and the soup on the same held-out samples and packs, write out/soup/."""
     if len(ckpts) < 2:
-        raise SystemExit("soup: give at least two checkpoints: --ckpts A B [C ...]")
+        raise UsageError("soup: give at least two checkpoints: --ckpts A B [C ...]")
     rank, world, device = setup_distributed()
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
+    for c in ckpts:
+        if not is_finished_stage(c) and not os.path.exists(os.path.join(c, "config.json")):
+            raise UsageError(f"soup: {c} is not a checkpoint folder")
     models = [M.SAILVL.from_pretrained(c) for c in ckpts]
     ref = models[0].cfg.to_dict()
     for c, m in zip(ckpts[1:], models[1:]):
         if m.cfg.to_dict() != ref:
             diff = sorted(k for k in set(ref) | set(m.cfg.to_dict()) if ref.get(k) != m.cfg.to_dict().get(k))
-            raise SystemExit(f"soup: {c} has a different architecture from {ckpts[0]} (config differs in {diff}); "
+            raise UsageError(f"soup: {c} has a different architecture from {ckpts[0]} (config differs in {diff}); "
                              f"the paper's soup averages homogeneous checkpoints only (§4.2.1)")
     sds = [m.state_dict() for m in models]
     avg = {k: (sum(sd[k].double() for sd in sds) / len(sds)).to(sds[0][k].dtype) if sds[0][k].is_floating_point()
@@ -867,38 +1083,134 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
     tok = data.load_tokenizer(cfg.tokenizer or None)
     if not cfg.eval_manifests:
         data.ensure_synth(cfg.data_dir)
-    eval_cfg = dataclasses.replace(cfg, stage="sft4") if not cfg.eval_manifests else cfg
-    factory = lambda: build_loader(eval_cfg, souped.cfg, tok, "eval", rank, world, cfg.seed + 1)[1]  # noqa: E731
+    factory = lambda: build_batches(cfg, souped.cfg, tok, "eval", rank, world, verbose=False)  # noqa: E731
     nocast = lambda: torch.autocast("cpu", enabled=False)                 # noqa: E731
     results = {}
     for name, m in list(zip(ckpts, models)) + [("soup", souped)]:
         results[name] = evaluate(m.to(device), factory, cfg.eval_packs, device, nocast)
         log(f"soup eval | {name}: held-out loss {results[name]:.4f}")
-    out = stage_dir(cfg)
-    if rank == 0:
-        souped.save_pretrained(out)
-        write_json_atomic(os.path.join(out, "meta.json"),
-                          {"stage": "soup", "inputs": ckpts, "eval_loss": results, "config": asdict(cfg),
-                           "weights_sha256": file_sha256(os.path.join(out, "model.safetensors"))})
-    return out
+    meta = {"stage": cfg.stage, "inputs": ckpts, "eval_loss": results, "config": asdict(cfg)}
+    save_checkpoint(stage_dir(cfg), souped, meta, rank, world)
+    return stage_dir(cfg)
 
 
 # ==============================================================================================
-# benchmark: one training step of our Qwen3 vs HF transformers' Qwen3 of the same size
+# MoE expert-activation calibration (§2.2) on a checkpoint: the algorithm is moe.calibrate
 
-def bench(argv):
-    """Tokens/s of one training step (forward + backward + AdamW) of the tiny preset's LLM, ours vs
-    HF transformers' Qwen3ForCausalLM with the same weights and inputs, measured in one run."""
-    ap = argparse.ArgumentParser(prog="train_stage.py bench", description=bench.__doc__)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per model (best one reported)")
+def calibration_batches(manifest: str, model: M.SAILVL, tok, max_samples: int) -> list:
+    """Samples of a manifest as model inputs with two token masks, `probe_mask` (every token) and
+    `text_mask` (not <IMG_CONTEXT>), built with the data geometry the model was trained with."""
+    dcfg = data.DataConfig.from_model(model.cfg)
+    ds = data.JsonlDataset(manifest, tok, dcfg)
+    bad = data.BadData(dcfg.max_bad_fraction, dcfg.bad_check_after)
+    device = next(model.parameters()).device
+    batches = []
+    for i in moe.tqdm_or_list(range(min(len(ds), max_samples)), True, f"load {os.path.basename(manifest)}"):
+        try:
+            s = ds.load(i)
+        except data.DataError as e:
+            bad.bad(e)
+            continue
+        bad.good()
+        ids = s["input_ids"].to(device)[None]                            # (1, T)
+        pv = s["pixel_values"]
+        pv = None if pv is None else [p.to(device) for p in pv] if isinstance(pv, list) else pv.to(device)
+        batches.append(dict(input_ids=ids, pixel_values=pv, probe_mask=torch.ones_like(ids[0], dtype=torch.bool),
+                            text_mask=ids[0] != model.cfg.img_context_token_id))
+    bad.check()
+    if not batches:
+        raise UsageError(f"{manifest}: no usable sample ({bad.report()})")
+    return batches
+
+
+def print_routing_report(title: str, rep: dict):
+    mean = lambda xs: sum(xs) / len(xs)                                  # noqa: E731
+    print(f"\n{title}  ({rep['tokens']} tokens; log E = {rep['log_E']:.3f})")
+    print(f"  {'layer':>5} {'entropy before':>15} {'after':>8} {'max/mean before':>16} {'after':>8} "
+          f"{'top-k agree':>12} {'router KL':>10}")
+    rows = [(str(i), rep["entropy_before"][i], rep["entropy_after"][i], rep["max_load_before"][i],
+             rep["max_load_after"][i], rep["topk_agreement"][i], rep["router_kl"][i])
+            for i in range(len(rep["entropy_before"]))]
+    rows.append(("mean", *(mean(rep[k]) for k in ("entropy_before", "entropy_after", "max_load_before",
+                                                   "max_load_after", "topk_agreement", "router_kl"))))
+    for name, eb, ea, mb, ma, ag, kl in rows:
+        print(f"  {name:>5} {eb:>15.3f} {ea:>8.3f} {mb:>16.2f} {ma:>8.2f} {ag:>12.3f} {kl:>10.4f}")
+    print(f"  next-token KL {rep['next_token_kl']:.5f}")
+
+
+def calibrate_cli(argv):
+    ap = argparse.ArgumentParser(
+        prog="train_stage.py calibrate", description="Expert-activation-entropy calibration of a MoE checkpoint "
+        "(§2.2, moe.calibrate): probe the router inputs of each MoE layer on --data (multimodal) and --text "
+        "(text-only), fold a low-rank correction into each gate that raises the expert-load entropy of --data "
+        "while keeping text routing; prints entropy, max/mean load, top-k agreement and KL before/after on "
+        "held-out samples and writes the calibrated checkpoint.")
+    ap.add_argument("--ckpt", required=True, help="SAIL-VL2 checkpoint folder (ours or official) with MoE layers")
+    ap.add_argument("--data", required=True, nargs="+", help="JSONL manifest(s) of probe samples (multimodal)")
+    ap.add_argument("--text", nargs="+", help="JSONL manifest(s) of text-only samples whose routing is kept "
+                                             "(default: the text tokens of --data)")
+    ap.add_argument("--out", help="output folder (default: CKPT-calibrated)")
+    ap.add_argument("--max-samples", type=int, default=64, help="samples read from each manifest")
+    ap.add_argument("--holdout", type=float, default=0.25, help="share of each manifest kept out of the fit")
+    for name in ("rank", "steps", "lr", "kl_weight", "temperature", "max_tokens"):
+        default = getattr(moe.CalibConfig, name)
+        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"CalibConfig.{name}")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if not 0 <= args.holdout < 1:
+        ap.error("--holdout must be in [0, 1)")
+    torch.manual_seed(args.seed)
+    sailvl = M.SAILVL.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    has_tok = any(os.path.exists(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json"))
+    tok = data.load_tokenizer(args.ckpt if has_tok else None)
+
+    def split(manifests):                        # the last `holdout` of each manifest measures the effect
+        fit, held = [], []
+        for m in manifests:
+            b = calibration_batches(m, sailvl, tok, args.max_samples)
+            cut = max(1, round(len(b) * (1 - args.holdout))) if len(b) > 1 else len(b)
+            fit, held = fit + b[:cut], held + (b[cut:] or b)
+        return fit, held
+    probe_fit, probe_eval = split(args.data)
+    anchor_fit, anchor_eval = split(args.text) if args.text else (probe_fit, probe_eval)
+    ccfg = moe.CalibConfig(**{k: getattr(args, k) for k in ("rank", "steps", "lr", "kl_weight", "temperature",
+                                                            "max_tokens")})
+    blocks = moe.moe_blocks(sailvl)
+    before = [b.gate.weight.detach().clone() for b in blocks]
+    moe.calibrate(sailvl, probe_fit, anchor_fit, ccfg)
+    after = [b.gate.weight.detach().clone() for b in blocks]
+    rep_mm = moe.compare_routing(sailvl, probe_eval, before, after, "probe_mask")
+    rep_text = moe.compare_routing(sailvl, anchor_eval, before, after, "text_mask")
+    print_routing_report(f"--data held-out ({len(probe_eval)} samples), all tokens", rep_mm)
+    print_routing_report(f"{'--text' if args.text else '--data text tokens'} held-out ({len(anchor_eval)} samples)",
+                         rep_text)
+    out = args.out or args.ckpt.rstrip("/") + "-calibrated"
+    report = os.path.join(os.path.dirname(os.path.abspath(out)), ".calibration.json")
+    with open(report, "w") as f:
+        json.dump({"config": vars(args), "multimodal": rep_mm, "text": rep_text}, f, indent=2)
+    extra = {"calibration.json": report}
+    extra.update({n: os.path.join(args.ckpt, n) for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                  "merges.txt", "added_tokens.json", "special_tokens_map.json")
+                  if os.path.exists(os.path.join(args.ckpt, n))})
+    save_checkpoint(out, sailvl, {"stage": "calibrate", "source": args.ckpt}, 0, 1, extra_files=extra)
+    os.remove(report)
+    print(f"\ncalibrated checkpoint written to {out} (gate weights changed in place; HF-compatible)")
+    return rep_mm, rep_text
+
+
+# ==============================================================================================
+# benchmarks: python train_stage.py bench {step,packing,adalrs}
+
+def bench_step(args):
+    """Tokens/s of one training step (forward + backward + AdamW) of a preset's LLM, ours vs
+    HF transformers' Qwen3ForCausalLM with the same weights and inputs, measured in one run."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise SystemExit("train_stage.py bench compares against HF transformers: pip install -r tests/requirements.txt")
+        raise SystemExit("train_stage.py bench step compares against HF transformers: "
+                         "pip install -r tests/requirements.txt")
     import tempfile
     torch.manual_seed(0)
     ours = M.build_model(args.preset).language_model.train()
@@ -906,14 +1218,13 @@ def bench(argv):
         M.save_hf_llm(ours, d)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
     ids = torch.randint(0, min(256, ours.cfg.vocab_size), (args.batch, args.seq))
-    labels = ids.clone()
 
     def step_fn(m, is_hf):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
 
         def step():
             logits = m(ids).logits if is_hf else m(ids)
-            ce, n = M.shifted_cross_entropy(logits, labels)
+            ce, n = M.shifted_cross_entropy(logits, ids)
             (ce / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -922,124 +1233,313 @@ def bench(argv):
 
     runs = {"ours": step_fn(ours, False), "hf": step_fn(hf, True)}
     first = {k: f() for k, f in runs.items()}                           # warm-up; same weights, same loss
-    best = {k: float("inf") for k in runs}
-    for _ in range(args.steps):
-        for k, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t0)
+    best = {k: min(timed(f) for _ in range(args.repeats)) for k, f in runs.items()}
     tok = args.batch * args.seq
     print(f"train step (fwd+bwd+AdamW), {args.preset} LLM ({M.count_params(ours) / 1e6:.2f}M params), batch "
-          f"{args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, best of {args.steps}")
+          f"{args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"  first-step loss: ours {first['ours']:.5f} | HF {first['hf']:.5f}")
-    print(f"  ours        {tok / best['ours']:10,.0f} tok/s")
-    print(f"  HF Qwen3    {tok / best['hf']:10,.0f} tok/s")
-    print(f"  ratio ours / HF {best['hf'] / best['ours']:.2f}x")
+    print(f"  ours {tok / best['ours']:10,.0f} tok/s | HF Qwen3 {tok / best['hf']:10,.0f} tok/s | "
+          f"ratio ours / HF {best['hf'] / best['ours']:.2f}x")
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_packing(args):
+    """Real samples of every synthetic train manifest (tiny preset geometry): packing fill and
+    rank balance as `packing.py bench` measures them, then useful tokens/s of one tiny SAILVL
+    forward + backward over the same samples, pad-to-longest batches vs stream packs."""
+    mcfg = M.preset_config("tiny")
+    dcfg = data.DataConfig.from_model(mcfg)
+    tok = data.load_tokenizer(None)
+    root = data.ensure_synth(args.synth_dir, progress=False)
+    rng = random.Random(args.seed)
+    samples = []
+    for path in sorted(root.glob("*/train.jsonl")):
+        ds = data.JsonlDataset(path, tok, dcfg)
+        for i in rng.sample(range(len(ds)), min(args.per_family, len(ds))):
+            samples.append({**ds[i], "family": path.parent.name, "weight": len(ds)})
+    # a stream drawn from the loaded samples, each family in proportion to its manifest size
+    metas = [packing.sample_meta(s, i) for i, s in enumerate(samples)]
+    per_family = {f: sum(1 for s in samples if s["family"] == f) for f in {s["family"] for s in samples}}
+    picks = rng.choices(range(len(metas)), weights=[s["weight"] / per_family[s["family"]] for s in samples],
+                        k=args.samples)
+    stream = [metas[j]._replace(index=k) for k, j in enumerate(picks)]
+    pcfg = packing.PackingConfig(max_tokens=args.max_tokens, micro_batches=4)
+    print(f"synthetic manifests, tiny preset: {len(samples)} samples loaded, a stream of {len(stream)}; "
+          f"packs of {args.max_tokens} tokens")
+    packing.print_fill_and_balance({"synthetic": (stream, None)}, pcfg, 16, 8, 100, mcfg.llm_config.hidden_size)
+
+    torch.set_num_threads(args.threads)       # 1 by default: waiting OpenMP threads make timings noisy
+    torch.manual_seed(0)
+    net = M.build_model("tiny").train()
+    order = list(range(len(samples)))
+    random.Random(0).shuffle(order)
+    padded = [packing.collate_padded([samples[i] for i in order[k:k + args.batch_size]])
+              for k in range(0, len(order), args.batch_size)]
+    plans = packing.plan_packs([metas[i] for i in order], packing.PackingConfig(max_tokens=args.max_tokens,
+                                                                                 max_images_per_pack=10 ** 6))
+    packed = [packing.collate_pack([samples[m.index] for m in p], p) for p in plans]
+    useful = sum(s["input_ids"].numel() for s in samples)
+
+    def run(batches, is_packed):
+        for b in batches:
+            out = net(b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
+                      position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"] if is_packed else None)
+            out.ce_sum.backward()              # summed CE: the global token mean only rescales it
+            net.zero_grad(set_to_none=True)
+
+    run(padded[:1], False), run(packed[:1], True)                       # warm-up
+    t_pad, t_pack = [], []
+    for _ in range(args.repeats):                                        # alternate: same machine load
+        t_pad.append(timed(lambda: run(padded, False)))
+        t_pack.append(timed(lambda: run(packed, True)))
+    med_pad, med_pack = sorted(t_pad)[args.repeats // 2], sorted(t_pack)[args.repeats // 2]
+    print(f"\n[3] tiny SAILVL forward+backward, fp32 CPU ({torch.get_num_threads()} threads), {len(samples)} "
+          f"samples, {useful} useful tokens, median of {args.repeats}")
+    for name, batches, t in ((f"pad-to-longest, {args.batch_size} samples", padded, med_pad),
+                             (f"stream packs, {args.max_tokens} tokens", packed, med_pack)):
+        computed = sum(b["input_ids"].numel() for b in batches)
+        print(f"  {name:<28} computed {computed:>7} | useful {useful / computed:6.1%} | {t:6.2f} s | "
+              f"{useful / t:8,.0f} useful tok/s")
+    print(f"packed / padded useful tokens/s: {med_pad / med_pack:.2f}x")
+
+
+def final_eval_loss(folder: str) -> float:
+    with open(os.path.join(folder, "meta.json")) as f:
+        return float(json.load(f)["eval_loss"])
+
+
+def bench_adalrs(args):
+    """pretrain1 (tiny) with a fixed LR vs with AdaLRS from the same start and the same data, for
+    several seeds, through `run_stage` (the stage table the CLI uses); held-out loss at the end."""
+    import tempfile
+    init = args.init_from or stage_dir(StageConfig(out_dir=args.out_dir), "vit3")
+    if not is_finished_stage(init):
+        raise UsageError(f"bench adalrs starts pretrain1 from {init}, which is missing: run the recipe up to vit3 "
+                         f"first, or pass --init-from=DIR")
+    lm0 = stage_dir(StageConfig(out_dir=args.out_dir), "lm0")
+    diffs = []
+    with tempfile.TemporaryDirectory(prefix="adalrs_bench_") as tmp:
+        for seed in range(args.seeds):
+            res = {}
+            for name, on in (("fixed", "false"), ("adalrs", "true")):
+                out = os.path.join(tmp, f"{name}{seed}")
+                os.makedirs(out)
+                for src, dst in ((init, "vit3"), (lm0, "lm0")):         # pretrain1's sources, per its init rule
+                    shutil.copytree(src, os.path.join(out, dst))
+                res[name] = final_eval_loss(run_stage("pretrain1", [f"--out_dir={out}", f"--adalrs={on}",
+                                                                    f"--lr={args.lr}", f"--seed={1337 + seed}"]))
+            diffs.append(res["fixed"] - res["adalrs"])
+            print(f"seed {seed}: held-out loss fixed LR {args.lr:g} {res['fixed']:.4f} | AdaLRS {res['adalrs']:.4f} "
+                  f"| fixed - AdaLRS = {diffs[-1]:+.4f}")
+    print(f"mean over {args.seeds} seeds: fixed - AdaLRS = {sum(diffs) / len(diffs):+.4f} "
+          f"(paper §3.2.1, full scale: > +0.06)")
+
+
+def bench(argv):
+    ap = argparse.ArgumentParser(prog="train_stage.py bench", description="Benchmarks measured in one run: "
+                                 "`step` (our Qwen3 vs HF's training step), `packing` (real synthetic samples: "
+                                 "fill, balance, packed vs padded tokens/s), `adalrs` (pretrain1 fixed LR vs AdaLRS).")
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("step", help=bench_step.__doc__.split("\n")[0])
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--seq", type=int, default=512)
+    s.add_argument("--repeats", type=int, default=5, help="timed steps per model (best one reported)")
+    s = sub.add_parser("packing", help=bench_packing.__doc__.split("\n")[0])
+    s.add_argument("--synth-dir", default=data.DEFAULT_SYNTH_DIR)
+    s.add_argument("--per-family", type=int, default=8, help="synthetic samples loaded per manifest")
+    s.add_argument("--samples", type=int, default=20000, help="length of the simulated stream")
+    s.add_argument("--max-tokens", type=int, default=2048, help="pack length for the tiny model")
+    s.add_argument("--batch-size", type=int, default=8, help="pad-to-longest batch for the tiny model")
+    s.add_argument("--repeats", type=int, default=3, help="timed passes per batching (median reported)")
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads for the tokens/s part")
+    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("adalrs", help=bench_adalrs.__doc__.split("\n")[0])
+    s.add_argument("--out-dir", default="out", help="where the recipe's vit3 and lm0 outputs are")
+    s.add_argument("--init-from", default="", help="the vit3 output to start from (default OUT_DIR/vit3)")
+    s.add_argument("--lr", type=float, default=stage_config("pretrain1").lr, help="the start / fixed LR")
+    s.add_argument("--seeds", type=int, default=2)
+    args = ap.parse_args(argv)
+    return {"step": bench_step, "packing": bench_packing, "adalrs": bench_adalrs}[args.what](args)
 
 
 # ==============================================================================================
 # command line
 
-NEXT = {"lm0": "vit1", "vit1": "vit2", "vit2": "vit3", "vit3": "pretrain1", "pretrain1": "pretrain2",
-        "pretrain2": "sft1", "sft1": "sft2", "sft2": "sft3", "sft3": "sft4", "sft4": "soup",
-        "soup": "longcot", "longcot": "rl-verifiable", "thinkfusion": "rl-mixed"}
+def help_text(cfg: StageConfig, model_cfg: M.SAILVLConfig, stage_given: bool) -> str:
+    lines = [__doc__.split("\n\n")[0], "", "the recipe (tiny default | the paper's values, as data):"]
+    for row in RECIPE:
+        c = stage_config(row.name)
+        how = f"runs with {row.runner}" if row.runner != "train_stage.py" else \
+            f"trains {c.trainable or '-'}; {c.steps} steps, lr {c.lr:g}, packs of {c.packing.max_tokens}"
+        lines.append(f"  {row.name:13s} {row.section or 'stand-in':15s} {how}")
+        paper = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                          for k, v in row.paper)
+        lines.append(f"  {'':13s} {'':15s} {row.note}" + (f" [paper: {paper}]" if paper else ""))
+    title = f"options, with the values of stage {cfg.stage}" if stage_given else "options (defaults; add --stage NAME"\
+        " for a stage's values)"
+    lines += ["", title + ":",
+              "  --resume [DIR]            continue from DIR, or from the newest good out/<stage>.run/step-* checkpoint",
+              "  --ckpts A B ...           soup: the checkpoints to average (default: the stage's inputs)"]
 
-
-def help_text() -> str:
-    lines = [__doc__.strip(), "", "stages (tiny default | the paper's values):"]
-    for name in STAGE_NAMES:
-        c = stage_config(name)
-        lines.append(f"  {name:12s} trains {c.trainable or '-'}; {c.steps} steps, lr {c.lr:g}, {c.max_tokens} tokens/pack")
-        lines.append(f"  {'':12s} paper: {c.paper}")
-    lines += ["", "named options:",
-              "  --stage NAME          the stage to run (default vit1)",
-              "  --resume [DIR]        continue from DIR, or from the newest good out/<stage>/step-* checkpoint",
-              "  --ckpts A B ...       soup: the checkpoints to average",
-              "  --init-from DIR       start from this SAIL-VL2 folder instead of the previous stage",
-              "  --init-llm DIR        HF Qwen3 / Qwen3-MoE folder for the language model",
-              "  --init-vit DIR        HF AIMv2 / SAIL-ViT folder for the vision encoder",
-              "", "--key=value overrides (StageConfig; the model as --model.<field>=...):"]
-    defaults = StageConfig()
-    for f in fields(StageConfig):
-        if f.name != "paper":
-            lines.append(f"  --{f.name}={getattr(defaults, f.name)!r}")
+    def walk(obj, prefix):
+        doc = field_help(type(obj))
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, prefix + f.name + ".")
+            else:
+                lines.append(f"  --{prefix + f.name}={v!r:<18} {doc.get(f.name, '')}")
+    walk(cfg, "")
+    lines += ["  --model.<field>=...       the model config, e.g. --model.llm_config.num_hidden_layers=8 "
+              "(python model.py --preset NAME prints every field)",
+              "", "other commands: python train_stage.py bench {step,packing,adalrs} --help | "
+              "python train_stage.py calibrate --help"]
     return "\n".join(lines)
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--stage", default="vit1")
-    ap.add_argument("--resume", nargs="?", const="auto", default=None)
-    ap.add_argument("--ckpts", nargs="+", default=[])
-    ap.add_argument("--init-from", dest="init_from", default=None)
-    ap.add_argument("--init-llm", dest="init_llm", default=None)
-    ap.add_argument("--init-vit", dest="init_vit", default=None)
-    ap.add_argument("-h", "--help", action="store_true")
-    args, rest = ap.parse_known_args(argv)
-    if args.help:
-        print(help_text())
-        raise SystemExit(0)
-    cfg = stage_config(args.stage)
-    for k in ("init_from", "init_llm", "init_vit"):
-        if getattr(args, k):
-            setattr(cfg, k, getattr(args, k))
-    preset = next((r.split("=", 1)[1] for r in rest if r.startswith("--preset=")), cfg.preset)
-    model_cfg = M.preset_config(preset)
-    apply_overrides({"": cfg, "model": model_cfg}, rest)
-    return args, cfg, model_cfg
+    """(cfg, model_cfg, options) from the command line (one option style; see split_options)."""
+    opts = split_options(argv)
+    given = dict(opts)
+    cfg = stage_config(given.get("stage") or "vit1", given.get("scale") or "tiny",
+                       log=lambda *a: print0(int(os.environ.get("RANK", "0")), *a))
+    preset = given.get("preset") or cfg.preset
+    try:
+        model_cfg = M.preset_config(preset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for key, value in opts:
+        if key not in ("stage", "scale", "resume", "ckpts", "help"):
+            set_key({"": cfg, "model": model_cfg}, key, value)
+    modules_of(cfg.trainable)
+    if cfg.schedule not in ("cosine", "constant"):
+        raise UsageError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
+    if cfg.label_mode not in data.LABEL_MODES:
+        raise UsageError(f"--label_mode must be one of {', '.join(data.LABEL_MODES)}, got {cfg.label_mode!r}")
+    for key in ("init_from", "init_llm", "init_vit", "tokenizer"):
+        path = getattr(cfg, key)
+        if path and path != "random" and not os.path.isdir(path):
+            raise UsageError(f"--{key.replace('_', '-')}: {path} is not a folder")
+    return cfg, model_cfg, given
 
 
 def run_stage(stage: str, overrides: list = (), resume: Optional[str] = None) -> str:
-    """Programmatic entry (tests, benchmarks): run `stage` with `--key=value` overrides."""
-    _, cfg, model_cfg = parse_args(["--stage", stage, *overrides])
+    """Programmatic entry (tests, benchmarks, the recipe): run `stage` with `--key=value` overrides."""
+    cfg, model_cfg, _ = parse_args(["--stage", stage, *overrides])
     return train(cfg, model_cfg, resume)
+
+
+def ensure_sources(cfg: StageConfig, model_cfg: M.SAILVLConfig, log):
+    """Run the stand-in stages this stage starts from when their output is missing; refuse, with
+    what to run, when a paper stage's output is missing."""
+    for name in missing_sources(cfg):
+        row = STAGES[name]
+        if not row.auto:
+            raise UsageError(f"{cfg.stage} starts from {stage_dir(cfg, name)}, which is missing or incomplete: run "
+                             f"`{command_for(row, cfg)}` first, or pass --init-from=DIR (--init-from=random "
+                             f"starts from random weights)")
+        sub = stage_config(name)
+        for key in ("out_dir", "data_dir", "seed", "preset", "tokenizer"):
+            setattr(sub, key, getattr(cfg, key))
+        sub.steps = cfg.auto_steps or sub.steps
+        log(f"{stage_dir(cfg, name)} is missing: running the stand-in stage {name} first ({row.note})")
+        ensure_sources(sub, model_cfg, log)
+        train(sub, dataclasses.replace(model_cfg), None)
+        log(f"{name} done: {stage_dir(cfg, name)}; now {cfg.stage}")
+
+
+def try_it(cfg: StageConfig, out: str) -> Optional[str]:
+    """A sample.py command on a held-out sample of the stage's own data (its first visual family)."""
+    for name, _ in stage_row(cfg.stage).mix:
+        path = os.path.join(cfg.data_dir, name, "eval.jsonl")
+        if name.startswith("out:") or not os.path.exists(path):
+            continue
+        rec = data.JsonlDataset(path, data.load_tokenizer(None)).record(0)
+        if rec.text is not None or not (rec.images or rec.videos):
+            continue
+        media = " ".join(f"--image {shlex_quote(p)}" for p in rec.images) + \
+            " ".join(f"--video {shlex_quote(p)}" for p in rec.videos)
+        question = data.PLACEHOLDER_RE.sub("", rec.turns[0][1]).strip()
+        return f"python sample.py --ckpt {out} {media} --prompt {shlex_quote(question)}"
+    return None
+
+
+def shlex_quote(s: str) -> str:
+    import shlex
+    return shlex.quote(os.path.relpath(s) if os.path.isabs(s) and s.startswith(os.getcwd()) else s)
+
+
+def run_cli(argv: list):
+    cfg, model_cfg, opts = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    log = lambda *a: print0(rank, *a)                                    # noqa: E731
+    if "help" in opts:
+        log(help_text(cfg, model_cfg, "stage" in opts))
+        return
+    row = stage_row(cfg.stage)
+    if row.runner == "rl.py":
+        raise UsageError(f"{row.name} runs in rl.py: `{command_for(row, cfg)}`")
+    log(f"stage {cfg.stage} ({row.section or 'not a paper stage'}): {row.note}")
+    if row.runner == "soup":
+        inputs = opts["ckpts"].split(",") if opts.get("ckpts") else [stage_dir(cfg, s) for s in row.inputs]
+        for path, name in zip(inputs, row.inputs if not opts.get("ckpts") else inputs):
+            if not is_finished_stage(path) and not os.path.exists(os.path.join(path, "config.json")):
+                hint = f"run `{command_for(STAGES[name], cfg)}` first, or " if name in STAGES else ""
+                raise UsageError(f"soup: {path} is missing: {hint}pass --ckpts A B")
+        out = soup(cfg, inputs)
+    else:
+        resume = opts.get("resume", "") or None
+        if "resume" in opts and resume is None:
+            resume = find_resume_checkpoint(run_dir(cfg), log)
+            if resume is None:
+                log(f"resume: no usable checkpoint under {run_dir(cfg)}; starting from the beginning")
+        elif resume:
+            verify_checkpoint(resume, resumable=True)
+        if not resume:
+            ensure_sources(cfg, model_cfg, log)
+        out = train(cfg, model_cfg, resume)
+    log(f"done: {cfg.stage} checkpoint in {out}/ (config.json, model.safetensors, meta.json"
+        f"{', metrics.jsonl' if row.runner != 'soup' else ''})")
+    nxt = next_name(row)
+    if nxt:
+        log(f"next: {command_for(STAGES[nxt], cfg)}")
+    hint = try_it(cfg, out)
+    if hint:
+        log(f"try it: {hint}")
+
+
+def fail(message: str, code: int):
+    """One clear line on stderr (rank 0), also handed to torchrun's error summary, then exit."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"train_stage.py: error: {message}", file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:                                   # torchrun's "Root Cause" then shows this line, not "<N/A>"
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                    "timestamp": str(int(time.time()))}}}, f)
+    raise SystemExit(code)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        return bench(argv[1:])
-    args, cfg, model_cfg = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    log = lambda *a: print0(rank, *a)                                    # noqa: E731
-    log(f"stage {cfg.stage}: {cfg.paper}")
-    if cfg.stage == "soup":
-        out = soup(cfg, args.ckpts)
-    else:
-        resume = None
-        if args.resume == "auto":
-            resume = find_resume_checkpoint(stage_dir(cfg), log)
-            if resume is None:
-                log(f"resume: no usable checkpoint under {stage_dir(cfg)}; starting from the beginning")
-        elif args.resume:
-            resume = args.resume
-            try:
-                verify_checkpoint(resume)
-            except CheckpointError as e:
-                raise SystemExit(f"resume: {e}") from None
-        needs_lm0 = (cfg.stage == "vit1" and not resume and not (cfg.init_from or cfg.init_llm)
-                     and previous_stage_dir(cfg) is None)
-        if needs_lm0:
-            log(f"no language-pretrained LLM found ({stage_dir(cfg, 'lm0')} is missing): running the short "
-                f"lm0 stage first, which pre-trains the tiny LLM on the synthetic text (Qwen3's role in the paper)")
-            lm0 = stage_config("lm0")
-            for k in ("out_dir", "data_dir", "seed", "preset", "tokenizer", "max_tokens"):
-                setattr(lm0, k, getattr(cfg, k))
-            lm0.steps = cfg.lm0_steps
-            train(lm0, M.preset_config(cfg.preset))
-            log(f"lm0 done: {stage_dir(cfg, 'lm0')}; now {cfg.stage}")
-        out = train(cfg, model_cfg, resume)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    nxt = NEXT.get(cfg.stage)
-    log(f"done: {cfg.stage} checkpoint in {out}/ (config.json, model.safetensors, meta.json, metrics.jsonl)")
-    if nxt:
-        tool = "rl.py" if nxt.startswith("rl-") else "train_stage.py"
-        extra = (f" --ckpts {out} <a twin: --stage sft4 --seed=2 --out_dir=out-seed2 --init-from "
-                 f"{stage_dir(cfg, 'sft3')}>/sft4" if nxt == "soup" else "")
-        img = os.path.join(cfg.data_dir, "caption", "images", "eval_00000.png")
-        log(f"next: torchrun {tool} --stage {nxt}{extra}")
-        log(f"try it: python sample.py --ckpt {out} --image {img} --prompt 'Write a short caption.'")
+    try:
+        if argv[:1] == ["bench"]:
+            return bench(argv[1:])
+        if argv[:1] == ["calibrate"]:
+            return calibrate_cli(argv[1:])
+        run_cli(argv)
+    except UsageError as e:
+        fail(str(e), 2)
+    except (data.TooMuchBadData, data.DataError, CheckpointError, FloatingPointError) as e:
+        fail(str(e), 1)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
