@@ -1,0 +1,645 @@
+"""Tests of rl.py's pure functions: losses, advantages, filters, KL, rewards.
+
+References: the hand-computed cases of reference/rl-and-packing-notes.md §G, plain-Python loop
+re-implementations of the loss formulas (DAPO arXiv 2503.14476, GSPO arXiv 2507.18071), a real
+2-process gloo group for the rank split, `statistics.stdev` for advantages, exact expectations
+for the KL estimators, and math-verify 0.9.0 as a test-only oracle for answer equivalence.
+"""
+import math
+import os
+import statistics
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import rl
+
+ALGOS = ("dapo", "gspo", "gspo_token")
+
+
+def close(a, b, tol=1e-5):
+    a, b = (torch.as_tensor(x).detach().item() for x in (a, b))
+    return abs(a - b) < tol
+
+
+# ----------------------------------------------------------------------------------------------
+# hand-computed cases (notes §G)
+
+def two_row_case():
+    """new log-probs log[1.5, 1, 1 | 0.5, 1, 1.1], old 0, A = +1 / -1, valid lengths 1 and 3."""
+    logp = torch.tensor([[1.5, 1.0, 1.0], [0.5, 1.0, 1.1]]).log().requires_grad_(True)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    return logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask
+
+
+def test_dapo_two_row_case_token_mean_and_seq_mean():
+    logp, old, adv, mask = two_row_case()
+    # row 1: max(-1.5, -1.28) = -1.28; row 2: max(0.5, 0.8) + 1 + 1.1 = 2.9
+    loss, stats = rl.policy_loss(logp, old, adv, mask)                     # DAPO, token-mean
+    assert close(loss, (-1.28 + 2.9) / 4) and close(loss, 0.405)
+    loss, _ = rl.policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean")
+    assert close(loss, -0.156667)
+    # clipped: token 1 high (1.5 > 1.28, A > 0), row 2 token 1 low (0.5 < 0.8, A < 0)
+    assert close(stats["clip_frac_high"], 1 / 4) and close(stats["clip_frac_low"], 1 / 4)
+    assert close(stats["ratio_mean"], (1.5 + 0.5 + 1 + 1.1) / 4)
+    # seq-mean-token-sum-norm divides each row's token sum by T = 3: (-1.28 / 3 + 2.9 / 3) / 2
+    loss, _ = rl.policy_loss(logp, old, adv, mask, agg="seq-mean-token-sum-norm")
+    assert close(loss, (-1.28 + 2.9) / 3 / 2)
+    loss, _ = rl.policy_loss(logp, old, adv, mask, agg="seq-mean-token-sum-norm", norm_len=10)
+    assert close(loss, (-1.28 + 2.9) / 10 / 2)
+
+
+def test_gspo_sequence_ratio_hand_case():
+    logp, old, adv, mask = two_row_case()
+    _, stats = rl.policy_loss(logp[1:], old[1:], adv[1:], mask[1:], algo="gspo")
+    assert close(stats["ratio_mean"], 0.81932)                    # exp(mean log[0.5, 1, 1.1])
+    assert close(stats["clip_frac_low"], 1.0) and close(stats["clip_frac_high"], 0.0)
+    # both rows: s = 1.5 (A = +1) -> -(1 + 4e-4); s = 0.81932 (A = -1) -> 1 - 3e-4
+    loss, stats = rl.policy_loss(logp, old, adv, mask, algo="gspo")
+    assert close(loss, (-1.0004 + 0.9997) / 2, 1e-7)
+    assert close(stats["clip_frac_high"], 0.5) and close(stats["clip_frac_low"], 0.5)
+
+
+def test_dual_clip_hand_case():
+    logp, old, mask = torch.tensor([[math.log(5.0)]]), torch.zeros(1, 1), torch.ones(1, 1)
+    adv = torch.tensor([-1.0])
+    loss, stats = rl.policy_loss(logp, old, adv, mask, clip_c=3.0)
+    assert close(loss, 3.0) and close(stats["clip_frac_dual"], 1.0)
+    loss, stats = rl.policy_loss(logp, old, adv, mask)            # off by default: -A r = 5
+    assert close(loss, 5.0) and close(stats["clip_frac_dual"], 0.0)
+    # dual-clip leaves positive advantages alone: A = +1, r = 5 -> -1.28 with or without it
+    both = torch.tensor([[math.log(5.0)], [math.log(5.0)]])
+    loss, stats = rl.policy_loss(both, torch.zeros(2, 1), torch.tensor([-1.0, 1.0]), torch.ones(2, 1), clip_c=3.0)
+    assert close(loss, (3.0 - 1.28) / 2) and close(stats["clip_frac_dual"], 0.5)
+    with pytest.raises(ValueError):
+        rl.policy_loss(logp, old, adv, mask, clip_c=1.0)
+
+
+def test_lengths_one_and_three_any_split_gives_half():
+    """Notes §G case 3 (modelscope/twinkle #292): A = +-1, ratio 1 -> 0.5 however it is split."""
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    whole, _ = rl.policy_loss(logp, logp, adv, mask)
+    parts = [rl.policy_loss(logp[i:i + 1], logp[i:i + 1], adv[i:i + 1], mask[i:i + 1], n_global=4)[0]
+             for i in range(2)]
+    naive = [rl.policy_loss(logp[i:i + 1], logp[i:i + 1], adv[i:i + 1], mask[i:i + 1])[0] for i in range(2)]
+    assert close(whole, 0.5) and close(sum(parts), 0.5)
+    assert close(sum(naive), 0.0)                                  # per-micro-batch means: the bug
+
+
+def test_gspo_ignores_token_spread_when_sequence_ratio_is_one():
+    """Notes §G case 4: token log-ratios [+1, -1] give s = 1: GSPO does not clip, DAPO does."""
+    logp = torch.tensor([[1.0, -1.0]])
+    old, mask, adv = torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), torch.tensor([1.0])
+    _, stats = rl.policy_loss(logp, old, adv, mask, algo="gspo")
+    assert stats["ratio_mean"].item() == 1.0 and stats["clip_frac_high"].item() == 0.0
+    _, stats = rl.policy_loss(logp, old, adv, mask, algo="dapo")
+    assert close(stats["clip_frac_high"], 0.5)
+
+
+def test_first_update_ratio_is_exactly_one():
+    """Notes §G case 8: logp == old_logp -> ratio exactly 1, no clipping, zero KL."""
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(4, 6, generator=g) * 3
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    old = torch.where(mask, logp, torch.randn(4, 6, generator=g))    # padding differs: garbage
+    for algo in ALGOS:
+        for adv in (torch.randn(4, generator=g), torch.randn(4, 1, generator=g), torch.randn(4, 6, generator=g)):
+            if algo == "gspo" and adv.shape[-1] == 6:
+                continue
+            _, stats = rl.policy_loss(logp, old, adv, mask, algo=algo)
+            assert stats["ratio_mean"].item() == 1.0, algo
+            for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl"):
+                assert stats[k].item() == 0.0, (algo, k)
+
+
+def test_zero_valid_tokens_gives_zero_loss_and_zero_gradient():
+    logp = torch.full((2, 4), -float("inf")).requires_grad_(True)  # padding may hold anything
+    old = torch.full((2, 4), float("nan"))
+    adv = torch.tensor([float("nan"), 1.0])
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    for algo in ALGOS:
+        for agg in rl.AGG_MODES:
+            for n_global in (None, 0):
+                logp.grad = None
+                loss, stats = rl.policy_loss(logp, old, adv, mask, algo=algo, agg=agg, n_global=n_global)
+                assert loss.item() == 0.0 and loss.requires_grad
+                loss.backward()
+                assert torch.equal(logp.grad, torch.zeros(2, 4)), (algo, agg)
+                assert all(torch.isfinite(torch.as_tensor(v)).all() for v in stats.values())
+
+
+def test_invalid_arguments_are_refused():
+    x, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="gspo_token"):
+        rl.policy_loss(x, x, torch.zeros(2, 3), mask, algo="gspo")
+    with pytest.raises(ValueError):
+        rl.policy_loss(x, x, torch.zeros(2), mask, algo="ppo")
+    with pytest.raises(ValueError):
+        rl.policy_loss(x, x, torch.zeros(2), mask, agg="token-sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# an independent loop implementation, and split invariance of loss and gradients
+
+def aggregate_rows(rows, agg, norm_len):
+    """rows: (loss summed over the row's tokens, its length) of the non-empty rows."""
+    if agg == "token-mean":
+        return sum(r for r, _ in rows) / sum(n for _, n in rows)
+    if agg == "seq-mean-token-mean":
+        return sum(r / n for r, n in rows) / len(rows)
+    return sum(r / norm_len for r, _ in rows) / len(rows)
+
+
+def reference_loss(logp, old, adv, lengths, algo, agg, lo, hi, norm_len):
+    """The objectives written out token by token (autograd flows through the scalar ops)."""
+    rows = []                                     # (per-row loss sum, length) of non-empty rows
+    for i, n in enumerate(lengths):
+        if n == 0:
+            continue
+        if algo == "dapo":
+            terms = []
+            for t in range(n):
+                a = adv[i, t] if adv.dim() == 2 else adv[i]
+                r = torch.exp(logp[i, t] - old[i, t])
+                terms.append(torch.maximum(-a * r, -a * torch.clamp(r, 1 - lo, 1 + hi)))
+            row = sum(terms)
+        else:                                     # GSPO: one clipped objective per sequence
+            s = torch.exp(sum(logp[i, t] - old[i, t] for t in range(n)) / n)
+            row = n * torch.maximum(-adv[i] * s, -adv[i] * torch.clamp(s, 1 - lo, 1 + hi))
+        rows.append((row, n))
+    return aggregate_rows(rows, agg, norm_len)
+
+
+def reference_loss_gspo_token(logp, old, adv, lengths, agg, lo, hi, norm_len):
+    """GSPO-token with per-token advantages: s_it = sg[s_i] exp(logp_it - sg[logp_it])."""
+    rows = []
+    for i, n in enumerate(lengths):
+        if n == 0:
+            continue
+        s = torch.exp(sum(logp[i, t] - old[i, t] for t in range(n)) / n).detach()
+        terms = []
+        for t in range(n):
+            r = s * torch.exp(logp[i, t] - logp[i, t].detach())
+            terms.append(torch.maximum(-adv[i, t] * r, -adv[i, t] * torch.clamp(r, 1 - lo, 1 + hi)))
+        rows.append((sum(terms), n))
+    return aggregate_rows(rows, agg, norm_len)
+
+
+LENGTHS = [3, 7, 0, 1, 5, 2]                      # uneven, with a fully-masked row
+
+
+def policy_batch(seed, per_token_adv=False, spread=0.3):
+    """A tiny linear 'policy' W (D, V) whose log-probs of fixed tokens give logp (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, D, V = len(LENGTHS), max(LENGTHS), 4, 5
+    W = (torch.randn(D, V, generator=g) * 0.5).requires_grad_(True)
+    feats = torch.randn(B, T, D, generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]
+    with torch.no_grad():
+        old = torch.log_softmax(feats @ W, -1).gather(-1, tokens[..., None])[..., 0]
+        old = old + spread * torch.randn(B, T, generator=g)           # some ratios outside the clip
+    adv = torch.randn(B, T, generator=g) if per_token_adv else torch.randn(B, generator=g)
+    return W, feats, tokens, old, adv, mask
+
+
+def logp_of(W, feats, tokens):
+    return torch.log_softmax(feats @ W, -1).gather(-1, tokens[..., None])[..., 0]   # (B, T)
+
+
+# wider GSPO clips than the defaults, so that with these ratios some sequences clip and some do not
+CLIPS = {"dapo": (0.2, 0.28), "gspo": (0.05, 0.08), "gspo_token": (0.05, 0.08)}
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("agg", rl.AGG_MODES)
+def test_loss_and_grads_match_loop_reference_and_any_micro_batch_split(algo, agg):
+    lo, hi = CLIPS[algo]
+    cases = [(0, False)] + ([(2, True)] if algo != "gspo" else [(1, False)])
+    for seed, per_token in cases:
+        W, feats, tokens, old, adv, mask = policy_batch(seed, per_token)
+        T = mask.shape[1]
+        # the whole batch, against the loop reference
+        whole, stats = rl.policy_loss(logp_of(W, feats, tokens), old, adv, mask, algo, lo, hi, agg)
+        (g_whole,) = torch.autograd.grad(whole, W)
+        if algo == "gspo_token" and per_token:    # per-token A: the token form of GSPO-token
+            ref = reference_loss_gspo_token(logp_of(W, feats, tokens), old, adv, LENGTHS, agg, lo, hi, T)
+        else:                                     # per-sequence A: GSPO-token is GSPO
+            ref = reference_loss(logp_of(W, feats, tokens), old, adv, LENGTHS,
+                                 "dapo" if algo == "dapo" else "gspo", agg, lo, hi, T)
+        (g_ref,) = torch.autograd.grad(ref, W)
+        assert close(whole, ref, 1e-6), (seed, whole.item(), ref.item())
+        assert torch.allclose(g_whole, g_ref, atol=1e-6)
+        assert stats["clip_frac_low"] + stats["clip_frac_high"] > 0          # clipping is exercised
+        # uneven micro-batches (rows 1 / 3 / 2), each trimmed to its own longest row
+        n_global = rl.loss_normalizer(mask, agg)
+        total, W.grad = 0.0, None
+        for rows in ([0], [1, 2, 3], [4, 5]):
+            width = max(1, max(LENGTHS[r] for r in rows))
+            sl = (torch.tensor(rows), slice(0, width))
+            part, _ = rl.policy_loss(logp_of(W, feats[sl[0], :width], tokens[sl[0], :width]), old[sl],
+                                     adv[sl] if per_token else adv[sl[0]], mask[sl], algo, lo, hi, agg,
+                                     n_global=n_global, norm_len=T)
+            part.backward()
+            total += part.item()
+        assert close(total, whole, 1e-6)
+        assert torch.allclose(W.grad, g_whole, atol=1e-6)
+
+
+def test_naive_micro_batch_normalisation_would_differ():
+    """Guard against a vacuous split test: without n_global the summed losses are wrong."""
+    W, feats, tokens, old, adv, mask = policy_batch(0)
+    whole, _ = rl.policy_loss(logp_of(W, feats, tokens), old, adv, mask)
+    naive = sum(rl.policy_loss(logp_of(W, feats[r], tokens[r]), old[r], adv[r], mask[r])[0].item()
+                for r in ([0], [1, 2, 3], [4, 5]))
+    assert abs(naive - whole.item()) > 1e-3
+
+
+@pytest.mark.parametrize("agg", rl.AGG_MODES)
+def test_gspo_token_equals_gspo_for_sequence_advantages(agg):
+    for seed in range(3):
+        W, feats, tokens, old, adv, mask = policy_batch(seed, spread=0.003)
+        out = {}
+        for algo in ("gspo", "gspo_token"):
+            loss, stats = rl.policy_loss(logp_of(W, feats, tokens), old, adv, mask, algo=algo, agg=agg)
+            (grad,) = torch.autograd.grad(loss, W)
+            out[algo] = (loss, grad, stats)
+        assert close(out["gspo"][0], out["gspo_token"][0], 1e-7)
+        assert torch.allclose(out["gspo"][1], out["gspo_token"][1], atol=1e-7, rtol=1e-5)
+        assert out["gspo"][1].abs().max() > 1e-4                           # not both zero
+        fr = out["gspo"][2]["clip_frac_low"] + out["gspo"][2]["clip_frac_high"]
+        assert 0 < fr < 1                                                  # some clipped, some not
+
+
+# a real 2-process gloo group: each rank has its shard, both use the global normaliser
+
+def _rank_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        W, feats, tokens, old, adv, mask = policy_batch(0)
+        rows = torch.tensor([[0, 1, 2], [3, 4, 5]][rank])                # uneven token counts
+        result = {}
+        for algo, agg in (("dapo", "token-mean"), ("gspo", "seq-mean-token-mean")):
+            n_global = rl.loss_normalizer(mask[rows], agg).clone()
+            dist.all_reduce(n_global)                                     # the rollout batch's count
+            W.grad = None
+            loss, _ = rl.policy_loss(logp_of(W, feats[rows], tokens[rows]), old[rows], adv[rows],
+                                     mask[rows], algo=algo, agg=agg, n_global=n_global)
+            loss.backward()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            dist.all_reduce(W.grad)
+            result[algo] = (total, W.grad.clone())
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_gloo_split_equals_single_process(tmp_path):
+    world = 2
+    mp.spawn(_rank_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    W, feats, tokens, old, adv, mask = policy_batch(0)
+    for algo, agg in (("dapo", "token-mean"), ("gspo", "seq-mean-token-mean")):
+        loss, _ = rl.policy_loss(logp_of(W, feats, tokens), old, adv, mask, algo=algo, agg=agg)
+        (grad,) = torch.autograd.grad(loss, W)
+        for r in range(world):
+            assert close(res[r][algo][0], loss, 1e-6)
+            assert torch.allclose(res[r][algo][1], grad, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# advantages, filter, overlong, KL
+
+def test_group_advantages():
+    adv = rl.group_advantages(torch.tensor([1.0, 0.0]), 2)
+    assert close(adv[0], 0.70711) and close(adv[1], -0.70711)
+    rewards = [1.0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0.3, 0.9, 0.1, 0.5]
+    adv = rl.group_advantages(torch.tensor(rewards), 4)
+    for k in range(4):                                           # statistics.stdev is Bessel's
+        g = rewards[4 * k:4 * k + 4]
+        sd = statistics.stdev(g)
+        want = [0.0] * 4 if sd == 0 else [(x - statistics.mean(g)) / (sd + 1e-6) for x in g]
+        assert all(close(a, w) for a, w in zip(adv[4 * k:4 * k + 4], want))
+    assert adv[:8].eq(0).all()                                   # zero-variance groups: exactly 0
+    assert close(adv[8], 0.75 / (0.5 + 1e-6))
+    # float32: the mean of eight 0.9s is not 0.9, and (r - mean) / (std + eps) would give -0.056
+    assert rl.group_advantages(torch.full((8,), 0.9), 8).eq(0).all()
+    assert rl.group_advantages(torch.tensor([1.0, 0.0, 5.0]), 1).eq(0).all()   # groups of one: 0
+    with pytest.raises(ValueError):
+        rl.group_advantages(torch.zeros(5), 2)
+
+
+def test_filter_groups():
+    keep = rl.filter_groups(torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0]), 4)
+    assert keep.tolist() == [False, False, True]
+    assert rl.filter_groups(torch.tensor([1.0, 0.0]), 1).tolist() == [False, False]
+
+
+def test_overlong_penalty_and_truncation_mask():
+    pen = rl.overlong_penalty(torch.tensor([50, 80, 90, 100, 120]), max_len=100, cache_len=20)
+    assert torch.allclose(pen, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
+    with pytest.raises(ValueError):
+        rl.overlong_penalty([1], max_len=10, cache_len=0)
+    tm = rl.truncation_mask(torch.tensor([True, False]))
+    assert tm.tolist() == [0.0, 1.0]
+    logp, old, adv, mask = two_row_case()                        # drop row 1 (truncated)
+    loss, stats = rl.policy_loss(logp, old, adv, mask * tm[:, None])
+    assert close(loss, 2.9 / 3) and stats["n_seqs"].item() == 1 and stats["n_tokens"].item() == 3
+
+
+def test_kl_estimators_hand_case_and_unbiasedness():
+    logp, ref = torch.tensor([-1.0]), torch.tensor([-2.0])
+    assert close(rl.kl_estimate(logp, ref, "k1"), 1.0)
+    assert close(rl.kl_estimate(logp, ref, "k2"), 0.5)
+    assert close(rl.kl_estimate(logp, ref, "k3"), 0.367879)
+    # exact expectations under pi of two categorical distributions: k1 and k3 are unbiased
+    pi = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.2, 0.6])
+    kl = (pi * (pi / q).log()).sum()
+    for kind in ("k1", "k3"):
+        assert close((pi * rl.kl_estimate(pi.log(), q.log(), kind)).sum(), kl, 1e-6)
+    assert (rl.kl_estimate(pi.log(), q.log(), "k3") >= 0).all()
+    with pytest.raises(ValueError):
+        rl.kl_estimate(logp, ref, "k4")
+
+
+# ----------------------------------------------------------------------------------------------
+# answer extraction and format
+
+@pytest.mark.parametrize("text,want", [
+    (r"<think>t</think> so \boxed{\frac{1}{\sqrt{2}}}.", r"\frac{1}{\sqrt{2}}"),     # nested braces
+    (r"<think>t</think> \boxed{1} or rather \boxed{2}", "2"),                        # several boxes
+    (r"<think>\boxed{3}</think> the answer is 3", None),                              # box only in thinking
+    (r"<think>\boxed{3}</think> \boxed{4}", "4"),
+    (r"<think>t</think> \boxed{}", ""),                                                # empty box
+    (r"<think>t</think> \boxed{12", None),                                             # unclosed
+    (r"<think>t</think> \boxed{1} and \boxed{2", "1"),                                 # unclosed last: ignored
+    (r"<think>t</think> \boxed{\boxed{1}+1}", r"\boxed{1}+1"),                         # the box that closes last
+    (r"<think>t</think> \boxed{\{1,2\}}", r"\{1,2\}"),                                 # escaped braces
+    ("<think>想一想</think> 答案是 \\boxed{五}", "五"),                                 # unicode
+    (r"<think>t</think> \boxed 5", None),                                              # \boxed without braces
+    (r"The answer is \boxed{7}.", "7"),                                                # direct mode, no think
+    (r"<think> unfinished \boxed{7}", None),                                           # think never closed
+    ("<think>t</think> \\boxed{" + "1" * 1000 + "}", "1" * 1000),                      # at the length cap
+    ("<think>t</think> \\boxed{" + "1" * 1001 + "}", None),                            # over it
+    ("<think>t</think> \\boxed{" + "1" * 1001 + "} \\boxed{2}", "2"),
+])
+def test_final_answer(text, want):
+    assert rl.final_answer(text) == want
+
+
+def test_reward_answer():
+    assert rl.reward_answer(r"<think>2+2</think> \boxed{4}", "4") == 1.0
+    assert rl.reward_answer(r"<think>2+2</think> \boxed{4}", 4) == 1.0
+    assert rl.reward_answer(r"<think>t</think> \boxed{1} or \boxed{2}", "1") == 0.0
+    assert rl.reward_answer(r"<think>\boxed{4}</think> 4", "4") == 0.0
+    assert rl.reward_answer(r"<think>t</think> \boxed{}", "") == 0.0                  # empty never wins
+    assert rl.reward_answer(r"<think>t</think> \boxed{\dfrac{1}{2}}", "0.5") == 1.0
+    assert rl.reward_answer(r"The answer is \boxed{(C)}.", "C") == 1.0
+    assert rl.reward_answer("<think>t</think> \\boxed{π}", "π") == 1.0
+
+
+@pytest.mark.parametrize("text,want", [
+    (r"<think>reasoning</think> so \boxed{1}", 1.0),
+    ("\n <think>reasoning</think>\\boxed{1}", 1.0),
+    (r"<think>a</think><think>b</think> \boxed{1}", 0.0),                     # two think blocks
+    (r"<think>a</think> \boxed{1} </think>", 0.0),
+    ("<think> \n </think> \\boxed{1}", 0.0),                                  # empty thinking
+    (r"<think>reasoning</think> the answer is 1", 0.0),                       # missing box
+    (r"\boxed{1} <think>reasoning</think>", 0.0),                             # box before think
+    (r"<think>reasoning \boxed{1}</think> 1", 0.0),                           # box only in thinking
+    (r"The answer is \boxed{1}", 0.0),                                        # no think block
+    (r"<think>reasoning \boxed{1}", 0.0),                                     # unclosed think
+    (r"<think>reasoning</think> \boxed{1", 0.0),                              # unclosed box
+])
+def test_reward_format(text, want):
+    assert rl.reward_format(text) == want
+
+
+# ----------------------------------------------------------------------------------------------
+# answer equivalence, with math-verify 0.9.0 as the oracle
+#
+# MV_CASES are (gold, prediction) pairs from huggingface/Math-Verify's own tests (repository at
+# 5d148cf): tests/test_all.py (test_number_extraction, test_simple_fraction_notation,
+# test_sets_handling, test_latex_notation, test_percent_notation, test_latex_notation_math,
+# test_relations_math, test_complex_math_expressions, test_math_extraction_additional_cases,
+# test_sqrt_precision, test_symbols), tests/test_strict.py, tests/test_boxed.py and README.md,
+# reduced to the contents of the final box. OURS_EQUAL / OURS_DIFFERENT are what our normaliser
+# claims to handle (and where it is deliberately stricter than math-verify).
+
+MV_CASES = [
+    ("-5", "-5"), ("7425000", "7,425,000"), ("1000", "1 000"), ("1000", "1000.0"), ("1000.0", "1,000.0"),
+    ("1000.99", "1000,99"), ("1,22", "1.22"), ("0.4", ".4"), ("1000.99", "1,000.99"), ("1000.99", "$1,000.99"),
+    ("0,111", "0.111"), ("2", "AZYUK2A"), ("10/9", r"\frac{10}{9}"), ("-10/9", r"-\frac{10}{9}"),
+    ("[0,1)", "[0,1)"), ("[0,9)", "[0,1)"), ("(0,9)", "[0,9)"), ("1", "-[0,1)"),
+    ("1/3", r"\frac13"), ("1", r"\frac3{3}"), (r"\sqrt{3}", r"\sqrt3"), ("1/3", r"\cfrac{1}{3}"),
+    ("1/3", r"\dfrac{1}{3}"), ("1/3", r"\tfrac{1}{3}"), ("1/3", " 1/3 "),
+    ("1/3", r"\left( \frac{1}{3} \right)"),
+    ("1/3", r"\boxed{\frac{1}{3}}"), ("1/3", r"\frac{1}{3} \text{meters}"), ("1/3", r"k = \frac{1}{3}"),
+    (r"28\%", "28 %"), (r"28\%", "28"), ("0.28", "28"), ("28/100", "28"), ("28", "28/100"),
+    (r"\frac{28}{100}", "28"), (r"28*\frac{1}{100}", "28"), ("2-2p", "2-2p"), (r"28\%", r"28\%"),
+    (r"14{,}916", "14916"), (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)"),
+    (r"\frac{14}{3}", r"\frac{14}{3}"),
+    (r"\text{Evelyn}", r"\text{Evelyn}"), (r"90^\circ", r"90^\circ"), (r"3\sqrt{13}", r"3\sqrt{13}"),
+    ("2", "2"),
+    (r"15\mbox{ cm}^2", r"15\text{ cm}^2"), ("-2,1", "-2, 1"), ("(6,31,-1)", "(6,31,-1)"),
+    (r"1 \pm \sqrt{19}", r"1 \pm \sqrt{19}"),
+    (r"\{1\pm\sqrt{5},-2\}", r"\{1\pm\sqrt{5},-2\}"), ("125", r"125\textnormal{ miles}"),
+    (r"\sqrt{2}+\sqrt{5}", r"\sqrt 2+\sqrt 5"),
+    (r"\frac{9}{4}\pi", r"\frac94\pi"),
+    (r"[-1, -\frac{1}{2}) \cup (-\frac{1}{2}, 0)", r"[-1, -\tfrac12) \cup (-\tfrac12, 0)"),
+    ("x >= 5", r"x \geq 5"), ("x > 5", "x < 5"), (r"x \leq 5", r"5 \geq x"), ("x = 11", "x = 5+5+1 = 7 =11"),
+    ("11", "x=11"), ("k=1", "1"), ("1", "k=1"), ("2x + z = 1", "1"), (r"\frac{1}{12}", "0.0833333333333333"),
+    (r"(1,\frac{9}{2})", "(1,4.5)"), (r"\frac{x+2}{7}", r"\frac{x}{7}+\frac{2}{7}"),
+    ("(a+5)(b+2)", "(+5)(b+2)"),
+    ("2", r"\frac{1+\sqrt{5}}{2}"), (r"1\sqrt{19}", "1"), ("x+2n+1", "x+1"),
+    (r"(\frac{3}{5},\frac{8}{3}]", "(0.6,2.6667]"),
+    ("(3,1)", "{1,3}"), ("(1,3)", "{1,3}"), ("[-4,0]", "[-4, 0]"), (r"\text{C}", r"\text{(C)}"),
+    ("11111111100", r"11,\! 111,\! 111,\! 100"), ("32349", r"32,\! 349"), ("32349", "32, 349"),
+    (r"(2, 12) \cup (12, 102)", r"(2,12) \cup (12,102)"), (r"\text{E}", "E"), ("1112112_3", "1112112_3"),
+    ("4", r"4\sqrt{2}"), (r"\text{13}", "13"), ("f(x)", "f(y)"), ("004", "004"), ("840", "840"),
+    (r"{1,3} \cup {2,4}", "{1,2,3,4}"), ("(-6, 10)", "(-6,10)"),
+]
+OURS_EQUAL = [
+    ("5", "x = 5"), ("x=5", "x = 5.0"), ("1/2", r"\frac{1}{2}"), ("0.5", r"\dfrac{1}{2}"),
+    (r"\frac{1}{2}", r"\tfrac12"),
+    ("2.5", "2.50"), ("1000", "1,000"), ("1000", "1{,}000"), ("11111111100", r"11,\! 111,\! 111,\! 100"),
+    ("28", r"28\%"), (r"28\%", "28%"), ("12.5%", r"12.5\%"), ("90", r"90^\circ"), (r"90^{\circ}", "90"),
+    ("C", "(C)"), ("C", r"\text{C}"), (r"\text{(C)}", "C"), (r"\textbf{(B)}", "B"),
+    ("(1,2)", r"\left(1, 2\right)"), (r"\{1,2\}", r"\{2,1\}"), ("[0,1)", "[0, 1)"), ("-5", "\u22125"),
+    ("-0.5", r"-\frac{1}{2}"), ("-0.5", r"\frac{-1}{2}"), ("5", "$5$"), ("5", r"\$5"),
+    (r"\text{Evelyn}", "Evelyn"),
+    ("10/9", r"\frac{10}{9}"), ("-10/9", r"-\frac{10}{9}"), ("1/3", r"\frac13"), ("1/3", r"k = \frac{1}{3}"),
+    (r"\text{E}", "E"), (r"\text{C}", r"\text{(C)}"), (r"(1,\frac{9}{2})", "(1,4.5)"), ("+5", "5"),
+    ("1000", "1000.0"),
+    ("0.4", ".4"), ("(5)", "5"), ("32349", r"32,\! 349"), (r"14{,}916", "14916"), ("(-6, 10)", "(-6,10)"),
+    (r"\{(1,2),(3,4)\}", r"\{(3,4),(1,2)\}"), ("1/2", r"\frac{2}{4}"), ("-5", "- 5"),
+    (r"\sqrt{2}", r"\sqrt{2}"),
+    (r"\frac{\pi}{2}", r"\dfrac{\pi}{2}"), ("125 miles", r"125\text{ miles}"),
+]
+OURS_DIFFERENT = [
+    ("(1,2)", r"\{1,2\}"), ("(1,2)", "(2,1)"), ("[0,1]", "(0,1)"), ("32349", "32, 349"), ("1000", "1 000"),
+    ("x=1", "y=1"), ("12.5%", "12.5"), ("-3%", "-3"), ("90", "90°"), ("5", "5."), ("4", r"4\sqrt{2}"),
+    ("1/3", "0.333"), ("A", "B"), ("C", "c"), ("0.28", r"28\%"), ("1", "-[0,1)"), ("2", "AZYUK2A"),
+    ("", ""), ("1", r"1\sqrt{19}"), ("1,2", "2,1"), ("1e3", "1000"), ("1", "x=1=1"),
+    # math-verify calls these equal, but not transitively (5.0 != \text{5}, 5.0 != 5%): kept apart
+    (r"\mathrm{12}", "12"), (r"\text{5}", "5.0"), ("5%", "5.0"), (r"\text{(5)}", "5"), ("(50%,20%)", "(50,20)"),
+]
+
+# A pool of renderings of the same few values: every pair our normaliser calls equal must be
+# equal for math-verify, in both orders (this is what found its non-transitive cases above).
+POOL = [
+    "5", "05", "5.0", "+5", "-5", "\u22125", "x=5", "y=5", "x = 5", r"\text{5}", r"\mathrm{5}", r"\$5", r"5\%", "5%",
+    "(5)", "[5]", r"\{5\}", r"\frac{10}{2}", "10/2", r"5^\circ", r"\boxed{5}", r"\left(5\right)", r"5\text{ cm}",
+    "1/2", "0.5", ".5", r"\frac12", r"\frac{1}{2}", r"-\frac{1}{2}", r"\frac{-1}{2}", "-0.5", "0.50",
+    "(1,2)", "(1, 2)", "[1,2]", "[1,2)", r"\{1,2\}", r"\{2,1\}", "1,2", "2,1", r"\left[1,2\right]",
+    "1,000", "1000", "1{,}000", r"1,\!000", r"1\,000", "1 000", "1000.0", "A", "(A)", r"\text{A}", r"\text{(A)}",
+    r"\textbf{A}", "a", "(a)", "B", r"\sqrt{2}", r"\frac{\pi}{2}", r"\dfrac{\pi}{2}", r"12.5\%", "12.5",
+    r"x=\frac{1}{2}", "k=0.5", r"\{(1,2),(3,4)\}", r"\{(3,4),(1,2)\}", "(1,(2,3))", "(1,(3,2))",
+    "1,234", "1, 234", "(1,234)", "1234", r"\text{Evelyn}", "Evelyn", "evelyn", "3.14", "157/50", "-0", "0",
+    "(50%, 20%)", "(50,20)", r"\text{(5)}", "5.0%", "x=A", r"\{1,1,2\}", "1,-2", "30^\\circ", "30.0", "30%",
+    "5,000", "5, 000", "1.", "1.0", "((1))", r"\text{yes}", "yes", "Yes",
+]
+
+
+@pytest.fixture(scope="module")
+def mv_equal():
+    math_verify = pytest.importorskip("math_verify")
+    cache = {}
+
+    def parsed(s):
+        if s not in cache:
+            cache[s] = math_verify.parse("\\boxed{" + s + "}")
+        return cache[s]
+    return lambda gold, pred: bool(math_verify.verify(parsed(gold), parsed(pred)))
+
+
+def test_normaliser_never_equal_where_math_verify_differs(mv_equal):
+    checked = 0
+    for gold, pred in MV_CASES + OURS_EQUAL + OURS_DIFFERENT:
+        ours = rl.answers_match(pred, gold)
+        assert ours == rl.answers_match(gold, pred)                          # symmetric
+        if ours:
+            assert mv_equal(gold, pred) and mv_equal(pred, gold), (gold, pred)
+            checked += 1
+    assert checked >= 50
+
+
+def test_normaliser_classes_are_cliques_for_math_verify(mv_equal):
+    equal = [(a, b) for i, a in enumerate(POOL) for b in POOL[i + 1:] if rl.answers_match(a, b)]
+    assert len(equal) > 100
+    bad = [(a, b) for a, b in equal if not (mv_equal(a, b) and mv_equal(b, a))]
+    assert not bad
+
+
+def test_normaliser_gets_the_cases_it_claims(mv_equal):
+    for gold, pred in OURS_EQUAL:
+        assert rl.answers_match(pred, gold), (gold, pred)
+    for gold, pred in OURS_DIFFERENT:
+        assert not rl.answers_match(pred, gold), (gold, pred)
+    # the math-verify suite's pairs it calls different stay different for us
+    assert not any(rl.answers_match(p, g) for g, p in MV_CASES if not mv_equal(g, p))
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile inputs: every reward is linear; the adversarial regex case must stay fast
+
+def best_of_3(fn, text, bound):
+    """The best of up to 3 timed runs (stops at the first run under `bound`: noise only slows)."""
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        fn(text)
+        best = min(best, time.perf_counter() - t)
+        if best < bound:
+            break
+    return best
+
+
+REWARDS = {"answer": lambda s: rl.reward_answer(s, "1"), "format": rl.reward_format,
+           "think": rl.think_consistency, "rouge_l": lambda s: rl.rouge_l(s, s), "word_f1": lambda s: rl.word_f1(s, s)}
+HOSTILE = {
+    "boxed_open_x100k": "\\boxed{" * 100000,
+    "open_brace_1M": "{" * 10 ** 6,
+    "close_brace_1M": "}" * 10 ** 6,
+    "think_x100k": "<think>" * 10 ** 5,
+    "box_then_1M_braces": "\\boxed{" + "{" * 10 ** 6,
+    "box_escaped_braces": "<think>t</think>\\boxed{" + "\\{" * 500000,
+    "boxes_1M": "<think>t</think>" + "\\boxed{1}" * 110000,
+    "long_thinking_numbers": "<think>" + " 1" * 500000 + "</think>\\boxed{1}",
+    "nested_wrappers": "<think>t</think>\\boxed{" + "\\text{" * 140 + "(" * 100 + "1" + ")" * 100 + "}" * 140 + "}",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_inputs_are_fast(name):
+    text = HOSTILE[name]
+    for kind, fn in REWARDS.items():
+        t = best_of_3(fn, text, 0.5)
+        assert t < 0.5, (name, kind, t)
+
+
+def test_adversarial_think_box_pattern_under_50ms():
+    """The string that makes the `<think>.*</think>.*\\boxed{.*}` regex take ~40 s (notes §G)."""
+    text = "<think>" + "a</think>" * 3000 + "\\boxed{" * 3000
+    assert len(text) > 30000
+    for kind, fn in REWARDS.items():
+        if kind in ("answer", "format", "think"):
+            assert best_of_3(fn, text, 0.05) < 0.05, kind
+    assert rl.reward_format(text) == 0.0 and rl.reward_answer(text, "a") == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# mixed rewards (§4.2.5)
+
+def test_think_consistency():
+    assert rl.think_consistency(r"<think>3 + 4 = 7</think> \boxed{7}") == 1.0
+    assert rl.think_consistency(r"<think>3 + 4 = 7</think> \boxed{8}") == 0.0
+    assert rl.think_consistency(r"<think>2 red and 3 blue, so 5 shapes.</think> \boxed{5}") == 1.0
+    assert rl.think_consistency(r"<think>half of 1 is 0.50</think> \boxed{\frac{1}{2}}") == 1.0
+    assert rl.think_consistency(r"<think>10 * 100 = 1,000</think> \boxed{1000}") == 1.0
+    assert rl.think_consistency(r"<think>7 - 12 = -5</think> \boxed{-5}") == 1.0
+    assert rl.think_consistency(r"<think>no numbers here</think> \boxed{5}") == 0.0
+    assert rl.think_consistency(r"<think>3 + 4 = 7</think> the answer is 7") == 0.0    # no box
+    assert rl.think_consistency(r"3 + 4 = 7 \boxed{7}") == 0.0                          # no think
+    loop = "<think>" + "let me check the sum again " * 30 + "so 3 + 4 = 7</think> \\boxed{7}"
+    assert rl.think_consistency(loop) == 0.0                                             # degenerate
+    # repetition_ratio by hand: 4-grams of "a b c d a b c d": abcd bcda cdab dabc abcd -> 1 - 4/5
+    assert close(rl.repetition_ratio("a b c d a b c d"), 0.2)
+    assert rl.repetition_ratio("a b c") == 0.0
+    assert rl.repetition_ratio("x " * 100) > 0.95
+
+
+def test_rouge_l_and_word_f1_by_hand():
+    # LCS of "the cat sat on the mat" / "the cat is on the mat" = the cat on the mat = 5
+    assert close(rl.rouge_l("the cat sat on the mat", "The cat is on the mat."), 5 / 6)
+    assert close(rl.word_f1("the cat sat on the mat", "The cat is on the mat."), 5 / 6)
+    # order matters for ROUGE-L (LCS 1 of 4), not for bag-of-words F1
+    assert close(rl.rouge_l("a b c d", "d c b a"), 0.25) and close(rl.word_f1("a b c d", "d c b a"), 1.0)
+    # P = 2/2, R = 2/4 -> F = 2/3
+    assert close(rl.rouge_l("a c", "a b c d"), 2 / 3) and close(rl.word_f1("a c", "a b c d"), 2 / 3)
+    assert rl.rouge_l("", "a") == 0.0 and rl.word_f1("a", "") == 0.0 and rl.rouge_l("x", "y") == 0.0
+    assert rl.reference_judge("a b c d", "d c b a") == 0.0                        # 0.25 < 0.5
+    assert rl.reference_judge("a b c d", "d c b a", metric="word_f1") == 1.0
+    assert close(rl.reference_judge("a b c d", "d c b a", threshold=None), 0.25)
+    long = " ".join(f"w{i}" for i in range(1000))                            # capped at 256 words
+    assert close(rl.rouge_l(long, long), 1.0)
+    assert close(rl.rouge_l(long, " ".join(f"w{i}" for i in range(256))), 1.0)
+
+
+def test_mixed_reward_weights():
+    assert close(rl.mixed_reward(1.0, 0.0, 1.0, weights=(0.5, 0.3, 0.2)), 0.7)
+    judge: rl.ThinkJudge = lambda question, thinking, answer, reference: 0.5    # the judge interface
+    think = judge("q", "t", "a", "r")
+    out = rl.mixed_reward(torch.tensor([1.0, 0.0]), think, torch.tensor([1.0, 1.0]), weights=(0.6, 0.2, 0.2))
+    assert torch.allclose(out, torch.tensor([0.9, 0.3]))
+    assert close(rl.mixed_reward(1.0, 1.0, 1.0), 1.0)                          # default weights sum to 1
+    for bad in ((0.5, 0.5, 0.5), (0.3, 0.3, 0.3), (1.2, -0.1, -0.1), (0.5, 0.5)):
+        with pytest.raises(ValueError, match="sum"):
+            rl.mixed_reward(1.0, 1.0, 1.0, weights=bad)
