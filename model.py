@@ -304,9 +304,12 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 
 
 def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(),
-                         generator=None, on_token=None, n_valid_tokens=None):
+                         generator=None, on_token=None, n_valid_tokens=None, logprobs=None, banned=()):
     """The decode loop shared by Qwen3LM and SAILVL: prompts given as embeddings (L_i, H), left-padded
-    into one batch; prefill once, then one token per step through the KV cache."""
+    into one batch; prefill once, then one token per step through the KV cache. `logprobs`: a list
+    that receives, per row, the log-probability of each generated token under softmax(logits / T)
+    (before top-p truncation; T = 1 when greedy) — RL compares it with a recompute.
+    `banned`: token ids never generated (RL bans the image tokens: a completion is fed back)."""
     B = len(embeds)
     L = max(e.shape[0] for e in embeds)
     H = embeds[0].shape[1]
@@ -326,11 +329,21 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     for step in range(max_new_tokens):
         if n_valid_tokens is not None:                                  # padded vocab rows are never sampled
             logits[:, n_valid_tokens:] = float("-inf")
+        if banned:
+            logits[:, list(banned)] = float("-inf")
         nxt = sample_next(logits, temperature, top_p, generator)        # (B,)
+        lp = None
+        if logprobs is not None:
+            lp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
+            lp = lp.gather(1, nxt[:, None])[:, 0].tolist()
+            if not logprobs:
+                logprobs.extend([] for _ in range(B))
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 out[i].append(t)
                 done[i] = t in stop
+                if lp is not None:
+                    logprobs[i].append(lp[i])
         if on_token is not None:
             on_token(nxt)
         if all(done) or step == max_new_tokens - 1:
