@@ -12,8 +12,11 @@ Sections, in the paper's order:
   7. Resampling      dataset-level mixture (§3.2.2 step 1), n-gram linguistic rebalancing (step 2),
                      the deterministic, resumable training stream
   8. LongCoT §4.2.2  format normalisation, dedup, redundancy filter, CoT-length balancing
-  9. Synthetic data  the embedded default dataset (PNG + MP4 + JSONL) and the stage -> data-mix table
- 10. Command line    `python data.py {synth,check,rebalance,filter,charts,caption2qa,longcot} --help`
+  9. Curation §4.1   post-training data: SAIL-Instruction2 (§4.1.2: latent classes, answer quality,
+                     re-annotation, class balancing), SAIL-Video (§4.1.1: alignment, richness, difficulty)
+ 10. Synthetic data  the embedded default dataset (PNG + MP4 + JSONL) and the stage -> data-mix table
+ 11. Command line    `python data.py {synth,check,rebalance,filter,charts,caption2qa,longcot,
+                     curate-instructions,curate-video} --help`
 
 Conventions: `labels` are aligned with `input_ids` (the model shifts them, as HF does) and hold -100
 where no loss is taken. Every bad input raises `DataError` naming file and line; datasets skip and
@@ -30,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import unicodedata
+import zlib
 from collections import Counter, namedtuple
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -262,6 +266,58 @@ def load_tokenizer(path=None) -> tiktoken.Encoding:
         raise ValueError(f"{folder}: added-token ids {sorted(clash)[:5]} are also BPE token ids")
     cls = NFCEncoding if nfc else tiktoken.Encoding
     return cls(f"hf-{folder.name}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
+
+
+def train_bpe(texts, vocab_size: int) -> dict:
+    """A byte-level BPE trained on `texts`, as an HF `tokenizer.json` dict that `load_tokenizer`
+    reads: ids 0..255 the bytes, 256.. SPECIAL_TOKENS (as in the embedded default, so the special
+    ids do not move), then one token per merge up to `vocab_size`. Qwen's pre-tokenizer splits the
+    text first, so merges never cross its word boundaries. Greedy: at each step the most frequent
+    adjacent pair over the words (ties: the smallest pair) is merged, which is HF's BpeTrainer rule.
+    The synthetic data ships one (`make_synth`): its small language then costs ~2.5x fewer tokens
+    than bytes, so the tiny model reads and learns ~2.5x more samples per second."""
+    import regex                                    # tiktoken's own dependency (always installed)
+    pattern = regex.compile(QWEN_PATTERN)
+    words = Counter(tuple(piece.encode("utf-8")) for t in texts for piece in pattern.findall(t))
+    words = {w: c for w, c in words.items() if len(w) > 1}
+    b2u = byte_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    vocab.update({t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)})   # so HF keeps their ids too
+    spell = {b: b2u[b] for b in range(256)}          # token id -> its byte-level spelling
+    merges, next_id = [], 256 + len(SPECIAL_TOKENS)
+    seqs = {w: list(w) for w in words}
+    while next_id < vocab_size:
+        pairs = Counter()
+        for w, seq in seqs.items():
+            for a, b in zip(seq, seq[1:]):
+                pairs[(a, b)] += words[w]
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))
+        spell[next_id] = spell[a] + spell[b]
+        vocab[spell[next_id]] = next_id
+        merges.append(f"{spell[a]} {spell[b]}")
+        for w, seq in seqs.items():                  # apply the merge to every word
+            i, out = 0, []
+            while i < len(seq):
+                if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
+                    out.append(next_id)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[w] = out
+        next_id += 1
+    return {"version": "1.0", "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            "added_tokens": [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)],
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": merges}}
 
 
 def encode(tok: tiktoken.Encoding, text: str) -> list:
@@ -857,7 +913,7 @@ class JsonlDataset:
 # image-text alignment (ITA) and drops low scorers. A judge here is any callable
 # (PIL image, text) -> {"vir": float, "ita": float} in [0, 1]; plug in a VLM judge for real data.
 # The default `heuristic_judge` is honest about what it is: image statistics, calibrated for the
-# synthetic domain of section 9 (flat shapes in known colours on white).
+# synthetic domain of section 10 (flat shapes in known colours on white).
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
            "purple": (140, 60, 180), "orange": (240, 130, 30)}
@@ -1385,19 +1441,378 @@ def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True,
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Synthetic default data: real PNG / MP4 files and JSONL manifests, generated deterministically
+# 9. Curation §4.1 (post-training data): SAIL-Instruction2 (§4.1.2) and SAIL-Video (§4.1.1)
+#
+# The paper's: the stages (latent classes, quality scoring, re-annotation by a stronger model, class
+# balancing; video alignment / richness / difficulty scoring and filtering). It gives no algorithm: the
+# rest is ours (TF-IDF, k-means++, every formula and threshold), documented where it is computed.
+# Models are duck-typed arguments (CheckpointScorer wraps a checkpoint; the tests pass stubs):
+#   scorer(rec) -> float                        answer quality, higher is better (instructions)
+#   annotator.generate(recs, max_new_tokens)    -> [a new last answer, or None: no stop token came]
+#   scorer.loglik(rec, blank=False) -> float    mean answer log-likelihood, optionally on white frames
+
+HASH_BUCKETS = 4096                           # hashed n-gram features per instruction
+TERMINAL = tuple(".!?。！？…)]}\"'`*$")         # what a finished answer may end with
+RICH_SIZE, PIXEL_CHANGE, DISTINCT_SHARE, FULL_MOTION = 64, 0.1, 0.01, 0.05   # see video_richness
+
+
+def words_of(text: str) -> list:
+    return re.findall(r"\w+", text.lower())
+
+
+def instruction_text(rec: Record) -> str:
+    """The user turns' words without placeholders: what is clustered."""
+    return " ".join(PLACEHOLDER_RE.sub(" ", " ".join(c for r, c in rec.turns if r == "user")).split())
+
+
+def read_instructions(manifests, desc: str, bad: Counter, progress: bool):
+    """(obj, rec) per record that ends with an assistant turn and whose media files exist; the others
+    are counted in `bad` as bad:<reason> (json, schema, not_instruction, missing_file, ...)."""
+    for manifest in map(Path, manifests):
+        for where, line in manifest_lines(manifest, desc, progress):
+            try:
+                obj = json.loads(line)
+                rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
+                if rec.text is not None or rec.turns[-1][0] != "assistant":
+                    raise DataError("not_instruction", where, "the record does not end with an assistant turn")
+                for path in rec.images + rec.videos:
+                    if not os.path.exists(path):
+                        raise DataError("missing_file", where, f"media file not found: {path}")
+                yield obj, rec
+            except json.JSONDecodeError:
+                bad["bad:json"] += 1
+            except DataError as e:
+                bad[f"bad:{e.reason}"] += 1
+
+
+def tfidf_embed(texts: list, buckets: int = HASH_BUCKETS) -> tuple:
+    """Hashed word 1-2-gram TF-IDF: X (N, buckets) float32, rows L2-normalised, and {bucket: its most
+    common n-gram} to name classes by. Binary tf (instructions rarely repeat a phrase), idf =
+    log((1 + N) / (1 + df)) + 1, bucket = crc32(n-gram) % buckets (the same in every run)."""
+    X, names = np.zeros((len(texts), buckets), np.float32), {}
+    for i, t in enumerate(texts):
+        for g in sorted(" ".join(g) for n in (1, 2) for g in ngrams(t, n)):     # sorted: ties break alike
+            b = zlib.crc32(g.encode()) % buckets
+            X[i, b] = 1.0
+            names.setdefault(b, Counter())[g] += 1
+    X *= (np.log((1 + len(texts)) / (1 + X.sum(0))) + 1).astype(np.float32)
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    return X, {b: c.most_common(1)[0][0] for b, c in names.items()}
+
+
+def sq_dists(X, C) -> np.ndarray:
+    """(N, k) squared Euclidean distances between the rows of X and of C."""
+    return np.maximum((X * X).sum(1)[:, None] - 2 * X @ C.T + (C * C).sum(1)[None], 0)
+
+
+def kmeans(X: np.ndarray, k: int, seed: int = 0, restarts: int = 4, iters: int = 100) -> tuple:
+    """Lloyd's k-means, k-means++ seeding, the lowest inertia of `restarts` runs (ours). X (N, D) ->
+    (labels (N,), centres (k', D), inertia); classes numbered in order of their first member, k' <= k."""
+    rng, k, best = np.random.default_rng(seed), min(k, len(X)), None
+    for _ in range(restarts):
+        C = X[[rng.integers(len(X))]]
+        for _ in range(1, k):       # k-means++: the next centre drawn with probability ~ squared distance
+            d2 = sq_dists(X, C).min(1)
+            C = np.vstack([C, X[rng.choice(len(X), p=d2 / d2.sum() if d2.sum() > 0 else None)]])
+        labels = None
+        for _ in range(iters):
+            d2 = sq_dists(X, C)
+            if labels is not None and (d2.argmin(1) == labels).all():
+                break
+            labels = d2.argmin(1)
+            for j in range(k):      # an emptied class restarts at the point farthest from its centre
+                C[j] = X[labels == j].mean(0) if (labels == j).any() else X[d2.min(1).argmax()]
+        d2 = sq_dists(X, C)
+        if best is None or d2.min(1).sum() < best[2]:
+            best = (d2.argmin(1), C.copy(), float(d2.min(1).sum()))
+    labels, C, inertia = best
+    uniq, first = np.unique(labels, return_index=True)
+    order = uniq[np.argsort(first)]
+    return np.argsort(order)[np.searchsorted(uniq, labels)], C[order], inertia
+
+
+def class_names(X, labels, bucket_names: dict, top: int = 3) -> list:
+    """Per class, the n-grams whose mean TF-IDF weight in the class most exceeds their mean over all."""
+    lift = [X[labels == j].mean(0) - X.mean(0) for j in range(labels.max() + 1)]
+    return [[bucket_names[b] for b in np.argsort(-d, kind="stable")[:top] if d[b] > 0] for d in lift]
+
+
+def class_stats(answers: list) -> dict:
+    """What a class's answers look like, for the truncation rule. A word is seen whole when another
+    word follows it or it ends an answer with final punctuation."""
+    ws, ends = [words_of(a) for a in answers], [a.strip().endswith(TERMINAL) for a in answers]
+    return {"median_chars": float(np.median([len(a.strip()) for a in answers])), "punct_rate": float(np.mean(ends)),
+            "whole": {x for w, end in zip(ws, ends) for x in (w if end else w[:-1])},
+            "prefixes": {x[:i] for w in ws for x in w for i in range(1, len(x))}}
+
+
+def answer_rule(question: str, answer: str, stats: dict):
+    """The first cheap rule the answer fails, or None (ours):
+      empty            nothing but whitespace
+      repeated         one word n-gram (n = 1, 2, 3) occurs >= 3 times and covers >= half the words
+      copies_question  >= 80% of the answer's word bigrams occur in the question (answers of >= 2 words)
+      truncated        no final punctuation, shorter than the class median (characters), and either
+                       cut mid-word (the last word is never seen whole in the class but begins one of
+                       its words) or a cut sentence (>= 3 words, most (>= 50%) of the class ends with
+                       punctuation)"""
+    a = answer.strip()
+    if not a:
+        return "empty"
+    w = words_of(a)
+    for n in (1, 2, 3):
+        top = Counter(zip(*(w[i:] for i in range(n)))).most_common(1)
+        if top and top[0][1] >= 3 and top[0][1] * n >= 0.5 * len(w):
+            return "repeated"
+    qw, bigrams = words_of(question), list(zip(w, w[1:]))
+    if bigrams and sum(g in set(zip(qw, qw[1:])) for g in bigrams) >= 0.8 * len(bigrams):
+        return "copies_question"
+    mid_word = w and w[-1] not in stats["whole"] and w[-1] in stats["prefixes"]
+    if not a.endswith(TERMINAL) and len(a) < stats["median_chars"] and (
+            mid_word or (len(w) >= 3 and stats["punct_rate"] >= 0.5)):
+        return "truncated"
+    return None
+
+
+def blank_pixels(pv):
+    """White tiles / frames of the same shapes (the same token counts): nothing left to see."""
+    if isinstance(pv, (list, tuple)):
+        return [blank_pixels(p) for p in pv]
+    return ((1.0 - IMAGENET_MEAN) / IMAGENET_STD).to(pv.dtype).expand_as(pv).clone()
+
+
+class CheckpointScorer:
+    """A loaded checkpoint as scorer and annotator. `model`: SAILVL-like (forward with labels ->
+    .ce_sum, .n_targets; generate); `tok`: its tokenizer; `cfg`: its DataConfig."""
+
+    def __init__(self, model, tok, cfg: DataConfig):
+        self.model, self.tok, self.cfg = model, tok, replace(cfg, label_mode="sft")
+        self.stop = {special_ids(tok).im_end, special_ids(tok).endoftext}
+
+    @torch.no_grad()
+    def loglik(self, rec: Record, blank: bool = False) -> float:
+        """Mean per-token log-likelihood of the assistant turns given what precedes them and the
+        media (blank=True: every tile and frame white)."""
+        s = build_sample(rec, self.tok, self.cfg)
+        pv = blank_pixels(s["pixel_values"]) if blank and s["pixel_values"] is not None else s["pixel_values"]
+        out = self.model(s["input_ids"][None], pv, labels=s["labels"][None])
+        return float(-out.ce_sum / out.n_targets)
+
+    __call__ = loglik
+
+    @torch.no_grad()
+    def generate(self, recs: list, max_new_tokens: int = 256) -> list:
+        """Greedy new last answers (None where no stop token came within max_new_tokens)."""
+        ps = [prompt_inputs(self.tok, self.cfg, r.turns[:-1], r.images, r.videos, bool(r.think), r.system)
+              for r in recs]
+        pv = [p["pixel_values"] for p in ps if p["pixel_values"] is not None]
+        pv = None if not pv else [t for p in pv for t in p] if self.cfg.anyres else torch.cat(pv)
+        out = self.model.generate([p["input_ids"].tolist() for p in ps], pv, max_new_tokens=max_new_tokens,
+                                  stop_tokens=self.stop, n_valid_tokens=self.tok.n_vocab)
+        return [self.tok.decode_bytes(o[:-1]).decode("utf-8", "replace") if o and o[-1] in self.stop else None
+                for o in out]
+
+
+def _r(x):
+    return None if x is None else round(float(x), 4)
+
+
+def write_outputs(out_dir: Path, lines: list, **files):
+    """out_dir/curated.jsonl (one JSON line each) and out_dir/NAME.json for each keyword."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "curated.jsonl").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    for name, value in files.items():
+        (out_dir / f"{name}.json").write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def curate_instructions(manifests, out_dir, classes: int = 8, scorer=None, annotator=None,
+                        reannotate_frac: float = 0.1, cap: float = 2.0, upsample: bool = False, seed: int = 0,
+                        max_new_tokens: int = 256, progress: bool = True) -> dict:
+    """SAIL-Instruction2 curation (§4.1.2) into out_dir/{curated.jsonl, classes.json, report.json};
+    returns the report. Paper: latent classes, quality scores, re-annotation, class balancing. Ours:
+    - classes: kmeans (k-means++, 4 restarts) on tfidf_embed(instruction_text), named by class_names.
+    - quality: answer_rule's cheap rules always (a failure scores lowest); with a scorer (default with
+      an annotator: its mean answer log-likelihood), the z-score of the score within the class.
+    - re-annotation of every rule failure plus the floor(reannotate_frac x n) lowest z of each class
+      (that share needs a scorer): the annotator's greedy answer replaces the old one only when it
+      passes the rules and scores higher (a rule failure scores below any answer); both stay under
+      "curation" for audit; a rule failure with no better answer is dropped. Without an annotator
+      all these are dropped. (An annotator scoring its own greedy answers favours them: give a
+      separate scorer, a judge, to avoid it.)
+    - balancing: a class keeps at most ceil(cap x median class size), seeded down-sampling; with
+      `upsample`, classes below the median are repeated up to it, else kept as they are."""
+    out_dir, dropped, counts = Path(out_dir), Counter(), Counter()
+    items = list(read_instructions(manifests, "read", dropped, progress))
+    scorer, n = scorer or annotator, len(items)
+    questions, answers = [instruction_text(r) for _, r in items], [r.turns[-1][1] for _, r in items]
+    X, bucket_names = tfidf_embed(questions)
+    labels = kmeans(X, classes, seed)[0] if n else np.zeros(0, np.int64)
+    members = [np.flatnonzero(labels == j).tolist() for j in range(int(labels.max()) + 1 if n else 0)]
+    cstats = [class_stats([answers[i] for i in m]) for m in members]
+    rule = [answer_rule(q, a, cstats[c]) for q, a, c in zip(questions, answers, labels)]
+    counts.update(f"rule:{x}" for x in rule if x)
+    raw, z, fate, audit, low = [None] * n, [None] * n, {}, {}, set()     # fate: index -> why dropped
+    for i in tqdm(range(n) if scorer else [], desc="score", disable=not progress):
+        try:
+            raw[i] = None if rule[i] else float(scorer(items[i][1]))
+        except DataError as e:
+            fate[i] = f"bad:{e.reason}"
+    for m in members:               # z-score within the class, then its lowest share
+        scored = [i for i in m if raw[i] is not None]
+        v = np.array([raw[i] for i in scored])
+        for i, x in zip(scored, v):
+            z[i] = float((x - v.mean()) / v.std()) if v.std() > 1e-12 else 0.0
+        low.update(sorted(scored, key=lambda i: (z[i], i))[:int(reannotate_frac * len(scored))])
+    counts["low_score"] = len(low)
+    for i in tqdm([i for i in range(n) if (rule[i] or i in low) and i not in fate], desc="re-annotate",
+                  disable=not progress or annotator is None):
+        if annotator is None:
+            fate[i] = f"rule:{rule[i]}" if rule[i] else "low_score"
+            continue
+        try:
+            new = annotator.generate([items[i][1]], max_new_tokens)[0]
+            new_rule = "unfinished" if new is None else answer_rule(questions[i], new, cstats[labels[i]])
+            rec = replace(items[i][1], turns=items[i][1].turns[:-1] + [("assistant", new)])
+            new_raw = float(scorer(rec)) if new_rule is None else None
+        except DataError as e:
+            fate[i] = f"bad:{e.reason}"
+            continue
+        better = new_rule is None and (rule[i] is not None or new_raw > raw[i])
+        audit[i] = {"old_answer": answers[i], "new_answer": new, "old_score": _r(raw[i]), "new_score": _r(new_raw),
+                    "old_rule": rule[i], "new_rule": new_rule, "kept": "new" if better else "old"}
+        counts[f"reannotated_kept_{audit[i]['kept']}"] += 1
+        if rule[i] and not better:
+            fate[i] = "reannotation_not_better"
+    alive = [[i for i in m if i not in fate] for m in members]
+    median = float(np.median([len(a) for a in alive if a])) if any(alive) else 0.0
+    limit, rng, keep = math.ceil(cap * median), random.Random(seed), []
+    for a in alive:
+        if len(a) > limit:
+            a = sorted(rng.sample(a, limit))
+        elif upsample and a and len(a) < median:
+            a = a * (math.ceil(median) // len(a)) + sorted(rng.sample(a, math.ceil(median) % len(a)))
+        keep += a
+    keep.sort()
+    dropped.update(fate.values())
+    dropped["balancing"], counts["upsampled"] = sum(map(len, alive)) - len(set(keep)), len(keep) - len(set(keep))
+    lines = []
+    for i in keep:
+        obj, rec, key = items[i][0], items[i][1], "conversations" if "conversations" in items[i][0] else "messages"
+        if audit.get(i, {}).get("kept") == "new":       # the new answer goes into the last assistant turn
+            turns = [dict(t) for t in obj[key]]
+            turns[-1]["value" if key == "conversations" else "content"] = audit[i]["new_answer"]
+            obj = {**obj, key: turns}
+        lines.append(json.dumps({**rebase_media(obj, rec, out_dir), "curation": {
+            "class": int(labels[i]), "score": _r(z[i]), "rule": rule[i], **audit.get(i, {})}}, ensure_ascii=False))
+    names, after = class_names(X, labels, bucket_names) if n else [], Counter(int(labels[i]) for i in keep)
+    info = [{"class": j, "name": names[j], "size_before": len(m), "size_after": after[j],
+             "mean_score": _r(np.mean(v)) if (v := [raw[i] for i in m if raw[i] is not None]) else None,
+             "examples": list(dict.fromkeys(questions[i] for i in m))[:3]} for j, m in enumerate(members)]
+    report = {"section": "§4.1.2 SAIL-Instruction2", "records": n, "classes": len(members),
+              "embedding": f"hashed word 1-2-gram TF-IDF, {HASH_BUCKETS} buckets, L2; k-means++, 4 restarts",
+              "scorer": None if scorer is None else getattr(scorer, "__name__", type(scorer).__name__),
+              "balancing": {"median": median, "limit": limit, "upsample": upsample},
+              "counts": dict(sorted(counts.items())), "dropped": dict(sorted(dropped.items())), "written": len(lines)}
+    write_outputs(out_dir, lines, classes=info, report=report)
+    return report
+
+
+def video_richness(path, num_frames: int = 16, where: str = None) -> dict:
+    """Richness from pixels (ours), over the num_frames evaluation frames at 64 x 64, RGB in [0, 1]:
+    motion   = mean |f[t+1] - f[t]| over pixels and consecutive frames
+    distinct = frames kept in time order when, against every frame kept before, more than 1% of the
+               pixels change by more than 0.1 (codec noise and slow drift do not count)
+    richness = 0.5 min(1, motion / 0.05) + 0.5 (distinct - 1) / (num_frames - 1), in [0, 1]: 0 for a
+               still picture repeated; the synthetic moving shapes score ~0.62."""
+    f = load_video(path, num_frames, image_size=RICH_SIZE, where=where)
+    f = (f * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1).numpy()          # (T, 3, 64, 64)
+    motion = float(np.abs(np.diff(f, axis=0)).mean()) if len(f) > 1 else 0.0
+    kept = [f[0]]
+    for x in f[1:]:
+        if all((np.abs(x - y).max(0) > PIXEL_CHANGE).mean() > DISTINCT_SHARE for y in kept):
+            kept.append(x)
+    richness = 0.5 * min(1.0, motion / FULL_MOTION) + 0.5 * (len(kept) - 1) / max(1, len(f) - 1)
+    return {"richness": richness, "motion": motion, "distinct_frames": len(kept)}
+
+
+def answer_passes(reply, answer: str) -> bool:
+    """A reply passes when its last \\boxed{} equals the answer (normalize_answer), or the answer's
+    words occur in it as a run of whole words (ours)."""
+    gold, reply = normalize_answer(answer), reply or ""
+    words = " ".join(words_of(gold))
+    return bool(gold) and (normalize_answer(last_boxed(reply) or "") == gold
+                           or bool(words) and f" {words} " in " " + " ".join(words_of(reply)) + " ")
+
+
+def curate_video(manifests, out_dir, scorer=None, min_alignment: float = 0.0, min_richness: float = 0.1,
+                 max_pass_rate: float = 1.0, num_frames: int = 16, max_new_tokens: int = 64,
+                 progress: bool = True) -> dict:
+    """SAIL-Video curation (§4.1.1) into out_dir/{curated.jsonl, report.json}; returns the report.
+    Paper: score video-QA pairs for alignment, richness and difficulty; filter. Ours:
+    - alignment = scorer.loglik(rec) - scorer.loglik(rec, blank=True): how much the video raises the
+      answer's mean per-token log-likelihood over all-white frames; dropped below min_alignment
+      (default 0: the video must not make the answer less likely than blank frames do).
+    - richness: video_richness of the record's poorest video; dropped below min_richness (0.1).
+    - difficulty: pass_rate = 1 if the scorer's greedy reply passes the record's "answer"
+      (answer_passes) else 0; without an "answer", exp(mean answer log-likelihood), the per-token
+      probability. Dropped above max_pass_rate (default 1.0 keeps all).
+    Without a scorer only richness is computed and filtered (the report says so). Records without a
+    video pass unscored. A record is dropped for its first failing check (richness, alignment,
+    difficulty); every failing check is counted (fail:...)."""
+    out_dir, counts, values, lines = Path(out_dir), Counter(), {}, []
+    for obj, rec in read_instructions(manifests, "video", counts, progress):
+        if not rec.videos:
+            counts["kept_unscored"] += 1
+            lines.append(json.dumps(rebase_media(obj, rec, out_dir), ensure_ascii=False))
+            continue
+        try:
+            s = min((video_richness(p, num_frames, rec.where) for p in rec.videos), key=lambda d: d["richness"])
+            if scorer is not None:
+                ll = scorer.loglik(rec)
+                s["alignment"] = ll - scorer.loglik(rec, blank=True)
+                s["pass_rate"] = math.exp(ll) if rec.answer is None else \
+                    float(answer_passes(scorer.generate([rec], max_new_tokens)[0], rec.answer))
+        except DataError as e:
+            counts[f"bad:{e.reason}"] += 1
+            continue
+        for key, x in s.items():
+            values.setdefault(key, []).append(x)
+        fails = [why for why, failed in (("low_richness", s["richness"] < min_richness),
+                                         ("low_alignment", s.get("alignment", math.inf) < min_alignment),
+                                         ("too_easy", s.get("pass_rate", -math.inf) > max_pass_rate)) if failed]
+        counts.update(f"fail:{why}" for why in fails)
+        counts[f"dropped:{fails[0]}" if fails else "kept"] += 1
+        if not fails:
+            lines.append(json.dumps({**rebase_media(obj, rec, out_dir), "scores": {k: _r(x) for k, x in s.items()}},
+                                    ensure_ascii=False))
+    quartiles = {k: {"n": len(v), **dict(zip(("min", "q1", "median", "q3", "max"),
+                                              np.percentile(v, [0, 25, 50, 75, 100]).round(4).tolist()))}
+                 for k, v in values.items()}
+    report = {"section": "§4.1.1 SAIL-Video", "counts": dict(sorted(counts.items())), "scores": quartiles,
+              "thresholds": {"min_richness": min_richness, "min_alignment": min_alignment,
+                             "max_pass_rate": max_pass_rate}, "written": len(lines)}
+    if scorer is None:
+        report["note"] = "no scorer: alignment and difficulty were not computed and not filtered"
+    write_outputs(out_dir, lines, report=report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Synthetic default data: real PNG / MP4 files and JSONL manifests, generated deterministically
 #
 # Layout of DIR (`python data.py synth --out DIR`, or `ensure_synth(DIR)` on first use):
 #   DIR/synth.json                         stamp: version, seed, size, samples per family and split
 #   DIR/{family}/train.jsonl, eval.jsonl   manifests (held-out eval split: different random scenes)
 #   DIR/{family}/images/{split}_{i:05d}[_a|_b].png,  DIR/video/videos/{split}_{i:05d}.mp4
-# The language is small and regular ("a red circle at the top left.") so a tiny byte-level model
-# visibly learns it in minutes. Every record but caption/text carries a short "answer" (RL rewards,
-# evaluation); CoT records (math, count_cot) carry "think": true.
+#   DIR/tokenizer.json                     a byte-level BPE trained on the train split (`train_bpe`)
+# The language is small and regular ("a red circle at the top left.") so a tiny model visibly learns
+# it in minutes; its own BPE makes a sample ~2x shorter than bytes. Every record but caption/text
+# carries a short "answer" (RL rewards, evaluation); CoT records (math, count_cot) carry "think": true.
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
+SYNTH_VOCAB = 512                  # the tiny presets' vocab_size: bytes + specials + 242 merges
+SYNTH_SYSTEM = "You are UniVL, a helpful assistant."   # the tiny presets' system prompt (model.preset_config)
 DEFAULT_SYNTH_DIR = "data_synth"   # relative to the working directory; git-ignored
-DEFAULT_SYNTH_SIZE = 256           # train samples per family (eval: size // 8; text: 8 x size)
+DEFAULT_SYNTH_SIZE = 1024          # train samples per family (eval: size // 8; text: 8 x size)
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 WORDS = ("apple", "bread", "chair", "cloud", "dance", "earth", "flame", "glass", "heart", "jelly", "kite",
          "lemon", "music", "night", "ocean", "piano", "queen", "robot", "sugar", "tiger", "violin", "water", "zebra")
@@ -1606,6 +2021,22 @@ def synth_counts(size: int) -> dict:
             for f in SYNTH_FAMILIES}
 
 
+def synth_texts(root: Path) -> list:
+    """The text the model reads from the train split: every conversation rendered with the chat
+    template as the tiny presets render it (media placeholders dropped: they become special
+    tokens), plus the plain-text records."""
+    texts = []
+    for path in sorted(Path(root).glob("*/train.jsonl")):
+        for where, line in manifest_lines(path, "tokenizer", False):
+            rec = parse_record(json.loads(line), path.parent, where, path.stem)
+            if rec.text is not None:
+                texts.append(rec.text)
+                continue
+            turns = [(r, PLACEHOLDER_RE.sub("", VIDEO_RE.sub(lambda m: video_prompt(16), c))) for r, c in rec.turns]
+            texts.append(render_chat(turns, SYNTH_SYSTEM, think=bool(rec.think)))
+    return texts
+
+
 def make_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: bool = True) -> Path:
     """Generate the synthetic dataset into `out` (which must not exist): files are written to a
     temporary sibling folder, then renamed, so a crash never leaves half a dataset behind."""
@@ -1624,6 +2055,7 @@ def make_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: boo
                 lines = [gen(rng, f"{media.name}/{split}_{i:05d}", tmp / family) for i in range(n)]
                 (tmp / family / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines),
                                                              encoding="utf-8")
+        (tmp / "tokenizer.json").write_text(json.dumps(train_bpe(synth_texts(tmp), SYNTH_VOCAB)), encoding="utf-8")
         stamp = {"version": SYNTH_VERSION, "seed": seed, "size": size, "samples": counts}
         (tmp / "synth.json").write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
         os.rename(tmp, out)
@@ -1656,7 +2088,7 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Command line
+# 11. Command line
 
 def _print_counts(title: str, counts: Counter):
     print(f"{title}:")
@@ -1664,9 +2096,19 @@ def _print_counts(title: str, counts: Counter):
         print(f"  {k:28s} {v}")
 
 
+def _load_scorer(ckpt, **overrides):
+    """A CheckpointScorer for a checkpoint folder, or None (the command line alone imports model.py)."""
+    if ckpt is None:
+        return None
+    import model
+    m = model.SAILVL.from_pretrained(ckpt).eval()
+    tok = load_tokenizer(ckpt if any(Path(ckpt, f).exists() for f in ("tokenizer.json", "vocab.json")) else None)
+    return CheckpointScorer(m, tok, DataConfig.from_model(m.cfg, **overrides))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="SAIL-VL2 data tools: synthetic data, manifest checks, curation (§3.1, "
-                                "§3.2.2, §4.2.2). Run `python data.py SUBCOMMAND --help` for each.")
+                                "§3.2.2, §4.1, §4.2.2). Run `python data.py SUBCOMMAND --help` for each.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synth", help="generate the synthetic default dataset (PNG, MP4, JSONL) into a new folder")
     s.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="folder to create (must not exist)")
@@ -1675,8 +2117,8 @@ def main(argv=None):
     s = sub.add_parser("check", help="load every sample of a manifest and report bad lines by reason")
     s.add_argument("manifest")
     s.add_argument("--tokenizer", default=None, help="Qwen tokenizer folder (default: embedded byte tokenizer)")
-    s.add_argument("--image-size", type=int, default=448, help="tile side in pixels")
-    s.add_argument("--max-tiles", type=int, default=12)
+    s.add_argument("--preset", default="tiny", help="the model preset whose image geometry to use (model.py)")
+    s.add_argument("--ckpt", default=None, help="a checkpoint folder whose geometry to use (instead of --preset)")
     s.add_argument("--max-len", type=int, default=8192, help="longer samples are reported as too_long")
     s.add_argument("--label-mode", default="sft", choices=LABEL_MODES)
     s = sub.add_parser("rebalance", help="n-gram rebalancing weights (§3.2.2) and the diversity before/after")
@@ -1705,21 +2147,48 @@ def main(argv=None):
     s.add_argument("--max-overlap", type=float, default=0.8, help="drop when this share of answer 3-grams is in the CoT")
     s.add_argument("--no-balance", action="store_true", help="skip CoT-length balancing")
     s.add_argument("--seed", type=int, default=0)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    s = sub.add_parser("curate-instructions", formatter_class=fmt, help="SAIL-Instruction2 (§4.1.2): latent classes, "
+                       "answer quality, re-annotation, class balancing -> DIR/{curated.jsonl,classes.json,report.json}")
+    s.add_argument("--classes", type=int, default=8, help="latent classes (k-means on the instructions' TF-IDF)")
+    s.add_argument("--annotator", help="checkpoint that re-annotates (greedy) and, without --scorer, scores answers "
+                   "(mean log-likelihood); without it rule failures are dropped")
+    s.add_argument("--reannotate-frac", type=float, default=0.1, help="lowest-scoring share of each class to "
+                   "re-annotate or drop, besides every rule failure (needs a scorer)")
+    s.add_argument("--cap", type=float, default=2.0, help="a class keeps at most cap x the median class size")
+    s.add_argument("--upsample", action="store_true", help="repeat classes below the median size up to it")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="re-annotation length limit")
+    s.add_argument("--seed", type=int, default=0, help="k-means and balancing seed: same seed, same bytes")
+    v = sub.add_parser("curate-video", formatter_class=fmt, help="SAIL-Video (§4.1.1): alignment, richness and "
+                       "difficulty scores and filters -> DIR/{curated.jsonl,report.json}")
+    v.add_argument("--min-alignment", type=float, default=0.0, help="drop when the video raises the answer's mean "
+                   "log-likelihood over all-white frames by less than this (nats/token)")
+    v.add_argument("--min-richness", type=float, default=0.1, help="drop below this richness in [0, 1] (still video: "
+                   "0, the synthetic moving shapes: ~0.6)")
+    v.add_argument("--max-pass-rate", type=float, default=1.0, help="drop above this greedy pass rate of the scorer "
+                   "(1.0 keeps all; 0.5 drops what it already answers)")
+    v.add_argument("--num-frames", type=int, default=16, help="frames sampled per video")
+    for s, what in ((s, "quality"), (v, "alignment and difficulty (without it neither is computed nor filtered)")):
+        s.add_argument("--in", dest="inputs", required=True, help="manifest(s), comma-separated")
+        s.add_argument("--out", required=True, help="output folder")
+        s.add_argument("--scorer", help=f"checkpoint whose answer log-likelihood scores {what}")
     args = p.parse_args(argv)
 
     if args.cmd == "synth":
         out = make_synth(args.out, args.seed, args.size)
         print(f"wrote {out}: {json.loads((out / 'synth.json').read_text())['samples']}")
     elif args.cmd == "check":
-        cfg = DataConfig(image_size=args.image_size, max_tiles=args.max_tiles, max_len=args.max_len,
-                         label_mode=args.label_mode)
+        import model                            # the command line only: the geometry a model was built for
+        mcfg = model.SAILVLConfig.from_dict(json.loads(Path(args.ckpt, "config.json").read_text())) if args.ckpt \
+            else model.preset_config(args.preset)
+        cfg = DataConfig.from_model(mcfg, max_len=args.max_len, label_mode=args.label_mode)
         ds = JsonlDataset(args.manifest, load_tokenizer(args.tokenizer), cfg)
         bad = BadData(max_fraction=1.0, show_first=len(ds))
         lengths = [len(s["input_ids"]) for s in ds.scan(bad)]
         print(bad.report())
         if lengths:
-            print(f"{len(lengths)} good samples, tokens per sample: min {min(lengths)}, mean "
-                  f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+            print(f"{len(lengths)} good samples ({cfg.image_size}-px tiles, {cfg.tokens_per_tile} tokens each), "
+                  f"tokens per sample: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
     elif args.cmd == "rebalance":
         ds = JsonlDataset(args.manifest, load_tokenizer(None))
         texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc="read")]
@@ -1739,7 +2208,15 @@ def main(argv=None):
     elif args.cmd == "longcot":
         _print_counts("LongCoT cleaning", clean_longcot(args.manifest, args.out, args.max_overlap,
                                                          not args.no_balance, args.seed))
-
+    elif args.cmd == "curate-instructions":
+        annotator = _load_scorer(args.annotator)
+        print(json.dumps(curate_instructions(args.inputs.split(","), args.out, args.classes, _load_scorer(
+            args.scorer) or annotator, annotator, args.reannotate_frac, args.cap, args.upsample, args.seed,
+            args.max_new_tokens), indent=1, ensure_ascii=False))
+    elif args.cmd == "curate-video":
+        scorer = _load_scorer(args.scorer, num_frames=args.num_frames)
+        print(json.dumps(curate_video(args.inputs.split(","), args.out, scorer, args.min_alignment, args.min_richness,
+                                      args.max_pass_rate, args.num_frames), indent=1, ensure_ascii=False))
 
 if __name__ == "__main__":
     main()

@@ -769,9 +769,10 @@ def test_cli_help_and_check(tmp_path, capsys):
         assert e.value.code == 0
     assert "usage" in capsys.readouterr().out
     path, expected = salted_manifest(tmp_path)
-    data.main(["check", str(path), "--image-size", "112", "--max-len", "300"])
+    data.main(["check", str(path), "--preset", "tiny", "--max-len", "300"])
     out = capsys.readouterr()
     assert f"bad samples by reason: {dict(sorted(expected.items()))}" in out.out and "m.jsonl:" in out.err
+    assert "112-px tiles, 16 tokens each" in out.out                  # the tiny preset's geometry, not 448 px
 
 
 def test_prompt_inputs(tmp_path):
