@@ -1,11 +1,20 @@
-"""sample.py: answer parsing that survives hostile output, scoring by hand-computed cases, and the
-command line on a checkpoint (generation equals the model's own greedy decode)."""
+"""sample.py: answer extraction per synthetic family (reference replies score 1, wrong ones 0,
+hostile output stays fast), batched evaluation against one-prompt-at-a-time greedy decoding and
+against a stand-in model that answers from a table built independently with data.prompt_inputs,
+blank images, chance levels by hand, the VLMEvalKit TSV reader, and the command line (generation
+equals the model's own greedy decode; usage and input errors are one line on stderr)."""
+import base64
+import csv
+import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
 import time
 
+import pytest
+import torch
 
 import data
 import model as M
@@ -13,6 +22,43 @@ import sample as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain little from a second OpenMP thread, and on a shared 2-core machine two
+    spinning threads per process stalled the batched test 30-fold (82 s vs 2.4 s); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return data.ensure_synth(tmp_path_factory.mktemp("synth") / "data", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = M.build_model("tiny", seed=0).eval()
+    tok = data.load_tokenizer(None)
+    return m, tok, data.DataConfig.from_model(m.cfg)
+
+
+def eval_records(synth, family, limit=None):
+    ds = data.JsonlDataset(synth / family / "eval.jsonl", None, None)
+    return [ds.record(i) for i in range(len(ds) if limit is None else limit)]
+
+
+def held_back(text):
+    """The test's own split of a synthetic text record: (prompt, final word + period)."""
+    body = text.rstrip()
+    cut = body.rstrip(".").rfind(" ")
+    return body[:cut], body[cut:]
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
 
 def test_last_boxed_is_bounded_and_takes_the_last():
     assert data.last_boxed(r"so \boxed{3} no, \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
@@ -25,31 +71,366 @@ def test_last_boxed_is_bounded_and_takes_the_last():
     assert time.perf_counter() - t0 < 1.0
 
 
-def test_scoring_rules_by_hand():
-    assert S.is_correct("<think>2+2</think>The answer is \\boxed{4.0}.", "", "4")
-    assert not S.is_correct("The answer is \\boxed{5}.", "", "4")
-    assert S.is_correct("<think>x</think> 4.", "", "4")                 # no box: the whole answer
-    assert S.is_correct("A red circle at the top left", "a red circle at the top left.", None)
-    assert not S.is_correct("a red circle", "a red circle at the top left.", None)
+def test_every_familys_reference_replies_score_one(synth):
+    """The assistant turn of every eval record of a fresh synthetic set, fed back as the prediction."""
+    assert set(S.synth_families(synth)) == set(data.SYNTH_FAMILIES)
+    for family in data.SYNTH_FAMILIES:
+        recs = eval_records(synth, family)
+        assert len(recs) >= 32
+        for rec in recs:
+            if rec.text is not None:
+                reference = held_back(rec.text)[1]
+                ok, got = S.score("text", reference, S.split_last_word(rec)[1], None)
+            else:
+                reference = rec.turns[-1][1]
+                ok, got = S.score(family, reference, reference, rec.answer)
+            assert ok, (family, reference, rec.answer, got)
+
+
+CAPTION = "a green triangle at the bottom right and a blue square at the middle centre."
+
+RIGHT = [  # (family, reply, gold): other wordings of a right answer
+    ("count", "2", "2"), ("count", "There are two circles", "2"), ("count", "THE ANSWER IS \\boxed{2}.", "2"),
+    ("count", "<think>I see 3 things, no, 2</think>There are 2 circles.", "2"),
+    ("math", "<think>\n2 + 2 is 4.\n</think>\nThe answer is \\boxed{4.0}.", "4"), ("math_direct", "It is 12.", "12"),
+    ("count_cot", "<think>a, b, c</think> so \\boxed{3}", "3"),
+    ("chart", "Dog.", "dog"), ("chart", "The largest slice is dog, with 5.", "dog"),
+    ("chart", "cat has the value 6", "6"), ("chart", "There are 4 bars.", "4"),
+    ("ocr", "The word is QUEEN.", "queen"), ("ocr", "queen", "queen"),
+    ("multi", "Yes, they do.", "yes"), ("multi", "The second one.", "second"), ("multi", "no", "no"),
+    ("video", "It moves upwards.", "up"), ("video", "to the LEFT", "left"),
+    ("caption_qa", "It is purple.", "purple"), ("caption_qa", "The triangle is at the Bottom Left.", "bottom left"),
+    ("caption_qa", "That is a square", "square"), ("caption_qa", "at the middle center.", "middle centre"),
+    ("caption_qa", "a red triangles.", "triangle"),
+]
+WRONG = [  # (family, reply, gold): wrong answers, including ones that mention the right one
+    ("count", "There are 3 circles.", "2"), ("count", "", "2"), ("count", "circles", "2"),
+    ("math", "<think>\n2 + 2 is 4.\n</think>\nThe answer is \\boxed{5}.", "4"),
+    ("math_direct", "The answer is \\boxed{4}. Or 3.", "3"), ("count_cot", "<think>3</think> \\boxed{}", "3"),
+    ("chart", "cat", "dog"), ("chart", "The value is 7.", "6"), ("chart", "6", "dog"),
+    ("ocr", "tiger", "queen"), ("ocr", "The word is tiger, not queen.", "queen"),
+    ("multi", "no.", "yes"), ("multi", "the first image.", "second"),
+    ("video", "It moves up.", "down"), ("video", "It moves.", "down"),
+    ("caption_qa", "blue.", "purple"), ("caption_qa", "at the top left.", "bottom left"),
+    ("caption_qa", "a circle.", "triangle"), ("caption_qa", "bottom", "bottom left"),
+]
+
+
+def test_hand_made_replies_score_as_a_reader_would():
+    for family, reply, gold in RIGHT:
+        assert S.score(family, reply, "", gold)[0], (family, reply, gold)
+    for family, reply, gold in WRONG:
+        assert not S.score(family, reply, "", gold)[0], (family, reply, gold)
+    # caption: exactly the reference's objects, each with its colour, shape and position
+    assert S.score("caption", "A blue square in the middle center, and a green triangle at the bottom right.", CAPTION, None)[0]
+    for wrong in ("a green triangle at the bottom right.",                                   # one missing
+                  "a blue triangle at the bottom right and a green square at the middle centre.",  # swapped
+                  "a green triangle at the middle centre and a blue square at the bottom right.",  # moved
+                  CAPTION[:-1] + " and a red circle at the top left."):                         # one extra
+        assert not S.score("caption", wrong, CAPTION, None)[0], wrong
+    # text: the held-back word, as the first word of the continuation
+    assert S.score("text", " water. the", " water.", None)[0] and not S.score("text", " wat", " water.", None)[0]
+    # unknown families: \boxed{} or the whole answer against `answer`, else the exact reply
+    assert S.score("vqa", "<think>x</think> The answer is \\boxed{4.0}.", "", "4")[0]
+    assert S.score("vqa", "<think>x</think> 4.", "", "4")[0]
+    assert not S.score("vqa", "There are 4.", "", "4")[0]
+    assert S.score("vqa", "A red circle at the top left", "a red circle at the top left.", None)[0]
+    assert not S.score("vqa", "a red circle", "a red circle at the top left.", None)[0]
     assert S.word_f1("a red circle", "a red circle at the top left") == 2 * (1 * 3 / 7) / (1 + 3 / 7)
     assert S.word_f1("", "") == 1.0
 
 
-def test_cli_generation_and_eval_on_a_checkpoint(tmp_path):
-    m = M.build_model("tiny", seed=0)
-    m.save_pretrained(tmp_path / "ck")
-    synth = data.ensure_synth(tmp_path / "synth", progress=False)
-    img = str(synth / "caption" / "images" / "eval_00000.png")
-    env = dict(os.environ)
+HOSTILE = ["\\boxed{" * 150_000, "{" * 1_000_000, "1 " * 500_000, "a" * 1_000_000, "</think>" * 130_000,
+           "<think>" + "answer is " * 100_000, " " * 1_000_000, "red circle top " * 70_000, "(" * 1_000_000,
+           "A " * 500_000, "answer" + " " * 1_000_000 + "B"]
+
+
+def test_hostile_replies_score_fast():
+    options = {"A": "cat", "B": "dog", "C": "red circle top", "D": "1"}
+    for reply in HOSTILE:
+        assert len(reply) >= 1_000_000
+        t0 = time.perf_counter()
+        for family in list(data.SYNTH_FAMILIES) + ["vqa"]:
+            S.score(family, reply, CAPTION, None if family in ("caption", "text") else "2")
+        S.word_f1(reply, CAPTION)
+        S.extract_choice(reply, options)
+        assert time.perf_counter() - t0 < 0.5, reply[:20]
+
+
+# ----------------------------------------------------------------------------------------------
+# batched evaluation
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny, synth):
+    """Token ids of one left-padded generate call over prompts of different lengths, with and
+    without images (no image, 1 tile, 5 tiles, 2 images, 16 video frames; AnyRes images of two
+    sizes), equal those of one call per prompt; and evaluate_families' replies equal `answer` run
+    on each record alone."""
+    m, tok, dcfg = tiny
+    anyres = M.build_model("tiny-anyres", seed=1).eval()
+    stop = S.stop_ids(tok)
+    for model, families in ((m, ("text", "caption", "chart", "multi", "video", "count")),
+                            (anyres, ("text", "caption", "chart", "ocr"))):
+        cfg = data.DataConfig.from_model(model.cfg)
+        items = [S.record_item(tok, cfg, rec, False, False, 10)[0] for f in families for rec in eval_records(synth, f, 2)]
+        batched = model.generate([it.ids for it in items], S.concat_pixels([it.pixels for it in items]),
+                                 max_new_tokens=10, stop_tokens=stop, n_valid_tokens=tok.n_vocab)
+        single = [model.generate([it.ids], it.pixels, max_new_tokens=10, stop_tokens=stop, n_valid_tokens=tok.n_vocab)[0]
+                  for it in items]
+        assert batched == single
+        assert len({tuple(s) for s in single}) >= 3               # the prompts do lead to different replies
+    rep = S.evaluate_families(m, tok, dcfg, synth, families=["text", "chart", "video", "multi"], limit=2, batch_size=3,
+                              max_new_tokens=10, progress=False)
+    assert sum(rep["n"].values()) == 8
+    for p in rep["predictions"]:
+        path, line = p["where"].rsplit(":", 1)
+        rec = data.JsonlDataset(path, None, None).record(int(line) - 1)
+        if rec.text is not None:
+            ids = m.generate([data.encode(tok, held_back(rec.text)[0])], None, max_new_tokens=10, stop_tokens=stop,
+                             n_valid_tokens=tok.n_vocab)[0]
+            want = S.decode_reply(tok, ids, stop)
+        else:
+            want = S.answer(m, tok, dcfg, rec.turns[:-1], rec.images, rec.videos, max_new_tokens=10)
+        assert p["prediction"] == want, p["where"]
+
+
+class TableModel:
+    """Stands in for SAILVL.generate: answers each prompt from a table keyed by (prompt ids, digest of
+    the prompt's own tiles), so a prompt given another prompt's pixels gets no answer. Each reply is
+    followed by <|im_end|> and junk, as a batch row that keeps decoding after its stop."""
+
+    def __init__(self, tok, dcfg, table, junk):
+        self.tok, self.per_tile, self.table, self.junk, self.calls = tok, dcfg.tokens_per_tile, table, junk, []
+        self.img, self.end = data.special_ids(tok).img_context, data.special_ids(tok).im_end
+
+    def generate(self, prompts, pixel_values=None, max_new_tokens=32, temperature=0.0, top_p=1.0, stop_tokens=(),
+                 generator=None, on_token=None, n_valid_tokens=None):
+        assert temperature == 0.0 and self.end in stop_tokens
+        self.calls.append({"n": len(prompts), "max_new_tokens": max_new_tokens, "pixels": pixel_values})
+        out, at = [], 0
+        for p in prompts:
+            n = p.count(self.img) // self.per_tile
+            tiles = pixel_values[at:at + n] if n else None
+            at += n
+            reply = self.table.get((tuple(p), digest(tiles)), "")
+            out.append((data.encode(self.tok, reply) + [self.end] + self.junk)[:max_new_tokens])
+        assert at == (0 if pixel_values is None else len(pixel_values))
+        return out
+
+
+def digest(pixels):
+    return None if pixels is None else hashlib.sha1(pixels.numpy().tobytes()).hexdigest()
+
+
+def reference_table(tok, dcfg, synth, limit, think):
+    """{(prompt ids, tiles digest): reference reply} built with data.prompt_inputs, not sample.py."""
+    table = {}
+    for family in data.SYNTH_FAMILIES:
+        for rec in eval_records(synth, family, limit):
+            if rec.text is not None:
+                prompt, ref = held_back(rec.text)
+                table[(tuple(data.encode(tok, prompt)), None)] = ref
+                continue
+            s = data.prompt_inputs(tok, dcfg, rec.turns[:-1], rec.images, rec.videos, think=think, system=rec.system)
+            table[(tuple(s["input_ids"].tolist()), digest(s["pixel_values"]))] = rec.turns[-1][1]
+    return table
+
+
+def test_evaluate_families_on_a_model_that_answers_the_references(tiny, synth):
+    _, tok, dcfg = tiny
+    junk = data.encode(tok, " no \\boxed{9} 9 left, first, a red circle at the top left")
+    for think in (False, True):
+        fake = TableModel(tok, dcfg, reference_table(tok, dcfg, synth, 4, think), junk)
+        rep = S.evaluate_families(fake, tok, dcfg, synth, limit=4, think=think, batch_size=3, progress=False)
+        assert rep["n"] == {f: 4 for f in data.SYNTH_FAMILIES}
+        assert rep["accuracy"] == {f: 1.0 for f in data.SYNTH_FAMILIES}, [p for p in rep["predictions"] if not p["correct"]]
+        assert rep["word_f1"] == {f: 1.0 for f in data.SYNTH_FAMILIES}       # the junk after <|im_end|> is cut
+        assert [p["where"].rsplit(":", 1)[1] for p in rep["predictions"] if p["family"] == "ocr"] == ["1", "2", "3", "4"]
+        assert {p["think"] for p in rep["predictions"] if p["family"] != "text"} == {think}
+        assert {c["max_new_tokens"] for c in fake.calls} == {S.default_new_tokens(f, think) for f in data.SYNTH_FAMILIES}
+        assert max(c["n"] for c in fake.calls) == 3
+        json.dumps(rep)
+    assert S.DIRECT_NEW_TOKENS["count"] == 32 and S.default_new_tokens("ocr", True) == 192
+
+
+def test_blank_mode_shows_white_images_of_the_same_shapes(tiny, synth):
+    _, tok, dcfg = tiny
+    img = synth / "chart" / "images" / "eval_00000.png"
+    pv, _ = data.load_image(img, dcfg.max_tiles, dcfg.min_tiles, dcfg.image_size)
+    white = S.blank_like(pv)
+    assert white.shape == pv.shape and not torch.equal(white, pv)
+    assert torch.allclose(white * data.IMAGENET_STD + data.IMAGENET_MEAN, torch.ones_like(pv), atol=1e-6)
+    anyres = S.blank_like([pv[:1], pv[1:3]])
+    assert [a.shape for a in anyres] == [pv[:1].shape, pv[1:3].shape]
+    fake = TableModel(tok, dcfg, {}, [])
+    plain = S.evaluate_families(fake, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, progress=False)
+    seen = TableModel(tok, dcfg, {}, [])
+    rep = S.evaluate_families(seen, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, blank=True,
+                              progress=False)
+    assert all(p["blank"] for p in rep["predictions"]) and not any(p["blank"] for p in plain["predictions"])
+    for a, b in zip(fake.calls, seen.calls):
+        assert a["pixels"].shape == b["pixels"].shape
+        assert torch.allclose(b["pixels"] * data.IMAGENET_STD + data.IMAGENET_MEAN, torch.ones_like(b["pixels"]),
+                              atol=1e-6)
+
+
+def test_chance_is_the_majority_share(tmp_path):
+    def write(family, lines):
+        (tmp_path / family).mkdir()
+        (tmp_path / family / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    conv = lambda a: {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": a}]}
+    write("count", [{**conv("x"), "answer": a} for a in ("2", "2.0", "3", "4", "2", "5")])
+    write("caption", [conv("a red circle at the top left."), conv("A red circle at the top left"),
+                      conv("a blue circle at the top left.")])
+    write("text", [{"text": t} for t in ("the word is kite.", "a b kite.", "x water.", "y z.")])
+    got = S.chance(tmp_path, limit=5)
+    assert got == {"caption": 2 / 3, "text": 2 / 4, "count": 3 / 5}
+
+
+# ----------------------------------------------------------------------------------------------
+# VLMEvalKit TSV
+
+def test_mcq_prompt_follows_the_vlmevalkit_layout():
+    row = {"question": "What is shown?", "hint": "Look closely.", "A": "a cat", "B": "a dog", "C": "a fish", "D": "a bird"}
+    assert S.mcq_prompt(row) == ("Hint: Look closely.\nQuestion: What is shown?\nOptions:\nA. a cat\nB. a dog\n"
+                                 "C. a fish\nD. a bird\nPlease select the correct answer from the options above.")
+    row = {"question": "Which?", "hint": "nan", "A": "yes", "B": "no", "C": "", "D": "NaN"}
+    assert S.mcq_prompt(row) == "Question: Which?\nOptions:\nA. yes\nB. no\nPlease select the correct answer from the options above."
+
+
+def test_extract_choice_cases():
+    opts = {"A": "a cat", "B": "a dog", "C": "a red fish", "D": "the bird"}
+    cases = {"B": "B", "(B)": "B", "B.": "B", " c ": "C", "The answer is B": "B", "Answer: (C)": "C",
+             "the answer is D.": "D", "B. a dog": "B", "(D) the bird": "D", "a dog": "B", "A red fish.": "C",
+             "I think the correct choice is C here": "C", "A cat sat, so B": "", "<think>A? no</think>D": "D",
+             "\\boxed{A}": "A", "answer is A, no wait, the answer is C": "C",
+             "": "", "I do not know": "", "A or B": "", "E": "", "a bird": ""}
+    for reply, want in cases.items():
+        assert S.extract_choice(reply, opts) == want, reply
+    assert S.extract_choice("C", {"A": "x", "B": "y"}) == ""      # not one of this row's options
+
+
+def png_b64(objects, fmt="PNG"):
+    buf = io.BytesIO()
+    data.scene_image(objects).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_tsv(path):
+    """Six rows: two categories, l2-categories, a JPEG, a row whose image refers to another row, a bad image."""
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
+    red = png_b64([("red", "circle", "top", "left")])
+    rows = [
+        ["0", "q0 colour?", "", "red", "blue", "", "", "A", "colour", "attr", red],
+        ["1", "q1 shape?", "a hint", "square", "circle", "triangle", "", "B", "shape", "attr", red],
+        ["2", "q2 colour?", "nan", "green", "red", "nan", "nan", "B", "colour", "attr",
+         png_b64([("green", "square", "middle", "centre")], "JPEG")],
+        ["3", "q3 where?", "", "top left", "bottom right", "", "", "A", "position", "space", "0"],
+        ["4", "q4 colour?", "", "red", "blue", "", "", "B", "colour", "attr", "bm90IGFuIGltYWdl" * 8],
+        ["5", "q5 shape?", "", "circle", "square", "", "", "A", "shape", "attr", red],
+    ]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(columns)
+        w.writerows(rows)
+    return columns
+
+
+class ScriptedModel:
+    """Replies chosen by the question in the prompt (the generation is stubbed: answers are known)."""
+    REPLIES = {"q0": "A", "q1": "The answer is (B).", "q2": "red", "q3": "C", "q5": "Circle."}
+
+    def __init__(self, tok):
+        self.tok, self.end, self.prompts = tok, data.special_ids(tok).im_end, []
+
+    def generate(self, prompts, pixel_values=None, max_new_tokens=32, **_):
+        out = []
+        for p in prompts:
+            text = self.tok.decode(p)
+            self.prompts.append(text)
+            q = text.split("Question: ")[1][:2]
+            out.append(data.encode(self.tok, self.REPLIES[q]) + [self.end])
+        return out
+
+
+def test_tsv_evaluation_per_category_and_predictions_file(tmp_path, tiny, monkeypatch, capsys):
+    _, tok, dcfg = tiny
+    columns = write_tsv(tmp_path / "bench.tsv")
+    fake = ScriptedModel(tok)
+    rep = S.evaluate_tsv(fake, tok, dcfg, str(tmp_path / "bench.tsv"), progress=False)
+    # by hand: q0 A=A right, q1 B=B right, q2 "red" -> B right, q3 C is no option -> wrong, q4 bad image, q5 A right
+    assert rep["n"] == 5 and rep["accuracy"] == 4 / 5 and "image" in rep["bad"]
+    assert rep["category"] == {"colour": {"accuracy": 1.0, "n": 2}, "position": {"accuracy": 0.0, "n": 1},
+                               "shape": {"accuracy": 1.0, "n": 2}}
+    assert rep["l2-category"] == {"attr": {"accuracy": 1.0, "n": 4}, "space": {"accuracy": 0.0, "n": 1}}
+    assert any("Hint: a hint\nQuestion: q1 shape?\nOptions:\nA. square\nB. circle\nC. triangle\n" in p for p in fake.prompts)
+    assert sum(p.count("<img>") for p in fake.prompts) == 5           # row 3 borrowed row 0's image
+    # the command line writes the JSON report and the predictions TSV beside it
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    monkeypatch.setattr(S, "load", lambda path: (fake, tok, dcfg))
+    S.main(["--ckpt", str(ck), "--eval", str(tmp_path / "bench.tsv")])
+    printed = capsys.readouterr().out
+    assert "accuracy 0.800 over 5 rows" in printed and "category position" in printed
+    report = json.loads((ck / "eval" / "bench.json").read_text())
+    assert report["accuracy"] == 0.8 and len(report["predictions"]) == 6
+    with open(ck / "eval" / "bench_predictions.tsv", newline="") as f:
+        got = list(csv.reader(f, delimiter="\t"))
+    assert got[0] == columns + ["prediction", "extracted"]
+    assert [r[-2:] for r in got[1:]] == [["A", "A"], ["The answer is (B).", "B"], ["red", "B"], ["C", ""], ["", ""],
+                                         ["Circle.", "A"]]
+    with open(tmp_path / "bench.tsv", newline="") as f:
+        assert [r[:-2] for r in got[1:]] == list(csv.reader(f, delimiter="\t"))[1:]     # the original columns
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def run_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}                   # as the in-process side (one_thread)
     env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "ck"), "--image", img, "--prompt",
-                          "Describe the image.", "--max-new-tokens", "8"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_generation_and_eval_reports(tmp_path, tiny, synth, capsys):
+    m, tok, dcfg = tiny
+    m.save_pretrained(tmp_path / "ck")
+    img = str(synth / "caption" / "images" / "eval_00000.png")
+    out = run_cli("--ckpt", str(tmp_path / "ck"), "--image", img, "--prompt", "Describe the image.", "--max-new-tokens", "8")
     assert out.returncode == 0, out.stderr[-2000:]
     # the streamed text is the model's own greedy continuation of the univl-chat prompt
     model, tok, dcfg = S.load(str(tmp_path / "ck"))
-    want = S.answer(model, tok, dcfg, "Describe the image.", [img], max_new_tokens=8)
-    assert out.stdout.rstrip("\n") == want
-    rep = S.evaluate(model, tok, dcfg, str(synth / "count" / "eval.jsonl"), limit=3, max_new_tokens=4)
-    assert rep["n"] == 3 and set(rep["tasks"]) == {"count"}
-    json.dumps(rep)
+    assert out.stdout.rstrip("\n") == S.answer(model, tok, dcfg, "Describe the image.", [img], max_new_tokens=8)
+    # eval of a synthetic folder: one report per family, named per mode, and a table
+    for flags, suffix in (([], ""), (["--think", "--blank"], "-think-blank")):
+        S.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(synth), "--limit", "2", "--max-new-tokens", "3", *flags])
+        table = capsys.readouterr().out
+        for family in data.SYNTH_FAMILIES:
+            rep = json.loads((tmp_path / "ck" / "eval" / f"{family}{suffix}.json").read_text())
+            assert rep["family"] == family and rep["n"] == 2 and len(rep["predictions"]) == 2
+            assert rep["think"] == bool(flags) and rep["blank"] == bool(flags)
+            assert f"\n{family:14s}    2" in table
+    S.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(synth / "count" / "eval.jsonl"), "--limit", "3",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == {"count": 3}
+
+
+def test_cli_errors_are_one_line_and_an_exit_code(tmp_path, tiny):
+    m, _, _ = tiny
+    m.save_pretrained(tmp_path / "ck")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not_an_image.png").write_text("hello")
+    (tmp_path / "bad.mp4").write_bytes(b"\x00\x01 not a video" * 10)
+    ck = str(tmp_path / "ck")
+    cases = [(["--ckpt", str(tmp_path / "missing")], 2, "no such folder"),
+             (["--ckpt", str(tmp_path / "empty")], 1, "not a checkpoint"),
+             (["--ckpt", ck, "--image", str(tmp_path / "not_an_image.png")], 1, "cannot decode image"),
+             (["--ckpt", ck, "--image", str(tmp_path / "nope.png")], 2, "no such file"),
+             (["--ckpt", ck, "--video", str(tmp_path / "bad.mp4")], 1, "cannot decode video"),
+             (["--ckpt", ck, "--eval", str(tmp_path / "nope.jsonl")], 2, "no such file"),
+             (["--ckpt", ck, "--no-such-flag"], 2, "unrecognized arguments")]
+    for args, code, words in cases:
+        out = run_cli(*args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == code and len(lines) == 1 and words in lines[0], (args, out.returncode, out.stderr)
+        assert lines[0].startswith("sample.py: error: ")
