@@ -53,6 +53,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -121,6 +122,7 @@ class StageConfig:
     max_bad_fraction: float = 0.05        # stop when more of the distinct samples than this are bad
     seed: int = 1337                      # init, data order and sampling
     auto_steps: int = 0                   # steps of a stand-in stage run automatically first (0 = its default)
+    step_scale: float = 1.0               # multiply the stage's steps (a shortened recipe: --stage all --step_scale=0.2)
 
 
 def field_help(cls) -> dict:
@@ -232,46 +234,47 @@ class Stage:
 
 
 SFT_MIX_4 = (("video", 0.5), ("caption_qa", 0.1), ("ocr", 0.1), ("chart", 0.1), ("count", 0.1), ("multi", 0.1))
-SFT4_TINY = (("lr", 2e-4), ("steps", 60), ("packing.max_tokens", 2048))
+SFT4_TINY = (("lr", 3e-4), ("steps", 200), ("packing.max_tokens", 2048))
 RECIPE = (
     Stage("lm0", "", "not a paper stage: language pre-training of the tiny LLM on synthetic text and text-only "
           "chat, standing in for Qwen3's own pre-training (real runs start from Qwen3: --init-llm)",
           trainable=("language_model",), init="random", auto=True,
-          mix=(("text", 0.4), ("caption", 0.2), ("ocr", 0.1), ("caption_qa", 0.1), ("count", 0.1), ("math_direct", 0.1)),
-          tiny=(("text_only", True), ("lr", 3e-3), ("steps", 150), ("warmup_steps", 10))),
+          mix=(("text", 0.3), ("caption", 0.1), ("caption_qa", 0.1), ("ocr", 0.05), ("chart", 0.1), ("count", 0.1),
+               ("math_direct", 0.1), ("multi", 0.05), ("video", 0.05), ("math", 0.025), ("count_cot", 0.025)),
+          tiny=(("text_only", True), ("lr", 3e-3), ("steps", 600), ("warmup_steps", 10), ("eval_every", 100))),
     Stage("vit1", "§2.1.1", "SAIL-ViT stage I: the adapter aligns the ViT to the LLM; 4.9M SAIL-Caption2 + 3.1M OCR",
           trainable=("mlp1",), mix=(("caption", 0.6), ("ocr", 0.4)),
-          tiny=(("lr", 3e-3), ("steps", 600), ("warmup_steps", 10), ("eval_every", 100)),
+          tiny=(("lr", 3e-3), ("steps", 800), ("warmup_steps", 10), ("eval_every", 200)),
           paper=(("lr", 2e-4), ("batch", 1920), ("seq", 8192), ("samples", 8_000_000))),
     Stage("vit2", "§2.1.1", "SAIL-ViT stage II: ViT + adapter on SAIL-Caption2, Caption2-QA and VQA",
           trainable=("vision_model", "mlp1"), mix=(("caption", 0.4), ("caption_qa", 0.3), ("ocr", 0.3)),
-          tiny=(("lr", 1e-3), ("steps", 100)), paper=(("lr", 2e-5), ("batch", 512), ("seq", 8192))),
+          tiny=(("lr", 1e-3), ("steps", 400), ("eval_every", 100)), paper=(("lr", 2e-5), ("batch", 512), ("seq", 8192))),
     Stage("vit3", "§2.1.1", "SAIL-ViT stage III: all parameters, 36.5M multimodal samples",
-          mix=(("caption", 0.3), ("caption_qa", 0.3), ("ocr", 0.2), ("count", 0.1), ("chart", 0.1)),
-          tiny=(("lr", 5e-4), ("steps", 100)),
+          mix=(("caption", 0.2), ("caption_qa", 0.2), ("ocr", 0.2), ("count", 0.2), ("chart", 0.2)),
+          tiny=(("lr", 1e-3), ("steps", 600), ("eval_every", 100)),
           paper=(("lr", 1e-5), ("batch", 512), ("seq", 8192), ("samples", 36_500_000))),
     Stage("pretrain1", "§3.2.1, §3.2.3", "basic pre-training: SAIL-ViT + the original LLM + a freshly initialised "
           "adapter, adapter only, AdaLRS from 2e-4 (ended at 6.75e-4); captions, chart captions, OCR",
           trainable=("mlp1",), init=(("vision_model", "vit3"), ("mlp1", "fresh"), ("language_model", "lm0")),
           mix=(("caption", 0.5), ("ocr", 0.25), ("chart", 0.15), ("text", 0.1)),
-          tiny=(("lr", 2e-4), ("steps", 200), ("adalrs", True)),
+          tiny=(("lr", 3e-4), ("steps", 400), ("adalrs", True), ("eval_every", 100)),
           paper=(("lr", 2e-4), ("batch", 2048), ("seq", 8192), ("samples", 64_000_000), ("tokens", 128e9))),
     Stage("pretrain2", "§3.2.1, §3.2.2", "multi-task pre-training: all parameters, half visual understanding, half "
           "instructions incl. text math; n-gram rebalancing; no AdaLRS",
           mix=(("caption", 0.2), ("caption_qa", 0.15), ("ocr", 0.15), ("count", 0.15), ("chart", 0.15),
                ("math_direct", 0.1), ("text", 0.1)),
-          tiny=(("lr", 5e-4), ("steps", 100), ("ngram_rebalance", True)),
+          tiny=(("lr", 1e-3), ("steps", 500), ("ngram_rebalance", True), ("eval_every", 100)),
           paper=(("seq", 8192), ("samples", 180_000_000), ("tokens", 360e9))),
     Stage("sft1", "§4.2.1", "SFT phase 1: general instructions (Infinity-MM stage 2)",
           mix=(("caption_qa", 0.3), ("count", 0.2), ("ocr", 0.2), ("chart", 0.2), ("multi", 0.1)),
-          tiny=(("lr", 3e-4), ("steps", 80)), paper=(("seq", 8192), ("tokens", 42e9))),
+          tiny=(("lr", 5e-4), ("steps", 250)), paper=(("seq", 8192), ("tokens", 42e9))),
     Stage("sft2", "§4.2.1", "SFT phase 2: SAIL-Instruction2 (20M)",
           mix=(("caption", 0.1), ("caption_qa", 0.15), ("ocr", 0.15), ("chart", 0.15), ("count", 0.15),
                ("multi", 0.15), ("math_direct", 0.15)),
-          tiny=(("lr", 3e-4), ("steps", 80)), paper=(("seq", 8192), ("samples", 20_000_000), ("tokens", 40e9))),
+          tiny=(("lr", 5e-4), ("steps", 250)), paper=(("seq", 8192), ("samples", 20_000_000), ("tokens", 40e9))),
     Stage("sft3", "§4.2.1", "SFT phase 3: hard subsets (LLaVA-CoT, MMPR, Condor)",
           mix=(("chart", 0.25), ("count_cot", 0.25), ("multi", 0.2), ("math", 0.3)),
-          tiny=(("lr", 2e-4), ("steps", 60)), paper=(("seq", 8192), ("tokens", 16e9))),
+          tiny=(("lr", 3e-4), ("steps", 200)), paper=(("seq", 8192), ("tokens", 16e9))),
     Stage("sft4", "§4.2.1", "SFT phase 4: image:video 1:1", mix=SFT_MIX_4, tiny=SFT4_TINY,
           paper=(("seq", 16384), ("tokens", 70e9))),
     Stage("sft4-twin", "§4.2.1", "a homogeneous twin of sft4 for the soup: same recipe from sft3, another seed",
@@ -281,11 +284,11 @@ RECIPE = (
           trainable=(), inputs=("sft4", "sft4-twin"), mix=SFT_MIX_4, tiny=SFT4_TINY, runner="soup"),
     Stage("longcot", "§4.2.2", "LongCoT SFT: <think>...</think> + \\boxed{}; loss on thinking + answer; 1 epoch",
           mix=(("math", 0.6), ("count_cot", 0.4)), label_mode="longcot",
-          tiny=(("lr", 2e-4), ("steps", 80), ("packing.max_tokens", 2048)),
+          tiny=(("lr", 3e-4), ("steps", 250), ("packing.max_tokens", 2048)),
           paper=(("lr", 1e-6), ("batch", 1024), ("seq", 20480), ("samples", 400_000), ("epochs", 1))),
     Stage("rl-verifiable", "§4.2.3", "RL with verifiable rewards (answer + format): DAPO for dense models, GSPO "
           "for MoE; 2048 rollouts / episode, 8 updates of mini-batch 512; clip in [0.20, 0.28]",
-          mix=(("math", 0.4), ("count", 0.3), ("ocr", 0.15), ("chart", 0.15)), label_mode="rl", runner="rl.py",
+          mix=(("math", 0.5), ("count", 0.5)), label_mode="rl", runner="rl.py",
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 70_000), ("rollouts", 2048), ("mini_batch", 512))),
     Stage("harvest", "§4.2.4", "CoT harvest: rejection-sample correct, well-formed chains from the RL model",
           trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py"),
@@ -293,7 +296,7 @@ RECIPE = (
           init="rl-verifiable", label_mode="thinkfusion",
           mix=(("caption_qa", 1.5), ("ocr", 1.5), ("chart", 1.5), ("count", 1.5), ("math_direct", 2.0),
                ("multi", 1.0), ("out:harvest/cot.jsonl", 1.0)),
-          tiny=(("lr", 1e-4), ("steps", 80), ("packing.max_tokens", 2048)),
+          tiny=(("lr", 2e-4), ("steps", 200), ("packing.max_tokens", 2048)),
           paper=(("lr", 1e-6), ("batch", 1024), ("seq", 20480), ("samples", 1_000_000), ("epochs", 1))),
     Stage("rl-mixed", "§4.2.5", "RL with mixed rewards (answer + think + format, weighted): hard cases + general",
           mix=(("math", 0.25), ("count", 0.15), ("chart", 0.15), ("ocr", 0.1), ("caption_qa", 0.15), ("multi", 0.1),
@@ -504,6 +507,31 @@ def missing_sources(cfg: StageConfig) -> list:
                    and not (m == "vision_model" and cfg.init_vit) and not is_finished_stage(stage_dir(cfg, s))})
 
 
+def tokenizer_dir(cfg: StageConfig) -> Optional[str]:
+    """The folder whose tokenizer the stage uses: --tokenizer, else the checkpoint the stage starts
+    from (a model keeps the tokenizer it was trained with), else the synthetic data's own BPE
+    (data.make_synth), else None: the embedded byte-level default."""
+    def has(folder):
+        return any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json"))
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    for src in init_sources(cfg).values():
+        if src != "fresh" and has(src):
+            return src
+    if not cfg.manifests and has(cfg.data_dir):
+        return cfg.data_dir
+    return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "special_tokens_map.json")
+
+
+def tokenizer_files(folder: Optional[str]) -> dict:
+    """{name: path} of the tokenizer files in `folder`, to copy into every checkpoint."""
+    return {n: os.path.join(folder, n) for n in TOKENIZER_FILES if folder and os.path.exists(os.path.join(folder, n))}
+
+
 def reinit_module(module, seed: int):
     """A module freshly initialised as its constructor does (nn defaults), seeded."""
     torch.manual_seed(seed)
@@ -599,13 +627,17 @@ class StageBatches:
         self.steps, self.cache = state["steps"], {}
 
 
+EVAL_SEED = 1338     # the held-out stream's order, fixed: every model (a stage, its seed twin, the soup) is
+                     # scored on the same held-out samples in the same packs, whatever its training seed
+
+
 def build_batches(cfg: StageConfig, model_cfg: M.SAILVLConfig, tok, split: str, rank: int, world: int,
                   verbose: bool = True) -> StageBatches:
     """The stage's mixture (train or held-out split) read through the packer."""
     dcfg = data.DataConfig.from_model(model_cfg, max_len=cfg.packing.max_tokens, label_mode=cfg.label_mode,
                                       max_bad_fraction=cfg.max_bad_fraction, drop_media=cfg.text_only)
     train = split == "train"
-    mixture = data.Mixture(stage_sources(cfg, split), tok, dcfg, seed=cfg.seed if train else cfg.seed + 1,
+    mixture = data.Mixture(stage_sources(cfg, split), tok, dcfg, seed=cfg.seed if train else EVAL_SEED,
                            training=train, ngram_rebalance=cfg.ngram_rebalance and train, verbose=verbose and rank == 0)
     return StageBatches(mixture, cfg.packing, rank, world, model_cfg.img_context_token_id,
                         model_cfg.llm_config.hidden_size)
@@ -809,9 +841,10 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
     weights, `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with the
     sha256 of every file, then renames the folder to `path`. A crash at any point leaves the
     previous `path` (or none), never half of one. A full disk or an unwritable folder is one
-    clear CheckpointError and the previous checkpoint stays."""
-    sd = full_state_dict(model, world)                                  # a collective under FSDP
-    model_cfg = model_cfg or (model.module if hasattr(model, "module") else model).cfg
+    clear CheckpointError and the previous checkpoint stays. `model` None: a data output (the CoT
+    harvest), the same folder without weights."""
+    sd = full_state_dict(model, world) if model is not None else None   # a collective under FSDP
+    model_cfg = model_cfg or (model.cfg if model is not None else None)
     staging = os.path.abspath(path) + ".staging"
     try:
         if rank == 0:
@@ -822,11 +855,13 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
             torch.save(rank_state, os.path.join(staging, f"rank{rank}.pt"))
         barrier()
         if rank == 0:
-            M.write_weights(staging, sd, model_cfg)
+            if sd is not None:
+                M.write_weights(staging, sd, model_cfg)
             for name, src in (extra_files or {}).items():
                 shutil.copyfile(src, os.path.join(staging, name))
             files = {name: file_sha256(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
-            meta = dict(meta, world_size=world, resumable=rank_state is not None, files=files)
+            meta = dict(meta, world_size=world, resumable=rank_state is not None, files=files,
+                        kind="model" if sd is not None else "data")
             with open(os.path.join(staging, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)
             M.replace_dir(staging, path)
@@ -862,7 +897,7 @@ def verify_checkpoint(path: str, resumable: bool = False) -> dict:
         if file_sha256(p) != want:
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match the sha256 recorded in "
                                   f"meta.json (truncated or modified after saving)")
-    if "model.safetensors" not in meta.get("files", {}):
+    if "model.safetensors" not in meta.get("files", {}) and meta.get("kind") != "data":
         raise CheckpointError(f"checkpoint {path} is incomplete: meta.json lists no model.safetensors")
     if resumable and not meta.get("resumable"):
         raise CheckpointError(f"{path} is a stage output, not a resumable step checkpoint (no optimizer state)")
@@ -915,6 +950,42 @@ def prune_checkpoints(folder: str, keep: int):
 # ==============================================================================================
 # the training loop
 
+def place_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, rank: int, world: int, device, log) -> tuple:
+    """(model, its config) on the device, frozen but for the stage's modules; sharded with FSDP2
+    when world > 1 (torchtitan's recipe: build on the meta device, shard, allocate only this rank's
+    shards, then load the full weights that rank 0 alone builds from the stage's sources)."""
+    trainable = modules_of(cfg.trainable)
+    if world == 1:
+        model = build_stage_model(cfg, model_cfg, log)
+        freeze(model, trainable)
+        model.to(device)
+    else:
+        full = build_stage_model(cfg, model_cfg, log) if rank == 0 else None
+        box = [full.cfg if full is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        with torch.device("meta"):
+            model = M.SAILVL(box[0])
+        freeze(model, trainable)
+        parallelize(model, device, mixed_precision=device.type == "cuda")
+        model.to_empty(device=device)
+        set_full_state_dict(model, full.state_dict() if full is not None else {}, world)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {M.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
+    return model, model.cfg
+
+
+def open_metrics(path: str, keep_up_to: int):
+    """metrics.jsonl for appending, keeping the records of the steps a resumed run keeps."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    kept = []
+    if keep_up_to and os.path.exists(path):
+        with open(path) as f:
+            kept = [ln for ln in f if json.loads(ln).get("step", 0) <= keep_up_to]
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return open(path, "a")
+
+
 def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = None) -> str:
     """Run one stage; returns its output folder out/<stage>/."""
     rank, world, device = setup_distributed()
@@ -922,36 +993,15 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    tok = data.load_tokenizer(cfg.tokenizer or None)
     if not cfg.manifests:
         if rank == 0:
             data.ensure_synth(cfg.data_dir)
         barrier()
+    tok_files = tokenizer_files(tokenizer_dir(cfg))       # travels with every checkpoint of the stage
+    tok = data.load_tokenizer(tokenizer_dir(cfg))
 
-    # -- the model: built (rank 0) from the stage's sources, sharded with FSDP2 when world > 1 --
+    model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)
     cuda = device.type == "cuda"
-    trainable = modules_of(cfg.trainable)
-    if world == 1:
-        model = build_stage_model(cfg, model_cfg, log)
-        model_cfg = model.cfg
-        freeze(model, trainable)
-        model.to(device)
-    else:
-        # torchtitan's recipe: build on the meta device, shard, allocate only this rank's shards,
-        # then load the full weights that rank 0 alone builds (init / previous stage / HF)
-        full = build_stage_model(cfg, model_cfg, log) if rank == 0 else None
-        box = [full.cfg if full is not None else None]
-        dist.broadcast_object_list(box, src=0)
-        model_cfg = box[0]
-        with torch.device("meta"):
-            model = M.SAILVL(model_cfg)
-        freeze(model, trainable)
-        parallelize(model, device, mixed_precision=cuda)
-        model.to_empty(device=device)
-        set_full_state_dict(model, full.state_dict() if full is not None else {}, world)
-        del full
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"model: {M.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and world == 1 else \
         (lambda: torch.autocast("cpu", enabled=False))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -979,15 +1029,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
     log("model config: " + json.dumps(model_cfg.to_dict()))
     rdir = run_dir(cfg)
     metrics_path = os.path.join(rdir, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(rdir, exist_ok=True)
-        kept = []
-        if resume and os.path.exists(metrics_path):                     # keep the log of the steps kept
-            with open(metrics_path) as f:
-                kept = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-    metrics = open(metrics_path, "a") if rank == 0 else None
+    metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
     model.train()
     t_last = time.time()
     first_loss = last_loss = eval_loss = None
@@ -1005,10 +1047,13 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         if last_step:
             if metrics:
                 metrics.close()
+            bad = batches.mixture.bad
+            log(f"data: {bad.report()}")
             meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "first_loss": first_loss,
-                    "final_loss": last_loss, "eval_loss": eval_loss, "adalrs": search.state_dict() if search else None}
-            save_checkpoint(stage_dir(cfg), model, meta, rank, world, extra_files={"metrics.jsonl": metrics_path},
-                            model_cfg=model_cfg)
+                    "final_loss": last_loss, "eval_loss": eval_loss, "adalrs": search.state_dict() if search else None,
+                    "bad_data": {"seen": bad.seen, "counts": dict(bad.counts)}}
+            save_checkpoint(stage_dir(cfg), model, meta, rank, world, model_cfg=model_cfg,
+                            extra_files={"metrics.jsonl": metrics_path, **tok_files})
             return stage_dir(cfg)
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
             meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": batches.state_dict(),
@@ -1016,7 +1061,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
             rank_state = {"optimizer": local_optimizer_state(opt), "rng": rng_state(),
                           "adalrs_snapshot": search.snapshot_state_dict() if search else None}
             save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
-                            model_cfg=model_cfg)
+                            extra_files=tok_files, model_cfg=model_cfg)
             if rank == 0:
                 prune_checkpoints(rdir, cfg.keep_checkpoints)
         # -- one optimizer step over this rank's micro-batches (global token mean, §5.1) --------
@@ -1080,7 +1125,8 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
            else sds[0][k] for k in sds[0]}
     souped = M.SAILVL(models[0].cfg)
     souped.load_state_dict(avg)
-    tok = data.load_tokenizer(cfg.tokenizer or None)
+    tok_dir = cfg.tokenizer or next((c for c in ckpts if tokenizer_files(c)), None)
+    tok = data.load_tokenizer(tok_dir)
     if not cfg.eval_manifests:
         data.ensure_synth(cfg.data_dir)
     factory = lambda: build_batches(cfg, souped.cfg, tok, "eval", rank, world, verbose=False)  # noqa: E731
@@ -1090,7 +1136,7 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
         results[name] = evaluate(m.to(device), factory, cfg.eval_packs, device, nocast)
         log(f"soup eval | {name}: held-out loss {results[name]:.4f}")
     meta = {"stage": cfg.stage, "inputs": ckpts, "eval_loss": results, "config": asdict(cfg)}
-    save_checkpoint(stage_dir(cfg), souped, meta, rank, world)
+    save_checkpoint(stage_dir(cfg), souped, meta, rank, world, extra_files=tokenizer_files(tok_dir))
     return stage_dir(cfg)
 
 
@@ -1190,10 +1236,7 @@ def calibrate_cli(argv):
     report = os.path.join(os.path.dirname(os.path.abspath(out)), ".calibration.json")
     with open(report, "w") as f:
         json.dump({"config": vars(args), "multimodal": rep_mm, "text": rep_text}, f, indent=2)
-    extra = {"calibration.json": report}
-    extra.update({n: os.path.join(args.ckpt, n) for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
-                  "merges.txt", "added_tokens.json", "special_tokens_map.json")
-                  if os.path.exists(os.path.join(args.ckpt, n))})
+    extra = {"calibration.json": report, **tokenizer_files(args.ckpt)}
     save_checkpoint(out, sailvl, {"stage": "calibrate", "source": args.ckpt}, 0, 1, extra_files=extra)
     os.remove(report)
     print(f"\ncalibrated checkpoint written to {out} (gate weights changed in place; HF-compatible)")
@@ -1254,8 +1297,8 @@ def bench_packing(args):
     forward + backward over the same samples, pad-to-longest batches vs stream packs."""
     mcfg = M.preset_config("tiny")
     dcfg = data.DataConfig.from_model(mcfg)
-    tok = data.load_tokenizer(None)
     root = data.ensure_synth(args.synth_dir, progress=False)
+    tok = data.load_tokenizer(root)                                     # the synthetic data's own BPE
     rng = random.Random(args.seed)
     samples = []
     for path in sorted(root.glob("*/train.jsonl")):
@@ -1418,6 +1461,7 @@ def parse_args(argv):
         if key not in ("stage", "scale", "resume", "ckpts", "help"):
             set_key({"": cfg, "model": model_cfg}, key, value)
     modules_of(cfg.trainable)
+    cfg.steps = max(1, round(cfg.steps * cfg.step_scale))
     if cfg.schedule not in ("cosine", "constant"):
         raise UsageError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
     if cfg.label_mode not in data.LABEL_MODES:
@@ -1514,11 +1558,140 @@ def run_cli(argv: list):
         log(f"try it: {hint}")
 
 
-def fail(message: str, code: int):
+# ==============================================================================================
+# the whole recipe in one command: python train_stage.py --stage all
+
+# --stage all only (the rest goes to every stage): processes per stage, held-out samples per family,
+# the families evaluated ("" = all), and the last stage to run ("" = the whole recipe)
+RECIPE_OPTIONS = {"nproc": "1", "eval_limit": "32", "eval_families": "", "until": ""}
+
+
+def machine() -> str:
+    import platform
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def stage_command(row: Stage, nproc: int, passthrough: list) -> list:
+    """The command that runs one row of the recipe as its own process (resuming if it was cut)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_stage.py" if row.runner == "soup"
+                          else row.runner)
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    return launch + [script, "--stage", row.name, *passthrough] + ([] if row.runner == "soup" else ["--resume"])
+
+
+def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, families=None) -> tuple:
+    """({mode: {family: accuracy}}, predictions) of a stage output on the held-out synthetic split:
+    direct, blank images, and (from LongCoT on) thinking mode."""
+    import sample
+    model, tok, dcfg = sample.load(folder)
+    modes = {"accuracy": dict(think=False, blank=False), "accuracy_blank": dict(think=False, blank=True)}
+    if think:
+        modes["accuracy_think"] = dict(think=True, blank=False)
+    acc, preds = {}, []
+    for key, mode in modes.items():
+        res = sample.evaluate_families(model, tok, dcfg, cfg.data_dir, families, limit=limit, progress=False, **mode)
+        acc[key] = {f: round(a, 4) for f, a in res["accuracy"].items()}
+        preds += [{k: p[k] for k in ("family", "where", "answer", "prediction", "correct", "blank", "think")}
+                  for p in res["predictions"]]
+    return acc, preds
+
+
+def stage_losses(folder: str) -> tuple:
+    """(train losses per step, held-out loss at the start) from a stage's metrics.jsonl."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return [], None
+    recs = [json.loads(ln) for ln in open(path)]
+    evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
+    return [r["loss"] for r in recs if "loss" in r], evals[0] if evals else None
+
+
+def write_json_atomic(path: str, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_recipe(argv: list):
+    """Every stage of the recipe in order, each from the previous one, each evaluated (direct, blank
+    images, thinking mode from LongCoT on), with out/recipe/report.{json,md,png} and every
+    prediction in out/recipe/predictions/<stage>.jsonl. A finished stage (its output verifies and
+    the report has it) is skipped, so an interrupted run continues where it stopped."""
+    import sample
+    opts = dict(split_options(argv))
+    own = {k: opts.pop(k) or v for k, v in RECIPE_OPTIONS.items() if k in opts}
+    own = {**RECIPE_OPTIONS, **own}
+    opts.pop("stage", None)
+    passthrough = [f"--{k}={v}" for k, v in opts.items() if k not in ("resume", "help")]
+    cfg, _, _ = parse_args(["--stage", "vit1", *passthrough])         # usage errors now, not in stage 7
+    if own["until"]:
+        stage_row(own["until"])
+    rdir = os.path.join(cfg.out_dir, "recipe")
+    os.makedirs(os.path.join(rdir, "predictions"), exist_ok=True)
+    path = os.path.join(rdir, "report.json")
+    report = json.load(open(path)) if os.path.exists(path) else {"stages": {}}
+    data.ensure_synth(cfg.data_dir)
+    families = [f for f in own["eval_families"].split(",") if f] or None
+    report.update(machine=machine(), chance={f: round(c, 4) for f, c in sample.chance(
+        cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
+    think_from = [r.name for r in RECIPE].index("longcot")
+    for i, row in enumerate(RECIPE):
+        out = stage_dir(cfg, row.name)
+        if row.name in report["stages"] and is_finished_stage(out):
+            print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped", flush=True)
+        else:
+            t0 = time.time()
+            if not is_finished_stage(out):
+                res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough))
+                if res.returncode:
+                    raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
+                                     f"same command again: finished stages are skipped")
+            seconds = time.time() - t0
+            meta = verify_checkpoint(out)
+            acc, preds = evaluate_stage(out, cfg, i >= think_from, int(own["eval_limit"]), families) \
+                if row.runner != "rl.py" or row.trainable else ({}, [])
+            losses, start = stage_losses(out)
+            entry = {"seconds": round(seconds, 1), "first_loss": meta.get("first_loss"),
+                     "final_loss": meta.get("final_loss"), "eval_loss_start": start, "eval_loss": meta.get("eval_loss"),
+                     **acc}
+            if "reward" in meta:
+                entry["reward"] = meta["reward"]
+            if isinstance(entry["eval_loss"], dict):                  # the soup: its own held-out loss
+                entry["eval_loss"] = entry["eval_loss"].get("soup")
+            report["stages"][row.name] = entry
+            with open(os.path.join(rdir, "predictions", f"{row.name}.jsonl"), "w") as f:
+                f.writelines(json.dumps(p) + "\n" for p in preds)
+            report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
+            write_json_atomic(path, report)
+            visual = {f: a for f, a in entry.get("accuracy", {}).items() if f in sample.VISUAL}
+            mean = lambda d: sum(d.values()) / max(1, len(d))                        # noqa: E731
+            blank = {f: entry.get("accuracy_blank", {}).get(f, 0) for f in visual}
+            if "reward" in entry:
+                what = f"held-out reward {entry['reward']['before']:.3f} -> {entry['reward']['after']:.3f}"
+            elif "kept" in meta:
+                what, entry["kept"] = f"{meta['kept']} chains kept of {meta['samples']} samples", meta["kept"]
+            else:
+                what = f"held-out loss {start or float('nan'):.3f} -> {entry['eval_loss'] or float('nan'):.3f}"
+            print(f"recipe | {row.name:13s} {seconds:6.0f} s | {what} | visual accuracy {mean(visual):.3f} (blank "
+                  f"{mean(blank):.3f}) | {' '.join(f'{f} {a:.2f}' for f, a in sorted(entry.get('accuracy', {}).items()))}",
+                  flush=True)
+        with open(os.path.join(rdir, "report.md"), "w") as f:
+            f.write(sample.report_markdown(report))
+        sample.report_picture(report, {n: stage_losses(stage_dir(cfg, n))[0] for n in report["stages"]},
+                              os.path.join(rdir, "report.png"))
+        if row.name == own["until"]:
+            break
+    print(f"recipe done in {report.get('total_seconds', 0) / 60:.1f} min: {rdir}/report.md, report.png, report.json")
+
+
+def fail(message: str, code: int, prog: str = "train_stage.py"):
     """One clear line on stderr (rank 0), also handed to torchrun's error summary, then exit."""
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        print(f"train_stage.py: error: {message}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:                                   # torchrun's "Root Cause" then shows this line, not "<N/A>"
         with open(path, "w") as f:
@@ -1534,6 +1707,8 @@ def main(argv=None):
             return bench(argv[1:])
         if argv[:1] == ["calibrate"]:
             return calibrate_cli(argv[1:])
+        if dict(split_options(argv)).get("stage") == "all":
+            return run_recipe(argv)
         run_cli(argv)
     except UsageError as e:
         fail(str(e), 2)
