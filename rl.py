@@ -1020,6 +1020,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     """One RL stage: the pool (pass@k-filtered), then per episode dynamic sampling, advantages and
     the updates; held-out reward before / every eval_every / after; checkpoints through
     train_stage's one writer; returns out/<stage>/."""
+    T.writable_dir(cfg.out_dir)
     rank, world, device = T.setup_distributed()
     log = lambda *a: T.print0(rank, *a)                                   # noqa: E731
     torch.manual_seed(cfg.seed)
@@ -1310,9 +1311,9 @@ def help_text() -> str:
              "    torchrun rl.py --stage rl-mixed            # §4.2.5, from out/thinkfusion",
              "    python rl.py filter --ckpt DIR --out FILE  # the pass@k filter as a tool",
              "    python rl.py bench                         # rollout tokens/s vs HF generate", "", "options:",
-             "  --resume [DIR]            continue from DIR, or from the newest good out/<stage>.run/step-*"]
+             f"  {'--resume [DIR]':<34} continue from DIR, or from the newest good out/<stage>.run/step-*"]
     for f in dataclasses.fields(RLConfig):
-        lines.append(f"  --{f.name}={getattr(RLConfig(), f.name)!r:<18} {doc.get(f.name, '')}")
+        lines.append(f"  {'--' + f.name + '=' + repr(getattr(RLConfig(), f.name)):<34} {doc.get(f.name, '')}")
     return "\n".join(lines)
 
 

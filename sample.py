@@ -472,8 +472,9 @@ def report_markdown(report: dict) -> str:
     head = ["stage", "s", "held-out loss"] + fams
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, st in stages.items():
-        loss = lambda k: float("nan") if st.get(k) is None else st[k]                      # noqa: E731
-        cells = [name, f"{st.get('seconds', 0):.0f}", f"{loss('eval_loss_start'):.3f} → {loss('eval_loss'):.3f}"]
+        loss = lambda k: "—" if st.get(k) is None else f"{st[k]:.3f}"                      # noqa: E731
+        cells = [name, f"{st.get('seconds', 0):.0f}", f"{loss('eval_loss_start')} → {loss('eval_loss')}"
+                 if st.get("eval_loss") is not None else "—"]
         for f in fams:
             a, b, t = st.get("accuracy", {}).get(f), st.get("accuracy_blank", {}).get(f), st.get("accuracy_think", {}).get(f)
             cells.append("" if a is None else f"{a:.2f}" + (f" ({b:.2f})" if b is not None else "")
@@ -483,7 +484,7 @@ def report_markdown(report: dict) -> str:
     lines.append("| chance | | | " + " | ".join(f"{chance.get(f, 0):.2f}" for f in fams) + " |")
     rewards = {n: st["reward"] for n, st in stages.items() if "reward" in st}
     out = [f"Machine: {report.get('machine', '?')}; total {report.get('total_seconds', 0) / 60:.1f} min.", "",
-           "Accuracy on the held-out synthetic split (greedy, first 32 per family): real images "
+           f"Accuracy on the held-out synthetic split (greedy, first {report.get('eval_limit', 32)} per family): real images "
            "(blank images) / thinking mode.", ""] + lines
     if rewards:
         out += ["", "RL held-out reward, before → after: " + "; ".join(
@@ -794,7 +795,7 @@ def cli(argv):
         ap.add_argument("--repeats", type=int, default=3)
         return bench(ap.parse_args(argv[1:]))
     ap = Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--ckpt", required=True, help="a checkpoint folder (ours or an official SAIL-VL2 one)")
     ap.add_argument("--image", nargs="*", default=[], help="image file(s); each gets an <image> placeholder")
     ap.add_argument("--video", nargs="*", default=[], help="video file(s), sampled to 16 frames")

@@ -121,6 +121,7 @@ class StageConfig:
     keep_checkpoints: int = 2             # step checkpoints kept in out/<stage>.run/
     max_bad_fraction: float = 0.05        # stop when more of the distinct samples than this are bad
     seed: int = 1337                      # init, data order and sampling
+    fsdp: bool = False                    # shard with FSDP2 even as one process (several always shard)
     auto_steps: int = 0                   # steps of a stand-in stage run automatically first (0 = its default)
     step_scale: float = 1.0               # multiply the stage's steps (a shortened recipe: --stage all --step_scale=0.2)
 
@@ -437,8 +438,9 @@ def command_for(row: Stage, cfg: StageConfig) -> str:
 # ==============================================================================================
 # distributed set-up and FSDP2 (§5.2)
 
-def setup_distributed():
-    """(rank, world_size, device) from torchrun's env; NCCL on CUDA, gloo on CPU."""
+def setup_distributed(group: bool = False):
+    """(rank, world_size, device) from torchrun's env; NCCL on CUDA, gloo on CPU. A process group
+    exists when world > 1 or `group` (FSDP2 on one process): it is what "sharded" means below."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
@@ -447,7 +449,7 @@ def setup_distributed():
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or group) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -772,7 +774,7 @@ def file_sha256(path: str) -> str:
 
 def full_state_dict(model, world: int) -> dict:
     """Consolidated fp32 weights on CPU (rank 0 only under FSDP; {} on other ranks)."""
-    if world > 1:
+    if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -780,7 +782,7 @@ def full_state_dict(model, world: int) -> dict:
 
 def set_full_state_dict(model, sd: dict, world: int):
     """Full weights into the model; under FSDP only rank 0 holds them and they are broadcast."""
-    if world > 1:
+    if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
@@ -952,10 +954,10 @@ def prune_checkpoints(folder: str, keep: int):
 
 def place_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, rank: int, world: int, device, log) -> tuple:
     """(model, its config) on the device, frozen but for the stage's modules; sharded with FSDP2
-    when world > 1 (torchtitan's recipe: build on the meta device, shard, allocate only this rank's
+    when world > 1 or --fsdp (torchtitan's recipe: build on the meta device, shard, allocate only this rank's
     shards, then load the full weights that rank 0 alone builds from the stage's sources)."""
     trainable = modules_of(cfg.trainable)
-    if world == 1:
+    if not dist.is_initialized():
         model = build_stage_model(cfg, model_cfg, log)
         freeze(model, trainable)
         model.to(device)
@@ -988,7 +990,7 @@ def open_metrics(path: str, keep_up_to: int):
 
 def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = None) -> str:
     """Run one stage; returns its output folder out/<stage>/."""
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.fsdp)
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -1002,7 +1004,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
 
     model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)
     cuda = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and world == 1 else \
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not dist.is_initialized() else \
         (lambda: torch.autocast("cpu", enabled=False))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -1024,6 +1026,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         step = meta["step"]
         log(f"resume: continuing from {resume} at step {step}")
     start = step
+    first_loss = meta.get("first_loss") if resume else None      # the stage's, not this segment's
 
     log("config: " + json.dumps(asdict(cfg)))
     log("model config: " + json.dumps(model_cfg.to_dict()))
@@ -1032,7 +1035,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
     metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
     model.train()
     t_last = time.time()
-    first_loss = last_loss = eval_loss = None
+    last_loss = eval_loss = None
     bad_in_a_row = 0
     while True:
         last_step = step == cfg.steps
@@ -1057,7 +1060,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
             return stage_dir(cfg)
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
             meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": batches.state_dict(),
-                    "adalrs": search.state_dict() if search else None}
+                    "adalrs": search.state_dict() if search else None, "first_loss": first_loss}
             rank_state = {"optimizer": local_optimizer_state(opt), "rng": rng_state(),
                           "adalrs_snapshot": search.snapshot_state_dict() if search else None}
             save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
@@ -1286,8 +1289,12 @@ def bench_step(args):
 
 
 def timed(fn) -> float:
+    """Seconds of fn(), the GPU's queued work included."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -1318,7 +1325,8 @@ def bench_packing(args):
 
     torch.set_num_threads(args.threads)       # 1 by default: waiting OpenMP threads make timings noisy
     torch.manual_seed(0)
-    net = M.build_model("tiny").train()
+    device = torch.device(args.device)
+    net = M.build_model("tiny").train().to(device)
     order = list(range(len(samples)))
     random.Random(0).shuffle(order)
     padded = [packing.collate_padded([samples[i] for i in order[k:k + args.batch_size]])
@@ -1326,6 +1334,8 @@ def bench_packing(args):
     plans = packing.plan_packs([metas[i] for i in order], packing.PackingConfig(max_tokens=args.max_tokens,
                                                                                  max_images_per_pack=10 ** 6))
     packed = [packing.collate_pack([samples[m.index] for m in p], p) for p in plans]
+    to_dev = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    padded, packed = [to_dev(b) for b in padded], [to_dev(b) for b in packed]
     useful = sum(s["input_ids"].numel() for s in samples)
 
     def run(batches, is_packed):
@@ -1341,7 +1351,8 @@ def bench_packing(args):
         t_pad.append(timed(lambda: run(padded, False)))
         t_pack.append(timed(lambda: run(packed, True)))
     med_pad, med_pack = sorted(t_pad)[args.repeats // 2], sorted(t_pack)[args.repeats // 2]
-    print(f"\n[3] tiny SAILVL forward+backward, fp32 CPU ({torch.get_num_threads()} threads), {len(samples)} "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n[3] tiny SAILVL forward+backward, fp32 {where}, {len(samples)} "
           f"samples, {useful} useful tokens, median of {args.repeats}")
     for name, batches, t in ((f"pad-to-longest, {args.batch_size} samples", padded, med_pad),
                              (f"stream packs, {args.max_tokens} tokens", packed, med_pack)):
@@ -1375,7 +1386,8 @@ def bench_adalrs(args):
                 for src, dst in ((init, "vit3"), (lm0, "lm0")):         # pretrain1's sources, per its init rule
                     shutil.copytree(src, os.path.join(out, dst))
                 res[name] = final_eval_loss(run_stage("pretrain1", [f"--out_dir={out}", f"--adalrs={on}",
-                                                                    f"--lr={args.lr}", f"--seed={1337 + seed}"]))
+                                                                    f"--data_dir={args.data_dir}", f"--lr={args.lr}",
+                                                                    f"--seed={1337 + seed}"]))
             diffs.append(res["fixed"] - res["adalrs"])
             print(f"seed {seed}: held-out loss fixed LR {args.lr:g} {res['fixed']:.4f} | AdaLRS {res['adalrs']:.4f} "
                   f"| fixed - AdaLRS = {diffs[-1]:+.4f}")
@@ -1401,12 +1413,14 @@ def bench(argv):
     s.add_argument("--batch-size", type=int, default=8, help="pad-to-longest batch for the tiny model")
     s.add_argument("--repeats", type=int, default=3, help="timed passes per batching (median reported)")
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads for the tokens/s part")
+    s.add_argument("--device", default="cpu", help="cpu | cuda (the tokens/s part)")
     s.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("adalrs", help=bench_adalrs.__doc__.split("\n")[0])
     s.add_argument("--out-dir", default="out", help="where the recipe's vit3 and lm0 outputs are")
     s.add_argument("--init-from", default="", help="the vit3 output to start from (default OUT_DIR/vit3)")
     s.add_argument("--lr", type=float, default=stage_config("pretrain1").lr, help="the start / fixed LR")
     s.add_argument("--seeds", type=int, default=2)
+    s.add_argument("--data-dir", default=data.DEFAULT_SYNTH_DIR, help="the synthetic data the recipe ran on")
     args = ap.parse_args(argv)
     return {"step": bench_step, "packing": bench_packing, "adalrs": bench_adalrs}[args.what](args)
 
@@ -1519,6 +1533,19 @@ def shlex_quote(s: str) -> str:
     return shlex.quote(os.path.relpath(s) if os.path.isabs(s) and s.startswith(os.getcwd()) else s)
 
 
+def writable_dir(path: str):
+    """Make `path` (a folder) or say in one line why it cannot be: before hours of training, not
+    at the first save."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {path}: {e.strerror or e} (choose another --out_dir)")
+
+
 def run_cli(argv: list):
     cfg, model_cfg, opts = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -1530,6 +1557,7 @@ def run_cli(argv: list):
     if row.runner == "rl.py":
         raise UsageError(f"{row.name} runs in rl.py: `{command_for(row, cfg)}`")
     log(f"stage {cfg.stage} ({row.section or 'not a paper stage'}): {row.note}")
+    writable_dir(cfg.out_dir)
     if row.runner == "soup":
         inputs = opts["ckpts"].split(",") if opts.get("ckpts") else [stage_dir(cfg, s) for s in row.inputs]
         for path, name in zip(inputs, row.inputs if not opts.get("ckpts") else inputs):
@@ -1630,12 +1658,12 @@ def run_recipe(argv: list):
     if own["until"]:
         stage_row(own["until"])
     rdir = os.path.join(cfg.out_dir, "recipe")
-    os.makedirs(os.path.join(rdir, "predictions"), exist_ok=True)
+    writable_dir(os.path.join(rdir, "predictions"))
     path = os.path.join(rdir, "report.json")
     report = json.load(open(path)) if os.path.exists(path) else {"stages": {}}
     data.ensure_synth(cfg.data_dir)
     families = [f for f in own["eval_families"].split(",") if f] or None
-    report.update(machine=machine(), chance={f: round(c, 4) for f, c in sample.chance(
+    report.update(machine=machine(), eval_limit=int(own["eval_limit"]), chance={f: round(c, 4) for f, c in sample.chance(
         cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
     think_from = [r.name for r in RECIPE].index("longcot")
     for i, row in enumerate(RECIPE):

@@ -26,3 +26,13 @@ import torch  # noqa: E402
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """The default synthetic dataset (every family, its BPE tokenizer), generated once per test
+    session (~15 s) and shared read-only by every module that trains or evaluates on it."""
+    import data
+    return data.ensure_synth(tmp_path_factory.mktemp("synth") / "data", progress=False)      # a Path

@@ -20,11 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, synth):
     """A tiny checkpoint saved as a finished stage (the synthetic data's tokenizer beside it) and
     a few rl-verifiable prompts."""
     root = tmp_path_factory.mktemp("rl")
-    synth = data.ensure_synth(root / "synth", progress=False)
     m = M.build_model("tiny", seed=0)
     T.save_checkpoint(str(root / "out" / "longcot"), m, {"stage": "longcot"}, 0, 1,
                       extra_files=T.tokenizer_files(str(synth)))

@@ -34,11 +34,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return data.ensure_synth(tmp_path_factory.mktemp("synth") / "data", progress=False)
-
-
-@pytest.fixture(scope="module")
 def tiny():
     m = M.build_model("tiny", seed=0).eval()
     tok = data.load_tokenizer(None)
