@@ -542,6 +542,21 @@ def reinit_module(module, seed: int):
             m.reset_parameters()
 
 
+def match_tokenizer(cfg: StageConfig, model_cfg: M.SAILVLConfig, tok, log) -> M.SAILVLConfig:
+    """A model built from scratch takes its <IMG_CONTEXT> id from the tokenizer it will read (e.g.
+    a 2b-shaped model with random weights on the synthetic data's BPE). A loaded model keeps its
+    own config (SAILVL.embed refuses a mismatch with the token counts)."""
+    ids = data.special_ids(tok)
+    if ids.img_context == model_cfg.img_context_token_id or any(s != "fresh" for s in init_sources(cfg).values()):
+        return model_cfg
+    if tok.n_vocab > model_cfg.llm_config.vocab_size:
+        raise UsageError(f"the tokenizer has {tok.n_vocab} tokens, the model's vocabulary only "
+                         f"{model_cfg.llm_config.vocab_size}: pass a matching --tokenizer")
+    log(f"init: <IMG_CONTEXT> is token {ids.img_context} in this tokenizer (the preset says "
+        f"{model_cfg.img_context_token_id}): the fresh model uses the tokenizer's")
+    return dataclasses.replace(model_cfg, img_context_token_id=ids.img_context)
+
+
 def build_stage_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, log) -> M.SAILVL:
     """Random init, then every module from its source (a whole checkpoint when all modules share
     one, which also brings its config), then --init-vit / --init-llm."""
@@ -1001,6 +1016,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         barrier()
     tok_files = tokenizer_files(tokenizer_dir(cfg))       # travels with every checkpoint of the stage
     tok = data.load_tokenizer(tokenizer_dir(cfg))
+    model_cfg = match_tokenizer(cfg, model_cfg, tok, log)
 
     model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)
     cuda = device.type == "cuda"

@@ -46,9 +46,10 @@ step bench-moe 90 "triton|skewed" python kernels.py bench moe
 step bench-packing 60 "packed / padded" python train_stage.py bench packing --device=cuda --synth-dir="$WORK/synth"
 # 2b shape (Qwen3-1.7B LLM + the 300M SAIL-ViT), random weights, bf16 under FSDP2's mixed precision
 TWO_B=(--stage=sft1 --preset=2b --init-from=random --fsdp=true --data_dir="$WORK/synth" --out_dir="$WORK/out"
-       --eval_every=0 --save_every=3 --packing.max_tokens=4096 --warmup_steps=1 --lr=1e-5)
-step 2b-fsdp2 120 "^step " torchrun --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}" --steps=3
-step 2b-resume 90 "^step |resume" torchrun --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}" --steps=5 --resume
+       --eval_every=0 --save_every=2 --steps=4 --packing.max_tokens=4096 --warmup_steps=1 --lr=1e-5)
+step 2b-fsdp2 150 "^step " torchrun --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}"
+# again from its step-2 checkpoint: steps 3 and 4 replayed, the same losses expected
+step 2b-resume 120 "^step " torchrun --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}" --resume
 step rl-updates 90 "reward|episode" python rl.py --stage=rl-verifiable --init_from=random --data_dir="$WORK/synth" \
     --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
     --filter_k=0 --temperature=1.5
