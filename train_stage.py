@@ -1529,8 +1529,11 @@ def ensure_sources(cfg: StageConfig, model_cfg: M.SAILVLConfig, log):
 
 
 def try_it(cfg: StageConfig, out: str) -> Optional[str]:
-    """A sample.py command on a held-out sample of the stage's own data (its first visual family)."""
-    for name, _ in stage_row(cfg.stage).mix:
+    """A sample.py command on a held-out sample of the stage's own data, with the reference reply:
+    the stage's first visual family with short answers (ocr, count, ...), else its first visual one."""
+    short = ("ocr", "count", "multi", "chart", "video", "caption_qa")
+    mix = sorted((name for name, _ in stage_row(cfg.stage).mix), key=lambda n: short.index(n) if n in short else 99)
+    for name in mix:
         path = os.path.join(cfg.data_dir, name, "eval.jsonl")
         if name.startswith("out:") or not os.path.exists(path):
             continue
@@ -1540,7 +1543,7 @@ def try_it(cfg: StageConfig, out: str) -> Optional[str]:
         media = " ".join(f"--image {shlex_quote(p)}" for p in rec.images) + \
             " ".join(f"--video {shlex_quote(p)}" for p in rec.videos)
         question = data.PLACEHOLDER_RE.sub("", rec.turns[0][1]).strip()
-        return f"python sample.py --ckpt {out} {media} --prompt {shlex_quote(question)}"
+        return f"python sample.py --ckpt {out} {media} --prompt {shlex_quote(question)}   # reference: {rec.turns[-1][1]}"
     return None
 
 
@@ -1718,10 +1721,11 @@ def run_recipe(argv: list):
             elif "kept" in meta:
                 what, entry["kept"] = f"{meta['kept']} chains kept of {meta['samples']} samples", meta["kept"]
             else:
-                what = f"held-out loss {start or float('nan'):.3f} -> {entry['eval_loss'] or float('nan'):.3f}"
-            print(f"recipe | {row.name:13s} {seconds:6.0f} s | {what} | visual accuracy {mean(visual):.3f} (blank "
-                  f"{mean(blank):.3f}) | {' '.join(f'{f} {a:.2f}' for f, a in sorted(entry.get('accuracy', {}).items()))}",
-                  flush=True)
+                fmt = lambda x: "—" if x is None else f"{x:.3f}"                               # noqa: E731
+                what = f"held-out loss {fmt(start)} -> {fmt(entry['eval_loss'])}"
+            accs = f" | visual accuracy {mean(visual):.3f} (blank {mean(blank):.3f}) | " + " ".join(
+                f"{f} {a:.2f}" for f, a in sorted(entry["accuracy"].items())) if entry.get("accuracy") else ""
+            print(f"recipe | {row.name:13s} {seconds:6.0f} s | {what}{accs}", flush=True)
         with open(os.path.join(rdir, "report.md"), "w") as f:
             f.write(sample.report_markdown(report))
         sample.report_picture(report, {n: stage_losses(stage_dir(cfg, n))[0] for n in report["stages"]},

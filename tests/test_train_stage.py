@@ -685,7 +685,9 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     hint = next(ln for ln in res.stdout.splitlines() if ln.startswith("try it: "))[len("try it: "):]
     assert hint.startswith(f"python sample.py --ckpt {tmp_path}/vit1 --image ")
     img = hint.split("--image ")[1].split(" --prompt")[0].strip("'")
-    assert os.path.exists(img) and "/caption/" in img                  # a held-out image of the stage's data
+    assert os.path.exists(img) and "/ocr/" in img                      # a held-out image of the stage's data
+    ref = json.loads(open(os.path.join(synth, "ocr", "eval.jsonl")).readline())["conversations"][-1]["value"]
+    assert hint.endswith(f"# reference: {ref}")
 
 
 def test_help_shows_each_option_with_its_description_and_the_stages_values():
@@ -697,3 +699,13 @@ def test_help_shows_each_option_with_its_description_and_the_stages_values():
     assert "--packing.max_tokens=1024" in out and "--adalrs_cfg.window=0" in out
     generic = run(["train_stage.py", "--help"], timeout=60).stdout
     assert "--lr=0.003" in generic                                      # vit1's values without --stage
+
+
+def test_a_fresh_model_takes_img_context_from_the_tokenizer_it_reads(synth, tmp_path, capsys):
+    """A preset whose <IMG_CONTEXT> id differs from the data's tokenizer (the 2b preset on the
+    synthetic BPE) trains from scratch: the fresh model adopts the tokenizer's id."""
+    out = T.run_stage("vit3", [f"--out_dir={tmp_path}", f"--data_dir={synth}", "--init-from=random", "--steps=1",
+                               "--eval_every=0", "--save_every=0", "--model.img_context_token_id=300",
+                               "--packing.max_tokens=512"])
+    assert "the fresh model uses the tokenizer's" in capsys.readouterr().out
+    assert M.SAILVL.from_pretrained(out).cfg.img_context_token_id == data.special_ids(data.load_tokenizer(synth)).img_context
