@@ -1044,7 +1044,9 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                             foreach=device.type != "cuda" or None)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + rank * 0)   # same rollouts on every rank
+    # every rank draws the same rollouts and updates on all of them (correct under FSDP, not yet
+    # faster with more ranks: splitting the rollouts across ranks is future work)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     rdir = T.run_dir(sc)
     eval_set = read_prompts(sc, tok, dcfg, "eval", cfg.eval_prompts)
     episode, pool_state, filter_counts = 0, None, None
