@@ -473,6 +473,17 @@ def to_pixels(images: list) -> torch.Tensor:
     return torch.from_numpy(np.stack([to_array(im) for im in images]))
 
 
+def blank_pixels(pv):
+    """White tiles / frames of the same shapes (so the same token counts), every pixel the
+    normalised value of white, the synthetic images' background: nothing left to see. The
+    blindness measure of evaluation and curate-video's blank-video baseline."""
+    if pv is None:
+        return None
+    if isinstance(pv, (list, tuple)):
+        return [blank_pixels(p) for p in pv]
+    return ((1.0 - IMAGENET_MEAN) / IMAGENET_STD).to(pv.dtype).expand_as(pv).clone()
+
+
 def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, image_size: int) -> tuple:
     """(cols, rows) of the official rule: the candidate grid whose aspect ratio is closest to the
     image's; on a tie the later (larger) grid wins if the image area exceeds half the grid's area."""
@@ -1573,13 +1584,6 @@ def answer_rule(question: str, answer: str, stats: dict):
     return None
 
 
-def blank_pixels(pv):
-    """White tiles / frames of the same shapes (the same token counts): nothing left to see."""
-    if isinstance(pv, (list, tuple)):
-        return [blank_pixels(p) for p in pv]
-    return ((1.0 - IMAGENET_MEAN) / IMAGENET_STD).to(pv.dtype).expand_as(pv).clone()
-
-
 class CheckpointScorer:
     """A loaded checkpoint as scorer and annotator. `model`: SAILVL-like (forward with labels ->
     .ce_sum, .n_targets; generate); `tok`: its tokenizer; `cfg`: its DataConfig."""
@@ -1593,7 +1597,7 @@ class CheckpointScorer:
         """Mean per-token log-likelihood of the assistant turns given what precedes them and the
         media (blank=True: every tile and frame white)."""
         s = build_sample(rec, self.tok, self.cfg)
-        pv = blank_pixels(s["pixel_values"]) if blank and s["pixel_values"] is not None else s["pixel_values"]
+        pv = blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
         out = self.model(s["input_ids"][None], pv, labels=s["labels"][None])
         return float(-out.ce_sum / out.n_targets)
 

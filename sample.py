@@ -281,17 +281,6 @@ def default_new_tokens(family: str, think: bool) -> int:
 Item = namedtuple("Item", "ids pixels max_new")
 
 
-def blank_like(pixels):
-    """White images of the same shapes (so the same token counts): every pixel the normalised value
-    of white, the synthetic images' background. Nothing of the picture is left to see."""
-    if pixels is None:
-        return None
-    if isinstance(pixels, (list, tuple)):
-        return [blank_like(p) for p in pixels]
-    white = (1.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD                 # (3, 1, 1)
-    return white.to(pixels.dtype).expand_as(pixels).clone()
-
-
 def concat_pixels(pixels: list):
     """The pixels of several prompts in prompt order: the order their <IMG_CONTEXT> slots are filled."""
     pixels = [p for p in pixels if p is not None and not (isinstance(p, (list, tuple)) and not p)]
@@ -378,7 +367,7 @@ def record_item(tok, dcfg, rec, think, blank: bool, max_new_tokens):
         raise data.DataError("schema", rec.where, "an eval record needs a final assistant turn to score")
     t = bool(rec.think if think is None else think)
     s = data.prompt_inputs(tok, dcfg, rec.turns[:-1], rec.images, rec.videos, think=t, system=rec.system)
-    pixels = blank_like(s["pixel_values"]) if blank else s["pixel_values"]
+    pixels = data.blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
     budget = max_new_tokens or default_new_tokens(rec.task, t)
     return Item(s["input_ids"].tolist(), pixels, budget), (rec.task, rec.turns[-1][1], t)
 
@@ -652,7 +641,7 @@ def evaluate_tsv(model, tok, dcfg, path, limit=None, think=False, blank=False, b
         line, row = job     # MMBench stores an image once: a short cell is the index of the row holding it
         cell = images.get(row["image"], row["image"]) if len(row["image"]) <= 64 else row["image"]
         s = data.prompt_inputs(tok, dcfg, mcq_prompt(row), [decode_image(cell, f"{path}:{line}")], think=think)
-        pixels = blank_like(s["pixel_values"]) if blank else s["pixel_values"]
+        pixels = data.blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
         return Item(s["input_ids"].tolist(), pixels, max_new_tokens or MCQ_NEW_TOKENS[bool(think)]), None
 
     for (line, row), (reply, err) in zip(rows, answer_jobs(model, tok, rows, make_item, bad, batch_size, progress)):

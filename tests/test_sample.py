@@ -251,10 +251,10 @@ def test_blank_mode_shows_white_images_of_the_same_shapes(tiny, synth):
     _, tok, dcfg = tiny
     img = synth / "chart" / "images" / "eval_00000.png"
     pv, _ = data.load_image(img, dcfg.max_tiles, dcfg.min_tiles, dcfg.image_size)
-    white = S.blank_like(pv)
+    white = data.blank_pixels(pv)
     assert white.shape == pv.shape and not torch.equal(white, pv)
     assert torch.allclose(white * data.IMAGENET_STD + data.IMAGENET_MEAN, torch.ones_like(pv), atol=1e-6)
-    anyres = S.blank_like([pv[:1], pv[1:3]])
+    anyres = data.blank_pixels([pv[:1], pv[1:3]])
     assert [a.shape for a in anyres] == [pv[:1].shape, pv[1:3].shape]
     fake = TableModel(tok, dcfg, {}, [])
     plain = S.evaluate_families(fake, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, progress=False)
