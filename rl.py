@@ -962,11 +962,6 @@ class RLConfig:
     seed: int = 1337
 
 
-RL_TINY = {"rl-verifiable": dict(reward="verifiable"),
-           "rl-mixed": dict(reward="mixed", general_share=0.3, episodes=20),
-           "harvest": dict(pool_size=256, harvest_samples=4)}
-
-
 def rl_config(argv: list) -> tuple:
     """(RLConfig, options) from the command line, in train_stage's one option style."""
     opts = T.split_options(argv)
@@ -975,8 +970,8 @@ def rl_config(argv: list) -> tuple:
     row = T.stage_row(stage)
     if row.runner != "rl.py":
         raise T.UsageError(f"{stage} is not an RL stage: `{T.command_for(row, T.StageConfig())}`")
-    cfg = RLConfig(stage=stage, **RL_TINY.get(stage, {}))
-    for key, value in opts:
+    cfg = RLConfig(stage=stage)
+    for key, value in [*((k, str(v)) for k, v in row.tiny), *opts]:      # the recipe row's tiny values, then the CLI
         if key not in ("stage", "resume", "help"):
             T.set_key({"": cfg}, key, value)
     if cfg.reward not in ("verifiable", "mixed"):

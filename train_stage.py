@@ -223,7 +223,7 @@ class Stage:
     mix: tuple = ()             # ((synthetic family or "out:<stage>/<file>", weight), ...): the stage's data
     label_mode: str = "sft"     # which tokens carry loss (data.LABEL_MODES)
     init: object = "previous"   # "previous", "random", a stage name, or ((module, stage | "fresh"), ...)
-    tiny: tuple = ()            # ((StageConfig key, value), ...): the CPU default
+    tiny: tuple = ()            # ((key, value), ...): the CPU default (StageConfig keys; rl.RLConfig's for rl.py rows)
     paper: tuple = ()           # ((key, value), ...): lr, batch (samples), seq, samples, tokens, epochs, ...
     runner: str = "train_stage.py"   # the script that runs it (RL stages: rl.py)
     auto: bool = False          # a stand-in: run automatically when a later stage needs its output
@@ -292,7 +292,8 @@ RECIPE = (
           mix=(("math", 0.5), ("count", 0.5)), label_mode="rl", runner="rl.py",
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 70_000), ("rollouts", 2048), ("mini_batch", 512))),
     Stage("harvest", "§4.2.4", "CoT harvest: rejection-sample correct, well-formed chains from the RL model",
-          trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py"),
+          trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py",
+          tiny=(("harvest_samples", 4),)),
     Stage("thinkfusion", "§4.2.4", "Think-Fusion SFT: 900K direct + 100K harvested CoT (9:1); dual-target loss",
           init="rl-verifiable", label_mode="thinkfusion",
           mix=(("caption_qa", 1.5), ("ocr", 1.5), ("chart", 1.5), ("count", 1.5), ("math_direct", 2.0),
@@ -302,6 +303,7 @@ RECIPE = (
     Stage("rl-mixed", "§4.2.5", "RL with mixed rewards (answer + think + format, weighted): hard cases + general",
           mix=(("math", 0.25), ("count", 0.15), ("chart", 0.15), ("ocr", 0.1), ("caption_qa", 0.15), ("multi", 0.1),
                ("video", 0.1)), label_mode="rl", runner="rl.py",
+          tiny=(("reward", "mixed"), ("general_share", 0.3), ("episodes", 20)),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 100_000))),
 )
 STAGES = {s.name: s for s in RECIPE}
@@ -341,7 +343,7 @@ def stage_config(name: str, scale: str = "tiny", log=None) -> StageConfig:
     row = stage_row(name)
     cfg = StageConfig(stage=name, trainable=",".join(row.trainable), label_mode=row.label_mode)
     roots = {"": cfg}
-    for key, value in row.tiny:
+    for key, value in row.tiny if row.runner != "rl.py" else ():    # RL rows: rl.rl_config applies them
         set_key(roots, key, str(value))
     if scale == "paper":
         apply_paper_scale(cfg, row, log or print)
@@ -787,7 +789,7 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def full_state_dict(model, world: int) -> dict:
+def full_state_dict(model) -> dict:
     """Consolidated fp32 weights on CPU (rank 0 only under FSDP; {} on other ranks)."""
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -795,7 +797,7 @@ def full_state_dict(model, world: int) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def set_full_state_dict(model, sd: dict, world: int):
+def set_full_state_dict(model, sd: dict):
     """Full weights into the model; under FSDP only rank 0 holds them and they are broadcast."""
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -860,7 +862,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
     previous `path` (or none), never half of one. A full disk or an unwritable folder is one
     clear CheckpointError and the previous checkpoint stays. `model` None: a data output (the CoT
     harvest), the same folder without weights."""
-    sd = full_state_dict(model, world) if model is not None else None   # a collective under FSDP
+    sd = full_state_dict(model) if model is not None else None   # a collective under FSDP
     model_cfg = model_cfg or (model.cfg if model is not None else None)
     staging = os.path.abspath(path) + ".staging"
     try:
@@ -936,7 +938,7 @@ def load_checkpoint(path: str, model, opt, rank: int, world: int) -> tuple:
     if meta["world_size"] != world:
         raise CheckpointError(f"{path} was saved by {meta['world_size']} processes, this run has {world}")
     sd = M.SAILVL.from_pretrained(path).state_dict() if rank == 0 else {}   # ties restored by the loader
-    set_full_state_dict(model, sd, world)
+    set_full_state_dict(model, sd)
     rank_state = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
     load_local_optimizer_state(opt, rank_state["optimizer"])
     return meta, rank_state
@@ -985,7 +987,7 @@ def place_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, rank: int, world: i
         freeze(model, trainable)
         parallelize(model, device, mixed_precision=device.type == "cuda")
         model.to_empty(device=device)
-        set_full_state_dict(model, full.state_dict() if full is not None else {}, world)
+        set_full_state_dict(model, full.state_dict() if full is not None else {})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {M.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
     return model, model.cfg
@@ -1014,8 +1016,8 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         if rank == 0:
             data.ensure_synth(cfg.data_dir)
         barrier()
-    tok_files = tokenizer_files(tokenizer_dir(cfg))       # travels with every checkpoint of the stage
-    tok = data.load_tokenizer(tokenizer_dir(cfg))
+    tok_dir = tokenizer_dir(cfg)
+    tok, tok_files = data.load_tokenizer(tok_dir), tokenizer_files(tok_dir)   # the files travel with every checkpoint
     model_cfg = match_tokenizer(cfg, model_cfg, tok, log)
 
     model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)

@@ -259,13 +259,13 @@ model.to_empty(device=device)
 torch.manual_seed(0)                                       # the same weights as the one-process reference
 full = M.SAILVL(mcfg)
 full.init_weights()
-T.set_full_state_dict(model, full.state_dict() if rank == 0 else {}, world)
+T.set_full_state_dict(model, full.state_dict() if rank == 0 else {})
 packs = S.packs_of(samples, 300)
 mine = packs[:2] if rank == 0 else packs[2:4]              # rank 0 and rank 1 hold very different packs
 params = list(model.parameters())
 opt = torch.optim.SGD(params, lr=1.0)
 res = T.train_step(model, opt, mine, params, 1e9, world, device, S.NOCAST)
-sd = T.full_state_dict(model, world)
+sd = T.full_state_dict(model)
 if rank == 0:
     torch.save({"loss": res["loss"], "sd": sd, "tokens": [int((p["labels"][:, 1:] != -100).sum()) for p in packs[:4]]},
                os.environ["OUT"])
