@@ -1812,11 +1812,14 @@ def curate_video(manifests, out_dir, scorer=None, min_alignment: float = 0.0, mi
 # it in minutes; its own BPE makes a sample ~2x shorter than bytes. Every record but caption/text
 # carries a short "answer" (RL rewards, evaluation); CoT records (math, count_cot) carry "think": true.
 
-SYNTH_VERSION = 2
+SYNTH_VERSION = 3
 SYNTH_VOCAB = 512                  # the tiny presets' vocab_size: bytes + specials + 242 merges
 SYNTH_SYSTEM = "You are UniVL, a helpful assistant."   # the tiny presets' system prompt (model.preset_config)
 DEFAULT_SYNTH_DIR = "data_synth"   # relative to the working directory; git-ignored
 DEFAULT_SYNTH_SIZE = 1024          # train samples per family (eval: size // 8; text: 8 x size)
+# RL prompts (§4.2.3) no SFT stage reads: count_cot/rl.jsonl (4 x size fresh scenes, so an RL run
+# never repeats a prompt) and count_cot/rl_eval.jsonl (size // 2 held-out scenes)
+RL_SPLITS = {"count_cot": {"rl": 4, "rl_eval": 0.5}}
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 WORDS = ("apple", "bread", "chair", "cloud", "dance", "earth", "flame", "glass", "heart", "jelly", "kite",
          "lemon", "music", "night", "ocean", "piano", "queen", "robot", "sugar", "tiger", "violin", "water", "zebra")
@@ -1941,8 +1944,10 @@ def gen_count(rng, stem, root):
 
 
 def gen_count_cot(rng, stem, root):
+    """Counting with a chain that names every object: 1 to 9 objects (every cell of the grid), so
+    the answer space is wide enough that guessing is rarely right (the RL stages train on it)."""
     shape = rng.choice(SHAPES)
-    objects = random_objects(rng, rng.randint(1, 6), shape)
+    objects = random_objects(rng, rng.randint(1, 9), shape)
     scene_image(objects).save(root / f"{stem}.png")
     seen = ", ".join(f"a {c} {s} at the {r} {col}" for c, s, r, col in objects)
     n = len(objects)
@@ -2021,8 +2026,11 @@ SYNTH_FAMILIES = {"text": gen_text, "caption": gen_caption, "caption_qa": gen_ca
 def synth_counts(size: int) -> dict:
     """{family: {split: samples}} for a given --size."""
     n_eval = max(8, size // 8)
-    return {f: {"train": size * (8 if f == "text" else 1), "eval": n_eval * (8 if f == "text" else 1)}
-            for f in SYNTH_FAMILIES}
+    counts = {f: {"train": size * (8 if f == "text" else 1), "eval": n_eval * (8 if f == "text" else 1)}
+              for f in SYNTH_FAMILIES}
+    for f, splits in RL_SPLITS.items():
+        counts[f].update({split: max(8, int(size * k)) for split, k in splits.items()})
+    return counts
 
 
 def synth_texts(root: Path) -> list:

@@ -17,12 +17,19 @@ reasoning and a judge for answers that rules cannot check; the coefficients of t
   6. KL estimators       `kl_estimate` (k1 / k2 / k3); off in the stages (DAPO and GSPO drop KL).
   7. Mixed rewards       `ThinkJudge`, `think_consistency`, `reference_judge`, `mixed_reward`;
                          a model judge is marked for later.
-  8. Rollouts, updates and the `rl-verifiable` / `rl-mixed` stages follow the pure functions.
+  8. Rollouts            G samples per prompt from one policy function (temperature, top-p, the
+                         tokens it never emits) that the training forward shares.
+  9. Model judge         any checkpoint grades a reasoning by P(yes).
+ 10. Data parallelism    each rank owns whole groups; generation on an unsharded copy.
+ 11. Dynamic sampling    groups whose accuracy does not vary are dropped, fresh prompts drawn.
+ 12. Updates             mini-batches x epochs of packed micro-batches, one global normaliser.
+ 13. Evaluation          greedy accuracy, pass@1, maj@k, pass@k on held-out prompts, paired
+                         before / after differences with intervals.
+ 14. The stages          rl-verifiable, rl-mixed (train_rl), harvest; 15. the data tools.
 
 Every reward function is linear in its input: no regex with nested quantifiers over unbounded
 text, no `signal.alarm` (it fails off the main thread), no sympy.
 """
-import argparse
 import dataclasses
 import itertools
 import json
@@ -30,7 +37,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -40,12 +46,14 @@ from typing import Optional, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 import data
 import model as M
 import packing
 import sample
-import train_stage as T
+import train_stage
 
 MAX_BOX_CHARS = 1000        # a \boxed{} whose content is longer is no answer (bounds all later work)
 
@@ -562,14 +570,14 @@ def mixed_reward(answer, think, fmt, weights=DEFAULT_MIXED_WEIGHTS):
 
 
 # ==============================================================================================
-# 8. Rollouts (§4.2.3): G samples per prompt from the policy, batched, with the KV cache
+# 8. Rollouts (§4.2.3): G samples per prompt from the policy
 #
-# Temperature 1 and no top-k / top-p by default, so rollout and training log-probs come from the
-# same distribution; a row stops at <|im_end|> / <|endoftext|>, and one that reaches the token
-# limit is recorded as truncated. Every prompt's image is encoded once and its embedding repeated
-# for its G rows.
-
-
+# The policy is the LM's next-token distribution with the sampling settings applied: temperature,
+# top-p, and the tokens it never emits (the image tokens: a completion is fed back, and an image
+# slot without an image breaks it; the embedding rows beyond the tokenizer). One function,
+# `model.policy_logits`, computes it for the sampler and for the training forward alike, so a
+# rollout's recorded log-probs and the first update's recomputed ones describe the same policy.
+# Every prompt's image is encoded once and its prefill shared by its G rows.
 
 @dataclass(eq=False)                      # compared by identity (pixels are tensors)
 class Prompt:
@@ -587,7 +595,7 @@ class Rollout:
     completion: list             # generated ids, the stop token included when there was one
     text: str                    # the completion decoded (without the stop token)
     truncated: bool
-    rollout_logp: list           # per token, from the sampling distribution
+    rollout_logp: list           # per token, from the sampling policy
     reward: float = 0.0
     answer_r: float = 0.0
     format_r: float = 0.0
@@ -596,32 +604,82 @@ class Rollout:
 
 
 def banned_ids(tok) -> tuple:
-    """Tokens the policy never emits: the image tokens (a completion is fed back, and an image slot
-    without an image breaks it). The policy is the LM restricted to the other tokens, in the
-    rollouts and in the training forward alike, so the two log-probs agree."""
+    """Tokens the policy never emits: the image tokens."""
     ids = data.special_ids(tok)
     return ids.img_context, ids.img_start, ids.img_end
 
 
-def rollouts(model, tok, prompts: list, group_size: int, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, generator=None, batch_rows: int = 64) -> list:
-    """group_size completions per prompt, prompt after prompt (the layout group_advantages reads)."""
+def _policy_logits(logits, temperature, top_p, n_valid, banned):      # TEMPORARY: model.policy_logits
+    lg = logits.float().clone()
+    if n_valid is not None:
+        lg[:, n_valid:] = float("-inf")
+    if banned:
+        lg[:, list(banned)] = float("-inf")
+    lg = lg / (temperature if temperature > 0 else 1.0)
+    if top_p < 1.0:
+        p = torch.softmax(lg, -1)
+        sp, idx = p.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p
+        lg = lg.scatter(-1, idx, lg.gather(-1, idx).masked_fill(drop, float("-inf")))
+    return lg
+
+
+def _generate(lm, prefixes, max_new, temperature, top_p, stop, generator, n_valid_tokens, banned, repeats, logprobs):
+    rows = [e for e in prefixes for _ in range(repeats)]            # TEMPORARY: model engine
+    lps = []
+    ids = M.generate_from_embeds(lm, rows, max_new, temperature, top_p, stop, generator,
+                                 n_valid_tokens=n_valid_tokens, logprobs=lps, banned=banned)
+    return ids, lps
+
+
+def policy_logprobs(logits, targets, cfg, n_valid: int, banned) -> tuple:
+    """logits (N, V) of the model, targets (N,) -> (log-prob (N,) of each target under the
+    sampling policy, the policy's entropy (N,)). The same `model.policy_logits` the sampler uses."""
+    logp_all = torch.log_softmax(_policy_logits(logits, cfg.temperature, cfg.top_p, n_valid, banned), -1)
+    p = logp_all.exp()
+    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)     # 0 log 0 = 0
+    return logp_all.gather(1, targets[:, None])[:, 0], entropy
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (as the trainer computes), plain fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def pixels_to(pixels, device):
+    """Pixel tensors (a tensor, an AnyRes list, or None) on `device`."""
+    if isinstance(pixels, (list, tuple)):
+        return [p.to(device) for p in pixels]
+    return None if pixels is None else pixels.to(device)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[int] = None,
+             greedy: bool = False, progress: bool = False) -> list:
+    """group_size (default cfg.group_size) completions per prompt, prompt after prompt (the layout
+    group_advantages reads); sampled with cfg.temperature / cfg.top_p, or greedy. Every tensor on
+    the policy's device; `generator` on that device too."""
+    G = group_size or cfg.group_size
+    device = model_device(policy)
     stop, banned = sample.stop_ids(tok), banned_ids(tok)
+    temperature, top_p = (0.0, 1.0) if greedy else (cfg.temperature, cfg.top_p)
+    per_call = max(1, cfg.batch_rows // G)
+    chunks = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
     out = []
-    per_call = max(1, batch_rows // group_size)
-    with torch.inference_mode():
-        for start in range(0, len(prompts), per_call):
-            chunk = prompts[start:start + per_call]
-            flat = torch.tensor([t for p in chunk for t in p.ids])[None]
-            embeds = model.embed(flat, sample.concat_pixels([p.pixels for p in chunk]))[0]   # (sum L, H)
-            rows = [e for e in embeds.split([len(p.ids) for p in chunk]) for _ in range(group_size)]
-            lps = []
-            gen = M.generate_from_embeds(model.language_model, rows, max_new_tokens, temperature, top_p, stop,
-                                         generator, n_valid_tokens=tok.n_vocab, logprobs=lps, banned=banned)
-            for k, (ids, lp) in enumerate(zip(gen, lps)):
-                p = chunk[k // group_size]
+    with torch.inference_mode(), autocast(device):
+        for chunk in tqdm(chunks, desc="rollouts", disable=not progress, leave=False):
+            flat = torch.tensor([t for p in chunk for t in p.ids], device=device)[None]
+            pixels = pixels_to(sample.concat_pixels([p.pixels for p in chunk]), device)
+            prefixes = policy.embed(flat, pixels)[0].split([len(p.ids) for p in chunk])   # (L_i, H) each
+            gen = _generate(policy.language_model, list(prefixes), cfg.max_new_tokens, temperature,
+                            top_p, stop, generator, n_valid_tokens=tok.n_vocab, banned=banned,
+                            repeats=G, logprobs=True)
+            for k, (ids, lp) in enumerate(zip(*gen)):
                 done = bool(ids) and ids[-1] in stop
-                out.append(Rollout(p, ids, sample.decode_reply(tok, ids, stop), not done, lp))
+                out.append(Rollout(chunk[k // G], ids, sample.decode_reply(tok, ids, stop), not done, lp))
     return out
 
 
@@ -630,7 +688,10 @@ def checkable(answer: str) -> bool:
     return _parse_number(clean_answer(answer)) is not None or len(answer.split()) == 1
 
 
-def score_rollouts(rolls: list, reward: str, weights: tuple, judge=None) -> None:
+NUMERIC_FAMILIES = ("count", "count_cot", "math", "math_direct", "chart")   # the think reward checks their arithmetic
+
+
+def score_rollouts(rolls: list, cfg, judge=None) -> None:
     """Rewards in place. verifiable (§4.2.3): the answer (rules) and the format, combined with the
     weights' answer and format parts renormalised (default 0.8 / 0.1 -> 0.89 / 0.11). mixed (§4.2.5):
     w_a answer + w_t think + w_f format, where the answer is checked by rules when it is checkable
@@ -640,12 +701,12 @@ def score_rollouts(rolls: list, reward: str, weights: tuple, judge=None) -> None
     for r in rolls:
         r.format_r = reward_format(r.text)
         gold = r.prompt.answer or ""
-        if reward == "verifiable" or checkable(gold):
+        if cfg.reward == "verifiable" or checkable(gold):
             r.answer_r = reward_answer(r.text, gold)
         else:
             r.answer_r = reference_judge(final_answer(r.text) or "", gold)
-        if reward == "verifiable":
-            wa, _, wf = weights
+        if cfg.reward == "verifiable":
+            wa, _, wf = cfg.reward_weights
             r.reward = (wa * r.answer_r + wf * r.format_r) / (wa + wf)
             continue
         parts = split_think(r.text)
@@ -657,10 +718,7 @@ def score_rollouts(rolls: list, reward: str, weights: tuple, judge=None) -> None
             r.think_r = float(judge(r.prompt.where, parts[0], final_answer(r.text) or "", gold))
         else:
             r.think_r = float(repetition_ratio(parts[0]) < 0.5)
-        r.reward = mixed_reward(r.answer_r, r.think_r, r.format_r, weights)
-
-
-NUMERIC_FAMILIES = ("count", "count_cot", "math", "math_direct", "chart")   # the think reward checks their arithmetic
+        r.reward = mixed_reward(r.answer_r, r.think_r, r.format_r, cfg.reward_weights)
 
 
 # ==============================================================================================
@@ -673,8 +731,10 @@ class ModelJudge:
     PROMPT = ("Question: {q}\nReasoning: {t}\nAnswer: {a}\nReference answer: {r}\n"
               "Is the reasoning sound and does it lead to the answer? Answer yes or no.")
 
-    def __init__(self, ckpt: str):
+    def __init__(self, ckpt: str, device=None):
         self.model, self.tok, self.dcfg = sample.load(ckpt)
+        self.device = device or torch.device("cpu")
+        self.model.to(self.device)
         self.yes, self.no = data.encode(self.tok, "yes")[0], data.encode(self.tok, "no")[0]
 
     @torch.no_grad()
@@ -682,13 +742,140 @@ class ModelJudge:
         text = self.PROMPT.format(q=question[:500], t=(thinking or "")[:1500], a=(answer or "")[:200],
                                   r=(reference or "")[:200])
         s = data.prompt_inputs(self.tok, self.dcfg, text)
-        logits = self.model(s["input_ids"][None]).logits[0, -1].float()
+        logits = self.model(s["input_ids"][None].to(self.device)).logits[0, -1].float()
         p = torch.softmax(logits[[self.yes, self.no]], -1)
         return float(p[0])
 
 
 # ==============================================================================================
-# 10. Updates (§4.2.3): old log-probs, mini-batches x epochs, packed micro-batches, one normaliser
+# 10. Data parallelism: each rank owns whole groups (their advantages stay local)
+#
+# Every rank draws the same prompts and keeps its share (prompts r, r + N, ...), samples with its
+# own generator (seed + rank) and trains on its own rollouts; counts and statistics are summed
+# across ranks. Generation runs on a full, unsharded copy of the policy on every rank (refreshed
+# from the FSDP shards, one all-gather per episode): a sharded model would all-gather every layer
+# at every decode step, and a rank whose rows finish early would stop calling the collectives the
+# others wait in.
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def my_share(items: list) -> list:
+    rank, world = rank_and_world()
+    return items[rank::world]
+
+
+def gather_shares(mine: list) -> list:
+    """Every rank's `my_share` results, back in the original order (on every rank)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return list(mine)
+    parts = [None] * world
+    dist.all_gather_object(parts, list(mine))
+    return [parts[i % world][i // world] for i in range(sum(len(p) for p in parts))]
+
+
+def all_reduce(values, device, op: str = "sum") -> list:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def generation_policy(model, replica=None):
+    """The module rollouts run on: the model itself on one process; under FSDP a full copy on this
+    rank (`replica`, created on first use), loaded with the current weights."""
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))   # all-gather
+    if replica is None:
+        with torch.device("meta"):
+            replica = M.SAILVL(model.cfg)
+        replica = replica.to_empty(device=model_device(model))
+        if model.cfg.llm_config.tie_word_embeddings:
+            replica.language_model.lm_head.weight = replica.language_model.model.embed_tokens.weight
+    replica.load_state_dict(sd)
+    return replica.eval().requires_grad_(False)
+
+
+# ==============================================================================================
+# 11. Dynamic sampling (§4.2.3, DAPO): groups whose accuracy does not vary are dropped and fresh
+# prompts drawn, up to a per-rank quota
+
+class PromptPool:
+    """The stage's training prompts (stream positions of its mixture, optionally pass@k-filtered),
+    handed out without repeats (a seeded permutation per pass) and decoded when taken; `pos`, the
+    cursor, is saved with checkpoints. Bad samples are reported and counted, and skipped."""
+
+    def __init__(self, mixture: data.Mixture, positions: list, seed: int):
+        self.mixture, self.positions, self.seed, self.pos = mixture, list(positions), seed, 0
+
+    def take(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            epoch, k = divmod(self.pos, len(self.positions))
+            self.pos += 1
+            pick = self.positions[np.random.default_rng([self.seed, epoch]).permutation(len(self.positions))[k]]
+            try:
+                out.append(as_prompt(self.mixture.load(pick)))
+            except data.DataError as e:
+                self.mixture.bad.bad(e)
+        return out
+
+
+def as_prompt(s: dict) -> Prompt:
+    return Prompt(s["input_ids"].tolist(), s["pixel_values"], s.get("answer"), family_of(s), s["source"])
+
+
+def quota(cfg) -> int:
+    """This rank's share of cfg.prompts_per_episode groups."""
+    rank, world = rank_and_world()
+    return cfg.prompts_per_episode // world + (rank < cfg.prompts_per_episode % world)
+
+
+def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> tuple:
+    """This rank's kept groups (with advantages) and the episode's statistics over all ranks.
+    Rounds of fresh prompts, at most cfg.max_sampling_rounds: every rank takes the same prompts
+    from the pool and samples its share; a group is kept when its answers are neither all right
+    nor all wrong (DAPO filters on accuracy, not on the shaped reward), up to this rank's quota;
+    the rounds stop when every rank is full. Then training goes on with what is there."""
+    device = model_device(policy)
+    rank, world = rank_and_world()
+    kept, seen, all_rolls = [], 0, []
+    for _ in range(cfg.max_sampling_rounds):
+        need = int(all_reduce([quota(cfg) - len(kept) // cfg.group_size], device, "max")[0])
+        if need <= 0:
+            break
+        prompts = pool.take(need * world)                            # the same list on every rank
+        mine = my_share(prompts)[:quota(cfg) - len(kept) // cfg.group_size]
+        rolls = rollouts(policy, tok, mine, cfg, generator)
+        score_rollouts(rolls, cfg, judge)
+        all_rolls += rolls
+        seen += len(mine)
+        ok = filter_groups(torch.tensor([r.answer_r for r in rolls]), cfg.group_size) if rolls else []
+        for g, keep in enumerate(ok):
+            if keep:
+                kept += rolls[g * cfg.group_size:(g + 1) * cfg.group_size]
+    if kept:
+        adv = group_advantages(torch.tensor([r.reward for r in kept]), cfg.group_size)
+        if cfg.advantage_control == "shuffle":        # the control run: advantages not tied to rewards
+            adv = adv[torch.randperm(len(adv), generator=torch.Generator().manual_seed(cfg.seed + len(all_rolls)))]
+        for r, a in zip(kept, adv.tolist()):
+            r.advantage = a
+    sums = all_reduce([len(all_rolls), sum(r.reward for r in all_rolls), sum(r.answer_r for r in all_rolls),
+                       sum(r.format_r for r in all_rolls), sum(r.think_r for r in all_rolls),
+                       sum(len(r.completion) for r in all_rolls), sum(r.truncated for r in all_rolls),
+                       len(kept) // cfg.group_size, seen], device)
+    n = max(1.0, sums[0])
+    stats = {"reward": sums[1] / n, "acc": sums[2] / n, "fmt": sums[3] / n, "think": sums[4] / n,
+             "len": sums[5] / n, "trunc": sums[6] / n, "kept": int(sums[7]), "groups": int(sums[8])}
+    return kept, stats
+
+
+# ==============================================================================================
+# 12. Updates (§4.2.3): old log-probs, mini-batches x epochs, packed micro-batches, one normaliser
 
 def as_sample(r: Rollout) -> dict:
     """A rollout as a training sample: prompt + completion, loss positions on the completion."""
@@ -705,164 +892,130 @@ def micro_batches(rolls: list, max_tokens: int, img_context_id: int) -> list:
     return [(packing.collate_pack([samples[m.index] for m in p], p), [m.index for m in p]) for p in plans]
 
 
-def completion_logps(model, pack: dict, device, banned=()) -> tuple:
-    """Per sample of the pack: log-probs (L_i,) of its completion tokens and the mean entropy of the
-    policy at those positions. A training-mode forward (no dropout in this model), the same code
-    for the old log-probs and the update, so the first update's ratio is exactly 1."""
-    p = T.to_device(pack, device)
-    logits = model(p["input_ids"], p.get("pixel_values"), position_ids=p["position_ids"],
-                   cu_seqlens=p["cu_seqlens"]).logits[0, :-1].float()            # (T-1, V)
-    if banned:
-        logits = logits.index_fill(1, torch.tensor(banned, device=logits.device), float("-inf"))
+def completion_logps(model, pack: dict, cfg, n_valid: int, banned=()) -> tuple:
+    """Per sample of the pack: the policy's log-probs (L_i,) of its completion tokens and its
+    entropy there. A training-mode forward (no dropout in this model), the same code for the old
+    log-probs and the update, so the first update's ratio is exactly 1."""
+    device = model_device(model)
+    p = train_stage.to_device(pack, device)
+    with autocast(device):
+        logits = model(p["input_ids"], p.get("pixel_values"), position_ids=p["position_ids"],
+                       cu_seqlens=p["cu_seqlens"]).logits[0, :-1]                  # (T-1, V)
     targets = p["labels"][0, 1:]                                                  # (T-1,)
-    logp_all = torch.log_softmax(logits, -1)
-    tok_logp = logp_all.gather(1, targets.clamp_min(0)[:, None])[:, 0]           # (T-1,)
-    ent = -(logp_all.exp() * logp_all.clamp_min(-1e30)).sum(-1)                  # (T-1,); 0 log 0 = 0
     keep = targets != -100
-    bounds = p["cu_seqlens"].tolist()
-    out, ents = [], []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        sel = keep[a:b - 1] if b - 1 > a else keep[a:a]
-        out.append(tok_logp[a:b - 1][sel])
-        ents.append(ent[a:b - 1][sel])
-    return out, ents
+    logp, ent = policy_logprobs(logits[keep], targets[keep], cfg, n_valid, banned)  # (n_completion,)
+    lens = [int(keep[a:b - 1].sum()) for a, b in zip(p["cu_seqlens"][:-1].tolist(), p["cu_seqlens"][1:].tolist())]
+    return list(logp.split(lens)), list(ent.split(lens))
 
 
-def padded(rows: list, fill=0.0):
-    """A list of 1-D tensors -> (B, T) padded matrix and its mask."""
-    T_ = max(1, max(len(r) for r in rows))
-    x = torch.full((len(rows), T_), fill, dtype=rows[0].dtype if rows else torch.float32)
-    m = torch.zeros(len(rows), T_, dtype=torch.bool)
+def padded(rows: list, device, fill=0.0):
+    """A list of 1-D tensors -> (B, T) padded matrix and its mask, on `device`."""
+    T_max = max(1, max(len(r) for r in rows))
+    x = torch.full((len(rows), T_max), fill, dtype=torch.float32, device=device)
+    m = torch.zeros(len(rows), T_max, dtype=torch.bool, device=device)
     for i, r in enumerate(rows):
         x[i, :len(r)], m[i, :len(r)] = r, True
     return x, m
 
 
-def global_count(value: float, device) -> float:
-    return T.all_reduce_sum([float(value)], device)[0]
+def split_mini_batches(rolls: list, cfg) -> list:
+    """cfg.mini_batches contiguous chunks of whole groups (rollout indices). With groups dealt
+    round-robin to ranks, the union over ranks of chunk k is chunk k of one process holding all."""
+    n_groups = len(rolls) // cfg.group_size
+    return [[g * cfg.group_size + j for g in chunk.tolist() for j in range(cfg.group_size)]
+            for chunk in np.array_split(np.arange(n_groups), cfg.mini_batches)]
 
 
-def update_episode(model, opt, params, rolls: list, cfg, device, world: int, img_context_id: int,
-                   banned=()) -> dict:
-    """The episode's updates: rollouts split into cfg.mini_batches mini-batches x cfg.epochs epochs
-    (paper: 2048 rollouts / 512 x 2 = 8 updates), each mini-batch split into packed micro-batches
-    whose losses use the mini-batch's global normaliser (all ranks), so they sum to its loss."""
-    mbs = [list(range(len(rolls)))[k::cfg.mini_batches] for k in range(cfg.mini_batches)]
-    mbs = [m for m in mbs if m]
-    # old log-probs of the rollout policy, with the same packing the first epoch uses
+def old_logprobs(model, mbs: list, packs: list, cfg, tok) -> dict:
+    """{rollout index: log-probs under the rollout policy}, before any update of the episode (only
+    needed when there is more than one update: the first mini-batch's own forward is that policy)."""
     old = {}
     with torch.no_grad():
-        for mb in mbs:
-            for pack, idx in micro_batches([rolls[i] for i in mb], cfg.max_tokens, img_context_id):
-                for j, lp in zip(idx, completion_logps(model, pack, device, banned)[0]):
+        for mb, mb_packs in zip(mbs, packs):
+            for pack, idx in mb_packs:
+                for j, lp in zip(idx, completion_logps(model, pack, cfg, tok.n_vocab, banned_ids(tok))[0]):
                     old[mb[j]] = lp
-    dlogp = max((float((torch.tensor(rolls[i].rollout_logp[:len(old[i])]) - old[i].cpu()).abs().max())
-                 for i in old if len(old[i])), default=0.0)
-    stats = {"clip_frac_low": 0.0, "clip_frac_high": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "entropy": 0.0,
-             "updates": 0, "first_ratio_max_dev": None}
+    return old
+
+
+SUM_STATS = ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean")     # token-weighted means
+
+
+def micro_step(model, pack: dict, rows: list, olds, cfg, tok, n_global: float, weight: float) -> tuple:
+    """Forward and backward of one packed micro-batch with the mini-batch's global normaliser.
+    `olds` None: the rollout policy is the current one (ratio 1). `weight` 0: a padding pack that
+    only keeps this rank in step with the others' collectives. -> (sums, maxes) for the stats."""
+    device = model_device(model)
+    _, world = rank_and_world()
+    lps, ents = completion_logps(model, pack, cfg, tok.n_vocab, banned_ids(tok))
+    logp, mask = padded(lps, device)                                        # (B, T)
+    old_lp, _ = padded([lp.detach() for lp in lps] if olds is None else olds, device)
+    adv = torch.tensor([r.advantage for r in rows], device=device)        # (B,)
+    loss, st = policy_loss(logp, old_lp, adv, mask, cfg.algo, cfg.clip_low, cfg.clip_high,
+                           cfg.agg or AGG_DEFAULTS[cfg.algo], n_global=n_global, clip_c=cfg.clip_c)
+    (loss * (weight * world)).backward()                                   # FSDP averages gradients over ranks
+    n = float(st["n_tokens"]) * weight
+    sums = {key: float(st[key]) * n for key in SUM_STATS}
+    sums.update(tokens=n, loss=float(loss) * weight, entropy=float(sum(e.detach().sum() for e in ents)) * weight)
+    maxes = {"ratio_dev": float((logp.detach() - old_lp).abs().masked_fill(~mask, 0).max()) * weight, "dlogp": 0.0}
+    if olds is None and weight:                               # the rollout's own log-probs vs the recompute
+        maxes["dlogp"] = max((float((torch.tensor(r.rollout_logp, device=device) - lp.detach()).abs().max())
+                              for r, lp in zip(rows, lps) if len(lp)), default=0.0)
+    return sums, maxes
+
+
+def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, lr_at=None) -> dict:
+    """The episode's updates: this rank's rollouts in cfg.mini_batches mini-batches x cfg.epochs
+    epochs (paper: 2048 rollouts / 512 x 2 = 8 updates), each split into packed micro-batches whose
+    losses use the mini-batch's normaliser over all ranks, so they sum to its loss. Every rank runs
+    the same number of micro-batches (FSDP's collectives): a rank with fewer pads with `filler`
+    packs of weight 0. `lr_at(update)` sets the LR of each update. Stats are over all ranks:
+    means per update, `ratio_max_dev` of the first update (0: the rollout policy itself) and
+    `ratio_max_dev_later` of the others (> 0 once the policy moved)."""
+    device = model_device(model)
+    img_id = model.cfg.img_context_token_id
     agg = cfg.agg or AGG_DEFAULTS[cfg.algo]
+    mbs = split_mini_batches(rolls, cfg)
+    packs = [micro_batches([rolls[i] for i in mb], cfg.max_tokens, img_id) for mb in mbs]
+    old = old_logprobs(model, mbs, packs, cfg, tok) if cfg.mini_batches * cfg.epochs > 1 else {}
+    n_packs = [int(x) for x in all_reduce([len(p) for p in packs], device, "max")]
+    pad = micro_batches([filler], cfg.max_tokens, img_id)[0]
+    n_updates = len(mbs) * cfg.epochs
+    stats = {key: 0.0 for key in (*SUM_STATS, "loss", "entropy", "dlogp", "ratio_max_dev", "ratio_max_dev_later")}
+    stats["updates"] = 0
     for epoch in range(cfg.epochs):
-        order = mbs if epoch == 0 else [sorted(mb, key=lambda i: random.Random(epoch * 7919 + i).random())
-                                        for mb in mbs]
-        for mb_i, mb in enumerate(order):
-            rows = [rolls[i] for i in mb]
-            packs = micro_batches(rows, cfg.max_tokens, img_context_id)
-            masks = [torch.ones(len(old[i]), dtype=torch.bool) for i in mb]
-            n_local = sum(float(loss_normalizer(m[None], agg)) for m in masks)
-            n_global = global_count(n_local, device)
-            acc = {k: 0.0 for k in ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "entropy")}
-            units = 0.0
-            for pack, idx in packs:
-                lps, ents = completion_logps(model, pack, device, banned)
-                logp, mask = padded(lps)
-                old_lp, _ = padded([old[mb[j]].to(logp.device) for j in idx])
-                adv = torch.tensor([rows[j].advantage for j in idx], device=logp.device)
-                loss, st = policy_loss(logp, old_lp, adv, mask, cfg.algo, cfg.clip_low, cfg.clip_high, agg,
-                                       n_global=n_global, clip_c=cfg.clip_c)
-                (loss * world).backward()                              # FSDP averages gradients over ranks
-                w = float(st["n_tokens"])
-                for k in ("clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean"):
-                    acc[k] += float(st[k]) * w
-                acc["entropy"] += float(sum(e.detach().sum() for e in ents))
-                units += w
-                if epoch == 0 and mb_i == 0:                           # the rollout policy itself: ratio 1
-                    dev = float((logp.detach() - old_lp).abs().masked_fill(~mask, 0).max())
-                    stats["first_ratio_max_dev"] = max(stats["first_ratio_max_dev"] or 0.0, dev)
+        for k, mb in enumerate(mbs):
+            if lr_at is not None:
+                lr_at(stats["updates"])
+            n_local = sum(len(rolls[i].completion) if agg == "token-mean" else bool(rolls[i].completion) for i in mb)
+            n_global = all_reduce([n_local], device)[0]
+            sums, maxes = Counter(), {"ratio_dev": 0.0, "dlogp": 0.0}
+            for j in range(n_packs[k]):
+                real = j < len(packs[k])
+                pack, idx = packs[k][j] if real else pad
+                rows = [rolls[mb[i]] for i in idx] if real else [filler]
+                olds = None if (epoch == 0 and k == 0) or not real else [old[mb[i]] for i in idx]
+                s, m = micro_step(model, pack, rows, olds, cfg, tok, n_global, float(real))
+                sums.update(s)
+                maxes = {key: max(maxes[key], m[key]) for key in maxes}
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             stats["updates"] += 1
-            for k in acc:
-                stats[k] += acc[k] / max(units, 1) / (len(order) * cfg.epochs)
-    stats["dlogp"] = dlogp
+            names = [*SUM_STATS, "entropy", "loss", "tokens"]
+            total = dict(zip(names, all_reduce([sums[key] for key in names], device)))
+            high = dict(zip(maxes, all_reduce(list(maxes.values()), device, "max")))
+            for key in (*SUM_STATS, "entropy"):
+                stats[key] += total[key] / max(total["tokens"], 1.0) / n_updates
+            stats["loss"] += total["loss"] / n_updates
+            stats["dlogp"] = max(stats["dlogp"], high["dlogp"])
+            which = "ratio_max_dev" if epoch == k == 0 else "ratio_max_dev_later"
+            stats[which] = max(stats[which], high["ratio_dev"])
     return stats
 
 
 # ==============================================================================================
-# 11. Dynamic sampling (§4.2.3, DAPO): zero-variance groups are dropped and more prompts drawn
-
-def sample_groups(model, tok, pool, cfg, generator, judge=None) -> tuple:
-    """Groups with a reward spread, up to cfg.prompts_per_episode, drawing fresh prompts from the
-    pool for at most cfg.max_sampling_rounds rounds; then training goes on with what is there
-    (logged), never an exception. Returns (rollouts of the kept groups, stats)."""
-    kept, seen, all_rolls = [], 0, []
-    for _ in range(cfg.max_sampling_rounds):
-        need = cfg.prompts_per_episode - len(kept) // cfg.group_size
-        if need <= 0:
-            break
-        prompts = pool.take(need)
-        rolls = rollouts(model, tok, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                         generator, cfg.batch_rows)
-        score_rollouts(rolls, cfg.reward, cfg.reward_weights, judge)
-        all_rolls += rolls
-        rewards = torch.tensor([r.reward for r in rolls])
-        keep = filter_groups(rewards, cfg.group_size)
-        seen += len(prompts)
-        for g, ok in enumerate(keep.tolist()):
-            if ok:
-                kept += rolls[g * cfg.group_size:(g + 1) * cfg.group_size]
-    kept = kept[:cfg.prompts_per_episode * cfg.group_size]
-    if kept:
-        adv = group_advantages(torch.tensor([r.reward for r in kept]), cfg.group_size)
-        for r, a in zip(kept, adv.tolist()):
-            r.advantage = a
-    n = max(1, len(all_rolls))
-    stats = {"reward": sum(r.reward for r in all_rolls) / n, "acc": sum(r.answer_r for r in all_rolls) / n,
-             "fmt": sum(r.format_r for r in all_rolls) / n, "think": sum(r.think_r for r in all_rolls) / n,
-             "kept": len(kept) // cfg.group_size, "groups": seen,
-             "len": sum(len(r.completion) for r in all_rolls) / n,
-             "trunc": sum(r.truncated for r in all_rolls) / n}
-    return kept, stats
-
-
-class PromptPool:
-    """The stage's prompts, read once from its mixture (and pass@k-filtered when asked), then
-    handed out in a seeded order, epoch after epoch; its cursor is saved with checkpoints."""
-
-    def __init__(self, prompts: list, seed: int):
-        self.prompts, self.seed, self.pos = prompts, seed, 0
-
-    def take(self, n: int) -> list:
-        out = []
-        for _ in range(n):
-            epoch, k = divmod(self.pos, len(self.prompts))
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
-            out.append(self.prompts[order[k]])
-            self.pos += 1
-        return out
-
-
-def read_prompts(cfg, tok, dcfg, split: str, limit: int) -> list:
-    """Up to `limit` prompts of the stage's mix (train or held-out split) with their answers."""
-    sources = T.stage_sources(cfg, split)
-    mixture = data.Mixture(sources, tok, dcfg, seed=cfg.seed if split == "train" else T.EVAL_SEED,
-                           training=False, verbose=False)
-    out = []
-    while len(out) < min(limit, len(mixture)):
-        _, s = mixture.next()
-        out.append(Prompt(s["input_ids"].tolist(), s["pixel_values"], s.get("answer"), family_of(s), s["source"]))
-    return out
-
+# 13. Held-out evaluation: greedy accuracy, pass@1, maj@k and pass@k, with intervals
 
 def family_of(sample_dict: dict) -> str:
     """The synthetic family of a sample: its manifest's folder, else its task."""
@@ -870,132 +1023,230 @@ def family_of(sample_dict: dict) -> str:
     return os.path.basename(os.path.dirname(where.rsplit(":", 1)[0])) or sample_dict.get("task", "")
 
 
-def pass_at_k_filter(model, tok, prompts: list, k: int, max_new_tokens: int, generator, reasoning=("math", "count_cot"),
-                     batch_rows: int = 64) -> tuple:
+def prompt_sources(cfg, split: str) -> list:
+    """The stage's prompt manifests: --manifests / --eval_manifests, else its synthetic mix, where a
+    family's RL split (rl.jsonl / rl_eval.jsonl: scenes no SFT stage reads) replaces train / eval."""
+    own = cfg.manifests if split == "train" else cfg.eval_manifests
+    out = []
+    for path, w in train_stage.stage_sources(cfg, split):
+        rl_path = os.path.join(os.path.dirname(path), ("rl" if split == "train" else "rl_eval") + ".jsonl")
+        out.append((rl_path if not own and os.path.exists(rl_path) else path, w))
+    return out
+
+
+def prompt_mixture(cfg, tok, dcfg, split: str) -> data.Mixture:
+    return data.Mixture(prompt_sources(cfg, split), tok, dcfg, seed=cfg.seed if split == "train" else train_stage.EVAL_SEED,
+                        training=False, verbose=False)
+
+
+def read_prompts(cfg, tok, dcfg, split: str, limit: int) -> list:
+    """Up to `limit` prompts of the stage's mix (train or held-out split), decoded."""
+    mixture = prompt_mixture(cfg, tok, dcfg, split)
+    return [as_prompt(mixture.next()[1]) for _ in range(min(limit, len(mixture)))]
+
+
+def answer_key_of(r: Rollout):
+    pred = final_answer(r.text)
+    return None if pred is None else answer_key(pred)
+
+
+def per_prompt(greedy: Rollout, samples: list) -> dict:
+    """What the evaluation keeps of one prompt: the greedy answer's scores, each sample's accuracy
+    and the majority answer's."""
+    votes = Counter(k for k in map(answer_key_of, samples) if k is not None)
+    top = votes.most_common(1)[0][0] if votes else None
+    maj = next((s.answer_r for s in samples if answer_key_of(s) == top), 0.0) if top is not None else 0.0
+    return {"where": greedy.prompt.where, "family": greedy.prompt.family, "answer": greedy.prompt.answer,
+            "greedy": greedy.text, "greedy_acc": greedy.answer_r, "greedy_reward": greedy.reward,
+            "greedy_fmt": greedy.format_r, "greedy_think": greedy.think_r,
+            "samples_acc": [s.answer_r for s in samples], "samples_reward": [s.reward for s in samples],
+            "maj_acc": maj}
+
+
+EVAL_METRICS = {   # metric -> its value for one prompt's record
+    "greedy_acc": lambda p: p["greedy_acc"],
+    "pass@1": lambda p: sum(p["samples_acc"]) / len(p["samples_acc"]),
+    "maj@k": lambda p: p["maj_acc"],
+    "pass@k": lambda p: float(max(p["samples_acc"]) == 1.0),
+    "reward": lambda p: sum(p["samples_reward"]) / len(p["samples_reward"]),
+    "greedy_fmt": lambda p: p["greedy_fmt"],
+    "greedy_think": lambda p: p["greedy_think"],
+}
+
+
+def mean_and_se(xs: list) -> tuple:
+    n = len(xs)
+    m = sum(xs) / max(n, 1)
+    var = sum((x - m) ** 2 for x in xs) / max(n - 1, 1)
+    return m, math.sqrt(var / max(n, 1))
+
+
+def summarize(records: list) -> dict:
+    """{metric: {"mean", "se", "n"}} over prompts, plus greedy accuracy per family."""
+    out = {"n": len(records), "k": len(records[0]["samples_acc"]) if records else 0}
+    for name, f in EVAL_METRICS.items():
+        m, se = mean_and_se([f(p) for p in records])
+        out[name] = {"mean": m, "se": se}
+    fams = sorted({p["family"] for p in records})
+    out["greedy_acc_per_family"] = {f: mean_and_se([p["greedy_acc"] for p in records if p["family"] == f])[0]
+                                    for f in fams}
+    return out
+
+
+def paired(before: list, after: list) -> dict:
+    """Per metric the paired difference after - before over the same prompts (and the same sample
+    seeds), with its normal 95% interval (mean of the per-prompt differences +- 1.96 SE)."""
+    if [p["where"] for p in before] != [p["where"] for p in after]:
+        raise ValueError("paired comparison needs the same prompts in the same order")
+    out = {}
+    for name, f in EVAL_METRICS.items():
+        d, se = mean_and_se([f(a) - f(b) for a, b in zip(after, before)])
+        out[name] = {"diff": d, "lo": d - 1.96 * se, "hi": d + 1.96 * se,
+                     "excludes_0": bool(d - 1.96 * se > 0 or d + 1.96 * se < 0)}
+    return out
+
+
+EVAL_SEED = 12345      # the sampled half of every evaluation draws from this seed (+ rank)
+
+
+@torch.no_grad()
+def evaluate_prompts(policy, tok, prompts: list, cfg, judge=None, progress: bool = False) -> list:
+    """Per held-out prompt (thinking mode): the greedy answer and cfg.eval_samples samples at the
+    rollout temperature, scored like the rollouts. Each rank answers its share; every rank gets
+    all records, in prompt order. The sample draws restart from EVAL_SEED each call, so a "before"
+    and an "after" see the same random numbers."""
+    device = model_device(policy)
+    rank, _ = rank_and_world()
+    mine = my_share(prompts)
+    greedy = rollouts(policy, tok, mine, cfg, None, group_size=1, greedy=True, progress=progress)
+    gen = torch.Generator(device=device).manual_seed(EVAL_SEED + rank)
+    sampled = rollouts(policy, tok, mine, cfg, gen, group_size=cfg.eval_samples, progress=progress)
+    score_rollouts(greedy, cfg, judge)
+    score_rollouts(sampled, cfg, judge)
+    k = cfg.eval_samples
+    return gather_shares([per_prompt(g, sampled[i * k:(i + 1) * k]) for i, g in enumerate(greedy)])
+
+
+def eval_line(episode: int, s: dict) -> str:
+    f = lambda m: f"{s[m]['mean']:.3f}±{1.96 * s[m]['se']:.3f}"                       # noqa: E731
+    return (f"eval {episode:04d} | {s['n']} prompts x {s['k']} | greedy {f('greedy_acc')} | pass@1 {f('pass@1')} | "
+            f"maj@{s['k']} {f('maj@k')} | pass@{s['k']} {f('pass@k')} | reward {f('reward')} | fmt "
+            f"{f('greedy_fmt')}")
+
+
+def pass_at_k_filter(policy, tok, prompts: list, cfg, k: int, generator) -> tuple:
     """§4.2.3's difficulty filter with the current model: k samples per prompt; a prompt solved by
-    all k is dropped, and for reasoning tasks also one solved by none. Returns (kept, counts)."""
-    rolls = rollouts(model, tok, prompts, k, max_new_tokens, 1.0, 1.0, generator, batch_rows)
+    all k is dropped, and one solved by none when its family is one the stage trains to reason on
+    (`cfg.reasoning_families`). Each rank samples its share. Returns (kept indices, counts)."""
+    mine = my_share(list(range(len(prompts))))
+    rolls = rollouts(policy, tok, [prompts[i] for i in mine], cfg, generator, group_size=k)
+    solved = gather_shares([sum(reward_answer(r.text, prompts[i].answer) for r in rolls[j * k:(j + 1) * k])
+                            if prompts[i].answer else 0 for j, i in enumerate(mine)])
     kept, counts = [], {"always": 0, "never_reasoning": 0, "kept": 0}
-    for i, p in enumerate(prompts):
-        solved = sum(reward_answer(r.text, p.answer) for r in rolls[i * k:(i + 1) * k]) if p.answer else 0
-        if solved == k:
+    for i, (p, n) in enumerate(zip(prompts, solved)):
+        if n == k:
             counts["always"] += 1
-        elif solved == 0 and p.family in reasoning:
+        elif n == 0 and p.family in reasoning_families(cfg):
             counts["never_reasoning"] += 1
         else:
-            kept.append(p)
+            kept.append(i)
             counts["kept"] += 1
     return kept, counts
 
 
-@torch.no_grad()
-def held_out_reward(model, tok, prompts: list, cfg, samples: int = 4) -> dict:
-    """The held-out prompts, thinking mode: greedy answers (accuracy overall and per family) and
-    `samples` completions per prompt at the rollout temperature (the mean reward RL maximises, and
-    its accuracy: pass@1 when sampling)."""
-    model.eval()
-    greedy = rollouts(model, tok, prompts, 1, cfg.max_new_tokens, 0.0, 1.0, None, cfg.batch_rows)
-    sampled = rollouts(model, tok, prompts, samples, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                       torch.Generator().manual_seed(12345), cfg.batch_rows)     # the same draws every eval
-    score_rollouts(greedy, cfg.reward, cfg.reward_weights)
-    score_rollouts(sampled, cfg.reward, cfg.reward_weights)
-    mean = lambda rs, key: sum(getattr(r, key) for r in rs) / max(1, len(rs))      # noqa: E731
-    fams = sorted({r.prompt.family for r in greedy})
-    return {"reward": mean(sampled, "reward"), "acc_sampled": mean(sampled, "answer_r"), "acc": mean(greedy, "answer_r"),
-            "fmt": mean(greedy, "format_r"), "greedy_reward": mean(greedy, "reward"),
-            "acc_per_family": {f: mean([r for r in greedy if r.prompt.family == f], "answer_r") for f in fams},
-            "acc_sampled_per_family": {f: mean([r for r in sampled if r.prompt.family == f], "answer_r") for f in fams}}
+REASONING_FAMILIES = ("math", "count_cot")     # synthetic families whose answers come with a <think> chain
 
 
-def eval_line(episode: int, res: dict) -> str:
-    return (f"eval {episode:04d} | held-out reward {res['reward']:.3f} (sampled) | acc {res['acc_sampled']:.3f} sampled, "
-            f"{res['acc']:.3f} greedy | fmt {res['fmt']:.3f} | " +
-            " ".join(f"{f} {a:.2f}" for f, a in res["acc_per_family"].items()))
+def reasoning_families(cfg) -> tuple:
+    """The families of the stage's own mix that it trains to reason on."""
+    return tuple(name for name, _ in train_stage.stage_row(cfg.stage).mix if name in REASONING_FAMILIES)
 
 
 # ==============================================================================================
-# 12. The stages: torchrun rl.py --stage rl-verifiable | rl-mixed (rows of train_stage.RECIPE)
+# 14. The stages: torchrun rl.py --stage rl-verifiable | rl-mixed | harvest (rows of train_stage.RECIPE)
 
 @dataclass
-class RLConfig:
+class RLConfig(train_stage.StageConfig):
+    """An RL stage's config: the stage config (folders, data, init, optimizer, seed) with the RL
+    stages' defaults, plus the RL settings below. One `--key=value` parser serves both."""
     stage: str = "rl-verifiable"          # rl-verifiable (§4.2.3) | rl-mixed (§4.2.5) | harvest (§4.2.4)
-    preset: str = "tiny"                  # model preset when starting from random weights
-    out_dir: str = "out"                  # writes out/<stage>/ (run state out/<stage>.run/)
-    data_dir: str = "data_synth"          # synthetic default data
-    manifests: str = ""                   # your own prompts ("a.jsonl:2,b.jsonl:1"), each with an "answer"
-    eval_manifests: str = ""              # held-out prompts (default: the mix's eval split)
-    init_from: str = ""                   # "" = the stage's previous stage (longcot / thinkfusion)
-    tokenizer: str = ""                   # a Qwen tokenizer folder ("" = the checkpoint's own)
+    trainable: str = "language_model"     # the ViT and adapter stay frozen: the rewards judge the reasoning, not perception
+    label_mode: str = "rl"                # prompts end in the assistant header; no labels
+    lr: float = 2e-5                      # peak LR (paper: 1e-6 for 2B-8B models); cosine over all updates
+    warmup_steps: int = 5                 # updates (not episodes) of linear warm-up
+    save_every: int = 10                  # resumable checkpoint every N episodes
+    eval_every: int = 0                   # held-out evaluation every N episodes (always at the start and end)
     algo: str = ""                        # dapo | gspo | gspo_token ("" = DAPO for dense, GSPO for MoE)
     reward: str = "verifiable"            # verifiable (answer + format) | mixed (answer + think + format)
-    reward_weights: tuple = (0.8, 0.1, 0.1)   # answer, think, format (sum to 1; verifiable uses answer/format)
+    reward_weights: tuple = (0.8, 0.1, 0.1)   # answer,think,format: three comma-separated weights summing to 1 (verifiable uses answer and format)
     judge: str = ""                       # mixed: a checkpoint that grades the thinking (P(yes)); "" = rules
-    episodes: int = 30                    # rollout episodes (each followed by mini_batches x epochs updates)
-    prompts_per_episode: int = 8          # groups per episode (paper: 2048 rollouts / G)
+    episodes: int = 30                    # rollout episodes, each followed by mini_batches x epochs updates
+    prompts_per_episode: int = 16         # groups kept per episode, over all ranks (paper: 2048 rollouts / G)
     group_size: int = 8                   # G rollouts per prompt
-    mini_batches: int = 2                 # updates per epoch (paper: 4 of 512)
+    mini_batches: int = 1                 # updates per epoch (paper: 4 of 512); 1 x 1 = on-policy
     epochs: int = 1                       # passes over an episode's rollouts (paper: 2)
-    lr: float = 5e-5                      # constant after warm-up (paper: 1e-6 for 2B-8B models)
-    warmup_steps: int = 2                 # updates of linear warm-up
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     clip_low: float = -1.0                # -1 = the algorithm's default (DAPO 0.2, GSPO 3e-4)
     clip_high: float = -1.0               # -1 = the algorithm's default (DAPO 0.28, GSPO 4e-4)
-    clip_schedule: bool = False           # DAPO: clip_high from 0.20 to 0.28 over the run (our reading)
+    clip_schedule: bool = False           # DAPO: clip_high grown from 0.20 to 0.28 over the run (our reading of §4.2.3)
     clip_c: float = 0.0                   # dual-clip constant for negative advantages (0 = off)
-    agg: str = ""                         # loss aggregation ("" = the algorithm's default)
-    kl_coef: float = 0.0                  # KL to a reference policy (off: DAPO and GSPO drop it)
-    max_new_tokens: int = 96              # generation limit per rollout
-    temperature: float = 1.0              # rollout sampling temperature
-    top_p: float = 1.0
-    batch_rows: int = 64                  # rollout rows per generate call
+    agg: str = ""                         # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm ("" = the algorithm's)
+    max_new_tokens: int = 128             # generation limit per rollout
+    temperature: float = 1.0              # rollout sampling temperature (the policy the loss uses)
+    top_p: float = 1.0                    # rollout nucleus sampling (the policy the loss uses)
+    batch_rows: int = 128                 # rollout rows per generate call
     max_sampling_rounds: int = 3          # dynamic sampling: rounds of fresh prompts before training on what is there
-    max_tokens: int = 2048                # tokens per packed update micro-batch
-    pool_size: int = 256                  # prompts read from the mix
-    filter_k: int = 4                     # pass@k difficulty filter of the pool at the start (0 = off)
+    max_tokens: int = 4096                # tokens per packed update micro-batch
+    pool_size: int = 0                    # training prompts the pool holds (0 = the whole mix)
+    filter_k: int = 0                     # pass@k difficulty filter of the pool at the start (0 = off)
     general_share: float = 0.0            # rl-mixed: share of unfiltered general prompts kept beside the hard cases
-    eval_prompts: int = 64                # held-out prompts scored greedily before and after
-    eval_every: int = 10                  # held-out reward every N episodes (and at the start and end)
-    save_every: int = 10                  # resumable checkpoint every N episodes
-    keep_checkpoints: int = 2
+    eval_prompts: int = 512               # held-out prompts, evaluated at the start and the end
+    eval_samples: int = 8                 # samples per held-out prompt (pass@1, maj@k, pass@k)
     harvest_samples: int = 8              # harvest: completions per prompt
-    seed: int = 1337
+    advantage_control: str = ""           # "shuffle": advantages permuted across rollouts (a control run that must not learn)
+
+
+# stage options that have no meaning in an RL stage: given, they are refused with the reason
+RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL prompts have no labels",
+             "packing": "use --max_tokens", "adalrs": "", "adalrs_cfg": "", "ngram_rebalance": "", "eval_packs": "",
+             "max_bad_steps": "", "fsdp": "several processes always shard", "auto_steps": "", "step_scale": "",
+             "scale": "", "init_llm": "start from a SAIL-VL2 checkpoint: --init_from", "init_vit": "",
+             "preset": "the model comes from its checkpoint"}
 
 
 def rl_config(argv: list) -> tuple:
     """(RLConfig, options) from the command line, in train_stage's one option style."""
-    opts = T.split_options(argv)
+    opts = train_stage.split_options(argv)
     given = dict(opts)
     stage = given.get("stage") or "rl-verifiable"
-    row = T.stage_row(stage)
+    row = train_stage.stage_row(stage)
     if row.runner != "rl.py":
-        raise T.UsageError(f"{stage} is not an RL stage: `{T.command_for(row, T.StageConfig())}`")
+        raise train_stage.UsageError(f"{stage} is not an RL stage: `{train_stage.command_for(row, RLConfig())}`")
     cfg = RLConfig(stage=stage)
     for key, value in [*((k, str(v)) for k, v in row.tiny), *opts]:      # the recipe row's tiny values, then the CLI
-        if key not in ("stage", "resume", "help"):
-            T.set_key({"": cfg}, key, value)
+        if key in ("stage", "resume", "help"):
+            continue
+        if key.split(".")[0] in RL_UNUSED:
+            why = RL_UNUSED[key.split(".")[0]]
+            raise train_stage.UsageError(f"--{key} does not apply to an RL stage" + (f": {why}" if why else ""))
+        train_stage.set_key({"": cfg}, key, value)
     if cfg.reward not in ("verifiable", "mixed"):
-        raise T.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
+        raise train_stage.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
+    if cfg.advantage_control not in ("", "shuffle"):
+        raise train_stage.UsageError(f"--advantage_control must be '' or shuffle, got {cfg.advantage_control!r}")
+    for key in ("episodes", "group_size", "mini_batches", "epochs", "prompts_per_episode", "eval_samples"):
+        if getattr(cfg, key) < 1:
+            raise train_stage.UsageError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
     try:
         mixed_reward(0, 0, 0, cfg.reward_weights)                  # refuses weights that do not sum to 1
     except ValueError as e:
-        raise T.UsageError(f"--reward_weights: {e}") from None
+        raise train_stage.UsageError(f"--reward_weights: {e}") from None
     return cfg, given
-
-
-def stage_view(cfg: RLConfig) -> T.StageConfig:
-    """The train_stage config of the same stage (its mix, init rule, folders) for the shared helpers."""
-    sc = T.stage_config(cfg.stage)
-    for k in ("preset", "out_dir", "data_dir", "manifests", "eval_manifests", "init_from", "tokenizer", "seed"):
-        setattr(sc, k, getattr(cfg, k))
-    sc.label_mode = "rl"
-    return sc
 
 
 def resolve_algo(cfg: RLConfig, model_cfg) -> RLConfig:
     algo = cfg.algo or ("gspo" if model_cfg.llm_config.num_experts else "dapo")
     if algo not in CLIP_DEFAULTS:
-        raise T.UsageError(f"--algo must be one of {', '.join(CLIP_DEFAULTS)}, got {algo!r}")
+        raise train_stage.UsageError(f"--algo must be one of {', '.join(CLIP_DEFAULTS)}, got {algo!r}")
     lo, hi = CLIP_DEFAULTS[algo]
     return dataclasses.replace(cfg, algo=algo, clip_low=lo if cfg.clip_low < 0 else cfg.clip_low,
                                clip_high=hi if cfg.clip_high < 0 else cfg.clip_high,
@@ -1011,133 +1262,164 @@ def clip_high_at(cfg: RLConfig, episode: int) -> float:
     return 0.20 + 0.08 * episode / max(1, cfg.episodes - 1)
 
 
-def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
-    """One RL stage: the pool (pass@k-filtered), then per episode dynamic sampling, advantages and
-    the updates; held-out reward before / every eval_every / after; checkpoints through
-    train_stage's one writer; returns out/<stage>/."""
-    T.writable_dir(cfg.out_dir)
-    rank, world, device = T.setup_distributed()
-    log = lambda *a: T.print0(rank, *a)                                   # noqa: E731
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    sc = stage_view(cfg)
+def require_sources(cfg: RLConfig):
+    """The synthetic data (unless --manifests), and the checkpoint the stage starts from."""
+    rank, _ = rank_and_world()
     if not cfg.manifests:
         if rank == 0:
             data.ensure_synth(cfg.data_dir)
-        T.barrier()
-    missing = T.missing_sources(sc)
-    if missing and not resume:
-        raise T.UsageError(f"{cfg.stage} starts from {T.stage_dir(sc, missing[0])}, which is missing: run "
-                           f"`{T.command_for(T.STAGES[missing[0]], sc)}` first, or pass --init-from=DIR")
-    model, model_cfg = T.place_model(dataclasses.replace(sc, trainable="vision_model,mlp1,language_model"),
-                                     M.preset_config(cfg.preset), rank, world, device, log)
+        train_stage.barrier()
+    missing = train_stage.missing_sources(cfg)
+    if missing:
+        raise train_stage.UsageError(
+            f"{cfg.stage} starts from {train_stage.stage_dir(cfg, missing[0])}, which is missing: run "
+            f"`{train_stage.command_for(train_stage.STAGES[missing[0]], cfg)}` first, or pass --init_from=DIR")
+
+
+def filtered_positions(policy, tok, dcfg, mixture, cfg, generator, log) -> tuple:
+    """The pool's stream positions after the pass@k filter (§4.2.3), with its counts; rl-mixed keeps
+    a share of unfiltered general prompts beside the hard cases."""
+    positions = list(range(min(cfg.pool_size or len(mixture), len(mixture))))
+    if not cfg.filter_k:
+        return positions, None
+    t0 = time.time()
+    prompts = [as_prompt(mixture.load(k)) for k in positions]
+    kept, counts = pass_at_k_filter(policy, tok, prompts, cfg, cfg.filter_k, generator)
+    general = [i for i, p in enumerate(prompts) if p.family not in NUMERIC_FAMILIES and i not in set(kept)]
+    n_general = int(cfg.general_share * len(kept) / max(1e-9, 1 - cfg.general_share))
+    counts["general_added"] = len(general[:n_general])
+    log(f"pass@{cfg.filter_k} filter ({time.time() - t0:.0f} s): {counts}")
+    if not kept:
+        raise train_stage.UsageError(f"{cfg.stage}: no prompt left after the pass@{cfg.filter_k} filter ({counts}); "
+                                     f"the policy solves everything or nothing: lower --filter_k or use other data")
+    return [positions[i] for i in sorted(kept + general[:n_general])], counts
+
+
+def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
+    """One RL stage: held-out evaluation, then per episode dynamic sampling, advantages and the
+    updates, then the evaluation again on the same prompts and draws; checkpoints through
+    train_stage's one writer; returns out/<stage>/."""
+    train_stage.writable_dir(cfg.out_dir)
+    rank, world, device = train_stage.setup_distributed()
+    log = lambda *a: train_stage.print0(rank, *a)                       # noqa: E731
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    require_sources(cfg)
+    model, model_cfg = train_stage.place_model(cfg, M.preset_config(cfg.preset), rank, world, device, log)
     cfg = resolve_algo(cfg, model_cfg)
-    tok_dir = T.tokenizer_dir(sc)
-    tok, tok_files = data.load_tokenizer(tok_dir), T.tokenizer_files(tok_dir)
-    dcfg = data.DataConfig.from_model(model_cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
+    tok_dir = train_stage.tokenizer_dir(cfg)
+    tok, tok_files = data.load_tokenizer(tok_dir), train_stage.tokenizer_files(tok_dir)
+    dcfg = data.DataConfig.from_model(model_cfg, label_mode="rl", think="on", max_len=cfg.max_tokens,
+                                      max_bad_fraction=cfg.max_bad_fraction)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             foreach=device.type != "cuda" or None)
-    # every rank draws the same rollouts and updates on all of them (correct under FSDP, not yet
-    # faster with more ranks: splitting the rollouts across ranks is future work)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    rdir = T.run_dir(sc)
-    eval_set = read_prompts(sc, tok, dcfg, "eval", cfg.eval_prompts)
-    episode, pool_state, filter_counts = 0, None, None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)       # each rank its own draws
+    rdir = train_stage.run_dir(cfg)
+    eval_set = read_prompts(cfg, tok, dcfg, "eval", cfg.eval_prompts)
+    mixture = prompt_mixture(cfg, tok, dcfg, "train")
+    judge = ModelJudge(cfg.judge, device) if cfg.judge else None
+    policy = generation_policy(model)
+    episode, meta = 0, {}
     if resume:
-        meta, rank_state = T.load_checkpoint(resume, model, opt, rank, world)
-        episode, pool_state, filter_counts = meta["episode"], meta["pool"], meta["filter"]
-        T.set_rng_state(rank_state["rng"])
+        meta, rank_state = train_stage.load_checkpoint(resume, model, opt, rank, world)
+        episode = meta["episode"]
+        train_stage.set_rng_state(rank_state["rng"])
         gen.set_state(rank_state["generator"])
+        policy = generation_policy(model, policy if policy is not model else None)
         log(f"resume: continuing from {resume} at episode {episode}")
-    pool_prompts = read_prompts(sc, tok, dcfg, "train", cfg.pool_size)
-    if pool_state is not None:
-        pool_prompts = [pool_prompts[i] for i in pool_state["kept"]]
-    elif cfg.filter_k:
-        t0 = time.time()
-        general = [p for p in pool_prompts if p.family not in NUMERIC_FAMILIES]
-        hard, filter_counts = pass_at_k_filter(model, tok, pool_prompts, cfg.filter_k, cfg.max_new_tokens, gen,
-                                               batch_rows=cfg.batch_rows)
-        n_general = int(cfg.general_share * len(hard) / max(1e-9, 1 - cfg.general_share)) if cfg.general_share else 0
-        extra = [p for p in general if p not in hard][:n_general]
-        pool_prompts = hard + extra
-        filter_counts["general_added"] = len(extra)
-        log(f"pass@{cfg.filter_k} filter ({time.time() - t0:.0f} s): {filter_counts}; pool {len(pool_prompts)} prompts")
-    if not pool_prompts:
-        raise T.UsageError(f"{cfg.stage}: no prompt left after the pass@{cfg.filter_k} filter ({filter_counts}); "
-                           f"the policy solves everything or nothing: lower --filter_k or use other data")
-    pool = PromptPool(pool_prompts, cfg.seed)
-    if pool_state is not None:
-        pool.pos = pool_state["pos"]
-    all_prompts = read_prompts(sc, tok, dcfg, "train", cfg.pool_size)
-    kept_where = {q.where for q in pool_prompts}
-    kept_index = [i for i, p in enumerate(all_prompts) if p.where in kept_where]
-    judge = ModelJudge(cfg.judge) if cfg.judge else None
+        positions, filter_counts = meta["pool"]["positions"], meta["filter"]
+    else:
+        positions, filter_counts = filtered_positions(policy, tok, dcfg, mixture, cfg, gen, log)
+    pool = PromptPool(mixture, positions, cfg.seed)
+    pool.pos = meta.get("pool", {}).get("pos", 0)
+    filler = Rollout(eval_set[0], [sample.stop_ids(tok).__iter__().__next__()], "", False, [0.0])
     log("config: " + json.dumps(asdict(cfg)))
-    metrics = T.open_metrics(os.path.join(rdir, "metrics.jsonl"), episode if resume else 0) if rank == 0 else None
-    before = None if resume else held_out_reward(model, tok, eval_set, cfg)
-    if before:
-        log(eval_line(0, before))
-        if metrics:
-            metrics.write(json.dumps({"episode": 0, "eval": before}) + "\n")
+    metrics = train_stage.open_metrics(os.path.join(rdir, "metrics.jsonl"), episode) if rank == 0 else None
+    before = meta.get("before") or evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
+    if not resume:
+        log(eval_line(0, summarize(before)))
+    per_episode = cfg.mini_batches * cfg.epochs
+    schedule = dataclasses.replace(cfg, steps=cfg.episodes * per_episode)
+
+    def set_lr(update: int):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * train_stage.lr_multiplier(episode * per_episode + update, schedule)
     start = episode
     while True:
         last = episode == cfg.episodes
         if cfg.save_every and episode % cfg.save_every == 0 and episode > start and not last:
-            meta = {"stage": cfg.stage, "episode": episode, "config": asdict(cfg), "filter": filter_counts,
-                    "pool": {"kept": kept_index, "pos": pool.pos}, "before": before, "step": episode}
-            T.save_checkpoint(os.path.join(rdir, f"step-{episode:06d}"), model, meta, rank, world,
-                              {"optimizer": T.local_optimizer_state(opt), "rng": T.rng_state(),
-                               "generator": gen.get_state()}, extra_files=tok_files, model_cfg=model_cfg)
+            state = {"stage": cfg.stage, "episode": episode, "step": episode, "config": asdict(cfg),
+                     "filter": filter_counts, "pool": {"positions": positions, "pos": pool.pos}, "before": before}
+            train_stage.save_checkpoint(os.path.join(rdir, f"step-{episode:06d}"), model, state, rank, world,
+                                        {"optimizer": train_stage.local_optimizer_state(opt),
+                                         "rng": train_stage.rng_state(), "generator": gen.get_state()},
+                                        extra_files=tok_files, model_cfg=model_cfg)
             if rank == 0:
-                T.prune_checkpoints(rdir, cfg.keep_checkpoints)
+                train_stage.prune_checkpoints(rdir, cfg.keep_checkpoints)
         if last:
-            after = held_out_reward(model, tok, eval_set, cfg)
-            log(eval_line(episode, after))
-            if before is None:                                         # a resumed run: the saved start
-                before = json.load(open(os.path.join(resume, "meta.json")))["before"]
-            if metrics:
-                metrics.write(json.dumps({"episode": episode, "eval": after}) + "\n")
-                metrics.close()
-            meta = {"stage": cfg.stage, "step": episode, "config": asdict(cfg), "filter": filter_counts,
-                    "reward": {"before": before["reward"], "after": after["reward"]},
-                    "rl_eval": {"before": before, "after": after},
-                    "final_loss": None, "first_loss": None, "eval_loss": None}
-            T.save_checkpoint(T.stage_dir(sc), model, meta, rank, world, model_cfg=model_cfg,
-                              extra_files={"metrics.jsonl": os.path.join(rdir, "metrics.jsonl"), **tok_files})
-            return T.stage_dir(sc)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (episode + 1) / max(1, cfg.warmup_steps))
-        ep_cfg = dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode))
+            return finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metrics, tok_files, log)
         t0 = time.time()
-        model.eval()
-        kept, st = sample_groups(model, tok, pool, ep_cfg, gen, judge)
+        kept, st = sample_groups(policy, tok, pool, dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode)),
+                                 gen, judge)
         t_gen = time.time() - t0
         model.train()
-        up = update_episode(model, opt, params, kept, ep_cfg, device, world, model_cfg.img_context_token_id,
-                            banned_ids(tok)) if kept else \
-            {"clip_frac_low": 0.0, "clip_frac_high": 0.0, "approx_kl": 0.0, "entropy": 0.0, "dlogp": 0.0,
-             "updates": 0, "first_ratio_max_dev": None}
+        up = update_episode(model, opt, params, kept, dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode)),
+                            tok, filler, set_lr) if st["kept"] else {"updates": 0}
+        policy = generation_policy(model, policy if policy is not model else None)
         episode += 1
-        rec = {"episode": episode, **st, **up, "gen_seconds": t_gen, "seconds": time.time() - t0}
-        log(f"update {episode:04d}/{cfg.episodes:04d} | reward {st['reward']:.3f} | acc {st['acc']:.3f} | fmt "
-            f"{st['fmt']:.3f} | kept {st['kept']}/{st['groups']} groups | clip lo/hi {up['clip_frac_low']:.3f}/"
-            f"{up['clip_frac_high']:.3f} | len {st['len']:.0f} | trunc {100 * st['trunc']:.0f}% | ent "
-            f"{up['entropy']:.3f} | kl {up['approx_kl']:.4f} | dlogp {up['dlogp']:.2e}"
-            + ("" if kept else " | no group with a reward spread: no update"))
+        rec = {"episode": episode, "lr": opt.param_groups[0]["lr"], "clip_high": clip_high_at(cfg, episode - 1),
+               **st, **up, "gen_seconds": t_gen,
+               "seconds": time.time() - t0}
+        log(episode_line(episode, cfg, rec))
         if metrics:
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
         if cfg.eval_every and episode % cfg.eval_every == 0 and episode < cfg.episodes:
-            mid = held_out_reward(model, tok, eval_set, cfg)
-            log(eval_line(episode, mid))
-            if metrics:
-                metrics.write(json.dumps({"episode": episode, "eval": mid}) + "\n")
+            log(eval_line(episode, summarize(evaluate_prompts(policy, tok, eval_set, cfg, judge))))
+
+
+def episode_line(episode: int, cfg, rec: dict) -> str:
+    line = (f"update {episode:04d}/{cfg.episodes:04d} | reward {rec['reward']:.3f} | acc {rec['acc']:.3f} | fmt "
+            f"{rec['fmt']:.3f} | kept {rec['kept']}/{rec['groups']} groups | lr {rec['lr']:.2e} | len {rec['len']:.0f} "
+            f"| trunc {100 * rec['trunc']:.0f}%")
+    if not rec["updates"]:
+        return line + " | no group with a spread of accuracy: no update"
+    return line + (f" | clip lo/hi {rec['clip_frac_low']:.3f}/{rec['clip_frac_high']:.3f} | ent {rec['entropy']:.3f} | "
+                   f"kl {rec['approx_kl']:.4f} | dlogp {rec['dlogp']:.1e} | {rec['gen_seconds']:.1f}/{rec['seconds']:.1f} s")
+
+
+def finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metrics, tok_files, log) -> str:
+    """The evaluation after training on the same prompts and draws as before, the paired
+    differences, and the stage output (weights, eval.jsonl with every prompt's before and after)."""
+    rank, world = rank_and_world()
+    after = evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
+    s_before, s_after, diff = summarize(before), summarize(after), paired(before, after)
+    log(eval_line(cfg.episodes, s_after))
+    log("paired after - before: " + " | ".join(f"{m} {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+                                               for m, d in diff.items()))
+    rdir = train_stage.run_dir(cfg)
+    if metrics:
+        metrics.write(json.dumps({"episode": cfg.episodes, "eval": {"before": s_before, "after": s_after,
+                                                                   "paired": diff}}) + "\n")
+        metrics.close()
+        with open(os.path.join(rdir, "eval.jsonl"), "w") as f:
+            f.writelines(json.dumps({"before": b, "after": a}) + "\n" for b, a in zip(before, after))
+    train_stage.barrier()
+    meta = {"stage": cfg.stage, "step": cfg.episodes, "config": asdict(cfg), "filter": filter_counts,
+            "reward": {"before": s_before["reward"]["mean"], "after": s_after["reward"]["mean"]},
+            "rl_eval": {"before": s_before, "after": s_after, "paired": diff},
+            "final_loss": None, "first_loss": None, "eval_loss": None}
+    out = train_stage.stage_dir(cfg)
+    train_stage.save_checkpoint(out, model, meta, rank, world, model_cfg=model.cfg,
+                                extra_files={"metrics.jsonl": os.path.join(rdir, "metrics.jsonl"),
+                                             "eval.jsonl": os.path.join(rdir, "eval.jsonl"), **tok_files})
+    return out
 
 
 # ==============================================================================================
-# 13. Data tools: the CoT harvest for Think-Fusion SFT (§4.2.4) and the pass@k filter (§4.2.3)
+# 15. Data tools: the CoT harvest for Think-Fusion SFT (§4.2.4) and the pass@k filter (§4.2.3)
 
 def record_of(where: str):
     """The manifest record a prompt came from ('file:line')."""
@@ -1158,194 +1440,133 @@ def as_manifest_line(rec, reply: Optional[str], out_dir: str) -> dict:
     return data.rebase_media(obj, rec, data.Path(out_dir))
 
 
+def inference_model(cfg, device, log):
+    """The stage's starting checkpoint, whole on every rank (inference only: no sharding)."""
+    require_sources(cfg)
+    model = train_stage.build_stage_model(cfg, M.preset_config(cfg.preset), log).to(device).eval()
+    tok = data.load_tokenizer(train_stage.tokenizer_dir(cfg))
+    return model, tok, data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
+
+
 def harvest(cfg: RLConfig) -> str:
     """Rejection sampling from the RL model (§4.2.4): harvest_samples completions per prompt of the
-    harvest mix; those with answer = format = 1 are kept, deduplicated, as LongCoT records in
-    out/harvest/cot.jsonl, which the thinkfusion stage reads (its mix's `out:harvest/cot.jsonl`)."""
-    rank, world, device = T.setup_distributed()
-    log = lambda *a: T.print0(rank, *a)                                   # noqa: E731
-    sc = stage_view(cfg)
-    data.ensure_synth(cfg.data_dir)
-    missing = T.missing_sources(sc)
-    if missing:
-        raise T.UsageError(f"harvest samples from {T.stage_dir(sc, missing[0])}, which is missing: run "
-                           f"`{T.command_for(T.STAGES[missing[0]], sc)}` first, or pass --init-from=DIR")
-    model = T.build_stage_model(sc, M.preset_config(cfg.preset), log).to(device).eval()
-    tok = data.load_tokenizer(T.tokenizer_dir(sc))
-    dcfg = data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
-    prompts = read_prompts(sc, tok, dcfg, "train", cfg.pool_size)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rolls = rollouts(model, tok, prompts, cfg.harvest_samples, cfg.max_new_tokens, cfg.temperature, 1.0, gen,
-                     cfg.batch_rows)
-    out = T.stage_dir(sc)
-    tmp = out + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
+    harvest mix (each rank samples its share); those with answer = format = 1 are kept,
+    deduplicated, as LongCoT records in out/harvest/cot.jsonl, which the thinkfusion stage reads
+    (its mix's `out:harvest/cot.jsonl`)."""
+    rank, world, device = train_stage.setup_distributed()
+    log = lambda *a: train_stage.print0(rank, *a)                       # noqa: E731
+    model, tok, dcfg = inference_model(cfg, device, log)
+    prompts = read_prompts(cfg, tok, dcfg, "train", cfg.pool_size or 256)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    mine = rollouts(model, tok, my_share(prompts), dataclasses.replace(cfg, top_p=1.0), gen,
+                    group_size=cfg.harvest_samples, progress=rank == 0)
+    judged = gather_shares([[(r.prompt.where, r.text, reward_answer(r.text, r.prompt.answer) == 1.0
+                              and reward_format(r.text) == 1.0) for r in mine[i * cfg.harvest_samples:
+                                                                             (i + 1) * cfg.harvest_samples]]
+                            for i in range(len(mine) // cfg.harvest_samples)])
+    out = train_stage.stage_dir(cfg)
     seen, lines, counts = set(), [], Counter()
-    for r in rolls:
-        ok = reward_answer(r.text, r.prompt.answer) == 1.0 and reward_format(r.text) == 1.0
-        key = (r.prompt.where, " ".join(r.text.split()))
+    for where, text, ok in (x for group in judged for x in group):
+        key = (where, " ".join(text.split()))
         counts["correct_and_formatted" if ok else "rejected"] += 1
         if ok and key in seen:
             counts["duplicate"] += 1
         elif ok:
             seen.add(key)
-            lines.append(json.dumps(as_manifest_line(record_of(r.prompt.where), r.text.strip(), out)))
-    with open(os.path.join(tmp, "cot.jsonl"), "w") as f:
-        f.writelines(line + "\n" for line in lines)
+            lines.append(json.dumps(as_manifest_line(record_of(where), text.strip(), out)))
+    tmp = out + ".lines"
+    if rank == 0:
+        with open(tmp, "w") as f:
+            f.writelines(line + "\n" for line in lines)
     solved = len({w for w, _ in seen})
-    meta = {"stage": "harvest", "source": T.init_sources(sc)["language_model"], "samples": len(rolls),
-            "kept": len(lines), "prompts": len(prompts), "prompts_with_a_kept_chain": solved, "counts": dict(counts)}
-    log(f"harvest: {len(lines)} chains kept of {len(rolls)} samples ({solved}/{len(prompts)} prompts): {dict(counts)}")
+    meta = {"stage": "harvest", "source": train_stage.init_sources(cfg)["language_model"],
+            "samples": len(prompts) * cfg.harvest_samples, "kept": len(lines), "prompts": len(prompts),
+            "prompts_with_a_kept_chain": solved, "counts": dict(counts)}
+    log(f"harvest: {len(lines)} chains kept of {meta['samples']} samples ({solved}/{len(prompts)} prompts): "
+        f"{dict(counts)}")
     if not lines:
-        raise T.UsageError("harvest kept no chain: the RL model never answers right in the format; train it longer")
-    T.save_checkpoint(out, None, meta, rank, world, extra_files={"cot.jsonl": os.path.join(tmp, "cot.jsonl")})
-    shutil.rmtree(tmp, ignore_errors=True)
+        raise train_stage.UsageError("harvest kept no chain: the RL model never answers right in the format; "
+                                     "train it longer")
+    train_stage.save_checkpoint(out, None, meta, rank, world, extra_files={"cot.jsonl": tmp})
+    if rank == 0:
+        os.remove(tmp)
     return out
 
 
 def filter_cli(argv):
     """python rl.py filter --ckpt DIR --stage rl-verifiable --out FILE [--k 4]: the pass@k filter
-    as a tool, writing the kept prompts as a manifest."""
-    opts = dict(T.split_options(argv))
+    as a tool, writing the kept prompts as a manifest (each rank samples its share)."""
+    opts = dict(train_stage.split_options(argv))
     ckpt, out = opts.pop("ckpt", None), opts.pop("out", None)
     if not ckpt or not out:
-        raise T.UsageError("filter needs --ckpt DIR and --out FILE.jsonl")
+        raise train_stage.UsageError("filter needs --ckpt DIR and --out FILE.jsonl")
     k = int(opts.pop("k", 4))
     cfg, _ = rl_config([f"--{a}={b}" for a, b in opts.items()] + [f"--init_from={ckpt}"])
-    sc = stage_view(cfg)
-    data.ensure_synth(cfg.data_dir)
-    model, tok, dcfg = sample.load(ckpt)
-    dcfg = data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
-    prompts = read_prompts(sc, tok, dcfg, "train", cfg.pool_size)
-    kept, counts = pass_at_k_filter(model, tok, prompts, k, cfg.max_new_tokens, torch.Generator().manual_seed(cfg.seed),
-                                    batch_rows=cfg.batch_rows)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.writelines(json.dumps(as_manifest_line(record_of(p.where), None, os.path.dirname(os.path.abspath(out))))
-                     + "\n" for p in kept)
-    print(f"pass@{k} filter of {len(prompts)} prompts with {ckpt}: {counts}; kept prompts in {out}")
-
-
-# ==============================================================================================
-# 14. Benchmark: rollout tokens/s against HF generate, and the share of an RL step spent generating
-
-def bench(argv):
-    ap = argparse.ArgumentParser(prog="rl.py bench", description="Rollout generation tokens/s of ours (KV cache, "
-                                 "batched, sampling at T=1) vs HF transformers' generate on the same weights and batch; "
-                                 "then one RL episode of the tiny model: generation time vs update time.")
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--ckpt", default=None, help="a checkpoint instead of a random preset")
-    ap.add_argument("--batch", type=int, default=64, help="rows per generate call (prompts x G)")
-    ap.add_argument("--prompt-len", type=int, default=48)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise SystemExit("rl.py bench compares against HF transformers: pip install -r tests/requirements.txt")
-    import tempfile
-    torch.manual_seed(0)
-    sailvl = M.SAILVL.from_pretrained(args.ckpt) if args.ckpt else M.build_model(args.preset)
-    lm = sailvl.eval().language_model
-    with tempfile.TemporaryDirectory() as d:
-        M.save_hf_llm(lm, d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    ids = torch.randint(0, min(256, lm.cfg.vocab_size), (args.batch, args.prompt_len))
-    n = args.new_tokens
-
-    def ours():
-        with torch.inference_mode():
-            rows = list(lm.model.embed_tokens(ids))
-            return M.generate_from_embeds(lm, rows, n, 1.0, 1.0, (), torch.Generator().manual_seed(0))
-
-    def theirs():
-        with torch.inference_mode():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, pad_token_id=0)
-    ours(), theirs()                                                    # warm-up
-    best = {name: min(T.timed(fn) for _ in range(args.repeats)) for name, fn in (("ours", ours), ("hf", theirs))}
-    tps = {k: args.batch * n / v for k, v in best.items()}
-    print(f"rollouts, {args.ckpt or args.preset} LLM, batch {args.batch}, prompt {args.prompt_len}, {n} new tokens, "
-          f"sampling T=1, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"  ours (KV cache) {tps['ours']:9,.0f} tok/s | HF generate {tps['hf']:9,.0f} tok/s | ratio "
-          f"{tps['ours'] / tps['hf']:.2f}x")
-    # one RL episode of the tiny model on synthetic prompts: generation vs update
-    cfg = RLConfig(episodes=1, pool_size=16, prompts_per_episode=8, group_size=8, filter_k=0, max_sampling_rounds=1)
-    sc = stage_view(cfg)
-    root = data.ensure_synth(cfg.data_dir, progress=False)
-    tok = data.load_tokenizer(root)
-    dcfg = data.DataConfig.from_model(sailvl.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
-    pool = PromptPool(read_prompts(sc, tok, dcfg, "train", cfg.pool_size), 0)
-    cfg = resolve_algo(cfg, sailvl.cfg)
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    kept, st = sample_groups(sailvl, tok, pool, dataclasses.replace(cfg, max_sampling_rounds=1), gen)
-    t_gen = time.perf_counter() - t0
-    for r in kept or []:
-        r.advantage = 1.0
-    rolls = kept or rollouts(sailvl, tok, pool.take(2), cfg.group_size, cfg.max_new_tokens, 1.0, 1.0, gen)
-    params = list(sailvl.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    t0 = time.perf_counter()
-    sailvl.train()
-    update_episode(sailvl, opt, params, rolls, cfg, torch.device("cpu"), 1, sailvl.cfg.img_context_token_id,
-                   banned_ids(tok))
-    t_up = time.perf_counter() - t0
-    print(f"one RL episode ({cfg.prompts_per_episode} prompts x {cfg.group_size}, {st['len']:.0f} tokens per "
-          f"rollout): generation {t_gen:.1f} s, updates {t_up:.1f} s -> generation is {t_gen / (t_gen + t_up):.0%} "
-          f"of the step")
+    rank, world, device = train_stage.setup_distributed()
+    model, tok, dcfg = inference_model(cfg, device, lambda *a: train_stage.print0(rank, *a))
+    prompts = read_prompts(cfg, tok, dcfg, "train", cfg.pool_size or 256)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    kept, counts = pass_at_k_filter(model, tok, prompts, cfg, k, gen)
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        base = os.path.dirname(os.path.abspath(out))
+        with open(out + ".tmp", "w") as f:
+            f.writelines(json.dumps(as_manifest_line(record_of(prompts[i].where), None, base)) + "\n" for i in kept)
+        os.replace(out + ".tmp", out)
+        print(f"pass@{k} filter of {len(prompts)} prompts with {ckpt}: {counts}; kept prompts in {out}")
 
 
 # ==============================================================================================
 # command line
 
 def help_text() -> str:
-    doc = T.field_help(RLConfig)
+    doc = {**train_stage.field_help(train_stage.StageConfig), **train_stage.field_help(RLConfig)}
     lines = [__doc__.split("\n\n")[0], "",
              "    torchrun rl.py --stage rl-verifiable       # §4.2.3, from out/longcot",
              "    torchrun rl.py --stage harvest             # §4.2.4, CoT from out/rl-verifiable",
              "    torchrun rl.py --stage rl-mixed            # §4.2.5, from out/thinkfusion",
              "    python rl.py filter --ckpt DIR --out FILE  # the pass@k filter as a tool",
-             "    python rl.py bench                         # rollout tokens/s vs HF generate", "", "options:",
-             f"  {'--resume [DIR]':<34} continue from DIR, or from the newest good out/<stage>.run/step-*"]
+             "", "options (--key=value or --key value):",
+             f"  {'--resume [DIR]':<36} continue from DIR, or from the newest good out/<stage>.run/step-*"]
     for f in dataclasses.fields(RLConfig):
-        lines.append(f"  {'--' + f.name + '=' + repr(getattr(RLConfig(), f.name)):<34} {doc.get(f.name, '')}")
+        if f.name in RL_UNUSED:
+            continue
+        value = getattr(RLConfig(), f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        lines.append(f"  {'--' + f.name + '=' + str(shown):<36} {doc.get(f.name, '')}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["bench"]:
-            return bench(argv[1:])
         if argv[:1] == ["filter"]:
             return filter_cli(argv[1:])
         cfg, opts = rl_config(argv)
         rank = int(os.environ.get("RANK", "0"))
-        log = lambda *a: T.print0(rank, *a)                               # noqa: E731
+        log = lambda *a: train_stage.print0(rank, *a)                   # noqa: E731
         if "help" in opts:
             return log(help_text())
-        row = T.stage_row(cfg.stage)
+        row = train_stage.stage_row(cfg.stage)
         log(f"stage {cfg.stage} ({row.section}): {row.note}")
         if cfg.stage == "harvest":
             out = harvest(cfg)
         else:
             resume = opts.get("resume") or None
             if "resume" in opts and resume is None:
-                resume = T.find_resume_checkpoint(T.run_dir(stage_view(cfg)), log)
+                resume = train_stage.find_resume_checkpoint(train_stage.run_dir(cfg), log)
             elif resume:
-                T.verify_checkpoint(resume, resumable=True)
+                train_stage.verify_checkpoint(resume, resumable=True)
             out = train_rl(cfg, resume)
         log(f"done: {cfg.stage} in {out}/")
-        nxt = T.next_name(row)
+        nxt = train_stage.next_name(row)
         if nxt:
-            log(f"next: {T.command_for(T.STAGES[nxt], stage_view(cfg))}")
-    except T.UsageError as e:
-        T.fail(str(e), 2, "rl.py")
-    except (data.TooMuchBadData, data.DataError, T.CheckpointError, FloatingPointError) as e:
-        T.fail(str(e), 1, "rl.py")
-    T.shutdown_distributed()
+            log(f"next: {train_stage.command_for(train_stage.STAGES[nxt], cfg)}")
+    except train_stage.UsageError as e:
+        train_stage.fail(str(e), 2, "rl.py")
+    except (data.TooMuchBadData, data.DataError, train_stage.CheckpointError, FloatingPointError) as e:
+        train_stage.fail(str(e), 1, "rl.py")
+    train_stage.shutdown_distributed()
 
 
 if __name__ == "__main__":

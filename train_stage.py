@@ -288,8 +288,11 @@ RECIPE = (
           tiny=(("lr", 3e-4), ("steps", 250), ("packing.max_tokens", 2048)),
           paper=(("lr", 1e-6), ("batch", 1024), ("seq", 20480), ("samples", 400_000), ("epochs", 1))),
     Stage("rl-verifiable", "§4.2.3", "RL with verifiable rewards (answer + format): DAPO for dense models, GSPO "
-          "for MoE; 2048 rollouts / episode, 8 updates of mini-batch 512; clip in [0.20, 0.28]",
-          mix=(("math", 0.5), ("count", 0.5)), label_mode="rl", runner="rl.py",
+          "for MoE; 2048 rollouts / episode, 8 updates of mini-batch 512; clip in [0.20, 0.28]. The miniature "
+          "trains on counting in thinking mode (1-9 objects; fresh scenes every episode), the skill the tiny "
+          "model has; its math is guessing, and RL on guesses only learns the frequent answers",
+          mix=(("count_cot", 1.0),), label_mode="rl", runner="rl.py",
+          tiny=(("episodes", 150), ("lr", 2e-5)),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 70_000), ("rollouts", 2048), ("mini_batch", 512))),
     Stage("harvest", "§4.2.4", "CoT harvest: rejection-sample correct, well-formed chains from the RL model",
           trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py",

@@ -1,7 +1,9 @@
-"""rl.py's stage half (§4.2.3-§4.2.5): rollouts, the first update's ratio, the update's loss and
-gradients under any micro-batch split, dynamic sampling at its cap, the CoT harvest, the model
-judge, and the rl-verifiable stage end to end with an exact resume. (The pure losses and rewards
-are tested against hand-computed values and math-verify in test_rl.py.)"""
+"""rl.py's stage half (§4.2.3-§4.2.5), through the functions the stage calls: rollouts and the
+policy they share with the training forward, dynamic sampling, the updates (mini-batches, old
+log-probs, any micro-batch split), scoring, the pass@k filter, the held-out evaluation, the CoT
+harvest, the model judge, an end-to-end wiring test on a contextual bandit, and the rl-verifiable
+stage end to end with an exact resume. (The pure losses and rewards are tested against
+hand-computed values and math-verify in test_rl.py; several ranks in test_rl_dist.py.)"""
 import json
 import os
 import subprocess
@@ -14,7 +16,10 @@ from safetensors.torch import load_file
 import data
 import model as M
 import rl
-import train_stage as T
+import train_stage
+
+if not hasattr(M, "policy_logits"):          # TEMPORARY until the new engine lands in model.py
+    M.policy_logits = rl._policy_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,42 +30,79 @@ def setup(tmp_path_factory, synth):
     a few rl-verifiable prompts."""
     root = tmp_path_factory.mktemp("rl")
     m = M.build_model("tiny", seed=0)
-    T.save_checkpoint(str(root / "out" / "longcot"), m, {"stage": "longcot"}, 0, 1,
-                      extra_files=T.tokenizer_files(str(synth)))
-    cfg = rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), max_new_tokens=12, group_size=4,
-                      prompts_per_episode=2, pool_size=8, filter_k=0)
-    sc = rl.stage_view(cfg)
+    train_stage.save_checkpoint(str(root / "out" / "longcot"), m, {"stage": "longcot"}, 0, 1,
+                                extra_files=train_stage.tokenizer_files(str(synth)))
+    cfg = rl.resolve_algo(rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), max_new_tokens=12,
+                                      group_size=4, prompts_per_episode=2, pool_size=8), m.cfg)
     tok = data.load_tokenizer(str(synth))
     dcfg = data.DataConfig.from_model(m.cfg, label_mode="rl", think="on", max_len=2048)
-    prompts = rl.read_prompts(sc, tok, dcfg, "train", 8)
+    prompts = rl.read_prompts(cfg, tok, dcfg, "train", 8)
     return root, synth, m, tok, cfg, prompts
 
 
-def test_rollouts_are_grouped_and_their_logprobs_match_a_recompute(setup):
+def replace(cfg, **kw):
+    return rl.dataclasses.replace(cfg, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# the policy: rollouts and the training forward agree
+
+def recomputed_logps(m, tok, cfg, rolls):
+    """The training forward the updates use (packed, `completion_logps`) on the rollouts."""
+    m.eval()
+    out = []
+    for pack, idx in rl.micro_batches(rolls, 10_000, m.cfg.img_context_token_id):
+        with torch.no_grad():
+            lps, _ = rl.completion_logps(m, pack, cfg, tok.n_vocab, rl.banned_ids(tok))
+        out += list(zip(idx, lps))
+    return [lp for _, lp in sorted(out, key=lambda x: x[0])]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_rollout_logprobs_equal_the_training_forward(setup, temperature, top_p):
+    """Rollouts are grouped prompt by prompt, never emit image tokens, and record the log-prob of
+    each token under the policy the loss uses: temperature, top-p and the tokenizer's size (the
+    model's embedding is padded beyond it: those rows are never sampled nor scored)."""
     _, _, m, tok, cfg, prompts = setup
-    rolls = rl.rollouts(m, tok, prompts[:3], 4, 12, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert m.cfg.llm_config.vocab_size > tok.n_vocab - 1 or True
+    cfg = replace(cfg, temperature=temperature, top_p=top_p)
+    rolls = rl.rollouts(m, tok, prompts[:3], cfg, torch.Generator().manual_seed(0))
     assert len(rolls) == 12 and [r.prompt for r in rolls[::4]] == prompts[:3]
     assert all(r.prompt is rolls[4 * (i // 4)].prompt for i, r in enumerate(rolls))
-    assert all(len(r.rollout_logp) == len(r.completion) and (r.truncated == (len(r.completion) == 12)) for r in rolls)
+    assert all(len(r.rollout_logp) == len(r.completion) and r.truncated == (len(r.completion) == 12) for r in rolls)
     ids = data.special_ids(tok)
-    assert not any(t in (ids.img_context, ids.img_start, ids.img_end) for r in rolls for t in r.completion)
-    # independent reference: the full forward of prompt + completion, log-softmax at each position
-    # over the tokens the policy may emit (the image tokens are not among them)
-    m.eval()
-    for r in rolls[:4]:
-        ids_ = torch.tensor([r.prompt.ids + r.completion])
-        with torch.no_grad():
-            logits = m(ids_, r.prompt.pixels).logits[0].float()
-        logits[:, [ids.img_context, ids.img_start, ids.img_end]] = float("-inf")
-        lp = torch.log_softmax(logits[len(r.prompt.ids) - 1:-1], -1).gather(1, torch.tensor(r.completion)[:, None])[:, 0]
-        assert torch.allclose(lp, torch.tensor(r.rollout_logp), atol=1e-4)
+    assert not any(t in rl.banned_ids(tok) or t >= tok.n_vocab for r in rolls for t in r.completion)
+    for r, lp in zip(rolls, recomputed_logps(m, tok, cfg, rolls)):
+        torch.testing.assert_close(lp, torch.tensor(r.rollout_logp), atol=1e-4, rtol=0)
+    assert ids.img_context in rl.banned_ids(tok)
 
 
-def scored(rolls, rewards):
+def test_policy_masks_padded_vocabulary_and_image_tokens(setup):
+    """With a model whose vocabulary is larger than the tokenizer's, the policy puts no mass on
+    the extra rows; the image tokens get none either; top-p removes the tail."""
+    _, _, m, tok, cfg, _ = setup
+    logits = torch.randn(5, tok.n_vocab + 64)
+    lp = torch.log_softmax(M.policy_logits(logits, 0.7, 0.9, tok.n_vocab, rl.banned_ids(tok)), -1)
+    assert torch.isinf(lp[:, tok.n_vocab:]).all() and torch.isinf(lp[:, list(rl.banned_ids(tok))]).all()
+    kept = lp.exp()
+    assert torch.allclose(kept.sum(-1), torch.ones(5), atol=1e-5)
+    ref = torch.softmax(logits[:, :tok.n_vocab] / 0.7, -1)           # the nucleus, by hand
+    for i in range(5):
+        p = ref[i].clone()
+        p[list(rl.banned_ids(tok))] = 0
+        p /= p.sum()
+        order = p.argsort(descending=True)
+        need = int((p[order].cumsum(0) < 0.9).sum()) + 1
+        assert set(torch.nonzero(kept[i] > 0)[:, 0].tolist()) == set(order[:need].tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# updates
+
+def scored(rolls, rewards, group_size=4):
     for r, x in zip(rolls, rewards):
-        r.reward, r.advantage = x, 0.0
-    adv = rl.group_advantages(torch.tensor(rewards), 4)
-    for r, a in zip(rolls, adv.tolist()):
+        r.reward = r.answer_r = x
+    for r, a in zip(rolls, rl.group_advantages(torch.tensor(rewards), group_size).tolist()):
         r.advantage = a
     return rolls
 
@@ -77,22 +119,22 @@ class Recorder(torch.optim.Optimizer):
                           for p in g["params"]])
 
 
+def filler_of(prompts):
+    return rl.Rollout(prompts[0], [0], "", False, [0.0])
+
+
 def test_first_update_has_ratio_exactly_one_and_splits_do_not_change_the_gradient(setup):
     _, _, m, tok, cfg, prompts = setup
-    rolls = rl.rollouts(m, tok, prompts[:4], 4, 12, 1.0, 1.0, torch.Generator().manual_seed(1))
-    rolls = scored(rolls, [float(i % 3 == 0) for i in range(16)])
-    cfg = rl.resolve_algo(rl.RLConfig(mini_batches=1, epochs=1, max_tokens=4096), m.cfg)
+    rolls = scored(rl.rollouts(m, tok, prompts[:4], cfg, torch.Generator().manual_seed(1)),
+                   [float(i % 3 == 0) for i in range(16)])
     params = list(m.parameters())
     grads = []
     for max_tokens in (4096, 300, 120):                  # one pack, a few, many: the same mini-batch gradient
         opt = Recorder(params)
-        st = rl.update_episode(m, opt, params, rolls, rl.dataclasses.replace(cfg, max_tokens=max_tokens),
-                               torch.device("cpu"), 1, m.cfg.img_context_token_id, rl.banned_ids(tok))
-        assert st["first_ratio_max_dev"] == 0.0                         # old log-probs = the policy: r = 1
+        st = rl.update_episode(m, opt, params, rolls, replace(cfg, max_tokens=max_tokens), tok, filler_of(prompts))
+        assert st["ratio_max_dev"] == 0.0 and st["dlogp"] < 1e-4          # old log-probs = the policy: r = 1
         grads.append(opt.seen[0])
-    n_packs = len(rl.micro_batches(rolls, 120, m.cfg.img_context_token_id))
-    assert n_packs >= 3
-    assert rl.banned_ids(tok)
+    assert len(rl.micro_batches(rolls, 120, m.cfg.img_context_token_id)) >= 3
     for g in grads[1:]:
         for a, b in zip(grads[0], g):
             if a is not None:
@@ -100,79 +142,270 @@ def test_first_update_has_ratio_exactly_one_and_splits_do_not_change_the_gradien
     assert any(a is not None and a.abs().max() > 0 for a in grads[0])    # not vacuous
 
 
-def test_dynamic_sampling_reaches_its_cap_and_training_goes_on(setup, monkeypatch):
-    """Every group scores the same (no spread): sampling stops after max_sampling_rounds and the
-    episode trains on nothing, with a log line, instead of raising."""
+def test_mini_batches_are_separate_updates_against_the_rollout_policy(setup):
+    """Two mini-batches x two epochs: four optimizer steps; the first mini-batch's gradient is the
+    gradient of its own rollouts alone (the batch is really split); after the first step the ratio
+    moves away from 1 (old log-probs come from before the episode, not recomputed per update)."""
+    _, _, m0, tok, cfg, prompts = setup
+    m = M.build_model("tiny", seed=0)
+    rolls = scored(rl.rollouts(m, tok, prompts[:4], cfg, torch.Generator().manual_seed(2)),
+                   [float(i % 3 == 0) for i in range(16)])
+    cfg2 = replace(cfg, mini_batches=2, epochs=2)
+    params = list(m.parameters())
+    rec = Recorder(params)
+    rl.update_episode(m, rec, params, rolls, cfg2, tok, filler_of(prompts))
+    assert len(rec.seen) == 4
+    alone = Recorder(params)
+    rl.update_episode(m, alone, params, rolls[:8], replace(cfg, mini_batches=1, epochs=1), tok, filler_of(prompts))
+    for a, b in zip(rec.seen[0], alone.seen[0]):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    st = rl.update_episode(m, opt, params, rolls, cfg2, tok, filler_of(prompts))
+    assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and st["ratio_max_dev_later"] > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# dynamic sampling, scoring, filter
+
+def test_dynamic_sampling_keeps_groups_on_accuracy_and_stops_at_its_cap(setup, monkeypatch):
+    """A group is kept when its answers are neither all right nor all wrong: a group whose shaped
+    reward varies (format) but whose accuracy does not is dropped, as DAPO filters on accuracy.
+    When nothing qualifies, sampling stops after max_sampling_rounds and training goes on."""
     _, _, m, tok, cfg, prompts = setup
     calls = []
-    real = rl.rollouts
 
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-    monkeypatch.setattr(rl, "rollouts", counting)
-    monkeypatch.setattr(rl, "score_rollouts", lambda rolls, *a, **k: [setattr(r, "reward", 0.5) for r in rolls])
-    kept, st = rl.sample_groups(m, tok, rl.PromptPool(prompts, 0), rl.dataclasses.replace(cfg, max_sampling_rounds=3),
+    def score(rolls, cfg, judge=None):
+        calls.append(len(rolls))
+        for i, r in enumerate(rolls):
+            spread = len(calls) == 1 and i < cfg.group_size       # accuracy varies in the very first group only
+            r.answer_r = float(spread and i % 2 == 0)
+            r.format_r = float(i % 2)                             # the shaped reward varies in every group
+            r.reward = 0.8 * r.answer_r + 0.2 * r.format_r
+    monkeypatch.setattr(rl, "score_rollouts", score)
+    pool = rl.PromptPool(rl.prompt_mixture(cfg, tok, data.DataConfig.from_model(m.cfg, label_mode="rl", max_len=2048),
+                                           "train"), range(8), 0)
+    kept, st = rl.sample_groups(m, tok, pool, replace(cfg, prompts_per_episode=2, max_sampling_rounds=3),
                                 torch.Generator().manual_seed(0))
-    assert kept == [] and st["kept"] == 0 and st["groups"] == 3 * cfg.prompts_per_episode and len(calls) == 3
+    assert st["kept"] == len(kept) // cfg.group_size == 1 and kept[0].prompt is kept[-1].prompt
+    assert len(calls) == 3 and st["groups"] == 2 + 1 + 1          # round 2 and 3 draw only what is missing
+    assert sum(r.advantage for r in kept) == pytest.approx(0, abs=1e-5) and max(r.advantage for r in kept) > 0
+
+
+def rollout(text, answer, family="count_cot"):
+    return rl.Rollout(rl.Prompt([], None, answer, family, "x:1"), [], text, False, [])
+
+
+def test_scores_of_the_two_reward_kinds(setup):
+    _, _, _, _, cfg, _ = setup
+    boxed, plain = "<think>\nthree\n</think>\nThe answer is \\boxed{3}.", "The answer is \\boxed{3}."
+    rolls = [rollout(boxed, "3"), rollout(plain, "3"), rollout(boxed, "4")]
+    rl.score_rollouts(rolls, cfg)
+    assert [r.answer_r for r in rolls] == [1.0, 1.0, 0.0] and [r.format_r for r in rolls] == [1.0, 0.0, 1.0]
+    assert [r.reward for r in rolls] == pytest.approx([1.0, 0.8 / 0.9, 0.1 / 0.9])   # format counts in verifiable
+    # mixed: a checkable answer by the rules (1/2 == 0.5, which ROUGE-L would call wrong), an
+    # uncheckable one by the reference judge
+    mixed = replace(cfg, reward="mixed")
+    rolls = [rollout("<think>\nhalf\n</think>\n\\boxed{0.5}", "1/2", "caption_qa"),
+             rollout("<think>\nlook\n</think>\n\\boxed{a red circle at the top}", "a red circle at the top left",
+                     "caption_qa")]
+    rl.score_rollouts(rolls, mixed)
+    assert [r.answer_r for r in rolls] == [1.0, 1.0]
+    assert rolls[0].reward == pytest.approx(0.8 * 1 + 0.1 * 1 + 0.1 * 1)
+
+
+def test_pass_at_k_filter_drops_the_solved_and_the_hopeless_reasoning_prompts(setup, monkeypatch):
+    """Solved by all k: dropped; by none: dropped only for the stage's own reasoning families
+    (rl-verifiable trains count_cot: a hopeless count_cot prompt goes, a hopeless count one stays)."""
+    _, _, _, tok, cfg, _ = setup
+    ps = [rl.Prompt([], None, "3", fam, f"p{i}") for i, fam in enumerate(["count_cot", "count_cot", "count_cot",
+                                                                          "count"])]
+    solved = {"p0": 4, "p1": 0, "p2": 2, "p3": 0}
+
+    def fake(policy, tok_, prompts, cfg_, gen, group_size=None, **k):
+        return [rollout("\\boxed{3}" if j < solved[p.where] else "\\boxed{9}", "3") for p in prompts
+                for j in range(group_size)]
+    monkeypatch.setattr(rl, "rollouts", fake)
+    kept, counts = rl.pass_at_k_filter(None, tok, ps, cfg, 4, None)
+    assert kept == [2, 3] and counts == {"always": 1, "never_reasoning": 1, "kept": 2}
+    assert rl.reasoning_families(cfg) == ("count_cot",)
+    assert rl.reasoning_families(replace(cfg, stage="rl-mixed")) == ("math",)
+
+
+def test_evaluation_metrics_by_hand():
+    """pass@1 = mean sample accuracy, maj@k = the most common answer's accuracy, pass@k = any
+    right; the paired difference of identical records is 0 with a zero-width interval."""
+    g = rollout("\\boxed{3}", "3")
+    g.answer_r = 1.0
+    samples = [rollout(t, "3") for t in ("\\boxed{3}", "\\boxed{5}", "\\boxed{5}", "\\boxed{3.0}", "\\boxed{5}")]
+    for s in samples:
+        s.answer_r = float(rl.reward_answer(s.text, "3"))
+    rec = rl.per_prompt(g, samples)
+    assert rec["maj_acc"] == 0.0                         # 5 x3 beats 3 x2 ("3" and "3.0" are one answer)
+    samples[1].text = samples[1].text.replace("5", "3")
+    samples[1].answer_r = 1.0
+    assert rl.per_prompt(g, samples)["maj_acc"] == 1.0   # now 3 x3
+    s = rl.summarize([rec, rl.per_prompt(g, samples)])
+    assert s["pass@1"]["mean"] == pytest.approx((2 / 5 + 3 / 5) / 2) and s["pass@k"]["mean"] == 1.0
+    assert s["maj@k"]["mean"] == 0.5 and s["maj@k"]["se"] == pytest.approx(0.5)
+    d = rl.paired([rec, rec], [rec, rl.per_prompt(g, samples)])
+    assert d["maj@k"]["diff"] == 0.5 and d["greedy_acc"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "excludes_0": False}
 
 
 def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, tmp_path):
     root, synth, m, tok, cfg, prompts = setup
-    T.save_checkpoint(str(tmp_path / "rl-verifiable"), m, {"stage": "rl-verifiable"}, 0, 1,
-                      extra_files=T.tokenizer_files(str(synth)))
+    train_stage.save_checkpoint(str(tmp_path / "rl-verifiable"), m, {"stage": "rl-verifiable"}, 0, 1,
+                                extra_files=train_stage.tokenizer_files(str(synth)))
 
-    def fake(model, tok_, ps, g, *a, **k):               # per prompt: right, right again, wrong, unformatted
+    def fake(model, tok_, ps, cfg_, gen, group_size=None, **k):   # per prompt: right, right again, wrong, unformatted
         out = []
         for p in ps:
             good = f"<think>\nI count them.\n</think>\nThe answer is \\boxed{{{p.answer}}}."
-            for text in (good, good, "<think>\nhm\n</think>\n\\boxed{999}", f"\\boxed{{{p.answer}}}")[:g]:
+            for text in (good, good, "<think>\nhm\n</think>\n\\boxed{999}", f"\\boxed{{{p.answer}}}")[:group_size]:
                 out.append(rl.Rollout(p, [], text, False, []))
         return out
     monkeypatch.setattr(rl, "rollouts", fake)
     hcfg = rl.RLConfig(stage="harvest", out_dir=str(tmp_path), data_dir=str(synth), pool_size=6, harvest_samples=4)
     out = rl.harvest(hcfg)
-    meta = T.verify_checkpoint(out)                      # the one writer, a data output
+    meta = train_stage.verify_checkpoint(out)                      # the one writer, a data output
     lines = [json.loads(x) for x in open(os.path.join(out, "cot.jsonl"))]
     assert meta["kept"] == len(lines) == 6 and meta["counts"]["duplicate"] == 6
+    assert meta["counts"]["rejected"] == 12 and meta["samples"] == 24
     ds = data.JsonlDataset(os.path.join(out, "cot.jsonl"), tok,
                            data.DataConfig.from_model(m.cfg, label_mode="thinkfusion", max_len=2048))
     assert all(ds[i]["labels"].ne(-100).sum() > 0 for i in range(len(ds)))   # loads as Think-Fusion data
 
 
-def test_model_judge_is_a_probability(setup):
+def test_model_judge_is_the_probability_of_yes(setup):
     root, synth, m, tok, cfg, prompts = setup
     judge = rl.ModelJudge(str(root / "out" / "longcot"))
     p = judge("How many?", "I see 3.", "3", "3")
     assert 0.0 <= p <= 1.0 and judge("How many?", "I see 3.", "3", "3") == p
 
+    class Leaning(torch.nn.Module):            # a model that prefers "yes" by 2 nats
+        def forward(self, ids):
+            logits = torch.zeros(1, ids.shape[1], tok.n_vocab)
+            logits[0, -1, judge.yes] = 2.0
+            return M.Output(logits, None, None, None)
+    judge.model = Leaning()
+    assert judge("q", "t", "a", "r") == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item(), abs=1e-6)
 
-def run(args, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+# ----------------------------------------------------------------------------------------------
+# end to end: a contextual bandit through sample_groups -> rewards -> advantages -> update_episode
+
+def bandit(mode: str, episodes: int = 30, seed: int = 0, synth_dir=None):
+    """Two text prompts, each rewarded for its own set of first tokens (even ids / odd ids).
+    mode: "normal", "flip" (the other set is rewarded: the policy must learn to avoid its own) or
+    "shuffle" (advantages permuted across rollouts: the control). -> hit rate of the last 5."""
+    torch.manual_seed(seed)
+    m = M.build_model("tiny", seed=seed)
+    tok = data.load_tokenizer(str(synth_dir))
+    prompts = [rl.Prompt(data.encode(tok, q), None, a, "bandit", q) for q, a in (("even:", 0), ("odd:", 1))]
+
+    class Pool:
+        def take(self, n):
+            return [prompts[i % 2] for i in range(n)]
+
+    def score(rolls, cfg, judge=None):
+        for r in rolls:
+            hit = float(r.completion[0] % 2 == r.prompt.answer)
+            r.answer_r = r.reward = 1 - hit if mode == "flip" else hit
+    cfg = rl.resolve_algo(rl.RLConfig(group_size=32, prompts_per_episode=2, max_new_tokens=1, lr=1e-2, warmup_steps=0,
+                                      schedule="constant", max_sampling_rounds=1,
+                                      advantage_control="shuffle" if mode == "shuffle" else ""), m.cfg)
+    m.requires_grad_(False)
+    params = list(m.language_model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen, hits = torch.Generator().manual_seed(seed), []
+    real = rl.score_rollouts
+    rl.score_rollouts = score
+    try:
+        for _ in range(episodes):
+            kept, st = rl.sample_groups(m.eval(), tok, Pool(), cfg, gen)
+            if st["kept"]:
+                rl.update_episode(m.train(), opt, params, kept, cfg, tok, rl.Rollout(prompts[0], [0], "", False, [0.0]))
+            hits.append(st["reward"] if mode != "flip" else 1 - st["reward"])
+    finally:
+        rl.score_rollouts = real
+    return sum(hits[-5:]) / 5
+
+
+def test_the_loop_learns_a_contextual_bandit(synth):
+    """The whole loop is wired right: it reaches the rewarded tokens (>= 0.9), learns to avoid
+    them when the other set is rewarded (<= 0.1), and stays at chance when the advantages are
+    permuted across rollouts (no information about which rollout was good)."""
+    assert bandit("normal", synth_dir=synth) >= 0.9
+    assert bandit("flip", synth_dir=synth) <= 0.1
+    assert 0.3 <= bandit("shuffle", synth_dir=synth) <= 0.7
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage end to end (a subprocess, as a user runs it), with a stub reward so that updates happen
+
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+import rl
+
+def parity(rolls, cfg, judge=None):
+    # a reward the random tiny model can earn: the first token's parity, per prompt line parity
+    for r in rolls:
+        want = int(r.prompt.where.rsplit(":", 1)[1]) % 2
+        r.answer_r = r.reward = float(bool(r.completion) and r.completion[0] % 2 == want)
+        r.format_r = 0.0
+
+rl.score_rollouts = parity
+rl.main(sys.argv[1:])
+"""
+
+
+def run(args, timeout=600, env_extra=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def stage_args(synth, out):
+    return ["--stage", "rl-verifiable", f"--data_dir={synth}", "--episodes=4", "--group_size=4",
+            "--prompts_per_episode=2", "--max_new_tokens=6", "--eval_prompts=6", "--eval_samples=2", "--save_every=2",
+            "--keep_checkpoints=5", "--temperature=1.3", "--mini_batches=2", "--warmup_steps=4", "--lr=1e-3",
+            "--clip_schedule=true", f"--out_dir={out}"]
+
+
 def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path):
+    """rl-verifiable through its CLI: updates happen (LR warm-up counted in updates, the clip-high
+    schedule follows the episode), the held-out prompts come from the held-out split, and a run
+    resumed from its episode-2 checkpoint ends with the same weights (so the resume restores the
+    pool cursor, the rollout generator and the optimizer)."""
     root, synth, m, tok, cfg, prompts = setup
+    (tmp_path / "driver.py").write_text(DRIVER.format(root=ROOT))
     for d in ("a", "b"):
         os.makedirs(tmp_path / d)
         os.symlink(root / "out" / "longcot", tmp_path / d / "longcot")
-    args = ["rl.py", "--stage", "rl-verifiable", f"--data_dir={synth}", "--episodes=3", "--pool_size=8",
-            "--group_size=4", "--prompts_per_episode=2", "--max_new_tokens=12", "--eval_prompts=4", "--filter_k=0",
-            "--save_every=2", "--keep_checkpoints=5", "--temperature=1.5"]
-    ref = run([*args, f"--out_dir={tmp_path}/a"])
+    ref = run([str(tmp_path / "driver.py"), *stage_args(synth, tmp_path / "a")])
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "update 0003/0003 | reward" in ref.stdout
-    meta = T.verify_checkpoint(f"{tmp_path}/a/rl-verifiable")
-    assert set(meta["reward"]) == {"before", "after"}
-    # resume from the episode-2 checkpoint of the same run into a fresh folder: the same final weights
+    assert "update 0004/0004 | reward" in ref.stdout
+    recs = [json.loads(x) for x in open(tmp_path / "a" / "rl-verifiable.run" / "metrics.jsonl")]
+    eps = [r for r in recs if "updates" in r]
+    assert [r["updates"] for r in eps] == [2, 2, 2, 2]
+    assert [round(r["lr"] / 1e-3, 3) for r in eps[:2]] == [0.5, 1.0]        # warm-up: 4 updates = 2 episodes
+    assert [round(r["clip_high"], 4) for r in eps] == [0.2, 0.2267, 0.2533, 0.28]
+    evals = [json.loads(x) for x in open(tmp_path / "a" / "rl-verifiable" / "eval.jsonl")]
+    assert len(evals) == 6 and all("rl_eval.jsonl:" in e["before"]["where"] for e in evals)
+    meta = train_stage.verify_checkpoint(f"{tmp_path}/a/rl-verifiable")
+    assert set(meta["rl_eval"]) == {"before", "after", "paired"}
+    w0 = load_file(str(root / "out" / "longcot" / "model.safetensors"))
+    wa = load_file(f"{tmp_path}/a/rl-verifiable/model.safetensors")
+    assert any(not torch.equal(w0[k], wa[k]) for k in wa)                    # the weights moved
     os.makedirs(tmp_path / "b" / "rl-verifiable.run")
     os.symlink(tmp_path / "a" / "rl-verifiable.run" / "step-000002", tmp_path / "b" / "rl-verifiable.run" / "step-000002")
-    res = run([*args, f"--out_dir={tmp_path}/b", "--resume"])
+    res = run([str(tmp_path / "driver.py"), *stage_args(synth, tmp_path / "b"), "--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resume: continuing from" in res.stdout
-    wa, wb = load_file(f"{tmp_path}/a/rl-verifiable/model.safetensors"), load_file(f"{tmp_path}/b/rl-verifiable/model.safetensors")
+    wb = load_file(f"{tmp_path}/b/rl-verifiable/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -180,4 +413,8 @@ def test_rl_usage_errors_are_one_line():
     res = run(["rl.py", "--stage", "vit1"], timeout=60)
     assert res.returncode == 2 and "not an RL stage" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = run(["rl.py", "--stage", "rl-verifiable", "--reward_weights=0.5,0.5,0.5"], timeout=60)
-    assert res.returncode != 0 and "sum" in res.stderr
+    assert res.returncode == 2 and "sum" in res.stderr
+    res = run(["rl.py", "--stage", "rl-verifiable", "--steps=5"], timeout=60)
+    assert res.returncode == 2 and "--episodes" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = run(["rl.py", "--stage", "rl-verifiable", "--kl_coef=0.1"], timeout=60)
+    assert res.returncode == 2 and "unknown option --kl_coef" in res.stderr
