@@ -22,7 +22,6 @@ reasoning and a judge for answers that rules cannot check; the coefficients of t
 Every reward function is linear in its input: no regex with nested quantifiers over unbounded
 text, no `signal.alarm` (it fails off the main thread), no sympy.
 """
-import argparse
 import dataclasses
 import itertools
 import json
@@ -1227,77 +1226,6 @@ def filter_cli(argv):
 
 
 # ==============================================================================================
-# 14. Benchmark: rollout tokens/s against HF generate, and the share of an RL step spent generating
-
-def bench(argv):
-    ap = argparse.ArgumentParser(prog="rl.py bench", description="Rollout generation tokens/s of ours (KV cache, "
-                                 "batched, sampling at T=1) vs HF transformers' generate on the same weights and batch; "
-                                 "then one RL episode of the tiny model: generation time vs update time.")
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--ckpt", default=None, help="a checkpoint instead of a random preset")
-    ap.add_argument("--batch", type=int, default=64, help="rows per generate call (prompts x G)")
-    ap.add_argument("--prompt-len", type=int, default=48)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise SystemExit("rl.py bench compares against HF transformers: pip install -r tests/requirements.txt")
-    import tempfile
-    torch.manual_seed(0)
-    sailvl = M.SAILVL.from_pretrained(args.ckpt) if args.ckpt else M.build_model(args.preset)
-    lm = sailvl.eval().language_model
-    with tempfile.TemporaryDirectory() as d:
-        M.save_hf_llm(lm, d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    ids = torch.randint(0, min(256, lm.cfg.vocab_size), (args.batch, args.prompt_len))
-    n = args.new_tokens
-
-    def ours():
-        with torch.inference_mode():
-            rows = list(lm.model.embed_tokens(ids))
-            return M.generate_from_embeds(lm, rows, n, 1.0, 1.0, (), torch.Generator().manual_seed(0))
-
-    def theirs():
-        with torch.inference_mode():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, pad_token_id=0)
-    ours(), theirs()                                                    # warm-up
-    best = {name: min(T.timed(fn) for _ in range(args.repeats)) for name, fn in (("ours", ours), ("hf", theirs))}
-    tps = {k: args.batch * n / v for k, v in best.items()}
-    print(f"rollouts, {args.ckpt or args.preset} LLM, batch {args.batch}, prompt {args.prompt_len}, {n} new tokens, "
-          f"sampling T=1, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"  ours (KV cache) {tps['ours']:9,.0f} tok/s | HF generate {tps['hf']:9,.0f} tok/s | ratio "
-          f"{tps['ours'] / tps['hf']:.2f}x")
-    # one RL episode of the tiny model on synthetic prompts: generation vs update
-    cfg = RLConfig(episodes=1, pool_size=16, prompts_per_episode=8, group_size=8, filter_k=0, max_sampling_rounds=1)
-    sc = stage_view(cfg)
-    root = data.ensure_synth(cfg.data_dir, progress=False)
-    tok = data.load_tokenizer(root)
-    dcfg = data.DataConfig.from_model(sailvl.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
-    pool = PromptPool(read_prompts(sc, tok, dcfg, "train", cfg.pool_size), 0)
-    cfg = resolve_algo(cfg, sailvl.cfg)
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    kept, st = sample_groups(sailvl, tok, pool, dataclasses.replace(cfg, max_sampling_rounds=1), gen)
-    t_gen = time.perf_counter() - t0
-    for r in kept or []:
-        r.advantage = 1.0
-    rolls = kept or rollouts(sailvl, tok, pool.take(2), cfg.group_size, cfg.max_new_tokens, 1.0, 1.0, gen)
-    params = list(sailvl.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    t0 = time.perf_counter()
-    sailvl.train()
-    update_episode(sailvl, opt, params, rolls, cfg, torch.device("cpu"), 1, sailvl.cfg.img_context_token_id,
-                   banned_ids(tok))
-    t_up = time.perf_counter() - t0
-    print(f"one RL episode ({cfg.prompts_per_episode} prompts x {cfg.group_size}, {st['len']:.0f} tokens per "
-          f"rollout): generation {t_gen:.1f} s, updates {t_up:.1f} s -> generation is {t_gen / (t_gen + t_up):.0%} "
-          f"of the step")
-
-
-# ==============================================================================================
 # command line
 
 def help_text() -> str:
@@ -1306,8 +1234,7 @@ def help_text() -> str:
              "    torchrun rl.py --stage rl-verifiable       # §4.2.3, from out/longcot",
              "    torchrun rl.py --stage harvest             # §4.2.4, CoT from out/rl-verifiable",
              "    torchrun rl.py --stage rl-mixed            # §4.2.5, from out/thinkfusion",
-             "    python rl.py filter --ckpt DIR --out FILE  # the pass@k filter as a tool",
-             "    python rl.py bench                         # rollout tokens/s vs HF generate", "", "options:",
+             "    python rl.py filter --ckpt DIR --out FILE  # the pass@k filter as a tool", "", "options:",
              f"  {'--resume [DIR]':<34} continue from DIR, or from the newest good out/<stage>.run/step-*"]
     for f in dataclasses.fields(RLConfig):
         lines.append(f"  {'--' + f.name + '=' + repr(getattr(RLConfig(), f.name)):<34} {doc.get(f.name, '')}")
@@ -1317,8 +1244,6 @@ def help_text() -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["bench"]:
-            return bench(argv[1:])
         if argv[:1] == ["filter"]:
             return filter_cli(argv[1:])
         cfg, opts = rl_config(argv)
