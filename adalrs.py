@@ -52,7 +52,7 @@ optimizer state). Under FSDP2 every rank holds its own shard: the snapshot copie
 local shards (no gathering), and the caller must pass the SAME loss on every rank (the globally
 averaged loss, all-reduced) so all ranks take the same decision.
 
-Measured on the real pretrain1 stage by `python train_stage.py bench adalrs` (the trainer's side:
+Measured on the real pretrain1 stage by `python tests/bench.py adalrs` (the trainer's side:
 this file imports nothing from the project); tests/test_adalrs.py also holds a self-contained
 stand-in (an adapter trained into a frozen LM head) run through the trainer's schedule.
 """

@@ -9,7 +9,6 @@ runs, the VLMEvalKit TSV reader) is ours: the paper gives no procedure.
     python sample.py --ckpt out/sft4 --eval data_synth --think --blank # thinking mode; images all white
     python sample.py --ckpt out/sft4 --eval data_synth/count/eval.jsonl --limit 8 --out count.json
     python sample.py --ckpt out/sft4 --eval MMBench_DEV_EN.tsv         # a VLMEvalKit multiple-choice TSV
-    python sample.py bench                     # decode tokens/s: ours vs HF transformers, same weights
 
 Works on our checkpoints and on official SAIL-VL2 folders (the folder's tokenizer when it has one,
 else the embedded default). Images are tiled as the checkpoint was trained (tiles + thumbnail, or
@@ -667,49 +666,6 @@ def write_predictions_tsv(path, report: dict):
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmark: decode speed against HF transformers on the same weights
-
-def bench(args):
-    """Greedy decode tokens/s of our Qwen3LM (KV cache) vs HF `generate` on the same weights, one run."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise SystemExit("sample.py bench compares against HF transformers: pip install -r tests/requirements.txt")
-    import tempfile
-    torch.manual_seed(0)
-    lm = (M.SAILVL.from_pretrained(args.ckpt) if args.ckpt else M.build_model(args.preset)).language_model.eval()
-    with tempfile.TemporaryDirectory() as d:
-        M.save_hf_llm(lm, d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    V = lm.cfg.vocab_size
-    prompts = torch.randint(0, min(V, 256), (args.batch, args.prompt_len)).tolist()
-    n = args.new_tokens
-
-    def ours():
-        return lm.generate(prompts, max_new_tokens=n)
-
-    def theirs():
-        with torch.no_grad():
-            out = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(args.batch, args.prompt_len, dtype=torch.long),
-                              max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
-        return out[:, args.prompt_len:].tolist()
-
-    same = ours() == theirs()                                            # also a warm-up of both
-    times = {"ours": [], "hf": []}
-    for _ in range(args.repeats):
-        for name, fn in (("ours", ours), ("hf", theirs)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    tps = {k: args.batch * n / min(v) for k, v in times.items()}
-    print(f"decode, {args.preset if not args.ckpt else args.ckpt}, batch {args.batch}, prompt {args.prompt_len}, "
-          f"{n} new tokens, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"  ours (KV cache)     {tps['ours']:9.1f} tok/s")
-    print(f"  HF generate         {tps['hf']:9.1f} tok/s")
-    print(f"  ratio ours / HF     {tps['ours'] / tps['hf']:9.2f}x   (greedy outputs identical: {same})")
-
-
-# ----------------------------------------------------------------------------------------------
 # command line
 
 class Parser(argparse.ArgumentParser):
@@ -774,15 +730,6 @@ def run_eval(args, model, tok, dcfg):
 
 
 def cli(argv):
-    if argv[:1] == ["bench"]:
-        ap = Parser(prog="sample.py bench", description=bench.__doc__)
-        ap.add_argument("--preset", default="tiny")
-        ap.add_argument("--ckpt", default=None, help="a checkpoint instead of a random preset")
-        ap.add_argument("--batch", type=int, default=4)
-        ap.add_argument("--prompt-len", type=int, default=64)
-        ap.add_argument("--new-tokens", type=int, default=64)
-        ap.add_argument("--repeats", type=int, default=3)
-        return bench(ap.parse_args(argv[1:]))
     ap = Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--ckpt", required=True, help="a checkpoint folder (ours or an official SAIL-VL2 one)")

@@ -1268,185 +1268,6 @@ def calibrate_cli(argv):
 
 
 # ==============================================================================================
-# benchmarks: python train_stage.py bench {step,packing,adalrs}
-
-def bench_step(args):
-    """Tokens/s of one training step (forward + backward + AdamW) of a preset's LLM, ours vs
-    HF transformers' Qwen3ForCausalLM with the same weights and inputs, measured in one run."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise SystemExit("train_stage.py bench step compares against HF transformers: "
-                         "pip install -r tests/requirements.txt")
-    import tempfile
-    torch.manual_seed(0)
-    ours = M.build_model(args.preset).language_model.train()
-    with tempfile.TemporaryDirectory() as d:
-        M.save_hf_llm(ours, d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
-    ids = torch.randint(0, min(256, ours.cfg.vocab_size), (args.batch, args.seq))
-
-    def step_fn(m, is_hf):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-
-        def step():
-            logits = m(ids).logits if is_hf else m(ids)
-            ce, n = M.shifted_cross_entropy(logits, ids)
-            (ce / n).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return float(ce.detach() / n)
-        return step
-
-    runs = {"ours": step_fn(ours, False), "hf": step_fn(hf, True)}
-    first = {k: f() for k, f in runs.items()}                           # warm-up; same weights, same loss
-    best = {k: min(timed(f) for _ in range(args.repeats)) for k, f in runs.items()}
-    tok = args.batch * args.seq
-    print(f"train step (fwd+bwd+AdamW), {args.preset} LLM ({M.count_params(ours) / 1e6:.2f}M params), batch "
-          f"{args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"  first-step loss: ours {first['ours']:.5f} | HF {first['hf']:.5f}")
-    print(f"  ours {tok / best['ours']:10,.0f} tok/s | HF Qwen3 {tok / best['hf']:10,.0f} tok/s | "
-          f"ratio ours / HF {best['hf'] / best['ours']:.2f}x")
-
-
-def timed(fn) -> float:
-    """Seconds of fn(), the GPU's queued work included."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
-def bench_packing(args):
-    """Real samples of every synthetic train manifest (tiny preset geometry): packing fill and
-    rank balance as `packing.py bench` measures them, then useful tokens/s of one tiny SAILVL
-    forward + backward over the same samples, pad-to-longest batches vs stream packs."""
-    mcfg = M.preset_config("tiny")
-    dcfg = data.DataConfig.from_model(mcfg)
-    root = data.ensure_synth(args.synth_dir, progress=False)
-    tok = data.load_tokenizer(root)                                     # the synthetic data's own BPE
-    rng = random.Random(args.seed)
-    samples = []
-    for path in sorted(root.glob("*/train.jsonl")):
-        ds = data.JsonlDataset(path, tok, dcfg)
-        for i in rng.sample(range(len(ds)), min(args.per_family, len(ds))):
-            samples.append({**ds[i], "family": path.parent.name, "weight": len(ds)})
-    # a stream drawn from the loaded samples, each family in proportion to its manifest size
-    metas = [packing.sample_meta(s, i) for i, s in enumerate(samples)]
-    per_family = {f: sum(1 for s in samples if s["family"] == f) for f in {s["family"] for s in samples}}
-    picks = rng.choices(range(len(metas)), weights=[s["weight"] / per_family[s["family"]] for s in samples],
-                        k=args.samples)
-    stream = [metas[j]._replace(index=k) for k, j in enumerate(picks)]
-    pcfg = packing.PackingConfig(max_tokens=args.max_tokens, micro_batches=4)
-    print(f"synthetic manifests, tiny preset: {len(samples)} samples loaded, a stream of {len(stream)}; "
-          f"packs of {args.max_tokens} tokens")
-    packing.print_fill_and_balance({"synthetic": (stream, None)}, pcfg, 16, 8, 100, mcfg.llm_config.hidden_size)
-
-    torch.set_num_threads(args.threads)       # 1 by default: waiting OpenMP threads make timings noisy
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    net = M.build_model("tiny").train().to(device)
-    order = list(range(len(samples)))
-    random.Random(0).shuffle(order)
-    padded = [packing.collate_padded([samples[i] for i in order[k:k + args.batch_size]])
-              for k in range(0, len(order), args.batch_size)]
-    plans = packing.plan_packs([metas[i] for i in order], packing.PackingConfig(max_tokens=args.max_tokens,
-                                                                                 max_images_per_pack=10 ** 6))
-    packed = [packing.collate_pack([samples[m.index] for m in p], p) for p in plans]
-    to_dev = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
-    padded, packed = [to_dev(b) for b in padded], [to_dev(b) for b in packed]
-    useful = sum(s["input_ids"].numel() for s in samples)
-
-    def run(batches, is_packed):
-        for b in batches:
-            out = net(b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
-                      position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"] if is_packed else None)
-            out.ce_sum.backward()              # summed CE: the global token mean only rescales it
-            net.zero_grad(set_to_none=True)
-
-    run(padded[:1], False), run(packed[:1], True)                       # warm-up
-    t_pad, t_pack = [], []
-    for _ in range(args.repeats):                                        # alternate: same machine load
-        t_pad.append(timed(lambda: run(padded, False)))
-        t_pack.append(timed(lambda: run(packed, True)))
-    med_pad, med_pack = sorted(t_pad)[args.repeats // 2], sorted(t_pack)[args.repeats // 2]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n[3] tiny SAILVL forward+backward, fp32 {where}, {len(samples)} "
-          f"samples, {useful} useful tokens, median of {args.repeats}")
-    for name, batches, t in ((f"pad-to-longest, {args.batch_size} samples", padded, med_pad),
-                             (f"stream packs, {args.max_tokens} tokens", packed, med_pack)):
-        computed = sum(b["input_ids"].numel() for b in batches)
-        print(f"  {name:<28} computed {computed:>7} | useful {useful / computed:6.1%} | {t:6.2f} s | "
-              f"{useful / t:8,.0f} useful tok/s")
-    print(f"packed / padded useful tokens/s: {med_pad / med_pack:.2f}x")
-
-
-def final_eval_loss(folder: str) -> float:
-    with open(os.path.join(folder, "meta.json")) as f:
-        return float(json.load(f)["eval_loss"])
-
-
-def bench_adalrs(args):
-    """pretrain1 (tiny) with a fixed LR vs with AdaLRS from the same start and the same data, for
-    several seeds, through `run_stage` (the stage table the CLI uses); held-out loss at the end."""
-    import tempfile
-    init = args.init_from or stage_dir(StageConfig(out_dir=args.out_dir), "vit3")
-    if not is_finished_stage(init):
-        raise UsageError(f"bench adalrs starts pretrain1 from {init}, which is missing: run the recipe up to vit3 "
-                         f"first, or pass --init-from=DIR")
-    lm0 = stage_dir(StageConfig(out_dir=args.out_dir), "lm0")
-    diffs = []
-    with tempfile.TemporaryDirectory(prefix="adalrs_bench_") as tmp:
-        for seed in range(args.seeds):
-            res = {}
-            for name, on in (("fixed", "false"), ("adalrs", "true")):
-                out = os.path.join(tmp, f"{name}{seed}")
-                os.makedirs(out)
-                for src, dst in ((init, "vit3"), (lm0, "lm0")):         # pretrain1's sources, per its init rule
-                    shutil.copytree(src, os.path.join(out, dst))
-                res[name] = final_eval_loss(run_stage("pretrain1", [f"--out_dir={out}", f"--adalrs={on}",
-                                                                    f"--data_dir={args.data_dir}", f"--lr={args.lr}",
-                                                                    f"--seed={1337 + seed}"]))
-            diffs.append(res["fixed"] - res["adalrs"])
-            print(f"seed {seed}: held-out loss fixed LR {args.lr:g} {res['fixed']:.4f} | AdaLRS {res['adalrs']:.4f} "
-                  f"| fixed - AdaLRS = {diffs[-1]:+.4f}")
-    print(f"mean over {args.seeds} seeds: fixed - AdaLRS = {sum(diffs) / len(diffs):+.4f} "
-          f"(paper §3.2.1, full scale: > +0.06)")
-
-
-def bench(argv):
-    ap = argparse.ArgumentParser(prog="train_stage.py bench", description="Benchmarks measured in one run: "
-                                 "`step` (our Qwen3 vs HF's training step), `packing` (real synthetic samples: "
-                                 "fill, balance, packed vs padded tokens/s), `adalrs` (pretrain1 fixed LR vs AdaLRS).")
-    sub = ap.add_subparsers(dest="what", required=True)
-    s = sub.add_parser("step", help=bench_step.__doc__.split("\n")[0])
-    s.add_argument("--preset", default="tiny")
-    s.add_argument("--batch", type=int, default=4)
-    s.add_argument("--seq", type=int, default=512)
-    s.add_argument("--repeats", type=int, default=5, help="timed steps per model (best one reported)")
-    s = sub.add_parser("packing", help=bench_packing.__doc__.split("\n")[0])
-    s.add_argument("--synth-dir", default=data.DEFAULT_SYNTH_DIR)
-    s.add_argument("--per-family", type=int, default=8, help="synthetic samples loaded per manifest")
-    s.add_argument("--samples", type=int, default=20000, help="length of the simulated stream")
-    s.add_argument("--max-tokens", type=int, default=2048, help="pack length for the tiny model")
-    s.add_argument("--batch-size", type=int, default=8, help="pad-to-longest batch for the tiny model")
-    s.add_argument("--repeats", type=int, default=3, help="timed passes per batching (median reported)")
-    s.add_argument("--threads", type=int, default=1, help="torch CPU threads for the tokens/s part")
-    s.add_argument("--device", default="cpu", help="cpu | cuda (the tokens/s part)")
-    s.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("adalrs", help=bench_adalrs.__doc__.split("\n")[0])
-    s.add_argument("--out-dir", default="out", help="where the recipe's vit3 and lm0 outputs are")
-    s.add_argument("--init-from", default="", help="the vit3 output to start from (default OUT_DIR/vit3)")
-    s.add_argument("--lr", type=float, default=stage_config("pretrain1").lr, help="the start / fixed LR")
-    s.add_argument("--seeds", type=int, default=2)
-    s.add_argument("--data-dir", default=data.DEFAULT_SYNTH_DIR, help="the synthetic data the recipe ran on")
-    args = ap.parse_args(argv)
-    return {"step": bench_step, "packing": bench_packing, "adalrs": bench_adalrs}[args.what](args)
-
-
-# ==============================================================================================
 # command line
 
 def help_text(cfg: StageConfig, model_cfg: M.SAILVLConfig, stage_given: bool) -> str:
@@ -1476,8 +1297,7 @@ def help_text(cfg: StageConfig, model_cfg: M.SAILVLConfig, stage_given: bool) ->
     walk(cfg, "")
     lines += ["  --model.<field>=...       the model config, e.g. --model.llm_config.num_hidden_layers=8 "
               "(python model.py --preset NAME prints every field)",
-              "", "other commands: python train_stage.py bench {step,packing,adalrs} --help | "
-              "python train_stage.py calibrate --help"]
+              "", "other commands: python train_stage.py calibrate --help"]
     return "\n".join(lines)
 
 
@@ -1756,8 +1576,6 @@ def fail(message: str, code: int, prog: str = "train_stage.py"):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["bench"]:
-            return bench(argv[1:])
         if argv[:1] == ["calibrate"]:
             return calibrate_cli(argv[1:])
         if dict(split_options(argv)).get("stage") == "all":

@@ -1,4 +1,5 @@
-"""Test set-up: repo root on sys.path, offline, deterministic, Triton interpreter on CPU.
+"""Test set-up: repo root on sys.path (HF's `kernels` package bound first: tests/repo_path.py),
+offline, deterministic, Triton interpreter on CPU.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here (the
 interpreter is how CPU CI runs the hand-written kernels; see reference/kernels-notes.md §C).
@@ -17,9 +18,10 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES_FORCE_GPU"):
     except ImportError:
         pass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import repo_path  # noqa: E402
+
+repo_path.add_repo_root()              # after transformers has bound HF's `kernels` (see repo_path.py)
 
 import torch  # noqa: E402
 

@@ -4,9 +4,9 @@
 #   bash tests/gpu_check.sh                 # logs in $LOG_DIR (default /tmp/gpu_check), one table at the end
 #
 #   1  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
-#   2  kernels.py bench attention           packed attention: Triton vs SDPA / flex / FA2 (ratios)
-#   3  kernels.py bench moe                 MoE expert layer: Triton vs the HF loop / grouped_mm (ratios)
-#   4  train_stage.py bench packing         stream packs vs pad-to-longest, useful tokens/s on the GPU
+#   2  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)
+#   3  tests/bench.py moe                   MoE expert layer: Triton vs the HF loop / grouped_mm (ratios)
+#   4  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
 #   5  a 2b-shaped model, random weights, through the real training loop: bf16, FSDP2 on 1 GPU,
 #      one step checkpoint and a resume
 #   6  a few RL updates (rl.py, tiny, random start) on the GPU
@@ -41,9 +41,9 @@ step() {
 step kernel-tests 150 "passed|failed" \
     python -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_moe.py \
     tests/test_kernels_gpu.py
-step bench-attn 90 "triton" python kernels.py bench attention
-step bench-moe 90 "triton|skewed" python kernels.py bench moe
-step bench-packing 60 "packed / padded" python train_stage.py bench packing --device=cuda --synth-dir="$WORK/synth"
+step bench-attn 90 "triton" python tests/bench.py attention
+step bench-moe 90 "triton|skewed" python tests/bench.py moe
+step bench-packing 75 "packed / padded" python tests/bench.py packing --real --device=cuda --synth-dir="$WORK/synth"
 # 2b shape (Qwen3-1.7B LLM + the 300M SAIL-ViT), random weights, bf16 under FSDP2's mixed precision
 TWO_B=(--stage=sft1 --preset=2b --init-from=random --fsdp=true --data_dir="$WORK/synth" --out_dir="$WORK/out"
        --eval_every=0 --save_every=2 --steps=4 --packing.max_tokens=4096 --warmup_steps=1 --lr=1e-5)

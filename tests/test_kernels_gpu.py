@@ -22,6 +22,7 @@ import os
 import pytest
 import torch
 
+import bench
 import kernels
 
 pytestmark = [
@@ -39,7 +40,7 @@ REALISTIC = dict(T=8192, E=64, k=8, H=2048, I=1024)        # the `bench moe` sha
 
 def moe_inputs(T, E, k, H, I, dtype, routing="uniform"):
     """([x, w_gate, w_up, w_down, topk_weights], topk_ids, dy) on the GPU (the bench's inputs)."""
-    return kernels._moe_make_inputs(T, E, k, H, I, dtype, "cuda", routing)
+    return bench.moe_make_inputs(T, E, k, H, I, dtype, "cuda", routing)
 
 
 def fwd_bwd(fn, leaves, ids, dy):
@@ -183,8 +184,8 @@ def attention_grads(fn, q, k, v, do):
 
 
 ATTENTION_CASES = [  # lengths, H, Hkv, D, causal
-    pytest.param(kernels._bench_lengths(8192, 0), 16, 16, 128, True, id="bench-T8k-d128-causal"),
-    pytest.param(kernels._bench_lengths(32768, 0), 16, 16, 128, True, id="bench-T32k-d128-causal"),
+    pytest.param(bench.bench_lengths(8192, 0), 16, 16, 128, True, id="bench-T8k-d128-causal"),
+    pytest.param(bench.bench_lengths(32768, 0), 16, 16, 128, True, id="bench-T32k-d128-causal"),
     # lengths 1 and not multiples of the 128-row chunk, GQA 4:1, another head-dim class
     pytest.param([1, 127, 129, 1, 2000, 63, 777], 16, 4, 64, False, id="gqa4-d64-bidir-odd"),
 ]
@@ -221,7 +222,7 @@ def test_attention_no_host_syncs(monkeypatch):
     """packed_attention fwd+bwd with CUDA cu_seqlens, including building the block table of a new
     cu_seqlens tensor, never waits for the GPU."""
     monkeypatch.setenv("SAILVL_KERNELS", "triton")
-    q, k, v, do, cu = attention_inputs(kernels._bench_lengths(4096, 1, 64, 1024), 16, 16, 128,
+    q, k, v, do, cu = attention_inputs(bench.bench_lengths(4096, 1, 64, 1024), 16, 16, 128,
                                        torch.bfloat16)
     run = lambda a, b, c, cu: kernels.packed_attention(a, b, c, cu, True)  # noqa: E731
     attention_grads(lambda a, b, c: run(a, b, c, cu), q, k, v, do)   # compile + autotune here

@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 
-import packing
+from bench import padding_useful_fraction, synthetic_metas
 from packing import (IGNORE_INDEX, PackingConfig, SampleMeta, StreamPacker, balance_packs, collate_pack,
-                     pack_stream, pack_visual, pack_work, round_robin, sample_meta, synthetic_metas)
+                     pack_stream, pack_visual, pack_work, round_robin, sample_meta)
 
 IMG = 7            # <IMG_CONTEXT> id of the test vocabulary
 VOCAB = 1000
@@ -131,7 +131,7 @@ def test_fill_ratio_on_a_long_tailed_stream_beats_padding():
     plans = list(pack_stream(metas, PackingConfig(max_tokens=8192, buffer_size=256)))
     useful = sum(m.n_tokens for p in plans for m in p) / (len(plans) * 8192)
     assert useful >= 0.97, useful
-    padded = packing.padding_useful_fraction([m.n_tokens for m in metas], 16, grouped=False)
+    padded = padding_useful_fraction([m.n_tokens for m in metas], 16, grouped=False)
     assert padded < 0.6 < useful
     assert sorted(m.index for p in plans for m in p) == list(range(len(metas)))
 

@@ -1,0 +1,815 @@
+"""Benchmarks of SAIL-VL2's speed claims: each times ours and a baseline in the same run and prints the ratio.
+
+    python tests/bench.py attention   packed attention fwd+bwd (paper §5.1). GPU: Triton vs one SDPA with a
+                                      dense block-diagonal mask, flex_attention with a document mask, torch's
+                                      varlen_attn, an SDPA loop and FA2 (when installed); CPU: the torch path's
+                                      two variants
+    python tests/bench.py moe         MoE expert SwiGLU layer fwd+bwd (§5.2). GPU: Triton vs the HF-v4 expert
+                                      loop and sort + torch._grouped_mm; CPU: the torch reference vs the loop
+    python tests/bench.py packing     stream packing vs pad-to-longest on long-tailed streams (§5.1): useful
+                                      tokens, per-rank balance; --real adds the synthetic data's own samples
+                                      and the tiny model's useful tokens/s, packed vs padded
+    python tests/bench.py step        one training step, our Qwen3 vs HF's Qwen3ForCausalLM, same weights
+    python tests/bench.py adalrs      pretrain1 with a fixed LR vs with AdaLRS (§3.2.3), from the recipe's vit3
+    python tests/bench.py decode      greedy decode, ours (KV cache) vs HF generate, same weights
+    python tests/bench.py rollout     RL rollouts vs HF generate, and generation's share of one RL episode
+
+`python tests/bench.py NAME --help` lists a bench's options; defaults depend on the device (GPU: the
+sizes of the paper's models, CPU: small ones). One timer serves every bench (`timed`). Correctness is
+tested in tests/, not here. On a shared CPU, run with OMP_NUM_THREADS=1.
+"""
+import argparse
+import dataclasses
+import inspect
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Sequence
+
+import repo_path
+
+repo_path.add_repo_root()              # the project's files, after transformers has bound HF's `kernels`
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+import data  # noqa: E402
+import kernels  # noqa: E402
+import model as M  # noqa: E402
+import packing  # noqa: E402
+import rl  # noqa: E402
+import train_stage  # noqa: E402
+from packing import PackingConfig, SampleMeta  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------
+# the one timer, and the HF twin of our LLM that three benches compare against
+
+def timed(fn, repeats: int = 1, reset=(), kernel: bool = False) -> float:
+    """Seconds per fn() call, the GPU's queued work included: the fastest of `repeats` calls, each
+    after the .grad of the tensors in `reset` is set to None. kernel=True, for calls of a few ms:
+    on CUDA the median of triton's do_bench (L2 flushed, 25 ms warm-up, 100 ms of repeats), on CPU
+    one warm-up call and the fastest of 5 (CPU boxes are often shared)."""
+    cuda = torch.cuda.is_available()
+    if kernel and cuda:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(reset),
+                                       return_mode="median") / 1e3
+    if kernel:
+        fn()
+        repeats = 5
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    best = math.inf
+    for _ in range(repeats):
+        for t in reset:
+            t.grad = None
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def hf_twin(lm: M.Qwen3LM):
+    """HF transformers' Qwen3ForCausalLM with our LLM's weights (fp32, through the HF checkpoint writer)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise SystemExit("this bench compares against HF transformers: pip install -r tests/requirements.txt")
+    with tempfile.TemporaryDirectory() as d:
+        M.save_hf_llm(lm, d)
+        return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention: packed (cu_seqlens) attention fwd+bwd, kernels.packed_attention vs its baselines
+
+def bench_lengths(total: int, seed: int, lo: int = 64, hi: int = 4096):
+    """Fixed-seed sample lengths drawn from U[lo, hi], the last one cut so they sum to `total`."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
+    lengths[-1] -= sum(lengths) - total
+    return lengths
+
+
+def time_table(runs, leaves, grad_out, flop_fwd, flop_bwd):
+    """Time the forward (autograd on) and forward+backward of each runs[name]() -> output; print
+    ms, TFLOP/s and the first method's speed-up (this row's fwd+bwd time / the first row's).
+    Returns {name: fwd+bwd ms}; a method that cannot run here is reported and skipped."""
+    rows = {}
+    for name, run in runs.items():
+        try:
+            rows[name] = (1e3 * timed(run, kernel=True),
+                          1e3 * timed(lambda: run().backward(grad_out), reset=leaves, kernel=True))
+        except Exception as exc:  # e.g. out of memory at 32k: must not hide the other methods
+            print(f"  {name}: skipped ({type(exc).__name__}: {str(exc)[:120]})")
+            torch.cuda.empty_cache()
+    first = next(iter(runs))
+    print(f"  {'method':26s} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd TF/s':>9} {'bwd TF/s':>9} "
+          f"{'f+b TF/s':>9}  {first} speed-up (f+b)")
+    for name, (fwd, both) in rows.items():
+        ratio = f"{both / rows[first][1]:.2f}x" if first in rows else "-"
+        tflops = (flop_fwd / fwd, flop_bwd / max(both - fwd, 1e-6), (flop_fwd + flop_bwd) / both)
+        print(f"  {name:26s} {fwd:9.3f} {both:11.3f} "
+              + " ".join(f"{x / 1e9:9.4g}" for x in tflops) + f"  {ratio}")
+    return {name: both for name, (_, both) in rows.items()}
+
+
+def bench_attention(args):
+    """Packed attention fwd+bwd. GPU: Triton vs one SDPA with a dense block-diagonal mask, compiled
+    FlexAttention with a document BlockMask, torch's varlen_attn, a per-sample SDPA loop and FA2
+    varlen (if installed). CPU: the torch path's two variants (per-sample loop, masked SDPA) and the
+    one its rule picks."""
+    gpu = torch.cuda.is_available()
+    dev, H, D, causal = "cuda" if gpu else "cpu", args.heads, args.dim, args.causal
+    Hkv = args.kv_heads or H
+    print(f"packed attention on {torch.cuda.get_device_name() if gpu else 'CPU'}, torch "
+          f"{torch.__version__}, triton {triton.__version__}; H={H} Hkv={Hkv} D={D} {args.dtype} "
+          f"causal={causal}; lengths U{args.lengths}, seed {args.seed}")
+    print("FLOPs: fwd = 4 H D sum_i L_i(L_i+1)/2 (causal; sum L_i^2 otherwise), bwd = 2.5 fwd")
+    for T in args.total:
+        lengths = bench_lengths(T, args.seed, *args.lengths)
+        cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=dev)
+        g = torch.Generator(device=dev).manual_seed(args.seed)
+        q, k, v, do = (torch.randn(T, h, D, device=dev, dtype=DTYPES[args.dtype], generator=g)
+                       for h in (H, Hkv, Hkv, H))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        print(f"\nT={T}: {len(lengths)} samples {lengths}")
+        loop = lambda: kernels.packed_attention_torch(q, k, v, cu, causal, method="loop")  # noqa: E731
+        if gpu:
+            runs = {"triton": lambda: kernels.packed_attention_triton(q, k, v, cu, causal),
+                    "sdpa dense block-diag mask": dense_mask_attention(lengths, q, k, v, causal),
+                    "sdpa per-sample loop": loop, **flex_document_attention(lengths, q, k, v, causal),
+                    **torch_varlen_attention(lengths, q, k, v, cu, causal)}
+            try:
+                from flash_attn import flash_attn_varlen_func
+                runs["flash_attn varlen (FA2)"] = lambda: flash_attn_varlen_func(
+                    q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+            except ImportError:
+                pass
+            ms = 1e3 * timed(lambda: kernels._attn_block_table(cu, T, kernels._attn_chunk(), causal), kernel=True)
+            print(f"triton block table build: {ms:.3f} ms, excluded from its timing (built once "
+                  "per step, memoised per cu_seqlens tensor, like a BlockMask)")
+        else:
+            runs = {"sdpa per-sample loop": loop, "sdpa block-diag mask":
+                    lambda: kernels.packed_attention_torch(q, k, v, cu, causal, method="mask")}
+            print(f"the torch path picks: {kernels._torch_attention_method(cu.tolist(), H * D)}")
+        flop = 4.0 * H * D * sum(L * (L + 1) // 2 if causal else L * L for L in lengths)
+        time_table(runs, (q, k, v), do, flop, 2.5 * flop)
+        for kind in ("fwd", "dkdv", "dq"):
+            tuned = kernels._attn_tuned_cache.get((kind, kernels._attn_dim_class(D)))
+            if getattr(tuned, "best_config", None) is not None:
+                print(f"  autotuned {kind}: {tuned.best_config}")
+
+
+def dense_mask_attention(lengths, q, k, v, causal):
+    """One SDPA over the pack as a batch of 1 (4-D, so SDPA's fused kernels apply) with a
+    block-diagonal mask built here, once: like flex's BlockMask it is not timed."""
+    mask = kernels._block_diagonal_mask(lengths, causal, q.device)
+    rep = q.shape[1] // k.shape[1]
+
+    def run():
+        kk, vv = (k, v) if rep == 1 else (t.repeat_interleave(rep, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk.transpose(0, 1)[None],
+                                             vv.transpose(0, 1)[None], attn_mask=mask)
+        return out[0].transpose(0, 1)
+    return run
+
+
+def flex_document_attention(lengths, q, k, v, causal):
+    """{name: run} for compiled flex_attention with a (causal) document BlockMask; {} without it."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        print("flex_attention: not available in this torch")
+        return {}
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
+                                  torch.tensor(lengths, device=q.device))
+
+    def document_mask(b, h, qi, ki):
+        same = seg[qi] == seg[ki]
+        return same & (qi >= ki) if causal else same
+
+    def build():
+        T = q.shape[0]
+        return create_block_mask(document_mask, None, None, T, T, device=q.device, _compile=True)
+    t0 = time.perf_counter()
+    block_mask = build()
+    torch.cuda.synchronize()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    print(f"flex BlockMask build: {1e3 * timed(build, kernel=True):.2f} ms (first call, with compile: "
+          f"{first_ms:.0f} ms), excluded from its timing")
+    compiled = torch.compile(flex_attention)
+
+    def run():
+        out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+        return out[0].transpose(0, 1)
+    return {"flex_attention doc mask": run}
+
+
+def torch_varlen_attention(lengths, q, k, v, cu, causal):
+    """{name: run} for torch.nn.attention.varlen.varlen_attn (flash attention over cu_seqlens, the
+    same packed (T, H, D) layout as ours); {} with the reason printed where this torch lacks it.
+    Causal is `window_size=(-1, 0)` from torch 2.11 on (2.10 took `is_causal`); `enable_gqa` is
+    newer than 2.11 (2.13 has it), so for GQA without it the kv heads are repeated inside the run."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        print("torch varlen_attn: skipped (torch.nn.attention.varlen is not in this torch)")
+        return {}
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        print(f"torch varlen_attn: skipped (its flash attention takes bf16 or fp16, not {q.dtype})")
+        return {}
+    params = inspect.signature(varlen_attn).parameters
+    options = {"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in params else {"is_causal": causal}
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1 and "enable_gqa" in params:
+        options["enable_gqa"], rep = True, 1
+    longest = max(lengths)
+
+    def run():
+        kk, vv = (k, v) if rep == 1 else (t.repeat_interleave(rep, dim=1) for t in (k, v))
+        return varlen_attn(q, kk, vv, cu, cu, longest, longest, **options)
+    return {"torch varlen_attn": run}
+
+
+# ----------------------------------------------------------------------------------------------
+# moe: the expert layer fwd+bwd, kernels.moe_grouped_mlp vs its baselines
+
+def moe_loop_hf_v4(x, w_gate, w_up, w_down, topk_weights, topk_ids):
+    """Baseline: the HF transformers v4 Qwen3-MoE expert loop (mask, torch.where, index_add_)."""
+    E = w_gate.shape[0]
+    y = torch.zeros_like(x)
+    expert_mask = F.one_hot(topk_ids, E).permute(2, 1, 0)              # (E, k, T)
+    for e in range(E):
+        slot, tok = torch.where(expert_mask[e])                          # host sync per expert
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())
+        ye = (h @ w_down[e].t()) * topk_weights[tok, slot, None].to(h.dtype)
+        y.index_add_(0, tok, ye.to(x.dtype))
+    return y
+
+
+def moe_sorted_grouped_mm(x, w_gate, w_up, w_down, topk_weights, topk_ids):
+    """Baseline: sort pairs by expert, torch._grouped_mm per projection (CUTLASS on SM90), un-permute."""
+    T, H = x.shape
+    E = w_gate.shape[0]
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)                           # group end offsets
+    xs = x[order // k]                                                   # (M, H) sorted copy
+    g = torch._grouped_mm(xs, w_gate.transpose(1, 2), offs=offs)         # (M, I)
+    u = torch._grouped_mm(xs, w_up.transpose(1, 2), offs=offs)
+    o = torch._grouped_mm(F.silu(g) * u, w_down.transpose(1, 2), offs=offs)  # (M, H)
+    o = o * topk_weights.reshape(-1)[order, None].to(o.dtype)
+    y_pairs = torch.empty_like(o).index_copy(0, order, o)               # back to pair order
+    return y_pairs.view(T, k, H).sum(1)
+
+
+def grouped_mm_unavailable(x) -> str:
+    """'' when sort+torch._grouped_mm is a fair baseline here (bf16, CUDA SM90/SM100), else why not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "torch._grouped_mm missing"
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
+        return "needs CUDA SM90/SM100 (elsewhere it is an mm loop with host syncs)"
+    if x.dtype != torch.bfloat16:
+        return "bf16 only"
+    return ""
+
+
+def moe_make_inputs(T, E, k, H, I, dtype, device, routing="uniform", seed=0):
+    """Random layer inputs; routing 'uniform' (random top-k) or 'skewed' (half the tokens route
+    among 8 hot experts). Weights ~1/sqrt(fan_in) so activations stay O(1)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    x = randn(T, H)
+    w_gate, w_up = randn(E, I, H, scale=H ** -0.5), randn(E, I, H, scale=H ** -0.5)
+    w_down = randn(E, H, I, scale=I ** -0.5)
+    logits = torch.rand(T, E, generator=g, device=device)
+    if routing == "skewed":
+        hot = torch.rand(T, generator=g, device=device) < 0.5
+        logits[hot, :min(E, max(8, k))] += 2.0
+    elif routing != "uniform":
+        raise ValueError(f"routing must be 'uniform' or 'skewed', got {routing!r}")
+    probs, ids = logits.softmax(-1).topk(k, dim=-1)
+    topk_weights = (probs / probs.sum(-1, keepdim=True)).to(dtype)
+    dy = randn(T, H)
+    return [x, w_gate, w_up, w_down, topk_weights], ids, dy
+
+
+def bench_moe(args):
+    """MoE layer fwd+bwd, the same inputs for every method, per routing. GPU: Triton vs the HF-v4
+    expert loop vs sort + torch._grouped_mm; CPU: the sorted torch reference vs the loop."""
+    T, E, k, H, I = args.tokens, args.experts, args.topk, args.hidden, args.inter
+    gpu = torch.cuda.is_available()
+    dtype = DTYPES[args.dtype]
+    flop_fwd = 6 * T * k * H * I                                         # 3 GEMMs of 2*T*k*H*I
+    print(f"MoE layer: T={T} E={E} k={k} d={H} f={I} {args.dtype} on "
+          f"{torch.cuda.get_device_name() if gpu else 'CPU (torch paths only)'}, torch "
+          f"{torch.__version__}, triton {triton.__version__}; FLOP fwd {flop_fwd / 1e12:.3g} T, "
+          f"fwd+bwd {3 * flop_fwd / 1e12:.3g} T")
+    methods = ({"triton": kernels.moe_grouped_mlp_triton} if gpu else
+               {"sorted reference": kernels.moe_grouped_mlp_torch})
+    if not args.skip_loop:
+        methods["loop (HF v4)"] = moe_loop_hf_v4
+    first_ms = {}
+    for routing in args.routing.split(","):
+        leaves, ids, dy = moe_make_inputs(T, E, k, H, I, dtype, "cuda" if gpu else "cpu", routing)
+        req = [t.detach().requires_grad_() for t in leaves]
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        print(f"\n[{routing}] tokens per expert: min {int(counts.min())} mean {T * k / E:.0f} "
+              f"max {int(counts.max())}")
+        if gpu:
+            t0 = time.perf_counter()
+            kernels.moe_grouped_mlp_triton(*req, ids).backward(dy)   # compile + autotune (first call only)
+            torch.cuda.synchronize()
+            print(f"triton first call (compile + autotune): {time.perf_counter() - t0:.1f} s")
+            bm = kernels._moe_block_m(T * k, E, dtype)
+            ms = 1e3 * timed(lambda: kernels._moe_align(ids, E, bm), kernel=True)
+            print(f"triton routing alone (sort + block alignment, BLOCK_M={bm}): {ms:.3f} ms (included in "
+                  "the layer times)")
+            why_not = grouped_mm_unavailable(leaves[0])
+            if why_not:
+                print(f"sort+grouped_mm: skipped ({why_not})")
+            else:
+                methods["sort+grouped_mm"] = moe_sorted_grouped_mm
+        runs = {name: (lambda fn=fn: fn(*req, ids)) for name, fn in methods.items()}
+        first_ms[routing] = time_table(runs, req, dy, flop_fwd, 2 * flop_fwd).get(next(iter(runs)))
+    if first_ms.get("uniform") and first_ms.get("skewed"):
+        print(f"\n{next(iter(methods))} skewed / uniform fwd+bwd time: "
+              f"{first_ms['skewed'] / first_ms['uniform']:.2f}x (target <= 1.5x)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# packing: stream packing vs pad-to-longest, rank balance; --real: the synthetic data's samples
+
+def synthetic_metas(kind: str, n: int, seed: int = 0, max_tokens: int = 8192) -> list:
+    """Long-tailed sample metadata for the benchmark (no tensors).
+
+    "longtail": SFT-like mix; 30% text-only with log-normal length (median 400, sigma 1.1),
+                70% images of 1-12 tiles + thumbnail (256 visual tokens per tile, as the 448-px
+                tiles of SAIL-ViT after the 2x2 pixel shuffle) with a log-normal text part
+                (median 150, sigma 1.0).
+    "anyres":   AnyRes-like; 25% text-only as above, 75% one image whose side is log-uniform in
+                224..1792 px -> (side / 28)^2 = 64..4096 visual tokens (patch 14, 2x2 shuffle),
+                plus log-normal text. Lengths are clipped to max_tokens."""
+    rng = random.Random(seed)
+    metas = []
+    for i in range(n):
+        text_only = rng.random() < (0.3 if kind == "longtail" else 0.25)
+        if text_only:
+            n_vis, n_img, text = 0, 0, int(rng.lognormvariate(math.log(400), 1.1))
+        elif kind == "longtail":
+            tiles = min(12, max(1, int(rng.expovariate(1 / 3.0)) + 1))
+            n_img = tiles + (tiles > 1)                      # thumbnail when tiled
+            n_vis, text = 256 * n_img, int(rng.lognormvariate(math.log(150), 1.0))
+        elif kind == "anyres":
+            side = math.exp(rng.uniform(math.log(224), math.log(1792)))
+            n_img, n_vis = 1, int(side / 28) ** 2
+            text = int(rng.lognormvariate(math.log(150), 1.0))
+        else:
+            raise ValueError(f"synthetic_metas: unknown kind {kind!r} (longtail, anyres)")
+        n_tok = min(max_tokens, n_vis + max(8, text))
+        metas.append(SampleMeta(i, n_tok, min(n_vis, n_tok), n_img))
+    return metas
+
+
+def padding_useful_fraction(lengths: Sequence[int], batch_size: int, grouped: bool) -> float:
+    """Useful-token fraction of pad-to-longest batches of `batch_size` samples in stream order,
+    or length-grouped (LLaVA's group_by_length: sort megabatches of 50 batches, then split)."""
+    lengths = list(lengths)
+    if grouped:
+        mega = 50 * batch_size
+        lengths = [L for s in range(0, len(lengths), mega) for L in sorted(lengths[s:s + mega], reverse=True)]
+    useful = padded = 0
+    for s in range(0, len(lengths), batch_size):
+        batch = lengths[s:s + batch_size]
+        useful += sum(batch)
+        padded += max(batch) * len(batch)
+    return useful / padded
+
+
+def bench_fill(metas, cfg: PackingConfig, batch_size: int):
+    """(pad-to-longest random, pad-to-longest grouped, stream packing) useful fractions, packs, forced."""
+    lengths = [m.n_tokens for m in metas]
+    packer = packing.StreamPacker(cfg)
+    plans = []
+    for m in metas:
+        packer.push(m)
+        if packer.full:
+            plans.append(packer.pop())
+    while (plan := packer.pop()) is not None:
+        plans.append(plan)
+    packed = sum(m.n_tokens for p in plans for m in p) / (len(plans) * cfg.max_tokens)
+    return (padding_useful_fraction(lengths, batch_size, False),
+            padding_useful_fraction(lengths, batch_size, True), packed, len(plans), packer.stats["forced"])
+
+
+def bench_balance(metas, cfg: PackingConfig, n_ranks: int, steps: int, hidden_size: int = 4096):
+    """Mean over steps of max/mean per-rank visual tokens and work: naive (no visual packing,
+    round-robin packs) vs balanced (work only) vs visual packing (pack steering + 2-D balance)."""
+    out = {}
+    for name, visual_packing, assign in (("naive", False, "rr"), ("work-balanced", False, "work"),
+                                         ("visual packing", True, "visual")):
+        c = PackingConfig(**{**asdict(cfg), "visual_packing": visual_packing})
+        stream = packing.pack_stream(itertools.cycle(metas), c)   # endless: as many steps as asked
+        ratios_v, ratios_w, worst_v = [], [], 0.0
+        for _ in range(steps):
+            plans = list(itertools.islice(stream, n_ranks * c.micro_batches))
+            groups = (packing.round_robin(len(plans), n_ranks) if assign == "rr" else
+                      packing.balance_packs(plans, n_ranks, hidden_size, visual=(assign == "visual")))
+            v = [sum(packing.pack_visual(plans[j]) for j in g) for g in groups]
+            w = [sum(packing.pack_work(plans[j], hidden_size) for j in g) for g in groups]
+            ratios_v.append(max(v) / (sum(v) / n_ranks))
+            ratios_w.append(max(w) / (sum(w) / n_ranks))
+            worst_v = max(worst_v, ratios_v[-1])
+        out[name] = (sum(ratios_v) / steps, worst_v, sum(ratios_w) / steps)
+    return out
+
+
+def print_fill_and_balance(streams: dict, cfg: PackingConfig, batch_size: int, ranks: int, steps: int,
+                           hidden_size: int = 4096) -> None:
+    """Parts [1] and [2] of the bench for {name: metas} streams."""
+    print(f"\n[1] useful-token fraction (padding baseline: batches of {batch_size} samples)")
+    print(f"{'distribution':<12} {'samples':>8} {'mean len':>9} {'pad random':>11} {'pad grouped':>12} "
+          f"{'stream pack':>12} {'packs':>6} {'forced':>7}")
+    for kind, metas in streams.items():
+        rnd, grp, packed, n_packs, forced = bench_fill(metas, cfg, batch_size)
+        mean_len = sum(m.n_tokens for m in metas) / len(metas)
+        print(f"{kind:<12} {len(metas):>8} {mean_len:>9.0f} {rnd:>11.1%} {grp:>12.1%} {packed:>12.1%} "
+              f"{n_packs:>6} {forced:>7}")
+    print(f"\n[2] per-rank balance over {ranks} ranks x {cfg.micro_batches} micro-batches, "
+          f"{steps} steps: max/mean per step, mean (worst)")
+    print(f"{'distribution':<12} {'assignment':<16} {'visual tokens':>18} {'LLM work':>10}")
+    for kind, metas in streams.items():
+        for name, (mv, wv, mw) in bench_balance(metas, cfg, ranks, steps, hidden_size).items():
+            print(f"{kind:<12} {name:<16} {mv:>10.3f} ({wv:.3f}) {mw:>10.3f}")
+
+
+def bench_packing(args):
+    """Stream packing vs pad-to-longest: useful tokens and per-rank balance on long-tailed synthetic
+    streams; with --real also on the synthetic data's own samples, and the tiny model's useful
+    tokens/s, packed vs padded."""
+    cfg = PackingConfig(max_tokens=args.max_tokens, buffer_size=args.buffer_size,
+                        micro_batches=args.micro_batches, max_images_per_pack=args.max_images)
+    streams = {kind: synthetic_metas(kind, args.samples, args.seed, cfg.max_tokens) for kind in ("longtail", "anyres")}
+    print(f"packing bench: buffer={cfg.buffer_size} max_images/pack={cfg.max_images_per_pack} "
+          f"ranks={args.ranks} micro_batches={cfg.micro_batches}; max_tokens={cfg.max_tokens}")
+    print_fill_and_balance(streams, cfg, args.batch_size, args.ranks, args.steps)
+    if args.real:
+        print()
+        bench_packing_real(args)
+    else:
+        print("\n(the synthetic data's own samples and tokens/s of the tiny model, packed vs padded: --real)")
+
+
+def bench_packing_real(args):
+    """Real samples of every synthetic train manifest (tiny preset geometry): packing fill and
+    rank balance as above, then useful tokens/s of one tiny SAILVL forward + backward over the
+    same samples, pad-to-longest batches vs stream packs."""
+    mcfg = M.preset_config("tiny")
+    dcfg = data.DataConfig.from_model(mcfg)
+    root = data.ensure_synth(args.synth_dir, progress=False)
+    tok = data.load_tokenizer(root)                                     # the synthetic data's own BPE
+    rng = random.Random(args.seed)
+    samples = []
+    for path in sorted(root.glob("*/train.jsonl")):
+        ds = data.JsonlDataset(path, tok, dcfg)
+        for i in rng.sample(range(len(ds)), min(args.per_family, len(ds))):
+            samples.append({**ds[i], "family": path.parent.name, "weight": len(ds)})
+    # a stream drawn from the loaded samples, each family in proportion to its manifest size
+    metas = [packing.sample_meta(s, i) for i, s in enumerate(samples)]
+    per_family = {f: sum(1 for s in samples if s["family"] == f) for f in {s["family"] for s in samples}}
+    picks = rng.choices(range(len(metas)), weights=[s["weight"] / per_family[s["family"]] for s in samples],
+                        k=args.samples)
+    stream = [metas[j]._replace(index=k) for k, j in enumerate(picks)]
+    pcfg = PackingConfig(max_tokens=args.tiny_max_tokens, micro_batches=4)
+    print(f"synthetic manifests, tiny preset: {len(samples)} samples loaded, a stream of {len(stream)}; "
+          f"packs of {args.tiny_max_tokens} tokens")
+    print_fill_and_balance({"synthetic": stream}, pcfg, 16, 8, 100, mcfg.llm_config.hidden_size)
+
+    torch.set_num_threads(args.threads)       # 1 by default: waiting OpenMP threads make timings noisy
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    net = M.build_model("tiny").train().to(device)
+    order = list(range(len(samples)))
+    random.Random(0).shuffle(order)
+    padded = [packing.collate_padded([samples[i] for i in order[k:k + args.tiny_batch_size]])
+              for k in range(0, len(order), args.tiny_batch_size)]
+    plans = packing.plan_packs([metas[i] for i in order], PackingConfig(max_tokens=args.tiny_max_tokens,
+                                                                        max_images_per_pack=10 ** 6))
+    packed = [packing.collate_pack([samples[m.index] for m in p], p) for p in plans]
+    to_dev = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    padded, packed = [to_dev(b) for b in padded], [to_dev(b) for b in packed]
+    useful = sum(s["input_ids"].numel() for s in samples)
+
+    def run(batches, is_packed):
+        for b in batches:
+            out = net(b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
+                      position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"] if is_packed else None)
+            out.ce_sum.backward()              # summed CE: the global token mean only rescales it
+            net.zero_grad(set_to_none=True)
+
+    run(padded[:1], False), run(packed[:1], True)                       # warm-up
+    t_pad, t_pack = [], []
+    for _ in range(args.repeats):                                        # alternate: same machine load
+        t_pad.append(timed(lambda: run(padded, False)))
+        t_pack.append(timed(lambda: run(packed, True)))
+    med_pad, med_pack = sorted(t_pad)[args.repeats // 2], sorted(t_pack)[args.repeats // 2]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n[3] tiny SAILVL forward+backward, fp32 {where}, {len(samples)} "
+          f"samples, {useful} useful tokens, median of {args.repeats}")
+    for name, batches, t in ((f"pad-to-longest, {args.tiny_batch_size} samples", padded, med_pad),
+                             (f"stream packs, {args.tiny_max_tokens} tokens", packed, med_pack)):
+        computed = sum(b["input_ids"].numel() for b in batches)
+        print(f"  {name:<28} computed {computed:>7} | useful {useful / computed:6.1%} | {t:6.2f} s | "
+              f"{useful / t:8,.0f} useful tok/s")
+    print(f"packed / padded useful tokens/s: {med_pad / med_pack:.2f}x")
+
+
+# ----------------------------------------------------------------------------------------------
+# step, adalrs: the training step against HF's, and AdaLRS against a fixed LR
+
+def bench_step(args):
+    """Tokens/s of one training step (forward + backward + AdamW) of a preset's LLM, ours vs
+    HF transformers' Qwen3ForCausalLM with the same weights and inputs, measured in one run."""
+    torch.manual_seed(0)
+    ours = M.build_model(args.preset).language_model.train()
+    hf = hf_twin(ours).train()
+    ids = torch.randint(0, min(256, ours.cfg.vocab_size), (args.batch, args.seq))
+
+    def step_fn(m, is_hf):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+        def step():
+            logits = m(ids).logits if is_hf else m(ids)
+            ce, n = M.shifted_cross_entropy(logits, ids)
+            (ce / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(ce.detach() / n)
+        return step
+
+    runs = {"ours": step_fn(ours, False), "hf": step_fn(hf, True)}
+    first = {k: f() for k, f in runs.items()}                           # warm-up; same weights, same loss
+    best = {k: timed(f, args.repeats) for k, f in runs.items()}
+    tok = args.batch * args.seq
+    print(f"train step (fwd+bwd+AdamW), {args.preset} LLM ({M.count_params(ours) / 1e6:.2f}M params), batch "
+          f"{args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"  first-step loss: ours {first['ours']:.5f} | HF {first['hf']:.5f}")
+    print(f"  ours {tok / best['ours']:10,.0f} tok/s | HF Qwen3 {tok / best['hf']:10,.0f} tok/s | "
+          f"ratio ours / HF {best['hf'] / best['ours']:.2f}x")
+
+
+def final_eval_loss(folder: str) -> float:
+    with open(os.path.join(folder, "meta.json")) as f:
+        return float(json.load(f)["eval_loss"])
+
+
+def bench_adalrs(args):
+    """pretrain1 (tiny) with a fixed LR vs with AdaLRS from the same start and the same data, for
+    several seeds, through `train_stage.run_stage` (the stage table the CLI uses); held-out loss at the end."""
+    init = args.init_from or train_stage.stage_dir(train_stage.StageConfig(out_dir=args.out_dir), "vit3")
+    if not train_stage.is_finished_stage(init):
+        raise train_stage.UsageError(f"bench adalrs starts pretrain1 from {init}, which is missing: run the "
+                                     f"recipe up to vit3 first, or pass --init-from=DIR")
+    lm0 = train_stage.stage_dir(train_stage.StageConfig(out_dir=args.out_dir), "lm0")
+    diffs = []
+    with tempfile.TemporaryDirectory(prefix="adalrs_bench_") as tmp:
+        for seed in range(args.seeds):
+            res = {}
+            for name, on in (("fixed", "false"), ("adalrs", "true")):
+                out = os.path.join(tmp, f"{name}{seed}")
+                os.makedirs(out)
+                for src, dst in ((init, "vit3"), (lm0, "lm0")):         # pretrain1's sources, per its init rule
+                    shutil.copytree(src, os.path.join(out, dst))
+                res[name] = final_eval_loss(train_stage.run_stage(
+                    "pretrain1", [f"--out_dir={out}", f"--adalrs={on}", f"--data_dir={args.data_dir}",
+                                  f"--lr={args.lr}", f"--seed={1337 + seed}", f"--step_scale={args.step_scale}"]))
+            diffs.append(res["fixed"] - res["adalrs"])
+            print(f"seed {seed}: held-out loss fixed LR {args.lr:g} {res['fixed']:.4f} | AdaLRS {res['adalrs']:.4f} "
+                  f"| fixed - AdaLRS = {diffs[-1]:+.4f}")
+    print(f"mean over {args.seeds} seeds: fixed - AdaLRS = {sum(diffs) / len(diffs):+.4f} "
+          f"(paper §3.2.1, full scale: > +0.06)")
+
+
+# ----------------------------------------------------------------------------------------------
+# decode, rollout: generation against HF generate on the same weights
+
+def bench_decode(args):
+    """Greedy decode tokens/s of our Qwen3LM (KV cache) vs HF `generate` on the same weights, one run."""
+    torch.manual_seed(0)
+    lm = (M.SAILVL.from_pretrained(args.ckpt) if args.ckpt else M.build_model(args.preset)).language_model.eval()
+    hf = hf_twin(lm).eval()
+    V = lm.cfg.vocab_size
+    prompts = torch.randint(0, min(V, 256), (args.batch, args.prompt_len)).tolist()
+    n = args.new_tokens
+
+    def ours():
+        return lm.generate(prompts, max_new_tokens=n)
+
+    def theirs():
+        with torch.no_grad():
+            ids = torch.tensor(prompts)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, use_cache=True, pad_token_id=0)
+        return out[:, args.prompt_len:].tolist()
+
+    same = ours() == theirs()                                            # also a warm-up of both
+    times = {"ours": [], "hf": []}
+    for _ in range(args.repeats):                                        # alternate: same machine load
+        for name, fn in (("ours", ours), ("hf", theirs)):
+            times[name].append(timed(fn))
+    tps = {k: args.batch * n / min(v) for k, v in times.items()}
+    print(f"decode, {args.preset if not args.ckpt else args.ckpt}, batch {args.batch}, prompt {args.prompt_len}, "
+          f"{n} new tokens, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"  ours (KV cache)     {tps['ours']:9.1f} tok/s")
+    print(f"  HF generate         {tps['hf']:9.1f} tok/s")
+    print(f"  ratio ours / HF     {tps['ours'] / tps['hf']:9.2f}x   (greedy outputs identical: {same})")
+
+
+def bench_rollout(args):
+    """Rollout generation tokens/s of ours (KV cache, batched, sampling at T=1) vs HF transformers'
+    generate on the same weights and batch; then one RL episode of the tiny model: generation time
+    vs update time."""
+    torch.manual_seed(0)
+    sailvl = M.SAILVL.from_pretrained(args.ckpt) if args.ckpt else M.build_model(args.preset)
+    lm = sailvl.eval().language_model
+    hf = hf_twin(lm).eval()
+    ids = torch.randint(0, min(256, lm.cfg.vocab_size), (args.batch, args.prompt_len))
+    n = args.new_tokens
+
+    def ours():
+        with torch.inference_mode():
+            rows = list(lm.model.embed_tokens(ids))
+            return M.generate_from_embeds(lm, rows, n, 1.0, 1.0, (), torch.Generator().manual_seed(0))
+
+    def theirs():
+        with torch.inference_mode():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, pad_token_id=0)
+    ours(), theirs()                                                    # warm-up
+    best = {name: timed(fn, args.repeats) for name, fn in (("ours", ours), ("hf", theirs))}
+    tps = {k: args.batch * n / v for k, v in best.items()}
+    print(f"rollouts, {args.ckpt or args.preset} LLM, batch {args.batch}, prompt {args.prompt_len}, {n} new tokens, "
+          f"sampling T=1, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"  ours (KV cache) {tps['ours']:9,.0f} tok/s | HF generate {tps['hf']:9,.0f} tok/s | ratio "
+          f"{tps['ours'] / tps['hf']:.2f}x")
+    # one RL episode of the tiny model on synthetic prompts: generation vs update
+    cfg = rl.RLConfig(episodes=1, pool_size=16, prompts_per_episode=8, group_size=8, filter_k=0, max_sampling_rounds=1)
+    sc = rl.stage_view(cfg)
+    root = data.ensure_synth(cfg.data_dir, progress=False)
+    tok = data.load_tokenizer(root)
+    dcfg = data.DataConfig.from_model(sailvl.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
+    pool = rl.PromptPool(rl.read_prompts(sc, tok, dcfg, "train", cfg.pool_size), 0)
+    cfg = rl.resolve_algo(cfg, sailvl.cfg)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    kept, st = rl.sample_groups(sailvl, tok, pool, dataclasses.replace(cfg, max_sampling_rounds=1), gen)
+    t_gen = time.perf_counter() - t0
+    for r in kept or []:
+        r.advantage = 1.0
+    rolls = kept or rl.rollouts(sailvl, tok, pool.take(2), cfg.group_size, cfg.max_new_tokens, 1.0, 1.0, gen)
+    params = list(sailvl.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    t0 = time.perf_counter()
+    sailvl.train()
+    rl.update_episode(sailvl, opt, params, rolls, cfg, torch.device("cpu"), 1, sailvl.cfg.img_context_token_id,
+                      rl.banned_ids(tok))
+    t_up = time.perf_counter() - t0
+    print(f"one RL episode ({cfg.prompts_per_episode} prompts x {cfg.group_size}, {st['len']:.0f} tokens per "
+          f"rollout): generation {t_gen:.1f} s, updates {t_up:.1f} s -> generation is {t_gen / (t_gen + t_up):.0%} "
+          f"of the step")
+
+
+# ----------------------------------------------------------------------------------------------
+# command line: python tests/bench.py NAME [options]; size defaults depend on the device
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):               # one line on stderr, exit 2 (not argparse's usage block)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_kernel_benches(sub, gpu: bool):
+    what = ("packed (cu_seqlens) attention fwd+bwd: Triton vs dense-mask SDPA, flex_attention, torch's "
+            "varlen_attn, an SDPA loop (and FA2) on GPU; the torch path's two variants on CPU (small shapes)")
+    p = sub.add_parser("attention", help=what, description=what)
+    p.add_argument("--total", type=int, nargs="+", default=[8192, 32768] if gpu else [256, 1024],
+                   help="packed tokens T, one run each")
+    p.add_argument("--lengths", type=int, nargs=2, default=[64, 4096] if gpu else [8, 128],
+                   metavar=("LO", "HI"), help="sample lengths ~ U[LO, HI], fixed seed")
+    p.add_argument("--heads", type=int, default=16 if gpu else 4, help="query heads H")
+    p.add_argument("--kv-heads", type=int, default=None, help="kv heads for GQA (default = heads)")
+    p.add_argument("--dim", type=int, default=128 if gpu else 32, help="head dim D")
+    p.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=list(DTYPES))
+    p.add_argument("--seed", type=int, default=0, help="length sampling seed")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                   help="causal within each sample (default) or bidirectional (--no-causal)")
+    p.set_defaults(func=bench_attention)
+    what = ("MoE expert SwiGLU layer fwd+bwd, uniform and skewed routing: Triton vs HF-v4 expert loop "
+            "vs sort+torch._grouped_mm on GPU; the torch reference vs the loop on CPU (small shape)")
+    p = sub.add_parser("moe", help=what, description=what)
+    for flag, on_gpu, on_cpu, text in (
+            ("tokens", 8192, 512, "T, tokens in the batch"), ("experts", 64, 8, "E, number of experts"),
+            ("topk", 8, 2, "k, experts per token"), ("hidden", 2048, 128, "d, model width"),
+            ("inter", 1024, 256, "f, expert intermediate size")):
+        p.add_argument(f"--{flag}", type=int, default=on_gpu if gpu else on_cpu, help=text)
+    p.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=list(DTYPES),
+                   help="storage dtype of inputs and weights (accumulation is fp32)")
+    p.add_argument("--routing", default="uniform,skewed", help="comma list of uniform, skewed")
+    p.add_argument("--skip-loop", action="store_true", help="skip the (slow) per-expert loop baseline")
+    p.set_defaults(func=bench_moe)
+
+
+def add_packing_bench(sub):
+    p = sub.add_parser("packing", help=bench_packing.__doc__.split("\n")[0], description=bench_packing.__doc__)
+    p.add_argument("--max-tokens", type=int, default=8192, help="pack length (paper: 8192)")
+    p.add_argument("--buffer-size", type=int, default=256, help="packer buffer (samples)")
+    p.add_argument("--max-images", type=int, default=48, help="tiles/images per pack cap")
+    p.add_argument("--samples", type=int, default=20000, help="samples per synthetic distribution (and of the "
+                                                              "--real stream)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per pad-to-longest batch")
+    p.add_argument("--ranks", type=int, default=8, help="simulated data-parallel ranks")
+    p.add_argument("--micro-batches", type=int, default=4, help="packs per rank per step")
+    p.add_argument("--steps", type=int, default=100, help="steps simulated for the balance part")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", action="store_true", help="also the synthetic data's samples and the tiny model's "
+                                                       "useful tokens/s, packed vs padded")
+    p.add_argument("--synth-dir", default=data.DEFAULT_SYNTH_DIR, help="--real: the synthetic data (made if missing)")
+    p.add_argument("--per-family", type=int, default=8, help="--real: samples loaded per manifest")
+    p.add_argument("--tiny-max-tokens", type=int, default=2048, help="--real: pack length for the tiny model")
+    p.add_argument("--tiny-batch-size", type=int, default=8, help="--real: pad-to-longest batch for the tiny model")
+    p.add_argument("--repeats", type=int, default=3, help="--real: timed passes per batching (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="--real: torch CPU threads for the tokens/s part")
+    p.add_argument("--device", default="cpu", help="--real: cpu | cuda (the tokens/s part)")
+    p.set_defaults(func=bench_packing)
+
+
+def add_model_benches(sub):
+    p = sub.add_parser("step", help=bench_step.__doc__.split("\n")[0], description=bench_step.__doc__)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per model (best one reported)")
+    p.set_defaults(func=bench_step)
+    p = sub.add_parser("adalrs", help=bench_adalrs.__doc__.split("\n")[0], description=bench_adalrs.__doc__)
+    p.add_argument("--out-dir", default="out", help="where the recipe's vit3 and lm0 outputs are")
+    p.add_argument("--init-from", default="", help="the vit3 output to start from (default OUT_DIR/vit3)")
+    p.add_argument("--lr", type=float, default=train_stage.stage_config("pretrain1").lr, help="the start / fixed LR")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--data-dir", default=data.DEFAULT_SYNTH_DIR, help="the synthetic data the recipe ran on")
+    p.add_argument("--step-scale", type=float, default=1.0, help="pretrain1's steps x this (a short check: 0.1)")
+    p.set_defaults(func=bench_adalrs)
+    for name, func, batch, prompt_len in (("decode", bench_decode, 4, 64), ("rollout", bench_rollout, 64, 48)):
+        p = sub.add_parser(name, help=func.__doc__.split("\n")[0], description=func.__doc__)
+        p.add_argument("--preset", default="tiny")
+        p.add_argument("--ckpt", default=None, help="a checkpoint instead of a random preset")
+        p.add_argument("--batch", type=int, default=batch, help="rows per generate call")
+        p.add_argument("--prompt-len", type=int, default=prompt_len)
+        p.add_argument("--new-tokens", type=int, default=64)
+        p.add_argument("--repeats", type=int, default=3)
+        p.set_defaults(func=func)
+
+
+def main(argv=None):
+    parser = Parser(prog="bench.py", description=__doc__.split("\n")[0],
+                    epilog="Correctness is tested, not benchmarked: python -m pytest tests/")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
+    add_kernel_benches(sub, torch.cuda.is_available())
+    add_packing_bench(sub)
+    add_model_benches(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except train_stage.UsageError as e:
+        print(f"bench.py {args.bench}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The CPU benches of tests/bench.py run at tiny sizes through their command line, and their
+baselines are what they claim: HF's twin of our LLM computes our loss and our greedy tokens.
+
+Speed is not asserted (CPU timings on a shared machine are noise); what is asserted is that each
+bench runs and prints its ratio, so a change to a component's API cannot silently break a bench.
+"""
+import re
+
+import pytest
+import torch
+
+import bench
+
+
+def run_bench(capsys, *argv) -> str:
+    assert bench.main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_attention_bench_times_both_torch_variants(capsys):
+    out = run_bench(capsys, "attention", "--total", "96", "--lengths", "8", "40", "--heads", "2", "--dim", "16")
+    assert "the torch path picks:" in out
+    for method in ("sdpa per-sample loop", "sdpa block-diag mask"):
+        assert re.search(rf"^  {method} +[\d.]+ +[\d.]+ .* [\d.]+x$", out, re.M), out
+
+
+def test_moe_bench_prints_the_skewed_to_uniform_ratio(capsys):
+    out = run_bench(capsys, "moe", "--tokens", "64", "--experts", "4", "--hidden", "32", "--inter", "48")
+    assert re.search(r"^  loop \(HF v4\) .* [\d.]+x$", out, re.M), out
+    assert re.search(r"skewed / uniform fwd\+bwd time: [\d.]+x", out), out
+
+
+def test_packing_bench_beats_padding_on_both_streams(capsys):
+    out = run_bench(capsys, "packing", "--samples", "600", "--steps", "3", "--ranks", "2")
+    fills = re.findall(r"^(longtail|anyres) +600 +\d+ +([\d.]+)% +([\d.]+)% +([\d.]+)%", out, re.M)
+    assert [f[0] for f in fills] == ["longtail", "anyres"], out
+    assert all(float(packed) > float(pad) for _, pad, _, packed in fills)
+
+
+def test_step_bench_hf_twin_has_our_first_loss(capsys):
+    out = run_bench(capsys, "step", "--seq", "32", "--batch", "2", "--repeats", "1")
+    ours, hf = re.search(r"first-step loss: ours ([\d.]+) \| HF ([\d.]+)", out).groups()
+    assert ours == hf, out
+    assert re.search(r"ratio ours / HF [\d.]+x", out), out
+
+
+def test_decode_bench_hf_generate_gives_our_greedy_tokens(capsys):
+    out = run_bench(capsys, "decode", "--batch", "2", "--prompt-len", "8", "--new-tokens", "6", "--repeats", "1")
+    assert "greedy outputs identical: True" in out, out
+
+
+def test_varlen_baseline_says_why_it_is_skipped(capsys):
+    q = k = v = torch.zeros(8, 2, 16)                         # fp32: torch's varlen_attn takes bf16 / fp16 only
+    assert bench.torch_varlen_attention([8], q, k, v, torch.tensor([0, 8], dtype=torch.int32), True) == {}
+    assert "torch varlen_attn: skipped (" in capsys.readouterr().out
+
+
+def test_a_usage_mistake_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["step", "--seq", "many"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seq" in err, err
