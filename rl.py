@@ -926,15 +926,18 @@ def split_mini_batches(rolls: list, cfg) -> list:
             for chunk in np.array_split(np.arange(n_groups), cfg.mini_batches)]
 
 
-def old_logprobs(model, mbs: list, packs: list, cfg, tok) -> dict:
+def old_logprobs(model, mbs: list, packs: list, n_packs: list, pad, cfg, tok) -> dict:
     """{rollout index: log-probs under the rollout policy}, before any update of the episode (only
-    needed when there is more than one update: the first mini-batch's own forward is that policy)."""
+    needed when there is more than one update: the first mini-batch's own forward is that policy).
+    Padded to n_packs forwards per mini-batch, as the updates are, so the ranks stay in step."""
     old = {}
     with torch.no_grad():
-        for mb, mb_packs in zip(mbs, packs):
-            for pack, idx in mb_packs:
-                for j, lp in zip(idx, completion_logps(model, pack, cfg, tok.n_vocab, banned_ids(tok))[0]):
-                    old[mb[j]] = lp
+        for mb, mb_packs, n in zip(mbs, packs, n_packs):
+            for j in range(n):
+                pack, idx = mb_packs[j] if j < len(mb_packs) else pad
+                lps = completion_logps(model, pack, cfg, tok.n_vocab, banned_ids(tok))[0]
+                if j < len(mb_packs):
+                    old.update({mb[i]: lp for i, lp in zip(idx, lps)})
     return old
 
 
@@ -956,7 +959,7 @@ def micro_step(model, pack: dict, rows: list, olds, cfg, tok, n_global: float, w
     (loss * (weight * world)).backward()                                   # FSDP averages gradients over ranks
     n = float(st["n_tokens"]) * weight
     sums = {key: float(st[key]) * n for key in SUM_STATS}
-    sums.update(tokens=n, loss=float(loss) * weight, entropy=float(sum(e.detach().sum() for e in ents)) * weight)
+    sums.update(tokens=n, loss=float(loss.detach()) * weight, entropy=float(sum(e.detach().sum() for e in ents)) * weight)
     maxes = {"ratio_dev": float((logp.detach() - old_lp).abs().masked_fill(~mask, 0).max()) * weight, "dlogp": 0.0}
     if olds is None and weight:                               # the rollout's own log-probs vs the recompute
         maxes["dlogp"] = max((float((torch.tensor(r.rollout_logp, device=device) - lp.detach()).abs().max())
@@ -977,9 +980,9 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     agg = cfg.agg or AGG_DEFAULTS[cfg.algo]
     mbs = split_mini_batches(rolls, cfg)
     packs = [micro_batches([rolls[i] for i in mb], cfg.max_tokens, img_id) for mb in mbs]
-    old = old_logprobs(model, mbs, packs, cfg, tok) if cfg.mini_batches * cfg.epochs > 1 else {}
     n_packs = [int(x) for x in all_reduce([len(p) for p in packs], device, "max")]
     pad = micro_batches([filler], cfg.max_tokens, img_id)[0]
+    old = old_logprobs(model, mbs, packs, n_packs, pad, cfg, tok) if cfg.mini_batches * cfg.epochs > 1 else {}
     n_updates = len(mbs) * cfg.epochs
     stats = {key: 0.0 for key in (*SUM_STATS, "loss", "entropy", "dlogp", "ratio_max_dev", "ratio_max_dev_later")}
     stats["updates"] = 0
