@@ -4,7 +4,9 @@ Reads top-down in the paper's order:
   §2.3 / facts §1.3   Qwen3 LLM (dense; MoE layers by HF's rule, block in moe.py, §2.2)
   §2.1 / facts §1.2   pixel shuffle v2 (ratio 0.5) and the `mlp1` adapter
   §2                  `SAILVL`: visual tokens fill the `<IMG_CONTEXT>` positions, shifted CE loss
-                      KV-cache generation (greedy / temperature / top-p, batched, stop tokens)
+  §4.2.3              generation and RL rollouts: `policy_logits` (the sampling policy), a static
+                      KV cache, each prompt prefilled once for its G rows, a fixed-shape decode
+                      step (torch.compile optional), finished rows leaving the batch
   facts §1.4          checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
                       SAIL-VL2 HF folders, HF Qwen3 / Qwen3-MoE folders (`load_hf_llm`)
   Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b
@@ -145,8 +147,8 @@ class KVCache:
         self.slots = None                                                # set by Qwen3LM.run for each forward
 
     def update(self, layer: int, k, v):                                  # k, v (B, Hkv, t, hd)
-        self.k[layer].index_copy_(2, self.slots, k)
-        self.v[layer].index_copy_(2, self.slots, v)
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))    # (autocast may give bf16)
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v[layer].dtype))
         return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
 
     def keep(self, rows):
@@ -393,18 +395,19 @@ def decode_step(lm: Qwen3LM, cache: KVCache, ids, pos, uniform, policy: tuple):
 
 
 class CompiledStep:
-    """decode_step under torch.compile (CUDA graphs on a GPU: mode "reduce-overhead"; inductor's
-    C++ on CPU). If compiling fails it warns once and decodes eagerly from then on."""
+    """decode_step under torch.compile: inductor's fused kernels (Triton on a GPU, C++ on CPU). Not
+    CUDA graphs ("reduce-overhead"): a graph replays fixed addresses, and this cache is allocated
+    per call (a cache kept between calls, gpt-fast's setup_caches, would hold that memory through
+    the RL update). If compiling fails it warns once and decodes eagerly from then on."""
 
-    def __init__(self, device):
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        self.fn = torch.compile(decode_step, mode=mode)           # sizes that vary become dynamic
+    fn = None                                                            # compiled on first use
 
     def __call__(self, lm, cache, ids, pos, uniform, policy):
+        if self.fn is None:
+            self.fn = torch.compile(decode_step)                         # sizes that vary become dynamic
         if self.fn is not decode_step:
             try:
-                ids, lp = self.fn(lm, cache, ids, pos, uniform, policy)
-                return ids.clone(), lp.clone()                           # CUDA graphs reuse their outputs
+                return self.fn(lm, cache, ids, pos, uniform, policy)
             except torch._dynamo.exc.TorchDynamoException as e:          # raised before the step ran
                 import warnings
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding eagerly")
@@ -412,20 +415,16 @@ class CompiledStep:
         return decode_step(lm, cache, ids, pos, uniform, policy)
 
 
-COMPILED_STEPS = {}      # device type -> CompiledStep (its graphs are reused across generate calls)
+COMPILED_STEP = CompiledStep()   # its compiled graphs are reused across generate calls
 SYNC_EVERY = 8           # decode steps between looks at the done flags: the decode loop's only host sync
 
 
 def pick_step(compile, device):
-    """decode_step, compiled or not. compile="auto": compiled on CUDA (CUDA graphs), eager on CPU,
-    where compiling a step costs more than it saves in a generate call (tests/bench_rollout.py)."""
+    """decode_step, compiled or not. compile="auto": compiled on CUDA, eager on CPU, where compiling
+    costs more than it saves (tests/bench_rollout.py: tens of seconds against ~20% of a call)."""
     if compile == "auto":
         compile = device.type == "cuda"
-    if not compile:
-        return decode_step
-    if device.type not in COMPILED_STEPS:
-        COMPILED_STEPS[device.type] = CompiledStep(device)
-    return COMPILED_STEPS[device.type]
+    return COMPILED_STEP if compile else decode_step
 
 
 def device_generator(generator, device):

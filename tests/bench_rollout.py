@@ -29,9 +29,10 @@ import model as M  # noqa: E402
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """(wall seconds, process CPU seconds, fn())"""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def hf_copy(lm):
@@ -59,24 +60,26 @@ def hf_generate(hf, embeds: list, max_new: int, stop=(), suppress=(), min_new: i
 
 
 def measure(engines: dict, repeats: int) -> dict:
-    """Best seconds and generated tokens of each engine, the engines interleaved (a loaded machine
-    slows them alike). Each engine is called once before timing (warm-up; compilation)."""
+    """Per engine: the best wall and CPU seconds of `repeats` calls, the generated tokens and the
+    first call's seconds (warm-up; compilation). The engines are interleaved, so a loaded machine
+    slows them alike; CPU seconds are the steadier measure there (one thread)."""
     first = {name: timed(fn)[0] for name, fn in engines.items()}
-    best = {name: (float("inf"), 0) for name in engines}
+    best = {name: [float("inf"), float("inf"), 0] for name in engines}
     for _ in range(repeats):
         for name, fn in engines.items():
-            sec, rows = timed(fn)
-            if sec < best[name][0]:
-                best[name] = (sec, sum(len(r) for r in rows))
-    return {name: (sec, n, first[name]) for name, (sec, n) in best.items()}
+            wall, cpu, rows = timed(fn)
+            b = best[name]
+            b[0], b[1], b[2] = min(b[0], wall), min(b[1], cpu), sum(len(r) for r in rows)
+    return {name: (wall, cpu, n, first[name]) for name, (wall, cpu, n) in best.items()}
 
 
 def report(title: str, res: dict):
     print(title)
-    hf_tps = res["hf"][1] / res["hf"][0]
-    for name, (sec, n, first) in res.items():
-        extra = f" | first call {first:6.1f} s" if name == "compiled" else ""
-        print(f"  {name:9s} {n / sec:9,.0f} tok/s ({n} tokens in {sec:6.3f} s) | {n / sec / hf_tps:5.2f}x HF{extra}")
+    hf_wall, hf_cpu, hf_n, _ = res["hf"]
+    for name, (wall, cpu, n, first) in res.items():
+        extra = f" | first call (compiling) {first:5.1f} s" if name == "compiled" else ""
+        print(f"  {name:9s} {n / wall:9,.0f} tok/s, {n / wall / (hf_n / hf_wall):5.2f}x HF | per CPU second "
+              f"{n / cpu:9,.0f} tok, {n / cpu / (hf_n / hf_cpu):5.2f}x HF | {n} tokens{extra}")
 
 
 def text_case(args) -> dict:

@@ -131,6 +131,21 @@ def test_greedy_stop_tokens_vocab_limit_and_banned_ids():
 
 # --- sampling: log-probs of the policy, shared prefill, compaction ---------------------------------
 
+def test_sampling_never_draws_a_token_of_probability_zero():
+    """Inverse-CDF sampling at the extreme draws (u = 0 and the largest float below 1) with banned
+    tokens at both ends of the vocabulary; and its frequencies against the softmax, by hand."""
+    policy = torch.tensor([[float("-inf"), 1.0, float("-inf"), 0.0, 2.0, float("-inf")]])
+    for u in (0.0, 1.0 - 2.0 ** -24, 0.5):
+        ids, lp = M.sample_tokens(policy, 1.0, torch.tensor([[u]]))
+        assert ids.item() in (1, 3, 4) and math.isfinite(lp.item())
+    n = 20_000
+    ids, _ = M.sample_tokens(policy.expand(n, 6), 1.0, torch.rand(n, 1, generator=torch.Generator().manual_seed(0)))
+    freq = np.bincount(ids.numpy(), minlength=6) / n
+    want = np.exp([0, 1.0, 0, 0.0, 2.0, 0]) * [0, 1, 0, 1, 1, 0]
+    want /= want.sum()
+    assert np.all(np.abs(freq - want) < 4 * np.sqrt(want * (1 - want) / n) + 1e-3), (freq, want)
+
+
 def recompute_logps(lm, prompt, completion, policy):
     """log_softmax(policy_logits) of one forward over prompt + completion, at the completion."""
     ids = torch.tensor([prompt + completion])
@@ -227,7 +242,28 @@ def test_compiled_step_gives_the_same_tokens_as_eager():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cpu_generator_on_a_cuda_model():
-    lm = tiny_lm(seed=8, sharpen=1.0).cuda()
+    lm = tiny_lm(seed=9, sharpen=1.0).cuda()
     run = lambda: engine(lm, PROMPTS, 8, temperature=1.0, generator=torch.Generator().manual_seed(9),  # noqa: E731
                          compile=False)
     assert run() == run()
+
+
+def test_runs_under_bf16_autocast():
+    """The trainer's CUDA setting (bf16 autocast), here on CPU: the cache keeps the embeddings'
+    dtype and the rows still come out whole."""
+    lm = tiny_lm(seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = engine(lm, PROMPTS, 6, temperature=1.0, generator=torch.Generator().manual_seed(0), repeats=2)
+    assert [len(r) for r in got] == [6] * 8
+
+
+def test_a_compile_failure_falls_back_to_the_eager_step(monkeypatch):
+    def broken(*a):
+        raise torch._dynamo.exc.TorchDynamoException("no C compiler")
+    step = M.CompiledStep()
+    step.fn = broken
+    monkeypatch.setattr(M, "COMPILED_STEP", step)
+    lm = tiny_lm(seed=10)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        got = engine(lm, PROMPTS, 6, compile=True)
+    assert got == engine(lm, PROMPTS, 6, compile=False) and step.fn is M.decode_step
