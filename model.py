@@ -4,7 +4,9 @@ Reads top-down in the paper's order:
   §2.3 / facts §1.3   Qwen3 LLM (dense; MoE layers by HF's rule, block in moe.py, §2.2)
   §2.1 / facts §1.2   pixel shuffle v2 (ratio 0.5) and the `mlp1` adapter
   §2                  `SAILVL`: visual tokens fill the `<IMG_CONTEXT>` positions, shifted CE loss
-                      KV-cache generation (greedy / temperature / top-p, batched, stop tokens)
+  §4.2.3              generation and RL rollouts: `policy_logits` (the sampling policy), a static
+                      KV cache, each prompt prefilled once for its G rows, a fixed-shape decode
+                      step (torch.compile optional), finished rows leaving the batch
   facts §1.4          checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
                       SAIL-VL2 HF folders, HF Qwen3 / Qwen3-MoE folders (`load_hf_llm`)
   Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b
@@ -127,22 +129,36 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
 
 
 class KVCache:
-    """Static per-layer key/value buffers (B, max_len, Hkv, hd) and the number of filled slots."""
+    """Static per-layer key/value buffers (B, Hkv, max_len, hd) for generation (the layout of
+    gpt-fast's cache: each head's keys contiguous for the attention over them).
+    `valid` (B, max_len): slots that may be attended (False on a row's left padding).
+    `start` (1,): the slot the next token is written to, a tensor so that a compiled decode step
+    keeps one shape as it advances. `length`: how many slots the attention reads: the filled ones
+    (eager) or all of them (the fixed shape a compiled step needs; unwritten slots are masked)."""
 
-    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.pos = 0
-        self.max_len = max_len
+    def __init__(self, cfg: LLMConfig, valid, dtype):
+        B, S = valid.shape
+        shape = (B, cfg.num_key_value_heads, S, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=valid.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=valid.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.valid = valid
+        self.start = torch.zeros(1, dtype=torch.long, device=valid.device)
+        self.length = S
+        self.slots = None                                                # set by Qwen3LM.run for each forward
 
-    def update(self, layer: int, k, v):                                  # k, v (B, t, Hkv, hd)
-        t = k.shape[1]
-        if self.pos + t > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.pos} + {t} > {self.max_len}")
-        self.k[layer][:, self.pos:self.pos + t] = k
-        self.v[layer][:, self.pos:self.pos + t] = v
-        return self.k[layer][:, :self.pos + t], self.v[layer][:, :self.pos + t]
+    def update(self, layer: int, k, v):                                  # k, v (B, Hkv, t, hd)
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))    # (autocast may give bf16)
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v[layer].dtype))
+        return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
+
+    def keep(self, rows):
+        """Keep only `rows` (n,), in place at the front of each buffer (their addresses stay fixed)."""
+        n = rows.shape[0]
+        for buf in (*self.k, *self.v, self.valid):
+            buf[:n] = buf[rows]
+        self.k = [t[:n] for t in self.k]
+        self.v = [t[:n] for t in self.v]
+        self.valid = self.valid[:n]
 
 
 class Attention(nn.Module):
@@ -168,11 +184,14 @@ class Attention(nn.Module):
         if cu_seqlens is not None:                                       # packed row: samples never mix
             out = kernels.packed_attention(q[0], k[0], v[0], cu_seqlens, causal=True)[None]
         else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)
             if cache is not None:
-                k, v = cache.update(self.layer, k, v)                    # (B, S, Hkv, hd)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=mask, is_causal=mask is None, enable_gqa=True).transpose(1, 2)
+                k, v = cache.update(self.layer, k, v)                    # (B, Hkv, S, hd)
+            if cache is not None and T == 1:     # decode: a KV head's query heads are its queries (no GQA copy)
+                out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, hd), k, v, attn_mask=mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            out = out.reshape(B, -1, T, hd).transpose(1, 2)              # (B, T, H, hd)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -214,14 +233,15 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def decode_mask(attention_mask, past: int, t: int):
-    """Boolean SDPA mask (B, 1, t, past+t) for a step over `t` new tokens after `past` cached ones:
-    causal and blind to padding; each query also sees itself so fully padded rows stay finite."""
-    S = past + t
-    q_pos = torch.arange(past, S, device=attention_mask.device)
-    allowed = torch.arange(S, device=attention_mask.device)[None, :] <= q_pos[:, None]   # (t, S)
-    allowed = allowed[None] & attention_mask[:, None, :S].bool()                          # (B, t, S)
-    allowed |= torch.arange(S, device=allowed.device)[None, None, :] == q_pos[None, :, None]
+def decode_mask(attention_mask, past, t: int):
+    """Boolean SDPA mask (B, 1, t, S) for `t` new tokens at slots past .. past+t-1 of S slots
+    (`attention_mask` (B, S) marks the slots a row may see; `past` an int or a (1,) tensor): causal
+    and blind to padding; each query also sees itself so fully padded rows stay finite."""
+    S = attention_mask.shape[1]
+    q_pos = past + torch.arange(t, device=attention_mask.device)                          # (t,)
+    slots = torch.arange(S, device=attention_mask.device)
+    allowed = (slots[None, :] <= q_pos[:, None])[None] & attention_mask[:, None, :].bool()  # (B, t, S)
+    allowed |= (slots[None, :] == q_pos[:, None])[None]
     return allowed[:, None]
 
 
@@ -251,24 +271,25 @@ class Qwen3LM(nn.Module):
         """-> final hidden states (B, T, H) and the router logits of each MoE layer."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
-        past = cache.pos if cache is not None else 0
+        past = cache.start if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+            position_ids = (past + torch.arange(T, device=x.device))[None].expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         if cu_seqlens is not None and B != 1:
             raise ValueError(f"packed input (cu_seqlens given) must have batch size 1, got {B}")
         mask = None
-        if cache is not None or attention_mask is not None:
-            if attention_mask is None:
-                attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=x.device)
-            mask = decode_mask(attention_mask, past, T)
+        if cache is not None:
+            cache.slots = cache.start + torch.arange(T, device=x.device)          # where this forward writes
+            mask = decode_mask(cache.valid[:, :cache.length], cache.start, T)
+        elif attention_mask is not None:
+            mask = decode_mask(attention_mask, 0, T)
         router_logits = []
         for layer in self.model.layers:
             x, rl = layer(x, cos, sin, cu_seqlens, mask, cache)
             if rl is not None:
                 router_logits.append(rl)
         if cache is not None:
-            cache.pos += T
+            cache.start += T
         return self.model.norm(x), router_logits
 
     def forward(self, input_ids=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
@@ -290,69 +311,208 @@ class Qwen3LM(nn.Module):
                                     on_token, n_valid_tokens)
 
 
+# ==============================================================================================
+# Generation: the sampling policy and the rollout engine
+#
+# The pattern of gpt-fast's generate.py: a prefill, then one-token decode steps of one fixed shape
+# over a static KV cache (the write slot is a tensor, the attention reads the whole cache under a
+# mask) so that torch.compile can capture a step (CUDA graphs on a GPU), and sampling that never
+# waits for the host. For RL (§4.2.3) each prompt is prefilled once and its keys/values copied
+# into its G rows; the log-probs recorded are those of `policy_logits`, the one definition of the
+# sampling policy, which the training forward uses too.
+
+def policy_logits(logits, temperature: float, top_p: float = 1.0, n_valid=None, banned=()):
+    """logits (..., V) -> float32 logits of the sampling policy: the padded rows >= n_valid (the
+    tokenizer is smaller than the embedding table) and the `banned` ids (ints, or a tensor on the
+    logits' device) at -inf; divided by the temperature (0 means greedy, whose policy is taken at
+    T = 1); the tokens outside the top-p nucleus (the smallest set of most likely tokens whose
+    probability reaches top_p) at -inf. Its log_softmax is the policy's log-prob, its softmax what
+    is sampled, its argmax the greedy token."""
+    x = logits.float()
+    V = x.shape[-1]
+    if n_valid is not None and n_valid < V:
+        x = x.masked_fill(torch.arange(V, device=x.device) >= n_valid, float("-inf"))
+    if len(banned):
+        x = x.index_fill(-1, torch.as_tensor(banned, device=x.device), float("-inf"))
+    if temperature > 0:
+        x = x / temperature
+    if top_p < 1.0:
+        sorted_x, idx = x.sort(-1, descending=True)
+        p = sorted_x.softmax(-1)
+        drop = p.cumsum(-1) - p > top_p                                 # keep the smallest prefix reaching top_p
+        x = x.scatter(-1, idx, sorted_x.masked_fill(drop, float("-inf")))
+    return x
+
+
+def sample_tokens(policy, temperature: float, uniform=None):
+    """Policy logits (n, V) -> (ids (n,), their log-probs (n,)), both from one log_softmax.
+    Greedy (temperature 0): the argmax. Else inverse-CDF sampling with one draw `uniform` (n, 1) in
+    [0, 1) per row: the first token whose cumulative probability reaches (1 - u) * total. The
+    threshold is > 0 and never above the total, so a token of probability 0 is never picked."""
+    logp = torch.log_softmax(policy, -1)
+    if temperature <= 0:
+        ids = policy.argmax(-1)
+    else:
+        cdf = logp.exp().cumsum(-1)                                      # (n, V), non-decreasing
+        ids = torch.searchsorted(cdf, (1 - uniform) * cdf[:, -1:])[:, 0]
+    return ids, logp.gather(-1, ids[:, None])[:, 0]
+
+
 def sample_next(logits, temperature: float, top_p: float, generator=None):
     """logits (B, V) -> next ids (B,): greedy at temperature 0, else temperature + nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p                   # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) if temperature > 0 else None
+    return sample_tokens(policy_logits(logits, temperature, top_p), temperature, u)[0]
+
+
+def prefill(lm: Qwen3LM, embeds: list, repeats: int, max_new_tokens: int):
+    """Each prompt (L_i, H) once, left-padded into one batch; its keys/values are copied into the
+    `repeats` rows it owns (prompt-major) of a cache sized for the whole generation. Logits only at
+    the last position (a (T, V) prefill logit tensor is gigabytes at a 151k vocabulary).
+    -> (cache, logits (P, V), prompt lengths (P,))"""
+    P, L = len(embeds), max(e.shape[0] for e in embeds)
+    device = embeds[0].device
+    lens = torch.tensor([e.shape[0] for e in embeds], device=device)
+    pad = (L - lens)[:, None]                                            # (P, 1) left padding per prompt
+    x = torch.stack([F.pad(e, (0, 0, L - e.shape[0], 0)) for e in embeds])          # (P, L, H)
+    slots = torch.arange(L, device=device)[None]
+    pre = KVCache(lm.cfg, slots >= pad, x.dtype)
+    h, _ = lm.run(inputs_embeds=x, position_ids=(slots - pad).clamp(min=0), cache=pre)  # positions restart after padding
+    valid = torch.ones(P * repeats, L + max_new_tokens, dtype=torch.bool, device=device)
+    valid[:, :L] = pre.valid.repeat_interleave(repeats, 0)
+    cache = KVCache(lm.cfg, valid, x.dtype)
+    for dst, src in zip(cache.k + cache.v, pre.k + pre.v):
+        dst[:, :, :L] = src.repeat_interleave(repeats, 0)
+    cache.start.fill_(L)
+    return cache, lm.lm_head(h[:, -1]), lens
+
+
+def decode_step(lm: Qwen3LM, cache: KVCache, ids, pos, uniform, policy: tuple):
+    """One token for every row through the static cache: ids (n,) at RoPE positions pos (n,) ->
+    (next ids (n,), their log-probs (n,)) under policy_logits(*policy). One shape per batch size
+    when cache.length is the cache's size: what torch.compile captures."""
+    h, _ = lm.run(ids[:, None], pos[:, None], cache=cache)
+    return sample_tokens(policy_logits(lm.lm_head(h[:, -1]), *policy), policy[0], uniform)
+
+
+class CompiledStep:
+    """decode_step under torch.compile: inductor's fused kernels (Triton on a GPU, C++ on CPU). Not
+    CUDA graphs ("reduce-overhead"): a graph replays fixed addresses, and this cache is allocated
+    per call (a cache kept between calls, gpt-fast's setup_caches, would hold that memory through
+    the RL update). If compiling fails it warns once and decodes eagerly from then on."""
+
+    fn = None                                                            # compiled on first use
+
+    def __call__(self, lm, cache, ids, pos, uniform, policy):
+        if self.fn is None:
+            self.fn = torch.compile(decode_step)                         # sizes that vary become dynamic
+        if self.fn is not decode_step:
+            try:
+                return self.fn(lm, cache, ids, pos, uniform, policy)
+            except torch._dynamo.exc.TorchDynamoException as e:          # raised before the step ran
+                import warnings
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding eagerly")
+                self.fn = decode_step
+        return decode_step(lm, cache, ids, pos, uniform, policy)
+
+
+COMPILED_STEP = CompiledStep()   # its compiled graphs are reused across generate calls
+SYNC_EVERY = 8           # decode steps between looks at the done flags: the decode loop's only host sync
+
+
+def pick_step(compile, device):
+    """decode_step, compiled or not. compile="auto": compiled on CUDA, eager on CPU, where compiling
+    costs more than it saves (tests/bench_rollout.py: tens of seconds against ~20% of a call)."""
+    if compile == "auto":
+        compile = device.type == "cuda"
+    return COMPILED_STEP if compile else decode_step
+
+
+def device_generator(generator, device):
+    """The generator for draws on `device`: the given one when it lives there, else (a CPU
+    generator handed to a CUDA model) a generator on `device` seeded by one draw from the given
+    one, so a seeded run is reproducible and successive calls differ."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device).manual_seed(seed)
+
+
+def rows_to_keep(n_live: int, n_rows: int, fixed_shapes: bool) -> int:
+    """Batch size once n_live of n_rows still run: the live rows, rounded up to a power of two when
+    the step is compiled (few shapes, few compilations); unchanged unless that drops >= 1/4."""
+    keep = 1 << (n_live - 1).bit_length() if fixed_shapes else n_live
+    return keep if keep <= 0.75 * n_rows else n_rows
 
 
 def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(),
-                         generator=None, on_token=None, n_valid_tokens=None, logprobs=None, banned=()):
-    """The decode loop shared by Qwen3LM and SAILVL: prompts given as embeddings (L_i, H), left-padded
-    into one batch; prefill once, then one token per step through the KV cache. `logprobs`: a list
-    that receives, per row, the log-probability of each generated token under softmax(logits / T)
-    (before top-p truncation; T = 1 when greedy) — RL compares it with a recompute.
-    `banned`: token ids never generated (RL bans the image tokens: a completion is fed back)."""
-    B = len(embeds)
-    L = max(e.shape[0] for e in embeds)
-    H = embeds[0].shape[1]
-    device, dtype = embeds[0].device, embeds[0].dtype
-    x = torch.zeros(B, L, H, device=device, dtype=dtype)
-    attn = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=device)
-    for i, e in enumerate(embeds):
-        x[i, L - e.shape[0]:] = e
-        attn[i, L - e.shape[0]:L] = True
-    cache = KVCache(lm.cfg, B, L + max_new_tokens, device, dtype)
-    pos = (attn[:, :L].long().cumsum(-1) - 1).clamp(min=0)              # positions restart after padding
-    logits = lm(inputs_embeds=x, position_ids=pos, attention_mask=attn[:, :L], cache=cache)[:, -1]
-    next_pos = pos[:, -1:] + 1
-    stop = set(int(s) for s in stop_tokens)
-    out = [[] for _ in range(B)]
-    done = [False] * B
+                         generator=None, on_token=None, n_valid_tokens=None, logprobs=None, banned=(), *,
+                         repeats: int = 1, compile="auto"):
+    """The decode loop of Qwen3LM.generate, SAILVL.generate and RL's rollouts. `embeds`: prompts as
+    embeddings (L_i, H), any lengths; each is prefilled once and sampled `repeats` times: rows are
+    prompt-major (prompt 0's repeats first). Returns, per row, the generated ids, ending at the
+    row's first stop token (included) or after max_new_tokens. `logprobs`: a list that receives,
+    per row, the log-prob of each generated token under policy_logits(logits, temperature, top_p,
+    n_valid_tokens, banned), the policy that is sampled (`banned`: ids never generated).
+    `generator`: any device (see device_generator). `on_token(ids (B,))` after each step: the
+    step's token of every row, -1 for rows that have left the batch; a row's tokens after its
+    stop token are not part of its output. `compile`: "auto" | True | False (see pick_step).
+    Rows that finished leave the batch every SYNC_EVERY steps; sampling and the done flags stay
+    on the device."""
+    B = len(embeds) * repeats
+    if max_new_tokens <= 0:
+        return [[] for _ in range(B)]
+    device = lm.lm_head.weight.device
+    gen = device_generator(generator, device)
+    policy = (temperature, top_p, n_valid_tokens, torch.tensor(sorted(set(banned)), dtype=torch.long, device=device))
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    step_fn = pick_step(compile, device)
+    fixed_shapes = step_fn is not decode_step                            # attend over the whole cache
+    cache, logits, lens = prefill(lm, [e.to(device) for e in embeds], repeats, max_new_tokens)
+    L = cache.valid.shape[1] - max_new_tokens
+    rows = torch.arange(B, device=device)                                # the output row of each batch row
+    out_ids = torch.full((max_new_tokens, B), -1, dtype=torch.long, device=device)
+    out_lp = torch.zeros(max_new_tokens, B, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = lens.repeat_interleave(repeats)                                # RoPE position of the next token
+
+    def draws():                                                         # (n, 1): one per output row and step,
+        if temperature <= 0:                                             # whatever the batch's composition
+            return None
+        return torch.rand(B, 1, generator=gen, device=device)[rows]
+
+    ids, lp = sample_tokens(policy_logits(logits, *policy).repeat_interleave(repeats, 0), temperature, draws())
     for step in range(max_new_tokens):
-        if n_valid_tokens is not None:                                  # padded vocab rows are never sampled
-            logits[:, n_valid_tokens:] = float("-inf")
-        if banned:
-            logits[:, list(banned)] = float("-inf")
-        nxt = sample_next(logits, temperature, top_p, generator)        # (B,)
-        lp = None
-        if logprobs is not None:
-            lp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
-            lp = lp.gather(1, nxt[:, None])[:, 0].tolist()
-            if not logprobs:
-                logprobs.extend([] for _ in range(B))
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                out[i].append(t)
-                done[i] = t in stop
-                if lp is not None:
-                    logprobs[i].append(lp[i])
+        if step:
+            cache.length = cache.valid.shape[1] if fixed_shapes else L + step
+            ids, lp = step_fn(lm, cache, ids, pos, draws(), policy)
+            pos = pos + 1
+        out_ids[step].index_copy_(0, rows, ids)
+        out_lp[step].index_copy_(0, rows, lp)
+        done[rows] |= torch.isin(ids, stop)
         if on_token is not None:
-            on_token(nxt)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        attn[:, L + step] = True
-        logits = lm(input_ids=nxt[:, None], position_ids=next_pos, attention_mask=attn[:, :L + step + 1],
-                    cache=cache)[:, -1]
-        next_pos = next_pos + 1
-    return out
+            on_token(torch.full((B,), -1, device=device).index_copy_(0, rows, ids))
+        if (step + 1) % SYNC_EVERY == 0:
+            live = ~done[rows]
+            n_live = int(live.sum())
+            if n_live == 0:
+                break
+            keep = rows_to_keep(n_live, rows.shape[0], fixed_shapes)
+            if keep < rows.shape[0]:
+                order = torch.argsort((~live).to(torch.uint8), stable=True)[:keep]   # live rows first
+                cache.keep(order)
+                rows, ids, pos = rows[order], ids[order], pos[order]
+    return collect(out_ids, out_lp, stop, logprobs)
+
+
+def collect(out_ids, out_lp, stop, logprobs=None) -> list:
+    """(steps, B) ids and log-probs -> per row the ids up to its first stop token (included); the
+    log-probs likewise into `logprobs` when it is a list."""
+    is_stop = torch.isin(out_ids, stop)
+    length = torch.where(is_stop.any(0), is_stop.int().argmax(0) + 1, out_ids.shape[0]).tolist()
+    ids = [row[:n] for row, n in zip(out_ids.T.tolist(), length)]
+    if logprobs is not None:
+        logprobs.extend(row[:n] for row, n in zip(out_lp.T.tolist(), length))
+    return ids
 
 
 # ==============================================================================================

@@ -1,0 +1,269 @@
+"""The rollout engine (model.generate_from_embeds) against independent references: a plain decode
+loop (the engine as it was before: left padding, one token per step for every row, but a full
+forward over the whole sequence each step instead of a KV cache), HF transformers'
+Qwen3ForCausalLM on the same weights, and a full recompute of the sampled rows' log-probs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+
+
+def tiny_lm(seed=0, vocab=96, layers=2, sharpen=20.0):
+    """A small Qwen3 LM with perturbed norms; `sharpen` scales lm_head so that argmaxes are far
+    from ties (greedy comparisons across implementations must not hinge on rounding)."""
+    torch.manual_seed(seed)
+    cfg = M.LLMConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
+                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=None)
+    lm = M.Qwen3LM(cfg)
+    lm.init_weights()
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+        lm.lm_head.weight.mul_(sharpen)
+    return lm.eval()
+
+
+def reference_generate(lm, prompts, max_new_tokens, stop_tokens=(), n_valid=None, banned=()):
+    """The decode loop as it was before the engine, greedy, kept as a plain reference: prompts
+    left-padded into one batch, positions restarting after the padding, one token per step for
+    every row until all rows stopped, padded vocabulary rows and banned ids never chosen, each row
+    cut after its first stop token. A full forward each step stands in for the KV cache."""
+    L = max(len(p) for p in prompts)
+    seqs = [[0] * (L - len(p)) + list(p) for p in prompts]
+    real = [[0] * (L - len(p)) + [1] * len(p) for p in prompts]
+    out, done = [[] for _ in prompts], [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        ids, mask = torch.tensor(seqs), torch.tensor(real)
+        with torch.no_grad():
+            logits = lm(ids, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), attention_mask=mask)[:, -1]
+        if n_valid is not None:
+            logits[:, n_valid:] = float("-inf")
+        if banned:
+            logits[:, list(banned)] = float("-inf")
+        for i, t in enumerate(logits.argmax(-1).tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t in stop_tokens
+            seqs[i].append(t)
+            real[i].append(1)
+        if all(done):
+            break
+    return out
+
+
+def engine(lm, prompts, max_new_tokens, **kw):
+    """generate_from_embeds on token-id prompts (their embeddings), under inference mode as RL runs it."""
+    with torch.inference_mode():
+        embeds = [lm.model.embed_tokens(torch.tensor(p, device=lm.lm_head.weight.device)) for p in prompts]
+        return M.generate_from_embeds(lm, embeds, max_new_tokens, **kw)
+
+
+PROMPTS = [[3, 7, 9, 11, 2, 5, 8], [5], [8, 1, 4], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
+
+
+# --- the policy -----------------------------------------------------------------------------------
+
+def policy_by_hand(logits, T, top_p, n_valid, banned):
+    """numpy: mask padded rows and banned ids, divide by T (1 when greedy), keep the smallest set of
+    most likely tokens whose probability reaches top_p."""
+    x = np.array(logits, dtype=np.float64)
+    x[n_valid:] = -np.inf
+    x[list(banned)] = -np.inf
+    x = x / (T if T > 0 else 1.0)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    keep, acc = set(), 0.0
+    for i in np.argsort(-x, kind="stable"):
+        if acc >= top_p:
+            break
+        keep.add(int(i))
+        acc += p[i]
+    return np.array([v if i in keep else -np.inf for i, v in enumerate(x)])
+
+
+@pytest.mark.parametrize("T,top_p", [(0.7, 0.9), (1.0, 1.0), (0.0, 0.5), (2.0, 0.3)])
+def test_policy_logits_by_hand(T, top_p):
+    logits = [2.0, 1.5, 0.3, -1.0, 4.0, 0.9, 3.0, 2.5]                  # ids 6, 7: padded rows
+    got = M.policy_logits(torch.tensor([logits]), T, top_p, n_valid=6, banned=(4,))[0].double().numpy()
+    want = policy_by_hand(logits, T, top_p, 6, (4,))
+    assert np.array_equal(np.isinf(got), np.isinf(want))
+    assert np.allclose(got[np.isfinite(want)], want[np.isfinite(want)], atol=1e-6)
+    assert np.isinf(want).sum() >= 3                                      # padded + banned at least
+
+
+# --- greedy: the reference loop, HF, and one prompt at a time --------------------------------------
+
+def test_greedy_equals_reference_loop_and_hf(tmp_path):
+    from transformers import Qwen3ForCausalLM
+    lm = tiny_lm()
+    M.save_hf_llm(lm, str(tmp_path))
+    hf = Qwen3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    got = engine(lm, PROMPTS, 12)
+    assert got == reference_generate(lm, PROMPTS, 12)
+    for p, g in zip(PROMPTS, got):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert g == want[0, len(p):].tolist()
+        assert g == engine(lm, [p], 12)[0]                               # batched = one prompt at a time
+    assert len({tuple(g) for g in got}) == len(PROMPTS)                  # not vacuous
+
+
+def test_greedy_stop_tokens_vocab_limit_and_banned_ids():
+    lm = tiny_lm(seed=1)
+    free = reference_generate(lm, PROMPTS, 16)
+    stop = {free[0][4], free[2][6]}
+    banned = tuple(sorted({free[1][0], free[3][1]} - stop))
+    n_valid = 80
+    want = reference_generate(lm, PROMPTS, 16, stop, n_valid, banned)
+    got = engine(lm, PROMPTS, 16, stop_tokens=stop, n_valid_tokens=n_valid, banned=banned)
+    assert got == want
+    assert any(len(g) < 16 and g[-1] in stop for g in got)               # a row ended at its stop token
+    assert all(t < n_valid and t not in banned for g in got for t in g)
+    assert got != engine(lm, PROMPTS, 16)                                # the limits changed something
+
+
+# --- sampling: log-probs of the policy, shared prefill, compaction ---------------------------------
+
+def test_sampling_never_draws_a_token_of_probability_zero():
+    """Inverse-CDF sampling at the extreme draws (u = 0 and the largest float below 1) with banned
+    tokens at both ends of the vocabulary; and its frequencies against the softmax, by hand."""
+    policy = torch.tensor([[float("-inf"), 1.0, float("-inf"), 0.0, 2.0, float("-inf")]])
+    for u in (0.0, 1.0 - 2.0 ** -24, 0.5):
+        ids, lp = M.sample_tokens(policy, 1.0, torch.tensor([[u]]))
+        assert ids.item() in (1, 3, 4) and math.isfinite(lp.item())
+    n = 20_000
+    ids, _ = M.sample_tokens(policy.expand(n, 6), 1.0, torch.rand(n, 1, generator=torch.Generator().manual_seed(0)))
+    freq = np.bincount(ids.numpy(), minlength=6) / n
+    want = np.exp([0, 1.0, 0, 0.0, 2.0, 0]) * [0, 1, 0, 1, 1, 0]
+    want /= want.sum()
+    assert np.all(np.abs(freq - want) < 4 * np.sqrt(want * (1 - want) / n) + 1e-3), (freq, want)
+
+
+def recompute_logps(lm, prompt, completion, policy):
+    """log_softmax(policy_logits) of one forward over prompt + completion, at the completion."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = lm(ids)[0, len(prompt) - 1:-1]                          # (n, V): predicts the completion
+    logp = torch.log_softmax(M.policy_logits(logits, *policy), -1)
+    return logp.gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_rollout_logprobs_equal_full_recompute():
+    lm = tiny_lm(seed=2, sharpen=4.0)
+    G, T, top_p, n_valid, banned = 3, 0.7, 0.9, 88, (5, 17)
+    lps = []
+    rows = engine(lm, PROMPTS, 10, temperature=T, top_p=top_p, stop_tokens=(7,), n_valid_tokens=n_valid,
+                  banned=banned, generator=torch.Generator().manual_seed(0), logprobs=lps, repeats=G)
+    assert len(rows) == len(PROMPTS) * G and [len(r) for r in rows] == [len(lp) for lp in lps]
+    diffs = []
+    for i, (row, lp) in enumerate(zip(rows, lps)):
+        want = recompute_logps(lm, PROMPTS[i // G], row, (T, top_p, n_valid, banned))   # prompt-major rows
+        diffs.append(float((torch.tensor(lp) - want).abs().max()))
+    assert max(diffs) < 1e-4, diffs
+    assert all(t < n_valid and t not in banned for r in rows for t in r)
+    assert len({tuple(r) for r in rows[:G]}) > 1                         # a prompt's rows differ
+    assert min(math.exp(x) for lp in lps for x in lp) < 0.5              # sampled, not argmaxed
+
+
+def test_each_prompt_is_prefilled_once_and_only_its_last_logits_are_made():
+    lm = tiny_lm(seed=3, sharpen=1.0)
+    shapes, heads = [], []
+    h1 = lm.model.layers[0].register_forward_hook(lambda m, a, o: shapes.append(tuple(a[0].shape[:2])))
+    h2 = lm.lm_head.register_forward_hook(lambda m, a, o: heads.append(tuple(a[0].shape)))
+    kw = dict(temperature=1.0, stop_tokens=(3, 4, 5, 6))
+    shared = engine(lm, PROMPTS, 8, repeats=4, generator=torch.Generator().manual_seed(1), **kw)
+    h1.remove()
+    h2.remove()
+    assert shapes[0] == (len(PROMPTS), 11)                               # one prefill row per prompt
+    assert all(t == 1 for _, t in shapes[1:])                            # then one token per step
+    assert heads[0] == (len(PROMPTS), 64)                                # logits of the last position only
+    repeated = engine(lm, [p for p in PROMPTS for _ in range(4)], 8, generator=torch.Generator().manual_seed(1), **kw)
+    assert shared == repeated                                           # the same rows, the same draws
+
+
+def test_finished_rows_leave_the_batch_without_changing_any_row(monkeypatch):
+    lm = tiny_lm(seed=4, sharpen=1.0)
+    stop = tuple(range(0, 96, 12))                                       # 1/12 of the tokens end a row
+    kw = dict(temperature=1.0, stop_tokens=stop, repeats=8)
+    batch = []
+    hook = lm.model.layers[0].register_forward_hook(lambda m, a, o: batch.append(a[0].shape[0]))
+    lps = []
+    got = engine(lm, PROMPTS, 40, generator=torch.Generator().manual_seed(2), logprobs=lps, **kw)
+    hook.remove()
+    monkeypatch.setattr(M, "SYNC_EVERY", 10 ** 9)                        # never look: every row runs to the end
+    lps_all = []
+    want = engine(lm, PROMPTS, 40, generator=torch.Generator().manual_seed(2), logprobs=lps_all, **kw)
+    assert got == want
+    assert max(abs(a - b) for x, y in zip(lps, lps_all) for a, b in zip(x, y)) < 1e-5
+    lengths = sorted(len(r) for r in got)
+    assert lengths[0] < 8 and lengths[-1] > 24                            # rows of very different lengths
+    assert batch[1] == 32 and batch[-1] < 16                              # the decode batch shrank
+    assert sum(batch[1:]) < 0.6 * 32 * 39, batch                          # most of the rows' compute saved
+
+
+def test_on_token_sees_every_step_of_every_row():
+    lm = tiny_lm(seed=5, sharpen=1.0)
+    seen = []
+    got = engine(lm, PROMPTS, 30, temperature=1.0, stop_tokens=tuple(range(0, 96, 5)), repeats=2,
+                 generator=torch.Generator().manual_seed(3), on_token=lambda ids: seen.append(ids.tolist()))
+    for i, row in enumerate(got):
+        assert [s[i] for s in seen[:len(row)]] == row
+    assert any(s[i] == -1 for s in seen for i in range(len(got)))        # rows that left show -1
+
+
+def test_sampling_is_seeded_and_generators_are_per_call():
+    lm = tiny_lm(seed=6, sharpen=1.0)
+    run = lambda g: engine(lm, PROMPTS, 8, temperature=1.0, generator=g)  # noqa: E731
+    a, b = run(torch.Generator().manual_seed(7)), run(torch.Generator().manual_seed(7))
+    assert a == b and a != run(torch.Generator().manual_seed(8))
+
+
+# --- the compiled step ------------------------------------------------------------------------------
+
+def test_compiled_step_gives_the_same_tokens_as_eager():
+    lm = tiny_lm(seed=7, layers=1, sharpen=4.0)
+    kw = dict(temperature=1.0, stop_tokens=tuple(range(0, 96, 6)), repeats=4)
+    out = {}
+    for compile in (False, True):
+        lps = []
+        out[compile] = (engine(lm, PROMPTS[:2], 24, generator=torch.Generator().manual_seed(4), logprobs=lps,
+                               compile=compile, **kw), lps)
+    assert out[True][0] == out[False][0]
+    assert max(abs(a - b) for x, y in zip(out[True][1], out[False][1]) for a, b in zip(x, y)) < 1e-4
+    assert len({len(r) for r in out[True][0]}) > 2                       # rows left the batch at different steps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cpu_generator_on_a_cuda_model():
+    lm = tiny_lm(seed=9, sharpen=1.0).cuda()
+    run = lambda: engine(lm, PROMPTS, 8, temperature=1.0, generator=torch.Generator().manual_seed(9),  # noqa: E731
+                         compile=False)
+    assert run() == run()
+
+
+def test_runs_under_bf16_autocast():
+    """The trainer's CUDA setting (bf16 autocast), here on CPU: the cache keeps the embeddings'
+    dtype and the rows still come out whole."""
+    lm = tiny_lm(seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = engine(lm, PROMPTS, 6, temperature=1.0, generator=torch.Generator().manual_seed(0), repeats=2)
+    assert [len(r) for r in got] == [6] * 8
+
+
+def test_a_compile_failure_falls_back_to_the_eager_step(monkeypatch):
+    def broken(*a):
+        raise torch._dynamo.exc.TorchDynamoException("no C compiler")
+    step = M.CompiledStep()
+    step.fn = broken
+    monkeypatch.setattr(M, "COMPILED_STEP", step)
+    lm = tiny_lm(seed=10)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        got = engine(lm, PROMPTS, 6, compile=True)
+    assert got == engine(lm, PROMPTS, 6, compile=False) and step.fn is M.decode_step
