@@ -609,33 +609,10 @@ def banned_ids(tok) -> tuple:
     return ids.img_context, ids.img_start, ids.img_end
 
 
-def _policy_logits(logits, temperature, top_p, n_valid, banned):      # TEMPORARY: model.policy_logits
-    lg = logits.float().clone()
-    if n_valid is not None:
-        lg[:, n_valid:] = float("-inf")
-    if banned:
-        lg[:, list(banned)] = float("-inf")
-    lg = lg / (temperature if temperature > 0 else 1.0)
-    if top_p < 1.0:
-        p = torch.softmax(lg, -1)
-        sp, idx = p.sort(-1, descending=True)
-        drop = sp.cumsum(-1) - sp > top_p
-        lg = lg.scatter(-1, idx, lg.gather(-1, idx).masked_fill(drop, float("-inf")))
-    return lg
-
-
-def _generate(lm, prefixes, max_new, temperature, top_p, stop, generator, n_valid_tokens, banned, repeats, logprobs):
-    rows = [e for e in prefixes for _ in range(repeats)]            # TEMPORARY: model engine
-    lps = []
-    ids = M.generate_from_embeds(lm, rows, max_new, temperature, top_p, stop, generator,
-                                 n_valid_tokens=n_valid_tokens, logprobs=lps, banned=banned)
-    return ids, lps
-
-
 def policy_logprobs(logits, targets, cfg, n_valid: int, banned) -> tuple:
     """logits (N, V) of the model, targets (N,) -> (log-prob (N,) of each target under the
     sampling policy, the policy's entropy (N,)). The same `model.policy_logits` the sampler uses."""
-    logp_all = torch.log_softmax(_policy_logits(logits, cfg.temperature, cfg.top_p, n_valid, banned), -1)
+    logp_all = torch.log_softmax(M.policy_logits(logits, cfg.temperature, cfg.top_p, n_valid, banned), -1)
     p = logp_all.exp()
     entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)     # 0 log 0 = 0
     return logp_all.gather(1, targets[:, None])[:, 0], entropy
@@ -674,10 +651,11 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
             flat = torch.tensor([t for p in chunk for t in p.ids], device=device)[None]
             pixels = pixels_to(sample.concat_pixels([p.pixels for p in chunk]), device)
             prefixes = policy.embed(flat, pixels)[0].split([len(p.ids) for p in chunk])   # (L_i, H) each
-            gen = _generate(policy.language_model, list(prefixes), cfg.max_new_tokens, temperature,
-                            top_p, stop, generator, n_valid_tokens=tok.n_vocab, banned=banned,
-                            repeats=G, logprobs=True)
-            for k, (ids, lp) in enumerate(zip(*gen)):
+            lps = []
+            ids_per_row = M.generate_from_embeds(policy.language_model, list(prefixes), cfg.max_new_tokens,
+                                                 temperature, top_p, stop, generator, n_valid_tokens=tok.n_vocab,
+                                                 logprobs=lps, banned=banned, repeats=G)
+            for k, (ids, lp) in enumerate(zip(ids_per_row, lps)):
                 done = bool(ids) and ids[-1] in stop
                 out.append(Rollout(chunk[k // G], ids, sample.decode_reply(tok, ids, stop), not done, lp))
     return out

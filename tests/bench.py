@@ -12,7 +12,8 @@
     python tests/bench.py step        one training step, our Qwen3 vs HF's Qwen3ForCausalLM, same weights
     python tests/bench.py adalrs      pretrain1 with a fixed LR vs with AdaLRS (§3.2.3), from the recipe's vit3
     python tests/bench.py decode      greedy decode, ours (KV cache) vs HF generate, same weights
-    python tests/bench.py rollout     RL rollouts vs HF generate, and generation's share of one RL episode
+    python tests/bench.py rollout     RL rollouts vs HF generate (text-only and G rows per image prompt), eager and
+                                      compiled; one RL episode with 1 vs 2 processes and its generation share
 
 `python tests/bench.py NAME --help` lists a bench's options; defaults depend on the device (GPU: the
 sizes of the paper's models, CPU: small ones). One timer serves every bench (`timed`). Correctness is
@@ -27,6 +28,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +48,7 @@ import kernels  # noqa: E402
 import model as M  # noqa: E402
 import packing  # noqa: E402
 import rl  # noqa: E402
+import sample  # noqa: E402
 import train_stage  # noqa: E402
 from packing import PackingConfig, SampleMeta  # noqa: E402
 
@@ -651,58 +654,149 @@ def bench_decode(args):
     print(f"  ratio ours / HF     {tps['ours'] / tps['hf']:9.2f}x   (greedy outputs identical: {same})")
 
 
-def bench_rollout(args):
-    """Rollout generation tokens/s of ours (KV cache, batched, sampling at T=1) vs HF transformers'
-    generate on the same weights and batch; then one RL episode of the tiny model: generation time
-    vs update time."""
-    torch.manual_seed(0)
-    sailvl = M.SAILVL.from_pretrained(args.ckpt) if args.ckpt else M.build_model(args.preset)
-    lm = sailvl.eval().language_model
+def hf_generate(hf, embeds: list, max_new: int, stop=(), suppress=(), min_new: int = 0) -> list:
+    """HF generate on left-padded prompt embeddings (one row each), sampling at T = 1 -> id lists
+    cut after each row's first stop token."""
+    L = max(e.shape[0] for e in embeds)
+    x = torch.stack([torch.nn.functional.pad(e, (0, 0, L - e.shape[0], 0)) for e in embeds])
+    mask = torch.stack([torch.arange(L) >= L - e.shape[0] for e in embeds]).long()
+    out = hf.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=min_new,
+                      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, pad_token_id=0,
+                      eos_token_id=list(stop) or None, suppress_tokens=list(suppress) or None)
+    return [r[:next((k + 1 for k, t in enumerate(r) if t in stop), len(r))] for r in out.tolist()]
+
+
+def interleaved(engines: dict, repeats: int) -> dict:
+    """{engine: (best wall s, best CPU s, generated tokens, first call s)}; the engines take turns,
+    so a loaded machine slows them alike (CPU seconds are the steadier measure there)."""
+    def one(fn):
+        t0, c0 = time.perf_counter(), time.process_time()
+        rows = fn()
+        return time.perf_counter() - t0, time.process_time() - c0, sum(len(r) for r in rows)
+    first = {name: one(fn)[0] for name, fn in engines.items()}
+    best = {name: (float("inf"), float("inf"), 0) for name in engines}
+    for _ in range(repeats):
+        for name, fn in engines.items():
+            wall, cpu, n = one(fn)
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu), n)
+    return {name: (*best[name], first[name]) for name in engines}
+
+
+def print_engines(title: str, res: dict):
+    print(title)
+    hf_wall, hf_cpu, hf_n, _ = res["hf"]
+    for name, (wall, cpu, n, first) in res.items():
+        extra = f" | first call (compiling) {first:5.1f} s" if name == "compiled" else ""
+        print(f"  {name:9s} {n / wall:9,.0f} tok/s, {n / wall / (hf_n / hf_wall):5.2f}x HF | per CPU second "
+              f"{n / cpu:9,.0f} tok, {n / cpu / (hf_n / hf_cpu):5.2f}x HF | {n} tokens{extra}")
+
+
+def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None, compile=True) -> dict:
+    def ours(mode):
+        return lambda: M.generate_from_embeds(lm, rows, n, 1.0, 1.0, stop, torch.Generator().manual_seed(0),
+                                              logprobs=[], compile=mode, **(gen_kw or {}))
     hf = hf_twin(lm).eval()
-    ids = torch.randint(0, min(256, lm.cfg.vocab_size), (args.batch, args.prompt_len))
-    n = args.new_tokens
+    engines = {"eager": ours(False), "hf": lambda: hf_generate(hf, hf_rows or rows, n, stop, **(hf_kw or {}))}
+    if compile:
+        engines["compiled"] = ours(True)
+    return engines
 
-    def ours():
-        with torch.inference_mode():
-            rows = list(lm.model.embed_tokens(ids))
-            return M.generate_from_embeds(lm, rows, n, 1.0, 1.0, (), torch.Generator().manual_seed(0))
 
-    def theirs():
-        with torch.inference_mode():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, pad_token_id=0)
-    ours(), theirs()                                                    # warm-up
-    best = {name: timed(fn, args.repeats) for name, fn in (("ours", ours), ("hf", theirs))}
-    tps = {k: args.batch * n / v for k, v in best.items()}
-    print(f"rollouts, {args.ckpt or args.preset} LLM, batch {args.batch}, prompt {args.prompt_len}, {n} new tokens, "
-          f"sampling T=1, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"  ours (KV cache) {tps['ours']:9,.0f} tok/s | HF generate {tps['hf']:9,.0f} tok/s | ratio "
-          f"{tps['ours'] / tps['hf']:.2f}x")
-    # one RL episode of the tiny model on synthetic prompts: generation vs update
-    cfg = rl.RLConfig(episodes=1, pool_size=16, prompts_per_episode=8, group_size=8, filter_k=0, max_sampling_rounds=1)
-    sc = rl.stage_view(cfg)
-    root = data.ensure_synth(cfg.data_dir, progress=False)
-    tok = data.load_tokenizer(root)
-    dcfg = data.DataConfig.from_model(sailvl.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
-    pool = rl.PromptPool(rl.read_prompts(sc, tok, dcfg, "train", cfg.pool_size), 0)
+def rl_setup(preset: str, n_prompts: int):
+    """The tiny rl-verifiable stage's config, tokenizer and first prompts (images included)."""
+    cfg, _ = rl.rl_config([])
+    sailvl = M.build_model(preset).eval()
     cfg = rl.resolve_algo(cfg, sailvl.cfg)
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    kept, st = rl.sample_groups(sailvl, tok, pool, dataclasses.replace(cfg, max_sampling_rounds=1), gen)
-    t_gen = time.perf_counter() - t0
-    for r in kept or []:
-        r.advantage = 1.0
-    rolls = kept or rl.rollouts(sailvl, tok, pool.take(2), cfg.group_size, cfg.max_new_tokens, 1.0, 1.0, gen)
-    params = list(sailvl.parameters())
+    tok = data.load_tokenizer(data.ensure_synth(cfg.data_dir, progress=False))
+    dcfg = data.DataConfig.from_model(sailvl.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
+    return sailvl, cfg, tok, rl.read_prompts(cfg, tok, dcfg, "train", n_prompts)
+
+
+def bench_rollout(args):
+    """Rollout generation (§4.2.3): tokens/s of model.generate_from_embeds, eager and compiled, vs HF
+    transformers' generate on the same weights, fp32, sampling at T = 1, engines interleaved.
+    text: the tiny LLM, random prompts, no stop token. rl: the tiny SAILVL on image prompts of the
+    rl-verifiable mix, G rows per prompt (ours prefills each prompt once, HF gets it G times), the
+    stage's token limit, stop tokens, banned ids and tokenizer size. Then one RL episode (rollouts
+    + updates) under torchrun with 1 and with 2 processes on the same total rollouts."""
+    torch.manual_seed(0)
+    print(f"rollout engine vs HF generate, fp32, sampling T=1, {torch.get_num_threads()} threads, best of "
+          f"{args.repeats} (engines interleaved)")
+    with torch.inference_mode():
+        if args.case in ("text", "both"):
+            lm = M.build_model(args.preset).eval().language_model
+            ids = torch.randint(0, 256, (args.batch, args.prompt_len))
+            rows = list(lm.model.embed_tokens(ids))
+            res = interleaved(rollout_engines(lm, rows, args.new_tokens, hf_kw={"min_new": args.new_tokens},
+                                              compile=args.compile), args.repeats)
+            print_engines(f"text: {args.preset} LLM, {args.batch} rows, prompt {args.prompt_len}, "
+                          f"{args.new_tokens} new tokens", res)
+        if args.case in ("rl", "both"):
+            sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts)
+            lm, G = sailvl.language_model, args.group
+            stop, banned = sorted(sample.stop_ids(tok)), rl.banned_ids(tok)
+            flat = torch.tensor([t for p in prompts for t in p.ids])[None]
+            x = sailvl.embed(flat, sample.concat_pixels([p.pixels for p in prompts]))[0]
+            unique = list(x.split([len(p.ids) for p in prompts]))
+            suppress = list(banned) + list(range(tok.n_vocab, lm.cfg.vocab_size))
+            engines = rollout_engines(lm, unique, cfg.max_new_tokens, stop,
+                                      {"n_valid_tokens": tok.n_vocab, "banned": banned, "repeats": G},
+                                      [e for e in unique for _ in range(G)], {"suppress": suppress}, args.compile)
+            print_engines(f"rl: {args.preset} SAILVL, {len(prompts)} image prompts x G = {G}, up to "
+                          f"{cfg.max_new_tokens} new tokens, per-token log-probs", interleaved(engines, args.repeats))
+    if args.episode_procs:
+        episode_scaling(args)
+
+
+def episode_scaling(args):
+    """One RL episode (rollouts of prompts x G, then the updates) with 1 and with N processes on the
+    same total rollouts, each process one thread: each rank samples and trains on its share."""
+    times = {}
+    for procs in (1, args.episode_procs):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+               os.path.abspath(__file__), "rl-episode", "--prompts", str(args.episode_prompts),
+               "--group", str(args.group), "--preset", args.preset]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        times[procs] = json.loads(out.strip().splitlines()[-1])
+        print(f"one RL episode, {procs} process(es): {times[procs]}")
+    one, many = times[1]["total"], times[args.episode_procs]["total"]
+    print(f"episode time 1 -> {args.episode_procs} processes: {one:.1f} s -> {many:.1f} s, {one / many:.2f}x; "
+          f"generation share {times[1]['generation'] / one:.0%} with 1 process")
+
+
+def rl_episode_worker(args):
+    """(run by episode_scaling under torchrun) one episode of the tiny model on its share of the
+    prompts; the rewards are random so that every group trains; prints the times as JSON."""
+    rank, world, device = train_stage.setup_distributed()
+    torch.manual_seed(0)
+    sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts)
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            train_stage.save_checkpoint(os.path.join(d, "ck"), sailvl, {"stage": "bench"}, 0, 1)
+        train_stage.barrier()
+        cfg = rl.dataclasses.replace(cfg, init_from=os.path.join(d, "ck"), group_size=args.group)
+        model, _ = train_stage.place_model(cfg, sailvl.cfg, rank, world, device, lambda *a: None)
+        train_stage.barrier()
+    policy = rl.generation_policy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
+    train_stage.barrier()
     t0 = time.perf_counter()
-    sailvl.train()
-    rl.update_episode(sailvl, opt, params, rolls, cfg, torch.device("cpu"), 1, sailvl.cfg.img_context_token_id,
-                      rl.banned_ids(tok))
-    t_up = time.perf_counter() - t0
-    print(f"one RL episode ({cfg.prompts_per_episode} prompts x {cfg.group_size}, {st['len']:.0f} tokens per "
-          f"rollout): generation {t_gen:.1f} s, updates {t_up:.1f} s -> generation is {t_gen / (t_gen + t_up):.0%} "
-          f"of the step")
+    rolls = rl.rollouts(policy, tok, rl.my_share(prompts), cfg, torch.Generator().manual_seed(rank))
+    t_gen = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(rank)
+    for r in rolls:
+        r.reward = float(torch.rand(1, generator=g) < 0.5)
+    for r, a in zip(rolls, rl.group_advantages(torch.tensor([r.reward for r in rolls]), cfg.group_size).tolist()):
+        r.advantage = a
+    rl.update_episode(model.train(), opt, params, rolls, cfg, tok, rl.Rollout(prompts[0], [0], "", False, [0.0]))
+    rl.generation_policy(model, policy if policy is not model else None)
+    train_stage.barrier()
+    total = time.perf_counter() - t0
+    if rank == 0:
+        print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2)}))
+    train_stage.shutdown_distributed()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -784,15 +878,32 @@ def add_model_benches(sub):
     p.add_argument("--data-dir", default=data.DEFAULT_SYNTH_DIR, help="the synthetic data the recipe ran on")
     p.add_argument("--step-scale", type=float, default=1.0, help="pretrain1's steps x this (a short check: 0.1)")
     p.set_defaults(func=bench_adalrs)
-    for name, func, batch, prompt_len in (("decode", bench_decode, 4, 64), ("rollout", bench_rollout, 64, 48)):
-        p = sub.add_parser(name, help=func.__doc__.split("\n")[0], description=func.__doc__)
-        p.add_argument("--preset", default="tiny")
-        p.add_argument("--ckpt", default=None, help="a checkpoint instead of a random preset")
-        p.add_argument("--batch", type=int, default=batch, help="rows per generate call")
-        p.add_argument("--prompt-len", type=int, default=prompt_len)
-        p.add_argument("--new-tokens", type=int, default=64)
-        p.add_argument("--repeats", type=int, default=3)
-        p.set_defaults(func=func)
+    p = sub.add_parser("decode", help=bench_decode.__doc__.split("\n")[0], description=bench_decode.__doc__)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--ckpt", default=None, help="a checkpoint instead of a random preset")
+    p.add_argument("--batch", type=int, default=4, help="rows per generate call")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=bench_decode)
+    p = sub.add_parser("rollout", help=bench_rollout.__doc__.split("\n")[0], description=bench_rollout.__doc__)
+    p.add_argument("--case", default="both", choices=("text", "rl", "both"))
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=64, help="text case: rows")
+    p.add_argument("--prompt-len", type=int, default=48, help="text case: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=64, help="text case: generated tokens per row")
+    p.add_argument("--prompts", type=int, default=8, help="rl case: image prompts")
+    p.add_argument("--group", type=int, default=8, help="rl case and episode: G rows per prompt")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd engine")
+    p.add_argument("--episode-procs", type=int, default=2, help="processes of the episode-scaling part (0 = skip)")
+    p.add_argument("--episode-prompts", type=int, default=32, help="prompts of that episode (x G rollouts)")
+    p.set_defaults(func=bench_rollout)
+    p = sub.add_parser("rl-episode", help="(internal: one RL episode under torchrun, for rollout)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--group", type=int, default=8)
+    p.set_defaults(func=rl_episode_worker)
 
 
 def main(argv=None):

@@ -61,3 +61,9 @@ def test_a_usage_mistake_is_one_line_and_exit_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--seq" in err, err
+
+
+def test_rollout_bench_times_our_engine_against_hf(capsys):
+    out = run_bench(capsys, "rollout", "--case", "both", "--batch", "4", "--prompt-len", "8", "--new-tokens", "4",
+                    "--prompts", "2", "--group", "2", "--repeats", "1", "--no-compile", "--episode-procs", "0")
+    assert len(re.findall(r"^  eager +[\d,]+ tok/s, +[\d.]+x HF", out, re.M)) == 2, out

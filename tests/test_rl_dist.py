@@ -1,7 +1,7 @@
 """rl.py under several processes (gloo on CPU, as torchrun runs it): each rank owns whole groups.
 
 - The same fixed rollouts split over 2 FSDP ranks give the same update (loss and weights after
-  the episode's optimizer steps) as 1 process holding all of them, with uneven rollouts per rank
+  the episode's four SGD steps, <= 1e-6 relative) as 1 process holding all of them, with uneven rollouts per rank
   (padding micro-batches of weight 0) and 2 mini-batches x 2 epochs.
 - A 2-process rl-verifiable run whose ranks generate rows of very different lengths finishes
   (generation runs on an unsharded copy: no collective per decode step), and after `kill -9`
@@ -63,7 +63,7 @@ def _update_worker(rank, world, init_file, out_dir, root, synth):
     rolls = fixed_rollouts(cfg, tok, dcfg, 3)
     mine = [r for g in range(3)[rank::world] for r in rolls[g * 4:(g + 1) * 4]]       # 2 groups / 1 group
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+    opt = torch.optim.SGD(params, lr=0.5)       # linear in the gradients: the split shows at float precision
     st = rl.update_episode(model, opt, params, mine, cfg, tok, rl.Rollout(rolls[0].prompt, [0], "", False, [0.0]))
     sd = train_stage.full_state_dict(model)
     if rank == 0:
