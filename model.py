@@ -4,6 +4,7 @@ Reads top-down in the paper's order:
   §2.3 / facts §1.3   Qwen3 LLM (dense; MoE layers by HF's rule, block in moe.py, §2.2)
   §2.1 / facts §1.2   pixel shuffle v2 (ratio 0.5) and the `mlp1` adapter
   §2                  `SAILVL`: visual tokens fill the `<IMG_CONTEXT>` positions, shifted CE loss
+                      computed in token chunks (no full-vocabulary logits in training)
                       KV-cache generation (greedy / temperature / top-p, batched, stop tokens)
   facts §1.4          checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
                       SAIL-VL2 HF folders, HF Qwen3 / Qwen3-MoE folders (`load_hf_llm`)
@@ -11,6 +12,10 @@ Reads top-down in the paper's order:
 
 `LLMConfig` uses HF config.json field names, so a Qwen3 config.json loads directly. Parameter
 names equal HF's (`model.layers.N.self_attn.q_proj`…) so no renaming table is needed.
+
+Memory options of ours (not the paper's): `set_activation_checkpointing` (`--ac=block`) makes every
+LLM decoder layer and ViT block recompute its inside in backward; the training loss never holds
+the (T, V) logits of a pack (`chunked_cross_entropy`).
 
 `python model.py --preset 8b` prints the parameter counts of a preset (built on the meta device).
 """
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 import kernels
 import moe
 import vit
-from vit import RMSNorm, ViTConfig, load_state_dict_strict, read_safetensors_folder
+from vit import RMSNorm, ViTConfig, load_state_dict_strict, maybe_checkpoint, read_safetensors_folder
 
 
 # ==============================================================================================
@@ -195,8 +200,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         self.mlp = moe.SparseMoeBlock(cfg.moe_config()) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.checkpoint_activations = False          # --ac=block (set_activation_checkpointing)
 
     def forward(self, x, cos, sin, cu_seqlens=None, mask=None, cache=None):
+        return maybe_checkpoint(self.body, self.checkpoint_activations, x, cos, sin, cu_seqlens, mask, cache)
+
+    def body(self, x, cos, sin, cu_seqlens=None, mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, mask, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
@@ -426,7 +435,7 @@ class Output(NamedTuple):
     """What SAILVL.forward returns, with or without labels. The loss is not made here: the training
     step alone turns these sums into the global token mean of a step and adds the aux term
     (train_stage.train_step), so no second, different 'loss' exists to be used by mistake."""
-    logits: torch.Tensor                 # (B, T, V)
+    logits: torch.Tensor | None          # (B, T, V); None when labels are given (unless return_logits)
     ce_sum: torch.Tensor | None          # summed next-token CE over targets (labels != -100); None without labels
     n_targets: torch.Tensor | None       # number of those targets
     aux_loss: torch.Tensor | None        # MoE load balancing: this rank's share of the global-batch loss (moe.py)
@@ -434,11 +443,36 @@ class Output(NamedTuple):
 
 
 def shifted_cross_entropy(logits, labels):
-    """Sum of next-token CE over labels != -100 and the count: logits[:, i] predicts labels[:, i+1]."""
+    """Sum of next-token CE over labels != -100 and the count: logits[:, i] predicts labels[:, i+1].
+    The full-logits form (a (T, V) fp32 copy): the reference `chunked_cross_entropy` equals."""
     lg = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     tg = labels[:, 1:].reshape(-1)
     ce_sum = F.cross_entropy(lg, tg, ignore_index=-100, reduction="sum")
     return ce_sum, (tg != -100).sum()
+
+
+CE_CHUNK = 1024      # positions per chunk of the training loss: (1024, V) fp32 logits at a time (0.6 GB at V = 152k)
+
+
+def chunked_cross_entropy(h, weight, labels, chunk: int | None = None):
+    """shifted_cross_entropy(h @ weight.T, labels) without the (T, V) logits: final hidden states h
+    (B, T, H) and the lm_head weight (V, H), `chunk` positions at a time. Each chunk's logits are
+    made in the model dtype and upcast to fp32 as the full form does, summed into the CE, dropped,
+    and made again in backward (torch.utils.checkpoint), so one chunk's logits exist at a time
+    instead of the pack's (8k x 152k: 2.5 GB bf16 + 5 GB fp32, and as much again for their grads)."""
+    chunk = chunk or CE_CHUNK
+    hs = h[:, :-1].reshape(-1, h.shape[-1])                              # (B*(T-1), H)
+    tg = labels[:, 1:].reshape(-1)                                        # (B*(T-1),)
+    parts = [maybe_checkpoint(chunk_cross_entropy, True, hs[i:i + chunk], weight, tg[i:i + chunk])
+             for i in range(0, hs.shape[0], chunk)]
+    ce_sum = torch.stack(parts).sum() if parts else hs.new_zeros((), dtype=torch.float32)
+    return ce_sum, (tg != -100).sum()
+
+
+def chunk_cross_entropy(h, weight, targets):
+    """Summed CE of one chunk: h (C, H), weight (V, H), targets (C,) with -100 ignored."""
+    logits = F.linear(h, weight).float()                                 # (C, V)
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
 
 class SAILVL(nn.Module):
@@ -485,17 +519,20 @@ class SAILVL(nn.Module):
         return x.masked_scatter(slots[..., None], vis.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, position_ids=None, cu_seqlens=None,
-                attention_mask=None) -> Output:
+                attention_mask=None, return_logits=None) -> Output:
         """input_ids (B, T), pixel_values (N_tiles, 3, S, S) | list (AnyRes) | None -> Output.
-        With labels (B, T) the summed shifted CE and its target count are filled in; for MoE LLMs
-        the load-balancing term (§2.2) is this rank's share (statistics averaged across ranks)."""
+        With labels (B, T) the summed shifted CE and its target count are filled in (in token chunks,
+        `chunked_cross_entropy`) and the logits are not made unless `return_logits`; without labels
+        the logits are returned. For MoE LLMs the load-balancing term (§2.2) is this rank's share
+        (statistics averaged across ranks)."""
         x = self.embed(input_ids, pixel_values)
         h, router_logits = self.language_model.run(position_ids=position_ids, cu_seqlens=cu_seqlens,
                                                    inputs_embeds=x, attention_mask=attention_mask)
-        logits = self.language_model.lm_head(h)
+        lm_head = self.language_model.lm_head
+        logits = lm_head(h) if (labels is None if return_logits is None else return_logits) else None
         ce_sum = n = aux = None
         if labels is not None:
-            ce_sum, n = shifted_cross_entropy(logits, labels)
+            ce_sum, n = chunked_cross_entropy(h, lm_head.weight, labels)
         if router_logits:
             c = self.cfg.llm_config
             aux = moe.load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok, attention_mask)
@@ -538,6 +575,13 @@ class SAILVL(nn.Module):
         return model
 
 
+def set_activation_checkpointing(model: SAILVL, on: bool):
+    """--ac=block: every LLM decoder layer and ViT block keeps only its input in forward and
+    recomputes its inside in backward (vit.maybe_checkpoint). Set before FSDP2 shards the blocks."""
+    for block in [*model.language_model.model.layers, *model.vision_model.trunk.blocks]:
+        block.checkpoint_activations = on
+
+
 # ==============================================================================================
 # checkpoint helpers shared by SAILVL, load_hf_llm and the trainer
 
@@ -569,11 +613,13 @@ def atomic_write_dir(path: str, write_fn):
 
 
 def replace_dir(tmp: str, path: str):
-    """Flush every file of the finished folder `tmp` to disk, then rename it to `path` (an old
-    `path` is moved aside first and removed after), so `path` is always whole or absent."""
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
+    """Flush every file of the finished folder `tmp` (and its subfolders) to disk, then rename it
+    to `path` (an old `path` is moved aside first and removed after), so `path` is always whole or
+    absent."""
+    for root, _, names in os.walk(tmp):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
     parent = os.path.dirname(os.path.abspath(path))
     old = None
     if os.path.exists(path):

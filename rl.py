@@ -1088,8 +1088,8 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
             meta = {"stage": cfg.stage, "episode": episode, "config": asdict(cfg), "filter": filter_counts,
                     "pool": {"kept": kept_index, "pos": pool.pos}, "before": before, "step": episode}
             T.save_checkpoint(os.path.join(rdir, f"step-{episode:06d}"), model, meta, rank, world,
-                              {"optimizer": T.local_optimizer_state(opt), "rng": T.rng_state(),
-                               "generator": gen.get_state()}, extra_files=tok_files, model_cfg=model_cfg)
+                              {"rng": T.rng_state(), "generator": gen.get_state()}, extra_files=tok_files,
+                              model_cfg=model_cfg, opt=opt)
             if rank == 0:
                 T.prune_checkpoints(rdir, cfg.keep_checkpoints)
         if last:
