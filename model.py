@@ -756,6 +756,20 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
+def matmul_weights(model: SAILVL) -> dict:
+    """{module: N}, the weights one token multiplies in that module (matrices and the patch
+    convolution; of a MoE layer's experts the k of E a token uses): per ViT patch, per adapter
+    token, per LLM token (the lm_head included, the embedding lookup not)."""
+    c = model.cfg.llm_config
+
+    def n(module, skip=()):
+        return sum(p.numel() * (c.num_experts_per_tok / c.num_experts if ".experts." in name else 1)
+                   for name, p in module.named_parameters() if p.dim() >= 2 and name not in skip)
+    lm = model.language_model
+    return {"vision_model": n(model.vision_model, ("preprocessor.pos_embed",)), "mlp1": n(model.mlp1),
+            "language_model": n(lm.model.layers) + lm.lm_head.weight.numel()}
+
+
 def main():
     ap = argparse.ArgumentParser(description="Print a SAIL-VL2 preset's configuration and parameter counts "
                                              "(built on the meta device, so no memory is used).")

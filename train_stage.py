@@ -63,7 +63,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 import data
 import model as M
@@ -124,7 +124,7 @@ class StageConfig:
     max_bad_fraction: float = 0.05        # stop when more of the distinct samples than this are bad
     seed: int = 1337                      # init, data order and sampling
     fsdp: bool = False                    # shard with FSDP2 even as one process (several always shard)
-    ac: str = "none"                      # activation checkpointing: none | block (each LLM / ViT block recomputed in backward)
+    ac: str = "none"                      # activation checkpointing: none | block (LLM / ViT blocks recomputed)
     auto_steps: int = 0                   # steps of a stand-in stage run automatically first (0 = its default)
     step_scale: float = 1.0               # multiply the stage's steps (a shortened recipe: --stage all --step_scale=0.2)
 
@@ -896,8 +896,8 @@ def load_sharded(folder: str, model, opt, saved: dict):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
-    except Exception as e:                            # a different model shape, a damaged shard: one line
-        raise CheckpointError(f"cannot load {folder}: {str(e).strip().splitlines()[-1]}") from None
+    except (Exception, CheckpointException) as e:    # a different model shape, a damaged shard: one line
+        raise CheckpointError(f"cannot load {folder}: {reason(e)}") from None
     if TIED_HEAD not in state["model"]:
         state["model"][TIED_HEAD] = state["model"]["language_model.model.embed_tokens.weight"]
     set_model_state_dict(model, state["model"])
@@ -948,12 +948,21 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
             with open(os.path.join(staging, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)
             M.replace_dir(staging, path)
-    except OSError as e:
+    except (OSError, CheckpointException) as e:      # DCP reports a failed write on every rank
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} (the previous checkpoint, "
-                              f"if any, is kept)") from None
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason(e)} (the previous checkpoint, if any, is "
+                              f"kept)") from None
     barrier()
+
+
+def reason(e: BaseException) -> str:
+    """One line for a checkpoint error (torch.distributed.checkpoint's: the first failing rank's)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__).strip()
 
 
 def barrier():
@@ -1062,20 +1071,6 @@ def peak_flops(device) -> Optional[float]:
     return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
 
 
-def matmul_weights(model) -> dict:
-    """{module: N}, the weights one token multiplies in that module (matrices and the patch
-    convolution; of a MoE layer's experts the k of E a token uses): per ViT patch, per adapter
-    token, per LLM token (the lm_head included, the embedding lookup not)."""
-    c = model.cfg.llm_config
-
-    def n(module, skip=()):
-        return sum(p.numel() * (c.num_experts_per_tok / c.num_experts if ".experts." in name else 1)
-                   for name, p in module.named_parameters() if p.dim() >= 2 and name not in skip)
-    lm = model.language_model
-    return {"vision_model": n(model.vision_model, ("preprocessor.pos_embed",)), "mlp1": n(model.mlp1),
-            "language_model": n(lm.model.layers) + lm.lm_head.weight.numel()}
-
-
 def step_flops(model_cfg: M.SAILVLConfig, weights: dict, packs: list, trainable: list) -> float:
     """Model FLOPs of these micro-batches, counted as PaLM does (Chowdhery et al. 2022, app. B):
     per token 6 N for a module whose N matmul weights train (2 N forward, 2 N input gradients,
@@ -1089,15 +1084,16 @@ def step_flops(model_cfg: M.SAILVLConfig, weights: dict, packs: list, trainable:
     for pack in packs:
         lengths = torch.diff(pack["cu_seqlens"]).tolist()
         pv = pack.get("pixel_values")
-        sizes = [] if pv is None else [x.shape[-2:] for x in pv] if isinstance(pv, list) else [pv.shape[-2:]] * len(pv)
-        patches = [(h // vit.patch_size) * (w // vit.patch_size) for h, w in sizes]
-        for m, counts in (("vision_model", patches), ("mlp1", [x // 4 for x in patches]), ("language_model", lengths)):
+        images = [] if pv is None else pv if isinstance(pv, list) else list(pv)      # (3, H, W) each
+        patches = [(x.shape[-2] // vit.patch_size) * (x.shape[-1] // vit.patch_size) for x in images]
+        for m, counts in (("vision_model", patches), ("mlp1", [x // 4 for x in patches]),
+                          ("language_model", lengths)):
             work[m][0] += sum(counts)
             work[m][1] += sum(x * x for x in counts) if m != "mlp1" else 0
     lhd = {"vision_model": vit.num_hidden_layers * vit.hidden_size, "mlp1": 0,
            "language_model": llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim}
     flops, grads = 0.0, False
-    for m in MODULES:                        # ViT -> adapter -> LLM: gradients cross all after the first that trains
+    for m in MODULES:                        # ViT -> adapter -> LLM: gradients cross all from the first that trains
         trains = m in trainable
         grads = grads or trains
         tokens, pairs = work[m]
@@ -1234,7 +1230,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
     metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
     model.train()
     peak, trainable = peak_flops(device), modules_of(cfg.trainable)
-    weights = matmul_weights(model) if peak else None
+    weights = M.matmul_weights(model) if peak else None
     last_loss = eval_loss = None
     bad_in_a_row = 0
     while True:

@@ -213,8 +213,8 @@ def bench_loss(args):
         tracker.track_external(model)
         with tracker:
             fn().backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        results[name] = dict(time=min(times), loss=float(ce), grads=grads,
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[name] = dict(time=min(times), loss=float(ce.detach()), grads=grads,
                              peak=tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
     f, c = results["full"], results["chunked"]
     grad_diff = max((a - b).abs().max().item() for a, b in zip(f["grads"], c["grads"]))

@@ -490,6 +490,21 @@ def test_a_full_disk_at_save_time_keeps_the_previous_checkpoint(tmp_path, monkey
     assert not [p for p in os.listdir(tmp_path) if p != "ck"]           # no staging folder left behind
 
 
+def test_a_full_disk_while_shards_are_written_keeps_the_previous_step_checkpoint(tmp_path, monkeypatch):
+    m = M.build_model("tiny", seed=0)
+    opt = torch.optim.AdamW(m.parameters())
+    T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, {}, opt=opt)
+    first = T.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(T.HuggingFaceStorageWriter, "write_data", full_disk)
+    with pytest.raises(T.CheckpointError, match="cannot write checkpoint .*No space left on device"):
+        T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 2}, 0, 1, {}, opt=opt)
+    assert T.verify_checkpoint(str(tmp_path / "ck"), resumable=True) == first
+    assert os.listdir(tmp_path) == ["ck"]                                # no staging folder left behind
+
+
 def test_kill_minus_9_then_resume_is_bit_identical(synth, tmp_path):
     """sft4: video in the data (training-time frame jitter) and AdamW state, killed mid-run."""
     args = ["train_stage.py", "--stage", "sft4", f"--data_dir={synth}", "--steps=6", "--save_every=2",

@@ -1,16 +1,21 @@
-"""Memory and throughput options of the trainer: the chunked training loss equals the full-logits
+"""What a run at scale needs, tested on the CPU: the chunked training loss equals the full-logits
 loss in value and in every gradient; activation checkpointing (--ac=block) recomputes every LLM and
-ViT block in backward, keeps far fewer tensors, and leaves the step's gradients unchanged; the FLOP
-count behind MFU against a hand count; the step line's new fields; tests/bench_memory.py runs."""
+ViT block in backward, keeps far fewer tensors and leaves the step's gradients unchanged; nothing of
+a micro-batch outlives it; the FLOP count behind MFU against a hand count; the step line's new
+fields; tests/bench_memory.py's estimate runs; sample.py --device puts every input on the model's
+device."""
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import data
 import model as M
+import sample
 import train_stage as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +144,7 @@ def test_step_flops_against_a_hand_count():
     D = V.hidden_size
     n_vit = V.num_hidden_layers * (4 * D * D + 3 * D * V.intermediate_size) + 3 * V.patch_size ** 2 * D
     n_mlp1 = 4 * D * H + H * H
-    weights = T.matmul_weights(model)
+    weights = M.matmul_weights(model)
     assert weights == {"vision_model": n_vit, "mlp1": n_mlp1, "language_model": n_llm}
     P = V.grid ** 2                                                       # patches per 112-px tile
     pack = {"cu_seqlens": torch.tensor([0, 100, 130]), "pixel_values": torch.zeros(2, 3, 112, 112)}
@@ -153,7 +158,7 @@ def test_step_flops_against_a_hand_count():
     c = moe.cfg.llm_config
     dense_part = weights["language_model"] - L.num_hidden_layers * 3 * H * I
     active = c.num_hidden_layers * (3 * H * c.moe_intermediate_size * c.num_experts_per_tok + c.num_experts * H)
-    assert T.matmul_weights(moe)["language_model"] == dense_part + active
+    assert M.matmul_weights(moe)["language_model"] == dense_part + active
 
 
 def test_step_report_fields():
@@ -229,3 +234,27 @@ def test_nothing_of_a_micro_batch_is_alive_when_the_next_one_runs(synth, monkeyp
     params = list(model.parameters())
     T.train_step(model, Recorder(params), packs, params, 1e9, 1, CPU, NOCAST)
     assert len(alive) == len(packs) * (1 + model.cfg.llm_config.num_hidden_layers)
+
+
+def test_sample_device_option_moves_every_input_to_the_models_device(synth):
+    """The batched evaluation hands generate pixels on the model's device (a meta-device model
+    stands in for a GPU one); --device cuda without a GPU is one line and exit 2."""
+    class Spy:
+        language_model = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.empty(0, device="meta")))
+
+        def generate(self, prompts, pixels, **kw):
+            self.pixels = pixels
+            return [[] for _ in prompts]
+    spy, tok = Spy(), data.load_tokenizer(None)
+    items = [sample.Item([1, 2], torch.zeros(1, 3, 8, 8), 4), sample.Item([3], torch.zeros(2, 3, 8, 8), 4)]
+    sample.generate_batch(spy, tok, items)
+    assert spy.pixels.device.type == "meta" and spy.pixels.shape[0] == 3
+    assert [p.device.type for p in sample.on_device([torch.zeros(3, 8, 8)], spy)] == ["meta"]   # AnyRes lists
+    assert sample.on_device(None, spy) is None
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "sample.py", "--ckpt", str(synth), "--device", "cuda"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--device cuda" in res.stderr
