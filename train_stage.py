@@ -16,10 +16,13 @@ Reads in the paper's order:
                Think-Fusion SFT (§4.2.4) and RL with mixed rewards; the RL rows run in rl.py.
   model init   the stage's init rule (previous stage / per-module sources), --init-from DIR, or
                HF weights (--init-llm, --init-vit)
-  FSDP2        `parallelize`: fully_shard each LLM block, the ViT as one unit, then the root (§5.2)
+  FSDP2        `parallelize`: fully_shard each LLM and ViT block, then the root (§5.2); --ac=block
+               recomputes each block in backward
   the loop     AdamW, warm-up + cosine (x the AdaLRS scale), grad clipping and accumulation,
-               stream packing with one global token-mean loss (§5.1), eval, checkpoints
-  checkpoints  one writer and one reader: atomic folders, checksums, exact resume
+               stream packing with one global token-mean loss (§5.1), eval, checkpoints; the
+               step line: loss, LR, tokens/s (per device), MFU on GPUs, peak memory, data wait
+  checkpoints  one writer and one reader: atomic folders; step checkpoints sharded with
+               torch.distributed.checkpoint (resumable by any number of processes); exact resume
   soup         average homogeneous checkpoints (§4.2.1)
 
 Reading order of one training step, from a manifest line to loss.backward() (file:function):
@@ -33,6 +36,7 @@ Reading order of one training step, from a manifest line to loss.backward() (fil
        model.py:SAILVL.forward        vit.py:SAILViT -> model.py:pixel_shuffle -> mlp1 -> the
                                       <IMG_CONTEXT> slots -> model.py:Qwen3LM.run (kernels.py:
                                       packed_attention; moe.py:SparseMoeBlock) -> summed CE
+                                      (model.py:chunked_cross_entropy, no (T, V) logits)
        train_stage.py:step_loss       the one loss: global token mean, aux term, world size
        loss.backward(); then clip, AdamW step
   4. train_stage.py:save_checkpoint  every save_every steps, and the stage output at the end

@@ -17,6 +17,7 @@ import data
 import model as M
 import sample
 import train_stage as T
+from test_train_stage import Recorder, fixed_samples, packs_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOCAST = lambda: torch.autocast("cpu", enabled=False)                    # noqa: E731
@@ -34,17 +35,6 @@ def tiny_batch(seed=0, rows=2, length=60, tiles=2):
     labels[:, :5] = -100
     pixels = torch.randn(tiles, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
     return model, ids, labels, pixels
-
-
-class Recorder(torch.optim.Optimizer):
-    """Records the gradients it is asked to apply (applies nothing)."""
-
-    def __init__(self, params):
-        super().__init__(params, {"lr": 0.0})
-        self.seen = None
-
-    def step(self, closure=None):
-        self.seen = [p.grad.clone() for g in self.param_groups for p in g["params"]]
 
 
 def grads_of(model, loss):
@@ -216,12 +206,11 @@ def test_nothing_of_a_micro_batch_is_alive_when_the_next_one_runs(synth, monkeyp
     the next forward: the previous one's tensors are freed by then."""
     import weakref
 
-    import test_train_stage as S
-    samples, _ = S.fixed_samples(synth, n=8)
+    samples, _ = fixed_samples(synth, n=8)
     torch.manual_seed(0)
     model = M.SAILVL(M.preset_config("tiny-moe"))
     model.init_weights()
-    packs = S.packs_of(samples, 300)
+    packs = packs_of(samples, 300)
     assert len(packs) >= 3
     alive, real = [], T.forward_pack
 
