@@ -76,7 +76,7 @@ import packing
 from adalrs import AdaLRS, AdaLRSConfig
 from packing import PackingConfig
 
-MODULES = ("vision_model", "mlp1", "language_model")
+MODULES = M.MODULES
 
 
 class UsageError(ValueError):
@@ -1075,36 +1075,6 @@ def peak_flops(device) -> Optional[float]:
     return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
 
 
-def step_flops(model_cfg: M.SAILVLConfig, weights: dict, packs: list, trainable: list) -> float:
-    """Model FLOPs of these micro-batches, counted as PaLM does (Chowdhery et al. 2022, app. B):
-    per token 6 N for a module whose N matmul weights train (2 N forward, 2 N input gradients,
-    2 N weight gradients), 4 N for a frozen module that gradients still cross (a module before it
-    trains), 2 N for one that only runs forward; plus attention, 12 L H D per query-key pair when
-    gradients cross it (PaLM's 12 L H Q T per token, T = the sample's length, causality not
-    discounted), 4 L H D forward only. A pack's samples attend only within themselves (sum of
-    s_i^2 pairs), each ViT tile or image within itself."""
-    vit, llm = model_cfg.vision_config, model_cfg.llm_config
-    work = {m: [0, 0] for m in MODULES}                              # tokens, query-key pairs
-    for pack in packs:
-        lengths = torch.diff(pack["cu_seqlens"]).tolist()
-        pv = pack.get("pixel_values")
-        images = [] if pv is None else pv if isinstance(pv, list) else list(pv)      # (3, H, W) each
-        patches = [(x.shape[-2] // vit.patch_size) * (x.shape[-1] // vit.patch_size) for x in images]
-        for m, counts in (("vision_model", patches), ("mlp1", [x // 4 for x in patches]),
-                          ("language_model", lengths)):
-            work[m][0] += sum(counts)
-            work[m][1] += sum(x * x for x in counts) if m != "mlp1" else 0
-    lhd = {"vision_model": vit.num_hidden_layers * vit.hidden_size, "mlp1": 0,
-           "language_model": llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim}
-    flops, grads = 0.0, False
-    for m in MODULES:                        # ViT -> adapter -> LLM: gradients cross all from the first that trains
-        trains = m in trainable
-        grads = grads or trains
-        tokens, pairs = work[m]
-        flops += (2 + 2 * grads + 2 * trains) * weights[m] * tokens + (4 + 8 * grads) * lhd[m] * pairs
-    return flops
-
-
 def peak_memory_gib(device) -> float:
     """CUDA: the most memory tensors held at once on this device (max allocated); CPU: the
     process's peak resident set (Linux reports it in KiB)."""
@@ -1292,7 +1262,8 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         last_loss = res["loss"]
         # -- one log line per step ----------------------------------------------------------------
         if peak:
-            seconds["ideal"] = all_reduce_sum([step_flops(model_cfg, weights, host_packs, trainable)], device)[0] / peak
+            seconds["ideal"] = all_reduce_sum([M.training_flops(model_cfg, weights, host_packs, trainable)],
+                                              device)[0] / peak
         rec, line = step_report(step, cfg, res, lr, seconds, world, device)
         log(line)
         if metrics:

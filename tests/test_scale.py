@@ -141,9 +141,9 @@ def test_step_flops_against_a_hand_count():
     att_llm = L.num_hidden_layers * L.num_attention_heads * hd * (100 ** 2 + 30 ** 2)
     att_vit = V.num_hidden_layers * D * 2 * P ** 2
     everything = 6 * (n_llm * 130 + n_vit * 2 * P + n_mlp1 * 2 * P // 4) + 12 * (att_llm + att_vit)
-    assert T.step_flops(cfg, weights, [pack], list(T.MODULES)) == everything
+    assert M.training_flops(cfg, weights, [pack], list(M.MODULES)) == everything
     adapter_only = 2 * n_vit * 2 * P + 4 * att_vit + 6 * n_mlp1 * 2 * P // 4 + 4 * n_llm * 130 + 12 * att_llm
-    assert T.step_flops(cfg, weights, [pack], ["mlp1"]) == adapter_only   # vit1: ViT forward only, LLM crossed
+    assert M.training_flops(cfg, weights, [pack], ["mlp1"]) == adapter_only   # vit1: ViT forward only, LLM crossed
     moe = M.build_model("tiny-moe", device="meta")
     c = moe.cfg.llm_config
     dense_part = weights["language_model"] - L.num_hidden_layers * 3 * H * I
