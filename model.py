@@ -8,7 +8,8 @@ Reads top-down in the paper's order:
                       KV-cache generation (greedy / temperature / top-p, batched, stop tokens)
   facts §1.4          checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
                       SAIL-VL2 HF folders, HF Qwen3 / Qwen3-MoE folders (`load_hf_llm`)
-  Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b
+  Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b; parameter
+                      and training-FLOP counts (the trainer's MFU)
 
 `LLMConfig` uses HF config.json field names, so a Qwen3 config.json loads directly. Parameter
 names equal HF's (`model.layers.N.self_attn.q_proj`…) so no renaming table is needed.
@@ -756,6 +757,9 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
+MODULES = ("vision_model", "mlp1", "language_model")     # SAILVL's modules in forward order
+
+
 def matmul_weights(model: SAILVL) -> dict:
     """{module: N}, the weights one token multiplies in that module (matrices and the patch
     convolution; of a MoE layer's experts the k of E a token uses): per ViT patch, per adapter
@@ -768,6 +772,37 @@ def matmul_weights(model: SAILVL) -> dict:
     lm = model.language_model
     return {"vision_model": n(model.vision_model, ("preprocessor.pos_embed",)), "mlp1": n(model.mlp1),
             "language_model": n(lm.model.layers) + lm.lm_head.weight.numel()}
+
+
+def training_flops(cfg: SAILVLConfig, weights: dict, packs: list, trainable: list) -> float:
+    """Model FLOPs of a training step over `packs` (forward inputs: cu_seqlens, pixel_values),
+    `weights` from matmul_weights, the modules in `trainable` training; counted as PaLM does
+    (Chowdhery et al. 2022, appendix B): per token 6 N for a module whose N matmul weights train (2 N forward, 2 N input gradients,
+    2 N weight gradients), 4 N for a frozen module that gradients still cross (a module before it
+    trains), 2 N for one that only runs forward; plus attention, 12 L H D per query-key pair when
+    gradients cross it (PaLM's 12 L H Q T per token, T = the sample's length, causality not
+    discounted), 4 L H D forward only. A pack's samples attend only within themselves (sum of
+    s_i^2 pairs), each ViT tile or image within itself."""
+    vit, llm = cfg.vision_config, cfg.llm_config
+    work = {m: [0, 0] for m in MODULES}                              # tokens, query-key pairs
+    for pack in packs:
+        lengths = torch.diff(pack["cu_seqlens"]).tolist()
+        pv = pack.get("pixel_values")
+        images = [] if pv is None else pv if isinstance(pv, list) else list(pv)      # (3, H, W) each
+        patches = [(x.shape[-2] // vit.patch_size) * (x.shape[-1] // vit.patch_size) for x in images]
+        for m, counts in (("vision_model", patches), ("mlp1", [x // 4 for x in patches]),
+                          ("language_model", lengths)):
+            work[m][0] += sum(counts)
+            work[m][1] += sum(x * x for x in counts) if m != "mlp1" else 0
+    lhd = {"vision_model": vit.num_hidden_layers * vit.hidden_size, "mlp1": 0,
+           "language_model": llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim}
+    flops, grads = 0.0, False
+    for m in MODULES:                          # gradients cross every module from the first that trains
+        trains = m in trainable
+        grads = grads or trains
+        tokens, pairs = work[m]
+        flops += (2 + 2 * grads + 2 * trains) * weights[m] * tokens + (4 + 8 * grads) * lhd[m] * pairs
+    return flops
 
 
 def main():
