@@ -4,15 +4,21 @@ Reads top-down in the paper's order:
   §2.3 / facts §1.3   Qwen3 LLM (dense; MoE layers by HF's rule, block in moe.py, §2.2)
   §2.1 / facts §1.2   pixel shuffle v2 (ratio 0.5) and the `mlp1` adapter
   §2                  `SAILVL`: visual tokens fill the `<IMG_CONTEXT>` positions, shifted CE loss
+                      computed in token chunks (no full-vocabulary logits in training)
   §4.2.3              generation and RL rollouts: `policy_logits` (the sampling policy), a static
                       KV cache, each prompt prefilled once for its G rows, a fixed-shape decode
                       step (torch.compile optional), finished rows leaving the batch
   facts §1.4          checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
                       SAIL-VL2 HF folders, HF Qwen3 / Qwen3-MoE folders (`load_hf_llm`)
-  Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b
+  Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b; parameter
+                      and training-FLOP counts (the trainer's MFU)
 
 `LLMConfig` uses HF config.json field names, so a Qwen3 config.json loads directly. Parameter
 names equal HF's (`model.layers.N.self_attn.q_proj`…) so no renaming table is needed.
+
+Memory options of ours (not the paper's): `set_activation_checkpointing` (`--ac=block`) makes every
+LLM decoder layer and ViT block recompute its inside in backward; the training loss never holds
+the (T, V) logits of a pack (`chunked_cross_entropy`).
 
 `python model.py --preset 8b` prints the parameter counts of a preset (built on the meta device).
 """
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 import kernels
 import moe
 import vit
-from vit import RMSNorm, ViTConfig, load_state_dict_strict, read_safetensors_folder
+from vit import RMSNorm, ViTConfig, load_state_dict_strict, maybe_checkpoint, read_safetensors_folder
 
 
 # ==============================================================================================
@@ -214,8 +220,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         self.mlp = moe.SparseMoeBlock(cfg.moe_config()) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.checkpoint_activations = False          # --ac=block (set_activation_checkpointing)
 
     def forward(self, x, cos, sin, cu_seqlens=None, mask=None, cache=None):
+        return maybe_checkpoint(self.body, self.checkpoint_activations, x, cos, sin, cu_seqlens, mask, cache)
+
+    def body(self, x, cos, sin, cu_seqlens=None, mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, mask, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
@@ -586,7 +596,7 @@ class Output(NamedTuple):
     """What SAILVL.forward returns, with or without labels. The loss is not made here: the training
     step alone turns these sums into the global token mean of a step and adds the aux term
     (train_stage.train_step), so no second, different 'loss' exists to be used by mistake."""
-    logits: torch.Tensor                 # (B, T, V)
+    logits: torch.Tensor | None          # (B, T, V); None when labels are given (unless return_logits)
     ce_sum: torch.Tensor | None          # summed next-token CE over targets (labels != -100); None without labels
     n_targets: torch.Tensor | None       # number of those targets
     aux_loss: torch.Tensor | None        # MoE load balancing: this rank's share of the global-batch loss (moe.py)
@@ -594,11 +604,36 @@ class Output(NamedTuple):
 
 
 def shifted_cross_entropy(logits, labels):
-    """Sum of next-token CE over labels != -100 and the count: logits[:, i] predicts labels[:, i+1]."""
+    """Sum of next-token CE over labels != -100 and the count: logits[:, i] predicts labels[:, i+1].
+    The full-logits form (a (T, V) fp32 copy): the reference `chunked_cross_entropy` equals."""
     lg = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     tg = labels[:, 1:].reshape(-1)
     ce_sum = F.cross_entropy(lg, tg, ignore_index=-100, reduction="sum")
     return ce_sum, (tg != -100).sum()
+
+
+CE_CHUNK = 1024      # positions per chunk of the training loss: (1024, V) fp32 logits at a time (0.6 GB at V = 152k)
+
+
+def chunked_cross_entropy(h, weight, labels, chunk: int | None = None):
+    """shifted_cross_entropy(h @ weight.T, labels) without the (T, V) logits: final hidden states h
+    (B, T, H) and the lm_head weight (V, H), `chunk` positions at a time. Each chunk's logits are
+    made in the model dtype and upcast to fp32 as the full form does, summed into the CE, dropped,
+    and made again in backward (torch.utils.checkpoint), so one chunk's logits exist at a time
+    instead of the pack's (8k x 152k: 2.5 GB bf16 + 5 GB fp32, and as much again for their grads)."""
+    chunk = chunk or CE_CHUNK
+    hs = h[:, :-1].reshape(-1, h.shape[-1])                              # (B*(T-1), H)
+    tg = labels[:, 1:].reshape(-1)                                        # (B*(T-1),)
+    parts = [maybe_checkpoint(chunk_cross_entropy, True, hs[i:i + chunk], weight, tg[i:i + chunk])
+             for i in range(0, hs.shape[0], chunk)]
+    ce_sum = torch.stack(parts).sum() if parts else hs.new_zeros((), dtype=torch.float32)
+    return ce_sum, (tg != -100).sum()
+
+
+def chunk_cross_entropy(h, weight, targets):
+    """Summed CE of one chunk: h (C, H), weight (V, H), targets (C,) with -100 ignored."""
+    logits = F.linear(h, weight).float()                                 # (C, V)
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
 
 class SAILVL(nn.Module):
@@ -645,17 +680,20 @@ class SAILVL(nn.Module):
         return x.masked_scatter(slots[..., None], vis.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, position_ids=None, cu_seqlens=None,
-                attention_mask=None) -> Output:
+                attention_mask=None, return_logits=None) -> Output:
         """input_ids (B, T), pixel_values (N_tiles, 3, S, S) | list (AnyRes) | None -> Output.
-        With labels (B, T) the summed shifted CE and its target count are filled in; for MoE LLMs
-        the load-balancing term (§2.2) is this rank's share (statistics averaged across ranks)."""
+        With labels (B, T) the summed shifted CE and its target count are filled in (in token chunks,
+        `chunked_cross_entropy`) and the logits are not made unless `return_logits`; without labels
+        the logits are returned. For MoE LLMs the load-balancing term (§2.2) is this rank's share
+        (statistics averaged across ranks)."""
         x = self.embed(input_ids, pixel_values)
         h, router_logits = self.language_model.run(position_ids=position_ids, cu_seqlens=cu_seqlens,
                                                    inputs_embeds=x, attention_mask=attention_mask)
-        logits = self.language_model.lm_head(h)
+        lm_head = self.language_model.lm_head
+        logits = lm_head(h) if (labels is None if return_logits is None else return_logits) else None
         ce_sum = n = aux = None
         if labels is not None:
-            ce_sum, n = shifted_cross_entropy(logits, labels)
+            ce_sum, n = chunked_cross_entropy(h, lm_head.weight, labels)
         if router_logits:
             c = self.cfg.llm_config
             aux = moe.load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok, attention_mask)
@@ -698,6 +736,13 @@ class SAILVL(nn.Module):
         return model
 
 
+def set_activation_checkpointing(model: SAILVL, on: bool):
+    """--ac=block: every LLM decoder layer and ViT block keeps only its input in forward and
+    recomputes its inside in backward (vit.maybe_checkpoint). Set before FSDP2 shards the blocks."""
+    for block in [*model.language_model.model.layers, *model.vision_model.trunk.blocks]:
+        block.checkpoint_activations = on
+
+
 # ==============================================================================================
 # checkpoint helpers shared by SAILVL, load_hf_llm and the trainer
 
@@ -729,11 +774,13 @@ def atomic_write_dir(path: str, write_fn):
 
 
 def replace_dir(tmp: str, path: str):
-    """Flush every file of the finished folder `tmp` to disk, then rename it to `path` (an old
-    `path` is moved aside first and removed after), so `path` is always whole or absent."""
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
+    """Flush every file of the finished folder `tmp` (and its subfolders) to disk, then rename it
+    to `path` (an old `path` is moved aside first and removed after), so `path` is always whole or
+    absent."""
+    for root, _, names in os.walk(tmp):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
     parent = os.path.dirname(os.path.abspath(path))
     old = None
     if os.path.exists(path):
@@ -868,6 +915,54 @@ def build_model(preset: str = "tiny", device="cpu", seed: int | None = 0) -> SAI
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+MODULES = ("vision_model", "mlp1", "language_model")     # SAILVL's modules in forward order
+
+
+def matmul_weights(model: SAILVL) -> dict:
+    """{module: N}, the weights one token multiplies in that module (matrices and the patch
+    convolution; of a MoE layer's experts the k of E a token uses): per ViT patch, per adapter
+    token, per LLM token (the lm_head included, the embedding lookup not)."""
+    c = model.cfg.llm_config
+
+    def n(module, skip=()):
+        return sum(p.numel() * (c.num_experts_per_tok / c.num_experts if ".experts." in name else 1)
+                   for name, p in module.named_parameters() if p.dim() >= 2 and name not in skip)
+    lm = model.language_model
+    return {"vision_model": n(model.vision_model, ("preprocessor.pos_embed",)), "mlp1": n(model.mlp1),
+            "language_model": n(lm.model.layers) + lm.lm_head.weight.numel()}
+
+
+def training_flops(cfg: SAILVLConfig, weights: dict, packs: list, trainable: list) -> float:
+    """Model FLOPs of a training step over `packs` (forward inputs: cu_seqlens, pixel_values),
+    `weights` from matmul_weights, the modules in `trainable` training; counted as PaLM does
+    (Chowdhery et al. 2022, appendix B): per token 6 N for a module whose N matmul weights train (2 N forward, 2 N input gradients,
+    2 N weight gradients), 4 N for a frozen module that gradients still cross (a module before it
+    trains), 2 N for one that only runs forward; plus attention, 12 L H D per query-key pair when
+    gradients cross it (PaLM's 12 L H Q T per token, T = the sample's length, causality not
+    discounted), 4 L H D forward only. A pack's samples attend only within themselves (sum of
+    s_i^2 pairs), each ViT tile or image within itself."""
+    vit, llm = cfg.vision_config, cfg.llm_config
+    work = {m: [0, 0] for m in MODULES}                              # tokens, query-key pairs
+    for pack in packs:
+        lengths = torch.diff(pack["cu_seqlens"]).tolist()
+        pv = pack.get("pixel_values")
+        images = [] if pv is None else pv if isinstance(pv, list) else list(pv)      # (3, H, W) each
+        patches = [(x.shape[-2] // vit.patch_size) * (x.shape[-1] // vit.patch_size) for x in images]
+        for m, counts in (("vision_model", patches), ("mlp1", [x // 4 for x in patches]),
+                          ("language_model", lengths)):
+            work[m][0] += sum(counts)
+            work[m][1] += sum(x * x for x in counts) if m != "mlp1" else 0
+    lhd = {"vision_model": vit.num_hidden_layers * vit.hidden_size, "mlp1": 0,
+           "language_model": llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim}
+    flops, grads = 0.0, False
+    for m in MODULES:                          # gradients cross every module from the first that trains
+        trains = m in trainable
+        grads = grads or trains
+        tokens, pairs = work[m]
+        flops += (2 + 2 * grads + 2 * trains) * weights[m] * tokens + (4 + 8 * grads) * lhd[m] * pairs
+    return flops
 
 
 def main():

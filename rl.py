@@ -1334,9 +1334,8 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
             state = {"stage": cfg.stage, "episode": episode, "step": episode, "config": asdict(cfg),
                      "filter": filter_counts, "pool": {"positions": positions, "pos": pool.pos}, "before": before}
             train_stage.save_checkpoint(os.path.join(rdir, f"step-{episode:06d}"), model, state, rank, world,
-                                        {"optimizer": train_stage.local_optimizer_state(opt),
-                                         "rng": train_stage.rng_state(), "generator": gen.get_state()},
-                                        extra_files=tok_files, model_cfg=model_cfg)
+                                        {"rng": train_stage.rng_state(), "generator": gen.get_state()},
+                                        extra_files=tok_files, model_cfg=model_cfg, opt=opt)
             if rank == 0:
                 train_stage.prune_checkpoints(rdir, cfg.keep_checkpoints)
         if last:

@@ -49,14 +49,19 @@ class InputError(UsageError):
     code = 1
 
 
-def load(ckpt: str):
-    """(model, tokenizer, DataConfig) for a checkpoint folder."""
+def default_device() -> str:
+    """--device's default: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(ckpt: str, device="cpu"):
+    """(model, tokenizer, DataConfig) for a checkpoint folder; the model on `device` (fp32)."""
     if not os.path.isdir(ckpt):
         raise UsageError(f"--ckpt {ckpt}: no such folder")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         raise InputError(f"--ckpt {ckpt}: not a checkpoint folder (no config.json)")
     try:
-        model = M.SAILVL.from_pretrained(ckpt).eval()
+        model = M.SAILVL.from_pretrained(ckpt, device=device).eval()
     except Exception as e:      # any reason (bad JSON, missing or corrupt weights): one line, not a traceback
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"--ckpt {ckpt}: cannot load the checkpoint: {why}") from None
@@ -97,13 +102,22 @@ class Streamer:
         self.shown = text
 
 
+def on_device(pixels, model):
+    """Pixels (None, a tensor, or an AnyRes list) on the model's device."""
+    device = model.language_model.lm_head.weight.device
+    if isinstance(pixels, (list, tuple)):
+        return [p.to(device) for p in pixels]
+    return None if pixels is None else pixels.to(device)
+
+
 def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_new_tokens=256,
            temperature=0.0, top_p=1.0, seed=0, stream=False) -> str:
     """One reply to `question` (a string, or [(role, content)] turns) about the given media."""
     sample = data.prompt_inputs(tok, dcfg, question, images, videos, think=think)
     stop = stop_ids(tok)
-    gen = torch.Generator().manual_seed(seed)
-    out = model.generate([sample["input_ids"].tolist()], sample["pixel_values"], max_new_tokens=max_new_tokens,
+    gen = torch.Generator(device=model.language_model.lm_head.weight.device).manual_seed(seed)
+    out = model.generate([sample["input_ids"].tolist()], on_device(sample["pixel_values"], model),
+                         max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, stop_tokens=stop, generator=gen,
                          on_token=Streamer(tok, stop) if stream else None, n_valid_tokens=tok.n_vocab)[0]
     return decode_reply(tok, out, stop)
@@ -294,7 +308,7 @@ def generate_batch(model, tok, items: list) -> list:
     """Greedy replies to `items` in one `generate` call; each row is cut to its own budget, so the
     result does not depend on which other rows share the batch."""
     stop = stop_ids(tok)
-    out = model.generate([it.ids for it in items], concat_pixels([it.pixels for it in items]),
+    out = model.generate([it.ids for it in items], on_device(concat_pixels([it.pixels for it in items]), model),
                          max_new_tokens=max(it.max_new for it in items), temperature=0.0, stop_tokens=stop,
                          n_valid_tokens=tok.n_vocab)
     replies = []
@@ -748,6 +762,7 @@ def cli(argv):
                                                             "synthetic folder, all of a manifest or TSV)")
     ap.add_argument("--batch-size", type=int, default=32, help="eval: prompts per generate call")
     ap.add_argument("--out", default=None, help="eval: one combined JSON report here instead of <ckpt>/eval/")
+    ap.add_argument("--device", default=default_device(), help="cuda | cpu (default: cuda when present)")
     args = ap.parse_args(argv)
     for flag, paths in (("--image", args.image), ("--video", args.video), ("--eval", [args.eval] if args.eval else [])):
         for p in paths:
@@ -755,7 +770,9 @@ def cli(argv):
                 raise UsageError(f"{flag} {p}: no such file or folder")
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise UsageError("--limit and --batch-size must be at least 1")
-    model, tok, dcfg = load(args.ckpt)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or (args.device != "cpu" and not torch.cuda.is_available()):
+        raise UsageError(f"--device {args.device}: expected cpu or cuda[:N] (CUDA available: {torch.cuda.is_available()})")
+    model, tok, dcfg = load(args.ckpt, args.device)
     if args.eval:
         return run_eval(args, model, tok, dcfg)
     try:

@@ -16,10 +16,13 @@ Reads in the paper's order:
                Think-Fusion SFT (§4.2.4) and RL with mixed rewards; the RL rows run in rl.py.
   model init   the stage's init rule (previous stage / per-module sources), --init-from DIR, or
                HF weights (--init-llm, --init-vit)
-  FSDP2        `parallelize`: fully_shard each LLM block, the ViT as one unit, then the root (§5.2)
+  FSDP2        `parallelize`: fully_shard each LLM and ViT block, then the root (§5.2); --ac=block
+               recomputes each block in backward
   the loop     AdamW, warm-up + cosine (x the AdaLRS scale), grad clipping and accumulation,
-               stream packing with one global token-mean loss (§5.1), eval, checkpoints
-  checkpoints  one writer and one reader: atomic folders, checksums, exact resume
+               stream packing with one global token-mean loss (§5.1), eval, checkpoints; the
+               step line: loss, LR, tokens/s (per device), MFU on GPUs, peak memory, data wait
+  checkpoints  one writer and one reader: atomic folders; step checkpoints sharded with
+               torch.distributed.checkpoint (resumable by any number of processes); exact resume
   soup         average homogeneous checkpoints (§4.2.1)
 
 Reading order of one training step, from a manifest line to loss.backward() (file:function):
@@ -33,6 +36,7 @@ Reading order of one training step, from a manifest line to loss.backward() (fil
        model.py:SAILVL.forward        vit.py:SAILViT -> model.py:pixel_shuffle -> mlp1 -> the
                                       <IMG_CONTEXT> slots -> model.py:Qwen3LM.run (kernels.py:
                                       packed_attention; moe.py:SparseMoeBlock) -> summed CE
+                                      (model.py:chunked_cross_entropy, no (T, V) logits)
        train_stage.py:step_loss       the one loss: global token mean, aux term, world size
        loss.backward(); then clip, AdamW step
   4. train_stage.py:save_checkpoint  every save_every steps, and the stage output at the end
@@ -56,12 +60,14 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 import data
 import model as M
@@ -70,7 +76,7 @@ import packing
 from adalrs import AdaLRS, AdaLRSConfig
 from packing import PackingConfig
 
-MODULES = ("vision_model", "mlp1", "language_model")
+MODULES = M.MODULES
 
 
 class UsageError(ValueError):
@@ -122,6 +128,7 @@ class StageConfig:
     max_bad_fraction: float = 0.05        # stop when more of the distinct samples than this are bad
     seed: int = 1337                      # init, data order and sampling
     fsdp: bool = False                    # shard with FSDP2 even as one process (several always shard)
+    ac: str = "none"                      # activation checkpointing: none | block (LLM / ViT blocks recomputed)
     auto_steps: int = 0                   # steps of a stand-in stage run automatically first (0 = its default)
     step_scale: float = 1.0               # multiply the stage's steps (a shortened recipe: --stage all --step_scale=0.2)
 
@@ -376,6 +383,7 @@ def apply_paper_scale(cfg: StageConfig, row: Stage, log) -> None:
     if cfg.preset.startswith("tiny"):
         changed.append(f"preset {cfg.preset} -> 2b")
         cfg.preset = "2b"
+    change("ac", "block")        # 2b at 8k packs: ~63-93 GB a rank without it (tests/bench_memory.py), over 80 GB
     missing = [k for k in ("lr", "batch", "seq") if k not in p]
     log(f"--scale=paper ({row.name}, {row.section or 'not a paper stage'}): " + ("; ".join(changed) or "nothing")
         + (f"; the paper does not state {', '.join(missing)}: kept {cfg.lr:g} / packs of {cfg.packing.max_tokens}"
@@ -469,14 +477,15 @@ def shutdown_distributed():
 
 
 def parallelize(model: M.SAILVL, device, mixed_precision: bool):
-    """FSDP2: each LLM decoder block is a unit, the ViT is one unit (small next to the LLM, as
-    torchtitan does), the root holds the rest (embeddings, tied lm_head, adapter)."""
+    """FSDP2: each LLM decoder layer and each ViT block is a unit (one block's full weights exist at
+    a time; SAIL-ViT-Huge is 0.68B parameters, too big to gather whole next to an 8k-token pack),
+    the root holds the rest (embeddings, tied lm_head, adapter, patch embedding, final norms).
+    Activation checkpointing (model.set_activation_checkpointing) is set before, inside each unit."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
-    for layer in model.language_model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model.vision_model, mp_policy=mp)
+    for block in [*model.vision_model.trunk.blocks, *model.language_model.model.layers]:
+        fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
 
@@ -736,6 +745,7 @@ def train_step(model, opt, packs, params, grad_clip: float, world: int, device, 
         if out.router_logits is not None:                                # MoE: load summary for the log
             aux += float(out.aux_loss.detach()) / len(packs)
             loads.append(moe.expert_load(out.router_logits, llm.num_experts_per_tok).summary())
+        del out                          # nothing of this micro-batch (router logits) lives into the next one
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
     ce_tot, useful_tot = all_reduce_sum([ce_sum, useful], device)
@@ -772,24 +782,29 @@ def evaluate(model, batches_factory, n_packs: int, device, autocast) -> float:
 
 
 # ==============================================================================================
-# checkpoints: one writer, one reader; atomic folders, checksums, exact resume
+# checkpoints: one writer, one reader; atomic folders, sizes and checksums, exact resume
 #
-# A checkpoint folder (a step checkpoint out/<stage>.run/step-NNNNNN/, a stage output out/<stage>/,
-# the soup): config.json + model.safetensors (model.write_weights), meta.json (stage, step,
-# config, data/packing position, AdaLRS state, sha256 of every file), and for a resumable step
-# checkpoint rank{r}.pt per rank (this rank's optimizer shard, RNG states, AdaLRS rollback copy;
-# plain tensors and numbers, loaded with torch.load(weights_only=True)).
+# A stage output (out/<stage>/, the soup): config.json + model.safetensors (model.write_weights, the
+# HF layout, gathered on rank 0), meta.json and the tokenizer. A resumable step checkpoint
+# (out/<stage>.run/step-NNNNNN/): config.json, meta.json, the tokenizer, state/ (written with
+# torch.distributed.checkpoint as safetensors: every rank writes its own shards of the weights and
+# of the optimizer state, and any number of processes reads them back, resharding as needed) and
+# rank{r}.pt per rank (RNG states, the AdaLRS rollback copy, RL's sampling generator: plain
+# tensors and numbers, loaded with torch.load(weights_only=True)). Every file's size and sha256
+# are in meta.json, hashed once, by the rank that wrote it; a reader checks presence and sizes
+# (a truncated or missing file), not the hashes (`sha256sum` against meta.json checks those).
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def file_sha256(path: str) -> str:
+def file_record(path: str) -> dict:
+    """{"bytes", "sha256"} of a file just written (the one time it is hashed)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
 def full_state_dict(model) -> dict:
@@ -830,42 +845,84 @@ def set_rng_state(st: dict):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def local_optimizer_state(opt) -> dict:
-    """The optimizer state with every DTensor replaced by this rank's local shard."""
-    sd = opt.state_dict()
-    state = {idx: {k: (v.to_local() if hasattr(v, "to_local") else v).detach().cpu().clone()
-                   if torch.is_tensor(v) else v for k, v in s.items()} for idx, s in sd["state"].items()}
-    return {"state": state, "param_groups": sd["param_groups"]}
+TIED_HEAD = "language_model.lm_head.weight"
 
 
-def load_local_optimizer_state(opt, saved: dict):
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = {}
-    for idx, s in saved["state"].items():
-        p = params[int(idx)]
-        ent = {}
-        for k, v in s.items():
-            if torch.is_tensor(v) and hasattr(p, "device_mesh") and v.dim() > 0:
-                from torch.distributed.tensor import DTensor
-                v = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                       shape=p.shape, stride=p.stride())
-            elif torch.is_tensor(v) and v.dim() > 0:
-                v = v.to(p.device)
-            ent[k] = v
-        state[int(idx)] = ent
-    opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+def sharded_state(model, opt) -> tuple:
+    """({"model": weights, "optim": per-parameter optimizer tensors}, optimizer param_groups): keyed
+    by parameter name, DTensor shards under FSDP2 (torch.distributed.checkpoint.state_dict). A tied
+    lm_head is the embedding: stored once. Tensors only (they are written as safetensors); the
+    param_groups (numbers) go to meta.json."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    weights = get_model_state_dict(model)
+    if (model.module if hasattr(model, "module") else model).cfg.llm_config.tie_word_embeddings:
+        weights.pop(TIED_HEAD, None)
+    optim = get_optimizer_state_dict(model, opt)
+    return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
+
+
+class ShardWriter(HuggingFaceStorageWriter):
+    """torch.distributed.checkpoint's safetensors writer, each rank writing its own shard file,
+    remembering which files this rank wrote (they are hashed here, once)."""
+
+    def __init__(self, path: str):
+        super().__init__(path, save_distributed=True)
+        self.written = []
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        self.written = sorted({os.path.basename(r.storage_data.relative_path) for r in future.wait()})
+        return future
+
+
+def save_sharded(folder: str, model, opt) -> tuple:
+    """Every rank writes its shards of the weights and optimizer state into `folder` (a collective).
+    Returns (the names of this rank's files, the optimizer's param_groups and state keys for meta)."""
+    import torch.distributed.checkpoint as dcp
+    state, groups = sharded_state(model, opt)
+    writer = ShardWriter(folder)
+    with warnings.catch_warnings():               # one process without a group: intended, not worth a warning
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=writer)
+    return writer.written, {"param_groups": groups, "state": sorted(state["optim"])}
+
+
+def load_sharded(folder: str, model, opt, saved: dict):
+    """Weights and optimizer state from `folder` into this run's (possibly differently sharded)
+    model and optimizer: each rank reads the slices of its own shards. `saved`: meta.json's
+    optimizer entry (param_groups, and the parameters that had optimizer state when saved)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+    state, _ = sharded_state(model, opt)             # this run's layout (the optimizer's state initialised)
+    missing = [k for k in saved["state"] if k not in state["optim"]]
+    if missing:
+        raise CheckpointError(f"{folder}: optimizer state for parameters this run does not train, e.g. {missing[:3]}")
+    state["optim"] = {k: state["optim"][k] for k in saved["state"]}   # params that never had a gradient stay without
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
+    except (Exception, CheckpointException) as e:    # a different model shape, a damaged shard: one line
+        raise CheckpointError(f"cannot load {folder}: {reason(e)}") from None
+    if TIED_HEAD not in state["model"]:
+        state["model"][TIED_HEAD] = state["model"]["language_model.model.embed_tokens.weight"]
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, {"state": state["optim"], "param_groups": saved["param_groups"]},
+                             options=StateDictOptions(strict=False))   # strict would demand state for every param
 
 
 def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_state: dict = None,
-                    extra_files: dict = None, model_cfg: M.SAILVLConfig = None):
-    """The one checkpoint writer (step checkpoints, stage outputs, the soup): every rank writes
-    its `rank_state` (None: not resumable) into a staging folder beside `path`, rank 0 writes the
-    weights, `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with the
-    sha256 of every file, then renames the folder to `path`. A crash at any point leaves the
-    previous `path` (or none), never half of one. A full disk or an unwritable folder is one
-    clear CheckpointError and the previous checkpoint stays. `model` None: a data output (the CoT
-    harvest), the same folder without weights."""
-    sd = full_state_dict(model) if model is not None else None   # a collective under FSDP
+                    extra_files: dict = None, model_cfg: M.SAILVLConfig = None, opt=None):
+    """The one checkpoint writer (step checkpoints, stage outputs, the soup): files go into a staging
+    folder beside `path`, which rank 0 renames to `path` once every rank is done, so a crash at any
+    point leaves the previous `path` (or none), never half of one. With `opt`: a resumable step
+    checkpoint (every rank writes its shards of the weights and of `opt`'s state, and its
+    `rank_state`); without: a stage output (rank 0 writes the full weights as model.safetensors).
+    Rank 0 adds `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with every
+    file's size and sha256. A full disk or an unwritable folder is one clear CheckpointError and
+    the previous checkpoint stays. `model` None: a data output (the CoT harvest), no weights."""
+    sd = full_state_dict(model) if model is not None and opt is None else None   # a collective under FSDP
     model_cfg = model_cfg or (model.cfg if model is not None else None)
     staging = os.path.abspath(path) + ".staging"
     try:
@@ -873,26 +930,46 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
         barrier()
-        if rank_state is not None:
-            torch.save(rank_state, os.path.join(staging, f"rank{rank}.pt"))
-        barrier()
+        mine, optim = [], None                        # the files this rank writes, hashed here
+        if opt is not None:
+            shards, optim = save_sharded(os.path.join(staging, "state"), model, opt)
+            torch.save(rank_state or {}, os.path.join(staging, f"rank{rank}.pt"))
+            mine += [f"state/{n}" for n in shards] + [f"rank{rank}.pt"]
         if rank == 0:
             if sd is not None:
-                M.write_weights(staging, sd, model_cfg)
+                M.write_weights(staging, sd, model_cfg)               # config.json + model.safetensors
+                mine += ["config.json", "model.safetensors"]
+            elif model_cfg is not None:
+                with open(os.path.join(staging, "config.json"), "w") as f:
+                    json.dump(model_cfg.to_dict(), f, indent=2)
+                mine.append("config.json")
             for name, src in (extra_files or {}).items():
                 shutil.copyfile(src, os.path.join(staging, name))
-            files = {name: file_sha256(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
-            meta = dict(meta, world_size=world, resumable=rank_state is not None, files=files,
-                        kind="model" if sd is not None else "data")
+                mine.append(name)
+        files = {name: file_record(os.path.join(staging, name)) for name in mine}
+        for theirs in all_gather(files):
+            files.update(theirs)
+        if rank == 0:
+            meta = dict(meta, world_size=world, resumable=opt is not None, optimizer=optim,
+                        files=dict(sorted(files.items())), kind="model" if model is not None else "data")
             with open(os.path.join(staging, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)
             M.replace_dir(staging, path)
-    except OSError as e:
+    except (OSError, CheckpointException) as e:      # DCP reports a failed write on every rank
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} (the previous checkpoint, "
-                              f"if any, is kept)") from None
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason(e)} (the previous checkpoint, if any, is "
+                              f"kept)") from None
     barrier()
+
+
+def reason(e: BaseException) -> str:
+    """One line for a checkpoint error (torch.distributed.checkpoint's: the first failing rank's)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__).strip()
 
 
 def barrier():
@@ -900,8 +977,18 @@ def barrier():
         dist.barrier()
 
 
+def all_gather(obj) -> list:
+    """Every rank's `obj` (picklable, small), in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def verify_checkpoint(path: str, resumable: bool = False) -> dict:
-    """meta.json of a complete, uncorrupted checkpoint, else CheckpointError saying why."""
+    """meta.json of a complete checkpoint (every file listed there present with its size), else
+    CheckpointError saying why."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -912,14 +999,18 @@ def verify_checkpoint(path: str, resumable: bool = False) -> dict:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({e})") from None
-    for name, want in meta.get("files", {}).items():
+    for name, rec in meta.get("files", {}).items():
         p = os.path.join(path, name)
         if not os.path.exists(p):
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if file_sha256(p) != want:
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match the sha256 recorded in "
-                                  f"meta.json (truncated or modified after saving)")
-    if "model.safetensors" not in meta.get("files", {}) and meta.get("kind") != "data":
+        if not isinstance(rec, dict) or os.path.getsize(p) != rec.get("bytes"):
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} is {os.path.getsize(p)} bytes, meta.json "
+                                  f"recorded {rec.get('bytes') if isinstance(rec, dict) else rec} (truncated or "
+                                  f"modified after saving)")
+    if meta.get("resumable"):
+        if not any(n.startswith("state/") for n in meta["files"]):
+            raise CheckpointError(f"checkpoint {path} is incomplete: meta.json lists no state/ shards")
+    elif "model.safetensors" not in meta.get("files", {}) and meta.get("kind") != "data":
         raise CheckpointError(f"checkpoint {path} is incomplete: meta.json lists no model.safetensors")
     if resumable and not meta.get("resumable"):
         raise CheckpointError(f"{path} is a stage output, not a resumable step checkpoint (no optimizer state)")
@@ -935,15 +1026,17 @@ def is_finished_stage(path: str) -> bool:
 
 
 def load_checkpoint(path: str, model, opt, rank: int, world: int) -> tuple:
-    """The one reader of a resumable checkpoint: weights into the (possibly sharded) model, this
-    rank's optimizer shard; returns (meta, rank_state)."""
+    """The one reader of a resumable checkpoint, saved by any number of processes: weights and
+    optimizer state resharded into this run's model and `opt`; returns (meta, rank_state). A rank
+    the saving run did not have takes rank 0's rank_state (its RNG states)."""
     meta = verify_checkpoint(path, resumable=True)
-    if meta["world_size"] != world:
-        raise CheckpointError(f"{path} was saved by {meta['world_size']} processes, this run has {world}")
-    sd = M.SAILVL.from_pretrained(path).state_dict() if rank == 0 else {}   # ties restored by the loader
-    set_full_state_dict(model, sd)
-    rank_state = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
-    load_local_optimizer_state(opt, rank_state["optimizer"])
+    saved_world = meta["world_size"]
+    rank_state = torch.load(os.path.join(path, f"rank{rank if rank < saved_world else 0}.pt"), weights_only=True)
+    if saved_world != world and rank_state.get("adalrs_snapshot") is not None:
+        raise CheckpointError(f"{path} was saved by {saved_world} processes in the middle of an AdaLRS trial, whose "
+                              f"rollback copy is per process: resume it with {saved_world} processes, or from an "
+                              f"earlier checkpoint")
+    load_sharded(os.path.join(path, "state"), model, opt, meta["optimizer"])
     return meta, rank_state
 
 
@@ -954,7 +1047,7 @@ def step_checkpoints(folder: str) -> list:
 
 
 def find_resume_checkpoint(folder: str, log) -> Optional[str]:
-    """The newest step checkpoint of the run that verifies; corrupt ones are reported and skipped."""
+    """The newest complete step checkpoint of the run; incomplete ones are reported and skipped."""
     for path in reversed(step_checkpoints(folder)):
         try:
             verify_checkpoint(path, resumable=True)
@@ -970,6 +1063,54 @@ def prune_checkpoints(folder: str, keep: int):
 
 
 # ==============================================================================================
+# what a step line reports besides the loss: tokens/s per device, MFU, peak memory, data wait
+
+# dense bf16 tensor-core peak per GPU (vendor data sheets), matched in order against the device name
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+                   ("A100", 312e12), ("B200", 2250e12))
+
+
+def peak_flops(device) -> Optional[float]:
+    """This device's dense bf16 peak FLOP/s, or None (a CPU, a GPU not in the table): no MFU then."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+
+
+def peak_memory_gib(device) -> float:
+    """CUDA: the most memory tensors held at once on this device (max allocated); CPU: the
+    process's peak resident set (Linux reports it in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def step_report(step: int, cfg: StageConfig, res: dict, lr: float, seconds: dict, world: int, device) -> tuple:
+    """(metrics.jsonl record, log line) of one step. `seconds`: "step" (the whole step), "data"
+    (waiting for this rank's packs) and, on a GPU of known peak, "ideal" (the step's model FLOPs on
+    all ranks / one device's peak FLOP/s: MFU = ideal / (step x world))."""
+    dt = max(seconds["step"], 1e-9)
+    capacity = cfg.packing.max_tokens * cfg.packing.micro_batches * world
+    rec = {"step": step, "loss": res["loss"], "lr": lr, "grad_norm": res["grad_norm"],
+           "tok_per_s": res["tokens"] / dt, "pad_frac": 1 - res["tokens"] / capacity,
+           "tok_per_s_per_device": res["tokens"] / dt / world, "peak_mem_gib": peak_memory_gib(device),
+           "data_wait_frac": seconds["data"] / dt}
+    line = (f"step {step:05d}/{cfg.steps:05d} | loss {res['loss']:.4f} | lr {lr:.2e} | gnorm "
+            f"{res['grad_norm']:.3f} | tok/s {rec['tok_per_s']:,.0f} | pad {100 * rec['pad_frac']:.1f}% | "
+            f"tok/s/dev {rec['tok_per_s_per_device']:,.0f}")
+    if "ideal" in seconds:
+        rec["mfu"] = seconds["ideal"] / (dt * world)
+        line += f" | mfu {100 * rec['mfu']:.1f}%"
+    line += f" | mem {rec['peak_mem_gib']:.2f} GiB | data {100 * rec['data_wait_frac']:.0f}%"
+    if "moe_entropy" in res:
+        rec.update({k: res[k] for k in ("moe_entropy", "moe_max_load", "moe_aux")})
+        line += f" | moe_ent {res['moe_entropy']:.3f} max/mean {res['moe_max_load']:.2f}"
+    return rec, line
+
+
+# ==============================================================================================
 # the training loop
 
 def place_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, rank: int, world: int, device, log) -> tuple:
@@ -980,6 +1121,7 @@ def place_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, rank: int, world: i
     if not dist.is_initialized():
         model = build_stage_model(cfg, model_cfg, log)
         freeze(model, trainable)
+        M.set_activation_checkpointing(model, cfg.ac == "block")
         model.to(device)
     else:
         full = build_stage_model(cfg, model_cfg, log) if rank == 0 else None
@@ -988,12 +1130,31 @@ def place_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, rank: int, world: i
         with torch.device("meta"):
             model = M.SAILVL(box[0])
         freeze(model, trainable)
+        M.set_activation_checkpointing(model, cfg.ac == "block")
         parallelize(model, device, mixed_precision=device.type == "cuda")
         model.to_empty(device=device)
         set_full_state_dict(model, full.state_dict() if full is not None else {})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {M.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
     return model, model.cfg
+
+
+def resume_from(path: str, model, opt, batches: StageBatches, search: Optional[AdaLRS], rank: int, world: int) -> tuple:
+    """Weights, optimizer state, data position, AdaLRS and the RNGs from a step checkpoint;
+    returns (its step, the stage's first loss)."""
+    meta, rank_state = load_checkpoint(path, model, opt, rank, world)
+    batches.load_state_dict(meta["loader"])
+    if search is not None:
+        search.load_state_dict(meta["adalrs"], snapshot=rank_state.get("adalrs_snapshot"))
+    set_rng_state(rank_state["rng"])
+    return meta["step"], meta.get("first_loss")
+
+
+def build_optimizer(cfg: StageConfig, params: list, cuda: bool):
+    """AdamW; weight decay on matrices only."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=not cuda or None)
 
 
 def open_metrics(path: str, keep_up_to: int):
@@ -1028,26 +1189,16 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not dist.is_initialized() else \
         (lambda: torch.autocast("cpu", enabled=False))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=not cuda or None)
+    opt = build_optimizer(cfg, params, cuda)
     search = AdaLRS(model, opt, total_steps=cfg.steps, cfg=cfg.adalrs_cfg, log=log, base_lr=cfg.lr) \
         if cfg.adalrs else None
     batches = build_batches(cfg, model_cfg, tok, "train", rank, world)
     eval_batches = lambda: build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=False)  # noqa: E731
 
-    # -- resume: weights, optimizer shard, data position, AdaLRS, RNG ------------------------
-    step = 0
+    step, first_loss = resume_from(resume, model, opt, batches, search, rank, world) if resume else (0, None)
     if resume:
-        meta, rank_state = load_checkpoint(resume, model, opt, rank, world)
-        batches.load_state_dict(meta["loader"])
-        if search is not None:
-            search.load_state_dict(meta["adalrs"], snapshot=rank_state.get("adalrs_snapshot"))
-        set_rng_state(rank_state["rng"])
-        step = meta["step"]
         log(f"resume: continuing from {resume} at step {step}")
     start = step
-    first_loss = meta.get("first_loss") if resume else None      # the stage's, not this segment's
 
     log("config: " + json.dumps(asdict(cfg)))
     log("model config: " + json.dumps(model_cfg.to_dict()))
@@ -1055,7 +1206,8 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
     metrics_path = os.path.join(rdir, "metrics.jsonl")
     metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
     model.train()
-    t_last = time.time()
+    peak, trainable = peak_flops(device), modules_of(cfg.trainable)
+    weights = M.matmul_weights(model) if peak else None
     last_loss = eval_loss = None
     bad_in_a_row = 0
     while True:
@@ -1082,18 +1234,21 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
             meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": batches.state_dict(),
                     "adalrs": search.state_dict() if search else None, "first_loss": first_loss}
-            rank_state = {"optimizer": local_optimizer_state(opt), "rng": rng_state(),
-                          "adalrs_snapshot": search.snapshot_state_dict() if search else None}
+            rank_state = {"rng": rng_state(), "adalrs_snapshot": search.snapshot_state_dict() if search else None}
             save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
-                            extra_files=tok_files, model_cfg=model_cfg)
+                            extra_files=tok_files, model_cfg=model_cfg, opt=opt)
             if rank == 0:
                 prune_checkpoints(rdir, cfg.keep_checkpoints)
         # -- one optimizer step over this rank's micro-batches (global token mean, §5.1) --------
         lr = cfg.lr * lr_multiplier(step, cfg) * (search.lr_scale if search else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
-        packs = [to_device(p, device) for p in batches.next()]
+        t0 = time.time()
+        host_packs = batches.next()
+        packs = [to_device(p, device) for p in host_packs]
+        seconds = {"data": time.time() - t0}
         res = train_step(model, opt, packs, params, cfg.grad_clip, world, device, autocast)
+        seconds["step"] = time.time() - t0                  # train_step's float()s wait for the device
         step += 1
         if res["skipped"]:
             bad_in_a_row += 1
@@ -1109,15 +1264,10 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         first_loss = res["loss"] if first_loss is None else first_loss
         last_loss = res["loss"]
         # -- one log line per step ----------------------------------------------------------------
-        dt, t_last = time.time() - t_last, time.time()
-        capacity = cfg.packing.max_tokens * len(packs) * world
-        rec = {"step": step, "loss": res["loss"], "lr": lr, "grad_norm": res["grad_norm"],
-               "tok_per_s": res["tokens"] / max(dt, 1e-9), "pad_frac": 1 - res["tokens"] / capacity}
-        line = (f"step {step:05d}/{cfg.steps:05d} | loss {res['loss']:.4f} | lr {lr:.2e} | gnorm "
-                f"{res['grad_norm']:.3f} | tok/s {rec['tok_per_s']:,.0f} | pad {100 * rec['pad_frac']:.1f}%")
-        if "moe_entropy" in res:
-            rec.update({k: res[k] for k in ("moe_entropy", "moe_max_load", "moe_aux")})
-            line += f" | moe_ent {res['moe_entropy']:.3f} max/mean {res['moe_max_load']:.2f}"
+        if peak:
+            seconds["ideal"] = all_reduce_sum([M.training_flops(model_cfg, weights, host_packs, trainable)],
+                                              device)[0] / peak
+        rec, line = step_report(step, cfg, res, lr, seconds, world, device)
         log(line)
         if metrics:
             metrics.write(json.dumps(rec) + "\n")
@@ -1321,6 +1471,8 @@ def parse_args(argv):
         raise UsageError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
     if cfg.label_mode not in data.LABEL_MODES:
         raise UsageError(f"--label_mode must be one of {', '.join(data.LABEL_MODES)}, got {cfg.label_mode!r}")
+    if cfg.ac not in ("none", "block"):
+        raise UsageError(f"--ac must be none or block, got {cfg.ac!r}")
     for key in ("init_from", "init_llm", "init_vit", "tokenizer"):
         path = getattr(cfg, key)
         if path and path != "random" and not os.path.isdir(path):
@@ -1458,7 +1610,7 @@ def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, famil
     """({mode: {family: accuracy}}, predictions) of a stage output on the held-out synthetic split:
     direct, blank images, and (from LongCoT on) thinking mode."""
     import sample
-    model, tok, dcfg = sample.load(folder)
+    model, tok, dcfg = sample.load(folder, device=sample.default_device())
     modes = {"accuracy": dict(think=False, blank=False), "accuracy_blank": dict(think=False, blank=True)}
     if think:
         modes["accuracy_think"] = dict(think=True, blank=False)

@@ -12,6 +12,10 @@ grid; the learned 32×32 position grid is resized (bicubic) to that grid, as the
 ("pretrained embeddings are resized to match the input resolution"). Images of different sizes
 go through the trunk together as one packed row, separated by `cu_seqlens`, using
 `kernels.packed_attention` (non-causal), so no patch attends to another image.
+
+Activation checkpointing (`--ac=block`, a memory option of ours, not the paper's): a block whose
+`checkpoint_activations` is set keeps only its input in forward and recomputes its inside in
+backward (`maybe_checkpoint`; the LLM's decoder layers in model.py use the same function).
 """
 import json
 import os
@@ -20,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -157,6 +162,16 @@ class MLP(nn.Module):
         return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
 
 
+def maybe_checkpoint(fn, on: bool, *args):
+    """fn(*args); with `on` and autograd recording, under torch.utils.checkpoint (non-reentrant):
+    forward keeps only the inputs, backward recomputes the rest. Called inside a block's forward,
+    so under FSDP2 the block's all-gather hooks stay outside the checkpointed region (as with
+    torch.distributed's checkpoint_wrapper applied before fully_shard)."""
+    if on and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -164,8 +179,12 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.norm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.checkpoint_activations = False          # --ac=block (model.set_activation_checkpointing)
 
     def forward(self, x, cu_seqlens):
+        return maybe_checkpoint(self.body, self.checkpoint_activations, x, cu_seqlens)
+
+    def body(self, x, cu_seqlens):                   # x (T, D): all images' patches
         x = x + self.attn(self.norm_1(x), cu_seqlens)
         return x + self.mlp(self.norm_2(x))
 

@@ -211,12 +211,13 @@ def test_loss_is_shifted_ce_over_labels(official):
     ids = torch.randint(0, 80, (2, 9))
     labels = ids.clone()
     labels[:, :4] = -100
-    out = m(ids, labels=labels)
+    out = m(ids, labels=labels, return_logits=True)
     lg = out.logits
     terms = [torch.log_softmax(lg[b, t - 1], -1)[ids[b, t]] for b in range(2) for t in range(4, 9)]
     want = -torch.stack(terms).mean()
     assert out.n_targets.item() == 10 and abs((out.ce_sum / out.n_targets).item() - want.item()) < 1e-5
     assert m(ids).ce_sum is None and m(ids).aux_loss is None               # one return type; no labels, no CE
+    assert m(ids, labels=labels).logits is None                             # training: no (T, V) logits kept
 
 
 def test_image_token_count_mismatch_names_both_counts(official):

@@ -389,12 +389,13 @@ def test_tiny_sailvl_packed_forward_equals_unpacked():
         return (loss_sum / n).detach(), torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]), logits
 
     def unpacked():
-        outs = [net(s["input_ids"][None], pixel_values=s["pixel_values"], labels=s["labels"][None]) for s in samples]
+        outs = [net(s["input_ids"][None], pixel_values=s["pixel_values"], labels=s["labels"][None], return_logits=True)
+                for s in samples]
         return sum(o.ce_sum for o in outs), sum(int(o.n_targets) for o in outs), [o.logits[0] for o in outs]
 
     def packed():
         out = net(pack["input_ids"], pixel_values=pack["pixel_values"], labels=pack["labels"],
-                  position_ids=pack["position_ids"], cu_seqlens=pack["cu_seqlens"])
+                  position_ids=pack["position_ids"], cu_seqlens=pack["cu_seqlens"], return_logits=True)
         return out.ce_sum, int(out.n_targets), list(out.logits[0].split(torch.diff(pack["cu_seqlens"]).tolist()))
 
     ref_loss, ref_grad, ref_logits = loss_and_grad(unpacked)

@@ -4,6 +4,7 @@ once, world size once) is invariant to packing / micro-batches / ranks through t
 the MoE path, AdaLRS, warm-up and clipping in the loop, data -> packing resume and rank splits,
 FSDP2 over 2 CPU processes, kill -9 + --resume, one checkpoint writer and reader, the soup, and
 the command line as a new user meets it."""
+import hashlib
 import json
 import math
 import os
@@ -91,6 +92,7 @@ def test_scale_paper_applies_the_paper_values_and_says_what_changed():
     lines = []
     cfg = T.stage_config("vit1", "paper", log=lines.append)
     assert (cfg.lr, cfg.packing.max_tokens, cfg.steps, cfg.preset) == (2e-4, 8192, 8_000_000 // 1920, "2b")
+    assert cfg.ac == "block" and "ac none -> block" in lines[0]         # 2b at 8k packs does not fit without
     assert "lr 0.003 -> 0.0002" in lines[0] and f"steps {T.stage_config('vit1').steps} -> 4166" in lines[0]
     lines.clear()
     T.stage_config("pretrain2", "paper", log=lines.append)
@@ -255,6 +257,9 @@ samples, mcfg = S.fixed_samples(os.environ["SYNTH"])
 with torch.device("meta"):
     model = M.SAILVL(mcfg)
 T.parallelize(model, device, mixed_precision=False)
+from torch.distributed.fsdp import FSDPModule
+assert all(isinstance(b, FSDPModule) for b in [*model.vision_model.trunk.blocks, *model.language_model.model.layers])
+assert not isinstance(model.vision_model, FSDPModule)       # ViT blocks are the units, not the whole ViT
 model.to_empty(device=device)
 torch.manual_seed(0)                                       # the same weights as the one-process reference
 full = M.SAILVL(mcfg)
@@ -442,8 +447,8 @@ def test_rng_state_round_trips_through_the_rank_file(tmp_path):
     np.random.seed(5)
     torch.rand(3), random.random(), np.random.rand()
     m = M.build_model("tiny", seed=0)
-    T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1,
-                      rank_state={"rng": T.rng_state(), "optimizer": {"state": {}, "param_groups": []}})
+    T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, rank_state={"rng": T.rng_state()},
+                      opt=torch.optim.AdamW(m.parameters()))
     want = (torch.rand(4), random.random(), np.random.rand(3))
     torch.manual_seed(99)
     random.seed(99)
@@ -452,7 +457,8 @@ def test_rng_state_round_trips_through_the_rank_file(tmp_path):
     got = (torch.rand(4), random.random(), np.random.rand(3))
     assert torch.equal(got[0], want[0]) and got[1] == want[1] and np.array_equal(got[2], want[2])
     meta = T.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
-    assert set(meta["files"]) == {"config.json", "model.safetensors", "rank0.pt"}
+    shards = [n for n in meta["files"] if n.startswith("state/")]
+    assert set(meta["files"]) == {"config.json", "rank0.pt", *shards} and len(shards) == 1
 
 
 def test_an_unwritable_folder_is_one_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
@@ -482,6 +488,21 @@ def test_a_full_disk_at_save_time_keeps_the_previous_checkpoint(tmp_path, monkey
         T.save_checkpoint(str(tmp_path / "ck"), M.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
     assert T.verify_checkpoint(str(tmp_path / "ck")) == first
     assert not [p for p in os.listdir(tmp_path) if p != "ck"]           # no staging folder left behind
+
+
+def test_a_full_disk_while_shards_are_written_keeps_the_previous_step_checkpoint(tmp_path, monkeypatch):
+    m = M.build_model("tiny", seed=0)
+    opt = torch.optim.AdamW(m.parameters())
+    T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, {}, opt=opt)
+    first = T.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(T.HuggingFaceStorageWriter, "write_data", full_disk)
+    with pytest.raises(T.CheckpointError, match="cannot write checkpoint .*No space left on device"):
+        T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 2}, 0, 1, {}, opt=opt)
+    assert T.verify_checkpoint(str(tmp_path / "ck"), resumable=True) == first
+    assert os.listdir(tmp_path) == ["ck"]                                # no staging folder left behind
 
 
 def test_kill_minus_9_then_resume_is_bit_identical(synth, tmp_path):
@@ -518,7 +539,7 @@ def test_truncated_checkpoint_is_refused_and_previous_kept(synth, tmp_path):
     res = run(args)
     assert res.returncode == 0, res.stderr[-3000:]
     good, bad = f"{tmp_path}/lm0.run/step-000002", f"{tmp_path}/lm0.run/step-000004"
-    path = os.path.join(bad, "model.safetensors")
+    path = next(os.path.join(bad, n) for n in T.verify_checkpoint(bad)["files"] if n.startswith("state/"))
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(T.CheckpointError, match="corrupted"):
@@ -551,13 +572,86 @@ def test_resume_in_the_middle_of_an_adalrs_trial_is_bit_identical(synth, tmp_pat
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_step_checkpoints_reshard_from_one_process_to_two_and_back(synth, tmp_path):
+    """torch.distributed.checkpoint: a 1-process checkpoint resumed by 2 gloo processes, whose own
+    step checkpoint (one shard file per rank) is resumed by 1 process; both end where the
+    uninterrupted 1-process run ends (the 1- and 2-process steps agree to float rounding)."""
+    args = ["train_stage.py", "--stage", "vit3", f"--data_dir={synth}", "--steps=3", "--save_every=1",
+            "--packing.max_tokens=384", "--eval_every=0", "--warmup_steps=1", "--keep_checkpoints=5",
+            "--init-from=random"]
+    one = run([*args, f"--out_dir={tmp_path}/one", "--packing.micro_batches=2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", *args, f"--out_dir={tmp_path}/two",
+               "--packing.micro_batches=1", f"--resume={tmp_path}/one/vit3.run/step-000001"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    ck = f"{tmp_path}/two/vit3.run/step-000002"
+    meta = T.verify_checkpoint(ck, resumable=True)
+    shards = sorted(n for n in meta["files"] if n.startswith("state/"))
+    assert meta["world_size"] == 2 and len(shards) == 2 and {"rank0.pt", "rank1.pt"} <= set(meta["files"])
+    for name, rec in meta["files"].items():                        # each rank's files hashed (by that rank)
+        with open(os.path.join(ck, name), "rb") as f:
+            assert rec["sha256"] == hashlib.sha256(f.read()).hexdigest(), name
+    back = run([*args, f"--out_dir={tmp_path}/back", "--packing.micro_batches=2", f"--resume={ck}"])
+    assert back.returncode == 0, back.stderr[-3000:]
+    ref = losses_of(f"{tmp_path}/one/vit3")                        # a resumed run logs the steps it ran
+    for got, want in ((losses_of(f"{tmp_path}/two/vit3"), ref[1:]), (losses_of(f"{tmp_path}/back/vit3"), ref[2:])):
+        assert len(got) == len(want) and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(want, got)), (want, got)
+    wa = load_file(f"{tmp_path}/one/vit3/model.safetensors")
+    for folder in ("two", "back"):
+        wb = load_file(f"{tmp_path}/{folder}/vit3/model.safetensors")
+        assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, folder
+
+
+def test_resume_restores_the_process_rngs(synth, tmp_path, monkeypatch):
+    """No stage draws from the process RNGs after start-up (data order, frame jitter and AdaLRS are
+    seeded by the config and the stream position), so a stand-in step draws from torch, random and
+    numpy before each real step: the run resumed from its step-2 checkpoint through run_stage's
+    resume path must draw what the uninterrupted run drew in steps 3 and 4."""
+    import random
+
+    import numpy as np
+    draws, real_step = [], T.train_step
+
+    def drawing_step(*a, **k):
+        draws.append((torch.rand(2).tolist(), random.random(), float(np.random.rand())))
+        return real_step(*a, **k)
+    monkeypatch.setattr(T, "train_step", drawing_step)
+    args = [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=4", "--save_every=2", "--eval_every=0",
+            "--packing.max_tokens=256", "--keep_checkpoints=5"]
+    T.run_stage("lm0", args)
+    ref = list(draws)
+    draws.clear()
+    T.run_stage("lm0", args, resume=f"{tmp_path}/lm0.run/step-000002")
+    assert len(ref) == 4 and draws == ref[2:]
+
+
+def test_checkpoint_files_are_hashed_once_when_written_and_not_when_read(synth, tmp_path, monkeypatch):
+    calls = []
+    real = T.hashlib.sha256
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+    monkeypatch.setattr(T.hashlib, "sha256", counting)
+    out = T.run_stage("lm0", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=2", "--save_every=1",
+                              "--eval_every=0", "--packing.max_tokens=256"])
+    ck = f"{tmp_path}/lm0.run/step-000001"
+    written = len(T.verify_checkpoint(ck)["files"]) + len(T.verify_checkpoint(out)["files"])
+    assert len(calls) == written                    # every file of the step checkpoint and of the output, once
+    calls.clear()
+    model = M.build_model("tiny")
+    assert T.find_resume_checkpoint(f"{tmp_path}/lm0.run", print) == ck and T.is_finished_stage(out)
+    T.load_checkpoint(ck, model, torch.optim.AdamW(model.parameters()), 0, 1)
+    assert calls == []                              # start-up and --resume read sizes, never hash
+
+
 def test_fsdp_two_processes_match_one_process(synth, tmp_path):
     common = ["--packing.max_tokens=384", "--eval_every=0", "--save_every=0", "--warmup_steps=1", "--steps=3",
               "--init-from=random", f"--data_dir={synth}"]
     one = run(["train_stage.py", "--stage", "vit3", f"--out_dir={tmp_path}/one", "--packing.micro_batches=2", *common])
     assert one.returncode == 0, one.stderr[-3000:]
     two = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "train_stage.py", "--stage", "vit3",
-               f"--out_dir={tmp_path}/two", "--packing.micro_batches=1", *common])
+               f"--out_dir={tmp_path}/two", "--packing.micro_batches=1", "--ac=block", *common])   # FSDP2 + AC
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses_of(f"{tmp_path}/one/vit3"), losses_of(f"{tmp_path}/two/vit3")
     assert len(a) == len(b) == 3
@@ -641,6 +735,7 @@ def error_line(res):
     (["--packing.max_tokenz=3"], 2, "did you mean --packing.max_tokens"),
     (["--stage", "rl-verifiable"], 2, "runs in rl.py"),
     (["--init-from", "/no/such/folder"], 2, "is not a folder"),
+    (["--ac=sometimes"], 2, "--ac must be none or block, got 'sometimes'"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(args, code, match):
     res = run(["train_stage.py", *args], timeout=60)
