@@ -1003,6 +1003,8 @@ def verify_checkpoint(path: str, resumable: bool = False) -> dict:
         p = os.path.join(path, name)
         if not os.path.exists(p):
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if isinstance(rec, str):                 # an output written before sizes were recorded: its sha256
+            continue
         if not isinstance(rec, dict) or os.path.getsize(p) != rec.get("bytes"):
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} is {os.path.getsize(p)} bytes, meta.json "
                                   f"recorded {rec.get('bytes') if isinstance(rec, dict) else rec} (truncated or "
