@@ -140,6 +140,10 @@ def test_add_image_tokens_gives_the_official_ids_read_identically_by_hf_and_by_u
     assert res.returncode == 0, res.stderr
     assert "added <img> 151669, </img> 151670, <IMG_CONTEXT> 151671" in res.stdout
     assert {f.name: f.read_bytes() for f in qwen.iterdir() if f.name.startswith("tokenizer")} == before   # src untouched
+    written = {t["content"]: t["id"] for t in json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["added_tokens"]}
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {t: written[t] for t in SAIL_ADDED} == SAIL_ADDED == {t: int(i) for i, e in config.items()
+                                                                 for t in [e["content"]] if t in SAIL_ADDED}
     hf, ours = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")), data.load_tokenizer(tmp_path / "tok")
     auto = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))       # transformers reads tokenizer_config.json too
     for t, i in {**SAIL_ADDED, "<|im_end|>": 151645, "<think>": 151667, "</think>": 151668}.items():
@@ -186,8 +190,9 @@ def test_model_shape_comes_from_the_qwen3_and_aimv2_config_json(folders):
     for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
               "patch_size", "qkv_bias", "mlp_bias"):
         assert getattr(v, k) == getattr(ha, k), k
-    cfg, mcfg, _ = T.parse_args(["--stage", "vit1", f"--init-llm={qwen}", f"--init-vit={aim}", "--init-from=random"])
+    cfg, mcfg, _ = T.parse_args(["--stage", "vit1", f"--init-llm={qwen}", f"--init-vit={aim}", "--out_dir=/no/out"])
     assert mcfg.llm_config == llm and mcfg.vision_config == v and cfg.preset == "2b"      # no --model.* needed
+    assert T.missing_sources(cfg) == [] and set(T.init_sources(cfg).values()) == {"fresh"}   # lm0 is not needed
     assert mcfg.max_dynamic_patch == 12 and mcfg.system_prompt == ""                     # the paper's settings
     with pytest.raises(T.UsageError, match=r"--model.llm_config.num_hidden_layers=4 changes the shape of weights "
                                            rf"loaded from --init-llm {qwen}"):
@@ -200,7 +205,8 @@ def test_a_preset_without_the_tokenizers_img_context_takes_the_tokenizers(folder
     """--preset=tiny (<IMG_CONTEXT> 263) with Qwen3's weights: the model is not a trained checkpoint,
     so it takes the id of the tokenizer that comes with the LLM (151671), and says so."""
     qwen, _ = folders
-    cfg, mcfg, _ = T.parse_args(["--stage", "vit1", f"--init-llm={qwen}", "--preset=tiny", f"--out_dir={tmp_path}"])
+    cfg, mcfg, _ = T.parse_args(["--stage", "vit1", f"--init-llm={qwen}", "--preset=tiny", f"--out_dir={tmp_path}",
+                                 "--manifests=x.jsonl", "--init-from=random"])   # before: the byte-level default
     logs = []
     tok = data.load_tokenizer(T.tokenizer_dir(cfg, logs.append))
     out = T.match_tokenizer(cfg, mcfg, tok, logs.append)
@@ -218,10 +224,11 @@ def test_vit1_from_qwen3_and_aimv2_folders_and_a_llava_jsonl(folders, tmp_path, 
     manifest, root = llava_manifest(tmp_path)
     out = tmp_path / "out"
     T.main(["--stage", "vit1", f"--init-llm={qwen}", f"--init-vit={aim}", f"--manifests={manifest}",
-            f"--image_root={root}", f"--out_dir={out}", "--init-from=random", "--steps=2", "--eval_every=0",
+            f"--image_root={root}", f"--out_dir={out}", "--steps=2", "--eval_every=0", "--auto_steps=1",
             "--save_every=0", "--packing.max_tokens=256"])
     log = capsys.readouterr().out
-    assert "stand-in" not in log and not (out / "lm0").exists()                     # Qwen3 is the real LLM
+    assert "stand-in" not in log and not (out / "lm0").exists()                     # Qwen3 is what lm0 stands in for
+    assert "init: mlp1 from random weights" in log
     assert log.count("lacks SAIL-VL2's image tokens: added <img> 151669") == 1
     assert f"next: torchrun train_stage.py --stage vit2 --out_dir={out}\n" in log   # no preset, no --init-llm
     ck = out / "vit1"
