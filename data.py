@@ -392,7 +392,7 @@ def _added_entry(token: str, idx: int) -> dict:
 
 def _write_atomic(path: Path, text: str):
     """Write a file by rename, so a reader (another rank) sees the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")   # unique across hosts too
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -407,7 +407,7 @@ def add_image_tokens(src, out) -> dict:
     if not has_tokenizer(src):
         raise ValueError(f"{src}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
     last, added = folder_tokens(src)
-    new = dict(sorted(missing_sail_tokens(src).items(), key=lambda kv: kv[1]))
+    new = {t: i for t, i in sorted(OFFICIAL_TOKEN_IDS.items(), key=lambda kv: kv[1]) if t not in added}
     taken = {i: t for t, i in added.items()}
     for t, i in new.items():
         if i in taken or i <= last:
