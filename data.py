@@ -2,7 +2,8 @@
 
 Sections, in the paper's order:
 
-  1. Tokenizer       Qwen3's byte-level BPE as a tiktoken Encoding; embedded byte-level default (§2.2 LLM)
+  1. Tokenizer       Qwen3's byte-level BPE as a tiktoken Encoding; embedded byte-level default; SAIL-VL2's
+                     image tokens added to a Qwen folder at the official ids (§2.2 LLM)
   2. Chat template   `univl-chat` (the official conversation template), `<image>`/`<video>` expansion,
                      label masking per training mode (SFT §4.2.1, LongCoT §4.2.2, Think-Fusion §4.2.4)
   3. Images          official dynamic tiling + thumbnail (InternVL rule), AnyRes resizing (§2.1.2)
@@ -15,8 +16,8 @@ Sections, in the paper's order:
   9. Curation §4.1   post-training data: SAIL-Instruction2 (§4.1.2: latent classes, answer quality,
                      re-annotation, class balancing), SAIL-Video (§4.1.1: alignment, richness, difficulty)
  10. Synthetic data  the embedded default dataset (PNG + MP4 + JSONL) and the stage -> data-mix table
- 11. Command line    `python data.py {synth,check,rebalance,filter,charts,caption2qa,longcot,
-                     curate-instructions,curate-video} --help`
+ 11. Command line    `python data.py {add-image-tokens,synth,check,rebalance,filter,charts,caption2qa,
+                     longcot,curate-instructions,curate-video} --help`
 
 Conventions: `labels` are aligned with `input_ids` (the model shifts them, as HF does) and hold -100
 where no loss is taken. Every bad input raises `DataError` naming file and line; datasets skip and
@@ -80,6 +81,7 @@ class DataConfig:
     max_bad_fraction: float = 0.05
     bad_check_after: int = 100     # judge the bad fraction only after this many samples
     drop_media: bool = False       # text-only view: placeholders and media removed (lm0 learns the chat format)
+    image_root: str = ""           # folder relative image/video paths start from ("" = each manifest's folder)
 
     def __post_init__(self):
         if self.label_mode not in LABEL_MODES:
@@ -329,16 +331,109 @@ Tokens = namedtuple("Tokens", "img_context img_start img_end im_start im_end thi
 
 
 def special_ids(tok: tiktoken.Encoding) -> Tokens:
-    """Ids of the tokens the rest of the project needs; eos is <|im_end|>, pad is <|endoftext|> (facts §1.6)."""
+    """Ids of the tokens the rest of the project needs; eos is <|im_end|>, pad is <|endoftext|>
+    (the official SAIL-VL2-2B tokenizer_config.json)."""
     def get(t):
         try:
             return tok.encode_single_token(t)
         except KeyError:
-            raise ValueError(f"tokenizer {tok.name} has no {t} token; SAIL-VL2 needs it") from None
+            raise ValueError(f"tokenizer {tok.name} has no {t} token, which SAIL-VL2 needs (`python data.py "
+                             "add-image-tokens DIR OUT` adds SAIL-VL2's tokens to a Qwen tokenizer folder)") from None
     im_end, endoftext = get("<|im_end|>"), get("<|endoftext|>")
     return Tokens(img_context=get("<IMG_CONTEXT>"), img_start=get("<img>"), img_end=get("</img>"),
                   im_start=get("<|im_start|>"), im_end=im_end, think_start=get("<think>"),
                   think_end=get("</think>"), eos=im_end, pad=endoftext, endoftext=endoftext)
+
+
+# A Qwen3 tokenizer folder has no <img>, </img>, <IMG_CONTEXT>. SAIL-VL2's own folder
+# (BytedanceDouyinContent/SAIL-VL2-2B, tokenizer_config.json `added_tokens_decoder`) keeps Qwen3's added
+# tokens (<|endoftext|> 151643 ... </think> 151668) and appends its image and grounding tokens right
+# after them, inside the 151,936-row embedding. `add_image_tokens` writes that layout into a copy of
+# a Qwen folder. HF `tokenizers` renumbers added tokens that leave a gap after the ids before them,
+# so the new ids must continue the folder's last id exactly; otherwise the folder is refused.
+OFFICIAL_TOKEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+                      "<think>": 151667, "</think>": 151668, "<img>": 151669, "</img>": 151670,
+                      "<IMG_CONTEXT>": 151671, "<quad>": 151672, "</quad>": 151673, "<ref>": 151674,
+                      "</ref>": 151675, "<box>": 151676, "</box>": 151677}
+NOT_SPECIAL = ("<think>", "</think>")              # "special": false in the official file, as in Qwen3's
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "special_tokens_map.json")
+
+
+def has_tokenizer(folder) -> bool:
+    """Whether `folder` holds a tokenizer `load_tokenizer` reads (tokenizer.json, or vocab.json + merges.txt)."""
+    f = Path(folder)
+    return (f / "tokenizer.json").is_file() or ((f / "vocab.json").is_file() and (f / "merges.txt").is_file())
+
+
+def folder_tokens(folder) -> tuple:
+    """(largest id of the folder's BPE vocab and added tokens, {added token: id}), read without building
+    the tokenizer."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab, added = spec["model"]["vocab"], {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    else:
+        vocab, added = json.loads((folder / "vocab.json").read_text(encoding="utf-8")), {}
+    added.update(_added_tokens(folder))
+    return max([*vocab.values(), *added.values()]), added
+
+
+def missing_sail_tokens(folder) -> dict:
+    """{token: official id} of SAIL-VL2's added tokens that the tokenizer folder lacks."""
+    added = folder_tokens(folder)[1]
+    return {t: i for t, i in OFFICIAL_TOKEN_IDS.items() if t not in added}
+
+
+def _added_entry(token: str, idx: int) -> dict:
+    return {"id": idx, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": token not in NOT_SPECIAL}
+
+
+def _write_atomic(path: Path, text: str):
+    """Write a file by rename, so a reader (another rank) sees the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")   # unique across hosts too
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def add_image_tokens(src, out) -> dict:
+    """Copy the tokenizer files of Qwen folder `src` into `out` (created; `src` is never written) with
+    SAIL-VL2's missing added tokens at their official ids, in tokenizer.json, tokenizer_config.json and
+    added_tokens.json as present (added_tokens.json is created for a vocab.json + merges.txt folder
+    that has neither). Returns {token: id} of what was added. Raises ValueError when an official id
+    is taken or would leave a gap. Idempotent: the same `src` always gives the same bytes."""
+    src, out = Path(src), Path(out)
+    if not has_tokenizer(src):
+        raise ValueError(f"{src}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    last, added = folder_tokens(src)
+    new = {t: i for t, i in sorted(OFFICIAL_TOKEN_IDS.items(), key=lambda kv: kv[1]) if t not in added}
+    taken = {i: t for t, i in added.items()}
+    for t, i in new.items():
+        if i in taken or i <= last:
+            raise ValueError(f"{src}: SAIL-VL2 puts {t} at id {i}, which this tokenizer already uses"
+                             f"{f' for {taken[i]}' if i in taken else ''}")
+    if new and list(new.values()) != list(range(last + 1, last + 1 + len(new))):
+        raise ValueError(f"{src}: its last token id is {last}, but SAIL-VL2's ids for {', '.join(new)} are "
+                         f"{', '.join(map(str, new.values()))}: they must follow on without a gap (HF tokenizers "
+                         "renumbers added tokens after a gap); SAIL-VL2 continues Qwen3's layout (last id 151668)")
+    files = {n: (src / n).read_text(encoding="utf-8") for n in TOKENIZER_FILES if (src / n).is_file()}
+    if new and "tokenizer.json" in files:
+        spec = json.loads(files["tokenizer.json"])
+        spec["added_tokens"] = spec.get("added_tokens", []) + [_added_entry(t, i) for t, i in new.items()]
+        files["tokenizer.json"] = json.dumps(spec, ensure_ascii=False, indent=2)
+    if new and "tokenizer_config.json" in files:
+        config = json.loads(files["tokenizer_config.json"])
+        decoder = config.setdefault("added_tokens_decoder", {})
+        decoder.update({str(i): {k: v for k, v in _added_entry(t, i).items() if k != "id"} for t, i in new.items()})
+        files["tokenizer_config.json"] = json.dumps(config, ensure_ascii=False, indent=2)
+    if new and ("added_tokens.json" in files or not {"tokenizer.json", "tokenizer_config.json"} & set(files)):
+        tokens = json.loads(files.get("added_tokens.json", "{}"))
+        files["added_tokens.json"] = json.dumps({**tokens, **new}, ensure_ascii=False, indent=2)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        _write_atomic(out / name, text)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,10 +549,40 @@ def tokenize_text(tok: tiktoken.Encoding, text: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Images: official dynamic tiling (facts §1.5) and AnyRes (§2.1.2)
+# 3. Images: any file mode to 8-bit RGB, official dynamic tiling (image_processing_sailvl.py, InternVL's
+#    dynamic_preprocess) and AnyRes (§2.1.2)
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def to_8bit(x: np.ndarray, mode: str) -> np.ndarray:
+    """A single-channel high-bit-depth image as uint8. 16-bit modes (I;16, I;16B, ...) use their full
+    range (v / 257), so a 16-bit file reads as its 8-bit twin rather than clipping to white. Modes
+    without a fixed depth (I: 32-bit int, F: float) are read at the smallest usual full scale that
+    holds their values: [0, 1], [0, 255], [0, 65535]; other ranges are stretched min..max."""
+    x = x.astype(np.float64)
+    if mode.startswith("I;16") and not mode.endswith("S"):
+        scale = 65535.0
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        scale = next((s for s in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0) if lo >= 0 and hi <= s), None)
+        if scale is None:
+            x, scale = x - lo, max(hi - lo, 1e-12)
+    return np.clip(np.rint(x * (255.0 / scale)), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB, as the model's ImageNet normalisation expects. Transparency
+    (RGBA, LA, PA, P or L/RGB with a transparent colour) is composited on white: a transparent
+    background is the page, not black. High-bit-depth single-channel modes go through `to_8bit`.
+    Always a new image (the caller may close the file behind `img`)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        return Image.fromarray(to_8bit(np.asarray(img), img.mode), "L").convert("RGB")
+    if img.has_transparency_data:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
 
 
 def to_array(img: Image.Image) -> np.ndarray:
@@ -531,14 +656,15 @@ def anyres_size(width: int, height: int, patch_size: int = 14, downsample_ratio:
 
 
 def open_image(path, where: str = None) -> Image.Image:
-    """Decode an image file fully (so truncation shows up here), as RGB; DataError if it can't."""
+    """Decode an image file fully (so truncation shows up here), as 8-bit RGB (`to_rgb`); DataError if
+    it can't."""
     where = where or str(path)
     if not os.path.exists(path):
         raise DataError("missing_file", where, f"image file not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError("image", where, f"cannot decode image {path}: {e}") from None
 
@@ -551,7 +677,7 @@ def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_siz
     Tiled (official): pixel_values (N, 3, S, S), N = tiles (+ thumbnail when N > 1), float32,
     ImageNet-normalised. AnyRes: (1, 3, H, W) with H, W multiples of patch_size / downsample_ratio, n_tiles = 1.
     """
-    img = path_or_image.convert("RGB") if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
+    img = to_rgb(path_or_image) if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
     if anyres:
         size = anyres_size(img.width, img.height, patch_size, downsample_ratio, max_patches, min_patches)
         return to_pixels([img.resize(size, Image.BICUBIC)]), 1
@@ -618,7 +744,9 @@ def load_video(path, num_frames: int = 16, training: bool = False, rng=None, ima
 # ----------------------------------------------------------------------------------------------
 # 5. Records: JSONL manifests and the bad-input policy
 #
-# One sample a line, paths relative to the manifest (facts; rl-and-packing-notes §D):
+# One sample a line (LLaVA / InternVL style); relative media paths start from the manifest's folder,
+# or from DataConfig.image_root for datasets whose paths are relative to a dataset folder
+# (LLaVA's "coco/train2017/....jpg" beside a manifest kept elsewhere):
 #   {"image": "a.png" | [...], "video": "b.mp4" | [...], "conversations": [{"from": "human", "value":
 #    "<image>\n..."}, {"from": "gpt", "value": "..."}], "answer": "7", "task": "count"}
 #   {"messages": [{"role": "user", "content": "<image>..." | [{"type": "image"}, {"type": "text",
@@ -887,7 +1015,8 @@ class JsonlDataset:
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError("json", self.where(i), f"malformed JSON: {e}") from None
-        return parse_record(obj, self.path.parent, self.where(i), self.path.stem)
+        base = Path(self.cfg.image_root).resolve() if self.cfg.image_root else self.path.parent
+        return parse_record(obj, base, self.where(i), self.path.stem)
 
     def load(self, i: int, rng=None) -> dict:
         return build_sample(self.record(i), self.tok, self.cfg, self.training, rng)
@@ -2118,6 +2247,17 @@ def _load_scorer(ckpt, **overrides):
     return CheckpointScorer(m, tok, DataConfig.from_model(m.cfg, **overrides))
 
 
+def add_image_tokens_cli(src: str, out: str):
+    """`python data.py add-image-tokens SRC OUT`: one line of what was added, or one error line, exit 2."""
+    try:
+        new = add_image_tokens(src, out)
+    except (ValueError, OSError) as e:
+        print(f"data.py add-image-tokens: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"{out}: " + (f"added {', '.join(f'{t} {i}' for t, i in new.items())} (SAIL-VL2's ids)" if new
+                        else f"{src} already has SAIL-VL2's tokens; copied"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="SAIL-VL2 data tools: synthetic data, manifest checks, curation (§3.1, "
                                 "§3.2.2, §4.1, §4.2.2). Run `python data.py SUBCOMMAND --help` for each.")
@@ -2126,8 +2266,14 @@ def main(argv=None):
     s.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="folder to create (must not exist)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     s.add_argument("--size", type=int, default=DEFAULT_SYNTH_SIZE, help="train samples per task family")
+    s = sub.add_parser("add-image-tokens", help="copy a Qwen tokenizer folder, adding SAIL-VL2's <img>, </img>, "
+                       "<IMG_CONTEXT> (and grounding) tokens at the official ids")
+    s.add_argument("src", help="a Qwen3 folder (tokenizer.json, or vocab.json + merges.txt); only read")
+    s.add_argument("out", help="the folder to write the tokenizer files into (created)")
     s = sub.add_parser("check", help="load every sample of a manifest and report bad lines by reason")
     s.add_argument("manifest")
+    s.add_argument("--image-root", default="", help="folder the manifest's image/video paths are relative to "
+                   "(default: the manifest's folder)")
     s.add_argument("--tokenizer", default=None, help="Qwen tokenizer folder (default: embedded byte tokenizer)")
     s.add_argument("--preset", default="tiny", help="the model preset whose image geometry to use (model.py)")
     s.add_argument("--ckpt", default=None, help="a checkpoint folder whose geometry to use (instead of --preset)")
@@ -2186,14 +2332,16 @@ def main(argv=None):
         s.add_argument("--scorer", help=f"checkpoint whose answer log-likelihood scores {what}")
     args = p.parse_args(argv)
 
-    if args.cmd == "synth":
+    if args.cmd == "add-image-tokens":
+        add_image_tokens_cli(args.src, args.out)
+    elif args.cmd == "synth":
         out = make_synth(args.out, args.seed, args.size)
         print(f"wrote {out}: {json.loads((out / 'synth.json').read_text())['samples']}")
     elif args.cmd == "check":
         import model                            # the command line only: the geometry a model was built for
         mcfg = model.SAILVLConfig.from_dict(json.loads(Path(args.ckpt, "config.json").read_text())) if args.ckpt \
             else model.preset_config(args.preset)
-        cfg = DataConfig.from_model(mcfg, max_len=args.max_len, label_mode=args.label_mode)
+        cfg = DataConfig.from_model(mcfg, max_len=args.max_len, label_mode=args.label_mode, image_root=args.image_root)
         ds = JsonlDataset(args.manifest, load_tokenizer(args.tokenizer), cfg)
         bad = BadData(max_fraction=1.0, show_first=len(ds))
         lengths = [len(s["input_ids"]) for s in ds.scan(bad)]

@@ -112,6 +112,9 @@ class LLMConfig:
         for k in ("eos_token_id",):                                  # lists allowed in HF: keep the first
             if isinstance(kw.get(k), list):
                 kw[k] = kw[k][0]
+        for f in fields(cls):                # hub files write "rope_theta": 1000000: keep float fields float
+            if isinstance(f.default, float) and isinstance(kw.get(f.name), int):
+                kw[f.name] = float(kw[f.name])
         return cls(**kw)
 
     def to_dict(self) -> dict:
@@ -821,17 +824,27 @@ def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
     return out
 
 
+def read_llm_config(path: str) -> LLMConfig:
+    """The LLMConfig of an HF Qwen3 / Qwen3-MoE folder's config.json (or of the `llm_config` of a
+    SAIL-VL2 folder), so Qwen3-0.6B ... Qwen3-30B-A3B need no shape options."""
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    return LLMConfig.from_dict(raw.get("llm_config", raw))
+
+
 def load_hf_llm(path: str, dtype=torch.float32, device="cpu") -> Qwen3LM:
     """A folder saved by HF `Qwen3ForCausalLM` or `Qwen3MoeForCausalLM` (config.json + safetensors,
-    sharded with an index or not)."""
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = LLMConfig.from_dict(json.load(f))
+    sharded with an index or not, any dtype), or the language model of a SAIL-VL2 folder."""
+    cfg = read_llm_config(path)
     with torch.device("meta"):
         lm = Qwen3LM(cfg)
     lm = lm.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         lm.lm_head.weight = lm.model.embed_tokens.weight
-    sd = normalize_state_dict(read_safetensors_folder(path), cfg)
+    sd = read_safetensors_folder(path)
+    if any(k.startswith("language_model.") for k in sd):                 # a whole SAIL-VL2 folder: its LLM
+        sd = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
+    sd = normalize_state_dict(sd, cfg)
     load_state_dict_strict(lm, sd, f"Qwen3 weights from {path}")
     return lm
 

@@ -47,6 +47,7 @@ as `--model.llm_config.hidden_size=256`. The resolved config is printed at start
 every checkpoint.
 """
 import argparse
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -94,16 +95,18 @@ def tiny_packing() -> PackingConfig:
 @dataclass
 class StageConfig:
     stage: str = "vit1"                   # a stage of the recipe table (python train_stage.py --help)
-    preset: str = "tiny"                  # model preset (python model.py --preset NAME)
+    preset: str = "tiny"                  # model preset of random weights (python model.py); 2b with --init-llm
     scale: str = "tiny"                   # tiny | paper: "paper" applies the stage's paper values (printed)
     out_dir: str = "out"                  # stage outputs out/<stage>/, run state (step checkpoints) out/<stage>.run/
     data_dir: str = "data_synth"          # synthetic default data, generated on first use
     manifests: str = ""                   # your own data: "a.jsonl:2,b.jsonl:1" (path:weight), replaces the mix
     eval_manifests: str = ""              # held-out data for eval (default: the mix's eval split)
     init_from: str = ""                   # "" = the stage's init rule; a SAIL-VL2 folder; "random" = fresh weights
-    init_llm: str = ""                    # an HF Qwen3 / Qwen3-MoE folder for the language model
-    init_vit: str = ""                    # an HF AIMv2 / SAIL-ViT folder for the vision encoder
-    tokenizer: str = ""                   # a Qwen tokenizer folder ("" = the embedded default)
+    init_llm: str = ""                    # an HF Qwen3 / Qwen3-MoE folder: the LLM's weights, shape and tokenizer
+    init_vit: str = ""                    # an HF AIMv2 / SAIL-ViT folder: the vision encoder's weights and shape
+    tokenizer: str = ""                   # a Qwen tokenizer folder ("" = the one the LLM's weights come with)
+    image_root: str = ""                  # folder relative image/video paths start from ("" = the manifest's)
+    model_options: tuple = ()             # recorded: the --preset / --model.* given, applied to loaded configs
     trainable: str = "mlp1"               # comma list of vision_model, mlp1, language_model
     text_only: bool = False               # drop images/videos from the data (lm0: the LLM learns the chat format)
     label_mode: str = "sft"               # sft | longcot | thinkfusion | text (which tokens carry loss)
@@ -439,12 +442,18 @@ def stage_sources(cfg: StageConfig, split: str) -> list:
     return sources
 
 
-def command_for(row: Stage, cfg: StageConfig) -> str:
-    """The command that runs `row` with the user's output folder and seed (for hints)."""
+def command_for(row: Stage, cfg: StageConfig, from_output: bool = False) -> str:
+    """The command that runs `row` with the user's folders (for hints). A stage to run first also gets
+    the model options (--preset, --init-llm, --init-vit, --tokenizer); the next stage (`from_output`)
+    starts from this stage's output, which carries the model config and tokenizer, so it gets none:
+    a preset there could not apply, and --init-llm would replace the trained language model."""
     tool = "train_stage.py" if row.runner == "soup" else row.runner
     extra = [f"--out_dir={cfg.out_dir}"] if cfg.out_dir != StageConfig.out_dir else []
     extra += [f"--data_dir={cfg.data_dir}"] if cfg.data_dir != StageConfig.data_dir else []
-    extra += [f"--preset={cfg.preset}"] if cfg.preset != StageConfig.preset else []
+    if not from_output:
+        extra += [f"--preset={cfg.preset}"] if cfg.preset != StageConfig.preset else []
+        extra += [f"--{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("init_llm", "init_vit", "tokenizer")
+                  if getattr(cfg, k, "")]
     return " ".join([f"torchrun {tool} --stage {row.name}", *extra])
 
 
@@ -505,47 +514,78 @@ def all_reduce_sum(values, device):
 # ==============================================================================================
 # model initialisation for a stage: its init rule, then --init-from / --init-vit / --init-llm
 
+def module_sources(cfg: StageConfig) -> dict:
+    """{module: stage name | "fresh"} of the stage's init rule. A stand-in stage (lm0, standing in for
+    Qwen3's own pre-training) gives way to --init-llm: the modules it would supply start fresh (it
+    trains neither ViT nor adapter) and it is not run."""
+    rule = init_rule(stage_row(cfg.stage))
+    return {m: "fresh" if src != "fresh" and cfg.init_llm and STAGES[src].auto else src for m, src in rule.items()}
+
+
 def init_sources(cfg: StageConfig) -> dict:
     """{module: a checkpoint folder | "fresh"}: --init-from overrides the stage's init rule."""
     if cfg.init_from == "random":
         return {m: "fresh" for m in MODULES}
     if cfg.init_from:
         return {m: cfg.init_from for m in MODULES}
-    return {m: src if src == "fresh" else stage_dir(cfg, src) for m, src in init_rule(stage_row(cfg.stage)).items()}
+    return {m: src if src == "fresh" else stage_dir(cfg, src) for m, src in module_sources(cfg).items()}
 
 
 def missing_sources(cfg: StageConfig) -> list:
     """Stages whose output this stage starts from but which are not there (their names)."""
     if cfg.init_from:
         return []
-    rule = init_rule(stage_row(cfg.stage))
-    return sorted({s for m, s in rule.items() if s != "fresh" and not (m == "language_model" and cfg.init_llm)
-                   and not (m == "vision_model" and cfg.init_vit) and not is_finished_stage(stage_dir(cfg, s))})
+    return sorted({s for m, s in module_sources(cfg).items() if s != "fresh"
+                   and not (m == "language_model" and cfg.init_llm) and not (m == "vision_model" and cfg.init_vit)
+                   and not is_finished_stage(stage_dir(cfg, s))})
 
 
-def tokenizer_dir(cfg: StageConfig) -> Optional[str]:
-    """The folder whose tokenizer the stage uses: --tokenizer, else the checkpoint the stage starts
-    from (a model keeps the tokenizer it was trained with), else the synthetic data's own BPE
-    (data.make_synth), else None: the embedded byte-level default."""
-    def has(folder):
-        return any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json"))
+def tokenizer_source(cfg: StageConfig) -> Optional[str]:
+    """The folder whose tokenizer the stage reads (None: the embedded byte-level default). Token ids
+    belong to the language model's embedding, so the tokenizer travels with its weights:
+      1. --tokenizer DIR, when given (checked against the weights' own in match_tokenizer);
+      2. --init-llm's folder (an error when it has none: never a silent fallback);
+      3. the checkpoint the language model starts from (--init-from, or the stage's init rule); one
+         without tokenizer files was trained on the embedded default (every stage copies its tokenizer);
+      4. a random start: the synthetic data's BPE when training on it, else the embedded default."""
     if cfg.tokenizer:
         return cfg.tokenizer
-    for src in init_sources(cfg).values():
-        if src != "fresh" and has(src):
-            return src
-    if not cfg.manifests and has(cfg.data_dir):
-        return cfg.data_dir
-    return None
+    if cfg.init_llm:
+        if not data.has_tokenizer(cfg.init_llm):
+            raise UsageError(f"--init-llm {cfg.init_llm} has no tokenizer (tokenizer.json, or vocab.json + merges.txt): "
+                             "pass the one its weights were trained with as --tokenizer=DIR")
+        return cfg.init_llm
+    src = init_sources(cfg)["language_model"]
+    if src != "fresh":
+        return src if data.has_tokenizer(src) else None
+    return cfg.data_dir if not cfg.manifests and data.has_tokenizer(cfg.data_dir) else None
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "special_tokens_map.json")
+def tokenizer_dir(cfg: StageConfig, log=None) -> Optional[str]:
+    """`tokenizer_source`, ready to read: a folder without SAIL-VL2's image tokens (a Qwen3 folder) is
+    copied once, with them added at the official ids (data.add_image_tokens), to
+    out/tokenizers/NAME-HASH/, and that copy is used and saved with every checkpoint."""
+    src = tokenizer_source(cfg)
+    if src is None or not data.missing_sail_tokens(src):
+        return src
+    digest = hashlib.sha256(b"".join(open(path, "rb").read() for path in tokenizer_files(src).values()))
+    out = os.path.join(cfg.out_dir, "tokenizers", f"{os.path.basename(os.path.abspath(src))}-{digest.hexdigest()[:10]}")
+    added = data.missing_sail_tokens(src)
+    if not os.path.isdir(out) or data.missing_sail_tokens(out):
+        try:
+            data.add_image_tokens(src, out)                   # the same bytes on every rank: no race
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    (log or (lambda *a: print0(int(os.environ.get("RANK", "0")), *a)))(
+        f"tokenizer: {src} lacks SAIL-VL2's image tokens: added {', '.join(f'{t} {i}' for t, i in added.items())} "
+        f"(the official ids) in {out} (what `python data.py add-image-tokens` does)")
+    return out
 
 
 def tokenizer_files(folder: Optional[str]) -> dict:
     """{name: path} of the tokenizer files in `folder`, to copy into every checkpoint."""
-    return {n: os.path.join(folder, n) for n in TOKENIZER_FILES if folder and os.path.exists(os.path.join(folder, n))}
+    return {n: os.path.join(folder, n) for n in data.TOKENIZER_FILES
+            if folder and os.path.exists(os.path.join(folder, n))}
 
 
 def reinit_module(module, seed: int):
@@ -556,40 +596,143 @@ def reinit_module(module, seed: int):
             m.reset_parameters()
 
 
+def same_tokens(tok, ref) -> bool:
+    """Whether `tok` encodes as `ref` does: the same BPE, split regex and every added token of `ref`
+    at the same id (`tok` may add more, e.g. SAIL-VL2's image tokens)."""
+    return (tok._pat_str == ref._pat_str and tok._mergeable_ranks == ref._mergeable_ranks
+            and all(tok._special_tokens.get(t) == i for t, i in ref._special_tokens.items()))
+
+
 def match_tokenizer(cfg: StageConfig, model_cfg: M.SAILVLConfig, tok, log) -> M.SAILVLConfig:
-    """A model built from scratch takes its <IMG_CONTEXT> id from the tokenizer it will read (e.g.
-    a 2b-shaped model with random weights on the synthetic data's BPE). A loaded model keeps its
-    own config (SAILVL.embed refuses a mismatch with the token counts)."""
-    ids = data.special_ids(tok)
-    if ids.img_context == model_cfg.img_context_token_id or any(s != "fresh" for s in init_sources(cfg).values()):
+    """The stage's model config (stage_model_config) checked against its tokenizer; a mismatch is one
+    UsageError, never a log line: SAIL-VL2's tokens must be there, every id inside the embedding,
+    --tokenizer must encode as the tokenizer the language model's weights came with, and a model
+    started from a checkpoint keeps the <IMG_CONTEXT> id it was trained with. A model whose config
+    is not a checkpoint's (random weights, or HF folders) takes <IMG_CONTEXT>'s id from the tokenizer."""
+    model_cfg = stage_model_config(cfg, model_cfg)
+    try:
+        ids = data.special_ids(tok)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rows = model_cfg.llm_config.vocab_size
+    if tok.n_vocab > rows:
+        raise UsageError(f"the tokenizer ({tok.name}) has ids up to {tok.n_vocab - 1}, but the language model's "
+                         f"embedding has {rows} rows: pass the tokenizer its weights were trained with (--tokenizer)")
+    own = cfg.init_llm or init_sources(cfg)["language_model"]
+    if cfg.tokenizer and own != "fresh" and data.has_tokenizer(own) \
+            and not same_tokens(tok, data.load_tokenizer(own)):
+        raise UsageError(f"--tokenizer {cfg.tokenizer} does not encode as the tokenizer of {own}, which the language "
+                         "model's weights come with: drop --tokenizer, or pass a tokenizer that encodes the same")
+    if ids.img_context == model_cfg.img_context_token_id:
         return model_cfg
-    if tok.n_vocab > model_cfg.llm_config.vocab_size:
-        raise UsageError(f"the tokenizer has {tok.n_vocab} tokens, the model's vocabulary only "
-                         f"{model_cfg.llm_config.vocab_size}: pass a matching --tokenizer")
+    trained = sorted({s for s in init_sources(cfg).values() if s != "fresh"})
+    if trained:
+        raise UsageError(f"the tokenizer's <IMG_CONTEXT> is token {ids.img_context}, but {trained[0]} was trained with "
+                         f"{model_cfg.img_context_token_id}: use that checkpoint's tokenizer (drop --tokenizer and "
+                         "--model.img_context_token_id)")
+    if any(o.startswith("img_context_token_id=") for o in cfg.model_options):
+        raise UsageError(f"--model.img_context_token_id={model_cfg.img_context_token_id}, but <IMG_CONTEXT> is token "
+                         f"{ids.img_context} in the stage's tokenizer: drop the option (the id is the tokenizer's)")
     log(f"init: <IMG_CONTEXT> is token {ids.img_context} in this tokenizer (the preset says "
-        f"{model_cfg.img_context_token_id}): the fresh model uses the tokenizer's")
+        f"{model_cfg.img_context_token_id}): the model, not loaded from a checkpoint, uses the tokenizer's")
     return dataclasses.replace(model_cfg, img_context_token_id=ids.img_context)
 
 
+# The model config of a stage, and every --preset / --model.* option either applied or refused
+
+def config_leaves(obj, prefix: str = ""):
+    """(dotted name, value) of every leaf field of a (nested) config dataclass."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from config_leaves(v, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, v
+
+
+def param_shapes(model_cfg: M.SAILVLConfig) -> dict:
+    """{parameter name: shape} of the model a config builds (on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = M.SAILVL(model_cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def apply_model_options(base: M.SAILVLConfig, options: tuple, source: str, keep: tuple = ()) -> M.SAILVLConfig:
+    """`base` (a loaded config) with the user's options applied in order: "preset=NAME" (the preset's
+    settings where they differ, but for the configs in `keep`, which folders supply) or "KEY=VALUE" (a
+    --model.KEY). An option that would change the shape of a weight loaded from `source` is refused:
+    it cannot load. Any other (AnyRes, tiling, RoPE θ, the system prompt ...) is a valid fine-tuning
+    switch on the same weights, and applies."""
+    if not options:
+        return base
+    cfg, shapes = copy.deepcopy(base), param_shapes(base)
+    for option in options:
+        key, _, value = option.partition("=")
+        trial = copy.deepcopy(cfg)
+        if key == "preset":                  # <IMG_CONTEXT>'s id is the tokenizer's, not a preset setting
+            for name, v in config_leaves(M.preset_config(value)):
+                if getattr_path(trial, name) != v and not name.startswith(keep + ("img_context_token_id",)):
+                    head, _, leaf = name.rpartition(".")
+                    setattr(getattr_path(trial, head) if head else trial, leaf, copy.deepcopy(v))
+        else:
+            set_key({"": trial}, key, value)
+        new = param_shapes(trial)
+        diff = next((k for k in {**shapes, **new} if new.get(k) != shapes.get(k)), None)
+        if diff:
+            flag = f"--preset={value}" if key == "preset" else f"--model.{option}"
+            raise UsageError(f"{flag} changes the shape of weights loaded from {source} ({diff}: {shapes.get(diff)} -> "
+                             f"{new.get(diff)}), so it cannot apply; shapes come from what the stage loads (presets and "
+                             "shape options shape random weights: --init-from=random)")
+        cfg = trial
+    return cfg
+
+
+def stage_model_config(cfg: StageConfig, model_cfg: M.SAILVLConfig) -> M.SAILVLConfig:
+    """The config of the model a stage builds. From random weights: `model_cfg` (the preset and the
+    --model.* options). From a checkpoint: its config.json (the shapes of its weights and the settings
+    it was trained with). --init-llm / --init-vit replace llm_config / vision_config by their folders'
+    config.json (Qwen3 / AIMv2: no shape options needed); the adapter follows both. The --preset /
+    --model.* options given (cfg.model_options) then apply on top, or are refused with the reason."""
+    sources = init_sources(cfg)
+    folders = sorted({s for s in sources.values() if s != "fresh" and os.path.isfile(os.path.join(s, "config.json"))})
+    if cfg.init_from and cfg.init_from != "random" and not folders:
+        raise UsageError(f"--init-from {cfg.init_from} has no config.json: a SAIL-VL2 checkpoint folder (config.json "
+                         "+ safetensors) is expected; HF Qwen3 / AIMv2 folders go in --init-llm / --init-vit")
+    if not folders and not cfg.init_llm and not cfg.init_vit:
+        return model_cfg
+    try:
+        base = M.SAILVLConfig.from_dict(json.load(open(os.path.join(folders[0], "config.json")))) if folders \
+            else model_cfg
+        if cfg.init_llm:
+            base = dataclasses.replace(base, llm_config=M.read_llm_config(cfg.init_llm))
+        if cfg.init_vit:
+            base = dataclasses.replace(base, vision_config=M.vit.read_vit_config(cfg.init_vit))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the model config: {e}") from None
+    source = " + ".join(folders[:1] + [f"--init-llm {cfg.init_llm}"] * bool(cfg.init_llm)
+                        + [f"--init-vit {cfg.init_vit}"] * bool(cfg.init_vit))
+    keep = ("llm_config.",) * bool(cfg.init_llm) + ("vision_config.",) * bool(cfg.init_vit)
+    return apply_model_options(base, cfg.model_options, source, keep)
+
+
 def build_stage_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, log) -> M.SAILVL:
-    """Random init, then every module from its source (a whole checkpoint when all modules share
-    one, which also brings its config), then --init-vit / --init-llm."""
+    """The model of `stage_model_config`: random init, then every module from its source (a whole
+    checkpoint when all modules share one), then --init-vit / --init-llm."""
+    model_cfg = stage_model_config(cfg, model_cfg)
     torch.manual_seed(cfg.seed)
     model = M.SAILVL(model_cfg)
     model.init_weights()
     sources = init_sources(cfg)
     folders = sorted({s for s in sources.values() if s != "fresh"})
     loaded = {f: M.SAILVL.from_pretrained(f) for f in folders}
-    if folders and asdict(loaded[folders[0]].cfg) != asdict(model_cfg):
-        diff = sorted(k for k, v in asdict(loaded[folders[0]].cfg).items() if asdict(model_cfg)[k] != v)
-        log(f"init: using the config of {folders[0]} (differs from the preset in {diff})")
-        model = M.SAILVL(loaded[folders[0]].cfg)
-        model.init_weights()
     if not folders:
-        log("init: random weights (the stage starts from scratch)")
+        fresh = [m for m in MODULES if not (m == "language_model" and cfg.init_llm)
+                 and not (m == "vision_model" and cfg.init_vit)]
+        log("init: random weights (the stage starts from scratch)" if len(fresh) == len(MODULES) else
+            f"init: {', '.join(fresh)} from random weights")
     elif len(folders) == 1 and all(s == folders[0] for s in sources.values()):
         model.load_state_dict(loaded[folders[0]].state_dict())
-        log(f"init: all weights from {folders[0]}")
+        log(f"init: all weights from {folders[0]}, with its model config")
     else:
         for name, src in sources.items():
             if src == "fresh":
@@ -600,10 +743,14 @@ def build_stage_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, log) -> M.SAI
                 log(f"init: {name} from {src}")
     if cfg.init_vit:
         model.vision_model.load_state_dict(M.vit.load_hf_vit(cfg.init_vit).state_dict())
-        log(f"init: vision encoder from {cfg.init_vit}")
+        v = model_cfg.vision_config
+        log(f"init: vision encoder from {cfg.init_vit} ({v.num_hidden_layers} layers, hidden {v.hidden_size}, "
+            f"{v.image_size}-px tiles, from its config.json)")
     if cfg.init_llm:
         model.language_model.load_state_dict(M.load_hf_llm(cfg.init_llm).state_dict())
-        log(f"init: language model from {cfg.init_llm}")
+        c = model_cfg.llm_config
+        log(f"init: language model from {cfg.init_llm} ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+            f"vocab {c.vocab_size}{f', {c.num_experts} experts' if c.num_experts else ''}, from its config.json)")
     return model
 
 
@@ -666,7 +813,8 @@ def build_batches(cfg: StageConfig, model_cfg: M.SAILVLConfig, tok, split: str, 
                   verbose: bool = True) -> StageBatches:
     """The stage's mixture (train or held-out split) read through the packer."""
     dcfg = data.DataConfig.from_model(model_cfg, max_len=cfg.packing.max_tokens, label_mode=cfg.label_mode,
-                                      max_bad_fraction=cfg.max_bad_fraction, drop_media=cfg.text_only)
+                                      max_bad_fraction=cfg.max_bad_fraction, drop_media=cfg.text_only,
+                                      image_root=cfg.image_root)
     train = split == "train"
     mixture = data.Mixture(stage_sources(cfg, split), tok, dcfg, seed=cfg.seed if train else EVAL_SEED,
                            training=train, ngram_rebalance=cfg.ngram_rebalance and train, verbose=verbose and rank == 0)
@@ -1182,7 +1330,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         if rank == 0:
             data.ensure_synth(cfg.data_dir)
         barrier()
-    tok_dir = tokenizer_dir(cfg)
+    tok_dir = tokenizer_dir(cfg, log)
     tok, tok_files = data.load_tokenizer(tok_dir), tokenizer_files(tok_dir)   # the files travel with every checkpoint
     model_cfg = match_tokenizer(cfg, model_cfg, tok, log)
 
@@ -1459,15 +1607,24 @@ def parse_args(argv):
     given = dict(opts)
     cfg = stage_config(given.get("stage") or "vit1", given.get("scale") or "tiny",
                        log=lambda *a: print0(int(os.environ.get("RANK", "0")), *a))
-    preset = given.get("preset") or cfg.preset
+    if "model_options" in given:
+        raise UsageError("--model_options is recorded from the --preset and --model.KEY=VALUE options: give those")
+    model_keys = [(k, v) for k, v in opts if k.startswith("model.")]
+    for key, value in opts:
+        if key not in ("stage", "scale", "resume", "ckpts", "help") and not key.startswith("model."):
+            set_key({"": cfg}, key, value)
+    if cfg.init_llm and "preset" not in given:
+        cfg.preset = "2b"                    # a real LLM: the paper's tiling and system prompt; shapes from folders
     try:
-        model_cfg = M.preset_config(preset)
+        model_cfg = M.preset_config(cfg.preset)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for key, value in opts:
-        if key not in ("stage", "scale", "resume", "ckpts", "help"):
-            set_key({"": cfg, "model": model_cfg}, key, value)
+    for key, value in model_keys:
+        set_key({"": cfg, "model": model_cfg}, key, value)
+    cfg.model_options = tuple([f"preset={cfg.preset}"] * ("preset" in given) + [f"{k[6:]}={v}" for k, v in model_keys])
     modules_of(cfg.trainable)
+    if cfg.steps < 1 or cfg.step_scale <= 0:
+        raise UsageError(f"--steps must be at least 1 and --step_scale above 0, got {cfg.steps} and {cfg.step_scale:g}")
     cfg.steps = max(1, round(cfg.steps * cfg.step_scale))
     if cfg.schedule not in ("cosine", "constant"):
         raise UsageError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
@@ -1475,10 +1632,12 @@ def parse_args(argv):
         raise UsageError(f"--label_mode must be one of {', '.join(data.LABEL_MODES)}, got {cfg.label_mode!r}")
     if cfg.ac not in ("none", "block"):
         raise UsageError(f"--ac must be none or block, got {cfg.ac!r}")
-    for key in ("init_from", "init_llm", "init_vit", "tokenizer"):
+    for key in ("init_from", "init_llm", "init_vit", "tokenizer", "image_root"):
         path = getattr(cfg, key)
         if path and path != "random" and not os.path.isdir(path):
             raise UsageError(f"--{key.replace('_', '-')}: {path} is not a folder")
+    if "help" not in given:
+        model_cfg = stage_model_config(cfg, model_cfg)   # what loads: every model option applies or is refused, now
     return cfg, model_cfg, given
 
 
@@ -1501,7 +1660,9 @@ def ensure_sources(cfg: StageConfig, model_cfg: M.SAILVLConfig, log):
         for key in ("out_dir", "data_dir", "seed", "preset", "tokenizer"):
             setattr(sub, key, getattr(cfg, key))
         sub.steps = cfg.auto_steps or sub.steps
-        log(f"{stage_dir(cfg, name)} is missing: running the stand-in stage {name} first ({row.note})")
+        log(f"{stage_dir(cfg, name)} is missing: running the stand-in stage {name} first ({sub.steps} steps; "
+            f"--auto_steps=N changes that); skip it with --init-llm=QWEN3_DIR, the real weights {name} stands in "
+            f"for, or --init-from=DIR ({row.note})")
         ensure_sources(sub, model_cfg, log)
         train(sub, dataclasses.replace(model_cfg), None)
         log(f"{name} done: {stage_dir(cfg, name)}; now {cfg.stage}")
@@ -1578,7 +1739,7 @@ def run_cli(argv: list):
         f"{', metrics.jsonl' if row.runner != 'soup' else ''})")
     nxt = next_name(row)
     if nxt:
-        log(f"next: {command_for(STAGES[nxt], cfg)}")
+        log(f"next: {command_for(STAGES[nxt], cfg, from_output=True)}")
     hint = try_it(cfg, out)
     if hint:
         log(f"try it: {hint}")

@@ -71,6 +71,8 @@ class ViTConfig:
         """Read our own, the official SAIL-ViT (`use_bias`) or HF AIMv2 (`mlp_bias`) config."""
         if d.get("is_native"):
             raise ValueError("AIMv2 'native' variants (2D sin-cos position embedding) are not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported ViT config: hidden_act={d['hidden_act']!r} (SAIL-ViT / AIMv2 use silu)")
         ours = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in ours}
         if "use_bias" in d:                     # official SAIL-ViT / apple naming
@@ -319,13 +321,19 @@ def read_safetensors_folder(path: str) -> dict:
     return sd
 
 
+def read_vit_config(path: str) -> ViTConfig:
+    """The ViTConfig of a folder's config.json: HF `Aimv2VisionModel` / apple AIMv2 / SAIL-ViT, or the
+    `vision_config` of an `Aimv2Model` or SAIL-VL2 folder, so AIMv2-Large or SAIL-ViT-Huge need no
+    shape options."""
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    return ViTConfig.from_dict(raw.get("vision_config", raw))
+
+
 def load_hf_vit(path: str) -> SAILViT:
     """A folder saved by HF `Aimv2VisionModel`, or with apple/SAIL naming (`preprocessor.patchifier…`,
     `trunk.blocks.N…`, optionally under a `vision_model.` prefix as in SAIL-VL2 checkpoints)."""
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    raw = raw.get("vision_config", raw)
-    cfg = ViTConfig.from_dict(raw)
+    cfg = read_vit_config(path)
     sd = read_safetensors_folder(path)
     if any(k.startswith("vision_model.") for k in sd):       # a whole SAIL-VL2 folder: keep the ViT part
         sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}

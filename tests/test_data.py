@@ -54,8 +54,8 @@ def mixed_corpus(rng: random.Random, n: int) -> list:
     return pools + out
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(tmp_path_factory):
+def qwen_style_bpe(corpus: list, vocab_size: int):
+    """An HF `tokenizers` byte-level BPE with Qwen2's normalizer, pre-tokenizer and decoder, trained on `corpus`."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tk = Tokenizer(models.BPE())
     tk.normalizer = normalizers.NFC()
@@ -63,9 +63,14 @@ def hf_tokenizer(tmp_path_factory):
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
-    corpus = mixed_corpus(random.Random(0), 3000)
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1500, show_progress=False,
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tk
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    tk = qwen_style_bpe(mixed_corpus(random.Random(0), 3000), 1500)
     tk.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"])
     tk.add_tokens(["<think>", "</think>"])           # Qwen3 marks these special=false
     folder = tmp_path_factory.mktemp("hf_tok")
@@ -381,6 +386,99 @@ def test_anyres_sizes_and_sample(tmp_path):
     (pv,) = s["pixel_values"]
     assert pv.shape[0] == 1 and (pv.shape[2] // 14) * (pv.shape[3] // 14) <= 256
     assert s["image_tokens"] == [(pv.shape[2] // 28) * (pv.shape[3] // 28)] == [int((s["input_ids"] == 263).sum())]
+
+
+# ----------------------------------------------------------------------------------------------
+# image file modes: high bit depth scaled to 8 bits, transparency composited on white
+
+def photo_like(w: int = 96, h: int = 64) -> np.ndarray:
+    """A synthetic photo (uint8 RGB, no download): colour gradients, a soft-edged disc, a dark bar and
+    mild noise, so every grey level and edge matters when a mode conversion goes wrong."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    r, g, b = 255 * x / (w - 1), 255 * y / (h - 1), 128 + 100 * np.sin(x / 7) * np.cos(y / 5)
+    disc = np.clip(12 - np.hypot(x - 0.6 * w, y - 0.45 * h), 0, 1)              # soft edge over 1 px
+    rgb = np.stack([r, g, b], -1) * (1 - disc[..., None]) + np.array([250, 240, 20]) * disc[..., None]
+    rgb[h // 5:h // 5 + 6, 5:w // 2] = (20, 30, 60)                               # a dark bar
+    rgb += np.random.default_rng(0).normal(0, 4, rgb.shape)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def png_16bit_rgba(path, rgba16: np.ndarray):
+    """A 16-bit-per-channel RGBA PNG written by hand (Pillow cannot write one): colour type 6, depth 16."""
+    import struct
+    import zlib
+    h, w, _ = rgba16.shape
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    rows = b"".join(b"\x00" + rgba16[i].astype(">u2").tobytes() for i in range(h))
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_high_bit_depth_images_keep_their_content(tmp_path):
+    """16-bit and 32-bit greyscale files read as their 8-bit twin (before: I;16 clipped to ~100% white)."""
+    grey = np.asarray(Image.fromarray(photo_like()).convert("L"))                 # the 8-bit reference
+    g16 = grey.astype(np.uint16) * 257 + np.random.default_rng(1).integers(0, 128, grey.shape).astype(np.uint16)
+    files = {"i16.png": Image.fromarray(g16),                                     # mode I;16 (16-bit PNG)
+             "i16b.tif": Image.frombytes("I;16B", g16.shape[::-1], g16.astype(">u2").tobytes()),
+             "i32.tif": Image.fromarray(g16.astype(np.int32)),                    # mode I, 16-bit data
+             "f01.tif": Image.fromarray((grey / 255.0).astype(np.float32)),       # mode F in [0, 1]
+             "f255.tif": Image.fromarray(grey.astype(np.float32))}                # mode F in [0, 255]
+    reference = data.load_image(Image.fromarray(grey).convert("RGB"), max_tiles=1, image_size=112)[0]
+    for name, img in files.items():
+        img.save(tmp_path / name)
+        with Image.open(tmp_path / name) as check:
+            assert check.mode == img.mode, name                                   # the file really is in that mode
+        rgb = np.asarray(data.open_image(tmp_path / name)).astype(int)
+        assert rgb.shape == (*grey.shape, 3) and np.abs(rgb - grey[..., None]).max() <= 1, name
+        pv, _ = data.load_image(tmp_path / name, max_tiles=1, image_size=112)      # the loader training uses
+        assert (pv - reference).abs().max() < 0.05, name                          # <= 1 grey level after resize
+    assert np.asarray(data.to_8bit(np.array([[-5.0, 0.0, 5.0]]), "F")).tolist() == [[0, 128, 255]]  # min..max
+
+
+def test_transparent_images_are_composited_on_white(tmp_path):
+    """RGBA, LA, P + transparency and 16-bit RGBA files: what is transparent is the white page, partial
+    alpha blends with white (before: a transparent background came out black)."""
+    rgb = photo_like().astype(np.float64)
+    h, w, _ = rgb.shape
+    y, x = np.mgrid[0:h, 0:w]
+    alpha = np.clip(255 * (20 - np.hypot(x - w / 2, y - h / 2)) / 4, 0, 255).round()   # opaque centre, soft rim
+    on_white = lambda c, a: np.rint(c * a[..., None] / 255 + 255 * (1 - a[..., None] / 255))  # noqa: E731
+    premult = np.where(alpha[..., None] > 0, rgb, 0).astype(np.uint8)             # transparent pixels stored black
+    grey = np.asarray(Image.fromarray(premult).convert("L")).astype(np.float64)
+    Image.fromarray(np.dstack([premult, alpha.astype(np.uint8)]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([grey, alpha]).astype(np.uint8), "LA").save(tmp_path / "la.png")
+    png_16bit_rgba(tmp_path / "rgba16.png", np.dstack([premult, alpha]).astype(np.uint16) * 257)
+    pal = Image.fromarray(premult).quantize(63)
+    idx = np.where(alpha == 0, 63, np.asarray(pal))                               # index 63: transparent black
+    p_img = Image.fromarray(idx.astype(np.uint8), "P")
+    p_img.putpalette(pal.getpalette()[:63 * 3] + [0, 0, 0])
+    p_img.save(tmp_path / "p.png", transparency=63)
+    p_expected = np.where(alpha[..., None] == 0, 255, np.asarray(p_img.convert("RGB")))
+    expected = {"rgba.png": on_white(premult, alpha), "rgba16.png": on_white(premult, alpha),
+                "la.png": on_white(grey[..., None], alpha), "p.png": p_expected}
+    for name, want in expected.items():
+        got = np.asarray(data.open_image(tmp_path / name)).astype(int)
+        assert np.abs(got - want).max() <= 1, name
+        assert got[0, 0].tolist() == [255, 255, 255] and abs(got[h // 2, w // 2] - want[h // 2, w // 2]).max() <= 1
+    assert Image.open(tmp_path / "rgba16.png").mode == "RGBA" and Image.open(tmp_path / "p.png").mode == "P"
+
+
+def test_image_root_resolves_relative_paths_from_a_dataset_folder(tmp_path, capsys):
+    """LLaVA-style manifests name images relative to the dataset folder, not to the manifest."""
+    root, meta = tmp_path / "dataset", tmp_path / "annotations"
+    (root / "coco" / "train2017").mkdir(parents=True), meta.mkdir()
+    save_png(root / "coco" / "train2017" / "000001.jpg.png", colour=(10, 200, 30))
+    (meta / "llava.jsonl").write_text(json.dumps({"image": "coco/train2017/000001.jpg.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "green"}]}) + "\n")
+    tok = data.load_tokenizer(None)
+    with pytest.raises(DataError, match="image file not found") as e:
+        data.JsonlDataset(meta / "llava.jsonl", tok, DataConfig(**TINY)).load(0)   # default: beside the manifest
+    assert str(meta / "coco") in str(e.value)
+    s = data.JsonlDataset(meta / "llava.jsonl", tok, DataConfig(**TINY, image_root=str(root))).load(0)
+    assert s["n_images"] == 1 and abs(float(s["pixel_values"][0, 1].mean()) - (200 / 255 - 0.456) / 0.224) < 1e-3
+    data.main(["check", str(meta / "llava.jsonl"), "--image-root", str(root)])
+    assert "no bad samples in 1" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -736,6 +737,8 @@ def error_line(res):
     (["--stage", "rl-verifiable"], 2, "runs in rl.py"),
     (["--init-from", "/no/such/folder"], 2, "is not a folder"),
     (["--ac=sometimes"], 2, "--ac must be none or block, got 'sometimes'"),
+    (["--steps=0"], 2, "--steps must be at least 1"),
+    (["--steps=-5"], 2, "--steps must be at least 1"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(args, code, match):
     res = run(["train_stage.py", *args], timeout=60)
@@ -772,7 +775,7 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     res = run(["train_stage.py", "--stage", "vit1", f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps", "2",
                "--auto_steps=2", "--packing.max_tokens=256", "--eval_every=0"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "running the stand-in stage lm0 first" in res.stdout
+    assert "running the stand-in stage lm0 first (2 steps" in res.stdout and "skip it with --init-llm=" in res.stdout
     assert f"init: all weights from {tmp_path}/lm0" in res.stdout
     T.verify_checkpoint(f"{tmp_path}/lm0")
     T.verify_checkpoint(f"{tmp_path}/vit1")
@@ -796,11 +799,49 @@ def test_help_shows_each_option_with_its_description_and_the_stages_values():
     assert "--lr=0.003" in generic                                      # vit1's values without --stage
 
 
-def test_a_fresh_model_takes_img_context_from_the_tokenizer_it_reads(synth, tmp_path, capsys):
-    """A preset whose <IMG_CONTEXT> id differs from the data's tokenizer (the 2b preset on the
-    synthetic BPE) trains from scratch: the fresh model adopts the tokenizer's id."""
-    out = T.run_stage("vit3", [f"--out_dir={tmp_path}", f"--data_dir={synth}", "--init-from=random", "--steps=1",
-                               "--eval_every=0", "--save_every=0", "--model.img_context_token_id=300",
-                               "--packing.max_tokens=512"])
-    assert "the fresh model uses the tokenizer's" in capsys.readouterr().out
-    assert M.SAILVL.from_pretrained(out).cfg.img_context_token_id == data.special_ids(data.load_tokenizer(synth)).img_context
+def test_an_img_context_option_against_the_tokenizer_is_refused(synth, tmp_path):
+    """--model.img_context_token_id that the stage's tokenizer contradicts cannot take effect (no
+    <IMG_CONTEXT> slot would be found): one line, exit 2. (A preset whose id differs, with no option
+    given, is adopted: test_replicate.)"""
+    res = run(["train_stage.py", "--stage", "vit3", f"--out_dir={tmp_path}", f"--data_dir={synth}", "--init-from=random",
+               "--steps=1", "--eval_every=0", "--model.img_context_token_id=300"], timeout=120)
+    assert res.returncode == 2 and len(error_line(res)) == 1, res.stderr
+    assert "--model.img_context_token_id=300, but <IMG_CONTEXT> is token 263" in res.stderr
+
+
+def tiny_checkpoint(path, synth, preset="tiny"):
+    """A fixed-resolution tiny checkpoint with the synthetic data's tokenizer, as a stage writes one."""
+    M.build_model(preset).save_pretrained(str(path))
+    shutil.copy(os.path.join(synth, "tokenizer.json"), path)
+    return str(path)
+
+
+def test_anyres_on_a_fixed_resolution_checkpoint_takes_effect(synth, tmp_path, capsys):
+    """--preset=tiny-anyres / --model.anyres=true from a fixed-resolution checkpoint: the same ViT
+    weights, so a valid fine-tuning switch that applies (before: the checkpoint's config won silently
+    and the next: hint repeated the ignored preset)."""
+    ck = tiny_checkpoint(tmp_path / "ck", synth)
+    base = [f"--init-from={ck}", f"--data_dir={synth}", "--steps=1", "--eval_every=0", "--save_every=0",
+            "--packing.max_tokens=512"]
+    _, mcfg, _ = T.parse_args(["--stage", "vit2", *base, "--model.anyres=true"])
+    assert mcfg.anyres and mcfg.llm_config == M.preset_config("tiny").llm_config
+    T.main(["--stage", "vit2", *base, f"--out_dir={tmp_path}/fixed"])
+    T.main(["--stage", "vit2", *base, f"--out_dir={tmp_path}/anyres", "--preset=tiny-anyres"])
+    log = capsys.readouterr().out
+    cfg = json.load(open(f"{tmp_path}/anyres/vit2/config.json"))
+    assert cfg["anyres"] is True and cfg["anyres_max_patches"] == M.preset_config("tiny-anyres").anyres_max_patches
+    assert json.load(open(f"{tmp_path}/fixed/vit2/config.json"))["anyres"] is False
+    assert losses_of(f"{tmp_path}/anyres/vit2") != losses_of(f"{tmp_path}/fixed/vit2")   # it changed what trained
+    assert f"next: torchrun train_stage.py --stage vit3 --out_dir={tmp_path}/anyres --data_dir={synth}\n" in log
+
+
+@pytest.mark.parametrize("option,flag", [("--preset=tiny-moe", "--preset=tiny-moe"),
+                                         ("--model.llm_config.num_hidden_layers=2",
+                                          "--model.llm_config.num_hidden_layers=2")])
+def test_a_shape_option_a_checkpoint_cannot_load_is_refused_in_one_line(synth, tmp_path, capsys, option, flag):
+    ck = tiny_checkpoint(tmp_path / "ck", synth)
+    with pytest.raises(SystemExit) as e:
+        T.main(["--stage", "vit2", f"--init-from={ck}", f"--data_dir={synth}", f"--out_dir={tmp_path}", option])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
+    assert f"{flag} changes the shape of weights loaded from {ck}" in err and "--init-from=random" in err
