@@ -140,11 +140,14 @@ RULES = [
     ("math_direct", "\\boxed{7}, and 9 is wrong", "7", "7"),                  # a box wins over later numbers
     ("count_cot", "\\boxed{3} no: \\boxed{4}", "4", "4"),                      # the last box
     ("math", "\\boxed{4.0}", "4", "4"),                                       # normalised, agrees with 4
+    ("math", "so \\boxed{\\frac{1}{2}}", "0.5", "\\frac{1}{2}"),                # the whole box, not a number in it
+    ("math", " " * 2000 + "7", "7", None),                                   # beyond MAX_SCAN
     ("chart", "cat has 6 and dog has 4", "6", "6"),                          # numeric gold: the first number
     ("chart", "cat has 6 and dog has 4", "dog", "cat"),                      # label gold: the first label
     ("chart", "the dogs", "dog", "dog"),                                      # plural labels made singular
     ("ocr", "it says tiger, or queen", "queen", "tiger"),                    # the first vocabulary word
     ("ocr", "it reads hello", "hello", "hello"),                             # none: the last word
+    ("ocr", "QUEEN", "Queen", "queen"),                                      # case does not matter
     ("multi", "no, yes", "yes", "no"),                                       # the first of yes / no / first / second
     ("multi", "the second, not the first", "second", "second"),
     ("video", "up, then down", "down", "up"),                                # the first direction
