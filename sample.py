@@ -660,17 +660,16 @@ def draw_losses(d, names: list, losses: dict, box: tuple, fonts):
     total = sum(len(v) for _, v in series)
     if not total:
         return
-    lo = min(min(v) for _, v in series)
-    lo, hi = 10 ** math.floor(math.log10(max(lo, 1e-3))), 10 ** math.ceil(math.log10(max(max(v) for _, v in series)))
+    ticks = [m * 10 ** e for e in range(-3, 4) for m in (1, 2, 5)]                 # 0.001 .. 5000
+    lo = max([t for t in ticks if t <= max(1e-3, min(min(v) for _, v in series))], default=ticks[0])
+    hi = min([t for t in ticks if t >= max(max(v) for _, v in series)], default=ticks[-1])
+    hi = max(hi, ticks[ticks.index(lo) + 1])
     ypos = lambda v: y1 - (y1 - y0) * (math.log10(max(v, lo)) - math.log10(lo)) / math.log10(hi / lo)  # noqa: E731
     d.rectangle(box, outline="black")
-    for e in range(round(math.log10(lo)), round(math.log10(hi)) + 1):
-        for m in (1, 2, 5):
-            v = m * 10 ** e
-            if lo <= v <= hi:
-                d.line((x0 - 4, ypos(v), x0, ypos(v)), fill="black")
-                d.line((x0, ypos(v), x1, ypos(v)), fill=(225, 225, 225))
-                d.text((x0 - 6, ypos(v)), f"{v:g}", fill="black", font=small, anchor="rm")
+    for v in (t for t in ticks if lo <= t <= hi):
+        d.line((x0 - 4, ypos(v), x0, ypos(v)), fill="black")
+        d.line((x0, ypos(v), x1, ypos(v)), fill=(225, 225, 225))
+        d.text((x0 - 6, ypos(v)), f"{v:g}", fill="black", font=small, anchor="rm")
     start, ends = 0, [x0] * 3                      # the right end of the last name in each of 3 rows
     for k, (name, v) in enumerate(series):
         xa, xb = x0 + (x1 - x0) * start / total, x0 + (x1 - x0) * (start + len(v)) / total
@@ -702,7 +701,7 @@ def report_picture(report: dict, losses: dict, path: str):
     cw, ch, x0, top = 86, 38, 110, 84
     width = max(900, x0 + cw * len(fams) + 20)
     heat_bottom = top + (rows + 1) * ch + 4
-    img = Image.new("RGB", (width, heat_bottom + 112 + 300), "white")
+    img = Image.new("RGB", (width, heat_bottom + 86 + 260 + 30), "white")
     d = ImageDraw.Draw(img)
     n = max((c["n"] for st in report["stages"].values() for c in st.get("eval", {}).get("real", {}).values()), default=0)
     d.text((x0, 10), f"Held-out accuracy per stage and task family (greedy; {n} samples per family)", fill="black",
