@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import rl
+from test_answers import HOSTILE      # the hostile replies the grading API is tested on
 
 ALGOS = ("dapo", "gspo", "gspo_token")
 
@@ -421,18 +422,6 @@ def best_of_3(fn, text, bound):
 REWARDS = {"answer": lambda s: rl.reward_answer(s, "1"), "format": rl.reward_format,
            "think": rl.think_consistency, "judge": lambda s: rl.reference_judge(s, s),
            "judge_f1": lambda s: rl.reference_judge(s, s, metric="word_f1")}
-HOSTILE = {
-    "boxed_open_x100k": "\\boxed{" * 100000,
-    "open_brace_1M": "{" * 10 ** 6,
-    "close_brace_1M": "}" * 10 ** 6,
-    "think_x100k": "<think>" * 10 ** 5,
-    "box_then_1M_braces": "\\boxed{" + "{" * 10 ** 6,
-    "box_escaped_braces": "<think>t</think>\\boxed{" + "\\{" * 500000,
-    "boxes_1M": "<think>t</think>" + "\\boxed{1}" * 110000,
-    "long_thinking_numbers": "<think>" + " 1" * 500000 + "</think>\\boxed{1}",
-    "nested_wrappers": "<think>t</think>\\boxed{" + "\\text{" * 140 + "(" * 100 + "1" + ")" * 100 + "}" * 140 + "}",
-}
-
 
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_inputs_are_fast(name):
