@@ -1,6 +1,7 @@
 """Generate from and evaluate a SAIL-VL2 checkpoint. The model and the univl-chat prompt follow the
-paper (§2) and the official template (facts §1.6); evaluation (scoring rules, batching, the blind
-runs, the VLMEvalKit TSV reader) is ours: the paper gives no procedure.
+paper (§2) and the official conversation template (`univl-chat` of the HF model
+BytedanceDouyinContent/SAIL-VL2-2B); evaluation (scoring rules, batching, the blind runs, the
+intervals, the recipe's report, the VLMEvalKit TSV reader) is ours: the paper gives no procedure.
 
     python sample.py --ckpt out/vit1 --image data_synth/caption/images/eval_00000.png --prompt "Describe the image."
     python sample.py --ckpt out/sft4 --video data_synth/video/videos/eval_00000.mp4 --prompt "Where does it move?"
@@ -16,7 +17,9 @@ else the embedded default). Images are tiled as the checkpoint was trained (tile
 AnyRes), videos give one tile per frame; a single answer streams to stdout token by token.
 Evaluation is greedy and batched (many prompts per `generate` call, KV cache, left padding; a row
 ends at <|im_end|> / <|endoftext|>); reports go to `<ckpt>/eval/<family>[-think][-blank].json` and a
-table is printed. Scoring per family: `extract_answer`, `caption_correct`, `split_last_word`.
+table is printed, every accuracy with its n and Wilson 95% interval. Replies are read with data.py's
+grading API (as the RL rewards are); scoring per family: `extract_answer`, `caption_correct`,
+`split_last_word`. Effects are paired differences on the same samples (`paired_difference`).
 Command-line errors exit with 2, unusable inputs (not a checkpoint, not an image) with 1, both with
 one line on stderr.
 """
@@ -275,6 +278,8 @@ def default_new_tokens(family: str, think: bool) -> int:
 # eval split. At n = 128 an accuracy near 0.5 has a Wilson 95% interval of ±0.09 (±0.17 at n = 32).
 EVAL_LIMIT = 128
 
+PROMPT_BUCKET = 16               # prompt lengths this close share a batch (at most 15 pad tokens a row)
+
 # one prompt to answer: token ids, its pixels (None, a tensor, or an AnyRes list), its token budget,
 # and the length of the reply it expects (the reference's tokens; 0 unknown): only batching reads it
 Item = namedtuple("Item", "ids pixels max_new expect", defaults=(0,))
@@ -306,10 +311,12 @@ def generate_batch(model, tok, items: list) -> list:
 
 
 def generate_all(model, tok, items: list, batch_size: int = 32) -> list:
-    """Replies to every item, batched: items of the same budget together, sorted by the reply length
-    they expect, then by prompt length, so that a batch, which decodes until its longest reply ends,
-    holds replies of about one length and pads little. Returned in the items' order."""
-    order = sorted(range(len(items)), key=lambda i: (items[i].max_new, items[i].expect, len(items[i].ids)))
+    """Replies to every item, batched: items of the same budget together, sorted by prompt length in
+    PROMPT_BUCKET-token steps (a batch's prefill pads every prompt to its longest: prompt tokens are
+    most of the cost of short answers), within a step by the reply length they expect (a batch
+    decodes until its longest reply ends). Returned in the items' order."""
+    key = lambda i: (items[i].max_new, len(items[i].ids) // PROMPT_BUCKET, items[i].expect, len(items[i].ids))  # noqa: E731
+    order = sorted(range(len(items)), key=key)
     replies = [None] * len(items)
     while order:
         chunk = [i for i in order[:batch_size] if items[i].max_new == items[order[0]].max_new]
