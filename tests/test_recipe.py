@@ -223,12 +223,14 @@ def test_every_effect_compares_both_sides_on_the_same_samples(synth, tmp_path, m
                                     if T.mode_of(p) == mode and p["family"] in fams}
         assert keys(sa, ma) == keys(sb, mb) and len(keys(sa, ma)) == got[name]["n"] == limit * len(fams), name
     # an RL stage's own held-out before / after: one more effect; on different prompts, refused
-    held = [{"side": side, "family": "math", "where": f"p{i}", "correct": i % 2 == (side == "after")}
-            for side in ("before", "after") for i in range(6)]
+    held = [{"side": side, "family": "math", "where": f"p{i}", "correct": side == "after" or i < 2}
+            for side in ("before", "after") for i in range(6)]                # right: 2 of 6 before, 6 after
     (tmp_path / "rl-verifiable").mkdir()
     (tmp_path / "rl-verifiable" / T.RL_HELDOUT).write_text("".join(json.dumps(p) + "\n" for p in held))
     extra = T.recipe_effect_results(str(rdir), cfg)[-1]
     assert extra["name"] == "rl-verifiable: its own held-out, after vs before" and extra["n"] == 6
+    assert (extra["a"], extra["accuracy_a"], extra["accuracy_b"], extra["difference"]) == \
+        ("rl-verifiable (after)", 1.0, 0.3333, 0.6667)
     (tmp_path / "rl-verifiable" / T.RL_HELDOUT).write_text("".join(json.dumps(p) + "\n" for p in held[:-1]))
     with pytest.raises(T.UsageError, match="not scored on the same samples"):
         T.recipe_effect_results(str(rdir), cfg)
@@ -238,3 +240,15 @@ def test_every_effect_compares_both_sides_on_the_same_samples(synth, tmp_path, m
                                                              if i != dropped))
     with pytest.raises(T.UsageError, match="soup vs its first input.*not scored on the same samples"):
         T.recipe_effect_results(str(rdir), cfg)
+
+
+def test_seeds_offset_every_stages_own_seed():
+    """--seeds=N: run k passes each stage the seed it would run with + 1000 (k - 1); run 1 passes none."""
+    rows = {n: T.STAGES[n] for n in ("vit1", "sft4", "sft4-twin", "soup", "rl-verifiable")}
+    seed = lambda cmd: [a for a in cmd if a.startswith("--seed=")]                         # noqa: E731
+    assert all(seed(T.stage_command(r, 1, ["--out_dir=o"])) == [] for r in rows.values())
+    got = {n: seed(T.stage_command(r, 1, ["--out_dir=o"], seed_offset=1000)) for n, r in rows.items()}
+    assert got == {"vit1": ["--seed=2337"], "sft4": ["--seed=2337"], "sft4-twin": ["--seed=8331"],
+                   "soup": ["--seed=2337"], "rl-verifiable": ["--seed=2337"]}             # the twin stays a twin
+    assert seed(T.stage_command(rows["vit1"], 1, ["--seed=5"], seed_offset=2000))[-1] == "--seed=2005"   # the last wins
+    assert T.stage_command(rows["rl-verifiable"], 1, [], seed_offset=1000)[1].endswith("rl.py")
