@@ -292,10 +292,6 @@ def reference_judge(answer: str, reference: str, metric: str = "rouge_l", thresh
     return score if threshold is None else float(score >= threshold)
 
 
-# Model judge (§4.2.5, an LVM judge): scores with a checkpoint given a grading prompt, reward =
-# probability of "yes". It needs the model and tokenizer, so it is written with the rollouts
-# below (by the lead); it satisfies ThinkJudge.
-
 DEFAULT_MIXED_WEIGHTS = (0.8, 0.1, 0.1)     # answer, think, format: our choice, the paper gives none
 
 
