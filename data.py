@@ -12,11 +12,13 @@ Sections, in the paper's order:
   6. Curation §3.1   judge-score quality filter (VIR/ITA), chart rendering + QA, caption -> QA
   7. Resampling      dataset-level mixture (§3.2.2 step 1), n-gram linguistic rebalancing (step 2),
                      the deterministic, resumable training stream
-  8. LongCoT §4.2.2  format normalisation, dedup, redundancy filter, CoT-length balancing
-  9. Curation §4.1   post-training data: SAIL-Instruction2 (§4.1.2: latent classes, answer quality,
+  8. Answers         the one grading API: a reply's thinking and answer region, its last \\boxed{},
+                     when two answers agree (held to math-verify), word-F1 and ROUGE-L
+  9. LongCoT §4.2.2  format normalisation, dedup, redundancy filter, CoT-length balancing
+ 10. Curation §4.1   post-training data: SAIL-Instruction2 (§4.1.2: latent classes, answer quality,
                      re-annotation, class balancing), SAIL-Video (§4.1.1: alignment, richness, difficulty)
- 10. Synthetic data  the embedded default dataset (PNG + MP4 + JSONL) and the stage -> data-mix table
- 11. Command line    `python data.py {add-image-tokens,synth,check,rebalance,filter,charts,caption2qa,
+ 11. Synthetic data  the embedded default dataset (PNG + MP4 + JSONL) and the stage -> data-mix table
+ 12. Command line    `python data.py {add-image-tokens,synth,check,rebalance,filter,charts,caption2qa,
                      longcot,curate-instructions,curate-video} --help`
 
 Conventions: `labels` are aligned with `input_ids` (the model shifts them, as HF does) and hold -100
@@ -25,6 +27,7 @@ count such samples and stop when too many are bad. Nothing here downloads anythi
 """
 import argparse
 import base64
+import itertools
 import json
 import math
 import os
@@ -37,6 +40,7 @@ import unicodedata
 import zlib
 from collections import Counter, namedtuple
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -481,8 +485,9 @@ def expand_placeholders(text: str, blocks: list, where: str = "<text>") -> str:
     return re.sub(re.escape(IMAGE), lambda m: next(it), text)
 
 
-def split_think(content: str, where: str):
-    """(think_text, rest) when `content` opens with <think>...</think>, else (None, content)."""
+def think_turn(content: str, where: str):
+    """(think_text, rest) of a training assistant turn that opens with <think>...</think>, else
+    (None, content); DataError for any other use of the tags (replies are read with split_think)."""
     head = content.lstrip()
     if not head.startswith("<think>"):
         if "<think>" in content or "</think>" in content:
@@ -509,7 +514,7 @@ def chat_segments(turns: list, system: str = DEFAULT_SYSTEM, mode: str = "sft", 
         if mode in ("sft", "rl"):       # rl: earlier assistant turns are context, never trained
             segs.append((content + "<|im_end|>", mode == "sft"))
             continue
-        thought, answer = split_think(content, where)
+        thought, answer = think_turn(content, where)
         if mode == "longcot" and not (thought or "").strip():
             raise DataError("format", where, "longcot needs every assistant turn to open with a non-empty <think>…</think>")
         if mode == "thinkfusion" and thought is not None and not thought.strip():
@@ -910,7 +915,7 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
         think = rec.think
     elif think is None:     # "auto" and no flag in the record: what the mode implies
         think = mode in ("longcot", "rl") or (mode == "thinkfusion" and any(
-            (split_think(c, rec.where)[0] or "").strip() for r, c in turns if r == "assistant"))
+            (think_turn(c, rec.where)[0] or "").strip() for r, c in turns if r == "assistant"))
     system = rec.system if rec.system is not None else (cfg.system or DEFAULT_SYSTEM)
     segs = chat_segments(expanded, system, mode, think, add_generation_prompt=(mode == "rl"), where=rec.where)
     ids, labels = tokenize_segments(tok, segs)
@@ -1053,7 +1058,7 @@ class JsonlDataset:
 # image-text alignment (ITA) and drops low scorers. A judge here is any callable
 # (PIL image, text) -> {"vir": float, "ita": float} in [0, 1]; plug in a VLM judge for real data.
 # The default `heuristic_judge` is honest about what it is: image statistics, calibrated for the
-# synthetic domain of section 10 (flat shapes in known colours on white).
+# synthetic domain of section 11 (flat shapes in known colours on white).
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
            "purple": (140, 60, 180), "orange": (240, 130, 30)}
@@ -1459,49 +1464,304 @@ def _unpack_bits(text: str, n: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. LongCoT data cleaning, §4.2.2: format to "<think>\nT\n</think>\nA" with A holding \boxed{},
-# deduplicate by (image, question), drop answers that restate the chain (token overlap), and
-# balance CoT lengths by resampling. (The paper's answer distillation by a judge model is not done.)
+# 8. Answers: what a reply answers, and when two answers agree
+#
+# The one grading API of the project: the LongCoT filter (section 9), the evaluation (sample.py)
+# and the RL rewards (rl.py, §4.2.3 / §4.2.5) read replies and compare answers only with these.
+#
+# Where the answer is. A reply's answer region is the text after its last `</think>`; a reply
+# without think tags is answer region throughout; one that opens `<think>` and never closes it has
+# none (it was cut mid-thought). `split_think` gives (thinking, answer region) of a closed block.
+#
+# Which box. The final answer is the content of the answer region's last `\boxed{...}`: of the
+# boxes whose braces balance, the one whose `\boxed{` comes last, so a box nested in another one
+# answers (`\boxed{\boxed{1}+1}` answers 1). That is math-verify 0.9.0's rule
+# (latex2sympy2_extended's extract_boxed_content searches `\boxed` from the right), and as there
+# braces are counted raw (`\{` and `\}` count), `\boxed` must be followed by `{` directly
+# (`\boxed {5}` is no answer) and a box that never closes is ignored (`\boxed{1} and \boxed{2`
+# answers 1). Our differences: a box whose content is longer than MAX_BOX_CHARS is no answer (this
+# bounds all later work on hostile output); several boxes are not joined into one set answer (for
+# math-verify `\boxed{1} or \boxed{2}` is {1, 2}; here it is 2); a lone unclosed box and `\boxed 5`
+# without braces are no answer (math-verify reads them).
+#
+# When two answers agree (`answers_match`). An answer maps to a key (a number as an exact
+# Fraction, a choice letter, an ordered tuple/interval, a set, a plain list, a whole-number
+# percent, or the cleaned text) and two answers agree when their keys are equal. The keys are held
+# to never call equal what math-verify 0.9.0 calls different (tests/test_answers.py); math-verify's
+# equality is not transitive (5 = 5.0 and 5 = \text{5}, but 5.0 != \text{5}; 5 = 5% but 5.0 != 5%),
+# so every key class must be equal pairwise there, which makes this stricter. It handles: `$`,
+# `\$`, whitespace, `\text{}` `\textbf{}` `\textrm{}` `\textnormal{}` `\mathrm{}` `\mbox{}`
+# `\boxed{}` wrappers around words (around a bare number they stay text: `\text{5}` != `5`),
+# `\left` / `\right`, `\!` and `{,}` thousands separators (`1,234` but not `1, 234`), trailing
+# zeros, `a/b` and `\frac` `\dfrac` `\tfrac` `\frac13` vs decimals, `%` after a whole number written
+# bare (28% = 28; 12.5% only equals 12.5%), `^\circ`, signs and the Unicode minus, one capital
+# choice letter with or without parentheses, `(1,2)` vs `[1,2)` vs `\{1,2\}` (sets unordered), and
+# a leading `x =` (but `x=1` != `y=1`). It does NOT handle: algebra (`2x` vs `x+x`), radicals and
+# pi, decimals vs repeating fractions (1/3 vs 0.333), lowercase choices, units, scientific
+# notation, leading zeros (`03` stays text), mixed numbers, matrices, relations, `°`.
+# Case matters (`C` != `c`: a lowercase letter may be a variable). The evaluation of free-text
+# answers ignores case by comparing `normalize_answer` forms (lower case, no final period).
+#
+# Graded agreement of free text: `word_f1` (SQuAD's bag-of-words F1) and `rouge_l` (ROUGE-L F1),
+# both over lower-cased \w+ words. Everything here is linear in its input: no regex with nested
+# quantifiers over unbounded text, no sympy, no signal.alarm.
 
+MAX_BOX_CHARS = 1000        # a \boxed{} whose content is longer is no answer (bounds all later work)
 BOXED = "\\boxed{"
+_BRACE = re.compile(r"[{}]")
 
 
-def last_boxed(text: str, max_len: int = 1000):
-    """Content of the LAST \\boxed{...} in `text` (nested braces allowed), or None. Linear time and
-    bounded: model output is untrusted, so no regex backtracking and at most `max_len` characters
-    of content are scanned."""
-    start = text.rfind(BOXED)
-    if start < 0:
-        return None
-    depth, i, begin = 1, start + len(BOXED), start + len(BOXED)
-    end = min(len(text), begin + max_len)
-    while i < end:
-        c = text[i]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
+def split_think(text: str):
+    """(thinking, answer region) of a reply `...<think>T</think>A` (T from the first `<think>` to
+    the last `</think>`), or None when it has no closed think block."""
+    start, end = text.find("<think>"), text.rfind("</think>")
+    return None if start < 0 or end < start else (text[start + len("<think>"):end], text[end + len("</think>"):])
+
+
+def answer_region(text: str):
+    """The part of a reply that holds its answer (see above): after the last `</think>`, all of a
+    reply without think tags, None for a `<think>` never closed."""
+    end = text.rfind("</think>")
+    if end >= 0:
+        return text[end + len("</think>"):]
+    return None if "<think>" in text else text
+
+
+def last_boxed(text: str, max_chars: int = MAX_BOX_CHARS):
+    """Content of the last balanced `\\boxed{...}` of `text` (the one opened last), or None. Boxes
+    are tried from the right; a box that does not close (within `max_chars`) cannot be inside an
+    earlier box that does, so the earlier one must close before it starts: each character is
+    scanned at most once, and boxes after the last `}` are never tried."""
+    limit = text.rfind("}") + 1                     # a box can only close before this
+    pos = text.rfind(BOXED, 0, limit)
+    while pos >= 0:
+        start, depth = pos + len(BOXED), 1
+        for m in _BRACE.finditer(text, start, min(limit, start + max_chars + 1)):
+            depth += 1 if m.group() == "{" else -1
             if depth == 0:
-                return text[begin:i]
-        i += 1
+                return text[start:m.start()]
+        limit = pos
+        pos = text.rfind(BOXED, 0, limit)
     return None
 
 
-def normalize_answer(s: str) -> str:
-    """Canonical form for answer matching: trimmed, lower-case, single spaces, no surrounding $ or
-    final period; numbers in a canonical numeric form ("4.0" == "4")."""
-    s = " ".join(str(s).strip().strip("$").split()).lower().rstrip(".").strip()
-    try:
-        x = float(s.replace(",", ""))
-        return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
-    except ValueError:
-        return s
+def final_answer(text: str):
+    """The reply's final answer: the last box of its answer region, or None."""
+    region = answer_region(text)
+    return None if region is None else last_boxed(region)
 
+
+def last_number(text: str):
+    """The last number (integer or decimal, with its sign and thousands separators) in `text`."""
+    end = max(text.rfind(d) for d in "0123456789")
+    if end < 0:
+        return None
+    found = re.findall(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?", text[max(0, end - MAX_BOX_CHARS):end + 1])
+    return found[-1] if found else None
+
+
+_WRAPPER_TOKEN = re.compile(r"\\(?:boxed|textbf|textrm|textnormal|text|mathrm|mbox)[ ]{0,8}\{|\\[\\{}]|[{}]")
+_SPACING = re.compile(r"\\[,;: ]|~|\\q?quad(?![a-zA-Z])")
+_THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL = r"[+-]?(?:(?:0|[1-9]\d*)(?:\.\d+)?|\.\d+)"       # no leading zeros, digits after a point
+_NUMBER = re.compile(_DECIMAL)
+_RATIO = re.compile(f"({_DECIMAL})/({_DECIMAL})")
+_FRAC = re.compile(f"([+-]?)\\\\frac(?:\\{{({_DECIMAL})\\}}\\{{({_DECIMAL})\\}}|(\\d)(\\d))")
+_CHOICE = re.compile(r"\(([A-Z])\)|([A-Z])")
+_ASSIGN = re.compile(r"([A-Za-z])=([^=]+)")
+_BRACKET = re.compile(r"\\\{|\\\}|[()\[\]{},]")
+_NUMERIC_TEXT = re.compile(r"[^A-Za-z\\]*")          # wrapper content without words or commands
+_PERCENT = re.compile(r"(0|[1-9]\d*)%")
+
+
+def _unwrap(s: str) -> str:
+    """Drop `\\text{` ... `}`-style wrappers and keep their content, except around content without
+    letters (a number): math-verify reads `\\text{5}` as text, equal to `5` but not to `5.0`, so
+    it stays `\\text{5}` here. One pass, linear."""
+    out, stack, last = [], [], 0            # stack: (wrapper token or None, index into out)
+    for m in _WRAPPER_TOKEN.finditer(s):
+        out.append(s[last:m.start()])
+        tok, last = m.group(), m.end()
+        if tok == "{" or (len(tok) > 2 and tok[-1] == "{"):
+            stack.append((None if tok == "{" else tok, len(out)))
+            out.append("{" if tok == "{" else "")
+        elif tok == "}":
+            wrapper, at = stack.pop() if stack else (None, None)
+            if wrapper is None or wrapper.startswith("\\boxed"):
+                out.append("}" if wrapper is None else "")
+            elif len(out) - at == 2 and _NUMERIC_TEXT.fullmatch(out[-1]):
+                out[at] = wrapper.replace(" ", "")
+                out.append("}")
+        else:
+            out.append(tok)
+    out.append(s[last:])
+    return "".join(out)
+
+
+def _squeeze_spaces(s: str) -> str:
+    """Remove whitespace, except one space between two letters/digits (`\\pi r`, `1 000` stay apart)."""
+    def repl(m):
+        a, b = m.start() - 1, m.end()
+        return " " if a >= 0 and b < len(s) and s[a].isalnum() and s[b].isalnum() else ""
+    return re.sub(r"\s+", repl, s).strip()
+
+
+def clean_answer(s: str) -> str:
+    """The answer with the notation above normalised away (the text that `_key` reads)."""
+    s = str(s).replace("\u2212", "-").replace("\\$", "").replace("$", "")
+    s = re.sub(r"\\!\s*", "", s).replace("{,}", ",")
+    s = re.sub(r"\\(?:left|right)(?![a-zA-Z])|\\displaystyle", "", s)
+    s = _SPACING.sub(" ", s)
+    s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
+    s = _unwrap(s)
+    s = re.sub(r"(\d)\^(?:\\circ|\{\\circ\})", r"\1", s).replace("\\%", "%").strip()
+    if _THOUSANDS.fullmatch(s):                       # before whitespace goes: `32, 349` is a list
+        s = s.replace(",", "")
+    return _squeeze_spaces(s)
+
+
+def parse_number(s: str):
+    """A cleaned answer as an exact Fraction (`-3`, `2.50`, `1/2`, `\\frac{1}{2}`, `\\frac12`), or None."""
+    if _NUMBER.fullmatch(s):
+        return Fraction(s)
+    m = _RATIO.fullmatch(s) or _FRAC.fullmatch(s)
+    if m is None:
+        return None
+    sign, num, den = (("", m[1], m[2]) if m.re is _RATIO else (m[1], m[2] or m[4], m[3] or m[5]))
+    if Fraction(den) == 0:
+        return None
+    return Fraction(num) / Fraction(den) * (-1 if sign == "-" else 1)
+
+
+def _split_top(s: str):
+    """(items, enclosed): `s` split at top-level commas, and whether its first bracket closes last."""
+    items, depth, last, enclosed = [], 0, 0, False
+    for m in _BRACKET.finditer(s):
+        tok = m.group()
+        if tok == ",":
+            if depth == 0:
+                items.append(s[last:m.start()])
+                last = m.end()
+        elif tok in ("(", "[", "{", "\\{"):
+            if depth == 0 and m.start() == 0:
+                enclosed = True
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0 and m.end() < len(s):
+                enclosed = False
+            if depth < 0:
+                return [s], False
+    items.append(s[last:])
+    return items, enclosed and depth == 0
+
+
+def _key(s: str, depth: int = 0):
+    """Comparison key of a cleaned answer (see above); None for an empty one."""
+    if not s:
+        return None
+    if (m := _PERCENT.fullmatch(s)) is not None:
+        return ("pct", int(m[1]))                      # equal to the same bare integer, see answers_match
+    if (m := _CHOICE.fullmatch(s)) is not None:
+        return ("choice", m[1] or m[2])
+    if (x := parse_number(s)) is not None:
+        return ("num", x)
+    if depth < 4:
+        items, enclosed = _split_top(s)
+        if enclosed:
+            inner, _ = _split_top(s[2:-2] if s.startswith("\\{") and s.endswith("\\}") else s[1:-1])
+            keys = [_key(e, depth + 1) for e in inner]
+            if None not in keys:
+                if s.startswith("\\{") and s.endswith("\\}"):
+                    return ("set", tuple(sorted(keys, key=repr)))
+                if len(keys) == 1 and s[0] == "(" and s[-1] == ")":
+                    return keys[0]                     # redundant parentheses: (5) = 5
+                if len(keys) > 1 and s[0] in "([" and s[-1] in ")]":
+                    return ("seq", s[0], s[-1], tuple(keys))
+        elif len(items) > 1:
+            keys = [_key(e, depth + 1) for e in items]
+            if None not in keys:
+                return ("list", tuple(keys))
+    return ("str", s)
+
+
+def answer_key(answer: str):
+    """(variable or None, key, cleaned text) of an answer: `x = 5` gives ("x", key of 5, "5")."""
+    s = clean_answer(answer)
+    m = _ASSIGN.fullmatch(s)
+    var, s = (m[1], m[2]) if m else (None, s)
+    key = _key(s)
+    return None if key is None else (var, key, s)
+
+
+def answers_match(pred: str, truth: str) -> bool:
+    """Two answers agree: equal keys; besides, a whole-number percent equals the same integer
+    written bare (28% = 28, but math-verify calls 28% != 28.0, so 28.0 does not match 28%). An
+    empty answer agrees with nothing."""
+    a, b = answer_key(pred), answer_key(truth)
+    if a is None or b is None or (a[0] and b[0] and a[0] != b[0]):
+        return False
+    if {a[1][0], b[1][0]} == {"pct", "num"}:
+        (_, pct, _), (_, num, text) = (a, b) if a[1][0] == "pct" else (b, a)
+        return text.isdigit() and text.isascii() and num[1] == pct[1]
+    return a[1] == b[1]
+
+
+def normalize_answer(s: str) -> str:
+    """The spelling the evaluation reports and compares a free-text answer in: `clean_answer`,
+    lower case, no final period, a whole number without decimals ("4.0" -> "4")."""
+    s = clean_answer(s).lower().rstrip(".").strip()
+    x = parse_number(s)
+    return str(x.numerator) if x is not None and x.denominator == 1 else s
+
+
+MAX_LCS_WORDS = 256         # ROUGE-L's LCS is O(n m): both sides are cut to their first 256 words
+
+
+def answer_words(s: str, limit: int = None) -> list:
+    """Lower-cased \\w+ words (what word_f1 and rouge_l compare); with `limit`, the first `limit`."""
+    if limit is None:
+        return re.findall(r"\w+", s.lower())
+    return [m.group().lower() for m in itertools.islice(re.finditer(r"\w+", s), limit)]
+
+
+def word_f1(pred: str, ref: str) -> float:
+    """SQuAD's bag-of-words F1 over answer_words; when either side has no words, 1.0 if both have
+    none, else 0.0 (as SQuAD's compute_f1)."""
+    p, r = answer_words(pred), answer_words(ref)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    return 0.0 if common == 0 else 2 * common / (len(p) + len(r))
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 (beta = 1) over answer_words: LCS of the two word sequences, P = LCS / |pred|,
+    R = LCS / |ref|; 0.0 when either side is empty."""
+    p, r = answer_words(pred, MAX_LCS_WORDS), answer_words(ref, MAX_LCS_WORDS)
+    if not p or not r:
+        return 0.0
+    prev = [0] * (len(r) + 1)                                     # one DP row of the LCS table
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. LongCoT data cleaning, §4.2.2: format to "<think>\nT\n</think>\nA" with A holding \boxed{},
+# deduplicate by (image, question), drop answers that restate the chain (token overlap), and
+# balance CoT lengths by resampling. (The paper's answer distillation by a judge model is not done.)
 
 def format_longcot(obj: dict, where: str) -> dict:
     """The record with its last assistant turn in LongCoT form. Accepts a <think>-tagged assistant
-    turn, or {"question", "cot", "answer"} fields. A without \\boxed{} gets "The answer is
-    \\boxed{answer}." when the record has an "answer", else the record is bad ('format')."""
+    turn, or {"question", "cot", "answer"} fields. A without a balanced \\boxed{} (`last_boxed`)
+    gets "The answer is \\boxed{answer}." when the record has an "answer", else the record is bad
+    ('format'); a boxed answer that disagrees with the record's "answer" (`answers_match`) is bad
+    ('wrong_answer')."""
     if "conversations" not in obj and "messages" not in obj and {"question", "cot"} <= obj.keys():
         fields = {k: v for k, v in obj.items() if k not in ("question", "cot")}
         obj = {**fields, "conversations": [{"from": "human", "value": str(obj["question"])},
@@ -1509,16 +1769,18 @@ def format_longcot(obj: dict, where: str) -> dict:
     rec = parse_record(obj, Path("."), where, "longcot")
     if rec.text is not None or rec.turns[-1][0] != "assistant":
         raise DataError("format", where, "a LongCoT record must end with an assistant turn")
-    thought, answer = split_think(rec.turns[-1][1], where)
+    thought, answer = think_turn(rec.turns[-1][1], where)
     if not (thought or "").strip():
         raise DataError("format", where, "no non-empty <think>…</think> chain")
     if "<think>" in answer or "</think>" in answer:
         raise DataError("format", where, "more than one <think> block")
-    answer = answer.strip()
-    if BOXED not in answer:
+    answer, boxed = answer.strip(), last_boxed(answer)
+    if boxed is None:
         if rec.answer is None:
             raise DataError("format", where, "answer has no \\boxed{} and the record no 'answer' field")
         answer = (answer + " " if answer else "") + f"The answer is {BOXED}{rec.answer}}}."
+    elif rec.answer is not None and not answers_match(boxed, rec.answer):
+        raise DataError("wrong_answer", where, f"the chain boxes {boxed[:40]!r}, the record's answer is {rec.answer!r}")
     key = "conversations" if "conversations" in obj else "messages"
     turns = [dict(t) for t in obj[key]]
     turns[-1]["value" if key == "conversations" else "content"] = f"<think>\n{thought.strip()}\n</think>\n{answer}"
@@ -1554,7 +1816,7 @@ def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True,
             stats["duplicate"] += 1
             continue
         seen.add(key)
-        thought, answer = split_think(rec.turns[-1][1], where)
+        thought, answer = think_turn(rec.turns[-1][1], where)
         if longcot_overlap(thought, answer) > max_overlap:
             stats["redundant"] += 1
             continue
@@ -1581,7 +1843,7 @@ def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True,
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Curation §4.1 (post-training data): SAIL-Instruction2 (§4.1.2) and SAIL-Video (§4.1.1)
+# 10. Curation §4.1 (post-training data): SAIL-Instruction2 (§4.1.2) and SAIL-Video (§4.1.1)
 #
 # The paper's: the stages (latent classes, quality scoring, re-annotation by a stronger model, class
 # balancing; video alignment / richness / difficulty scoring and filtering). It gives no algorithm: the
@@ -1868,11 +2130,11 @@ def video_richness(path, num_frames: int = 16, where: str = None) -> dict:
 
 
 def answer_passes(reply, answer: str) -> bool:
-    """A reply passes when its last \\boxed{} equals the answer (normalize_answer), or the answer's
-    words occur in it as a run of whole words (ours)."""
+    """A reply passes when its final \\boxed{} answer agrees with the answer (`answers_match` of the
+    normalize_answer forms), or the answer's words occur in it as a run of whole words (ours)."""
     gold, reply = normalize_answer(answer), reply or ""
     words = " ".join(words_of(gold))
-    return bool(gold) and (normalize_answer(last_boxed(reply) or "") == gold
+    return bool(gold) and (answers_match(normalize_answer(final_answer(reply) or ""), gold)
                            or bool(words) and f" {words} " in " " + " ".join(words_of(reply)) + " ")
 
 
@@ -1930,7 +2192,7 @@ def curate_video(manifests, out_dir, scorer=None, min_alignment: float = 0.0, mi
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Synthetic default data: real PNG / MP4 files and JSONL manifests, generated deterministically
+# 11. Synthetic default data: real PNG / MP4 files and JSONL manifests, generated deterministically
 #
 # Layout of DIR (`python data.py synth --out DIR`, or `ensure_synth(DIR)` on first use):
 #   DIR/synth.json                         stamp: version, seed, size, samples per family and split
@@ -2229,7 +2491,7 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
 
 
 # ----------------------------------------------------------------------------------------------
-# 11. Command line
+# 12. Command line
 
 def _print_counts(title: str, counts: Counter):
     print(f"{title}:")

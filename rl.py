@@ -7,8 +7,8 @@ format (`<think>` tags). Dense models use DAPO (arXiv 2503.14476), the MoE model
 reasoning and a judge for answers that rules cannot check; the coefficients of the rewards sum to
 1. The file reads in that order:
 
-  1. Verifiable rewards  `reward_answer` (last balanced `\\boxed{}` after `</think>`, a
-                         hand-written normaliser), `reward_format`.
+  1. Verifiable rewards  `reward_answer` (the final `\\boxed{}` answer against the ground truth,
+                         by data.py's grading API), `reward_format`.
   2. Group advantages    `group_advantages`: (r - mean) / (std + eps) in each prompt's group.
   3. Dynamic sampling    `filter_groups`: DAPO keeps groups whose rewards are not all equal.
   4. Overlong shaping    `overlong_penalty`, `truncation_mask` (off by default: not in the paper).
@@ -31,17 +31,14 @@ Every reward function is linear in its input: no regex with nested quantifiers o
 text, no `signal.alarm` (it fails off the main thread), no sympy.
 """
 import dataclasses
-import itertools
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from typing import Optional, Protocol
 
 import numpy as np
@@ -54,55 +51,18 @@ import model as M
 import packing
 import sample
 import train_stage
-
-MAX_BOX_CHARS = 1000        # a \boxed{} whose content is longer is no answer (bounds all later work)
+from data import answer_key, answers_match, clean_answer, final_answer, last_boxed, split_think
+from data import parse_number as _parse_number
 
 # ----------------------------------------------------------------------------------------------
 # 1. Verifiable rewards (§4.2.3): answer and format, both binary
 #
-# The answer is the last balanced `\boxed{...}` after `</think>`; a box inside the thinking is no
-# final answer. Text without `</think>`: if it has no `<think>` either (a direct-mode answer) the
-# last box of the whole text counts; if it opened `<think>` and never closed it, there is no
-# answer. "Last" means the box that closes last, so `\boxed{\boxed{1}+1}` answers `\boxed{1}+1`.
-# Unclosed boxes are ignored, as is `\boxed` without braces (`\boxed 5`).
-
-_BOX_TOKEN = re.compile(r"\\boxed[ \t]{0,8}\{|\\[\\{}]|[{}]")   # box opener | \{ \} \\ (literal) | brace
-
-
-def last_boxed(text: str, max_chars: int = MAX_BOX_CHARS) -> Optional[str]:
-    """Content of the last balanced `\\boxed{}` of `text`, or None. One pass over the braces from
-    the first `\\boxed`; whenever no open box can still close within `max_chars` characters, the
-    brace stack is dropped and the scan jumps to the next `\\boxed` (braces outside a box never
-    change how a later box closes)."""
-    pos = text.find("\\boxed")
-    best, stack, boxes = None, [], []       # stack: content start of a box brace, -1 a plain one
-    while pos >= 0:
-        for m in _BOX_TOKEN.finditer(text, pos):
-            tok, at = m.group(), m.start()
-            if tok[1:2] == "b":                                   # \boxed{
-                stack.append(m.end())
-                boxes.append(m.end())
-                continue
-            if not boxes or at - boxes[-1] > max_chars:           # no open box can still count
-                stack, boxes = [], []
-                pos = text.find("\\boxed", at)
-                break
-            if tok == "}" and stack and stack.pop() >= 0:
-                best = (boxes.pop(), at)
-            elif tok == "{":
-                stack.append(-1)
-        else:
-            pos = -1
-    return None if best is None else text[best[0]:best[1]]
-
-
-def final_answer(text: str) -> Optional[str]:
-    """The completion's final answer (the rules above), or None."""
-    end = text.rfind("</think>")
-    if end < 0 and "<think>" in text:
-        return None
-    return last_boxed(text[end + len("</think>"):] if end >= 0 else text)
-
+# Replies are read and answers compared with the project's one grading API, data.py section 8
+# (the evaluation in sample.py uses the same): the answer is the last balanced `\boxed{...}` after
+# `</think>` (the box opened last: `\boxed{\boxed{1}+1}` answers 1, as for math-verify); a box
+# inside the thinking is no final answer; a direct-mode reply without think tags is all answer;
+# one that opened `<think>` and never closed it has none. Two answers agree by `answers_match`, a
+# normaliser held to math-verify 0.9.0 (never equal where math-verify says different).
 
 def reward_format(text: str) -> float:
     """1.0 if the completion is exactly `<think>T</think> ... \\boxed{A} ...` with non-empty T
@@ -116,169 +76,8 @@ def reward_format(text: str) -> float:
     return float(last_boxed(s[close + len("</think>"):]) is not None)
 
 
-# The answer normaliser. It maps an answer to a key (a number as an exact Fraction, a choice
-# letter, an ordered tuple/interval, a set, a plain list, a whole-number percent, or the cleaned
-# text) and calls two answers equal when their keys are. It is held to never call equal what
-# math-verify 0.9.0 calls different (tests/test_rl.py); math-verify's equality is not transitive
-# (5 = 5.0 and 5 = \text{5}, but 5.0 != \text{5}; 5 = 5% but 5.0 != 5%), so every key class must
-# be equal pairwise there, which makes this normaliser stricter. It handles: `$`, `\$`,
-# whitespace, `\text{}` `\textbf{}` `\textrm{}` `\textnormal{}` `\mathrm{}` `\mbox{}` `\boxed{}`
-# wrappers around words (around a bare number they stay text: `\text{5}` != `5`), `\left` /
-# `\right`, `\!` and `{,}` thousands separators (`1,234` but not `1, 234`), trailing zeros, `a/b`
-# and `\frac` `\dfrac` `\tfrac` `\frac13` vs decimals, `%` after a whole number written bare
-# (28% = 28; 12.5% only equals 12.5%), `^\circ`, signs and the Unicode minus, one capital choice
-# letter with or without parentheses, `(1,2)` vs `[1,2)` vs `\{1,2\}` (sets unordered), and a
-# leading `x =` (but `x=1` != `y=1`). It does NOT handle: algebra (`2x` vs `x+x`), radicals and
-# pi, decimals vs repeating fractions (1/3 vs 0.333), lowercase choices, units, scientific
-# notation, leading zeros (`03` stays text), mixed numbers, matrices, relations, `°`.
-
-_WRAPPER_TOKEN = re.compile(r"\\(?:boxed|textbf|textrm|textnormal|text|mathrm|mbox)[ ]{0,8}\{|\\[\\{}]|[{}]")
-_SPACING = re.compile(r"\\[,;: ]|~|\\q?quad(?![a-zA-Z])")
-_THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
-_DECIMAL = r"[+-]?(?:(?:0|[1-9]\d*)(?:\.\d+)?|\.\d+)"       # no leading zeros, digits after a point
-_NUMBER = re.compile(_DECIMAL)
-_RATIO = re.compile(f"({_DECIMAL})/({_DECIMAL})")
-_FRAC = re.compile(f"([+-]?)\\\\frac(?:\\{{({_DECIMAL})\\}}\\{{({_DECIMAL})\\}}|(\\d)(\\d))")
-_CHOICE = re.compile(r"\(([A-Z])\)|([A-Z])")
-_ASSIGN = re.compile(r"([A-Za-z])=([^=]+)")
-_BRACKET = re.compile(r"\\\{|\\\}|[()\[\]{},]")
-_NUMERIC_TEXT = re.compile(r"[^A-Za-z\\]*")          # wrapper content without words or commands
-_PERCENT = re.compile(r"(0|[1-9]\d*)%")
-
-
-def _unwrap(s: str) -> str:
-    """Drop `\\text{` ... `}`-style wrappers and keep their content, except around content without
-    letters (a number): math-verify reads `\\text{5}` as text, equal to `5` but not to `5.0`, so
-    it stays `\\text{5}` here. One pass, linear."""
-    out, stack, last = [], [], 0            # stack: (wrapper token or None, index into out)
-    for m in _WRAPPER_TOKEN.finditer(s):
-        out.append(s[last:m.start()])
-        tok, last = m.group(), m.end()
-        if tok == "{" or (len(tok) > 2 and tok[-1] == "{"):
-            stack.append((None if tok == "{" else tok, len(out)))
-            out.append("{" if tok == "{" else "")
-        elif tok == "}":
-            wrapper, at = stack.pop() if stack else (None, None)
-            if wrapper is None or wrapper.startswith("\\boxed"):
-                out.append("}" if wrapper is None else "")
-            elif len(out) - at == 2 and _NUMERIC_TEXT.fullmatch(out[-1]):
-                out[at] = wrapper.replace(" ", "")
-                out.append("}")
-        else:
-            out.append(tok)
-    out.append(s[last:])
-    return "".join(out)
-
-
-def _squeeze_spaces(s: str) -> str:
-    """Remove whitespace, except one space between two letters/digits (`\\pi r`, `1 000` stay apart)."""
-    def repl(m):
-        a, b = m.start() - 1, m.end()
-        return " " if a >= 0 and b < len(s) and s[a].isalnum() and s[b].isalnum() else ""
-    return re.sub(r"\s+", repl, s).strip()
-
-
-def clean_answer(s: str) -> str:
-    """The answer with the notation above normalised away (the text that `_key` reads)."""
-    s = str(s).replace("\u2212", "-").replace("\\$", "").replace("$", "")
-    s = re.sub(r"\\!\s*", "", s).replace("{,}", ",")
-    s = re.sub(r"\\(?:left|right)(?![a-zA-Z])|\\displaystyle", "", s)
-    s = _SPACING.sub(" ", s)
-    s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
-    s = _unwrap(s)
-    s = re.sub(r"(\d)\^(?:\\circ|\{\\circ\})", r"\1", s).replace("\\%", "%").strip()
-    if _THOUSANDS.fullmatch(s):                       # before whitespace goes: `32, 349` is a list
-        s = s.replace(",", "")
-    return _squeeze_spaces(s)
-
-
-def _parse_number(s: str) -> Optional[Fraction]:
-    if _NUMBER.fullmatch(s):
-        return Fraction(s)
-    m = _RATIO.fullmatch(s) or _FRAC.fullmatch(s)
-    if m is None:
-        return None
-    sign, num, den = (("", m[1], m[2]) if m.re is _RATIO else (m[1], m[2] or m[4], m[3] or m[5]))
-    if Fraction(den) == 0:
-        return None
-    return Fraction(num) / Fraction(den) * (-1 if sign == "-" else 1)
-
-
-def _split_top(s: str):
-    """(items, enclosed): `s` split at top-level commas, and whether its first bracket closes last."""
-    items, depth, last, enclosed = [], 0, 0, False
-    for m in _BRACKET.finditer(s):
-        tok = m.group()
-        if tok == ",":
-            if depth == 0:
-                items.append(s[last:m.start()])
-                last = m.end()
-        elif tok in ("(", "[", "{", "\\{"):
-            if depth == 0 and m.start() == 0:
-                enclosed = True
-            depth += 1
-        else:
-            depth -= 1
-            if depth == 0 and m.end() < len(s):
-                enclosed = False
-            if depth < 0:
-                return [s], False
-    items.append(s[last:])
-    return items, enclosed and depth == 0
-
-
-def _key(s: str, depth: int = 0):
-    """Comparison key of a cleaned answer (see above); None for an empty one."""
-    if not s:
-        return None
-    if (m := _PERCENT.fullmatch(s)) is not None:
-        return ("pct", int(m[1]))                      # equal to the same bare integer, see below
-    if (m := _CHOICE.fullmatch(s)) is not None:
-        return ("choice", m[1] or m[2])
-    if (x := _parse_number(s)) is not None:
-        return ("num", x)
-    if depth < 4:
-        items, enclosed = _split_top(s)
-        if enclosed:
-            inner, _ = _split_top(s[2:-2] if s.startswith("\\{") and s.endswith("\\}") else s[1:-1])
-            keys = [_key(e, depth + 1) for e in inner]
-            if None not in keys:
-                if s.startswith("\\{") and s.endswith("\\}"):
-                    return ("set", tuple(sorted(keys, key=repr)))
-                if len(keys) == 1 and s[0] == "(" and s[-1] == ")":
-                    return keys[0]                     # redundant parentheses: (5) = 5
-                if len(keys) > 1 and s[0] in "([" and s[-1] in ")]":
-                    return ("seq", s[0], s[-1], tuple(keys))
-        elif len(items) > 1:
-            keys = [_key(e, depth + 1) for e in items]
-            if None not in keys:
-                return ("list", tuple(keys))
-    return ("str", s)
-
-
-def answer_key(answer: str):
-    """(variable or None, key, cleaned text) of an answer: `x = 5` gives ("x", key of 5, "5")."""
-    s = clean_answer(answer)
-    m = _ASSIGN.fullmatch(s)
-    var, s = (m[1], m[2]) if m else (None, s)
-    key = _key(s)
-    return None if key is None else (var, key, s)
-
-
-def answers_match(pred: str, truth: str) -> bool:
-    """Equal keys; besides, a whole-number percent equals the same integer written bare (28% = 28,
-    but math-verify calls 28% != 28.0, so 28.0 does not match 28%)."""
-    a, b = answer_key(pred), answer_key(truth)
-    if a is None or b is None or (a[0] and b[0] and a[0] != b[0]):
-        return False
-    if {a[1][0], b[1][0]} == {"pct", "num"}:
-        (_, pct, _), (_, num, text) = (a, b) if a[1][0] == "pct" else (b, a)
-        return text.isdigit() and text.isascii() and num[1] == pct[1]
-    return a[1] == b[1]
-
-
 def reward_answer(text: str, ground_truth) -> float:
-    """1.0 if the final `\\boxed{}` answer of `text` matches `ground_truth`, else 0.0."""
+    """1.0 if the final `\\boxed{}` answer of `text` agrees with `ground_truth`, else 0.0."""
     pred = final_answer(text)
     return float(pred is not None and answers_match(pred, str(ground_truth)))
 
@@ -473,26 +272,11 @@ class ThinkJudge(Protocol):
     def __call__(self, question: str, thinking: str, answer: str, reference: str) -> float: ...
 
 
-def split_think(text: str):
-    """(thinking, answer region) of `<think>T</think>A`, or None without a closed think block."""
-    start, end = text.find("<think>"), text.rfind("</think>")
-    return None if start < 0 or end < start else (text[start + len("<think>"):end], text[end + len("</think>"):])
-
-
 def repetition_ratio(text: str, n: int = 4) -> float:
     """Share of the word n-grams of `text` that repeat an earlier one (0 = none, near 1 = a loop)."""
     words = text.split()
     total = len(words) - n + 1
     return 0.0 if total <= 0 else 1.0 - len(set(zip(*(words[i:] for i in range(n))))) / total
-
-
-def last_number(text: str) -> Optional[str]:
-    """The last number (integer or decimal, with its sign) written in `text`."""
-    end = max(text.rfind(d) for d in "0123456789")
-    if end < 0:
-        return None
-    found = re.findall(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?", text[max(0, end - MAX_BOX_CHARS):end + 1])
-    return found[-1] if found else None
 
 
 def think_consistency(text: str, max_repetition: float = 0.5) -> float:
@@ -503,54 +287,18 @@ def think_consistency(text: str, max_repetition: float = 0.5) -> float:
     if parts is None:
         return 0.0
     thinking, region = parts
-    boxed, derived = last_boxed(region), last_number(thinking)
+    boxed, derived = last_boxed(region), data.last_number(thinking)
     if boxed is None or derived is None or repetition_ratio(thinking) >= max_repetition:
         return 0.0
     return float(answers_match(derived, boxed))
 
 
-MAX_LCS_TOKENS = 256        # ROUGE-L's LCS is O(n m): both sides are cut to their first 256 words
-
-
-def _words(s: str, limit: Optional[int] = None) -> list:
-    """Lowercased \\w+ tokens; with `limit`, only the first `limit` (read lazily)."""
-    if limit is None:
-        return re.findall(r"\w+", s.lower())
-    return [m.group().lower() for m in itertools.islice(re.finditer(r"\w+", s), limit)]
-
-
-def word_f1(pred: str, ref: str) -> float:
-    """SQuAD-style bag-of-words F1 of lowercased \\w+ tokens; 0.0 if either side is empty."""
-    p, r = _words(pred), _words(ref)
-    common = sum((Counter(p) & Counter(r)).values())
-    return 0.0 if common == 0 else 2 * common / (len(p) + len(r))
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 (beta = 1): LCS of the word sequences, P = LCS / |pred|, R = LCS / |ref|."""
-    p, r = _words(pred, MAX_LCS_TOKENS), _words(ref, MAX_LCS_TOKENS)
-    if not p or not r:
-        return 0.0
-    prev = [0] * (len(r) + 1)                                     # one DP row of the LCS table
-    for a in p:
-        cur = [0]
-        for j, b in enumerate(r):
-            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))
-
-
 def reference_judge(answer: str, reference: str, metric: str = "rouge_l", threshold: Optional[float] = 0.5) -> float:
     """Rule-based judge of an unverifiable answer against a reference answer: ROUGE-L or word-F1,
     binarised at `threshold` (the paper's rewards are binary); threshold=None returns the score."""
-    score = {"rouge_l": rouge_l, "word_f1": word_f1}[metric](answer, reference)
+    score = {"rouge_l": data.rouge_l, "word_f1": data.word_f1}[metric](answer, reference)
     return score if threshold is None else float(score >= threshold)
 
-
-# Model judge (§4.2.5, an LVM judge): scores with a checkpoint given a grading prompt, reward =
-# probability of "yes". It needs the model and tokenizer, so it is written with the rollouts
-# below (by the lead); it satisfies ThinkJudge.
 
 DEFAULT_MIXED_WEIGHTS = (0.8, 0.1, 0.1)     # answer, think, format: our choice, the paper gives none
 

@@ -1,11 +1,12 @@
 """Generate from and evaluate a SAIL-VL2 checkpoint. The model and the univl-chat prompt follow the
-paper (§2) and the official template (facts §1.6); evaluation (scoring rules, batching, the blind
-runs, the VLMEvalKit TSV reader) is ours: the paper gives no procedure.
+paper (§2) and the official conversation template (`univl-chat` of the HF model
+BytedanceDouyinContent/SAIL-VL2-2B); evaluation (scoring rules, batching, the blind runs, the
+intervals, the recipe's report, the VLMEvalKit TSV reader) is ours: the paper gives no procedure.
 
     python sample.py --ckpt out/vit1 --image data_synth/caption/images/eval_00000.png --prompt "Describe the image."
     python sample.py --ckpt out/sft4 --video data_synth/video/videos/eval_00000.mp4 --prompt "Where does it move?"
     python sample.py --ckpt out/longcot --image IMG --prompt "What is the result?" --think
-    python sample.py --ckpt out/sft4 --eval data_synth                 # every synthetic family, first 32 each
+    python sample.py --ckpt out/sft4 --eval data_synth                 # every synthetic family, first 128 each
     python sample.py --ckpt out/sft4 --eval data_synth --think --blank # thinking mode; images all white
     python sample.py --ckpt out/sft4 --eval data_synth/count/eval.jsonl --limit 8 --out count.json
     python sample.py --ckpt out/sft4 --eval MMBench_DEV_EN.tsv         # a VLMEvalKit multiple-choice TSV
@@ -15,7 +16,9 @@ else the embedded default). Images are tiled as the checkpoint was trained (tile
 AnyRes), videos give one tile per frame; a single answer streams to stdout token by token.
 Evaluation is greedy and batched (many prompts per `generate` call, KV cache, left padding; a row
 ends at <|im_end|> / <|endoftext|>); reports go to `<ckpt>/eval/<family>[-think][-blank].json` and a
-table is printed. Scoring per family: `extract_answer`, `caption_correct`, `split_last_word`.
+table is printed, every accuracy with its n and Wilson 95% interval. Replies are read with data.py's
+grading API (as the RL rewards are); scoring per family: `extract_answer`, `caption_correct`,
+`split_last_word`. Effects are paired differences on the same samples (`paired_difference`).
 Command-line errors exit with 2, unusable inputs (not a checkpoint, not an image) with 1, both with
 one line on stderr.
 """
@@ -25,6 +28,7 @@ import binascii
 import csv
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -32,6 +36,7 @@ import time
 from collections import Counter, defaultdict, namedtuple
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -124,9 +129,11 @@ def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_ne
 
 
 # ----------------------------------------------------------------------------------------------
-# Answer extraction. Model output is hostile (it can be anything, of any length): every rule below
-# reads at most MAX_SCAN characters, uses str.rfind / data.last_boxed (linear, bounded) and
-# regexes without nested or adjacent quantifiers, so no input can make it backtrack.
+# Answer extraction. A reply is read with data.py's grading API (section 8, also the RL rewards'):
+# its answer region (after the last </think>; none when a <think> is never closed), its last
+# \\boxed{}, and `answers_match` to compare. Model output is hostile (it can be anything, of any
+# length): every rule below reads at most MAX_SCAN characters, uses the API's linear, bounded
+# readers and regexes without nested or adjacent quantifiers, so no input can make it backtrack.
 
 MAX_SCAN = 2000
 TOKEN_RE = re.compile(r"[a-z]+|\d+(?:\.\d+)?")
@@ -140,14 +147,12 @@ SINGULAR = SHAPES | CHART_LABELS
 
 
 def answer_span(text: str) -> tuple:
-    """(span, boxed): the part of a reply that holds the answer. After the last </think>, the
-    content of its last \\boxed{} when there is one (boxed True), else that whole part; at most
-    MAX_SCAN characters."""
-    end = text.rfind("</think>")
-    if end >= 0:
-        text = text[end + len("</think>"):]
-    boxed = data.last_boxed(text)
-    return (text if boxed is None else boxed)[:MAX_SCAN], boxed is not None
+    """(span, boxed): the part of a reply that holds the answer. The content of the answer
+    region's last \\boxed{} when there is one (boxed True), else the whole region ("" when the
+    reply has none); at most MAX_SCAN characters."""
+    region = data.answer_region(text) or ""
+    boxed = data.last_boxed(region)
+    return (region if boxed is None else boxed)[:MAX_SCAN], boxed is not None
 
 
 def words(text: str) -> list:
@@ -157,6 +162,7 @@ def words(text: str) -> list:
 
 
 def _number(t: str):
+    """A word's number ("7", "2.5", or a number word up to ten), None for other words."""
     return data.normalize_answer(t) if t[:1].isdigit() else NUMBER_WORDS.get(t)
 
 
@@ -180,7 +186,8 @@ def extract_answer(family: str, text: str, gold: str = None):
 
     All families read `answer_span` (after the last </think>, inside the last \\boxed{} if any), then:
       count                          the first number (digits, or a number word up to ten)
-      math, math_direct, count_cot   the boxed value; without a box, the last number
+      math, math_direct, count_cot   the boxed value; without a box, the last number (data.last_number:
+                                     digits, with its sign)
       chart                          the first number when `gold` is a number, else the first chart label
       ocr                            the first word of the synthetic vocabulary, else the last word
       multi                          the first of yes / no / first / second
@@ -196,7 +203,8 @@ def extract_answer(family: str, text: str, gold: str = None):
     if family == "count":
         return numbers[0] if numbers else None
     if family in ("math", "math_direct", "count_cot"):
-        return data.normalize_answer(span) if boxed else (numbers[-1] if numbers else None)
+        last = span if boxed else data.last_number(span)
+        return None if last is None else data.normalize_answer(last)
     if family == "chart":
         pick = numbers if g is not None and _number(g) is not None else [t for t in tokens if t in CHART_LABELS]
         return pick[0] if pick else None
@@ -236,27 +244,11 @@ def first_word(text: str):
     return t[0] if t else None
 
 
-def word_f1(pred: str, ref: str) -> float:
-    p, r = pred[:MAX_SCAN].lower().split(), ref.lower().split()
-    if not p or not r:
-        return float(p == r)
-    rc = Counter(r)
-    common = sum(min(c, rc[w]) for w, c in Counter(p).items())
-    if not common:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def strip_think(text: str) -> str:
-    end = text.rfind("</think>")
-    return text[end + len("</think>"):] if end >= 0 else text
-
-
 def score(rule: str, reply: str, reference: str, gold) -> tuple:
     """(correct, extracted) for one reply. `rule`: a synthetic family name, "text" (LM completion:
     the first word must be the held-back one), or anything else: the record's `answer` against the
-    \\boxed{} content or whole reply, without an answer an exact match of the reference reply."""
+    \\boxed{} content or whole answer region, without an answer the reference reply's answer
+    region. Answers agree by data.answers_match of their normalize_answer forms (case-folded)."""
     if rule == "text":
         got = first_word(reply)
         return got is not None and got == first_word(reference), got
@@ -264,10 +256,15 @@ def score(rule: str, reply: str, reference: str, gold) -> tuple:
         named = sorted(caption_objects(answer_span(reply)[0]))
         return caption_correct(reply, reference), " and ".join(" ".join(o) for o in named)
     if gold is None:
-        got = data.normalize_answer(strip_think(reply)[:MAX_SCAN])
-        return got == data.normalize_answer(strip_think(reference)), got
+        got = data.normalize_answer((data.answer_region(reply) or "")[:MAX_SCAN])
+        return data.answers_match(got, data.normalize_answer(data.answer_region(reference) or "")), got
     got = extract_answer(rule if rule in data.SYNTH_FAMILIES else "", reply, gold)
-    return got is not None and got == data.normalize_answer(gold), got
+    return got is not None and data.answers_match(got, data.normalize_answer(gold)), got
+
+
+def reply_word_f1(reply: str, reference: str) -> float:
+    """word-F1 (data.word_f1) of the two answer regions: the captions' graded score."""
+    return data.word_f1((data.answer_region(reply) or "")[:MAX_SCAN], data.answer_region(reference) or "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,8 +287,15 @@ def default_new_tokens(family: str, think: bool) -> int:
     return THINK_NEW_TOKENS.get(family, 192) if think else DIRECT_NEW_TOKENS[family]
 
 
-# one prompt to answer: token ids, its pixels (None, a tensor, or an AnyRes list), its token budget
-Item = namedtuple("Item", "ids pixels max_new")
+# held-out samples per family read by default (sample.py --eval, the recipe): the whole synthetic
+# eval split. At n = 128 an accuracy near 0.5 has a Wilson 95% interval of ±0.09 (±0.17 at n = 32).
+EVAL_LIMIT = 128
+
+PROMPT_BUCKET = 16               # prompt lengths this close share a batch (at most 15 pad tokens a row)
+
+# one prompt to answer: token ids, its pixels (None, a tensor, or an AnyRes list), its token budget,
+# and the length of the reply it expects (the reference's tokens; 0 unknown): only batching reads it
+Item = namedtuple("Item", "ids pixels max_new expect", defaults=(0,))
 
 
 def concat_pixels(pixels: list):
@@ -320,9 +324,12 @@ def generate_batch(model, tok, items: list) -> list:
 
 
 def generate_all(model, tok, items: list, batch_size: int = 32) -> list:
-    """Replies to every item, batched: items of the same budget together, sorted by prompt length so
-    a batch pads little. Returned in the items' order."""
-    order = sorted(range(len(items)), key=lambda i: (items[i].max_new, len(items[i].ids)))
+    """Replies to every item, batched: items of the same budget together, sorted by prompt length in
+    PROMPT_BUCKET-token steps (a batch's prefill pads every prompt to its longest: prompt tokens are
+    most of the cost of short answers), within a step by the reply length they expect (a batch
+    decodes until its longest reply ends). Returned in the items' order."""
+    key = lambda i: (items[i].max_new, len(items[i].ids) // PROMPT_BUCKET, items[i].expect, len(items[i].ids))  # noqa: E731
+    order = sorted(range(len(items)), key=key)
     replies = [None] * len(items)
     while order:
         chunk = [i for i in order[:batch_size] if items[i].max_new == items[order[0]].max_new]
@@ -375,14 +382,15 @@ def record_item(tok, dcfg, rec, think, blank: bool, max_new_tokens):
     if rec.text is not None:
         budget = max_new_tokens or default_new_tokens("text", False)
         prefix, reference = split_last_word(rec)
-        return Item(data.encode(tok, prefix), None, budget), ("text", reference, False)
+        return Item(data.encode(tok, prefix), None, budget, len(data.encode(tok, reference))), ("text", reference, False)
     if rec.turns[-1][0] != "assistant":
         raise data.DataError("schema", rec.where, "an eval record needs a final assistant turn to score")
     t = bool(rec.think if think is None else think)
     s = data.prompt_inputs(tok, dcfg, rec.turns[:-1], rec.images, rec.videos, think=t, system=rec.system)
     pixels = data.blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
     budget = max_new_tokens or default_new_tokens(rec.task, t)
-    return Item(s["input_ids"].tolist(), pixels, budget), (rec.task, rec.turns[-1][1], t)
+    expect = len(data.encode(tok, rec.turns[-1][1]))
+    return Item(s["input_ids"].tolist(), pixels, budget, expect), (rec.task, rec.turns[-1][1], t)
 
 
 def read_records(path, limit=None, bad=None) -> list:
@@ -412,10 +420,12 @@ def evaluate_records(model, tok, dcfg, records: list, think=False, blank=False, 
         ok, got = score(rule, reply, reference, rec.answer)
         preds.append({"family": rec.task, "where": rec.where, "answer": rec.answer, "reference": reference,
                       "prediction": reply, "extracted": got, "correct": bool(ok), "blank": bool(blank), "think": t,
-                      "word_f1": word_f1(strip_think(reply), strip_think(reference))})
+                      "word_f1": reply_word_f1(reply, reference)})
     n = Counter(p["family"] for p in preds)
     mean = lambda key: {f: sum(p[key] for p in preds if p["family"] == f) / n[f] for f in n}   # noqa: E731
-    return {"accuracy": mean("correct"), "word_f1": mean("word_f1"), "n": dict(n), "predictions": preds,
+    right = {f: sum(p["correct"] for p in preds if p["family"] == f) for f in n}
+    return {"accuracy": mean("correct"), "word_f1": mean("word_f1"), "n": dict(n),
+            "interval": {f: list(wilson_interval(right[f], n[f])) for f in n}, "predictions": preds,
             "bad": bad.report(), "seconds": time.perf_counter() - t0}
 
 
@@ -425,13 +435,14 @@ def synth_families(synth_dir, split: str = "eval") -> list:
     return [f for f in data.SYNTH_FAMILIES if f in found] + sorted(found - set(data.SYNTH_FAMILIES))
 
 
-def evaluate_families(model, tok, dcfg, synth_dir, families=None, split="eval", limit=32, think=False, blank=False,
+def evaluate_families(model, tok, dcfg, synth_dir, families=None, split="eval", limit=EVAL_LIMIT, think=False, blank=False,
                       batch_size=32, max_new_tokens=None, progress=True) -> dict:
     """Accuracy per synthetic family on the first `limit` records of `synth_dir/<family>/<split>.jsonl`
     (the same held-out samples every call), greedy, `batch_size` prompts per generate call.
     think: False = direct, True = THINK_PROMPT appended, None = each record's own flag. blank: every
     image and frame white (the blindness measure). max_new_tokens None: DIRECT/THINK_NEW_TOKENS.
-    -> {"accuracy": {family: a}, "word_f1": {...}, "n": {...}, "predictions": [...], "bad": str, "seconds": s}"""
+    -> {"accuracy": {family: a}, "word_f1": {...}, "n": {...}, "interval": {family: [lo, hi]} (Wilson
+    95%), "predictions": [...], "bad": str, "seconds": s}"""
     families = families or synth_families(synth_dir, split)
     bad = data.BadData(max_fraction=1.0)
     records = [r for f in families for r in read_records(Path(synth_dir) / f / f"{split}.jsonl", limit, bad)]
@@ -450,7 +461,7 @@ def chance_key(rec):
     return caption_objects(ref) if rec.task == "caption" else data.normalize_answer(ref)
 
 
-def chance(synth_dir, families=None, split="eval", limit=32) -> dict:
+def chance(synth_dir, families=None, split="eval", limit=EVAL_LIMIT) -> dict:
     """{family: share of the most common answer}: what always giving that answer scores. For caption
     the "answer" is the set of objects (colour, shape, position), so the share is near 0."""
     out = {}
@@ -461,95 +472,271 @@ def chance(synth_dir, families=None, split="eval", limit=32) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# the recipe's report (python train_stage.py --stage all): a table and a picture of every stage
+# How sure a number is: a Wilson interval for every accuracy, a paired difference for every effect
+
+Z95 = 1.959963984540054          # the standard normal's 97.5% quantile
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple:
+    """Wilson's score interval (1927) of the proportion correct / n, 95% by default:
+    (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n). Unlike p ± z sqrt(p(1-p)/n) it stays in
+    [0, 1] and keeps a width at 0 or n correct; away from 1/2 it is asymmetric. (0, 1) for n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = correct / n, z * z
+    centre, half = p + z2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z2 / n)), min(1.0, (centre + half) / (1 + z2 / n))
+
+
+def accuracy_cell(correct: int, n: int) -> dict:
+    """One report cell: n, correct, accuracy and its Wilson 95% interval."""
+    lo, hi = wilson_interval(correct, n)
+    return {"n": n, "correct": correct, "accuracy": round(correct / max(1, n), 4),
+            "interval": [round(lo, 4), round(hi, 4)]}
+
+
+def plus_minus(accuracy: float, interval) -> str:
+    """"0.72 ±0.08". The Wilson interval is asymmetric: ± is its larger side, rounded up, so the
+    printed range always contains the interval (report.json keeps both ends)."""
+    half = max(accuracy - interval[0], interval[1] - accuracy)
+    return f"{accuracy:.2f} ±{math.ceil(round(half * 100, 6)) / 100:.2f}"
+
+
+def paired_difference(a: list, b: list, seed: int = 0) -> dict:
+    """accuracy(a) - accuracy(b) for two prediction lists scored on the same samples (dicts with
+    "family", "where", "correct"; a sample is its (family, where)), with a 95% paired bootstrap
+    percentile interval: BOOTSTRAP_RESAMPLES resamples of the samples within each family (the
+    design fixes each family's n), a sample's two sides always drawn together. Also the discordant
+    counts McNemar's test reads (a_only: right in a only). ValueError unless both lists hold the
+    same samples, each once."""
+    ka = {(p["family"], p["where"]): bool(p["correct"]) for p in a}
+    kb = {(p["family"], p["where"]): bool(p["correct"]) for p in b}
+    if ka.keys() != kb.keys() or len(ka) != len(a) or len(kb) != len(b) or not ka:
+        raise ValueError(f"the two sides are not scored on the same samples ({len(a)} and {len(b)} predictions, "
+                         f"{len(ka.keys() ^ kb.keys())} samples on one side only)")
+    per_family = defaultdict(Counter)                  # family -> {+1: right in a only, -1: in b only, 0: same}
+    for key, right in ka.items():
+        per_family[key[0]][int(right) - int(kb[key])] += 1
+    rng, sums = np.random.default_rng(seed), np.zeros(BOOTSTRAP_RESAMPLES)
+    for f in sorted(per_family):
+        c, nf = per_family[f], sum(per_family[f].values())
+        draws = rng.multinomial(nf, [c[1] / nf, c[-1] / nf, c[0] / nf], size=BOOTSTRAP_RESAMPLES)
+        sums += draws[:, 0] - draws[:, 1]
+    n = len(ka)
+    lo, hi = (float(x) for x in np.percentile(sums / n, [2.5, 97.5]))
+    a_only, b_only = sum(c[1] for c in per_family.values()), sum(c[-1] for c in per_family.values())
+    return {"n": n, "accuracy_a": round(sum(ka.values()) / n, 4), "accuracy_b": round(sum(kb.values()) / n, 4),
+            "difference": round((a_only - b_only) / n, 4), "interval": [round(lo, 4), round(hi, 4)],
+            "excludes_0": lo > 0 or hi < 0, "a_only": a_only, "b_only": b_only}
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipe's report (python train_stage.py --stage all): tables and a picture of every stage
 
 VISUAL = ("count", "chart", "ocr", "multi", "video", "caption_qa", "caption")
+MODES = {"real": "Real images", "blank": "Blank images (every image and video frame white: the blindness measure)",
+         "think": "Thinking mode (the think prompt appended)"}
+
+
+def report_families(report: dict) -> list:
+    """The families a report holds, in SYNTH_FAMILIES order."""
+    found = {f for st in report["stages"].values() for cells in st.get("eval", {}).values() for f in cells}
+    return [f for f in data.SYNTH_FAMILIES if f in found] + sorted(found - set(data.SYNTH_FAMILIES))
+
+
+def accuracy_table(report: dict, mode: str) -> list:
+    """Markdown lines: one row per stage measured in `mode`, `0.72 ±0.08` cells, a chance row."""
+    fams, stages = report_families(report), report["stages"]
+    lead = ["stage", "s", "held-out loss"] if mode == "real" else ["stage"]
+    lines = ["| " + " | ".join(lead + fams) + " |", "|" + "---|" * (len(lead) + len(fams))]
+    for name, st in stages.items():
+        cells = st.get("eval", {}).get(mode)
+        if not cells:
+            continue
+        loss = lambda k: "—" if st.get(k) is None else f"{st[k]:.3f}"                      # noqa: E731
+        row = [name] + ([f"{st.get('seconds', 0):.0f}", f"{loss('eval_loss_start')} → {loss('eval_loss')}"
+                         if st.get("eval_loss") is not None else "—"] if mode == "real" else [])
+        row += [plus_minus(cells[f]["accuracy"], cells[f]["interval"]) if f in cells else "" for f in fams]
+        lines.append("| " + " | ".join(row) + " |")
+    chance = report.get("chance", {})
+    lines.append("| " + " | ".join(["chance"] + [""] * (len(lead) - 1) + [f"{chance.get(f, 0):.2f}" for f in fams]) + " |")
+    return lines
+
+
+def signed(x: float) -> str:
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def effect_cell(e: dict) -> str:
+    return f"{signed(e['difference'])} [{signed(e['interval'][0])}, {signed(e['interval'][1])}]"
+
+
+def effects_table(effects: list) -> list:
+    lines = ["| effect (A vs B) | families | n | A | B | A − B [95% interval] | reading |", "|---|---|---|---|---|---|---|"]
+    for e in effects:
+        lines.append(f"| {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | {e['n']} | "
+                     f"{e['accuracy_a']:.2f} | {e['accuracy_b']:.2f} | {effect_cell(e)} | "
+                     f"{'shown' if e['excludes_0'] else 'within noise'} |")
+    return lines
+
+
+def seeds_table(runs: list) -> list:
+    """One row per effect, one column per run of the recipe (`--seeds=N`); * marks an interval
+    that excludes 0."""
+    names = list(dict.fromkeys(e["name"] for r in runs for e in r["effects"]))
+    lines = ["| effect | " + " | ".join(f"run {r['run']} (seed +{r['seed_offset']})" for r in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for name in names:
+        got = [{e["name"]: e for e in r["effects"]}.get(name) for r in runs]
+        lines.append(f"| {name} | " + " | ".join("" if e is None else effect_cell(e) + (" *" if e["excludes_0"] else "")
+                                                 for e in got) + " |")
+    return lines
 
 
 def report_markdown(report: dict) -> str:
-    """The per-stage table: accuracy per family, blank-image accuracy in parentheses, thinking mode
-    after a slash where measured; time and held-out loss."""
-    stages = report["stages"]
-    fams = sorted({f for st in stages.values() for f in st.get("accuracy", {})})
-    head = ["stage", "s", "held-out loss"] + fams
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, st in stages.items():
-        loss = lambda k: "—" if st.get(k) is None else f"{st[k]:.3f}"                      # noqa: E731
-        cells = [name, f"{st.get('seconds', 0):.0f}", f"{loss('eval_loss_start')} → {loss('eval_loss')}"
-                 if st.get("eval_loss") is not None else "—"]
-        for f in fams:
-            a, b, t = st.get("accuracy", {}).get(f), st.get("accuracy_blank", {}).get(f), st.get("accuracy_think", {}).get(f)
-            cells.append("" if a is None else f"{a:.2f}" + (f" ({b:.2f})" if b is not None else "")
-                         + (f" / {t:.2f}" if t is not None else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    chance = report.get("chance", {})
-    lines.append("| chance | | | " + " | ".join(f"{chance.get(f, 0):.2f}" for f in fams) + " |")
-    rewards = {n: st["reward"] for n, st in stages.items() if "reward" in st}
+    """report.md: per mode a table of every stage's accuracy per family (± its Wilson interval),
+    then the effects (paired differences), the RL rewards and, with several seeds, every run's effects."""
     out = [f"Machine: {report.get('machine', '?')}; total {report.get('total_seconds', 0) / 60:.1f} min.", "",
-           f"Accuracy on the held-out synthetic split (greedy, first {report.get('eval_limit', 32)} per family): real images "
-           "(blank images) / thinking mode.", ""] + lines
+           f"Accuracy on the first {report.get('eval_limit', '?')} held-out samples of each synthetic family (greedy). "
+           "± is the larger side of the Wilson 95% interval (report.json holds both ends); `chance`: always "
+           "giving the most common answer."]
+    for mode, title in MODES.items():
+        if any(st.get("eval", {}).get(mode) for st in report["stages"].values()):
+            out += ["", f"### {title}", ""] + accuracy_table(report, mode)
+    if report.get("effects"):
+        out += ["", "### Effects: paired differences on the same samples", "",
+                "A − B over the same held-out samples, with a 95% paired bootstrap interval (10,000 resamples within "
+                "each family); `shown` when the interval excludes 0.", ""] + effects_table(report["effects"])
+    rewards = {n: st["reward"] for n, st in report["stages"].items() if "reward" in st}
     if rewards:
         out += ["", "RL held-out reward, before → after: " + "; ".join(
             f"{n} {r['before']:.3f} → {r['after']:.3f}" for n, r in rewards.items())]
+    if len(report.get("seeds", [])) > 1:
+        out += ["", "### Effects in every run (`--seeds`)", "", "A − B [95% interval]; * excludes 0.", ""]
+        out += seeds_table(report["seeds"])
     return "\n".join(out) + "\n"
 
 
-def report_picture(report: dict, losses: dict, path: str, width: int = 1200):
-    """report.png with Pillow: the training loss of every stage on one axis (stages in order,
-    each its own colour), and per visual family the accuracy of every stage with images (colour)
-    beside the same model with blank images (grey)."""
-    from PIL import ImageDraw
-    fams = [f for f in VISUAL if any(f in st.get("accuracy", {}) for st in report["stages"].values())]
-    cols = 4
-    rows = -(-len(fams) // cols)
-    top, cell_h = 300, 210
-    img = Image.new("RGB", (width, top + rows * cell_h + 20), "white")
-    d = ImageDraw.Draw(img)
-    font = data.font(12)
-    names = list(report["stages"])
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-    colour = {n: palette[i % len(palette)] for i, n in enumerate(names)}
-    # 1. loss curves, one after the other on a shared x axis (x = steps of the whole recipe)
-    x0, y0, x1, y1 = 60, 30, width - 20, top - 40
-    series = [(n, losses.get(n, [])) for n in names if losses.get(n)]
-    total = sum(len(v) for _, v in series) or 1
-    hi = max((max(v) for _, v in series), default=1.0)
-    d.text((x0, 8), "training loss, every stage of the recipe in order (x: steps)", fill="black", font=font)
-    d.line((x0, y1, x1, y1), fill="black")
-    d.line((x0, y0, x0, y1), fill="black")
-    d.text((8, y0), f"{hi:.1f}", fill="black", font=font)
-    d.text((8, y1 - 12), "0", fill="black", font=font)
-    start = 0
-    for name, v in series:
-        k = max(1, len(v) // 50)                                         # a running mean of ~2% of a stage
-        smooth = [sum(v[max(0, i - k):i + 1]) / len(v[max(0, i - k):i + 1]) for i in range(len(v))]
-        pts = [(x0 + (x1 - x0) * (start + i) / total, y1 - (y1 - y0) * min(1.0, y / hi)) for i, y in enumerate(smooth)]
+# the picture: a stage x family heatmap of held-out accuracy, and the training loss of the recipe.
+# Colours: one sequential ramp (YlGnBu) whose lightness falls steadily, so it reads in grayscale.
+RAMP = ((0.0, (255, 255, 217)), (0.25, (199, 233, 180)), (0.5, (65, 182, 196)), (0.75, (34, 94, 168)),
+        (1.0, (8, 29, 88)))
+
+
+def ramp(x: float) -> tuple:
+    """The heatmap colour of an accuracy x in [0, 1] (linear between the RAMP's stops)."""
+    x = min(1.0, max(0.0, x))
+    for (a, ca), (b, cb) in zip(RAMP, RAMP[1:]):
+        if x <= b:
+            t = (x - a) / (b - a)
+            return tuple(round(u + (v - u) * t) for u, v in zip(ca, cb))
+    return RAMP[-1][1]
+
+
+def ink(fill: tuple) -> str:
+    """Black on light cells, white on dark ones (by luminance)."""
+    return "black" if 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2] > 140 else "white"
+
+
+def draw_heatmap(d, report: dict, x0: int, y0: int, cw: int, ch: int, fonts) -> int:
+    """Rows: stages; columns: families. A cell: the accuracy with real images (its colour and the
+    big number), below it b = blank images and t = thinking mode; hatched when its Wilson interval
+    reaches chance. Returns the y below the chance row."""
+    big, small, label = fonts
+    fams, chance = report_families(report), report.get("chance", {})
+    for j, f in enumerate(fams):
+        d.text((x0 + j * cw + cw / 2, y0 - 6), f, fill="black", font=label, anchor="md")
+    rows = [(n, st["eval"]) for n, st in report["stages"].items() if st.get("eval", {}).get("real")]
+    for i, (name, ev) in enumerate(rows):
+        y = y0 + i * ch
+        d.text((x0 - 8, y + ch / 2), name, fill="black", font=label, anchor="rm")
+        for j, f in enumerate(fams):
+            cell, box = ev["real"].get(f), (x0 + j * cw, y, x0 + (j + 1) * cw - 2, y + ch - 2)
+            if cell is None:
+                d.rectangle(box, fill=(245, 245, 245))
+                continue
+            fill = ramp(cell["accuracy"])
+            d.rectangle(box, fill=fill)
+            if cell["interval"][0] <= chance.get(f, 0.0):          # not above chance: hatched
+                for k in range(-ch, cw, 12):
+                    d.line((box[0] + max(k, 0), box[1] + max(-k, 0), box[0] + min(k + ch, cw - 2),
+                            box[1] + min(ch - 2, cw - 2 - k)), fill=(170, 170, 170), width=1)
+            d.text(((box[0] + box[2]) / 2, y + 3), f"{cell['accuracy']:.2f}", fill=ink(fill), font=big, anchor="ma")
+            extra = [f"{k[0]} {ev[k][f]['accuracy']:.2f}" for k in ("blank", "think") if f in ev.get(k, {})]
+            d.text(((box[0] + box[2]) / 2, y + ch - 4), "  ".join(extra), fill=ink(fill), font=small, anchor="md")
+    y = y0 + len(rows) * ch + 4
+    d.text((x0 - 8, y + ch / 3), "chance", fill="black", font=label, anchor="rm")
+    for j, f in enumerate(fams):
+        d.text((x0 + j * cw + cw / 2, y + ch / 3), f"{chance.get(f, 0):.2f}", fill="black", font=big, anchor="mm")
+    return y + ch
+
+
+def draw_losses(d, names: list, losses: dict, box: tuple, fonts):
+    """Training loss per step, every stage in order on one axis (log scale), stage borders marked."""
+    big, small, label = fonts
+    x0, y0, x1, y1 = box
+    series = [(n, losses[n]) for n in names if losses.get(n)]
+    total = sum(len(v) for _, v in series)
+    if not total:
+        return
+    ticks = [m * 10 ** e for e in range(-3, 4) for m in (1, 2, 5)]                 # 0.001 .. 5000
+    lo = max([t for t in ticks if t <= max(1e-3, min(min(v) for _, v in series))], default=ticks[0])
+    hi = min([t for t in ticks if t >= max(max(v) for _, v in series)], default=ticks[-1])
+    hi = max(hi, ticks[ticks.index(lo) + 1])
+    ypos = lambda v: y1 - (y1 - y0) * (math.log10(max(v, lo)) - math.log10(lo)) / math.log10(hi / lo)  # noqa: E731
+    d.rectangle(box, outline="black")
+    for v in (t for t in ticks if lo <= t <= hi):
+        d.line((x0 - 4, ypos(v), x0, ypos(v)), fill="black")
+        d.line((x0, ypos(v), x1, ypos(v)), fill=(225, 225, 225))
+        d.text((x0 - 6, ypos(v)), f"{v:g}", fill="black", font=small, anchor="rm")
+    start, ends = 0, [x0] * 3                      # the right end of the last name in each of 3 rows
+    for k, (name, v) in enumerate(series):
+        xa, xb = x0 + (x1 - x0) * start / total, x0 + (x1 - x0) * (start + len(v)) / total
+        if k:
+            d.line((xa, y0, xa, y1), fill=(160, 160, 160))
+        half = small.getlength(name) / 2
+        mid = min(max((xa + xb) / 2, x0 + half + 2), x1 - half - 2)          # the name stays inside the axes
+        row = next((r for r in range(3) if ends[r] + 4 < mid - half), 0)
+        ends[row] = mid + half
+        d.text((mid, y0 + 4 + 13 * row), name, fill="black", font=small, anchor="ma")
+        w = max(1, len(v) // 50)                                   # a running mean over ~2% of the stage
+        smooth = [sum(v[max(0, i - w):i + 1]) / len(v[max(0, i - w):i + 1]) for i in range(len(v))]
+        pts = [(xa + (xb - xa) * i / max(1, len(v) - 1), ypos(y)) for i, y in enumerate(smooth)]
         if len(pts) > 1:
-            d.line(pts, fill=colour[name], width=2)
-        d.text((pts[0][0] + 2, y1 + 4), name, fill=colour[name], font=font)
+            d.line(pts, fill=(20, 20, 20), width=2)
         start += len(v)
-    # 2. per family: accuracy per stage, real (colour) and blank (grey) side by side
-    for j, fam in enumerate(fams):
-        cx, cy = 60 + (j % cols) * ((width - 60) // cols), top + (j // cols) * cell_h
-        w, h = (width - 60) // cols - 30, cell_h - 60
-        d.text((cx, cy), fam, fill="black", font=font)
-        d.line((cx, cy + 20 + h, cx + w, cy + 20 + h), fill="black")
-        chance = report.get("chance", {}).get(fam)
-        if chance is not None:
-            yc = cy + 20 + h - h * chance
-            d.line((cx, yc, cx + w, yc), fill=(200, 200, 200))
-        bw = w / max(1, len(names)) / 2.2
-        for i, n in enumerate(names):
-            st = report["stages"][n]
-            for k, (key, fill) in enumerate((("accuracy", colour[n]), ("accuracy_blank", (170, 170, 170)))):
-                a = st.get(key, {}).get(fam)
-                if a is None:
-                    continue
-                bx = cx + i * w / len(names) + k * bw
-                d.rectangle((bx, cy + 20 + h - h * a, bx + bw - 1, cy + 20 + h), fill=fill)
-    d.text((60, top - 18), "held-out accuracy per family, every stage left to right (its loss-curve colour: with "
-           "images; grey: the same model with blank images; line: chance; top: 1.0)", fill="black", font=font)
+    d.text(((x0 + x1) / 2, y1 + 6), "training step (every stage of the recipe in order; borders: grey lines)",
+           fill="black", font=label, anchor="ma")
+    d.text((x0 - 44, (y0 + y1) / 2), "loss", fill="black", font=label, anchor="rm")
+
+
+def report_picture(report: dict, losses: dict, path: str):
+    """report.png (Pillow only): the stage x family heatmap of held-out accuracy, then the training
+    loss of every stage on one axis."""
+    from PIL import ImageDraw
+    fonts = (data.font(15), data.font(11), data.font(13))
+    fams = report_families(report)
+    rows = sum(bool(st.get("eval", {}).get("real")) for st in report["stages"].values())
+    cw, ch, x0, top = 86, 38, 110, 84
+    width = max(900, x0 + cw * len(fams) + 20)
+    heat_bottom = top + (rows + 1) * ch + 4
+    img = Image.new("RGB", (width, heat_bottom + 86 + 260 + 30), "white")
+    d = ImageDraw.Draw(img)
+    n = max((c["n"] for st in report["stages"].values() for c in st.get("eval", {}).get("real", {}).values()), default=0)
+    d.text((x0, 10), f"Held-out accuracy per stage and task family (greedy; {n} samples per family)", fill="black",
+           font=fonts[0])
+    d.text((x0, 32), "Big number and colour: real images. b: the same model with blank images. t: thinking mode. "
+           "Hatched: not above chance", fill="black", font=fonts[1])
+    d.text((x0, 46), "(the Wilson 95% interval reaches the chance row). Light = low, dark = high.",
+           fill="black", font=fonts[1])
+    y = draw_heatmap(d, report, x0, top, cw, ch, fonts)
+    for k in range(101):                                          # the colour scale, 0 .. 1
+        d.rectangle((x0 + 3 * k, y + 12, x0 + 3 * k + 3, y + 26), fill=ramp(k / 100))
+    for v in (0, 0.5, 1):
+        d.text((x0 + 300 * v, y + 30), f"{v:g}", fill="black", font=fonts[1], anchor="ma")
+    d.text((x0 + 320, y + 19), "accuracy", fill="black", font=fonts[1], anchor="lm")
+    draw_losses(d, list(report["stages"]), losses, (x0, y + 86, width - 20, y + 86 + 260), fonts)
     img.save(path)
 
 
@@ -718,17 +905,18 @@ def run_eval(args, model, tok, dcfg):
     if os.path.isdir(path):
         if not synth_families(path):
             raise InputError(f"--eval {path}: a folder must hold <family>/eval.jsonl manifests (synthetic data)")
-        limit = 32 if args.limit is None else args.limit
+        limit = EVAL_LIMIT if args.limit is None else args.limit
         rep = evaluate_families(model, tok, dcfg, path, limit=limit, **mode)
         base = chance(path, list(rep["n"]), limit=limit)
     else:
         bad = data.BadData(max_fraction=1.0)
         rep, base = evaluate_records(model, tok, dcfg, read_records(path, args.limit, bad), bad=bad, **mode), {}
-    print(f"{'family':14s} {'n':>4s}  {'accuracy':>8s}  {'word-F1':>7s}  {'chance':>6s}")
+    print(f"{'family':14s} {'n':>4s}  {'accuracy':>10s}  {'Wilson 95%':>14s}  {'word-F1':>7s}  {'chance':>6s}")
     for f, n in rep["n"].items():
-        c = f"{base[f]:6.3f}" if f in base else "     -"
-        print(f"{f:14s} {n:4d}  {rep['accuracy'][f]:8.3f}  {rep['word_f1'][f]:7.3f}  {c}")
-    print(f"{rep['bad']}; {rep['seconds']:.1f} s")
+        c, (lo, hi) = f"{base[f]:6.3f}" if f in base else "     -", rep["interval"][f]
+        print(f"{f:14s} {n:4d}  {plus_minus(rep['accuracy'][f], (lo, hi)):>10s}  [{lo:.3f}, {hi:.3f}]  "
+              f"{rep['word_f1'][f]:7.3f}  {c}")
+    print(f"{rep['bad']}; {rep['seconds']:.1f} s; ± is the larger side of the Wilson 95% interval")
     settings = {"ckpt": args.ckpt, "eval": path, "think": args.think, "blank": args.blank}
     if args.out:
         write_json(args.out, {**settings, **rep, "chance": base})
@@ -737,7 +925,7 @@ def run_eval(args, model, tok, dcfg):
     for f in rep["n"]:
         out = os.path.join(out_dir, report_name(f, args.think, args.blank) + ".json")
         write_json(out, {**settings, "family": f, "n": rep["n"][f], "accuracy": rep["accuracy"][f],
-                         "word_f1": rep["word_f1"][f], "chance": base.get(f), "bad": rep["bad"],
+                         "interval": rep["interval"][f], "word_f1": rep["word_f1"][f], "chance": base.get(f), "bad": rep["bad"],
                          "predictions": [p for p in rep["predictions"] if p["family"] == f]})
     print(f"reports: {out_dir}/<family>{report_name('', args.think, args.blank)}.json")
     return rep
@@ -758,7 +946,7 @@ def cli(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", default=None, help="score a synthetic-data folder, a JSONL manifest or a VLMEvalKit TSV")
     ap.add_argument("--blank", action="store_true", help="eval: every image and video frame white (blindness)")
-    ap.add_argument("--limit", type=int, default=None, help="eval: first N records (default: 32 per family of a "
+    ap.add_argument("--limit", type=int, default=None, help="eval: first N records (default: EVAL_LIMIT = 128 per family of a "
                                                             "synthetic folder, all of a manifest or TSV)")
     ap.add_argument("--batch-size", type=int, default=32, help="eval: prompts per generate call")
     ap.add_argument("--out", default=None, help="eval: one combined JSON report here instead of <ckpt>/eval/")

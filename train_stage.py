@@ -9,7 +9,8 @@ Reads in the paper's order:
   recipe       `RECIPE`: the ordered stage table, the only place a stage is defined (trainable
                modules, data mix, label mode, init rule, tiny defaults, the paper's values as
                data). lm0 (not in the paper) language-pretrains the tiny LLM, standing in for
-               Qwen3. SAIL-ViT progressive alignment vit1 -> vit2 -> vit3 (§2.1.1); basic
+               Qwen3. SAIL-ViT progressive alignment vit1 -> vit2 -> vit3 (§2.1.1), and the
+               control vit3-direct (stage III alone) it is measured against; basic
                pre-training pretrain1 with AdaLRS (§3.2.1, §3.2.3) and multi-task pretrain2 with
                n-gram rebalancing (§3.2.2); SFT phases sft1..sft4, a homogeneous twin and the model
                soup (§4.2.1); LongCoT SFT (§4.2.2); RL with verifiable rewards, CoT harvest,
@@ -62,6 +63,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -244,6 +246,8 @@ class Stage:
         return dict(self.paper)
 
 
+VIT3_MIX = (("caption", 0.2), ("caption_qa", 0.2), ("ocr", 0.2), ("count", 0.2), ("chart", 0.2))
+VIT3_TINY = (("lr", 1e-3), ("steps", 600), ("eval_every", 100))
 SFT_MIX_4 = (("video", 0.5), ("caption_qa", 0.1), ("ocr", 0.1), ("chart", 0.1), ("count", 0.1), ("multi", 0.1))
 SFT4_TINY = (("lr", 3e-4), ("steps", 200), ("packing.max_tokens", 2048))
 RECIPE = (
@@ -260,10 +264,11 @@ RECIPE = (
     Stage("vit2", "§2.1.1", "SAIL-ViT stage II: ViT + adapter on SAIL-Caption2, Caption2-QA and VQA",
           trainable=("vision_model", "mlp1"), mix=(("caption", 0.4), ("caption_qa", 0.3), ("ocr", 0.3)),
           tiny=(("lr", 1e-3), ("steps", 400), ("eval_every", 100)), paper=(("lr", 2e-5), ("batch", 512), ("seq", 8192))),
-    Stage("vit3", "§2.1.1", "SAIL-ViT stage III: all parameters, 36.5M multimodal samples",
-          mix=(("caption", 0.2), ("caption_qa", 0.2), ("ocr", 0.2), ("count", 0.2), ("chart", 0.2)),
-          tiny=(("lr", 1e-3), ("steps", 600), ("eval_every", 100)),
+    Stage("vit3", "§2.1.1", "SAIL-ViT stage III: all parameters, 36.5M multimodal samples", mix=VIT3_MIX, tiny=VIT3_TINY,
           paper=(("lr", 1e-5), ("batch", 512), ("seq", 8192), ("samples", 36_500_000))),
+    Stage("vit3-direct", "§2.1.1", "a control, not a paper stage: stage III straight from lm0 (the ViT and adapter "
+          "untrained, as vit1 starts), the baseline progressive alignment is measured against",
+          init="lm0", mix=VIT3_MIX, tiny=VIT3_TINY),
     Stage("pretrain1", "§3.2.1, §3.2.3", "basic pre-training: SAIL-ViT + the original LLM + a freshly initialised "
           "adapter, adapter only, AdaLRS from 2e-4 (ended at 6.75e-4); captions, chart captions, OCR",
           trainable=("mlp1",), init=(("vision_model", "vit3"), ("mlp1", "fresh"), ("language_model", "lm0")),
@@ -1748,9 +1753,84 @@ def run_cli(argv: list):
 # ==============================================================================================
 # the whole recipe in one command: python train_stage.py --stage all
 
-# --stage all only (the rest goes to every stage): processes per stage, held-out samples per family,
-# the families evaluated ("" = all), and the last stage to run ("" = the whole recipe)
-RECIPE_OPTIONS = {"nproc": "1", "eval_limit": "32", "eval_families": "", "until": ""}
+# --stage all only (the rest goes to every stage): processes per stage, held-out samples per family
+# (sample.EVAL_LIMIT: the whole synthetic eval split), the families evaluated ("" = all), the last
+# stage to run ("" = the whole recipe), and how many runs of the recipe (run k > 1: every stage's
+# seed + 1000 (k - 1), outputs in <out_dir>/seed<k>/; the synthetic data and held-out samples stay)
+RECIPE_OPTIONS = {"nproc": "1", "eval_limit": "128", "eval_families": "", "until": "", "seeds": "1"}
+SEED_STEP = 1000
+EVAL_BATCH = 64                  # prompts per generate call in the recipe's evaluation
+# Thinking mode is measured (from LongCoT on) where LongCoT trains (math, count_cot) and on their
+# direct twins (math_direct, count): every thinking effect the recipe claims lies there.
+THINK_FAMILIES = ("count", "count_cot", "math", "math_direct")
+MODE_WORDS = {"real": "real images", "blank": "blank images", "think": "thinking mode"}
+RL_HELDOUT = "heldout_predictions.jsonl"
+
+
+def recipe_effects() -> list:
+    """The effects the recipe claims, each a paired difference A - B on the same held-out samples:
+    [(name, (stage A, mode), (stage B, mode), families)], modes as evaluate_stage's (real, blank,
+    think). An RL stage may add its own held-out before / after: RL_HELDOUT in its output folder,
+    one {"side": "before" | "after", "family", "where", "correct"} per line (recipe_effect_results)."""
+    import sample
+    mix = lambda stage: tuple(f for f, _ in STAGES[stage].mix if f in data.SYNTH_FAMILIES)    # noqa: E731
+    return [("progressive alignment (stages I-III vs III alone)", ("vit3", "real"), ("vit3-direct", "real"), mix("vit3")),
+            ("SFT", ("sft4", "real"), ("vit1", "real"), sample.VISUAL),
+            ("soup vs its first input", ("soup", "real"), ("sft4", "real"), mix("sft4")),
+            ("soup vs its second input", ("soup", "real"), ("sft4-twin", "real"), mix("sft4")),
+            ("LongCoT: thinking vs direct", ("longcot", "think"), ("longcot", "real"), THINK_FAMILIES),
+            ("Think-Fusion direct vs LongCoT thinking", ("thinkfusion", "real"), ("longcot", "think"), THINK_FAMILIES),
+            ("RL verifiable: after vs before", ("rl-verifiable", "think"), ("longcot", "think"), THINK_FAMILIES),
+            ("RL mixed: after vs before", ("rl-mixed", "real"), ("thinkfusion", "real"), mix("rl-mixed")),
+            ("RL mixed: after vs before, thinking", ("rl-mixed", "think"), ("thinkfusion", "think"), THINK_FAMILIES),
+            ("vit1 sees (OCR)", ("vit1", "real"), ("vit1", "blank"), ("ocr",)),
+            ("sft4 sees", ("sft4", "real"), ("sft4", "blank"), sample.VISUAL)] + [
+            (f"sft4 sees ({f})", ("sft4", "real"), ("sft4", "blank"), (f,)) for f in sample.VISUAL]
+
+
+def mode_of(p: dict) -> str:
+    return "think" if p["think"] else "blank" if p["blank"] else "real"
+
+
+def read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def recipe_effect_results(rdir: str, cfg: StageConfig) -> list:
+    """The effects whose two sides this run has measured (predictions/<stage>.jsonl), each
+    {"name", "a", "b", "families", **sample.paired_difference}; an RL stage's own held-out before /
+    after (RL_HELDOUT) as one more. Sides scored on different samples stop the recipe."""
+    import sample
+    preds = {}
+
+    def side(stage, mode, fams):
+        if stage not in preds:
+            path = os.path.join(rdir, "predictions", f"{stage}.jsonl")
+            preds[stage] = read_jsonl(path) if os.path.exists(path) else []
+        return [p for p in preds[stage] if mode_of(p) == mode and p["family"] in fams]
+
+    specs = [(name, f"{sa} ({MODE_WORDS[ma]})", side(sa, ma, fams), f"{sb} ({MODE_WORDS[mb]})", side(sb, mb, fams))
+             for name, (sa, ma), (sb, mb), fams in recipe_effects()]
+    for row in RECIPE:
+        path = os.path.join(stage_dir(cfg, row.name), RL_HELDOUT)
+        if row.runner == "rl.py" and os.path.exists(path):
+            held = read_jsonl(path)
+            specs.append((f"{row.name}: its own held-out, after vs before", f"{row.name} (after)",
+                          [p for p in held if p["side"] == "after"], f"{row.name} (before)",
+                          [p for p in held if p["side"] == "before"]))
+    out = []
+    for name, a_label, a, b_label, b in specs:
+        if not a or not b:
+            continue
+        try:
+            diff = sample.paired_difference(a, b)
+        except ValueError as e:
+            raise UsageError(f"effect {name!r}: {e}; were the stages evaluated with different --eval_limit or "
+                             f"--eval_families? Remove {rdir} or pass the earlier values") from None
+        fams = list(dict.fromkeys(p["family"] for p in a))          # in evaluation order
+        out.append({"name": name, "a": a_label, "b": b_label, "families": fams, **diff})
+    return out
 
 
 def machine() -> str:
@@ -1760,30 +1840,42 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def stage_command(row: Stage, nproc: int, passthrough: list) -> list:
-    """The command that runs one row of the recipe as its own process (resuming if it was cut)."""
+def stage_command(row: Stage, nproc: int, passthrough: list, seed_offset: int = 0) -> list:
+    """The command that runs one row of the recipe as its own process (resuming if it was cut);
+    with a seed offset, the seed the row would run with (--seed, else its tiny default, else
+    StageConfig's) + the offset."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_stage.py" if row.runner == "soup"
                           else row.runner)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
-    return launch + [script, "--stage", row.name, *passthrough] + ([] if row.runner == "soup" else ["--resume"])
+    given = dict(split_options(passthrough)).get("seed")
+    base = int(given) if given else dict(row.tiny).get("seed", StageConfig.seed)
+    seed = [f"--seed={base + seed_offset}"] if seed_offset else []
+    return launch + [script, "--stage", row.name, *passthrough, *seed] + ([] if row.runner == "soup" else ["--resume"])
 
 
 def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, families=None) -> tuple:
-    """({mode: {family: accuracy}}, predictions) of a stage output on the held-out synthetic split:
-    direct, blank images, and (from LongCoT on) thinking mode."""
+    """({mode: {family: cell}}, predictions) of a stage output on the first `limit` held-out samples
+    of each synthetic family; a cell is sample.accuracy_cell (n, correct, accuracy, Wilson 95%
+    interval). Modes: real images; blank images (every family with images: all but text); thinking
+    mode from LongCoT on (THINK_FAMILIES). Every mode reads the same samples of a family."""
     import sample
     model, tok, dcfg = sample.load(folder, device=sample.default_device())
-    modes = {"accuracy": dict(think=False, blank=False), "accuracy_blank": dict(think=False, blank=True)}
+    fams = families or sample.synth_families(cfg.data_dir)
+    modes = {"real": (fams, False, False), "blank": ([f for f in fams if f != "text"], False, True)}
     if think:
-        modes["accuracy_think"] = dict(think=True, blank=False)
-    acc, preds = {}, []
-    for key, mode in modes.items():
-        res = sample.evaluate_families(model, tok, dcfg, cfg.data_dir, families, limit=limit, progress=False, **mode)
-        acc[key] = {f: round(a, 4) for f, a in res["accuracy"].items()}
+        modes["think"] = ([f for f in fams if f in THINK_FAMILIES], True, False)
+    evals, preds = {}, []
+    for mode, (fs, t, blank) in modes.items():
+        if not fs:
+            continue
+        res = sample.evaluate_families(model, tok, dcfg, cfg.data_dir, fs, limit=limit, think=t, blank=blank,
+                                       batch_size=EVAL_BATCH, progress=False)
+        right = Counter(p["family"] for p in res["predictions"] if p["correct"])
+        evals[mode] = {f: sample.accuracy_cell(right[f], n) for f, n in res["n"].items()}
         preds += [{k: p[k] for k in ("family", "where", "answer", "prediction", "correct", "blank", "think")}
                   for p in res["predictions"]]
-    return acc, preds
+    return evals, preds
 
 
 def stage_losses(folder: str) -> tuple:
@@ -1791,7 +1883,7 @@ def stage_losses(folder: str) -> tuple:
     path = os.path.join(folder, "metrics.jsonl")
     if not os.path.exists(path):
         return [], None
-    recs = [json.loads(ln) for ln in open(path)]
+    recs = read_jsonl(path)
     evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
     return [r["loss"] for r in recs if "loss" in r], evals[0] if evals else None
 
@@ -1802,77 +1894,118 @@ def write_json_atomic(path: str, obj):
     os.replace(path + ".tmp", path)
 
 
-def run_recipe(argv: list):
-    """Every stage of the recipe in order, each from the previous one, each evaluated (direct, blank
-    images, thinking mode from LongCoT on), with out/recipe/report.{json,md,png} and every
-    prediction in out/recipe/predictions/<stage>.jsonl. A finished stage (its output verifies and
-    the report has it) is skipped, so an interrupted run continues where it stopped."""
+def recipe_stage(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int, rdir: str) -> dict:
+    """Run one row (unless its output verifies), evaluate it, write its predictions; its report entry."""
+    out, t0 = stage_dir(cfg, row.name), time.time()
+    if not is_finished_stage(out):
+        res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough, seed_offset))
+        if res.returncode:
+            raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
+                             f"same command again: finished stages are skipped")
+    seconds = time.time() - t0
+    meta = verify_checkpoint(out)
+    families = [f for f in own["eval_families"].split(",") if f] or None
+    think = [r.name for r in RECIPE].index(row.name) >= [r.name for r in RECIPE].index("longcot")
+    evals, preds = evaluate_stage(out, cfg, think, int(own["eval_limit"]), families) \
+        if row.runner != "rl.py" or row.trainable else ({}, [])
+    losses, start = stage_losses(out)
+    entry = {"seconds": round(seconds, 1), "first_loss": meta.get("first_loss"), "final_loss": meta.get("final_loss"),
+             "eval_loss_start": start, "eval_loss": meta.get("eval_loss"), "eval": evals}
+    for key in ("reward", "kept"):
+        if key in meta:
+            entry[key] = meta[key]
+    if isinstance(entry["eval_loss"], dict):                  # the soup: its own held-out loss
+        entry["eval_loss"] = entry["eval_loss"].get("soup")
+    with open(os.path.join(rdir, "predictions", f"{row.name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in preds)
+    print_stage_line(row.name, entry, meta)
+    return entry
+
+
+def print_stage_line(name: str, entry: dict, meta: dict):
+    """recipe | stage  seconds | what it did | mean visual accuracy (blank) | per family ± interval."""
     import sample
-    opts = dict(split_options(argv))
-    own = {k: opts.pop(k) or v for k, v in RECIPE_OPTIONS.items() if k in opts}
-    own = {**RECIPE_OPTIONS, **own}
-    opts.pop("stage", None)
-    passthrough = [f"--{k}={v}" for k, v in opts.items() if k not in ("resume", "help")]
-    cfg, _, _ = parse_args(["--stage", "vit1", *passthrough])         # usage errors now, not in stage 7
-    if own["until"]:
-        stage_row(own["until"])
+    if "reward" in entry:
+        what = f"held-out reward {entry['reward']['before']:.3f} -> {entry['reward']['after']:.3f}"
+    elif "kept" in entry:
+        what = f"{meta['kept']} chains kept of {meta['samples']} samples"
+    else:
+        fmt = lambda x: "—" if x is None else f"{x:.3f}"                                # noqa: E731
+        what = f"held-out loss {fmt(entry['eval_loss_start'])} -> {fmt(entry['eval_loss'])}"
+    real, blank = entry["eval"].get("real", {}), entry["eval"].get("blank", {})
+    visual = [f for f in real if f in sample.VISUAL]
+    mean = lambda cells: sum(cells[f]["accuracy"] for f in visual if f in cells) / max(1, len(visual))   # noqa: E731
+    accs = f" | visual accuracy {mean(real):.3f} (blank {mean(blank):.3f}) | " + " ".join(
+        f"{f} {sample.plus_minus(c['accuracy'], c['interval'])}" for f, c in real.items()) if real else ""
+    print(f"recipe | {name:13s} {entry['seconds']:6.0f} s | {what}{accs}", flush=True)
+
+
+def write_report(rdir: str, report: dict, cfg: StageConfig):
+    import sample
+    write_json_atomic(os.path.join(rdir, "report.json"), report)
+    with open(os.path.join(rdir, "report.md"), "w") as f:
+        f.write(sample.report_markdown(report))
+    sample.report_picture(report, {n: stage_losses(stage_dir(cfg, n))[0] for n in report["stages"]},
+                          os.path.join(rdir, "report.png"))
+
+
+def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> dict:
+    """Every stage of the recipe in order into cfg.out_dir, each from the previous one, each
+    evaluated, with <out_dir>/recipe/report.{json,md,png} and every prediction in
+    <out_dir>/recipe/predictions/<stage>.jsonl. A finished stage (its output verifies and the
+    report has it) is skipped, so an interrupted run continues where it stopped."""
+    import sample
     rdir = os.path.join(cfg.out_dir, "recipe")
     writable_dir(os.path.join(rdir, "predictions"))
     path = os.path.join(rdir, "report.json")
     report = json.load(open(path)) if os.path.exists(path) else {"stages": {}}
     data.ensure_synth(cfg.data_dir)
     families = [f for f in own["eval_families"].split(",") if f] or None
-    report.update(machine=machine(), eval_limit=int(own["eval_limit"]), chance={f: round(c, 4) for f, c in sample.chance(
-        cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
-    think_from = [r.name for r in RECIPE].index("longcot")
-    for i, row in enumerate(RECIPE):
-        out = stage_dir(cfg, row.name)
-        if row.name in report["stages"] and is_finished_stage(out):
+    report.update(machine=machine(), eval_limit=int(own["eval_limit"]), seed_offset=seed_offset,
+                  interval="Wilson 95%", effect_interval=f"paired bootstrap 95%, {sample.BOOTSTRAP_RESAMPLES} resamples",
+                  chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
+    for row in RECIPE:
+        if row.name in report["stages"] and is_finished_stage(stage_dir(cfg, row.name)):
             print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped", flush=True)
         else:
-            t0 = time.time()
-            if not is_finished_stage(out):
-                res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough))
-                if res.returncode:
-                    raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
-                                     f"same command again: finished stages are skipped")
-            seconds = time.time() - t0
-            meta = verify_checkpoint(out)
-            acc, preds = evaluate_stage(out, cfg, i >= think_from, int(own["eval_limit"]), families) \
-                if row.runner != "rl.py" or row.trainable else ({}, [])
-            losses, start = stage_losses(out)
-            entry = {"seconds": round(seconds, 1), "first_loss": meta.get("first_loss"),
-                     "final_loss": meta.get("final_loss"), "eval_loss_start": start, "eval_loss": meta.get("eval_loss"),
-                     **acc}
-            if "reward" in meta:
-                entry["reward"] = meta["reward"]
-            if isinstance(entry["eval_loss"], dict):                  # the soup: its own held-out loss
-                entry["eval_loss"] = entry["eval_loss"].get("soup")
-            report["stages"][row.name] = entry
-            with open(os.path.join(rdir, "predictions", f"{row.name}.jsonl"), "w") as f:
-                f.writelines(json.dumps(p) + "\n" for p in preds)
+            report["stages"][row.name] = recipe_stage(row, cfg, own, passthrough, seed_offset, rdir)
             report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
-            write_json_atomic(path, report)
-            visual = {f: a for f, a in entry.get("accuracy", {}).items() if f in sample.VISUAL}
-            mean = lambda d: sum(d.values()) / max(1, len(d))                        # noqa: E731
-            blank = {f: entry.get("accuracy_blank", {}).get(f, 0) for f in visual}
-            if "reward" in entry:
-                what = f"held-out reward {entry['reward']['before']:.3f} -> {entry['reward']['after']:.3f}"
-            elif "kept" in meta:
-                what, entry["kept"] = f"{meta['kept']} chains kept of {meta['samples']} samples", meta["kept"]
-            else:
-                fmt = lambda x: "—" if x is None else f"{x:.3f}"                               # noqa: E731
-                what = f"held-out loss {fmt(start)} -> {fmt(entry['eval_loss'])}"
-            accs = f" | visual accuracy {mean(visual):.3f} (blank {mean(blank):.3f}) | " + " ".join(
-                f"{f} {a:.2f}" for f, a in sorted(entry["accuracy"].items())) if entry.get("accuracy") else ""
-            print(f"recipe | {row.name:13s} {seconds:6.0f} s | {what}{accs}", flush=True)
-        with open(os.path.join(rdir, "report.md"), "w") as f:
-            f.write(sample.report_markdown(report))
-        sample.report_picture(report, {n: stage_losses(stage_dir(cfg, n))[0] for n in report["stages"]},
-                              os.path.join(rdir, "report.png"))
+        report["effects"] = recipe_effect_results(rdir, cfg)
+        write_report(rdir, report, cfg)
         if row.name == own["until"]:
             break
+    for e in report["effects"]:
+        print(f"effect | {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | n {e['n']} | "
+              f"{e['difference']:+.3f} [{e['interval'][0]:+.3f}, {e['interval'][1]:+.3f}] | "
+              f"{'shown' if e['excludes_0'] else 'within noise'}", flush=True)
     print(f"recipe done in {report.get('total_seconds', 0) / 60:.1f} min: {rdir}/report.md, report.png, report.json")
+    return report
+
+
+def run_recipe(argv: list):
+    """python train_stage.py --stage all [--seeds=N]: the recipe (run_recipe_once), N times with
+    different seeds; the first run's report then also holds every run's effects ("seeds")."""
+    opts = dict(split_options(argv))
+    own = {**RECIPE_OPTIONS, **{k: opts.pop(k) or v for k, v in RECIPE_OPTIONS.items() if k in opts}}
+    opts.pop("stage", None)
+    passthrough = [f"--{k}={v}" for k, v in opts.items() if k not in ("resume", "help")]
+    cfg, _, _ = parse_args(["--stage", "vit1", *passthrough])         # usage errors now, not in stage 7
+    if own["until"]:
+        stage_row(own["until"])
+    if not own["seeds"].isdigit() or int(own["seeds"]) < 1:
+        raise UsageError(f"--seeds must be a whole number >= 1, got {own['seeds']!r}")
+    runs = []
+    for k in range(1, int(own["seeds"]) + 1):
+        out_dir = cfg.out_dir if k == 1 else os.path.join(cfg.out_dir, f"seed{k}")
+        run_cfg = dataclasses.replace(cfg, out_dir=out_dir)
+        args = [a for a in passthrough if not a.startswith("--out_dir=")] + [f"--out_dir={out_dir}"]
+        report = run_recipe_once(run_cfg, own, args, SEED_STEP * (k - 1))
+        runs.append({"run": k, "seed_offset": SEED_STEP * (k - 1), "out_dir": out_dir, "effects": report["effects"]})
+    if len(runs) > 1:
+        first = json.load(open(os.path.join(cfg.out_dir, "recipe", "report.json")))
+        first["seeds"] = runs
+        write_report(os.path.join(cfg.out_dir, "recipe"), first, cfg)
+        print(f"{len(runs)} runs: every run's effects in {cfg.out_dir}/recipe/report.md (\"Effects in every run\")")
 
 
 def fail(message: str, code: int, prog: str = "train_stage.py"):

@@ -3,7 +3,8 @@
 References: the hand-computed cases of reference/rl-and-packing-notes.md §G, plain-Python loop
 re-implementations of the loss formulas (DAPO arXiv 2503.14476, GSPO arXiv 2507.18071), a real
 2-process gloo group for the rank split, `statistics.stdev` for advantages, exact expectations
-for the KL estimators, and math-verify 0.9.0 as a test-only oracle for answer equivalence.
+for the KL estimators. The answer reading and equivalence the rewards use (data.py's grading API)
+are tested against math-verify 0.9.0 in tests/test_answers.py.
 """
 import math
 import os
@@ -15,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import rl
+from test_answers import HOSTILE      # the hostile replies the grading API is tested on
 
 ALGOS = ("dapo", "gspo", "gspo_token")
 
@@ -370,29 +372,7 @@ def test_kl_estimators_hand_case_and_unbiasedness():
 
 
 # ----------------------------------------------------------------------------------------------
-# answer extraction and format
-
-@pytest.mark.parametrize("text,want", [
-    (r"<think>t</think> so \boxed{\frac{1}{\sqrt{2}}}.", r"\frac{1}{\sqrt{2}}"),     # nested braces
-    (r"<think>t</think> \boxed{1} or rather \boxed{2}", "2"),                        # several boxes
-    (r"<think>\boxed{3}</think> the answer is 3", None),                              # box only in thinking
-    (r"<think>\boxed{3}</think> \boxed{4}", "4"),
-    (r"<think>t</think> \boxed{}", ""),                                                # empty box
-    (r"<think>t</think> \boxed{12", None),                                             # unclosed
-    (r"<think>t</think> \boxed{1} and \boxed{2", "1"),                                 # unclosed last: ignored
-    (r"<think>t</think> \boxed{\boxed{1}+1}", r"\boxed{1}+1"),                         # the box that closes last
-    (r"<think>t</think> \boxed{\{1,2\}}", r"\{1,2\}"),                                 # escaped braces
-    ("<think>想一想</think> 答案是 \\boxed{五}", "五"),                                 # unicode
-    (r"<think>t</think> \boxed 5", None),                                              # \boxed without braces
-    (r"The answer is \boxed{7}.", "7"),                                                # direct mode, no think
-    (r"<think> unfinished \boxed{7}", None),                                           # think never closed
-    ("<think>t</think> \\boxed{" + "1" * 1000 + "}", "1" * 1000),                      # at the length cap
-    ("<think>t</think> \\boxed{" + "1" * 1001 + "}", None),                            # over it
-    ("<think>t</think> \\boxed{" + "1" * 1001 + "} \\boxed{2}", "2"),
-])
-def test_final_answer(text, want):
-    assert rl.final_answer(text) == want
-
+# answer and format rewards (their reading of replies and answers: tests/test_answers.py)
 
 def test_reward_answer():
     assert rl.reward_answer(r"<think>2+2</think> \boxed{4}", "4") == 1.0
@@ -403,6 +383,8 @@ def test_reward_answer():
     assert rl.reward_answer(r"<think>t</think> \boxed{\dfrac{1}{2}}", "0.5") == 1.0
     assert rl.reward_answer(r"The answer is \boxed{(C)}.", "C") == 1.0
     assert rl.reward_answer("<think>t</think> \\boxed{π}", "π") == 1.0
+    assert rl.reward_answer(r"<think>t</think> \boxed{\boxed{1}+1}", "1") == 1.0          # the box opened last
+    assert rl.reward_answer(r"<think>t</think> \boxed{12", "12") == 0.0                   # an unclosed box
 
 
 @pytest.mark.parametrize("text,want", [
@@ -423,131 +405,6 @@ def test_reward_format(text, want):
 
 
 # ----------------------------------------------------------------------------------------------
-# answer equivalence, with math-verify 0.9.0 as the oracle
-#
-# MV_CASES are (gold, prediction) pairs from huggingface/Math-Verify's own tests (repository at
-# 5d148cf): tests/test_all.py (test_number_extraction, test_simple_fraction_notation,
-# test_sets_handling, test_latex_notation, test_percent_notation, test_latex_notation_math,
-# test_relations_math, test_complex_math_expressions, test_math_extraction_additional_cases,
-# test_sqrt_precision, test_symbols), tests/test_strict.py, tests/test_boxed.py and README.md,
-# reduced to the contents of the final box. OURS_EQUAL / OURS_DIFFERENT are what our normaliser
-# claims to handle (and where it is deliberately stricter than math-verify).
-
-MV_CASES = [
-    ("-5", "-5"), ("7425000", "7,425,000"), ("1000", "1 000"), ("1000", "1000.0"), ("1000.0", "1,000.0"),
-    ("1000.99", "1000,99"), ("1,22", "1.22"), ("0.4", ".4"), ("1000.99", "1,000.99"), ("1000.99", "$1,000.99"),
-    ("0,111", "0.111"), ("2", "AZYUK2A"), ("10/9", r"\frac{10}{9}"), ("-10/9", r"-\frac{10}{9}"),
-    ("[0,1)", "[0,1)"), ("[0,9)", "[0,1)"), ("(0,9)", "[0,9)"), ("1", "-[0,1)"),
-    ("1/3", r"\frac13"), ("1", r"\frac3{3}"), (r"\sqrt{3}", r"\sqrt3"), ("1/3", r"\cfrac{1}{3}"),
-    ("1/3", r"\dfrac{1}{3}"), ("1/3", r"\tfrac{1}{3}"), ("1/3", " 1/3 "),
-    ("1/3", r"\left( \frac{1}{3} \right)"),
-    ("1/3", r"\boxed{\frac{1}{3}}"), ("1/3", r"\frac{1}{3} \text{meters}"), ("1/3", r"k = \frac{1}{3}"),
-    (r"28\%", "28 %"), (r"28\%", "28"), ("0.28", "28"), ("28/100", "28"), ("28", "28/100"),
-    (r"\frac{28}{100}", "28"), (r"28*\frac{1}{100}", "28"), ("2-2p", "2-2p"), (r"28\%", r"28\%"),
-    (r"14{,}916", "14916"), (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)"),
-    (r"\frac{14}{3}", r"\frac{14}{3}"),
-    (r"\text{Evelyn}", r"\text{Evelyn}"), (r"90^\circ", r"90^\circ"), (r"3\sqrt{13}", r"3\sqrt{13}"),
-    ("2", "2"),
-    (r"15\mbox{ cm}^2", r"15\text{ cm}^2"), ("-2,1", "-2, 1"), ("(6,31,-1)", "(6,31,-1)"),
-    (r"1 \pm \sqrt{19}", r"1 \pm \sqrt{19}"),
-    (r"\{1\pm\sqrt{5},-2\}", r"\{1\pm\sqrt{5},-2\}"), ("125", r"125\textnormal{ miles}"),
-    (r"\sqrt{2}+\sqrt{5}", r"\sqrt 2+\sqrt 5"),
-    (r"\frac{9}{4}\pi", r"\frac94\pi"),
-    (r"[-1, -\frac{1}{2}) \cup (-\frac{1}{2}, 0)", r"[-1, -\tfrac12) \cup (-\tfrac12, 0)"),
-    ("x >= 5", r"x \geq 5"), ("x > 5", "x < 5"), (r"x \leq 5", r"5 \geq x"), ("x = 11", "x = 5+5+1 = 7 =11"),
-    ("11", "x=11"), ("k=1", "1"), ("1", "k=1"), ("2x + z = 1", "1"), (r"\frac{1}{12}", "0.0833333333333333"),
-    (r"(1,\frac{9}{2})", "(1,4.5)"), (r"\frac{x+2}{7}", r"\frac{x}{7}+\frac{2}{7}"),
-    ("(a+5)(b+2)", "(+5)(b+2)"),
-    ("2", r"\frac{1+\sqrt{5}}{2}"), (r"1\sqrt{19}", "1"), ("x+2n+1", "x+1"),
-    (r"(\frac{3}{5},\frac{8}{3}]", "(0.6,2.6667]"),
-    ("(3,1)", "{1,3}"), ("(1,3)", "{1,3}"), ("[-4,0]", "[-4, 0]"), (r"\text{C}", r"\text{(C)}"),
-    ("11111111100", r"11,\! 111,\! 111,\! 100"), ("32349", r"32,\! 349"), ("32349", "32, 349"),
-    (r"(2, 12) \cup (12, 102)", r"(2,12) \cup (12,102)"), (r"\text{E}", "E"), ("1112112_3", "1112112_3"),
-    ("4", r"4\sqrt{2}"), (r"\text{13}", "13"), ("f(x)", "f(y)"), ("004", "004"), ("840", "840"),
-    (r"{1,3} \cup {2,4}", "{1,2,3,4}"), ("(-6, 10)", "(-6,10)"),
-]
-OURS_EQUAL = [
-    ("5", "x = 5"), ("x=5", "x = 5.0"), ("1/2", r"\frac{1}{2}"), ("0.5", r"\dfrac{1}{2}"),
-    (r"\frac{1}{2}", r"\tfrac12"),
-    ("2.5", "2.50"), ("1000", "1,000"), ("1000", "1{,}000"), ("11111111100", r"11,\! 111,\! 111,\! 100"),
-    ("28", r"28\%"), (r"28\%", "28%"), ("12.5%", r"12.5\%"), ("90", r"90^\circ"), (r"90^{\circ}", "90"),
-    ("C", "(C)"), ("C", r"\text{C}"), (r"\text{(C)}", "C"), (r"\textbf{(B)}", "B"),
-    ("(1,2)", r"\left(1, 2\right)"), (r"\{1,2\}", r"\{2,1\}"), ("[0,1)", "[0, 1)"), ("-5", "\u22125"),
-    ("-0.5", r"-\frac{1}{2}"), ("-0.5", r"\frac{-1}{2}"), ("5", "$5$"), ("5", r"\$5"),
-    (r"\text{Evelyn}", "Evelyn"),
-    ("10/9", r"\frac{10}{9}"), ("-10/9", r"-\frac{10}{9}"), ("1/3", r"\frac13"), ("1/3", r"k = \frac{1}{3}"),
-    (r"\text{E}", "E"), (r"\text{C}", r"\text{(C)}"), (r"(1,\frac{9}{2})", "(1,4.5)"), ("+5", "5"),
-    ("1000", "1000.0"),
-    ("0.4", ".4"), ("(5)", "5"), ("32349", r"32,\! 349"), (r"14{,}916", "14916"), ("(-6, 10)", "(-6,10)"),
-    (r"\{(1,2),(3,4)\}", r"\{(3,4),(1,2)\}"), ("1/2", r"\frac{2}{4}"), ("-5", "- 5"),
-    (r"\sqrt{2}", r"\sqrt{2}"),
-    (r"\frac{\pi}{2}", r"\dfrac{\pi}{2}"), ("125 miles", r"125\text{ miles}"),
-]
-OURS_DIFFERENT = [
-    ("(1,2)", r"\{1,2\}"), ("(1,2)", "(2,1)"), ("[0,1]", "(0,1)"), ("32349", "32, 349"), ("1000", "1 000"),
-    ("x=1", "y=1"), ("12.5%", "12.5"), ("-3%", "-3"), ("90", "90°"), ("5", "5."), ("4", r"4\sqrt{2}"),
-    ("1/3", "0.333"), ("A", "B"), ("C", "c"), ("0.28", r"28\%"), ("1", "-[0,1)"), ("2", "AZYUK2A"),
-    ("", ""), ("1", r"1\sqrt{19}"), ("1,2", "2,1"), ("1e3", "1000"), ("1", "x=1=1"),
-    # math-verify calls these equal, but not transitively (5.0 != \text{5}, 5.0 != 5%): kept apart
-    (r"\mathrm{12}", "12"), (r"\text{5}", "5.0"), ("5%", "5.0"), (r"\text{(5)}", "5"), ("(50%,20%)", "(50,20)"),
-]
-
-# A pool of renderings of the same few values: every pair our normaliser calls equal must be
-# equal for math-verify, in both orders (this is what found its non-transitive cases above).
-POOL = [
-    "5", "05", "5.0", "+5", "-5", "\u22125", "x=5", "y=5", "x = 5", r"\text{5}", r"\mathrm{5}", r"\$5", r"5\%", "5%",
-    "(5)", "[5]", r"\{5\}", r"\frac{10}{2}", "10/2", r"5^\circ", r"\boxed{5}", r"\left(5\right)", r"5\text{ cm}",
-    "1/2", "0.5", ".5", r"\frac12", r"\frac{1}{2}", r"-\frac{1}{2}", r"\frac{-1}{2}", "-0.5", "0.50",
-    "(1,2)", "(1, 2)", "[1,2]", "[1,2)", r"\{1,2\}", r"\{2,1\}", "1,2", "2,1", r"\left[1,2\right]",
-    "1,000", "1000", "1{,}000", r"1,\!000", r"1\,000", "1 000", "1000.0", "A", "(A)", r"\text{A}", r"\text{(A)}",
-    r"\textbf{A}", "a", "(a)", "B", r"\sqrt{2}", r"\frac{\pi}{2}", r"\dfrac{\pi}{2}", r"12.5\%", "12.5",
-    r"x=\frac{1}{2}", "k=0.5", r"\{(1,2),(3,4)\}", r"\{(3,4),(1,2)\}", "(1,(2,3))", "(1,(3,2))",
-    "1,234", "1, 234", "(1,234)", "1234", r"\text{Evelyn}", "Evelyn", "evelyn", "3.14", "157/50", "-0", "0",
-    "(50%, 20%)", "(50,20)", r"\text{(5)}", "5.0%", "x=A", r"\{1,1,2\}", "1,-2", "30^\\circ", "30.0", "30%",
-    "5,000", "5, 000", "1.", "1.0", "((1))", r"\text{yes}", "yes", "Yes",
-]
-
-
-@pytest.fixture(scope="module")
-def mv_equal():
-    math_verify = pytest.importorskip("math_verify")
-    cache = {}
-
-    def parsed(s):
-        if s not in cache:
-            cache[s] = math_verify.parse("\\boxed{" + s + "}")
-        return cache[s]
-    return lambda gold, pred: bool(math_verify.verify(parsed(gold), parsed(pred)))
-
-
-def test_normaliser_never_equal_where_math_verify_differs(mv_equal):
-    checked = 0
-    for gold, pred in MV_CASES + OURS_EQUAL + OURS_DIFFERENT:
-        ours = rl.answers_match(pred, gold)
-        assert ours == rl.answers_match(gold, pred)                          # symmetric
-        if ours:
-            assert mv_equal(gold, pred) and mv_equal(pred, gold), (gold, pred)
-            checked += 1
-    assert checked >= 50
-
-
-def test_normaliser_classes_are_cliques_for_math_verify(mv_equal):
-    equal = [(a, b) for i, a in enumerate(POOL) for b in POOL[i + 1:] if rl.answers_match(a, b)]
-    assert len(equal) > 100
-    bad = [(a, b) for a, b in equal if not (mv_equal(a, b) and mv_equal(b, a))]
-    assert not bad
-
-
-def test_normaliser_gets_the_cases_it_claims(mv_equal):
-    for gold, pred in OURS_EQUAL:
-        assert rl.answers_match(pred, gold), (gold, pred)
-    for gold, pred in OURS_DIFFERENT:
-        assert not rl.answers_match(pred, gold), (gold, pred)
-    # the math-verify suite's pairs it calls different stay different for us
-    assert not any(rl.answers_match(p, g) for g, p in MV_CASES if not mv_equal(g, p))
-
-
-# ----------------------------------------------------------------------------------------------
 # hostile inputs: every reward is linear; the adversarial regex case must stay fast
 
 def best_of_3(fn, text, bound):
@@ -563,19 +420,8 @@ def best_of_3(fn, text, bound):
 
 
 REWARDS = {"answer": lambda s: rl.reward_answer(s, "1"), "format": rl.reward_format,
-           "think": rl.think_consistency, "rouge_l": lambda s: rl.rouge_l(s, s), "word_f1": lambda s: rl.word_f1(s, s)}
-HOSTILE = {
-    "boxed_open_x100k": "\\boxed{" * 100000,
-    "open_brace_1M": "{" * 10 ** 6,
-    "close_brace_1M": "}" * 10 ** 6,
-    "think_x100k": "<think>" * 10 ** 5,
-    "box_then_1M_braces": "\\boxed{" + "{" * 10 ** 6,
-    "box_escaped_braces": "<think>t</think>\\boxed{" + "\\{" * 500000,
-    "boxes_1M": "<think>t</think>" + "\\boxed{1}" * 110000,
-    "long_thinking_numbers": "<think>" + " 1" * 500000 + "</think>\\boxed{1}",
-    "nested_wrappers": "<think>t</think>\\boxed{" + "\\text{" * 140 + "(" * 100 + "1" + ")" * 100 + "}" * 140 + "}",
-}
-
+           "think": rl.think_consistency, "judge": lambda s: rl.reference_judge(s, s),
+           "judge_f1": lambda s: rl.reference_judge(s, s, metric="word_f1")}
 
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_inputs_are_fast(name):
@@ -616,21 +462,10 @@ def test_think_consistency():
     assert rl.repetition_ratio("x " * 100) > 0.95
 
 
-def test_rouge_l_and_word_f1_by_hand():
-    # LCS of "the cat sat on the mat" / "the cat is on the mat" = the cat on the mat = 5
-    assert close(rl.rouge_l("the cat sat on the mat", "The cat is on the mat."), 5 / 6)
-    assert close(rl.word_f1("the cat sat on the mat", "The cat is on the mat."), 5 / 6)
-    # order matters for ROUGE-L (LCS 1 of 4), not for bag-of-words F1
-    assert close(rl.rouge_l("a b c d", "d c b a"), 0.25) and close(rl.word_f1("a b c d", "d c b a"), 1.0)
-    # P = 2/2, R = 2/4 -> F = 2/3
-    assert close(rl.rouge_l("a c", "a b c d"), 2 / 3) and close(rl.word_f1("a c", "a b c d"), 2 / 3)
-    assert rl.rouge_l("", "a") == 0.0 and rl.word_f1("a", "") == 0.0 and rl.rouge_l("x", "y") == 0.0
-    assert rl.reference_judge("a b c d", "d c b a") == 0.0                        # 0.25 < 0.5
-    assert rl.reference_judge("a b c d", "d c b a", metric="word_f1") == 1.0
+def test_reference_judge_binarises_rouge_l_or_word_f1():
+    assert rl.reference_judge("a b c d", "d c b a") == 0.0                        # ROUGE-L 0.25 < 0.5
+    assert rl.reference_judge("a b c d", "d c b a", metric="word_f1") == 1.0       # word-F1 1.0
     assert close(rl.reference_judge("a b c d", "d c b a", threshold=None), 0.25)
-    long = " ".join(f"w{i}" for i in range(1000))                            # capped at 256 words
-    assert close(rl.rouge_l(long, long), 1.0)
-    assert close(rl.rouge_l(long, " ".join(f"w{i}" for i in range(256))), 1.0)
 
 
 def test_mixed_reward_weights():

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import model as M
@@ -54,17 +55,6 @@ def held_back(text):
 
 # ----------------------------------------------------------------------------------------------
 # scoring
-
-def test_last_boxed_is_bounded_and_takes_the_last():
-    assert data.last_boxed(r"so \boxed{3} no, \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
-    assert data.last_boxed("no box here") is None
-    assert data.last_boxed(r"\boxed{unclosed {x}") is None
-    hostile = "\\boxed{" + "{" * 200_000 + "a" * 200_000
-    t0 = time.perf_counter()
-    assert data.last_boxed(hostile) is None
-    assert data.last_boxed(("\\boxed{" * 50_000) + "7}") == "7"
-    assert time.perf_counter() - t0 < 1.0
-
 
 def test_every_familys_reference_replies_score_one(synth):
     """The assistant turn of every eval record of a fresh synthetic set, fed back as the prediction."""
@@ -131,8 +121,52 @@ def test_hand_made_replies_score_as_a_reader_would():
     assert not S.score("vqa", "There are 4.", "", "4")[0]
     assert S.score("vqa", "A red circle at the top left", "a red circle at the top left.", None)[0]
     assert not S.score("vqa", "a red circle", "a red circle at the top left.", None)[0]
-    assert S.word_f1("a red circle", "a red circle at the top left") == 2 * (1 * 3 / 7) / (1 + 3 / 7)
-    assert S.word_f1("", "") == 1.0
+    assert S.reply_word_f1("<think>x</think>a red circle", "a red circle at the top left") == 2 * (1 * 3 / 7) / (1 + 3 / 7)
+    assert S.reply_word_f1("<think>cut off", "a red circle") == 0.0
+
+
+# Each extraction rule of extract_answer's docstring, with a reply where the rule and its nearest
+# wrong rule disagree (first vs last number, box vs no box, the asked kind vs the first kind, ...):
+# (family, reply, gold, the answer the rule extracts)
+RULES = [
+    ("count", "2 circles, not 3", "2", "2"),                                  # the first number, not the last
+    ("count", "I see two circles and 3 squares", "2", "2"),                  # number words count as numbers
+    ("count", "Of 5 shapes, \\boxed{2} are circles", "2", "2"),              # inside the last box
+    ("count", "<think>I count 3</think> There are 2.", "2", "2"),            # after </think>
+    ("count", "<think>I count 3, so 3", "3", None),                          # a think never closed: no answer
+    ("count", " " * 2000 + "2", "2", None),                                  # beyond MAX_SCAN
+    ("math", "3 + 4 = 7", "7", "7"),                                         # no box: the last number, not the first
+    ("math", "-2 + 5 = 3, so -3 + 1 = -2", "-2", "-2"),                      # ... with its sign
+    ("math_direct", "\\boxed{7}, and 9 is wrong", "7", "7"),                  # a box wins over later numbers
+    ("count_cot", "\\boxed{3} no: \\boxed{4}", "4", "4"),                      # the last box
+    ("math", "\\boxed{4.0}", "4", "4"),                                       # normalised, agrees with 4
+    ("math", "so \\boxed{\\frac{1}{2}}", "0.5", "\\frac{1}{2}"),                # the whole box, not a number in it
+    ("math", " " * 2000 + "7", "7", None),                                   # beyond MAX_SCAN
+    ("chart", "cat has 6 and dog has 4", "6", "6"),                          # numeric gold: the first number
+    ("chart", "cat has 6 and dog has 4", "dog", "cat"),                      # label gold: the first label
+    ("chart", "the dogs", "dog", "dog"),                                      # plural labels made singular
+    ("ocr", "it says tiger, or queen", "queen", "tiger"),                    # the first vocabulary word
+    ("ocr", "it reads hello", "hello", "hello"),                             # none: the last word
+    ("ocr", "QUEEN", "Queen", "queen"),                                      # case does not matter
+    ("multi", "no, yes", "yes", "no"),                                       # the first of yes / no / first / second
+    ("multi", "the second, not the first", "second", "second"),
+    ("video", "up, then down", "down", "up"),                                # the first direction
+    ("video", "It moves upwards.", "up", "up"),                              # synonyms
+    ("caption_qa", "a red circle at the top left", "red", "red"),            # the kind asked: colour
+    ("caption_qa", "a red circle at the top left", "circle", "circle"),      # shape
+    ("caption_qa", "a red circle at the top left", "top left", "top left"),  # position
+    ("caption_qa", "the circle is red", None, "circle"),                     # no gold: the first of any kind
+    ("caption_qa", "two blue triangles", "triangle", "triangle"),            # plurals made singular
+    ("vqa", "<think>x</think> The Top Left.", "top left", "the top left"),   # other families: the span, normalised
+]
+
+
+def test_each_extraction_rule_is_the_documented_one():
+    for family, reply, gold, want in RULES:
+        got = S.extract_answer(family, reply, gold)
+        assert got == want, (family, reply, gold, got)
+        right = want is not None and data.answers_match(want, data.normalize_answer(gold or ""))
+        assert S.score(family, reply, "", gold)[0] == right, (family, reply, gold)
 
 
 HOSTILE = ["\\boxed{" * 150_000, "{" * 1_000_000, "1 " * 500_000, "a" * 1_000_000, "</think>" * 130_000,
@@ -147,7 +181,7 @@ def test_hostile_replies_score_fast():
         t0 = time.perf_counter()
         for family in list(data.SYNTH_FAMILIES) + ["vqa"]:
             S.score(family, reply, CAPTION, None if family in ("caption", "text") else "2")
-        S.word_f1(reply, CAPTION)
+        S.reply_word_f1(reply, CAPTION)
         S.extract_choice(reply, options)
         assert time.perf_counter() - t0 < 0.5, reply[:20]
 
@@ -279,6 +313,70 @@ def test_chance_is_the_majority_share(tmp_path):
     write("text", [{"text": t} for t in ("the word is kite.", "a b kite.", "x water.", "y z.")])
     got = S.chance(tmp_path, limit=5)
     assert got == {"caption": 2 / 3, "text": 2 / 4, "count": 3 / 5}
+
+
+# ----------------------------------------------------------------------------------------------
+# how sure a number is: Wilson intervals, paired differences; the report
+
+def test_wilson_interval_by_hand():
+    # 8 of 10, z = 1.96: z²/n = 0.38415, centre (0.8 + 0.19207) / 1.38415 = 0.71674,
+    # half 1.96 sqrt(0.016 + 0.0096037) / 1.38415 = 0.22658 -> [0.49016, 0.94332]
+    lo, hi = S.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.49016, abs=1e-5) and hi == pytest.approx(0.94332, abs=1e-5)
+    # 0 of 10: centre = half = 0.19207 / 1.38415 = 0.13877 -> [0, 0.27753]; and n = 0 says nothing
+    assert S.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert S.wilson_interval(0, 0) == (0.0, 1.0)
+    assert S.accuracy_cell(8, 10) == {"n": 10, "correct": 8, "accuracy": 0.8, "interval": [0.4902, 0.9433]}
+    assert S.plus_minus(0.8, (0.4902, 0.9433)) == "0.80 ±0.31"          # the larger side, rounded up
+    assert S.plus_minus(0.5, (0.41, 0.59)) == "0.50 ±0.09"
+
+
+def predictions(pattern):
+    """[(a, b)] right/wrong pairs -> two prediction lists on the same samples (two families)."""
+    a = [{"family": "fa" if i % 2 else "fb", "where": f"s{i}", "correct": x} for i, (x, _) in enumerate(pattern)]
+    b = [{"family": "fa" if i % 2 else "fb", "where": f"s{i}", "correct": y} for i, (_, y) in enumerate(pattern)]
+    return a, b
+
+
+def test_paired_difference_against_the_normal_approximation():
+    # 60 samples right in a only, 20 in b only, 320 the same: d = 0.1; var(d) = 80/400 - 0.01 = 0.19;
+    # normal 95% interval 0.1 ± 1.96 sqrt(0.19 / 400) = [0.0573, 0.1427]
+    a, b = predictions([(True, False)] * 60 + [(False, True)] * 20 + [(True, True)] * 200 + [(False, False)] * 120)
+    e = S.paired_difference(a, b)
+    assert (e["n"], e["difference"], e["a_only"], e["b_only"]) == (400, 0.1, 60, 20) and e["excludes_0"]
+    assert e["interval"] == pytest.approx([0.0573, 0.1427], abs=0.01)
+    assert (e["accuracy_a"], e["accuracy_b"]) == (0.65, 0.55)
+    assert S.paired_difference(a, b) == e                                   # a fixed seed: the same interval
+    null = S.paired_difference(*predictions([(True, False)] * 10 + [(False, True)] * 10 + [(True, True)] * 80))
+    assert null["difference"] == 0 and null["interval"][0] < 0 < null["interval"][1] and not null["excludes_0"]
+    with pytest.raises(ValueError, match="same samples"):
+        S.paired_difference(a, b[1:])                                       # one sample missing on one side
+    with pytest.raises(ValueError, match="same samples"):
+        S.paired_difference(a, b[:-1] + [b[0]])                             # one sample twice
+
+
+def test_report_markdown_and_picture(tmp_path):
+    cells = lambda *ks: {f: S.accuracy_cell(k, 128) for f, k in zip(("ocr", "count", "math"), ks)}   # noqa: E731
+    stages = {"vit1": {"seconds": 10, "eval_loss_start": 1.0, "eval_loss": 0.5,
+                       "eval": {"real": cells(100, 30, 5), "blank": cells(2, 30, 4)}},
+              "longcot": {"seconds": 20, "eval": {"real": cells(120, 90, 20), "blank": cells(3, 25, 4),
+                                                  "think": {"count": S.accuracy_cell(110, 128)}}}}
+    a, b = predictions([(True, False)] * 60 + [(True, True)] * 40)
+    effect = {"name": "sees", "a": "vit1 (real images)", "b": "vit1 (blank images)", "families": ["ocr"],
+              **S.paired_difference(a, b)}
+    report = {"stages": stages, "eval_limit": 128, "chance": {"ocr": 0.12, "count": 0.25, "math": 0.16},
+              "effects": [effect], "seeds": [{"run": 1, "seed_offset": 0, "effects": [effect]},
+                                             {"run": 2, "seed_offset": 1000, "effects": [{**effect, "excludes_0": False}]}]}
+    md = S.report_markdown(report)
+    # 30 of 128: Wilson [0.1694, 0.3148] around 0.2344, the larger side 0.0805 -> ±0.09
+    assert "| vit1 | 10 | 1.000 → 0.500 | 0.78 ±0.08 | 0.23 ±0.09 | 0.04 ±0.05 |" in md      # 100, 30, 5 of 128
+    assert "### Blank images" in md and "| longcot | 0.02 ±0.05 | 0.20 ±0.08 | 0.03 ±0.05 |" in md
+    assert "### Thinking mode" in md and "| longcot |  | 0.86 ±0.08 |  |" in md
+    assert "| sees: vit1 (real images) vs vit1 (blank images) | ocr | 100 | 1.00 | 0.40 | +0.60 [" in md
+    assert md.count("shown") == 2 and "| sees | +0.60 [" in md and " * | +0.60 [" in md      # both runs listed
+    S.report_picture(report, {"vit1": [3.0, 2.0, 1.0], "longcot": [1.0, 0.5]}, str(tmp_path / "r.png"))
+    img = Image.open(tmp_path / "r.png")
+    assert img.width >= 900 and img.height > 600
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,9 +53,10 @@ def losses_of(folder):
 
 # Written out from the paper, independently of RECIPE: which modules each stage trains.
 # §2.1.1 SAIL-ViT: I adapter, II ViT + adapter, III all; §3.2.1 basic pre-training: the adapter
-# (from random init), multi-task pre-training: all; §4.2.1-§4.2.5 every SFT / RL stage: all.
+# (from random init), multi-task pre-training: all; §4.2.1-§4.2.5 every SFT / RL stage: all. The
+# control vit3-direct (stage III without I-II) trains what stage III trains.
 ALL = {"vision_model", "mlp1", "language_model"}
-PAPER_TRAINS = {"vit1": {"mlp1"}, "vit2": {"vision_model", "mlp1"}, "vit3": ALL, "pretrain1": {"mlp1"},
+PAPER_TRAINS = {"vit1": {"mlp1"}, "vit2": {"vision_model", "mlp1"}, "vit3": ALL, "vit3-direct": ALL, "pretrain1": {"mlp1"},
                 "pretrain2": ALL, "sft1": ALL, "sft2": ALL, "sft3": ALL, "sft4": ALL, "sft4-twin": ALL,
                 "longcot": ALL, "rl-verifiable": ALL, "thinkfusion": ALL, "rl-mixed": ALL}
 PAPER_ORDER = ["vit1", "vit2", "vit3", "pretrain1", "pretrain2", "sft1", "sft2", "sft3", "sft4", "soup", "longcot",
@@ -71,6 +72,8 @@ def test_recipe_table_follows_the_paper():
     assert T.STAGES["lm0"].auto and T.STAGES["lm0"].section == ""                 # the stand-in is marked
     assert T.init_rule(T.STAGES["pretrain1"]) == {"vision_model": "vit3", "mlp1": "fresh", "language_model": "lm0"}
     assert T.init_rule(T.STAGES["vit2"]) == {m: "vit1" for m in ALL}             # previous stage
+    direct, vit3 = T.STAGES["vit3-direct"], T.STAGES["vit3"]                       # the control: III where I starts
+    assert T.init_rule(direct) == T.init_rule(T.STAGES["vit1"]) and (direct.mix, direct.tiny) == (vit3.mix, vit3.tiny)
     assert T.STAGES["soup"].inputs == ("sft4", "sft4-twin")
     assert cfg_of("pretrain1")[0].adalrs and not cfg_of("pretrain2")[0].adalrs   # §3.2.1: AdaLRS in basic only
     assert cfg_of("pretrain2")[0].ngram_rebalance                                  # §3.2.2 step 2
