@@ -824,15 +824,10 @@ def summarize(records: list) -> dict:
 
 def paired(before: list, after: list) -> dict:
     """Per metric the paired difference after - before over the same prompts (and the same sample
-    seeds), with its normal 95% interval (mean of the per-prompt differences +- 1.96 SE)."""
-    if [p["where"] for p in before] != [p["where"] for p in after]:
-        raise ValueError("paired comparison needs the same prompts in the same order")
-    out = {}
-    for name, f in EVAL_METRICS.items():
-        d, se = mean_and_se([f(a) - f(b) for a, b in zip(after, before)])
-        out[name] = {"diff": d, "lo": d - 1.96 * se, "hi": d + 1.96 * se,
-                     "excludes_0": bool(d - 1.96 * se > 0 or d + 1.96 * se < 0)}
-    return out
+    seeds), with the recipe's 95% paired bootstrap interval (sample.paired_difference)."""
+    def side(records, f):
+        return [{"family": p["family"], "where": p["where"], "correct": f(p)} for p in records]
+    return {name: sample.paired_difference(side(after, f), side(before, f)) for name, f in EVAL_METRICS.items()}
 
 
 EVAL_SEED = 12345      # the sampled half of every evaluation draws from this seed (+ rank)
@@ -1120,20 +1115,23 @@ def episode_line(episode: int, cfg, rec: dict) -> str:
 
 def finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metrics, tok_files, log) -> str:
     """The evaluation after training on the same prompts and draws as before, the paired
-    differences, and the stage output (weights, eval.jsonl with every prompt's before and after)."""
+    differences, and the stage output (weights; heldout_predictions.jsonl: every prompt before and
+    after, its greedy answer's correctness as the recipe's effects read it, and every metric)."""
     rank, world = rank_and_world()
     after = evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
     s_before, s_after, diff = summarize(before), summarize(after), paired(before, after)
     log(eval_line(cfg.episodes, s_after))
-    log("paired after - before: " + " | ".join(f"{m} {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
-                                               for m, d in diff.items()))
+    log("paired after - before: " + " | ".join(f"{m} {d['difference']:+.3f} [{d['interval'][0]:+.3f}, "
+                                               f"{d['interval'][1]:+.3f}]" for m, d in diff.items()))
     rdir = train_stage.run_dir(cfg)
     if metrics:
         metrics.write(json.dumps({"episode": cfg.episodes, "eval": {"before": s_before, "after": s_after,
                                                                    "paired": diff}}) + "\n")
         metrics.close()
-        with open(os.path.join(rdir, "eval.jsonl"), "w") as f:
-            f.writelines(json.dumps({"before": b, "after": a}) + "\n" for b, a in zip(before, after))
+        with open(os.path.join(rdir, train_stage.RL_HELDOUT), "w") as f:     # the recipe's effects read it
+            f.writelines(json.dumps({"side": side, "correct": bool(p["greedy_acc"]), **{m: g(p) for m, g in
+                                     EVAL_METRICS.items()}, **p}) + "\n" for side, recs in (("before", before),
+                                                                                         ("after", after)) for p in recs)
     train_stage.barrier()
     meta = {"stage": cfg.stage, "step": cfg.episodes, "config": asdict(cfg), "filter": filter_counts,
             "reward": {"before": s_before["reward"]["mean"], "after": s_after["reward"]["mean"]},
@@ -1142,7 +1140,8 @@ def finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metr
     out = train_stage.stage_dir(cfg)
     train_stage.save_checkpoint(out, model, meta, rank, world, model_cfg=model.cfg,
                                 extra_files={"metrics.jsonl": os.path.join(rdir, "metrics.jsonl"),
-                                             "eval.jsonl": os.path.join(rdir, "eval.jsonl"), **tok_files})
+                                             train_stage.RL_HELDOUT: os.path.join(rdir, train_stage.RL_HELDOUT),
+                                             **tok_files})
     return out
 
 

@@ -505,30 +505,35 @@ def plus_minus(accuracy: float, interval) -> str:
 
 def paired_difference(a: list, b: list, seed: int = 0) -> dict:
     """accuracy(a) - accuracy(b) for two prediction lists scored on the same samples (dicts with
-    "family", "where", "correct"; a sample is its (family, where)), with a 95% paired bootstrap
-    percentile interval: BOOTSTRAP_RESAMPLES resamples of the samples within each family (the
-    design fixes each family's n), a sample's two sides always drawn together. Also the discordant
-    counts McNemar's test reads (a_only: right in a only). ValueError unless both lists hold the
-    same samples, each once."""
-    ka = {(p["family"], p["where"]): bool(p["correct"]) for p in a}
-    kb = {(p["family"], p["where"]): bool(p["correct"]) for p in b}
+    "family", "where", "correct"; a sample is its (family, where); "correct" a bool, or a score in
+    [0, 1] such as the share of right samples among k), with a 95% paired bootstrap percentile
+    interval: BOOTSTRAP_RESAMPLES resamples of the samples within each family (the design fixes
+    each family's n), a sample's two sides always drawn together. Also the discordant counts
+    McNemar's test reads (a_only: better in a). ValueError unless both lists hold the same
+    samples, each once."""
+    ka = {(p["family"], p["where"]): float(p["correct"]) for p in a}
+    kb = {(p["family"], p["where"]): float(p["correct"]) for p in b}
     if ka.keys() != kb.keys() or len(ka) != len(a) or len(kb) != len(b) or not ka:
         raise ValueError(f"the two sides are not scored on the same samples ({len(a)} and {len(b)} predictions, "
                          f"{len(ka.keys() ^ kb.keys())} samples on one side only)")
-    per_family = defaultdict(Counter)                  # family -> {+1: right in a only, -1: in b only, 0: same}
-    for key, right in ka.items():
-        per_family[key[0]][int(right) - int(kb[key])] += 1
+    per_family = defaultdict(list)                     # family -> per-sample differences a - b
+    for key, x in ka.items():
+        per_family[key[0]].append(x - kb[key])
     rng, sums = np.random.default_rng(seed), np.zeros(BOOTSTRAP_RESAMPLES)
     for f in sorted(per_family):
-        c, nf = per_family[f], sum(per_family[f].values())
-        draws = rng.multinomial(nf, [c[1] / nf, c[-1] / nf, c[0] / nf], size=BOOTSTRAP_RESAMPLES)
-        sums += draws[:, 0] - draws[:, 1]
+        d = np.array(per_family[f])
+        if set(d.tolist()) <= {-1.0, 0.0, 1.0}:        # binary: the counts of +1 / -1 / 0 are multinomial
+            p = [(d == 1).mean(), (d == -1).mean(), (d == 0).mean()]
+            draws = rng.multinomial(len(d), p, size=BOOTSTRAP_RESAMPLES)
+            sums += draws[:, 0] - draws[:, 1]
+        else:
+            sums += d[rng.integers(0, len(d), (BOOTSTRAP_RESAMPLES, len(d)))].sum(1)
     n = len(ka)
     lo, hi = (float(x) for x in np.percentile(sums / n, [2.5, 97.5]))
-    a_only, b_only = sum(c[1] for c in per_family.values()), sum(c[-1] for c in per_family.values())
+    diffs = [x for d in per_family.values() for x in d]
     return {"n": n, "accuracy_a": round(sum(ka.values()) / n, 4), "accuracy_b": round(sum(kb.values()) / n, 4),
-            "difference": round((a_only - b_only) / n, 4), "interval": [round(lo, 4), round(hi, 4)],
-            "excludes_0": lo > 0 or hi < 0, "a_only": a_only, "b_only": b_only}
+            "difference": round(sum(diffs) / n, 4), "interval": [round(lo, 4), round(hi, 4)],
+            "excludes_0": lo > 0 or hi < 0, "a_only": sum(x > 0 for x in diffs), "b_only": sum(x < 0 for x in diffs)}
 
 
 # ----------------------------------------------------------------------------------------------

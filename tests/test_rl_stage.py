@@ -245,8 +245,10 @@ def test_evaluation_metrics_by_hand():
     s = rl.summarize([rec, rl.per_prompt(g, samples)])
     assert s["pass@1"]["mean"] == pytest.approx((2 / 5 + 3 / 5) / 2) and s["pass@k"]["mean"] == 1.0
     assert s["maj@k"]["mean"] == 0.5 and s["maj@k"]["se"] == pytest.approx(0.5)
-    d = rl.paired([rec, rec], [rec, rl.per_prompt(g, samples)])
-    assert d["maj@k"]["diff"] == 0.5 and d["greedy_acc"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "excludes_0": False}
+    rec2 = dict(rl.per_prompt(g, samples), where="x:2")
+    d = rl.paired([rec, dict(rec, where="x:2")], [rec, rec2])
+    assert d["maj@k"]["difference"] == 0.5 and d["pass@1"]["difference"] == pytest.approx(0.1)
+    assert d["greedy_acc"]["difference"] == 0.0 and d["greedy_acc"]["interval"] == [0.0, 0.0]
 
 
 def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, tmp_path):
@@ -390,8 +392,9 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path):
     assert [r["updates"] for r in eps] == [2, 2, 2, 2]
     assert [round(r["lr"] / 1e-3, 3) for r in eps[:2]] == [0.5, 1.0]        # warm-up: 4 updates = 2 episodes
     assert [round(r["clip_high"], 4) for r in eps] == [0.2, 0.2267, 0.2533, 0.28]
-    evals = [json.loads(x) for x in open(tmp_path / "a" / "rl-verifiable" / "eval.jsonl")]
-    assert len(evals) == 6 and all("rl_eval.jsonl:" in e["before"]["where"] for e in evals)
+    evals = [json.loads(x) for x in open(tmp_path / "a" / "rl-verifiable" / train_stage.RL_HELDOUT)]
+    assert [e["side"] for e in evals] == ["before"] * 6 + ["after"] * 6
+    assert all("rl_eval.jsonl:" in e["where"] for e in evals)          # held-out prompts, not training ones
     meta = train_stage.verify_checkpoint(f"{tmp_path}/a/rl-verifiable")
     assert set(meta["rl_eval"]) == {"before", "after", "paired"}
     w0 = load_file(str(root / "out" / "longcot" / "model.safetensors"))
