@@ -2524,6 +2524,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="SAIL-VL2 data tools: synthetic data, manifest checks, curation (§3.1, "
                                 "§3.2.2, §4.1, §4.2.2). Run `python data.py SUBCOMMAND --help` for each.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    sub_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: sub_parser(*a, **{"formatter_class": fmt, **k})   # every subcommand shows defaults
     s = sub.add_parser("synth", help="generate the synthetic default dataset (PNG, MP4, JSONL) into a new folder")
     s.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="folder to create (must not exist)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
@@ -2532,15 +2535,18 @@ def main(argv=None):
                        "<IMG_CONTEXT> (and grounding) tokens at the official ids")
     s.add_argument("src", help="a Qwen3 folder (tokenizer.json, or vocab.json + merges.txt); only read")
     s.add_argument("out", help="the folder to write the tokenizer files into (created)")
-    s = sub.add_parser("check", help="load every sample of a manifest and report bad lines by reason")
-    s.add_argument("manifest")
-    s.add_argument("--image-root", default="", help="folder the manifest's image/video paths are relative to "
-                   "(default: the manifest's folder)")
-    s.add_argument("--tokenizer", default=None, help="Qwen tokenizer folder (default: embedded byte tokenizer)")
+    s = sub.add_parser("check", help="load every sample of a manifest and report bad lines by reason; exit 1 when "
+                       "training would refuse it (more than max_bad_fraction bad)")
+    s.add_argument("manifest", help="a JSONL manifest (conversations / messages / text per line)")
+    s.add_argument("--image-root", default="", help="folder the manifest's image/video paths are relative to; "
+                   "empty: the manifest's folder")
+    s.add_argument("--tokenizer", default=None, help="Qwen tokenizer folder (None: the embedded byte tokenizer)")
     s.add_argument("--preset", default="tiny", help="the model preset whose image geometry to use (model.py)")
     s.add_argument("--ckpt", default=None, help="a checkpoint folder whose geometry to use (instead of --preset)")
     s.add_argument("--max-len", type=int, default=8192, help="longer samples are reported as too_long")
-    s.add_argument("--label-mode", default="sft", choices=LABEL_MODES)
+    s.add_argument("--label-mode", default="sft", choices=LABEL_MODES, help="which tokens carry labels")
+    s.add_argument("--max-bad-fraction", type=float, default=DataConfig.max_bad_fraction,
+                   help="the share of bad samples training accepts (the stage option of the same name)")
     s = sub.add_parser("rebalance", help="n-gram rebalancing weights (§3.2.2) and the diversity before/after")
     s.add_argument("manifest")
     s.add_argument("--n", type=int, default=3, help="n-gram order")
@@ -2567,8 +2573,7 @@ def main(argv=None):
     s.add_argument("--max-overlap", type=float, default=0.8, help="drop when this share of answer 3-grams is in the CoT")
     s.add_argument("--no-balance", action="store_true", help="skip CoT-length balancing")
     s.add_argument("--seed", type=int, default=0)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    s = sub.add_parser("curate-instructions", formatter_class=fmt, help="SAIL-Instruction2 (§4.1.2): latent classes, "
+    s = sub.add_parser("curate-instructions", help="SAIL-Instruction2 (§4.1.2): latent classes, "
                        "answer quality, re-annotation, class balancing -> DIR/{curated.jsonl,classes.json,report.json}")
     s.add_argument("--classes", type=int, default=8, help="latent classes (k-means on the instructions' TF-IDF)")
     s.add_argument("--annotator", help="checkpoint that re-annotates (greedy) and, without --scorer, scores answers "
@@ -2579,7 +2584,7 @@ def main(argv=None):
     s.add_argument("--upsample", action="store_true", help="repeat classes below the median size up to it")
     s.add_argument("--max-new-tokens", type=int, default=256, help="re-annotation length limit")
     s.add_argument("--seed", type=int, default=0, help="k-means and balancing seed: same seed, same bytes")
-    v = sub.add_parser("curate-video", formatter_class=fmt, help="SAIL-Video (§4.1.1): alignment, richness and "
+    v = sub.add_parser("curate-video", help="SAIL-Video (§4.1.1): alignment, richness and "
                        "difficulty scores and filters -> DIR/{curated.jsonl,report.json}")
     v.add_argument("--min-alignment", type=float, default=0.0, help="drop when the video raises the answer's mean "
                    "log-likelihood over all-white frames by less than this (nats/token)")
@@ -2592,8 +2597,21 @@ def main(argv=None):
         s.add_argument("--in", dest="inputs", required=True, help="manifest(s), comma-separated")
         s.add_argument("--out", required=True, help="output folder")
         s.add_argument("--scorer", help=f"checkpoint whose answer log-likelihood scores {what}")
-    args = p.parse_args(argv)
+    args = p.parse_args(dashed_options(sys.argv[1:] if argv is None else argv))
+    try:
+        run_command(args)
+    except (FileNotFoundError, DataError, ValueError) as e:       # usage mistakes: one line, exit 2
+        p.exit(2, f"data.py {args.cmd}: error: {e}\n")
 
+
+def dashed_options(argv: list) -> list:
+    """--max_len=8 -> --max-len=8: the command-line tools accept the training scripts' underscore
+    spelling as well as their own dashed one."""
+    return [a.split("=", 1)[0].replace("_", "-") + a[len(a.split("=", 1)[0]):] if a.startswith("--") else a
+            for a in argv]
+
+
+def run_command(args):
     if args.cmd == "add-image-tokens":
         add_image_tokens_cli(args.src, args.out)
     elif args.cmd == "synth":
@@ -2611,6 +2629,11 @@ def main(argv=None):
         if lengths:
             print(f"{len(lengths)} good samples ({cfg.image_size}-px tiles, {cfg.tokens_per_tile} tokens each), "
                   f"tokens per sample: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+        n_bad = sum(bad.counts.values())
+        if n_bad > args.max_bad_fraction * max(bad.seen, 1):
+            print(f"training would refuse {args.manifest}: {n_bad} of {bad.seen} samples are bad "
+                  f"({n_bad / max(bad.seen, 1):.1%} > max_bad_fraction {args.max_bad_fraction:.1%})", file=sys.stderr)
+            raise SystemExit(1)
     elif args.cmd == "rebalance":
         ds = JsonlDataset(args.manifest, load_tokenizer(None))
         texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc="read")]

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
@@ -667,6 +668,18 @@ class SAILVL(nn.Module):
         h, w = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
         return self.mlp1(pixel_shuffle(feats, h, w)).reshape(-1, self.cfg.llm_config.hidden_size)
 
+    # Under FSDP2 each ViT block is a unit whose weights every rank gathers together: a rank whose
+    # pack has no images must run the ViT too, or the ranks' collectives diverge (train_stage.parallelize)
+    vision_every_forward = False
+
+    def blank_tile(self, device):
+        """One white tile (fixed resolution) or one 2x2-patch image (AnyRes) for vision_every_forward."""
+        if self.cfg.anyres:
+            return [torch.ones(3, 2 * self.cfg.vision_config.patch_size, 2 * self.cfg.vision_config.patch_size,
+                               device=device)]
+        size = self.cfg.vision_config.image_size
+        return torch.ones(1, 3, size, size, device=device)
+
     def embed(self, input_ids, pixel_values=None):
         """Token embeddings with the `<IMG_CONTEXT>` positions filled, in order, by visual tokens."""
         x = self.language_model.model.embed_tokens(input_ids)            # (B, T, H)
@@ -675,6 +688,8 @@ class SAILVL(nn.Module):
         if pixel_values is None or (isinstance(pixel_values, (list, tuple)) and not pixel_values):
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} <IMG_CONTEXT> tokens but no pixel_values were given")
+            if self.vision_every_forward:      # sharded: every rank runs the ViT's gathers (a blank tile, weight 0)
+                x = x + 0.0 * self.encode_images(self.blank_tile(x.device)).sum()
             return x
         vis = self.encode_images(pixel_values)                           # (N_tokens, H)
         if vis.shape[0] != n_slots:
@@ -904,8 +919,11 @@ def preset_config(name: str) -> SAILVLConfig:
         "30b-a3b": SAILVLConfig(llm_config=qwen3_30b_a3b),
     }
     if name not in presets:
-        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(presets)}")
+        raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
     return presets[name]
+
+
+PRESETS = ("tiny", "tiny-moe", "tiny-anyres", "2b", "8b", "30b-a3b")
 
 
 # Id of <IMG_CONTEXT> in the embedded default tokenizer (data.load_tokenizer(None)): 256 bytes first,
@@ -981,8 +999,8 @@ def training_flops(cfg: SAILVLConfig, weights: dict, packs: list, trainable: lis
 def main():
     ap = argparse.ArgumentParser(description="Print a SAIL-VL2 preset's configuration and parameter counts "
                                              "(built on the meta device, so no memory is used).")
-    ap.add_argument("--preset", default="tiny", help="tiny | tiny-moe | tiny-anyres | 2b | 8b | 30b-a3b")
-    args = ap.parse_args()
+    ap.add_argument("--preset", default="tiny", choices=PRESETS, help="the model preset")
+    args = ap.parse_args([a.replace("_", "-") if a.startswith("--") else a for a in sys.argv[1:]])
     model = build_model(args.preset, device="meta")
     print(json.dumps(model.cfg.to_dict(), indent=2))
     lm = model.language_model

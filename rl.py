@@ -371,24 +371,13 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def pixels_to(pixels, device):
-    """Pixel tensors (a tensor, an AnyRes list, or None) on `device`."""
-    if isinstance(pixels, (list, tuple)):
-        return [p.to(device) for p in pixels]
-    return None if pixels is None else pixels.to(device)
-
-
-def model_device(model):
-    return next(model.parameters()).device
-
-
 def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[int] = None,
              greedy: bool = False, progress: bool = False) -> list:
     """group_size (default cfg.group_size) completions per prompt, prompt after prompt (the layout
     group_advantages reads); sampled with cfg.temperature / cfg.top_p, or greedy. Every tensor on
     the policy's device; `generator` on that device too."""
     G = group_size or cfg.group_size
-    device = model_device(policy)
+    device = sample.model_device(policy)
     stop, banned = sample.stop_ids(tok), banned_ids(tok)
     temperature, top_p = (0.0, 1.0) if greedy else (cfg.temperature, cfg.top_p)
     per_call = max(1, cfg.batch_rows // G)
@@ -397,7 +386,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
     with torch.inference_mode(), autocast(device):
         for chunk in tqdm(chunks, desc="rollouts", disable=not progress, leave=False):
             flat = torch.tensor([t for p in chunk for t in p.ids], device=device)[None]
-            pixels = pixels_to(sample.concat_pixels([p.pixels for p in chunk]), device)
+            pixels = sample.on_device(sample.concat_pixels([p.pixels for p in chunk]), device)
             prefixes = policy.embed(flat, pixels)[0].split([len(p.ids) for p in chunk])   # (L_i, H) each
             lps = []
             ids_per_row = M.generate_from_embeds(policy.language_model, list(prefixes), cfg.max_new_tokens,
@@ -519,7 +508,7 @@ def generation_policy(model, replica=None):
     if replica is None:
         with torch.device("meta"):
             replica = M.SAILVL(model.cfg)
-        replica = replica.to_empty(device=model_device(model))
+        replica = replica.to_empty(device=sample.model_device(model))
         if model.cfg.llm_config.tie_word_embeddings:
             replica.language_model.lm_head.weight = replica.language_model.model.embed_tokens.weight
     replica.load_state_dict(sd)
@@ -567,7 +556,7 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
     from the pool and samples its share; a group is kept when its answers are neither all right
     nor all wrong (DAPO filters on accuracy, not on the shaped reward), up to this rank's quota;
     the rounds stop when every rank is full. Then training goes on with what is there."""
-    device = model_device(policy)
+    device = sample.model_device(policy)
     rank, world = rank_and_world()
     kept, seen, all_rolls = [], 0, []
     for _ in range(cfg.max_sampling_rounds):
@@ -622,7 +611,7 @@ def completion_logps(model, pack: dict, cfg, n_valid: int, banned=()) -> tuple:
     """Per sample of the pack: the policy's log-probs (L_i,) of its completion tokens and its
     entropy there. A training-mode forward (no dropout in this model), the same code for the old
     log-probs and the update, so the first update's ratio is exactly 1."""
-    device = model_device(model)
+    device = sample.model_device(model)
     p = train_stage.to_device(pack, device)
     with autocast(device):
         logits = model(p["input_ids"], p.get("pixel_values"), position_ids=p["position_ids"],
@@ -674,7 +663,7 @@ def micro_step(model, pack: dict, rows: list, olds, cfg, tok, n_global: float, w
     """Forward and backward of one packed micro-batch with the mini-batch's global normaliser.
     `olds` None: the rollout policy is the current one (ratio 1). `weight` 0: a padding pack that
     only keeps this rank in step with the others' collectives. -> (sums, maxes) for the stats."""
-    device = model_device(model)
+    device = sample.model_device(model)
     _, world = rank_and_world()
     lps, ents = completion_logps(model, pack, cfg, tok.n_vocab, banned_ids(tok))
     logp, mask = padded(lps, device)                                        # (B, T)
@@ -701,7 +690,7 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     packs of weight 0. `lr_at(update)` sets the LR of each update. Stats are over all ranks:
     means per update, `ratio_max_dev` of the first update (0: the rollout policy itself) and
     `ratio_max_dev_later` of the others (> 0 once the policy moved)."""
-    device = model_device(model)
+    device = sample.model_device(model)
     img_id = model.cfg.img_context_token_id
     agg = cfg.agg or AGG_DEFAULTS[cfg.algo]
     mbs = split_mini_batches(rolls, cfg)
@@ -839,7 +828,7 @@ def evaluate_prompts(policy, tok, prompts: list, cfg, judge=None, progress: bool
     rollout temperature, scored like the rollouts. Each rank answers its share; every rank gets
     all records, in prompt order. The sample draws restart from EVAL_SEED each call, so a "before"
     and an "after" see the same random numbers."""
-    device = model_device(policy)
+    device = sample.model_device(policy)
     rank, _ = rank_and_world()
     mine = my_share(prompts)
     greedy = rollouts(policy, tok, mine, cfg, None, group_size=1, greedy=True, progress=progress)
@@ -928,6 +917,10 @@ class RLConfig(train_stage.StageConfig):
     harvest_samples: int = 8              # harvest: completions per prompt
     advantage_control: str = ""           # "shuffle": advantages permuted across rollouts (a control run that must not learn)
 
+
+# the start-up line names these (every option: <out>/<stage>.run/config.json)
+RL_SUMMARY_KEYS = ("init_from", "algo", "reward", "episodes", "prompts_per_episode", "group_size", "mini_batches",
+                   "lr", "max_new_tokens", "seed")
 
 # stage options that have no meaning in an RL stage: given, they are refused with the reason
 RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL prompts have no labels",
@@ -1059,7 +1052,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     pool = PromptPool(mixture, positions, cfg.seed)
     pool.pos = meta.get("pool", {}).get("pos", 0)
     filler = Rollout(eval_set[0], [sample.stop_ids(tok).__iter__().__next__()], "", False, [0.0])
-    log("config: " + json.dumps(asdict(cfg)))
+    train_stage.log_config(cfg, model.cfg, rdir, rank, log, RL_SUMMARY_KEYS)
     metrics = train_stage.open_metrics(os.path.join(rdir, "metrics.jsonl"), episode) if rank == 0 else None
     before = meta.get("before") or evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
     if not resume:
@@ -1254,13 +1247,14 @@ def help_text() -> str:
              "    torchrun rl.py --stage rl-mixed            # §4.2.5, from out/thinkfusion",
              "    python rl.py filter --ckpt DIR --out FILE  # the pass@k filter as a tool",
              "", "options (--key=value or --key value):",
-             f"  {'--resume [DIR]':<36} continue from DIR, or from the newest good out/<stage>.run/step-*"]
+             train_stage.option_line("--resume [DIR]", "continue from DIR, or from the newest good "
+                                     "out/<stage>.run/step-* checkpoint")]
     for f in dataclasses.fields(RLConfig):
         if f.name in RL_UNUSED:
             continue
         value = getattr(RLConfig(), f.name)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        lines.append(f"  {'--' + f.name + '=' + str(shown):<36} {doc.get(f.name, '')}")
+        lines.append(train_stage.option_line(f"--{f.name}={shown}", doc.get(f.name, "")))
     return "\n".join(lines)
 
 

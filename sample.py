@@ -107,9 +107,14 @@ class Streamer:
         self.shown = text
 
 
-def on_device(pixels, model):
-    """Pixels (None, a tensor, or an AnyRes list) on the model's device."""
-    device = model.language_model.lm_head.weight.device
+def model_device(model) -> torch.device:
+    """The device of the model's weights (the CPU for stand-ins that have none)."""
+    first = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return torch.device("cpu") if first is None else first.device
+
+
+def on_device(pixels, device):
+    """Pixels (None, a tensor, or an AnyRes list) on `device`."""
     if isinstance(pixels, (list, tuple)):
         return [p.to(device) for p in pixels]
     return None if pixels is None else pixels.to(device)
@@ -121,7 +126,7 @@ def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_ne
     sample = data.prompt_inputs(tok, dcfg, question, images, videos, think=think)
     stop = stop_ids(tok)
     gen = torch.Generator(device=model.language_model.lm_head.weight.device).manual_seed(seed)
-    out = model.generate([sample["input_ids"].tolist()], on_device(sample["pixel_values"], model),
+    out = model.generate([sample["input_ids"].tolist()], on_device(sample["pixel_values"], model_device(model)),
                          max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, stop_tokens=stop, generator=gen,
                          on_token=Streamer(tok, stop) if stream else None, n_valid_tokens=tok.n_vocab)[0]
@@ -275,8 +280,8 @@ def reply_word_f1(reply: str, reference: str) -> float:
 # 192 for the others (a scene described object by object, then the answer; the longest synthetic
 # chain, count_cot's for six objects, is 287 tokens).
 DIRECT_NEW_TOKENS = {"text": 16, "caption": 96, "caption_qa": 32, "ocr": 16, "chart": 16, "count": 32,
-                     "count_cot": 320, "math": 96, "math_direct": 32, "multi": 32, "video": 32}
-THINK_NEW_TOKENS = {"text": 16, "count_cot": 320, "math": 128}
+                     "count_cot": 512, "math": 96, "math_direct": 32, "multi": 32, "video": 32}
+THINK_NEW_TOKENS = {"text": 16, "count_cot": 512, "math": 128}
 OTHER_NEW_TOKENS = {False: 128, True: 1024}       # families we do not know (real manifests)
 MCQ_NEW_TOKENS = {False: 32, True: 1024}          # a VLMEvalKit multiple-choice TSV
 
@@ -312,7 +317,7 @@ def generate_batch(model, tok, items: list) -> list:
     """Greedy replies to `items` in one `generate` call; each row is cut to its own budget, so the
     result does not depend on which other rows share the batch."""
     stop = stop_ids(tok)
-    out = model.generate([it.ids for it in items], on_device(concat_pixels([it.pixels for it in items]), model),
+    out = model.generate([it.ids for it in items], on_device(concat_pixels([it.pixels for it in items]), model_device(model)),
                          max_new_tokens=max(it.max_new for it in items), temperature=0.0, stop_tokens=stop,
                          n_valid_tokens=tok.n_vocab)
     replies = []
@@ -942,13 +947,13 @@ def cli(argv):
     ap.add_argument("--ckpt", required=True, help="a checkpoint folder (ours or an official SAIL-VL2 one)")
     ap.add_argument("--image", nargs="*", default=[], help="image file(s); each gets an <image> placeholder")
     ap.add_argument("--video", nargs="*", default=[], help="video file(s), sampled to 16 frames")
-    ap.add_argument("--prompt", default="Describe the image.")
+    ap.add_argument("--prompt", default="Describe the image.", help="the question")
     ap.add_argument("--think", action="store_true", help="thinking mode: ask for <think>...</think> + \\boxed{}")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="default 256; eval: per family (DIRECT_NEW_TOKENS / THINK_NEW_TOKENS)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--eval", default=None, help="score a synthetic-data folder, a JSONL manifest or a VLMEvalKit TSV")
     ap.add_argument("--blank", action="store_true", help="eval: every image and video frame white (blindness)")
     ap.add_argument("--limit", type=int, default=None, help="eval: first N records (default: EVAL_LIMIT = 128 per family of a "
@@ -956,7 +961,7 @@ def cli(argv):
     ap.add_argument("--batch-size", type=int, default=32, help="eval: prompts per generate call")
     ap.add_argument("--out", default=None, help="eval: one combined JSON report here instead of <ckpt>/eval/")
     ap.add_argument("--device", default=default_device(), help="cuda | cpu (default: cuda when present)")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(data.dashed_options(sys.argv[1:] if argv is None else argv))
     for flag, paths in (("--image", args.image), ("--video", args.video), ("--eval", [args.eval] if args.eval else [])):
         for p in paths:
             if not os.path.exists(p):

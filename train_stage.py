@@ -179,14 +179,16 @@ def set_key(roots: dict, key: str, value: str) -> None:
     the nearest known one."""
     key = key.replace("-", "_")
     head, _, rest = key.partition(".")
-    obj, path = (roots[head], rest.split(".")) if head in roots and head and rest else (roots[""], key.split("."))
+    rooted = head in roots and head and rest
+    obj, path = (roots[head], rest.split(".")) if rooted else (roots[""], key.split("."))
+    prefix = [head] if rooted else []                # kept in the suggestion: --model.llm_config.…
     for i, p in enumerate(path):
         names = [f.name for f in fields(obj)] if dataclasses.is_dataclass(obj) else []
         if p not in names:
             near = difflib.get_close_matches(p, names, n=1)
-            where = ".".join(path[:i]) or "the stage config"
-            raise UsageError(f"unknown option --{key}" + (f" (did you mean --{'.'.join(path[:i] + near)}?)" if near
-                                                          else f" (no field {p!r} in {where})"))
+            where = ".".join(prefix + path[:i]) or "the stage config"
+            raise UsageError(f"unknown option --{key}" + (f" (did you mean --{'.'.join(prefix + path[:i] + near)}?)"
+                                                          if near else f" (no field {p!r} in {where})"))
         if i == len(path) - 1:
             setattr(obj, p, parse_value(value, getattr(obj, p), key))
         else:
@@ -283,7 +285,7 @@ RECIPE = (
           paper=(("seq", 8192), ("samples", 180_000_000), ("tokens", 360e9))),
     Stage("sft1", "§4.2.1", "SFT phase 1: general instructions (Infinity-MM stage 2)",
           mix=(("caption_qa", 0.3), ("count", 0.2), ("ocr", 0.2), ("chart", 0.2), ("multi", 0.1)),
-          tiny=(("lr", 5e-4), ("steps", 250)), paper=(("seq", 8192), ("tokens", 42e9))),
+          tiny=(("lr", 2e-4), ("steps", 250)), paper=(("seq", 8192), ("tokens", 42e9))),
     Stage("sft2", "§4.2.1", "SFT phase 2: SAIL-Instruction2 (20M)",
           mix=(("caption", 0.1), ("caption_qa", 0.15), ("ocr", 0.15), ("chart", 0.15), ("count", 0.15),
                ("multi", 0.15), ("math_direct", 0.15)),
@@ -307,7 +309,7 @@ RECIPE = (
           "trains on counting in thinking mode (1-9 objects; fresh scenes every episode), the skill the tiny "
           "model has; its math is guessing, and RL on guesses only learns the frequent answers",
           mix=(("count_cot", 1.0),), label_mode="rl", runner="rl.py",
-          tiny=(("episodes", 150), ("lr", 2e-5)),
+          tiny=(("episodes", 150), ("lr", 2e-5), ("max_new_tokens", 512)),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 70_000), ("rollouts", 2048), ("mini_batch", 512))),
     Stage("harvest", "§4.2.4", "CoT harvest: rejection-sample correct, well-formed chains from the RL model",
           trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py",
@@ -422,15 +424,28 @@ def run_dir(cfg: StageConfig) -> str:
     return stage_dir(cfg) + ".run"
 
 
+def manifest_and_weight(item: str, split: str = "train") -> tuple:
+    """"path.jsonl:2" -> ("path.jsonl", 2.0); a missing file or a bad weight is a usage error."""
+    option = "--manifests" if split == "train" else "--eval_manifests"
+    path, weight = item, 1.0
+    if not os.path.exists(item) and ":" in item:
+        path, _, w = item.rpartition(":")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise UsageError(f"{option}: bad weight {w!r} in {item!r} (write path.jsonl:2 for weight 2)") from None
+        if not weight > 0:
+            raise UsageError(f"{option}: the weight in {item!r} must be > 0")
+    if not os.path.isfile(path):
+        raise UsageError(f"{option}: manifest not found: {path}")
+    return path, weight
+
+
 def stage_sources(cfg: StageConfig, split: str) -> list:
     """[(manifest, weight)]: --manifests / --eval_manifests, else the stage's synthetic mix."""
     spec = cfg.manifests if split == "train" else cfg.eval_manifests
     if spec:
-        out = []
-        for item in spec.split(","):
-            path, _, w = item.rpartition(":") if re.search(r":[0-9.]+$", item) else (item, "", "")
-            out.append((path, float(w) if w else 1.0))
-        return out
+        return [manifest_and_weight(item, split) for item in spec.split(",")]
     sources = []
     for name, weight in stage_row(cfg.stage).mix:
         if name.startswith("out:"):                     # a manifest an earlier step of the recipe writes
@@ -501,6 +516,7 @@ def parallelize(model: M.SAILVL, device, mixed_precision: bool):
     for block in [*model.vision_model.trunk.blocks, *model.language_model.model.layers]:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    model.vision_every_forward = True          # a text-only pack on one rank still runs the ViT's gathers
     return model
 
 
@@ -1324,6 +1340,22 @@ def open_metrics(path: str, keep_up_to: int):
     return open(path, "a")
 
 
+# the start-up line names these; <out>/<stage>.run/config.json holds every option
+SUMMARY_KEYS = ("init_from", "trainable", "steps", "lr", "schedule", "packing.max_tokens", "adalrs", "seed", "ac")
+
+
+def log_config(cfg, model_cfg, rdir: str, rank: int, log, keys=SUMMARY_KEYS):
+    """One short line of the settings a reader checks first, and every option (the stage's and the
+    model's) written to <run dir>/config.json."""
+    path = os.path.join(rdir, "config.json")
+    if rank == 0:
+        os.makedirs(rdir, exist_ok=True)
+        write_json_atomic(path, {"config": asdict(cfg), "model": model_cfg.to_dict()})
+    leaves = dict(config_leaves(cfg))
+    log(f"config: {cfg.stage} | " + " | ".join(f"{k} {leaves[k] or '-'}" for k in keys if k in leaves)
+        + f" | every option: {path}")
+
+
 def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = None) -> str:
     """Run one stage; returns its output folder out/<stage>/."""
     rank, world, device = setup_distributed(cfg.fsdp)
@@ -1355,9 +1387,8 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         log(f"resume: continuing from {resume} at step {step}")
     start = step
 
-    log("config: " + json.dumps(asdict(cfg)))
-    log("model config: " + json.dumps(model_cfg.to_dict()))
     rdir = run_dir(cfg)
+    log_config(cfg, model_cfg, rdir, rank, log)
     metrics_path = os.path.join(rdir, "metrics.jsonl")
     metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
     model.train()
@@ -1588,8 +1619,26 @@ def help_text(cfg: StageConfig, model_cfg: M.SAILVLConfig, stage_given: bool) ->
     title = f"options, with the values of stage {cfg.stage}" if stage_given else "options (defaults; add --stage NAME"\
         " for a stage's values)"
     lines += ["", title + ":",
-              "  --resume [DIR]            continue from DIR, or from the newest good out/<stage>.run/step-* checkpoint",
-              "  --ckpts A B ...           soup: the checkpoints to average (default: the stage's inputs)"]
+              option_line("--resume [DIR]", "continue from DIR, or from the newest good out/<stage>.run/step-* checkpoint"),
+              option_line("--ckpts A B ...", "soup: the checkpoints to average (default: the stage's inputs)")]
+    lines += config_help(cfg)
+    lines += [option_line("--model.<field>=...", "the model config, e.g. --model.llm_config.num_hidden_layers=8 "
+                          "(python model.py --preset NAME prints every field)"),
+              "", "--stage all (the whole recipe, with its report) also takes:"]
+    lines += [option_line(f"--{k}={v}", RECIPE_HELP[k]) for k, v in RECIPE_OPTIONS.items()]
+    lines += ["", "Options are --key=value (or --key value); dashes and underscores are the same.",
+              "other commands: python train_stage.py calibrate --help"]
+    return "\n".join(lines)
+
+
+def option_line(option: str, text: str, width: int = 34) -> str:
+    """One aligned help row; an option longer than the column gets its text on the next line."""
+    return f"  {option:<{width}} {text}" if len(option) < width else f"  {option}\n  {'':<{width}} {text}"
+
+
+def config_help(cfg) -> list:
+    """A help row for every leaf of a config dataclass: --name=default  the field's comment."""
+    rows = []
 
     def walk(obj, prefix):
         doc = field_help(type(obj))
@@ -1598,12 +1647,10 @@ def help_text(cfg: StageConfig, model_cfg: M.SAILVLConfig, stage_given: bool) ->
             if dataclasses.is_dataclass(v):
                 walk(v, prefix + f.name + ".")
             else:
-                lines.append(f"  --{prefix + f.name}={v!r:<18} {doc.get(f.name, '')}")
+                shown = ",".join(map(str, v)) if isinstance(v, tuple) and v else repr(v)
+                rows.append(option_line(f"--{prefix + f.name}={shown}", doc.get(f.name, "")))
     walk(cfg, "")
-    lines += ["  --model.<field>=...       the model config, e.g. --model.llm_config.num_hidden_layers=8 "
-              "(python model.py --preset NAME prints every field)",
-              "", "other commands: python train_stage.py calibrate --help"]
-    return "\n".join(lines)
+    return rows
 
 
 def parse_args(argv):
@@ -1758,6 +1805,11 @@ def run_cli(argv: list):
 # stage to run ("" = the whole recipe), and how many runs of the recipe (run k > 1: every stage's
 # seed + 1000 (k - 1), outputs in <out_dir>/seed<k>/; the synthetic data and held-out samples stay)
 RECIPE_OPTIONS = {"nproc": "1", "eval_limit": "128", "eval_families": "", "until": "", "seeds": "1"}
+RECIPE_HELP = {"nproc": "processes per stage (torchrun --nproc_per_node)",
+               "eval_limit": "held-out samples per family in each stage's evaluation",
+               "eval_families": "comma list of families to evaluate (\"\" = all)",
+               "until": "the last stage to run (\"\" = the whole recipe)",
+               "seeds": "runs of the recipe; run k > 1 adds 1000 (k - 1) to every seed, outputs in <out_dir>/seed<k>/"}
 SEED_STEP = 1000
 EVAL_BATCH = 64                  # prompts per generate call in the recipe's evaluation
 # Thinking mode is measured (from LongCoT on) where LongCoT trains (math, count_cot) and on their
@@ -1992,8 +2044,12 @@ def run_recipe(argv: list):
     cfg, _, _ = parse_args(["--stage", "vit1", *passthrough])         # usage errors now, not in stage 7
     if own["until"]:
         stage_row(own["until"])
-    if not own["seeds"].isdigit() or int(own["seeds"]) < 1:
-        raise UsageError(f"--seeds must be a whole number >= 1, got {own['seeds']!r}")
+    for key in ("seeds", "nproc", "eval_limit"):
+        if not own[key].isdigit() or int(own[key]) < 1:
+            raise UsageError(f"--{key} must be a whole number >= 1, got {own[key]!r}")
+    unknown = sorted(set(own["eval_families"].split(",")) - set(data.SYNTH_FAMILIES) - {""})
+    if unknown:
+        raise UsageError(f"--eval_families: unknown {', '.join(unknown)}; choose from {', '.join(data.SYNTH_FAMILIES)}")
     runs = []
     for k in range(1, int(own["seeds"]) + 1):
         out_dir = cfg.out_dir if k == 1 else os.path.join(cfg.out_dir, f"seed{k}")

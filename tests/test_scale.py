@@ -229,7 +229,8 @@ def test_sample_device_option_moves_every_input_to_the_models_device(synth):
     """The batched evaluation hands generate pixels on the model's device (a meta-device model
     stands in for a GPU one); --device cuda without a GPU is one line and exit 2."""
     class Spy:
-        language_model = SimpleNamespace(lm_head=SimpleNamespace(weight=torch.empty(0, device="meta")))
+        def parameters(self):
+            return iter([torch.empty(0, device="meta")])
 
         def generate(self, prompts, pixels, **kw):
             self.pixels = pixels
@@ -238,8 +239,8 @@ def test_sample_device_option_moves_every_input_to_the_models_device(synth):
     items = [sample.Item([1, 2], torch.zeros(1, 3, 8, 8), 4), sample.Item([3], torch.zeros(2, 3, 8, 8), 4)]
     sample.generate_batch(spy, tok, items)
     assert spy.pixels.device.type == "meta" and spy.pixels.shape[0] == 3
-    assert [p.device.type for p in sample.on_device([torch.zeros(3, 8, 8)], spy)] == ["meta"]   # AnyRes lists
-    assert sample.on_device(None, spy) is None
+    assert [p.device.type for p in sample.on_device([torch.zeros(3, 8, 8)], sample.model_device(spy))] == ["meta"]   # AnyRes lists
+    assert sample.on_device(None, torch.device("meta")) is None
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: --device cuda is valid here")
     env = dict(os.environ)
