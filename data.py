@@ -394,10 +394,16 @@ def _added_entry(token: str, idx: int) -> dict:
             "normalized": False, "special": token not in NOT_SPECIAL}
 
 
-def _write_atomic(path: Path, text: str):
-    """Write a file by rename, so a reader (another rank) sees the old file or the new, never half."""
+def write_atomic(path, text: str):
+    """Write a text file by rename, so a reader (another rank, a crash) sees the old file or the new,
+    never half of one. The project's one file writer (folders: model.atomic_write_dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")   # unique across hosts too
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -436,17 +442,17 @@ def add_image_tokens(src, out) -> dict:
         files["added_tokens.json"] = json.dumps({**tokens, **new}, ensure_ascii=False, indent=2)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        _write_atomic(out / name, text)
+        write_atomic(out / name, text)
     return new
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Chat template `univl-chat` (facts §1.6) and label masking
+# 2. Chat template `univl-chat` (the official conversation.py / chat_template.jinja) and label masking
 #
 # MPT separator style: "<|im_start|>system\n{SYS}<|im_end|>" then, per turn,
 # "<|im_start|>{role}\n{content}<|im_end|>" -- no newline after <|im_end|>. The system turn is always
 # present. Each <image> becomes <img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>.
-# Video (our choice; the paper's protocol is unverified, facts §1.7): one tile per frame, the
+# Video (our choice; the paper gives no frame protocol and the official code has no video path): one tile per frame, the
 # <video> placeholder becomes "Frame1: <image>\nFrame2: <image>\n..." as in InternVL's chat().
 
 DEFAULT_SYSTEM = "你是由抖音内容理解组开发的多模态大模型，英文名叫UniVL, 是一个有用无害的人工智能助手。"
@@ -691,7 +697,7 @@ def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_siz
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Video (facts §1.7): uniform segments, one frame per segment, each frame one tile.
+# 4. Video (§6.1; the official code has no video path): uniform segments, one frame per segment, each frame one tile.
 # The middle frame of each segment for evaluation, a random frame within it for training
 # (InternVL's get_frame_indices). The frame count comes from the container when it states one,
 # otherwise (no duration, variable frame rate) from decoding.

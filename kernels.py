@@ -209,7 +209,7 @@ def packed_attention_torch(q, k, v, cu_seqlens, causal: bool, scale=None, method
 # Numerics: scores in base 2 (qk_scale = scale * log2 e), fp32 accumulators, LSE stored per row
 # (log2 units) for the backward; bf16/fp16 tiles go to tl.dot as they are (tensor cores, fp32
 # accumulate). Under TRITON_INTERPRET=1 every load is upcast to fp32 first (UPCAST) because the
-# interpreter's bf16 arithmetic is silently wrong (kernels-notes §C). Row offsets are int64
+# interpreter's bf16 arithmetic is silently wrong (Triton issue #4972: the interpreter stores bf16 as uint16 bits). Row offsets are int64
 # (bos * stride, pointer increments), so T * H * D may exceed 2^31.
 #
 # Backward: delta = rowsum(o * do) (a small kernel), then two kernels without atomics (hence
@@ -644,7 +644,7 @@ def _attn_block_table_cached(cu_seqlens, total: int, chunk: int, causal: bool):
 def _attn_store_dtype(dtype):
     """The dtype the kernels write. The interpreter's fp32 -> bf16 cast truncates where a GPU
     rounds to nearest, so under TRITON_INTERPRET=1 the kernels write fp32 and torch rounds: the
-    CPU tests then compare like-for-like rounding with PyTorch's bf16 (kernels-notes §D)."""
+    CPU tests then compare like-for-like rounding with PyTorch's bf16 (the kernel's error vs fp32 at most ~2x PyTorch-bf16's, the FlashAttention tests' rule)."""
     return torch.float32 if _interpreting() else dtype
 
 
@@ -774,7 +774,7 @@ def packed_attention(q, k, v, cu_seqlens, causal: bool, scale=None):
 #   numerics : loads in the storage dtype, tl.dot with fp32 accumulation, epilogue math in fp32,
 #              intermediates (g, u, h, dg, du, per-pair rows) stored in the storage dtype.
 #              Under TRITON_INTERPRET=1 every load is upcast to fp32 before arithmetic (the
-#              interpreter computes wrong bf16 math; kernels-notes §C), fp32 -> bf16 stores are
+#              interpreter computes wrong bf16 math, Triton issue #4972), fp32 -> bf16 stores are
 #              rounded to nearest even by hand (the interpreter truncates) and a single autotune
 #              config is used. All row/token offsets are int64 before they meet a stride.
 #   host syncs: none; every grid size and buffer size follows from the shapes alone.
@@ -836,7 +836,7 @@ def _check_moe_args(x, w_gate, w_up, w_down, topk_weights, topk_ids):
 def _configs(gpu16, gpu32, interp):
     """Autotune configs: a few bf16/fp16 tiles (tensor cores) and one small fp32 tile (exact fp32
     dots run on FMA units: the 16-bit tiles would spill and take a minute each to compile, seen in
-    sm_90 AOT builds); exactly one config under the interpreter (kernels-notes §C)."""
+    sm_90 AOT builds); exactly one config under the interpreter (multi-config autotune needs a GPU to benchmark)."""
     if _interpreting():
         return [triton.Config(dict(interp), num_warps=4, num_stages=1)]
     configs = []

@@ -1,14 +1,14 @@
 """SAIL-VL2: SAIL-ViT -> 2×2 pixel shuffle -> MLP adapter -> Qwen3 LLM (paper §2, Table 1).
 
 Reads top-down in the paper's order:
-  §2.3 / facts §1.3   Qwen3 LLM (dense; MoE layers by HF's rule, block in moe.py, §2.2)
-  §2.1 / facts §1.2   pixel shuffle v2 (ratio 0.5) and the `mlp1` adapter
+  §2.3                Qwen3 LLM (dense; MoE layers by HF's rule, block in moe.py, §2.2)
+  §2.1                pixel shuffle v2 (ratio 0.5) and the `mlp1` adapter
   §2                  `SAILVL`: visual tokens fill the `<IMG_CONTEXT>` positions, shifted CE loss
                       computed in token chunks (no full-vocabulary logits in training)
   §4.2.3              generation and RL rollouts: `policy_logits` (the sampling policy), a static
                       KV cache, each prompt prefilled once for its G rows, a fixed-shape decode
                       step (torch.compile optional), finished rows leaving the batch
-  facts §1.4          checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
+  official layout     checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
                       SAIL-VL2 HF folders, HF Qwen3 / Qwen3-MoE folders (`load_hf_llm`)
   Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b; parameter
                       and training-FLOP counts (the trainer's MFU)
@@ -42,7 +42,7 @@ from vit import RMSNorm, ViTConfig, load_state_dict_strict, maybe_checkpoint, re
 
 
 # ==============================================================================================
-# Qwen3 LLM (facts §1.3, §3)
+# Qwen3 LLM (HF transformers' modeling_qwen3.py / modeling_qwen3_moe.py)
 
 @dataclass
 class LLMConfig:
@@ -530,7 +530,7 @@ def collect(out_ids, out_lp, stop, logprobs=None) -> list:
 
 
 # ==============================================================================================
-# pixel shuffle v2 and the MLP adapter (facts §1.2)
+# pixel shuffle v2 and the MLP adapter (the official modeling_sailvl.py)
 
 def pixel_shuffle(x, h: int, w: int):
     """(N, h*w, C) patch features -> (N, h/2 * w/2, 4C). Token (i, j) is the concatenation of the
@@ -730,7 +730,7 @@ class SAILVL(nn.Module):
         return generate_from_embeds(self.language_model, embeds, max_new_tokens, temperature, top_p,
                                     stop_tokens, generator, on_token, n_valid_tokens)
 
-    # -- checkpoint I/O (facts §1.4) ------------------------------------------------------------
+    # -- checkpoint I/O (the official model.safetensors key names) ---------------------------------------------------------
     def save_pretrained(self, path: str):
         """config.json + model.safetensors in the official SAIL-VL2 layout, written atomically."""
         sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
@@ -895,7 +895,7 @@ def save_hf_llm(lm: Qwen3LM, path: str):
 
 def preset_config(name: str) -> SAILVLConfig:
     """tiny (CPU default) / tiny-moe / tiny-anyres, and the paper's 2b / 8b / 30b-a3b."""
-    qwen3_1_7b = LLMConfig()                                             # facts §1.3
+    qwen3_1_7b = LLMConfig()                                             # Qwen3-1.7B (the official llm_config)
     qwen3_8b = LLMConfig(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
     qwen3_30b_a3b = LLMConfig(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,

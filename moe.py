@@ -2,7 +2,7 @@
 
 Reads top-down in the order of §2.2:
 
-  1. The Qwen3-MoE sparse block, exactly as HF `Qwen3MoeSparseMoeBlock` (facts §3): router
+  1. The Qwen3-MoE sparse block, exactly as HF `Qwen3MoeSparseMoeBlock` (modeling_qwen3_moe.py): router
      `gate` = Linear(H, E) without bias, softmax in fp32, top-k, optional renormalisation of the
      k weights (`norm_topk_prob`), weights cast back to the input dtype, E SwiGLU experts of width
      `moe_intermediate_size`, no shared experts. The experts run through
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -296,14 +297,6 @@ def fit_gate_correction(weight, probe_h, anchor_h, top_k: int, cfg: CalibConfig 
 
 # -- probing a whole model ----------------------------------------------------------------------
 
-def tqdm_or_list(items, progress: bool, desc: str):
-    """A tqdm progress bar over `items` (long non-training work), or the items themselves."""
-    if not progress:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc)
-
-
 def moe_blocks(model) -> list:
     """The SparseMoeBlocks of a Qwen3LM or SAILVL, in layer order."""
     return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
@@ -378,7 +371,7 @@ def calibrate(model, probe_batches, anchor_batches, cfg: CalibConfig = CalibConf
     if not blocks:
         raise ValueError("calibrate: the model has no MoE layer")
     deltas = {}
-    for i, block in enumerate(tqdm_or_list(blocks, progress, "calibrate MoE layers")):
+    for i, block in enumerate(tqdm(blocks, desc="calibrate MoE layers", disable=not progress)):
         probe_h = capture_gate_inputs(model, block, probe_batches, "probe_mask", cfg.max_tokens, seed=i)
         anchor_h = capture_gate_inputs(model, block, anchor_batches, "text_mask", cfg.max_tokens, seed=i)
         W = block.gate.weight

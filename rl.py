@@ -47,7 +47,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-import model as M
+import model as modeling
 import packing
 import sample
 import train_stage
@@ -360,7 +360,7 @@ def banned_ids(tok) -> tuple:
 def policy_logprobs(logits, targets, cfg, n_valid: int, banned) -> tuple:
     """logits (N, V) of the model, targets (N,) -> (log-prob (N,) of each target under the
     sampling policy, the policy's entropy (N,)). The same `model.policy_logits` the sampler uses."""
-    logp_all = torch.log_softmax(M.policy_logits(logits, cfg.temperature, cfg.top_p, n_valid, banned), -1)
+    logp_all = torch.log_softmax(modeling.policy_logits(logits, cfg.temperature, cfg.top_p, n_valid, banned), -1)
     p = logp_all.exp()
     entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)     # 0 log 0 = 0
     return logp_all.gather(1, targets[:, None])[:, 0], entropy
@@ -389,7 +389,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
             pixels = sample.on_device(sample.concat_pixels([p.pixels for p in chunk]), device)
             prefixes = policy.embed(flat, pixels)[0].split([len(p.ids) for p in chunk])   # (L_i, H) each
             lps = []
-            ids_per_row = M.generate_from_embeds(policy.language_model, list(prefixes), cfg.max_new_tokens,
+            ids_per_row = modeling.generate_from_embeds(policy.language_model, list(prefixes), cfg.max_new_tokens,
                                                  temperature, top_p, stop, generator, n_valid_tokens=tok.n_vocab,
                                                  logprobs=lps, banned=banned, repeats=G)
             for k, (ids, lp) in enumerate(zip(ids_per_row, lps)):
@@ -507,7 +507,7 @@ def generation_policy(model, replica=None):
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))   # all-gather
     if replica is None:
         with torch.device("meta"):
-            replica = M.SAILVL(model.cfg)
+            replica = modeling.SAILVL(model.cfg)
         replica = replica.to_empty(device=sample.model_device(model))
         if model.cfg.llm_config.tie_word_embeddings:
             replica.language_model.lm_head.weight = replica.language_model.model.embed_tokens.weight
@@ -1023,7 +1023,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     require_sources(cfg)
-    model, model_cfg = train_stage.place_model(cfg, M.preset_config(cfg.preset), rank, world, device, log)
+    model, model_cfg = train_stage.place_model(cfg, modeling.preset_config(cfg.preset), rank, world, device, log)
     cfg = resolve_algo(cfg, model_cfg)
     tok_dir = train_stage.tokenizer_dir(cfg)
     tok, tok_files = data.load_tokenizer(tok_dir), train_stage.tokenizer_files(tok_dir)
@@ -1121,10 +1121,9 @@ def finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metr
         metrics.write(json.dumps({"episode": cfg.episodes, "eval": {"before": s_before, "after": s_after,
                                                                    "paired": diff}}) + "\n")
         metrics.close()
-        with open(os.path.join(rdir, train_stage.RL_HELDOUT), "w") as f:     # the recipe's effects read it
-            f.writelines(json.dumps({"side": side, "correct": bool(p["greedy_acc"]), **{m: g(p) for m, g in
-                                     EVAL_METRICS.items()}, **p}) + "\n" for side, recs in (("before", before),
-                                                                                         ("after", after)) for p in recs)
+        data.write_atomic(os.path.join(rdir, train_stage.RL_HELDOUT), "".join(     # the recipe's effects read it
+            json.dumps({"side": side, "correct": bool(p["greedy_acc"]), **{m: g(p) for m, g in EVAL_METRICS.items()},
+                        **p}) + "\n" for side, recs in (("before", before), ("after", after)) for p in recs))
     train_stage.barrier()
     meta = {"stage": cfg.stage, "step": cfg.episodes, "config": asdict(cfg), "filter": filter_counts,
             "reward": {"before": s_before["reward"]["mean"], "after": s_after["reward"]["mean"]},
@@ -1163,7 +1162,7 @@ def as_manifest_line(rec, reply: Optional[str], out_dir: str) -> dict:
 def inference_model(cfg, device, log):
     """The stage's starting checkpoint, whole on every rank (inference only: no sharding)."""
     require_sources(cfg)
-    model = train_stage.build_stage_model(cfg, M.preset_config(cfg.preset), log).to(device).eval()
+    model = train_stage.build_stage_model(cfg, modeling.preset_config(cfg.preset), log).to(device).eval()
     tok = data.load_tokenizer(train_stage.tokenizer_dir(cfg))
     return model, tok, data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
 
@@ -1196,8 +1195,7 @@ def harvest(cfg: RLConfig) -> str:
             lines.append(json.dumps(as_manifest_line(record_of(where), text.strip(), out)))
     tmp = out + ".lines"
     if rank == 0:
-        with open(tmp, "w") as f:
-            f.writelines(line + "\n" for line in lines)
+        data.write_atomic(tmp, "".join(line + "\n" for line in lines))
     solved = len({w for w, _ in seen})
     meta = {"stage": "harvest", "source": train_stage.init_sources(cfg)["language_model"],
             "samples": len(prompts) * cfg.harvest_samples, "kept": len(lines), "prompts": len(prompts),
@@ -1228,11 +1226,9 @@ def filter_cli(argv):
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     kept, counts = pass_at_k_filter(model, tok, prompts, cfg, k, gen)
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         base = os.path.dirname(os.path.abspath(out))
-        with open(out + ".tmp", "w") as f:
-            f.writelines(json.dumps(as_manifest_line(record_of(prompts[i].where), None, base)) + "\n" for i in kept)
-        os.replace(out + ".tmp", out)
+        data.write_atomic(out, "".join(json.dumps(as_manifest_line(record_of(prompts[i].where), None, base)) + "\n"
+                                       for i in kept))
         print(f"pass@{k} filter of {len(prompts)} prompts with {ckpt}: {counts}; kept prompts in {out}")
 
 

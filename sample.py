@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-import model as M
+import model as modeling
 
 
 class UsageError(Exception):
@@ -66,7 +66,7 @@ def load(ckpt: str, device="cpu"):
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         raise InputError(f"--ckpt {ckpt}: not a checkpoint folder (no config.json)")
     try:
-        model = M.SAILVL.from_pretrained(ckpt, device=device).eval()
+        model = modeling.SAILVL.from_pretrained(ckpt, device=device).eval()
     except Exception as e:      # any reason (bad JSON, missing or corrupt weights): one line, not a traceback
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"--ckpt {ckpt}: cannot load the checkpoint: {why}") from None
@@ -889,9 +889,7 @@ def report_name(name: str, think, blank) -> str:
 
 
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
+    data.write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def run_eval(args, model, tok, dcfg):

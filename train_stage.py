@@ -69,17 +69,18 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 import data
-import model as M
+import model as modeling
 import moe
 import packing
 from adalrs import AdaLRS, AdaLRSConfig
 from packing import PackingConfig
 
-MODULES = M.MODULES
+MODULES = modeling.MODULES
 
 
 class UsageError(ValueError):
@@ -393,7 +394,7 @@ def apply_paper_scale(cfg: StageConfig, row: Stage, log) -> None:
     if cfg.preset.startswith("tiny"):
         changed.append(f"preset {cfg.preset} -> 2b")
         cfg.preset = "2b"
-    change("ac", "block")        # 2b at 8k packs: ~63-93 GB a rank without it (tests/bench_memory.py), over 80 GB
+    change("ac", "block")        # 2b at 8k packs: ~63-93 GB a rank without it (python tests/bench.py memory), over 80 GB
     missing = [k for k in ("lr", "batch", "seq") if k not in p]
     log(f"--scale=paper ({row.name}, {row.section or 'not a paper stage'}): " + ("; ".join(changed) or "nothing")
         + (f"; the paper does not state {', '.join(missing)}: kept {cfg.lr:g} / packs of {cfg.packing.max_tokens}"
@@ -492,6 +493,12 @@ def setup_distributed(group: bool = False):
     else:
         device = torch.device("cpu")
     if (world > 1 or group) and not dist.is_initialized():
+        if "RANK" not in os.environ:         # --fsdp=true with `python`, not torchrun: a group of one
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -505,7 +512,7 @@ def shutdown_distributed():
         dist.destroy_process_group()
 
 
-def parallelize(model: M.SAILVL, device, mixed_precision: bool):
+def parallelize(model: modeling.SAILVL, device, mixed_precision: bool):
     """FSDP2: each LLM decoder layer and each ViT block is a unit (one block's full weights exist at
     a time; SAIL-ViT-Huge is 0.68B parameters, too big to gather whole next to an 8k-token pack),
     the root holds the rest (embeddings, tied lm_head, adapter, patch embedding, final norms).
@@ -624,7 +631,7 @@ def same_tokens(tok, ref) -> bool:
             and all(tok._special_tokens.get(t) == i for t, i in ref._special_tokens.items()))
 
 
-def match_tokenizer(cfg: StageConfig, model_cfg: M.SAILVLConfig, tok, log) -> M.SAILVLConfig:
+def match_tokenizer(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, tok, log) -> modeling.SAILVLConfig:
     """The stage's model config (stage_model_config) checked against its tokenizer; a mismatch is one
     UsageError, never a log line: SAIL-VL2's tokens must be there, every id inside the embedding,
     --tokenizer must encode as the tokenizer the language model's weights came with, and a model
@@ -671,14 +678,14 @@ def config_leaves(obj, prefix: str = ""):
             yield prefix + f.name, v
 
 
-def param_shapes(model_cfg: M.SAILVLConfig) -> dict:
+def param_shapes(model_cfg: modeling.SAILVLConfig) -> dict:
     """{parameter name: shape} of the model a config builds (on the meta device: no memory)."""
     with torch.device("meta"):
-        model = M.SAILVL(model_cfg)
+        model = modeling.SAILVL(model_cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def apply_model_options(base: M.SAILVLConfig, options: tuple, source: str, keep: tuple = ()) -> M.SAILVLConfig:
+def apply_model_options(base: modeling.SAILVLConfig, options: tuple, source: str, keep: tuple = ()) -> modeling.SAILVLConfig:
     """`base` (a loaded config) with the user's options applied in order: "preset=NAME" (the preset's
     settings where they differ, but for the configs in `keep`, which folders supply) or "KEY=VALUE" (a
     --model.KEY). An option that would change the shape of a weight loaded from `source` is refused:
@@ -691,7 +698,7 @@ def apply_model_options(base: M.SAILVLConfig, options: tuple, source: str, keep:
         key, _, value = option.partition("=")
         trial = copy.deepcopy(cfg)
         if key == "preset":                  # <IMG_CONTEXT>'s id is the tokenizer's, not a preset setting
-            for name, v in config_leaves(M.preset_config(value)):
+            for name, v in config_leaves(modeling.preset_config(value)):
                 if getattr_path(trial, name) != v and not name.startswith(keep + ("img_context_token_id",)):
                     head, _, leaf = name.rpartition(".")
                     setattr(getattr_path(trial, head) if head else trial, leaf, copy.deepcopy(v))
@@ -708,7 +715,7 @@ def apply_model_options(base: M.SAILVLConfig, options: tuple, source: str, keep:
     return cfg
 
 
-def stage_model_config(cfg: StageConfig, model_cfg: M.SAILVLConfig) -> M.SAILVLConfig:
+def stage_model_config(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> modeling.SAILVLConfig:
     """The config of the model a stage builds. From random weights: `model_cfg` (the preset and the
     --model.* options). From a checkpoint: its config.json (the shapes of its weights and the settings
     it was trained with). --init-llm / --init-vit replace llm_config / vision_config by their folders'
@@ -722,12 +729,12 @@ def stage_model_config(cfg: StageConfig, model_cfg: M.SAILVLConfig) -> M.SAILVLC
     if not folders and not cfg.init_llm and not cfg.init_vit:
         return model_cfg
     try:
-        base = M.SAILVLConfig.from_dict(json.load(open(os.path.join(folders[0], "config.json")))) if folders \
+        base = modeling.SAILVLConfig.from_dict(json.load(open(os.path.join(folders[0], "config.json")))) if folders \
             else model_cfg
         if cfg.init_llm:
-            base = dataclasses.replace(base, llm_config=M.read_llm_config(cfg.init_llm))
+            base = dataclasses.replace(base, llm_config=modeling.read_llm_config(cfg.init_llm))
         if cfg.init_vit:
-            base = dataclasses.replace(base, vision_config=M.vit.read_vit_config(cfg.init_vit))
+            base = dataclasses.replace(base, vision_config=modeling.vit.read_vit_config(cfg.init_vit))
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read the model config: {e}") from None
     source = " + ".join(folders[:1] + [f"--init-llm {cfg.init_llm}"] * bool(cfg.init_llm)
@@ -736,16 +743,16 @@ def stage_model_config(cfg: StageConfig, model_cfg: M.SAILVLConfig) -> M.SAILVLC
     return apply_model_options(base, cfg.model_options, source, keep)
 
 
-def build_stage_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, log) -> M.SAILVL:
+def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -> modeling.SAILVL:
     """The model of `stage_model_config`: random init, then every module from its source (a whole
     checkpoint when all modules share one), then --init-vit / --init-llm."""
     model_cfg = stage_model_config(cfg, model_cfg)
     torch.manual_seed(cfg.seed)
-    model = M.SAILVL(model_cfg)
+    model = modeling.SAILVL(model_cfg)
     model.init_weights()
     sources = init_sources(cfg)
     folders = sorted({s for s in sources.values() if s != "fresh"})
-    loaded = {f: M.SAILVL.from_pretrained(f) for f in folders}
+    loaded = {f: modeling.SAILVL.from_pretrained(f) for f in folders}
     if not folders:
         fresh = [m for m in MODULES if not (m == "language_model" and cfg.init_llm)
                  and not (m == "vision_model" and cfg.init_vit)]
@@ -763,19 +770,19 @@ def build_stage_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, log) -> M.SAI
                 getattr(model, name).load_state_dict(getattr(loaded[src], name).state_dict())
                 log(f"init: {name} from {src}")
     if cfg.init_vit:
-        model.vision_model.load_state_dict(M.vit.load_hf_vit(cfg.init_vit).state_dict())
+        model.vision_model.load_state_dict(modeling.vit.load_hf_vit(cfg.init_vit).state_dict())
         v = model_cfg.vision_config
         log(f"init: vision encoder from {cfg.init_vit} ({v.num_hidden_layers} layers, hidden {v.hidden_size}, "
             f"{v.image_size}-px tiles, from its config.json)")
     if cfg.init_llm:
-        model.language_model.load_state_dict(M.load_hf_llm(cfg.init_llm).state_dict())
+        model.language_model.load_state_dict(modeling.load_hf_llm(cfg.init_llm).state_dict())
         c = model_cfg.llm_config
         log(f"init: language model from {cfg.init_llm} ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
             f"vocab {c.vocab_size}{f', {c.num_experts} experts' if c.num_experts else ''}, from its config.json)")
     return model
 
 
-def freeze(model: M.SAILVL, trainable: list):
+def freeze(model: modeling.SAILVL, trainable: list):
     """Only the stage's modules train; frozen ones get no gradient and no optimizer state."""
     for name in MODULES:
         getattr(model, name).requires_grad_(name in trainable)
@@ -830,7 +837,7 @@ EVAL_SEED = 1338     # the held-out stream's order, fixed: every model (a stage,
                      # scored on the same held-out samples in the same packs, whatever its training seed
 
 
-def build_batches(cfg: StageConfig, model_cfg: M.SAILVLConfig, tok, split: str, rank: int, world: int,
+def build_batches(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, tok, split: str, rank: int, world: int,
                   verbose: bool = True) -> StageBatches:
     """The stage's mixture (train or held-out split) read through the packer."""
     dcfg = data.DataConfig.from_model(model_cfg, max_len=cfg.packing.max_tokens, label_mode=cfg.label_mode,
@@ -855,7 +862,7 @@ def to_device(pack: dict, device) -> dict:
     return out
 
 
-def forward_pack(model, pack) -> M.Output:
+def forward_pack(model, pack) -> modeling.Output:
     return model(pack["input_ids"], pack.get("pixel_values"), labels=pack["labels"],
                  position_ids=pack["position_ids"], cu_seqlens=pack["cu_seqlens"])
 
@@ -883,7 +890,7 @@ def global_targets(packs: list, device) -> int:
     return int(all_reduce_sum([n], device)[0])
 
 
-def step_loss(out: M.Output, n_global: int, n_micro: int, world: int, aux_coef: float):
+def step_loss(out: modeling.Output, n_global: int, n_micro: int, world: int, aux_coef: float):
     """The loss one micro-batch backprops; the only place a loss is made.
 
     The step's loss is the global token mean of the CE (every target of every micro-batch and
@@ -990,7 +997,7 @@ def set_full_state_dict(model, sd: dict):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
-        M.load_state_dict_strict(model, sd, "checkpoint")
+        modeling.load_state_dict_strict(model, sd, "checkpoint")
 
 
 def rng_state() -> dict:
@@ -1082,7 +1089,7 @@ def load_sharded(folder: str, model, opt, saved: dict):
 
 
 def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_state: dict = None,
-                    extra_files: dict = None, model_cfg: M.SAILVLConfig = None, opt=None):
+                    extra_files: dict = None, model_cfg: modeling.SAILVLConfig = None, opt=None):
     """The one checkpoint writer (step checkpoints, stage outputs, the soup): files go into a staging
     folder beside `path`, which rank 0 renames to `path` once every rank is done, so a crash at any
     point leaves the previous `path` (or none), never half of one. With `opt`: a resumable step
@@ -1106,7 +1113,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
             mine += [f"state/{n}" for n in shards] + [f"rank{rank}.pt"]
         if rank == 0:
             if sd is not None:
-                M.write_weights(staging, sd, model_cfg)               # config.json + model.safetensors
+                modeling.write_weights(staging, sd, model_cfg)               # config.json + model.safetensors
                 mine += ["config.json", "model.safetensors"]
             elif model_cfg is not None:
                 with open(os.path.join(staging, "config.json"), "w") as f:
@@ -1123,7 +1130,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
                         files=dict(sorted(files.items())), kind="model" if model is not None else "data")
             with open(os.path.join(staging, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)
-            M.replace_dir(staging, path)
+            modeling.replace_dir(staging, path)
     except (OSError, CheckpointException) as e:      # DCP reports a failed write on every rank
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
@@ -1284,7 +1291,7 @@ def step_report(step: int, cfg: StageConfig, res: dict, lr: float, seconds: dict
 # ==============================================================================================
 # the training loop
 
-def place_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, rank: int, world: int, device, log) -> tuple:
+def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, world: int, device, log) -> tuple:
     """(model, its config) on the device, frozen but for the stage's modules; sharded with FSDP2
     when world > 1 or --fsdp (torchtitan's recipe: build on the meta device, shard, allocate only this rank's
     shards, then load the full weights that rank 0 alone builds from the stage's sources)."""
@@ -1292,21 +1299,21 @@ def place_model(cfg: StageConfig, model_cfg: M.SAILVLConfig, rank: int, world: i
     if not dist.is_initialized():
         model = build_stage_model(cfg, model_cfg, log)
         freeze(model, trainable)
-        M.set_activation_checkpointing(model, cfg.ac == "block")
+        modeling.set_activation_checkpointing(model, cfg.ac == "block")
         model.to(device)
     else:
         full = build_stage_model(cfg, model_cfg, log) if rank == 0 else None
         box = [full.cfg if full is not None else None]
         dist.broadcast_object_list(box, src=0)
         with torch.device("meta"):
-            model = M.SAILVL(box[0])
+            model = modeling.SAILVL(box[0])
         freeze(model, trainable)
-        M.set_activation_checkpointing(model, cfg.ac == "block")
+        modeling.set_activation_checkpointing(model, cfg.ac == "block")
         parallelize(model, device, mixed_precision=device.type == "cuda")
         model.to_empty(device=device)
         set_full_state_dict(model, full.state_dict() if full is not None else {})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"model: {M.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
+    log(f"model: {modeling.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
     return model, model.cfg
 
 
@@ -1356,7 +1363,7 @@ def log_config(cfg, model_cfg, rdir: str, rank: int, log, keys=SUMMARY_KEYS):
         + f" | every option: {path}")
 
 
-def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = None) -> str:
+def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[str] = None) -> str:
     """Run one stage; returns its output folder out/<stage>/."""
     rank, world, device = setup_distributed(cfg.fsdp)
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
@@ -1393,7 +1400,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
     metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
     model.train()
     peak, trainable = peak_flops(device), modules_of(cfg.trainable)
-    weights = M.matmul_weights(model) if peak else None
+    weights = modeling.matmul_weights(model) if peak else None
     last_loss = eval_loss = None
     bad_in_a_row = 0
     while True:
@@ -1451,7 +1458,7 @@ def train(cfg: StageConfig, model_cfg: M.SAILVLConfig, resume: Optional[str] = N
         last_loss = res["loss"]
         # -- one log line per step ----------------------------------------------------------------
         if peak:
-            seconds["ideal"] = all_reduce_sum([M.training_flops(model_cfg, weights, host_packs, trainable)],
+            seconds["ideal"] = all_reduce_sum([modeling.training_flops(model_cfg, weights, host_packs, trainable)],
                                               device)[0] / peak
         rec, line = step_report(step, cfg, res, lr, seconds, world, device)
         log(line)
@@ -1473,7 +1480,7 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
     for c in ckpts:
         if not is_finished_stage(c) and not os.path.exists(os.path.join(c, "config.json")):
             raise UsageError(f"soup: {c} is not a checkpoint folder")
-    models = [M.SAILVL.from_pretrained(c) for c in ckpts]
+    models = [modeling.SAILVL.from_pretrained(c) for c in ckpts]
     ref = models[0].cfg.to_dict()
     for c, m in zip(ckpts[1:], models[1:]):
         if m.cfg.to_dict() != ref:
@@ -1483,7 +1490,7 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
     sds = [m.state_dict() for m in models]
     avg = {k: (sum(sd[k].double() for sd in sds) / len(sds)).to(sds[0][k].dtype) if sds[0][k].is_floating_point()
            else sds[0][k] for k in sds[0]}
-    souped = M.SAILVL(models[0].cfg)
+    souped = modeling.SAILVL(models[0].cfg)
     souped.load_state_dict(avg)
     tok_dir = cfg.tokenizer or next((c for c in ckpts if tokenizer_files(c)), None)
     tok = data.load_tokenizer(tok_dir)
@@ -1503,7 +1510,7 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
 # ==============================================================================================
 # MoE expert-activation calibration (§2.2) on a checkpoint: the algorithm is moe.calibrate
 
-def calibration_batches(manifest: str, model: M.SAILVL, tok, max_samples: int) -> list:
+def calibration_batches(manifest: str, model: modeling.SAILVL, tok, max_samples: int) -> list:
     """Samples of a manifest as model inputs with two token masks, `probe_mask` (every token) and
     `text_mask` (not <IMG_CONTEXT>), built with the data geometry the model was trained with."""
     dcfg = data.DataConfig.from_model(model.cfg)
@@ -1511,7 +1518,7 @@ def calibration_batches(manifest: str, model: M.SAILVL, tok, max_samples: int) -
     bad = data.BadData(dcfg.max_bad_fraction, dcfg.bad_check_after)
     device = next(model.parameters()).device
     batches = []
-    for i in moe.tqdm_or_list(range(min(len(ds), max_samples)), True, f"load {os.path.basename(manifest)}"):
+    for i in tqdm(range(min(len(ds), max_samples)), desc=f"load {os.path.basename(manifest)}"):
         try:
             s = ds.load(i)
         except data.DataError as e:
@@ -1568,7 +1575,7 @@ def calibrate_cli(argv):
     if not 0 <= args.holdout < 1:
         ap.error("--holdout must be in [0, 1)")
     torch.manual_seed(args.seed)
-    sailvl = M.SAILVL.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    sailvl = modeling.SAILVL.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype), device=args.device).eval()
     has_tok = any(os.path.exists(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json"))
     tok = data.load_tokenizer(args.ckpt if has_tok else None)
 
@@ -1594,8 +1601,7 @@ def calibrate_cli(argv):
                          rep_text)
     out = args.out or args.ckpt.rstrip("/") + "-calibrated"
     report = os.path.join(os.path.dirname(os.path.abspath(out)), ".calibration.json")
-    with open(report, "w") as f:
-        json.dump({"config": vars(args), "multimodal": rep_mm, "text": rep_text}, f, indent=2)
+    write_json_atomic(report, {"config": vars(args), "multimodal": rep_mm, "text": rep_text})
     extra = {"calibration.json": report, **tokenizer_files(args.ckpt)}
     save_checkpoint(out, sailvl, {"stage": "calibrate", "source": args.ckpt}, 0, 1, extra_files=extra)
     os.remove(report)
@@ -1606,7 +1612,7 @@ def calibrate_cli(argv):
 # ==============================================================================================
 # command line
 
-def help_text(cfg: StageConfig, model_cfg: M.SAILVLConfig, stage_given: bool) -> str:
+def help_text(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, stage_given: bool) -> str:
     lines = [__doc__.split("\n\n")[0], "", "the recipe (tiny default | the paper's values, as data):"]
     for row in RECIPE:
         c = stage_config(row.name)
@@ -1668,7 +1674,7 @@ def parse_args(argv):
     if cfg.init_llm and "preset" not in given:
         cfg.preset = "2b"                    # a real LLM: the paper's tiling and system prompt; shapes from folders
     try:
-        model_cfg = M.preset_config(cfg.preset)
+        model_cfg = modeling.preset_config(cfg.preset)
     except ValueError as e:
         raise UsageError(str(e)) from None
     for key, value in model_keys:
@@ -1699,7 +1705,7 @@ def run_stage(stage: str, overrides: list = (), resume: Optional[str] = None) ->
     return train(cfg, model_cfg, resume)
 
 
-def ensure_sources(cfg: StageConfig, model_cfg: M.SAILVLConfig, log):
+def ensure_sources(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log):
     """Run the stand-in stages this stage starts from when their output is missing; refuse, with
     what to run, when a paper stage's output is missing."""
     for name in missing_sources(cfg):
@@ -1941,9 +1947,7 @@ def stage_losses(folder: str) -> tuple:
 
 
 def write_json_atomic(path: str, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    data.write_atomic(path, json.dumps(obj, indent=1))
 
 
 def recipe_stage(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int, rdir: str) -> dict:
@@ -1968,8 +1972,7 @@ def recipe_stage(row: Stage, cfg: StageConfig, own: dict, passthrough: list, see
             entry[key] = meta[key]
     if isinstance(entry["eval_loss"], dict):                  # the soup: its own held-out loss
         entry["eval_loss"] = entry["eval_loss"].get("soup")
-    with open(os.path.join(rdir, "predictions", f"{row.name}.jsonl"), "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in preds)
+    data.write_atomic(os.path.join(rdir, "predictions", f"{row.name}.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
     print_stage_line(row.name, entry, meta)
     return entry
 
@@ -1995,8 +1998,7 @@ def print_stage_line(name: str, entry: dict, meta: dict):
 def write_report(rdir: str, report: dict, cfg: StageConfig):
     import sample
     write_json_atomic(os.path.join(rdir, "report.json"), report)
-    with open(os.path.join(rdir, "report.md"), "w") as f:
-        f.write(sample.report_markdown(report))
+    data.write_atomic(os.path.join(rdir, "report.md"), sample.report_markdown(report))
     sample.report_picture(report, {n: stage_losses(stage_dir(cfg, n))[0] for n in report["stages"]},
                           os.path.join(rdir, "report.png"))
 

@@ -1,4 +1,4 @@
-"""SAIL-ViT, the vision encoder of SAIL-VL2 (paper §2.1; checkpoint layout in facts §1.1).
+"""SAIL-ViT, the vision encoder of SAIL-VL2 (paper §2.1; checkpoint layout of the official modeling_sailvit.py).
 
 An AIMv2-style ViT: Conv2d patch embedding (with bias) + RMSNorm, a learned absolute position
 embedding (no CLS token), pre-norm blocks (fused qkv, bidirectional attention, SwiGLU MLP
@@ -54,7 +54,7 @@ class ViTConfig:
     @classmethod
     def preset(cls, name: str) -> "ViTConfig":
         presets = {
-            # SAIL-ViT-Huge, the encoder of every SAIL-VL2 model (facts §1.1)
+            # SAIL-ViT-Huge, the encoder of every SAIL-VL2 model (the official modeling_sailvit.py)
             "huge": cls(),
             # SAIL-ViT-Large / AIMv2-Large at 448 px
             "large": cls(hidden_size=1024, intermediate_size=2816, num_attention_heads=8),
@@ -246,7 +246,7 @@ class SAILViT(nn.Module):
 # loading: our / official SAIL naming, apple naming, HF Aimv2VisionModel naming
 
 def hf_aimv2_to_sail(sd: dict) -> dict:
-    """Rename an HF `Aimv2VisionModel` state dict to SAIL-ViT names (facts §2); q/k/v are fused
+    """Rename an HF `Aimv2VisionModel` state dict to SAIL-ViT names (HF's modeling_aimv2.py vs the official modeling_sailvit.py); q/k/v are fused
     into `qkv` in that order, the attention-pooling head (unused by SAIL-VL2) is dropped."""
     sd = {k.removeprefix("vision_model."): v for k, v in sd.items()}
     top = {"embeddings.patch_embed.weight": "preprocessor.patchifier.proj.weight",

@@ -45,7 +45,7 @@ import triton  # noqa: E402
 
 import data  # noqa: E402
 import kernels  # noqa: E402
-import model as M  # noqa: E402
+import model as modeling  # noqa: E402
 import packing  # noqa: E402
 import rl  # noqa: E402
 import sample  # noqa: E402
@@ -84,14 +84,14 @@ def timed(fn, repeats: int = 1, reset=(), kernel: bool = False) -> float:
     return best
 
 
-def hf_twin(lm: M.Qwen3LM):
+def hf_twin(lm: modeling.Qwen3LM):
     """HF transformers' Qwen3ForCausalLM with our LLM's weights (fp32, through the HF checkpoint writer)."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise SystemExit("this bench compares against HF transformers: pip install -r tests/requirements.txt")
     with tempfile.TemporaryDirectory() as d:
-        M.save_hf_llm(lm, d)
+        modeling.save_hf_llm(lm, d)
         return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
 
 
@@ -493,7 +493,7 @@ def bench_packing_real(args):
     """Real samples of every synthetic train manifest (tiny preset geometry): packing fill and
     rank balance as above, then useful tokens/s of one tiny SAILVL forward + backward over the
     same samples, pad-to-longest batches vs stream packs."""
-    mcfg = M.preset_config("tiny")
+    mcfg = modeling.preset_config("tiny")
     dcfg = data.DataConfig.from_model(mcfg)
     root = data.ensure_synth(args.synth_dir, progress=False)
     tok = data.load_tokenizer(root)                                     # the synthetic data's own BPE
@@ -517,7 +517,7 @@ def bench_packing_real(args):
     torch.set_num_threads(args.threads)       # 1 by default: waiting OpenMP threads make timings noisy
     torch.manual_seed(0)
     device = torch.device(args.device)
-    net = M.build_model("tiny").train().to(device)
+    net = modeling.build_model("tiny").train().to(device)
     order = list(range(len(samples)))
     random.Random(0).shuffle(order)
     padded = [packing.collate_padded([samples[i] for i in order[k:k + args.tiny_batch_size]])
@@ -560,7 +560,7 @@ def bench_step(args):
     """Tokens/s of one training step (forward + backward + AdamW) of a preset's LLM, ours vs
     HF transformers' Qwen3ForCausalLM with the same weights and inputs, measured in one run."""
     torch.manual_seed(0)
-    ours = M.build_model(args.preset).language_model.train()
+    ours = modeling.build_model(args.preset).language_model.train()
     hf = hf_twin(ours).train()
     ids = torch.randint(0, min(256, ours.cfg.vocab_size), (args.batch, args.seq))
 
@@ -569,7 +569,7 @@ def bench_step(args):
 
         def step():
             logits = m(ids).logits if is_hf else m(ids)
-            ce, n = M.shifted_cross_entropy(logits, ids)
+            ce, n = modeling.shifted_cross_entropy(logits, ids)
             (ce / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -580,7 +580,7 @@ def bench_step(args):
     first = {k: f() for k, f in runs.items()}                           # warm-up; same weights, same loss
     best = {k: timed(f, args.repeats) for k, f in runs.items()}
     tok = args.batch * args.seq
-    print(f"train step (fwd+bwd+AdamW), {args.preset} LLM ({M.count_params(ours) / 1e6:.2f}M params), batch "
+    print(f"train step (fwd+bwd+AdamW), {args.preset} LLM ({modeling.count_params(ours) / 1e6:.2f}M params), batch "
           f"{args.batch}x{args.seq}, fp32, {torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"  first-step loss: ours {first['ours']:.5f} | HF {first['hf']:.5f}")
     print(f"  ours {tok / best['ours']:10,.0f} tok/s | HF Qwen3 {tok / best['hf']:10,.0f} tok/s | "
@@ -625,7 +625,7 @@ def bench_adalrs(args):
 def bench_decode(args):
     """Greedy decode tokens/s of our Qwen3LM (KV cache) vs HF `generate` on the same weights, one run."""
     torch.manual_seed(0)
-    lm = (M.SAILVL.from_pretrained(args.ckpt) if args.ckpt else M.build_model(args.preset)).language_model.eval()
+    lm = (modeling.SAILVL.from_pretrained(args.ckpt) if args.ckpt else modeling.build_model(args.preset)).language_model.eval()
     hf = hf_twin(lm).eval()
     V = lm.cfg.vocab_size
     prompts = torch.randint(0, min(V, 256), (args.batch, args.prompt_len)).tolist()
@@ -693,7 +693,7 @@ def print_engines(title: str, res: dict):
 
 def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None, compile=True) -> dict:
     def ours(mode):
-        return lambda: M.generate_from_embeds(lm, rows, n, 1.0, 1.0, stop, torch.Generator().manual_seed(0),
+        return lambda: modeling.generate_from_embeds(lm, rows, n, 1.0, 1.0, stop, torch.Generator().manual_seed(0),
                                               logprobs=[], compile=mode, **(gen_kw or {}))
     hf = hf_twin(lm).eval()
     engines = {"eager": ours(False), "hf": lambda: hf_generate(hf, hf_rows or rows, n, stop, **(hf_kw or {}))}
@@ -705,7 +705,7 @@ def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None,
 def rl_setup(preset: str, n_prompts: int):
     """The tiny rl-verifiable stage's config, tokenizer and first prompts (images included)."""
     cfg, _ = rl.rl_config([])
-    sailvl = M.build_model(preset).eval()
+    sailvl = modeling.build_model(preset).eval()
     cfg = rl.resolve_algo(cfg, sailvl.cfg)
     tok = data.load_tokenizer(data.ensure_synth(cfg.data_dir, progress=False))
     dcfg = data.DataConfig.from_model(sailvl.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
@@ -724,7 +724,7 @@ def bench_rollout(args):
           f"{args.repeats} (engines interleaved)")
     with torch.inference_mode():
         if args.case in ("text", "both"):
-            lm = M.build_model(args.preset).eval().language_model
+            lm = modeling.build_model(args.preset).eval().language_model
             ids = torch.randint(0, 256, (args.batch, args.prompt_len))
             rows = list(lm.model.embed_tokens(ids))
             res = interleaved(rollout_engines(lm, rows, args.new_tokens, hf_kw={"min_new": args.new_tokens},
@@ -907,8 +907,13 @@ def add_model_benches(sub):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["memory"]:                 # the memory estimate keeps its own options (tests/bench_memory.py)
+        import bench_memory
+        return bench_memory.bench_memory(argv[1:]) and 0
     parser = Parser(prog="bench.py", description=__doc__.split("\n")[0],
-                    epilog="Correctness is tested, not benchmarked: python -m pytest tests/")
+                    epilog="Correctness is tested, not benchmarked: python -m pytest tests/. "
+                    "python tests/bench.py memory --help: the memory of one training step, estimated")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
     add_kernel_benches(sub, torch.cuda.is_available())
     add_packing_bench(sub)

@@ -1,8 +1,8 @@
 """Memory of one training step, without a GPU (paper §5: the 2b / 8b models trained at 8k-16k packs).
 
-    python tests/bench_memory.py                         # '2b', 8k packs, 8 ranks: estimates, 8 configurations
-    python tests/bench_memory.py --preset 8b --tokens 16384 --world 16 --tiles 1
-    python tests/bench_memory.py loss                    # measured on this CPU: chunked vs full-logits loss
+    python tests/bench.py memory                         # '2b', 8k packs, 8 ranks: estimates, 8 configurations
+    python tests/bench.py memory --preset 8b --tokens 16384 --world 16 --tiles 1
+    python tests/bench.py memory loss                    # measured on this CPU: chunked vs full-logits loss
 
 `estimate` runs one real training step of the preset (model.SAILVL built on the meta device,
 FSDP2-sharded by train_stage.parallelize for `world` ranks under a fake process group, AdamW from
@@ -36,8 +36,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-import model as M  # noqa: E402
-import train_stage as T  # noqa: E402
+import model as modeling  # noqa: E402
+import train_stage  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -74,7 +74,7 @@ def embed_without_count_check(self, input_ids, pixel_values=None):
     return x.masked_scatter(slots, self.encode_images(pixel_values).to(x.dtype))
 
 
-def fake_pack(cfg: M.SAILVLConfig, tokens: int, tiles: int, sample_len: int, device) -> dict:
+def fake_pack(cfg: modeling.SAILVLConfig, tokens: int, tiles: int, sample_len: int, device) -> dict:
     """One pack of `tokens` positions: `tiles` full-size tiles (their visual tokens first), then
     text; samples of `sample_len`; every text position a target."""
     S = cfg.vision_config.image_size
@@ -96,19 +96,19 @@ def estimate(preset: str, tokens: int, tiles: int, world: int, ac: str, loss: st
     """Rank 0's peak memory (bytes, by category) of a training step with every module trained."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    cfg = M.preset_config(preset)
+    cfg = modeling.preset_config(preset)
     if cfg.llm_config.num_experts:
         raise SystemExit(f"{preset} is a MoE preset: the Triton MoE kernel's buffers are not modelled here")
     device = torch.device("cpu")
     with torch.device("meta"):
-        model = M.SAILVL(cfg)
-    M.set_activation_checkpointing(model, ac == "block")
-    T.parallelize(model, device, mixed_precision=True)                  # outside fake mode: it builds the mesh
-    stage = T.StageConfig()
+        model = modeling.SAILVL(cfg)
+    modeling.set_activation_checkpointing(model, ac == "block")
+    train_stage.parallelize(model, device, mixed_precision=True)                  # outside fake mode: it builds the mesh
+    stage = train_stage.StageConfig()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device=device)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = T.build_optimizer(stage, params, cuda=False)              # foreach, as on CUDA
+        opt = train_stage.build_optimizer(stage, params, cuda=False)              # foreach, as on CUDA
         # a first step on an image pack: every module's AdamW state and FSDP buffers exist, as in a
         # mixed run (and FSDPMemTracker needs every FSDP unit to have run once); then the measured step
         image_heavy = (tokens * 7 // 8) // cfg.tokens_per_tile
@@ -126,12 +126,12 @@ def training_step(model, opt, params, pack: dict, loss: str, world: int, grad_cl
     scaled as train_stage.step_loss does, backward, clipping, AdamW."""
     n_targets = int(pack["n_targets"])
     if loss == "chunked":
-        out = T.forward_pack(model, pack)
+        out = train_stage.forward_pack(model, pack)
         ce = out.ce_sum
     else:
         out = model(pack["input_ids"], pack["pixel_values"], position_ids=pack["position_ids"],
                     cu_seqlens=pack["cu_seqlens"])
-        ce = M.shifted_cross_entropy(out.logits, pack["labels"])[0]
+        ce = modeling.shifted_cross_entropy(out.logits, pack["labels"])[0]
     (ce * (world / n_targets)).backward()
     del out, ce
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -141,11 +141,11 @@ def training_step(model, opt, params, pack: dict, loss: str, world: int, grad_cl
 
 def patched():
     """Swap in the fake-tensor stand-ins (see the module docstring); returns the undo."""
-    saved = kernels.packed_attention, M.SAILVL.embed
-    kernels.packed_attention, M.SAILVL.embed = flash_attention_memory, embed_without_count_check
+    saved = kernels.packed_attention, modeling.SAILVL.embed
+    kernels.packed_attention, modeling.SAILVL.embed = flash_attention_memory, embed_without_count_check
 
     def undo():
-        kernels.packed_attention, M.SAILVL.embed = saved
+        kernels.packed_attention, modeling.SAILVL.embed = saved
     return undo
 
 
@@ -153,7 +153,7 @@ def estimate_table(args):
     from torch.testing._internal.distributed.fake_pg import FakeStore
     if not dist.is_initialized():
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.world)
-    cfg = M.preset_config(args.preset)
+    cfg = modeling.preset_config(args.preset)
     tiles = [int(t) for t in args.tiles.split(",")] if args.tiles else \
         [1, (args.tokens * 7 // 8) // cfg.tokens_per_tile]
     print(f"ESTIMATE (fake tensors, not measured): peak memory of rank 0 in one training step, preset {args.preset}, "
@@ -184,10 +184,10 @@ def bench_loss(args):
     (same weights, same pack): best-of-N time, loss and gradient equality, peak tensor memory."""
     from torch.distributed._tools.mem_tracker import MemTracker
     torch.set_num_threads(args.threads)
-    cfg = M.preset_config("tiny")
+    cfg = modeling.preset_config("tiny")
     cfg.llm_config.vocab_size = args.vocab
     torch.manual_seed(0)
-    model = M.SAILVL(cfg)
+    model = modeling.SAILVL(cfg)
     model.init_weights()
     ids = torch.randint(0, args.vocab, (1, args.tokens))
     labels = ids.clone()
@@ -197,7 +197,7 @@ def bench_loss(args):
         return model(ids, labels=labels).ce_sum
 
     def full():
-        return M.shifted_cross_entropy(model(ids).logits, labels)[0]
+        return modeling.shifted_cross_entropy(model(ids).logits, labels)[0]
 
     results = {}
     for name, fn in (("full", full), ("chunked", chunked)):
@@ -220,7 +220,7 @@ def bench_loss(args):
     grad_diff = max((a - b).abs().max().item() for a, b in zip(f["grads"], c["grads"]))
     print(f"MEASURED on this CPU ({torch.get_num_threads()} threads, fp32): tiny SAILVL LLM with a {args.vocab}-token "
           f"vocabulary, one pack of {args.tokens} tokens, forward + backward, best of {args.repeats}; "
-          f"chunks of {M.CE_CHUNK} positions")
+          f"chunks of {modeling.CE_CHUNK} positions")
     for name, r in results.items():
         print(f"  {name:<8} {r['time'] * 1e3:8.1f} ms | summed CE {r['loss']:.6f} | peak tensor memory "
               f"{r['peak'] / 2 ** 20:8.1f} MiB")
@@ -231,7 +231,7 @@ def bench_loss(args):
 
 
 def bench_memory(argv):
-    ap = argparse.ArgumentParser(prog="tests/bench_memory.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="tests/bench.py memory", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what")
     loss = sub.add_parser("loss", help=bench_loss.__doc__.split("\n")[0])
     loss.add_argument("--vocab", type=int, default=32768)

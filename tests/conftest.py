@@ -2,7 +2,7 @@
 offline, deterministic, Triton interpreter on CPU.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here (the
-interpreter is how CPU CI runs the hand-written kernels; see reference/kernels-notes.md §C).
+interpreter is how CPU CI runs the hand-written kernels; it computes bf16 arithmetic wrongly, Triton issue #4972, so kernels upcast first).
 """
 import os
 import sys

@@ -7,9 +7,10 @@
 #   2  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)
 #   3  tests/bench.py moe                   MoE expert layer: Triton vs the HF loop / grouped_mm (ratios)
 #   4  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
-#   5  a 2b-shaped model, random weights, through the real training loop: bf16, FSDP2 on 1 GPU,
-#      one step checkpoint and a resume
-#   6  a few RL updates (rl.py, tiny, random start) on the GPU
+#   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
+#      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
+#   6  a few RL updates (rl.py, tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA
+#   7  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #
 # Each step has its own time limit; a failing step is reported and the others still run.
 set -uo pipefail
@@ -44,15 +45,30 @@ step kernel-tests 150 "passed|failed" \
 step bench-attn 90 "triton" python tests/bench.py attention
 step bench-moe 90 "triton|skewed" python tests/bench.py moe
 step bench-packing 75 "packed / padded" python tests/bench.py packing --real --device=cuda --synth-dir="$WORK/synth"
-# 2b shape (Qwen3-1.7B LLM + the 300M SAIL-ViT), random weights, bf16 under FSDP2's mixed precision
+# 2b width (Qwen3-1.7B's hidden size, heads and 151,936-row vocabulary; SAIL-ViT-Huge's width at 448 px),
+# 4 LLM and 4 ViT layers so it builds and checkpoints in seconds; random weights, bf16 under FSDP2's
+# mixed precision, block activation checkpointing and the chunked loss as --scale=paper runs them
 TWO_B=(--stage=sft1 --preset=2b --init-from=random --fsdp=true --data_dir="$WORK/synth" --out_dir="$WORK/out"
-       --eval_every=0 --save_every=2 --steps=4 --packing.max_tokens=4096 --warmup_steps=1 --lr=1e-5)
+       --model.llm_config.num_hidden_layers=4 --model.vision_config.num_hidden_layers=4 --ac=block
+       --eval_every=0 --save_every=2 --steps=4 --packing.max_tokens=8192 --warmup_steps=1 --lr=1e-5)
 step 2b-fsdp2 150 "^step " torchrun --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}"
-# again from its step-2 checkpoint: steps 3 and 4 replayed, the same losses expected
+cp "$WORK/out/sft1.run/metrics.jsonl" "$WORK/first_run.jsonl" 2>/dev/null
+# again from its step-2 checkpoint: steps 3 and 4 replayed; their losses must equal the first run's
 step 2b-resume 120 "^step " torchrun --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}" --resume
+step resume-equal 30 "identical|differ" python - "$WORK/first_run.jsonl" "$WORK/out/sft1.run/metrics.jsonl" <<'PY'
+import json, sys
+first, again = ({r["step"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r} for p in sys.argv[1:])
+steps = sorted(set(first) & set(again) & {3, 4})
+same = bool(steps) and all(first[s] == again[s] for s in steps)
+print(f"resumed steps {steps}: losses {'identical' if same else 'differ'}", [(first.get(s), again.get(s)) for s in (3, 4)])
+sys.exit(0 if same else 1)
+PY
 step rl-updates 90 "reward|episode" python rl.py --stage=rl-verifiable --init_from=random --data_dir="$WORK/synth" \
     --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
     --filter_k=0 --temperature=1.5
+
+step eval-cuda 90 "accuracy|ocr" python sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
+    --device cuda --out "$WORK/eval.json"
 
 echo
 echo "GPU check on $(python -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__)') | triton $(python -c 'import triton; print(triton.__version__)' 2>/dev/null)"

@@ -138,7 +138,7 @@ def test_tokenizer_pickles(hf_tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# chat template: byte-identical to facts §1.6
+# chat template: byte-identical to the official chat_template.jinja's output
 
 def test_template_single_turn_generation_prompt():
     got = data.render_chat([("user", "<image>\nWhat is this?")], add_generation_prompt=True)
@@ -867,10 +867,23 @@ def test_cli_help_and_check(tmp_path, capsys):
         assert e.value.code == 0
     assert "usage" in capsys.readouterr().out
     path, expected = salted_manifest(tmp_path)
-    data.main(["check", str(path), "--preset", "tiny", "--max-len", "300"])
+    with pytest.raises(SystemExit) as refused:                            # 9 of 21 bad: training would refuse it
+        data.main(["check", str(path), "--preset", "tiny", "--max-len", "300"])
+    assert refused.value.code == 1
+    data.main(["check", str(path), "--preset=tiny", "--max_len=300", "--max-bad-fraction=0.5"])   # both spellings
     out = capsys.readouterr()
     assert f"bad samples by reason: {dict(sorted(expected.items()))}" in out.out and "m.jsonl:" in out.err
     assert "112-px tiles, 16 tokens each" in out.out                  # the tiny preset's geometry, not 448 px
+
+
+def test_cli_usage_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
+    for argv, match in ((["check", str(tmp_path / "nosuch.jsonl")], "manifest not found"),
+                        (["check", "--preset", "nosuch", str(tmp_path / "m.jsonl")], "unknown model preset 'nosuch'")):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
 
 
 def test_prompt_inputs(tmp_path):

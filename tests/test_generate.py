@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-import model as M
+import model as modeling
 
 
 def tiny_lm(seed=0, vocab=96, layers=2, sharpen=20.0):
     """A small Qwen3 LM with perturbed norms; `sharpen` scales lm_head so that argmaxes are far
     from ties (greedy comparisons across implementations must not hinge on rounding)."""
     torch.manual_seed(seed)
-    cfg = M.LLMConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    cfg = modeling.LLMConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
                       max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None,
                       eos_token_id=None, pad_token_id=None)
-    lm = M.Qwen3LM(cfg)
+    lm = modeling.Qwen3LM(cfg)
     lm.init_weights()
     with torch.no_grad():
         for n, p in lm.named_parameters():
@@ -61,7 +61,7 @@ def engine(lm, prompts, max_new_tokens, **kw):
     """generate_from_embeds on token-id prompts (their embeddings), under inference mode as RL runs it."""
     with torch.inference_mode():
         embeds = [lm.model.embed_tokens(torch.tensor(p, device=lm.lm_head.weight.device)) for p in prompts]
-        return M.generate_from_embeds(lm, embeds, max_new_tokens, **kw)
+        return modeling.generate_from_embeds(lm, embeds, max_new_tokens, **kw)
 
 
 PROMPTS = [[3, 7, 9, 11, 2, 5, 8], [5], [8, 1, 4], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
@@ -90,7 +90,7 @@ def policy_by_hand(logits, T, top_p, n_valid, banned):
 @pytest.mark.parametrize("T,top_p", [(0.7, 0.9), (1.0, 1.0), (0.0, 0.5), (2.0, 0.3)])
 def test_policy_logits_by_hand(T, top_p):
     logits = [2.0, 1.5, 0.3, -1.0, 4.0, 0.9, 3.0, 2.5]                  # ids 6, 7: padded rows
-    got = M.policy_logits(torch.tensor([logits]), T, top_p, n_valid=6, banned=(4,))[0].double().numpy()
+    got = modeling.policy_logits(torch.tensor([logits]), T, top_p, n_valid=6, banned=(4,))[0].double().numpy()
     want = policy_by_hand(logits, T, top_p, 6, (4,))
     assert np.array_equal(np.isinf(got), np.isinf(want))
     assert np.allclose(got[np.isfinite(want)], want[np.isfinite(want)], atol=1e-6)
@@ -102,7 +102,7 @@ def test_policy_logits_by_hand(T, top_p):
 def test_greedy_equals_reference_loop_and_hf(tmp_path):
     from transformers import Qwen3ForCausalLM
     lm = tiny_lm()
-    M.save_hf_llm(lm, str(tmp_path))
+    modeling.save_hf_llm(lm, str(tmp_path))
     hf = Qwen3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     got = engine(lm, PROMPTS, 12)
     assert got == reference_generate(lm, PROMPTS, 12)
@@ -136,10 +136,10 @@ def test_sampling_never_draws_a_token_of_probability_zero():
     tokens at both ends of the vocabulary; and its frequencies against the softmax, by hand."""
     policy = torch.tensor([[float("-inf"), 1.0, float("-inf"), 0.0, 2.0, float("-inf")]])
     for u in (0.0, 1.0 - 2.0 ** -24, 0.5):
-        ids, lp = M.sample_tokens(policy, 1.0, torch.tensor([[u]]))
+        ids, lp = modeling.sample_tokens(policy, 1.0, torch.tensor([[u]]))
         assert ids.item() in (1, 3, 4) and math.isfinite(lp.item())
     n = 20_000
-    ids, _ = M.sample_tokens(policy.expand(n, 6), 1.0, torch.rand(n, 1, generator=torch.Generator().manual_seed(0)))
+    ids, _ = modeling.sample_tokens(policy.expand(n, 6), 1.0, torch.rand(n, 1, generator=torch.Generator().manual_seed(0)))
     freq = np.bincount(ids.numpy(), minlength=6) / n
     want = np.exp([0, 1.0, 0, 0.0, 2.0, 0]) * [0, 1, 0, 1, 1, 0]
     want /= want.sum()
@@ -151,7 +151,7 @@ def recompute_logps(lm, prompt, completion, policy):
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
         logits = lm(ids)[0, len(prompt) - 1:-1]                          # (n, V): predicts the completion
-    logp = torch.log_softmax(M.policy_logits(logits, *policy), -1)
+    logp = torch.log_softmax(modeling.policy_logits(logits, *policy), -1)
     return logp.gather(1, torch.tensor(completion)[:, None])[:, 0]
 
 
@@ -197,7 +197,7 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(monkeypatch):
     lps = []
     got = engine(lm, PROMPTS, 40, generator=torch.Generator().manual_seed(2), logprobs=lps, **kw)
     hook.remove()
-    monkeypatch.setattr(M, "SYNC_EVERY", 10 ** 9)                        # never look: every row runs to the end
+    monkeypatch.setattr(modeling, "SYNC_EVERY", 10 ** 9)                        # never look: every row runs to the end
     lps_all = []
     want = engine(lm, PROMPTS, 40, generator=torch.Generator().manual_seed(2), logprobs=lps_all, **kw)
     assert got == want
@@ -260,10 +260,10 @@ def test_runs_under_bf16_autocast():
 def test_a_compile_failure_falls_back_to_the_eager_step(monkeypatch):
     def broken(*a):
         raise torch._dynamo.exc.TorchDynamoException("no C compiler")
-    step = M.CompiledStep()
+    step = modeling.CompiledStep()
     step.fn = broken
-    monkeypatch.setattr(M, "COMPILED_STEP", step)
+    monkeypatch.setattr(modeling, "COMPILED_STEP", step)
     lm = tiny_lm(seed=10)
     with pytest.warns(UserWarning, match="decoding eagerly"):
         got = engine(lm, PROMPTS, 6, compile=True)
-    assert got == engine(lm, PROMPTS, 6, compile=False) and step.fn is M.decode_step
+    assert got == engine(lm, PROMPTS, 6, compile=False) and step.fn is modeling.decode_step

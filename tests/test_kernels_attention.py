@@ -2,7 +2,7 @@
 torch path, against an independent naive softmax(q k^T) v computed per sample in float64.
 
 On a CPU box the Triton kernels run under TRITON_INTERPRET=1 (set by conftest) with tiny tiles,
-so shapes stay small (T <= ~200). bf16 follows kernels-notes §D: the kernel's max error vs the
+so shapes stay small (T <= ~200). bf16 follows the FlashAttention tests' rule: the kernel's max error vs the
 fp64 reference must be within 2x (outputs) / 3x (gradients) of PyTorch's own bf16 SDPA error,
 plus 1e-3.
 """

@@ -9,7 +9,7 @@ determinism at full size.
 References are plain torch, independent of the Triton code: `kernels.moe_grouped_mlp_torch` (sort
 + per-expert matmul; test_kernels_moe.py checks it against a per-token loop) and
 `kernels.packed_attention_torch(method="loop")` (one SDPA per sample), each in float64 (exact math
-on the rounded inputs) and at the inputs' dtype. The rule is kernels-notes §D's three-way rule:
+on the rounded inputs) and at the inputs' dtype. The rule is the FlashAttention tests' three-way rule:
 err(triton, fp64) <= 2x (outputs) / 3x (gradients) err(torch at the same dtype, fp64) + slack.
 
 Cost: a few minutes at most on an H100/H200, mostly Triton compiles and autotuning (cached in

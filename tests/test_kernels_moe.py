@@ -7,7 +7,7 @@ CUDA the same tests run the compiled kernels on the GPU instead. Oracles:
     independent of both implementations;
   * `kernels.moe_grouped_mlp_torch`: the sort + per-expert matmul reference (the CPU path).
 Checked: output, dx, dW_gate, dW_up, dW_down and d(topk_weights), fp32 and bf16 inputs (bf16 by
-the three-way rule of kernels-notes §D). Interpreter blocks are BLOCK_M=16, BLOCK_N=BLOCK_K=32
+the FlashAttention tests' three-way rule). Interpreter blocks are BLOCK_M=16, BLOCK_N=BLOCK_K=32
 (dW kernels 32x32x16), so the sizes below are deliberately not multiples of them.
 """
 import math
@@ -124,7 +124,7 @@ def test_triton_bf16_three_way(case, monkeypatch):
     """bf16 storage: err(triton, fp64) <= 2x (outputs) / 3x (grads) err(torch-bf16, fp64) + 1e-3.
 
     Errors are max-abs divided by max |fp64 reference| so the 1e-3 slack is scale-free; also
-    RMSE(triton - fp64) / RMS(fp64) <= 1e-2 (kernels-notes §D).
+    RMSE(triton - fp64) / RMS(fp64) <= 1e-2 (bf16).
     """
     inputs, dy = make_case(*CASES[case])
     bf = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs]

@@ -1,4 +1,4 @@
-"""Model core (paper §2, facts §1) against independent references: HF transformers' Qwen3ForCausalLM
+"""Model core (paper §2, the official modeling_sailvl.py) against independent references: HF transformers' Qwen3ForCausalLM
 and Aimv2VisionModel, and the official pixel-shuffle op sequence written out literally."""
 import json
 import os
@@ -10,8 +10,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from transformers import Aimv2VisionConfig, Aimv2VisionModel, Qwen3Config, Qwen3ForCausalLM
 
-import model as M
-import vit as V
+import model as modeling
+import vit
 
 torch.manual_seed(0)
 
@@ -35,7 +35,7 @@ def test_qwen3_matches_hf(tmp_path, tie, theta, kv, bias):
     ref = hf_qwen3(tie, theta, kv, bias)
     ref.save_pretrained(tmp_path, max_shard_size="40KB")        # sharded, with an index
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
-    ours = M.load_hf_llm(str(tmp_path)).eval()
+    ours = modeling.load_hf_llm(str(tmp_path)).eval()
     ids = torch.randint(0, 97, (2, 19))
     with torch.no_grad():
         want = ref(ids).logits
@@ -46,7 +46,7 @@ def test_qwen3_matches_hf(tmp_path, tie, theta, kv, bias):
 def test_qwen3_packed_equals_separate(tmp_path):
     ref = hf_qwen3(False, 1e6)
     ref.save_pretrained(tmp_path)
-    ours = M.load_hf_llm(str(tmp_path)).eval()
+    ours = modeling.load_hf_llm(str(tmp_path)).eval()
     lens = [5, 1, 11, 7]
     seqs = [torch.randint(0, 97, (n,)) for n in lens]
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
@@ -75,7 +75,7 @@ def hf_aimv2(seed=0, image_size=56, hidden=32, heads=4):
 def test_vit_matches_hf_aimv2(tmp_path):
     ref = hf_aimv2()
     ref.save_pretrained(tmp_path)
-    ours = V.load_hf_vit(str(tmp_path)).eval()
+    ours = vit.load_hf_vit(str(tmp_path)).eval()
     x = torch.randn(3, 3, 56, 56)
     with torch.no_grad():
         want = ref(x).last_hidden_state
@@ -84,10 +84,10 @@ def test_vit_matches_hf_aimv2(tmp_path):
     assert (got - want).abs().max() < 1e-4
 
 
-# --- the official SAIL-VL2 layout, written independently from facts §1.2/§1.4 --------------------
+# --- the official SAIL-VL2 layout, written independently from the official modeling_sailvl.py and key names --------------------
 
 def aimv2_to_official(sd: dict) -> dict:
-    """HF Aimv2 names -> official SAIL-ViT names, per facts §2 (written here, not imported)."""
+    """HF Aimv2 names -> official SAIL-ViT names, per HF's modeling_aimv2.py and the official modeling_sailvit.py (written here, not imported)."""
     out = {"preprocessor.patchifier.proj.weight": sd["embeddings.patch_embed.weight"],
            "preprocessor.patchifier.proj.bias": sd["embeddings.patch_embed.bias"],
            "preprocessor.patchifier.norm.weight": sd["embeddings.rms_norm.weight"],
@@ -108,7 +108,7 @@ def aimv2_to_official(sd: dict) -> dict:
 
 
 def official_pixel_shuffle(x, scale_factor=0.5):
-    """The op sequence of the official modeling_sailvl.py (ps_version v2), copied from facts §1.2."""
+    """The op sequence of the official modeling_sailvl.py (ps_version v2), read from it."""
     n, w, h, c = x.size()
     x = x.reshape(n, w, int(h * scale_factor), int(c / scale_factor))
     x = x.permute(0, 2, 1, 3).contiguous()
@@ -120,7 +120,7 @@ def official_pixel_shuffle(x, scale_factor=0.5):
 def test_pixel_shuffle_matches_official_ops():
     x = torch.randn(2, 8 * 8, 5)
     want = official_pixel_shuffle(x.reshape(2, 8, 8, 5)).reshape(2, 16, 20)
-    assert torch.equal(M.pixel_shuffle(x, 8, 8), want)
+    assert torch.equal(modeling.pixel_shuffle(x, 8, 8), want)
     g = x.reshape(2, 8, 8, 5)   # token (i, j) = [x(2i,2j), x(2i,2j+1), x(2i+1,2j), x(2i+1,2j+1)]
     assert torch.equal(want[1, 1 * 4 + 2], torch.cat([g[1, 2, 4], g[1, 2, 5], g[1, 3, 4], g[1, 3, 5]]))
 
@@ -184,7 +184,7 @@ def reference_forward(vis, llm, mlp1, input_ids, pixel_values):
 
 def test_sailvl_matches_hf_composition(official):
     path, vis, llm, mlp1 = official
-    ours = M.SAILVL.from_pretrained(path).eval()
+    ours = modeling.SAILVL.from_pretrained(path).eval()
     pix = torch.randn(3, 3, 56, 56)                               # 3 tiles × 4 tokens
     ids = torch.randint(0, 80, (2, 15))
     ids[0, 2:6] = IMG_CTX
@@ -196,7 +196,7 @@ def test_sailvl_matches_hf_composition(official):
     assert (got - want).abs().max() < 1e-4
     # our own save -> load round trip is exact, and keeps the official key names
     ours.save_pretrained(path + "-ours")
-    again = M.SAILVL.from_pretrained(path + "-ours").eval()
+    again = modeling.SAILVL.from_pretrained(path + "-ours").eval()
     with torch.no_grad():
         assert torch.equal(again(ids, pix).logits, got)
     from safetensors import safe_open
@@ -207,7 +207,7 @@ def test_sailvl_matches_hf_composition(official):
 
 def test_loss_is_shifted_ce_over_labels(official):
     path, *_ = official
-    m = M.SAILVL.from_pretrained(path).eval()
+    m = modeling.SAILVL.from_pretrained(path).eval()
     ids = torch.randint(0, 80, (2, 9))
     labels = ids.clone()
     labels[:, :4] = -100
@@ -222,7 +222,7 @@ def test_loss_is_shifted_ce_over_labels(official):
 
 def test_image_token_count_mismatch_names_both_counts(official):
     path, *_ = official
-    m = M.SAILVL.from_pretrained(path)
+    m = modeling.SAILVL.from_pretrained(path)
     ids = torch.full((1, 8), 5)
     ids[0, :3] = IMG_CTX
     with pytest.raises(ValueError, match=r"3 <IMG_CONTEXT> tokens .* 4 visual tokens"):
@@ -246,19 +246,19 @@ def test_bad_checkpoints_are_refused_clearly(official, tmp_path):
     with open(bad / "config.json", "w") as f:
         json.dump(cfg, f)
     with pytest.raises(ValueError) as e:
-        M.SAILVL.from_pretrained(str(bad))
+        modeling.SAILVL.from_pretrained(str(bad))
     msg = str(e.value)
     assert "mlp1.3.weight" in msg and "mlp1.9.weight" in msg and "mlp1.1.bias" in msg
     cfg["llm_config"].update(use_sliding_window=True, sliding_window=64)
     with open(bad / "config.json", "w") as f:
         json.dump(cfg, f)
     with pytest.raises(ValueError, match="sliding-window"):
-        M.SAILVL.from_pretrained(str(bad))
+        modeling.SAILVL.from_pretrained(str(bad))
 
 
 def test_official_vit_loads_with_load_hf_vit(official):
     path, vis, *_ = official
-    ours = V.load_hf_vit(path).eval()                              # SAIL naming under vision_model.
+    ours = vit.load_hf_vit(path).eval()                              # SAIL naming under vision_model.
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         assert (ours(x) - vis(x).last_hidden_state).abs().max() < 1e-4
@@ -268,8 +268,8 @@ def test_official_vit_loads_with_load_hf_vit(official):
 
 def test_anyres_native_size_equals_fixed_and_packed_equals_separate():
     torch.manual_seed(0)
-    cfg = V.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=56)
-    m = V.SAILViT(cfg)
+    cfg = vit.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=56)
+    m = vit.SAILViT(cfg)
     m.init_weights(std=0.2)
     m.eval()
     x = torch.randn(1, 3, 56, 56)
@@ -305,7 +305,7 @@ def test_sailvl_anyres_equals_an_independent_composition():
     the ViT, shuffled by the definition, through mlp1, its tokens written into ITS placeholders;
     the LLM on those embeddings gives the logits SAILVL gives."""
     torch.manual_seed(0)
-    m = M.build_model("tiny-anyres").eval()
+    m = modeling.build_model("tiny-anyres").eval()
     with torch.no_grad():                                       # a non-trivial adapter LayerNorm
         m.mlp1[0].weight.add_(0.3 * torch.randn_like(m.mlp1[0].weight))
     ctx, p = m.cfg.img_context_token_id, m.cfg.vision_config.patch_size
@@ -350,7 +350,7 @@ def test_kv_cache_generation_equals_full_recompute(tmp_path):
     with torch.no_grad():                                          # sharpen logits so argmax is stable
         ref.lm_head.weight.mul_(20)
     ref.save_pretrained(tmp_path)
-    lm = M.load_hf_llm(str(tmp_path)).eval()
+    lm = modeling.load_hf_llm(str(tmp_path)).eval()
     prompts = [[3, 7, 9, 11, 2], [5], [8, 1, 4]]
     got = lm.generate(prompts, max_new_tokens=12)
     for p, g in zip(prompts, got):
@@ -366,12 +366,12 @@ def test_sampling_is_seeded_and_top_p_restricts_support():
     torch.manual_seed(0)
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]])
     g = torch.Generator().manual_seed(1)
-    draws = {M.sample_next(logits, 1.0, 0.5, g).item() for _ in range(200)}
+    draws = {modeling.sample_next(logits, 1.0, 0.5, g).item() for _ in range(200)}
     assert draws == {0}                                           # p(0) = 0.70 > 0.5: nucleus is {0}
-    draws = {M.sample_next(logits, 1.0, 0.9, g).item() for _ in range(400)}
+    draws = {modeling.sample_next(logits, 1.0, 0.9, g).item() for _ in range(400)}
     assert draws == {0, 1}                                        # 0.70 + 0.26 reaches 0.9
-    a = [M.sample_next(logits, 2.0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
-    b = [M.sample_next(logits, 2.0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
+    a = [modeling.sample_next(logits, 2.0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
+    b = [modeling.sample_next(logits, 2.0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
     assert a == b
 
 @pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
@@ -381,7 +381,7 @@ def test_sampling_temperature_divides_the_logits(T):
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     n = 20_000
     g = torch.Generator().manual_seed(0)
-    draws = M.sample_next(logits.expand(n, 4), T, 1.0, g)
+    draws = modeling.sample_next(logits.expand(n, 4), T, 1.0, g)
     freq = np.bincount(draws.numpy(), minlength=4) / n
     e = np.exp(np.array([2.0, 1.0, 0.0, -1.0]) / T)
     want = e / e.sum()
@@ -389,7 +389,7 @@ def test_sampling_temperature_divides_the_logits(T):
 
 
 def test_sailvl_generate_with_images_matches_recompute():
-    m = M.build_model("tiny").eval()
+    m = modeling.build_model("tiny").eval()
     ctx = m.cfg.img_context_token_id
     pix = torch.randn(1, 3, 112, 112)
     prompt = [1, 2] + [ctx] * 16 + [5, 6]
@@ -404,8 +404,8 @@ def test_sailvl_generate_with_images_matches_recompute():
 def test_presets_build_on_meta_with_paper_sizes():
     sizes = {}
     for name in ("2b", "8b", "30b-a3b"):
-        m = M.build_model(name, device="meta")
-        sizes[name] = M.count_params(m.language_model) / 1e9
+        m = modeling.build_model(name, device="meta")
+        sizes[name] = modeling.count_params(m.language_model) / 1e9
     assert abs(sizes["2b"] - 1.72) < 0.02            # Qwen3-1.7B (tied)
     assert abs(sizes["8b"] - 8.19) < 0.02            # Qwen3-8B
     assert abs(sizes["30b-a3b"] - 30.5) < 0.1        # Qwen3-30B-A3B
@@ -413,13 +413,13 @@ def test_presets_build_on_meta_with_paper_sizes():
 
 def test_atomic_save_keeps_old_folder_on_failure(tmp_path):
     target = tmp_path / "ck"
-    M.atomic_write_dir(str(target), lambda d: open(os.path.join(d, "a.txt"), "w").write("old"))
+    modeling.atomic_write_dir(str(target), lambda d: open(os.path.join(d, "a.txt"), "w").write("old"))
 
     def boom(d):
         open(os.path.join(d, "a.txt"), "w").write("new")
         raise RuntimeError("crash mid-write")
     with pytest.raises(RuntimeError):
-        M.atomic_write_dir(str(target), boom)
+        modeling.atomic_write_dir(str(target), boom)
     assert open(target / "a.txt").read() == "old"
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 
@@ -427,6 +427,6 @@ def test_atomic_save_keeps_old_folder_on_failure(tmp_path):
 def test_tiny_preset_uses_the_default_tokenizers_image_token():
     import data
     tok = data.load_tokenizer(None)
-    cfg = M.preset_config("tiny")
+    cfg = modeling.preset_config("tiny")
     assert cfg.img_context_token_id == data.special_ids(tok).img_context
     assert cfg.llm_config.vocab_size >= tok.n_vocab

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-import model as M
+import model as modeling
 import moe
 
 
@@ -102,7 +102,7 @@ def test_qwen3_moe_lm_matches_hf(tmp_path, kw):
     ref.save_pretrained(tmp_path, max_shard_size="60KB")               # hub layout: per-expert keys, sharded
     index = json.load(open(tmp_path / "model.safetensors.index.json"))["weight_map"]
     assert any(".mlp.experts.0.gate_proj.weight" in k for k in index)
-    ours = M.load_hf_llm(str(tmp_path)).eval()
+    ours = modeling.load_hf_llm(str(tmp_path)).eval()
     want_moe = [type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in ref.model.layers]
     assert [layer.is_moe for layer in ours.model.layers] == want_moe
     assert any(want_moe) and not all(want_moe) or kw["mlp_only_layers"] == []
@@ -124,7 +124,7 @@ def test_qwen3_moe_lm_loads_fused_layout(tmp_path):
     assert "model.layers.1.mlp.experts.gate_up_proj" in sd
     save_file(sd, str(tmp_path / "model.safetensors"))
     ref.config.to_json_file(str(tmp_path / "config.json"))
-    ours = M.load_hf_llm(str(tmp_path)).eval()
+    ours = modeling.load_hf_llm(str(tmp_path)).eval()
     ids = torch.randint(0, 97, (1, 11))
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
@@ -138,7 +138,7 @@ def test_missing_expert_is_a_clear_error(tmp_path):
     del sd["model.layers.2.mlp.experts.4.up_proj.weight"]
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"layers\.2\.mlp\.experts.*up_proj"):
-        M.load_hf_llm(str(tmp_path))
+        modeling.load_hf_llm(str(tmp_path))
 
 
 # --- 2. load-balancing loss ---------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_aux_loss_matches_hf_function(E, k, masked):
 def test_aux_loss_matches_hf_model_output(tmp_path):
     ref = hf_lm(decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=True)
     ref.save_pretrained(tmp_path)
-    ours = M.load_hf_llm(str(tmp_path)).eval()
+    ours = modeling.load_hf_llm(str(tmp_path)).eval()
     ids = torch.randint(0, 97, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, 5:] = 0                                                     # right padding
@@ -183,7 +183,7 @@ def test_aux_loss_matches_hf_model_output(tmp_path):
 
 def test_sailvl_loss_adds_aux_and_returns_router_logits():
     torch.manual_seed(0)
-    model = M.build_model("tiny-moe")
+    model = modeling.build_model("tiny-moe")
     c = model.cfg.llm_config
     ids = torch.randint(0, 256, (2, 12))
     out = model(ids, labels=ids)
@@ -327,11 +327,11 @@ def tiny_moe_lm(seed=0):
     """A tiny Qwen3-MoE LM whose "image" token ids (64..127) share a large embedding component that
     every router maps to experts 0 and 1, the skew a new modality can bring."""
     torch.manual_seed(seed)
-    cfg = M.LLMConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+    cfg = modeling.LLMConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
                       num_experts_per_tok=2, moe_intermediate_size=16, bos_token_id=None, eos_token_id=None,
                       pad_token_id=None, tie_word_embeddings=False)
-    lm = M.Qwen3LM(cfg)
+    lm = modeling.Qwen3LM(cfg)
     lm.init_weights()
     with torch.no_grad():
         lm.model.embed_tokens.weight[:, -4:] = 0.0
@@ -385,7 +385,7 @@ def test_calibrate_whole_model_end_to_end(tmp_path):
 
 def test_calibrate_cli(tmp_path, capsys):
     from PIL import Image
-    model = M.build_model("tiny-moe")
+    model = modeling.build_model("tiny-moe")
     model.save_pretrained(str(tmp_path / "ckpt"))
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
     mm, text = [], []
@@ -403,14 +403,14 @@ def test_calibrate_cli(tmp_path, capsys):
     assert "entropy before" in printed and "next-token KL" in printed
     rep = json.load(open(tmp_path / "cal" / "calibration.json"))
     assert len(rep["multimodal"]["entropy_after"]) == model.cfg.llm_config.num_hidden_layers
-    cal = M.SAILVL.from_pretrained(str(tmp_path / "cal"))               # loads back, same keys
+    cal = modeling.SAILVL.from_pretrained(str(tmp_path / "cal"))               # loads back, same keys
     assert set(cal.state_dict()) == set(model.state_dict())
 
 
 # --- 5. presets -----------------------------------------------------------------------------------
 
 def test_presets():
-    big = M.build_model("30b-a3b", device="meta").language_model
+    big = modeling.build_model("30b-a3b", device="meta").language_model
     c = big.cfg
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
         (48, 2048, 32, 4, 128)
@@ -418,11 +418,11 @@ def test_presets():
         (128, 8, 768, True, 1e6)
     assert c.moe_config() == moe.MoEConfig(2048, 768, 128, 8, True)    # read off the LLM config, HF names
     assert all(layer.is_moe for layer in big.model.layers) and not c.tie_word_embeddings
-    total = M.count_params(big)
+    total = modeling.count_params(big)
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size
     active = total - c.num_hidden_layers * (c.num_experts - c.num_experts_per_tok) * per_expert
     assert 30.4e9 < total < 30.7e9 and 3.2e9 < active < 3.45e9         # Qwen3-30B-A3B: 30.5B total, 3.3B active
-    tiny = M.build_model("tiny-moe")
+    tiny = modeling.build_model("tiny-moe")
     t = tiny.cfg.llm_config
     assert t.num_experts == 8 and all(layer.is_moe for layer in tiny.language_model.model.layers)
     ids = torch.randint(0, 256, (1, 10))

@@ -23,8 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
-import model as M
-import train_stage as T
+import model as modeling
+import train_stage
 import vit
 
 from test_data import qwen_style_bpe
@@ -182,7 +182,7 @@ def test_model_shape_comes_from_the_qwen3_and_aimv2_config_json(folders):
     from transformers import Aimv2VisionConfig, Qwen3Config
     qwen, aim = folders
     hq, ha = Qwen3Config.from_pretrained(qwen), Aimv2VisionConfig.from_pretrained(aim)
-    llm, v = M.read_llm_config(str(qwen)), vit.read_vit_config(str(aim))
+    llm, v = modeling.read_llm_config(str(qwen)), vit.read_vit_config(str(aim))
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps", "max_position_embeddings"):
         assert getattr(llm, k) == getattr(hq, k), k
@@ -190,14 +190,14 @@ def test_model_shape_comes_from_the_qwen3_and_aimv2_config_json(folders):
     for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
               "patch_size", "qkv_bias", "mlp_bias"):
         assert getattr(v, k) == getattr(ha, k), k
-    cfg, mcfg, _ = T.parse_args(["--stage", "vit1", f"--init-llm={qwen}", f"--init-vit={aim}", "--out_dir=/no/out"])
+    cfg, mcfg, _ = train_stage.parse_args(["--stage", "vit1", f"--init-llm={qwen}", f"--init-vit={aim}", "--out_dir=/no/out"])
     assert mcfg.llm_config == llm and mcfg.vision_config == v and cfg.preset == "2b"      # no --model.* needed
-    assert T.missing_sources(cfg) == [] and set(T.init_sources(cfg).values()) == {"fresh"}   # lm0 is not needed
+    assert train_stage.missing_sources(cfg) == [] and set(train_stage.init_sources(cfg).values()) == {"fresh"}   # lm0 is not needed
     assert mcfg.max_dynamic_patch == 12 and mcfg.system_prompt == ""                     # the paper's settings
-    with pytest.raises(T.UsageError, match=r"--model.llm_config.num_hidden_layers=4 changes the shape of weights "
+    with pytest.raises(train_stage.UsageError, match=r"--model.llm_config.num_hidden_layers=4 changes the shape of weights "
                                            rf"loaded from --init-llm {qwen}"):
-        T.parse_args(["--stage", "vit1", f"--init-llm={qwen}", "--model.llm_config.num_hidden_layers=4"])
-    _, roped, _ = T.parse_args(["--stage", "vit1", f"--init-llm={qwen}", "--model.llm_config.rope_theta=5e5"])
+        train_stage.parse_args(["--stage", "vit1", f"--init-llm={qwen}", "--model.llm_config.num_hidden_layers=4"])
+    _, roped, _ = train_stage.parse_args(["--stage", "vit1", f"--init-llm={qwen}", "--model.llm_config.rope_theta=5e5"])
     assert roped.llm_config.rope_theta == 5e5 and roped.llm_config.hidden_size == 32   # not a shape: applies
 
 
@@ -205,13 +205,13 @@ def test_a_preset_without_the_tokenizers_img_context_takes_the_tokenizers(folder
     """--preset=tiny (<IMG_CONTEXT> 263) with Qwen3's weights: the model is not a trained checkpoint,
     so it takes the id of the tokenizer that comes with the LLM (151671), and says so."""
     qwen, _ = folders
-    cfg, mcfg, _ = T.parse_args(["--stage", "vit1", f"--init-llm={qwen}", "--preset=tiny", f"--out_dir={tmp_path}",
+    cfg, mcfg, _ = train_stage.parse_args(["--stage", "vit1", f"--init-llm={qwen}", "--preset=tiny", f"--out_dir={tmp_path}",
                                  "--manifests=x.jsonl", "--init-from=random"])   # before: the byte-level default
     logs = []
-    tok = data.load_tokenizer(T.tokenizer_dir(cfg, logs.append))
-    out = T.match_tokenizer(cfg, mcfg, tok, logs.append)
+    tok = data.load_tokenizer(train_stage.tokenizer_dir(cfg, logs.append))
+    out = train_stage.match_tokenizer(cfg, mcfg, tok, logs.append)
     assert out.img_context_token_id == 151671 and out.llm_config.vocab_size == 151936
-    assert out.vision_config == M.preset_config("tiny").vision_config                   # the preset shapes the ViT
+    assert out.vision_config == modeling.preset_config("tiny").vision_config                   # the preset shapes the ViT
     assert any("lacks SAIL-VL2's image tokens" in ln for ln in logs) and any("uses the tokenizer's" in ln for ln in logs)
 
 
@@ -223,7 +223,7 @@ def test_vit1_from_qwen3_and_aimv2_folders_and_a_llava_jsonl(folders, tmp_path, 
     qwen, aim = folders
     manifest, root = llava_manifest(tmp_path)
     out = tmp_path / "out"
-    T.main(["--stage", "vit1", f"--init-llm={qwen}", f"--init-vit={aim}", f"--manifests={manifest}",
+    train_stage.main(["--stage", "vit1", f"--init-llm={qwen}", f"--init-vit={aim}", f"--manifests={manifest}",
             f"--image_root={root}", f"--out_dir={out}", "--steps=2", "--eval_every=0", "--auto_steps=1",
             "--save_every=0", "--packing.max_tokens=256"])
     log = capsys.readouterr().out
@@ -232,9 +232,9 @@ def test_vit1_from_qwen3_and_aimv2_folders_and_a_llava_jsonl(folders, tmp_path, 
     assert log.count("lacks SAIL-VL2's image tokens: added <img> 151669") == 1
     assert f"next: torchrun train_stage.py --stage vit2 --out_dir={out}\n" in log   # no preset, no --init-llm
     ck = out / "vit1"
-    T.verify_checkpoint(str(ck))
-    cfg = M.SAILVLConfig.from_dict(json.loads((ck / "config.json").read_text()))
-    assert cfg.llm_config == M.read_llm_config(str(qwen)) and cfg.vision_config == vit.read_vit_config(str(aim))
+    train_stage.verify_checkpoint(str(ck))
+    cfg = modeling.SAILVLConfig.from_dict(json.loads((ck / "config.json").read_text()))
+    assert cfg.llm_config == modeling.read_llm_config(str(qwen)) and cfg.vision_config == vit.read_vit_config(str(aim))
     assert cfg.img_context_token_id == 151671
     sd = load_file(str(ck / "model.safetensors"))
     assert sd["mlp1.1.weight"].shape == (LLM["hidden_size"], 4 * VIT["hidden_size"])     # the adapter follows both
@@ -269,10 +269,10 @@ def test_a_model_tokenizer_mismatch_is_one_error_line(folders, tmp_path, capsys,
         match = "does not encode as the tokenizer of"
     else:                                               # Qwen's ids on a 512-row tiny checkpoint
         data.add_image_tokens(qwen, tmp_path / "qtok")
-        M.build_model("tiny").save_pretrained(str(tmp_path / "tiny"))
+        modeling.build_model("tiny").save_pretrained(str(tmp_path / "tiny"))
         args += [f"--init-from={tmp_path}/tiny", f"--tokenizer={tmp_path}/qtok"]
         match = "has ids up to 151677, but the language model's embedding has 512 rows"
     with pytest.raises(SystemExit) as e:
-        T.main(["--stage", "vit1", *args])
+        train_stage.main(["--stage", "vit1", *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(stderr_lines(err)) == 1 and match in err, err

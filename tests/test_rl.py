@@ -1,6 +1,6 @@
 """Tests of rl.py's pure functions: losses, advantages, filters, KL, rewards.
 
-References: the hand-computed cases of reference/rl-and-packing-notes.md §G, plain-Python loop
+References: cases computed by hand (written out in each test), plain-Python loop
 re-implementations of the loss formulas (DAPO arXiv 2503.14476, GSPO arXiv 2507.18071), a real
 2-process gloo group for the rank split, `statistics.stdev` for advantages, exact expectations
 for the KL estimators. The answer reading and equivalence the rewards use (data.py's grading API)

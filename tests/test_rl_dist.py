@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import data
-import model as M
+import model as modeling
 import rl
 import train_stage
 
@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, synth):
     root = tmp_path_factory.mktemp("rldist")
-    train_stage.save_checkpoint(str(root / "out" / "longcot"), M.build_model("tiny", seed=0), {"stage": "longcot"},
+    train_stage.save_checkpoint(str(root / "out" / "longcot"), modeling.build_model("tiny", seed=0), {"stage": "longcot"},
                                 0, 1, extra_files=train_stage.tokenizer_files(str(synth)))
     return root
 
@@ -56,8 +56,8 @@ def _update_worker(rank, world, init_file, out_dir, root, synth):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     cfg = rl.resolve_algo(rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), group_size=4, mini_batches=2,
-                                      epochs=2, max_tokens=200), M.preset_config("tiny"))
-    model, _ = train_stage.place_model(cfg, M.preset_config("tiny"), rank, world, torch.device("cpu"), lambda *a: None)
+                                      epochs=2, max_tokens=200), modeling.preset_config("tiny"))
+    model, _ = train_stage.place_model(cfg, modeling.preset_config("tiny"), rank, world, torch.device("cpu"), lambda *a: None)
     tok = data.load_tokenizer(str(synth))
     dcfg = data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=2048)
     rolls = fixed_rollouts(cfg, tok, dcfg, 3)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import model as M
+import model as modeling
 import rl
 import train_stage
 
@@ -26,7 +26,7 @@ def setup(tmp_path_factory, synth):
     """A tiny checkpoint saved as a finished stage (the synthetic data's tokenizer beside it) and
     a few rl-verifiable prompts."""
     root = tmp_path_factory.mktemp("rl")
-    m = M.build_model("tiny", seed=0)
+    m = modeling.build_model("tiny", seed=0)
     train_stage.save_checkpoint(str(root / "out" / "longcot"), m, {"stage": "longcot"}, 0, 1,
                                 extra_files=train_stage.tokenizer_files(str(synth)))
     cfg = rl.resolve_algo(rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), max_new_tokens=12,
@@ -79,7 +79,7 @@ def test_policy_masks_padded_vocabulary_and_image_tokens(setup):
     the extra rows; the image tokens get none either; top-p removes the tail."""
     _, _, m, tok, cfg, _ = setup
     logits = torch.randn(5, tok.n_vocab + 64)
-    lp = torch.log_softmax(M.policy_logits(logits, 0.7, 0.9, tok.n_vocab, rl.banned_ids(tok)), -1)
+    lp = torch.log_softmax(modeling.policy_logits(logits, 0.7, 0.9, tok.n_vocab, rl.banned_ids(tok)), -1)
     assert torch.isinf(lp[:, tok.n_vocab:]).all() and torch.isinf(lp[:, list(rl.banned_ids(tok))]).all()
     kept = lp.exp()
     assert torch.allclose(kept.sum(-1), torch.ones(5), atol=1e-5)
@@ -144,7 +144,7 @@ def test_mini_batches_are_separate_updates_against_the_rollout_policy(setup):
     gradient of its own rollouts alone (the batch is really split); after the first step the ratio
     moves away from 1 (old log-probs come from before the episode, not recomputed per update)."""
     _, _, m0, tok, cfg, prompts = setup
-    m = M.build_model("tiny", seed=0)
+    m = modeling.build_model("tiny", seed=0)
     rolls = scored(rl.rollouts(m, tok, prompts[:4], cfg, torch.Generator().manual_seed(2)),
                    [float(i % 3 == 0) for i in range(16)])
     cfg2 = replace(cfg, mini_batches=2, epochs=2)
@@ -285,7 +285,7 @@ def test_model_judge_is_the_probability_of_yes(setup):
         def forward(self, ids):
             logits = torch.zeros(1, ids.shape[1], tok.n_vocab)
             logits[0, -1, judge.yes] = 2.0
-            return M.Output(logits, None, None, None)
+            return modeling.Output(logits, None, None, None)
     judge.model = Leaning()
     assert judge("q", "t", "a", "r") == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item(), abs=1e-6)
 
@@ -298,7 +298,7 @@ def bandit(mode: str, episodes: int = 30, seed: int = 0, synth_dir=None):
     mode: "normal", "flip" (the other set is rewarded: the policy must learn to avoid its own) or
     "shuffle" (advantages permuted across rollouts: the control). -> hit rate of the last 10."""
     torch.manual_seed(seed)
-    m = M.build_model("tiny", seed=seed)
+    m = modeling.build_model("tiny", seed=seed)
     tok = data.load_tokenizer(str(synth_dir))
     prompts = [rl.Prompt(data.encode(tok, q), None, a, "bandit", q) for q, a in (("even:", 0), ("odd:", 1))]
 

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 import data
-import model as M
-import sample as S
+import model as modeling
+import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    m = M.build_model("tiny", seed=0).eval()
+    m = modeling.build_model("tiny", seed=0).eval()
     tok = data.load_tokenizer(None)
     return m, tok, data.DataConfig.from_model(m.cfg)
 
@@ -58,17 +58,17 @@ def held_back(text):
 
 def test_every_familys_reference_replies_score_one(synth):
     """The assistant turn of every eval record of a fresh synthetic set, fed back as the prediction."""
-    assert set(S.synth_families(synth)) == set(data.SYNTH_FAMILIES)
+    assert set(sample.synth_families(synth)) == set(data.SYNTH_FAMILIES)
     for family in data.SYNTH_FAMILIES:
         recs = eval_records(synth, family)
         assert len(recs) >= 32
         for rec in recs:
             if rec.text is not None:
                 reference = held_back(rec.text)[1]
-                ok, got = S.score("text", reference, S.split_last_word(rec)[1], None)
+                ok, got = sample.score("text", reference, sample.split_last_word(rec)[1], None)
             else:
                 reference = rec.turns[-1][1]
-                ok, got = S.score(family, reference, reference, rec.answer)
+                ok, got = sample.score(family, reference, reference, rec.answer)
             assert ok, (family, reference, rec.answer, got)
 
 
@@ -103,26 +103,26 @@ WRONG = [  # (family, reply, gold): wrong answers, including ones that mention t
 
 def test_hand_made_replies_score_as_a_reader_would():
     for family, reply, gold in RIGHT:
-        assert S.score(family, reply, "", gold)[0], (family, reply, gold)
+        assert sample.score(family, reply, "", gold)[0], (family, reply, gold)
     for family, reply, gold in WRONG:
-        assert not S.score(family, reply, "", gold)[0], (family, reply, gold)
+        assert not sample.score(family, reply, "", gold)[0], (family, reply, gold)
     # caption: exactly the reference's objects, each with its colour, shape and position
-    assert S.score("caption", "A blue square in the middle center, and a green triangle at the bottom right.", CAPTION, None)[0]
+    assert sample.score("caption", "A blue square in the middle center, and a green triangle at the bottom right.", CAPTION, None)[0]
     for wrong in ("a green triangle at the bottom right.",                                   # one missing
                   "a blue triangle at the bottom right and a green square at the middle centre.",  # swapped
                   "a green triangle at the middle centre and a blue square at the bottom right.",  # moved
                   CAPTION[:-1] + " and a red circle at the top left."):                         # one extra
-        assert not S.score("caption", wrong, CAPTION, None)[0], wrong
+        assert not sample.score("caption", wrong, CAPTION, None)[0], wrong
     # text: the held-back word, as the first word of the continuation
-    assert S.score("text", " water. the", " water.", None)[0] and not S.score("text", " wat", " water.", None)[0]
+    assert sample.score("text", " water. the", " water.", None)[0] and not sample.score("text", " wat", " water.", None)[0]
     # unknown families: \boxed{} or the whole answer against `answer`, else the exact reply
-    assert S.score("vqa", "<think>x</think> The answer is \\boxed{4.0}.", "", "4")[0]
-    assert S.score("vqa", "<think>x</think> 4.", "", "4")[0]
-    assert not S.score("vqa", "There are 4.", "", "4")[0]
-    assert S.score("vqa", "A red circle at the top left", "a red circle at the top left.", None)[0]
-    assert not S.score("vqa", "a red circle", "a red circle at the top left.", None)[0]
-    assert S.reply_word_f1("<think>x</think>a red circle", "a red circle at the top left") == 2 * (1 * 3 / 7) / (1 + 3 / 7)
-    assert S.reply_word_f1("<think>cut off", "a red circle") == 0.0
+    assert sample.score("vqa", "<think>x</think> The answer is \\boxed{4.0}.", "", "4")[0]
+    assert sample.score("vqa", "<think>x</think> 4.", "", "4")[0]
+    assert not sample.score("vqa", "There are 4.", "", "4")[0]
+    assert sample.score("vqa", "A red circle at the top left", "a red circle at the top left.", None)[0]
+    assert not sample.score("vqa", "a red circle", "a red circle at the top left.", None)[0]
+    assert sample.reply_word_f1("<think>x</think>a red circle", "a red circle at the top left") == 2 * (1 * 3 / 7) / (1 + 3 / 7)
+    assert sample.reply_word_f1("<think>cut off", "a red circle") == 0.0
 
 
 # Each extraction rule of extract_answer's docstring, with a reply where the rule and its nearest
@@ -163,10 +163,10 @@ RULES = [
 
 def test_each_extraction_rule_is_the_documented_one():
     for family, reply, gold, want in RULES:
-        got = S.extract_answer(family, reply, gold)
+        got = sample.extract_answer(family, reply, gold)
         assert got == want, (family, reply, gold, got)
         right = want is not None and data.answers_match(want, data.normalize_answer(gold or ""))
-        assert S.score(family, reply, "", gold)[0] == right, (family, reply, gold)
+        assert sample.score(family, reply, "", gold)[0] == right, (family, reply, gold)
 
 
 HOSTILE = ["\\boxed{" * 150_000, "{" * 1_000_000, "1 " * 500_000, "a" * 1_000_000, "</think>" * 130_000,
@@ -180,9 +180,9 @@ def test_hostile_replies_score_fast():
         assert len(reply) >= 1_000_000
         t0 = time.perf_counter()
         for family in list(data.SYNTH_FAMILIES) + ["vqa"]:
-            S.score(family, reply, CAPTION, None if family in ("caption", "text") else "2")
-        S.reply_word_f1(reply, CAPTION)
-        S.extract_choice(reply, options)
+            sample.score(family, reply, CAPTION, None if family in ("caption", "text") else "2")
+        sample.reply_word_f1(reply, CAPTION)
+        sample.extract_choice(reply, options)
         assert time.perf_counter() - t0 < 0.5, reply[:20]
 
 
@@ -195,19 +195,19 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny, synth):
     sizes), equal those of one call per prompt; and evaluate_families' replies equal `answer` run
     on each record alone."""
     m, tok, dcfg = tiny
-    anyres = M.build_model("tiny-anyres", seed=1).eval()
-    stop = S.stop_ids(tok)
+    anyres = modeling.build_model("tiny-anyres", seed=1).eval()
+    stop = sample.stop_ids(tok)
     for model, families in ((m, ("text", "caption", "chart", "multi", "video", "count")),
                             (anyres, ("text", "caption", "chart", "ocr"))):
         cfg = data.DataConfig.from_model(model.cfg)
-        items = [S.record_item(tok, cfg, rec, False, False, 10)[0] for f in families for rec in eval_records(synth, f, 2)]
-        batched = model.generate([it.ids for it in items], S.concat_pixels([it.pixels for it in items]),
+        items = [sample.record_item(tok, cfg, rec, False, False, 10)[0] for f in families for rec in eval_records(synth, f, 2)]
+        batched = model.generate([it.ids for it in items], sample.concat_pixels([it.pixels for it in items]),
                                  max_new_tokens=10, stop_tokens=stop, n_valid_tokens=tok.n_vocab)
         single = [model.generate([it.ids], it.pixels, max_new_tokens=10, stop_tokens=stop, n_valid_tokens=tok.n_vocab)[0]
                   for it in items]
         assert batched == single
         assert len({tuple(s) for s in single}) >= 3               # the prompts do lead to different replies
-    rep = S.evaluate_families(m, tok, dcfg, synth, families=["text", "chart", "video", "multi"], limit=2, batch_size=3,
+    rep = sample.evaluate_families(m, tok, dcfg, synth, families=["text", "chart", "video", "multi"], limit=2, batch_size=3,
                               max_new_tokens=10, progress=False)
     assert sum(rep["n"].values()) == 8
     for p in rep["predictions"]:
@@ -216,9 +216,9 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny, synth):
         if rec.text is not None:
             ids = m.generate([data.encode(tok, held_back(rec.text)[0])], None, max_new_tokens=10, stop_tokens=stop,
                              n_valid_tokens=tok.n_vocab)[0]
-            want = S.decode_reply(tok, ids, stop)
+            want = sample.decode_reply(tok, ids, stop)
         else:
-            want = S.answer(m, tok, dcfg, rec.turns[:-1], rec.images, rec.videos, max_new_tokens=10)
+            want = sample.answer(m, tok, dcfg, rec.turns[:-1], rec.images, rec.videos, max_new_tokens=10)
         assert p["prediction"] == want, p["where"]
 
 
@@ -269,16 +269,16 @@ def test_evaluate_families_on_a_model_that_answers_the_references(tiny, synth):
     junk = data.encode(tok, " no \\boxed{9} 9 left, first, a red circle at the top left")
     for think in (False, True):
         fake = TableModel(tok, dcfg, reference_table(tok, dcfg, synth, 4, think), junk)
-        rep = S.evaluate_families(fake, tok, dcfg, synth, limit=4, think=think, batch_size=3, progress=False)
+        rep = sample.evaluate_families(fake, tok, dcfg, synth, limit=4, think=think, batch_size=3, progress=False)
         assert rep["n"] == {f: 4 for f in data.SYNTH_FAMILIES}
         assert rep["accuracy"] == {f: 1.0 for f in data.SYNTH_FAMILIES}, [p for p in rep["predictions"] if not p["correct"]]
         assert rep["word_f1"] == {f: 1.0 for f in data.SYNTH_FAMILIES}       # the junk after <|im_end|> is cut
         assert [p["where"].rsplit(":", 1)[1] for p in rep["predictions"] if p["family"] == "ocr"] == ["1", "2", "3", "4"]
         assert {p["think"] for p in rep["predictions"] if p["family"] != "text"} == {think}
-        assert {c["max_new_tokens"] for c in fake.calls} == {S.default_new_tokens(f, think) for f in data.SYNTH_FAMILIES}
+        assert {c["max_new_tokens"] for c in fake.calls} == {sample.default_new_tokens(f, think) for f in data.SYNTH_FAMILIES}
         assert max(c["n"] for c in fake.calls) == 3
         json.dumps(rep)
-    assert S.DIRECT_NEW_TOKENS["count"] == 32 and S.default_new_tokens("ocr", True) == 192
+    assert sample.DIRECT_NEW_TOKENS["count"] == 32 and sample.default_new_tokens("ocr", True) == 192
 
 
 def test_blank_mode_shows_white_images_of_the_same_shapes(tiny, synth):
@@ -291,9 +291,9 @@ def test_blank_mode_shows_white_images_of_the_same_shapes(tiny, synth):
     anyres = data.blank_pixels([pv[:1], pv[1:3]])
     assert [a.shape for a in anyres] == [pv[:1].shape, pv[1:3].shape]
     fake = TableModel(tok, dcfg, {}, [])
-    plain = S.evaluate_families(fake, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, progress=False)
+    plain = sample.evaluate_families(fake, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, progress=False)
     seen = TableModel(tok, dcfg, {}, [])
-    rep = S.evaluate_families(seen, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, blank=True,
+    rep = sample.evaluate_families(seen, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, blank=True,
                               progress=False)
     assert all(p["blank"] for p in rep["predictions"]) and not any(p["blank"] for p in plain["predictions"])
     for a, b in zip(fake.calls, seen.calls):
@@ -311,7 +311,7 @@ def test_chance_is_the_majority_share(tmp_path):
     write("caption", [conv("a red circle at the top left."), conv("A red circle at the top left"),
                       conv("a blue circle at the top left.")])
     write("text", [{"text": t} for t in ("the word is kite.", "a b kite.", "x water.", "y z.")])
-    got = S.chance(tmp_path, limit=5)
+    got = sample.chance(tmp_path, limit=5)
     assert got == {"caption": 2 / 3, "text": 2 / 4, "count": 3 / 5}
 
 
@@ -321,14 +321,14 @@ def test_chance_is_the_majority_share(tmp_path):
 def test_wilson_interval_by_hand():
     # 8 of 10, z = 1.96: z²/n = 0.38415, centre (0.8 + 0.19207) / 1.38415 = 0.71674,
     # half 1.96 sqrt(0.016 + 0.0096037) / 1.38415 = 0.22658 -> [0.49016, 0.94332]
-    lo, hi = S.wilson_interval(8, 10)
+    lo, hi = sample.wilson_interval(8, 10)
     assert lo == pytest.approx(0.49016, abs=1e-5) and hi == pytest.approx(0.94332, abs=1e-5)
     # 0 of 10: centre = half = 0.19207 / 1.38415 = 0.13877 -> [0, 0.27753]; and n = 0 says nothing
-    assert S.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
-    assert S.wilson_interval(0, 0) == (0.0, 1.0)
-    assert S.accuracy_cell(8, 10) == {"n": 10, "correct": 8, "accuracy": 0.8, "interval": [0.4902, 0.9433]}
-    assert S.plus_minus(0.8, (0.4902, 0.9433)) == "0.80 ±0.31"          # the larger side, rounded up
-    assert S.plus_minus(0.5, (0.41, 0.59)) == "0.50 ±0.09"
+    assert sample.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert sample.wilson_interval(0, 0) == (0.0, 1.0)
+    assert sample.accuracy_cell(8, 10) == {"n": 10, "correct": 8, "accuracy": 0.8, "interval": [0.4902, 0.9433]}
+    assert sample.plus_minus(0.8, (0.4902, 0.9433)) == "0.80 ±0.31"          # the larger side, rounded up
+    assert sample.plus_minus(0.5, (0.41, 0.59)) == "0.50 ±0.09"
 
 
 def predictions(pattern):
@@ -342,39 +342,39 @@ def test_paired_difference_against_the_normal_approximation():
     # 60 samples right in a only, 20 in b only, 320 the same: d = 0.1; var(d) = 80/400 - 0.01 = 0.19;
     # normal 95% interval 0.1 ± 1.96 sqrt(0.19 / 400) = [0.0573, 0.1427]
     a, b = predictions([(True, False)] * 60 + [(False, True)] * 20 + [(True, True)] * 200 + [(False, False)] * 120)
-    e = S.paired_difference(a, b)
+    e = sample.paired_difference(a, b)
     assert (e["n"], e["difference"], e["a_only"], e["b_only"]) == (400, 0.1, 60, 20) and e["excludes_0"]
     assert e["interval"] == pytest.approx([0.0573, 0.1427], abs=0.01)
     assert (e["accuracy_a"], e["accuracy_b"]) == (0.65, 0.55)
-    assert S.paired_difference(a, b) == e                                   # a fixed seed: the same interval
-    null = S.paired_difference(*predictions([(True, False)] * 10 + [(False, True)] * 10 + [(True, True)] * 80))
+    assert sample.paired_difference(a, b) == e                                   # a fixed seed: the same interval
+    null = sample.paired_difference(*predictions([(True, False)] * 10 + [(False, True)] * 10 + [(True, True)] * 80))
     assert null["difference"] == 0 and null["interval"][0] < 0 < null["interval"][1] and not null["excludes_0"]
     with pytest.raises(ValueError, match="same samples"):
-        S.paired_difference(a, b[1:])                                       # one sample missing on one side
+        sample.paired_difference(a, b[1:])                                       # one sample missing on one side
     with pytest.raises(ValueError, match="same samples"):
-        S.paired_difference(a, b[:-1] + [b[0]])                             # one sample twice
+        sample.paired_difference(a, b[:-1] + [b[0]])                             # one sample twice
 
 
 def test_report_markdown_and_picture(tmp_path):
-    cells = lambda *ks: {f: S.accuracy_cell(k, 128) for f, k in zip(("ocr", "count", "math"), ks)}   # noqa: E731
+    cells = lambda *ks: {f: sample.accuracy_cell(k, 128) for f, k in zip(("ocr", "count", "math"), ks)}   # noqa: E731
     stages = {"vit1": {"seconds": 10, "eval_loss_start": 1.0, "eval_loss": 0.5,
                        "eval": {"real": cells(100, 30, 5), "blank": cells(2, 30, 4)}},
               "longcot": {"seconds": 20, "eval": {"real": cells(120, 90, 20), "blank": cells(3, 25, 4),
-                                                  "think": {"count": S.accuracy_cell(110, 128)}}}}
+                                                  "think": {"count": sample.accuracy_cell(110, 128)}}}}
     a, b = predictions([(True, False)] * 60 + [(True, True)] * 40)
     effect = {"name": "sees", "a": "vit1 (real images)", "b": "vit1 (blank images)", "families": ["ocr"],
-              **S.paired_difference(a, b)}
+              **sample.paired_difference(a, b)}
     report = {"stages": stages, "eval_limit": 128, "chance": {"ocr": 0.12, "count": 0.25, "math": 0.16},
               "effects": [effect], "seeds": [{"run": 1, "seed_offset": 0, "effects": [effect]},
                                              {"run": 2, "seed_offset": 1000, "effects": [{**effect, "excludes_0": False}]}]}
-    md = S.report_markdown(report)
+    md = sample.report_markdown(report)
     # 30 of 128: Wilson [0.1694, 0.3148] around 0.2344, the larger side 0.0805 -> ±0.09
     assert "| vit1 | 10 | 1.000 → 0.500 | 0.78 ±0.08 | 0.23 ±0.09 | 0.04 ±0.05 |" in md      # 100, 30, 5 of 128
     assert "### Blank images" in md and "| longcot | 0.02 ±0.05 | 0.20 ±0.08 | 0.03 ±0.05 |" in md
     assert "### Thinking mode" in md and "| longcot |  | 0.86 ±0.08 |  |" in md
     assert "| sees: vit1 (real images) vs vit1 (blank images) | ocr | 100 | 1.00 | 0.40 | +0.60 [" in md
     assert md.count("shown") == 2 and "| sees | +0.60 [" in md and " * | +0.60 [" in md      # both runs listed
-    S.report_picture(report, {"vit1": [3.0, 2.0, 1.0], "longcot": [1.0, 0.5]}, str(tmp_path / "r.png"))
+    sample.report_picture(report, {"vit1": [3.0, 2.0, 1.0], "longcot": [1.0, 0.5]}, str(tmp_path / "r.png"))
     img = Image.open(tmp_path / "r.png")
     assert img.width >= 900 and img.height > 400
 
@@ -384,10 +384,10 @@ def test_report_markdown_and_picture(tmp_path):
 
 def test_mcq_prompt_follows_the_vlmevalkit_layout():
     row = {"question": "What is shown?", "hint": "Look closely.", "A": "a cat", "B": "a dog", "C": "a fish", "D": "a bird"}
-    assert S.mcq_prompt(row) == ("Hint: Look closely.\nQuestion: What is shown?\nOptions:\nA. a cat\nB. a dog\n"
+    assert sample.mcq_prompt(row) == ("Hint: Look closely.\nQuestion: What is shown?\nOptions:\nA. a cat\nB. a dog\n"
                                  "C. a fish\nD. a bird\nPlease select the correct answer from the options above.")
     row = {"question": "Which?", "hint": "nan", "A": "yes", "B": "no", "C": "", "D": "NaN"}
-    assert S.mcq_prompt(row) == "Question: Which?\nOptions:\nA. yes\nB. no\nPlease select the correct answer from the options above."
+    assert sample.mcq_prompt(row) == "Question: Which?\nOptions:\nA. yes\nB. no\nPlease select the correct answer from the options above."
 
 
 def test_extract_choice_cases():
@@ -398,8 +398,8 @@ def test_extract_choice_cases():
              "\\boxed{A}": "A", "answer is A, no wait, the answer is C": "C",
              "": "", "I do not know": "", "A or B": "", "E": "", "a bird": ""}
     for reply, want in cases.items():
-        assert S.extract_choice(reply, opts) == want, reply
-    assert S.extract_choice("C", {"A": "x", "B": "y"}) == ""      # not one of this row's options
+        assert sample.extract_choice(reply, opts) == want, reply
+    assert sample.extract_choice("C", {"A": "x", "B": "y"}) == ""      # not one of this row's options
 
 
 def png_b64(objects, fmt="PNG"):
@@ -449,7 +449,7 @@ def test_tsv_evaluation_per_category_and_predictions_file(tmp_path, tiny, monkey
     _, tok, dcfg = tiny
     columns = write_tsv(tmp_path / "bench.tsv")
     fake = ScriptedModel(tok)
-    rep = S.evaluate_tsv(fake, tok, dcfg, str(tmp_path / "bench.tsv"), progress=False)
+    rep = sample.evaluate_tsv(fake, tok, dcfg, str(tmp_path / "bench.tsv"), progress=False)
     # by hand: q0 A=A right, q1 B=B right, q2 "red" -> B right, q3 C is no option -> wrong, q4 bad image, q5 A right
     assert rep["n"] == 5 and rep["accuracy"] == 4 / 5 and "image" in rep["bad"]
     assert rep["category"] == {"colour": {"accuracy": 1.0, "n": 2}, "position": {"accuracy": 0.0, "n": 1},
@@ -460,8 +460,8 @@ def test_tsv_evaluation_per_category_and_predictions_file(tmp_path, tiny, monkey
     # the command line writes the JSON report and the predictions TSV beside it
     ck = tmp_path / "ck"
     ck.mkdir()
-    monkeypatch.setattr(S, "load", lambda path, device="cpu": (fake, tok, dcfg))
-    S.main(["--ckpt", str(ck), "--eval", str(tmp_path / "bench.tsv")])
+    monkeypatch.setattr(sample, "load", lambda path, device="cpu": (fake, tok, dcfg))
+    sample.main(["--ckpt", str(ck), "--eval", str(tmp_path / "bench.tsv")])
     printed = capsys.readouterr().out
     assert "accuracy 0.800 over 5 rows" in printed and "category position" in printed
     report = json.loads((ck / "eval" / "bench.json").read_text())
@@ -492,18 +492,18 @@ def test_cli_generation_and_eval_reports(tmp_path, tiny, synth, capsys):
     out = run_cli("--ckpt", str(tmp_path / "ck"), "--image", img, "--prompt", "Describe the image.", "--max-new-tokens", "8")
     assert out.returncode == 0, out.stderr[-2000:]
     # the streamed text is the model's own greedy continuation of the univl-chat prompt
-    model, tok, dcfg = S.load(str(tmp_path / "ck"))
-    assert out.stdout.rstrip("\n") == S.answer(model, tok, dcfg, "Describe the image.", [img], max_new_tokens=8)
+    model, tok, dcfg = sample.load(str(tmp_path / "ck"))
+    assert out.stdout.rstrip("\n") == sample.answer(model, tok, dcfg, "Describe the image.", [img], max_new_tokens=8)
     # eval of a synthetic folder: one report per family, named per mode, and a table
     for flags, suffix in (([], ""), (["--think", "--blank"], "-think-blank")):
-        S.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(synth), "--limit", "2", "--max-new-tokens", "3", *flags])
+        sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(synth), "--limit", "2", "--max-new-tokens", "3", *flags])
         table = capsys.readouterr().out
         for family in data.SYNTH_FAMILIES:
             rep = json.loads((tmp_path / "ck" / "eval" / f"{family}{suffix}.json").read_text())
             assert rep["family"] == family and rep["n"] == 2 and len(rep["predictions"]) == 2
             assert rep["think"] == bool(flags) and rep["blank"] == bool(flags)
             assert f"\n{family:14s}    2" in table
-    S.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(synth / "count" / "eval.jsonl"), "--limit", "3",
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(synth / "count" / "eval.jsonl"), "--limit", "3",
             "--max-new-tokens", "3", "--out", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["n"] == {"count": 3}
 

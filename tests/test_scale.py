@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import data
-import model as M
+import model as modeling
 import sample
-import train_stage as T
+import train_stage
 from test_train_stage import Recorder, fixed_samples, packs_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 def tiny_batch(seed=0, rows=2, length=60, tiles=2):
     """A tiny SAILVL, two rows with image slots in the first, labels with an ignored prompt."""
     torch.manual_seed(seed)
-    model = M.build_model("tiny", seed=seed)
+    model = modeling.build_model("tiny", seed=seed)
     cfg = model.cfg
     ids = torch.randint(300, cfg.llm_config.vocab_size, (rows, length))
     ids[0, 3:3 + tiles * cfg.tokens_per_tile] = cfg.img_context_token_id
@@ -46,9 +46,9 @@ def grads_of(model, loss):
 @pytest.mark.parametrize("chunk", [7, 64, 4096])              # ragged last chunk, several chunks, one chunk
 def test_chunked_loss_and_every_gradient_equal_the_full_logits_path(monkeypatch, chunk):
     model, ids, labels, pixels = tiny_batch()
-    full = M.shifted_cross_entropy(model(ids, pixels).logits, labels)   # the (T, V) fp32 logits, as before
+    full = modeling.shifted_cross_entropy(model(ids, pixels).logits, labels)   # the (T, V) fp32 logits, as before
     want = grads_of(model, full[0])
-    monkeypatch.setattr(M, "CE_CHUNK", chunk)
+    monkeypatch.setattr(modeling, "CE_CHUNK", chunk)
     out = model(ids, pixels, labels=labels)                             # what the training step calls
     assert out.logits is None                                           # no (T, V) logits in training
     got = grads_of(model, out.ce_sum)
@@ -61,7 +61,7 @@ def test_chunked_loss_and_every_gradient_equal_the_full_logits_path(monkeypatch,
 
 def count_body_calls(model, monkeypatch) -> dict:
     calls = {"llm": 0, "vit": 0}
-    for key, cls in (("llm", M.DecoderLayer), ("vit", M.vit.Block)):
+    for key, cls in (("llm", modeling.DecoderLayer), ("vit", modeling.vit.Block)):
         real = cls.body
 
         def body(self, *a, _real=real, _key=key, **k):
@@ -93,12 +93,12 @@ def test_activation_checkpointing_recomputes_each_block_keeps_less_and_changes_n
     params = list(model.parameters())
     results = {}
     for on in (False, True):
-        M.set_activation_checkpointing(model, on)
+        modeling.set_activation_checkpointing(model, on)
         calls.update(llm=0, vit=0)
-        kept, _ = saved_bytes(lambda: T.forward_pack(model, pack))
+        kept, _ = saved_bytes(lambda: train_stage.forward_pack(model, pack))
         calls.update(llm=0, vit=0)
         opt = Recorder(params)
-        T.train_step(model, opt, [pack], params, 1e9, 1, CPU, NOCAST)   # the real step
+        train_stage.train_step(model, opt, [pack], params, 1e9, 1, CPU, NOCAST)   # the real step
         results[on] = (kept, dict(calls), opt.seen)
     n_llm, n_vit = cfg.llm_config.num_hidden_layers, cfg.vision_config.num_hidden_layers
     assert results[False][1] == {"llm": n_llm, "vit": n_vit}
@@ -113,19 +113,19 @@ def test_activation_checkpointing_recomputes_each_block_keeps_less_and_changes_n
 
 
 def test_ac_option_reaches_every_block_through_the_stage_config(tmp_path):
-    cfg, mcfg, _ = T.parse_args(["--stage", "vit3", "--ac=block", "--init-from=random", f"--out_dir={tmp_path}"])
-    model, _ = T.place_model(cfg, mcfg, 0, 1, CPU, lambda *a: None)
+    cfg, mcfg, _ = train_stage.parse_args(["--stage", "vit3", "--ac=block", "--init-from=random", f"--out_dir={tmp_path}"])
+    model, _ = train_stage.place_model(cfg, mcfg, 0, 1, CPU, lambda *a: None)
     blocks = [*model.language_model.model.layers, *model.vision_model.trunk.blocks]
     assert all(b.checkpoint_activations for b in blocks)
-    cfg, mcfg, _ = T.parse_args(["--stage", "vit3", "--init-from=random", f"--out_dir={tmp_path}"])
-    assert cfg.ac == "none" and not any(b.checkpoint_activations for b in T.place_model(
+    cfg, mcfg, _ = train_stage.parse_args(["--stage", "vit3", "--init-from=random", f"--out_dir={tmp_path}"])
+    assert cfg.ac == "none" and not any(b.checkpoint_activations for b in train_stage.place_model(
         cfg, mcfg, 0, 1, CPU, lambda *a: None)[0].language_model.model.layers)
 
 
 def test_step_flops_against_a_hand_count():
     """PaLM's count written out for the tiny preset: per token 6 N (trains) / 4 N (frozen, gradients
     cross) / 2 N (forward only) of the matmul weights, plus attention over each sample's pairs."""
-    model = M.build_model("tiny", device="meta")
+    model = modeling.build_model("tiny", device="meta")
     cfg = model.cfg
     L, V = cfg.llm_config, cfg.vision_config
     H, hd, I = L.hidden_size, L.head_dim, L.intermediate_size
@@ -134,38 +134,38 @@ def test_step_flops_against_a_hand_count():
     D = V.hidden_size
     n_vit = V.num_hidden_layers * (4 * D * D + 3 * D * V.intermediate_size) + 3 * V.patch_size ** 2 * D
     n_mlp1 = 4 * D * H + H * H
-    weights = M.matmul_weights(model)
+    weights = modeling.matmul_weights(model)
     assert weights == {"vision_model": n_vit, "mlp1": n_mlp1, "language_model": n_llm}
     P = V.grid ** 2                                                       # patches per 112-px tile
     pack = {"cu_seqlens": torch.tensor([0, 100, 130]), "pixel_values": torch.zeros(2, 3, 112, 112)}
     att_llm = L.num_hidden_layers * L.num_attention_heads * hd * (100 ** 2 + 30 ** 2)
     att_vit = V.num_hidden_layers * D * 2 * P ** 2
     everything = 6 * (n_llm * 130 + n_vit * 2 * P + n_mlp1 * 2 * P // 4) + 12 * (att_llm + att_vit)
-    assert M.training_flops(cfg, weights, [pack], list(M.MODULES)) == everything
+    assert modeling.training_flops(cfg, weights, [pack], list(modeling.MODULES)) == everything
     adapter_only = 2 * n_vit * 2 * P + 4 * att_vit + 6 * n_mlp1 * 2 * P // 4 + 4 * n_llm * 130 + 12 * att_llm
-    assert M.training_flops(cfg, weights, [pack], ["mlp1"]) == adapter_only   # vit1: ViT forward only, LLM crossed
-    moe = M.build_model("tiny-moe", device="meta")
+    assert modeling.training_flops(cfg, weights, [pack], ["mlp1"]) == adapter_only   # vit1: ViT forward only, LLM crossed
+    moe = modeling.build_model("tiny-moe", device="meta")
     c = moe.cfg.llm_config
     dense_part = weights["language_model"] - L.num_hidden_layers * 3 * H * I
     active = c.num_hidden_layers * (3 * H * c.moe_intermediate_size * c.num_experts_per_tok + c.num_experts * H)
-    assert M.matmul_weights(moe)["language_model"] == dense_part + active
+    assert modeling.matmul_weights(moe)["language_model"] == dense_part + active
 
 
 def test_step_report_fields():
-    cfg = T.StageConfig(steps=10)
+    cfg = train_stage.StageConfig(steps=10)
     cfg.packing.max_tokens, cfg.packing.micro_batches = 100, 2
     res = {"loss": 1.5, "grad_norm": 0.5, "tokens": 360}
-    rec, line = T.step_report(3, cfg, res, 1e-3, {"step": 2.0, "data": 0.5}, 2, CPU)
+    rec, line = train_stage.step_report(3, cfg, res, 1e-3, {"step": 2.0, "data": 0.5}, 2, CPU)
     assert rec["tok_per_s"] == 180 and rec["tok_per_s_per_device"] == 90 and rec["data_wait_frac"] == 0.25
     assert rec["pad_frac"] == pytest.approx(0.1) and rec["peak_mem_gib"] > 0.01 and "mfu" not in rec
     assert line.startswith("step 00003/00010 | loss 1.5000 | lr 1.00e-03 | gnorm 0.500 | tok/s 180 | pad 10.0% |")
     assert "tok/s/dev 90 |" in line and " GiB | data 25%" in line and "mfu" not in line
-    rec, line = T.step_report(3, cfg, res, 1e-3, {"step": 2.0, "data": 0.5, "ideal": 0.8}, 2, CPU)
+    rec, line = train_stage.step_report(3, cfg, res, 1e-3, {"step": 2.0, "data": 0.5, "ideal": 0.8}, 2, CPU)
     assert rec["mfu"] == pytest.approx(0.2) and "| mfu 20.0% |" in line
 
 
 def test_the_step_line_and_metrics_of_a_run(synth, tmp_path):
-    out = T.run_stage("lm0", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=2", "--save_every=0",
+    out = train_stage.run_stage("lm0", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=2", "--save_every=0",
                               "--eval_every=0", "--packing.max_tokens=256"])
     recs = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
     assert len(recs) == 2
@@ -178,12 +178,12 @@ BENCH = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 sys.argv = sys.argv[:1]
-import bench_memory as B
+import bench_memory
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-undo = B.patched()
-peaks = {(ac, loss): B.estimate("tiny", 512, 4, 2, ac, loss)["Total"] for ac, loss in
+undo = bench_memory.patched()
+peaks = {(ac, loss): bench_memory.estimate("tiny", 512, 4, 2, ac, loss)["Total"] for ac, loss in
          (("none", "full"), ("none", "chunked"), ("block", "chunked"))}
 print(peaks)
 assert peaks[("none", "chunked")] < peaks[("none", "full")] and peaks[("block", "chunked")] < peaks[("none", "chunked")]
@@ -208,20 +208,20 @@ def test_nothing_of_a_micro_batch_is_alive_when_the_next_one_runs(synth, monkeyp
 
     samples, _ = fixed_samples(synth, n=4)
     torch.manual_seed(0)
-    model = M.SAILVL(M.preset_config("tiny-moe"))
+    model = modeling.SAILVL(modeling.preset_config("tiny-moe"))
     model.init_weights()
     packs = packs_of(samples, 200)
     assert len(packs) >= 2
-    alive, real = [], T.forward_pack
+    alive, real = [], train_stage.forward_pack
 
     def watching(model_, pack):
         assert all(r() is None for r in alive), "the previous micro-batch's output is still referenced"
         out = real(model_, pack)
         alive.extend(weakref.ref(t) for t in (out.ce_sum, *out.router_logits))
         return out
-    monkeypatch.setattr(T, "forward_pack", watching)
+    monkeypatch.setattr(train_stage, "forward_pack", watching)
     params = list(model.parameters())
-    T.train_step(model, Recorder(params), packs, params, 1e9, 1, CPU, NOCAST)
+    train_stage.train_step(model, Recorder(params), packs, params, 1e9, 1, CPU, NOCAST)
     assert len(alive) == len(packs) * (1 + model.cfg.llm_config.num_hidden_layers)
 
 

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data
-import model as M
+import model as modeling
 import packing
-import train_stage as T
+import train_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOCAST = lambda: torch.autocast("cpu", enabled=False)                    # noqa: E731
@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 
 def cfg_of(stage, *overrides):
     """The config the command line builds (the recipe table the CLI uses), with overrides."""
-    cfg, mcfg, _ = T.parse_args(["--stage", stage, *overrides])
+    cfg, mcfg, _ = train_stage.parse_args(["--stage", stage, *overrides])
     return cfg, mcfg
 
 
@@ -64,42 +64,42 @@ PAPER_ORDER = ["vit1", "vit2", "vit3", "pretrain1", "pretrain2", "sft1", "sft2",
 
 
 def test_recipe_table_follows_the_paper():
-    names = [s.name for s in T.RECIPE]
+    names = [s.name for s in train_stage.RECIPE]
     assert [n for n in names if n in PAPER_ORDER] == PAPER_ORDER
     for name, modules in PAPER_TRAINS.items():
-        assert set(T.STAGES[name].trainable) == modules, name
-        assert set(T.modules_of(cfg_of(name)[0].trainable)) == modules, name     # what the CLI trains
-    assert T.STAGES["lm0"].auto and T.STAGES["lm0"].section == ""                 # the stand-in is marked
-    assert T.init_rule(T.STAGES["pretrain1"]) == {"vision_model": "vit3", "mlp1": "fresh", "language_model": "lm0"}
-    assert T.init_rule(T.STAGES["vit2"]) == {m: "vit1" for m in ALL}             # previous stage
-    direct, vit3 = T.STAGES["vit3-direct"], T.STAGES["vit3"]                       # the control: III where I starts
-    assert T.init_rule(direct) == T.init_rule(T.STAGES["vit1"]) and (direct.mix, direct.tiny) == (vit3.mix, vit3.tiny)
-    assert T.STAGES["soup"].inputs == ("sft4", "sft4-twin")
+        assert set(train_stage.STAGES[name].trainable) == modules, name
+        assert set(train_stage.modules_of(cfg_of(name)[0].trainable)) == modules, name     # what the CLI trains
+    assert train_stage.STAGES["lm0"].auto and train_stage.STAGES["lm0"].section == ""                 # the stand-in is marked
+    assert train_stage.init_rule(train_stage.STAGES["pretrain1"]) == {"vision_model": "vit3", "mlp1": "fresh", "language_model": "lm0"}
+    assert train_stage.init_rule(train_stage.STAGES["vit2"]) == {m: "vit1" for m in ALL}             # previous stage
+    direct, vit3 = train_stage.STAGES["vit3-direct"], train_stage.STAGES["vit3"]                       # the control: III where I starts
+    assert train_stage.init_rule(direct) == train_stage.init_rule(train_stage.STAGES["vit1"]) and (direct.mix, direct.tiny) == (vit3.mix, vit3.tiny)
+    assert train_stage.STAGES["soup"].inputs == ("sft4", "sft4-twin")
     assert cfg_of("pretrain1")[0].adalrs and not cfg_of("pretrain2")[0].adalrs   # §3.2.1: AdaLRS in basic only
     assert cfg_of("pretrain2")[0].ngram_rebalance                                  # §3.2.2 step 2
     assert cfg_of("longcot")[0].label_mode == "longcot" and cfg_of("thinkfusion")[0].label_mode == "thinkfusion"
-    p = T.STAGES["vit1"].paper_values
+    p = train_stage.STAGES["vit1"].paper_values
     assert (p["lr"], p["batch"], p["seq"], p["samples"]) == (2e-4, 1920, 8192, 8_000_000)     # Table / §2.1.1
-    assert T.STAGES["pretrain1"].paper_values["lr"] == 2e-4 and T.STAGES["sft4"].paper_values["seq"] == 16384
-    assert T.STAGES["longcot"].paper_values["lr"] == 1e-6 == T.STAGES["rl-verifiable"].paper_values["lr"]
-    mix = dict(T.STAGES["thinkfusion"].mix)                                        # §4.2.4: direct:CoT 9:1
+    assert train_stage.STAGES["pretrain1"].paper_values["lr"] == 2e-4 and train_stage.STAGES["sft4"].paper_values["seq"] == 16384
+    assert train_stage.STAGES["longcot"].paper_values["lr"] == 1e-6 == train_stage.STAGES["rl-verifiable"].paper_values["lr"]
+    mix = dict(train_stage.STAGES["thinkfusion"].mix)                                        # §4.2.4: direct:CoT 9:1
     assert sum(v for k, v in mix.items() if k.startswith("out:")) * 9 == pytest.approx(
         sum(v for k, v in mix.items() if not k.startswith("out:")))
-    sft4 = dict(T.STAGES["sft4"].mix)                                              # §4.2.1: image:video 1:1
+    sft4 = dict(train_stage.STAGES["sft4"].mix)                                              # §4.2.1: image:video 1:1
     assert sft4["video"] == pytest.approx(sum(sft4.values()) - sft4["video"])
-    for row in T.RECIPE:                                                           # every mix names real data
+    for row in train_stage.RECIPE:                                                           # every mix names real data
         assert all(k.startswith("out:") or k in data.SYNTH_FAMILIES for k, _ in row.mix), row.name
-    assert T.next_name(T.STAGES["vit1"]) == "vit2" and T.previous_name(T.STAGES["vit1"]) == "lm0"
+    assert train_stage.next_name(train_stage.STAGES["vit1"]) == "vit2" and train_stage.previous_name(train_stage.STAGES["vit1"]) == "lm0"
 
 
 def test_scale_paper_applies_the_paper_values_and_says_what_changed():
     lines = []
-    cfg = T.stage_config("vit1", "paper", log=lines.append)
+    cfg = train_stage.stage_config("vit1", "paper", log=lines.append)
     assert (cfg.lr, cfg.packing.max_tokens, cfg.steps, cfg.preset) == (2e-4, 8192, 8_000_000 // 1920, "2b")
     assert cfg.ac == "block" and "ac none -> block" in lines[0]         # 2b at 8k packs does not fit without
-    assert "lr 0.003 -> 0.0002" in lines[0] and f"steps {T.stage_config('vit1').steps} -> 4166" in lines[0]
+    assert "lr 0.003 -> 0.0002" in lines[0] and f"steps {train_stage.stage_config('vit1').steps} -> 4166" in lines[0]
     lines.clear()
-    T.stage_config("pretrain2", "paper", log=lines.append)
+    train_stage.stage_config("pretrain2", "paper", log=lines.append)
     assert "does not state lr, batch" in lines[0]
 
 
@@ -110,7 +110,7 @@ def params_of(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-TRAINING_STAGES = [s.name for s in T.RECIPE if s.runner == "train_stage.py"]
+TRAINING_STAGES = [s.name for s in train_stage.RECIPE if s.runner == "train_stage.py"]
 
 
 @pytest.mark.parametrize("stage", TRAINING_STAGES)
@@ -121,16 +121,16 @@ def test_stage_learns_on_fixed_data_and_trains_only_the_papers_modules(stage, sy
         os.makedirs(tmp_path / "harvest")
         os.symlink(os.path.join(synth, "math", "train.jsonl"), tmp_path / "harvest" / "cot.jsonl")
     cfg.packing.max_tokens = max(512, cfg.packing.max_tokens // 2)          # video samples need ~600 tokens
-    model = T.build_stage_model(cfg, mcfg, lambda *a: None)
-    trainable = T.modules_of(cfg.trainable)
-    T.freeze(model, trainable)
+    model = train_stage.build_stage_model(cfg, mcfg, lambda *a: None)
+    trainable = train_stage.modules_of(cfg.trainable)
+    train_stage.freeze(model, trainable)
     tok = data.load_tokenizer(None)
-    packs = T.build_batches(cfg, mcfg, tok, "train", 0, 1, verbose=False).next()
+    packs = train_stage.build_batches(cfg, mcfg, tok, "train", 0, 1, verbose=False).next()
     assert packs[0]["labels"][0, 1:].ne(-100).sum() > 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     before = params_of(model)
-    losses = [T.train_step(model, opt, packs, params, 1.0, 1, CPU, NOCAST)["loss"] for _ in range(6)]
+    losses = [train_stage.train_step(model, opt, packs, params, 1.0, 1, CPU, NOCAST)["loss"] for _ in range(6)]
     assert all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < losses[0] - 0.05, f"{stage}: loss did not fall on fixed data: {losses}"
     after = params_of(model)
@@ -145,17 +145,17 @@ def test_stage_learns_on_fixed_data_and_trains_only_the_papers_modules(stage, sy
 
 def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path):
     def trained(seed):                    # a checkpoint whose every module is far from a fresh init
-        m = M.build_model("tiny", seed=seed)
+        m = modeling.build_model("tiny", seed=seed)
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.5 * torch.randn_like(p))
         return m
     vit3, lm0 = trained(1), trained(2)
-    T.save_checkpoint(str(tmp_path / "vit3"), vit3, {"stage": "vit3"}, 0, 1)
-    T.save_checkpoint(str(tmp_path / "lm0"), lm0, {"stage": "lm0"}, 0, 1)
+    train_stage.save_checkpoint(str(tmp_path / "vit3"), vit3, {"stage": "vit3"}, 0, 1)
+    train_stage.save_checkpoint(str(tmp_path / "lm0"), lm0, {"stage": "lm0"}, 0, 1)
     cfg, mcfg = cfg_of("pretrain1", f"--out_dir={tmp_path}")
     logs = []
-    m = T.build_stage_model(cfg, mcfg, logs.append)
+    m = train_stage.build_stage_model(cfg, mcfg, logs.append)
     sd = m.state_dict()
     for k, v in vit3.state_dict().items():
         if k.startswith("vision_model."):
@@ -176,7 +176,7 @@ def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path):
 
 def fixed_samples(synth, n=12):
     """Real samples of three synthetic families (images, text, different lengths)."""
-    mcfg = M.preset_config("tiny")
+    mcfg = modeling.preset_config("tiny")
     tok, dcfg = data.load_tokenizer(None), data.DataConfig.from_model(mcfg, max_len=4096)
     out = []
     for family in ("count", "caption_qa", "ocr", "text"):
@@ -223,7 +223,7 @@ class Recorder(torch.optim.Optimizer):
 def test_step_loss_and_gradients_do_not_depend_on_packs_or_micro_batches(synth, max_tokens, micro):
     samples, mcfg = fixed_samples(synth)
     torch.manual_seed(0)
-    model = M.SAILVL(mcfg)
+    model = modeling.SAILVL(mcfg)
     model.init_weights()
     params = list(model.parameters())
     ref_loss, ref_grads = reference_loss_and_grads(model, samples)
@@ -234,7 +234,7 @@ def test_step_loss_and_gradients_do_not_depend_on_packs_or_micro_batches(synth, 
     merged = [packing.collate_pack(samples_of(grp, samples)) for grp in groups]
     for batch in (packs, merged):
         opt = Recorder(params)
-        res = T.train_step(model, opt, batch, params, 1e9, 1, CPU, NOCAST)
+        res = train_stage.train_step(model, opt, batch, params, 1e9, 1, CPU, NOCAST)
         assert res["loss"] == pytest.approx(ref_loss, rel=1e-5)
         for got, want in zip(opt.seen, ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -255,32 +255,32 @@ FSDP_STEP = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, os.environ["REPO"])
 sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))
-import model as M, train_stage as T, test_train_stage as S
-rank, world, device = T.setup_distributed()
-samples, mcfg = S.fixed_samples(os.environ["SYNTH"])
+import model as modeling, train_stage, test_train_stage as helpers
+rank, world, device = train_stage.setup_distributed()
+samples, mcfg = helpers.fixed_samples(os.environ["SYNTH"])
 with torch.device("meta"):
-    model = M.SAILVL(mcfg)
-T.parallelize(model, device, mixed_precision=False)
+    model = modeling.SAILVL(mcfg)
+train_stage.parallelize(model, device, mixed_precision=False)
 from torch.distributed.fsdp import FSDPModule
 assert all(isinstance(b, FSDPModule) for b in [*model.vision_model.trunk.blocks, *model.language_model.model.layers])
 assert not isinstance(model.vision_model, FSDPModule)       # ViT blocks are the units, not the whole ViT
 model.to_empty(device=device)
 torch.manual_seed(0)                                       # the same weights as the one-process reference
-full = M.SAILVL(mcfg)
+full = modeling.SAILVL(mcfg)
 full.init_weights()
-T.set_full_state_dict(model, full.state_dict() if rank == 0 else {})
-packs = S.packs_of(samples, 300)
-text_packs = S.packs_of([s for s in samples if s.get("pixel_values") is None], 300)
+train_stage.set_full_state_dict(model, full.state_dict() if rank == 0 else {})
+packs = helpers.packs_of(samples, 300)
+text_packs = helpers.packs_of([s for s in samples if s.get("pixel_values") is None], 300)
 rank1 = text_packs if os.environ.get("RANK1") == "text" else packs[2:4]    # text only: no ViT work on rank 1
 mine = packs[:2] if rank == 0 else rank1                   # rank 0 and rank 1 hold very different packs
 params = list(model.parameters())
 opt = torch.optim.SGD(params, lr=1.0)
-res = T.train_step(model, opt, mine, params, 1e9, world, device, S.NOCAST)
-sd = T.full_state_dict(model)
+res = train_stage.train_step(model, opt, mine, params, 1e9, world, device, helpers.NOCAST)
+sd = train_stage.full_state_dict(model)
 if rank == 0:
     torch.save({"loss": res["loss"], "sd": sd,
                 "tokens": [int((p["labels"][:, 1:] != -100).sum()) for p in packs[:2] + rank1]}, os.environ["OUT"])
-T.shutdown_distributed()
+train_stage.shutdown_distributed()
 """
 
 
@@ -298,11 +298,11 @@ def test_two_ranks_with_uneven_packs_give_the_one_process_step(synth, tmp_path, 
         assert all(p.get("pixel_values") is None for p in packs[2:]) and packs[0]["pixel_values"] is not None
     four = [s for p in packs[:4] for s in samples_of([p], samples)]
     torch.manual_seed(0)
-    model = M.SAILVL(mcfg)
+    model = modeling.SAILVL(mcfg)
     model.init_weights()
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=1.0)
-    ref = T.train_step(model, opt, packs[:4], params, 1e9, 1, CPU, NOCAST)
+    ref = train_stage.train_step(model, opt, packs[:4], params, 1e9, 1, CPU, NOCAST)
     (tmp_path / "step.py").write_text(FSDP_STEP)
     res = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "step.py")],
               env_extra={"REPO": ROOT, "SYNTH": synth, "OUT": str(tmp_path / "out.pt"), "RANK1": rank1}, timeout=240)
@@ -320,10 +320,10 @@ def test_two_ranks_with_uneven_packs_give_the_one_process_step(synth, tmp_path, 
 
 def test_moe_step_applies_the_aux_coefficient_once(synth):
     samples, _ = fixed_samples(synth, n=8)
-    mcfg = M.preset_config("tiny-moe")
+    mcfg = modeling.preset_config("tiny-moe")
     mcfg.llm_config.router_aux_loss_coef = 0.5                          # large, so a double count shows
     torch.manual_seed(0)
-    model = M.SAILVL(mcfg)
+    model = modeling.SAILVL(mcfg)
     model.init_weights()
     params = list(model.parameters())
     packs = packs_of(samples, 400)
@@ -337,7 +337,7 @@ def test_moe_step_applies_the_aux_coefficient_once(synth):
     ref = ce / n + 0.5 * aux
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     opt = Recorder(params)
-    res = T.train_step(model, opt, packs, params, 1e9, 1, CPU, NOCAST)
+    res = train_stage.train_step(model, opt, packs, params, 1e9, 1, CPU, NOCAST)
     assert res["loss"] == pytest.approx(float(ce.detach() / n), rel=1e-5)   # the logged loss is the CE
     assert res["moe_aux"] == pytest.approx(float(aux.detach()), rel=1e-5) and 0 < res["moe_entropy"] <= math.log(8)
     gate = [i for i, (k, _) in enumerate(model.named_parameters()) if k.endswith("mlp.gate.weight")]
@@ -346,7 +346,7 @@ def test_moe_step_applies_the_aux_coefficient_once(synth):
 
 
 def test_moe_stage_logs_expert_entropy(synth, tmp_path):
-    out = T.run_stage("vit3", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--preset=tiny-moe", "--steps=2",
+    out = train_stage.run_stage("vit3", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--preset=tiny-moe", "--steps=2",
                                "--init-from=random", "--eval_every=0", "--save_every=0", "--packing.max_tokens=384"])
     recs = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
     assert len(recs) == 2 and all(0 < r["moe_entropy"] <= math.log(8) and r["moe_aux"] > 0 for r in recs)
@@ -354,13 +354,13 @@ def test_moe_stage_logs_expert_entropy(synth, tmp_path):
 
 def test_loop_applies_the_adalrs_scale_and_the_warm_up(synth, tmp_path, monkeypatch):
     scales = [1.0]                                  # the scale AdaLRS leaves after each observed step
-    observe = T.AdaLRS.observe
+    observe = train_stage.AdaLRS.observe
 
     def recording(self, loss):
         observe(self, loss)
         scales.append(self.lr_scale)
-    monkeypatch.setattr(T.AdaLRS, "observe", recording)
-    out = T.run_stage("pretrain1", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--init-from=random",
+    monkeypatch.setattr(train_stage.AdaLRS, "observe", recording)
+    out = train_stage.run_stage("pretrain1", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--init-from=random",
                                     "--steps=24", "--warmup_steps=4", "--adalrs_cfg.window=3", "--adalrs_cfg.start=0",
                                     "--adalrs_cfg.end=1", "--eval_every=0", "--save_every=0",
                                     "--packing.max_tokens=384", "--lr=1e-3"])
@@ -377,13 +377,13 @@ def test_loop_applies_the_adalrs_scale_and_the_warm_up(synth, tmp_path, monkeypa
 def test_gradient_clipping_bounds_the_update(synth):
     samples, mcfg = fixed_samples(synth, n=4)
     torch.manual_seed(0)
-    model = M.SAILVL(mcfg)
+    model = modeling.SAILVL(mcfg)
     model.init_weights()
     params = list(model.parameters())
     _, grads = reference_loss_and_grads(model, samples)
     norm = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
     opt = Recorder(params)
-    res = T.train_step(model, opt, packs_of(samples, 4096), params, 0.1 * norm, 1, CPU, NOCAST)
+    res = train_stage.train_step(model, opt, packs_of(samples, 4096), params, 0.1 * norm, 1, CPU, NOCAST)
     assert res["grad_norm"] == pytest.approx(norm, rel=1e-4)          # the norm before clipping, logged
     clipped = torch.sqrt(sum((g ** 2).sum() for g in opt.seen)).item()
     assert clipped == pytest.approx(0.1 * norm, rel=1e-4)
@@ -393,13 +393,13 @@ def test_gradient_clipping_bounds_the_update(synth):
 def test_a_non_finite_loss_skips_the_update(synth):
     samples, mcfg = fixed_samples(synth, n=4)
     torch.manual_seed(0)
-    model = M.SAILVL(mcfg)
+    model = modeling.SAILVL(mcfg)
     model.init_weights()
     with torch.no_grad():
         model.mlp1[1].weight[0, 0] = float("nan")
     params = list(model.parameters())
     before = params_of(model)
-    res = T.train_step(model, torch.optim.SGD(params, lr=1.0), packs_of(samples, 4096), params, 1.0, 1, CPU, NOCAST)
+    res = train_stage.train_step(model, torch.optim.SGD(params, lr=1.0), packs_of(samples, 4096), params, 1.0, 1, CPU, NOCAST)
     assert res["skipped"] and not math.isfinite(res["loss"])
     after = params_of(model)
     assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
@@ -410,7 +410,7 @@ def test_a_non_finite_loss_skips_the_update(synth):
 
 def batches(synth, rank, world, mix_stage="sft4"):
     cfg, mcfg = cfg_of(mix_stage, f"--data_dir={synth}", "--packing.max_tokens=1024", "--packing.micro_batches=2")
-    return T.build_batches(cfg, mcfg, data.load_tokenizer(None), "train", rank, world, verbose=False)
+    return train_stage.build_batches(cfg, mcfg, data.load_tokenizer(None), "train", rank, world, verbose=False)
 
 
 def test_batches_resume_bit_for_bit_on_every_rank(synth):
@@ -458,62 +458,62 @@ def test_rng_state_round_trips_through_the_rank_file(tmp_path):
     random.seed(5)
     np.random.seed(5)
     torch.rand(3), random.random(), np.random.rand()
-    m = M.build_model("tiny", seed=0)
-    T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, rank_state={"rng": T.rng_state()},
+    m = modeling.build_model("tiny", seed=0)
+    train_stage.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, rank_state={"rng": train_stage.rng_state()},
                       opt=torch.optim.AdamW(m.parameters()))
     want = (torch.rand(4), random.random(), np.random.rand(3))
     torch.manual_seed(99)
     random.seed(99)
     np.random.seed(99)
-    T.set_rng_state(torch.load(tmp_path / "ck" / "rank0.pt", weights_only=True)["rng"])
+    train_stage.set_rng_state(torch.load(tmp_path / "ck" / "rank0.pt", weights_only=True)["rng"])
     got = (torch.rand(4), random.random(), np.random.rand(3))
     assert torch.equal(got[0], want[0]) and got[1] == want[1] and np.array_equal(got[2], want[2])
-    meta = T.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
+    meta = train_stage.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
     shards = [n for n in meta["files"] if n.startswith("state/")]
     assert set(meta["files"]) == {"config.json", "rank0.pt", *shards} and len(shards) == 1
 
 
 def test_an_unwritable_folder_is_one_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
-    m = M.build_model("tiny", seed=0)
-    T.save_checkpoint(str(tmp_path / "out" / "ck"), m, {"stage": "x"}, 0, 1)
-    first = T.verify_checkpoint(str(tmp_path / "out" / "ck"))
+    m = modeling.build_model("tiny", seed=0)
+    train_stage.save_checkpoint(str(tmp_path / "out" / "ck"), m, {"stage": "x"}, 0, 1)
+    first = train_stage.verify_checkpoint(str(tmp_path / "out" / "ck"))
     os.chmod(tmp_path / "out", 0o500)                       # no writes into the parent any more
     try:
         if os.access(tmp_path / "out", os.W_OK):
             pytest.skip("running as a user who may write anywhere (root): chmod cannot make a folder read-only")
-        with pytest.raises(T.CheckpointError, match="cannot write checkpoint"):
-            T.save_checkpoint(str(tmp_path / "out" / "ck"), M.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
+        with pytest.raises(train_stage.CheckpointError, match="cannot write checkpoint"):
+            train_stage.save_checkpoint(str(tmp_path / "out" / "ck"), modeling.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
     finally:
         os.chmod(tmp_path / "out", 0o700)
-    assert T.verify_checkpoint(str(tmp_path / "out" / "ck")) == first
+    assert train_stage.verify_checkpoint(str(tmp_path / "out" / "ck")) == first
 
 
 def test_a_full_disk_at_save_time_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    m = M.build_model("tiny", seed=0)
-    T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x"}, 0, 1)
-    first = T.verify_checkpoint(str(tmp_path / "ck"))
+    m = modeling.build_model("tiny", seed=0)
+    train_stage.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x"}, 0, 1)
+    first = train_stage.verify_checkpoint(str(tmp_path / "ck"))
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(M, "write_weights", full_disk)
-    with pytest.raises(T.CheckpointError, match="No space left on device"):
-        T.save_checkpoint(str(tmp_path / "ck"), M.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
-    assert T.verify_checkpoint(str(tmp_path / "ck")) == first
+    monkeypatch.setattr(modeling, "write_weights", full_disk)
+    with pytest.raises(train_stage.CheckpointError, match="No space left on device"):
+        train_stage.save_checkpoint(str(tmp_path / "ck"), modeling.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
+    assert train_stage.verify_checkpoint(str(tmp_path / "ck")) == first
     assert not [p for p in os.listdir(tmp_path) if p != "ck"]           # no staging folder left behind
 
 
 def test_a_full_disk_while_shards_are_written_keeps_the_previous_step_checkpoint(tmp_path, monkeypatch):
-    m = M.build_model("tiny", seed=0)
+    m = modeling.build_model("tiny", seed=0)
     opt = torch.optim.AdamW(m.parameters())
-    T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, {}, opt=opt)
-    first = T.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
+    train_stage.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, {}, opt=opt)
+    first = train_stage.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(T.HuggingFaceStorageWriter, "write_data", full_disk)
-    with pytest.raises(T.CheckpointError, match="cannot write checkpoint .*No space left on device"):
-        T.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 2}, 0, 1, {}, opt=opt)
-    assert T.verify_checkpoint(str(tmp_path / "ck"), resumable=True) == first
+    monkeypatch.setattr(train_stage.HuggingFaceStorageWriter, "write_data", full_disk)
+    with pytest.raises(train_stage.CheckpointError, match="cannot write checkpoint .*No space left on device"):
+        train_stage.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 2}, 0, 1, {}, opt=opt)
+    assert train_stage.verify_checkpoint(str(tmp_path / "ck"), resumable=True) == first
     assert os.listdir(tmp_path) == ["ck"]                                # no staging folder left behind
 
 
@@ -551,20 +551,20 @@ def test_truncated_checkpoint_is_refused_and_previous_kept(synth, tmp_path):
     res = run(args)
     assert res.returncode == 0, res.stderr[-3000:]
     good, bad = f"{tmp_path}/lm0.run/step-000002", f"{tmp_path}/lm0.run/step-000004"
-    path = next(os.path.join(bad, n) for n in T.verify_checkpoint(bad)["files"] if n.startswith("state/"))
+    path = next(os.path.join(bad, n) for n in train_stage.verify_checkpoint(bad)["files"] if n.startswith("state/"))
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(T.CheckpointError, match="corrupted"):
-        T.verify_checkpoint(bad)
-    T.verify_checkpoint(good)
-    assert T.find_resume_checkpoint(f"{tmp_path}/lm0.run", lambda *a: None) == good
+    with pytest.raises(train_stage.CheckpointError, match="corrupted"):
+        train_stage.verify_checkpoint(bad)
+    train_stage.verify_checkpoint(good)
+    assert train_stage.find_resume_checkpoint(f"{tmp_path}/lm0.run", lambda *a: None) == good
     res = run([*args, f"--resume={bad}"])
     assert res.returncode == 1 and "corrupted" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     os.remove(os.path.join(good, "rank0.pt"))                           # a partial folder: refused too
-    with pytest.raises(T.CheckpointError, match="incomplete"):
-        T.verify_checkpoint(good)
-    with pytest.raises(T.CheckpointError, match="not a resumable"):
-        T.verify_checkpoint(f"{tmp_path}/lm0", resumable=True)          # a stage output has no optimizer
+    with pytest.raises(train_stage.CheckpointError, match="incomplete"):
+        train_stage.verify_checkpoint(good)
+    with pytest.raises(train_stage.CheckpointError, match="not a resumable"):
+        train_stage.verify_checkpoint(f"{tmp_path}/lm0", resumable=True)          # a stage output has no optimizer
 
 
 def test_resume_in_the_middle_of_an_adalrs_trial_is_bit_identical(synth, tmp_path):
@@ -597,7 +597,7 @@ def test_step_checkpoints_reshard_from_one_process_to_two_and_back(synth, tmp_pa
                "--packing.micro_batches=1", f"--resume={tmp_path}/one/vit3.run/step-000001"])
     assert two.returncode == 0, two.stderr[-3000:]
     ck = f"{tmp_path}/two/vit3.run/step-000002"
-    meta = T.verify_checkpoint(ck, resumable=True)
+    meta = train_stage.verify_checkpoint(ck, resumable=True)
     shards = sorted(n for n in meta["files"] if n.startswith("state/"))
     assert meta["world_size"] == 2 and len(shards) == 2 and {"rank0.pt", "rank1.pt"} <= set(meta["files"])
     for name, rec in meta["files"].items():                        # each rank's files hashed (by that rank)
@@ -622,38 +622,38 @@ def test_resume_restores_the_process_rngs(synth, tmp_path, monkeypatch):
     import random
 
     import numpy as np
-    draws, real_step = [], T.train_step
+    draws, real_step = [], train_stage.train_step
 
     def drawing_step(*a, **k):
         draws.append((torch.rand(2).tolist(), random.random(), float(np.random.rand())))
         return real_step(*a, **k)
-    monkeypatch.setattr(T, "train_step", drawing_step)
+    monkeypatch.setattr(train_stage, "train_step", drawing_step)
     args = [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=4", "--save_every=2", "--eval_every=0",
             "--packing.max_tokens=256", "--keep_checkpoints=5"]
-    T.run_stage("lm0", args)
+    train_stage.run_stage("lm0", args)
     ref = list(draws)
     draws.clear()
-    T.run_stage("lm0", args, resume=f"{tmp_path}/lm0.run/step-000002")
+    train_stage.run_stage("lm0", args, resume=f"{tmp_path}/lm0.run/step-000002")
     assert len(ref) == 4 and draws == ref[2:]
 
 
 def test_checkpoint_files_are_hashed_once_when_written_and_not_when_read(synth, tmp_path, monkeypatch):
     calls = []
-    real = T.hashlib.sha256
+    real = train_stage.hashlib.sha256
 
     def counting(*a):
         calls.append(1)
         return real(*a)
-    monkeypatch.setattr(T.hashlib, "sha256", counting)
-    out = T.run_stage("lm0", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=2", "--save_every=1",
+    monkeypatch.setattr(train_stage.hashlib, "sha256", counting)
+    out = train_stage.run_stage("lm0", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=2", "--save_every=1",
                               "--eval_every=0", "--packing.max_tokens=256"])
     ck = f"{tmp_path}/lm0.run/step-000001"
-    written = len(T.verify_checkpoint(ck)["files"]) + len(T.verify_checkpoint(out)["files"])
+    written = len(train_stage.verify_checkpoint(ck)["files"]) + len(train_stage.verify_checkpoint(out)["files"])
     assert len(calls) == written                    # every file of the step checkpoint and of the output, once
     calls.clear()
-    model = M.build_model("tiny")
-    assert T.find_resume_checkpoint(f"{tmp_path}/lm0.run", print) == ck and T.is_finished_stage(out)
-    T.load_checkpoint(ck, model, torch.optim.AdamW(model.parameters()), 0, 1)
+    model = modeling.build_model("tiny")
+    assert train_stage.find_resume_checkpoint(f"{tmp_path}/lm0.run", print) == ck and train_stage.is_finished_stage(out)
+    train_stage.load_checkpoint(ck, model, torch.optim.AdamW(model.parameters()), 0, 1)
     assert calls == []                              # start-up and --resume read sizes, never hash
 
 
@@ -684,31 +684,31 @@ def test_two_process_runs_pass_every_time(synth, tmp_path):
 
 
 def test_soup_of_identical_checkpoints_is_identity_and_mismatch_refused(synth, tmp_path):
-    m = M.build_model("tiny", seed=3)
+    m = modeling.build_model("tiny", seed=3)
     m.save_pretrained(f"{tmp_path}/a")
     m.save_pretrained(f"{tmp_path}/b")
     cfg, _ = cfg_of("soup", f"--data_dir={synth}", f"--out_dir={tmp_path}/out", "--eval_packs=1")
-    out = T.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/b"])
-    souped = M.SAILVL.from_pretrained(out)
+    out = train_stage.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/b"])
+    souped = modeling.SAILVL.from_pretrained(out)
     for k, v in m.state_dict().items():
         assert torch.equal(souped.state_dict()[k], v), k
-    meta = T.verify_checkpoint(out)                                     # the one writer made it
+    meta = train_stage.verify_checkpoint(out)                                     # the one writer made it
     assert meta["eval_loss"]["soup"] == meta["eval_loss"][f"{tmp_path}/a"] == meta["eval_loss"][f"{tmp_path}/b"]
-    m2 = M.build_model("tiny", seed=4)
+    m2 = modeling.build_model("tiny", seed=4)
     m2.save_pretrained(f"{tmp_path}/c")
-    out = T.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/c"])
-    w = M.SAILVL.from_pretrained(out).state_dict()["mlp1.1.weight"]
+    out = train_stage.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/c"])
+    w = modeling.SAILVL.from_pretrained(out).state_dict()["mlp1.1.weight"]
     assert torch.allclose(w, (m.state_dict()["mlp1.1.weight"] + m2.state_dict()["mlp1.1.weight"]) / 2, atol=1e-7)
-    other = M.SAILVL(M.preset_config("tiny-moe"))
+    other = modeling.SAILVL(modeling.preset_config("tiny-moe"))
     other.init_weights()
     other.save_pretrained(f"{tmp_path}/moe")
-    with pytest.raises(T.UsageError, match="different architecture"):
-        T.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/moe"])
+    with pytest.raises(train_stage.UsageError, match="different architecture"):
+        train_stage.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/moe"])
 
 
 def test_init_from_hf_qwen3_and_aimv2_folders(tmp_path):
     from transformers import Aimv2VisionConfig, Aimv2VisionModel, Qwen3Config, Qwen3ForCausalLM
-    mcfg = M.preset_config("tiny")
+    mcfg = modeling.preset_config("tiny")
     L, V = mcfg.llm_config, mcfg.vision_config
     torch.manual_seed(0)
     llm = Qwen3ForCausalLM(Qwen3Config(vocab_size=L.vocab_size, hidden_size=L.hidden_size,
@@ -723,7 +723,7 @@ def test_init_from_hf_qwen3_and_aimv2_folders(tmp_path):
     vis.save_pretrained(tmp_path / "vit")
     cfg, _ = cfg_of("vit1", f"--out_dir={tmp_path}/out", f"--init-llm={tmp_path}/llm", f"--init-vit={tmp_path}/vit",
                     "--init-from=random")
-    model = T.build_stage_model(cfg, mcfg, lambda *a: None).eval()
+    model = train_stage.build_stage_model(cfg, mcfg, lambda *a: None).eval()
     ids = torch.randint(0, 256, (1, 12))
     pix = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
@@ -750,6 +750,13 @@ def error_line(res):
     (["--ac=sometimes"], 2, "--ac must be none or block, got 'sometimes'"),
     (["--steps=0"], 2, "--steps must be at least 1"),
     (["--steps=-5"], 2, "--steps must be at least 1"),
+    (["--stage", "sft1", "--init-from=random", "--manifests=/no/such.jsonl"], 2, "manifest not found: /no/such.jsonl"),
+    (["--stage", "sft1", "--init-from=random", "--eval_manifests=/no/x.jsonl:2"], 2, "manifest not found: /no/x.jsonl"),
+    (["--stage", "sft1", "--init-from=random", "--manifests=README.md:abc"], 2, "bad weight 'abc'"),
+    (["--preset=nosuch"], 2, "unknown model preset 'nosuch'"),
+    (["--model.llm_config.num_layers=2"], 2, "did you mean --model.llm_config.num_hidden_layers?"),
+    (["--stage", "all", "--eval_families=nosuch"], 2, "--eval_families: unknown nosuch"),
+    (["--stage", "all", "--seeds=0"], 2, "--seeds must be a whole number >= 1"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(args, code, match):
     res = run(["train_stage.py", *args], timeout=60)
@@ -788,8 +795,8 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert res.returncode == 0, res.stderr[-3000:]
     assert "running the stand-in stage lm0 first (2 steps" in res.stdout and "skip it with --init-llm=" in res.stdout
     assert f"init: all weights from {tmp_path}/lm0" in res.stdout
-    T.verify_checkpoint(f"{tmp_path}/lm0")
-    T.verify_checkpoint(f"{tmp_path}/vit1")
+    train_stage.verify_checkpoint(f"{tmp_path}/lm0")
+    train_stage.verify_checkpoint(f"{tmp_path}/vit1")
     assert f"next: torchrun train_stage.py --stage vit2 --out_dir={tmp_path} --data_dir={synth}" in res.stdout
     hint = next(ln for ln in res.stdout.splitlines() if ln.startswith("try it: "))[len("try it: "):]
     assert hint.startswith(f"python sample.py --ckpt {tmp_path}/vit1 --image ")
@@ -803,11 +810,16 @@ def test_help_shows_each_option_with_its_description_and_the_stages_values():
     res = run(["train_stage.py", "--stage", "pretrain1", "--help"], timeout=60)
     assert res.returncode == 0
     out = res.stdout
-    assert all(f"  {s.name} " in out for s in T.RECIPE)
-    assert f"--lr={T.stage_config('pretrain1').lr}" in out and "--adalrs=True" in out and "peak learning rate" in out
+    assert all(f"  {s.name} " in out for s in train_stage.RECIPE)
+    assert f"--lr={train_stage.stage_config('pretrain1').lr}" in out and "--adalrs=True" in out and "peak learning rate" in out
     assert "--packing.max_tokens=1024" in out and "--adalrs_cfg.window=0" in out
     generic = run(["train_stage.py", "--help"], timeout=60).stdout
     assert "--lr=0.003" in generic                                      # vit1's values without --stage
+    for option in train_stage.RECIPE_OPTIONS:                           # --stage all's own options are listed
+        assert f"  --{option}=" in generic and train_stage.RECIPE_HELP[option] in generic
+    rows = [ln for ln in generic.splitlines() if ln.startswith("  --") and "=" in ln.split()[0]]
+    starts = {len(ln) - len(ln[2:].split(" ", 1)[1].lstrip()) for ln in rows if " " in ln[2:].strip()}
+    assert len(starts) == 1, starts                                     # every description in one column
 
 
 def test_an_img_context_option_against_the_tokenizer_is_refused(synth, tmp_path):
@@ -822,7 +834,7 @@ def test_an_img_context_option_against_the_tokenizer_is_refused(synth, tmp_path)
 
 def tiny_checkpoint(path, synth, preset="tiny"):
     """A fixed-resolution tiny checkpoint with the synthetic data's tokenizer, as a stage writes one."""
-    M.build_model(preset).save_pretrained(str(path))
+    modeling.build_model(preset).save_pretrained(str(path))
     shutil.copy(os.path.join(synth, "tokenizer.json"), path)
     return str(path)
 
@@ -834,13 +846,13 @@ def test_anyres_on_a_fixed_resolution_checkpoint_takes_effect(synth, tmp_path, c
     ck = tiny_checkpoint(tmp_path / "ck", synth)
     base = [f"--init-from={ck}", f"--data_dir={synth}", "--steps=1", "--eval_every=0", "--save_every=0",
             "--packing.max_tokens=512"]
-    _, mcfg, _ = T.parse_args(["--stage", "vit2", *base, "--model.anyres=true"])
-    assert mcfg.anyres and mcfg.llm_config == M.preset_config("tiny").llm_config
-    T.main(["--stage", "vit2", *base, f"--out_dir={tmp_path}/fixed"])
-    T.main(["--stage", "vit2", *base, f"--out_dir={tmp_path}/anyres", "--preset=tiny-anyres"])
+    _, mcfg, _ = train_stage.parse_args(["--stage", "vit2", *base, "--model.anyres=true"])
+    assert mcfg.anyres and mcfg.llm_config == modeling.preset_config("tiny").llm_config
+    train_stage.main(["--stage", "vit2", *base, f"--out_dir={tmp_path}/fixed"])
+    train_stage.main(["--stage", "vit2", *base, f"--out_dir={tmp_path}/anyres", "--preset=tiny-anyres"])
     log = capsys.readouterr().out
     cfg = json.load(open(f"{tmp_path}/anyres/vit2/config.json"))
-    assert cfg["anyres"] is True and cfg["anyres_max_patches"] == M.preset_config("tiny-anyres").anyres_max_patches
+    assert cfg["anyres"] is True and cfg["anyres_max_patches"] == modeling.preset_config("tiny-anyres").anyres_max_patches
     assert json.load(open(f"{tmp_path}/fixed/vit2/config.json"))["anyres"] is False
     assert losses_of(f"{tmp_path}/anyres/vit2") != losses_of(f"{tmp_path}/fixed/vit2")   # it changed what trained
     assert f"next: torchrun train_stage.py --stage vit3 --out_dir={tmp_path}/anyres --data_dir={synth}\n" in log
@@ -852,7 +864,7 @@ def test_anyres_on_a_fixed_resolution_checkpoint_takes_effect(synth, tmp_path, c
 def test_a_shape_option_a_checkpoint_cannot_load_is_refused_in_one_line(synth, tmp_path, capsys, option, flag):
     ck = tiny_checkpoint(tmp_path / "ck", synth)
     with pytest.raises(SystemExit) as e:
-        T.main(["--stage", "vit2", f"--init-from={ck}", f"--data_dir={synth}", f"--out_dir={tmp_path}", option])
+        train_stage.main(["--stage", "vit2", f"--init-from={ck}", f"--data_dir={synth}", f"--out_dir={tmp_path}", option])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
     assert f"{flag} changes the shape of weights loaded from {ck}" in err and "--init-from=random" in err
