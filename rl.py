@@ -903,7 +903,7 @@ class RLConfig(train_stage.StageConfig):
     clip_schedule: bool = False           # DAPO: clip_high grown from 0.20 to 0.28 over the run (our reading of §4.2.3)
     clip_c: float = 0.0                   # dual-clip constant for negative advantages (0 = off)
     agg: str = ""                         # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm ("" = the algorithm's)
-    max_new_tokens: int = 128             # generation limit per rollout
+    max_new_tokens: int = 512             # generation limit per rollout (a 9-object count_cot chain is ~400 tokens)
     temperature: float = 1.0              # rollout sampling temperature (the policy the loss uses)
     top_p: float = 1.0                    # rollout nucleus sampling (the policy the loss uses)
     batch_rows: int = 128                 # rollout rows per generate call

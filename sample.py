@@ -618,10 +618,19 @@ def report_markdown(report: dict) -> str:
         out += ["", "### Effects: paired differences on the same samples", "",
                 "A − B over the same held-out samples, with a 95% paired bootstrap interval (10,000 resamples within "
                 "each family); `shown` when the interval excludes 0.", ""] + effects_table(report["effects"])
-    rewards = {n: st["reward"] for n, st in report["stages"].items() if "reward" in st}
-    if rewards:
-        out += ["", "RL held-out reward, before → after: " + "; ".join(
-            f"{n} {r['before']:.3f} → {r['after']:.3f}" for n, r in rewards.items())]
+    rl = {n: st["rl_eval"] for n, st in report["stages"].items() if st.get("rl_eval")}
+    if rl:
+        out += ["", "### RL stages: held-out prompts in thinking mode, before and after", "",
+                "Greedy accuracy, sampled pass@1, maj@k and pass@k over the stage's own held-out prompts (k samples "
+                "each, the same draws before and after); mean ± standard error, and the paired difference after − "
+                "before with its 95% bootstrap interval.", "",
+                "| stage | metric | n × k | before | after | after − before [95%] |", "|---|---|---|---|---|---|"]
+        for n, ev in rl.items():
+            b, a, d = ev["before"], ev["after"], ev["paired"]
+            for m in d:
+                out.append(f"| {n} | {m} | {b['n']} × {b['k']} | {b[m]['mean']:.3f} ± {b[m]['se']:.3f} | "
+                           f"{a[m]['mean']:.3f} ± {a[m]['se']:.3f} | {d[m]['difference']:+.3f} "
+                           f"[{d[m]['interval'][0]:+.3f}, {d[m]['interval'][1]:+.3f}] |")
     if len(report.get("seeds", [])) > 1:
         out += ["", "### Effects in every run (`--seeds`)", "", "A − B [95% interval]; * excludes 0.", ""]
         out += seeds_table(report["seeds"])

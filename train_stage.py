@@ -310,7 +310,7 @@ RECIPE = (
           "trains on counting in thinking mode (1-9 objects; fresh scenes every episode), the skill the tiny "
           "model has; its math is guessing, and RL on guesses only learns the frequent answers",
           mix=(("count_cot", 1.0),), label_mode="rl", runner="rl.py",
-          tiny=(("episodes", 150), ("lr", 2e-5), ("max_new_tokens", 512)),
+          tiny=(("episodes", 80), ("mini_batches", 2), ("lr", 5e-5)),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 70_000), ("rollouts", 2048), ("mini_batch", 512))),
     Stage("harvest", "§4.2.4", "CoT harvest: rejection-sample correct, well-formed chains from the RL model",
           trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py",
@@ -1967,7 +1967,7 @@ def recipe_stage(row: Stage, cfg: StageConfig, own: dict, passthrough: list, see
     losses, start = stage_losses(out)
     entry = {"seconds": round(seconds, 1), "first_loss": meta.get("first_loss"), "final_loss": meta.get("final_loss"),
              "eval_loss_start": start, "eval_loss": meta.get("eval_loss"), "eval": evals}
-    for key in ("reward", "kept"):
+    for key in ("reward", "kept", "rl_eval"):         # RL: held-out greedy / pass@1 / maj@k / pass@k, paired
         if key in meta:
             entry[key] = meta[key]
     if isinstance(entry["eval_loss"], dict):                  # the soup: its own held-out loss

@@ -367,6 +367,13 @@ def test_report_markdown_and_picture(tmp_path):
     report = {"stages": stages, "eval_limit": 128, "chance": {"ocr": 0.12, "count": 0.25, "math": 0.16},
               "effects": [effect], "seeds": [{"run": 1, "seed_offset": 0, "effects": [effect]},
                                              {"run": 2, "seed_offset": 1000, "effects": [{**effect, "excludes_0": False}]}]}
+    pass1 = {"difference": 0.05, "interval": [0.01, 0.09]}
+    stages["rl-verifiable"] = {"seconds": 30, "eval": {}, "rl_eval": {
+        "before": {"n": 512, "k": 8, "pass@1": {"mean": 0.5, "se": 0.02}},
+        "after": {"n": 512, "k": 8, "pass@1": {"mean": 0.55, "se": 0.02}}, "paired": {"pass@1": pass1}}}
+    md = sample.report_markdown(report)
+    assert "| rl-verifiable | pass@1 | 512 × 8 | 0.500 ± 0.020 | 0.550 ± 0.020 | +0.050 [+0.010, +0.090] |" in md
+    del stages["rl-verifiable"]
     md = sample.report_markdown(report)
     # 30 of 128: Wilson [0.1694, 0.3148] around 0.2344, the larger side 0.0805 -> ±0.09
     assert "| vit1 | 10 | 1.000 → 0.500 | 0.78 ±0.08 | 0.23 ±0.09 | 0.04 ±0.05 |" in md      # 100, 30, 5 of 128
