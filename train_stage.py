@@ -310,7 +310,7 @@ RECIPE = (
           "trains on counting in thinking mode (1-9 objects; fresh scenes every episode), the skill the tiny "
           "model has; its math is guessing, and RL on guesses only learns the frequent answers",
           mix=(("count_cot", 1.0),), label_mode="rl", runner="rl.py",
-          tiny=(("episodes", 80), ("mini_batches", 2), ("lr", 5e-5)),
+          tiny=(("episodes", 80), ("mini_batches", 2), ("lr", 3e-4)),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 70_000), ("rollouts", 2048), ("mini_batch", 512))),
     Stage("harvest", "§4.2.4", "CoT harvest: rejection-sample correct, well-formed chains from the RL model",
           trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py",
