@@ -758,9 +758,19 @@ def prompt_mixture(cfg, tok, dcfg, split: str) -> data.Mixture:
 
 
 def read_prompts(cfg, tok, dcfg, split: str, limit: int) -> list:
-    """Up to `limit` prompts of the stage's mix (train or held-out split), decoded."""
+    """Up to `limit` distinct prompts of the stage's mix (train or held-out split), decoded. The
+    mixture draws with replacement across its sources: a repeat is skipped (a held-out prompt
+    counted twice would weigh twice in every mean and break the pairing of before and after)."""
     mixture = prompt_mixture(cfg, tok, dcfg, split)
-    return [as_prompt(mixture.next()[1]) for _ in range(min(limit, len(mixture)))]
+    want, out, seen = min(limit, len(mixture)), [], set()
+    for _ in range(8 * want):
+        if len(out) == want:
+            break
+        prompt = as_prompt(mixture.next()[1])
+        if prompt.where not in seen:
+            seen.add(prompt.where)
+            out.append(prompt)
+    return out
 
 
 def answer_key_of(r: Rollout):

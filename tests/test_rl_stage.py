@@ -418,3 +418,16 @@ def test_rl_usage_errors_are_one_line():
     assert res.returncode == 2 and "--episodes" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = run(["rl.py", "--stage", "rl-verifiable", "--kl_coef=0.1"], timeout=60)
     assert res.returncode == 2 and "unknown option --kl_coef" in res.stderr
+
+
+def test_held_out_prompts_of_a_mixed_stage_are_distinct(setup):
+    """rl-mixed reads its held-out prompts from several families' eval splits, a mixture drawn with
+    replacement: a prompt drawn twice would count twice and break the before / after pairing
+    (the recipe's rl-mixed stopped on it)."""
+    _, synth, m, tok, cfg, _ = setup
+    cfg = replace(cfg, stage="rl-mixed", reward="mixed")
+    dcfg = data.DataConfig.from_model(m.cfg, label_mode="rl", max_len=2048)
+    prompts = rl.read_prompts(cfg, tok, dcfg, "eval", 300)
+    wheres = [p.where for p in prompts]
+    assert len(wheres) == 300 and len(set(wheres)) == 300, (len(wheres), len(set(wheres)))
+    assert len({p.family for p in prompts}) >= 4                        # several families of the mix
