@@ -2530,18 +2530,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="SAIL-VL2 data tools: synthetic data, manifest checks, curation (§3.1, "
                                 "§3.2.2, §4.1, §4.2.2). Run `python data.py SUBCOMMAND --help` for each.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    sub_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: sub_parser(*a, **{"formatter_class": fmt, **k})   # every subcommand shows defaults
-    s = sub.add_parser("synth", help="generate the synthetic default dataset (PNG, MP4, JSONL) into a new folder")
+    fmt = argparse.ArgumentDefaultsHelpFormatter                 # every subcommand's help shows its defaults
+    s = sub.add_parser("synth", formatter_class=fmt, help="generate the synthetic default dataset (PNG, MP4, JSONL) into a new folder")
     s.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="folder to create (must not exist)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     s.add_argument("--size", type=int, default=DEFAULT_SYNTH_SIZE, help="train samples per task family")
-    s = sub.add_parser("add-image-tokens", help="copy a Qwen tokenizer folder, adding SAIL-VL2's <img>, </img>, "
+    s = sub.add_parser("add-image-tokens", formatter_class=fmt, help="copy a Qwen tokenizer folder, adding SAIL-VL2's <img>, </img>, "
                        "<IMG_CONTEXT> (and grounding) tokens at the official ids")
     s.add_argument("src", help="a Qwen3 folder (tokenizer.json, or vocab.json + merges.txt); only read")
     s.add_argument("out", help="the folder to write the tokenizer files into (created)")
-    s = sub.add_parser("check", help="load every sample of a manifest and report bad lines by reason; exit 1 when "
+    s = sub.add_parser("check", formatter_class=fmt, help="load every sample of a manifest and report bad lines by reason; exit 1 when "
                        "training would refuse it (more than max_bad_fraction bad)")
     s.add_argument("manifest", help="a JSONL manifest (conversations / messages / text per line)")
     s.add_argument("--image-root", default="", help="folder the manifest's image/video paths are relative to; "
@@ -2553,33 +2551,33 @@ def main(argv=None):
     s.add_argument("--label-mode", default="sft", choices=LABEL_MODES, help="which tokens carry labels")
     s.add_argument("--max-bad-fraction", type=float, default=DataConfig.max_bad_fraction,
                    help="the share of bad samples training accepts (the stage option of the same name)")
-    s = sub.add_parser("rebalance", help="n-gram rebalancing weights (§3.2.2) and the diversity before/after")
+    s = sub.add_parser("rebalance", formatter_class=fmt, help="n-gram rebalancing weights (§3.2.2) and the diversity before/after")
     s.add_argument("manifest")
     s.add_argument("--n", type=int, default=3, help="n-gram order")
     s.add_argument("--alpha", type=float, default=0.5, help="weight = mean df(g)^-alpha over the sample's n-grams")
     s.add_argument("--out", default=None, help="write the per-line weights as JSON here")
-    s = sub.add_parser("filter", help="keep samples whose judge scores (VIR, ITA) pass thresholds (§3.1)")
+    s = sub.add_parser("filter", formatter_class=fmt, help="keep samples whose judge scores (VIR, ITA) pass thresholds (§3.1)")
     s.add_argument("manifest")
     s.add_argument("out")
     s.add_argument("--min-vir", type=float, default=0.05, help="visual information richness threshold")
     s.add_argument("--min-ita", type=float, default=0.5, help="image-text alignment threshold")
-    s = sub.add_parser("charts", help="render bar/line/pie charts to PNG with their data and QA pairs")
+    s = sub.add_parser("charts", formatter_class=fmt, help="render bar/line/pie charts to PNG with their data and QA pairs")
     s.add_argument("--out", required=True)
     s.add_argument("--n", type=int, default=100)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=224, help="chart side in pixels")
-    s = sub.add_parser("caption2qa", help="turn caption samples into QA conversations (template generator)")
+    s = sub.add_parser("caption2qa", formatter_class=fmt, help="turn caption samples into QA conversations (template generator)")
     s.add_argument("manifest")
     s.add_argument("out")
     s.add_argument("--pairs", type=int, default=1, help="QA pairs per caption (0 = all)")
     s.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("longcot", help="clean LongCoT data: format, dedup, redundancy filter, length balance (§4.2.2)")
+    s = sub.add_parser("longcot", formatter_class=fmt, help="clean LongCoT data: format, dedup, redundancy filter, length balance (§4.2.2)")
     s.add_argument("manifest")
     s.add_argument("out")
     s.add_argument("--max-overlap", type=float, default=0.8, help="drop when this share of answer 3-grams is in the CoT")
     s.add_argument("--no-balance", action="store_true", help="skip CoT-length balancing")
     s.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("curate-instructions", help="SAIL-Instruction2 (§4.1.2): latent classes, "
+    s = sub.add_parser("curate-instructions", formatter_class=fmt, help="SAIL-Instruction2 (§4.1.2): latent classes, "
                        "answer quality, re-annotation, class balancing -> DIR/{curated.jsonl,classes.json,report.json}")
     s.add_argument("--classes", type=int, default=8, help="latent classes (k-means on the instructions' TF-IDF)")
     s.add_argument("--annotator", help="checkpoint that re-annotates (greedy) and, without --scorer, scores answers "
@@ -2590,7 +2588,7 @@ def main(argv=None):
     s.add_argument("--upsample", action="store_true", help="repeat classes below the median size up to it")
     s.add_argument("--max-new-tokens", type=int, default=256, help="re-annotation length limit")
     s.add_argument("--seed", type=int, default=0, help="k-means and balancing seed: same seed, same bytes")
-    v = sub.add_parser("curate-video", help="SAIL-Video (§4.1.1): alignment, richness and "
+    v = sub.add_parser("curate-video", formatter_class=fmt, help="SAIL-Video (§4.1.1): alignment, richness and "
                        "difficulty scores and filters -> DIR/{curated.jsonl,report.json}")
     v.add_argument("--min-alignment", type=float, default=0.0, help="drop when the video raises the answer's mean "
                    "log-likelihood over all-white frames by less than this (nats/token)")

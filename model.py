@@ -1000,7 +1000,8 @@ def main():
     ap = argparse.ArgumentParser(description="Print a SAIL-VL2 preset's configuration and parameter counts "
                                              "(built on the meta device, so no memory is used).")
     ap.add_argument("--preset", default="tiny", choices=PRESETS, help="the model preset")
-    args = ap.parse_args([a.replace("_", "-") if a.startswith("--") else a for a in sys.argv[1:]])
+    args = ap.parse_args([a.split("=", 1)[0].replace("_", "-") + a[len(a.split("=", 1)[0]):] if a.startswith("--")
+                          else a for a in sys.argv[1:]])             # --key_name works as --key-name
     model = build_model(args.preset, device="meta")
     print(json.dumps(model.cfg.to_dict(), indent=2))
     lm = model.language_model

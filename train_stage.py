@@ -493,13 +493,11 @@ def setup_distributed(group: bool = False):
     else:
         device = torch.device("cpu")
     if (world > 1 or group) and not dist.is_initialized():
-        if "RANK" not in os.environ:         # --fsdp=true with `python`, not torchrun: a group of one
-            import socket
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:                                # --fsdp=true with `python`, not torchrun: a group of one
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return rank, world, device
 
 

@@ -763,6 +763,13 @@ def test_usage_errors_are_one_line_with_exit_2(args, code, match):
     assert res.returncode == code and len(error_line(res)) == 1 and match in res.stderr, res.stderr
 
 
+def test_fsdp_on_one_process_without_torchrun(synth, tmp_path):
+    """--fsdp=true under plain `python` (no torchrun environment): a process group of one, sharded."""
+    res = run(["train_stage.py", "--stage", "vit1", "--init-from=random", "--fsdp=true", f"--data_dir={synth}",
+               f"--out_dir={tmp_path}", "--steps=1", "--eval_every=0", "--packing.max_tokens=256"], timeout=120)
+    assert res.returncode == 0 and "step 00001/00001" in res.stdout, res.stderr[-2000:]
+
+
 def test_usage_error_under_torchrun_names_the_problem(tmp_path):
     res = run(["-m", "torch.distributed.run", "--nproc_per_node", "1", "train_stage.py", "--stage", "nosuch"],
               timeout=120)
