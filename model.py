@@ -10,6 +10,9 @@ Reads top-down in the paper's order:
                       step (torch.compile optional), finished rows leaving the batch
   official layout     checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
                       SAIL-VL2 HF folders, HF Qwen3 / Qwen3-MoE folders (`load_hf_llm`)
+  checkpoints         the one writer and reader of the trainers' checkpoints (`save_checkpoint`,
+                      `load_checkpoint`, `verify_checkpoint`): atomic folders, sizes and checksums,
+                      step checkpoints sharded with torch.distributed.checkpoint, exact resume
   Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b; parameter
                       and training-FLOP counts (the trainer's MFU)
 
@@ -23,17 +26,24 @@ the (T, V) logits of a pack (`chunked_cross_entropy`).
 `python model.py --preset 8b` prints the parameter counts of a preset (built on the meta device).
 """
 import argparse
+import hashlib
 import json
 import os
+import random
+import re
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, fields
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 import kernels
 import moe
@@ -888,6 +898,289 @@ def save_hf_llm(lm: Qwen3LM, path: str):
             json.dump(cfg, f, indent=2)
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     atomic_write_dir(path, write)
+
+
+# ==============================================================================================
+# checkpoints: one writer, one reader; atomic folders, sizes and checksums, exact resume
+#
+# A stage output (out/<stage>/, the soup): config.json + model.safetensors (write_weights, the
+# HF layout, gathered on rank 0), meta.json and the tokenizer. A resumable step checkpoint
+# (out/<stage>.run/step-NNNNNN/): config.json, meta.json, the tokenizer, state/ (written with
+# torch.distributed.checkpoint as safetensors: every rank writes its own shards of the weights and
+# of the optimizer state, and any number of processes reads them back, resharding as needed) and
+# rank{r}.pt per rank (RNG states, the AdaLRS rollback copy, RL's sampling generator: plain
+# tensors and numbers, loaded with torch.load(weights_only=True)). Every file's size and sha256
+# are in meta.json, hashed once, by the rank that wrote it; a reader checks presence and sizes
+# (a truncated or missing file), not the hashes (`sha256sum` against meta.json checks those).
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def file_record(path: str) -> dict:
+    """{"bytes", "sha256"} of a file just written (the one time it is hashed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def full_state_dict(model) -> dict:
+    """Consolidated fp32 weights on CPU (rank 0 only under FSDP; {} on other ranks)."""
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def set_full_state_dict(model, sd: dict):
+    """Full weights into the model; under FSDP only rank 0 holds them and they are broadcast."""
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        load_state_dict_strict(model, sd, "checkpoint")
+
+
+def rng_state() -> dict:
+    """Every RNG this process draws from, as tensors and numbers (weights_only-loadable)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
+          "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict):
+    torch.set_rng_state(st["torch"])
+    version, mt, gauss = st["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+TIED_HEAD = "language_model.lm_head.weight"
+
+
+def sharded_state(model, opt) -> tuple:
+    """({"model": weights, "optim": per-parameter optimizer tensors}, optimizer param_groups): keyed
+    by parameter name, DTensor shards under FSDP2 (torch.distributed.checkpoint.state_dict). A tied
+    lm_head is the embedding: stored once. Tensors only (they are written as safetensors); the
+    param_groups (numbers) go to meta.json."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    weights = get_model_state_dict(model)
+    if (model.module if hasattr(model, "module") else model).cfg.llm_config.tie_word_embeddings:
+        weights.pop(TIED_HEAD, None)
+    optim = get_optimizer_state_dict(model, opt)
+    return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
+
+
+class ShardWriter(HuggingFaceStorageWriter):
+    """torch.distributed.checkpoint's safetensors writer, each rank writing its own shard file,
+    remembering which files this rank wrote (they are hashed here, once)."""
+
+    def __init__(self, path: str):
+        super().__init__(path, save_distributed=True)
+        self.written = []
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        self.written = sorted({os.path.basename(r.storage_data.relative_path) for r in future.wait()})
+        return future
+
+
+def save_sharded(folder: str, model, opt) -> tuple:
+    """Every rank writes its shards of the weights and optimizer state into `folder` (a collective).
+    Returns (the names of this rank's files, the optimizer's param_groups and state keys for meta)."""
+    import torch.distributed.checkpoint as dcp
+    state, groups = sharded_state(model, opt)
+    writer = ShardWriter(folder)
+    with warnings.catch_warnings():               # one process without a group: intended, not worth a warning
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=writer)
+    return writer.written, {"param_groups": groups, "state": sorted(state["optim"])}
+
+
+def load_sharded(folder: str, model, opt, saved: dict):
+    """Weights and optimizer state from `folder` into this run's (possibly differently sharded)
+    model and optimizer: each rank reads the slices of its own shards. `saved`: meta.json's
+    optimizer entry (param_groups, and the parameters that had optimizer state when saved)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+    state, _ = sharded_state(model, opt)             # this run's layout (the optimizer's state initialised)
+    missing = [k for k in saved["state"] if k not in state["optim"]]
+    if missing:
+        raise CheckpointError(f"{folder}: optimizer state for parameters this run does not train, e.g. {missing[:3]}")
+    state["optim"] = {k: state["optim"][k] for k in saved["state"]}   # params that never had a gradient stay without
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
+    except (Exception, CheckpointException) as e:    # a different model shape, a damaged shard: one line
+        raise CheckpointError(f"cannot load {folder}: {reason(e)}") from None
+    if TIED_HEAD not in state["model"]:
+        state["model"][TIED_HEAD] = state["model"]["language_model.model.embed_tokens.weight"]
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, {"state": state["optim"], "param_groups": saved["param_groups"]},
+                             options=StateDictOptions(strict=False))   # strict would demand state for every param
+
+
+def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_state: dict = None,
+                    extra_files: dict = None, model_cfg: SAILVLConfig = None, opt=None):
+    """The one checkpoint writer (step checkpoints, stage outputs, the soup): files go into a staging
+    folder beside `path`, which rank 0 renames to `path` once every rank is done, so a crash at any
+    point leaves the previous `path` (or none), never half of one. With `opt`: a resumable step
+    checkpoint (every rank writes its shards of the weights and of `opt`'s state, and its
+    `rank_state`); without: a stage output (rank 0 writes the full weights as model.safetensors).
+    Rank 0 adds `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with every
+    file's size and sha256. A full disk or an unwritable folder is one clear CheckpointError and
+    the previous checkpoint stays. `model` None: a data output (the CoT harvest), no weights."""
+    sd = full_state_dict(model) if model is not None and opt is None else None   # a collective under FSDP
+    model_cfg = model_cfg or (model.cfg if model is not None else None)
+    staging = os.path.abspath(path) + ".staging"
+    try:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        barrier()
+        mine, optim = [], None                        # the files this rank writes, hashed here
+        if opt is not None:
+            shards, optim = save_sharded(os.path.join(staging, "state"), model, opt)
+            torch.save(rank_state or {}, os.path.join(staging, f"rank{rank}.pt"))
+            mine += [f"state/{n}" for n in shards] + [f"rank{rank}.pt"]
+        if rank == 0:
+            if sd is not None:
+                write_weights(staging, sd, model_cfg)               # config.json + model.safetensors
+                mine += ["config.json", "model.safetensors"]
+            elif model_cfg is not None:
+                with open(os.path.join(staging, "config.json"), "w") as f:
+                    json.dump(model_cfg.to_dict(), f, indent=2)
+                mine.append("config.json")
+            for name, src in (extra_files or {}).items():
+                shutil.copyfile(src, os.path.join(staging, name))
+                mine.append(name)
+        files = {name: file_record(os.path.join(staging, name)) for name in mine}
+        for theirs in all_gather(files):
+            files.update(theirs)
+        if rank == 0:
+            meta = dict(meta, world_size=world, resumable=opt is not None, optimizer=optim,
+                        files=dict(sorted(files.items())), kind="model" if model is not None else "data")
+            with open(os.path.join(staging, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            replace_dir(staging, path)
+    except (OSError, CheckpointException) as e:      # DCP reports a failed write on every rank
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason(e)} (the previous checkpoint, if any, is "
+                              f"kept)") from None
+    barrier()
+
+
+def reason(e: BaseException) -> str:
+    """One line for a checkpoint error (torch.distributed.checkpoint's: the first failing rank's)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__).strip()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj` (picklable, small), in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def verify_checkpoint(path: str, resumable: bool = False) -> dict:
+    """meta.json of a complete checkpoint (every file listed there present with its size), else
+    CheckpointError saying why."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json is missing")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({e})") from None
+    for name, rec in meta.get("files", {}).items():
+        p = os.path.join(path, name)
+        if not os.path.exists(p):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if isinstance(rec, str):                 # an output written before sizes were recorded: its sha256
+            continue
+        if not isinstance(rec, dict) or os.path.getsize(p) != rec.get("bytes"):
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} is {os.path.getsize(p)} bytes, meta.json "
+                                  f"recorded {rec.get('bytes') if isinstance(rec, dict) else rec} (truncated or "
+                                  f"modified after saving)")
+    if meta.get("resumable"):
+        if not any(n.startswith("state/") for n in meta["files"]):
+            raise CheckpointError(f"checkpoint {path} is incomplete: meta.json lists no state/ shards")
+    elif "model.safetensors" not in meta.get("files", {}) and meta.get("kind") != "data":
+        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json lists no model.safetensors")
+    if resumable and not meta.get("resumable"):
+        raise CheckpointError(f"{path} is a stage output, not a resumable step checkpoint (no optimizer state)")
+    return meta
+
+
+def is_finished_stage(path: str) -> bool:
+    try:
+        verify_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def load_checkpoint(path: str, model, opt, rank: int, world: int) -> tuple:
+    """The one reader of a resumable checkpoint, saved by any number of processes: weights and
+    optimizer state resharded into this run's model and `opt`; returns (meta, rank_state). A rank
+    the saving run did not have takes rank 0's rank_state (its RNG states)."""
+    meta = verify_checkpoint(path, resumable=True)
+    saved_world = meta["world_size"]
+    rank_state = torch.load(os.path.join(path, f"rank{rank if rank < saved_world else 0}.pt"), weights_only=True)
+    if saved_world != world and rank_state.get("adalrs_snapshot") is not None:
+        raise CheckpointError(f"{path} was saved by {saved_world} processes in the middle of an AdaLRS trial, whose "
+                              f"rollback copy is per process: resume it with {saved_world} processes, or from an "
+                              f"earlier checkpoint")
+    load_sharded(os.path.join(path, "state"), model, opt, meta["optimizer"])
+    return meta, rank_state
+
+
+def step_checkpoints(folder: str) -> list:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, d) for d in os.listdir(folder) if re.fullmatch(r"step-\d+", d))
+
+
+def find_resume_checkpoint(folder: str, log) -> Optional[str]:
+    """The newest complete step checkpoint of the run; incomplete ones are reported and skipped."""
+    for path in reversed(step_checkpoints(folder)):
+        try:
+            verify_checkpoint(path, resumable=True)
+            return path
+        except CheckpointError as e:
+            log(f"resume: refusing {path}: {e}")
+    return None
+
+
+def prune_checkpoints(folder: str, keep: int):
+    for path in step_checkpoints(folder)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ==============================================================================================

@@ -19,7 +19,7 @@ Reads top-down in the order of §2.2:
      entropy", which "maintains activation behavior on text-only calibration sets and significantly
      improves entropy on multimodal sets". The paper gives no procedure; ours is documented at
      `calibrate`; the command line that loads a checkpoint and data for it is
-     `python train_stage.py calibrate --help` (this file imports no model or data file).
+     `python tests/calibrate.py --help` (this file imports no model or data file).
 """
 import math
 from dataclasses import dataclass

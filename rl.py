@@ -996,7 +996,7 @@ def require_sources(cfg: RLConfig):
     if not cfg.manifests:
         if rank == 0:
             data.ensure_synth(cfg.data_dir)
-        train_stage.barrier()
+        modeling.barrier()
     missing = train_stage.missing_sources(cfg)
     if missing:
         raise train_stage.UsageError(
@@ -1051,9 +1051,9 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     policy = generation_policy(model)
     episode, meta = 0, {}
     if resume:
-        meta, rank_state = train_stage.load_checkpoint(resume, model, opt, rank, world)
+        meta, rank_state = modeling.load_checkpoint(resume, model, opt, rank, world)
         episode = meta["episode"]
-        train_stage.set_rng_state(rank_state["rng"])
+        modeling.set_rng_state(rank_state["rng"])
         gen.set_state(rank_state["generator"])
         policy = generation_policy(model, policy if policy is not model else None)
         log(f"resume: continuing from {resume} at episode {episode}")
@@ -1080,11 +1080,11 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         if cfg.save_every and episode % cfg.save_every == 0 and episode > start and not last:
             state = {"stage": cfg.stage, "episode": episode, "step": episode, "config": asdict(cfg),
                      "filter": filter_counts, "pool": {"positions": positions, "pos": pool.pos}, "before": before}
-            train_stage.save_checkpoint(os.path.join(rdir, f"step-{episode:06d}"), model, state, rank, world,
-                                        {"rng": train_stage.rng_state(), "generator": gen.get_state()},
-                                        extra_files=tok_files, model_cfg=model_cfg, opt=opt)
+            modeling.save_checkpoint(os.path.join(rdir, f"step-{episode:06d}"), model, state, rank, world,
+                                     {"rng": modeling.rng_state(), "generator": gen.get_state()},
+                                     extra_files=tok_files, model_cfg=model_cfg, opt=opt)
             if rank == 0:
-                train_stage.prune_checkpoints(rdir, cfg.keep_checkpoints)
+                modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
         if last:
             return finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metrics, tok_files, log)
         t0 = time.time()
@@ -1135,14 +1135,14 @@ def finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metr
         data.write_atomic(os.path.join(rdir, train_stage.RL_HELDOUT), "".join(     # the recipe's effects read it
             json.dumps({"side": side, "correct": bool(p["greedy_acc"]), **{m: g(p) for m, g in EVAL_METRICS.items()},
                         **p}) + "\n" for side, recs in (("before", before), ("after", after)) for p in recs))
-    train_stage.barrier()
+    modeling.barrier()
     meta = {"stage": cfg.stage, "step": cfg.episodes, "config": asdict(cfg), "filter": filter_counts,
             "reward": {"before": s_before["reward"]["mean"], "after": s_after["reward"]["mean"]},
             "rl_eval": {"before": s_before, "after": s_after, "paired": diff},
             "final_loss": None, "first_loss": None, "eval_loss": None}
     out = train_stage.stage_dir(cfg)
-    train_stage.save_checkpoint(out, model, meta, rank, world, model_cfg=model.cfg,
-                                extra_files={"metrics.jsonl": os.path.join(rdir, "metrics.jsonl"),
+    modeling.save_checkpoint(out, model, meta, rank, world, model_cfg=model.cfg,
+                             extra_files={"metrics.jsonl": os.path.join(rdir, "metrics.jsonl"),
                                              train_stage.RL_HELDOUT: os.path.join(rdir, train_stage.RL_HELDOUT),
                                              **tok_files})
     return out
@@ -1216,7 +1216,7 @@ def harvest(cfg: RLConfig) -> str:
     if not lines:
         raise train_stage.UsageError("harvest kept no chain: the RL model never answers right in the format; "
                                      "train it longer")
-    train_stage.save_checkpoint(out, None, meta, rank, world, extra_files={"cot.jsonl": tmp})
+    modeling.save_checkpoint(out, None, meta, rank, world, extra_files={"cot.jsonl": tmp})
     if rank == 0:
         os.remove(tmp)
     return out
@@ -1282,9 +1282,9 @@ def main(argv=None):
         else:
             resume = opts.get("resume") or None
             if "resume" in opts and resume is None:
-                resume = train_stage.find_resume_checkpoint(train_stage.run_dir(cfg), log)
+                resume = modeling.find_resume_checkpoint(train_stage.run_dir(cfg), log)
             elif resume:
-                train_stage.verify_checkpoint(resume, resumable=True)
+                modeling.verify_checkpoint(resume, resumable=True)
             out = train_rl(cfg, resume)
         log(f"done: {cfg.stage} in {out}/")
         nxt = train_stage.next_name(row)
@@ -1292,7 +1292,7 @@ def main(argv=None):
             log(f"next: {train_stage.command_for(train_stage.STAGES[nxt], cfg)}")
     except train_stage.UsageError as e:
         train_stage.fail(str(e), 2, "rl.py")
-    except (data.TooMuchBadData, data.DataError, train_stage.CheckpointError, FloatingPointError) as e:
+    except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError) as e:
         train_stage.fail(str(e), 1, "rl.py")
     train_stage.shutdown_distributed()
 

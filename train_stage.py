@@ -4,6 +4,8 @@
     torchrun --nproc_per_node 2 train_stage.py --stage sft1  # FSDP2 over 2 processes (gloo on CPU)
     python train_stage.py --help                             # every stage with the paper's values
     python train_stage.py --stage pretrain1 --help           # that stage's values for every option
+    python train_stage.py --stage all                        # the whole recipe: runs tests/recipe.py
+    python train_stage.py calibrate ...                      # MoE calibration: runs tests/calibrate.py
 
 Reads in the paper's order:
   recipe       `RECIPE`: the ordered stage table, the only place a stage is defined (trainable
@@ -22,9 +24,11 @@ Reads in the paper's order:
   the loop     AdamW, warm-up + cosine (x the AdaLRS scale), grad clipping and accumulation,
                stream packing with one global token-mean loss (§5.1), eval, checkpoints; the
                step line: loss, LR, tokens/s (per device), MFU on GPUs, peak memory, data wait
-  checkpoints  one writer and one reader: atomic folders; step checkpoints sharded with
-               torch.distributed.checkpoint (resumable by any number of processes); exact resume
   soup         average homogeneous checkpoints (§4.2.1)
+
+Elsewhere: the checkpoint writer and reader (save_checkpoint, load_checkpoint; sharded, atomic,
+exact resume) are model.py's; the recipe runner with its evaluation and report (`--stage all`)
+and the MoE calibration command are tooling in tests/recipe.py and tests/calibrate.py.
 
 Reading order of one training step, from a manifest line to loss.backward() (file:function):
   1. train_stage.py:train            the loop: LR = schedule x AdaLRS scale, then the next batch
@@ -40,14 +44,13 @@ Reading order of one training step, from a manifest line to loss.backward() (fil
                                       (model.py:chunked_cross_entropy, no (T, V) logits)
        train_stage.py:step_loss       the one loss: global token mean, aux term, world size
        loss.backward(); then clip, AdamW step
-  4. train_stage.py:save_checkpoint  every save_every steps, and the stage output at the end
+  4. model.py:save_checkpoint        every save_every steps, and the stage output at the end
 
 Options: any StageConfig field as `--key=value` or `--key value` (types checked, unknown keys
 refused), nested configs as `--packing.max_tokens=2048`, `--adalrs_cfg.window=20`, and the model
 as `--model.llm_config.hidden_size=256`. The resolved config is printed at start and saved in
 every checkpoint.
 """
-import argparse
 import copy
 import dataclasses
 import difflib
@@ -58,20 +61,14 @@ import math
 import os
 import random
 import re
-import shutil
-import subprocess
 import sys
 import time
-import warnings
-from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 import torch.distributed as dist
-from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 import data
 import model as modeling
@@ -563,7 +560,7 @@ def missing_sources(cfg: StageConfig) -> list:
         return []
     return sorted({s for m, s in module_sources(cfg).items() if s != "fresh"
                    and not (m == "language_model" and cfg.init_llm) and not (m == "vision_model" and cfg.init_vit)
-                   and not is_finished_stage(stage_dir(cfg, s))})
+                   and not modeling.is_finished_stage(stage_dir(cfg, s))})
 
 
 def tokenizer_source(cfg: StageConfig) -> Optional[str]:
@@ -956,289 +953,6 @@ def evaluate(model, batches_factory, n_packs: int, device, autocast) -> float:
 
 
 # ==============================================================================================
-# checkpoints: one writer, one reader; atomic folders, sizes and checksums, exact resume
-#
-# A stage output (out/<stage>/, the soup): config.json + model.safetensors (model.write_weights, the
-# HF layout, gathered on rank 0), meta.json and the tokenizer. A resumable step checkpoint
-# (out/<stage>.run/step-NNNNNN/): config.json, meta.json, the tokenizer, state/ (written with
-# torch.distributed.checkpoint as safetensors: every rank writes its own shards of the weights and
-# of the optimizer state, and any number of processes reads them back, resharding as needed) and
-# rank{r}.pt per rank (RNG states, the AdaLRS rollback copy, RL's sampling generator: plain
-# tensors and numbers, loaded with torch.load(weights_only=True)). Every file's size and sha256
-# are in meta.json, hashed once, by the rank that wrote it; a reader checks presence and sizes
-# (a truncated or missing file), not the hashes (`sha256sum` against meta.json checks those).
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def file_record(path: str) -> dict:
-    """{"bytes", "sha256"} of a file just written (the one time it is hashed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
-
-
-def full_state_dict(model) -> dict:
-    """Consolidated fp32 weights on CPU (rank 0 only under FSDP; {} on other ranks)."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def set_full_state_dict(model, sd: dict):
-    """Full weights into the model; under FSDP only rank 0 holds them and they are broadcast."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        modeling.load_state_dict_strict(model, sd, "checkpoint")
-
-
-def rng_state() -> dict:
-    """Every RNG this process draws from, as tensors and numbers (weights_only-loadable)."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    st = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
-          "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict):
-    torch.set_rng_state(st["torch"])
-    version, mt, gauss = st["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = st["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-TIED_HEAD = "language_model.lm_head.weight"
-
-
-def sharded_state(model, opt) -> tuple:
-    """({"model": weights, "optim": per-parameter optimizer tensors}, optimizer param_groups): keyed
-    by parameter name, DTensor shards under FSDP2 (torch.distributed.checkpoint.state_dict). A tied
-    lm_head is the embedding: stored once. Tensors only (they are written as safetensors); the
-    param_groups (numbers) go to meta.json."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    weights = get_model_state_dict(model)
-    if (model.module if hasattr(model, "module") else model).cfg.llm_config.tie_word_embeddings:
-        weights.pop(TIED_HEAD, None)
-    optim = get_optimizer_state_dict(model, opt)
-    return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
-
-
-class ShardWriter(HuggingFaceStorageWriter):
-    """torch.distributed.checkpoint's safetensors writer, each rank writing its own shard file,
-    remembering which files this rank wrote (they are hashed here, once)."""
-
-    def __init__(self, path: str):
-        super().__init__(path, save_distributed=True)
-        self.written = []
-
-    def write_data(self, plan, planner):
-        future = super().write_data(plan, planner)
-        self.written = sorted({os.path.basename(r.storage_data.relative_path) for r in future.wait()})
-        return future
-
-
-def save_sharded(folder: str, model, opt) -> tuple:
-    """Every rank writes its shards of the weights and optimizer state into `folder` (a collective).
-    Returns (the names of this rank's files, the optimizer's param_groups and state keys for meta)."""
-    import torch.distributed.checkpoint as dcp
-    state, groups = sharded_state(model, opt)
-    writer = ShardWriter(folder)
-    with warnings.catch_warnings():               # one process without a group: intended, not worth a warning
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, storage_writer=writer)
-    return writer.written, {"param_groups": groups, "state": sorted(state["optim"])}
-
-
-def load_sharded(folder: str, model, opt, saved: dict):
-    """Weights and optimizer state from `folder` into this run's (possibly differently sharded)
-    model and optimizer: each rank reads the slices of its own shards. `saved`: meta.json's
-    optimizer entry (param_groups, and the parameters that had optimizer state when saved)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-        set_optimizer_state_dict
-    state, _ = sharded_state(model, opt)             # this run's layout (the optimizer's state initialised)
-    missing = [k for k in saved["state"] if k not in state["optim"]]
-    if missing:
-        raise CheckpointError(f"{folder}: optimizer state for parameters this run does not train, e.g. {missing[:3]}")
-    state["optim"] = {k: state["optim"][k] for k in saved["state"]}   # params that never had a gradient stay without
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
-    except (Exception, CheckpointException) as e:    # a different model shape, a damaged shard: one line
-        raise CheckpointError(f"cannot load {folder}: {reason(e)}") from None
-    if TIED_HEAD not in state["model"]:
-        state["model"][TIED_HEAD] = state["model"]["language_model.model.embed_tokens.weight"]
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, {"state": state["optim"], "param_groups": saved["param_groups"]},
-                             options=StateDictOptions(strict=False))   # strict would demand state for every param
-
-
-def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_state: dict = None,
-                    extra_files: dict = None, model_cfg: modeling.SAILVLConfig = None, opt=None):
-    """The one checkpoint writer (step checkpoints, stage outputs, the soup): files go into a staging
-    folder beside `path`, which rank 0 renames to `path` once every rank is done, so a crash at any
-    point leaves the previous `path` (or none), never half of one. With `opt`: a resumable step
-    checkpoint (every rank writes its shards of the weights and of `opt`'s state, and its
-    `rank_state`); without: a stage output (rank 0 writes the full weights as model.safetensors).
-    Rank 0 adds `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with every
-    file's size and sha256. A full disk or an unwritable folder is one clear CheckpointError and
-    the previous checkpoint stays. `model` None: a data output (the CoT harvest), no weights."""
-    sd = full_state_dict(model) if model is not None and opt is None else None   # a collective under FSDP
-    model_cfg = model_cfg or (model.cfg if model is not None else None)
-    staging = os.path.abspath(path) + ".staging"
-    try:
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
-        barrier()
-        mine, optim = [], None                        # the files this rank writes, hashed here
-        if opt is not None:
-            shards, optim = save_sharded(os.path.join(staging, "state"), model, opt)
-            torch.save(rank_state or {}, os.path.join(staging, f"rank{rank}.pt"))
-            mine += [f"state/{n}" for n in shards] + [f"rank{rank}.pt"]
-        if rank == 0:
-            if sd is not None:
-                modeling.write_weights(staging, sd, model_cfg)               # config.json + model.safetensors
-                mine += ["config.json", "model.safetensors"]
-            elif model_cfg is not None:
-                with open(os.path.join(staging, "config.json"), "w") as f:
-                    json.dump(model_cfg.to_dict(), f, indent=2)
-                mine.append("config.json")
-            for name, src in (extra_files or {}).items():
-                shutil.copyfile(src, os.path.join(staging, name))
-                mine.append(name)
-        files = {name: file_record(os.path.join(staging, name)) for name in mine}
-        for theirs in all_gather(files):
-            files.update(theirs)
-        if rank == 0:
-            meta = dict(meta, world_size=world, resumable=opt is not None, optimizer=optim,
-                        files=dict(sorted(files.items())), kind="model" if model is not None else "data")
-            with open(os.path.join(staging, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            modeling.replace_dir(staging, path)
-    except (OSError, CheckpointException) as e:      # DCP reports a failed write on every rank
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {reason(e)} (the previous checkpoint, if any, is "
-                              f"kept)") from None
-    barrier()
-
-
-def reason(e: BaseException) -> str:
-    """One line for a checkpoint error (torch.distributed.checkpoint's: the first failing rank's)."""
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__).strip()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_gather(obj) -> list:
-    """Every rank's `obj` (picklable, small), in rank order."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def verify_checkpoint(path: str, resumable: bool = False) -> dict:
-    """meta.json of a complete checkpoint (every file listed there present with its size), else
-    CheckpointError saying why."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not os.path.exists(meta_path):
-        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json is missing")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({e})") from None
-    for name, rec in meta.get("files", {}).items():
-        p = os.path.join(path, name)
-        if not os.path.exists(p):
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if isinstance(rec, str):                 # an output written before sizes were recorded: its sha256
-            continue
-        if not isinstance(rec, dict) or os.path.getsize(p) != rec.get("bytes"):
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} is {os.path.getsize(p)} bytes, meta.json "
-                                  f"recorded {rec.get('bytes') if isinstance(rec, dict) else rec} (truncated or "
-                                  f"modified after saving)")
-    if meta.get("resumable"):
-        if not any(n.startswith("state/") for n in meta["files"]):
-            raise CheckpointError(f"checkpoint {path} is incomplete: meta.json lists no state/ shards")
-    elif "model.safetensors" not in meta.get("files", {}) and meta.get("kind") != "data":
-        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json lists no model.safetensors")
-    if resumable and not meta.get("resumable"):
-        raise CheckpointError(f"{path} is a stage output, not a resumable step checkpoint (no optimizer state)")
-    return meta
-
-
-def is_finished_stage(path: str) -> bool:
-    try:
-        verify_checkpoint(path)
-        return True
-    except CheckpointError:
-        return False
-
-
-def load_checkpoint(path: str, model, opt, rank: int, world: int) -> tuple:
-    """The one reader of a resumable checkpoint, saved by any number of processes: weights and
-    optimizer state resharded into this run's model and `opt`; returns (meta, rank_state). A rank
-    the saving run did not have takes rank 0's rank_state (its RNG states)."""
-    meta = verify_checkpoint(path, resumable=True)
-    saved_world = meta["world_size"]
-    rank_state = torch.load(os.path.join(path, f"rank{rank if rank < saved_world else 0}.pt"), weights_only=True)
-    if saved_world != world and rank_state.get("adalrs_snapshot") is not None:
-        raise CheckpointError(f"{path} was saved by {saved_world} processes in the middle of an AdaLRS trial, whose "
-                              f"rollback copy is per process: resume it with {saved_world} processes, or from an "
-                              f"earlier checkpoint")
-    load_sharded(os.path.join(path, "state"), model, opt, meta["optimizer"])
-    return meta, rank_state
-
-
-def step_checkpoints(folder: str) -> list:
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, d) for d in os.listdir(folder) if re.fullmatch(r"step-\d+", d))
-
-
-def find_resume_checkpoint(folder: str, log) -> Optional[str]:
-    """The newest complete step checkpoint of the run; incomplete ones are reported and skipped."""
-    for path in reversed(step_checkpoints(folder)):
-        try:
-            verify_checkpoint(path, resumable=True)
-            return path
-        except CheckpointError as e:
-            log(f"resume: refusing {path}: {e}")
-    return None
-
-
-def prune_checkpoints(folder: str, keep: int):
-    for path in step_checkpoints(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-# ==============================================================================================
 # what a step line reports besides the loss: tokens/s per device, MFU, peak memory, data wait
 
 # dense bf16 tensor-core peak per GPU (vendor data sheets), matched in order against the device name
@@ -1309,7 +1023,7 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
         parallelize(model, device, mixed_precision=device.type == "cuda")
         model.to_empty(device=device)
-        set_full_state_dict(model, full.state_dict() if full is not None else {})
+        modeling.set_full_state_dict(model, full.state_dict() if full is not None else {})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {modeling.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
     return model, model.cfg
@@ -1318,11 +1032,11 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
 def resume_from(path: str, model, opt, batches: StageBatches, search: Optional[AdaLRS], rank: int, world: int) -> tuple:
     """Weights, optimizer state, data position, AdaLRS and the RNGs from a step checkpoint;
     returns (its step, the stage's first loss)."""
-    meta, rank_state = load_checkpoint(path, model, opt, rank, world)
+    meta, rank_state = modeling.load_checkpoint(path, model, opt, rank, world)
     batches.load_state_dict(meta["loader"])
     if search is not None:
         search.load_state_dict(meta["adalrs"], snapshot=rank_state.get("adalrs_snapshot"))
-    set_rng_state(rank_state["rng"])
+    modeling.set_rng_state(rank_state["rng"])
     return meta["step"], meta.get("first_loss")
 
 
@@ -1343,6 +1057,10 @@ def open_metrics(path: str, keep_up_to: int):
     with open(path, "w") as f:
         f.writelines(kept)
     return open(path, "a")
+
+
+def write_json_atomic(path: str, obj):
+    data.write_atomic(path, json.dumps(obj, indent=1))
 
 
 # the start-up line names these; <out>/<stage>.run/config.json holds every option
@@ -1371,7 +1089,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     if not cfg.manifests:
         if rank == 0:
             data.ensure_synth(cfg.data_dir)
-        barrier()
+        modeling.barrier()
     tok_dir = tokenizer_dir(cfg, log)
     tok, tok_files = data.load_tokenizer(tok_dir), tokenizer_files(tok_dir)   # the files travel with every checkpoint
     model_cfg = match_tokenizer(cfg, model_cfg, tok, log)
@@ -1419,17 +1137,17 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
             meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "first_loss": first_loss,
                     "final_loss": last_loss, "eval_loss": eval_loss, "adalrs": search.state_dict() if search else None,
                     "bad_data": {"seen": bad.seen, "counts": dict(bad.counts)}}
-            save_checkpoint(stage_dir(cfg), model, meta, rank, world, model_cfg=model_cfg,
-                            extra_files={"metrics.jsonl": metrics_path, **tok_files})
+            modeling.save_checkpoint(stage_dir(cfg), model, meta, rank, world, model_cfg=model_cfg,
+                                     extra_files={"metrics.jsonl": metrics_path, **tok_files})
             return stage_dir(cfg)
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
             meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": batches.state_dict(),
                     "adalrs": search.state_dict() if search else None, "first_loss": first_loss}
-            rank_state = {"rng": rng_state(), "adalrs_snapshot": search.snapshot_state_dict() if search else None}
-            save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
-                            extra_files=tok_files, model_cfg=model_cfg, opt=opt)
+            rank_state = {"rng": modeling.rng_state(), "adalrs_snapshot": search.snapshot_state_dict() if search else None}
+            modeling.save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
+                                     extra_files=tok_files, model_cfg=model_cfg, opt=opt)
             if rank == 0:
-                prune_checkpoints(rdir, cfg.keep_checkpoints)
+                modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
         # -- one optimizer step over this rank's micro-batches (global token mean, §5.1) --------
         lr = cfg.lr * lr_multiplier(step, cfg) * (search.lr_scale if search else 1.0)
         for g in opt.param_groups:
@@ -1476,7 +1194,7 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
     rank, world, device = setup_distributed()
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
     for c in ckpts:
-        if not is_finished_stage(c) and not os.path.exists(os.path.join(c, "config.json")):
+        if not modeling.is_finished_stage(c) and not os.path.exists(os.path.join(c, "config.json")):
             raise UsageError(f"soup: {c} is not a checkpoint folder")
     models = [modeling.SAILVL.from_pretrained(c) for c in ckpts]
     ref = models[0].cfg.to_dict()
@@ -1501,110 +1219,8 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
         results[name] = evaluate(m.to(device), factory, cfg.eval_packs, device, nocast)
         log(f"soup eval | {name}: held-out loss {results[name]:.4f}")
     meta = {"stage": cfg.stage, "inputs": ckpts, "eval_loss": results, "config": asdict(cfg)}
-    save_checkpoint(stage_dir(cfg), souped, meta, rank, world, extra_files=tokenizer_files(tok_dir))
+    modeling.save_checkpoint(stage_dir(cfg), souped, meta, rank, world, extra_files=tokenizer_files(tok_dir))
     return stage_dir(cfg)
-
-
-# ==============================================================================================
-# MoE expert-activation calibration (§2.2) on a checkpoint: the algorithm is moe.calibrate
-
-def calibration_batches(manifest: str, model: modeling.SAILVL, tok, max_samples: int) -> list:
-    """Samples of a manifest as model inputs with two token masks, `probe_mask` (every token) and
-    `text_mask` (not <IMG_CONTEXT>), built with the data geometry the model was trained with."""
-    dcfg = data.DataConfig.from_model(model.cfg)
-    ds = data.JsonlDataset(manifest, tok, dcfg)
-    bad = data.BadData(dcfg.max_bad_fraction, dcfg.bad_check_after)
-    device = next(model.parameters()).device
-    batches = []
-    for i in tqdm(range(min(len(ds), max_samples)), desc=f"load {os.path.basename(manifest)}"):
-        try:
-            s = ds.load(i)
-        except data.DataError as e:
-            bad.bad(e)
-            continue
-        bad.good()
-        ids = s["input_ids"].to(device)[None]                            # (1, T)
-        pv = s["pixel_values"]
-        pv = None if pv is None else [p.to(device) for p in pv] if isinstance(pv, list) else pv.to(device)
-        batches.append(dict(input_ids=ids, pixel_values=pv, probe_mask=torch.ones_like(ids[0], dtype=torch.bool),
-                            text_mask=ids[0] != model.cfg.img_context_token_id))
-    bad.check()
-    if not batches:
-        raise UsageError(f"{manifest}: no usable sample ({bad.report()})")
-    return batches
-
-
-def print_routing_report(title: str, rep: dict):
-    mean = lambda xs: sum(xs) / len(xs)                                  # noqa: E731
-    print(f"\n{title}  ({rep['tokens']} tokens; log E = {rep['log_E']:.3f})")
-    print(f"  {'layer':>5} {'entropy before':>15} {'after':>8} {'max/mean before':>16} {'after':>8} "
-          f"{'top-k agree':>12} {'router KL':>10}")
-    rows = [(str(i), rep["entropy_before"][i], rep["entropy_after"][i], rep["max_load_before"][i],
-             rep["max_load_after"][i], rep["topk_agreement"][i], rep["router_kl"][i])
-            for i in range(len(rep["entropy_before"]))]
-    rows.append(("mean", *(mean(rep[k]) for k in ("entropy_before", "entropy_after", "max_load_before",
-                                                   "max_load_after", "topk_agreement", "router_kl"))))
-    for name, eb, ea, mb, ma, ag, kl in rows:
-        print(f"  {name:>5} {eb:>15.3f} {ea:>8.3f} {mb:>16.2f} {ma:>8.2f} {ag:>12.3f} {kl:>10.4f}")
-    print(f"  next-token KL {rep['next_token_kl']:.5f}")
-
-
-def calibrate_cli(argv):
-    ap = argparse.ArgumentParser(
-        prog="train_stage.py calibrate", description="Expert-activation-entropy calibration of a MoE checkpoint "
-        "(§2.2, moe.calibrate): probe the router inputs of each MoE layer on --data (multimodal) and --text "
-        "(text-only), fold a low-rank correction into each gate that raises the expert-load entropy of --data "
-        "while keeping text routing; prints entropy, max/mean load, top-k agreement and KL before/after on "
-        "held-out samples and writes the calibrated checkpoint.")
-    ap.add_argument("--ckpt", required=True, help="SAIL-VL2 checkpoint folder (ours or official) with MoE layers")
-    ap.add_argument("--data", required=True, nargs="+", help="JSONL manifest(s) of probe samples (multimodal)")
-    ap.add_argument("--text", nargs="+", help="JSONL manifest(s) of text-only samples whose routing is kept "
-                                             "(default: the text tokens of --data)")
-    ap.add_argument("--out", help="output folder (default: CKPT-calibrated)")
-    ap.add_argument("--max-samples", type=int, default=64, help="samples read from each manifest")
-    ap.add_argument("--holdout", type=float, default=0.25, help="share of each manifest kept out of the fit")
-    for name in ("rank", "steps", "lr", "kl_weight", "temperature", "max_tokens"):
-        default = getattr(moe.CalibConfig, name)
-        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"CalibConfig.{name}")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if not 0 <= args.holdout < 1:
-        ap.error("--holdout must be in [0, 1)")
-    torch.manual_seed(args.seed)
-    sailvl = modeling.SAILVL.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype), device=args.device).eval()
-    has_tok = any(os.path.exists(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json"))
-    tok = data.load_tokenizer(args.ckpt if has_tok else None)
-
-    def split(manifests):                        # the last `holdout` of each manifest measures the effect
-        fit, held = [], []
-        for m in manifests:
-            b = calibration_batches(m, sailvl, tok, args.max_samples)
-            cut = max(1, round(len(b) * (1 - args.holdout))) if len(b) > 1 else len(b)
-            fit, held = fit + b[:cut], held + (b[cut:] or b)
-        return fit, held
-    probe_fit, probe_eval = split(args.data)
-    anchor_fit, anchor_eval = split(args.text) if args.text else (probe_fit, probe_eval)
-    ccfg = moe.CalibConfig(**{k: getattr(args, k) for k in ("rank", "steps", "lr", "kl_weight", "temperature",
-                                                            "max_tokens")})
-    blocks = moe.moe_blocks(sailvl)
-    before = [b.gate.weight.detach().clone() for b in blocks]
-    moe.calibrate(sailvl, probe_fit, anchor_fit, ccfg)
-    after = [b.gate.weight.detach().clone() for b in blocks]
-    rep_mm = moe.compare_routing(sailvl, probe_eval, before, after, "probe_mask")
-    rep_text = moe.compare_routing(sailvl, anchor_eval, before, after, "text_mask")
-    print_routing_report(f"--data held-out ({len(probe_eval)} samples), all tokens", rep_mm)
-    print_routing_report(f"{'--text' if args.text else '--data text tokens'} held-out ({len(anchor_eval)} samples)",
-                         rep_text)
-    out = args.out or args.ckpt.rstrip("/") + "-calibrated"
-    report = os.path.join(os.path.dirname(os.path.abspath(out)), ".calibration.json")
-    write_json_atomic(report, {"config": vars(args), "multimodal": rep_mm, "text": rep_text})
-    extra = {"calibration.json": report, **tokenizer_files(args.ckpt)}
-    save_checkpoint(out, sailvl, {"stage": "calibrate", "source": args.ckpt}, 0, 1, extra_files=extra)
-    os.remove(report)
-    print(f"\ncalibrated checkpoint written to {out} (gate weights changed in place; HF-compatible)")
-    return rep_mm, rep_text
 
 
 # ==============================================================================================
@@ -1631,7 +1247,7 @@ def help_text(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, stage_given: b
               "", "--stage all (the whole recipe, with its report) also takes:"]
     lines += [option_line(f"--{k}={v}", RECIPE_HELP[k]) for k, v in RECIPE_OPTIONS.items()]
     lines += ["", "Options are --key=value (or --key value); dashes and underscores are the same.",
-              "other commands: python train_stage.py calibrate --help"]
+              "other commands: python tests/calibrate.py --help (also: python train_stage.py calibrate ...)"]
     return "\n".join(lines)
 
 
@@ -1776,18 +1392,18 @@ def run_cli(argv: list):
     if row.runner == "soup":
         inputs = opts["ckpts"].split(",") if opts.get("ckpts") else [stage_dir(cfg, s) for s in row.inputs]
         for path, name in zip(inputs, row.inputs if not opts.get("ckpts") else inputs):
-            if not is_finished_stage(path) and not os.path.exists(os.path.join(path, "config.json")):
+            if not modeling.is_finished_stage(path) and not os.path.exists(os.path.join(path, "config.json")):
                 hint = f"run `{command_for(STAGES[name], cfg)}` first, or " if name in STAGES else ""
                 raise UsageError(f"soup: {path} is missing: {hint}pass --ckpts A B")
         out = soup(cfg, inputs)
     else:
         resume = opts.get("resume", "") or None
         if "resume" in opts and resume is None:
-            resume = find_resume_checkpoint(run_dir(cfg), log)
+            resume = modeling.find_resume_checkpoint(run_dir(cfg), log)
             if resume is None:
                 log(f"resume: no usable checkpoint under {run_dir(cfg)}; starting from the beginning")
         elif resume:
-            verify_checkpoint(resume, resumable=True)
+            modeling.verify_checkpoint(resume, resumable=True)
         if not resume:
             ensure_sources(cfg, model_cfg, log)
         out = train(cfg, model_cfg, resume)
@@ -1802,7 +1418,8 @@ def run_cli(argv: list):
 
 
 # ==============================================================================================
-# the whole recipe in one command: python train_stage.py --stage all
+# the whole recipe in one command: python train_stage.py --stage all, which runs tests/recipe.py (the
+# runner, its evaluation and report); `python train_stage.py calibrate` runs tests/calibrate.py
 
 # --stage all only (the rest goes to every stage): processes per stage, held-out samples per family
 # (sample.EVAL_LIMIT: the whole synthetic eval split), the families evaluated ("" = all), the last
@@ -1814,254 +1431,16 @@ RECIPE_HELP = {"nproc": "processes per stage (torchrun --nproc_per_node)",
                "eval_families": "comma list of families to evaluate (\"\" = all)",
                "until": "the last stage to run (\"\" = the whole recipe)",
                "seeds": "runs of the recipe; run k > 1 adds 1000 (k - 1) to every seed, outputs in <out_dir>/seed<k>/"}
-SEED_STEP = 1000
-EVAL_BATCH = 64                  # prompts per generate call in the recipe's evaluation
-# Thinking mode is measured (from LongCoT on) where LongCoT trains (math, count_cot) and on their
-# direct twins (math_direct, count): every thinking effect the recipe claims lies there.
-THINK_FAMILIES = ("count", "count_cot", "math", "math_direct")
-MODE_WORDS = {"real": "real images", "blank": "blank images", "think": "thinking mode"}
-RL_HELDOUT = "heldout_predictions.jsonl"
+RL_HELDOUT = "heldout_predictions.jsonl"   # an RL stage's held-out before / after (rl.py): one more effect
 
 
-def recipe_effects() -> list:
-    """The effects the recipe claims, each a paired difference A - B on the same held-out samples:
-    [(name, (stage A, mode), (stage B, mode), families)], modes as evaluate_stage's (real, blank,
-    think). An RL stage may add its own held-out before / after: RL_HELDOUT in its output folder,
-    one {"side": "before" | "after", "family", "where", "correct"} per line (recipe_effect_results)."""
-    import sample
-    mix = lambda stage: tuple(f for f, _ in STAGES[stage].mix if f in data.SYNTH_FAMILIES)    # noqa: E731
-    return [("progressive alignment (stages I-III vs III alone)", ("vit3", "real"), ("vit3-direct", "real"), mix("vit3")),
-            ("SFT", ("sft4", "real"), ("vit1", "real"), sample.VISUAL),
-            ("soup vs its first input", ("soup", "real"), ("sft4", "real"), mix("sft4")),
-            ("soup vs its second input", ("soup", "real"), ("sft4-twin", "real"), mix("sft4")),
-            ("LongCoT: thinking vs direct", ("longcot", "think"), ("longcot", "real"), THINK_FAMILIES),
-            ("Think-Fusion direct vs LongCoT thinking", ("thinkfusion", "real"), ("longcot", "think"), THINK_FAMILIES),
-            ("RL verifiable: after vs before", ("rl-verifiable", "think"), ("longcot", "think"), THINK_FAMILIES),
-            ("RL mixed: after vs before", ("rl-mixed", "real"), ("thinkfusion", "real"), mix("rl-mixed")),
-            ("RL mixed: after vs before, thinking", ("rl-mixed", "think"), ("thinkfusion", "think"), THINK_FAMILIES),
-            ("vit1 sees (OCR)", ("vit1", "real"), ("vit1", "blank"), ("ocr",)),
-            ("sft4 sees", ("sft4", "real"), ("sft4", "blank"), sample.VISUAL)] + [
-            (f"sft4 sees ({f})", ("sft4", "real"), ("sft4", "blank"), (f,)) for f in sample.VISUAL]
-
-
-def mode_of(p: dict) -> str:
-    return "think" if p["think"] else "blank" if p["blank"] else "real"
-
-
-def read_jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def recipe_effect_results(rdir: str, cfg: StageConfig) -> list:
-    """The effects whose two sides this run has measured (predictions/<stage>.jsonl), each
-    {"name", "a", "b", "families", **sample.paired_difference}; an RL stage's own held-out before /
-    after (RL_HELDOUT) as one more. Sides scored on different samples stop the recipe."""
-    import sample
-    preds = {}
-
-    def side(stage, mode, fams):
-        if stage not in preds:
-            path = os.path.join(rdir, "predictions", f"{stage}.jsonl")
-            preds[stage] = read_jsonl(path) if os.path.exists(path) else []
-        return [p for p in preds[stage] if mode_of(p) == mode and p["family"] in fams]
-
-    specs = [(name, f"{sa} ({MODE_WORDS[ma]})", side(sa, ma, fams), f"{sb} ({MODE_WORDS[mb]})", side(sb, mb, fams))
-             for name, (sa, ma), (sb, mb), fams in recipe_effects()]
-    for row in RECIPE:
-        path = os.path.join(stage_dir(cfg, row.name), RL_HELDOUT)
-        if row.runner == "rl.py" and os.path.exists(path):
-            held = read_jsonl(path)
-            specs.append((f"{row.name}: its own held-out, after vs before", f"{row.name} (after)",
-                          [p for p in held if p["side"] == "after"], f"{row.name} (before)",
-                          [p for p in held if p["side"] == "before"]))
-    out = []
-    for name, a_label, a, b_label, b in specs:
-        if not a or not b:
-            continue
-        try:
-            diff = sample.paired_difference(a, b)
-        except ValueError as e:
-            raise UsageError(f"effect {name!r}: {e}; were the stages evaluated with different --eval_limit or "
-                             f"--eval_families? Remove {rdir} or pass the earlier values") from None
-        fams = list(dict.fromkeys(p["family"] for p in a))          # in evaluation order
-        out.append({"name": name, "a": a_label, "b": b_label, "families": fams, **diff})
-    return out
-
-
-def machine() -> str:
-    import platform
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
-
-
-def stage_command(row: Stage, nproc: int, passthrough: list, seed_offset: int = 0) -> list:
-    """The command that runs one row of the recipe as its own process (resuming if it was cut);
-    with a seed offset, the seed the row would run with (--seed, else its tiny default, else
-    StageConfig's) + the offset."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_stage.py" if row.runner == "soup"
-                          else row.runner)
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  f"--nproc_per_node={nproc}"]
-    given = dict(split_options(passthrough)).get("seed")
-    base = int(given) if given else dict(row.tiny).get("seed", StageConfig.seed)
-    seed = [f"--seed={base + seed_offset}"] if seed_offset else []
-    return launch + [script, "--stage", row.name, *passthrough, *seed] + ([] if row.runner == "soup" else ["--resume"])
-
-
-def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, families=None) -> tuple:
-    """({mode: {family: cell}}, predictions) of a stage output on the first `limit` held-out samples
-    of each synthetic family; a cell is sample.accuracy_cell (n, correct, accuracy, Wilson 95%
-    interval). Modes: real images; blank images (every family with images: all but text); thinking
-    mode from LongCoT on (THINK_FAMILIES). Every mode reads the same samples of a family."""
-    import sample
-    model, tok, dcfg = sample.load(folder, device=sample.default_device())
-    fams = families or sample.synth_families(cfg.data_dir)
-    modes = {"real": (fams, False, False), "blank": ([f for f in fams if f != "text"], False, True)}
-    if think:
-        modes["think"] = ([f for f in fams if f in THINK_FAMILIES], True, False)
-    evals, preds = {}, []
-    for mode, (fs, t, blank) in modes.items():
-        if not fs:
-            continue
-        res = sample.evaluate_families(model, tok, dcfg, cfg.data_dir, fs, limit=limit, think=t, blank=blank,
-                                       batch_size=EVAL_BATCH, progress=False)
-        right = Counter(p["family"] for p in res["predictions"] if p["correct"])
-        evals[mode] = {f: sample.accuracy_cell(right[f], n) for f, n in res["n"].items()}
-        preds += [{k: p[k] for k in ("family", "where", "answer", "prediction", "correct", "blank", "think")}
-                  for p in res["predictions"]]
-    return evals, preds
-
-
-def stage_losses(folder: str) -> tuple:
-    """(train losses per step, held-out loss at the start) from a stage's metrics.jsonl."""
-    path = os.path.join(folder, "metrics.jsonl")
-    if not os.path.exists(path):
-        return [], None
-    recs = read_jsonl(path)
-    evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
-    return [r["loss"] for r in recs if "loss" in r], evals[0] if evals else None
-
-
-def write_json_atomic(path: str, obj):
-    data.write_atomic(path, json.dumps(obj, indent=1))
-
-
-def recipe_stage(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int, rdir: str) -> dict:
-    """Run one row (unless its output verifies), evaluate it, write its predictions; its report entry."""
-    out, t0 = stage_dir(cfg, row.name), time.time()
-    if not is_finished_stage(out):
-        res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough, seed_offset))
-        if res.returncode:
-            raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
-                             f"same command again: finished stages are skipped")
-    seconds = time.time() - t0
-    meta = verify_checkpoint(out)
-    families = [f for f in own["eval_families"].split(",") if f] or None
-    think = [r.name for r in RECIPE].index(row.name) >= [r.name for r in RECIPE].index("longcot")
-    evals, preds = evaluate_stage(out, cfg, think, int(own["eval_limit"]), families) \
-        if row.runner != "rl.py" or row.trainable else ({}, [])
-    losses, start = stage_losses(out)
-    entry = {"seconds": round(seconds, 1), "first_loss": meta.get("first_loss"), "final_loss": meta.get("final_loss"),
-             "eval_loss_start": start, "eval_loss": meta.get("eval_loss"), "eval": evals}
-    for key in ("reward", "kept", "rl_eval"):         # RL: held-out greedy / pass@1 / maj@k / pass@k, paired
-        if key in meta:
-            entry[key] = meta[key]
-    if isinstance(entry["eval_loss"], dict):                  # the soup: its own held-out loss
-        entry["eval_loss"] = entry["eval_loss"].get("soup")
-    data.write_atomic(os.path.join(rdir, "predictions", f"{row.name}.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
-    print_stage_line(row.name, entry, meta)
-    return entry
-
-
-def print_stage_line(name: str, entry: dict, meta: dict):
-    """recipe | stage  seconds | what it did | mean visual accuracy (blank) | per family ± interval."""
-    import sample
-    if "reward" in entry:
-        what = f"held-out reward {entry['reward']['before']:.3f} -> {entry['reward']['after']:.3f}"
-    elif "kept" in entry:
-        what = f"{meta['kept']} chains kept of {meta['samples']} samples"
-    else:
-        fmt = lambda x: "—" if x is None else f"{x:.3f}"                                # noqa: E731
-        what = f"held-out loss {fmt(entry['eval_loss_start'])} -> {fmt(entry['eval_loss'])}"
-    real, blank = entry["eval"].get("real", {}), entry["eval"].get("blank", {})
-    visual = [f for f in real if f in sample.VISUAL]
-    mean = lambda cells: sum(cells[f]["accuracy"] for f in visual if f in cells) / max(1, len(visual))   # noqa: E731
-    accs = f" | visual accuracy {mean(real):.3f} (blank {mean(blank):.3f}) | " + " ".join(
-        f"{f} {sample.plus_minus(c['accuracy'], c['interval'])}" for f, c in real.items()) if real else ""
-    print(f"recipe | {name:13s} {entry['seconds']:6.0f} s | {what}{accs}", flush=True)
-
-
-def write_report(rdir: str, report: dict, cfg: StageConfig):
-    import sample
-    write_json_atomic(os.path.join(rdir, "report.json"), report)
-    data.write_atomic(os.path.join(rdir, "report.md"), sample.report_markdown(report))
-    sample.report_picture(report, {n: stage_losses(stage_dir(cfg, n))[0] for n in report["stages"]},
-                          os.path.join(rdir, "report.png"))
-
-
-def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> dict:
-    """Every stage of the recipe in order into cfg.out_dir, each from the previous one, each
-    evaluated, with <out_dir>/recipe/report.{json,md,png} and every prediction in
-    <out_dir>/recipe/predictions/<stage>.jsonl. A finished stage (its output verifies and the
-    report has it) is skipped, so an interrupted run continues where it stopped."""
-    import sample
-    rdir = os.path.join(cfg.out_dir, "recipe")
-    writable_dir(os.path.join(rdir, "predictions"))
-    path = os.path.join(rdir, "report.json")
-    report = json.load(open(path)) if os.path.exists(path) else {"stages": {}}
-    data.ensure_synth(cfg.data_dir)
-    families = [f for f in own["eval_families"].split(",") if f] or None
-    report.update(machine=machine(), eval_limit=int(own["eval_limit"]), seed_offset=seed_offset,
-                  interval="Wilson 95%", effect_interval=f"paired bootstrap 95%, {sample.BOOTSTRAP_RESAMPLES} resamples",
-                  chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
-    for row in RECIPE:
-        if row.name in report["stages"] and is_finished_stage(stage_dir(cfg, row.name)):
-            print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped", flush=True)
-        else:
-            report["stages"][row.name] = recipe_stage(row, cfg, own, passthrough, seed_offset, rdir)
-            report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
-        report["effects"] = recipe_effect_results(rdir, cfg)
-        write_report(rdir, report, cfg)
-        if row.name == own["until"]:
-            break
-    for e in report["effects"]:
-        print(f"effect | {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | n {e['n']} | "
-              f"{e['difference']:+.3f} [{e['interval'][0]:+.3f}, {e['interval'][1]:+.3f}] | "
-              f"{'shown' if e['excludes_0'] else 'within noise'}", flush=True)
-    print(f"recipe done in {report.get('total_seconds', 0) / 60:.1f} min: {rdir}/report.md, report.png, report.json")
-    return report
-
-
-def run_recipe(argv: list):
-    """python train_stage.py --stage all [--seeds=N]: the recipe (run_recipe_once), N times with
-    different seeds; the first run's report then also holds every run's effects ("seeds")."""
-    opts = dict(split_options(argv))
-    own = {**RECIPE_OPTIONS, **{k: opts.pop(k) or v for k, v in RECIPE_OPTIONS.items() if k in opts}}
-    opts.pop("stage", None)
-    passthrough = [f"--{k}={v}" for k, v in opts.items() if k not in ("resume", "help")]
-    cfg, _, _ = parse_args(["--stage", "vit1", *passthrough])         # usage errors now, not in stage 7
-    if own["until"]:
-        stage_row(own["until"])
-    for key in ("seeds", "nproc", "eval_limit"):
-        if not own[key].isdigit() or int(own[key]) < 1:
-            raise UsageError(f"--{key} must be a whole number >= 1, got {own[key]!r}")
-    unknown = sorted(set(own["eval_families"].split(",")) - set(data.SYNTH_FAMILIES) - {""})
-    if unknown:
-        raise UsageError(f"--eval_families: unknown {', '.join(unknown)}; choose from {', '.join(data.SYNTH_FAMILIES)}")
-    runs = []
-    for k in range(1, int(own["seeds"]) + 1):
-        out_dir = cfg.out_dir if k == 1 else os.path.join(cfg.out_dir, f"seed{k}")
-        run_cfg = dataclasses.replace(cfg, out_dir=out_dir)
-        args = [a for a in passthrough if not a.startswith("--out_dir=")] + [f"--out_dir={out_dir}"]
-        report = run_recipe_once(run_cfg, own, args, SEED_STEP * (k - 1))
-        runs.append({"run": k, "seed_offset": SEED_STEP * (k - 1), "out_dir": out_dir, "effects": report["effects"]})
-    if len(runs) > 1:
-        first = json.load(open(os.path.join(cfg.out_dir, "recipe", "report.json")))
-        first["seeds"] = runs
-        write_report(os.path.join(cfg.out_dir, "recipe"), first, cfg)
-        print(f"{len(runs)} runs: every run's effects in {cfg.out_dir}/recipe/report.md (\"Effects in every run\")")
+def run_tool(script: str, argv: list):
+    """Replace this process by `python tests/<script> ARGV` (the same process id, so a signal or
+    torchrun reaches it): the tooling lives beside the components, which never import it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests",
+                                                           script), *argv])
 
 
 def fail(message: str, code: int, prog: str = "train_stage.py"):
@@ -2077,18 +1456,23 @@ def fail(message: str, code: int, prog: str = "train_stage.py"):
     raise SystemExit(code)
 
 
+def one_line_errors(run, prog: str = "train_stage.py"):
+    """run(); a usage error exits 2, bad data, a bad checkpoint or a non-finite loss 1, each as one line (fail)."""
+    try:
+        return run()
+    except UsageError as e:
+        fail(str(e), 2, prog)
+    except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError) as e:
+        fail(str(e), 1, prog)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["calibrate"]:
-            return calibrate_cli(argv[1:])
-        if dict(split_options(argv)).get("stage") == "all":
-            return run_recipe(argv)
-        run_cli(argv)
-    except UsageError as e:
-        fail(str(e), 2)
-    except (data.TooMuchBadData, data.DataError, CheckpointError, FloatingPointError) as e:
-        fail(str(e), 1)
+    if argv[:1] == ["calibrate"]:
+        run_tool("calibrate.py", argv[1:])
+    if one_line_errors(lambda: dict(split_options(argv))).get("stage") == "all":
+        run_tool("recipe.py", argv)
+    one_line_errors(lambda: run_cli(argv))
     shutdown_distributed()
 
 

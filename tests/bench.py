@@ -596,7 +596,7 @@ def bench_adalrs(args):
     """pretrain1 (tiny) with a fixed LR vs with AdaLRS from the same start and the same data, for
     several seeds, through `train_stage.run_stage` (the stage table the CLI uses); held-out loss at the end."""
     init = args.init_from or train_stage.stage_dir(train_stage.StageConfig(out_dir=args.out_dir), "vit3")
-    if not train_stage.is_finished_stage(init):
+    if not modeling.is_finished_stage(init):
         raise train_stage.UsageError(f"bench adalrs starts pretrain1 from {init}, which is missing: run the "
                                      f"recipe up to vit3 first, or pass --init-from=DIR")
     lm0 = train_stage.stage_dir(train_stage.StageConfig(out_dir=args.out_dir), "lm0")
@@ -773,15 +773,15 @@ def rl_episode_worker(args):
     sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts)
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            train_stage.save_checkpoint(os.path.join(d, "ck"), sailvl, {"stage": "bench"}, 0, 1)
-        train_stage.barrier()
+            modeling.save_checkpoint(os.path.join(d, "ck"), sailvl, {"stage": "bench"}, 0, 1)
+        modeling.barrier()
         cfg = rl.dataclasses.replace(cfg, init_from=os.path.join(d, "ck"), group_size=args.group)
         model, _ = train_stage.place_model(cfg, sailvl.cfg, rank, world, device, lambda *a: None)
-        train_stage.barrier()
+        modeling.barrier()
     policy = rl.generation_policy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    train_stage.barrier()
+    modeling.barrier()
     t0 = time.perf_counter()
     rolls = rl.rollouts(policy, tok, rl.my_share(prompts), cfg, torch.Generator().manual_seed(rank))
     t_gen = time.perf_counter() - t0
@@ -792,7 +792,7 @@ def rl_episode_worker(args):
         r.advantage = a
     rl.update_episode(model.train(), opt, params, rolls, cfg, tok, rl.Rollout(prompts[0], [0], "", False, [0.0]))
     rl.generation_policy(model, policy if policy is not model else None)
-    train_stage.barrier()
+    modeling.barrier()
     total = time.perf_counter() - t0
     if rank == 0:
         print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2)}))

@@ -396,8 +396,8 @@ def test_calibrate_cli(tmp_path, capsys):
         text.append({"text": f"plain text sample number {i} about colours and shapes"})
     (tmp_path / "mm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mm))
     (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text))
-    import train_stage                                                  # the command line lives on top
-    train_stage.calibrate_cli(["--ckpt", str(tmp_path / "ckpt"), "--data", str(tmp_path / "mm.jsonl"),
+    import calibrate                                                    # the command line: tests/calibrate.py
+    calibrate.calibrate_cli(["--ckpt", str(tmp_path / "ckpt"), "--data", str(tmp_path / "mm.jsonl"),
                                "--text", str(tmp_path / "text.jsonl"), "--steps", "20", "--out", str(tmp_path / "cal")])
     printed = capsys.readouterr().out
     assert "entropy before" in printed and "next-token KL" in printed

@@ -16,6 +16,7 @@ import torch
 import data
 import model as modeling
 import sample
+import recipe
 import train_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,9 +51,9 @@ def test_golden_a_shortened_chain_learns_to_see(synth, tmp_path):
     for name, steps in GOLDEN:
         args = [f"--out_dir={tmp_path}", f"--data_dir={synth}", f"--steps={steps}", "--eval_every=0", "--save_every=0"]
         out = train_stage.run_stage(name, args + ([f"--init-from={tmp_path}/{prev}"] if name == "sft1" else []))
-        ev[name], preds[name] = train_stage.evaluate_stage(out, train_stage.StageConfig(data_dir=synth), False, GOLDEN_N, ["ocr"])
+        ev[name], preds[name] = recipe.evaluate_stage(out, train_stage.StageConfig(data_dir=synth), False, GOLDEN_N, ["ocr"])
         prev = name
-    side = lambda name, mode: [p for p in preds[name] if train_stage.mode_of(p) == mode]             # noqa: E731
+    side = lambda name, mode: [p for p in preds[name] if recipe.mode_of(p) == mode]             # noqa: E731
     chance = sample.chance(synth, ["ocr"], limit=GOLDEN_N)["ocr"]
     sft1 = ev["sft1"]["real"]["ocr"]
     assert sft1["n"] == GOLDEN_N and sft1["interval"][0] > chance, (ev, chance)                   # sees
@@ -90,11 +91,11 @@ def test_an_interrupted_recipe_continues_to_the_same_report(synth, tmp_path):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and \
-            not train_stage.find_resume_checkpoint(f"{tmp_path}/cut/vit1.run", log=lambda *a: None):
+            not modeling.find_resume_checkpoint(f"{tmp_path}/cut/vit1.run", log=lambda *a: None):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)                                    # the recipe and its stage, mid-vit1
     p.wait()
-    assert train_stage.is_finished_stage(f"{tmp_path}/cut/lm0") and not train_stage.is_finished_stage(f"{tmp_path}/cut/vit1")
+    assert modeling.is_finished_stage(f"{tmp_path}/cut/lm0") and not modeling.is_finished_stage(f"{tmp_path}/cut/vit1")
     again = run([*args, f"--out_dir={tmp_path}/cut"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "lm0           done before" in again.stdout and "resume: continuing from" in again.stdout, \
@@ -135,7 +136,7 @@ def test_a_salted_manifest_trains_to_the_end_and_reports_exact_counts(synth, tmp
                f"--out_dir={tmp_path}/out", f"--data_dir={synth}", "--init-from=random", "--steps=6",
                "--eval_every=0", "--save_every=0", "--max_bad_fraction=0.2", "--packing.max_tokens=1024"], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    meta = train_stage.verify_checkpoint(f"{tmp_path}/out/vit3")
+    meta = modeling.verify_checkpoint(f"{tmp_path}/out/vit3")
     assert meta["bad_data"]["counts"] == expected and meta["bad_data"]["seen"] == 46   # distinct samples
     reported = [ln for ln in res.stderr.splitlines() if "skipping bad sample" in ln]
     assert len(reported) == 6 and all("salted.jsonl:" in ln for ln in reported)       # once each, file and line
@@ -172,7 +173,7 @@ def test_an_output_folder_that_is_a_file_is_one_clear_error(synth, tmp_path):
 def test_rl_stage_killed_at_a_random_point_resumes_to_the_same_weights(synth, tmp_path):
     m = modeling.build_model("tiny", seed=0)
     for d in ("ref", "cut"):
-        train_stage.save_checkpoint(str(tmp_path / d / "longcot"), m, {"stage": "longcot"}, 0, 1,
+        modeling.save_checkpoint(str(tmp_path / d / "longcot"), m, {"stage": "longcot"}, 0, 1,
                           extra_files=train_stage.tokenizer_files(synth))
     args = ["rl.py", "--stage", "rl-verifiable", f"--data_dir={synth}", "--episodes=4", "--pool_size=8",
             "--group_size=4", "--prompts_per_episode=2", "--max_new_tokens=12", "--eval_prompts=4", "--filter_k=0",
@@ -184,11 +185,11 @@ def test_rl_stage_killed_at_a_random_point_resumes_to_the_same_weights(synth, tm
     p = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path}/cut"], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None and len(train_stage.step_checkpoints(f"{tmp_path}/cut/rl-verifiable.run")) < 2:
+    while time.time() < deadline and p.poll() is None and len(modeling.step_checkpoints(f"{tmp_path}/cut/rl-verifiable.run")) < 2:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert not train_stage.is_finished_stage(f"{tmp_path}/cut/rl-verifiable"), "killed too late"
+    assert not modeling.is_finished_stage(f"{tmp_path}/cut/rl-verifiable"), "killed too late"
     res = run([*args, f"--out_dir={tmp_path}/cut", "--resume"], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     from safetensors.torch import load_file
@@ -208,7 +209,7 @@ def test_every_effect_compares_both_sides_on_the_same_samples(synth, tmp_path, m
     monkeypatch.setattr(sample, "default_new_tokens", lambda family, think: 2)    # the replies do not matter here
     modeling.build_model("tiny", seed=0).save_pretrained(str(tmp_path / "ck"))
     cfg, limit = train_stage.StageConfig(data_dir=str(synth), out_dir=str(tmp_path)), 2
-    made = {think: train_stage.evaluate_stage(str(tmp_path / "ck"), cfg, think, limit)[1] for think in (False, True)}
+    made = {think: recipe.evaluate_stage(str(tmp_path / "ck"), cfg, think, limit)[1] for think in (False, True)}
     rdir, later = tmp_path / "recipe", [r.name for r in train_stage.RECIPE].index("longcot")
     (rdir / "predictions").mkdir(parents=True)
     files = {}
@@ -216,39 +217,39 @@ def test_every_effect_compares_both_sides_on_the_same_samples(synth, tmp_path, m
         if row.runner != "rl.py" or row.trainable:
             files[row.name] = made[i >= later]
             (rdir / "predictions" / f"{row.name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in made[i >= later]))
-    got = {e["name"]: e for e in train_stage.recipe_effect_results(str(rdir), cfg)}
-    assert set(got) == {name for name, *_ in train_stage.recipe_effects()}
-    for name, (sa, ma), (sb, mb), fams in train_stage.recipe_effects():
+    got = {e["name"]: e for e in recipe.recipe_effect_results(str(rdir), cfg)}
+    assert set(got) == {name for name, *_ in recipe.recipe_effects()}
+    for name, (sa, ma), (sb, mb), fams in recipe.recipe_effects():
         keys = lambda stage, mode: {(p["family"], p["where"]) for p in files[stage]                 # noqa: E731
-                                    if train_stage.mode_of(p) == mode and p["family"] in fams}
+                                    if recipe.mode_of(p) == mode and p["family"] in fams}
         assert keys(sa, ma) == keys(sb, mb) and len(keys(sa, ma)) == got[name]["n"] == limit * len(fams), name
     # an RL stage's own held-out before / after: one more effect; on different prompts, refused
     held = [{"side": side, "family": "math", "where": f"p{i}", "correct": side == "after" or i < 2}
             for side in ("before", "after") for i in range(6)]                # right: 2 of 6 before, 6 after
     (tmp_path / "rl-verifiable").mkdir()
     (tmp_path / "rl-verifiable" / train_stage.RL_HELDOUT).write_text("".join(json.dumps(p) + "\n" for p in held))
-    extra = train_stage.recipe_effect_results(str(rdir), cfg)[-1]
+    extra = recipe.recipe_effect_results(str(rdir), cfg)[-1]
     assert extra["name"] == "rl-verifiable: its own held-out, after vs before" and extra["n"] == 6
     assert (extra["a"], extra["accuracy_a"], extra["accuracy_b"], extra["difference"]) == \
         ("rl-verifiable (after)", 1.0, 0.3333, 0.6667)
     (tmp_path / "rl-verifiable" / train_stage.RL_HELDOUT).write_text("".join(json.dumps(p) + "\n" for p in held[:-1]))
     with pytest.raises(train_stage.UsageError, match="not scored on the same samples"):
-        train_stage.recipe_effect_results(str(rdir), cfg)
+        recipe.recipe_effect_results(str(rdir), cfg)
     (tmp_path / "rl-verifiable" / train_stage.RL_HELDOUT).unlink()
-    dropped = next(i for i, p in enumerate(files["soup"]) if p["family"] == "ocr" and train_stage.mode_of(p) == "real")
+    dropped = next(i for i, p in enumerate(files["soup"]) if p["family"] == "ocr" and recipe.mode_of(p) == "real")
     (rdir / "predictions" / "soup.jsonl").write_text("".join(json.dumps(p) + "\n" for i, p in enumerate(files["soup"])
                                                              if i != dropped))
     with pytest.raises(train_stage.UsageError, match="soup vs its first input.*not scored on the same samples"):
-        train_stage.recipe_effect_results(str(rdir), cfg)
+        recipe.recipe_effect_results(str(rdir), cfg)
 
 
 def test_seeds_offset_every_stages_own_seed():
     """--seeds=N: run k passes each stage the seed it would run with + 1000 (k - 1); run 1 passes none."""
     rows = {n: train_stage.STAGES[n] for n in ("vit1", "sft4", "sft4-twin", "soup", "rl-verifiable")}
     seed = lambda cmd: [a for a in cmd if a.startswith("--seed=")]                         # noqa: E731
-    assert all(seed(train_stage.stage_command(r, 1, ["--out_dir=o"])) == [] for r in rows.values())
-    got = {n: seed(train_stage.stage_command(r, 1, ["--out_dir=o"], seed_offset=1000)) for n, r in rows.items()}
+    assert all(seed(recipe.stage_command(r, 1, ["--out_dir=o"])) == [] for r in rows.values())
+    got = {n: seed(recipe.stage_command(r, 1, ["--out_dir=o"], seed_offset=1000)) for n, r in rows.items()}
     assert got == {"vit1": ["--seed=2337"], "sft4": ["--seed=2337"], "sft4-twin": ["--seed=8331"],
                    "soup": ["--seed=2337"], "rl-verifiable": ["--seed=2337"]}             # the twin stays a twin
-    assert seed(train_stage.stage_command(rows["vit1"], 1, ["--seed=5"], seed_offset=2000))[-1] == "--seed=2005"   # the last wins
-    assert train_stage.stage_command(rows["rl-verifiable"], 1, [], seed_offset=1000)[1].endswith("rl.py")
+    assert seed(recipe.stage_command(rows["vit1"], 1, ["--seed=5"], seed_offset=2000))[-1] == "--seed=2005"   # the last wins
+    assert recipe.stage_command(rows["rl-verifiable"], 1, [], seed_offset=1000)[1].endswith("rl.py")

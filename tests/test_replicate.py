@@ -232,7 +232,7 @@ def test_vit1_from_qwen3_and_aimv2_folders_and_a_llava_jsonl(folders, tmp_path, 
     assert log.count("lacks SAIL-VL2's image tokens: added <img> 151669") == 1
     assert f"next: torchrun train_stage.py --stage vit2 --out_dir={out}\n" in log   # no preset, no --init-llm
     ck = out / "vit1"
-    train_stage.verify_checkpoint(str(ck))
+    modeling.verify_checkpoint(str(ck))
     cfg = modeling.SAILVLConfig.from_dict(json.loads((ck / "config.json").read_text()))
     assert cfg.llm_config == modeling.read_llm_config(str(qwen)) and cfg.vision_config == vit.read_vit_config(str(aim))
     assert cfg.img_context_token_id == 151671

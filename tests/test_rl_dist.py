@@ -29,8 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, synth):
     root = tmp_path_factory.mktemp("rldist")
-    train_stage.save_checkpoint(str(root / "out" / "longcot"), modeling.build_model("tiny", seed=0), {"stage": "longcot"},
-                                0, 1, extra_files=train_stage.tokenizer_files(str(synth)))
+    modeling.save_checkpoint(str(root / "out" / "longcot"), modeling.build_model("tiny", seed=0), {"stage": "longcot"},
+                             0, 1, extra_files=train_stage.tokenizer_files(str(synth)))
     return root
 
 
@@ -65,7 +65,7 @@ def _update_worker(rank, world, init_file, out_dir, root, synth):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)       # linear in the gradients: the split shows at float precision
     st = rl.update_episode(model, opt, params, mine, cfg, tok, rl.Rollout(rolls[0].prompt, [0], "", False, [0.0]))
-    sd = train_stage.full_state_dict(model)
+    sd = modeling.full_state_dict(model)
     if rank == 0:
         torch.save({"sd": sd, "loss": st["loss"], "updates": st["updates"]}, os.path.join(out_dir, f"world{world}.pt"))
     if world > 1:

@@ -27,8 +27,8 @@ def setup(tmp_path_factory, synth):
     a few rl-verifiable prompts."""
     root = tmp_path_factory.mktemp("rl")
     m = modeling.build_model("tiny", seed=0)
-    train_stage.save_checkpoint(str(root / "out" / "longcot"), m, {"stage": "longcot"}, 0, 1,
-                                extra_files=train_stage.tokenizer_files(str(synth)))
+    modeling.save_checkpoint(str(root / "out" / "longcot"), m, {"stage": "longcot"}, 0, 1,
+                             extra_files=train_stage.tokenizer_files(str(synth)))
     cfg = rl.resolve_algo(rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), max_new_tokens=12,
                                       group_size=4, prompts_per_episode=2, pool_size=8), m.cfg)
     tok = data.load_tokenizer(str(synth))
@@ -253,8 +253,8 @@ def test_evaluation_metrics_by_hand():
 
 def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, tmp_path):
     root, synth, m, tok, cfg, prompts = setup
-    train_stage.save_checkpoint(str(tmp_path / "rl-verifiable"), m, {"stage": "rl-verifiable"}, 0, 1,
-                                extra_files=train_stage.tokenizer_files(str(synth)))
+    modeling.save_checkpoint(str(tmp_path / "rl-verifiable"), m, {"stage": "rl-verifiable"}, 0, 1,
+                             extra_files=train_stage.tokenizer_files(str(synth)))
 
     def fake(model, tok_, ps, cfg_, gen, group_size=None, **k):   # per prompt: right, right again, wrong, unformatted
         out = []
@@ -266,7 +266,7 @@ def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, 
     monkeypatch.setattr(rl, "rollouts", fake)
     hcfg = rl.RLConfig(stage="harvest", out_dir=str(tmp_path), data_dir=str(synth), pool_size=6, harvest_samples=4)
     out = rl.harvest(hcfg)
-    meta = train_stage.verify_checkpoint(out)                      # the one writer, a data output
+    meta = modeling.verify_checkpoint(out)                      # the one writer, a data output
     lines = [json.loads(x) for x in open(os.path.join(out, "cot.jsonl"))]
     assert meta["kept"] == len(lines) == 6 and meta["counts"]["duplicate"] == 6
     assert meta["counts"]["rejected"] == 12 and meta["samples"] == 24
@@ -395,7 +395,7 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path):
     evals = [json.loads(x) for x in open(tmp_path / "a" / "rl-verifiable" / train_stage.RL_HELDOUT)]
     assert [e["side"] for e in evals] == ["before"] * 6 + ["after"] * 6
     assert all("rl_eval.jsonl:" in e["where"] for e in evals)          # held-out prompts, not training ones
-    meta = train_stage.verify_checkpoint(f"{tmp_path}/a/rl-verifiable")
+    meta = modeling.verify_checkpoint(f"{tmp_path}/a/rl-verifiable")
     assert set(meta["rl_eval"]) == {"before", "after", "paired"}
     w0 = load_file(str(root / "out" / "longcot" / "model.safetensors"))
     wa = load_file(f"{tmp_path}/a/rl-verifiable/model.safetensors")

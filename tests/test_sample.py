@@ -19,6 +19,7 @@ from PIL import Image
 
 import data
 import model as modeling
+import recipe
 import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -371,17 +372,17 @@ def test_report_markdown_and_picture(tmp_path):
     stages["rl-verifiable"] = {"seconds": 30, "eval": {}, "rl_eval": {
         "before": {"n": 512, "k": 8, "pass@1": {"mean": 0.5, "se": 0.02}},
         "after": {"n": 512, "k": 8, "pass@1": {"mean": 0.55, "se": 0.02}}, "paired": {"pass@1": pass1}}}
-    md = sample.report_markdown(report)
+    md = recipe.report_markdown(report)
     assert "| rl-verifiable | pass@1 | 512 × 8 | 0.500 ± 0.020 | 0.550 ± 0.020 | +0.050 [+0.010, +0.090] |" in md
     del stages["rl-verifiable"]
-    md = sample.report_markdown(report)
+    md = recipe.report_markdown(report)
     # 30 of 128: Wilson [0.1694, 0.3148] around 0.2344, the larger side 0.0805 -> ±0.09
     assert "| vit1 | 10 | 1.000 → 0.500 | 0.78 ±0.08 | 0.23 ±0.09 | 0.04 ±0.05 |" in md      # 100, 30, 5 of 128
     assert "### Blank images" in md and "| longcot | 0.02 ±0.05 | 0.20 ±0.08 | 0.03 ±0.05 |" in md
     assert "### Thinking mode" in md and "| longcot |  | 0.86 ±0.08 |  |" in md
     assert "| sees: vit1 (real images) vs vit1 (blank images) | ocr | 100 | 1.00 | 0.40 | +0.60 [" in md
     assert md.count("shown") == 2 and "| sees | +0.60 [" in md and " * | +0.60 [" in md      # both runs listed
-    sample.report_picture(report, {"vit1": [3.0, 2.0, 1.0], "longcot": [1.0, 0.5]}, str(tmp_path / "r.png"))
+    recipe.report_picture(report, {"vit1": [3.0, 2.0, 1.0], "longcot": [1.0, 0.5]}, str(tmp_path / "r.png"))
     img = Image.open(tmp_path / "r.png")
     assert img.width >= 900 and img.height > 400
 

@@ -151,8 +151,8 @@ def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path):
                 p.add_(0.5 * torch.randn_like(p))
         return m
     vit3, lm0 = trained(1), trained(2)
-    train_stage.save_checkpoint(str(tmp_path / "vit3"), vit3, {"stage": "vit3"}, 0, 1)
-    train_stage.save_checkpoint(str(tmp_path / "lm0"), lm0, {"stage": "lm0"}, 0, 1)
+    modeling.save_checkpoint(str(tmp_path / "vit3"), vit3, {"stage": "vit3"}, 0, 1)
+    modeling.save_checkpoint(str(tmp_path / "lm0"), lm0, {"stage": "lm0"}, 0, 1)
     cfg, mcfg = cfg_of("pretrain1", f"--out_dir={tmp_path}")
     logs = []
     m = train_stage.build_stage_model(cfg, mcfg, logs.append)
@@ -268,7 +268,7 @@ model.to_empty(device=device)
 torch.manual_seed(0)                                       # the same weights as the one-process reference
 full = modeling.SAILVL(mcfg)
 full.init_weights()
-train_stage.set_full_state_dict(model, full.state_dict() if rank == 0 else {})
+modeling.set_full_state_dict(model, full.state_dict() if rank == 0 else {})
 packs = helpers.packs_of(samples, 300)
 text_packs = helpers.packs_of([s for s in samples if s.get("pixel_values") is None], 300)
 rank1 = text_packs if os.environ.get("RANK1") == "text" else packs[2:4]    # text only: no ViT work on rank 1
@@ -276,7 +276,7 @@ mine = packs[:2] if rank == 0 else rank1                   # rank 0 and rank 1 h
 params = list(model.parameters())
 opt = torch.optim.SGD(params, lr=1.0)
 res = train_stage.train_step(model, opt, mine, params, 1e9, world, device, helpers.NOCAST)
-sd = train_stage.full_state_dict(model)
+sd = modeling.full_state_dict(model)
 if rank == 0:
     torch.save({"loss": res["loss"], "sd": sd,
                 "tokens": [int((p["labels"][:, 1:] != -100).sum()) for p in packs[:2] + rank1]}, os.environ["OUT"])
@@ -459,61 +459,61 @@ def test_rng_state_round_trips_through_the_rank_file(tmp_path):
     np.random.seed(5)
     torch.rand(3), random.random(), np.random.rand()
     m = modeling.build_model("tiny", seed=0)
-    train_stage.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, rank_state={"rng": train_stage.rng_state()},
+    modeling.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, rank_state={"rng": modeling.rng_state()},
                       opt=torch.optim.AdamW(m.parameters()))
     want = (torch.rand(4), random.random(), np.random.rand(3))
     torch.manual_seed(99)
     random.seed(99)
     np.random.seed(99)
-    train_stage.set_rng_state(torch.load(tmp_path / "ck" / "rank0.pt", weights_only=True)["rng"])
+    modeling.set_rng_state(torch.load(tmp_path / "ck" / "rank0.pt", weights_only=True)["rng"])
     got = (torch.rand(4), random.random(), np.random.rand(3))
     assert torch.equal(got[0], want[0]) and got[1] == want[1] and np.array_equal(got[2], want[2])
-    meta = train_stage.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
+    meta = modeling.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
     shards = [n for n in meta["files"] if n.startswith("state/")]
     assert set(meta["files"]) == {"config.json", "rank0.pt", *shards} and len(shards) == 1
 
 
 def test_an_unwritable_folder_is_one_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
     m = modeling.build_model("tiny", seed=0)
-    train_stage.save_checkpoint(str(tmp_path / "out" / "ck"), m, {"stage": "x"}, 0, 1)
-    first = train_stage.verify_checkpoint(str(tmp_path / "out" / "ck"))
+    modeling.save_checkpoint(str(tmp_path / "out" / "ck"), m, {"stage": "x"}, 0, 1)
+    first = modeling.verify_checkpoint(str(tmp_path / "out" / "ck"))
     os.chmod(tmp_path / "out", 0o500)                       # no writes into the parent any more
     try:
         if os.access(tmp_path / "out", os.W_OK):
             pytest.skip("running as a user who may write anywhere (root): chmod cannot make a folder read-only")
-        with pytest.raises(train_stage.CheckpointError, match="cannot write checkpoint"):
-            train_stage.save_checkpoint(str(tmp_path / "out" / "ck"), modeling.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
+        with pytest.raises(modeling.CheckpointError, match="cannot write checkpoint"):
+            modeling.save_checkpoint(str(tmp_path / "out" / "ck"), modeling.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
     finally:
         os.chmod(tmp_path / "out", 0o700)
-    assert train_stage.verify_checkpoint(str(tmp_path / "out" / "ck")) == first
+    assert modeling.verify_checkpoint(str(tmp_path / "out" / "ck")) == first
 
 
 def test_a_full_disk_at_save_time_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     m = modeling.build_model("tiny", seed=0)
-    train_stage.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x"}, 0, 1)
-    first = train_stage.verify_checkpoint(str(tmp_path / "ck"))
+    modeling.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x"}, 0, 1)
+    first = modeling.verify_checkpoint(str(tmp_path / "ck"))
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(modeling, "write_weights", full_disk)
-    with pytest.raises(train_stage.CheckpointError, match="No space left on device"):
-        train_stage.save_checkpoint(str(tmp_path / "ck"), modeling.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
-    assert train_stage.verify_checkpoint(str(tmp_path / "ck")) == first
+    with pytest.raises(modeling.CheckpointError, match="No space left on device"):
+        modeling.save_checkpoint(str(tmp_path / "ck"), modeling.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
+    assert modeling.verify_checkpoint(str(tmp_path / "ck")) == first
     assert not [p for p in os.listdir(tmp_path) if p != "ck"]           # no staging folder left behind
 
 
 def test_a_full_disk_while_shards_are_written_keeps_the_previous_step_checkpoint(tmp_path, monkeypatch):
     m = modeling.build_model("tiny", seed=0)
     opt = torch.optim.AdamW(m.parameters())
-    train_stage.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, {}, opt=opt)
-    first = train_stage.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
+    modeling.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 1}, 0, 1, {}, opt=opt)
+    first = modeling.verify_checkpoint(str(tmp_path / "ck"), resumable=True)
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(train_stage.HuggingFaceStorageWriter, "write_data", full_disk)
-    with pytest.raises(train_stage.CheckpointError, match="cannot write checkpoint .*No space left on device"):
-        train_stage.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 2}, 0, 1, {}, opt=opt)
-    assert train_stage.verify_checkpoint(str(tmp_path / "ck"), resumable=True) == first
+    monkeypatch.setattr(modeling.HuggingFaceStorageWriter, "write_data", full_disk)
+    with pytest.raises(modeling.CheckpointError, match="cannot write checkpoint .*No space left on device"):
+        modeling.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 2}, 0, 1, {}, opt=opt)
+    assert modeling.verify_checkpoint(str(tmp_path / "ck"), resumable=True) == first
     assert os.listdir(tmp_path) == ["ck"]                                # no staging folder left behind
 
 
@@ -551,20 +551,20 @@ def test_truncated_checkpoint_is_refused_and_previous_kept(synth, tmp_path):
     res = run(args)
     assert res.returncode == 0, res.stderr[-3000:]
     good, bad = f"{tmp_path}/lm0.run/step-000002", f"{tmp_path}/lm0.run/step-000004"
-    path = next(os.path.join(bad, n) for n in train_stage.verify_checkpoint(bad)["files"] if n.startswith("state/"))
+    path = next(os.path.join(bad, n) for n in modeling.verify_checkpoint(bad)["files"] if n.startswith("state/"))
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(train_stage.CheckpointError, match="corrupted"):
-        train_stage.verify_checkpoint(bad)
-    train_stage.verify_checkpoint(good)
-    assert train_stage.find_resume_checkpoint(f"{tmp_path}/lm0.run", lambda *a: None) == good
+    with pytest.raises(modeling.CheckpointError, match="corrupted"):
+        modeling.verify_checkpoint(bad)
+    modeling.verify_checkpoint(good)
+    assert modeling.find_resume_checkpoint(f"{tmp_path}/lm0.run", lambda *a: None) == good
     res = run([*args, f"--resume={bad}"])
     assert res.returncode == 1 and "corrupted" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     os.remove(os.path.join(good, "rank0.pt"))                           # a partial folder: refused too
-    with pytest.raises(train_stage.CheckpointError, match="incomplete"):
-        train_stage.verify_checkpoint(good)
-    with pytest.raises(train_stage.CheckpointError, match="not a resumable"):
-        train_stage.verify_checkpoint(f"{tmp_path}/lm0", resumable=True)          # a stage output has no optimizer
+    with pytest.raises(modeling.CheckpointError, match="incomplete"):
+        modeling.verify_checkpoint(good)
+    with pytest.raises(modeling.CheckpointError, match="not a resumable"):
+        modeling.verify_checkpoint(f"{tmp_path}/lm0", resumable=True)          # a stage output has no optimizer
 
 
 def test_resume_in_the_middle_of_an_adalrs_trial_is_bit_identical(synth, tmp_path):
@@ -597,7 +597,7 @@ def test_step_checkpoints_reshard_from_one_process_to_two_and_back(synth, tmp_pa
                "--packing.micro_batches=1", f"--resume={tmp_path}/one/vit3.run/step-000001"])
     assert two.returncode == 0, two.stderr[-3000:]
     ck = f"{tmp_path}/two/vit3.run/step-000002"
-    meta = train_stage.verify_checkpoint(ck, resumable=True)
+    meta = modeling.verify_checkpoint(ck, resumable=True)
     shards = sorted(n for n in meta["files"] if n.startswith("state/"))
     assert meta["world_size"] == 2 and len(shards) == 2 and {"rank0.pt", "rank1.pt"} <= set(meta["files"])
     for name, rec in meta["files"].items():                        # each rank's files hashed (by that rank)
@@ -639,21 +639,21 @@ def test_resume_restores_the_process_rngs(synth, tmp_path, monkeypatch):
 
 def test_checkpoint_files_are_hashed_once_when_written_and_not_when_read(synth, tmp_path, monkeypatch):
     calls = []
-    real = train_stage.hashlib.sha256
+    real = modeling.hashlib.sha256
 
     def counting(*a):
         calls.append(1)
         return real(*a)
-    monkeypatch.setattr(train_stage.hashlib, "sha256", counting)
+    monkeypatch.setattr(modeling.hashlib, "sha256", counting)
     out = train_stage.run_stage("lm0", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=2", "--save_every=1",
                               "--eval_every=0", "--packing.max_tokens=256"])
     ck = f"{tmp_path}/lm0.run/step-000001"
-    written = len(train_stage.verify_checkpoint(ck)["files"]) + len(train_stage.verify_checkpoint(out)["files"])
+    written = len(modeling.verify_checkpoint(ck)["files"]) + len(modeling.verify_checkpoint(out)["files"])
     assert len(calls) == written                    # every file of the step checkpoint and of the output, once
     calls.clear()
     model = modeling.build_model("tiny")
-    assert train_stage.find_resume_checkpoint(f"{tmp_path}/lm0.run", print) == ck and train_stage.is_finished_stage(out)
-    train_stage.load_checkpoint(ck, model, torch.optim.AdamW(model.parameters()), 0, 1)
+    assert modeling.find_resume_checkpoint(f"{tmp_path}/lm0.run", print) == ck and modeling.is_finished_stage(out)
+    modeling.load_checkpoint(ck, model, torch.optim.AdamW(model.parameters()), 0, 1)
     assert calls == []                              # start-up and --resume read sizes, never hash
 
 
@@ -692,7 +692,7 @@ def test_soup_of_identical_checkpoints_is_identity_and_mismatch_refused(synth, t
     souped = modeling.SAILVL.from_pretrained(out)
     for k, v in m.state_dict().items():
         assert torch.equal(souped.state_dict()[k], v), k
-    meta = train_stage.verify_checkpoint(out)                                     # the one writer made it
+    meta = modeling.verify_checkpoint(out)                                     # the one writer made it
     assert meta["eval_loss"]["soup"] == meta["eval_loss"][f"{tmp_path}/a"] == meta["eval_loss"][f"{tmp_path}/b"]
     m2 = modeling.build_model("tiny", seed=4)
     m2.save_pretrained(f"{tmp_path}/c")
@@ -802,8 +802,8 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert res.returncode == 0, res.stderr[-3000:]
     assert "running the stand-in stage lm0 first (2 steps" in res.stdout and "skip it with --init-llm=" in res.stdout
     assert f"init: all weights from {tmp_path}/lm0" in res.stdout
-    train_stage.verify_checkpoint(f"{tmp_path}/lm0")
-    train_stage.verify_checkpoint(f"{tmp_path}/vit1")
+    modeling.verify_checkpoint(f"{tmp_path}/lm0")
+    modeling.verify_checkpoint(f"{tmp_path}/vit1")
     assert f"next: torchrun train_stage.py --stage vit2 --out_dir={tmp_path} --data_dir={synth}" in res.stdout
     hint = next(ln for ln in res.stdout.splitlines() if ln.startswith("try it: "))[len("try it: "):]
     assert hint.startswith(f"python sample.py --ckpt {tmp_path}/vit1 --image ")
@@ -811,6 +811,16 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert os.path.exists(img) and "/ocr/" in img                      # a held-out image of the stage's data
     ref = json.loads(open(os.path.join(synth, "ocr", "eval.jsonl")).readline())["conversations"][-1]["value"]
     assert hint.endswith(f"# reference: {ref}")
+
+
+def test_stage_all_and_calibrate_run_the_tools_in_tests():
+    """`--stage all` and `calibrate` are forwarded (exec) to tests/recipe.py and tests/calibrate.py,
+    which the component files never import."""
+    res = run(["train_stage.py", "--stage", "all", "--help"], timeout=60)
+    assert res.returncode == 0 and "usage: python tests/recipe.py" in res.stdout, res.stderr[-2000:]
+    assert all(f"  --{k}=" in res.stdout for k in train_stage.RECIPE_OPTIONS)
+    res = run(["train_stage.py", "calibrate", "--help"], timeout=60)
+    assert res.returncode == 0 and "usage: tests/calibrate.py" in res.stdout and "--ckpt" in res.stdout, res.stderr
 
 
 def test_help_shows_each_option_with_its_description_and_the_stages_values():

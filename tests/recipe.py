@@ -1,0 +1,529 @@
+"""The whole recipe in one command: every stage of train_stage.RECIPE in order, each evaluated, with a report.
+
+    python tests/recipe.py --until=vit1 --step_scale=0.05      # a short run; --help lists every option
+    python train_stage.py --stage all ...                       # the same (train_stage.main forwards here)
+
+Each stage runs as its own process (`train_stage.py` or `rl.py` through `stage_command`, resuming
+if it was cut), then is evaluated on the held-out samples of every synthetic family (real images,
+blank images, thinking mode from LongCoT on; `evaluate_stage`), its predictions written to
+<out_dir>/recipe/predictions/<stage>.jsonl. The report (<out_dir>/recipe/report.{json,md,png})
+holds every stage's accuracy with Wilson intervals and the effects the recipe claims as paired
+differences on the same samples (`recipe_effects`, sample.paired_difference); a finished stage is
+skipped, so an interrupted run continues where it stopped. `--seeds=N` runs the recipe N times.
+
+This is tooling beside the components: the stages, their values and commands are train_stage.py's
+(RECIPE, stage_config, command_for), the statistics sample.py's (wilson_interval, accuracy_cell,
+paired_difference); this file runs, evaluates and reports. Options: the recipe's own
+(train_stage.RECIPE_OPTIONS), every other one goes to every stage.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import repo_path
+
+repo_path.add_repo_root()              # the project's files, after transformers has bound HF's `kernels`
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import data  # noqa: E402
+import model as modeling  # noqa: E402
+import sample  # noqa: E402
+import train_stage  # noqa: E402
+from train_stage import (RECIPE, RECIPE_HELP, RECIPE_OPTIONS, RL_HELDOUT, STAGES, Stage, StageConfig,  # noqa: E402
+                         UsageError, parse_args, split_options, stage_dir, stage_row, write_json_atomic, writable_dir)
+
+
+# ==============================================================================================
+# the recipe runner: each stage as its own process, evaluated, its report entry
+
+SEED_STEP = 1000
+EVAL_BATCH = 64                  # prompts per generate call in the recipe's evaluation
+# Thinking mode is measured (from LongCoT on) where LongCoT trains (math, count_cot) and on their
+# direct twins (math_direct, count): every thinking effect the recipe claims lies there.
+THINK_FAMILIES = ("count", "count_cot", "math", "math_direct")
+MODE_WORDS = {"real": "real images", "blank": "blank images", "think": "thinking mode"}
+
+
+def recipe_effects() -> list:
+    """The effects the recipe claims, each a paired difference A - B on the same held-out samples:
+    [(name, (stage A, mode), (stage B, mode), families)], modes as evaluate_stage's (real, blank,
+    think). An RL stage may add its own held-out before / after: RL_HELDOUT in its output folder,
+    one {"side": "before" | "after", "family", "where", "correct"} per line (recipe_effect_results)."""
+    mix = lambda stage: tuple(f for f, _ in STAGES[stage].mix if f in data.SYNTH_FAMILIES)    # noqa: E731
+    return [("progressive alignment (stages I-III vs III alone)", ("vit3", "real"), ("vit3-direct", "real"), mix("vit3")),
+            ("SFT", ("sft4", "real"), ("vit1", "real"), VISUAL),
+            ("soup vs its first input", ("soup", "real"), ("sft4", "real"), mix("sft4")),
+            ("soup vs its second input", ("soup", "real"), ("sft4-twin", "real"), mix("sft4")),
+            ("LongCoT: thinking vs direct", ("longcot", "think"), ("longcot", "real"), THINK_FAMILIES),
+            ("Think-Fusion direct vs LongCoT thinking", ("thinkfusion", "real"), ("longcot", "think"), THINK_FAMILIES),
+            ("RL verifiable: after vs before", ("rl-verifiable", "think"), ("longcot", "think"), THINK_FAMILIES),
+            ("RL mixed: after vs before", ("rl-mixed", "real"), ("thinkfusion", "real"), mix("rl-mixed")),
+            ("RL mixed: after vs before, thinking", ("rl-mixed", "think"), ("thinkfusion", "think"), THINK_FAMILIES),
+            ("vit1 sees (OCR)", ("vit1", "real"), ("vit1", "blank"), ("ocr",)),
+            ("sft4 sees", ("sft4", "real"), ("sft4", "blank"), VISUAL)] + [
+            (f"sft4 sees ({f})", ("sft4", "real"), ("sft4", "blank"), (f,)) for f in VISUAL]
+
+
+def mode_of(p: dict) -> str:
+    return "think" if p["think"] else "blank" if p["blank"] else "real"
+
+
+def read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def recipe_effect_results(rdir: str, cfg: StageConfig) -> list:
+    """The effects whose two sides this run has measured (predictions/<stage>.jsonl), each
+    {"name", "a", "b", "families", **sample.paired_difference}; an RL stage's own held-out before /
+    after (RL_HELDOUT) as one more. Sides scored on different samples stop the recipe."""
+    preds = {}
+
+    def side(stage, mode, fams):
+        if stage not in preds:
+            path = os.path.join(rdir, "predictions", f"{stage}.jsonl")
+            preds[stage] = read_jsonl(path) if os.path.exists(path) else []
+        return [p for p in preds[stage] if mode_of(p) == mode and p["family"] in fams]
+
+    specs = [(name, f"{sa} ({MODE_WORDS[ma]})", side(sa, ma, fams), f"{sb} ({MODE_WORDS[mb]})", side(sb, mb, fams))
+             for name, (sa, ma), (sb, mb), fams in recipe_effects()]
+    for row in RECIPE:
+        path = os.path.join(stage_dir(cfg, row.name), RL_HELDOUT)
+        if row.runner == "rl.py" and os.path.exists(path):
+            held = read_jsonl(path)
+            specs.append((f"{row.name}: its own held-out, after vs before", f"{row.name} (after)",
+                          [p for p in held if p["side"] == "after"], f"{row.name} (before)",
+                          [p for p in held if p["side"] == "before"]))
+    out = []
+    for name, a_label, a, b_label, b in specs:
+        if not a or not b:
+            continue
+        try:
+            diff = sample.paired_difference(a, b)
+        except ValueError as e:
+            raise UsageError(f"effect {name!r}: {e}; were the stages evaluated with different --eval_limit or "
+                             f"--eval_families? Remove {rdir} or pass the earlier values") from None
+        fams = list(dict.fromkeys(p["family"] for p in a))          # in evaluation order
+        out.append({"name": name, "a": a_label, "b": b_label, "families": fams, **diff})
+    return out
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def stage_command(row: Stage, nproc: int, passthrough: list, seed_offset: int = 0) -> list:
+    """The command that runs one row of the recipe as its own process (resuming if it was cut);
+    with a seed offset, the seed the row would run with (--seed, else its tiny default, else
+    StageConfig's) + the offset."""
+    script = os.path.join(repo_path.ROOT, "train_stage.py" if row.runner == "soup" else row.runner)
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    given = dict(split_options(passthrough)).get("seed")
+    base = int(given) if given else dict(row.tiny).get("seed", StageConfig.seed)
+    seed = [f"--seed={base + seed_offset}"] if seed_offset else []
+    return launch + [script, "--stage", row.name, *passthrough, *seed] + ([] if row.runner == "soup" else ["--resume"])
+
+
+def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, families=None) -> tuple:
+    """({mode: {family: cell}}, predictions) of a stage output on the first `limit` held-out samples
+    of each synthetic family; a cell is sample.accuracy_cell (n, correct, accuracy, Wilson 95%
+    interval). Modes: real images; blank images (every family with images: all but text); thinking
+    mode from LongCoT on (THINK_FAMILIES). Every mode reads the same samples of a family."""
+    model, tok, dcfg = sample.load(folder, device=sample.default_device())
+    fams = families or sample.synth_families(cfg.data_dir)
+    modes = {"real": (fams, False, False), "blank": ([f for f in fams if f != "text"], False, True)}
+    if think:
+        modes["think"] = ([f for f in fams if f in THINK_FAMILIES], True, False)
+    evals, preds = {}, []
+    for mode, (fs, t, blank) in modes.items():
+        if not fs:
+            continue
+        res = sample.evaluate_families(model, tok, dcfg, cfg.data_dir, fs, limit=limit, think=t, blank=blank,
+                                       batch_size=EVAL_BATCH, progress=False)
+        right = Counter(p["family"] for p in res["predictions"] if p["correct"])
+        evals[mode] = {f: sample.accuracy_cell(right[f], n) for f, n in res["n"].items()}
+        preds += [{k: p[k] for k in ("family", "where", "answer", "prediction", "correct", "blank", "think")}
+                  for p in res["predictions"]]
+    return evals, preds
+
+
+def stage_losses(folder: str) -> tuple:
+    """(train losses per step, held-out loss at the start) from a stage's metrics.jsonl."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return [], None
+    recs = read_jsonl(path)
+    evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
+    return [r["loss"] for r in recs if "loss" in r], evals[0] if evals else None
+
+
+def recipe_stage(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int, rdir: str) -> dict:
+    """Run one row (unless its output verifies), evaluate it, write its predictions; its report entry."""
+    out, t0 = stage_dir(cfg, row.name), time.time()
+    if not modeling.is_finished_stage(out):
+        res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough, seed_offset))
+        if res.returncode:
+            raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
+                             f"same command again: finished stages are skipped")
+    seconds = time.time() - t0
+    meta = modeling.verify_checkpoint(out)
+    families = [f for f in own["eval_families"].split(",") if f] or None
+    think = [r.name for r in RECIPE].index(row.name) >= [r.name for r in RECIPE].index("longcot")
+    evals, preds = evaluate_stage(out, cfg, think, int(own["eval_limit"]), families) \
+        if row.runner != "rl.py" or row.trainable else ({}, [])
+    losses, start = stage_losses(out)
+    entry = {"seconds": round(seconds, 1), "first_loss": meta.get("first_loss"), "final_loss": meta.get("final_loss"),
+             "eval_loss_start": start, "eval_loss": meta.get("eval_loss"), "eval": evals}
+    for key in ("reward", "kept", "rl_eval"):         # RL: held-out greedy / pass@1 / maj@k / pass@k, paired
+        if key in meta:
+            entry[key] = meta[key]
+    if isinstance(entry["eval_loss"], dict):                  # the soup: its own held-out loss
+        entry["eval_loss"] = entry["eval_loss"].get("soup")
+    data.write_atomic(os.path.join(rdir, "predictions", f"{row.name}.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
+    print_stage_line(row.name, entry, meta)
+    return entry
+
+
+def print_stage_line(name: str, entry: dict, meta: dict):
+    """recipe | stage  seconds | what it did | mean visual accuracy (blank) | per family ± interval."""
+    if "reward" in entry:
+        what = f"held-out reward {entry['reward']['before']:.3f} -> {entry['reward']['after']:.3f}"
+    elif "kept" in entry:
+        what = f"{meta['kept']} chains kept of {meta['samples']} samples"
+    else:
+        fmt = lambda x: "—" if x is None else f"{x:.3f}"                                # noqa: E731
+        what = f"held-out loss {fmt(entry['eval_loss_start'])} -> {fmt(entry['eval_loss'])}"
+    real, blank = entry["eval"].get("real", {}), entry["eval"].get("blank", {})
+    visual = [f for f in real if f in VISUAL]
+    mean = lambda cells: sum(cells[f]["accuracy"] for f in visual if f in cells) / max(1, len(visual))   # noqa: E731
+    accs = f" | visual accuracy {mean(real):.3f} (blank {mean(blank):.3f}) | " + " ".join(
+        f"{f} {sample.plus_minus(c['accuracy'], c['interval'])}" for f, c in real.items()) if real else ""
+    print(f"recipe | {name:13s} {entry['seconds']:6.0f} s | {what}{accs}", flush=True)
+
+
+def write_report(rdir: str, report: dict, cfg: StageConfig):
+    write_json_atomic(os.path.join(rdir, "report.json"), report)
+    data.write_atomic(os.path.join(rdir, "report.md"), report_markdown(report))
+    report_picture(report, {n: stage_losses(stage_dir(cfg, n))[0] for n in report["stages"]},
+                          os.path.join(rdir, "report.png"))
+
+
+def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> dict:
+    """Every stage of the recipe in order into cfg.out_dir, each from the previous one, each
+    evaluated, with <out_dir>/recipe/report.{json,md,png} and every prediction in
+    <out_dir>/recipe/predictions/<stage>.jsonl. A finished stage (its output verifies and the
+    report has it) is skipped, so an interrupted run continues where it stopped."""
+    rdir = os.path.join(cfg.out_dir, "recipe")
+    writable_dir(os.path.join(rdir, "predictions"))
+    path = os.path.join(rdir, "report.json")
+    report = json.load(open(path)) if os.path.exists(path) else {"stages": {}}
+    data.ensure_synth(cfg.data_dir)
+    families = [f for f in own["eval_families"].split(",") if f] or None
+    report.update(machine=machine(), eval_limit=int(own["eval_limit"]), seed_offset=seed_offset,
+                  interval="Wilson 95%", effect_interval=f"paired bootstrap 95%, {sample.BOOTSTRAP_RESAMPLES} resamples",
+                  chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
+    for row in RECIPE:
+        if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
+            print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped", flush=True)
+        else:
+            report["stages"][row.name] = recipe_stage(row, cfg, own, passthrough, seed_offset, rdir)
+            report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
+        report["effects"] = recipe_effect_results(rdir, cfg)
+        write_report(rdir, report, cfg)
+        if row.name == own["until"]:
+            break
+    for e in report["effects"]:
+        print(f"effect | {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | n {e['n']} | "
+              f"{e['difference']:+.3f} [{e['interval'][0]:+.3f}, {e['interval'][1]:+.3f}] | "
+              f"{'shown' if e['excludes_0'] else 'within noise'}", flush=True)
+    print(f"recipe done in {report.get('total_seconds', 0) / 60:.1f} min: {rdir}/report.md, report.png, report.json")
+    return report
+
+
+def run_recipe(argv: list):
+    """python train_stage.py --stage all [--seeds=N]: the recipe (run_recipe_once), N times with
+    different seeds; the first run's report then also holds every run's effects ("seeds")."""
+    opts = dict(split_options(argv))
+    own = {**RECIPE_OPTIONS, **{k: opts.pop(k) or v for k, v in RECIPE_OPTIONS.items() if k in opts}}
+    opts.pop("stage", None)
+    passthrough = [f"--{k}={v}" for k, v in opts.items() if k not in ("resume", "help")]
+    cfg, _, _ = parse_args(["--stage", "vit1", *passthrough])         # usage errors now, not in stage 7
+    if own["until"]:
+        stage_row(own["until"])
+    for key in ("seeds", "nproc", "eval_limit"):
+        if not own[key].isdigit() or int(own[key]) < 1:
+            raise UsageError(f"--{key} must be a whole number >= 1, got {own[key]!r}")
+    unknown = sorted(set(own["eval_families"].split(",")) - set(data.SYNTH_FAMILIES) - {""})
+    if unknown:
+        raise UsageError(f"--eval_families: unknown {', '.join(unknown)}; choose from {', '.join(data.SYNTH_FAMILIES)}")
+    runs = []
+    for k in range(1, int(own["seeds"]) + 1):
+        out_dir = cfg.out_dir if k == 1 else os.path.join(cfg.out_dir, f"seed{k}")
+        run_cfg = dataclasses.replace(cfg, out_dir=out_dir)
+        args = [a for a in passthrough if not a.startswith("--out_dir=")] + [f"--out_dir={out_dir}"]
+        report = run_recipe_once(run_cfg, own, args, SEED_STEP * (k - 1))
+        runs.append({"run": k, "seed_offset": SEED_STEP * (k - 1), "out_dir": out_dir, "effects": report["effects"]})
+    if len(runs) > 1:
+        first = json.load(open(os.path.join(cfg.out_dir, "recipe", "report.json")))
+        first["seeds"] = runs
+        write_report(os.path.join(cfg.out_dir, "recipe"), first, cfg)
+        print(f"{len(runs)} runs: every run's effects in {cfg.out_dir}/recipe/report.md (\"Effects in every run\")")
+
+
+# ==============================================================================================
+# the recipe's report: tables (report.md) and a picture (report.png) of every stage
+
+VISUAL = ("count", "chart", "ocr", "multi", "video", "caption_qa", "caption")
+MODES = {"real": "Real images", "blank": "Blank images (every image and video frame white: the blindness measure)",
+         "think": "Thinking mode (the think prompt appended)"}
+
+
+def report_families(report: dict) -> list:
+    """The families a report holds, in SYNTH_FAMILIES order."""
+    found = {f for st in report["stages"].values() for cells in st.get("eval", {}).values() for f in cells}
+    return [f for f in data.SYNTH_FAMILIES if f in found] + sorted(found - set(data.SYNTH_FAMILIES))
+
+
+def accuracy_table(report: dict, mode: str) -> list:
+    """Markdown lines: one row per stage measured in `mode`, `0.72 ±0.08` cells, a chance row."""
+    fams, stages = report_families(report), report["stages"]
+    lead = ["stage", "s", "held-out loss"] if mode == "real" else ["stage"]
+    lines = ["| " + " | ".join(lead + fams) + " |", "|" + "---|" * (len(lead) + len(fams))]
+    for name, st in stages.items():
+        cells = st.get("eval", {}).get(mode)
+        if not cells:
+            continue
+        loss = lambda k: "—" if st.get(k) is None else f"{st[k]:.3f}"                      # noqa: E731
+        row = [name] + ([f"{st.get('seconds', 0):.0f}", f"{loss('eval_loss_start')} → {loss('eval_loss')}"
+                         if st.get("eval_loss") is not None else "—"] if mode == "real" else [])
+        row += [sample.plus_minus(cells[f]["accuracy"], cells[f]["interval"]) if f in cells else "" for f in fams]
+        lines.append("| " + " | ".join(row) + " |")
+    chance = report.get("chance", {})
+    lines.append("| " + " | ".join(["chance"] + [""] * (len(lead) - 1) + [f"{chance.get(f, 0):.2f}" for f in fams]) + " |")
+    return lines
+
+
+def signed(x: float) -> str:
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def effect_cell(e: dict) -> str:
+    return f"{signed(e['difference'])} [{signed(e['interval'][0])}, {signed(e['interval'][1])}]"
+
+
+def effects_table(effects: list) -> list:
+    lines = ["| effect (A vs B) | families | n | A | B | A − B [95% interval] | reading |", "|---|---|---|---|---|---|---|"]
+    for e in effects:
+        lines.append(f"| {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | {e['n']} | "
+                     f"{e['accuracy_a']:.2f} | {e['accuracy_b']:.2f} | {effect_cell(e)} | "
+                     f"{'shown' if e['excludes_0'] else 'within noise'} |")
+    return lines
+
+
+def seeds_table(runs: list) -> list:
+    """One row per effect, one column per run of the recipe (`--seeds=N`); * marks an interval
+    that excludes 0."""
+    names = list(dict.fromkeys(e["name"] for r in runs for e in r["effects"]))
+    lines = ["| effect | " + " | ".join(f"run {r['run']} (seed +{r['seed_offset']})" for r in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for name in names:
+        got = [{e["name"]: e for e in r["effects"]}.get(name) for r in runs]
+        lines.append(f"| {name} | " + " | ".join("" if e is None else effect_cell(e) + (" *" if e["excludes_0"] else "")
+                                                 for e in got) + " |")
+    return lines
+
+
+def report_markdown(report: dict) -> str:
+    """report.md: per mode a table of every stage's accuracy per family (± its Wilson interval),
+    then the effects (paired differences), the RL rewards and, with several seeds, every run's effects."""
+    out = [f"Machine: {report.get('machine', '?')}; total {report.get('total_seconds', 0) / 60:.1f} min.", "",
+           f"Accuracy on the first {report.get('eval_limit', '?')} held-out samples of each synthetic family (greedy). "
+           "± is the larger side of the Wilson 95% interval (report.json holds both ends); `chance`: always "
+           "giving the most common answer."]
+    for mode, title in MODES.items():
+        if any(st.get("eval", {}).get(mode) for st in report["stages"].values()):
+            out += ["", f"### {title}", ""] + accuracy_table(report, mode)
+    if report.get("effects"):
+        out += ["", "### Effects: paired differences on the same samples", "",
+                "A − B over the same held-out samples, with a 95% paired bootstrap interval (10,000 resamples within "
+                "each family); `shown` when the interval excludes 0.", ""] + effects_table(report["effects"])
+    rl = {n: st["rl_eval"] for n, st in report["stages"].items() if st.get("rl_eval")}
+    if rl:
+        out += ["", "### RL stages: held-out prompts in thinking mode, before and after", "",
+                "Greedy accuracy, sampled pass@1, maj@k and pass@k over the stage's own held-out prompts (k samples "
+                "each, the same draws before and after); mean ± standard error, and the paired difference after − "
+                "before with its 95% bootstrap interval.", "",
+                "| stage | metric | n × k | before | after | after − before [95%] |", "|---|---|---|---|---|---|"]
+        for n, ev in rl.items():
+            b, a, d = ev["before"], ev["after"], ev["paired"]
+            for m in d:
+                out.append(f"| {n} | {m} | {b['n']} × {b['k']} | {b[m]['mean']:.3f} ± {b[m]['se']:.3f} | "
+                           f"{a[m]['mean']:.3f} ± {a[m]['se']:.3f} | {d[m]['difference']:+.3f} "
+                           f"[{d[m]['interval'][0]:+.3f}, {d[m]['interval'][1]:+.3f}] |")
+    if len(report.get("seeds", [])) > 1:
+        out += ["", "### Effects in every run (`--seeds`)", "", "A − B [95% interval]; * excludes 0.", ""]
+        out += seeds_table(report["seeds"])
+    return "\n".join(out) + "\n"
+
+
+# the picture: a stage x family heatmap of held-out accuracy, and the training loss of the recipe.
+# Colours: one sequential ramp (YlGnBu) whose lightness falls steadily, so it reads in grayscale.
+RAMP = ((0.0, (255, 255, 217)), (0.25, (199, 233, 180)), (0.5, (65, 182, 196)), (0.75, (34, 94, 168)),
+        (1.0, (8, 29, 88)))
+
+
+def ramp(x: float) -> tuple:
+    """The heatmap colour of an accuracy x in [0, 1] (linear between the RAMP's stops)."""
+    x = min(1.0, max(0.0, x))
+    for (a, ca), (b, cb) in zip(RAMP, RAMP[1:]):
+        if x <= b:
+            t = (x - a) / (b - a)
+            return tuple(round(u + (v - u) * t) for u, v in zip(ca, cb))
+    return RAMP[-1][1]
+
+
+def ink(fill: tuple) -> str:
+    """Black on light cells, white on dark ones (by luminance)."""
+    return "black" if 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2] > 140 else "white"
+
+
+def draw_heatmap(d, report: dict, x0: int, y0: int, cw: int, ch: int, fonts) -> int:
+    """Rows: stages; columns: families. A cell: the accuracy with real images (its colour and the
+    big number), below it b = blank images and t = thinking mode; hatched when its Wilson interval
+    reaches chance. Returns the y below the chance row."""
+    big, small, label = fonts
+    fams, chance = report_families(report), report.get("chance", {})
+    for j, f in enumerate(fams):
+        d.text((x0 + j * cw + cw / 2, y0 - 6), f, fill="black", font=label, anchor="md")
+    rows = [(n, st["eval"]) for n, st in report["stages"].items() if st.get("eval", {}).get("real")]
+    for i, (name, ev) in enumerate(rows):
+        y = y0 + i * ch
+        d.text((x0 - 8, y + ch / 2), name, fill="black", font=label, anchor="rm")
+        for j, f in enumerate(fams):
+            cell, box = ev["real"].get(f), (x0 + j * cw, y, x0 + (j + 1) * cw - 2, y + ch - 2)
+            if cell is None:
+                d.rectangle(box, fill=(245, 245, 245))
+                continue
+            fill = ramp(cell["accuracy"])
+            d.rectangle(box, fill=fill)
+            if cell["interval"][0] <= chance.get(f, 0.0):          # not above chance: hatched
+                for k in range(-ch, cw, 12):
+                    d.line((box[0] + max(k, 0), box[1] + max(-k, 0), box[0] + min(k + ch, cw - 2),
+                            box[1] + min(ch - 2, cw - 2 - k)), fill=(170, 170, 170), width=1)
+            d.text(((box[0] + box[2]) / 2, y + 3), f"{cell['accuracy']:.2f}", fill=ink(fill), font=big, anchor="ma")
+            extra = [f"{k[0]} {ev[k][f]['accuracy']:.2f}" for k in ("blank", "think") if f in ev.get(k, {})]
+            d.text(((box[0] + box[2]) / 2, y + ch - 4), "  ".join(extra), fill=ink(fill), font=small, anchor="md")
+    y = y0 + len(rows) * ch + 4
+    d.text((x0 - 8, y + ch / 3), "chance", fill="black", font=label, anchor="rm")
+    for j, f in enumerate(fams):
+        d.text((x0 + j * cw + cw / 2, y + ch / 3), f"{chance.get(f, 0):.2f}", fill="black", font=big, anchor="mm")
+    return y + ch
+
+
+def draw_losses(d, names: list, losses: dict, box: tuple, fonts):
+    """Training loss per step, every stage in order on one axis (log scale), stage borders marked."""
+    big, small, label = fonts
+    x0, y0, x1, y1 = box
+    series = [(n, losses[n]) for n in names if losses.get(n)]
+    total = sum(len(v) for _, v in series)
+    if not total:
+        return
+    ticks = [m * 10 ** e for e in range(-3, 4) for m in (1, 2, 5)]                 # 0.001 .. 5000
+    lo = max([t for t in ticks if t <= max(1e-3, min(min(v) for _, v in series))], default=ticks[0])
+    hi = min([t for t in ticks if t >= max(max(v) for _, v in series)], default=ticks[-1])
+    hi = max(hi, ticks[ticks.index(lo) + 1])
+    ypos = lambda v: y1 - (y1 - y0) * (math.log10(max(v, lo)) - math.log10(lo)) / math.log10(hi / lo)  # noqa: E731
+    d.rectangle(box, outline="black")
+    for v in (t for t in ticks if lo <= t <= hi):
+        d.line((x0 - 4, ypos(v), x0, ypos(v)), fill="black")
+        d.line((x0, ypos(v), x1, ypos(v)), fill=(225, 225, 225))
+        d.text((x0 - 6, ypos(v)), f"{v:g}", fill="black", font=small, anchor="rm")
+    start, ends = 0, [x0] * 3                      # the right end of the last name in each of 3 rows
+    for k, (name, v) in enumerate(series):
+        xa, xb = x0 + (x1 - x0) * start / total, x0 + (x1 - x0) * (start + len(v)) / total
+        if k:
+            d.line((xa, y0, xa, y1), fill=(160, 160, 160))
+        half = small.getlength(name) / 2
+        mid = min(max((xa + xb) / 2, x0 + half + 2), x1 - half - 2)          # the name stays inside the axes
+        row = next((r for r in range(3) if ends[r] + 4 < mid - half), 0)
+        ends[row] = mid + half
+        d.text((mid, y0 + 4 + 13 * row), name, fill="black", font=small, anchor="ma")
+        w = max(1, len(v) // 50)                                   # a running mean over ~2% of the stage
+        smooth = [sum(v[max(0, i - w):i + 1]) / len(v[max(0, i - w):i + 1]) for i in range(len(v))]
+        pts = [(xa + (xb - xa) * i / max(1, len(v) - 1), ypos(y)) for i, y in enumerate(smooth)]
+        if len(pts) > 1:
+            d.line(pts, fill=(20, 20, 20), width=2)
+        start += len(v)
+    d.text(((x0 + x1) / 2, y1 + 6), "training step (every stage of the recipe in order; borders: grey lines)",
+           fill="black", font=label, anchor="ma")
+    d.text((x0 - 44, (y0 + y1) / 2), "loss", fill="black", font=label, anchor="rm")
+
+
+def report_picture(report: dict, losses: dict, path: str):
+    """report.png (Pillow only): the stage x family heatmap of held-out accuracy, then the training
+    loss of every stage on one axis."""
+    from PIL import ImageDraw
+    fonts = (data.font(15), data.font(11), data.font(13))
+    fams = report_families(report)
+    rows = sum(bool(st.get("eval", {}).get("real")) for st in report["stages"].values())
+    cw, ch, x0, top = 86, 38, 110, 84
+    width = max(900, x0 + cw * len(fams) + 20)
+    heat_bottom = top + (rows + 1) * ch + 4
+    img = Image.new("RGB", (width, heat_bottom + 86 + 260 + 30), "white")
+    d = ImageDraw.Draw(img)
+    n = max((c["n"] for st in report["stages"].values() for c in st.get("eval", {}).get("real", {}).values()), default=0)
+    d.text((x0, 10), f"Held-out accuracy per stage and task family (greedy; {n} samples per family)", fill="black",
+           font=fonts[0])
+    d.text((x0, 32), "Big number and colour: real images. b: the same model with blank images. t: thinking mode. "
+           "Hatched: not above chance", fill="black", font=fonts[1])
+    d.text((x0, 46), "(the Wilson 95% interval reaches the chance row). Light = low, dark = high.",
+           fill="black", font=fonts[1])
+    y = draw_heatmap(d, report, x0, top, cw, ch, fonts)
+    for k in range(101):                                          # the colour scale, 0 .. 1
+        d.rectangle((x0 + 3 * k, y + 12, x0 + 3 * k + 3, y + 26), fill=ramp(k / 100))
+    for v in (0, 0.5, 1):
+        d.text((x0 + 300 * v, y + 30), f"{v:g}", fill="black", font=fonts[1], anchor="ma")
+    d.text((x0 + 320, y + 19), "accuracy", fill="black", font=fonts[1], anchor="lm")
+    draw_losses(d, list(report["stages"]), losses, (x0, y + 86, width - 20, y + 86 + 260), fonts)
+    img.save(path)
+
+
+# ==============================================================================================
+# command line
+
+def help_text() -> str:
+    return "\n".join([
+        "usage: python tests/recipe.py [--stage all] [OPTIONS]   (or: python train_stage.py --stage all [OPTIONS])",
+        "", "Every stage of train_stage.RECIPE in order, each from the previous one, each evaluated on the held-out",
+        "synthetic split; the report in <out_dir>/recipe/report.{json,md,png}. A finished stage is skipped, so an",
+        "interrupted run continues where it stopped.", "", "the recipe's own options:"]
+        + [train_stage.option_line(f"--{k}={v}", RECIPE_HELP[k]) for k, v in RECIPE_OPTIONS.items()]
+        + ["", "Every other option (--out_dir, --data_dir, --step_scale, ...) goes to every stage: "
+           "python train_stage.py --help lists them."])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    opts = train_stage.one_line_errors(lambda: dict(split_options(argv)), "tests/recipe.py")
+    if "help" in opts:
+        print(help_text())
+    elif opts.get("stage", "all") != "all":
+        train_stage.fail(f"the recipe runs every stage (--stage all); for one stage: python train_stage.py --stage "
+                         f"{opts['stage']}", 2, "tests/recipe.py")
+    else:
+        train_stage.one_line_errors(lambda: run_recipe(argv), "tests/recipe.py")
+
+
+if __name__ == "__main__":
+    main()
