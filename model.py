@@ -14,14 +14,15 @@ Reads top-down in the paper's order:
                       `load_checkpoint`, `verify_checkpoint`): atomic folders, sizes and checksums,
                       step checkpoints sharded with torch.distributed.checkpoint, exact resume
   Table 1             presets: tiny (CPU default), tiny-moe, tiny-anyres, 2b, 8b, 30b-a3b; parameter
-                      and training-FLOP counts (the trainer's MFU)
+                      and training-FLOP counts and the GPUs' peaks (the trainer's MFU)
 
 `LLMConfig` uses HF config.json field names, so a Qwen3 config.json loads directly. Parameter
 names equal HF's (`model.layers.N.self_attn.q_proj`…) so no renaming table is needed.
 
 Memory options of ours (not the paper's): `set_activation_checkpointing` (`--ac=block`) makes every
 LLM decoder layer and ViT block recompute its inside in backward; the training loss never holds
-the (T, V) logits of a pack (`chunked_cross_entropy`).
+the (T, V) logits of a pack (`chunked_cross_entropy`). The same blocks are FSDP2's units
+(`parallelize`, §5.2).
 
 `python model.py --preset 8b` prints the parameter counts of a preset (built on the meta device).
 """
@@ -35,7 +36,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -679,7 +680,7 @@ class SAILVL(nn.Module):
         return self.mlp1(pixel_shuffle(feats, h, w)).reshape(-1, self.cfg.llm_config.hidden_size)
 
     # Under FSDP2 each ViT block is a unit whose weights every rank gathers together: a rank whose
-    # pack has no images must run the ViT too, or the ranks' collectives diverge (train_stage.parallelize)
+    # pack has no images must run the ViT too, or the ranks' collectives diverge (parallelize)
     vision_every_forward = False
 
     def blank_tile(self, device):
@@ -770,6 +771,26 @@ def set_activation_checkpointing(model: SAILVL, on: bool):
     for block in [*model.language_model.model.layers, *model.vision_model.trunk.blocks]:
         block.checkpoint_activations = on
 
+
+def parallelize(model: SAILVL, device, mixed_precision: bool):
+    """FSDP2: each LLM decoder layer and each ViT block is a unit (one block's full weights exist at
+    a time; SAIL-ViT-Huge is 0.68B parameters, too big to gather whole next to an 8k-token pack),
+    the root holds the rest (embeddings, tied lm_head, adapter, patch embedding, final norms).
+    Activation checkpointing (set_activation_checkpointing) is set before, inside each unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    for block in [*model.vision_model.trunk.blocks, *model.language_model.model.layers]:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.vision_every_forward = True          # a text-only pack on one rank still runs the ViT's gathers
+    return model
+
+
+def freeze(model: SAILVL, trainable: list):
+    """Only the stage's modules train; frozen ones get no gradient and no optimizer state."""
+    for name in MODULES:
+        getattr(model, name).requires_grad_(name in trainable)
 
 # ==============================================================================================
 # checkpoint helpers shared by SAILVL, load_hf_llm and the trainer
@@ -1237,6 +1258,31 @@ def build_model(preset: str = "tiny", device="cpu", seed: int | None = 0) -> SAI
     return model
 
 
+def reinit_module(module, seed: int):
+    """A module freshly initialised as its constructor does (nn defaults), seeded."""
+    torch.manual_seed(seed)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and m is not module:
+            m.reset_parameters()
+
+
+def config_leaves(obj, prefix: str = ""):
+    """(dotted name, value) of every leaf field of a (nested) config dataclass."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            yield from config_leaves(v, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, v
+
+
+def param_shapes(model_cfg: SAILVLConfig) -> dict:
+    """{parameter name: shape} of the model a config builds (on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = SAILVL(model_cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
@@ -1287,6 +1333,19 @@ def training_flops(cfg: SAILVLConfig, weights: dict, packs: list, trainable: lis
         tokens, pairs = work[m]
         flops += (2 + 2 * grads + 2 * trains) * weights[m] * tokens + (4 + 8 * grads) * lhd[m] * pairs
     return flops
+
+
+# dense bf16 tensor-core peak per GPU (vendor data sheets), matched in order against the device name
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+                   ("A100", 312e12), ("B200", 2250e12))
+
+
+def peak_flops(device) -> Optional[float]:
+    """This device's dense bf16 peak FLOP/s, or None (a CPU, a GPU not in the table): no MFU then."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
 
 
 def main():

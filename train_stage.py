@@ -19,8 +19,8 @@ Reads in the paper's order:
                Think-Fusion SFT (§4.2.4) and RL with mixed rewards; the RL rows run in rl.py.
   model init   the stage's init rule (previous stage / per-module sources), --init-from DIR, or
                HF weights (--init-llm, --init-vit)
-  FSDP2        `parallelize`: fully_shard each LLM and ViT block, then the root (§5.2); --ac=block
-               recomputes each block in backward
+  FSDP2        model.py:parallelize: fully_shard each LLM and ViT block, then the root (§5.2);
+               --ac=block recomputes each block in backward
   the loop     AdamW, warm-up + cosine (x the AdaLRS scale), grad clipping and accumulation,
                stream packing with one global token-mean loss (§5.1), eval, checkpoints; the
                step line: loss, LR, tokens/s (per device), MFU on GPUs, peak memory, data wait
@@ -507,21 +507,6 @@ def shutdown_distributed():
         dist.destroy_process_group()
 
 
-def parallelize(model: modeling.SAILVL, device, mixed_precision: bool):
-    """FSDP2: each LLM decoder layer and each ViT block is a unit (one block's full weights exist at
-    a time; SAIL-ViT-Huge is 0.68B parameters, too big to gather whole next to an 8k-token pack),
-    the root holds the rest (embeddings, tied lm_head, adapter, patch embedding, final norms).
-    Activation checkpointing (model.set_activation_checkpointing) is set before, inside each unit."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
-        else MixedPrecisionPolicy()
-    for block in [*model.vision_model.trunk.blocks, *model.language_model.model.layers]:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    model.vision_every_forward = True          # a text-only pack on one rank still runs the ViT's gathers
-    return model
-
-
 def print0(rank, *a, **k):
     if rank == 0:
         print(*a, **k, flush=True)
@@ -611,14 +596,6 @@ def tokenizer_files(folder: Optional[str]) -> dict:
             if folder and os.path.exists(os.path.join(folder, n))}
 
 
-def reinit_module(module, seed: int):
-    """A module freshly initialised as its constructor does (nn defaults), seeded."""
-    torch.manual_seed(seed)
-    for m in module.modules():
-        if hasattr(m, "reset_parameters") and m is not module:
-            m.reset_parameters()
-
-
 def same_tokens(tok, ref) -> bool:
     """Whether `tok` encodes as `ref` does: the same BPE, split regex and every added token of `ref`
     at the same id (`tok` may add more, e.g. SAIL-VL2's image tokens)."""
@@ -663,23 +640,6 @@ def match_tokenizer(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, tok, log
 
 # The model config of a stage, and every --preset / --model.* option either applied or refused
 
-def config_leaves(obj, prefix: str = ""):
-    """(dotted name, value) of every leaf field of a (nested) config dataclass."""
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        if dataclasses.is_dataclass(v):
-            yield from config_leaves(v, prefix + f.name + ".")
-        else:
-            yield prefix + f.name, v
-
-
-def param_shapes(model_cfg: modeling.SAILVLConfig) -> dict:
-    """{parameter name: shape} of the model a config builds (on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = modeling.SAILVL(model_cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def apply_model_options(base: modeling.SAILVLConfig, options: tuple, source: str, keep: tuple = ()) -> modeling.SAILVLConfig:
     """`base` (a loaded config) with the user's options applied in order: "preset=NAME" (the preset's
     settings where they differ, but for the configs in `keep`, which folders supply) or "KEY=VALUE" (a
@@ -688,18 +648,18 @@ def apply_model_options(base: modeling.SAILVLConfig, options: tuple, source: str
     switch on the same weights, and applies."""
     if not options:
         return base
-    cfg, shapes = copy.deepcopy(base), param_shapes(base)
+    cfg, shapes = copy.deepcopy(base), modeling.param_shapes(base)
     for option in options:
         key, _, value = option.partition("=")
         trial = copy.deepcopy(cfg)
         if key == "preset":                  # <IMG_CONTEXT>'s id is the tokenizer's, not a preset setting
-            for name, v in config_leaves(modeling.preset_config(value)):
+            for name, v in modeling.config_leaves(modeling.preset_config(value)):
                 if getattr_path(trial, name) != v and not name.startswith(keep + ("img_context_token_id",)):
                     head, _, leaf = name.rpartition(".")
                     setattr(getattr_path(trial, head) if head else trial, leaf, copy.deepcopy(v))
         else:
             set_key({"": trial}, key, value)
-        new = param_shapes(trial)
+        new = modeling.param_shapes(trial)
         diff = next((k for k in {**shapes, **new} if new.get(k) != shapes.get(k)), None)
         if diff:
             flag = f"--preset={value}" if key == "preset" else f"--model.{option}"
@@ -759,7 +719,7 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -
     else:
         for name, src in sources.items():
             if src == "fresh":
-                reinit_module(getattr(model, name), cfg.seed + 1)
+                modeling.reinit_module(getattr(model, name), cfg.seed + 1)
                 log(f"init: {name} freshly initialised (random), as the stage starts it")
             else:
                 getattr(model, name).load_state_dict(getattr(loaded[src], name).state_dict())
@@ -775,12 +735,6 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -
         log(f"init: language model from {cfg.init_llm} ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
             f"vocab {c.vocab_size}{f', {c.num_experts} experts' if c.num_experts else ''}, from its config.json)")
     return model
-
-
-def freeze(model: modeling.SAILVL, trainable: list):
-    """Only the stage's modules train; frozen ones get no gradient and no optimizer state."""
-    for name in MODULES:
-        getattr(model, name).requires_grad_(name in trainable)
 
 
 # ==============================================================================================
@@ -955,19 +909,6 @@ def evaluate(model, batches_factory, n_packs: int, device, autocast) -> float:
 # ==============================================================================================
 # what a step line reports besides the loss: tokens/s per device, MFU, peak memory, data wait
 
-# dense bf16 tensor-core peak per GPU (vendor data sheets), matched in order against the device name
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
-                   ("A100", 312e12), ("B200", 2250e12))
-
-
-def peak_flops(device) -> Optional[float]:
-    """This device's dense bf16 peak FLOP/s, or None (a CPU, a GPU not in the table): no MFU then."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
-
-
 def peak_memory_gib(device) -> float:
     """CUDA: the most memory tensors held at once on this device (max allocated); CPU: the
     process's peak resident set (Linux reports it in KiB)."""
@@ -1010,7 +951,7 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
     trainable = modules_of(cfg.trainable)
     if not dist.is_initialized():
         model = build_stage_model(cfg, model_cfg, log)
-        freeze(model, trainable)
+        modeling.freeze(model, trainable)
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
         model.to(device)
     else:
@@ -1019,9 +960,9 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         dist.broadcast_object_list(box, src=0)
         with torch.device("meta"):
             model = modeling.SAILVL(box[0])
-        freeze(model, trainable)
+        modeling.freeze(model, trainable)
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
-        parallelize(model, device, mixed_precision=device.type == "cuda")
+        modeling.parallelize(model, device, mixed_precision=device.type == "cuda")
         model.to_empty(device=device)
         modeling.set_full_state_dict(model, full.state_dict() if full is not None else {})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1074,15 +1015,14 @@ def log_config(cfg, model_cfg, rdir: str, rank: int, log, keys=SUMMARY_KEYS):
     if rank == 0:
         os.makedirs(rdir, exist_ok=True)
         write_json_atomic(path, {"config": asdict(cfg), "model": model_cfg.to_dict()})
-    leaves = dict(config_leaves(cfg))
+    leaves = dict(modeling.config_leaves(cfg))
     log(f"config: {cfg.stage} | " + " | ".join(f"{k} {leaves[k] or '-'}" for k in keys if k in leaves)
         + f" | every option: {path}")
 
 
-def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[str] = None) -> str:
-    """Run one stage; returns its output folder out/<stage>/."""
-    rank, world, device = setup_distributed(cfg.fsdp)
-    log = lambda *a: print0(rank, *a)                                    # noqa: E731
+def start_stage(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, log) -> tuple:
+    """Seed every RNG, generate the synthetic data on first use (rank 0; unless --manifests) and read
+    the stage's tokenizer; returns (tokenizer, its files, the model config checked against it)."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1092,7 +1032,56 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
         modeling.barrier()
     tok_dir = tokenizer_dir(cfg, log)
     tok, tok_files = data.load_tokenizer(tok_dir), tokenizer_files(tok_dir)   # the files travel with every checkpoint
-    model_cfg = match_tokenizer(cfg, model_cfg, tok, log)
+    return tok, tok_files, match_tokenizer(cfg, model_cfg, tok, log)
+
+
+def write_metrics(metrics, rec: dict):
+    """One record of metrics.jsonl (rank 0 holds the file; other ranks pass None)."""
+    if metrics:
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+
+
+def save_step_checkpoint(cfg: StageConfig, step: int, model, opt, batches: StageBatches, search: Optional[AdaLRS],
+                         first_loss, rank: int, world: int, tok_files: dict, model_cfg: modeling.SAILVLConfig):
+    """A resumable step checkpoint out/<stage>.run/step-NNNNNN/ (weights, optimizer, data position,
+    AdaLRS, every RNG), then only the newest --keep_checkpoints kept."""
+    rdir = run_dir(cfg)
+    meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": batches.state_dict(),
+            "adalrs": search.state_dict() if search else None, "first_loss": first_loss}
+    rank_state = {"rng": modeling.rng_state(), "adalrs_snapshot": search.snapshot_state_dict() if search else None}
+    modeling.save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
+                             extra_files=tok_files, model_cfg=model_cfg, opt=opt)
+    if rank == 0:
+        modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
+
+
+def save_stage_output(cfg: StageConfig, step: int, model, batches: StageBatches, search: Optional[AdaLRS],
+                      losses: dict, rank: int, world: int, files: dict, model_cfg: modeling.SAILVLConfig, log) -> str:
+    """The stage output out/<stage>/: the weights, meta.json (`losses`: first, final and held-out;
+    AdaLRS; the bad-data counts) and `files` (metrics.jsonl, the tokenizer); returns its folder."""
+    bad = batches.mixture.bad
+    log(f"data: {bad.report()}")
+    meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), **losses,
+            "adalrs": search.state_dict() if search else None, "bad_data": {"seen": bad.seen, "counts": dict(bad.counts)}}
+    modeling.save_checkpoint(stage_dir(cfg), model, meta, rank, world, model_cfg=model_cfg, extra_files=files)
+    return stage_dir(cfg)
+
+
+def skipped_step(cfg: StageConfig, res: dict, step: int, bad_in_a_row: int, log):
+    """Report an update skipped for a non-finite loss or gradient; stop the run at --max_bad_steps in a row."""
+    log(f"step {step:05d}/{cfg.steps:05d} | non-finite loss {res['loss']} or grad norm {res['grad_norm']}: "
+        f"update skipped ({bad_in_a_row} in a row, the run stops at {cfg.max_bad_steps})")
+    if bad_in_a_row >= cfg.max_bad_steps:
+        raise FloatingPointError(f"{cfg.stage}: {bad_in_a_row} non-finite losses in a row at step {step}; "
+                                 f"lower --lr or check the data (the last checkpoint is in {run_dir(cfg)})")
+
+
+def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[str] = None) -> str:
+    """Run one stage; returns its output folder out/<stage>/."""
+    rank, world, device = setup_distributed(cfg.fsdp)
+    log = lambda *a: print0(rank, *a)                                    # noqa: E731
+    tok, tok_files, model_cfg = start_stage(cfg, model_cfg, rank, log)
 
     model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)
     cuda = device.type == "cuda"
@@ -1115,7 +1104,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     metrics_path = os.path.join(rdir, "metrics.jsonl")
     metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
     model.train()
-    peak, trainable = peak_flops(device), modules_of(cfg.trainable)
+    peak, trainable = modeling.peak_flops(device), modules_of(cfg.trainable)
     weights = modeling.matmul_weights(model) if peak else None
     last_loss = eval_loss = None
     bad_in_a_row = 0
@@ -1125,29 +1114,16 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
         if cfg.eval_every and (step % cfg.eval_every == 0 or last_step) and (step > start or not resume):
             eval_loss = evaluate(model, eval_batches, cfg.eval_packs, device, autocast)
             log(f"eval {step:05d} | held-out loss {eval_loss:.4f}")
-            if metrics:
-                metrics.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
-                metrics.flush()
+            write_metrics(metrics, {"step": step, "eval_loss": eval_loss})
         # -- the stage output at the end; a resumable step checkpoint every save_every steps --
         if last_step:
             if metrics:
                 metrics.close()
-            bad = batches.mixture.bad
-            log(f"data: {bad.report()}")
-            meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "first_loss": first_loss,
-                    "final_loss": last_loss, "eval_loss": eval_loss, "adalrs": search.state_dict() if search else None,
-                    "bad_data": {"seen": bad.seen, "counts": dict(bad.counts)}}
-            modeling.save_checkpoint(stage_dir(cfg), model, meta, rank, world, model_cfg=model_cfg,
-                                     extra_files={"metrics.jsonl": metrics_path, **tok_files})
-            return stage_dir(cfg)
+            losses = {"first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss}
+            return save_stage_output(cfg, step, model, batches, search, losses, rank, world,
+                                     {"metrics.jsonl": metrics_path, **tok_files}, model_cfg, log)
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
-            meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": batches.state_dict(),
-                    "adalrs": search.state_dict() if search else None, "first_loss": first_loss}
-            rank_state = {"rng": modeling.rng_state(), "adalrs_snapshot": search.snapshot_state_dict() if search else None}
-            modeling.save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
-                                     extra_files=tok_files, model_cfg=model_cfg, opt=opt)
-            if rank == 0:
-                modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
+            save_step_checkpoint(cfg, step, model, opt, batches, search, first_loss, rank, world, tok_files, model_cfg)
         # -- one optimizer step over this rank's micro-batches (global token mean, §5.1) --------
         lr = cfg.lr * lr_multiplier(step, cfg) * (search.lr_scale if search else 1.0)
         for g in opt.param_groups:
@@ -1161,11 +1137,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
         step += 1
         if res["skipped"]:
             bad_in_a_row += 1
-            log(f"step {step:05d}/{cfg.steps:05d} | non-finite loss {res['loss']} or grad norm {res['grad_norm']}: "
-                f"update skipped ({bad_in_a_row} in a row, the run stops at {cfg.max_bad_steps})")
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{cfg.stage}: {bad_in_a_row} non-finite losses in a row at step {step}; "
-                                         f"lower --lr or check the data (the last checkpoint is in {rdir})")
+            skipped_step(cfg, res, step, bad_in_a_row, log)
             continue
         bad_in_a_row = 0
         if search is not None:
@@ -1178,9 +1150,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
                                               device)[0] / peak
         rec, line = step_report(step, cfg, res, lr, seconds, world, device)
         log(line)
-        if metrics:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
+        write_metrics(metrics, rec)
 
 
 # ==============================================================================================

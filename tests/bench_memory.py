@@ -5,7 +5,7 @@
     python tests/bench.py memory loss                    # measured on this CPU: chunked vs full-logits loss
 
 `estimate` runs one real training step of the preset (model.SAILVL built on the meta device,
-FSDP2-sharded by train_stage.parallelize for `world` ranks under a fake process group, AdamW from
+FSDP2-sharded by model.parallelize for `world` ranks under a fake process group, AdamW from
 train_stage.build_optimizer, forward -> train_stage.step_loss -> backward -> clip -> step, twice
 so the optimizer state exists) on fake tensors (torch's FakeTensorMode: shapes and dtypes, no
 storage, no arithmetic) and reads rank 0's peak from torch's FSDPMemTracker. It is an estimate:
@@ -103,7 +103,7 @@ def estimate(preset: str, tokens: int, tiles: int, world: int, ac: str, loss: st
     with torch.device("meta"):
         model = modeling.SAILVL(cfg)
     modeling.set_activation_checkpointing(model, ac == "block")
-    train_stage.parallelize(model, device, mixed_precision=True)                  # outside fake mode: it builds the mesh
+    modeling.parallelize(model, device, mixed_precision=True)                  # outside fake mode: it builds the mesh
     stage = train_stage.StageConfig()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device=device)

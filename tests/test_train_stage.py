@@ -123,7 +123,7 @@ def test_stage_learns_on_fixed_data_and_trains_only_the_papers_modules(stage, sy
     cfg.packing.max_tokens = max(512, cfg.packing.max_tokens // 2)          # video samples need ~600 tokens
     model = train_stage.build_stage_model(cfg, mcfg, lambda *a: None)
     trainable = train_stage.modules_of(cfg.trainable)
-    train_stage.freeze(model, trainable)
+    modeling.freeze(model, trainable)
     tok = data.load_tokenizer(None)
     packs = train_stage.build_batches(cfg, mcfg, tok, "train", 0, 1, verbose=False).next()
     assert packs[0]["labels"][0, 1:].ne(-100).sum() > 0
@@ -260,7 +260,7 @@ rank, world, device = train_stage.setup_distributed()
 samples, mcfg = helpers.fixed_samples(os.environ["SYNTH"])
 with torch.device("meta"):
     model = modeling.SAILVL(mcfg)
-train_stage.parallelize(model, device, mixed_precision=False)
+modeling.parallelize(model, device, mixed_precision=False)
 from torch.distributed.fsdp import FSDPModule
 assert all(isinstance(b, FSDPModule) for b in [*model.vision_model.trunk.blocks, *model.language_model.model.layers])
 assert not isinstance(model.vision_model, FSDPModule)       # ViT blocks are the units, not the whole ViT
