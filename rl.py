@@ -8,7 +8,7 @@ reasoning and a judge for answers that rules cannot check; the coefficients of t
 1. The file reads in that order:
 
   1. Verifiable rewards  `reward_answer` (the final `\\boxed{}` answer against the ground truth,
-                         by data.py's grading API), `reward_format`.
+                         by sample.py's grading API), `reward_format`.
   2. Group advantages    `group_advantages`: (r - mean) / (std + eps) in each prompt's group.
   3. Dynamic sampling    `filter_groups`: DAPO keeps groups whose rewards are not all equal.
   4. Overlong shaping    `overlong_penalty`, `truncation_mask` (off by default: not in the paper).
@@ -25,11 +25,15 @@ reasoning and a judge for answers that rules cannot check; the coefficients of t
  12. Updates             mini-batches x epochs of packed micro-batches, one global normaliser.
  13. Evaluation          greedy accuracy, pass@1, maj@k, pass@k on held-out prompts, paired
                          before / after differences with intervals.
- 14. The stages          rl-verifiable, rl-mixed (train_rl), harvest; 15. the data tools.
+ 14. The stages          rl-verifiable, rl-mixed (train_rl), harvest.
+ 15. Data tools          the CoT harvest (§4.2.4), the pass@k filter (§4.2.3), LongCoT data cleaning
+                         (§4.2.2: format, dedup, redundancy filter, CoT-length balancing;
+                         `python rl.py clean-longcot`).
 
 Every reward function is linear in its input: no regex with nested quantifiers over unbounded
 text, no `signal.alarm` (it fails off the main thread), no sympy.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -38,6 +42,7 @@ import random
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Optional, Protocol
 
@@ -51,14 +56,16 @@ import model as modeling
 import packing
 import sample
 import train_stage
-from data import answer_key, answers_match, clean_answer, final_answer, last_boxed, split_think
-from data import parse_number as _parse_number
+from data import (PLACEHOLDER_RE, WORD_RE, DataError, manifest_lines, ngrams, parse_record, rebase_media, split_think,
+                  think_turn)
+from sample import BOXED, answer_key, answers_match, clean_answer, final_answer, last_boxed
+from sample import parse_number as _parse_number
 
 # ----------------------------------------------------------------------------------------------
 # 1. Verifiable rewards (§4.2.3): answer and format, both binary
 #
-# Replies are read and answers compared with the project's one grading API, data.py section 8
-# (the evaluation in sample.py uses the same): the answer is the last balanced `\boxed{...}` after
+# Replies are read and answers compared with the project's one grading API, sample.py's grading
+# section (the evaluation uses the same): the answer is the last balanced `\boxed{...}` after
 # `</think>` (the box opened last: `\boxed{\boxed{1}+1}` answers 1, as for math-verify); a box
 # inside the thinking is no final answer; a direct-mode reply without think tags is all answer;
 # one that opened `<think>` and never closed it has none. Two answers agree by `answers_match`, a
@@ -287,7 +294,7 @@ def think_consistency(text: str, max_repetition: float = 0.5) -> float:
     if parts is None:
         return 0.0
     thinking, region = parts
-    boxed, derived = last_boxed(region), data.last_number(thinking)
+    boxed, derived = last_boxed(region), sample.last_number(thinking)
     if boxed is None or derived is None or repetition_ratio(thinking) >= max_repetition:
         return 0.0
     return float(answers_match(derived, boxed))
@@ -296,7 +303,7 @@ def think_consistency(text: str, max_repetition: float = 0.5) -> float:
 def reference_judge(answer: str, reference: str, metric: str = "rouge_l", threshold: Optional[float] = 0.5) -> float:
     """Rule-based judge of an unverifiable answer against a reference answer: ROUGE-L or word-F1,
     binarised at `threshold` (the paper's rewards are binary); threshold=None returns the score."""
-    score = {"rouge_l": data.rouge_l, "word_f1": data.word_f1}[metric](answer, reference)
+    score = {"rouge_l": sample.rouge_l, "word_f1": sample.word_f1}[metric](answer, reference)
     return score if threshold is None else float(score >= threshold)
 
 
@@ -1149,7 +1156,8 @@ def finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metr
 
 
 # ==============================================================================================
-# 15. Data tools: the CoT harvest for Think-Fusion SFT (§4.2.4) and the pass@k filter (§4.2.3)
+# 15. Data tools: the CoT harvest for Think-Fusion SFT (§4.2.4), the pass@k filter (§4.2.3) and
+# LongCoT data cleaning (§4.2.2)
 
 def record_of(where: str):
     """The manifest record a prompt came from ('file:line')."""
@@ -1243,6 +1251,116 @@ def filter_cli(argv):
         print(f"pass@{k} filter of {len(prompts)} prompts with {ckpt}: {counts}; kept prompts in {out}")
 
 
+# LongCoT data cleaning, §4.2.2 (the longcot stage's data, read with the grading API): format to "<think>\nT\n</think>\nA" with A holding \boxed{},
+# deduplicate by (image, question), drop answers that restate the chain (token overlap), and
+# balance CoT lengths by resampling. (The paper's answer distillation by a judge model is not done.)
+
+def format_longcot(obj: dict, where: str) -> dict:
+    """The record with its last assistant turn in LongCoT form. Accepts a <think>-tagged assistant
+    turn, or {"question", "cot", "answer"} fields. A without a balanced \\boxed{} (`last_boxed`)
+    gets "The answer is \\boxed{answer}." when the record has an "answer", else the record is bad
+    ('format'); a boxed answer that disagrees with the record's "answer" (`answers_match`) is bad
+    ('wrong_answer')."""
+    if "conversations" not in obj and "messages" not in obj and {"question", "cot"} <= obj.keys():
+        fields = {k: v for k, v in obj.items() if k not in ("question", "cot")}
+        obj = {**fields, "conversations": [{"from": "human", "value": str(obj["question"])},
+                                           {"from": "gpt", "value": f"<think>{obj['cot']}</think>"}]}
+    rec = parse_record(obj, Path("."), where, "longcot")
+    if rec.text is not None or rec.turns[-1][0] != "assistant":
+        raise DataError("format", where, "a LongCoT record must end with an assistant turn")
+    thought, answer = think_turn(rec.turns[-1][1], where)
+    if not (thought or "").strip():
+        raise DataError("format", where, "no non-empty <think>…</think> chain")
+    if "<think>" in answer or "</think>" in answer:
+        raise DataError("format", where, "more than one <think> block")
+    answer, boxed = answer.strip(), last_boxed(answer)
+    if boxed is None:
+        if rec.answer is None:
+            raise DataError("format", where, "answer has no \\boxed{} and the record no 'answer' field")
+        answer = (answer + " " if answer else "") + f"The answer is {BOXED}{rec.answer}}}."
+    elif rec.answer is not None and not answers_match(boxed, rec.answer):
+        raise DataError("wrong_answer", where, f"the chain boxes {boxed[:40]!r}, the record's answer is {rec.answer!r}")
+    key = "conversations" if "conversations" in obj else "messages"
+    turns = [dict(t) for t in obj[key]]
+    turns[-1]["value" if key == "conversations" else "content"] = f"<think>\n{thought.strip()}\n</think>\n{answer}"
+    return {**obj, key: turns}
+
+
+def longcot_overlap(thought: str, answer: str, n: int = 3) -> float:
+    """Share of the answer's word n-grams that also occur in the chain (1.0 = answer restates it);
+    0 for answers too short to have 4 n-grams (a short boxed answer is not redundancy)."""
+    a = ngrams(answer, n)
+    return len(a & ngrams(thought, n)) / len(a) if len(a) >= 4 else 0.0
+
+
+def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True, seed: int = 0,
+                  progress: bool = True) -> Counter:
+    """Format, deduplicate, redundancy-filter and length-balance a LongCoT manifest into `out`.
+    Returns counts per outcome, including the CoT-length histogram (log2 word buckets) before/after."""
+    manifest, out = Path(manifest), Path(out)
+    stats, seen, kept = Counter(), set(), []         # kept: (bucket, json line)
+    for where, line in manifest_lines(manifest, "longcot", progress):
+        try:
+            obj = format_longcot(json.loads(line), where)
+            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
+        except json.JSONDecodeError:
+            stats["bad:json"] += 1
+            continue
+        except DataError as e:
+            stats[f"bad:{e.reason}"] += 1
+            continue
+        question = " ".join(PLACEHOLDER_RE.sub(" ", " ".join(c for r, c in rec.turns if r == "user")).split()).lower()
+        key = (tuple(rec.images), tuple(rec.videos), question)
+        if key in seen:
+            stats["duplicate"] += 1
+            continue
+        seen.add(key)
+        thought, answer = think_turn(rec.turns[-1][1], where)
+        if longcot_overlap(thought, answer) > max_overlap:
+            stats["redundant"] += 1
+            continue
+        bucket = int(math.log2(max(1, len(WORD_RE.findall(thought)))))
+        stats[f"cot_len_2^{bucket}_before"] += 1
+        kept.append((bucket, json.dumps(rebase_media(obj, rec, out.parent), ensure_ascii=False)))
+    if balance and kept:
+        # CoT-length balancing: buckets above the median bucket size are down-sampled to it.
+        sizes = Counter(b for b, _ in kept)
+        target = int(np.ceil(np.median(list(sizes.values()))))
+        rng = random.Random(seed)
+        keep_idx = set()
+        for b in sizes:
+            members = [i for i, (bb, _) in enumerate(kept) if bb == b]
+            keep_idx.update(rng.sample(members, min(target, len(members))))
+        stats["length_balanced_away"] = len(kept) - len(keep_idx)
+        kept = [k for i, k in enumerate(kept) if i in keep_idx]
+    for b, _ in kept:
+        stats[f"cot_len_2^{b}_after"] += 1
+    stats["kept"] = len(kept)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(line + "\n" for _, line in kept), encoding="utf-8")
+    return stats
+
+
+def clean_longcot_cli(argv):
+    """python rl.py clean-longcot MANIFEST OUT [--max-overlap 0.8] [--no-balance] [--seed 0]: clean_longcot
+    as a tool, printing the counts per outcome."""
+    p = argparse.ArgumentParser(prog="rl.py clean-longcot", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="clean LongCoT data: format, dedup, redundancy filter, length balance (§4.2.2)")
+    p.add_argument("manifest")
+    p.add_argument("out")
+    p.add_argument("--max-overlap", type=float, default=0.8, help="drop when this share of answer 3-grams is in the CoT")
+    p.add_argument("--no-balance", action="store_true", help="skip CoT-length balancing")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(data.dashed_options(argv))
+    try:
+        counts = clean_longcot(args.manifest, args.out, args.max_overlap, not args.no_balance, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise train_stage.UsageError(f"clean-longcot: {e}") from None
+    print("LongCoT cleaning:")
+    for k, v in sorted(counts.items()):
+        print(f"  {k:28s} {v}")
+
+
 # ==============================================================================================
 # command line
 
@@ -1253,6 +1371,7 @@ def help_text() -> str:
              "    torchrun rl.py --stage harvest             # §4.2.4, CoT from out/rl-verifiable",
              "    torchrun rl.py --stage rl-mixed            # §4.2.5, from out/thinkfusion",
              "    python rl.py filter --ckpt DIR --out FILE  # the pass@k filter as a tool",
+             "    python rl.py clean-longcot IN.jsonl OUT.jsonl  # LongCoT data cleaning (§4.2.2), --help",
              "", "options (--key=value or --key value):",
              train_stage.option_line("--resume [DIR]", "continue from DIR, or from the newest good "
                                      "out/<stage>.run/step-* checkpoint")]
@@ -1270,6 +1389,8 @@ def main(argv=None):
     try:
         if argv[:1] == ["filter"]:
             return filter_cli(argv[1:])
+        if argv[:1] == ["clean-longcot"]:
+            return clean_longcot_cli(argv[1:])
         cfg, opts = rl_config(argv)
         rank = int(os.environ.get("RANK", "0"))
         log = lambda *a: train_stage.print0(rank, *a)                   # noqa: E731

@@ -1,7 +1,8 @@
-"""Generate from and evaluate a SAIL-VL2 checkpoint. The model and the univl-chat prompt follow the
-paper (§2) and the official conversation template (`univl-chat` of the HF model
-BytedanceDouyinContent/SAIL-VL2-2B); evaluation (scoring rules, batching, the blind runs, the
-intervals, the recipe's report, the VLMEvalKit TSV reader) is ours: the paper gives no procedure.
+"""Generate from and evaluate a SAIL-VL2 checkpoint; the grading API; the data curation tools. The
+model and the univl-chat prompt follow the paper (§2) and the official conversation template
+(`univl-chat` of the HF model BytedanceDouyinContent/SAIL-VL2-2B); evaluation (scoring rules,
+batching, the blind runs, the intervals, the recipe's report, the VLMEvalKit TSV reader) is ours:
+the paper gives no procedure.
 
     python sample.py --ckpt out/vit1 --image data_synth/caption/images/eval_00000.png --prompt "Describe the image."
     python sample.py --ckpt out/sft4 --video data_synth/video/videos/eval_00000.mp4 --prompt "Where does it move?"
@@ -10,39 +11,53 @@ intervals, the recipe's report, the VLMEvalKit TSV reader) is ours: the paper gi
     python sample.py --ckpt out/sft4 --eval data_synth --think --blank # thinking mode; images all white
     python sample.py --ckpt out/sft4 --eval data_synth/count/eval.jsonl --limit 8 --out count.json
     python sample.py --ckpt out/sft4 --eval MMBench_DEV_EN.tsv         # a VLMEvalKit multiple-choice TSV
+    python sample.py curate-instructions --in sft.jsonl --out curated --annotator out/sft1     # §4.1.2
+    python sample.py curate-video --in video.jsonl --out curated_video --scorer out/sft4       # §4.1.1
+    python sample.py filter|charts|caption2qa --help                   # §3.1 pre-training data tools
 
 Works on our checkpoints and on official SAIL-VL2 folders (the folder's tokenizer when it has one,
 else the embedded default). Images are tiled as the checkpoint was trained (tiles + thumbnail, or
 AnyRes), videos give one tile per frame; a single answer streams to stdout token by token.
 Evaluation is greedy and batched (many prompts per `generate` call, KV cache, left padding; a row
 ends at <|im_end|> / <|endoftext|>); reports go to `<ckpt>/eval/<family>[-think][-blank].json` and a
-table is printed, every accuracy with its n and Wilson 95% interval. Replies are read with data.py's
-grading API (as the RL rewards are); scoring per family: `extract_answer`, `caption_correct`,
-`split_last_word`. Effects are paired differences on the same samples (`paired_difference`).
-Command-line errors exit with 2, unusable inputs (not a checkpoint, not an image) with 1, both with
-one line on stderr.
+table is printed, every accuracy with its n and Wilson 95% interval. Replies are read with the
+grading API here (the one the RL rewards and the LongCoT filter use: a reply's answer region, its
+last \\boxed{}, when two answers agree, word-F1, ROUGE-L); scoring per family: `extract_answer`,
+`caption_correct`, `split_last_word`. Effects are paired differences on the same samples
+(`paired_difference`). The curation tools score data with a checkpoint: §3.1 (judge-score quality
+filter, charts with QA, caption -> QA) and §4.1 (SAIL-Instruction2 classes, quality and
+re-annotation; SAIL-Video alignment, richness and difficulty). Command-line errors exit with 2,
+unusable inputs (not a checkpoint, not an image) with 1, both with one line on stderr.
 """
 import argparse
 import base64
 import binascii
 import csv
 import io
+import itertools
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
+import zlib
 from collections import Counter, defaultdict, namedtuple
+from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
 import model as modeling
+from data import (IMAGE, IMAGENET_MEAN, IMAGENET_STD, PLACEHOLDER_RE, DataConfig, DataError, Record, blank_pixels,
+                  build_sample, font, load_video, manifest_lines, ngrams, open_image, parse_record, prompt_inputs,
+                  rebase_media, special_ids)
 
 
 class UsageError(Exception):
@@ -134,7 +149,289 @@ def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_ne
 
 
 # ----------------------------------------------------------------------------------------------
-# Answer extraction. A reply is read with data.py's grading API (section 8, also the RL rewards'):
+# Grading: what a reply answers, and when two answers agree
+#
+# The one grading API of the project: the LongCoT filter (rl.py), the evaluation (below) and
+# the RL rewards (rl.py, §4.2.3 / §4.2.5) read replies and compare answers only with these.
+#
+# Where the answer is. A reply's answer region is the text after its last `</think>`; a reply
+# without think tags is answer region throughout; one that opens `<think>` and never closes it has
+# none (it was cut mid-thought). `data.split_think` (the chat template's) gives (thinking, answer
+# region) of a closed block.
+#
+# Which box. The final answer is the content of the answer region's last `\boxed{...}`: of the
+# boxes whose braces balance, the one whose `\boxed{` comes last, so a box nested in another one
+# answers (`\boxed{\boxed{1}+1}` answers 1). That is math-verify 0.9.0's rule
+# (latex2sympy2_extended's extract_boxed_content searches `\boxed` from the right), and as there
+# braces are counted raw (`\{` and `\}` count), `\boxed` must be followed by `{` directly
+# (`\boxed {5}` is no answer) and a box that never closes is ignored (`\boxed{1} and \boxed{2`
+# answers 1). Our differences: a box whose content is longer than MAX_BOX_CHARS is no answer (this
+# bounds all later work on hostile output); several boxes are not joined into one set answer (for
+# math-verify `\boxed{1} or \boxed{2}` is {1, 2}; here it is 2); a lone unclosed box and `\boxed 5`
+# without braces are no answer (math-verify reads them).
+#
+# When two answers agree (`answers_match`). An answer maps to a key (a number as an exact
+# Fraction, a choice letter, an ordered tuple/interval, a set, a plain list, a whole-number
+# percent, or the cleaned text) and two answers agree when their keys are equal. The keys are held
+# to never call equal what math-verify 0.9.0 calls different (tests/test_answers.py); math-verify's
+# equality is not transitive (5 = 5.0 and 5 = \text{5}, but 5.0 != \text{5}; 5 = 5% but 5.0 != 5%),
+# so every key class must be equal pairwise there, which makes this stricter. It handles: `$`,
+# `\$`, whitespace, `\text{}` `\textbf{}` `\textrm{}` `\textnormal{}` `\mathrm{}` `\mbox{}`
+# `\boxed{}` wrappers around words (around a bare number they stay text: `\text{5}` != `5`),
+# `\left` / `\right`, `\!` and `{,}` thousands separators (`1,234` but not `1, 234`), trailing
+# zeros, `a/b` and `\frac` `\dfrac` `\tfrac` `\frac13` vs decimals, `%` after a whole number written
+# bare (28% = 28; 12.5% only equals 12.5%), `^\circ`, signs and the Unicode minus, one capital
+# choice letter with or without parentheses, `(1,2)` vs `[1,2)` vs `\{1,2\}` (sets unordered), and
+# a leading `x =` (but `x=1` != `y=1`). It does NOT handle: algebra (`2x` vs `x+x`), radicals and
+# pi, decimals vs repeating fractions (1/3 vs 0.333), lowercase choices, units, scientific
+# notation, leading zeros (`03` stays text), mixed numbers, matrices, relations, `°`.
+# Case matters (`C` != `c`: a lowercase letter may be a variable). The evaluation of free-text
+# answers ignores case by comparing `normalize_answer` forms (lower case, no final period).
+#
+# Graded agreement of free text: `word_f1` (SQuAD's bag-of-words F1) and `rouge_l` (ROUGE-L F1),
+# both over lower-cased \w+ words. Everything here is linear in its input: no regex with nested
+# quantifiers over unbounded text, no sympy, no signal.alarm.
+
+MAX_BOX_CHARS = 1000        # a \boxed{} whose content is longer is no answer (bounds all later work)
+BOXED = "\\boxed{"
+_BRACE = re.compile(r"[{}]")
+
+
+def answer_region(text: str):
+    """The part of a reply that holds its answer (see above): after the last `</think>`, all of a
+    reply without think tags, None for a `<think>` never closed."""
+    end = text.rfind("</think>")
+    if end >= 0:
+        return text[end + len("</think>"):]
+    return None if "<think>" in text else text
+
+
+def last_boxed(text: str, max_chars: int = MAX_BOX_CHARS):
+    """Content of the last balanced `\\boxed{...}` of `text` (the one opened last), or None. Boxes
+    are tried from the right; a box that does not close (within `max_chars`) cannot be inside an
+    earlier box that does, so the earlier one must close before it starts: each character is
+    scanned at most once, and boxes after the last `}` are never tried."""
+    limit = text.rfind("}") + 1                     # a box can only close before this
+    pos = text.rfind(BOXED, 0, limit)
+    while pos >= 0:
+        start, depth = pos + len(BOXED), 1
+        for m in _BRACE.finditer(text, start, min(limit, start + max_chars + 1)):
+            depth += 1 if m.group() == "{" else -1
+            if depth == 0:
+                return text[start:m.start()]
+        limit = pos
+        pos = text.rfind(BOXED, 0, limit)
+    return None
+
+
+def final_answer(text: str):
+    """The reply's final answer: the last box of its answer region, or None."""
+    region = answer_region(text)
+    return None if region is None else last_boxed(region)
+
+
+def last_number(text: str):
+    """The last number (integer or decimal, with its sign and thousands separators) in `text`."""
+    end = max(text.rfind(d) for d in "0123456789")
+    if end < 0:
+        return None
+    found = re.findall(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?", text[max(0, end - MAX_BOX_CHARS):end + 1])
+    return found[-1] if found else None
+
+
+_WRAPPER_TOKEN = re.compile(r"\\(?:boxed|textbf|textrm|textnormal|text|mathrm|mbox)[ ]{0,8}\{|\\[\\{}]|[{}]")
+_SPACING = re.compile(r"\\[,;: ]|~|\\q?quad(?![a-zA-Z])")
+_THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL = r"[+-]?(?:(?:0|[1-9]\d*)(?:\.\d+)?|\.\d+)"       # no leading zeros, digits after a point
+_NUMBER = re.compile(_DECIMAL)
+_RATIO = re.compile(f"({_DECIMAL})/({_DECIMAL})")
+_FRAC = re.compile(f"([+-]?)\\\\frac(?:\\{{({_DECIMAL})\\}}\\{{({_DECIMAL})\\}}|(\\d)(\\d))")
+_CHOICE = re.compile(r"\(([A-Z])\)|([A-Z])")
+_ASSIGN = re.compile(r"([A-Za-z])=([^=]+)")
+_BRACKET = re.compile(r"\\\{|\\\}|[()\[\]{},]")
+_NUMERIC_TEXT = re.compile(r"[^A-Za-z\\]*")          # wrapper content without words or commands
+_PERCENT = re.compile(r"(0|[1-9]\d*)%")
+
+
+def _unwrap(s: str) -> str:
+    """Drop `\\text{` ... `}`-style wrappers and keep their content, except around content without
+    letters (a number): math-verify reads `\\text{5}` as text, equal to `5` but not to `5.0`, so
+    it stays `\\text{5}` here. One pass, linear."""
+    out, stack, last = [], [], 0            # stack: (wrapper token or None, index into out)
+    for m in _WRAPPER_TOKEN.finditer(s):
+        out.append(s[last:m.start()])
+        tok, last = m.group(), m.end()
+        if tok == "{" or (len(tok) > 2 and tok[-1] == "{"):
+            stack.append((None if tok == "{" else tok, len(out)))
+            out.append("{" if tok == "{" else "")
+        elif tok == "}":
+            wrapper, at = stack.pop() if stack else (None, None)
+            if wrapper is None or wrapper.startswith("\\boxed"):
+                out.append("}" if wrapper is None else "")
+            elif len(out) - at == 2 and _NUMERIC_TEXT.fullmatch(out[-1]):
+                out[at] = wrapper.replace(" ", "")
+                out.append("}")
+        else:
+            out.append(tok)
+    out.append(s[last:])
+    return "".join(out)
+
+
+def _squeeze_spaces(s: str) -> str:
+    """Remove whitespace, except one space between two letters/digits (`\\pi r`, `1 000` stay apart)."""
+    def repl(m):
+        a, b = m.start() - 1, m.end()
+        return " " if a >= 0 and b < len(s) and s[a].isalnum() and s[b].isalnum() else ""
+    return re.sub(r"\s+", repl, s).strip()
+
+
+def clean_answer(s: str) -> str:
+    """The answer with the notation above normalised away (the text that `_key` reads)."""
+    s = str(s).replace("\u2212", "-").replace("\\$", "").replace("$", "")
+    s = re.sub(r"\\!\s*", "", s).replace("{,}", ",")
+    s = re.sub(r"\\(?:left|right)(?![a-zA-Z])|\\displaystyle", "", s)
+    s = _SPACING.sub(" ", s)
+    s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
+    s = _unwrap(s)
+    s = re.sub(r"(\d)\^(?:\\circ|\{\\circ\})", r"\1", s).replace("\\%", "%").strip()
+    if _THOUSANDS.fullmatch(s):                       # before whitespace goes: `32, 349` is a list
+        s = s.replace(",", "")
+    return _squeeze_spaces(s)
+
+
+def parse_number(s: str):
+    """A cleaned answer as an exact Fraction (`-3`, `2.50`, `1/2`, `\\frac{1}{2}`, `\\frac12`), or None."""
+    if _NUMBER.fullmatch(s):
+        return Fraction(s)
+    m = _RATIO.fullmatch(s) or _FRAC.fullmatch(s)
+    if m is None:
+        return None
+    sign, num, den = (("", m[1], m[2]) if m.re is _RATIO else (m[1], m[2] or m[4], m[3] or m[5]))
+    if Fraction(den) == 0:
+        return None
+    return Fraction(num) / Fraction(den) * (-1 if sign == "-" else 1)
+
+
+def _split_top(s: str):
+    """(items, enclosed): `s` split at top-level commas, and whether its first bracket closes last."""
+    items, depth, last, enclosed = [], 0, 0, False
+    for m in _BRACKET.finditer(s):
+        tok = m.group()
+        if tok == ",":
+            if depth == 0:
+                items.append(s[last:m.start()])
+                last = m.end()
+        elif tok in ("(", "[", "{", "\\{"):
+            if depth == 0 and m.start() == 0:
+                enclosed = True
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0 and m.end() < len(s):
+                enclosed = False
+            if depth < 0:
+                return [s], False
+    items.append(s[last:])
+    return items, enclosed and depth == 0
+
+
+def _key(s: str, depth: int = 0):
+    """Comparison key of a cleaned answer (see above); None for an empty one."""
+    if not s:
+        return None
+    if (m := _PERCENT.fullmatch(s)) is not None:
+        return ("pct", int(m[1]))                      # equal to the same bare integer, see answers_match
+    if (m := _CHOICE.fullmatch(s)) is not None:
+        return ("choice", m[1] or m[2])
+    if (x := parse_number(s)) is not None:
+        return ("num", x)
+    if depth < 4:
+        items, enclosed = _split_top(s)
+        if enclosed:
+            inner, _ = _split_top(s[2:-2] if s.startswith("\\{") and s.endswith("\\}") else s[1:-1])
+            keys = [_key(e, depth + 1) for e in inner]
+            if None not in keys:
+                if s.startswith("\\{") and s.endswith("\\}"):
+                    return ("set", tuple(sorted(keys, key=repr)))
+                if len(keys) == 1 and s[0] == "(" and s[-1] == ")":
+                    return keys[0]                     # redundant parentheses: (5) = 5
+                if len(keys) > 1 and s[0] in "([" and s[-1] in ")]":
+                    return ("seq", s[0], s[-1], tuple(keys))
+        elif len(items) > 1:
+            keys = [_key(e, depth + 1) for e in items]
+            if None not in keys:
+                return ("list", tuple(keys))
+    return ("str", s)
+
+
+def answer_key(answer: str):
+    """(variable or None, key, cleaned text) of an answer: `x = 5` gives ("x", key of 5, "5")."""
+    s = clean_answer(answer)
+    m = _ASSIGN.fullmatch(s)
+    var, s = (m[1], m[2]) if m else (None, s)
+    key = _key(s)
+    return None if key is None else (var, key, s)
+
+
+def answers_match(pred: str, truth: str) -> bool:
+    """Two answers agree: equal keys; besides, a whole-number percent equals the same integer
+    written bare (28% = 28, but math-verify calls 28% != 28.0, so 28.0 does not match 28%). An
+    empty answer agrees with nothing."""
+    a, b = answer_key(pred), answer_key(truth)
+    if a is None or b is None or (a[0] and b[0] and a[0] != b[0]):
+        return False
+    if {a[1][0], b[1][0]} == {"pct", "num"}:
+        (_, pct, _), (_, num, text) = (a, b) if a[1][0] == "pct" else (b, a)
+        return text.isdigit() and text.isascii() and num[1] == pct[1]
+    return a[1] == b[1]
+
+
+def normalize_answer(s: str) -> str:
+    """The spelling the evaluation reports and compares a free-text answer in: `clean_answer`,
+    lower case, no final period, a whole number without decimals ("4.0" -> "4")."""
+    s = clean_answer(s).lower().rstrip(".").strip()
+    x = parse_number(s)
+    return str(x.numerator) if x is not None and x.denominator == 1 else s
+
+
+MAX_LCS_WORDS = 256         # ROUGE-L's LCS is O(n m): both sides are cut to their first 256 words
+
+
+def answer_words(s: str, limit: int = None) -> list:
+    """Lower-cased \\w+ words (what word_f1 and rouge_l compare); with `limit`, the first `limit`."""
+    if limit is None:
+        return re.findall(r"\w+", s.lower())
+    return [m.group().lower() for m in itertools.islice(re.finditer(r"\w+", s), limit)]
+
+
+def word_f1(pred: str, ref: str) -> float:
+    """SQuAD's bag-of-words F1 over answer_words; when either side has no words, 1.0 if both have
+    none, else 0.0 (as SQuAD's compute_f1)."""
+    p, r = answer_words(pred), answer_words(ref)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    return 0.0 if common == 0 else 2 * common / (len(p) + len(r))
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 (beta = 1) over answer_words: LCS of the two word sequences, P = LCS / |pred|,
+    R = LCS / |ref|; 0.0 when either side is empty."""
+    p, r = answer_words(pred, MAX_LCS_WORDS), answer_words(ref, MAX_LCS_WORDS)
+    if not p or not r:
+        return 0.0
+    prev = [0] * (len(r) + 1)                                     # one DP row of the LCS table
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer extraction. A reply is read with the grading API above (also the RL rewards'):
 # its answer region (after the last </think>; none when a <think> is never closed), its last
 # \\boxed{}, and `answers_match` to compare. Model output is hostile (it can be anything, of any
 # length): every rule below reads at most MAX_SCAN characters, uses the API's linear, bounded
@@ -155,8 +452,8 @@ def answer_span(text: str) -> tuple:
     """(span, boxed): the part of a reply that holds the answer. The content of the answer
     region's last \\boxed{} when there is one (boxed True), else the whole region ("" when the
     reply has none); at most MAX_SCAN characters."""
-    region = data.answer_region(text) or ""
-    boxed = data.last_boxed(region)
+    region = answer_region(text) or ""
+    boxed = last_boxed(region)
     return (region if boxed is None else boxed)[:MAX_SCAN], boxed is not None
 
 
@@ -168,7 +465,7 @@ def words(text: str) -> list:
 
 def _number(t: str):
     """A word's number ("7", "2.5", or a number word up to ten), None for other words."""
-    return data.normalize_answer(t) if t[:1].isdigit() else NUMBER_WORDS.get(t)
+    return normalize_answer(t) if t[:1].isdigit() else NUMBER_WORDS.get(t)
 
 
 def _first(tokens: list, vocab: set):
@@ -191,7 +488,7 @@ def extract_answer(family: str, text: str, gold: str = None):
 
     All families read `answer_span` (after the last </think>, inside the last \\boxed{} if any), then:
       count                          the first number (digits, or a number word up to ten)
-      math, math_direct, count_cot   the boxed value; without a box, the last number (data.last_number:
+      math, math_direct, count_cot   the boxed value; without a box, the last number (last_number:
                                      digits, with its sign)
       chart                          the first number when `gold` is a number, else the first chart label
       ocr                            the first word of the synthetic vocabulary, else the last word
@@ -204,12 +501,12 @@ def extract_answer(family: str, text: str, gold: str = None):
     span, boxed = answer_span(text)
     tokens = words(span)
     numbers = [n for n in map(_number, tokens) if n is not None]
-    g = None if gold is None else data.normalize_answer(gold)
+    g = None if gold is None else normalize_answer(gold)
     if family == "count":
         return numbers[0] if numbers else None
     if family in ("math", "math_direct", "count_cot"):
-        last = span if boxed else data.last_number(span)
-        return None if last is None else data.normalize_answer(last)
+        last = span if boxed else last_number(span)
+        return None if last is None else normalize_answer(last)
     if family == "chart":
         pick = numbers if g is not None and _number(g) is not None else [t for t in tokens if t in CHART_LABELS]
         return pick[0] if pick else None
@@ -220,7 +517,7 @@ def extract_answer(family: str, text: str, gold: str = None):
         return _first(tokens, MULTI if family == "multi" else DIRECTIONS)
     if family == "caption_qa":
         return _caption_qa(tokens, g)
-    return data.normalize_answer(span)
+    return normalize_answer(span)
 
 
 def caption_objects(text: str) -> frozenset:
@@ -253,7 +550,7 @@ def score(rule: str, reply: str, reference: str, gold) -> tuple:
     """(correct, extracted) for one reply. `rule`: a synthetic family name, "text" (LM completion:
     the first word must be the held-back one), or anything else: the record's `answer` against the
     \\boxed{} content or whole answer region, without an answer the reference reply's answer
-    region. Answers agree by data.answers_match of their normalize_answer forms (case-folded)."""
+    region. Answers agree by answers_match of their normalize_answer forms (case-folded)."""
     if rule == "text":
         got = first_word(reply)
         return got is not None and got == first_word(reference), got
@@ -261,15 +558,15 @@ def score(rule: str, reply: str, reference: str, gold) -> tuple:
         named = sorted(caption_objects(answer_span(reply)[0]))
         return caption_correct(reply, reference), " and ".join(" ".join(o) for o in named)
     if gold is None:
-        got = data.normalize_answer((data.answer_region(reply) or "")[:MAX_SCAN])
-        return data.answers_match(got, data.normalize_answer(data.answer_region(reference) or "")), got
+        got = normalize_answer((answer_region(reply) or "")[:MAX_SCAN])
+        return answers_match(got, normalize_answer(answer_region(reference) or "")), got
     got = extract_answer(rule if rule in data.SYNTH_FAMILIES else "", reply, gold)
-    return got is not None and data.answers_match(got, data.normalize_answer(gold)), got
+    return got is not None and answers_match(got, normalize_answer(gold)), got
 
 
 def reply_word_f1(reply: str, reference: str) -> float:
-    """word-F1 (data.word_f1) of the two answer regions: the captions' graded score."""
-    return data.word_f1((data.answer_region(reply) or "")[:MAX_SCAN], data.answer_region(reference) or "")
+    """word-F1 (word_f1) of the two answer regions: the captions' graded score."""
+    return word_f1((answer_region(reply) or "")[:MAX_SCAN], answer_region(reference) or "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,9 +758,9 @@ def chance_key(rec):
     if rec.text is not None:
         return first_word(rec.text.rstrip().rstrip(".").rsplit(" ", 1)[-1])
     if rec.answer is not None:
-        return data.normalize_answer(rec.answer)
+        return normalize_answer(rec.answer)
     ref = rec.turns[-1][1]
-    return caption_objects(ref) if rec.task == "caption" else data.normalize_answer(ref)
+    return caption_objects(ref) if rec.task == "caption" else normalize_answer(ref)
 
 
 def chance(synth_dir, families=None, split="eval", limit=EVAL_LIMIT) -> dict:
@@ -605,8 +902,8 @@ def extract_choice(reply: str, options: dict) -> str:
     core = span.strip(" \t\n.:()[]*'\"")
     if len(core) == 1 and core.upper() in options:
         return core.upper()
-    norm = data.normalize_answer(span)
-    same = [k for k, v in options.items() if data.normalize_answer(v) == norm]
+    norm = normalize_answer(span)
+    same = [k for k, v in options.items() if normalize_answer(v) == norm]
     if len(same) == 1:
         return same[0]
     said = [m.group(1) for m in ANSWER_RE.finditer(span) if m.group(1) in options]
@@ -665,6 +962,573 @@ def write_predictions_tsv(path, report: dict):
         w.writerow(report["columns"] + ["prediction", "extracted"])
         for row, p in zip(report["rows"], report["predictions"]):
             w.writerow([row.get(c, "") for c in report["columns"]] + [p["prediction"], p["extracted"]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Curation §3.1 (pre-training data): judge-score quality filter, chart rendering with QA, caption -> QA
+#
+# The paper scores SAIL-Caption2 with judge models for visual information richness (VIR) and
+# image-text alignment (ITA) and drops low scorers. A judge here is any callable
+# (PIL image, text) -> {"vir": float, "ita": float} in [0, 1]; plug in a VLM judge for real data.
+# The default `heuristic_judge` is honest about what it is: image statistics, calibrated for the
+# synthetic domain of tests/synth.py (flat shapes in known colours on white).
+
+def vir_score(img: Image.Image) -> float:
+    """Visual information richness: mean of the normalised colour-histogram entropy (4 levels per
+    channel, 64 bins) and the edge density (share of pixels with a strong luminance gradient)."""
+    a = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.int64)
+    hist = np.bincount(((a // 64) * np.array([16, 4, 1])).sum(-1).ravel(), minlength=64) / (64 * 64)
+    p = hist[hist > 0]
+    entropy = float(-(p * np.log(p)).sum() / math.log(64))
+    gray = a.mean(-1)
+    grad = np.abs(np.diff(gray, axis=0))[:, :-1] + np.abs(np.diff(gray, axis=1))[:-1, :]
+    edges = float((grad > 40).mean())
+    return 0.5 * entropy + 0.5 * min(1.0, 10 * edges)
+
+
+def ita_score(img: Image.Image, text: str) -> float:
+    """Image-text alignment: the share of colour words in `text` whose colour covers at least 0.2%
+    of the image; 0.5 (no evidence either way) when the text names no colour."""
+    named = [c for c in dict.fromkeys(re.findall(r"[a-z]+", text.lower())) if c in data.COLOURS]
+    if not named:
+        return 0.5
+    a = np.asarray(img.convert("RGB").resize((64, 64), Image.NEAREST), dtype=np.int64)
+    near = [(((a - np.array(data.COLOURS[c])) ** 2).sum(-1) < 60 ** 2).mean() for c in named]
+    present = [share >= 0.002 for share in near]
+    return sum(present) / len(named)
+
+
+def heuristic_judge(img: Image.Image, text: str) -> dict:
+    return {"vir": vir_score(img), "ita": ita_score(img, text)}
+
+
+def quality_filter(manifest, out, judge=heuristic_judge, min_vir: float = 0.05, min_ita: float = 0.5,
+                   progress: bool = True) -> Counter:
+    """Keep records whose single image scores at least min_vir and min_ita against the assistant text.
+    Kept lines gain "scores"; text-only and multi-image records pass unscored. Returns counts per outcome."""
+    manifest, out = Path(manifest), Path(out)
+    stats, kept = Counter(), []
+    for where, line in manifest_lines(manifest, "filter", progress):
+        try:
+            obj = json.loads(line)
+            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
+            if rec.text is not None or len(rec.images) != 1 or rec.videos:
+                stats["kept_unscored"] += 1
+                kept.append(json.dumps(rebase_media(obj, rec, out.parent) if rec.text is None else obj,
+                                       ensure_ascii=False))
+                continue
+            scores = judge(open_image(rec.images[0], where), " ".join(c for r, c in rec.turns if r == "assistant"))
+        except json.JSONDecodeError:
+            stats["bad:json"] += 1
+            continue
+        except DataError as e:
+            stats[f"bad:{e.reason}"] += 1
+            continue
+        if scores["vir"] < min_vir:
+            stats["low_vir"] += 1
+        elif scores["ita"] < min_ita:
+            stats["low_ita"] += 1
+        else:
+            stats["kept"] += 1
+            kept.append(json.dumps({**rebase_media(obj, rec, out.parent),
+                                    "scores": {k: round(v, 4) for k, v in scores.items()}}, ensure_ascii=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    return stats
+
+
+# Charts (§3.1 synthetic chart data): drawn with Pillow, values printed on the chart so every QA
+# answer is readable from the pixels.
+
+
+def render_chart(kind: str, labels: list, values: list, size: int = 224) -> Image.Image:
+    """A bar, line or pie chart of positive integer `values`, with value and category labels."""
+    if kind not in data.CHART_KINDS:
+        raise ValueError(f"chart kind must be one of {data.CHART_KINDS}, got {kind!r}")
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    f = font(max(8, size // 16))
+    palette = list(data.COLOURS.values())
+    n, top = len(values), max(values)
+    left, right, upper, lower = size * 0.08, size * 0.96, size * 0.12, size * 0.84
+    if kind == "pie":
+        box = (size * 0.04, size * 0.2, size * 0.56, size * 0.72)
+        start = -90.0
+        for k, v in enumerate(values):
+            sweep = 360.0 * v / sum(values)
+            d.pieslice(box, start, start + sweep, fill=palette[k % len(palette)], outline="white")
+            start += sweep
+        for k, (lab, v) in enumerate(zip(labels, values)):
+            y = size * 0.2 + k * size * 0.1
+            d.rectangle((size * 0.6, y, size * 0.66, y + size * 0.06), fill=palette[k % len(palette)])
+            d.text((size * 0.69, y - size * 0.01), f"{lab} {v}", fill="black", font=f)
+        return img
+    d.line((left, lower, right, lower), fill="black", width=1)
+    step = (right - left) / n
+    points = []
+    for k, (lab, v) in enumerate(zip(labels, values)):
+        cx = left + step * (k + 0.5)
+        y = lower - (lower - upper) * v / top
+        if kind == "bar":
+            d.rectangle((cx - step * 0.3, y, cx + step * 0.3, lower), fill=palette[k % len(palette)])
+        points.append((cx, y))
+        d.text((cx, y - 2), str(v), fill="black", font=f, anchor="md")
+        d.text((cx, lower + 3), lab, fill="black", font=f, anchor="ma")
+    if kind == "line":
+        d.line(points, fill=palette[2], width=2)
+        for cx, y in points:
+            d.ellipse((cx - 3, y - 3, cx + 3, y + 3), fill=palette[0])
+    return img
+
+
+def chart_values(rng: random.Random, n: int) -> tuple:
+    """n distinct labels and values 1..9 with a unique largest and smallest (so QA answers are unique)."""
+    labels = rng.sample(data.CHART_LABELS, n)
+    values = rng.sample(range(1, 10), n)
+    return labels, values
+
+
+def chart_qa(kind: str, labels: list, values: list) -> list:
+    """(question, answer) pairs answerable from the drawn chart."""
+    item = {"bar": "bar", "line": "point", "pie": "slice"}[kind]
+    qa = [(f"Which {item} has the largest value?", labels[values.index(max(values))]),
+          (f"Which {item} has the smallest value?", labels[values.index(min(values))]),
+          (f"How many {item}s are there?", str(len(values)))]
+    qa += [(f"What is the value of {lab}?", str(v)) for lab, v in zip(labels, values)]
+    return qa
+
+
+def make_charts(out_dir, n: int, seed: int = 0, size: int = 224, progress: bool = True) -> Path:
+    """Write n chart PNGs and charts.jsonl: the chart data and all its QA pairs as one conversation."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng, lines = random.Random(seed), []
+    for i in tqdm(range(n), desc="charts", disable=not progress):
+        kind = data.CHART_KINDS[i % len(data.CHART_KINDS)]
+        labels, values = chart_values(rng, rng.randint(3, 5))
+        name = f"images/chart_{i:05d}.png"
+        render_chart(kind, labels, values, size).save(out_dir / name)
+        conv = []
+        for k, (q, a) in enumerate(chart_qa(kind, labels, values)):
+            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+        lines.append({"image": name, "chart": {"kind": kind, "labels": labels, "values": values},
+                      "conversations": conv, "task": "chart"})
+    path = out_dir / "charts.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return path
+
+
+# Caption -> QA (§3.1 "Caption2-QA"): a generator maps a caption to (question, answer) pairs. The
+# template default parses the synthetic caption grammar ("a red circle at the top left and ...");
+# captions it cannot parse fall back to a describe-the-image pair. Plug in an LLM for real captions.
+CAPTION_CLAUSE = re.compile(r"\ban? ([a-z]+) ([a-z]+) at the ([a-z]+) ([a-z]+)")
+
+
+def template_qa(caption: str) -> list:
+    qa = []
+    for colour, shape, row, col in CAPTION_CLAUSE.findall(caption.lower()):
+        qa += [(f"What colour is the {shape} at the {row} {col}?", f"{colour}."),
+               (f"Where is the {colour} {shape}?", f"at the {row} {col}."),
+               (f"What shape is at the {row} {col}?", f"a {shape}.")]
+    return qa or [("Describe the image.", caption)]
+
+
+def caption_to_qa(manifest, out, generator=template_qa, pairs: int = 1, seed: int = 0,
+                  progress: bool = True) -> Counter:
+    """Rewrite caption records (one user turn, one assistant caption) as QA conversations with
+    `pairs` pairs drawn from generator(caption) (0 = all). Other or bad records are counted, not kept."""
+    manifest, out = Path(manifest), Path(out)
+    rng, stats, kept = random.Random(seed), Counter(), []
+    for where, line in manifest_lines(manifest, "caption2qa", progress):
+        try:
+            obj = json.loads(line)
+            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
+        except json.JSONDecodeError:
+            stats["bad:json"] += 1
+            continue
+        except DataError as e:
+            stats[f"bad:{e.reason}"] += 1
+            continue
+        if rec.text is not None or len(rec.turns) != 2 or rec.turns[1][0] != "assistant":
+            stats["not_a_caption"] += 1
+            continue
+        qa = generator(rec.turns[1][1])
+        qa = rng.sample(qa, min(pairs, len(qa))) if pairs else qa
+        conv = []
+        for k, (q, a) in enumerate(qa):
+            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 and rec.images else "") + q},
+                     {"from": "gpt", "value": a}]
+        kept.append(json.dumps({**rebase_media({}, rec, out.parent), "conversations": conv, "task": "caption_qa"},
+                               ensure_ascii=False))
+        stats["converted"] += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Curation §4.1 (post-training data): SAIL-Instruction2 (§4.1.2) and SAIL-Video (§4.1.1)
+#
+# The paper's: the stages (latent classes, quality scoring, re-annotation by a stronger model, class
+# balancing; video alignment / richness / difficulty scoring and filtering). It gives no algorithm: the
+# rest is ours (TF-IDF, k-means++, every formula and threshold), documented where it is computed.
+# Models are duck-typed arguments (CheckpointScorer wraps a checkpoint; the tests pass stubs):
+#   scorer(rec) -> float                        answer quality, higher is better (instructions)
+#   annotator.generate(recs, max_new_tokens)    -> [a new last answer, or None: no stop token came]
+#   scorer.loglik(rec, blank=False) -> float    mean answer log-likelihood, optionally on white frames
+
+HASH_BUCKETS = 4096                           # hashed n-gram features per instruction
+TERMINAL = tuple(".!?。！？…)]}\"'`*$")         # what a finished answer may end with
+RICH_SIZE, PIXEL_CHANGE, DISTINCT_SHARE, FULL_MOTION = 64, 0.1, 0.01, 0.05   # see video_richness
+
+
+def words_of(text: str) -> list:
+    return re.findall(r"\w+", text.lower())
+
+
+def instruction_text(rec: Record) -> str:
+    """The user turns' words without placeholders: what is clustered."""
+    return " ".join(PLACEHOLDER_RE.sub(" ", " ".join(c for r, c in rec.turns if r == "user")).split())
+
+
+def read_instructions(manifests, desc: str, bad: Counter, progress: bool):
+    """(obj, rec) per record that ends with an assistant turn and whose media files exist; the others
+    are counted in `bad` as bad:<reason> (json, schema, not_instruction, missing_file, ...)."""
+    for manifest in map(Path, manifests):
+        for where, line in manifest_lines(manifest, desc, progress):
+            try:
+                obj = json.loads(line)
+                rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
+                if rec.text is not None or rec.turns[-1][0] != "assistant":
+                    raise DataError("not_instruction", where, "the record does not end with an assistant turn")
+                for path in rec.images + rec.videos:
+                    if not os.path.exists(path):
+                        raise DataError("missing_file", where, f"media file not found: {path}")
+                yield obj, rec
+            except json.JSONDecodeError:
+                bad["bad:json"] += 1
+            except DataError as e:
+                bad[f"bad:{e.reason}"] += 1
+
+
+def tfidf_embed(texts: list, buckets: int = HASH_BUCKETS) -> tuple:
+    """Hashed word 1-2-gram TF-IDF: X (N, buckets) float32, rows L2-normalised, and {bucket: its most
+    common n-gram} to name classes by. Binary tf (instructions rarely repeat a phrase), idf =
+    log((1 + N) / (1 + df)) + 1, bucket = crc32(n-gram) % buckets (the same in every run)."""
+    X, names = np.zeros((len(texts), buckets), np.float32), {}
+    for i, t in enumerate(texts):
+        for g in sorted(" ".join(g) for n in (1, 2) for g in ngrams(t, n)):     # sorted: ties break alike
+            b = zlib.crc32(g.encode()) % buckets
+            X[i, b] = 1.0
+            names.setdefault(b, Counter())[g] += 1
+    X *= (np.log((1 + len(texts)) / (1 + X.sum(0))) + 1).astype(np.float32)
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    return X, {b: c.most_common(1)[0][0] for b, c in names.items()}
+
+
+def sq_dists(X, C) -> np.ndarray:
+    """(N, k) squared Euclidean distances between the rows of X and of C."""
+    return np.maximum((X * X).sum(1)[:, None] - 2 * X @ C.T + (C * C).sum(1)[None], 0)
+
+
+def kmeans(X: np.ndarray, k: int, seed: int = 0, restarts: int = 4, iters: int = 100) -> tuple:
+    """Lloyd's k-means, k-means++ seeding, the lowest inertia of `restarts` runs (ours). X (N, D) ->
+    (labels (N,), centres (k', D), inertia); classes numbered in order of their first member, k' <= k."""
+    rng, k, best = np.random.default_rng(seed), min(k, len(X)), None
+    for _ in range(restarts):
+        C = X[[rng.integers(len(X))]]
+        for _ in range(1, k):       # k-means++: the next centre drawn with probability ~ squared distance
+            d2 = sq_dists(X, C).min(1)
+            C = np.vstack([C, X[rng.choice(len(X), p=d2 / d2.sum() if d2.sum() > 0 else None)]])
+        labels = None
+        for _ in range(iters):
+            d2 = sq_dists(X, C)
+            if labels is not None and (d2.argmin(1) == labels).all():
+                break
+            labels = d2.argmin(1)
+            for j in range(k):      # an emptied class restarts at the point farthest from its centre
+                C[j] = X[labels == j].mean(0) if (labels == j).any() else X[d2.min(1).argmax()]
+        d2 = sq_dists(X, C)
+        if best is None or d2.min(1).sum() < best[2]:
+            best = (d2.argmin(1), C.copy(), float(d2.min(1).sum()))
+    labels, C, inertia = best
+    uniq, first = np.unique(labels, return_index=True)
+    order = uniq[np.argsort(first)]
+    return np.argsort(order)[np.searchsorted(uniq, labels)], C[order], inertia
+
+
+def class_names(X, labels, bucket_names: dict, top: int = 3) -> list:
+    """Per class, the n-grams whose mean TF-IDF weight in the class most exceeds their mean over all."""
+    lift = [X[labels == j].mean(0) - X.mean(0) for j in range(labels.max() + 1)]
+    return [[bucket_names[b] for b in np.argsort(-d, kind="stable")[:top] if d[b] > 0] for d in lift]
+
+
+def class_stats(answers: list) -> dict:
+    """What a class's answers look like, for the truncation rule. A word is seen whole when another
+    word follows it or it ends an answer with final punctuation."""
+    ws, ends = [words_of(a) for a in answers], [a.strip().endswith(TERMINAL) for a in answers]
+    return {"median_chars": float(np.median([len(a.strip()) for a in answers])), "punct_rate": float(np.mean(ends)),
+            "whole": {x for w, end in zip(ws, ends) for x in (w if end else w[:-1])},
+            "prefixes": {x[:i] for w in ws for x in w for i in range(1, len(x))}}
+
+
+def answer_rule(question: str, answer: str, stats: dict):
+    """The first cheap rule the answer fails, or None (ours):
+      empty            nothing but whitespace
+      repeated         one word n-gram (n = 1, 2, 3) occurs >= 3 times and covers >= half the words
+      copies_question  >= 80% of the answer's word bigrams occur in the question (answers of >= 2 words)
+      truncated        no final punctuation, shorter than the class median (characters), and either
+                       cut mid-word (the last word is never seen whole in the class but begins one of
+                       its words) or a cut sentence (>= 3 words, most (>= 50%) of the class ends with
+                       punctuation)"""
+    a = answer.strip()
+    if not a:
+        return "empty"
+    w = words_of(a)
+    for n in (1, 2, 3):
+        top = Counter(zip(*(w[i:] for i in range(n)))).most_common(1)
+        if top and top[0][1] >= 3 and top[0][1] * n >= 0.5 * len(w):
+            return "repeated"
+    qw, bigrams = words_of(question), list(zip(w, w[1:]))
+    if bigrams and sum(g in set(zip(qw, qw[1:])) for g in bigrams) >= 0.8 * len(bigrams):
+        return "copies_question"
+    mid_word = w and w[-1] not in stats["whole"] and w[-1] in stats["prefixes"]
+    if not a.endswith(TERMINAL) and len(a) < stats["median_chars"] and (
+            mid_word or (len(w) >= 3 and stats["punct_rate"] >= 0.5)):
+        return "truncated"
+    return None
+
+
+class CheckpointScorer:
+    """A loaded checkpoint as scorer and annotator. `model`: SAILVL-like (forward with labels ->
+    .ce_sum, .n_targets; generate); `tok`: its tokenizer; `cfg`: its DataConfig."""
+
+    def __init__(self, model, tok, cfg: DataConfig):
+        self.model, self.tok, self.cfg = model, tok, replace(cfg, label_mode="sft")
+        self.stop = {special_ids(tok).im_end, special_ids(tok).endoftext}
+
+    @torch.no_grad()
+    def loglik(self, rec: Record, blank: bool = False) -> float:
+        """Mean per-token log-likelihood of the assistant turns given what precedes them and the
+        media (blank=True: every tile and frame white)."""
+        s = build_sample(rec, self.tok, self.cfg)
+        pv = blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
+        out = self.model(s["input_ids"][None], pv, labels=s["labels"][None])
+        return float(-out.ce_sum / out.n_targets)
+
+    __call__ = loglik
+
+    @torch.no_grad()
+    def generate(self, recs: list, max_new_tokens: int = 256) -> list:
+        """Greedy new last answers (None where no stop token came within max_new_tokens)."""
+        ps = [prompt_inputs(self.tok, self.cfg, r.turns[:-1], r.images, r.videos, bool(r.think), r.system)
+              for r in recs]
+        pv = [p["pixel_values"] for p in ps if p["pixel_values"] is not None]
+        pv = None if not pv else [t for p in pv for t in p] if self.cfg.anyres else torch.cat(pv)
+        out = self.model.generate([p["input_ids"].tolist() for p in ps], pv, max_new_tokens=max_new_tokens,
+                                  stop_tokens=self.stop, n_valid_tokens=self.tok.n_vocab)
+        return [self.tok.decode_bytes(o[:-1]).decode("utf-8", "replace") if o and o[-1] in self.stop else None
+                for o in out]
+
+
+def _r(x):
+    return None if x is None else round(float(x), 4)
+
+
+def write_outputs(out_dir: Path, lines: list, **files):
+    """out_dir/curated.jsonl (one JSON line each) and out_dir/NAME.json for each keyword."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "curated.jsonl").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    for name, value in files.items():
+        (out_dir / f"{name}.json").write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def score_in_classes(items: list, members: list, rule: list, scorer, reannotate_frac: float, progress: bool):
+    """curate_instructions' quality step: (raw scores, z-scores within the class, fate {index: why
+    dropped}, the lowest-z share of each class). A rule failure is not scored; without a scorer
+    nothing is."""
+    n = len(items)
+    raw, z, fate, low = [None] * n, [None] * n, {}, set()     # fate: index -> why dropped
+    for i in tqdm(range(n) if scorer else [], desc="score", disable=not progress):
+        try:
+            raw[i] = None if rule[i] else float(scorer(items[i][1]))
+        except DataError as e:
+            fate[i] = f"bad:{e.reason}"
+    for m in members:               # z-score within the class, then its lowest share
+        scored = [i for i in m if raw[i] is not None]
+        v = np.array([raw[i] for i in scored])
+        for i, x in zip(scored, v):
+            z[i] = float((x - v.mean()) / v.std()) if v.std() > 1e-12 else 0.0
+        low.update(sorted(scored, key=lambda i: (z[i], i))[:int(reannotate_frac * len(scored))])
+    return raw, z, fate, low
+
+
+def balance_classes(alive: list, cap: float, upsample: bool, seed: int) -> tuple:
+    """curate_instructions' balancing step: (sorted indices kept, repeats included; the median class
+    size; the per-class limit ceil(cap x median)). Seeded down-sampling above the limit; with
+    `upsample`, classes below the median repeated up to it."""
+    median = float(np.median([len(a) for a in alive if a])) if any(alive) else 0.0
+    limit, rng, keep = math.ceil(cap * median), random.Random(seed), []
+    for a in alive:
+        if len(a) > limit:
+            a = sorted(rng.sample(a, limit))
+        elif upsample and a and len(a) < median:
+            a = a * (math.ceil(median) // len(a)) + sorted(rng.sample(a, math.ceil(median) % len(a)))
+        keep += a
+    return sorted(keep), median, limit
+
+
+def curate_instructions(manifests, out_dir, classes: int = 8, scorer=None, annotator=None,
+                        reannotate_frac: float = 0.1, cap: float = 2.0, upsample: bool = False, seed: int = 0,
+                        max_new_tokens: int = 256, progress: bool = True) -> dict:
+    """SAIL-Instruction2 curation (§4.1.2) into out_dir/{curated.jsonl, classes.json, report.json};
+    returns the report. Paper: latent classes, quality scores, re-annotation, class balancing. Ours:
+    - classes: kmeans (k-means++, 4 restarts) on tfidf_embed(instruction_text), named by class_names.
+    - quality: answer_rule's cheap rules always (a failure scores lowest); with a scorer (default with
+      an annotator: its mean answer log-likelihood), the z-score of the score within the class.
+    - re-annotation of every rule failure plus the floor(reannotate_frac x n) lowest z of each class
+      (that share needs a scorer): the annotator's greedy answer replaces the old one only when it
+      passes the rules and scores higher (a rule failure scores below any answer); both stay under
+      "curation" for audit; a rule failure with no better answer is dropped. Without an annotator
+      all these are dropped. (An annotator scoring its own greedy answers favours them: give a
+      separate scorer, a judge, to avoid it.)
+    - balancing: a class keeps at most ceil(cap x median class size), seeded down-sampling; with
+      `upsample`, classes below the median are repeated up to it, else kept as they are."""
+    out_dir, dropped, counts = Path(out_dir), Counter(), Counter()
+    items = list(read_instructions(manifests, "read", dropped, progress))
+    scorer, n = scorer or annotator, len(items)
+    questions, answers = [instruction_text(r) for _, r in items], [r.turns[-1][1] for _, r in items]
+    X, bucket_names = tfidf_embed(questions)
+    labels = kmeans(X, classes, seed)[0] if n else np.zeros(0, np.int64)
+    members = [np.flatnonzero(labels == j).tolist() for j in range(int(labels.max()) + 1 if n else 0)]
+    cstats = [class_stats([answers[i] for i in m]) for m in members]
+    rule = [answer_rule(q, a, cstats[c]) for q, a, c in zip(questions, answers, labels)]
+    counts.update(f"rule:{x}" for x in rule if x)
+    raw, z, fate, low = score_in_classes(items, members, rule, scorer, reannotate_frac, progress)
+    audit, counts["low_score"] = {}, len(low)
+    for i in tqdm([i for i in range(n) if (rule[i] or i in low) and i not in fate], desc="re-annotate",
+                  disable=not progress or annotator is None):
+        if annotator is None:
+            fate[i] = f"rule:{rule[i]}" if rule[i] else "low_score"
+            continue
+        try:
+            new = annotator.generate([items[i][1]], max_new_tokens)[0]
+            new_rule = "unfinished" if new is None else answer_rule(questions[i], new, cstats[labels[i]])
+            rec = replace(items[i][1], turns=items[i][1].turns[:-1] + [("assistant", new)])
+            new_raw = float(scorer(rec)) if new_rule is None else None
+        except DataError as e:
+            fate[i] = f"bad:{e.reason}"
+            continue
+        better = new_rule is None and (rule[i] is not None or new_raw > raw[i])
+        audit[i] = {"old_answer": answers[i], "new_answer": new, "old_score": _r(raw[i]), "new_score": _r(new_raw),
+                    "old_rule": rule[i], "new_rule": new_rule, "kept": "new" if better else "old"}
+        counts[f"reannotated_kept_{audit[i]['kept']}"] += 1
+        if rule[i] and not better:
+            fate[i] = "reannotation_not_better"
+    alive = [[i for i in m if i not in fate] for m in members]
+    keep, median, limit = balance_classes(alive, cap, upsample, seed)
+    dropped.update(fate.values())
+    dropped["balancing"], counts["upsampled"] = sum(map(len, alive)) - len(set(keep)), len(keep) - len(set(keep))
+    lines = []
+    for i in keep:
+        obj, rec, key = items[i][0], items[i][1], "conversations" if "conversations" in items[i][0] else "messages"
+        if audit.get(i, {}).get("kept") == "new":       # the new answer goes into the last assistant turn
+            turns = [dict(t) for t in obj[key]]
+            turns[-1]["value" if key == "conversations" else "content"] = audit[i]["new_answer"]
+            obj = {**obj, key: turns}
+        lines.append(json.dumps({**rebase_media(obj, rec, out_dir), "curation": {
+            "class": int(labels[i]), "score": _r(z[i]), "rule": rule[i], **audit.get(i, {})}}, ensure_ascii=False))
+    names, after = class_names(X, labels, bucket_names) if n else [], Counter(int(labels[i]) for i in keep)
+    info = [{"class": j, "name": names[j], "size_before": len(m), "size_after": after[j],
+             "mean_score": _r(np.mean(v)) if (v := [raw[i] for i in m if raw[i] is not None]) else None,
+             "examples": list(dict.fromkeys(questions[i] for i in m))[:3]} for j, m in enumerate(members)]
+    report = {"section": "§4.1.2 SAIL-Instruction2", "records": n, "classes": len(members),
+              "embedding": f"hashed word 1-2-gram TF-IDF, {HASH_BUCKETS} buckets, L2; k-means++, 4 restarts",
+              "scorer": None if scorer is None else getattr(scorer, "__name__", type(scorer).__name__),
+              "balancing": {"median": median, "limit": limit, "upsample": upsample},
+              "counts": dict(sorted(counts.items())), "dropped": dict(sorted(dropped.items())), "written": len(lines)}
+    write_outputs(out_dir, lines, classes=info, report=report)
+    return report
+
+
+def video_richness(path, num_frames: int = 16, where: str = None) -> dict:
+    """Richness from pixels (ours), over the num_frames evaluation frames at 64 x 64, RGB in [0, 1]:
+    motion   = mean |f[t+1] - f[t]| over pixels and consecutive frames
+    distinct = frames kept in time order when, against every frame kept before, more than 1% of the
+               pixels change by more than 0.1 (codec noise and slow drift do not count)
+    richness = 0.5 min(1, motion / 0.05) + 0.5 (distinct - 1) / (num_frames - 1), in [0, 1]: 0 for a
+               still picture repeated; the synthetic moving shapes score ~0.62."""
+    f = load_video(path, num_frames, image_size=RICH_SIZE, where=where)
+    f = (f * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1).numpy()          # (T, 3, 64, 64)
+    motion = float(np.abs(np.diff(f, axis=0)).mean()) if len(f) > 1 else 0.0
+    kept = [f[0]]
+    for x in f[1:]:
+        if all((np.abs(x - y).max(0) > PIXEL_CHANGE).mean() > DISTINCT_SHARE for y in kept):
+            kept.append(x)
+    richness = 0.5 * min(1.0, motion / FULL_MOTION) + 0.5 * (len(kept) - 1) / max(1, len(f) - 1)
+    return {"richness": richness, "motion": motion, "distinct_frames": len(kept)}
+
+
+def answer_passes(reply, answer: str) -> bool:
+    """A reply passes when its final \\boxed{} answer agrees with the answer (`answers_match` of the
+    normalize_answer forms), or the answer's words occur in it as a run of whole words (ours)."""
+    gold, reply = normalize_answer(answer), reply or ""
+    words = " ".join(words_of(gold))
+    return bool(gold) and (answers_match(normalize_answer(final_answer(reply) or ""), gold)
+                           or bool(words) and f" {words} " in " " + " ".join(words_of(reply)) + " ")
+
+
+def curate_video(manifests, out_dir, scorer=None, min_alignment: float = 0.0, min_richness: float = 0.1,
+                 max_pass_rate: float = 1.0, num_frames: int = 16, max_new_tokens: int = 64,
+                 progress: bool = True) -> dict:
+    """SAIL-Video curation (§4.1.1) into out_dir/{curated.jsonl, report.json}; returns the report.
+    Paper: score video-QA pairs for alignment, richness and difficulty; filter. Ours:
+    - alignment = scorer.loglik(rec) - scorer.loglik(rec, blank=True): how much the video raises the
+      answer's mean per-token log-likelihood over all-white frames; dropped below min_alignment
+      (default 0: the video must not make the answer less likely than blank frames do).
+    - richness: video_richness of the record's poorest video; dropped below min_richness (0.1).
+    - difficulty: pass_rate = 1 if the scorer's greedy reply passes the record's "answer"
+      (answer_passes) else 0; without an "answer", exp(mean answer log-likelihood), the per-token
+      probability. Dropped above max_pass_rate (default 1.0 keeps all).
+    Without a scorer only richness is computed and filtered (the report says so). Records without a
+    video pass unscored. A record is dropped for its first failing check (richness, alignment,
+    difficulty); every failing check is counted (fail:...)."""
+    out_dir, counts, values, lines = Path(out_dir), Counter(), {}, []
+    for obj, rec in read_instructions(manifests, "video", counts, progress):
+        if not rec.videos:
+            counts["kept_unscored"] += 1
+            lines.append(json.dumps(rebase_media(obj, rec, out_dir), ensure_ascii=False))
+            continue
+        try:
+            s = min((video_richness(p, num_frames, rec.where) for p in rec.videos), key=lambda d: d["richness"])
+            if scorer is not None:
+                ll = scorer.loglik(rec)
+                s["alignment"] = ll - scorer.loglik(rec, blank=True)
+                s["pass_rate"] = math.exp(ll) if rec.answer is None else \
+                    float(answer_passes(scorer.generate([rec], max_new_tokens)[0], rec.answer))
+        except DataError as e:
+            counts[f"bad:{e.reason}"] += 1
+            continue
+        for key, x in s.items():
+            values.setdefault(key, []).append(x)
+        fails = [why for why, failed in (("low_richness", s["richness"] < min_richness),
+                                         ("low_alignment", s.get("alignment", math.inf) < min_alignment),
+                                         ("too_easy", s.get("pass_rate", -math.inf) > max_pass_rate)) if failed]
+        counts.update(f"fail:{why}" for why in fails)
+        counts[f"dropped:{fails[0]}" if fails else "kept"] += 1
+        if not fails:
+            lines.append(json.dumps({**rebase_media(obj, rec, out_dir), "scores": {k: _r(x) for k, x in s.items()}},
+                                    ensure_ascii=False))
+    quartiles = {k: {"n": len(v), **dict(zip(("min", "q1", "median", "q3", "max"),
+                                              np.percentile(v, [0, 25, 50, 75, 100]).round(4).tolist()))}
+                 for k, v in values.items()}
+    report = {"section": "§4.1.1 SAIL-Video", "counts": dict(sorted(counts.items())), "scores": quartiles,
+              "thresholds": {"min_richness": min_richness, "min_alignment": min_alignment,
+                             "max_pass_rate": max_pass_rate}, "written": len(lines)}
+    if scorer is None:
+        report["note"] = "no scorer: alignment and difficulty were not computed and not filtered"
+    write_outputs(out_dir, lines, report=report)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -730,7 +1594,96 @@ def run_eval(args, model, tok, dcfg):
     return rep
 
 
+def load_scorer(ckpt, **overrides):
+    """A CheckpointScorer for a checkpoint folder (`load`, DataConfig `overrides`), or None for None."""
+    if ckpt is None:
+        return None
+    model, tok, dcfg = load(ckpt)
+    return CheckpointScorer(model, tok, replace(dcfg, **overrides))
+
+
+def print_counts(title: str, counts: Counter):
+    print(f"{title}:")
+    for k, v in sorted(counts.items()):
+        print(f"  {k:28s} {v}")
+
+
+def curate_instructions_cli(a):
+    annotator = load_scorer(a.annotator)
+    print(json.dumps(curate_instructions(a.inputs.split(","), a.out, a.classes, load_scorer(a.scorer) or annotator,
+                                         annotator, a.reannotate_frac, a.cap, a.upsample, a.seed, a.max_new_tokens),
+                     indent=1, ensure_ascii=False))
+
+
+def curate_video_cli(a):
+    scorer = load_scorer(a.scorer, num_frames=a.num_frames)
+    print(json.dumps(curate_video(a.inputs.split(","), a.out, scorer, a.min_alignment, a.min_richness,
+                                  a.max_pass_rate, a.num_frames), indent=1, ensure_ascii=False))
+
+
+def curation_io(what: str) -> tuple:
+    """The --in, --out, --scorer options both model-based curation tools take."""
+    return (("--in", dict(dest="inputs", required=True, help="manifest(s), comma-separated")),
+            ("--out", dict(required=True, help="output folder")),
+            ("--scorer", dict(help=f"checkpoint whose answer log-likelihood scores {what}")))
+
+
+# the data tools (`python sample.py TOOL --help`): (name, function of the parsed arguments, help, options)
+TOOLS = (
+    ("filter", lambda a: print_counts("quality filter", quality_filter(a.manifest, a.out, min_vir=a.min_vir,
+                                                                       min_ita=a.min_ita)),
+     "keep samples whose judge scores (VIR, ITA) pass thresholds (§3.1)", (
+         ("manifest", {}), ("out", {}),
+         ("--min-vir", dict(type=float, default=0.05, help="visual information richness threshold")),
+         ("--min-ita", dict(type=float, default=0.5, help="image-text alignment threshold")))),
+    ("charts", lambda a: print(f"wrote {make_charts(a.out, a.n, a.seed, a.size)}"),
+     "render bar/line/pie charts to PNG with their data and QA pairs", (
+         ("--out", dict(required=True)), ("--n", dict(type=int, default=100)), ("--seed", dict(type=int, default=0)),
+         ("--size", dict(type=int, default=224, help="chart side in pixels")))),
+    ("caption2qa", lambda a: print_counts("caption -> QA", caption_to_qa(a.manifest, a.out, pairs=a.pairs,
+                                                                         seed=a.seed)),
+     "turn caption samples into QA conversations (template generator)", (
+         ("manifest", {}), ("out", {}),
+         ("--pairs", dict(type=int, default=1, help="QA pairs per caption (0 = all)")),
+         ("--seed", dict(type=int, default=0)))),
+    ("curate-instructions", curate_instructions_cli, "SAIL-Instruction2 (§4.1.2): latent classes, answer quality, "
+     "re-annotation, class balancing -> DIR/{curated.jsonl,classes.json,report.json}", (
+         ("--classes", dict(type=int, default=8, help="latent classes (k-means on the instructions' TF-IDF)")),
+         ("--annotator", dict(help="checkpoint that re-annotates (greedy) and, without --scorer, scores answers "
+                              "(mean log-likelihood); without it rule failures are dropped")),
+         ("--reannotate-frac", dict(type=float, default=0.1, help="lowest-scoring share of each class to "
+                                    "re-annotate or drop, besides every rule failure (needs a scorer)")),
+         ("--cap", dict(type=float, default=2.0, help="a class keeps at most cap x the median class size")),
+         ("--upsample", dict(action="store_true", help="repeat classes below the median size up to it")),
+         ("--max-new-tokens", dict(type=int, default=256, help="re-annotation length limit")),
+         ("--seed", dict(type=int, default=0, help="k-means and balancing seed: same seed, same bytes")))
+     + curation_io("quality")),
+    ("curate-video", curate_video_cli, "SAIL-Video (§4.1.1): alignment, richness and difficulty scores and filters "
+     "-> DIR/{curated.jsonl,report.json}", (
+         ("--min-alignment", dict(type=float, default=0.0, help="drop when the video raises the answer's mean "
+                                  "log-likelihood over all-white frames by less than this (nats/token)")),
+         ("--min-richness", dict(type=float, default=0.1, help="drop below this richness in [0, 1] (still video: "
+                                 "0, the synthetic moving shapes: ~0.6)")),
+         ("--max-pass-rate", dict(type=float, default=1.0, help="drop above this greedy pass rate of the scorer "
+                                  "(1.0 keeps all; 0.5 drops what it already answers)")),
+         ("--num-frames", dict(type=int, default=16, help="frames sampled per video")))
+     + curation_io("alignment and difficulty (without it neither is computed nor filtered)")),
+)
+
+
+def tool_cli(argv):
+    """`python sample.py TOOL ...`: one of TOOLS; a missing file or a bad value is a usage error (exit 2)."""
+    args = data.tool_parser("sample.py", "SAIL-VL2 curation tools (§3.1, §4.1)", TOOLS, Parser).parse_args(
+        data.dashed_options(argv))
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError, DataError) as e:
+        raise UsageError(f"{args.cmd}: {e}") from None
+
+
 def cli(argv):
+    if argv[:1] and argv[0] in {row[0] for row in TOOLS}:
+        return tool_cli(argv)
     ap = Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--ckpt", required=True, help="a checkpoint folder (ours or an official SAIL-VL2 one)")

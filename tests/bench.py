@@ -49,6 +49,7 @@ import model as modeling  # noqa: E402
 import packing  # noqa: E402
 import rl  # noqa: E402
 import sample  # noqa: E402
+import synth  # noqa: E402
 import train_stage  # noqa: E402
 from packing import PackingConfig, SampleMeta  # noqa: E402
 
@@ -495,7 +496,7 @@ def bench_packing_real(args):
     same samples, pad-to-longest batches vs stream packs."""
     mcfg = modeling.preset_config("tiny")
     dcfg = data.DataConfig.from_model(mcfg)
-    root = data.ensure_synth(args.synth_dir, progress=False)
+    root = synth.ensure_synth(args.synth_dir, progress=False)
     tok = data.load_tokenizer(root)                                     # the synthetic data's own BPE
     rng = random.Random(args.seed)
     samples = []
@@ -707,7 +708,7 @@ def rl_setup(preset: str, n_prompts: int):
     cfg, _ = rl.rl_config([])
     sailvl = modeling.build_model(preset).eval()
     cfg = rl.resolve_algo(cfg, sailvl.cfg)
-    tok = data.load_tokenizer(data.ensure_synth(cfg.data_dir, progress=False))
+    tok = data.load_tokenizer(synth.ensure_synth(cfg.data_dir, progress=False))
     dcfg = data.DataConfig.from_model(sailvl.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
     return sailvl, cfg, tok, rl.read_prompts(cfg, tok, dcfg, "train", n_prompts)
 

@@ -36,5 +36,5 @@ import pytest  # noqa: E402
 def synth(tmp_path_factory):
     """The default synthetic dataset (every family, its BPE tokenizer), generated once per test
     session (~15 s) and shared read-only by every module that trains or evaluates on it."""
-    import data
-    return data.ensure_synth(tmp_path_factory.mktemp("synth") / "data", progress=False)      # a Path
+    import synth
+    return synth.ensure_synth(tmp_path_factory.mktemp("synth") / "data", progress=False)     # a Path

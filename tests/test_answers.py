@@ -11,6 +11,8 @@ import time
 import pytest
 
 import data
+import rl
+import sample
 
 # ----------------------------------------------------------------------------------------------
 # where the answer is, and which box
@@ -40,7 +42,7 @@ import data
     ("<think>t</think> \\boxed{2} \\boxed{" + "1" * 1001 + "}", "2"),
 ])
 def test_final_answer(text, want):
-    assert data.final_answer(text) == want
+    assert sample.final_answer(text) == want
 
 
 # math-verify's own box rule where it has one (the last \boxed opened whose braces balance, raw
@@ -56,7 +58,7 @@ def test_the_box_rule_is_math_verifys():
     math_verify = pytest.importorskip("math_verify")
     for text in MV_BOX_CASES:
         theirs = math_verify.parse(text)
-        ours = data.last_boxed(text)
+        ours = sample.last_boxed(text)
         assert (theirs[-1] if theirs else None) == (ours or None), (text, theirs, ours)
 
 
@@ -65,37 +67,37 @@ def test_split_think_and_the_answer_region():
     assert data.split_think("x <think>a</think> b </think> c") == ("a</think> b ", " c")       # the last close
     assert data.split_think("no tags") is None and data.split_think("<think>open") is None
     assert data.split_think("a</think>b") is None                                              # no thinking to judge
-    assert data.answer_region("<think>a</think>b") == "b" and data.answer_region("a</think>b") == "b"
-    assert data.answer_region("plain") == "plain" and data.answer_region("<think>cut off") is None
+    assert sample.answer_region("<think>a</think>b") == "b" and sample.answer_region("a</think>b") == "b"
+    assert sample.answer_region("plain") == "plain" and sample.answer_region("<think>cut off") is None
 
 
 def test_last_boxed_is_bounded_and_takes_the_last():
-    assert data.last_boxed(r"so \boxed{3} no, \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
-    assert data.last_boxed("no box here") is None
-    assert data.last_boxed(r"\boxed{unclosed {x}") is None
+    assert sample.last_boxed(r"so \boxed{3} no, \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert sample.last_boxed("no box here") is None
+    assert sample.last_boxed(r"\boxed{unclosed {x}") is None
     hostile = "\\boxed{" + "{" * 200_000 + "a" * 200_000
     t0 = time.perf_counter()
-    assert data.last_boxed(hostile) is None
-    assert data.last_boxed(("\\boxed{" * 50_000) + "7}") == "7"
-    assert data.last_boxed("\\boxed{1}" + "}" * 100_000 + "\\boxed{2}") == "2"
+    assert sample.last_boxed(hostile) is None
+    assert sample.last_boxed(("\\boxed{" * 50_000) + "7}") == "7"
+    assert sample.last_boxed("\\boxed{1}" + "}" * 100_000 + "\\boxed{2}") == "2"
     assert time.perf_counter() - t0 < 1.0
 
 
 def test_last_number():
-    assert data.last_number("3 + 4 = 7, so") == "7" and data.last_number("7 - 12 = -5") == "-5"
-    assert data.last_number("10 * 100 = 1,000") == "1,000" and data.last_number("half is 0.50") == "0.50"
-    assert data.last_number("none") is None
+    assert sample.last_number("3 + 4 = 7, so") == "7" and sample.last_number("7 - 12 = -5") == "-5"
+    assert sample.last_number("10 * 100 = 1,000") == "1,000" and sample.last_number("half is 0.50") == "0.50"
+    assert sample.last_number("none") is None
 
 
 # ----------------------------------------------------------------------------------------------
 # free-text spelling, word-F1 and ROUGE-L
 
 def test_normalize_answer():
-    assert data.normalize_answer("  The  Top Left. ") == "the top left"
-    assert data.normalize_answer("4.0") == "4" and data.normalize_answer("$1,000$") == "1000"
-    assert data.normalize_answer(r"\text{Red}") == "red" and data.normalize_answer("1/2") == "1/2"
-    assert data.answers_match(data.normalize_answer("4.0"), data.normalize_answer("4"))
-    assert not data.answers_match(data.normalize_answer("top left"), data.normalize_answer("top"))
+    assert sample.normalize_answer("  The  Top Left. ") == "the top left"
+    assert sample.normalize_answer("4.0") == "4" and sample.normalize_answer("$1,000$") == "1000"
+    assert sample.normalize_answer(r"\text{Red}") == "red" and sample.normalize_answer("1/2") == "1/2"
+    assert sample.answers_match(sample.normalize_answer("4.0"), sample.normalize_answer("4"))
+    assert not sample.answers_match(sample.normalize_answer("top left"), sample.normalize_answer("top"))
 
 
 def close(a, b, tol=1e-9):
@@ -104,17 +106,17 @@ def close(a, b, tol=1e-9):
 
 def test_rouge_l_and_word_f1_by_hand():
     # LCS of "the cat sat on the mat" / "the cat is on the mat" = the cat on the mat = 5
-    assert close(data.rouge_l("the cat sat on the mat", "The cat is on the mat."), 5 / 6)
-    assert close(data.word_f1("the cat sat on the mat", "The cat is on the mat."), 5 / 6)
+    assert close(sample.rouge_l("the cat sat on the mat", "The cat is on the mat."), 5 / 6)
+    assert close(sample.word_f1("the cat sat on the mat", "The cat is on the mat."), 5 / 6)
     # order matters for ROUGE-L (LCS 1 of 4), not for bag-of-words F1
-    assert close(data.rouge_l("a b c d", "d c b a"), 0.25) and close(data.word_f1("a b c d", "d c b a"), 1.0)
+    assert close(sample.rouge_l("a b c d", "d c b a"), 0.25) and close(sample.word_f1("a b c d", "d c b a"), 1.0)
     # P = 2/2, R = 2/4 -> F = 2/3; punctuation is no word
-    assert close(data.rouge_l("a c", "a b c d"), 2 / 3) and close(data.word_f1("a c.", "a, b, c, d"), 2 / 3)
-    assert data.rouge_l("", "a") == 0.0 and data.word_f1("a", "") == 0.0 and data.rouge_l("x", "y") == 0.0
-    assert data.word_f1("", "") == 1.0 and data.word_f1("...", "") == 1.0        # SQuAD: both empty = 1
+    assert close(sample.rouge_l("a c", "a b c d"), 2 / 3) and close(sample.word_f1("a c.", "a, b, c, d"), 2 / 3)
+    assert sample.rouge_l("", "a") == 0.0 and sample.word_f1("a", "") == 0.0 and sample.rouge_l("x", "y") == 0.0
+    assert sample.word_f1("", "") == 1.0 and sample.word_f1("...", "") == 1.0        # SQuAD: both empty = 1
     long = " ".join(f"w{i}" for i in range(1000))                            # capped at 256 words
-    assert close(data.rouge_l(long, long), 1.0)
-    assert close(data.rouge_l(long, " ".join(f"w{i}" for i in range(256))), 1.0)
+    assert close(sample.rouge_l(long, long), 1.0)
+    assert close(sample.rouge_l(long, " ".join(f"w{i}" for i in range(256))), 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +220,8 @@ def mv_equal():
 def test_normaliser_never_equal_where_math_verify_differs(mv_equal):
     checked = 0
     for gold, pred in MV_CASES + OURS_EQUAL + OURS_DIFFERENT:
-        ours = data.answers_match(pred, gold)
-        assert ours == data.answers_match(gold, pred)                          # symmetric
+        ours = sample.answers_match(pred, gold)
+        assert ours == sample.answers_match(gold, pred)                          # symmetric
         if ours:
             assert mv_equal(gold, pred) and mv_equal(pred, gold), (gold, pred)
             checked += 1
@@ -227,7 +229,7 @@ def test_normaliser_never_equal_where_math_verify_differs(mv_equal):
 
 
 def test_normaliser_classes_are_cliques_for_math_verify(mv_equal):
-    equal = [(a, b) for i, a in enumerate(POOL) for b in POOL[i + 1:] if data.answers_match(a, b)]
+    equal = [(a, b) for i, a in enumerate(POOL) for b in POOL[i + 1:] if sample.answers_match(a, b)]
     assert len(equal) > 100
     bad = [(a, b) for a, b in equal if not (mv_equal(a, b) and mv_equal(b, a))]
     assert not bad
@@ -235,11 +237,11 @@ def test_normaliser_classes_are_cliques_for_math_verify(mv_equal):
 
 def test_normaliser_gets_the_cases_it_claims(mv_equal):
     for gold, pred in OURS_EQUAL:
-        assert data.answers_match(pred, gold), (gold, pred)
+        assert sample.answers_match(pred, gold), (gold, pred)
     for gold, pred in OURS_DIFFERENT:
-        assert not data.answers_match(pred, gold), (gold, pred)
+        assert not sample.answers_match(pred, gold), (gold, pred)
     # the math-verify suite's pairs it calls different stay different for us
-    assert not any(data.answers_match(p, g) for g, p in MV_CASES if not mv_equal(g, p))
+    assert not any(sample.answers_match(p, g) for g, p in MV_CASES if not mv_equal(g, p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,9 +258,9 @@ HOSTILE = {
     "long_thinking_numbers": "<think>" + " 1" * 500000 + "</think>\\boxed{1}",
     "nested_wrappers": "<think>t</think>\\boxed{" + "\\text{" * 140 + "(" * 100 + "1" + ")" * 100 + "}" * 140 + "}",
 }
-API = {"final_answer": data.final_answer, "split_think": data.split_think, "last_number": data.last_number,
-       "match": lambda s: data.answers_match(data.final_answer(s) or "", "1"), "word_f1": lambda s: data.word_f1(s, s),
-       "rouge_l": lambda s: data.rouge_l(s, s), "normalize": lambda s: data.normalize_answer(s[:2000])}
+API = {"final_answer": sample.final_answer, "split_think": data.split_think, "last_number": sample.last_number,
+       "match": lambda s: sample.answers_match(sample.final_answer(s) or "", "1"), "word_f1": lambda s: sample.word_f1(s, s),
+       "rouge_l": lambda s: sample.rouge_l(s, s), "normalize": lambda s: sample.normalize_answer(s[:2000])}
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
@@ -286,12 +288,12 @@ def test_longcot_filter_reads_boxes_and_answers_with_the_api(tmp_path):
     got = []
     for i, row in enumerate(rows):
         try:
-            got.append(data.format_longcot(row, f"m.jsonl:{i + 1}")["conversations"][1]["value"])
+            got.append(rl.format_longcot(row, f"m.jsonl:{i + 1}")["conversations"][1]["value"])
         except data.DataError as e:
             got.append(e.reason)
     assert got == ["<think>\ntwo plus two\n</think>\n\\boxed{4.0}", "wrong_answer",
                    "<think>\ntwo plus two\n</think>\nIt is \\boxed{4 The answer is \\boxed{4}.", "format"]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({**r, "conversations": [
         {"from": "human", "value": f"q{i}"}, r["conversations"][1]]}) + "\n" for i, r in enumerate(rows)))
-    stats = data.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
+    stats = rl.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
     assert stats["kept"] == 2 and stats["bad:wrong_answer"] == 1 and stats["bad:format"] == 1

@@ -19,6 +19,9 @@ import torch
 from PIL import Image
 
 import data
+import rl
+import sample
+import synth
 from data import DataConfig, DataError
 
 SYS = "你是由抖音内容理解组开发的多模态大模型，英文名叫UniVL, 是一个有用无害的人工智能助手。"
@@ -618,7 +621,7 @@ def test_each_bad_sample_is_reported_and_counted_once_over_many_passes(tmp_path,
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
-    return data.make_synth(tmp_path_factory.mktemp("synth") / "d", seed=0, size=16, progress=False)
+    return synth.make_synth(tmp_path_factory.mktemp("synth") / "d", seed=0, size=16, progress=False)
 
 
 TINY = dict(image_size=112, max_tiles=4, num_frames=4)
@@ -749,10 +752,10 @@ def file_digests(folder):
 
 
 def test_synth_deterministic(synth_dir, tmp_path):
-    again = data.make_synth(tmp_path / "again", seed=0, size=16, progress=False)
+    again = synth.make_synth(tmp_path / "again", seed=0, size=16, progress=False)
     da, db = file_digests(synth_dir), file_digests(again)
     assert da == db and len(da) > 150
-    other = data.make_synth(tmp_path / "other", seed=1, size=16, progress=False)
+    other = synth.make_synth(tmp_path / "other", seed=1, size=16, progress=False)
     assert (other / "caption" / "train.jsonl").read_bytes() != (synth_dir / "caption" / "train.jsonl").read_bytes()
     assert data.ensure_synth(synth_dir, seed=0, size=16) == synth_dir      # present: no-op
     with pytest.raises(ValueError, match="seed 0 size 16"):
@@ -780,12 +783,12 @@ def test_synth_every_sample_loads(synth_dir):
 # curation (§3.1, §4.2.2)
 
 def test_heuristic_judge_and_quality_filter(tmp_path):
-    scene = data.scene_image([("red", "circle", "top", "left"), ("blue", "square", "bottom", "right")])
-    assert data.ita_score(scene, "a red circle and a blue square") == 1.0
-    assert data.ita_score(scene, "a green circle") == 0.0
-    assert data.ita_score(scene, "a red circle and a yellow one") == 0.5
+    scene = synth.scene_image([("red", "circle", "top", "left"), ("blue", "square", "bottom", "right")])
+    assert sample.ita_score(scene, "a red circle and a blue square") == 1.0
+    assert sample.ita_score(scene, "a green circle") == 0.0
+    assert sample.ita_score(scene, "a red circle and a yellow one") == 0.5
     blank = Image.new("RGB", (112, 112), "white")
-    assert data.vir_score(blank) < 0.05 < data.vir_score(scene)
+    assert sample.vir_score(blank) < 0.05 < sample.vir_score(scene)
     scene.save(tmp_path / "s.png")
     blank.save(tmp_path / "b.png")
     conv = lambda img, cap: {"image": img, "conversations": [{"from": "human", "value": "<image>\nDescribe."},  # noqa: E731
@@ -793,7 +796,7 @@ def test_heuristic_judge_and_quality_filter(tmp_path):
     lines = [conv("s.png", "a red circle and a blue square."), conv("b.png", "a red circle."),
              conv("s.png", "a green triangle."), conv("missing.png", "x"), {"text": "plain"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
-    stats = data.quality_filter(tmp_path / "m.jsonl", tmp_path / "out" / "f.jsonl", progress=False)
+    stats = sample.quality_filter(tmp_path / "m.jsonl", tmp_path / "out" / "f.jsonl", progress=False)
     assert stats == {"kept": 1, "low_vir": 1, "low_ita": 1, "bad:missing_file": 1, "kept_unscored": 1, "bad:json": 1}
     kept = [json.loads(x) for x in (tmp_path / "out" / "f.jsonl").read_text().splitlines()]
     assert kept[0]["image"] == ["../s.png"] and kept[0]["scores"]["ita"] == 1.0
@@ -802,25 +805,25 @@ def test_heuristic_judge_and_quality_filter(tmp_path):
 
 def test_charts(tmp_path):
     labels, values = ["cat", "dog", "fish"], [3, 9, 1]
-    qa = dict(data.chart_qa("bar", labels, values))
+    qa = dict(sample.chart_qa("bar", labels, values))
     assert qa["Which bar has the largest value?"] == "dog" and qa["Which bar has the smallest value?"] == "fish"
     assert qa["What is the value of cat?"] == "3" and qa["How many bars are there?"] == "3"
     for kind in data.CHART_KINDS:
-        img = data.render_chart(kind, labels, values, size=160)
+        img = sample.render_chart(kind, labels, values, size=160)
         assert img.size == (160, 160) and len(img.getcolors(maxcolors=1 << 16)) > 3
-    path = data.make_charts(tmp_path / "c", n=6, progress=False)
+    path = sample.make_charts(tmp_path / "c", n=6, progress=False)
     ds = data.JsonlDataset(path, data.load_tokenizer(None), DataConfig(**TINY))
     assert len(ds) == 6 and {json.loads(open(path).readlines()[i])["chart"]["kind"] for i in range(3)} == set(data.CHART_KINDS)
     assert ds[0]["input_ids"].numel() > 0
 
 
 def test_caption_to_qa(tmp_path, synth_dir):
-    qa = data.template_qa("a red circle at the top left and a blue square at the bottom right.")
+    qa = sample.template_qa("a red circle at the top left and a blue square at the bottom right.")
     assert ("What colour is the circle at the top left?", "red.") in qa and len(qa) == 6
     assert ("Where is the blue square?", "at the bottom right.") in qa
-    assert data.template_qa("A sunny beach.") == [("Describe the image.", "A sunny beach.")]
+    assert sample.template_qa("A sunny beach.") == [("Describe the image.", "A sunny beach.")]
     out = tmp_path / "qa" / "caption_qa.jsonl"
-    stats = data.caption_to_qa(synth_dir / "caption" / "train.jsonl", out, pairs=2, progress=False)
+    stats = sample.caption_to_qa(synth_dir / "caption" / "train.jsonl", out, pairs=2, progress=False)
     assert stats == {"converted": 16}
     ds = data.JsonlDataset(out, data.load_tokenizer(None), DataConfig(**TINY))
     assert len(list(ds.scan(progress=False))) == 16
@@ -843,7 +846,7 @@ def test_clean_longcot(tmp_path):
         {"image": "a.png", "question": "<image>\nq6", "cot": "count them", "answer": "3"},        # field form
     ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    stats = data.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
+    stats = rl.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
     assert stats["kept"] == 3 and stats["duplicate"] == 1 and stats["redundant"] == 1 and stats["bad:format"] == 2
     kept = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert kept[0]["conversations"][1]["value"] == f"<think>\n{chain}\n</think>\nThe answer is \\boxed{{4}}."
@@ -855,15 +858,17 @@ def test_clean_longcot(tmp_path):
     lines = [conv(f"s{i}", "<think>a b</think>\\boxed{1}") for i in range(6)]
     lines += [conv(f"l{i}", "<think>a b c d e f g h</think>\\boxed{1}") for i in range(2)]
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    stats = data.clean_longcot(tmp_path / "b.jsonl", tmp_path / "b_out.jsonl", progress=False)
+    stats = rl.clean_longcot(tmp_path / "b.jsonl", tmp_path / "b_out.jsonl", progress=False)
     assert stats["cot_len_2^1_before"] == 6 and stats["cot_len_2^1_after"] == 4 and stats["cot_len_2^3_after"] == 2
     assert stats["kept"] == 6 and stats["length_balanced_away"] == 2
 
 
 def test_cli_help_and_check(tmp_path, capsys):
-    for cmd in ["synth", "check", "rebalance", "filter", "charts", "caption2qa", "longcot"]:
+    for main, cmd in [(data.main, "add-image-tokens"), (data.main, "check"), (data.main, "rebalance"),
+                      (sample.main, "filter"), (sample.main, "charts"), (sample.main, "caption2qa"),
+                      (rl.main, "clean-longcot"), (synth.main, "")]:
         with pytest.raises(SystemExit) as e:
-            data.main([cmd, "--help"])
+            main(([cmd] if cmd else []) + ["--help"])
         assert e.value.code == 0
     assert "usage" in capsys.readouterr().out
     path, expected = salted_manifest(tmp_path)

@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+import synth
 import model as modeling
 import train_stage
 import vit
@@ -264,7 +265,7 @@ def test_a_model_tokenizer_mismatch_is_one_error_line(folders, tmp_path, capsys,
         match = "has no tokenizer"
     elif case == "other_tokenizer":                     # a BPE the Qwen3 weights were not trained with
         (tmp_path / "bpe").mkdir()
-        (tmp_path / "bpe" / "tokenizer.json").write_text(json.dumps(data.train_bpe(["what colour is it"] * 9, 300)))
+        (tmp_path / "bpe" / "tokenizer.json").write_text(json.dumps(synth.train_bpe(["what colour is it"] * 9, 300)))
         args += [f"--init-llm={qwen}", f"--tokenizer={tmp_path}/bpe", "--init-from=random"]
         match = "does not encode as the tokenizer of"
     else:                                               # Qwen's ids on a 512-row tiny checkpoint

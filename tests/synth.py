@@ -1,0 +1,388 @@
+"""The synthetic miniature dataset the tiny default trains on: a test fixture and a tool, not the paper.
+
+SAIL-VL2's recipe (train_stage.py) runs at the tiny preset on this data when no real data is
+given: eleven task families (text, caption, caption QA, OCR, chart, counting with and without a
+chain, arithmetic with and without a chain, two-image questions, video motion) of flat shapes,
+words, charts and moving shapes in a small regular language, with a held-out eval split, the RL
+prompt splits (§4.2.3), and a byte-level BPE trained on it (`train_bpe`, HF `tokenizer.json`
+layout). Same seed and size, same bytes.
+
+    python tests/synth.py --out data_synth              # the default folder, 1024 train samples per family
+    python tests/synth.py --out /tmp/s --size 16        # the tests' size
+
+The components never import this file: data.ensure_synth runs it in a subprocess when the default
+folder is missing. What they read of the data (the family names, its words) is in data.py.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import repo_path
+
+repo_path.add_repo_root()              # the project's files, after transformers has bound HF's `kernels`
+
+import av  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+from data import (CHART_KINDS, COLOURS, COLS, DEFAULT_SYNTH_DIR, DEFAULT_SYNTH_SIZE, DIRECTIONS, IMAGE,  # noqa: E402
+                  PLACEHOLDER_RE, QWEN_PATTERN, ROWS, SHAPES, SPECIAL_TOKENS, SYNTH_VERSION, VIDEO, VIDEO_RE, WORDS,
+                  byte_to_unicode, font, manifest_lines, parse_record, render_chat, video_prompt)
+from sample import BOXED, chart_qa, chart_values, render_chart, template_qa  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# The BPE trainer (the tokenizer shipped with the data)
+
+def train_bpe(texts, vocab_size: int) -> dict:
+    """A byte-level BPE trained on `texts`, as an HF `tokenizer.json` dict that `load_tokenizer`
+    reads: ids 0..255 the bytes, 256.. SPECIAL_TOKENS (as in the embedded default, so the special
+    ids do not move), then one token per merge up to `vocab_size`. Qwen's pre-tokenizer splits the
+    text first, so merges never cross its word boundaries. Greedy: at each step the most frequent
+    adjacent pair over the words (ties: the smallest pair) is merged, which is HF's BpeTrainer rule.
+    The synthetic data ships one (`make_synth`): its small language then costs ~2.5x fewer tokens
+    than bytes, so the tiny model reads and learns ~2.5x more samples per second."""
+    import regex                                    # tiktoken's own dependency (always installed)
+    pattern = regex.compile(QWEN_PATTERN)
+    words = Counter(tuple(piece.encode("utf-8")) for t in texts for piece in pattern.findall(t))
+    words = {w: c for w, c in words.items() if len(w) > 1}
+    b2u = byte_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    vocab.update({t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)})   # so HF keeps their ids too
+    spell = {b: b2u[b] for b in range(256)}          # token id -> its byte-level spelling
+    merges, next_id = [], 256 + len(SPECIAL_TOKENS)
+    seqs = {w: list(w) for w in words}
+    while next_id < vocab_size:
+        pairs = Counter()
+        for w, seq in seqs.items():
+            for a, b in zip(seq, seq[1:]):
+                pairs[(a, b)] += words[w]
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))
+        spell[next_id] = spell[a] + spell[b]
+        vocab[spell[next_id]] = next_id
+        merges.append(f"{spell[a]} {spell[b]}")
+        for w, seq in seqs.items():                  # apply the merge to every word
+            i, out = 0, []
+            while i < len(seq):
+                if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
+                    out.append(next_id)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[w] = out
+        next_id += 1
+    return {"version": "1.0", "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            "added_tokens": [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)],
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": merges}}
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator: real PNG / MP4 files and JSONL manifests, generated deterministically
+#
+# Layout of DIR (`python tests/synth.py --out DIR`, or `data.ensure_synth(DIR)` on first use):
+#   DIR/synth.json                         stamp: version, seed, size, samples per family and split
+#   DIR/{family}/train.jsonl, eval.jsonl   manifests (held-out eval split: different random scenes)
+#   DIR/{family}/images/{split}_{i:05d}[_a|_b].png,  DIR/video/videos/{split}_{i:05d}.mp4
+#   DIR/tokenizer.json                     a byte-level BPE trained on the train split (`train_bpe`)
+# The language is small and regular ("a red circle at the top left.") so a tiny model visibly learns
+# it in minutes; its own BPE makes a sample ~2x shorter than bytes. Every record but caption/text
+# carries a short "answer" (RL rewards, evaluation); CoT records (math, count_cot) carry "think": true.
+
+SYNTH_VOCAB = 512                  # the tiny presets' vocab_size: bytes + specials + 242 merges
+SYNTH_SYSTEM = "You are UniVL, a helpful assistant."   # the tiny presets' system prompt (model.preset_config)
+# RL prompts (§4.2.3) no SFT stage reads: count_cot/rl.jsonl (4 x size fresh scenes, so an RL run
+# never repeats a prompt) and count_cot/rl_eval.jsonl (size // 2 held-out scenes)
+RL_SPLITS = {"count_cot": {"rl": 4, "rl_eval": 0.5}}
+CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Write a short caption.")
+
+
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float):
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
+def scene_image(objects: list, size: int = 112) -> Image.Image:
+    """White canvas with (colour, shape, row, col) objects centred in a 3x3 grid of cells."""
+    img = Image.new("RGB", (size, size), "white")
+    d, cell = ImageDraw.Draw(img), size / 3
+    for colour, shape, row, col in objects:
+        draw_shape(d, shape, colour, (COLS.index(col) + 0.5) * cell, (ROWS.index(row) + 0.5) * cell, cell * 0.35)
+    return img
+
+
+def scene_caption(objects: list) -> str:
+    return " and ".join(f"a {c} {s} at the {r} {col}" for c, s, r, col in objects) + "."
+
+
+def random_objects(rng: random.Random, n: int, shape: str = None) -> list:
+    cells = rng.sample([(r, c) for r in ROWS for c in COLS], n)
+    return [(rng.choice(list(COLOURS)), shape or rng.choice(SHAPES), r, c) for r, c in cells]
+
+
+def text_image(text: str, size: tuple, font_size: int) -> Image.Image:
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((size[0] / 2, size[1] / 2), text, fill="black", font=font(font_size), anchor="mm")
+    return img
+
+
+def write_video(path, frames: list, fps: int = 8):
+    """Frames (PIL, same even size) to an MPEG-4 Part 2 MP4 (single-threaded: byte-deterministic)."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        stream.bit_rate = 600_000
+        stream.codec_context.thread_count = 1
+        for im in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(im)))
+        container.mux(stream.encode())
+
+
+def _count_words(objects: list, shape: str) -> tuple:
+    n = len(objects)
+    return n, f"There {'is' if n == 1 else 'are'} {n} {shape}{'' if n == 1 else 's'}."
+
+
+def _conv(question: str, answer: str, **extra) -> dict:
+    return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], **extra}
+
+
+# One generator per task family: (rng, media path stem relative to the family dir, family dir) -> record.
+def gen_text(rng, stem, root):
+    sentences = []
+    for _ in range(rng.randint(3, 6)):
+        kind = rng.randrange(5)
+        if kind == 0:
+            c, s, r, col = random_objects(rng, 1)[0]
+            sentences.append(f"a {c} {s} is at the {r} {col}.")
+        elif kind == 1:
+            n, shape = rng.randint(2, 6), rng.choice(SHAPES)
+            sentences.append(f"there are {n} {rng.choice(list(COLOURS))} {shape}s.")
+        elif kind == 2:
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            sentences.append(f"{a} plus {b} is {a + b}.")
+        elif kind == 3:
+            sentences.append(f"the word is {rng.choice(WORDS)}.")
+        else:
+            sentences.append(f"the {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} moves {rng.choice(list(DIRECTIONS))}.")
+    return {"text": " ".join(sentences), "task": "text"}
+
+
+def gen_caption(rng, stem, root):
+    objects = random_objects(rng, rng.randint(1, 2))
+    scene_image(objects).save(root / f"{stem}.png")
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\n{rng.choice(CAPTION_PROMPTS)}", scene_caption(objects)),
+            "task": "caption"}
+
+
+def gen_caption_qa(rng, stem, root):
+    objects = random_objects(rng, rng.randint(1, 2))
+    scene_image(objects).save(root / f"{stem}.png")
+    q, a = rng.choice(template_qa(scene_caption(objects)))
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\n{q}", a), "answer": a.rstrip(".").removeprefix("a ")
+            .removeprefix("at the "), "task": "caption_qa"}
+
+
+def gen_ocr(rng, stem, root):
+    word = rng.choice(WORDS)
+    text_image(word, (224, 112), 40).save(root / f"{stem}.png")
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nWhat word is written in the image?", word),
+            "answer": word, "task": "ocr"}
+
+
+def gen_chart(rng, stem, root):
+    kind = rng.choice(CHART_KINDS)
+    labels, values = chart_values(rng, rng.randint(3, 5))
+    render_chart(kind, labels, values).save(root / f"{stem}.png")
+    q, a = rng.choice(chart_qa(kind, labels, values))
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\n{q}", a), "answer": a,
+            "chart": {"kind": kind, "labels": labels, "values": values}, "task": "chart"}
+
+
+def gen_count(rng, stem, root):
+    shape = rng.choice(SHAPES)
+    objects = random_objects(rng, rng.randint(1, 6), shape)
+    scene_image(objects).save(root / f"{stem}.png")
+    n, sentence = _count_words(objects, shape)
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nHow many {shape}s are there?", sentence), "answer": str(n),
+            "task": "count"}
+
+
+def gen_count_cot(rng, stem, root):
+    """Counting with a chain that names every object: 1 to 9 objects (every cell of the grid), so
+    the answer space is wide enough that guessing is rarely right (the RL stages train on it)."""
+    shape = rng.choice(SHAPES)
+    objects = random_objects(rng, rng.randint(1, 9), shape)
+    scene_image(objects).save(root / f"{stem}.png")
+    seen = ", ".join(f"a {c} {s} at the {r} {col}" for c, s, r, col in objects)
+    n = len(objects)
+    cot = f"<think>\nI see {seen}. That makes {n} {shape}{'' if n == 1 else 's'}.\n</think>\nThe answer is {BOXED}{n}}}."
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nHow many {shape}s are there?", cot), "answer": str(n),
+            "think": True, "task": "count_cot"}
+
+
+def _arithmetic(rng, stem, root):
+    op = rng.choice("+-x")
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    value = {"+": a + b, "-": a - b, "x": a * b}[op]
+    word = {"+": "plus", "-": "minus", "x": "times"}[op]
+    text_image(f"{a} {op} {b}", (112, 112), 32).save(root / f"{stem}.png")
+    return a, op, b, word, value
+
+
+def gen_math(rng, stem, root):
+    a, op, b, word, value = _arithmetic(rng, stem, root)
+    cot = f"<think>\nThe image shows {a} {op} {b}.\n{a} {word} {b} is {value}.\n</think>\nThe answer is {BOXED}{value}}}."
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nWhat is the result of the expression in the image?", cot),
+            "answer": str(value), "think": True, "task": "math"}
+
+
+def gen_math_direct(rng, stem, root):
+    *_, value = _arithmetic(rng, stem, root)
+    return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nWhat is the result of the expression in the image?",
+                                            f"The answer is {BOXED}{value}}}."), "answer": str(value), "task": "math_direct"}
+
+
+def gen_multi(rng, stem, root):
+    (o1,), (o2,) = random_objects(rng, 1), random_objects(rng, 1)
+    scene_image([o1]).save(root / f"{stem}_a.png")
+    scene_image([o2]).save(root / f"{stem}_b.png")
+    if rng.random() < 0.5:
+        q, short = "Do the two images show the same shape?", "yes" if o1[1] == o2[1] else "no"
+        a = short + "."
+    else:
+        first = rng.random() < 0.5
+        c, s = (o1 if first else o2)[:2]
+        if (o1 if not first else o2)[:2] == (c, s):
+            q, short = f"Do both images show a {c} {s}?", "yes"
+            a = "yes."
+        else:
+            q, short = f"Which image shows the {c} {s}?", "first" if first else "second"
+            a = f"the {short} image."
+    return {"image": [f"{stem}_a.png", f"{stem}_b.png"], **_conv(f"Image-1: {IMAGE}\nImage-2: {IMAGE}\n{q}", a),
+            "answer": short, "task": "multi"}
+
+
+def gen_video(rng, stem, root, n_frames: int = 16, size: int = 112):
+    colour, shape, direction = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS))
+    dx, dy = DIRECTIONS[direction]
+    r, frames = size * 0.12, []
+    other = rng.uniform(0.3, 0.7) * size                      # position on the still axis
+    for t in range(n_frames):
+        along = size * (0.15 + 0.7 * t / (n_frames - 1))      # 15% -> 85% of the frame
+        cx = (along if dx > 0 else size - along) if dx else other
+        cy = (along if dy > 0 else size - along) if dy else other
+        img = Image.new("RGB", (size, size), "white")
+        draw_shape(ImageDraw.Draw(img), shape, colour, cx, cy, r)
+        frames.append(img)
+    write_video(root / f"{stem}.mp4", frames)
+    answer = f"It moves to the {direction}." if dx else f"It moves {direction}."
+    return {"video": f"{stem}.mp4", **_conv(f"{VIDEO}\nWhich way does the {colour} {shape} move?", answer),
+            "answer": direction, "task": "video"}
+
+
+SYNTH_FAMILIES = {f: globals()[f"gen_{f}"] for f in data.SYNTH_FAMILIES}     # family -> its generator
+
+
+def synth_counts(size: int) -> dict:
+    """{family: {split: samples}} for a given --size."""
+    n_eval = max(8, size // 8)
+    counts = {f: {"train": size * (8 if f == "text" else 1), "eval": n_eval * (8 if f == "text" else 1)}
+              for f in SYNTH_FAMILIES}
+    for f, splits in RL_SPLITS.items():
+        counts[f].update({split: max(8, int(size * k)) for split, k in splits.items()})
+    return counts
+
+
+def synth_texts(root: Path) -> list:
+    """The text the model reads from the train split: every conversation rendered with the chat
+    template as the tiny presets render it (media placeholders dropped: they become special
+    tokens), plus the plain-text records."""
+    texts = []
+    for path in sorted(Path(root).glob("*/train.jsonl")):
+        for where, line in manifest_lines(path, "tokenizer", False):
+            rec = parse_record(json.loads(line), path.parent, where, path.stem)
+            if rec.text is not None:
+                texts.append(rec.text)
+                continue
+            turns = [(r, PLACEHOLDER_RE.sub("", VIDEO_RE.sub(lambda m: video_prompt(16), c))) for r, c in rec.turns]
+            texts.append(render_chat(turns, SYNTH_SYSTEM, think=bool(rec.think)))
+    return texts
+
+
+def make_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: bool = True) -> Path:
+    """Generate the synthetic dataset into `out` (which must not exist): files are written to a
+    temporary sibling folder, then renamed, so a crash never leaves half a dataset behind."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; synthetic data is written to a new folder only")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    counts = synth_counts(size)
+    try:
+        for family, gen in tqdm(SYNTH_FAMILIES.items(), desc="synth", disable=not progress):
+            media = tmp / family / ("videos" if family == "video" else "images")
+            media.mkdir(parents=True)
+            for split, n in counts[family].items():
+                rng = random.Random(f"{seed}/{family}/{split}")
+                lines = [gen(rng, f"{media.name}/{split}_{i:05d}", tmp / family) for i in range(n)]
+                (tmp / family / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines),
+                                                             encoding="utf-8")
+        (tmp / "tokenizer.json").write_text(json.dumps(train_bpe(synth_texts(tmp), SYNTH_VOCAB)), encoding="utf-8")
+        stamp = {"version": SYNTH_VERSION, "seed": seed, "size": size, "samples": counts}
+        (tmp / "synth.json").write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: bool = True) -> Path:
+    """data.ensure_synth, generating in this process (make_synth) rather than in a subprocess."""
+    return data.ensure_synth(out, seed, size, progress, make=make_synth)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="tests/synth.py", description="Build the synthetic miniature dataset (PNG, "
+                                "MP4, JSONL manifests and a BPE tokenizer) that the tiny default recipe trains and "
+                                "evaluates on, into a new folder.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="folder to create (must not exist)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    p.add_argument("--size", type=int, default=DEFAULT_SYNTH_SIZE, help="train samples per task family")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = make_synth(args.out, args.seed, args.size)
+    except FileExistsError as e:
+        p.exit(1, f"tests/synth.py: error: {e}\n")
+    print(f"wrote {out}: {json.loads((out / 'synth.json').read_text())['samples']}")
+
+
+if __name__ == "__main__":
+    main()
