@@ -8,8 +8,10 @@ Sections, in the paper's order:
                      label masking per training mode (SFT §4.2.1, LongCoT §4.2.2, Think-Fusion §4.2.4),
                      `split_think` (a reply's thinking and answer)
   3. Images          official dynamic tiling + thumbnail (InternVL rule), AnyRes resizing (§2.1.2)
-  4. Video           uniform-segment frame sampling with PyAV, one tile per frame (§6.1)
-  5. Records         JSONL manifests (LLaVA/InternVL `conversations`, `messages`, `text`), bad-input policy
+  4. Video           uniform-segment frame sampling with PyAV (each frame decoded from the keyframe
+                     before it), one tile per frame (§6.1)
+  5. Records         JSONL manifests (LLaVA/InternVL `conversations`, `messages`, `text`), a sample's
+                     tokens and tiles from image headers (no pixels: packing plans), bad-input policy
   6. Resampling      dataset-level mixture (§3.2.2 step 1), n-gram linguistic rebalancing (step 2),
                      the deterministic, resumable training stream
   7. Synthetic data  the names components read of the embedded default dataset (families, its words)
@@ -25,6 +27,7 @@ count such samples and stop when too many are bad. Nothing here downloads anythi
 """
 import argparse
 import base64
+import bisect
 import json
 import math
 import os
@@ -50,6 +53,9 @@ class DataError(Exception):
     def __init__(self, reason: str, where: str, message: str):
         super().__init__(f"{where}: {message}")
         self.reason, self.where, self.message = reason, where, message
+
+    def __reduce__(self):                     # pickled from a loader worker back to the trainer
+        return DataError, (self.reason, self.where, self.message)
 
 
 class TooMuchBadData(RuntimeError):
@@ -647,8 +653,11 @@ def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_siz
 # ----------------------------------------------------------------------------------------------
 # 4. Video (§6.1; the official code has no video path): uniform segments, one frame per segment, each frame one tile.
 # The middle frame of each segment for evaluation, a random frame within it for training
-# (InternVL's get_frame_indices). The frame count comes from the container when it states one,
-# otherwise (no duration, variable frame rate) from decoding.
+# (InternVL's get_frame_indices). Frames are numbered in presentation order. The packets' timestamps
+# (read by demuxing, without decoding) give every frame's number, the frame count when the
+# container does not state one, and the keyframes: each wanted frame is decoded from the last
+# keyframe before it (a seek), not from the start of the video, so a 16-frame sample of an
+# hour-long video decodes 16 short runs, not the hour (`python tests/bench.py video`).
 
 def frame_indices(n_frames: int, num: int, training: bool = False, rng=None) -> list:
     """`num` indices into `n_frames` frames, one per uniform segment (repeats when n_frames < num)."""
@@ -661,8 +670,46 @@ def frame_indices(n_frames: int, num: int, training: bool = False, rng=None) -> 
     return out
 
 
+def frame_times(container, stream):
+    """(timestamps of every frame in presentation order, those of the keyframes) from the packets,
+    without decoding; None when a packet carries no timestamp (only decoding can number frames then)."""
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.pts is None:
+            if packet.size:                  # the empty packet that ends the stream has none either
+                return None
+            continue
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keys.append(packet.pts)
+    return sorted(pts), sorted(keys)
+
+
+def _seek_frames(container, stream, times, wanted) -> dict:
+    """{frame number: PIL} of the `wanted` frames: for each, seek to the last keyframe at or before
+    it and decode forward to it (or go on decoding when no keyframe lies between the last frame
+    decoded and it). None when a seek misses (a container with an inexact index)."""
+    pts, keys = times
+    got, frames, last = {}, None, None
+    for i in sorted(wanted):
+        t = pts[i]
+        key = keys[bisect.bisect_right(keys, t) - 1] if keys and keys[0] <= t else pts[0]
+        if frames is None or key > last:
+            container.seek(key, backward=True, any_frame=False, stream=stream)
+            frames = container.decode(stream)
+        for frame in frames:
+            last = frame.pts
+            if last is None or last >= t:
+                break
+        if last != t:
+            return None
+        got[i] = frame.to_image()
+    return got
+
+
 def _decode_frames(path, wanted: set):
-    """(frames {index: PIL}, total frames decoded) for one pass over the first video stream."""
+    """(frames {index: PIL}, total frames decoded) for one pass from the start of the first video
+    stream: the way to number frames when the packets carry no timestamps."""
     got, n = {}, 0
     last = max(wanted) if wanted else -1
     with av.open(str(path)) as container:
@@ -675,9 +722,8 @@ def _decode_frames(path, wanted: set):
     return got, n
 
 
-def load_video(path, num_frames: int = 16, training: bool = False, rng=None, image_size: int = 448,
-               where: str = None) -> torch.Tensor:
-    """(num_frames, 3, S, S) float32 frames in time order, each resized to one S x S tile."""
+def video_frames(path, num_frames: int = 16, training: bool = False, rng=None, where: str = None) -> list:
+    """The `num_frames` sampled frames (PIL, time order) of the first video stream of `path`."""
     where = where or str(path)
     if not os.path.exists(path):
         raise DataError("missing_file", where, f"video file not found: {path}")
@@ -686,18 +732,32 @@ def load_video(path, num_frames: int = 16, training: bool = False, rng=None, ima
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError("video", where, f"{path} has no video stream")
-            stated = container.streams.video[0].frames      # 0 when the container does not say
-        n = stated if stated > 0 else _decode_frames(path, set())[1]
-        if n <= 0:
-            raise DataError("video", where, f"{path}: no decodable frames")
-        idx = frame_indices(n, num_frames, training, rng)
-        got, decoded = _decode_frames(path, set(idx))
+            stream = container.streams.video[0]
+            times = frame_times(container, stream)
+            n = stream.frames or (len(times[0]) if times else _decode_frames(path, set())[1])   # 0: not stated
+            if n <= 0:
+                raise DataError("video", where, f"{path}: no decodable frames")
+            idx = frame_indices(n, num_frames, training, rng)
+            if times and max(idx) >= len(times[0]):
+                raise DataError("video", where, f"{path}: the container states {n} frames but holds "
+                                f"{len(times[0])} (truncated file?)")
+            got = _seek_frames(container, stream, times, set(idx)) if times else None
+        decoded = n
+        if got is None:
+            got, decoded = _decode_frames(path, set(idx))
     except (av.FFmpegError, OSError, ValueError) as e:
         raise DataError("video", where, f"cannot decode video {path}: {e}") from None
     if len(got) < len(set(idx)):
         raise DataError("video", where, f"{path}: the container states {n} frames but only {decoded} decode "
                         "(truncated file?)")
-    return to_pixels([got[i].convert("RGB").resize((image_size, image_size), Image.BICUBIC) for i in idx])
+    return [got[i] for i in idx]
+
+
+def load_video(path, num_frames: int = 16, training: bool = False, rng=None, image_size: int = 448,
+               where: str = None) -> torch.Tensor:
+    """(num_frames, 3, S, S) float32 frames in time order, each resized to one S x S tile."""
+    frames = video_frames(path, num_frames, training, rng, where)
+    return to_pixels([f.convert("RGB").resize((image_size, image_size), Image.BICUBIC) for f in frames])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -807,34 +867,90 @@ def place_media(rec: Record) -> list:
     return turns
 
 
-def load_media(rec: Record, turns: list, cfg: DataConfig, training: bool = False, rng=None) -> tuple:
-    """Decode the record's media in placeholder order, which is the order the model fills
-    <IMG_CONTEXT> slots in. Returns (pixel tensors, tiles per <img> block, tokens per <img> block);
-    a video gives one block of one tile per frame."""
+Media = namedtuple("Media", "kind path tiles tokens")   # one image or video; tiles and tokens per <img> block
+
+
+def image_geometry(width: int, height: int, cfg: DataConfig) -> tuple:
+    """(tiles, visual tokens) that `load_image` gives a width x height image: the official tiling
+    (tile_grid, plus the thumbnail when there are several tiles) or AnyRes (anyres_size). The
+    size alone decides them, so packing plans need only the image's header."""
+    if cfg.anyres:
+        w, h = anyres_size(width, height, cfg.patch_size, cfg.downsample_ratio, cfg.anyres_max_patches,
+                           cfg.anyres_min_patches)
+        grid = cfg.patch_size * cfg.merge
+        return 1, (w // grid) * (h // grid)
+    cols, rows = tile_grid(width, height, cfg.min_tiles, cfg.max_tiles, cfg.image_size)
+    n = cols * rows + (1 if cfg.use_thumbnail and cols * rows > 1 else 0)
+    return n, n * cfg.tokens_per_tile
+
+
+def image_size_of(path_or_image, where: str) -> tuple:
+    """(width, height) from the file's header (Pillow reads no pixels before `load()`); DataError
+    for a missing or unreadable file. A file truncated after its header passes here and fails in
+    `open_image` when decoded."""
+    if isinstance(path_or_image, Image.Image):
+        return path_or_image.size
+    if not os.path.exists(path_or_image):
+        raise DataError("missing_file", where, f"image file not found: {path_or_image}")
+    try:
+        with Image.open(path_or_image) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError("image", where, f"cannot decode image {path_or_image}: {e}") from None
+
+
+def measure_media(rec: Record, turns: list, cfg: DataConfig) -> list:
+    """The record's media in placeholder order (the order the model fills <IMG_CONTEXT> slots in),
+    measured without decoding: an image's tiles and tokens from its header size, a video's from
+    DataConfig.num_frames (one block of one tile per frame)."""
     images, videos = iter(rec.images), iter(rec.videos)
-    pixels, tiles, tokens = [], [], []
+    out = []
     for m in PLACEHOLDER_RE.finditer("\0".join(c for _, c in turns)):
         if m.group(0) == IMAGE:
-            pv, n = load_image(next(images), cfg.max_tiles, cfg.min_tiles, cfg.image_size, cfg.use_thumbnail,
-                               cfg.anyres, cfg.patch_size, cfg.downsample_ratio, cfg.anyres_max_patches,
-                               cfg.anyres_min_patches, where=rec.where)
-            grid = cfg.patch_size * cfg.merge
-            pixels.append(pv), tiles.append(n)
-            tokens.append((pv.shape[-2] // grid) * (pv.shape[-1] // grid) if cfg.anyres else n * cfg.tokens_per_tile)
+            path = next(images)
+            n, tokens = image_geometry(*image_size_of(path, rec.where), cfg)
+            out.append(Media("image", path, [n], [tokens]))
         else:
-            frames = load_video(next(videos), cfg.num_frames, training, rng, cfg.image_size, where=rec.where)
+            path = next(videos)
+            if not os.path.exists(path):
+                raise DataError("missing_file", rec.where, f"video file not found: {path}")
+            out.append(Media("video", path, [1] * cfg.num_frames, [cfg.tokens_per_tile] * cfg.num_frames))
+    return out
+
+
+def load_media(media: list, cfg: DataConfig, where: str, training: bool = False, rng=None) -> list:
+    """Decode measured media: a pixel tensor per image ((N, 3, S, S), AnyRes (1, 3, H, W)) and per
+    video ((F, 3, S, S); AnyRes one (1, 3, S, S) per frame). The pixels must give what the header
+    promised (the packing plan relies on it)."""
+    pixels = []
+    for m in media:
+        if m.kind == "video":
+            frames = load_video(m.path, cfg.num_frames, training, rng, cfg.image_size, where=where)
             pixels.extend(frames.split(1) if cfg.anyres else [frames])
-            tiles.extend([1] * len(frames)), tokens.extend([cfg.tokens_per_tile] * len(frames))
-    return pixels, tiles, tokens
+            continue
+        pv, n = load_image(m.path, cfg.max_tiles, cfg.min_tiles, cfg.image_size, cfg.use_thumbnail, cfg.anyres,
+                           cfg.patch_size, cfg.downsample_ratio, cfg.anyres_max_patches, cfg.anyres_min_patches,
+                           where=where)
+        grid = cfg.patch_size * cfg.merge
+        tokens = (pv.shape[-2] // grid) * (pv.shape[-1] // grid) if cfg.anyres else n * cfg.tokens_per_tile
+        if ([n], [tokens]) != (m.tiles, m.tokens):
+            raise DataError("image", where, f"{m.path}: its header gives {m.tiles[0]} tiles ({m.tokens[0]} tokens), "
+                            f"its pixels {n} ({tokens})")
+        pixels.append(pv)
+    return pixels
 
 
-def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training: bool = False, rng=None) -> dict:
-    """Decode media, render the template and tokenize one record into a training sample.
+def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training: bool = False, rng=None,
+                 decode: bool = True) -> dict:
+    """Measure (and decode) media, render the template and tokenize one record into a training sample.
 
     Keys: input_ids (L,) long; labels (L,) long, -100 = no loss; pixel_values (N, 3, S, S) float32 or
     None (AnyRes: a list of (1, 3, H, W), one per image or video frame); tiles: tiles per <img> block;
     image_tokens: <IMG_CONTEXT> count per block; n_images: images + videos of the record;
-    n_visual_tokens; source ("file:line"); task; answer (str or None).
+    n_visual_tokens; source ("file:line"); task; answer (str or None). With decode=False no pixel is
+    decoded (pixel_values None) and every other key is as decoding gives it: tokens and tiles come
+    from the image headers and the video frame count; only a file that fails after its header
+    (a truncated image or video) is found by decoding alone.
     """
     mode = cfg.label_mode
     if mode not in LABEL_MODES:
@@ -857,7 +973,8 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
     turns = place_media(rec)
     if mode == "rl" and turns[-1][0] == "assistant":
         turns = turns[:-1]
-    pixels, tiles, tokens = load_media(rec, turns, cfg, training, rng)
+    media = measure_media(rec, turns, cfg)
+    tiles, tokens = [n for m in media for n in m.tiles], [n for m in media for n in m.tokens]
     blocks = iter(image_block(k) for k in tokens)
     expanded = []
     for role, content in turns:
@@ -875,6 +992,7 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
     ids, labels = tokenize_segments(tok, segs)
     if len(ids) > cfg.max_len:
         raise DataError("too_long", rec.where, f"{len(ids)} tokens > max_len {cfg.max_len}")
+    pixels = load_media(media, cfg, rec.where, training, rng) if decode else []
     if not pixels:
         pixel_values = None
     elif cfg.anyres:
@@ -909,8 +1027,9 @@ class BadData:
     def good(self):
         self.seen += 1
 
-    def bad(self, err: DataError):
-        self.seen += 1
+    def bad(self, err: DataError, seen_before: bool = False):
+        """Count a bad sample (`seen_before`: one already counted good, whose pixels failed to decode)."""
+        self.seen += not seen_before
         self.counts[err.reason] += 1
         n = sum(self.counts.values())
         if self.show and n <= self.show_first:
@@ -977,8 +1096,8 @@ class JsonlDataset:
         base = Path(self.cfg.image_root).resolve() if self.cfg.image_root else self.path.parent
         return parse_record(obj, base, self.where(i), self.path.stem)
 
-    def load(self, i: int, rng=None) -> dict:
-        return build_sample(self.record(i), self.tok, self.cfg, self.training, rng)
+    def load(self, i: int, rng=None, decode: bool = True) -> dict:
+        return build_sample(self.record(i), self.tok, self.cfg, self.training, rng, decode)
 
     __getitem__ = load
 
@@ -1082,11 +1201,14 @@ class Mixture:
     sample once per pass) or, with n-gram rebalancing (step 2), draws in proportion to
     `ngram_weights`. The stream visits position k = (epoch, pos) of those orders in turn; `load(k)`
     decodes that visit with its own generator, so training-time video frame jitter differs per
-    visit yet is the same on every rank and after a resume. `next()` returns the next usable
-    (k, sample): a bad sample is reported once with file and line, counted once per sample (not
-    per visit) in `bad`, and skipped; the run stops when too large a fraction of the distinct
-    samples seen is bad. `state_dict()` is the cursor and those counts (JSON), for exact resume.
-    Every rank reads the same global stream (packing decides which rank trains which sample).
+    visit yet is the same on every rank, in every loader worker and after a resume. `next()`
+    returns the next usable (k, sample), `next_meta()` the next usable sample's packing metadata
+    without decoding pixels (`meta`). A bad sample is reported once with file and line, counted
+    once per sample (not per visit) in `bad`, and skipped; the run stops when too large a fraction
+    of the distinct samples seen is bad. The packer reads ahead of training (packing.PackLoader),
+    so it collects what its reads find and `record`s it when the step that read it is trained;
+    a sample whose pixels fail after its header read fine is found by the rank that decodes it
+    (`record_decode_failure`). `state_dict()` is the cursor and those counts (JSON), for exact resume.
     """
 
     def __init__(self, sources: list, tok: tiktoken.Encoding, cfg: DataConfig = None, seed: int = 0,
@@ -1111,7 +1233,7 @@ class Mixture:
         self.bad = BadData(self.cfg.max_bad_fraction, self.cfg.bad_check_after, show=verbose)
         self.status = np.zeros(len(self), dtype=np.uint8)      # per sample: 0 unseen, 1 good, 2 bad
         self.epoch, self.pos, self.valid_in_epoch = 0, 0, 0    # the cursor: next visit is order(epoch)[pos]
-        self._plan = (None, None)
+        self._orders = {}                                     # the last epochs' orders (see `order`)
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -1128,8 +1250,8 @@ class Mixture:
 
     def order(self, epoch: int) -> np.ndarray:
         """Global sample indices of one epoch, in visiting order: a pure function of (seed, epoch)."""
-        if self._plan[0] == epoch:
-            return self._plan[1]
+        if epoch in self._orders:
+            return self._orders[epoch]
         rng = np.random.default_rng([self.seed, epoch])
         src = rng.choice(len(self.datasets), size=self.epoch_size, p=self.weights)
         idx = np.zeros(self.epoch_size, dtype=np.int64)
@@ -1142,54 +1264,100 @@ class Mixture:
                 idx[at] = np.concatenate(perms)[:len(at)]
             else:
                 idx[at] = rng.choice(len(ds), size=len(at), p=self.sample_weights[s])
-        self._plan = (epoch, self.offsets[src] + idx)
-        return self._plan[1]
+        if len(self._orders) >= 3:        # packs near an epoch's start still hold the previous epoch's samples
+            self._orders.pop(min(self._orders))
+        self._orders[epoch] = self.offsets[src] + idx
+        return self._orders[epoch]
 
     def sample_index(self, k: int) -> int:
         """The global sample index g that stream position k visits."""
         epoch, pos = divmod(int(k), self.epoch_size)
         return int(self.order(epoch)[pos])
 
-    def load(self, k: int) -> dict:
-        """The sample at stream position k (raises DataError for a bad one)."""
+    def load(self, k: int, decode: bool = True) -> dict:
+        """The sample at stream position k (raises DataError for a bad one); decode=False: without
+        pixels (build_sample)."""
         g = self.sample_index(k)
         s = int(np.searchsorted(self.offsets, g, side="right") - 1)
-        return self.datasets[s].load(g - int(self.offsets[s]), np.random.default_rng([self.seed, k, 1]))
+        return self.datasets[s].load(g - int(self.offsets[s]), np.random.default_rng([self.seed, k, 1]), decode)
 
-    def next(self) -> tuple:
-        """(k, sample) of the next usable visit; advances the cursor past bad samples."""
+    def meta(self, k: int) -> tuple:
+        """(k, tokens, visual tokens, tiles) of the sample at stream position k, what packing needs
+        (packing.SampleMeta), read from its line, image headers and the tokenizer: equal to what
+        decoding it gives (packing.sample_meta of `load(k)`)."""
+        s = self.load(k, decode=False)
+        return k, len(s["input_ids"]), s["n_visual_tokens"], sum(s["tiles"])
+
+    def next(self, measure: bool = False, found: list = None) -> tuple:
+        """(k, sample) of the next usable visit (measure: (k, meta(k))); advances the cursor past bad
+        samples. What the visits find is counted at once, or, given a list `found`, appended to it
+        for `record`: (g, None) good, (g, DataError) bad, (None, None) the end of an epoch."""
         while True:
             if self.pos >= self.epoch_size:
-                self.bad.check()                             # every sample was seen: judge even a small set
+                self._found(found, None, None)               # every sample was seen: judge even a small set
                 if self.valid_in_epoch == 0:
-                    raise TooMuchBadData(f"epoch {self.epoch} of the data had no usable sample: {self.bad.report()}")
+                    raise TooMuchBadData(f"epoch {self.epoch} of the data had no usable sample in its "
+                                         f"{self.epoch_size} visits: {self.bad.report()}")
                 self.epoch, self.pos, self.valid_in_epoch = self.epoch + 1, 0, 0
             k = self.epoch * self.epoch_size + self.pos
             self.pos += 1
             g = self.sample_index(k)
             try:
-                sample = self.load(k)
+                got = self.meta(k) if measure else self.load(k)
             except DataError as e:
-                if self.status[g] == 0:                      # report and count each bad sample once
-                    self.status[g] = 2
-                    self.bad.bad(e)
+                self._found(found, g, e)
                 continue
-            if self.status[g] == 0:
+            self._found(found, g, None)
+            self.valid_in_epoch += 1
+            return k, got
+
+    def next_meta(self, found: list) -> tuple:
+        """The next usable sample's `meta`, what it found appended to `found` (packing.PackLoader)."""
+        return self.next(measure=True, found=found)[1]
+
+    def _found(self, found, g, err):
+        if found is None:
+            self.record([(g, err)])
+        else:
+            found.append((g, err))
+
+    def record(self, found: list):
+        """Count what visits found (see `next`): each distinct sample once, as good or bad."""
+        for g, err in found:
+            if g is None:
+                self.bad.check()
+            elif self.status[g] == 0 and err is None:
                 self.status[g] = 1
                 self.bad.good()
-            self.valid_in_epoch += 1
-            return k, sample
+            elif self.status[g] == 0:
+                self.status[g] = 2
+                self.bad.bad(err)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "valid_in_epoch": self.valid_in_epoch, "seed": self.seed,
-                "n_samples": len(self), "bad": self.bad.state_dict(),
+    def record_decode_failure(self, k: int, err: DataError):
+        """A sample planned from its header whose pixels then failed (truncated): counted bad, once
+        (it was counted good when its metadata was read), and reported; later visits are planned
+        again and dropped again by the rank that decodes them, so plans never depend on decoding."""
+        g = self.sample_index(k)
+        if self.status[g] != 2:
+            self.bad.bad(err, seen_before=self.status[g] == 1)
+            self.status[g] = 2
+
+    def cursor(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "valid_in_epoch": self.valid_in_epoch}
+
+    def seek(self, cursor: dict):
+        self.epoch, self.pos, self.valid_in_epoch = cursor["epoch"], cursor["pos"], cursor["valid_in_epoch"]
+
+    def state_dict(self, cursor: dict = None) -> dict:
+        """The cursor (or the given one: the packer's position, behind this read-ahead cursor) and the counts."""
+        return {**(cursor or self.cursor()), "seed": self.seed, "n_samples": len(self), "bad": self.bad.state_dict(),
                 "good_bits": _pack_bits(self.status == 1), "bad_bits": _pack_bits(self.status == 2)}
 
     def load_state_dict(self, state: dict):
         if (state["seed"], state["n_samples"]) != (self.seed, len(self)):
             raise ValueError(f"data state was saved with seed {state['seed']} over {state['n_samples']} samples, "
                              f"this mixture has seed {self.seed} over {len(self)}: exact resume is impossible")
-        self.epoch, self.pos, self.valid_in_epoch = state["epoch"], state["pos"], state["valid_in_epoch"]
+        self.seek(state)
         self.bad.load_state_dict(state["bad"])
         good, bad = _unpack_bits(state["good_bits"], len(self)), _unpack_bits(state["bad_bits"], len(self))
         self.status = np.where(good, 1, np.where(bad, 2, 0)).astype(np.uint8)

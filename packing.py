@@ -20,16 +20,22 @@ The file reads in that order:
                          (`pack_work`: 6·H·L + L² per sample, the verl FLOP proxy).
   3. Visual packing      the packer steers each pack's visual share toward the stream's, and
                          `balance_packs` balances visual tokens per rank as a second objective.
+  4. This rank's packs   `PackLoader`: 1-3 over a sample stream, one optimizer step at a time;
+                         `PackPlanner` plans from metadata, `PackDecoder` decodes this rank's
+                         samples in torch DataLoader workers, ahead of training; exact resume.
 
 This file imports no project file: it packs what it is given (token, visual-token and image
-counts; tensors). The sample order is data.py's, the loss normalisation is the training step's
-(train_stage.train_step), and train_stage.StageBatches composes data -> packing each step.
+counts; tensors; a stream that measures and decodes samples). The sample order and decoding are
+data.py's (data.Mixture), the loss normalisation is the training step's (train_stage.train_step),
+and train_stage.StageBatches runs a PackLoader over the stage's mixture.
 
 Why every rank plans the same global stream: packing decisions only need metadata (token,
-visual-token and image counts per sample), so every rank runs the identical deterministic
-planner over the global sample order, assigns the step's packs to ranks with `balance_packs`,
-and then collates only its own samples. Balancing is exact, no communication is needed, and the
-planner state is a few integers per buffered sample (JSON, saved with each checkpoint).
+visual-token and image counts per sample), which the stream reads without decoding pixels
+(image headers, the tokenizer), so every rank runs the identical deterministic planner over
+the global sample order, assigns the step's packs to ranks with `balance_packs`, and then
+decodes and collates only its own samples. Balancing is exact, no communication is needed, each
+sample is decoded once, on one rank, and the planner state is a few integers per buffered
+sample (JSON, saved with each checkpoint).
 
 Layout of one pack (the model computes the loss of logits[i] against labels[i+1]):
 
@@ -498,7 +504,142 @@ def balance_packs(plans: Sequence[Sequence[SampleMeta]], n_ranks: int, hidden_si
 # share toward the stream's running share (after its first sample, it prefers the largest fitting
 # sample that is visual-richer than the stream while the pack is visual-poorer, and text-richer
 # otherwise; when none of that kind fits, the largest that fits, so fill comes first), and
-# balance_packs(visual=True) equalises visual tokens across ranks. The trainer ties 1-3 together
-# (train_stage.StageBatches): every rank pushes the same global stream, pops world x micro_batches
-# packs per step, splits them with balance_packs and collates only its own.
+# balance_packs(visual=True) equalises visual tokens across ranks. PackLoader (4) ties 1-3 together.
 
+
+# ----------------------------------------------------------------------------------------------
+# 4. this rank's micro-batches: every rank plans the global stream from metadata, and decodes only
+# the samples of its own packs, in DataLoader workers that prefetch the next steps
+
+class PackPlanner:
+    """The global pack plan, one optimizer step at a time, identical on every rank: the packer fed
+    with the stream's metadata (no pixels), world x micro_batches packs popped per step and split by
+    balance_packs. Iterating it yields this rank's packs as (step, plan): it is the sampler of
+    PackLoader's DataLoader, so it runs in the main process, ahead of training by the prefetch.
+    `pending[step]` keeps, until that step is trained, the state right after planning it (the
+    stream's cursor, the packer's state: the exact resume position), what its reads found (for the
+    stream's bad-sample ledger) and its global plans and rank groups."""
+
+    def __init__(self, stream, cfg: PackingConfig, rank: int, world: int, hidden_size: int):
+        self.stream, self.cfg, self.rank, self.world, self.hidden_size = stream, cfg, rank, world, hidden_size
+        self.packer, self.step, self.pending = StreamPacker(cfg), 0, {}
+
+    def plan_step(self) -> list:
+        found, plans = [], []
+        while len(plans) < self.world * self.cfg.micro_batches:
+            while not self.packer.full:
+                self.packer.push(SampleMeta(*self.stream.next_meta(found)))
+            plans.append(self.packer.pop())
+        groups = (balance_packs(plans, self.world, self.hidden_size, self.cfg.visual_packing)
+                  if self.world > 1 else [list(range(len(plans)))])
+        self.step += 1
+        self.pending[self.step] = dict(cursor=self.stream.cursor(), packer=self.packer.state_dict(), found=found,
+                                       plans=plans, groups=groups)
+        return plans
+
+    def __iter__(self):
+        while True:
+            plans = self.plan_step()
+            for j in self.pending[self.step]["groups"][self.rank]:
+                yield self.step, plans[j]
+
+
+def empty_pack() -> dict:
+    """One padding token and no target: a rank's pack when every one of its samples failed to
+    decode (every rank still runs micro_batches forward passes per step)."""
+    return dict(input_ids=torch.zeros(1, 1, dtype=torch.long), labels=torch.full((1, 1), IGNORE_INDEX),
+                position_ids=torch.zeros(1, 1, dtype=torch.long), cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
+                max_seqlen=1, pixel_values=None, n_images=torch.zeros(0, dtype=torch.long),
+                n_visual=torch.zeros(0, dtype=torch.long), sample_ids=[], sources=[])
+
+
+class PackDecoder(torch.utils.data.Dataset):
+    """What a loader worker does with one of this rank's packs: decode its samples (`load(index)`),
+    drop those that raise one of `bad_errors` (a file whose header read but whose pixels do not),
+    collate the rest. The pack carries its step and the dropped (index, error) pairs."""
+
+    def __init__(self, load, bad_errors: tuple):
+        self.load, self.bad_errors = load, bad_errors
+
+    def __getitem__(self, item) -> dict:
+        step, plan = item
+        samples, kept, dropped = [], [], []
+        for meta in plan:
+            try:
+                sample = self.load(meta.index)
+            except self.bad_errors as e:
+                dropped.append((meta.index, e))
+                continue
+            got = sample_meta(sample, meta.index)
+            if (got.n_visual, got.n_images) != (meta.n_visual, meta.n_images) or got.n_tokens < meta.n_tokens:
+                raise RuntimeError(f"sample {meta.index} decodes to {got}, but was planned as {meta}: the "
+                                   f"metadata and the decoded sample must agree")
+            samples.append(sample)
+            kept.append(meta)
+        return dict(collate_pack(samples, kept) if kept else empty_pack(), step=step, dropped=dropped)
+
+
+def _as_is(item):
+    return item
+
+
+class PackLoader:
+    """This rank's packed micro-batches, one optimizer step at a time (§5.1).
+
+    Every rank runs the same PackPlanner over the global stream's metadata, so the plans and the
+    rank split are exact without communication; each rank then decodes only its own packs' samples,
+    in a torch DataLoader with `num_workers` worker processes that keep `prefetch_factor` packs
+    each in flight (num_workers=0: decoded in this process when asked). Per-sample randomness
+    (video frame jitter) is the stream's, a function of the stream position, whichever worker
+    decodes. `stream` (data.Mixture) provides
+      next_meta(found) -> (index, n_tokens, n_visual, n_images)   the next usable sample's metadata
+                           from headers and tokens (index: its stream position); what the read
+                           found (bad samples) goes into the list `found`
+      cursor() / seek(cursor)   its position (small, JSON)
+      load(index) -> sample     the decoded sample, run in the workers
+    After `next()`: `found` (what the planning of that step read) and `dropped` (this rank's
+    samples that failed to decode), for the caller's bad-sample ledger. `state_dict()` is the
+    planner's state right after planning the last step returned, so a resumed run sees the same
+    packs in the same order, whatever the number of workers or what was prefetched."""
+
+    def __init__(self, stream, cfg: PackingConfig, rank: int, world: int, hidden_size: int = 4096,
+                 num_workers: int = 0, prefetch_factor: int = 2, bad_errors: tuple = ()):
+        self.stream, self.cfg, self.num_workers, self.prefetch_factor = stream, cfg, num_workers, prefetch_factor
+        self.planner = PackPlanner(stream, cfg, rank, world, hidden_size)
+        self.decoder = PackDecoder(stream.load, bad_errors)
+        self.steps, self.found, self.dropped, self.plans, self.groups = 0, [], [], [], []
+        self.position = dict(cursor=stream.cursor(), packer=self.planner.packer.state_dict())
+        self._packs = None
+
+    def _start(self):
+        loader = torch.utils.data.DataLoader(
+            self.decoder, batch_size=None, sampler=self.planner, num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None, collate_fn=_as_is,
+            generator=torch.Generator().manual_seed(0))      # its own seed: the process's RNGs stay untouched
+        return iter(loader)
+
+    def next(self) -> list:
+        if self._packs is None:
+            self._packs = self._start()
+        packs = [next(self._packs) for _ in range(self.cfg.micro_batches)]
+        self.steps += 1
+        if any(p.pop("step") != self.steps for p in packs):
+            raise RuntimeError("PackLoader: packs arrived out of step order")
+        done = self.planner.pending.pop(self.steps)
+        self.position = dict(cursor=done["cursor"], packer=done["packer"])
+        self.found, self.plans, self.groups = done["found"], done["plans"], done["groups"]
+        self.dropped = [d for p in packs for d in p.pop("dropped")]
+        return packs
+
+    def state_dict(self) -> dict:
+        return dict(self.position, steps=self.steps)
+
+    def load_state_dict(self, state: dict):
+        """Back to a saved position: what was planned and decoded ahead is dropped (a DataLoader
+        iterator shuts its workers down when dropped) and planned again from there."""
+        self._packs = None
+        self.planner.pending.clear()
+        self.stream.seek(state["cursor"])
+        self.planner.packer.load_state_dict(state["packer"])
+        self.planner.step = self.steps = state["steps"]
+        self.position = dict(cursor=state["cursor"], packer=state["packer"])

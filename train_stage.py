@@ -32,11 +32,14 @@ and the MoE calibration command are tooling in tests/recipe.py and tests/calibra
 
 Reading order of one training step, from a manifest line to loss.backward() (file:function):
   1. train_stage.py:train            the loop: LR = schedule x AdaLRS scale, then the next batch
-  2. train_stage.py:StageBatches.next  data -> packing for this step:
-       data.py:Mixture.next           the next visit of the stage's resampled mixture (§3.2.2)
-       data.py:JsonlDataset.load, build_sample   a manifest line -> media, template, tokens, labels
-       packing.py:sample_meta, StreamPacker.push / pop   stream packing (§5.1)
-       packing.py:balance_packs, collate_pack            this rank's micro-batches as tensors
+  2. train_stage.py:StageBatches.next  data -> packing for this step (packing.py:PackLoader):
+       packing.py:PackPlanner         on every rank, the global plan from metadata:
+         data.py:Mixture.next_meta    the next visit of the stage's resampled mixture (§3.2.2),
+                                      measured from its line, image headers and tokens (no pixels)
+         packing.py:StreamPacker.push / pop, balance_packs   stream packing (§5.1), the rank split
+       packing.py:PackDecoder         in loader workers, this rank's packs only:
+         data.py:Mixture.load, build_sample   a manifest line -> media, template, tokens, labels
+         packing.py:collate_pack      this rank's micro-batches as tensors
   3. train_stage.py:train_step       per micro-batch:
        model.py:SAILVL.forward        vit.py:SAILViT -> model.py:pixel_shuffle -> mlp1 -> the
                                       <IMG_CONTEXT> slots -> model.py:Qwen3LM.run (kernels.py:
@@ -121,6 +124,8 @@ class StageConfig:
     grad_clip: float = 1.0                # max global gradient norm
     max_bad_steps: int = 3                # stop after this many non-finite losses in a row (each is skipped)
     packing: PackingConfig = field(default_factory=tiny_packing)   # --packing.max_tokens=...
+    num_workers: int = 0                  # data loader processes decoding this rank's samples (0: in the trainer)
+    prefetch_factor: int = 2              # packs each loader process keeps decoded ahead
     adalrs: bool = False                  # AdaLRS learning-rate search (pretrain1 by default)
     adalrs_cfg: AdaLRSConfig = field(default_factory=AdaLRSConfig)       # --adalrs_cfg.window=...
     ngram_rebalance: bool = False         # n-gram rebalancing of the mix (§3.2.2; pretrain2 by default)
@@ -741,45 +746,32 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -
 # data -> packing, once per step (§3.2.2, §5.1)
 
 class StageBatches:
-    """This rank's packed micro-batches, one optimizer step at a time.
-
-    Every rank reads the same global stream (data.Mixture.next), pushes each sample's metadata
-    into the same packer, pops world x micro_batches packs, splits them with balance_packs and
-    collates only its own, so the split is exact with no communication. Samples measured for
-    packing are kept until collated (a bounded cache; an evicted one is decoded again: loading is
-    deterministic per stream position)."""
+    """This rank's packed micro-batches, one optimizer step at a time: packing.PackLoader over the
+    stage's mixture (every rank plans the same global stream from metadata; each decodes only its
+    own packs' samples, in loader workers). What a step's planning read and what failed to decode
+    on any rank go into the mixture's bad-sample ledger on every rank alike, when that step is
+    trained, so counts, reports and the saved position never depend on what was read ahead."""
 
     def __init__(self, mixture: data.Mixture, pcfg: packing.PackingConfig, rank: int, world: int,
-                 img_context_id: int, hidden_size: int, cache_size: int = 256):
-        self.mixture, self.pcfg, self.rank, self.world = mixture, pcfg, rank, world
-        self.packer = packing.StreamPacker(pcfg)
-        self.img_context_id, self.hidden_size, self.cache_size = img_context_id, hidden_size, cache_size
-        self.cache = {}
-        self.steps = 0
+                 hidden_size: int, num_workers: int = 0, prefetch_factor: int = 2):
+        self.mixture = mixture
+        self.loader = packing.PackLoader(mixture, pcfg, rank, world, hidden_size, num_workers, prefetch_factor,
+                                         bad_errors=(data.DataError,))
 
     def next(self) -> list:
-        plans = []
-        while len(plans) < self.world * self.pcfg.micro_batches:
-            while not self.packer.full:
-                k, sample = self.mixture.next()
-                if self.packer.push(packing.sample_meta(sample, k, self.img_context_id)):
-                    self.cache[k] = sample
-                    if len(self.cache) > self.cache_size:
-                        self.cache.pop(next(iter(self.cache)))
-            plans.append(self.packer.pop())
-        groups = (packing.balance_packs(plans, self.world, self.hidden_size, self.pcfg.visual_packing)
-                  if self.world > 1 else [list(range(len(plans)))])
-        self.steps += 1
-        return [packing.collate_pack([self.cache.pop(m.index, None) or self.mixture.load(m.index) for m in plans[j]],
-                                     plans[j]) for j in groups[self.rank]]
+        packs = self.loader.next()
+        self.mixture.record(self.loader.found)
+        for k, err in (d for theirs in all_gather(self.loader.dropped) for d in theirs):   # every rank's, on every rank
+            self.mixture.record_decode_failure(k, err)
+        return packs
 
     def state_dict(self) -> dict:
-        return {"data": self.mixture.state_dict(), "packer": self.packer.state_dict(), "steps": self.steps}
+        pos = self.loader.state_dict()
+        return {"data": self.mixture.state_dict(pos["cursor"]), "packer": pos["packer"], "steps": pos["steps"]}
 
     def load_state_dict(self, state: dict):
         self.mixture.load_state_dict(state["data"])
-        self.packer.load_state_dict(state["packer"])
-        self.steps, self.cache = state["steps"], {}
+        self.loader.load_state_dict(dict(cursor=self.mixture.cursor(), packer=state["packer"], steps=state["steps"]))
 
 
 EVAL_SEED = 1338     # the held-out stream's order, fixed: every model (a stage, its seed twin, the soup) is
@@ -795,8 +787,8 @@ def build_batches(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, tok, split
     train = split == "train"
     mixture = data.Mixture(stage_sources(cfg, split), tok, dcfg, seed=cfg.seed if train else EVAL_SEED,
                            training=train, ngram_rebalance=cfg.ngram_rebalance and train, verbose=verbose and rank == 0)
-    return StageBatches(mixture, cfg.packing, rank, world, model_cfg.img_context_token_id,
-                        model_cfg.llm_config.hidden_size)
+    return StageBatches(mixture, cfg.packing, rank, world, model_cfg.llm_config.hidden_size, cfg.num_workers,
+                        cfg.prefetch_factor)
 
 
 def to_device(pack: dict, device) -> dict:
@@ -1274,6 +1266,9 @@ def parse_args(argv):
         raise UsageError(f"--label_mode must be one of {', '.join(data.LABEL_MODES)}, got {cfg.label_mode!r}")
     if cfg.ac not in ("none", "block"):
         raise UsageError(f"--ac must be none or block, got {cfg.ac!r}")
+    if cfg.num_workers < 0 or cfg.prefetch_factor < 1:
+        raise UsageError(f"--num_workers must be >= 0 and --prefetch_factor >= 1, got {cfg.num_workers} and "
+                         f"{cfg.prefetch_factor}")
     for key in ("init_from", "init_llm", "init_vit", "tokenizer", "image_root"):
         path = getattr(cfg, key)
         if path and path != "random" and not os.path.isdir(path):

@@ -9,6 +9,8 @@
     python tests/bench.py packing     stream packing vs pad-to-longest on long-tailed streams (§5.1): useful
                                       tokens, per-rank balance; --real adds the synthetic data's own samples
                                       and the tiny model's useful tokens/s, packed vs padded
+    python tests/bench.py video       a training sample's frames of a long video: seeking to the keyframe
+                                      before each frame (data.load_video) vs decoding from the start
     python tests/bench.py step        one training step, our Qwen3 vs HF's Qwen3ForCausalLM, same weights
     python tests/bench.py adalrs      pretrain1 with a fixed LR vs with AdaLRS (§3.2.3), from the recipe's vit3
     python tests/bench.py decode      greedy decode, ours (KV cache) vs HF generate, same weights
@@ -555,6 +557,70 @@ def bench_packing_real(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# video: frames by seeking against decoding from the start
+
+def write_long_video(path: str, seconds: int, size: int, gop: int, fps: int = 25):
+    """An MPEG-4 video (as the synthetic data's) of a square crossing a gradient, a keyframe every `gop` frames."""
+    import av
+    import numpy as np
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    with av.open(path, "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=fps, options={"sc_threshold": "1000000000"})
+        s.width = s.height = size
+        s.pix_fmt, s.bit_rate, s.codec_context.gop_size = "yuv420p", 2_000_000, gop
+        for i in range(seconds * fps):
+            a = np.repeat(((ramp[None, :] + ramp[:, None] + 3 * i) % 256)[..., None], 3, -1).astype(np.uint8)
+            x = (7 * i) % (size - size // 8)
+            a[x:x + size // 8, x:x + size // 8] = (220, 40, 40)
+            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+        c.mux(s.encode())
+
+
+def bench_video(args):
+    """The frames of one training sample (uniform segments, a random frame in each, §6.1) of a long
+    video: data.load_video, which seeks to the keyframe before each frame, vs the way before, one
+    decode from frame 0 to the last frame wanted; the frames are checked equal."""
+    import av
+    import numpy as np
+    from PIL import Image
+    with tempfile.TemporaryDirectory(prefix="video_bench_") as tmp:
+        path = os.path.join(tmp, "long.mp4")
+        t0 = time.perf_counter()
+        write_long_video(path, args.seconds, args.size, args.gop)
+        n = args.seconds * 25
+        print(f"video: {args.seconds} s at 25 fps ({n} frames), {args.size}x{args.size} MPEG-4, a keyframe every "
+              f"{args.gop} frames (written in {time.perf_counter() - t0:.1f} s); {args.frames} frames per sample "
+              f"(training's random frame per segment), best of {args.repeats}")
+
+        idx = data.frame_indices(n, args.frames, True, np.random.default_rng(0))
+
+        def seeking():
+            return data.video_frames(path, args.frames, training=True, rng=np.random.default_rng(0))
+
+        def from_start():
+            got = {}
+            with av.open(path) as c:
+                for i, frame in enumerate(c.decode(video=0)):
+                    if i in idx:
+                        got[i] = frame.to_image()
+                    if i == max(idx):
+                        break
+            return [got[i] for i in idx]
+
+        def tiles(frames):
+            return data.to_pixels([f.resize((args.tile, args.tile), Image.BICUBIC) for f in frames])
+        frames = from_start()
+        same = torch.equal(tiles(seeking()), tiles(frames))
+        t_seek, t_start = timed(seeking, args.repeats), timed(from_start, args.repeats)
+        t_tiles = timed(lambda: tiles(frames), args.repeats)              # the same work after either way
+        print(f"                     frames     frames + {args.tile}-px tiles (data.load_video)")
+        print(f"  from the start  {t_start * 1e3:9.1f} ms {(t_start + t_tiles) * 1e3:9.1f} ms")
+        print(f"  seeking         {t_seek * 1e3:9.1f} ms {(t_seek + t_tiles) * 1e3:9.1f} ms")
+        print(f"  speed-up        {t_start / t_seek:9.1f}x   {(t_start + t_tiles) / (t_seek + t_tiles):9.1f}x   "
+              f"(frames identical: {same})")
+
+
+# ----------------------------------------------------------------------------------------------
 # step, adalrs: the training step against HF's, and AdaLRS against a fixed LR
 
 def bench_step(args):
@@ -864,6 +930,17 @@ def add_packing_bench(sub):
     p.set_defaults(func=bench_packing)
 
 
+def add_video_bench(sub):
+    p = sub.add_parser("video", help=bench_video.__doc__.split("\n")[0], description=bench_video.__doc__)
+    p.add_argument("--seconds", type=int, default=120, help="video length (25 fps)")
+    p.add_argument("--size", type=int, default=448, help="frame side in pixels")
+    p.add_argument("--gop", type=int, default=50, help="frames from one keyframe to the next")
+    p.add_argument("--frames", type=int, default=16, help="frames per sample (DataConfig.num_frames)")
+    p.add_argument("--tile", type=int, default=448, help="tile side the frames are resized to")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=bench_video)
+
+
 def add_model_benches(sub):
     p = sub.add_parser("step", help=bench_step.__doc__.split("\n")[0], description=bench_step.__doc__)
     p.add_argument("--preset", default="tiny")
@@ -918,6 +995,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
     add_kernel_benches(sub, torch.cuda.is_available())
     add_packing_bench(sub)
+    add_video_bench(sub)
     add_model_benches(sub)
     args = parser.parse_args(argv)
     try:

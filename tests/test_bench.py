@@ -37,6 +37,13 @@ def test_packing_bench_beats_padding_on_both_streams(capsys):
     assert all(float(packed) > float(pad) for _, pad, _, packed in fills)
 
 
+def test_video_bench_seeks_to_the_same_frames_as_decoding_from_the_start(capsys):
+    out = run_bench(capsys, "video", "--seconds", "4", "--size", "64", "--gop", "10", "--frames", "4",
+                    "--tile", "32", "--repeats", "1")
+    assert re.search(r"^  seeking +[\d.]+ ms +[\d.]+ ms$", out, re.M), out
+    assert re.search(r"^  speed-up +[\d.]+x +[\d.]+x +\(frames identical: True\)$", out, re.M), out
+
+
 def test_step_bench_hf_twin_has_our_first_loss(capsys):
     out = run_bench(capsys, "step", "--seq", "32", "--batch", "2", "--repeats", "1")
     ours, hf = re.search(r"first-step loss: ours ([\d.]+) \| HF ([\d.]+)", out).groups()

@@ -534,6 +534,82 @@ def test_video_truncated_or_missing(tmp_path):
     assert e.value.reason == "missing_file"
 
 
+def write_gop_video(path, n_frames, gop=10, b_frames=2, size=64):
+    """A video with a keyframe every `gop` frames (no scene-cut keyframes) and B-frames (decode order
+    differs from presentation order); frame i shows a bar at row 2i mod size on gray 3i mod 256."""
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=25, options={"sc_threshold": "1000000000"})
+        s.width = s.height = size
+        s.pix_fmt, s.bit_rate = "yuv420p", 2_000_000
+        s.codec_context.gop_size, s.codec_context.max_b_frames = gop, b_frames
+        for i in range(n_frames):
+            a = np.full((size, size, 3), (3 * i) % 256, np.uint8)
+            a[(2 * i) % (size - 4):(2 * i) % (size - 4) + 4, :, 0] = 255
+            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+        c.mux(s.encode())
+    return path
+
+
+def frames_from_the_start(path, idx, size):
+    """The reference: decode from frame 0 with plain PyAV, frame i = the i-th frame decoded."""
+    got = {}
+    with av.open(str(path)) as c:
+        for n, f in enumerate(c.decode(video=0)):
+            if n in set(idx):
+                got[n] = f.to_image()
+    return data.to_pixels([got[i].resize((size, size), Image.BICUBIC) for i in idx])
+
+
+class CountingContainer:
+    """A PyAV container that counts the seeks made and the frames decoded through it."""
+
+    def __init__(self, container, counts):
+        self.c, self.counts = container, counts
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.c.close()
+
+    def __getattr__(self, name):
+        return getattr(self.c, name)
+
+    def seek(self, *a, **k):
+        self.counts["seeks"] += 1
+        return self.c.seek(*a, **k)
+
+    def decode(self, *a, **k):
+        for frame in self.c.decode(*a, **k):
+            self.counts["frames"] += 1
+            yield frame
+
+
+@pytest.mark.parametrize("which", ["synthetic", "long"])
+def test_video_frames_by_seeking_equal_decoding_from_the_start(which, synth_dir, tmp_path, monkeypatch):
+    """load_video seeks to the keyframe before each wanted frame; the frames must equal those of a
+    decode from frame 0, on the synthetic MP4s (16 frames, keyframes 0 and 12) and on a 300-frame
+    video with a keyframe every 10 frames and B-frames, for evaluation and training frame choices;
+    on the long video far fewer frames are decoded than a decode from the start needs."""
+    paths = ([synth_dir / "video" / "videos" / f"train_{i:05d}.mp4" for i in range(3)] if which == "synthetic"
+             else [write_gop_video(tmp_path / "long.mp4", 300)])
+    real_open = av.open
+    counts = Counter()
+    monkeypatch.setattr(data.av, "open", lambda *a, **k: CountingContainer(real_open(*a, **k), counts))
+    monkeypatch.setattr(data, "_decode_frames", None)               # the decode-from-start fallback is not used
+    for path in paths:
+        with real_open(str(path)) as c:
+            n = c.streams.video[0].frames
+        for num, seed in [(8, None), (8, 0), (8, 1), (16, 2), (3, 3)]:
+            rng = np.random.default_rng(seed) if seed is not None else None
+            idx = data.frame_indices(n, num, rng is not None, np.random.default_rng(seed))
+            counts.clear()
+            got = data.load_video(path, num, training=rng is not None, rng=rng, image_size=32)
+            if which == "long":                          # at most one GOP decoded per wanted frame
+                assert counts["seeks"] >= 2 and counts["frames"] <= num * 10 < max(idx) + 1, counts
+            assert torch.equal(got, frames_from_the_start(path, idx, 32))
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input: exact counts on a salted manifest, in a scan and in a stream
 
@@ -697,6 +773,50 @@ def test_training_video_jitter_varies_the_frames_and_evaluation_does_not(synth_d
     evals = frames_used(False, visits)
     assert len(set(evals)) == 1                                  # evaluation: always the middle frames
     assert evals[0] == tuple((int(edges[j]) + max(int(edges[j]) + 1, int(edges[j + 1])) - 1) // 2 for j in range(4))
+
+
+@pytest.mark.parametrize("anyres", [False, True])
+def test_pack_metadata_from_headers_equals_decoding(anyres, synth_dir, tmp_path, monkeypatch):
+    """Mixture.meta reads a sample's line, its image headers and the tokenizer, decoding no pixel,
+    and must give what packing.sample_meta of the decoded sample gives (tokens, visual tokens,
+    tiles): for every synthetic family (multi-image, video, OCR's 2x1 and charts' 2x2 grids,
+    text), tiled and AnyRes, and for images of other shapes and modes."""
+    import packing
+    for i, (size, mode) in enumerate([((300, 200), "RGB"), ((40, 500), "L"), ((1200, 300), "RGBA"), ((97, 61), "P")]):
+        Image.new(mode, size).save(tmp_path / f"i{i}.png")
+    two = [{"from": "human", "value": "Compare."}, {"from": "gpt", "value": "Same."}]
+    (tmp_path / "shapes.jsonl").write_text("".join(json.dumps({"image": [f"i{i}.png", f"i{3 - i}.png"],
+                                                               "conversations": two}) + "\n" for i in range(4)))
+    manifests = [synth_dir / f / "train.jsonl" for f in data.SYNTH_FAMILIES] + [tmp_path / "shapes.jsonl"]
+    cfg = DataConfig(image_size=112, max_tiles=6, num_frames=4, anyres=anyres, anyres_max_patches=256, max_len=10 ** 5)
+    tok, seen = data.load_tokenizer(synth_dir), set()
+    for manifest in manifests:
+        stream = data.Mixture([str(manifest)], tok, cfg, seed=0, verbose=False)
+        decoded = [packing.sample_meta(stream.load(k), k) for k in range(4)]
+        with monkeypatch.context() as m:                     # the metadata path decodes no pixel
+            m.setattr(data, "open_image", None)
+            m.setattr(data, "load_video", None)
+            metas = [stream.meta(k) for k in range(4)]
+            found = []
+            assert [stream.next_meta(found) for _ in range(4)] == metas and found == [(stream.sample_index(k), None)
+                                                                                      for k in range(4)]
+        assert metas == [tuple(d) for d in decoded], manifest
+        seen |= {d.n_images for d in decoded}
+    assert {0, 1, 2, 4} <= seen                         # text, one image, several, a video's frames
+
+
+def test_pixels_that_disagree_with_their_header_are_bad_input(tmp_path, monkeypatch):
+    """The packing plan trusts the header; a file whose pixels give other tiles is refused, not trained."""
+    save_png(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}) + "\n")
+    ds = data.JsonlDataset(tmp_path / "m.jsonl", data.load_tokenizer(None), DataConfig(image_size=112, max_tiles=4))
+    assert ds.load(0)["tiles"] == [1]
+    monkeypatch.setattr(data, "image_size_of", lambda path, where: (224, 112))      # a header that lies
+    assert ds.load(0, decode=False)["tiles"] == [3]
+    with pytest.raises(DataError, match="header gives 3 tiles") as e:
+        ds.load(0)
+    assert e.value.reason == "image"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench import padding_useful_fraction, synthetic_metas
-from packing import (IGNORE_INDEX, PackingConfig, SampleMeta, StreamPacker, balance_packs, collate_pack,
+from packing import (IGNORE_INDEX, PackingConfig, PackLoader, SampleMeta, StreamPacker, balance_packs, collate_pack,
                      pack_stream, pack_visual, pack_work, round_robin, sample_meta)
 
 IMG = 7            # <IMG_CONTEXT> id of the test vocabulary
@@ -359,6 +359,65 @@ def test_bad_samples_raise_clear_errors():
     with warnings.catch_warnings():                                 # an empty packer is quiet and empty
         warnings.simplefilter("error")
         assert StreamPacker(PackingConfig()).pop() is None
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. PackLoader over a stream of in-memory samples (the trainer's, data.Mixture, in test_train_stage.py)
+
+class Broken(Exception):
+    pass
+
+
+class ListStream:
+    """The stream protocol PackLoader reads: metadata of position k = samples[k % n]; `load` fails
+    (Broken) for the positions in `broken`, or returns `swap`'s sample instead."""
+
+    def __init__(self, samples, broken=(), swap=None):
+        self.samples, self.broken, self.swap, self.k = samples, set(broken), swap or {}, 0
+
+    def next_meta(self, found):
+        k, self.k = self.k, self.k + 1
+        found.append(k)
+        return tuple(sample_meta(self.samples[k % len(self.samples)], k, IMG))
+
+    def cursor(self):
+        return {"k": self.k}
+
+    def seek(self, cursor):
+        self.k = cursor["k"]
+
+    def load(self, k):
+        if k in self.broken:
+            raise Broken(f"sample {k}")
+        s = self.samples[self.swap.get(k, k) % len(self.samples)]
+        return dict(s, n_visual=int((s["input_ids"] == IMG).sum()))
+
+
+def loader_of(stream, **kw):
+    cfg = PackingConfig(max_tokens=120, micro_batches=2, buffer_size=6)
+    return PackLoader(stream, cfg, 0, 1, 64, bad_errors=(Broken,), **kw), cfg
+
+
+def test_a_pack_whose_samples_all_fail_to_decode_is_one_padding_token_without_targets():
+    samples = make_samples(40, seed=3)
+    plans = list(pack_stream(metas_of(samples), PackingConfig(max_tokens=120, buffer_size=6)))
+    loader, _ = loader_of(ListStream(samples, broken=[m.index for m in plans[1]] + [plans[0][0].index]))
+    first, second = loader.next()
+    assert first["sample_ids"] == [m.index for m in plans[0][1:]]           # the rest of its pack trains
+    assert second["sample_ids"] == [] and second["input_ids"].shape == (1, 1) and second["pixel_values"] is None
+    assert (second["labels"] == IGNORE_INDEX).all() and second["cu_seqlens"].tolist() == [0, 1]
+    assert sorted(k for k, _ in loader.dropped) == sorted([m.index for m in plans[1]] + [plans[0][0].index])
+    assert loader.found == list(range(len(loader.found)))                   # what the step's planning read
+
+
+def test_a_decoded_sample_unlike_its_plan_is_an_error_not_a_wrong_pack():
+    samples = make_samples(40, seed=3, image_frac=0.5)
+    text = next(i for i, s in enumerate(samples) if s["pixel_values"] is None)
+    image = next(i for i, s in enumerate(samples) if s["pixel_values"] is not None)
+    loader, _ = loader_of(ListStream(samples, swap={image: text}))     # decodes other tiles than planned
+    with pytest.raises(RuntimeError, match="planned as"):
+        for _ in range(10):
+            loader.next()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -408,29 +408,158 @@ def test_a_non_finite_loss_skips_the_update(synth):
 # ----------------------------------------------------------------------------------------------
 # data -> packing: exact resume on every rank, disjoint rank splits
 
-def batches(synth, rank, world, mix_stage="sft4"):
-    cfg, mcfg = cfg_of(mix_stage, f"--data_dir={synth}", "--packing.max_tokens=1024", "--packing.micro_batches=2")
+def batches(synth, rank, world, mix_stage="sft4", workers=0):
+    cfg, mcfg = cfg_of(mix_stage, f"--data_dir={synth}", "--packing.max_tokens=1024", "--packing.micro_batches=2",
+                       f"--num_workers={workers}")
     return train_stage.build_batches(cfg, mcfg, data.load_tokenizer(None), "train", rank, world, verbose=False)
 
 
-def test_batches_resume_bit_for_bit_on_every_rank(synth):
+def assert_same_packs(got_steps, want_steps):
+    for got, want in zip(got_steps, want_steps, strict=True):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g["sample_ids"] == w["sample_ids"]
+            for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+                assert torch.equal(g[key], w[key])
+            assert (g["pixel_values"] is None) == (w["pixel_values"] is None)
+            if g["pixel_values"] is not None:                          # video frames (training jitter) too
+                assert torch.equal(g["pixel_values"], w["pixel_values"])
+
+
+@pytest.mark.parametrize("workers", [(0, 0, 0), (0, 2, 1)])
+def test_batches_resume_bit_for_bit_on_every_rank(synth, workers):
+    """6 steps in one go equal 3 steps, a state saved (as meta.json holds it), 3 steps after loading
+    it; also when the three runs decode with 0, 2 and 1 loader workers (2 read 4 packs ahead), and
+    the saved state (position, sample counts) is the same whatever was read ahead."""
     for rank in range(2):
-        a = batches(synth, rank, 2)
-        ref = [a.next() for _ in range(6)]
-        b = batches(synth, rank, 2)
+        a = batches(synth, rank, 2, workers=workers[0])
+        ref = [a.next() for _ in range(3)]
+        ref_state = json.loads(json.dumps(a.state_dict()))
+        ref += [a.next() for _ in range(3)]
+        b = batches(synth, rank, 2, workers=workers[1])
         head = [b.next() for _ in range(3)]
-        state = json.loads(json.dumps(b.state_dict()))                 # what meta.json holds
-        c = batches(synth, rank, 2)
+        state = json.loads(json.dumps(b.state_dict()))
+        assert state == ref_state
+        c = batches(synth, rank, 2, workers=workers[2])
         c.load_state_dict(state)
         tail = [c.next() for _ in range(3)]
-        for got, want in zip(head + tail, ref):
-            assert len(got) == len(want) == 2
-            for g, w in zip(got, want):
-                assert g["sample_ids"] == w["sample_ids"]
-                for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
-                    assert torch.equal(g[key], w[key])
-                if g["pixel_values"] is not None:                      # video frames (training jitter) too
-                    assert torch.equal(g["pixel_values"], w["pixel_values"])
+        assert len(ref[0]) == 2
+        assert_same_packs(head + tail, ref)
+
+
+@pytest.mark.parametrize("workers, max_tokens", [(0, 600), (2, 350)])     # 177-token samples: 2 or 1 a pack
+def test_an_image_truncated_after_its_header_is_dropped_by_its_rank_and_counted_once(tmp_path, capsys, workers,
+                                                                                     max_tokens):
+    """The salted manifest (tests/test_data.py) through StageBatches: plans come from headers, so
+    the truncated PNG (its header reads) is planned and fails when decoded. It is dropped from its
+    pack (a pack left empty becomes one padding token), reported once with file and line and
+    counted once however often it is visited, and every count equals the decode-everything scan's;
+    the loss normaliser, counted on the collated packs, covers exactly the samples trained."""
+    from test_data import salted_manifest
+    path, expected = salted_manifest(tmp_path)
+    tok, dcfg = data.load_tokenizer(None), data.DataConfig(image_size=112, max_len=300, max_bad_fraction=1.0)
+    mixture = data.Mixture([path], tok, dcfg, seed=3)
+    pcfg = packing.PackingConfig(max_tokens=max_tokens, micro_batches=2, buffer_size=3, max_wait=4)
+    b = train_stage.StageBatches(mixture, pcfg, 0, 1, 64, num_workers=workers)
+    truncated = next(i for i, line in enumerate(path.read_text().split("\n")) if "trunc.png" in line) + 1
+    dropped_at, empty, trained = [], 0, set()
+    while b.state_dict()["data"]["epoch"] < 3:                       # three passes over the manifest
+        packs = b.next()
+        planned = [m.index for j in b.loader.groups[0] for m in b.loader.plans[j]]
+        got = [k for p in packs for k in p["sample_ids"]]
+        assert got == [k for k in planned if k not in {k for k, _ in b.loader.dropped}]
+        dropped_at += [k for k, _ in b.loader.dropped]
+        empty += sum(p["sample_ids"] == [] for p in packs)
+        trained |= {s for p in packs for s in p["sources"]}
+        want = sum(int((mixture.load(k)["labels"][1:] != -100).sum()) for k in got)
+        assert train_stage.global_targets(packs, CPU) == want
+    assert len(dropped_at) >= 2 and empty == (len(dropped_at) if max_tokens < 2 * 177 else 0)   # visited in 2+ passes
+    assert all(mixture.sample_index(k) == mixture.sample_index(dropped_at[0]) for k in dropped_at)
+    assert dict(mixture.bad.counts) == expected and mixture.bad.seen == 12 + sum(expected.values())
+    assert trained == {f"{path.resolve()}:{n}" for n, line in enumerate(path.read_text().split("\n"), 1)
+                       if "red." in line and n != truncated and "missing" not in line and "LLLL" not in line
+                       and "<image><image>" not in line}
+    reported = [ln for ln in capsys.readouterr().err.splitlines() if "skipping bad sample" in ln]
+    assert len(reported) == sum(expected.values()) == len(set(reported))
+    assert [ln for ln in reported if "(image)" in ln] == [ln for ln in reported if f"m.jsonl:{truncated}:" in ln]
+
+
+def salted_stream(synth, folder):
+    """sft4's video and counting samples plus a small manifest with two PNGs truncated after their
+    header, which only decoding finds (the tiny model's data geometry, 4 frames per video, so the
+    frames drawn depend on the stream position's generator)."""
+    good = json.loads(open(os.path.join(synth, "count", "train.jsonl")).readline())
+    img = os.path.join(synth, "count", good["image"])
+    for name in ("cut1.png", "cut2.png"):
+        with open(img, "rb") as f, open(os.path.join(folder, name), "wb") as g:
+            g.write(f.read()[:100])
+    lines = [dict(good, image=img)] * 6 + [dict(good, image=os.path.join(folder, n)) for n in ("cut1.png", "cut2.png")]
+    with open(os.path.join(folder, "salted.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+    sources = [(os.path.join(synth, "video", "train.jsonl"), 1.0), (os.path.join(synth, "count", "train.jsonl"), 1.0),
+               (os.path.join(folder, "salted.jsonl"), 0.1)]
+    dcfg = data.DataConfig.from_model(modeling.preset_config("tiny"), max_len=1024, max_bad_fraction=1.0,
+                                      num_frames=4)          # 4 of 16 frames: training picks one of 4 per segment
+    return data.Mixture(sources, data.load_tokenizer(None), dcfg, seed=4, verbose=False)
+
+
+TWO_RANK_DATA = r"""
+import os, sys, torch
+sys.path.insert(0, os.environ["REPO"])
+sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))
+import data, packing, train_stage as T, test_train_stage as S
+rank, world, device = T.setup_distributed()
+load = data.Mixture.load
+def counted(self, k, decode=True):                         # every decode, in whichever worker process
+    if decode:
+        with open(os.path.join(os.environ["OUT"], f"decoded{rank}.txt"), "a") as f:
+            f.write(f"{k}\n")
+    return load(self, k, decode)
+data.Mixture.load = counted
+mixture = S.salted_stream(os.environ["SYNTH"], os.environ["OUT"])
+b = T.StageBatches(mixture, packing.PackingConfig(max_tokens=1024, micro_batches=2, buffer_size=16), rank, world,
+                   64, num_workers=1)
+steps = [b.next() for _ in range(int(os.environ["STEPS"]))]
+ahead = [m.index for st in b.loader.planner.pending.values() for j in st["groups"][rank] for m in st["plans"][j]]
+torch.save({"steps": steps, "ahead": ahead, "bad": dict(mixture.bad.counts), "seen": mixture.bad.seen},
+           os.path.join(os.environ["OUT"], f"rank{rank}.pt"))
+T.shutdown_distributed()
+"""
+
+
+def test_two_ranks_decode_only_their_own_samples_and_equal_the_one_process_split(synth, tmp_path):
+    """2 gloo processes, each decoding in a loader worker: every sample of a step's packs is decoded
+    on exactly one rank, the rank whose packs hold it (besides what its worker read ahead for later
+    steps), none twice; each rank's packs equal the 1-process plan of the same stream split for 2
+    ranks; a truncated image dropped on one rank is counted on both."""
+    steps = 4
+    (tmp_path / "step.py").write_text(TWO_RANK_DATA)
+    res = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "step.py")],
+              env_extra={"REPO": ROOT, "SYNTH": synth, "OUT": str(tmp_path), "STEPS": str(steps)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    decoded = [[int(x) for x in (tmp_path / f"decoded{r}.txt").read_text().split()] for r in range(2)]
+    planner = packing.PackPlanner(salted_stream(synth, tmp_path), packing.PackingConfig(
+        max_tokens=1024, micro_batches=2, buffer_size=16), 0, 2, 64)
+    decoder = packing.PackDecoder(planner.stream.load, (data.DataError,))
+    planned, dropped_by = [[], []], {}
+    for step in range(1, steps + 1):
+        planner.plan_step()
+        plan = planner.pending[step]
+        for r in range(2):
+            want = [decoder[(step, plan["plans"][j])] for j in plan["groups"][r]]
+            assert_same_packs([got[r]["steps"][step - 1]], [want])
+            planned[r] += [m.index for j in plan["groups"][r] for m in plan["plans"][j]]
+            for p in want:
+                for k, _ in p["dropped"]:
+                    dropped_by.setdefault(planner.stream.sample_index(k), set()).add(r)
+    for r in range(2):
+        assert len(decoded[r]) == len(set(decoded[r]))                      # none decoded twice
+        assert decoded[r][:len(planned[r])] == planned[r]                    # its own, in order
+        assert set(decoded[r][len(planned[r]):]) <= set(got[r]["ahead"])     # then only its next steps' samples
+    assert not set(planned[0]) & set(decoded[1]) and not set(planned[1]) & set(decoded[0])
+    assert any(len(ranks) == 1 for ranks in dropped_by.values())           # a bad image only one rank decoded
+    assert got[0]["bad"] == got[1]["bad"] == {"image": len(dropped_by)} and got[0]["seen"] == got[1]["seen"]
 
 
 def test_ranks_split_each_step_disjointly_and_miss_no_sample(synth):
@@ -443,7 +572,7 @@ def test_ranks_split_each_step_disjointly_and_miss_no_sample(synth):
         seen += sorted(ids[0] | ids[1])
     assert len(seen) == len(set(seen))
     # every stream position up to the last packed one was trained once, except those still buffered
-    buffered = {m.index for _, _, _, m in ranks[0].packer.buffer}
+    buffered = {m.index for _, _, _, m in ranks[0].loader.planner.packer.buffer}
     assert set(range(max(seen) + 1)) - set(seen) <= buffered
 
 
@@ -518,7 +647,9 @@ def test_a_full_disk_while_shards_are_written_keeps_the_previous_step_checkpoint
 
 
 def test_kill_minus_9_then_resume_is_bit_identical(synth, tmp_path):
-    """sft4: video in the data (training-time frame jitter) and AdamW state, killed mid-run."""
+    """sft4: video in the data (training-time frame jitter) and AdamW state, killed mid-run. The
+    reference decodes in the trainer, the killed run in 2 loader workers (reading ahead of the
+    checkpoint it is killed after), the resumed run in 1."""
     args = ["train_stage.py", "--stage", "sft4", f"--data_dir={synth}", "--steps=6", "--save_every=2",
             "--packing.max_tokens=1024", "--eval_every=0", "--warmup_steps=1", "--keep_checkpoints=5",
             "--init-from=random"]
@@ -526,7 +657,7 @@ def test_kill_minus_9_then_resume_is_bit_identical(synth, tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    p = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path}/crash"], cwd=ROOT, env=env,
+    p = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path}/crash", "--num_workers=2"], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = f"{tmp_path}/crash/sft4.run/step-000004"
     deadline = time.time() + 240
@@ -536,7 +667,7 @@ def test_kill_minus_9_then_resume_is_bit_identical(synth, tmp_path):
     p.wait()
     assert os.path.exists(ck), "the run ended before its step-4 checkpoint"
     assert not os.path.exists(f"{tmp_path}/crash/sft4"), "killed too late to test resume"
-    res = run([*args, f"--out_dir={tmp_path}/crash", "--resume"])
+    res = run([*args, f"--out_dir={tmp_path}/crash", "--resume", "--num_workers=1"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resume: continuing from" in res.stdout
     wa = load_file(f"{tmp_path}/ref/sft4/model.safetensors")
@@ -757,6 +888,7 @@ def error_line(res):
     (["--model.llm_config.num_layers=2"], 2, "did you mean --model.llm_config.num_hidden_layers?"),
     (["--stage", "all", "--eval_families=nosuch"], 2, "--eval_families: unknown nosuch"),
     (["--stage", "all", "--seeds=0"], 2, "--seeds must be a whole number >= 1"),
+    (["--num_workers=-1"], 2, "--num_workers must be >= 0"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(args, code, match):
     res = run(["train_stage.py", *args], timeout=60)
