@@ -761,7 +761,7 @@ class StageBatches:
     def next(self) -> list:
         packs = self.loader.next()
         self.mixture.record(self.loader.found)
-        for k, err in (d for theirs in all_gather(self.loader.dropped) for d in theirs):   # every rank's, on every rank
+        for k, err in (d for theirs in modeling.all_gather(self.loader.dropped) for d in theirs):   # every rank's, on every rank
             self.mixture.record_decode_failure(k, err)
         return packs
 

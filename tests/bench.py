@@ -842,7 +842,7 @@ def rl_episode_worker(args):
         if rank == 0:
             modeling.save_checkpoint(os.path.join(d, "ck"), sailvl, {"stage": "bench"}, 0, 1)
         modeling.barrier()
-        cfg = rl.dataclasses.replace(cfg, init_from=os.path.join(d, "ck"), group_size=args.group)
+        cfg = dataclasses.replace(cfg, init_from=os.path.join(d, "ck"), group_size=args.group)
         model, _ = train_stage.place_model(cfg, sailvl.cfg, rank, world, device, lambda *a: None)
         modeling.barrier()
     policy = rl.generation_policy(model)

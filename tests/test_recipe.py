@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-import data
 import model as modeling
 import sample
 import recipe
