@@ -31,6 +31,7 @@ import bisect
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -43,7 +44,7 @@ import av
 import numpy as np
 import tiktoken
 import torch
-from PIL import Image, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 
@@ -1125,12 +1126,31 @@ class JsonlDataset:
 
 
 
-def manifest_lines(manifest: Path, desc: str, progress: bool):
-    """(where, line) for each non-blank line of a JSONL manifest, with a progress bar; where = 'file:line'."""
+def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True, prepare=None, check=None):
+    """(where, obj, rec) for each usable line of a JSONL manifest, read with a progress bar (where =
+    'file:line'); a malformed line or a bad record is counted in `counts` as bad:json / bad:<reason>,
+    never silently dropped. `prepare(obj, where)` rewrites an object before it is parsed;
+    `check(rec, where)` may refuse a parsed record by raising DataError. The one reader of the
+    offline data tools (the §3.1 tools here, sample.py's §4.1 curation, rl.py's LongCoT cleaning)."""
+    manifest = Path(manifest)
     lines = manifest.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(tqdm(lines, desc=f"{desc} {manifest.name}", disable=not progress), start=1):
-        if line.strip():
-            yield f"{manifest}:{number}", line
+        if not line.strip():
+            continue
+        where = f"{manifest}:{number}"
+        try:
+            obj = json.loads(line)
+            obj = prepare(obj, where) if prepare else obj
+            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
+            if check:
+                check(rec, where)
+        except json.JSONDecodeError:
+            counts["bad:json"] += 1
+            continue
+        except DataError as e:
+            counts[f"bad:{e.reason}"] += 1
+            continue
+        yield where, obj, rec
 
 
 def rebase_media(obj: dict, rec: Record, out_dir: Path) -> dict:
@@ -1145,7 +1165,114 @@ def rebase_media(obj: dict, rec: Record, out_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Resampling, §3.2.2, and the training stream
+# 6. Curation §3.1 (pre-training data): judge-score quality filter and caption -> QA (chart
+# rendering with QA, §3.1's synthetic chart data, is a generator: tests/synth.py charts)
+#
+# The paper scores SAIL-Caption2 with judge models for visual information richness (VIR) and
+# image-text alignment (ITA) and drops low scorers. A judge here is any callable
+# (PIL image, text) -> {"vir": float, "ita": float} in [0, 1]; plug in a VLM judge for real data.
+# The default `heuristic_judge` is honest about what it is: image statistics, calibrated for the
+# synthetic domain of tests/synth.py (flat shapes in known colours on white).
+
+def vir_score(img: Image.Image) -> float:
+    """Visual information richness: mean of the normalised colour-histogram entropy (4 levels per
+    channel, 64 bins) and the edge density (share of pixels with a strong luminance gradient)."""
+    a = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.int64)
+    hist = np.bincount(((a // 64) * np.array([16, 4, 1])).sum(-1).ravel(), minlength=64) / (64 * 64)
+    p = hist[hist > 0]
+    entropy = float(-(p * np.log(p)).sum() / math.log(64))
+    gray = a.mean(-1)
+    grad = np.abs(np.diff(gray, axis=0))[:, :-1] + np.abs(np.diff(gray, axis=1))[:-1, :]
+    edges = float((grad > 40).mean())
+    return 0.5 * entropy + 0.5 * min(1.0, 10 * edges)
+
+
+def ita_score(img: Image.Image, text: str) -> float:
+    """Image-text alignment: the share of colour words in `text` whose colour covers at least 0.2%
+    of the image; 0.5 (no evidence either way) when the text names no colour."""
+    named = [c for c in dict.fromkeys(re.findall(r"[a-z]+", text.lower())) if c in COLOURS]
+    if not named:
+        return 0.5
+    a = np.asarray(img.convert("RGB").resize((64, 64), Image.NEAREST), dtype=np.int64)
+    near = [(((a - np.array(COLOURS[c])) ** 2).sum(-1) < 60 ** 2).mean() for c in named]
+    present = [share >= 0.002 for share in near]
+    return sum(present) / len(named)
+
+
+def heuristic_judge(img: Image.Image, text: str) -> dict:
+    return {"vir": vir_score(img), "ita": ita_score(img, text)}
+
+
+def quality_filter(manifest, out, judge=heuristic_judge, min_vir: float = 0.05, min_ita: float = 0.5,
+                   progress: bool = True) -> Counter:
+    """Keep records whose single image scores at least min_vir and min_ita against the assistant text.
+    Kept lines gain "scores"; text-only and multi-image records pass unscored. Returns counts per outcome."""
+    manifest, out = Path(manifest), Path(out)
+    stats, kept = Counter(), []
+    for where, obj, rec in manifest_records(manifest, "filter", stats, progress):
+        if rec.text is not None or len(rec.images) != 1 or rec.videos:
+            stats["kept_unscored"] += 1
+            kept.append(json.dumps(rebase_media(obj, rec, out.parent) if rec.text is None else obj, ensure_ascii=False))
+            continue
+        try:
+            scores = judge(open_image(rec.images[0], where), " ".join(c for r, c in rec.turns if r == "assistant"))
+        except DataError as e:
+            stats[f"bad:{e.reason}"] += 1
+            continue
+        if scores["vir"] < min_vir:
+            stats["low_vir"] += 1
+        elif scores["ita"] < min_ita:
+            stats["low_ita"] += 1
+        else:
+            stats["kept"] += 1
+            kept.append(json.dumps({**rebase_media(obj, rec, out.parent),
+                                    "scores": {k: round(v, 4) for k, v in scores.items()}}, ensure_ascii=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    return stats
+
+
+# Caption -> QA (§3.1 "Caption2-QA"): a generator maps a caption to (question, answer) pairs. The
+# template default parses the synthetic caption grammar ("a red circle at the top left and ...");
+# captions it cannot parse fall back to a describe-the-image pair. Plug in an LLM for real captions.
+CAPTION_CLAUSE = re.compile(r"\ban? ([a-z]+) ([a-z]+) at the ([a-z]+) ([a-z]+)")
+
+
+def template_qa(caption: str) -> list:
+    qa = []
+    for colour, shape, row, col in CAPTION_CLAUSE.findall(caption.lower()):
+        qa += [(f"What colour is the {shape} at the {row} {col}?", f"{colour}."),
+               (f"Where is the {colour} {shape}?", f"at the {row} {col}."),
+               (f"What shape is at the {row} {col}?", f"a {shape}.")]
+    return qa or [("Describe the image.", caption)]
+
+
+def caption_to_qa(manifest, out, generator=template_qa, pairs: int = 1, seed: int = 0,
+                  progress: bool = True) -> Counter:
+    """Rewrite caption records (one user turn, one assistant caption) as QA conversations with
+    `pairs` pairs drawn from generator(caption) (0 = all). Other or bad records are counted, not kept."""
+    manifest, out = Path(manifest), Path(out)
+    rng, stats, kept = random.Random(seed), Counter(), []
+    for _, obj, rec in manifest_records(manifest, "caption2qa", stats, progress):
+        if rec.text is not None or len(rec.turns) != 2 or rec.turns[1][0] != "assistant":
+            stats["not_a_caption"] += 1
+            continue
+        qa = generator(rec.turns[1][1])
+        qa = rng.sample(qa, min(pairs, len(qa))) if pairs else qa
+        conv = []
+        for k, (q, a) in enumerate(qa):
+            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 and rec.images else "") + q},
+                     {"from": "gpt", "value": a}]
+        kept.append(json.dumps({**rebase_media({}, rec, out.parent), "conversations": conv, "task": "caption_qa"},
+                               ensure_ascii=False))
+        stats["converted"] += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Resampling, §3.2.2, and the training stream
 #
 # Step 1 (basic pre-training): dataset-level rebalancing -- each manifest gets a sampling weight.
 # Step 2 (multi-task pre-training): n-gram-level rebalancing of caption / synthetic-VQA text. The
@@ -1374,7 +1501,7 @@ def _unpack_bits(text: str, n: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The synthetic default data: its language, and the folder made on first use
+# 8. The synthetic default data: its language, and the folder made on first use
 #
 # tests/synth.py writes the miniature the tiny presets train on by default (PNG + MP4 + JSONL and a
 # BPE; `python tests/synth.py --out DIR`). What the components read of it lives here: the family
@@ -1396,11 +1523,6 @@ WORDS = ("apple", "bread", "chair", "cloud", "dance", "earth", "flame", "glass",
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 CHART_KINDS = ("bar", "line", "pie")
 CHART_LABELS = ("cat", "dog", "fish", "bird", "frog", "lion", "bear", "duck")
-
-
-def font(size: int) -> ImageFont.FreeTypeFont:
-    """Pillow's embedded font (no system fonts, no download)."""
-    return ImageFont.load_default(size=size)
 
 
 def run_synth(out, seed: int, size: int, progress: bool = True):
@@ -1441,7 +1563,7 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Command line: one row per tool in COMMANDS
+# 9. Command line: one row per tool in COMMANDS
 
 def add_image_tokens_cli(src: str, out: str):
     """`python data.py add-image-tokens SRC OUT`: one line of what was added, or one error line, exit 2."""
@@ -1487,6 +1609,12 @@ def rebalance_cli(args):
         Path(args.out).write_text(json.dumps({str(ds.line_numbers[i]): round(float(x), 6) for i, x in enumerate(w)}))
 
 
+def print_counts(title: str, counts: Counter):
+    print(f"{title}:")
+    for k, v in sorted(counts.items()):
+        print(f"  {k:28s} {v}")
+
+
 # (name, function of the parsed arguments, help, options: (flag or positional name, add_argument keywords))
 COMMANDS = (
     ("add-image-tokens", lambda a: add_image_tokens_cli(a.src, a.out), "copy a Qwen tokenizer folder, adding "
@@ -1505,6 +1633,18 @@ COMMANDS = (
          ("--label-mode", dict(default="sft", choices=LABEL_MODES, help="which tokens carry labels")),
          ("--max-bad-fraction", dict(type=float, default=DataConfig.max_bad_fraction,
                                      help="the share of bad samples training accepts (the stage option of the same name)")))),
+    ("filter", lambda a: print_counts("quality filter", quality_filter(a.manifest, a.out, min_vir=a.min_vir,
+                                                                       min_ita=a.min_ita)),
+     "keep samples whose judge scores (VIR, ITA) pass thresholds (§3.1)", (
+         ("manifest", {}), ("out", {}),
+         ("--min-vir", dict(type=float, default=0.05, help="visual information richness threshold")),
+         ("--min-ita", dict(type=float, default=0.5, help="image-text alignment threshold")))),
+    ("caption2qa", lambda a: print_counts("caption -> QA", caption_to_qa(a.manifest, a.out, pairs=a.pairs,
+                                                                         seed=a.seed)),
+     "turn caption samples into QA conversations (template generator)", (
+         ("manifest", {}), ("out", {}),
+         ("--pairs", dict(type=int, default=1, help="QA pairs per caption (0 = all)")),
+         ("--seed", dict(type=int, default=0)))),
     ("rebalance", rebalance_cli, "n-gram rebalancing weights (§3.2.2) and the diversity before/after", (
          ("manifest", {}),
          ("--n", dict(type=int, default=3, help="n-gram order")),
@@ -1527,7 +1667,8 @@ def tool_parser(prog: str, description: str, commands, parser=argparse.ArgumentP
 
 
 def main(argv=None):
-    p = tool_parser("data.py", "SAIL-VL2 data tools: the tokenizer, manifest checks, n-gram rebalancing (§3.2.2). "
+    p = tool_parser("data.py", "SAIL-VL2 data tools: the tokenizer, manifest checks, the §3.1 curation tools, n-gram rebalancing "
+                    "(§3.2.2). "
                     "Run `python data.py SUBCOMMAND --help` for each.", COMMANDS)
     args = p.parse_args(dashed_options(sys.argv[1:] if argv is None else argv))
     try:

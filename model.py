@@ -452,6 +452,19 @@ def pick_step(compile, device):
     return COMPILED_STEP if compile else decode_step
 
 
+def model_device(model) -> torch.device:
+    """The device of the model's weights (the CPU for stand-ins that have none)."""
+    first = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return torch.device("cpu") if first is None else first.device
+
+
+def on_device(pixels, device):
+    """Pixels (None, a tensor, or an AnyRes list) on `device`."""
+    if isinstance(pixels, (list, tuple)):
+        return [p.to(device) for p in pixels]
+    return None if pixels is None else pixels.to(device)
+
+
 def device_generator(generator, device):
     """The generator for draws on `device`: the given one when it lives there, else (a CPU
     generator handed to a CUDA model) a generator on `device` seeded by one draw from the given

@@ -56,7 +56,7 @@ import model as modeling
 import packing
 import sample
 import train_stage
-from data import (PLACEHOLDER_RE, WORD_RE, DataError, manifest_lines, ngrams, parse_record, rebase_media, split_think,
+from data import (PLACEHOLDER_RE, WORD_RE, DataError, manifest_records, ngrams, parse_record, rebase_media, split_think,
                   think_turn)
 from sample import BOXED, answer_key, answers_match, clean_answer, final_answer, last_boxed
 from sample import parse_number as _parse_number
@@ -384,7 +384,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
     group_advantages reads); sampled with cfg.temperature / cfg.top_p, or greedy. Every tensor on
     the policy's device; `generator` on that device too."""
     G = group_size or cfg.group_size
-    device = sample.model_device(policy)
+    device = modeling.model_device(policy)
     stop, banned = sample.stop_ids(tok), banned_ids(tok)
     temperature, top_p = (0.0, 1.0) if greedy else (cfg.temperature, cfg.top_p)
     per_call = max(1, cfg.batch_rows // G)
@@ -393,7 +393,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
     with torch.inference_mode(), autocast(device):
         for chunk in tqdm(chunks, desc="rollouts", disable=not progress, leave=False):
             flat = torch.tensor([t for p in chunk for t in p.ids], device=device)[None]
-            pixels = sample.on_device(sample.concat_pixels([p.pixels for p in chunk]), device)
+            pixels = modeling.on_device(sample.concat_pixels([p.pixels for p in chunk]), device)
             prefixes = policy.embed(flat, pixels)[0].split([len(p.ids) for p in chunk])   # (L_i, H) each
             lps = []
             ids_per_row = modeling.generate_from_embeds(policy.language_model, list(prefixes), cfg.max_new_tokens,
@@ -515,7 +515,7 @@ def generation_policy(model, replica=None):
     if replica is None:
         with torch.device("meta"):
             replica = modeling.SAILVL(model.cfg)
-        replica = replica.to_empty(device=sample.model_device(model))
+        replica = replica.to_empty(device=modeling.model_device(model))
         if model.cfg.llm_config.tie_word_embeddings:
             replica.language_model.lm_head.weight = replica.language_model.model.embed_tokens.weight
     replica.load_state_dict(sd)
@@ -563,7 +563,7 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
     from the pool and samples its share; a group is kept when its answers are neither all right
     nor all wrong (DAPO filters on accuracy, not on the shaped reward), up to this rank's quota;
     the rounds stop when every rank is full. Then training goes on with what is there."""
-    device = sample.model_device(policy)
+    device = modeling.model_device(policy)
     rank, world = rank_and_world()
     kept, seen, all_rolls = [], 0, []
     for _ in range(cfg.max_sampling_rounds):
@@ -618,7 +618,7 @@ def completion_logps(model, pack: dict, cfg, n_valid: int, banned=()) -> tuple:
     """Per sample of the pack: the policy's log-probs (L_i,) of its completion tokens and its
     entropy there. A training-mode forward (no dropout in this model), the same code for the old
     log-probs and the update, so the first update's ratio is exactly 1."""
-    device = sample.model_device(model)
+    device = modeling.model_device(model)
     p = train_stage.to_device(pack, device)
     with autocast(device):
         logits = model(p["input_ids"], p.get("pixel_values"), position_ids=p["position_ids"],
@@ -670,7 +670,7 @@ def micro_step(model, pack: dict, rows: list, olds, cfg, tok, n_global: float, w
     """Forward and backward of one packed micro-batch with the mini-batch's global normaliser.
     `olds` None: the rollout policy is the current one (ratio 1). `weight` 0: a padding pack that
     only keeps this rank in step with the others' collectives. -> (sums, maxes) for the stats."""
-    device = sample.model_device(model)
+    device = modeling.model_device(model)
     _, world = rank_and_world()
     lps, ents = completion_logps(model, pack, cfg, tok.n_vocab, banned_ids(tok))
     logp, mask = padded(lps, device)                                        # (B, T)
@@ -697,7 +697,7 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     packs of weight 0. `lr_at(update)` sets the LR of each update. Stats are over all ranks:
     means per update, `ratio_max_dev` of the first update (0: the rollout policy itself) and
     `ratio_max_dev_later` of the others (> 0 once the policy moved)."""
-    device = sample.model_device(model)
+    device = modeling.model_device(model)
     img_id = model.cfg.img_context_token_id
     agg = cfg.agg or AGG_DEFAULTS[cfg.algo]
     mbs = split_mini_batches(rolls, cfg)
@@ -845,7 +845,7 @@ def evaluate_prompts(policy, tok, prompts: list, cfg, judge=None, progress: bool
     rollout temperature, scored like the rollouts. Each rank answers its share; every rank gets
     all records, in prompt order. The sample draws restart from EVAL_SEED each call, so a "before"
     and an "after" see the same random numbers."""
-    device = sample.model_device(policy)
+    device = modeling.model_device(policy)
     rank, _ = rank_and_world()
     mine = my_share(prompts)
     greedy = rollouts(policy, tok, mine, cfg, None, group_size=1, greedy=True, progress=progress)
@@ -1299,16 +1299,7 @@ def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True,
     Returns counts per outcome, including the CoT-length histogram (log2 word buckets) before/after."""
     manifest, out = Path(manifest), Path(out)
     stats, seen, kept = Counter(), set(), []         # kept: (bucket, json line)
-    for where, line in manifest_lines(manifest, "longcot", progress):
-        try:
-            obj = format_longcot(json.loads(line), where)
-            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
-        except json.JSONDecodeError:
-            stats["bad:json"] += 1
-            continue
-        except DataError as e:
-            stats[f"bad:{e.reason}"] += 1
-            continue
+    for where, obj, rec in manifest_records(manifest, "longcot", stats, progress, prepare=format_longcot):
         question = " ".join(PLACEHOLDER_RE.sub(" ", " ".join(c for r, c in rec.turns if r == "user")).split()).lower()
         key = (tuple(rec.images), tuple(rec.videos), question)
         if key in seen:

@@ -1,7 +1,7 @@
 """Generate from and evaluate a SAIL-VL2 checkpoint; the grading API; the data curation tools. The
 model and the univl-chat prompt follow the paper (§2) and the official conversation template
 (`univl-chat` of the HF model BytedanceDouyinContent/SAIL-VL2-2B); evaluation (scoring rules,
-batching, the blind runs, the intervals, the recipe's report, the VLMEvalKit TSV reader) is ours:
+batching, the blind runs, the intervals, the VLMEvalKit TSV reader) is ours:
 the paper gives no procedure.
 
     python sample.py --ckpt out/vit1 --image data_synth/caption/images/eval_00000.png --prompt "Describe the image."
@@ -13,7 +13,6 @@ the paper gives no procedure.
     python sample.py --ckpt out/sft4 --eval MMBench_DEV_EN.tsv         # a VLMEvalKit multiple-choice TSV
     python sample.py curate-instructions --in sft.jsonl --out curated --annotator out/sft1     # §4.1.2
     python sample.py curate-video --in video.jsonl --out curated_video --scorer out/sft4       # §4.1.1
-    python sample.py filter|charts|caption2qa --help                   # §3.1 pre-training data tools
 
 Works on our checkpoints and on official SAIL-VL2 folders (the folder's tokenizer when it has one,
 else the embedded default). Images are tiled as the checkpoint was trained (tiles + thumbnail, or
@@ -24,9 +23,9 @@ table is printed, every accuracy with its n and Wilson 95% interval. Replies are
 grading API here (the one the RL rewards and the LongCoT filter use: a reply's answer region, its
 last \\boxed{}, when two answers agree, word-F1, ROUGE-L); scoring per family: `extract_answer`,
 `caption_correct`, `split_last_word`. Effects are paired differences on the same samples
-(`paired_difference`). The curation tools score data with a checkpoint: §3.1 (judge-score quality
-filter, charts with QA, caption -> QA) and §4.1 (SAIL-Instruction2 classes, quality and
-re-annotation; SAIL-Video alignment, richness and difficulty). Command-line errors exit with 2,
+(`paired_difference`). The §4.1 curation tools score data with a checkpoint: SAIL-Instruction2
+(latent classes, answer quality, re-annotation) and SAIL-Video (alignment, richness, difficulty);
+the model-free §3.1 tools are data.py's. Command-line errors exit with 2,
 unusable inputs (not a checkpoint, not an image) with 1, both with one line on stderr.
 """
 import argparse
@@ -50,13 +49,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 import data
 import model as modeling
-from data import (IMAGE, IMAGENET_MEAN, IMAGENET_STD, PLACEHOLDER_RE, DataConfig, DataError, Record, blank_pixels,
-                  build_sample, font, load_video, manifest_lines, ngrams, open_image, parse_record, prompt_inputs,
+from data import (IMAGENET_MEAN, IMAGENET_STD, PLACEHOLDER_RE, DataConfig, DataError, Record, blank_pixels,
+                  build_sample, load_video, manifest_records, ngrams, prompt_inputs,
                   rebase_media, special_ids)
 
 
@@ -122,26 +121,13 @@ class Streamer:
         self.shown = text
 
 
-def model_device(model) -> torch.device:
-    """The device of the model's weights (the CPU for stand-ins that have none)."""
-    first = next(model.parameters(), None) if hasattr(model, "parameters") else None
-    return torch.device("cpu") if first is None else first.device
-
-
-def on_device(pixels, device):
-    """Pixels (None, a tensor, or an AnyRes list) on `device`."""
-    if isinstance(pixels, (list, tuple)):
-        return [p.to(device) for p in pixels]
-    return None if pixels is None else pixels.to(device)
-
-
 def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_new_tokens=256,
            temperature=0.0, top_p=1.0, seed=0, stream=False) -> str:
     """One reply to `question` (a string, or [(role, content)] turns) about the given media."""
     sample = data.prompt_inputs(tok, dcfg, question, images, videos, think=think)
     stop = stop_ids(tok)
     gen = torch.Generator(device=model.language_model.lm_head.weight.device).manual_seed(seed)
-    out = model.generate([sample["input_ids"].tolist()], on_device(sample["pixel_values"], model_device(model)),
+    out = model.generate([sample["input_ids"].tolist()], modeling.on_device(sample["pixel_values"], modeling.model_device(model)),
                          max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, stop_tokens=stop, generator=gen,
                          on_token=Streamer(tok, stop) if stream else None, n_valid_tokens=tok.n_vocab)[0]
@@ -614,7 +600,7 @@ def generate_batch(model, tok, items: list) -> list:
     """Greedy replies to `items` in one `generate` call; each row is cut to its own budget, so the
     result does not depend on which other rows share the batch."""
     stop = stop_ids(tok)
-    out = model.generate([it.ids for it in items], on_device(concat_pixels([it.pixels for it in items]), model_device(model)),
+    out = model.generate([it.ids for it in items], modeling.on_device(concat_pixels([it.pixels for it in items]), modeling.model_device(model)),
                          max_new_tokens=max(it.max_new for it in items), temperature=0.0, stop_tokens=stop,
                          n_valid_tokens=tok.n_vocab)
     replies = []
@@ -965,208 +951,6 @@ def write_predictions_tsv(path, report: dict):
 
 
 # ----------------------------------------------------------------------------------------------
-# Curation §3.1 (pre-training data): judge-score quality filter, chart rendering with QA, caption -> QA
-#
-# The paper scores SAIL-Caption2 with judge models for visual information richness (VIR) and
-# image-text alignment (ITA) and drops low scorers. A judge here is any callable
-# (PIL image, text) -> {"vir": float, "ita": float} in [0, 1]; plug in a VLM judge for real data.
-# The default `heuristic_judge` is honest about what it is: image statistics, calibrated for the
-# synthetic domain of tests/synth.py (flat shapes in known colours on white).
-
-def vir_score(img: Image.Image) -> float:
-    """Visual information richness: mean of the normalised colour-histogram entropy (4 levels per
-    channel, 64 bins) and the edge density (share of pixels with a strong luminance gradient)."""
-    a = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.int64)
-    hist = np.bincount(((a // 64) * np.array([16, 4, 1])).sum(-1).ravel(), minlength=64) / (64 * 64)
-    p = hist[hist > 0]
-    entropy = float(-(p * np.log(p)).sum() / math.log(64))
-    gray = a.mean(-1)
-    grad = np.abs(np.diff(gray, axis=0))[:, :-1] + np.abs(np.diff(gray, axis=1))[:-1, :]
-    edges = float((grad > 40).mean())
-    return 0.5 * entropy + 0.5 * min(1.0, 10 * edges)
-
-
-def ita_score(img: Image.Image, text: str) -> float:
-    """Image-text alignment: the share of colour words in `text` whose colour covers at least 0.2%
-    of the image; 0.5 (no evidence either way) when the text names no colour."""
-    named = [c for c in dict.fromkeys(re.findall(r"[a-z]+", text.lower())) if c in data.COLOURS]
-    if not named:
-        return 0.5
-    a = np.asarray(img.convert("RGB").resize((64, 64), Image.NEAREST), dtype=np.int64)
-    near = [(((a - np.array(data.COLOURS[c])) ** 2).sum(-1) < 60 ** 2).mean() for c in named]
-    present = [share >= 0.002 for share in near]
-    return sum(present) / len(named)
-
-
-def heuristic_judge(img: Image.Image, text: str) -> dict:
-    return {"vir": vir_score(img), "ita": ita_score(img, text)}
-
-
-def quality_filter(manifest, out, judge=heuristic_judge, min_vir: float = 0.05, min_ita: float = 0.5,
-                   progress: bool = True) -> Counter:
-    """Keep records whose single image scores at least min_vir and min_ita against the assistant text.
-    Kept lines gain "scores"; text-only and multi-image records pass unscored. Returns counts per outcome."""
-    manifest, out = Path(manifest), Path(out)
-    stats, kept = Counter(), []
-    for where, line in manifest_lines(manifest, "filter", progress):
-        try:
-            obj = json.loads(line)
-            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
-            if rec.text is not None or len(rec.images) != 1 or rec.videos:
-                stats["kept_unscored"] += 1
-                kept.append(json.dumps(rebase_media(obj, rec, out.parent) if rec.text is None else obj,
-                                       ensure_ascii=False))
-                continue
-            scores = judge(open_image(rec.images[0], where), " ".join(c for r, c in rec.turns if r == "assistant"))
-        except json.JSONDecodeError:
-            stats["bad:json"] += 1
-            continue
-        except DataError as e:
-            stats[f"bad:{e.reason}"] += 1
-            continue
-        if scores["vir"] < min_vir:
-            stats["low_vir"] += 1
-        elif scores["ita"] < min_ita:
-            stats["low_ita"] += 1
-        else:
-            stats["kept"] += 1
-            kept.append(json.dumps({**rebase_media(obj, rec, out.parent),
-                                    "scores": {k: round(v, 4) for k, v in scores.items()}}, ensure_ascii=False))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    return stats
-
-
-# Charts (§3.1 synthetic chart data): drawn with Pillow, values printed on the chart so every QA
-# answer is readable from the pixels.
-
-
-def render_chart(kind: str, labels: list, values: list, size: int = 224) -> Image.Image:
-    """A bar, line or pie chart of positive integer `values`, with value and category labels."""
-    if kind not in data.CHART_KINDS:
-        raise ValueError(f"chart kind must be one of {data.CHART_KINDS}, got {kind!r}")
-    img = Image.new("RGB", (size, size), "white")
-    d = ImageDraw.Draw(img)
-    f = font(max(8, size // 16))
-    palette = list(data.COLOURS.values())
-    n, top = len(values), max(values)
-    left, right, upper, lower = size * 0.08, size * 0.96, size * 0.12, size * 0.84
-    if kind == "pie":
-        box = (size * 0.04, size * 0.2, size * 0.56, size * 0.72)
-        start = -90.0
-        for k, v in enumerate(values):
-            sweep = 360.0 * v / sum(values)
-            d.pieslice(box, start, start + sweep, fill=palette[k % len(palette)], outline="white")
-            start += sweep
-        for k, (lab, v) in enumerate(zip(labels, values)):
-            y = size * 0.2 + k * size * 0.1
-            d.rectangle((size * 0.6, y, size * 0.66, y + size * 0.06), fill=palette[k % len(palette)])
-            d.text((size * 0.69, y - size * 0.01), f"{lab} {v}", fill="black", font=f)
-        return img
-    d.line((left, lower, right, lower), fill="black", width=1)
-    step = (right - left) / n
-    points = []
-    for k, (lab, v) in enumerate(zip(labels, values)):
-        cx = left + step * (k + 0.5)
-        y = lower - (lower - upper) * v / top
-        if kind == "bar":
-            d.rectangle((cx - step * 0.3, y, cx + step * 0.3, lower), fill=palette[k % len(palette)])
-        points.append((cx, y))
-        d.text((cx, y - 2), str(v), fill="black", font=f, anchor="md")
-        d.text((cx, lower + 3), lab, fill="black", font=f, anchor="ma")
-    if kind == "line":
-        d.line(points, fill=palette[2], width=2)
-        for cx, y in points:
-            d.ellipse((cx - 3, y - 3, cx + 3, y + 3), fill=palette[0])
-    return img
-
-
-def chart_values(rng: random.Random, n: int) -> tuple:
-    """n distinct labels and values 1..9 with a unique largest and smallest (so QA answers are unique)."""
-    labels = rng.sample(data.CHART_LABELS, n)
-    values = rng.sample(range(1, 10), n)
-    return labels, values
-
-
-def chart_qa(kind: str, labels: list, values: list) -> list:
-    """(question, answer) pairs answerable from the drawn chart."""
-    item = {"bar": "bar", "line": "point", "pie": "slice"}[kind]
-    qa = [(f"Which {item} has the largest value?", labels[values.index(max(values))]),
-          (f"Which {item} has the smallest value?", labels[values.index(min(values))]),
-          (f"How many {item}s are there?", str(len(values)))]
-    qa += [(f"What is the value of {lab}?", str(v)) for lab, v in zip(labels, values)]
-    return qa
-
-
-def make_charts(out_dir, n: int, seed: int = 0, size: int = 224, progress: bool = True) -> Path:
-    """Write n chart PNGs and charts.jsonl: the chart data and all its QA pairs as one conversation."""
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    rng, lines = random.Random(seed), []
-    for i in tqdm(range(n), desc="charts", disable=not progress):
-        kind = data.CHART_KINDS[i % len(data.CHART_KINDS)]
-        labels, values = chart_values(rng, rng.randint(3, 5))
-        name = f"images/chart_{i:05d}.png"
-        render_chart(kind, labels, values, size).save(out_dir / name)
-        conv = []
-        for k, (q, a) in enumerate(chart_qa(kind, labels, values)):
-            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
-        lines.append({"image": name, "chart": {"kind": kind, "labels": labels, "values": values},
-                      "conversations": conv, "task": "chart"})
-    path = out_dir / "charts.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
-    return path
-
-
-# Caption -> QA (§3.1 "Caption2-QA"): a generator maps a caption to (question, answer) pairs. The
-# template default parses the synthetic caption grammar ("a red circle at the top left and ...");
-# captions it cannot parse fall back to a describe-the-image pair. Plug in an LLM for real captions.
-CAPTION_CLAUSE = re.compile(r"\ban? ([a-z]+) ([a-z]+) at the ([a-z]+) ([a-z]+)")
-
-
-def template_qa(caption: str) -> list:
-    qa = []
-    for colour, shape, row, col in CAPTION_CLAUSE.findall(caption.lower()):
-        qa += [(f"What colour is the {shape} at the {row} {col}?", f"{colour}."),
-               (f"Where is the {colour} {shape}?", f"at the {row} {col}."),
-               (f"What shape is at the {row} {col}?", f"a {shape}.")]
-    return qa or [("Describe the image.", caption)]
-
-
-def caption_to_qa(manifest, out, generator=template_qa, pairs: int = 1, seed: int = 0,
-                  progress: bool = True) -> Counter:
-    """Rewrite caption records (one user turn, one assistant caption) as QA conversations with
-    `pairs` pairs drawn from generator(caption) (0 = all). Other or bad records are counted, not kept."""
-    manifest, out = Path(manifest), Path(out)
-    rng, stats, kept = random.Random(seed), Counter(), []
-    for where, line in manifest_lines(manifest, "caption2qa", progress):
-        try:
-            obj = json.loads(line)
-            rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
-        except json.JSONDecodeError:
-            stats["bad:json"] += 1
-            continue
-        except DataError as e:
-            stats[f"bad:{e.reason}"] += 1
-            continue
-        if rec.text is not None or len(rec.turns) != 2 or rec.turns[1][0] != "assistant":
-            stats["not_a_caption"] += 1
-            continue
-        qa = generator(rec.turns[1][1])
-        qa = rng.sample(qa, min(pairs, len(qa))) if pairs else qa
-        conv = []
-        for k, (q, a) in enumerate(qa):
-            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 and rec.images else "") + q},
-                     {"from": "gpt", "value": a}]
-        kept.append(json.dumps({**rebase_media({}, rec, out.parent), "conversations": conv, "task": "caption_qa"},
-                               ensure_ascii=False))
-        stats["converted"] += 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    return stats
-
-
-# ----------------------------------------------------------------------------------------------
 # Curation §4.1 (post-training data): SAIL-Instruction2 (§4.1.2) and SAIL-Video (§4.1.1)
 #
 # The paper's: the stages (latent classes, quality scoring, re-annotation by a stronger model, class
@@ -1191,24 +975,21 @@ def instruction_text(rec: Record) -> str:
     return " ".join(PLACEHOLDER_RE.sub(" ", " ".join(c for r, c in rec.turns if r == "user")).split())
 
 
+def instruction_check(rec: Record, where: str):
+    """Refuse (DataError) a record that does not end with an assistant turn, or whose media are missing."""
+    if rec.text is not None or rec.turns[-1][0] != "assistant":
+        raise DataError("not_instruction", where, "the record does not end with an assistant turn")
+    for path in rec.images + rec.videos:
+        if not os.path.exists(path):
+            raise DataError("missing_file", where, f"media file not found: {path}")
+
+
 def read_instructions(manifests, desc: str, bad: Counter, progress: bool):
     """(obj, rec) per record that ends with an assistant turn and whose media files exist; the others
     are counted in `bad` as bad:<reason> (json, schema, not_instruction, missing_file, ...)."""
-    for manifest in map(Path, manifests):
-        for where, line in manifest_lines(manifest, desc, progress):
-            try:
-                obj = json.loads(line)
-                rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
-                if rec.text is not None or rec.turns[-1][0] != "assistant":
-                    raise DataError("not_instruction", where, "the record does not end with an assistant turn")
-                for path in rec.images + rec.videos:
-                    if not os.path.exists(path):
-                        raise DataError("missing_file", where, f"media file not found: {path}")
-                yield obj, rec
-            except json.JSONDecodeError:
-                bad["bad:json"] += 1
-            except DataError as e:
-                bad[f"bad:{e.reason}"] += 1
+    for manifest in manifests:
+        for _, obj, rec in manifest_records(manifest, desc, bad, progress, check=instruction_check):
+            yield obj, rec
 
 
 def tfidf_embed(texts: list, buckets: int = HASH_BUCKETS) -> tuple:
@@ -1602,12 +1383,6 @@ def load_scorer(ckpt, **overrides):
     return CheckpointScorer(model, tok, replace(dcfg, **overrides))
 
 
-def print_counts(title: str, counts: Counter):
-    print(f"{title}:")
-    for k, v in sorted(counts.items()):
-        print(f"  {k:28s} {v}")
-
-
 def curate_instructions_cli(a):
     annotator = load_scorer(a.annotator)
     print(json.dumps(curate_instructions(a.inputs.split(","), a.out, a.classes, load_scorer(a.scorer) or annotator,
@@ -1630,22 +1405,6 @@ def curation_io(what: str) -> tuple:
 
 # the data tools (`python sample.py TOOL --help`): (name, function of the parsed arguments, help, options)
 TOOLS = (
-    ("filter", lambda a: print_counts("quality filter", quality_filter(a.manifest, a.out, min_vir=a.min_vir,
-                                                                       min_ita=a.min_ita)),
-     "keep samples whose judge scores (VIR, ITA) pass thresholds (§3.1)", (
-         ("manifest", {}), ("out", {}),
-         ("--min-vir", dict(type=float, default=0.05, help="visual information richness threshold")),
-         ("--min-ita", dict(type=float, default=0.5, help="image-text alignment threshold")))),
-    ("charts", lambda a: print(f"wrote {make_charts(a.out, a.n, a.seed, a.size)}"),
-     "render bar/line/pie charts to PNG with their data and QA pairs", (
-         ("--out", dict(required=True)), ("--n", dict(type=int, default=100)), ("--seed", dict(type=int, default=0)),
-         ("--size", dict(type=int, default=224, help="chart side in pixels")))),
-    ("caption2qa", lambda a: print_counts("caption -> QA", caption_to_qa(a.manifest, a.out, pairs=a.pairs,
-                                                                         seed=a.seed)),
-     "turn caption samples into QA conversations (template generator)", (
-         ("manifest", {}), ("out", {}),
-         ("--pairs", dict(type=int, default=1, help="QA pairs per caption (0 = all)")),
-         ("--seed", dict(type=int, default=0)))),
     ("curate-instructions", curate_instructions_cli, "SAIL-Instruction2 (§4.1.2): latent classes, answer quality, "
      "re-annotation, class balancing -> DIR/{curated.jsonl,classes.json,report.json}", (
          ("--classes", dict(type=int, default=8, help="latent classes (k-means on the instructions' TF-IDF)")),
@@ -1673,7 +1432,7 @@ TOOLS = (
 
 def tool_cli(argv):
     """`python sample.py TOOL ...`: one of TOOLS; a missing file or a bad value is a usage error (exit 2)."""
-    args = data.tool_parser("sample.py", "SAIL-VL2 curation tools (§3.1, §4.1)", TOOLS, Parser).parse_args(
+    args = data.tool_parser("sample.py", "SAIL-VL2 curation tools (§4.1)", TOOLS, Parser).parse_args(
         data.dashed_options(argv))
     try:
         return args.run(args)

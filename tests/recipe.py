@@ -31,7 +31,7 @@ import repo_path
 repo_path.add_repo_root()              # the project's files, after transformers has bound HF's `kernels`
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageFont  # noqa: E402
 
 import data  # noqa: E402
 import model as modeling  # noqa: E402
@@ -474,7 +474,7 @@ def report_picture(report: dict, losses: dict, path: str):
     """report.png (Pillow only): the stage x family heatmap of held-out accuracy, then the training
     loss of every stage on one axis."""
     from PIL import ImageDraw
-    fonts = (data.font(15), data.font(11), data.font(13))
+    fonts = tuple(ImageFont.load_default(size=s) for s in (15, 11, 13))     # Pillow's embedded font
     fams = report_families(report)
     rows = sum(bool(st.get("eval", {}).get("real")) for st in report["stages"].values())
     cw, ch, x0, top = 86, 38, 110, 84

@@ -9,6 +9,7 @@ layout). Same seed and size, same bytes.
 
     python tests/synth.py --out data_synth              # the default folder, 1024 train samples per family
     python tests/synth.py --out /tmp/s --size 16        # the tests' size
+    python tests/synth.py charts --out /tmp/charts      # §3.1's chart data alone (bar / line / pie + QA)
 
 The components never import this file: data.ensure_synth runs it in a subprocess when the default
 folder is missing. What they read of the data (the family names, its words) is in data.py.
@@ -28,14 +29,14 @@ import repo_path
 repo_path.add_repo_root()              # the project's files, after transformers has bound HF's `kernels`
 
 import av  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
-from data import (CHART_KINDS, COLOURS, COLS, DEFAULT_SYNTH_DIR, DEFAULT_SYNTH_SIZE, DIRECTIONS, IMAGE,  # noqa: E402
+from data import (CHART_KINDS, CHART_LABELS, COLOURS, COLS, DEFAULT_SYNTH_DIR, DEFAULT_SYNTH_SIZE, DIRECTIONS, IMAGE,  # noqa: E402
                   PLACEHOLDER_RE, QWEN_PATTERN, ROWS, SHAPES, SPECIAL_TOKENS, SYNTH_VERSION, VIDEO, VIDEO_RE, WORDS,
-                  byte_to_unicode, font, manifest_lines, parse_record, render_chat, video_prompt)
-from sample import BOXED, chart_qa, chart_values, render_chart, template_qa  # noqa: E402
+                  byte_to_unicode, manifest_records, render_chat, template_qa, video_prompt)
+from sample import BOXED  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +112,92 @@ SYNTH_SYSTEM = "You are UniVL, a helpful assistant."   # the tiny presets' syste
 # never repeats a prompt) and count_cot/rl_eval.jsonl (size // 2 held-out scenes)
 RL_SPLITS = {"count_cot": {"rl": 4, "rl_eval": 0.5}}
 CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Write a short caption.")
+
+
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's embedded font (no system fonts, no download)."""
+    return ImageFont.load_default(size=size)
+
+
+# Charts (§3.1's synthetic chart data; `python tests/synth.py charts`, and the chart family): drawn with Pillow, values printed on the chart so every QA
+# answer is readable from the pixels.
+
+
+def render_chart(kind: str, labels: list, values: list, size: int = 224) -> Image.Image:
+    """A bar, line or pie chart of positive integer `values`, with value and category labels."""
+    if kind not in CHART_KINDS:
+        raise ValueError(f"chart kind must be one of {CHART_KINDS}, got {kind!r}")
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    f = font(max(8, size // 16))
+    palette = list(COLOURS.values())
+    n, top = len(values), max(values)
+    left, right, upper, lower = size * 0.08, size * 0.96, size * 0.12, size * 0.84
+    if kind == "pie":
+        box = (size * 0.04, size * 0.2, size * 0.56, size * 0.72)
+        start = -90.0
+        for k, v in enumerate(values):
+            sweep = 360.0 * v / sum(values)
+            d.pieslice(box, start, start + sweep, fill=palette[k % len(palette)], outline="white")
+            start += sweep
+        for k, (lab, v) in enumerate(zip(labels, values)):
+            y = size * 0.2 + k * size * 0.1
+            d.rectangle((size * 0.6, y, size * 0.66, y + size * 0.06), fill=palette[k % len(palette)])
+            d.text((size * 0.69, y - size * 0.01), f"{lab} {v}", fill="black", font=f)
+        return img
+    d.line((left, lower, right, lower), fill="black", width=1)
+    step = (right - left) / n
+    points = []
+    for k, (lab, v) in enumerate(zip(labels, values)):
+        cx = left + step * (k + 0.5)
+        y = lower - (lower - upper) * v / top
+        if kind == "bar":
+            d.rectangle((cx - step * 0.3, y, cx + step * 0.3, lower), fill=palette[k % len(palette)])
+        points.append((cx, y))
+        d.text((cx, y - 2), str(v), fill="black", font=f, anchor="md")
+        d.text((cx, lower + 3), lab, fill="black", font=f, anchor="ma")
+    if kind == "line":
+        d.line(points, fill=palette[2], width=2)
+        for cx, y in points:
+            d.ellipse((cx - 3, y - 3, cx + 3, y + 3), fill=palette[0])
+    return img
+
+
+def chart_values(rng: random.Random, n: int) -> tuple:
+    """n distinct labels and values 1..9 with a unique largest and smallest (so QA answers are unique)."""
+    labels = rng.sample(CHART_LABELS, n)
+    values = rng.sample(range(1, 10), n)
+    return labels, values
+
+
+def chart_qa(kind: str, labels: list, values: list) -> list:
+    """(question, answer) pairs answerable from the drawn chart."""
+    item = {"bar": "bar", "line": "point", "pie": "slice"}[kind]
+    qa = [(f"Which {item} has the largest value?", labels[values.index(max(values))]),
+          (f"Which {item} has the smallest value?", labels[values.index(min(values))]),
+          (f"How many {item}s are there?", str(len(values)))]
+    qa += [(f"What is the value of {lab}?", str(v)) for lab, v in zip(labels, values)]
+    return qa
+
+
+def make_charts(out_dir, n: int, seed: int = 0, size: int = 224, progress: bool = True) -> Path:
+    """Write n chart PNGs and charts.jsonl: the chart data and all its QA pairs as one conversation."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng, lines = random.Random(seed), []
+    for i in tqdm(range(n), desc="charts", disable=not progress):
+        kind = CHART_KINDS[i % len(CHART_KINDS)]
+        labels, values = chart_values(rng, rng.randint(3, 5))
+        name = f"images/chart_{i:05d}.png"
+        render_chart(kind, labels, values, size).save(out_dir / name)
+        conv = []
+        for k, (q, a) in enumerate(chart_qa(kind, labels, values)):
+            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+        lines.append({"image": name, "chart": {"kind": kind, "labels": labels, "values": values},
+                      "conversations": conv, "task": "chart"})
+    path = out_dir / "charts.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return path
 
 
 def draw_shape(d: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float):
@@ -323,8 +410,7 @@ def synth_texts(root: Path) -> list:
     tokens), plus the plain-text records."""
     texts = []
     for path in sorted(Path(root).glob("*/train.jsonl")):
-        for where, line in manifest_lines(path, "tokenizer", False):
-            rec = parse_record(json.loads(line), path.parent, where, path.stem)
+        for _, _, rec in manifest_records(path, "tokenizer", Counter(), progress=False):
             if rec.text is not None:
                 texts.append(rec.text)
                 continue
@@ -369,14 +455,30 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
 # ----------------------------------------------------------------------------------------------
 # command line
 
+def charts_main(argv):
+    p = argparse.ArgumentParser(prog="tests/synth.py charts", description="Render bar / line / pie charts to PNG "
+                                "with their data and QA pairs (§3.1's synthetic chart data): DIR/images/*.png and "
+                                "DIR/charts.jsonl.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=100, help="charts to render")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    p.add_argument("--size", type=int, default=224, help="chart side in pixels")
+    args = p.parse_args(argv)
+    print(f"wrote {make_charts(args.out, args.n, args.seed, args.size)}")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["charts"]:
+        return charts_main(argv[1:])
     p = argparse.ArgumentParser(prog="tests/synth.py", description="Build the synthetic miniature dataset (PNG, "
                                 "MP4, JSONL manifests and a BPE tokenizer) that the tiny default recipe trains and "
-                                "evaluates on, into a new folder.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "evaluates on, into a new folder. `tests/synth.py charts --help`: §3.1's chart "
+                                "data alone.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="folder to create (must not exist)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--size", type=int, default=DEFAULT_SYNTH_SIZE, help="train samples per task family")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     try:
         out = make_synth(args.out, args.seed, args.size)
     except FileExistsError as e:

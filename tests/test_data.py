@@ -904,11 +904,11 @@ def test_synth_every_sample_loads(synth_dir):
 
 def test_heuristic_judge_and_quality_filter(tmp_path):
     scene = synth.scene_image([("red", "circle", "top", "left"), ("blue", "square", "bottom", "right")])
-    assert sample.ita_score(scene, "a red circle and a blue square") == 1.0
-    assert sample.ita_score(scene, "a green circle") == 0.0
-    assert sample.ita_score(scene, "a red circle and a yellow one") == 0.5
+    assert data.ita_score(scene, "a red circle and a blue square") == 1.0
+    assert data.ita_score(scene, "a green circle") == 0.0
+    assert data.ita_score(scene, "a red circle and a yellow one") == 0.5
     blank = Image.new("RGB", (112, 112), "white")
-    assert sample.vir_score(blank) < 0.05 < sample.vir_score(scene)
+    assert data.vir_score(blank) < 0.05 < data.vir_score(scene)
     scene.save(tmp_path / "s.png")
     blank.save(tmp_path / "b.png")
     conv = lambda img, cap: {"image": img, "conversations": [{"from": "human", "value": "<image>\nDescribe."},  # noqa: E731
@@ -916,7 +916,7 @@ def test_heuristic_judge_and_quality_filter(tmp_path):
     lines = [conv("s.png", "a red circle and a blue square."), conv("b.png", "a red circle."),
              conv("s.png", "a green triangle."), conv("missing.png", "x"), {"text": "plain"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
-    stats = sample.quality_filter(tmp_path / "m.jsonl", tmp_path / "out" / "f.jsonl", progress=False)
+    stats = data.quality_filter(tmp_path / "m.jsonl", tmp_path / "out" / "f.jsonl", progress=False)
     assert stats == {"kept": 1, "low_vir": 1, "low_ita": 1, "bad:missing_file": 1, "kept_unscored": 1, "bad:json": 1}
     kept = [json.loads(x) for x in (tmp_path / "out" / "f.jsonl").read_text().splitlines()]
     assert kept[0]["image"] == ["../s.png"] and kept[0]["scores"]["ita"] == 1.0
@@ -925,25 +925,25 @@ def test_heuristic_judge_and_quality_filter(tmp_path):
 
 def test_charts(tmp_path):
     labels, values = ["cat", "dog", "fish"], [3, 9, 1]
-    qa = dict(sample.chart_qa("bar", labels, values))
+    qa = dict(synth.chart_qa("bar", labels, values))
     assert qa["Which bar has the largest value?"] == "dog" and qa["Which bar has the smallest value?"] == "fish"
     assert qa["What is the value of cat?"] == "3" and qa["How many bars are there?"] == "3"
     for kind in data.CHART_KINDS:
-        img = sample.render_chart(kind, labels, values, size=160)
+        img = synth.render_chart(kind, labels, values, size=160)
         assert img.size == (160, 160) and len(img.getcolors(maxcolors=1 << 16)) > 3
-    path = sample.make_charts(tmp_path / "c", n=6, progress=False)
+    path = synth.make_charts(tmp_path / "c", n=6, progress=False)
     ds = data.JsonlDataset(path, data.load_tokenizer(None), DataConfig(**TINY))
     assert len(ds) == 6 and {json.loads(open(path).readlines()[i])["chart"]["kind"] for i in range(3)} == set(data.CHART_KINDS)
     assert ds[0]["input_ids"].numel() > 0
 
 
 def test_caption_to_qa(tmp_path, synth_dir):
-    qa = sample.template_qa("a red circle at the top left and a blue square at the bottom right.")
+    qa = data.template_qa("a red circle at the top left and a blue square at the bottom right.")
     assert ("What colour is the circle at the top left?", "red.") in qa and len(qa) == 6
     assert ("Where is the blue square?", "at the bottom right.") in qa
-    assert sample.template_qa("A sunny beach.") == [("Describe the image.", "A sunny beach.")]
+    assert data.template_qa("A sunny beach.") == [("Describe the image.", "A sunny beach.")]
     out = tmp_path / "qa" / "caption_qa.jsonl"
-    stats = sample.caption_to_qa(synth_dir / "caption" / "train.jsonl", out, pairs=2, progress=False)
+    stats = data.caption_to_qa(synth_dir / "caption" / "train.jsonl", out, pairs=2, progress=False)
     assert stats == {"converted": 16}
     ds = data.JsonlDataset(out, data.load_tokenizer(None), DataConfig(**TINY))
     assert len(list(ds.scan(progress=False))) == 16

@@ -238,8 +238,8 @@ def test_sample_device_option_moves_every_input_to_the_models_device(synth):
     items = [sample.Item([1, 2], torch.zeros(1, 3, 8, 8), 4), sample.Item([3], torch.zeros(2, 3, 8, 8), 4)]
     sample.generate_batch(spy, tok, items)
     assert spy.pixels.device.type == "meta" and spy.pixels.shape[0] == 3
-    assert [p.device.type for p in sample.on_device([torch.zeros(3, 8, 8)], sample.model_device(spy))] == ["meta"]   # AnyRes lists
-    assert sample.on_device(None, torch.device("meta")) is None
+    assert [p.device.type for p in modeling.on_device([torch.zeros(3, 8, 8)], modeling.model_device(spy))] == ["meta"]   # AnyRes lists
+    assert modeling.on_device(None, torch.device("meta")) is None
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: --device cuda is valid here")
     env = dict(os.environ)
