@@ -984,13 +984,14 @@ def test_clean_longcot(tmp_path):
 
 
 def test_cli_help_and_check(tmp_path, capsys):
-    for main, cmd in [(data.main, "add-image-tokens"), (data.main, "check"), (data.main, "rebalance"),
-                      (sample.main, "filter"), (sample.main, "charts"), (sample.main, "caption2qa"),
-                      (rl.main, "clean-longcot"), (synth.main, "")]:
+    for main, cmd in [(data.main, "add-image-tokens"), (data.main, "check"), (data.main, "filter"),
+                      (data.main, "caption2qa"), (data.main, "rebalance"), (sample.main, "curate-instructions"),
+                      (sample.main, "curate-video"), (rl.main, "clean-longcot"), (synth.main, "charts"),
+                      (synth.main, "")]:
         with pytest.raises(SystemExit) as e:
             main(([cmd] if cmd else []) + ["--help"])
         assert e.value.code == 0
-    assert "usage" in capsys.readouterr().out
+        assert f"{cmd} [-h]" in capsys.readouterr().out                # that command's own help, not another's
     path, expected = salted_manifest(tmp_path)
     with pytest.raises(SystemExit) as refused:                            # 9 of 21 bad: training would refuse it
         data.main(["check", str(path), "--preset", "tiny", "--max-len", "300"])
