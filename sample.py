@@ -54,9 +54,9 @@ from tqdm import tqdm
 
 import data
 import model as modeling
-from data import (IMAGENET_MEAN, IMAGENET_STD, PLACEHOLDER_RE, DataConfig, DataError, Record, blank_pixels,
-                  build_sample, load_video, manifest_records, ngrams, prompt_inputs,
+from data import (PLACEHOLDER_RE, DataConfig, DataError, Record, build_sample, manifest_records, ngrams, prompt_inputs,
                   rebase_media, special_ids)
+from vit import IMAGENET_MEAN, IMAGENET_STD, blank_pixels, load_video
 
 
 class UsageError(Exception):
@@ -675,7 +675,7 @@ def record_item(tok, dcfg, rec, think, blank: bool, max_new_tokens):
         raise data.DataError("schema", rec.where, "an eval record needs a final assistant turn to score")
     t = bool(rec.think if think is None else think)
     s = data.prompt_inputs(tok, dcfg, rec.turns[:-1], rec.images, rec.videos, think=t, system=rec.system)
-    pixels = data.blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
+    pixels = blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
     budget = max_new_tokens or default_new_tokens(rec.task, t)
     expect = len(data.encode(tok, rec.turns[-1][1]))
     return Item(s["input_ids"].tolist(), pixels, budget, expect), (rec.task, rec.turns[-1][1], t)
@@ -925,7 +925,7 @@ def evaluate_tsv(model, tok, dcfg, path, limit=None, think=False, blank=False, b
         line, row = job     # MMBench stores an image once: a short cell is the index of the row holding it
         cell = images.get(row["image"], row["image"]) if len(row["image"]) <= 64 else row["image"]
         s = data.prompt_inputs(tok, dcfg, mcq_prompt(row), [decode_image(cell, f"{path}:{line}")], think=think)
-        pixels = data.blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
+        pixels = blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
         return Item(s["input_ids"].tolist(), pixels, max_new_tokens or MCQ_NEW_TOKENS[bool(think)]), None
 
     for (line, row), (reply, err) in zip(rows, answer_jobs(model, tok, rows, make_item, bad, batch_size, progress)):

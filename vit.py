@@ -1,6 +1,18 @@
-"""SAIL-ViT, the vision encoder of SAIL-VL2 (paper §2.1; checkpoint layout of the official modeling_sailvit.py).
+"""§2.1 SAIL-ViT, the vision encoder of SAIL-VL2 (arXiv 2509.14033): the pixels it reads and the encoder.
 
-An AIMv2-style ViT: Conv2d patch embedding (with bias) + RMSNorm, a learned absolute position
+Input, first, as in the paper:
+
+  Images   any file mode as 8-bit RGB (`to_rgb`), ImageNet-normalised; the official dynamic tiling of
+           image_processing_sailvl.py (InternVL's dynamic_preprocess: the grid closest in aspect, tiles
+           row-major, a thumbnail when several) or AnyRes (§2.1.2: one image at its own size, sides
+           multiples of patch_size / downsample_ratio); `load_image`
+  Video    uniform-segment frame sampling with PyAV, each frame decoded from the keyframe before it,
+           one tile per frame (§6.1; the official code has no video path); `load_video`
+
+A file that cannot be read raises `DataError`, the one error for a bad input sample (data.py, which
+turns records into samples, raises it too, and its datasets count and skip such samples).
+
+The encoder (checkpoint layout of the official modeling_sailvit.py) is an AIMv2-style ViT: Conv2d patch embedding (with bias) + RMSNorm, a learned absolute position
 embedding (no CLS token), pre-norm blocks (fused qkv, bidirectional attention, SwiGLU MLP
 `fc2(silu(fc1 x) * fc3 x)`), and a final RMSNorm. The module and parameter names follow the
 official SAIL-ViT / apple AIMv2 code (`preprocessor.patchifier.proj`, `trunk.blocks.N.attn.qkv`,
@@ -17,18 +29,284 @@ Activation checkpointing (`--ac=block`, a memory option of ours, not the paper's
 `checkpoint_activations` is set keeps only its input in forward and recomputes its inside in
 backward (`maybe_checkpoint`; the LLM's decoder layers in model.py use the same function).
 """
+import bisect
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 
+import av
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 import kernels
 
 
+class DataError(Exception):
+    """A bad input sample, the one error for it: raised where media are decoded (here) and where records
+    are parsed (data.py). `reason` is a short category used for counting, `where` is 'file:line'."""
+
+    def __init__(self, reason: str, where: str, message: str):
+        super().__init__(f"{where}: {message}")
+        self.reason, self.where, self.message = reason, where, message
+
+    def __reduce__(self):                     # pickled from a loader worker back to the trainer
+        return DataError, (self.reason, self.where, self.message)
+
+
+# ----------------------------------------------------------------------------------------------
+# input, images: any file mode to 8-bit RGB, official dynamic tiling (image_processing_sailvl.py, InternVL's
+#    dynamic_preprocess) and AnyRes (§2.1.2)
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def to_8bit(x: np.ndarray, mode: str) -> np.ndarray:
+    """A single-channel high-bit-depth image as uint8. 16-bit modes (I;16, I;16B, ...) use their full
+    range (v / 257), so a 16-bit file reads as its 8-bit twin rather than clipping to white. Modes
+    without a fixed depth (I: 32-bit int, F: float) are read at the smallest usual full scale that
+    holds their values: [0, 1], [0, 255], [0, 65535]; other ranges are stretched min..max."""
+    x = x.astype(np.float64)
+    if mode.startswith("I;16") and not mode.endswith("S"):
+        scale = 65535.0
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        scale = next((s for s in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0) if lo >= 0 and hi <= s), None)
+        if scale is None:
+            x, scale = x - lo, max(hi - lo, 1e-12)
+    return np.clip(np.rint(x * (255.0 / scale)), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB, as the model's ImageNet normalisation expects. Transparency
+    (RGBA, LA, PA, P or L/RGB with a transparent colour) is composited on white: a transparent
+    background is the page, not black. High-bit-depth single-channel modes go through `to_8bit`.
+    Always a new image (the caller may close the file behind `img`)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        return Image.fromarray(to_8bit(np.asarray(img), img.mode), "L").convert("RGB")
+    if img.has_transparency_data:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """PIL RGB -> normalised float32 (3, H, W), as torchvision ToTensor + Normalize(ImageNet).
+    (numpy, not torch: tiny torch ops pay thread-pool wake-ups that dominate data loading.)"""
+    x = np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255)
+    x = (x - IMAGENET_MEAN.numpy().reshape(1, 1, 3)) / IMAGENET_STD.numpy().reshape(1, 1, 3)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def to_pixels(images: list) -> torch.Tensor:
+    """(N, 3, H, W) float32 from same-size PIL images."""
+    return torch.from_numpy(np.stack([to_array(im) for im in images]))
+
+
+def blank_pixels(pv):
+    """White tiles / frames of the same shapes (so the same token counts), every pixel the
+    normalised value of white, the synthetic images' background: nothing left to see. The
+    blindness measure of evaluation and curate-video's blank-video baseline."""
+    if pv is None:
+        return None
+    if isinstance(pv, (list, tuple)):
+        return [blank_pixels(p) for p in pv]
+    return ((1.0 - IMAGENET_MEAN) / IMAGENET_STD).to(pv.dtype).expand_as(pv).clone()
+
+
+def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, image_size: int) -> tuple:
+    """(cols, rows) of the official rule: the candidate grid whose aspect ratio is closest to the
+    image's; on a tie the later (larger) grid wins if the image area exceeds half the grid's area."""
+    # Built as the official code builds it (a set sorted by tile count) so ties between grids with the
+    # same tile count resolve in the same order.
+    grids = sorted({(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                    if min_tiles <= i * j <= max_tiles}, key=lambda g: g[0] * g[1])
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def tile_image(img: Image.Image, max_tiles: int = 12, min_tiles: int = 1, image_size: int = 448,
+               use_thumbnail: bool = True) -> list:
+    """The official crops: resize to the chosen grid, tiles row-major, then the thumbnail if >1 tile."""
+    img = img.convert("RGB")
+    cols, rows = tile_grid(img.width, img.height, min_tiles, max_tiles, image_size)
+    resized = img.resize((cols * image_size, rows * image_size), Image.BICUBIC)
+    tiles = [resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+             for r in range(rows) for c in range(cols)]
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(img.resize((image_size, image_size), Image.BICUBIC))
+    return tiles
+
+
+def anyres_size(width: int, height: int, patch_size: int = 14, downsample_ratio: float = 0.5,
+                max_patches: int = 16384, min_patches: int = 16) -> tuple:
+    """(W, H) for AnyRes: aspect kept, both sides multiples of patch_size / downsample_ratio (so the
+    pixel shuffle divides the patch grid), patch count within [min_patches, max_patches]."""
+    f = patch_size * round(1 / downsample_ratio)
+    w, h = max(f, round(width / f) * f), max(f, round(height / f) * f)
+    if (w // patch_size) * (h // patch_size) > max_patches:
+        scale = math.sqrt(width * height / (max_patches * patch_size * patch_size))
+        w, h = max(f, math.floor(width / scale / f) * f), max(f, math.floor(height / scale / f) * f)
+    elif (w // patch_size) * (h // patch_size) < min_patches:
+        scale = math.sqrt(min_patches * patch_size * patch_size / (width * height))
+        w, h = math.ceil(width * scale / f) * f, math.ceil(height * scale / f) * f
+    return w, h
+
+
+def open_image(path, where: str = None) -> Image.Image:
+    """Decode an image file fully (so truncation shows up here), as 8-bit RGB (`to_rgb`); DataError if
+    it can't."""
+    where = where or str(path)
+    if not os.path.exists(path):
+        raise DataError("missing_file", where, f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError("image", where, f"cannot decode image {path}: {e}") from None
+
+
+def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_size: int = 448,
+               use_thumbnail: bool = True, anyres: bool = False, patch_size: int = 14, downsample_ratio: float = 0.5,
+               max_patches: int = 16384, min_patches: int = 16, where: str = None):
+    """(pixel_values, n_tiles) of an image path or PIL image.
+
+    Tiled (official): pixel_values (N, 3, S, S), N = tiles (+ thumbnail when N > 1), float32,
+    ImageNet-normalised. AnyRes: (1, 3, H, W) with H, W multiples of patch_size / downsample_ratio, n_tiles = 1.
+    """
+    img = to_rgb(path_or_image) if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
+    if anyres:
+        size = anyres_size(img.width, img.height, patch_size, downsample_ratio, max_patches, min_patches)
+        return to_pixels([img.resize(size, Image.BICUBIC)]), 1
+    tiles = tile_image(img, max_tiles, min_tiles, image_size, use_thumbnail)
+    return to_pixels(tiles), len(tiles)
+
+
+# ----------------------------------------------------------------------------------------------
+# input, video (§6.1; the official code has no video path): uniform segments, one frame per segment, each frame one tile.
+# The middle frame of each segment for evaluation, a random frame within it for training
+# (InternVL's get_frame_indices). Frames are numbered in presentation order. The packets' timestamps
+# (read by demuxing, without decoding) give every frame's number, the frame count when the
+# container does not state one, and the keyframes: each wanted frame is decoded from the last
+# keyframe before it (a seek), not from the start of the video, so a 16-frame sample of an
+# hour-long video decodes 16 short runs, not the hour (`python tests/bench.py video`).
+
+def frame_indices(n_frames: int, num: int, training: bool = False, rng=None) -> list:
+    """`num` indices into `n_frames` frames, one per uniform segment (repeats when n_frames < num)."""
+    edges = np.linspace(0, n_frames, num + 1)
+    out = []
+    for k in range(num):
+        lo = min(int(edges[k]), n_frames - 1)
+        hi = max(lo + 1, min(int(edges[k + 1]), n_frames))
+        out.append(int(rng.integers(lo, hi)) if training else (lo + hi - 1) // 2)
+    return out
+
+
+def frame_times(container, stream):
+    """(timestamps of every frame in presentation order, those of the keyframes) from the packets,
+    without decoding; None when a packet carries no timestamp (only decoding can number frames then)."""
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.pts is None:
+            if packet.size:                  # the empty packet that ends the stream has none either
+                return None
+            continue
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keys.append(packet.pts)
+    return sorted(pts), sorted(keys)
+
+
+def _seek_frames(container, stream, times, wanted) -> dict:
+    """{frame number: PIL} of the `wanted` frames: for each, seek to the last keyframe at or before
+    it and decode forward to it (or go on decoding when no keyframe lies between the last frame
+    decoded and it). None when a seek misses (a container with an inexact index)."""
+    pts, keys = times
+    got, frames, last = {}, None, None
+    for i in sorted(wanted):
+        t = pts[i]
+        key = keys[bisect.bisect_right(keys, t) - 1] if keys and keys[0] <= t else pts[0]
+        if frames is None or key > last:
+            container.seek(key, backward=True, any_frame=False, stream=stream)
+            frames = container.decode(stream)
+        for frame in frames:
+            last = frame.pts
+            if last is None or last >= t:
+                break
+        if last != t:
+            return None
+        got[i] = frame.to_image()
+    return got
+
+
+def _decode_frames(path, wanted: set):
+    """(frames {index: PIL}, total frames decoded) for one pass from the start of the first video
+    stream: the way to number frames when the packets carry no timestamps."""
+    got, n = {}, 0
+    last = max(wanted) if wanted else -1
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            if n in wanted:
+                got[n] = frame.to_image()
+            n += 1
+            if n > last and wanted:
+                break
+    return got, n
+
+
+def video_frames(path, num_frames: int = 16, training: bool = False, rng=None, where: str = None) -> list:
+    """The `num_frames` sampled frames (PIL, time order) of the first video stream of `path`."""
+    where = where or str(path)
+    if not os.path.exists(path):
+        raise DataError("missing_file", where, f"video file not found: {path}")
+    rng = rng if rng is not None else np.random.default_rng()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError("video", where, f"{path} has no video stream")
+            stream = container.streams.video[0]
+            times = frame_times(container, stream)
+            n = stream.frames or (len(times[0]) if times else _decode_frames(path, set())[1])   # 0: not stated
+            if n <= 0:
+                raise DataError("video", where, f"{path}: no decodable frames")
+            idx = frame_indices(n, num_frames, training, rng)
+            if times and max(idx) >= len(times[0]):
+                raise DataError("video", where, f"{path}: the container states {n} frames but holds "
+                                f"{len(times[0])} (truncated file?)")
+            got = _seek_frames(container, stream, times, set(idx)) if times else None
+        decoded = n
+        if got is None:
+            got, decoded = _decode_frames(path, set(idx))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise DataError("video", where, f"cannot decode video {path}: {e}") from None
+    if len(got) < len(set(idx)):
+        raise DataError("video", where, f"{path}: the container states {n} frames but only {decoded} decode "
+                        "(truncated file?)")
+    return [got[i] for i in idx]
+
+
+def load_video(path, num_frames: int = 16, training: bool = False, rng=None, image_size: int = 448,
+               where: str = None) -> torch.Tensor:
+    """(num_frames, 3, S, S) float32 frames in time order, each resized to one S x S tile."""
+    frames = video_frames(path, num_frames, training, rng, where)
+    return to_pixels([f.convert("RGB").resize((image_size, image_size), Image.BICUBIC) for f in frames])
+
+
+# ----------------------------------------------------------------------------------------------
+# the encoder: its configuration
 @dataclass
 class ViTConfig:
     hidden_size: int = 1536

@@ -10,7 +10,7 @@
                                       tokens, per-rank balance; --real adds the synthetic data's own samples
                                       and the tiny model's useful tokens/s, packed vs padded
     python tests/bench.py video       a training sample's frames of a long video: seeking to the keyframe
-                                      before each frame (data.load_video) vs decoding from the start
+                                      before each frame (vit.load_video) vs decoding from the start
     python tests/bench.py step        one training step, our Qwen3 vs HF's Qwen3ForCausalLM, same weights
     python tests/bench.py adalrs      pretrain1 with a fixed LR vs with AdaLRS (§3.2.3), from the recipe's vit3
     python tests/bench.py decode      greedy decode, ours (KV cache) vs HF generate, same weights
@@ -53,6 +53,7 @@ import rl  # noqa: E402
 import sample  # noqa: E402
 import synth  # noqa: E402
 import train_stage  # noqa: E402
+import vit  # noqa: E402
 from packing import PackingConfig, SampleMeta  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -578,7 +579,7 @@ def write_long_video(path: str, seconds: int, size: int, gop: int, fps: int = 25
 
 def bench_video(args):
     """The frames of one training sample (uniform segments, a random frame in each, §6.1) of a long
-    video: data.load_video, which seeks to the keyframe before each frame, vs the way before, one
+    video: vit.load_video, which seeks to the keyframe before each frame, vs the way before, one
     decode from frame 0 to the last frame wanted; the frames are checked equal."""
     import av
     import numpy as np
@@ -592,10 +593,10 @@ def bench_video(args):
               f"{args.gop} frames (written in {time.perf_counter() - t0:.1f} s); {args.frames} frames per sample "
               f"(training's random frame per segment), best of {args.repeats}")
 
-        idx = data.frame_indices(n, args.frames, True, np.random.default_rng(0))
+        idx = vit.frame_indices(n, args.frames, True, np.random.default_rng(0))
 
         def seeking():
-            return data.video_frames(path, args.frames, training=True, rng=np.random.default_rng(0))
+            return vit.video_frames(path, args.frames, training=True, rng=np.random.default_rng(0))
 
         def from_start():
             got = {}
@@ -608,12 +609,12 @@ def bench_video(args):
             return [got[i] for i in idx]
 
         def tiles(frames):
-            return data.to_pixels([f.resize((args.tile, args.tile), Image.BICUBIC) for f in frames])
+            return vit.to_pixels([f.resize((args.tile, args.tile), Image.BICUBIC) for f in frames])
         frames = from_start()
         same = torch.equal(tiles(seeking()), tiles(frames))
         t_seek, t_start = timed(seeking, args.repeats), timed(from_start, args.repeats)
         t_tiles = timed(lambda: tiles(frames), args.repeats)              # the same work after either way
-        print(f"                     frames     frames + {args.tile}-px tiles (data.load_video)")
+        print(f"                     frames     frames + {args.tile}-px tiles (vit.load_video)")
         print(f"  from the start  {t_start * 1e3:9.1f} ms {(t_start + t_tiles) * 1e3:9.1f} ms")
         print(f"  seeking         {t_seek * 1e3:9.1f} ms {(t_seek + t_tiles) * 1e3:9.1f} ms")
         print(f"  speed-up        {t_start / t_seek:9.1f}x   {(t_start + t_tiles) / (t_seek + t_tiles):9.1f}x   "

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import sample  # noqa: E402
 import synth as synthetic  # noqa: E402   (the name `synth` is the data fixture)
+import vit  # noqa: E402
 
 SFT2_FAMILIES = ("caption_qa", "count", "ocr", "chart", "multi")
 KINDS = ("truncated", "copy", "empty", "repeated", "wrong")
@@ -284,7 +285,7 @@ class PixelScorer:
     in the frames (read from the pixels here), -1 when it names another, 0 on blank frames."""
 
     def direction(self, rec):
-        f = data.load_video(rec.videos[0], 16, image_size=32) * data.IMAGENET_STD + data.IMAGENET_MEAN
+        f = vit.load_video(rec.videos[0], 16, image_size=32) * vit.IMAGENET_STD + vit.IMAGENET_MEAN
         ink = (f < 0.8).any(1).numpy()                                    # (T, 32, 32) non-white pixels
         if not ink[0].any():
             return None

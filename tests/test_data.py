@@ -22,6 +22,7 @@ import data
 import rl
 import sample
 import synth
+import vit
 from data import DataConfig, DataError
 
 SYS = "你是由抖音内容理解组开发的多模态大模型，英文名叫UniVL, 是一个有用无害的人工智能助手。"
@@ -334,19 +335,19 @@ def test_tile_grid_matches_official_rule():
     for (w, h) in sizes:
         for lo, hi in [(1, 12), (1, 6), (2, 9), (1, 1)]:
             cols, rows = official_grid(w, h, lo, hi, 448)
-            assert data.tile_grid(w, h, lo, hi, 448) == (cols, rows), (w, h, lo, hi)
+            assert vit.tile_grid(w, h, lo, hi, 448) == (cols, rows), (w, h, lo, hi)
             tiles = cols * rows + (1 if cols * rows > 1 else 0)
             if (w, h) in sizes[:15] and hi == 12 and w * h <= 1_000_000:
                 img = Image.new("RGB", (w, h))
-                assert data.load_image(img, max_tiles=hi, min_tiles=lo, image_size=448)[1] == tiles
-    assert data.tile_grid(448, 448, 1, 12, 448) == (1, 1)       # tie: area not > half of 2x2's area
-    assert data.tile_grid(896, 896, 1, 12, 448) == (2, 2)       # tie broken towards the larger grid
+                assert vit.load_image(img, max_tiles=hi, min_tiles=lo, image_size=448)[1] == tiles
+    assert vit.tile_grid(448, 448, 1, 12, 448) == (1, 1)       # tie: area not > half of 2x2's area
+    assert vit.tile_grid(896, 896, 1, 12, 448) == (2, 2)       # tie broken towards the larger grid
 
 
 def test_tile_pixels_equal_direct_crop_resize_normalise():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (150, 310, 3), dtype=np.uint8))      # W=310, H=150
-    pv, n = data.load_image(img, max_tiles=6, image_size=112)
+    pv, n = vit.load_image(img, max_tiles=6, image_size=112)
     cols, rows = official_grid(310, 150, 1, 6, 112)
     assert n == cols * rows + 1 and pv.shape == (n, 3, 112, 112) and pv.dtype == torch.float32
     big = img.resize((112 * cols, 112 * rows), Image.BICUBIC)
@@ -364,10 +365,10 @@ def test_tiles_are_row_major_on_a_3x2_grid():
     is row k // cols, column k % cols of the resized image (the official crop loop)."""
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 256, (224, 336, 3), dtype=np.uint8))      # W=336, H=224: 3 x 2
-    pv, n = data.load_image(img, max_tiles=6, image_size=112, use_thumbnail=False)
+    pv, n = vit.load_image(img, max_tiles=6, image_size=112, use_thumbnail=False)
     cols, rows = official_grid(336, 224, 1, 6, 112)
     assert (cols, rows) == (3, 2) and n == 6
-    crops = data.to_pixels([img.resize((336, 224), Image.BICUBIC).crop((c * 112, r * 112, (c + 1) * 112, (r + 1) * 112))
+    crops = vit.to_pixels([img.resize((336, 224), Image.BICUBIC).crop((c * 112, r * 112, (c + 1) * 112, (r + 1) * 112))
                             for r in range(rows) for c in range(cols)])
     torch.testing.assert_close(pv, crops, atol=1e-6, rtol=0)
     column_major = crops.reshape(rows, cols, 3, 112, 112).transpose(0, 1).reshape(6, 3, 112, 112)
@@ -376,11 +377,11 @@ def test_tiles_are_row_major_on_a_3x2_grid():
 
 def test_anyres_sizes_and_sample(tmp_path):
     for w, h in [(1000, 700), (5000, 300), (50, 40), (1792, 1792), (3000, 3000)]:
-        W, H = data.anyres_size(w, h, 14, 0.5, max_patches=16384, min_patches=16)
+        W, H = vit.anyres_size(w, h, 14, 0.5, max_patches=16384, min_patches=16)
         assert W % 28 == 0 and H % 28 == 0 and 16 <= (W // 14) * (H // 14) <= 16384
         if 28 * 4 < min(w, h) and max(w, h) <= 1792:
             assert abs((W / H) / (w / h) - 1) < 0.1
-    assert data.anyres_size(1792, 1792) == (1792, 1792)
+    assert vit.anyres_size(1792, 1792) == (1792, 1792)
     save_png(tmp_path / "a.png", size=(300, 200))
     (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}) + "\n")
@@ -427,16 +428,16 @@ def test_high_bit_depth_images_keep_their_content(tmp_path):
              "i32.tif": Image.fromarray(g16.astype(np.int32)),                    # mode I, 16-bit data
              "f01.tif": Image.fromarray((grey / 255.0).astype(np.float32)),       # mode F in [0, 1]
              "f255.tif": Image.fromarray(grey.astype(np.float32))}                # mode F in [0, 255]
-    reference = data.load_image(Image.fromarray(grey).convert("RGB"), max_tiles=1, image_size=112)[0]
+    reference = vit.load_image(Image.fromarray(grey).convert("RGB"), max_tiles=1, image_size=112)[0]
     for name, img in files.items():
         img.save(tmp_path / name)
         with Image.open(tmp_path / name) as check:
             assert check.mode == img.mode, name                                   # the file really is in that mode
-        rgb = np.asarray(data.open_image(tmp_path / name)).astype(int)
+        rgb = np.asarray(vit.open_image(tmp_path / name)).astype(int)
         assert rgb.shape == (*grey.shape, 3) and np.abs(rgb - grey[..., None]).max() <= 1, name
-        pv, _ = data.load_image(tmp_path / name, max_tiles=1, image_size=112)      # the loader training uses
+        pv, _ = vit.load_image(tmp_path / name, max_tiles=1, image_size=112)      # the loader training uses
         assert (pv - reference).abs().max() < 0.05, name                          # <= 1 grey level after resize
-    assert np.asarray(data.to_8bit(np.array([[-5.0, 0.0, 5.0]]), "F")).tolist() == [[0, 128, 255]]  # min..max
+    assert np.asarray(vit.to_8bit(np.array([[-5.0, 0.0, 5.0]]), "F")).tolist() == [[0, 128, 255]]  # min..max
 
 
 def test_transparent_images_are_composited_on_white(tmp_path):
@@ -461,7 +462,7 @@ def test_transparent_images_are_composited_on_white(tmp_path):
     expected = {"rgba.png": on_white(premult, alpha), "rgba16.png": on_white(premult, alpha),
                 "la.png": on_white(grey[..., None], alpha), "p.png": p_expected}
     for name, want in expected.items():
-        got = np.asarray(data.open_image(tmp_path / name)).astype(int)
+        got = np.asarray(vit.open_image(tmp_path / name)).astype(int)
         assert np.abs(got - want).max() <= 1, name
         assert got[0, 0].tolist() == [255, 255, 255] and abs(got[h // 2, w // 2] - want[h // 2, w // 2]).max() <= 1
     assert Image.open(tmp_path / "rgba16.png").mode == "RGBA" and Image.open(tmp_path / "p.png").mode == "P"
@@ -492,20 +493,20 @@ LEVELS = [8 * i for i in range(32)]          # frame i is gray 8*i
 
 def frame_ids(frames):
     """Recover each frame's index from its gray level (undo normalisation, centre pixels)."""
-    g = (frames[:, :, 16:48, 16:48] * data.IMAGENET_STD + data.IMAGENET_MEAN).mean(dim=(1, 2, 3)) * 255
+    g = (frames[:, :, 16:48, 16:48] * vit.IMAGENET_STD + vit.IMAGENET_MEAN).mean(dim=(1, 2, 3)) * 255
     return [int(round(v / 8)) for v in g.tolist()]
 
 
 def test_video_frames_in_order(tmp_path):
     path = write_gray_video(tmp_path / "v.mp4", LEVELS)
-    frames = data.load_video(path, num_frames=16, image_size=64)
+    frames = vit.load_video(path, num_frames=16, image_size=64)
     assert frames.shape == (16, 3, 64, 64)
     assert frame_ids(frames) == [2 * k for k in range(16)]         # 32 frames, 16 segments of 2: middle = first
-    train = data.load_video(path, num_frames=16, training=True, rng=np.random.default_rng(0), image_size=64)
+    train = vit.load_video(path, num_frames=16, training=True, rng=np.random.default_rng(0), image_size=64)
     assert all(2 * k <= i <= 2 * k + 1 for k, i in enumerate(frame_ids(train)))
-    again = data.load_video(path, num_frames=16, training=True, rng=np.random.default_rng(0), image_size=64)
+    again = vit.load_video(path, num_frames=16, training=True, rng=np.random.default_rng(0), image_size=64)
     assert torch.equal(train, again)
-    short = data.load_video(path, num_frames=48, image_size=64)      # more frames asked than exist: repeats
+    short = vit.load_video(path, num_frames=48, image_size=64)      # more frames asked than exist: repeats
     ids = frame_ids(short)
     assert len(ids) == 48 and ids == sorted(ids) and set(ids) == set(range(32))
 
@@ -514,10 +515,10 @@ def test_video_without_frame_count_and_vfr(tmp_path):
     mkv = write_gray_video(tmp_path / "v.mkv", LEVELS, fmt="matroska")
     with av.open(str(mkv)) as c:
         assert c.streams.video[0].frames == 0                        # the container does not say: must count
-    assert frame_ids(data.load_video(mkv, num_frames=16, image_size=64)) == [2 * k for k in range(16)]
+    assert frame_ids(vit.load_video(mkv, num_frames=16, image_size=64)) == [2 * k for k in range(16)]
     pts = np.cumsum([0] + [random.Random(0).choice([40, 90, 250]) for _ in range(31)]).tolist()
     vfr = write_gray_video(tmp_path / "vfr.mp4", LEVELS, pts=pts)
-    assert frame_ids(data.load_video(vfr, num_frames=16, image_size=64)) == [2 * k for k in range(16)]
+    assert frame_ids(vit.load_video(vfr, num_frames=16, image_size=64)) == [2 * k for k in range(16)]
 
 
 def test_video_truncated_or_missing(tmp_path):
@@ -527,10 +528,10 @@ def test_video_truncated_or_missing(tmp_path):
         bad = tmp_path / f"cut{cut}.mp4"
         bad.write_bytes(raw[:cut])
         with pytest.raises(DataError) as e:
-            data.load_video(bad, num_frames=16, image_size=64)
+            vit.load_video(bad, num_frames=16, image_size=64)
         assert e.value.reason == "video" and str(bad) in str(e.value)
     with pytest.raises(DataError) as e:
-        data.load_video(tmp_path / "nope.mp4")
+        vit.load_video(tmp_path / "nope.mp4")
     assert e.value.reason == "missing_file"
 
 
@@ -557,7 +558,7 @@ def frames_from_the_start(path, idx, size):
         for n, f in enumerate(c.decode(video=0)):
             if n in set(idx):
                 got[n] = f.to_image()
-    return data.to_pixels([got[i].resize((size, size), Image.BICUBIC) for i in idx])
+    return vit.to_pixels([got[i].resize((size, size), Image.BICUBIC) for i in idx])
 
 
 class CountingContainer:
@@ -595,16 +596,16 @@ def test_video_frames_by_seeking_equal_decoding_from_the_start(which, synth_dir,
              else [write_gop_video(tmp_path / "long.mp4", 300)])
     real_open = av.open
     counts = Counter()
-    monkeypatch.setattr(data.av, "open", lambda *a, **k: CountingContainer(real_open(*a, **k), counts))
-    monkeypatch.setattr(data, "_decode_frames", None)               # the decode-from-start fallback is not used
+    monkeypatch.setattr(vit.av, "open", lambda *a, **k: CountingContainer(real_open(*a, **k), counts))
+    monkeypatch.setattr(vit, "_decode_frames", None)               # the decode-from-start fallback is not used
     for path in paths:
         with real_open(str(path)) as c:
             n = c.streams.video[0].frames
         for num, seed in [(8, None), (8, 0), (8, 1), (16, 2), (3, 3)]:
             rng = np.random.default_rng(seed) if seed is not None else None
-            idx = data.frame_indices(n, num, rng is not None, np.random.default_rng(seed))
+            idx = vit.frame_indices(n, num, rng is not None, np.random.default_rng(seed))
             counts.clear()
-            got = data.load_video(path, num, training=rng is not None, rng=rng, image_size=32)
+            got = vit.load_video(path, num, training=rng is not None, rng=rng, image_size=32)
             if which == "long":                          # at most one GOP decoded per wanted frame
                 assert counts["seeks"] >= 2 and counts["frames"] <= num * 10 < max(idx) + 1, counts
             assert torch.equal(got, frames_from_the_start(path, idx, 32))
@@ -750,7 +751,7 @@ def test_training_video_jitter_varies_the_frames_and_evaluation_does_not(synth_d
     path = str(synth_dir / "video" / "train.jsonl")
     cfg = DataConfig(image_size=112, num_frames=4)
     with av.open(str(synth_dir / "video" / data.JsonlDataset(path, tok, cfg).record(0).videos[0])) as c:
-        decoded = [data.to_array(f.to_image().resize((112, 112), Image.BICUBIC)) for f in c.decode(video=0)]
+        decoded = [vit.to_array(f.to_image().resize((112, 112), Image.BICUBIC)) for f in c.decode(video=0)]
     n = len(synth_dir.joinpath("video/train.jsonl").read_text().splitlines())
 
     def frames_used(training, visits):
@@ -794,8 +795,8 @@ def test_pack_metadata_from_headers_equals_decoding(anyres, synth_dir, tmp_path,
         stream = data.Mixture([str(manifest)], tok, cfg, seed=0, verbose=False)
         decoded = [packing.sample_meta(stream.load(k), k) for k in range(4)]
         with monkeypatch.context() as m:                     # the metadata path decodes no pixel
-            m.setattr(data, "open_image", None)
-            m.setattr(data, "load_video", None)
+            m.setattr(vit, "open_image", None)
+            m.setattr(vit, "video_frames", None)
             metas = [stream.meta(k) for k in range(4)]
             found = []
             assert [stream.next_meta(found) for _ in range(4)] == metas and found == [(stream.sample_index(k), None)

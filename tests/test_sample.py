@@ -22,6 +22,7 @@ import model as modeling
 import recipe
 import sample
 import synth as synthetic      # the name `synth` is the data fixture
+import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -286,11 +287,11 @@ def test_evaluate_families_on_a_model_that_answers_the_references(tiny, synth):
 def test_blank_mode_shows_white_images_of_the_same_shapes(tiny, synth):
     _, tok, dcfg = tiny
     img = synth / "chart" / "images" / "eval_00000.png"
-    pv, _ = data.load_image(img, dcfg.max_tiles, dcfg.min_tiles, dcfg.image_size)
-    white = data.blank_pixels(pv)
+    pv, _ = vit.load_image(img, dcfg.max_tiles, dcfg.min_tiles, dcfg.image_size)
+    white = vit.blank_pixels(pv)
     assert white.shape == pv.shape and not torch.equal(white, pv)
-    assert torch.allclose(white * data.IMAGENET_STD + data.IMAGENET_MEAN, torch.ones_like(pv), atol=1e-6)
-    anyres = data.blank_pixels([pv[:1], pv[1:3]])
+    assert torch.allclose(white * vit.IMAGENET_STD + vit.IMAGENET_MEAN, torch.ones_like(pv), atol=1e-6)
+    anyres = vit.blank_pixels([pv[:1], pv[1:3]])
     assert [a.shape for a in anyres] == [pv[:1].shape, pv[1:3].shape]
     fake = TableModel(tok, dcfg, {}, [])
     plain = sample.evaluate_families(fake, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, progress=False)
@@ -300,7 +301,7 @@ def test_blank_mode_shows_white_images_of_the_same_shapes(tiny, synth):
     assert all(p["blank"] for p in rep["predictions"]) and not any(p["blank"] for p in plain["predictions"])
     for a, b in zip(fake.calls, seen.calls):
         assert a["pixels"].shape == b["pixels"].shape
-        assert torch.allclose(b["pixels"] * data.IMAGENET_STD + data.IMAGENET_MEAN, torch.ones_like(b["pixels"]),
+        assert torch.allclose(b["pixels"] * vit.IMAGENET_STD + vit.IMAGENET_MEAN, torch.ones_like(b["pixels"]),
                               atol=1e-6)
 
 
