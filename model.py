@@ -446,7 +446,7 @@ SYNC_EVERY = 8           # decode steps between looks at the done flags: the dec
 
 def pick_step(compile, device):
     """decode_step, compiled or not. compile="auto": compiled on CUDA, eager on CPU, where compiling
-    costs more than it saves (tests/bench_rollout.py: tens of seconds against ~20% of a call)."""
+    costs more than it saves (`python tests/bench.py rollout`: tens of seconds against ~20% of a call)."""
     if compile == "auto":
         compile = device.type == "cuda"
     return COMPILED_STEP if compile else decode_step
@@ -975,6 +975,13 @@ def set_full_state_dict(model, sd: dict):
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         load_state_dict_strict(model, sd, "checkpoint")
+
+
+def seed_all(seed: int):
+    """Seed every RNG a run draws from (torch, Python, numpy): what rng_state saves."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def rng_state() -> dict:

@@ -1037,9 +1037,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     train_stage.writable_dir(cfg.out_dir)
     rank, world, device = train_stage.setup_distributed()
     log = lambda *a: train_stage.print0(rank, *a)                       # noqa: E731
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
+    modeling.seed_all(cfg.seed + rank)
     require_sources(cfg)
     model, model_cfg = train_stage.place_model(cfg, modeling.preset_config(cfg.preset), rank, world, device, log)
     cfg = resolve_algo(cfg, model_cfg)
@@ -1094,18 +1092,15 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
                 modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
         if last:
             return finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metrics, tok_files, log)
-        t0 = time.time()
-        kept, st = sample_groups(policy, tok, pool, dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode)),
-                                 gen, judge)
+        t0, episode_cfg = time.time(), dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode))
+        kept, st = sample_groups(policy, tok, pool, episode_cfg, gen, judge)
         t_gen = time.time() - t0
         model.train()
-        up = update_episode(model, opt, params, kept, dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode)),
-                            tok, filler, set_lr) if st["kept"] else {"updates": 0}
+        up = update_episode(model, opt, params, kept, episode_cfg, tok, filler, set_lr) if st["kept"] else {"updates": 0}
         policy = generation_policy(model, policy if policy is not model else None)
         episode += 1
         rec = {"episode": episode, "lr": opt.param_groups[0]["lr"], "clip_high": clip_high_at(cfg, episode - 1),
-               **st, **up, "gen_seconds": t_gen,
-               "seconds": time.time() - t0}
+               **st, **up, "gen_seconds": t_gen, "seconds": time.time() - t0}
         log(episode_line(episode, cfg, rec))
         if metrics:
             metrics.write(json.dumps(rec) + "\n")

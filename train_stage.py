@@ -62,14 +62,12 @@ import inspect
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -1015,9 +1013,7 @@ def log_config(cfg, model_cfg, rdir: str, rank: int, log, keys=SUMMARY_KEYS):
 def start_stage(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, log) -> tuple:
     """Seed every RNG, generate the synthetic data on first use (rank 0; unless --manifests) and read
     the stage's tokenizer; returns (tokenizer, its files, the model config checked against it)."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    modeling.seed_all(cfg.seed)
     if not cfg.manifests:
         if rank == 0:
             data.ensure_synth(cfg.data_dir)
