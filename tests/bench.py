@@ -839,13 +839,13 @@ def rl_episode_worker(args):
     rank, world, device = train_stage.setup_distributed()
     torch.manual_seed(0)
     sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts)
-    with tempfile.TemporaryDirectory() as d:
-        if rank == 0:
-            modeling.save_checkpoint(os.path.join(d, "ck"), sailvl, {"stage": "bench"}, 0, 1)
-        modeling.barrier()
-        cfg = dataclasses.replace(cfg, init_from=os.path.join(d, "ck"), group_size=args.group)
-        model, _ = train_stage.place_model(cfg, sailvl.cfg, rank, world, device, lambda *a: None)
-        modeling.barrier()
+    d = modeling.all_gather(tempfile.mkdtemp() if rank == 0 else None)[0]     # rank 0's folder, for every rank
+    modeling.save_checkpoint(os.path.join(d, "ck"), sailvl, {"stage": "bench"}, rank, world)   # a collective
+    cfg = dataclasses.replace(cfg, init_from=os.path.join(d, "ck"), group_size=args.group)
+    model, _ = train_stage.place_model(cfg, sailvl.cfg, rank, world, device, lambda *a: None)
+    modeling.barrier()
+    if rank == 0:
+        shutil.rmtree(d)
     policy = rl.generation_policy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
