@@ -27,6 +27,7 @@ the (T, V) logits of a pack (`chunked_cross_entropy`). The same blocks are FSDP2
 `python model.py --preset 8b` prints the parameter counts of a preset (built on the meta device).
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -44,7 +45,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 import kernels
 import moe
@@ -1021,18 +1021,23 @@ def sharded_state(model, opt) -> tuple:
     return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
 
 
-class ShardWriter(HuggingFaceStorageWriter):
-    """torch.distributed.checkpoint's safetensors writer, each rank writing its own shard file,
-    remembering which files this rank wrote (they are hashed here, once)."""
+@functools.cache
+def shard_writer():
+    """ShardWriter, torch.distributed.checkpoint's safetensors writer, each rank writing its own shard
+    file, remembering which files this rank wrote (they are hashed here, once). Built on first use:
+    importing torch.distributed.checkpoint would cost every command 0.6 s at start-up."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    def __init__(self, path: str):
-        super().__init__(path, save_distributed=True)
-        self.written = []
+    class ShardWriter(HuggingFaceStorageWriter):
+        def __init__(self, path: str):
+            super().__init__(path, save_distributed=True)
+            self.written = []
 
-    def write_data(self, plan, planner):
-        future = super().write_data(plan, planner)
-        self.written = sorted({os.path.basename(r.storage_data.relative_path) for r in future.wait()})
-        return future
+        def write_data(self, plan, planner):
+            future = super().write_data(plan, planner)
+            self.written = sorted({os.path.basename(r.storage_data.relative_path) for r in future.wait()})
+            return future
+    return ShardWriter
 
 
 def save_sharded(folder: str, model, opt) -> tuple:
@@ -1040,7 +1045,7 @@ def save_sharded(folder: str, model, opt) -> tuple:
     Returns (the names of this rank's files, the optimizer's param_groups and state keys for meta)."""
     import torch.distributed.checkpoint as dcp
     state, groups = sharded_state(model, opt)
-    writer = ShardWriter(folder)
+    writer = shard_writer()(folder)
     with warnings.catch_warnings():               # one process without a group: intended, not worth a warning
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, storage_writer=writer)
@@ -1062,8 +1067,8 @@ def load_sharded(folder: str, model, opt, saved: dict):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=HuggingFaceStorageReader(folder))
-    except (Exception, CheckpointException) as e:    # a different model shape, a damaged shard: one line
+            dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(folder))
+    except (Exception, dcp.CheckpointException) as e:    # a different model shape, a damaged shard: one line
         raise CheckpointError(f"cannot load {folder}: {reason(e)}") from None
     if TIED_HEAD not in state["model"]:
         state["model"][TIED_HEAD] = state["model"]["language_model.model.embed_tokens.weight"]
@@ -1082,6 +1087,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
     Rank 0 adds `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with every
     file's size and sha256. A full disk or an unwritable folder is one clear CheckpointError and
     the previous checkpoint stays. `model` None: a data output (the CoT harvest), no weights."""
+    from torch.distributed.checkpoint import CheckpointException
     sd = full_state_dict(model) if model is not None and opt is None else None   # a collective under FSDP
     model_cfg = model_cfg or (model.cfg if model is not None else None)
     staging = os.path.abspath(path) + ".staging"
@@ -1125,6 +1131,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
 
 def reason(e: BaseException) -> str:
     """One line for a checkpoint error (torch.distributed.checkpoint's: the first failing rank's)."""
+    from torch.distributed.checkpoint import CheckpointException
     if isinstance(e, CheckpointException) and e.failures:
         e = next(iter(e.failures.values()))[0]
     if isinstance(e, OSError) and e.strerror:

@@ -639,7 +639,8 @@ def test_a_full_disk_while_shards_are_written_keeps_the_previous_step_checkpoint
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(modeling.HuggingFaceStorageWriter, "write_data", full_disk)
+    import torch.distributed.checkpoint as dcp
+    monkeypatch.setattr(dcp.HuggingFaceStorageWriter, "write_data", full_disk)
     with pytest.raises(modeling.CheckpointError, match="cannot write checkpoint .*No space left on device"):
         modeling.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x", "step": 2}, 0, 1, {}, opt=opt)
     assert modeling.verify_checkpoint(str(tmp_path / "ck"), resumable=True) == first
