@@ -1,4 +1,4 @@
-"""Everything between files on disk and the tensors SAIL-VL2 eats (arXiv 2509.14033).
+"""Everything between files on disk and the tensors SAIL-VL2 eats (arXiv 2509.14033, §3; §2.2, §4.2 formats).
 
 Sections, in the paper's order:
 
@@ -343,6 +343,11 @@ def write_atomic(path, text: str):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """`obj` as indented JSON through write_atomic (reports, configs)."""
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def add_image_tokens(src, out) -> dict:

@@ -1,4 +1,4 @@
-"""Generate from and evaluate a SAIL-VL2 checkpoint; the grading API; the data curation tools. The
+"""Generate from and evaluate a SAIL-VL2 checkpoint; the grading API; the §4.1 curation tools. The
 model and the univl-chat prompt follow the paper (§2) and the official conversation template
 (`univl-chat` of the HF model BytedanceDouyinContent/SAIL-VL2-2B); evaluation (scoring rules,
 batching, the blind runs, the intervals, the VLMEvalKit TSV reader) is ours:
@@ -1324,10 +1324,6 @@ def report_name(name: str, think, blank) -> str:
     return f"{name}{'-think' if think else ''}{'-blank' if blank else ''}"
 
 
-def write_json(path, obj):
-    data.write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
-
-
 def run_eval(args, model, tok, dcfg):
     """--eval: a synthetic-data folder (every family), a JSONL manifest, or a VLMEvalKit TSV."""
     path, mode = args.eval, dict(think=args.think, blank=args.blank, batch_size=args.batch_size,
@@ -1342,7 +1338,7 @@ def run_eval(args, model, tok, dcfg):
                 print(f"  {col} {k:32s} n={v['n']:5d}  accuracy {v['accuracy']:.3f}")
         out = args.out or os.path.join(out_dir, report_name(Path(path).stem, args.think, args.blank) + ".json")
         tsv_out = os.path.splitext(out)[0] + "_predictions.tsv"
-        write_json(out, {"ckpt": args.ckpt, **{k: v for k, v in rep.items() if k not in ("rows", "columns")}})
+        data.write_json(out, {"ckpt": args.ckpt, **{k: v for k, v in rep.items() if k not in ("rows", "columns")}})
         write_predictions_tsv(tsv_out, rep)
         print(f"report: {out}\npredictions: {tsv_out}")
         return rep
@@ -1363,12 +1359,12 @@ def run_eval(args, model, tok, dcfg):
     print(f"{rep['bad']}; {rep['seconds']:.1f} s; ± is the larger side of the Wilson 95% interval")
     settings = {"ckpt": args.ckpt, "eval": path, "think": args.think, "blank": args.blank}
     if args.out:
-        write_json(args.out, {**settings, **rep, "chance": base})
+        data.write_json(args.out, {**settings, **rep, "chance": base})
         print(f"report: {args.out}")
         return rep
     for f in rep["n"]:
         out = os.path.join(out_dir, report_name(f, args.think, args.blank) + ".json")
-        write_json(out, {**settings, "family": f, "n": rep["n"][f], "accuracy": rep["accuracy"][f],
+        data.write_json(out, {**settings, "family": f, "n": rep["n"][f], "accuracy": rep["accuracy"][f],
                          "interval": rep["interval"][f], "word_f1": rep["word_f1"][f], "chance": base.get(f), "bad": rep["bad"],
                          "predictions": [p for p in rep["predictions"] if p["family"] == f]})
     print(f"reports: {out_dir}/<family>{report_name('', args.think, args.blank)}.json")

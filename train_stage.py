@@ -793,11 +793,7 @@ def to_device(pack: dict, device) -> dict:
     out = dict(pack)
     for k in ("input_ids", "labels", "position_ids", "cu_seqlens"):
         out[k] = pack[k].to(device)
-    pv = pack.get("pixel_values")
-    if isinstance(pv, torch.Tensor):
-        out["pixel_values"] = pv.to(device)
-    elif isinstance(pv, list):
-        out["pixel_values"] = [p.to(device) for p in pv]
+    out["pixel_values"] = modeling.on_device(pack.get("pixel_values"), device)
     return out
 
 
@@ -990,10 +986,6 @@ def open_metrics(path: str, keep_up_to: int):
     return open(path, "a")
 
 
-def write_json_atomic(path: str, obj):
-    data.write_atomic(path, json.dumps(obj, indent=1))
-
-
 # the start-up line names these; <out>/<stage>.run/config.json holds every option
 SUMMARY_KEYS = ("init_from", "trainable", "steps", "lr", "schedule", "packing.max_tokens", "adalrs", "seed", "ac")
 
@@ -1004,7 +996,7 @@ def log_config(cfg, model_cfg, rdir: str, rank: int, log, keys=SUMMARY_KEYS):
     path = os.path.join(rdir, "config.json")
     if rank == 0:
         os.makedirs(rdir, exist_ok=True)
-        write_json_atomic(path, {"config": asdict(cfg), "model": model_cfg.to_dict()})
+        data.write_json(path, {"config": asdict(cfg), "model": model_cfg.to_dict()})
     leaves = dict(modeling.config_leaves(cfg))
     log(f"config: {cfg.stage} | " + " | ".join(f"{k} {leaves[k] or '-'}" for k in keys if k in leaves)
         + f" | every option: {path}")

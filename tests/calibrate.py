@@ -24,7 +24,7 @@ import data  # noqa: E402
 import model as modeling  # noqa: E402
 import moe  # noqa: E402
 import train_stage  # noqa: E402
-from train_stage import UsageError, tokenizer_files, write_json_atomic  # noqa: E402
+from train_stage import UsageError, tokenizer_files  # noqa: E402
 
 
 # ==============================================================================================
@@ -121,7 +121,7 @@ def calibrate_cli(argv):
                          rep_text)
     out = args.out or args.ckpt.rstrip("/") + "-calibrated"
     report = os.path.join(os.path.dirname(os.path.abspath(out)), ".calibration.json")
-    write_json_atomic(report, {"config": vars(args), "multimodal": rep_mm, "text": rep_text})
+    data.write_json(report, {"config": vars(args), "multimodal": rep_mm, "text": rep_text})
     extra = {"calibration.json": report, **tokenizer_files(args.ckpt)}
     modeling.save_checkpoint(out, sailvl, {"stage": "calibrate", "source": args.ckpt}, 0, 1, extra_files=extra)
     os.remove(report)

@@ -38,7 +38,7 @@ import model as modeling  # noqa: E402
 import sample  # noqa: E402
 import train_stage  # noqa: E402
 from train_stage import (RECIPE, RECIPE_HELP, RECIPE_OPTIONS, RL_HELDOUT, STAGES, Stage, StageConfig,  # noqa: E402
-                         UsageError, parse_args, split_options, stage_dir, stage_row, write_json_atomic, writable_dir)
+                         UsageError, parse_args, split_options, stage_dir, stage_row, writable_dir)
 
 
 # ==============================================================================================
@@ -213,7 +213,7 @@ def print_stage_line(name: str, entry: dict, meta: dict):
 
 
 def write_report(rdir: str, report: dict, cfg: StageConfig):
-    write_json_atomic(os.path.join(rdir, "report.json"), report)
+    data.write_json(os.path.join(rdir, "report.json"), report)
     data.write_atomic(os.path.join(rdir, "report.md"), report_markdown(report))
     report_picture(report, {n: stage_losses(stage_dir(cfg, n))[0] for n in report["stages"]},
                           os.path.join(rdir, "report.png"))
