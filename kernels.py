@@ -123,6 +123,16 @@ def _packed_attention_loop(q, k, v, bounds, causal, scale):
     return torch.cat(outs, 0) if outs else torch.empty_like(q)
 
 
+def _packed_attention_batched(q, k, v, bounds, causal, scale):
+    """Samples of one length L (fixed-size image tiles, video frames): the pack is a (n, L) batch,
+    one SDPA call over (n, H, L, D) with no mask, the loop's arithmetic without its n calls."""
+    n, H, Hkv, D = len(bounds) - 1, q.shape[1], k.shape[1], q.shape[2]
+    L = bounds[1] - bounds[0]
+    qb, kb, vb = (t.reshape(n, L, t.shape[1], D).transpose(1, 2) for t in (q, k, v))   # (n, heads, L, D)
+    out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale, enable_gqa=Hkv != H)
+    return out.transpose(1, 2).reshape(n * L, H, D)
+
+
 def _block_diagonal_mask(lengths, causal: bool, device):
     """(T, T) bool: query row i may see key j (same sample, and j <= i when causal)."""
     seg = torch.repeat_interleave(torch.arange(len(lengths), device=device),
@@ -167,8 +177,11 @@ _MASK_MAX_T = 4096                   # the (T, T) mask and SDPA's scores grow as
 
 
 def _torch_attention_method(bounds, heads_x_dim: int) -> str:
-    """'mask' or 'loop': the faster torch variant for these cu_seqlens (measured rule above)."""
+    """'batch' when every sample has one length (the loop's work in one call), else 'mask' or
+    'loop', the faster for these cu_seqlens (measured rule above)."""
     T, n = bounds[-1], len(bounds) - 1
+    if n > 1 and bounds[0] == 0 and len({e - s for s, e in zip(bounds[:-1], bounds[1:])}) == 1:
+        return "batch"
     if n <= 1 or T > _MASK_MAX_T:
         return "loop"
     sum_sq = sum((e - s) ** 2 for s, e in zip(bounds[:-1], bounds[1:]))
@@ -178,17 +191,16 @@ def _torch_attention_method(bounds, heads_x_dim: int) -> str:
 def packed_attention_torch(q, k, v, cu_seqlens, causal: bool, scale=None, method=None):
     """Reference and CPU path. q (T, H, D), k/v (T, Hkv, D) -> (T, H, D).
 
-    method: 'loop' (one SDPA per sample), 'mask' (one SDPA with a block-diagonal mask) or None
-    (pick the faster for these lengths, `_torch_attention_method`).
+    method: 'loop' (one SDPA per sample), 'mask' (one SDPA with a block-diagonal mask), 'batch'
+    (samples of one length as a batch) or None (pick, `_torch_attention_method`).
     """
     bounds = cu_seqlens.tolist()
     method = method or _torch_attention_method(bounds, q.shape[1] * q.shape[2])
-    if method == "loop":
-        return _packed_attention_loop(q, k, v, bounds, causal, scale)
-    if method == "mask":
-        return _packed_attention_masked(q, k, v, bounds, causal, scale)
-    raise ValueError(f"packed_attention_torch: method must be 'loop', 'mask' or None, "
-                     f"got {method!r}")
+    variants = {"loop": _packed_attention_loop, "mask": _packed_attention_masked, "batch": _packed_attention_batched}
+    if method not in variants or (method == "batch" and _torch_attention_method(bounds, 1) != "batch"):
+        raise ValueError(f"packed_attention_torch: method must be 'loop', 'mask', 'batch' (samples of one "
+                         f"length) or None, got {method!r}")
+    return variants[method](q, k, v, bounds, causal, scale)
 
 
 # --- Triton path: flash attention over cu_seqlens (FA2 online softmax, exp2) -----------------

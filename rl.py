@@ -507,12 +507,15 @@ def all_reduce(values, device, op: str = "sum") -> list:
 
 def generation_policy(model, replica=None):
     """The module rollouts run on: the model itself on one process; under FSDP a full copy on this
-    rank (`replica`, created on first use), loaded with the current weights."""
+    rank (`replica`, created on first use), loaded with the current weights. With that copy's
+    memory spent anyway, the sharded model then keeps each unit gathered from its forward to its
+    backward (one all-gather per unit and micro-batch instead of two)."""
     if not dist.is_initialized():
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))   # all-gather
     if replica is None:
+        model.set_reshard_after_forward(False)
         with torch.device("meta"):
             replica = modeling.SAILVL(model.cfg)
         replica = replica.to_empty(device=modeling.model_device(model))

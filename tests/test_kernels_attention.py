@@ -184,11 +184,28 @@ def test_torch_path_variants_match_naive_reference(method, causal):
         assert max_err(t, r) < 1e-4, f"{method} {name}: {max_err(t, r):.2e}"
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)])
+def test_torch_path_batch_variant_matches_naive_reference(causal, heads):
+    """Samples of one length (image tiles, video frames) run as one batched SDPA call."""
+    q, k, v, do, cu = make_inputs([24] * 5, *heads, 16, torch.float32, seed=3)
+    assert kernels._torch_attention_method(cu.tolist(), heads[0] * 16) == "batch"
+    got = out_and_grads(lambda a, b, c: kernels.packed_attention_torch(a, b, c, cu, causal), q, k, v, do)
+    ref = out_and_grads(lambda a, b, c: naive_attention(a, b, c, cu, causal),
+                        q.double(), k.double(), v.double(), do.double())
+    for name, t, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert max_err(t, r) < 1e-4, f"batch {name}: {max_err(t, r):.2e}"
+    with pytest.raises(ValueError, match="one length"):
+        _, _, _, _, mixed = make_inputs([24, 23], *heads, 16, torch.float32)
+        kernels.packed_attention_torch(q[:47], k[:47], v[:47], mixed, causal, method="batch")
+
+
 def test_torch_path_dispatch_and_measured_rule(monkeypatch):
     monkeypatch.setenv("SAILVL_KERNELS", "torch")
-    many_short = list(range(0, 129, 8))                       # 16 samples of 8 in T=128
+    many_short = [0, 7] + list(range(16, 129, 8))             # 16 samples of 7, 9 and 8 in T=128
     few_long = [0, 1000, 2048]
     assert kernels._torch_attention_method(many_short, 4 * 32) == "mask"
+    assert kernels._torch_attention_method(list(range(0, 129, 8)), 4 * 32) == "batch"
     assert kernels._torch_attention_method(few_long, 4 * 32) == "loop"
     assert kernels._torch_attention_method([0, 100], 4 * 32) == "loop"   # one sample: no mask
     q, k, v, _, cu = make_inputs([8] * 16, 4, 4, 32, torch.float32)

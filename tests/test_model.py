@@ -401,6 +401,22 @@ def test_sailvl_generate_with_images_matches_recompute():
     assert got == ids[len(prompt):]
 
 
+def test_repeated_tile_is_encoded_once_with_the_same_tokens():
+    """The blind evaluation feeds one white tile N times: under no_grad it is encoded once and
+    repeated, which must give what encoding every tile gives (and tiles that differ stay apart)."""
+    torch.manual_seed(0)
+    m = modeling.build_model("tiny").eval()
+    white = vit.blank_pixels(torch.zeros(5, 3, 112, 112))
+    mixed = torch.cat([white[:2], torch.randn(1, 3, 112, 112), white[:2]])
+    for pix in (white, mixed):
+        full = m.encode_images(pix)                                    # grad mode: every tile through the ViT
+        with torch.no_grad():
+            assert torch.allclose(m.encode_images(pix), full, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        per_tile = m.encode_images(mixed[2:3])
+        assert torch.allclose(m.encode_images(mixed)[32:48], per_tile, atol=1e-6)
+
+
 def test_presets_build_on_meta_with_paper_sizes():
     sizes = {}
     for name in ("2b", "8b", "30b-a3b"):
