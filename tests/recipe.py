@@ -16,9 +16,11 @@ This is tooling beside the components: the stages, their values and commands are
 paired_difference); this file runs, evaluates and reports. Options: the recipe's own
 (train_stage.RECIPE_OPTIONS), every other one goes to every stage.
 """
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -168,20 +170,31 @@ def stage_losses(folder: str) -> tuple:
     return [r["loss"] for r in recs if "loss" in r], evals[0] if evals else None
 
 
-def recipe_stage(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int, rdir: str) -> dict:
-    """Run one row (unless its output verifies), evaluate it, write its predictions; its report entry."""
-    out, t0 = stage_dir(cfg, row.name), time.time()
-    if not modeling.is_finished_stage(out):
+def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> float:
+    """Run one row as its own process (unless its output verifies); its seconds."""
+    t0 = time.time()
+    if not modeling.is_finished_stage(stage_dir(cfg, row.name)):
         res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough, seed_offset))
         if res.returncode:
             raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
                              f"same command again: finished stages are skipped")
-    seconds = time.time() - t0
-    meta = modeling.verify_checkpoint(out)
+    return time.time() - t0
+
+
+def evaluate_row(row: Stage, cfg: StageConfig, own: dict) -> tuple:
+    """evaluate_stage for a trained row (RL stages that train nothing, harvest, are not evaluated)."""
+    names = [r.name for r in RECIPE]
+    think = names.index(row.name) >= names.index("longcot")
     families = [f for f in own["eval_families"].split(",") if f] or None
-    think = [r.name for r in RECIPE].index(row.name) >= [r.name for r in RECIPE].index("longcot")
-    evals, preds = evaluate_stage(out, cfg, think, int(own["eval_limit"]), families) \
-        if row.runner != "rl.py" or row.trainable else ({}, [])
+    if row.runner == "rl.py" and not row.trainable:
+        return {}, []
+    return evaluate_stage(stage_dir(cfg, row.name), cfg, think, int(own["eval_limit"]), families)
+
+
+def stage_entry(row: Stage, cfg: StageConfig, seconds: float, evals: dict, preds: list, rdir: str) -> dict:
+    """A row's report entry from its output's meta and its evaluation; writes its predictions."""
+    out = stage_dir(cfg, row.name)
+    meta = modeling.verify_checkpoint(out)
     losses, start = stage_losses(out)
     entry = {"seconds": round(seconds, 1), "first_loss": meta.get("first_loss"), "final_loss": meta.get("final_loss"),
              "eval_loss_start": start, "eval_loss": meta.get("eval_loss"), "eval": evals}
@@ -193,6 +206,10 @@ def recipe_stage(row: Stage, cfg: StageConfig, own: dict, passthrough: list, see
     data.write_atomic(os.path.join(rdir, "predictions", f"{row.name}.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
     print_stage_line(row.name, entry, meta)
     return entry
+
+
+def one_thread():
+    torch.set_num_threads(1)
 
 
 def print_stage_line(name: str, entry: dict, meta: dict):
@@ -222,32 +239,53 @@ def write_report(rdir: str, report: dict, cfg: StageConfig):
 def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> dict:
     """Every stage of the recipe in order into cfg.out_dir, each from the previous one, each
     evaluated, with <out_dir>/recipe/report.{json,md,png} and every prediction in
-    <out_dir>/recipe/predictions/<stage>.jsonl. A finished stage (its output verifies and the
-    report has it) is skipped, so an interrupted run continues where it stopped."""
+    <out_dir>/recipe/predictions/<stage>.jsonl. A stage is evaluated in one worker process (one
+    thread) while the next one trains; its report entry is written when its evaluation ends. A
+    finished stage (its output verifies and the report has it) is skipped, so an interrupted run
+    continues where it stopped (a stage trained but not yet evaluated is evaluated then)."""
     rdir = os.path.join(cfg.out_dir, "recipe")
     writable_dir(os.path.join(rdir, "predictions"))
     path = os.path.join(rdir, "report.json")
     report = json.load(open(path)) if os.path.exists(path) else {"stages": {}}
+    t_start, wall_before = time.time(), report.get("wall_seconds", 0.0)
     data.ensure_synth(cfg.data_dir)
     families = [f for f in own["eval_families"].split(",") if f] or None
     report.update(machine=machine(), eval_limit=int(own["eval_limit"]), seed_offset=seed_offset,
                   interval="Wilson 95%", effect_interval=f"paired bootstrap 95%, {sample.BOOTSTRAP_RESAMPLES} resamples",
                   chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
-    for row in RECIPE:
-        if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
-            print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped", flush=True)
-        else:
-            report["stages"][row.name] = recipe_stage(row, cfg, own, passthrough, seed_offset, rdir)
-            report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
+
+    def record(row, seconds, evaluation):                     # the row's entry, once its evaluation ended
+        report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluation.result(), rdir)
+        report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
+        report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
         report["effects"] = recipe_effect_results(rdir, cfg)
         write_report(rdir, report, cfg)
-        if row.name == own["until"]:
-            break
+
+    rows = RECIPE[:[r.name for r in RECIPE].index(own["until"]) + 1] if own["until"] else RECIPE
+    pending = None                                            # (row, seconds, its evaluation: a Future)
+    spawn = multiprocessing.get_context("spawn")              # a fresh process: no forked OpenMP state
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn, initializer=one_thread) as evaluator:
+        for row in rows:
+            if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
+                print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped",
+                      flush=True)
+                continue
+            try:
+                seconds = train_row(row, cfg, own, passthrough, seed_offset)
+            finally:                                          # the previous row's entry even if this one failed
+                if pending:
+                    record(*pending)
+            pending = (row, seconds, evaluator.submit(evaluate_row, row, cfg, own))
+        if pending:
+            record(*pending)
+    report["effects"] = recipe_effect_results(rdir, cfg)
+    write_report(rdir, report, cfg)
     for e in report["effects"]:
         print(f"effect | {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | n {e['n']} | "
               f"{e['difference']:+.3f} [{e['interval'][0]:+.3f}, {e['interval'][1]:+.3f}] | "
               f"{'shown' if e['excludes_0'] else 'within noise'}", flush=True)
-    print(f"recipe done in {report.get('total_seconds', 0) / 60:.1f} min: {rdir}/report.md, report.png, report.json")
+    print(f"recipe done in {report.get('wall_seconds', 0) / 60:.1f} min ({report.get('total_seconds', 0) / 60:.1f} "
+          f"min of it training): {rdir}/report.md, report.png, report.json")
     return report
 
 
@@ -347,7 +385,8 @@ def seeds_table(runs: list) -> list:
 def report_markdown(report: dict) -> str:
     """report.md: per mode a table of every stage's accuracy per family (± its Wilson interval),
     then the effects (paired differences), the RL rewards and, with several seeds, every run's effects."""
-    out = [f"Machine: {report.get('machine', '?')}; total {report.get('total_seconds', 0) / 60:.1f} min.", "",
+    out = [f"Machine: {report.get('machine', '?')}; {report.get('wall_seconds', 0) / 60:.1f} min wall clock, "
+           f"{report.get('total_seconds', 0) / 60:.1f} min of it in the stages (each evaluated while the next trains).", "",
            f"Accuracy on the first {report.get('eval_limit', '?')} held-out samples of each synthetic family (greedy). "
            "± is the larger side of the Wilson 95% interval (report.json holds both ends); `chance`: always "
            "giving the most common answer."]
