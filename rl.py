@@ -560,6 +560,15 @@ def quota(cfg) -> int:
     return cfg.prompts_per_episode // world + (rank < cfg.prompts_per_episode % world)
 
 
+def shuffle_within_groups(adv, G: int, generator):
+    """The control run's advantages: each group's own values dealt to its G rollouts at random.
+    Each group still sums to 0, so what all its rollouts share (the format, the think tags) gets
+    no net push, as in the real run; only which rollout gets which value is no longer the reward's."""
+    n = adv.shape[0] // G
+    perm = torch.rand(n, G, generator=generator).argsort(1) + torch.arange(0, n * G, G)[:, None]   # (groups, G)
+    return adv[perm.flatten().to(adv.device)]
+
+
 def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> tuple:
     """This rank's kept groups (with advantages) and the episode's statistics over all ranks.
     Rounds of fresh prompts, at most cfg.max_sampling_rounds: every rank takes the same prompts
@@ -586,7 +595,7 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
     if kept:
         adv = group_advantages(torch.tensor([r.reward for r in kept]), cfg.group_size)
         if cfg.advantage_control == "shuffle":        # the control run: advantages not tied to rewards
-            adv = adv[torch.randperm(len(adv), generator=torch.Generator().manual_seed(cfg.seed + len(all_rolls)))]
+            adv = shuffle_within_groups(adv, cfg.group_size, torch.Generator().manual_seed(cfg.seed + len(all_rolls)))
         for r, a in zip(kept, adv.tolist()):
             r.advantage = a
     sums = all_reduce([len(all_rolls), sum(r.reward for r in all_rolls), sum(r.answer_r for r in all_rolls),
@@ -936,7 +945,7 @@ class RLConfig(train_stage.StageConfig):
     eval_prompts: int = 512               # held-out prompts, evaluated at the start and the end
     eval_samples: int = 8                 # samples per held-out prompt (pass@1, maj@k, pass@k)
     harvest_samples: int = 8              # harvest: completions per prompt
-    advantage_control: str = ""           # "shuffle": advantages permuted across rollouts (a control run that must not learn)
+    advantage_control: str = ""           # "shuffle": each group's advantages permuted among its rollouts (a control that must not learn)
 
 
 # the start-up line names these (every option: <out>/<stage>.run/config.json)

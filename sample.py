@@ -695,12 +695,26 @@ def read_records(path, limit=None, bad=None) -> list:
 
 
 def evaluate_records(model, tok, dcfg, records: list, think=False, blank=False, batch_size=32,
-                     max_new_tokens=None, progress=True, bad=None) -> dict:
-    """Score records (family = each record's task). The shape of `evaluate_families`' result."""
+                     max_new_tokens=None, progress=True, bad=None, prompts=None) -> dict:
+    """Score records (family = each record's task). The shape of `evaluate_families`' result.
+    `prompts`: a dict the caller keeps across calls with one tokenizer and data config (the recipe
+    scores every stage on the same records): each record's prompt is built (its media decoded) once."""
     t0 = time.perf_counter()
     bad = bad or data.BadData(max_fraction=1.0)
     preds = []
-    make = lambda rec: record_item(tok, dcfg, rec, think, blank, max_new_tokens)            # noqa: E731
+
+    def make(rec):
+        if prompts is None:
+            return record_item(tok, dcfg, rec, think, blank, max_new_tokens)
+        key = (rec.where, think, blank, max_new_tokens)
+        if key not in prompts:
+            try:
+                prompts[key] = record_item(tok, dcfg, rec, think, blank, max_new_tokens)
+            except data.DataError as e:                       # a bad record stays bad, counted every call
+                prompts[key] = e
+        if isinstance(prompts[key], data.DataError):
+            raise prompts[key]
+        return prompts[key]
     for rec, (reply, info) in zip(records, answer_jobs(model, tok, records, make, bad, batch_size, progress)):
         if reply is None:
             continue
@@ -724,19 +738,19 @@ def synth_families(synth_dir, split: str = "eval") -> list:
 
 
 def evaluate_families(model, tok, dcfg, synth_dir, families=None, split="eval", limit=EVAL_LIMIT, think=False, blank=False,
-                      batch_size=32, max_new_tokens=None, progress=True) -> dict:
+                      batch_size=32, max_new_tokens=None, progress=True, prompts=None) -> dict:
     """Accuracy per synthetic family on the first `limit` records of `synth_dir/<family>/<split>.jsonl`
     (the same held-out samples every call), greedy, `batch_size` prompts per generate call.
     think: False = direct, True = THINK_PROMPT appended, None = each record's own flag. blank: every
     image and frame white (the blindness measure). max_new_tokens None: DIRECT/THINK_NEW_TOKENS.
     -> {"accuracy": {family: a}, "word_f1": {...}, "n": {...}, "interval": {family: [lo, hi]} (Wilson
-    95%), "predictions": [...], "bad": str, "seconds": s}"""
+    95%), "predictions": [...], "bad": str, "seconds": s}. `prompts`: see evaluate_records."""
     families = families or synth_families(synth_dir, split)
     bad = data.BadData(max_fraction=1.0)
     records = [r for f in families for r in read_records(Path(synth_dir) / f / f"{split}.jsonl", limit, bad)]
     for r in records:          # the family is the folder, whatever a record's "task" says
         r.task = Path(r.where.rsplit(":", 1)[0]).parent.name
-    return evaluate_records(model, tok, dcfg, records, think, blank, batch_size, max_new_tokens, progress, bad)
+    return evaluate_records(model, tok, dcfg, records, think, blank, batch_size, max_new_tokens, progress, bad, prompts)
 
 
 def chance_key(rec):

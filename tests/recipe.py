@@ -16,11 +16,9 @@ This is tooling beside the components: the stages, their values and commands are
 paired_difference); this file runs, evaluates and reports. Options: the recipe's own
 (train_stage.RECIPE_OPTIONS), every other one goes to every stage.
 """
-import concurrent.futures
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import platform
 import subprocess
@@ -137,6 +135,11 @@ def stage_command(row: Stage, nproc: int, passthrough: list, seed_offset: int = 
     return launch + [script, "--stage", row.name, *passthrough, *seed] + ([] if row.runner == "soup" else ["--resume"])
 
 
+# the evaluation's prompts (token ids and decoded pixels), built once per process and reused for
+# every stage: the same held-out records with the same tokenizer and data config each time
+PROMPTS = {}
+
+
 def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, families=None) -> tuple:
     """({mode: {family: cell}}, predictions) of a stage output on the first `limit` held-out samples
     of each synthetic family; a cell is sample.accuracy_cell (n, correct, accuracy, Wilson 95%
@@ -152,7 +155,8 @@ def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, famil
         if not fs:
             continue
         res = sample.evaluate_families(model, tok, dcfg, cfg.data_dir, fs, limit=limit, think=t, blank=blank,
-                                       batch_size=EVAL_BATCH, progress=False)
+                                       batch_size=EVAL_BATCH, progress=False,
+                                       prompts=PROMPTS.setdefault((cfg.data_dir, repr(dcfg), tok.name, tok.n_vocab), {}))
         right = Counter(p["family"] for p in res["predictions"] if p["correct"])
         evals[mode] = {f: sample.accuracy_cell(right[f], n) for f, n in res["n"].items()}
         preds += [{k: p[k] for k in ("family", "where", "answer", "prediction", "correct", "blank", "think")}
@@ -208,10 +212,6 @@ def stage_entry(row: Stage, cfg: StageConfig, seconds: float, evals: dict, preds
     return entry
 
 
-def one_thread():
-    torch.set_num_threads(1)
-
-
 def print_stage_line(name: str, entry: dict, meta: dict):
     """recipe | stage  seconds | what it did | mean visual accuracy (blank) | per family ± interval."""
     if "reward" in entry:
@@ -239,10 +239,11 @@ def write_report(rdir: str, report: dict, cfg: StageConfig):
 def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> dict:
     """Every stage of the recipe in order into cfg.out_dir, each from the previous one, each
     evaluated, with <out_dir>/recipe/report.{json,md,png} and every prediction in
-    <out_dir>/recipe/predictions/<stage>.jsonl. A stage is evaluated in one worker process (one
-    thread) while the next one trains; its report entry is written when its evaluation ends. A
-    finished stage (its output verifies and the report has it) is skipped, so an interrupted run
-    continues where it stopped (a stage trained but not yet evaluated is evaluated then)."""
+    <out_dir>/recipe/predictions/<stage>.jsonl. A finished stage (its output verifies and the
+    report has it) is skipped, so an interrupted run continues where it stopped (a stage trained
+    but not yet evaluated is evaluated then, not trained again). Evaluating while the next stage
+    trains was tried: on 2 cores the two compete for them and the training slows by about as much
+    as the evaluation it hides."""
     rdir = os.path.join(cfg.out_dir, "recipe")
     writable_dir(os.path.join(rdir, "predictions"))
     path = os.path.join(rdir, "report.json")
@@ -254,30 +255,21 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
                   interval="Wilson 95%", effect_interval=f"paired bootstrap 95%, {sample.BOOTSTRAP_RESAMPLES} resamples",
                   chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
 
-    def record(row, seconds, evaluation):                     # the row's entry, once its evaluation ended
-        report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluation.result(), rdir)
+    def record(row, seconds, evaluation):                     # the row's entry, written at once
+        report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluation, rdir)
         report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
         report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
         report["effects"] = recipe_effect_results(rdir, cfg)
         write_report(rdir, report, cfg)
 
     rows = RECIPE[:[r.name for r in RECIPE].index(own["until"]) + 1] if own["until"] else RECIPE
-    pending = None                                            # (row, seconds, its evaluation: a Future)
-    spawn = multiprocessing.get_context("spawn")              # a fresh process: no forked OpenMP state
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn, initializer=one_thread) as evaluator:
-        for row in rows:
-            if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
-                print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped",
-                      flush=True)
-                continue
-            try:
-                seconds = train_row(row, cfg, own, passthrough, seed_offset)
-            finally:                                          # the previous row's entry even if this one failed
-                if pending:
-                    record(*pending)
-            pending = (row, seconds, evaluator.submit(evaluate_row, row, cfg, own))
-        if pending:
-            record(*pending)
+    for row in rows:
+        if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
+            print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped",
+                  flush=True)
+            continue
+        seconds = train_row(row, cfg, own, passthrough, seed_offset)
+        record(row, seconds, evaluate_row(row, cfg, own))
     report["effects"] = recipe_effect_results(rdir, cfg)
     write_report(rdir, report, cfg)
     for e in report["effects"]:
@@ -386,7 +378,7 @@ def report_markdown(report: dict) -> str:
     """report.md: per mode a table of every stage's accuracy per family (± its Wilson interval),
     then the effects (paired differences), the RL rewards and, with several seeds, every run's effects."""
     out = [f"Machine: {report.get('machine', '?')}; {report.get('wall_seconds', 0) / 60:.1f} min wall clock, "
-           f"{report.get('total_seconds', 0) / 60:.1f} min of it in the stages (each evaluated while the next trains).", "",
+           f"{report.get('total_seconds', 0) / 60:.1f} min of it in the stages, the rest evaluating them.", "",
            f"Accuracy on the first {report.get('eval_limit', '?')} held-out samples of each synthetic family (greedy). "
            "± is the larger side of the Wilson 95% interval (report.json holds both ends); `chance`: always "
            "giving the most common answer."]

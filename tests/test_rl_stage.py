@@ -296,7 +296,7 @@ def test_model_judge_is_the_probability_of_yes(setup):
 def bandit(mode: str, episodes: int = 30, seed: int = 0, synth_dir=None):
     """Two text prompts, each rewarded for its own set of first tokens (even ids / odd ids).
     mode: "normal", "flip" (the other set is rewarded: the policy must learn to avoid its own) or
-    "shuffle" (advantages permuted across rollouts: the control). -> hit rate of the last 10."""
+    "shuffle" (each group's advantages permuted among its rollouts: the control). -> hit rate of the last 10."""
     torch.manual_seed(seed)
     m = modeling.build_model("tiny", seed=seed)
     tok = data.load_tokenizer(str(synth_dir))
@@ -332,10 +332,18 @@ def bandit(mode: str, episodes: int = 30, seed: int = 0, synth_dir=None):
     return sum(hits[-10:]) / 10
 
 
+def test_the_control_permutes_advantages_within_each_group():
+    adv = torch.arange(12.0)
+    got = rl.shuffle_within_groups(adv, 4, torch.Generator().manual_seed(0))
+    assert not torch.equal(got, adv)                                         # permuted
+    for g in range(3):                                                       # ... each group among its own rollouts
+        assert sorted(got[4 * g:4 * g + 4].tolist()) == adv[4 * g:4 * g + 4].tolist()
+
+
 def test_the_loop_learns_a_contextual_bandit(synth):
     """The whole loop is wired right: it reaches the rewarded tokens (>= 0.9), learns to avoid
-    them when the other set is rewarded (<= 0.1), and stays at chance when the advantages are
-    permuted across rollouts (no information about which rollout was good: the policy only drifts)."""
+    them when the other set is rewarded (<= 0.1), and stays at chance when each group's advantages
+    are permuted among its rollouts (no information about which rollout was good: the policy only drifts)."""
     assert bandit("normal", synth_dir=synth) >= 0.9
     assert bandit("flip", synth_dir=synth) <= 0.1
     assert 0.25 <= bandit("shuffle", synth_dir=synth) <= 0.75

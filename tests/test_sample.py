@@ -284,6 +284,25 @@ def test_evaluate_families_on_a_model_that_answers_the_references(tiny, synth):
     assert sample.DIRECT_NEW_TOKENS["count"] == 32 and sample.default_new_tokens("ocr", True) == 192
 
 
+def test_prompts_kept_across_calls_give_the_same_evaluation(tiny, synth, monkeypatch):
+    """The recipe keeps each record's built prompt for every stage: the second call decodes
+    nothing and scores exactly as a call that builds everything; modes do not share prompts."""
+    _, tok, dcfg = tiny
+    junk = data.encode(tok, " no")
+    fake = TableModel(tok, dcfg, reference_table(tok, dcfg, synth, 3, False), junk)
+    fams = ["count", "video", "text"]
+    plain = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, progress=False)
+    kept = {}
+    first = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, progress=False, prompts=kept)
+    blank = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, blank=True, progress=False, prompts=kept)
+    assert len(kept) == 9 + 9 and blank["accuracy"]["count"] < 1.0     # real and blank prompts kept apart
+    monkeypatch.setattr(data, "load_media", lambda *a, **k: pytest.fail("decoded again"))
+    again = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, progress=False, prompts=kept)
+    for rep in (first, again):
+        assert rep["accuracy"] == plain["accuracy"] == {f: 1.0 for f in fams}
+        assert [p["prediction"] for p in rep["predictions"]] == [p["prediction"] for p in plain["predictions"]]
+
+
 def test_blank_mode_shows_white_images_of_the_same_shapes(tiny, synth):
     _, tok, dcfg = tiny
     img = synth / "chart" / "images" / "eval_00000.png"
