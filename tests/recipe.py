@@ -254,22 +254,18 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
     report.update(machine=machine(), eval_limit=int(own["eval_limit"]), seed_offset=seed_offset,
                   interval="Wilson 95%", effect_interval=f"paired bootstrap 95%, {sample.BOOTSTRAP_RESAMPLES} resamples",
                   chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
-
-    def record(row, seconds, evaluation):                     # the row's entry, written at once
-        report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluation, rdir)
-        report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
-        report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
-        report["effects"] = recipe_effect_results(rdir, cfg)
-        write_report(rdir, report, cfg)
-
     rows = RECIPE[:[r.name for r in RECIPE].index(own["until"]) + 1] if own["until"] else RECIPE
     for row in rows:
         if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
             print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped",
                   flush=True)
-            continue
-        seconds = train_row(row, cfg, own, passthrough, seed_offset)
-        record(row, seconds, evaluate_row(row, cfg, own))
+        else:
+            seconds = train_row(row, cfg, own, passthrough, seed_offset)
+            report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluate_row(row, cfg, own), rdir)
+            report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
+            report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
+            report["effects"] = recipe_effect_results(rdir, cfg)
+            write_report(rdir, report, cfg)                  # written after every stage: a cut run keeps it
     report["effects"] = recipe_effect_results(rdir, cfg)
     write_report(rdir, report, cfg)
     for e in report["effects"]:
