@@ -415,7 +415,11 @@ NUMERIC_FAMILIES = ("count", "count_cot", "math", "math_direct", "chart")   # th
 
 def score_rollouts(rolls: list, cfg, judge=None) -> None:
     """Rewards in place. verifiable (§4.2.3): the answer (rules) and the format, combined with the
-    weights' answer and format parts renormalised (default 0.8 / 0.1 -> 0.89 / 0.11). mixed (§4.2.5):
+    weights' answer and format parts renormalised (default 0.8 / 0.1 -> 0.89 / 0.11), the answer
+    counting only in a well-formed reply (as DAPO, arXiv 2503.14476, reads the answer only from the
+    required format): 1 right and well-formed, 0.11 wrong but well-formed, 0 malformed. Summed
+    without the gate, a right answer without its `<think>` chain still earns 0.89, and the
+    miniature's policy dropped the chain within 20 updates (well-formed rollouts 1.00 -> 0.08). mixed (§4.2.5):
     w_a answer + w_t think + w_f format, where the answer is checked by rules when it is checkable
     and by the reference judge (ROUGE-L >= 0.5 against the ground truth) otherwise, and the think
     reward is `think_consistency` for the arithmetic / counting families, the model judge for the
@@ -429,7 +433,7 @@ def score_rollouts(rolls: list, cfg, judge=None) -> None:
             r.answer_r = reference_judge(final_answer(r.text) or "", gold)
         if cfg.reward == "verifiable":
             wa, _, wf = cfg.reward_weights
-            r.reward = (wa * r.answer_r + wf * r.format_r) / (wa + wf)
+            r.reward = r.format_r * (wa * r.answer_r + wf) / (wa + wf)
             continue
         parts = split_think(r.text)
         if r.prompt.family in NUMERIC_FAMILIES:
@@ -920,7 +924,7 @@ class RLConfig(train_stage.StageConfig):
     save_every: int = 10                  # resumable checkpoint every N episodes
     eval_every: int = 0                   # held-out evaluation every N episodes (always at the start and end)
     algo: str = ""                        # dapo | gspo | gspo_token ("" = DAPO for dense, GSPO for MoE)
-    reward: str = "verifiable"            # verifiable (answer + format) | mixed (answer + think + format)
+    reward: str = "verifiable"            # verifiable (answer, counted only when well-formed, + format) | mixed (answer + think + format)
     reward_weights: tuple = (0.8, 0.1, 0.1)   # answer,think,format: three comma-separated weights summing to 1 (verifiable uses answer and format)
     judge: str = ""                       # mixed: a checkpoint that grades the thinking (P(yes)); "" = rules
     episodes: int = 30                    # rollout episodes, each followed by mini_batches x epochs updates

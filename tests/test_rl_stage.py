@@ -199,7 +199,8 @@ def test_scores_of_the_two_reward_kinds(setup):
     rolls = [rollout(boxed, "3"), rollout(plain, "3"), rollout(boxed, "4")]
     rl.score_rollouts(rolls, cfg)
     assert [r.answer_r for r in rolls] == [1.0, 1.0, 0.0] and [r.format_r for r in rolls] == [1.0, 0.0, 1.0]
-    assert [r.reward for r in rolls] == pytest.approx([1.0, 0.8 / 0.9, 0.1 / 0.9])   # format counts in verifiable
+    # verifiable: the answer counts only in a well-formed reply, and a wrong one still earns the format
+    assert [r.reward for r in rolls] == pytest.approx([1.0, 0.0, 0.1 / 0.9])
     # mixed: a checkable answer by the rules (1/2 == 0.5, which ROUGE-L would call wrong), an
     # uncheckable one by the reference judge
     mixed = replace(cfg, reward="mixed")
