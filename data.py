@@ -1401,6 +1401,16 @@ COMMANDS = (
 )
 
 
+class UsageError(ValueError):
+    """A bad command line, for every script: one line on stderr, exit code 2 (InputError: an input
+    that exists but is unusable, exit code 1)."""
+    code = 2
+
+
+class InputError(UsageError):
+    code = 1
+
+
 def tool_parser(prog: str, description: str, commands, parser=argparse.ArgumentParser):
     """A parser with one subcommand per row of `commands` (name, function, help, options); the chosen
     row's function is `args.run`. Every subcommand's help shows its defaults."""

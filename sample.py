@@ -54,23 +54,13 @@ from tqdm import tqdm
 
 import data
 import model as modeling
-from data import (PLACEHOLDER_RE, DataConfig, DataError, Record, build_sample, manifest_records, ngrams, prompt_inputs,
-                  rebase_media, special_ids)
+from data import (PLACEHOLDER_RE, DataConfig, DataError, InputError, Record, UsageError, build_sample, manifest_records,
+                  ngrams, prompt_inputs, rebase_media, special_ids)
 from vit import IMAGENET_MEAN, IMAGENET_STD, blank_pixels, load_video
 
 
-class UsageError(Exception):
-    """The command line is wrong: exit 2 (InputError, an input that exists but is unusable: exit 1)."""
-    code = 2
-
-
-class InputError(UsageError):
-    code = 1
-
-
 def default_device() -> str:
-    """--device's default: the GPU when there is one."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"       # --device's default: the GPU when there is one
 
 
 def load(ckpt: str, device="cpu"):
@@ -128,8 +118,7 @@ def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_ne
     stop = stop_ids(tok)
     gen = torch.Generator(device=model.language_model.lm_head.weight.device).manual_seed(seed)
     out = model.generate([sample["input_ids"].tolist()], modeling.on_device(sample["pixel_values"], modeling.model_device(model)),
-                         max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, stop_tokens=stop, generator=gen,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop, generator=gen,
                          on_token=Streamer(tok, stop) if stream else None, n_valid_tokens=tok.n_vocab)[0]
     return decode_reply(tok, out, stop)
 
@@ -1131,11 +1120,10 @@ def _r(x):
 
 
 def write_outputs(out_dir: Path, lines: list, **files):
-    """out_dir/curated.jsonl (one JSON line each) and out_dir/NAME.json for each keyword."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "curated.jsonl").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    """out_dir/curated.jsonl (one JSON line each) and out_dir/NAME.json for each keyword, each atomic."""
+    data.write_atomic(out_dir / "curated.jsonl", "".join(x + "\n" for x in lines))
     for name, value in files.items():
-        (out_dir / f"{name}.json").write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        data.write_json(out_dir / f"{name}.json", value)
 
 
 def score_in_classes(items: list, members: list, rule: list, scorer, reannotate_frac: float, progress: bool):
@@ -1446,6 +1434,8 @@ def tool_cli(argv):
         data.dashed_options(argv))
     try:
         return args.run(args)
+    except UsageError:                      # already says what is wrong, with its own exit code
+        raise
     except (FileNotFoundError, ValueError, DataError) as e:
         raise UsageError(f"{args.cmd}: {e}") from None
 

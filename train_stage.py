@@ -76,13 +76,10 @@ import model as modeling
 import moe
 import packing
 from adalrs import AdaLRS, AdaLRSConfig
+from data import UsageError
 from packing import PackingConfig
 
 MODULES = modeling.MODULES
-
-
-class UsageError(ValueError):
-    """A bad command line: reported as one line on stderr, exit code 2."""
 
 
 # ==============================================================================================
