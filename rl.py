@@ -732,6 +732,8 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
             n_global = all_reduce([n_local], device)[0]
             sums, maxes = Counter(), {"ratio_dev": 0.0, "dlogp": 0.0}
             for j in range(n_packs[k]):
+                if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: reduce-scatter once per update,
+                    model.set_requires_gradient_sync(j == n_packs[k] - 1)   # on its last micro-batch
                 real = j < len(packs[k])
                 pack, idx = packs[k][j] if real else pad
                 rows = [rolls[mb[i]] for i in idx] if real else [filler]
