@@ -195,8 +195,9 @@ def packed_attention_torch(q, k, v, cu_seqlens, causal: bool, scale=None, method
     (samples of one length as a batch) or None (pick, `_torch_attention_method`).
     """
     bounds = cu_seqlens.tolist()
-    method = method or _torch_attention_method(bounds, q.shape[1] * q.shape[2])
     variants = {"loop": _packed_attention_loop, "mask": _packed_attention_masked, "batch": _packed_attention_batched}
+    if method is None:                    # picked per call (every layer): the rule is checked once
+        return variants[_torch_attention_method(bounds, q.shape[1] * q.shape[2])](q, k, v, bounds, causal, scale)
     if method not in variants or (method == "batch" and _torch_attention_method(bounds, 1) != "batch"):
         raise ValueError(f"packed_attention_torch: method must be 'loop', 'mask', 'batch' (samples of one "
                          f"length) or None, got {method!r}")
