@@ -255,6 +255,7 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
                   interval="Wilson 95%", effect_interval=f"paired bootstrap 95%, {sample.BOOTSTRAP_RESAMPLES} resamples",
                   chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
     rows = RECIPE[:[r.name for r in RECIPE].index(own["until"]) + 1] if own["until"] else RECIPE
+    trained = False
     for row in rows:
         if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
             print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped",
@@ -266,8 +267,10 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
             report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
             report["effects"] = recipe_effect_results(rdir, cfg)
             write_report(rdir, report, cfg)                  # written after every stage: a cut run keeps it
-    report["effects"] = recipe_effect_results(rdir, cfg)
-    write_report(rdir, report, cfg)
+            trained = True
+    if not trained:                                          # every stage skipped: the report still refreshed
+        report["effects"] = recipe_effect_results(rdir, cfg)
+        write_report(rdir, report, cfg)
     for e in report["effects"]:
         print(f"effect | {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | n {e['n']} | "
               f"{e['difference']:+.3f} [{e['interval'][0]:+.3f}, {e['interval'][1]:+.3f}] | "
