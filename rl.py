@@ -413,6 +413,12 @@ def checkable(answer: str) -> bool:
 NUMERIC_FAMILIES = ("count", "count_cot", "math", "math_direct", "chart")   # the think reward checks their arithmetic
 
 
+def verifiable_reward(answer, fmt, weights):
+    """The verifiable reward of score_rollouts: the answer counts only in a well-formed reply."""
+    wa, _, wf = weights
+    return fmt * (wa * answer + wf) / (wa + wf)
+
+
 def score_rollouts(rolls: list, cfg, judge=None) -> None:
     """Rewards in place. verifiable (§4.2.3): the answer (rules) and the format, combined with the
     weights' answer and format parts renormalised (default 0.8 / 0.1 -> 0.89 / 0.11), the answer
@@ -433,8 +439,7 @@ def score_rollouts(rolls: list, cfg, judge=None) -> None:
         else:
             r.answer_r = reference_judge(final_answer(r.text) or "", gold)
         if cfg.reward == "verifiable":
-            wa, _, wf = cfg.reward_weights
-            r.reward = r.format_r * (wa * r.answer_r + wf) / (wa + wf)
+            r.reward = verifiable_reward(r.answer_r, r.format_r, cfg.reward_weights)
             continue
         parts = split_think(r.text)
         if r.prompt.family in NUMERIC_FAMILIES:
@@ -566,12 +571,31 @@ def quota(cfg) -> int:
 
 
 def shuffle_within_groups(adv, G: int, generator):
-    """The control run's advantages: each group's own values dealt to its G rollouts at random.
+    """The control runs' advantages: each group's own values dealt to its G rollouts at random.
     Each group still sums to 0, so what all its rollouts share (the format, the think tags) gets
     no net push, as in the real run; only which rollout gets which value is no longer the reward's."""
     n = adv.shape[0] // G
     perm = torch.rand(n, G, generator=generator).argsort(1) + torch.arange(0, n * G, G)[:, None]   # (groups, G)
     return adv[perm.flatten().to(adv.device)]
+
+
+def control_advantages(rolls: list, cfg, generator):
+    """Advantages not tied to what a control run must not learn from. "answer": the rewards with
+    each group's answer scores dealt at random among its rollouts, each keeping its own format
+    score (the format still taught, which answer is right no longer). "shuffle": the advantages
+    themselves dealt at random within each group (shuffle_within_groups). "sign": the same, times a
+    random sign per group. The last two carry no direction at all, and a random walk of Adam steps
+    at the real run's LR breaks the format the real run keeps (README, RL section)."""
+    G = cfg.group_size
+    if cfg.advantage_control == "answer":
+        answers = shuffle_within_groups(torch.tensor([r.answer_r for r in rolls]), G, generator)
+        fmts = torch.tensor([r.format_r for r in rolls])
+        return group_advantages(verifiable_reward(answers, fmts, cfg.reward_weights), G)
+    adv = shuffle_within_groups(group_advantages(torch.tensor([r.reward for r in rolls]), G), G, generator)
+    if cfg.advantage_control == "sign":
+        signs = torch.randint(0, 2, (adv.shape[0] // G, 1), generator=generator) * 2 - 1       # (groups, 1)
+        adv = adv * signs.repeat(1, G).flatten().to(adv)
+    return adv
 
 
 def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> tuple:
@@ -598,9 +622,10 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
             if keep:
                 kept += rolls[g * cfg.group_size:(g + 1) * cfg.group_size]
     if kept:
-        adv = group_advantages(torch.tensor([r.reward for r in kept]), cfg.group_size)
-        if cfg.advantage_control == "shuffle":        # the control run: advantages not tied to rewards
-            adv = shuffle_within_groups(adv, cfg.group_size, torch.Generator().manual_seed(cfg.seed + len(all_rolls)))
+        if cfg.advantage_control:                     # a control run
+            adv = control_advantages(kept, cfg, torch.Generator().manual_seed(cfg.seed + len(all_rolls)))
+        else:
+            adv = group_advantages(torch.tensor([r.reward for r in kept]), cfg.group_size)
         for r, a in zip(kept, adv.tolist()):
             r.advantage = a
     sums = all_reduce([len(all_rolls), sum(r.reward for r in all_rolls), sum(r.answer_r for r in all_rolls),
@@ -666,12 +691,15 @@ def split_mini_batches(rolls: list, cfg) -> list:
 
 
 def old_logprobs(model, mbs: list, packs: list, n_packs: list, pad, cfg, tok) -> dict:
-    """{rollout index: log-probs under the rollout policy}, before any update of the episode (only
-    needed when there is more than one update: the first mini-batch's own forward is that policy).
-    Padded to n_packs forwards per mini-batch, as the updates are, so the ranks stay in step."""
+    """{rollout index: log-probs under the rollout policy}, before any update of the episode, for the
+    mini-batches that need them: all but the first in the first epoch, whose own forward is that
+    policy (none with one mini-batch and one epoch). Padded to n_packs forwards per mini-batch, as
+    the updates are, so the ranks stay in step."""
     old = {}
     with torch.no_grad():
-        for mb, mb_packs, n in zip(mbs, packs, n_packs):
+        for k, (mb, mb_packs, n) in enumerate(zip(mbs, packs, n_packs)):
+            if k == 0 and cfg.epochs == 1:
+                continue
             for j in range(n):
                 pack, idx = mb_packs[j] if j < len(mb_packs) else pad
                 lps = completion_logps(model, pack, cfg, tok.n_vocab, banned_ids(tok))[0]
@@ -721,7 +749,7 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     packs = [micro_batches([rolls[i] for i in mb], cfg.max_tokens, img_id) for mb in mbs]
     n_packs = [int(x) for x in all_reduce([len(p) for p in packs], device, "max")]
     pad = micro_batches([filler], cfg.max_tokens, img_id)[0]
-    old = old_logprobs(model, mbs, packs, n_packs, pad, cfg, tok) if cfg.mini_batches * cfg.epochs > 1 else {}
+    old = old_logprobs(model, mbs, packs, n_packs, pad, cfg, tok)
     n_updates = len(mbs) * cfg.epochs
     stats = {key: 0.0 for key in (*SUM_STATS, "loss", "entropy", "dlogp", "ratio_max_dev", "ratio_max_dev_later")}
     stats["updates"] = 0
@@ -952,7 +980,7 @@ class RLConfig(train_stage.StageConfig):
     eval_prompts: int = 512               # held-out prompts, evaluated at the start and the end
     eval_samples: int = 8                 # samples per held-out prompt (pass@1, maj@k, pass@k)
     harvest_samples: int = 8              # harvest: completions per prompt
-    advantage_control: str = ""           # "shuffle": each group's advantages permuted among its rollouts (a control that must not learn)
+    advantage_control: str = ""           # a control that must not learn: "answer" (answer scores permuted within groups) | "shuffle" (advantages permuted within groups) | "sign" (and a random sign per group)
 
 
 # the start-up line names these (every option: <out>/<stage>.run/config.json)
@@ -985,8 +1013,10 @@ def rl_config(argv: list) -> tuple:
         train_stage.set_key({"": cfg}, key, value)
     if cfg.reward not in ("verifiable", "mixed"):
         raise train_stage.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
-    if cfg.advantage_control not in ("", "shuffle"):
-        raise train_stage.UsageError(f"--advantage_control must be '' or shuffle, got {cfg.advantage_control!r}")
+    if cfg.advantage_control not in ("", "answer", "shuffle", "sign"):
+        raise train_stage.UsageError(f"--advantage_control must be '', answer, shuffle or sign, got {cfg.advantage_control!r}")
+    if cfg.advantage_control == "answer" and cfg.reward != "verifiable":
+        raise train_stage.UsageError("--advantage_control=answer needs --reward=verifiable")
     for key in ("episodes", "group_size", "mini_batches", "epochs", "prompts_per_episode", "eval_samples"):
         if getattr(cfg, key) < 1:
             raise train_stage.UsageError(f"--{key} must be >= 1, got {getattr(cfg, key)}")

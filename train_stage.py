@@ -263,7 +263,7 @@ RECIPE = (
           paper=(("lr", 2e-4), ("batch", 1920), ("seq", 8192), ("samples", 8_000_000))),
     Stage("vit2", "§2.1.1", "SAIL-ViT stage II: ViT + adapter on SAIL-Caption2, Caption2-QA and VQA",
           trainable=("vision_model", "mlp1"), mix=(("caption", 0.4), ("caption_qa", 0.3), ("ocr", 0.3)),
-          tiny=(("lr", 1e-3), ("steps", 400), ("eval_every", 100)), paper=(("lr", 2e-5), ("batch", 512), ("seq", 8192))),
+          tiny=(("lr", 1e-3), ("steps", 300), ("eval_every", 100)), paper=(("lr", 2e-5), ("batch", 512), ("seq", 8192))),
     Stage("vit3", "§2.1.1", "SAIL-ViT stage III: all parameters, 36.5M multimodal samples", mix=VIT3_MIX, tiny=VIT3_TINY,
           paper=(("lr", 1e-5), ("batch", 512), ("seq", 8192), ("samples", 36_500_000))),
     Stage("vit3-direct", "§2.1.1", "a control, not a paper stage: stage III straight from lm0 (the ViT and adapter "
@@ -273,7 +273,7 @@ RECIPE = (
           "adapter, adapter only, AdaLRS from 2e-4 (ended at 6.75e-4); captions, chart captions, OCR",
           trainable=("mlp1",), init=(("vision_model", "vit3"), ("mlp1", "fresh"), ("language_model", "lm0")),
           mix=(("caption", 0.5), ("ocr", 0.25), ("chart", 0.15), ("text", 0.1)),
-          tiny=(("lr", 3e-4), ("steps", 400), ("adalrs", True), ("eval_every", 100)),
+          tiny=(("lr", 3e-4), ("steps", 300), ("adalrs", True), ("eval_every", 100)),
           paper=(("lr", 2e-4), ("batch", 2048), ("seq", 8192), ("samples", 64_000_000), ("tokens", 128e9))),
     Stage("pretrain2", "§3.2.1, §3.2.2", "multi-task pre-training: all parameters, half visual understanding, half "
           "instructions incl. text math; n-gram rebalancing; no AdaLRS",

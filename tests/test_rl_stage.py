@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from collections import Counter
 import torch
 from safetensors.torch import load_file
 
@@ -339,6 +340,46 @@ def test_the_control_permutes_advantages_within_each_group():
     assert not torch.equal(got, adv)                                         # permuted
     for g in range(3):                                                       # ... each group among its own rollouts
         assert sorted(got[4 * g:4 * g + 4].tolist()) == adv[4 * g:4 * g + 4].tolist()
+
+
+def control_rollouts(rewards, answers=None, fmts=None):
+    from types import SimpleNamespace
+    n = len(rewards)
+    return [SimpleNamespace(reward=r, answer_r=a, format_r=f) for r, a, f in
+            zip(rewards, answers or [0.0] * n, fmts or [1.0] * n)]
+
+
+def test_the_sign_control_flips_whole_groups_at_random():
+    """--advantage_control=sign: each group's advantages permuted among its rollouts and multiplied
+    by one random sign, both signs drawn (so an update is as likely as its negation)."""
+    cfg = rl.RLConfig(group_size=4, advantage_control="sign")
+    rolls = control_rollouts([1.0, 0.0, 0.0, 0.0] * 64)                          # 64 skewed groups of 4
+    want = sorted(rl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4).tolist())
+    got = rl.control_advantages(rolls, cfg, torch.Generator().manual_seed(0)).view(64, 4)
+    signs = []
+    for g in got:
+        s = 1.0 if g.max() > 1 else -1.0                                         # the +1.5, or -1.5 when flipped
+        assert sorted((g * s).tolist()) == pytest.approx(want)
+        signs.append(s)
+    assert 20 <= signs.count(-1.0) <= 44                                          # about half flipped
+    cfg.advantage_control = "shuffle"
+    same = rl.control_advantages(rolls, cfg, torch.Generator().manual_seed(0)).view(64, 4)
+    assert all(g.max() > 1 for g in same)                                         # shuffle alone never flips
+
+
+def test_the_answer_control_deals_answers_and_keeps_each_format():
+    """--advantage_control=answer: the answer scores permuted within each group, each rollout keeping
+    its own format score: a malformed rollout stays at reward 0 whatever answer it is dealt."""
+    cfg = rl.RLConfig(group_size=4, advantage_control="answer")
+    answers, fmts = [1.0, 0.0, 0.0, 0.0] * 64, [1.0, 1.0, 1.0, 0.0] * 64         # the 4th malformed
+    rolls = control_rollouts([rl.verifiable_reward(a, f, cfg.reward_weights) for a, f in zip(answers, fmts)],
+                             answers, fmts)
+    got = rl.control_advantages(rolls, cfg, torch.Generator().manual_seed(0)).view(64, 4)
+    right_at = Counter()
+    for g in got:
+        assert g[3] < g[:3].min()                                                 # always the lowest: format kept
+        right_at[int(g.argmax()) if g.max() > g[:3].min() + 1e-6 else "malformed"] += 1
+    assert set(right_at) == {0, 1, 2, "malformed"} and min(right_at.values()) >= 8   # the right answer dealt at random
 
 
 def test_the_loop_learns_a_contextual_bandit(synth):
