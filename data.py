@@ -10,17 +10,17 @@ Sections, in the paper's order:
   3. Records         JSONL manifests (LLaVA/InternVL `conversations`, `messages`, `text`), a sample's
                      tokens and tiles from image headers (no pixels: packing plans), bad-input policy,
                      `manifest_records` (the offline tools' one manifest reader)
-  4. Curation §3.1   the judge-score quality filter (VIR / ITA) and caption -> QA
-  5. Resampling      dataset-level mixture (§3.2.2 step 1), n-gram linguistic rebalancing (step 2),
+  4. Resampling      dataset-level mixture (§3.2.2 step 1), n-gram linguistic rebalancing (step 2),
                      the deterministic, resumable training stream
-  6. Synthetic data  the names components read of the embedded default dataset (families, its words)
+  5. Synthetic data  the names components read of the embedded default dataset (families, its words)
                      and `ensure_synth`, which has tests/synth.py make it on first use
-  7. Command line    `python data.py {add-image-tokens,check,filter,caption2qa,rebalance} --help`
+  6. Command line    `python data.py {add-image-tokens,check,rebalance} --help`
 
 Images (8-bit RGB, official dynamic tiling, AnyRes) and video frames are SAIL-ViT's input: vit.py
-(§2.1), with `DataError`, imported here. Beside the pipeline, elsewhere: the grading API and the
-model-based curation tools (§4.1) in sample.py, LongCoT cleaning (§4.2.2) in rl.py, the synthetic
-dataset's generator, its BPE trainer and §3.1's chart data in tests/synth.py.
+(§2.1), with `DataError`, imported here. Beside the pipeline, elsewhere: the grading API in
+sample.py, LongCoT cleaning (§4.2.2) in rl.py, the synthetic dataset's generator, its BPE trainer
+and §3.1's chart data in tests/synth.py, and the data curation tools (§3.1 quality filter and
+caption -> QA, §4.1) in tests/curate.py.
 
 Conventions: `labels` are aligned with `input_ids` (the model shifts them, as HF does) and hold -100
 where no loss is taken. Every bad input raises `DataError` naming file and line; datasets skip and
@@ -29,9 +29,7 @@ count such samples and stop when too many are bad. Nothing here downloads anythi
 import argparse
 import base64
 import json
-import math
 import os
-import random
 import re
 import subprocess
 import sys
@@ -46,7 +44,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vit import DataError, anyres_size, load_image, load_video, open_image, tile_grid
+from vit import DataError, anyres_size, load_image, load_video, tile_grid
 
 
 class TooMuchBadData(RuntimeError):
@@ -879,7 +877,7 @@ def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True
     'file:line'); a malformed line or a bad record is counted in `counts` as bad:json / bad:<reason>,
     never silently dropped. `prepare(obj, where)` rewrites an object before it is parsed;
     `check(rec, where)` may refuse a parsed record by raising DataError. The one reader of the
-    offline data tools (the §3.1 tools here, sample.py's §4.1 curation, rl.py's LongCoT cleaning)."""
+    offline data tools (tests/curate.py, rl.py's LongCoT cleaning)."""
     manifest = Path(manifest)
     lines = manifest.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(tqdm(lines, desc=f"{desc} {manifest.name}", disable=not progress), start=1):
@@ -913,114 +911,8 @@ def rebase_media(obj: dict, rec: Record, out_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Curation §3.1 (pre-training data): judge-score quality filter and caption -> QA (chart
-# rendering with QA, §3.1's synthetic chart data, is a generator: tests/synth.py charts)
-#
-# The paper scores SAIL-Caption2 with judge models for visual information richness (VIR) and
-# image-text alignment (ITA) and drops low scorers. A judge here is any callable
-# (PIL image, text) -> {"vir": float, "ita": float} in [0, 1]; plug in a VLM judge for real data.
-# The default `heuristic_judge` is honest about what it is: image statistics, calibrated for the
-# synthetic domain of tests/synth.py (flat shapes in known colours on white).
-
-def vir_score(img: Image.Image) -> float:
-    """Visual information richness: mean of the normalised colour-histogram entropy (4 levels per
-    channel, 64 bins) and the edge density (share of pixels with a strong luminance gradient)."""
-    a = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.int64)
-    hist = np.bincount(((a // 64) * np.array([16, 4, 1])).sum(-1).ravel(), minlength=64) / (64 * 64)
-    p = hist[hist > 0]
-    entropy = float(-(p * np.log(p)).sum() / math.log(64))
-    gray = a.mean(-1)
-    grad = np.abs(np.diff(gray, axis=0))[:, :-1] + np.abs(np.diff(gray, axis=1))[:-1, :]
-    edges = float((grad > 40).mean())
-    return 0.5 * entropy + 0.5 * min(1.0, 10 * edges)
-
-
-def ita_score(img: Image.Image, text: str) -> float:
-    """Image-text alignment: the share of colour words in `text` whose colour covers at least 0.2%
-    of the image; 0.5 (no evidence either way) when the text names no colour."""
-    named = [c for c in dict.fromkeys(re.findall(r"[a-z]+", text.lower())) if c in COLOURS]
-    if not named:
-        return 0.5
-    a = np.asarray(img.convert("RGB").resize((64, 64), Image.NEAREST), dtype=np.int64)
-    near = [(((a - np.array(COLOURS[c])) ** 2).sum(-1) < 60 ** 2).mean() for c in named]
-    present = [share >= 0.002 for share in near]
-    return sum(present) / len(named)
-
-
-def heuristic_judge(img: Image.Image, text: str) -> dict:
-    return {"vir": vir_score(img), "ita": ita_score(img, text)}
-
-
-def quality_filter(manifest, out, judge=heuristic_judge, min_vir: float = 0.05, min_ita: float = 0.5,
-                   progress: bool = True) -> Counter:
-    """Keep records whose single image scores at least min_vir and min_ita against the assistant text.
-    Kept lines gain "scores"; text-only and multi-image records pass unscored. Returns counts per outcome."""
-    manifest, out = Path(manifest), Path(out)
-    stats, kept = Counter(), []
-    for where, obj, rec in manifest_records(manifest, "filter", stats, progress):
-        if rec.text is not None or len(rec.images) != 1 or rec.videos:
-            stats["kept_unscored"] += 1
-            kept.append(json.dumps(rebase_media(obj, rec, out.parent) if rec.text is None else obj, ensure_ascii=False))
-            continue
-        try:
-            scores = judge(open_image(rec.images[0], where), " ".join(c for r, c in rec.turns if r == "assistant"))
-        except DataError as e:
-            stats[f"bad:{e.reason}"] += 1
-            continue
-        if scores["vir"] < min_vir:
-            stats["low_vir"] += 1
-        elif scores["ita"] < min_ita:
-            stats["low_ita"] += 1
-        else:
-            stats["kept"] += 1
-            kept.append(json.dumps({**rebase_media(obj, rec, out.parent),
-                                    "scores": {k: round(v, 4) for k, v in scores.items()}}, ensure_ascii=False))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    return stats
-
-
-# Caption -> QA (§3.1 "Caption2-QA"): a generator maps a caption to (question, answer) pairs. The
-# template default parses the synthetic caption grammar ("a red circle at the top left and ...");
-# captions it cannot parse fall back to a describe-the-image pair. Plug in an LLM for real captions.
-CAPTION_CLAUSE = re.compile(r"\ban? ([a-z]+) ([a-z]+) at the ([a-z]+) ([a-z]+)")
-
-
-def template_qa(caption: str) -> list:
-    qa = []
-    for colour, shape, row, col in CAPTION_CLAUSE.findall(caption.lower()):
-        qa += [(f"What colour is the {shape} at the {row} {col}?", f"{colour}."),
-               (f"Where is the {colour} {shape}?", f"at the {row} {col}."),
-               (f"What shape is at the {row} {col}?", f"a {shape}.")]
-    return qa or [("Describe the image.", caption)]
-
-
-def caption_to_qa(manifest, out, generator=template_qa, pairs: int = 1, seed: int = 0,
-                  progress: bool = True) -> Counter:
-    """Rewrite caption records (one user turn, one assistant caption) as QA conversations with
-    `pairs` pairs drawn from generator(caption) (0 = all). Other or bad records are counted, not kept."""
-    manifest, out = Path(manifest), Path(out)
-    rng, stats, kept = random.Random(seed), Counter(), []
-    for _, obj, rec in manifest_records(manifest, "caption2qa", stats, progress):
-        if rec.text is not None or len(rec.turns) != 2 or rec.turns[1][0] != "assistant":
-            stats["not_a_caption"] += 1
-            continue
-        qa = generator(rec.turns[1][1])
-        qa = rng.sample(qa, min(pairs, len(qa))) if pairs else qa
-        conv = []
-        for k, (q, a) in enumerate(qa):
-            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 and rec.images else "") + q},
-                     {"from": "gpt", "value": a}]
-        kept.append(json.dumps({**rebase_media({}, rec, out.parent), "conversations": conv, "task": "caption_qa"},
-                               ensure_ascii=False))
-        stats["converted"] += 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    return stats
-
-
 # ----------------------------------------------------------------------------------------------
-# 5. Resampling, §3.2.2, and the training stream
+# 4. Resampling, §3.2.2, and the training stream
 #
 # Step 1 (basic pre-training): dataset-level rebalancing -- each manifest gets a sampling weight.
 # Step 2 (multi-task pre-training): n-gram-level rebalancing of caption / synthetic-VQA text. The
@@ -1249,7 +1141,7 @@ def _unpack_bits(text: str, n: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The synthetic default data: its language, and the folder made on first use
+# 5. The synthetic default data: its language, and the folder made on first use
 #
 # tests/synth.py writes the miniature the tiny presets train on by default (PNG + MP4 + JSONL and a
 # BPE; `python tests/synth.py --out DIR`). What the components read of it lives here: the family
@@ -1311,7 +1203,7 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Command line: one row per tool in COMMANDS
+# 6. Command line: one row per tool in COMMANDS
 
 def add_image_tokens_cli(src: str, out: str):
     """`python data.py add-image-tokens SRC OUT`: one line of what was added, or one error line, exit 2."""
@@ -1381,18 +1273,6 @@ COMMANDS = (
          ("--label-mode", dict(default="sft", choices=LABEL_MODES, help="which tokens carry labels")),
          ("--max-bad-fraction", dict(type=float, default=DataConfig.max_bad_fraction,
                                      help="the share of bad samples training accepts (the stage option of the same name)")))),
-    ("filter", lambda a: print_counts("quality filter", quality_filter(a.manifest, a.out, min_vir=a.min_vir,
-                                                                       min_ita=a.min_ita)),
-     "keep samples whose judge scores (VIR, ITA) pass thresholds (§3.1)", (
-         ("manifest", {}), ("out", {}),
-         ("--min-vir", dict(type=float, default=0.05, help="visual information richness threshold")),
-         ("--min-ita", dict(type=float, default=0.5, help="image-text alignment threshold")))),
-    ("caption2qa", lambda a: print_counts("caption -> QA", caption_to_qa(a.manifest, a.out, pairs=a.pairs,
-                                                                         seed=a.seed)),
-     "turn caption samples into QA conversations (template generator)", (
-         ("manifest", {}), ("out", {}),
-         ("--pairs", dict(type=int, default=1, help="QA pairs per caption (0 = all)")),
-         ("--seed", dict(type=int, default=0)))),
     ("rebalance", rebalance_cli, "n-gram rebalancing weights (§3.2.2) and the diversity before/after", (
          ("manifest", {}),
          ("--n", dict(type=int, default=3, help="n-gram order")),
@@ -1425,7 +1305,7 @@ def tool_parser(prog: str, description: str, commands, parser=argparse.ArgumentP
 
 
 def main(argv=None):
-    p = tool_parser("data.py", "SAIL-VL2 data tools: the tokenizer, manifest checks, the §3.1 curation tools, n-gram rebalancing "
+    p = tool_parser("data.py", "SAIL-VL2 data tools: the tokenizer, manifest checks, n-gram rebalancing "
                     "(§3.2.2). "
                     "Run `python data.py SUBCOMMAND --help` for each.", COMMANDS)
     args = p.parse_args(dashed_options(sys.argv[1:] if argv is None else argv))

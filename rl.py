@@ -21,28 +21,24 @@ reasoning and a judge for answers that rules cannot check; the coefficients of t
                          tokens it never emits) that the training forward shares.
   9. Model judge         any checkpoint grades a reasoning by P(yes).
  10. Data parallelism    each rank owns whole groups; generation on an unsharded copy.
- 11. Dynamic sampling    groups whose accuracy does not vary are dropped, fresh prompts drawn.
+ 11. Dynamic sampling    groups whose `learning_signal` does not vary dropped, fresh prompts drawn.
  12. Updates             mini-batches x epochs of packed micro-batches, one global normaliser.
  13. Evaluation          greedy accuracy, pass@1, maj@k, pass@k on held-out prompts, paired
                          before / after differences with intervals.
  14. The stages          rl-verifiable, rl-mixed (train_rl), harvest.
- 15. Data tools          the CoT harvest (§4.2.4), the pass@k filter (§4.2.3), LongCoT data cleaning
-                         (§4.2.2: format, dedup, redundancy filter, CoT-length balancing;
-                         `python rl.py clean-longcot`).
+ 15. Data tools          the CoT harvest (§4.2.4), the pass@k filter (§4.2.3). LongCoT data
+                         cleaning (§4.2.2) is a curation tool: tests/curate.py clean-longcot.
 
 Every reward function is linear in its input: no regex with nested quantifiers over unbounded
 text, no `signal.alarm` (it fails off the main thread), no sympy.
 """
-import argparse
 import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Optional, Protocol
 
@@ -56,9 +52,8 @@ import model as modeling
 import packing
 import sample
 import train_stage
-from data import (PLACEHOLDER_RE, WORD_RE, DataError, manifest_records, ngrams, parse_record, rebase_media, split_think,
-                  think_turn)
-from sample import BOXED, answer_key, answers_match, clean_answer, final_answer, last_boxed
+from data import split_think
+from sample import answer_key, answers_match, clean_answer, final_answer, last_boxed
 from sample import parse_number as _parse_number
 
 # ----------------------------------------------------------------------------------------------
@@ -536,8 +531,8 @@ def generation_policy(model, replica=None):
 
 
 # ==============================================================================================
-# 11. Dynamic sampling (§4.2.3, DAPO): groups whose accuracy does not vary are dropped and fresh
-# prompts drawn, up to a per-rank quota
+# 11. Dynamic sampling (§4.2.3, DAPO): groups whose learning signal does not vary are dropped and
+# fresh prompts drawn, up to a per-rank quota
 
 class PromptPool:
     """The stage's training prompts (stream positions of its mixture, optionally pass@k-filtered),
@@ -598,11 +593,20 @@ def control_advantages(rolls: list, cfg, generator):
     return adv
 
 
+def learning_signal(r: Rollout, cfg) -> float:
+    """What dynamic sampling asks to vary within a group. Verifiable rewards: the accuracy, as DAPO
+    filters (a format difference alone does not keep a group whose answers are all wrong or all
+    right). Mixed rewards (§4.2.5): the reward itself, whose think and format terms are what the
+    stage adds: on its hard cases most groups have no right answer, and filtering on accuracy
+    dropped 3 of 4 groups together with the think and format differences they held."""
+    return r.answer_r if cfg.reward == "verifiable" else r.reward
+
+
 def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> tuple:
     """This rank's kept groups (with advantages) and the episode's statistics over all ranks.
     Rounds of fresh prompts, at most cfg.max_sampling_rounds: every rank takes the same prompts
-    from the pool and samples its share; a group is kept when its answers are neither all right
-    nor all wrong (DAPO filters on accuracy, not on the shaped reward), up to this rank's quota;
+    from the pool and samples its share; a group is kept when its `learning_signal` varies (for
+    verifiable rewards: answers neither all right nor all wrong), up to this rank's quota;
     the rounds stop when every rank is full. Then training goes on with what is there."""
     device = modeling.model_device(policy)
     rank, world = rank_and_world()
@@ -617,7 +621,7 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
         score_rollouts(rolls, cfg, judge)
         all_rolls += rolls
         seen += len(mine)
-        ok = filter_groups(torch.tensor([r.answer_r for r in rolls]), cfg.group_size) if rolls else []
+        ok = filter_groups(torch.tensor([learning_signal(r, cfg) for r in rolls]), cfg.group_size) if rolls else []
         for g, keep in enumerate(ok):
             if keep:
                 kept += rolls[g * cfg.group_size:(g + 1) * cfg.group_size]
@@ -1200,8 +1204,7 @@ def finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metr
 
 
 # ==============================================================================================
-# 15. Data tools: the CoT harvest for Think-Fusion SFT (§4.2.4), the pass@k filter (§4.2.3) and
-# LongCoT data cleaning (§4.2.2)
+# 15. Data tools: the CoT harvest for Think-Fusion SFT (§4.2.4) and the pass@k filter (§4.2.3)
 
 def record_of(where: str):
     """The manifest record a prompt came from ('file:line')."""
@@ -1295,107 +1298,6 @@ def filter_cli(argv):
         print(f"pass@{k} filter of {len(prompts)} prompts with {ckpt}: {counts}; kept prompts in {out}")
 
 
-# LongCoT data cleaning, §4.2.2 (the longcot stage's data, read with the grading API): format to "<think>\nT\n</think>\nA" with A holding \boxed{},
-# deduplicate by (image, question), drop answers that restate the chain (token overlap), and
-# balance CoT lengths by resampling. (The paper's answer distillation by a judge model is not done.)
-
-def format_longcot(obj: dict, where: str) -> dict:
-    """The record with its last assistant turn in LongCoT form. Accepts a <think>-tagged assistant
-    turn, or {"question", "cot", "answer"} fields. A without a balanced \\boxed{} (`last_boxed`)
-    gets "The answer is \\boxed{answer}." when the record has an "answer", else the record is bad
-    ('format'); a boxed answer that disagrees with the record's "answer" (`answers_match`) is bad
-    ('wrong_answer')."""
-    if "conversations" not in obj and "messages" not in obj and {"question", "cot"} <= obj.keys():
-        fields = {k: v for k, v in obj.items() if k not in ("question", "cot")}
-        obj = {**fields, "conversations": [{"from": "human", "value": str(obj["question"])},
-                                           {"from": "gpt", "value": f"<think>{obj['cot']}</think>"}]}
-    rec = parse_record(obj, Path("."), where, "longcot")
-    if rec.text is not None or rec.turns[-1][0] != "assistant":
-        raise DataError("format", where, "a LongCoT record must end with an assistant turn")
-    thought, answer = think_turn(rec.turns[-1][1], where)
-    if not (thought or "").strip():
-        raise DataError("format", where, "no non-empty <think>…</think> chain")
-    if "<think>" in answer or "</think>" in answer:
-        raise DataError("format", where, "more than one <think> block")
-    answer, boxed = answer.strip(), last_boxed(answer)
-    if boxed is None:
-        if rec.answer is None:
-            raise DataError("format", where, "answer has no \\boxed{} and the record no 'answer' field")
-        answer = (answer + " " if answer else "") + f"The answer is {BOXED}{rec.answer}}}."
-    elif rec.answer is not None and not answers_match(boxed, rec.answer):
-        raise DataError("wrong_answer", where, f"the chain boxes {boxed[:40]!r}, the record's answer is {rec.answer!r}")
-    key = "conversations" if "conversations" in obj else "messages"
-    turns = [dict(t) for t in obj[key]]
-    turns[-1]["value" if key == "conversations" else "content"] = f"<think>\n{thought.strip()}\n</think>\n{answer}"
-    return {**obj, key: turns}
-
-
-def longcot_overlap(thought: str, answer: str, n: int = 3) -> float:
-    """Share of the answer's word n-grams that also occur in the chain (1.0 = answer restates it);
-    0 for answers too short to have 4 n-grams (a short boxed answer is not redundancy)."""
-    a = ngrams(answer, n)
-    return len(a & ngrams(thought, n)) / len(a) if len(a) >= 4 else 0.0
-
-
-def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True, seed: int = 0,
-                  progress: bool = True) -> Counter:
-    """Format, deduplicate, redundancy-filter and length-balance a LongCoT manifest into `out`.
-    Returns counts per outcome, including the CoT-length histogram (log2 word buckets) before/after."""
-    manifest, out = Path(manifest), Path(out)
-    stats, seen, kept = Counter(), set(), []         # kept: (bucket, json line)
-    for where, obj, rec in manifest_records(manifest, "longcot", stats, progress, prepare=format_longcot):
-        question = " ".join(PLACEHOLDER_RE.sub(" ", " ".join(c for r, c in rec.turns if r == "user")).split()).lower()
-        key = (tuple(rec.images), tuple(rec.videos), question)
-        if key in seen:
-            stats["duplicate"] += 1
-            continue
-        seen.add(key)
-        thought, answer = think_turn(rec.turns[-1][1], where)
-        if longcot_overlap(thought, answer) > max_overlap:
-            stats["redundant"] += 1
-            continue
-        bucket = int(math.log2(max(1, len(WORD_RE.findall(thought)))))
-        stats[f"cot_len_2^{bucket}_before"] += 1
-        kept.append((bucket, json.dumps(rebase_media(obj, rec, out.parent), ensure_ascii=False)))
-    if balance and kept:
-        # CoT-length balancing: buckets above the median bucket size are down-sampled to it.
-        sizes = Counter(b for b, _ in kept)
-        target = int(np.ceil(np.median(list(sizes.values()))))
-        rng = random.Random(seed)
-        keep_idx = set()
-        for b in sizes:
-            members = [i for i, (bb, _) in enumerate(kept) if bb == b]
-            keep_idx.update(rng.sample(members, min(target, len(members))))
-        stats["length_balanced_away"] = len(kept) - len(keep_idx)
-        kept = [k for i, k in enumerate(kept) if i in keep_idx]
-    for b, _ in kept:
-        stats[f"cot_len_2^{b}_after"] += 1
-    stats["kept"] = len(kept)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(line + "\n" for _, line in kept), encoding="utf-8")
-    return stats
-
-
-def clean_longcot_cli(argv):
-    """python rl.py clean-longcot MANIFEST OUT [--max-overlap 0.8] [--no-balance] [--seed 0]: clean_longcot
-    as a tool, printing the counts per outcome."""
-    p = argparse.ArgumentParser(prog="rl.py clean-longcot", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="clean LongCoT data: format, dedup, redundancy filter, length balance (§4.2.2)")
-    p.add_argument("manifest")
-    p.add_argument("out")
-    p.add_argument("--max-overlap", type=float, default=0.8, help="drop when this share of answer 3-grams is in the CoT")
-    p.add_argument("--no-balance", action="store_true", help="skip CoT-length balancing")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(data.dashed_options(argv))
-    try:
-        counts = clean_longcot(args.manifest, args.out, args.max_overlap, not args.no_balance, args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        raise train_stage.UsageError(f"clean-longcot: {e}") from None
-    print("LongCoT cleaning:")
-    for k, v in sorted(counts.items()):
-        print(f"  {k:28s} {v}")
-
-
 # ==============================================================================================
 # command line
 
@@ -1406,7 +1308,6 @@ def help_text() -> str:
              "    torchrun rl.py --stage harvest             # §4.2.4, CoT from out/rl-verifiable",
              "    torchrun rl.py --stage rl-mixed            # §4.2.5, from out/thinkfusion",
              "    python rl.py filter --ckpt DIR --out FILE  # the pass@k filter as a tool",
-             "    python rl.py clean-longcot IN.jsonl OUT.jsonl  # LongCoT data cleaning (§4.2.2), --help",
              "", "options (--key=value or --key value):",
              train_stage.option_line("--resume [DIR]", "continue from DIR, or from the newest good "
                                      "out/<stage>.run/step-* checkpoint")]
@@ -1424,8 +1325,6 @@ def main(argv=None):
     try:
         if argv[:1] == ["filter"]:
             return filter_cli(argv[1:])
-        if argv[:1] == ["clean-longcot"]:
-            return clean_longcot_cli(argv[1:])
         cfg, opts = rl_config(argv)
         rank = int(os.environ.get("RANK", "0"))
         log = lambda *a: train_stage.print0(rank, *a)                   # noqa: E731

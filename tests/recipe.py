@@ -21,10 +21,8 @@ import json
 import math
 import os
 import platform
-import queue
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
@@ -238,60 +236,16 @@ def write_report(rdir: str, report: dict, cfg: StageConfig):
                           os.path.join(rdir, "report.png"))
 
 
-class BackgroundEvaluation:
-    """Each trained stage is evaluated in a thread of this process while the next one trains, and
-    its report entry written then. The thread runs at the lowest CPU priority (Linux gives each
-    thread its own nice value) with one torch thread while a stage trains, and all once nothing
-    trains: it takes the time the training leaves idle on the cores (its data loading and Python
-    work between kernels) without slowing it. Measured on 2 cores (vit3, 100 steps): 20.3 s alone,
-    19.6 s beside a niced one-thread evaluation; at normal priority both halve their speed (the
-    way this runner evaluated before). An error in the thread is raised by `finish`."""
-
-    def __init__(self, cfg: StageConfig, own: dict, report: dict, rdir: str, t_start: float, wall_before: float):
-        self.cfg, self.own, self.report, self.rdir = cfg, own, report, rdir
-        self.t_start, self.wall_before = t_start, wall_before
-        self.jobs, self.training, self.error = queue.Queue(), threading.Event(), None
-        self.threads = torch.get_num_threads()               # the evaluation's when nothing trains
-        self.thread = threading.Thread(target=self.work, name="recipe-eval", daemon=True)
-        self.thread.start()
-
-    def submit(self, row: Stage, seconds: float):
-        self.jobs.put((row, seconds))
-
-    def work(self):
-        if hasattr(os, "nice"):
-            os.nice(19)                                   # this thread only (Linux): the training keeps its share
-        while (job := self.jobs.get()) is not None:
-            if self.error is None:
-                try:
-                    torch.set_num_threads(1 if self.training.is_set() else self.threads)
-                    self.evaluate(*job)
-                except BaseException as e:                # noqa: BLE001 - handed to finish()
-                    self.error = e
-
-    def evaluate(self, row: Stage, seconds: float):
-        self.report["stages"][row.name] = stage_entry(row, self.cfg, seconds, *evaluate_row(row, self.cfg, self.own), self.rdir)
-        self.report["total_seconds"] = round(sum(st["seconds"] for st in self.report["stages"].values()), 1)
-        self.report["wall_seconds"] = round(self.wall_before + time.time() - self.t_start, 1)
-        self.report["effects"] = recipe_effect_results(self.rdir, self.cfg)
-        write_report(self.rdir, self.report, self.cfg)    # written after every stage: a cut run keeps it
-
-    def finish(self):
-        """Wait for every submitted stage's evaluation; raise the thread's error if there was one."""
-        self.training.clear()
-        self.jobs.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> dict:
     """Every stage of the recipe in order into cfg.out_dir, each from the previous one, each
-    evaluated (BackgroundEvaluation: while the next stage trains), with
-    <out_dir>/recipe/report.{json,md,png} and every prediction in
+    evaluated, with <out_dir>/recipe/report.{json,md,png} and every prediction in
     <out_dir>/recipe/predictions/<stage>.jsonl. A finished stage (its output verifies and the
     report has it) is skipped, so an interrupted run continues where it stopped (a stage trained
-    but not yet evaluated is evaluated then, not trained again)."""
+    but not yet evaluated is evaluated then, not trained again). Evaluating while the next stage
+    trains was tried twice on 2 cores: at equal priority the two compete and the training slows by
+    about as much as the evaluation it hides; in a thread at the lowest priority the training keeps
+    its speed, but its threads leave the evaluation only ~13% of a core (measured over a whole
+    recipe run), so most of the evaluation still waited for the end."""
     rdir = os.path.join(cfg.out_dir, "recipe")
     writable_dir(os.path.join(rdir, "predictions"))
     path = os.path.join(rdir, "report.json")
@@ -303,22 +257,20 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
                   interval="Wilson 95%", effect_interval=f"paired bootstrap 95%, {sample.BOOTSTRAP_RESAMPLES} resamples",
                   chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
     rows = RECIPE[:[r.name for r in RECIPE].index(own["until"]) + 1] if own["until"] else RECIPE
-    evaluation = BackgroundEvaluation(cfg, own, report, rdir, t_start, wall_before)
     trained = False
-    try:
-        for row in rows:
-            if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
-                print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped",
-                      flush=True)
-                continue
-            evaluation.training.set()
+    for row in rows:
+        if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
+            print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped",
+                  flush=True)
+        else:
             seconds = train_row(row, cfg, own, passthrough, seed_offset)
-            evaluation.training.clear()
-            evaluation.submit(row, seconds)
+            report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluate_row(row, cfg, own), rdir)
+            report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
+            report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
+            report["effects"] = recipe_effect_results(rdir, cfg)
+            write_report(rdir, report, cfg)                  # written after every stage: a cut run keeps it
             trained = True
-    finally:
-        evaluation.finish()                               # the stages trained so far are evaluated and reported
-    if not trained:                                       # every stage skipped: the report still refreshed
+    if not trained:                                          # every stage skipped: the report still refreshed
         report["effects"] = recipe_effect_results(rdir, cfg)
         write_report(rdir, report, cfg)
     for e in report["effects"]:

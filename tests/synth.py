@@ -35,7 +35,8 @@ from tqdm import tqdm  # noqa: E402
 import data  # noqa: E402
 from data import (CHART_KINDS, CHART_LABELS, COLOURS, COLS, DEFAULT_SYNTH_DIR, DEFAULT_SYNTH_SIZE, DIRECTIONS, IMAGE,  # noqa: E402
                   PLACEHOLDER_RE, QWEN_PATTERN, ROWS, SHAPES, SPECIAL_TOKENS, SYNTH_VERSION, VIDEO, VIDEO_RE, WORDS,
-                  byte_to_unicode, manifest_records, render_chat, template_qa, video_prompt)
+                  byte_to_unicode, manifest_records, render_chat, video_prompt)
+from curate import template_qa  # noqa: E402
 from sample import BOXED  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The one grading API (data.py section 8): where a reply's answer is, which \\boxed{} is the
+"""The one grading API (sample.py, "Grading"): where a reply's answer is, which \\boxed{} is the
 answer, when two answers agree, word-F1 and ROUGE-L. The LongCoT filter (data.py), the evaluation
 (sample.py) and the RL rewards (rl.py) all grade with it.
 
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+import curate
 import data
-import rl
 import sample
 
 # ----------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def test_final_answer(text, want):
 # math-verify's own box rule where it has one (the last \boxed opened whose braces balance, raw
 # brace counting, `\boxed{` written together): ours must read the same answer, or none where it
 # reads none. (Where it joins several boxes into a set, or reads an unclosed or brace-less box,
-# ours differs on purpose: data.py section 8.)
+# ours differs on purpose: sample.py, "Grading".)
 MV_BOX_CASES = [r"\boxed{\frac{1}{\sqrt{2}}}", r"\boxed{a{b}}", r"\boxed{\boxed{1}+1}", r"\boxed{1} and \boxed{2",
                 r"\boxed{1} then \boxed{\boxed{2}+1}", r"\boxed{\{1,2\}}", r"\boxed{x \}}", r"\boxed{{5}}",
                 r"so \boxed{3}. The answer is \boxed{3}", r"\boxed{}", r"\boxed {5}", r"\boxed{12"]
@@ -288,12 +288,12 @@ def test_longcot_filter_reads_boxes_and_answers_with_the_api(tmp_path):
     got = []
     for i, row in enumerate(rows):
         try:
-            got.append(rl.format_longcot(row, f"m.jsonl:{i + 1}")["conversations"][1]["value"])
+            got.append(curate.format_longcot(row, f"m.jsonl:{i + 1}")["conversations"][1]["value"])
         except data.DataError as e:
             got.append(e.reason)
     assert got == ["<think>\ntwo plus two\n</think>\n\\boxed{4.0}", "wrong_answer",
                    "<think>\ntwo plus two\n</think>\nIt is \\boxed{4 The answer is \\boxed{4}.", "format"]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({**r, "conversations": [
         {"from": "human", "value": f"q{i}"}, r["conversations"][1]]}) + "\n" for i, r in enumerate(rows)))
-    stats = rl.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
+    stats = curate.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
     assert stats["kept"] == 2 and stats["bad:wrong_answer"] == 1 and stats["bad:format"] == 1

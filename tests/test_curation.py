@@ -1,4 +1,4 @@
-"""Tests of the §4.1 curation tools in sample.py: SAIL-Instruction2 (curate_instructions, §4.1.2) and
+"""Tests of the §4.1 curation tools in tests/curate.py: SAIL-Instruction2 (curate_instructions, §4.1.2) and
 SAIL-Video (curate_video, §4.1.1).
 
 Each test checks against something independent of the code under test: labels planted by the test
@@ -8,7 +8,7 @@ motion direction from the pixels itself, bad lines written by the test.
 
 Also a demonstration (not a test): `python tests/test_curation.py salt --synth DIR --out OUT` writes
 salted copies of the synthetic sft2 families and of the video manifest (each salted record carries
-"salted": KIND) for `python sample.py curate-instructions` / `curate-video` to find.
+"salted": KIND) for `python tests/curate.py curate-instructions` / `curate-video` to find.
 """
 import argparse
 import json
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import curate  # noqa: E402
 import data  # noqa: E402
-import sample  # noqa: E402
 import synth as synthetic  # noqa: E402   (the name `synth` is the data fixture)
 import vit  # noqa: E402
 
@@ -167,12 +167,12 @@ def test_clustering_recovers_planted_classes():
     planted = [t for t in range(4) for _ in range(40)]
     rng.shuffle(planted)
     texts = [templates[t].format(*rng.sample(fillers, 2)) for t in planted]
-    X, names = sample.tfidf_embed(texts)
-    assert X.shape == (160, sample.HASH_BUCKETS) and np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
-    labels, centres, inertia = sample.kmeans(X, 4, seed=0)
+    X, names = curate.tfidf_embed(texts)
+    assert X.shape == (160, curate.HASH_BUCKETS) and np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
+    labels, centres, inertia = curate.kmeans(X, 4, seed=0)
     assert adjusted_rand_index(planted, labels) > 0.95
     joined = [" " + " ".join(data.WORD_RE.findall(t.lower())) + " " for t in texts]
-    for j, name in enumerate(sample.class_names(X, labels, names)):    # each name n-gram: in the class, not outside
+    for j, name in enumerate(curate.class_names(X, labels, names)):    # each name n-gram: in the class, not outside
         assert len(name) == 3, name
         inside = [f" {g} " in joined[i] for g in name for i in np.flatnonzero(labels == j)]
         outside = [f" {g} " in joined[i] for g in name for i in np.flatnonzero(labels != j)]
@@ -183,7 +183,7 @@ def test_rules_find_degraded_answers_and_drop_them_without_annotator(synth, tmp_
     records = [r for f in ("caption_qa", "count", "ocr") for r in read_lines(synth / f / "train.jsonl")]
     per_kind = {"truncated": 3, "copy": 2, "empty": 2, "repeated": 2}
     salted, truth = salt(records, per_kind, seed=1)
-    report = sample.curate_instructions([write_jsonl(tmp_path / "in.jsonl", salted)], tmp_path / "out", classes=5,
+    report = curate.curate_instructions([write_jsonl(tmp_path / "in.jsonl", salted)], tmp_path / "out", classes=5,
                                       progress=False)
     rule_of = {"truncated": "truncated", "copy": "copies_question", "empty": "empty", "repeated": "repeated"}
     assert {k: v for k, v in report["counts"].items() if k.startswith("rule:")} == \
@@ -218,7 +218,7 @@ def test_reannotation_is_kept_only_when_it_scores_higher(synth, tmp_path):
     scores = {word_b: -5.0, word_a: 1.0, "zzz": -9.0}                    # the stub scorer's values
     scorer = lambda rec: scores.get(rec.turns[-1][1], 0.0)              # noqa: E731
     annot = StubAnnotator({cut: word_a, word_b: "zzz", "": "no no no no"})
-    report = sample.curate_instructions([write_jsonl(tmp_path / "in.jsonl", records)], tmp_path / "out",
+    report = curate.curate_instructions([write_jsonl(tmp_path / "in.jsonl", records)], tmp_path / "out",
                                       classes=1, scorer=scorer, annotator=annot, reannotate_frac=0.1,
                                       progress=False)
     assert sorted(annot.asked) == sorted([cut, word_b, ""])              # rule failures + the lowest 10% (1 of 14)
@@ -244,7 +244,7 @@ def test_cli_end_to_end_with_a_tiny_checkpoint(synth, tmp_path):
     records = read_lines(synth / "ocr" / "train.jsonl")[:8] + read_lines(synth / "count" / "train.jsonl")[:8]
     records[2] = degrade("copy", records[2], records[2])
     manifest = write_jsonl(tmp_path / "in.jsonl", records)
-    sample.main(["curate-instructions", "--in", str(manifest), "--out", str(tmp_path / "i"), "--annotator", str(ckpt),
+    curate.main(["curate-instructions", "--in", str(manifest), "--out", str(tmp_path / "i"), "--annotator", str(ckpt),
                "--classes", "2", "--max-new-tokens", "4", "--reannotate-frac", "0.25"])
     report = json.loads((tmp_path / "i" / "report.json").read_text())
     assert report["scorer"] == "CheckpointScorer" and report["counts"]["rule:copies_question"] == 1
@@ -254,7 +254,7 @@ def test_cli_end_to_end_with_a_tiny_checkpoint(synth, tmp_path):
     assert len(json.loads((tmp_path / "i" / "classes.json").read_text())) == 2
     assert all(isinstance(r["curation"]["score"], float) for r in curated(tmp_path / "i") if not r["curation"]["rule"])
     videos = write_jsonl(tmp_path / "v.jsonl", read_lines(synth / "video" / "train.jsonl")[:3])
-    sample.main(["curate-video", "--in", str(videos), "--out", str(tmp_path / "v"), "--scorer", str(ckpt),
+    curate.main(["curate-video", "--in", str(videos), "--out", str(tmp_path / "v"), "--scorer", str(ckpt),
                "--num-frames", "4"])
     report = json.loads((tmp_path / "v" / "report.json").read_text())
     assert report["scores"]["alignment"]["n"] == 3 and report["scores"]["pass_rate"]["n"] == 3
@@ -268,12 +268,12 @@ def test_static_video_scores_lower_richness_and_is_dropped(synth, tmp_path):
     moving = read_lines(synth / "video" / "train.jsonl")[:6]
     salted = salt_videos(moving, tmp_path, n_static=2, n_mismatched=0)
     for r in salted:
-        rich = sample.video_richness(r["video"])
+        rich = curate.video_richness(r["video"])
         if r.get("salted") == "static":
             assert rich["richness"] == 0.0 and rich["distinct_frames"] == 1
         else:
             assert rich["richness"] > 0.3 and rich["distinct_frames"] >= 8
-    report = sample.curate_video([write_jsonl(tmp_path / "v.jsonl", salted)], tmp_path / "out", progress=False)
+    report = curate.curate_video([write_jsonl(tmp_path / "v.jsonl", salted)], tmp_path / "out", progress=False)
     assert report["counts"] == {"dropped:low_richness": 2, "fail:low_richness": 2, "kept": 4}
     assert "alignment" not in report["scores"] and "not computed" in report["note"]
     assert [r["conversations"] for r in curated(tmp_path / "out")] == \
@@ -295,7 +295,7 @@ class PixelScorer:
     def loglik(self, rec, blank=False):
         if blank:
             return 0.0
-        return 1.0 if self.direction(rec) in sample.words_of(rec.turns[-1][1]) else -1.0
+        return 1.0 if self.direction(rec) in curate.words_of(rec.turns[-1][1]) else -1.0
 
     def generate(self, recs, max_new_tokens):
         return [f"It moves {self.direction(r)}." for r in recs]
@@ -304,7 +304,7 @@ class PixelScorer:
 def test_mismatched_answer_scores_lower_alignment_and_is_dropped(synth, tmp_path):
     records = read_lines(synth / "video" / "train.jsonl")[:8]
     salted = salt_videos(records, tmp_path, n_static=0, n_mismatched=3, seed=2)
-    report = sample.curate_video([write_jsonl(tmp_path / "v.jsonl", salted)], tmp_path / "out", scorer=PixelScorer(),
+    report = curate.curate_video([write_jsonl(tmp_path / "v.jsonl", salted)], tmp_path / "out", scorer=PixelScorer(),
                                progress=False)
     assert report["counts"] == {"dropped:low_alignment": 3, "fail:low_alignment": 3, "kept": 5}
     kept = curated(tmp_path / "out")
@@ -312,7 +312,7 @@ def test_mismatched_answer_scores_lower_alignment_and_is_dropped(synth, tmp_path
     assert all(r["scores"]["alignment"] == 1.0 and r["scores"]["pass_rate"] == 1.0 for r in kept)
     assert report["scores"]["alignment"].items() >= {"min": -1.0, "max": 1.0, "n": 8}.items()
     # difficulty: the stub answers every kept one, so a max pass rate of 0.5 drops them as too easy
-    report = sample.curate_video([tmp_path / "v.jsonl"], tmp_path / "out2", scorer=PixelScorer(), max_pass_rate=0.5,
+    report = curate.curate_video([tmp_path / "v.jsonl"], tmp_path / "out2", scorer=PixelScorer(), max_pass_rate=0.5,
                                progress=False)
     assert report["counts"]["dropped:too_easy"] == 5 and report["written"] == 0
 
@@ -327,7 +327,7 @@ def test_bad_input_counts_are_exact(synth, tmp_path):
     text = "".join(json.dumps(r) + "\n" for r in good) + "{not json\n" + json.dumps(missing) + "\n" + \
         json.dumps(no_answer) + "\n" + json.dumps(good[2])[:40]           # the last line cut mid-record
     (tmp_path / "i.jsonl").write_text(text)
-    report = sample.curate_instructions([tmp_path / "i.jsonl"], tmp_path / "i", classes=2, progress=False)
+    report = curate.curate_instructions([tmp_path / "i.jsonl"], tmp_path / "i", classes=2, progress=False)
     assert report["dropped"] == {"bad:json": 2, "bad:missing_file": 1, "bad:not_instruction": 1, "balancing": 0}
     assert report["records"] == 6 and report["written"] == 6
 
@@ -339,7 +339,7 @@ def test_bad_input_counts_are_exact(synth, tmp_path):
            {**videos[3], "video": str(tmp_path / "cut.mp4")}]
     text = "".join(json.dumps(r) + "\n" for r in videos) + "[1, 2\n" + "".join(json.dumps(r) + "\n" for r in bad)
     (tmp_path / "v.jsonl").write_text(text)
-    report = sample.curate_video([tmp_path / "v.jsonl"], tmp_path / "v", progress=False)
+    report = curate.curate_video([tmp_path / "v.jsonl"], tmp_path / "v", progress=False)
     assert report["counts"] == {"bad:json": 1, "bad:missing_file": 1, "bad:video": 2, "kept": 4}
 
 
@@ -351,7 +351,7 @@ def test_same_seed_same_bytes(synth, tmp_path):
     scorer = lambda rec: float(len(rec.turns[-1][1]) % 7)               # noqa: E731  (deterministic stub)
 
     def run(d, seed):
-        return sample.curate_instructions([manifest], d, classes=6, scorer=scorer, cap=1.0, seed=seed, progress=False)
+        return curate.curate_instructions([manifest], d, classes=6, scorer=scorer, cap=1.0, seed=seed, progress=False)
 
     report = run(tmp_path / "a", 0)
     run(tmp_path / "b", 0)
@@ -363,7 +363,7 @@ def test_same_seed_same_bytes(synth, tmp_path):
     videos = write_jsonl(tmp_path / "v.jsonl", salt_videos(read_lines(synth / "video" / "train.jsonl")[:4], tmp_path,
                                                            1, 1))
     for d in ("va", "vb"):
-        sample.curate_video([videos], tmp_path / d, scorer=PixelScorer(), progress=False)
+        curate.curate_video([videos], tmp_path / d, scorer=PixelScorer(), progress=False)
     for name in ("curated.jsonl", "report.json"):
         assert (tmp_path / "va" / name).read_bytes() == (tmp_path / "vb" / name).read_bytes(), name
 

@@ -18,9 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+import curate
 import data
-import rl
-import sample
 import synth
 import vit
 from data import DataConfig, DataError
@@ -905,11 +904,11 @@ def test_synth_every_sample_loads(synth_dir):
 
 def test_heuristic_judge_and_quality_filter(tmp_path):
     scene = synth.scene_image([("red", "circle", "top", "left"), ("blue", "square", "bottom", "right")])
-    assert data.ita_score(scene, "a red circle and a blue square") == 1.0
-    assert data.ita_score(scene, "a green circle") == 0.0
-    assert data.ita_score(scene, "a red circle and a yellow one") == 0.5
+    assert curate.ita_score(scene, "a red circle and a blue square") == 1.0
+    assert curate.ita_score(scene, "a green circle") == 0.0
+    assert curate.ita_score(scene, "a red circle and a yellow one") == 0.5
     blank = Image.new("RGB", (112, 112), "white")
-    assert data.vir_score(blank) < 0.05 < data.vir_score(scene)
+    assert curate.vir_score(blank) < 0.05 < curate.vir_score(scene)
     scene.save(tmp_path / "s.png")
     blank.save(tmp_path / "b.png")
     conv = lambda img, cap: {"image": img, "conversations": [{"from": "human", "value": "<image>\nDescribe."},  # noqa: E731
@@ -917,7 +916,7 @@ def test_heuristic_judge_and_quality_filter(tmp_path):
     lines = [conv("s.png", "a red circle and a blue square."), conv("b.png", "a red circle."),
              conv("s.png", "a green triangle."), conv("missing.png", "x"), {"text": "plain"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
-    stats = data.quality_filter(tmp_path / "m.jsonl", tmp_path / "out" / "f.jsonl", progress=False)
+    stats = curate.quality_filter(tmp_path / "m.jsonl", tmp_path / "out" / "f.jsonl", progress=False)
     assert stats == {"kept": 1, "low_vir": 1, "low_ita": 1, "bad:missing_file": 1, "kept_unscored": 1, "bad:json": 1}
     kept = [json.loads(x) for x in (tmp_path / "out" / "f.jsonl").read_text().splitlines()]
     assert kept[0]["image"] == ["../s.png"] and kept[0]["scores"]["ita"] == 1.0
@@ -939,12 +938,12 @@ def test_charts(tmp_path):
 
 
 def test_caption_to_qa(tmp_path, synth_dir):
-    qa = data.template_qa("a red circle at the top left and a blue square at the bottom right.")
+    qa = curate.template_qa("a red circle at the top left and a blue square at the bottom right.")
     assert ("What colour is the circle at the top left?", "red.") in qa and len(qa) == 6
     assert ("Where is the blue square?", "at the bottom right.") in qa
-    assert data.template_qa("A sunny beach.") == [("Describe the image.", "A sunny beach.")]
+    assert curate.template_qa("A sunny beach.") == [("Describe the image.", "A sunny beach.")]
     out = tmp_path / "qa" / "caption_qa.jsonl"
-    stats = data.caption_to_qa(synth_dir / "caption" / "train.jsonl", out, pairs=2, progress=False)
+    stats = curate.caption_to_qa(synth_dir / "caption" / "train.jsonl", out, pairs=2, progress=False)
     assert stats == {"converted": 16}
     ds = data.JsonlDataset(out, data.load_tokenizer(None), DataConfig(**TINY))
     assert len(list(ds.scan(progress=False))) == 16
@@ -967,7 +966,7 @@ def test_clean_longcot(tmp_path):
         {"image": "a.png", "question": "<image>\nq6", "cot": "count them", "answer": "3"},        # field form
     ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    stats = rl.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
+    stats = curate.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
     assert stats["kept"] == 3 and stats["duplicate"] == 1 and stats["redundant"] == 1 and stats["bad:format"] == 2
     kept = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert kept[0]["conversations"][1]["value"] == f"<think>\n{chain}\n</think>\nThe answer is \\boxed{{4}}."
@@ -979,15 +978,15 @@ def test_clean_longcot(tmp_path):
     lines = [conv(f"s{i}", "<think>a b</think>\\boxed{1}") for i in range(6)]
     lines += [conv(f"l{i}", "<think>a b c d e f g h</think>\\boxed{1}") for i in range(2)]
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    stats = rl.clean_longcot(tmp_path / "b.jsonl", tmp_path / "b_out.jsonl", progress=False)
+    stats = curate.clean_longcot(tmp_path / "b.jsonl", tmp_path / "b_out.jsonl", progress=False)
     assert stats["cot_len_2^1_before"] == 6 and stats["cot_len_2^1_after"] == 4 and stats["cot_len_2^3_after"] == 2
     assert stats["kept"] == 6 and stats["length_balanced_away"] == 2
 
 
 def test_cli_help_and_check(tmp_path, capsys):
-    for main, cmd in [(data.main, "add-image-tokens"), (data.main, "check"), (data.main, "filter"),
-                      (data.main, "caption2qa"), (data.main, "rebalance"), (sample.main, "curate-instructions"),
-                      (sample.main, "curate-video"), (rl.main, "clean-longcot"), (synth.main, "charts"),
+    for main, cmd in [(data.main, "add-image-tokens"), (data.main, "check"), (curate.main, "filter"),
+                      (curate.main, "caption2qa"), (data.main, "rebalance"), (curate.main, "curate-instructions"),
+                      (curate.main, "curate-video"), (curate.main, "clean-longcot"), (synth.main, "charts"),
                       (synth.main, "")]:
         with pytest.raises(SystemExit) as e:
             main(([cmd] if cmd else []) + ["--help"])

@@ -253,21 +253,3 @@ def test_seeds_offset_every_stages_own_seed():
                    "soup": ["--seed=2337"], "rl-verifiable": ["--seed=2337"]}             # the twin stays a twin
     assert seed(recipe.stage_command(rows["vit1"], 1, ["--seed=5"], seed_offset=2000))[-1] == "--seed=2005"   # the last wins
     assert recipe.stage_command(rows["rl-verifiable"], 1, [], seed_offset=1000)[1].endswith("rl.py")
-
-
-def test_the_background_evaluation_reports_its_error_at_finish(monkeypatch):
-    """A stage whose evaluation fails in the evaluation thread stops the recipe (finish raises), and
-    the stages queued after it are not evaluated."""
-    done = []
-
-    def evaluate(self, row, seconds):
-        if row == "bad":
-            raise RuntimeError("eval failed")
-        done.append(row)
-    monkeypatch.setattr(recipe.BackgroundEvaluation, "evaluate", evaluate)
-    ev = recipe.BackgroundEvaluation(None, {}, {"stages": {}}, "", 0.0, 0.0)
-    for row in ("a", "bad", "c"):
-        ev.submit(row, 1.0)
-    with pytest.raises(RuntimeError, match="eval failed"):
-        ev.finish()
-    assert done == ["a"]

@@ -190,6 +190,26 @@ def test_dynamic_sampling_keeps_groups_on_accuracy_and_stops_at_its_cap(setup, m
     assert sum(r.advantage for r in kept) == pytest.approx(0, abs=1e-5) and max(r.advantage for r in kept) > 0
 
 
+def test_mixed_rewards_keep_groups_whose_think_or_format_vary(setup, monkeypatch):
+    """rl-mixed (§4.2.5): a group whose answers are all wrong but whose format varies has a
+    learning signal in the stage's reward and is kept; the verifiable stage drops the same group."""
+    _, _, m, tok, cfg, prompts = setup
+
+    def score(rolls, cfg, judge=None):
+        for i, r in enumerate(rolls):
+            r.answer_r, r.format_r, r.think_r = 0.0, float(i % 2), 1.0
+            r.reward = rl.mixed_reward(r.answer_r, r.think_r, r.format_r)
+    monkeypatch.setattr(rl, "score_rollouts", score)
+    pool = lambda: rl.PromptPool(rl.prompt_mixture(cfg, tok, data.DataConfig.from_model(    # noqa: E731
+        m.cfg, label_mode="rl", max_len=2048), "train"), range(8), 0)
+    kept, st = rl.sample_groups(m, tok, pool(), replace(cfg, prompts_per_episode=2, reward="mixed"),
+                                torch.Generator().manual_seed(0))
+    assert st["kept"] == 2 and max(r.advantage for r in kept) > 0
+    kept, st = rl.sample_groups(m, tok, pool(), replace(cfg, prompts_per_episode=2, max_sampling_rounds=1),
+                                torch.Generator().manual_seed(0))
+    assert st["kept"] == 0 and not kept
+
+
 def rollout(text, answer, family="count_cot"):
     return rl.Rollout(rl.Prompt([], None, answer, family, "x:1"), [], text, False, [])
 
