@@ -18,9 +18,9 @@ Sections, in the paper's order:
 
 Images (8-bit RGB, official dynamic tiling, AnyRes) and video frames are SAIL-ViT's input: vit.py
 (§2.1), with `DataError`, imported here. Beside the pipeline, elsewhere: the grading API in
-sample.py, LongCoT cleaning (§4.2.2) in rl.py, the synthetic dataset's generator, its BPE trainer
-and §3.1's chart data in tests/synth.py, and the data curation tools (§3.1 quality filter and
-caption -> QA, §4.1) in tests/curate.py.
+sample.py, the synthetic dataset's generator, its BPE trainer and §3.1's chart data in
+tests/synth.py, and the data curation tools (§3.1 quality filter and caption -> QA, §4.1, §4.2.2
+LongCoT cleaning) in tests/curate.py.
 
 Conventions: `labels` are aligned with `input_ids` (the model shifts them, as HF does) and hold -100
 where no loss is taken. Every bad input raises `DataError` naming file and line; datasets skip and
@@ -877,7 +877,7 @@ def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True
     'file:line'); a malformed line or a bad record is counted in `counts` as bad:json / bad:<reason>,
     never silently dropped. `prepare(obj, where)` rewrites an object before it is parsed;
     `check(rec, where)` may refuse a parsed record by raising DataError. The one reader of the
-    offline data tools (tests/curate.py, rl.py's LongCoT cleaning)."""
+    offline data tools (tests/curate.py)."""
     manifest = Path(manifest)
     lines = manifest.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(tqdm(lines, desc=f"{desc} {manifest.name}", disable=not progress), start=1):

@@ -589,7 +589,7 @@ def control_advantages(rolls: list, cfg, generator):
     adv = shuffle_within_groups(group_advantages(torch.tensor([r.reward for r in rolls]), G), G, generator)
     if cfg.advantage_control == "sign":
         signs = torch.randint(0, 2, (adv.shape[0] // G, 1), generator=generator) * 2 - 1       # (groups, 1)
-        adv = adv * signs.repeat(1, G).flatten().to(adv)
+        adv = (adv.view(-1, G) * signs.to(adv)).flatten()
     return adv
 
 
