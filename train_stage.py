@@ -247,23 +247,23 @@ class Stage:
 
 
 VIT3_MIX = (("caption", 0.2), ("caption_qa", 0.2), ("ocr", 0.2), ("count", 0.2), ("chart", 0.2))
-VIT3_TINY = (("lr", 1e-3), ("steps", 600), ("eval_every", 100))
+VIT3_TINY = (("lr", 1e-3), ("steps", 400), ("eval_every", 100))
 SFT_MIX_4 = (("video", 0.5), ("caption_qa", 0.1), ("ocr", 0.1), ("chart", 0.1), ("count", 0.1), ("multi", 0.1))
-SFT4_TINY = (("lr", 3e-4), ("steps", 200), ("packing.max_tokens", 2048))
+SFT4_TINY = (("lr", 3e-4), ("steps", 150), ("packing.max_tokens", 2048))
 RECIPE = (
     Stage("lm0", "", "not a paper stage: language pre-training of the tiny LLM on synthetic text and text-only "
           "chat, standing in for Qwen3's own pre-training (real runs start from Qwen3: --init-llm)",
           trainable=("language_model",), init="random", auto=True,
           mix=(("text", 0.3), ("caption", 0.1), ("caption_qa", 0.1), ("ocr", 0.05), ("chart", 0.1), ("count", 0.1),
                ("math_direct", 0.1), ("multi", 0.05), ("video", 0.05), ("math", 0.025), ("count_cot", 0.025)),
-          tiny=(("text_only", True), ("lr", 3e-3), ("steps", 600), ("warmup_steps", 10), ("eval_every", 100))),
+          tiny=(("text_only", True), ("lr", 3e-3), ("steps", 500), ("warmup_steps", 10), ("eval_every", 100))),
     Stage("vit1", "§2.1.1", "SAIL-ViT stage I: the adapter aligns the ViT to the LLM; 4.9M SAIL-Caption2 + 3.1M OCR",
           trainable=("mlp1",), mix=(("caption", 0.6), ("ocr", 0.4)),
-          tiny=(("lr", 3e-3), ("steps", 800), ("warmup_steps", 10), ("eval_every", 200)),
+          tiny=(("lr", 3e-3), ("steps", 600), ("warmup_steps", 10), ("eval_every", 200)),
           paper=(("lr", 2e-4), ("batch", 1920), ("seq", 8192), ("samples", 8_000_000))),
     Stage("vit2", "§2.1.1", "SAIL-ViT stage II: ViT + adapter on SAIL-Caption2, Caption2-QA and VQA",
           trainable=("vision_model", "mlp1"), mix=(("caption", 0.4), ("caption_qa", 0.3), ("ocr", 0.3)),
-          tiny=(("lr", 1e-3), ("steps", 300), ("eval_every", 100)), paper=(("lr", 2e-5), ("batch", 512), ("seq", 8192))),
+          tiny=(("lr", 1e-3), ("steps", 200), ("eval_every", 100)), paper=(("lr", 2e-5), ("batch", 512), ("seq", 8192))),
     Stage("vit3", "§2.1.1", "SAIL-ViT stage III: all parameters, 36.5M multimodal samples", mix=VIT3_MIX, tiny=VIT3_TINY,
           paper=(("lr", 1e-5), ("batch", 512), ("seq", 8192), ("samples", 36_500_000))),
     Stage("vit3-direct", "§2.1.1", "a control, not a paper stage: stage III straight from lm0 (the ViT and adapter "
@@ -290,7 +290,7 @@ RECIPE = (
           tiny=(("lr", 5e-4), ("steps", 250)), paper=(("seq", 8192), ("samples", 20_000_000), ("tokens", 40e9))),
     Stage("sft3", "§4.2.1", "SFT phase 3: hard subsets (LLaVA-CoT, MMPR, Condor)",
           mix=(("chart", 0.25), ("count_cot", 0.25), ("multi", 0.2), ("math", 0.3)),
-          tiny=(("lr", 3e-4), ("steps", 200)), paper=(("seq", 8192), ("tokens", 16e9))),
+          tiny=(("lr", 3e-4), ("steps", 150)), paper=(("seq", 8192), ("tokens", 16e9))),
     Stage("sft4", "§4.2.1", "SFT phase 4: image:video 1:1", mix=SFT_MIX_4, tiny=SFT4_TINY,
           paper=(("seq", 16384), ("tokens", 70e9))),
     Stage("sft4-twin", "§4.2.1", "a homogeneous twin of sft4 for the soup: same recipe from sft3, another seed",
@@ -307,16 +307,16 @@ RECIPE = (
           "trains on counting in thinking mode (1-9 objects; fresh scenes every episode), the skill the tiny "
           "model has; its math is guessing, and RL on guesses only learns the frequent answers",
           mix=(("count_cot", 1.0),), label_mode="rl", runner="rl.py",
-          tiny=(("episodes", 80), ("mini_batches", 2), ("lr", 3e-4)),
+          tiny=(("episodes", 50), ("mini_batches", 3), ("lr", 3e-4), ("batch_rows", 512)),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 70_000), ("rollouts", 2048), ("mini_batch", 512))),
     Stage("harvest", "§4.2.4", "CoT harvest: rejection-sample correct, well-formed chains from the RL model",
           trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py",
-          tiny=(("harvest_samples", 4),)),
+          tiny=(("harvest_samples", 4), ("batch_rows", 512))),
     Stage("thinkfusion", "§4.2.4", "Think-Fusion SFT: 900K direct + 100K harvested CoT (9:1); dual-target loss",
           init="rl-verifiable", label_mode="thinkfusion",
           mix=(("caption_qa", 1.5), ("ocr", 1.5), ("chart", 1.5), ("count", 1.5), ("math_direct", 2.0),
                ("multi", 1.0), ("out:harvest/cot.jsonl", 1.0)),
-          tiny=(("lr", 2e-4), ("steps", 200), ("packing.max_tokens", 2048)),
+          tiny=(("lr", 2e-4), ("steps", 150), ("packing.max_tokens", 2048)),
           paper=(("lr", 1e-6), ("batch", 1024), ("seq", 20480), ("samples", 1_000_000), ("epochs", 1))),
     Stage("rl-mixed", "§4.2.5", "RL with mixed rewards (answer + think + format, weighted): hard cases + general",
           mix=(("math", 0.25), ("count", 0.15), ("chart", 0.15), ("ocr", 0.1), ("caption_qa", 0.15), ("multi", 0.1),

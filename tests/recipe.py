@@ -24,7 +24,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 
 import repo_path
 
@@ -140,23 +140,33 @@ def stage_command(row: Stage, nproc: int, passthrough: list, seed_offset: int = 
 PROMPTS = {}
 
 
-def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, families=None) -> tuple:
+def tokenizer_key(tok) -> tuple:
+    """What a tokenizer encodes with: its split pattern, BPE ranks and special tokens. Not its name,
+    which is the folder it was read from (every stage's checkpoint carries its own copy)."""
+    return (type(tok).__name__, tok._pat_str, hash(frozenset(tok._mergeable_ranks.items())),
+            tuple(sorted(tok._special_tokens.items())))
+
+
+def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, families=None, scope=None) -> tuple:
     """({mode: {family: cell}}, predictions) of a stage output on the first `limit` held-out samples
     of each synthetic family; a cell is sample.accuracy_cell (n, correct, accuracy, Wilson 95%
     interval). Modes: real images; blank images (every family with images: all but text); thinking
-    mode from LongCoT on (THINK_FAMILIES). Every mode reads the same samples of a family."""
+    mode from LongCoT on (THINK_FAMILIES). Every mode reads the same samples of a family.
+    scope: {mode: families} to score only those (comparison_scope); None = every mode and family."""
     model, tok, dcfg = sample.load(folder, device=sample.default_device())
     fams = families or sample.synth_families(cfg.data_dir)
     modes = {"real": (fams, False, False), "blank": ([f for f in fams if f != "text"], False, True)}
     if think:
         modes["think"] = ([f for f in fams if f in THINK_FAMILIES], True, False)
+    if scope is not None:
+        modes = {m: ([f for f in fs if f in scope.get(m, ())], t, blank) for m, (fs, t, blank) in modes.items()}
     evals, preds = {}, []
     for mode, (fs, t, blank) in modes.items():
         if not fs:
             continue
         res = sample.evaluate_families(model, tok, dcfg, cfg.data_dir, fs, limit=limit, think=t, blank=blank,
                                        batch_size=EVAL_BATCH, progress=False,
-                                       prompts=PROMPTS.setdefault((cfg.data_dir, repr(dcfg), tok.name, tok.n_vocab), {}))
+                                       prompts=PROMPTS.setdefault((cfg.data_dir, repr(dcfg), tokenizer_key(tok)), {}))
         right = Counter(p["family"] for p in res["predictions"] if p["correct"])
         evals[mode] = {f: sample.accuracy_cell(right[f], n) for f, n in res["n"].items()}
         preds += [{k: p[k] for k in ("family", "where", "answer", "prediction", "correct", "blank", "think")}
@@ -185,6 +195,27 @@ def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_o
     return time.time() - t0
 
 
+# rows that exist for one comparison: scored only on what the effects read of them
+COMPARISON_ROWS = ("vit3-direct", "sft4-twin")
+
+
+def comparison_scope(name: str):
+    """{mode: families} a row is scored on, or None for everything: a comparison row on what
+    recipe_effects reads of it; lm0, the text-only stand-in for Qwen3's own pre-training, on text
+    (it has never seen an image). A full row costs 13-20 s of evaluation on 2 cores; lm0 1 s, vit3-direct
+    2 s, sft4-twin 7 s (the recipe run recorded in README)."""
+    if name == "lm0":
+        return {"real": ("text",)}
+    if name not in COMPARISON_ROWS:
+        return None
+    scope = defaultdict(set)
+    for _, side_a, side_b, fams in recipe_effects():
+        for stage, mode in (side_a, side_b):
+            if stage == name:
+                scope[mode] |= set(fams)
+    return dict(scope)
+
+
 def evaluate_row(row: Stage, cfg: StageConfig, own: dict) -> tuple:
     """evaluate_stage for a trained row (RL stages that train nothing, harvest, are not evaluated)."""
     names = [r.name for r in RECIPE]
@@ -192,7 +223,8 @@ def evaluate_row(row: Stage, cfg: StageConfig, own: dict) -> tuple:
     families = [f for f in own["eval_families"].split(",") if f] or None
     if row.runner == "rl.py" and not row.trainable:
         return {}, []
-    return evaluate_stage(stage_dir(cfg, row.name), cfg, think, int(own["eval_limit"]), families)
+    return evaluate_stage(stage_dir(cfg, row.name), cfg, think, int(own["eval_limit"]), families,
+                          comparison_scope(row.name))
 
 
 def stage_entry(row: Stage, cfg: StageConfig, seconds: float, evals: dict, preds: list, rdir: str) -> dict:
@@ -222,10 +254,12 @@ def print_stage_line(name: str, entry: dict, meta: dict):
         fmt = lambda x: "—" if x is None else f"{x:.3f}"                                # noqa: E731
         what = f"held-out loss {fmt(entry['eval_loss_start'])} -> {fmt(entry['eval_loss'])}"
     real, blank = entry["eval"].get("real", {}), entry["eval"].get("blank", {})
-    visual = [f for f in real if f in VISUAL]
-    mean = lambda cells: sum(cells[f]["accuracy"] for f in visual if f in cells) / max(1, len(visual))   # noqa: E731
-    accs = f" | visual accuracy {mean(real):.3f} (blank {mean(blank):.3f}) | " + " ".join(
-        f"{f} {sample.plus_minus(c['accuracy'], c['interval'])}" for f, c in real.items()) if real else ""
+    mean = lambda cells: sum(c["accuracy"] for f, c in cells.items() if f in VISUAL) / max(1, len(  # noqa: E731
+        [f for f in cells if f in VISUAL]))
+    seen = f" | visual accuracy {mean(real):.3f}" if any(f in VISUAL for f in real) else ""
+    seen += f" (blank {mean(blank):.3f})" if seen and blank else ""
+    accs = seen + " | " + " ".join(f"{f} {sample.plus_minus(c['accuracy'], c['interval'])}"
+                                   for f, c in real.items()) if real else ""
     print(f"recipe | {name:13s} {entry['seconds']:6.0f} s | {what}{accs}", flush=True)
 
 
@@ -264,8 +298,11 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
                   flush=True)
         else:
             seconds = train_row(row, cfg, own, passthrough, seed_offset)
+            t_eval = time.time()
             report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluate_row(row, cfg, own), rdir)
+            report["stages"][row.name]["eval_seconds"] = round(time.time() - t_eval, 1)
             report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
+            report["eval_seconds"] = round(sum(st.get("eval_seconds", 0) for st in report["stages"].values()), 1)
             report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
             report["effects"] = recipe_effect_results(rdir, cfg)
             write_report(rdir, report, cfg)                  # written after every stage: a cut run keeps it
@@ -379,7 +416,8 @@ def report_markdown(report: dict) -> str:
     """report.md: per mode a table of every stage's accuracy per family (± its Wilson interval),
     then the effects (paired differences), the RL rewards and, with several seeds, every run's effects."""
     out = [f"Machine: {report.get('machine', '?')}; {report.get('wall_seconds', 0) / 60:.1f} min wall clock, "
-           f"{report.get('total_seconds', 0) / 60:.1f} min of it in the stages, the rest evaluating them.", "",
+           f"{report.get('total_seconds', 0) / 60:.1f} min of it in the stages, {report.get('eval_seconds', 0) / 60:.1f} min "
+           f"evaluating them.", "",
            f"Accuracy on the first {report.get('eval_limit', '?')} held-out samples of each synthetic family (greedy). "
            "± is the larger side of the Wilson 95% interval (report.json holds both ends); `chance`: always "
            "giving the most common answer."]

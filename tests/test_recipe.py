@@ -5,6 +5,7 @@ manifest salted with every kind of bad sample, and non-finite losses."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,9 +74,11 @@ def test_an_interrupted_recipe_continues_to_the_same_report(synth, tmp_path):
     rep = report_of(f"{tmp_path}/ref")                                 # the report's shape
     assert list(rep["stages"]) == ["lm0", "vit1"] and set(rep["chance"]) == {"count", "ocr"}
     for st in rep["stages"].values():
-        assert {"seconds", "first_loss", "final_loss", "eval_loss", "eval"} <= set(st)
-        assert set(st["eval"]) == {"real", "blank"} and set(st["eval"]["real"]) == {"count", "ocr"}
-        assert all(c["n"] == 4 and len(c["interval"]) == 2 for c in st["eval"]["real"].values())
+        assert {"seconds", "eval_seconds", "first_loss", "final_loss", "eval_loss", "eval"} <= set(st)
+    assert rep["stages"]["lm0"]["eval"] == {}               # lm0 is scored on text alone, not asked for here
+    st = rep["stages"]["vit1"]
+    assert set(st["eval"]) == {"real", "blank"} and set(st["eval"]["real"]) == {"count", "ocr"}
+    assert all(c["n"] == 4 and len(c["interval"]) == 2 for c in st["eval"]["real"].values())
     assert [e["name"] for e in rep["effects"]] == ["vit1 sees (OCR)"] and rep["effects"][0]["n"] == 4
     assert rep["total_seconds"] == pytest.approx(sum(st["seconds"] for st in rep["stages"].values()), abs=0.2)
     assert rep["wall_seconds"] >= rep["total_seconds"]                 # the stages train one after another
@@ -209,14 +212,18 @@ def test_every_effect_compares_both_sides_on_the_same_samples(synth, tmp_path, m
     monkeypatch.setattr(sample, "default_new_tokens", lambda family, think: 2)    # the replies do not matter here
     modeling.build_model("tiny", seed=0).save_pretrained(str(tmp_path / "ck"))
     cfg, limit = train_stage.StageConfig(data_dir=str(synth), out_dir=str(tmp_path)), 2
-    made = {think: recipe.evaluate_stage(str(tmp_path / "ck"), cfg, think, limit)[1] for think in (False, True)}
     rdir, later = tmp_path / "recipe", [r.name for r in train_stage.RECIPE].index("longcot")
     (rdir / "predictions").mkdir(parents=True)
-    files = {}
+    files, made = {}, {}
     for i, row in enumerate(train_stage.RECIPE):
-        if row.runner != "rl.py" or row.trainable:
-            files[row.name] = made[i >= later]
-            (rdir / "predictions" / f"{row.name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in made[i >= later]))
+        if row.runner != "rl.py" or row.trainable:              # scored as evaluate_row scores it (its scope)
+            scope = recipe.comparison_scope(row.name)
+            key = (i >= later, repr(scope))
+            if key not in made:
+                made[key] = recipe.evaluate_stage(str(tmp_path / "ck"), cfg, i >= later, limit, None, scope)[1]
+            files[row.name] = made[key]
+            (rdir / "predictions" / f"{row.name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in made[key]))
+    assert len(files["vit3-direct"]) < len(files["vit3"]) and {p["family"] for p in files["lm0"]} == {"text"}
     got = {e["name"]: e for e in recipe.recipe_effect_results(str(rdir), cfg)}
     assert set(got) == {name for name, *_ in recipe.recipe_effects()}
     for name, (sa, ma), (sb, mb), fams in recipe.recipe_effects():
@@ -241,6 +248,26 @@ def test_every_effect_compares_both_sides_on_the_same_samples(synth, tmp_path, m
                                                              if i != dropped))
     with pytest.raises(train_stage.UsageError, match="soup vs its first input.*not scored on the same samples"):
         recipe.recipe_effect_results(str(rdir), cfg)
+
+
+def test_the_evaluation_builds_each_prompt_once_for_every_stage(synth, tmp_path, monkeypatch):
+    """Every stage's checkpoint carries its own copy of the tokenizer (named after its folder): the
+    recipe still builds each held-out prompt (its decoded pixels) once per run, not once per stage
+    (that cost ~10 s of every stage's evaluation on 2 cores)."""
+    monkeypatch.setattr(sample, "default_new_tokens", lambda family, think: 2)
+    monkeypatch.setattr(recipe, "PROMPTS", {})
+    built = []
+    real_item = sample.record_item
+    monkeypatch.setattr(sample, "record_item", lambda *a, **k: built.append(1) or real_item(*a, **k))
+    cfg = train_stage.StageConfig(data_dir=str(synth), out_dir=str(tmp_path))
+    got = []
+    for name in ("sft1", "sft2"):
+        modeling.build_model("tiny", seed=0).save_pretrained(str(tmp_path / name))
+        shutil.copy(os.path.join(synth, "tokenizer.json"), tmp_path / name)
+        got.append(recipe.evaluate_stage(str(tmp_path / name), cfg, False, 3, ["ocr", "count"]))
+    assert sample.load(str(tmp_path / "sft1"))[1].name != sample.load(str(tmp_path / "sft2"))[1].name
+    assert len(built) == 3 * 2 * 2 and len(recipe.PROMPTS) == 1                     # 3 samples x 2 families x 2 modes
+    assert got[0] == got[1]                                                           # the same weights, the same answers
 
 
 def test_seeds_offset_every_stages_own_seed():
