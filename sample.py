@@ -37,6 +37,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict, namedtuple
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -562,6 +563,19 @@ EVAL_LIMIT = 128
 
 PROMPT_BUCKET = 16               # prompt lengths this close share a batch (at most 15 pad tokens a row)
 
+
+@dataclass(frozen=True)
+class EvalMode:
+    """How held-out prompts are answered (greedy): think False = direct, True = THINK_PROMPT
+    appended, None = each record's own flag; blank: every image and frame white (the blindness
+    measure); batch_size prompts per generate call; max_new_tokens None = DIRECT/THINK_NEW_TOKENS
+    per family; progress: a tqdm bar."""
+    think: object = False
+    blank: bool = False
+    batch_size: int = 32
+    max_new_tokens: object = None
+    progress: bool = True
+
 # one prompt to answer: token ids, its pixels (None, a tensor, or an AnyRes list), its token budget,
 # and the length of the reply it expects (the reference's tokens; 0 unknown): only batching reads it
 Item = namedtuple("Item", "ids pixels max_new expect", defaults=(0,))
@@ -675,8 +689,7 @@ def read_records(path, limit=None, bad=None) -> list:
     return recs
 
 
-def evaluate_records(model, tok, dcfg, records: list, think=False, blank=False, batch_size=32,
-                     max_new_tokens=None, progress=True, bad=None, prompts=None) -> dict:
+def evaluate_records(model, tok, dcfg, records: list, mode: EvalMode = EvalMode(), bad=None, prompts=None) -> dict:
     """Score records (family = each record's task). The shape of `evaluate_families`' result.
     `prompts`: a dict the caller keeps across calls with one tokenizer and data config (the recipe
     scores every stage on the same records): each record's prompt is built (its media decoded) once."""
@@ -686,23 +699,23 @@ def evaluate_records(model, tok, dcfg, records: list, think=False, blank=False, 
 
     def make(rec):
         if prompts is None:
-            return record_item(tok, dcfg, rec, think, blank, max_new_tokens)
-        key = (rec.where, think, blank, max_new_tokens)
+            return record_item(tok, dcfg, rec, mode.think, mode.blank, mode.max_new_tokens)
+        key = (rec.where, mode.think, mode.blank, mode.max_new_tokens)
         if key not in prompts:
             try:
-                prompts[key] = record_item(tok, dcfg, rec, think, blank, max_new_tokens)
+                prompts[key] = record_item(tok, dcfg, rec, mode.think, mode.blank, mode.max_new_tokens)
             except data.DataError as e:                       # a bad record stays bad, counted every call
                 prompts[key] = e
         if isinstance(prompts[key], data.DataError):
             raise prompts[key]
         return prompts[key]
-    for rec, (reply, info) in zip(records, answer_jobs(model, tok, records, make, bad, batch_size, progress)):
+    for rec, (reply, info) in zip(records, answer_jobs(model, tok, records, make, bad, mode.batch_size, mode.progress)):
         if reply is None:
             continue
         rule, reference, t = info
         ok, got = score(rule, reply, reference, rec.answer)
         preds.append({"family": rec.task, "where": rec.where, "answer": rec.answer, "reference": reference,
-                      "prediction": reply, "extracted": got, "correct": bool(ok), "blank": bool(blank), "think": t,
+                      "prediction": reply, "extracted": got, "correct": bool(ok), "blank": bool(mode.blank), "think": t,
                       "word_f1": reply_word_f1(reply, reference)})
     n = Counter(p["family"] for p in preds)
     mean = lambda key: {f: sum(p[key] for p in preds if p["family"] == f) / n[f] for f in n}   # noqa: E731
@@ -718,12 +731,10 @@ def synth_families(synth_dir, split: str = "eval") -> list:
     return [f for f in data.SYNTH_FAMILIES if f in found] + sorted(found - set(data.SYNTH_FAMILIES))
 
 
-def evaluate_families(model, tok, dcfg, synth_dir, families=None, split="eval", limit=EVAL_LIMIT, think=False, blank=False,
-                      batch_size=32, max_new_tokens=None, progress=True, prompts=None) -> dict:
+def evaluate_families(model, tok, dcfg, synth_dir, families=None, split="eval", limit=EVAL_LIMIT,
+                      mode: EvalMode = EvalMode(), prompts=None) -> dict:
     """Accuracy per synthetic family on the first `limit` records of `synth_dir/<family>/<split>.jsonl`
-    (the same held-out samples every call), greedy, `batch_size` prompts per generate call.
-    think: False = direct, True = THINK_PROMPT appended, None = each record's own flag. blank: every
-    image and frame white (the blindness measure). max_new_tokens None: DIRECT/THINK_NEW_TOKENS.
+    (the same held-out samples every call), answered as `mode` says (EvalMode).
     -> {"accuracy": {family: a}, "word_f1": {...}, "n": {...}, "interval": {family: [lo, hi]} (Wilson
     95%), "predictions": [...], "bad": str, "seconds": s}. `prompts`: see evaluate_records."""
     families = families or synth_families(synth_dir, split)
@@ -731,7 +742,7 @@ def evaluate_families(model, tok, dcfg, synth_dir, families=None, split="eval", 
     records = [r for f in families for r in read_records(Path(synth_dir) / f / f"{split}.jsonl", limit, bad)]
     for r in records:          # the family is the folder, whatever a record's "task" says
         r.task = Path(r.where.rsplit(":", 1)[0]).parent.name
-    return evaluate_records(model, tok, dcfg, records, think, blank, batch_size, max_new_tokens, progress, bad, prompts)
+    return evaluate_records(model, tok, dcfg, records, mode, bad, prompts)
 
 
 def chance_key(rec):
@@ -905,8 +916,7 @@ def group_accuracy(preds: list, column: str) -> dict:
     return {k: {"accuracy": c["correct"] / c["n"], "n": c["n"]} for k, c in sorted(acc.items())}
 
 
-def evaluate_tsv(model, tok, dcfg, path, limit=None, think=False, blank=False, batch_size=16,
-                 max_new_tokens=None, progress=True) -> dict:
+def evaluate_tsv(model, tok, dcfg, path, limit=None, mode: EvalMode = EvalMode(batch_size=16)) -> dict:
     """Accuracy of a VLMEvalKit multiple-choice TSV, overall, per `category` and per `l2-category`.
     Rows whose image does not decode are reported with their TSV line and left out of the accuracy.
     The report keeps the original rows and columns for `write_predictions_tsv`."""
@@ -919,18 +929,18 @@ def evaluate_tsv(model, tok, dcfg, path, limit=None, think=False, blank=False, b
     def make_item(job):
         line, row = job     # MMBench stores an image once: a short cell is the index of the row holding it
         cell = images.get(row["image"], row["image"]) if len(row["image"]) <= 64 else row["image"]
-        s = data.prompt_inputs(tok, dcfg, mcq_prompt(row), [decode_image(cell, f"{path}:{line}")], think=think)
-        pixels = blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
-        return Item(s["input_ids"].tolist(), pixels, max_new_tokens or MCQ_NEW_TOKENS[bool(think)]), None
+        s = data.prompt_inputs(tok, dcfg, mcq_prompt(row), [decode_image(cell, f"{path}:{line}")], think=mode.think)
+        pixels = blank_pixels(s["pixel_values"]) if mode.blank else s["pixel_values"]
+        return Item(s["input_ids"].tolist(), pixels, mode.max_new_tokens or MCQ_NEW_TOKENS[bool(mode.think)]), None
 
-    for (line, row), (reply, err) in zip(rows, answer_jobs(model, tok, rows, make_item, bad, batch_size, progress)):
+    for (line, row), (reply, err) in zip(rows, answer_jobs(model, tok, rows, make_item, bad, mode.batch_size, mode.progress)):
         p = {"line": line, **{c: row.get(c) for c in ("index", "category", "l2-category") if c in columns},
              "answer": row["answer"].strip().upper(), "prediction": reply or "", "correct": False}
         p["extracted"] = "" if reply is None else extract_choice(reply, mcq_options(row))
         p.update(correct=reply is not None and p["extracted"] == p["answer"], **({"bad": str(err)} if err else {}))
         preds.append(p)
     good = [p for p in preds if "bad" not in p]
-    return {"tsv": str(path), "think": bool(think), "blank": bool(blank), "n": len(good), "bad": bad.report(),
+    return {"tsv": str(path), "think": bool(mode.think), "blank": bool(mode.blank), "n": len(good), "bad": bad.report(),
             "accuracy": sum(p["correct"] for p in good) / max(1, len(good)),
             **{c: group_accuracy(good, c) for c in ("category", "l2-category") if c in columns},
             "seconds": time.perf_counter() - t0, "predictions": preds, "columns": columns, "rows": [r for _, r in rows]}
@@ -959,11 +969,11 @@ def report_name(name: str, think, blank) -> str:
 
 def run_eval(args, model, tok, dcfg):
     """--eval: a synthetic-data folder (every family), a JSONL manifest, or a VLMEvalKit TSV."""
-    path, mode = args.eval, dict(think=args.think, blank=args.blank, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens)
+    path, mode = args.eval, EvalMode(think=args.think, blank=args.blank, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens)
     out_dir = os.path.join(args.ckpt, "eval")
     if path.endswith(".tsv"):
-        rep = evaluate_tsv(model, tok, dcfg, path, args.limit, **mode)
+        rep = evaluate_tsv(model, tok, dcfg, path, args.limit, mode)
         print(f"{Path(path).name}: accuracy {rep['accuracy']:.3f} over {rep['n']} rows ({rep['bad']}), "
               f"{rep['seconds']:.1f} s")
         for col in ("category", "l2-category"):
@@ -979,11 +989,11 @@ def run_eval(args, model, tok, dcfg):
         if not synth_families(path):
             raise InputError(f"--eval {path}: a folder must hold <family>/eval.jsonl manifests (synthetic data)")
         limit = EVAL_LIMIT if args.limit is None else args.limit
-        rep = evaluate_families(model, tok, dcfg, path, limit=limit, **mode)
+        rep = evaluate_families(model, tok, dcfg, path, limit=limit, mode=mode)
         base = chance(path, list(rep["n"]), limit=limit)
     else:
         bad = data.BadData(max_fraction=1.0)
-        rep, base = evaluate_records(model, tok, dcfg, read_records(path, args.limit, bad), bad=bad, **mode), {}
+        rep, base = evaluate_records(model, tok, dcfg, read_records(path, args.limit, bad), mode, bad), {}
     print(f"{'family':14s} {'n':>4s}  {'accuracy':>10s}  {'Wilson 95%':>14s}  {'word-F1':>7s}  {'chance':>6s}")
     for f, n in rep["n"].items():
         c, (lo, hi) = f"{base[f]:6.3f}" if f in base else "     -", rep["interval"][f]

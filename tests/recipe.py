@@ -164,8 +164,8 @@ def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, famil
     for mode, (fs, t, blank) in modes.items():
         if not fs:
             continue
-        res = sample.evaluate_families(model, tok, dcfg, cfg.data_dir, fs, limit=limit, think=t, blank=blank,
-                                       batch_size=EVAL_BATCH, progress=False,
+        res = sample.evaluate_families(model, tok, dcfg, cfg.data_dir, fs, limit=limit,
+                                       mode=sample.EvalMode(think=t, blank=blank, batch_size=EVAL_BATCH, progress=False),
                                        prompts=PROMPTS.setdefault((cfg.data_dir, repr(dcfg), tokenizer_key(tok)), {}))
         right = Counter(p["family"] for p in res["predictions"] if p["correct"])
         evals[mode] = {f: sample.accuracy_cell(right[f], n) for f, n in res["n"].items()}

@@ -44,6 +44,10 @@ def tiny():
     return m, tok, data.DataConfig.from_model(m.cfg)
 
 
+QUIET = sample.EvalMode(progress=False)
+QUIET_BLANK = sample.EvalMode(blank=True, progress=False)
+
+
 def eval_records(synth, family, limit=None):
     ds = data.JsonlDataset(synth / family / "eval.jsonl", None, None)
     return [ds.record(i) for i in range(len(ds) if limit is None else limit)]
@@ -210,8 +214,8 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny, synth):
                   for it in items]
         assert batched == single
         assert len({tuple(s) for s in single}) >= 3               # the prompts do lead to different replies
-    rep = sample.evaluate_families(m, tok, dcfg, synth, families=["text", "chart", "video", "multi"], limit=2, batch_size=3,
-                              max_new_tokens=10, progress=False)
+    rep = sample.evaluate_families(m, tok, dcfg, synth, families=["text", "chart", "video", "multi"], limit=2,
+                                   mode=sample.EvalMode(batch_size=3, max_new_tokens=10, progress=False))
     assert sum(rep["n"].values()) == 8
     for p in rep["predictions"]:
         path, line = p["where"].rsplit(":", 1)
@@ -272,7 +276,8 @@ def test_evaluate_families_on_a_model_that_answers_the_references(tiny, synth):
     junk = data.encode(tok, " no \\boxed{9} 9 left, first, a red circle at the top left")
     for think in (False, True):
         fake = TableModel(tok, dcfg, reference_table(tok, dcfg, synth, 4, think), junk)
-        rep = sample.evaluate_families(fake, tok, dcfg, synth, limit=4, think=think, batch_size=3, progress=False)
+        rep = sample.evaluate_families(fake, tok, dcfg, synth, limit=4,
+                                       mode=sample.EvalMode(think=think, batch_size=3, progress=False))
         assert rep["n"] == {f: 4 for f in data.SYNTH_FAMILIES}
         assert rep["accuracy"] == {f: 1.0 for f in data.SYNTH_FAMILIES}, [p for p in rep["predictions"] if not p["correct"]]
         assert rep["word_f1"] == {f: 1.0 for f in data.SYNTH_FAMILIES}       # the junk after <|im_end|> is cut
@@ -291,13 +296,13 @@ def test_prompts_kept_across_calls_give_the_same_evaluation(tiny, synth, monkeyp
     junk = data.encode(tok, " no")
     fake = TableModel(tok, dcfg, reference_table(tok, dcfg, synth, 3, False), junk)
     fams = ["count", "video", "text"]
-    plain = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, progress=False)
+    plain = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, mode=QUIET)
     kept = {}
-    first = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, progress=False, prompts=kept)
-    blank = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, blank=True, progress=False, prompts=kept)
+    first = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, mode=QUIET, prompts=kept)
+    blank = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, mode=QUIET_BLANK, prompts=kept)
     assert len(kept) == 9 + 9 and blank["accuracy"]["count"] < 1.0     # real and blank prompts kept apart
     monkeypatch.setattr(data, "load_media", lambda *a, **k: pytest.fail("decoded again"))
-    again = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, progress=False, prompts=kept)
+    again = sample.evaluate_families(fake, tok, dcfg, synth, families=fams, limit=3, mode=QUIET, prompts=kept)
     for rep in (first, again):
         assert rep["accuracy"] == plain["accuracy"] == {f: 1.0 for f in fams}
         assert [p["prediction"] for p in rep["predictions"]] == [p["prediction"] for p in plain["predictions"]]
@@ -313,10 +318,9 @@ def test_blank_mode_shows_white_images_of_the_same_shapes(tiny, synth):
     anyres = vit.blank_pixels([pv[:1], pv[1:3]])
     assert [a.shape for a in anyres] == [pv[:1].shape, pv[1:3].shape]
     fake = TableModel(tok, dcfg, {}, [])
-    plain = sample.evaluate_families(fake, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, progress=False)
+    plain = sample.evaluate_families(fake, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, mode=QUIET)
     seen = TableModel(tok, dcfg, {}, [])
-    rep = sample.evaluate_families(seen, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, blank=True,
-                              progress=False)
+    rep = sample.evaluate_families(seen, tok, dcfg, synth, families=["chart", "multi", "video"], limit=2, mode=QUIET_BLANK)
     assert all(p["blank"] for p in rep["predictions"]) and not any(p["blank"] for p in plain["predictions"])
     for a, b in zip(fake.calls, seen.calls):
         assert a["pixels"].shape == b["pixels"].shape
@@ -478,7 +482,7 @@ def test_tsv_evaluation_per_category_and_predictions_file(tmp_path, tiny, monkey
     _, tok, dcfg = tiny
     columns = write_tsv(tmp_path / "bench.tsv")
     fake = ScriptedModel(tok)
-    rep = sample.evaluate_tsv(fake, tok, dcfg, str(tmp_path / "bench.tsv"), progress=False)
+    rep = sample.evaluate_tsv(fake, tok, dcfg, str(tmp_path / "bench.tsv"), mode=sample.EvalMode(batch_size=16, progress=False))
     # by hand: q0 A=A right, q1 B=B right, q2 "red" -> B right, q3 C is no option -> wrong, q4 bad image, q5 A right
     assert rep["n"] == 5 and rep["accuracy"] == 4 / 5 and "image" in rep["bad"]
     assert rep["category"] == {"colour": {"accuracy": 1.0, "n": 2}, "position": {"accuracy": 0.0, "n": 1},
