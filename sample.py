@@ -40,6 +40,7 @@ from collections import Counter, defaultdict, namedtuple
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -570,10 +571,10 @@ class EvalMode:
     appended, None = each record's own flag; blank: every image and frame white (the blindness
     measure); batch_size prompts per generate call; max_new_tokens None = DIRECT/THINK_NEW_TOKENS
     per family; progress: a tqdm bar."""
-    think: object = False
+    think: Optional[bool] = False
     blank: bool = False
     batch_size: int = 32
-    max_new_tokens: object = None
+    max_new_tokens: Optional[int] = None
     progress: bool = True
 
 # one prompt to answer: token ids, its pixels (None, a tensor, or an AnyRes list), its token budget,

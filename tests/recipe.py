@@ -38,7 +38,7 @@ import model as modeling  # noqa: E402
 import sample  # noqa: E402
 import train_stage  # noqa: E402
 from train_stage import (RECIPE, RECIPE_HELP, RECIPE_OPTIONS, RL_HELDOUT, STAGES, Stage, StageConfig,  # noqa: E402
-                         UsageError, parse_args, split_options, stage_dir, stage_row, writable_dir)
+                         UsageError, parse_args, same_tokens, split_options, stage_dir, stage_row, writable_dir)
 
 
 # ==============================================================================================
@@ -140,11 +140,18 @@ def stage_command(row: Stage, nproc: int, passthrough: list, seed_offset: int = 
 PROMPTS = {}
 
 
-def tokenizer_key(tok) -> tuple:
-    """What a tokenizer encodes with: its split pattern, BPE ranks and special tokens. Not its name,
-    which is the folder it was read from (every stage's checkpoint carries its own copy)."""
-    return (type(tok).__name__, tok._pat_str, hash(frozenset(tok._mergeable_ranks.items())),
-            tuple(sorted(tok._special_tokens.items())))
+TOKENIZERS = []                  # one of each distinct tokenizer the evaluation has met
+
+
+def tokenizer_key(tok) -> int:
+    """The index of the first tokenizer met that encodes as `tok` does (train_stage.same_tokens, both
+    ways). Not its name, which is the folder it was read from: every stage's checkpoint carries
+    its own copy of the same tokenizer."""
+    for i, ref in enumerate(TOKENIZERS):
+        if same_tokens(tok, ref) and same_tokens(ref, tok):
+            return i
+    TOKENIZERS.append(tok)
+    return len(TOKENIZERS) - 1
 
 
 def evaluate_stage(folder: str, cfg: StageConfig, think: bool, limit: int, families=None, scope=None) -> tuple:
