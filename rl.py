@@ -315,6 +315,24 @@ def mixed_reward(answer, think, fmt, weights=DEFAULT_MIXED_WEIGHTS):
     return w[0] * answer + w[1] * think + w[2] * fmt
 
 
+# Direct-mode replies (§4.2.4's Think-Fusion model answers in both modes): rl-mixed asks a share of
+# its prompts without the think prompt (`--direct_share`), so that RL trains the direct answers the
+# model gives most of the time too. Rolled out in thinking mode only, the RL model learned to run
+# its direct replies on into a `<think>`-less chain closed by `</think>` (README, rl-mixed). A direct
+# reply is graded by the family's answer rule of the evaluation (sample.score: direct answers carry
+# no `\boxed{}`), its format is "no think tags", and it has no think term.
+
+def reward_direct_format(text: str) -> float:
+    """1.0 for a well-formed direct-mode reply: a non-empty answer without `<think>` / `</think>`."""
+    return float(bool(text.strip()) and "<think>" not in text and "</think>" not in text)
+
+
+def direct_reward(answer, fmt, weights):
+    """A direct reply's reward: the mixed weights' answer and format parts, renormalised (no think term)."""
+    wa, _, wf = weights
+    return (wa * answer + wf * fmt) / (wa + wf)
+
+
 # A model judge (§4.2.5's "LVM judge") scores with any of our checkpoints: `ModelJudge` in section
 # 9, after the rollout machinery it shares.
 
@@ -331,12 +349,14 @@ def mixed_reward(answer, think, fmt, weights=DEFAULT_MIXED_WEIGHTS):
 
 @dataclass(eq=False)                      # compared by identity (pixels are tensors)
 class Prompt:
-    """One RL prompt: its token ids (ending in the assistant header), pixels, answer and family."""
+    """One RL prompt: its token ids (ending in the assistant header), pixels, answer and family;
+    think: asked in thinking mode (the think prompt appended), else in direct mode."""
     ids: list
     pixels: object
     answer: Optional[str]
     family: str
     where: str
+    think: bool = True
 
 
 @dataclass(eq=False)
@@ -414,6 +434,21 @@ def verifiable_reward(answer, fmt, weights):
     return fmt * (wa * answer + wf) / (wa + wf)
 
 
+def answer_score(r, cfg) -> float:
+    """The answer reward of one rollout (0 or 1). Thinking mode: the final `\\boxed{}` answer by
+    rules, or (mixed rewards) by the reference judge when the ground truth is no number or word.
+    Direct mode: the family's answer rule of the evaluation (sample.score) for a synthetic family or
+    a checkable ground truth, else the judge on the whole reply."""
+    gold = r.prompt.answer or ""
+    if not r.prompt.think:
+        if r.prompt.family in data.SYNTH_FAMILIES or checkable(gold):
+            return float(sample.score(r.prompt.family, r.text, "", gold)[0])
+        return reference_judge(sample.answer_region(r.text) or "", gold)
+    if cfg.reward == "verifiable" or checkable(gold):
+        return reward_answer(r.text, gold)
+    return reference_judge(final_answer(r.text) or "", gold)
+
+
 def score_rollouts(rolls: list, cfg, judge=None) -> None:
     """Rewards in place. verifiable (§4.2.3): the answer (rules) and the format, combined with the
     weights' answer and format parts renormalised (default 0.8 / 0.1 -> 0.89 / 0.11), the answer
@@ -422,17 +457,17 @@ def score_rollouts(rolls: list, cfg, judge=None) -> None:
     without the gate, a right answer without its `<think>` chain still earns 0.89: the miniature's
     well-formed rollouts then fell to 0.73 during training (>= 0.88 gated), and one earlier run
     ended with 16% of its greedy replies malformed (README, RL section). mixed (§4.2.5):
-    w_a answer + w_t think + w_f format, where the answer is checked by rules when it is checkable
-    and by the reference judge (ROUGE-L >= 0.5 against the ground truth) otherwise, and the think
-    reward is `think_consistency` for the arithmetic / counting families, the model judge for the
-    others when one is given (--judge), else 1 for a non-empty thinking that does not loop."""
+    w_a answer + w_t think + w_f format (answer_score), where the think reward is
+    `think_consistency` for the arithmetic / counting families, the model judge for the others
+    when one is given (--judge), else 1 for a non-empty thinking that does not loop. A prompt asked
+    in direct mode: `direct_reward` of its answer and `reward_direct_format`."""
     for r in rolls:
+        r.answer_r = answer_score(r, cfg)
+        if not r.prompt.think:
+            r.format_r = reward_direct_format(r.text)
+            r.reward = direct_reward(r.answer_r, r.format_r, cfg.reward_weights)
+            continue
         r.format_r = reward_format(r.text)
-        gold = r.prompt.answer or ""
-        if cfg.reward == "verifiable" or checkable(gold):
-            r.answer_r = reward_answer(r.text, gold)
-        else:
-            r.answer_r = reference_judge(final_answer(r.text) or "", gold)
         if cfg.reward == "verifiable":
             r.reward = verifiable_reward(r.answer_r, r.format_r, cfg.reward_weights)
             continue
@@ -442,7 +477,7 @@ def score_rollouts(rolls: list, cfg, judge=None) -> None:
         elif parts is None or not parts[0].strip():
             r.think_r = 0.0
         elif judge is not None:
-            r.think_r = float(judge(r.prompt.where, parts[0], final_answer(r.text) or "", gold))
+            r.think_r = float(judge(r.prompt.where, parts[0], final_answer(r.text) or "", r.prompt.answer or ""))
         else:
             r.think_r = float(repetition_ratio(parts[0]) < 0.5)
         r.reward = mixed_reward(r.answer_r, r.think_r, r.format_r, cfg.reward_weights)
@@ -539,8 +574,10 @@ class PromptPool:
     handed out without repeats (a seeded permutation per pass) and decoded when taken; `pos`, the
     cursor, is saved with checkpoints. Bad samples are reported and counted, and skipped."""
 
-    def __init__(self, mixture: data.Mixture, positions: list, seed: int):
+    def __init__(self, mixture: data.Mixture, positions: list, seed: int, direct: Optional[data.Mixture] = None,
+                 direct_share: float = 0.0):
         self.mixture, self.positions, self.seed, self.pos = mixture, list(positions), seed, 0
+        self.direct, self.direct_share = direct, direct_share
 
     def take(self, n: int) -> list:
         out = []
@@ -549,14 +586,29 @@ class PromptPool:
             self.pos += 1
             pick = self.positions[np.random.default_rng([self.seed, epoch]).permutation(len(self.positions))[k]]
             try:
-                out.append(as_prompt(self.mixture.load(pick)))
+                out.append(load_prompt(self.mixture, pick, self.direct, self.direct_share))
             except data.DataError as e:
                 self.mixture.bad.bad(e)
         return out
 
 
-def as_prompt(s: dict) -> Prompt:
-    return Prompt(s["input_ids"].tolist(), s["pixel_values"], s.get("answer"), family_of(s), s["source"])
+def as_prompt(s: dict, think: bool = True) -> Prompt:
+    return Prompt(s["input_ids"].tolist(), s["pixel_values"], s.get("answer"), family_of(s), s["source"], think)
+
+
+def asked_directly(seed: int, k: int, share: float) -> bool:
+    """Whether the prompt at stream position k is asked in direct mode: a `share` of the positions,
+    a pure function of (seed, k), so a resumed run and every rank agree."""
+    return share > 0 and np.random.default_rng([seed, k, 2]).random() < share
+
+
+def load_prompt(mixture: data.Mixture, k: int, direct: Optional[data.Mixture] = None, share: float = 0.0,
+                sample_dict: Optional[dict] = None) -> Prompt:
+    """The prompt at stream position k: from `direct` (the same mixture without the think prompt)
+    when asked_directly, else from `mixture` (`sample_dict`: its sample at k, already loaded)."""
+    if direct is not None and asked_directly(mixture.seed, k, share):
+        return as_prompt(direct.load(k), think=False)
+    return as_prompt(sample_dict if sample_dict is not None else mixture.load(k))
 
 
 def quota(cfg) -> int:
@@ -815,16 +867,23 @@ def prompt_mixture(cfg, tok, dcfg, split: str) -> data.Mixture:
                         training=False, verbose=False)
 
 
+def direct_mixture(cfg, tok, dcfg, split: str) -> Optional[data.Mixture]:
+    """The stage's prompts without the think prompt, for its cfg.direct_share asked directly (None at 0)."""
+    return prompt_mixture(cfg, tok, dataclasses.replace(dcfg, think="off"), split) if cfg.direct_share else None
+
+
 def read_prompts(cfg, tok, dcfg, split: str, limit: int) -> list:
-    """Up to `limit` distinct prompts of the stage's mix (train or held-out split), decoded. The
-    mixture draws with replacement across its sources: a repeat is skipped (a held-out prompt
-    counted twice would weigh twice in every mean and break the pairing of before and after)."""
-    mixture = prompt_mixture(cfg, tok, dcfg, split)
+    """Up to `limit` distinct prompts of the stage's mix (train or held-out split), decoded, a
+    cfg.direct_share of them in direct mode. The mixture draws with replacement across its
+    sources: a repeat is skipped (a held-out prompt counted twice would weigh twice in every mean
+    and break the pairing of before and after)."""
+    mixture, direct = prompt_mixture(cfg, tok, dcfg, split), direct_mixture(cfg, tok, dcfg, split)
     want, out, seen = min(limit, len(mixture)), [], set()
     for _ in range(8 * want):
         if len(out) == want:
             break
-        prompt = as_prompt(mixture.next()[1])
+        k, s = mixture.next()
+        prompt = load_prompt(mixture, k, direct, cfg.direct_share, s)
         if prompt.where not in seen:
             seen.add(prompt.where)
             out.append(prompt)
@@ -842,7 +901,8 @@ def per_prompt(greedy: Rollout, samples: list) -> dict:
     votes = Counter(k for k in map(answer_key_of, samples) if k is not None)
     top = votes.most_common(1)[0][0] if votes else None
     maj = next((s.answer_r for s in samples if answer_key_of(s) == top), 0.0) if top is not None else 0.0
-    return {"where": greedy.prompt.where, "family": greedy.prompt.family, "answer": greedy.prompt.answer,
+    return {"where": greedy.prompt.where, "family": greedy.prompt.family, "think": greedy.prompt.think,
+            "answer": greedy.prompt.answer,
             "greedy": greedy.text, "greedy_acc": greedy.answer_r, "greedy_reward": greedy.reward,
             "greedy_fmt": greedy.format_r, "greedy_think": greedy.think_r,
             "samples_acc": [s.answer_r for s in samples], "samples_reward": [s.reward for s in samples],
@@ -876,6 +936,10 @@ def summarize(records: list) -> dict:
     fams = sorted({p["family"] for p in records})
     out["greedy_acc_per_family"] = {f: mean_and_se([p["greedy_acc"] for p in records if p["family"] == f])[0]
                                     for f in fams}
+    for mode, think in (("thinking", True), ("direct", False)):     # rl-mixed asks in both (--direct_share)
+        mine = [p for p in records if p.get("think", True) == think]
+        if mine and len(mine) < len(records):
+            out[f"{mode}_greedy_acc"] = dict(zip(("mean", "se"), mean_and_se([p["greedy_acc"] for p in mine])), n=len(mine))
     return out
 
 
@@ -884,7 +948,13 @@ def paired(before: list, after: list) -> dict:
     seeds), with the recipe's 95% paired bootstrap interval (sample.paired_difference)."""
     def side(records, f):
         return [{"family": p["family"], "where": p["where"], "correct": f(p)} for p in records]
-    return {name: sample.paired_difference(side(after, f), side(before, f)) for name, f in EVAL_METRICS.items()}
+    out = {name: sample.paired_difference(side(after, f), side(before, f)) for name, f in EVAL_METRICS.items()}
+    for mode, think in (("thinking", True), ("direct", False)):     # rl-mixed asks in both (--direct_share)
+        a, b = ([p for p in recs if p.get("think", True) == think] for recs in (after, before))
+        if b and len(b) < len(before):
+            out[f"{mode}_greedy_acc"] = sample.paired_difference(side(a, EVAL_METRICS["greedy_acc"]),
+                                                                 side(b, EVAL_METRICS["greedy_acc"]))
+    return out
 
 
 EVAL_SEED = 12345      # the sampled half of every evaluation draws from this seed (+ rank)
@@ -912,7 +982,8 @@ def eval_line(episode: int, s: dict) -> str:
     f = lambda m: f"{s[m]['mean']:.3f}±{1.96 * s[m]['se']:.3f}"                       # noqa: E731
     return (f"eval {episode:04d} | {s['n']} prompts x {s['k']} | greedy {f('greedy_acc')} | pass@1 {f('pass@1')} | "
             f"maj@{s['k']} {f('maj@k')} | pass@{s['k']} {f('pass@k')} | reward {f('reward')} | fmt "
-            f"{f('greedy_fmt')}")
+            f"{f('greedy_fmt')}" + "".join(f" | {m} greedy {f(m + '_greedy_acc')} ({s[m + '_greedy_acc']['n']})"
+                                           for m in ("thinking", "direct") if m + "_greedy_acc" in s))
 
 
 def pass_at_k_filter(policy, tok, prompts: list, cfg, k: int, generator) -> tuple:
@@ -921,7 +992,7 @@ def pass_at_k_filter(policy, tok, prompts: list, cfg, k: int, generator) -> tupl
     (`cfg.reasoning_families`). Each rank samples its share. Returns (kept indices, counts)."""
     mine = my_share(list(range(len(prompts))))
     rolls = rollouts(policy, tok, [prompts[i] for i in mine], cfg, generator, group_size=k)
-    solved = gather_shares([sum(reward_answer(r.text, prompts[i].answer) for r in rolls[j * k:(j + 1) * k])
+    solved = gather_shares([sum(answer_score(r, cfg) for r in rolls[j * k:(j + 1) * k])
                             if prompts[i].answer else 0 for j, i in enumerate(mine)])
     kept, counts = [], {"always": 0, "never_reasoning": 0, "kept": 0}
     for i, (p, n) in enumerate(zip(prompts, solved)):
@@ -981,6 +1052,8 @@ class RLConfig(train_stage.StageConfig):
     pool_size: int = 0                    # training prompts the pool holds (0 = the whole mix)
     filter_k: int = 0                     # pass@k difficulty filter of the pool at the start (0 = off)
     general_share: float = 0.0            # rl-mixed: share of unfiltered general prompts kept beside the hard cases
+    direct_share: float = 0.0             # share of the prompts (training and held-out) asked in direct mode, without the
+                                          # think prompt (rl-mixed: the Think-Fusion model answers in both modes)
     eval_prompts: int = 512               # held-out prompts, evaluated at the start and the end
     eval_samples: int = 8                 # samples per held-out prompt (pass@1, maj@k, pass@k)
     harvest_samples: int = 8              # harvest: completions per prompt
@@ -1021,6 +1094,10 @@ def rl_config(argv: list) -> tuple:
         raise train_stage.UsageError(f"--advantage_control must be '', answer, shuffle or sign, got {cfg.advantage_control!r}")
     if cfg.advantage_control == "answer" and cfg.reward != "verifiable":
         raise train_stage.UsageError("--advantage_control=answer needs --reward=verifiable")
+    if not 0.0 <= cfg.general_share < 1.0:
+        raise train_stage.UsageError(f"--general_share must be in [0, 1), got {cfg.general_share}")
+    if not 0.0 <= cfg.direct_share <= 1.0:
+        raise train_stage.UsageError(f"--direct_share must be in [0, 1], got {cfg.direct_share}")
     for key in ("episodes", "group_size", "mini_batches", "epochs", "prompts_per_episode", "eval_samples"):
         if getattr(cfg, key) < 1:
             raise train_stage.UsageError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
@@ -1064,14 +1141,14 @@ def require_sources(cfg: RLConfig):
             f"`{train_stage.command_for(train_stage.STAGES[missing[0]], cfg)}` first, or pass --init_from=DIR")
 
 
-def filtered_positions(policy, tok, dcfg, mixture, cfg, generator, log) -> tuple:
+def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tuple:
     """The pool's stream positions after the pass@k filter (§4.2.3), with its counts; rl-mixed keeps
     a share of unfiltered general prompts beside the hard cases."""
     positions = list(range(min(cfg.pool_size or len(mixture), len(mixture))))
     if not cfg.filter_k:
         return positions, None
     t0 = time.time()
-    prompts = [as_prompt(mixture.load(k)) for k in positions]
+    prompts = [load_prompt(mixture, k, direct, cfg.direct_share) for k in positions]
     kept, counts = pass_at_k_filter(policy, tok, prompts, cfg, cfg.filter_k, generator)
     general = [i for i, p in enumerate(prompts) if p.family not in NUMERIC_FAMILIES and i not in set(kept)]
     n_general = int(cfg.general_share * len(kept) / max(1e-9, 1 - cfg.general_share))
@@ -1104,7 +1181,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)       # each rank its own draws
     rdir = train_stage.run_dir(cfg)
     eval_set = read_prompts(cfg, tok, dcfg, "eval", cfg.eval_prompts)
-    mixture = prompt_mixture(cfg, tok, dcfg, "train")
+    mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None
     policy = generation_policy(model)
     episode, meta = 0, {}
@@ -1117,8 +1194,8 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         log(f"resume: continuing from {resume} at episode {episode}")
         positions, filter_counts = meta["pool"]["positions"], meta["filter"]
     else:
-        positions, filter_counts = filtered_positions(policy, tok, dcfg, mixture, cfg, gen, log)
-    pool = PromptPool(mixture, positions, cfg.seed)
+        positions, filter_counts = filtered_positions(policy, tok, mixture, direct, cfg, gen, log)
+    pool = PromptPool(mixture, positions, cfg.seed, direct, cfg.direct_share)
     pool.pos = meta.get("pool", {}).get("pos", 0)
     filler = Rollout(eval_set[0], [sample.stop_ids(tok).__iter__().__next__()], "", False, [0.0])
     train_stage.log_config(cfg, model.cfg, rdir, rank, log, RL_SUMMARY_KEYS)

@@ -321,7 +321,7 @@ RECIPE = (
     Stage("rl-mixed", "§4.2.5", "RL with mixed rewards (answer + think + format, weighted): hard cases + general",
           mix=(("math", 0.25), ("count", 0.15), ("chart", 0.15), ("ocr", 0.1), ("caption_qa", 0.15), ("multi", 0.1),
                ("video", 0.1)), label_mode="rl", runner="rl.py",
-          tiny=(("reward", "mixed"), ("general_share", 0.3), ("episodes", 20)),
+          tiny=(("reward", "mixed"), ("general_share", 0.3), ("direct_share", 0.5), ("episodes", 20)),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 100_000))),
 )
 STAGES = {s.name: s for s in RECIPE}

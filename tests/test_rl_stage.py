@@ -233,6 +233,55 @@ def test_scores_of_the_two_reward_kinds(setup):
     assert rolls[0].reward == pytest.approx(0.8 * 1 + 0.1 * 1 + 0.1 * 1)
 
 
+def direct(text, answer, family):
+    r = rollout(text, answer, family)
+    r.prompt.think = False
+    return r
+
+
+def test_direct_mode_replies_are_graded_by_their_family_rule_and_must_not_think(setup):
+    """rl-mixed asks a share of its prompts in direct mode (§4.2.4's Think-Fusion model answers in
+    both): the answer by the evaluation's family rule (no box needed), the format "no think tags",
+    no think term; weights 0.8 / 0.1 / 0.1 renormalised to answer 8/9, format 1/9."""
+    _, _, _, _, cfg, _ = setup
+    rolls = [direct("the second image.", "second", "multi"),
+             direct("the second image. Image-1 shows a square.</think>\nno", "second", "multi"),  # runs on, answers no
+             direct("the first image.</think>\nsecond", "second", "multi"),   # the answer after a stray </think>
+             direct("at the middle left.", "middle left", "caption_qa"),
+             direct("at the top left.", "middle left", "caption_qa"),
+             direct("There are 7 circles.", "6", "count"),
+             direct("", "6", "count")]
+    rl.score_rollouts(rolls, replace(cfg, reward="mixed"))
+    assert [r.answer_r for r in rolls] == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert [r.format_r for r in rolls] == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    assert [r.think_r for r in rolls] == [0.0] * 7
+    assert [r.reward for r in rolls] == pytest.approx([1.0, 0.0, 8 / 9, 1.0, 1 / 9, 1 / 9, 0.0])
+
+
+def test_a_share_of_the_prompts_is_asked_in_direct_mode(setup):
+    """--direct_share: the same prompts, each asked with or without the think prompt, the choice a
+    pure function of (seed, stream position): a held-out prompt keeps its mode before and after,
+    and the pool hands out the same prompts in the same modes again."""
+    _, synth, m, tok, cfg, _ = setup
+    dcfg = data.DataConfig.from_model(m.cfg, label_mode="rl", think="on", max_len=2048)
+    base = replace(cfg, stage="rl-mixed", reward="mixed")
+    think_only = rl.read_prompts(base, tok, dcfg, "eval", 64)
+    both = rl.read_prompts(replace(base, direct_share=0.5), tok, dcfg, "eval", 64)
+    assert [p.where for p in both] == [p.where for p in think_only]          # the same prompts
+    n_direct = sum(not p.think for p in both)
+    assert 16 <= n_direct <= 48, n_direct
+    for a, b in zip(think_only, both):
+        assert a.think and (data.THINK_PROMPT in tok.decode(b.ids)) == b.think
+        assert b.think == (a.ids == b.ids)
+    again = rl.read_prompts(replace(base, direct_share=0.5), tok, dcfg, "eval", 64)
+    assert [(p.where, p.think, p.ids) for p in again] == [(p.where, p.think, p.ids) for p in both]
+    mix = replace(base, direct_share=0.5)
+    pool = lambda: rl.PromptPool(rl.prompt_mixture(mix, tok, dcfg, "train"), list(range(40)), 0,   # noqa: E731
+                                 rl.direct_mixture(mix, tok, dcfg, "train"), 0.5)
+    a, b = pool().take(20), pool().take(20)
+    assert [(p.where, p.think) for p in a] == [(p.where, p.think) for p in b] and len({p.think for p in a}) == 2
+
+
 def test_pass_at_k_filter_drops_the_solved_and_the_hopeless_reasoning_prompts(setup, monkeypatch):
     """Solved by all k: dropped; by none: dropped only for the stage's own reasoning families
     (rl-verifiable trains count_cot: a hopeless count_cot prompt goes, a hopeless count one stays)."""
@@ -479,6 +528,24 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_the_rl_mixed_stage_asks_and_evaluates_in_both_modes(setup, tmp_path):
+    """The recipe's rl-mixed row through rl.py's CLI: its tiny settings ask half the prompts in
+    direct mode, and the held-out evaluation reports each mode's greedy accuracy, before and after."""
+    root, synth, m, tok, cfg, prompts = setup
+    res = run(["rl.py", "--stage", "rl-mixed", f"--data_dir={synth}", f"--init_from={root}/out/longcot",
+               f"--out_dir={tmp_path}", "--episodes=1", "--group_size=2", "--prompts_per_episode=2", "--max_new_tokens=6",
+               "--eval_prompts=12", "--eval_samples=2", "--pool_size=8"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.load(open(tmp_path / "rl-mixed.run" / "config.json"))["config"]["direct_share"] == 0.5   # the row's
+    held = [json.loads(x) for x in open(tmp_path / "rl-mixed" / train_stage.RL_HELDOUT)]
+    modes = {(p["side"], p["think"]) for p in held}
+    assert modes == {("before", True), ("before", False), ("after", True), ("after", False)}
+    rl_eval = modeling.verify_checkpoint(str(tmp_path / "rl-mixed"))["rl_eval"]
+    n = {mode: rl_eval["before"][f"{mode}_greedy_acc"]["n"] for mode in ("thinking", "direct")}
+    assert n["thinking"] + n["direct"] == 12 and n["direct"] == sum(not p["think"] for p in held) // 2
+    assert {"thinking_greedy_acc", "direct_greedy_acc"} <= set(rl_eval["paired"])
+
+
 def test_rl_usage_errors_are_one_line():
     res = run(["rl.py", "--stage", "vit1"], timeout=60)
     assert res.returncode == 2 and "not an RL stage" in res.stderr and len(res.stderr.strip().splitlines()) == 1
@@ -486,6 +553,8 @@ def test_rl_usage_errors_are_one_line():
     assert res.returncode == 2 and "sum" in res.stderr
     res = run(["rl.py", "--stage", "rl-verifiable", "--steps=5"], timeout=60)
     assert res.returncode == 2 and "--episodes" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = run(["rl.py", "--stage", "rl-mixed", "--direct_share=1.5"], timeout=60)
+    assert res.returncode == 2 and "--direct_share must be in [0, 1]" in res.stderr
     res = run(["rl.py", "--stage", "rl-verifiable", "--kl_coef=0.1"], timeout=60)
     assert res.returncode == 2 and "unknown option --kl_coef" in res.stderr
 
