@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vit import DataError, anyres_size, load_image, load_video, tile_grid
+from vit import DataError, anyres_size, load_image, load_image_anyres, load_video, tile_grid
 
 
 class TooMuchBadData(RuntimeError):
@@ -618,9 +618,9 @@ Media = namedtuple("Media", "kind path tiles tokens")   # one image or video; ti
 
 
 def image_geometry(width: int, height: int, cfg: DataConfig) -> tuple:
-    """(tiles, visual tokens) that `load_image` gives a width x height image: the official tiling
-    (tile_grid, plus the thumbnail when there are several tiles) or AnyRes (anyres_size). The
-    size alone decides them, so packing plans need only the image's header."""
+    """(tiles, visual tokens) that `load_image` gives a width x height image (the official tiling:
+    tile_grid, plus the thumbnail when there are several tiles), or `load_image_anyres` (AnyRes:
+    anyres_size). The size alone decides them, so packing plans need only the image's header."""
     if cfg.anyres:
         w, h = anyres_size(width, height, cfg.patch_size, cfg.downsample_ratio, cfg.anyres_max_patches,
                            cfg.anyres_min_patches)
@@ -675,9 +675,11 @@ def load_media(media: list, cfg: DataConfig, where: str, training: bool = False,
             frames = load_video(m.path, cfg.num_frames, training, rng, cfg.image_size, where=where)
             pixels.extend(frames.split(1) if cfg.anyres else [frames])
             continue
-        pv, n = load_image(m.path, cfg.max_tiles, cfg.min_tiles, cfg.image_size, cfg.use_thumbnail, cfg.anyres,
-                           cfg.patch_size, cfg.downsample_ratio, cfg.anyres_max_patches, cfg.anyres_min_patches,
-                           where=where)
+        if cfg.anyres:
+            pv, n = load_image_anyres(m.path, cfg.patch_size, cfg.downsample_ratio, cfg.anyres_max_patches,
+                                      cfg.anyres_min_patches, where=where)
+        else:
+            pv, n = load_image(m.path, cfg.max_tiles, cfg.min_tiles, cfg.image_size, cfg.use_thumbnail, where=where)
         grid = cfg.patch_size * cfg.merge
         tokens = (pv.shape[-2] // grid) * (pv.shape[-1] // grid) if cfg.anyres else n * cfg.tokens_per_tile
         if ([n], [tokens]) != (m.tiles, m.tokens):

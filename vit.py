@@ -180,19 +180,21 @@ def open_image(path, where: str = None) -> Image.Image:
 
 
 def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_size: int = 448,
-               use_thumbnail: bool = True, anyres: bool = False, patch_size: int = 14, downsample_ratio: float = 0.5,
-               max_patches: int = 16384, min_patches: int = 16, where: str = None):
-    """(pixel_values, n_tiles) of an image path or PIL image.
-
-    Tiled (official): pixel_values (N, 3, S, S), N = tiles (+ thumbnail when N > 1), float32,
-    ImageNet-normalised. AnyRes: (1, 3, H, W) with H, W multiples of patch_size / downsample_ratio, n_tiles = 1.
-    """
+               use_thumbnail: bool = True, where: str = None):
+    """(pixel_values (N, 3, S, S), N) of an image path or PIL image, tiled as the official
+    `load_image`: N = tiles (+ the thumbnail when there are several), float32, ImageNet-normalised."""
     img = to_rgb(path_or_image) if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
-    if anyres:
-        size = anyres_size(img.width, img.height, patch_size, downsample_ratio, max_patches, min_patches)
-        return to_pixels([img.resize(size, Image.BICUBIC)]), 1
     tiles = tile_image(img, max_tiles, min_tiles, image_size, use_thumbnail)
     return to_pixels(tiles), len(tiles)
+
+
+def load_image_anyres(path_or_image, patch_size: int = 14, downsample_ratio: float = 0.5,
+                      max_patches: int = 16384, min_patches: int = 16, where: str = None):
+    """(pixel_values (1, 3, H, W), 1) of an image path or PIL image at its AnyRes size (anyres_size):
+    H, W multiples of patch_size / downsample_ratio, float32, ImageNet-normalised."""
+    img = to_rgb(path_or_image) if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
+    size = anyres_size(img.width, img.height, patch_size, downsample_ratio, max_patches, min_patches)
+    return to_pixels([img.resize(size, Image.BICUBIC)]), 1
 
 
 # ----------------------------------------------------------------------------------------------

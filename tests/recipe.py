@@ -437,15 +437,17 @@ def report_markdown(report: dict) -> str:
                 "each family); `shown` when the interval excludes 0.", ""] + effects_table(report["effects"])
     rl = {n: st["rl_eval"] for n, st in report["stages"].items() if st.get("rl_eval")}
     if rl:
-        out += ["", "### RL stages: held-out prompts in thinking mode, before and after", "",
+        out += ["", "### RL stages: their own held-out prompts, before and after", "",
                 "Greedy accuracy, sampled pass@1, maj@k and pass@k over the stage's own held-out prompts (k samples "
-                "each, the same draws before and after); mean ± standard error, and the paired difference after − "
-                "before with its 95% bootstrap interval.", "",
+                "each, the same draws before and after), in thinking mode (rl-mixed asks a share of them in direct "
+                "mode: `thinking_greedy_acc` and `direct_greedy_acc` split its greedy accuracy by mode; its "
+                "`greedy_fmt` is each mode's format); mean ± standard error, and the paired difference after − before "
+                "with its 95% bootstrap interval.", "",
                 "| stage | metric | n × k | before | after | after − before [95%] |", "|---|---|---|---|---|---|"]
         for n, ev in rl.items():
             b, a, d = ev["before"], ev["after"], ev["paired"]
             for m in d:
-                out.append(f"| {n} | {m} | {b['n']} × {b['k']} | {b[m]['mean']:.3f} ± {b[m]['se']:.3f} | "
+                out.append(f"| {n} | {m} | {b[m].get('n', b['n'])} × {b['k']} | {b[m]['mean']:.3f} ± {b[m]['se']:.3f} | "
                            f"{a[m]['mean']:.3f} ± {a[m]['se']:.3f} | {d[m]['difference']:+.3f} "
                            f"[{d[m]['interval'][0]:+.3f}, {d[m]['interval'][1]:+.3f}] |")
     if len(report.get("seeds", [])) > 1:
