@@ -320,17 +320,12 @@ def mixed_reward(answer, think, fmt, weights=DEFAULT_MIXED_WEIGHTS):
 # model gives most of the time too. Rolled out in thinking mode only, the RL model learned to run
 # its direct replies on into a `<think>`-less chain closed by `</think>` (README, rl-mixed). A direct
 # reply is graded by the family's answer rule of the evaluation (sample.score: direct answers carry
-# no `\boxed{}`), its format is "no think tags", and it has no think term.
+# no `\boxed{}`), its format is "no think tags", it has no think term, and, as in `verifiable_reward`,
+# its answer counts only when it is well-formed.
 
 def reward_direct_format(text: str) -> float:
     """1.0 for a well-formed direct-mode reply: a non-empty answer without `<think>` / `</think>`."""
     return float(bool(text.strip()) and "<think>" not in text and "</think>" not in text)
-
-
-def direct_reward(answer, fmt, weights):
-    """A direct reply's reward: the mixed weights' answer and format parts, renormalised (no think term)."""
-    wa, _, wf = weights
-    return (wa * answer + wf * fmt) / (wa + wf)
 
 
 # A model judge (§4.2.5's "LVM judge") scores with any of our checkpoints: `ModelJudge` in section
@@ -460,12 +455,12 @@ def score_rollouts(rolls: list, cfg, judge=None) -> None:
     w_a answer + w_t think + w_f format (answer_score), where the think reward is
     `think_consistency` for the arithmetic / counting families, the model judge for the others
     when one is given (--judge), else 1 for a non-empty thinking that does not loop. A prompt asked
-    in direct mode: `direct_reward` of its answer and `reward_direct_format`."""
+    in direct mode: its answer and `reward_direct_format`, gated as the verifiable reward is."""
     for r in rolls:
         r.answer_r = answer_score(r, cfg)
         if not r.prompt.think:
             r.format_r = reward_direct_format(r.text)
-            r.reward = direct_reward(r.answer_r, r.format_r, cfg.reward_weights)
+            r.reward = verifiable_reward(r.answer_r, r.format_r, cfg.reward_weights)
             continue
         r.format_r = reward_format(r.text)
         if cfg.reward == "verifiable":

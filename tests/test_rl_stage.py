@@ -242,7 +242,8 @@ def direct(text, answer, family):
 def test_direct_mode_replies_are_graded_by_their_family_rule_and_must_not_think(setup):
     """rl-mixed asks a share of its prompts in direct mode (§4.2.4's Think-Fusion model answers in
     both): the answer by the evaluation's family rule (no box needed), the format "no think tags",
-    no think term; weights 0.8 / 0.1 / 0.1 renormalised to answer 8/9, format 1/9."""
+    no think term; weights 0.8 / 0.1 / 0.1 renormalised to answer 8/9, format 1/9, the answer
+    counting only in a well-formed reply (a right answer after a stray </think> earns 0)."""
     _, _, _, _, cfg, _ = setup
     rolls = [direct("the second image.", "second", "multi"),
              direct("the second image. Image-1 shows a square.</think>\nno", "second", "multi"),  # runs on, answers no
@@ -255,7 +256,7 @@ def test_direct_mode_replies_are_graded_by_their_family_rule_and_must_not_think(
     assert [r.answer_r for r in rolls] == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     assert [r.format_r for r in rolls] == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
     assert [r.think_r for r in rolls] == [0.0] * 7
-    assert [r.reward for r in rolls] == pytest.approx([1.0, 0.0, 8 / 9, 1.0, 1 / 9, 1 / 9, 0.0])
+    assert [r.reward for r in rolls] == pytest.approx([1.0, 0.0, 0.0, 1.0, 1 / 9, 1 / 9, 0.0])
 
 
 def test_a_share_of_the_prompts_is_asked_in_direct_mode(setup):
