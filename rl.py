@@ -1216,7 +1216,8 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
             if rank == 0:
                 modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
         if last:
-            return finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metrics, tok_files, log)
+            after = evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
+            return finish(cfg, model, before, after, filter_counts, metrics, tok_files, log)
         t0, episode_cfg = time.time(), dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode))
         kept, st = sample_groups(policy, tok, pool, episode_cfg, gen, judge)
         t_gen = time.time() - t0
@@ -1244,12 +1245,11 @@ def episode_line(episode: int, cfg, rec: dict) -> str:
                    f"kl {rec['approx_kl']:.4f} | dlogp {rec['dlogp']:.1e} | {rec['gen_seconds']:.1f}/{rec['seconds']:.1f} s")
 
 
-def finish(cfg, model, policy, tok, eval_set, before, judge, filter_counts, metrics, tok_files, log) -> str:
-    """The evaluation after training on the same prompts and draws as before, the paired
-    differences, and the stage output (weights; heldout_predictions.jsonl: every prompt before and
-    after, its greedy answer's correctness as the recipe's effects read it, and every metric)."""
+def finish(cfg, model, before: list, after: list, filter_counts, metrics, tok_files: dict, log) -> str:
+    """The paired differences of the evaluations before and after training (the same prompts and
+    draws), and the stage output (weights; heldout_predictions.jsonl: every prompt before and after,
+    its greedy answer's correctness as the recipe's effects read it, and every metric)."""
     rank, world = rank_and_world()
-    after = evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
     s_before, s_after, diff = summarize(before), summarize(after), paired(before, after)
     log(eval_line(cfg.episodes, s_after))
     log("paired after - before: " + " | ".join(f"{m} {d['difference']:+.3f} [{d['interval'][0]:+.3f}, "

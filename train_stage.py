@@ -1377,12 +1377,17 @@ def run_cli(argv: list):
 # (sample.EVAL_LIMIT: the whole synthetic eval split), the families evaluated ("" = all), the last
 # stage to run ("" = the whole recipe), and how many runs of the recipe (run k > 1: every stage's
 # seed + 1000 (k - 1), outputs in <out_dir>/seed<k>/; the synthetic data and held-out samples stay)
-RECIPE_OPTIONS = {"nproc": "1", "eval_limit": "128", "eval_families": "", "until": "", "seeds": "1"}
+RECIPE_OPTIONS = {"nproc": "1", "eval_limit": "128", "eval_families": "", "until": "", "seeds": "1", "compare": "",
+                  "as": ""}
 RECIPE_HELP = {"nproc": "processes per stage (torchrun --nproc_per_node)",
                "eval_limit": "held-out samples per family in each stage's evaluation",
                "eval_families": "comma list of families to evaluate (\"\" = all)",
                "until": "the last stage to run (\"\" = the whole recipe)",
-               "seeds": "runs of the recipe; run k > 1 adds 1000 (k - 1) to every seed, outputs in <out_dir>/seed<k>/"}
+               "seeds": "runs of the recipe; run k > 1 adds 1000 (k - 1) to every seed, outputs in <out_dir>/seed<k>/",
+               "compare": "a stage output made outside the recipe (another seed, another setting): evaluated as the "
+                          "recipe evaluates --as=STAGE, the effects printed with it in place of that stage, against "
+                          "<out_dir>'s predictions; trains nothing",
+               "as": "the stage that --compare stands in for"}
 RL_HELDOUT = "heldout_predictions.jsonl"   # an RL stage's held-out before / after (rl.py): one more effect
 
 

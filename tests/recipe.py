@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import time
+from typing import Optional
 from collections import Counter, defaultdict
 
 import repo_path
@@ -81,11 +82,13 @@ def read_jsonl(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def recipe_effect_results(rdir: str, cfg: StageConfig) -> list:
+def recipe_effect_results(rdir: str, cfg: StageConfig, stand_in: Optional[tuple] = None) -> list:
     """The effects whose two sides this run has measured (predictions/<stage>.jsonl), each
     {"name", "a", "b", "families", **sample.paired_difference}; an RL stage's own held-out before /
-    after (RL_HELDOUT) as one more. Sides scored on different samples stop the recipe."""
-    preds = {}
+    after (RL_HELDOUT) as one more. Sides scored on different samples stop the recipe.
+    stand_in: (stage, its folder, its predictions): an output made outside the recipe in place of
+    that stage, and only the effects it is part of (compare_output)."""
+    preds = {} if stand_in is None else {stand_in[0]: stand_in[2]}
 
     def side(stage, mode, fams):
         if stage not in preds:
@@ -95,8 +98,12 @@ def recipe_effect_results(rdir: str, cfg: StageConfig) -> list:
 
     specs = [(name, f"{sa} ({MODE_WORDS[ma]})", side(sa, ma, fams), f"{sb} ({MODE_WORDS[mb]})", side(sb, mb, fams))
              for name, (sa, ma), (sb, mb), fams in recipe_effects()]
+    if stand_in is not None:
+        specs = [sp for sp in specs if sp[1].startswith(f"{stand_in[0]} (") or sp[3].startswith(f"{stand_in[0]} (")]
     for row in RECIPE:
-        path = os.path.join(stage_dir(cfg, row.name), RL_HELDOUT)
+        if stand_in is not None and row.name != stand_in[0]:
+            continue
+        path = os.path.join(stand_in[1] if stand_in else stage_dir(cfg, row.name), RL_HELDOUT)
         if row.runner == "rl.py" and os.path.exists(path):
             held = read_jsonl(path)
             specs.append((f"{row.name}: its own held-out, after vs before", f"{row.name} (after)",
@@ -223,15 +230,45 @@ def comparison_scope(name: str):
     return dict(scope)
 
 
-def evaluate_row(row: Stage, cfg: StageConfig, own: dict) -> tuple:
-    """evaluate_stage for a trained row (RL stages that train nothing, harvest, are not evaluated)."""
+def evaluate_row(row: Stage, cfg: StageConfig, own: dict, folder: Optional[str] = None) -> tuple:
+    """evaluate_stage for a trained row (RL stages that train nothing, harvest, are not evaluated);
+    folder: its output when not the recipe's own (compare_output)."""
     names = [r.name for r in RECIPE]
     think = names.index(row.name) >= names.index("longcot")
     families = [f for f in own["eval_families"].split(",") if f] or None
     if row.runner == "rl.py" and not row.trainable:
         return {}, []
-    return evaluate_stage(stage_dir(cfg, row.name), cfg, think, int(own["eval_limit"]), families,
+    return evaluate_stage(folder or stage_dir(cfg, row.name), cfg, think, int(own["eval_limit"]), families,
                           comparison_scope(row.name))
+
+
+def print_effects(effects: list):
+    for e in effects:
+        print(f"effect | {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | n {e['n']} | "
+              f"{e['difference']:+.3f} [{e['interval'][0]:+.3f}, {e['interval'][1]:+.3f}] | "
+              f"{'shown' if e['excludes_0'] else 'within noise'}", flush=True)
+
+
+def compare_output(cfg: StageConfig, own: dict) -> list:
+    """--compare=DIR --as=STAGE: the stage output DIR, made outside the recipe (another seed or
+    setting, e.g. `python rl.py --stage rl-mixed --seed=2 --out_dir=...`), evaluated as the recipe
+    evaluates STAGE (the same samples, modes and scope), then the recipe's effects STAGE is part of
+    with DIR in its place, against the predictions of the recipe run in --out_dir. DIR's
+    predictions go to DIR/recipe_predictions.jsonl and its effects to DIR/recipe_effects.json."""
+    folder, name = own["compare"], own["as"]
+    row = stage_row(name)
+    if not modeling.is_finished_stage(folder):
+        raise UsageError(f"--compare={folder}: not a finished stage output (no verified checkpoint there)")
+    rdir = os.path.join(cfg.out_dir, "recipe")
+    if not os.path.isdir(os.path.join(rdir, "predictions")):
+        raise UsageError(f"--compare needs a recipe run to compare against: {rdir}/predictions is missing "
+                         f"(--out_dir names the run)")
+    _, preds = evaluate_row(row, cfg, own, folder)
+    data.write_atomic(os.path.join(folder, "recipe_predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
+    effects = recipe_effect_results(rdir, cfg, (name, folder, preds))
+    data.write_json(os.path.join(folder, "recipe_effects.json"), effects)
+    print_effects(effects)
+    return effects
 
 
 def stage_entry(row: Stage, cfg: StageConfig, seconds: float, evals: dict, preds: list, rdir: str) -> dict:
@@ -317,10 +354,7 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
     if not trained:                                          # every stage skipped: the report still refreshed
         report["effects"] = recipe_effect_results(rdir, cfg)
         write_report(rdir, report, cfg)
-    for e in report["effects"]:
-        print(f"effect | {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | n {e['n']} | "
-              f"{e['difference']:+.3f} [{e['interval'][0]:+.3f}, {e['interval'][1]:+.3f}] | "
-              f"{'shown' if e['excludes_0'] else 'within noise'}", flush=True)
+    print_effects(report["effects"])
     print(f"recipe done in {report.get('wall_seconds', 0) / 60:.1f} min ({report.get('total_seconds', 0) / 60:.1f} "
           f"min of it training): {rdir}/report.md, report.png, report.json")
     return report
@@ -336,6 +370,10 @@ def run_recipe(argv: list):
     cfg, _, _ = parse_args(["--stage", "vit1", *passthrough])         # usage errors now, not in stage 7
     if own["until"]:
         stage_row(own["until"])
+    if bool(own["compare"]) != bool(own["as"]):
+        raise UsageError("--compare=DIR and --as=STAGE go together")
+    if own["compare"]:
+        return compare_output(cfg, own)
     for key in ("seeds", "nproc", "eval_limit"):
         if not own[key].isdigit() or int(own[key]) < 1:
             raise UsageError(f"--{key} must be a whole number >= 1, got {own[key]!r}")

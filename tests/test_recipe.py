@@ -243,6 +243,18 @@ def test_every_effect_compares_both_sides_on_the_same_samples(synth, tmp_path, m
     with pytest.raises(train_stage.UsageError, match="not scored on the same samples"):
         recipe.recipe_effect_results(str(rdir), cfg)
     (tmp_path / "rl-verifiable" / train_stage.RL_HELDOUT).unlink()
+    # an output made outside the recipe in place of rl-mixed (--compare): only the effects it is part
+    # of, its side read from its own predictions and its own held-out
+    flipped = [dict(p, correct=not p["correct"]) for p in files["rl-mixed"]]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / train_stage.RL_HELDOUT).write_text("".join(json.dumps(p) + "\n" for p in held))
+    alt = {e["name"]: e for e in recipe.recipe_effect_results(str(rdir), cfg, ("rl-mixed", str(tmp_path / "other"), flipped))}
+    assert list(alt) == ["RL mixed: after vs before", "RL mixed: after vs before, thinking",
+                         "rl-mixed: its own held-out, after vs before"]
+    for name in ("RL mixed: after vs before", "RL mixed: after vs before, thinking"):
+        assert alt[name]["accuracy_a"] == pytest.approx(1 - got[name]["accuracy_a"], abs=1e-4)
+        assert alt[name]["accuracy_b"] == got[name]["accuracy_b"]              # the recipe's thinkfusion side
+    assert alt["rl-mixed: its own held-out, after vs before"]["difference"] == 0.6667
     dropped = next(i for i, p in enumerate(files["soup"]) if p["family"] == "ocr" and recipe.mode_of(p) == "real")
     (rdir / "predictions" / "soup.jsonl").write_text("".join(json.dumps(p) + "\n" for i, p in enumerate(files["soup"])
                                                              if i != dropped))
