@@ -402,32 +402,6 @@ def collate_pack(samples: Sequence[dict], plan: Optional[Sequence[SampleMeta]] =
     )
 
 
-def collate_padded(samples: Sequence[dict], pad_id: int = 0) -> dict:
-    """The baseline the paper's packing replaces: right-pad to the longest sample.
-
-    Pads are at the end of each row, so causal attention never lets a real token see one, and
-    their labels are -100; no attention mask is needed. input_ids/labels/position_ids (B, Lmax)."""
-    for i, s in enumerate(samples):
-        check_sample(s, i)
-    Lmax = max(s["input_ids"].numel() for s in samples)
-    B = len(samples)
-    input_ids = torch.full((B, Lmax), pad_id, dtype=torch.long)
-    labels = torch.full((B, Lmax), IGNORE_INDEX, dtype=torch.long)
-    for b, s in enumerate(samples):
-        L = s["input_ids"].numel()
-        input_ids[b, :L] = s["input_ids"]
-        labels[b, :L] = s["labels"]
-    pvs = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
-    if not pvs:
-        pixel_values = None
-    elif all(isinstance(p, torch.Tensor) for p in pvs):
-        pixel_values = torch.cat(pvs)
-    else:
-        pixel_values = [im for p in pvs for im in (p.split(1) if isinstance(p, torch.Tensor) else p)]
-    return dict(input_ids=input_ids, labels=labels,
-                position_ids=torch.arange(Lmax).expand(B, Lmax).clone(), pixel_values=pixel_values)
-
-
 # ----------------------------------------------------------------------------------------------
 # 2. balanced micro-batches across ranks
 

@@ -493,6 +493,32 @@ def bench_packing(args):
         print("\n(the synthetic data's own samples and tokens/s of the tiny model, packed vs padded: --real)")
 
 
+def collate_padded(samples: Sequence[dict], pad_id: int = 0) -> dict:
+    """The baseline the paper's packing replaces: right-pad to the longest sample.
+
+    Pads are at the end of each row, so causal attention never lets a real token see one, and
+    their labels are -100; no attention mask is needed. input_ids/labels/position_ids (B, Lmax)."""
+    for i, s in enumerate(samples):
+        packing.check_sample(s, i)
+    Lmax = max(s["input_ids"].numel() for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, Lmax), pad_id, dtype=torch.long)
+    labels = torch.full((B, Lmax), packing.IGNORE_INDEX, dtype=torch.long)
+    for b, s in enumerate(samples):
+        L = s["input_ids"].numel()
+        input_ids[b, :L] = s["input_ids"]
+        labels[b, :L] = s["labels"]
+    pvs = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+    if not pvs:
+        pixel_values = None
+    elif all(isinstance(p, torch.Tensor) for p in pvs):
+        pixel_values = torch.cat(pvs)
+    else:
+        pixel_values = [im for p in pvs for im in (p.split(1) if isinstance(p, torch.Tensor) else p)]
+    return dict(input_ids=input_ids, labels=labels,
+                position_ids=torch.arange(Lmax).expand(B, Lmax).clone(), pixel_values=pixel_values)
+
+
 def bench_packing_real(args):
     """Real samples of every synthetic train manifest (tiny preset geometry): packing fill and
     rank balance as above, then useful tokens/s of one tiny SAILVL forward + backward over the
@@ -524,7 +550,7 @@ def bench_packing_real(args):
     net = modeling.build_model("tiny").train().to(device)
     order = list(range(len(samples)))
     random.Random(0).shuffle(order)
-    padded = [packing.collate_padded([samples[i] for i in order[k:k + args.tiny_batch_size]])
+    padded = [collate_padded([samples[i] for i in order[k:k + args.tiny_batch_size]])
               for k in range(0, len(order), args.tiny_batch_size)]
     plans = packing.plan_packs([metas[i] for i in order], PackingConfig(max_tokens=args.tiny_max_tokens,
                                                                         max_images_per_pack=10 ** 6))
