@@ -1047,8 +1047,7 @@ class RLConfig(train_stage.StageConfig):
     pool_size: int = 0                    # training prompts the pool holds (0 = the whole mix)
     filter_k: int = 0                     # pass@k difficulty filter of the pool at the start (0 = off)
     general_share: float = 0.0            # rl-mixed: share of unfiltered general prompts kept beside the hard cases
-    direct_share: float = 0.0             # share of the prompts (training and held-out) asked in direct mode, without the
-                                          # think prompt (rl-mixed: the Think-Fusion model answers in both modes)
+    direct_share: float = 0.0             # share of the prompts (training, held-out) asked in direct mode: no think prompt
     eval_prompts: int = 512               # held-out prompts, evaluated at the start and the end
     eval_samples: int = 8                 # samples per held-out prompt (pass@1, maj@k, pass@k)
     harvest_samples: int = 8              # harvest: completions per prompt
@@ -1373,20 +1372,22 @@ def filter_cli(argv):
 # ==============================================================================================
 # command line
 
-def help_text() -> str:
+def help_text(cfg: RLConfig) -> str:
+    """--help: the stages, then every option with its value for cfg's stage (the recipe row's
+    tiny values applied, and the options given)."""
     doc = {**train_stage.field_help(train_stage.StageConfig), **train_stage.field_help(RLConfig)}
     lines = [__doc__.split("\n\n")[0], "",
              "    torchrun rl.py --stage rl-verifiable       # §4.2.3, from out/longcot",
              "    torchrun rl.py --stage harvest             # §4.2.4, CoT from out/rl-verifiable",
              "    torchrun rl.py --stage rl-mixed            # §4.2.5, from out/thinkfusion",
              "    python rl.py filter --ckpt DIR --out FILE  # the pass@k filter as a tool",
-             "", "options (--key=value or --key value):",
+             "", f"options (--key=value or --key value), with their values for --stage {cfg.stage}:",
              train_stage.option_line("--resume [DIR]", "continue from DIR, or from the newest good "
                                      "out/<stage>.run/step-* checkpoint")]
     for f in dataclasses.fields(RLConfig):
         if f.name in RL_UNUSED:
             continue
-        value = getattr(RLConfig(), f.name)
+        value = getattr(cfg, f.name)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         lines.append(train_stage.option_line(f"--{f.name}={shown}", doc.get(f.name, "")))
     return "\n".join(lines)
@@ -1401,7 +1402,7 @@ def main(argv=None):
         rank = int(os.environ.get("RANK", "0"))
         log = lambda *a: train_stage.print0(rank, *a)                   # noqa: E731
         if "help" in opts:
-            return log(help_text())
+            return log(help_text(cfg))
         row = train_stage.stage_row(cfg.stage)
         log(f"stage {cfg.stage} ({row.section}): {row.note}")
         if cfg.stage == "harvest":

@@ -137,12 +137,23 @@ class StageConfig:
 
 
 def field_help(cls) -> dict:
-    """{field: its one-line comment} read from the dataclass source: the comments ARE the help."""
+    """{field: its comment} read from the dataclass source (with the comment lines that continue it
+    under it): the comments ARE the help."""
     try:
         src = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, re.M)}
+    out, last = {}, None
+    for line in src.splitlines():
+        field, more = re.match(r"^\s+(\w+): [^#\n]*#\s*(.*)$", line), re.match(r"^\s+#\s*(.*)$", line)
+        if field:
+            last = field.group(1)
+            out[last] = field.group(2).strip()
+        elif more and last:
+            out[last] += " " + more.group(1).strip()
+        else:
+            last = None
+    return out
 
 
 def parse_value(text: str, current, name: str):

@@ -547,6 +547,15 @@ def test_the_rl_mixed_stage_asks_and_evaluates_in_both_modes(setup, tmp_path):
     assert {"thinking_greedy_acc", "direct_greedy_acc"} <= set(rl_eval["paired"])
 
 
+def test_rl_help_shows_the_stage_values_and_whole_comments():
+    """`rl.py --stage rl-mixed --help`: each option with its value for that stage (the recipe row's
+    tiny values), its help the whole comment in the config, continuation lines included."""
+    res = run(["rl.py", "--stage", "rl-mixed", "--help"], timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--direct_share=0.5 " in res.stdout and "--lr=0.0001 " in res.stdout and "--reward=mixed" in res.stdout
+    assert "1e-3 breaks the format" in res.stdout                     # the --lr comment's second line
+
+
 def test_rl_usage_errors_are_one_line():
     res = run(["rl.py", "--stage", "vit1"], timeout=60)
     assert res.returncode == 2 and "not an RL stage" in res.stderr and len(res.stderr.strip().splitlines()) == 1
