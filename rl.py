@@ -931,11 +931,17 @@ def summarize(records: list) -> dict:
     fams = sorted({p["family"] for p in records})
     out["greedy_acc_per_family"] = {f: mean_and_se([p["greedy_acc"] for p in records if p["family"] == f])[0]
                                     for f in fams}
-    for mode, think in (("thinking", True), ("direct", False)):     # rl-mixed asks in both (--direct_share)
-        mine = [p for p in records if p.get("think", True) == think]
-        if mine and len(mine) < len(records):
-            out[f"{mode}_greedy_acc"] = dict(zip(("mean", "se"), mean_and_se([p["greedy_acc"] for p in mine])), n=len(mine))
+    for mode, mine in by_mode(records).items():
+        out[f"{mode}_greedy_acc"] = dict(zip(("mean", "se"), mean_and_se([p["greedy_acc"] for p in mine])), n=len(mine))
     return out
+
+
+def by_mode(records: list) -> dict:
+    """{"thinking": records, "direct": records} when the prompts were asked in both modes (rl-mixed's
+    --direct_share), else {}."""
+    modes = {"thinking": [p for p in records if p.get("think", True)],
+             "direct": [p for p in records if not p.get("think", True)]}
+    return modes if all(modes.values()) else {}
 
 
 def paired(before: list, after: list) -> dict:
@@ -944,11 +950,9 @@ def paired(before: list, after: list) -> dict:
     def side(records, f):
         return [{"family": p["family"], "where": p["where"], "correct": f(p)} for p in records]
     out = {name: sample.paired_difference(side(after, f), side(before, f)) for name, f in EVAL_METRICS.items()}
-    for mode, think in (("thinking", True), ("direct", False)):     # rl-mixed asks in both (--direct_share)
-        a, b = ([p for p in recs if p.get("think", True) == think] for recs in (after, before))
-        if b and len(b) < len(before):
-            out[f"{mode}_greedy_acc"] = sample.paired_difference(side(a, EVAL_METRICS["greedy_acc"]),
-                                                                 side(b, EVAL_METRICS["greedy_acc"]))
+    after_modes, greedy = by_mode(after), EVAL_METRICS["greedy_acc"]
+    for mode, b in by_mode(before).items():
+        out[f"{mode}_greedy_acc"] = sample.paired_difference(side(after_modes[mode], greedy), side(b, greedy))
     return out
 
 

@@ -167,7 +167,9 @@ def anyres_size(width: int, height: int, patch_size: int = 14, downsample_ratio:
 
 def open_image(path, where: str = None) -> Image.Image:
     """Decode an image file fully (so truncation shows up here), as 8-bit RGB (`to_rgb`); DataError if
-    it can't."""
+    it can't. A PIL image is converted as it is."""
+    if isinstance(path, Image.Image):
+        return to_rgb(path)
     where = where or str(path)
     if not os.path.exists(path):
         raise DataError("missing_file", where, f"image file not found: {path}")
@@ -183,7 +185,7 @@ def load_image(path_or_image, max_tiles: int = 12, min_tiles: int = 1, image_siz
                use_thumbnail: bool = True, where: str = None):
     """(pixel_values (N, 3, S, S), N) of an image path or PIL image, tiled as the official
     `load_image`: N = tiles (+ the thumbnail when there are several), float32, ImageNet-normalised."""
-    img = to_rgb(path_or_image) if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
+    img = open_image(path_or_image, where)
     tiles = tile_image(img, max_tiles, min_tiles, image_size, use_thumbnail)
     return to_pixels(tiles), len(tiles)
 
@@ -192,7 +194,7 @@ def load_image_anyres(path_or_image, patch_size: int = 14, downsample_ratio: flo
                       max_patches: int = 16384, min_patches: int = 16, where: str = None):
     """(pixel_values (1, 3, H, W), 1) of an image path or PIL image at its AnyRes size (anyres_size):
     H, W multiples of patch_size / downsample_ratio, float32, ImageNet-normalised."""
-    img = to_rgb(path_or_image) if isinstance(path_or_image, Image.Image) else open_image(path_or_image, where)
+    img = open_image(path_or_image, where)
     size = anyres_size(img.width, img.height, patch_size, downsample_ratio, max_patches, min_patches)
     return to_pixels([img.resize(size, Image.BICUBIC)]), 1
 

@@ -24,8 +24,8 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Optional
 from collections import Counter, defaultdict
+from typing import Optional
 
 import repo_path
 
@@ -97,9 +97,7 @@ def recipe_effect_results(rdir: str, cfg: StageConfig, stand_in: Optional[tuple]
         return [p for p in preds[stage] if mode_of(p) == mode and p["family"] in fams]
 
     specs = [(name, f"{sa} ({MODE_WORDS[ma]})", side(sa, ma, fams), f"{sb} ({MODE_WORDS[mb]})", side(sb, mb, fams))
-             for name, (sa, ma), (sb, mb), fams in recipe_effects()]
-    if stand_in is not None:
-        specs = [sp for sp in specs if sp[1].startswith(f"{stand_in[0]} (") or sp[3].startswith(f"{stand_in[0]} (")]
+             for name, (sa, ma), (sb, mb), fams in recipe_effects() if stand_in is None or stand_in[0] in (sa, sb)]
     for row in RECIPE:
         if stand_in is not None and row.name != stand_in[0]:
             continue
