@@ -132,7 +132,7 @@ def test_two_process_stage_with_uneven_rows_finishes_and_resumes_after_kill(ckpt
     driver.write_text(DRIVER.format(root=ROOT))
     args = ["--stage", "rl-verifiable", f"--data_dir={synth}", "--episodes=4", "--group_size=4",
             "--prompts_per_episode=4", "--eval_prompts=4", "--eval_samples=2", "--save_every=2", "--lr=1e-3",
-            "--keep_checkpoints=5"]
+            "--keep_checkpoints=5", "--direct_share=0.5"]             # rl-mixed's direct prompts on 2 ranks too
     for d in ("a", "b"):
         os.makedirs(tmp_path / d)
         os.symlink(ckpt / "out" / "longcot", tmp_path / d / "longcot")
@@ -140,6 +140,7 @@ def test_two_process_stage_with_uneven_rows_finishes_and_resumes_after_kill(ckpt
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out[-3000:]
     assert "update 0004/0004" in out
+    assert " | thinking greedy " in out and " | direct greedy " in out        # both modes held out
     cut = torchrun(driver, args, tmp_path / "b")                 # killed once its episode-2 checkpoint exists
     deadline = time.time() + 600
     while not (tmp_path / "b" / "rl-verifiable.run" / "step-000002" / "meta.json").exists():
