@@ -785,6 +785,15 @@ def print_engines(title: str, res: dict):
               f"{n / cpu:9,.0f} tok, {n / cpu / (hf_n / hf_cpu):5.2f}x HF | {n} tokens{extra}")
 
 
+def print_decode_steps(res: dict, names: list, steps: int):
+    """The whole call split into its first token (the prefill, the same work in every engine) and
+    the decode steps after it: (whole call - a 1-token call) / steps, the time per output token."""
+    per_step = {name: (res[name][0] - res[name + "@1"][0]) / steps for name in names}
+    print(f"  after the first token ({steps} steps): " + ", ".join(
+        f"{name} {1e3 * t:.2f} ms/step ({per_step['hf'] / t:.2f}x HF)" for name, t in per_step.items())
+        + " | first token: " + ", ".join(f"{name} {1e3 * res[name + '@1'][0]:.0f} ms" for name in names))
+
+
 def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None, compile=True) -> dict:
     def ours(mode):
         return lambda: modeling.generate_from_embeds(lm, rows, n, 1.0, 1.0, stop, torch.Generator().manual_seed(0),
@@ -821,10 +830,12 @@ def bench_rollout(args):
             lm = modeling.build_model(args.preset).eval().language_model
             ids = torch.randint(0, 256, (args.batch, args.prompt_len))
             rows = list(lm.model.embed_tokens(ids))
-            res = interleaved(rollout_engines(lm, rows, args.new_tokens, hf_kw={"min_new": args.new_tokens},
-                                              compile=args.compile), args.repeats)
+            engines = rollout_engines(lm, rows, args.new_tokens, hf_kw={"min_new": args.new_tokens}, compile=args.compile)
+            first = rollout_engines(lm, rows, 1, hf_kw={"min_new": 1}, compile=args.compile)   # prefill + 1 token
+            res = interleaved({**engines, **{name + "@1": fn for name, fn in first.items()}}, args.repeats)
             print_engines(f"text: {args.preset} LLM, {args.batch} rows, prompt {args.prompt_len}, "
-                          f"{args.new_tokens} new tokens", res)
+                          f"{args.new_tokens} new tokens", {name: res[name] for name in engines})
+            print_decode_steps(res, list(engines), args.new_tokens - 1)
         if args.case in ("rl", "both"):
             sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts)
             lm, G = sailvl.language_model, args.group
