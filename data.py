@@ -696,7 +696,8 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
     Keys: input_ids (L,) long; labels (L,) long, -100 = no loss; pixel_values (N, 3, S, S) float32 or
     None (AnyRes: a list of (1, 3, H, W), one per image or video frame); tiles: tiles per <img> block;
     image_tokens: <IMG_CONTEXT> count per block; n_images: images + videos of the record;
-    n_visual_tokens; source ("file:line"); task; answer (str or None). With decode=False no pixel is
+    n_visual_tokens; source ("file:line"); task; answer (str or None); label_mode "rl": question (the
+    last user turn's text). With decode=False no pixel is
     decoded (pixel_values None) and every other key is as decoding gives it: tokens and tiles come
     from the image headers and the video frame count; only a file that fails after its header
     (a truncated image or video) is found by decoding alone.
@@ -722,6 +723,8 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
     turns = place_media(rec)
     if mode == "rl" and turns[-1][0] == "assistant":
         turns = turns[:-1]
+    if mode == "rl":                   # the question in words, for a judge of the reply (rl.py)
+        base["question"] = PLACEHOLDER_RE.sub("", turns[-1][1]).strip()
     media = measure_media(rec, turns, cfg)
     tiles, tokens = [n for m in media for n in m.tiles], [n for m in media for n in m.tokens]
     blocks = iter(image_block(k) for k in tokens)

@@ -352,6 +352,7 @@ class Prompt:
     family: str
     where: str
     think: bool = True
+    question: str = ""           # the question in words (what a judge of the reasoning is told)
 
 
 @dataclass(eq=False)
@@ -472,7 +473,7 @@ def score_rollouts(rolls: list, cfg, judge=None) -> None:
         elif parts is None or not parts[0].strip():
             r.think_r = 0.0
         elif judge is not None:
-            r.think_r = float(judge(r.prompt.where, parts[0], final_answer(r.text) or "", r.prompt.answer or ""))
+            r.think_r = float(judge(r.prompt.question, parts[0], final_answer(r.text) or "", r.prompt.answer or ""))
         else:
             r.think_r = float(repetition_ratio(parts[0]) < 0.5)
         r.reward = mixed_reward(r.answer_r, r.think_r, r.format_r, cfg.reward_weights)
@@ -588,7 +589,8 @@ class PromptPool:
 
 
 def as_prompt(s: dict, think: bool = True) -> Prompt:
-    return Prompt(s["input_ids"].tolist(), s["pixel_values"], s.get("answer"), family_of(s), s["source"], think)
+    return Prompt(s["input_ids"].tolist(), s["pixel_values"], s.get("answer"), family_of(s), s["source"], think,
+                  s.get("question", ""))
 
 
 def asked_directly(seed: int, k: int, share: float) -> bool:

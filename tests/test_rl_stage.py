@@ -233,6 +233,18 @@ def test_scores_of_the_two_reward_kinds(setup):
     assert rolls[0].reward == pytest.approx(0.8 * 1 + 0.1 * 1 + 0.1 * 1)
 
 
+def test_the_judge_is_told_the_question(setup):
+    """--judge grades a reasoning against its question (§4.2.5): the prompt's words, read from
+    its record, not where the record came from."""
+    _, _, _, _, cfg, prompts = setup
+    assert all(p.question and "<image>" not in p.question and ":" in p.where for p in prompts)
+    seen = []
+    r = rollout("<think>\nlook\n</think>\n\\boxed{a circle}", "a circle", "caption_qa")
+    r.prompt.question = "What is shown?"
+    rl.score_rollouts([r], replace(cfg, reward="mixed"), lambda q, t, a, ref: seen.append((q, t, a)) or 0.5)
+    assert seen == [("What is shown?", "\nlook\n", "a circle")] and r.think_r == 0.5
+
+
 def direct(text, answer, family):
     r = rollout(text, answer, family)
     r.prompt.think = False
