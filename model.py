@@ -654,7 +654,9 @@ def chunked_cross_entropy(h, weight, labels, chunk: int | None = None):
     tg = labels[:, 1:].reshape(-1)                                        # (B*(T-1),)
     parts = [maybe_checkpoint(chunk_cross_entropy, True, hs[i:i + chunk], weight, tg[i:i + chunk])
              for i in range(0, hs.shape[0], chunk)]
-    ce_sum = torch.stack(parts).sum() if parts else hs.new_zeros((), dtype=torch.float32)
+    # a pack with no position to predict (one token: a micro-batch whose samples all failed to
+    # decode) still gives a loss in the graph, 0 with zero gradients, so backward runs as on every rank
+    ce_sum = torch.stack(parts).sum() if parts else hs.float().sum() * 0.0
     return ce_sum, (tg != -100).sum()
 
 

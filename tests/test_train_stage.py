@@ -405,6 +405,25 @@ def test_a_non_finite_loss_skips_the_update(synth):
     assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
 
 
+def test_a_micro_batch_whose_samples_all_failed_to_decode_still_steps(synth):
+    """A rank's micro-batch whose samples all failed to decode is PackDecoder's one-token empty
+    pack: it adds a loss of 0 with zero gradients (backward still runs, as every rank must), and
+    the step equals the one of the real pack alone."""
+    samples, mcfg = fixed_samples(synth, n=4)
+    grads = []
+    for packs in (packs_of(samples, 4096), packs_of(samples, 4096) + [packing.empty_pack()]):
+        torch.manual_seed(0)
+        model = modeling.SAILVL(mcfg)
+        model.init_weights()
+        params = list(model.parameters())
+        opt = Recorder(params)
+        res = train_stage.train_step(model, opt, packs, params, 1.0, 1, CPU, NOCAST)
+        assert not res["skipped"]
+        grads.append(opt.seen)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 # ----------------------------------------------------------------------------------------------
 # data -> packing: exact resume on every rank, disjoint rank splits
 
