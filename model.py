@@ -202,8 +202,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cu_seqlens is not None:                                       # packed row: samples never mix
-            out = kernels.packed_attention(q[0], k[0], v[0], cu_seqlens, causal=True)[None]
+        if cu_seqlens is not None:        # packed row: samples never mix. Under autocast q, k are fp32 (the
+            dt = v.dtype                  # norms' fp32 weight) and v bf16: one dtype, as autocast gives SDPA
+            out = kernels.packed_attention(q[0].to(dt), k[0].to(dt), v[0], cu_seqlens, causal=True)[None]
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)
             if cache is not None:

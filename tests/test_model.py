@@ -58,6 +58,23 @@ def test_qwen3_packed_equals_separate(tmp_path):
             assert (packed[a:b] - want).abs().max() < 1e-4
 
 
+def test_packed_forward_under_bf16_autocast_with_fp32_weights():
+    """A one-process CUDA run trains fp32 weights under bf16 autocast. There the qk-norm gives fp32
+    q, k (its fp32 weight times bf16) while v stays bf16: the packed attention takes them in v's
+    dtype, as autocast hands SDPA all three, and the packed rows equal the samples run separately."""
+    torch.manual_seed(0)
+    lm = modeling.build_model("tiny").language_model.eval()
+    lens = [5, 1, 11, 7]
+    seqs = [torch.randint(0, 97, (n,)) for n in lens]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = lm(torch.cat(seqs)[None], position_ids=pos, cu_seqlens=cu)[0].float()
+        for s, (a, b) in zip(seqs, zip(cu[:-1].tolist(), cu[1:].tolist())):
+            want = lm(s[None])[0].float()
+            torch.testing.assert_close(packed[a:b], want, atol=0.05, rtol=0.05)
+
+
 def hf_aimv2(seed=0, image_size=56, hidden=32, heads=4):
     torch.manual_seed(seed)
     cfg = Aimv2VisionConfig(hidden_size=hidden, intermediate_size=72, num_hidden_layers=2, num_attention_heads=heads,
