@@ -887,9 +887,21 @@ def read_prompts(cfg, tok, dcfg, split: str, limit: int) -> list:
     return out
 
 
+def answer_of(r: Rollout) -> Optional[str]:
+    """The answer a rollout gives, read as answer_score reads it: in thinking mode its last
+    `\\boxed{}`; in direct mode (no box) what the family's rule extracts, else its answer region."""
+    if r.prompt.think:
+        return final_answer(r.text)
+    gold = r.prompt.answer or ""
+    if r.prompt.family in data.SYNTH_FAMILIES or checkable(gold):
+        return sample.score(r.prompt.family, r.text, "", gold)[1]
+    return sample.normalize_answer(sample.answer_region(r.text) or "")
+
+
 def answer_key_of(r: Rollout):
-    pred = final_answer(r.text)
-    return None if pred is None else answer_key(pred)
+    """The key majority voting counts (maj@k): equal keys are the same answer."""
+    pred = answer_of(r)
+    return answer_key(pred) if pred else None
 
 
 def per_prompt(greedy: Rollout, samples: list) -> dict:

@@ -333,6 +333,14 @@ def test_evaluation_metrics_by_hand():
     d = rl.paired([rec, dict(rec, where="x:2")], [rec, rec2])
     assert d["maj@k"]["difference"] == 0.5 and d["pass@1"]["difference"] == pytest.approx(0.1)
     assert d["greedy_acc"]["difference"] == 0.0 and d["greedy_acc"]["interval"] == [0.0, 0.0]
+    # a prompt asked in direct mode votes on what its family's rule reads (no box): 7 x2 beats 6 x1
+    replies = ("There are 7 circles.", "7", "I count 6 circles.")
+    votes = [direct(t, "7", "count") for t in replies] + [direct("the first image.", "second", "multi")] * 2
+    for v in votes:
+        v.answer_r = rl.answer_score(v, None)
+    assert [v.answer_r for v in votes] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert rl.per_prompt(votes[0], votes[:3])["maj_acc"] == 1.0
+    assert rl.per_prompt(votes[3], votes[3:])["maj_acc"] == 0.0 and rl.answer_key_of(votes[3]) is not None
 
 
 def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, tmp_path):
