@@ -282,17 +282,24 @@ def repetition_ratio(text: str, n: int = 4) -> float:
 
 
 def think_consistency(text: str, max_repetition: float = 0.5) -> float:
-    """Think reward for the synthetic arithmetic / counting tasks: 1.0 when the last number the
-    thinking derives equals the boxed answer and the thinking is no loop (repetition_ratio of its
-    word 4-grams below `max_repetition`), else 0.0. Linear in the length of `text`."""
+    """Think reward for the synthetic arithmetic / counting / chart tasks: 1.0 when the thinking
+    is no loop (repetition_ratio of its word 4-grams below `max_repetition`) and leads to the boxed
+    answer: a number must be the last number the thinking derives; a word (a chart's "which bar
+    is largest?") must be named after the last number it states (its conclusion, not its list of
+    the bars). Else 0.0. Linear in the length of `text`."""
     parts = split_think(text)
     if parts is None:
         return 0.0
     thinking, region = parts
-    boxed, derived = last_boxed(region), sample.last_number(thinking)
-    if boxed is None or derived is None or repetition_ratio(thinking) >= max_repetition:
+    boxed = last_boxed(region)
+    if boxed is None or repetition_ratio(thinking) >= max_repetition:
         return 0.0
-    return float(answers_match(derived, boxed))
+    if _parse_number(clean_answer(boxed)) is None:
+        word, chain = sample.normalize_answer(boxed), sample.normalize_answer(thinking)
+        at, last_digit = chain.rfind(word), max(chain.rfind(d) for d in "0123456789")
+        return float(bool(word) and at >= 0 and at + len(word) > last_digit)
+    derived = sample.last_number(thinking)
+    return float(derived is not None and answers_match(derived, boxed))
 
 
 def reference_judge(answer: str, reference: str, metric: str = "rouge_l", threshold: Optional[float] = 0.5) -> float:

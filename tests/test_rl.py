@@ -454,6 +454,9 @@ def test_think_consistency():
     assert rl.think_consistency(r"<think>no numbers here</think> \boxed{5}") == 0.0
     assert rl.think_consistency(r"<think>3 + 4 = 7</think> the answer is 7") == 0.0    # no box
     assert rl.think_consistency(r"3 + 4 = 7 \boxed{7}") == 0.0                          # no think
+    # a word answer (chart: "Which fruit has the largest value?") must be named by the thinking
+    assert rl.think_consistency(r"<think>pear 3, fig 9, kiwi 4: largest is 9, Fig.</think> \boxed{fig}") == 1.0
+    assert rl.think_consistency(r"<think>pear 3, fig 9, kiwi 4: largest is 9.</think> \boxed{kiwi}") == 0.0
     loop = "<think>" + "let me check the sum again " * 30 + "so 3 + 4 = 7</think> \\boxed{7}"
     assert rl.think_consistency(loop) == 0.0                                             # degenerate
     # repetition_ratio by hand: 4-grams of "a b c d a b c d": abcd bcda cdab dabc abcd -> 1 - 4/5
