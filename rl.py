@@ -1115,15 +1115,22 @@ def rl_config(argv: list) -> tuple:
         raise train_stage.UsageError("--advantage_control=answer needs --reward=verifiable")
     if not 0.0 <= cfg.general_share < 1.0:
         raise train_stage.UsageError(f"--general_share must be in [0, 1), got {cfg.general_share}")
+    if cfg.general_share and not cfg.filter_k:
+        raise train_stage.UsageError("--general_share is the share of general prompts kept beside the hard cases "
+                                     "of the pass@k filter: give --filter_k=K too")
     if not 0.0 <= cfg.direct_share <= 1.0:
         raise train_stage.UsageError(f"--direct_share must be in [0, 1], got {cfg.direct_share}")
-    for key in ("episodes", "group_size", "mini_batches", "epochs", "prompts_per_episode", "eval_samples"):
+    for key in ("episodes", "group_size", "mini_batches", "epochs", "prompts_per_episode", "eval_samples",
+                "eval_prompts"):
         if getattr(cfg, key) < 1:
             raise train_stage.UsageError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
     try:
         mixed_reward(0, 0, 0, cfg.reward_weights)                  # refuses weights that do not sum to 1
     except ValueError as e:
         raise train_stage.UsageError(f"--reward_weights: {e}") from None
+    if cfg.reward_weights[0] + cfg.reward_weights[2] <= 0:
+        raise train_stage.UsageError("--reward_weights: the answer and format weights must not both be 0 (the "
+                                     "verifiable reward and direct-mode prompts use only those two)")
     return cfg, given
 
 

@@ -331,10 +331,12 @@ RECIPE = (
           paper=(("lr", 1e-6), ("batch", 1024), ("seq", 20480), ("samples", 1_000_000), ("epochs", 1))),
     Stage("rl-mixed", "§4.2.5", "RL with mixed rewards (answer + think + format, weighted): hard cases + general. "
           "The miniature asks half its prompts in direct mode (the Think-Fusion model answers in both; thinking-mode "
-          "rollouts alone taught direct replies to run on into a chain), at LR 1e-4 (at 3e-4 direct answers drifted)",
+          "rollouts alone taught direct replies to run on into a chain), at LR 1e-4 (at 3e-4 direct answers drifted); "
+          "it trains on the whole mix: the hard-case filter (--filter_k=K, with --general_share) costs K samples "
+          "per prompt of the pool",
           mix=(("math", 0.25), ("count", 0.15), ("chart", 0.15), ("ocr", 0.1), ("caption_qa", 0.15), ("multi", 0.1),
                ("video", 0.1)), label_mode="rl", runner="rl.py",
-          tiny=(("reward", "mixed"), ("general_share", 0.3), ("direct_share", 0.5), ("episodes", 20), ("lr", 1e-4)),
+          tiny=(("reward", "mixed"), ("direct_share", 0.5), ("episodes", 20), ("lr", 1e-4)),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 100_000))),
 )
 STAGES = {s.name: s for s in RECIPE}

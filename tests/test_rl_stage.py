@@ -587,6 +587,10 @@ def test_rl_usage_errors_are_one_line():
     assert res.returncode == 2 and "--direct_share must be in [0, 1]" in res.stderr
     res = run(["rl.py", "--stage", "rl-verifiable", "--kl_coef=0.1"], timeout=60)
     assert res.returncode == 2 and "unknown option --kl_coef" in res.stderr
+    for args, says in ((["--general_share=0.3"], "give --filter_k"), (["--reward_weights=0,1,0"], "must not both be 0"),
+                       (["--eval_prompts=0"], "--eval_prompts must be >= 1")):
+        with pytest.raises(train_stage.UsageError, match=says):
+            rl.rl_config(["--stage", "rl-mixed", *args])
 
 
 def test_held_out_prompts_of_a_mixed_stage_are_distinct(setup):
