@@ -662,7 +662,7 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
     """This rank's kept groups (with advantages) and the episode's statistics over all ranks.
     Rounds of fresh prompts, at most cfg.max_sampling_rounds: every rank takes the same prompts
     from the pool and samples its share; a group is kept when its `learning_signal` varies (for
-    verifiable rewards: answers neither all right nor all wrong), up to this rank's quota;
+    verifiable rewards: answers neither all right nor all wrong) and its reward does, up to this rank's quota;
     the rounds stop when every rank is full. Then training goes on with what is there."""
     device = modeling.model_device(policy)
     rank, world = rank_and_world()
@@ -677,7 +677,10 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
         score_rollouts(rolls, cfg, judge)
         all_rolls += rolls
         seen += len(mine)
-        ok = filter_groups(torch.tensor([learning_signal(r, cfg) for r in rolls]), cfg.group_size) if rolls else []
+        # kept: the signal varies, and so does the reward the advantages come from (answers that
+        # vary in replies all malformed are all rewarded 0: advantages all 0)
+        ok = (filter_groups(torch.tensor([learning_signal(r, cfg) for r in rolls]), cfg.group_size)
+              & filter_groups(torch.tensor([r.reward for r in rolls]), cfg.group_size)) if rolls else []
         for g, keep in enumerate(ok):
             if keep:
                 kept += rolls[g * cfg.group_size:(g + 1) * cfg.group_size]

@@ -209,6 +209,15 @@ def test_mixed_rewards_keep_groups_whose_think_or_format_vary(setup, monkeypatch
                                 torch.Generator().manual_seed(0))
     assert st["kept"] == 0 and not kept
 
+    def malformed(rolls, cfg, judge=None):            # answers vary, but no reply is well-formed: reward 0 for all
+        for i, r in enumerate(rolls):
+            r.answer_r, r.format_r = float(i % 2), 0.0
+            r.reward = rl.verifiable_reward(r.answer_r, r.format_r, cfg.reward_weights)
+    monkeypatch.setattr(rl, "score_rollouts", malformed)
+    kept, st = rl.sample_groups(m, tok, pool(), replace(cfg, prompts_per_episode=2, max_sampling_rounds=1),
+                                torch.Generator().manual_seed(0))
+    assert st["kept"] == 0 and not kept                # its advantages would all be 0: no slot, no tokens
+
 
 def rollout(text, answer, family="count_cot"):
     return rl.Rollout(rl.Prompt([], None, answer, family, "x:1"), [], text, False, [])
