@@ -11,7 +11,8 @@ reasoning and a judge for answers that rules cannot check; the coefficients of t
                          by sample.py's grading API), `reward_format`.
   2. Group advantages    `group_advantages`: (r - mean) / (std + eps) in each prompt's group.
   3. Dynamic sampling    `filter_groups`: DAPO keeps groups whose rewards are not all equal.
-  4. Overlong shaping    `overlong_penalty`, `truncation_mask` (off by default: not in the paper).
+  4. Overlong shaping    `overlong_penalty`, `truncation_mask` (DAPO's; the paper uses neither,
+                         and no stage calls them).
   5. Policy loss         `policy_loss`: DAPO, GSPO, GSPO-token; aggregation that does not depend
                          on how the rollout batch is split into micro-batches and ranks.
   6. KL estimators       `kl_estimate` (k1 / k2 / k3); off in the stages (DAPO and GSPO drop KL).
@@ -785,7 +786,8 @@ def micro_step(model, pack: dict, rows: list, olds, cfg, tok, n_global: float, w
     old_lp, _ = padded([lp.detach() for lp in lps] if olds is None else olds, device)
     adv = torch.tensor([r.advantage for r in rows], device=device)        # (B,)
     loss, st = policy_loss(logp, old_lp, adv, mask, cfg.algo, cfg.clip_low, cfg.clip_high,
-                           cfg.agg or AGG_DEFAULTS[cfg.algo], n_global=n_global, clip_c=cfg.clip_c)
+                           cfg.agg or AGG_DEFAULTS[cfg.algo], n_global=n_global, clip_c=cfg.clip_c,
+                           norm_len=cfg.max_new_tokens)       # Dr.GRPO's constant: not this pack's width
     (loss * (weight * world)).backward()                                   # FSDP averages gradients over ranks
     n = float(st["n_tokens"]) * weight
     sums = {key: float(st[key]) * n for key in SUM_STATS}

@@ -121,10 +121,15 @@ def filler_of(prompts):
     return rl.Rollout(prompts[0], [0], "", False, [0.0])
 
 
-def test_first_update_has_ratio_exactly_one_and_splits_do_not_change_the_gradient(setup):
+@pytest.mark.parametrize("agg", ["", "seq-mean-token-sum-norm"])       # DAPO's token-mean; Dr.GRPO's
+def test_first_update_has_ratio_exactly_one_and_splits_do_not_change_the_gradient(setup, agg):
     _, _, m, tok, cfg, prompts = setup
+    cfg = replace(cfg, agg=agg)
     rolls = scored(rl.rollouts(m, tok, prompts[:4], cfg, torch.Generator().manual_seed(1)),
                    [float(i % 3 == 0) for i in range(16)])
+    for i, r in enumerate(rolls):                        # completions of different lengths: packs of different widths
+        n = 3 + (5 * i) % 17
+        r.completion, r.rollout_logp = r.completion[:n], r.rollout_logp[:n]
     params = list(m.parameters())
     grads = []
     for max_tokens in (4096, 300, 120):                  # one pack, a few, many: the same mini-batch gradient
