@@ -584,7 +584,7 @@ class PromptPool:
         self.direct, self.direct_share = direct, direct_share
 
     def take(self, n: int) -> list:
-        out = []
+        out, misses = [], 0
         while len(out) < n:
             epoch, k = divmod(self.pos, len(self.positions))
             self.pos += 1
@@ -592,7 +592,16 @@ class PromptPool:
             try:
                 out.append(load_prompt(self.mixture, pick, self.direct, self.direct_share))
             except data.DataError as e:
-                self.mixture.bad.bad(e)
+                if epoch == 0:                   # each sample counted once, good or bad: in the first pass
+                    self.mixture.bad.bad(e)
+                misses += 1
+                if misses >= len(self.positions):
+                    raise data.TooMuchBadData(f"no usable prompt in a whole pass of the pool: "
+                                              f"{self.mixture.bad.report()}") from None
+                continue
+            misses = 0
+            if epoch == 0:
+                self.mixture.bad.good()
         return out
 
 
@@ -1179,7 +1188,14 @@ def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tup
     if not cfg.filter_k:
         return positions, None
     t0 = time.time()
-    prompts = [load_prompt(mixture, k, direct, cfg.direct_share) for k in positions]
+    prompts, usable = [], []
+    for k in positions:
+        try:
+            prompts.append(load_prompt(mixture, k, direct, cfg.direct_share))
+            usable.append(k)
+        except data.DataError as e:      # counted here (the pool counts the usable ones when it hands them out)
+            mixture.bad.bad(e)
+    positions = usable
     kept, counts = pass_at_k_filter(policy, tok, prompts, cfg, cfg.filter_k, generator)
     general = [i for i, p in enumerate(prompts) if p.family not in NUMERIC_FAMILIES and i not in set(kept)]
     n_general = int(cfg.general_share * len(kept) / max(1e-9, 1 - cfg.general_share))

@@ -195,6 +195,25 @@ def test_dynamic_sampling_keeps_groups_on_accuracy_and_stops_at_its_cap(setup, m
     assert sum(r.advantage for r in kept) == pytest.approx(0, abs=1e-5) and max(r.advantage for r in kept) > 0
 
 
+def test_the_prompt_pool_counts_each_sample_once_and_stops_on_a_pool_of_bad_ones(tmp_path):
+    """Over several passes a bad line is skipped each time but counted once, and good ones too
+    (the bad fraction is over distinct samples: a healthy pool with a few bad lines runs on); a
+    pool with no usable prompt stops with the bad-data report instead of looping."""
+    good = {"conversations": [{"from": "human", "value": "What is 2 + 2?"}], "answer": "4"}
+    lines = [json.dumps(good)] * 18 + ["{not json", json.dumps({"conversations": good["conversations"]})]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    tok = data.load_tokenizer(None)
+    dcfg = data.DataConfig(label_mode="rl", max_bad_fraction=0.15, bad_check_after=20)
+    mixture = data.Mixture([str(tmp_path / "p.jsonl")], tok, dcfg, seed=0, verbose=False)
+    pool = rl.PromptPool(mixture, range(20), 0)
+    assert len(pool.take(18 * 3)) == 54 and pool.pos > 20 * 2                  # three passes' worth
+    assert mixture.bad.seen == 20 and sum(mixture.bad.counts.values()) == 2
+    (tmp_path / "bad.jsonl").write_text("{not json\n" * 4)
+    bad = data.Mixture([str(tmp_path / "bad.jsonl")], tok, replace(dcfg, max_bad_fraction=1.0), seed=0, verbose=False)
+    with pytest.raises(data.TooMuchBadData, match="no usable prompt"):
+        rl.PromptPool(bad, range(4), 0).take(1)
+
+
 def test_mixed_rewards_keep_groups_whose_think_or_format_vary(setup, monkeypatch):
     """rl-mixed (§4.2.5): a group whose answers are all wrong but whose format varies has a
     learning signal in the stage's reward and is kept; the verifiable stage drops the same group."""
