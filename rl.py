@@ -756,8 +756,9 @@ def padded(rows: list, device, fill=0.0):
 
 
 def split_mini_batches(rolls: list, cfg) -> list:
-    """cfg.mini_batches contiguous chunks of whole groups (rollout indices). With groups dealt
-    round-robin to ranks, the union over ranks of chunk k is chunk k of one process holding all."""
+    """cfg.mini_batches contiguous chunks of whole groups (rollout indices) of this rank's kept
+    groups. When every rank keeps the same number of groups, the union over ranks of chunk k is
+    chunk k of one process holding all of them (groups dealt round-robin)."""
     n_groups = len(rolls) // cfg.group_size
     return [[g * cfg.group_size + j for g in chunk.tolist() for j in range(cfg.group_size)]
             for chunk in np.array_split(np.arange(n_groups), cfg.mini_batches)]
@@ -996,8 +997,8 @@ EVAL_SEED = 12345      # the sampled half of every evaluation draws from this se
 
 @torch.no_grad()
 def evaluate_prompts(policy, tok, prompts: list, cfg, judge=None, progress: bool = False) -> list:
-    """Per held-out prompt (thinking mode): the greedy answer and cfg.eval_samples samples at the
-    rollout temperature, scored like the rollouts. Each rank answers its share; every rank gets
+    """Per held-out prompt (asked in its mode, thinking or direct): the greedy answer and
+    cfg.eval_samples samples at the rollout temperature, scored like the rollouts. Each rank answers its share; every rank gets
     all records, in prompt order. The sample draws restart from EVAL_SEED each call, so a "before"
     and an "after" see the same random numbers."""
     device = modeling.model_device(policy)
@@ -1292,7 +1293,7 @@ def episode_line(episode: int, cfg, rec: dict) -> str:
             f"{rec['fmt']:.3f} | kept {rec['kept']}/{rec['groups']} groups | lr {rec['lr']:.2e} | len {rec['len']:.0f} "
             f"| trunc {100 * rec['trunc']:.0f}%")
     if not rec["updates"]:
-        return line + " | no group with a spread of accuracy: no update"
+        return line + " | no group whose learning signal varies: no update"
     return line + (f" | clip lo/hi {rec['clip_frac_low']:.3f}/{rec['clip_frac_high']:.3f} | ent {rec['entropy']:.3f} | "
                    f"kl {rec['approx_kl']:.4f} | dlogp {rec['dlogp']:.1e} | {rec['gen_seconds']:.1f}/{rec['seconds']:.1f} s")
 
