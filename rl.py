@@ -998,9 +998,9 @@ EVAL_SEED = 12345      # the sampled half of every evaluation draws from this se
 @torch.no_grad()
 def evaluate_prompts(policy, tok, prompts: list, cfg, judge=None, progress: bool = False) -> list:
     """Per held-out prompt (asked in its mode, thinking or direct): the greedy answer and
-    cfg.eval_samples samples at the rollout temperature, scored like the rollouts. Each rank answers its share; every rank gets
-    all records, in prompt order. The sample draws restart from EVAL_SEED each call, so a "before"
-    and an "after" see the same random numbers."""
+    cfg.eval_samples samples at the rollout temperature, scored like the rollouts. Each rank
+    answers its share; every rank gets all records, in prompt order. The sample draws restart from
+    EVAL_SEED each call, so a "before" and an "after" see the same random numbers."""
     device = modeling.model_device(policy)
     rank, _ = rank_and_world()
     mine = my_share(prompts)
