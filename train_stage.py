@@ -156,8 +156,11 @@ def field_help(cls) -> dict:
     return out
 
 
-def parse_value(text: str, current, name: str):
-    """`text` converted to the type of `current` (bool, int, float, str, Optional[int])."""
+def parse_value(text: str, current, name: str, optional: bool = False):
+    """`text` converted to the type of `current` (bool, int, float, str); "none" is None where the
+    field is Optional (`optional`, or its value is None now)."""
+    if (optional or current is None) and text.lower() in ("none", ""):
+        return None
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -168,8 +171,6 @@ def parse_value(text: str, current, name: str):
         proto = current[0] if current else ""
         return type(current)(parse_value(t, proto, name) for t in text.split(",") if t != "")
     if current is None or isinstance(current, int):
-        if current is None and text.lower() in ("none", ""):
-            return None
         try:
             return int(text)
         except ValueError:
@@ -199,7 +200,14 @@ def set_key(roots: dict, key: str, value: str) -> None:
             raise UsageError(f"unknown option --{key}" + (f" (did you mean --{'.'.join(prefix + path[:i] + near)}?)"
                                                           if near else f" (no field {p!r} in {where})"))
         if i == len(path) - 1:
-            setattr(obj, p, parse_value(value, getattr(obj, p), key))
+            kind = str(next(f.type for f in fields(obj) if f.name == p))
+            optional = "Optional" in kind or "None" in kind
+            setattr(obj, p, parse_value(value, getattr(obj, p), key, optional))
+            if i and hasattr(obj, "__post_init__"):      # a nested config checks its fields as when built
+                try:
+                    obj.__post_init__()
+                except ValueError as e:
+                    raise UsageError(f"--{key}: {e}") from None
         else:
             obj = getattr(obj, p)
 
@@ -1260,6 +1268,9 @@ def parse_args(argv):
     if cfg.steps < 1 or cfg.step_scale <= 0:
         raise UsageError(f"--steps must be at least 1 and --step_scale above 0, got {cfg.steps} and {cfg.step_scale:g}")
     cfg.steps = max(1, round(cfg.steps * cfg.step_scale))
+    if not cfg.grad_clip > 0 or cfg.eval_packs < 1:
+        raise UsageError(f"--grad_clip must be above 0 and --eval_packs at least 1, got {cfg.grad_clip:g} and "
+                         f"{cfg.eval_packs}")
     if cfg.schedule not in ("cosine", "constant"):
         raise UsageError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
     if cfg.label_mode not in data.LABEL_MODES:

@@ -890,6 +890,18 @@ def error_line(res):
     return lines
 
 
+def test_nested_and_range_options_are_checked_where_they_are_parsed():
+    """--packing.* options pass the packer's own checks (a typo in --packing.overlong was silently
+    'truncate', --packing.micro_batches=0 divided by zero later); an Optional one takes "none"."""
+    for args, says in ((["--packing.overlong=bogus"], "overlong must be 'truncate' or 'own_pack'"),
+                       (["--packing.micro_batches=0"], "micro_batches must be >= 1"),
+                       (["--grad_clip=0"], "--grad_clip must be above 0"), (["--eval_packs=0"], "--eval_packs at least 1")):
+        with pytest.raises(train_stage.UsageError, match=says):
+            train_stage.parse_args(["--stage", "sft1", *args, "--help"])
+    cfg, _, _ = train_stage.parse_args(["--stage", "sft1", "--packing.max_wait=none", "--help"])
+    assert cfg.packing.max_wait is None
+
+
 @pytest.mark.parametrize("args,code,match", [
     (["--stage", "nosuch"], 2, "unknown stage 'nosuch'"),
     (["--stage", "vit1", "--lr=abc"], 2, "--lr: expected a number, got 'abc'"),
