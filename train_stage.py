@@ -976,13 +976,37 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
     return model, model.cfg
 
 
-def resume_from(path: str, model, opt, batches: StageBatches, search: Optional[AdaLRS], rank: int, world: int) -> tuple:
+def changed_options(saved: dict, now: dict, prefix: str = "") -> list:
+    """["key old -> new"] for the options (nested ones as a.b) whose values differ."""
+    out = []
+    for key, value in now.items():
+        old = saved.get(key, value)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out += changed_options(old, value, f"{prefix}{key}.")
+        elif old != value and not (isinstance(old, list) and tuple(old) == tuple(value or ())):
+            out.append(f"{prefix}{key} {old!r} -> {value!r}")
+    return out
+
+
+def resume_from(path: str, cfg: StageConfig, model, opt, batches: StageBatches, search: Optional[AdaLRS],
+                rank: int, world: int, log) -> tuple:
     """Weights, optimizer state, data position, AdaLRS and the RNGs from a step checkpoint;
-    returns (its step, the stage's first loss)."""
+    returns (its step, the stage's first loss). Options changed since the checkpoint's run are
+    logged (the run goes on with them); one that breaks the saved state is refused."""
     meta, rank_state = modeling.load_checkpoint(path, model, opt, rank, world)
-    batches.load_state_dict(meta["loader"])
-    if search is not None:
-        search.load_state_dict(meta["adalrs"], snapshot=rank_state.get("adalrs_snapshot"))
+    changed = changed_options(meta.get("config", {}), asdict(cfg))
+    if changed:
+        log(f"resume: options changed since {path} was saved, continuing with the new values: {', '.join(changed)}")
+    if (search is None) != (meta.get("adalrs") is None):
+        was = "with" if meta.get("adalrs") is not None else "without"
+        raise UsageError(f"{path} was saved {was} AdaLRS: resume with --adalrs={str(was == 'with').lower()} "
+                         f"(its LR scale is part of the run's state)")
+    try:
+        batches.load_state_dict(meta["loader"])
+        if search is not None:
+            search.load_state_dict(meta["adalrs"], snapshot=rank_state.get("adalrs_snapshot"))
+    except ValueError as e:
+        raise UsageError(f"cannot resume from {path}: {e}") from None
     modeling.set_rng_state(rank_state["rng"])
     return meta["step"], meta.get("first_loss")
 
@@ -1094,7 +1118,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     batches = build_batches(cfg, model_cfg, tok, "train", rank, world)
     eval_batches = lambda: build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=False)  # noqa: E731
 
-    step, first_loss = resume_from(resume, model, opt, batches, search, rank, world) if resume else (0, None)
+    step, first_loss = resume_from(resume, cfg, model, opt, batches, search, rank, world, log) if resume else (0, None)
     if resume:
         log(f"resume: continuing from {resume} at step {step}")
     start = step

@@ -786,6 +786,13 @@ def test_resume_restores_the_process_rngs(synth, tmp_path, monkeypatch):
     draws.clear()
     train_stage.run_stage("lm0", args, resume=f"{tmp_path}/lm0.run/step-000002")
     assert len(ref) == 4 and draws == ref[2:]
+    # options changed since the checkpoint are said; turning AdaLRS on or off is refused (its state)
+    logged = []
+    monkeypatch.setattr(train_stage, "print0", lambda rank, *a: logged.append(" ".join(map(str, a))))
+    train_stage.run_stage("lm0", [*args, "--lr=0.002"], resume=f"{tmp_path}/lm0.run/step-000002")
+    assert any("options changed" in ln and "lr 0.003 -> 0.002" in ln for ln in logged)
+    with pytest.raises(train_stage.UsageError, match="saved without AdaLRS: resume with --adalrs=false"):
+        train_stage.run_stage("lm0", [*args, "--adalrs=true"], resume=f"{tmp_path}/lm0.run/step-000002")
 
 
 def test_checkpoint_files_are_hashed_once_when_written_and_not_when_read(synth, tmp_path, monkeypatch):
