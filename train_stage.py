@@ -1161,6 +1161,8 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
         step += 1
         if res["skipped"]:
             bad_in_a_row += 1
+            if search is not None:       # in a trial a rejection (rolled back); its step counts either way
+                search.observe(res["loss"])
             skipped_step(cfg, res, step, bad_in_a_row, log)
             continue
         bad_in_a_row = 0

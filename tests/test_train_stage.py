@@ -374,6 +374,22 @@ def test_loop_applies_the_adalrs_scale_and_the_warm_up(synth, tmp_path, monkeypa
     assert mult[:4] == [0.25, 0.5, 0.75, 1.0]
 
 
+def test_adalrs_sees_a_skipped_steps_non_finite_loss(synth, tmp_path, monkeypatch):
+    """A step skipped for a non-finite loss still reaches AdaLRS: in a trial that is a rejection
+    (the weights rolled back, the LR lowered), and its step count stays the trainer's."""
+    seen, real_step, calls = [], train_stage.train_step, []
+    monkeypatch.setattr(train_stage.AdaLRS, "observe", lambda self, loss: seen.append(loss))
+
+    def nan_at_3(*a, **k):
+        calls.append(1)
+        res = real_step(*a, **k)
+        return dict(res, loss=float("nan"), skipped=True) if len(calls) == 3 else res
+    monkeypatch.setattr(train_stage, "train_step", nan_at_3)
+    train_stage.run_stage("pretrain1", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--init-from=random",
+                                        "--steps=5", "--eval_every=0", "--save_every=0", "--packing.max_tokens=256"])
+    assert len(seen) == 5 and math.isnan(seen[2]) and all(math.isfinite(x) for x in seen[:2] + seen[3:])
+
+
 def test_gradient_clipping_bounds_the_update(synth):
     samples, mcfg = fixed_samples(synth, n=4)
     torch.manual_seed(0)
