@@ -51,8 +51,8 @@ Reading order of one training step, from a manifest line to loss.backward() (fil
 
 Options: any StageConfig field as `--key=value` or `--key value` (types checked, unknown keys
 refused), nested configs as `--packing.max_tokens=2048`, `--adalrs_cfg.window=20`, and the model
-as `--model.llm_config.hidden_size=256`. The resolved config is printed at start and saved in
-every checkpoint.
+as `--model.llm_config.hidden_size=256`. The main options are printed at start; all of them are
+saved in <run>/config.json and in every checkpoint.
 """
 import copy
 import dataclasses
@@ -417,8 +417,9 @@ def apply_paper_scale(cfg: StageConfig, row: Stage, log) -> None:
     change("ac", "block")        # 2b at 8k packs: ~63-93 GB a rank without it (python tests/bench.py memory), over 80 GB
     missing = [k for k in ("lr", "batch", "seq") if k not in p]
     log(f"--scale=paper ({row.name}, {row.section or 'not a paper stage'}): " + ("; ".join(changed) or "nothing")
-        + (f"; the paper does not state {', '.join(missing)}: kept {cfg.lr:g} / packs of {cfg.packing.max_tokens}"
-           if missing else "") + "; the global batch is micro_batches x ranks x packs of max_tokens")
+        + (f"; the paper does not state {', '.join(missing)}: kept " + ", ".join(
+            {"lr": f"lr {cfg.lr:g}", "seq": f"packs of {cfg.packing.max_tokens}", "batch": f"{cfg.steps} steps"}[k]
+            for k in missing) if missing else "") + "; the global batch is micro_batches x ranks x packs of max_tokens")
 
 
 def getattr_path(obj, dotted: str):
@@ -1331,9 +1332,9 @@ def ensure_sources(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log):
                              f"`{command_for(row, cfg)}` first, or pass --init-from=DIR (--init-from=random "
                              f"starts from random weights)")
         sub = stage_config(name)
-        for key in ("out_dir", "data_dir", "seed", "preset", "tokenizer"):
+        for key in ("out_dir", "data_dir", "seed", "preset", "tokenizer", "fsdp", "ac", "num_workers"):
             setattr(sub, key, getattr(cfg, key))
-        sub.steps = cfg.auto_steps or sub.steps
+        sub.steps = cfg.auto_steps or max(1, round(sub.steps * cfg.step_scale))
         log(f"{stage_dir(cfg, name)} is missing: running the stand-in stage {name} first ({sub.steps} steps; "
             f"--auto_steps=N changes that); skip it with --init-llm=QWEN3_DIR, the real weights {name} stands in "
             f"for, or --init-from=DIR ({row.note})")

@@ -100,7 +100,7 @@ def test_scale_paper_applies_the_paper_values_and_says_what_changed():
     assert "lr 0.003 -> 0.0002" in lines[0] and f"steps {train_stage.stage_config('vit1').steps} -> 4166" in lines[0]
     lines.clear()
     train_stage.stage_config("pretrain2", "paper", log=lines.append)
-    assert "does not state lr, batch" in lines[0]
+    assert f"does not state lr, batch: kept lr 0.001, {train_stage.stage_config('pretrain2').steps} steps" in lines[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -984,10 +984,11 @@ def test_too_much_bad_data_is_one_line(tmp_path):
 
 
 def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synth, tmp_path):
-    res = run(["train_stage.py", "--stage", "vit1", f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps", "2",
-               "--auto_steps=2", "--packing.max_tokens=256", "--eval_every=0"])
+    res = run(["train_stage.py", "--stage", "vit1", f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps", "200",
+               "--step_scale=0.01", "--packing.max_tokens=256", "--eval_every=0"])    # the stand-in's steps scale too
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "running the stand-in stage lm0 first (2 steps" in res.stdout and "skip it with --init-llm=" in res.stdout
+    lm0_steps = round(train_stage.stage_config("lm0").steps * 0.01)
+    assert f"running the stand-in stage lm0 first ({lm0_steps} steps" in res.stdout and "skip it with --init-llm=" in res.stdout
     assert f"init: all weights from {tmp_path}/lm0" in res.stdout
     modeling.verify_checkpoint(f"{tmp_path}/lm0")
     modeling.verify_checkpoint(f"{tmp_path}/vit1")
