@@ -1117,7 +1117,11 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     search = AdaLRS(model, opt, total_steps=cfg.steps, cfg=cfg.adalrs_cfg, log=log, base_lr=cfg.lr) \
         if cfg.adalrs else None
     batches = build_batches(cfg, model_cfg, tok, "train", rank, world)
-    eval_batches = lambda: build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=False)  # noqa: E731
+    shown = []                   # the held-out stream's bad samples are reported (file:line) at its first read
+
+    def eval_batches():
+        shown.append(True)
+        return build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=len(shown) == 1)
 
     step, first_loss = resume_from(resume, cfg, model, opt, batches, search, rank, world, log) if resume else (0, None)
     if resume:

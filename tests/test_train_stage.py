@@ -390,6 +390,19 @@ def test_adalrs_sees_a_skipped_steps_non_finite_loss(synth, tmp_path, monkeypatc
     assert len(seen) == 5 and math.isnan(seen[2]) and all(math.isfinite(x) for x in seen[:2] + seen[3:])
 
 
+def test_bad_held_out_samples_are_reported_with_file_and_line(synth, tmp_path, capsys):
+    """The held-out stream is read at every evaluation: its bad samples are reported, with file and
+    line, at the first read (not silently skipped), and once."""
+    recs = [json.loads(ln) for ln in open(os.path.join(synth, "ocr", "eval.jsonl")).read().splitlines()[:30]]
+    lines = [json.dumps(dict(r, image=os.path.join(synth, "ocr", r["image"]))) for r in recs]
+    (tmp_path / "held.jsonl").write_text("\n".join(lines[:5] + ["{not json"] + lines[5:]) + "\n")
+    train_stage.run_stage("sft1", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--init-from=random", "--steps=2",
+                                   "--eval_every=1", "--eval_packs=1", "--save_every=0", "--packing.max_tokens=512",
+                                   f"--eval_manifests={tmp_path / 'held.jsonl'}"])
+    reported = [ln for ln in capsys.readouterr().err.splitlines() if "skipping bad sample" in ln]
+    assert len(reported) == 1 and "held.jsonl:6" in reported[0]
+
+
 def test_gradient_clipping_bounds_the_update(synth):
     samples, mcfg = fixed_samples(synth, n=4)
     torch.manual_seed(0)
