@@ -28,6 +28,7 @@ the (T, V) logits of a pack (`chunked_cross_entropy`). The same blocks are FSDP2
 """
 import argparse
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -829,9 +830,10 @@ def write_weights(folder: str, state_dict: dict, cfg: SAILVLConfig):
 
 def atomic_write_dir(path: str, write_fn):
     """Write a folder atomically: `write_fn(tmp)` fills a temp folder beside `path`, which then
-    replaces `path` by rename; a crash leaves either the old folder or the new one, never half."""
+    replaces `path` (replace_dir): `path` is the old folder or the new one, never half of one."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    restore_moved_aside(path)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
     try:
         write_fn(tmp)
@@ -841,23 +843,56 @@ def atomic_write_dir(path: str, write_fn):
         raise
 
 
+def fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_dir(tmp: str, path: str):
-    """Flush every file of the finished folder `tmp` (and its subfolders) to disk, then rename it
-    to `path` (an old `path` is moved aside first and removed after), so `path` is always whole or
-    absent."""
+    """Flush the finished folder `tmp` (its files and folders) to disk, give it the permissions of a
+    folder made by os.makedirs, and rename it to `path`. An old `path` is moved aside to
+    <path>.old-* first and removed after; if the rename fails it is moved back. A crash between the
+    two renames leaves it aside, and restore_moved_aside, which every writer and reader of `path`
+    calls first, puts it back."""
     for root, _, names in os.walk(tmp):
         for name in names:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
+        fsync_dir(root)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                       # mkdtemp made it 0700: owner-only
     parent = os.path.dirname(os.path.abspath(path))
     old = None
     if os.path.exists(path):
         old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
         os.rmdir(old)
         os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old:
+            os.replace(old, path)
+        raise
+    fsync_dir(parent)                                   # the renames themselves survive a power loss
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_moved_aside(path: str):
+    """Put back a folder replace_dir moved aside (<path>.old-*) when a crash stopped it before the
+    new one took its place (`path` is then missing)."""
+    if os.path.exists(path):
+        return
+    aside = sorted(glob.glob(glob.escape(path) + ".old-*"), key=os.path.getmtime)
+    if aside:
+        try:
+            os.replace(aside[-1], path)
+        except FileNotFoundError:                      # another process put it back first
+            pass
 
 
 def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
@@ -1099,6 +1134,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
     staging = os.path.abspath(path) + ".staging"
     try:
         if rank == 0:
+            restore_moved_aside(os.path.abspath(path))
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
         barrier()
@@ -1163,6 +1199,7 @@ def verify_checkpoint(path: str, resumable: bool = False) -> dict:
     """meta.json of a complete checkpoint (every file listed there present with its size), else
     CheckpointError saying why."""
     meta_path = os.path.join(path, "meta.json")
+    restore_moved_aside(os.path.abspath(path))
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not os.path.exists(meta_path):

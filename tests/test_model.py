@@ -457,6 +457,31 @@ def test_atomic_save_keeps_old_folder_on_failure(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 
 
+def test_a_crash_between_the_renames_loses_nothing_and_folders_are_not_owner_only(tmp_path, monkeypatch):
+    """replace_dir moves the old folder aside, then renames the new one in: if that rename fails the
+    old one is moved back; if the process died in between, the next reader or writer puts it back.
+    A written folder has os.makedirs's permissions (mkdtemp's are 0700: unreadable to others)."""
+    target = tmp_path / "ck"
+    modeling.atomic_write_dir(str(target), lambda d: open(os.path.join(d, "a.txt"), "w").write("old"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o777 & ~umask
+    real, calls = os.replace, []
+
+    def second_fails(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(a, b)
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OSError):
+        modeling.atomic_write_dir(str(target), lambda d: open(os.path.join(d, "a.txt"), "w").write("new"))
+    monkeypatch.setattr(os, "replace", real)
+    assert open(target / "a.txt").read() == "old" and sorted(os.listdir(tmp_path)) == ["ck"]
+    os.replace(target, tmp_path / "ck.old-x1y2")                    # as a crash between the renames leaves it
+    assert modeling.is_finished_stage(str(target)) is False and open(target / "a.txt").read() == "old"
+
+
 def test_tiny_preset_uses_the_default_tokenizers_image_token():
     import data
     tok = data.load_tokenizer(None)
