@@ -1126,23 +1126,50 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
     checkpoint (every rank writes its shards of the weights and of `opt`'s state, and its
     `rank_state`); without: a stage output (rank 0 writes the full weights as model.safetensors).
     Rank 0 adds `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with every
-    file's size and sha256. A full disk or an unwritable folder is one clear CheckpointError and
-    the previous checkpoint stays. `model` None: a data output (the CoT harvest), no weights."""
+    file's size and sha256. A full disk or an unwritable folder, on any rank, is one clear
+    CheckpointError on every rank (none left waiting in a collective) and the previous checkpoint stays. `model` None: a data output (the CoT harvest), no weights."""
     from torch.distributed.checkpoint import CheckpointException
     sd = full_state_dict(model) if model is not None and opt is None else None   # a collective under FSDP
     model_cfg = model_cfg or (model.cfg if model is not None else None)
     staging = os.path.abspath(path) + ".staging"
-    try:
+
+    def on_rank0(fn):                                # rank 0's own work; its failure is every rank's (agree)
         if rank == 0:
-            restore_moved_aside(os.path.abspath(path))
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
-        barrier()
-        mine, optim = [], None                        # the files this rank writes, hashed here
-        if opt is not None:
+            try:
+                return fn(), None
+            except OSError as e:
+                return None, e
+        return None, None
+
+    def agree(err, extra=None):
+        """Every rank's outcome: each rank raises the first failure, so none is left waiting in a
+        collective that a failed rank never reaches."""
+        got = all_gather((extra, reason(err) if err is not None else None))
+        failed = next(((r, why) for r, (_, why) in enumerate(got) if why), None)
+        if failed:
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {path}: {failed[1]}"
+                                  + (f" (rank {failed[0]})" if world > 1 else "") + " (the previous checkpoint, if any, is kept)")
+        return [x for x, _ in got]
+
+    def make_staging():
+        restore_moved_aside(os.path.abspath(path))
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    agree(on_rank0(make_staging)[1])
+    mine, optim, err = [], None, None                # the files this rank writes, hashed here
+    if opt is not None:
+        try:
             shards, optim = save_sharded(os.path.join(staging, "state"), model, opt)
+            mine += [f"state/{n}" for n in shards]
+        except CheckpointException as e:            # DCP reports a failed write on every rank
+            err = e
+        agree(err)
+    try:
+        if opt is not None:
             torch.save(rank_state or {}, os.path.join(staging, f"rank{rank}.pt"))
-            mine += [f"state/{n}" for n in shards] + [f"rank{rank}.pt"]
+            mine.append(f"rank{rank}.pt")
         if rank == 0:
             if sd is not None:
                 write_weights(staging, sd, model_cfg)               # config.json + model.safetensors
@@ -1155,20 +1182,19 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
                 shutil.copyfile(src, os.path.join(staging, name))
                 mine.append(name)
         files = {name: file_record(os.path.join(staging, name)) for name in mine}
-        for theirs in all_gather(files):
-            files.update(theirs)
-        if rank == 0:
-            meta = dict(meta, world_size=world, resumable=opt is not None, optimizer=optim,
-                        files=dict(sorted(files.items())), kind="model" if model is not None else "data")
-            with open(os.path.join(staging, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            replace_dir(staging, path)
-    except (OSError, CheckpointException) as e:      # DCP reports a failed write on every rank
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {reason(e)} (the previous checkpoint, if any, is "
-                              f"kept)") from None
-    barrier()
+    except OSError as e:
+        files, err = {}, e
+    every = {}
+    for theirs in agree(err, files):
+        every.update(theirs)
+
+    def finish():
+        full = dict(meta, world_size=world, resumable=opt is not None, optimizer=optim,
+                    files=dict(sorted(every.items())), kind="model" if model is not None else "data")
+        with open(os.path.join(staging, "meta.json"), "w") as f:
+            json.dump(full, f, indent=1)
+        replace_dir(staging, path)
+    agree(on_rank0(finish)[1])
 
 
 def reason(e: BaseException) -> str:

@@ -679,6 +679,32 @@ def test_a_full_disk_at_save_time_keeps_the_previous_checkpoint(tmp_path, monkey
     assert not [p for p in os.listdir(tmp_path) if p != "ck"]           # no staging folder left behind
 
 
+def _one_rank_fails_to_save(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    m = modeling.build_model("tiny", seed=0)
+    if rank == 1:                                       # only rank 1's disk is full when it writes its rank file
+        def full(*a, **k):
+            raise OSError(28, "No space left on device")
+        torch.save = full
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    try:
+        modeling.save_checkpoint(os.path.join(out_dir, "ck"), m, {"stage": "x"}, rank, world, {}, opt=opt)
+    except modeling.CheckpointError as e:
+        open(os.path.join(out_dir, f"error{rank}"), "w").write(str(e))
+    dist.destroy_process_group()
+
+
+def test_a_write_that_fails_on_one_rank_fails_on_every_rank_without_a_hang(tmp_path):
+    """Rank 1 alone cannot write: every rank raises the one CheckpointError (rank 0 would otherwise
+    wait in the next collective for a rank that left), and nothing half-written is left."""
+    import torch.multiprocessing as mp
+    mp.spawn(_one_rank_fails_to_save, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    errors = [open(tmp_path / f"error{r}").read() for r in range(2)]
+    assert errors[0] == errors[1] and "No space left on device (rank 1)" in errors[0]
+    assert not os.path.exists(tmp_path / "ck") and not os.path.exists(tmp_path / "ck.staging")
+
+
 def test_a_full_disk_while_shards_are_written_keeps_the_previous_step_checkpoint(tmp_path, monkeypatch):
     m = modeling.build_model("tiny", seed=0)
     opt = torch.optim.AdamW(m.parameters())
