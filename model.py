@@ -380,14 +380,24 @@ def sample_tokens(policy, temperature: float, uniform=None):
     if temperature <= 0:
         ids = policy.argmax(-1)
     else:
-        cdf = logp.exp().cumsum(-1)                                      # (n, V), non-decreasing
-        ids = torch.searchsorted(cdf, (1 - uniform) * cdf[:, -1:])[:, 0]
+        cdf = sampling_cdf(logp)                                         # (n, V), non-decreasing
+        ids = torch.searchsorted(cdf, (1 - uniform.double()) * cdf[:, -1:])[:, 0]
     return ids, logp.gather(-1, ids[:, None])[:, 0]
 
 
+def sampling_cdf(logp):
+    """The cumulative probabilities inverse-CDF sampling reads, in float64: a float32 running sum
+    over a 152k vocabulary stops adding tokens far below the sum's precision (the distribution
+    sampled then differs from softmax(policy), whose log-probs are recorded, by ~1e-3 in total
+    variation)."""
+    return logp.double().exp().cumsum(-1)
+
+
 def sample_next(logits, temperature: float, top_p: float, generator=None):
-    """logits (B, V) -> next ids (B,): greedy at temperature 0, else temperature + nucleus sampling."""
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) if temperature > 0 else None
+    """logits (B, V) -> next ids (B,): greedy at temperature 0, else temperature + nucleus sampling
+    (`generator`: any device, see device_generator)."""
+    gen = device_generator(generator, logits.device)
+    u = torch.rand(logits.shape[0], 1, generator=gen, device=logits.device) if temperature > 0 else None
     return sample_tokens(policy_logits(logits, temperature, top_p), temperature, u)[0]
 
 
@@ -1355,7 +1365,9 @@ def build_model(preset: str = "tiny", device="cpu", seed: int | None = 0) -> SAI
 
 
 def reinit_module(module, seed: int):
-    """A module freshly initialised as its constructor does (nn defaults), seeded."""
+    """A module's submodules re-initialised by their own reset_parameters (nn defaults: Linear
+    Kaiming-uniform, Embedding N(0, 1)), seeded. Modules without one (RMSNorm, MoE experts, the
+    ViT's position embedding) keep their values; init_weights is the model's own initialisation."""
     torch.manual_seed(seed)
     for m in module.modules():
         if hasattr(m, "reset_parameters") and m is not module:

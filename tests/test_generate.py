@@ -267,3 +267,16 @@ def test_a_compile_failure_falls_back_to_the_eager_step(monkeypatch):
     with pytest.warns(UserWarning, match="decoding eagerly"):
         got = engine(lm, PROMPTS, 6, compile=True)
     assert got == engine(lm, PROMPTS, 6, compile=False) and step.fn is modeling.decode_step
+
+
+def test_the_sampled_distribution_is_the_recorded_policy_at_a_152k_vocabulary():
+    """Inverse-CDF sampling (sample_tokens) picks token j for the draws between cdf[j-1] and cdf[j]:
+    the distribution sampled is the cdf's differences, which must be softmax(policy), whose
+    log-probs are recorded, also at Qwen's vocabulary, where a float32 running sum drops tail tokens."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 151936)
+    x[:, 7] += 12.0                                                   # one dominant token and a long tail
+    logp = torch.log_softmax(x, -1)
+    cdf = modeling.sampling_cdf(logp)
+    sampled = torch.diff(cdf, prepend=torch.zeros(2, 1, dtype=cdf.dtype)) / cdf[:, -1:]
+    assert (0.5 * (sampled - logp.double().exp()).abs().sum(-1)).max() < 1e-6      # total variation
