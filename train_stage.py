@@ -888,8 +888,9 @@ def train_step(model, opt, packs, params, grad_clip: float, world: int, device, 
     opt.zero_grad(set_to_none=True)
     res = {"loss": loss, "grad_norm": gnorm, "tokens": useful_tot, "skipped": skipped}
     if loads:
-        res.update(moe_entropy=sum(x["mean_entropy"] for x in loads) / len(loads),
-                   moe_max_load=sum(x["max_over_mean"] for x in loads) / len(loads), moe_aux=aux)
+        res.update(moe_entropy=sum(x["mean_entropy"] for x in loads) / len(loads),     # this rank's packs
+                   moe_max_load=sum(x["max_over_mean"] for x in loads) / len(loads),
+                   moe_aux=all_reduce_sum([aux], device)[0])     # the ranks' shares add up to the loss
     return res
 
 
@@ -1020,14 +1021,18 @@ def build_optimizer(cfg: StageConfig, params: list, cuda: bool):
 
 
 def open_metrics(path: str, keep_up_to: int):
-    """metrics.jsonl for appending, keeping the records of the steps a resumed run keeps."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """metrics.jsonl for appending, keeping the records of the steps a resumed run keeps (rewritten
+    atomically; a last line a crash cut short is dropped)."""
     kept = []
     if keep_up_to and os.path.exists(path):
         with open(path) as f:
-            kept = [ln for ln in f if json.loads(ln).get("step", 0) <= keep_up_to]
-    with open(path, "w") as f:
-        f.writelines(kept)
+            for ln in f:
+                try:
+                    if json.loads(ln).get("step", 0) <= keep_up_to:
+                        kept.append(ln)
+                except json.JSONDecodeError:
+                    pass
+    data.write_atomic(path, "".join(kept))
     return open(path, "a")
 
 
