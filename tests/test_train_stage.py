@@ -699,7 +699,11 @@ def test_a_write_that_fails_on_one_rank_fails_on_every_rank_without_a_hang(tmp_p
     """Rank 1 alone cannot write: every rank raises the one CheckpointError (rank 0 would otherwise
     wait in the next collective for a rank that left), and nothing half-written is left."""
     import torch.multiprocessing as mp
-    mp.spawn(_one_rank_fails_to_save, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    try:
+        mp.spawn(_one_rank_fails_to_save, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException:      # SIGABRT in gloo's teardown after the work (as in test_rl_dist)
+        if not all((tmp_path / f"error{r}").exists() for r in range(2)):
+            raise
     errors = [open(tmp_path / f"error{r}").read() for r in range(2)]
     assert errors[0] == errors[1] and "No space left on device (rank 1)" in errors[0]
     assert not os.path.exists(tmp_path / "ck") and not os.path.exists(tmp_path / "ck.staging")
