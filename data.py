@@ -472,8 +472,9 @@ def chat_segments(turns: list, system: str = DEFAULT_SYSTEM, mode: str = "sft", 
         if mode == "longcot" and not (thought or "").strip():
             raise DataError("format", where, "longcot needs every assistant turn to open with a non-empty <think>…</think>")
         if mode == "thinkfusion" and thought is not None and not thought.strip():
-            cut = len(content) - len(answer.lstrip())        # empty think block + its trailing blank lines
-            segs += [(content[:cut], False), (content[cut:] + "<|im_end|>", True)]
+            end = content.index("</think>") + len("</think>")   # untrained: the empty block and its line
+            cut = len(content) - len(content[end:].lstrip("\r\n"))   # breaks; a space stays with the first word
+            segs += [(content[:cut], False), (content[cut:] + "<|im_end|>", True)]   # (BPE makes " The" one token)
         else:
             segs.append((content + "<|im_end|>", True))
     if add_generation_prompt:

@@ -271,6 +271,16 @@ def test_labels_thinkfusion(tmp_path):
     check_mode(tmp_path, "thinkfusion", "3", "3<|im_end|>")
 
 
+def test_thinkfusion_trains_the_answers_first_word_after_a_space(synth, tmp_path):
+    """An empty think block, then a space: a BPE tokenizer joins that space to the answer's first
+    word (" The" is one token), and that token is the answer's, so it is trained."""
+    tok = data.load_tokenizer(str(synth))
+    s = data.JsonlDataset(chat_record(tmp_path, "<think></think> The answer is seven"), tok,
+                          DataConfig(label_mode="thinkfusion", system="S"))[0]
+    trained = [t for t, lab in zip(s["input_ids"].tolist(), s["labels"].tolist()) if lab != -100]
+    assert tok.decode(trained) == " The answer is seven<|im_end|>"
+
+
 def test_labels_multi_turn_sft(tmp_path):
     tok = data.load_tokenizer(None)
     line = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
