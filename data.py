@@ -576,17 +576,22 @@ def parse_record(obj, base: Path, where: str, task: str) -> Record:
     answer = None if obj.get("answer") is None else str(obj["answer"])
     if "conversations" not in obj and "messages" not in obj:
         if isinstance(obj.get("text"), str):
+            if "<IMG_CONTEXT>" in obj["text"]:
+                raise DataError("placeholder_mismatch", where, "the text holds <IMG_CONTEXT>, the image slot token")
             return Record(where, task, text=obj["text"], answer=answer)
         raise DataError("schema", where, "a record needs 'conversations', 'messages' or 'text'")
-    if "conversations" in obj:
-        raw = [(m.get("from"), m.get("value")) if isinstance(m, dict) else (None, None) for m in obj["conversations"]]
-    else:
-        raw = [(m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None) for m in obj["messages"]]
+    key, role_key, content_key = ("conversations", "from", "value") if "conversations" in obj else \
+        ("messages", "role", "content")
+    if not isinstance(obj[key], list):
+        raise DataError("schema", where, f"'{key}' must be a list of turns, got {type(obj[key]).__name__}")
+    raw = [(m.get(role_key), m.get(content_key)) if isinstance(m, dict) else (None, None) for m in obj[key]]
     system, turns = None, []
     for i, (role, content) in enumerate(raw):
         if role not in ROLES or content is None:
             raise DataError("schema", where, f"turn {i}: expected a role in {sorted(ROLES)} and a content, got {role!r}")
         text = _content_text(content, where)
+        if "<IMG_CONTEXT>" in text:        # an image slot only the expansion of <image> may place
+            raise DataError("placeholder_mismatch", where, f"turn {i}: the text holds <IMG_CONTEXT>, the image slot token")
         if ROLES[role] == "system":
             if i:
                 raise DataError("schema", where, "a system turn may only come first")

@@ -634,9 +634,11 @@ def salted_manifest(tmp_path):
         "missing_file": [json.dumps({**good("m"), "image": "missing.png"})],
         "image": [json.dumps({**good("t"), "image": "trunc.png"})],
         "placeholder_mismatch": [json.dumps({**good("p"), "conversations": [
-            {"from": "human", "value": "<image><image>\nq"}, {"from": "gpt", "value": "x"}]})] * 2,
+            {"from": "human", "value": "<image><image>\nq"}, {"from": "gpt", "value": "x"}]})] * 2
+        + [json.dumps(good("What does <IMG_CONTEXT> mean?"))],         # a literal image slot token in the text
         "too_long": [json.dumps({**good("L" * 400)})],
-        "schema": [json.dumps({"conversations": [{"from": "gpt", "value": "no user"}]}), json.dumps([1, 2])],
+        "schema": [json.dumps({"conversations": [{"from": "gpt", "value": "no user"}]}), json.dumps([1, 2]),
+                   json.dumps({"conversations": None}), json.dumps({"messages": 5})],
     }
     for reason, bad_lines in bad.items():
         for b in bad_lines:

@@ -526,7 +526,7 @@ def test_an_image_truncated_after_its_header_is_dropped_by_its_rank_and_counted_
     assert dict(mixture.bad.counts) == expected and mixture.bad.seen == 12 + sum(expected.values())
     assert trained == {f"{path.resolve()}:{n}" for n, line in enumerate(path.read_text().split("\n"), 1)
                        if "red." in line and n != truncated and "missing" not in line and "LLLL" not in line
-                       and "<image><image>" not in line}
+                       and "<image><image>" not in line and "<IMG_CONTEXT>" not in line}
     reported = [ln for ln in capsys.readouterr().err.splitlines() if "skipping bad sample" in ln]
     assert len(reported) == sum(expected.values()) == len(set(reported))
     assert [ln for ln in reported if "(image)" in ln] == [ln for ln in reported if f"m.jsonl:{truncated}:" in ln]
