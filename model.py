@@ -743,8 +743,8 @@ class SAILVL(nn.Module):
         """input_ids (B, T), pixel_values (N_tiles, 3, S, S) | list (AnyRes) | None -> Output.
         With labels (B, T) the summed shifted CE and its target count are filled in (in token chunks,
         `chunked_cross_entropy`) and the logits are not made unless `return_logits`; without labels
-        the logits are returned. For MoE LLMs the load-balancing term (§2.2) is this rank's share
-        (statistics averaged across ranks)."""
+        the logits are returned. For MoE LLMs, with labels, the load-balancing term (§2.2) is this
+        rank's share (statistics averaged across ranks: a collective)."""
         x = self.embed(input_ids, pixel_values)
         h, router_logits = self.language_model.run(position_ids=position_ids, cu_seqlens=cu_seqlens,
                                                    inputs_embeds=x, attention_mask=attention_mask)
@@ -753,8 +753,8 @@ class SAILVL(nn.Module):
         ce_sum = n = aux = None
         if labels is not None:
             ce_sum, n = chunked_cross_entropy(h, lm_head.weight, labels)
-        if router_logits:
-            c = self.cfg.llm_config
+        if router_logits and labels is not None:    # a loss forward, which every rank runs in step: the aux
+            c = self.cfg.llm_config                 # loss all-reduces (a judge's or a reply's forward must not)
             aux = moe.load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok, attention_mask)
         return Output(logits, ce_sum, n, aux, tuple(router_logits) or None)
 

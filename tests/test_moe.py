@@ -191,6 +191,7 @@ def test_sailvl_loss_adds_aux_and_returns_router_logits():
     want_aux = hf_moe().load_balancing_loss_func(tuple(r.detach() for r in out.router_logits),
                                                  c.num_experts, c.num_experts_per_tok)
     assert abs(out.aux_loss.item() - want_aux.item()) < 1e-5           # one rank: the share is the loss
+    assert model(ids).aux_loss is None          # no labels (a judge's forward): no aux loss, no all-reduce
     out.aux_loss.backward()
     gate = model.language_model.model.layers[0].mlp.gate.weight
     assert gate.grad is not None and gate.grad.abs().max() > 0          # the router learns from the aux loss
