@@ -457,8 +457,8 @@ def extract_answer(family: str, text: str, gold: str = None):
 
     All families read `answer_span` (after the last </think>, inside the last \\boxed{} if any), then:
       count                          the first number (digits, or a number word up to ten)
-      math, math_direct, count_cot   the boxed value; without a box, the last number (last_number:
-                                     digits, with its sign)
+      math, math_direct, count_cot   the boxed value; without a box, the last number of the whole
+                                     answer region (last_number: digits, with its sign; read from its end)
       chart                          the first number when `gold` is a number, else the first chart label
       ocr                            the first word of the synthetic vocabulary, else the last word
       multi                          the first of yes / no / first / second
@@ -474,7 +474,7 @@ def extract_answer(family: str, text: str, gold: str = None):
     if family == "count":
         return numbers[0] if numbers else None
     if family in ("math", "math_direct", "count_cot"):
-        last = span if boxed else last_number(span)
+        last = span if boxed else last_number(answer_region(text) or "")    # its tail, not the span's first MAX_SCAN
         return None if last is None else normalize_answer(last)
     if family == "chart":
         pick = numbers if g is not None and _number(g) is not None else [t for t in tokens if t in CHART_LABELS]

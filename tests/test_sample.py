@@ -143,12 +143,13 @@ RULES = [
     ("count", "<think>I count 3, so 3", "3", None),                          # a think never closed: no answer
     ("count", " " * 2000 + "2", "2", None),                                  # beyond MAX_SCAN
     ("math", "3 + 4 = 7", "7", "7"),                                         # no box: the last number, not the first
+    ("math", "The count is 7. " + "blah " * 500 + "Final: 9", "9", "9"),     # ... of the whole reply, not its first 2,000 characters
     ("math", "-2 + 5 = 3, so -3 + 1 = -2", "-2", "-2"),                      # ... with its sign
     ("math_direct", "\\boxed{7}, and 9 is wrong", "7", "7"),                  # a box wins over later numbers
     ("count_cot", "\\boxed{3} no: \\boxed{4}", "4", "4"),                      # the last box
     ("math", "\\boxed{4.0}", "4", "4"),                                       # normalised, agrees with 4
     ("math", "so \\boxed{\\frac{1}{2}}", "0.5", "\\frac{1}{2}"),                # the whole box, not a number in it
-    ("math", " " * 2000 + "7", "7", None),                                   # beyond MAX_SCAN
+    ("math", " " * 2000 + "7", "7", "7"),                                    # the last number: read from the end
     ("chart", "cat has 6 and dog has 4", "6", "6"),                          # numeric gold: the first number
     ("chart", "cat has 6 and dog has 4", "dog", "cat"),                      # label gold: the first label
     ("chart", "the dogs", "dog", "dog"),                                      # plural labels made singular
