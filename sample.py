@@ -219,13 +219,15 @@ _CHOICE = re.compile(r"\(([A-Z])\)|([A-Z])")
 _ASSIGN = re.compile(r"([A-Za-z])=([^=]+)")
 _BRACKET = re.compile(r"\\\{|\\\}|[()\[\]{},]")
 _NUMERIC_TEXT = re.compile(r"[^A-Za-z\\]*")          # wrapper content without words or commands
+_STRUCTURED_TEXT = re.compile(r"[=+,.;:]")            # words with an equation, a sum or a list: text for math-verify
 _PERCENT = re.compile(r"(0|[1-9]\d*)%")
 
 
 def _unwrap(s: str) -> str:
     """Drop `\\text{` ... `}`-style wrappers and keep their content, except around content without
     letters (a number): math-verify reads `\\text{5}` as text, equal to `5` but not to `5.0`, so
-    it stays `\\text{5}` here. One pass, linear."""
+    it stays `\\text{5}` here; and around words with an equation, a sum or a list (`\\text{x=5}`,
+    `\\text{A, B}`, `\\text{red.}`), which math-verify keeps as text too. One pass, linear."""
     out, stack, last = [], [], 0            # stack: (wrapper token or None, index into out)
     for m in _WRAPPER_TOKEN.finditer(s):
         out.append(s[last:m.start()])
@@ -237,7 +239,7 @@ def _unwrap(s: str) -> str:
             wrapper, at = stack.pop() if stack else (None, None)
             if wrapper is None or wrapper.startswith("\\boxed"):
                 out.append("}" if wrapper is None else "")
-            elif len(out) - at == 2 and _NUMERIC_TEXT.fullmatch(out[-1]):
+            elif len(out) - at == 2 and (_NUMERIC_TEXT.fullmatch(out[-1]) or _STRUCTURED_TEXT.search(out[-1])):
                 out[at] = wrapper.replace(" ", "")
                 out.append("}")
         else:

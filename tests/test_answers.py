@@ -202,6 +202,8 @@ POOL = [
     "1,234", "1, 234", "(1,234)", "1234", r"\text{Evelyn}", "Evelyn", "evelyn", "3.14", "157/50", "-0", "0",
     "(50%, 20%)", "(50,20)", r"\text{(5)}", "5.0%", "x=A", r"\{1,1,2\}", "1,-2", "30^\\circ", "30.0", "30%",
     "5,000", "5, 000", "1.", "1.0", "((1))", r"\text{yes}", "yes", "Yes",
+    r"\text{x=5}", r"\text{x = A}", r"\text{a+b}", "a+b", r"\text{A, B}", "A, B", r"\text{Bob, Alice}", "Bob,Alice",
+    r"\text{red.}", "red.", "red",                                    # text around structure stays text there
 ]
 
 
