@@ -890,18 +890,20 @@ def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True
     `check(rec, where)` may refuse a parsed record by raising DataError. The one reader of the
     offline data tools (tests/curate.py)."""
     manifest = Path(manifest)
-    lines = manifest.read_text(encoding="utf-8").splitlines()
+    lines = manifest.read_bytes().split(b"\n")      # as JsonlDataset reads it: lines end at \n only (JSON
+    if lines[0].startswith(b"\xef\xbb\xbf"):          # strings may hold U+2028 or U+0085 raw), a BOM ignored
+        lines[0] = lines[0][3:]
     for number, line in enumerate(tqdm(lines, desc=f"{desc} {manifest.name}", disable=not progress), start=1):
         if not line.strip():
             continue
         where = f"{manifest}:{number}"
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.decode("utf-8"))
             obj = prepare(obj, where) if prepare else obj
             rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
             if check:
                 check(rec, where)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             counts["bad:json"] += 1
             continue
         except DataError as e:
@@ -1257,7 +1259,7 @@ def rebalance_cli(args):
     print(f"{args.n}-gram entropy: {before['entropy']:.3f} -> {after['entropy']:.3f} bits")
     print(f"weights: min {w.min():.3f} max {w.max():.3f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({str(ds.line_numbers[i]): round(float(x), 6) for i, x in enumerate(w)}))
+        write_atomic(args.out, json.dumps({str(ds.line_numbers[i]): round(float(x), 6) for i, x in enumerate(w)}))
 
 
 def print_counts(title: str, counts: Counter):

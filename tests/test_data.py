@@ -1037,3 +1037,18 @@ def test_prompt_inputs(tmp_path):
     assert tok.decode(pil["input_ids"].tolist()).endswith(
         f"user\n{block}\nA<|im_end|><|im_start|>assistant\nB<|im_end|><|im_start|>user\nC<|im_end|><|im_start|>assistant\n")
     assert (pil["labels"] == -100).all()
+
+
+def test_the_offline_tools_read_manifests_as_training_does(tmp_path):
+    """manifest_records (tests/curate.py's reader) splits lines at \\n only, as JsonlDataset does:
+    a BOM, CRLF endings and U+2028 / U+0085 inside JSON strings are no bad lines, an undecodable
+    line is one, and every line keeps its number."""
+    rec = lambda text: json.dumps({"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "x"}]},
+                                  ensure_ascii=False).encode()              # noqa: E731
+    body = b"\xef\xbb\xbf" + rec("a\u2028b") + b"\r\n" + rec("c\x85d") + b"\r\n" + b"\xff\xfe{}\r\n" + rec("e") + b"\n"
+    (tmp_path / "m.jsonl").write_bytes(body)
+    counts = Counter()
+    got = [where for where, _, _ in data.manifest_records(tmp_path / "m.jsonl", "t", counts, progress=False)]
+    assert [w.rsplit(":", 1)[1] for w in got] == ["1", "2", "4"] and counts == Counter({"bad:json": 1})
+    ds = data.JsonlDataset(tmp_path / "m.jsonl", data.load_tokenizer(None))
+    assert [ds.where(i).rsplit(":", 1)[1] for i in range(len(ds))] == ["1", "2", "3", "4"]
