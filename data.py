@@ -190,7 +190,10 @@ def _pattern_of(pre_tokenizer, where: str) -> str:
         if p["type"] == "Split":
             if p.get("behavior") != "Isolated" or p.get("invert"):
                 raise ValueError(f"{where}: Split pre-tokenizer must be Isolated and not inverted, got {p}")
-            pattern = p["pattern"].get("Regex") or re.escape(p["pattern"]["String"])
+            if "Regex" not in p["pattern"]:      # a String split: tiktoken encodes only a pattern's matches,
+                raise ValueError(f"{where}: Split on a String is not supported (only Qwen's Regex): the text "
+                                 f"between its matches would be dropped")          # HF keeps them as pieces
+            pattern = p["pattern"]["Regex"]
         elif p["type"] == "ByteLevel":
             if p.get("add_prefix_space"):
                 raise ValueError(f"{where}: ByteLevel add_prefix_space=true is not supported")
@@ -450,7 +453,10 @@ def think_turn(content: str, where: str):
     end = head.find("</think>")
     if end < 0:
         raise DataError("format", where, "<think> is never closed by </think>")
-    return head[len("<think>"):end], head[end + len("</think>"):]
+    thought, rest = head[len("<think>"):end], head[end + len("</think>"):]
+    if "<think>" in thought or "<think>" in rest or "</think>" in rest:
+        raise DataError("format", where, "<think> tags must open the assistant turn and be closed once")
+    return thought, rest
 
 
 def chat_segments(turns: list, system: str = DEFAULT_SYSTEM, mode: str = "sft", think: bool = False,
@@ -519,8 +525,8 @@ def tokenize_text(tok: tiktoken.Encoding, text: str):
 #   {"messages": [{"role": "user", "content": "<image>..." | [{"type": "image"}, {"type": "text",
 #    "text": "..."}]}, ...], "images": [...], "videos": [...]}
 #   {"text": "..."}                                    (label_mode "text": LM pretraining)
-# Missing placeholders are prepended to the first user turn ("<image>\n" per image, then
-# "<video>\n" per video), as InternVL does; any other count mismatch is bad input.
+# Missing placeholders are prepended to the first user turn, which then opens with "<video>\n" per
+# video, then "<image>\n" per image; any other count mismatch is bad input.
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

@@ -261,6 +261,9 @@ def test_labels_longcot(tmp_path):
     with pytest.raises(DataError, match="non-empty <think>") as e:
         data.JsonlDataset(chat_record(tmp_path, "4"), data.load_tokenizer(None), DataConfig(label_mode="longcot"))[0]
     assert e.value.reason == "format" and e.value.where.endswith("m.jsonl:1")
+    for stray in ("<think>a</think>b</think>", "<think>a</think>b<think>c</think>", "<think>a<think>b</think>c"):
+        with pytest.raises(DataError, match="closed once"):                # a second block or stray tag
+            data.think_turn(stray, "m.jsonl:2")
 
 
 def test_labels_thinkfusion(tmp_path):
@@ -1052,3 +1055,10 @@ def test_the_offline_tools_read_manifests_as_training_does(tmp_path):
     assert [w.rsplit(":", 1)[1] for w in got] == ["1", "2", "4"] and counts == Counter({"bad:json": 1})
     ds = data.JsonlDataset(tmp_path / "m.jsonl", data.load_tokenizer(None))
     assert [ds.where(i).rsplit(":", 1)[1] for i in range(len(ds))] == ["1", "2", "3", "4"]
+
+
+def test_a_split_on_a_string_is_refused():
+    """tiktoken encodes only a split pattern's matches: an HF Split on a String (whose text between
+    matches HF keeps) would drop text, so such a tokenizer folder is refused."""
+    with pytest.raises(ValueError, match="String is not supported"):
+        data._pattern_of({"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated"}, "tok")
