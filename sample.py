@@ -17,7 +17,8 @@ else the embedded default). Images are tiled as the checkpoint was trained (tile
 AnyRes), videos give one tile per frame; a single answer streams to stdout token by token.
 Evaluation is greedy and batched (many prompts per `generate` call, KV cache, left padding; a row
 ends at <|im_end|> / <|endoftext|>); reports go to `<ckpt>/eval/<family>[-think][-blank].json` and a
-table is printed, every accuracy with its n and Wilson 95% interval. Replies are read with the
+table is printed, every accuracy with its n and (synthetic families and manifests) its Wilson 95%
+interval. Replies are read with the
 grading API here (the one the RL rewards and the LongCoT filter use: a reply's answer region, its
 last \\boxed{}, when two answers agree, word-F1, ROUGE-L); scoring per family: `extract_answer`,
 `caption_correct`, `split_last_word`. Effects are paired differences on the same samples
@@ -545,8 +546,8 @@ def reply_word_f1(reply: str, reference: str) -> float:
 
 # max_new_tokens per family (byte-level tiny tokenizer: about 1.2x the longest reference reply;
 # a BPE tokenizer needs fewer). Thinking mode leaves room for a chain before the \boxed{} answer:
-# 192 for the others (a scene described object by object, then the answer; the longest synthetic
-# chain, count_cot's for six objects, is 287 tokens).
+# 192 for the others (a scene described object by object, then the answer); count_cot's chains,
+# up to nine objects, reach ~400 tokens with the embedded tokenizer, hence its 512.
 DIRECT_NEW_TOKENS = {"text": 16, "caption": 96, "caption_qa": 32, "ocr": 16, "chart": 16, "count": 32,
                      "count_cot": 512, "math": 96, "math_direct": 32, "multi": 32, "video": 32}
 THINK_NEW_TOKENS = {"text": 16, "count_cot": 512, "math": 128}
@@ -561,10 +562,12 @@ def default_new_tokens(family: str, think: bool) -> int:
 
 
 # held-out samples per family read by default (sample.py --eval, the recipe): the whole synthetic
-# eval split. At n = 128 an accuracy near 0.5 has a Wilson 95% interval of ±0.09 (±0.17 at n = 32).
+# eval split of every family but text (1,024; its first 128). At n = 128 an accuracy near 0.5 has a
+# Wilson 95% interval of ±0.09 (±0.17 at n = 32).
 EVAL_LIMIT = 128
 
-PROMPT_BUCKET = 16               # prompt lengths this close share a batch (at most 15 pad tokens a row)
+PROMPT_BUCKET = 16               # prompts are sorted in steps of this many tokens (generate_all), so a
+                                 # batch mostly holds prompts of about one length
 
 
 @dataclass(frozen=True)
@@ -1027,9 +1030,9 @@ def cli(argv):
     ap.add_argument("--think", action="store_true", help="thinking mode: ask for <think>...</think> + \\boxed{}")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="default 256; eval: per family (DIRECT_NEW_TOKENS / THINK_NEW_TOKENS)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (eval is always greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off; not in eval)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (not in eval)")
     ap.add_argument("--eval", default=None, help="score a synthetic-data folder, a JSONL manifest or a VLMEvalKit TSV")
     ap.add_argument("--blank", action="store_true", help="eval: every image and video frame white (blindness)")
     ap.add_argument("--limit", type=int, default=None, help="eval: first N records (default: EVAL_LIMIT = 128 per family of a "
@@ -1042,8 +1045,12 @@ def cli(argv):
         for p in paths:
             if not os.path.exists(p):
                 raise UsageError(f"{flag} {p}: no such file or folder")
-    if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
-        raise UsageError("--limit and --batch-size must be at least 1")
+    if min(1 if args.limit is None else args.limit, args.batch_size,
+           1 if args.max_new_tokens is None else args.max_new_tokens) < 1:
+        raise UsageError("--limit, --batch-size and --max-new-tokens must be at least 1")
+    if args.eval and (args.image or args.video or args.temperature or args.top_p != 1.0):
+        raise UsageError("--eval answers each record's own question and media, greedily: --image, --video, "
+                         "--temperature and --top-p do not apply")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or (args.device != "cpu" and not torch.cuda.is_available()):
         raise UsageError(f"--device {args.device}: expected cpu or cuda[:N] (CUDA available: {torch.cuda.is_available()})")
     model, tok, dcfg = load(args.ckpt, args.device)

@@ -542,6 +542,15 @@ def test_cli_generation_and_eval_reports(tmp_path, tiny, synth, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["n"] == {"count": 3}
 
 
+def test_cli_refuses_options_it_would_ignore(tmp_path):
+    (tmp_path / "ck").mkdir()
+    for args, says in ((["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                       (["--limit", "0"], "--limit, --batch-size"),
+                       (["--eval", str(tmp_path), "--temperature", "0.7"], "do not apply")):
+        with pytest.raises(sample.UsageError, match=says):
+            sample.cli(["--ckpt", str(tmp_path / "ck"), *args])
+
+
 def test_cli_errors_are_one_line_and_an_exit_code(tmp_path, tiny):
     m, _, _ = tiny
     m.save_pretrained(tmp_path / "ck")
