@@ -168,12 +168,15 @@ class StreamPacker:
       a. samples that waited `max_wait` packs are forced in first, oldest first (§5.1);
       b. then, repeatedly, the LARGEST sample that still fits (best-fit-decreasing for the open
          pack), within `max_images_per_pack`; with visual packing, after the first sample, the
-         largest one that moves the pack's visual share toward the stream's is preferred (§3).
+         largest one that moves the pack's visual share toward the stream's is preferred
+         (_wanted_kind, §5.1).
     Largest-first fills packs almost exactly, but a sample that is rarely the largest that fits
     (short fillers; a mid-sized sample while larger ones keep arriving; a sample of the kind
-    the open packs do not want) can wait indefinitely: forced inclusion bounds every
-    sample's wait to `max_wait` packs. The buffer turns over every buffer_size / (samples per
-    pack) packs on average (~35 with the defaults at 8192 tokens), so 128 packs is ~4 turnovers.
+    the open packs do not want) can wait indefinitely: once it has waited `max_wait` packs it is
+    forced into the next pack it fits in (room allowing: a wait can run past max_wait while packs
+    fill with other forced samples or an over-long one takes a pack). The buffer turns over every
+    buffer_size / (samples per pack) packs on average, a data-dependent number (tens of packs at
+    the defaults), so forcing is for the rare sample, not the rule.
 
     Over-long samples (> max_tokens), cfg.overlong, applied by `push`:
       "truncate"  text-only samples are cut to max_tokens (counted in stats["truncated"] and
@@ -237,7 +240,7 @@ class StreamPacker:
 
     # -- building one pack ---------------------------------------------------------------------
     def _wanted_kind(self, pack_visual: int, pack_tokens: int) -> int:
-        """Visual packing (section 3): +1 if the open pack's visual share is below the stream's
+        """Visual packing (§5.1): +1 if the open pack's visual share is below the stream's
         (prefer visual-rich samples), -1 otherwise (prefer text-rich ones), 0 for no preference.
         Exact integer comparisons, so plans never depend on float rounding."""
         if not self.cfg.visual_packing or self.seen_visual == 0 or pack_tokens == 0:
@@ -426,8 +429,9 @@ def balance_packs(plans: Sequence[Sequence[SampleMeta]], n_ranks: int, hidden_si
                   visual: bool = True, max_swaps: int = 200) -> list:
     """Split one step's packs over ranks: returns, per rank, the list of pack positions.
 
-    Every rank gets the same number of packs (len(plans) // n_ranks, the first ranks one more when
-    it does not divide): FSDP/DDP ranks must run the same number of forward/backward passes.
+    Every rank gets len(plans) // n_ranks packs, the first ranks one more when it does not divide.
+    FSDP/DDP ranks must run the same number of forward/backward passes: PackPlanner always passes
+    world x micro_batches packs, so there the counts are equal.
     Objective: the largest normalised load max(work_r / mean work, visual_r / mean visual) over
     ranks (visual only when `visual`). Greedy LPT (largest pack first onto the rank it loads least)
     followed by pairwise swaps between the most loaded rank and any other while that lowers it.
@@ -530,10 +534,12 @@ def empty_pack() -> dict:
 class PackDecoder(torch.utils.data.Dataset):
     """What a loader worker does with one of this rank's packs: decode its samples (`load(index)`),
     drop those that raise one of `bad_errors` (a file whose header read but whose pixels do not),
-    collate the rest. The pack carries its step and the dropped (index, error) pairs."""
+    collate the rest. The pack carries its step and the dropped (index, error) pairs. A decoded
+    sample must have its planned metadata; it may only be longer when the plan truncated it
+    (a text-only sample planned at `max_tokens`)."""
 
-    def __init__(self, load, bad_errors: tuple):
-        self.load, self.bad_errors = load, bad_errors
+    def __init__(self, load, bad_errors: tuple, max_tokens: int):
+        self.load, self.bad_errors, self.max_tokens = load, bad_errors, max_tokens
 
     def __getitem__(self, item) -> dict:
         step, plan = item
@@ -545,7 +551,9 @@ class PackDecoder(torch.utils.data.Dataset):
                 dropped.append((meta.index, e))
                 continue
             got = sample_meta(sample, meta.index)
-            if (got.n_visual, got.n_images) != (meta.n_visual, meta.n_images) or got.n_tokens < meta.n_tokens:
+            cut = meta.n_tokens == self.max_tokens and meta.n_visual == 0
+            if (got.n_visual, got.n_images) != (meta.n_visual, meta.n_images) or got.n_tokens < meta.n_tokens \
+                    or (got.n_tokens > meta.n_tokens and not cut):
                 raise RuntimeError(f"sample {meta.index} decodes to {got}, but was planned as {meta}: the "
                                    f"metadata and the decoded sample must agree")
             samples.append(sample)
@@ -580,7 +588,7 @@ class PackLoader:
                  num_workers: int = 0, prefetch_factor: int = 2, bad_errors: tuple = ()):
         self.stream, self.cfg, self.num_workers, self.prefetch_factor = stream, cfg, num_workers, prefetch_factor
         self.planner = PackPlanner(stream, cfg, rank, world, hidden_size)
-        self.decoder = PackDecoder(stream.load, bad_errors)
+        self.decoder = PackDecoder(stream.load, bad_errors, cfg.max_tokens)
         self.steps, self.found, self.dropped, self.plans, self.groups = 0, [], [], [], []
         self.position = dict(cursor=stream.cursor(), packer=self.planner.packer.state_dict())
         self._packs = None

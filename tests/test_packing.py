@@ -463,3 +463,15 @@ def test_tiny_sailvl_packed_forward_equals_unpacked():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) >= 0.9999
+
+
+def test_a_sample_that_decodes_other_than_planned_is_refused():
+    """Decoding must give the planned metadata; longer only where the plan truncated a text sample
+    to max_tokens (else collate would cut its tail, or its image slots, without a word)."""
+    from packing import PackDecoder
+    s = dict(input_ids=torch.arange(10), labels=torch.arange(10), pixel_values=None)
+    for planned in (8, 12):
+        with pytest.raises(RuntimeError, match="must agree"):
+            PackDecoder(lambda k: s, (), max_tokens=64)[(0, [SampleMeta(0, planned, 0, 0)])]
+    assert PackDecoder(lambda k: s, (), max_tokens=64)[(0, [SampleMeta(0, 10, 0, 0)])]["input_ids"].shape[-1] == 10
+    assert PackDecoder(lambda k: s, (), max_tokens=8)[(0, [SampleMeta(0, 8, 0, 0)])]["input_ids"].shape[-1] == 8

@@ -589,7 +589,7 @@ def test_two_ranks_decode_only_their_own_samples_and_equal_the_one_process_split
     decoded = [[int(x) for x in (tmp_path / f"decoded{r}.txt").read_text().split()] for r in range(2)]
     planner = packing.PackPlanner(salted_stream(synth, tmp_path), packing.PackingConfig(
         max_tokens=1024, micro_batches=2, buffer_size=16), 0, 2, 64)
-    decoder = packing.PackDecoder(planner.stream.load, (data.DataError,))
+    decoder = packing.PackDecoder(planner.stream.load, (data.DataError,), planner.packer.cfg.max_tokens)
     planned, dropped_by = [[], []], {}
     for step in range(1, steps + 1):
         planner.plan_step()
