@@ -673,7 +673,9 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
     Rounds of fresh prompts, at most cfg.max_sampling_rounds: every rank takes the same prompts
     from the pool and samples its share; a group is kept when its `learning_signal` varies (for
     verifiable rewards: answers neither all right nor all wrong) and its reward does, up to this rank's quota;
-    the rounds stop when every rank is full. Then training goes on with what is there."""
+    the rounds stop when every rank is full. Then training goes on with what is there. A round
+    draws for the rank that needs the most; the share of a rank that needs fewer is cut, and its
+    unused prompts come again in the pool's next pass."""
     device = modeling.model_device(policy)
     rank, world = rank_and_world()
     kept, seen, all_rolls = [], 0, []
