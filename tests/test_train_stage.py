@@ -374,9 +374,12 @@ def test_loop_applies_the_adalrs_scale_and_the_warm_up(synth, tmp_path, monkeypa
     assert mult[:4] == [0.25, 0.5, 0.75, 1.0]
 
 
-def test_adalrs_sees_a_skipped_steps_non_finite_loss(synth, tmp_path, monkeypatch):
-    """A step skipped for a non-finite loss still reaches AdaLRS: in a trial that is a rejection
-    (the weights rolled back, the LR lowered), and its step count stays the trainer's."""
+def test_the_loop_feeds_a_skipped_step_to_adalrs_and_reports_bad_held_out_samples(synth, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A step skipped for a non-finite loss still reaches AdaLRS (in a trial that is a rejection:
+    the weights rolled back, the LR lowered; its step count stays the trainer's). The held-out
+    stream is read at every evaluation: its bad samples are reported with file and line at the
+    first read (not silently skipped), once."""
     seen, real_step, calls = [], train_stage.train_step, []
     monkeypatch.setattr(train_stage.AdaLRS, "observe", lambda self, loss: seen.append(loss))
 
@@ -385,20 +388,13 @@ def test_adalrs_sees_a_skipped_steps_non_finite_loss(synth, tmp_path, monkeypatc
         res = real_step(*a, **k)
         return dict(res, loss=float("nan"), skipped=True) if len(calls) == 3 else res
     monkeypatch.setattr(train_stage, "train_step", nan_at_3)
-    train_stage.run_stage("pretrain1", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--init-from=random",
-                                        "--steps=5", "--eval_every=0", "--save_every=0", "--packing.max_tokens=256"])
-    assert len(seen) == 5 and math.isnan(seen[2]) and all(math.isfinite(x) for x in seen[:2] + seen[3:])
-
-
-def test_bad_held_out_samples_are_reported_with_file_and_line(synth, tmp_path, capsys):
-    """The held-out stream is read at every evaluation: its bad samples are reported, with file and
-    line, at the first read (not silently skipped), and once."""
     recs = [json.loads(ln) for ln in open(os.path.join(synth, "ocr", "eval.jsonl")).read().splitlines()[:30]]
     lines = [json.dumps(dict(r, image=os.path.join(synth, "ocr", r["image"]))) for r in recs]
     (tmp_path / "held.jsonl").write_text("\n".join(lines[:5] + ["{not json"] + lines[5:]) + "\n")
-    train_stage.run_stage("sft1", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--init-from=random", "--steps=2",
-                                   "--eval_every=1", "--eval_packs=1", "--save_every=0", "--packing.max_tokens=512",
-                                   f"--eval_manifests={tmp_path / 'held.jsonl'}"])
+    train_stage.run_stage("pretrain1", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--init-from=random",
+                                        "--steps=5", "--eval_every=2", "--eval_packs=1", "--save_every=0",
+                                        "--packing.max_tokens=512", f"--eval_manifests={tmp_path / 'held.jsonl'}"])
+    assert len(seen) == 5 and math.isnan(seen[2]) and all(math.isfinite(x) for x in seen[:2] + seen[3:])
     reported = [ln for ln in capsys.readouterr().err.splitlines() if "skipping bad sample" in ln]
     assert len(reported) == 1 and "held.jsonl:6" in reported[0]
 
