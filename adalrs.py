@@ -228,7 +228,7 @@ class AdaLRS:
         self.model, self.optimizer, self.log = model, optimizer, log
         self.total_steps = int(total_steps)
         self.window = self.cfg.window or max(8, self.total_steps // 50)
-        self.search_begin = int(math.ceil(self.cfg.start * self.total_steps))   # first step a trial may start
+        self.search_begin = int(math.ceil(self.cfg.start * self.total_steps))   # a trial may start after it
         self.search_end = int(math.floor(self.cfg.end * self.total_steps))      # a trial must finish by here
         self.base_lr = float(optimizer.param_groups[0]["lr"] if base_lr is None else base_lr)
         self.step = 0               # observe() calls so far = optimizer steps done
@@ -245,7 +245,7 @@ class AdaLRS:
         self.finished = False       # the "search done" line was logged
         self.history = []           # one dict per decision, for tests / benchmarks / plots
         self.snapshot = None
-        if self.search_begin + self.window > self.search_end:
+        if max(self.search_begin, self.window) + self.window > self.search_end:   # a baseline window, then a trial
             self._log(f"search fraction [{self.cfg.start}, {self.cfg.end}] of {self.total_steps} steps is "
                       f"shorter than one {self.window}-step window: the LR will not be searched")
 

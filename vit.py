@@ -159,6 +159,9 @@ def anyres_size(width: int, height: int, patch_size: int = 14, downsample_ratio:
     if (w // patch_size) * (h // patch_size) > max_patches:
         scale = math.sqrt(width * height / (max_patches * patch_size * patch_size))
         w, h = max(f, math.floor(width / scale / f) * f), max(f, math.floor(height / scale / f) * f)
+        cap = max_patches // ((f // patch_size) ** 2) * f * f       # area of max_patches, in f x f blocks
+        w, h = (min(w, cap // h // f * f), h) if w >= h else (w, min(h, cap // w // f * f))   # a short side
+        # clamped up to f (an aspect of thousands to one) is paid for on the long side
     elif (w // patch_size) * (h // patch_size) < min_patches:
         scale = math.sqrt(min_patches * patch_size * patch_size / (width * height))
         w, h = math.ceil(width * scale / f) * f, math.ceil(height * scale / f) * f

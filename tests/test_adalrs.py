@@ -193,6 +193,16 @@ def test_no_search_outside_the_configured_fraction():
     assert not any(int(l.split()[2]) > 100 for l in logs)
 
 
+def test_a_search_fraction_too_short_for_a_baseline_and_a_trial_is_said():
+    """A trial needs a baseline window first (it ends at step >= window) and must end by the
+    fraction's end: [0, 0.15] of 100 steps with 8-step windows has no room, and says so."""
+    logs = []
+    model = tiny_model()
+    adalrs.AdaLRS(model, torch.optim.SGD(model.parameters(), lr=0.1), 100,
+                  adalrs.AdaLRSConfig(window=8, start=0.0, end=0.15), log=logs.append)
+    assert any("will not be searched" in ln for ln in logs)
+
+
 def test_search_settles_when_alpha_prime_reaches_one():
     search, _, _, logs = make_search(decay=0.5)               # alpha' = 3, 1.5, then max(0.75, 1) = 1
     feed(search, [10.0 - 1e-3 * i * i for i in range(40)])    # ever faster descent: every trial keeps

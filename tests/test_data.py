@@ -388,7 +388,7 @@ def test_tiles_are_row_major_on_a_3x2_grid():
 
 
 def test_anyres_sizes_and_sample(tmp_path):
-    for w, h in [(1000, 700), (5000, 300), (50, 40), (1792, 1792), (3000, 3000)]:
+    for w, h in [(1000, 700), (5000, 300), (50, 40), (1792, 1792), (3000, 3000), (1_000_000, 10), (10, 1_000_000)]:
         W, H = vit.anyres_size(w, h, 14, 0.5, max_patches=16384, min_patches=16)
         assert W % 28 == 0 and H % 28 == 0 and 16 <= (W // 14) * (H // 14) <= 16384
         if 28 * 4 < min(w, h) and max(w, h) <= 1792:
