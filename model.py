@@ -1137,19 +1137,20 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
     `rank_state`); without: a stage output (rank 0 writes the full weights as model.safetensors).
     Rank 0 adds `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with every
     file's size and sha256. A full disk or an unwritable folder, on any rank, is one clear
-    CheckpointError on every rank (none left waiting in a collective) and the previous checkpoint stays. `model` None: a data output (the CoT harvest), no weights."""
+    CheckpointError on every rank (none left waiting in a collective) and the previous checkpoint
+    stays. `model` None: a data output (the CoT harvest), no weights."""
     from torch.distributed.checkpoint import CheckpointException
     sd = full_state_dict(model) if model is not None and opt is None else None   # a collective under FSDP
     model_cfg = model_cfg or (model.cfg if model is not None else None)
     staging = os.path.abspath(path) + ".staging"
 
-    def on_rank0(fn):                                # rank 0's own work; its failure is every rank's (agree)
+    def on_rank0(fn):                                # rank 0's own work -> its OSError (every rank's: agree)
         if rank == 0:
             try:
-                return fn(), None
+                fn()
             except OSError as e:
-                return None, e
-        return None, None
+                return e
+        return None
 
     def agree(err, extra=None):
         """Every rank's outcome: each rank raises the first failure, so none is left waiting in a
@@ -1167,7 +1168,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
         restore_moved_aside(os.path.abspath(path))
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
-    agree(on_rank0(make_staging)[1])
+    agree(on_rank0(make_staging))
     mine, optim, err = [], None, None                # the files this rank writes, hashed here
     if opt is not None:
         try:
@@ -1204,7 +1205,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
         with open(os.path.join(staging, "meta.json"), "w") as f:
             json.dump(full, f, indent=1)
         replace_dir(staging, path)
-    agree(on_rank0(finish)[1])
+    agree(on_rank0(finish))
 
 
 def reason(e: BaseException) -> str:

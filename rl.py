@@ -931,9 +931,10 @@ def answer_key_of(r: Rollout):
 def per_prompt(greedy: Rollout, samples: list) -> dict:
     """What the evaluation keeps of one prompt: the greedy answer's scores, each sample's accuracy
     and the majority answer's."""
-    votes = Counter(k for k in map(answer_key_of, samples) if k is not None)
+    keys = [answer_key_of(s) for s in samples]                           # each sample's answer read once
+    votes = Counter(k for k in keys if k is not None)
     top = votes.most_common(1)[0][0] if votes else None
-    maj = next((s.answer_r for s in samples if answer_key_of(s) == top), 0.0) if top is not None else 0.0
+    maj = next((s.answer_r for s, k in zip(samples, keys) if k == top), 0.0) if top is not None else 0.0
     return {"where": greedy.prompt.where, "family": greedy.prompt.family, "think": greedy.prompt.think,
             "answer": greedy.prompt.answer,
             "greedy": greedy.text, "greedy_acc": greedy.answer_r, "greedy_reward": greedy.reward,

@@ -59,6 +59,7 @@ import dataclasses
 import difflib
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -1122,11 +1123,8 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     search = AdaLRS(model, opt, total_steps=cfg.steps, cfg=cfg.adalrs_cfg, log=log, base_lr=cfg.lr) \
         if cfg.adalrs else None
     batches = build_batches(cfg, model_cfg, tok, "train", rank, world)
-    shown = []                   # the held-out stream's bad samples are reported (file:line) at its first read
-
-    def eval_batches():
-        shown.append(True)
-        return build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=len(shown) == 1)
+    reads = itertools.count()    # the held-out stream's bad samples are reported (file:line) at its first read
+    eval_batches = lambda: build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=next(reads) == 0)  # noqa: E731
 
     step, first_loss = resume_from(resume, cfg, model, opt, batches, search, rank, world, log) if resume else (0, None)
     if resume:
