@@ -73,8 +73,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int):
     if cu[0] != 0:
         raise ValueError(f"packed_attention: cu_seqlens[0] must be 0, got {cu[0]}")
     if cu[-1] != total:
-        raise ValueError(f"packed_attention: cu_seqlens[-1] must equal T={total} (q.shape[0]), "
-                         f"got {cu[-1]}")
+        raise ValueError(f"packed_attention: cu_seqlens[-1] must equal T={total} (q.shape[0]), got {cu[-1]}")
     for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
         if b < a:
             raise ValueError(f"packed_attention: cu_seqlens must be non-decreasing, got "
@@ -93,8 +92,7 @@ def _check_attention_inputs(q, k, v, cu_seqlens):
         raise ValueError(f"packed_attention: query heads ({H}) must be a multiple of kv heads "
                          f"({k.shape[1]}) for GQA")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"packed_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+        raise ValueError(f"packed_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"packed_attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
 
@@ -116,8 +114,7 @@ def _packed_attention_loop(q, k, v, bounds, causal, scale):
             continue
         qi, ki, vi = qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)   # (H|Hkv, L, D)
         if Hkv != H:  # GQA: each kv head serves H // Hkv consecutive query heads
-            ki = ki.repeat_interleave(H // Hkv, dim=0)
-            vi = vi.repeat_interleave(H // Hkv, dim=0)
+            ki, vi = (t.repeat_interleave(H // Hkv, dim=0) for t in (ki, vi))
         oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale)
         outs.append(oi.transpose(0, 1))                      # (L, H, D)
     return torch.cat(outs, 0) if outs else torch.empty_like(q)
@@ -149,8 +146,7 @@ def _packed_attention_masked(q, k, v, bounds, causal, scale):
     mask = _block_diagonal_mask([e - s for s, e in zip(bounds[:-1], bounds[1:])], causal, q.device)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)   # (heads, T, D)
     if Hkv != H:
-        kh = kh.repeat_interleave(H // Hkv, dim=0)
-        vh = vh.repeat_interleave(H // Hkv, dim=0)
+        kh, vh = (t.repeat_interleave(H // Hkv, dim=0) for t in (kh, vh))
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return out.transpose(0, 1)                               # (T, H, D)
 
@@ -591,9 +587,7 @@ def _attn_tuned(kernel, kind: str, head_dim: int):
 
 def _attn_launch(kernel, kind, grid_of, args, consts, head_dim):
     """Launch with fixed interpreter tiles, or through the autotuner on a GPU.
-
-    grid_of(BLOCK_M, BLOCK_N) -> grid; consts: the constexprs other than the tiles.
-    """
+    grid_of(BLOCK_M, BLOCK_N) -> grid; consts: the constexprs other than the tiles."""
     if _interpreting():
         bm, bn = _ATTN_INTERPRET[kind]
         kernel[grid_of(bm, bn)](*args, CHUNK=_ATTN_INTERPRET["chunk"], BLOCK_M=bm, BLOCK_N=bn,
@@ -655,9 +649,9 @@ def _attn_block_table_cached(cu_seqlens, total: int, chunk: int, causal: bool):
 
 
 def _attn_store_dtype(dtype):
-    """The dtype the kernels write. The interpreter's fp32 -> bf16 cast truncates where a GPU
-    rounds to nearest, so under TRITON_INTERPRET=1 the kernels write fp32 and torch rounds: the
-    CPU tests then compare like-for-like rounding with PyTorch's bf16 (the kernel's error vs fp32 at most ~2x PyTorch-bf16's, the FlashAttention tests' rule)."""
+    """The dtype the kernels write: fp32 under TRITON_INTERPRET=1, whose fp32 -> bf16 cast truncates
+    where a GPU rounds, and torch rounds after; the CPU tests then hold the kernel's error vs fp32
+    to ~2x PyTorch-bf16's (the FlashAttention tests' rule) with like-for-like rounding."""
     return torch.float32 if _interpreting() else dtype
 
 
@@ -667,13 +661,12 @@ def _attn_forward(q, k, v, cu, table_q, causal, scale):
     o = torch.empty(T, H, D, dtype=_attn_store_dtype(q.dtype), device=q.device)
     lse = torch.empty(H, T, dtype=torch.float32, device=q.device)   # log2 units
     chunk = _attn_chunk()
-    G = table_q.shape[0]
     BLOCK_D = max(16, triton.next_power_of_2(D))
     consts = dict(GROUP=H // Hkv, HEAD_DIM=D, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, CAUSAL=causal,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     args = (q, k, v, o, lse, cu, table_q, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), o.stride(0), o.stride(1), T, scale * _LOG2E)
-    _attn_launch(_attn_fwd_kernel, "fwd", lambda bm, bn: (H, chunk // bm, G), args, consts, D)
+    _attn_launch(_attn_fwd_kernel, "fwd", lambda bm, bn: (H, chunk // bm, table_q.shape[0]), args, consts, D)
     return o.to(q.dtype), lse
 
 
@@ -725,8 +718,7 @@ class _PackedAttentionFn(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, cu, table_q, table_kv = ctx.saved_tensors
         do = _last_dim_contiguous(do)
-        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, cu, table_q, table_kv, ctx.causal,
-                                    ctx.scale)
+        dq, dk, dv = _attn_backward(do, q, k, v, o, lse, cu, table_q, table_kv, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
@@ -735,8 +727,7 @@ def packed_attention_triton(q, k, v, cu_seqlens, causal: bool, scale=None):
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"packed_attention: Triton path supports fp32/bf16/fp16, got {q.dtype}")
     if q.shape[-1] > 256:
-        raise ValueError(f"packed_attention: Triton path supports head dim <= 256, got "
-                         f"{q.shape[-1]}")
+        raise ValueError(f"packed_attention: Triton path supports head dim <= 256, got {q.shape[-1]}")
     if q.shape[0] == 0:
         return q.clone()                                  # empty pack: nothing to attend
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -806,14 +797,11 @@ def moe_grouped_mlp_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     counts = torch.bincount(flat_ids, minlength=E).tolist()
     xs = x[token_of]                                         # (T*k, H) gathered rows
     outs = []
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
+    for e, xe in enumerate(xs.split(counts)):                # split, not slices: one cat backward
+        if xe.shape[0] == 0:
             continue
-        xe = xs[start:start + n]
         h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())  # (n, I)
         outs.append(h @ w_down[e].t())                       # (n, H)
-        start += n
     ys = torch.cat(outs, 0) if outs else xs.new_zeros(0, Hd)
     ys = ys * topk_weights.reshape(-1)[order].unsqueeze(1).to(ys.dtype)
     y = torch.zeros(T, Hd, dtype=ys.dtype, device=x.device)
@@ -852,12 +840,10 @@ def _configs(gpu16, gpu32, interp):
     sm_90 AOT builds); exactly one config under the interpreter (multi-config autotune needs a GPU to benchmark)."""
     if _interpreting():
         return [triton.Config(dict(interp), num_warps=4, num_stages=1)]
-    configs = []
-    for fp32, table in ((False, gpu16), (True, gpu32)):
-        for kw, warps, stages in table:
-            cfg = triton.Config(dict(kw), num_warps=warps, num_stages=stages)
-            cfg.moe_fp32 = fp32  # the storage dtype this tile is for (`_moe_prune` filters on it)
-            configs.append(cfg)
+    configs = [triton.Config(dict(kw), num_warps=warps, num_stages=stages)
+               for kw, warps, stages in gpu16 + gpu32]
+    for i, cfg in enumerate(configs):
+        cfg.moe_fp32 = i >= len(gpu16)  # the storage dtype this tile is for (`_moe_prune` filters on it)
     return configs
 
 
@@ -909,11 +895,8 @@ def _even_k(args):
 
 @triton.jit
 def _moe_cast(v, DT: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 -> storage dtype DT, rounding to nearest even as the GPU does.
-
-    The interpreter truncates fp32 -> bf16 casts (a -2.8e-3 relative bias, seen with Triton 3.9),
-    so under it the rounding is done on the bits first; on GPU this is a plain cast.
-    """
+    """fp32 -> storage dtype DT, rounded to nearest even as the GPU does: the interpreter truncates
+    fp32 -> bf16 (a -2.8e-3 relative bias, seen with Triton 3.9), so under it the bits are rounded first."""
     if UPCAST:
         if DT == tl.bfloat16:
             b = v.to(tl.uint32, bitcast=True)
@@ -925,21 +908,34 @@ def _moe_cast(v, DT: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _moe_row_block(pid, num_m, N, M, pair_ptr, bexp_ptr, TOPK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (column tile, expert, padded rows, pairs, row validity, source tokens).
-
-    GROUP_M row blocks sweep a column tile together so the expert's weight tile stays in L2.
-    """
+    """Program id -> (column tile, its columns and their validity, expert, padded rows, pairs, row
+    validity, source tokens). GROUP_M row blocks sweep a column tile together so the expert's
+    weight tile stays in L2."""
     width = GROUP_M * ((N + BLOCK_N - 1) // BLOCK_N)
     first_m = (pid // width) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     e = tl.load(bexp_ptr + pid_m).to(tl.int64)                          # E: unused block
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)        # (BM,) padded sorted rows
     pair = tl.load(pair_ptr + rows).to(tl.int64)                        # sentinel M on padding
     row_ok = pair < M
     tok = tl.where(row_ok, pair // TOPK, 0)
-    return pid_n, e, rows, pair, row_ok, tok
+    return pid_n, offs_n, offs_n < N, e, rows, pair, row_ok, tok
+
+
+@triton.jit
+def _moe_k_masks(row_ok, n_ok, offs_k, k_left, EVEN_K: tl.constexpr):
+    """Load masks of one K step: A (BM, BK) by row, B (BK, BN) by column; K tested unless EVEN_K."""
+    if EVEN_K:
+        a_mask = row_ok[:, None]
+        b_mask = n_ok[None, :]
+    else:
+        k_ok = offs_k < k_left
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        b_mask = k_ok[:, None] & n_ok[None, :]
+    return a_mask, b_mask
 
 
 @triton.autotune(configs=_MOE_GATE_UP_CONFIGS, key=["N", "K", "BLOCK_M"], prune_configs_by=_MOE_PRUNE)
@@ -956,12 +952,10 @@ def _moe_gate_up_fwd_kernel(
 
     N = I, K = H. Reads x rows by token index; writes gu (P, 2I) = [g | u] and h (P, I).
     """
-    pid_n, e, rows, pair, row_ok, tok = _moe_row_block(
+    pid_n, offs_n, n_ok, e, rows, pair, row_ok, tok = _moe_row_block(
         tl.program_id(0), num_m, N, M, pair_ptr, bexp_ptr, TOPK, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * s_xt + offs_k[None, :] * s_xk                     # (BM, BK)
     g_ptrs = wg_ptr + e * s_ge + offs_n[None, :].to(tl.int64) * s_gn + offs_k[:, None] * s_gk  # (BK, BN)
@@ -969,13 +963,7 @@ def _moe_gate_up_fwd_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a_mask = row_ok[:, None]
-            b_mask = n_ok[None, :]
-        else:
-            k_ok = offs_k < K - k0
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            b_mask = k_ok[:, None] & n_ok[None, :]
+        a_mask, b_mask = _moe_k_masks(row_ok, n_ok, offs_k, K - k0, EVEN_K)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(LD)
         bg = tl.load(g_ptrs, mask=b_mask, other=0.0).to(LD)
         bu = tl.load(u_ptrs, mask=b_mask, other=0.0).to(LD)
@@ -1005,24 +993,16 @@ def _moe_down_fwd_kernel(
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     """K2: y_pairs[p] = w_p * (h_row W_down[e]^T), N = H, K = I; router weight in the epilogue."""
-    pid_n, e, rows, pair, row_ok, tok = _moe_row_block(
+    pid_n, offs_n, n_ok, e, rows, pair, row_ok, tok = _moe_row_block(
         tl.program_id(0), num_m, N, M, pair_ptr, bexp_ptr, TOPK, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None] * s_h + offs_k[None, :]                               # (BM, BK)
     b_ptrs = wd_ptr + e * s_de + offs_n[None, :].to(tl.int64) * s_dn + offs_k[:, None] * s_dk  # (BK, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a_mask = row_ok[:, None]
-            b_mask = n_ok[None, :]
-        else:
-            k_ok = offs_k < K - k0
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            b_mask = k_ok[:, None] & n_ok[None, :]
+        a_mask, b_mask = _moe_k_masks(row_ok, n_ok, offs_k, K - k0, EVEN_K)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(LD)
         b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(LD)
         acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -1049,24 +1029,16 @@ def _moe_down_bwd_kernel(
 
     dwp (M, n_tiles) gets one partial sum per I tile (summed in torch: deterministic).
     """
-    pid_n, e, rows, pair, row_ok, tok = _moe_row_block(
+    pid_n, offs_n, n_ok, e, rows, pair, row_ok, tok = _moe_row_block(
         tl.program_id(0), num_m, N, M, pair_ptr, bexp_ptr, TOPK, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = dy_ptr + tok[:, None] * s_dyt + offs_k[None, :] * s_dyk                  # (BM, BK)
     b_ptrs = wd_ptr + e * s_de + offs_k[:, None].to(tl.int64) * s_dk + offs_n[None, :] * s_dn  # (BK, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a_mask = row_ok[:, None]
-            b_mask = n_ok[None, :]
-        else:
-            k_ok = offs_k < K - k0
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            b_mask = k_ok[:, None] & n_ok[None, :]
+        a_mask, b_mask = _moe_k_masks(row_ok, n_ok, offs_k, K - k0, EVEN_K)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(LD)
         b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(LD)
         acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -1101,12 +1073,10 @@ def _moe_gate_up_bwd_dx_kernel(
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     """B2: dx_pairs[p] = dg W_gate[e] + du W_up[e] (N = H, K = I), written by pair."""
-    pid_n, e, rows, pair, row_ok, tok = _moe_row_block(
+    pid_n, offs_n, n_ok, e, rows, pair, row_ok, tok = _moe_row_block(
         tl.program_id(0), num_m, N, M, pair_ptr, bexp_ptr, TOPK, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for half in tl.static_range(2):  # dg against W_gate, then du against W_up, one accumulator
@@ -1118,13 +1088,7 @@ def _moe_gate_up_bwd_dx_kernel(
             s_bk = s_uk
         a_ptrs = dgu_ptr + rows[:, None] * s_dgu + half * K + offs_k[None, :]             # (BM, BK)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a_mask = row_ok[:, None]
-                b_mask = n_ok[None, :]
-            else:
-                k_ok = offs_k < K - k0
-                a_mask = row_ok[:, None] & k_ok[None, :]
-                b_mask = k_ok[:, None] & n_ok[None, :]
+            a_mask, b_mask = _moe_k_masks(row_ok, n_ok, offs_k, K - k0, EVEN_K)
             a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(LD)
             b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(LD)
             acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -1132,6 +1096,20 @@ def _moe_gate_up_bwd_dx_kernel(
             b_ptrs += BLOCK_K * s_bk
     dx_ptrs = dxp_ptr + pair[:, None] * s_dxp + offs_n[None, :]
     tl.store(dx_ptrs, _moe_cast(acc, dxp_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_expert_tile(pid, M, N, rstart_ptr, rend_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program id of a dW kernel -> (expert e, rows and row validity, columns and column validity of
+    its (M, N) output tile, e's real rows [r0, r1) in the padded sorted layout)."""
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    e = pid // (num_m * num_n)
+    pid_m = (pid % (num_m * num_n)) // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, offs_m, offs_m < M, offs_n, offs_n < N, tl.load(rstart_ptr + e), tl.load(rend_ptr + e)
 
 
 @triton.autotune(configs=_MOE_DW_CONFIGS, key=["I", "H"], prune_configs_by=_MOE_PRUNE)
@@ -1143,18 +1121,8 @@ def _moe_gate_up_bwd_dw_kernel(
         TOPK: tl.constexpr, UPCAST: tl.constexpr, LD: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """B3: [dW_gate[e]; dW_up[e]] (2I, H) = dgu_e^T x_e over expert e's contiguous rows."""
-    num_m = (2 * I + BLOCK_M - 1) // BLOCK_M
-    num_n = (H + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)
-    e = pid // (num_m * num_n)
-    pid_m = (pid % (num_m * num_n)) // num_n
-    pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                   # over [g | u]
-    m_ok = offs_m < 2 * I
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < H
-    r0 = tl.load(rstart_ptr + e)
-    r1 = tl.load(rend_ptr + e)
+    e, offs_m, m_ok, offs_n, n_ok, r0, r1 = _moe_expert_tile(                 # offs_m over [g | u]
+        tl.program_id(0), 2 * I, H, rstart_ptr, rend_ptr, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in range(r0, r1, BLOCK_K):
         rows = r + tl.arange(0, BLOCK_K)
@@ -1184,18 +1152,8 @@ def _moe_down_bwd_dw_kernel(
         TOPK: tl.constexpr, UPCAST: tl.constexpr, LD: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """B4: dW_down[e] (H, I) = (w * dy)_e^T h_e over expert e's contiguous rows."""
-    num_m = (H + BLOCK_M - 1) // BLOCK_M
-    num_n = (I + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)
-    e = pid // (num_m * num_n)
-    pid_m = (pid % (num_m * num_n)) // num_n
-    pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                                   # over H
-    m_ok = offs_m < H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                   # over I
-    n_ok = offs_n < I
-    r0 = tl.load(rstart_ptr + e)
-    r1 = tl.load(rend_ptr + e)
+    e, offs_m, m_ok, offs_n, n_ok, r0, r1 = _moe_expert_tile(                 # (H, I) tile
+        tl.program_id(0), H, I, rstart_ptr, rend_ptr, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in range(r0, r1, BLOCK_K):
         rows = r + tl.arange(0, BLOCK_K)
@@ -1279,6 +1237,12 @@ def _moe_kernel_flags(x):
     return False, _TL_DTYPES[x.dtype], ("ieee" if x.dtype == torch.float32 else None)
 
 
+def _moe_grid(n, N, M=None):
+    """Launch grid: n row blocks (or experts) x the BLOCK_N tiles of N (x the BLOCK_M tiles of M)."""
+    return lambda meta: (n * triton.cdiv(N, meta["BLOCK_N"])
+                         * (1 if M is None else triton.cdiv(M, meta["BLOCK_M"])),)
+
+
 class _MoEGroupedMLP(torch.autograd.Function):
     """Triton expert SwiGLU: forward K1+K2, backward B1..B4 (see the comment at the section top)."""
 
@@ -1296,15 +1260,13 @@ class _MoEGroupedMLP(torch.autograd.Function):
         save = grad_enabled and any(ctx.needs_input_grad)  # else inference: keep nothing
         gu = x.new_empty(P, 2 * I) if save else x.new_empty(1, 1)          # [g | u] pre-activations
         h = x.new_empty(P, I)                                               # silu(g) * u
-        grid = lambda meta: (num_m * triton.cdiv(I, meta["BLOCK_N"]),)     # noqa: E731
-        _moe_gate_up_fwd_kernel[grid](
+        _moe_gate_up_fwd_kernel[_moe_grid(num_m, I)](
             x, w_gate, w_up, gu, h, pair_of_row, block_expert,
             M, I, H, E, num_m,
             x.stride(0), x.stride(1), *w_gate.stride(), *w_up.stride(), gu.stride(0), h.stride(0),
             TOPK=k, SAVE_GU=save, UPCAST=upcast, LD=ld, PREC=prec, BLOCK_M=bm, GROUP_M=_MOE_GROUP_M)
         y_pairs = x.new_empty(M, H)
-        grid = lambda meta: (num_m * triton.cdiv(H, meta["BLOCK_N"]),)     # noqa: E731
-        _moe_down_fwd_kernel[grid](
+        _moe_down_fwd_kernel[_moe_grid(num_m, H)](
             h, w_down, tw, y_pairs, pair_of_row, block_expert,
             M, H, I, E, num_m,
             h.stride(0), *w_down.stride(), y_pairs.stride(0),
@@ -1329,19 +1291,16 @@ class _MoEGroupedMLP(torch.autograd.Function):
             dgu = x.new_empty(P, 2 * I)
             min_bn = min(c.kwargs["BLOCK_N"] for c in _MOE_DOWN_BWD_CONFIGS)
             dwp = torch.zeros(M, triton.cdiv(I, min_bn), dtype=torch.float32, device=x.device)
-            grid = lambda meta: (num_m * triton.cdiv(I, meta["BLOCK_N"]),)  # noqa: E731
-            _moe_down_bwd_kernel[grid](
+            _moe_down_bwd_kernel[_moe_grid(num_m, I)](
                 dy, w_down, tw, gu, h, dgu, dwp, pair_of_row, block_expert,
                 M, I, H, E, num_m,
-                dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1), w_down.stride(2),
-                gu.stride(0), h.stride(0), dgu.stride(0), dwp.stride(0),
+                *dy.stride(), *w_down.stride(), gu.stride(0), h.stride(0), dgu.stride(0), dwp.stride(0),
                 TOPK=k, UPCAST=upcast, LD=ld, PREC=prec, BLOCK_M=bm, GROUP_M=_MOE_GROUP_M)
             if need_w:
                 dtw = dwp.sum(1).view(T, k).to(ctx.tw_dtype)
             if need_x:
                 dx_pairs = x.new_empty(M, H)
-                grid = lambda meta: (num_m * triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
-                _moe_gate_up_bwd_dx_kernel[grid](
+                _moe_gate_up_bwd_dx_kernel[_moe_grid(num_m, H)](
                     dgu, w_gate, w_up, dx_pairs, pair_of_row, block_expert,
                     M, H, I, E, num_m,
                     dgu.stride(0), *w_gate.stride(), *w_up.stride(), dx_pairs.stride(0),
@@ -1350,18 +1309,14 @@ class _MoEGroupedMLP(torch.autograd.Function):
             if need_g or need_u:
                 dwg = torch.empty_like(w_gate, memory_format=torch.contiguous_format)
                 dwu = torch.empty_like(dwg)
-                grid = lambda meta: (  # noqa: E731
-                    E * triton.cdiv(2 * I, meta["BLOCK_M"]) * triton.cdiv(H, meta["BLOCK_N"]),)
-                _moe_gate_up_bwd_dw_kernel[grid](
+                _moe_gate_up_bwd_dw_kernel[_moe_grid(E, H, 2 * I)](
                     dgu, x, dwg, dwu, pair_of_row, row_start, row_end,
                     I, H,
                     dgu.stride(0), x.stride(0), x.stride(1), *dwg.stride(),
                     TOPK=k, UPCAST=upcast, LD=ld, PREC=prec)
         if need_d:
             dwd = torch.empty_like(w_down, memory_format=torch.contiguous_format)
-            grid = lambda meta: (  # noqa: E731
-                E * triton.cdiv(H, meta["BLOCK_M"]) * triton.cdiv(I, meta["BLOCK_N"]),)
-            _moe_down_bwd_dw_kernel[grid](
+            _moe_down_bwd_dw_kernel[_moe_grid(E, I, H)](
                 dy, h, tw, dwd, pair_of_row, row_start, row_end,
                 I, H,
                 dy.stride(0), dy.stride(1), h.stride(0), *dwd.stride(),
@@ -1370,10 +1325,8 @@ class _MoEGroupedMLP(torch.autograd.Function):
 
 
 def moe_grouped_mlp_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids):
-    """The Triton path of `moe_grouped_mlp` (same arguments; differentiable in all float inputs).
-
-    Under CUDA autocast the inputs are cast to the autocast dtype, as F.linear would do.
-    """
+    """The Triton path of `moe_grouped_mlp` (same arguments; differentiable in all float inputs);
+    under CUDA autocast the inputs are cast to the autocast dtype, as F.linear would do."""
     dev = x.device.type
     if dev == "cuda" and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")

@@ -9,10 +9,9 @@ Reads top-down in the order of §2.2:
      `kernels.moe_grouped_mlp` (grouped GEMM, §5.2). Which decoder layers are sparse is HF's rule
      (`model.LLMConfig.is_moe_layer`: `decoder_sparse_step`, `mlp_only_layers`).
   2. The load-balancing loss: "an auxiliary load-balancing loss [...] and average activation
-     across ranks". Switch-style, equal to HF `load_balancing_loss_func` on one rank; with several
+     across ranks". Switch-style, equal to HF `load_balancing_loss_func` on one rank; across
      data-parallel ranks the expert-load statistics are all-reduced first and each rank returns its
-     share: the shares sum to the loss of the global batch (the trainer's one world-size
-     convention then makes the gradient that of the global batch, as for the CE).
+     share of the global batch's loss (details at `load_balancing_loss`).
   3. Expert-activation entropy: per-layer load entropy and max/mean load (`expert_load`, one
      summary for the trainer's log).
   4. Calibration: "data probing and automatic calibration [...] which maximizes expert activation
@@ -21,6 +20,7 @@ Reads top-down in the order of §2.2:
      `calibrate`; the command line that loads a checkpoint and data for it is
      `python tests/calibrate.py --help` (this file imports no model or data file).
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -117,8 +117,14 @@ def slot_counts(logits, top_k: int, mask=None):
     return counts, rows
 
 
-def _world_size(group=None) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+def _sum_over_ranks(counts, rows, sync: bool, group):
+    """counts (any shape) and rows (), summed over the ranks of `group` in one all-reduce when `sync`
+    and torch.distributed runs more than one rank there; else returned as they are."""
+    if not (sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+        return counts, rows
+    stats = torch.cat([counts.reshape(-1), rows.reshape(1)])
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    return stats[:-1].reshape(counts.shape), stats[-1]
 
 
 def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None,
@@ -152,10 +158,7 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_m
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)      # (N, E), with gradient
         counts, rows = counts + c, rows + r
         prob_sum = prob_sum + (probs if m is None else probs * m[:, None]).sum(0)
-    if sync and _world_size(group) > 1:
-        stats = torch.cat([counts, rows.reshape(1)])                    # (E+1,) one all-reduce
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        counts, rows = stats[:-1], stats[-1]
+    counts, rows = _sum_over_ranks(counts, rows, sync, group)
     rows = rows.clamp(min=1.0)                                          # all padding: loss 0, not NaN
     return num_experts * ((counts / rows) * (prob_sum / rows)).sum()
 
@@ -198,10 +201,7 @@ def expert_load(router_logits, top_k: int, attention_mask=None, sync: bool = Fal
         c, n = slot_counts(logits, top_k, _flat_mask(attention_mask, logits.shape[0], logits.device))
         counts.append(c)
     counts = torch.stack(counts)                                        # (L, E)
-    if sync and _world_size(group) > 1:
-        stats = torch.cat([counts.reshape(-1), n.reshape(1)])
-        dist.all_reduce(stats, group=group)
-        counts, n = stats[:-1].reshape(counts.shape), stats[-1]
+    counts, n = _sum_over_ranks(counts, n, sync, group)
     load = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)         # (L, E)
     return ExpertLoad(load, load_entropy(load), load.amax(-1) * load.shape[-1], n)
 
@@ -324,16 +324,11 @@ def capture_gate_inputs(model, block: SparseMoeBlock, batches, key: str, max_tok
         got.append(x.reshape(-1, x.shape[-1])[batch[key].to(x.device)].float())
         raise _StopForward
 
-    handle = block.register_forward_pre_hook(hook)
-    try:
+    with block.register_forward_pre_hook(hook):                        # removed on exit
         for batch in batches:
             if batch[key].any():
-                try:
+                with contextlib.suppress(_StopForward):
                     _forward(model, batch)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
     if not got:
         raise ValueError(f"no tokens selected by {key!r} in the calibration data")
     h = torch.cat(got)
