@@ -77,18 +77,15 @@ class PackingConfig:
     visual_packing: bool = True       # §5.1 visual packing (pack steering + rank balance)
 
     def __post_init__(self):
-        if self.max_tokens < 2:
-            raise ValueError(f"PackingConfig.max_tokens must be >= 2, got {self.max_tokens}")
-        if self.buffer_size < 1:
-            raise ValueError(f"PackingConfig.buffer_size must be >= 1, got {self.buffer_size}")
-        if self.max_wait is not None and self.max_wait < 1:
-            raise ValueError(f"PackingConfig.max_wait must be >= 1 or None, got {self.max_wait}")
-        if self.max_images_per_pack < 1:
-            raise ValueError(f"PackingConfig.max_images_per_pack must be >= 1, got {self.max_images_per_pack}")
-        if self.overlong not in ("truncate", "own_pack"):
-            raise ValueError(f"PackingConfig.overlong must be 'truncate' or 'own_pack', got {self.overlong!r}")
-        if self.micro_batches < 1:
-            raise ValueError(f"PackingConfig.micro_batches must be >= 1, got {self.micro_batches}")
+        def reject_if(bad, key, rule):
+            if bad:
+                raise ValueError(f"PackingConfig.{key} must be {rule}, got {getattr(self, key)!r}")
+        reject_if(self.max_tokens < 2, "max_tokens", ">= 2")
+        reject_if(self.buffer_size < 1, "buffer_size", ">= 1")
+        reject_if(self.max_wait is not None and self.max_wait < 1, "max_wait", ">= 1 or None")
+        reject_if(self.max_images_per_pack < 1, "max_images_per_pack", ">= 1")
+        reject_if(self.overlong not in ("truncate", "own_pack"), "overlong", "'truncate' or 'own_pack'")
+        reject_if(self.micro_batches < 1, "micro_batches", ">= 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,17 +215,15 @@ class StreamPacker:
         cap = self.cfg.max_tokens
         if meta.n_tokens <= cap:
             return meta
+        too_long = f"sample {meta.index} has {meta.n_tokens} > max_tokens={cap} tokens"
         if self.cfg.overlong == "own_pack":
-            self._count("own_pack", f"sample {meta.index} has {meta.n_tokens} > max_tokens={cap} "
-                                    f"tokens: packed alone (overlong='own_pack')")
+            self._count("own_pack", f"{too_long}: packed alone (overlong='own_pack')")
             return meta
         if meta.n_visual > 0:
-            self._count("skipped_overlong", f"sample {meta.index} has {meta.n_tokens} > max_tokens={cap} "
-                                            f"tokens and {meta.n_visual} visual tokens: skipped "
+            self._count("skipped_overlong", f"{too_long} and {meta.n_visual} visual tokens: skipped "
                                             f"(cutting it would orphan image features)")
             return None
-        self._count("truncated", f"sample {meta.index} has {meta.n_tokens} > max_tokens={cap} "
-                                 f"tokens: truncated to {cap}")
+        self._count("truncated", f"{too_long}: truncated to {cap}")
         return meta._replace(n_tokens=cap)
 
     def _count(self, kind: str, message: str) -> None:
@@ -379,8 +374,7 @@ def collate_pack(samples: Sequence[dict], plan: Optional[Sequence[SampleMeta]] =
             any_list = True
             images.extend(pv)
     lengths = [m.n_tokens for m in plan]
-    cu_seqlens = torch.zeros(len(plan) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     if not images:
         pixel_values = None
     elif any_list:                       # AnyRes: one entry per image, in order
@@ -460,9 +454,7 @@ def balance_packs(plans: Sequence[Sequence[SampleMeta]], n_ranks: int, hidden_si
     for _ in range(max_swaps):
         a = max(range(n_ranks), key=lambda r: load(W[r], V[r]))
         worst, best = load(W[a], V[a]), None
-        for b in range(n_ranks):
-            if b == a:
-                continue
+        for b in [r for r in range(n_ranks) if r != a]:
             for ia, pa in enumerate(groups[a]):
                 for ib, pb in enumerate(groups[b]):
                     dw, dv = work[pb] - work[pa], vis[pb] - vis[pa]
@@ -478,11 +470,8 @@ def balance_packs(plans: Sequence[Sequence[SampleMeta]], n_ranks: int, hidden_si
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. visual packing lives in two places: StreamPacker._wanted_kind steers each pack's visual
-# share toward the stream's running share (after its first sample, it prefers the largest fitting
-# sample that is visual-richer than the stream while the pack is visual-poorer, and text-richer
-# otherwise; when none of that kind fits, the largest that fits, so fill comes first), and
-# balance_packs(visual=True) equalises visual tokens across ranks. PackLoader (4) ties 1-3 together.
+# 3. visual packing is in StreamPacker._wanted_kind / _best_fit (each pack's visual share steered toward
+# the stream's, fill first) and balance_packs(visual=True) (visual tokens equalised across ranks).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,12 +557,10 @@ def _as_is(item):
 class PackLoader:
     """This rank's packed micro-batches, one optimizer step at a time (§5.1).
 
-    Every rank runs the same PackPlanner over the global stream's metadata, so the plans and the
-    rank split are exact without communication; each rank then decodes only its own packs' samples,
-    in a torch DataLoader with `num_workers` worker processes that keep `prefetch_factor` packs
-    each in flight (num_workers=0: decoded in this process when asked). Per-sample randomness
-    (video frame jitter) is the stream's, a function of the stream position, whichever worker
-    decodes. `stream` (data.Mixture) provides
+    The PackPlanner plans (the same on every rank); this rank's packs are decoded in a torch DataLoader
+    with `num_workers` worker processes that keep `prefetch_factor` packs each in flight (num_workers=0:
+    decoded in this process when asked). Per-sample randomness (video frame jitter) is the stream's, a
+    function of the stream position, whichever worker decodes. `stream` (data.Mixture) provides
       next_meta(found) -> (index, n_tokens, n_visual, n_images)   the next usable sample's metadata
                            from headers and tokens (index: its stream position); what the read
                            found (bad samples) goes into the list `found`
@@ -594,11 +581,10 @@ class PackLoader:
         self._packs = None
 
     def _start(self):
-        loader = torch.utils.data.DataLoader(
+        return iter(torch.utils.data.DataLoader(
             self.decoder, batch_size=None, sampler=self.planner, num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None, collate_fn=_as_is,
-            generator=torch.Generator().manual_seed(0))      # its own seed: the process's RNGs stay untouched
-        return iter(loader)
+            generator=torch.Generator().manual_seed(0)))     # its own seed: the process's RNGs stay untouched
 
     def next(self) -> list:
         if self._packs is None:

@@ -12,12 +12,12 @@ Input, first, as in the paper:
 A file that cannot be read raises `DataError`, the one error for a bad input sample (data.py, which
 turns records into samples, raises it too, and its datasets count and skip such samples).
 
-The encoder (checkpoint layout of the official modeling_sailvit.py) is an AIMv2-style ViT: Conv2d patch embedding (with bias) + RMSNorm, a learned absolute position
-embedding (no CLS token), pre-norm blocks (fused qkv, bidirectional attention, SwiGLU MLP
-`fc2(silu(fc1 x) * fc3 x)`), and a final RMSNorm. The module and parameter names follow the
-official SAIL-ViT / apple AIMv2 code (`preprocessor.patchifier.proj`, `trunk.blocks.N.attn.qkv`,
-...), so an official SAIL-VL2 checkpoint loads without renaming; `load_hf_vit` also reads
-HF transformers `Aimv2VisionModel` folders.
+The encoder (checkpoint layout of the official modeling_sailvit.py) is an AIMv2-style ViT: Conv2d patch
+embedding (with bias) + RMSNorm, a learned absolute position embedding (no CLS token), pre-norm blocks
+(fused qkv, bidirectional attention, SwiGLU MLP `fc2(silu(fc1 x) * fc3 x)`), and a final RMSNorm. The
+module and parameter names follow the official SAIL-ViT / apple AIMv2 code (`preprocessor.patchifier.proj`,
+`trunk.blocks.N.attn.qkv`, ...), so an official SAIL-VL2 checkpoint loads without renaming; `load_hf_vit`
+also reads HF transformers `Aimv2VisionModel` folders.
 
 AnyRes (§2.1.2): an image of any size (multiples of the patch size) is embedded on its own patch
 grid; the learned 32×32 position grid is resized (bicubic) to that grid, as the paper describes
@@ -47,8 +47,7 @@ import kernels
 
 
 class DataError(Exception):
-    """A bad input sample, the one error for it: raised where media are decoded (here) and where records
-    are parsed (data.py). `reason` is a short category used for counting, `where` is 'file:line'."""
+    """A bad input sample (module docstring): `reason` a short category for counting, `where` 'file:line'."""
 
     def __init__(self, reason: str, where: str, message: str):
         super().__init__(f"{where}: {message}")
@@ -203,13 +202,11 @@ def load_image_anyres(path_or_image, patch_size: int = 14, downsample_ratio: flo
 
 
 # ----------------------------------------------------------------------------------------------
-# input, video (§6.1; the official code has no video path): uniform segments, one frame per segment, each frame one tile.
-# The middle frame of each segment for evaluation, a random frame within it for training
-# (InternVL's get_frame_indices). Frames are numbered in presentation order. The packets' timestamps
-# (read by demuxing, without decoding) give every frame's number, the frame count when the
-# container does not state one, and the keyframes: each wanted frame is decoded from the last
-# keyframe before it (a seek), not from the start of the video, so a 16-frame sample of an
-# hour-long video decodes 16 short runs, not the hour (`python tests/bench.py video`).
+# input, video (§6.1): one frame per uniform segment, each frame one tile; the segment's middle frame
+# for evaluation, a random one for training (InternVL's get_frame_indices). The packets' timestamps
+# (demuxed, not decoded) number the frames in presentation order and give the keyframes, so each
+# wanted frame is decoded from the keyframe before it: a 16-frame sample of an hour-long video
+# decodes 16 short runs, not the hour (`python tests/bench.py video`).
 
 def frame_indices(n_frames: int, num: int, training: bool = False, rng=None) -> list:
     """`num` indices into `n_frames` frames, one per uniform segment (repeats when n_frames < num)."""
@@ -332,10 +329,6 @@ class ViTConfig:
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     @classmethod
     def preset(cls, name: str) -> "ViTConfig":
         presets = {
@@ -377,10 +370,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,8 +385,7 @@ class Patchifier(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x):                                    # (N, 3, H, W)
-        x = self.proj(x).flatten(2).transpose(1, 2)          # (N, h*w, D)
-        return self.norm(x)
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))   # (N, h*w, D)
 
 
 class Preprocessor(nn.Module):
@@ -497,9 +488,8 @@ class SAILViT(nn.Module):
 
     def forward(self, pixel_values):
         """pixel_values (N, 3, H, W), all the same size -> (N, patches, D) after the final norm."""
-        N = pixel_values.shape[0]
         x = self.preprocessor(pixel_values)                  # (N, P, D)
-        P = x.shape[1]
+        N, P = x.shape[:2]
         cu = torch.arange(0, (N + 1) * P, P, dtype=torch.int32, device=x.device)
         return self.trunk(x.reshape(N * P, -1), cu).reshape(N, P, -1)
 
@@ -575,15 +565,11 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str):
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    problems = [(missing, 5, "missing keys"), (unexpected, 5, "unexpected keys"),
+                (shapes, 3, "shape mismatches")]
     if missing or unexpected or shapes:
-        msg = [f"cannot load {what}:"]
-        if missing:
-            msg.append(f"  {len(missing)} missing keys, e.g. {missing[:5]}")
-        if unexpected:
-            msg.append(f"  {len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
-        if shapes:
-            msg.append(f"  {len(shapes)} shape mismatches, e.g. {shapes[:3]}")
-        raise ValueError("\n".join(msg))
+        raise ValueError("\n".join([f"cannot load {what}:"] + [f"  {len(keys)} {name}, e.g. {keys[:n]}"
+                                                              for keys, n, name in problems if keys]))
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(sd[k].to(t.dtype))
@@ -600,10 +586,7 @@ def read_safetensors_folder(path: str) -> dict:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-    sd = {}
-    for fname in files:
-        sd.update(load_file(os.path.join(path, fname)))
-    return sd
+    return {k: v for fname in files for k, v in load_file(os.path.join(path, fname)).items()}
 
 
 def read_vit_config(path: str) -> ViTConfig:
