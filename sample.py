@@ -1,8 +1,7 @@
-"""Generate from and evaluate a SAIL-VL2 checkpoint; the grading API. The
-model and the univl-chat prompt follow the paper (§2) and the official conversation template
-(`univl-chat` of the HF model BytedanceDouyinContent/SAIL-VL2-2B); evaluation (scoring rules,
-batching, the blind runs, the intervals, the VLMEvalKit TSV reader) is ours:
-the paper gives no procedure.
+"""Generate from and evaluate a SAIL-VL2 checkpoint; the grading API. The model and the univl-chat
+prompt follow the paper (§2) and the official conversation template (`univl-chat` of the HF model
+BytedanceDouyinContent/SAIL-VL2-2B); evaluation (scoring rules, batching, the blind runs, the
+intervals, the VLMEvalKit TSV reader) is ours: the paper gives no procedure.
 
     python sample.py --ckpt out/vit1 --image data_synth/caption/images/eval_00000.png --prompt "Describe the image."
     python sample.py --ckpt out/sft4 --video data_synth/video/videos/eval_00000.mp4 --prompt "Where does it move?"
@@ -18,13 +17,12 @@ AnyRes), videos give one tile per frame; a single answer streams to stdout token
 Evaluation is greedy and batched (many prompts per `generate` call, KV cache, left padding; a row
 ends at <|im_end|> / <|endoftext|>); reports go to `<ckpt>/eval/<family>[-think][-blank].json` and a
 table is printed, every accuracy with its n and (synthetic families and manifests) its Wilson 95%
-interval. Replies are read with the
-grading API here (the one the RL rewards and the LongCoT filter use: a reply's answer region, its
-last \\boxed{}, when two answers agree, word-F1, ROUGE-L); scoring per family: `extract_answer`,
-`caption_correct`, `split_last_word`. Effects are paired differences on the same samples
-(`paired_difference`). The data curation tools of §3.1 and §4.1 (which score data with a
-checkpoint through `load`) are tests/curate.py. Command-line errors exit with 2,
-unusable inputs (not a checkpoint, not an image) with 1, both with one line on stderr.
+interval. Replies are read with the grading API here (the one the RL rewards and the LongCoT filter
+use: a reply's answer region, its last \\boxed{}, when two answers agree, word-F1, ROUGE-L); scoring
+per family: `extract_answer`, `caption_correct`, `split_last_word`. Effects are paired differences on
+the same samples (`paired_difference`). The data curation tools of §3.1 and §4.1 (which score data
+with a checkpoint through `load`) are tests/curate.py. Command-line errors exit with 2, unusable
+inputs (not a checkpoint, not an image) with 1, both with one line on stderr.
 """
 import argparse
 import base64
@@ -83,9 +81,7 @@ def stop_ids(tok) -> set:
 
 
 def decode_reply(tok, ids: list, stop: set) -> str:
-    if ids and ids[-1] in stop:
-        ids = ids[:-1]
-    return tok.decode_bytes(ids).decode("utf-8", errors="replace")
+    return tok.decode_bytes(ids[:-1] if ids and ids[-1] in stop else ids).decode("utf-8", errors="replace")
 
 
 class Streamer:
@@ -101,8 +97,7 @@ class Streamer:
             return
         self.ids.append(t)
         text = self.tok.decode_bytes(self.ids).decode("utf-8", errors="ignore")
-        sys.stdout.write(text[len(self.shown):])
-        sys.stdout.flush()
+        print(text[len(self.shown):], end="", flush=True)
         self.shown = text
 
 
@@ -121,46 +116,37 @@ def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_ne
 # ----------------------------------------------------------------------------------------------
 # Grading: what a reply answers, and when two answers agree
 #
-# The one grading API of the project: the LongCoT filter (rl.py), the evaluation (below) and
-# the RL rewards (rl.py, §4.2.3 / §4.2.5) read replies and compare answers only with these.
+# The one grading API of the project: the LongCoT filter (rl.py), the evaluation (below) and the RL
+# rewards (rl.py, §4.2.3 / §4.2.5) read replies and compare answers only with these. Everything here is
+# linear in its input: no regex with nested quantifiers over unbounded text, no sympy, no signal.alarm.
 #
-# Where the answer is. A reply's answer region is the text after its last `</think>`; a reply
-# without think tags is answer region throughout; one that opens `<think>` and never closes it has
-# none (it was cut mid-thought). `data.split_think` (the chat template's) gives (thinking, answer
-# region) of a closed block.
+# Which box. The final answer is the content of the last `\boxed{...}` in the reply's answer region
+# (`answer_region`; `data.split_think`, the chat template's, gives (thinking, answer region) of a closed
+# block): of the boxes whose braces balance, the one whose `\boxed{` comes last, so a box nested in
+# another one answers (`\boxed{\boxed{1}+1}` answers 1). That is math-verify 0.9.0's rule
+# (latex2sympy2_extended's extract_boxed_content searches `\boxed` from the right), and as there braces
+# are counted raw (`\{` and `\}` count), `\boxed` must be followed by `{` directly
+# (`\boxed {5}` is no answer) and a box that never closes is ignored (`\boxed{1} and \boxed{2` answers 1).
+# Our differences: a box whose content is longer than MAX_BOX_CHARS is no answer; several boxes are not
+# joined into one set answer (for math-verify `\boxed{1} or \boxed{2}` is {1, 2}; here it is 2); a lone
+# unclosed box and `\boxed 5` without braces are no answer (math-verify reads them).
 #
-# Which box. The final answer is the content of the answer region's last `\boxed{...}`: of the
-# boxes whose braces balance, the one whose `\boxed{` comes last, so a box nested in another one
-# answers (`\boxed{\boxed{1}+1}` answers 1). That is math-verify 0.9.0's rule
-# (latex2sympy2_extended's extract_boxed_content searches `\boxed` from the right), and as there
-# braces are counted raw (`\{` and `\}` count), `\boxed` must be followed by `{` directly
-# (`\boxed {5}` is no answer) and a box that never closes is ignored (`\boxed{1} and \boxed{2`
-# answers 1). Our differences: a box whose content is longer than MAX_BOX_CHARS is no answer (this
-# bounds all later work on hostile output); several boxes are not joined into one set answer (for
-# math-verify `\boxed{1} or \boxed{2}` is {1, 2}; here it is 2); a lone unclosed box and `\boxed 5`
-# without braces are no answer (math-verify reads them).
-#
-# When two answers agree (`answers_match`). An answer maps to a key (a number as an exact
-# Fraction, a choice letter, an ordered tuple/interval, a set, a plain list, a whole-number
-# percent, or the cleaned text) and two answers agree when their keys are equal. The keys are held
-# to never call equal what math-verify 0.9.0 calls different (tests/test_answers.py); math-verify's
-# equality is not transitive (5 = 5.0 and 5 = \text{5}, but 5.0 != \text{5}; 5 = 5% but 5.0 != 5%),
-# so every key class must be equal pairwise there, which makes this stricter. It handles: `$`,
-# `\$`, whitespace, `\text{}` `\textbf{}` `\textrm{}` `\textnormal{}` `\mathrm{}` `\mbox{}`
-# `\boxed{}` wrappers around words (around a bare number they stay text: `\text{5}` != `5`),
-# `\left` / `\right`, `\!` and `{,}` thousands separators (`1,234` but not `1, 234`), trailing
-# zeros, `a/b` and `\frac` `\dfrac` `\tfrac` `\frac13` vs decimals, `%` after a whole number written
-# bare (28% = 28; 12.5% only equals 12.5%), `^\circ`, signs and the Unicode minus, one capital
-# choice letter with or without parentheses, `(1,2)` vs `[1,2)` vs `\{1,2\}` (sets unordered), and
-# a leading `x =` (but `x=1` != `y=1`). It does NOT handle: algebra (`2x` vs `x+x`), radicals and
-# pi, decimals vs repeating fractions (1/3 vs 0.333), lowercase choices, units, scientific
-# notation, leading zeros (`03` stays text), mixed numbers, matrices, relations, `°`.
-# Case matters (`C` != `c`: a lowercase letter may be a variable). The evaluation of free-text
-# answers ignores case by comparing `normalize_answer` forms (lower case, no final period).
-#
-# Graded agreement of free text: `word_f1` (SQuAD's bag-of-words F1) and `rouge_l` (ROUGE-L F1),
-# both over lower-cased \w+ words. Everything here is linear in its input: no regex with nested
-# quantifiers over unbounded text, no sympy, no signal.alarm.
+# When two answers agree (`answers_match`). An answer maps to a key (a number as an exact Fraction, a
+# choice letter, an ordered tuple/interval, a set, a plain list, a whole-number percent, or the cleaned
+# text) and two answers agree when their keys are equal. The keys are held to never call equal what
+# math-verify 0.9.0 calls different (tests/test_answers.py); math-verify's equality is not transitive
+# (5 = 5.0 and 5 = \text{5}, but 5.0 != \text{5}; 5 = 5% but 5.0 != 5%), so every key class must be equal
+# pairwise there, which makes this stricter. It handles: `$`, `\$`, whitespace, `\text{}` `\textbf{}`
+# `\textrm{}` `\textnormal{}` `\mathrm{}` `\mbox{}` `\boxed{}` wrappers around words (around a bare number
+# they stay text: `\text{5}` != `5`), `\left` / `\right`, `\!` and `{,}` thousands separators (`1,234` but
+# not `1, 234`), trailing zeros, `a/b` and `\frac` `\dfrac` `\tfrac` `\frac13` vs decimals, `%` after a
+# whole number written bare (28% = 28; 12.5% only equals 12.5%), `^\circ`, signs and the Unicode minus,
+# one capital choice letter with or without parentheses, `(1,2)` vs `[1,2)` vs `\{1,2\}` (sets unordered),
+# and a leading `x =` (but `x=1` != `y=1`). It does NOT handle: algebra (`2x` vs `x+x`), radicals and pi,
+# decimals vs repeating fractions (1/3 vs 0.333), lowercase choices, units, scientific notation, leading
+# zeros (`03` stays text), mixed numbers, matrices, relations, `°`. Case matters (`C` != `c`: a lowercase
+# letter may be a variable). The evaluation of free-text answers ignores case by comparing
+# `normalize_answer` forms (lower case, no final period).
 
 MAX_BOX_CHARS = 1000        # a \boxed{} whose content is longer is no answer (bounds all later work)
 BOXED = "\\boxed{"
@@ -168,10 +154,9 @@ _BRACE = re.compile(r"[{}]")
 
 
 def answer_region(text: str):
-    """The part of a reply that holds its answer (see above): after the last `</think>`, all of a
-    reply without think tags, None for a `<think>` never closed."""
-    end = text.rfind("</think>")
-    if end >= 0:
+    """The part of a reply that holds its answer: after the last `</think>`, all of a reply without
+    think tags, None for a `<think>` never closed (the reply was cut mid-thought)."""
+    if (end := text.rfind("</think>")) >= 0:
         return text[end + len("</think>"):]
     return None if "<think>" in text else text
 
@@ -182,15 +167,13 @@ def last_boxed(text: str, max_chars: int = MAX_BOX_CHARS):
     earlier box that does, so the earlier one must close before it starts: each character is
     scanned at most once, and boxes after the last `}` are never tried."""
     limit = text.rfind("}") + 1                     # a box can only close before this
-    pos = text.rfind(BOXED, 0, limit)
-    while pos >= 0:
+    while (pos := text.rfind(BOXED, 0, limit)) >= 0:
         start, depth = pos + len(BOXED), 1
         for m in _BRACE.finditer(text, start, min(limit, start + max_chars + 1)):
             depth += 1 if m.group() == "{" else -1
             if depth == 0:
                 return text[start:m.start()]
         limit = pos
-        pos = text.rfind(BOXED, 0, limit)
     return None
 
 
@@ -202,9 +185,7 @@ def final_answer(text: str):
 
 def last_number(text: str):
     """The last number (integer or decimal, with its sign and thousands separators) in `text`."""
-    end = max(text.rfind(d) for d in "0123456789")
-    if end < 0:
-        return None
+    end = max(text.rfind(d) for d in "0123456789")          # -1 (no digit): an empty window, None
     found = re.findall(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?", text[max(0, end - MAX_BOX_CHARS):end + 1])
     return found[-1] if found else None
 
@@ -275,8 +256,7 @@ def parse_number(s: str):
     """A cleaned answer as an exact Fraction (`-3`, `2.50`, `1/2`, `\\frac{1}{2}`, `\\frac12`), or None."""
     if _NUMBER.fullmatch(s):
         return Fraction(s)
-    m = _RATIO.fullmatch(s) or _FRAC.fullmatch(s)
-    if m is None:
+    if (m := _RATIO.fullmatch(s) or _FRAC.fullmatch(s)) is None:
         return None
     sign, num, den = (("", m[1], m[2]) if m.re is _RATIO else (m[1], m[2] or m[4], m[3] or m[5]))
     if Fraction(den) == 0:
@@ -346,9 +326,8 @@ def answer_key(answer: str):
 
 
 def answers_match(pred: str, truth: str) -> bool:
-    """Two answers agree: equal keys; besides, a whole-number percent equals the same integer
-    written bare (28% = 28, but math-verify calls 28% != 28.0, so 28.0 does not match 28%). An
-    empty answer agrees with nothing."""
+    """Two answers agree: equal keys, or a whole-number percent and the same integer written bare
+    (28% = 28, but 28% != 28.0 as for math-verify). An empty answer agrees with nothing."""
     a, b = answer_key(pred), answer_key(truth)
     if a is None or b is None or (a[0] and b[0] and a[0] != b[0]):
         return False
@@ -398,16 +377,13 @@ def rouge_l(pred: str, ref: str) -> float:
         for j, b in enumerate(r):
             cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
         prev = cur
-    lcs = prev[-1]
-    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))
+    return 2 * prev[-1] / (len(p) + len(r))                       # prev[-1]: the LCS length
 
 
 # ----------------------------------------------------------------------------------------------
-# Answer extraction. A reply is read with the grading API above (also the RL rewards'):
-# its answer region (after the last </think>; none when a <think> is never closed), its last
-# \\boxed{}, and `answers_match` to compare. Model output is hostile (it can be anything, of any
-# length): every rule below reads at most MAX_SCAN characters, uses the API's linear, bounded
-# readers and regexes without nested or adjacent quantifiers, so no input can make it backtrack.
+# Answer extraction per family, with the grading API above. Model output is hostile (anything, of any
+# length): every rule below reads at most MAX_SCAN characters, uses the API's linear, bounded readers
+# and regexes without nested or adjacent quantifiers, so no input can make it backtrack.
 
 MAX_SCAN = 2000
 TOKEN_RE = re.compile(r"[a-z]+|\d+(?:\.\d+)?")
@@ -421,9 +397,8 @@ SINGULAR = SHAPES | CHART_LABELS
 
 
 def answer_span(text: str) -> tuple:
-    """(span, boxed): the part of a reply that holds the answer. The content of the answer
-    region's last \\boxed{} when there is one (boxed True), else the whole region ("" when the
-    reply has none); at most MAX_SCAN characters."""
+    """(span, boxed): the content of the answer region's last \\boxed{} (boxed True), else the whole
+    region ("" when the reply has none); at most MAX_SCAN characters."""
     region = answer_region(text) or ""
     boxed = last_boxed(region)
     return (region if boxed is None else boxed)[:MAX_SCAN], boxed is not None
@@ -438,10 +413,6 @@ def words(text: str) -> list:
 def _number(t: str):
     """A word's number ("7", "2.5", or a number word up to ten), None for other words."""
     return normalize_answer(t) if t[:1].isdigit() else NUMBER_WORDS.get(t)
-
-
-def _first(tokens: list, vocab: set):
-    return next((t for t in tokens if t in vocab), None)
 
 
 def _caption_qa(tokens: list, gold):
@@ -460,14 +431,13 @@ def extract_answer(family: str, text: str, gold: str = None):
 
     All families read `answer_span` (after the last </think>, inside the last \\boxed{} if any), then:
       count                          the first number (digits, or a number word up to ten)
-      math, math_direct, count_cot   the boxed value; without a box, the last number of the whole
-                                     answer region (last_number: digits, with its sign; read from its end)
+      math, math_direct, count_cot   the boxed value, else the `last_number` of the whole answer region
       chart                          the first number when `gold` is a number, else the first chart label
       ocr                            the first word of the synthetic vocabulary, else the last word
       multi                          the first of yes / no / first / second
       video                          the first direction (left / right / up / down; "upwards" = up)
-      caption_qa                     the colour, the shape or the position ("top left"), whichever kind
-                                     `gold` is (the question asks for one kind); without `gold` the first
+      caption_qa                     the colour, shape or position ("top left"): the kind `gold` is (the
+                                     question asks for one kind), else the first
     Any other family: the whole span, normalised (today's rule for real manifests). `gold` only
     chooses the kind of answer asked for; it is never searched for in the reply."""
     span, boxed = answer_span(text)
@@ -484,9 +454,10 @@ def extract_answer(family: str, text: str, gold: str = None):
         return pick[0] if pick else None
     if family == "ocr":
         alpha = [t for t in tokens if t.isalpha()]
-        return _first(alpha, OCR_WORDS) or (alpha[-1] if alpha else None)
+        return next((t for t in alpha if t in OCR_WORDS), alpha[-1] if alpha else None)
     if family in ("multi", "video"):
-        return _first(tokens, MULTI if family == "multi" else DIRECTIONS)
+        vocab = MULTI if family == "multi" else DIRECTIONS
+        return next((t for t in tokens if t in vocab), None)
     if family == "caption_qa":
         return _caption_qa(tokens, g)
     return normalize_answer(span)
@@ -514,8 +485,7 @@ def caption_correct(reply: str, reference: str) -> bool:
 
 
 def first_word(text: str):
-    t = words(text)
-    return t[0] if t else None
+    return next(iter(words(text)), None)
 
 
 def score(rule: str, reply: str, reference: str, gold) -> tuple:
@@ -566,21 +536,17 @@ def default_new_tokens(family: str, think: bool) -> int:
 # Wilson 95% interval of ±0.09 (±0.17 at n = 32).
 EVAL_LIMIT = 128
 
-PROMPT_BUCKET = 16               # prompts are sorted in steps of this many tokens (generate_all), so a
-                                 # batch mostly holds prompts of about one length
+PROMPT_BUCKET = 16               # generate_all sorts prompts by length in steps of this many tokens
 
 
 @dataclass(frozen=True)
 class EvalMode:
-    """How held-out prompts are answered (greedy): think False = direct, True = THINK_PROMPT
-    appended, None = each record's own flag; blank: every image and frame white (the blindness
-    measure); batch_size prompts per generate call; max_new_tokens None = DIRECT/THINK_NEW_TOKENS
-    per family; progress: a tqdm bar."""
-    think: Optional[bool] = False
-    blank: bool = False
-    batch_size: int = 32
-    max_new_tokens: Optional[int] = None
-    progress: bool = True
+    """How held-out prompts are answered (always greedily)."""
+    think: Optional[bool] = False           # False direct, True THINK_PROMPT appended, None each record's own
+    blank: bool = False                     # every image and video frame white (the blindness measure)
+    batch_size: int = 32                    # prompts per generate call
+    max_new_tokens: Optional[int] = None    # None: DIRECT_NEW_TOKENS / THINK_NEW_TOKENS per family
+    progress: bool = True                   # a tqdm bar
 
 # one prompt to answer: token ids, its pixels (None, a tensor, or an AnyRes list), its token budget,
 # and the length of the reply it expects (the reference's tokens; 0 unknown): only batching reads it
@@ -598,18 +564,14 @@ def concat_pixels(pixels: list):
 
 
 def generate_batch(model, tok, items: list) -> list:
-    """Greedy replies to `items` in one `generate` call; each row is cut to its own budget, so the
-    result does not depend on which other rows share the batch."""
+    """Greedy replies to `items` in one `generate` call; each row is cut to its own budget and its first
+    stop (rows decode on after theirs), so the result does not depend on which rows share the batch."""
     stop = stop_ids(tok)
     out = model.generate([it.ids for it in items], modeling.on_device(concat_pixels([it.pixels for it in items]), modeling.model_device(model)),
                          max_new_tokens=max(it.max_new for it in items), temperature=0.0, stop_tokens=stop,
                          n_valid_tokens=tok.n_vocab)
-    replies = []
-    for it, ids in zip(items, out):
-        ids = ids[:it.max_new]
-        cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))   # rows keep decoding after their stop
-        replies.append(decode_reply(tok, ids[:cut], stop))
-    return replies
+    return [decode_reply(tok, list(itertools.takewhile(lambda t: t not in stop, ids[:it.max_new])), stop)
+            for it, ids in zip(items, out)]
 
 
 def generate_all(model, tok, items: list, batch_size: int = 32) -> list:
@@ -619,13 +581,12 @@ def generate_all(model, tok, items: list, batch_size: int = 32) -> list:
     decodes until its longest reply ends). Returned in the items' order."""
     key = lambda i: (items[i].max_new, len(items[i].ids) // PROMPT_BUCKET, items[i].expect, len(items[i].ids))  # noqa: E731
     order = sorted(range(len(items)), key=key)
-    replies = [None] * len(items)
+    replies = {}
     while order:
         chunk = [i for i in order[:batch_size] if items[i].max_new == items[order[0]].max_new]
         order = order[len(chunk):]
-        for i, r in zip(chunk, generate_batch(model, tok, [items[i] for i in chunk])):
-            replies[i] = r
-    return replies
+        replies.update(zip(chunk, generate_batch(model, tok, [items[i] for i in chunk])))
+    return [replies[i] for i in range(len(items))]
 
 
 def answer_jobs(model, tok, jobs: list, make_item, bad, batch_size=32, progress=True) -> list:
@@ -651,17 +612,12 @@ def answer_jobs(model, tok, jobs: list, make_item, bad, batch_size=32, progress=
 
 def split_last_word(rec) -> tuple:
     """LM completion of a plain-text record (it tests the language model alone): the prompt is the
-    text up to its last sentence's final word (no chat template: text is trained without one), the
-    reference is that word and what follows it. -> (prompt text, reference)."""
+    text before its last word and that word's spaces (Qwen's pre-tokenizer puts a space in the next
+    word; no chat template: text is trained without one), the reference the rest. -> (prompt, reference)."""
     s = rec.text.rstrip()
-    end = len(s)
-    while end and not s[end - 1].isalnum():
-        end -= 1
-    start = end
-    while start and s[start - 1].isalnum():
-        start -= 1
-    prefix = s[:start].rstrip(" ")          # the space belongs to the next word in Qwen's pre-tokenizer
-    if start == end or not prefix:
+    runs = list(re.finditer(r"[^\W_]+", s))              # words: runs of letters and digits (str.isalnum)
+    prefix = s[:runs[-1].start()].rstrip(" ") if runs else ""
+    if not prefix:
         raise data.DataError("schema", rec.where, "a text record needs at least two words to score")
     return prefix, s[len(prefix):]
 
@@ -686,7 +642,7 @@ def read_records(path, limit=None, bad=None) -> list:
     """The first `limit` records of a manifest (all when None); bad lines are counted in `bad`."""
     ds = data.JsonlDataset(path, None, None)
     recs = []
-    for i in range(len(ds) if limit is None else min(limit, len(ds))):
+    for i in range(len(ds))[:limit]:
         try:
             recs.append(ds.record(i))
         except data.DataError as e:
@@ -804,13 +760,11 @@ def plus_minus(accuracy: float, interval) -> str:
 
 
 def paired_difference(a: list, b: list, seed: int = 0) -> dict:
-    """accuracy(a) - accuracy(b) for two prediction lists scored on the same samples (dicts with
-    "family", "where", "correct"; a sample is its (family, where); "correct" a bool, or a score in
-    [0, 1] such as the share of right samples among k), with a 95% paired bootstrap percentile
-    interval: BOOTSTRAP_RESAMPLES resamples of the samples within each family (the design fixes
-    each family's n), a sample's two sides always drawn together. Also the discordant counts
-    McNemar's test reads (a_only: better in a). ValueError unless both lists hold the same
-    samples, each once."""
+    """accuracy(a) - accuracy(b) for two prediction lists scored on the same samples (dicts with "family",
+    "where" (a sample is the pair) and "correct": a bool, or a score in [0, 1] such as the share right of
+    k), with a 95% paired bootstrap percentile interval: BOOTSTRAP_RESAMPLES resamples within each family
+    (the design fixes each family's n), a sample's two sides drawn together. Also McNemar's discordant
+    counts (a_only: better in a). ValueError unless both lists hold the same samples, each once."""
     ka = {(p["family"], p["where"]): float(p["correct"]) for p in a}
     kb = {(p["family"], p["where"]): float(p["correct"]) for p in b}
     if ka.keys() != kb.keys() or len(ka) != len(a) or len(kb) != len(b) or not ka:
@@ -860,8 +814,7 @@ def read_tsv(path) -> tuple:
             columns = reader.fieldnames or []
     except (csv.Error, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the TSV: {e}") from None
-    missing = {"question", "answer", "image"} - set(columns)
-    if missing:
+    if missing := {"question", "answer", "image"} - set(columns):
         raise InputError(f"{path}: not a VLMEvalKit multiple-choice TSV (no column {', '.join(sorted(missing))})")
     return columns, rows
 
@@ -904,11 +857,9 @@ def extract_choice(reply: str, options: dict) -> str:
     same = [k for k, v in options.items() if normalize_answer(v) == norm]
     if len(same) == 1:
         return same[0]
-    said = [m.group(1) for m in ANSWER_RE.finditer(span) if m.group(1) in options]
-    if said:
+    if said := [m.group(1) for m in ANSWER_RE.finditer(span) if m.group(1) in options]:
         return said[-1]
-    m = LEADING_RE.match(span)
-    if m and m.group(1) in options:
+    if (m := LEADING_RE.match(span)) and m.group(1) in options:
         return m.group(1)
     alone = {m.group(1) for m in LETTER_RE.finditer(span) if m.group(1) in options}
     return alone.pop() if len(alone) == 1 else ""
@@ -928,7 +879,7 @@ def evaluate_tsv(model, tok, dcfg, path, limit=None, mode: EvalMode = EvalMode(b
     The report keeps the original rows and columns for `write_predictions_tsv`."""
     t0 = time.perf_counter()
     columns, rows = read_tsv(path)
-    rows = rows[:limit] if limit is not None else rows
+    rows = rows[:limit]                                     # all when None
     images = {row.get("index"): row["image"] for _, row in rows if len(row["image"]) > 64}
     bad, preds = data.BadData(max_fraction=1.0), []
 
@@ -1045,8 +996,7 @@ def cli(argv):
         for p in paths:
             if not os.path.exists(p):
                 raise UsageError(f"{flag} {p}: no such file or folder")
-    if min(1 if args.limit is None else args.limit, args.batch_size,
-           1 if args.max_new_tokens is None else args.max_new_tokens) < 1:
+    if any(v is not None and v < 1 for v in (args.limit, args.batch_size, args.max_new_tokens)):
         raise UsageError("--limit, --batch-size and --max-new-tokens must be at least 1")
     if args.eval and (args.image or args.video or args.temperature or args.top_p != 1.0):
         raise UsageError("--eval answers each record's own question and media, greedily: --image, --video, "
