@@ -54,8 +54,7 @@ class TooMuchBadData(RuntimeError):
 @dataclass
 class DataConfig:
     """How samples are turned into tensors. Defaults are the official SAIL-VL2-2B values; a model's
-    own geometry comes from `DataConfig.from_model(model_cfg)` (one name per concept, as in the
-    model config: image_size, patch_size, downsample_ratio, anyres_max_patches)."""
+    own geometry comes from `DataConfig.from_model(model_cfg)` (field names as in the model config)."""
     image_size: int = 448          # tile side = vision_config.image_size (official 448; the tiny preset 112)
     patch_size: int = 14           # ViT patch side
     downsample_ratio: float = 0.5  # pixel shuffle: 1/ratio x 1/ratio patches become one visual token
@@ -140,14 +139,9 @@ class NFCEncoding(tiktoken.Encoding):
 
 def byte_to_unicode() -> dict:
     """GPT-2's reversible byte -> printable character map used to spell byte-level vocab entries."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    extra = map(chr, range(256, 512))                # the other bytes, in order, from U+0100 on
+    return {b: chr(b) if b in printable else next(extra) for b in range(256)}
 
 
 def bpe_ranks(vocab: dict, merges: list, where: str) -> dict:
@@ -175,8 +169,7 @@ def bpe_ranks(vocab: dict, merges: list, where: str) -> dict:
         if vocab[merged] <= last_id:
             raise ValueError(f"{where}: merge #{i} makes id {vocab[merged]} after a merge made id {last_id}; "
                              "tiktoken uses ids as merge ranks, so merged-token ids must increase with priority")
-        last_id = vocab[merged]
-        ranks[token] = vocab[merged]
+        ranks[token] = last_id = vocab[merged]
     return ranks
 
 
@@ -206,16 +199,22 @@ def _pattern_of(pre_tokenizer, where: str) -> str:
     return pattern
 
 
-def _added_tokens(folder: Path) -> dict:
-    """Added tokens (content -> id) from added_tokens.json and tokenizer_config.json, if present."""
-    added = {}
+def folder_tokens(folder) -> tuple:
+    """(tokenizer.json as a dict or None, BPE vocab, {added token: id}) of a tokenizer folder, read without
+    building the tokenizer; added tokens from tokenizer.json, added_tokens.json, tokenizer_config.json."""
+    folder, spec, added = Path(folder), None, {}
+    if (folder / "tokenizer.json").is_file():
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab, added = spec["model"]["vocab"], {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    else:
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     if (folder / "added_tokens.json").exists():
         added.update(json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")))
     if (folder / "tokenizer_config.json").exists():
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        for idx, spec in config.get("added_tokens_decoder", {}).items():
-            added[spec["content"]] = int(idx)
-    return added
+        for idx, entry in config.get("added_tokens_decoder", {}).items():
+            added[entry["content"]] = int(idx)
+    return spec, vocab, added
 
 
 def load_tokenizer(path=None) -> tiktoken.Encoding:
@@ -231,32 +230,28 @@ def load_tokenizer(path=None) -> tiktoken.Encoding:
                                  mergeable_ranks={bytes([b]): b for b in range(256)},
                                  special_tokens={t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)})
     folder = Path(path)
-    if (folder / "tokenizer.json").exists():
+    if not has_tokenizer(folder):
+        raise FileNotFoundError(f"{folder}: no tokenizer.json, and no vocab.json + merges.txt")
+    spec, vocab, added = folder_tokens(folder)
+    if spec is not None:
         where = str(folder / "tokenizer.json")
-        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
         model = spec["model"]
         if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback") \
                 or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
                 or model.get("ignore_merges"):
             raise ValueError(f"{where}: expected a plain byte-level BPE model (no dropout, byte_fallback, "
                              f"affixes or ignore_merges), got { {k: v for k, v in model.items() if k not in ('vocab', 'merges')} }")
-        vocab = model["vocab"]
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         pattern = _pattern_of(spec.get("pre_tokenizer"), where)
         normalizer = spec.get("normalizer")
         if normalizer not in (None, {"type": "NFC"}):
             raise ValueError(f"{where}: unsupported normalizer {normalizer}; only NFC (Qwen) or none")
         nfc = normalizer is not None
-        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+    else:
         where = str(folder / "merges.txt")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         merges = [tuple(line.split(" ")) for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
                   if line and not line.startswith("#version")]
-        pattern, nfc, added = QWEN_PATTERN, True, {}   # Qwen2Tokenizer: NFC, Qwen's split regex
-    else:
-        raise FileNotFoundError(f"{folder}: no tokenizer.json, and no vocab.json + merges.txt")
-    added.update(_added_tokens(folder))
+        pattern, nfc = QWEN_PATTERN, True   # Qwen2Tokenizer: NFC, Qwen's split regex
     ranks = bpe_ranks(vocab, merges, where)
     clash = set(added.values()) & set(ranks.values())
     if clash:
@@ -290,10 +285,9 @@ def special_ids(tok: tiktoken.Encoding) -> Tokens:
 
 # A Qwen3 tokenizer folder has no <img>, </img>, <IMG_CONTEXT>. SAIL-VL2's own folder
 # (BytedanceDouyinContent/SAIL-VL2-2B, tokenizer_config.json `added_tokens_decoder`) keeps Qwen3's added
-# tokens (<|endoftext|> 151643 ... </think> 151668) and appends its image and grounding tokens right
-# after them, inside the 151,936-row embedding. `add_image_tokens` writes that layout into a copy of
-# a Qwen folder. HF `tokenizers` renumbers added tokens that leave a gap after the ids before them,
-# so the new ids must continue the folder's last id exactly; otherwise the folder is refused.
+# tokens (<|endoftext|> 151643 ... </think> 151668) and appends its image and grounding tokens right after
+# them, inside the 151,936-row embedding; `add_image_tokens` writes that layout into a copy of a Qwen folder.
+# HF `tokenizers` renumbers added tokens after a gap, so the new ids must continue the folder's last id.
 OFFICIAL_TOKEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
                       "<think>": 151667, "</think>": 151668, "<img>": 151669, "</img>": 151670,
                       "<IMG_CONTEXT>": 151671, "<quad>": 151672, "</quad>": 151673, "<ref>": 151674,
@@ -309,22 +303,9 @@ def has_tokenizer(folder) -> bool:
     return (f / "tokenizer.json").is_file() or ((f / "vocab.json").is_file() and (f / "merges.txt").is_file())
 
 
-def folder_tokens(folder) -> tuple:
-    """(largest id of the folder's BPE vocab and added tokens, {added token: id}), read without building
-    the tokenizer."""
-    folder = Path(folder)
-    if (folder / "tokenizer.json").is_file():
-        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        vocab, added = spec["model"]["vocab"], {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    else:
-        vocab, added = json.loads((folder / "vocab.json").read_text(encoding="utf-8")), {}
-    added.update(_added_tokens(folder))
-    return max([*vocab.values(), *added.values()]), added
-
-
 def missing_sail_tokens(folder) -> dict:
     """{token: official id} of SAIL-VL2's added tokens that the tokenizer folder lacks."""
-    added = folder_tokens(folder)[1]
+    added = folder_tokens(folder)[2]
     return {t: i for t, i in OFFICIAL_TOKEN_IDS.items() if t not in added}
 
 
@@ -360,7 +341,8 @@ def add_image_tokens(src, out) -> dict:
     src, out = Path(src), Path(out)
     if not has_tokenizer(src):
         raise ValueError(f"{src}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
-    last, added = folder_tokens(src)
+    spec, vocab, added = folder_tokens(src)
+    last = max([*vocab.values(), *added.values()])
     new = {t: i for t, i in sorted(OFFICIAL_TOKEN_IDS.items(), key=lambda kv: kv[1]) if t not in added}
     taken = {i: t for t, i in added.items()}
     for t, i in new.items():
@@ -372,8 +354,7 @@ def add_image_tokens(src, out) -> dict:
                          f"{', '.join(map(str, new.values()))}: they must follow on without a gap (HF tokenizers "
                          "renumbers added tokens after a gap); SAIL-VL2 continues Qwen3's layout (last id 151668)")
     files = {n: (src / n).read_text(encoding="utf-8") for n in TOKENIZER_FILES if (src / n).is_file()}
-    if new and "tokenizer.json" in files:
-        spec = json.loads(files["tokenizer.json"])
+    if new and spec is not None:                    # tokenizer.json, as folder_tokens read it
         spec["added_tokens"] = spec.get("added_tokens", []) + [_added_entry(t, i) for t, i in new.items()]
         files["tokenizer.json"] = json.dumps(spec, ensure_ascii=False, indent=2)
     if new and "tokenizer_config.json" in files:
@@ -396,8 +377,8 @@ def add_image_tokens(src, out) -> dict:
 # MPT separator style: "<|im_start|>system\n{SYS}<|im_end|>" then, per turn,
 # "<|im_start|>{role}\n{content}<|im_end|>" -- no newline after <|im_end|>. The system turn is always
 # present. Each <image> becomes <img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>.
-# Video (our choice; the paper gives no frame protocol and the official code has no video path): one tile per frame, the
-# <video> placeholder becomes "Frame1: <image>\nFrame2: <image>\n..." as in InternVL's chat().
+# Video (our choice; the paper gives no frame protocol and the official code has no video path): one tile
+# per frame, the <video> placeholder becomes "Frame1: <image>\nFrame2: <image>\n..." as in InternVL's chat().
 
 DEFAULT_SYSTEM = "你是由抖音内容理解组开发的多模态大模型，英文名叫UniVL, 是一个有用无害的人工智能助手。"
 THINK_PROMPT = ("You FIRST think about the reasoning process as an internal monologue and then provide the "
@@ -445,16 +426,12 @@ def split_think(text: str):
 def think_turn(content: str, where: str):
     """(think_text, rest) of a training assistant turn that opens with <think>...</think>, else
     (None, content); DataError for any other use of the tags (replies are read with split_think)."""
-    head = content.lstrip()
-    if not head.startswith("<think>"):
-        if "<think>" in content or "</think>" in content:
-            raise DataError("format", where, "<think> tags must open the assistant turn and be closed once")
-        return None, content
-    end = head.find("</think>")
-    if end < 0:
-        raise DataError("format", where, "<think> is never closed by </think>")
-    thought, rest = head[len("<think>"):end], head[end + len("</think>"):]
-    if "<think>" in thought or "<think>" in rest or "</think>" in rest:
+    head, thought, rest = content.lstrip(), None, content
+    if head.startswith("<think>"):
+        if "</think>" not in head:
+            raise DataError("format", where, "<think> is never closed by </think>")
+        thought, rest = head[len("<think>"):].split("</think>", 1)
+    if "<think>" in (thought or "") or "<think>" in rest or "</think>" in rest:
         raise DataError("format", where, "<think> tags must open the assistant turn and be closed once")
     return thought, rest
 
@@ -508,12 +485,6 @@ def tokenize_segments(tok: tiktoken.Encoding, segs: list):
     return torch.from_numpy(ids), torch.from_numpy(np.where(trained, ids, -100))
 
 
-def tokenize_text(tok: tiktoken.Encoding, text: str):
-    """Plain-text LM sample: the text then <|endoftext|>, loss on every token."""
-    ids = np.asarray(encode(tok, text) + [special_ids(tok).endoftext], dtype=np.int64)
-    return torch.from_numpy(ids), torch.from_numpy(ids.copy())
-
-
 # ----------------------------------------------------------------------------------------------
 # 3. Records: JSONL manifests and the bad-input policy
 #
@@ -529,6 +500,7 @@ def tokenize_text(tok: tiktoken.Encoding, text: str):
 # video, then "<image>\n" per image; any other count mismatch is bad input.
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+MEDIA_PARTS = {"image": IMAGE, "image_url": IMAGE, "video": VIDEO}     # a typed content part's placeholder
 
 
 @dataclass
@@ -556,10 +528,8 @@ def _content_text(content, where: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             out.append(part["text"])
-        elif kind in ("image", "image_url"):
-            out.append(IMAGE + "\n")
-        elif kind == "video":
-            out.append(VIDEO + "\n")
+        elif kind in MEDIA_PARTS:
+            out.append(MEDIA_PARTS[kind] + "\n")
         else:
             raise DataError("schema", where, f"unknown content part {part!r}")
     return "".join(out)
@@ -709,10 +679,9 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
     None (AnyRes: a list of (1, 3, H, W), one per image or video frame); tiles: tiles per <img> block;
     image_tokens: <IMG_CONTEXT> count per block; n_images: images + videos of the record;
     n_visual_tokens; source ("file:line"); task; answer (str or None); label_mode "rl": question (the
-    last user turn's text). With decode=False no pixel is
-    decoded (pixel_values None) and every other key is as decoding gives it: tokens and tiles come
-    from the image headers and the video frame count; only a file that fails after its header
-    (a truncated image or video) is found by decoding alone.
+    last user turn's text). With decode=False no pixel is decoded (pixel_values None) and every other
+    key is as decoding gives it: tokens and tiles come from the image headers and the video frame
+    count; only a file that fails after its header (a truncated image or video) is found by decoding.
     """
     mode = cfg.label_mode
     if mode not in LABEL_MODES:
@@ -722,7 +691,8 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
         if rec.text is None or mode == "rl":
             raise DataError("schema", rec.where, f"label_mode {mode!r} needs a "
                             f"{'text' if mode == 'text' else 'conversations/messages'} record")
-        ids, labels = tokenize_text(tok, rec.text)
+        ids = np.asarray(encode(tok, rec.text) + [special_ids(tok).endoftext], dtype=np.int64)
+        ids, labels = torch.from_numpy(ids), torch.from_numpy(ids.copy())    # loss on every token
         if len(ids) > cfg.max_len:
             raise DataError("too_long", rec.where, f"{len(ids)} tokens > max_len {cfg.max_len}")
         return dict(input_ids=ids, labels=labels, pixel_values=None, tiles=[], image_tokens=[], n_images=0,
@@ -733,9 +703,8 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
         rec = replace(rec, images=[], videos=[],
                       turns=[(r, PLACEHOLDER_RE.sub("", c).strip()) for r, c in rec.turns])
     turns = place_media(rec)
-    if mode == "rl" and turns[-1][0] == "assistant":
-        turns = turns[:-1]
     if mode == "rl":                   # the question in words, for a judge of the reply (rl.py)
+        turns = turns[:-1] if turns[-1][0] == "assistant" else turns
         base["question"] = PLACEHOLDER_RE.sub("", turns[-1][1]).strip()
     media = measure_media(rec, turns, cfg)
     tiles, tokens = [n for m in media for n in m.tiles], [n for m in media for n in m.tokens]
@@ -745,10 +714,8 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
         content = VIDEO_RE.sub(lambda m: video_prompt(cfg.num_frames), content)
         expanded.append((role, expand_placeholders(content, [next(blocks) for _ in range(content.count(IMAGE))],
                                                    rec.where)))
-    think = {"on": True, "off": False}.get(cfg.think)
-    if think is None and rec.think is not None:
-        think = rec.think
-    elif think is None:     # "auto" and no flag in the record: what the mode implies
+    think = {"on": True, "off": False}.get(cfg.think, rec.think)
+    if think is None:     # "auto" and no flag in the record: what the mode implies
         think = mode in ("longcot", "rl") or (mode == "thinkfusion" and any(
             (think_turn(c, rec.where)[0] or "").strip() for r, c in turns if r == "assistant"))
     system = rec.system if rec.system is not None else (cfg.system or DEFAULT_SYSTEM)
@@ -830,17 +797,15 @@ class JsonlDataset:
         if not self.path.is_file():
             raise FileNotFoundError(f"manifest not found: {path}")
         self.tok, self.cfg, self.training = tok, cfg or DataConfig(), training
-        self.offsets, self.line_numbers, offset, blank = [], [], 0, 0
+        self.offsets, self.line_numbers, offset, number = [], [], 0, 0
         with open(self.path, "rb") as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     self.offsets.append(offset), self.line_numbers.append(number)
-                else:
-                    blank += 1
                 offset += len(line)
+        if number > len(self.offsets):
+            print(f"[data] {self.path}: {number - len(self.offsets)} blank lines ignored", file=sys.stderr)
         self.offsets, self.line_numbers = np.array(self.offsets, np.int64), np.array(self.line_numbers, np.int64)
-        if blank:
-            print(f"[data] {self.path}: {blank} blank lines ignored", file=sys.stderr)
 
     def __len__(self):
         return len(self.offsets)
@@ -871,9 +836,7 @@ class JsonlDataset:
             rec = self.record(i)
         except DataError:
             return ""
-        if rec.text is not None:
-            return rec.text
-        return PLACEHOLDER_RE.sub(" ", " ".join(c for _, c in rec.turns))
+        return PLACEHOLDER_RE.sub(" ", " ".join(c for _, c in rec.turns)) if rec.text is None else rec.text
 
     def scan(self, bad: BadData = None, progress: bool = True):
         """Load every sample once, in order; yields the good ones and counts the bad ones in `bad`."""
@@ -888,13 +851,11 @@ class JsonlDataset:
             yield sample
 
 
-
 def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True, prepare=None, check=None):
-    """(where, obj, rec) for each usable line of a JSONL manifest, read with a progress bar (where =
-    'file:line'); a malformed line or a bad record is counted in `counts` as bad:json / bad:<reason>,
-    never silently dropped. `prepare(obj, where)` rewrites an object before it is parsed;
-    `check(rec, where)` may refuse a parsed record by raising DataError. The one reader of the
-    offline data tools (tests/curate.py)."""
+    """(where = 'file:line', obj, rec) for each usable line of a JSONL manifest, with a progress bar; a
+    malformed line or a bad record is counted in `counts` as bad:json / bad:<reason>, never silently
+    dropped. `prepare(obj, where)` rewrites an object before it is parsed; `check(rec, where)` may
+    refuse a parsed record by raising DataError. The offline data tools' one reader (tests/curate.py)."""
     manifest = Path(manifest)
     lines = manifest.read_bytes().split(b"\n")      # as JsonlDataset reads it: lines end at \n only (JSON
     if lines[0].startswith(b"\xef\xbb\xbf"):          # strings may hold U+2028 or U+0085 raw), a BOM ignored
@@ -911,25 +872,21 @@ def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True
                 check(rec, where)
         except (json.JSONDecodeError, UnicodeDecodeError):
             counts["bad:json"] += 1
-            continue
         except DataError as e:
             counts[f"bad:{e.reason}"] += 1
-            continue
-        yield where, obj, rec
+        else:
+            yield where, obj, rec
 
 
 def rebase_media(obj: dict, rec: Record, out_dir: Path) -> dict:
     """`obj` with its media paths rewritten relative to `out_dir` (where the new manifest goes)."""
     obj = {k: v for k, v in obj.items() if k not in ("image", "images", "video", "videos")}
-    rel = lambda paths: [os.path.relpath(p, out_dir.resolve()) for p in paths]  # noqa: E731
-    if rec.images:
-        obj["image"] = rel(rec.images)
-    if rec.videos:
-        obj["video"] = rel(rec.videos)
+    for key, paths in (("image", rec.images), ("video", rec.videos)):
+        if paths:
+            obj[key] = [os.path.relpath(p, out_dir.resolve()) for p in paths]
     return obj
 
 
-# ----------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------
 # 4. Resampling, §3.2.2, and the training stream
 #
@@ -987,14 +944,11 @@ class Mixture:
     sample once per pass) or, with n-gram rebalancing (step 2), draws in proportion to
     `ngram_weights`. The stream visits position k = (epoch, pos) of those orders in turn; `load(k)`
     decodes that visit with its own generator, so training-time video frame jitter differs per
-    visit yet is the same on every rank, in every loader worker and after a resume. `next()`
-    returns the next usable (k, sample), `next_meta()` the next usable sample's packing metadata
-    without decoding pixels (`meta`). A bad sample is reported once with file and line, counted
-    once per sample (not per visit) in `bad`, and skipped; the run stops when too large a fraction
-    of the distinct samples seen is bad. The packer reads ahead of training (packing.PackLoader),
-    so it collects what its reads find and `record`s it when the step that read it is trained;
-    a sample whose pixels fail after its header read fine is found by the rank that decodes it
-    (`record_decode_failure`). `state_dict()` is the cursor and those counts (JSON), for exact resume.
+    visit yet is the same on every rank, in every loader worker and after a resume. A bad sample
+    is reported once with file and line, counted once per sample (not per visit) in `bad`, and
+    skipped; the run stops when too large a fraction of the distinct samples seen is bad. The
+    packer reads ahead of training (packing.PackLoader), so it `record`s what its reads found when
+    their step is trained. `state_dict()` is the cursor and those counts (JSON), for exact resume.
     """
 
     def __init__(self, sources: list, tok: tiktoken.Encoding, cfg: DataConfig = None, seed: int = 0,
@@ -1013,9 +967,8 @@ class Mixture:
         self.offsets = np.cumsum([0] + [len(ds) for ds in self.datasets])
         self.seed, self.training = seed, training
         self.epoch_size = epoch_size or int(self.offsets[-1])
-        self.sample_weights = [None] * len(self.datasets)
-        if ngram_rebalance:
-            self.sample_weights = [self._rebalance(ds, verbose) for ds in self.datasets]
+        self.sample_weights = [self._rebalance(ds, verbose) if ngram_rebalance else None
+                               for ds in self.datasets]
         self.bad = BadData(self.cfg.max_bad_fraction, self.cfg.bad_check_after, show=verbose)
         self.status = np.zeros(len(self), dtype=np.uint8)      # per sample: 0 unseen, 1 good, 2 bad
         self.epoch, self.pos, self.valid_in_epoch = 0, 0, 0    # the cursor: next visit is order(epoch)[pos]
@@ -1156,7 +1109,6 @@ def _pack_bits(flags: np.ndarray) -> str:
 
 def _unpack_bits(text: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1325,8 +1277,7 @@ def tool_parser(prog: str, description: str, commands, parser=argparse.ArgumentP
 
 def main(argv=None):
     p = tool_parser("data.py", "SAIL-VL2 data tools: the tokenizer, manifest checks, n-gram rebalancing "
-                    "(§3.2.2). "
-                    "Run `python data.py SUBCOMMAND --help` for each.", COMMANDS)
+                    "(§3.2.2). Run `python data.py SUBCOMMAND --help` for each.", COMMANDS)
     args = p.parse_args(dashed_options(sys.argv[1:] if argv is None else argv))
     try:
         args.run(args)
@@ -1337,8 +1288,7 @@ def main(argv=None):
 def dashed_options(argv: list) -> list:
     """--max_len=8 -> --max-len=8: the command-line tools accept the training scripts' underscore
     spelling as well as their own dashed one."""
-    return [a.split("=", 1)[0].replace("_", "-") + a[len(a.split("=", 1)[0]):] if a.startswith("--") else a
-            for a in argv]
+    return [re.sub(r"^--[^=]*", lambda m: m[0].replace("_", "-"), a) for a in argv]
 
 
 if __name__ == "__main__":
