@@ -19,14 +19,14 @@ Reads top-down in the paper's order:
 `LLMConfig` uses HF config.json field names, so a Qwen3 config.json loads directly. Parameter
 names equal HF's (`model.layers.N.self_attn.q_proj`…) so no renaming table is needed.
 
-Memory options of ours (not the paper's): `set_activation_checkpointing` (`--ac=block`) makes every
-LLM decoder layer and ViT block recompute its inside in backward; the training loss never holds
-the (T, V) logits of a pack (`chunked_cross_entropy`). The same blocks are FSDP2's units
-(`parallelize`, §5.2).
+Memory options of ours (not the paper's): every LLM decoder layer and ViT block recomputes its
+inside in backward (`set_activation_checkpointing`, `--ac=block`) and is an FSDP2 unit (`parallelize`,
+§5.2); the training loss never holds the (T, V) logits of a pack (`chunked_cross_entropy`).
 
 `python model.py --preset 8b` prints the parameter counts of a preset (built on the meta device).
 """
 import argparse
+import contextlib
 import functools
 import glob
 import hashlib
@@ -38,7 +38,8 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -118,23 +119,20 @@ class LLMConfig:
         if d.get("model_type") == "qwen3_moe":
             d.setdefault("norm_topk_prob", False)                    # HF Qwen3MoeConfig default
             d.setdefault("tie_word_embeddings", False)
-        ours = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in ours}
+        kw = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
         if kw.get("head_dim") is None:
             kw["head_dim"] = kw.get("hidden_size", cls.hidden_size) // kw.get("num_attention_heads", cls.num_attention_heads)
-        for k in ("eos_token_id",):                                  # lists allowed in HF: keep the first
-            if isinstance(kw.get(k), list):
-                kw[k] = kw[k][0]
+        if isinstance(kw.get("eos_token_id"), list):                # lists allowed in HF: keep the first
+            kw["eos_token_id"] = kw["eos_token_id"][0]
         for f in fields(cls):                # hub files write "rope_theta": 1000000: keep float fields float
             if isinstance(f.default, float) and isinstance(kw.get(f.name), int):
                 kw[f.name] = float(kw[f.name])
         return cls(**kw)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["model_type"] = "qwen3_moe" if self.num_experts > 0 else "qwen3"
-        d["architectures"] = ["Qwen3MoeForCausalLM" if self.num_experts > 0 else "Qwen3ForCausalLM"]
-        return d
+        moe = self.num_experts > 0
+        return dict(asdict(self), model_type="qwen3_moe" if moe else "qwen3",
+                    architectures=["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"])
 
 
 def rotate_half(x):
@@ -245,10 +243,7 @@ class DecoderLayer(nn.Module):
     def body(self, x, cos, sin, cu_seqlens=None, mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, mask, cache)
         h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            h, router_logits = self.mlp(h)
-        else:
-            h, router_logits = self.mlp(h), None
+        h, router_logits = self.mlp(h) if self.is_moe else (self.mlp(h), None)
         return x + h, router_logits
 
 
@@ -284,14 +279,13 @@ class Qwen3LM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self):
-        std = self.cfg.initializer_range
         for name, p in self.named_parameters():
             if "norm" in name:
                 nn.init.ones_(p)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
             else:
-                nn.init.normal_(p, std=std)
+                nn.init.normal_(p, std=self.cfg.initializer_range)
 
     def run(self, input_ids=None, position_ids=None, cu_seqlens=None, inputs_embeds=None,
             attention_mask=None, cache=None):
@@ -341,20 +335,18 @@ class Qwen3LM(nn.Module):
 # ==============================================================================================
 # Generation: the sampling policy and the rollout engine
 #
-# The pattern of gpt-fast's generate.py: a prefill, then one-token decode steps of one fixed shape
-# over a static KV cache (the write slot is a tensor, the attention reads the whole cache under a
-# mask) so that torch.compile can capture a step (CUDA graphs on a GPU), and sampling that never
-# waits for the host. For RL (§4.2.3) each prompt is prefilled once and its keys/values copied
-# into its G rows; the log-probs recorded are those of `policy_logits`, the one definition of the
-# sampling policy, which the training forward uses too.
+# gpt-fast's pattern: a prefill, then one-token decode steps of one fixed shape over a static KV
+# cache (a tensor write slot; the attention reads the whole cache under a mask) that torch.compile
+# can capture, and sampling that never waits for the host. For RL (§4.2.3) each prompt is prefilled
+# once for its G rows; the log-probs recorded are those of `policy_logits`, the one definition of
+# the sampling policy, which the training forward uses too.
 
 def policy_logits(logits, temperature: float, top_p: float = 1.0, n_valid=None, banned=()):
-    """logits (..., V) -> float32 logits of the sampling policy: the padded rows >= n_valid (the
-    tokenizer is smaller than the embedding table) and the `banned` ids (ints, or a tensor on the
-    logits' device) at -inf; divided by the temperature (0 means greedy, whose policy is taken at
-    T = 1); the tokens outside the top-p nucleus (the smallest set of most likely tokens whose
-    probability reaches top_p) at -inf. Its log_softmax is the policy's log-prob, its softmax what
-    is sampled, its argmax the greedy token."""
+    """logits (..., V) -> float32 logits of the sampling policy: -inf at the padded rows >= n_valid
+    (the tokenizer is smaller than the embedding table) and the `banned` ids (ints, or a tensor on
+    the logits' device); divided by the temperature (0: greedy, its policy taken at T = 1); -inf
+    outside the top-p nucleus (the smallest set of most likely tokens whose probability reaches
+    top_p). Its log_softmax is the policy's log-prob, its softmax what is sampled."""
     x = logits.float()
     V = x.shape[-1]
     if n_valid is not None and n_valid < V:
@@ -387,9 +379,8 @@ def sample_tokens(policy, temperature: float, uniform=None):
 
 def sampling_cdf(logp):
     """The cumulative probabilities inverse-CDF sampling reads, in float64: a float32 running sum
-    over a 152k vocabulary stops adding tokens far below the sum's precision (the distribution
-    sampled then differs from softmax(policy), whose log-probs are recorded, by ~1e-3 in total
-    variation)."""
+    over a 152k vocabulary stops adding tokens far below its precision (the distribution sampled
+    would differ from softmax(policy), whose log-probs are recorded, by ~1e-3 in total variation)."""
     return logp.double().exp().cumsum(-1)
 
 
@@ -403,9 +394,8 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 
 def prefill(lm: Qwen3LM, embeds: list, repeats: int, max_new_tokens: int):
     """Each prompt (L_i, H) once, left-padded into one batch; its keys/values are copied into the
-    `repeats` rows it owns (prompt-major) of a cache sized for the whole generation. Logits only at
-    the last position (a (T, V) prefill logit tensor is gigabytes at a 151k vocabulary).
-    -> (cache, logits (P, V), prompt lengths (P,))"""
+    `repeats` rows it owns (prompt-major) of a cache sized for the whole generation. Logits only at the
+    last position (all (T, V) are gigabytes at a 151k vocabulary) -> (cache, logits (P, V), lengths (P,))"""
     P, L = len(embeds), max(e.shape[0] for e in embeds)
     device = embeds[0].device
     lens = torch.tensor([e.shape[0] for e in embeds], device=device)
@@ -446,7 +436,6 @@ class CompiledStep:
             try:
                 return self.fn(lm, cache, ids, pos, uniform, policy)
             except torch._dynamo.exc.TorchDynamoException as e:          # raised before the step ran
-                import warnings
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding eagerly")
                 self.fn = decode_step
         return decode_step(lm, cache, ids, pos, uniform, policy)
@@ -498,16 +487,14 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
                          generator=None, on_token=None, n_valid_tokens=None, logprobs=None, banned=(), *,
                          repeats: int = 1, compile="auto"):
     """The decode loop of Qwen3LM.generate, SAILVL.generate and RL's rollouts. `embeds`: prompts as
-    embeddings (L_i, H), any lengths; each is prefilled once and sampled `repeats` times: rows are
-    prompt-major (prompt 0's repeats first). Returns, per row, the generated ids, ending at the
-    row's first stop token (included) or after max_new_tokens. `logprobs`: a list that receives,
-    per row, the log-prob of each generated token under policy_logits(logits, temperature, top_p,
-    n_valid_tokens, banned), the policy that is sampled (`banned`: ids never generated).
-    `generator`: any device (see device_generator). `on_token(ids (B,))` after each step: the
-    step's token of every row, -1 for rows that have left the batch; a row's tokens after its
-    stop token are not part of its output. `compile`: "auto" | True | False (see pick_step).
-    Rows that finished leave the batch every SYNC_EVERY steps; sampling and the done flags stay
-    on the device."""
+    embeddings (L_i, H), any lengths, each prefilled once and sampled `repeats` times (rows are
+    prompt-major: prompt 0's repeats first). Returns per row the generated ids, up to its first stop
+    token (included) or max_new_tokens. `logprobs`: a list that receives per row each generated
+    token's log-prob under policy_logits(logits, temperature, top_p, n_valid_tokens, banned), the
+    policy sampled (`banned`: ids never generated). `generator`: any device (see device_generator).
+    `on_token(ids (B,))` after each step: every row's token, -1 for rows that left the batch (tokens
+    after a row's stop token are not output). `compile`: "auto" | True | False (see pick_step).
+    Finished rows leave the batch every SYNC_EVERY steps; sampling and done flags stay on the device."""
     B = len(embeds) * repeats
     if max_new_tokens <= 0:
         return [[] for _ in range(B)]
@@ -525,10 +512,8 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = lens.repeat_interleave(repeats)                                # RoPE position of the next token
 
-    def draws():                                                         # (n, 1): one per output row and step,
-        if temperature <= 0:                                             # whatever the batch's composition
-            return None
-        return torch.rand(B, 1, generator=gen, device=device)[rows]
+    def draws():                 # (n, 1): one per output row and step, whatever the batch's composition
+        return torch.rand(B, 1, generator=gen, device=device)[rows] if temperature > 0 else None
 
     ids, lp = sample_tokens(policy_logits(logits, *policy).repeat_interleave(repeats, 0), temperature, draws())
     for step in range(max_new_tokens):
@@ -715,11 +700,10 @@ class SAILVL(nn.Module):
 
     def blank_tile(self, device):
         """One white tile (fixed resolution) or one 2x2-patch image (AnyRes) for vision_every_forward."""
+        v = self.cfg.vision_config
         if self.cfg.anyres:
-            return [torch.ones(3, 2 * self.cfg.vision_config.patch_size, 2 * self.cfg.vision_config.patch_size,
-                               device=device)]
-        size = self.cfg.vision_config.image_size
-        return torch.ones(1, 3, size, size, device=device)
+            return [torch.ones(3, 2 * v.patch_size, 2 * v.patch_size, device=device)]
+        return torch.ones(1, 3, v.image_size, v.image_size, device=device)
 
     def embed(self, input_ids, pixel_values=None):
         """Token embeddings with the `<IMG_CONTEXT>` positions filled, in order, by visual tokens."""
@@ -740,11 +724,10 @@ class SAILVL(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, labels=None, position_ids=None, cu_seqlens=None,
                 attention_mask=None, return_logits=None) -> Output:
-        """input_ids (B, T), pixel_values (N_tiles, 3, S, S) | list (AnyRes) | None -> Output.
-        With labels (B, T) the summed shifted CE and its target count are filled in (in token chunks,
-        `chunked_cross_entropy`) and the logits are not made unless `return_logits`; without labels
-        the logits are returned. For MoE LLMs, with labels, the load-balancing term (§2.2) is this
-        rank's share (statistics averaged across ranks: a collective)."""
+        """input_ids (B, T), pixel_values (N_tiles, 3, S, S) | list (AnyRes) | None -> Output. With labels
+        (B, T): the summed shifted CE and its target count (`chunked_cross_entropy`), no logits unless
+        `return_logits`, and for MoE LLMs the load-balancing term (§2.2), this rank's share (statistics
+        averaged across ranks: a collective). Without labels: the logits."""
         x = self.embed(input_ids, pixel_values)
         h, router_logits = self.language_model.run(position_ids=position_ids, cu_seqlens=cu_seqlens,
                                                    inputs_embeds=x, attention_mask=attention_mask)
@@ -766,8 +749,7 @@ class SAILVL(nn.Module):
         device = self.language_model.lm_head.weight.device
         lens = [len(p) for p in prompts]
         flat = torch.tensor([t for p in prompts for t in p], device=device)[None]
-        x = self.embed(flat, pixel_values)[0]                            # (sum L_i, H)
-        embeds = list(x.split(lens, 0))
+        embeds = list(self.embed(flat, pixel_values)[0].split(lens, 0))  # (L_i, H) each
         return generate_from_embeds(self.language_model, embeds, max_new_tokens, temperature, top_p,
                                     stop_tokens, generator, on_token, n_valid_tokens)
 
@@ -780,8 +762,7 @@ class SAILVL(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu") -> "SAILVL":
         """Our own folder or an official SAIL-VL2 HF folder (sharded safetensors, with index)."""
-        with open(os.path.join(path, "config.json")) as f:
-            raw = json.load(f)
+        raw = json.loads(Path(path, "config.json").read_text())
         if "vision_config" not in raw or "llm_config" not in raw:
             raise ValueError(f"{path}/config.json is not a SAIL-VL2 config (no vision_config / llm_config)")
         cfg = SAILVLConfig.from_dict(raw)
@@ -805,8 +786,7 @@ def set_activation_checkpointing(model: SAILVL, on: bool):
 def parallelize(model: SAILVL, device, mixed_precision: bool):
     """FSDP2: each LLM decoder layer and each ViT block is a unit (one block's full weights exist at
     a time; SAIL-ViT-Huge is 0.68B parameters, too big to gather whole next to an 8k-token pack),
-    the root holds the rest (embeddings, tied lm_head, adapter, patch embedding, final norms).
-    Activation checkpointing (set_activation_checkpointing) is set before, inside each unit."""
+    the root holds the rest (embeddings, tied lm_head, adapter, patch embedding, final norms)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
@@ -826,15 +806,13 @@ def freeze(model: SAILVL, trainable: list):
 # checkpoint helpers shared by SAILVL, load_hf_llm and the trainer
 
 def write_weights(folder: str, state_dict: dict, cfg: SAILVLConfig):
-    """config.json + model.safetensors of `state_dict` into an existing folder (the one serialiser
-    of SAILVL weights: save_pretrained and the trainer's checkpoint writer both use it). A tied
-    lm_head is dropped, as the official checkpoints do."""
+    """config.json + model.safetensors of `state_dict` into an existing folder, a tied lm_head dropped
+    as official checkpoints do: the one serialiser of SAILVL weights (save_pretrained, save_checkpoint)."""
     from safetensors.torch import save_file
     sd = {k: v.contiguous() for k, v in state_dict.items()}
     if cfg.llm_config.tie_word_embeddings:
         sd.pop("language_model.lm_head.weight", None)                   # shared with embed_tokens
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    Path(folder, "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -853,7 +831,8 @@ def atomic_write_dir(path: str, write_fn):
         raise
 
 
-def fsync_dir(path: str):
+def fsync(path: str):
+    """Flush a file or a folder (its entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -862,16 +841,14 @@ def fsync_dir(path: str):
 
 
 def replace_dir(tmp: str, path: str):
-    """Flush the finished folder `tmp` (its files and folders) to disk, give it the permissions of a
-    folder made by os.makedirs, and rename it to `path`. An old `path` is moved aside to
-    <path>.old-* first and removed after; if the rename fails it is moved back. A crash between the
-    two renames leaves it aside, and restore_moved_aside, which every writer and reader of `path`
-    calls first, puts it back."""
+    """Flush the finished folder `tmp` to disk, give it the permissions os.makedirs would, and rename
+    it to `path`. An old `path` is moved aside to <path>.old-* first and removed after (moved back if
+    the rename fails); after a crash between the two renames restore_moved_aside, which every writer
+    and reader of `path` calls first, puts it back."""
     for root, _, names in os.walk(tmp):
         for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(root)
+            fsync(os.path.join(root, name))
+        fsync(root)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)                       # mkdtemp made it 0700: owner-only
@@ -887,7 +864,7 @@ def replace_dir(tmp: str, path: str):
         if old:
             os.replace(old, path)
         raise
-    fsync_dir(parent)                                   # the renames themselves survive a power loss
+    fsync(parent)                                       # the renames themselves survive a power loss
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -899,10 +876,8 @@ def restore_moved_aside(path: str):
         return
     aside = sorted(glob.glob(glob.escape(path) + ".old-*"), key=os.path.getmtime)
     if aside:
-        try:
+        with contextlib.suppress(FileNotFoundError):   # another process put it back first
             os.replace(aside[-1], path)
-        except FileNotFoundError:                      # another process put it back first
-            pass
 
 
 def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
@@ -912,8 +887,7 @@ def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
     sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
     if cfg.tie_word_embeddings:
         sd.pop(prefix + "lm_head.weight", None)
-    experts = {}
-    out = {}
+    experts, out = {}, {}
     for k, v in sd.items():
         parts = k.split(".")
         if "experts" in parts:
@@ -922,9 +896,8 @@ def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
                 experts.setdefault((".".join(parts[:i + 1]), parts[i + 2]), {})[int(parts[i + 1])] = v
                 continue
             if parts[i + 1] == "gate_up_proj":                           # fused (E, 2I, H): gate first
-                gate, up = v.chunk(2, dim=1)
                 base = ".".join(parts[:i + 1])
-                out[base + ".gate_proj"], out[base + ".up_proj"] = gate.contiguous(), up.contiguous()
+                out[base + ".gate_proj"], out[base + ".up_proj"] = (t.contiguous() for t in v.chunk(2, dim=1))
                 continue
         out[k] = v
     for (base, proj), per in experts.items():
@@ -937,8 +910,7 @@ def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
 def read_llm_config(path: str) -> LLMConfig:
     """The LLMConfig of an HF Qwen3 / Qwen3-MoE folder's config.json (or of the `llm_config` of a
     SAIL-VL2 folder), so Qwen3-0.6B ... Qwen3-30B-A3B need no shape options."""
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
+    raw = json.loads(Path(path, "config.json").read_text())
     return LLMConfig.from_dict(raw.get("llm_config", raw))
 
 
@@ -960,9 +932,8 @@ def load_hf_llm(path: str, dtype=torch.float32, device="cpu") -> Qwen3LM:
 
 
 def save_hf_llm(lm: Qwen3LM, path: str):
-    """Export the language model as an HF Qwen3 folder (config.json + model.safetensors) that
-    `transformers.AutoModelForCausalLM.from_pretrained` and `load_hf_llm` read. MoE experts are
-    written per expert, in the hub layout."""
+    """Export the language model as an HF Qwen3 folder (config.json + model.safetensors, MoE experts
+    one by one as on the hub) that `transformers.AutoModelForCausalLM` and `load_hf_llm` read."""
     from safetensors.torch import save_file
     sd = {}
     for k, v in lm.state_dict().items():
@@ -970,17 +941,12 @@ def save_hf_llm(lm: Qwen3LM, path: str):
             continue
         if ".experts." in k:                                             # (E, ...) -> experts.N.<proj>.weight
             base, proj = k.rsplit(".", 1)
-            for e in range(v.shape[0]):
-                sd[f"{base}.{e}.{proj}.weight"] = v[e].detach().contiguous().cpu()
-            continue
-        sd[k] = v.detach().contiguous().cpu()
-    cfg = lm.cfg.to_dict()
-    cfg.pop("architectures", None)
-    cfg["architectures"] = ["Qwen3MoeForCausalLM" if lm.cfg.num_experts else "Qwen3ForCausalLM"]
+            sd.update({f"{base}.{e}.{proj}.weight": w.detach().contiguous().cpu() for e, w in enumerate(v)})
+        else:
+            sd[k] = v.detach().contiguous().cpu()
 
     def write(tmp):
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+        Path(tmp, "config.json").write_text(json.dumps(lm.cfg.to_dict(), indent=2))
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     atomic_write_dir(path, write)
 
@@ -1060,10 +1026,9 @@ TIED_HEAD = "language_model.lm_head.weight"
 
 
 def sharded_state(model, opt) -> tuple:
-    """({"model": weights, "optim": per-parameter optimizer tensors}, optimizer param_groups): keyed
-    by parameter name, DTensor shards under FSDP2 (torch.distributed.checkpoint.state_dict). A tied
-    lm_head is the embedding: stored once. Tensors only (they are written as safetensors); the
-    param_groups (numbers) go to meta.json."""
+    """({"model": weights, "optim": per-parameter optimizer tensors}, optimizer param_groups), keyed
+    by parameter name, DTensor shards under FSDP2. A tied lm_head is the embedding: stored once.
+    Tensors only (written as safetensors); the param_groups (numbers) go to meta.json."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     weights = get_model_state_dict(model)
     if (model.module if hasattr(model, "module") else model).cfg.llm_config.tie_word_embeddings:
@@ -1130,15 +1095,12 @@ def load_sharded(folder: str, model, opt, saved: dict):
 
 def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_state: dict = None,
                     extra_files: dict = None, model_cfg: SAILVLConfig = None, opt=None):
-    """The one checkpoint writer (step checkpoints, stage outputs, the soup): files go into a staging
-    folder beside `path`, which rank 0 renames to `path` once every rank is done, so a crash at any
-    point leaves the previous `path` (or none), never half of one. With `opt`: a resumable step
-    checkpoint (every rank writes its shards of the weights and of `opt`'s state, and its
-    `rank_state`); without: a stage output (rank 0 writes the full weights as model.safetensors).
-    Rank 0 adds `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json with every
-    file's size and sha256. A full disk or an unwritable folder, on any rank, is one clear
-    CheckpointError on every rank (none left waiting in a collective) and the previous checkpoint
-    stays. `model` None: a data output (the CoT harvest), no weights."""
+    """The one checkpoint writer (the layouts above): files go into a staging folder beside `path`,
+    which rank 0 renames to `path` once every rank is done, so a crash at any point leaves the
+    previous `path` (or none), never half of one. With `opt`: a resumable step checkpoint (with each
+    rank's `rank_state`); without: a stage output; `model` None: a data output (the CoT harvest).
+    Rank 0 adds `extra_files` ({name: source path}, e.g. metrics.jsonl) and meta.json. A full disk or
+    an unwritable folder, on any rank, is one CheckpointError on every rank; the previous one stays."""
     from torch.distributed.checkpoint import CheckpointException
     sd = full_state_dict(model) if model is not None and opt is None else None   # a collective under FSDP
     model_cfg = model_cfg or (model.cfg if model is not None else None)
@@ -1150,7 +1112,6 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
                 fn()
             except OSError as e:
                 return e
-        return None
 
     def agree(err, extra=None):
         """Every rank's outcome: each rank raises the first failure, so none is left waiting in a
@@ -1186,8 +1147,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
                 write_weights(staging, sd, model_cfg)               # config.json + model.safetensors
                 mine += ["config.json", "model.safetensors"]
             elif model_cfg is not None:
-                with open(os.path.join(staging, "config.json"), "w") as f:
-                    json.dump(model_cfg.to_dict(), f, indent=2)
+                Path(staging, "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
                 mine.append("config.json")
             for name, src in (extra_files or {}).items():
                 shutil.copyfile(src, os.path.join(staging, name))
@@ -1195,15 +1155,12 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
         files = {name: file_record(os.path.join(staging, name)) for name in mine}
     except OSError as e:
         files, err = {}, e
-    every = {}
-    for theirs in agree(err, files):
-        every.update(theirs)
+    every = {name: rec for theirs in agree(err, files) for name, rec in theirs.items()}
 
     def finish():
         full = dict(meta, world_size=world, resumable=opt is not None, optimizer=optim,
                     files=dict(sorted(every.items())), kind="model" if model is not None else "data")
-        with open(os.path.join(staging, "meta.json"), "w") as f:
-            json.dump(full, f, indent=1)
+        Path(staging, "meta.json").write_text(json.dumps(full, indent=1))
         replace_dir(staging, path)
     agree(on_rank0(finish))
 
@@ -1242,8 +1199,7 @@ def verify_checkpoint(path: str, resumable: bool = False) -> dict:
     if not os.path.exists(meta_path):
         raise CheckpointError(f"checkpoint {path} is incomplete: meta.json is missing")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(Path(meta_path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({e})") from None
     for name, rec in meta.get("files", {}).items():
@@ -1316,7 +1272,6 @@ def prune_checkpoints(folder: str, keep: int):
 
 def preset_config(name: str) -> SAILVLConfig:
     """tiny (CPU default) / tiny-moe / tiny-anyres, and the paper's 2b / 8b / 30b-a3b."""
-    qwen3_1_7b = LLMConfig()                                             # Qwen3-1.7B (the official llm_config)
     qwen3_8b = LLMConfig(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
     qwen3_30b_a3b = LLMConfig(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
@@ -1331,11 +1286,10 @@ def preset_config(name: str) -> SAILVLConfig:
                 img_context_token_id=TINY_IMG_CONTEXT_ID, system_prompt="You are UniVL, a helpful assistant.")
     presets = {
         "tiny": SAILVLConfig(llm_config=tiny_llm, **tiny),
-        "tiny-moe": SAILVLConfig(llm_config=LLMConfig(**{**asdict(tiny_llm), "num_experts": 8,
-                                                         "num_experts_per_tok": 2, "moe_intermediate_size": 96,
-                                                         "decoder_sparse_step": 1, "norm_topk_prob": True}), **tiny),
+        "tiny-moe": SAILVLConfig(llm_config=replace(tiny_llm, num_experts=8, num_experts_per_tok=2,
+                                                    moe_intermediate_size=96, norm_topk_prob=True), **tiny),
         "tiny-anyres": SAILVLConfig(llm_config=tiny_llm, anyres=True, anyres_max_patches=1024, **tiny),
-        "2b": SAILVLConfig(llm_config=qwen3_1_7b),
+        "2b": SAILVLConfig(llm_config=LLMConfig()),             # Qwen3-1.7B (the official llm_config)
         "8b": SAILVLConfig(llm_config=qwen3_8b),
         "30b-a3b": SAILVLConfig(llm_config=qwen3_30b_a3b),
     }
@@ -1416,12 +1370,12 @@ def matmul_weights(model: SAILVL) -> dict:
 def training_flops(cfg: SAILVLConfig, weights: dict, packs: list, trainable: list) -> float:
     """Model FLOPs of a training step over `packs` (forward inputs: cu_seqlens, pixel_values),
     `weights` from matmul_weights, the modules in `trainable` training; counted as PaLM does
-    (Chowdhery et al. 2022, appendix B): per token 6 N for a module whose N matmul weights train (2 N forward, 2 N input gradients,
-    2 N weight gradients), 4 N for a frozen module that gradients still cross (a module before it
-    trains), 2 N for one that only runs forward; plus attention, 12 L H D per query-key pair when
-    gradients cross it (PaLM's 12 L H Q T per token, T = the sample's length, causality not
-    discounted), 4 L H D forward only. A pack's samples attend only within themselves (sum of
-    s_i^2 pairs), each ViT tile or image within itself."""
+    (Chowdhery et al. 2022, appendix B): per token 6 N for a module whose N matmul weights train
+    (2 N forward, 2 N input gradients, 2 N weight gradients), 4 N for a frozen module that gradients
+    still cross (a module before it trains), 2 N for one that only runs forward; plus attention,
+    12 L H D per query-key pair when gradients cross it (PaLM's 12 L H Q T per token, T = the
+    sample's length, causality not discounted), 4 L H D forward only. A pack's samples attend only
+    within themselves (sum of s_i^2 pairs), each ViT tile or image within itself."""
     vit, llm = cfg.vision_config, cfg.llm_config
     work = {m: [0, 0] for m in MODULES}                              # tokens, query-key pairs
     for pack in packs:
@@ -1465,16 +1419,12 @@ def main():
                           else a for a in sys.argv[1:]])             # --key_name works as --key-name
     model = build_model(args.preset, device="meta")
     print(json.dumps(model.cfg.to_dict(), indent=2))
-    lm = model.language_model
-    active = count_params(lm)
-    if lm.cfg.num_experts:
-        c = lm.cfg
-        n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
-        per_expert = 3 * c.hidden_size * c.moe_intermediate_size
-        active -= n_moe * (c.num_experts - c.num_experts_per_tok) * per_expert
+    lm, c = model.language_model, model.language_model.cfg
+    n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))          # 0 for a dense LLM
+    inactive = n_moe * (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
     n = lambda x: f"{x / 1e9:.3f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"  # noqa: E731
     print(f"vision {n(count_params(model.vision_model))} | adapter {n(count_params(model.mlp1))} | "
-          f"llm {n(count_params(lm))} (active {n(active)}) | total {n(count_params(model))}")
+          f"llm {n(count_params(lm))} (active {n(count_params(lm) - inactive)}) | total {n(count_params(model))}")
 
 
 if __name__ == "__main__":
