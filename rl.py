@@ -7,25 +7,19 @@ format (`<think>` tags). Dense models use DAPO (arXiv 2503.14476), the MoE model
 reasoning and a judge for answers that rules cannot check; the coefficients of the rewards sum to
 1. The file reads in that order:
 
-  1. Verifiable rewards  `reward_answer` (the final `\\boxed{}` answer against the ground truth,
-                         by sample.py's grading API), `reward_format`.
+  1. Verifiable rewards  `reward_answer` (by sample.py's grading API), `reward_format`.
   2. Group advantages    `group_advantages`: (r - mean) / (std + eps) in each prompt's group.
   3. Dynamic sampling    `filter_groups`: DAPO keeps groups whose rewards are not all equal.
-  4. Overlong shaping    `overlong_penalty`, `truncation_mask` (DAPO's; the paper uses neither,
-                         and no stage calls them).
-  5. Policy loss         `policy_loss`: DAPO, GSPO, GSPO-token; aggregation that does not depend
-                         on how the rollout batch is split into micro-batches and ranks.
+  4. Overlong shaping    `overlong_penalty`, `truncation_mask` (DAPO's; the paper and the stages use neither).
+  5. Policy loss         `policy_loss`: DAPO, GSPO, GSPO-token; aggregation independent of the batch split.
   6. KL estimators       `kl_estimate` (k1 / k2 / k3); off in the stages (DAPO and GSPO drop KL).
-  7. Mixed rewards       `ThinkJudge`, `think_consistency`, `reference_judge`, `mixed_reward`;
-                         a model judge is marked for later.
-  8. Rollouts            G samples per prompt from one policy function (temperature, top-p, the
-                         tokens it never emits) that the training forward shares.
+  7. Mixed rewards       `ThinkJudge`, `think_consistency`, `reference_judge`, `mixed_reward`.
+  8. Rollouts            G samples per prompt from the one policy function the training forward shares.
   9. Model judge         any checkpoint grades a reasoning by P(yes).
  10. Data parallelism    each rank owns whole groups; generation on an unsharded copy.
  11. Dynamic sampling    groups whose `learning_signal` does not vary dropped, fresh prompts drawn.
  12. Updates             mini-batches x epochs of packed micro-batches, one global normaliser.
- 13. Evaluation          greedy accuracy, pass@1, maj@k, pass@k on held-out prompts, paired
-                         before / after differences with intervals.
+ 13. Evaluation          greedy accuracy, pass@1, maj@k, pass@k on held-out prompts; paired before / after.
  14. The stages          rl-verifiable, rl-mixed (train_rl), harvest.
  15. Data tools          the CoT harvest (§4.2.4), the pass@k filter (§4.2.3). LongCoT data
                          cleaning (§4.2.2) is a curation tool: tests/curate.py clean-longcot.
@@ -60,12 +54,10 @@ from sample import parse_number as _parse_number
 # ----------------------------------------------------------------------------------------------
 # 1. Verifiable rewards (§4.2.3): answer and format, both binary
 #
-# Replies are read and answers compared with the project's one grading API, sample.py's grading
-# section (the evaluation uses the same): the answer is the last balanced `\boxed{...}` after
-# `</think>` (the box opened last: `\boxed{\boxed{1}+1}` answers 1, as for math-verify); a box
-# inside the thinking is no final answer; a direct-mode reply without think tags is all answer;
-# one that opened `<think>` and never closed it has none. Two answers agree by `answers_match`, a
-# normaliser held to math-verify 0.9.0 (never equal where math-verify says different).
+# Replies are read and answers compared by sample.py's grading API, as the evaluation does: the
+# answer is the last balanced `\boxed{...}` after `</think>` (none in a reply that opened `<think>`
+# and never closed it; a direct-mode reply without think tags is all answer), and two answers agree
+# by `answers_match`, a normaliser held to math-verify 0.9.0.
 
 def reward_format(text: str) -> float:
     """1.0 if the completion is exactly `<think>T</think> ... \\boxed{A} ...` with non-empty T
@@ -74,9 +66,8 @@ def reward_format(text: str) -> float:
     if not s.startswith("<think>") or s.count("<think>") != 1 or s.count("</think>") != 1:
         return 0.0
     close = s.find("</think>")
-    if not s[len("<think>"):close].strip():
-        return 0.0
-    return float(last_boxed(s[close + len("</think>"):]) is not None)
+    thinking, answer = s[len("<think>"):close], s[close + len("</think>"):]
+    return float(bool(thinking.strip()) and last_boxed(answer) is not None)
 
 
 def reward_answer(text: str, ground_truth) -> float:
@@ -216,10 +207,10 @@ def policy_loss(logp, old_logp, advantages, mask, algo="dapo", clip_low=None, cl
     lens = m.sum(-1)                                              # (B,)
     seq_log_ratio = log_ratio.sum(-1) / lens.clamp_min(1)         # (B,) mean_t log r_it
 
+    units = m                                                     # of the stats: tokens, sequences for gspo
     if algo == "dapo":
         ratio = log_ratio.clamp(-20, 20).exp()                    # (B, T)
         tok_loss, clipped = _clipped_objective(ratio, adv_tok, lo, hi, clip_c)
-        units = m
     elif algo == "gspo":
         ratio = seq_log_ratio.clamp(-20, 10).exp()                # (B,) s_i
         seq_loss, clipped = _clipped_objective(ratio, adv_seq, lo, hi, clip_c)
@@ -228,7 +219,6 @@ def policy_loss(logp, old_logp, advantages, mask, algo="dapo", clip_low=None, cl
         log_s = logp - logp.detach() + seq_log_ratio.detach()[:, None]
         ratio = log_s.clamp(-20, 10).exp()                        # (B, T), value s_i, token gradient
         tok_loss, clipped = _clipped_objective(ratio, adv_tok, lo, hi, clip_c)
-        units = m
 
     tok_loss = torch.where(m, tok_loss, zero)                     # (B, T)
     n = loss_normalizer(m, agg) if n_global is None else n_global
@@ -240,10 +230,9 @@ def policy_loss(logp, old_logp, advantages, mask, algo="dapo", clip_low=None, cl
         loss = (tok_loss.sum(-1) / per_row).sum() / n
 
     with torch.no_grad():
-        lr = log_ratio.clamp(-20, 20)
         stats = {f"clip_frac_{k}": _masked_mean(v.to(logp.dtype), units) for k, v in clipped.items()}
         stats["ratio_mean"] = _masked_mean(ratio.detach(), units)
-        stats["approx_kl"] = _masked_mean(lr.exp() - 1 - lr, m)
+        stats["approx_kl"] = _masked_mean(kl_estimate(old_logp, logp, "k3"), m)     # KL(pi_old || pi)
         stats["n_tokens"], stats["n_seqs"] = m.sum(), m.any(-1).sum()
     return loss, stats
 
@@ -310,12 +299,10 @@ def reference_judge(answer: str, reference: str, metric: str = "rouge_l", thresh
     return score if threshold is None else float(score >= threshold)
 
 
-DEFAULT_MIXED_WEIGHTS = (0.8, 0.1, 0.1)     # answer, think, format: our choice, the paper gives none
-
-
-def mixed_reward(answer, think, fmt, weights=DEFAULT_MIXED_WEIGHTS):
+def mixed_reward(answer, think, fmt, weights=(0.8, 0.1, 0.1)):
     """w_a * answer + w_t * think + w_f * format (floats or tensors); the three weights must be
-    non-negative and sum to 1 (§4.2.5), otherwise ValueError."""
+    non-negative and sum to 1 (§4.2.5), otherwise ValueError. The default is our choice: the paper
+    gives none."""
     w = tuple(float(x) for x in weights)
     if len(w) != 3 or min(w) < 0 or not math.isclose(sum(w), 1.0, abs_tol=1e-6):
         raise ValueError(f"mixed_reward weights (answer, think, format) must be 3 non-negative "
@@ -324,20 +311,14 @@ def mixed_reward(answer, think, fmt, weights=DEFAULT_MIXED_WEIGHTS):
 
 
 # Direct-mode replies (§4.2.4's Think-Fusion model answers in both modes): rl-mixed asks a share of
-# its prompts without the think prompt (`--direct_share`), so that RL trains the direct answers the
-# model gives most of the time too. Rolled out in thinking mode only, the RL model learned to run
-# its direct replies on into a `<think>`-less chain closed by `</think>` (README, rl-mixed). A direct
-# reply is graded by the family's answer rule of the evaluation (sample.score: direct answers carry
-# no `\boxed{}`), its format is "no think tags", it has no think term, and, as in `verifiable_reward`,
-# its answer counts only when it is well-formed.
+# its prompts without the think prompt (`--direct_share`), or the RL model learns to run its direct
+# replies on into a `<think>`-less chain closed by `</think>` (README, rl-mixed). A direct reply is
+# graded by the family's answer rule of the evaluation (sample.score: no `\boxed{}`), its format is
+# "no think tags", it has no think term, and its answer counts only when it is well-formed.
 
 def reward_direct_format(text: str) -> float:
     """1.0 for a well-formed direct-mode reply: a non-empty answer without `<think>` / `</think>`."""
     return float(bool(text.strip()) and "<think>" not in text and "</think>" not in text)
-
-
-# A model judge (§4.2.5's "LVM judge") scores with any of our checkpoints: `ModelJudge` in section
-# 9, after the rollout machinery it shares.
 
 
 # ==============================================================================================
@@ -456,23 +437,17 @@ def answer_score(r, cfg) -> float:
 def score_rollouts(rolls: list, cfg, judge=None) -> None:
     """Rewards in place. verifiable (§4.2.3): the answer (rules) and the format, combined with the
     weights' answer and format parts renormalised (default 0.8 / 0.1 -> 0.89 / 0.11), the answer
-    counting only in a well-formed reply (as DAPO, arXiv 2503.14476, reads the answer only from the
-    required format): 1 right and well-formed, 0.11 wrong but well-formed, 0 malformed. Summed
-    without the gate, a right answer without its `<think>` chain still earns 0.89: the miniature's
-    well-formed rollouts then fell to 0.73 during training (>= 0.88 gated), and one earlier run
-    ended with 16% of its greedy replies malformed (README, RL section). mixed (§4.2.5):
-    w_a answer + w_t think + w_f format (answer_score), where the think reward is
-    `think_consistency` for the arithmetic / counting families, the model judge for the others
-    when one is given (--judge), else 1 for a non-empty thinking that does not loop. A prompt asked
-    in direct mode: its answer and `reward_direct_format`, gated as the verifiable reward is."""
+    counting only in a well-formed reply (as DAPO, arXiv 2503.14476, reads it only from the required
+    format): 1 right and well-formed, 0.11 wrong but well-formed, 0 malformed. Ungated, a right
+    answer without its `<think>` chain still earns 0.89, and the miniature's well-formed rollouts fell
+    to 0.73 (>= 0.88 gated; README, RL section). mixed (§4.2.5): w_a answer + w_t think + w_f format,
+    the think reward `think_consistency` for the arithmetic / counting families, the model judge
+    (--judge) for the others, else 1 for a non-empty thinking that does not loop. A prompt asked in
+    direct mode: its answer and `reward_direct_format`, gated as the verifiable reward is."""
     for r in rolls:
         r.answer_r = answer_score(r, cfg)
-        if not r.prompt.think:
-            r.format_r = reward_direct_format(r.text)
-            r.reward = verifiable_reward(r.answer_r, r.format_r, cfg.reward_weights)
-            continue
-        r.format_r = reward_format(r.text)
-        if cfg.reward == "verifiable":
+        r.format_r = reward_format(r.text) if r.prompt.think else reward_direct_format(r.text)
+        if cfg.reward == "verifiable" or not r.prompt.think:
             r.reward = verifiable_reward(r.answer_r, r.format_r, cfg.reward_weights)
             continue
         parts = split_think(r.text)
@@ -509,8 +484,7 @@ class ModelJudge:
                                   r=(reference or "")[:200])
         s = data.prompt_inputs(self.tok, self.dcfg, text)
         logits = self.model(s["input_ids"][None].to(self.device)).logits[0, -1].float()
-        p = torch.softmax(logits[[self.yes, self.no]], -1)
-        return float(p[0])
+        return float(torch.softmax(logits[[self.yes, self.no]], -1)[0])
 
 
 # ==============================================================================================
@@ -605,11 +579,6 @@ class PromptPool:
         return out
 
 
-def as_prompt(s: dict, think: bool = True) -> Prompt:
-    return Prompt(s["input_ids"].tolist(), s["pixel_values"], s.get("answer"), family_of(s), s["source"], think,
-                  s.get("question", ""))
-
-
 def asked_directly(seed: int, k: int, share: float) -> bool:
     """Whether the prompt at stream position k is asked in direct mode: a `share` of the positions,
     a pure function of (seed, k), so a resumed run and every rank agree."""
@@ -620,9 +589,10 @@ def load_prompt(mixture: data.Mixture, k: int, direct: Optional[data.Mixture] = 
                 sample_dict: Optional[dict] = None) -> Prompt:
     """The prompt at stream position k: from `direct` (the same mixture without the think prompt)
     when asked_directly, else from `mixture` (`sample_dict`: its sample at k, already loaded)."""
-    if direct is not None and asked_directly(mixture.seed, k, share):
-        return as_prompt(direct.load(k), think=False)
-    return as_prompt(sample_dict if sample_dict is not None else mixture.load(k))
+    think = direct is None or not asked_directly(mixture.seed, k, share)
+    s = (sample_dict if sample_dict is not None else mixture.load(k)) if think else direct.load(k)
+    return Prompt(s["input_ids"].tolist(), s["pixel_values"], s.get("answer"), family_of(s), s["source"], think,
+                  s.get("question", ""))
 
 
 def quota(cfg) -> int:
@@ -670,12 +640,11 @@ def learning_signal(r: Rollout, cfg) -> float:
 
 def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> tuple:
     """This rank's kept groups (with advantages) and the episode's statistics over all ranks.
-    Rounds of fresh prompts, at most cfg.max_sampling_rounds: every rank takes the same prompts
-    from the pool and samples its share; a group is kept when its `learning_signal` varies (for
-    verifiable rewards: answers neither all right nor all wrong) and its reward does, up to this rank's quota;
-    the rounds stop when every rank is full. Then training goes on with what is there. A round
-    draws for the rank that needs the most; the share of a rank that needs fewer is cut, and its
-    unused prompts come again in the pool's next pass."""
+    At most cfg.max_sampling_rounds rounds of fresh prompts: every rank takes the same prompts from
+    the pool and samples its share; a group is kept when its `learning_signal` and its reward vary,
+    up to this rank's quota; the rounds stop when every rank is full, and training goes on with
+    what is there. A round draws for the rank that needs the most; a rank that needs fewer cuts its
+    share, and its unused prompts come again in the pool's next pass."""
     device = modeling.model_device(policy)
     rank, world = rank_and_world()
     kept, seen, all_rolls = [], 0, []
@@ -693,9 +662,7 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
         # vary in replies all malformed are all rewarded 0: advantages all 0)
         ok = (filter_groups(torch.tensor([learning_signal(r, cfg) for r in rolls]), cfg.group_size)
               & filter_groups(torch.tensor([r.reward for r in rolls]), cfg.group_size)) if rolls else []
-        for g, keep in enumerate(ok):
-            if keep:
-                kept += rolls[g * cfg.group_size:(g + 1) * cfg.group_size]
+        kept += [r for i, r in enumerate(rolls) if ok[i // cfg.group_size]]
     if kept:
         if cfg.advantage_control:                     # a control run
             adv = control_advantages(kept, cfg, torch.Generator().manual_seed(cfg.seed + len(all_rolls)))
@@ -766,21 +733,19 @@ def split_mini_batches(rolls: list, cfg) -> list:
             for chunk in np.array_split(np.arange(n_groups), cfg.mini_batches)]
 
 
-def old_logprobs(model, mbs: list, packs: list, n_packs: list, pad, cfg, tok) -> dict:
+def old_logprobs(model, mbs: list, packs: list, cfg, tok) -> dict:
     """{rollout index: log-probs under the rollout policy}, before any update of the episode, for the
     mini-batches that need them: all but the first in the first epoch, whose own forward is that
-    policy (none with one mini-batch and one epoch). Padded to n_packs forwards per mini-batch, as
-    the updates are, so the ranks stay in step."""
+    policy (none with one mini-batch and one epoch). Every pack of `packs` is run, padding ones too,
+    as the updates run them, so the ranks stay in step."""
     old = {}
     with torch.no_grad():
-        for k, (mb, mb_packs, n) in enumerate(zip(mbs, packs, n_packs)):
+        for k, (mb, mb_packs) in enumerate(zip(mbs, packs)):
             if k == 0 and cfg.epochs == 1:
                 continue
-            for j in range(n):
-                pack, idx = mb_packs[j] if j < len(mb_packs) else pad
+            for pack, idx in mb_packs:
                 lps = completion_logps(model, pack, cfg, tok.n_vocab, banned_ids(tok))[0]
-                if j < len(mb_packs):
-                    old.update({mb[i]: lp for i, lp in zip(idx, lps)})
+                old.update({mb[i]: lp for i, lp in zip(idx, lps)})
     return old
 
 
@@ -797,9 +762,8 @@ def micro_step(model, pack: dict, rows: list, olds, cfg, tok, n_global: float, w
     logp, mask = padded(lps, device)                                        # (B, T)
     old_lp, _ = padded([lp.detach() for lp in lps] if olds is None else olds, device)
     adv = torch.tensor([r.advantage for r in rows], device=device)        # (B,)
-    loss, st = policy_loss(logp, old_lp, adv, mask, cfg.algo, cfg.clip_low, cfg.clip_high,
-                           cfg.agg or AGG_DEFAULTS[cfg.algo], n_global=n_global, clip_c=cfg.clip_c,
-                           norm_len=cfg.max_new_tokens)       # Dr.GRPO's constant: not this pack's width
+    loss, st = policy_loss(logp, old_lp, adv, mask, cfg.algo, cfg.clip_low, cfg.clip_high, cfg.agg, n_global,
+                           clip_c=cfg.clip_c, norm_len=cfg.max_new_tokens)   # Dr.GRPO's constant, not T
     (loss * (weight * world)).backward()                                   # FSDP averages gradients over ranks
     n = float(st["n_tokens"]) * weight
     sums = {key: float(st[key]) * n for key in SUM_STATS}
@@ -824,9 +788,10 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     agg = cfg.agg or AGG_DEFAULTS[cfg.algo]
     mbs = split_mini_batches(rolls, cfg)
     packs = [micro_batches([rolls[i] for i in mb], cfg.max_tokens, img_id) for mb in mbs]
-    n_packs = [int(x) for x in all_reduce([len(p) for p in packs], device, "max")]
-    pad = micro_batches([filler], cfg.max_tokens, img_id)[0]
-    old = old_logprobs(model, mbs, packs, n_packs, pad, cfg, tok)
+    n_packs = all_reduce([len(p) for p in packs], device, "max")
+    pad = (micro_batches([filler], cfg.max_tokens, img_id)[0][0], [])      # a pack holding no rollout of ours
+    packs = [p + [pad] * (int(n) - len(p)) for p, n in zip(packs, n_packs)]   # as many on every rank
+    old = old_logprobs(model, mbs, packs, cfg, tok)
     n_updates = len(mbs) * cfg.epochs
     stats = {key: 0.0 for key in (*SUM_STATS, "loss", "entropy", "dlogp", "ratio_max_dev", "ratio_max_dev_later")}
     stats["updates"] = 0
@@ -837,14 +802,12 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
             n_local = sum(len(rolls[i].completion) if agg == "token-mean" else bool(rolls[i].completion) for i in mb)
             n_global = all_reduce([n_local], device)[0]
             sums, maxes = Counter(), {"ratio_dev": 0.0, "dlogp": 0.0}
-            for j in range(n_packs[k]):
+            for j, (pack, idx) in enumerate(packs[k]):
                 if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: reduce-scatter once per update,
-                    model.set_requires_gradient_sync(j == n_packs[k] - 1)   # on its last micro-batch
-                real = j < len(packs[k])
-                pack, idx = packs[k][j] if real else pad
-                rows = [rolls[mb[i]] for i in idx] if real else [filler]
-                olds = None if (epoch == 0 and k == 0) or not real else [old[mb[i]] for i in idx]
-                s, m = micro_step(model, pack, rows, olds, cfg, tok, n_global, float(real))
+                    model.set_requires_gradient_sync(j == len(packs[k]) - 1)   # on its last micro-batch
+                rows = [rolls[mb[i]] for i in idx] or [filler]                 # a pad pack: weight 0
+                olds = None if (epoch == 0 and k == 0) or not idx else [old[mb[i]] for i in idx]
+                s, m = micro_step(model, pack, rows, olds, cfg, tok, n_global, float(bool(idx)))
                 sums.update(s)
                 maxes = {key: max(maxes[key], m[key]) for key in maxes}
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -899,16 +862,14 @@ def read_prompts(cfg, tok, dcfg, split: str, limit: int) -> list:
     sources: a repeat is skipped (a held-out prompt counted twice would weigh twice in every mean
     and break the pairing of before and after)."""
     mixture, direct = prompt_mixture(cfg, tok, dcfg, split), direct_mixture(cfg, tok, dcfg, split)
-    want, out, seen = min(limit, len(mixture)), [], set()
+    want, out = min(limit, len(mixture)), {}                      # {where: prompt}, in draw order
     for _ in range(8 * want):
         if len(out) == want:
             break
         k, s = mixture.next()
         prompt = load_prompt(mixture, k, direct, cfg.direct_share, s)
-        if prompt.where not in seen:
-            seen.add(prompt.where)
-            out.append(prompt)
-    return out
+        out.setdefault(prompt.where, prompt)
+    return list(out.values())
 
 
 def answer_of(r: Rollout) -> Optional[str]:
@@ -936,9 +897,8 @@ def per_prompt(greedy: Rollout, samples: list) -> dict:
     top = votes.most_common(1)[0][0] if votes else None
     maj = next((s.answer_r for s, k in zip(samples, keys) if k == top), 0.0) if top is not None else 0.0
     return {"where": greedy.prompt.where, "family": greedy.prompt.family, "think": greedy.prompt.think,
-            "answer": greedy.prompt.answer,
-            "greedy": greedy.text, "greedy_acc": greedy.answer_r, "greedy_reward": greedy.reward,
-            "greedy_fmt": greedy.format_r, "greedy_think": greedy.think_r,
+            "answer": greedy.prompt.answer, "greedy": greedy.text, "greedy_acc": greedy.answer_r,
+            "greedy_reward": greedy.reward, "greedy_fmt": greedy.format_r, "greedy_think": greedy.think_r,
             "samples_acc": [s.answer_r for s in samples], "samples_reward": [s.reward for s in samples],
             "maj_acc": maj}
 
@@ -965,11 +925,9 @@ def summarize(records: list) -> dict:
     """{metric: {"mean", "se", "n"}} over prompts, plus greedy accuracy per family."""
     out = {"n": len(records), "k": len(records[0]["samples_acc"]) if records else 0}
     for name, f in EVAL_METRICS.items():
-        m, se = mean_and_se([f(p) for p in records])
-        out[name] = {"mean": m, "se": se}
-    fams = sorted({p["family"] for p in records})
+        out[name] = dict(zip(("mean", "se"), mean_and_se([f(p) for p in records])))
     out["greedy_acc_per_family"] = {f: mean_and_se([p["greedy_acc"] for p in records if p["family"] == f])[0]
-                                    for f in fams}
+                                    for f in sorted({p["family"] for p in records})}
     for mode, mine in by_mode(records).items():
         out[f"{mode}_greedy_acc"] = dict(zip(("mean", "se"), mean_and_se([p["greedy_acc"] for p in mine])), n=len(mine))
     return out
@@ -1010,8 +968,7 @@ def evaluate_prompts(policy, tok, prompts: list, cfg, judge=None, progress: bool
     greedy = rollouts(policy, tok, mine, cfg, None, group_size=1, greedy=True, progress=progress)
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED + rank)
     sampled = rollouts(policy, tok, mine, cfg, gen, group_size=cfg.eval_samples, progress=progress)
-    score_rollouts(greedy, cfg, judge)
-    score_rollouts(sampled, cfg, judge)
+    score_rollouts(greedy + sampled, cfg, judge)
     k = cfg.eval_samples
     return gather_shares([per_prompt(g, sampled[i * k:(i + 1) * k]) for i, g in enumerate(greedy)])
 
@@ -1032,16 +989,11 @@ def pass_at_k_filter(policy, tok, prompts: list, cfg, k: int, generator) -> tupl
     rolls = rollouts(policy, tok, [prompts[i] for i in mine], cfg, generator, group_size=k)
     solved = gather_shares([sum(answer_score(r, cfg) for r in rolls[j * k:(j + 1) * k])
                             if prompts[i].answer else 0 for j, i in enumerate(mine)])
-    kept, counts = [], {"always": 0, "never_reasoning": 0, "kept": 0}
-    for i, (p, n) in enumerate(zip(prompts, solved)):
-        if n == k:
-            counts["always"] += 1
-        elif n == 0 and p.family in reasoning_families(cfg):
-            counts["never_reasoning"] += 1
-        else:
-            kept.append(i)
-            counts["kept"] += 1
-    return kept, counts
+    hopeless = reasoning_families(cfg)
+    why = ["always" if n == k else "never_reasoning" if n == 0 and p.family in hopeless else "kept"
+           for p, n in zip(prompts, solved)]
+    counts = {w: why.count(w) for w in ("always", "never_reasoning", "kept")}
+    return [i for i, w in enumerate(why) if w == "kept"], counts
 
 
 REASONING_FAMILIES = ("math", "count_cot")     # synthetic families whose answers come with a <think> chain
@@ -1121,8 +1073,7 @@ def rl_config(argv: list) -> tuple:
     for key, value in [*((k, str(v)) for k, v in row.tiny), *opts]:      # the recipe row's tiny values, then the CLI
         if key in ("stage", "resume", "help"):
             continue
-        if key.split(".")[0] in RL_UNUSED:
-            why = RL_UNUSED[key.split(".")[0]]
+        if (why := RL_UNUSED.get(key.split(".")[0])) is not None:
             raise train_stage.UsageError(f"--{key} does not apply to an RL stage" + (f": {why}" if why else ""))
         train_stage.set_key({"": cfg}, key, value)
     if cfg.reward not in ("verifiable", "mixed"):
@@ -1241,14 +1192,14 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         episode = meta["episode"]
         modeling.set_rng_state(rank_state["rng"])
         gen.set_state(rank_state["generator"])
-        policy = generation_policy(model, policy if policy is not model else None)
+        policy = generation_policy(model, policy)
         log(f"resume: continuing from {resume} at episode {episode}")
         positions, filter_counts = meta["pool"]["positions"], meta["filter"]
     else:
         positions, filter_counts = filtered_positions(policy, tok, mixture, direct, cfg, gen, log)
     pool = PromptPool(mixture, positions, cfg.seed, direct, cfg.direct_share)
     pool.pos = meta.get("pool", {}).get("pos", 0)
-    filler = Rollout(eval_set[0], [sample.stop_ids(tok).__iter__().__next__()], "", False, [0.0])
+    filler = Rollout(eval_set[0], [next(iter(sample.stop_ids(tok)))], "", False, [0.0])
     train_stage.log_config(cfg, model.cfg, rdir, rank, log, RL_SUMMARY_KEYS)
     metrics = train_stage.open_metrics(os.path.join(rdir, "metrics.jsonl"), episode) if rank == 0 else None
     before = meta.get("before") or evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
@@ -1279,7 +1230,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         t_gen = time.time() - t0
         model.train()
         up = update_episode(model, opt, params, kept, episode_cfg, tok, filler, set_lr) if st["kept"] else {"updates": 0}
-        policy = generation_policy(model, policy if policy is not model else None)
+        policy = generation_policy(model, policy)
         episode += 1
         rec = {"episode": episode, "lr": opt.param_groups[0]["lr"], "clip_high": clip_high_at(cfg, episode - 1),
                **st, **up, "gen_seconds": t_gen, "seconds": time.time() - t0}
@@ -1371,12 +1322,12 @@ def harvest(cfg: RLConfig) -> str:
     model, tok, dcfg = inference_model(cfg, device, log)
     prompts = read_prompts(cfg, tok, dcfg, "train", cfg.pool_size or 256)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    mine = rollouts(model, tok, my_share(prompts), dataclasses.replace(cfg, top_p=1.0), gen,
-                    group_size=cfg.harvest_samples, progress=rank == 0)
+    k = cfg.harvest_samples
+    mine = rollouts(model, tok, my_share(prompts), dataclasses.replace(cfg, top_p=1.0), gen, group_size=k,
+                    progress=rank == 0)
     judged = gather_shares([[(r.prompt.where, r.text, reward_answer(r.text, r.prompt.answer) == 1.0
-                              and reward_format(r.text) == 1.0) for r in mine[i * cfg.harvest_samples:
-                                                                             (i + 1) * cfg.harvest_samples]]
-                            for i in range(len(mine) // cfg.harvest_samples)])
+                              and reward_format(r.text) == 1.0) for r in mine[i * k:(i + 1) * k]]
+                            for i in range(len(mine) // k)])
     out = train_stage.stage_dir(cfg)
     seen, lines, counts = set(), [], Counter()
     for where, text, ok in (x for group in judged for x in group):
@@ -1392,7 +1343,7 @@ def harvest(cfg: RLConfig) -> str:
         data.write_atomic(tmp, "".join(line + "\n" for line in lines))
     solved = len({w for w, _ in seen})
     meta = {"stage": "harvest", "source": train_stage.init_sources(cfg)["language_model"],
-            "samples": len(prompts) * cfg.harvest_samples, "kept": len(lines), "prompts": len(prompts),
+            "samples": len(prompts) * k, "kept": len(lines), "prompts": len(prompts),
             "prompts_with_a_kept_chain": solved, "counts": dict(counts)}
     log(f"harvest: {len(lines)} chains kept of {meta['samples']} samples ({solved}/{len(prompts)} prompts): "
         f"{dict(counts)}")
@@ -1456,8 +1407,7 @@ def main(argv=None):
         if argv[:1] == ["filter"]:
             return filter_cli(argv[1:])
         cfg, opts = rl_config(argv)
-        rank = int(os.environ.get("RANK", "0"))
-        log = lambda *a: train_stage.print0(rank, *a)                   # noqa: E731
+        log = lambda *a: train_stage.print0(int(os.environ.get("RANK", "0")), *a)     # noqa: E731
         if "help" in opts:
             return log(help_text(cfg))
         row = train_stage.stage_row(cfg.stage)
