@@ -158,10 +158,8 @@ def take_snapshot(model, optimizer):
     """
     with torch.no_grad():
         params = [_copy_to_cpu(p) for p in _trainable_params(model)]
-        optim = []
-        for p in _optimizer_params(optimizer):
-            state = optimizer.state.get(p)
-            optim.append(None if not state else {k: _copy_to_cpu(v) for k, v in state.items()})
+        states = [optimizer.state.get(p) for p in _optimizer_params(optimizer)]
+        optim = [{k: _copy_to_cpu(v) for k, v in state.items()} if state else None for state in states]
     return {"params": params, "optim": optim}
 
 
@@ -235,8 +233,7 @@ class AdaLRS:
         self.lr_scale = 1.0
         self.phase = "baseline"     # "baseline": measuring the current LR; "trial": measuring alpha' x it
         self.losses = []            # the current window's losses
-        self.base_slope = None      # baseline fit the running trial is compared with
-        self.base_err = None
+        self.base_slope = self.base_err = None   # baseline fit the running trial is compared with
         self.trial_from = None      # (step, lr_scale) the running trial started from
         self.decisions = 0          # t in lambda^t
         self.rising = 0             # back-to-back baseline windows with a significantly rising loss
@@ -259,10 +256,7 @@ class AdaLRS:
         """Feed the loss of the step just taken (a float or 0-dim tensor; the SAME value on every rank)."""
         loss = float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
         self.step += 1
-        if self.phase == "trial":
-            self._observe_trial(loss)
-        else:
-            self._observe_baseline(loss)
+        (self._observe_trial if self.phase == "trial" else self._observe_baseline)(loss)
         if not self.finished and not self.searching:
             self.finished = True
             self._log(f"search done, lr scale {self.lr_scale:.4g} (lr {self._lr0():.2e}), "
@@ -299,9 +293,8 @@ class AdaLRS:
         if len(self.losses) < self.window:
             return
         slope, err = fit_slope(self.losses)
-        e = math.hypot(self.base_err, err)     # standard error of the difference of two slopes
-        margin = self.cfg.error_mult * e
-        detail = (f"slope {slope:.2e} vs {self.base_slope:.2e}, 2e {margin:.1e}")
+        margin = self.cfg.error_mult * math.hypot(self.base_err, err)  # e: std error of their difference
+        detail = f"slope {slope:.2e} vs {self.base_slope:.2e}, 2e {margin:.1e}"
         if slope < self.base_slope - margin:    # descends faster by more than 2e: keep
             self._keep(slope, err, detail)
         elif slope > self.base_slope + margin:  # descends slower by more than 2e: roll back, go lower
@@ -322,15 +315,14 @@ class AdaLRS:
         self.base_slope, self.base_err = slope, err
         self.trial_from = (self.step, self.lr_scale)
         old_lr = self._lr0()
-        self._set_scale(new_scale)
+        self.lr_scale = new_scale
         self.phase, self.losses = "trial", []
         self._log(f"trial lr {old_lr:.2e} -> {self._lr0():.2e} (x{factor:.3g}; slope {slope:.2e} ± {err:.1e})")
 
     def _keep(self, slope, err, detail):
         self._record("keep", self.trial_from[1], self.lr_scale)
         self._log(f"keep lr {self._lr0():.2e} (scale {self.lr_scale:.4g}; {detail})")
-        self.snapshot, self.phase = None, "baseline"
-        self.losses = []
+        self.snapshot, self.phase, self.losses = None, "baseline", []
         # the trial window measured the new LR: it is the next baseline, so trials chain
         if self.step + self.window <= self.search_end:
             self._start_trial(slope, err)
@@ -340,7 +332,7 @@ class AdaLRS:
         restore_snapshot(self.model, self.optimizer, self.snapshot)
         new_scale = max(from_scale * down_factor(self.cfg, self.decisions), self.cfg.min_scale)
         self._record("reject", from_scale, new_scale)
-        self._set_scale(new_scale)
+        self.lr_scale = new_scale
         self._log(f"reject ({why}), rolled back to step {from_step}, lr -> {self._lr0():.2e} "
                   f"(scale {self.lr_scale:.4g})")
         self.snapshot, self.phase, self.losses = None, "baseline", []
@@ -348,7 +340,7 @@ class AdaLRS:
     def _neutral(self, detail):
         from_scale = self.trial_from[1]
         self._record("neutral", from_scale, from_scale)
-        self._set_scale(from_scale)
+        self.lr_scale = from_scale
         self._log(f"no clear change, lr back to {self._lr0():.2e} without rollback ({detail})")
         self.snapshot, self.phase, self.losses = None, "baseline", []
 
@@ -356,7 +348,7 @@ class AdaLRS:
         old = self.lr_scale
         new_scale = max(old * down_factor(self.cfg, self.decisions), self.cfg.min_scale)
         self._record("decrease", old, new_scale)
-        self._set_scale(new_scale)
+        self.lr_scale = new_scale
         self._log(f"loss rising two windows running (slope {slope:.2e} ± {err:.1e}), lr -> {self._lr0():.2e}")
         self.rising = 0
 
@@ -365,9 +357,6 @@ class AdaLRS:
         self.history.append({"step": self.step, "decision": kind, "from_scale": old_scale,
                              "to_scale": new_scale, "t": self.decisions})
         self.decisions += 1
-
-    def _set_scale(self, new_scale):
-        self.lr_scale = new_scale                # the trainer applies it from the next step on
 
     def _lr0(self):
         """The peak LR the current scale gives (for the log lines)."""
@@ -378,23 +367,21 @@ class AdaLRS:
             self.log(f"adalrs: step {self.step} {msg}")
 
     # -- checkpointing -------------------------------------------------------------------------
+    # the search state saved as it is (the rest of state_dict() is converted to JSON types)
+    _PLAIN_STATE = ("window", "step", "lr_scale", "phase", "base_slope", "base_err", "decisions", "rising",
+                    "settled", "finished")
+
     def state_dict(self):
         """The search state as plain numbers / lists / dicts / None: JSON-serialisable (meta.json).
 
         Mid-trial the rollback copy lives apart, in `snapshot_state_dict()` (tensors, per rank);
         a checkpoint taken mid-trial needs both to resume exactly.
         """
-        return {
-            "version": 2, "config": asdict(self.cfg), "total_steps": self.total_steps,
-            "window": self.window, "step": self.step,
-            "lr_scale": self.lr_scale, "phase": self.phase, "losses": list(self.losses),
-            "base_slope": self.base_slope, "base_err": self.base_err,
-            "trial_from": None if self.trial_from is None else list(self.trial_from),
-            "decisions": self.decisions, "rising": self.rising,
-            "max_loss": self.max_loss if math.isfinite(self.max_loss) else None,
-            "settled": self.settled, "finished": self.finished, "history": [dict(h) for h in self.history],
-            "has_snapshot": self.snapshot is not None,
-        }
+        return {"version": 2, "config": asdict(self.cfg), "total_steps": self.total_steps,
+                **{k: getattr(self, k) for k in self._PLAIN_STATE}, "losses": list(self.losses),
+                "trial_from": None if self.trial_from is None else list(self.trial_from),
+                "max_loss": self.max_loss if math.isfinite(self.max_loss) else None,
+                "history": [dict(h) for h in self.history], "has_snapshot": self.snapshot is not None}
 
     def snapshot_state_dict(self):
         """None, or mid-trial the rollback copy {"params": [...], "optim": [...]}: CPU tensors of this
@@ -421,13 +408,10 @@ class AdaLRS:
             if len(snapshot.get("params", ())) != n_params or len(snapshot.get("optim", ())) != n_optim:
                 raise ValueError(f"adalrs.load_state_dict: snapshot has {len(snapshot.get('params', ()))} params / "
                                  f"{len(snapshot.get('optim', ()))} optimizer entries, expected {n_params} / {n_optim}")
-        self.window = state["window"]
-        self.step, self.lr_scale, self.phase = state["step"], state["lr_scale"], state["phase"]
+        for k in self._PLAIN_STATE:
+            setattr(self, k, state[k])
         self.losses = list(state["losses"])
-        self.base_slope, self.base_err = state["base_slope"], state["base_err"]
         self.trial_from = None if state["trial_from"] is None else tuple(state["trial_from"])
-        self.decisions, self.rising = state["decisions"], state["rising"]
         self.max_loss = -math.inf if state["max_loss"] is None else state["max_loss"]
-        self.settled, self.finished = state["settled"], state["finished"]
         self.history = [dict(h) for h in state["history"]]
         self.snapshot = snapshot if state["has_snapshot"] else None

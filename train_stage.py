@@ -27,8 +27,7 @@ Reads in the paper's order:
   soup         average homogeneous checkpoints (§4.2.1)
 
 Elsewhere: the checkpoint writer and reader (save_checkpoint, load_checkpoint; sharded, atomic,
-exact resume) are model.py's; the recipe runner with its evaluation and report (`--stage all`)
-and the MoE calibration command are tooling in tests/recipe.py and tests/calibrate.py.
+exact resume) are model.py's; `--stage all` and `calibrate` run tooling in tests/.
 
 Reading order of one training step, from a manifest line to loss.backward() (file:function):
   1. train_stage.py:train            the loop: LR = schedule x AdaLRS scale, then the next batch
@@ -171,16 +170,12 @@ def parse_value(text: str, current, name: str, optional: bool = False):
     if isinstance(current, (list, tuple)):
         proto = current[0] if current else ""
         return type(current)(parse_value(t, proto, name) for t in text.split(",") if t != "")
-    if current is None or isinstance(current, int):
+    if current is None or isinstance(current, (int, float)):     # None (an unset Optional) parses as an int
+        kind, what = (float, "a number") if isinstance(current, float) else (int, "an integer")
         try:
-            return int(text)
+            return kind(text)
         except ValueError:
-            raise UsageError(f"--{name}: expected an integer, got {text!r}") from None
-    if isinstance(current, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise UsageError(f"--{name}: expected a number, got {text!r}") from None
+            raise UsageError(f"--{name}: expected {what}, got {text!r}") from None
     return text
 
 
@@ -218,20 +213,15 @@ def split_options(argv: list, multi=("ckpts",), flags=("help", "resume")) -> lis
     `multi` take every following value; keys in `flags` may stand alone (value None)."""
     out, i = [], 0
     while i < len(argv):
-        item = argv[i]
-        if item in ("-h",):
-            item = "--help"
+        item = "--help" if argv[i] == "-h" else argv[i]
         if not item.startswith("--"):
             raise UsageError(f"unexpected argument {item!r} (options look like --key=value)")
         key, eq, value = item[2:].partition("=")
         key = key.replace("-", "_")
         i += 1
         if key in multi and not eq:
-            values = []
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-            value = ",".join(values)
+            values = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i:]))
+            value, i = ",".join(values), i + len(values)
         elif not eq:
             if i < len(argv) and not argv[i].startswith("--"):
                 value, i = argv[i], i + 1
@@ -384,9 +374,8 @@ def stage_config(name: str, scale: str = "tiny", log=None) -> StageConfig:
     the paper's values as far as the paper gives them."""
     row = stage_row(name)
     cfg = StageConfig(stage=name, trainable=",".join(row.trainable), label_mode=row.label_mode)
-    roots = {"": cfg}
     for key, value in row.tiny if row.runner != "rl.py" else ():    # RL rows: rl.rl_config applies them
-        set_key(roots, key, str(value))
+        set_key({"": cfg}, key, str(value))
     if scale == "paper":
         apply_paper_scale(cfg, row, log or print)
     elif scale != "tiny":
@@ -413,8 +402,7 @@ def apply_paper_scale(cfg: StageConfig, row: Stage, log) -> None:
     elif batch and "tokens" in p and "seq" in p:
         change("steps", max(1, int(p["tokens"] // (batch * p["seq"]))))
     if cfg.preset.startswith("tiny"):
-        changed.append(f"preset {cfg.preset} -> 2b")
-        cfg.preset = "2b"
+        change("preset", "2b")
     change("ac", "block")        # 2b at 8k packs: ~63-93 GB a rank without it (python tests/bench.py memory), over 80 GB
     missing = [k for k in ("lr", "batch", "seq") if k not in p]
     log(f"--scale=paper ({row.name}, {row.section or 'not a paper stage'}): " + ("; ".join(changed) or "nothing")
@@ -491,10 +479,9 @@ def command_for(row: Stage, cfg: StageConfig, from_output: bool = False) -> str:
     starts from this stage's output, which carries the model config and tokenizer, so it gets none:
     a preset there could not apply, and --init-llm would replace the trained language model."""
     tool = "train_stage.py" if row.runner == "soup" else row.runner
-    extra = [f"--out_dir={cfg.out_dir}"] if cfg.out_dir != StageConfig.out_dir else []
-    extra += [f"--data_dir={cfg.data_dir}"] if cfg.data_dir != StageConfig.data_dir else []
+    keys = ("out_dir", "data_dir") + (() if from_output else ("preset",))
+    extra = [f"--{k}={getattr(cfg, k)}" for k in keys if getattr(cfg, k) != getattr(StageConfig, k)]
     if not from_output:
-        extra += [f"--preset={cfg.preset}"] if cfg.preset != StageConfig.preset else []
         extra += [f"--{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("init_llm", "init_vit", "tokenizer")
                   if getattr(cfg, k, "")]
     return " ".join([f"torchrun {tool} --stage {row.name}", *extra])
@@ -508,12 +495,10 @@ def setup_distributed(group: bool = False):
     exists when world > 1 or `group` (FSDP2 on one process): it is what "sharded" means below."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     if (world > 1 or group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:
@@ -599,11 +584,11 @@ def tokenizer_dir(cfg: StageConfig, log=None) -> Optional[str]:
     copied once, with them added at the official ids (data.add_image_tokens), to
     out/tokenizers/NAME-HASH/, and that copy is used and saved with every checkpoint."""
     src = tokenizer_source(cfg)
-    if src is None or not data.missing_sail_tokens(src):
+    added = data.missing_sail_tokens(src) if src is not None else {}
+    if not added:
         return src
     digest = hashlib.sha256(b"".join(open(path, "rb").read() for path in tokenizer_files(src).values()))
     out = os.path.join(cfg.out_dir, "tokenizers", f"{os.path.basename(os.path.abspath(src))}-{digest.hexdigest()[:10]}")
-    added = data.missing_sail_tokens(src)
     if not os.path.isdir(out) or data.missing_sail_tokens(out):
         try:
             data.add_image_tokens(src, out)                   # the same bytes on every rank: no race
@@ -812,11 +797,8 @@ def build_batches(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, tok, split
 
 
 def to_device(pack: dict, device) -> dict:
-    out = dict(pack)
-    for k in ("input_ids", "labels", "position_ids", "cu_seqlens"):
-        out[k] = pack[k].to(device)
-    out["pixel_values"] = modeling.on_device(pack.get("pixel_values"), device)
-    return out
+    moved = {k: pack[k].to(device) for k in ("input_ids", "labels", "position_ids", "cu_seqlens")}
+    return {**pack, **moved, "pixel_values": modeling.on_device(pack.get("pixel_values"), device)}
 
 
 def forward_pack(model, pack) -> modeling.Output:
@@ -997,8 +979,7 @@ def resume_from(path: str, cfg: StageConfig, model, opt, batches: StageBatches, 
     returns (its step, the stage's first loss). Options changed since the checkpoint's run are
     logged (the run goes on with them); one that breaks the saved state is refused."""
     meta, rank_state = modeling.load_checkpoint(path, model, opt, rank, world)
-    changed = changed_options(meta.get("config", {}), asdict(cfg))
-    if changed:
+    if changed := changed_options(meta.get("config", {}), asdict(cfg)):
         log(f"resume: options changed since {path} was saved, continuing with the new values: {', '.join(changed)}")
     if (search is None) != (meta.get("adalrs") is None):
         was = "with" if meta.get("adalrs") is not None else "without"
@@ -1011,6 +992,7 @@ def resume_from(path: str, cfg: StageConfig, model, opt, batches: StageBatches, 
     except ValueError as e:
         raise UsageError(f"cannot resume from {path}: {e}") from None
     modeling.set_rng_state(rank_state["rng"])
+    log(f"resume: continuing from {path} at step {meta['step']}")
     return meta["step"], meta.get("first_loss")
 
 
@@ -1127,8 +1109,6 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     eval_batches = lambda: build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=next(reads) == 0)  # noqa: E731
 
     step, first_loss = resume_from(resume, cfg, model, opt, batches, search, rank, world, log) if resume else (0, None)
-    if resume:
-        log(f"resume: continuing from {resume} at step {step}")
     start = step
 
     rdir = run_dir(cfg)
@@ -1167,15 +1147,13 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
         res = train_step(model, opt, packs, params, cfg.grad_clip, world, device, autocast)
         seconds["step"] = time.time() - t0                  # train_step's float()s wait for the device
         step += 1
+        if search is not None:      # every step's loss, a skipped one's too (in a trial: a rejection)
+            search.observe(res["loss"])
         if res["skipped"]:
             bad_in_a_row += 1
-            if search is not None:       # in a trial a rejection (rolled back); its step counts either way
-                search.observe(res["loss"])
             skipped_step(cfg, res, step, bad_in_a_row, log)
             continue
         bad_in_a_row = 0
-        if search is not None:
-            search.observe(res["loss"])
         first_loss = res["loss"] if first_loss is None else first_loss
         last_loss = res["loss"]
         # -- one log line per step ----------------------------------------------------------------
@@ -1260,20 +1238,16 @@ def option_line(option: str, text: str, width: int = 34) -> str:
     return f"  {option:<{width}} {text}" if len(option) < width else f"  {option}\n  {'':<{width}} {text}"
 
 
-def config_help(cfg) -> list:
+def config_help(cfg, prefix: str = "") -> list:
     """A help row for every leaf of a config dataclass: --name=default  the field's comment."""
-    rows = []
-
-    def walk(obj, prefix):
-        doc = field_help(type(obj))
-        for f in fields(obj):
-            v = getattr(obj, f.name)
-            if dataclasses.is_dataclass(v):
-                walk(v, prefix + f.name + ".")
-            else:
-                shown = ",".join(map(str, v)) if isinstance(v, tuple) and v else repr(v)
-                rows.append(option_line(f"--{prefix + f.name}={shown}", doc.get(f.name, "")))
-    walk(cfg, "")
+    rows, doc = [], field_help(type(cfg))
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            rows += config_help(v, prefix + f.name + ".")
+        else:
+            shown = ",".join(map(str, v)) if isinstance(v, tuple) and v else repr(v)
+            rows.append(option_line(f"--{prefix + f.name}={shown}", doc.get(f.name, "")))
     return rows
 
 
@@ -1419,11 +1393,9 @@ def run_cli(argv: list):
         out = train(cfg, model_cfg, resume)
     log(f"done: {cfg.stage} checkpoint in {out}/ (config.json, model.safetensors, meta.json"
         f"{', metrics.jsonl' if row.runner != 'soup' else ''})")
-    nxt = next_name(row)
-    if nxt:
+    if nxt := next_name(row):
         log(f"next: {command_for(STAGES[nxt], cfg, from_output=True)}")
-    hint = try_it(cfg, out)
-    if hint:
+    if hint := try_it(cfg, out):
         log(f"try it: {hint}")
 
 
@@ -1431,10 +1403,8 @@ def run_cli(argv: list):
 # the whole recipe in one command: python train_stage.py --stage all, which runs tests/recipe.py (the
 # runner, its evaluation and report); `python train_stage.py calibrate` runs tests/calibrate.py
 
-# --stage all only (the rest goes to every stage): processes per stage, held-out samples per family
-# (sample.EVAL_LIMIT: the whole synthetic eval split), the families evaluated ("" = all), the last
-# stage to run ("" = the whole recipe), and how many runs of the recipe (run k > 1: every stage's
-# seed + 1000 (k - 1), outputs in <out_dir>/seed<k>/; the synthetic data and held-out samples stay)
+# --stage all only (the rest goes to every stage; RECIPE_HELP says what each does). eval_limit 128 is
+# sample.EVAL_LIMIT, the whole synthetic eval split; runs k > 1 keep the synthetic data and held-out samples
 RECIPE_OPTIONS = {"nproc": "1", "eval_limit": "128", "eval_families": "", "until": "", "seeds": "1", "compare": "",
                   "as": ""}
 RECIPE_HELP = {"nproc": "processes per stage (torchrun --nproc_per_node)",
@@ -1460,11 +1430,9 @@ def run_tool(script: str, argv: list):
 
 def fail(message: str, code: int, prog: str = "train_stage.py"):
     """One clear line on stderr (rank 0), also handed to torchrun's error summary, then exit."""
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:                                   # torchrun's "Root Cause" then shows this line, not "<N/A>"
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's "Root Cause" shows it, not "<N/A>"
         with open(path, "w") as f:
             json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
                                                                     "timestamp": str(int(time.time()))}}}, f)
