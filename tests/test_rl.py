@@ -27,7 +27,7 @@ def close(a, b, tol=1e-5):
 
 
 # ----------------------------------------------------------------------------------------------
-# hand-computed cases (notes §G)
+# hand-computed cases: each value below is worked out by hand in its docstring
 
 def two_row_case():
     """new log-probs log[1.5, 1, 1 | 0.5, 1, 1.1], old 0, A = +1 / -1, valid lengths 1 and 3."""
@@ -432,7 +432,8 @@ def test_hostile_inputs_are_fast(name):
 
 
 def test_adversarial_think_box_pattern_under_50ms():
-    """The string that makes the `<think>.*</think>.*\\boxed{.*}` regex take ~40 s (notes §G)."""
+    """The string that makes the `<think>.*</think>.*\\boxed{.*}` regex take ~40 s (a backtracking
+    engine tries every split of the `.*`s)."""
     text = "<think>" + "a</think>" * 3000 + "\\boxed{" * 3000
     assert len(text) > 30000
     for kind, fn in REWARDS.items():

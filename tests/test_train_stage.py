@@ -551,8 +551,8 @@ TWO_RANK_DATA = r"""
 import os, sys, torch
 sys.path.insert(0, os.environ["REPO"])
 sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))
-import data, packing, train_stage as T, test_train_stage as S
-rank, world, device = T.setup_distributed()
+import data, packing, train_stage, test_train_stage
+rank, world, device = train_stage.setup_distributed()
 load = data.Mixture.load
 def counted(self, k, decode=True):                         # every decode, in whichever worker process
     if decode:
@@ -560,14 +560,14 @@ def counted(self, k, decode=True):                         # every decode, in wh
             f.write(f"{k}\n")
     return load(self, k, decode)
 data.Mixture.load = counted
-mixture = S.salted_stream(os.environ["SYNTH"], os.environ["OUT"])
-b = T.StageBatches(mixture, packing.PackingConfig(max_tokens=1024, micro_batches=2, buffer_size=16), rank, world,
-                   64, num_workers=1)
+mixture = test_train_stage.salted_stream(os.environ["SYNTH"], os.environ["OUT"])
+b = train_stage.StageBatches(mixture, packing.PackingConfig(max_tokens=1024, micro_batches=2, buffer_size=16),
+                            rank, world, 64, num_workers=1)
 steps = [b.next() for _ in range(int(os.environ["STEPS"]))]
 ahead = [m.index for st in b.loader.planner.pending.values() for j in st["groups"][rank] for m in st["plans"][j]]
 torch.save({"steps": steps, "ahead": ahead, "bad": dict(mixture.bad.counts), "seen": mixture.bad.seen},
            os.path.join(os.environ["OUT"], f"rank{rank}.pt"))
-T.shutdown_distributed()
+train_stage.shutdown_distributed()
 """
 
 
