@@ -31,12 +31,17 @@ import triton.language as tl
 # ----------------------------------------------------------------------------------------------
 # dispatch
 
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what the Triton kernels compute in
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton path should run for tensor `t` (read from the env at call time)."""
+def use_triton(t: torch.Tensor, supported: bool = True) -> bool:
+    """Whether the Triton path should run for tensor `t` (read from the env at call time). `auto`
+    takes it only where the kernels handle the input (`supported`: dtype, head dim), else the torch
+    path; `triton` always does, and the Triton path refuses what it cannot handle."""
     choice = os.environ.get("SAILVL_KERNELS", "auto").lower()
     if choice not in ("auto", "triton", "torch"):
         raise ValueError(f"SAILVL_KERNELS must be auto, triton or torch, got {choice!r}")
@@ -46,7 +51,7 @@ def use_triton(t: torch.Tensor) -> bool:
         if not t.is_cuda and not _interpreting():
             raise RuntimeError("SAILVL_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
         return True
-    return t.is_cuda
+    return t.is_cuda and supported
 
 
 # ----------------------------------------------------------------------------------------------
@@ -724,7 +729,7 @@ class _PackedAttentionFn(torch.autograd.Function):
 
 def packed_attention_triton(q, k, v, cu_seqlens, causal: bool, scale=None):
     """The Triton flash-attention path (CUDA, or CPU under TRITON_INTERPRET=1); differentiable."""
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"packed_attention: Triton path supports fp32/bf16/fp16, got {q.dtype}")
     if q.shape[-1] > 256:
         raise ValueError(f"packed_attention: Triton path supports head dim <= 256, got {q.shape[-1]}")
@@ -744,7 +749,7 @@ def packed_attention(q, k, v, cu_seqlens, causal: bool, scale=None):
     _check_attention_inputs(q, k, v, cu_seqlens)
     if not cu_seqlens.is_cuda:
         check_cu_seqlens(cu_seqlens, q.shape[0])
-    if use_triton(q):
+    if use_triton(q, q.dtype in TRITON_DTYPES and q.shape[-1] <= 256):
         return packed_attention_triton(q, k, v, cu_seqlens, causal, scale)
     return packed_attention_torch(q, k, v, cu_seqlens, causal, scale)
 
@@ -1351,7 +1356,8 @@ def moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     -> (T, H). Triton grouped GEMM when `use_triton(x)`, else the torch reference.
     """
     _check_moe_args(x, w_gate, w_up, w_down, topk_weights, topk_ids)
-    if use_triton(x):
+    autocast = x.is_cuda and torch.is_autocast_enabled("cuda")     # the Triton path casts to its dtype
+    if use_triton(x, autocast or x.dtype in TRITON_DTYPES):
         return moe_grouped_mlp_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids)
     return moe_grouped_mlp_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids)
 

@@ -233,3 +233,26 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="k and v"):
         kernels.packed_attention(torch.randn(20, 2, 16), torch.randn(20, 2, 8),
                                  torch.randn(20, 2, 8), cu, True)
+
+
+def test_auto_sends_only_what_the_kernels_handle_to_triton(monkeypatch):
+    """SAILVL_KERNELS=auto on a CUDA tensor: Triton for fp32 / bf16 / fp16 with head dim <= 256, the
+    torch path for fp64 or a wider head (the Triton path refuses those); =triton always Triton."""
+    from types import SimpleNamespace
+    on_cuda = SimpleNamespace(is_cuda=True)
+    monkeypatch.setenv("SAILVL_KERNELS", "auto")
+    assert kernels.use_triton(on_cuda) and not kernels.use_triton(on_cuda, supported=False)
+    monkeypatch.setenv("SAILVL_KERNELS", "triton")
+    assert kernels.use_triton(on_cuda, supported=False)
+    monkeypatch.setenv("SAILVL_KERNELS", "auto")
+    asked, real = [], kernels.use_triton
+    monkeypatch.setattr(kernels, "use_triton",
+                        lambda t, supported=True: asked.append(supported) or real(t, supported))
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    for dtype, D in ((torch.float32, 64), (torch.float64, 64), (torch.float32, 320)):
+        q = torch.randn(5, 2, D, dtype=dtype)
+        kernels.packed_attention(q, q, q, cu, causal=True)
+    x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(2, 6, 8, dtype=torch.float64)
+    kernels.moe_grouped_mlp(x, w, w, w.transpose(1, 2).contiguous(), torch.ones(4, 1, dtype=torch.float64),
+                            torch.zeros(4, 1, dtype=torch.long))
+    assert asked == [True, False, False, False]
