@@ -337,11 +337,12 @@ def answers_match(pred: str, truth: str) -> bool:
     return a[1] == b[1]
 
 
-def normalize_answer(s: str) -> str:
-    """The spelling the evaluation reports and compares a free-text answer in: `clean_answer`,
-    lower case, no final period, a whole number without decimals ("4.0" -> "4")."""
+def normalize_answer(s: str, whole_numbers: bool = True) -> str:
+    """The spelling the evaluation reports a free-text answer in: `clean_answer`, lower case, no
+    final period, a whole number without decimals ("4.0" -> "4"; not with whole_numbers=False, the
+    form answers are compared in: `answers_match` equates 4.0 and 4 itself, and 28.0 is not 28%)."""
     s = clean_answer(s).lower().rstrip(".").strip()
-    x = parse_number(s)
+    x = parse_number(s) if whole_numbers else None
     return str(x.numerator) if x is not None and x.denominator == 1 else s
 
 
@@ -492,7 +493,7 @@ def score(rule: str, reply: str, reference: str, gold) -> tuple:
     """(correct, extracted) for one reply. `rule`: a synthetic family name, "text" (LM completion:
     the first word must be the held-back one), or anything else: the record's `answer` against the
     \\boxed{} content or whole answer region, without an answer the reference reply's answer
-    region. Answers agree by answers_match of their normalize_answer forms (case-folded)."""
+    region. Answers agree by answers_match of their case-folded forms (normalize_answer)."""
     if rule == "text":
         got = first_word(reply)
         return got is not None and got == first_word(reference), got
@@ -500,9 +501,13 @@ def score(rule: str, reply: str, reference: str, gold) -> tuple:
         named = sorted(caption_objects(answer_span(reply)[0]))
         return caption_correct(reply, reference), " and ".join(" ".join(o) for o in named)
     if gold is None:
-        got = normalize_answer((answer_region(reply) or "")[:MAX_SCAN])
-        return answers_match(got, normalize_answer(answer_region(reference) or "")), got
-    got = extract_answer(rule if rule in data.SYNTH_FAMILIES else "", reply, gold)
+        got = (answer_region(reply) or "")[:MAX_SCAN]
+        same = answers_match(normalize_answer(got, False), normalize_answer(answer_region(reference) or "", False))
+        return same, normalize_answer(got)
+    if rule not in data.SYNTH_FAMILIES:                      # a real manifest: the reply's own spelling
+        got = answer_span(reply)[0]
+        return answers_match(normalize_answer(got, False), normalize_answer(gold, False)), normalize_answer(got)
+    got = extract_answer(rule, reply, gold)
     return got is not None and answers_match(got, normalize_answer(gold)), got
 
 

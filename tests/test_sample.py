@@ -128,6 +128,10 @@ def test_hand_made_replies_score_as_a_reader_would():
     assert not sample.score("vqa", "There are 4.", "", "4")[0]
     assert sample.score("vqa", "A red circle at the top left", "a red circle at the top left.", None)[0]
     assert not sample.score("vqa", "a red circle", "a red circle at the top left.", None)[0]
+    # compared in the reply's own spelling, as math-verify does: 28.0 is not 28%, 28 is; 4.0 is 4
+    assert not sample.score("vqa", "\\boxed{28.0}", "", "28%")[0] and sample.score("vqa", "\\boxed{28}", "", "28%")[0]
+    assert not sample.score("vqa", "28.0", "28%", None)[0] and sample.score("vqa", "Paris.", "paris", None)[0]
+    assert sample.score("vqa", "\\boxed{4.0}", "", "4") == (True, "4")      # reported in the normal form
     assert sample.reply_word_f1("<think>x</think>a red circle", "a red circle at the top left") == 2 * (1 * 3 / 7) / (1 + 3 / 7)
     assert sample.reply_word_f1("<think>cut off", "a red circle") == 0.0
 
