@@ -96,7 +96,7 @@ def hf_twin(lm: modeling.Qwen3LM):
         raise SystemExit("this bench compares against HF transformers: pip install -r tests/requirements.txt")
     with tempfile.TemporaryDirectory() as d:
         modeling.save_hf_llm(lm, d)
-        return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(lm.lm_head.weight.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,7 +753,7 @@ def hf_generate(hf, embeds: list, max_new: int, stop=(), suppress=(), min_new: i
     cut after each row's first stop token."""
     L = max(e.shape[0] for e in embeds)
     x = torch.stack([torch.nn.functional.pad(e, (0, 0, L - e.shape[0], 0)) for e in embeds])
-    mask = torch.stack([torch.arange(L) >= L - e.shape[0] for e in embeds]).long()
+    mask = torch.stack([torch.arange(L, device=x.device) >= L - e.shape[0] for e in embeds]).long()
     out = hf.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=min_new,
                       do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, pad_token_id=0,
                       eos_token_id=list(stop) or None, suppress_tokens=list(suppress) or None)
@@ -796,7 +796,8 @@ def print_decode_steps(res: dict, names: list, steps: int):
 
 def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None, compile=True) -> dict:
     def ours(mode):
-        return lambda: modeling.generate_from_embeds(lm, rows, n, 1.0, 1.0, stop, torch.Generator().manual_seed(0),
+        generator = torch.Generator(rows[0].device).manual_seed(0)
+        return lambda: modeling.generate_from_embeds(lm, rows, n, 1.0, 1.0, stop, generator.manual_seed(0),
                                               logprobs=[], compile=mode, **(gen_kw or {}))
     hf = hf_twin(lm).eval()
     engines = {"eager": ours(False), "hf": lambda: hf_generate(hf, hf_rows or rows, n, stop, **(hf_kw or {}))}
@@ -823,12 +824,13 @@ def bench_rollout(args):
     stage's token limit, stop tokens, banned ids and tokenizer size. Then one RL episode (rollouts
     + updates) under torchrun with 1 and with 2 processes on the same total rollouts."""
     torch.manual_seed(0)
-    print(f"rollout engine vs HF generate, fp32, sampling T=1, {torch.get_num_threads()} threads, best of "
-          f"{args.repeats} (engines interleaved)")
+    dev = torch.device(args.device)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"rollout engine vs HF generate, fp32, sampling T=1, {where}, best of {args.repeats} (engines interleaved)")
     with torch.inference_mode():
         if args.case in ("text", "both"):
-            lm = modeling.build_model(args.preset).eval().language_model
-            ids = torch.randint(0, 256, (args.batch, args.prompt_len))
+            lm = modeling.build_model(args.preset).eval().language_model.to(dev)
+            ids = torch.randint(0, 256, (args.batch, args.prompt_len), device=dev)
             rows = list(lm.model.embed_tokens(ids))
             engines = rollout_engines(lm, rows, args.new_tokens, hf_kw={"min_new": args.new_tokens}, compile=args.compile)
             first = rollout_engines(lm, rows, 1, hf_kw={"min_new": 1}, compile=args.compile)   # prefill + 1 token
@@ -838,10 +840,11 @@ def bench_rollout(args):
             print_decode_steps(res, list(engines), args.new_tokens - 1)
         if args.case in ("rl", "both"):
             sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts)
+            sailvl.to(dev)
             lm, G = sailvl.language_model, args.group
             stop, banned = sorted(sample.stop_ids(tok)), rl.banned_ids(tok)
-            flat = torch.tensor([t for p in prompts for t in p.ids])[None]
-            x = sailvl.embed(flat, sample.concat_pixels([p.pixels for p in prompts]))[0]
+            flat = torch.tensor([t for p in prompts for t in p.ids], device=dev)[None]
+            x = sailvl.embed(flat, modeling.on_device(sample.concat_pixels([p.pixels for p in prompts]), dev))[0]
             unique = list(x.split([len(p.ids) for p in prompts]))
             suppress = list(banned) + list(range(tok.n_vocab, lm.cfg.vocab_size))
             engines = rollout_engines(lm, unique, cfg.max_new_tokens, stop,
@@ -1012,6 +1015,7 @@ def add_model_benches(sub):
     p.add_argument("--group", type=int, default=8, help="rl case and episode: G rows per prompt")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd engine")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where the engines run (the episode part: CPU)")
     p.add_argument("--episode-procs", type=int, default=2, help="processes of the episode-scaling part (0 = skip)")
     p.add_argument("--episode-prompts", type=int, default=32, help="prompts of that episode (x G rollouts)")
     p.set_defaults(func=bench_rollout)
