@@ -6,6 +6,7 @@ re-implementations of the loss formulas (DAPO arXiv 2503.14476, GSPO arXiv 2507.
 for the KL estimators. The answer reading and equivalence the rewards use (data.py's grading API)
 are tested against math-verify 0.9.0 in tests/test_answers.py.
 """
+import json
 import math
 import os
 import statistics
@@ -482,3 +483,16 @@ def test_mixed_reward_weights():
     for bad in ((0.5, 0.5, 0.5), (0.3, 0.3, 0.3), (1.2, -0.1, -0.1), (0.5, 0.5)):
         with pytest.raises(ValueError, match="sum"):
             rl.mixed_reward(1.0, 1.0, 1.0, weights=bad)
+
+
+def test_rl_compare_pairs_two_outputs_on_the_after_side(tmp_path, capsys):
+    """tests/rl_compare.py: A - B of the "after" side on the same prompts (before rows ignored)."""
+    import rl_compare
+    for name, right in (("a", [1, 1, 0, 0]), ("b", [0, 1, 0, 0])):
+        (tmp_path / name).mkdir()
+        rows = [{"side": side, "family": "count_cot", "where": f"f:{i}", **{m: float(x if side == "after" else 1)
+                 for m in rl_compare.METRICS}} for side in ("before", "after") for i, x in enumerate(right)]
+        (tmp_path / name / "heldout_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rl_compare.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "4 prompts" in out and "pass@1     +0.250" in out, out
