@@ -32,6 +32,7 @@ import triton.language as tl
 # dispatch
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what the Triton kernels compute in
+ATTN_MAX_HEAD_DIM = 256                                           # the attention kernel's widest head
 
 
 def _interpreting() -> bool:
@@ -731,8 +732,9 @@ def packed_attention_triton(q, k, v, cu_seqlens, causal: bool, scale=None):
     """The Triton flash-attention path (CUDA, or CPU under TRITON_INTERPRET=1); differentiable."""
     if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"packed_attention: Triton path supports fp32/bf16/fp16, got {q.dtype}")
-    if q.shape[-1] > 256:
-        raise ValueError(f"packed_attention: Triton path supports head dim <= 256, got {q.shape[-1]}")
+    if q.shape[-1] > ATTN_MAX_HEAD_DIM:
+        raise ValueError(f"packed_attention: Triton path supports head dim <= {ATTN_MAX_HEAD_DIM}, "
+                         f"got {q.shape[-1]}")
     if q.shape[0] == 0:
         return q.clone()                                  # empty pack: nothing to attend
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -749,7 +751,7 @@ def packed_attention(q, k, v, cu_seqlens, causal: bool, scale=None):
     _check_attention_inputs(q, k, v, cu_seqlens)
     if not cu_seqlens.is_cuda:
         check_cu_seqlens(cu_seqlens, q.shape[0])
-    if use_triton(q, q.dtype in TRITON_DTYPES and q.shape[-1] <= 256):
+    if use_triton(q, q.dtype in TRITON_DTYPES and q.shape[-1] <= ATTN_MAX_HEAD_DIM):
         return packed_attention_triton(q, k, v, cu_seqlens, causal, scale)
     return packed_attention_torch(q, k, v, cu_seqlens, causal, scale)
 
