@@ -638,6 +638,29 @@ def learning_signal(r: Rollout, cfg) -> float:
     return r.answer_r if cfg.reward == "verifiable" else r.reward
 
 
+def kept_groups(rolls: list, cfg) -> list:
+    """The rollouts of the groups whose learning signal varies, and so does the reward the
+    advantages come from (answers that vary in replies all malformed are all rewarded 0: advantages
+    all 0). Rewards are a few Python numbers per rollout: this and set_advantages compute on the CPU."""
+    if not rolls:
+        return []
+    ok = (filter_groups(torch.tensor([learning_signal(r, cfg) for r in rolls]), cfg.group_size)
+          & filter_groups(torch.tensor([r.reward for r in rolls]), cfg.group_size)).tolist()
+    return [r for i, r in enumerate(rolls) if ok[i // cfg.group_size]]
+
+
+def set_advantages(kept: list, cfg, seed: int) -> None:
+    """Each kept rollout's advantage within its group (a control run's: control_advantages, seeded)."""
+    if not kept:
+        return
+    if cfg.advantage_control:
+        adv = control_advantages(kept, cfg, torch.Generator().manual_seed(seed))
+    else:
+        adv = group_advantages(torch.tensor([r.reward for r in kept]), cfg.group_size)
+    for r, a in zip(kept, adv.tolist()):
+        r.advantage = a
+
+
 def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> tuple:
     """This rank's kept groups (with advantages) and the episode's statistics over all ranks.
     At most cfg.max_sampling_rounds rounds of fresh prompts: every rank takes the same prompts from
@@ -658,18 +681,8 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
         score_rollouts(rolls, cfg, judge)
         all_rolls += rolls
         seen += len(mine)
-        # kept: the signal varies, and so does the reward the advantages come from (answers that
-        # vary in replies all malformed are all rewarded 0: advantages all 0)
-        ok = (filter_groups(torch.tensor([learning_signal(r, cfg) for r in rolls]), cfg.group_size)
-              & filter_groups(torch.tensor([r.reward for r in rolls]), cfg.group_size)) if rolls else []
-        kept += [r for i, r in enumerate(rolls) if ok[i // cfg.group_size]]
-    if kept:
-        if cfg.advantage_control:                     # a control run
-            adv = control_advantages(kept, cfg, torch.Generator().manual_seed(cfg.seed + len(all_rolls)))
-        else:
-            adv = group_advantages(torch.tensor([r.reward for r in kept]), cfg.group_size)
-        for r, a in zip(kept, adv.tolist()):
-            r.advantage = a
+        kept += kept_groups(rolls, cfg)
+    set_advantages(kept, cfg, cfg.seed + len(all_rolls))
     sums = all_reduce([len(all_rolls), sum(r.reward for r in all_rolls), sum(r.answer_r for r in all_rolls),
                        sum(r.format_r for r in all_rolls), sum(r.think_r for r in all_rolls),
                        sum(len(r.completion) for r in all_rolls), sum(r.truncated for r in all_rolls),

@@ -38,3 +38,17 @@ def synth(tmp_path_factory):
     session (~15 s) and shared read-only by every module that trains or evaluates on it."""
     import synth
     return synth.ensure_synth(tmp_path_factory.mktemp("synth") / "data", progress=False)     # a Path
+
+
+@pytest.fixture
+def on_the_cpu():
+    """on_the_cpu(fn) -> fn run with the CPU as the default device. The device tests run the code a
+    GPU runs inside `torch.device("meta")` (a tensor made without a device has no data there, and
+    meeting the model's tensors it raises); what they wrap with this is the data side, whose
+    tensors are CPU tensors by design."""
+    def wrap(fn):
+        def run(*args, **kwargs):
+            with torch.device("cpu"):
+                return fn(*args, **kwargs)
+        return run
+    return wrap

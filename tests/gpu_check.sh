@@ -9,8 +9,10 @@
 #   4  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
-#   6  a few RL updates (rl.py, tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA;
-#      with 2 or more GPUs the same under torchrun on 2 processes (each rank its share of the groups)
+#   6  rl.py (tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA (a random start
+#      keeps no group: no update); then one episode with random rewards (tests/bench.py rl-episode):
+#      rollouts and rl.update_episode on CUDA. With 2 or more GPUs both also under torchrun on 2
+#      processes (each rank its share of the groups)
 #   7  tests/bench.py rollout --device=cuda   the rollout engine, eager and compiled, vs HF generate
 #   8  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #
@@ -68,10 +70,12 @@ PY
 step rl-updates 90 "reward|episode" python rl.py --stage=rl-verifiable --init_from=random --data_dir="$WORK/synth" \
     --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
     --filter_k=0 --temperature=1.5
+step rl-episode 90 "generation" torchrun --standalone --nproc_per_node=1 tests/bench.py rl-episode --prompts 8 --group 4
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     step rl-2-gpus 120 "reward|episode" torchrun --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
         --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
         --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5
+    step rl-episode-2 90 "generation" torchrun --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4
 fi
 step bench-rollout 150 "compiled " python tests/bench.py rollout --device=cuda --episode-procs=0
 

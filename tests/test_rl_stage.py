@@ -4,6 +4,7 @@ log-probs, any micro-batch split), scoring, the pass@k filter, the held-out eval
 harvest, the model judge, an end-to-end wiring test on a contextual bandit, and the rl-verifiable
 stage end to end with an exact resume. (The pure losses and rewards are tested against
 hand-computed values and math-verify in test_rl.py; several ranks in test_rl_dist.py.)"""
+import copy
 import json
 import os
 import subprocess
@@ -59,10 +60,9 @@ def recomputed_logps(m, tok, cfg, rolls):
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_rollout_logprobs_equal_the_training_forward(setup, temperature, top_p):
     """Rollouts are grouped prompt by prompt, never emit image tokens, and record the log-prob of
-    each token under the policy the loss uses: temperature, top-p and the tokenizer's size (the
-    model's embedding is padded beyond it: those rows are never sampled nor scored)."""
+    each token under the policy the loss uses: temperature, top-p and the tokenizer's size (an
+    embedding table padded beyond it: the next test)."""
     _, _, m, tok, cfg, prompts = setup
-    assert m.cfg.llm_config.vocab_size > tok.n_vocab - 1 or True
     cfg = replace(cfg, temperature=temperature, top_p=top_p)
     rolls = rl.rollouts(m, tok, prompts[:3], cfg, torch.Generator().manual_seed(0))
     assert len(rolls) == 12 and [r.prompt for r in rolls[::4]] == prompts[:3]
@@ -73,6 +73,33 @@ def test_rollout_logprobs_equal_the_training_forward(setup, temperature, top_p):
     for r, lp in zip(rolls, recomputed_logps(m, tok, cfg, rolls)):
         torch.testing.assert_close(lp, torch.tensor(r.rollout_logp), atol=1e-4, rtol=0)
     assert ids.img_context in rl.banned_ids(tok)
+
+
+def test_rollouts_updates_and_evaluation_make_every_tensor_on_the_models_device(setup, monkeypatch, on_the_cpu):
+    """Dynamic sampling (rollouts, rewards), the updates and the held-out evaluation, run inside
+    `torch.device("meta")`: a tensor they made without the model's device would be a meta tensor and
+    raise on meeting the model's, as a CPU tensor meeting a CUDA model's does (conftest.on_the_cpu).
+    The data side stays on the CPU: decoded prompts, packed micro-batches, per-group reward numbers."""
+    _, _, m, tok, cfg, prompts = setup
+    m = copy.deepcopy(m)                                         # the update changes the weights
+    cfg = replace(cfg, mini_batches=2, epochs=2)
+    for name in ("micro_batches", "kept_groups", "set_advantages"):
+        monkeypatch.setattr(rl, name, on_the_cpu(getattr(rl, name)))
+    pool = rl.PromptPool(rl.prompt_mixture(cfg, tok, data.DataConfig.from_model(m.cfg, label_mode="rl", max_len=2048),
+                                           "train"), range(8), 0)
+    pool.take = on_the_cpu(pool.take)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in m.parameters()]
+    with torch.device("meta"):
+        rl.sample_groups(m, tok, pool, cfg, torch.Generator().manual_seed(0))
+        rolls = rl.rollouts(m, tok, prompts[:2], cfg, torch.Generator().manual_seed(0))
+        for i, r in enumerate(rolls):
+            r.advantage = (-1.0) ** i
+        stats = rl.update_episode(m, opt, list(m.parameters()), rolls, cfg, tok, rolls[0])
+        records = rl.evaluate_prompts(m, tok, prompts[:2], cfg)
+        rl.pass_at_k_filter(m, tok, prompts[:2], cfg, 2, torch.Generator().manual_seed(0))
+    assert stats["updates"] == 4 and len(records) == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
 def test_policy_masks_padded_vocabulary_and_image_tokens(setup):

@@ -234,6 +234,25 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny, synth):
         assert p["prediction"] == want, p["where"]
 
 
+def test_evaluation_and_answer_make_every_tensor_on_the_models_device(tiny, synth, monkeypatch, on_the_cpu):
+    """The evaluation's batched generation (tiles, video frames, AnyRes images) and `answer`
+    (sampling, streaming), run inside `torch.device("meta")`: a tensor they made without the model's
+    device would raise on meeting the model's, as a CPU tensor meeting a CUDA model's does
+    (conftest.on_the_cpu). Prompts are built on the CPU (data.prompt_inputs)."""
+    m, tok, _ = tiny
+    monkeypatch.setattr(data, "prompt_inputs", on_the_cpu(data.prompt_inputs))
+    for model, families in ((m, ("text", "chart", "video")),
+                            (modeling.build_model("tiny-anyres", seed=1).eval(), ("ocr", "caption"))):
+        dcfg = data.DataConfig.from_model(model.cfg)
+        recs = [rec for f in families for rec in eval_records(synth, f, 2)]
+        items = [on_the_cpu(sample.record_item)(tok, dcfg, rec, False, False, 4)[0] for rec in recs]
+        with torch.device("meta"), torch.inference_mode():
+            replies = sample.generate_all(model, tok, items, batch_size=3)
+            one = sample.answer(model, tok, dcfg, recs[-1].turns[:-1], recs[-1].images, recs[-1].videos,
+                                max_new_tokens=4, temperature=1.0, stream=True)
+        assert len(replies) == len(items) and isinstance(one, str)
+
+
 class TableModel:
     """Stands in for SAILVL.generate: answers each prompt from a table keyed by (prompt ids, digest of
     the prompt's own tiles), so a prompt given another prompt's pixels gets no answer. Each reply is

@@ -143,6 +143,27 @@ def test_stage_learns_on_fixed_data_and_trains_only_the_papers_modules(stage, sy
             assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(name + "."))
 
 
+@pytest.mark.parametrize("stage,options", [("sft4", ["--ac=block"]), ("pretrain2", ["--preset=tiny-moe"]),
+                                           ("sft1", ["--preset=tiny-anyres"])])
+def test_the_step_and_the_held_out_loss_make_every_tensor_on_the_models_device(stage, options, synth, tmp_path):
+    """The training step and the held-out loss (images, video frames, AnyRes, MoE routing,
+    activation checkpointing), run inside `torch.device("meta")`: a tensor they made without the
+    model's device would be a meta tensor (no data) and raise on meeting the model's, as a CPU
+    tensor meeting a CUDA model's does. The packs are the loader's (CPU), moved by to_device as the
+    loop does."""
+    cfg, mcfg = cfg_of(stage, f"--data_dir={synth}", f"--out_dir={tmp_path}", "--init-from=random",
+                       "--adalrs=false", *options)
+    model = train_stage.build_stage_model(cfg, mcfg, lambda *a: None)
+    packs = train_stage.build_batches(cfg, mcfg, data.load_tokenizer(None), "train", 0, 1, verbose=False).next()
+    params = [p for p in model.parameters() if p.requires_grad]
+    held_out = type("HeldOut", (), {"next": lambda self: packs})
+    with torch.device("meta"):
+        res = train_stage.train_step(model, torch.optim.AdamW(params, lr=1e-3),
+                                     [train_stage.to_device(p, CPU) for p in packs], params, 1.0, 1, CPU, NOCAST)
+        loss = train_stage.evaluate(model, held_out, 1, CPU, NOCAST)
+    assert math.isfinite(res["loss"]) and not res["skipped"] and math.isfinite(loss)
+
+
 def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path):
     def trained(seed):                    # a checkpoint whose every module is far from a fresh init
         m = modeling.build_model("tiny", seed=seed)
