@@ -667,14 +667,16 @@ def test_rng_state_round_trips_through_the_rank_file(tmp_path):
     assert set(meta["files"]) == {"config.json", "rank0.pt", *shards} and len(shards) == 1
 
 
-def test_an_unwritable_folder_is_one_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
+def test_an_unwritable_folder_is_one_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     m = modeling.build_model("tiny", seed=0)
     modeling.save_checkpoint(str(tmp_path / "out" / "ck"), m, {"stage": "x"}, 0, 1)
     first = modeling.verify_checkpoint(str(tmp_path / "out" / "ck"))
     os.chmod(tmp_path / "out", 0o500)                       # no writes into the parent any more
     try:
-        if os.access(tmp_path / "out", os.W_OK):
-            pytest.skip("running as a user who may write anywhere (root): chmod cannot make a folder read-only")
+        if os.access(tmp_path / "out", os.W_OK):            # root writes anyway: the OS's answer to others
+            def refuse(*args, dir=None, **kwargs):
+                raise PermissionError(13, "Permission denied", dir)
+            monkeypatch.setattr(modeling.tempfile, "mkdtemp", refuse)
         with pytest.raises(modeling.CheckpointError, match="cannot write checkpoint"):
             modeling.save_checkpoint(str(tmp_path / "out" / "ck"), modeling.build_model("tiny", seed=1), {"stage": "y"}, 0, 1)
     finally:
