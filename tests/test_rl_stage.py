@@ -102,6 +102,23 @@ def test_rollouts_updates_and_evaluation_make_every_tensor_on_the_models_device(
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
+def test_rollouts_and_updates_run_under_the_trainers_cuda_precision(setup, monkeypatch):
+    """On CUDA rollouts and updates run under bf16 autocast (rl.autocast); here under the CPU's: the
+    projections' bf16 outputs go into the cache in its dtype, the first update's ratio is still
+    exactly 1 (the same forward for the old log-probs and the update), and the rollouts' log-probs
+    are the training forward's up to bf16 rounding."""
+    _, _, m, tok, cfg, prompts = setup
+    m = copy.deepcopy(m)
+    monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    rolls = rl.rollouts(m, tok, prompts[:2], cfg, torch.Generator().manual_seed(0))
+    for i, r in enumerate(rolls):
+        r.advantage = (-1.0) ** i
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    st = rl.update_episode(m, opt, list(m.parameters()), rolls, replace(cfg, mini_batches=2, epochs=2), tok, rolls[0])
+    assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["ratio_max_dev_later"]
+    assert 0 < st["dlogp"] < 0.05                                  # bf16 rounding, not another policy
+
+
 def test_policy_masks_padded_vocabulary_and_image_tokens(setup):
     """With a model whose vocabulary is larger than the tokenizer's, the policy puts no mass on
     the extra rows; the image tokens get none either; top-p removes the tail."""
