@@ -580,10 +580,11 @@ def test_an_image_truncated_after_its_header_is_dropped_by_its_rank_and_counted_
     assert [ln for ln in reported if "(image)" in ln] == [ln for ln in reported if f"m.jsonl:{truncated}:" in ln]
 
 
-def salted_stream(synth, folder):
-    """sft4's video and counting samples plus a small manifest with two PNGs truncated after their
-    header, which only decoding finds (the tiny model's data geometry, 4 frames per video, so the
-    frames drawn depend on the stream position's generator)."""
+def write_salted(synth, folder):
+    """A small manifest (salted.jsonl) with two PNGs truncated after their header, which only
+    decoding finds. Written once, before the ranks start: ranks that each rewrote it could read it
+    while the other had just truncated it (the likely cause of a rank 0 failure in a clean-clone CI
+    run on 2026-12-05, whose error the log had cut)."""
     good = json.loads(open(os.path.join(synth, "count", "train.jsonl")).readline())
     img = os.path.join(synth, "count", good["image"])
     for name in ("cut1.png", "cut2.png"):
@@ -592,6 +593,11 @@ def salted_stream(synth, folder):
     lines = [dict(good, image=img)] * 6 + [dict(good, image=os.path.join(folder, n)) for n in ("cut1.png", "cut2.png")]
     with open(os.path.join(folder, "salted.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in lines)
+
+
+def salted_stream(synth, folder):
+    """sft4's video and counting samples plus write_salted's manifest (the tiny model's data
+    geometry, 4 frames per video, so the frames drawn depend on the stream position's generator)."""
     sources = [(os.path.join(synth, "video", "train.jsonl"), 1.0), (os.path.join(synth, "count", "train.jsonl"), 1.0),
                (os.path.join(folder, "salted.jsonl"), 0.1)]
     dcfg = data.DataConfig.from_model(modeling.preset_config("tiny"), max_len=1024, max_bad_fraction=1.0,
@@ -629,10 +635,11 @@ def test_two_ranks_decode_only_their_own_samples_and_equal_the_one_process_split
     steps), none twice; each rank's packs equal the 1-process plan of the same stream split for 2
     ranks; a truncated image dropped on one rank is counted on both."""
     steps = 4
+    write_salted(synth, tmp_path)
     (tmp_path / "step.py").write_text(TWO_RANK_DATA)
     res = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "step.py")],
               env_extra={"REPO": ROOT, "SYNTH": synth, "OUT": str(tmp_path), "STEPS": str(steps)})
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, res.stderr[:4000] + "\n...\n" + res.stderr[-2000:]     # the first rank's error first
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     decoded = [[int(x) for x in (tmp_path / f"decoded{r}.txt").read_text().split()] for r in range(2)]
     planner = packing.PackPlanner(salted_stream(synth, tmp_path), packing.PackingConfig(
