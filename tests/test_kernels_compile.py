@@ -10,7 +10,7 @@ specialisations (unit strides as constants, 16-divisible sizes): register use an
 those, and are the autotuner's business on the GPU.
 
     python tests/test_kernels_compile.py            # every GPU tile of every kernel, bf16 and fp32
-    python tests/test_kernels_compile.py --first    # the first tile per kernel and dtype (the test)
+    python tests/test_kernels_compile.py --first    # the first bf16 tile per kernel (the test)
 """
 import argparse
 import os
@@ -26,14 +26,14 @@ FP32_PTRS = ("tw_ptr", "dwp_ptr", "LSE", "DELTA")
 
 
 def test_the_kernels_compile_for_sm90():
-    """Every kernel's first GPU tile: the MoE kernels in bf16 and fp32 (their own fp32 tiles), the
-    attention kernels in bf16 at head dim 128."""
+    """Every kernel's first GPU tile in bf16 (the attention kernels at head dim 128); the sweep below
+    adds the other tiles, fp32 and head dims 64 and 256."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}    # the GPU tiles, not the interpreter's
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--first"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("_")]
-    assert len(rows) == 6 * 2 + 4 and all(" ok " in line for line in rows), out.stdout
+    assert len(rows) == 6 + 4 and all(" ok " in line for line in rows), out.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def cases(first: bool):
     import kernels
     tl_dtype = {"bf16": tl.bfloat16, "fp32": tl.float32}
     for kernel in kernels._MOE_KERNELS:
-        for dtype in ("bf16", "fp32"):
+        for dtype in ("bf16",) if first else ("bf16", "fp32"):
             tiles = [c for c in kernel.configs if c.moe_fp32 == (dtype == "fp32")][:1 if first else None]
             for c in tiles:
                 consts = {"TOPK": 8, "SAVE_GU": True, "UPCAST": False, "LD": tl_dtype[dtype], "EVEN_K": False,
@@ -92,7 +92,7 @@ def cases(first: bool):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--first", action="store_true", help="only the first tile per kernel and dtype")
+    ap.add_argument("--first", action="store_true", help="only the first bf16 tile per kernel")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: under it kernels.py builds the interpreter's tiles, not the GPU's")
