@@ -52,3 +52,16 @@ def on_the_cpu():
                 return fn(*args, **kwargs)
         return run
     return wrap
+
+
+@pytest.fixture
+def sharded_in_bf16(monkeypatch):
+    """A process group of one in which train_stage.place_model shards with FSDP2's bf16 mixed
+    precision, as it does on CUDA only (modeling.parallelize's mixed_precision forced on)."""
+    import torch.distributed as dist
+    import model as modeling
+    shard = modeling.parallelize
+    monkeypatch.setattr(modeling, "parallelize", lambda model, device, mixed_precision: shard(model, device, True))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -119,32 +119,25 @@ def test_rollouts_and_updates_run_under_the_trainers_cuda_precision(setup, monke
     assert 0 < st["dlogp"] < 0.05                                  # bf16 rounding, not another policy
 
 
-def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatch, on_the_cpu):
+def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatch, on_the_cpu, sharded_in_bf16):
     """Under torchrun on GPUs the policy is sharded with FSDP2's bf16 mixed precision (place_model on
     CUDA) and its unsharded replica generates (generation_policy); here the same on CPU in a process
     group of one, inside `torch.device("meta")` (no tensor made off the model's device): the first
     update's ratio is exactly 1 and the rollout log-probs are the training forward's up to bf16."""
-    import torch.distributed as dist
     root, _, m, tok, cfg, prompts = setup
-    shard = modeling.parallelize
-    monkeypatch.setattr(modeling, "parallelize", lambda model, device, mixed_precision: shard(model, device, True))
     monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     monkeypatch.setattr(rl, "micro_batches", on_the_cpu(rl.micro_batches))
     cfg = replace(cfg, init_from=str(root / "out" / "longcot"), mini_batches=2, epochs=2)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model, _ = train_stage.place_model(cfg, m.cfg, 0, 1, torch.device("cpu"), lambda *a: None)
-        params = [p for p in model.parameters() if p.requires_grad]
-        seen = set()                                              # the weights the sharded forward computes with
-        model.language_model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
-            lambda mod, args: seen.add(mod.weight.dtype))
-        with torch.device("meta"):
-            rolls = rl.rollouts(rl.generation_policy(model), tok, prompts[:2], cfg, torch.Generator().manual_seed(0))
-            for i, r in enumerate(rolls):
-                r.advantage = (-1.0) ** i
-            st = rl.update_episode(model.train(), torch.optim.AdamW(params, lr=1e-3), params, rolls, cfg, tok, rolls[0])
-    finally:
-        dist.destroy_process_group()
+    model, _ = train_stage.place_model(cfg, m.cfg, 0, 1, torch.device("cpu"), lambda *a: None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen = set()                                                  # the weights the sharded forward computes with
+    model.language_model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda mod, args: seen.add(mod.weight.dtype))
+    with torch.device("meta"):
+        rolls = rl.rollouts(rl.generation_policy(model), tok, prompts[:2], cfg, torch.Generator().manual_seed(0))
+        for i, r in enumerate(rolls):
+            r.advantage = (-1.0) ** i
+        st = rl.update_episode(model.train(), torch.optim.AdamW(params, lr=1e-3), params, rolls, cfg, tok, rolls[0])
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["dlogp"] < 0.05 and seen == {torch.bfloat16}
 
 

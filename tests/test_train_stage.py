@@ -165,13 +165,12 @@ def test_the_step_and_the_held_out_loss_make_every_tensor_on_the_models_device(s
 
 
 @pytest.mark.parametrize("stage,preset", [("sft4", "tiny"), ("pretrain2", "tiny-moe"), ("sft1", "tiny-anyres")])
-def test_the_sharded_step_trains_under_fsdp2s_bf16_mixed_precision(stage, preset, synth, tmp_path, monkeypatch):
+def test_the_sharded_step_trains_under_fsdp2s_bf16_mixed_precision(stage, preset, synth, tmp_path, sharded_in_bf16):
     """Sharded runs on CUDA compute with bf16 copies of the weights and reduce gradients in fp32
     (FSDP2's MixedPrecisionPolicy, set by place_model on CUDA only); here the same on CPU, in a
     process group of one, with activation checkpointing, inside `torch.device("meta")` as the test
     above (no tensor made off the model's device): the first loss is the fp32 model's up to bf16
     rounding, and the loss falls."""
-    import torch.distributed as dist
     cfg, mcfg = cfg_of(stage, f"--data_dir={synth}", f"--out_dir={tmp_path}", "--init-from=random", "--adalrs=false",
                        f"--preset={preset}", "--ac=block")
     packs = [train_stage.to_device(p, CPU)
@@ -179,18 +178,12 @@ def test_the_sharded_step_trains_under_fsdp2s_bf16_mixed_precision(stage, preset
     reference = train_stage.build_stage_model(cfg, mcfg, lambda *a: None)
     params = [p for p in reference.parameters() if p.requires_grad]
     want = train_stage.train_step(reference, Recorder(params), packs, params, 1.0, 1, CPU, NOCAST)["loss"]
-    shard = modeling.parallelize
-    monkeypatch.setattr(modeling, "parallelize", lambda model, device, mixed_precision: shard(model, device, True))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model, _ = train_stage.place_model(cfg, mcfg, 0, 1, CPU, lambda *a: None)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        with torch.device("meta"):
-            losses = [train_stage.train_step(model, opt, packs, params, 1.0, 1, CPU, NOCAST)["loss"] for _ in range(3)]
-        assert next(model.language_model.model.layers[0].parameters()).dtype == torch.float32   # fp32 shards
-    finally:
-        dist.destroy_process_group()
+    model, _ = train_stage.place_model(cfg, mcfg, 0, 1, CPU, lambda *a: None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    with torch.device("meta"):
+        losses = [train_stage.train_step(model, opt, packs, params, 1.0, 1, CPU, NOCAST)["loss"] for _ in range(3)]
+    assert next(model.language_model.model.layers[0].parameters()).dtype == torch.float32   # fp32 shards
     assert abs(losses[0] - want) < 0.02 and losses[0] != want, (losses, want)   # bf16, not the fp32 forward
     assert losses[2] < losses[0] - 0.1, losses
 
