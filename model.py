@@ -152,9 +152,8 @@ class KVCache:
     """Static per-layer key/value buffers (B, Hkv, max_len, hd) for generation (the layout of
     gpt-fast's cache: each head's keys contiguous for the attention over them).
     `valid` (B, max_len): slots that may be attended (False on a row's left padding).
-    `start` (1,): the slot the next token is written to, a tensor so that a compiled decode step
-    keeps one shape as it advances. `length`: how many slots the attention reads: the filled ones
-    (eager) or all of them (the fixed shape a compiled step needs; unwritten slots are masked)."""
+    `start` (1,): the slot the next token is written to (a tensor, so that a compiled step does not
+    specialise on it). `length`: how many slots the attention reads, the filled ones."""
 
     def __init__(self, cfg: LLMConfig, valid, dtype):
         B, S = valid.shape
@@ -170,6 +169,12 @@ class KVCache:
         self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))    # (autocast may give bf16)
         self.v[layer].index_copy_(2, self.slots, v.to(self.v[layer].dtype))
         return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
+
+    def repeat(self, n: int):
+        """Each row n times, row-major (a prompt's cache for its n rollouts)."""
+        self.k = [t.repeat_interleave(n, 0) for t in self.k]
+        self.v = [t.repeat_interleave(n, 0) for t in self.v]
+        self.valid = self.valid.repeat_interleave(n, 0)
 
     def keep(self, rows):
         """Keep only `rows` (n,), in place at the front of each buffer (their addresses stay fixed)."""
@@ -208,10 +213,7 @@ class Attention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)
             if cache is not None:
                 k, v = cache.update(self.layer, k, v)                    # (B, Hkv, S, hd)
-            if cache is not None and T == 1:     # decode: a KV head's query heads are its queries (no GQA copy)
-                out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, hd), k, v, attn_mask=mask)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
             out = out.reshape(B, -1, T, hd).transpose(1, 2)              # (B, T, H, hd)
         return self.o_proj(out.reshape(B, T, -1))
 
@@ -392,65 +394,71 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
     return sample_tokens(policy_logits(logits, temperature, top_p), temperature, u)[0]
 
 
-def prefill(lm: Qwen3LM, embeds: list, repeats: int, max_new_tokens: int):
-    """Each prompt (L_i, H) once, left-padded into one batch; its keys/values are copied into the
-    `repeats` rows it owns (prompt-major) of a cache sized for the whole generation. Logits only at the
-    last position (all (T, V) are gigabytes at a 151k vocabulary) -> (cache, logits (P, V), lengths (P,))"""
-    P, L = len(embeds), max(e.shape[0] for e in embeds)
+def prompt_logits(lm: Qwen3LM, x, position_ids, cache: KVCache):
+    """The prefill's forward: prompts x (P, L, H) into the cache -> logits at the last position (P, V)."""
+    h, _ = lm.run(inputs_embeds=x, position_ids=position_ids, cache=cache)
+    return lm.lm_head(h[:, -1])
+
+
+def prefill(lm: Qwen3LM, embeds: list, repeats: int, max_new_tokens: int, forward_fn=prompt_logits):
+    """Each prompt (L_i, H) once, left-padded into one batch, into a cache sized for the whole
+    generation; its keys/values are then copied into the `repeats` rows it owns (prompt-major).
+    Logits only at the last position (all (T, V) are gigabytes at a 151k vocabulary)
+    -> (cache, logits (P, V), lengths (P,))"""
+    L = max(e.shape[0] for e in embeds)
     device = embeds[0].device
     lens = torch.tensor([e.shape[0] for e in embeds], device=device)
     pad = (L - lens)[:, None]                                            # (P, 1) left padding per prompt
     x = torch.stack([F.pad(e, (0, 0, L - e.shape[0], 0)) for e in embeds])          # (P, L, H)
-    slots = torch.arange(L, device=device)[None]
-    pre = KVCache(lm.cfg, slots >= pad, x.dtype)
-    h, _ = lm.run(inputs_embeds=x, position_ids=(slots - pad).clamp(min=0), cache=pre)  # positions restart after padding
-    valid = torch.ones(P * repeats, L + max_new_tokens, dtype=torch.bool, device=device)
-    valid[:, :L] = pre.valid.repeat_interleave(repeats, 0)
-    cache = KVCache(lm.cfg, valid, x.dtype)
-    for dst, src in zip(cache.k + cache.v, pre.k + pre.v):
-        dst[:, :, :L] = src.repeat_interleave(repeats, 0)
-    cache.start.fill_(L)
-    return cache, lm.lm_head(h[:, -1]), lens
+    slots = torch.arange(L + max_new_tokens, device=device)[None]
+    cache = KVCache(lm.cfg, slots >= pad, x.dtype)                       # room for the generated tokens
+    cache.length = L                                                     # the prefill reads the prompts' slots
+    logits = forward_fn(lm, x, (slots[:, :L] - pad).clamp(min=0), cache)  # positions restart after padding
+    if repeats > 1:
+        cache.repeat(repeats)
+    return cache, logits, lens
 
 
 def decode_step(lm: Qwen3LM, cache: KVCache, ids, pos, uniform, policy: tuple):
-    """One token for every row through the static cache: ids (n,) at RoPE positions pos (n,) ->
-    (next ids (n,), their log-probs (n,)) under policy_logits(*policy). One shape per batch size
-    when cache.length is the cache's size: what torch.compile captures."""
+    """One token for every row through the cache: ids (n,) at RoPE positions pos (n,) ->
+    (next ids (n,), their log-probs (n,)) under policy_logits(*policy)."""
     h, _ = lm.run(ids[:, None], pos[:, None], cache=cache)
     return sample_tokens(policy_logits(lm.lm_head(h[:, -1]), *policy), policy[0], uniform)
 
 
-class CompiledStep:
-    """decode_step under torch.compile: inductor's fused kernels (Triton on a GPU, C++ on CPU). Not
-    CUDA graphs ("reduce-overhead"): a graph replays fixed addresses, and this cache is allocated
-    per call (a cache kept between calls, gpt-fast's setup_caches, would hold that memory through
-    the RL update). If compiling fails it warns once and decodes eagerly from then on."""
+class Compiled:
+    """`fn` (the prefill's forward or the decode step) under torch.compile: inductor's fused kernels
+    (Triton on a GPU, C++ on CPU). A size that changes (batch, prompt or cache length) recompiles once
+    and is dynamic from then on. Not CUDA graphs ("reduce-overhead"): a graph replays fixed shapes
+    at fixed addresses, and this cache is allocated per call
+    (a cache kept between calls, gpt-fast's setup_caches, would hold that memory through the RL
+    update). If compiling fails it warns once and runs `fn` eagerly from then on."""
 
-    fn = None                                                            # compiled on first use
+    def __init__(self, fn):
+        self.eager, self.fn = fn, None                                   # compiled on first use
 
-    def __call__(self, lm, cache, ids, pos, uniform, policy):
+    def __call__(self, *args):
         if self.fn is None:
-            self.fn = torch.compile(decode_step)                         # sizes that vary become dynamic
-        if self.fn is not decode_step:
+            self.fn = torch.compile(self.eager)
+        if self.fn is not self.eager:
             try:
-                return self.fn(lm, cache, ids, pos, uniform, policy)
+                return self.fn(*args)
             except torch._dynamo.exc.TorchDynamoException as e:          # raised before the step ran
-                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding eagerly")
-                self.fn = decode_step
-        return decode_step(lm, cache, ids, pos, uniform, policy)
+                warnings.warn(f"torch.compile of {self.eager.__name__} failed ({type(e).__name__}: {e}); "
+                              "running it eagerly")
+                self.fn = self.eager
+        return self.eager(*args)
 
 
-COMPILED_STEP = CompiledStep()   # its compiled graphs are reused across generate calls
+COMPILED = {fn: Compiled(fn) for fn in (prompt_logits, decode_step)}   # graphs reused across generate calls
 SYNC_EVERY = 8           # decode steps between looks at the done flags: the decode loop's only host sync
 
 
-def pick_step(compile, device):
-    """decode_step, compiled or not. compile="auto": compiled on CUDA, eager on CPU, where compiling
-    costs more than it saves (`python tests/bench.py rollout`: tens of seconds against ~20% of a call)."""
-    if compile == "auto":
-        compile = device.type == "cuda"
-    return COMPILED_STEP if compile else decode_step
+def pick_compiled(compile, device) -> bool:
+    """Whether generation runs the compiled prefill and decode step. compile="auto": on CUDA, not on
+    CPU, where compiling costs more than a call saves (`python tests/bench.py rollout`: tens of
+    seconds against half of a call)."""
+    return device.type == "cuda" if compile == "auto" else bool(compile)
 
 
 def model_device(model) -> torch.device:
@@ -476,11 +484,10 @@ def device_generator(generator, device):
     return torch.Generator(device).manual_seed(seed)
 
 
-def rows_to_keep(n_live: int, n_rows: int, fixed_shapes: bool) -> int:
-    """Batch size once n_live of n_rows still run: the live rows, rounded up to a power of two when
-    the step is compiled (few shapes, few compilations); unchanged unless that drops >= 1/4."""
-    keep = 1 << (n_live - 1).bit_length() if fixed_shapes else n_live
-    return keep if keep <= 0.75 * n_rows else n_rows
+def rows_to_keep(n_live: int, n_rows: int) -> int:
+    """Batch size once n_live of n_rows still run: the live rows, unless that drops < 1/4 (moving the
+    cache's rows costs a copy; a compiled step's batch size is dynamic after its first change)."""
+    return n_live if n_live <= 0.75 * n_rows else n_rows
 
 
 def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(),
@@ -493,7 +500,7 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     token's log-prob under policy_logits(logits, temperature, top_p, n_valid_tokens, banned), the
     policy sampled (`banned`: ids never generated). `generator`: any device (see device_generator).
     `on_token(ids (B,))` after each step: every row's token, -1 for rows that left the batch (tokens
-    after a row's stop token are not output). `compile`: "auto" | True | False (see pick_step).
+    after a row's stop token are not output). `compile`: "auto" | True | False (see pick_compiled).
     Finished rows leave the batch every SYNC_EVERY steps; sampling and done flags stay on the device."""
     B = len(embeds) * repeats
     if max_new_tokens <= 0:
@@ -502,9 +509,9 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     gen = device_generator(generator, device)
     policy = (temperature, top_p, n_valid_tokens, torch.tensor(sorted(set(banned)), dtype=torch.long, device=device))
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-    step_fn = pick_step(compile, device)
-    fixed_shapes = step_fn is not decode_step                            # attend over the whole cache
-    cache, logits, lens = prefill(lm, [e.to(device) for e in embeds], repeats, max_new_tokens)
+    forward_fn, step_fn = (COMPILED[prompt_logits], COMPILED[decode_step]) if pick_compiled(compile, device) \
+        else (prompt_logits, decode_step)
+    cache, logits, lens = prefill(lm, [e.to(device) for e in embeds], repeats, max_new_tokens, forward_fn)
     L = cache.valid.shape[1] - max_new_tokens
     rows = torch.arange(B, device=device)                                # the output row of each batch row
     out_ids = torch.full((max_new_tokens, B), -1, dtype=torch.long, device=device)
@@ -518,7 +525,7 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     ids, lp = sample_tokens(policy_logits(logits, *policy).repeat_interleave(repeats, 0), temperature, draws())
     for step in range(max_new_tokens):
         if step:
-            cache.length = cache.valid.shape[1] if fixed_shapes else L + step
+            cache.length = L + step                                    # the filled slots
             ids, lp = step_fn(lm, cache, ids, pos, draws(), policy)
             pos = pos + 1
         out_ids[step].index_copy_(0, rows, ids)
@@ -531,7 +538,7 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
             n_live = int(live.sum())
             if n_live == 0:
                 break
-            keep = rows_to_keep(n_live, rows.shape[0], fixed_shapes)
+            keep = rows_to_keep(n_live, rows.shape[0])
             if keep < rows.shape[0]:
                 order = torch.argsort((~live).to(torch.uint8), stable=True)[:keep]   # live rows first
                 cache.keep(order)

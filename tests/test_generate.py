@@ -257,16 +257,18 @@ def test_runs_under_bf16_autocast():
     assert [len(r) for r in got] == [6] * 8
 
 
-def test_a_compile_failure_falls_back_to_the_eager_step(monkeypatch):
+def test_a_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(*a):
         raise torch._dynamo.exc.TorchDynamoException("no C compiler")
-    step = modeling.CompiledStep()
-    step.fn = broken
-    monkeypatch.setattr(modeling, "COMPILED_STEP", step)
+    compiled = {fn: modeling.Compiled(fn) for fn in modeling.COMPILED}
+    for c in compiled.values():
+        c.fn = broken
+    monkeypatch.setattr(modeling, "COMPILED", compiled)
     lm = tiny_lm(seed=10)
-    with pytest.warns(UserWarning, match="decoding eagerly"):
+    with pytest.warns(UserWarning, match="running it eagerly"):
         got = engine(lm, PROMPTS, 6, compile=True)
-    assert got == engine(lm, PROMPTS, 6, compile=False) and step.fn is modeling.decode_step
+    assert got == engine(lm, PROMPTS, 6, compile=False)
+    assert all(c.fn is c.eager for c in compiled.values())
 
 
 def test_the_sampled_distribution_is_the_recorded_policy_at_a_152k_vocabulary():
