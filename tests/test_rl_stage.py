@@ -675,17 +675,17 @@ def test_rl_help_shows_the_stage_values_and_whole_comments():
     assert "1e-3 breaks the format" in res.stdout                     # the --lr comment's second line
 
 
-def test_rl_usage_errors_are_one_line():
-    res = run(["rl.py", "--stage", "vit1"], timeout=60)
+def test_rl_usage_errors_are_one_line(capsys):
+    res = run(["rl.py", "--stage", "vit1"], timeout=60)                  # the real command line, once
     assert res.returncode == 2 and "not an RL stage" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    res = run(["rl.py", "--stage", "rl-verifiable", "--reward_weights=0.5,0.5,0.5"], timeout=60)
-    assert res.returncode == 2 and "sum" in res.stderr
-    res = run(["rl.py", "--stage", "rl-verifiable", "--steps=5"], timeout=60)
-    assert res.returncode == 2 and "--episodes" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    res = run(["rl.py", "--stage", "rl-mixed", "--direct_share=1.5"], timeout=60)
-    assert res.returncode == 2 and "--direct_share must be in [0, 1]" in res.stderr
-    res = run(["rl.py", "--stage", "rl-verifiable", "--kl_coef=0.1"], timeout=60)
-    assert res.returncode == 2 and "unknown option --kl_coef" in res.stderr
+    for args, says in ((["--stage", "rl-verifiable", "--reward_weights=0.5,0.5,0.5"], "sum"),
+                       (["--stage", "rl-verifiable", "--steps=5"], "--episodes"),
+                       (["--stage", "rl-mixed", "--direct_share=1.5"], "--direct_share must be in [0, 1]"),
+                       (["--stage", "rl-verifiable", "--kl_coef=0.1"], "unknown option --kl_coef")):
+        with pytest.raises(SystemExit) as e:                              # the rest through its main, in this process
+            rl.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, (args, err)
     for args, says in ((["--general_share=0.3"], "give --filter_k"), (["--reward_weights=0,1,0"], "must not both be 0"),
                        (["--eval_prompts=0"], "--eval_prompts must be >= 1")):
         with pytest.raises(train_stage.UsageError, match=says):
