@@ -429,10 +429,10 @@ def decode_step(lm: Qwen3LM, cache: KVCache, ids, pos, uniform, policy: tuple):
 class Compiled:
     """`fn` (the prefill's forward or the decode step) under torch.compile: inductor's fused kernels
     (Triton on a GPU, C++ on CPU). A size that changes (batch, prompt or cache length) recompiles once
-    and is dynamic from then on. Not CUDA graphs ("reduce-overhead"): a graph replays fixed shapes
-    at fixed addresses, and this cache is allocated per call
-    (a cache kept between calls, gpt-fast's setup_caches, would hold that memory through the RL
-    update). If compiling fails it warns once and runs `fn` eagerly from then on."""
+    and is dynamic from then on. Not CUDA graphs ("reduce-overhead"): a graph replays fixed shapes at
+    fixed addresses, and this cache is allocated per call (a cache kept between calls, gpt-fast's
+    setup_caches, would hold that memory through the RL update). If compiling fails it warns once
+    and runs `fn` eagerly from then on."""
 
     def __init__(self, fn):
         self.eager, self.fn = fn, None                                   # compiled on first use
@@ -485,8 +485,8 @@ def device_generator(generator, device):
 
 
 def rows_to_keep(n_live: int, n_rows: int) -> int:
-    """Batch size once n_live of n_rows still run: the live rows, unless that drops < 1/4 (moving the
-    cache's rows costs a copy; a compiled step's batch size is dynamic after its first change)."""
+    """Batch size once n_live of n_rows still run: the live rows, or all n_rows while fewer than a
+    quarter have finished (moving the cache's rows costs a copy)."""
     return n_live if n_live <= 0.75 * n_rows else n_rows
 
 
