@@ -940,14 +940,14 @@ def test_fsdp_two_processes_match_one_process(synth, tmp_path):
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
-def test_two_process_runs_pass_every_time(synth, tmp_path):
-    """Three back-to-back 2-process runs (a rank used to receive SIGABRT from gloo when the other
-    tore the process group down first, in ~1 of 3 runs)."""
-    for i in range(3):
-        res = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "train_stage.py", "--stage", "lm0",
-                   f"--data_dir={synth}", f"--out_dir={tmp_path}/{i}", "--steps=2", "--packing.max_tokens=256",
-                   "--eval_every=0", "--save_every=1"])
-        assert res.returncode == 0 and "SIGABRT" not in res.stderr, res.stderr[-3000:]
+def test_a_two_process_run_tears_down_without_sigabrt(synth, tmp_path):
+    """A rank used to receive SIGABRT from gloo when the other tore the process group down first,
+    in ~1 of 3 runs. One run here; the suite's other torchrun runs of train_stage.py and rl.py
+    (each must exit 0) tear the group down too, so a CI run still makes several tries."""
+    res = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "train_stage.py", "--stage", "lm0",
+               f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=2", "--packing.max_tokens=256",
+               "--eval_every=0", "--save_every=1"])
+    assert res.returncode == 0 and "SIGABRT" not in res.stderr, res.stderr[-3000:]
 
 
 def test_soup_of_identical_checkpoints_is_identity_and_mismatch_refused(synth, tmp_path):
