@@ -158,8 +158,9 @@ class KVCache:
     def __init__(self, cfg: LLMConfig, valid, dtype):
         B, S = valid.shape
         shape = (B, cfg.num_key_value_heads, S, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=valid.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=valid.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        # not zeroed: attention reads only the first `length` slots, each written before it is read
+        self.k = [torch.empty(shape, device=valid.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, device=valid.device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = valid
         self.start = torch.zeros(1, dtype=torch.long, device=valid.device)
         self.length = S

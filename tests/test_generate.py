@@ -240,6 +240,30 @@ def test_compiled_step_gives_the_same_tokens_as_eager():
     assert len({len(r) for r in out[True][0]}) > 2                       # rows left the batch at different steps
 
 
+def test_no_unwritten_cache_slot_is_read(monkeypatch):
+    """The cache's buffers are not zeroed: attention must read only slots written before (prompts,
+    their left padding, generated tokens), through the prefill, G rows per prompt and rows leaving
+    the batch, eager and compiled. Here fresh buffers hold NaN, which any read would spread. (The
+    compiled test's model and call: its graphs serve both.)"""
+    lm = tiny_lm(seed=7, layers=1, sharpen=4.0)
+    kw = dict(temperature=1.0, stop_tokens=tuple(range(0, 96, 6)), repeats=4)
+    run = lambda compile, lps: engine(lm, PROMPTS[:2], 24, generator=torch.Generator().manual_seed(4),  # noqa: E731
+                                      logprobs=lps, compile=compile, **kw)
+    want = run(False, [])
+    init = modeling.KVCache.__init__
+
+    def nan_filled(self, *a):
+        init(self, *a)
+        for t in self.k + self.v:
+            t.fill_(float("nan"))
+    monkeypatch.setattr(modeling.KVCache, "__init__", nan_filled)
+    for compile in (False, True):
+        lps = []
+        assert run(compile, lps) == want
+        assert all(math.isfinite(x) for row in lps for x in row)
+    assert len({len(r) for r in want}) > 2                              # rows left the batch at different steps
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cpu_generator_on_a_cuda_model():
     lm = tiny_lm(seed=9, sharpen=1.0).cuda()
