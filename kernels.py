@@ -790,7 +790,6 @@ def packed_attention(q, k, v, cu_seqlens, causal: bool, scale=None):
 #              config is used. All row/token offsets are int64 before they meet a stride.
 #   host syncs: none; every grid size and buffer size follows from the shapes alone.
 
-@torch.compiler.disable   # its split sizes are data (a host sync): compiled callers run it eagerly, not a recompile per routing
 def moe_grouped_mlp_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     """Reference: sort token-expert pairs by expert, one matmul per expert, weighted scatter-add.
 
