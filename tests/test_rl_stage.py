@@ -92,9 +92,8 @@ def test_rollouts_updates_and_evaluation_make_every_tensor_on_the_models_device(
     before = [p.detach().clone() for p in m.parameters()]
     with torch.device("meta"):
         rl.sample_groups(m, tok, pool, cfg, torch.Generator().manual_seed(0))
-        rolls = rl.rollouts(m, tok, prompts[:2], cfg, torch.Generator().manual_seed(0))
-        for i, r in enumerate(rolls):
-            r.advantage = (-1.0) ** i
+        rolls = on_the_cpu(scored)(rl.rollouts(m, tok, prompts[:2], cfg, torch.Generator().manual_seed(0)),
+                                   [0.0, 1.0] * 4)
         stats = rl.update_episode(m, opt, list(m.parameters()), rolls, cfg, tok, rolls[0])
         records = rl.evaluate_prompts(m, tok, prompts[:2], cfg)
         rl.pass_at_k_filter(m, tok, prompts[:2], cfg, 2, torch.Generator().manual_seed(0))
@@ -110,9 +109,7 @@ def test_rollouts_and_updates_run_under_the_trainers_cuda_precision(setup, monke
     _, _, m, tok, cfg, prompts = setup
     m = copy.deepcopy(m)
     monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
-    rolls = rl.rollouts(m, tok, prompts[:2], cfg, torch.Generator().manual_seed(0))
-    for i, r in enumerate(rolls):
-        r.advantage = (-1.0) ** i
+    rolls = scored(rl.rollouts(m, tok, prompts[:2], cfg, torch.Generator().manual_seed(0)), [0.0, 1.0] * 4)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     st = rl.update_episode(m, opt, list(m.parameters()), rolls, replace(cfg, mini_batches=2, epochs=2), tok, rolls[0])
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["ratio_max_dev_later"]
@@ -134,9 +131,8 @@ def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatc
     model.language_model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda mod, args: seen.add(mod.weight.dtype))
     with torch.device("meta"):
-        rolls = rl.rollouts(rl.generation_policy(model), tok, prompts[:2], cfg, torch.Generator().manual_seed(0))
-        for i, r in enumerate(rolls):
-            r.advantage = (-1.0) ** i
+        rolls = on_the_cpu(scored)(rl.rollouts(rl.generation_policy(model), tok, prompts[:2], cfg,
+                                               torch.Generator().manual_seed(0)), [0.0, 1.0] * 4)
         st = rl.update_episode(model.train(), torch.optim.AdamW(params, lr=1e-3), params, rolls, cfg, tok, rolls[0])
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["dlogp"] < 0.05 and seen == {torch.bfloat16}
 
