@@ -105,6 +105,14 @@ def _check_attention_inputs(q, k, v, cu_seqlens):
 
 # --- torch path: per-sample SDPA, or one SDPA with a block-diagonal mask ----------------------
 
+def _sdpa(q, k, v, mask, causal, scale, gqa):
+    """SDPA on 4-D (batch, heads, L, D) inputs: on CPU only 4-D inputs reach the flash kernel
+    (3-D ones run the math path, which materialises the (L, L) scores: 4.8x slower forward and
+    backward at L = 2000); GQA by SDPA's enable_gqa (query head h reads kv head h // (H // Hkv))."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          scale=scale, enable_gqa=gqa)
+
+
 def _packed_attention_loop(q, k, v, bounds, causal, scale):
     """One SDPA call per sample. bounds: cu_seqlens as a Python list."""
     H, Hkv = q.shape[1], k.shape[1]
@@ -118,11 +126,8 @@ def _packed_attention_loop(q, k, v, bounds, causal, scale):
     for qi, ki, vi in zip(*parts):
         if qi.shape[0] == 0:
             continue
-        qi, ki, vi = qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)   # (H|Hkv, L, D)
-        if Hkv != H:  # GQA: each kv head serves H // Hkv consecutive query heads
-            ki, vi = (t.repeat_interleave(H // Hkv, dim=0) for t in (ki, vi))
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale)
-        outs.append(oi.transpose(0, 1))                      # (L, H, D)
+        qi, ki, vi = (t.transpose(0, 1)[None] for t in (qi, ki, vi))   # (1, H|Hkv, L, D): 4-D, see _sdpa
+        outs.append(_sdpa(qi, ki, vi, None, causal, scale, Hkv != H)[0].transpose(0, 1))   # (L, H, D)
     return torch.cat(outs, 0) if outs else torch.empty_like(q)
 
 
@@ -132,7 +137,7 @@ def _packed_attention_batched(q, k, v, bounds, causal, scale):
     n, H, Hkv, D = len(bounds) - 1, q.shape[1], k.shape[1], q.shape[2]
     L = bounds[1] - bounds[0]
     qb, kb, vb = (t.reshape(n, L, t.shape[1], D).transpose(1, 2) for t in (q, k, v))   # (n, heads, L, D)
-    out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale, enable_gqa=Hkv != H)
+    out = _sdpa(qb, kb, vb, None, causal, scale, Hkv != H)
     return out.transpose(1, 2).reshape(n * L, H, D)
 
 
@@ -150,31 +155,29 @@ def _packed_attention_masked(q, k, v, bounds, causal, scale):
     """One SDPA call over the whole pack with a (T, T) block-diagonal (and causal) boolean mask."""
     H, Hkv = q.shape[1], k.shape[1]
     mask = _block_diagonal_mask([e - s for s, e in zip(bounds[:-1], bounds[1:])], causal, q.device)
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)   # (heads, T, D)
-    if Hkv != H:
-        kh, vh = (t.repeat_interleave(H // Hkv, dim=0) for t in (kh, vh))
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)                               # (T, H, D)
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))          # (1, heads, T, D)
+    return _sdpa(qh, kh, vh, mask, causal, scale, Hkv != H)[0].transpose(0, 1)   # (T, H, D)
 
 
 # When is one masked SDPA faster than a loop of per-sample SDPAs? Measured on the 2-core CPU dev
-# box (fp32, causal, forward+backward, 1 thread, min of 9 interleaved runs; H*D = heads * dim):
+# box (fp32, causal, forward+backward, 1 thread, min of 5 runs, random sample lengths; H*D =
+# heads * dim), both through SDPA's flash kernel (4-D inputs, `_sdpa`):
 #      T    n  H*D | loop ms  mask ms  mask/loop
-#    128    4  128 |    1.64     1.12       0.68
-#    128   16  512 |    4.90     2.32       0.47
-#    128   32  128 |    5.95     1.23       0.21
-#    512   16  128 |    5.34    18.36       3.44
-#    512   64  128 |   26.87    17.26       0.64
-#    512   64  512 |   51.45    57.31       1.11
-#   2048   16  512 |  259.47  1934.28       7.45
-#   2048  128  128 |  113.00   666.66       5.90
-# Cost model: loop ~ n * c0 + c1 * H*D * sum L^2 (c0 ~ 0.2-0.4 ms of per-call overhead), mask ~
-# c1 * H*D * T^2 (it computes the whole square), c1 ~ 0.5 ns; so the mask wins when
-# n * c0 / c1 = n * 6e5 > H*D * (T^2 - sum L^2). Over 36 measured (T, n, H*D) cases this rule
-# picked the faster variant 30 times; the misses were near-ties (worst 1.16x the best, mean 1.01x).
+#    128    4  128 |    0.72     0.71       0.99
+#    128   16  512 |    1.92     2.15       1.12
+#    128   32  128 |    2.18     0.71       0.32
+#    512   16  128 |    2.29     8.08       3.53
+#    512   64  128 |    4.76     8.17       1.72
+#    512   64  512 |    8.66    35.19       4.06
+#   2048   16  512 |   80.09   522.11       6.52
+#   2048  128  128 |   11.99   134.11      11.19
+# Cost model: loop ~ n * c0 + c1 * H*D * sum L^2 (c0 ~ 0.065 ms of per-call overhead), mask ~
+# c1 * H*D * T^2 (it computes the whole square), c1 ~ 0.25 ns; so the mask wins when
+# n * c0 / c1 = n * 2.6e5 > H*D * (T^2 - sum L^2). Over 30 measured (T, n, H*D) cases (T 128 to
+# 1024, n 4 to 64, H*D 128 and 512) this rule picked the faster variant every time.
 # `python tests/bench.py attention` on a CPU machine prints the comparison again (its flags
 # --total, --lengths, --heads, --dim set the shape).
-_MASK_OVERHEAD_PER_SAMPLE = 6e5      # c0 / c1 in units of H*D*L^2
+_MASK_OVERHEAD_PER_SAMPLE = 2.6e5    # c0 / c1 in units of H*D*L^2
 _MASK_MAX_T = 4096                   # the (T, T) mask and SDPA's scores grow as T^2
 
 

@@ -200,6 +200,20 @@ def test_torch_path_batch_variant_matches_naive_reference(causal, heads):
         kernels.packed_attention_torch(q[:47], k[:47], v[:47], mixed, causal, method="batch")
 
 
+@pytest.mark.parametrize("method", ["loop", "mask", "batch"])
+def test_torch_path_runs_sdpa_flash_kernel_not_the_math_path(method):
+    """On CPU only 4-D SDPA inputs reach the flash kernel; 3-D ones run the math path (the whole
+    (L, L) score matrix, several times slower at training lengths), forward and backward."""
+    from torch.profiler import profile
+    q, k, v, do, cu = (t.cpu() for t in make_inputs([24] * 4, 4, 2, 16, torch.float32))
+    with profile() as prof:
+        out_and_grads(lambda a, b, c: kernels.packed_attention_torch(a, b, c, cu, True, method=method), q, k, v, do)
+    ops = {e.key for e in prof.key_averages()}
+    assert {"aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"} <= ops, sorted(ops)
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 def test_torch_path_dispatch_and_measured_rule(monkeypatch):
     monkeypatch.setenv("SAILVL_KERNELS", "torch")
     many_short = [0, 7] + list(range(16, 129, 8))             # 16 samples of 7, 9 and 8 in T=128
