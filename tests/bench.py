@@ -41,6 +41,7 @@ import repo_path
 
 repo_path.add_repo_root()              # the project's files, after transformers has bound HF's `kernels`
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
@@ -589,7 +590,6 @@ def bench_packing_real(args):
 def write_long_video(path: str, seconds: int, size: int, gop: int, fps: int = 25):
     """An MPEG-4 video (as the synthetic data's) of a square crossing a gradient, a keyframe every `gop` frames."""
     import av
-    import numpy as np
     ramp = np.linspace(0, 255, size, dtype=np.float32)
     with av.open(path, "w", format="mp4") as c:
         s = c.add_stream("mpeg4", rate=fps, options={"sc_threshold": "1000000000"})
@@ -608,7 +608,6 @@ def bench_video(args):
     video: vit.load_video, which seeks to the keyframe before each frame, vs the way before, one
     decode from frame 0 to the last frame wanted; the frames are checked equal."""
     import av
-    import numpy as np
     from PIL import Image
     with tempfile.TemporaryDirectory(prefix="video_bench_") as tmp:
         path = os.path.join(tmp, "long.mp4")
@@ -787,11 +786,41 @@ def print_engines(title: str, res: dict):
 
 def print_decode_steps(res: dict, names: list, steps: int):
     """The whole call split into its first token (the prefill, the same work in every engine) and
-    the decode steps after it: (whole call - a 1-token call) / steps, the time per output token."""
+    the decode steps after it: (whole call - a 1-token call) / steps, the time per output token;
+    returns those, {engine: s per step}."""
     per_step = {name: (res[name][0] - res[name + "@1"][0]) / steps for name in names}
     print(f"  after the first token ({steps} steps): " + ", ".join(
         f"{name} {1e3 * t:.2f} ms/step ({per_step['hf'] / t:.2f}x HF)" for name, t in per_step.items())
         + " | first token: " + ", ".join(f"{name} {1e3 * res[name + '@1'][0]:.0f} ms" for name in names))
+    return per_step
+
+
+def print_step_breakdown(lm, rows: list, n: int, step_s: float):
+    """Where a compiled decode step's `step_s` goes (--breakdown): the step's matrix products run
+    alone (each F.linear at the batch's rows, eager), its attention run alone (SDPA over each
+    layer's KV cache at the mean length of the call), the rest (inductor's fused kernels, Dynamo's
+    guards, the loop's bookkeeping); the first two's rates beside this machine's: one 2048² product,
+    one 256 MB copy (read + write)."""
+    cfg, B, L = lm.cfg, len(rows), rows[0].shape[0]
+    S, Hkv, hd, dev = L + n // 2, cfg.num_key_value_heads, cfg.head_dim, rows[0].device
+    weights = {id(p): p for name, p in lm.named_parameters() if p.dim() == 2 and "embed_tokens" not in name}
+    x = {w.shape[1]: torch.randn(B, w.shape[1], device=dev) for w in weights.values()}
+    products = timed(lambda: [F.linear(x[w.shape[1]], w) for w in weights.values()], kernel=True)
+    flop = 2 * B * sum(w.numel() for w in weights.values())                # lm_head included (once if tied)
+    q = torch.randn(B, cfg.num_attention_heads, 1, hd, device=dev)
+    kv = [torch.randn(B, Hkv, S + n, hd, device=dev)[:, :, :S] for _ in range(2 * cfg.num_hidden_layers)]
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=dev)
+    attention = timed(lambda: [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                               for k, v in zip(kv[::2], kv[1::2])], kernel=True)
+    kv_bytes = sum(t.numel() for t in kv) * 4
+    a, big, out = torch.randn(2048, 2048), torch.randn(2 ** 26), torch.empty(2 ** 26)
+    peak = 2 * 2048 ** 3 / timed(lambda: a @ a, kernel=True)
+    copy = 2 * big.numel() * 4 / timed(lambda: out.copy_(big), kernel=True)
+    rest = step_s - products - attention
+    print(f"  the compiled step's {1e3 * step_s:.2f} ms: its matrix products run alone {1e3 * products:.2f} ms "
+          f"({flop / products / 1e9:.0f} GFLOP/s; one 2048² product: {peak / 1e9:.0f}), its attention alone "
+          f"{1e3 * attention:.2f} ms ({kv_bytes / 1e6:.1f} MB of cache at {kv_bytes / attention / 1e9:.1f} GB/s; "
+          f"a 256 MB copy: {copy / 1e9:.1f}), the rest {1e3 * rest:.2f} ms (fused kernels, guards, bookkeeping)")
 
 
 def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None, compile=True) -> dict:
@@ -837,7 +866,9 @@ def bench_rollout(args):
             res = interleaved({**engines, **{name + "@1": fn for name, fn in first.items()}}, args.repeats)
             print_engines(f"text: {args.preset} LLM, {args.batch} rows, prompt {args.prompt_len}, "
                           f"{args.new_tokens} new tokens", {name: res[name] for name in engines})
-            print_decode_steps(res, list(engines), args.new_tokens - 1)
+            per_step = print_decode_steps(res, list(engines), args.new_tokens - 1)
+            if args.breakdown and "compiled" in per_step:
+                print_step_breakdown(lm, rows, args.new_tokens, per_step["compiled"])
         if args.case in ("rl", "both"):
             sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts)
             sailvl.to(dev)
@@ -858,19 +889,26 @@ def bench_rollout(args):
 
 def episode_scaling(args):
     """One RL episode (rollouts of prompts x G, then the updates) with 1 and with N processes on the
-    same total rollouts, each process one thread: each rank samples and trains on its share."""
-    times = {}
-    for procs in (1, args.episode_procs):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               os.path.abspath(__file__), "rl-episode", "--prompts", str(args.episode_prompts),
-               "--group", str(args.group), "--preset", args.preset]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-        times[procs] = json.loads(out.strip().splitlines()[-1])
-        print(f"one RL episode, {procs} process(es): {times[procs]}")
-    one, many = times[1]["total"], times[args.episode_procs]["total"]
-    print(f"episode time 1 -> {args.episode_procs} processes: {one:.1f} s -> {many:.1f} s, {one / many:.2f}x; "
-          f"generation share {times[1]['generation'] / one:.0%} with 1 process")
+    same total rollouts, each process one thread: each rank samples and trains on its share. The
+    two alternate --episode-repeats times (this machine's speed drifts); the median ratio counts."""
+    ratios, shares = [], []
+    for rep in range(args.episode_repeats):
+        times = {}
+        for procs in (1, args.episode_procs):
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                   os.path.abspath(__file__), "rl-episode", "--prompts", str(args.episode_prompts),
+                   "--group", str(args.group), "--preset", args.preset]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            times[procs] = json.loads(out.strip().splitlines()[-1])
+        one, many = times[1]["total"], times[args.episode_procs]["total"]
+        ratios.append(one / many)
+        shares.append(times[1]["generation"] / one)
+        print(f"one RL episode, run {rep + 1}: 1 process {times[1]}, {args.episode_procs} processes "
+              f"{times[args.episode_procs]}: {one:.1f} s -> {many:.1f} s, {one / many:.2f}x")
+    print(f"episode time 1 -> {args.episode_procs} processes: median {np.median(ratios):.2f}x over "
+          f"{len(ratios)} runs ({', '.join(f'{r:.2f}' for r in ratios)}); generation share "
+          f"{np.median(shares):.0%} with 1 process")
 
 
 def rl_episode_worker(args):
@@ -1015,9 +1053,12 @@ def add_model_benches(sub):
     p.add_argument("--group", type=int, default=8, help="rl case and episode: G rows per prompt")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd engine")
+    p.add_argument("--breakdown", action="store_true", help="text case: a compiled decode step's time split into "
+                   "its products and its attention (each timed alone) and the rest")
     p.add_argument("--device", default="cpu", help="cpu | cuda: where the engines run (the episode part: CPU)")
     p.add_argument("--episode-procs", type=int, default=2, help="processes of the episode-scaling part (0 = skip)")
     p.add_argument("--episode-prompts", type=int, default=32, help="prompts of that episode (x G rollouts)")
+    p.add_argument("--episode-repeats", type=int, default=3, help="alternating runs of that episode with 1 and N processes")
     p.set_defaults(func=bench_rollout)
     p = sub.add_parser("rl-episode", help="(internal: one RL episode under torchrun, for rollout)")
     p.add_argument("--preset", default="tiny")
