@@ -139,8 +139,8 @@ def time_table(runs, leaves, grad_out, flop_fwd, flop_bwd):
 def bench_attention(args):
     """Packed attention fwd+bwd. GPU: Triton vs one SDPA with a dense block-diagonal mask, compiled
     FlexAttention with a document BlockMask, torch's varlen_attn, a per-sample SDPA loop and FA2
-    varlen (if installed). CPU: the torch path's two variants (per-sample loop, masked SDPA) and the
-    one its rule picks."""
+    varlen (if installed). CPU: the torch path's two variants (per-sample loop, masked SDPA), the one
+    its rule picks, and the loop on 3-D inputs (SDPA's math path, what the torch path ran before)."""
     gpu = torch.cuda.is_available()
     dev, H, D, causal = "cuda" if gpu else "cpu", args.heads, args.dim, args.causal
     Hkv = args.kv_heads or H
@@ -173,7 +173,8 @@ def bench_attention(args):
                   "per step, memoised per cu_seqlens tensor, like a BlockMask)")
         else:
             runs = {"sdpa per-sample loop": loop, "sdpa block-diag mask":
-                    lambda: kernels.packed_attention_torch(q, k, v, cu, causal, method="mask")}
+                    lambda: kernels.packed_attention_torch(q, k, v, cu, causal, method="mask"),
+                    "loop, 3-D (math path)": math_path_loop(lengths, q, k, v, causal)}
             print(f"the torch path picks: {kernels._torch_attention_method(cu.tolist(), H * D)}")
         flop = 4.0 * H * D * sum(L * (L + 1) // 2 if causal else L * L for L in lengths)
         time_table(runs, (q, k, v), do, flop, 2.5 * flop)
@@ -181,6 +182,20 @@ def bench_attention(args):
             tuned = kernels._attn_tuned_cache.get((kind, kernels._attn_dim_class(D)))
             if getattr(tuned, "best_config", None) is not None:
                 print(f"  autotuned {kind}: {tuned.best_config}")
+
+
+def math_path_loop(lengths, q, k, v, causal):
+    """The per-sample loop as the torch path ran it before 2026-12-05: SDPA on 3-D (heads, L, D)
+    inputs, which CPU runs on its math path (the whole (L, L) scores), kv heads repeated for GQA."""
+    rep = q.shape[1] // k.shape[1]
+
+    def run():
+        outs = []
+        for qi, ki, vi in zip(*(t.split(lengths) for t in (q, k, v))):
+            ki, vi = (t.transpose(0, 1).repeat_interleave(rep, dim=0) for t in (ki, vi))
+            outs.append(F.scaled_dot_product_attention(qi.transpose(0, 1), ki, vi, is_causal=causal).transpose(0, 1))
+        return torch.cat(outs)
+    return run
 
 
 def dense_mask_attention(lengths, q, k, v, causal):
