@@ -527,7 +527,8 @@ def generation_policy(model, replica=None):
     """The module rollouts run on: the model itself on one process; under FSDP a full copy on this
     rank (`replica`, created on first use), loaded with the current weights. With that copy's
     memory spent anyway, the sharded model then keeps each unit gathered from its forward to its
-    backward (one all-gather per unit and micro-batch instead of two)."""
+    backward, and update_episode from an update's first micro-batch to its last (one all-gather per
+    unit and update, where FSDP's default is two per unit and micro-batch)."""
     if not dist.is_initialized():
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -816,8 +817,10 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
             n_global = all_reduce([n_local], device)[0]
             sums, maxes = Counter(), {"ratio_dev": 0.0, "dlogp": 0.0}
             for j, (pack, idx) in enumerate(packs[k]):
-                if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: reduce-scatter once per update,
-                    model.set_requires_gradient_sync(j == len(packs[k]) - 1)   # on its last micro-batch
+                if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: one all-gather and one reduce-scatter
+                    last = j == len(packs[k]) - 1                  # per update: the gathered weights and the
+                    model.set_requires_gradient_sync(last)         # unreduced gradients stay until the last
+                    model.set_reshard_after_backward(last)         # micro-batch (resharded before the step)
                 rows = [rolls[mb[i]] for i in idx] or [filler]                 # a pad pack: weight 0
                 olds = None if (epoch == 0 and k == 0) or not idx else [old[mb[i]] for i in idx]
                 s, m = micro_step(model, pack, rows, olds, cfg, tok, n_global, float(bool(idx)))
