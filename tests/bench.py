@@ -813,20 +813,20 @@ def print_decode_steps(res: dict, names: list, steps: int):
 def print_step_breakdown(lm, rows: list, n: int, step_s: float):
     """Where a compiled decode step's `step_s` goes (--breakdown): the step's matrix products run
     alone (each F.linear at the batch's rows, eager), its attention run alone (SDPA over each
-    layer's KV cache at the mean length of the call), the rest (inductor's fused kernels, Dynamo's
-    guards, the loop's bookkeeping); the first two's rates beside this machine's: one 2048² product,
-    one 256 MB copy (read + write)."""
+    layer's KV cache at the mean length of the call), each the fastest of 50 runs, and the rest
+    (inductor's fused kernels, Dynamo's guards, the loop's bookkeeping); the first two's rates
+    beside this machine's: one 2048² product, one 256 MB copy (read + write)."""
     cfg, B, L = lm.cfg, len(rows), rows[0].shape[0]
     S, Hkv, hd, dev = L + n // 2, cfg.num_key_value_heads, cfg.head_dim, rows[0].device
     weights = {id(p): p for name, p in lm.named_parameters() if p.dim() == 2 and "embed_tokens" not in name}
     x = {w.shape[1]: torch.randn(B, w.shape[1], device=dev) for w in weights.values()}
-    products = timed(lambda: [F.linear(x[w.shape[1]], w) for w in weights.values()], kernel=True)
+    products = timed(lambda: [F.linear(x[w.shape[1]], w) for w in weights.values()], repeats=50)   # ~1 ms each
     flop = 2 * B * sum(w.numel() for w in weights.values())                # lm_head included (once if tied)
     q = torch.randn(B, cfg.num_attention_heads, 1, hd, device=dev)
     kv = [torch.randn(B, Hkv, S + n, hd, device=dev)[:, :, :S] for _ in range(2 * cfg.num_hidden_layers)]
     mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=dev)
     attention = timed(lambda: [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-                               for k, v in zip(kv[::2], kv[1::2])], kernel=True)
+                               for k, v in zip(kv[::2], kv[1::2])], repeats=50)
     kv_bytes = sum(t.numel() for t in kv) * 4
     a, big, out = torch.randn(2048, 2048), torch.randn(2 ** 26), torch.empty(2 ** 26)
     peak = 2 * 2048 ** 3 / timed(lambda: a @ a, kernel=True)
