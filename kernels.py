@@ -156,7 +156,9 @@ def _packed_attention_masked(q, k, v, bounds, causal, scale):
     H, Hkv = q.shape[1], k.shape[1]
     mask = _block_diagonal_mask([e - s for s, e in zip(bounds[:-1], bounds[1:])], causal, q.device)
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))          # (1, heads, T, D)
-    return _sdpa(qh, kh, vh, mask, causal, scale, Hkv != H)[0].transpose(0, 1)   # (T, H, D)
+    if Hkv != H:    # kv heads repeated: CUDA's kernel that takes a mask (memory-efficient) takes no enable_gqa
+        kh, vh = (t.repeat_interleave(H // Hkv, dim=1) for t in (kh, vh))
+    return _sdpa(qh, kh, vh, mask, causal, scale, False)[0].transpose(0, 1)   # (T, H, D)
 
 
 # When is one masked SDPA faster than a loop of per-sample SDPAs? Measured on the 2-core CPU dev
