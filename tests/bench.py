@@ -818,10 +818,10 @@ def print_step_breakdown(lm, rows: list, n: int, step_s: float):
     beside this machine's: one 2048² product, one 256 MB copy (read + write)."""
     cfg, B, L = lm.cfg, len(rows), rows[0].shape[0]
     S, Hkv, hd, dev = L + n // 2, cfg.num_key_value_heads, cfg.head_dim, rows[0].device
-    weights = {id(p): p for name, p in lm.named_parameters() if p.dim() == 2 and "embed_tokens" not in name}
-    x = {w.shape[1]: torch.randn(B, w.shape[1], device=dev) for w in weights.values()}
-    products = timed(lambda: [F.linear(x[w.shape[1]], w) for w in weights.values()], repeats=50)   # ~1 ms each
-    flop = 2 * B * sum(w.numel() for w in weights.values())                # lm_head included (once if tied)
+    weights = [m.weight for m in lm.modules() if isinstance(m, torch.nn.Linear)]   # lm_head too, tied or not
+    x = {w.shape[1]: torch.randn(B, w.shape[1], device=dev) for w in weights}
+    products = timed(lambda: [F.linear(x[w.shape[1]], w) for w in weights], repeats=50)   # ~1 ms each
+    flop = 2 * B * sum(w.numel() for w in weights)
     q = torch.randn(B, cfg.num_attention_heads, 1, hd, device=dev)
     kv = [torch.randn(B, Hkv, S + n, hd, device=dev)[:, :, :S] for _ in range(2 * cfg.num_hidden_layers)]
     mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=dev)
