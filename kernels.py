@@ -1356,11 +1356,15 @@ def moe_grouped_mlp_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids):
                                     torch.is_grad_enabled())
 
 
+@torch.compiler.disable
 def moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     """Expert SwiGLU for routed tokens: y[t] = sum_j w[t,j] * down_e(silu(gate_e x_t) * up_e x_t).
 
     x (T, H); w_gate, w_up (E, I, H); w_down (E, H, I); topk_weights (T, k); topk_ids (T, k) int
     -> (T, H). Triton grouped GEMM when `use_triton(x)`, else the torch reference.
+    Never traced by torch.compile (a compiled generation step runs it eagerly): its shapes follow
+    the routing (tokens per expert), so tracing it recompiled for every new routing until Dynamo's
+    recompile limit.
     """
     _check_moe_args(x, w_gate, w_up, w_down, topk_weights, topk_ids)
     autocast = x.is_cuda and torch.is_autocast_enabled("cuda")     # the Triton path casts to its dtype

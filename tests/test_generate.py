@@ -264,6 +264,27 @@ def test_no_unwritten_cache_slot_is_read(monkeypatch):
     assert len({len(r) for r in want}) > 2                              # rows left the batch at different steps
 
 
+def test_a_compiled_moe_step_runs_the_experts_eagerly():
+    """The experts' shapes follow the routing (tokens per expert): traced by Dynamo they recompiled
+    for each new routing until its recompile limit (a compiled MoE rollout spent ~50 s compiling,
+    then ran eagerly). kernels.moe_grouped_mlp is kept out of the graph: same tokens, no limit hit."""
+    torch.manual_seed(11)
+    cfg = modeling.LLMConfig(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, rope_theta=1e4, tie_word_embeddings=False,
+                             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+    lm = modeling.Qwen3LM(cfg)
+    lm.init_weights()
+    lm.eval()
+    kw = dict(temperature=1.0, stop_tokens=tuple(range(0, 96, 7)), repeats=4)
+    run = lambda compile: engine(lm, PROMPTS, 12, generator=torch.Generator().manual_seed(5),  # noqa: E731
+                                 compile=compile, **kw)
+    torch._dynamo.reset()                          # the limit counts per function: earlier tests' graphs
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        got = run(True)
+    assert got == run(False)
+    assert len({len(r) for r in got}) > 2                                # rows left the batch at different steps
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cpu_generator_on_a_cuda_model():
     lm = tiny_lm(seed=9, sharpen=1.0).cuda()
