@@ -1356,19 +1356,38 @@ def moe_grouped_mlp_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids):
                                     torch.is_grad_enabled())
 
 
-@torch.compiler.disable
 def moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     """Expert SwiGLU for routed tokens: y[t] = sum_j w[t,j] * down_e(silu(gate_e x_t) * up_e x_t).
 
     x (T, H); w_gate, w_up (E, I, H); w_down (E, H, I); topk_weights (T, k); topk_ids (T, k) int
     -> (T, H). Triton grouped GEMM when `use_triton(x)`, else the torch reference.
-    Never traced by torch.compile (a compiled generation step runs it eagerly): its shapes follow
-    the routing (tokens per expert), so tracing it recompiled for every new routing until Dynamo's
-    recompile limit.
+    torch.compile never traces into it: its shapes follow the routing (tokens per expert), which
+    recompiled a compiled generation step for every new routing until Dynamo's recompile limit. A
+    compiled step without gradients (generation) sees one opaque op of output (T, H); with
+    gradients the graph breaks here and the experts run eagerly.
     """
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return torch.ops.sailvl.moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids)
+    return _moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids)
+
+
+@torch.compiler.disable
+def _moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     _check_moe_args(x, w_gate, w_up, w_down, topk_weights, topk_ids)
     autocast = x.is_cuda and torch.is_autocast_enabled("cuda")     # the Triton path casts to its dtype
     if use_triton(x, autocast or x.dtype in TRITON_DTYPES):
         return moe_grouped_mlp_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids)
     return moe_grouped_mlp_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids)
 
+
+@torch.library.custom_op("sailvl::moe_grouped_mlp", mutates_args=())
+def _moe_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+            topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """moe_grouped_mlp as one op for a compiled graph, in x's dtype (under autocast the experts
+    give the autocast dtype; the cast up is exact) so its output's shape and dtype follow from x's."""
+    return _moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids).to(x.dtype)
+
+
+@_moe_op.register_fake
+def _(x, w_gate, w_up, w_down, topk_weights, topk_ids):
+    return x.new_empty(x.shape[0], w_down.shape[1])
