@@ -2,6 +2,8 @@
 # The GPU check: on one CUDA machine, in about 10 minutes, what the CPU suite cannot show.
 #
 #   bash tests/gpu_check.sh                 # logs in $LOG_DIR (default /tmp/gpu_check), one table at the end
+#   REHEARSE=1 bash tests/gpu_check.sh      # the same steps on the CPU, tiny width (~3 min): the script,
+#                                           # its flags and paths, before a GPU's minutes are spent on them
 #
 #   1  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
 #   2  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)
@@ -23,8 +25,15 @@ LOG_DIR="${LOG_DIR:-/tmp/gpu_check}"
 WORK="$LOG_DIR/work"
 rm -rf "$WORK" && mkdir -p "$WORK"
 unset TRITON_INTERPRET
-python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
-    || { echo "gpu_check: no CUDA device (torch.cuda.is_available() is False)" >&2; exit 2; }
+# REHEARSE=1: every step on the CPU; the kernel steps (native Triton) are skipped, the 2b model is tiny
+DEV=cuda PRESET=2b NGPU=0
+if [ "${REHEARSE:-0}" = 1 ]; then
+    DEV=cpu PRESET=tiny NGPU=2                          # the 2-GPU steps as 2 gloo processes
+else
+    python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        || { echo "gpu_check: no CUDA device (torch.cuda.is_available() is False)" >&2; exit 2; }
+    NGPU="$(python -c 'import torch; print(torch.cuda.device_count())')"
+fi
 
 ROWS=()
 FAILED=0
@@ -32,6 +41,11 @@ FAILED=0
 # (status, seconds, and the last log line matching FIGURE_REGEX: the step's headline number)
 step() {
     local name=$1 limit=$2 figure=$3; shift 3
+    if [ "$DEV" = cpu ] && [[ " kernel-tests bench-attn bench-moe " == *" $name "* ]]; then
+        ROWS+=("$(printf '%-16s %-9s %5ss  %s' "$name" "skipped" 0 "rehearsal: native Triton needs the GPU")")
+        return
+    fi
+    [ "$DEV" = cpu ] && limit=$((limit * 4))          # the CPU is slower; the rehearsal checks that it runs
     local t0=$SECONDS rc
     echo "== $name: $*" >&2
     timeout "$limit" "$@" > "$LOG_DIR/$name.log" 2>&1
@@ -48,11 +62,11 @@ step kernel-tests 150 "passed|failed" \
     tests/test_kernels_gpu.py
 step bench-attn 90 "triton" python tests/bench.py attention
 step bench-moe 90 "triton|skewed" python tests/bench.py moe
-step bench-packing 75 "packed / padded" python tests/bench.py packing --real --device=cuda --synth-dir="$WORK/synth"
+step bench-packing 75 "packed / padded" python tests/bench.py packing --real --device="$DEV" --synth-dir="$WORK/synth"
 # 2b width (Qwen3-1.7B's hidden size, heads and 151,936-row vocabulary; SAIL-ViT-Huge's width at 448 px),
 # 4 LLM and 4 ViT layers so it builds and checkpoints in seconds; random weights, bf16 under FSDP2's
 # mixed precision, block activation checkpointing and the chunked loss as --scale=paper runs them
-TWO_B=(--stage=sft1 --preset=2b --init-from=random --fsdp=true --data_dir="$WORK/synth" --out_dir="$WORK/out"
+TWO_B=(--stage=sft1 --preset="$PRESET" --init-from=random --fsdp=true --data_dir="$WORK/synth" --out_dir="$WORK/out"
        --model.llm_config.num_hidden_layers=4 --model.vision_config.num_hidden_layers=4 --ac=block
        --eval_every=0 --save_every=2 --steps=4 --packing.max_tokens=8192 --warmup_steps=1 --lr=1e-5)
 step 2b-fsdp2 150 "^step " torchrun --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}"
@@ -71,19 +85,19 @@ step rl-updates 90 "reward|episode" python rl.py --stage=rl-verifiable --init_fr
     --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
     --filter_k=0 --temperature=1.5
 step rl-episode 90 "generation" torchrun --standalone --nproc_per_node=1 tests/bench.py rl-episode --prompts 8 --group 4
-if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+if [ "$NGPU" -ge 2 ]; then
     step rl-2-gpus 120 "reward|episode" torchrun --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
         --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
         --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5
     step rl-episode-2 90 "generation" torchrun --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4
 fi
-step bench-rollout 150 "compiled " python tests/bench.py rollout --device=cuda --episode-procs=0
+step bench-rollout 150 "compiled " python tests/bench.py rollout --device="$DEV" --episode-procs=0
 
 step eval-cuda 90 "accuracy|ocr" python sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
-    --device cuda --out "$WORK/eval.json"
+    --device "$DEV" --out "$WORK/eval.json"
 
 echo
-echo "GPU check on $(python -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__)') | triton $(python -c 'import triton; print(triton.__version__)' 2>/dev/null)"
+echo "GPU check on $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU (rehearsal)", "| torch", torch.__version__)') | triton $(python -c 'import triton; print(triton.__version__)' 2>/dev/null)"
 printf '%-16s %-9s %6s  %s\n' step status time "figure (last matching log line; full logs in $LOG_DIR)"
 for r in "${ROWS[@]}"; do echo "$r"; done
 exit $FAILED
