@@ -1038,9 +1038,17 @@ def test_nested_and_range_options_are_checked_where_they_are_parsed():
     (["--stage", "all", "--seeds=0"], 2, "--seeds must be a whole number >= 1"),
     (["--num_workers=-1"], 2, "--num_workers must be >= 0"),
 ])
-def test_usage_errors_are_one_line_with_exit_2(args, code, match):
-    res = run(["train_stage.py", *args], timeout=60)
-    assert res.returncode == code and len(error_line(res)) == 1 and match in res.stderr, res.stderr
+def test_usage_errors_are_one_line_with_exit_2(args, code, match, capsys):
+    """Through main in this process; the real command line for the first case and for --stage all
+    (main replaces its process by tests/recipe.py)."""
+    if args == ["--stage", "nosuch"] or "all" in args:
+        res = run(["train_stage.py", *args], timeout=60)
+        rc, err = res.returncode, res.stderr
+    else:
+        with pytest.raises(SystemExit) as e:
+            train_stage.main(args)
+        rc, err = e.value.code, capsys.readouterr().err
+    assert rc == code and len(err.strip().splitlines()) == 1 and match in err, err
 
 
 def test_fsdp_on_one_process_without_torchrun(synth, tmp_path):
