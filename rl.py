@@ -1405,6 +1405,8 @@ def help_text(cfg: RLConfig) -> str:
              "    torchrun rl.py --stage harvest             # §4.2.4, CoT from out/rl-verifiable",
              "    torchrun rl.py --stage rl-mixed            # §4.2.5, from out/thinkfusion",
              "    python rl.py filter --ckpt DIR --out FILE  # the pass@k filter as a tool",
+             "    python rl.py bench [options]               # the rollout engine vs HF generate "
+             "(= python tests/bench.py rollout)",
              "", f"options (--key=value or --key value), with their values for --stage {cfg.stage}:",
              train_stage.option_line("--resume [DIR]", "continue from DIR, or from the newest good "
                                      "out/<stage>.run/step-* checkpoint")]
@@ -1422,6 +1424,8 @@ def main(argv=None):
     try:
         if argv[:1] == ["filter"]:
             return filter_cli(argv[1:])
+        if argv[:1] == ["bench"]:                                         # the benchmark lives with the tooling
+            train_stage.run_tool("bench.py", ["rollout", *argv[1:]])
         cfg, opts = rl_config(argv)
         log = lambda *a: train_stage.print0(int(os.environ.get("RANK", "0")), *a)     # noqa: E731
         if "help" in opts:

@@ -1102,14 +1102,16 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert hint.endswith(f"# reference: {ref}")
 
 
-def test_stage_all_and_calibrate_run_the_tools_in_tests():
-    """`--stage all` and `calibrate` are forwarded (exec) to tests/recipe.py and tests/calibrate.py,
-    which the component files never import."""
+def test_stage_all_calibrate_and_rl_bench_run_the_tools_in_tests():
+    """`--stage all`, `calibrate` and `rl.py bench` are forwarded (exec) to tests/recipe.py,
+    tests/calibrate.py and tests/bench.py rollout, which the component files never import."""
     res = run(["train_stage.py", "--stage", "all", "--help"], timeout=60)
     assert res.returncode == 0 and "usage: python tests/recipe.py" in res.stdout, res.stderr[-2000:]
     assert all(f"  --{k}=" in res.stdout for k in train_stage.RECIPE_OPTIONS)
     res = run(["train_stage.py", "calibrate", "--help"], timeout=60)
     assert res.returncode == 0 and "usage: tests/calibrate.py" in res.stdout and "--ckpt" in res.stdout, res.stderr
+    res = run(["rl.py", "bench", "--help"], timeout=60)
+    assert res.returncode == 0 and "usage: bench.py rollout" in res.stdout and "--case" in res.stdout, res.stderr
 
 
 def test_help_shows_each_option_with_its_description_and_the_stages_values():
