@@ -398,7 +398,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
             lps = []
             ids_per_row = modeling.generate_from_embeds(policy.language_model, list(prefixes), cfg.max_new_tokens,
                                                  temperature, top_p, stop, generator, n_valid_tokens=tok.n_vocab,
-                                                 logprobs=lps, banned=banned, repeats=G)
+                                                 logprobs=lps, banned=banned, repeats=G, compile=COMPILE[cfg.compile])
             for k, (ids, lp) in enumerate(zip(ids_per_row, lps)):
                 done = bool(ids) and ids[-1] in stop
                 out.append(Rollout(chunk[k // G], ids, sample.decode_reply(tok, ids, stop), not done, lp))
@@ -1053,6 +1053,7 @@ class RLConfig(train_stage.StageConfig):
     temperature: float = 1.0              # rollout sampling temperature (the policy the loss uses)
     top_p: float = 1.0                    # rollout nucleus sampling (the policy the loss uses)
     batch_rows: int = 128                 # rollout rows per generate call
+    compile: str = "auto"                 # the rollout engine under torch.compile: auto (on CUDA, not on CPU) | true | false
     max_sampling_rounds: int = 3          # dynamic sampling: rounds of fresh prompts before training on what is there
     max_tokens: int = 4096                # tokens per packed update micro-batch
     pool_size: int = 0                    # training prompts the pool holds (0 = the whole mix)
@@ -1077,6 +1078,9 @@ RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL promp
              "preset": "the model comes from its checkpoint"}
 
 
+COMPILE = {"auto": "auto", "true": True, "false": False}                 # --compile -> generate_from_embeds's compile
+
+
 def rl_config(argv: list) -> tuple:
     """(RLConfig, options) from the command line, in train_stage's one option style."""
     opts = train_stage.split_options(argv)
@@ -1094,6 +1098,8 @@ def rl_config(argv: list) -> tuple:
         train_stage.set_key({"": cfg}, key, value)
     if cfg.reward not in ("verifiable", "mixed"):
         raise train_stage.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
+    if cfg.compile not in COMPILE:
+        raise train_stage.UsageError(f"--compile must be auto, true or false, got {cfg.compile!r}")
     if cfg.advantage_control not in ("", "answer", "shuffle", "sign"):
         raise train_stage.UsageError(f"--advantage_control must be '', answer, shuffle or sign, got {cfg.advantage_control!r}")
     if cfg.advantage_control == "answer" and cfg.reward != "verifiable":

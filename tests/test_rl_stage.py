@@ -57,6 +57,16 @@ def recomputed_logps(m, tok, cfg, rolls):
     return [lp for _, lp in sorted(out, key=lambda x: x[0])]
 
 
+def test_compile_option_reaches_the_rollout_engine(setup, monkeypatch):
+    """--compile=auto|true|false is the engine's compile argument (auto: compiled on CUDA only)."""
+    _, _, m, tok, cfg, prompts = setup
+    seen = []
+    monkeypatch.setattr(modeling, "pick_compiled", lambda compile, device: seen.append(compile) or False)
+    for value in ("auto", "true", "false"):
+        rl.rollouts(m, tok, prompts[:1], replace(rl.rl_config([f"--compile={value}"])[0], max_new_tokens=2), None)
+    assert seen == ["auto", True, False]
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_rollout_logprobs_equal_the_training_forward(setup, temperature, top_p):
     """Rollouts are grouped prompt by prompt, never emit image tokens, and record the log-prob of
@@ -677,7 +687,8 @@ def test_rl_usage_errors_are_one_line(capsys):
     for args, says in ((["--stage", "rl-verifiable", "--reward_weights=0.5,0.5,0.5"], "sum"),
                        (["--stage", "rl-verifiable", "--steps=5"], "--episodes"),
                        (["--stage", "rl-mixed", "--direct_share=1.5"], "--direct_share must be in [0, 1]"),
-                       (["--stage", "rl-verifiable", "--kl_coef=0.1"], "unknown option --kl_coef")):
+                       (["--stage", "rl-verifiable", "--kl_coef=0.1"], "unknown option --kl_coef"),
+                       (["--stage", "rl-verifiable", "--compile=maybe"], "--compile must be auto, true or false")):
         with pytest.raises(SystemExit) as e:                              # the rest through its main, in this process
             rl.main(args)
         err = capsys.readouterr().err
