@@ -25,10 +25,12 @@ LOG_DIR="${LOG_DIR:-/tmp/gpu_check}"
 WORK="$LOG_DIR/work"
 rm -rf "$WORK" && mkdir -p "$WORK"
 unset TRITON_INTERPRET
-# REHEARSE=1: every step on the CPU; the kernel steps (native Triton) are skipped, the 2b model is tiny
-DEV=cuda PRESET=2b NGPU=0
+# REHEARSE=1: every step on the CPU; the kernel steps (native Triton) are skipped, the 2b model is tiny,
+# RL's rollouts compiled as on CUDA
+DEV=cuda PRESET=2b NGPU=0 RL_COMPILE=--compile=auto
 if [ "${REHEARSE:-0}" = 1 ]; then
     DEV=cpu PRESET=tiny NGPU=2                          # the 2-GPU steps as 2 gloo processes
+    RL_COMPILE=--compile=true                           # the compiled rollouts CUDA runs by default
 else
     python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || { echo "gpu_check: no CUDA device (torch.cuda.is_available() is False)" >&2; exit 2; }
@@ -81,14 +83,14 @@ same = bool(steps) and all(first[s] == again[s] for s in steps)
 print(f"resumed steps {steps}: losses {'identical' if same else 'differ'}", [(first.get(s), again.get(s)) for s in (3, 4)])
 sys.exit(0 if same else 1)
 PY
-step rl-updates 90 "reward|episode" python rl.py --stage=rl-verifiable --init_from=random --data_dir="$WORK/synth" \
+step rl-updates 180 "reward|episode" python rl.py --stage=rl-verifiable --init_from=random --data_dir="$WORK/synth" \
     --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
-    --filter_k=0 --temperature=1.5
+    --filter_k=0 --temperature=1.5 $RL_COMPILE
 step rl-episode 90 "generation" torchrun --standalone --nproc_per_node=1 tests/bench.py rl-episode --prompts 8 --group 4
 if [ "$NGPU" -ge 2 ]; then
-    step rl-2-gpus 120 "reward|episode" torchrun --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
+    step rl-2-gpus 240 "reward|episode" torchrun --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
         --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
-        --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5
+        --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 $RL_COMPILE
     step rl-episode-2 90 "generation" torchrun --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4
 fi
 step bench-rollout 150 "compiled " python tests/bench.py rollout --device="$DEV" --episode-procs=0
