@@ -1367,7 +1367,7 @@ def moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     gradients the graph breaks here and the experts run eagerly.
     """
     if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-        return torch.ops.sailvl.moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids)
+        return _moe_op(x, w_gate, w_up, w_down, topk_weights, topk_ids)
     return _moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids)
 
 

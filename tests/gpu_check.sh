@@ -2,7 +2,7 @@
 # The GPU check: on one CUDA machine, in about 10 minutes, what the CPU suite cannot show.
 #
 #   bash tests/gpu_check.sh                 # logs in $LOG_DIR (default /tmp/gpu_check), one table at the end
-#   REHEARSE=1 bash tests/gpu_check.sh      # the same steps on the CPU, tiny width (~3 min): the script,
+#   REHEARSE=1 bash tests/gpu_check.sh      # the same steps on the CPU, tiny width (~5 min): the script,
 #                                           # its flags and paths, before a GPU's minutes are spent on them
 #
 #   1  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
