@@ -338,9 +338,10 @@ class Qwen3LM(nn.Module):
 # ==============================================================================================
 # Generation: the sampling policy and the rollout engine
 #
-# gpt-fast's pattern: a prefill, then one-token decode steps of one fixed shape over a static KV
-# cache (a tensor write slot; the attention reads the whole cache under a mask) that torch.compile
-# can capture, and sampling that never waits for the host. For RL (§4.2.3) each prompt is prefilled
+# gpt-fast's pattern: a prefill, then one-token decode steps over a static KV cache (a tensor write
+# slot, so the step does not specialise on it) that torch.compile can capture, and sampling that
+# never waits for the host. The attention reads the filled slots (faster on the CPU than the whole
+# cache), or, replayed as CUDA graphs, the cache up to a fixed length under a mask (GraphedStep). For RL (§4.2.3) each prompt is prefilled
 # once for its G rows; the log-probs recorded are those of `policy_logits`, the one definition of
 # the sampling policy, which the training forward uses too.
 
@@ -458,8 +459,68 @@ SYNC_EVERY = 8           # decode steps between looks at the done flags: the dec
 def pick_compiled(compile, device) -> bool:
     """Whether generation runs the compiled prefill and decode step. compile="auto": on CUDA, not on
     CPU, where compiling costs more than a call saves (`python tests/bench.py rollout`: tens of
-    seconds against half of a call)."""
+    seconds against half of a call). "graphs": compiled, the decode step replayed as CUDA graphs."""
     return device.type == "cuda" if compile == "auto" else bool(compile)
+
+
+GRAPH_SLOTS = 256        # a graphed decode step reads the cache up to the next multiple of this many slots
+
+
+def cuda_graph(fn):
+    """fn() (no arguments: it reads and writes tensors that stay in place) captured as one CUDA graph
+    -> (replay, fn's outputs: tensors each replay overwrites). First one run on a side stream, as
+    CUDA graph capture asks (cuBLAS workspaces; torch.compile compiles there, not inside the capture)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("compile='graphs' (CUDA graphs) needs a CUDA device")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+class GraphedStep:
+    """The decode step replayed as CUDA graphs (compile="graphs"): one launch per step where each of
+    its kernels was one. A graph replays fixed shapes at fixed addresses and bakes in every Python
+    value of its capture, so the step's inputs are copied into fixed buffers, the attention reads the
+    cache up to the next multiple of GRAPH_SLOTS (slots not written yet are zeroed, and masked), and a
+    new graph is captured when the batch shrinks or the filled slots reach that multiple: a few per
+    call. One per generate call: its graphs hold that call's cache."""
+
+    def __init__(self, step_fn):
+        self.step_fn, self.key = step_fn, None
+
+    def __call__(self, lm, cache, ids, pos, uniform, policy):
+        if self.key is None:                     # never written yet: zeros, which the mask then hides
+            for t in cache.k + cache.v:          # (uninitialised memory may hold NaN: NaN * 0 is NaN)
+                t[:, :, cache.length:].zero_()
+        cache.length = min(cache.valid.shape[1], -(-cache.length // GRAPH_SLOTS) * GRAPH_SLOTS)
+        new = [ids, pos] if uniform is None else [ids, pos, uniform]
+        if (ids.shape[0], cache.length) != self.key:
+            self.inputs = [t.clone() for t in new]                         # the graph's input buffers
+            args = (self.inputs + [None])[:3]
+            start = cache.start.clone()          # the warm-up run advances it: the replay takes the step
+            self.replay, self.outputs = cuda_graph(lambda: self.step_fn(lm, cache, *args, policy))
+            cache.start.copy_(start)
+            self.key = (ids.shape[0], cache.length)
+        for buf, t in zip(self.inputs, new):
+            buf.copy_(t)
+        self.replay()
+        return tuple(t.clone() for t in self.outputs)        # the next replay overwrites the outputs
+
+
+def graphed(lm: Qwen3LM, step_fn):
+    """step_fn as CUDA graphs, except with MoE layers: their grouped expert products size their
+    launches on the host from the routing, a sync that no graph can replay."""
+    if any(layer.is_moe for layer in lm.model.layers):
+        warnings.warn("compile='graphs': an MoE layer's expert launches depend on its routing, which a CUDA "
+                      "graph cannot replay; the decode step runs compiled, without graphs")
+        return step_fn
+    return GraphedStep(step_fn)
 
 
 def model_device(model) -> torch.device:
@@ -501,7 +562,7 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     token's log-prob under policy_logits(logits, temperature, top_p, n_valid_tokens, banned), the
     policy sampled (`banned`: ids never generated). `generator`: any device (see device_generator).
     `on_token(ids (B,))` after each step: every row's token, -1 for rows that left the batch (tokens
-    after a row's stop token are not output). `compile`: "auto" | True | False (see pick_compiled).
+    after a row's stop token are not output). `compile`: "auto" | True | False | "graphs" (see pick_compiled).
     Finished rows leave the batch every SYNC_EVERY steps; sampling and done flags stay on the device."""
     B = len(embeds) * repeats
     if max_new_tokens <= 0:
@@ -512,6 +573,8 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     forward_fn, step_fn = (COMPILED[prompt_logits], COMPILED[decode_step]) if pick_compiled(compile, device) \
         else (prompt_logits, decode_step)
+    if compile == "graphs":
+        step_fn = graphed(lm, step_fn)
     cache, logits, lens = prefill(lm, [e.to(device) for e in embeds], repeats, max_new_tokens, forward_fn)
     L = cache.valid.shape[1] - max_new_tokens
     rows = torch.arange(B, device=device)                                # the output row of each batch row

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import model as modeling
 
@@ -289,6 +290,58 @@ def test_a_compiled_moe_step_is_one_graph_with_the_experts_as_one_op(monkeypatch
     assert counters["stats"]["unique_graphs"] <= 4
     assert got == run(False)
     assert len({len(r) for r in got}) > 2                                # rows left the batch at different steps
+
+
+def traced_capture(fn):
+    """What CUDA graph capture does to the decode step, on the CPU: a warm-up run, then fn traced
+    into its aten ops by make_fx, which bakes in, as a graph does, every Python value and shape of
+    the capture and every tensor it touches by reference (a graph: by address); each replay reruns
+    those ops on the same tensors and writes the same output tensors."""
+    out = [t.clone() for t in fn()]
+    ops = make_fx(fn)()
+
+    def replay():
+        for o, t in zip(out, ops()):
+            o.copy_(t)
+    return replay, out
+
+
+def test_graphed_steps_give_the_eager_tokens(monkeypatch):
+    """compile="graphs": the decode step replayed from captures (CUDA graphs on a GPU; here the
+    traced stand-in above, the eager step inside) gives eager's tokens and log-probs, through G rows
+    per prompt, rows leaving the batch and the cache's read length crossing its GRAPH_SLOTS steps;
+    a new capture only for a new batch size or read length. The cache is NaN-filled as it comes."""
+    monkeypatch.setattr(modeling, "COMPILED", {fn: fn for fn in modeling.COMPILED})   # the eager step
+    monkeypatch.setattr(modeling, "GRAPH_SLOTS", 8)
+    captures = []
+    monkeypatch.setattr(modeling, "cuda_graph", lambda fn: captures.append(1) or traced_capture(fn))
+    lm = tiny_lm(seed=7, layers=1, sharpen=4.0)
+    kw = dict(temperature=1.0, stop_tokens=tuple(range(0, 96, 12)), repeats=4)
+    run = lambda compile, lps: engine(lm, PROMPTS, 40, generator=torch.Generator().manual_seed(4),  # noqa: E731
+                                      logprobs=lps, compile=compile, **kw)
+    want_lps, got_lps = [], []
+    want = run(False, want_lps)
+    init = modeling.KVCache.__init__
+
+    def nan_filled(self, *a):
+        init(self, *a)
+        for t in self.k + self.v:
+            t.fill_(float("nan"))
+    monkeypatch.setattr(modeling.KVCache, "__init__", nan_filled)
+    assert run("graphs", got_lps) == want
+    assert max(abs(a - b) for x, y in zip(got_lps, want_lps) for a, b in zip(x, y)) < 1e-5
+    lengths = {len(r) for r in want}
+    assert len(lengths) > 2                                              # rows left the batch at different steps
+    # read lengths 16, 24, .., 48, then the whole cache (51 slots), and one per smaller batch
+    assert 6 < len(captures) <= 6 + len(lengths)
+
+
+def test_moe_layers_run_without_graphs():
+    lm = tiny_lm(seed=7, layers=2, experts=4)
+    step = modeling.COMPILED[modeling.decode_step]
+    with pytest.warns(UserWarning, match="without graphs"):
+        assert modeling.graphed(lm, step) is step
+    assert isinstance(modeling.graphed(tiny_lm(seed=7), step), modeling.GraphedStep)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
