@@ -431,10 +431,10 @@ def decode_step(lm: Qwen3LM, cache: KVCache, ids, pos, uniform, policy: tuple):
 class Compiled:
     """`fn` (the prefill's forward or the decode step) under torch.compile: inductor's fused kernels
     (Triton on a GPU, C++ on CPU). A size that changes (batch, prompt or cache length) recompiles once
-    and is dynamic from then on. Not CUDA graphs ("reduce-overhead"): a graph replays fixed shapes at
-    fixed addresses, and this cache is allocated per call (a cache kept between calls, gpt-fast's
-    setup_caches, would hold that memory through the RL update). If compiling fails it warns once
-    and runs `fn` eagerly from then on."""
+    and is dynamic from then on. Without inductor's CUDA graphs ("reduce-overhead"), which would treat
+    the cache, allocated per call (not held through the RL update as gpt-fast's setup_caches would),
+    as a new input each call: GraphedStep captures the step per call instead. If compiling fails it
+    warns once and runs `fn` eagerly from then on."""
 
     def __init__(self, fn):
         self.eager, self.fn = fn, None                                   # compiled on first use

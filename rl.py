@@ -1053,7 +1053,7 @@ class RLConfig(train_stage.StageConfig):
     temperature: float = 1.0              # rollout sampling temperature (the policy the loss uses)
     top_p: float = 1.0                    # rollout nucleus sampling (the policy the loss uses)
     batch_rows: int = 128                 # rollout rows per generate call
-    compile: str = "auto"                 # the rollout engine under torch.compile: auto (on CUDA, not on CPU) | true | false
+    compile: str = "auto"                 # the rollout engine under torch.compile: auto (on CUDA, not on CPU) | true | false | graphs (compiled, its decode step as CUDA graphs)
     max_sampling_rounds: int = 3          # dynamic sampling: rounds of fresh prompts before training on what is there
     max_tokens: int = 4096                # tokens per packed update micro-batch
     pool_size: int = 0                    # training prompts the pool holds (0 = the whole mix)
@@ -1078,7 +1078,7 @@ RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL promp
              "preset": "the model comes from its checkpoint"}
 
 
-COMPILE = {"auto": "auto", "true": True, "false": False}                 # --compile -> generate_from_embeds's compile
+COMPILE = {"auto": "auto", "true": True, "false": False, "graphs": "graphs"}   # --compile -> generate_from_embeds's
 
 
 def rl_config(argv: list) -> tuple:
@@ -1099,7 +1099,9 @@ def rl_config(argv: list) -> tuple:
     if cfg.reward not in ("verifiable", "mixed"):
         raise train_stage.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
     if cfg.compile not in COMPILE:
-        raise train_stage.UsageError(f"--compile must be auto, true or false, got {cfg.compile!r}")
+        raise train_stage.UsageError(f"--compile must be auto, true, false or graphs, got {cfg.compile!r}")
+    if cfg.compile == "graphs" and not torch.cuda.is_available():
+        raise train_stage.UsageError("--compile=graphs replays the decode step as CUDA graphs: it needs a GPU")
     if cfg.advantage_control not in ("", "answer", "shuffle", "sign"):
         raise train_stage.UsageError(f"--advantage_control must be '', answer, shuffle or sign, got {cfg.advantage_control!r}")
     if cfg.advantage_control == "answer" and cfg.reward != "verifiable":

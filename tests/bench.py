@@ -794,7 +794,7 @@ def print_engines(title: str, res: dict):
     print(title)
     hf_wall, hf_cpu, hf_n, _ = res["hf"]
     for name, (wall, cpu, n, first) in res.items():
-        extra = f" | first call (compiling) {first:5.1f} s" if name == "compiled" else ""
+        extra = f" | first call (compiling) {first:5.1f} s" if name in ("compiled", "graphs") else ""
         print(f"  {name:9s} {n / wall:9,.0f} tok/s, {n / wall / (hf_n / hf_wall):5.2f}x HF | per CPU second "
               f"{n / cpu:9,.0f} tok, {n / cpu / (hf_n / hf_cpu):5.2f}x HF | {n} tokens{extra}")
 
@@ -847,6 +847,8 @@ def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None,
     engines = {"eager": ours(False), "hf": lambda: hf_generate(hf, hf_rows or rows, n, stop, **(hf_kw or {}))}
     if compile:
         engines["compiled"] = ours(True)
+    if compile and rows[0].is_cuda:
+        engines["graphs"] = ours("graphs")                              # compiled, decode steps as CUDA graphs
     return engines
 
 
@@ -861,7 +863,8 @@ def rl_setup(preset: str, n_prompts: int):
 
 
 def bench_rollout(args):
-    """Rollout generation (§4.2.3): tokens/s of model.generate_from_embeds, eager and compiled, vs HF
+    """Rollout generation (§4.2.3): tokens/s of model.generate_from_embeds, eager and compiled (on CUDA
+    also compiled with its decode steps as CUDA graphs), vs HF
     transformers' generate on the same weights, fp32, sampling at T = 1, engines interleaved.
     text: the tiny LLM, random prompts, no stop token. rl: the tiny SAILVL on image prompts of the
     rl-verifiable mix, G rows per prompt (ours prefills each prompt once, HF gets it G times), the

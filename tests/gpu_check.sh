@@ -15,7 +15,8 @@
 #      keeps no group: no update); then one episode with random rewards (tests/bench.py rl-episode):
 #      rollouts and rl.update_episode on CUDA. With 2 or more GPUs both also under torchrun on 2
 #      processes (each rank its share of the groups)
-#   7  tests/bench.py rollout --device=cuda   the rollout engine, eager and compiled, vs HF generate
+#   7  the rollout engine on CUDA: tests/test_generate.py's CUDA tests (CUDA graphs give eager's tokens),
+#      then tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate
 #   8  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #
 # Each step has its own time limit; a failing step is reported and the others still run.
@@ -93,7 +94,8 @@ if [ "$NGPU" -ge 2 ]; then
         --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 $RL_COMPILE
     step rl-episode-2 90 "generation" torchrun --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4
 fi
-step bench-rollout 150 "compiled " python tests/bench.py rollout --device="$DEV" --episode-procs=0
+step graphs-test 90 "passed|failed" python -m pytest -q -p no:cacheprovider tests/test_generate.py -k cuda
+step bench-rollout 150 "graphs |compiled " python tests/bench.py rollout --device="$DEV" --episode-procs=0
 
 step eval-cuda 90 "accuracy|ocr" python sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
     --device "$DEV" --out "$WORK/eval.json"

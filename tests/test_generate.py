@@ -352,6 +352,21 @@ def test_cpu_generator_on_a_cuda_model():
     assert run() == run()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graphs_give_the_eager_tokens():
+    """compile="graphs" on a GPU: real CUDA graphs around the compiled step give the eager engine's
+    tokens (fp32, sampled); under bf16 autocast, RL's setting, two calls give the same rows."""
+    lm = tiny_lm(seed=7, layers=2, sharpen=4.0).cuda()
+    kw = dict(temperature=1.0, stop_tokens=tuple(range(0, 96, 12)), repeats=4)
+    run = lambda compile, lps: engine(lm, PROMPTS, 40, generator=torch.Generator("cuda").manual_seed(4),  # noqa: E731
+                                      logprobs=lps, compile=compile, **kw)
+    want_lps, got_lps = [], []
+    assert run("graphs", got_lps) == run(False, want_lps)
+    assert max(abs(a - b) for x, y in zip(got_lps, want_lps) for a, b in zip(x, y)) < 1e-4
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert run("graphs", []) == run("graphs", [])
+
+
 def test_runs_under_bf16_autocast():
     """The trainer's CUDA setting (bf16 autocast), here on CPU: the cache keeps the embeddings'
     dtype and the rows still come out whole."""

@@ -58,13 +58,17 @@ def recomputed_logps(m, tok, cfg, rolls):
 
 
 def test_compile_option_reaches_the_rollout_engine(setup, monkeypatch):
-    """--compile=auto|true|false is the engine's compile argument (auto: compiled on CUDA only)."""
+    """--compile=auto|true|false is the engine's compile argument (auto: compiled on CUDA only); graphs
+    (CUDA graphs) is a usage error without a GPU."""
     _, _, m, tok, cfg, prompts = setup
     seen = []
     monkeypatch.setattr(modeling, "pick_compiled", lambda compile, device: seen.append(compile) or False)
     for value in ("auto", "true", "false"):
         rl.rollouts(m, tok, prompts[:1], replace(rl.rl_config([f"--compile={value}"])[0], max_new_tokens=2), None)
     assert seen == ["auto", True, False]
+    if not torch.cuda.is_available():
+        with pytest.raises(train_stage.UsageError, match="needs a GPU"):
+            rl.rl_config(["--compile=graphs"])
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
@@ -688,7 +692,7 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-verifiable", "--steps=5"], "--episodes"),
                        (["--stage", "rl-mixed", "--direct_share=1.5"], "--direct_share must be in [0, 1]"),
                        (["--stage", "rl-verifiable", "--kl_coef=0.1"], "unknown option --kl_coef"),
-                       (["--stage", "rl-verifiable", "--compile=maybe"], "--compile must be auto, true or false")):
+                       (["--stage", "rl-verifiable", "--compile=maybe"], "--compile must be auto, true, false or graphs")):
         with pytest.raises(SystemExit) as e:                              # the rest through its main, in this process
             rl.main(args)
         err = capsys.readouterr().err
