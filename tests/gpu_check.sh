@@ -94,7 +94,7 @@ if [ "$NGPU" -ge 2 ]; then
         --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 $RL_COMPILE
     step rl-episode-2 90 "generation" torchrun --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4
 fi
-step graphs-test 90 "passed|failed" python -m pytest -q -p no:cacheprovider tests/test_generate.py -k cuda
+step graphs-test 90 "passed|failed|skipped" python -m pytest -q -p no:cacheprovider tests/test_generate.py -k cuda
 step bench-rollout 150 "graphs |compiled " python tests/bench.py rollout --device="$DEV" --episode-procs=0
 
 step eval-cuda 90 "accuracy|ocr" python sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
