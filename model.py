@@ -341,9 +341,9 @@ class Qwen3LM(nn.Module):
 # gpt-fast's pattern: a prefill, then one-token decode steps over a static KV cache (a tensor write
 # slot, so the step does not specialise on it) that torch.compile can capture, and sampling that
 # never waits for the host. The attention reads the filled slots (faster on the CPU than the whole
-# cache), or, replayed as CUDA graphs, the cache up to a fixed length under a mask (GraphedStep). For RL (§4.2.3) each prompt is prefilled
-# once for its G rows; the log-probs recorded are those of `policy_logits`, the one definition of
-# the sampling policy, which the training forward uses too.
+# cache), or, replayed as CUDA graphs, the cache up to a fixed length under a mask (GraphedStep).
+# For RL (§4.2.3) each prompt is prefilled once for its G rows; the log-probs recorded are those of
+# `policy_logits`, the one definition of the sampling policy, which the training forward uses too.
 
 def policy_logits(logits, temperature: float, top_p: float = 1.0, n_valid=None, banned=()):
     """logits (..., V) -> float32 logits of the sampling policy: -inf at the padded rows >= n_valid

@@ -5,27 +5,44 @@
 #   REHEARSE=1 bash tests/gpu_check.sh      # the same steps on the CPU, tiny width (~5 min): the script,
 #                                           # its flags and paths, before a GPU's minutes are spent on them
 #
-#   1  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
-#   2  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)
-#   3  tests/bench.py moe                   MoE expert layer: Triton vs the HF loop / grouped_mm (ratios)
-#   4  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
-#   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
-#      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
-#   6  rl.py (tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA (a random start
+#   In this order, what has never run on a GPU first (the kernels ran there on 2026-11-26):
+#   1  the rollout engine on CUDA: tests/test_generate.py's CUDA tests (CUDA graphs give eager's tokens),
+#      then tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate
+#   2  rl.py (tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA (a random start
 #      keeps no group: no update); then one episode with random rewards (tests/bench.py rl-episode):
 #      rollouts and rl.update_episode on CUDA. With 2 or more GPUs both also under torchrun on 2
 #      processes (each rank its share of the groups)
-#   7  the rollout engine on CUDA: tests/test_generate.py's CUDA tests (CUDA graphs give eager's tokens),
-#      then tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate
-#   8  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
+#   3  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
+#   4  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
+#   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
+#      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
+#   6  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
+#   7  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)
+#   8  tests/bench.py moe                   MoE expert layer: Triton vs the HF loop / grouped_mm (ratios)
 #
-# Each step has its own time limit; a failing step is reported and the others still run.
+# Each step has its own time limit; a failing step is reported and the others still run. Each step's
+# row is printed when it ends (a run cut short still shows what it did), the whole table at the end.
+#   STEPS="graphs-test bench-rollout"   only these steps (names as in the table)
+#   BUDGET=540                          seconds for the whole run: a step gets at most what is left,
+#                                       none starts with under 20 s left (the device tool: 600 s a call)
+#   LOG_DIR=/tmp/gc                     the step logs (default /tmp/gpu_check); checkpoints go to WORK
+#                                       (default /tmp/gpu_check_work), so LOG_DIR stays small to copy
+# A machine whose Python lacks a package (the device tool's GPU image has no PyAV) takes wheels from
+# .whl/ in the repository root, installed into /tmp/site first (README, GPU check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${LOG_DIR:-/tmp/gpu_check}"
-WORK="$LOG_DIR/work"
-rm -rf "$WORK" && mkdir -p "$WORK"
+WORK="${WORK:-/tmp/gpu_check_work}"
+rm -rf "$WORK" && mkdir -p "$WORK" "$LOG_DIR"
 unset TRITON_INTERPRET
+PY="${PY:-python3}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+missing="$("$PY" -c 'import importlib.util as u; print(" ".join(m for m in ("torch", "numpy", "tiktoken", "safetensors",
+    "triton", "PIL", "av", "tqdm", "pytest", "transformers") if u.find_spec(m) is None))')"
+[ -z "$missing" ] || { echo "gpu_check: missing Python packages: $missing (carry them as wheels in .whl/)" >&2; exit 2; }
 # REHEARSE=1: every step on the CPU; the kernel steps (native Triton) are skipped, the 2b model is tiny,
 # RL's rollouts compiled as on CUDA
 DEV=cuda PRESET=2b NGPU=0 RL_COMPILE=--compile=auto
@@ -33,22 +50,36 @@ if [ "${REHEARSE:-0}" = 1 ]; then
     DEV=cpu PRESET=tiny NGPU=2                          # the 2-GPU steps as 2 gloo processes
     RL_COMPILE=--compile=true                           # the compiled rollouts CUDA runs by default
 else
-    python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || { echo "gpu_check: no CUDA device (torch.cuda.is_available() is False)" >&2; exit 2; }
-    NGPU="$(python -c 'import torch; print(torch.cuda.device_count())')"
+    NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
 fi
 
 ROWS=()
 FAILED=0
+BUDGET="${BUDGET:-0}"                                   # 0: no limit on the whole run
+# row NAME STATUS SECONDS FIGURE: one summary row, printed now and kept for the table
+row() {
+    ROWS+=("$(printf '%-16s %-9s %5ss  %s' "$1" "$2" "$3" "$4")")
+    echo "${ROWS[-1]}"
+}
 # step NAME LIMIT_S FIGURE_REGEX COMMAND...: run with a time limit, keep the log, one summary row
 # (status, seconds, and the last log line matching FIGURE_REGEX: the step's headline number)
 step() {
     local name=$1 limit=$2 figure=$3; shift 3
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        return
+    fi
     if [ "$DEV" = cpu ] && [[ " kernel-tests bench-attn bench-moe " == *" $name "* ]]; then
-        ROWS+=("$(printf '%-16s %-9s %5ss  %s' "$name" "skipped" 0 "rehearsal: native Triton needs the GPU")")
+        row "$name" skipped 0 "rehearsal: native Triton needs the GPU"
         return
     fi
     [ "$DEV" = cpu ] && limit=$((limit * 4))          # the CPU is slower; the rehearsal checks that it runs
+    if [ "$BUDGET" -gt 0 ]; then
+        local left=$((BUDGET - SECONDS))
+        if [ "$left" -lt 20 ]; then row "$name" skipped 0 "BUDGET=$BUDGET s spent"; return; fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     local t0=$SECONDS rc
     echo "== $name: $*" >&2
     timeout "$limit" "$@" > "$LOG_DIR/$name.log" 2>&1
@@ -57,26 +88,36 @@ step() {
     if [ $rc -ne 0 ]; then status="FAIL ($rc)"; FAILED=1; fi
     local line
     line="$(grep -E "$figure" "$LOG_DIR/$name.log" | tail -n 1 | sed 's/^ *//' | cut -c1-110)"
-    ROWS+=("$(printf '%-16s %-9s %5ss  %s' "$name" "$status" $((SECONDS - t0)) "$line")")
+    row "$name" "$status" $((SECONDS - t0)) "$line"
 }
 
-step kernel-tests 150 "passed|failed" \
-    python -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_moe.py \
-    tests/test_kernels_gpu.py
-step bench-attn 90 "triton" python tests/bench.py attention
-step bench-moe 90 "triton|skewed" python tests/bench.py moe
-step bench-packing 75 "packed / padded" python tests/bench.py packing --real --device="$DEV" --synth-dir="$WORK/synth"
+step graphs-test 90 "passed|failed|skipped" "$PY" -m pytest -q -p no:cacheprovider tests/test_generate.py -k cuda
+step bench-rollout 150 "graphs |compiled " "$PY" tests/bench.py rollout --device="$DEV" --episode-procs=0
+
+step rl-updates 180 "reward|episode" "$PY" rl.py --stage=rl-verifiable --init_from=random --data_dir="$WORK/synth" \
+    --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
+    --filter_k=0 --temperature=1.5 $RL_COMPILE
+step rl-episode 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 tests/bench.py rl-episode --prompts 8 --group 4
+if [ "$NGPU" -ge 2 ]; then
+    step rl-2-gpus 240 "reward|episode" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
+        --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
+        --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 $RL_COMPILE
+    step rl-episode-2 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4
+fi
+step eval-cuda 90 "accuracy|ocr" "$PY" sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
+    --device "$DEV" --out "$WORK/eval.json"
+step bench-packing 75 "packed / padded" "$PY" tests/bench.py packing --real --device="$DEV" --synth-dir="$WORK/synth"
 # 2b width (Qwen3-1.7B's hidden size, heads and 151,936-row vocabulary; SAIL-ViT-Huge's width at 448 px),
 # 4 LLM and 4 ViT layers so it builds and checkpoints in seconds; random weights, bf16 under FSDP2's
 # mixed precision, block activation checkpointing and the chunked loss as --scale=paper runs them
 TWO_B=(--stage=sft1 --preset="$PRESET" --init-from=random --fsdp=true --data_dir="$WORK/synth" --out_dir="$WORK/out"
        --model.llm_config.num_hidden_layers=4 --model.vision_config.num_hidden_layers=4 --ac=block
        --eval_every=0 --save_every=2 --steps=4 --packing.max_tokens=8192 --warmup_steps=1 --lr=1e-5)
-step 2b-fsdp2 150 "^step " torchrun --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}"
+step 2b-fsdp2 150 "^step " "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}"
 cp "$WORK/out/sft1.run/metrics.jsonl" "$WORK/first_run.jsonl" 2>/dev/null
 # again from its step-2 checkpoint: steps 3 and 4 replayed; their losses must equal the first run's
-step 2b-resume 120 "^step " torchrun --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}" --resume
-step resume-equal 30 "identical|differ" python - "$WORK/first_run.jsonl" "$WORK/out/sft1.run/metrics.jsonl" <<'PY'
+step 2b-resume 120 "^step " "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}" --resume
+step resume-equal 30 "identical|differ" "$PY" - "$WORK/first_run.jsonl" "$WORK/out/sft1.run/metrics.jsonl" <<'PY'
 import json, sys
 first, again = ({r["step"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r} for p in sys.argv[1:])
 steps = sorted(set(first) & set(again) & {3, 4})
@@ -84,24 +125,14 @@ same = bool(steps) and all(first[s] == again[s] for s in steps)
 print(f"resumed steps {steps}: losses {'identical' if same else 'differ'}", [(first.get(s), again.get(s)) for s in (3, 4)])
 sys.exit(0 if same else 1)
 PY
-step rl-updates 180 "reward|episode" python rl.py --stage=rl-verifiable --init_from=random --data_dir="$WORK/synth" \
-    --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
-    --filter_k=0 --temperature=1.5 $RL_COMPILE
-step rl-episode 90 "generation" torchrun --standalone --nproc_per_node=1 tests/bench.py rl-episode --prompts 8 --group 4
-if [ "$NGPU" -ge 2 ]; then
-    step rl-2-gpus 240 "reward|episode" torchrun --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
-        --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
-        --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 $RL_COMPILE
-    step rl-episode-2 90 "generation" torchrun --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4
-fi
-step graphs-test 90 "passed|failed|skipped" python -m pytest -q -p no:cacheprovider tests/test_generate.py -k cuda
-step bench-rollout 150 "graphs |compiled " python tests/bench.py rollout --device="$DEV" --episode-procs=0
-
-step eval-cuda 90 "accuracy|ocr" python sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
-    --device "$DEV" --out "$WORK/eval.json"
+step kernel-tests 150 "passed|failed" \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_moe.py \
+    tests/test_kernels_gpu.py
+step bench-attn 90 "triton" "$PY" tests/bench.py attention
+step bench-moe 90 "triton|skewed" "$PY" tests/bench.py moe
 
 echo
-echo "GPU check on $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU (rehearsal)", "| torch", torch.__version__)') | triton $(python -c 'import triton; print(triton.__version__)' 2>/dev/null)"
+echo "GPU check on $("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU (rehearsal)", "| torch", torch.__version__)') | triton $("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null)"
 printf '%-16s %-9s %6s  %s\n' step status time "figure (last matching log line; full logs in $LOG_DIR)"
 for r in "${ROWS[@]}"; do echo "$r"; done
 exit $FAILED
