@@ -91,8 +91,8 @@ step() {
     row "$name" "$status" $((SECONDS - t0)) "$line"
 }
 
-step graphs-test 90 "passed|failed|skipped" "$PY" -m pytest -q -p no:cacheprovider tests/test_generate.py -k cuda
-step bench-rollout 150 "graphs |compiled " "$PY" tests/bench.py rollout --device="$DEV" --episode-procs=0
+step graphs-test 150 "passed|failed|skipped" "$PY" -m pytest -q -p no:cacheprovider tests/test_generate.py -k cuda
+step bench-rollout 200 "graphs |compiled " "$PY" tests/bench.py rollout --device="$DEV" --episode-procs=0
 
 step rl-updates 180 "reward|episode" "$PY" rl.py --stage=rl-verifiable --init_from=random --data_dir="$WORK/synth" \
     --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
