@@ -454,6 +454,7 @@ class Compiled:
 
 COMPILED = {fn: Compiled(fn) for fn in (prompt_logits, decode_step)}   # graphs reused across generate calls
 SYNC_EVERY = 8           # decode steps between looks at the done flags: the decode loop's only host sync
+GRAPH_SLOTS = 256        # a graphed decode step reads the cache up to the next multiple of this many slots
 
 
 def pick_compiled(compile, device) -> bool:
@@ -461,9 +462,6 @@ def pick_compiled(compile, device) -> bool:
     CPU, where compiling costs more than a call saves (`python tests/bench.py rollout`: tens of
     seconds against half of a call). "graphs": compiled, the decode step replayed as CUDA graphs."""
     return device.type == "cuda" if compile == "auto" else bool(compile)
-
-
-GRAPH_SLOTS = 256        # a graphed decode step reads the cache up to the next multiple of this many slots
 
 
 def cuda_graph(fn):
@@ -484,12 +482,11 @@ def cuda_graph(fn):
 
 
 class GraphedStep:
-    """The decode step replayed as CUDA graphs (compile="graphs"): one launch per step where each of
-    its kernels was one. A graph replays fixed shapes at fixed addresses and bakes in every Python
-    value of its capture, so the step's inputs are copied into fixed buffers, the attention reads the
-    cache up to the next multiple of GRAPH_SLOTS (slots not written yet are zeroed, and masked), and a
-    new graph is captured when the batch shrinks or the filled slots reach that multiple: a few per
-    call. One per generate call: its graphs hold that call's cache."""
+    """The decode step replayed as CUDA graphs (compile="graphs"): one launch per step, not one per
+    kernel. A graph replays fixed shapes at fixed addresses with every Python value of its capture
+    baked in: the inputs are copied into fixed buffers, the attention reads the cache up to the next
+    multiple of GRAPH_SLOTS (unwritten slots zeroed, and masked), and a new graph is captured when the
+    batch shrinks or the filled slots pass that multiple. One per generate call (its cache)."""
 
     def __init__(self, step_fn):
         self.step_fn, self.key = step_fn, None
