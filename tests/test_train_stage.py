@@ -1038,13 +1038,16 @@ def test_nested_and_range_options_are_checked_where_they_are_parsed():
     (["--stage", "all", "--seeds=0"], 2, "--seeds must be a whole number >= 1"),
     (["--num_workers=-1"], 2, "--num_workers must be >= 0"),
 ])
-def test_usage_errors_are_one_line_with_exit_2(args, code, match, capsys):
-    """Through main in this process; the real command line for the first case and for --stage all
-    (main replaces its process by tests/recipe.py)."""
-    if args == ["--stage", "nosuch"] or "all" in args:
+def test_usage_errors_are_one_line_with_exit_2(args, code, match, capsys, monkeypatch):
+    """Through main in this process (--stage all: tests/recipe.py's main, which main's exec would
+    run); the real command line for the first case."""
+    if args == ["--stage", "nosuch"]:
         res = run(["train_stage.py", *args], timeout=60)
         rc, err = res.returncode, res.stderr
     else:
+        if "all" in args:
+            import recipe
+            monkeypatch.setattr(os, "execv", lambda exe, argv: recipe.main(argv[2:]))
         with pytest.raises(SystemExit) as e:
             train_stage.main(args)
         rc, err = e.value.code, capsys.readouterr().err
@@ -1102,26 +1105,54 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert hint.endswith(f"# reference: {ref}")
 
 
-def test_stage_all_calibrate_and_rl_bench_run_the_tools_in_tests():
+def test_stage_all_calibrate_and_rl_bench_run_the_tools_in_tests(monkeypatch, capsys):
     """`--stage all`, `calibrate` and `rl.py bench` are forwarded (exec) to tests/recipe.py,
-    tests/calibrate.py and tests/bench.py rollout, which the component files never import."""
-    res = run(["train_stage.py", "--stage", "all", "--help"], timeout=60)
-    assert res.returncode == 0 and "usage: python tests/recipe.py" in res.stdout, res.stderr[-2000:]
-    assert all(f"  --{k}=" in res.stdout for k in train_stage.RECIPE_OPTIONS)
-    res = run(["train_stage.py", "calibrate", "--help"], timeout=60)
-    assert res.returncode == 0 and "usage: tests/calibrate.py" in res.stdout and "--ckpt" in res.stdout, res.stderr
+    tests/calibrate.py and tests/bench.py rollout, which the component files never import. The
+    exec itself once for real (rl.py bench), the other two caught and their tools run here."""
+    import importlib
+    import rl
     res = run(["rl.py", "bench", "--help"], timeout=60)
     assert res.returncode == 0 and "usage: bench.py rollout" in res.stdout and "--case" in res.stdout, res.stderr
 
+    class Exec(Exception):
+        pass
 
-def test_help_shows_each_option_with_its_description_and_the_stages_values():
-    res = run(["train_stage.py", "--stage", "pretrain1", "--help"], timeout=60)
+    def execv(path, args):
+        raise Exec(args)
+    monkeypatch.setattr(os, "execv", execv)
+    for main, argv, tool, passed, says in (
+            (train_stage.main, ["--stage", "all", "--help"], "recipe.py", ["--stage", "all", "--help"], "usage: python tests/recipe.py"),
+            (train_stage.main, ["calibrate", "--help"], "calibrate.py", ["--help"], "usage: tests/calibrate.py"),
+            (rl.main, ["bench", "--help"], "bench.py", ["rollout", "--help"], "usage: bench.py rollout")):
+        with pytest.raises(Exec) as e:
+            main(argv)
+        exe, script, *args = e.value.args[0]
+        assert exe == sys.executable and script == os.path.join(ROOT, "tests", tool), script
+        assert args == passed, args
+        try:                                                              # the tool, given what the exec passes
+            code = importlib.import_module(tool[:-3]).main(args)
+        except SystemExit as done:
+            code = done.code
+        out = capsys.readouterr().out
+        assert code in (0, None) and says in out, out[-2000:]
+        if tool == "recipe.py":
+            assert all(f"  --{k}=" in out for k in train_stage.RECIPE_OPTIONS)
+        if tool == "calibrate.py":
+            assert "--ckpt" in out
+
+
+def test_help_shows_each_option_with_its_description_and_the_stages_values(capsys):
+    res = run(["train_stage.py", "--stage", "pretrain1", "--help"], timeout=60)      # the real command line once
     assert res.returncode == 0
     out = res.stdout
     assert all(f"  {s.name} " in out for s in train_stage.RECIPE)
     assert f"--lr={train_stage.stage_config('pretrain1').lr}" in out and "--adalrs=True" in out and "peak learning rate" in out
     assert "--packing.max_tokens=1024" in out and "--adalrs_cfg.window=0" in out
-    generic = run(["train_stage.py", "--help"], timeout=60).stdout
+    try:                                                                # then through main, in this process
+        train_stage.main(["--help"])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    generic = capsys.readouterr().out
     assert "--lr=0.003" in generic                                      # vit1's values without --stage
     for option in train_stage.RECIPE_OPTIONS:                           # --stage all's own options are listed
         assert f"  --{option}=" in generic and train_stage.RECIPE_HELP[option] in generic
