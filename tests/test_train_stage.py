@@ -1070,21 +1070,25 @@ def test_usage_error_under_torchrun_names_the_problem(tmp_path):
     assert "unknown stage 'nosuch'" in res.stderr.split("Root Cause")[-1]   # torchrun's summary shows it too
 
 
-def test_a_missing_previous_stage_refuses_with_what_to_run(synth, tmp_path):
-    res = run(["train_stage.py", "--stage", "vit2", f"--data_dir={synth}", f"--out_dir={tmp_path}"], timeout=60)
-    assert res.returncode == 2 and len(error_line(res)) == 1
-    assert f"torchrun train_stage.py --stage vit1 --out_dir={tmp_path}" in res.stderr and "--init-from" in res.stderr
+def test_a_missing_previous_stage_refuses_with_what_to_run(synth, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:                                  # through main, in this process
+        train_stage.main(["--stage", "vit2", f"--data_dir={synth}", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"torchrun train_stage.py --stage vit1 --out_dir={tmp_path}" in err and "--init-from" in err
     ok = run(["train_stage.py", "--stage", "vit2", f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=1",
               "--init-from=random", "--eval_every=0", "--packing.max_tokens=256"])
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
-def test_too_much_bad_data_is_one_line(tmp_path):
+def test_too_much_bad_data_is_one_line(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("not json\n" * 30 + json.dumps({"text": "fine"}) + "\n")
-    res = run(["train_stage.py", "--stage", "lm0", f"--manifests={tmp_path}/bad.jsonl", f"--out_dir={tmp_path}",
-               "--steps=2", "--eval_manifests=" + str(tmp_path / "bad.jsonl")], timeout=120)
-    assert res.returncode == 1 and "max_bad_fraction" in res.stderr
-    assert len([ln for ln in error_line(res) if "error:" in ln]) == 1 and "Traceback" not in res.stderr
+    with pytest.raises(SystemExit) as e:                                  # through main, in this process
+        train_stage.main(["--stage", "lm0", f"--manifests={tmp_path}/bad.jsonl", f"--out_dir={tmp_path}", "--steps=2",
+                          "--eval_manifests=" + str(tmp_path / "bad.jsonl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "max_bad_fraction" in err
+    assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1
 
 
 def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synth, tmp_path):
