@@ -243,6 +243,17 @@ def test_compiled_step_gives_the_same_tokens_as_eager():
     assert len({len(r) for r in out[True][0]}) > 2                       # rows left the batch at different steps
 
 
+def nan_filled_caches(monkeypatch):
+    """From now on each new KV cache's buffers hold NaN, which any read of an unwritten slot spreads."""
+    init = modeling.KVCache.__init__
+
+    def nan_filled(self, *a):
+        init(self, *a)
+        for t in self.k + self.v:
+            t.fill_(float("nan"))
+    monkeypatch.setattr(modeling.KVCache, "__init__", nan_filled)
+
+
 def test_no_unwritten_cache_slot_is_read(monkeypatch):
     """The cache's buffers are not zeroed: attention must read only slots written before (prompts,
     their left padding, generated tokens), through the prefill, G rows per prompt and rows leaving
@@ -253,13 +264,7 @@ def test_no_unwritten_cache_slot_is_read(monkeypatch):
     run = lambda compile, lps: engine(lm, PROMPTS[:2], 24, generator=torch.Generator().manual_seed(4),  # noqa: E731
                                       logprobs=lps, compile=compile, **kw)
     want = run(False, [])
-    init = modeling.KVCache.__init__
-
-    def nan_filled(self, *a):
-        init(self, *a)
-        for t in self.k + self.v:
-            t.fill_(float("nan"))
-    monkeypatch.setattr(modeling.KVCache, "__init__", nan_filled)
+    nan_filled_caches(monkeypatch)
     for compile in (False, True):
         lps = []
         assert run(compile, lps) == want
@@ -321,13 +326,7 @@ def test_graphed_steps_give_the_eager_tokens(monkeypatch):
                                       logprobs=lps, compile=compile, **kw)
     want_lps, got_lps = [], []
     want = run(False, want_lps)
-    init = modeling.KVCache.__init__
-
-    def nan_filled(self, *a):
-        init(self, *a)
-        for t in self.k + self.v:
-            t.fill_(float("nan"))
-    monkeypatch.setattr(modeling.KVCache, "__init__", nan_filled)
+    nan_filled_caches(monkeypatch)
     assert run("graphs", got_lps) == want
     assert max(abs(a - b) for x, y in zip(got_lps, want_lps) for a, b in zip(x, y)) < 1e-5
     lengths = {len(r) for r in want}
