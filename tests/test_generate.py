@@ -299,11 +299,12 @@ def test_a_compiled_moe_step_is_one_graph_with_the_experts_as_one_op(monkeypatch
 
 def traced_capture(fn):
     """What CUDA graph capture does to the decode step, on the CPU: a warm-up run, then fn traced
-    into its aten ops by make_fx, which bakes in, as a graph does, every Python value and shape of
-    the capture and every tensor it touches by reference (a graph: by address); each replay reruns
-    those ops on the same tensors and writes the same output tensors."""
+    into its aten ops by make_fx on fake tensors (nothing runs, as nothing runs in a capture), which
+    bakes in every Python value and shape of the capture and every tensor it touches by reference (a
+    graph: by address), and fails on a host sync (.item(), .tolist()), which a capture refuses; each
+    replay reruns those ops on the same tensors and writes the same output tensors."""
     out = [t.clone() for t in fn()]
-    ops = make_fx(fn)()
+    ops = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)()
 
     def replay():
         for o, t in zip(out, ops()):
@@ -336,7 +337,16 @@ def test_graphed_steps_give_the_eager_tokens(monkeypatch):
 
 
 def test_moe_layers_run_without_graphs():
+    """An MoE layer's grouped expert products size their launches from the routing on the host: its
+    step cannot be captured (the stand-in fails on that sync, as a capture would), so graphed()
+    leaves it uncaptured, with a warning."""
     lm = tiny_lm(seed=7, layers=2, experts=4)
+    with torch.inference_mode():
+        cache, logits, lens = modeling.prefill(lm, [lm.model.embed_tokens(torch.tensor([1, 2, 3]))], 2, 4)
+        cache.length += 1
+        ids, pos, policy = logits.argmax(-1).repeat(2), lens.repeat(2), (0.0, 1.0, None, torch.tensor([], dtype=torch.long))
+        with pytest.raises(Exception, match="data-dependent"):
+            traced_capture(lambda: modeling.decode_step(lm, cache, ids, pos, None, policy))
     step = modeling.COMPILED[modeling.decode_step]
     with pytest.warns(UserWarning, match="without graphs"):
         assert modeling.graphed(lm, step) is step
