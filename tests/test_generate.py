@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import kernels
 import model as modeling
 
 
@@ -336,10 +337,11 @@ def test_graphed_steps_give_the_eager_tokens(monkeypatch):
     assert 6 < len(captures) <= 6 + len(lengths)
 
 
-def test_moe_layers_run_without_graphs():
-    """An MoE layer's grouped expert products size their launches from the routing on the host: its
-    step cannot be captured (the stand-in fails on that sync, as a capture would), so graphed()
-    leaves it uncaptured, with a warning."""
+def test_moe_layers_run_graphed_only_on_the_triton_path(monkeypatch):
+    """The MoE experts' torch path (the CPU's) sizes each expert's product from the routing on the
+    host: its step cannot be captured (the stand-in fails on that sync, as a capture would), so
+    graphed() leaves it uncaptured, with a warning. The Triton path (CUDA's) aligns the routing on
+    the device with launch sizes from the shapes alone: that alignment traces without a sync."""
     lm = tiny_lm(seed=7, layers=2, experts=4)
     with torch.inference_mode():
         cache, logits, lens = modeling.prefill(lm, [lm.model.embed_tokens(torch.tensor([1, 2, 3]))], 2, 4)
@@ -351,6 +353,10 @@ def test_moe_layers_run_without_graphs():
     with pytest.warns(UserWarning, match="without graphs"):
         assert modeling.graphed(lm, step) is step
     assert isinstance(modeling.graphed(tiny_lm(seed=7), step), modeling.GraphedStep)
+    topk_ids = torch.randint(0, 8, (12, 2))
+    make_fx(lambda t: kernels._moe_align(t, 8, 16), tracing_mode="fake")(topk_ids)      # no host sync
+    monkeypatch.setattr(kernels, "use_triton", lambda t, supported=True: True)         # as on CUDA
+    assert isinstance(modeling.graphed(lm, step), modeling.GraphedStep)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
