@@ -6,7 +6,7 @@
 #                                           # its flags and paths, before a GPU's minutes are spent on them
 #
 #   In this order, what has never run on a GPU first (the kernels ran there on 2026-11-26):
-#   1  the rollout engine on CUDA: tests/test_generate.py's CUDA tests (CUDA graphs give eager's tokens),
+#   1  the rollout engine on CUDA: tests/test_generate.py's CUDA tests (CUDA graphs give eager's tokens, MoE too),
 #      then tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate
 #   2  rl.py (tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA (a random start
 #      keeps no group: no update); then one episode with random rewards (tests/bench.py rl-episode):

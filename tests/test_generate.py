@@ -368,10 +368,12 @@ def test_cpu_generator_on_a_cuda_model():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_graphs_give_the_eager_tokens():
+@pytest.mark.parametrize("experts", [0, 4])
+def test_cuda_graphs_give_the_eager_tokens(experts):
     """compile="graphs" on a GPU: real CUDA graphs around the compiled step give the eager engine's
-    tokens (fp32, sampled); under bf16 autocast, RL's setting, two calls give the same rows."""
-    lm = tiny_lm(seed=7, layers=2, sharpen=4.0).cuda()
+    tokens (fp32, sampled), dense and with an MoE layer (its Triton experts inside the graph); under
+    bf16 autocast, RL's setting, two calls give the same rows."""
+    lm = tiny_lm(seed=7, layers=2, sharpen=4.0, experts=experts).cuda()
     kw = dict(temperature=1.0, stop_tokens=tuple(range(0, 96, 12)), repeats=4)
     run = lambda compile, lps: engine(lm, PROMPTS, 40, generator=torch.Generator("cuda").manual_seed(4),  # noqa: E731
                                       logprobs=lps, compile=compile, **kw)
