@@ -511,15 +511,14 @@ class GraphedStep:
 
 
 def graphed(lm: Qwen3LM, step_fn):
-    """step_fn as CUDA graphs, except with MoE layers whose experts take the torch path (on the CPU,
-    or SAILVL_KERNELS=torch): it sizes each expert's product on the host from the routing, a sync no
-    graph can replay. The Triton path sizes its launches from the shapes alone."""
+    """step_fn as CUDA graphs, unless MoE experts take the torch path (the CPU's; the Triton path sizes
+    its launches from the shapes alone): it sizes each product on the host from the routing."""
     w = lm.lm_head.weight
-    if any(layer.is_moe for layer in lm.model.layers) and not kernels.use_triton(w, w.dtype in kernels.TRITON_DTYPES):
-        warnings.warn("compile='graphs': the MoE experts' torch path sizes its products from the routing on "
-                      "the host, which a CUDA graph cannot replay; the decode step runs compiled, without graphs")
-        return step_fn
-    return GraphedStep(step_fn)
+    if not any(layer.is_moe for layer in lm.model.layers) or kernels.use_triton(w, w.dtype in kernels.TRITON_DTYPES):
+        return GraphedStep(step_fn)
+    warnings.warn("compile='graphs': the MoE experts' torch path sizes its products from the routing on the host, "
+                  "which a CUDA graph cannot replay; the decode step runs compiled, without graphs")
+    return step_fn
 
 
 def model_device(model) -> torch.device:
