@@ -864,8 +864,8 @@ def rl_setup(preset: str, n_prompts: int):
 
 def bench_rollout(args):
     """Rollout generation (§4.2.3): tokens/s of model.generate_from_embeds, eager and compiled (on CUDA
-    also compiled with its decode steps as CUDA graphs), vs HF
-    transformers' generate on the same weights, fp32, sampling at T = 1, engines interleaved.
+    also compiled with its decode steps as CUDA graphs), vs HF transformers' generate on the same
+    weights, fp32, sampling at T = 1, engines interleaved.
     text: the tiny LLM, random prompts, no stop token. rl: the tiny SAILVL on image prompts of the
     rl-verifiable mix, G rows per prompt (ours prefills each prompt once, HF gets it G times), the
     stage's token limit, stop tokens, banned ids and tokenizer size. Then one RL episode (rollouts
