@@ -6,8 +6,8 @@ Reads top-down in the paper's order:
   §2                  `SAILVL`: visual tokens fill the `<IMG_CONTEXT>` positions, shifted CE loss
                       computed in token chunks (no full-vocabulary logits in training)
   §4.2.3              generation and RL rollouts: `policy_logits` (the sampling policy), a static
-                      KV cache, each prompt prefilled once for its G rows, a decode step
-                      (prefill and step optionally under torch.compile), finished rows leaving the batch
+                      KV cache, each prompt prefilled once for its G rows, a decode step (prefill
+                      and step optionally compiled, the step as CUDA graphs), finished rows leaving
   official layout     checkpoint I/O: our folders (= the official SAIL-VL2 layout), official
                       SAIL-VL2 HF folders, HF Qwen3 / Qwen3-MoE folders (`load_hf_llm`)
   checkpoints         the one writer and reader of the trainers' checkpoints (`save_checkpoint`,
