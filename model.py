@@ -167,7 +167,7 @@ class KVCache:
         self.slots = None                                                # set by Qwen3LM.run for each forward
 
     def update(self, layer: int, k, v):                                  # k, v (B, Hkv, t, hd)
-        self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))    # (autocast may give bf16)
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k[layer].dtype))    # (under autocast: fp32 k)
         self.v[layer].index_copy_(2, self.slots, v.to(self.v[layer].dtype))
         return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
 
@@ -413,12 +413,20 @@ def prefill(lm: Qwen3LM, embeds: list, repeats: int, max_new_tokens: int, forwar
     pad = (L - lens)[:, None]                                            # (P, 1) left padding per prompt
     x = torch.stack([F.pad(e, (0, 0, L - e.shape[0], 0)) for e in embeds])          # (P, L, H)
     slots = torch.arange(L + max_new_tokens, device=device)[None]
-    cache = KVCache(lm.cfg, slots >= pad, x.dtype)                       # room for the generated tokens
+    cache = KVCache(lm.cfg, slots >= pad, cache_dtype(x))                # room for the generated tokens
     cache.length = L                                                     # the prefill reads the prompts' slots
     logits = forward_fn(lm, x, (slots[:, :L] - pad).clamp(min=0), cache)  # positions restart after padding
     if repeats > 1:
         cache.repeat(repeats)
     return cache, logits, lens
+
+
+def cache_dtype(x):
+    """The KV cache's dtype: autocast's where it is on (it hands SDPA bf16 keys and values whatever the
+    cache holds, so an fp32 cache would be copied to bf16 in every decode step, at twice the memory),
+    else the activations'."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def decode_step(lm: Qwen3LM, cache: KVCache, ids, pos, uniform, policy: tuple):

@@ -11,6 +11,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import kernels
 import model as modeling
+from model import KVCache
 
 
 def tiny_lm(seed=0, vocab=96, layers=2, sharpen=20.0, experts=0):
@@ -384,13 +385,26 @@ def test_cuda_graphs_give_the_eager_tokens(experts):
         assert run("graphs", []) == run("graphs", [])
 
 
-def test_runs_under_bf16_autocast():
-    """The trainer's CUDA setting (bf16 autocast), here on CPU: the cache keeps the embeddings'
-    dtype and the rows still come out whole."""
-    lm = tiny_lm(seed=8)
+def test_under_bf16_autocast_the_cache_is_bf16_and_gives_the_fp32_caches_rows(monkeypatch):
+    """The trainer's CUDA setting (bf16 autocast), here on CPU: the KV cache is held in bf16 (half the
+    memory; SDPA gets bf16 keys and values under autocast whatever the cache holds, so an fp32 cache
+    would be copied to bf16 every step), and gives exactly the rows and log-probs an fp32 cache
+    gives; without autocast the cache stays fp32."""
+    made = []
+    monkeypatch.setattr(modeling, "KVCache", lambda *a: made.append(KVCache(*a)) or made[-1])
+    lm = tiny_lm(seed=8, sharpen=4.0)
+    run = lambda lps: engine(lm, PROMPTS, 12, temperature=1.0, stop_tokens=(5, 17), logprobs=lps,  # noqa: E731
+                             generator=torch.Generator().manual_seed(0), repeats=2)
+    got_lps, want_lps, cache_dtype = [], [], modeling.cache_dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = engine(lm, PROMPTS, 6, temperature=1.0, generator=torch.Generator().manual_seed(0), repeats=2)
-    assert [len(r) for r in got] == [6] * 8
+        got = run(got_lps)
+        monkeypatch.setattr(modeling, "cache_dtype", lambda x: x.dtype)     # the fp32 cache it replaced
+        want = run(want_lps)
+    assert got == want and got_lps == want_lps and len(set(map(len, got))) > 1
+    monkeypatch.setattr(modeling, "cache_dtype", cache_dtype)
+    run([])
+    assert [(c.k[0].dtype, c.v[-1].dtype) for c in made] == [(torch.bfloat16,) * 2, (torch.float32,) * 2,
+                                                              (torch.float32,) * 2]
 
 
 def test_a_compile_failure_falls_back_to_eager(monkeypatch):
