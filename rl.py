@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import data
 import model as modeling
+import moe
 import packing
 import sample
 import train_stage
@@ -378,6 +379,12 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def autocast_dtype(device) -> Optional[torch.dtype]:
+    """The dtype `autocast(device)` computes products in, None where it is off."""
+    with autocast(device):
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[int] = None,
              greedy: bool = False, progress: bool = False) -> list:
     """group_size (default cfg.group_size) completions per prompt, prompt after prompt (the layout
@@ -524,24 +531,45 @@ def all_reduce(values, device, op: str = "sum") -> list:
 
 
 def generation_policy(model, replica=None):
-    """The module rollouts run on: the model itself on one process; under FSDP a full copy on this
-    rank (`replica`, created on first use), loaded with the current weights. With that copy's
-    memory spent anyway, the sharded model then keeps each unit gathered from its forward to its
-    backward, and update_episode from an update's first micro-batch to its last (one all-gather per
-    unit and update, where FSDP's default is two per unit and micro-batch)."""
-    if not dist.is_initialized():
+    """The module rollouts run on: the model itself on one process without autocast (the CPU); else
+    a copy on this rank (`replica`, created on first use) loaded with the current weights: under FSDP
+    a full one, under autocast (CUDA) one whose LLM matrices are held in autocast's dtype (see
+    generation_copy). With the copy's memory spent anyway under FSDP, the sharded model then keeps
+    each unit gathered from its forward to its backward, and update_episode from an update's first
+    micro-batch to its last (one all-gather per unit and update, where FSDP's default is two per
+    unit and micro-batch)."""
+    low = autocast_dtype(modeling.model_device(model))
+    if not dist.is_initialized() and low is None:
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))   # all-gather
-    if replica is None:
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))   # all-gather
         model.set_reshard_after_forward(False)
-        with torch.device("meta"):
-            replica = modeling.SAILVL(model.cfg)
-        replica = replica.to_empty(device=modeling.model_device(model))
-        if model.cfg.llm_config.tie_word_embeddings:
-            replica.language_model.lm_head.weight = replica.language_model.model.embed_tokens.weight
+    else:
+        sd = model.state_dict()
+    replica = replica if replica is not None and replica is not model else generation_copy(model, low)
     replica.load_state_dict(sd)
     return replica.eval().requires_grad_(False)
+
+
+def generation_copy(model, low):
+    """An empty SAILVL like `model` on its device. Given autocast's dtype `low`, the LLM's matrices
+    (its Linear layers and MoE experts) are held in it: autocast casts them at every use, i.e. every
+    matrix of the model in every decode step (4 bytes read, 2 written, 2 read again per weight where
+    2 suffice; every expert of an MoE layer, not only the routed ones); pre-cast once per episode
+    the products are the same (the same rounding), and the lm_head is a bf16 matrix of its own where
+    the embedding is tied (the lookup stays fp32, as autocast leaves it)."""
+    with torch.device("meta"):
+        replica = modeling.SAILVL(model.cfg)
+    replica = replica.to_empty(device=modeling.model_device(model))
+    lm = replica.language_model
+    if low is not None:
+        for m in lm.modules():
+            if isinstance(m, (torch.nn.Linear, moe.Experts)):
+                m.to(low)
+    elif model.cfg.llm_config.tie_word_embeddings:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    return replica
 
 
 # ==============================================================================================

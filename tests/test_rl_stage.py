@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import data
 import model as modeling
+import moe
 import rl
 import train_stage
 
@@ -128,6 +129,33 @@ def test_rollouts_and_updates_run_under_the_trainers_cuda_precision(setup, monke
     st = rl.update_episode(m, opt, list(m.parameters()), rolls, replace(cfg, mini_batches=2, epochs=2), tok, rolls[0])
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["ratio_max_dev_later"]
     assert 0 < st["dlogp"] < 0.05                                  # bf16 rounding, not another policy
+
+
+def test_under_autocast_rollouts_run_on_a_copy_with_the_llms_matrices_in_bf16(setup, monkeypatch):
+    """Under bf16 autocast (CUDA's; here the CPU's) the rollouts run on generation_policy's copy: the
+    LLM's Linear weights and MoE experts held in bf16 (autocast would cast each of them in every
+    decode step), the lm_head untied from the fp32 embedding, the rest fp32. Its rollouts are the
+    fp32 model's under autocast, tokens and log-probs, dense and MoE; refreshed after an update it
+    holds the new weights."""
+    _, _, m, tok, cfg, prompts = setup
+    monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    rollouts = lambda policy: [(r.completion, r.rollout_logp) for r in rl.rollouts(  # noqa: E731
+        policy, tok, prompts[:2], cfg, torch.Generator().manual_seed(0))]
+    for model in (copy.deepcopy(m), modeling.build_model("tiny-moe", seed=1)):
+        policy = rl.generation_policy(model)
+        lm = policy.language_model
+        matrices = {f"language_model.{name}.{p}" for name, mod in lm.named_modules()
+                    if isinstance(mod, (torch.nn.Linear, moe.Experts)) for p, _ in mod.named_parameters()}
+        assert {n for n, p in policy.named_parameters() if p.dtype == torch.bfloat16} == matrices
+        assert any(isinstance(mod, moe.Experts) for mod in lm.modules()) == (model.cfg.llm_config.num_experts > 0)
+        assert lm.lm_head.weight is not lm.model.embed_tokens.weight and policy is not model
+        assert rollouts(policy) == rollouts(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        assert rl.generation_policy(model, policy) is policy
+        assert all(torch.equal(policy.state_dict()[k], v.to(policy.state_dict()[k].dtype))
+                   for k, v in model.state_dict().items())
 
 
 def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatch, on_the_cpu, sharded_in_bf16):
