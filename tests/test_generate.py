@@ -385,18 +385,20 @@ def test_cuda_graphs_give_the_eager_tokens(experts):
         assert run("graphs", []) == run("graphs", [])
 
 
-def test_under_bf16_autocast_the_cache_is_bf16_and_gives_the_fp32_caches_rows(monkeypatch):
-    """The trainer's CUDA setting (bf16 autocast), here on CPU: the KV cache is held in bf16 (half the
-    memory; SDPA gets bf16 keys and values under autocast whatever the cache holds, so an fp32 cache
-    would be copied to bf16 every step), and gives exactly the rows and log-probs an fp32 cache
-    gives; without autocast the cache stays fp32."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_under_bf16_autocast_the_cache_is_bf16_and_gives_the_fp32_caches_rows(monkeypatch, device):
+    """The trainer's CUDA setting (bf16 autocast), on the CPU too: the KV cache is held in bf16 (half
+    the memory; SDPA gets bf16 keys and values under autocast whatever the cache holds, so an fp32
+    cache would be copied to bf16 every step), and gives exactly the rows and log-probs an fp32
+    cache gives; without autocast the cache stays fp32."""
     made = []
     monkeypatch.setattr(modeling, "KVCache", lambda *a: made.append(KVCache(*a)) or made[-1])
-    lm = tiny_lm(seed=8, sharpen=4.0)
+    lm = tiny_lm(seed=8, sharpen=4.0).to(device)
     run = lambda lps: engine(lm, PROMPTS, 12, temperature=1.0, stop_tokens=(5, 17), logprobs=lps,  # noqa: E731
-                             generator=torch.Generator().manual_seed(0), repeats=2)
+                             generator=torch.Generator().manual_seed(0), repeats=2, compile=False)
     got_lps, want_lps, cache_dtype = [], [], modeling.cache_dtype
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         got = run(got_lps)
         monkeypatch.setattr(modeling, "cache_dtype", lambda x: x.dtype)     # the fp32 cache it replaced
         want = run(want_lps)
