@@ -541,15 +541,32 @@ def generation_policy(model, replica=None):
     low = autocast_dtype(modeling.model_device(model))
     if not dist.is_initialized() and low is None:
         return model
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))   # all-gather
-        model.set_reshard_after_forward(False)
-    else:
-        sd = model.state_dict()
     replica = replica if replica is not None and replica is not model else generation_copy(model, low)
-    replica.load_state_dict(sd)
+    load_weights(replica, model)
+    if dist.is_initialized():
+        model.set_reshard_after_forward(False)
     return replica.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def load_weights(replica, model):
+    """`model`'s weights into `replica`, one tensor at a time: under FSDP each is all-gathered alone
+    (every rank in the same order), so no rank holds a second full fp32 copy of the model at once,
+    as a full state dict would (32 GB for an 8B LLM). The fp32 shards are registered first: a unit
+    left gathered after a forward holds bf16 copies of them under FSDP's mixed precision."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    dst = {**dict(replica.named_parameters(remove_duplicate=False)), **dict(replica.named_buffers())}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        dst.pop(name).copy_(t.full_tensor() if isinstance(t, DTensor) else t)
+    lm = replica.language_model
+    if model.cfg.llm_config.tie_word_embeddings:        # the lm_head: the embedding, tied or (bf16) not
+        dst.pop("language_model.lm_head.weight").copy_(lm.model.embed_tokens.weight)
+    if dst:
+        raise RuntimeError(f"generation copy: the model has no weights for {sorted(dst)}")
 
 
 def generation_copy(model, low):

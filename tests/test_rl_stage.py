@@ -179,6 +179,36 @@ def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatc
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["dlogp"] < 0.05 and seen == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("cast", [False, True])
+def test_the_generation_copy_under_fsdp_holds_the_models_fp32_weights(setup, monkeypatch, sharded_in_bf16, cast):
+    """Under FSDP (a process group of one here, with its bf16 mixed precision) generation_policy fills
+    its copy tensor by tensor: the model's full fp32 weights (with autocast, the LLM's matrices
+    rounded to bf16 once), also when the units were left gathered after a forward (holding bf16
+    copies), and after an update the new ones."""
+    root, _, m, tok, cfg, prompts = setup
+    if cast:
+        monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    cfg = replace(cfg, init_from=str(root / "out" / "longcot"))
+    model, _ = train_stage.place_model(cfg, m.cfg, 0, 1, torch.device("cpu"), lambda *a: None)
+
+    def assert_holds_the_weights(policy):
+        full = modeling.full_state_dict(model)
+        for name, t in policy.state_dict().items():
+            assert torch.equal(t, full[name].to(t.dtype)), name
+        assert {t.dtype for t in policy.state_dict().values()} == ({torch.float32, torch.bfloat16} if cast else
+                                                                   {torch.float32})
+    policy = rl.generation_policy(model)
+    assert_holds_the_weights(policy)
+    with torch.no_grad():
+        for p in model.parameters():                   # an update: the fp32 shards move
+            p.add_(0.01 * torch.randn_like(p))
+        r = prompts[0]
+        model(torch.tensor([r.ids]), r.pixels.to(torch.bfloat16))    # the units stay gathered, in bf16
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert rl.generation_policy(model, policy) is policy
+    assert_holds_the_weights(policy)
+
+
 def test_policy_masks_padded_vocabulary_and_image_tokens(setup):
     """With a model whose vocabulary is larger than the tokenizer's, the policy puts no mass on
     the extra rows; the image tokens get none either; top-p removes the tail."""
