@@ -703,6 +703,7 @@ class Output(NamedTuple):
     n_targets: torch.Tensor | None       # number of those targets
     aux_loss: torch.Tensor | None        # MoE load balancing: this rank's share of the global-batch loss (moe.py)
     router_logits: tuple | None = None   # per MoE layer (B*T, E), with grad; for moe.expert_load logging
+    per_token: list | None = None        # with `per_token`: its outputs per chunk of positions
 
 
 def shifted_cross_entropy(logits, labels):
@@ -719,19 +720,25 @@ CE_CHUNK = 1024      # positions per chunk of the training loss: (1024, V) fp32 
 
 def chunked_cross_entropy(h, weight, labels, chunk: int | None = None):
     """shifted_cross_entropy(h @ weight.T, labels) without the (T, V) logits: final hidden states h
-    (B, T, H) and the lm_head weight (V, H), `chunk` positions at a time. Each chunk's logits are
-    made in the model dtype and upcast to fp32 as the full form does, summed into the CE, dropped,
-    and made again in backward (torch.utils.checkpoint), so one chunk's logits exist at a time
-    instead of the pack's (8k x 152k: 2.5 GB bf16 + 5 GB fp32, and as much again for their grads)."""
+    (B, T, H) and the lm_head weight (V, H), `chunk` positions at a time (over_chunks). Each chunk's
+    logits are made in the model dtype and upcast to fp32 as the full form does, summed into the CE,
+    dropped, and made again in backward, so one chunk's logits exist at a time instead of the
+    pack's (8k x 152k: 2.5 GB bf16 + 5 GB fp32, and as much again for their grads)."""
+    parts = over_chunks(chunk_cross_entropy, h, weight, labels, chunk)
+    # a pack with no position to predict (one token: a micro-batch whose samples all failed to
+    # decode) still gives a loss in the graph, 0 with zero gradients, so backward runs as on every rank
+    ce_sum = torch.stack(parts).sum() if parts else h.float().sum() * 0.0
+    return ce_sum, (labels[:, 1:] != -100).sum()
+
+
+def over_chunks(fn, h, weight, labels, chunk: int | None = None) -> list:
+    """[fn(h_c (C, H), weight (V, H), targets_c (C,)) for each chunk of `chunk` shifted positions]
+    (h (B, T, H) predicts labels[:, 1:]), each under torch.utils.checkpoint: whatever (C, V) logits
+    fn makes exist while it runs, and again in backward."""
     chunk = chunk or CE_CHUNK
     hs = h[:, :-1].reshape(-1, h.shape[-1])                              # (B*(T-1), H)
     tg = labels[:, 1:].reshape(-1)                                        # (B*(T-1),)
-    parts = [maybe_checkpoint(chunk_cross_entropy, True, hs[i:i + chunk], weight, tg[i:i + chunk])
-             for i in range(0, hs.shape[0], chunk)]
-    # a pack with no position to predict (one token: a micro-batch whose samples all failed to
-    # decode) still gives a loss in the graph, 0 with zero gradients, so backward runs as on every rank
-    ce_sum = torch.stack(parts).sum() if parts else hs.float().sum() * 0.0
-    return ce_sum, (tg != -100).sum()
+    return [maybe_checkpoint(fn, True, hs[i:i + chunk], weight, tg[i:i + chunk]) for i in range(0, hs.shape[0], chunk)]
 
 
 def chunk_cross_entropy(h, weight, targets):
@@ -800,15 +807,19 @@ class SAILVL(nn.Module):
         return x.masked_scatter(slots[..., None], vis.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, position_ids=None, cu_seqlens=None,
-                attention_mask=None, return_logits=None) -> Output:
+                attention_mask=None, return_logits=None, per_token=None) -> Output:
         """input_ids (B, T), pixel_values (N_tiles, 3, S, S) | list (AnyRes) | None -> Output. With labels
         (B, T): the summed shifted CE and its target count (`chunked_cross_entropy`), no logits unless
         `return_logits`, and for MoE LLMs the load-balancing term (§2.2), this rank's share (statistics
-        averaged across ranks: a collective). Without labels: the logits."""
+        averaged across ranks: a collective). Without labels: the logits. With labels and `per_token`
+        (RL's policy terms): over_chunks(per_token, ...) in place of the CE, as Output.per_token."""
         x = self.embed(input_ids, pixel_values)
         h, router_logits = self.language_model.run(position_ids=position_ids, cu_seqlens=cu_seqlens,
                                                    inputs_embeds=x, attention_mask=attention_mask)
         lm_head = self.language_model.lm_head
+        if per_token is not None:
+            return Output(None, None, None, None, tuple(router_logits) or None,
+                          over_chunks(per_token, h, lm_head.weight, labels))
         logits = lm_head(h) if (labels is None if return_logits is None else return_logits) else None
         ce_sum = n = aux = None
         if labels is not None:

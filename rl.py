@@ -40,6 +40,7 @@ from typing import Optional, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -760,15 +761,21 @@ def micro_batches(rolls: list, max_tokens: int, img_context_id: int) -> list:
 def completion_logps(model, pack: dict, cfg, n_valid: int, banned=()) -> tuple:
     """Per sample of the pack: the policy's log-probs (L_i,) of its completion tokens and its
     entropy there. A training-mode forward (no dropout in this model), the same code for the old
-    log-probs and the update, so the first update's ratio is exactly 1."""
+    log-probs and the update, so the first update's ratio is exactly 1. The logits are made a chunk
+    of positions at a time and again in backward (model.over_chunks), for the completion tokens
+    only: never the pack's (T, V) (8k x 152k: 2.5 GB in bf16, and the fp32 log-softmax, its exp
+    and their grads 5 GB each)."""
+    def chunk_terms(h, weight, targets):                                  # (C, H), (V, H), (C,)
+        keep = targets != -100
+        return policy_logprobs(F.linear(h[keep], weight), targets[keep], cfg, n_valid, banned)
+
     device = modeling.model_device(model)
     p = train_stage.to_device(pack, device)
     with autocast(device):
-        logits = model(p["input_ids"], p.get("pixel_values"), position_ids=p["position_ids"],
-                       cu_seqlens=p["cu_seqlens"]).logits[0, :-1]                  # (T-1, V)
-    targets = p["labels"][0, 1:]                                                  # (T-1,)
-    keep = targets != -100
-    logp, ent = policy_logprobs(logits[keep], targets[keep], cfg, n_valid, banned)  # (n_completion,)
+        chunks = model(p["input_ids"], p.get("pixel_values"), p["labels"], position_ids=p["position_ids"],
+                       cu_seqlens=p["cu_seqlens"], per_token=chunk_terms).per_token
+    logp, ent = (torch.cat(t) for t in zip(*chunks))                       # (n_completion,) each
+    keep = p["labels"][0, 1:] != -100
     lens = [int(keep[a:b - 1].sum()) for a, b in zip(p["cu_seqlens"][:-1].tolist(), p["cu_seqlens"][1:].tolist())]
     return list(logp.split(lens)), list(ent.split(lens))
 

@@ -90,6 +90,60 @@ def test_rollout_logprobs_equal_the_training_forward(setup, temperature, top_p):
     assert ids.img_context in rl.banned_ids(tok)
 
 
+def test_the_update_forward_never_makes_the_packs_vocabulary_logits(setup, monkeypatch):
+    """completion_logps, the forward of the old log-probs and of every update, makes the logits a
+    chunk of positions at a time, for the completion tokens only, and again in backward: no tensor
+    of (more than a chunk's rows) x V is made or kept for backward. Its log-probs, entropies and
+    the log-probs' gradients are those of the pack's full logits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    _, _, m, tok, cfg, prompts = setup
+    mcfg = copy.deepcopy(m.cfg)
+    mcfg.llm_config.vocab_size = V = 520                 # padded beyond the tokenizer, and no other width
+    torch.manual_seed(0)
+    m = modeling.SAILVL(mcfg)
+    m.init_weights()
+    chunk = 64
+    monkeypatch.setattr(modeling, "CE_CHUNK", chunk)
+    rolls = rl.rollouts(m, tok, prompts[:2], cfg, torch.Generator().manual_seed(0))
+    (pack, idx), = rl.micro_batches(rolls, 10_000, m.cfg.img_context_token_id)
+    T = pack["input_ids"].shape[1]
+    assert T > 4 * chunk and sum(len(r.completion) for r in rolls) > chunk
+
+    H = mcfg.llm_config.hidden_size
+
+    class Rows(TorchDispatchMode):      # the most rows of any (rows, V) tensor an op makes (not the lm_head's
+        most = 0                        # weight gradient, (H, V) before its transpose)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == V and t.shape[0] != H:
+                    Rows.most = max(Rows.most, t.shape[0])
+            return out
+    saved = []
+    with Rows(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        lps, ents = rl.completion_logps(m, pack, cfg, tok.n_vocab, rl.banned_ids(tok))
+        sum((lp * (i + 1)).sum() for i, lp in enumerate(lps)).backward()     # (the loss's; entropy: a stat)
+    assert 0 < Rows.most <= chunk and not [s for s in saved if s[-1:] == (V,)]   # recomputed in backward
+    got = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    with torch.no_grad():                           # the reference: the pack's full logits, then the policy
+        logits = m(pack["input_ids"], pack["pixel_values"], position_ids=pack["position_ids"],
+                   cu_seqlens=pack["cu_seqlens"]).logits[0, :-1]
+    keep = pack["labels"][0, 1:] != -100
+    want_lp, want_ent = rl.policy_logprobs(logits[keep], pack["labels"][0, 1:][keep], cfg, tok.n_vocab,
+                                          rl.banned_ids(tok))
+    torch.testing.assert_close(torch.cat(lps).detach(), want_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(ents).detach(), want_ent, atol=1e-5, rtol=0)
+    logits = m(pack["input_ids"], pack["pixel_values"], position_ids=pack["position_ids"],
+               cu_seqlens=pack["cu_seqlens"]).logits[0, :-1]
+    full_lp, _ = rl.policy_logprobs(logits[keep], pack["labels"][0, 1:][keep], cfg, tok.n_vocab, rl.banned_ids(tok))
+    weights = torch.cat([torch.full((len(lp),), i + 1.0) for i, lp in enumerate(lps)])
+    (full_lp * weights).sum().backward()
+    for g, p in zip(got, m.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_rollouts_updates_and_evaluation_make_every_tensor_on_the_models_device(setup, monkeypatch, on_the_cpu):
     """Dynamic sampling (rollouts, rewards), the updates and the held-out evaluation, run inside
     `torch.device("meta")`: a tensor they made without the model's device would be a meta tensor and
