@@ -386,6 +386,30 @@ def autocast_dtype(device) -> Optional[torch.dtype]:
         return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
+def free_memory(device) -> Optional[int]:
+    """Bytes free on a CUDA device (None elsewhere: the CPU's rollouts are not sized by memory)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def prompts_per_call(cfg, llm, longest: int, G: int, device) -> int:
+    """Prompts per generate call: cfg.batch_rows // G rows' worth, fewer where their memory would
+    pass 80% of the device's free memory. A row holds `longest` + max_new_tokens slots of KV cache
+    in every layer (prefilled once per prompt, then copied into its G rows), and its sampling
+    temporaries (logits, log-softmax, float64 CDF: 32 bytes per vocabulary entry)."""
+    per_call = max(1, cfg.batch_rows // G)
+    free = free_memory(device)
+    if free is None:
+        return per_call
+    itemsize = (autocast_dtype(device) or torch.float32).itemsize        # the cache's dtype
+    kv = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * itemsize * (longest + cfg.max_new_tokens)
+    per_prompt = kv * (G + 1) + 32 * llm.vocab_size * G
+    if per_prompt > 0.8 * free:
+        raise RuntimeError(f"rollouts: one prompt's {G} rows need {per_prompt / 2 ** 30:.1f} GiB (KV cache of "
+                           f"{longest} + {cfg.max_new_tokens} tokens per row) and {free / 2 ** 30:.1f} GiB are free on "
+                           f"{device}: lower --max_new_tokens or --group_size")
+    return min(per_call, int(0.8 * free // per_prompt))
+
+
 def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[int] = None,
              greedy: bool = False, progress: bool = False) -> list:
     """group_size (default cfg.group_size) completions per prompt, prompt after prompt (the layout
@@ -395,7 +419,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
     device = modeling.model_device(policy)
     stop, banned = sample.stop_ids(tok), banned_ids(tok)
     temperature, top_p = (0.0, 1.0) if greedy else (cfg.temperature, cfg.top_p)
-    per_call = max(1, cfg.batch_rows // G)
+    per_call = prompts_per_call(cfg, policy.cfg.llm_config, max((len(p.ids) for p in prompts), default=0), G, device)
     chunks = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
     out = []
     with torch.inference_mode(), autocast(device):

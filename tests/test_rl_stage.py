@@ -90,6 +90,30 @@ def test_rollout_logprobs_equal_the_training_forward(setup, temperature, top_p):
     assert ids.img_context in rl.banned_ids(tok)
 
 
+def test_rollout_calls_are_sized_to_the_free_memory(setup, monkeypatch):
+    """On a GPU each generate call takes as many whole prompts as fit in 80% of the free memory
+    (at most batch_rows rows): per row of the tiny LLM 2 x 4 layers x 2 KV heads x 32 dims x 4
+    bytes (fp32 here; bf16 under CUDA's autocast) per slot, prompt + max_new_tokens slots, G + 1
+    copies per prompt (its prefill, then its G rows), and 32 bytes per vocabulary entry per row
+    for sampling. One prompt that does not fit is a clear error; on the CPU batch_rows alone counts."""
+    _, _, m, tok, cfg, prompts = setup
+    calls = []
+    engine = modeling.generate_from_embeds
+    monkeypatch.setattr(modeling, "generate_from_embeds", lambda lm, embeds, *a, **k: calls.append(len(embeds))
+                        or engine(lm, embeds, *a, **k))
+    cfg = replace(cfg, max_new_tokens=2, batch_rows=128)           # 32 prompts of G = 4 per call by rows
+    longest = max(len(p.ids) for p in prompts[:7])
+    per_prompt = (2 * 4 * 2 * 32 * 4) * (longest + 2) * (4 + 1) + 32 * 512 * 4
+    for free, want in [(None, [7]), (int(per_prompt * 4 / 0.8) - 16, [3, 3, 1]), (int(per_prompt / 0.8) + 16, [1] * 7)]:
+        monkeypatch.setattr(rl, "free_memory", lambda device: free)
+        calls.clear()
+        assert len(rl.rollouts(m, tok, prompts[:7], cfg, torch.Generator().manual_seed(0))) == 28
+        assert calls == want, (free, calls)
+    monkeypatch.setattr(rl, "free_memory", lambda device: int(per_prompt / 0.8) - 16)
+    with pytest.raises(RuntimeError, match="one prompt's 4 rows need .* lower --max_new_tokens or --group_size"):
+        rl.rollouts(m, tok, prompts[:7], cfg, torch.Generator().manual_seed(0))
+
+
 def test_the_update_forward_never_makes_the_packs_vocabulary_logits(setup, monkeypatch):
     """completion_logps, the forward of the old log-probs and of every update, makes the logits a
     chunk of positions at a time, for the completion tokens only, and again in backward: no tensor
