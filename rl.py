@@ -525,7 +525,7 @@ class ModelJudge:
 # Every rank draws the same prompts and keeps its share (prompts r, r + N, ...), samples with its
 # own generator (seed + rank) and trains on its own rollouts; counts and statistics are summed
 # across ranks. Generation runs on a full, unsharded copy of the policy on every rank (refreshed
-# from the FSDP shards, one all-gather per episode): a sharded model would all-gather every layer
+# from the FSDP shards once per episode, tensor by tensor): a sharded model would all-gather every layer
 # at every decode step, and a rank whose rows finish early would stop calling the collectives the
 # others wait in.
 
