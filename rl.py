@@ -1128,7 +1128,7 @@ class RLConfig(train_stage.StageConfig):
     max_new_tokens: int = 512             # generation limit per rollout (a 9-object count_cot chain is ~400 tokens)
     temperature: float = 1.0              # rollout sampling temperature (the policy the loss uses)
     top_p: float = 1.0                    # rollout nucleus sampling (the policy the loss uses)
-    batch_rows: int = 128                 # rollout rows per generate call, at most (a GPU: what fits in 80% free)
+    batch_rows: int = 128                 # rollout rows per generate call, at most (a GPU takes fewer if they do not fit)
     compile: str = "auto"                 # the rollout engine under torch.compile: auto (on CUDA, not on CPU) | true | false | graphs (compiled, its decode step as CUDA graphs)
     max_sampling_rounds: int = 3          # dynamic sampling: rounds of fresh prompts before training on what is there
     max_tokens: int = 4096                # tokens per packed update micro-batch
