@@ -601,15 +601,17 @@ def generation_copy(model, low):
     2 suffice; every expert of an MoE layer, not only the routed ones); pre-cast once per episode
     the products are the same (the same rounding), and the lm_head is a bf16 matrix of its own where
     the embedding is tied (the lookup stays fp32, as autocast leaves it)."""
-    with torch.device("meta"):
+    with torch.device("meta"):                  # cast before allocating: never a full fp32 copy at once
         replica = modeling.SAILVL(model.cfg)
+        lm = replica.language_model
+        if low is not None:
+            lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.lm_head.weight))   # its own
+            for m in lm.modules():
+                if isinstance(m, (torch.nn.Linear, moe.Experts)):
+                    m.to(low)
     replica = replica.to_empty(device=modeling.model_device(model))
     lm = replica.language_model
-    if low is not None:
-        for m in lm.modules():
-            if isinstance(m, (torch.nn.Linear, moe.Experts)):
-                m.to(low)
-    elif model.cfg.llm_config.tie_word_embeddings:
+    if low is None and model.cfg.llm_config.tie_word_embeddings:
         lm.lm_head.weight = lm.model.embed_tokens.weight
     return replica
 

@@ -214,14 +214,28 @@ def test_under_autocast_rollouts_run_on_a_copy_with_the_llms_matrices_in_bf16(se
     LLM's Linear weights and MoE experts held in bf16 (autocast would cast each of them in every
     decode step), the lm_head untied from the fp32 embedding, the rest fp32. Its rollouts are the
     fp32 model's under autocast, tokens and log-probs, dense and MoE; refreshed after an update it
-    holds the new weights."""
+    holds the new weights. Making it never allocates more fp32 than the copy keeps (the matrices are
+    cast before they are allocated)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
     _, _, m, tok, cfg, prompts = setup
     monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     rollouts = lambda policy: [(r.completion, r.rollout_logp) for r in rl.rollouts(  # noqa: E731
         policy, tok, prompts[:2], cfg, torch.Generator().manual_seed(0))]
+
+    class Fp32Bytes(TorchDispatchMode):           # bytes of the fp32 tensors that allocations make
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.startswith("empty") and out.dtype == torch.float32 and not out.is_meta:
+                Fp32Bytes.total += out.nbytes
+            return out
     for model in (copy.deepcopy(m), modeling.build_model("tiny-moe", seed=1)):
-        policy = rl.generation_policy(model)
+        Fp32Bytes.total = 0
+        with Fp32Bytes():
+            policy = rl.generation_policy(model)
         lm = policy.language_model
+        assert Fp32Bytes.total == sum(p.nbytes for p in policy.parameters() if p.dtype == torch.float32)
         matrices = {f"language_model.{name}.{p}" for name, mod in lm.named_modules()
                     if isinstance(mod, (torch.nn.Linear, moe.Experts)) for p, _ in mod.named_parameters()}
         assert {n for n, p in policy.named_parameters() if p.dtype == torch.bfloat16} == matrices
