@@ -587,9 +587,10 @@ def load_weights(replica, model):
     dst = {**dict(replica.named_parameters(remove_duplicate=False)), **dict(replica.named_buffers())}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         dst.pop(name).copy_(t.full_tensor() if isinstance(t, DTensor) else t)
-    lm = replica.language_model
-    if model.cfg.llm_config.tie_word_embeddings:        # the lm_head: the embedding, tied or (bf16) not
-        dst.pop("language_model.lm_head.weight").copy_(lm.model.embed_tokens.weight)
+    if model.cfg.llm_config.tie_word_embeddings:        # the lm_head: the embedding itself, or a bf16 copy of it
+        head, embed = dst.pop("language_model.lm_head.weight"), replica.language_model.model.embed_tokens.weight
+        if head is not embed:
+            head.copy_(embed)
     if dst:
         raise RuntimeError(f"generation copy: the model has no weights for {sorted(dst)}")
 
@@ -609,8 +610,7 @@ def generation_copy(model, low):
             for m in lm.modules():
                 if isinstance(m, (torch.nn.Linear, moe.Experts)):
                     m.to(low)
-    replica = replica.to_empty(device=modeling.model_device(model))
-    lm = replica.language_model
+    replica = replica.to_empty(device=modeling.model_device(model))    # in place: `lm` stays valid
     if low is None and model.cfg.llm_config.tie_word_embeddings:
         lm.lm_head.weight = lm.model.embed_tokens.weight
     return replica
