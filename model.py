@@ -187,19 +187,6 @@ class KVCache:
         self.valid = self.valid[:n]
 
 
-def decode_attention(q, k, v, mask):
-    """SDPA for one query per row, as the compiled decode step runs it on the CPU: q (B, H, 1, hd),
-    k, v (B, Hkv, S, hd), mask (B, 1, 1, S) -> (B, H, 1, hd). The scores are one batched product (a KV
-    head's G queries at once), the weighted sum of the values products and a sum that inductor fuses
-    with the softmax into loops over each row's cache. SDPA's CPU kernel pays a fixed cost for every
-    (row, head), which a decode step's short rows never amortise (`tests/bench.py rollout`)."""
-    B, H, _, hd = q.shape
-    q = q.reshape(B, k.shape[1], H // k.shape[1], hd).to(k.dtype)        # (B, Hkv, G, hd): a KV head's queries
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * hd ** -0.5   # (B, Hkv, G, S)
-    p = scores.masked_fill(~mask.reshape(B, 1, 1, -1), float("-inf")).softmax(-1)
-    return (p[..., None] * v[:, :, None]).sum(-2).reshape(B, H, 1, hd).to(v.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig, layer: int):
         super().__init__()
@@ -227,10 +214,7 @@ class Attention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)
             if cache is not None:
                 k, v = cache.update(self.layer, k, v)                    # (B, Hkv, S, hd)
-            if T == 1 and mask is not None and q.device.type == "cpu" and torch.compiler.is_compiling():
-                out = decode_attention(q, k, v, mask)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
             out = out.reshape(B, -1, T, hd).transpose(1, 2)              # (B, T, H, hd)
         return self.o_proj(out.reshape(B, T, -1))
 

@@ -813,20 +813,18 @@ def print_decode_steps(res: dict, names: list, steps: int):
 def step_profile(call, first, steps: int) -> dict:
     """Self CPU seconds per decode step of the compiled engine by kind, from torch.profiler: (the
     whole call - a 1-token call) / steps, each call the least of 3 profiled. Products: aten::mm;
-    attention scores: aten::bmm (modeling.decode_attention's q·K, one product per KV head; SDPA
-    where the step runs it); fused kernels: inductor's compiled graph (its C++ kernels report no
-    events of their own; the attention's softmax and weighted sum of values among them); guards:
-    Dynamo's cache lookup; other: every other op (the loop's bookkeeping, sampling's ops inductor
-    leaves to aten, allocations)."""
+    attention: SDPA; fused kernels: inductor's compiled graph (its C++ kernels report no events of
+    their own); guards: Dynamo's cache lookup; other: every other op (the loop's bookkeeping,
+    sampling's ops inductor leaves to aten, allocations)."""
     from torch.profiler import ProfilerActivity, profile
 
     def kinds(fn):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
-        out = dict.fromkeys(("products", "attention scores", "fused kernels", "guards", "other"), 0.0)
+        out = dict.fromkeys(("products", "attention", "fused kernels", "guards", "other"), 0.0)
         for e in prof.key_averages():
-            kind = ("products" if e.key in ("aten::mm", "aten::addmm") else
-                    "attention scores" if e.key == "aten::bmm" or "scaled_dot_product" in e.key else
+            kind = ("products" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else
+                    "attention" if "scaled_dot_product" in e.key else
                     "fused kernels" if e.key.startswith("## Call CompiledFxGraph") else
                     "guards" if e.key == "TorchDynamo Cache Lookup" else "other")
             out[kind] += e.self_cpu_time_total / 1e6
@@ -835,10 +833,9 @@ def step_profile(call, first, steps: int) -> dict:
     return {k: (whole[k] - one[k]) / steps for k in whole}
 
 
-def attention_alone(attend, q, kv, mask, evict=None) -> float:
-    """Seconds of attend(q, k, v, mask) over each layer's (k, v) once, the fastest of 30 rounds;
-    evict(): run before each call and not timed (writing more than the last-level cache holds
-    leaves the KV cold)."""
+def attention_alone(q, kv, mask, evict=None) -> float:
+    """Seconds of SDPA over each layer's (k, v) once, the fastest of 30 rounds; evict(): run before
+    each call and not timed (writing more than the last-level cache holds leaves the KV cold)."""
     best = math.inf
     for _ in range(30):
         total = 0.0
@@ -846,7 +843,7 @@ def attention_alone(attend, q, kv, mask, evict=None) -> float:
             if evict is not None:
                 evict()
             t0 = time.perf_counter()
-            attend(q, k, v, mask)
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
             total += time.perf_counter() - t0
         best = min(best, total)
     return best
@@ -855,10 +852,9 @@ def attention_alone(attend, q, kv, mask, evict=None) -> float:
 def print_step_breakdown(lm, rows: list, n: int, step_s: float, call, first):
     """Where a compiled decode step's `step_s` goes (--breakdown): a profile of the real call
     (step_profile), and beside it the step's matrix products run alone (each F.linear at the
-    batch's rows, eager) and its attention run alone over each layer's KV cache at the call's mean
-    length: modeling.decode_attention compiled, as the step runs it on the CPU, and SDPA, which it
-    replaced there, the latter with the cache warm and with it evicted before each call (in the
-    step each layer's cache is read once and the rest of the step runs in between); the rates
+    batch's rows, eager) and its attention run alone (SDPA over each layer's KV cache at the call's
+    mean length), with the cache warm and with it evicted before each call, as in the step, where
+    each layer's cache is read once per step and the rest of the step runs in between; the rates
     beside this machine's: one 2048² product, one 256 MB copy (read + write)."""
     cfg, B, L = lm.cfg, len(rows), rows[0].shape[0]
     S, Hkv, hd, dev = L + n // 2, cfg.num_key_value_heads, cfg.head_dim, rows[0].device
@@ -872,10 +868,7 @@ def print_step_breakdown(lm, rows: list, n: int, step_s: float, call, first):
     kv_bytes = sum(t.numel() for t in kv) * 4
     a, big, out = torch.randn(2048, 2048), torch.randn(2 ** 26), torch.empty(2 ** 26)
     flush = torch.empty(2 ** 24)                     # 64 MB written before each call: twice this machine's L3
-    sdpa = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)  # noqa: E731
-    ours = torch.compile(modeling.decode_attention, dynamic=True)
-    warm, cold = attention_alone(sdpa, q, kv, mask), attention_alone(sdpa, q, kv, mask, evict=lambda: flush.fill_(0))
-    compiled = attention_alone(ours, q, kv, mask)
+    warm, cold = attention_alone(q, kv, mask), attention_alone(q, kv, mask, evict=lambda: flush.fill_(0))
     peak = 2 * 2048 ** 3 / timed(lambda: a @ a, kernel=True)
     copy = 2 * big.numel() * 4 / timed(lambda: out.copy_(big), kernel=True)
     prof = step_profile(call, first, n - 1)
@@ -883,13 +876,11 @@ def print_step_breakdown(lm, rows: list, n: int, step_s: float, call, first):
     print(f"  the compiled step's {1e3 * step_s:.2f} ms, profiled ({1e3 * sum(prof.values()):.2f} ms with the "
           f"profiler's own cost): matrix products {1e3 * prof['products']:.2f} ms "
           f"({flop / prof['products'] / 1e9:.0f} GFLOP/s; run alone {1e3 * products:.2f} ms, "
-          f"{flop / products / 1e9:.0f} GFLOP/s; one 2048² product: {peak / 1e9:.0f}), attention scores "
-          f"{1e3 * prof['attention scores']:.2f} ms, inductor's fused kernels {1e3 * prof['fused kernels']:.2f} ms "
-          f"(the attention's softmax and weighted values among them), Dynamo's guards {1e3 * prof['guards']:.2f} ms, "
-          f"other ops {1e3 * prof['other']:.2f} ms. The attention alone over {kv_bytes / 1e6:.1f} MB of cache: "
-          f"decode_attention compiled {1e3 * compiled:.2f} ms ({gb(compiled)}), SDPA {1e3 * warm:.2f} ms with the "
-          f"cache warm ({gb(warm)}), {1e3 * cold:.2f} ms with it evicted ({gb(cold)}); a 256 MB copy: "
-          f"{copy / 1e9:.1f} GB/s")
+          f"{flop / products / 1e9:.0f} GFLOP/s; one 2048² product: {peak / 1e9:.0f}), attention "
+          f"{1e3 * prof['attention']:.2f} ms ({kv_bytes / 1e6:.1f} MB of cache at {gb(prof['attention'])}; run alone "
+          f"{1e3 * warm:.2f} ms with the cache warm, {gb(warm)}, {1e3 * cold:.2f} ms with it evicted, {gb(cold)}; "
+          f"a 256 MB copy: {copy / 1e9:.1f} GB/s), inductor's fused kernels {1e3 * prof['fused kernels']:.2f} ms, "
+          f"Dynamo's guards {1e3 * prof['guards']:.2f} ms, other ops {1e3 * prof['other']:.2f} ms")
 
 
 def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None, compile=True) -> dict:
@@ -1127,8 +1118,8 @@ def add_model_benches(sub):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd engine")
     p.add_argument("--breakdown", action="store_true", help="text case: a profile of a compiled decode step by "
-                   "kind (products, attention scores, fused kernels, guards, other ops), the products and the "
-                   "attention also timed alone (decode_attention compiled; SDPA with the cache warm and evicted)")
+                   "kind (products, attention, fused kernels, guards, other ops), the products and the attention "
+                   "also timed alone (the attention with its cache warm and evicted)")
     p.add_argument("--device", default="cpu", help="cpu | cuda: where the engines run (the episode part: CPU)")
     p.add_argument("--episode-procs", type=int, default=2, help="processes of the episode-scaling part (0 = skip)")
     p.add_argument("--episode-prompts", type=int, default=32, help="prompts of that episode (x G rollouts)")

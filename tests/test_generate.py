@@ -245,25 +245,6 @@ def test_compiled_step_gives_the_same_tokens_as_eager():
     assert len({len(r) for r in out[True][0]}) > 2                       # rows left the batch at different steps
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-def test_the_cpu_decode_attention_is_sdpa(kv_dtype):
-    """modeling.decode_attention, the compiled CPU decode step's attention, against SDPA itself: GQA
-    (3 query heads per KV head), rows of different padding, one row that sees a single slot; with a
-    bf16 cache (under autocast) q stays fp32 and the output is bf16, as autocast gives SDPA."""
-    g = torch.Generator().manual_seed(0)
-    B, H, Hkv, S, hd = 5, 6, 2, 37, 16
-    q = torch.randn(B, H, 1, hd, generator=g)
-    k, v = (torch.randn(B, Hkv, S, hd, generator=g).to(kv_dtype) for _ in range(2))
-    mask = torch.arange(S)[None] >= torch.tensor([0, 3, 11, 36, 20])[:, None]     # left padding per row
-    mask = mask[:, None, None]                                                    # (B, 1, 1, S)
-    want = torch.nn.functional.scaled_dot_product_attention(q.to(kv_dtype), k, v, attn_mask=mask, enable_gqa=True)
-    got = modeling.decode_attention(q, k, v, mask)
-    assert got.dtype == want.dtype and got.shape == want.shape
-    tol = 1e-6 if kv_dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    torch.testing.assert_close(got[3].float(), v[3, :, -1:].repeat_interleave(3, 0).float(), atol=tol, rtol=tol)
-
-
 def nan_filled_caches(monkeypatch):
     """From now on each new KV cache's buffers hold NaN, which any read of an unwritten slot spreads."""
     init = modeling.KVCache.__init__
