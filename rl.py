@@ -514,8 +514,10 @@ class ModelJudge:
     def __call__(self, question, thinking, answer, reference) -> float:
         text = self.PROMPT.format(q=question[:500], t=(thinking or "")[:1500], a=(answer or "")[:200],
                                   r=(reference or "")[:200])
-        s = data.prompt_inputs(self.tok, self.dcfg, text)
-        logits = self.model(s["input_ids"][None].to(self.device)).logits[0, -1].float()
+        ids = data.prompt_inputs(self.tok, self.dcfg, text)["input_ids"][None].to(self.device)
+        lm = self.model.language_model
+        h, _ = lm.run(ids)                                               # (1, T, H): logits at the last position only
+        logits = lm.lm_head(h[0, -1]).float()
         return float(torch.softmax(logits[[self.yes, self.no]], -1)[0])
 
 

@@ -627,18 +627,27 @@ def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, 
 
 
 def test_model_judge_is_the_probability_of_yes(setup):
+    """P(yes) / (P(yes) + P(no)) at the prompt's last position: equal to the full forward's, read from
+    the last position's hidden state alone (never the prompt's (T, V) logits)."""
     root, synth, m, tok, cfg, prompts = setup
     judge = rl.ModelJudge(str(root / "out" / "longcot"))
     p = judge("How many?", "I see 3.", "3", "3")
-    assert 0.0 <= p <= 1.0 and judge("How many?", "I see 3.", "3", "3") == p
+    ids = data.prompt_inputs(judge.tok, judge.dcfg, rl.ModelJudge.PROMPT.format(q="How many?", t="I see 3.", a="3",
+                                                                              r="3"))["input_ids"][None]
+    with torch.no_grad():
+        want = torch.softmax(judge.model(ids).logits[0, -1][[judge.yes, judge.no]], -1)[0].item()
+    assert p == pytest.approx(want, abs=1e-6) and 0.0 < p < 1.0
 
-    class Leaning(torch.nn.Module):            # a model that prefers "yes" by 2 nats
-        def forward(self, ids):
-            logits = torch.zeros(1, ids.shape[1], tok.n_vocab)
-            logits[0, -1, judge.yes] = 2.0
-            return modeling.Output(logits, None, None, None)
-    judge.model = Leaning()
+    class Leaning(torch.nn.Module):            # an lm_head that prefers "yes" by 2 nats
+        def forward(self, h):
+            seen.append(tuple(h.shape))
+            logits = torch.zeros(*h.shape[:-1], tok.n_vocab)
+            logits[..., judge.yes] = 2.0
+            return logits
+    seen = []
+    judge.model.language_model.lm_head = Leaning()
     assert judge("q", "t", "a", "r") == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item(), abs=1e-6)
+    assert seen == [(judge.model.cfg.llm_config.hidden_size,)]
 
 
 # ----------------------------------------------------------------------------------------------
