@@ -45,7 +45,8 @@ def on_the_cpu():
     """on_the_cpu(fn) -> fn run with the CPU as the default device. The device tests run the code a
     GPU runs inside `torch.device("meta")` (a tensor made without a device has no data there, and
     meeting the model's tensors it raises); what they wrap with this is the data side, whose
-    tensors are CPU tensors by design."""
+    tensors are CPU tensors by design, and the optimizer's step: torch.optim keeps Adam's step
+    counters on the default device, the CPU in a real run (torch 2.11 reads them with .item())."""
     def wrap(fn):
         def run(*args, **kwargs):
             with torch.device("cpu"):

@@ -182,6 +182,7 @@ def test_rollouts_updates_and_evaluation_make_every_tensor_on_the_models_device(
                                            "train"), range(8), 0)
     pool.take = on_the_cpu(pool.take)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    opt.step = on_the_cpu(opt.step)           # torch.optim's own step counters (conftest.on_the_cpu)
     before = [p.detach().clone() for p in m.parameters()]
     with torch.device("meta"):
         rl.sample_groups(m, tok, pool, cfg, torch.Generator().manual_seed(0))
@@ -264,10 +265,12 @@ def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatc
     seen = set()                                                  # the weights the sharded forward computes with
     model.language_model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda mod, args: seen.add(mod.weight.dtype))
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt.step = on_the_cpu(opt.step)           # torch.optim's own step counters (conftest.on_the_cpu)
     with torch.device("meta"):
         rolls = on_the_cpu(scored)(rl.rollouts(rl.generation_policy(model), tok, prompts[:2], cfg,
                                                torch.Generator().manual_seed(0)), [0.0, 1.0] * 4)
-        st = rl.update_episode(model.train(), torch.optim.AdamW(params, lr=1e-3), params, rolls, cfg, tok, rolls[0])
+        st = rl.update_episode(model.train(), opt, params, rolls, cfg, tok, rolls[0])
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["dlogp"] < 0.05 and seen == {torch.bfloat16}
 
 

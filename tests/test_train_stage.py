@@ -145,7 +145,8 @@ def test_stage_learns_on_fixed_data_and_trains_only_the_papers_modules(stage, sy
 
 @pytest.mark.parametrize("stage,options", [("sft4", ["--ac=block"]), ("pretrain2", ["--preset=tiny-moe"]),
                                            ("sft1", ["--preset=tiny-anyres"])])
-def test_the_step_and_the_held_out_loss_make_every_tensor_on_the_models_device(stage, options, synth, tmp_path):
+def test_the_step_and_the_held_out_loss_make_every_tensor_on_the_models_device(stage, options, synth, tmp_path,
+                                                                              on_the_cpu):
     """The training step and the held-out loss (images, video frames, AnyRes, MoE routing,
     activation checkpointing), run inside `torch.device("meta")`: a tensor they made without the
     model's device would be a meta tensor (no data) and raise on meeting the model's, as a CPU
@@ -157,15 +158,18 @@ def test_the_step_and_the_held_out_loss_make_every_tensor_on_the_models_device(s
     packs = train_stage.build_batches(cfg, mcfg, data.load_tokenizer(None), "train", 0, 1, verbose=False).next()
     params = [p for p in model.parameters() if p.requires_grad]
     held_out = type("HeldOut", (), {"next": lambda self: packs})
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt.step = on_the_cpu(opt.step)           # torch.optim's own step counters (conftest.on_the_cpu)
     with torch.device("meta"):
-        res = train_stage.train_step(model, torch.optim.AdamW(params, lr=1e-3),
-                                     [train_stage.to_device(p, CPU) for p in packs], params, 1.0, 1, CPU, NOCAST)
+        res = train_stage.train_step(model, opt, [train_stage.to_device(p, CPU) for p in packs], params, 1.0, 1,
+                                     CPU, NOCAST)
         loss = train_stage.evaluate(model, held_out, 1, CPU, NOCAST)
     assert math.isfinite(res["loss"]) and not res["skipped"] and math.isfinite(loss)
 
 
 @pytest.mark.parametrize("stage,preset", [("sft4", "tiny"), ("pretrain2", "tiny-moe"), ("sft1", "tiny-anyres")])
-def test_the_sharded_step_trains_under_fsdp2s_bf16_mixed_precision(stage, preset, synth, tmp_path, sharded_in_bf16):
+def test_the_sharded_step_trains_under_fsdp2s_bf16_mixed_precision(stage, preset, synth, tmp_path, sharded_in_bf16,
+                                                                   on_the_cpu):
     """Sharded runs on CUDA compute with bf16 copies of the weights and reduce gradients in fp32
     (FSDP2's MixedPrecisionPolicy, set by place_model on CUDA only); here the same on CPU, in a
     process group of one, with activation checkpointing, inside `torch.device("meta")` as the test
@@ -181,6 +185,7 @@ def test_the_sharded_step_trains_under_fsdp2s_bf16_mixed_precision(stage, preset
     model, _ = train_stage.place_model(cfg, mcfg, 0, 1, CPU, lambda *a: None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
+    opt.step = on_the_cpu(opt.step)           # torch.optim's own step counters (conftest.on_the_cpu)
     with torch.device("meta"):
         losses = [train_stage.train_step(model, opt, packs, params, 1.0, 1, CPU, NOCAST)["loss"] for _ in range(3)]
     assert next(model.language_model.model.layers[0].parameters()).dtype == torch.float32   # fp32 shards
