@@ -1542,3 +1542,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    train_stage.exit_process()

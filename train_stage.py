@@ -517,6 +517,20 @@ def shutdown_distributed():
         dist.destroy_process_group()
 
 
+def exit_process(code: int = 0):
+    """A command's last step once main() has returned: leave without the interpreter's finalization.
+    gloo's worker threads (and autograd's device threads) may still drop the last reference to a
+    tensor Python owns; that needs the GIL, and CPython ends a thread that asks for it while the
+    interpreter shuts down with pthread_exit, whose unwind through a C++ destructor aborts the
+    process ("terminate called without an active exception", SIGABRT) after the run finished and
+    wrote its files, so torchrun reports a failed run (pytorch/pytorch#190489). Every file a run
+    writes is closed by then; what it printed is flushed here. Not part of main(): tests call
+    main() in their own process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def print0(rank, *a, **k):
     if rank == 0:
         print(*a, **k, flush=True)
@@ -1461,3 +1475,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_process()

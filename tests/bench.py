@@ -1007,6 +1007,7 @@ def rl_episode_worker(args):
     if rank == 0:
         print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2)}))
     train_stage.shutdown_distributed()
+    train_stage.exit_process()
 
 
 # ----------------------------------------------------------------------------------------------

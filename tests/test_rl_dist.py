@@ -68,22 +68,14 @@ def _update_worker(rank, world, init_file, out_dir, root, synth):
     sd = modeling.full_state_dict(model)
     if rank == 0:
         torch.save({"sd": sd, "loss": st["loss"], "updates": st["updates"]}, os.path.join(out_dir, f"world{world}.pt"))
-    open(os.path.join(out_dir, f"done{world}-{rank}"), "w").close()      # this rank's work is complete
-    if world > 1:
-        train_stage.shutdown_distributed()
+    train_stage.shutdown_distributed()
+    train_stage.exit_process()                                            # as the command lines end
 
 
 def test_two_ranks_give_the_update_of_one(ckpt, synth, tmp_path):
     for world in (1, 2):
-        try:
-            mp.spawn(_update_worker, args=(world, str(tmp_path / f"init{world}"), str(tmp_path), ckpt, synth),
-                     nprocs=world, join=True)
-        except mp.ProcessExitedException:
-            # A worker killed by SIGABRT ("terminate called without an active exception") while gloo
-            # tears down, after every rank finished its work, was seen once in ~10 runs on 2026-12-05
-            # (cause not found; README, "Not done"). Tolerated only then: the results are complete.
-            if not all((tmp_path / f"done{world}-{r}").exists() for r in range(world)):
-                raise
+        mp.spawn(_update_worker, args=(world, str(tmp_path / f"init{world}"), str(tmp_path), ckpt, synth),
+                 nprocs=world, join=True)
     one, two = (torch.load(tmp_path / f"world{w}.pt", weights_only=True) for w in (1, 2))
     assert one["updates"] == two["updates"] == 4
     assert abs(one["loss"] - two["loss"]) <= 1e-6 * max(1.0, abs(one["loss"]))
