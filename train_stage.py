@@ -509,9 +509,8 @@ def setup_distributed(group: bool = False):
 
 
 def shutdown_distributed():
-    """Every rank waits for the others, then tears the process group down. Without the barrier a
-    rank that finished first closes its gloo connections while the other still uses them, and
-    gloo's background thread aborts that process (SIGABRT, seen in ~1 of 3 two-process runs)."""
+    """Every rank waits for the others, then tears the process group down: no rank closes its
+    connections while another still uses them. The command then ends with exit_process."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
