@@ -516,7 +516,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     assert out[0][:2] == out[1][:2], out                       # same decisions on both ranks
     print("rank", rank, "ok", shapes, flush=True)
     dist.barrier()                                             # neither rank tears gloo down under the other
-    os._exit(0)     # skip gloo's teardown: its threads can abort ("terminate called") as the peer exits first
+    os._exit(0)     # no interpreter finalization, where gloo's worker thread can abort it (train_stage.exit_process)
 """)
 
 
