@@ -1541,5 +1541,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    train_stage.exit_process()
+    train_stage.run_command(main)

@@ -530,6 +530,19 @@ def exit_process(code: int = 0):
     os._exit(code)
 
 
+def run_command(main):
+    """A command line's entry: main(), then exit_process with its status, a SystemExit's (fail's
+    one-line errors) included, so that an error's status is not lost to the same abort either."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            exit_process(e.code or 0)
+        print(e.code, file=sys.stderr)
+        exit_process(1)
+    exit_process(0)
+
+
 def print0(rank, *a, **k):
     if rank == 0:
         print(*a, **k, flush=True)
@@ -1473,5 +1486,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    exit_process()
+    run_command(main)
