@@ -1007,7 +1007,6 @@ def rl_episode_worker(args):
     if rank == 0:
         print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2)}))
     train_stage.shutdown_distributed()
-    train_stage.exit_process()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1156,4 +1155,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    train_stage.run_command(main)
