@@ -542,6 +542,38 @@ def on_device(pixels, device):
     return None if pixels is None else pixels.to(device)
 
 
+# What products compute in, per device type: bf16 on CUDA (the one-process trainer's autocast, RL's
+# rollouts and updates, the evaluation's generation), fp32 where a type is absent (the CPU: its bf16
+# products are slow).
+COMPUTE_DTYPE = {"cuda": torch.bfloat16}
+
+
+def compute_dtype(device) -> Optional[torch.dtype]:
+    """The dtype `autocast(device)` computes products in; None where it is off (fp32)."""
+    return COMPUTE_DTYPE.get(torch.device(device).type)
+
+
+def autocast(device):
+    """Autocast to the device's COMPUTE_DTYPE; off where it has none."""
+    dt = compute_dtype(device)
+    return torch.autocast(torch.device(device).type, dtype=dt or torch.bfloat16, enabled=dt is not None)
+
+
+def hold_matrices_in(lm: Qwen3LM, dtype):
+    """The LLM's matrices (its Linear layers and MoE experts) held in `dtype`, for generation under
+    autocast to it, in place (a meta model too: nothing is allocated then). Autocast casts an fp32
+    weight at every use: every matrix in every decode step (4 bytes read, 2 written, 2 read again
+    where 2 suffice), every expert of an MoE layer, routed or not. Cast once, the products are the
+    same (the same rounding). A tied lm_head gets a copy of its own; the embedding lookup stays
+    fp32, as autocast leaves it."""
+    if lm.cfg.tie_word_embeddings:
+        lm.lm_head.weight = nn.Parameter(lm.model.embed_tokens.weight.detach().to(dtype, copy=True),
+                                         requires_grad=False)
+    for m in lm.modules():
+        if isinstance(m, (nn.Linear, moe.Experts)):
+            m.to(dtype)
+
+
 def device_generator(generator, device):
     """The generator for draws on `device`: the given one when it lives there, else (a CPU
     generator handed to a CUDA model) a generator on `device` seeded by one draw from the given

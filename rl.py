@@ -45,7 +45,6 @@ from tqdm import tqdm
 
 import data
 import model as modeling
-import moe
 import packing
 import sample
 import train_stage
@@ -375,17 +374,6 @@ def policy_logprobs(logits, targets, cfg, n_valid: int, banned) -> tuple:
     return logp_all.gather(1, targets[:, None])[:, 0], entropy
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (as the trainer computes), plain fp32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def autocast_dtype(device) -> Optional[torch.dtype]:
-    """The dtype `autocast(device)` computes products in, None where it is off."""
-    with autocast(device):
-        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-
-
 def free_memory(device) -> Optional[int]:
     """Bytes free on a CUDA device (None elsewhere: the CPU's rollouts are not sized by memory)."""
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -400,7 +388,7 @@ def prompts_per_call(cfg, llm, longest: int, G: int, device) -> int:
     free = free_memory(device)
     if free is None:
         return per_call
-    itemsize = (autocast_dtype(device) or torch.float32).itemsize        # the cache's dtype
+    itemsize = (modeling.compute_dtype(device) or torch.float32).itemsize        # the cache's dtype
     kv = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * itemsize * (longest + cfg.max_new_tokens)
     per_prompt = kv * (G + 1) + 32 * llm.vocab_size * G
     if per_prompt > 0.8 * free:
@@ -422,7 +410,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
     per_call = prompts_per_call(cfg, policy.cfg.llm_config, max((len(p.ids) for p in prompts), default=0), G, device)
     chunks = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
     out = []
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), modeling.autocast(device):
         for chunk in tqdm(chunks, desc="rollouts", disable=not progress, leave=False):
             flat = torch.tensor([t for p in chunk for t in p.ids], device=device)[None]
             pixels = modeling.on_device(sample.concat_pixels([p.pixels for p in chunk]), device)
@@ -505,9 +493,8 @@ class ModelJudge:
               "Is the reasoning sound and does it lead to the answer? Answer yes or no.")
 
     def __init__(self, ckpt: str, device=None):
-        self.model, self.tok, self.dcfg = sample.load(ckpt)
         self.device = device or torch.device("cpu")
-        self.model.to(self.device)
+        self.model, self.tok, self.dcfg = sample.load(ckpt, self.device)     # on CUDA its matrices in bf16
         self.yes, self.no = data.encode(self.tok, "yes")[0], data.encode(self.tok, "no")[0]
 
     @torch.no_grad()
@@ -516,8 +503,9 @@ class ModelJudge:
                                   r=(reference or "")[:200])
         ids = data.prompt_inputs(self.tok, self.dcfg, text)["input_ids"][None].to(self.device)
         lm = self.model.language_model
-        h, _ = lm.run(ids)                                               # (1, T, H): logits at the last position only
-        logits = lm.lm_head(h[0, -1]).float()
+        with modeling.autocast(self.device):
+            h, _ = lm.run(ids)                                           # (1, T, H): logits at the last position only
+            logits = lm.lm_head(h[0, -1]).float()
         return float(torch.softmax(logits[[self.yes, self.no]], -1)[0])
 
 
@@ -565,7 +553,7 @@ def generation_policy(model, replica=None):
     each unit gathered from its forward to its backward, and update_episode from an update's first
     micro-batch to its last (one all-gather per unit and update, where FSDP's default is two per
     unit and micro-batch)."""
-    low = autocast_dtype(modeling.model_device(model))
+    low = modeling.compute_dtype(modeling.model_device(model))
     if not dist.is_initialized() and low is None:
         return model
     replica = replica if replica is not None and replica is not model else generation_copy(model, low)
@@ -598,20 +586,13 @@ def load_weights(replica, model):
 
 
 def generation_copy(model, low):
-    """An empty SAILVL like `model` on its device. Given autocast's dtype `low`, the LLM's matrices
-    (its Linear layers and MoE experts) are held in it: autocast casts them at every use, i.e. every
-    matrix of the model in every decode step (4 bytes read, 2 written, 2 read again per weight where
-    2 suffice; every expert of an MoE layer, not only the routed ones); pre-cast once per episode
-    the products are the same (the same rounding), and the lm_head is a bf16 matrix of its own where
-    the embedding is tied (the lookup stays fp32, as autocast leaves it)."""
+    """An empty SAILVL like `model` on its device; given autocast's dtype `low`, its LLM's matrices
+    held in it (model.hold_matrices_in: cast once per episode, not in every decode step)."""
     with torch.device("meta"):                  # cast before allocating: never a full fp32 copy at once
         replica = modeling.SAILVL(model.cfg)
         lm = replica.language_model
         if low is not None:
-            lm.lm_head.weight = torch.nn.Parameter(torch.empty_like(lm.lm_head.weight))   # its own
-            for m in lm.modules():
-                if isinstance(m, (torch.nn.Linear, moe.Experts)):
-                    m.to(low)
+            modeling.hold_matrices_in(lm, low)
     replica = replica.to_empty(device=modeling.model_device(model))    # in place: `lm` stays valid
     if low is None and model.cfg.llm_config.tie_word_embeddings:
         lm.lm_head.weight = lm.model.embed_tokens.weight
@@ -799,7 +780,7 @@ def completion_logps(model, pack: dict, cfg, n_valid: int, banned=()) -> tuple:
 
     device = modeling.model_device(model)
     p = train_stage.to_device(pack, device)
-    with autocast(device):
+    with modeling.autocast(device):
         chunks = model(p["input_ids"], p.get("pixel_values"), p["labels"], position_ids=p["position_ids"],
                        cu_seqlens=p["cu_seqlens"], per_token=chunk_terms).per_token
     logp, ent = (torch.cat(t) for t in zip(*chunks))                       # (n_completion,) each

@@ -57,7 +57,9 @@ def default_device() -> str:
 
 
 def load(ckpt: str, device="cpu"):
-    """(model, tokenizer, DataConfig) for a checkpoint folder; the model on `device` (fp32)."""
+    """(model, tokenizer, DataConfig) for a checkpoint folder; the model on `device`, fp32, except
+    where the device computes in bf16 (CUDA, model.COMPUTE_DTYPE): there the LLM's matrices are held
+    in bf16 (model.hold_matrices_in), as RL's rollouts hold them, and generation runs under autocast."""
     if not os.path.isdir(ckpt):
         raise UsageError(f"--ckpt {ckpt}: no such folder")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
@@ -67,6 +69,8 @@ def load(ckpt: str, device="cpu"):
     except Exception as e:      # any reason (bad JSON, missing or corrupt weights): one line, not a traceback
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"--ckpt {ckpt}: cannot load the checkpoint: {why}") from None
+    if modeling.compute_dtype(device) is not None:
+        modeling.hold_matrices_in(model.language_model, modeling.compute_dtype(device))
     has_tok = any(os.path.exists(os.path.join(ckpt, f)) for f in ("tokenizer.json", "vocab.json"))
     tok = data.load_tokenizer(ckpt if has_tok else None)
     if model.cfg.llm_config.vocab_size < tok.n_vocab:
@@ -106,10 +110,12 @@ def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_ne
     """One reply to `question` (a string, or [(role, content)] turns) about the given media."""
     sample = data.prompt_inputs(tok, dcfg, question, images, videos, think=think)
     stop = stop_ids(tok)
-    gen = torch.Generator(device=model.language_model.lm_head.weight.device).manual_seed(seed)
-    out = model.generate([sample["input_ids"].tolist()], modeling.on_device(sample["pixel_values"], modeling.model_device(model)),
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop, generator=gen,
-                         on_token=Streamer(tok, stop) if stream else None, n_valid_tokens=tok.n_vocab)[0]
+    device = modeling.model_device(model)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with modeling.autocast(device):
+        out = model.generate([sample["input_ids"].tolist()], modeling.on_device(sample["pixel_values"], device),
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop,
+                             generator=gen, on_token=Streamer(tok, stop) if stream else None, n_valid_tokens=tok.n_vocab)[0]
     return decode_reply(tok, out, stop)
 
 
@@ -571,10 +577,11 @@ def concat_pixels(pixels: list):
 def generate_batch(model, tok, items: list) -> list:
     """Greedy replies to `items` in one `generate` call; each row is cut to its own budget and its first
     stop (rows decode on after theirs), so the result does not depend on which rows share the batch."""
-    stop = stop_ids(tok)
-    out = model.generate([it.ids for it in items], modeling.on_device(concat_pixels([it.pixels for it in items]), modeling.model_device(model)),
-                         max_new_tokens=max(it.max_new for it in items), temperature=0.0, stop_tokens=stop,
-                         n_valid_tokens=tok.n_vocab)
+    stop, device = stop_ids(tok), modeling.model_device(model)
+    with modeling.autocast(device):
+        out = model.generate([it.ids for it in items], modeling.on_device(concat_pixels([it.pixels for it in items]), device),
+                             max_new_tokens=max(it.max_new for it in items), temperature=0.0, stop_tokens=stop,
+                             n_valid_tokens=tok.n_vocab)
     return [decode_reply(tok, list(itertools.takewhile(lambda t: t not in stop, ids[:it.max_new])), stop)
             for it, ids in zip(items, out)]
 

@@ -1124,8 +1124,8 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
 
     model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)
     cuda = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not dist.is_initialized() else \
-        (lambda: torch.autocast("cpu", enabled=False))
+    autocast = (lambda: modeling.autocast(device)) if not dist.is_initialized() else \
+        (lambda: torch.autocast("cpu", enabled=False))            # FSDP2's mixed precision casts instead
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params, cuda)
     search = AdaLRS(model, opt, total_steps=cfg.steps, cfg=cfg.adalrs_cfg, log=log, base_lr=cfg.lr) \

@@ -196,13 +196,13 @@ def test_rollouts_updates_and_evaluation_make_every_tensor_on_the_models_device(
 
 
 def test_rollouts_and_updates_run_under_the_trainers_cuda_precision(setup, monkeypatch):
-    """On CUDA rollouts and updates run under bf16 autocast (rl.autocast); here under the CPU's: the
+    """On CUDA rollouts and updates run under bf16 autocast (model.autocast); here under the CPU's: the
     projections' bf16 outputs go into the cache in its dtype, the first update's ratio is still
     exactly 1 (the same forward for the old log-probs and the update), and the rollouts' log-probs
     are the training forward's up to bf16 rounding."""
     _, _, m, tok, cfg, prompts = setup
     m = copy.deepcopy(m)
-    monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
     rolls = scored(rl.rollouts(m, tok, prompts[:2], cfg, torch.Generator().manual_seed(0)), [0.0, 1.0] * 4)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     st = rl.update_episode(m, opt, list(m.parameters()), rolls, replace(cfg, mini_batches=2, epochs=2), tok, rolls[0])
@@ -219,7 +219,7 @@ def test_under_autocast_rollouts_run_on_a_copy_with_the_llms_matrices_in_bf16(se
     cast before they are allocated)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     _, _, m, tok, cfg, prompts = setup
-    monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
     rollouts = lambda policy: [(r.completion, r.rollout_logp) for r in rl.rollouts(  # noqa: E731
         policy, tok, prompts[:2], cfg, torch.Generator().manual_seed(0))]
 
@@ -257,7 +257,7 @@ def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatc
     group of one, inside `torch.device("meta")` (no tensor made off the model's device): the first
     update's ratio is exactly 1 and the rollout log-probs are the training forward's up to bf16."""
     root, _, m, tok, cfg, prompts = setup
-    monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
     monkeypatch.setattr(rl, "micro_batches", on_the_cpu(rl.micro_batches))
     cfg = replace(cfg, init_from=str(root / "out" / "longcot"), mini_batches=2, epochs=2)
     model, _ = train_stage.place_model(cfg, m.cfg, 0, 1, torch.device("cpu"), lambda *a: None)
@@ -282,7 +282,7 @@ def test_the_generation_copy_under_fsdp_holds_the_models_fp32_weights(setup, mon
     copies), and after an update the new ones."""
     root, _, m, tok, cfg, prompts = setup
     if cast:
-        monkeypatch.setattr(rl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+        monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
     cfg = replace(cfg, init_from=str(root / "out" / "longcot"))
     model, _ = train_stage.place_model(cfg, m.cfg, 0, 1, torch.device("cpu"), lambda *a: None)
 

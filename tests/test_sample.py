@@ -253,6 +253,30 @@ def test_evaluation_and_answer_make_every_tensor_on_the_models_device(tiny, synt
         assert len(replies) == len(items) and isinstance(one, str)
 
 
+def test_where_the_device_computes_in_bf16_the_loaded_model_holds_the_llms_matrices_in_it(tiny, synth, tmp_path,
+                                                                                          monkeypatch):
+    """On CUDA (model.COMPUTE_DTYPE; here the CPU made to compute in bf16) sample.load holds the LLM's
+    matrices in bf16, the lm_head untied from the fp32 embedding, the ViT and the adapter fp32, and
+    the evaluation and `answer` run under bf16 autocast: the replies are the fp32 model's under
+    autocast, greedy and sampled."""
+    m, tok, dcfg = tiny
+    m.save_pretrained(tmp_path / "ck")
+    monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
+    held, _, _ = sample.load(str(tmp_path / "ck"))
+    lm = held.language_model
+    matrices = {f"language_model.{name}.weight" for name, mod in lm.named_modules() if isinstance(mod, torch.nn.Linear)}
+    assert {n for n, p in held.named_parameters() if p.dtype == torch.bfloat16} == matrices
+    assert lm.lm_head.weight is not lm.model.embed_tokens.weight
+    rec = eval_records(synth, "chart", 1)[0]
+    replies = []
+    for model in (m, held):                  # the fp32 model: autocast casts its matrices in every step
+        rep = sample.evaluate_families(model, tok, dcfg, synth, families=["text", "chart", "video"], limit=2,
+                                       mode=sample.EvalMode(batch_size=3, max_new_tokens=6, progress=False))
+        one = sample.answer(model, tok, dcfg, rec.turns[:-1], rec.images, max_new_tokens=6, temperature=1.0)
+        replies.append(([p["prediction"] for p in rep["predictions"]], one))
+    assert replies[0] == replies[1] and len(replies[0][0]) == 6
+
+
 class TableModel:
     """Stands in for SAILVL.generate: answers each prompt from a table keyed by (prompt ids, digest of
     the prompt's own tiles), so a prompt given another prompt's pixels gets no answer. Each reply is
