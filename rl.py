@@ -641,12 +641,11 @@ def asked_directly(seed: int, k: int, share: float) -> bool:
     return share > 0 and np.random.default_rng([seed, k, 2]).random() < share
 
 
-def load_prompt(mixture: data.Mixture, k: int, direct: Optional[data.Mixture] = None, share: float = 0.0,
-                sample_dict: Optional[dict] = None) -> Prompt:
+def load_prompt(mixture: data.Mixture, k: int, direct: Optional[data.Mixture] = None, share: float = 0.0) -> Prompt:
     """The prompt at stream position k: from `direct` (the same mixture without the think prompt)
-    when asked_directly, else from `mixture` (`sample_dict`: its sample at k, already loaded)."""
+    when asked_directly, else from `mixture`."""
     think = direct is None or not asked_directly(mixture.seed, k, share)
-    s = (sample_dict if sample_dict is not None else mixture.load(k)) if think else direct.load(k)
+    s = mixture.load(k) if think else direct.load(k)
     return Prompt(s["input_ids"].tolist(), s["pixel_values"], s.get("answer"), family_of(s), s["source"], think,
                   s.get("question", ""))
 
@@ -943,8 +942,12 @@ def read_prompts(cfg, tok, dcfg, split: str, limit: int) -> list:
     for _ in range(8 * want):
         if len(out) == want:
             break
-        k, s = mixture.next()
-        prompt = load_prompt(mixture, k, direct, cfg.direct_share, s)
+        k, _ = mixture.next(measure=True)         # its line and image headers: decoded once, below, in its mode
+        try:
+            prompt = load_prompt(mixture, k, direct, cfg.direct_share)
+        except data.DataError as e:               # pixels that fail to decode after good headers
+            mixture.record_decode_failure(k, e)
+            continue
         out.setdefault(prompt.where, prompt)
     return list(out.values())
 

@@ -443,6 +443,26 @@ def test_the_prompt_pool_counts_each_sample_once_and_stops_on_a_pool_of_bad_ones
         rl.PromptPool(bad, range(4), 0).take(1)
 
 
+def test_read_prompts_skips_and_counts_a_prompt_whose_pixels_fail_after_good_headers(tmp_path):
+    """read_prompts reads each prompt's line and image headers, then decodes it once in its mode: an
+    image cut after its header passes the first and fails the second; that prompt is skipped and
+    counted bad, and a manifest of only such prompts stops with the bad-data report."""
+    from PIL import Image
+    Image.new("RGB", (112, 112), (200, 30, 30)).save(tmp_path / "ok.png")
+    Image.new("RGB", (112, 112), (1, 2, 3)).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    line = lambda img, q: json.dumps({"image": img, "answer": "red",                          # noqa: E731
+                                      "conversations": [{"from": "human", "value": f"<image>\n{q}"}]})
+    (tmp_path / "p.jsonl").write_text("\n".join([line("ok.png", f"q{i}") for i in range(6)] + [line("cut.png", "c")]) + "\n")
+    (tmp_path / "cut.jsonl").write_text("\n".join(line("cut.png", f"c{i}") for i in range(6)) + "\n")
+    cfg, tok = rl.rl_config([])[0], data.load_tokenizer(None)
+    dcfg = data.DataConfig.from_model(modeling.build_model("tiny").cfg, label_mode="rl", think="on", max_bad_fraction=0.5)
+    got = rl.read_prompts(replace(cfg, manifests=str(tmp_path / "p.jsonl")), tok, dcfg, "train", 10)
+    assert sorted(p.where.rsplit(":", 1)[1] for p in got) == [str(i) for i in range(1, 7)]
+    with pytest.raises(data.TooMuchBadData, match=r"6 of 6 samples are bad.*'image': 6"):
+        rl.read_prompts(replace(cfg, manifests=str(tmp_path / "cut.jsonl")), tok, dcfg, "train", 10)
+
+
 def test_mixed_rewards_keep_groups_whose_think_or_format_vary(setup, monkeypatch):
     """rl-mixed (§4.2.5): a group whose answers are all wrong but whose format varies has a
     learning signal in the stage's reward and is kept; the verifiable stage drops the same group."""
@@ -548,8 +568,12 @@ def test_a_share_of_the_prompts_is_asked_in_direct_mode(setup):
     for a, b in zip(think_only, both):
         assert a.think and (data.THINK_PROMPT in tok.decode(b.ids)) == b.think
         assert b.think == (a.ids == b.ids)
-    again = rl.read_prompts(replace(base, direct_share=0.5), tok, dcfg, "eval", 64)
+    decoded, load_media = [], data.load_media     # each prompt's media decoded once, in its own mode
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load_media", lambda media, *a: decoded.append(media) or load_media(media, *a))
+        again = rl.read_prompts(replace(base, direct_share=0.5), tok, dcfg, "eval", 64)
     assert [(p.where, p.think, p.ids) for p in again] == [(p.where, p.think, p.ids) for p in both]
+    assert len(decoded) == len(again)
     mix = replace(base, direct_share=0.5)
     pool = lambda: rl.PromptPool(rl.prompt_mixture(mix, tok, dcfg, "train"), list(range(40)), 0,   # noqa: E731
                                  rl.direct_mixture(mix, tok, dcfg, "train"), 0.5)
