@@ -811,8 +811,10 @@ EVAL_SEED = 1338     # the held-out stream's order, fixed: every model (a stage,
 
 def build_batches(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, tok, split: str, rank: int, world: int,
                   verbose: bool = True) -> StageBatches:
-    """The stage's mixture (train or held-out split) read through the packer."""
-    dcfg = data.DataConfig.from_model(model_cfg, max_len=cfg.packing.max_tokens, label_mode=cfg.label_mode,
+    """The stage's mixture (train or held-out split) read through the packer. A sample longer than a
+    pack but within the model's context is the packer's to handle (--packing.overlong); only one
+    beyond the context is bad data."""
+    dcfg = data.DataConfig.from_model(model_cfg, label_mode=cfg.label_mode,
                                       max_bad_fraction=cfg.max_bad_fraction, drop_media=cfg.text_only,
                                       image_root=cfg.image_root)
     train = split == "train"
@@ -1005,6 +1007,10 @@ def resume_from(path: str, cfg: StageConfig, model, opt, batches: StageBatches, 
     returns (its step, the stage's first loss). Options changed since the checkpoint's run are
     logged (the run goes on with them); one that breaks the saved state is refused."""
     meta, rank_state = modeling.load_checkpoint(path, model, opt, rank, world)
+    if meta["step"] > cfg.steps:
+        raise UsageError(f"{path} is at step {meta['step']}, past this run's {cfg.steps} steps: resume with "
+                         f"--steps of at least {meta['step']} (or --step_scale to match), or start the stage afresh")
+    set_optimizer_options(opt, cfg)                     # the loaded state carries the saving run's options
     if changed := changed_options(meta.get("config", {}), asdict(cfg)):
         log(f"resume: options changed since {path} was saved, continuing with the new values: {', '.join(changed)}")
     if (search is None) != (meta.get("adalrs") is None):
@@ -1024,9 +1030,16 @@ def resume_from(path: str, cfg: StageConfig, model, opt, batches: StageBatches, 
 
 def build_optimizer(cfg: StageConfig, params: list, cuda: bool):
     """AdamW; weight decay on matrices only."""
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=not cuda or None)
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}],
+                            lr=cfg.lr, fused=False, foreach=not cuda or None)
+    set_optimizer_options(opt, cfg)
+    return opt
+
+
+def set_optimizer_options(opt, cfg: StageConfig):
+    """The run's AdamW options on build_optimizer's two groups: the matrices decayed, the rest not."""
+    for group, decay in zip(opt.param_groups, (cfg.weight_decay, 0.0)):
+        group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2))
 
 
 def open_metrics(path: str, keep_up_to: int):

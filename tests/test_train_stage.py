@@ -167,6 +167,29 @@ def test_the_step_and_the_held_out_loss_make_every_tensor_on_the_models_device(s
     assert math.isfinite(res["loss"]) and not res["skipped"] and math.isfinite(loss)
 
 
+def test_a_sample_longer_than_a_pack_follows_the_packers_overlong_rule(tmp_path):
+    """Through build_batches, as the trainer reads: a text sample longer than --packing.max_tokens but
+    within the model's context is cut to a pack (overlong=truncate) or packed whole, alone
+    (own_pack), and not counted as bad data; one beyond the model's context is bad ('too_long')."""
+    tok = data.load_tokenizer(None)
+    context = modeling.preset_config("tiny").llm_config.max_position_embeddings
+    lines = [{"text": f"short sample {i}.", "task": "text"} for i in range(40)]
+    lines[7] = {"text": "long " + "word " * 200, "task": "text"}                   # > 64 tokens, < the context
+    lines[30] = {"text": "huge " + "word " * (2 * context), "task": "text"}         # > the context
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for rule in ("truncate", "own_pack"):
+        cfg, mcfg = cfg_of("lm0", f"--manifests={tmp_path}/m.jsonl", f"--out_dir={tmp_path}", "--packing.max_tokens=64",
+                           "--packing.buffer_size=8", "--packing.max_wait=4", f"--packing.overlong={rule}",
+                           "--max_bad_fraction=0.5")
+        batches = train_stage.build_batches(cfg, mcfg, tok, "train", 0, 1, verbose=False)
+        with pytest.warns(UserWarning, match="max_tokens=64"):
+            long = [(p["input_ids"].shape[1], len(p["sample_ids"])) for _ in range(12) for p in batches.next()
+                    if 7 in [batches.mixture.sample_index(k) for k in p["sample_ids"]]]
+        assert long and {"truncate": all(n <= 64 for n, _ in long), "own_pack": all(n > 64 and k == 1 for n, k in long)}[rule]
+        assert batches.loader.planner.packer.stats[{"truncate": "truncated", "own_pack": "own_pack"}[rule]] >= 1
+        assert dict(batches.mixture.bad.counts) == {"too_long": 1}
+
+
 @pytest.mark.parametrize("stage,preset", [("sft4", "tiny"), ("pretrain2", "tiny-moe"), ("sft1", "tiny-anyres")])
 def test_the_sharded_step_trains_under_fsdp2s_bf16_mixed_precision(stage, preset, synth, tmp_path, sharded_in_bf16,
                                                                    on_the_cpu):
@@ -906,6 +929,19 @@ def test_resume_restores_the_process_rngs(synth, tmp_path, monkeypatch):
     assert any("options changed" in ln and "lr 0.003 -> 0.002" in ln for ln in logged)
     with pytest.raises(train_stage.UsageError, match="saved without AdaLRS: resume with --adalrs=false"):
         train_stage.run_stage("lm0", [*args, "--adalrs=true"], resume=f"{tmp_path}/lm0.run/step-000002")
+    # the optimizer runs with the options given, not the loaded state's; a step past --steps is refused
+    groups = []
+
+    def noting_step(model, opt, *a, **k):
+        groups.append([(g["weight_decay"], tuple(g["betas"])) for g in opt.param_groups])
+        if len(groups) > 4:
+            raise RuntimeError("the run went on past its last step")
+        return real_step(model, opt, *a, **k)
+    monkeypatch.setattr(train_stage, "train_step", noting_step)
+    train_stage.run_stage("lm0", [*args, "--weight_decay=0.5", "--beta1=0.5"], resume=f"{tmp_path}/lm0.run/step-000002")
+    assert groups == [[(0.5, (0.5, 0.95)), (0.0, (0.5, 0.95))]] * 2
+    with pytest.raises(train_stage.UsageError, match="at step 2, past this run's 1 steps: resume with --steps of at least 2"):
+        train_stage.run_stage("lm0", [*args, "--steps=1"], resume=f"{tmp_path}/lm0.run/step-000002")
 
 
 def test_checkpoint_files_are_hashed_once_when_written_and_not_when_read(synth, tmp_path, monkeypatch):
