@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -286,11 +287,26 @@ def think_consistency(text: str, max_repetition: float = 0.5) -> float:
     if boxed is None or repetition_ratio(thinking) >= max_repetition:
         return 0.0
     if _parse_number(clean_answer(boxed)) is None:
-        word, chain = sample.normalize_answer(boxed), sample.normalize_answer(thinking)
-        at, last_digit = chain.rfind(word), max(chain.rfind(d) for d in "0123456789")
-        return float(bool(word) and at >= 0 and at + len(word) > last_digit)
+        return float(named_after_the_last_number(sample.normalize_answer(boxed), sample.normalize_answer(thinking)))
     derived = sample.last_number(thinking)
     return float(derived is not None and answers_match(derived, boxed))
+
+
+WORD = re.compile(r"\w+")
+
+
+def named_after_the_last_number(answer: str, chain: str) -> bool:
+    """Whether the words of `answer` occur in `chain` as whole words after its last word with a
+    digit ("pear" is not in "appears"). Linear: both as word lists, searched as one string."""
+    words, want = WORD.findall(chain), WORD.findall(answer)
+    if not want:
+        return False
+    joined = " " + " ".join(words) + " "
+    at = joined.rfind(" " + " ".join(want) + " ")
+    if at < 0:
+        return False
+    last_digit = max((i for i, w in enumerate(words) if any(c.isdigit() for c in w)), default=-1)
+    return joined.count(" ", 0, at) + len(want) - 1 > last_digit          # the match's last word, after it
 
 
 def reference_judge(answer: str, reference: str, metric: str = "rouge_l", threshold: Optional[float] = 0.5) -> float:
@@ -854,8 +870,8 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     epochs (paper: 2048 rollouts / 512 x 2 = 8 updates), each split into packed micro-batches whose
     losses use the mini-batch's normaliser over all ranks, so they sum to its loss. Every rank runs
     the same number of micro-batches (FSDP's collectives): a rank with fewer pads with `filler`
-    packs of weight 0. `lr_at(update)` sets the LR of each update. Stats are over all ranks:
-    means per update, `ratio_max_dev` of the first update (0: the rollout policy itself) and
+    packs of weight 0; a mini-batch empty on every rank is no update. `lr_at(update)` sets the LR
+    of each update. Stats are over all ranks: means per update run, `ratio_max_dev` of the first update (0: the rollout policy itself) and
     `ratio_max_dev_later` of the others (> 0 once the policy moved)."""
     device = modeling.model_device(model)
     img_id = model.cfg.img_context_token_id
@@ -866,15 +882,16 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     pad = (micro_batches([filler], cfg.max_tokens, img_id)[0][0], [])      # a pack holding no rollout of ours
     packs = [p + [pad] * (int(n) - len(p)) for p, n in zip(packs, n_packs)]   # as many on every rank
     old = old_logprobs(model, mbs, packs, cfg, tok)
-    n_updates = len(mbs) * cfg.epochs
     stats = {key: 0.0 for key in (*SUM_STATS, "loss", "entropy", "dlogp", "ratio_max_dev", "ratio_max_dev_later")}
     stats["updates"] = 0
     for epoch in range(cfg.epochs):
         for k, mb in enumerate(mbs):
-            if lr_at is not None:
-                lr_at(stats["updates"])
             n_local = sum(len(rolls[i].completion) if agg == "token-mean" else bool(rolls[i].completion) for i in mb)
             n_global = all_reduce([n_local], device)[0]
+            if n_global == 0:         # no rank holds a rollout of it (fewer kept groups than mini-batches): no
+                continue              # update, which Adam's moments would still move the weights in
+            if lr_at is not None:
+                lr_at(stats["updates"])
             sums, maxes = Counter(), {"ratio_dev": 0.0, "dlogp": 0.0}
             for j, (pack, idx) in enumerate(packs[k]):
                 if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: one all-gather and one reduce-scatter
@@ -894,11 +911,13 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
             total = dict(zip(names, all_reduce([sums[key] for key in names], device)))
             high = dict(zip(maxes, all_reduce(list(maxes.values()), device, "max")))
             for key in (*SUM_STATS, "entropy"):
-                stats[key] += total[key] / max(total["tokens"], 1.0) / n_updates
-            stats["loss"] += total["loss"] / n_updates
+                stats[key] += total[key] / max(total["tokens"], 1.0)
+            stats["loss"] += total["loss"]
             stats["dlogp"] = max(stats["dlogp"], high["dlogp"])
             which = "ratio_max_dev" if epoch == k == 0 else "ratio_max_dev_later"
             stats[which] = max(stats[which], high["ratio_dev"])
+    for key in (*SUM_STATS, "entropy", "loss"):                       # means over the updates run
+        stats[key] /= max(stats["updates"], 1)
     return stats
 
 
@@ -920,6 +939,13 @@ def prompt_sources(cfg, split: str) -> list:
         rl_path = os.path.join(os.path.dirname(path), ("rl" if split == "train" else "rl_eval") + ".jsonl")
         out.append((rl_path if not own and os.path.exists(rl_path) else path, w))
     return out
+
+
+def prompt_data_config(cfg, model_cfg) -> data.DataConfig:
+    """How RL, the pass@k filter and harvest read prompts: the think prompt on, at most
+    cfg.max_tokens, the run's bad-data limit and image root."""
+    return data.DataConfig.from_model(model_cfg, label_mode="rl", think="on", max_len=cfg.max_tokens,
+                                      max_bad_fraction=cfg.max_bad_fraction, image_root=cfg.image_root)
 
 
 def prompt_mixture(cfg, tok, dcfg, split: str) -> data.Mixture:
@@ -964,9 +990,10 @@ def answer_of(r: Rollout) -> Optional[str]:
 
 
 def answer_key_of(r: Rollout):
-    """The key majority voting counts (maj@k): equal keys are the same answer."""
-    pred = answer_of(r)
-    return answer_key(pred) if pred else None
+    """What majority voting counts (maj@k): the answer's key, so that answers equal as answers_match
+    compares them ("3", "3.0", "x = 3") are one vote, however written."""
+    key = answer_key(answer_of(r) or "")
+    return None if key is None else key[1]
 
 
 def per_prompt(greedy: Rollout, samples: list) -> dict:
@@ -1263,11 +1290,9 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     cfg = resolve_algo(cfg, model_cfg)
     tok_dir = train_stage.tokenizer_dir(cfg)
     tok, tok_files = data.load_tokenizer(tok_dir), train_stage.tokenizer_files(tok_dir)
-    dcfg = data.DataConfig.from_model(model_cfg, label_mode="rl", think="on", max_len=cfg.max_tokens,
-                                      max_bad_fraction=cfg.max_bad_fraction)
+    dcfg = prompt_data_config(cfg, model_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                            foreach=device.type != "cuda" or None)
+    opt = train_stage.build_optimizer(cfg, params, device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)       # each rank its own draws
     rdir = train_stage.run_dir(cfg)
     eval_set = read_prompts(cfg, tok, dcfg, "eval", cfg.eval_prompts)
@@ -1278,6 +1303,10 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     if resume:
         meta, rank_state = modeling.load_checkpoint(resume, model, opt, rank, world)
         episode = meta["episode"]
+        if episode > cfg.episodes:
+            raise train_stage.UsageError(f"{resume} is at episode {episode}, past this run's {cfg.episodes} episodes: resume "
+                             f"with --episodes of at least {episode}, or start the stage afresh")
+        train_stage.set_optimizer_options(opt, cfg)     # the loaded state carries the saving run's options
         modeling.set_rng_state(rank_state["rng"])
         gen.set_state(rank_state["generator"])
         policy = generation_policy(model, policy)
@@ -1289,7 +1318,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     pool.pos = meta.get("pool", {}).get("pos", 0)
     filler = Rollout(eval_set[0], [next(iter(sample.stop_ids(tok)))], "", False, [0.0])
     train_stage.log_config(cfg, model.cfg, rdir, rank, log, RL_SUMMARY_KEYS)
-    metrics = train_stage.open_metrics(os.path.join(rdir, "metrics.jsonl"), episode) if rank == 0 else None
+    metrics = train_stage.open_metrics(os.path.join(rdir, "metrics.jsonl"), episode, "episode") if rank == 0 else None
     before = meta.get("before") or evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
     if not resume:
         log(eval_line(0, summarize(before)))
@@ -1397,7 +1426,7 @@ def inference_model(cfg, device, log):
     require_sources(cfg)
     model = train_stage.build_stage_model(cfg, modeling.preset_config(cfg.preset), log).to(device).eval()
     tok = data.load_tokenizer(train_stage.tokenizer_dir(cfg))
-    return model, tok, data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
+    return model, tok, prompt_data_config(cfg, model.cfg)
 
 
 def harvest(cfg: RLConfig) -> str:
@@ -1411,7 +1440,7 @@ def harvest(cfg: RLConfig) -> str:
     prompts = read_prompts(cfg, tok, dcfg, "train", cfg.pool_size or 256)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     k = cfg.harvest_samples
-    mine = rollouts(model, tok, my_share(prompts), dataclasses.replace(cfg, top_p=1.0), gen, group_size=k,
+    mine = rollouts(model, tok, my_share(prompts), cfg, gen, group_size=k,
                     progress=rank == 0)
     judged = gather_shares([[(r.prompt.where, r.text, reward_answer(r.text, r.prompt.answer) == 1.0
                               and reward_format(r.text) == 1.0) for r in mine[i * k:(i + 1) * k]]

@@ -1042,15 +1042,15 @@ def set_optimizer_options(opt, cfg: StageConfig):
         group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2))
 
 
-def open_metrics(path: str, keep_up_to: int):
-    """metrics.jsonl for appending, keeping the records of the steps a resumed run keeps (rewritten
-    atomically; a last line a crash cut short is dropped)."""
+def open_metrics(path: str, keep_up_to: int, key: str = "step"):
+    """metrics.jsonl for appending, keeping the records of the steps (RL: `key` "episode") a resumed
+    run keeps (rewritten atomically; a last line a crash cut short is dropped)."""
     kept = []
     if keep_up_to and os.path.exists(path):
         with open(path) as f:
             for ln in f:
                 try:
-                    if json.loads(ln).get("step", 0) <= keep_up_to:
+                    if json.loads(ln).get(key, 0) <= keep_up_to:
                         kept.append(ln)
                 except json.JSONDecodeError:
                     pass

@@ -903,7 +903,7 @@ def rl_setup(preset: str, n_prompts: int):
     sailvl = modeling.build_model(preset).eval()
     cfg = rl.resolve_algo(cfg, sailvl.cfg)
     tok = data.load_tokenizer(synth.ensure_synth(cfg.data_dir, progress=False))
-    dcfg = data.DataConfig.from_model(sailvl.cfg, label_mode="rl", think="on", max_len=cfg.max_tokens)
+    dcfg = rl.prompt_data_config(cfg, sailvl.cfg)
     return sailvl, cfg, tok, rl.read_prompts(cfg, tok, dcfg, "train", n_prompts)
 
 

@@ -459,6 +459,14 @@ def test_think_consistency():
     # a word answer (chart: "Which fruit has the largest value?") must be named by the thinking
     assert rl.think_consistency(r"<think>pear 3, fig 9, kiwi 4: largest is 9, Fig.</think> \boxed{fig}") == 1.0
     assert rl.think_consistency(r"<think>pear 3, fig 9, kiwi 4: largest is 9.</think> \boxed{kiwi}") == 0.0
+    # a whole word, not a piece of another one ("pear" in "appears", "cat" in "indicates")
+    assert rl.think_consistency(r"<think>pear 3, fig 9: the largest appears to be fig.</think> \boxed{pear}") == 0.0
+    assert rl.think_consistency(r"<think>cat 3, dog 9: 9 indicates dog.</think> \boxed{cat}") == 0.0
+    assert rl.think_consistency(r"<think>3, 9: the end</think> \boxed{e}") == 0.0
+    assert rl.think_consistency(r"<think>red 3, green apple 9: so green apple.</think> \boxed{Green Apple}") == 1.0
+    word = "a" * 20000          # the word branch's search on a long answer and a long thinking: linear
+    assert best_of_3(rl.think_consistency, f"<think>9 {(word + 'b ') * 50} {word}</think> \\boxed{{{word} {word}}}",
+                     0.05) < 0.05
     loop = "<think>" + "let me check the sum again " * 30 + "so 3 + 4 = 7</think> \\boxed{7}"
     assert rl.think_consistency(loop) == 0.0                                             # degenerate
     # repetition_ratio by hand: 4-grams of "a b c d a b c d": abcd bcda cdab dabc abcd -> 1 - 4/5

@@ -7,6 +7,7 @@ hand-computed values and math-verify in test_rl.py; several ranks in test_rl_dis
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -374,6 +375,25 @@ def test_first_update_has_ratio_exactly_one_and_splits_do_not_change_the_gradien
     assert any(a is not None and a.abs().max() > 0 for a in grads[0])    # not vacuous
 
 
+def test_a_mini_batch_with_no_rollout_is_no_update(setup):
+    """One kept group and --mini_batches=4 (dynamic sampling trains on what it kept): the three empty
+    mini-batches are no updates, so the episode gives mini_batches=1's weights and stats (an AdamW
+    step on zero gradients would still move the weights by its moments), not a quarter of them."""
+    _, _, m0, tok, cfg, prompts = setup
+    rolls = scored(rl.rollouts(m0, tok, prompts[:1], cfg, torch.Generator().manual_seed(3)), [0.0, 1.0, 1.0, 0.0])
+    out = []
+    for mb in (1, 4):
+        m = copy.deepcopy(m0).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        st = rl.update_episode(m, opt, list(m.parameters()), rolls, replace(cfg, mini_batches=mb, epochs=2), tok,
+                               filler_of(prompts))
+        out.append((st, m.state_dict()))
+    (one, w1), (four, w4) = out
+    assert one["updates"] == four["updates"] == 2 and one["loss"] != 0
+    assert all(one[k] == pytest.approx(four[k]) for k in ("loss", "entropy", "clip_frac_high", "approx_kl"))
+    assert all(torch.equal(w1[k], w4[k]) for k in w1)
+
+
 def test_mini_batches_are_separate_updates_against_the_rollout_policy(setup):
     """Two mini-batches x two epochs: four optimizer steps; the first mini-batch's gradient is the
     gradient of its own rollouts alone (the batch is really split); after the first step the ratio
@@ -627,6 +647,11 @@ def test_evaluation_metrics_by_hand():
     assert [v.answer_r for v in votes] == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert rl.per_prompt(votes[0], votes[:3])["maj_acc"] == 1.0
     assert rl.per_prompt(votes[3], votes[3:])["maj_acc"] == 0.0 and rl.answer_key_of(votes[3]) is not None
+    # one answer written three ways is one vote: 3 x3 ("3", "3.0", "x = 3.00") beats 5 x2
+    spelled = [rollout(f"\\boxed{{{t}}}", "3") for t in ("5", "5", "3", "3.0", "x = 3.00")]
+    for v in spelled:
+        v.answer_r = float(rl.reward_answer(v.text, "3"))
+    assert [v.answer_r for v in spelled] == [0.0, 0.0, 1.0, 1.0, 1.0] and rl.per_prompt(g, spelled)["maj_acc"] == 1.0
 
 
 def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, tmp_path):
@@ -635,15 +660,18 @@ def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, 
                              extra_files=train_stage.tokenizer_files(str(synth)))
 
     def fake(model, tok_, ps, cfg_, gen, group_size=None, **k):   # per prompt: right, right again, wrong, unformatted
-        out = []
+        out, _ = [], sampled.append((cfg_.temperature, cfg_.top_p))
         for p in ps:
             good = f"<think>\nI count them.\n</think>\nThe answer is \\boxed{{{p.answer}}}."
             for text in (good, good, "<think>\nhm\n</think>\n\\boxed{999}", f"\\boxed{{{p.answer}}}")[:group_size]:
                 out.append(rl.Rollout(p, [], text, False, []))
         return out
     monkeypatch.setattr(rl, "rollouts", fake)
-    hcfg = rl.RLConfig(stage="harvest", out_dir=str(tmp_path), data_dir=str(synth), pool_size=6, harvest_samples=4)
+    sampled = []
+    hcfg = rl.RLConfig(stage="harvest", out_dir=str(tmp_path), data_dir=str(synth), pool_size=6, harvest_samples=4,
+                       temperature=0.8, top_p=0.9)
     out = rl.harvest(hcfg)
+    assert sampled == [(0.8, 0.9)]                              # the sampling options given
     meta = modeling.verify_checkpoint(out)                      # the one writer, a data output
     lines = [json.loads(x) for x in open(os.path.join(out, "cot.jsonl"))]
     assert meta["kept"] == len(lines) == 6 and meta["counts"]["duplicate"] == 6
@@ -651,6 +679,34 @@ def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, 
     ds = data.JsonlDataset(os.path.join(out, "cot.jsonl"), tok,
                            data.DataConfig.from_model(m.cfg, label_mode="thinkfusion", max_len=2048))
     assert all(ds[i]["labels"].ne(-100).sum() > 0 for i in range(len(ds)))   # loads as Think-Fusion data
+
+
+def test_rl_and_harvest_read_prompts_under_the_runs_image_root(setup, tmp_path, monkeypatch):
+    """--image_root and --max_bad_fraction reach the prompts' data config in harvest / `rl.py filter`
+    (inference_model) and in the RL stage (train_rl): a manifest whose image paths are relative to
+    the image root loads its pixels."""
+    from PIL import Image
+    root, synth, m, tok, cfg, prompts = setup
+    (tmp_path / "images").mkdir()
+    (tmp_path / "m").mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "images" / "red.png")
+    line = {"image": "red.png", "answer": "red", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}]}
+    (tmp_path / "m" / "p.jsonl").write_text(json.dumps(line) + "\n" + json.dumps({**line, "answer": "crimson"}) + "\n")
+    run_cfg = replace(cfg, stage="harvest", init_from=str(root / "out" / "longcot"), manifests=str(tmp_path / "m" / "p.jsonl"),
+                      image_root=str(tmp_path / "images"), max_bad_fraction=0.25, out_dir=str(tmp_path / "out"))
+    _, tok_, dcfg = rl.inference_model(run_cfg, torch.device("cpu"), lambda *a: None)
+    assert (dcfg.image_root, dcfg.max_bad_fraction) == (str(tmp_path / "images"), 0.25)
+    got = rl.read_prompts(run_cfg, tok_, dcfg, "train", 2)
+    assert len(got) == 2 and all(p.pixels is not None for p in got)
+    seen = []
+
+    def stop(cfg_, tok__, dcfg_, *a):
+        seen.append(dcfg_)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rl, "read_prompts", stop)
+    with pytest.raises(KeyboardInterrupt):
+        rl.train_rl(replace(run_cfg, stage="rl-verifiable"), None)
+    assert seen == [dcfg]
 
 
 def test_model_judge_is_the_probability_of_yes(setup):
@@ -802,6 +858,14 @@ def run(args, timeout=600, env_extra=None):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def parity(rolls, cfg, judge=None):
+    """DRIVER's reward, for runs in this process."""
+    for r in rolls:
+        want = int(r.prompt.where.rsplit(":", 1)[1]) % 2
+        r.answer_r = r.reward = float(bool(r.completion) and r.completion[0] % 2 == want)
+        r.format_r = 0.0
+
+
 def stage_args(synth, out):
     return ["--stage", "rl-verifiable", f"--data_dir={synth}", "--episodes=4", "--group_size=4",
             "--prompts_per_episode=2", "--max_new_tokens=6", "--eval_prompts=6", "--eval_samples=2", "--save_every=2",
@@ -809,14 +873,16 @@ def stage_args(synth, out):
             "--clip_schedule=true", f"--out_dir={out}"]
 
 
-def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path):
+def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path, monkeypatch):
     """rl-verifiable through its CLI: updates happen (LR warm-up counted in updates, the clip-high
     schedule follows the episode), the held-out prompts come from the held-out split, and a run
     resumed from its episode-2 checkpoint ends with the same weights (so the resume restores the
-    pool cursor, the rollout generator and the optimizer)."""
+    pool cursor, the rollout generator and the optimizer) and the same metrics.jsonl (the records a
+    killed run wrote after its checkpoint replaced, not repeated). A resume runs with the AdamW
+    options it is given and refuses a checkpoint past --episodes."""
     root, synth, m, tok, cfg, prompts = setup
     (tmp_path / "driver.py").write_text(DRIVER.format(root=ROOT))
-    for d in ("a", "b"):
+    for d in ("a", "b", "c"):
         os.makedirs(tmp_path / d)
         os.symlink(root / "out" / "longcot", tmp_path / d / "longcot")
     ref = run([str(tmp_path / "driver.py"), *stage_args(synth, tmp_path / "a")])
@@ -835,13 +901,33 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path):
     w0 = load_file(str(root / "out" / "longcot" / "model.safetensors"))
     wa = load_file(f"{tmp_path}/a/rl-verifiable/model.safetensors")
     assert any(not torch.equal(w0[k], wa[k]) for k in wa)                    # the weights moved
-    os.makedirs(tmp_path / "b" / "rl-verifiable.run")
-    os.symlink(tmp_path / "a" / "rl-verifiable.run" / "step-000002", tmp_path / "b" / "rl-verifiable.run" / "step-000002")
+    for d in ("b", "c"):
+        os.makedirs(tmp_path / d / "rl-verifiable.run")
+        os.symlink(tmp_path / "a" / "rl-verifiable.run" / "step-000002", tmp_path / d / "rl-verifiable.run" / "step-000002")
+    shutil.copy(tmp_path / "a" / "rl-verifiable.run" / "metrics.jsonl", tmp_path / "b" / "rl-verifiable.run")  # episodes 1-4
     res = run([str(tmp_path / "driver.py"), *stage_args(synth, tmp_path / "b"), "--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resume: continuing from" in res.stdout
     wb = load_file(f"{tmp_path}/b/rl-verifiable/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    again = [json.loads(x) for x in open(tmp_path / "b" / "rl-verifiable.run" / "metrics.jsonl")]
+    assert [r["episode"] for r in again] == [r["episode"] for r in recs] == [1, 2, 3, 4, 4]     # 4 twice: the eval
+    assert [r.get("reward") for r in again] == [r.get("reward") for r in recs]
+    # in this process: the options given, not the loaded state's; a checkpoint past --episodes refused
+    groups, update = [], rl.update_episode
+
+    def noting(model, opt, *a, **k):
+        groups.append([(g["weight_decay"], tuple(g["betas"])) for g in opt.param_groups])
+        if len(groups) > 8:
+            raise RuntimeError("the run went on past its last episode")
+        return update(model, opt, *a, **k)
+    monkeypatch.setattr(rl, "update_episode", noting)
+    monkeypatch.setattr(rl, "score_rollouts", parity)                          # the driver's reward
+    rl.main([*stage_args(synth, tmp_path / "c"), "--resume", "--weight_decay=0.5", "--beta1=0.5"])
+    assert groups and all(g == [(0.5, (0.5, 0.95)), (0.0, (0.5, 0.95))] for g in groups)
+    with pytest.raises(SystemExit) as e:
+        rl.main([*stage_args(synth, tmp_path / "c"), "--resume", "--episodes=1"])
+    assert e.value.code == 2
 
 
 def test_the_rl_mixed_stage_asks_and_evaluates_in_both_modes(setup, tmp_path):
