@@ -362,7 +362,7 @@ def policy_logits(logits, temperature: float, top_p: float = 1.0, n_valid=None, 
     if top_p < 1.0:
         sorted_x, idx = x.sort(-1, descending=True)
         p = sorted_x.softmax(-1)
-        drop = p.cumsum(-1) - p > top_p                                 # keep the smallest prefix reaching top_p
+        drop = p.cumsum(-1) - p >= top_p                                # keep the smallest prefix reaching top_p
         x = x.scatter(-1, idx, sorted_x.masked_fill(drop, float("-inf")))
     return x
 

@@ -492,7 +492,9 @@ def caption_correct(reply: str, reference: str) -> bool:
 
 
 def first_word(text: str):
-    return next(iter(words(text)), None)
+    """The first lower-case word or number, as written (no plural or synonym folded: the text
+    family's held-back word must be the word itself, "circles" not "circle")."""
+    return next(iter(TOKEN_RE.findall(text[:MAX_SCAN].lower())), None)
 
 
 def score(rule: str, reply: str, reference: str, gold) -> tuple:
@@ -767,8 +769,9 @@ def accuracy_cell(correct: int, n: int) -> dict:
 def plus_minus(accuracy: float, interval) -> str:
     """"0.72 ±0.08". The Wilson interval is asymmetric: ± is its larger side, rounded up, so the
     printed range always contains the interval (report.json keeps both ends)."""
-    half = max(accuracy - interval[0], interval[1] - accuracy)
-    return f"{accuracy:.2f} ±{math.ceil(round(half * 100, 6)) / 100:.2f}"
+    shown = round(accuracy, 2)                      # the centre printed: the ± is measured from it
+    half = max(shown - interval[0], interval[1] - shown)
+    return f"{shown:.2f} ±{math.ceil(round(half * 100, 6)) / 100:.2f}"
 
 
 def paired_difference(a: list, b: list, seed: int = 0) -> dict:
@@ -1010,9 +1013,12 @@ def cli(argv):
                 raise UsageError(f"{flag} {p}: no such file or folder")
     if any(v is not None and v < 1 for v in (args.limit, args.batch_size, args.max_new_tokens)):
         raise UsageError("--limit, --batch-size and --max-new-tokens must be at least 1")
-    if args.eval and (args.image or args.video or args.temperature or args.top_p != 1.0):
-        raise UsageError("--eval answers each record's own question and media, greedily: --image, --video, "
-                         "--temperature and --top-p do not apply")
+    given = lambda *keys: [f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) != ap.get_default(k)]  # noqa: E731
+    if args.eval and given("image", "video", "prompt", "temperature", "top_p", "seed"):
+        raise UsageError("--eval answers each record's own question and media, greedily: "
+                         f"{', '.join(given('image', 'video', 'prompt', 'temperature', 'top_p', 'seed'))} do not apply")
+    if not args.eval and given("blank", "limit", "batch_size", "out"):
+        raise UsageError(f"{', '.join(given('blank', 'limit', 'batch_size', 'out'))}: only with --eval")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or (args.device != "cpu" and not torch.cuda.is_available()):
         raise UsageError(f"--device {args.device}: expected cpu or cuda[:N] (CUDA available: {torch.cuda.is_available()})")
     model, tok, dcfg = load(args.ckpt, args.device)

@@ -102,6 +102,19 @@ def test_policy_logits_by_hand(T, top_p):
     assert np.isinf(want).sum() >= 3                                      # padded + banned at least
 
 
+@pytest.mark.parametrize("probs,top_p,kept", [([0.25] * 4, 0.5, 2), ([0.25] * 4, 0.25, 1),
+                                               ([0.5, 0.25, 0.125, 0.125], 0.75, 2), ([0.5, 0.5, 0.0, 0.0], 0.5, 1)])
+def test_top_p_stops_at_the_token_whose_mass_reaches_it(probs, top_p, kept):
+    """A nucleus whose mass lands exactly on top_p ends there (the smallest set reaching it), as HF's
+    TopPLogitsWarper and the reference above keep it, not one token later (ties: HF keeps as many)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    logits = torch.tensor([probs]).log()
+    got = torch.isfinite(modeling.policy_logits(logits, 1.0, top_p)[0])
+    hf = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone())[0])
+    by_hand = np.isfinite(policy_by_hand(logits[0].tolist(), 1.0, top_p, len(probs), ()))
+    assert int(got.sum()) == int(hf.sum()) == kept and np.array_equal(got.numpy(), by_hand)   # HF breaks ties otherwise
+
+
 # --- greedy: the reference loop, HF, and one prompt at a time --------------------------------------
 
 def test_greedy_equals_reference_loop_and_hf(tmp_path):

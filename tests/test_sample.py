@@ -122,6 +122,9 @@ def test_hand_made_replies_score_as_a_reader_would():
         assert not sample.score("caption", wrong, CAPTION, None)[0], wrong
     # text: the held-back word, as the first word of the continuation
     assert sample.score("text", " water. the", " water.", None)[0] and not sample.score("text", " wat", " water.", None)[0]
+    # the held-back word itself: "circle" is not "circles" (the shape families fold plurals, this one must not)
+    assert sample.score("text", " circles.", " circles.", None) == (True, "circles")
+    assert not sample.score("text", " circle.", " circles.", None)[0] and not sample.score("text", " circle is", " circles.", None)[0]
     # unknown families: \boxed{} or the whole answer against `answer`, else the exact reply
     assert sample.score("vqa", "<think>x</think> The answer is \\boxed{4.0}.", "", "4")[0]
     assert sample.score("vqa", "<think>x</think> 4.", "", "4")[0]
@@ -403,6 +406,14 @@ def test_wilson_interval_by_hand():
     assert sample.accuracy_cell(8, 10) == {"n": 10, "correct": 8, "accuracy": 0.8, "interval": [0.4902, 0.9433]}
     assert sample.plus_minus(0.8, (0.4902, 0.9433)) == "0.80 ±0.31"          # the larger side, rounded up
     assert sample.plus_minus(0.5, (0.41, 0.59)) == "0.50 ±0.09"
+    # the ± is measured from the centre printed, so the printed range holds the interval: 31/64 = 0.484,
+    # [0.3663, 0.6042], printed 0.48: ±0.13 (0.12 from 0.484 would print [0.36, 0.60], missing 0.6042)
+    assert sample.plus_minus(31 / 64, sample.wilson_interval(31, 64)) == "0.48 ±0.13"
+    for n in (10, 32, 64, 100, 128):
+        for k in range(n + 1):
+            lo, hi = sample.wilson_interval(k, n)
+            centre, half = (float(x) for x in sample.plus_minus(k / n, (lo, hi)).split(" ±"))
+            assert centre - half <= lo + 1e-9 and hi <= centre + half + 1e-9, (k, n)
 
 
 def predictions(pattern):
@@ -593,7 +604,10 @@ def test_cli_refuses_options_it_would_ignore(tmp_path):
     (tmp_path / "ck").mkdir()
     for args, says in ((["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                        (["--limit", "0"], "--limit, --batch-size"),
-                       (["--eval", str(tmp_path), "--temperature", "0.7"], "do not apply")):
+                       (["--eval", str(tmp_path), "--temperature", "0.7"], "--temperature do not apply"),
+                       (["--eval", str(tmp_path), "--seed", "7", "--prompt", "Hi"], "--prompt, --seed do not apply"),
+                       (["--blank"], "--blank: only with --eval"),
+                       (["--limit", "3", "--out", "r.json"], "--limit, --out: only with --eval")):
         with pytest.raises(sample.UsageError, match=says):
             sample.cli(["--ckpt", str(tmp_path / "ck"), *args])
 
