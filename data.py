@@ -528,7 +528,7 @@ def _content_text(content, where: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             out.append(part["text"])
-        elif kind in MEDIA_PARTS:
+        elif isinstance(kind, str) and kind in MEDIA_PARTS:
             out.append(MEDIA_PARTS[kind] + "\n")
         else:
             raise DataError("schema", where, f"unknown content part {part!r}")
@@ -563,7 +563,7 @@ def parse_record(obj, base: Path, where: str, task: str) -> Record:
     raw = [(m.get(role_key), m.get(content_key)) if isinstance(m, dict) else (None, None) for m in obj[key]]
     system, turns = None, []
     for i, (role, content) in enumerate(raw):
-        if role not in ROLES or content is None:
+        if not isinstance(role, str) or role not in ROLES or content is None:
             raise DataError("schema", where, f"turn {i}: expected a role in {sorted(ROLES)} and a content, got {role!r}")
         text = _content_text(content, where)
         if "<IMG_CONTEXT>" in text:        # an image slot only the expansion of <image> may place
@@ -703,6 +703,8 @@ def build_sample(rec: Record, tok: tiktoken.Encoding, cfg: DataConfig, training:
         rec = replace(rec, images=[], videos=[],
                       turns=[(r, PLACEHOLDER_RE.sub("", c).strip()) for r, c in rec.turns])
     turns = place_media(rec)
+    if mode != "rl" and not any(r == "assistant" for r, _ in turns):
+        raise DataError("schema", rec.where, f"label_mode {mode!r} trains on assistant turns: the record has none")
     if mode == "rl":                   # the question in words, for a judge of the reply (rl.py)
         turns = turns[:-1] if turns[-1][0] == "assistant" else turns
         base["question"] = PLACEHOLDER_RE.sub("", turns[-1][1]).strip()
@@ -820,8 +822,8 @@ class JsonlDataset:
             line = f.readline()
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError("json", self.where(i), f"malformed JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:    # (nested past Python's limit)
+            raise DataError("json", self.where(i), f"malformed JSON: {type(e).__name__}: {e}") from None
         base = Path(self.cfg.image_root).resolve() if self.cfg.image_root else self.path.parent
         return parse_record(obj, base, self.where(i), self.path.stem)
 
@@ -870,7 +872,7 @@ def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True
             rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
             if check:
                 check(rec, where)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             counts["bad:json"] += 1
         except DataError as e:
             counts[f"bad:{e.reason}"] += 1

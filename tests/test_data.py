@@ -633,7 +633,7 @@ def salted_manifest(tmp_path):
                                                             {"from": "gpt", "value": "red."}]}
     lines = [json.dumps(good(f"q{i}")) for i in range(12)]
     bad = {
-        "json": ['{"image": "ok.png", "conversations": [', "not json at all"],
+        "json": ['{"image": "ok.png", "conversations": [', "not json at all", "[" * 100_000],   # (nested too deep)
         "missing_file": [json.dumps({**good("m"), "image": "missing.png"})],
         "image": [json.dumps({**good("t"), "image": "trunc.png"})],
         "placeholder_mismatch": [json.dumps({**good("p"), "conversations": [
@@ -641,7 +641,10 @@ def salted_manifest(tmp_path):
         + [json.dumps(good("What does <IMG_CONTEXT> mean?"))],         # a literal image slot token in the text
         "too_long": [json.dumps({**good("L" * 400)})],
         "schema": [json.dumps({"conversations": [{"from": "gpt", "value": "no user"}]}), json.dumps([1, 2]),
-                   json.dumps({"conversations": None}), json.dumps({"messages": 5})],
+                   json.dumps({"conversations": None}), json.dumps({"messages": 5}),
+                   json.dumps({"conversations": [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]}),
+                   json.dumps({"messages": [{"role": "user", "content": [{"type": {"image": 1}}]}]}),
+                   json.dumps({"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nno reply"}]})],
     }
     for reason, bad_lines in bad.items():
         for b in bad_lines:
@@ -661,9 +664,9 @@ def test_bad_input_counts_exact(tmp_path):
     # the stream, one epoch of a single manifest: every line once, same counts
     stream = data.Mixture([path], tok, DataConfig(image_size=112, max_len=300, max_bad_fraction=1.0), seed=3,
                           verbose=False)
-    got = [stream.next()[1] for _ in range(12)]
-    assert stream.pos == len(ds) and dict(stream.bad.counts) == expected
-    assert sorted(s["source"] for s in got) == sorted(s["source"] for s in good)
+    got = [stream.next()[1] for _ in range(12 + 1)]                  # the 13th: past the epoch's last bad lines
+    assert stream.epoch == 1 and dict(stream.bad.counts) == expected
+    assert sorted(s["source"] for s in got[:12]) == sorted(s["source"] for s in good)
     # every error names file and line
     errors = {}
     for i in range(len(ds)):
@@ -1008,10 +1011,10 @@ def test_cli_help_and_check(tmp_path, capsys):
         assert e.value.code == 0
         assert f"{cmd} [-h]" in capsys.readouterr().out                # that command's own help, not another's
     path, expected = salted_manifest(tmp_path)
-    with pytest.raises(SystemExit) as refused:                            # 9 of 21 bad: training would refuse it
+    with pytest.raises(SystemExit) as refused:                            # 16 of 28 bad: training would refuse it
         data.main(["check", str(path), "--preset", "tiny", "--max-len", "300"])
     assert refused.value.code == 1
-    data.main(["check", str(path), "--preset=tiny", "--max_len=300", "--max-bad-fraction=0.5"])   # both spellings
+    data.main(["check", str(path), "--preset=tiny", "--max_len=300", "--max-bad-fraction=0.6"])   # both spellings
     out = capsys.readouterr()
     assert f"bad samples by reason: {dict(sorted(expected.items()))}" in out.out and "m.jsonl:" in out.err
     assert "112-px tiles, 16 tokens each" in out.out                  # the tiny preset's geometry, not 448 px
