@@ -220,25 +220,31 @@ def frame_indices(n_frames: int, num: int, training: bool = False, rng=None) -> 
 
 
 def frame_times(container, stream):
-    """(timestamps of every frame in presentation order, those of the keyframes) from the packets,
-    without decoding; None when a packet carries no timestamp (only decoding can number frames then)."""
-    pts, keys = [], []
+    """(timestamps of the frames shown, in presentation order; those of the keyframes; whether an
+    edit list hides some) from the packets, without decoding; None when a packet carries no
+    timestamp (only decoding can number frames then). A packet an MP4 edit list hides (`is_discard`:
+    what a cut by stream copy keeps from the keyframe before the cut) is no frame a decoder outputs,
+    but its keyframe is where decoding the first shown frames starts."""
+    pts, keys, edited = [], [], False
     for packet in container.demux(stream):
         if packet.pts is None:
             if packet.size:                  # the empty packet that ends the stream has none either
                 return None
             continue
-        pts.append(packet.pts)
+        hidden = getattr(packet, "is_discard", False)
+        edited |= hidden
+        if not hidden:
+            pts.append(packet.pts)
         if packet.is_keyframe:
             keys.append(packet.pts)
-    return sorted(pts), sorted(keys)
+    return sorted(pts), sorted(keys), edited
 
 
 def _seek_frames(container, stream, times, wanted) -> dict:
     """{frame number: PIL} of the `wanted` frames: for each, seek to the last keyframe at or before
     it and decode forward to it (or go on decoding when no keyframe lies between the last frame
     decoded and it). None when a seek misses (a container with an inexact index)."""
-    pts, keys = times
+    pts, keys, _ = times
     got, frames, last = {}, None, None
     for i in sorted(wanted):
         t = pts[i]
@@ -283,13 +289,14 @@ def video_frames(path, num_frames: int = 16, training: bool = False, rng=None, w
                 raise DataError("video", where, f"{path} has no video stream")
             stream = container.streams.video[0]
             times = frame_times(container, stream)
-            n = stream.frames or (len(times[0]) if times else _decode_frames(path, set())[1])   # 0: not stated
+            # the container's frame count (0: not stated) against its packets; an edit list's counts hidden ones too
+            if times and not times[2] and stream.frames > len(times[0]):
+                raise DataError("video", where, f"{path}: the container states {stream.frames} frames but holds "
+                                f"{len(times[0])} (truncated file?)")
+            n = len(times[0]) if times else stream.frames or _decode_frames(path, set())[1]
             if n <= 0:
                 raise DataError("video", where, f"{path}: no decodable frames")
             idx = frame_indices(n, num_frames, training, rng)
-            if times and max(idx) >= len(times[0]):
-                raise DataError("video", where, f"{path}: the container states {n} frames but holds "
-                                f"{len(times[0])} (truncated file?)")
             got = _seek_frames(container, stream, times, set(idx)) if times else None
         decoded = n
         if got is None:

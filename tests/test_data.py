@@ -563,6 +563,21 @@ def write_gop_video(path, n_frames, gop=10, b_frames=2, size=64):
     return path
 
 
+def cut_by_stream_copy(src, dst, first: int, rate: int = 25):
+    """What `ffmpeg -ss T -i src -c copy dst` writes: every packet kept, timestamps shifted so frame
+    `first` is at 0; the MP4 muxer's edit list then hides the frames before it (from the keyframe
+    before the cut), which a decoder does not output (the demuxer marks their packets discard)."""
+    with av.open(str(src)) as i, av.open(str(dst), "w", format="mp4") as o:
+        si = i.streams.video[0]
+        so = o.add_stream_from_template(si)
+        shift = first * int(1 / (si.time_base * rate))
+        for pkt in i.demux(si):
+            if pkt.dts is not None:
+                pkt.pts, pkt.dts, pkt.stream = pkt.pts - shift, pkt.dts - shift, so
+                o.mux(pkt)
+    return dst
+
+
 def frames_from_the_start(path, idx, size):
     """The reference: decode from frame 0 with plain PyAV, frame i = the i-th frame decoded."""
     got = {}
@@ -598,21 +613,25 @@ class CountingContainer:
             yield frame
 
 
-@pytest.mark.parametrize("which", ["synthetic", "long"])
+@pytest.mark.parametrize("which", ["synthetic", "long", "cut"])
 def test_video_frames_by_seeking_equal_decoding_from_the_start(which, synth_dir, tmp_path, monkeypatch):
     """load_video seeks to the keyframe before each wanted frame; the frames must equal those of a
-    decode from frame 0, on the synthetic MP4s (16 frames, keyframes 0 and 12) and on a 300-frame
-    video with a keyframe every 10 frames and B-frames, for evaluation and training frame choices;
-    on the long video far fewer frames are decoded than a decode from the start needs."""
+    decode from frame 0, on the synthetic MP4s (16 frames, keyframes 0 and 12), on a 300-frame
+    video with a keyframe every 10 frames and B-frames, and on that video cut at frame 15 by stream
+    copy (an edit list hides frames 10-14: 285 frames are shown, the container states 300), for
+    evaluation and training frame choices; on the long video far fewer frames are decoded than a
+    decode from the start needs."""
     paths = ([synth_dir / "video" / "videos" / f"train_{i:05d}.mp4" for i in range(3)] if which == "synthetic"
-             else [write_gop_video(tmp_path / "long.mp4", 300)])
+             else [write_gop_video(tmp_path / "long.mp4", 300)] if which == "long"
+             else [cut_by_stream_copy(write_gop_video(tmp_path / "long.mp4", 300), tmp_path / "cut.mp4", 15)])
     real_open = av.open
     counts = Counter()
     monkeypatch.setattr(vit.av, "open", lambda *a, **k: CountingContainer(real_open(*a, **k), counts))
     monkeypatch.setattr(vit, "_decode_frames", None)               # the decode-from-start fallback is not used
     for path in paths:
         with real_open(str(path)) as c:
-            n = c.streams.video[0].frames
+            n = sum(1 for _ in c.decode(video=0))                          # the frames shown
+            assert n == (285 if which == "cut" else c.streams.video[0].frames)
         for num, seed in [(8, None), (8, 0), (8, 1), (16, 2), (3, 3)]:
             rng = np.random.default_rng(seed) if seed is not None else None
             idx = vit.frame_indices(n, num, rng is not None, np.random.default_rng(seed))
