@@ -1204,8 +1204,13 @@ def rl_config(argv: list) -> tuple:
                                      "of the pass@k filter: give --filter_k=K too")
     if not 0.0 <= cfg.direct_share <= 1.0:
         raise train_stage.UsageError(f"--direct_share must be in [0, 1], got {cfg.direct_share}")
+    if cfg.agg not in ("", *AGG_MODES):
+        raise train_stage.UsageError(f"--agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, "
+                                     f"got {cfg.agg!r}")
+    if cfg.clip_c and cfg.clip_c <= 1:
+        raise train_stage.UsageError(f"--clip_c, the dual-clip constant, must be > 1 (or 0: off), got {cfg.clip_c}")
     for key in ("episodes", "group_size", "mini_batches", "epochs", "prompts_per_episode", "eval_samples",
-                "eval_prompts"):
+                "eval_prompts", "max_sampling_rounds"):
         if getattr(cfg, key) < 1:
             raise train_stage.UsageError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
     try:
@@ -1267,7 +1272,8 @@ def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tup
             mixture.bad.bad(e)
     positions = usable
     kept, counts = pass_at_k_filter(policy, tok, prompts, cfg, cfg.filter_k, generator)
-    general = [i for i, p in enumerate(prompts) if p.family not in NUMERIC_FAMILIES and i not in set(kept)]
+    hard = set(kept)
+    general = [i for i, p in enumerate(prompts) if p.family not in NUMERIC_FAMILIES and i not in hard]
     n_general = int(cfg.general_share * len(kept) / max(1e-9, 1 - cfg.general_share))
     counts["general_added"] = len(general[:n_general])
     log(f"pass@{cfg.filter_k} filter ({time.time() - t0:.0f} s): {counts}")

@@ -964,7 +964,10 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-verifiable", "--steps=5"], "--episodes"),
                        (["--stage", "rl-mixed", "--direct_share=1.5"], "--direct_share must be in [0, 1]"),
                        (["--stage", "rl-verifiable", "--kl_coef=0.1"], "unknown option --kl_coef"),
-                       (["--stage", "rl-verifiable", "--compile=maybe"], "--compile must be auto, true, false or graphs")):
+                       (["--stage", "rl-verifiable", "--compile=maybe"], "--compile must be auto, true, false or graphs"),
+                       (["--stage", "rl-verifiable", "--agg=token-sum"], "--agg must be token-mean"),
+                       (["--stage", "rl-verifiable", "--clip_c=0.5"], "--clip_c, the dual-clip constant, must be > 1"),
+                       (["--stage", "rl-verifiable", "--max_sampling_rounds=0"], "--max_sampling_rounds must be >= 1")):
         with pytest.raises(SystemExit) as e:                              # the rest through its main, in this process
             rl.main(args)
         err = capsys.readouterr().err
