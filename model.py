@@ -554,9 +554,9 @@ def compute_dtype(device) -> Optional[torch.dtype]:
 
 
 def autocast(device):
-    """Autocast to the device's COMPUTE_DTYPE; off where it has none."""
+    """Autocast to the device's COMPUTE_DTYPE; nothing where it has none (any device: meta too)."""
     dt = compute_dtype(device)
-    return torch.autocast(torch.device(device).type, dtype=dt or torch.bfloat16, enabled=dt is not None)
+    return torch.autocast(torch.device(device).type, dtype=dt) if dt is not None else contextlib.nullcontext()
 
 
 def hold_matrices_in(lm: Qwen3LM, dtype):
