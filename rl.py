@@ -1283,6 +1283,20 @@ def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tup
     return [positions[i] for i in sorted(kept + general[:n_general])], counts
 
 
+def resume_rl(path: str, cfg: RLConfig, model, opt, gen, rank: int, world: int, log) -> dict:
+    """Weights, optimizer state (run with this run's options), the RNGs and the rollout generator
+    from an RL checkpoint; returns its metadata (episode, prompt pool, the first evaluation)."""
+    meta, rank_state = modeling.load_checkpoint(path, model, opt, rank, world)
+    if meta["episode"] > cfg.episodes:
+        raise train_stage.UsageError(f"{path} is at episode {meta['episode']}, past this run's {cfg.episodes} "
+                                     f"episodes: resume with --episodes of at least {meta['episode']}, or start afresh")
+    train_stage.set_optimizer_options(opt, cfg)        # the loaded state carries the saving run's options
+    modeling.set_rng_state(rank_state["rng"])
+    gen.set_state(rank_state["generator"])
+    log(f"resume: continuing from {path} at episode {meta['episode']}")
+    return meta
+
+
 def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     """One RL stage: held-out evaluation, then per episode dynamic sampling, advantages and the
     updates, then the evaluation again on the same prompts and draws; checkpoints through
@@ -1305,18 +1319,10 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None
     policy = generation_policy(model)
-    episode, meta = 0, {}
+    meta = resume_rl(resume, cfg, model, opt, gen, rank, world, log) if resume else {}
+    episode = meta.get("episode", 0)
     if resume:
-        meta, rank_state = modeling.load_checkpoint(resume, model, opt, rank, world)
-        episode = meta["episode"]
-        if episode > cfg.episodes:
-            raise train_stage.UsageError(f"{resume} is at episode {episode}, past this run's {cfg.episodes} episodes: resume "
-                             f"with --episodes of at least {episode}, or start the stage afresh")
-        train_stage.set_optimizer_options(opt, cfg)     # the loaded state carries the saving run's options
-        modeling.set_rng_state(rank_state["rng"])
-        gen.set_state(rank_state["generator"])
         policy = generation_policy(model, policy)
-        log(f"resume: continuing from {resume} at episode {episode}")
         positions, filter_counts = meta["pool"]["positions"], meta["filter"]
     else:
         positions, filter_counts = filtered_positions(policy, tok, mixture, direct, cfg, gen, log)
