@@ -710,6 +710,9 @@ class SAILVLConfig:
                              " (only 0.5 / v2, as SAIL-VL2)")
         if d.get("select_layer", -1) != -1:
             raise ValueError(f"unsupported: select_layer={d['select_layer']} (SAIL-VL2 uses -1, the final ViT output)")
+        if d.get("dynamic_image_size", True) is not True:    # one tile per image: not what data.py builds
+            raise ValueError(f"unsupported: dynamic_image_size={d['dynamic_image_size']} (SAIL-VL2 tiles images "
+                             "dynamically, up to max_dynamic_patch tiles and a thumbnail)")
         vision = ViTConfig.from_dict(d["vision_config"])
         if d.get("force_image_size", vision.image_size) != vision.image_size:   # one name for the tile size
             raise ValueError(f"unsupported: force_image_size={d['force_image_size']} differs from "
@@ -926,14 +929,29 @@ def freeze(model: SAILVL, trainable: list):
 # checkpoint helpers shared by SAILVL, load_hf_llm and the trainer
 
 def write_weights(folder: str, state_dict: dict, cfg: SAILVLConfig):
-    """config.json + model.safetensors of `state_dict` into an existing folder, a tied lm_head dropped
-    as official checkpoints do: the one serialiser of SAILVL weights (save_pretrained, save_checkpoint)."""
+    """config.json + model.safetensors of `state_dict` into an existing folder in the official layout
+    (a tied lm_head dropped, MoE experts one by one): the one serialiser of SAILVL weights
+    (save_pretrained, save_checkpoint)."""
     from safetensors.torch import save_file
-    sd = {k: v.contiguous() for k, v in state_dict.items()}
+    sd = dict(state_dict)
     if cfg.llm_config.tie_word_embeddings:
         sd.pop("language_model.lm_head.weight", None)                   # shared with embed_tokens
     Path(folder, "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    save_file(hub_layout(sd), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
+def hub_layout(sd: dict) -> dict:
+    """Our tensors as HF checkpoints hold them: each MoE layer's stacked (E, ...) expert weights as
+    `experts.N.<proj>.weight`, as on the hub and in Qwen3MoeForCausalLM's loading (normalize_state_dict
+    stacks them back); contiguous, on the CPU."""
+    out = {}
+    for k, v in sd.items():
+        if ".experts." in k:
+            base, proj = k.rsplit(".", 1)
+            out.update({f"{base}.{e}.{proj}.weight": w.detach().contiguous().cpu() for e, w in enumerate(v)})
+        else:
+            out[k] = v.detach().contiguous().cpu()
+    return out
 
 
 def atomic_write_dir(path: str, write_fn):
@@ -1055,15 +1073,8 @@ def save_hf_llm(lm: Qwen3LM, path: str):
     """Export the language model as an HF Qwen3 folder (config.json + model.safetensors, MoE experts
     one by one as on the hub) that `transformers.AutoModelForCausalLM` and `load_hf_llm` read."""
     from safetensors.torch import save_file
-    sd = {}
-    for k, v in lm.state_dict().items():
-        if k == "lm_head.weight" and lm.cfg.tie_word_embeddings:
-            continue
-        if ".experts." in k:                                             # (E, ...) -> experts.N.<proj>.weight
-            base, proj = k.rsplit(".", 1)
-            sd.update({f"{base}.{e}.{proj}.weight": w.detach().contiguous().cpu() for e, w in enumerate(v)})
-        else:
-            sd[k] = v.detach().contiguous().cpu()
+    sd = hub_layout({k: v for k, v in lm.state_dict().items()
+                     if not (k == "lm_head.weight" and lm.cfg.tie_word_embeddings)})
 
     def write(tmp):
         Path(tmp, "config.json").write_text(json.dumps(lm.cfg.to_dict(), indent=2))

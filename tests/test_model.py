@@ -271,6 +271,11 @@ def test_bad_checkpoints_are_refused_clearly(official, tmp_path):
         json.dump(cfg, f)
     with pytest.raises(ValueError, match="sliding-window"):
         modeling.SAILVL.from_pretrained(str(bad))
+    # settings the code does not implement are refused, not read and ignored
+    base = json.load(open(os.path.join(path, "config.json")))
+    for key, value in (("select_layer", -2), ("ps_version", "v1"), ("dynamic_image_size", False)):
+        with pytest.raises(ValueError, match=f"unsupported: .*{key}="):
+            modeling.SAILVLConfig.from_dict({**base, key: value})
 
 
 def test_official_vit_loads_with_load_hf_vit(official):

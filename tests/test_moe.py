@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import model as modeling
 import moe
@@ -130,10 +130,31 @@ def test_qwen3_moe_lm_loads_fused_layout(tmp_path):
         assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
 
 
+def test_a_saved_sailvl_holds_its_experts_as_hf_transformers_reads_them(tmp_path):
+    """save_pretrained and the stage outputs (model.write_weights) write an MoE LLM in the hub layout,
+    experts one by one: Qwen3MoeForCausalLM loads the folder's LLM tensors with no key missing or
+    left over and gives our logits; from_pretrained reads the folder back bit-exact."""
+    m = modeling.build_model("tiny-moe", seed=1).eval()
+    m.save_pretrained(str(tmp_path / "ck"))
+    sd = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert "language_model.model.layers.0.mlp.experts.3.down_proj.weight" in sd
+    (tmp_path / "hf").mkdir()
+    save_file({k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")},
+              str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(m.cfg.llm_config.to_dict()))
+    ref, info = hf_moe().Qwen3MoeForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                                              output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (m.language_model(ids) - ref.eval()(ids).logits).abs().max() < 1e-4
+    back = modeling.SAILVL.from_pretrained(str(tmp_path / "ck"))
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), back.state_dict().values()))
+
+
 def test_missing_expert_is_a_clear_error(tmp_path):
     ref = hf_lm(decoder_sparse_step=1, mlp_only_layers=[])
     ref.save_pretrained(tmp_path)
-    from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "model.safetensors"))
     del sd["model.layers.2.mlp.experts.4.up_proj.weight"]
     save_file(sd, str(tmp_path / "model.safetensors"))
