@@ -1256,6 +1256,9 @@ def require_sources(cfg: RLConfig):
             f"`{train_stage.command_for(train_stage.STAGES[missing[0]], cfg)}` first, or pass --init_from=DIR")
 
 
+FILTER_CHUNK = 256       # pool prompts the pass@k filter decodes at a time (a whole 70k pool's pixels: terabytes)
+
+
 def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tuple:
     """The pool's stream positions after the pass@k filter (§4.2.3), with its counts; rl-mixed keeps
     a share of unfiltered general prompts beside the hard cases."""
@@ -1263,17 +1266,21 @@ def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tup
     if not cfg.filter_k:
         return positions, None
     t0 = time.time()
-    prompts, usable = [], []
-    for k in positions:
-        try:
-            prompts.append(load_prompt(mixture, k, direct, cfg.direct_share))
-            usable.append(k)
-        except data.DataError as e:      # counted here (the pool counts the usable ones when it hands them out)
-            mixture.bad.bad(e)
-    positions = usable
-    kept, counts = pass_at_k_filter(policy, tok, prompts, cfg, cfg.filter_k, generator)
-    hard = set(kept)
-    general = [i for i, p in enumerate(prompts) if p.family not in NUMERIC_FAMILIES and i not in hard]
+    usable, families, kept, counts = [], [], [], Counter(always=0, never_reasoning=0, kept=0)
+    for start in range(0, len(positions), FILTER_CHUNK):          # a chunk's pixels held at a time
+        chunk = []
+        for k in positions[start:start + FILTER_CHUNK]:
+            try:
+                chunk.append((k, load_prompt(mixture, k, direct, cfg.direct_share)))
+            except data.DataError as e:  # counted here (the pool counts the usable ones when it hands them out)
+                mixture.bad.bad(e)
+        got, c = pass_at_k_filter(policy, tok, [p for _, p in chunk], cfg, cfg.filter_k, generator)
+        kept += [len(usable) + i for i in got]
+        counts.update(c)
+        usable += [k for k, _ in chunk]
+        families += [p.family for _, p in chunk]
+    positions, counts, hard = usable, dict(counts), set(kept)
+    general = [i for i, f in enumerate(families) if f not in NUMERIC_FAMILIES and i not in hard]
     n_general = int(cfg.general_share * len(kept) / max(1e-9, 1 - cfg.general_share))
     counts["general_added"] = len(general[:n_general])
     log(f"pass@{cfg.filter_k} filter ({time.time() - t0:.0f} s): {counts}")

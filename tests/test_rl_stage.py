@@ -619,6 +619,31 @@ def test_pass_at_k_filter_drops_the_solved_and_the_hopeless_reasoning_prompts(se
     assert rl.reasoning_families(replace(cfg, stage="rl-mixed")) == ("math",)
 
 
+def test_the_pool_filter_decodes_a_chunk_at_a_time_and_keeps_what_one_pass_keeps(setup, monkeypatch):
+    """filtered_positions decodes and filters FILTER_CHUNK prompts at a time (a 70k pool's pixels at
+    once are terabytes): with chunks of 3 it keeps the positions and counts one chunk of all gives,
+    and never holds more than 3 prompts; rl-mixed's general prompts are added from all chunks."""
+    _, _, _, tok, cfg, _ = setup
+    cfg = replace(cfg, stage="rl-mixed", reward="mixed", filter_k=2, general_share=0.3, pool_size=10)
+    dcfg = data.DataConfig.from_model(modeling.build_model("tiny").cfg, label_mode="rl", think="on", max_len=2048)
+    held = []
+
+    def fake(policy, tok_, prompts, cfg_, gen, group_size=None, **k):      # solved: 0, 1 or 2 of 2 by line
+        held.append(len(prompts))
+        return [rollout("\\boxed{%s}" % (p.answer if j < int(p.where.rsplit(":", 1)[1]) % 3 else "nope"), p.answer or "")
+                for p in prompts for j in range(group_size)]
+    monkeypatch.setattr(rl, "rollouts", fake)
+    runs = []
+    for chunk in (1000, 3):
+        monkeypatch.setattr(rl, "FILTER_CHUNK", chunk)
+        held.clear()
+        mixture, direct = rl.prompt_mixture(cfg, tok, dcfg, "train"), rl.direct_mixture(cfg, tok, dcfg, "train")
+        runs.append((rl.filtered_positions(None, tok, mixture, direct, cfg, None, lambda *a: None), max(held)))
+    (one, held_one), (chunked, held_chunked) = runs
+    assert chunked == one and held_one == 10 and held_chunked == 3
+    assert one[1]["kept"] > 0 and one[1]["always"] > 0 and one[1]["general_added"] > 0, one[1]
+
+
 def test_evaluation_metrics_by_hand():
     """pass@1 = mean sample accuracy, maj@k = the most common answer's accuracy, pass@k = any
     right; the paired difference of identical records is 0 with a zero-width interval."""
