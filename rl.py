@@ -871,8 +871,9 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     losses use the mini-batch's normaliser over all ranks, so they sum to its loss. Every rank runs
     the same number of micro-batches (FSDP's collectives): a rank with fewer pads with `filler`
     packs of weight 0; a mini-batch empty on every rank is no update. `lr_at(update)` sets the LR
-    of each update. Stats are over all ranks: means per update run, `ratio_max_dev` of the first update (0: the rollout policy itself) and
-    `ratio_max_dev_later` of the others (> 0 once the policy moved)."""
+    of each update. Stats are over all ranks: means per update run, `ratio_max_dev` of the first
+    update (0: the rollout policy itself) and `ratio_max_dev_later` of the others (> 0 once the
+    policy moved)."""
     device = modeling.model_device(model)
     img_id = model.cfg.img_context_token_id
     agg = cfg.agg or AGG_DEFAULTS[cfg.algo]
@@ -1205,8 +1206,7 @@ def rl_config(argv: list) -> tuple:
     if not 0.0 <= cfg.direct_share <= 1.0:
         raise train_stage.UsageError(f"--direct_share must be in [0, 1], got {cfg.direct_share}")
     if cfg.agg not in ("", *AGG_MODES):
-        raise train_stage.UsageError(f"--agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, "
-                                     f"got {cfg.agg!r}")
+        raise train_stage.UsageError(f"--agg must be {', '.join(AGG_MODES[:-1])} or {AGG_MODES[-1]}, got {cfg.agg!r}")
     if cfg.clip_c and cfg.clip_c <= 1:
         raise train_stage.UsageError(f"--clip_c, the dual-clip constant, must be > 1 (or 0: off), got {cfg.clip_c}")
     for key in ("episodes", "group_size", "mini_batches", "epochs", "prompts_per_episode", "eval_samples",

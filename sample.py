@@ -69,8 +69,8 @@ def load(ckpt: str, device="cpu"):
     except Exception as e:      # any reason (bad JSON, missing or corrupt weights): one line, not a traceback
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"--ckpt {ckpt}: cannot load the checkpoint: {why}") from None
-    if modeling.compute_dtype(device) is not None:
-        modeling.hold_matrices_in(model.language_model, modeling.compute_dtype(device))
+    if (low := modeling.compute_dtype(device)) is not None:
+        modeling.hold_matrices_in(model.language_model, low)
     has_tok = any(os.path.exists(os.path.join(ckpt, f)) for f in ("tokenizer.json", "vocab.json"))
     tok = data.load_tokenizer(ckpt if has_tok else None)
     if model.cfg.llm_config.vocab_size < tok.n_vocab:
@@ -1013,12 +1013,11 @@ def cli(argv):
                 raise UsageError(f"{flag} {p}: no such file or folder")
     if any(v is not None and v < 1 for v in (args.limit, args.batch_size, args.max_new_tokens)):
         raise UsageError("--limit, --batch-size and --max-new-tokens must be at least 1")
-    given = lambda *keys: [f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) != ap.get_default(k)]  # noqa: E731
-    if args.eval and given("image", "video", "prompt", "temperature", "top_p", "seed"):
-        raise UsageError("--eval answers each record's own question and media, greedily: "
-                         f"{', '.join(given('image', 'video', 'prompt', 'temperature', 'top_p', 'seed'))} do not apply")
-    if not args.eval and given("blank", "limit", "batch_size", "out"):
-        raise UsageError(f"{', '.join(given('blank', 'limit', 'batch_size', 'out'))}: only with --eval")
+    given = lambda *keys: ", ".join(f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) != ap.get_default(k))  # noqa: E731
+    if args.eval and (ignored := given("image", "video", "prompt", "temperature", "top_p", "seed")):
+        raise UsageError(f"--eval answers each record's own question and media, greedily: {ignored} do not apply")
+    if not args.eval and (ignored := given("blank", "limit", "batch_size", "out")):
+        raise UsageError(f"{ignored}: only with --eval")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or (args.device != "cpu" and not torch.cuda.is_available()):
         raise UsageError(f"--device {args.device}: expected cpu or cuda[:N] (CUDA available: {torch.cuda.is_available()})")
     model, tok, dcfg = load(args.ckpt, args.device)
