@@ -118,7 +118,7 @@ class LLMConfig:
             raise ValueError(f"unsupported LLM model_type {d['model_type']!r} (expected qwen3 or qwen3_moe)")
         if d.get("model_type") == "qwen3_moe":
             d.setdefault("norm_topk_prob", False)                    # HF Qwen3MoeConfig default
-            d.setdefault("tie_word_embeddings", False)
+        d.setdefault("tie_word_embeddings", False)                   # HF's default for both (PretrainedConfig)
         kw = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
         if kw.get("head_dim") is None:
             kw["head_dim"] = kw.get("hidden_size", cls.hidden_size) // kw.get("num_attention_heads", cls.num_attention_heads)

@@ -43,6 +43,21 @@ def test_qwen3_matches_hf(tmp_path, tie, theta, kv, bias):
     assert (got - want).abs().max() < 1e-4
 
 
+def test_a_config_without_the_tie_key_is_read_with_hfs_default(tmp_path):
+    """HF reads a Qwen3 config.json without tie_word_embeddings as untied: so must we (tying would
+    copy the embedding over the checkpoint's own lm_head without a word)."""
+    hf_qwen3(False, 1e6).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["tie_word_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ref = Qwen3ForCausalLM.from_pretrained(tmp_path).eval()
+    ours = modeling.load_hf_llm(str(tmp_path)).eval()
+    assert not ref.config.tie_word_embeddings and not ours.cfg.tie_word_embeddings
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
+
+
 def test_qwen3_packed_equals_separate(tmp_path):
     ref = hf_qwen3(False, 1e6)
     ref.save_pretrained(tmp_path)
