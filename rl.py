@@ -1120,7 +1120,7 @@ class RLConfig(train_stage.StageConfig):
     """An RL stage's config: the stage config (folders, data, init, optimizer, seed) with the RL
     stages' defaults, plus the RL settings below. One `--key=value` parser serves both."""
     stage: str = "rl-verifiable"          # rl-verifiable (§4.2.3) | rl-mixed (§4.2.5) | harvest (§4.2.4)
-    trainable: str = "language_model"     # the ViT and adapter stay frozen: the rewards judge the reasoning, not perception
+    trainable: str = ""                   # the row's tiny value: the LLM only (the paper trains all modules, Table 4)
     label_mode: str = "rl"                # prompts end in the assistant header; no labels
     lr: float = 3e-4                      # peak LR (paper: 1e-6 for 2B-8B models); cosine over all updates. The tiny
                                           # model barely moves below 1e-4 (KL ~1e-5 per update); 1e-3 breaks the format
@@ -1181,7 +1181,7 @@ def rl_config(argv: list) -> tuple:
     row = train_stage.stage_row(stage)
     if row.runner != "rl.py":
         raise train_stage.UsageError(f"{stage} is not an RL stage: `{train_stage.command_for(row, RLConfig())}`")
-    cfg = RLConfig(stage=stage)
+    cfg = RLConfig(stage=stage, trainable=",".join(row.trainable))
     for key, value in [*((k, str(v)) for k, v in row.tiny), *opts]:      # the recipe row's tiny values, then the CLI
         if key in ("stage", "resume", "help"):
             continue

@@ -256,6 +256,9 @@ class Stage:
         return dict(self.paper)
 
 
+# The paper trains every module in its RL stages (Table 4); the miniature's RL freezes the ViT and the
+# adapter: the rewards judge the reasoning, and a frozen ViT keeps the blank-image measure meaningful.
+RL_TRAINS_THE_LLM = ("trainable", "language_model")
 VIT3_MIX = (("caption", 0.2), ("caption_qa", 0.2), ("ocr", 0.2), ("count", 0.2), ("chart", 0.2))
 VIT3_TINY = (("lr", 1e-3), ("steps", 400), ("eval_every", 100))
 SFT_MIX_4 = (("video", 0.5), ("caption_qa", 0.1), ("ocr", 0.1), ("chart", 0.1), ("count", 0.1), ("multi", 0.1))
@@ -317,7 +320,7 @@ RECIPE = (
           "trains on counting in thinking mode (1-9 objects; fresh scenes every episode), the skill the tiny "
           "model has; its math is guessing, and RL on guesses only learns the frequent answers",
           mix=(("count_cot", 1.0),), label_mode="rl", runner="rl.py",
-          tiny=(("episodes", 50), ("mini_batches", 3), ("lr", 3e-4), ("batch_rows", 512)),
+          tiny=(("episodes", 50), ("mini_batches", 3), ("lr", 3e-4), ("batch_rows", 512), RL_TRAINS_THE_LLM),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 70_000), ("rollouts", 2048), ("mini_batch", 512))),
     Stage("harvest", "§4.2.4", "CoT harvest: rejection-sample correct, well-formed chains from the RL model",
           trainable=(), mix=(("math", 0.5), ("count_cot", 0.5)), label_mode="rl", runner="rl.py",
@@ -335,7 +338,7 @@ RECIPE = (
           "per prompt of the pool",
           mix=(("math", 0.25), ("count", 0.15), ("chart", 0.15), ("ocr", 0.1), ("caption_qa", 0.15), ("multi", 0.1),
                ("video", 0.1)), label_mode="rl", runner="rl.py",
-          tiny=(("reward", "mixed"), ("direct_share", 0.5), ("episodes", 20), ("lr", 1e-4)),
+          tiny=(("reward", "mixed"), ("direct_share", 0.5), ("episodes", 20), ("lr", 1e-4), RL_TRAINS_THE_LLM),
           paper=(("lr", 1e-6), ("seq", 16384), ("samples", 100_000))),
 )
 STAGES = {s.name: s for s in RECIPE}
@@ -404,11 +407,14 @@ def apply_paper_scale(cfg: StageConfig, row: Stage, log) -> None:
     if cfg.preset.startswith("tiny"):
         change("preset", "2b")
     change("ac", "block")        # 2b at 8k packs: ~63-93 GB a rank without it (python tests/bench.py memory), over 80 GB
-    missing = [k for k in ("lr", "batch", "seq") if k not in p]
+    missing = [k for k in ("lr", "seq") if k not in p]
+    if not any(c.startswith("steps ") for c in changed):     # no batch, or a batch without samples or tokens
+        missing.append("batch" if not batch else "samples or tokens")
+    kept = {"lr": f"lr {cfg.lr:g}", "seq": f"packs of {cfg.packing.max_tokens}"}
     log(f"--scale=paper ({row.name}, {row.section or 'not a paper stage'}): " + ("; ".join(changed) or "nothing")
         + (f"; the paper does not state {', '.join(missing)}: kept " + ", ".join(
-            {"lr": f"lr {cfg.lr:g}", "seq": f"packs of {cfg.packing.max_tokens}", "batch": f"{cfg.steps} steps"}[k]
-            for k in missing) if missing else "") + "; the global batch is micro_batches x ranks x packs of max_tokens")
+            kept.get(k, f"{cfg.steps} steps") for k in missing) if missing else "")
+        + "; the global batch is micro_batches x ranks x packs of max_tokens")
 
 
 def getattr_path(obj, dotted: str):

@@ -68,6 +68,10 @@ def test_recipe_table_follows_the_paper():
     assert [n for n in names if n in PAPER_ORDER] == PAPER_ORDER
     for name, modules in PAPER_TRAINS.items():
         assert set(train_stage.STAGES[name].trainable) == modules, name
+        if train_stage.STAGES[name].runner == "rl.py":      # the miniature's RL trains the LLM only (its tiny value)
+            import rl
+            assert set(train_stage.modules_of(rl.rl_config(["--stage", name])[0].trainable)) == {"language_model"}, name
+            continue
         assert set(train_stage.modules_of(cfg_of(name)[0].trainable)) == modules, name     # what the CLI trains
     assert train_stage.STAGES["lm0"].auto and train_stage.STAGES["lm0"].section == ""                 # the stand-in is marked
     assert train_stage.init_rule(train_stage.STAGES["pretrain1"]) == {"vision_model": "vit3", "mlp1": "fresh", "language_model": "lm0"}
@@ -101,6 +105,9 @@ def test_scale_paper_applies_the_paper_values_and_says_what_changed():
     lines.clear()
     train_stage.stage_config("pretrain2", "paper", log=lines.append)
     assert f"does not state lr, batch: kept lr 0.001, {train_stage.stage_config('pretrain2').steps} steps" in lines[0]
+    lines.clear()                                        # vit2: a batch, but neither samples nor tokens to count steps
+    train_stage.stage_config("vit2", "paper", log=lines.append)
+    assert f"does not state samples or tokens: kept {train_stage.stage_config('vit2').steps} steps" in lines[0]
 
 
 # ----------------------------------------------------------------------------------------------
