@@ -16,7 +16,9 @@ the steps shrink so the search settles. What the papers leave open, and what thi
 - Windows. Each decision compares two back-to-back k-step windows: a baseline window at the
   current LR, then a trial window at alpha' times it. After a keep, the trial window is the next
   baseline (so keeps chain); after a reject or a "no evidence" outcome, a fresh baseline is
-  measured. Trials start only inside the search fraction of training (default [0.1, 0.4]) and
+  measured. Every baseline window is followed by a trial: the paper's "when the loss descent
+  slows, try a higher LR" has no test of its own here (the keep / reject rule above decides
+  whether the trial paid). Trials start only inside the search fraction of training (default [0.1, 0.4]) and
   only if the whole trial window fits in it; afterwards the LR scale is frozen and the trainer's
   normal schedule (warm-up + cosine, ...) continues, multiplied by it.
 - e. The slope's standard error from the fit, sqrt(SSE / (k-2) / sum (i - mean i)^2), and for
