@@ -1379,7 +1379,8 @@ def load_checkpoint(path: str, model, opt, rank: int, world: int) -> tuple:
 def step_checkpoints(folder: str) -> list:
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(folder, d) for d in os.listdir(folder) if re.fullmatch(r"step-\d+", d))
+    steps = [d for d in os.listdir(folder) if re.fullmatch(r"step-\d+", d)]
+    return [os.path.join(folder, d) for d in sorted(steps, key=lambda d: int(d[5:]))]   # step-1000000 after step-999999
 
 
 def find_resume_checkpoint(folder: str, log) -> Optional[str]:

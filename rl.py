@@ -1322,6 +1322,8 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     opt = train_stage.build_optimizer(cfg, params, device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)       # each rank its own draws
     rdir = train_stage.run_dir(cfg)
+    if rank == 0 and not resume:
+        train_stage.clear_earlier_run(rdir, log)
     eval_set = read_prompts(cfg, tok, dcfg, "eval", cfg.eval_prompts)
     mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None

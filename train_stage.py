@@ -63,6 +63,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -1010,7 +1011,7 @@ def changed_options(saved: dict, now: dict, prefix: str = "") -> list:
 def resume_from(path: str, cfg: StageConfig, model, opt, batches: StageBatches, search: Optional[AdaLRS],
                 rank: int, world: int, log) -> tuple:
     """Weights, optimizer state, data position, AdaLRS and the RNGs from a step checkpoint;
-    returns (its step, the stage's first loss). Options changed since the checkpoint's run are
+    returns (its step, its progress: the stage's first loss, the non-finite steps in a row). Options changed since the checkpoint's run are
     logged (the run goes on with them); one that breaks the saved state is refused."""
     meta, rank_state = modeling.load_checkpoint(path, model, opt, rank, world)
     if meta["step"] > cfg.steps:
@@ -1031,7 +1032,7 @@ def resume_from(path: str, cfg: StageConfig, model, opt, batches: StageBatches, 
         raise UsageError(f"cannot resume from {path}: {e}") from None
     modeling.set_rng_state(rank_state["rng"])
     log(f"resume: continuing from {path} at step {meta['step']}")
-    return meta["step"], meta.get("first_loss")
+    return meta["step"], {"first_loss": meta.get("first_loss"), "bad_in_a_row": meta.get("bad_in_a_row", 0)}
 
 
 def build_optimizer(cfg: StageConfig, params: list, cuda: bool):
@@ -1046,6 +1047,16 @@ def set_optimizer_options(opt, cfg: StageConfig):
     """The run's AdamW options on build_optimizer's two groups: the matrices decayed, the rest not."""
     for group, decay in zip(opt.param_groups, (cfg.weight_decay, 0.0)):
         group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2))
+
+
+def clear_earlier_run(rdir: str, log):
+    """A fresh start removes the step checkpoints an earlier run left in its run folder: kept, they
+    would outrank this run's (pruned as soon as written) and a later --resume would pick them."""
+    if old := modeling.step_checkpoints(rdir):
+        log(f"a fresh start: removing {len(old)} step checkpoint(s) of an earlier run in {rdir} "
+            f"(newest {os.path.basename(old[-1])}; --resume continues such a run)")
+        for path in old:
+            shutil.rmtree(path)
 
 
 def open_metrics(path: str, keep_up_to: int, key: str = "step"):
@@ -1101,12 +1112,13 @@ def write_metrics(metrics, rec: dict):
 
 
 def save_step_checkpoint(cfg: StageConfig, step: int, model, opt, batches: StageBatches, search: Optional[AdaLRS],
-                         first_loss, rank: int, world: int, tok_files: dict, model_cfg: modeling.SAILVLConfig):
+                         progress: dict, rank: int, world: int, tok_files: dict, model_cfg: modeling.SAILVLConfig):
     """A resumable step checkpoint out/<stage>.run/step-NNNNNN/ (weights, optimizer, data position,
-    AdaLRS, every RNG), then only the newest --keep_checkpoints kept."""
+    AdaLRS, every RNG, `progress`: the first loss, the non-finite steps in a row), then only the
+    newest --keep_checkpoints kept."""
     rdir = run_dir(cfg)
     meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": batches.state_dict(),
-            "adalrs": search.state_dict() if search else None, "first_loss": first_loss}
+            "adalrs": search.state_dict() if search else None, **progress}
     rank_state = {"rng": modeling.rng_state(), "adalrs_snapshot": search.snapshot_state_dict() if search else None}
     modeling.save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
                              extra_files=tok_files, model_cfg=model_cfg, opt=opt)
@@ -1153,10 +1165,12 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     reads = itertools.count()    # the held-out stream's bad samples are reported (file:line) at its first read
     eval_batches = lambda: build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=next(reads) == 0)  # noqa: E731
 
-    step, first_loss = resume_from(resume, cfg, model, opt, batches, search, rank, world, log) if resume else (0, None)
-    start = step
+    step, progress = resume_from(resume, cfg, model, opt, batches, search, rank, world, log) if resume else (0, {})
+    first_loss, bad_in_a_row, start = progress.get("first_loss"), progress.get("bad_in_a_row", 0), step
 
     rdir = run_dir(cfg)
+    if rank == 0 and not resume:
+        clear_earlier_run(rdir, log)
     log_config(cfg, model_cfg, rdir, rank, log)
     metrics_path = os.path.join(rdir, "metrics.jsonl")
     metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
@@ -1164,7 +1178,6 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     peak, trainable = modeling.peak_flops(device), modules_of(cfg.trainable)
     weights = modeling.matmul_weights(model) if peak else None
     last_loss = eval_loss = None
-    bad_in_a_row = 0
     while True:
         last_step = step == cfg.steps
         # -- eval at step 0, every eval_every steps and at the end (not again right after a resume)
@@ -1180,7 +1193,8 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
             return save_stage_output(cfg, step, model, batches, search, losses, rank, world,
                                      {"metrics.jsonl": metrics_path, **tok_files}, model_cfg, log)
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
-            save_step_checkpoint(cfg, step, model, opt, batches, search, first_loss, rank, world, tok_files, model_cfg)
+            save_step_checkpoint(cfg, step, model, opt, batches, search, {"first_loss": first_loss, "bad_in_a_row": bad_in_a_row},
+                                 rank, world, tok_files, model_cfg)
         # -- one optimizer step over this rank's micro-batches (global token mean, §5.1) --------
         lr = cfg.lr * lr_multiplier(step, cfg) * (search.lr_scale if search else 1.0)
         for g in opt.param_groups:

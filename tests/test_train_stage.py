@@ -861,6 +861,48 @@ def test_truncated_checkpoint_is_refused_and_previous_kept(synth, tmp_path):
         modeling.verify_checkpoint(f"{tmp_path}/lm0", resumable=True)          # a stage output has no optimizer
 
 
+def test_a_fresh_start_removes_an_earlier_runs_checkpoints(synth, tmp_path):
+    """An earlier, longer run's step checkpoints in the same run folder would outrank this run's
+    (pruned as soon as written) and a --resume would continue the other run: a fresh start removes them."""
+    args = ["--init-from=random", f"--data_dir={synth}", f"--out_dir={tmp_path}", "--packing.max_tokens=256",
+            "--eval_every=0", "--keep_checkpoints=2"]
+    train_stage.run_stage("lm0", [*args, "--steps=7", "--save_every=3"])          # leaves step-3, step-6
+    train_stage.run_stage("lm0", [*args, "--steps=5", "--save_every=2", "--lr=0.002"])  # a fresh run: step-2, step-4
+    kept = modeling.step_checkpoints(f"{tmp_path}/lm0.run")
+    assert [os.path.basename(p) for p in kept] == ["step-000002", "step-000004"]
+    assert all(modeling.verify_checkpoint(p)["config"]["lr"] == 0.002 for p in kept)
+    assert modeling.find_resume_checkpoint(f"{tmp_path}/lm0.run", lambda *a: None) == kept[-1]
+
+
+def test_step_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
+    for n in (999_998, 1_000_000, 999_999):
+        os.makedirs(tmp_path / f"step-{n:06d}")
+    modeling.prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["step-1000000", "step-999999"]
+
+
+def test_the_non_finite_steps_in_a_row_survive_a_resume(synth, tmp_path, monkeypatch):
+    """--max_bad_steps counts skipped steps in a row across a resume: a run whose steps 3, 4, 5, ...
+    are non-finite stops at step 5, resumed from its step-4 checkpoint or not."""
+    real_step, calls = train_stage.train_step, []
+
+    def nan_from(first):
+        def step(*a, **k):
+            calls.append(1)
+            res = real_step(*a, **k)
+            return dict(res, loss=float("nan"), skipped=True) if len(calls) >= first else res
+        return step
+    args = ["--init-from=random", f"--data_dir={synth}", f"--out_dir={tmp_path}", "--packing.max_tokens=256",
+            "--eval_every=0", "--save_every=1", "--keep_checkpoints=10", "--steps=10"]
+    monkeypatch.setattr(train_stage, "train_step", nan_from(3))
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row at step 5"):
+        train_stage.run_stage("lm0", args)
+    calls.clear()
+    monkeypatch.setattr(train_stage, "train_step", nan_from(1))                    # steps 5, 6, ... non-finite
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row at step 5"):
+        train_stage.run_stage("lm0", args, resume=f"{tmp_path}/lm0.run/step-000004")
+
+
 def test_resume_in_the_middle_of_an_adalrs_trial_is_bit_identical(synth, tmp_path):
     args = ["train_stage.py", "--stage", "pretrain1", f"--data_dir={synth}", "--steps=10", "--save_every=5",
             "--packing.max_tokens=384", "--eval_every=0", "--warmup_steps=1", "--adalrs_cfg.window=3",
