@@ -951,7 +951,7 @@ def prompt_data_config(cfg, model_cfg) -> data.DataConfig:
 
 def prompt_mixture(cfg, tok, dcfg, split: str) -> data.Mixture:
     return data.Mixture(prompt_sources(cfg, split), tok, dcfg, seed=cfg.seed if split == "train" else train_stage.EVAL_SEED,
-                        training=False, verbose=False)
+                        training=False, verbose=rank_and_world()[0] == 0)      # bad prompts reported by rank 0
 
 
 def direct_mixture(cfg, tok, dcfg, split: str) -> Optional[data.Mixture]:
@@ -1290,18 +1290,40 @@ def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tup
     return [positions[i] for i in sorted(kept + general[:n_general])], counts
 
 
+# options that define the saved run's prompt pool (its positions, cursor and direct-mode share) and its
+# held-out evaluation (the "before" side is saved): a resume with other values is refused
+FIXED_ON_RESUME = ("seed", "data_dir", "manifests", "eval_manifests", "image_root", "pool_size",
+                   "filter_k", "general_share", "direct_share", "eval_prompts", "eval_samples")
+
+
 def resume_rl(path: str, cfg: RLConfig, model, opt, gen, rank: int, world: int, log) -> dict:
     """Weights, optimizer state (run with this run's options), the RNGs and the rollout generator
-    from an RL checkpoint; returns its metadata (episode, prompt pool, the first evaluation)."""
+    from an RL checkpoint; returns its metadata (episode, prompt pool, the first evaluation).
+    Options changed since the checkpoint are logged; one in FIXED_ON_RESUME is refused."""
     meta, rank_state = modeling.load_checkpoint(path, model, opt, rank, world)
     if meta["episode"] > cfg.episodes:
         raise train_stage.UsageError(f"{path} is at episode {meta['episode']}, past this run's {cfg.episodes} "
                                      f"episodes: resume with --episodes of at least {meta['episode']}, or start afresh")
+    changed = train_stage.changed_options(meta.get("config", {}), asdict(cfg))
+    if fixed := [c for c in changed if c.split(" ")[0] in FIXED_ON_RESUME]:
+        raise train_stage.UsageError(f"{path} was saved with other prompts or held-out evaluation ({', '.join(fixed)}): "
+                                     "resume with its values, or start the stage afresh")
+    if changed:
+        log(f"resume: options changed since {path} was saved, continuing with the new values: {', '.join(changed)}")
     train_stage.set_optimizer_options(opt, cfg)        # the loaded state carries the saving run's options
     modeling.set_rng_state(rank_state["rng"])
-    gen.set_state(rank_state["generator"])
+    restore_generator(gen, rank_state, rank, meta["world_size"], cfg.seed, meta["episode"])
     log(f"resume: continuing from {path} at episode {meta['episode']}")
     return meta
+
+
+def restore_generator(gen, rank_state: dict, rank: int, saved_world: int, seed: int, episode: int):
+    """A rank's rollout generator from its checkpoint; a rank the saving run did not have (resumed
+    on more processes) gets a stream of its own, seeded from (seed, rank, episode), not rank 0's."""
+    if rank < saved_world:
+        gen.set_state(rank_state["generator"])
+    else:
+        gen.manual_seed(int(np.random.default_rng([seed, rank, episode]).integers(2 ** 62)))
 
 
 def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
@@ -1333,6 +1355,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     if resume:
         policy = generation_policy(model, policy)
         positions, filter_counts = meta["pool"]["positions"], meta["filter"]
+        mixture.bad.load_state_dict(meta["pool"]["bad"])
     else:
         positions, filter_counts = filtered_positions(policy, tok, mixture, direct, cfg, gen, log)
     pool = PromptPool(mixture, positions, cfg.seed, direct, cfg.direct_share)
@@ -1354,7 +1377,8 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         last = episode == cfg.episodes
         if cfg.save_every and episode % cfg.save_every == 0 and episode > start and not last:
             state = {"stage": cfg.stage, "episode": episode, "step": episode, "config": asdict(cfg),
-                     "filter": filter_counts, "pool": {"positions": positions, "pos": pool.pos}, "before": before}
+                     "filter": filter_counts, "before": before,
+                     "pool": {"positions": positions, "pos": pool.pos, "bad": mixture.bad.state_dict()}}
             modeling.save_checkpoint(os.path.join(rdir, f"step-{episode:06d}"), model, state, rank, world,
                                      {"rng": modeling.rng_state(), "generator": gen.get_state()},
                                      extra_files=tok_files, model_cfg=model_cfg, opt=opt)
@@ -1362,7 +1386,9 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
                 modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
         if last:
             after = evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
-            return finish(cfg, model, before, after, filter_counts, metrics, tok_files, log)
+            log(f"data: {mixture.bad.report()}")
+            counts = {"filter": filter_counts, "bad_data": mixture.bad.state_dict()}
+            return finish(cfg, model, before, after, counts, metrics, tok_files, log)
         t0, episode_cfg = time.time(), dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode))
         kept, st = sample_groups(policy, tok, pool, episode_cfg, gen, judge)
         t_gen = time.time() - t0
@@ -1390,10 +1416,11 @@ def episode_line(episode: int, cfg, rec: dict) -> str:
                    f"kl {rec['approx_kl']:.4f} | dlogp {rec['dlogp']:.1e} | {rec['gen_seconds']:.1f}/{rec['seconds']:.1f} s")
 
 
-def finish(cfg, model, before: list, after: list, filter_counts, metrics, tok_files: dict, log) -> str:
+def finish(cfg, model, before: list, after: list, counts: dict, metrics, tok_files: dict, log) -> str:
     """The paired differences of the evaluations before and after training (the same prompts and
     draws), and the stage output (weights; heldout_predictions.jsonl: every prompt before and after,
-    its greedy answer's correctness as the recipe's effects read it, and every metric)."""
+    its greedy answer's correctness as the recipe's effects read it, and every metric; `counts`:
+    the pool filter's and the bad prompts', into meta.json)."""
     rank, world = rank_and_world()
     s_before, s_after, diff = summarize(before), summarize(after), paired(before, after)
     log(eval_line(cfg.episodes, s_after))
@@ -1408,7 +1435,7 @@ def finish(cfg, model, before: list, after: list, filter_counts, metrics, tok_fi
             json.dumps({"side": side, "correct": bool(p["greedy_acc"]), **{m: g(p) for m, g in EVAL_METRICS.items()},
                         **p}) + "\n" for side, recs in (("before", before), ("after", after)) for p in recs))
     modeling.barrier()
-    meta = {"stage": cfg.stage, "step": cfg.episodes, "config": asdict(cfg), "filter": filter_counts,
+    meta = {"stage": cfg.stage, "step": cfg.episodes, "config": asdict(cfg), **counts,
             "reward": {"before": s_before["reward"]["mean"], "after": s_after["reward"]["mean"]},
             "rl_eval": {"before": s_before, "after": s_after, "paired": diff},
             "final_loss": None, "first_loss": None, "eval_loss": None}

@@ -463,7 +463,7 @@ def test_the_prompt_pool_counts_each_sample_once_and_stops_on_a_pool_of_bad_ones
         rl.PromptPool(bad, range(4), 0).take(1)
 
 
-def test_read_prompts_skips_and_counts_a_prompt_whose_pixels_fail_after_good_headers(tmp_path):
+def test_read_prompts_skips_and_counts_a_prompt_whose_pixels_fail_after_good_headers(tmp_path, capsys):
     """read_prompts reads each prompt's line and image headers, then decodes it once in its mode: an
     image cut after its header passes the first and fails the second; that prompt is skipped and
     counted bad, and a manifest of only such prompts stops with the bad-data report."""
@@ -479,6 +479,8 @@ def test_read_prompts_skips_and_counts_a_prompt_whose_pixels_fail_after_good_hea
     dcfg = data.DataConfig.from_model(modeling.build_model("tiny").cfg, label_mode="rl", think="on", max_bad_fraction=0.5)
     got = rl.read_prompts(replace(cfg, manifests=str(tmp_path / "p.jsonl")), tok, dcfg, "train", 10)
     assert sorted(p.where.rsplit(":", 1)[1] for p in got) == [str(i) for i in range(1, 7)]
+    reported = [ln for ln in capsys.readouterr().err.splitlines() if "skipping bad sample" in ln]
+    assert len(reported) == 1 and "p.jsonl:7" in reported[0]                # reported with file and line
     with pytest.raises(data.TooMuchBadData, match=r"6 of 6 samples are bad.*'image': 6"):
         rl.read_prompts(replace(cfg, manifests=str(tmp_path / "cut.jsonl")), tok, dcfg, "train", 10)
 
@@ -898,13 +900,14 @@ def stage_args(synth, out):
             "--clip_schedule=true", f"--out_dir={out}"]
 
 
-def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path, monkeypatch):
+def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path, monkeypatch, capsys):
     """rl-verifiable through its CLI: updates happen (LR warm-up counted in updates, the clip-high
     schedule follows the episode), the held-out prompts come from the held-out split, and a run
     resumed from its episode-2 checkpoint ends with the same weights (so the resume restores the
-    pool cursor, the rollout generator and the optimizer) and the same metrics.jsonl (the records a
-    killed run wrote after its checkpoint replaced, not repeated). A resume runs with the AdamW
-    options it is given and refuses a checkpoint past --episodes."""
+    pool cursor, the rollout generator and the optimizer), the same metrics.jsonl (the records a
+    killed run wrote after its checkpoint replaced, not repeated) and the same count of prompts seen
+    (the bad-data counts travel with the checkpoint). A resume runs with the AdamW options it is
+    given and says so, and refuses a checkpoint past --episodes or a change of its prompts."""
     root, synth, m, tok, cfg, prompts = setup
     (tmp_path / "driver.py").write_text(DRIVER.format(root=ROOT))
     for d in ("a", "b", "c"):
@@ -938,6 +941,8 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path, monkey
     again = [json.loads(x) for x in open(tmp_path / "b" / "rl-verifiable.run" / "metrics.jsonl")]
     assert [r["episode"] for r in again] == [r["episode"] for r in recs] == [1, 2, 3, 4, 4]     # 4 twice: the eval
     assert [r.get("reward") for r in again] == [r.get("reward") for r in recs]
+    bad_a, bad_b = (modeling.verify_checkpoint(f"{tmp_path}/{d}/rl-verifiable")["bad_data"] for d in "ab")
+    assert bad_a == bad_b and bad_a["seen"] >= 4 * 2 and bad_a["counts"] == {}
     # in this process: the options given, not the loaded state's; a checkpoint past --episodes refused
     groups, update = [], rl.update_episode
 
@@ -950,9 +955,24 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path, monkey
     monkeypatch.setattr(rl, "score_rollouts", parity)                          # the driver's reward
     rl.main([*stage_args(synth, tmp_path / "c"), "--resume", "--weight_decay=0.5", "--beta1=0.5"])
     assert groups and all(g == [(0.5, (0.5, 0.95)), (0.0, (0.5, 0.95))] for g in groups)
-    with pytest.raises(SystemExit) as e:
-        rl.main([*stage_args(synth, tmp_path / "c"), "--resume", "--episodes=1"])
-    assert e.value.code == 2
+    assert "options changed since" in capsys.readouterr().out
+    for wrong in ("--episodes=1", "--seed=5", "--eval_prompts=4"):
+        with pytest.raises(SystemExit) as e:
+            rl.main([*stage_args(synth, tmp_path / "c"), "--resume", wrong])
+        assert e.value.code == 2, wrong
+    assert "other prompts or held-out evaluation (eval_prompts 6 -> 4)" in capsys.readouterr().err
+
+
+def test_a_rank_the_saving_run_did_not_have_draws_its_own_rollouts():
+    """Resumed on more processes than saved it, a new rank's rollout generator is not rank 0's."""
+    saved = {"generator": torch.Generator().manual_seed(7).get_state()}
+    streams = []
+    for rank in (0, 1, 2):
+        gen = torch.Generator()
+        rl.restore_generator(gen, saved, rank, saved_world=1, seed=1337, episode=4)
+        streams.append(torch.rand(4, generator=gen))
+    assert torch.equal(streams[0], torch.rand(4, generator=torch.Generator().manual_seed(7)))
+    assert not torch.equal(streams[1], streams[0]) and not torch.equal(streams[2], streams[1])
 
 
 def test_the_rl_mixed_stage_asks_and_evaluates_in_both_modes(setup, tmp_path):
