@@ -214,9 +214,22 @@ class Attention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)
             if cache is not None:
                 k, v = cache.update(self.layer, k, v)                    # (B, Hkv, S, hd)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-            out = out.reshape(B, -1, T, hd).transpose(1, 2)              # (B, T, H, hd)
+            out = grouped_attention(q, k, v, mask, fold=q.is_cuda and mask is not None)     # (B, H, T, hd)
+            out = out.transpose(1, 2)                                    # (B, T, H, hd)
         return self.o_proj(out.reshape(B, T, -1))
+
+
+def grouped_attention(q, k, v, mask, fold: bool):
+    """SDPA of H query heads over Hkv key/value heads (query head h reads kv head h // (H / Hkv)),
+    under `mask` (B, 1, T, S) or causal. CUDA's kernel that takes a mask (memory-efficient) takes no
+    enable_gqa (only flash, which takes no mask, and the fp32 math path do): `fold` puts each kv
+    head's G query heads on the query axis instead, (B, Hkv, G*T, hd), the mask repeated G times."""
+    if not fold:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    B, H, T, hd = q.shape
+    G = H // k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, hd), k, v, attn_mask=mask.repeat(1, 1, G, 1))
+    return out.view(B, H, T, hd)
 
 
 class MLP(nn.Module):

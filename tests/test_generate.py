@@ -373,6 +373,29 @@ def test_moe_layers_run_graphed_only_on_the_triton_path(monkeypatch):
     assert isinstance(modeling.graphed(lm, step), modeling.GraphedStep)
 
 
+def test_folded_query_groups_give_sdpas_grouped_attention():
+    """The masked attention CUDA runs (each kv head's query heads on the query axis, the mask
+    repeated: the memory-efficient kernel takes no enable_gqa) equals SDPA's enable_gqa form."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 4, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)   # G = 3
+    seen = torch.ones(3, 9, dtype=torch.bool)
+    seen[0, :2] = seen[2, 3] = False                                            # padded slots
+    mask = modeling.decode_mask(seen, 5, 4)                                     # (3, 1, 4, 9)
+    want = modeling.grouped_attention(q, k, v, mask, fold=False)
+    torch.testing.assert_close(modeling.grouped_attention(q, k, v, mask, fold=True), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_masked_generation_on_cuda_runs_without_the_math_kernel():
+    """Prefill of prompts of different lengths (a padding mask) and decode under bf16 autocast, with
+    SDPA's fp32 math path ruled out: the masked attention reaches a fused kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    lm = tiny_lm(seed=9, sharpen=4.0).cuda()
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]), \
+            torch.autocast("cuda", dtype=torch.bfloat16):
+        assert len(engine(lm, PROMPTS, 8, compile=False)) == len(PROMPTS)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cpu_generator_on_a_cuda_model():
     lm = tiny_lm(seed=9, sharpen=1.0).cuda()
