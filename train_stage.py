@@ -1254,10 +1254,11 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
     if not cfg.eval_manifests:
         data.ensure_synth(cfg.data_dir)
     factory = lambda: build_batches(cfg, souped.cfg, tok, "eval", rank, world, verbose=False)  # noqa: E731
-    nocast = lambda: torch.autocast("cpu", enabled=False)                 # noqa: E731
+    cast = lambda: modeling.autocast(device)            # noqa: E731   (bf16 on CUDA, as a stage evaluates)
     results = {}
     for name, m in list(zip(ckpts, models)) + [("soup", souped)]:
-        results[name] = evaluate(m.to(device), factory, cfg.eval_packs, device, nocast)
+        results[name] = evaluate(m.to(device), factory, cfg.eval_packs, device, cast)
+        m.to("cpu")                                     # one model on the device at a time
         log(f"soup eval | {name}: held-out loss {results[name]:.4f}")
     meta = {"stage": cfg.stage, "inputs": ckpts, "eval_loss": results, "config": asdict(cfg)}
     modeling.save_checkpoint(stage_dir(cfg), souped, meta, rank, world, extra_files=tokenizer_files(tok_dir))

@@ -1096,6 +1096,28 @@ def test_soup_of_identical_checkpoints_is_identity_and_mismatch_refused(synth, t
         train_stage.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/moe"])
 
 
+def test_the_soup_evaluates_one_model_on_the_device_at_a_time_in_its_compute_dtype(synth, tmp_path, monkeypatch):
+    """Each input and the soup go to the device for their evaluation and back (N + 1 8B models on
+    one GPU at once do not fit), evaluated under the device's autocast as a stage's evaluation."""
+    for name, seed in (("a", 3), ("b", 4)):
+        modeling.build_model("tiny", seed=seed).save_pretrained(f"{tmp_path}/{name}")
+    moves, casts, to = [], [], modeling.SAILVL.to
+    monkeypatch.setattr(modeling.SAILVL, "to", lambda self, where: (isinstance(where, (str, torch.device)) and moves.append(
+        (id(self), str(where)))) or to(self, where))                                # the device moves, not dtype casts
+
+    def evaluate(m, factory, n, device, autocast):
+        with autocast():
+            casts.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return 1.0
+    monkeypatch.setattr(train_stage, "evaluate", evaluate)
+    monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)         # the CPU standing in for CUDA
+    cfg, _ = cfg_of("soup", f"--data_dir={synth}", f"--out_dir={tmp_path}/out", "--eval_packs=1")
+    train_stage.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/b"])
+    assert [w for _, w in moves] == ["cpu"] * 6 and len({m for m, _ in moves}) == 3      # to the device, back: each
+    assert [m for m, _ in moves[::2]] == [m for m, _ in moves[1::2]]
+    assert casts == [torch.bfloat16] * 3
+
+
 def test_init_from_hf_qwen3_and_aimv2_folders(tmp_path):
     from transformers import Aimv2VisionConfig, Aimv2VisionModel, Qwen3Config, Qwen3ForCausalLM
     mcfg = modeling.preset_config("tiny")
