@@ -799,8 +799,8 @@ def completion_logps(model, pack: dict, cfg, n_valid: int, banned=()) -> tuple:
         chunks = model(p["input_ids"], p.get("pixel_values"), p["labels"], position_ids=p["position_ids"],
                        cu_seqlens=p["cu_seqlens"], per_token=chunk_terms).per_token
     logp, ent = (torch.cat(t) for t in zip(*chunks))                       # (n_completion,) each
-    keep = p["labels"][0, 1:] != -100
-    lens = [int(keep[a:b - 1].sum()) for a, b in zip(p["cu_seqlens"][:-1].tolist(), p["cu_seqlens"][1:].tolist())]
+    keep, cu = pack["labels"][0, 1:] != -100, pack["cu_seqlens"].tolist()   # the host pack's: no device sync
+    lens = [int(keep[a:b - 1].sum()) for a, b in zip(cu[:-1], cu[1:])]
     return list(logp.split(lens)), list(ent.split(lens))
 
 
