@@ -1120,7 +1120,7 @@ class RLConfig(train_stage.StageConfig):
     """An RL stage's config: the stage config (folders, data, init, optimizer, seed) with the RL
     stages' defaults, plus the RL settings below. One `--key=value` parser serves both."""
     stage: str = "rl-verifiable"          # rl-verifiable (§4.2.3) | rl-mixed (§4.2.5) | harvest (§4.2.4)
-    trainable: str = ""                   # the row's tiny value: the LLM only (the paper trains all modules, Table 4)
+    trainable: str = "language_model"     # the RL rows' tiny value (the paper trains all modules, Table 4)
     label_mode: str = "rl"                # prompts end in the assistant header; no labels
     lr: float = 3e-4                      # peak LR (paper: 1e-6 for 2B-8B models); cosine over all updates. The tiny
                                           # model barely moves below 1e-4 (KL ~1e-5 per update); 1e-3 breaks the format
