@@ -961,7 +961,7 @@ class Mixture:
         self.datasets = [JsonlDataset(p, tok, self.cfg, training) for p, _ in sources]
         for ds in self.datasets:
             if not len(ds):
-                raise ValueError(f"manifest {ds.path} holds no samples")
+                raise TooMuchBadData(f"manifest {ds.path} holds no samples")
         w = np.array([float(wt) for _, wt in sources])
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {w.tolist()}")
@@ -1037,6 +1037,9 @@ class Mixture:
             if self.pos >= self.epoch_size:
                 self._found(found, None, None)               # every sample was seen: judge even a small set
                 if self.valid_in_epoch == 0:
+                    if found:                                # counted (and reported) before the verdict
+                        self.record(found)
+                        found.clear()
                     raise TooMuchBadData(f"epoch {self.epoch} of the data had no usable sample in its "
                                          f"{self.epoch_size} visits: {self.bad.report()}")
                 self.epoch, self.pos, self.valid_in_epoch = self.epoch + 1, 0, 0

@@ -1165,7 +1165,7 @@ RL_SUMMARY_KEYS = ("init_from", "algo", "reward", "episodes", "prompts_per_episo
 # stage options that have no meaning in an RL stage: given, they are refused with the reason
 RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL prompts have no labels",
              "packing": "use --max_tokens", "adalrs": "", "adalrs_cfg": "", "ngram_rebalance": "", "eval_packs": "",
-             "max_bad_steps": "", "fsdp": "several processes always shard", "auto_steps": "", "step_scale": "",
+             "max_bad_steps": "", "fsdp": "several processes always shard", "auto_steps": "",
              "scale": "", "init_llm": "start from a SAIL-VL2 checkpoint: --init_from", "init_vit": "",
              "preset": "the model comes from its checkpoint"}
 
@@ -1188,6 +1188,10 @@ def rl_config(argv: list) -> tuple:
         if (why := RL_UNUSED.get(key.split(".")[0])) is not None:
             raise train_stage.UsageError(f"--{key} does not apply to an RL stage" + (f": {why}" if why else ""))
         train_stage.set_key({"": cfg}, key, value)
+    train_stage.check_optimizer_options(cfg)
+    if cfg.step_scale <= 0:
+        raise train_stage.UsageError(f"--step_scale must be above 0, got {cfg.step_scale:g}")
+    cfg.episodes = max(1, round(cfg.episodes * cfg.step_scale))   # shortens an RL stage as it does every stage
     if cfg.reward not in ("verifiable", "mixed"):
         raise train_stage.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
     if cfg.compile not in COMPILE:

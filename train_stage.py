@@ -1311,6 +1311,22 @@ def config_help(cfg, prefix: str = "") -> list:
     return rows
 
 
+# options of training, which the soup (an average of finished checkpoints) does not read
+TRAINING_ONLY = ("steps", "step_scale", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "beta1",
+                 "beta2", "grad_clip", "max_bad_steps", "adalrs", "adalrs_cfg", "ngram_rebalance", "save_every",
+                 "keep_checkpoints", "eval_every", "init_from", "init_llm", "init_vit", "trainable", "resume", "ac",
+                 "auto_steps", "text_only", "label_mode")
+
+
+def check_optimizer_options(cfg: StageConfig):
+    """AdamW's options and the LR schedule's floor, refused here (one line) rather than by torch."""
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and cfg.weight_decay >= 0 and 0 <= cfg.min_lr_ratio <= 1):
+        raise UsageError(f"--beta1 and --beta2 must be in [0, 1), --weight_decay >= 0 and --min_lr_ratio in [0, 1], "
+                         f"got {cfg.beta1}, {cfg.beta2}, {cfg.weight_decay} and {cfg.min_lr_ratio}")
+
+
 def parse_args(argv):
     """(cfg, model_cfg, options) from the command line (one option style; see split_options)."""
     opts = split_options(argv)
@@ -1333,6 +1349,13 @@ def parse_args(argv):
         set_key({"": cfg, "model": model_cfg}, key, value)
     cfg.model_options = tuple([f"preset={cfg.preset}"] * ("preset" in given) + [f"{k[6:]}={v}" for k, v in model_keys])
     modules_of(cfg.trainable)
+    check_optimizer_options(cfg)
+    row = stage_row(cfg.stage)
+    if "ckpts" in given and row.runner != "soup":
+        raise UsageError("--ckpts names the checkpoints the soup averages: it applies to --stage soup only")
+    if row.runner == "soup" and (unused := [k for k in given if k.split(".")[0] in TRAINING_ONLY]):
+        raise UsageError(f"--{unused[0]} does not apply to the soup: it averages finished checkpoints and "
+                         "evaluates them (its options: --ckpts, the held-out data's and --out_dir)")
     if cfg.steps < 1 or cfg.step_scale <= 0:
         raise UsageError(f"--steps must be at least 1 and --step_scale above 0, got {cfg.steps} and {cfg.step_scale:g}")
     cfg.steps = max(1, round(cfg.steps * cfg.step_scale))
@@ -1447,6 +1470,8 @@ def run_cli(argv: list):
             if resume is None:
                 log(f"resume: no usable checkpoint under {run_dir(cfg)}; starting from the beginning")
         elif resume:
+            if not os.path.isdir(resume):
+                raise UsageError(f"--resume {resume}: no such folder (a step checkpoint out/<stage>.run/step-N)")
             modeling.verify_checkpoint(resume, resumable=True)
         if not resume:
             ensure_sources(cfg, model_cfg, log)
@@ -1505,8 +1530,8 @@ def one_line_errors(run, prog: str = "train_stage.py"):
         return run()
     except UsageError as e:
         fail(str(e), 2, prog)
-    except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError) as e:
-        fail(str(e), 1, prog)
+    except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError, OSError) as e:
+        fail(str(e), 1, prog)                # OSError: a missing or unreadable file named by an option
 
 
 def main(argv=None):

@@ -593,7 +593,15 @@ def read_safetensors_folder(path: str) -> dict:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-    return {k: v for fname in files for k, v in load_file(os.path.join(path, fname)).items()}
+    out = {}
+    for fname in files:
+        try:
+            out.update(load_file(os.path.join(path, fname)))
+        except Exception as e:                  # safetensors' own error type: a cut or overwritten file
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise OSError(f"{os.path.join(path, fname)}: not a readable safetensors file ({e})") from None
+    return out
 
 
 def read_vit_config(path: str) -> ViTConfig:

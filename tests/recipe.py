@@ -36,10 +36,11 @@ from PIL import Image, ImageFont  # noqa: E402
 
 import data  # noqa: E402
 import model as modeling  # noqa: E402
+import rl  # noqa: E402
 import sample  # noqa: E402
 import train_stage  # noqa: E402
-from train_stage import (RECIPE, RECIPE_HELP, RECIPE_OPTIONS, RL_HELDOUT, STAGES, Stage, StageConfig,  # noqa: E402
-                         UsageError, parse_args, same_tokens, split_options, stage_dir, stage_row, writable_dir)
+from train_stage import (RECIPE, RECIPE_HELP, RECIPE_OPTIONS, RL_HELDOUT, STAGES, TRAINING_ONLY, Stage,  # noqa: E402
+                         StageConfig, UsageError, parse_args, same_tokens, split_options, stage_dir, stage_row, writable_dir)
 
 
 # ==============================================================================================
@@ -137,6 +138,8 @@ def stage_command(row: Stage, nproc: int, passthrough: list, seed_offset: int = 
     given = dict(split_options(passthrough)).get("seed")
     base = int(given) if given else dict(row.tiny).get("seed", StageConfig.seed)
     seed = [f"--seed={base + seed_offset}"] if seed_offset else []
+    skip = TRAINING_ONLY if row.runner == "soup" else tuple(rl.RL_UNUSED) if row.runner == "rl.py" else ()
+    passthrough = [a for a in passthrough if split_options([a])[0][0].split(".")[0] not in skip]   # what it reads
     return launch + [script, "--stage", row.name, *passthrough, *seed] + ([] if row.runner == "soup" else ["--resume"])
 
 

@@ -16,6 +16,7 @@ import torch
 
 import model as modeling
 import sample
+import rl
 import recipe
 import train_stage
 
@@ -292,3 +293,18 @@ def test_seeds_offset_every_stages_own_seed():
                    "soup": ["--seed=2337"], "rl-verifiable": ["--seed=2337"]}             # the twin stays a twin
     assert seed(recipe.stage_command(rows["vit1"], 1, ["--seed=5"], seed_offset=2000))[-1] == "--seed=2005"   # the last wins
     assert recipe.stage_command(rows["rl-verifiable"], 1, [], seed_offset=1000)[1].endswith("rl.py")
+
+
+def test_every_stage_of_the_recipe_takes_the_options_it_reads():
+    """An option given to the recipe goes to every stage that reads it: --step_scale shortens the RL
+    stages' episodes too, the soup gets no training option, an RL stage none it refuses."""
+    given = ["--step_scale=0.5", "--lr=1e-3", "--packing.max_tokens=512", "--eval_packs=2", "--out_dir=o"]
+    for name in ("vit1", "soup", "rl-verifiable"):
+        row = train_stage.STAGES[name]
+        args = recipe.stage_command(row, 1, given)[2:]
+        if row.runner == "rl.py":
+            cfg, _ = rl.rl_config(args)
+            assert cfg.episodes == round(dict(row.tiny)["episodes"] * 0.5) and cfg.lr == 1e-3
+        else:
+            cfg, _, _ = train_stage.parse_args([a for a in args if a != "--resume"])
+            assert cfg.eval_packs == 2 and (name == "soup" or cfg.steps == round(dict(row.tiny)["steps"] * 0.5))

@@ -1182,6 +1182,12 @@ def test_nested_and_range_options_are_checked_where_they_are_parsed():
     (["--stage", "all", "--eval_families=nosuch"], 2, "--eval_families: unknown nosuch"),
     (["--stage", "all", "--seeds=0"], 2, "--seeds must be a whole number >= 1"),
     (["--num_workers=-1"], 2, "--num_workers must be >= 0"),
+    (["--lr=-1"], 2, "--lr must be a positive number, got -1.0"),
+    (["--lr=nan"], 2, "--lr must be a positive number, got nan"),
+    (["--beta2=1"], 2, "--beta1 and --beta2 must be in [0, 1)"),
+    (["--stage", "vit1", "--ckpts", "a", "b"], 2, "--ckpts names the checkpoints the soup averages"),
+    (["--stage", "soup", "--ckpts", "a", "b", "--steps=500"], 2, "--steps does not apply to the soup"),
+    (["--stage", "lm0", "--resume=/no/such/step-000002"], 2, "--resume /no/such/step-000002: no such folder"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(args, code, match, capsys, monkeypatch):
     """Through main in this process (--stage all: tests/recipe.py's main, which main's exec would
@@ -1234,6 +1240,31 @@ def test_too_much_bad_data_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 1 and "max_bad_fraction" in err
     assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1
+
+
+def test_an_empty_manifest_or_one_of_only_bad_lines_is_one_line_naming_why(tmp_path, capsys):
+    """An empty manifest, and a small one whose every line is bad: one error line (exit 1) that says
+    why, the bad lines reported with file and line and counted in it (they were counted after it)."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text("{not json\n" * 3)
+    for name, says in (("empty", "holds no samples"), ("bad", "'json': 3")):
+        with pytest.raises(SystemExit) as e:
+            train_stage.main(["--stage", "lm0", "--init-from=random", f"--manifests={tmp_path}/{name}.jsonl",
+                              f"--out_dir={tmp_path}", "--steps=2", "--eval_every=0"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and says in err and len([ln for ln in err.splitlines() if "error:" in ln]) == 1, err
+    assert "bad.jsonl:1" in err
+
+
+def test_an_unreadable_weights_file_is_one_line_naming_it(tmp_path, capsys):
+    m = modeling.build_model("tiny", seed=0)
+    m.save_pretrained(str(tmp_path / "cut"))
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:7])
+    with pytest.raises(SystemExit) as e:
+        train_stage.main(["--stage", "vit2", f"--init-from={tmp_path}/cut", f"--out_dir={tmp_path}", "--steps=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and f"{weights}: not a readable safetensors" in err, err
 
 
 def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synth, tmp_path):
