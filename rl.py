@@ -1167,7 +1167,12 @@ RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL promp
              "packing": "use --max_tokens", "adalrs": "", "adalrs_cfg": "", "ngram_rebalance": "", "eval_packs": "",
              "max_bad_steps": "", "fsdp": "several processes always shard", "auto_steps": "",
              "scale": "", "init_llm": "start from a SAIL-VL2 checkpoint: --init_from", "init_vit": "",
-             "preset": "the model comes from its checkpoint"}
+             "preset": "the model comes from its checkpoint", "model_options": "the model comes from its checkpoint",
+             "num_workers": "RL reads its prompts in the trainer", "prefetch_factor": "RL reads its prompts in the trainer"}
+# options that train, which the harvest (sampling from a finished model) does not read
+HARVEST_UNUSED = ("episodes", "prompts_per_episode", "mini_batches", "epochs", "clip_low", "clip_high", "clip_schedule",
+                  "clip_c", "agg", "algo", "max_sampling_rounds", "advantage_control", "filter_k", "general_share",
+                  "eval_prompts", "eval_samples", *train_stage.TRAINING_ONLY)
 
 
 COMPILE = {"auto": "auto", "true": True, "false": False, "graphs": "graphs"}   # --compile -> generate_from_embeds's
@@ -1189,6 +1194,13 @@ def rl_config(argv: list) -> tuple:
             raise train_stage.UsageError(f"--{key} does not apply to an RL stage" + (f": {why}" if why else ""))
         train_stage.set_key({"": cfg}, key, value)
     train_stage.check_optimizer_options(cfg)
+    if stage == "harvest" and (unused := [k for k in given if k.split(".")[0] in HARVEST_UNUSED]):
+        raise train_stage.UsageError(f"--{unused[0]} does not apply to the harvest: it samples from a finished model")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0 and 0 < cfg.top_p <= 1):
+        raise train_stage.UsageError(f"--temperature must be above 0 (rollouts are sampled) and --top_p in (0, 1], "
+                                     f"got {cfg.temperature} and {cfg.top_p}")
+    if cfg.judge and not os.path.isdir(cfg.judge):
+        raise train_stage.UsageError(f"--judge {cfg.judge}: no such folder")
     if cfg.step_scale <= 0:
         raise train_stage.UsageError(f"--step_scale must be above 0, got {cfg.step_scale:g}")
     cfg.episodes = max(1, round(cfg.episodes * cfg.step_scale))   # shortens an RL stage as it does every stage
@@ -1517,8 +1529,8 @@ def harvest(cfg: RLConfig) -> str:
     log(f"harvest: {len(lines)} chains kept of {meta['samples']} samples ({solved}/{len(prompts)} prompts): "
         f"{dict(counts)}")
     if not lines:
-        raise train_stage.UsageError("harvest kept no chain: the RL model never answers right in the format; "
-                                     "train it longer")
+        raise data.TooMuchBadData("harvest kept no chain: the RL model never answers right in the format; "
+                                  "train it longer")
     modeling.save_checkpoint(out, None, meta, rank, world, extra_files={"cot.jsonl": tmp})
     if rank == 0:
         os.remove(tmp)
@@ -1526,13 +1538,19 @@ def harvest(cfg: RLConfig) -> str:
 
 
 def filter_cli(argv):
-    """python rl.py filter --ckpt DIR --stage rl-verifiable --out FILE [--k 4]: the pass@k filter
-    as a tool, writing the kept prompts as a manifest (each rank samples its share)."""
+    """python rl.py filter --ckpt DIR --out FILE.jsonl [--k=4] [--stage=rl-verifiable] [rl.py options]:
+    the pass@k filter (§4.2.3) as a tool: K samples per prompt of the stage's training prompts (its
+    --pool_size, else 256), keeping those neither always nor never solved, written as a manifest
+    (each rank samples its share)."""
     opts = dict(train_stage.split_options(argv))
-    ckpt, out = opts.pop("ckpt", None), opts.pop("out", None)
+    if "help" in opts:
+        return print(filter_cli.__doc__.split("\n\n")[0].replace("\n    ", "\n"))
+    ckpt, out, k = opts.pop("ckpt", None), opts.pop("out", None), opts.pop("k", "4")
     if not ckpt or not out:
-        raise train_stage.UsageError("filter needs --ckpt DIR and --out FILE.jsonl")
-    k = int(opts.pop("k", 4))
+        raise train_stage.UsageError("filter needs --ckpt DIR and --out FILE.jsonl (python rl.py filter --help)")
+    if not k.isdigit() or int(k) < 1:
+        raise train_stage.UsageError(f"--k must be a whole number >= 1, got {k!r}")
+    k = int(k)
     cfg, _ = rl_config([f"--{a}={b}" for a, b in opts.items()] + [f"--init_from={ckpt}"])
     rank, world, device = train_stage.setup_distributed()
     model, tok, dcfg = inference_model(cfg, device, lambda *a: train_stage.print0(rank, *a))
@@ -1572,36 +1590,37 @@ def help_text(cfg: RLConfig) -> str:
     return "\n".join(lines)
 
 
+def run_cli(argv: list):
+    """One RL stage (or the harvest, or the filter tool) from the command line."""
+    if argv[:1] == ["filter"]:
+        return filter_cli(argv[1:])
+    cfg, opts = rl_config(argv)
+    log = lambda *a: train_stage.print0(int(os.environ.get("RANK", "0")), *a)     # noqa: E731
+    if "help" in opts:
+        return log(help_text(cfg))
+    row = train_stage.stage_row(cfg.stage)
+    log(f"stage {cfg.stage} ({row.section}): {row.note}")
+    if cfg.stage == "harvest":
+        out = harvest(cfg)
+    else:
+        resume = opts.get("resume") or None
+        if "resume" in opts and resume is None:
+            resume = modeling.find_resume_checkpoint(train_stage.run_dir(cfg), log)
+        elif resume:
+            if not os.path.isdir(resume):
+                raise train_stage.UsageError(f"--resume {resume}: no such folder (a step checkpoint out/<stage>.run/step-N)")
+            modeling.verify_checkpoint(resume, resumable=True)
+        out = train_rl(cfg, resume)
+    log(f"done: {cfg.stage} in {out}/")
+    if nxt := train_stage.next_name(row):
+        log(f"next: {train_stage.command_for(train_stage.STAGES[nxt], cfg)}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["filter"]:
-            return filter_cli(argv[1:])
-        if argv[:1] == ["bench"]:                                         # the benchmark lives with the tooling
-            train_stage.run_tool("bench.py", ["rollout", *argv[1:]])
-        cfg, opts = rl_config(argv)
-        log = lambda *a: train_stage.print0(int(os.environ.get("RANK", "0")), *a)     # noqa: E731
-        if "help" in opts:
-            return log(help_text(cfg))
-        row = train_stage.stage_row(cfg.stage)
-        log(f"stage {cfg.stage} ({row.section}): {row.note}")
-        if cfg.stage == "harvest":
-            out = harvest(cfg)
-        else:
-            resume = opts.get("resume") or None
-            if "resume" in opts and resume is None:
-                resume = modeling.find_resume_checkpoint(train_stage.run_dir(cfg), log)
-            elif resume:
-                modeling.verify_checkpoint(resume, resumable=True)
-            out = train_rl(cfg, resume)
-        log(f"done: {cfg.stage} in {out}/")
-        nxt = train_stage.next_name(row)
-        if nxt:
-            log(f"next: {train_stage.command_for(train_stage.STAGES[nxt], cfg)}")
-    except train_stage.UsageError as e:
-        train_stage.fail(str(e), 2, "rl.py")
-    except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError) as e:
-        train_stage.fail(str(e), 1, "rl.py")
+    if argv[:1] == ["bench"]:                                             # the benchmark lives with the tooling
+        train_stage.run_tool("bench.py", ["rollout", *argv[1:]])
+    train_stage.one_line_errors(lambda: run_cli(argv), "rl.py")
     train_stage.shutdown_distributed()
 
 

@@ -138,9 +138,10 @@ def stage_command(row: Stage, nproc: int, passthrough: list, seed_offset: int = 
     given = dict(split_options(passthrough)).get("seed")
     base = int(given) if given else dict(row.tiny).get("seed", StageConfig.seed)
     seed = [f"--seed={base + seed_offset}"] if seed_offset else []
-    skip = TRAINING_ONLY if row.runner == "soup" else tuple(rl.RL_UNUSED) if row.runner == "rl.py" else ()
+    skip = {"soup": TRAINING_ONLY, "rl.py": (*rl.RL_UNUSED, *(rl.HARVEST_UNUSED if row.name == "harvest" else ()))
+            }.get(row.runner, ())
     passthrough = [a for a in passthrough if split_options([a])[0][0].split(".")[0] not in skip]   # what it reads
-    return launch + [script, "--stage", row.name, *passthrough, *seed] + ([] if row.runner == "soup" else ["--resume"])
+    return launch + [script, "--stage", row.name, *passthrough, *seed] + (["--resume"] if row.trainable else [])
 
 
 # the evaluation's prompts (token ids and decoded pixels), built once per process and reused for

@@ -299,10 +299,12 @@ def test_every_stage_of_the_recipe_takes_the_options_it_reads():
     """An option given to the recipe goes to every stage that reads it: --step_scale shortens the RL
     stages' episodes too, the soup gets no training option, an RL stage none it refuses."""
     given = ["--step_scale=0.5", "--lr=1e-3", "--packing.max_tokens=512", "--eval_packs=2", "--out_dir=o"]
-    for name in ("vit1", "soup", "rl-verifiable"):
+    for name in ("vit1", "soup", "rl-verifiable", "harvest"):
         row = train_stage.STAGES[name]
         args = recipe.stage_command(row, 1, given)[2:]
-        if row.runner == "rl.py":
+        if name == "harvest":
+            assert rl.rl_config(args)[0].stage == "harvest"
+        elif row.runner == "rl.py":
             cfg, _ = rl.rl_config(args)
             assert cfg.episodes == round(dict(row.tiny)["episodes"] * 0.5) and cfg.lr == 1e-3
         else:

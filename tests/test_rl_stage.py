@@ -1012,11 +1012,21 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-verifiable", "--compile=maybe"], "--compile must be auto, true, false or graphs"),
                        (["--stage", "rl-verifiable", "--agg=token-sum"], "--agg must be token-mean"),
                        (["--stage", "rl-verifiable", "--clip_c=0.5"], "--clip_c, the dual-clip constant, must be > 1"),
-                       (["--stage", "rl-verifiable", "--max_sampling_rounds=0"], "--max_sampling_rounds must be >= 1")):
+                       (["--stage", "rl-verifiable", "--max_sampling_rounds=0"], "--max_sampling_rounds must be >= 1"),
+                       (["--stage", "rl-verifiable", "--lr=-1"], "--lr must be a positive number"),
+                       (["--stage", "rl-verifiable", "--top_p=0"], "--top_p in (0, 1]"),
+                       (["--stage", "rl-verifiable", "--temperature=nan"], "--temperature must be above 0"),
+                       (["--stage", "rl-verifiable", "--num_workers=2"], "--num_workers does not apply to an RL stage"),
+                       (["--stage", "rl-verifiable", "--judge=/no/such"], "--judge /no/such: no such folder"),
+                       (["--stage", "rl-verifiable", "--resume=/no/such"], "--resume /no/such: no such folder"),
+                       (["--stage", "harvest", "--episodes=9"], "--episodes does not apply to the harvest"),
+                       (["filter", "--ckpt=x", "--out=y", "--k=abc"], "--k must be a whole number >= 1")):
         with pytest.raises(SystemExit) as e:                              # the rest through its main, in this process
             rl.main(args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, (args, err)
+    rl.main(["filter", "--help"])                                         # the tool's usage, not an error
+    assert "python rl.py filter --ckpt DIR --out FILE.jsonl [--k=4]" in capsys.readouterr().out
     for args, says in ((["--general_share=0.3"], "give --filter_k"), (["--reward_weights=0,1,0"], "must not both be 0"),
                        (["--eval_prompts=0"], "--eval_prompts must be >= 1")):
         with pytest.raises(train_stage.UsageError, match=says):
