@@ -417,6 +417,77 @@ def test_mini_batches_are_separate_updates_against_the_rollout_policy(setup):
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and st["ratio_max_dev_later"] > 1e-3
 
 
+class SGDRecorder(Recorder):
+    """Records the gradients of each step, then takes a plain SGD step."""
+
+    def step(self, closure=None):
+        super().step()
+        with torch.no_grad():
+            for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
+                p -= self.lr * p.grad
+
+
+def reference_episode(m0, rolls, cfg, tok, lr):
+    """The episode's updates written out: per mini-batch of whole groups (every epoch), policy_loss
+    over all its rollouts at once, each completion's log-probs from a pack of its own, the old ones
+    from the weights before the episode, the mini-batch's own normaliser; plain SGD. -> gradients."""
+    m = copy.deepcopy(m0).train()
+    params = list(m.parameters())
+    img, banned = m.cfg.img_context_token_id, rl.banned_ids(tok)
+
+    def logps(rows):
+        return [rl.completion_logps(m, rl.micro_batches([r], 10 ** 6, img)[0][0], cfg, tok.n_vocab, banned)[0][0]
+                for r in rows]
+    with torch.no_grad():
+        old = logps(rolls)
+    grads = []
+    for _ in range(cfg.epochs):
+        for mb in rl.split_mini_batches(rolls, cfg):
+            rows = [rolls[i] for i in mb]
+            logp, mask = rl.padded(logps(rows), "cpu")
+            old_lp, _ = rl.padded([old[i] for i in mb], "cpu")
+            loss, _ = rl.policy_loss(logp, old_lp, torch.tensor([r.advantage for r in rows]), mask, cfg.algo,
+                                     cfg.clip_low, cfg.clip_high, cfg.agg, clip_c=cfg.clip_c, norm_len=cfg.max_new_tokens)
+            grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+            with torch.no_grad():
+                for p, g in zip(params, grads[-1]):
+                    if g is not None:
+                        p -= lr * g
+    return grads
+
+
+@pytest.mark.parametrize("algo,agg,clips", [("dapo", "", (0.02, 0.03, 3.0)),
+                                            ("gspo", "", (0.002, 0.003, 0.0)),
+                                            ("dapo", "seq-mean-token-sum-norm", (0.05, 0.05, 0.0))])
+def test_an_episodes_updates_equal_the_loss_written_out_per_mini_batch(setup, algo, agg, clips):
+    """update_episode against reference_episode, update by update: 2 mini-batches x 2 epochs of
+    groups with different advantages and completions of different lengths, packed across rows,
+    with the run's algorithm, clip range, dual clip and aggregation (tight clips, so that they bind
+    once the policy moves): the same gradients."""
+    _, _, m0, tok, cfg, prompts = setup
+    lo, hi, c = clips
+    cfg = rl.resolve_algo(replace(cfg, algo=algo, agg=agg, clip_low=lo, clip_high=hi, clip_c=c, mini_batches=2,
+                                  epochs=2, grad_clip=1e9, max_tokens=300), m0.cfg)
+    rolls = scored(rl.rollouts(m0, tok, prompts[:4], cfg, torch.Generator().manual_seed(5)),
+                   [1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1])   # four groups, four different advantage sets
+    for i, r in enumerate(rolls):
+        n = 3 + (5 * i) % 10
+        r.completion, r.rollout_logp = r.completion[:n], r.rollout_logp[:n]
+    lr = 3.0 if algo == "gspo" else 0.5
+    want = reference_episode(m0, rolls, cfg, tok, lr)
+    m = copy.deepcopy(m0).train()
+    params = list(m.parameters())
+    opt = SGDRecorder(params)
+    opt.lr = lr
+    st = rl.update_episode(m, opt, params, rolls, cfg, tok, filler_of(prompts))
+    assert st["updates"] == len(opt.seen) == len(want) == 4
+    assert st["clip_frac_low"] + st["clip_frac_high"] > 0 and st["ratio_max_dev_later"] > 1e-3   # not vacuous
+    for u, (got, ref) in enumerate(zip(opt.seen, want)):
+        for a, b in zip(got, ref):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-6, msg=lambda s: f"update {u}: {s}")
+
+
 # ----------------------------------------------------------------------------------------------
 # dynamic sampling, scoring, filter
 
@@ -944,17 +1015,19 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path, monkey
     bad_a, bad_b = (modeling.verify_checkpoint(f"{tmp_path}/{d}/rl-verifiable")["bad_data"] for d in "ab")
     assert bad_a == bad_b and bad_a["seen"] >= 4 * 2 and bad_a["counts"] == {}
     # in this process: the options given, not the loaded state's; a checkpoint past --episodes refused
-    groups, update = [], rl.update_episode
+    groups, clips, update = [], [], rl.update_episode
 
-    def noting(model, opt, *a, **k):
+    def noting(model, opt, params, rolls, cfg, *a, **k):
         groups.append([(g["weight_decay"], tuple(g["betas"])) for g in opt.param_groups])
+        clips.append(round(cfg.clip_high, 4))                              # what the loss is given
         if len(groups) > 8:
             raise RuntimeError("the run went on past its last episode")
-        return update(model, opt, *a, **k)
+        return update(model, opt, params, rolls, cfg, *a, **k)
     monkeypatch.setattr(rl, "update_episode", noting)
     monkeypatch.setattr(rl, "score_rollouts", parity)                          # the driver's reward
     rl.main([*stage_args(synth, tmp_path / "c"), "--resume", "--weight_decay=0.5", "--beta1=0.5"])
     assert groups and all(g == [(0.5, (0.5, 0.95)), (0.0, (0.5, 0.95))] for g in groups)
+    assert clips == [0.2533, 0.28]                                         # episodes 3 and 4 of the schedule
     assert "options changed since" in capsys.readouterr().out
     for wrong in ("--episodes=1", "--seed=5", "--eval_prompts=4"):
         with pytest.raises(SystemExit) as e:
