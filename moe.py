@@ -226,6 +226,8 @@ def contrast_directions(probe_h, anchor_h, rank: int, ridge: float = 1e-3):
     anchor (text) tokens, i.e. the top generalised eigenvectors of E_probe[h hᵀ] u = λ E_anchor[h hᵀ] u.
     probe_h (Np, H), anchor_h (Na, H) -> U (H, r), each column scaled to unit RMS of uᵀh on the probe.
     Uncentred moments on purpose: the logit change B Uᵀ h includes the mean of h."""
+    if rank < 1:            # V[:, -0:] below would take every column: a full-rank correction, not none
+        raise ValueError(f"the correction's rank must be at least 1, got {rank}")
     H = probe_h.shape[1]
     Cp = probe_h.double().T @ probe_h.double() / probe_h.shape[0]      # (H, H)
     Ca = anchor_h.double().T @ anchor_h.double() / anchor_h.shape[0]

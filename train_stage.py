@@ -1529,7 +1529,7 @@ def one_line_errors(run, prog: str = "train_stage.py"):
     try:
         return run()
     except UsageError as e:
-        fail(str(e), 2, prog)
+        fail(str(e), e.code, prog)           # 2; an InputError (an input that exists but is unusable) 1
     except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError, OSError) as e:
         fail(str(e), 1, prog)                # OSError: a missing or unreadable file named by an option
 

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,8 @@ def bench_attention(args):
     FlexAttention with a document BlockMask, torch's varlen_attn, a per-sample SDPA loop and FA2
     varlen (if installed). CPU: the torch path's two variants (per-sample loop, masked SDPA), the one
     its rule picks, and the loop on 3-D inputs (SDPA's math path, what the torch path ran before)."""
+    if args.lengths[0] > args.lengths[1]:
+        raise train_stage.UsageError(f"--lengths LO HI: LO must not exceed HI, got {args.lengths[0]} {args.lengths[1]}")
     gpu = torch.cuda.is_available()
     dev, H, D, causal = "cuda" if gpu else "cpu", args.heads, args.dim, args.causal
     Hkv = args.kv_heads or H
@@ -1018,17 +1021,51 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+# argparse types: a bad value is Parser.error's one line naming the option, not a traceback mid-bench
+
+def positive(text: str) -> int:
+    """A count or a size: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def device(text: str) -> str:
+    """cpu or cuda[:N], the latter only where CUDA is (as sample.py's --device)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text) or (text != "cpu" and not torch.cuda.is_available()):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N] (CUDA available: {torch.cuda.is_available()}), "
+                                         f"got {text!r}")
+    return text
+
+
+def routings(text: str) -> str:
+    """The moe bench's comma list of routings (moe_make_inputs)."""
+    if not text or set(text.split(",")) - {"uniform", "skewed"}:
+        raise argparse.ArgumentTypeError(f"expected a comma list of uniform, skewed; got {text!r}")
+    return text
+
+
+def summary(fn) -> str:
+    """A bench's help line in the list of benches: its docstring's first sentence, whole."""
+    text = " ".join(fn.__doc__.split())
+    return re.match(r".*?\.(?=\s|$)", text)[0]
+
+
 def add_kernel_benches(sub, gpu: bool):
     what = ("packed (cu_seqlens) attention fwd+bwd: Triton vs dense-mask SDPA, flex_attention, torch's "
             "varlen_attn, an SDPA loop (and FA2) on GPU; the torch path's two variants on CPU (small shapes)")
     p = sub.add_parser("attention", help=what, description=what)
-    p.add_argument("--total", type=int, nargs="+", default=[8192, 32768] if gpu else [256, 1024],
+    p.add_argument("--total", type=positive, nargs="+", default=[8192, 32768] if gpu else [256, 1024],
                    help="packed tokens T, one run each")
-    p.add_argument("--lengths", type=int, nargs=2, default=[64, 4096] if gpu else [8, 128],
+    p.add_argument("--lengths", type=positive, nargs=2, default=[64, 4096] if gpu else [8, 128],
                    metavar=("LO", "HI"), help="sample lengths ~ U[LO, HI], fixed seed")
-    p.add_argument("--heads", type=int, default=16 if gpu else 4, help="query heads H")
-    p.add_argument("--kv-heads", type=int, default=None, help="kv heads for GQA (default = heads)")
-    p.add_argument("--dim", type=int, default=128 if gpu else 32, help="head dim D")
+    p.add_argument("--heads", type=positive, default=16 if gpu else 4, help="query heads H")
+    p.add_argument("--kv-heads", type=positive, default=None, help="kv heads for GQA (default = heads)")
+    p.add_argument("--dim", type=positive, default=128 if gpu else 32, help="head dim D")
     p.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=list(DTYPES))
     p.add_argument("--seed", type=int, default=0, help="length sampling seed")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
@@ -1041,94 +1078,97 @@ def add_kernel_benches(sub, gpu: bool):
             ("tokens", 8192, 512, "T, tokens in the batch"), ("experts", 64, 8, "E, number of experts"),
             ("topk", 8, 2, "k, experts per token"), ("hidden", 2048, 128, "d, model width"),
             ("inter", 1024, 256, "f, expert intermediate size")):
-        p.add_argument(f"--{flag}", type=int, default=on_gpu if gpu else on_cpu, help=text)
+        p.add_argument(f"--{flag}", type=positive, default=on_gpu if gpu else on_cpu, help=text)
     p.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=list(DTYPES),
                    help="storage dtype of inputs and weights (accumulation is fp32)")
-    p.add_argument("--routing", default="uniform,skewed", help="comma list of uniform, skewed")
+    p.add_argument("--routing", type=routings, default="uniform,skewed", help="comma list of uniform, skewed")
     p.add_argument("--skip-loop", action="store_true", help="skip the (slow) per-expert loop baseline")
     p.set_defaults(func=bench_moe)
 
 
 def add_packing_bench(sub):
-    p = sub.add_parser("packing", help=bench_packing.__doc__.split("\n")[0], description=bench_packing.__doc__)
-    p.add_argument("--max-tokens", type=int, default=8192, help="pack length (paper: 8192)")
-    p.add_argument("--buffer-size", type=int, default=256, help="packer buffer (samples)")
-    p.add_argument("--max-images", type=int, default=48, help="tiles/images per pack cap")
-    p.add_argument("--samples", type=int, default=20000, help="samples per synthetic distribution (and of the "
+    p = sub.add_parser("packing", help=summary(bench_packing), description=bench_packing.__doc__)
+    p.add_argument("--max-tokens", type=positive, default=8192, help="pack length (paper: 8192)")
+    p.add_argument("--buffer-size", type=positive, default=256, help="packer buffer (samples)")
+    p.add_argument("--max-images", type=positive, default=48, help="tiles/images per pack cap")
+    p.add_argument("--samples", type=positive, default=20000, help="samples per synthetic distribution (and of the "
                                                               "--real stream)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per pad-to-longest batch")
-    p.add_argument("--ranks", type=int, default=8, help="simulated data-parallel ranks")
-    p.add_argument("--micro-batches", type=int, default=4, help="packs per rank per step")
-    p.add_argument("--steps", type=int, default=100, help="steps simulated for the balance part")
+    p.add_argument("--batch-size", type=positive, default=16, help="samples per pad-to-longest batch")
+    p.add_argument("--ranks", type=positive, default=8, help="simulated data-parallel ranks")
+    p.add_argument("--micro-batches", type=positive, default=4, help="packs per rank per step")
+    p.add_argument("--steps", type=positive, default=100, help="steps simulated for the balance part")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real", action="store_true", help="also the synthetic data's samples and the tiny model's "
                                                        "useful tokens/s, packed vs padded")
     p.add_argument("--synth-dir", default=data.DEFAULT_SYNTH_DIR, help="--real: the synthetic data (made if missing)")
-    p.add_argument("--per-family", type=int, default=8, help="--real: samples loaded per manifest")
-    p.add_argument("--tiny-max-tokens", type=int, default=2048, help="--real: pack length for the tiny model")
-    p.add_argument("--tiny-batch-size", type=int, default=8, help="--real: pad-to-longest batch for the tiny model")
-    p.add_argument("--repeats", type=int, default=3, help="--real: timed passes per batching (median reported)")
-    p.add_argument("--threads", type=int, default=1, help="--real: torch CPU threads for the tokens/s part")
-    p.add_argument("--device", default="cpu", help="--real: cpu | cuda (the tokens/s part)")
+    p.add_argument("--per-family", type=positive, default=8, help="--real: samples loaded per manifest")
+    p.add_argument("--tiny-max-tokens", type=positive, default=2048, help="--real: pack length for the tiny model")
+    p.add_argument("--tiny-batch-size", type=positive, default=8,
+                   help="--real: pad-to-longest batch for the tiny model")
+    p.add_argument("--repeats", type=positive, default=3, help="--real: timed passes per batching (median reported)")
+    p.add_argument("--threads", type=positive, default=1, help="--real: torch CPU threads for the tokens/s part")
+    p.add_argument("--device", type=device, default="cpu", help="--real: cpu | cuda (the tokens/s part)")
     p.set_defaults(func=bench_packing)
 
 
 def add_video_bench(sub):
-    p = sub.add_parser("video", help=bench_video.__doc__.split("\n")[0], description=bench_video.__doc__)
-    p.add_argument("--seconds", type=int, default=120, help="video length (25 fps)")
-    p.add_argument("--size", type=int, default=448, help="frame side in pixels")
-    p.add_argument("--gop", type=int, default=50, help="frames from one keyframe to the next")
-    p.add_argument("--frames", type=int, default=16, help="frames per sample (DataConfig.num_frames)")
-    p.add_argument("--tile", type=int, default=448, help="tile side the frames are resized to")
-    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("video", help=summary(bench_video), description=bench_video.__doc__)
+    p.add_argument("--seconds", type=positive, default=120, help="video length (25 fps)")
+    p.add_argument("--size", type=positive, default=448, help="frame side in pixels")
+    p.add_argument("--gop", type=positive, default=50, help="frames from one keyframe to the next")
+    p.add_argument("--frames", type=positive, default=16, help="frames per sample (DataConfig.num_frames)")
+    p.add_argument("--tile", type=positive, default=448, help="tile side the frames are resized to")
+    p.add_argument("--repeats", type=positive, default=3)
     p.set_defaults(func=bench_video)
 
 
 def add_model_benches(sub):
-    p = sub.add_parser("step", help=bench_step.__doc__.split("\n")[0], description=bench_step.__doc__)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per model (best one reported)")
+    p = sub.add_parser("step", help=summary(bench_step), description=bench_step.__doc__)
+    p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)
+    p.add_argument("--batch", type=positive, default=4)
+    p.add_argument("--seq", type=positive, default=512)
+    p.add_argument("--repeats", type=positive, default=5, help="timed steps per model (best one reported)")
     p.set_defaults(func=bench_step)
-    p = sub.add_parser("adalrs", help=bench_adalrs.__doc__.split("\n")[0], description=bench_adalrs.__doc__)
+    p = sub.add_parser("adalrs", help=summary(bench_adalrs), description=bench_adalrs.__doc__)
     p.add_argument("--out-dir", default="out", help="where the recipe's vit3 and lm0 outputs are")
     p.add_argument("--init-from", default="", help="the vit3 output to start from (default OUT_DIR/vit3)")
     p.add_argument("--lr", type=float, default=train_stage.stage_config("pretrain1").lr, help="the start / fixed LR")
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=positive, default=2)
     p.add_argument("--data-dir", default=data.DEFAULT_SYNTH_DIR, help="the synthetic data the recipe ran on")
     p.add_argument("--step-scale", type=float, default=1.0, help="pretrain1's steps x this (a short check: 0.1)")
     p.set_defaults(func=bench_adalrs)
-    p = sub.add_parser("decode", help=bench_decode.__doc__.split("\n")[0], description=bench_decode.__doc__)
-    p.add_argument("--preset", default="tiny")
+    p = sub.add_parser("decode", help=summary(bench_decode), description=bench_decode.__doc__)
+    p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)
     p.add_argument("--ckpt", default=None, help="a checkpoint instead of a random preset")
-    p.add_argument("--batch", type=int, default=4, help="rows per generate call")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=positive, default=4, help="rows per generate call")
+    p.add_argument("--prompt-len", type=positive, default=64)
+    p.add_argument("--new-tokens", type=positive, default=64)
+    p.add_argument("--repeats", type=positive, default=3)
     p.set_defaults(func=bench_decode)
-    p = sub.add_parser("rollout", help=bench_rollout.__doc__.split("\n")[0], description=bench_rollout.__doc__)
+    p = sub.add_parser("rollout", help=summary(bench_rollout), description=bench_rollout.__doc__)
     p.add_argument("--case", default="both", choices=("text", "rl", "both"))
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch", type=int, default=64, help="text case: rows")
-    p.add_argument("--prompt-len", type=int, default=48, help="text case: prompt tokens")
-    p.add_argument("--new-tokens", type=int, default=64, help="text case: generated tokens per row")
-    p.add_argument("--prompts", type=int, default=8, help="rl case: image prompts")
-    p.add_argument("--group", type=int, default=8, help="rl case and episode: G rows per prompt")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)
+    p.add_argument("--batch", type=positive, default=64, help="text case: rows")
+    p.add_argument("--prompt-len", type=positive, default=48, help="text case: prompt tokens")
+    p.add_argument("--new-tokens", type=positive, default=64, help="text case: generated tokens per row")
+    p.add_argument("--prompts", type=positive, default=8, help="rl case: image prompts")
+    p.add_argument("--group", type=positive, default=8, help="rl case and episode: G rows per prompt")
+    p.add_argument("--repeats", type=positive, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd engine")
     p.add_argument("--breakdown", action="store_true", help="text case: a profile of a compiled decode step by "
                    "kind (products, attention, fused kernels, guards, other ops), the products and the attention "
                    "also timed alone (the attention with its cache warm and evicted)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda: where the engines run (the episode part: CPU)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu | cuda: where the engines run (the episode "
+                   "part: CPU)")
     p.add_argument("--episode-procs", type=int, default=2, help="processes of the episode-scaling part (0 = skip)")
-    p.add_argument("--episode-prompts", type=int, default=32, help="prompts of that episode (x G rollouts)")
-    p.add_argument("--episode-repeats", type=int, default=3, help="alternating runs of that episode with 1 and N processes")
+    p.add_argument("--episode-prompts", type=positive, default=32, help="prompts of that episode (x G rollouts)")
+    p.add_argument("--episode-repeats", type=positive, default=3,
+                   help="alternating runs of that episode with 1 and N processes")
     p.set_defaults(func=bench_rollout)
     p = sub.add_parser("rl-episode", help="(internal: one RL episode under torchrun, for rollout)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)
+    p.add_argument("--prompts", type=positive, default=32)
+    p.add_argument("--group", type=positive, default=8)
     p.set_defaults(func=rl_episode_worker)
 
 
@@ -1136,7 +1176,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["memory"]:                 # the memory estimate keeps its own options (tests/bench_memory.py)
         import bench_memory
-        return bench_memory.bench_memory(argv[1:]) and 0
+        return bench_memory.bench_memory(data.dashed_options(argv[1:])) and 0
     parser = Parser(prog="bench.py", description=__doc__.split("\n")[0],
                     epilog="Correctness is tested, not benchmarked: python -m pytest tests/. "
                     "python tests/bench.py memory --help: the memory of one training step, estimated")
@@ -1145,7 +1185,9 @@ def main(argv=None):
     add_packing_bench(sub)
     add_video_bench(sub)
     add_model_benches(sub)
-    args = parser.parse_args(argv)
+    sub.add_parser("memory", help="the memory of one training step, estimated (tests/bench_memory.py; its "
+                   "options: memory --help)")       # run above, before this parser: listed here for --help
+    args = parser.parse_args(data.dashed_options(argv))      # --max_tokens as well as --max-tokens
     try:
         args.func(args)
     except train_stage.UsageError as e:

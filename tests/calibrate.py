@@ -9,8 +9,8 @@ checkpoint or a manifest itself); this file is the tool around it: it loads a ch
 (model.py), reads probe samples (data.py), fits, prints a routing report before / after on
 held-out samples and writes the calibrated checkpoint (model.save_checkpoint).
 """
-import argparse
 import os
+import re
 import sys
 
 import repo_path
@@ -24,6 +24,8 @@ import data  # noqa: E402
 import model as modeling  # noqa: E402
 import moe  # noqa: E402
 import train_stage  # noqa: E402
+from data import InputError  # noqa: E402
+from sample import Parser  # noqa: E402
 from train_stage import UsageError, tokenizer_files  # noqa: E402
 
 
@@ -71,8 +73,29 @@ def print_routing_report(title: str, rep: dict):
     print(f"  next-token KL {rep['next_token_kl']:.5f}")
 
 
+def check_options(args):
+    """Refuse (UsageError, one line) what would otherwise fail later with a traceback, or silently
+    do something else: a rank of 0 would be a full-rank correction (moe.contrast_directions)."""
+    if not 0 <= args.holdout < 1:
+        raise UsageError(f"--holdout must be in [0, 1), got {args.holdout}")
+    for name in ("rank", "steps", "max_tokens", "max_samples"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or (args.device != "cpu" and not torch.cuda.is_available()):
+        raise UsageError(f"--device {args.device}: expected cpu or cuda[:N] (CUDA available: "
+                         f"{torch.cuda.is_available()})")
+    if not os.path.isdir(args.ckpt):
+        raise UsageError(f"--ckpt {args.ckpt}: no such folder")
+    if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
+        raise InputError(f"--ckpt {args.ckpt}: not a checkpoint folder (no config.json)")
+    for option in ("data", "text"):
+        for path in getattr(args, option) or ():
+            if not os.path.isfile(path):
+                raise UsageError(f"--{option} {path}: no such file")
+
+
 def calibrate_cli(argv):
-    ap = argparse.ArgumentParser(
+    ap = Parser(                                 # its errors are UsageErrors: one line (main)
         prog="tests/calibrate.py", description="Expert-activation-entropy calibration of a MoE checkpoint "
         "(§2.2, moe.calibrate): probe the router inputs of each MoE layer on --data (multimodal) and --text "
         "(text-only), fold a low-rank correction into each gate that raises the expert-load entropy of --data "
@@ -91,11 +114,17 @@ def calibrate_cli(argv):
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if not 0 <= args.holdout < 1:
-        ap.error("--holdout must be in [0, 1)")
+    args = ap.parse_args(data.dashed_options(argv))          # --max_samples as well as --max-samples
+    check_options(args)
     torch.manual_seed(args.seed)
-    sailvl = modeling.SAILVL.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    try:
+        sailvl = modeling.SAILVL.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    except Exception as e:      # any reason (bad JSON, missing or corrupt weights): one line, as sample.load
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"--ckpt {args.ckpt}: cannot load the checkpoint: {why}") from None
+    if not moe.moe_blocks(sailvl):              # found now, not after reading the probe data
+        raise InputError(f"--ckpt {args.ckpt}: the model has no MoE layer: calibration tunes MoE routers "
+                         "(a tiny-moe or 30b-a3b checkpoint)")
     has_tok = any(os.path.exists(os.path.join(args.ckpt, f)) for f in ("tokenizer.json", "vocab.json"))
     tok = data.load_tokenizer(args.ckpt if has_tok else None)
 

@@ -31,9 +31,9 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
-from data import (COLOURS, IMAGE, PLACEHOLDER_RE, WORD_RE, DataConfig, DataError, Record, UsageError,  # noqa: E402
-                  build_sample, manifest_records, ngrams, parse_record, prompt_inputs, rebase_media, special_ids,
-                  think_turn)
+from data import (COLOURS, IMAGE, PLACEHOLDER_RE, WORD_RE, DataConfig, DataError, InputError, Record,  # noqa: E402
+                  UsageError, build_sample, manifest_records, ngrams, parse_record, prompt_inputs, rebase_media,
+                  special_ids, think_turn)
 from sample import BOXED, Parser, answers_match, final_answer, last_boxed, load, normalize_answer  # noqa: E402
 from vit import IMAGENET_MEAN, IMAGENET_STD, blank_pixels, load_video, open_image  # noqa: E402
 
@@ -592,23 +592,68 @@ def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True,
 # ----------------------------------------------------------------------------------------------
 # command line
 
-def load_scorer(ckpt, **overrides):
-    """A CheckpointScorer for a checkpoint folder (`load`, DataConfig `overrides`), or None for None."""
+def load_scorer(ckpt, option: str, **overrides):
+    """A CheckpointScorer for a checkpoint folder (`load`, DataConfig `overrides`), or None for None.
+    `load`'s errors name its own option, --ckpt: here they name `option` (--scorer, --annotator)."""
     if ckpt is None:
         return None
-    model, tok, dcfg = load(ckpt)
+    try:
+        model, tok, dcfg = load(ckpt)
+    except UsageError as e:
+        raise type(e)(f"{option} {str(e).removeprefix('--ckpt ')}") from None
     return CheckpointScorer(model, tok, replace(dcfg, **overrides))
 
 
+def check_options(*checks):
+    """Refuse (one line) an option whose value would fail deep inside, or silently mean something else:
+    checks are (option, its value, whether it is good, what it must be)."""
+    for option, value, good, must in checks:
+        if not good:
+            raise UsageError(f"{option} must be {must}, got {value}")
+
+
+def require_usable(manifest, counts: Counter):
+    """A manifest with no usable record is an error (exit 1) naming its first bad line, after the
+    counts by reason, as training refuses one (data.TooMuchBadData), rather than an empty output."""
+    if any(n for k, n in counts.items() if not k.startswith("bad:")):
+        return
+    lines = Path(manifest).read_bytes().split(b"\n")
+    first = next((i for i, line in enumerate(lines, start=1) if line.strip()), None)
+    if first is None:
+        raise InputError(f"{manifest}: holds no records")
+    bad = ", ".join(f"{k} {n}" for k, n in sorted(counts.items()) if n)
+    raise InputError(f"{manifest}: no usable record, every line is bad ({bad}); the first: {manifest}:{first}")
+
+
+def manifest_tool(title: str, run):
+    """A manifest -> manifest tool's command line: run(args) -> counts, printed, then require_usable."""
+    def cli(a):
+        counts = run(a)
+        data.print_counts(title, counts)
+        require_usable(a.manifest, counts)
+    return cli
+
+
+def caption2qa_cli(a):
+    check_options(("--pairs", a.pairs, a.pairs >= 0, "at least 0 (0 = all)"))
+    return caption_to_qa(a.manifest, a.out, pairs=a.pairs, seed=a.seed)
+
+
 def curate_instructions_cli(a):
-    annotator = load_scorer(a.annotator)
-    print(json.dumps(curate_instructions(a.inputs.split(","), a.out, a.classes, load_scorer(a.scorer) or annotator,
+    check_options(("--classes", a.classes, a.classes >= 1, "at least 1"),
+                  ("--reannotate-frac", a.reannotate_frac, 0 <= a.reannotate_frac <= 1, "in [0, 1]"),
+                  ("--cap", a.cap, a.cap > 0, "above 0"),
+                  ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, "at least 1"))
+    annotator = load_scorer(a.annotator, "--annotator")
+    print(json.dumps(curate_instructions(a.inputs.split(","), a.out, a.classes,
+                                         load_scorer(a.scorer, "--scorer") or annotator,
                                          annotator, a.reannotate_frac, a.cap, a.upsample, a.seed, a.max_new_tokens),
                      indent=1, ensure_ascii=False))
 
 
 def curate_video_cli(a):
-    scorer = load_scorer(a.scorer, num_frames=a.num_frames)
+    check_options(("--num-frames", a.num_frames, a.num_frames >= 1, "at least 1"))
+    scorer = load_scorer(a.scorer, "--scorer", num_frames=a.num_frames)
     print(json.dumps(curate_video(a.inputs.split(","), a.out, scorer, a.min_alignment, a.min_richness,
                                   a.max_pass_rate, a.num_frames), indent=1, ensure_ascii=False))
 
@@ -622,19 +667,18 @@ def curation_io(what: str) -> tuple:
 
 # the tools (`python tests/curate.py TOOL --help`): (name, function of the parsed arguments, help, options)
 TOOLS = (
-    ("filter", lambda a: data.print_counts("quality filter", quality_filter(a.manifest, a.out, min_vir=a.min_vir,
-                                                                            min_ita=a.min_ita)),
+    ("filter", manifest_tool("quality filter", lambda a: quality_filter(a.manifest, a.out, min_vir=a.min_vir,
+                                                                         min_ita=a.min_ita)),
      "keep samples whose judge scores (VIR, ITA) pass thresholds (§3.1)", (
          ("manifest", {}), ("out", {}),
          ("--min-vir", dict(type=float, default=0.05, help="visual information richness threshold")),
          ("--min-ita", dict(type=float, default=0.5, help="image-text alignment threshold")))),
-    ("caption2qa", lambda a: data.print_counts("caption -> QA", caption_to_qa(a.manifest, a.out, pairs=a.pairs,
-                                                                              seed=a.seed)),
+    ("caption2qa", manifest_tool("caption -> QA", caption2qa_cli),
      "turn caption samples into QA conversations (template generator, §3.1)", (
          ("manifest", {}), ("out", {}),
          ("--pairs", dict(type=int, default=1, help="QA pairs per caption (0 = all)")),
          ("--seed", dict(type=int, default=0)))),
-    ("clean-longcot", lambda a: data.print_counts("LongCoT cleaning", clean_longcot(
+    ("clean-longcot", manifest_tool("LongCoT cleaning", lambda a: clean_longcot(
         a.manifest, a.out, a.max_overlap, not a.no_balance, a.seed)),
      "clean LongCoT data: format, dedup, redundancy filter, CoT-length balance (§4.2.2)", (
          ("manifest", {}), ("out", {}),
@@ -670,11 +714,13 @@ def tool_cli(argv):
     """`python tests/curate.py TOOL ...`: one of TOOLS; a missing file or a bad value is a usage error (exit 2)."""
     args = data.tool_parser("curate.py", "SAIL-VL2 data curation tools (§3.1, §4.1, §4.2.2)", TOOLS, Parser).parse_args(
         data.dashed_options(argv))
+    if hasattr(args, "manifest") and os.path.isdir(args.out):   # the manifest tools write a file: said before the work
+        raise UsageError(f"{args.cmd}: OUT {args.out} is a folder: give the output manifest's file name")
     try:
         return args.run(args)
     except UsageError:                      # already says what is wrong, with its own exit code
         raise
-    except (FileNotFoundError, ValueError, DataError) as e:
+    except (OSError, ValueError, DataError) as e:     # OSError: a missing manifest, an OUT that cannot be written
         raise UsageError(f"{args.cmd}: {e}") from None
 
 

@@ -37,7 +37,9 @@ from data import (CHART_KINDS, CHART_LABELS, COLOURS, COLS, DEFAULT_SYNTH_DIR, D
                   PLACEHOLDER_RE, QWEN_PATTERN, ROWS, SHAPES, SPECIAL_TOKENS, SYNTH_VERSION, VIDEO, VIDEO_RE, WORDS,
                   byte_to_unicode, manifest_records, render_chat, video_prompt)
 from curate import template_qa  # noqa: E402
-from sample import BOXED  # noqa: E402
+import train_stage  # noqa: E402
+from data import InputError, UsageError  # noqa: E402
+from sample import BOXED, Parser  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,23 +458,39 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
 # ----------------------------------------------------------------------------------------------
 # command line
 
+def written(make, out):
+    """make(): the folder written; an --out that exists or cannot be written is one error line naming it."""
+    try:
+        return make()
+    except OSError as e:
+        if e.errno is None:                     # make_synth's own refusal of an existing folder, which says so
+            raise InputError(str(e)) from None
+        # below a file, on a read-only disk, ...: one line, no traceback
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror}: {e.filename})") from None
+
+
+def at_least_1(args, names):
+    for name in names:
+        if getattr(args, name) < 1:             # 0 would write empty manifests, < 0 print negative counts
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+
 def charts_main(argv):
-    p = argparse.ArgumentParser(prog="tests/synth.py charts", description="Render bar / line / pie charts to PNG "
+    p = Parser(prog="tests/synth.py charts", description="Render bar / line / pie charts to PNG "
                                 "with their data and QA pairs (§3.1's synthetic chart data): DIR/images/*.png and "
                                 "DIR/charts.jsonl.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS,      # no "(default: None)" in --help
+                   help="output folder (required)")
     p.add_argument("--n", type=int, default=100, help="charts to render")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--size", type=int, default=224, help="chart side in pixels")
     args = p.parse_args(argv)
-    print(f"wrote {make_charts(args.out, args.n, args.seed, args.size)}")
+    at_least_1(args, ("n", "size"))
+    print(f"wrote {written(lambda: make_charts(args.out, args.n, args.seed, args.size), args.out)}")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["charts"]:
-        return charts_main(argv[1:])
-    p = argparse.ArgumentParser(prog="tests/synth.py", description="Build the synthetic miniature dataset (PNG, "
+def synth_main(argv):
+    p = Parser(prog="tests/synth.py", description="Build the synthetic miniature dataset (PNG, "
                                 "MP4, JSONL manifests and a BPE tokenizer) that the tiny default recipe trains and "
                                 "evaluates on, into a new folder. `tests/synth.py charts --help`: §3.1's chart "
                                 "data alone.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -480,11 +498,16 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--size", type=int, default=DEFAULT_SYNTH_SIZE, help="train samples per task family")
     args = p.parse_args(argv)
-    try:
-        out = make_synth(args.out, args.seed, args.size)
-    except FileExistsError as e:
-        p.exit(1, f"tests/synth.py: error: {e}\n")
+    at_least_1(args, ("size",))
+    out = written(lambda: make_synth(args.out, args.seed, args.size), args.out)
     print(f"wrote {out}: {json.loads((out / 'synth.json').read_text())['samples']}")
+
+
+def main(argv=None):
+    """A mistake is one line on stderr, no traceback (train_stage.one_line_errors)."""
+    argv = sys.argv[1:] if argv is None else argv
+    run, argv = (charts_main, argv[1:]) if argv[:1] == ["charts"] else (synth_main, argv)
+    train_stage.one_line_errors(lambda: run(argv), "tests/synth.py")
 
 
 if __name__ == "__main__":
