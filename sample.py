@@ -645,7 +645,12 @@ def record_item(tok, dcfg, rec, think, blank: bool, max_new_tokens):
     if rec.turns[-1][0] != "assistant":
         raise data.DataError("schema", rec.where, "an eval record needs a final assistant turn to score")
     t = bool(rec.think if think is None else think)
-    s = data.prompt_inputs(tok, dcfg, rec.turns[:-1], rec.images, rec.videos, think=t, system=rec.system)
+    try:
+        s = data.prompt_inputs(tok, dcfg, rec.turns[:-1], rec.images, rec.videos, think=t, system=rec.system)
+    except data.DataError as e:         # prompt_inputs names no record: name the manifest's file and line
+        if e.where != rec.where:
+            raise data.DataError(e.reason, rec.where, e.message) from None
+        raise
     pixels = blank_pixels(s["pixel_values"]) if blank else s["pixel_values"]
     budget = max_new_tokens or default_new_tokens(rec.task, t)
     expect = len(data.encode(tok, rec.turns[-1][1]))
@@ -939,6 +944,14 @@ def report_name(name: str, think, blank) -> str:
     return f"{name}{'-think' if think else ''}{'-blank' if blank else ''}"
 
 
+def refuse_if_nothing_scored(path, n: int, bad_report: str):
+    """An evaluation that scored no sample (an empty file, every line bad, not a manifest at all) writes
+    no report: one line naming the file and what the bad-data count found (InputError, exit 1)."""
+    if n == 0:
+        why = "it holds no samples" if bad_report == "no bad samples in 0" else bad_report
+        raise InputError(f"--eval {path}: no usable sample to score ({why})")
+
+
 def run_eval(args, model, tok, dcfg):
     """--eval: a synthetic-data folder (every family), a JSONL manifest, or a VLMEvalKit TSV."""
     path, mode = args.eval, EvalMode(think=args.think, blank=args.blank, batch_size=args.batch_size,
@@ -946,6 +959,7 @@ def run_eval(args, model, tok, dcfg):
     out_dir = os.path.join(args.ckpt, "eval")
     if path.endswith(".tsv"):
         rep = evaluate_tsv(model, tok, dcfg, path, args.limit, mode)
+        refuse_if_nothing_scored(path, rep["n"], rep["bad"])
         print(f"{Path(path).name}: accuracy {rep['accuracy']:.3f} over {rep['n']} rows ({rep['bad']}), "
               f"{rep['seconds']:.1f} s")
         for col in ("category", "l2-category"):
@@ -966,6 +980,7 @@ def run_eval(args, model, tok, dcfg):
     else:
         bad = data.BadData(max_fraction=1.0)
         rep, base = evaluate_records(model, tok, dcfg, read_records(path, args.limit, bad), mode, bad), {}
+    refuse_if_nothing_scored(path, len(rep["predictions"]), rep["bad"])
     print(f"{'family':14s} {'n':>4s}  {'accuracy':>10s}  {'Wilson 95%':>14s}  {'word-F1':>7s}  {'chance':>6s}")
     for f, n in rep["n"].items():
         c, (lo, hi) = f"{base[f]:6.3f}" if f in base else "     -", rep["interval"][f]
@@ -990,8 +1005,10 @@ def cli(argv):
     ap = Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--ckpt", required=True, help="a checkpoint folder (ours or an official SAIL-VL2 one)")
-    ap.add_argument("--image", nargs="*", default=[], help="image file(s); each gets an <image> placeholder")
-    ap.add_argument("--video", nargs="*", default=[], help="video file(s), sampled to 16 frames")
+    ap.add_argument("--image", nargs="*", action="extend", default=[],
+                    help="image file(s); each gets an <image> placeholder (repeat the option to add more)")
+    ap.add_argument("--video", nargs="*", action="extend", default=[],
+                    help="video file(s), sampled to 16 frames (repeat the option to add more)")
     ap.add_argument("--prompt", default="Describe the image.", help="the question")
     ap.add_argument("--think", action="store_true", help="thinking mode: ask for <think>...</think> + \\boxed{}")
     ap.add_argument("--max-new-tokens", type=int, default=None,
@@ -1013,6 +1030,10 @@ def cli(argv):
                 raise UsageError(f"{flag} {p}: no such file or folder")
     if any(v is not None and v < 1 for v in (args.limit, args.batch_size, args.max_new_tokens)):
         raise UsageError("--limit, --batch-size and --max-new-tokens must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:                                 # NaN fails too
+        raise UsageError(f"--top-p {args.top_p}: must be in (0, 1] (1 = off)")
     given = lambda *keys: ", ".join(f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) != ap.get_default(k))  # noqa: E731
     if args.eval and (ignored := given("image", "video", "prompt", "temperature", "top_p", "seed")):
         raise UsageError(f"--eval answers each record's own question and media, greedily: {ignored} do not apply")

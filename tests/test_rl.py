@@ -504,3 +504,48 @@ def test_rl_compare_pairs_two_outputs_on_the_after_side(tmp_path, capsys):
     rl_compare.main([str(tmp_path / "a"), str(tmp_path / "b")])
     out = capsys.readouterr().out
     assert "4 prompts" in out and "pass@1     +0.250" in out, out
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation-review additions: the logged KL's direction, the judge-free think reward of rl-mixed
+
+def test_policy_loss_logs_approx_kl_of_pi_old_from_pi_by_hand():
+    """stats["approx_kl"] is k3 of KL(pi_old || pi) with r = pi / pi_old per token: (r - 1) - log r.
+    Two valid tokens, pi 0.5 / pi_old 0.25 (r = 2) and pi = pi_old = 0.3 (r = 1), one padding token:
+    (1 - ln 2 + 0) / 2 = 0.153426. The other direction (r = pi_old / pi = 0.5) would give
+    (-0.5 + ln 2) / 2 = 0.096574; unclamped GSPO-token and GSPO log it the same way."""
+    logp = torch.tensor([[0.5, 0.3, 0.9]]).log().requires_grad_(True)
+    old = torch.tensor([[0.25, 0.3, 0.1]]).log()
+    mask = torch.tensor([[True, True, False]])
+    for algo in ALGOS:
+        _, stats = rl.policy_loss(logp, old, torch.tensor([1.0]), mask, algo=algo)
+        assert close(stats["approx_kl"], (1 - math.log(2)) / 2), algo
+    # one token, r = 1/2 (pi halved): (0.5 - 1) + ln 2 = 0.193147 (the other direction: 1 - ln 2)
+    _, stats = rl.policy_loss(torch.tensor([[0.2]]).log(), torch.tensor([[0.4]]).log(), torch.tensor([1.0]),
+                              torch.tensor([[True]]))
+    assert close(stats["approx_kl"], math.log(2) - 0.5)
+
+
+def test_mixed_think_reward_without_a_judge_is_one_for_a_chain_that_does_not_loop():
+    """rl-mixed, no --judge, a family whose think reward is not the arithmetic check (caption_qa,
+    ocr: not rl.NUMERIC_FAMILIES): 1 for a non-empty thinking whose word 4-grams repeat less than
+    half the time, else 0. By hand: "the circle is red" x 10 has 37 4-grams, 4 distinct: ratio 0.89
+    -> 0 ("queen" x 12: 9 4-grams, 1 distinct, 0.89 -> 0); "a b c" x 3 has 6 4-grams, 3 distinct:
+    ratio exactly 0.5 -> 0 (below 0.5 only); chains of different words: ratio 0 -> 1. Every reply
+    is right and well-formed, so reward = 0.8 + 0.1 x think + 0.1."""
+    cfg = rl.RLConfig(reward="mixed")
+    assert cfg.reward_weights == (0.8, 0.1, 0.1)
+    assert "caption_qa" not in rl.NUMERIC_FAMILIES and "ocr" not in rl.NUMERIC_FAMILIES
+
+    def roll(thinking, answer, family):
+        return rl.Rollout(rl.Prompt([], None, answer, family, "x:1"), [], f"<think>\n{thinking}\n</think>\n"
+                          f"The answer is \\boxed{{{answer}}}.", False, [])
+    chains = [("the circle is red " * 10, "red", "caption_qa"), ("a b c " * 3, "red", "caption_qa"),
+              ("I look at the only circle in the image and its fill colour reads red", "red", "caption_qa"),
+              ("queen " * 12, "queen", "ocr"), ("the letters spell q u e e n so the word is queen", "queen", "ocr")]
+    rolls = [roll(*c) for c in chains]
+    assert [round(rl.repetition_ratio(t), 2) for t, _, _ in chains] == [0.89, 0.5, 0.0, 0.89, 0.0]
+    rl.score_rollouts(rolls, cfg)
+    assert [r.answer_r for r in rolls] == [1.0] * 5 and [r.format_r for r in rolls] == [1.0] * 5
+    assert [r.think_r for r in rolls] == [0.0, 0.0, 1.0, 0.0, 1.0]
+    assert [r.reward for r in rolls] == pytest.approx([0.9, 0.9, 1.0, 0.9, 1.0])

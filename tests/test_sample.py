@@ -636,3 +636,161 @@ def test_cli_errors_are_one_line_and_an_exit_code(tmp_path, tiny, capsys):
         lines = err.strip().splitlines()
         assert got == code and len(lines) == 1 and words in lines[0], (args, got, err)
         assert lines[0].startswith("sample.py: error: ")
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation-review additions: fractional paired scores, per-family intervals and bad-data counts of
+# the --eval path, refused sampling settings, unusable --eval inputs, file:line of a missing
+# image, repeated --image options
+
+def test_paired_difference_of_fractional_scores_against_the_normal_approximation():
+    """Graded scores (the share right of k, as rl.paired and tests/rl_compare.py pass them) take the
+    plain bootstrap branch: resampled within each family, a sample's two sides together. Two
+    families of 200; fa: 100 samples a 0.75 / b 0.25 (d = +0.5) and 100 a = b = 0.5 (d = 0),
+    fb: 100 a 0.25 / b 0.5 (d = -0.25) and 100 a 0.5 / b 0.25 (d = +0.25). By hand: difference
+    (50 + 0) / 400 = 0.125; each family's d has population variance 0.0625, so the resampled sum
+    has variance 200 x 0.0625 x 2 = 25 (sd 5), the mean sd 5 / 400 = 0.0125, and the normal 95%
+    interval is 0.125 ± 1.96 x 0.0125 = [0.1005, 0.1495]."""
+    pattern = ([("fa", 0.75, 0.25)] * 100 + [("fa", 0.5, 0.5)] * 100 +
+               [("fb", 0.25, 0.5)] * 100 + [("fb", 0.5, 0.25)] * 100)
+    a = [{"family": f, "where": f"s{i}", "correct": x} for i, (f, x, _) in enumerate(pattern)]
+    b = [{"family": f, "where": f"s{i}", "correct": y} for i, (f, _, y) in enumerate(pattern)]
+    e = sample.paired_difference(a, b)
+    assert (e["n"], e["difference"], e["a_only"], e["b_only"]) == (400, 0.125, 200, 100)
+    assert (e["accuracy_a"], e["accuracy_b"]) == (0.5, 0.375)
+    lo, hi = e["interval"]
+    assert hi - lo > 0.04 and lo < 0.125 < hi and e["excludes_0"]          # a width, around the difference
+    assert (lo, hi) == pytest.approx((0.1005, 0.1495), abs=0.004)
+
+
+class QuestionModel:
+    """Stands in for SAILVL.generate: each prompt holds a question "qN"; its reply is REPLIES[N],
+    followed by <|im_end|>."""
+
+    def __init__(self, tok, replies):
+        self.tok, self.replies, self.end = tok, replies, data.special_ids(tok).im_end
+
+    def generate(self, prompts, pixel_values=None, max_new_tokens=32, **_):
+        out = []
+        for p in prompts:
+            n = int(self.tok.decode(p).split("question q")[1].split()[0])
+            out.append(data.encode(self.tok, self.replies[n]) + [self.end])
+        return out
+
+
+def write_manifest(path, good_count=10, good_ocr=4, extra=()):
+    """count: 10 records (q0-q9, answer 3), ocr: 4 records (q10-q13, answer queen); then `extra` lines."""
+    conv = lambda q, a: [{"from": "human", "value": f"question q{q} ?"}, {"from": "gpt", "value": a}]  # noqa: E731
+    lines = [json.dumps({"task": "count", "conversations": conv(i, "3"), "answer": "3"}) for i in range(good_count)]
+    lines += [json.dumps({"task": "ocr", "conversations": conv(good_count + i, "queen"), "answer": "queen"})
+              for i in range(good_ocr)]
+    path.write_text("\n".join([*lines, *extra]) + "\n")
+
+
+def test_cli_eval_of_a_manifest_gives_each_familys_wilson_interval_and_counts_each_sample_once(tmp_path, tiny,
+                                                                                              monkeypatch, capsys):
+    """Through sample.main --eval MANIFEST --out (the path run_eval takes): count 8 of 10 right, ocr
+    1 of 4 right; a line of bad JSON and a record whose image is missing are counted bad once each,
+    the 14 good ones good once: 16 seen. Wilson by hand (z = 1.96): 8 of 10 -> [0.49016, 0.94332]
+    (test_wilson_interval_by_hand); 1 of 4: z²/n = 0.96037, centre (0.25 + 0.48018) / 1.96037 =
+    0.37247, half 1.96 sqrt(0.046875 + 0.060023) / 1.96037 = 0.32689 -> [0.04558, 0.69936]. The
+    missing image is reported with the manifest's file and line, not as "<prompt>"."""
+    _, tok, dcfg = tiny
+    replies = {i: "3" for i in range(8)} | {8: "4", 9: "5", 10: "queen", 11: "tiger", 12: "lion", 13: "cat"}
+    missing = json.dumps({"task": "count", "image": "nope.png",
+                          "conversations": [{"from": "human", "value": "<image>\nquestion q99 ?"},
+                                            {"from": "gpt", "value": "3"}], "answer": "3"})
+    write_manifest(tmp_path / "m.jsonl", extra=["{not json", missing])
+    (tmp_path / "ck").mkdir()
+    monkeypatch.setattr(sample, "load", lambda path, device="cpu": (QuestionModel(tok, replies), tok, dcfg))
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["n"] == {"count": 10, "ocr": 4} and rep["accuracy"] == {"count": 0.8, "ocr": 0.25}
+    assert rep["interval"]["count"] == pytest.approx([0.49016, 0.94332], abs=1e-5)
+    assert rep["interval"]["ocr"] == pytest.approx([0.04558, 0.69936], abs=1e-5)
+    assert rep["bad"] == "bad samples by reason: {'json': 1, 'missing_file': 1} of 16 seen"
+    assert f"{tmp_path / 'm.jsonl'}:16: image file not found" in err and "<prompt>" not in err
+
+
+def test_record_item_names_the_records_file_and_line_for_a_missing_image(tiny, tmp_path):
+    _, tok, dcfg = tiny
+    rec = data.parse_record({"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                    {"from": "gpt", "value": "3"}]},
+                            tmp_path, "m.jsonl:7", "count")
+    with pytest.raises(data.DataError) as e:
+        sample.record_item(tok, dcfg, rec, None, False, 4)
+    assert e.value.where == "m.jsonl:7" and str(e.value).startswith("m.jsonl:7: image file not found")
+    assert e.value.reason == "missing_file"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--top-p=0"], "--top-p 0.0: must be in (0, 1]"), (["--top-p=5"], "--top-p 5.0: must be in (0, 1]"),
+    (["--top-p=nan"], "--top-p nan"), (["--top-p=-0.5"], "--top-p -0.5"),
+    (["--temperature=nan"], "--temperature nan: must be a finite number >= 0"),
+    (["--temperature=inf"], "--temperature inf"), (["--temperature=-1"], "--temperature -1.0")])
+def test_cli_refuses_sampling_settings_outside_their_range(tmp_path, capsys, monkeypatch, args, says):
+    """Usage errors (exit 2, one line), refused before a checkpoint is loaded: --top-p=0 masked every
+    token (an index error), --top-p=5 and a negative temperature were taken silently, NaN raised."""
+    (tmp_path / "ck").mkdir()
+    monkeypatch.setattr(sample, "load", lambda *a, **k: pytest.fail("loaded a checkpoint"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "ck"), "--prompt", "Hi", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("sample.py: error: ") and says in lines[0]
+
+
+def test_cli_accepts_the_edges_of_the_sampling_ranges(tmp_path, tiny, monkeypatch):
+    m, tok, dcfg = tiny
+    (tmp_path / "ck").mkdir()
+    monkeypatch.setattr(sample, "load", lambda path, device="cpu": (m, tok, dcfg))
+    seen = []
+    monkeypatch.setattr(sample, "answer", lambda *a, **k: seen.append((k["temperature"], k["top_p"])))
+    for args in (["--top-p=1", "--temperature=0"], ["--top-p=0.01", "--temperature=2.5"]):
+        sample.main(["--ckpt", str(tmp_path / "ck"), "--prompt", "Hi", *args])
+    assert seen == [(0.0, 1.0), (2.5, 0.01)]
+
+
+def test_cli_eval_of_a_file_with_no_usable_sample_is_one_error_line(tmp_path, tiny, monkeypatch, capsys):
+    """An empty manifest, one whose every line is bad, a file that is no manifest (README.md) and a
+    synthetic folder of empty manifests: exit 1, one error line naming the file and the bad-data
+    count, and no report written (the table and "reports:" were printed over nothing)."""
+    _, tok, dcfg = tiny
+    (tmp_path / "ck").mkdir()
+    monkeypatch.setattr(sample, "load", lambda path, device="cpu": (QuestionModel(tok, {}), tok, dcfg))
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text("{not json\n[1, 2]\n" + json.dumps({"conversations": []}) + "\n")
+    (tmp_path / "synth" / "count").mkdir(parents=True)
+    (tmp_path / "synth" / "count" / "eval.jsonl").write_text("")
+    readme = os.path.join(ROOT, "README.md")
+    n_readme = sum(1 for line in open(readme, "rb") if line.strip())
+    cases = [(tmp_path / "empty.jsonl", "it holds no samples"),
+             (tmp_path / "bad.jsonl", "bad samples by reason: {'json': 1, 'schema': 2} of 3 seen"),
+             (readme, f"of {n_readme} seen"), (tmp_path / "synth", "it holds no samples")]
+    for path, says in cases:
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(path)])
+        out = capsys.readouterr()
+        errors = [ln for ln in out.err.splitlines() if ln.startswith("sample.py: error:")]
+        assert e.value.code == 1 and len(errors) == 1, (path, out.err[-500:])
+        assert errors[0].startswith(f"sample.py: error: --eval {path}: no usable sample to score (") and says in errors[0]
+        assert "reports:" not in out.out and "family" not in out.out
+    assert not (tmp_path / "ck" / "eval").exists()
+    write_manifest(tmp_path / "one.jsonl", good_count=1, good_ocr=0)          # one usable sample is enough
+    monkeypatch.setattr(sample, "load", lambda path, device="cpu": (QuestionModel(tok, {0: "3"}), tok, dcfg))
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(tmp_path / "one.jsonl")])
+    assert json.loads((tmp_path / "ck" / "eval" / "count.json").read_text())["accuracy"] == 1.0
+
+
+def test_cli_repeated_image_options_accumulate(tmp_path, tiny, synth, monkeypatch):
+    """--image A --image B gives both images (argparse's store kept only B), in order; likewise --video."""
+    m, tok, dcfg = tiny
+    (tmp_path / "ck").mkdir()
+    monkeypatch.setattr(sample, "load", lambda path, device="cpu": (m, tok, dcfg))
+    seen = []
+    monkeypatch.setattr(sample, "answer", lambda model, tok, dcfg, q, images, videos, **k: seen.append((images, videos)))
+    a, b, c = (str(synth / "caption" / "images" / f"eval_0000{i}.png") for i in range(3))
+    v1, v2 = (str(synth / "video" / "videos" / f"eval_0000{i}.mp4") for i in range(2))
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--image", a, "--image", b, c, "--video", v1, "--video", v2])
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--image", a, b])
+    assert seen == [([a, b, c], [v1, v2]), ([a, b], [])]

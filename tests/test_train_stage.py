@@ -1387,3 +1387,87 @@ def test_a_shape_option_a_checkpoint_cannot_load_is_refused_in_one_line(synth, t
     err = capsys.readouterr().err
     assert e.value.code == 2 and len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
     assert f"{flag} changes the shape of weights loaded from {ck}" in err and "--init-from=random" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation-review additions: the held-out loss's token mean, the stages' mixture settings
+
+def test_the_held_out_loss_is_the_global_token_mean_over_packs_of_different_sizes(synth):
+    """evaluate(): every held-out target counts once, however the samples were packed: a pack of
+    one short answer (few targets) and one of many samples (hundreds), read as two steps, give the
+    hand-computed token mean (F.log_softmax + gather per sample, summed, divided by the target
+    count), not the mean of the two packs' means; only the first n_packs steps are read."""
+    samples, mcfg = fixed_samples(synth)
+    torch.manual_seed(0)
+    model = modeling.SAILVL(mcfg)
+    model.init_weights()
+    model.eval()
+    with torch.no_grad():               # peaky logits: a fresh model's CE is about log V on every token
+        model.language_model.model.norm.weight.mul_(30.0)
+    small, big = packs_of(samples[:1], 4096), packs_of(samples[1:], 4096)
+    assert len(small) == len(big) == 1
+    counts = [int((p["labels"][:, 1:] != -100).sum()) for p in small + big]
+    assert counts[1] > 20 * counts[0]
+    total, n, means = 0.0, 0, []
+    with torch.no_grad():
+        for group in (samples[:1], samples[1:]):
+            pack_total, pack_n = 0.0, 0
+            for s in group:
+                logits = model(s["input_ids"][None], s["pixel_values"]).logits[0].float()
+                tgt = s["labels"][1:]
+                keep = tgt != -100
+                pack_total -= float(F.log_softmax(logits[:-1][keep], -1).gather(1, tgt[keep][:, None]).sum())
+                pack_n += int(keep.sum())
+            total, n = total + pack_total, n + pack_n
+            means.append(pack_total / pack_n)
+    want = total / n
+    assert abs(sum(means) / 2 - want) > 0.01 * want                  # not vacuous: the two readings differ
+
+    class HeldOut:
+        def __init__(self):
+            self.steps = iter([small, big, [{"input_ids": None}]])    # a third step must not be read
+
+        def next(self):
+            return next(self.steps)
+    made = []
+    factory = lambda: made.append(1) or HeldOut()                           # noqa: E731
+    model.train()
+    got = train_stage.evaluate(model, factory, 2, CPU, NOCAST)
+    assert got == pytest.approx(want, rel=1e-5) and made == [1] and model.training
+
+
+def test_the_stages_build_their_mixtures_with_their_rebalancing_and_label_modes(synth, tmp_path):
+    """Through build_batches with the config the command line builds: pretrain2's training mixture is
+    n-gram rebalanced (non-uniform sample weights; its held-out mixture is not); longcot builds its
+    samples in label mode longcot (an answer without a <think> chain is bad data, counted 'format',
+    where sft would train on it) and thinkfusion in label mode thinkfusion (the empty think block
+    of a direct answer and its line breaks carry no loss; the answer after it does)."""
+    tok = data.load_tokenizer(None)
+    cfg, mcfg = cfg_of("pretrain2", f"--data_dir={synth}", "--packing.max_tokens=1024")
+    assert cfg.ngram_rebalance
+    train = train_stage.build_batches(cfg, mcfg, tok, "train", 0, 1, verbose=False).mixture
+    assert len(train.sample_weights) == 7 and all(w is not None for w in train.sample_weights)
+    assert any(w.max() > 1.5 * w.min() for w in train.sample_weights)           # rebalanced, not uniform
+    held_out = train_stage.build_batches(cfg, mcfg, tok, "eval", 0, 1, verbose=False).mixture
+    assert all(w is None for w in held_out.sample_weights)
+
+    conv = lambda a: {"conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": a}]}  # noqa: E731
+    chain = "<think>\nOne, two, three.\n</think>\nThe answer is \\boxed{3}."
+    (tmp_path / "cot.jsonl").write_text("".join(json.dumps(conv(a)) + "\n" for a in [chain] * 5 + ["There are 3."]))
+    cfg, mcfg = cfg_of("longcot", f"--manifests={tmp_path}/cot.jsonl", "--packing.max_tokens=4096",
+                       "--max_bad_fraction=0.5")
+    batches = train_stage.build_batches(cfg, mcfg, tok, "train", 0, 1, verbose=False)
+    assert batches.mixture.cfg.label_mode == "longcot"
+    batches.next()
+    assert batches.mixture.bad.counts == {"format": 1} and batches.mixture.bad.seen == 6
+
+    direct = "<think>\n\n</think>\n\nThere are 3 circles."
+    (tmp_path / "fusion.jsonl").write_text(json.dumps(conv(direct)) + "\n")
+    cfg, mcfg = cfg_of("thinkfusion", f"--manifests={tmp_path}/fusion.jsonl", "--packing.max_tokens=4096")
+    batches = train_stage.build_batches(cfg, mcfg, tok, "train", 0, 1, verbose=False)
+    assert batches.mixture.cfg.label_mode == "thinkfusion"
+    pack = batches.next()[0]
+    trained = tok.decode([int(t) for t in pack["labels"][0] if t != -100])   # the sample, repeated to fill it
+    k = len(pack["cu_seqlens"]) - 1
+    assert k >= 1 and trained == "There are 3 circles.<|im_end|>" * k, trained
+    assert tok.decode(pack["input_ids"][0].tolist()).count("<think>\n\n</think>\n\nThere are 3") == k
