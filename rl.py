@@ -1342,6 +1342,20 @@ def restore_generator(gen, rank_state: dict, rank: int, saved_world: int, seed: 
         gen.manual_seed(int(np.random.default_rng([seed, rank, episode]).integers(2 ** 62)))
 
 
+def save_rl_checkpoint(cfg: RLConfig, episode: int, model, opt, gen, files: dict, run_state: dict):
+    """A resumable checkpoint out/<stage>.run/step-NNNNNN/ through the one writer (weights, optimizer,
+    every RNG and each rank's rollout generator, `run_state`: the prompt pool, the filter's counts,
+    the first evaluation), then only the newest --keep_checkpoints kept."""
+    rank, world = rank_and_world()
+    rdir = train_stage.run_dir(cfg)
+    meta = {"stage": cfg.stage, "episode": episode, "step": episode, "config": asdict(cfg), **run_state}
+    modeling.save_checkpoint(os.path.join(rdir, f"step-{episode:06d}"), model, meta, rank, world,
+                             {"rng": modeling.rng_state(), "generator": gen.get_state()},
+                             extra_files=files, model_cfg=model.cfg, opt=opt)
+    if rank == 0:
+        modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
+
+
 def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     """One RL stage: held-out evaluation, then per episode dynamic sampling, advantages and the
     updates, then the evaluation again on the same prompts and draws; checkpoints through
@@ -1392,14 +1406,8 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     while True:
         last = episode == cfg.episodes
         if cfg.save_every and episode % cfg.save_every == 0 and episode > start and not last:
-            state = {"stage": cfg.stage, "episode": episode, "step": episode, "config": asdict(cfg),
-                     "filter": filter_counts, "before": before,
-                     "pool": {"positions": positions, "pos": pool.pos, "bad": mixture.bad.state_dict()}}
-            modeling.save_checkpoint(os.path.join(rdir, f"step-{episode:06d}"), model, state, rank, world,
-                                     {"rng": modeling.rng_state(), "generator": gen.get_state()},
-                                     extra_files=tok_files, model_cfg=model_cfg, opt=opt)
-            if rank == 0:
-                modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
+            save_rl_checkpoint(cfg, episode, model, opt, gen, tok_files, {"filter": filter_counts, "before": before,
+                               "pool": {"positions": positions, "pos": pool.pos, "bad": mixture.bad.state_dict()}})
         if last:
             after = evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
             log(f"data: {mixture.bad.report()}")
