@@ -924,12 +924,14 @@ def evaluate_tsv(model, tok, dcfg, path, limit=None, mode: EvalMode = EvalMode(b
 
 
 def write_predictions_tsv(path, report: dict):
-    """The TSV's own columns plus `prediction` and `extracted`, one line per row (bad rows empty)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(report["columns"] + ["prediction", "extracted"])
-        for row, p in zip(report["rows"], report["predictions"]):
-            w.writerow([row.get(c, "") for c in report["columns"]] + [p["prediction"], p["extracted"]])
+    """The TSV's own columns plus `prediction` and `extracted`, one line per row (bad rows empty),
+    written atomically as the report beside it."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf, delimiter="\t")
+    w.writerow(report["columns"] + ["prediction", "extracted"])
+    for row, p in zip(report["rows"], report["predictions"]):
+        w.writerow([row.get(c, "") for c in report["columns"]] + [p["prediction"], p["extracted"]])
+    data.write_atomic(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------

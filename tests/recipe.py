@@ -374,14 +374,16 @@ def run_recipe(argv: list):
         stage_row(own["until"])
     if bool(own["compare"]) != bool(own["as"]):
         raise UsageError("--compare=DIR and --as=STAGE go together")
-    if own["compare"]:
-        return compare_output(cfg, own)
     for key in ("seeds", "nproc", "eval_limit"):
         if not own[key].isdigit() or int(own[key]) < 1:
             raise UsageError(f"--{key} must be a whole number >= 1, got {own[key]!r}")
     unknown = sorted(set(own["eval_families"].split(",")) - set(data.SYNTH_FAMILIES) - {""})
     if unknown:
         raise UsageError(f"--eval_families: unknown {', '.join(unknown)}; choose from {', '.join(data.SYNTH_FAMILIES)}")
+    if own["compare"]:
+        if own["seeds"] != RECIPE_OPTIONS["seeds"]:
+            raise UsageError("--seeds runs the recipe again; --compare evaluates one stage output against a run")
+        return compare_output(cfg, own)
     runs = []
     for k in range(1, int(own["seeds"]) + 1):
         out_dir = cfg.out_dir if k == 1 else os.path.join(cfg.out_dir, f"seed{k}")

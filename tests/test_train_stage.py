@@ -1181,6 +1181,8 @@ def test_nested_and_range_options_are_checked_where_they_are_parsed():
     (["--model.llm_config.num_layers=2"], 2, "did you mean --model.llm_config.num_hidden_layers?"),
     (["--stage", "all", "--eval_families=nosuch"], 2, "--eval_families: unknown nosuch"),
     (["--stage", "all", "--seeds=0"], 2, "--seeds must be a whole number >= 1"),
+    (["--stage", "all", "--compare=x", "--as=vit1", "--eval_limit=abc"], 2, "--eval_limit must be a whole number"),
+    (["--stage", "all", "--compare=x", "--as=vit1", "--seeds=3"], 2, "--seeds runs the recipe again"),
     (["--num_workers=-1"], 2, "--num_workers must be >= 0"),
     (["--lr=-1"], 2, "--lr must be a positive number, got -1.0"),
     (["--lr=nan"], 2, "--lr must be a positive number, got nan"),
