@@ -1409,7 +1409,10 @@ def ensure_sources(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log):
 
 def try_it(cfg: StageConfig, out: str) -> Optional[str]:
     """A sample.py command on a held-out sample of the stage's own data, with the reference reply:
-    the stage's first visual family with short answers (ocr, count, ...), else its first visual one."""
+    the stage's first visual family with short answers (ocr, count, ...), else its first visual one;
+    none for a text-only stage (lm0: it never saw the media its data's questions are about)."""
+    if cfg.text_only:
+        return None
     short = ("ocr", "count", "multi", "chart", "video", "caption_qa")
     mix = sorted((name for name, _ in stage_row(cfg.stage).mix), key=lambda n: short.index(n) if n in short else 99)
     for name in mix:
@@ -1419,10 +1422,10 @@ def try_it(cfg: StageConfig, out: str) -> Optional[str]:
         rec = data.JsonlDataset(path, data.load_tokenizer(None)).record(0)
         if rec.text is not None or not (rec.images or rec.videos):
             continue
-        media = " ".join(f"--image {shlex_quote(p)}" for p in rec.images) + \
-            " ".join(f"--video {shlex_quote(p)}" for p in rec.videos)
+        media = [f"--image {shlex_quote(p)}" for p in rec.images] + [f"--video {shlex_quote(p)}" for p in rec.videos]
         question = data.PLACEHOLDER_RE.sub("", rec.turns[0][1]).strip()
-        return f"python sample.py --ckpt {out} {media} --prompt {shlex_quote(question)}   # reference: {rec.turns[-1][1]}"
+        return " ".join(["python sample.py --ckpt", out, *media, "--prompt", shlex_quote(question),
+                         f"  # reference: {rec.turns[-1][1]}"])
     return None
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1285,6 +1286,12 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert os.path.exists(img) and "/ocr/" in img                      # a held-out image of the stage's data
     ref = json.loads(open(os.path.join(synth, "ocr", "eval.jsonl")).readline())["conversations"][-1]["value"]
     assert hint.endswith(f"# reference: {ref}")
+
+
+def test_the_try_it_hint_of_a_text_only_stage_is_none_and_media_options_are_apart(synth):
+    assert train_stage.try_it(cfg_of("lm0", f"--data_dir={synth}")[0], "o/lm0") is None    # it never saw the media
+    hint = train_stage.try_it(cfg_of("sft4", f"--data_dir={synth}", "--init-from=random")[0], "o/sft4")
+    assert " --image " in hint and "--prompt" in hint and not re.search(r"\S--(image|video)", hint)
 
 
 def test_stage_all_calibrate_and_rl_bench_run_the_tools_in_tests(monkeypatch, capsys):
