@@ -855,14 +855,16 @@ def micro_step(model, pack: dict, rows: list, olds, cfg, tok, n_global: float, w
     loss, st = policy_loss(logp, old_lp, adv, mask, cfg.algo, cfg.clip_low, cfg.clip_high, cfg.agg, n_global,
                            clip_c=cfg.clip_c, norm_len=cfg.max_new_tokens)   # Dr.GRPO's constant, not T
     (loss * (weight * world)).backward()                                   # FSDP averages gradients over ranks
-    n = float(st["n_tokens"]) * weight
-    sums = {key: float(st[key]) * n for key in SUM_STATS}
-    sums.update(tokens=n, loss=float(loss.detach()) * weight, entropy=float(sum(e.detach().sum() for e in ents)) * weight)
-    maxes = {"ratio_dev": float((logp.detach() - old_lp).abs().masked_fill(~mask, 0).max()) * weight, "dlogp": 0.0}
-    if olds is None and weight:                               # the rollout's own log-probs vs the recompute
-        maxes["dlogp"] = max((float((torch.tensor(r.rollout_logp, device=device) - lp.detach()).abs().max())
-                              for r, lp in zip(rows, lps) if len(lp)), default=0.0)
-    return sums, maxes
+    dlogp = [(torch.tensor(r.rollout_logp, device=device) - lp.detach()).abs().max()   # the rollout's own log-probs
+             for r, lp in zip(rows, lps) if len(lp)] if olds is None and weight else []    # vs the recompute
+    stats = [st["n_tokens"], *(st[key] for key in SUM_STATS), loss.detach(),
+             sum((e.detach().sum() for e in ents), torch.zeros((), device=device)),
+             (logp.detach() - old_lp).abs().masked_fill(~mask, 0).max(),
+             torch.stack(dlogp).max() if dlogp else torch.zeros((), device=device)]
+    n, *means, loss_v, ent, ratio_dev, dlogp_max = torch.stack([t.float().to(device) for t in stats]).tolist()  # one read
+    n *= weight
+    sums = dict(zip(SUM_STATS, (m * n for m in means)), tokens=n, loss=loss_v * weight, entropy=ent * weight)
+    return sums, {"ratio_dev": ratio_dev * weight, "dlogp": dlogp_max}
 
 
 def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, lr_at=None) -> dict:
