@@ -1084,3 +1084,148 @@ def test_a_split_on_a_string_is_refused():
     matches HF keeps) would drop text, so such a tokenizer folder is refused."""
     with pytest.raises(ValueError, match="String is not supported"):
         data._pattern_of({"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated"}, "tok")
+
+
+# ----------------------------------------------------------------------------------------------
+# gaps found by mutation testing: media order, max_len and bad-fraction boundaries, early stop,
+# decode failures, per-epoch orders, n-gram weight clipping, the text-only view
+
+def test_a_video_and_an_image_without_placeholders_open_the_turn_video_first_in_pixel_order(tmp_path):
+    """Missing placeholders: "<video>\\n" per video, then "<image>\\n" per image; the <IMG_CONTEXT>
+    blocks (1 tile per frame, 3 tiles for a 2x1 image) and the pixel tiles follow placeholder order,
+    also when a written <video> comes before a written <image>."""
+    tok = data.load_tokenizer(None)
+    cfg = DataConfig(image_size=112, max_tiles=4, num_frames=3)          # 16 tokens per tile
+    save_png(tmp_path / "b.png", size=(224, 112))                         # 2x1 grid + thumbnail = 3 tiles
+    write_gray_video(tmp_path / "v.mp4", [10, 60, 110, 160, 210, 250])
+    img = lambda n: "<img>" + "<IMG_CONTEXT>" * n + "</img>"              # noqa: E731
+    frames = f"Frame1: {img(16)}\nFrame2: {img(16)}\nFrame3: {img(16)}\n"
+    lines = [{"image": "b.png", "video": "v.mp4", "conversations": [{"from": "human", "value": "Q"},
+                                                                    {"from": "gpt", "value": "A"}]},
+             {"image": "b.png", "video": "v.mp4", "conversations": [{"from": "human", "value": "Clip: <video>\nPic: <image>\nQ"},
+                                                                    {"from": "gpt", "value": "A"}]}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ds = data.JsonlDataset(tmp_path / "m.jsonl", tok, cfg)
+    tiles = vit.load_image(str(tmp_path / "b.png"), max_tiles=4, image_size=112)[0]
+    for i, user in enumerate([f"{frames}{img(48)}\nQ", f"Clip: {frames}Pic: {img(48)}\nQ"]):
+        s = ds[i]
+        assert tok.decode(s["input_ids"].tolist()) == (f"<|im_start|>system\n{SYS}<|im_end|><|im_start|>user\n{user}"
+                                                       "<|im_end|><|im_start|>assistant\nA<|im_end|>")
+        assert s["tiles"] == [1, 1, 1, 3] and s["image_tokens"] == [16, 16, 16, 48] and s["n_images"] == 2
+        assert s["pixel_values"].shape == (6, 3, 112, 112) and torch.equal(s["pixel_values"][3:], tiles)
+        gray = s["pixel_values"][:3]                                       # the frames: flat gray, not red
+        assert (gray.amax(dim=(2, 3)) - gray.amin(dim=(2, 3))).abs().max() < 0.2 and not torch.equal(gray, tiles[:3])
+
+
+def test_max_len_keeps_a_sample_of_exactly_max_len_tokens(tmp_path):
+    """'longer samples are bad input': n tokens load at max_len n and are too_long at n - 1 (chat and text)."""
+    tok = data.load_tokenizer(None)
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a red circle."}) + "\n")
+    for path, mode in ((chat_record(tmp_path, "a red circle."), "sft"), (tmp_path / "t.jsonl", "text")):
+        n = len(data.JsonlDataset(path, tok, DataConfig(label_mode=mode))[0]["input_ids"])
+        assert len(data.JsonlDataset(path, tok, DataConfig(label_mode=mode, max_len=n))[0]["input_ids"]) == n
+        with pytest.raises(DataError) as e:
+            data.JsonlDataset(path, tok, DataConfig(label_mode=mode, max_len=n - 1))[0]
+        assert e.value.reason == "too_long"
+
+
+def text_manifest(path, n_good, n_bad):
+    """n_good one-line text records and n_bad malformed lines, interleaved."""
+    lines = [json.dumps({"text": f"sample {i}."}) for i in range(n_good)] + ["not json"] * n_bad
+    random.Random(0).shuffle(lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_bad_fraction_equal_to_max_bad_fraction_is_accepted(tmp_path):
+    """max_bad_fraction is the share training accepts: 1 bad of 4 trains at 0.25, stops at 0.24."""
+    path = text_manifest(tmp_path / "m.jsonl", 3, 1)
+    tok = data.load_tokenizer(None)
+    stream = data.Mixture([path], tok, DataConfig(max_bad_fraction=0.25, bad_check_after=4), verbose=False)
+    for _ in range(3 * 4):                                 # four epochs, each judged at its end
+        stream.next()
+    assert stream.bad.seen == 4 and dict(stream.bad.counts) == {"json": 1}
+    stream = data.Mixture([path], tok, DataConfig(max_bad_fraction=0.24, bad_check_after=4), verbose=False)
+    with pytest.raises(data.TooMuchBadData, match="1 of 4"):
+        for _ in range(3 * 4):
+            stream.next()
+    bad = data.BadData(max_fraction=0.25, check_after=1, show=False)     # the counter itself, by hand
+    for _ in range(3):
+        bad.good()
+    bad.bad(DataError("json", "m:1", "x"))                                 # 1 of 4: 0.25, accepted
+    with pytest.raises(data.TooMuchBadData):
+        bad.bad(DataError("json", "m:2", "x"))                             # 2 of 5: 0.4
+
+
+def test_too_much_bad_data_stops_once_bad_check_after_samples_were_seen_not_at_the_epochs_end(tmp_path):
+    """Half of a 200-line manifest is bad: with bad_check_after 10 the stream stops after about 10
+    samples, long before the epoch's end (where the verdict would come without the early check)."""
+    path = text_manifest(tmp_path / "m.jsonl", 100, 100)
+    stream = data.Mixture([path], data.load_tokenizer(None), DataConfig(max_bad_fraction=0.2, bad_check_after=10),
+                          verbose=False)
+    with pytest.raises(data.TooMuchBadData, match="max_bad_fraction"):
+        for _ in range(200):
+            stream.next()
+    assert stream.epoch == 0 and 10 <= stream.bad.seen <= 30 and stream.pos < 50
+
+
+def test_a_sample_whose_pixels_fail_after_its_header_is_counted_bad_once(tmp_path):
+    """The trainer's path: the plan reads the header (counted good), decoding then fails and the
+    trainer calls record_decode_failure: the sample turns bad without being seen twice, and later
+    visits that fail again change nothing."""
+    save_png(tmp_path / "full.png", colour=(1, 2, 3))
+    (tmp_path / "trunc.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "trunc.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}) + "\n")
+    stream = data.Mixture([tmp_path / "m.jsonl"], data.load_tokenizer(None),
+                          DataConfig(image_size=112, max_bad_fraction=1.0), verbose=False)
+    for visit in range(3):                                   # one visit per epoch of this one-line manifest
+        found = []
+        k = stream.next_meta(found)[0]
+        stream.record(found)
+        with pytest.raises(DataError) as e:
+            stream.load(k)
+        stream.record_decode_failure(k, e.value)
+        assert stream.bad.seen == 1 and dict(stream.bad.counts) == {"image": 1}, visit
+
+
+def test_each_epoch_visits_the_samples_in_a_new_order(tmp_path):
+    """order(epoch): a permutation of the manifest per epoch, reshuffled each epoch, the same in a second mixture."""
+    path = text_manifest(tmp_path / "m.jsonl", 30, 0)
+    tok = data.load_tokenizer(None)
+    a, b = (data.Mixture([path], tok, seed=2, verbose=False) for _ in range(2))
+    orders = [a.order(e) for e in range(3)]
+    assert all(sorted(o.tolist()) == list(range(30)) for o in orders)
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    assert all(np.array_equal(o, b.order(e)) for e, o in enumerate(orders))
+
+
+def test_ngram_weights_are_clipped_to_ten_times_the_mean_and_renormalised():
+    """99 copies of one phrase and one rare phrase, alpha = 1: raw weights 1/99 and 1, over their mean
+    2/100: 100/198 and 50; 50 is clipped to 10, and over the new mean 0.6: 250/297 and 50/3."""
+    w = data.ngram_weights(["a b c"] * 99 + ["x y z"], n=3, alpha=1.0)
+    np.testing.assert_allclose(w[:99], 250 / 297, rtol=1e-12)
+    np.testing.assert_allclose(w[99], 50 / 3, rtol=1e-12)
+
+
+def test_samples_without_ngrams_get_the_neutral_weight():
+    """A text with no 3-gram (one word; a bad line's '') weighs the mean weight, 1; the others as hand-computed."""
+    w = data.ngram_weights(["a b c", "a b c", "x y z", "hi", ""], n=3, alpha=0.5)
+    raw = np.array([2 ** -0.5, 2 ** -0.5, 1.0])
+    np.testing.assert_allclose(w, np.r_[raw / raw.mean(), 1.0, 1.0], rtol=1e-12)
+
+
+def test_drop_media_gives_the_text_only_view_of_a_media_record(tmp_path):
+    """DataConfig.drop_media (a text-only stage): placeholders and media removed, the turn stripped."""
+    tok = data.load_tokenizer(None)
+    save_png(tmp_path / "a.png")
+    write_gray_video(tmp_path / "v.mp4", [10, 60, 110])
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red."}]},
+        {"image": ["a.png"], "video": "v.mp4", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}]))
+    ds = data.JsonlDataset(tmp_path / "m.jsonl", tok, DataConfig(image_size=112, num_frames=3, drop_media=True))
+    for i, (q, a) in enumerate([("What colour?", "red."), ("Q", "A")]):
+        s = ds[i]
+        assert tok.decode(s["input_ids"].tolist()) == (f"<|im_start|>system\n{SYS}<|im_end|><|im_start|>user\n{q}"
+                                                       f"<|im_end|><|im_start|>assistant\n{a}<|im_end|>")
+        assert s["pixel_values"] is None and s["tiles"] == [] and s["n_images"] == s["n_visual_tokens"] == 0

@@ -475,3 +475,72 @@ def test_a_sample_that_decodes_other_than_planned_is_refused():
             PackDecoder(lambda k: s, (), max_tokens=64)[(0, [SampleMeta(0, planned, 0, 0)])]
     assert PackDecoder(lambda k: s, (), max_tokens=64)[(0, [SampleMeta(0, 10, 0, 0)])]["input_ids"].shape[-1] == 10
     assert PackDecoder(lambda k: s, (), max_tokens=8)[(0, [SampleMeta(0, 8, 0, 0)])]["input_ids"].shape[-1] == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# gaps found by mutation testing: the max_tokens boundary, stream order in a pack, the rank split
+# of PackLoader, and PackLoader's resume with read-ahead
+
+def test_a_sample_of_exactly_max_tokens_is_packed_whole_neither_truncated_nor_skipped():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # no over-long warning either
+        for overlong in ("truncate", "own_pack"):
+            packer = StreamPacker(PackingConfig(max_tokens=100, buffer_size=4, overlong=overlong))
+            text, image = SampleMeta(0, 100, 0, 0), SampleMeta(1, 100, 16, 1)
+            assert packer.push(text) and packer.push(image)
+            assert sorted([packer.pop(), packer.pop()]) == [[text], [image]] and packer.pop() is None
+            assert packer.stats["truncated"] == packer.stats["skipped_overlong"] == packer.stats["own_pack"] == 0
+
+
+def test_samples_keep_their_stream_order_inside_a_pack():
+    """The packer picks largest-first, but a plan lists its samples in arrival order."""
+    samples = make_samples(200, seed=15)
+    plans = list(pack_stream(metas_of(samples), PackingConfig(max_tokens=200, buffer_size=16)))
+    assert all([m.index for m in p] == sorted(m.index for m in p) for p in plans)
+    # not vacuous: in many packs the largest-first pick order differs from the stream order
+    assert sum([m.n_tokens for m in p] != sorted((m.n_tokens for m in p), reverse=True) for p in plans) > 10
+
+
+def global_step_plans(samples, cfg, world, steps):
+    """The global plans of each step (world x micro_batches packs), as pack_stream packs the stream
+    positions 0, 1, ... (metadata of samples[k % n]): what every rank's planner must compute."""
+    stream = pack_stream((sample_meta(samples[k % len(samples)], k, IMG) for k in range(10 ** 6)), cfg)
+    return [[next(stream) for _ in range(world * cfg.micro_batches)] for _ in range(steps)]
+
+
+def test_each_rank_gets_its_balanced_share_of_the_global_step():
+    samples = make_samples(60, seed=16, max_len=60)
+    cfg = PackingConfig(max_tokens=120, micro_batches=2, buffer_size=6)
+    world, steps = 2, 3
+    reference = global_step_plans(samples, cfg, world, steps)
+    got = {}
+    for rank in range(world):
+        loader = PackLoader(ListStream(samples), cfg, rank, world, 64)
+        got[rank] = [[p["sample_ids"] for p in loader.next()] for _ in range(steps)]
+    for s, plans in enumerate(reference):
+        groups = balance_packs(plans, world, 64)
+        for rank in range(world):
+            assert got[rank][s] == [[m.index for m in plans[j]] for j in groups[rank]], (s, rank)
+        ids = [i for rank in range(world) for p in got[rank][s] for i in p]
+        assert sorted(ids) == sorted(m.index for p in plans for m in p)      # disjoint, nothing lost
+    assert got[0] != got[1]
+
+
+def test_a_loader_resumed_from_its_state_gives_the_packs_of_the_uninterrupted_run():
+    """The state after step 2 of a loader whose worker decodes (and plans) ahead is the position
+    right after planning step 2, not what was read ahead: a fresh loader resumed from it gives the
+    uninterrupted run's steps 3 and 4."""
+    samples = make_samples(60, seed=17, max_len=60)
+    cfg = PackingConfig(max_tokens=120, micro_batches=2, buffer_size=6)
+
+    def packs(loader, n):
+        return [[(p["sample_ids"], p["input_ids"].tolist()) for p in loader.next()] for _ in range(n)]
+
+    full = packs(PackLoader(ListStream(samples), cfg, 0, 1, 64), 4)
+    first = PackLoader(ListStream(samples), cfg, 0, 1, 64, num_workers=1, prefetch_factor=4)
+    assert packs(first, 2) == full[:2]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert first.planner.step > 2                               # the worker did read ahead
+    resumed = PackLoader(ListStream(samples), cfg, 0, 1, 64)
+    resumed.load_state_dict(state)
+    assert packs(resumed, 2) == full[2:] and resumed.steps == 4
