@@ -508,3 +508,62 @@ def test_tiny_preset_uses_the_default_tokenizers_image_token():
     cfg = modeling.preset_config("tiny")
     assert cfg.img_context_token_id == data.special_ids(tok).img_context
     assert cfg.llm_config.vocab_size >= tok.n_vocab
+
+
+# --- gaps found by mutation testing ------------------------------------------------------------------
+
+def test_adapter_is_layernorm_linear_exact_gelu_linear_by_hand():
+    """mlp1 (the official adapter) is LayerNorm -> Linear -> GELU in its exact erf form (nn.GELU's
+    default, as the official code builds it) -> Linear: SAILVL.encode_images on two different tiles
+    against the ops written out by hand, with pre-activations spread over ±3, where the tanh
+    approximation is ~1e-3 away."""
+    import math
+    torch.manual_seed(0)
+    m = modeling.build_model("tiny").eval()
+    ln, fc1, _, fc2 = m.mlp1
+    with torch.no_grad():
+        ln.weight.add_(0.3 * torch.randn_like(ln.weight))
+        ln.bias.add_(0.3 * torch.randn_like(ln.bias))
+        fc1.weight.mul_(3.0)
+    pix = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        got = m.encode_images(pix)
+        f = m.vision_model(pix)                                             # (2, 64, 96): an 8x8 grid
+        x = torch.cat([shuffle_by_definition(f[i], 8, 8) for i in range(2)])   # (32, 384)
+        x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
+        h = (x * ln.weight + ln.bias) @ fc1.weight.T + fc1.bias
+        want = (0.5 * h * (1 + torch.erf(h / math.sqrt(2)))) @ fc2.weight.T + fc2.bias
+    assert h.abs().max() > 3                                                # where erf and tanh GELU differ
+    assert got.shape == want.shape == (32, 128)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_a_non_square_anyres_grid_with_the_native_patch_count_is_resized():
+    """A 2x8 (or 8x2) patch grid has as many patches as the native 4x4 one: its position embedding is
+    still the learned grid bicubically resized to 2x8, not the native table read in another shape;
+    through the preprocessor the ViT runs."""
+    torch.manual_seed(0)
+    cfg = vit.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=56)
+    m = vit.SAILViT(cfg)
+    m.init_weights(std=0.2)
+    pe = m.preprocessor.pos_embed.detach().reshape(4, 4, 32).permute(2, 0, 1)[None]     # (1, D, 4, 4)
+    for h, w in [(2, 8), (8, 2), (4, 4)]:
+        img = torch.randn(1, 3, 14 * h, 14 * w)
+        with torch.no_grad():
+            got = m.preprocessor(img)[0]
+            want_pe = torch.nn.functional.interpolate(pe, size=(h, w), mode="bicubic", align_corners=False)
+            want = m.preprocessor.patchifier(img)[0] + want_pe[0].permute(1, 2, 0).reshape(h * w, 32)
+        assert (got - want).abs().max() < 1e-5, (h, w)
+
+
+def test_decode_mask_by_hand():
+    """decode_mask against loops: query i (slot past + i) sees slot s iff s <= past + i and s is a
+    real (unpadded) slot, and always its own slot, so a padding query's row is never all-masked
+    (SDPA kernels give NaN or 0 for such a row, backend-dependent)."""
+    seen = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    for past, t in [(0, 5), (2, 3), (4, 1)]:
+        got = modeling.decode_mask(seen, past, t)
+        want = torch.tensor([[[(s <= past + i and bool(seen[b, s])) or s == past + i for s in range(7)]
+                              for i in range(t)] for b in range(3)])[:, None]
+        assert torch.equal(got, want), (past, t)
+        assert got.any(-1).all()

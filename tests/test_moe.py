@@ -449,3 +449,83 @@ def test_presets():
     assert t.num_experts == 8 and all(layer.is_moe for layer in tiny.language_model.model.layers)
     ids = torch.randint(0, 256, (1, 10))
     assert tiny(ids).logits.shape == (1, 10, t.vocab_size)
+
+
+# --- gaps found by mutation testing ------------------------------------------------------------------
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_router_softmax_is_fp32_for_bf16_logits(renorm):
+    """Under bf16 (autocast or bf16 weights) the router's logits are bf16: HF's router softmaxes them in
+    fp32, takes the top-k, renormalises in fp32 and casts the weights back. The bf16 block routes with
+    exactly HF's weights and ids (a bf16 softmax or renormalisation rounds them differently)."""
+    torch.manual_seed(0)
+    cfg = hf_config(num_experts=6, num_experts_per_tok=2, norm_topk_prob=renorm)
+    ref = hf_moe().Qwen3MoeSparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(std=0.3)
+    ours = moe.SparseMoeBlock(moe.MoEConfig(hidden_size=32, moe_intermediate_size=16, num_experts=6,
+                                            num_experts_per_tok=2, norm_topk_prob=renorm))
+    with torch.no_grad():
+        ours.gate.weight.copy_(ref.gate.weight)
+    ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+    x = torch.randn(256, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        want_logits, want_w, want_ids = ref.gate(x)
+        logits, got_w, got_ids = ours.route(x)
+        # plain torch: fp32 softmax, top-k, renormalised in fp32, back to bf16
+        p = torch.softmax(logits.float(), -1)
+        w, ids = p.topk(2, -1)
+        w = (w / w.sum(-1, keepdim=True) if renorm else w).to(torch.bfloat16)
+    assert got_w.dtype == torch.bfloat16
+    assert torch.equal(logits, want_logits) and torch.equal(got_ids, want_ids) and torch.equal(got_ids, ids)
+    assert torch.equal(got_w, want_w) and torch.equal(got_w, w)
+
+
+def test_more_than_ten_experts_load_in_numeric_order(tmp_path):
+    """Hub keys experts.0 .. experts.11 are stacked by their number (10 and 11 after 9, not after 1):
+    the loaded LM gives HF's logits, and each stacked expert is the file's tensor of that number."""
+    ref = hf_lm(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, num_experts=12,
+                num_experts_per_tok=3, num_hidden_layers=2)
+    ref.save_pretrained(tmp_path)
+    ours = modeling.load_hf_llm(str(tmp_path)).eval()
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    for e in range(12):
+        assert torch.equal(ours.model.layers[1].mlp.experts.up_proj[e], sd[f"model.layers.1.mlp.experts.{e}.up_proj.weight"])
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
+
+
+def test_a_moe_config_without_norm_topk_prob_is_read_with_hfs_default(tmp_path):
+    """HF's Qwen3MoeConfig reads a config.json without norm_topk_prob as False (no renormalisation of
+    the top-k weights): so must we, or every MoE layer's outputs change without a word."""
+    from transformers import Qwen3MoeForCausalLM
+    hf_lm(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["norm_topk_prob"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ref = Qwen3MoeForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ours = modeling.load_hf_llm(str(tmp_path)).eval()
+    assert not ref.config.norm_topk_prob and not ours.cfg.norm_topk_prob
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
+
+
+def test_sailvl_aux_loss_leaves_out_the_padding_its_attention_mask_marks():
+    """SAILVL.forward with labels and a padding `attention_mask`: the load-balancing term counts only
+    the real tokens, HF's load_balancing_loss_func given the same mask (and differs from the unmasked one)."""
+    torch.manual_seed(0)
+    model = modeling.build_model("tiny-moe")
+    c = model.cfg.llm_config
+    ids = torch.randint(0, 256, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0                                                     # right padding
+    with torch.no_grad():
+        out = model(ids, labels=ids, attention_mask=mask)
+    logits = tuple(r.detach() for r in out.router_logits)
+    want = hf_moe().load_balancing_loss_func(logits, c.num_experts, c.num_experts_per_tok, mask)
+    unmasked = hf_moe().load_balancing_loss_func(logits, c.num_experts, c.num_experts_per_tok)
+    assert abs(out.aux_loss.item() - want.item()) < 1e-6
+    assert abs(want.item() - unmasked.item()) > 1e-4                    # the mask matters in this data
