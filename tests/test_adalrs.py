@@ -540,3 +540,75 @@ def test_fsdp2_rollback_of_local_shards_and_identical_decisions(tmp_path):
         assert p.returncode == 0, f"rank {r}:\n{out}"
         assert f"rank {r} ok" in out
     assert "(4, 6)" in outs[0] and "(4, 6)" in outs[1]         # Linear(6, 8) weight really sharded 8 -> 4 + 4
+
+
+# ----------------------------------------------------------------------------------------------
+# the decision rule's details, on hand-made curves (by hand with numpy.polyfit)
+
+def test_the_comparison_error_combines_both_windows_errors():
+    """e = sqrt(e_base^2 + e_trial^2): a noisy baseline widens the band even when the trial window
+    is an exact line (its own error 0), so a change inside 2 e_base is no evidence."""
+    search, _, _, logs = make_search()
+    base = line(-0.01, 6, wiggle=0.01)
+    trial = line(-0.012, 6, start=base[-1])                    # exact: e_trial = 0
+    (sb, eb), (st, et) = polyfit_slope_and_error(base), polyfit_slope_and_error(trial)
+    assert et < 1e-12 and st < sb                              # the trial descends faster ...
+    assert abs(st - sb) < 2 * math.hypot(eb, et)               # ... but by less than 2e (e from both windows)
+    feed(search, base + trial)
+    assert [h["decision"] for h in search.history] == ["neutral"] and search.lr_scale == 1.0
+
+
+def test_a_kept_trial_is_the_baseline_of_the_next_trial():
+    """Keeps chain: the second trial is compared with the first trial's slope (-0.03), not the
+    original baseline's (-0.01); at -0.02 it is slower by far more than 2e: rejected, and the LR
+    goes to beta' x the scale it started from (3 / (2 * 0.99), t = 1)."""
+    search, _, _, _ = make_search()
+    base = line(-0.01, 6, wiggle=0.001)
+    trial1 = line(-0.03, 6, start=base[-1], wiggle=0.001)
+    trial2 = line(-0.02, 6, start=trial1[-1], wiggle=0.001)
+    (s1, e1), (s2, e2) = polyfit_slope_and_error(trial1), polyfit_slope_and_error(trial2)
+    assert s2 > s1 + 2 * math.hypot(e1, e2)
+    feed(search, base + trial1 + trial2)
+    assert [h["decision"] for h in search.history] == ["keep", "reject"]
+    assert search.history[1]["from_scale"] == 3.0
+    assert search.lr_scale == pytest.approx(3.0 / (2 * 0.99))
+
+
+def test_a_baseline_rising_within_its_error_still_gets_a_trial():
+    """Only a rise by more than 2e counts as 'the loss is going up'; a window whose fitted slope is
+    positive but inside 2 standard errors is measured as a baseline and a trial follows."""
+    search, _, _, _ = make_search()
+    base = line(+0.001, 6, wiggle=0.01)
+    slope, err = polyfit_slope_and_error(base)
+    assert 0 < slope < 2 * err
+    feed(search, base)
+    assert search.phase == "trial" and search.lr_scale == 3.0 and search.rising == 0
+
+
+def test_the_first_trial_waits_for_the_start_fraction_rounded_up():
+    """search_begin = ceil(start x total): with 105 steps and start 0.1 (10.5 steps) the first
+    trial begins once 11 steps are done, never at 10 (before a tenth of the run)."""
+    model = tiny_model()
+    logs = []
+    search = adalrs.AdaLRS(model, torch.optim.SGD(model.parameters(), lr=0.1), 105,
+                           adalrs.AdaLRSConfig(window=5, start=0.1, end=1.0), log=logs.append)
+    feed(search, [10.0 - 1e-3 * i * i for i in range(12)])     # descending from the first step
+    trial_steps = [int(l.split()[2]) for l in logs if " trial lr " in l]
+    assert trial_steps == [11]
+
+
+def test_the_lr_scale_stays_within_min_scale_and_max_scale():
+    # a rejection: 0.5 by beta', floored at min_scale 0.6
+    search, _, _, _ = make_search(min_scale=0.6)
+    feed(search, line(-0.01, 6, wiggle=0.001) + line(+0.01, 6, start=0.9, wiggle=0.001))
+    assert search.history[0]["decision"] == "reject" and search.lr_scale == 0.6
+    # two rising windows: 0.5 by beta', floored at min_scale 0.7
+    search, _, _, _ = make_search(min_scale=0.7)
+    feed(search, line(+0.01, 6, wiggle=0.001) + line(+0.01, 6, start=1.06, wiggle=0.001))
+    assert search.history[0]["decision"] == "decrease" and search.lr_scale == 0.7
+    # ever faster descent keeps every trial: 3, then min(3 x 2.97, 5) = 5, then nothing above 5 to try
+    search, _, _, logs = make_search(max_scale=5.0)
+    feed(search, [10.0 - 1e-3 * i * i for i in range(40)])
+    assert [h["decision"] for h in search.history] == ["keep", "keep"]
+    assert [h["to_scale"] for h in search.history] == [3.0, 5.0]
+    assert search.lr_scale == 5.0 and search.settled

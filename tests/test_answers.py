@@ -299,3 +299,26 @@ def test_longcot_filter_reads_boxes_and_answers_with_the_api(tmp_path):
         {"from": "human", "value": f"q{i}"}, r["conversations"][1]]}) + "\n" for i, r in enumerate(rows)))
     stats = curate.clean_longcot(tmp_path / "m.jsonl", tmp_path / "out.jsonl", balance=False, progress=False)
     assert stats["kept"] == 2 and stats["bad:wrong_answer"] == 1 and stats["bad:format"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# edges of the answer region and of the number parser
+
+def test_the_answer_region_follows_the_last_think_close():
+    """A reply whose thinking itself writes `</think>` (or that closes twice): the answer is after
+    the LAST close, so a box between the two closes is thinking, not the answer."""
+    reply = r"<think>a</think> maybe \boxed{3} </think> so \boxed{4}"
+    assert sample.answer_region(reply) == r" so \boxed{4}"
+    assert sample.final_answer(reply) == "4"
+    assert sample.final_answer(r"<think>a</think> \boxed{3} </think> no box") is None
+    assert sample.extract_answer("count", "<think>x</think> 3 </think> there are 5", "5") == "5"
+
+
+def test_a_zero_denominator_is_text_not_a_crash():
+    """`1/0` and `\\frac{1}{0}` are no numbers: compared as text (equal only to the same text),
+    never a ZeroDivisionError out of the grader."""
+    assert sample.parse_number("1/0") is None and sample.parse_number(r"\frac{1}{0}") is None
+    assert sample.answers_match("1/0", "1/0")
+    assert not sample.answers_match("1/0", "2/0") and not sample.answers_match(r"\frac{1}{0}", "1")
+    assert sample.normalize_answer("1/0") == "1/0"
+    assert sample.score("math", r"\boxed{1/0}", "", "1") == (False, "1/0")

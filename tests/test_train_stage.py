@@ -1480,3 +1480,96 @@ def test_the_stages_build_their_mixtures_with_their_rebalancing_and_label_modes(
     k = len(pack["cu_seqlens"]) - 1
     assert k >= 1 and trained == "There are 3 circles.<|im_end|>" * k, trained
     assert tok.decode(pack["input_ids"][0].tolist()).count("<think>\n\n</think>\n\nThere are 3") == k
+
+
+# ----------------------------------------------------------------------------------------------
+# the schedule's constant mode, AdamW's decay groups, the aux term's world factor, --step_scale, the soup of N
+
+def test_the_constant_schedule_holds_the_peak_lr_after_the_warm_up():
+    """--schedule=constant: linear warm-up, then the peak LR to the last step (no cosine, no floor)."""
+    cfg, _ = cfg_of("lm0", "--schedule=constant", "--warmup_steps=4", "--steps=20", "--min_lr_ratio=0.1")
+    got = [train_stage.lr_multiplier(s, cfg) for s in range(20)]
+    assert got == [0.25, 0.5, 0.75] + [1.0] * 17
+    cfg.schedule = "cosine"                                   # not vacuous: the cosine ends near the floor
+    assert train_stage.lr_multiplier(19, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+
+
+def test_adamw_decays_the_matrices_only():
+    """build_optimizer: with zero gradients AdamW's update is its decoupled decay alone, so by hand
+    every matrix is multiplied by (1 - lr x weight_decay) and every vector (biases, norm scales) stays."""
+    cfg, _ = cfg_of("lm0", "--lr=0.01", "--weight_decay=0.1")
+    model = modeling.build_model("tiny", seed=0)
+    params = list(model.parameters())
+    opt = train_stage.build_optimizer(cfg, params, cuda=False)
+    before = params_of(model)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    n_mat = n_vec = 0
+    for k, p in model.named_parameters():
+        if p.dim() >= 2:
+            torch.testing.assert_close(p.detach(), before[k] * (1 - 0.01 * 0.1), rtol=1e-6, atol=0)
+            n_mat += 1
+        else:
+            assert torch.equal(p.detach(), before[k]), k
+            n_vec += 1
+    assert n_mat and n_vec
+
+
+def test_the_moe_aux_term_is_scaled_by_the_world_size_like_the_ce(synth):
+    """The one world-size convention (FSDP averages gradients over ranks): every share of the loss,
+    the aux term's too, is multiplied by `world`. One process with world=2 (no process group: the
+    global target count is this process's) backprops 2 x (CE token mean + coef x mean aux)."""
+    samples, _ = fixed_samples(synth, n=8)
+    mcfg = modeling.preset_config("tiny-moe")
+    mcfg.llm_config.router_aux_loss_coef = 0.5
+    torch.manual_seed(0)
+    model = modeling.SAILVL(mcfg)
+    model.init_weights()
+    params = list(model.parameters())
+    packs = packs_of(samples, 400)
+    ce, n, aux = 0.0, 0, 0.0
+    for p in packs:
+        out = model(p["input_ids"], p["pixel_values"], labels=p["labels"], position_ids=p["position_ids"],
+                    cu_seqlens=p["cu_seqlens"])
+        ce, n, aux = ce + out.ce_sum, n + int(out.n_targets), aux + out.aux_loss / len(packs)
+    ref_grads = torch.autograd.grad(2 * (ce / n + 0.5 * aux), params, allow_unused=True)
+    opt = Recorder(params)
+    train_stage.train_step(model, opt, packs, params, 1e9, 2, CPU, NOCAST)
+    gate = [i for i, (k, _) in enumerate(model.named_parameters()) if k.endswith("mlp.gate.weight")]
+    assert gate
+    for i in gate:
+        torch.testing.assert_close(opt.seen[i], ref_grads[i], rtol=1e-4, atol=1e-7)
+
+
+def test_step_scale_rounds_the_steps_to_the_nearest_and_keeps_at_least_one():
+    assert cfg_of("vit1", "--steps=10", "--step_scale=0.29")[0].steps == 3        # 2.9 -> 3, not 2
+    assert cfg_of("vit1", "--steps=10", "--step_scale=0.21")[0].steps == 2        # 2.1 -> 2
+    assert cfg_of("vit1", "--steps=10", "--step_scale=0.01")[0].steps == 1        # 0.1 -> at least one step
+    assert cfg_of("vit1", "--steps=10", "--step_scale=3")[0].steps == 30
+
+
+def test_the_soup_of_three_checkpoints_is_their_mean(synth, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_stage, "evaluate", lambda *a, **k: 0.0)        # the weights are the subject here
+    models = [modeling.build_model("tiny", seed=s) for s in (3, 4, 5)]
+    for i, m in enumerate(models):
+        m.save_pretrained(f"{tmp_path}/{i}")
+    cfg, _ = cfg_of("soup", f"--data_dir={synth}", f"--out_dir={tmp_path}/out", "--eval_packs=1")
+    out = train_stage.soup(cfg, [f"{tmp_path}/{i}" for i in range(3)])
+    got = modeling.SAILVL.from_pretrained(out).state_dict()
+    for k in ("mlp1.1.weight", "language_model.lm_head.weight"):
+        if k not in got:
+            continue
+        want = sum(m.state_dict()[k].double() for m in models) / 3
+        torch.testing.assert_close(got[k].double(), want, rtol=0, atol=1e-6)
+    w = got["mlp1.1.weight"]
+    assert not torch.allclose(w, (models[0].state_dict()["mlp1.1.weight"] + models[2].state_dict()["mlp1.1.weight"]) / 2)
+
+
+def test_place_model_trains_only_the_stages_modules(tmp_path):
+    """The loop's own model (place_model, one process): requires_grad on the stage's modules alone."""
+    for stage in ("vit1", "pretrain1", "vit2"):
+        cfg, mcfg = cfg_of(stage, f"--out_dir={tmp_path}", "--init-from=random")
+        model, _ = train_stage.place_model(cfg, mcfg, 0, 1, CPU, lambda *a: None)
+        trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+        assert trained == PAPER_TRAINS[stage], stage
