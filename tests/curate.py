@@ -645,17 +645,21 @@ def curate_instructions_cli(a):
                   ("--cap", a.cap, a.cap > 0, "above 0"),
                   ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, "at least 1"))
     annotator = load_scorer(a.annotator, "--annotator")
-    print(json.dumps(curate_instructions(a.inputs.split(","), a.out, a.classes,
-                                         load_scorer(a.scorer, "--scorer") or annotator,
-                                         annotator, a.reannotate_frac, a.cap, a.upsample, a.seed, a.max_new_tokens),
-                     indent=1, ensure_ascii=False))
+    report = curate_instructions(a.inputs.split(","), a.out, a.classes, load_scorer(a.scorer, "--scorer") or annotator,
+                                 annotator, a.reannotate_frac, a.cap, a.upsample, a.seed, a.max_new_tokens)
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+    if not report["records"]:                          # every line bad (or none): an error, not an empty set
+        why = ", ".join(f"{k} {n}" for k, n in report["dropped"].items() if n) or "no lines"
+        raise InputError(f"--in {a.inputs}: no usable record ({why})")
 
 
 def curate_video_cli(a):
     check_options(("--num-frames", a.num_frames, a.num_frames >= 1, "at least 1"))
     scorer = load_scorer(a.scorer, "--scorer", num_frames=a.num_frames)
-    print(json.dumps(curate_video(a.inputs.split(","), a.out, scorer, a.min_alignment, a.min_richness,
-                                  a.max_pass_rate, a.num_frames), indent=1, ensure_ascii=False))
+    report = curate_video(a.inputs.split(","), a.out, scorer, a.min_alignment, a.min_richness, a.max_pass_rate,
+                          a.num_frames)
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+    require_usable(a.inputs.split(",")[0], Counter(report["counts"]))
 
 
 def curation_io(what: str) -> tuple:

@@ -89,6 +89,14 @@ def test_curate_filter_fails_clearly_on_a_manifest_with_nothing_usable(manifests
     assert "kept_unscored                2" in capsys.readouterr().out
 
 
+def test_the_curation_pipelines_fail_clearly_on_an_input_with_nothing_usable(manifests, capsys):
+    out = str(manifests / "out")
+    line = refused(curate.main, ["curate-instructions", "--in", str(manifests / "bad.jsonl"), "--out", out], capsys, 1)
+    assert "no usable record" in line and "json" in line
+    line = refused(curate.main, ["curate-video", "--in", str(manifests / "bad.jsonl"), "--out", out], capsys, 1)
+    assert "no usable record" in line and f"{manifests / 'bad.jsonl'}:2" in line
+
+
 @pytest.mark.parametrize("argv, message", [
     (["caption2qa", "M", "O", "--pairs", "-1"], "--pairs must be at least 0"),
     (["curate-instructions", "--in", "M", "--out", "O", "--cap", "-1"], "--cap must be above 0"),
