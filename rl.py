@@ -1613,14 +1613,7 @@ def run_cli(argv: list):
     if cfg.stage == "harvest":
         out = harvest(cfg)
     else:
-        resume = opts.get("resume") or None
-        if "resume" in opts and resume is None:
-            resume = modeling.find_resume_checkpoint(train_stage.run_dir(cfg), log)
-        elif resume:
-            if not os.path.isdir(resume):
-                raise train_stage.UsageError(f"--resume {resume}: no such folder (a step checkpoint out/<stage>.run/step-N)")
-            modeling.verify_checkpoint(resume, resumable=True)
-        out = train_rl(cfg, resume)
+        out = train_rl(cfg, train_stage.resume_checkpoint(opts, cfg, log))
     log(f"done: {cfg.stage} in {out}/")
     if nxt := train_stage.next_name(row):
         log(f"next: {train_stage.command_for(train_stage.STAGES[nxt], cfg)}")

@@ -1380,6 +1380,21 @@ def parse_args(argv):
     return cfg, model_cfg, given
 
 
+def resume_checkpoint(opts: dict, cfg: StageConfig, log) -> Optional[str]:
+    """The checkpoint a run continues from (train_stage.py and rl.py): --resume=DIR, checked; bare
+    --resume, the newest good one under out/<stage>.run/ (None if there is none); no --resume, None."""
+    resume = opts.get("resume") or None
+    if "resume" in opts and resume is None:
+        resume = modeling.find_resume_checkpoint(run_dir(cfg), log)
+        if resume is None:
+            log(f"resume: no usable checkpoint under {run_dir(cfg)}; starting from the beginning")
+    elif resume:
+        if not os.path.isdir(resume):
+            raise UsageError(f"--resume {resume}: no such folder (a step checkpoint out/<stage>.run/step-N)")
+        modeling.verify_checkpoint(resume, resumable=True)
+    return resume
+
+
 def run_stage(stage: str, overrides: list = (), resume: Optional[str] = None) -> str:
     """Programmatic entry (tests, benchmarks, the recipe): run `stage` with `--key=value` overrides."""
     cfg, model_cfg, _ = parse_args(["--stage", stage, *overrides])
@@ -1467,15 +1482,7 @@ def run_cli(argv: list):
                 raise UsageError(f"soup: {path} is missing: {hint}pass --ckpts A B")
         out = soup(cfg, inputs)
     else:
-        resume = opts.get("resume", "") or None
-        if "resume" in opts and resume is None:
-            resume = modeling.find_resume_checkpoint(run_dir(cfg), log)
-            if resume is None:
-                log(f"resume: no usable checkpoint under {run_dir(cfg)}; starting from the beginning")
-        elif resume:
-            if not os.path.isdir(resume):
-                raise UsageError(f"--resume {resume}: no such folder (a step checkpoint out/<stage>.run/step-N)")
-            modeling.verify_checkpoint(resume, resumable=True)
+        resume = resume_checkpoint(opts, cfg, log)
         if not resume:
             ensure_sources(cfg, model_cfg, log)
         out = train(cfg, model_cfg, resume)

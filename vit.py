@@ -584,6 +584,7 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str):
 
 def read_safetensors_folder(path: str) -> dict:
     """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -597,9 +598,7 @@ def read_safetensors_folder(path: str) -> dict:
     for fname in files:
         try:
             out.update(load_file(os.path.join(path, fname)))
-        except Exception as e:                  # safetensors' own error type: a cut or overwritten file
-            if isinstance(e, FileNotFoundError):
-                raise
+        except SafetensorError as e:            # a cut or overwritten file: an OSError, one line at the CLI
             raise OSError(f"{os.path.join(path, fname)}: not a readable safetensors file ({e})") from None
     return out
 
