@@ -780,6 +780,8 @@ class BadData:
                                  "(`python data.py check MANIFEST` lists every bad line) or raise max_bad_fraction")
 
     def report(self) -> str:
+        if not self.seen:
+            return "no samples seen"
         if not self.counts:
             return f"no bad samples in {self.seen}"
         return f"bad samples by reason: {dict(sorted(self.counts.items()))} of {self.seen} seen"

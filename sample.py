@@ -950,8 +950,7 @@ def refuse_if_nothing_scored(path, n: int, bad_report: str):
     """An evaluation that scored no sample (an empty file, every line bad, not a manifest at all) writes
     no report: one line naming the file and what the bad-data count found (InputError, exit 1)."""
     if n == 0:
-        why = "it holds no samples" if bad_report == "no bad samples in 0" else bad_report
-        raise InputError(f"--eval {path}: no usable sample to score ({why})")
+        raise InputError(f"--eval {path}: no usable sample to score ({bad_report})")
 
 
 def run_eval(args, model, tok, dcfg):

@@ -9,6 +9,7 @@ checkpoint or a manifest itself); this file is the tool around it: it loads a ch
 (model.py), reads probe samples (data.py), fits, prints a routing report before / after on
 held-out samples and writes the calibrated checkpoint (model.save_checkpoint).
 """
+import math
 import os
 import re
 import sys
@@ -75,9 +76,15 @@ def print_routing_report(title: str, rep: dict):
 
 def check_options(args):
     """Refuse (UsageError, one line) what would otherwise fail later with a traceback, or silently
-    do something else: a rank of 0 would be a full-rank correction (moe.contrast_directions)."""
+    do something else: a rank of 0 would be a full-rank correction (moe.contrast_directions), a
+    negative --kl-weight would push text routing away, a --temperature of 0 divides by zero."""
     if not 0 <= args.holdout < 1:
         raise UsageError(f"--holdout must be in [0, 1), got {args.holdout}")
+    for name, low, closed in (("lr", 0, False), ("temperature", 0, False), ("kl_weight", 0, True)):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and (value >= low if closed else value > low)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a number {'>=' if closed else '>'} {low}, "
+                             f"got {value}")
     for name in ("rank", "steps", "max_tokens", "max_samples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -764,9 +764,9 @@ def test_cli_eval_of_a_file_with_no_usable_sample_is_one_error_line(tmp_path, ti
     (tmp_path / "synth" / "count" / "eval.jsonl").write_text("")
     readme = os.path.join(ROOT, "README.md")
     n_readme = sum(1 for line in open(readme, "rb") if line.strip())
-    cases = [(tmp_path / "empty.jsonl", "it holds no samples"),
+    cases = [(tmp_path / "empty.jsonl", "no samples seen"),
              (tmp_path / "bad.jsonl", "bad samples by reason: {'json': 1, 'schema': 2} of 3 seen"),
-             (readme, f"of {n_readme} seen"), (tmp_path / "synth", "it holds no samples")]
+             (readme, f"of {n_readme} seen"), (tmp_path / "synth", "no samples seen")]
     for path, says in cases:
         with pytest.raises(SystemExit) as e:
             sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(path)])

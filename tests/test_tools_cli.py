@@ -174,6 +174,11 @@ def test_calibrate_mistakes_are_one_line(dense_ckpt, capsys):
     ckpt, manifest = str(dense_ckpt / "dense"), str(dense_ckpt / "t.jsonl")
     base = ["--ckpt", ckpt, "--data", manifest]
     assert "--rank must be at least 1, got 0" in refused(calibrate.main, base + ["--rank", "0"], capsys)
+    for option, value, want in (("--lr", "0", "> 0"), ("--temperature", "0", "> 0"), ("--kl-weight", "-1", ">= 0"),
+                                ("--lr", "nan", "> 0")):
+        assert f"{option} must be a number {want}, got {float(value)}" in \
+            refused(calibrate.main, base + [option, value], capsys)
+    assert "no MoE layer" in refused(calibrate.main, base + ["--kl-weight", "0"], capsys, code=1)   # 0 is allowed
     line = refused(calibrate.main, ["--ckpt", str(dense_ckpt / "nope"), "--data", manifest], capsys)
     assert f"--ckpt {dense_ckpt / 'nope'}: no such folder" in line
     assert f"--data {dense_ckpt / 'nope.jsonl'}: no such file" in \
