@@ -1205,7 +1205,6 @@ def rl_config(argv: list) -> tuple:
         raise train_stage.UsageError(f"--judge {cfg.judge}: no such folder")
     if cfg.step_scale <= 0:
         raise train_stage.UsageError(f"--step_scale must be above 0, got {cfg.step_scale:g}")
-    cfg.episodes = max(1, round(cfg.episodes * cfg.step_scale))   # shortens an RL stage as it does every stage
     if cfg.reward not in ("verifiable", "mixed"):
         raise train_stage.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
     if cfg.compile not in COMPILE:
@@ -1231,6 +1230,7 @@ def rl_config(argv: list) -> tuple:
                 "eval_prompts", "max_sampling_rounds"):
         if getattr(cfg, key) < 1:
             raise train_stage.UsageError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
+    cfg.episodes = max(1, round(cfg.episodes * cfg.step_scale))   # shortens an RL stage as it does every stage
     try:
         mixed_reward(0, 0, 0, cfg.reward_weights)                  # refuses weights that do not sum to 1
     except ValueError as e:
@@ -1299,7 +1299,7 @@ def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tup
         families += [p.family for _, p in chunk]
     positions, counts, hard = usable, dict(counts), set(kept)
     general = [i for i, f in enumerate(families) if f not in NUMERIC_FAMILIES and i not in hard]
-    n_general = int(cfg.general_share * len(kept) / max(1e-9, 1 - cfg.general_share))
+    n_general = round(cfg.general_share * len(kept) / (1 - cfg.general_share))   # share s of the pool: s K / (1 - s)
     counts["general_added"] = len(general[:n_general])
     log(f"pass@{cfg.filter_k} filter ({time.time() - t0:.0f} s): {counts}")
     if not kept:

@@ -549,3 +549,86 @@ def test_mixed_think_reward_without_a_judge_is_one_for_a_chain_that_does_not_loo
     assert [r.answer_r for r in rolls] == [1.0] * 5 and [r.format_r for r in rolls] == [1.0] * 5
     assert [r.think_r for r in rolls] == [0.0, 0.0, 1.0, 0.0, 1.0]
     assert [r.reward for r in rolls] == pytest.approx([0.9, 0.9, 1.0, 0.9, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation-review additions (round 2): bounds and edge cases of the shaping, KL and think rewards
+
+def test_overlong_penalty_accepts_a_cache_as_long_as_the_limit():
+    """cache_len == max_len is allowed (0 < cache_len <= max_len): the soft penalty then runs from
+    length 0, -L / max_len, down to -1 at the limit. By hand with max_len = cache_len = 100:
+    L = 0 -> 0, 50 -> -0.5, 100 -> -1, 130 -> -1 (clamped)."""
+    pen = rl.overlong_penalty([0, 50, 100, 130], max_len=100, cache_len=100)
+    assert torch.allclose(pen, torch.tensor([0.0, -0.5, -1.0, -1.0]))
+    with pytest.raises(ValueError):
+        rl.overlong_penalty([1], max_len=100, cache_len=101)
+
+
+def test_k3_clamps_the_log_ratio_at_20_before_the_exp():
+    """k3 = exp(log r) - 1 - log r with log r = ref_logp - logp clamped to [-20, 20] (as verl does),
+    so a token the reference all but rules out, or one it all but insists on, gives a finite bound.
+    By hand: log r = -50 -> e^-20 - 1 + 20 = 19.000000002 (unclamped: 49); log r = +50 ->
+    e^20 - 1 - 20 = 485165174.4 (unclamped: 5.2e21)."""
+    kl = rl.kl_estimate(torch.tensor([0.0, 0.0]), torch.tensor([-50.0, 50.0]), "k3")
+    assert close(kl[0], math.exp(-20) - 1 + 20, 1e-4)
+    assert abs(kl[1].item() - (math.exp(20) - 21)) / (math.exp(20) - 21) < 1e-5
+
+
+def test_think_consistency_refuses_a_loop_at_exactly_the_repetition_bound():
+    """A thinking whose word 4-gram repetition ratio reaches max_repetition (0.5) is a loop: 0.0,
+    even when its last number is the boxed one; just below the bound it counts. By hand:
+    "x 7 x 7 x 7 x" has 4 four-grams, 2 distinct: ratio 0.5 -> 0.0; "x 7 x 7 x 7 y" has 3 distinct
+    of 4: ratio 0.25 -> 1.0."""
+    assert rl.repetition_ratio("x 7 x 7 x 7 x") == 0.5
+    assert rl.think_consistency(r"<think>x 7 x 7 x 7 x</think> \boxed{7}") == 0.0
+    assert rl.think_consistency(r"<think>x 7 x 7 x 7 y</think> \boxed{7}") == 1.0
+    assert rl.think_consistency(r"<think>x 7 x 7 x 7 y</think> \boxed{7}", max_repetition=0.25) == 0.0
+
+
+def test_a_word_answer_named_by_a_thinking_without_numbers_counts():
+    """A chart's word answer when the thinking states no number at all: any whole-word mention of
+    the answer counts, its first word included ("fig" is word 0 of the chain; there is no last
+    number for it to follow)."""
+    assert rl.think_consistency(r"<think>fig is the tallest bar and pear is short</think> \boxed{fig}") == 1.0
+    assert rl.think_consistency(r"<think>Fig</think> \boxed{fig}") == 1.0
+    assert rl.think_consistency(r"<think>the tallest bar is kiwi</think> \boxed{fig}") == 0.0
+
+
+def test_reference_judge_passes_a_score_of_exactly_the_threshold():
+    """Binarised at `threshold` inclusively (score >= 0.5). By hand: "red circle" vs "red square":
+    LCS 1 word, ROUGE-L = 2 * 1 / (2 + 2) = 0.5, word-F1 = 2 * 1 / 4 = 0.5 -> 1.0 for both;
+    "red big circle" vs "red square": 2 * 1 / 5 = 0.4 -> 0.0."""
+    assert rl.reference_judge("red circle", "red square") == 1.0
+    assert rl.reference_judge("red circle", "red square", metric="word_f1") == 1.0
+    assert rl.reference_judge("red big circle", "red square") == 0.0
+    assert rl.reference_judge("red circle", "red square", threshold=0.6) == 0.0
+
+
+def mixed_roll(text, answer, family="caption_qa", question=""):
+    return rl.Rollout(rl.Prompt([], None, answer, family, "x:1", True, question), [], text, False, [])
+
+
+def test_mixed_think_reward_of_an_empty_thinking_is_zero_and_the_judge_is_not_asked():
+    """rl-mixed, a family the judge (or the no-judge rule) grades: a `<think>` block holding only
+    whitespace earns think 0 without asking the judge, and format 0 (reward_format wants a non-empty
+    thinking). Right answer: reward = 0.8 x 1 + 0.1 x 0 + 0.1 x 0 = 0.8, with or without a judge
+    (the no-judge rule would otherwise give an empty chain, which repeats nothing, think 1)."""
+    cfg = rl.RLConfig(reward="mixed")
+    asked = []
+    for judge in (None, lambda *a: asked.append(a) or 1.0):
+        r = mixed_roll("<think>\n  \n</think>\nThe answer is \\boxed{red}.", "red")
+        rl.score_rollouts([r], cfg, judge)
+        assert (r.answer_r, r.format_r, r.think_r) == (1.0, 0.0, 0.0)
+        assert r.reward == pytest.approx(0.8)
+    assert asked == []
+
+
+def test_the_judge_is_given_the_rollouts_answer_and_then_the_reference():
+    """ThinkJudge's order: judge(question, thinking, answer, reference): the answer is the rollout's
+    boxed one, the reference the prompt's ground truth (a wrong answer must not be graded as the
+    reference). Its score is the think term: 0.8 x 0 + 0.1 x 0.25 + 0.1 x 1 = 0.125."""
+    seen = []
+    r = mixed_roll("<think>\nlook\n</think>\n\\boxed{square}", "a circle", question="What is shown?")
+    rl.score_rollouts([r], rl.RLConfig(reward="mixed"), lambda q, t, a, ref: seen.append((q, t, a, ref)) or 0.25)
+    assert seen == [("What is shown?", "\nlook\n", "square", "a circle")]
+    assert (r.answer_r, r.think_r) == (0.0, 0.25) and r.reward == pytest.approx(0.125)

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from collections import Counter
+from types import SimpleNamespace
 import torch
 from safetensors.torch import load_file
 
@@ -1117,3 +1118,284 @@ def test_held_out_prompts_of_a_mixed_stage_are_distinct(setup):
     wheres = [p.where for p in prompts]
     assert len(wheres) == 600 and len(set(wheres)) == 600, (len(wheres), len(set(wheres)))
     assert len({p.family for p in prompts}) >= 4                        # several families of the mix
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation-review additions (round 2): the config's bounds, the algorithm per model, resume refusals
+
+def test_step_scale_shortens_the_episodes_but_keeps_at_least_one():
+    """--step_scale multiplies the row's episodes (rl-verifiable's tiny row: 50), rounded, at least 1
+    (as train_stage shortens every stage): 0.1 -> 5; 0.01 -> round(0.5) = 0 -> 1."""
+    assert rl.rl_config(["--step_scale=0.1"])[0].episodes == 5
+    assert rl.rl_config(["--step_scale=0.01"])[0].episodes == 1
+    assert rl.rl_config(["--episodes=7", "--step_scale=0.001"])[0].episodes == 1
+    for episodes in ("0", "-3"):                      # refused as given, not scaled up to 1 first
+        with pytest.raises(train_stage.UsageError, match=f"--episodes must be >= 1, got {episodes}"):
+            rl.rl_config([f"--episodes={episodes}"])
+
+
+def test_rl_config_refuses_a_general_share_of_one_a_dual_clip_of_one_and_an_answer_control_of_mixed_rewards():
+    """The bounds rl_config states: --general_share in [0, 1) (1 would be all general prompts: its
+    count share / (1 - share) divides by 0), --clip_c > 1 (or 0: off), the answer control only with
+    verifiable rewards (it permutes answer scores inside the verifiable reward). Their neighbours
+    inside the bounds are accepted."""
+    for args, says in ((["--stage", "rl-mixed", "--filter_k=2", "--general_share=1"], r"--general_share must be in \[0, 1\)"),
+                       (["--clip_c=1"], "--clip_c, the dual-clip constant, must be > 1"),
+                       (["--stage", "rl-mixed", "--advantage_control=answer"], "needs --reward=verifiable")):
+        with pytest.raises(train_stage.UsageError, match=says):
+            rl.rl_config(args)
+    assert rl.rl_config(["--stage", "rl-mixed", "--filter_k=2", "--general_share=0.99"])[0].general_share == 0.99
+    assert rl.rl_config(["--clip_c=1.5"])[0].clip_c == 1.5
+    assert rl.rl_config(["--advantage_control=answer"])[0].advantage_control == "answer"
+
+
+def test_the_algorithm_follows_the_model_and_explicit_clips_are_kept():
+    """§4.2.3: DAPO (clips 0.2 / 0.28) for a dense model, GSPO (3e-4 / 4e-4) for an MoE one, unless
+    --algo says otherwise; a clip given on the command line is kept, 0 included (-1 is "the
+    algorithm's default"); --clip_c=0 is no dual-clip (None)."""
+    dense, sparse = (SimpleNamespace(llm_config=SimpleNamespace(num_experts=n)) for n in (0, 4))
+    got = rl.resolve_algo(rl.RLConfig(), dense)
+    assert (got.algo, got.clip_low, got.clip_high, got.clip_c) == ("dapo", 0.2, 0.28, None)
+    got = rl.resolve_algo(rl.RLConfig(), sparse)
+    assert (got.algo, got.clip_low, got.clip_high) == ("gspo", 3e-4, 4e-4)
+    got = rl.resolve_algo(rl.RLConfig(algo="dapo"), sparse)
+    assert (got.algo, got.clip_low, got.clip_high) == ("dapo", 0.2, 0.28)
+    got = rl.resolve_algo(rl.RLConfig(clip_low=0.0, clip_high=0.0, clip_c=3.0), dense)
+    assert (got.clip_low, got.clip_high, got.clip_c) == (0.0, 0.0, 3.0)
+
+
+def test_the_clip_high_schedule_is_dapos_alone():
+    """--clip_schedule grows DAPO's clip_high linearly from 0.20 to 0.28 over the episodes (by hand,
+    5 episodes: 0.20, 0.22, 0.24, 0.26, 0.28); GSPO's sequence-ratio clips (4e-4) are a different
+    scale and stay fixed; without the flag DAPO's clip_high stays at its value."""
+    dense, sparse = (SimpleNamespace(llm_config=SimpleNamespace(num_experts=n)) for n in (0, 4))
+    dapo = rl.resolve_algo(rl.RLConfig(clip_schedule=True, episodes=5), dense)
+    assert [rl.clip_high_at(dapo, e) for e in range(5)] == pytest.approx([0.20, 0.22, 0.24, 0.26, 0.28])
+    gspo = rl.resolve_algo(rl.RLConfig(clip_schedule=True, episodes=5), sparse)
+    assert [rl.clip_high_at(gspo, e) for e in range(5)] == [4e-4] * 5
+    fixed = rl.resolve_algo(rl.RLConfig(episodes=5, clip_high=0.3), dense)
+    assert [rl.clip_high_at(fixed, e) for e in range(5)] == [0.3] * 5
+
+
+# each option that defines the saved run's prompt pool or its held-out evaluation, with another value
+POOL_AND_EVAL_OPTIONS = {"seed": 5, "data_dir": "/other/synth", "manifests": "m.jsonl", "eval_manifests": "e.jsonl",
+                         "image_root": "/other/images", "pool_size": 7, "filter_k": 4, "general_share": 0.3,
+                         "direct_share": 0.5, "eval_prompts": 9, "eval_samples": 3}
+
+
+def test_resume_refuses_each_change_of_the_pool_or_the_held_out_evaluation(monkeypatch):
+    """resume_rl refuses a checkpoint saved with another value of any option that defines its
+    prompt pool (positions, cursor, direct-mode share) or its saved "before" evaluation, naming the
+    option; another LR is only logged, and a checkpoint at exactly --episodes is accepted (the run
+    evaluates and finishes), its rollout generator restored. (load_checkpoint stubbed: the metadata
+    is what this test is about.)"""
+    cfg = rl.RLConfig(episodes=4)
+    gen0 = torch.Generator().manual_seed(3)
+    rank_state = {"rng": modeling.rng_state(), "generator": gen0.get_state()}
+    for key, value in POOL_AND_EVAL_OPTIONS.items():
+        meta = {"episode": 2, "world_size": 1, "config": rl.asdict(replace(cfg, **{key: value}))}
+        monkeypatch.setattr(modeling, "load_checkpoint", lambda *a, meta=meta: (meta, rank_state))
+        with pytest.raises(train_stage.UsageError, match=f"other prompts or held-out evaluation \\({key} "):
+            rl.resume_rl("ckpt", cfg, None, None, torch.Generator(), 0, 1, lambda *a: None)
+    meta = {"episode": 4, "world_size": 1, "config": rl.asdict(replace(cfg, lr=1e-5))}
+    monkeypatch.setattr(modeling, "load_checkpoint", lambda *a: (meta, rank_state))
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    logged, gen = [], torch.Generator()
+    assert rl.resume_rl("ckpt", cfg, None, opt, gen, 0, 1, logged.append)["episode"] == 4
+    assert any("options changed" in line and "lr" in line for line in logged)
+    assert torch.equal(torch.rand(3, generator=gen), torch.rand(3, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(train_stage.UsageError, match="past this run's 3 episodes"):
+        rl.resume_rl("ckpt", replace(cfg, episodes=3), None, opt, gen, 0, 1, logged.append)
+
+
+def test_harvest_dedups_chains_that_differ_only_in_whitespace_and_counts_the_prompts_solved(setup, monkeypatch,
+                                                                                             tmp_path):
+    """Per prompt (6 prompts x 4 samples): a right chain, the same chain re-spaced (a duplicate:
+    chains are compared with their whitespace runs collapsed), a second right chain worded
+    differently (kept), an unformatted right answer (rejected). By hand: 12 kept, 6 duplicates,
+    6 rejected, and 6 prompts with a kept chain (not 12: prompts, not chains). Each line carries
+    "think": true, so a reader in any label mode asks it in thinking mode."""
+    root, synth, m, tok, cfg, prompts = setup
+    modeling.save_checkpoint(str(tmp_path / "rl-verifiable"), m, {"stage": "rl-verifiable"}, 0, 1,
+                             extra_files=train_stage.tokenizer_files(str(synth)))
+
+    def fake(model, tok_, ps, cfg_, gen, group_size=None, **k):
+        a = "<think>\nI count them.\n</think>\nThe answer is \\boxed{%s}."
+        texts = (a, "<think>\nI  count\tthem.\n</think>\n\nThe answer is  \\boxed{%s}. ",
+                 "<think>\nOne by one, left to right.\n</think>\n\\boxed{%s}", "\\boxed{%s}")
+        return [rl.Rollout(p, [], t % p.answer, False, []) for p in ps for t in texts[:group_size]]
+    monkeypatch.setattr(rl, "rollouts", fake)
+    out = rl.harvest(rl.RLConfig(stage="harvest", out_dir=str(tmp_path), data_dir=str(synth), pool_size=6,
+                                 harvest_samples=4))
+    meta = modeling.verify_checkpoint(out)
+    lines = [json.loads(x) for x in open(os.path.join(out, "cot.jsonl"))]
+    assert meta["kept"] == len(lines) == 12 and meta["counts"]["duplicate"] == 6 and meta["counts"]["rejected"] == 6
+    assert meta["prompts"] == 6 and meta["prompts_with_a_kept_chain"] == 6
+    assert sum("One by one" in ln["conversations"][-1]["value"] for ln in lines) == 6
+    assert all(ln.get("think") is True for ln in lines)          # marked thinking-mode records, whatever reads them
+
+
+def test_the_prompt_pool_deals_each_pass_in_its_own_seeded_order(tmp_path):
+    """PromptPool.take: every pass over the positions is a permutation of them (no repeat within a
+    pass), drawn from numpy's default_rng([seed, pass]), so a second pass is not the first one
+    again (each pass's order written out by hand from that formula), and the cursor counts prompts."""
+    import numpy as np
+    lines = [{"conversations": [{"from": "human", "value": f"What is {i} + 1?"}], "answer": str(i + 1)} for i in range(6)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    mixture = data.Mixture([str(tmp_path / "p.jsonl")], data.load_tokenizer(None), data.DataConfig(label_mode="rl"),
+                           seed=0, verbose=False)
+    positions = [5, 3, 1, 0, 2, 4]
+    where = {k: mixture.load(k)["source"] for k in positions}
+    pool = rl.PromptPool(mixture, positions, 11)
+    got = [p.where for p in pool.take(18)]
+    want = [where[positions[j]] for e in range(3) for j in np.random.default_rng([11, e]).permutation(6)]
+    assert got == want and pool.pos == 18
+    assert got[:6] != got[6:12] and sorted(got[:6]) == sorted(got[6:12]) == sorted(where.values())
+
+
+def test_dynamic_sampling_statistics_are_the_means_over_every_rollout_drawn(setup, monkeypatch):
+    """sample_groups' episode statistics are means over every rollout sampled (kept or not), each
+    from its own field: reward, acc (answer_r), fmt (format_r), think (think_r), len (completion
+    tokens), trunc (truncated); kept / groups count groups. Written out by hand over the rollouts the
+    stub scorer saw: 2 prompts x 4 rollouts, each field a different pattern."""
+    _, _, m, tok, cfg, prompts = setup
+    seen = []
+
+    def score(rolls, cfg, judge=None):
+        for i, r in enumerate(rolls):
+            r.answer_r, r.format_r, r.think_r = float(i % 4 == 0), float(i % 4 != 3), 0.25 * (i % 2)
+            r.reward = 0.5 * r.answer_r + 0.3 * r.format_r + 0.2 * r.think_r
+        seen.extend(rolls)
+    monkeypatch.setattr(rl, "score_rollouts", score)
+    pool = rl.PromptPool(rl.prompt_mixture(cfg, tok, data.DataConfig.from_model(m.cfg, label_mode="rl", max_len=2048),
+                                           "train"), range(8), 0)
+    kept, st = rl.sample_groups(m, tok, pool, replace(cfg, prompts_per_episode=2, max_sampling_rounds=1),
+                                torch.Generator().manual_seed(0))
+    n = len(seen)
+    assert n == 8
+    want = {"reward": sum(r.reward for r in seen) / n, "acc": 2 / 8, "fmt": 6 / 8, "think": 4 * 0.25 / 8,
+            "len": sum(len(r.completion) for r in seen) / n, "trunc": sum(r.truncated for r in seen) / n}
+    assert {k: st[k] for k in want} == pytest.approx(want)
+    assert st["kept"] == 2 and st["groups"] == 2 and len(kept) == 8
+
+
+def test_majority_vote_ignores_replies_without_a_readable_answer():
+    """maj@k counts the answers given: replies with no readable answer (no box, no number) cast no
+    vote, however many. By hand: 3 unreadable + 2 x "3" (right) -> majority "3" -> maj_acc 1.0;
+    all 5 unreadable -> no majority -> 0.0."""
+    g = rollout("\\boxed{3}", "3")
+    samples = [rollout(t, "3") for t in ("I am not sure.", "no idea", "hmm", "\\boxed{3}", "\\boxed{3}")]
+    for s in samples:
+        s.answer_r = float(rl.reward_answer(s.text, "3"))
+    assert [s.answer_r for s in samples] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert rl.per_prompt(g, samples)["maj_acc"] == 1.0
+    assert rl.per_prompt(g, samples[:3])["maj_acc"] == 0.0
+
+
+def test_pass_at_k_filter_keeps_the_partly_solved_and_the_ungraded_prompts(monkeypatch):
+    """The filter drops only the two ends: solved by all k (always) and, for the stage's reasoning
+    family, by none. One right of 4 and 3 right of 4 are kept (count_cot), and a prompt with no
+    ground truth, which cannot be graded, counts as solved by none: kept in a family the stage does
+    not reason on (count), dropped in one it does (count_cot)."""
+    cfg = rl.RLConfig()                                       # rl-verifiable: it reasons on count_cot
+    assert rl.reasoning_families(cfg) == ("count_cot",)
+    ps = [rl.Prompt([], None, a, fam, f"p{i}") for i, (a, fam) in
+          enumerate([("3", "count_cot"), ("3", "count_cot"), (None, "count"), (None, "count_cot")])]
+    solved = {"p0": 1, "p1": 3, "p2": 0, "p3": 0}
+
+    def fake(policy, tok_, prompts, cfg_, gen, group_size=None, **k):
+        return [rollout("\\boxed{3}" if j < solved[p.where] else "\\boxed{9}", p.answer) for p in prompts
+                for j in range(group_size)]
+    monkeypatch.setattr(rl, "rollouts", fake)
+    kept, counts = rl.pass_at_k_filter(None, None, ps, cfg, 4, None)
+    assert kept == [0, 1, 2] and counts == {"always": 0, "never_reasoning": 1, "kept": 3}
+
+
+def test_the_pool_filter_adds_general_prompts_to_make_their_share_of_the_pool(monkeypatch):
+    """rl-mixed's --general_share s: beside the K hard prompts the pass@k filter keeps, n general
+    prompts (families whose think reward is not the arithmetic check, and not already kept) so that
+    n / (K + n) = s: n = s K / (1 - s), in pool order. By hand, 8 positions, families count,
+    caption_qa alternating (position 6: ocr), hard = positions 0 and 1: general candidates 3, 5, 6;
+    s = 0.5 -> n = 2 -> pool [0, 1, 3, 5]; s = 0.75 -> n = 6, of which there are 3 -> [0, 1, 3, 5, 6];
+    s = 0.6 -> n = 3.
+    (Prompt decoding and the filter's sampling stubbed: the selection is what this test is about.)"""
+    families = ["count", "caption_qa", "count", "caption_qa", "count", "caption_qa", "ocr", "count"]
+
+    class Pool(list):
+        bad = None
+    monkeypatch.setattr(rl, "load_prompt", lambda mixture, k, *a: rl.Prompt([], None, "1", families[k], f"x:{k}"))
+    monkeypatch.setattr(rl, "pass_at_k_filter", lambda policy, tok, prompts, cfg, k, gen: (
+        [i for i, p in enumerate(prompts) if p.where in ("x:0", "x:1")], {"always": 1, "never_reasoning": 0, "kept": 2}))
+    # 0.6: n = 0.6 * 2 / 0.4 = 3 (in floats 2.9999999999999996: rounded, not truncated to 2)
+    for share, want in ((0.5, [0, 1, 3, 5]), (0.75, [0, 1, 3, 5, 6]), (0.6, [0, 1, 3, 5, 6])):
+        cfg = rl.RLConfig(stage="rl-mixed", reward="mixed", filter_k=2, general_share=share)
+        positions, counts = rl.filtered_positions(None, None, Pool(range(8)), None, cfg, None, lambda *a: None)
+        assert positions == want and counts["general_added"] == len(want) - 2 and counts["kept"] == 2
+
+
+def test_given_manifests_are_read_as_given_even_beside_an_rl_split(tmp_path):
+    """prompt_sources swaps a synthetic family's train / eval manifest for its RL split (rl.jsonl /
+    rl_eval.jsonl beside it) only in the stage's own mix: a manifest given with --manifests or
+    --eval_manifests is read as given, even when an rl.jsonl / rl_eval.jsonl lies in its folder."""
+    line = json.dumps({"conversations": [{"from": "human", "value": "What is 2 + 2?"}], "answer": "4"}) + "\n"
+    for name in ("p.jsonl", "e.jsonl", "rl.jsonl", "rl_eval.jsonl"):
+        (tmp_path / name).write_text(line)
+    cfg = rl.RLConfig(manifests=f"{tmp_path / 'p.jsonl'}:2", eval_manifests=str(tmp_path / "e.jsonl"))
+    assert rl.prompt_sources(cfg, "train") == [(str(tmp_path / "p.jsonl"), 2.0)]
+    assert rl.prompt_sources(cfg, "eval") == [(str(tmp_path / "e.jsonl"), 1.0)]
+
+
+def test_majority_vote_reads_the_answer_after_the_thinking_only():
+    """maj@k votes on the answer the rollout gives, read as the answer reward reads it: the last box
+    after `</think>`; a box inside the thinking is a step, not an answer. By hand: two replies box
+    5 in their thinking and answer nothing, one answers 3 (right): one vote, for 3 -> maj_acc 1.0
+    (counting the thinking's boxes, 5 would win 2 to 1 -> 0.0)."""
+    g = rollout("<think>\nt\n</think>\n\\boxed{3}", "3")
+    samples = [rollout(t, "3") for t in ("<think>\nmaybe \\boxed{5}\n</think>\nI give up.",
+                                         "<think>\nso \\boxed{5}?\n</think>\nno idea",
+                                         "<think>\nthree\n</think>\n\\boxed{3}")]
+    for s in samples:
+        s.answer_r = float(rl.reward_answer(s.text, "3"))
+    assert [s.answer_r for s in samples] == [0.0, 0.0, 1.0]
+    assert rl.per_prompt(g, samples)["maj_acc"] == 1.0
+
+
+def test_the_evaluation_summarizes_each_greedy_score_from_its_own_field():
+    """summarize: greedy_acc, greedy_fmt, greedy_think and reward are each the mean of their own
+    score over the prompts. By hand, 2 prompts: greedy (answer, format, think) = (1, 1, 0) and
+    (0, 1, 0.5) -> acc 0.5, fmt 1.0, think 0.25; sample rewards [0.2, 0.4] and [1.0, 0.6] ->
+    reward (0.3 + 0.8) / 2 = 0.55."""
+    recs = []
+    for (a, f, t), rewards in (((1.0, 1.0, 0.0), (0.2, 0.4)), ((0.0, 1.0, 0.5), (1.0, 0.6))):
+        g = rollout("\\boxed{3}", "3")
+        g.answer_r, g.format_r, g.think_r = a, f, t
+        samples = [rollout("\\boxed{3}", "3") for _ in rewards]
+        for s, x in zip(samples, rewards):
+            s.reward = x
+        recs.append(rl.per_prompt(g, samples))
+    s = rl.summarize(recs)
+    got = {m: s[m]["mean"] for m in ("greedy_acc", "greedy_fmt", "greedy_think", "reward")}
+    assert got == pytest.approx({"greedy_acc": 0.5, "greedy_fmt": 1.0, "greedy_think": 0.25, "reward": 0.55})
+
+
+def test_model_judge_scores_the_token_yes_not_no(setup):
+    """The judge's score is P("yes") / (P("yes") + P("no")), the two tokens read from the tokenizer
+    here, not from the judge: an lm_head that puts 2 nats more on "yes" gives sigmoid(2) = 0.881,
+    one that puts them on "no" gives sigmoid(-2) = 0.119."""
+    root, synth, m, tok, cfg, prompts = setup
+    judge = rl.ModelJudge(str(root / "out" / "longcot"))
+    yes, no = data.encode(judge.tok, "yes")[0], data.encode(judge.tok, "no")[0]
+    assert yes != no
+
+    class Leaning(torch.nn.Module):
+        def __init__(self, token):
+            super().__init__()
+            self.token = token
+
+        def forward(self, h):
+            logits = torch.zeros(*h.shape[:-1], judge.tok.n_vocab)
+            logits[..., self.token] = 2.0
+            return logits
+    for token, want in ((yes, torch.sigmoid(torch.tensor(2.0)).item()), (no, torch.sigmoid(torch.tensor(-2.0)).item())):
+        judge.model.language_model.lm_head = Leaning(token)
+        assert judge("q", "t", "a", "r") == pytest.approx(want, abs=1e-6)
