@@ -899,8 +899,8 @@ def evaluate_tsv(model, tok, dcfg, path, limit=None, mode: EvalMode = EvalMode(b
     The report keeps the original rows and columns for `write_predictions_tsv`."""
     t0 = time.perf_counter()
     columns, rows = read_tsv(path)
-    rows = rows[:limit]                                     # all when None
-    images = {row.get("index"): row["image"] for _, row in rows if len(row["image"]) > 64}
+    images = {row.get("index"): row["image"] for _, row in rows if len(row["image"]) > 64}   # every row's: a
+    rows = rows[:limit]                                     # kept row may point past the limit; all when None
     bad, preds = data.BadData(max_fraction=1.0), []
 
     def make_item(job):

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import data
 import model as modeling
 import sample
 import rl
@@ -310,3 +311,203 @@ def test_every_stage_of_the_recipe_takes_the_options_it_reads():
         else:
             cfg, _, _ = train_stage.parse_args([a for a in args if a != "--resume"])
             assert cfg.eval_packs == 2 and (name == "soup" or cfg.steps == round(dict(row.tiny)["steps"] * 0.5))
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation-review additions: the effects of a partial run and of a stand-in, a stage's report entry,
+# train_row's skip and failure, evaluate_row's modes, --seeds / --compare, the chance row,
+# tests/rl_compare.py per metric
+
+def preds_of(fams, mode, right):
+    """Hand-made predictions of one stage in one mode: 4 samples per family, the first `right` correct."""
+    return [{"family": f, "where": f"{f}/eval.jsonl:{i + 1}", "answer": "x", "prediction": "x", "correct": i < right,
+             "blank": mode == "blank", "think": mode == "think"} for f in fams for i in range(4)]
+
+
+def write_preds(rdir, stage, preds):
+    (rdir / "predictions").mkdir(parents=True, exist_ok=True)
+    (rdir / "predictions" / f"{stage}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+
+
+def test_effects_of_a_partial_run_are_the_ones_with_both_sides(tmp_path):
+    """A run that has measured vit1, sft4 and soup (ocr and count, evaluated in that order): only the
+    effects whose two sides exist, no error for the others (an interrupted or --until run), each
+    effect's families in evaluation order. By hand: vit1 real 4 of 4 ocr right, blank 0 -> +1.0;
+    sft4 real 3 of 4 per family, blank 1 -> +0.5; sft4 real vs vit1 real (ocr 4 + count 4 vs 3 + 3)
+    -> (6 - 8) / 8 = -0.25. With sft4's output made elsewhere standing in (all right), the effects sft4
+    is part of, as A (SFT, sft4 sees) and as B (soup vs its first input)."""
+    rdir, cfg = tmp_path / "recipe", train_stage.StageConfig(out_dir=str(tmp_path))
+    fams = ["ocr", "count"]
+    write_preds(rdir, "vit1", preds_of(fams, "real", 4) + preds_of(fams, "blank", 0))
+    write_preds(rdir, "sft4", preds_of(fams, "real", 3) + preds_of(fams, "blank", 1))
+    write_preds(rdir, "soup", preds_of(fams, "real", 2))
+    got = {e["name"]: e for e in recipe.recipe_effect_results(str(rdir), cfg)}
+    assert list(got) == ["SFT", "soup vs its first input", "vit1 sees (OCR)", "sft4 sees", "sft4 sees (count)",
+                         "sft4 sees (ocr)"]
+    assert got["vit1 sees (OCR)"]["difference"] == 1.0 and got["vit1 sees (OCR)"]["n"] == 4
+    assert got["sft4 sees"]["difference"] == 0.5 and got["sft4 sees"]["families"] == ["ocr", "count"]
+    assert got["SFT"]["difference"] == -0.25 and got["SFT"]["families"] == ["ocr", "count"]
+    other = preds_of(fams, "real", 4) + preds_of(fams, "blank", 4)
+    alt = {e["name"]: e for e in recipe.recipe_effect_results(str(rdir), cfg, ("sft4", str(tmp_path / "o"), other))}
+    assert list(alt) == ["SFT", "soup vs its first input", "sft4 sees", "sft4 sees (count)", "sft4 sees (ocr)"]
+    assert alt["SFT"]["difference"] == 0.0 and alt["soup vs its first input"]["difference"] == -0.5
+
+
+def test_stage_entry_takes_the_first_held_out_loss_and_the_soups_own(tmp_path, monkeypatch, capsys):
+    """A report entry: eval_loss_start is the first held-out loss in metrics.jsonl (before training),
+    eval_loss the checkpoint's; for the soup, whose meta holds a loss per input and its own, its own.
+    Its predictions are written to predictions/<stage>.jsonl."""
+    cfg, rdir = train_stage.StageConfig(out_dir=str(tmp_path)), tmp_path / "recipe"
+    (rdir / "predictions").mkdir(parents=True)
+    metas = {"vit1": {"first_loss": 5.0, "final_loss": 2.0, "eval_loss": 1.75},
+             "soup": {"eval_loss": {"sft4": 1.25, "sft4-twin": 1.5, "soup": 1.0}}}
+    monkeypatch.setattr(modeling, "verify_checkpoint", lambda path, **k: metas[os.path.basename(path)])
+    (tmp_path / "vit1").mkdir()
+    recs = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 4.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 1.75}]
+    (tmp_path / "vit1" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    preds = preds_of(["ocr"], "real", 2)
+    entry = recipe.stage_entry(train_stage.STAGES["vit1"], cfg, 12.34, {"real": {}}, preds, str(rdir))
+    assert (entry["seconds"], entry["first_loss"], entry["final_loss"], entry["eval_loss_start"], entry["eval_loss"]) == \
+        (12.3, 5.0, 2.0, 3.0, 1.75)
+    assert recipe.read_jsonl(str(rdir / "predictions" / "vit1.jsonl")) == preds
+    soup = recipe.stage_entry(train_stage.STAGES["soup"], cfg, 1.0, {}, [], str(rdir))
+    assert soup["eval_loss"] == 1.0 and soup["eval_loss_start"] is None
+    assert "recipe | vit1" in capsys.readouterr().out
+
+
+def test_train_row_skips_a_verified_stage_and_stops_on_a_failed_one(tmp_path, monkeypatch):
+    """A stage whose output verifies is not run again; otherwise its stage_command runs, and a
+    non-zero exit stops the recipe with a usage error naming the stage and the exit code."""
+    cfg, row = train_stage.StageConfig(out_dir=str(tmp_path)), train_stage.STAGES["vit1"]
+    finished, calls, rc = {str(tmp_path / "vit1"): True}, [], [0]
+    monkeypatch.setattr(modeling, "is_finished_stage", lambda path: finished.get(path, False))
+    monkeypatch.setattr(recipe.subprocess, "run", lambda cmd, **k: calls.append(cmd) or
+                        subprocess.CompletedProcess(cmd, rc[0]))
+    own = {"nproc": "1"}
+    recipe.train_row(row, cfg, own, ["--out_dir=o"], 0)
+    assert calls == []
+    finished.clear()
+    recipe.train_row(row, cfg, own, ["--out_dir=o"], 1000)
+    assert calls == [recipe.stage_command(row, 1, ["--out_dir=o"], 1000)]
+    rc[0] = 3
+    with pytest.raises(train_stage.UsageError, match="stopped at vit1 \\(exit 3\\)"):
+        recipe.train_row(row, cfg, own, ["--out_dir=o"], 0)
+
+
+def test_evaluate_row_modes_per_stage(tmp_path, monkeypatch):
+    """Real and blank images for every stage (blank: every family but text), thinking mode from
+    LongCoT on (LongCoT itself included) on THINK_FAMILIES; harvest (RL that trains nothing) is not
+    evaluated; a comparison row only on what the effects read of it."""
+    tok = data.load_tokenizer(None)
+    dcfg = data.DataConfig.from_model(modeling.build_model("tiny", seed=0).cfg)
+    monkeypatch.setattr(sample, "load", lambda folder, device="cpu": (None, tok, dcfg))
+    monkeypatch.setattr(recipe, "PROMPTS", {})
+    monkeypatch.setattr(recipe, "TOKENIZERS", [])
+    seen = []
+
+    def fake_eval(model, tok, dcfg, data_dir, fams, limit, mode, prompts):
+        seen.append((tuple(fams), mode.think, mode.blank, limit))
+        return {"n": {f: limit for f in fams}, "predictions": []}
+    monkeypatch.setattr(sample, "evaluate_families", fake_eval)
+    cfg = train_stage.StageConfig(out_dir=str(tmp_path), data_dir=str(tmp_path))
+    own = {"eval_families": "text,count,math,ocr", "eval_limit": "3"}
+    got = {}
+    for name in ("sft4", "longcot", "thinkfusion", "harvest", "sft4-twin"):
+        seen.clear()
+        evals, _ = recipe.evaluate_row(train_stage.STAGES[name], cfg, own)
+        got[name] = list(seen)
+        assert all(c["n"] == 3 for cells in evals.values() for c in cells.values())
+    real, blank = (("text", "count", "math", "ocr"), False, False, 3), (("count", "math", "ocr"), False, True, 3)
+    assert got["sft4"] == [real, blank]
+    assert got["longcot"] == got["thinkfusion"] == [real, blank, (("count", "math"), True, False, 3)]
+    assert got["harvest"] == []
+    assert got["sft4-twin"] == [(("count", "ocr"), False, False, 3)]          # soup vs its second input: mix("sft4")
+
+
+def test_seeds_run_the_recipe_again_with_offsets_and_compare_needs_as(tmp_path, monkeypatch):
+    """--seeds=2: run 1 into --out_dir with seed offset 0, run 2 into <out_dir>/seed2 with +1000;
+    the first run's report then lists both runs' effects. --compare and --as only together."""
+    runs = []
+
+    def fake_once(cfg, own, passthrough, seed_offset):
+        runs.append((cfg.out_dir, seed_offset, [a for a in passthrough if a.startswith("--out_dir=")]))
+        os.makedirs(os.path.join(cfg.out_dir, "recipe"), exist_ok=True)
+        report = {"stages": {}, "effects": [{"name": f"e{seed_offset}"}]}
+        with open(os.path.join(cfg.out_dir, "recipe", "report.json"), "w") as f:
+            json.dump(report, f)
+        return report
+    written = []
+    monkeypatch.setattr(recipe, "run_recipe_once", fake_once)
+    monkeypatch.setattr(recipe, "write_report", lambda rdir, report, cfg: written.append((rdir, report)))
+    out = str(tmp_path / "o")
+    recipe.run_recipe([f"--out_dir={out}", f"--data_dir={tmp_path}", "--seeds=2"])
+    assert runs == [(out, 0, [f"--out_dir={out}"]), (os.path.join(out, "seed2"), 1000, [f"--out_dir={out}/seed2"])]
+    assert written[-1][0] == os.path.join(out, "recipe")
+    assert [(r["run"], r["seed_offset"], r["effects"][0]["name"]) for r in written[-1][1]["seeds"]] == \
+        [(1, 0, "e0"), (2, 1000, "e1000")]
+    for given in ("--as=vit1", f"--compare={tmp_path}"):
+        with pytest.raises(train_stage.UsageError, match="go together"):
+            recipe.run_recipe([f"--out_dir={out}", given])
+    assert len(runs) == 2
+
+
+def test_accuracy_table_chance_row_lines_up_with_the_families():
+    """report.md's chance row has one cell per column: under each family its chance, under the
+    real-images table's stage / s / loss columns nothing."""
+    report = {"stages": {"vit1": {"seconds": 5, "eval": {"real": {"ocr": sample.accuracy_cell(3, 4)},
+                                                         "blank": {"ocr": sample.accuracy_cell(1, 4)}}}},
+              "chance": {"ocr": 0.125}}
+    for mode, lead in (("real", 3), ("blank", 1)):
+        head, _, row, chance = recipe.accuracy_table(report, mode)
+        cells = [c.strip() for c in chance.strip("|").split("|")]
+        assert len(cells) == len(head.strip("|").split("|")) == len(row.strip("|").split("|")) == lead + 1
+        assert cells == ["chance"] + [""] * (lead - 1) + ["0.12"]
+
+
+def test_rl_compare_compares_each_metric_on_its_own(tmp_path):
+    """tests/rl_compare.py: per metric, A - B of that metric's after-side values (hand-made, a
+    different difference for each metric); before rows are left out."""
+    import rl_compare
+    values = {"a": {"greedy_acc": [1, 1, 1, 1], "pass@1": [0.5] * 4, "maj@k": [1, 0, 0, 0], "pass@k": [1] * 4,
+                    "reward": [0.75] * 4},
+              "b": {"greedy_acc": [0, 0, 0, 0], "pass@1": [0.25] * 4, "maj@k": [0] * 4, "pass@k": [1] * 4,
+                    "reward": [0.5] * 4}}
+    for name, v in values.items():
+        (tmp_path / name).mkdir()
+        rows = [{"side": side, "family": "math", "where": f"p{i}",
+                 **{m: (v[m][i] if side == "after" else 0.0) for m in rl_compare.METRICS}}
+                for side in ("before", "after") for i in range(4)]
+        (tmp_path / name / "heldout_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = rl_compare.compare(rl_compare.after_side(str(tmp_path / "a")), rl_compare.after_side(str(tmp_path / "b")))
+    assert {m: r["difference"] for m, r in got.items()} == {"greedy_acc": 1.0, "pass@1": 0.25, "maj@k": 0.25,
+                                                            "pass@k": 0.0, "reward": 0.25}
+    assert all(r["n"] == 4 for r in got.values())
+
+
+def test_evaluate_stage_cells_count_the_samples_scored(tmp_path, monkeypatch):
+    """A family with fewer held-out samples than --eval_limit (or bad ones): its cell's n is what
+    was scored, not the limit. ocr: 2 scored of a limit of 5, 1 right -> n 2, accuracy 0.5, Wilson
+    by hand (z = 1.96): z²/n = 1.92073, centre (0.5 + 0.96037) / 2.92073 = 0.5, half
+    1.96 sqrt(0.125 + 0.24009) / 2.92073 = 0.40547 -> [0.0945, 0.9055]."""
+    tok = data.load_tokenizer(None)
+    dcfg = data.DataConfig.from_model(modeling.build_model("tiny", seed=0).cfg)
+    monkeypatch.setattr(sample, "load", lambda folder, device="cpu": (None, tok, dcfg))
+    monkeypatch.setattr(recipe, "PROMPTS", {})
+    monkeypatch.setattr(recipe, "TOKENIZERS", [])
+    scored = [{"family": "ocr", "where": f"ocr/eval.jsonl:{i}", "answer": "a", "prediction": "a", "correct": i == 1}
+              for i in (1, 2)]
+    monkeypatch.setattr(sample, "evaluate_families", lambda *a, mode, **k: {
+        "n": {"ocr": 2}, "predictions": [dict(p, blank=mode.blank, think=mode.think) for p in scored]})
+    evals, preds = recipe.evaluate_stage(str(tmp_path), train_stage.StageConfig(data_dir=str(tmp_path)), False, 5, ["ocr"])
+    assert evals == {m: {"ocr": {"n": 2, "correct": 1, "accuracy": 0.5, "interval": [0.0945, 0.9055]}}
+                     for m in ("real", "blank")}
+    assert len(preds) == 4 and {p["blank"] for p in preds} == {False, True}
+
+
+def test_stage_command_launches_torchrun_for_several_processes():
+    """--nproc=N > 1: the stage runs under torchrun --standalone --nproc_per_node=N; one process: plain python."""
+    row = train_stage.STAGES["vit1"]
+    assert recipe.stage_command(row, 2, ["--out_dir=o"])[:5] == [sys.executable, "-m", "torch.distributed.run",
+                                                                 "--standalone", "--nproc_per_node=2"]
+    one = recipe.stage_command(row, 1, ["--out_dir=o"])
+    assert one[0] == sys.executable and one[1].endswith("train_stage.py") and one[-1] == "--resume"

@@ -567,6 +567,24 @@ def test_tsv_evaluation_per_category_and_predictions_file(tmp_path, tiny, monkey
         assert [r[:-2] for r in got[1:]] == list(csv.reader(f, delimiter="\t"))[1:]     # the original columns
 
 
+
+def test_tsv_with_a_limit_finds_an_image_stored_in_a_row_past_it(tmp_path, tiny):
+    """MMBench stores an image once; another row's image cell is that row's index. With --limit 1 the
+    kept row (index 0) points at row 1, past the limit: its image is still found (scored, not bad)."""
+    _, tok, dcfg = tiny
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
+    with open(tmp_path / "b.tsv", "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(columns)
+        w.writerow(["0", "q0 colour?", "", "red", "blue", "", "", "A", "colour", "attr", "1"])
+        w.writerow(["1", "q1 shape?", "", "square", "circle", "", "", "B", "shape", "attr",
+                    png_b64([("red", "circle", "top", "left")])])
+    fake = ScriptedModel(tok)
+    rep = sample.evaluate_tsv(fake, tok, dcfg, str(tmp_path / "b.tsv"), limit=1,
+                              mode=sample.EvalMode(batch_size=16, progress=False))
+    assert (rep["n"], rep["accuracy"]) == (1, 1.0) and "no bad samples" in rep["bad"], rep["bad"]
+    assert sum(p.count("<img>") for p in fake.prompts) == 1
+
 # ----------------------------------------------------------------------------------------------
 # command line
 
@@ -794,3 +812,189 @@ def test_cli_repeated_image_options_accumulate(tmp_path, tiny, synth, monkeypatc
     sample.main(["--ckpt", str(tmp_path / "ck"), "--image", a, "--image", b, c, "--video", v1, "--video", v2])
     sample.main(["--ckpt", str(tmp_path / "ck"), "--image", a, b])
     assert seen == [([a, b, c], [v1, v2]), ([a, b], [])]
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation-review additions (2): the Wilson interval's clamp, the paired bootstrap's edges (an
+# interval touching 0, per-family resampling, nothing to compare, its Monte-Carlo noise), kept
+# prompts per budget, each record's own thinking mode, families named by their folder, the TSV in
+# thinking / blank mode, the --eval defaults of a synthetic folder and the report names
+
+def test_wilson_interval_stays_in_0_1_at_none_and_all_correct():
+    """0 of n and n of n: the interval is [0, hi] and [lo, 1] and never leaves [0, 1]. Unclamped, the
+    formula's rounding gives e.g. 1.0000000000000002 for 11 of 11 and -1.2e-17 for 0 of 21 (a report
+    cell -0.0, an upper end above 1). By hand: at p = 0 the centre z²/2n equals the half width
+    z sqrt(z²/4n²), so the lower end is 0 (up to rounding); by symmetry the upper end at p = 1 is 1."""
+    for n in range(1, 200):
+        lo0, hi0 = sample.wilson_interval(0, n)
+        lon, hin = sample.wilson_interval(n, n)
+        assert 0.0 <= lo0 < 1e-12 and 1 - 1e-12 < hin <= 1.0, n
+        assert hi0 == pytest.approx(1 - lon, abs=1e-12) and 0 < hi0 < 1, n
+        for k in range(n + 1):
+            lo, hi = sample.wilson_interval(k, n)
+            assert 0.0 <= lo and hi <= 1.0 and lo < k / n + 1e-12 and hi > k / n - 1e-12, (k, n)
+
+
+def test_paired_difference_whose_interval_touches_0_does_not_exclude_it():
+    """An interval with an end exactly 0 does not exclude 0. Identical sides: every resample's
+    difference is 0, the interval [0, 0]. 2 of 100 right in a only and no sample right in b only:
+    no resample can go below 0, and 0 is drawn with probability 0.98^100 = 0.133 > 0.025, so the
+    lower end is exactly 0 while the difference is +0.02."""
+    a, b = predictions([(True, True)] * 50 + [(False, False)] * 50)
+    same = sample.paired_difference(a, b)
+    assert same["interval"] == [0.0, 0.0] and same["difference"] == 0 and not same["excludes_0"]
+    a, b = predictions([(True, False)] * 2 + [(True, True)] * 49 + [(False, False)] * 49)
+    edge = sample.paired_difference(a, b)
+    assert edge["difference"] == 0.02 and edge["interval"][0] == 0.0 and edge["interval"][1] > 0
+    assert not edge["excludes_0"]
+
+
+def test_paired_difference_resamples_within_each_family():
+    """The design fixes each family's n, so the bootstrap draws within each family: family fa, 50
+    samples all right in a only (d = +1), family fb, 50 samples all the same (d = 0). Within each
+    family every resample is the family itself, so every resampled difference is 50 / 100 = 0.5:
+    the interval is [0.5, 0.5]. Pooling the families would give a width (sd sqrt(0.25 / 100) = 0.05)."""
+    a = [{"family": "fa", "where": f"s{i}", "correct": True} for i in range(50)] + \
+        [{"family": "fb", "where": f"t{i}", "correct": i % 2 == 0} for i in range(50)]
+    b = [{"family": "fa", "where": f"s{i}", "correct": False} for i in range(50)] + \
+        [{"family": "fb", "where": f"t{i}", "correct": i % 2 == 0} for i in range(50)]
+    e = sample.paired_difference(a, b)
+    assert e["difference"] == 0.5 and e["interval"] == [0.5, 0.5] and e["excludes_0"]
+    frac = sample.paired_difference([dict(p, correct=0.75 if p["family"] == "fa" else 0.5) for p in a],
+                                    [dict(p, correct=0.25 if p["family"] == "fa" else 0.5) for p in b])
+    assert frac["difference"] == 0.25 and frac["interval"] == [0.25, 0.25]          # the graded branch too
+
+
+def test_paired_difference_of_no_samples_is_a_value_error():
+    """Two empty lists hold no common sample: ValueError, as the docstring says (not a division by 0)."""
+    with pytest.raises(ValueError, match="same samples"):
+        sample.paired_difference([], [])
+
+
+def test_paired_difference_interval_varies_little_with_the_bootstrap_seed():
+    """BOOTSTRAP_RESAMPLES (10,000, the number report.md states) keeps the Monte-Carlo noise of an
+    interval end well below the 0.01 the report prints. Graded scores, one family of 100 with d
+    spread evenly over [-0.45, 0.45] + 0.05 (sd 0.287, so the mean's sd is 0.0287): the 2.5%
+    quantile of B resamples has a Monte-Carlo sd of about sqrt(0.025 x 0.975 / B) / 0.0584 x 0.0287
+    = 0.0008 at B = 10,000 (0.0024 at 1,000). Over 10 seeds the ends must stay within 0.004."""
+    a = [{"family": "f", "where": f"s{i}", "correct": 0.5 + (i % 10 - 4.5) / 10 / 2 + 0.025} for i in range(100)]
+    b = [{"family": "f", "where": f"s{i}", "correct": 0.5 - (i % 10 - 4.5) / 10 / 2 - 0.025} for i in range(100)]
+    ends = [sample.paired_difference(a, b, seed=s)["interval"] for s in range(10)]
+    for k in (0, 1):
+        got = [e[k] for e in ends]
+        assert max(got) - min(got) < 0.004, got
+    assert sample.BOOTSTRAP_RESAMPLES == 10_000
+
+
+def test_kept_prompts_are_kept_per_token_budget(tiny, synth):
+    """A prompt kept in `prompts` (the recipe's cache) is reused only with the same max_new_tokens:
+    a second call with another budget generates with its own."""
+    _, tok, dcfg = tiny
+    fake, kept = TableModel(tok, dcfg, {}, []), {}
+    for budget in (5, 9):
+        sample.evaluate_families(fake, tok, dcfg, synth, families=["count"], limit=2,
+                                 mode=sample.EvalMode(max_new_tokens=budget, progress=False), prompts=kept)
+    assert [c["max_new_tokens"] for c in fake.calls] == [5, 9] and len(kept) == 4
+
+
+def test_eval_mode_think_none_answers_each_record_in_its_own_mode(tiny, synth):
+    """EvalMode(think=None): each record's own `think` (count_cot and math are thinking records,
+    count is not): its prompt, its budget and its prediction's "think" follow the record."""
+    _, tok, dcfg = tiny
+    fake = TableModel(tok, dcfg, {}, [])
+    rep = sample.evaluate_families(fake, tok, dcfg, synth, families=["count", "count_cot", "math"], limit=2,
+                                   mode=sample.EvalMode(think=None, progress=False))
+    assert {p["family"]: p["think"] for p in rep["predictions"]} == {"count": False, "count_cot": True, "math": True}
+    assert {c["max_new_tokens"] for c in fake.calls} == {sample.DIRECT_NEW_TOKENS["count"], sample.THINK_NEW_TOKENS["count_cot"],
+                                                        sample.THINK_NEW_TOKENS["math"]}
+
+
+def test_a_folder_of_other_families_is_scored_per_folder(tmp_path, tiny):
+    """synth_families: the known families in SYNTH_FAMILIES order, then any other sub-folder holding
+    eval.jsonl (sorted); a record's family is its folder whatever its "task" says."""
+    _, tok, dcfg = tiny
+    for name, first in (("zeta", 0), ("count", 10), ("alpha", 20)):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"task": "count", "answer": "3", "conversations": [
+            {"from": "human", "value": f"question q{first + i} ?"}, {"from": "gpt", "value": "3"}]}) for i in range(3)]
+        (tmp_path / name / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "empty").mkdir()                                           # no eval.jsonl: not a family
+    assert sample.synth_families(tmp_path) == ["count", "alpha", "zeta"]
+    replies = {i: "3" if i % 10 == 0 else "4" for i in range(30)}          # the first of each folder right
+    rep = sample.evaluate_families(QuestionModel(tok, replies), tok, dcfg, tmp_path, mode=QUIET)
+    assert rep["n"] == {"count": 3, "alpha": 3, "zeta": 3}
+    assert rep["accuracy"] == {"count": 1 / 3, "alpha": 1 / 3, "zeta": 1 / 3}
+
+
+class RecordingModel(ScriptedModel):
+    """ScriptedModel that also keeps each call's pixels and token budget."""
+
+    def generate(self, prompts, pixel_values=None, max_new_tokens=32, **kw):
+        self.calls = getattr(self, "calls", []) + [(pixel_values, max_new_tokens)]
+        return super().generate(prompts, pixel_values, max_new_tokens, **kw)
+
+
+def test_tsv_in_thinking_and_blank_mode(tmp_path, tiny):
+    """evaluate_tsv with EvalMode(think=True, blank=True): every prompt ends with the think prompt,
+    the budget is MCQ_NEW_TOKENS[True] = 1024, every image is white (blank_pixels: ones after
+    un-normalising); the answer column is read case-blind ("b" is B)."""
+    _, tok, dcfg = tiny
+    write_tsv(tmp_path / "bench.tsv")
+    text = (tmp_path / "bench.tsv").read_text().replace("\tB\tshape\t", "\tb\tshape\t")     # q1's answer in lower case
+    (tmp_path / "bench.tsv").write_text(text)
+    fake = RecordingModel(tok)
+    rep = sample.evaluate_tsv(fake, tok, dcfg, str(tmp_path / "bench.tsv"),
+                              mode=sample.EvalMode(think=True, blank=True, batch_size=16, progress=False))
+    assert rep["think"] and rep["blank"] and rep["n"] == 5
+    assert [p["correct"] for p in rep["predictions"]] == [True, True, True, False, False, True]
+    assert all(data.THINK_PROMPT.strip()[:40] in p for p in fake.prompts) and len(fake.prompts) == 5
+    assert {m for _, m in fake.calls} == {1024}
+    for pixels, _ in fake.calls:
+        assert torch.allclose(pixels * vit.IMAGENET_STD + vit.IMAGENET_MEAN, torch.ones_like(pixels), atol=1e-6)
+    plain = RecordingModel(tok)
+    sample.evaluate_tsv(plain, tok, dcfg, str(tmp_path / "bench.tsv"), mode=sample.EvalMode(batch_size=16, progress=False))
+    assert not any(data.THINK_PROMPT.strip()[:40] in p for p in plain.prompts)
+    assert {m for _, m in plain.calls} == {32}
+
+
+def test_cli_eval_of_a_folder_reads_eval_limit_records_and_names_reports_by_mode(tmp_path, tiny, monkeypatch):
+    """--eval FOLDER: without --limit the first EVAL_LIMIT = 128 records of each family (of 130), with
+    --limit N the first N; `chance` over the same records (first 4: all "3" -> 1.0; first 128: 4 + 42
+    "3"s of 128 -> 46 / 128); --blank alone writes <family>-blank.json (not -think)."""
+    _, tok, dcfg = tiny
+    (tmp_path / "synth" / "count").mkdir(parents=True)
+    answers = ["3"] * 4 + [("3", "4", "5")[i % 3] for i in range(126)]    # i = 0, 3, .. 123 of the 126: 42 "3"s
+    lines = [json.dumps({"task": "count", "answer": a, "conversations": [
+        {"from": "human", "value": f"question q{i} ?"}, {"from": "gpt", "value": a}]}) for i, a in enumerate(answers)]
+    (tmp_path / "synth" / "count" / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "ck").mkdir()
+    monkeypatch.setattr(sample, "load", lambda path, device="cpu": (QuestionModel(tok, {i: "3" for i in range(130)}), tok, dcfg))
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(tmp_path / "synth"), "--limit", "4", "--blank"])
+    assert os.listdir(tmp_path / "ck" / "eval") == ["count-blank.json"]
+    rep = json.loads((tmp_path / "ck" / "eval" / "count-blank.json").read_text())
+    assert rep["n"] == 4 and rep["chance"] == 1.0 and rep["blank"] and not rep["think"]
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(tmp_path / "synth"), "--out", str(tmp_path / "r.json")])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["n"] == {"count": 128} and rep["chance"] == {"count": 46 / 128}
+    assert rep["accuracy"]["count"] == 46 / 128
+
+
+def test_cli_generation_defaults_to_256_new_tokens(tmp_path, tiny, monkeypatch):
+    """Without --max-new-tokens a single answer may run to 256 tokens (the option's help)."""
+    m, tok, dcfg = tiny
+    (tmp_path / "ck").mkdir()
+    monkeypatch.setattr(sample, "load", lambda path, device="cpu": (m, tok, dcfg))
+    seen = []
+    monkeypatch.setattr(sample, "answer", lambda *a, **k: seen.append(k["max_new_tokens"]))
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--prompt", "Hi"])
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--prompt", "Hi", "--max-new-tokens", "7"])
+    assert seen == [256, 7]
+
+
+def test_accuracy_cell_keeps_four_decimals():
+    """A report cell rounds the accuracy and the interval ends to 4 decimals (report.json keeps
+    them; the tables print 2): 1 of 3 -> 0.3333. Wilson by hand (z = 1.96): z²/n = 1.28049, centre
+    (1/3 + 0.64024) / 2.28049 = 0.42691, half 1.96 sqrt(2/27 + 0.10671) / 2.28049 = 0.36544 ->
+    [0.0615, 0.7923]."""
+    assert sample.accuracy_cell(1, 3) == {"n": 3, "correct": 1, "accuracy": 0.3333, "interval": [0.0615, 0.7923]}
+    assert sample.accuracy_cell(0, 0) == {"n": 0, "correct": 0, "accuracy": 0.0, "interval": [0.0, 1.0]}
