@@ -617,6 +617,8 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     Finished rows leave the batch every SYNC_EVERY steps; sampling and done flags stay on the device."""
     B = len(embeds) * repeats
     if max_new_tokens <= 0:
+        if logprobs is not None:
+            logprobs.extend([] for _ in range(B))
         return [[] for _ in range(B)]
     device = lm.lm_head.weight.device
     gen = device_generator(generator, device)

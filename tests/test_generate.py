@@ -470,3 +470,138 @@ def test_the_sampled_distribution_is_the_recorded_policy_at_a_152k_vocabulary():
     cdf = modeling.sampling_cdf(logp)
     sampled = torch.diff(cdf, prepend=torch.zeros(2, 1, dtype=cdf.dtype)) / cdf[:, -1:]
     assert (0.5 * (sampled - logp.double().exp()).abs().sum(-1)).max() < 1e-6      # total variation
+
+
+# --- guards found by mutation testing ---------------------------------------------------------------
+
+def test_top_p_of_one_keeps_every_token_where_the_head_holds_all_float32_mass():
+    """top_p = 1 is no nucleus: the policy is logits / T at every id, also where the most likely
+    token's float32 probability rounds to 1 (the mass before each tail token is then 1.0, which a
+    nucleus taken at top_p = 1 would cut, giving those tokens log-prob -inf)."""
+    logits = torch.zeros(2, 64)
+    logits[0, 3] = 30.0                                              # p(3) = 1 - 63 e^-30: 1.0 in float32
+    logits[1, 60] = 40.0
+    for T in (1.0, 0.5, 0.0):
+        got = modeling.policy_logits(logits, T, 1.0)
+        assert torch.equal(got, logits / (T if T > 0 else 1.0))       # by hand: nothing masked
+    assert torch.isfinite(modeling.policy_logits(logits, 1.0, 1.0, n_valid=64, banned=())).all()
+
+
+def test_the_extreme_draws_pick_the_ends_of_the_support():
+    """Inverse-CDF sampling, threshold (1 - u) * total: u = 0 asks for the whole mass, the last id of
+    nonzero probability; u just below 1 for almost none, the first such id. Also for distributions
+    whose float64 sum falls short of 1 (a threshold of 1 - u alone would pass the total: an id past
+    the vocabulary). Ids 0..4 and 40..49 are banned (-inf)."""
+    policy = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    policy[:, :5] = policy[:, 40:] = float("-inf")
+    ids, lp = modeling.sample_tokens(policy, 1.0, torch.zeros(64, 1))
+    assert ids.tolist() == [39] * 64 and torch.isfinite(lp).all()
+    ids, lp = modeling.sample_tokens(policy, 1.0, torch.full((64, 1), 1.0 - 2.0 ** -24))
+    assert ids.tolist() == [5] * 64 and torch.isfinite(lp).all()
+    assert (torch.log_softmax(policy, -1).double().exp().sum(-1) < 1).any()   # not vacuous
+
+
+def plain_attention(q, k, v, mask, fold):
+    """Attention written out: kv heads repeated for their query groups, masked scores, softmax. A row
+    that masks every slot gives NaN here (as some fused kernels do), where torch's CPU SDPA gives 0."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is None:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def test_no_attention_row_is_fully_masked(monkeypatch):
+    """decode_mask lets each query see its own slot: a query on a prompt's left padding attends only
+    itself, never nothing. Under an attention that gives NaN for a fully masked row, generation of
+    prompts of different lengths still gives the reference loop's tokens (no NaN reaches the cache);
+    and the mask by hand."""
+    lm = tiny_lm()
+    want = reference_generate(lm, PROMPTS, 10)
+    monkeypatch.setattr(modeling, "grouped_attention", plain_attention)
+    assert engine(lm, PROMPTS, 10, compile=False) == want
+    seen = torch.tensor([[False, False, True, True, True, False], [True] * 6])
+    got = modeling.decode_mask(seen, 0, 4)[:, 0].int().tolist()
+    assert got == [[[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0]],
+                   [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]]
+    got = modeling.decode_mask(seen, torch.tensor([5]), 1)[:, 0].int().tolist()
+    assert got == [[[0, 0, 1, 1, 1, 1]], [[1, 1, 1, 1, 1, 1]]]
+
+
+def test_rows_leave_the_batch_once_a_quarter_has_finished():
+    """The decode batch step by step, by hand from the rows' outputs: every SYNC_EVERY steps the rows
+    that have produced a stop token are counted; when the live ones are at most 3/4 of the batch it
+    becomes the live rows, else it stays whole (moving the cache's rows costs a copy); none live: the
+    loop ends."""
+    assert [modeling.rows_to_keep(n, 32) for n in (0, 8, 24, 25, 32)] == [0, 8, 24, 32, 32]
+    lm = tiny_lm(seed=4, sharpen=1.0)
+    stop = (0, 32, 64)
+    batch = []
+    hook = lm.model.layers[0].register_forward_hook(lambda m, a, o: batch.append(a[0].shape[0]))
+    got = engine(lm, PROMPTS, 40, temperature=1.0, stop_tokens=stop, repeats=8,
+                 generator=torch.Generator().manual_seed(5))
+    hook.remove()
+    want, cur, shrank = [len(PROMPTS)], len(got), set()
+    for step in range(40):
+        if step:
+            want.append(cur)
+        if (step + 1) % modeling.SYNC_EVERY == 0:
+            n_live = sum(not (r[-1] in stop and len(r) <= step + 1) for r in got)
+            if n_live == 0:
+                break
+            if 4 * n_live <= 3 * cur:
+                shrank.add((n_live, cur))
+                cur = n_live
+    assert batch == want
+    assert any(4 * n == 3 * c for n, c in shrank) and any(2 * n > c for n, c in shrank), shrank   # the bounds hit
+
+
+def test_no_tokens_asked_gives_empty_rows():
+    """max_new_tokens = 0: an empty list per row (repeats included), no decode; `logprobs` receives
+    an empty list per row too."""
+    lm = tiny_lm()
+    lps = [[0.5]]                                                         # a caller's earlier rows stay
+    assert engine(lm, PROMPTS, 0, repeats=2, logprobs=lps) == [[]] * (2 * len(PROMPTS))
+    assert lps == [[0.5]] + [[]] * (2 * len(PROMPTS))
+    assert lm.generate(PROMPTS, max_new_tokens=0) == [[]] * len(PROMPTS)
+
+
+def test_generate_entry_points_pass_the_tokenizers_size():
+    """Qwen3LM.generate and SAILVL.generate hand n_valid_tokens to the engine: ids >= it (the
+    embedding table's padded rows) are never generated; the reference loop masks them by hand."""
+    lm = tiny_lm(seed=1)
+    free = reference_generate(lm, PROMPTS, 12)
+    n_valid = sorted(t for g in free for t in g)[len(PROMPTS) * 6]
+    want = reference_generate(lm, PROMPTS, 12, n_valid=n_valid)
+    assert want != free                                                  # the limit changes the rows
+    assert lm.generate(PROMPTS, max_new_tokens=12, n_valid_tokens=n_valid) == want
+    m = modeling.build_model("tiny").eval()
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    free = reference_generate(m.language_model, prompts, 8)
+    n_valid = sorted(t for g in free for t in g)[len(prompts) * 4]
+    want = reference_generate(m.language_model, prompts, 8, n_valid=n_valid)
+    assert want != free
+    assert m.generate(prompts, max_new_tokens=8, n_valid_tokens=n_valid) == want
+
+
+def test_every_step_samples_with_its_own_draw_as_a_plain_loop_does():
+    """At temperature 1 every step, not only the first, samples: token t of row i is the first id whose
+    cumulative probability (float64) reaches (1 - u) of the total, u the i-th of that step's draws
+    (one (B, 1) draw per step). The reference recomputes each row's whole sequence with a full
+    forward per step (no cache); both use the same generator. No stop token: no row leaves."""
+    lm = tiny_lm(seed=3, sharpen=1.0)
+    n = 9
+    got = engine(lm, PROMPTS, n, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    gen, seqs = torch.Generator().manual_seed(5), [list(p) for p in PROMPTS]
+    for _ in range(n):
+        u = torch.rand(len(PROMPTS), 1, generator=gen)
+        for i, s in enumerate(seqs):
+            with torch.no_grad():
+                p = torch.softmax(lm(torch.tensor([s]))[0, -1].double(), -1)
+            cdf = torch.cumsum(p, 0)
+            s.append(int(torch.searchsorted(cdf, (1 - u[i].double()) * cdf[-1])))
+    want = [s[len(p):] for s, p in zip(seqs, PROMPTS)]
+    assert got == want
+    assert want != engine(lm, PROMPTS, n)                                 # not the greedy rows
+    assert any(row[1:] != g[1:] for row, g in zip(want, engine(lm, PROMPTS, n)))   # later steps sample too
