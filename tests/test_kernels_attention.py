@@ -231,6 +231,7 @@ def test_torch_path_dispatch_and_measured_rule(monkeypatch):
     (torch.tensor([0, 10, 20], dtype=torch.int64), "int32"),
     (torch.tensor([0, 10, 19], dtype=torch.int32), "must equal T=20"),
     (torch.tensor([0, 12, 10, 20], dtype=torch.int32), "non-decreasing"),
+    (torch.tensor([0, 11, 10, 20], dtype=torch.int32), "non-decreasing"),      # a step back of one
     (torch.tensor([1, 10, 20], dtype=torch.int32), r"cu_seqlens\[0\] must be 0"),
 ])
 def test_bad_cu_seqlens_is_a_clear_error(bad, match):
@@ -270,3 +271,17 @@ def test_auto_sends_only_what_the_kernels_handle_to_triton(monkeypatch):
     kernels.moe_grouped_mlp(x, w, w, w.transpose(1, 2).contiguous(), torch.ones(4, 1, dtype=torch.float64),
                             torch.zeros(4, 1, dtype=torch.long))
     assert asked == [True, False, False, False]
+
+
+def test_the_kernel_choice_refuses_an_unknown_name_and_triton_on_cpu_without_the_interpreter(monkeypatch):
+    """SAILVL_KERNELS is auto, triton or torch (a typo is an error, not the torch path); =triton on
+    CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1), else a clear error, not a crash."""
+    monkeypatch.setenv("SAILVL_KERNELS", "trition")
+    with pytest.raises(ValueError, match="auto, triton or torch, got 'trition'"):
+        kernels.use_triton(torch.zeros(1))
+    monkeypatch.setenv("SAILVL_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+        kernels.use_triton(torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.use_triton(torch.zeros(1))

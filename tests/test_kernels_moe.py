@@ -202,6 +202,20 @@ def test_routing_alignment_invariants(block_m):
             assert rows.numel() == 0
         else:
             assert (flat[rows] == e).all()
+    # an expert owns ceil(n_e / block_m) blocks, none when it has no pair (expert 5)
+    counts = torch.bincount(flat, minlength=E)
+    assert torch.equal(torch.bincount(block_expert[block_expert < E].long(), minlength=E),
+                       (counts + block_m - 1) // block_m)
+
+
+def test_routing_alignment_when_there_are_more_experts_than_pairs():
+    """One token routed to the two highest of 8 experts (E > T*k): each of the two gets one block of
+    block_m rows holding its pair, the six empty experts none (the buffer has room for no more)."""
+    ids = torch.tensor([[6, 7]])
+    pair_of_row, block_expert, row_start, row_end = kernels._moe_align(ids, 8, 16)
+    assert block_expert.tolist() == [6, 7] and pair_of_row.shape == (32,)
+    assert (row_start[6], row_end[6], row_start[7], row_end[7]) == (0, 1, 16, 17)
+    assert pair_of_row[0] == 0 and pair_of_row[16] == 1 and (pair_of_row[[*range(1, 16), *range(17, 32)]] == 2).all()
 
 
 def test_bad_inputs_raise_clear_errors(monkeypatch):
