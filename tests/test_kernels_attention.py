@@ -264,13 +264,13 @@ def test_auto_sends_only_what_the_kernels_handle_to_triton(monkeypatch):
     monkeypatch.setattr(kernels, "use_triton",
                         lambda t, supported=True: asked.append(supported) or real(t, supported))
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
-    for dtype, D in ((torch.float32, 64), (torch.float64, 64), (torch.float32, 320)):
+    for dtype, D in ((torch.float32, 64), (torch.float16, 64), (torch.float64, 64), (torch.float32, 320)):
         q = torch.randn(5, 2, D, dtype=dtype)
         kernels.packed_attention(q, q, q, cu, causal=True)
     x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(2, 6, 8, dtype=torch.float64)
     kernels.moe_grouped_mlp(x, w, w, w.transpose(1, 2).contiguous(), torch.ones(4, 1, dtype=torch.float64),
                             torch.zeros(4, 1, dtype=torch.long))
-    assert asked == [True, False, False, False]
+    assert asked == [True, True, False, False, False]
 
 
 def test_the_kernel_choice_refuses_an_unknown_name_and_triton_on_cpu_without_the_interpreter(monkeypatch):
@@ -285,3 +285,31 @@ def test_the_kernel_choice_refuses_an_unknown_name_and_triton_on_cpu_without_the
         kernels.use_triton(torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.use_triton(torch.zeros(1))
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_a_given_softmax_scale_is_used(monkeypatch, path):
+    """packed_attention(..., scale=s) computes softmax(q k^T s) v on both paths (ViT and LLM pass their
+    own), not the default D^-0.5: out and grads against the naive reference at s = 0.37 (D = 16:
+    default 0.25)."""
+    monkeypatch.setenv("SAILVL_KERNELS", path)
+    q, k, v, do, cu = make_inputs([1, 40, 17], 2, 1, 16, torch.float32, seed=5)
+    got = out_and_grads(lambda a, b, c: kernels.packed_attention(a, b, c, cu, True, scale=0.37), q, k, v, do)
+    want = out_and_grads(lambda a, b, c: naive_attention(a, b, c, cu, True, scale=0.37),
+                         q.double(), k.double(), v.double(), do.double())
+    for name, t, r in zip(("out", "dq", "dk", "dv"), got, want):
+        assert max_err(t, r) < 1e-4, f"{name}: max err {max_err(t, r):.2e}"
+
+
+def test_the_block_table_is_rebuilt_when_cu_seqlens_changes_in_place(monkeypatch):
+    """The Triton path remembers its block table for the last cu_seqlens tensor; the same tensor
+    written in place (same object and address, new boundaries) gets a new table: the second call
+    matches the naive reference at the new boundaries."""
+    monkeypatch.setenv("SAILVL_KERNELS", "triton")
+    q, k, v, _, _ = make_inputs([32, 64], 2, 1, 16, torch.float32, seed=6)
+    cu = torch.tensor([0, 32, 96], dtype=torch.int32, device=q.device)
+    with torch.no_grad():
+        kernels.packed_attention(q, k, v, cu, True)
+        cu[1] = 70
+        out = kernels.packed_attention(q, k, v, cu, True)
+        assert max_err(out, naive_attention(q.double(), k.double(), v.double(), cu, True)) < 1e-4
