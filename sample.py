@@ -899,8 +899,9 @@ def evaluate_tsv(model, tok, dcfg, path, limit=None, mode: EvalMode = EvalMode(b
     The report keeps the original rows and columns for `write_predictions_tsv`."""
     t0 = time.perf_counter()
     columns, rows = read_tsv(path)
-    images = {row.get("index"): row["image"] for _, row in rows if len(row["image"]) > 64}   # every row's: a
-    rows = rows[:limit]                                     # kept row may point past the limit; all when None
+    # every row's images, before the limit: a kept row may name one stored in a row past it
+    images = {row.get("index"): row["image"] for _, row in rows if len(row["image"]) > 64}
+    rows = rows[:limit]                                     # all when None
     bad, preds = data.BadData(max_fraction=1.0), []
 
     def make_item(job):

@@ -80,11 +80,10 @@ def check_options(args):
     negative --kl-weight would push text routing away, a --temperature of 0 divides by zero."""
     if not 0 <= args.holdout < 1:
         raise UsageError(f"--holdout must be in [0, 1), got {args.holdout}")
-    for name, low, closed in (("lr", 0, False), ("temperature", 0, False), ("kl_weight", 0, True)):
+    for name, zero_ok in (("lr", False), ("temperature", False), ("kl_weight", True)):
         value = getattr(args, name)
-        if not (math.isfinite(value) and (value >= low if closed else value > low)):
-            raise UsageError(f"--{name.replace('_', '-')} must be a number {'>=' if closed else '>'} {low}, "
-                             f"got {value}")
+        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a number {'>=' if zero_ok else '>'} 0, got {value}")
     for name in ("rank", "steps", "max_tokens", "max_samples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -476,7 +476,8 @@ def report_markdown(report: dict) -> str:
     if report.get("effects"):
         out += ["", "### Effects: paired differences on the same samples", "",
                 "A − B over the same held-out samples, with a 95% paired bootstrap interval "
-                f"({sample.BOOTSTRAP_RESAMPLES:,} resamples within each family); `shown` when the interval excludes 0.", ""] + effects_table(report["effects"])
+                f"({sample.BOOTSTRAP_RESAMPLES:,} resamples within each family); `shown` when the interval "
+                "excludes 0.", ""] + effects_table(report["effects"])
     rl = {n: st["rl_eval"] for n, st in report["stages"].items() if st.get("rl_eval")}
     if rl:
         out += ["", "### RL stages: their own held-out prompts, before and after", "",
