@@ -761,7 +761,10 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple:
         return 0.0, 1.0
     p, z2 = correct / n, z * z
     centre, half = p + z2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, (centre - half) / (1 + z2 / n)), min(1.0, (centre + half) / (1 + z2 / n))
+    # at 0 (n) correct the centre equals the half width: the end is exactly 0 (1), not its rounding
+    lo = 0.0 if correct == 0 else max(0.0, (centre - half) / (1 + z2 / n))
+    hi = 1.0 if correct == n else min(1.0, (centre + half) / (1 + z2 / n))
+    return lo, hi
 
 
 def accuracy_cell(correct: int, n: int) -> dict:

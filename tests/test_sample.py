@@ -823,13 +823,15 @@ def test_cli_repeated_image_options_accumulate(tmp_path, tiny, synth, monkeypatc
 def test_wilson_interval_stays_in_0_1_at_none_and_all_correct():
     """0 of n and n of n: the interval is [0, hi] and [lo, 1] and never leaves [0, 1]. Unclamped, the
     formula's rounding gives e.g. 1.0000000000000002 for 11 of 11 and -1.2e-17 for 0 of 21 (a report
-    cell -0.0, an upper end above 1). By hand: at p = 0 the centre z²/2n equals the half width
-    z sqrt(z²/4n²), so the lower end is 0 (up to rounding); by symmetry the upper end at p = 1 is 1."""
+    cell -0.0, an upper end above 1; clamped, 3.6e-17 for 0 of 7). By hand: at p = 0 the centre
+    z²/2n equals the half width z sqrt(z²/4n²), so the lower end is exactly 0 and the upper one
+    (z²/n) / (1 + z²/n) = z²/(n + z²); by symmetry [n/(n + z²), 1] at p = 1."""
+    z2 = sample.Z95 ** 2
     for n in range(1, 200):
         lo0, hi0 = sample.wilson_interval(0, n)
         lon, hin = sample.wilson_interval(n, n)
-        assert 0.0 <= lo0 < 1e-12 and 1 - 1e-12 < hin <= 1.0, n
-        assert hi0 == pytest.approx(1 - lon, abs=1e-12) and 0 < hi0 < 1, n
+        assert lo0 == 0.0 and hin == 1.0, n
+        assert hi0 == pytest.approx(z2 / (n + z2), rel=1e-12) and lon == pytest.approx(n / (n + z2), rel=1e-12), n
         for k in range(n + 1):
             lo, hi = sample.wilson_interval(k, n)
             assert 0.0 <= lo and hi <= 1.0 and lo < k / n + 1e-12 and hi > k / n - 1e-12, (k, n)
