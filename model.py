@@ -31,6 +31,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -1183,12 +1184,46 @@ def sharded_state(model, opt) -> tuple:
     return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str, entries: list, metadata: dict):
+    """A safetensors file written one tensor at a time: entries [(name, dtype, shape, fetch)], where
+    fetch() gives the tensor (any device, any strides) when its bytes are due. At most one tensor's
+    host copy exists at a time; `safetensors.torch.save`, which torch.distributed.checkpoint's own
+    writer calls, builds the whole file as one bytes object (on a GPU after a host copy of every
+    tensor: twice the rank's share of weights and optimizer state in host memory).
+    The format: the header's length (8 bytes, little-endian), the JSON header {name: {dtype, shape,
+    data_offsets}, "__metadata__": {str: str}} padded with spaces to a multiple of 8, then the
+    tensors' bytes back to back in the header's order."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, dtype, shape, _ in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name, dtype, shape, fetch in entries:
+            t = fetch().detach()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
+            f.write(memoryview(t.cpu().reshape(-1).view(torch.uint8).numpy()))      # reshape: contiguous
+
+
 @functools.cache
 def shard_writer():
-    """ShardWriter, torch.distributed.checkpoint's safetensors writer, each rank writing its own shard
-    file, remembering which files this rank wrote (they are hashed here, once). Built on first use:
-    importing torch.distributed.checkpoint would cost every command 0.6 s at start-up."""
+    """ShardWriter: torch.distributed.checkpoint's safetensors layout (what its HuggingFaceStorageReader
+    reads back, resharding), each rank writing its own shard file with write_safetensors, one tensor
+    at a time, and remembering the file (hashed here, once). Built on first use: importing
+    torch.distributed.checkpoint would cost every command 0.6 s at start-up."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future
 
     class ShardWriter(HuggingFaceStorageWriter):
         def __init__(self, path: str):
@@ -1196,8 +1231,23 @@ def shard_writer():
             self.written = []
 
         def write_data(self, plan, planner):
-            future = super().write_data(plan, planner)
-            self.written = sorted({os.path.basename(r.storage_data.relative_path) for r in future.wait()})
+            """This rank's items into shard-NNNNN.safetensors, each tensor's offsets within the whole
+            (its DTensor shard's place) in the file's metadata, where the reader looks for them."""
+            items = plan.items
+            if any(it.type == WriteItemType.BYTE_IO for it in items):
+                raise CheckpointError("a step checkpoint holds tensors only (numbers go to meta.json)")
+            name = f"shard-{plan.storage_data['shard_index']:05d}.safetensors"
+            entries = [(it.index.fqn, it.tensor_data.properties.dtype, tuple(it.tensor_data.chunk.sizes),
+                        functools.partial(planner.resolve_data, it)) for it in items]
+            offsets = {it.index.fqn: {"saved_offsets": list(it.tensor_data.chunk.offsets)} for it in items}
+            if items:
+                write_safetensors(os.path.join(self.path, name), entries, {
+                    "DCP_SHARDING_INFO": json.dumps(offsets), "DCP_VERSION": "1.0", "format": "pt"})
+            self.written = [name] if items else []
+            future = Future()
+            future.set_result([WriteResult(index=it.index, size_in_bytes=math.prod(it.tensor_data.chunk.sizes)
+                                           * it.tensor_data.properties.dtype.itemsize, storage_data=name)
+                               for it in items])
             return future
     return ShardWriter
 

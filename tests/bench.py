@@ -16,6 +16,8 @@
     python tests/bench.py decode      greedy decode, ours (KV cache) vs HF generate, same weights
     python tests/bench.py rollout     RL rollouts vs HF generate (text-only and G rows per image prompt), eager and
                                       compiled; one RL episode with 1 vs 2 processes and its generation share
+    python tests/bench.py checkpoint  host memory and time of writing a step checkpoint (weights + AdamW state):
+                                      our one-tensor-at-a-time shard writer vs torch.distributed.checkpoint's own
 
 `python tests/bench.py NAME --help` lists a bench's options; defaults depend on the device (GPU: the
 sizes of the paper's models, CPU: small ones). One timer serves every bench (`timed`). Correctness is
@@ -1023,6 +1025,81 @@ class Parser(argparse.ArgumentParser):
 
 # argparse types: a bad value is Parser.error's one line naming the option, not a traceback mid-bench
 
+def bench_checkpoint(args):
+    """Writing a step checkpoint (model.save_checkpoint with the optimizer: every rank's shards of the
+    weights and AdamW state): peak resident memory above the state's and seconds, with our shard
+    writer (model.write_safetensors, one tensor at a time) vs torch.distributed.checkpoint's own
+    safetensors writer (HuggingFaceStorageWriter, which builds each shard file as one bytes object).
+    Each writer in its own process (one thread), alternating --repeats times; RSS sampled every 5 ms."""
+    runs = {"ours": [], "dcp": []}
+    for _ in range(args.repeats):
+        for writer in runs:
+            cmd = [sys.executable, os.path.abspath(__file__), "checkpoint-worker", "--writer", writer,
+                   "--preset", args.preset, "--layers", str(args.layers)]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            runs[writer].append(json.loads(out.strip().splitlines()[-1]))
+    first = runs["ours"][0]
+    print(f"step checkpoint of '{args.preset}' with {args.layers} LLM and ViT layers: {first['params'] / 1e6:.0f}M "
+          f"parameters, weights + AdamW state {first['state_gib']:.2f} GiB, {args.repeats} run(s) per writer")
+    for writer, rs in runs.items():
+        extra = [r["peak_gib"] - r["before_gib"] for r in rs]
+        print(f"  {writer:5s} resident memory added while writing {min(extra):5.2f} GiB (runs: {', '.join(f'{x:.2f}' for x in extra)})"
+              f" | {min(r['seconds'] for r in rs):5.1f} s")
+
+
+def checkpoint_worker(args):
+    """(run by bench_checkpoint) one step checkpoint with one writer; prints JSON."""
+    import threading
+    cfg = modeling.preset_config(args.preset)
+    cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, num_hidden_layers=args.layers),
+                              vision_config=dataclasses.replace(cfg.vision_config, num_hidden_layers=args.layers))
+    model = modeling.SAILVL(cfg)                              # untrained weights: what is written, not their values
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()                                               # AdamW's two moments exist, as after any step
+    opt.zero_grad(set_to_none=True)
+    if args.writer == "dcp":                                 # the writer torch.distributed.checkpoint brings
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+        class DCPWriter(HuggingFaceStorageWriter):
+            def __init__(self, path):
+                super().__init__(path, save_distributed=True)
+
+            def write_data(self, plan, planner):
+                future = super().write_data(plan, planner)
+                self.written = sorted({os.path.basename(r.storage_data.relative_path) for r in future.wait()})
+                return future
+        modeling.shard_writer = lambda: DCPWriter
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    peak, done = [0], threading.Event()
+
+    def sample_rss():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.005)
+    before = rss()
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    d = tempfile.mkdtemp()
+    t0 = time.perf_counter()
+    modeling.save_checkpoint(os.path.join(d, "ck"), model, {"stage": "bench", "step": 1}, 0, 1, {}, opt=opt)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    shutil.rmtree(d)
+    state = sum(t.numel() * t.element_size() for t in [*model.parameters(),
+                *(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))])
+    gib = 2 ** 30
+    print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "state_gib": state / gib,
+                      "before_gib": before / gib, "peak_gib": max(peak[0], rss()) / gib, "seconds": seconds}))
+
+
 def positive(text: str) -> int:
     """A count or a size: an integer of at least 1."""
     try:
@@ -1165,6 +1242,16 @@ def add_model_benches(sub):
     p.add_argument("--episode-repeats", type=positive, default=3,
                    help="alternating runs of that episode with 1 and N processes")
     p.set_defaults(func=bench_rollout)
+    p = sub.add_parser("checkpoint", help=summary(bench_checkpoint), description=bench_checkpoint.__doc__)
+    p.add_argument("--preset", default="2b", choices=modeling.PRESETS)
+    p.add_argument("--layers", type=positive, default=4, help="LLM and ViT layers (the preset's widths)")
+    p.add_argument("--repeats", type=positive, default=1, help="runs per writer, alternating")
+    p.set_defaults(func=bench_checkpoint)
+    p = sub.add_parser("checkpoint-worker", help="(internal: one step checkpoint, for checkpoint)")
+    p.add_argument("--writer", choices=("ours", "dcp"), required=True)
+    p.add_argument("--preset", default="2b", choices=modeling.PRESETS)
+    p.add_argument("--layers", type=positive, default=4)
+    p.set_defaults(func=checkpoint_worker)
     p = sub.add_parser("rl-episode", help="(internal: one RL episode under torchrun, for rollout)")
     p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)
     p.add_argument("--prompts", type=positive, default=32)

@@ -74,3 +74,10 @@ def test_rollout_bench_times_our_engine_against_hf(capsys):
     out = run_bench(capsys, "rollout", "--case", "both", "--batch", "4", "--prompt-len", "8", "--new-tokens", "4",
                     "--prompts", "2", "--group", "2", "--repeats", "1", "--no-compile", "--episode-procs", "0")
     assert len(re.findall(r"^  eager +[\d,]+ tok/s, +[\d.]+x HF", out, re.M)) == 2, out
+
+
+def test_checkpoint_bench_writes_with_both_writers(capsys):
+    out = run_bench(capsys, "checkpoint", "--preset", "tiny", "--layers", "1")
+    assert "step checkpoint of 'tiny' with 1 LLM and ViT layers" in out, out
+    for writer in ("ours", "dcp"):
+        assert re.search(rf"^  {writer} +resident memory added while writing +[\d.]+ GiB .* \| +[\d.]+ s$", out, re.M), out
