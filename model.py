@@ -944,16 +944,51 @@ def freeze(model: SAILVL, trainable: list):
 # ==============================================================================================
 # checkpoint helpers shared by SAILVL, load_hf_llm and the trainer
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str, entries: list, metadata: dict):
+    """The one safetensors writer (stage outputs, HF exports, step checkpoint shards), one tensor at a
+    time: entries [(name, dtype, shape, fetch)], where fetch() gives the tensor (any device, any
+    strides) when its bytes are due, so at most one tensor's host copy exists. (torch.distributed.
+    checkpoint's own writer builds each shard file as one bytes object with `safetensors.torch.save`,
+    on a GPU after a host copy of every tensor: twice the rank's share of weights and optimizer
+    state in host memory; older safetensors' save_file copied every tensor to bytes too.)
+    The format: the header's length (8 bytes, little-endian), the JSON header {name: {dtype, shape,
+    data_offsets}, "__metadata__": {str: str}} padded with spaces to a multiple of 8, then the
+    tensors' bytes back to back in the header's order."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, dtype, shape, _ in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name, dtype, shape, fetch in entries:
+            t = fetch().detach()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
+            f.write(memoryview(t.cpu().reshape(-1).view(torch.uint8).numpy()))      # reshape: contiguous
+
+
+def save_tensors(path: str, tensors: dict):
+    """{name: tensor} as a safetensors file (write_safetensors), with the metadata HF writes."""
+    write_safetensors(path, [(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()], {"format": "pt"})
+
+
 def write_weights(folder: str, state_dict: dict, cfg: SAILVLConfig):
     """config.json + model.safetensors of `state_dict` into an existing folder in the official layout
     (a tied lm_head dropped, MoE experts one by one): the one serialiser of SAILVL weights
     (save_pretrained, save_checkpoint)."""
-    from safetensors.torch import save_file
     sd = dict(state_dict)
     if cfg.llm_config.tie_word_embeddings:
         sd.pop("language_model.lm_head.weight", None)                   # shared with embed_tokens
     Path(folder, "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    save_file(hub_layout(sd), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(os.path.join(folder, "model.safetensors"), hub_layout(sd))
 
 
 def hub_layout(sd: dict) -> dict:
@@ -1088,13 +1123,12 @@ def load_hf_llm(path: str, dtype=torch.float32, device="cpu") -> Qwen3LM:
 def save_hf_llm(lm: Qwen3LM, path: str):
     """Export the language model as an HF Qwen3 folder (config.json + model.safetensors, MoE experts
     one by one as on the hub) that `transformers.AutoModelForCausalLM` and `load_hf_llm` read."""
-    from safetensors.torch import save_file
     sd = hub_layout({k: v for k, v in lm.state_dict().items()
                      if not (k == "lm_head.weight" and lm.cfg.tie_word_embeddings)})
 
     def write(tmp):
         Path(tmp, "config.json").write_text(json.dumps(lm.cfg.to_dict(), indent=2))
-        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(os.path.join(tmp, "model.safetensors"), sd)
     atomic_write_dir(path, write)
 
 
@@ -1182,36 +1216,6 @@ def sharded_state(model, opt) -> tuple:
         weights.pop(TIED_HEAD, None)
     optim = get_optimizer_state_dict(model, opt)
     return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
-
-
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def write_safetensors(path: str, entries: list, metadata: dict):
-    """A safetensors file written one tensor at a time: entries [(name, dtype, shape, fetch)], where
-    fetch() gives the tensor (any device, any strides) when its bytes are due. At most one tensor's
-    host copy exists at a time; `safetensors.torch.save`, which torch.distributed.checkpoint's own
-    writer calls, builds the whole file as one bytes object (on a GPU after a host copy of every
-    tensor: twice the rank's share of weights and optimizer state in host memory).
-    The format: the header's length (8 bytes, little-endian), the JSON header {name: {dtype, shape,
-    data_offsets}, "__metadata__": {str: str}} padded with spaces to a multiple of 8, then the
-    tensors' bytes back to back in the header's order."""
-    header, offset = {"__metadata__": metadata}, 0
-    for name, dtype, shape, _ in entries:
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for name, dtype, shape, fetch in entries:
-            t = fetch().detach()
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
-            f.write(memoryview(t.cpu().reshape(-1).view(torch.uint8).numpy()))      # reshape: contiguous
 
 
 @functools.cache

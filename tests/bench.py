@@ -1034,7 +1034,7 @@ def bench_checkpoint(args):
     runs = {"ours": [], "dcp": []}
     for _ in range(args.repeats):
         for writer in runs:
-            cmd = [sys.executable, os.path.abspath(__file__), "checkpoint-worker", "--writer", writer,
+            cmd = [sys.executable, os.path.abspath(__file__), "ckpt-worker", "--writer", writer,
                    "--preset", args.preset, "--layers", str(args.layers)]
             env = dict(os.environ, OMP_NUM_THREADS="1")
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -1247,7 +1247,7 @@ def add_model_benches(sub):
     p.add_argument("--layers", type=positive, default=4, help="LLM and ViT layers (the preset's widths)")
     p.add_argument("--repeats", type=positive, default=1, help="runs per writer, alternating")
     p.set_defaults(func=bench_checkpoint)
-    p = sub.add_parser("checkpoint-worker", help="(internal: one step checkpoint, for checkpoint)")
+    p = sub.add_parser("ckpt-worker", help="(internal: one step checkpoint, for checkpoint)")
     p.add_argument("--writer", choices=("ours", "dcp"), required=True)
     p.add_argument("--preset", default="2b", choices=modeling.PRESETS)
     p.add_argument("--layers", type=positive, default=4)

@@ -137,12 +137,13 @@ def test_bench_packing_takes_underscored_options(capsys):
     assert "max_tokens=2048" in capsys.readouterr().out
 
 
-def test_bench_help_lists_every_bench_with_whole_sentences(capsys):
+def test_bench_help_lists_every_bench_with_whole_sentences(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")          # no line wrap, which splits hyphenated words ("held- out")
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     for fn in (bench.bench_packing, bench.bench_video, bench.bench_step, bench.bench_adalrs, bench.bench_decode,
-               bench.bench_rollout):
+               bench.bench_rollout, bench.bench_checkpoint):
         assert bench.summary(fn).endswith(".") and bench.summary(fn) in out
     assert "engines interleaved." in out and "measured in one run." in out      # were cut mid-sentence
     assert " memory the memory of one training step" in out
