@@ -961,6 +961,8 @@ def write_safetensors(path: str, entries: list, metadata: dict):
     tensors' bytes back to back in the header's order."""
     header, offset = {"__metadata__": metadata}, 0
     for name, dtype, shape, _ in entries:
+        if name in header:                                   # a second entry would overwrite the first's offsets
+            raise CheckpointError(f"{path}: {name} is planned twice")
         size = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size

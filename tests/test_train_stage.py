@@ -834,6 +834,8 @@ def test_write_safetensors_gives_what_the_safetensors_library_reads():
         assert int.from_bytes(f.read(8), "little") % 8 == 0
     with pytest.raises(modeling.CheckpointError, match="planned"):            # a plan that does not match its data
         modeling.write_safetensors(path, [("w", torch.float32, (3, 3), lambda: tensors["w"])], {})
+    with pytest.raises(modeling.CheckpointError, match="planned twice"):
+        modeling.write_safetensors(path, [("w", torch.float32, (3, 5), lambda: tensors["w"])] * 2, {})
 
 
 def test_step_checkpoint_shards_hold_no_file_sized_buffer_and_load_back_exactly(tmp_path):
