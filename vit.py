@@ -583,15 +583,16 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str):
 
 
 def read_safetensors_folder(path: str) -> dict:
-    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+    """All tensors of `model.safetensors`, else of the shards listed in `model.safetensors.index.json`:
+    HF's order (a sharded folder re-saved as one file by save_pretrained keeps its old index)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif os.path.exists(index):
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
     out = {}

@@ -58,6 +58,22 @@ def test_a_config_without_the_tie_key_is_read_with_hfs_default(tmp_path):
         assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
 
 
+def test_a_folder_resaved_as_one_file_over_its_old_index_loads_the_one_file(tmp_path):
+    """HF's save_pretrained re-saving a sharded folder as one file removes the old shards but keeps
+    their index: HF then loads model.safetensors (it looks for that file before the index), so must
+    we (reading the index first failed on its missing shards, or loaded stale ones beside it)."""
+    hf_qwen3(False, 1e6, seed=0).save_pretrained(tmp_path, max_shard_size="40KB")
+    ref = hf_qwen3(False, 1e6, seed=1)
+    ref.save_pretrained(tmp_path)                                   # one file now, the old index left
+    assert (tmp_path / "model.safetensors.index.json").exists() and (tmp_path / "model.safetensors").exists()
+    hf = Qwen3ForCausalLM.from_pretrained(tmp_path).eval()
+    ours = modeling.load_hf_llm(str(tmp_path)).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, ref(ids).logits)           # HF's own reading: the new weights
+        assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
+
+
 def test_qwen3_packed_equals_separate(tmp_path):
     ref = hf_qwen3(False, 1e6)
     ref.save_pretrained(tmp_path)
