@@ -530,7 +530,6 @@ class SAILViT(nn.Module):
 def hf_aimv2_to_sail(sd: dict) -> dict:
     """Rename an HF `Aimv2VisionModel` state dict to SAIL-ViT names (HF's modeling_aimv2.py vs the official modeling_sailvit.py); q/k/v are fused
     into `qkv` in that order, the attention-pooling head (unused by SAIL-VL2) is dropped."""
-    sd = {k.removeprefix("vision_model."): v for k, v in sd.items()}
     top = {"embeddings.patch_embed.weight": "preprocessor.patchifier.proj.weight",
            "embeddings.patch_embed.bias": "preprocessor.patchifier.proj.bias",
            "embeddings.rms_norm.weight": "preprocessor.patchifier.norm.weight",
