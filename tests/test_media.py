@@ -6,6 +6,7 @@ Expectations are computed by hand (InternVL's dynamic_preprocess / get_frame_ind
 size arithmetic written out) or by PIL / plain PyAV directly, never by calling the function under test
 twice.
 """
+import collections
 import json
 import os
 
@@ -17,6 +18,7 @@ import torch.nn as nn
 from PIL import Image
 
 import vit
+from test_data import CountingContainer, write_gop_video
 from vit import DataError
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -42,21 +44,6 @@ def write_gray_video(path, levels, fmt="mp4", codec="mpeg4", size=64):
 def gray_ids(frames) -> list:
     """Frame indices of PIL frames from write_gray_video(levels=[8 * i ...]): centre gray level / 8."""
     return [int(round(np.asarray(f.convert("L"))[16:48, 16:48].mean() / 8)) for f in frames]
-
-
-def write_gop_video(path, n_frames, gop=10, b_frames=2, size=64):
-    """Keyframes every `gop` frames (no scene-cut ones), B-frames; frame i: a bar at row 2i on gray 3i."""
-    with av.open(str(path), "w", format="mp4") as c:
-        s = c.add_stream("mpeg4", rate=25, options={"sc_threshold": "1000000000"})
-        s.width = s.height = size
-        s.pix_fmt, s.bit_rate = "yuv420p", 2_000_000
-        s.codec_context.gop_size, s.codec_context.max_b_frames = gop, b_frames
-        for i in range(n_frames):
-            a = np.full((size, size, 3), (3 * i) % 256, np.uint8)
-            a[(2 * i) % (size - 4):(2 * i) % (size - 4) + 4, :, 0] = 255
-            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
-        c.mux(s.encode())
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,20 +144,11 @@ def test_a_stream_without_timestamps_is_numbered_by_decoding(tmp_path):
     assert gray_ids(vit.video_frames(path, num_frames=32)) == list(range(32))        # up to the last frame
 
 
-class LateSeekContainer:
+class LateSeekContainer(CountingContainer):
     """A PyAV container with an inexact index: every seek lands on the keyframe after the one asked for."""
 
     def __init__(self, container):
-        self.c = container
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.c.close()
-
-    def __getattr__(self, name):
-        return getattr(self.c, name)
+        super().__init__(container, collections.Counter())
 
     def seek(self, offset, backward=True, any_frame=False, stream=None):
         return self.c.seek(offset + 1, backward=False, any_frame=False, stream=stream)
