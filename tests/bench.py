@@ -1030,18 +1030,20 @@ def bench_checkpoint(args):
     weights and AdamW state): peak resident memory above the state's and seconds, with our shard
     writer (model.write_safetensors, one tensor at a time) vs torch.distributed.checkpoint's own
     safetensors writer (HuggingFaceStorageWriter, which builds each shard file as one bytes object).
-    Each writer in its own process (one thread), alternating --repeats times; RSS sampled every 5 ms."""
+    Each writer in its own process (one thread), alternating --repeats times; RSS sampled every 5 ms.
+    On CUDA (--device=cuda) the host memory is what the writers copy out of the GPU."""
     runs = {"ours": [], "dcp": []}
     for _ in range(args.repeats):
         for writer in runs:
             cmd = [sys.executable, os.path.abspath(__file__), "ckpt-worker", "--writer", writer,
-                   "--preset", args.preset, "--layers", str(args.layers)]
+                   "--preset", args.preset, "--layers", str(args.layers), "--device", args.device]
             env = dict(os.environ, OMP_NUM_THREADS="1")
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             runs[writer].append(json.loads(out.strip().splitlines()[-1]))
     first = runs["ours"][0]
-    print(f"step checkpoint of '{args.preset}' with {args.layers} LLM and ViT layers: {first['params'] / 1e6:.0f}M "
-          f"parameters, weights + AdamW state {first['state_gib']:.2f} GiB, {args.repeats} run(s) per writer")
+    print(f"step checkpoint of '{args.preset}' with {args.layers} LLM and ViT layers on {args.device}: "
+          f"{first['params'] / 1e6:.0f}M parameters, weights + AdamW state {first['state_gib']:.2f} GiB, "
+          f"{args.repeats} run(s) per writer")
     for writer, rs in runs.items():
         extra = [r["peak_gib"] - r["before_gib"] for r in rs]
         print(f"  {writer:5s} resident memory added while writing {min(extra):5.2f} GiB (runs: {', '.join(f'{x:.2f}' for x in extra)})"
@@ -1054,7 +1056,7 @@ def checkpoint_worker(args):
     cfg = modeling.preset_config(args.preset)
     cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, num_hidden_layers=args.layers),
                               vision_config=dataclasses.replace(cfg.vision_config, num_hidden_layers=args.layers))
-    model = modeling.SAILVL(cfg)                              # untrained weights: what is written, not their values
+    model = modeling.SAILVL(cfg).to(args.device)              # untrained weights: what is written, not their values
     opt = torch.optim.AdamW(model.parameters())
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -1246,11 +1248,13 @@ def add_model_benches(sub):
     p.add_argument("--preset", default="2b", choices=modeling.PRESETS)
     p.add_argument("--layers", type=positive, default=4, help="LLM and ViT layers (the preset's widths)")
     p.add_argument("--repeats", type=positive, default=1, help="runs per writer, alternating")
+    p.add_argument("--device", type=device, default="cpu", help="cpu | cuda: where the weights and AdamW state live")
     p.set_defaults(func=bench_checkpoint)
     p = sub.add_parser("ckpt-worker", help="(internal: one step checkpoint, for checkpoint)")
     p.add_argument("--writer", choices=("ours", "dcp"), required=True)
     p.add_argument("--preset", default="2b", choices=modeling.PRESETS)
     p.add_argument("--layers", type=positive, default=4)
+    p.add_argument("--device", type=device, default="cpu")
     p.set_defaults(func=checkpoint_worker)
     p = sub.add_parser("rl-episode", help="(internal: one RL episode under torchrun, for rollout)")
     p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)

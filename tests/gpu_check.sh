@@ -19,6 +19,8 @@
 #   6  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
 #   7  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)
 #   8  tests/bench.py moe                   MoE expert layer: Triton vs the HF loop / grouped_mm (ratios)
+#   9  tests/bench.py checkpoint --device=cuda   host memory of writing a step checkpoint from the GPU:
+#                                           one tensor at a time vs torch.distributed.checkpoint's own writer
 #
 # Each step has its own time limit; a failing step is reported and the others still run. Each step's
 # row is printed when it ends (a run cut short still shows what it did), the whole table at the end.
@@ -130,6 +132,7 @@ step kernel-tests 150 "passed|failed" \
     tests/test_kernels_gpu.py
 step bench-attn 90 "triton" "$PY" tests/bench.py attention
 step bench-moe 90 "triton|skewed" "$PY" tests/bench.py moe
+step bench-ckpt 150 "ours |dcp " "$PY" tests/bench.py checkpoint --device="$DEV" --preset="$PRESET"
 
 echo
 echo "GPU check on $("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU (rehearsal)", "| torch", torch.__version__)') | triton $("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null)"
