@@ -996,14 +996,14 @@ def write_weights(folder: str, state_dict: dict, cfg: SAILVLConfig):
 def hub_layout(sd: dict) -> dict:
     """Our tensors as HF checkpoints hold them: each MoE layer's stacked (E, ...) expert weights as
     `experts.N.<proj>.weight`, as on the hub and in Qwen3MoeForCausalLM's loading (normalize_state_dict
-    stacks them back); contiguous, on the CPU."""
+    stacks them back). Views, wherever the tensors are: write_safetensors copies one at a time to the host."""
     out = {}
     for k, v in sd.items():
         if ".experts." in k:
             base, proj = k.rsplit(".", 1)
-            out.update({f"{base}.{e}.{proj}.weight": w.detach().contiguous().cpu() for e, w in enumerate(v)})
+            out.update({f"{base}.{e}.{proj}.weight": w.detach() for e, w in enumerate(v)})
         else:
-            out[k] = v.detach().contiguous().cpu()
+            out[k] = v.detach()
     return out
 
 
