@@ -974,7 +974,7 @@ def write_safetensors(path: str, entries: list, metadata: dict):
             t = fetch().detach()
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise CheckpointError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
-            f.write(memoryview(t.cpu().reshape(-1).view(torch.uint8).numpy()))      # reshape: contiguous
+            f.write(memoryview(t.reshape(-1).cpu().view(torch.uint8).numpy()))   # contiguous where it lives: one host copy
 
 
 def save_tensors(path: str, tensors: dict):

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -813,7 +812,7 @@ def test_a_full_disk_while_shards_are_written_keeps_the_previous_step_checkpoint
     assert os.listdir(tmp_path) == ["ck"]                                # no staging folder left behind
 
 
-def test_write_safetensors_gives_what_the_safetensors_library_reads():
+def test_write_safetensors_gives_what_the_safetensors_library_reads(tmp_path):
     """model.write_safetensors (the step checkpoint's shard writer) against the safetensors library:
     every dtype a checkpoint holds, a transposed (non-contiguous) tensor, a 0-dim one and an empty
     one read back equal, with the metadata, the header padded to a multiple of 8."""
@@ -822,7 +821,7 @@ def test_write_safetensors_gives_what_the_safetensors_library_reads():
     tensors = {"w": torch.randn(5, 3, generator=g).T, "bf": torch.randn(7, generator=g).bfloat16(),
                "step": torch.tensor(3.0), "ids": torch.arange(6).view(2, 3), "flags": torch.tensor([True, False]),
                "half": torch.randn(2, 2, generator=g).half(), "empty": torch.zeros(0, 4)}
-    path = os.path.join(tempfile.mkdtemp(), "x.safetensors")
+    path = str(tmp_path / "x.safetensors")
     modeling.write_safetensors(path, [(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()],
                                {"format": "pt", "note": "ok"})
     with safe_open(path, framework="pt") as f:
