@@ -895,7 +895,7 @@ class SAILVL(nn.Module):
     # -- checkpoint I/O (the official model.safetensors key names) ---------------------------------------------------------
     def save_pretrained(self, path: str):
         """config.json + model.safetensors in the official SAIL-VL2 layout, written atomically."""
-        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.detach() for k, v in self.state_dict().items()}      # where they are: the writer copies one at a time
         atomic_write_dir(path, lambda tmp: write_weights(tmp, sd, self.cfg))
 
     @classmethod
@@ -1161,11 +1161,13 @@ def file_record(path: str) -> dict:
 
 
 def full_state_dict(model) -> dict:
-    """Consolidated fp32 weights on CPU (rank 0 only under FSDP; {} on other ranks)."""
+    """Consolidated weights: under FSDP gathered to rank 0's host ({} on other ranks); in one process
+    the model's own tensors, wherever they are (write_safetensors copies one at a time to the host,
+    not the whole model at once)."""
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def set_full_state_dict(model, sd: dict):

@@ -353,3 +353,26 @@ def test_resume_skips_a_step_folder_that_holds_no_optimizer_state(tmp_path):
     logs = []
     assert modeling.find_resume_checkpoint(str(run), logs.append) == str(run / "step-000002")
     assert len(logs) == 1 and "not a resumable step checkpoint" in logs[0]
+
+
+def test_weights_reach_the_host_one_at_a_time_inside_the_writer(tmp_path, monkeypatch):
+    """A stage output and save_pretrained of a one-process model hand the writer the model's own
+    tensors: each goes to the host inside write_safetensors, one at a time, never all of them first
+    (a GPU model's whole state on the host). Every Tensor.cpu() call here is recorded with its caller."""
+    m = modeling.build_model("tiny", seed=0)
+    callers, cpu = [], torch.Tensor.cpu
+
+    def recording_cpu(self, *a, **kw):
+        import sys
+        callers.append(sys._getframe(1).f_code.co_name)
+        return cpu(self, *a, **kw)
+    monkeypatch.setattr(torch.Tensor, "cpu", recording_cpu)
+    modeling.save_checkpoint(str(tmp_path / "ck"), m, {"stage": "x"}, 0, 1)
+    m.save_pretrained(str(tmp_path / "pre"))
+    monkeypatch.undo()
+    got = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert got.keys() == load_file(str(tmp_path / "pre" / "model.safetensors")).keys()
+    assert set(callers) == {"write_safetensors"} and len(callers) == 2 * len(got)     # once per tensor written
+    for k, v in modeling.hub_layout(m.state_dict()).items():
+        if k in got:
+            assert torch.equal(got[k], v)
