@@ -10,11 +10,13 @@ layout). Same seed and size, same bytes.
     python tests/synth.py --out data_synth              # the default folder, 1024 train samples per family
     python tests/synth.py --out /tmp/s --size 16        # the tests' size
     python tests/synth.py charts --out /tmp/charts      # §3.1's chart data alone (bar / line / pie + QA)
+    python tests/synth.py overlap                       # held-out / RL samples identical to a train sample
 
 The components never import this file: data.ensure_synth runs it in a subprocess when the default
 folder is missing. What they read of the data (the family names, its words) is in data.py.
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -111,8 +113,10 @@ def train_bpe(texts, vocab_size: int) -> dict:
 
 SYNTH_VOCAB = 512                  # the tiny presets' vocab_size: bytes + specials + 242 merges
 SYNTH_SYSTEM = "You are UniVL, a helpful assistant."   # the tiny presets' system prompt (model.preset_config)
-# RL prompts (§4.2.3) no SFT stage reads: count_cot/rl.jsonl (4 x size fresh scenes, so an RL run
-# never repeats a prompt) and count_cot/rl_eval.jsonl (size // 2 held-out scenes)
+# RL prompts (§4.2.3) no SFT stage reads: count_cot/rl.jsonl (4 x size scenes) and count_cot/rl_eval.jsonl
+# (size // 2 held-out scenes), drawn independently: nothing removes a scene drawn twice, within a split or
+# across splits (`python tests/synth.py overlap` counts them; at the default size 318 of the 4,096 RL
+# prompts repeat one another and 60 of the 512 held-out ones are RL prompts too)
 RL_SPLITS = {"count_cot": {"rl": 4, "rl_eval": 0.5}}
 CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Write a short caption.")
 
@@ -455,6 +459,47 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
     return data.ensure_synth(out, seed, size, progress, make=make_synth)
 
 
+def split_overlap(root) -> dict:
+    """{family: {split: (identical to a train sample, to an RL prompt (None without an RL split or for
+    it), distinct, samples)}} of a synthetic folder: two
+    samples are identical when their records are, media read by their bytes, not their file names.
+    (Small answer spaces repeat: 23 OCR words, 243 expressions; nothing removes repeats across splits.)"""
+    root, out = Path(root), {}
+
+    def key(family_dir, rec):
+        rec = dict(rec)
+        media = [rec.pop(k) for k in ("image", "video") if k in rec]
+        paths = [p for m in media for p in ([m] if isinstance(m, str) else m)]
+        digests = [hashlib.sha256((family_dir / p).read_bytes()).hexdigest() for p in paths]
+        return json.dumps(rec, sort_keys=True), tuple(digests)
+
+    def keys(path):
+        return [key(path.parent, json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
+    for train in sorted(root.glob("*/train.jsonl")):
+        seen = set(keys(train))
+        rl = set(keys(train.parent / "rl.jsonl")) if (train.parent / "rl.jsonl").is_file() else None
+        for split in sorted(train.parent.glob("*.jsonl")):
+            if split != train:
+                ks = keys(split)
+                in_rl = sum(k in rl for k in ks) if rl is not None and split.stem != "rl" else None
+                out.setdefault(train.parent.name, {})[split.stem] = (sum(k in seen for k in ks), in_rl, len(set(ks)), len(ks))
+    return out
+
+
+def overlap_main(argv):
+    p = Parser(prog="tests/synth.py overlap", description="How many samples of each held-out and RL split are "
+                                "identical to a training sample or an RL prompt (record and media bytes), and how many are distinct.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="the synthetic folder to read")
+    args = p.parse_args(argv)
+    if not Path(args.out, "synth.json").is_file():
+        raise UsageError(f"--out {args.out}: not a synthetic data folder (no synth.json)")
+    print(f"{'family':12s} {'split':8s} {'in train':>9s} {'in rl':>6s} {'distinct':>9s} {'samples':>8s}")
+    for family, splits in split_overlap(args.out).items():
+        for split, (same, in_rl, distinct, n) in splits.items():
+            print(f"{family:12s} {split:8s} {same:9d} {'-' if in_rl is None else in_rl:>6} {distinct:9d} {n:8d}")
+
+
 # ----------------------------------------------------------------------------------------------
 # command line
 
@@ -506,7 +551,8 @@ def synth_main(argv):
 def main(argv=None):
     """A mistake is one line on stderr, no traceback (train_stage.one_line_errors)."""
     argv = sys.argv[1:] if argv is None else argv
-    run, argv = (charts_main, argv[1:]) if argv[:1] == ["charts"] else (synth_main, argv)
+    tools = {"charts": charts_main, "overlap": overlap_main}
+    run, argv = (tools[argv[0]], argv[1:]) if argv[:1] and argv[0] in tools else (synth_main, argv)
     train_stage.one_line_errors(lambda: run(argv), "tests/synth.py")
 
 

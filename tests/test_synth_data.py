@@ -487,3 +487,28 @@ def test_where_questions_have_one_true_answer(tmp_path):
         if m and len([o for o in objects_drawn(tmp_path / rec["image"]) if o[:2] == m.groups()]) > 1:
             ambiguous.append(i)
     assert not ambiguous, ambiguous
+
+
+# ----------------------------------------------------------------------------------------------
+# how much of each held-out and RL split repeats training samples (python tests/synth.py overlap)
+
+def test_split_overlap_counts_samples_identical_by_record_and_media_bytes(tmp_path, capsys):
+    """c.png holds a.png's bytes under another name: a record that differs only by the file name is
+    a training sample again; another answer or other pixels are not. Counted by hand."""
+    fam = tmp_path / "s" / "ocr"
+    (fam / "images").mkdir(parents=True)
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "red"), ("d.png", "green")):
+        Image.new("RGB", (4, 4), colour).save(fam / "images" / name)
+
+    def write(split, rows):
+        (fam / f"{split}.jsonl").write_text("".join(json.dumps({"image": f"images/{img}", "answer": a}) + "\n"
+                                                    for img, a in rows))
+    write("train", [("a.png", "x"), ("b.png", "y")])
+    write("eval", [("c.png", "x"), ("c.png", "z"), ("d.png", "x"), ("c.png", "x")])
+    write("rl", [("d.png", "x")])
+    write("rl_eval", [("d.png", "x"), ("b.png", "y")])
+    assert synth.split_overlap(tmp_path / "s") == {"ocr": {"eval": (2, 1, 3, 4), "rl": (0, None, 1, 1),
+                                                           "rl_eval": (1, 1, 2, 2)}}
+    (tmp_path / "s" / "synth.json").write_text("{}")
+    synth.main(["overlap", "--out", str(tmp_path / "s")])
+    assert capsys.readouterr().out.splitlines()[1].split() == ["ocr", "eval", "2", "1", "3", "4"]
