@@ -538,7 +538,8 @@ def synth_main(argv):
     p = Parser(prog="tests/synth.py", description="Build the synthetic miniature dataset (PNG, "
                                 "MP4, JSONL manifests and a BPE tokenizer) that the tiny default recipe trains and "
                                 "evaluates on, into a new folder. `tests/synth.py charts --help`: §3.1's chart "
-                                "data alone.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "data alone; `tests/synth.py overlap --help`: held-out samples that repeat "
+                                "training ones.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="folder to create (must not exist)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--size", type=int, default=DEFAULT_SYNTH_SIZE, help="train samples per task family")
