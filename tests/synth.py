@@ -41,7 +41,7 @@ from data import (CHART_KINDS, CHART_LABELS, COLOURS, COLS, DEFAULT_SYNTH_DIR, D
 from curate import template_qa  # noqa: E402
 import train_stage  # noqa: E402
 from data import InputError, UsageError  # noqa: E402
-from sample import BOXED, Parser  # noqa: E402
+from sample import BOXED, Parser, wilson_interval  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,45 +459,82 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
     return data.ensure_synth(out, seed, size, progress, make=make_synth)
 
 
-def split_overlap(root) -> dict:
-    """{family: {split: (identical to a train sample, to an RL prompt (None without an RL split or for
-    it), distinct, samples)}} of a synthetic folder: two
-    samples are identical when their records are, media read by their bytes, not their file names.
-    (Small answer spaces repeat: 23 OCR words, 243 expressions; nothing removes repeats across splits.)"""
-    root, out = Path(root), {}
-
-    def key(family_dir, rec):
-        rec = dict(rec)
+def sample_keys(manifest: Path) -> list:
+    """One key per line of a synthetic manifest: the record with its media as their bytes' digests (two
+    samples are identical when their keys are, whatever their files are called)."""
+    keys = []
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
         media = [rec.pop(k) for k in ("image", "video") if k in rec]
         paths = [p for m in media for p in ([m] if isinstance(m, str) else m)]
-        digests = [hashlib.sha256((family_dir / p).read_bytes()).hexdigest() for p in paths]
-        return json.dumps(rec, sort_keys=True), tuple(digests)
+        keys.append((json.dumps(rec, sort_keys=True),
+                     tuple(hashlib.sha256((manifest.parent / p).read_bytes()).hexdigest() for p in paths)))
+    return keys
 
-    def keys(path):
-        return [key(path.parent, json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
-    for train in sorted(root.glob("*/train.jsonl")):
-        seen = set(keys(train))
-        rl = set(keys(train.parent / "rl.jsonl")) if (train.parent / "rl.jsonl").is_file() else None
+
+def split_overlap(root) -> dict:
+    """{family: {split: (in train, in rl, distinct, samples)}} of a synthetic folder: per split other than
+    train, its samples identical to a train sample, to an RL prompt (None without an RL split, or for it),
+    and its distinct samples. (Small answer spaces repeat: 23 OCR words, 243 expressions; nothing removes
+    repeats across splits.)"""
+    out = {}
+    for train in sorted(Path(root).glob("*/train.jsonl")):
+        seen = set(sample_keys(train))
+        rl = set(sample_keys(train.parent / "rl.jsonl")) if (train.parent / "rl.jsonl").is_file() else None
         for split in sorted(train.parent.glob("*.jsonl")):
             if split != train:
-                ks = keys(split)
+                ks = sample_keys(split)
                 in_rl = sum(k in rl for k in ks) if rl is not None and split.stem != "rl" else None
                 out.setdefault(train.parent.name, {})[split.stem] = (sum(k in seen for k in ks), in_rl, len(set(ks)), len(ks))
     return out
 
 
+def accuracy_seen_and_unseen(root, predictions) -> dict:
+    """{(family, think): ((correct, n) on held-out samples identical to a train sample, (correct, n) on
+    the others)} of one stage's predictions file (tests/recipe.py's predictions/STAGE.jsonl; its blank-image
+    rows left out)."""
+    in_train = {}
+    for train in Path(root).glob("*/train.jsonl"):
+        seen = set(sample_keys(train))
+        for split in train.parent.glob("*.jsonl"):
+            in_train[split.resolve()] = [k in seen for k in sample_keys(split)]
+    out = {}
+    for line in Path(predictions).read_text(encoding="utf-8").splitlines():
+        p = json.loads(line)
+        path, _, number = p["where"].rpartition(":")
+        if p["blank"] or Path(path).resolve() not in in_train:
+            continue
+        tally = out.setdefault((p["family"], p["think"]), [[0, 0], [0, 0]])[0 if in_train[Path(path).resolve()][int(number) - 1] else 1]
+        tally[0] += bool(p["correct"])
+        tally[1] += 1
+    return {k: (tuple(a), tuple(b)) for k, (a, b) in sorted(out.items())}
+
+
 def overlap_main(argv):
     p = Parser(prog="tests/synth.py overlap", description="How many samples of each held-out and RL split are "
-                                "identical to a training sample or an RL prompt (record and media bytes), and how many are distinct.",
+                                "identical to a training sample or an RL prompt (record and media bytes), and how "
+                                "many are distinct. With --predictions: a stage's accuracy on the held-out samples "
+                                "that are training samples too and on the others.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="the synthetic folder to read")
+    p.add_argument("--predictions", nargs="+", default=[], metavar="FILE",
+                   help="predictions files of a recipe run (OUT/recipe/predictions/STAGE.jsonl)")
     args = p.parse_args(argv)
     if not Path(args.out, "synth.json").is_file():
         raise UsageError(f"--out {args.out}: not a synthetic data folder (no synth.json)")
-    print(f"{'family':12s} {'split':8s} {'in train':>9s} {'in rl':>6s} {'distinct':>9s} {'samples':>8s}")
-    for family, splits in split_overlap(args.out).items():
-        for split, (same, in_rl, distinct, n) in splits.items():
-            print(f"{family:12s} {split:8s} {same:9d} {'-' if in_rl is None else in_rl:>6} {distinct:9d} {n:8d}")
+    if not args.predictions:
+        print(f"{'family':12s} {'split':8s} {'in train':>9s} {'in rl':>6s} {'distinct':>9s} {'samples':>8s}")
+        for family, splits in split_overlap(args.out).items():
+            for split, (same, in_rl, distinct, n) in splits.items():
+                print(f"{family:12s} {split:8s} {same:9d} {'-' if in_rl is None else in_rl:>6} {distinct:9d} {n:8d}")
+    for f in args.predictions:
+        if not Path(f).is_file():
+            raise UsageError(f"--predictions {f}: no such file")
+        print(f"{f}: accuracy on held-out samples that are training samples too | on the others (95% Wilson)")
+        for (family, think), tallies in accuracy_seen_and_unseen(args.out, f).items():
+            cells = [f"{c / n:.2f} [{lo:.2f}, {hi:.2f}] of {n:3d}" if n else f"{'-':>22s}"
+                     for c, n in tallies for lo, hi in [wilson_interval(c, n)]]
+            print(f"  {family + (' (thinking)' if think else ''):22s} {cells[0]} | {cells[1]}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -512,3 +512,11 @@ def test_split_overlap_counts_samples_identical_by_record_and_media_bytes(tmp_pa
     (tmp_path / "s" / "synth.json").write_text("{}")
     synth.main(["overlap", "--out", str(tmp_path / "s")])
     assert capsys.readouterr().out.splitlines()[1].split() == ["ocr", "eval", "2", "1", "3", "4"]
+    # a stage's predictions (tests/recipe.py's rows): eval lines 1 and 4 are training samples, 2 and 3 not
+    ev = fam / "eval.jsonl"
+    rows = [(1, True, False, False), (2, False, False, False), (3, True, False, False), (4, False, False, False),
+            (3, True, True, False), (1, True, False, True), (2, True, False, True)]   # (line, correct, blank, think)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"family": "ocr", "where": f"{ev}:{n}", "correct": c,
+                                                          "blank": b, "think": t}) + "\n" for n, c, b, t in rows))
+    assert synth.accuracy_seen_and_unseen(tmp_path / "s", tmp_path / "p.jsonl") == {
+        ("ocr", False): ((1, 2), (1, 2)), ("ocr", True): ((1, 1), (1, 1))}      # the blank row left out
