@@ -3,7 +3,8 @@
 SAIL-VL2's recipe (train_stage.py) runs at the tiny preset on this data when no real data is
 given: eleven task families (text, caption, caption QA, OCR, chart, counting with and without a
 chain, arithmetic with and without a chain, two-image questions, video motion) of flat shapes,
-words, charts and moving shapes in a small regular language, with a held-out eval split, the RL
+words, charts and moving shapes in a small regular language, with an eval split drawn apart from
+train (not deduplicated against it: `overlap` counts the repeats), the RL
 prompt splits (§4.2.3), and a byte-level BPE trained on it (`train_bpe`, HF `tokenizer.json`
 layout). Same seed and size, same bytes.
 
@@ -104,7 +105,7 @@ def train_bpe(texts, vocab_size: int) -> dict:
 #
 # Layout of DIR (`python tests/synth.py --out DIR`, or `data.ensure_synth(DIR)` on first use):
 #   DIR/synth.json                         stamp: version, seed, size, samples per family and split
-#   DIR/{family}/train.jsonl, eval.jsonl   manifests (held-out eval split: different random scenes)
+#   DIR/{family}/train.jsonl, eval.jsonl   manifests (eval: its own random draws, which can repeat train's)
 #   DIR/{family}/images/{split}_{i:05d}[_a|_b].png,  DIR/video/videos/{split}_{i:05d}.mp4
 #   DIR/tokenizer.json                     a byte-level BPE trained on the train split (`train_bpe`)
 # The language is small and regular ("a red circle at the top left.") so a tiny model visibly learns
