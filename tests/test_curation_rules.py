@@ -15,15 +15,11 @@ from PIL import Image, ImageDraw
 
 import curate
 import synth
+from test_curation import write_jsonl
 
 
 def conv(user, answer, **fields):
     return {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}], **fields}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def read_jsonl(path):
