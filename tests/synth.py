@@ -473,39 +473,43 @@ def sample_keys(manifest: Path) -> list:
     return keys
 
 
-def split_overlap(root) -> dict:
+def split_keys(root) -> dict:
+    """{family folder: {split: its sample keys}} of a synthetic folder, each manifest read once."""
+    return {train.parent: {m.stem: sample_keys(m) for m in sorted(train.parent.glob("*.jsonl"))}
+            for train in sorted(Path(root).glob("*/train.jsonl"))}
+
+
+def split_overlap(root, keys=None) -> dict:
     """{family: {split: (in train, in rl, distinct, samples)}} of a synthetic folder: per split other than
     train, its samples identical to a train sample, to an RL prompt (None without an RL split, or for it),
     and its distinct samples. (Small answer spaces repeat: 23 OCR words, 243 expressions; nothing removes
-    repeats across splits.)"""
+    repeats across splits.) `keys`: split_keys(root), when the caller has them."""
     out = {}
-    for train in sorted(Path(root).glob("*/train.jsonl")):
-        seen = set(sample_keys(train))
-        rl = set(sample_keys(train.parent / "rl.jsonl")) if (train.parent / "rl.jsonl").is_file() else None
-        for split in sorted(train.parent.glob("*.jsonl")):
-            if split != train:
-                ks = sample_keys(split)
-                in_rl = sum(k in rl for k in ks) if rl is not None and split.stem != "rl" else None
-                out.setdefault(train.parent.name, {})[split.stem] = (sum(k in seen for k in ks), in_rl, len(set(ks)), len(ks))
+    for family, splits in (keys or split_keys(root)).items():
+        seen, rl = set(splits["train"]), set(splits["rl"]) if "rl" in splits else None
+        for split, ks in splits.items():
+            if split != "train":
+                in_rl = sum(k in rl for k in ks) if rl is not None and split != "rl" else None
+                out.setdefault(family.name, {})[split] = (sum(k in seen for k in ks), in_rl, len(set(ks)), len(ks))
     return out
 
 
-def accuracy_seen_and_unseen(root, predictions) -> dict:
+def accuracy_seen_and_unseen(root, predictions, keys=None) -> dict:
     """{(family, think): ((correct, n) on held-out samples identical to a train sample, (correct, n) on
     the others)} of one stage's predictions file (tests/recipe.py's predictions/STAGE.jsonl; its blank-image
-    rows left out)."""
+    rows left out). `keys`: split_keys(root), when the caller has them."""
     in_train = {}
-    for train in Path(root).glob("*/train.jsonl"):
-        seen = set(sample_keys(train))
-        for split in train.parent.glob("*.jsonl"):
-            in_train[split.resolve()] = [k in seen for k in sample_keys(split)]
+    for family, splits in (keys or split_keys(root)).items():
+        seen = set(splits["train"])
+        in_train.update({(family / f"{split}.jsonl").resolve(): [k in seen for k in ks] for split, ks in splits.items()})
     out = {}
     for line in Path(predictions).read_text(encoding="utf-8").splitlines():
         p = json.loads(line)
         path, _, number = p["where"].rpartition(":")
-        if p["blank"] or Path(path).resolve() not in in_train:
+        flags = in_train.get(Path(path).resolve())
+        if p["blank"] or flags is None:
             continue
-        tally = out.setdefault((p["family"], p["think"]), [[0, 0], [0, 0]])[0 if in_train[Path(path).resolve()][int(number) - 1] else 1]
+        tally = out.setdefault((p["family"], p["think"]), [[0, 0], [0, 0]])[0 if flags[int(number) - 1] else 1]
         tally[0] += bool(p["correct"])
         tally[1] += 1
     return {k: (tuple(a), tuple(b)) for k, (a, b) in sorted(out.items())}
@@ -523,16 +527,17 @@ def overlap_main(argv):
     args = p.parse_args(argv)
     if not Path(args.out, "synth.json").is_file():
         raise UsageError(f"--out {args.out}: not a synthetic data folder (no synth.json)")
+    keys = split_keys(args.out)                  # every manifest and media file read and hashed once
     if not args.predictions:
         print(f"{'family':12s} {'split':8s} {'in train':>9s} {'in rl':>6s} {'distinct':>9s} {'samples':>8s}")
-        for family, splits in split_overlap(args.out).items():
+        for family, splits in split_overlap(args.out, keys).items():
             for split, (same, in_rl, distinct, n) in splits.items():
                 print(f"{family:12s} {split:8s} {same:9d} {'-' if in_rl is None else in_rl:>6} {distinct:9d} {n:8d}")
     for f in args.predictions:
         if not Path(f).is_file():
             raise UsageError(f"--predictions {f}: no such file")
         print(f"{f}: accuracy on held-out samples that are training samples too | on the others (95% Wilson)")
-        for (family, think), tallies in accuracy_seen_and_unseen(args.out, f).items():
+        for (family, think), tallies in accuracy_seen_and_unseen(args.out, f, keys).items():
             cells = [f"{c / n:.2f} [{lo:.2f}, {hi:.2f}] of {n:3d}" if n else f"{'-':>22s}"
                      for c, n in tallies for lo, hi in [wilson_interval(c, n)]]
             print(f"  {family + (' (thinking)' if think else ''):22s} {cells[0]} | {cells[1]}")
