@@ -895,7 +895,7 @@ class SAILVL(nn.Module):
     # -- checkpoint I/O (the official model.safetensors key names) ---------------------------------------------------------
     def save_pretrained(self, path: str):
         """config.json + model.safetensors in the official SAIL-VL2 layout, written atomically."""
-        sd = {k: v.detach() for k, v in self.state_dict().items()}      # where they are: the writer copies one at a time
+        sd = {k: v.detach() for k, v in self.state_dict().items()}      # where they are: written one at a time
         atomic_write_dir(path, lambda tmp: write_weights(tmp, sd, self.cfg))
 
     @classmethod

@@ -490,7 +490,8 @@ def split_overlap(root, keys=None) -> dict:
         for split, ks in splits.items():
             if split != "train":
                 in_rl = sum(k in rl for k in ks) if rl is not None and split != "rl" else None
-                out.setdefault(family.name, {})[split] = (sum(k in seen for k in ks), in_rl, len(set(ks)), len(ks))
+                in_train = sum(k in seen for k in ks)
+                out.setdefault(family.name, {})[split] = (in_train, in_rl, len(set(ks)), len(ks))
     return out
 
 
