@@ -502,7 +502,8 @@ def accuracy_seen_and_unseen(root, predictions, keys=None) -> dict:
     in_train = {}
     for family, splits in (keys or split_keys(root)).items():
         seen = set(splits["train"])
-        in_train.update({(family / f"{split}.jsonl").resolve(): [k in seen for k in ks] for split, ks in splits.items()})
+        for split, ks in splits.items():
+            in_train[(family / f"{split}.jsonl").resolve()] = [k in seen for k in ks]
     out = {}
     for line in Path(predictions).read_text(encoding="utf-8").splitlines():
         p = json.loads(line)
