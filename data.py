@@ -1128,7 +1128,7 @@ def _unpack_bits(text: str, n: int) -> np.ndarray:
 
 SYNTH_FAMILIES = ("text", "caption", "caption_qa", "ocr", "chart", "count", "count_cot", "math", "math_direct",
                   "multi", "video")
-SYNTH_VERSION = 3                  # the generator's version, in DIR/synth.json: another version is refused
+SYNTH_VERSION = 4                  # the generator's version, in DIR/synth.json: another version is refused
 DEFAULT_SYNTH_DIR = "data_synth"   # relative to the working directory; git-ignored
 DEFAULT_SYNTH_SIZE = 1024          # train samples per family (eval: size // 8; text: 8 x size)
 SYNTH_SCRIPT = Path(__file__).resolve().parent / "tests" / "synth.py"

@@ -113,11 +113,14 @@ CAPTION_CLAUSE = re.compile(r"\ban? ([a-z]+) ([a-z]+) at the ([a-z]+) ([a-z]+)")
 
 
 def template_qa(caption: str) -> list:
-    qa = []
-    for colour, shape, row, col in CAPTION_CLAUSE.findall(caption.lower()):
+    qa, objects = [], CAPTION_CLAUSE.findall(caption.lower())
+    twice = {k for k, n in Counter((c, s) for c, s, _, _ in objects).items() if n > 1}
+    for colour, shape, row, col in objects:
         qa += [(f"What colour is the {shape} at the {row} {col}?", f"{colour}."),
                (f"Where is the {colour} {shape}?", f"at the {row} {col}."),
                (f"What shape is at the {row} {col}?", f"a {shape}.")]
+        if (colour, shape) in twice:    # "Where is the red circle?" of two red circles has two true answers
+            del qa[-2]
     return qa or [("Describe the image.", caption)]
 
 

@@ -3,15 +3,15 @@
 SAIL-VL2's recipe (train_stage.py) runs at the tiny preset on this data when no real data is
 given: eleven task families (text, caption, caption QA, OCR, chart, counting with and without a
 chain, arithmetic with and without a chain, two-image questions, video motion) of flat shapes,
-words, charts and moving shapes in a small regular language, with an eval split drawn apart from
-train (not deduplicated against it: `overlap` counts the repeats), the RL
-prompt splits (§4.2.3), and a byte-level BPE trained on it (`train_bpe`, HF `tokenizer.json`
+words, charts and moving shapes in a small regular language, with an eval split of new samples (none
+identical to a training sample: shapes drawn at jittered places, text at jittered sizes and places), the RL
+prompt splits (§4.2.3, new in the same way), and a byte-level BPE trained on it (`train_bpe`, HF `tokenizer.json`
 layout). Same seed and size, same bytes.
 
     python tests/synth.py --out data_synth              # the default folder, 1024 train samples per family
     python tests/synth.py --out /tmp/s --size 16        # the tests' size
     python tests/synth.py charts --out /tmp/charts      # §3.1's chart data alone (bar / line / pie + QA)
-    python tests/synth.py overlap                       # held-out / RL samples identical to a train sample
+    python tests/synth.py overlap                       # check: held-out / RL samples identical to a train one
 
 The components never import this file: data.ensure_synth runs it in a subprocess when the default
 folder is missing. What they read of the data (the family names, its words) is in data.py.
@@ -105,7 +105,7 @@ def train_bpe(texts, vocab_size: int) -> dict:
 #
 # Layout of DIR (`python tests/synth.py --out DIR`, or `data.ensure_synth(DIR)` on first use):
 #   DIR/synth.json                         stamp: version, seed, size, samples per family and split
-#   DIR/{family}/train.jsonl, eval.jsonl   manifests (eval: its own random draws, which can repeat train's)
+#   DIR/{family}/train.jsonl, eval.jsonl   manifests (eval: its own random draws, none identical to train's)
 #   DIR/{family}/images/{split}_{i:05d}[_a|_b].png,  DIR/video/videos/{split}_{i:05d}.mp4
 #   DIR/tokenizer.json                     a byte-level BPE trained on the train split (`train_bpe`)
 # The language is small and regular ("a red circle at the top left.") so a tiny model visibly learns
@@ -115,11 +115,14 @@ def train_bpe(texts, vocab_size: int) -> dict:
 SYNTH_VOCAB = 512                  # the tiny presets' vocab_size: bytes + specials + 242 merges
 SYNTH_SYSTEM = "You are UniVL, a helpful assistant."   # the tiny presets' system prompt (model.preset_config)
 # RL prompts (§4.2.3) no SFT stage reads: count_cot/rl.jsonl (4 x size scenes) and count_cot/rl_eval.jsonl
-# (size // 2 held-out scenes), drawn independently: nothing removes a scene drawn twice, within a split or
-# across splits (`python tests/synth.py overlap` counts them; at the default size 318 of the 4,096 RL
-# prompts repeat one another and 60 of the 512 held-out ones are RL prompts too)
+# (size // 2 held-out scenes); like eval, each sample is new: not a train or eval sample, not an RL prompt
+# drawn before it (draw_new). Version 3 drew each split independently: at the default size 318 of its 4,096
+# RL prompts repeated one another and 60 of its 512 held-out ones were RL prompts too.
 RL_SPLITS = {"count_cot": {"rl": 4, "rl_eval": 0.5}}
 CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Write a short caption.")
+JITTER = 0.05                      # a scene object's centre: up to this fraction of a cell off the cell's centre
+SHIFT = 0.02                       # printed text's centre: up to this fraction of the image's side off its centre
+MAX_DRAWS = 1000                   # draws of one held-out / RL sample before a family is called too small to split
 
 
 def font(size: int) -> ImageFont.FreeTypeFont:
@@ -218,12 +221,16 @@ def draw_shape(d: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: f
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
 
 
-def scene_image(objects: list, size: int = 112) -> Image.Image:
-    """White canvas with (colour, shape, row, col) objects centred in a 3x3 grid of cells."""
+def scene_image(objects: list, size: int = 112, rng: random.Random = None) -> Image.Image:
+    """White canvas with (colour, shape, row, col) objects in a 3x3 grid of cells: centred, or with `rng`
+    moved up to JITTER of a cell off its centre and sized 0.33-0.37 of a cell, each object inside its cell
+    (so the held-out splits are new pictures, not the training scenes' pixels again)."""
     img = Image.new("RGB", (size, size), "white")
     d, cell = ImageDraw.Draw(img), size / 3
     for colour, shape, row, col in objects:
-        draw_shape(d, shape, colour, (COLS.index(col) + 0.5) * cell, (ROWS.index(row) + 0.5) * cell, cell * 0.35)
+        dx, dy, r = (rng.uniform(-JITTER, JITTER), rng.uniform(-JITTER, JITTER), rng.uniform(0.33, 0.37)) if rng \
+            else (0.0, 0.0, 0.35)
+        draw_shape(d, shape, colour, (COLS.index(col) + 0.5 + dx) * cell, (ROWS.index(row) + 0.5 + dy) * cell, cell * r)
     return img
 
 
@@ -236,9 +243,16 @@ def random_objects(rng: random.Random, n: int, shape: str = None) -> list:
     return [(rng.choice(list(COLOURS)), shape or rng.choice(SHAPES), r, c) for r, c in cells]
 
 
-def text_image(text: str, size: tuple, font_size: int) -> Image.Image:
+def text_image(text: str, size: tuple, font_size: int, rng: random.Random = None) -> Image.Image:
+    """Black text centred on white; with `rng` the font size moves by up to 2 and the centre by up to
+    SHIFT of the image's side, in whole pixels (23 words and 243 expressions: their held-out samples are
+    new renderings of what training shows)."""
+    (w, h), x, y = size, 0, 0
+    if rng:
+        font_size += rng.randint(-2, 2)
+        x, y = rng.randint(-round(SHIFT * w), round(SHIFT * w)), rng.randint(-round(SHIFT * h), round(SHIFT * h))
     img = Image.new("RGB", size, "white")
-    ImageDraw.Draw(img).text((size[0] / 2, size[1] / 2), text, fill="black", font=font(font_size), anchor="mm")
+    ImageDraw.Draw(img).text((w // 2 + x, h // 2 + y), text, fill="black", font=font(font_size), anchor="mm")
     return img
 
 
@@ -286,14 +300,14 @@ def gen_text(rng, stem, root):
 
 def gen_caption(rng, stem, root):
     objects = random_objects(rng, rng.randint(1, 2))
-    scene_image(objects).save(root / f"{stem}.png")
+    scene_image(objects, rng=rng).save(root / f"{stem}.png")
     return {"image": f"{stem}.png", **_conv(f"{IMAGE}\n{rng.choice(CAPTION_PROMPTS)}", scene_caption(objects)),
             "task": "caption"}
 
 
 def gen_caption_qa(rng, stem, root):
     objects = random_objects(rng, rng.randint(1, 2))
-    scene_image(objects).save(root / f"{stem}.png")
+    scene_image(objects, rng=rng).save(root / f"{stem}.png")
     q, a = rng.choice(template_qa(scene_caption(objects)))
     return {"image": f"{stem}.png", **_conv(f"{IMAGE}\n{q}", a), "answer": a.rstrip(".").removeprefix("a ")
             .removeprefix("at the "), "task": "caption_qa"}
@@ -301,7 +315,7 @@ def gen_caption_qa(rng, stem, root):
 
 def gen_ocr(rng, stem, root):
     word = rng.choice(WORDS)
-    text_image(word, (224, 112), 40).save(root / f"{stem}.png")
+    text_image(word, (112, 112), 26, rng).save(root / f"{stem}.png")
     return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nWhat word is written in the image?", word),
             "answer": word, "task": "ocr"}
 
@@ -318,7 +332,7 @@ def gen_chart(rng, stem, root):
 def gen_count(rng, stem, root):
     shape = rng.choice(SHAPES)
     objects = random_objects(rng, rng.randint(1, 6), shape)
-    scene_image(objects).save(root / f"{stem}.png")
+    scene_image(objects, rng=rng).save(root / f"{stem}.png")
     n, sentence = _count_words(objects, shape)
     return {"image": f"{stem}.png", **_conv(f"{IMAGE}\nHow many {shape}s are there?", sentence), "answer": str(n),
             "task": "count"}
@@ -329,7 +343,7 @@ def gen_count_cot(rng, stem, root):
     the answer space is wide enough that guessing is rarely right (the RL stages train on it)."""
     shape = rng.choice(SHAPES)
     objects = random_objects(rng, rng.randint(1, 9), shape)
-    scene_image(objects).save(root / f"{stem}.png")
+    scene_image(objects, rng=rng).save(root / f"{stem}.png")
     seen = ", ".join(f"a {c} {s} at the {r} {col}" for c, s, r, col in objects)
     n = len(objects)
     cot = f"<think>\nI see {seen}. That makes {n} {shape}{'' if n == 1 else 's'}.\n</think>\nThe answer is {BOXED}{n}}}."
@@ -344,7 +358,7 @@ def _arithmetic(rng, stem, root):
         a, b = max(a, b), min(a, b)
     value = {"+": a + b, "-": a - b, "x": a * b}[op]
     word = {"+": "plus", "-": "minus", "x": "times"}[op]
-    text_image(f"{a} {op} {b}", (112, 112), 32).save(root / f"{stem}.png")
+    text_image(f"{a} {op} {b}", (112, 112), 32, rng).save(root / f"{stem}.png")
     return a, op, b, word, value
 
 
@@ -363,8 +377,8 @@ def gen_math_direct(rng, stem, root):
 
 def gen_multi(rng, stem, root):
     (o1,), (o2,) = random_objects(rng, 1), random_objects(rng, 1)
-    scene_image([o1]).save(root / f"{stem}_a.png")
-    scene_image([o2]).save(root / f"{stem}_b.png")
+    scene_image([o1], rng=rng).save(root / f"{stem}_a.png")
+    scene_image([o2], rng=rng).save(root / f"{stem}_b.png")
     if rng.random() < 0.5:
         q, short = "Do the two images show the same shape?", "yes" if o1[1] == o2[1] else "no"
         a = short + "."
@@ -427,6 +441,19 @@ def synth_texts(root: Path) -> list:
     return texts
 
 
+def draw_new(gen, rng, stem, root, seen: set, new: bool) -> dict:
+    """gen's next sample, drawn again (its media overwritten) while `new` and it is identical to one in
+    `seen`; its key is added to `seen`. Train may repeat itself; a held-out or RL sample repeats no
+    sample of train or of an earlier split, nor one of its own split (eval, then rl, then rl_eval)."""
+    for _ in range(MAX_DRAWS):
+        rec = gen(rng, stem, root)
+        key = sample_key(rec, root)
+        if not (new and key in seen):
+            seen.add(key)
+            return rec
+    raise RuntimeError(f"{root.name}: no new sample in {MAX_DRAWS} draws; the family is too small for --size")
+
+
 def make_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: bool = True) -> Path:
     """Generate the synthetic dataset into `out` (which must not exist): files are written to a
     temporary sibling folder, then renamed, so a crash never leaves half a dataset behind."""
@@ -440,9 +467,11 @@ def make_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: boo
         for family, gen in tqdm(SYNTH_FAMILIES.items(), desc="synth", disable=not progress):
             media = tmp / family / ("videos" if family == "video" else "images")
             media.mkdir(parents=True)
+            seen = set()                     # every sample of the family drawn so far (sample_key)
             for split, n in counts[family].items():
                 rng = random.Random(f"{seed}/{family}/{split}")
-                lines = [gen(rng, f"{media.name}/{split}_{i:05d}", tmp / family) for i in range(n)]
+                lines = [draw_new(gen, rng, f"{media.name}/{split}_{i:05d}", tmp / family, seen, split != "train")
+                         for i in range(n)]
                 (tmp / family / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines),
                                                              encoding="utf-8")
         (tmp / "tokenizer.json").write_text(json.dumps(train_bpe(synth_texts(tmp), SYNTH_VOCAB)), encoding="utf-8")
@@ -460,17 +489,18 @@ def ensure_synth(out=DEFAULT_SYNTH_DIR, seed: int = 0, size: int = DEFAULT_SYNTH
     return data.ensure_synth(out, seed, size, progress, make=make_synth)
 
 
+def sample_key(rec: dict, root: Path) -> tuple:
+    """A sample's identity: its record without the media names, and its media files' bytes as their
+    digests (two samples are identical when their keys are, whatever their files are called)."""
+    rec = dict(rec)
+    media = [rec.pop(k) for k in ("image", "video") if k in rec]
+    paths = [p for m in media for p in ([m] if isinstance(m, str) else m)]
+    return (json.dumps(rec, sort_keys=True), tuple(hashlib.sha256((root / p).read_bytes()).hexdigest() for p in paths))
+
+
 def sample_keys(manifest: Path) -> list:
-    """One key per line of a synthetic manifest: the record with its media as their bytes' digests (two
-    samples are identical when their keys are, whatever their files are called)."""
-    keys = []
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        media = [rec.pop(k) for k in ("image", "video") if k in rec]
-        paths = [p for m in media for p in ([m] if isinstance(m, str) else m)]
-        keys.append((json.dumps(rec, sort_keys=True),
-                     tuple(hashlib.sha256((manifest.parent / p).read_bytes()).hexdigest() for p in paths)))
-    return keys
+    """sample_key of every line of a synthetic manifest."""
+    return [sample_key(json.loads(line), manifest.parent) for line in manifest.read_text(encoding="utf-8").splitlines()]
 
 
 def split_keys(root) -> dict:
@@ -482,8 +512,7 @@ def split_keys(root) -> dict:
 def split_overlap(root, keys=None) -> dict:
     """{family: {split: (in train, in rl, distinct, samples)}} of a synthetic folder: per split other than
     train, its samples identical to a train sample, to an RL prompt (None without an RL split, or for it),
-    and its distinct samples. (Small answer spaces repeat: 23 OCR words, 243 expressions; nothing removes
-    repeats across splits.) `keys`: split_keys(root), when the caller has them."""
+    and its distinct samples (all 0, 0 and every sample since version 4 of the generator: draw_new). `keys`: split_keys(root), when the caller has them."""
     out = {}
     for family, splits in (keys or split_keys(root)).items():
         seen, rl = set(splits["train"]), set(splits["rl"]) if "rl" in splits else None
