@@ -816,7 +816,7 @@ def test_training_video_jitter_varies_the_frames_and_evaluation_does_not(synth_d
 def test_pack_metadata_from_headers_equals_decoding(anyres, synth_dir, tmp_path, monkeypatch):
     """Mixture.meta reads a sample's line, its image headers and the tokenizer, decoding no pixel,
     and must give what packing.sample_meta of the decoded sample gives (tokens, visual tokens,
-    tiles): for every synthetic family (multi-image, video, OCR's 2x1 and charts' 2x2 grids,
+    tiles): for every synthetic family (multi-image, video, charts' 2x2 grid,
     text), tiled and AnyRes, and for images of other shapes and modes."""
     import packing
     for i, (size, mode) in enumerate([((300, 200), "RGB"), ((40, 500), "L"), ((1200, 300), "RGBA"), ((97, 61), "P")]):

@@ -9,7 +9,8 @@ how much of their bounding box they fill, their cell from where they lie), words
 are read by matching the image against this file's own rendering of every candidate, arithmetic is
 evaluated here, chart values are bar heights, marker heights and slice angles, the video's motion
 is the drift of the shape's centroid over the decoded frames, and the BPE's merges are replayed
-against its documented rule. The last test (xfail) records a defect the round found."""
+against its documented rule. The last tests check the two data defects the round found, fixed in
+version 4: held-out samples that repeated training ones, and "where" questions with two answers."""
 import functools
 import json
 import re
