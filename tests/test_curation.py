@@ -209,8 +209,10 @@ def test_reannotation_is_kept_only_when_it_scores_higher(synth, tmp_path):
     times = Counter(r["answer"] for r in records)
     ia = next(i for i, r in enumerate(records) if times[r["answer"]] > 1 and len(r["answer"]) >= 4)
     ib = next(i for i, r in enumerate(records) if times[r["answer"]] == 1)
-    ic = next(i for i in range(len(records)) if i not in (ia, ib))
-    a, b, c = records[ia], records[ib], records[ic]
+    a, b = records[ia], records[ib]
+    # not a's word: its other record must stay whole, or the cut is a prefix of no word the class shows
+    ic = next(i for i, r in enumerate(records) if i not in (ia, ib) and r["answer"] != a["answer"])
+    c = records[ic]
     word_a, word_b = a["answer"], b["answer"]
     records[ia] = degrade("truncated", a, a)                             # rule failure -> re-annotated
     records[ic] = degrade("empty", c, c)                                 # rule failure, reply fails too

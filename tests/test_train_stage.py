@@ -320,12 +320,12 @@ def test_step_loss_and_gradients_do_not_depend_on_packs_or_micro_batches(synth, 
         assert res["loss"] == pytest.approx(ref_loss, rel=1e-5)
         for got, want in zip(opt.seen, ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    if len(packs) > 1:                     # not vacuous: a mean of per-pack means differs here
-        with torch.no_grad():
+    if len(packs) > 1:                     # not vacuous: a mean of per-pack means differs here, by 10x the
+        with torch.no_grad():              # tolerance above (at random init every token's loss is near ln 512)
             naive = [float(model(p["input_ids"], p["pixel_values"], labels=p["labels"], position_ids=p["position_ids"],
                                  cu_seqlens=p["cu_seqlens"]).ce_sum) / int((p["labels"][:, 1:] != -100).sum())
                      for p in packs]
-        assert abs(sum(naive) / len(naive) - ref_loss) > 1e-3 * ref_loss
+        assert abs(sum(naive) / len(naive) - ref_loss) > 1e-4 * ref_loss
 
 
 def samples_of(pack_list, samples):
@@ -1427,7 +1427,7 @@ def test_anyres_on_a_fixed_resolution_checkpoint_takes_effect(synth, tmp_path, c
     and the next: hint repeated the ignored preset)."""
     ck = tiny_checkpoint(tmp_path / "ck", synth)
     base = [f"--init-from={ck}", f"--data_dir={synth}", "--steps=1", "--eval_every=0", "--save_every=0",
-            "--packing.max_tokens=512"]
+            "--packing.max_tokens=512", f"--manifests={synth}/chart/train.jsonl"]   # 224-px: tiles differ from AnyRes
     _, mcfg, _ = train_stage.parse_args(["--stage", "vit2", *base, "--model.anyres=true"])
     assert mcfg.anyres and mcfg.llm_config == modeling.preset_config("tiny").llm_config
     train_stage.main(["--stage", "vit2", *base, f"--out_dir={tmp_path}/fixed"])
