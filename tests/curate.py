@@ -116,11 +116,10 @@ def template_qa(caption: str) -> list:
     qa, objects = [], CAPTION_CLAUSE.findall(caption.lower())
     twice = {k for k, n in Counter((c, s) for c, s, _, _ in objects).items() if n > 1}
     for colour, shape, row, col in objects:
-        qa += [(f"What colour is the {shape} at the {row} {col}?", f"{colour}."),
-               (f"Where is the {colour} {shape}?", f"at the {row} {col}."),
-               (f"What shape is at the {row} {col}?", f"a {shape}.")]
-        if (colour, shape) in twice:    # "Where is the red circle?" of two red circles has two true answers
-            del qa[-2]
+        qa.append((f"What colour is the {shape} at the {row} {col}?", f"{colour}."))
+        if (colour, shape) not in twice:    # "Where is the red circle?" of two red circles has two true answers
+            qa.append((f"Where is the {colour} {shape}?", f"at the {row} {col}."))
+        qa.append((f"What shape is at the {row} {col}?", f"a {shape}."))
     return qa or [("Describe the image.", caption)]
 
 

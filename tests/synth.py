@@ -512,7 +512,8 @@ def split_keys(root) -> dict:
 def split_overlap(root, keys=None) -> dict:
     """{family: {split: (in train, in rl, distinct, samples)}} of a synthetic folder: per split other than
     train, its samples identical to a train sample, to an RL prompt (None without an RL split, or for it),
-    and its distinct samples (all 0, 0 and every sample since version 4 of the generator: draw_new). `keys`: split_keys(root), when the caller has them."""
+    and its distinct samples (all 0, 0 and every sample since version 4 of the generator: draw_new).
+    `keys`: split_keys(root), when the caller has them."""
     out = {}
     for family, splits in (keys or split_keys(root)).items():
         seen, rl = set(splits["train"]), set(splits["rl"]) if "rl" in splits else None
