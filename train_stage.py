@@ -1509,8 +1509,8 @@ RECIPE_HELP = {"nproc": "processes per stage (torchrun --nproc_per_node)",
                "until": "the last stage to run (\"\" = the whole recipe)",
                "seeds": "runs of the recipe; run k > 1 adds 1000 (k - 1) to every seed, outputs in <out_dir>/seed<k>/",
                "compare": "a stage output made outside the recipe (another seed, another setting): evaluated as the "
-                          "recipe evaluates --as=STAGE, the effects printed with it in place of that stage, against "
-                          "<out_dir>'s predictions; trains nothing",
+                          "recipe evaluates --as=STAGE, then compared with <out_dir>'s own STAGE and put in its place in "
+                          "the recipe's effects; trains nothing",
                "as": "the stage that --compare stands in for"}
 RL_HELDOUT = "heldout_predictions.jsonl"   # an RL stage's held-out before / after (rl.py): one more effect
 

@@ -97,8 +97,21 @@ def recipe_effect_results(rdir: str, cfg: StageConfig, stand_in: Optional[tuple]
             preds[stage] = read_jsonl(path) if os.path.exists(path) else []
         return [p for p in preds[stage] if mode_of(p) == mode and p["family"] in fams]
 
+    effects = recipe_effects()
+    if stand_in is not None:            # its effects, over the families it was scored on (--eval_families)
+        scored = {p["family"] for p in stand_in[2]}
+        effects = [(name, a, b, tuple(f for f in fams if f in scored)) for name, a, b, fams in effects
+                   if stand_in[0] in (a[0], b[0])]
     specs = [(name, f"{sa} ({MODE_WORDS[ma]})", side(sa, ma, fams), f"{sb} ({MODE_WORDS[mb]})", side(sb, mb, fams))
-             for name, (sa, ma), (sb, mb), fams in recipe_effects() if stand_in is None or stand_in[0] in (sa, sb)]
+             for name, (sa, ma), (sb, mb), fams in effects]
+    if stand_in is not None:            # first, mode by mode: the outside output against this run's own stage
+        stage, folder, theirs = stand_in
+        path = os.path.join(rdir, "predictions", f"{stage}.jsonl")
+        keys = {(p["family"], p["where"]) for p in theirs}          # the samples --compare scored (its families)
+        ours = [p for p in (read_jsonl(path) if os.path.exists(path) else []) if (p["family"], p["where"]) in keys]
+        specs = [(f"{stage}: --compare vs this run's, {MODE_WORDS[mode]}", f"{stage} ({folder})",
+                  [p for p in theirs if mode_of(p) == mode], f"{stage} (this run)", [p for p in ours if mode_of(p) == mode])
+                 for mode in dict.fromkeys(mode_of(p) for p in theirs)] + specs
     for row in RECIPE:
         if stand_in is not None and row.name != stand_in[0]:
             continue
@@ -247,6 +260,7 @@ def evaluate_row(row: Stage, cfg: StageConfig, own: dict, folder: Optional[str] 
 def print_effects(effects: list):
     for e in effects:
         print(f"effect | {e['name']}: {e['a']} vs {e['b']} | {', '.join(e['families'])} | n {e['n']} | "
+              f"{e['accuracy_a']:.3f} vs {e['accuracy_b']:.3f} | "
               f"{e['difference']:+.3f} [{e['interval'][0]:+.3f}, {e['interval'][1]:+.3f}] | "
               f"{'shown' if e['excludes_0'] else 'within noise'}", flush=True)
 
@@ -254,9 +268,10 @@ def print_effects(effects: list):
 def compare_output(cfg: StageConfig, own: dict) -> list:
     """--compare=DIR --as=STAGE: the stage output DIR, made outside the recipe (another seed or
     setting, e.g. `python rl.py --stage rl-mixed --seed=2 --out_dir=...`), evaluated as the recipe
-    evaluates STAGE (the same samples, modes and scope), then the recipe's effects STAGE is part of
-    with DIR in its place, against the predictions of the recipe run in --out_dir. DIR's
-    predictions go to DIR/recipe_predictions.jsonl and its effects to DIR/recipe_effects.json."""
+    evaluates STAGE (the same samples, modes and scope), then, against the predictions of the recipe
+    run in --out_dir, DIR vs the run's own STAGE (mode by mode) and the recipe's effects STAGE is part
+    of with DIR in its place (over the families DIR was scored on). DIR's predictions go to
+    DIR/recipe_predictions.jsonl and its effects to DIR/recipe_effects.json."""
     folder, name = own["compare"], own["as"]
     row = stage_row(name)
     if not modeling.is_finished_stage(folder):
@@ -270,6 +285,9 @@ def compare_output(cfg: StageConfig, own: dict) -> list:
     effects = recipe_effect_results(rdir, cfg, (name, folder, preds))
     data.write_json(os.path.join(folder, "recipe_effects.json"), effects)
     print_effects(effects)
+    if not effects:
+        print(f"effect | none: {name} has no predictions in {rdir}/predictions to compare with, and is part of no "
+              f"recipe effect", flush=True)
     return effects
 
 

@@ -251,8 +251,19 @@ def test_every_effect_compares_both_sides_on_the_same_samples(synth, tmp_path, m
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / train_stage.RL_HELDOUT).write_text("".join(json.dumps(p) + "\n" for p in held))
     alt = {e["name"]: e for e in recipe.recipe_effect_results(str(rdir), cfg, ("rl-mixed", str(tmp_path / "other"), flipped))}
-    assert list(alt) == ["RL mixed: after vs before", "RL mixed: after vs before, thinking",
-                         "rl-mixed: its own held-out, after vs before"]
+    modes = list(dict.fromkeys(recipe.mode_of(p) for p in flipped))
+    against_own = [f"rl-mixed: --compare vs this run's, {recipe.MODE_WORDS[m]}" for m in modes]
+    assert len(modes) >= 2 and list(alt) == against_own + ["RL mixed: after vs before", "RL mixed: after vs before, thinking",
+                                                           "rl-mixed: its own held-out, after vs before"]
+    for m, name in zip(modes, against_own):               # every answer flipped: a = 1 - b, over each mode's samples
+        assert alt[name]["n"] == sum(recipe.mode_of(p) == m for p in flipped)
+        assert alt[name]["accuracy_a"] == pytest.approx(1 - alt[name]["accuracy_b"], abs=1e-4)
+    one_family = [p for p in flipped if p["family"] == "ocr"]              # --compare with --eval_families=ocr
+    alt1 = {e["name"]: e for e in recipe.recipe_effect_results(str(rdir), cfg, ("rl-mixed", str(tmp_path / "other"), one_family))}
+    ocr_modes = list(dict.fromkeys(recipe.mode_of(p) for p in one_family))
+    assert list(alt1) == [f"rl-mixed: --compare vs this run's, {recipe.MODE_WORDS[m]}" for m in ocr_modes] + \
+        ["RL mixed: after vs before", "rl-mixed: its own held-out, after vs before"]
+    assert alt1["RL mixed: after vs before"]["families"] == ["ocr"] and alt1["RL mixed: after vs before"]["n"] == limit
     for name in ("RL mixed: after vs before", "RL mixed: after vs before, thinking"):
         assert alt[name]["accuracy_a"] == pytest.approx(1 - got[name]["accuracy_a"], abs=1e-4)
         assert alt[name]["accuracy_b"] == got[name]["accuracy_b"]              # the recipe's thinkfusion side
