@@ -346,7 +346,8 @@ def test_effects_of_a_partial_run_are_the_ones_with_both_sides(tmp_path):
     effect's families in evaluation order. By hand: vit1 real 4 of 4 ocr right, blank 0 -> +1.0;
     sft4 real 3 of 4 per family, blank 1 -> +0.5; sft4 real vs vit1 real (ocr 4 + count 4 vs 3 + 3)
     -> (6 - 8) / 8 = -0.25. With sft4's output made elsewhere standing in (all right), the effects sft4
-    is part of, as A (SFT, sft4 sees) and as B (soup vs its first input)."""
+    is part of, as A (SFT, sft4 sees) and as B (soup vs its first input), after it against the run's own
+    sft4, mode by mode: real 4 vs 3 of 4 per family -> +0.25, blank 4 vs 1 -> +0.75."""
     rdir, cfg = tmp_path / "recipe", train_stage.StageConfig(out_dir=str(tmp_path))
     fams = ["ocr", "count"]
     write_preds(rdir, "vit1", preds_of(fams, "real", 4) + preds_of(fams, "blank", 0))
@@ -360,8 +361,10 @@ def test_effects_of_a_partial_run_are_the_ones_with_both_sides(tmp_path):
     assert got["SFT"]["difference"] == -0.25 and got["SFT"]["families"] == ["ocr", "count"]
     other = preds_of(fams, "real", 4) + preds_of(fams, "blank", 4)
     alt = {e["name"]: e for e in recipe.recipe_effect_results(str(rdir), cfg, ("sft4", str(tmp_path / "o"), other))}
-    assert list(alt) == ["SFT", "soup vs its first input", "sft4 sees", "sft4 sees (count)", "sft4 sees (ocr)"]
+    own = ["sft4: --compare vs this run's, real images", "sft4: --compare vs this run's, blank images"]
+    assert list(alt) == own + ["SFT", "soup vs its first input", "sft4 sees", "sft4 sees (count)", "sft4 sees (ocr)"]
     assert alt["SFT"]["difference"] == 0.0 and alt["soup vs its first input"]["difference"] == -0.5
+    assert (alt[own[0]]["difference"], alt[own[1]]["difference"]) == (0.25, 0.75)      # 4 vs 3 and 4 vs 1 of 4
 
 
 def test_stage_entry_takes_the_first_held_out_loss_and_the_soups_own(tmp_path, monkeypatch, capsys):
