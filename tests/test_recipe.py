@@ -36,10 +36,11 @@ def report_of(out_dir):
         return json.load(f)
 
 
-# The golden chain: lm0 (shortened) -> vit1 at the recipe's length. Since version 4 of the synthetic data
-# every held-out OCR image is a new rendering (no pixels repeat a training image), and reading those takes
-# vit1's full 600 steps (at 300 it reads as with white images).
-GOLDEN = (("lm0", 200), ("vit1", 600))
+# The golden chain: lm0 (shortened) -> vit1 at twice the recipe's length. Since version 4 of the synthetic
+# data every held-out OCR image is a new rendering (no pixels repeat a training image); the adapter reads
+# more of them the longer it trains (300 steps: 0.04, as with white images; 600: 0.15, its interval's low
+# end 0.10 against chance 0.09; 1,200: 0.29 [0.22, 0.37]), so the test runs 1,200 for a margin (+37 s).
+GOLDEN = (("lm0", 200), ("vit1", 1200))
 GOLDEN_N = 128                 # held-out OCR samples: the eval split's 128 (16 tokens each, cheap)
 
 
@@ -48,9 +49,8 @@ def test_golden_a_shortened_chain_learns_to_see(synth, tmp_path):
     held-out renderings is above chance and above lm0's, and the paired difference on the same samples
     against white images has its interval above 0; a change that makes the model blind fails here. Run
     through the stage table (run_stage), scored by the recipe's own evaluate_stage and compared with its
-    own paired_difference. Measured (2 CPU cores, data v4): ocr 0.00 / 0.15 [0.10, 0.22] after lm0 /
-    vit1, blank 0.00, chance 0.09; vit1 - blank +0.15 [+0.09, +0.21]; 80 s. (At 300 vit1 steps: 0.04,
-    as blank.)"""
+    own paired_difference. Measured (2 CPU cores, data v4): ocr 0.00 / 0.29 [0.22, 0.37] after lm0 /
+    vit1, blank 0.00, chance 0.09; vit1 - blank +0.29 [+0.21, +0.37]; 117 s."""
     ev, preds = {}, {}
     for name, steps in GOLDEN:
         args = [f"--out_dir={tmp_path}", f"--data_dir={synth}", f"--steps={steps}", "--eval_every=0", "--save_every=0"]
@@ -59,7 +59,7 @@ def test_golden_a_shortened_chain_learns_to_see(synth, tmp_path):
     side = lambda name, mode: [p for p in preds[name] if recipe.mode_of(p) == mode]             # noqa: E731
     chance = sample.chance(synth, ["ocr"], limit=GOLDEN_N)["ocr"]
     vit1 = ev["vit1"]["real"]["ocr"]
-    assert vit1["n"] == GOLDEN_N and vit1["accuracy"] > chance, (ev, chance)                      # sees
+    assert vit1["n"] == GOLDEN_N and vit1["interval"][0] > chance, (ev, chance)                   # sees
     blind = sample.paired_difference(side("vit1", "real"), side("vit1", "blank"))
     assert blind["interval"][0] > 0, (blind, ev)                                                  # not blind
     taught = sample.paired_difference(side("vit1", "real"), side("lm0", "real"))
