@@ -87,8 +87,8 @@ def recipe_effect_results(rdir: str, cfg: StageConfig, stand_in: Optional[tuple]
     """The effects whose two sides this run has measured (predictions/<stage>.jsonl), each
     {"name", "a", "b", "families", **sample.paired_difference}; an RL stage's own held-out before /
     after (RL_HELDOUT) as one more. Sides scored on different samples stop the recipe.
-    stand_in: (stage, its folder, its predictions): an output made outside the recipe in place of
-    that stage, and only the effects it is part of (compare_output)."""
+    stand_in: (stage, its folder, its predictions): an output made outside the recipe, first against
+    this run's own stage, then in that stage's place in the effects it is part of (compare_output)."""
     preds = {} if stand_in is None else {stand_in[0]: stand_in[2]}
 
     def side(stage, mode, fams):
@@ -97,21 +97,20 @@ def recipe_effect_results(rdir: str, cfg: StageConfig, stand_in: Optional[tuple]
             preds[stage] = read_jsonl(path) if os.path.exists(path) else []
         return [p for p in preds[stage] if mode_of(p) == mode and p["family"] in fams]
 
-    effects = recipe_effects()
-    if stand_in is not None:            # its effects, over the families it was scored on (--eval_families)
-        scored = {p["family"] for p in stand_in[2]}
-        effects = [(name, a, b, tuple(f for f in fams if f in scored)) for name, a, b, fams in effects
-                   if stand_in[0] in (a[0], b[0])]
-    specs = [(name, f"{sa} ({MODE_WORDS[ma]})", side(sa, ma, fams), f"{sb} ({MODE_WORDS[mb]})", side(sb, mb, fams))
-             for name, (sa, ma), (sb, mb), fams in effects]
-    if stand_in is not None:            # first, mode by mode: the outside output against this run's own stage
-        stage, folder, theirs = stand_in
+    effects, specs = recipe_effects(), []
+    if stand_in is not None:            # first, mode by mode, the outside output against this run's own stage;
+        stage, folder, theirs = stand_in      # then its effects, over the families it was scored on
+        keys = {(p["family"], p["where"]) for p in theirs}
         path = os.path.join(rdir, "predictions", f"{stage}.jsonl")
-        keys = {(p["family"], p["where"]) for p in theirs}          # the samples --compare scored (its families)
         ours = [p for p in (read_jsonl(path) if os.path.exists(path) else []) if (p["family"], p["where"]) in keys]
         specs = [(f"{stage}: --compare vs this run's, {MODE_WORDS[mode]}", f"{stage} ({folder})",
                   [p for p in theirs if mode_of(p) == mode], f"{stage} (this run)", [p for p in ours if mode_of(p) == mode])
-                 for mode in dict.fromkeys(mode_of(p) for p in theirs)] + specs
+                 for mode in dict.fromkeys(mode_of(p) for p in theirs)]
+        scored = {family for family, _ in keys}
+        effects = [(name, a, b, tuple(f for f in fams if f in scored)) for name, a, b, fams in effects
+                   if stage in (a[0], b[0])]
+    specs += [(name, f"{sa} ({MODE_WORDS[ma]})", side(sa, ma, fams), f"{sb} ({MODE_WORDS[mb]})", side(sb, mb, fams))
+              for name, (sa, ma), (sb, mb), fams in effects]
     for row in RECIPE:
         if stand_in is not None and row.name != stand_in[0]:
             continue

@@ -66,6 +66,9 @@ def test_golden_a_shortened_chain_learns_to_see(synth, tmp_path):
     assert taught["interval"][0] > 0, (taught, ev)                                                # alignment taught it
     assert {p["blank"] for p in preds["vit1"]} == {True, False}         # every prediction kept, both modes
     assert sum(p["correct"] for p in side("vit1", "real")) == vit1["correct"]
+    print(f"golden: ocr lm0 {ev['lm0']['real']['ocr']['accuracy']:.2f}, vit1 {vit1['accuracy']:.2f} {vit1['interval']}, "
+          f"blank {ev['vit1']['blank']['ocr']['accuracy']:.2f}, chance {chance:.2f}; vit1 - blank {blind['difference']:+.2f} "
+          f"{blind['interval']} (pytest -s shows this)")
 
 
 def test_an_interrupted_recipe_continues_to_the_same_report(synth, tmp_path):
