@@ -273,7 +273,8 @@ RECIPE = (
           tiny=(("text_only", True), ("lr", 3e-3), ("steps", 500), ("warmup_steps", 10), ("eval_every", 100))),
     Stage("vit1", "§2.1.1", "SAIL-ViT stage I: the adapter aligns the ViT to the LLM; 4.9M SAIL-Caption2 + 3.1M OCR",
           trainable=("mlp1",), mix=(("caption", 0.6), ("ocr", 0.4)),
-          tiny=(("lr", 3e-3), ("steps", 600), ("warmup_steps", 10), ("eval_every", 200)),
+          # 1,200 tiny steps: after 600 the adapter read held-out renderings above chance in 2 runs of 3
+          tiny=(("lr", 3e-3), ("steps", 1200), ("warmup_steps", 10), ("eval_every", 200)),
           paper=(("lr", 2e-4), ("batch", 1920), ("seq", 8192), ("samples", 8_000_000))),
     Stage("vit2", "§2.1.1", "SAIL-ViT stage II: ViT + adapter on SAIL-Caption2, Caption2-QA and VQA",
           trainable=("vision_model", "mlp1"), mix=(("caption", 0.4), ("caption_qa", 0.3), ("ocr", 0.3)),
