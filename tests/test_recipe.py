@@ -36,10 +36,10 @@ def report_of(out_dir):
         return json.load(f)
 
 
-# The golden chain: lm0 (shortened) -> vit1 at twice the recipe's length. Since version 4 of the synthetic
+# The golden chain: lm0 (shortened) -> vit1 at the recipe's length. Since version 4 of the synthetic
 # data every held-out OCR image is a new rendering (no pixels repeat a training image); the adapter reads
 # more of them the longer it trains (300 steps: 0.04, as with white images; 600: 0.15, its interval's low
-# end 0.10 against chance 0.09; 1,200: 0.29 [0.22, 0.37]), so the test runs 1,200 for a margin (+37 s).
+# end 0.10 against chance 0.09; 1,200: 0.29 [0.22, 0.37]), so the test and the recipe run 1,200.
 GOLDEN = (("lm0", 200), ("vit1", 1200))
 GOLDEN_N = 128                 # held-out OCR samples: the eval split's 128 (16 tokens each, cheap)
 
