@@ -91,18 +91,20 @@ def recipe_effect_results(rdir: str, cfg: StageConfig, stand_in: Optional[tuple]
     this run's own stage, then in that stage's place in the effects it is part of (compare_output)."""
     preds = {} if stand_in is None else {stand_in[0]: stand_in[2]}
 
+    def run_predictions(stage):                    # this run's, [] for a stage it has not scored
+        path = os.path.join(rdir, "predictions", f"{stage}.jsonl")
+        return read_jsonl(path) if os.path.exists(path) else []
+
     def side(stage, mode, fams):
         if stage not in preds:
-            path = os.path.join(rdir, "predictions", f"{stage}.jsonl")
-            preds[stage] = read_jsonl(path) if os.path.exists(path) else []
+            preds[stage] = run_predictions(stage)
         return [p for p in preds[stage] if mode_of(p) == mode and p["family"] in fams]
 
     effects, specs = recipe_effects(), []
     if stand_in is not None:            # first, mode by mode, the outside output against this run's own stage;
         stage, folder, theirs = stand_in      # then its effects, over the families it was scored on
         keys = {(p["family"], p["where"]) for p in theirs}
-        path = os.path.join(rdir, "predictions", f"{stage}.jsonl")
-        ours = [p for p in (read_jsonl(path) if os.path.exists(path) else []) if (p["family"], p["where"]) in keys]
+        ours = [p for p in run_predictions(stage) if (p["family"], p["where"]) in keys]
         specs = [(f"{stage}: --compare vs this run's, {MODE_WORDS[mode]}", f"{stage} ({folder})",
                   [p for p in theirs if mode_of(p) == mode], f"{stage} (this run)", [p for p in ours if mode_of(p) == mode])
                  for mode in dict.fromkeys(mode_of(p) for p in theirs)]
