@@ -445,9 +445,9 @@ def cache_dtype(x):
 
 def decode_step(lm: Qwen3LM, cache: KVCache, ids, pos, uniform, policy: tuple):
     """One token for every row through the cache: ids (n,) at RoPE positions pos (n,) ->
-    (next ids (n,), their log-probs (n,)) under policy_logits(*policy)."""
+    (next ids (n,), their log-probs (n,), the next positions (n,)) under policy_logits(*policy)."""
     h, _ = lm.run(ids[:, None], pos[:, None], cache=cache)
-    return sample_tokens(policy_logits(lm.lm_head(h[:, -1]), *policy), policy[0], uniform)
+    return (*sample_tokens(policy_logits(lm.lm_head(h[:, -1]), *policy), policy[0], uniform), pos + 1)
 
 
 class Compiled:
@@ -638,20 +638,22 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     pos = lens.repeat_interleave(repeats)                                # RoPE position of the next token
 
     def draws():                 # (n, 1): one per output row and step, whatever the batch's composition
-        return torch.rand(B, 1, generator=gen, device=device)[rows] if temperature > 0 else None
+        if temperature <= 0:
+            return None
+        u = torch.rand(B, 1, generator=gen, device=device)
+        return u if rows.shape[0] == B else u[rows]
 
     ids, lp = sample_tokens(policy_logits(logits, *policy).repeat_interleave(repeats, 0), temperature, draws())
     for step in range(max_new_tokens):
         if step:
             cache.length = L + step                                    # the filled slots
-            ids, lp = step_fn(lm, cache, ids, pos, draws(), policy)
-            pos = pos + 1
+            ids, lp, pos = step_fn(lm, cache, ids, pos, draws(), policy)
         out_ids[step].index_copy_(0, rows, ids)
         out_lp[step].index_copy_(0, rows, lp)
-        done[rows] |= torch.isin(ids, stop)
         if on_token is not None:
             on_token(torch.full((B,), -1, device=device).index_copy_(0, rows, ids))
-        if (step + 1) % SYNC_EVERY == 0:
+        if (step + 1) % SYNC_EVERY == 0:     # the done flags from the last steps' tokens, not one op per step
+            done |= torch.isin(out_ids[step + 1 - SYNC_EVERY:step + 1], stop).any(0)
             live = ~done[rows]
             n_live = int(live.sum())
             if n_live == 0:
