@@ -101,6 +101,7 @@ class StageConfig:
     manifests: str = ""                   # your own data: "a.jsonl:2,b.jsonl:1" (path:weight), replaces the mix
     eval_manifests: str = ""              # held-out data for eval (default: the mix's eval split)
     init_from: str = ""                   # "" = the stage's init rule; a SAIL-VL2 folder; "random" = fresh weights
+    init_modules: str = ""                # "mlp1:vit3,...": these modules from another stage's output (or "fresh")
     init_llm: str = ""                    # an HF Qwen3 / Qwen3-MoE folder: the LLM's weights, shape and tokenizer
     init_vit: str = ""                    # an HF AIMv2 / SAIL-ViT folder: the vision encoder's weights and shape
     tokenizer: str = ""                   # a Qwen tokenizer folder ("" = the one the LLM's weights come with)
@@ -567,11 +568,23 @@ def all_reduce_sum(values, device):
 # ==============================================================================================
 # model initialisation for a stage: its init rule, then --init-from / --init-vit / --init-llm
 
+def module_overrides(spec: str) -> dict:
+    """--init_modules "mlp1:vit3,vision_model:vit2" -> {module: stage name | "fresh"}."""
+    pairs = [item.split(":", 1) for item in spec.split(",") if item.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise UsageError(f"--init_modules: write module:stage pairs (mlp1:vit3,vision_model:fresh), got {spec!r}")
+    modules_of(",".join(m for m, _ in pairs))
+    for _, src in pairs:
+        if src.strip() != "fresh":
+            stage_row(src.strip())
+    return {m.strip(): src.strip() for m, src in pairs}
+
+
 def module_sources(cfg: StageConfig) -> dict:
-    """{module: stage name | "fresh"} of the stage's init rule. A stand-in stage (lm0, standing in for
-    Qwen3's own pre-training) gives way to --init-llm: the modules it would supply start fresh (it
-    trains neither ViT nor adapter) and it is not run."""
-    rule = init_rule(stage_row(cfg.stage))
+    """{module: stage name | "fresh"} of the stage's init rule, with --init_modules' changes. A stand-in
+    stage (lm0, standing in for Qwen3's own pre-training) gives way to --init-llm: the modules it would
+    supply start fresh (it trains neither ViT nor adapter) and it is not run."""
+    rule = {**init_rule(stage_row(cfg.stage)), **module_overrides(cfg.init_modules)}
     return {m: "fresh" if src != "fresh" and cfg.init_llm and STAGES[src].auto else src for m, src in rule.items()}
 
 
@@ -1316,8 +1329,8 @@ def config_help(cfg, prefix: str = "") -> list:
 # options of training, which the soup (an average of finished checkpoints) does not read
 TRAINING_ONLY = ("steps", "step_scale", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "beta1",
                  "beta2", "grad_clip", "max_bad_steps", "adalrs", "adalrs_cfg", "ngram_rebalance", "save_every",
-                 "keep_checkpoints", "eval_every", "init_from", "init_llm", "init_vit", "trainable", "resume", "ac",
-                 "auto_steps", "text_only", "label_mode")
+                 "keep_checkpoints", "eval_every", "init_from", "init_modules", "init_llm", "init_vit", "trainable",
+                 "resume", "ac", "auto_steps", "text_only", "label_mode")
 
 
 def check_optimizer_options(cfg: StageConfig):
@@ -1351,6 +1364,9 @@ def parse_args(argv):
         set_key({"": cfg, "model": model_cfg}, key, value)
     cfg.model_options = tuple([f"preset={cfg.preset}"] * ("preset" in given) + [f"{k[6:]}={v}" for k, v in model_keys])
     modules_of(cfg.trainable)
+    if cfg.init_modules and cfg.init_from:
+        raise UsageError("--init_modules changes the stage's init rule, which --init_from replaces: give one of them")
+    module_overrides(cfg.init_modules)
     check_optimizer_options(cfg)
     row = stage_row(cfg.stage)
     if "ckpts" in given and row.runner != "soup":

@@ -251,6 +251,18 @@ def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path):
     lin = m.mlp1[1].weight
     assert lin.abs().max() <= 1 / math.sqrt(lin.shape[1]) and not torch.equal(lin, vit3.mlp1[1].weight)
     assert any("mlp1 freshly initialised" in line for line in logs)
+    # --init_modules changes the rule for the modules it names: the adapter vit3's, the rest as before
+    cfg, mcfg = cfg_of("pretrain1", f"--out_dir={tmp_path}", "--init_modules=mlp1:vit3")
+    m = train_stage.build_stage_model(cfg, mcfg, logs.append)
+    want = {**{k: v for k, v in vit3.state_dict().items() if not k.startswith("language_model.")},
+            **{k: v for k, v in lm0.state_dict().items() if k.startswith("language_model.")}}
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in want.items())
+    for bad, match in ((["--init_modules=mlp1=vit3"], "module:stage pairs"),
+                       (["--init_modules=adapter:vit3"], "unknown module"),
+                       (["--init_modules=mlp1:vit9"], "unknown stage 'vit9' \\(did you mean vit"),
+                       (["--init_modules=mlp1:vit3", f"--init_from={tmp_path}"], "give one of them")):
+        with pytest.raises(train_stage.UsageError, match=match):
+            cfg_of("pretrain1", f"--out_dir={tmp_path}", *bad)
 
 
 # ----------------------------------------------------------------------------------------------
