@@ -143,15 +143,17 @@ def machine() -> str:
 
 
 def stage_command(row: Stage, nproc: int, passthrough: list, seed_offset: int = 0) -> list:
-    """The command that runs one row of the recipe as its own process (resuming if it was cut);
-    with a seed offset, the seed the row would run with (--seed, else its tiny default, else
-    StageConfig's) + the offset."""
+    """The command that runs one row of the recipe as its own process (resuming if it was cut), with
+    the seed the row would run with (its tiny default, else StageConfig's) + the offset; a --seed given
+    replaces StageConfig's there, so a row with a seed of its own (sft4-twin, the soup's second input)
+    keeps its distance from the others' and stays a twin, not a copy."""
     script = os.path.join(repo_path.ROOT, "train_stage.py" if row.runner == "soup" else row.runner)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     given = dict(split_options(passthrough)).get("seed")
-    base = int(given) if given else dict(row.tiny).get("seed", StageConfig.seed)
-    seed = [f"--seed={base + seed_offset}"] if seed_offset else []
+    own = dict(row.tiny).get("seed", StageConfig.seed)
+    base = own if given is None else int(given) + own - StageConfig.seed
+    seed = [f"--seed={base + seed_offset}"] if seed_offset or given is not None else []
     skip = {"soup": TRAINING_ONLY, "rl.py": (*rl.RL_UNUSED, *(rl.HARVEST_UNUSED if row.name == "harvest" else ()))
             }.get(row.runner, ())
     passthrough = [a for a in passthrough if split_options([a])[0][0].split(".")[0] not in skip]   # what it reads

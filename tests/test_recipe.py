@@ -299,7 +299,9 @@ def test_the_evaluation_builds_each_prompt_once_for_every_stage(synth, tmp_path,
 
 
 def test_seeds_offset_every_stages_own_seed():
-    """--seeds=N: run k passes each stage the seed it would run with + 1000 (k - 1); run 1 passes none."""
+    """--seeds=N: run k passes each stage the seed it would run with + 1000 (k - 1); run 1 passes none.
+    A --seed given to the recipe moves every stage's seed with it, the twin's too (else the soup would
+    average two copies of sft4)."""
     rows = {n: train_stage.STAGES[n] for n in ("vit1", "sft4", "sft4-twin", "soup", "rl-verifiable")}
     seed = lambda cmd: [a for a in cmd if a.startswith("--seed=")]                         # noqa: E731
     assert all(seed(recipe.stage_command(r, 1, ["--out_dir=o"])) == [] for r in rows.values())
@@ -307,6 +309,9 @@ def test_seeds_offset_every_stages_own_seed():
     assert got == {"vit1": ["--seed=2337"], "sft4": ["--seed=2337"], "sft4-twin": ["--seed=8331"],
                    "soup": ["--seed=2337"], "rl-verifiable": ["--seed=2337"]}             # the twin stays a twin
     assert seed(recipe.stage_command(rows["vit1"], 1, ["--seed=5"], seed_offset=2000))[-1] == "--seed=2005"   # the last wins
+    given = {n: seed(recipe.stage_command(r, 1, ["--seed=5"]))[-1] for n, r in rows.items()}   # --seed given: the
+    assert given == {"vit1": "--seed=5", "sft4": "--seed=5", "sft4-twin": "--seed=5999",   # twin keeps its distance
+                     "soup": "--seed=5", "rl-verifiable": "--seed=5"}
     assert recipe.stage_command(rows["rl-verifiable"], 1, [], seed_offset=1000)[1].endswith("rl.py")
 
 
