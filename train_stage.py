@@ -566,18 +566,18 @@ def all_reduce_sum(values, device):
 
 
 # ==============================================================================================
-# model initialisation for a stage: its init rule, then --init-from / --init-vit / --init-llm
+# model initialisation for a stage: its init rule (--init_modules changes it), then --init-from / --init-vit / --init-llm
 
 def module_overrides(spec: str) -> dict:
     """--init_modules "mlp1:vit3,vision_model:vit2" -> {module: stage name | "fresh"}."""
-    pairs = [item.split(":", 1) for item in spec.split(",") if item.strip()]
+    pairs = [[part.strip() for part in item.split(":", 1)] for item in spec.split(",") if item.strip()]
     if any(len(p) != 2 for p in pairs):
         raise UsageError(f"--init_modules: write module:stage pairs (mlp1:vit3,vision_model:fresh), got {spec!r}")
     modules_of(",".join(m for m, _ in pairs))
     for _, src in pairs:
-        if src.strip() != "fresh":
-            stage_row(src.strip())
-    return {m.strip(): src.strip() for m, src in pairs}
+        if src != "fresh":
+            stage_row(src)
+    return dict(pairs)
 
 
 def module_sources(cfg: StageConfig) -> dict:
