@@ -1519,7 +1519,7 @@ def run_cli(argv: list):
 # --stage all only (the rest goes to every stage; RECIPE_HELP says what each does). eval_limit 128 is
 # sample.EVAL_LIMIT, the whole synthetic eval split; runs k > 1 keep the synthetic data and held-out samples
 RECIPE_OPTIONS = {"nproc": "1", "eval_limit": "128", "eval_families": "", "until": "", "seeds": "1", "compare": "",
-                  "as": ""}
+                  "as": "", "against": ""}
 RECIPE_HELP = {"nproc": "processes per stage (torchrun --nproc_per_node)",
                "eval_limit": "held-out samples per family in each stage's evaluation",
                "eval_families": "comma list of families to evaluate (\"\" = all)",
@@ -1528,7 +1528,9 @@ RECIPE_HELP = {"nproc": "processes per stage (torchrun --nproc_per_node)",
                "compare": "a stage output made outside the recipe (another seed, another setting): evaluated as the "
                           "recipe evaluates --as=STAGE, then compared with <out_dir>'s own STAGE and put in its place in "
                           "the recipe's effects; trains nothing",
-               "as": "the stage that --compare stands in for"}
+               "as": "the stage that --compare stands in for",
+               "against": "another output of --as's stage to compare --compare with, in place of <out_dir>'s own "
+                          "(two settings beside a run: each evaluated, one paired difference per mode)"}
 RL_HELDOUT = "heldout_predictions.jsonl"   # an RL stage's held-out before / after (rl.py): one more effect
 
 

@@ -83,12 +83,14 @@ def read_jsonl(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def recipe_effect_results(rdir: str, cfg: StageConfig, stand_in: Optional[tuple] = None) -> list:
+def recipe_effect_results(rdir: str, cfg: StageConfig, stand_in: Optional[tuple] = None,
+                          against: Optional[tuple] = None) -> list:
     """The effects whose two sides this run has measured (predictions/<stage>.jsonl), each
     {"name", "a", "b", "families", **sample.paired_difference}; an RL stage's own held-out before /
     after (RL_HELDOUT) as one more. Sides scored on different samples stop the recipe.
     stand_in: (stage, its folder, its predictions): an output made outside the recipe, first against
-    this run's own stage, then in that stage's place in the effects it is part of (compare_output)."""
+    this run's own stage (or `against`: (folder, predictions), another output of that stage), then in
+    that stage's place in the effects it is part of (compare_output)."""
     preds = {} if stand_in is None else {stand_in[0]: stand_in[2]}
 
     def run_predictions(stage):                    # this run's, [] for a stage it has not scored
@@ -104,9 +106,11 @@ def recipe_effect_results(rdir: str, cfg: StageConfig, stand_in: Optional[tuple]
     if stand_in is not None:            # first, mode by mode, the outside output against this run's own stage;
         stage, folder, theirs = stand_in      # then its effects, over the families it was scored on
         keys = {(p["family"], p["where"]) for p in theirs}
-        ours = [p for p in run_predictions(stage) if (p["family"], p["where"]) in keys]
-        specs = [(f"{stage}: --compare vs this run's, {MODE_WORDS[mode]}", f"{stage} ({folder})",
-                  [p for p in theirs if mode_of(p) == mode], f"{stage} (this run)", [p for p in ours if mode_of(p) == mode])
+        words, label, ours = (("--against", f"{stage} ({against[0]})", against[1]) if against else
+                              ("this run's", f"{stage} (this run)", run_predictions(stage)))
+        ours = [p for p in ours if (p["family"], p["where"]) in keys]
+        specs = [(f"{stage}: --compare vs {words}, {MODE_WORDS[mode]}", f"{stage} ({folder})",
+                  [p for p in theirs if mode_of(p) == mode], label, [p for p in ours if mode_of(p) == mode])
                  for mode in dict.fromkeys(mode_of(p) for p in theirs)]
         scored = {family for family, _ in keys}
         effects = [(name, a, b, tuple(f for f in fams if f in scored)) for name, a, b, fams in effects
@@ -273,19 +277,27 @@ def compare_output(cfg: StageConfig, own: dict) -> list:
     setting, e.g. `python rl.py --stage rl-mixed --seed=2 --out_dir=...`), evaluated as the recipe
     evaluates STAGE (the same samples, modes and scope), then, against the predictions of the recipe
     run in --out_dir, DIR vs the run's own STAGE (mode by mode) and the recipe's effects STAGE is part
-    of with DIR in its place (over the families DIR was scored on). DIR's predictions go to
-    DIR/recipe_predictions.jsonl and its effects to DIR/recipe_effects.json."""
-    folder, name = own["compare"], own["as"]
+    of with DIR in its place (over the families DIR was scored on). --against=DIR2 (another output of
+    STAGE, e.g. the same stage on other data) takes the run's STAGE's place in the first comparison,
+    so two settings beside a run are paired directly. Each output's predictions go to
+    <output>/recipe_predictions.jsonl, DIR's effects to DIR/recipe_effects.json."""
+    folder, name, other = own["compare"], own["as"], own["against"]
     row = stage_row(name)
-    if not modeling.is_finished_stage(folder):
-        raise UsageError(f"--compare={folder}: not a finished stage output (no verified checkpoint there)")
+    for option, path in (("compare", folder), ("against", other)):
+        if path and not modeling.is_finished_stage(path):
+            raise UsageError(f"--{option}={path}: not a finished stage output (no verified checkpoint there)")
     rdir = os.path.join(cfg.out_dir, "recipe")
-    if not os.path.isdir(os.path.join(rdir, "predictions")):
+    if not other and not os.path.isdir(os.path.join(rdir, "predictions")):
         raise UsageError(f"--compare needs a recipe run to compare against: {rdir}/predictions is missing "
                          f"(--out_dir names the run)")
-    _, preds = evaluate_row(row, cfg, own, folder)
-    data.write_atomic(os.path.join(folder, "recipe_predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
-    effects = recipe_effect_results(rdir, cfg, (name, folder, preds))
+
+    def scored(path):
+        _, preds = evaluate_row(row, cfg, own, path)
+        data.write_atomic(os.path.join(path, "recipe_predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
+        return preds
+
+    preds = scored(folder)
+    effects = recipe_effect_results(rdir, cfg, (name, folder, preds), (other, scored(other)) if other else None)
     data.write_json(os.path.join(folder, "recipe_effects.json"), effects)
     print_effects(effects)
     if not effects:
@@ -395,6 +407,8 @@ def run_recipe(argv: list):
         stage_row(own["until"])
     if bool(own["compare"]) != bool(own["as"]):
         raise UsageError("--compare=DIR and --as=STAGE go together")
+    if own["against"] and not own["compare"]:
+        raise UsageError("--against=DIR is compared with --compare=DIR --as=STAGE")
     for key in ("seeds", "nproc", "eval_limit"):
         if not own[key].isdigit() or int(own[key]) < 1:
             raise UsageError(f"--{key} must be a whole number >= 1, got {own[key]!r}")

@@ -8,7 +8,10 @@ motion direction from the pixels itself, bad lines written by the test.
 
 Also a demonstration (not a test): `python tests/test_curation.py salt --synth DIR --out OUT` writes
 salted copies of the synthetic sft2 families and of the video manifest (each salted record carries
-"salted": KIND) for `python tests/curate.py curate-instructions` / `curate-video` to find.
+"salted": KIND) for `python tests/curate.py curate-instructions` / `curate-video` to find, and
+`python tests/test_curation.py audit --in SALTED --curated OUT/curated.jsonl` counts, per kind, what
+curation flagged, kept and dropped, and how many answers agree with the record's `answer` before and
+after (sample.score, the evaluation's own rule).
 """
 import argparse
 import json
@@ -24,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import curate  # noqa: E402
 import data  # noqa: E402
+import sample  # noqa: E402
 import synth as synthetic  # noqa: E402   (the name `synth` is the data fixture)
 import vit  # noqa: E402
 
@@ -370,18 +374,72 @@ def test_same_seed_same_bytes(synth, tmp_path):
         assert (tmp_path / "va" / name).read_bytes() == (tmp_path / "vb" / name).read_bytes(), name
 
 
+def answer_right(rec: dict) -> bool:
+    """Whether a record's reply gives its own `answer`, by the evaluation's rule for its task."""
+    return sample.score(rec["task"], rec["conversations"][-1]["value"], None, rec["answer"])[0]
+
+
+def audit(salted: list, curated: list) -> dict:
+    """Per salted kind (and "clean"): {"in", "kept" (written), "reannotated" (written after a rule or a
+    low score sent it to the annotator, whichever answer won), "right_in" / "right_out" (answers that
+    agree with the record's `answer`, before curation / in what was written)}. Curated records carry
+    their input's fields."""
+    rows = {k: Counter() for k in ("clean", *KINDS)}
+    for rec in salted:
+        row = rows[rec.get("salted", "clean")]
+        row["in"] += 1
+        row["right_in"] += answer_right(rec)
+    for rec in curated:
+        row = rows[rec.get("salted", "clean")]
+        row["kept"] += 1
+        row["reannotated"] += "kept" in rec["curation"]
+        row["right_out"] += answer_right(rec)
+    return {k: dict(v) for k, v in rows.items() if v}
+
+
+def test_audit_counts_flags_and_right_answers_by_kind():
+    """Hand-made: a clean count record kept as is (right), a clean one re-annotated wrong, a copied
+    question re-annotated right, an empty answer dropped -> clean: in 2, re-annotated 1, right 2 -> 1;
+    copy: 0 -> 1 right; empty: in 1, kept 0."""
+    def rec(reply, kind=None, kept=None):
+        r = {"task": "count", "answer": "3", "conversations": [{"from": "human", "value": "How many?"},
+                                                                {"from": "gpt", "value": reply}]}
+        return {**r, **({"salted": kind} if kind else {}), "curation": {"rule": None, **({"kept": kept} if kept else {})}}
+    salted = [rec("3."), rec("3."), rec("How many?", "copy"), rec("", "empty")]
+    curated = [rec("3."), rec("5.", kept="new"), rec("3.", "copy", kept="new")]
+    got = audit([{k: v for k, v in r.items() if k != "curation"} for r in salted], curated)
+    assert got == {"clean": {"in": 2, "right_in": 2, "kept": 2, "reannotated": 1, "right_out": 1},
+                   "copy": {"in": 1, "right_in": 0, "kept": 1, "reannotated": 1, "right_out": 1},
+                   "empty": {"in": 1, "right_in": 0}}
+
+
 # ----------------------------------------------------------------------------------------------
 # demonstration: salted copies of the synthetic data
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="write salted copies of the synthetic sft2 families and video manifest")
-    p.add_argument("cmd", choices=["salt"])
+    p = argparse.ArgumentParser(description="salt: write salted copies of the synthetic sft2 families and video "
+                                "manifest; audit: what curate-instructions did with each kind of salted record")
+    p.add_argument("cmd", choices=["salt", "audit"])
     p.add_argument("--synth", default="data_synth", help="a `python tests/synth.py` folder")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="salt: the output folder")
     p.add_argument("--per-kind", type=int, default=16, help=f"salted records per kind of {KINDS}")
     p.add_argument("--videos", type=int, default=16, help="static and mismatched videos each")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in", dest="inputs", help="audit: the salted manifest")
+    p.add_argument("--curated", help="audit: curate-instructions' curated.jsonl")
     args = p.parse_args(argv)
+    if args.cmd == "audit":
+        if not (args.inputs and args.curated):
+            p.error("audit needs --in SALTED --curated CURATED")
+        read = lambda path: [json.loads(line) for line in Path(path).read_text().splitlines()]  # noqa: E731
+        rows = audit(read(args.inputs), read(args.curated))
+        print(f"{'kind':<10} {'in':>5} {'kept':>5} {'re-annotated':>13} {'right in':>9} {'right out':>10}")
+        for kind, r in {**rows, "all": sum(map(Counter, rows.values()), Counter())}.items():
+            print(f"{kind:<10} {r['in']:>5} {r.get('kept', 0):>5} {r.get('reannotated', 0):>13} {r['right_in']:>9} "
+                  f"{r.get('right_out', 0):>10}")
+        return
+    if not args.out:
+        p.error("salt needs --out")
     synth_dir, out = Path(args.synth).resolve(), Path(args.out).resolve()
     records = [r for f in SFT2_FAMILIES for r in read_lines(synth_dir / f / "train.jsonl")]
     salted, truth = salt(records, {k: args.per_kind for k in KINDS}, args.seed)

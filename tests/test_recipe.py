@@ -473,6 +473,36 @@ def test_seeds_run_the_recipe_again_with_offsets_and_compare_needs_as(tmp_path, 
     assert len(runs) == 2
 
 
+def test_compare_against_pairs_two_outputs_beside_a_run(tmp_path, monkeypatch):
+    """--compare=A --as=sft4 --against=B (the command line's path): A and B each evaluated as the recipe
+    evaluates sft4 and written beside their checkpoints, then A vs B mode by mode, not A vs the run's
+    own sft4; the run's other effects with A in sft4's place. By hand: A real 4 of 4 per family, B 2
+    of 4 -> +0.5; blank 1 vs 3 -> -0.5; SFT (A real vs the run's vit1 real 3 of 4) -> +0.25. Without
+    a run (no predictions in --out_dir) A vs B and A's own effects (real vs blank); --against alone is
+    refused."""
+    fams = ["ocr", "count"]
+    scored = {"A": preds_of(fams, "real", 4) + preds_of(fams, "blank", 1),
+              "B": preds_of(fams, "real", 2) + preds_of(fams, "blank", 3)}
+    monkeypatch.setattr(modeling, "is_finished_stage", lambda path: os.path.basename(path) in scored)
+    monkeypatch.setattr(recipe, "evaluate_row", lambda row, cfg, own, folder: ({}, scored[os.path.basename(folder)]))
+    run, a, b = tmp_path / "run", tmp_path / "A", tmp_path / "B"
+    a.mkdir(), b.mkdir()
+    write_preds(run / "recipe", "vit1", preds_of(fams, "real", 3))
+    write_preds(run / "recipe", "sft4", preds_of(fams, "real", 0) + preds_of(fams, "blank", 0))
+    args = [f"--data_dir={tmp_path}", f"--compare={a}", "--as=sft4", f"--against={b}"]
+    got = {e["name"]: e for e in recipe.run_recipe([f"--out_dir={run}", *args])}
+    pair = [f"sft4: --compare vs --against, {recipe.MODE_WORDS[m]}" for m in ("real", "blank")]
+    assert list(got)[:2] == pair and "SFT" in got
+    assert (got[pair[0]]["difference"], got[pair[1]]["difference"], got["SFT"]["difference"]) == (0.5, -0.5, 0.25)
+    assert got[pair[0]]["b"] == f"sft4 ({b})" and got[pair[0]]["n"] == 8
+    for name in "AB":
+        assert recipe.read_jsonl(str(tmp_path / name / "recipe_predictions.jsonl")) == scored[name]
+    alone = recipe.run_recipe([f"--out_dir={tmp_path / 'none'}", *args])
+    assert [e["name"] for e in alone] == pair + ["sft4 sees", "sft4 sees (count)", "sft4 sees (ocr)"]
+    with pytest.raises(train_stage.UsageError, match="--against=DIR is compared with --compare"):
+        recipe.run_recipe([f"--out_dir={run}", f"--against={b}"])
+
+
 def test_accuracy_table_chance_row_lines_up_with_the_families():
     """report.md's chance row has one cell per column: under each family its chance, under the
     real-images table's stage / s / loss columns nothing."""
