@@ -230,7 +230,7 @@ def grouped_attention(q, k, v, mask, fold: bool):
     B, H, T, hd = q.shape
     G = H // k.shape[1]
     out = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, hd), k, v, attn_mask=mask.repeat(1, 1, G, 1))
-    return out.view(B, H, T, hd)
+    return out.reshape(B, H, T, hd)          # not view: CUDA's fused kernels return a transposed buffer
 
 
 class MLP(nn.Module):

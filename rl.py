@@ -449,10 +449,11 @@ def checkable(answer: str) -> bool:
 NUMERIC_FAMILIES = ("count", "count_cot", "math", "math_direct", "chart")   # the think reward checks their arithmetic
 
 
-def verifiable_reward(answer, fmt, weights):
-    """The verifiable reward of score_rollouts: the answer counts only in a well-formed reply."""
+def verifiable_reward(answer, fmt, weights, gated: bool = True):
+    """The verifiable reward of score_rollouts: the answer counts only in a well-formed reply; not
+    `gated` (the ablation, --format_gate=false), answer and format summed with their weights."""
     wa, _, wf = weights
-    return fmt * (wa * answer + wf) / (wa + wf)
+    return (fmt * (wa * answer + wf) if gated else wa * answer + wf * fmt) / (wa + wf)
 
 
 def answer_score(r, cfg) -> float:
@@ -484,7 +485,7 @@ def score_rollouts(rolls: list, cfg, judge=None) -> None:
         r.answer_r = answer_score(r, cfg)
         r.format_r = reward_format(r.text) if r.prompt.think else reward_direct_format(r.text)
         if cfg.reward == "verifiable" or not r.prompt.think:
-            r.reward = verifiable_reward(r.answer_r, r.format_r, cfg.reward_weights)
+            r.reward = verifiable_reward(r.answer_r, r.format_r, cfg.reward_weights, cfg.format_gate)
             continue
         parts = split_think(r.text)
         if r.prompt.family in NUMERIC_FAMILIES:
@@ -692,7 +693,7 @@ def control_advantages(rolls: list, cfg, generator):
     if cfg.advantage_control == "answer":
         answers = shuffle_within_groups(torch.tensor([r.answer_r for r in rolls]), G, generator)
         fmts = torch.tensor([r.format_r for r in rolls])
-        return group_advantages(verifiable_reward(answers, fmts, cfg.reward_weights), G)
+        return group_advantages(verifiable_reward(answers, fmts, cfg.reward_weights, cfg.format_gate), G)
     adv = shuffle_within_groups(group_advantages(torch.tensor([r.reward for r in rolls]), G), G, generator)
     if cfg.advantage_control == "sign":
         signs = torch.randint(0, 2, (adv.shape[0] // G, 1), generator=generator) * 2 - 1       # (groups, 1)
@@ -1157,6 +1158,7 @@ class RLConfig(train_stage.StageConfig):
     eval_prompts: int = 512               # held-out prompts, evaluated at the start and the end
     eval_samples: int = 8                 # samples per held-out prompt (pass@1, maj@k, pass@k)
     harvest_samples: int = 8              # harvest: completions per prompt
+    format_gate: bool = True              # the answer reward counts only in a well-formed reply (false: summed, an ablation)
     advantage_control: str = ""           # a control that must not learn: "answer" (answer scores permuted within groups) | "shuffle" (advantages permuted within groups) | "sign" (and a random sign per group)
 
 
@@ -1309,9 +1311,11 @@ def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tup
 
 
 # options that define the saved run's prompt pool (its positions, cursor and direct-mode share) and its
-# held-out evaluation (the "before" side is saved): a resume with other values is refused
+# held-out evaluation (the "before" side is saved, and "after" must be sampled and scored alike; max_tokens
+# is the prompts' length limit): a resume with other values is refused
 FIXED_ON_RESUME = ("seed", "data_dir", "manifests", "eval_manifests", "image_root", "pool_size",
-                   "filter_k", "general_share", "direct_share", "eval_prompts", "eval_samples")
+                   "filter_k", "general_share", "direct_share", "eval_prompts", "eval_samples", "max_tokens",
+                   "max_new_tokens", "temperature", "top_p", "reward", "reward_weights", "judge")
 
 
 def resume_rl(path: str, cfg: RLConfig, model, opt, gen, rank: int, world: int, log) -> dict:

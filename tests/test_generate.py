@@ -385,6 +385,25 @@ def test_folded_query_groups_give_sdpas_grouped_attention():
     torch.testing.assert_close(modeling.grouped_attention(q, k, v, mask, fold=True), want, rtol=1e-5, atol=1e-6)
 
 
+def test_folded_attention_gives_the_gqa_form_whatever_layout_sdpa_returns(monkeypatch):
+    """grouped_attention's CUDA form (fold: each kv head's query heads on the query axis, the mask
+    repeated) gives SDPA's GQA form under a padding mask, also when SDPA hands back a transposed
+    buffer, as CUDA's fused kernels do ((B, L, H, D) memory seen as (B, H, L, D)): a `view` of it
+    fails, so a CPU run, whose math kernel returns contiguous memory, would never show it."""
+    torch.manual_seed(0)
+    B, H, Hkv, T, S, hd = 2, 4, 2, 3, 5, 8
+    q = torch.randn(B, T, H, hd).transpose(1, 2)                         # as Attention builds it
+    k, v = torch.randn(B, Hkv, S, hd), torch.randn(B, Hkv, S, hd)
+    mask = modeling.decode_mask(torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), 2, T)
+    want = modeling.grouped_attention(q, k, v, mask, fold=False)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def cuda_layout(*args, **kwargs):
+        return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", cuda_layout)
+    torch.testing.assert_close(modeling.grouped_attention(q, k, v, mask, fold=True), want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_masked_generation_on_cuda_runs_without_the_math_kernel():
     """Prefill of prompts of different lengths (a padding mask) and decode under bf16 autocast, with

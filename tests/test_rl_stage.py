@@ -598,6 +598,9 @@ def test_scores_of_the_two_reward_kinds(setup):
     assert [r.answer_r for r in rolls] == [1.0, 1.0, 0.0] and [r.format_r for r in rolls] == [1.0, 0.0, 1.0]
     # verifiable: the answer counts only in a well-formed reply, and a wrong one still earns the format
     assert [r.reward for r in rolls] == pytest.approx([1.0, 0.0, 0.1 / 0.9])
+    # the ablation --format_gate=false: summed, a right answer without its think chain earns 0.8 / 0.9
+    rl.score_rollouts(rolls, replace(cfg, format_gate=False))
+    assert [r.reward for r in rolls] == pytest.approx([1.0, 0.8 / 0.9, 0.1 / 0.9])
     # mixed: a checkable answer by the rules (1/2 == 0.5, which ROUGE-L would call wrong), an
     # uncheckable one by the reference judge
     mixed = replace(cfg, reward="mixed")
@@ -920,6 +923,8 @@ def test_the_answer_control_deals_answers_and_keeps_each_format():
         assert g[3] < g[:3].min()                                                 # always the lowest: format kept
         right_at[int(g.argmax()) if g.max() > g[:3].min() + 1e-6 else "malformed"] += 1
     assert set(right_at) == {0, 1, 2, "malformed"} and min(right_at.values()) >= 8   # the right answer dealt at random
+    ungated = rl.control_advantages(rolls, replace(cfg, format_gate=False), torch.Generator().manual_seed(0)).view(64, 4)
+    assert sum(bool(g[3] > g[:3].min()) for g in ungated) >= 8     # summed: dealt the right answer, malformed is not lowest
 
 
 def test_the_loop_learns_a_contextual_bandit(synth):
@@ -1180,18 +1185,21 @@ def test_the_clip_high_schedule_is_dapos_alone():
 # each option that defines the saved run's prompt pool or its held-out evaluation, with another value
 POOL_AND_EVAL_OPTIONS = {"seed": 5, "data_dir": "/other/synth", "manifests": "m.jsonl", "eval_manifests": "e.jsonl",
                          "image_root": "/other/images", "pool_size": 7, "filter_k": 4, "general_share": 0.3,
-                         "direct_share": 0.5, "eval_prompts": 9, "eval_samples": 3}
+                         "direct_share": 0.5, "eval_prompts": 9, "eval_samples": 3, "max_tokens": 2048,
+                         "max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "reward": "mixed",
+                         "reward_weights": (0.7, 0.2, 0.1), "judge": "/a/judge"}
 
 
 def test_resume_refuses_each_change_of_the_pool_or_the_held_out_evaluation(monkeypatch):
     """resume_rl refuses a checkpoint saved with another value of any option that defines its
-    prompt pool (positions, cursor, direct-mode share) or its saved "before" evaluation, naming the
-    option; another LR is only logged, and a checkpoint at exactly --episodes is accepted (the run
+    prompt pool (positions, cursor, direct-mode share, the prompts' length limit) or its saved "before"
+    evaluation (its sampling and scoring too), naming the option; another LR is only logged, and a checkpoint at exactly --episodes is accepted (the run
     evaluates and finishes), its rollout generator restored. (load_checkpoint stubbed: the metadata
     is what this test is about.)"""
     cfg = rl.RLConfig(episodes=4)
     gen0 = torch.Generator().manual_seed(3)
     rank_state = {"rng": modeling.rng_state(), "generator": gen0.get_state()}
+    assert set(POOL_AND_EVAL_OPTIONS) == set(rl.FIXED_ON_RESUME)
     for key, value in POOL_AND_EVAL_OPTIONS.items():
         meta = {"episode": 2, "world_size": 1, "config": rl.asdict(replace(cfg, **{key: value}))}
         monkeypatch.setattr(modeling, "load_checkpoint", lambda *a, meta=meta: (meta, rank_state))
