@@ -391,8 +391,13 @@ def policy_logprobs(logits, targets, cfg, n_valid: int, banned) -> tuple:
 
 
 def free_memory(device) -> Optional[int]:
-    """Bytes free on a CUDA device (None elsewhere: the CPU's rollouts are not sized by memory)."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    """Bytes free on a CUDA device, with what torch's caching allocator holds unused (the device counts
+    it as taken; the last update's activations and gradients stay cached). None elsewhere: the CPU's
+    rollouts are not sized by memory. The calls' sizes, and so which draws a row gets, follow it: on a
+    GPU a resumed run samples from the same policy, not necessarily the same tokens."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def prompts_per_call(cfg, llm, longest: int, G: int, device) -> int:
@@ -415,10 +420,12 @@ def prompts_per_call(cfg, llm, longest: int, G: int, device) -> int:
 
 
 def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[int] = None,
-             greedy: bool = False, progress: bool = False) -> list:
+             greedy: bool = False, progress: bool = False, call_seed: Optional[int] = None) -> list:
     """group_size (default cfg.group_size) completions per prompt, prompt after prompt (the layout
     group_advantages reads); sampled with cfg.temperature / cfg.top_p, or greedy. Every tensor on
-    the policy's device; `generator` on that device too."""
+    the policy's device; `generator` on that device too. `call_seed`: instead of `generator`, generate
+    call c draws from a generator seeded call_seed + c * 2**20, so its draws do not depend on how many
+    steps the calls before it ran (each call stops when its rows are done)."""
     G = group_size or cfg.group_size
     device = modeling.model_device(policy)
     stop, banned = sample.stop_ids(tok), banned_ids(tok)
@@ -427,7 +434,9 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
     chunks = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
     out = []
     with torch.inference_mode(), modeling.autocast(device):
-        for chunk in tqdm(chunks, desc="rollouts", disable=not progress, leave=False):
+        for c, chunk in enumerate(tqdm(chunks, desc="rollouts", disable=not progress, leave=False)):
+            if call_seed is not None:
+                generator = torch.Generator(device).manual_seed(call_seed + c * 2 ** 20)
             flat = torch.tensor([t for p in chunk for t in p.ids], device=device)[None]
             pixels = modeling.on_device(sample.concat_pixels([p.pixels for p in chunk]), device)
             prefixes = policy.embed(flat, pixels)[0].split([len(p.ids) for p in chunk])   # (L_i, H) each
@@ -1064,21 +1073,22 @@ def paired(before: list, after: list) -> dict:
     return out
 
 
-EVAL_SEED = 12345      # the sampled half of every evaluation draws from this seed (+ rank)
+EVAL_SEED = 12345      # the sampled half of every evaluation draws from this seed (+ rank, + the call)
 
 
 @torch.no_grad()
 def evaluate_prompts(policy, tok, prompts: list, cfg, judge=None, progress: bool = False) -> list:
     """Per held-out prompt (asked in its mode, thinking or direct): the greedy answer and
     cfg.eval_samples samples at the rollout temperature, scored like the rollouts. Each rank
-    answers its share; every rank gets all records, in prompt order. The sample draws restart from
-    EVAL_SEED each call, so a "before" and an "after" see the same random numbers."""
-    device = modeling.model_device(policy)
+    answers its share; every rank gets all records, in prompt order. Each generate call draws from
+    its own seed (EVAL_SEED, the rank, the call), so a "before" and an "after" give each sample the
+    same random number at each step wherever the calls split alike (always on the CPU; on a GPU the
+    split follows free memory, prompts_per_call)."""
     rank, _ = rank_and_world()
     mine = my_share(prompts)
     greedy = rollouts(policy, tok, mine, cfg, None, group_size=1, greedy=True, progress=progress)
-    gen = torch.Generator(device=device).manual_seed(EVAL_SEED + rank)
-    sampled = rollouts(policy, tok, mine, cfg, gen, group_size=cfg.eval_samples, progress=progress)
+    sampled = rollouts(policy, tok, mine, cfg, None, group_size=cfg.eval_samples, progress=progress,
+                       call_seed=EVAL_SEED + rank)
     score_rollouts(greedy + sampled, cfg, judge)
     k = cfg.eval_samples
     return gather_shares([per_prompt(g, sampled[i * k:(i + 1) * k]) for i, g in enumerate(greedy)])

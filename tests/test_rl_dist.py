@@ -101,9 +101,9 @@ def parity(rolls, cfg, judge=None):
         r.answer_r = r.reward = float(bool(r.completion) and r.completion[0] % 2 == want)
 
 real = rl.rollouts
-def uneven(policy, tok, prompts, cfg, gen, group_size=None, greedy=False, progress=False):
+def uneven(policy, tok, prompts, cfg, gen, *args, **kwargs):
     cfg = rl.dataclasses.replace(cfg, max_new_tokens=3 if rl.rank_and_world()[0] == 0 else 24)
-    return real(policy, tok, prompts, cfg, gen, group_size, greedy, progress)
+    return real(policy, tok, prompts, cfg, gen, *args, **kwargs)
 
 rl.score_rollouts, rl.rollouts = parity, uneven
 rl.main(sys.argv[1:])

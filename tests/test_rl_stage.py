@@ -116,6 +116,38 @@ def test_rollout_calls_are_sized_to_the_free_memory(setup, monkeypatch):
         rl.rollouts(m, tok, prompts[:7], cfg, torch.Generator().manual_seed(0))
 
 
+def test_a_calls_draws_do_not_depend_on_how_far_the_calls_before_it_ran(setup, monkeypatch):
+    """rollouts with call_seed (the held-out evaluation's): one prompt per call, the first call made to
+    use up 1,000 more random numbers (as a call whose rows run longer does) -> the second call's rows
+    are the same tokens; from one shared generator they are not."""
+    _, _, m, tok, cfg, prompts = setup
+    cfg = replace(cfg, batch_rows=4, temperature=1.0, max_new_tokens=6)
+    engine, extra = modeling.generate_from_embeds, [0]
+
+    def longer_first_call(lm, embeds, max_new, temperature, top_p, stop, generator, *a, **k):
+        torch.rand(extra.pop() if extra else 0, generator=generator)
+        return engine(lm, embeds, max_new, temperature, top_p, stop, generator, *a, **k)
+    monkeypatch.setattr(modeling, "generate_from_embeds", longer_first_call)
+
+    def second_calls_rows(burn, **kw):
+        extra[:] = [burn]
+        return [r.completion for r in rl.rollouts(m, tok, prompts[:2], cfg, **kw)[4:]]
+    assert second_calls_rows(0, generator=None, call_seed=7) == second_calls_rows(1000, generator=None, call_seed=7)
+    shared = [second_calls_rows(burn, generator=torch.Generator().manual_seed(7)) for burn in (0, 1000)]
+    assert shared[0] != shared[1]
+
+
+def test_free_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """free_memory on a CUDA device: the device's free bytes plus the allocator's reserved but
+    unallocated ones (after an update they stay cached, and the device counts them as taken); the
+    CPU has no figure. (The torch.cuda calls stubbed: no GPU here.)"""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 12 << 30)
+    assert rl.free_memory(torch.device("cuda", 0)) == 28 << 30
+    assert rl.free_memory(torch.device("cpu")) is None
+
+
 def test_the_update_forward_never_makes_the_packs_vocabulary_logits(setup, monkeypatch):
     """completion_logps, the forward of the old log-probs and of every update, makes the logits a
     chunk of positions at a time, for the completion tokens only, and again in backward: no tensor
