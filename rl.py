@@ -1207,6 +1207,7 @@ def rl_config(argv: list) -> tuple:
         if (why := RL_UNUSED.get(key.split(".")[0])) is not None:
             raise train_stage.UsageError(f"--{key} does not apply to an RL stage" + (f": {why}" if why else ""))
         train_stage.set_key({"": cfg}, key, value)
+    train_stage.check_init_options(cfg)
     train_stage.check_optimizer_options(cfg)
     if stage == "harvest" and (unused := [k for k in given if k.split(".")[0] in HARVEST_UNUSED]):
         raise train_stage.UsageError(f"--{unused[0]} does not apply to the harvest: it samples from a finished model")

@@ -573,11 +573,21 @@ def module_overrides(spec: str) -> dict:
     pairs = [[part.strip() for part in item.split(":", 1)] for item in spec.split(",") if item.strip()]
     if any(len(p) != 2 for p in pairs):
         raise UsageError(f"--init_modules: write module:stage pairs (mlp1:vit3,vision_model:fresh), got {spec!r}")
-    modules_of(",".join(m for m, _ in pairs))
+    if unknown := [m for m, _ in pairs if m not in MODULES]:
+        raise UsageError(f"--init_modules: unknown module(s) {unknown}: use {', '.join(MODULES)}")
+    if len(dict(pairs)) < len(pairs):
+        raise UsageError(f"--init_modules: a module named twice in {spec!r}")
     for _, src in pairs:
         if src != "fresh":
             stage_row(src)
     return dict(pairs)
+
+
+def check_init_options(cfg: StageConfig):
+    """--init_modules with --init_from (which replaces the rule it changes) and bad pairs, refused."""
+    if cfg.init_modules and cfg.init_from:
+        raise UsageError("--init_modules changes the stage's init rule, which --init_from replaces: give one of them")
+    module_overrides(cfg.init_modules)
 
 
 def module_sources(cfg: StageConfig) -> dict:
@@ -1364,9 +1374,7 @@ def parse_args(argv):
         set_key({"": cfg, "model": model_cfg}, key, value)
     cfg.model_options = tuple([f"preset={cfg.preset}"] * ("preset" in given) + [f"{k[6:]}={v}" for k, v in model_keys])
     modules_of(cfg.trainable)
-    if cfg.init_modules and cfg.init_from:
-        raise UsageError("--init_modules changes the stage's init rule, which --init_from replaces: give one of them")
-    module_overrides(cfg.init_modules)
+    check_init_options(cfg)
     check_optimizer_options(cfg)
     row = stage_row(cfg.stage)
     if "ckpts" in given and row.runner != "soup":

@@ -1174,16 +1174,19 @@ def test_step_scale_shortens_the_episodes_but_keeps_at_least_one():
 def test_rl_config_refuses_a_general_share_of_one_a_dual_clip_of_one_and_an_answer_control_of_mixed_rewards():
     """The bounds rl_config states: --general_share in [0, 1) (1 would be all general prompts: its
     count share / (1 - share) divides by 0), --clip_c > 1 (or 0: off), the answer control only with
-    verifiable rewards (it permutes answer scores inside the verifiable reward). Their neighbours
+    verifiable rewards (it permutes answer scores inside the verifiable reward), --init_modules not
+    with --init_from (as train_stage refuses it: --init_from would silently win). Their neighbours
     inside the bounds are accepted."""
     for args, says in ((["--stage", "rl-mixed", "--filter_k=2", "--general_share=1"], r"--general_share must be in \[0, 1\)"),
                        (["--clip_c=1"], "--clip_c, the dual-clip constant, must be > 1"),
-                       (["--stage", "rl-mixed", "--advantage_control=answer"], "needs --reward=verifiable")):
+                       (["--stage", "rl-mixed", "--advantage_control=answer"], "needs --reward=verifiable"),
+                       (["--init_modules=mlp1:sft4", "--init_from=x"], "give one of them")):
         with pytest.raises(train_stage.UsageError, match=says):
             rl.rl_config(args)
     assert rl.rl_config(["--stage", "rl-mixed", "--filter_k=2", "--general_share=0.99"])[0].general_share == 0.99
     assert rl.rl_config(["--clip_c=1.5"])[0].clip_c == 1.5
     assert rl.rl_config(["--advantage_control=answer"])[0].advantage_control == "answer"
+    assert rl.rl_config(["--init_modules=mlp1:sft4"])[0].init_modules == "mlp1:sft4"
 
 
 def test_the_algorithm_follows_the_model_and_explicit_clips_are_kept():
