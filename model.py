@@ -836,11 +836,13 @@ class SAILVL(nn.Module):
     vision_every_forward = False
 
     def blank_tile(self, device):
-        """One white tile (fixed resolution) or one 2x2-patch image (AnyRes) for vision_every_forward."""
-        v = self.cfg.vision_config
+        """One white tile (fixed resolution) or one 2x2-patch image (AnyRes) for vision_every_forward, in
+        the patch projection's dtype of the moment: under FSDP2's bf16 policy its gathered weights are
+        bf16, and only the model's own inputs are cast to it, not a tensor made inside its forward."""
+        v, dt = self.cfg.vision_config, self.vision_model.preprocessor.patchifier.proj.weight.dtype
         if self.cfg.anyres:
-            return [torch.ones(3, 2 * v.patch_size, 2 * v.patch_size, device=device)]
-        return torch.ones(1, 3, v.image_size, v.image_size, device=device)
+            return [torch.ones(3, 2 * v.patch_size, 2 * v.patch_size, device=device, dtype=dt)]
+        return torch.ones(1, 3, v.image_size, v.image_size, device=device, dtype=dt)
 
     def embed(self, input_ids, pixel_values=None):
         """Token embeddings with the `<IMG_CONTEXT>` positions filled, in order, by visual tokens."""
