@@ -648,8 +648,11 @@ def _attn_block_table_cached(cu_seqlens, total: int, chunk: int, causal: bool):
 
     Every layer of a step passes the same cu_seqlens tensor, so the table is built once per step,
     as FlexAttention builds one BlockMask per batch. An in-place edit of the tensor bumps its
-    version and rebuilds.
+    version and rebuilds. A tensor made under torch.inference_mode() (generation's image encoding)
+    has no version to read: its table is built each call.
     """
+    if cu_seqlens.is_inference():
+        return _attn_block_table(cu_seqlens, total, chunk, causal)
     key = (total, chunk, cu_seqlens.data_ptr(), cu_seqlens._version, str(cu_seqlens.device))
     memo = _attn_table_memo.get(causal)
     if memo is not None and memo[0]() is cu_seqlens and memo[1] == key:

@@ -313,3 +313,17 @@ def test_the_block_table_is_rebuilt_when_cu_seqlens_changes_in_place(monkeypatch
         cu[1] = 70
         out = kernels.packed_attention(q, k, v, cu, True)
         assert max_err(out, naive_attention(q.double(), k.double(), v.double(), cu, True)) < 1e-4
+
+
+def test_the_triton_path_runs_under_inference_mode(monkeypatch):
+    """Generation encodes images under torch.inference_mode(), where the ViT makes its cu_seqlens: an
+    inference tensor has no version counter to key the block-table memo on (reading it raised). The
+    output matches the naive reference, also with the same tensor edited in place between calls."""
+    monkeypatch.setenv("SAILVL_KERNELS", "triton")
+    q, k, v, _, _ = make_inputs([32, 64], 2, 1, 16, torch.float32, seed=7)
+    with torch.inference_mode():
+        cu = torch.tensor([0, 32, 96], dtype=torch.int32, device=q.device)
+        for boundary in (32, 70):
+            cu[1] = boundary
+            out = kernels.packed_attention(q, k, v, cu, False)
+            assert max_err(out, naive_attention(q.double(), k.double(), v.double(), cu, False)) < 1e-4
