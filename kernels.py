@@ -1367,9 +1367,14 @@ def moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     torch.compile never traces into it: its shapes follow the routing (tokens per expert), which
     recompiled a compiled generation step for every new routing until Dynamo's recompile limit. A
     compiled step without gradients (generation) sees one opaque op of output (T, H); with
-    gradients the graph breaks here and the experts run eagerly.
+    gradients the graph breaks here and the experts run eagerly. A compiled graph runs with autocast
+    off (its casts are traced into it), so under autocast the op's inputs are cast here, as autocast
+    casts a product's.
     """
     if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w_gate, w_up, w_down = (t.to(dt) for t in (x, w_gate, w_up, w_down))
         return _moe_op(x, w_gate, w_up, w_down, topk_weights, topk_ids)
     return _moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids)
 

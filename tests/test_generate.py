@@ -312,6 +312,24 @@ def test_a_compiled_moe_step_is_one_graph_with_the_experts_as_one_op(monkeypatch
     assert len({len(r) for r in got}) > 2                                # rows left the batch at different steps
 
 
+def test_a_compiled_moe_step_under_autocast_gives_the_eager_tokens(monkeypatch):
+    """A compiled graph runs with autocast off (AOTAutograd traces autocast's casts into it), so the
+    experts' opaque op met an fp32 activation and the bf16 experts generation holds under CUDA's
+    autocast (hold_matrices_in), and failed. Here the same on CPU under bf16 autocast, through
+    AOTAutograd ("aot_eager": its runtime wrapper, no inductor code generation): eager's tokens."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: compile_(fn, backend="aot_eager"))
+    monkeypatch.setattr(modeling, "COMPILED", {fn: modeling.Compiled(fn) for fn in modeling.COMPILED})
+    lm = tiny_lm(seed=7, layers=2, sharpen=4.0, experts=8)
+    modeling.hold_matrices_in(lm, torch.bfloat16)
+    kw = dict(temperature=1.0, stop_tokens=tuple(range(0, 96, 6)), repeats=2)
+    run = lambda compile: engine(lm, PROMPTS[:2], 8, generator=torch.Generator().manual_seed(4),  # noqa: E731
+                                 compile=compile, **kw)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert run(True) == run(False)
+
+
 def traced_capture(fn):
     """What CUDA graph capture does to the decode step, on the CPU: a warm-up run, then fn traced
     into its aten ops by make_fx on fake tensors (nothing runs, as nothing runs in a capture), which
