@@ -1196,8 +1196,8 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     st = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
           "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():        # this rank's device only: a resume may see fewer or other GPUs
+        st["cuda"] = torch.cuda.get_rng_state()
     return st
 
 
@@ -1207,8 +1207,13 @@ def set_rng_state(st: dict):
     random.setstate((version, tuple(mt), gauss))
     kind, keys, pos, has_gauss, cached = st["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    cuda = st.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):      # written before: every visible device's, this rank's among them
+            i = torch.cuda.current_device()
+            cuda = cuda[i] if i < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 TIED_HEAD = "language_model.lm_head.weight"

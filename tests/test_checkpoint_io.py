@@ -257,6 +257,25 @@ def test_the_rng_state_carries_the_cached_gaussians_of_python_and_numpy():
     assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
 
 
+def test_a_rank_keeps_its_own_gpus_rng_state_and_resumes_on_fewer_gpus(monkeypatch):
+    """A rank saves its own device's CUDA RNG state, not every visible GPU's: restoring every one
+    indexed devices a resume with fewer GPUs does not have. A state written the old way (a list)
+    restores this rank's entry. (torch.cuda stubbed: no GPU here; rank 1 of a node of 2, its device 1.)"""
+    states = {0: torch.tensor([10], dtype=torch.uint8), 1: torch.tensor([11], dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[1])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[0], states[1]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t, device="cuda": restored.append(t))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda ts: restored.append(ts))
+    st = modeling.rng_state()
+    assert torch.equal(st["cuda"], states[1])
+    modeling.set_rng_state(st)
+    modeling.set_rng_state({**st, "cuda": [states[0], states[1]]})
+    assert [t.tolist() for t in restored] == [[11], [11]]
+
+
 def test_a_step_checkpoint_stores_a_tied_lm_head_once_and_restores_the_tie(tmp_path):
     """The shards hold the tied lm_head once (as the embedding); a resumed model has the saved
     embedding and its lm_head is still that same tensor."""
