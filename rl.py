@@ -1352,9 +1352,11 @@ def resume_rl(path: str, cfg: RLConfig, model, opt, gen, rank: int, world: int, 
 
 def restore_generator(gen, rank_state: dict, rank: int, saved_world: int, seed: int, episode: int):
     """A rank's rollout generator from its checkpoint; a rank the saving run did not have (resumed
-    on more processes) gets a stream of its own, seeded from (seed, rank, episode), not rank 0's."""
-    if rank < saved_world:
-        gen.set_state(rank_state["generator"])
+    on more processes), or a generator of another device type (a CPU run resumed on a GPU: their
+    states differ in kind and size), gets a stream of its own, seeded from (seed, rank, episode)."""
+    state = rank_state["generator"] if rank < saved_world else None
+    if state is not None and state.numel() == gen.get_state().numel():
+        gen.set_state(state)
     else:
         gen.manual_seed(int(np.random.default_rng([seed, rank, episode]).integers(2 ** 62)))
 

@@ -1086,6 +1086,28 @@ def test_a_rank_the_saving_run_did_not_have_draws_its_own_rollouts():
     assert not torch.equal(streams[1], streams[0]) and not torch.equal(streams[2], streams[1])
 
 
+def test_a_generator_of_another_device_type_is_seeded_not_given_a_state_it_cannot_take():
+    """A CPU run's checkpoint resumed on a GPU: a CUDA generator's state (16 bytes: seed, offset) is
+    not a CPU one's (5,056: Mersenne Twister), and set_state refused it. It is seeded from (seed,
+    rank, episode) instead. (A stand-in for the CUDA generator: no GPU here.)"""
+    class CudaLike:
+        def __init__(self):
+            self.seeded = None
+
+        def get_state(self):
+            return torch.zeros(16, dtype=torch.uint8)
+
+        def set_state(self, state):
+            raise RuntimeError("RNG state is wrong size")
+
+        def manual_seed(self, seed):
+            self.seeded = seed
+    gen = CudaLike()
+    rl.restore_generator(gen, {"generator": torch.Generator().manual_seed(7).get_state()}, 0, saved_world=1,
+                         seed=1337, episode=4)
+    assert gen.seeded is not None
+
+
 def test_the_rl_mixed_stage_asks_and_evaluates_in_both_modes(setup, tmp_path):
     """The recipe's rl-mixed row through rl.py's CLI: its tiny settings ask half the prompts in
     direct mode, and the held-out evaluation reports each mode's greedy accuracy, before and after."""
