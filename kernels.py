@@ -69,8 +69,9 @@ def use_triton(t: torch.Tensor, supported: bool = True) -> bool:
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int):
     """Raise a clear error unless cu_seqlens is a valid int32 (n+1,) prefix sum ending at `total`.
 
-    Reads the values (a device sync on CUDA): packed_attention calls it only for CPU tensors, so
-    a CUDA caller (the model) should call it once per batch, not once per layer.
+    Reads the values (a device sync on CUDA): packed_attention calls it only for CPU tensors; a
+    training pack's are checked once, on the host, before it moves to the GPU (train_stage.to_device),
+    and the ViT's per-image boundaries are made from the images' own sizes.
     """
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"packed_attention: cu_seqlens must be a 1-D int32 tensor (n+1,), got "
@@ -754,7 +755,7 @@ def packed_attention(q, k, v, cu_seqlens, causal: bool, scale=None):
 
     No token attends across a sample boundary; `causal` for the LLM, bidirectional for the ViT.
     Triton when `use_triton(q)`, else the torch path. cu_seqlens values are validated on CPU
-    tensors; CUDA callers validate once per batch with `check_cu_seqlens` (it syncs).
+    tensors; a CUDA one is checked by its maker (`check_cu_seqlens` syncs: not once per layer).
     """
     _check_attention_inputs(q, k, v, cu_seqlens)
     if not cu_seqlens.is_cuda:

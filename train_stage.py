@@ -73,6 +73,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import kernels
 import model as modeling
 import moe
 import packing
@@ -857,6 +858,9 @@ def build_batches(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, tok, split
 
 
 def to_device(pack: dict, device) -> dict:
+    """The pack on `device`, its cu_seqlens checked first (on the host: packed_attention checks only
+    CPU ones, as reading a CUDA tensor's values in every layer would wait for the GPU each time)."""
+    kernels.check_cu_seqlens(pack["cu_seqlens"], pack["input_ids"].shape[1])
     moved = {k: pack[k].to(device) for k in ("input_ids", "labels", "position_ids", "cu_seqlens")}
     return {**pack, **moved, "pixel_values": modeling.on_device(pack.get("pixel_values"), device)}
 

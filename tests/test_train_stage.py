@@ -199,6 +199,16 @@ def test_a_sample_longer_than_a_pack_follows_the_packers_overlong_rule(tmp_path)
         assert dict(batches.mixture.bad.counts) == {"too_long": 1}
 
 
+def test_a_pack_with_bad_boundaries_is_refused_before_it_moves_to_the_device():
+    """packed_attention reads only CPU tensors' boundaries (a CUDA one's would wait for the GPU in
+    every layer): to_device checks a pack's on the host, so a bad one is a clear error on a GPU too."""
+    pack = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "labels": torch.zeros(1, 6, dtype=torch.long),
+            "position_ids": torch.zeros(1, 6, dtype=torch.long), "cu_seqlens": torch.tensor([0, 4, 6], dtype=torch.int32)}
+    assert train_stage.to_device(pack, CPU)["cu_seqlens"].tolist() == [0, 4, 6]
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        train_stage.to_device({**pack, "cu_seqlens": torch.tensor([0, 4, 5], dtype=torch.int32)}, CPU)
+
+
 @pytest.mark.parametrize("stage,preset", [("sft4", "tiny"), ("pretrain2", "tiny-moe"), ("sft1", "tiny-anyres"),
                                           ("lm0", "tiny"), ("lm0", "tiny-anyres")])
 def test_the_sharded_step_trains_under_fsdp2s_bf16_mixed_precision(stage, preset, synth, tmp_path, sharded_in_bf16,
