@@ -25,7 +25,7 @@
 # Each step has its own time limit; a failing step is reported and the others still run. Each step's
 # row is printed when it ends (a run cut short still shows what it did), the whole table at the end.
 #   STEPS="graphs-test bench-rollout"   only these steps (names as in the table)
-#   BUDGET=540                          seconds for the whole run: a step gets at most what is left,
+#   BUDGET=540                          seconds for the whole run: a step gets at most what is left (and reads "cut" if stopped by it),
 #                                       none starts with under 20 s left (the device tool: 600 s a call)
 #   LOG_DIR=/tmp/gc                     the step logs (default /tmp/gpu_check); checkpoints go to WORK
 #                                       (default /tmp/gpu_check_work), so LOG_DIR stays small to copy
@@ -77,17 +77,19 @@ step() {
         return
     fi
     [ "$DEV" = cpu ] && limit=$((limit * 4))          # the CPU is slower; the rehearsal checks that it runs
+    local cut=0
     if [ "$BUDGET" -gt 0 ]; then
         local left=$((BUDGET - SECONDS))
         if [ "$left" -lt 20 ]; then row "$name" skipped 0 "BUDGET=$BUDGET s spent"; return; fi
-        [ "$left" -lt "$limit" ] && limit=$left
+        [ "$left" -lt "$limit" ] && limit=$left && cut=1
     fi
     local t0=$SECONDS rc
     echo "== $name: $*" >&2
     timeout "$limit" "$@" > "$LOG_DIR/$name.log" 2>&1
     rc=$?
     local status="ok"
-    if [ $rc -ne 0 ]; then status="FAIL ($rc)"; FAILED=1; fi
+    if [ $rc -eq 124 ] && [ $cut = 1 ]; then status="cut"           # stopped by BUDGET, not its own limit
+    elif [ $rc -ne 0 ]; then status="FAIL ($rc)"; FAILED=1; fi
     local line
     line="$(grep -E "$figure" "$LOG_DIR/$name.log" | tail -n 1 | sed 's/^ *//' | cut -c1-110)"
     row "$name" "$status" $((SECONDS - t0)) "$line"
@@ -101,12 +103,14 @@ step lm0-fsdp 90 "^step " "$PY" -m torch.distributed.run --standalone --nproc_pe
 step rl-updates 180 "reward|episode" "$PY" rl.py --stage=rl-verifiable --init_from=random --data_dir="$WORK/synth" \
     --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
     --filter_k=0 --temperature=1.5 $RL_COMPILE
-step rl-episode 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 tests/bench.py rl-episode --prompts 8 --group 4
+step rl-episode 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 tests/bench.py rl-episode --prompts 8 --group 4 \
+    --data-dir "$WORK/synth"
 if [ "$NGPU" -ge 2 ]; then
     step rl-2-gpus 240 "reward|episode" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
         --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
         --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 $RL_COMPILE
-    step rl-episode-2 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4
+    step rl-episode-2 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4 \
+        --data-dir "$WORK/synth"
 fi
 step eval-cuda 90 "accuracy|ocr" "$PY" sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
     --device "$DEV" --out "$WORK/eval.json"
@@ -120,10 +124,12 @@ step 2b-fsdp2 150 "^step " "$PY" -m torch.distributed.run --standalone --nproc_p
 cp "$WORK/out/sft1.run/metrics.jsonl" "$WORK/first_run.jsonl" 2>/dev/null
 # again from its step-2 checkpoint: steps 3 and 4 replayed; their losses must equal the first run's
 step 2b-resume 120 "^step " "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_stage.py "${TWO_B[@]}" --resume
-step resume-equal 30 "identical|close|differ" "$PY" - "$WORK/first_run.jsonl" "$WORK/out/sft1.run/metrics.jsonl" <<'PY'
+step resume-equal 30 "identical|close|differ" "$PY" - "$WORK/first_run.jsonl" "$WORK/out/sft1.run/metrics.jsonl" \
+    "$LOG_DIR/2b-resume.log" <<'PY'
 import json, sys
-first, again = ({r["step"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r} for p in sys.argv[1:])
-steps = sorted(set(first) & set(again) & {3, 4})
+first, again = ({r["step"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r} for p in sys.argv[1:3])
+resumed = open(sys.argv[3]).read()          # the resume must have run steps 3 and 4 itself (else "again" is the first run's)
+steps = sorted(set(first) & set(again) & {s for s in (3, 4) if f"step {s:05d}/" in resumed})
 same = bool(steps) and all(first[s] == again[s] for s in steps)
 # each process autotunes the Triton tiles afresh: another tile sums in another order (last bits)
 close = bool(steps) and all(abs(first[s] - again[s]) <= 1e-3 * abs(first[s]) for s in steps)
@@ -131,7 +137,7 @@ word = "identical" if same else "close (within 1e-3 relative: other autotuned ti
 print(f"resumed steps {steps}: losses {word}", [(first.get(s), again.get(s)) for s in (3, 4)])
 sys.exit(0 if close else 1)
 PY
-step bench-rollout 200 "graphs |compiled " "$PY" tests/bench.py rollout --device="$DEV" --episode-procs=0
+step bench-rollout 200 "graphs |compiled " "$PY" tests/bench.py rollout --device="$DEV" --episode-procs=0 --data-dir "$WORK/synth"
 step bench-packing 75 "packed / padded" "$PY" tests/bench.py packing --real --device="$DEV" --synth-dir="$WORK/synth"
 step kernel-tests 150 "passed|failed" \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_moe.py \

@@ -252,8 +252,9 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     x, wg, wu, wd, tw, ids = (t.to(DEVICE) for t in inputs)
     with pytest.raises(ValueError, match="w_down must be"):
         kernels.moe_grouped_mlp(x, wg, wu, wd.transpose(1, 2), tw, ids)
-    with pytest.raises(ValueError, match="topk_ids must lie in"):
-        kernels.moe_grouped_mlp(x, wg, wu, wd, tw, ids + 10)
+    if not ids.is_cuda:          # checked on the host only (a CUDA check would wait for the GPU every layer);
+        with pytest.raises(ValueError, match="topk_ids must lie in"):    # on a GPU a bad id is a device-side
+            kernels.moe_grouped_mlp(x, wg, wu, wd, tw, ids + 10)         # assert that poisons the process
     with pytest.raises(ValueError, match="topk_weights must have"):
         kernels.moe_grouped_mlp(x, wg, wu, wd, tw[:, :1], ids)
     use_triton_backend(monkeypatch)
