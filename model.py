@@ -824,8 +824,10 @@ class SAILVL(nn.Module):
             shuffled = [pixel_shuffle(f[None], h, w)[0] for f, (h, w) in zip(feats, grids)]
             return self.mlp1(torch.cat(shuffled, 0))
         N = pixel_values.shape[0]
-        if N > 1 and not torch.is_grad_enabled() and bool((pixel_values == pixel_values[:1]).all()):
-            return self.encode_images(pixel_values[:1]).repeat(N, 1)     # one tile N times (the blind eval's white)
+        # one tile N times (the blind eval's white), in generation only: a training-side forward without
+        # gradients (RL's old log-probs) must run the kernels the update's forward runs, bit for bit
+        if N > 1 and torch.is_inference_mode_enabled() and bool((pixel_values == pixel_values[:1]).all()):
+            return self.encode_images(pixel_values[:1]).repeat(N, 1)
         feats = self.vision_model(pixel_values)                          # (N, P, C)
         p = self.cfg.vision_config.patch_size
         h, w = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p

@@ -455,19 +455,29 @@ def test_sailvl_generate_with_images_matches_recompute():
 
 
 def test_repeated_tile_is_encoded_once_with_the_same_tokens():
-    """The blind evaluation feeds one white tile N times: under no_grad it is encoded once and
-    repeated, which must give what encoding every tile gives (and tiles that differ stay apart)."""
+    """The blind evaluation feeds one white tile N times: in generation (inference mode) it is encoded
+    once and repeated, which must give what encoding every tile gives (and tiles that differ stay
+    apart). A forward without gradients outside inference mode (RL's old log-probs) runs every tile,
+    as the update's forward does: on a GPU another batch size is other kernels, other bits."""
     torch.manual_seed(0)
     m = modeling.build_model("tiny").eval()
     white = vit.blank_pixels(torch.zeros(5, 3, 112, 112))
     mixed = torch.cat([white[:2], torch.randn(1, 3, 112, 112), white[:2]])
     for pix in (white, mixed):
         full = m.encode_images(pix)                                    # grad mode: every tile through the ViT
-        with torch.no_grad():
+        with torch.inference_mode():
             assert torch.allclose(m.encode_images(pix), full, atol=1e-6, rtol=0)
-    with torch.no_grad():
+    with torch.inference_mode():
         per_tile = m.encode_images(mixed[2:3])
         assert torch.allclose(m.encode_images(mixed)[32:48], per_tile, atol=1e-6)
+    batches = []
+    hook = m.vision_model.register_forward_pre_hook(lambda mod, args: batches.append(args[0].shape[0]))
+    with torch.inference_mode():
+        m.encode_images(white)
+    with torch.no_grad():
+        m.encode_images(white)
+    hook.remove()
+    assert batches == [1, 5]
 
 
 def test_presets_build_on_meta_with_paper_sizes():
