@@ -1392,8 +1392,8 @@ def _moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids):
 @torch.library.custom_op("sailvl::moe_grouped_mlp", mutates_args=())
 def _moe_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
             topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """moe_grouped_mlp as one op for a compiled graph, in x's dtype (under autocast the experts
-    give the autocast dtype; the cast up is exact) so its output's shape and dtype follow from x's."""
+    """moe_grouped_mlp as one op for a compiled graph, its output in x's dtype so that its shape and
+    dtype follow from x's (the graph runs with autocast off: moe_grouped_mlp casts the inputs first)."""
     return _moe_grouped_mlp(x, w_gate, w_up, w_down, topk_weights, topk_ids).to(x.dtype)
 
 

@@ -1186,7 +1186,7 @@ RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL promp
 # options that train, which the harvest (sampling from a finished model) does not read
 HARVEST_UNUSED = ("episodes", "prompts_per_episode", "mini_batches", "epochs", "clip_low", "clip_high", "clip_schedule",
                   "clip_c", "agg", "algo", "max_sampling_rounds", "advantage_control", "filter_k", "general_share",
-                  "eval_prompts", "eval_samples", *train_stage.TRAINING_ONLY)
+                  "eval_prompts", "eval_samples", "format_gate", *train_stage.TRAINING_ONLY)
 
 
 COMPILE = {"auto": "auto", "true": True, "false": False, "graphs": "graphs"}   # --compile -> generate_from_embeds's
@@ -1326,7 +1326,7 @@ def filtered_positions(policy, tok, mixture, direct, cfg, generator, log) -> tup
 # is the prompts' length limit): a resume with other values is refused
 FIXED_ON_RESUME = ("seed", "data_dir", "manifests", "eval_manifests", "image_root", "pool_size",
                    "filter_k", "general_share", "direct_share", "eval_prompts", "eval_samples", "max_tokens",
-                   "max_new_tokens", "temperature", "top_p", "reward", "reward_weights", "judge")
+                   "max_new_tokens", "temperature", "top_p", "reward", "reward_weights", "format_gate", "judge")
 
 
 def resume_rl(path: str, cfg: RLConfig, model, opt, gen, rank: int, world: int, log) -> dict:

@@ -574,8 +574,9 @@ def module_overrides(spec: str) -> dict:
     pairs = [[part.strip() for part in item.split(":", 1)] for item in spec.split(",") if item.strip()]
     if any(len(p) != 2 for p in pairs):
         raise UsageError(f"--init_modules: write module:stage pairs (mlp1:vit3,vision_model:fresh), got {spec!r}")
-    if unknown := [m for m, _ in pairs if m not in MODULES]:
-        raise UsageError(f"--init_modules: unknown module(s) {unknown}: use {', '.join(MODULES)}")
+    if any(not m for m, _ in pairs):
+        raise UsageError(f"--init_modules: a pair without its module in {spec!r}")
+    modules_of(",".join(m for m, _ in pairs))
     if len(dict(pairs)) < len(pairs):
         raise UsageError(f"--init_modules: a module named twice in {spec!r}")
     for _, src in pairs:

@@ -902,7 +902,7 @@ def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None,
     return engines
 
 
-def rl_setup(preset: str, n_prompts: int, data_dir: str = "data_synth"):
+def rl_setup(preset: str, n_prompts: int, data_dir: str = data.DEFAULT_SYNTH_DIR):
     """The tiny rl-verifiable stage's config, tokenizer and first prompts (images included), from the
     synthetic data in `data_dir` (generated there first if missing)."""
     cfg, _ = rl.rl_config([f"--data_dir={data_dir}"])
@@ -940,7 +940,7 @@ def bench_rollout(args):
                 print_step_breakdown(lm, rows, args.new_tokens, per_step["compiled"], engines["compiled"],
                                      first["compiled"])
         if args.case in ("rl", "both"):
-            sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts, args.data_dir)
+            sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts, args.synth_dir)
             sailvl.to(dev)
             lm, G = sailvl.language_model, args.group
             stop, banned = sorted(sample.stop_ids(tok)), rl.banned_ids(tok)
@@ -962,7 +962,8 @@ def worker_result(cmd: list, env: dict) -> dict:
     (its stderr's tail) is raised, not only its command line."""
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode:
-        raise RuntimeError(f"{' '.join(cmd[1:4])} ... exited {res.returncode}:\n{res.stderr[-3000:]}")
+        worker = cmd[cmd.index(os.path.abspath(__file__)) + 1]                   # rl-episode | ckpt-worker
+        raise RuntimeError(f"bench.py {worker} exited {res.returncode}:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -977,7 +978,7 @@ def episode_scaling(args):
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
                    os.path.abspath(__file__), "rl-episode", "--prompts", str(args.episode_prompts),
-                   "--group", str(args.group), "--preset", args.preset, "--data-dir", args.data_dir]
+                   "--group", str(args.group), "--preset", args.preset, "--synth-dir", args.synth_dir]
             times[procs] = worker_result(cmd, env)
         one, many = times[1]["total"], times[args.episode_procs]["total"]
         ratios.append(one / many)
@@ -994,7 +995,7 @@ def rl_episode_worker(args):
     prompts; the rewards are random so that every group trains; prints the times as JSON."""
     rank, world, device = train_stage.setup_distributed()
     torch.manual_seed(0)
-    sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts, args.data_dir)
+    sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts, args.synth_dir)
     d = modeling.all_gather(tempfile.mkdtemp() if rank == 0 else None)[0]     # rank 0's folder, for every rank
     modeling.save_checkpoint(os.path.join(d, "ck"), sailvl, {"stage": "bench"}, rank, world)   # a collective
     cfg = dataclasses.replace(cfg, init_from=os.path.join(d, "ck"), group_size=args.group)
@@ -1234,7 +1235,8 @@ def add_model_benches(sub):
     p.set_defaults(func=bench_decode)
     p = sub.add_parser("rollout", help=summary(bench_rollout), description=bench_rollout.__doc__)
     p.add_argument("--case", default="both", choices=("text", "rl", "both"))
-    p.add_argument("--data-dir", default="data_synth", help="the synthetic data of the rl case and episode")
+    p.add_argument("--synth-dir", default=data.DEFAULT_SYNTH_DIR, help="the synthetic data of the rl case and episode "
+                   "(made if missing)")
     p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)
     p.add_argument("--batch", type=positive, default=64, help="text case: rows")
     p.add_argument("--prompt-len", type=positive, default=48, help="text case: prompt tokens")
@@ -1269,7 +1271,7 @@ def add_model_benches(sub):
     p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)
     p.add_argument("--prompts", type=positive, default=32)
     p.add_argument("--group", type=positive, default=8)
-    p.add_argument("--data-dir", default="data_synth", help="the synthetic data (generated there if missing)")
+    p.add_argument("--synth-dir", default=data.DEFAULT_SYNTH_DIR, help="the synthetic data (made if missing)")
     p.set_defaults(func=rl_episode_worker)
 
 

@@ -5,21 +5,22 @@
 #   REHEARSE=1 bash tests/gpu_check.sh      # the same steps on the CPU, tiny width (~5 min): the script,
 #                                           # its flags and paths, before a GPU's minutes are spent on them
 #
-#   In this order, what has never run on a GPU first (the kernels ran there on 2026-11-26):
-#   1  the rollout engine on CUDA: tests/test_generate.py's CUDA tests (CUDA graphs give eager's tokens, MoE too),
-#      then tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate
-#   2  rl.py (tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA (a random start
+#   In this order, checks before benchmarks (so a short BUDGET covers the checks), what has never run on a GPU:
+#   1  tests/test_generate.py's CUDA tests: CUDA graphs give the eager tokens, MoE too
+#   2  lm0 under FSDP2's bf16 policy: text-only packs (every sharded rank runs the ViT on a blank tile)
+#   3  rl.py (tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA (a random start
 #      keeps no group: no update); then one episode with random rewards (tests/bench.py rl-episode):
 #      rollouts and rl.update_episode on CUDA. With 2 or more GPUs both also under torchrun on 2
 #      processes (each rank its share of the groups)
-#   3  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
-#   4  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
+#   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
-#   6  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
-#   7  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)
-#   8  tests/bench.py moe                   MoE expert layer: Triton vs the HF loop / grouped_mm (ratios)
-#   9  tests/bench.py checkpoint --device=cuda   host memory of writing a step checkpoint from the GPU:
+#   6  tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate
+#   7  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
+#   8  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
+#   9  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)
+#   10 tests/bench.py moe                   MoE expert layer: Triton vs the HF loop / grouped_mm (ratios)
+#   11 tests/bench.py checkpoint --device=cuda   host memory of writing a step checkpoint from the GPU:
 #                                           one tensor at a time vs torch.distributed.checkpoint's own writer
 #
 # Each step has its own time limit; a failing step is reported and the others still run. Each step's
@@ -104,13 +105,13 @@ step rl-updates 180 "reward|episode" "$PY" rl.py --stage=rl-verifiable --init_fr
     --out_dir="$WORK/out" --episodes=3 --prompts_per_episode=4 --group_size=4 --max_new_tokens=32 --eval_prompts=8 \
     --filter_k=0 --temperature=1.5 $RL_COMPILE
 step rl-episode 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 tests/bench.py rl-episode --prompts 8 --group 4 \
-    --data-dir "$WORK/synth"
+    --synth-dir "$WORK/synth"
 if [ "$NGPU" -ge 2 ]; then
     step rl-2-gpus 240 "reward|episode" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
         --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
         --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 $RL_COMPILE
     step rl-episode-2 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4 \
-        --data-dir "$WORK/synth"
+        --synth-dir "$WORK/synth"
 fi
 step eval-cuda 90 "accuracy|ocr" "$PY" sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
     --device "$DEV" --out "$WORK/eval.json"
@@ -137,7 +138,7 @@ word = "identical" if same else "close (within 1e-3 relative: other autotuned ti
 print(f"resumed steps {steps}: losses {word}", [(first.get(s), again.get(s)) for s in (3, 4)])
 sys.exit(0 if close else 1)
 PY
-step bench-rollout 200 "graphs |compiled " "$PY" tests/bench.py rollout --device="$DEV" --episode-procs=0 --data-dir "$WORK/synth"
+step bench-rollout 200 "graphs |compiled " "$PY" tests/bench.py rollout --device="$DEV" --episode-procs=0 --synth-dir "$WORK/synth"
 step bench-packing 75 "packed / padded" "$PY" tests/bench.py packing --real --device="$DEV" --synth-dir="$WORK/synth"
 step kernel-tests 150 "passed|failed" \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_moe.py \

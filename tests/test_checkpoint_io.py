@@ -265,7 +265,8 @@ def test_a_rank_keeps_its_own_gpus_rng_state_and_resumes_on_fewer_gpus(monkeypat
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[1])
+    monkeypatch.setattr(torch.cuda, "get_rng_state",                # "cuda": the current device, 1
+                        lambda device="cuda": states[torch.device(device).index if torch.device(device).index is not None else 1])
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[0], states[1]])
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t, device="cuda": restored.append(t))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda ts: restored.append(ts))

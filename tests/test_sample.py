@@ -771,16 +771,21 @@ def test_cli_accepts_the_edges_of_the_sampling_ranges(tmp_path, tiny, monkeypatc
 
 def test_cli_makes_the_device_it_is_given_the_current_one(tmp_path, tiny, monkeypatch, capsys):
     """--device cuda:1: the kernels' Triton launches go to the current CUDA device, so it is made cuda:1
-    before the model loads there (else they run on cuda:0 with cuda:1's pointers). (torch.cuda stubbed.)"""
+    before the model loads there (else they run on cuda:0 with cuda:1's pointers); plain --device cuda
+    is the current device already (set_device refuses a device without an index). (torch.cuda stubbed.)"""
     _, tok, dcfg = tiny
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    def set_device(d):
+        torch._utils._get_device_index(d, optional=False)          # torch's own check: an index is required
+        calls.append(("set_device", str(d)))
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     monkeypatch.setattr(sample, "load", lambda path, device="cpu": calls.append(("load", device)) or
                         (QuestionModel(tok, {0: "3"}), tok, dcfg))
     write_manifest(tmp_path / "one.jsonl", good_count=1, good_ocr=0)
-    sample.main(["--ckpt", str(tmp_path), "--eval", str(tmp_path / "one.jsonl"), "--device", "cuda:1"])
-    assert calls == [("set_device", "cuda:1"), ("load", "cuda:1")]
+    for device in ("cuda:1", "cuda"):
+        sample.main(["--ckpt", str(tmp_path), "--eval", str(tmp_path / "one.jsonl"), "--device", device])
+    assert calls == [("set_device", "cuda:1"), ("load", "cuda:1"), ("load", "cuda")]
 
 
 def test_cli_eval_of_a_file_with_no_usable_sample_is_one_error_line(tmp_path, tiny, monkeypatch, capsys):
