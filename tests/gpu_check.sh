@@ -143,7 +143,7 @@ step bench-packing 75 "packed / padded" "$PY" tests/bench.py packing --real --de
 step kernel-tests 150 "passed|failed" \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_moe.py \
     tests/test_kernels_gpu.py
-step bench-attn 90 "triton" "$PY" tests/bench.py attention
+step bench-attn 90 "flex_attention doc mask|sdpa dense" "$PY" tests/bench.py attention   # their time / Triton's
 step bench-moe 90 "triton|skewed" "$PY" tests/bench.py moe
 step bench-ckpt 150 "ours |dcp " "$PY" tests/bench.py checkpoint --device="$DEV" --preset="$PRESET"
 
