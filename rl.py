@@ -397,7 +397,8 @@ def free_memory(device) -> Optional[int]:
     GPU a resumed run samples from the same policy, not necessarily the same tokens."""
     if device.type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + cached
 
 
 def prompts_per_call(cfg, llm, longest: int, G: int, device) -> int:

@@ -431,8 +431,7 @@ def main(argv=None):
     if args.cmd == "audit":
         if not (args.inputs and args.curated):
             p.error("audit needs --in SALTED --curated CURATED")
-        read = lambda path: [json.loads(line) for line in Path(path).read_text().splitlines()]  # noqa: E731
-        rows = audit(read(args.inputs), read(args.curated))
+        rows = audit(read_lines(Path(args.inputs)), read_lines(Path(args.curated)))
         print(f"{'kind':<10} {'in':>5} {'kept':>5} {'re-annotated':>13} {'right in':>9} {'right out':>10}")
         for kind, r in {**rows, "all": sum(map(Counter, rows.values()), Counter())}.items():
             print(f"{kind:<10} {r['in']:>5} {r.get('kept', 0):>5} {r.get('reannotated', 0):>13} {r['right_in']:>9} "
