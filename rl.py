@@ -576,17 +576,12 @@ def generation_policy(model, replica=None):
     """The module rollouts run on: the model itself on one process without autocast (the CPU); else
     a copy on this rank (`replica`, created on first use) loaded with the current weights: under FSDP
     a full one, under autocast (CUDA) one whose LLM matrices are held in autocast's dtype (see
-    generation_copy). With the copy's memory spent anyway under FSDP, the sharded model then keeps
-    each unit gathered from its forward to its backward, and update_episode from an update's first
-    micro-batch to its last (one all-gather per unit and update, where FSDP's default is two per
-    unit and micro-batch)."""
+    generation_copy). `replica` None after a lean update (see lean_updates) makes a new one."""
     low = modeling.compute_dtype(modeling.model_device(model))
     if not dist.is_initialized() and low is None:
         return model
     replica = replica if replica is not None and replica is not model else generation_copy(model, low)
     load_weights(replica, model)
-    if dist.is_initialized():
-        model.set_reshard_after_forward(False)
     return replica.eval().requires_grad_(False)
 
 
@@ -612,18 +607,54 @@ def load_weights(replica, model):
         raise RuntimeError(f"generation copy: the model has no weights for {sorted(dst)}")
 
 
-def generation_copy(model, low):
-    """An empty SAILVL like `model` on its device; given autocast's dtype `low`, its LLM's matrices
-    held in it (model.hold_matrices_in: cast once per episode, not in every decode step)."""
+def generation_copy(model, low, device=None):
+    """An empty SAILVL like `model` on its device (or `device`: "meta" sizes it); given autocast's
+    dtype `low`, its LLM's matrices held in it (model.hold_matrices_in: cast once per episode, not in
+    every decode step)."""
     with torch.device("meta"):                  # cast before allocating: never a full fp32 copy at once
         replica = modeling.SAILVL(model.cfg)
         lm = replica.language_model
         if low is not None:
             modeling.hold_matrices_in(lm, low)
-    replica = replica.to_empty(device=modeling.model_device(model))    # in place: `lm` stays valid
+    replica = replica.to_empty(device=device or modeling.model_device(model))    # in place: `lm` stays valid
     if low is None and model.cfg.llm_config.tie_word_embeddings:
         lm.lm_head.weight = lm.model.embed_tokens.weight
     return replica
+
+
+# The update's memory (--update_memory). "full" keeps the generation copy through the update and,
+# under FSDP, each unit gathered from an update's first micro-batch to its last with its gradients
+# reduced once, at the last: one all-gather and one reduce-scatter per unit and update, but every
+# rank holds the whole model twice and its full fp32 gradient, which no number of GPUs shrinks.
+# "lean" frees the copy while the policy trains and runs FSDP's default, each unit gathered and its
+# gradients reduce-scattered per micro-batch: one unit at a time, collectives per micro-batch.
+LEAN_SHARE = 0.4     # auto: lean where what full holds beyond lean passes this share of the GPU's memory
+
+
+def full_update_bytes(model, low, sharded: bool) -> int:
+    """Bytes that update_memory=full holds through an update beyond lean: the generation copy (made
+    where one is made: several processes, or autocast's dtype `low`), and `sharded` (FSDP) the whole
+    model gathered (in `low`, FSDP's parameter dtype, else fp32) and the trainable weights' fp32
+    gradient, accumulated unreduced. (The 8b preset as RL trains it: 21 + 18 + 33 GB.)"""
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)               # noqa: E731
+    copy = generation_copy(model, low, "meta") if sharded or low is not None else None
+    held = size([*copy.parameters(), *copy.buffers()]) if copy is not None else 0
+    if sharded:
+        held += modeling.count_params(model) * (low.itemsize if low is not None else 4)
+        held += sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    return held
+
+
+def lean_updates(cfg, model) -> bool:
+    """Whether the episode's updates run lean (cfg.update_memory; see above). auto: on a GPU where
+    full would hold more than LEAN_SHARE of its memory beyond lean; full elsewhere (the CPU)."""
+    if cfg.update_memory != "auto":
+        return cfg.update_memory == "lean"
+    device = modeling.model_device(model)
+    if device.type != "cuda":
+        return False
+    held = full_update_bytes(model, modeling.compute_dtype(device), dist.is_initialized())
+    return held > LEAN_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
 # ==============================================================================================
@@ -878,16 +909,20 @@ def micro_step(model, pack: dict, rows: list, olds, cfg, tok, n_global: float, w
     return sums, {"ratio_dev": ratio_dev * weight, "dlogp": dlogp_max}
 
 
-def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, lr_at=None) -> dict:
+def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, lr_at=None, lean=False) -> dict:
     """The episode's updates: this rank's rollouts in cfg.mini_batches mini-batches x cfg.epochs
     epochs (paper: 2048 rollouts / 512 x 2 = 8 updates), each split into packed micro-batches whose
     losses use the mini-batch's normaliser over all ranks, so they sum to its loss. Every rank runs
     the same number of micro-batches (FSDP's collectives): a rank with fewer pads with `filler`
     packs of weight 0; a mini-batch empty on every rank is no update. `lr_at(update)` sets the LR
-    of each update. Stats are over all ranks: means per update run, `ratio_max_dev` of the first
-    update (0: the rollout policy itself) and `ratio_max_dev_later` of the others (> 0 once the
-    policy moved)."""
+    of each update. Under FSDP each unit is gathered and its gradients reduced once per update, or
+    per micro-batch when `lean` (see lean_updates). Stats are over all ranks: means per update run,
+    `ratio_max_dev` of the first update (0: the rollout policy itself) and `ratio_max_dev_later` of
+    the others (> 0 once the policy moved)."""
     device = modeling.model_device(model)
+    sharded = hasattr(model, "set_requires_gradient_sync")                # FSDP2
+    if sharded:
+        model.set_reshard_after_forward(lean)
     img_id = model.cfg.img_context_token_id
     agg = cfg.agg or AGG_DEFAULTS[cfg.algo]
     mbs = split_mini_batches(rolls, cfg)
@@ -908,10 +943,10 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
                 lr_at(stats["updates"])
             sums, maxes = Counter(), {"ratio_dev": 0.0, "dlogp": 0.0}
             for j, (pack, idx) in enumerate(packs[k]):
-                if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: one all-gather and one reduce-scatter
-                    last = j == len(packs[k]) - 1                  # per update: the gathered weights and the
-                    model.set_requires_gradient_sync(last)         # unreduced gradients stay until the last
-                    model.set_reshard_after_backward(last)         # micro-batch (resharded before the step)
+                if sharded:                                        # full: the gathered weights and the unreduced
+                    last = lean or j == len(packs[k]) - 1          # gradients stay until the last micro-batch
+                    model.set_requires_gradient_sync(last)         # (resharded before the step); lean: FSDP's
+                    model.set_reshard_after_backward(last)         # default, per micro-batch
                 rows = [rolls[mb[i]] for i in idx] or [filler]                 # a pad pack: weight 0
                 olds = None if (epoch == 0 and k == 0) or not idx else [old[mb[i]] for i in idx]
                 s, m = micro_step(model, pack, rows, olds, cfg, tok, n_global, float(bool(idx)))
@@ -1159,6 +1194,7 @@ class RLConfig(train_stage.StageConfig):
     temperature: float = 1.0              # rollout sampling temperature (the policy the loss uses)
     top_p: float = 1.0                    # rollout nucleus sampling (the policy the loss uses)
     batch_rows: int = 128                 # rollout rows per generate call, at most (a GPU takes fewer if they do not fit)
+    update_memory: str = "auto"           # full | lean | auto: during updates the generation copy kept and FSDP units gathered once per update, or the copy freed and units gathered per micro-batch (auto: lean on a GPU full would crowd)
     compile: str = "auto"                 # the rollout engine under torch.compile: auto (on CUDA, not on CPU) | true | false | graphs (compiled, its decode step as CUDA graphs)
     max_sampling_rounds: int = 3          # dynamic sampling: rounds of fresh prompts before training on what is there
     max_tokens: int = 4096                # tokens per packed update micro-batch
@@ -1187,7 +1223,7 @@ RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL promp
 # options that train, which the harvest (sampling from a finished model) does not read
 HARVEST_UNUSED = ("episodes", "prompts_per_episode", "mini_batches", "epochs", "clip_low", "clip_high", "clip_schedule",
                   "clip_c", "agg", "algo", "max_sampling_rounds", "advantage_control", "filter_k", "general_share",
-                  "eval_prompts", "eval_samples", "format_gate", *train_stage.TRAINING_ONLY)
+                  "eval_prompts", "eval_samples", "format_gate", "update_memory", *train_stage.TRAINING_ONLY)
 
 
 COMPILE = {"auto": "auto", "true": True, "false": False, "graphs": "graphs"}   # --compile -> generate_from_embeds's
@@ -1221,6 +1257,8 @@ def rl_config(argv: list) -> tuple:
         raise train_stage.UsageError(f"--step_scale must be above 0, got {cfg.step_scale:g}")
     if cfg.reward not in ("verifiable", "mixed"):
         raise train_stage.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
+    if cfg.update_memory not in ("auto", "full", "lean"):
+        raise train_stage.UsageError(f"--update_memory must be auto, full or lean, got {cfg.update_memory!r}")
     if cfg.compile not in COMPILE:
         raise train_stage.UsageError(f"--compile must be auto, true, false or graphs, got {cfg.compile!r}")
     if cfg.compile == "graphs" and not torch.cuda.is_available():
@@ -1400,6 +1438,10 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None
     policy = generation_policy(model)
+    lean = lean_updates(cfg, model)
+    if lean:
+        log("update memory: lean (the generation copy freed during updates" +
+            (", FSDP units gathered and gradients reduced per micro-batch)" if world > 1 else ")"))
     meta = resume_rl(resume, cfg, model, opt, gen, rank, world, log) if resume else {}
     episode = meta.get("episode", 0)
     if resume:
@@ -1436,8 +1478,11 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         t0, episode_cfg = time.time(), dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode))
         kept, st = sample_groups(policy, tok, pool, episode_cfg, gen, judge)
         t_gen = time.time() - t0
+        if lean and policy is not model:
+            policy = None                                              # the copy's memory, for the update
         model.train()
-        up = update_episode(model, opt, params, kept, episode_cfg, tok, filler, set_lr) if st["kept"] else {"updates": 0}
+        up = update_episode(model, opt, params, kept, episode_cfg, tok, filler, set_lr, lean) if st["kept"] \
+            else {"updates": 0}
         policy = generation_policy(model, policy)
         episode += 1
         rec = {"episode": episode, "lr": opt.param_groups[0]["lr"], "clip_high": clip_high_at(cfg, episode - 1),

@@ -992,7 +992,8 @@ def episode_scaling(args):
 
 def rl_episode_worker(args):
     """(run by episode_scaling under torchrun) one episode of the tiny model on its share of the
-    prompts; the rewards are random so that every group trains; prints the times as JSON."""
+    prompts; the rewards are random so that every group trains; prints the times as JSON (on a GPU
+    with rank 0's peak memory), in the update memory --update-memory names (rl.lean_updates)."""
     rank, world, device = train_stage.setup_distributed()
     torch.manual_seed(0)
     sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts, args.synth_dir)
@@ -1004,6 +1005,7 @@ def rl_episode_worker(args):
     if rank == 0:
         shutil.rmtree(d)
     policy = rl.generation_policy(model)
+    lean = rl.lean_updates(dataclasses.replace(cfg, update_memory=args.update_memory), model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     modeling.barrier()
@@ -1015,12 +1017,15 @@ def rl_episode_worker(args):
         r.reward = float(torch.rand(1, generator=g) < 0.5)
     for r, a in zip(rolls, rl.group_advantages(torch.tensor([r.reward for r in rolls]), cfg.group_size).tolist()):
         r.advantage = a
-    rl.update_episode(model.train(), opt, params, rolls, cfg, tok, rl.Rollout(prompts[0], [0], "", False, [0.0]))
-    rl.generation_policy(model, policy if policy is not model else None)
+    policy = None if lean or policy is model else policy                 # as rl.train_rl: lean frees the copy
+    rl.update_episode(model.train(), opt, params, rolls, cfg, tok, rl.Rollout(prompts[0], [0], "", False, [0.0]),
+                      lean=lean)
+    rl.generation_policy(model, policy)
     modeling.barrier()
     total = time.perf_counter() - t0
+    peak = {"peak_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)} if device.type == "cuda" else {}
     if rank == 0:
-        print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2)}))
+        print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2), "lean": lean, **peak}))
     train_stage.shutdown_distributed()
 
 
@@ -1272,6 +1277,9 @@ def add_model_benches(sub):
     p.add_argument("--prompts", type=positive, default=32)
     p.add_argument("--group", type=positive, default=8)
     p.add_argument("--synth-dir", default=data.DEFAULT_SYNTH_DIR, help="the synthetic data (made if missing)")
+    p.add_argument("--update-memory", default="auto", choices=("auto", "full", "lean"),
+                   help="rl.py's --update_memory: the generation copy kept and FSDP units gathered once per update, "
+                        "or not")
     p.set_defaults(func=rl_episode_worker)
 
 

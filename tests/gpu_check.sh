@@ -10,8 +10,10 @@
 #   2  lm0 under FSDP2's bf16 policy: text-only packs (every sharded rank runs the ViT on a blank tile)
 #   3  rl.py (tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA (a random start
 #      keeps no group: no update); then one episode with random rewards (tests/bench.py rl-episode):
-#      rollouts and rl.update_episode on CUDA. With 2 or more GPUs both also under torchrun on 2
-#      processes (each rank its share of the groups)
+#      rollouts and rl.update_episode on CUDA, and again with the generation copy freed during the
+#      update (--update_memory=lean; the figure shows each one's peak GPU memory). With 2 or more GPUs
+#      both also under torchrun on 2 processes (each rank its share of the groups; rl.py there lean:
+#      FSDP units gathered per micro-batch)
 #   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
@@ -106,10 +108,13 @@ step rl-updates 180 "reward|episode" "$PY" rl.py --stage=rl-verifiable --init_fr
     --filter_k=0 --temperature=1.5 $RL_COMPILE
 step rl-episode 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 tests/bench.py rl-episode --prompts 8 --group 4 \
     --synth-dir "$WORK/synth"
+# the same, its bf16 generation copy freed during the update (rl.py --update_memory=lean)
+step rl-episode-lean 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 tests/bench.py rl-episode \
+    --prompts 8 --group 4 --synth-dir "$WORK/synth" --update-memory lean
 if [ "$NGPU" -ge 2 ]; then
     step rl-2-gpus 240 "reward|episode" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
         --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
-        --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 $RL_COMPILE
+        --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 --update_memory=lean $RL_COMPILE
     step rl-episode-2 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4 \
         --synth-dir "$WORK/synth"
 fi

@@ -3,9 +3,11 @@
 - The same fixed rollouts split over 2 FSDP ranks give the same update (loss and weights after
   the episode's four SGD steps, <= 1e-6 relative) as 1 process holding all of them, with uneven rollouts per rank
   (padding micro-batches of weight 0) and 2 mini-batches x 2 epochs.
+- ...in both update memories (full: each FSDP unit gathered once per update; lean: per micro-batch).
 - A 2-process rl-verifiable run whose ranks generate rows of very different lengths finishes
   (generation runs on an unsharded copy: no collective per decode step), and after `kill -9`
-  `--resume` ends with the same weights as the uninterrupted run.
+  `--resume` ends with the same weights as the uninterrupted run; with --update_memory=lean its
+  generation copy is freed during the updates.
 """
 import os
 import signal
@@ -17,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 import data
 import model as modeling
@@ -50,7 +53,7 @@ def fixed_rollouts(cfg, tok, dcfg, n_groups: int) -> list:
     return rolls
 
 
-def _update_worker(rank, world, init_file, out_dir, root, synth):
+def _update_worker(rank, world, init_file, out_dir, root, synth, lean=False):
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -64,33 +67,58 @@ def _update_worker(rank, world, init_file, out_dir, root, synth):
     mine = [r for g in range(3)[rank::world] for r in rolls[g * 4:(g + 1) * 4]]       # 2 groups / 1 group
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)       # linear in the gradients: the split shows at float precision
-    st = rl.update_episode(model, opt, params, mine, cfg, tok, rl.Rollout(rolls[0].prompt, [0], "", False, [0.0]))
+    seen, step, old = [], rl.micro_step, rl.old_logprobs
+    sharded = lambda: all(isinstance(p, DTensor) for p in model.parameters())    # noqa: E731 (every unit resharded)
+
+    def watched_step(*args):                     # after each micro-batch: reduced into the shards, resharded?
+        out = step(*args)
+        seen.append((all(p.grad is not None for p in params), sharded()))
+        return out
+
+    def watched_old(*args):                      # forwards without a backward: each unit resharded after?
+        out = old(*args)
+        seen.append(("old", sharded()))
+        return out
+    rl.micro_step, rl.old_logprobs = watched_step, watched_old
+    st = rl.update_episode(model, opt, params, mine, cfg, tok, rl.Rollout(rolls[0].prompt, [0], "", False, [0.0]),
+                           lean=lean)
     sd = modeling.full_state_dict(model)
     if rank == 0:
-        torch.save({"sd": sd, "loss": st["loss"], "updates": st["updates"]}, os.path.join(out_dir, f"world{world}.pt"))
+        torch.save({"sd": sd, "loss": st["loss"], "updates": st["updates"], "seen": seen},
+                   os.path.join(out_dir, f"world{world}{'lean' * lean}.pt"))
     train_stage.shutdown_distributed()
     train_stage.exit_process()                                            # as the command lines end
 
 
 def test_two_ranks_give_the_update_of_one(ckpt, synth, tmp_path):
-    for world in (1, 2):
-        mp.spawn(_update_worker, args=(world, str(tmp_path / f"init{world}"), str(tmp_path), ckpt, synth),
+    """...in both update memories: full (each FSDP unit gathered, its gradients reduced, once per
+    update) and lean (per micro-batch: after each one the gradients sit reduced in the shards and
+    the weights are sharded again, where full holds them until the update's last micro-batch)."""
+    for world, lean in ((1, False), (2, False), (2, True)):
+        mp.spawn(_update_worker, args=(world, str(tmp_path / f"init{world}{lean}"), str(tmp_path), ckpt, synth, lean),
                  nprocs=world, join=True)
-    one, two = (torch.load(tmp_path / f"world{w}.pt", weights_only=True) for w in (1, 2))
-    assert one["updates"] == two["updates"] == 4
-    assert abs(one["loss"] - two["loss"]) <= 1e-6 * max(1.0, abs(one["loss"]))
+    one, *twos = (torch.load(tmp_path / name, weights_only=True) for name in ("world1.pt", "world2.pt", "world2lean.pt"))
     start = load_file(str(ckpt / "out" / "longcot" / "model.safetensors"))
-    moved = 0
-    for k, a in one["sd"].items():
-        b = two["sd"][k]
-        assert (a - b).norm() <= 1e-6 * a.norm(), k                              # relative to the weights
-        moved += k in start and not torch.equal(a, start[k])
-    assert moved                                                                   # not vacuous
+    for two in twos:
+        assert one["updates"] == two["updates"] == 4
+        assert abs(one["loss"] - two["loss"]) <= 1e-6 * max(1.0, abs(one["loss"]))
+        moved = 0
+        for k, a in one["sd"].items():
+            b = two["sd"][k]
+            assert (a - b).norm() <= 1e-6 * a.norm(), k                              # relative to the weights
+            moved += k in start and not torch.equal(a, start[k])
+        assert moved                                                                   # not vacuous
+    full, lean = (two["seen"] for two in twos)
+    assert len(full) == len(lean) > 5                                    # several micro-batches per update
+    assert lean[0] == ("old", True) and full[0] == ("old", False)
+    assert all(s == (True, True) for s in lean[1:])
+    assert (False, False) in full                                        # held between micro-batches
 
 
 # the stage through torchrun: a stub reward the random model can earn, and rank 0's rows stop
 # after 3 tokens while rank 1's run 24
 DRIVER = """
+import gc
 import sys
 sys.path.insert(0, {root!r})
 import rl
@@ -105,7 +133,14 @@ def uneven(policy, tok, prompts, cfg, gen, *args, **kwargs):
     cfg = rl.dataclasses.replace(cfg, max_new_tokens=3 if rl.rank_and_world()[0] == 0 else 24)
     return real(policy, tok, prompts, cfg, gen, *args, **kwargs)
 
-rl.score_rollouts, rl.rollouts = parity, uneven
+real_update = rl.update_episode
+def counted(*args, **kwargs):             # the models alive: the sharded policy, and its generation copy?
+    gc.collect()
+    n = sum(isinstance(o, rl.modeling.SAILVL) for o in gc.get_objects())
+    print(f"rank {{rl.rank_and_world()[0]}}: {{n}} models during the update", flush=True)
+    return real_update(*args, **kwargs)
+
+rl.score_rollouts, rl.rollouts, rl.update_episode = parity, uneven, counted
 rl.main(sys.argv[1:])
 """
 
@@ -133,6 +168,7 @@ def test_two_process_stage_with_uneven_rows_finishes_and_resumes_after_kill(ckpt
     assert ref.returncode == 0, out[-3000:]
     assert "update 0004/0004" in out
     assert " | thinking greedy " in out and " | direct greedy " in out        # both modes held out
+    assert "rank 1: 2 models during the update" in out                        # full: the copy kept
     cut = torchrun(driver, args, tmp_path / "b")                 # killed once its episode-2 checkpoint exists
     deadline = time.time() + 600
     while not (tmp_path / "b" / "rl-verifiable.run" / "step-000002" / "meta.json").exists():
@@ -148,3 +184,19 @@ def test_two_process_stage_with_uneven_rows_finishes_and_resumes_after_kill(ckpt
     start = load_file(str(ckpt / "out" / "longcot" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], start[k]) for k in start)
+
+
+def test_a_lean_two_process_stage_frees_the_generation_copy_during_updates(ckpt, synth, tmp_path):
+    """--update_memory=lean (auto's choice on a GPU a large model crowds): while the policy trains
+    only the sharded model is alive on each rank, not the generation copy, and the run ends."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT))
+    os.makedirs(tmp_path / "a")
+    os.symlink(ckpt / "out" / "longcot", tmp_path / "a" / "longcot")
+    args = ["--stage", "rl-verifiable", f"--data_dir={synth}", "--episodes=2", "--group_size=4", "--lr=1e-3",
+            "--prompts_per_episode=4", "--eval_prompts=4", "--eval_samples=2", "--update_memory=lean"]
+    run = torchrun(driver, args, tmp_path / "a")
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, out[-3000:]
+    assert "update memory: lean" in out and "update 0002/0002" in out
+    assert out.count(": 1 models during the update") == 4 and "2 models during" not in out     # 2 ranks x 2

@@ -286,11 +286,13 @@ def test_under_autocast_rollouts_run_on_a_copy_with_the_llms_matrices_in_bf16(se
                    for k, v in model.state_dict().items())
 
 
-def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatch, on_the_cpu, sharded_in_bf16):
+@pytest.mark.parametrize("lean", [False, True])
+def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatch, on_the_cpu, sharded_in_bf16, lean):
     """Under torchrun on GPUs the policy is sharded with FSDP2's bf16 mixed precision (place_model on
     CUDA) and its unsharded replica generates (generation_policy); here the same on CPU in a process
     group of one, inside `torch.device("meta")` (no tensor made off the model's device): the first
-    update's ratio is exactly 1 and the rollout log-probs are the training forward's up to bf16."""
+    update's ratio is exactly 1 and the rollout log-probs are the training forward's up to bf16;
+    in both update memories (lean: units gathered and gradients reduced per micro-batch)."""
     root, _, m, tok, cfg, prompts = setup
     monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
     monkeypatch.setattr(rl, "micro_batches", on_the_cpu(rl.micro_batches))
@@ -305,8 +307,43 @@ def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatc
     with torch.device("meta"):
         rolls = on_the_cpu(scored)(rl.rollouts(rl.generation_policy(model), tok, prompts[:2], cfg,
                                                torch.Generator().manual_seed(0)), [0.0, 1.0] * 4)
-        st = rl.update_episode(model.train(), opt, params, rolls, cfg, tok, rolls[0])
+        st = rl.update_episode(model.train(), opt, params, rolls, replace(cfg, max_tokens=60), tok, rolls[0], lean=lean)
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["dlogp"] < 0.05 and seen == {torch.bfloat16}
+
+
+def test_auto_update_memory_goes_lean_where_full_would_crowd_the_gpu(monkeypatch):
+    """full_update_bytes by hand for the 8b preset as RL trains it (the LLM): the generation copy
+    (the LLM's matrices in bf16, the rest fp32), the gathered model in bf16 and the LLM's fp32
+    gradient; auto goes lean on an 80 GB GPU for 8b (about 20 + 18 + 33 GB), not for 2b; on a 24 GB
+    one for 2b too; never on the CPU; an explicit value wins."""
+    def meta_model(preset):
+        with torch.device("meta"):
+            m = modeling.SAILVL(modeling.preset_config(preset))
+        modeling.freeze(m, ["language_model"])
+        return m
+    m = meta_model("8b")
+    lm = m.language_model
+    matrices = sum(p.numel() for mod in lm.modules() if isinstance(mod, (torch.nn.Linear, moe.Experts))
+                   for p in mod.parameters(recurse=False))
+    n, n_llm = modeling.count_params(m), modeling.count_params(lm)
+    assert not m.cfg.llm_config.tie_word_embeddings                     # else a bf16 lm_head copy besides
+    copy_bytes = 2 * matrices + 4 * (n - matrices)
+    assert rl.full_update_bytes(m, torch.bfloat16, False) == copy_bytes
+    assert rl.full_update_bytes(m, torch.bfloat16, True) == copy_bytes + 2 * n + 4 * n_llm
+    assert [round(b / 1e9) for b in (copy_bytes, 2 * n, 4 * n_llm)] == [21, 18, 33]
+    assert rl.full_update_bytes(m, None, False) == 0                    # one CPU process: no copy is made
+
+    gpu = SimpleNamespace(total_memory=80e9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    monkeypatch.setattr(rl.dist, "is_initialized", lambda: True)
+
+    def lean(model, mode="auto", device="cuda"):                      # the model as if on `device`
+        monkeypatch.setattr(modeling, "model_device", lambda _: torch.device(device))
+        return rl.lean_updates(SimpleNamespace(update_memory=mode), model)
+    assert lean(m) and not lean(meta_model("2b"))
+    gpu.total_memory = 24e9
+    assert lean(meta_model("2b")) and not lean(m, device="cpu")
+    assert not lean(m, "full") and lean(meta_model("2b"), "lean", "cpu")
 
 
 @pytest.mark.parametrize("cast", [False, True])
@@ -1144,6 +1181,8 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-mixed", "--direct_share=1.5"], "--direct_share must be in [0, 1]"),
                        (["--stage", "rl-verifiable", "--kl_coef=0.1"], "unknown option --kl_coef"),
                        (["--stage", "rl-verifiable", "--compile=maybe"], "--compile must be auto, true, false or graphs"),
+                       (["--stage", "rl-verifiable", "--update_memory=low"], "--update_memory must be auto, full or lean"),
+                       (["--stage", "harvest", "--update_memory=lean"], "--update_memory does not apply to the harvest"),
                        (["--stage", "rl-verifiable", "--agg=token-sum"], "--agg must be token-mean"),
                        (["--stage", "rl-verifiable", "--clip_c=0.5"], "--clip_c, the dual-clip constant, must be > 1"),
                        (["--stage", "rl-verifiable", "--max_sampling_rounds=0"], "--max_sampling_rounds must be >= 1"),
