@@ -24,6 +24,7 @@ sizes of the paper's models, CPU: small ones). One timer serves every bench (`ti
 tested in tests/, not here. On a shared CPU, run with OMP_NUM_THREADS=1.
 """
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -92,15 +93,15 @@ def timed(fn, repeats: int = 1, reset=(), kernel: bool = False) -> float:
     return best
 
 
-def hf_twin(lm: modeling.Qwen3LM):
-    """HF transformers' Qwen3ForCausalLM with our LLM's weights (fp32, through the HF checkpoint writer)."""
+def hf_twin(lm: modeling.Qwen3LM, dtype=torch.float32):
+    """HF transformers' Qwen3ForCausalLM with our LLM's weights in `dtype` (through the HF checkpoint writer)."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise SystemExit("this bench compares against HF transformers: pip install -r tests/requirements.txt")
     with tempfile.TemporaryDirectory() as d:
         modeling.save_hf_llm(lm, d)
-        return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(lm.lm_head.weight.device)
+        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(lm.lm_head.weight.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -771,7 +772,7 @@ def hf_generate(hf, embeds: list, max_new: int, stop=(), suppress=(), min_new: i
     """HF generate on left-padded prompt embeddings (one row each), sampling at T = 1 -> id lists
     cut after each row's first stop token."""
     L = max(e.shape[0] for e in embeds)
-    x = torch.stack([torch.nn.functional.pad(e, (0, 0, L - e.shape[0], 0)) for e in embeds])
+    x = torch.stack([torch.nn.functional.pad(e, (0, 0, L - e.shape[0], 0)) for e in embeds]).to(hf.dtype)
     mask = torch.stack([torch.arange(L, device=x.device) >= L - e.shape[0] for e in embeds]).long()
     out = hf.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=min_new,
                       do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, pad_token_id=0,
@@ -888,12 +889,20 @@ def print_step_breakdown(lm, rows: list, n: int, step_s: float, call, first):
           f"Dynamo's guards {1e3 * prof['guards']:.2f} ms, other ops {1e3 * prof['other']:.2f} ms")
 
 
-def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None, compile=True) -> dict:
+def rollout_engines(lm, rows, n, stop=(), gen_kw=None, hf_rows=None, hf_kw=None, compile=True, low=None) -> dict:
+    """{engine: a call}: ours eager, compiled and (CUDA) graphed, and HF generate. `low` (bf16): ours
+    under autocast to it with `lm`'s matrices held in it (as RL generates on a GPU: rl.generation_copy),
+    HF's model wholly in it."""
     def ours(mode):
         generator = torch.Generator(rows[0].device).manual_seed(0)
-        return lambda: modeling.generate_from_embeds(lm, rows, n, 1.0, 1.0, stop, generator.manual_seed(0),
-                                              logprobs=[], compile=mode, **(gen_kw or {}))
-    hf = hf_twin(lm).eval()
+        with_autocast = torch.autocast(rows[0].device.type, dtype=low) if low else contextlib.nullcontext()
+
+        def call():
+            with with_autocast:
+                return modeling.generate_from_embeds(lm, rows, n, 1.0, 1.0, stop, generator.manual_seed(0),
+                                                     logprobs=[], compile=mode, **(gen_kw or {}))
+        return call
+    hf = hf_twin(lm, low or torch.float32).eval()
     engines = {"eager": ours(False), "hf": lambda: hf_generate(hf, hf_rows or rows, n, stop, **(hf_kw or {}))}
     if compile:
         engines["compiled"] = ours(True)
@@ -916,7 +925,8 @@ def rl_setup(preset: str, n_prompts: int, data_dir: str = data.DEFAULT_SYNTH_DIR
 def bench_rollout(args):
     """Rollout generation (§4.2.3): tokens/s of model.generate_from_embeds, eager and compiled (on CUDA
     also compiled with its decode steps as CUDA graphs), vs HF transformers' generate on the same
-    weights, fp32, sampling at T = 1, engines interleaved.
+    weights, sampling at T = 1, engines interleaved; fp32, or with --dtype=bf16 (the default on CUDA) as
+    RL generates there: our LLM's matrices in bf16 under bf16 autocast, HF's model in bf16.
     text: the tiny LLM, random prompts, no stop token. rl: the tiny SAILVL on image prompts of the
     rl-verifiable mix, G rows per prompt (ours prefills each prompt once, HF gets it G times), the
     stage's token limit, stop tokens, banned ids and tokenizer size. Then one RL episode (rollouts
@@ -924,14 +934,19 @@ def bench_rollout(args):
     torch.manual_seed(0)
     dev = torch.device(args.device)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"rollout engine vs HF generate, fp32, sampling T=1, {where}, best of {args.repeats} (engines interleaved)")
+    dtype = args.dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    low = torch.bfloat16 if dtype == "bf16" else None
+    print(f"rollout engine vs HF generate, {dtype}, sampling T=1, {where}, best of {args.repeats} (engines interleaved)")
     with torch.inference_mode():
         if args.case in ("text", "both"):
             lm = modeling.build_model(args.preset).eval().language_model.to(dev)
             ids = torch.randint(0, 256, (args.batch, args.prompt_len), device=dev)
             rows = list(lm.model.embed_tokens(ids))
-            engines = rollout_engines(lm, rows, args.new_tokens, hf_kw={"min_new": args.new_tokens}, compile=args.compile)
-            first = rollout_engines(lm, rows, 1, hf_kw={"min_new": 1}, compile=args.compile)   # prefill + 1 token
+            if low:
+                modeling.hold_matrices_in(lm, low)
+            engines = rollout_engines(lm, rows, args.new_tokens, hf_kw={"min_new": args.new_tokens}, compile=args.compile,
+                                      low=low)
+            first = rollout_engines(lm, rows, 1, hf_kw={"min_new": 1}, compile=args.compile, low=low)   # prefill + 1 token
             res = interleaved({**engines, **{name + "@1": fn for name, fn in first.items()}}, args.repeats)
             print_engines(f"text: {args.preset} LLM, {args.batch} rows, prompt {args.prompt_len}, "
                           f"{args.new_tokens} new tokens", {name: res[name] for name in engines})
@@ -948,9 +963,11 @@ def bench_rollout(args):
             x = sailvl.embed(flat, modeling.on_device(sample.concat_pixels([p.pixels for p in prompts]), dev))[0]
             unique = list(x.split([len(p.ids) for p in prompts]))
             suppress = list(banned) + list(range(tok.n_vocab, lm.cfg.vocab_size))
+            if low:
+                modeling.hold_matrices_in(lm, low)
             engines = rollout_engines(lm, unique, cfg.max_new_tokens, stop,
                                       {"n_valid_tokens": tok.n_vocab, "banned": banned, "repeats": G},
-                                      [e for e in unique for _ in range(G)], {"suppress": suppress}, args.compile)
+                                      [e for e in unique for _ in range(G)], {"suppress": suppress}, args.compile, low)
             print_engines(f"rl: {args.preset} SAILVL, {len(prompts)} image prompts x G = {G}, up to "
                           f"{cfg.max_new_tokens} new tokens, per-token log-probs", interleaved(engines, args.repeats))
     if args.episode_procs:
@@ -1255,6 +1272,8 @@ def add_model_benches(sub):
                    "also timed alone (the attention with its cache warm and evicted)")
     p.add_argument("--device", type=device, default="cpu", help="cpu | cuda: where the engines run (the episode "
                    "part: CPU)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="fp32 | bf16 (as RL generates on a GPU); default "
+                   "bf16 on CUDA, fp32 on the CPU (whose bf16 products are ~100x slower)")
     p.add_argument("--episode-procs", type=int, default=2, help="processes of the episode-scaling part (0 = skip)")
     p.add_argument("--episode-prompts", type=positive, default=32, help="prompts of that episode (x G rollouts)")
     p.add_argument("--episode-repeats", type=positive, default=3,

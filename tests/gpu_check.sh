@@ -17,7 +17,8 @@
 #   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
-#   6  tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate
+#   6  tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate, in bf16 as
+#      RL generates on a GPU (ours: bf16 matrices under autocast; HF: its model in bf16)
 #   7  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
 #   8  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
 #   9  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)

@@ -74,6 +74,9 @@ def test_rollout_bench_times_our_engine_against_hf(capsys):
     out = run_bench(capsys, "rollout", "--case", "both", "--batch", "4", "--prompt-len", "8", "--new-tokens", "4",
                     "--prompts", "2", "--group", "2", "--repeats", "1", "--no-compile", "--episode-procs", "0")
     assert len(re.findall(r"^  eager +[\d,]+ tok/s, +[\d.]+x HF", out, re.M)) == 2, out
+    out = run_bench(capsys, "rollout", "--case", "rl", "--prompts", "1", "--group", "2", "--repeats", "1",
+                    "--no-compile", "--episode-procs", "0", "--dtype", "bf16")     # as RL generates on a GPU
+    assert "rollout engine vs HF generate, bf16," in out and re.search(r"^  eager +[\d,]+ tok/s", out, re.M), out
 
 
 def test_checkpoint_bench_writes_with_both_writers(capsys):
