@@ -1438,10 +1438,8 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None
     policy = generation_policy(model)
-    lean = lean_updates(cfg, model)
-    if lean:
-        log("update memory: lean (the generation copy freed during updates" +
-            (", FSDP units gathered and gradients reduced per micro-batch)" if world > 1 else ")"))
+    if lean := lean_updates(cfg, model):
+        log("update memory: lean (the generation copy freed during updates, sharded units gathered per micro-batch)")
     meta = resume_rl(resume, cfg, model, opt, gen, rank, world, log) if resume else {}
     episode = meta.get("episode", 0)
     if resume:
