@@ -19,6 +19,8 @@ Backend choice: env SAILVL_KERNELS=auto|triton|torch (auto: Triton on CUDA tenso
 elsewhere). With TRITON_INTERPRET=1 and SAILVL_KERNELS=triton the Triton kernels run on CPU
 tensors; that is how CI tests them.
 """
+import contextlib
+import functools
 import os
 import weakref
 
@@ -53,6 +55,22 @@ def use_triton(t: torch.Tensor, supported: bool = True) -> bool:
             raise RuntimeError("SAILVL_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
         return True
     return t.is_cuda and supported
+
+
+def _device_context(t: torch.Tensor):
+    """The context a launch on `t` runs in: its CUDA device current. Triton launches on the current
+    device and its stream, not the tensors': tensors on cuda:1 under a current device 0 (a tool
+    given --device cuda:1) would run on GPU 0 with GPU 1's memory."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _on_device_of_inputs(fn):
+    """fn(*args) with its first tensor argument's device current (see _device_context)."""
+    @functools.wraps(fn)
+    def launch(*args):
+        with _device_context(next(a for a in args if isinstance(a, torch.Tensor))):
+            return fn(*args)
+    return launch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -670,6 +688,7 @@ def _attn_store_dtype(dtype):
     return torch.float32 if _interpreting() else dtype
 
 
+@_on_device_of_inputs
 def _attn_forward(q, k, v, cu, table_q, causal, scale):
     T, H, D = q.shape
     Hkv = k.shape[1]
@@ -685,6 +704,7 @@ def _attn_forward(q, k, v, cu, table_q, causal, scale):
     return o.to(q.dtype), lse
 
 
+@_on_device_of_inputs
 def _attn_backward(do, q, k, v, o, lse, cu, table_q, table_kv, causal, scale):
     T, H, D = q.shape
     Hkv = k.shape[1]
@@ -1263,6 +1283,7 @@ class _MoEGroupedMLP(torch.autograd.Function):
     """Triton expert SwiGLU: forward K1+K2, backward B1..B4 (see the comment at the section top)."""
 
     @staticmethod
+    @_on_device_of_inputs
     def forward(ctx, x, w_gate, w_up, w_down, topk_weights, topk_ids, grad_enabled):
         T, H = x.shape
         E, I, _ = w_gate.shape
@@ -1295,6 +1316,7 @@ class _MoEGroupedMLP(torch.autograd.Function):
         return _moe_sum_pairs(y_pairs, T, k)
 
     @staticmethod
+    @_on_device_of_inputs
     def backward(ctx, dy):
         x, w_gate, w_up, w_down, tw, pair_of_row, block_expert, row_start, row_end, gu, h = ctx.saved_tensors
         T, H, E, I, k, bm = ctx.shape
