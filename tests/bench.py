@@ -925,7 +925,7 @@ def rl_setup(preset: str, n_prompts: int, data_dir: str = data.DEFAULT_SYNTH_DIR
 def bench_rollout(args):
     """Rollout generation (§4.2.3): tokens/s of model.generate_from_embeds, eager and compiled (on CUDA
     also compiled with its decode steps as CUDA graphs), vs HF transformers' generate on the same
-    weights, sampling at T = 1, engines interleaved; fp32, or with --dtype=bf16 (the default on CUDA) as
+    weights, sampling at T = 1, engines interleaved. In fp32, or with --dtype=bf16 (the default on CUDA) as
     RL generates there: our LLM's matrices in bf16 under bf16 autocast, HF's model in bf16.
     text: the tiny LLM, random prompts, no stop token. rl: the tiny SAILVL on image prompts of the
     rl-verifiable mix, G rows per prompt (ours prefills each prompt once, HF gets it G times), the
