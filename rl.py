@@ -387,7 +387,7 @@ def policy_logprobs(logits, targets, cfg, n_valid: int, banned) -> tuple:
     logp_all = torch.log_softmax(modeling.policy_logits(logits, cfg.temperature, cfg.top_p, n_valid, banned), -1)
     p = logp_all.exp()
     entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)     # 0 log 0 = 0
-    return logp_all.gather(1, targets[:, None])[:, 0], entropy
+    return logp_all.gather(1, targets[:, None])[:, 0].clone(), entropy     # not a view: FSDP2 warns on a view output
 
 
 def free_memory(device) -> Optional[int]:
