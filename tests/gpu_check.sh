@@ -12,8 +12,8 @@
 #      keeps no group: no update); then one episode with random rewards (tests/bench.py rl-episode):
 #      rollouts and rl.update_episode on CUDA, and again with the generation copy freed during the
 #      update (--update_memory=lean; the figure shows each one's peak GPU memory). With 2 or more GPUs
-#      both also under torchrun on 2 processes (each rank its share of the groups; rl.py there lean:
-#      FSDP units gathered per micro-batch)
+#      both also under torchrun on 2 processes (each rank its share of the groups; the episode in both
+#      update memories: lean gathers FSDP units per micro-batch)
 #   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
@@ -66,7 +66,7 @@ FAILED=0
 BUDGET="${BUDGET:-0}"                                   # 0: no limit on the whole run
 # row NAME STATUS SECONDS FIGURE: one summary row, printed now and kept for the table
 row() {
-    ROWS+=("$(printf '%-16s %-9s %5ss  %s' "$1" "$2" "$3" "$4")")
+    ROWS+=("$(printf '%-18s %-9s %5ss  %s' "$1" "$2" "$3" "$4")")
     echo "${ROWS[-1]}"
 }
 # step NAME LIMIT_S FIGURE_REGEX COMMAND...: run with a time limit, keep the log, one summary row
@@ -115,9 +115,11 @@ step rl-episode-lean 90 "generation" "$PY" -m torch.distributed.run --standalone
 if [ "$NGPU" -ge 2 ]; then
     step rl-2-gpus 240 "reward|episode" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
         --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
-        --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 --update_memory=lean $RL_COMPILE
+        --group_size=4 --max_new_tokens=32 --eval_prompts=8 --filter_k=0 --temperature=1.5 $RL_COMPILE
     step rl-episode-2 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py rl-episode --prompts 8 --group 4 \
         --synth-dir "$WORK/synth"
+    step rl-episode-2-lean 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py \
+        rl-episode --prompts 8 --group 4 --synth-dir "$WORK/synth" --update-memory lean     # FSDP units per micro-batch
 fi
 step eval-cuda 90 "accuracy|ocr" "$PY" sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
     --device "$DEV" --out "$WORK/eval.json"
@@ -155,6 +157,6 @@ step bench-ckpt 150 "ours |dcp " "$PY" tests/bench.py checkpoint --device="$DEV"
 
 echo
 echo "GPU check on $("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU (rehearsal)", "| torch", torch.__version__)') | triton $("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null)"
-printf '%-16s %-9s %6s  %s\n' step status time "figure (last matching log line; full logs in $LOG_DIR)"
+printf '%-18s %-9s %6s  %s\n' step status time "figure (last matching log line; full logs in $LOG_DIR)"
 for r in "${ROWS[@]}"; do echo "$r"; done
 exit $FAILED
