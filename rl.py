@@ -626,8 +626,8 @@ def generation_copy(model, low, device=None):
 # under FSDP, each unit gathered from an update's first micro-batch to its last with its gradients
 # reduced once, at the last: one all-gather and one reduce-scatter per unit and update, but every
 # rank holds the whole model twice and its full fp32 gradient, which no number of GPUs shrinks.
-# "lean" frees the copy while the policy trains and runs FSDP's default, each unit gathered and its
-# gradients reduce-scattered per micro-batch: one unit at a time, collectives per micro-batch.
+# "lean" frees the copy while the policy trains, and gathers each unit (the root's too) and
+# reduce-scatters its gradients per micro-batch: one unit at a time, collectives per micro-batch.
 LEAN_SHARE = 0.4     # auto: lean where what full holds beyond lean passes this share of the GPU's memory
 
 
@@ -945,8 +945,8 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
             for j, (pack, idx) in enumerate(packs[k]):
                 if sharded:                                        # full: the gathered weights and the unreduced
                     last = lean or j == len(packs[k]) - 1          # gradients stay until the last micro-batch
-                    model.set_requires_gradient_sync(last)         # (resharded before the step); lean: FSDP's
-                    model.set_reshard_after_backward(last)         # default, per micro-batch
+                    model.set_requires_gradient_sync(last)         # (resharded before the step); lean: per
+                    model.set_reshard_after_backward(last)         # micro-batch
                 rows = [rolls[mb[i]] for i in idx] or [filler]                 # a pad pack: weight 0
                 olds = None if (epoch == 0 and k == 0) or not idx else [old[mb[i]] for i in idx]
                 s, m = micro_step(model, pack, rows, olds, cfg, tok, n_global, float(bool(idx)))
@@ -1438,7 +1438,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None
     policy = generation_policy(model)
-    if lean := lean_updates(cfg, model):
+    if lean := lean_updates(cfg, model) and policy is not model:        # else no copy and no shards: nothing to free
         log("update memory: lean (the generation copy freed during updates, sharded units gathered per micro-batch)")
     meta = resume_rl(resume, cfg, model, opt, gen, rank, world, log) if resume else {}
     episode = meta.get("episode", 0)
@@ -1476,7 +1476,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         t0, episode_cfg = time.time(), dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode))
         kept, st = sample_groups(policy, tok, pool, episode_cfg, gen, judge)
         t_gen = time.time() - t0
-        if lean and policy is not model:
+        if lean and st["kept"]:
             policy = None                                              # the copy's memory, for the update
         model.train()
         up = update_episode(model, opt, params, kept, episode_cfg, tok, filler, set_lr, lean) if st["kept"] \

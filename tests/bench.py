@@ -936,6 +936,8 @@ def bench_rollout(args):
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     dtype = args.dtype or ("bf16" if dev.type == "cuda" else "fp32")
     low = torch.bfloat16 if dtype == "bf16" else None
+    if args.breakdown and (dev.type != "cpu" or low):
+        raise train_stage.UsageError("--breakdown profiles the CPU's fp32 decode step: give --device=cpu --dtype=fp32")
     print(f"rollout engine vs HF generate, {dtype}, sampling T=1, {where}, best of {args.repeats} (engines interleaved)")
     with torch.inference_mode():
         if args.case in ("text", "both"):

@@ -77,6 +77,9 @@ def test_rollout_bench_times_our_engine_against_hf(capsys):
     out = run_bench(capsys, "rollout", "--case", "rl", "--prompts", "1", "--group", "2", "--repeats", "1",
                     "--no-compile", "--episode-procs", "0", "--dtype", "bf16")     # as RL generates on a GPU
     assert "rollout engine vs HF generate, bf16," in out and re.search(r"^  eager +[\d,]+ tok/s", out, re.M), out
+    with pytest.raises(SystemExit):                                   # its profile is of the CPU's fp32 step
+        bench.main(["rollout", "--case", "text", "--breakdown", "--dtype", "bf16", "--episode-procs", "0"])
+    assert "--breakdown profiles the CPU's fp32 decode step" in capsys.readouterr().err
 
 
 def test_checkpoint_bench_writes_with_both_writers(capsys):

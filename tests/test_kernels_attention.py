@@ -353,6 +353,6 @@ def test_every_launch_runs_with_its_tensors_device_current(monkeypatch):
     launched = []
     monkeypatch.setattr(kernels, "_attn_launch", lambda *a: (launched.append(len(inside)), launch(*a))[1])
     out, *_ = out_and_grads(lambda q, k, v: kernels.packed_attention(q, k, v, cu, True), q, k, v, do)
-    assert [t.shape for t in seen] == [q.shape, do.shape]           # forward on q, backward on dO
+    assert [(t.shape, t.requires_grad) for t in seen] == [(q.shape, True), (do.shape, False)]  # q, then dO
     assert launched == [1, 1, 1]                                     # fwd, dkdv, dq: each inside one
     assert max_err(out, naive_attention(q.double(), k.double(), v.double(), cu, True)) < 1e-4

@@ -291,6 +291,6 @@ def test_every_launch_runs_with_its_tensors_device_current(monkeypatch):
     monkeypatch.setattr(kernels, "_device_context", recorded)
     monkeypatch.setattr(kernels, "_moe_sum_pairs", lambda *a: (sums.append(len(inside)), real_sum(*a))[1])
     got = fwd_bwd(kernels.moe_grouped_mlp, inputs, dy, torch.float32)
-    assert [t.shape for t in seen] == [inputs[0].shape, dy.shape]
+    assert [(t.shape, t.requires_grad) for t in seen] == [(inputs[0].shape, True), (dy.shape, False)]   # x, dy
     assert sums == [1, 1]                                            # forward's y and backward's dx
     assert_matches([t.cpu() for t in got], oracle64([t.cpu() for t in inputs], dy.cpu()), 1e-5, "recorded")
