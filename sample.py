@@ -1046,8 +1046,8 @@ def cli(argv):
         raise UsageError(f"{ignored}: only with --eval")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or (args.device != "cpu" and not torch.cuda.is_available()):
         raise UsageError(f"--device {args.device}: expected cpu or cuda[:N] (CUDA available: {torch.cuda.is_available()})")
-    if (device := torch.device(args.device)).index is not None:   # Triton launches on the current device,
-        torch.cuda.set_device(device)          # whichever holds the tensors (plain "cuda" is the current one)
+    if (device := torch.device(args.device)).index is not None:   # what CUDA makes on "cuda" (streams, graphs)
+        torch.cuda.set_device(device)          # goes to the current device (plain "cuda" is the current one)
     model, tok, dcfg = load(args.ckpt, args.device)
     if args.eval:
         return run_eval(args, model, tok, dcfg)

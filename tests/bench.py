@@ -1036,7 +1036,8 @@ def rl_episode_worker(args):
         r.reward = float(torch.rand(1, generator=g) < 0.5)
     for r, a in zip(rolls, rl.group_advantages(torch.tensor([r.reward for r in rolls]), cfg.group_size).tolist()):
         r.advantage = a
-    policy = None if lean or policy is model else policy                 # as rl.train_rl: lean frees the copy
+    if lean:
+        policy = None                                                    # as rl.train_rl: lean frees the copy
     rl.update_episode(model.train(), opt, params, rolls, cfg, tok, rl.Rollout(prompts[0], [0], "", False, [0.0]),
                       lean=lean)
     rl.generation_policy(model, policy)
