@@ -66,3 +66,22 @@ def sharded_in_bf16(monkeypatch):
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def launch_contexts(monkeypatch):
+    """(seen, inside): kernels._device_context recorded. `seen` lists the tensor each context was
+    made for, `inside` those entered and not yet left (len(inside) at a launch: whether it runs
+    inside one). The CUDA device itself cannot be made current on a machine without one."""
+    import contextlib
+    import kernels
+    seen, inside = [], []
+
+    @contextlib.contextmanager
+    def recorded(t):
+        seen.append(t)
+        inside.append(t)
+        yield
+        inside.pop()
+    monkeypatch.setattr(kernels, "_device_context", recorded)
+    return seen, inside

@@ -6,8 +6,6 @@ so shapes stay small (T <= ~200). bf16 follows the FlashAttention tests' rule: t
 fp64 reference must be within 2x (outputs) / 3x (gradients) of PyTorch's own bf16 SDPA error,
 plus 1e-3.
 """
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -331,26 +329,20 @@ def test_the_triton_path_runs_under_inference_mode(monkeypatch):
             assert max_err(out, naive_attention(q.double(), k.double(), v.double(), cu, False)) < 1e-4
 
 
-def test_every_launch_runs_with_its_tensors_device_current(monkeypatch):
+def test_a_launch_context_makes_its_tensors_cuda_device_current():
     """Triton launches on the current CUDA device, not the tensors': with tensors on cuda:1 under a
-    current device 0 the kernels would run on GPU 0 with GPU 1's memory. The forward's and the
-    backward's launches each run inside _device_context of their inputs (the CUDA device made
-    current there; checked below on a stand-in, since this machine has none)."""
+    current device 0 the kernels would run on GPU 0 with GPU 1's memory. _device_context makes the
+    tensors' device current (checked on a stand-in, since this machine has none)."""
     from types import SimpleNamespace
     ctx = kernels._device_context(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+
+
+def test_every_launch_runs_with_its_tensors_device_current(monkeypatch, launch_contexts):
+    """The forward's and the backward's launches each run inside _device_context of their inputs."""
     monkeypatch.setenv("SAILVL_KERNELS", "triton")
     q, k, v, do, cu = make_inputs([20, 37], 4, 2, 16, torch.float32, seed=3)
-    seen, inside, launch = [], [], kernels._attn_launch
-
-    @contextlib.contextmanager
-    def recorded(t):                                                 # which tensor, and while it is entered
-        seen.append(t)
-        inside.append(t)
-        yield
-        inside.pop()
-    monkeypatch.setattr(kernels, "_device_context", recorded)
-    launched = []
+    (seen, inside), launch, launched = launch_contexts, kernels._attn_launch, []
     monkeypatch.setattr(kernels, "_attn_launch", lambda *a: (launched.append(len(inside)), launch(*a))[1])
     out, *_ = out_and_grads(lambda q, k, v: kernels.packed_attention(q, k, v, cu, True), q, k, v, do)
     assert [(t.shape, t.requires_grad) for t in seen] == [(q.shape, True), (do.shape, False)]  # q, then dO

@@ -10,7 +10,6 @@ Checked: output, dx, dW_gate, dW_up, dW_down and d(topk_weights), fp32 and bf16 
 the FlashAttention tests' three-way rule). Interpreter blocks are BLOCK_M=16, BLOCK_N=BLOCK_K=32
 (dW kernels 32x32x16), so the sizes below are deliberately not multiples of them.
 """
-import contextlib
 import math
 
 import pytest
@@ -272,23 +271,14 @@ def test_empty_batch(monkeypatch):
     assert y.shape == (0, x.shape[1])
 
 
-def test_every_launch_runs_with_its_tensors_device_current(monkeypatch):
+def test_every_launch_runs_with_its_tensors_device_current(monkeypatch, launch_contexts):
     """Triton launches on the current CUDA device, not the tensors' (see kernels._device_context,
     tested in test_kernels_attention.py): the forward runs inside the context of x, the backward of
     dy, their kernels between the routing (forward) and the sums over each token's experts."""
     use_triton_backend(monkeypatch)
     inputs, dy = make_case(*CASES["topk_random_odd_sizes"])
     inputs, dy = [t.to(DEVICE) for t in inputs], dy.to(DEVICE)
-    seen, inside, sums = [], [], []
-
-    @contextlib.contextmanager
-    def recorded(t):
-        seen.append(t)
-        inside.append(t)
-        yield
-        inside.pop()
-    real_sum = kernels._moe_sum_pairs
-    monkeypatch.setattr(kernels, "_device_context", recorded)
+    (seen, inside), sums, real_sum = launch_contexts, [], kernels._moe_sum_pairs
     monkeypatch.setattr(kernels, "_moe_sum_pairs", lambda *a: (sums.append(len(inside)), real_sum(*a))[1])
     got = fwd_bwd(kernels.moe_grouped_mlp, inputs, dy, torch.float32)
     assert [(t.shape, t.requires_grad) for t in seen] == [(inputs[0].shape, True), (dy.shape, False)]   # x, dy
