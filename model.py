@@ -606,7 +606,7 @@ def rows_to_keep(n_live: int, n_rows: int) -> int:
 
 def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(),
                          generator=None, on_token=None, n_valid_tokens=None, logprobs=None, banned=(), *,
-                         repeats: int = 1, compile="auto"):
+                         repeats: int = 1, compile="auto", in_step: bool = False):
     """The decode loop of Qwen3LM.generate, SAILVL.generate and RL's rollouts. `embeds`: prompts as
     embeddings (L_i, H), any lengths, each prefilled once and sampled `repeats` times (rows are
     prompt-major: prompt 0's repeats first). Returns per row the generated ids, up to its first stop
@@ -615,7 +615,10 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     policy sampled (`banned`: ids never generated). `generator`: any device (see device_generator).
     `on_token(ids (B,))` after each step: every row's token, -1 for rows that left the batch (tokens
     after a row's stop token are not output). `compile`: "auto" | True | False | "graphs" (see pick_compiled).
-    Finished rows leave the batch every SYNC_EVERY steps; sampling and done flags stay on the device."""
+    Finished rows leave the batch every SYNC_EVERY steps; sampling and done flags stay on the device.
+    `in_step`: every rank runs this call together, each forward a collective (the weights sharded and
+    gathered per layer, see generating_sharded): the loop ends when every rank's rows are done, and a
+    rank whose rows are all done keeps stepping one of them (same max_new_tokens on every rank)."""
     B = len(embeds) * repeats
     if max_new_tokens <= 0:
         if logprobs is not None:
@@ -636,10 +639,13 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
     out_lp = torch.zeros(max_new_tokens, B, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = lens.repeat_interleave(repeats)                                # RoPE position of the next token
+    idle = False        # in step: this rank's rows are done, its steps keep up with the other ranks'
 
     def draws():                 # (n, 1): one per output row and step, whatever the batch's composition
         if temperature <= 0:
             return None
+        if idle:                 # no draws: the generator is left as if the loop had ended here
+            return torch.zeros(rows.shape[0], 1, device=device)
         u = torch.rand(B, 1, generator=gen, device=device)
         return u if rows.shape[0] == B else u[rows]
 
@@ -656,14 +662,21 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
             done |= torch.isin(out_ids[step + 1 - SYNC_EVERY:step + 1], stop).any(0)
             live = ~done[rows]
             n_live = int(live.sum())
-            if n_live == 0:
+            if (max_over_ranks(n_live, device) if in_step else n_live) == 0:   # in step: the ranks leave together
                 break
-            keep = rows_to_keep(n_live, rows.shape[0])
+            idle = n_live == 0
+            keep = max(1, rows_to_keep(n_live, rows.shape[0]))
             if keep < rows.shape[0]:
                 order = torch.argsort((~live).to(torch.uint8), stable=True)[:keep]   # live rows first
                 cache.keep(order)
                 rows, ids, pos = rows[order], ids[order], pos[order]
     return collect(out_ids, out_lp, stop, logprobs)
+
+
+def max_over_ranks(n: int, device) -> int:
+    t = torch.tensor(n, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 def collect(out_ids, out_lp, stop, logprobs=None) -> list:
@@ -940,6 +953,36 @@ def parallelize(model: SAILVL, device, mixed_precision: bool):
     fully_shard(model, mp_policy=mp)
     model.vision_every_forward = True          # a text-only pack on one rank still runs the ViT's gathers
     return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def generating_sharded(model):
+    """Generation on the FSDP2-sharded model itself (no full copy of it on any rank), which calls its
+    parts outside the root's forward (embed, the LLM's layers one by one, lm_head): for the block the
+    root's weights (embeddings, lm_head, adapter, patch embedding, final norms) are gathered, and each
+    block's unit is gathered by its own forward and freed after it, every decode step: one unit's
+    full weights at a time, an all-gather of the whole model per step. Every rank must make the same
+    forwards (generate_from_embeds's in_step). FSDP2 takes the first module to run forward as the
+    root, so the root runs a one-token forward first. Nothing where `model` is not sharded."""
+    if not is_sharded(model):
+        yield
+        return
+    model.set_reshard_after_forward(True)                 # every unit, the root's excepted (FSDP2 keeps it)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long, device=model_device(model)))
+    for m in model.modules():
+        if is_sharded(m):
+            m.reshard()
+    model.unshard()                                       # the root's own weights, not its units'
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def freeze(model: SAILVL, trainable: list):

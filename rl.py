@@ -426,26 +426,32 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
     group_advantages reads); sampled with cfg.temperature / cfg.top_p, or greedy. Every tensor on
     the policy's device; `generator` on that device too. `call_seed`: instead of `generator`, generate
     call c draws from a generator seeded call_seed + c * 2**20, so its draws do not depend on how many
-    steps the calls before it ran (each call stops when its rows are done)."""
+    steps the calls before it ran (each call stops when its rows are done). On the sharded model
+    itself (--generate_on=model) every rank makes as many calls as the rank with the most, eagerly,
+    the decode loops in step (see model.generating_sharded); the padding calls' rows are dropped."""
     G = group_size or cfg.group_size
     device = modeling.model_device(policy)
     stop, banned = sample.stop_ids(tok), banned_ids(tok)
     temperature, top_p = (0.0, 1.0) if greedy else (cfg.temperature, cfg.top_p)
     per_call = prompts_per_call(cfg, policy.cfg.llm_config, max((len(p.ids) for p in prompts), default=0), G, device)
     chunks = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
+    n_mine, sharded = len(chunks), modeling.is_sharded(policy)
+    if sharded:                   # each forward gathers weights with the other ranks: as many calls everywhere
+        chunks += [[Prompt([min(stop)], None, None, "", "padding")]] * (int(all_reduce([n_mine], device, "max")[0]) - n_mine)
     out = []
-    with torch.inference_mode(), modeling.autocast(device):
+    with modeling.generating_sharded(policy), torch.inference_mode(), modeling.autocast(device):
         for c, chunk in enumerate(tqdm(chunks, desc="rollouts", disable=not progress, leave=False)):
             if call_seed is not None:
                 generator = torch.Generator(device).manual_seed(call_seed + c * 2 ** 20)
             flat = torch.tensor([t for p in chunk for t in p.ids], device=device)[None]
             pixels = modeling.on_device(sample.concat_pixels([p.pixels for p in chunk]), device)
             prefixes = policy.embed(flat, pixels)[0].split([len(p.ids) for p in chunk])   # (L_i, H) each
-            lps = []
+            lps, padding = [], c >= n_mine         # a padding call: greedy, drawing nothing from `generator`
             ids_per_row = modeling.generate_from_embeds(policy.language_model, list(prefixes), cfg.max_new_tokens,
-                                                 temperature, top_p, stop, generator, n_valid_tokens=tok.n_vocab,
-                                                 logprobs=lps, banned=banned, repeats=G, compile=COMPILE[cfg.compile])
-            for k, (ids, lp) in enumerate(zip(ids_per_row, lps)):
+                                                 0.0 if padding else temperature, top_p, stop, generator,
+                                                 n_valid_tokens=tok.n_vocab, logprobs=lps, banned=banned, repeats=G,
+                                                 compile=False if sharded else COMPILE[cfg.compile], in_step=sharded)
+            for k, (ids, lp) in enumerate(zip(ids_per_row, lps) if not padding else ()):
                 done = bool(ids) and ids[-1] in stop
                 out.append(Rollout(chunk[k // G], ids, sample.decode_reply(tok, ids, stop), not done, lp))
     return out
@@ -572,14 +578,15 @@ def all_reduce(values, device, op: str = "sum") -> list:
     return t.tolist()
 
 
-def generation_policy(model, replica=None):
-    """The module rollouts run on: the model itself on one process without autocast (the CPU); else
-    a copy on this rank (`replica`, created on first use) loaded with the current weights: under FSDP
-    a full one, under autocast (CUDA) one whose LLM matrices are held in autocast's dtype (see
-    generation_copy). `replica` None after a lean update (see lean_updates) makes a new one."""
+def generation_policy(model, replica=None, on_model: bool = False):
+    """The module rollouts run on: the model itself on one process without autocast (the CPU) or
+    `on_model` (see generates_on_model); else a copy on this rank (`replica`, created on first use)
+    loaded with the current weights: under FSDP a full one, under autocast (CUDA) one whose LLM
+    matrices are held in autocast's dtype (see generation_copy). `replica` None after a lean update
+    (see lean_updates) makes a new one."""
     low = modeling.compute_dtype(modeling.model_device(model))
-    if not dist.is_initialized() and low is None:
-        return model
+    if on_model or (not dist.is_initialized() and low is None):
+        return model.eval()
     replica = replica if replica is not None and replica is not model else generation_copy(model, low)
     load_weights(replica, model)
     return replica.eval().requires_grad_(False)
@@ -591,10 +598,9 @@ def load_weights(replica, model):
     (every rank in the same order), so no rank holds a second full fp32 copy of the model at once,
     as a full state dict would (32 GB for an 8B LLM). The fp32 shards are registered first: a unit
     left gathered after a forward holds bf16 copies of them under FSDP's mixed precision."""
-    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     for m in model.modules():
-        if isinstance(m, FSDPModule):
+        if modeling.is_sharded(m):
             m.reshard()
     dst = {**dict(replica.named_parameters(remove_duplicate=False)), **dict(replica.named_buffers())}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -622,6 +628,40 @@ def generation_copy(model, low, device=None):
     return replica
 
 
+# Where rollouts run (--generate_on). "copy": on a full copy of the model on every rank (its LLM's
+# matrices in bf16 on a GPU), generated from without any collective, at the cost of that copy's memory
+# next to the shards and the optimizer's state. "model": on the sharded model itself, each FSDP unit
+# gathered per forward, every decode step (model.generating_sharded): no copy, but an all-gather of
+# the whole model per generated token, and eager. For a model whose copy does not fit beside its
+# training state (30b-a3b: a 64 GB copy beside 61 GB of shards, gradient and Adam per rank on 8 GPUs).
+GENERATE_SHARE = 0.6  # auto: on the model where the copy and the rank's training state pass this share of the GPU
+
+
+def copy_bytes(model, low) -> int:
+    """Bytes of a generation copy of `model` (see generation_copy) for autocast's dtype `low`."""
+    copy = generation_copy(model, low, "meta")
+    return sum(t.numel() * t.element_size() for t in [*copy.parameters(), *copy.buffers()])
+
+
+def training_state_bytes(model, world: int) -> int:
+    """Bytes of a rank's share of the training state over `world` ranks: the fp32 weights, and the
+    trainable ones' gradient and AdamW's two moments."""
+    return sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters()) // world
+
+
+def generates_on_model(cfg, model) -> bool:
+    """Whether rollouts run on the (sharded) model itself rather than a copy (cfg.generate_on; see
+    above). auto: on a GPU where a copy and this rank's training state pass GENERATE_SHARE of its
+    memory; a copy elsewhere (the CPU)."""
+    if cfg.generate_on != "auto":
+        return cfg.generate_on == "model"
+    device = modeling.model_device(model)
+    if device.type != "cuda":
+        return False
+    need = copy_bytes(model, modeling.compute_dtype(device)) + training_state_bytes(model, rank_and_world()[1])
+    return need > GENERATE_SHARE * torch.cuda.get_device_properties(device).total_memory
+
+
 # The update's memory (--update_memory). "full" keeps the generation copy through the update and,
 # under FSDP, each unit gathered from an update's first micro-batch to its last with its gradients
 # reduced once, at the last: one all-gather and one reduce-scatter per unit and update, but every
@@ -631,21 +671,20 @@ def generation_copy(model, low, device=None):
 LEAN_SHARE = 0.4     # auto: lean where what full holds beyond lean passes this share of the GPU's memory
 
 
-def full_update_bytes(model, low, sharded: bool) -> int:
+def full_update_bytes(model, low, sharded: bool, on_model: bool = False) -> int:
     """Bytes that update_memory=full holds through an update beyond lean: the generation copy (made
-    where one is made: several processes, or autocast's dtype `low`), and `sharded` (FSDP) the whole
-    model gathered (in `low`, FSDP's parameter dtype, else fp32) and the trainable weights' fp32
-    gradient, accumulated unreduced. (The 8b preset as RL trains it: 21 + 18 + 33 GB.)"""
-    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)               # noqa: E731
-    copy = generation_copy(model, low, "meta") if sharded or low is not None else None
-    held = size([*copy.parameters(), *copy.buffers()]) if copy is not None else 0
+    where one is made: several processes, or autocast's dtype `low`, and not `on_model`), and
+    `sharded` (FSDP) the whole model gathered (in `low`, FSDP's parameter dtype, else fp32) and the
+    trainable weights' fp32 gradient, accumulated unreduced. (The 8b preset as RL trains it: 21 +
+    18 + 33 GB.)"""
+    held = copy_bytes(model, low) if (sharded or low is not None) and not on_model else 0
     if sharded:
         held += modeling.count_params(model) * (low.itemsize if low is not None else 4)
         held += sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
     return held
 
 
-def lean_updates(cfg, model) -> bool:
+def lean_updates(cfg, model, on_model: bool = False) -> bool:
     """Whether the episode's updates run lean (cfg.update_memory; see above). auto: on a GPU where
     full would hold more than LEAN_SHARE of its memory beyond lean; full elsewhere (the CPU)."""
     if cfg.update_memory != "auto":
@@ -653,7 +692,7 @@ def lean_updates(cfg, model) -> bool:
     device = modeling.model_device(model)
     if device.type != "cuda":
         return False
-    held = full_update_bytes(model, modeling.compute_dtype(device), dist.is_initialized())
+    held = full_update_bytes(model, modeling.compute_dtype(device), dist.is_initialized(), on_model)
     return held > LEAN_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
@@ -1194,6 +1233,7 @@ class RLConfig(train_stage.StageConfig):
     temperature: float = 1.0              # rollout sampling temperature (the policy the loss uses)
     top_p: float = 1.0                    # rollout nucleus sampling (the policy the loss uses)
     batch_rows: int = 128                 # rollout rows per generate call, at most (a GPU takes fewer if they do not fit)
+    generate_on: str = "auto"             # copy | model | auto: rollouts on a full copy of the model per rank, or on the sharded model itself, gathered per decode step (auto: the model on a GPU a copy would crowd)
     update_memory: str = "auto"           # full | lean | auto: during updates the generation copy kept and FSDP units gathered once per update, or the copy freed and units gathered per micro-batch (auto: lean on a GPU full would crowd)
     compile: str = "auto"                 # the rollout engine under torch.compile: auto (on CUDA, not on CPU) | true | false | graphs (compiled, its decode step as CUDA graphs)
     max_sampling_rounds: int = 3          # dynamic sampling: rounds of fresh prompts before training on what is there
@@ -1223,7 +1263,7 @@ RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL promp
 # options that train, which the harvest (sampling from a finished model) does not read
 HARVEST_UNUSED = ("episodes", "prompts_per_episode", "mini_batches", "epochs", "clip_low", "clip_high", "clip_schedule",
                   "clip_c", "agg", "algo", "max_sampling_rounds", "advantage_control", "filter_k", "general_share",
-                  "eval_prompts", "eval_samples", "format_gate", "update_memory", *train_stage.TRAINING_ONLY)
+                  "eval_prompts", "eval_samples", "format_gate", "update_memory", "generate_on", *train_stage.TRAINING_ONLY)
 
 
 COMPILE = {"auto": "auto", "true": True, "false": False, "graphs": "graphs"}   # --compile -> generate_from_embeds's
@@ -1259,6 +1299,11 @@ def rl_config(argv: list) -> tuple:
         raise train_stage.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
     if cfg.update_memory not in ("auto", "full", "lean"):
         raise train_stage.UsageError(f"--update_memory must be auto, full or lean, got {cfg.update_memory!r}")
+    if cfg.generate_on not in ("auto", "copy", "model"):
+        raise train_stage.UsageError(f"--generate_on must be auto, copy or model, got {cfg.generate_on!r}")
+    if cfg.generate_on == "model" and cfg.compile in ("true", "graphs"):
+        raise train_stage.UsageError(f"--compile={cfg.compile}: generation on the sharded model runs eagerly "
+                                     "(its units gather their weights in each forward); use --generate_on=copy")
     if cfg.compile not in COMPILE:
         raise train_stage.UsageError(f"--compile must be auto, true, false or graphs, got {cfg.compile!r}")
     if cfg.compile == "graphs" and not torch.cuda.is_available():
@@ -1437,13 +1482,17 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     eval_set = read_prompts(cfg, tok, dcfg, "eval", cfg.eval_prompts)
     mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None
-    policy = generation_policy(model)
-    if lean := lean_updates(cfg, model) and policy is not model:        # else no copy and no shards: nothing to free
-        log("update memory: lean (the generation copy freed during updates, sharded units gathered per micro-batch)")
+    on_model = generates_on_model(cfg, model)
+    policy = generation_policy(model, on_model=on_model)
+    if on_model and world > 1:
+        log("generation: on the sharded model (each unit gathered per decode step; eager)")
+    if lean := lean_updates(cfg, model, on_model) and (policy is not model or world > 1):   # else nothing to free
+        log("update memory: lean (" + ("" if policy is model else "the generation copy freed during updates, ")
+            + "sharded units gathered per micro-batch)")
     meta = resume_rl(resume, cfg, model, opt, gen, rank, world, log) if resume else {}
     episode = meta.get("episode", 0)
     if resume:
-        policy = generation_policy(model, policy)
+        policy = generation_policy(model, policy, on_model)
         positions, filter_counts = meta["pool"]["positions"], meta["filter"]
         mixture.bad.load_state_dict(meta["pool"]["bad"])
     else:
@@ -1476,12 +1525,12 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         t0, episode_cfg = time.time(), dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode))
         kept, st = sample_groups(policy, tok, pool, episode_cfg, gen, judge)
         t_gen = time.time() - t0
-        if lean and st["kept"]:
+        if lean and st["kept"] and policy is not model:
             policy = None                                              # the copy's memory, for the update
         model.train()
         up = update_episode(model, opt, params, kept, episode_cfg, tok, filler, set_lr, lean) if st["kept"] \
             else {"updates": 0}
-        policy = generation_policy(model, policy)
+        policy = generation_policy(model, policy, on_model)
         episode += 1
         rec = {"episode": episode, "lr": opt.param_groups[0]["lr"], "clip_high": clip_high_at(cfg, episode - 1),
                **st, **up, "gen_seconds": t_gen, "seconds": time.time() - t0}

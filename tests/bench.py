@@ -1012,7 +1012,8 @@ def episode_scaling(args):
 def rl_episode_worker(args):
     """(run by episode_scaling under torchrun) one episode of the tiny model on its share of the
     prompts; the rewards are random so that every group trains; prints the times as JSON (on a GPU
-    with rank 0's peak memory), in the update memory --update-memory names (rl.lean_updates)."""
+    with rank 0's peak memory), in the update memory --update-memory names (rl.lean_updates), generating
+    where --generate-on says (rl.generates_on_model: a copy, or the sharded model itself)."""
     rank, world, device = train_stage.setup_distributed()
     torch.manual_seed(0)
     sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts, args.synth_dir)
@@ -1023,8 +1024,10 @@ def rl_episode_worker(args):
     modeling.barrier()
     if rank == 0:
         shutil.rmtree(d)
-    policy = rl.generation_policy(model)
-    lean = rl.lean_updates(dataclasses.replace(cfg, update_memory=args.update_memory), model)
+    cfg = dataclasses.replace(cfg, update_memory=args.update_memory, generate_on=args.generate_on)
+    on_model = rl.generates_on_model(cfg, model)
+    policy = rl.generation_policy(model, on_model=on_model)
+    lean = rl.lean_updates(cfg, model, on_model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     modeling.barrier()
@@ -1036,16 +1039,17 @@ def rl_episode_worker(args):
         r.reward = float(torch.rand(1, generator=g) < 0.5)
     for r, a in zip(rolls, rl.group_advantages(torch.tensor([r.reward for r in rolls]), cfg.group_size).tolist()):
         r.advantage = a
-    if lean:
+    if lean and policy is not model:
         policy = None                                                    # as rl.train_rl: lean frees the copy
     rl.update_episode(model.train(), opt, params, rolls, cfg, tok, rl.Rollout(prompts[0], [0], "", False, [0.0]),
                       lean=lean)
-    rl.generation_policy(model, policy)
+    rl.generation_policy(model, policy, on_model)
     modeling.barrier()
     total = time.perf_counter() - t0
     peak = {"peak_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)} if device.type == "cuda" else {}
     if rank == 0:
-        print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2), "lean": lean, **peak}))
+        print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2), "lean": lean, "on_model": on_model,
+                          **peak}))
     train_stage.shutdown_distributed()
 
 
@@ -1302,6 +1306,9 @@ def add_model_benches(sub):
     p.add_argument("--update-memory", default="auto", choices=("auto", "full", "lean"),
                    help="rl.py's --update_memory: the generation copy kept and FSDP units gathered once per update, "
                         "or not")
+    p.add_argument("--generate-on", default="auto", choices=("auto", "copy", "model"),
+                   help="rl.py's --generate_on: rollouts on a full copy of the model per rank, or on the sharded model "
+                        "itself")
     p.set_defaults(func=rl_episode_worker)
 
 

@@ -11,9 +11,10 @@
 #   3  rl.py (tiny, random start) on the GPU: rollouts, rewards, evaluation on CUDA (a random start
 #      keeps no group: no update); then one episode with random rewards (tests/bench.py rl-episode):
 #      rollouts and rl.update_episode on CUDA, and again with the generation copy freed during the
-#      update (--update_memory=lean; the figure shows each one's peak GPU memory). With 2 or more GPUs
-#      both also under torchrun on 2 processes (each rank its share of the groups; the episode in both
-#      update memories: lean gathers FSDP units per micro-batch)
+#      update (--update_memory=lean), and with no copy (--generate_on=model; the figure shows each
+#      one's peak GPU memory). With 2 or more GPUs also under torchrun on 2 processes (each rank its
+#      share of the groups; the episode in both update memories: lean gathers FSDP units per
+#      micro-batch; and generating on the sharded model, its units gathered per decode step)
 #   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
@@ -112,6 +113,9 @@ step rl-episode 90 "generation" "$PY" -m torch.distributed.run --standalone --np
 # the same, its bf16 generation copy freed during the update (rl.py --update_memory=lean)
 step rl-episode-lean 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 tests/bench.py rl-episode \
     --prompts 8 --group 4 --synth-dir "$WORK/synth" --update-memory lean
+# and with no copy at all: one process generates on the fp32 model itself under autocast (--generate_on=model)
+step rl-episode-model 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 tests/bench.py rl-episode \
+    --prompts 8 --group 4 --synth-dir "$WORK/synth" --generate-on model
 if [ "$NGPU" -ge 2 ]; then
     step rl-2-gpus 240 "reward|episode" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 rl.py --stage=rl-verifiable \
         --init_from=random --data_dir="$WORK/synth" --out_dir="$WORK/out2" --episodes=3 --prompts_per_episode=4 \
@@ -120,6 +124,9 @@ if [ "$NGPU" -ge 2 ]; then
         --synth-dir "$WORK/synth"
     step rl-episode-2-lean 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py \
         rl-episode --prompts 8 --group 4 --synth-dir "$WORK/synth" --update-memory lean     # FSDP units per micro-batch
+    # generation on the sharded model: each unit gathered per decode step, the ranks in step
+    step rl-episode-2-model 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py \
+        rl-episode --prompts 8 --group 4 --synth-dir "$WORK/synth" --update-memory lean --generate-on model
 fi
 step eval-cuda 90 "accuracy|ocr" "$PY" sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
     --device "$DEV" --out "$WORK/eval.json"

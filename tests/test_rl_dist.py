@@ -4,10 +4,14 @@
   the episode's four SGD steps, <= 1e-6 relative) as 1 process holding all of them, with uneven rollouts per rank
   (padding micro-batches of weight 0) and 2 mini-batches x 2 epochs.
 - ...in both update memories (full: each FSDP unit gathered once per update; lean: per micro-batch).
+- Rollouts on the sharded model itself (--generate_on=model) equal those on the full copy, with ranks
+  holding different numbers of prompts and rows of very different lengths (the ranks leave each
+  decode loop together), one LLM unit gathered at a time.
 - A 2-process rl-verifiable run whose ranks generate rows of very different lengths finishes
-  (generation runs on an unsharded copy: no collective per decode step), and after `kill -9`
+  (by default on an unsharded copy: no collective per decode step), and after `kill -9`
   `--resume` ends with the same weights as the uninterrupted run; with --update_memory=lean its
-  generation copy is freed during the updates.
+  generation copy is freed during the updates; generating on the sharded model it ends with the
+  copy's weights.
 """
 import os
 import signal
@@ -115,10 +119,65 @@ def test_two_ranks_give_the_update_of_one(ckpt, synth, tmp_path):
     assert (False, False) in full                                        # held between micro-batches
 
 
-# the stage through torchrun: a stub reward the random model can earn, and rank 0's rows stop
-# after 3 tokens while rank 1's run 24
+def _generation_worker(rank, world, init_file, out_dir, root, synth):
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))               # a hang fails, not waits
+    torch.set_num_threads(1)
+    cfg = rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), group_size=2, batch_rows=2, max_new_tokens=24)
+    model, _ = train_stage.place_model(cfg, modeling.preset_config("tiny"), rank, world, torch.device("cpu"), lambda *a: None)
+    tok = data.load_tokenizer(str(synth))
+    prompts = rl.read_prompts(cfg, tok, data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=2048),
+                              "train", 5)
+    if rank == 0:                                # rank 0's rows stop at once, rank 1's run all 24 tokens
+        everything = set(range(tok.n_vocab)) - set(rl.banned_ids(tok))
+        rl.sample.stop_ids = lambda tok: everything
+    layers = model.language_model.model.layers
+    gathered = []                                # per LLM layer forward: how many LLM units hold full weights
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda *a: gathered.append(
+            sum(not isinstance(lay.self_attn.q_proj.weight, DTensor) for lay in layers)))
+    copy = rl.generation_policy(model)           # the default: a full copy on each rank
+    model.set_reshard_after_forward(False)       # as update_memory=full's update leaves the units
+    out = {"none": {}, "uneven": {}}
+    for policy in (copy, model):
+        gen = torch.Generator().manual_seed(rank)        # one per policy: every call's draws count
+        for name, mine in (("none", prompts[:2] if rank == 0 else []),                # 2 calls / none
+                           ("uneven", prompts[:4] if rank == 0 else prompts[4:])):    # 4 calls / 1 call
+            rolls = rl.rollouts(policy, tok, mine, cfg, gen)
+            out[name][policy is model] = [(r.completion, r.rollout_logp) for r in rolls]
+    out["gathered"] = gathered
+    out["resharded"] = all(isinstance(p, DTensor) for p in model.parameters())
+    with torch.no_grad():                        # the root's forward still runs (FSDP2 took it as its root)
+        model(torch.zeros(1, 1, dtype=torch.long))
+    torch.save(out, os.path.join(out_dir, f"gen{rank}.pt"))
+    train_stage.shutdown_distributed()
+    train_stage.exit_process()
+
+
+def test_generation_on_the_sharded_model_gives_the_copys_rollouts_one_unit_at_a_time(ckpt, synth, tmp_path):
+    """--generate_on=model: rollouts on the FSDP2-sharded model itself (no copy) give the rollouts of
+    the full copy, token for token and log-prob for log-prob, with ranks holding different numbers
+    of prompts (4 calls against 1, 2 against none) and rows of very different lengths (the ranks
+    leave the decode loop together: no hang); during the decode one LLM unit at a time holds its full
+    weights, and all are sharded again after."""
+    mp.spawn(_generation_worker, args=(2, str(tmp_path / "init"), str(tmp_path), ckpt, synth), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"gen{r}.pt", weights_only=True) for r in range(2)]
+    for rank, out in enumerate(ranks):
+        for name, n_rows in (("uneven", (8, 2)[rank]), ("none", (4, 0)[rank])):
+            copy, on_model = out[name][False], out[name][True]
+            assert len(copy) == n_rows and on_model == copy, (rank, name)
+        assert out["resharded"] and out["gathered"] and set(out["gathered"]) == {1}
+    lengths = [len(c) for out in ranks for c, _ in out["uneven"][True]]
+    assert max(lengths[:8]) == 1 and max(lengths[8:]) == 24                  # rank 0 stops at once, rank 1 runs on
+
+
+# the stage through torchrun: a stub reward the random model can earn, and rank 0's rows stop at
+# their first token (every token stops them) while rank 1's run up to 24
 DRIVER = """
 import gc
+import os
 import sys
 sys.path.insert(0, {root!r})
 import rl
@@ -128,10 +187,8 @@ def parity(rolls, cfg, judge=None):
         want = int(r.prompt.where.rsplit(":", 1)[1]) % 2
         r.answer_r = r.reward = float(bool(r.completion) and r.completion[0] % 2 == want)
 
-real = rl.rollouts
-def uneven(policy, tok, prompts, cfg, gen, *args, **kwargs):
-    cfg = rl.dataclasses.replace(cfg, max_new_tokens=3 if rl.rank_and_world()[0] == 0 else 24)
-    return real(policy, tok, prompts, cfg, gen, *args, **kwargs)
+if os.environ["RANK"] == "0":                 # every token it may sample
+    rl.sample.stop_ids = lambda tok: set(range(tok.n_vocab)) - set(rl.banned_ids(tok))
 
 real_update = rl.update_episode
 def counted(*args, **kwargs):             # the models alive: the sharded policy, and its generation copy?
@@ -140,7 +197,7 @@ def counted(*args, **kwargs):             # the models alive: the sharded policy
     print(f"rank {{rl.rank_and_world()[0]}}: {{n}} models during the update", flush=True)
     return real_update(*args, **kwargs)
 
-rl.score_rollouts, rl.rollouts, rl.update_episode = parity, uneven, counted
+rl.score_rollouts, rl.update_episode = parity, counted
 rl.main(sys.argv[1:])
 """
 
@@ -186,17 +243,28 @@ def test_two_process_stage_with_uneven_rows_finishes_and_resumes_after_kill(ckpt
     assert any(not torch.equal(wa[k], start[k]) for k in start)
 
 
-def test_a_lean_two_process_stage_frees_the_generation_copy_during_updates(ckpt, synth, tmp_path):
+def test_lean_two_process_stages_free_the_copy_or_generate_on_the_sharded_model(ckpt, synth, tmp_path):
     """--update_memory=lean (auto's choice on a GPU a large model crowds): while the policy trains
-    only the sharded model is alive on each rank, not the generation copy, and the run ends."""
+    only the sharded model is alive on each rank, not the generation copy, and the run ends. With
+    --generate_on=model there is no copy at all, and the run ends with the same weights: the same
+    rollouts, with rows of very different lengths on the two ranks."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT))
-    os.makedirs(tmp_path / "a")
-    os.symlink(ckpt / "out" / "longcot", tmp_path / "a" / "longcot")
     args = ["--stage", "rl-verifiable", f"--data_dir={synth}", "--episodes=2", "--group_size=4", "--lr=1e-3",
-            "--prompts_per_episode=4", "--eval_prompts=4", "--eval_samples=2", "--update_memory=lean"]
-    run = torchrun(driver, args, tmp_path / "a")
-    out, _ = run.communicate(timeout=600)
-    assert run.returncode == 0, out[-3000:]
-    assert "update memory: lean" in out and "update 0002/0002" in out
-    assert out.count(": 1 models during the update") == 4 and "2 models during" not in out     # 2 ranks x 2
+            "--prompts_per_episode=4", "--eval_prompts=4", "--eval_samples=2", "--update_memory=lean",
+            "--max_new_tokens=24"]
+    outs = {}
+    for d, where in (("copy", "copy"), ("model", "model")):
+        os.makedirs(tmp_path / d)
+        os.symlink(ckpt / "out" / "longcot", tmp_path / d / "longcot")
+        run = torchrun(driver, [*args, f"--generate_on={where}"], tmp_path / d)
+        out, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, out[-3000:]
+        assert "update memory: lean" in out and "update 0002/0002" in out
+        assert out.count(": 1 models during the update") == 4 and "2 models during" not in out     # 2 ranks x 2
+        outs[d] = out
+    assert "generation: on the sharded model" in outs["model"] and "generation: on" not in outs["copy"]
+    wa, wb = (load_file(str(tmp_path / d / "rl-verifiable" / "model.safetensors")) for d in ("copy", "model"))
+    start = load_file(str(ckpt / "out" / "longcot" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], start[k]) for k in start)

@@ -346,6 +346,38 @@ def test_auto_update_memory_goes_lean_where_full_would_crowd_the_gpu(monkeypatch
     assert not lean(m, "full") and lean(meta_model("2b"), "lean", "cpu")
 
 
+def test_auto_generates_on_the_sharded_model_where_a_copy_would_crowd_the_gpu(monkeypatch):
+    """copy_bytes and training_state_bytes by hand; auto generates on the model itself (no copy) for
+    30b-a3b on 8 H200s (a 64 GB copy beside 61 GB of shards, gradient and Adam per rank), on a copy
+    for 8b on 8 H100s (21 + 17 GB); never on the CPU; an explicit value wins. Without a copy, full
+    holds only the gathered model and the gradient beyond lean."""
+    def meta_model(preset):
+        with torch.device("meta"):
+            m = modeling.SAILVL(modeling.preset_config(preset))
+        modeling.freeze(m, ["language_model"])
+        return m
+    big, m8 = meta_model("30b-a3b"), meta_model("8b")
+    lm = big.language_model
+    matrices = sum(p.numel() for mod in lm.modules() if isinstance(mod, (torch.nn.Linear, moe.Experts))
+                   for p in mod.parameters(recurse=False))
+    n, n_llm = modeling.count_params(big), modeling.count_params(lm)
+    assert rl.copy_bytes(big, torch.bfloat16) == 2 * matrices + 4 * (n - matrices)
+    assert rl.training_state_bytes(big, 8) == (4 * n + 12 * n_llm) // 8
+    assert [round(b / 1e9) for b in (rl.copy_bytes(big, torch.bfloat16), rl.training_state_bytes(big, 8))] == [64, 61]
+    assert rl.full_update_bytes(big, torch.bfloat16, True, on_model=True) == 2 * n + 4 * n_llm
+
+    gpu = SimpleNamespace(total_memory=141e9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    monkeypatch.setattr(rl, "rank_and_world", lambda: (0, 8))
+
+    def on_model(model, mode="auto", device="cuda"):                  # the model as if on `device`
+        monkeypatch.setattr(modeling, "model_device", lambda _: torch.device(device))
+        return rl.generates_on_model(SimpleNamespace(generate_on=mode), model)
+    assert on_model(big) and not on_model(big, device="cpu") and not on_model(big, "copy")
+    gpu.total_memory = 80e9
+    assert not on_model(m8) and on_model(m8, "model", "cpu")
+
+
 @pytest.mark.parametrize("cast", [False, True])
 def test_the_generation_copy_under_fsdp_holds_the_models_fp32_weights(setup, monkeypatch, sharded_in_bf16, cast):
     """Under FSDP (a process group of one here, with its bf16 mixed precision) generation_policy fills
@@ -1183,6 +1215,9 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-verifiable", "--compile=maybe"], "--compile must be auto, true, false or graphs"),
                        (["--stage", "rl-verifiable", "--update_memory=low"], "--update_memory must be auto, full or lean"),
                        (["--stage", "harvest", "--update_memory=lean"], "--update_memory does not apply to the harvest"),
+                       (["--stage", "rl-verifiable", "--generate_on=shards"], "--generate_on must be auto, copy or model"),
+                       (["--stage", "rl-verifiable", "--generate_on=model", "--compile=true"], "runs eagerly"),
+                       (["--stage", "harvest", "--generate_on=model"], "--generate_on does not apply to the harvest"),
                        (["--stage", "rl-verifiable", "--agg=token-sum"], "--agg must be token-mean"),
                        (["--stage", "rl-verifiable", "--clip_c=0.5"], "--clip_c, the dual-clip constant, must be > 1"),
                        (["--stage", "rl-verifiable", "--max_sampling_rounds=0"], "--max_sampling_rounds must be >= 1"),
