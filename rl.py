@@ -1459,6 +1459,19 @@ def save_rl_checkpoint(cfg: RLConfig, episode: int, model, opt, gen, files: dict
         modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
 
 
+def generation_and_update_memory(cfg: RLConfig, model, log) -> tuple:
+    """(whether rollouts run on the model itself, the generation policy, whether updates run lean):
+    --generate_on and --update_memory resolved for this model and machine, and said in the log."""
+    on_model, sharded = generates_on_model(cfg, model), modeling.is_sharded(model)
+    policy = generation_policy(model, on_model=on_model)
+    if on_model and sharded:
+        log("generation: on the sharded model (each unit gathered per decode step; eager)")
+    if lean := lean_updates(cfg, model, on_model) and (policy is not model or sharded):   # else nothing to free
+        log("update memory: lean (" + ("" if policy is model else "the generation copy freed during updates, ")
+            + "sharded units gathered per micro-batch)")
+    return on_model, policy, lean
+
+
 def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     """One RL stage: held-out evaluation, then per episode dynamic sampling, advantages and the
     updates, then the evaluation again on the same prompts and draws; checkpoints through
@@ -1482,13 +1495,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     eval_set = read_prompts(cfg, tok, dcfg, "eval", cfg.eval_prompts)
     mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None
-    on_model = generates_on_model(cfg, model)
-    policy = generation_policy(model, on_model=on_model)
-    if on_model and world > 1:
-        log("generation: on the sharded model (each unit gathered per decode step; eager)")
-    if lean := lean_updates(cfg, model, on_model) and (policy is not model or world > 1):   # else nothing to free
-        log("update memory: lean (" + ("" if policy is model else "the generation copy freed during updates, ")
-            + "sharded units gathered per micro-batch)")
+    on_model, policy, lean = generation_and_update_memory(cfg, model, log)
     meta = resume_rl(resume, cfg, model, opt, gen, rank, world, log) if resume else {}
     episode = meta.get("episode", 0)
     if resume:
