@@ -665,7 +665,7 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
             if (max_over_ranks(n_live, device) if in_step else n_live) == 0:   # in step: the ranks leave together
                 break
             idle = n_live == 0
-            keep = max(1, rows_to_keep(n_live, rows.shape[0]))
+            keep = max(1, rows_to_keep(n_live, rows.shape[0]))        # in step, an idle rank keeps one row
             if keep < rows.shape[0]:
                 order = torch.argsort((~live).to(torch.uint8), stable=True)[:keep]   # live rows first
                 cache.keep(order)
@@ -674,6 +674,7 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
 
 
 def max_over_ranks(n: int, device) -> int:
+    """The largest `n` of all ranks (a collective)."""
     t = torch.tensor(n, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
@@ -968,17 +969,23 @@ def generating_sharded(model):
     block's unit is gathered by its own forward and freed after it, every decode step: one unit's
     full weights at a time, an all-gather of the whole model per step. Every rank must make the same
     forwards (generate_from_embeds's in_step). FSDP2 takes the first module to run forward as the
-    root, so the root runs a one-token forward first. Nothing where `model` is not sharded."""
+    root, so the root runs a one-token forward first (on every call: about one decode step's cost).
+    That forward and the root's gather run outside inference mode even when the caller is in it:
+    FSDP2 keeps the buffers of a unit's first gather, which would otherwise be inference tensors
+    that training cannot write. FSDP2 also notes every unit forward for its next backward's prefetch
+    order (host memory, a few bytes each, until the next update). Every unit, the root too, is left
+    resharding after each forward; an update sets its own (rl.update_episode). Nothing where
+    `model` is not sharded."""
     if not is_sharded(model):
         yield
         return
-    model.set_reshard_after_forward(True)                 # every unit, the root's excepted (FSDP2 keeps it)
-    with torch.no_grad():
+    model.set_reshard_after_forward(True)
+    with torch.inference_mode(False), torch.no_grad():
         model(torch.zeros(1, 1, dtype=torch.long, device=model_device(model)))
-    for m in model.modules():
-        if is_sharded(m):
-            m.reshard()
-    model.unshard()                                       # the root's own weights, not its units'
+        for m in model.modules():
+            if is_sharded(m):
+                m.reshard()
+        model.unshard()                                   # the root's own weights, not its units'
     try:
         yield
     finally:

@@ -16,7 +16,7 @@ reasoning and a judge for answers that rules cannot check; the coefficients of t
   7. Mixed rewards       `ThinkJudge`, `think_consistency`, `reference_judge`, `mixed_reward`.
   8. Rollouts            G samples per prompt from the one policy function the training forward shares.
   9. Model judge         any checkpoint grades a reasoning by P(yes).
- 10. Data parallelism    each rank owns whole groups; generation on an unsharded copy.
+ 10. Data parallelism    each rank owns whole groups; generation on an unsharded copy, or the sharded model.
  11. Dynamic sampling    groups whose `learning_signal` does not vary dropped, fresh prompts drawn.
  12. Updates             mini-batches x epochs of packed micro-batches, one global normaliser.
  13. Evaluation          greedy accuracy, pass@1, maj@k, pass@k on held-out prompts; paired before / after.
@@ -433,13 +433,15 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
     device = modeling.model_device(policy)
     stop, banned = sample.stop_ids(tok), banned_ids(tok)
     temperature, top_p = (0.0, 1.0) if greedy else (cfg.temperature, cfg.top_p)
-    per_call = prompts_per_call(cfg, policy.cfg.llm_config, max((len(p.ids) for p in prompts), default=0), G, device)
-    chunks = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
-    n_mine, sharded = len(chunks), modeling.is_sharded(policy)
-    if sharded:                   # each forward gathers weights with the other ranks: as many calls everywhere
-        chunks += [[Prompt([min(stop)], None, None, "", "padding")]] * (int(all_reduce([n_mine], device, "max")[0]) - n_mine)
-    out = []
+    sharded, out = modeling.is_sharded(policy), []
     with modeling.generating_sharded(policy), torch.inference_mode(), modeling.autocast(device):
+        longest = max((len(p.ids) for p in prompts), default=0)
+        per_call = prompts_per_call(cfg, policy.cfg.llm_config, longest, G, device)   # sharded: the root gathered
+        chunks = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
+        n_mine = len(chunks)
+        if sharded:               # each forward gathers weights with the other ranks: as many calls everywhere
+            n_calls = int(all_reduce([n_mine], device, "max")[0])
+            chunks += [[Prompt([min(stop)], None, None, "", "padding")]] * (n_calls - n_mine)
         for c, chunk in enumerate(tqdm(chunks, desc="rollouts", disable=not progress, leave=False)):
             if call_seed is not None:
                 generator = torch.Generator(device).manual_seed(call_seed + c * 2 ** 20)
@@ -451,7 +453,9 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
                                                  0.0 if padding else temperature, top_p, stop, generator,
                                                  n_valid_tokens=tok.n_vocab, logprobs=lps, banned=banned, repeats=G,
                                                  compile=False if sharded else COMPILE[cfg.compile], in_step=sharded)
-            for k, (ids, lp) in enumerate(zip(ids_per_row, lps) if not padding else ()):
+            if padding:
+                continue
+            for k, (ids, lp) in enumerate(zip(ids_per_row, lps)):
                 done = bool(ids) and ids[-1] in stop
                 out.append(Rollout(chunk[k // G], ids, sample.decode_reply(tok, ids, stop), not done, lp))
     return out
@@ -548,9 +552,9 @@ class ModelJudge:
 # Every rank draws the same prompts and keeps its share (prompts r, r + N, ...), samples with its
 # own generator (seed + rank) and trains on its own rollouts; counts and statistics are summed
 # across ranks. Generation runs on a full, unsharded copy of the policy on every rank (refreshed
-# from the FSDP shards once per episode, tensor by tensor): a sharded model would all-gather every layer
-# at every decode step, and a rank whose rows finish early would stop calling the collectives the
-# others wait in.
+# from the FSDP shards once per episode, tensor by tensor), with no collective: the sharded model
+# all-gathers every layer at every decode step, and its ranks must keep their calls and decode loops
+# in step. Where the copy does not fit, it runs on the sharded model all the same (--generate_on).
 
 def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -959,7 +963,7 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     `ratio_max_dev` of the first update (0: the rollout policy itself) and `ratio_max_dev_later` of
     the others (> 0 once the policy moved)."""
     device = modeling.model_device(model)
-    sharded = hasattr(model, "set_requires_gradient_sync")                # FSDP2
+    sharded = modeling.is_sharded(model)
     if sharded:
         model.set_reshard_after_forward(lean)
     img_id = model.cfg.img_context_token_id
@@ -1301,9 +1305,6 @@ def rl_config(argv: list) -> tuple:
         raise train_stage.UsageError(f"--update_memory must be auto, full or lean, got {cfg.update_memory!r}")
     if cfg.generate_on not in ("auto", "copy", "model"):
         raise train_stage.UsageError(f"--generate_on must be auto, copy or model, got {cfg.generate_on!r}")
-    if cfg.generate_on == "model" and cfg.compile in ("true", "graphs"):
-        raise train_stage.UsageError(f"--compile={cfg.compile}: generation on the sharded model runs eagerly "
-                                     "(its units gather their weights in each forward); use --generate_on=copy")
     if cfg.compile not in COMPILE:
         raise train_stage.UsageError(f"--compile must be auto, true, false or graphs, got {cfg.compile!r}")
     if cfg.compile == "graphs" and not torch.cuda.is_available():
@@ -1463,9 +1464,14 @@ def generation_and_update_memory(cfg: RLConfig, model, log) -> tuple:
     """(whether rollouts run on the model itself, the generation policy, whether updates run lean):
     --generate_on and --update_memory resolved for this model and machine, and said in the log."""
     on_model, sharded = generates_on_model(cfg, model), modeling.is_sharded(model)
+    if on_model and sharded and cfg.compile in ("true", "graphs"):
+        raise train_stage.UsageError(f"--compile={cfg.compile}: generation on the sharded model (--generate_on="
+                                     f"{cfg.generate_on}) runs eagerly, its units gathering their weights in each "
+                                     "forward: give --generate_on=copy or --compile=auto")
     policy = generation_policy(model, on_model=on_model)
-    if on_model and sharded:
-        log("generation: on the sharded model (each unit gathered per decode step; eager)")
+    if on_model:
+        log("generation: on the " + ("sharded model (each unit gathered per decode step; eager)" if sharded else
+                                     "model itself (no copy)"))
     if lean := lean_updates(cfg, model, on_model) and (policy is not model or sharded):   # else nothing to free
         log("update memory: lean (" + ("" if policy is model else "the generation copy freed during updates, ")
             + "sharded units gathered per micro-batch)")

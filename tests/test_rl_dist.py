@@ -216,7 +216,7 @@ def test_two_process_stage_with_uneven_rows_finishes_and_resumes_after_kill(ckpt
     driver.write_text(DRIVER.format(root=ROOT))
     args = ["--stage", "rl-verifiable", f"--data_dir={synth}", "--episodes=4", "--group_size=4",
             "--prompts_per_episode=4", "--eval_prompts=4", "--eval_samples=2", "--save_every=2", "--lr=1e-3",
-            "--keep_checkpoints=5", "--direct_share=0.5"]             # rl-mixed's direct prompts on 2 ranks too
+            "--keep_checkpoints=5", "--direct_share=0.5", "--max_new_tokens=24"]   # rl-mixed's direct prompts too
     for d in ("a", "b"):
         os.makedirs(tmp_path / d)
         os.symlink(ckpt / "out" / "longcot", tmp_path / d / "longcot")

@@ -286,13 +286,16 @@ def test_under_autocast_rollouts_run_on_a_copy_with_the_llms_matrices_in_bf16(se
                    for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("lean", [False, True])
-def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatch, on_the_cpu, sharded_in_bf16, lean):
+@pytest.mark.parametrize("lean,on_model", [(False, False), (True, False), (True, True)])
+def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatch, on_the_cpu, sharded_in_bf16, lean,
+                                                               on_model):
     """Under torchrun on GPUs the policy is sharded with FSDP2's bf16 mixed precision (place_model on
     CUDA) and its unsharded replica generates (generation_policy); here the same on CPU in a process
     group of one, inside `torch.device("meta")` (no tensor made off the model's device): the first
     update's ratio is exactly 1 and the rollout log-probs are the training forward's up to bf16;
-    in both update memories (lean: units gathered and gradients reduced per micro-batch)."""
+    in both update memories (lean: units gathered and gradients reduced per micro-batch), and
+    generating on the sharded model itself (--generate_on=model), its first gathers made inside the
+    caller's inference mode (FSDP2 keeps their buffers: the update must still write them)."""
     root, _, m, tok, cfg, prompts = setup
     monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
     monkeypatch.setattr(rl, "micro_batches", on_the_cpu(rl.micro_batches))
@@ -305,8 +308,11 @@ def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatc
     opt = torch.optim.AdamW(params, lr=1e-3)
     opt.step = on_the_cpu(opt.step)           # torch.optim's own step counters (conftest.on_the_cpu)
     with torch.device("meta"):
-        rolls = on_the_cpu(scored)(rl.rollouts(rl.generation_policy(model), tok, prompts[:2], cfg,
-                                               torch.Generator().manual_seed(0)), [0.0, 1.0] * 4)
+        policy = rl.generation_policy(model, on_model=on_model)
+        assert (policy is model) == on_model
+        with torch.inference_mode():
+            rolls = on_the_cpu(scored)(rl.rollouts(policy, tok, prompts[:2], cfg, torch.Generator().manual_seed(0)),
+                                       [0.0, 1.0] * 4)
         st = rl.update_episode(model.train(), opt, params, rolls, replace(cfg, max_tokens=60), tok, rolls[0], lean=lean)
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["dlogp"] < 0.05 and seen == {torch.bfloat16}
 
@@ -376,6 +382,26 @@ def test_auto_generates_on_the_sharded_model_where_a_copy_would_crowd_the_gpu(mo
     assert on_model(big) and not on_model(big, device="cpu") and not on_model(big, "copy")
     gpu.total_memory = 80e9
     assert not on_model(m8) and on_model(m8, "model", "cpu")
+
+
+def test_generation_on_the_sharded_model_is_said_and_refuses_compile(setup, sharded_in_bf16):
+    """train_rl's choice of where to generate, as it resolves it: on the sharded model the log says
+    so and lean says nothing of a copy; --compile=true or graphs there is a usage error (its units
+    gather their weights in each forward: eager), also when auto chose it; on a copy it is not."""
+    root, _, m, tok, cfg, prompts = setup
+    cfg = replace(cfg, init_from=str(root / "out" / "longcot"), update_memory="lean")
+    model, _ = train_stage.place_model(cfg, m.cfg, 0, 1, torch.device("cpu"), lambda *a: None)
+    lines = []
+    on_model, policy, lean = rl.generation_and_update_memory(replace(cfg, generate_on="model"), model, lines.append)
+    assert on_model and policy is model and lean
+    assert lines == ["generation: on the sharded model (each unit gathered per decode step; eager)",
+                     "update memory: lean (sharded units gathered per micro-batch)"]
+    for compile in ("true", "graphs"):
+        with pytest.raises(train_stage.UsageError, match="runs eagerly"):
+            rl.generation_and_update_memory(replace(cfg, generate_on="model", compile=compile), model, print)
+    lines = []
+    on_model, policy, lean = rl.generation_and_update_memory(replace(cfg, compile="true"), model, lines.append)
+    assert not on_model and policy is not model and lean and lines[0].startswith("update memory: lean (the generation copy")
 
 
 @pytest.mark.parametrize("cast", [False, True])
@@ -1216,7 +1242,6 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-verifiable", "--update_memory=low"], "--update_memory must be auto, full or lean"),
                        (["--stage", "harvest", "--update_memory=lean"], "--update_memory does not apply to the harvest"),
                        (["--stage", "rl-verifiable", "--generate_on=shards"], "--generate_on must be auto, copy or model"),
-                       (["--stage", "rl-verifiable", "--generate_on=model", "--compile=true"], "runs eagerly"),
                        (["--stage", "harvest", "--generate_on=model"], "--generate_on does not apply to the harvest"),
                        (["--stage", "rl-verifiable", "--agg=token-sum"], "--agg must be token-mean"),
                        (["--stage", "rl-verifiable", "--clip_c=0.5"], "--clip_c, the dual-clip constant, must be > 1"),
