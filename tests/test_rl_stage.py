@@ -939,6 +939,23 @@ def test_rl_and_harvest_read_prompts_under_the_runs_image_root(setup, tmp_path, 
     assert seen == [dcfg]
 
 
+def test_the_harvests_model_holds_its_llms_matrices_in_bf16_where_autocast_computes_in_it(setup, monkeypatch):
+    """inference_model (harvest, `rl.py filter`) where the device computes in bf16 (CUDA; here the
+    CPU made to): the LLM's matrices held in bf16, the dtypes of RL's generation copy, and the same
+    rollouts as the fp32 model under autocast."""
+    root, _, m, tok, cfg, prompts = setup
+    run_cfg = replace(cfg, stage="harvest", init_from=str(root / "out" / "longcot"), max_new_tokens=16)
+    fp32, _, _ = rl.inference_model(run_cfg, torch.device("cpu"), lambda *a: None)
+    monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
+    held, _, _ = rl.inference_model(run_cfg, torch.device("cpu"), lambda *a: None)
+    dtypes = lambda model: {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}   # noqa: E731
+    assert dtypes(held) == dtypes(rl.generation_copy(fp32, torch.bfloat16, "meta")) != dtypes(fp32)
+    assert torch.bfloat16 in dtypes(held).values()
+    rollouts = lambda model: [r.completion for r in rl.rollouts(model, tok, prompts[:2], run_cfg,   # noqa: E731
+                                                                torch.Generator().manual_seed(0))]
+    assert rollouts(held) == rollouts(fp32)
+
+
 def test_model_judge_is_the_probability_of_yes(setup):
     """P(yes) / (P(yes) + P(no)) at the prompt's last position: equal to the full forward's, read from
     the last position's hidden state alone (never the prompt's (T, V) logits)."""
