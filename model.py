@@ -588,6 +588,15 @@ def hold_matrices_in(lm: Qwen3LM, dtype):
             m.to(dtype)
 
 
+def for_generation(model, device):
+    """`model` on `device` in eval mode, where the device computes in bf16 (CUDA: COMPUTE_DTYPE) its
+    LLM's matrices held in bf16 as RL's generation copy holds them, cast before they move (a 30b-a3b
+    model takes 64 GB of the GPU, not 122)."""
+    if (low := compute_dtype(device)) is not None:
+        hold_matrices_in(model.language_model, low)
+    return model.to(device).eval()
+
+
 def device_generator(generator, device):
     """The generator for draws on `device`: the given one when it lives there, else (a CPU
     generator handed to a CUDA model) a generator on `device` seeded by one draw from the given

@@ -1619,14 +1619,10 @@ def as_manifest_line(rec, reply: Optional[str], out_dir: str) -> dict:
 
 
 def inference_model(cfg, device, log):
-    """The stage's starting checkpoint, whole on every rank (inference only: no sharding); where the
-    device computes in bf16 (CUDA) its LLM's matrices held in bf16 as the RL copy holds them, cast
-    before they move (30b-a3b: 64 GB on the GPU, not 122)."""
+    """The stage's starting checkpoint, whole on every rank (inference only: no sharding), held for
+    generation (model.for_generation: on a GPU its LLM's matrices in bf16)."""
     require_sources(cfg)
-    model = train_stage.build_stage_model(cfg, modeling.preset_config(cfg.preset), log)
-    if (low := modeling.compute_dtype(device)) is not None:
-        modeling.hold_matrices_in(model.language_model, low)
-    model = model.to(device).eval()
+    model = modeling.for_generation(train_stage.build_stage_model(cfg, modeling.preset_config(cfg.preset), log), device)
     tok = data.load_tokenizer(train_stage.tokenizer_dir(cfg))
     return model, tok, prompt_data_config(cfg, model.cfg)
 

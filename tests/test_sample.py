@@ -259,13 +259,17 @@ def test_evaluation_and_answer_make_every_tensor_on_the_models_device(tiny, synt
 def test_where_the_device_computes_in_bf16_the_loaded_model_holds_the_llms_matrices_in_it(tiny, synth, tmp_path,
                                                                                           monkeypatch):
     """On CUDA (model.COMPUTE_DTYPE; here the CPU made to compute in bf16) sample.load holds the LLM's
-    matrices in bf16, the lm_head untied from the fp32 embedding, the ViT and the adapter fp32, and
+    matrices in bf16, cast before the model moves to the device, the lm_head untied from the fp32 embedding, the ViT and the adapter fp32, and
     the evaluation and `answer` run under bf16 autocast: the replies are the fp32 model's under
     autocast, greedy and sampled."""
     m, tok, dcfg = tiny
     m.save_pretrained(tmp_path / "ck")
     monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
+    moved, to = [], modeling.SAILVL.to                   # the dtype the matrices move in (a GPU holds that)
+    monkeypatch.setattr(modeling.SAILVL, "to", lambda self, *a, **k: moved.append(
+        self.language_model.lm_head.weight.dtype) or to(self, *a, **k))
     held, _, _ = sample.load(str(tmp_path / "ck"))
+    assert moved[-1] == torch.bfloat16                 # (from_pretrained casts to fp32 before)
     lm = held.language_model
     matrices = {f"language_model.{name}.weight" for name, mod in lm.named_modules() if isinstance(mod, torch.nn.Linear)}
     assert {n for n, p in held.named_parameters() if p.dtype == torch.bfloat16} == matrices
