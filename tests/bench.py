@@ -1012,8 +1012,8 @@ def episode_scaling(args):
 def rl_episode_worker(args):
     """(run by episode_scaling under torchrun) one episode of the tiny model on its share of the
     prompts; the rewards are random so that every group trains; prints the times as JSON (on a GPU
-    with rank 0's peak memory), in the update memory --update-memory names (rl.lean_updates), generating
-    where --generate-on says (rl.generates_on_model: a copy, or the sharded model itself)."""
+    with rank 0's peak memory), in the update memory --update-memory names, generating where
+    --generate-on says (a copy, or the sharded model itself), both resolved as rl.train_rl does."""
     rank, world, device = train_stage.setup_distributed()
     torch.manual_seed(0)
     sailvl, cfg, tok, prompts = rl_setup(args.preset, args.prompts, args.synth_dir)
@@ -1025,9 +1025,7 @@ def rl_episode_worker(args):
     if rank == 0:
         shutil.rmtree(d)
     cfg = dataclasses.replace(cfg, update_memory=args.update_memory, generate_on=args.generate_on)
-    on_model = rl.generates_on_model(cfg, model)
-    policy = rl.generation_policy(model, on_model=on_model)
-    lean = rl.lean_updates(cfg, model, on_model)
+    on_model, policy, lean = rl.generation_and_update_memory(cfg, model, lambda *a: None)   # as rl.train_rl
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     modeling.barrier()

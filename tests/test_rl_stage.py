@@ -317,16 +317,19 @@ def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatc
     assert st["updates"] == 4 and st["ratio_max_dev"] == 0.0 and 0 < st["dlogp"] < 0.05 and seen == {torch.bfloat16}
 
 
+def meta_model(preset):
+    """A preset's model on the meta device (no memory), its LLM trainable as RL trains it."""
+    with torch.device("meta"):
+        m = modeling.SAILVL(modeling.preset_config(preset))
+    modeling.freeze(m, ["language_model"])
+    return m
+
+
 def test_auto_update_memory_goes_lean_where_full_would_crowd_the_gpu(monkeypatch):
     """full_update_bytes by hand for the 8b preset as RL trains it (the LLM): the generation copy
     (the LLM's matrices in bf16, the rest fp32), the gathered model in bf16 and the LLM's fp32
     gradient; auto goes lean on an 80 GB GPU for 8b (about 20 + 18 + 33 GB), not for 2b; on a 24 GB
     one for 2b too; never on the CPU; an explicit value wins."""
-    def meta_model(preset):
-        with torch.device("meta"):
-            m = modeling.SAILVL(modeling.preset_config(preset))
-        modeling.freeze(m, ["language_model"])
-        return m
     m = meta_model("8b")
     lm = m.language_model
     matrices = sum(p.numel() for mod in lm.modules() if isinstance(mod, (torch.nn.Linear, moe.Experts))
@@ -357,11 +360,6 @@ def test_auto_generates_on_the_sharded_model_where_a_copy_would_crowd_the_gpu(mo
     30b-a3b on 8 H200s (a 64 GB copy beside 61 GB of shards, gradient and Adam per rank), on a copy
     for 8b on 8 H100s (21 + 17 GB); never on the CPU; an explicit value wins. Without a copy, full
     holds only the gathered model and the gradient beyond lean."""
-    def meta_model(preset):
-        with torch.device("meta"):
-            m = modeling.SAILVL(modeling.preset_config(preset))
-        modeling.freeze(m, ["language_model"])
-        return m
     big, m8 = meta_model("30b-a3b"), meta_model("8b")
     lm = big.language_model
     matrices = sum(p.numel() for mod in lm.modules() if isinstance(mod, (torch.nn.Linear, moe.Experts))
