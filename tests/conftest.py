@@ -27,7 +27,15 @@ import torch  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads for one test process; under pytest-xdist (`-n 2`, README's command) each worker gets its
+# share of the cores: tiny tensors gain little from a second thread, so two tests at a time go faster.
+# The processes a test launches (torchrun, the recipe's stages) inherit the share through OMP_NUM_THREADS:
+# more threads than cores, each spinning at its parallel regions' barriers, would run several times slower.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_threads = max(1, min(2, (os.cpu_count() or 1) // _workers))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+torch.set_num_threads(_threads)
 
 import pytest  # noqa: E402
 
@@ -85,3 +93,12 @@ def launch_contexts(monkeypatch):
         inside.pop()
     monkeypatch.setattr(kernels, "_device_context", recorded)
     return seen, inside
+
+
+# The longest tests (a minute or more on 2 cores) start first, so that under `-n 2` one worker runs
+# them while the other works through the rest, instead of their ending the suite alone.
+LONGEST_FIRST = ("test_golden_a_shortened_chain_learns_to_see", "test_an_interrupted_recipe_continues_to_the_same_report")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.name not in LONGEST_FIRST)        # stable: the rest keep their order
