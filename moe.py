@@ -7,7 +7,11 @@ Reads top-down in the order of §2.2:
      k weights (`norm_topk_prob`), weights cast back to the input dtype, E SwiGLU experts of width
      `moe_intermediate_size`, no shared experts. The experts run through
      `kernels.moe_grouped_mlp` (grouped GEMM, §5.2). Which decoder layers are sparse is HF's rule
-     (`model.LLMConfig.is_moe_layer`: `decoder_sparse_step`, `mlp_only_layers`).
+     (`model.LLMConfig.is_moe_layer`: `decoder_sparse_step`, `mlp_only_layers`). For generation the
+     experts can be spread over the ranks (`hold_rank_experts`, `SparseMoeBlock.expert_parallel`:
+     each rank holds E / world of them, each layer's tokens gathered from every rank), as MoE
+     models are served: RL's rollouts of a model whose full copy would not fit beside its training
+     state (rl.py --generate_on=experts).
   2. The load-balancing loss: "an auxiliary load-balancing loss [...] and average activation
      across ranks". Switch-style, equal to HF `load_balancing_loss_func` on one rank; across
      data-parallel ranks the expert-load statistics are all-reduced first and each rank returns its
@@ -22,7 +26,7 @@ Reads top-down in the order of §2.2:
 """
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -75,6 +79,7 @@ class SparseMoeBlock(nn.Module):
         self.cfg = cfg
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)   # HF key `mlp.gate.weight`
         self.experts = Experts(cfg)
+        self.expert_slice = None     # (lo, hi): this rank holds experts lo..hi-1 only (hold_rank_experts)
 
     def route(self, x2d):
         """x2d (N, H) -> router_logits (N, E), topk_weights (N, k) in x's dtype, topk_ids (N, k)."""
@@ -88,9 +93,51 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x):
         B, T, H = x.shape
         x2d = x.reshape(-1, H)
-        logits, w, ids = self.route(x2d)
-        y = self.experts(x2d, w, ids)
+        if self.expert_slice is not None:
+            y, logits = self.expert_parallel(x2d)
+        else:
+            logits, w, ids = self.route(x2d)
+            y = self.experts(x2d, w, ids)
         return y.reshape(B, T, H), logits
+
+    def expert_parallel(self, x2d):
+        """The block with the experts spread over the ranks (a collective: every rank calls it, each
+        with its own tokens, any number, none included). The ranks' tokens are gathered (padded to
+        the most any rank has), each rank routes all of them (the router is replicated) and runs the
+        pairs that chose its experts, and a sum over ranks gives every token its k experts' output.
+        x2d (N, H) -> (y (N, H), router_logits (N, E)) of this rank's tokens. (A host read: the
+        count of this rank's pairs.)"""
+        (lo, hi), rank, world = self.expert_slice, dist.get_rank(), dist.get_world_size()
+        n = torch.tensor(x2d.shape[0], device=x2d.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        padded = F.pad(x2d, (0, 0, 0, int(n) - x2d.shape[0]))                      # (n, H)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        x_all = torch.cat(parts)                                                     # (world * n, H)
+        logits, w, ids = self.route(x_all)
+        token, slot = ((ids >= lo) & (ids < hi)).nonzero(as_tuple=True)             # this rank's pairs
+        y_pairs = self.experts(x_all[token], w[token, slot, None], ids[token, slot, None] - lo)   # (P, H)
+        y = torch.zeros(x_all.shape, device=x2d.device).index_add_(0, token, y_pairs.float())   # summed in fp32
+        dist.all_reduce(y)                                                           # every token's k experts
+        mine = slice(rank * int(n), rank * int(n) + x2d.shape[0])
+        return y[mine].to(y_pairs.dtype), logits[mine]
+
+
+def hold_rank_experts(block: SparseMoeBlock, rank: int, world: int):
+    """`block` keeping only this rank's E / world experts (empty weights, for the caller to fill):
+    expert parallelism, as MoE models are served (each GPU holds a share of the experts; tokens
+    travel to them), for generation (rl.py --generate_on=experts)."""
+    E = block.cfg.num_experts
+    if world < 2 or E % world:
+        raise ValueError(f"expert parallelism: {E} experts do not split evenly over {world} ranks")
+    w = block.experts.gate_proj
+    with torch.device(w.device):
+        block.experts = Experts(replace(block.cfg, num_experts=E // world)).to(w.dtype)
+    block.expert_slice = (rank * E // world, (rank + 1) * E // world)
+
+
+def is_expert_parallel(model) -> bool:
+    return any(b.expert_slice is not None for b in moe_blocks(model))
 
 
 # ==============================================================================================

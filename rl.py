@@ -16,7 +16,7 @@ reasoning and a judge for answers that rules cannot check; the coefficients of t
   7. Mixed rewards       `ThinkJudge`, `think_consistency`, `reference_judge`, `mixed_reward`.
   8. Rollouts            G samples per prompt from the one policy function the training forward shares.
   9. Model judge         any checkpoint grades a reasoning by P(yes).
- 10. Data parallelism    each rank owns whole groups; generation on an unsharded copy, or the sharded model.
+ 10. Data parallelism    each rank owns whole groups; generation on an unsharded copy, one holding the rank's experts, or the sharded model.
  11. Dynamic sampling    groups whose `learning_signal` does not vary dropped, fresh prompts drawn.
  12. Updates             mini-batches x epochs of packed micro-batches, one global normaliser.
  13. Evaluation          greedy accuracy, pass@1, maj@k, pass@k on held-out prompts; paired before / after.
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 import data
 import model as modeling
+import moe
 import packing
 import sample
 import train_stage
@@ -426,20 +427,21 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
     group_advantages reads); sampled with cfg.temperature / cfg.top_p, or greedy. Every tensor on
     the policy's device; `generator` on that device too. `call_seed`: instead of `generator`, generate
     call c draws from a generator seeded call_seed + c * 2**20, so its draws do not depend on how many
-    steps the calls before it ran (each call stops when its rows are done). On the sharded model
-    itself (--generate_on=model) every rank makes as many calls as the rank with the most, eagerly,
-    the decode loops in step (see model.generating_sharded); the padding calls' rows are dropped."""
+    steps the calls before it ran (each call stops when its rows are done). Where every forward is a
+    collective (--generate_on=model on the sharded model, see model.generating_sharded; experts spread
+    over the ranks, --generate_on=experts) every rank makes as many calls as the rank with the most,
+    eagerly, the decode loops in step; the padding calls' rows are dropped."""
     G = group_size or cfg.group_size
     device = modeling.model_device(policy)
     stop, banned = sample.stop_ids(tok), banned_ids(tok)
     temperature, top_p = (0.0, 1.0) if greedy else (cfg.temperature, cfg.top_p)
-    sharded, out = modeling.is_sharded(policy), []
+    in_step, out = modeling.is_sharded(policy) or moe.is_expert_parallel(policy), []
     with modeling.generating_sharded(policy), torch.inference_mode(), modeling.autocast(device):
         longest = max((len(p.ids) for p in prompts), default=0)
         per_call = prompts_per_call(cfg, policy.cfg.llm_config, longest, G, device)   # sharded: the root gathered
         chunks = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
         n_mine = len(chunks)
-        if sharded:               # each forward gathers weights with the other ranks: as many calls everywhere
+        if in_step:               # each forward is a collective with the other ranks: as many calls everywhere
             n_calls = int(all_reduce([n_mine], device, "max")[0])
             chunks += [[Prompt([min(stop)], None, None, "", "padding")]] * (n_calls - n_mine)
         for c, chunk in enumerate(tqdm(chunks, desc="rollouts", disable=not progress, leave=False)):
@@ -452,7 +454,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
             ids_per_row = modeling.generate_from_embeds(policy.language_model, list(prefixes), cfg.max_new_tokens,
                                                  0.0 if padding else temperature, top_p, stop, generator,
                                                  n_valid_tokens=tok.n_vocab, logprobs=lps, banned=banned, repeats=G,
-                                                 compile=False if sharded else COMPILE[cfg.compile], in_step=sharded)
+                                                 compile=False if in_step else COMPILE[cfg.compile], in_step=in_step)
             if padding:
                 continue
             for k, (ids, lp) in enumerate(zip(ids_per_row, lps)):
@@ -554,7 +556,8 @@ class ModelJudge:
 # across ranks. Generation runs on a full, unsharded copy of the policy on every rank (refreshed
 # from the FSDP shards once per episode, tensor by tensor), with no collective: the sharded model
 # all-gathers every layer at every decode step, and its ranks must keep their calls and decode loops
-# in step. Where the copy does not fit, it runs on the sharded model all the same (--generate_on).
+# in step. Where the copy does not fit, it holds a share of the experts only, or generation runs on
+# the sharded model all the same (--generate_on).
 
 def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -582,16 +585,17 @@ def all_reduce(values, device, op: str = "sum") -> list:
     return t.tolist()
 
 
-def generation_policy(model, replica=None, on_model: bool = False):
-    """The module rollouts run on: the model itself on one process without autocast (the CPU) or
-    `on_model` (see generates_on_model); else a copy on this rank (`replica`, created on first use)
-    loaded with the current weights: under FSDP a full one, under autocast (CUDA) one whose LLM
-    matrices are held in autocast's dtype (see generation_copy). `replica` None after a lean update
-    (see lean_updates) makes a new one."""
+def generation_policy(model, replica=None, place: str = "copy"):
+    """The module rollouts run on (`place`, see generation_place): the model itself on one process
+    without autocast (the CPU) or at place "model"; else a copy on this rank (`replica`, created on
+    first use) loaded with the current weights: under FSDP a full one ("experts": all but the other
+    ranks' experts), under autocast (CUDA) one whose LLM matrices are held in autocast's dtype (see
+    generation_copy). `replica` None after a lean update (see lean_updates) makes a new one."""
     low = modeling.compute_dtype(modeling.model_device(model))
-    if on_model or (not dist.is_initialized() and low is None):
+    if place == "model" or (not dist.is_initialized() and low is None):
         return model.eval()
-    replica = replica if replica is not None and replica is not model else generation_copy(model, low)
+    expert_ranks = rank_and_world()[1] if place == "experts" else 1
+    replica = replica if replica is not None and replica is not model else generation_copy(model, low, None, expert_ranks)
     load_weights(replica, model)
     return replica.eval().requires_grad_(False)
 
@@ -607,8 +611,12 @@ def load_weights(replica, model):
         if modeling.is_sharded(m):
             m.reshard()
     dst = {**dict(replica.named_parameters(remove_duplicate=False)), **dict(replica.named_buffers())}
+    rank_experts = {f"{name}.experts": b.expert_slice for name, b in replica.named_modules()
+                    if isinstance(b, moe.SparseMoeBlock) and b.expert_slice is not None}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        dst.pop(name).copy_(t.full_tensor() if isinstance(t, DTensor) else t)
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        lo, hi = rank_experts.get(name.rsplit(".", 1)[0], (0, None))       # (E, ...): this rank's experts
+        dst.pop(name).copy_(full[lo:hi])
     if model.cfg.llm_config.tie_word_embeddings:        # the lm_head: the embedding itself, or a bf16 copy of it
         head, embed = dst.pop("language_model.lm_head.weight"), replica.language_model.model.embed_tokens.weight
         if head is not embed:
@@ -617,13 +625,16 @@ def load_weights(replica, model):
         raise RuntimeError(f"generation copy: the model has no weights for {sorted(dst)}")
 
 
-def generation_copy(model, low, device=None):
+def generation_copy(model, low, device=None, expert_ranks: int = 1):
     """An empty SAILVL like `model` on its device (or `device`: "meta" sizes it); given autocast's
     dtype `low`, its LLM's matrices held in it (model.hold_matrices_in: cast once per episode, not in
-    every decode step)."""
+    every decode step); `expert_ranks` > 1: each MoE layer holding this rank's share of its experts
+    (moe.hold_rank_experts; its forwards then a collective over those ranks)."""
     with torch.device("meta"):                  # cast before allocating: never a full fp32 copy at once
         replica = modeling.SAILVL(model.cfg)
         lm = replica.language_model
+        for block in moe.moe_blocks(replica) if expert_ranks > 1 else []:
+            moe.hold_rank_experts(block, rank_and_world()[0] % expert_ranks, expert_ranks)
         if low is not None:
             modeling.hold_matrices_in(lm, low)
     replica = replica.to_empty(device=device or modeling.model_device(model))    # in place: `lm` stays valid
@@ -634,16 +645,19 @@ def generation_copy(model, low, device=None):
 
 # Where rollouts run (--generate_on). "copy": on a full copy of the model on every rank (its LLM's
 # matrices in bf16 on a GPU), generated from without any collective, at the cost of that copy's memory
-# next to the shards and the optimizer's state. "model": on the sharded model itself, each FSDP unit
-# gathered per forward, every decode step (model.generating_sharded): no copy, but an all-gather of
-# the whole model per generated token, and eager. For a model whose copy does not fit beside its
-# training state (30b-a3b: a 64 GB copy beside 61 GB of shards, gradient and Adam per rank on 8 GPUs).
-GENERATE_SHARE = 0.6  # auto: on the model where the copy and the rank's training state pass this share of the GPU
+# next to the shards and the optimizer's state. For a model whose copy does not fit beside its
+# training state (30b-a3b: a 64 GB copy beside 61 GB of shards, gradient and Adam per rank on 8 GPUs):
+# "experts", an MoE model's copy with each rank holding E / world of every layer's experts (8 GPUs:
+# 13 GB for 30b-a3b), each MoE layer's tokens gathered from every rank and its output summed over
+# them (moe.SparseMoeBlock.expert_parallel), every decode step: two small collectives per MoE layer,
+# eager; "model", on the sharded model itself, each FSDP unit gathered per forward, every decode step
+# (model.generating_sharded): no copy, but an all-gather of the whole model per generated token, eager.
+GENERATE_SHARE = 0.6  # auto: past the copy where it and the rank's training state pass this share of the GPU
 
 
-def copy_bytes(model, low) -> int:
+def copy_bytes(model, low, expert_ranks: int = 1) -> int:
     """Bytes of a generation copy of `model` (see generation_copy) for autocast's dtype `low`."""
-    copy = generation_copy(model, low, "meta")
+    copy = generation_copy(model, low, "meta", expert_ranks)
     return sum(t.numel() * t.element_size() for t in [*copy.parameters(), *copy.buffers()])
 
 
@@ -653,17 +667,26 @@ def training_state_bytes(model, world: int) -> int:
     return sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters()) // world
 
 
-def generates_on_model(cfg, model) -> bool:
-    """Whether rollouts run on the (sharded) model itself rather than a copy (cfg.generate_on; see
-    above). auto: on a GPU where a copy and this rank's training state pass GENERATE_SHARE of its
-    memory; a copy elsewhere (the CPU)."""
+def experts_split(model, world: int) -> bool:
+    """Whether every MoE layer's experts split evenly over `world` > 1 ranks."""
+    blocks = moe.moe_blocks(model)
+    return world > 1 and bool(blocks) and all(b.cfg.num_experts % world == 0 for b in blocks)
+
+
+def generation_place(cfg, model) -> str:
+    """Where rollouts run: "copy", "experts" or "model" (cfg.generate_on; see above). auto: a copy,
+    unless on a GPU the copy and this rank's training state would pass GENERATE_SHARE of its memory;
+    then the experts spread over the ranks where they split evenly and that fits, else the model."""
     if cfg.generate_on != "auto":
-        return cfg.generate_on == "model"
-    device = modeling.model_device(model)
+        return cfg.generate_on
+    device, world = modeling.model_device(model), rank_and_world()[1]
     if device.type != "cuda":
-        return False
-    need = copy_bytes(model, modeling.compute_dtype(device)) + training_state_bytes(model, rank_and_world()[1])
-    return need > GENERATE_SHARE * torch.cuda.get_device_properties(device).total_memory
+        return "copy"
+    low, budget = modeling.compute_dtype(device), GENERATE_SHARE * torch.cuda.get_device_properties(device).total_memory
+    state = training_state_bytes(model, world)
+    if copy_bytes(model, low) + state <= budget:
+        return "copy"
+    return "experts" if experts_split(model, world) and copy_bytes(model, low, world) + state <= budget else "model"
 
 
 # The update's memory (--update_memory). "full" keeps the generation copy through the update and,
@@ -675,20 +698,21 @@ def generates_on_model(cfg, model) -> bool:
 LEAN_SHARE = 0.4     # auto: lean where what full holds beyond lean passes this share of the GPU's memory
 
 
-def full_update_bytes(model, low, sharded: bool, on_model: bool = False) -> int:
+def full_update_bytes(model, low, sharded: bool, place: str = "copy") -> int:
     """Bytes that update_memory=full holds through an update beyond lean: the generation copy (made
-    where one is made: several processes, or autocast's dtype `low`, and not `on_model`), and
+    where one is made: several processes, or autocast's dtype `low`, and not at place "model"), and
     `sharded` (FSDP) the whole model gathered (in `low`, FSDP's parameter dtype, else fp32) and the
     trainable weights' fp32 gradient, accumulated unreduced. (The 8b preset as RL trains it: 21 +
     18 + 33 GB.)"""
-    held = copy_bytes(model, low) if (sharded or low is not None) and not on_model else 0
+    expert_ranks = rank_and_world()[1] if place == "experts" else 1
+    held = copy_bytes(model, low, expert_ranks) if (sharded or low is not None) and place != "model" else 0
     if sharded:
         held += modeling.count_params(model) * (low.itemsize if low is not None else 4)
         held += sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
     return held
 
 
-def lean_updates(cfg, model, on_model: bool = False) -> bool:
+def lean_updates(cfg, model, place: str = "copy") -> bool:
     """Whether the episode's updates run lean (cfg.update_memory; see above). auto: on a GPU where
     full would hold more than LEAN_SHARE of its memory beyond lean; full elsewhere (the CPU)."""
     if cfg.update_memory != "auto":
@@ -696,7 +720,7 @@ def lean_updates(cfg, model, on_model: bool = False) -> bool:
     device = modeling.model_device(model)
     if device.type != "cuda":
         return False
-    held = full_update_bytes(model, modeling.compute_dtype(device), dist.is_initialized(), on_model)
+    held = full_update_bytes(model, modeling.compute_dtype(device), dist.is_initialized(), place)
     return held > LEAN_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
@@ -1237,7 +1261,7 @@ class RLConfig(train_stage.StageConfig):
     temperature: float = 1.0              # rollout sampling temperature (the policy the loss uses)
     top_p: float = 1.0                    # rollout nucleus sampling (the policy the loss uses)
     batch_rows: int = 128                 # rollout rows per generate call, at most (a GPU takes fewer if they do not fit)
-    generate_on: str = "auto"             # copy | model | auto: rollouts on a full copy of the model per rank, or on the sharded model itself, gathered per decode step (auto: the model on a GPU a copy would crowd)
+    generate_on: str = "auto"             # copy | experts | model | auto: rollouts on a full copy of the model per rank, on a copy holding the rank's share of each MoE layer's experts (tokens gathered per layer), or on the sharded model itself, gathered per decode step (auto: past the copy on a GPU it would crowd)
     update_memory: str = "auto"           # full | lean | auto: during updates the generation copy kept and FSDP units gathered once per update, or the copy freed and units gathered per micro-batch (auto: lean on a GPU full would crowd)
     compile: str = "auto"                 # the rollout engine under torch.compile: auto (on CUDA, not on CPU) | true | false | graphs (compiled, its decode step as CUDA graphs)
     max_sampling_rounds: int = 3          # dynamic sampling: rounds of fresh prompts before training on what is there
@@ -1303,8 +1327,8 @@ def rl_config(argv: list) -> tuple:
         raise train_stage.UsageError(f"--reward must be verifiable or mixed, got {cfg.reward!r}")
     if cfg.update_memory not in ("auto", "full", "lean"):
         raise train_stage.UsageError(f"--update_memory must be auto, full or lean, got {cfg.update_memory!r}")
-    if cfg.generate_on not in ("auto", "copy", "model"):
-        raise train_stage.UsageError(f"--generate_on must be auto, copy or model, got {cfg.generate_on!r}")
+    if cfg.generate_on not in ("auto", "copy", "experts", "model"):
+        raise train_stage.UsageError(f"--generate_on must be auto, copy, experts or model, got {cfg.generate_on!r}")
     if cfg.compile not in COMPILE:
         raise train_stage.UsageError(f"--compile must be auto, true, false or graphs, got {cfg.compile!r}")
     if cfg.compile == "graphs" and not torch.cuda.is_available():
@@ -1461,21 +1485,27 @@ def save_rl_checkpoint(cfg: RLConfig, episode: int, model, opt, gen, files: dict
 
 
 def generation_and_update_memory(cfg: RLConfig, model, log) -> tuple:
-    """(whether rollouts run on the model itself, the generation policy, whether updates run lean):
-    --generate_on and --update_memory resolved for this model and machine, and said in the log."""
-    on_model, sharded = generates_on_model(cfg, model), modeling.is_sharded(model)
-    if on_model and sharded and cfg.compile in ("true", "graphs"):
-        raise train_stage.UsageError(f"--compile={cfg.compile}: generation on the sharded model (--generate_on="
-                                     f"{cfg.generate_on}) runs eagerly, its units gathering their weights in each "
-                                     "forward: give --generate_on=copy or --compile=auto")
-    policy = generation_policy(model, on_model=on_model)
-    if on_model:
+    """(where rollouts run, the generation policy, whether updates run lean): --generate_on and
+    --update_memory resolved for this model and machine, and said in the log."""
+    place, sharded, world = generation_place(cfg, model), modeling.is_sharded(model), rank_and_world()[1]
+    if place == "experts" and not experts_split(model, world):
+        raise train_stage.UsageError(f"--generate_on=experts: needs several processes and an MoE model whose experts "
+                                     f"split evenly over them ({world} processes, preset {cfg.preset})")
+    in_step = place == "experts" or place == "model" and sharded
+    if in_step and cfg.compile in ("true", "graphs"):
+        raise train_stage.UsageError(f"--compile={cfg.compile}: generation on the experts spread over the ranks or on "
+                                     f"the sharded model (--generate_on={cfg.generate_on}) runs eagerly, its forwards "
+                                     "collectives: give --generate_on=copy or --compile=auto")
+    policy = generation_policy(model, place=place)
+    if place == "model":
         log("generation: on the " + ("sharded model (each unit gathered per decode step; eager)" if sharded else
                                      "model itself (no copy)"))
-    if lean := lean_updates(cfg, model, on_model) and (policy is not model or sharded):   # else nothing to free
+    if place == "experts":
+        log(f"generation: on a copy holding 1/{world} of each MoE layer's experts (tokens gathered per layer; eager)")
+    if lean := lean_updates(cfg, model, place) and (policy is not model or sharded):   # else nothing to free
         log("update memory: lean (" + ("" if policy is model else "the generation copy freed during updates, ")
             + "sharded units gathered per micro-batch)")
-    return on_model, policy, lean
+    return place, policy, lean
 
 
 def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
@@ -1501,11 +1531,11 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     eval_set = read_prompts(cfg, tok, dcfg, "eval", cfg.eval_prompts)
     mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None
-    on_model, policy, lean = generation_and_update_memory(cfg, model, log)
+    place, policy, lean = generation_and_update_memory(cfg, model, log)
     meta = resume_rl(resume, cfg, model, opt, gen, rank, world, log) if resume else {}
     episode = meta.get("episode", 0)
     if resume:
-        policy = generation_policy(model, policy, on_model)
+        policy = generation_policy(model, policy, place)
         positions, filter_counts = meta["pool"]["positions"], meta["filter"]
         mixture.bad.load_state_dict(meta["pool"]["bad"])
     else:
@@ -1543,7 +1573,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         model.train()
         up = update_episode(model, opt, params, kept, episode_cfg, tok, filler, set_lr, lean) if st["kept"] \
             else {"updates": 0}
-        policy = generation_policy(model, policy, on_model)
+        policy = generation_policy(model, policy, place)
         episode += 1
         rec = {"episode": episode, "lr": opt.param_groups[0]["lr"], "clip_high": clip_high_at(cfg, episode - 1),
                **st, **up, "gen_seconds": t_gen, "seconds": time.time() - t0}

@@ -1025,7 +1025,7 @@ def rl_episode_worker(args):
     if rank == 0:
         shutil.rmtree(d)
     cfg = dataclasses.replace(cfg, update_memory=args.update_memory, generate_on=args.generate_on)
-    on_model, policy, lean = rl.generation_and_update_memory(cfg, model, lambda *a: None)   # as rl.train_rl
+    place, policy, lean = rl.generation_and_update_memory(cfg, model, lambda *a: None)   # as rl.train_rl
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     modeling.barrier()
@@ -1041,12 +1041,12 @@ def rl_episode_worker(args):
         policy = None                                                    # as rl.train_rl: lean frees the copy
     rl.update_episode(model.train(), opt, params, rolls, cfg, tok, rl.Rollout(prompts[0], [0], "", False, [0.0]),
                       lean=lean)
-    rl.generation_policy(model, policy, on_model)
+    rl.generation_policy(model, policy, place)
     modeling.barrier()
     total = time.perf_counter() - t0
     peak = {"peak_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)} if device.type == "cuda" else {}
     if rank == 0:
-        print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2), "lean": lean, "on_model": on_model,
+        print(json.dumps({"generation": round(t_gen, 2), "total": round(total, 2), "lean": lean, "generate_on": place,
                           **peak}))
     train_stage.shutdown_distributed()
 
@@ -1304,9 +1304,9 @@ def add_model_benches(sub):
     p.add_argument("--update-memory", default="auto", choices=("auto", "full", "lean"),
                    help="rl.py's --update_memory: the generation copy kept and FSDP units gathered once per update, "
                         "or not")
-    p.add_argument("--generate-on", default="auto", choices=("auto", "copy", "model"),
-                   help="rl.py's --generate_on: rollouts on a full copy of the model per rank, or on the sharded model "
-                        "itself")
+    p.add_argument("--generate-on", default="auto", choices=("auto", "copy", "experts", "model"),
+                   help="rl.py's --generate_on: rollouts on a full copy of the model per rank, on a copy holding the "
+                        "rank's share of the experts (MoE presets), or on the sharded model itself")
     p.set_defaults(func=rl_episode_worker)
 
 

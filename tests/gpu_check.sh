@@ -14,7 +14,8 @@
 #      update (--update_memory=lean), and with no copy (--generate_on=model; the figure shows each
 #      one's peak GPU memory). With 2 or more GPUs also under torchrun on 2 processes (each rank its
 #      share of the groups; the episode in both update memories: lean gathers FSDP units per
-#      micro-batch; and generating on the sharded model, its units gathered per decode step)
+#      micro-batch; generating on the sharded model, its units gathered per decode step; and, for
+#      tiny-moe, on copies holding each rank's half of the experts, tokens gathered per MoE layer)
 #   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
@@ -127,6 +128,9 @@ if [ "$NGPU" -ge 2 ]; then
     # generation on the sharded model: each unit gathered per decode step, the ranks in step
     step rl-episode-2-model 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py \
         rl-episode --prompts 8 --group 4 --synth-dir "$WORK/synth" --update-memory lean --generate-on model
+    # an MoE model's experts spread over the ranks' generation copies (NCCL all-gather and all-reduce per layer)
+    step rl-episode-2-experts 90 "generation" "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench.py \
+        rl-episode --preset tiny-moe --prompts 8 --group 4 --synth-dir "$WORK/synth" --generate-on experts
 fi
 step eval-cuda 90 "accuracy|ocr" "$PY" sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
     --device "$DEV" --out "$WORK/eval.json"

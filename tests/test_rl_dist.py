@@ -7,6 +7,8 @@
 - Rollouts on the sharded model itself (--generate_on=model) equal those on the full copy, with ranks
   holding different numbers of prompts and rows of very different lengths (the ranks leave each
   decode loop together), one LLM unit gathered at a time.
+- Rollouts on a copy holding each rank's half of the experts (--generate_on=experts, tiny-moe)
+  equal those on the full copy, likewise.
 - A 2-process rl-verifiable run whose ranks generate rows of very different lengths finishes
   (by default on an unsharded copy: no collective per decode step), and after `kill -9`
   `--resume` ends with the same weights as the uninterrupted run; with --update_memory=lean its
@@ -27,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 import data
 import model as modeling
+import moe
 import rl
 import train_stage
 
@@ -38,6 +41,14 @@ def ckpt(tmp_path_factory, synth):
     root = tmp_path_factory.mktemp("rldist")
     modeling.save_checkpoint(str(root / "out" / "longcot"), modeling.build_model("tiny", seed=0), {"stage": "longcot"},
                              0, 1, extra_files=train_stage.tokenizer_files(str(synth)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory, synth):
+    root = tmp_path_factory.mktemp("rldist_moe")
+    modeling.save_checkpoint(str(root / "out" / "longcot"), modeling.build_model("tiny-moe", seed=0),
+                             {"stage": "longcot"}, 0, 1, extra_files=train_stage.tokenizer_files(str(synth)))
     return root
 
 
@@ -173,6 +184,53 @@ def test_generation_on_the_sharded_model_gives_the_copys_rollouts_one_unit_at_a_
     assert max(lengths[:8]) == 1 and max(lengths[8:]) == 24                  # rank 0 stops at once, rank 1 runs on
 
 
+
+def _experts_worker(rank, world, init_file, out_dir, root, synth):
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))               # a hang fails, not waits
+    torch.set_num_threads(1)
+    cfg = rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), group_size=2, batch_rows=2, max_new_tokens=24)
+    model, _ = train_stage.place_model(cfg, modeling.preset_config("tiny-moe"), rank, world, torch.device("cpu"),
+                                       lambda *a: None)
+    tok = data.load_tokenizer(str(synth))
+    prompts = rl.read_prompts(cfg, tok, data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=2048),
+                              "train", 5)
+    if rank == 0:                                # rank 0's rows stop at once, rank 1's run all 24 tokens
+        everything = set(range(tok.n_vocab)) - set(rl.banned_ids(tok))
+        rl.sample.stop_ids = lambda tok: everything
+    out = {"uneven": {}, "none": {}}
+    for place in ("copy", "experts"):
+        policy = rl.generation_policy(model, place=place)
+        gen = torch.Generator().manual_seed(rank)
+        for name, mine in (("none", prompts[:2] if rank == 0 else []),                # 2 calls / none
+                           ("uneven", prompts[:4] if rank == 0 else prompts[4:])):    # 4 calls / 1 call
+            rolls = rl.rollouts(policy, tok, mine, cfg, gen)
+            out[name][place] = [(r.completion, r.rollout_logp) for r in rolls]
+    out["held"] = [(b.expert_slice, tuple(b.experts.gate_proj.shape)) for b in moe.moe_blocks(policy)]
+    torch.save(out, os.path.join(out_dir, f"experts{rank}.pt"))
+    train_stage.shutdown_distributed()
+    train_stage.exit_process()
+
+
+def test_generation_on_experts_spread_over_the_ranks_gives_the_copys_rollouts(moe_ckpt, synth, tmp_path):
+    """--generate_on=experts: each rank's copy holds half of every MoE layer's 8 experts, and its
+    rollouts equal the full copy's, token for token and log-probs within 1e-5, with ranks holding
+    different numbers of prompts (4 calls against 1, 2 against none) and rows of very different
+    lengths (every MoE layer is a collective: the ranks step together, no hang)."""
+    mp.spawn(_experts_worker, args=(2, str(tmp_path / "init"), str(tmp_path), moe_ckpt, synth), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"experts{r}.pt", weights_only=True) for r in range(2)]
+    for rank, out in enumerate(ranks):
+        for name, n_rows in (("uneven", (8, 2)[rank]), ("none", (4, 0)[rank])):
+            copy, experts = out[name]["copy"], out[name]["experts"]
+            assert len(copy) == n_rows and [c for c, _ in experts] == [c for c, _ in copy], (rank, name)
+            for (_, a), (_, b) in zip(experts, copy):                 # the experts' products: other batch sizes
+                assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0), (rank, name)
+        assert out["held"] == [((4 * rank, 4 * rank + 4), (4, 96, 128))] * 4            # 4 of the 8 experts
+    lengths = [len(c) for out in ranks for c, _ in out["uneven"]["experts"]]
+    assert max(lengths[:8]) == 1 and max(lengths[8:]) == 24                  # rank 0 stops at once, rank 1 runs on
+
 # the stage through torchrun: a stub reward the random model can earn, and rank 0's rows stop at
 # their first token (every token stops them) while rank 1's run up to 24
 DRIVER = """
@@ -268,3 +326,28 @@ def test_lean_two_process_stages_free_the_copy_or_generate_on_the_sharded_model(
     start = load_file(str(ckpt / "out" / "longcot" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], start[k]) for k in start)
+
+
+def test_a_two_process_moe_stage_generating_on_the_ranks_experts_ends_with_the_copys_weights(moe_ckpt, synth, tmp_path):
+    """rl-verifiable on tiny-moe under torchrun with --generate_on=experts (each rank's copy holds half
+    of every layer's experts) says so, and ends with the weights of the run on full copies (the same
+    rollouts; their log-probs within float rounding), with rows of very different lengths on the two
+    ranks and the final evaluation on the rebuilt copy."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT))
+    args = ["--stage", "rl-verifiable", f"--data_dir={synth}", "--episodes=1", "--group_size=4", "--lr=1e-3",
+            "--prompts_per_episode=4", "--eval_prompts=4", "--eval_samples=2", "--update_memory=lean",
+            "--max_new_tokens=24"]
+    outs = {}
+    for where in ("copy", "experts"):
+        os.makedirs(tmp_path / where)
+        os.symlink(moe_ckpt / "out" / "longcot", tmp_path / where / "longcot")
+        run = torchrun(driver, [*args, f"--generate_on={where}"], tmp_path / where)
+        outs[where], _ = run.communicate(timeout=600)
+        assert run.returncode == 0 and "update 0001/0001" in outs[where], outs[where][-3000:]
+    assert "generation: on a copy holding 1/2 of each MoE layer's experts" in outs["experts"]
+    assert "generation: on" not in outs["copy"]
+    wa, wb = (load_file(str(tmp_path / d / "rl-verifiable" / "model.safetensors")) for d in ("copy", "experts"))
+    start = load_file(str(moe_ckpt / "out" / "longcot" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+    assert any(not torch.allclose(wa[k], start[k], rtol=1e-4, atol=1e-5) for k in start)      # it trained

@@ -286,9 +286,9 @@ def test_under_autocast_rollouts_run_on_a_copy_with_the_llms_matrices_in_bf16(se
                    for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("lean,on_model", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("lean,place", [(False, "copy"), (True, "copy"), (True, "model")])
 def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatch, on_the_cpu, sharded_in_bf16, lean,
-                                                               on_model):
+                                                               place):
     """Under torchrun on GPUs the policy is sharded with FSDP2's bf16 mixed precision (place_model on
     CUDA) and its unsharded replica generates (generation_policy); here the same on CPU in a process
     group of one, inside `torch.device("meta")` (no tensor made off the model's device): the first
@@ -308,8 +308,8 @@ def test_sharded_updates_run_under_fsdp2s_bf16_mixed_precision(setup, monkeypatc
     opt = torch.optim.AdamW(params, lr=1e-3)
     opt.step = on_the_cpu(opt.step)           # torch.optim's own step counters (conftest.on_the_cpu)
     with torch.device("meta"):
-        policy = rl.generation_policy(model, on_model=on_model)
-        assert (policy is model) == on_model
+        policy = rl.generation_policy(model, place=place)
+        assert (policy is model) == (place == "model")
         with torch.inference_mode():
             rolls = on_the_cpu(scored)(rl.rollouts(policy, tok, prompts[:2], cfg, torch.Generator().manual_seed(0)),
                                        [0.0, 1.0] * 4)
@@ -355,31 +355,41 @@ def test_auto_update_memory_goes_lean_where_full_would_crowd_the_gpu(monkeypatch
     assert not lean(m, "full") and lean(meta_model("2b"), "lean", "cpu")
 
 
-def test_auto_generates_on_the_sharded_model_where_a_copy_would_crowd_the_gpu(monkeypatch):
-    """copy_bytes and training_state_bytes by hand; auto generates on the model itself (no copy) for
-    30b-a3b on 8 H200s (a 64 GB copy beside 61 GB of shards, gradient and Adam per rank), on a copy
-    for 8b on 8 H100s (21 + 17 GB); never on the CPU; an explicit value wins. Without a copy, full
-    holds only the gathered model and the gradient beyond lean."""
+def test_auto_generates_past_the_copy_where_it_would_crowd_the_gpu(monkeypatch):
+    """copy_bytes and training_state_bytes by hand; where a copy would crowd the GPU auto generates on
+    a copy holding the rank's share of the experts, for 30b-a3b on 8 H200s (14 GB, against a 64 GB
+    full copy, beside 61 GB of shards, gradient and Adam per rank), or on the model itself where the
+    experts do not split evenly (6 ranks) or that does not fit either (8 H100s); on a copy for 8b on
+    8 H100s (21 + 17 GB); never past the copy on the CPU; an explicit value wins. Without a copy,
+    full holds only the gathered model and the gradient beyond lean; with the experts' share, that
+    share."""
     big, m8 = meta_model("30b-a3b"), meta_model("8b")
     lm = big.language_model
     matrices = sum(p.numel() for mod in lm.modules() if isinstance(mod, (torch.nn.Linear, moe.Experts))
                    for p in mod.parameters(recurse=False))
+    experts = sum(p.numel() for mod in lm.modules() if isinstance(mod, moe.Experts) for p in mod.parameters())
     n, n_llm = modeling.count_params(big), modeling.count_params(lm)
     assert rl.copy_bytes(big, torch.bfloat16) == 2 * matrices + 4 * (n - matrices)
+    assert rl.copy_bytes(big, torch.bfloat16, 8) == 2 * (matrices - experts * 7 // 8) + 4 * (n - matrices)
     assert rl.training_state_bytes(big, 8) == (4 * n + 12 * n_llm) // 8
-    assert [round(b / 1e9) for b in (rl.copy_bytes(big, torch.bfloat16), rl.training_state_bytes(big, 8))] == [64, 61]
-    assert rl.full_update_bytes(big, torch.bfloat16, True, on_model=True) == 2 * n + 4 * n_llm
+    assert [round(b / 1e9) for b in (rl.copy_bytes(big, torch.bfloat16), rl.copy_bytes(big, torch.bfloat16, 8),
+                                     rl.training_state_bytes(big, 8))] == [64, 14, 61]
+    assert rl.full_update_bytes(big, torch.bfloat16, True, "model") == 2 * n + 4 * n_llm
 
-    gpu = SimpleNamespace(total_memory=141e9)
+    gpu, world = SimpleNamespace(total_memory=141e9), [8]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
-    monkeypatch.setattr(rl, "rank_and_world", lambda: (0, 8))
+    monkeypatch.setattr(rl, "rank_and_world", lambda: (0, world[0]))
+    assert rl.full_update_bytes(big, torch.bfloat16, True, "experts") == rl.copy_bytes(big, torch.bfloat16, 8) \
+        + 2 * n + 4 * n_llm
 
-    def on_model(model, mode="auto", device="cuda"):                  # the model as if on `device`
+    def place(model, mode="auto", device="cuda"):                    # the model as if on `device`
         monkeypatch.setattr(modeling, "model_device", lambda _: torch.device(device))
-        return rl.generates_on_model(SimpleNamespace(generate_on=mode), model)
-    assert on_model(big) and not on_model(big, device="cpu") and not on_model(big, "copy")
-    gpu.total_memory = 80e9
-    assert not on_model(m8) and on_model(m8, "model", "cpu")
+        return rl.generation_place(SimpleNamespace(generate_on=mode), model)
+    assert place(big) == "experts" and place(big, device="cpu") == "copy" and place(big, "copy") == "copy"
+    world[0] = 6                                                        # 128 experts do not split over 6
+    assert place(big) == "model"
+    world[0], gpu.total_memory = 8, 80e9
+    assert place(big) == "model" and place(m8) == "copy" and place(m8, "model", "cpu") == "model"
 
 
 def test_generation_on_the_sharded_model_is_said_and_refuses_compile(setup, sharded_in_bf16):
@@ -390,16 +400,18 @@ def test_generation_on_the_sharded_model_is_said_and_refuses_compile(setup, shar
     cfg = replace(cfg, init_from=str(root / "out" / "longcot"), update_memory="lean")
     model, _ = train_stage.place_model(cfg, m.cfg, 0, 1, torch.device("cpu"), lambda *a: None)
     lines = []
-    on_model, policy, lean = rl.generation_and_update_memory(replace(cfg, generate_on="model"), model, lines.append)
-    assert on_model and policy is model and lean
+    place, policy, lean = rl.generation_and_update_memory(replace(cfg, generate_on="model"), model, lines.append)
+    assert place == "model" and policy is model and lean
     assert lines == ["generation: on the sharded model (each unit gathered per decode step; eager)",
                      "update memory: lean (sharded units gathered per micro-batch)"]
     for compile in ("true", "graphs"):
         with pytest.raises(train_stage.UsageError, match="runs eagerly"):
             rl.generation_and_update_memory(replace(cfg, generate_on="model", compile=compile), model, print)
     lines = []
-    on_model, policy, lean = rl.generation_and_update_memory(replace(cfg, compile="true"), model, lines.append)
-    assert not on_model and policy is not model and lean and lines[0].startswith("update memory: lean (the generation copy")
+    place, policy, lean = rl.generation_and_update_memory(replace(cfg, compile="true"), model, lines.append)
+    assert place == "copy" and policy is not model and lean and lines[0].startswith("update memory: lean (the generation copy")
+    with pytest.raises(train_stage.UsageError, match="split evenly over them"):     # one process, a dense model
+        rl.generation_and_update_memory(replace(cfg, generate_on="experts"), model, print)
 
 
 @pytest.mark.parametrize("cast", [False, True])
@@ -1256,7 +1268,7 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-verifiable", "--compile=maybe"], "--compile must be auto, true, false or graphs"),
                        (["--stage", "rl-verifiable", "--update_memory=low"], "--update_memory must be auto, full or lean"),
                        (["--stage", "harvest", "--update_memory=lean"], "--update_memory does not apply to the harvest"),
-                       (["--stage", "rl-verifiable", "--generate_on=shards"], "--generate_on must be auto, copy or model"),
+                       (["--stage", "rl-verifiable", "--generate_on=shards"], "--generate_on must be auto, copy, experts or model"),
                        (["--stage", "harvest", "--generate_on=model"], "--generate_on does not apply to the harvest"),
                        (["--stage", "rl-verifiable", "--agg=token-sum"], "--agg must be token-mean"),
                        (["--stage", "rl-verifiable", "--clip_c=0.5"], "--clip_c, the dual-clip constant, must be > 1"),
