@@ -615,8 +615,8 @@ def load_weights(replica, model):
                     if isinstance(b, moe.SparseMoeBlock) and b.expert_slice is not None}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         full = t.full_tensor() if isinstance(t, DTensor) else t
-        lo, hi = rank_experts.get(name.rsplit(".", 1)[0], (0, None))       # (E, ...): this rank's experts
-        dst.pop(name).copy_(full[lo:hi])
+        part = rank_experts.get(name.rsplit(".", 1)[0])                   # (E, ...): this rank's experts
+        dst.pop(name).copy_(full if part is None else full[part[0]:part[1]])
     if model.cfg.llm_config.tie_word_embeddings:        # the lm_head: the embedding itself, or a bf16 copy of it
         head, embed = dst.pop("language_model.lm_head.weight"), replica.language_model.model.embed_tokens.weight
         if head is not embed:

@@ -191,7 +191,7 @@ def _experts_worker(rank, world, init_file, out_dir, root, synth):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))               # a hang fails, not waits
     torch.set_num_threads(1)
-    cfg = rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), group_size=2, batch_rows=2, max_new_tokens=24)
+    cfg = rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), group_size=2, batch_rows=4, max_new_tokens=24)
     model, _ = train_stage.place_model(cfg, modeling.preset_config("tiny-moe"), rank, world, torch.device("cpu"),
                                        lambda *a: None)
     tok = data.load_tokenizer(str(synth))
@@ -204,9 +204,9 @@ def _experts_worker(rank, world, init_file, out_dir, root, synth):
     for place in ("copy", "experts"):
         policy = rl.generation_policy(model, place=place)
         gen = torch.Generator().manual_seed(rank)
-        for name, mine in (("none", prompts[:2] if rank == 0 else []),                # 2 calls / none
-                           ("uneven", prompts[:4] if rank == 0 else prompts[4:])):    # 4 calls / 1 call
-            rolls = rl.rollouts(policy, tok, mine, cfg, gen)
+        for name, mine in (("none", prompts[:2] if rank == 0 else []),                # 1 call / none
+                           ("uneven", prompts[:4] if rank == 0 else prompts[4:])):    # 2 calls / 1 call
+            rolls = rl.rollouts(policy, tok, mine, cfg, gen)                  # calls of 2 prompts (4 rows)
             out[name][place] = [(r.completion, r.rollout_logp) for r in rolls]
     out["held"] = [(b.expert_slice, tuple(b.experts.gate_proj.shape)) for b in moe.moe_blocks(policy)]
     torch.save(out, os.path.join(out_dir, f"experts{rank}.pt"))
@@ -217,7 +217,7 @@ def _experts_worker(rank, world, init_file, out_dir, root, synth):
 def test_generation_on_experts_spread_over_the_ranks_gives_the_copys_rollouts(moe_ckpt, synth, tmp_path):
     """--generate_on=experts: each rank's copy holds half of every MoE layer's 8 experts, and its
     rollouts equal the full copy's, token for token and log-probs within 1e-5, with ranks holding
-    different numbers of prompts (4 calls against 1, 2 against none) and rows of very different
+    different numbers of prompts (2 calls of 2 prompts against 1 of 1, one of 2 against none) and rows of very different
     lengths (every MoE layer is a collective: the ranks step together, no hang)."""
     mp.spawn(_experts_worker, args=(2, str(tmp_path / "init"), str(tmp_path), moe_ckpt, synth), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"experts{r}.pt", weights_only=True) for r in range(2)]
