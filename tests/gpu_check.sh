@@ -68,7 +68,7 @@ FAILED=0
 BUDGET="${BUDGET:-0}"                                   # 0: no limit on the whole run
 # row NAME STATUS SECONDS FIGURE: one summary row, printed now and kept for the table
 row() {
-    ROWS+=("$(printf '%-18s %-9s %5ss  %s' "$1" "$2" "$3" "$4")")
+    ROWS+=("$(printf '%-20s %-9s %5ss  %s' "$1" "$2" "$3" "$4")")
     echo "${ROWS[-1]}"
 }
 # step NAME LIMIT_S FIGURE_REGEX COMMAND...: run with a time limit, keep the log, one summary row
@@ -168,6 +168,6 @@ step bench-ckpt 150 "ours |dcp " "$PY" tests/bench.py checkpoint --device="$DEV"
 
 echo
 echo "GPU check on $("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU (rehearsal)", "| torch", torch.__version__)') | triton $("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null)"
-printf '%-18s %-9s %6s  %s\n' step status time "figure (last matching log line; full logs in $LOG_DIR)"
+printf '%-20s %-9s %6s  %s\n' step status time "figure (last matching log line; full logs in $LOG_DIR)"
 for r in "${ROWS[@]}"; do echo "$r"; done
 exit $FAILED
