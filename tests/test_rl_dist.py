@@ -130,20 +130,29 @@ def test_two_ranks_give_the_update_of_one(ckpt, synth, tmp_path):
     assert (False, False) in full                                        # held between micro-batches
 
 
-def _generation_worker(rank, world, init_file, out_dir, root, synth):
+def uneven_generation(rank, world, init_file, root, synth, preset: str, batch_rows: int):
+    """(cfg, sharded model, tokenizer, 5 prompts) in a gloo group of `world`, where rank 0's rows stop
+    at their first token and rank 1's run all 24 (a hang fails after 60 s)."""
     import datetime
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))               # a hang fails, not waits
+                            timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
-    cfg = rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), group_size=2, batch_rows=2, max_new_tokens=24)
-    model, _ = train_stage.place_model(cfg, modeling.preset_config("tiny"), rank, world, torch.device("cpu"), lambda *a: None)
+    cfg = rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), group_size=2, batch_rows=batch_rows,
+                      max_new_tokens=24)
+    model, _ = train_stage.place_model(cfg, modeling.preset_config(preset), rank, world, torch.device("cpu"),
+                                       lambda *a: None)
     tok = data.load_tokenizer(str(synth))
     prompts = rl.read_prompts(cfg, tok, data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=2048),
                               "train", 5)
-    if rank == 0:                                # rank 0's rows stop at once, rank 1's run all 24 tokens
+    if rank == 0:
         everything = set(range(tok.n_vocab)) - set(rl.banned_ids(tok))
         rl.sample.stop_ids = lambda tok: everything
+    return cfg, model, tok, prompts
+
+
+def _generation_worker(rank, world, init_file, out_dir, root, synth):
+    cfg, model, tok, prompts = uneven_generation(rank, world, init_file, root, synth, "tiny", batch_rows=2)
     layers = model.language_model.model.layers
     gathered = []                                # per LLM layer forward: how many LLM units hold full weights
     for layer in layers:
@@ -186,20 +195,7 @@ def test_generation_on_the_sharded_model_gives_the_copys_rollouts_one_unit_at_a_
 
 
 def _experts_worker(rank, world, init_file, out_dir, root, synth):
-    import datetime
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))               # a hang fails, not waits
-    torch.set_num_threads(1)
-    cfg = rl.RLConfig(out_dir=str(root / "out"), data_dir=str(synth), group_size=2, batch_rows=4, max_new_tokens=24)
-    model, _ = train_stage.place_model(cfg, modeling.preset_config("tiny-moe"), rank, world, torch.device("cpu"),
-                                       lambda *a: None)
-    tok = data.load_tokenizer(str(synth))
-    prompts = rl.read_prompts(cfg, tok, data.DataConfig.from_model(model.cfg, label_mode="rl", think="on", max_len=2048),
-                              "train", 5)
-    if rank == 0:                                # rank 0's rows stop at once, rank 1's run all 24 tokens
-        everything = set(range(tok.n_vocab)) - set(rl.banned_ids(tok))
-        rl.sample.stop_ids = lambda tok: everything
+    cfg, model, tok, prompts = uneven_generation(rank, world, init_file, root, synth, "tiny-moe", batch_rows=4)
     out = {"uneven": {}, "none": {}}
     for place in ("copy", "experts"):
         policy = rl.generation_policy(model, place=place)
