@@ -810,12 +810,16 @@ def control_advantages(rolls: list, cfg, generator):
 
 
 def learning_signal(r: Rollout, cfg) -> float:
-    """What dynamic sampling asks to vary within a group. Verifiable rewards: the accuracy, as DAPO
-    filters (a format difference alone does not keep a group whose answers are all wrong or all
-    right). Mixed rewards (§4.2.5): the reward itself, whose think and format terms are what the
-    stage adds: on its hard cases most groups have no right answer, and filtering on accuracy
-    dropped 3 of 4 groups together with the think and format differences they held."""
-    return r.answer_r if cfg.reward == "verifiable" else r.reward
+    """What dynamic sampling asks to vary within a group (cfg.dynamic_sampling_on; auto: by reward).
+    Verifiable rewards: the accuracy, as DAPO filters (a format difference alone does not keep a
+    group whose answers are all wrong or all right). Mixed rewards (§4.2.5): the reward itself,
+    whose think and format terms are what the stage adds: on its hard cases most groups have no
+    right answer, and filtering on accuracy dropped 3 of 4 groups together with the think and
+    format differences they held."""
+    on = cfg.dynamic_sampling_on
+    if on == "auto":
+        on = "answer" if cfg.reward == "verifiable" else "reward"
+    return r.answer_r if on == "answer" else r.reward
 
 
 def kept_groups(rolls: list, cfg) -> list:
@@ -1274,6 +1278,7 @@ class RLConfig(train_stage.StageConfig):
     eval_samples: int = 8                 # samples per held-out prompt (pass@1, maj@k, pass@k)
     harvest_samples: int = 8              # harvest: completions per prompt
     format_gate: bool = True              # the answer reward counts only in a well-formed reply (false: summed, an ablation)
+    dynamic_sampling_on: str = "auto"     # what a group must vary in to be kept: answer (DAPO's accuracy) | reward | auto (answer for verifiable rewards, reward for mixed)
     advantage_control: str = ""           # a control that must not learn: "answer" (answer scores permuted within groups) | "shuffle" (advantages permuted within groups) | "sign" (and a random sign per group)
 
 
@@ -1290,7 +1295,7 @@ RL_UNUSED = {"steps": "use --episodes", "text_only": "", "label_mode": "RL promp
              "num_workers": "RL reads its prompts in the trainer", "prefetch_factor": "RL reads its prompts in the trainer"}
 # options that train, which the harvest (sampling from a finished model) does not read
 HARVEST_UNUSED = ("episodes", "prompts_per_episode", "mini_batches", "epochs", "clip_low", "clip_high", "clip_schedule",
-                  "clip_c", "agg", "algo", "max_sampling_rounds", "advantage_control", "filter_k", "general_share",
+                  "clip_c", "agg", "algo", "max_sampling_rounds", "dynamic_sampling_on", "advantage_control", "filter_k", "general_share",
                   "eval_prompts", "eval_samples", "format_gate", "update_memory", "generate_on", *train_stage.TRAINING_ONLY)
 
 
@@ -1333,6 +1338,8 @@ def rl_config(argv: list) -> tuple:
         raise train_stage.UsageError(f"--compile must be auto, true, false or graphs, got {cfg.compile!r}")
     if cfg.compile == "graphs" and not torch.cuda.is_available():
         raise train_stage.UsageError("--compile=graphs replays the decode step as CUDA graphs: it needs a GPU")
+    if cfg.dynamic_sampling_on not in ("auto", "answer", "reward"):
+        raise train_stage.UsageError(f"--dynamic_sampling_on must be auto, answer or reward, got {cfg.dynamic_sampling_on!r}")
     if cfg.advantage_control not in ("", "answer", "shuffle", "sign"):
         raise train_stage.UsageError(f"--advantage_control must be '', answer, shuffle or sign, got {cfg.advantage_control!r}")
     if cfg.advantage_control == "answer" and cfg.reward != "verifiable":

@@ -697,7 +697,8 @@ def test_read_prompts_skips_and_counts_a_prompt_whose_pixels_fail_after_good_hea
 
 def test_mixed_rewards_keep_groups_whose_think_or_format_vary(setup, monkeypatch):
     """rl-mixed (§4.2.5): a group whose answers are all wrong but whose format varies has a
-    learning signal in the stage's reward and is kept; the verifiable stage drops the same group."""
+    learning signal in the stage's reward and is kept; the verifiable stage drops the same group, and
+    so does rl-mixed with --dynamic_sampling_on=answer (the ablation)."""
     _, _, m, tok, cfg, prompts = setup
 
     def score(rolls, cfg, judge=None):
@@ -710,6 +711,9 @@ def test_mixed_rewards_keep_groups_whose_think_or_format_vary(setup, monkeypatch
     kept, st = rl.sample_groups(m, tok, pool(), replace(cfg, prompts_per_episode=2, reward="mixed"),
                                 torch.Generator().manual_seed(0))
     assert st["kept"] == 2 and max(r.advantage for r in kept) > 0
+    kept, st = rl.sample_groups(m, tok, pool(), replace(cfg, prompts_per_episode=2, reward="mixed", max_sampling_rounds=1,
+                                                        dynamic_sampling_on="answer"), torch.Generator().manual_seed(0))
+    assert st["kept"] == 0 and not kept                # the ablation: DAPO's rule, on the answer
     kept, st = rl.sample_groups(m, tok, pool(), replace(cfg, prompts_per_episode=2, max_sampling_rounds=1),
                                 torch.Generator().manual_seed(0))
     assert st["kept"] == 0 and not kept
@@ -1269,6 +1273,7 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-verifiable", "--update_memory=low"], "--update_memory must be auto, full or lean"),
                        (["--stage", "harvest", "--update_memory=lean"], "--update_memory does not apply to the harvest"),
                        (["--stage", "rl-verifiable", "--generate_on=shards"], "--generate_on must be auto, copy, experts or model"),
+                       (["--stage", "rl-mixed", "--dynamic_sampling_on=format"], "--dynamic_sampling_on must be auto, answer or reward"),
                        (["--stage", "harvest", "--generate_on=model"], "--generate_on does not apply to the harvest"),
                        (["--stage", "rl-verifiable", "--agg=token-sum"], "--agg must be token-mean"),
                        (["--stage", "rl-verifiable", "--clip_c=0.5"], "--clip_c, the dual-clip constant, must be > 1"),
