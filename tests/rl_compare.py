@@ -19,6 +19,7 @@ repo_path.add_repo_root()
 import sample  # noqa: E402
 
 METRICS = ("greedy_acc", "pass@1", "maj@k", "pass@k", "reward")
+GREEDY_SHAPE = ("greedy_fmt", "greedy_think")      # the greedy reply well-formed, its think score: where both have them
 
 
 def after_side(folder: str) -> list:
@@ -30,9 +31,11 @@ def after_side(folder: str) -> list:
 
 
 def compare(a: list, b: list) -> dict:
-    """{metric: sample.paired_difference of A and B on that metric}."""
+    """{metric: sample.paired_difference of A and B on that metric}: METRICS, and GREEDY_SHAPE's where
+    every prediction of both has them (rl.py writes them; older outputs lack them)."""
+    metrics = METRICS + tuple(m for m in GREEDY_SHAPE if all(m in p for p in a + b))
     return {m: sample.paired_difference([dict(p, correct=p[m]) for p in a], [dict(p, correct=p[m]) for p in b])
-            for m in METRICS}
+            for m in metrics}
 
 
 def main(argv=None):

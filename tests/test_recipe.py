@@ -534,6 +534,12 @@ def test_rl_compare_compares_each_metric_on_its_own(tmp_path):
     assert {m: r["difference"] for m, r in got.items()} == {"greedy_acc": 1.0, "pass@1": 0.25, "maj@k": 0.25,
                                                             "pass@k": 0.0, "reward": 0.25}
     assert all(r["n"] == 4 for r in got.values())
+    for name, fmt in (("a", [1, 1, 0, 0]), ("b", [0, 0, 0, 0])):             # rl.py's greedy shape, on both sides
+        rows = [dict(json.loads(x), greedy_fmt=fmt[i % 4] if json.loads(x)["side"] == "after" else 0.0, greedy_think=0.5)
+                for i, x in enumerate((tmp_path / name / "heldout_predictions.jsonl").read_text().splitlines())]
+        (tmp_path / name / "heldout_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = rl_compare.compare(rl_compare.after_side(str(tmp_path / "a")), rl_compare.after_side(str(tmp_path / "b")))
+    assert got["greedy_fmt"]["difference"] == 0.5 and got["greedy_think"]["difference"] == 0.0
 
 
 def test_evaluate_stage_cells_count_the_samples_scored(tmp_path, monkeypatch):
