@@ -47,7 +47,7 @@ def main(argv=None):
     print(f"A - B after the stage, {len(a)} prompts, 95% paired bootstrap intervals")
     for m, r in compare(a, b).items():
         lo, hi = r["interval"]
-        print(f"  {m:10s} {r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        print(f"  {m:12s} {r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
 
 
 if __name__ == "__main__":
