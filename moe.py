@@ -105,8 +105,8 @@ class SparseMoeBlock(nn.Module):
         with its own tokens, any number, none included). The ranks' tokens are gathered (padded to
         the most any rank has), each rank routes all of them (the router is replicated) and runs the
         pairs that chose its experts, and a sum over ranks gives every token its k experts' output.
-        x2d (N, H) -> (y (N, H), router_logits (N, E)) of this rank's tokens. (A host read: the
-        count of this rank's pairs.)"""
+        x2d (N, H) -> (y (N, H), router_logits (N, E)) of this rank's tokens. (Two host reads: the
+        most tokens of any rank, the count of this rank's pairs.)"""
         (lo, hi), rank, world = self.expert_slice, dist.get_rank(), dist.get_world_size()
         n = torch.tensor(x2d.shape[0], device=x2d.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)

@@ -648,7 +648,7 @@ def generation_copy(model, low, device=None, expert_ranks: int = 1):
 # next to the shards and the optimizer's state. For a model whose copy does not fit beside its
 # training state (30b-a3b: a 64 GB copy beside 61 GB of shards, gradient and Adam per rank on 8 GPUs):
 # "experts", an MoE model's copy with each rank holding E / world of every layer's experts (8 GPUs:
-# 13 GB for 30b-a3b), each MoE layer's tokens gathered from every rank and its output summed over
+# 14 GB for 30b-a3b), each MoE layer's tokens gathered from every rank and its output summed over
 # them (moe.SparseMoeBlock.expert_parallel), every decode step: two small collectives per MoE layer,
 # eager; "model", on the sharded model itself, each FSDP unit gathered per forward, every decode step
 # (model.generating_sharded): no copy, but an all-gather of the whole model per generated token, eager.
