@@ -503,7 +503,7 @@ def test_rl_compare_pairs_two_outputs_on_the_after_side(tmp_path, capsys):
         (tmp_path / name / "heldout_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rl_compare.main([str(tmp_path / "a"), str(tmp_path / "b")])
     out = capsys.readouterr().out
-    assert "4 prompts" in out and "pass@1     +0.250" in out, out
+    assert "4 prompts" in out and "pass@1       +0.250" in out, out
 
 
 # ----------------------------------------------------------------------------------------------

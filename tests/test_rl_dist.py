@@ -252,7 +252,7 @@ def counted(*args, **kwargs):             # the models alive: the sharded policy
     return real_update(*args, **kwargs)
 
 rl.score_rollouts, rl.update_episode = parity, counted
-rl.main(sys.argv[1:])
+rl.train_stage.run_command(lambda: rl.main(sys.argv[1:]))     # as rl.py ends: no abort at exit
 """
 
 

@@ -1111,7 +1111,7 @@ def parity(rolls, cfg, judge=None):
         r.format_r = 0.0
 
 rl.score_rollouts = parity
-rl.main(sys.argv[1:])
+rl.train_stage.run_command(lambda: rl.main(sys.argv[1:]))     # as rl.py ends: no abort at exit
 """
 
 
