@@ -110,7 +110,8 @@ class SparseMoeBlock(nn.Module):
         (lo, hi), rank, world = self.expert_slice, dist.get_rank(), dist.get_world_size()
         n = torch.tensor(x2d.shape[0], device=x2d.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        padded = F.pad(x2d, (0, 0, 0, int(n) - x2d.shape[0]))                      # (n, H)
+        n = int(n)
+        padded = F.pad(x2d, (0, 0, 0, n - x2d.shape[0]))                           # (n, H)
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)
         x_all = torch.cat(parts)                                                     # (world * n, H)
@@ -119,7 +120,7 @@ class SparseMoeBlock(nn.Module):
         y_pairs = self.experts(x_all[token], w[token, slot, None], ids[token, slot, None] - lo)   # (P, H)
         y = torch.zeros(x_all.shape, device=x2d.device).index_add_(0, token, y_pairs.float())   # summed in fp32
         dist.all_reduce(y)                                                           # every token's k experts
-        mine = slice(rank * int(n), rank * int(n) + x2d.shape[0])
+        mine = slice(rank * n, rank * n + x2d.shape[0])
         return y[mine].to(y_pairs.dtype), logits[mine]
 
 

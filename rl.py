@@ -594,8 +594,8 @@ def generation_policy(model, replica=None, place: str = "copy"):
     low = modeling.compute_dtype(modeling.model_device(model))
     if place == "model" or (not dist.is_initialized() and low is None):
         return model.eval()
-    expert_ranks = rank_and_world()[1] if place == "experts" else 1
-    replica = replica if replica is not None and replica is not model else generation_copy(model, low, None, expert_ranks)
+    replica = replica if replica is not None and replica is not model else \
+        generation_copy(model, low, None, ranks_sharing_experts(place))
     load_weights(replica, model)
     return replica.eval().requires_grad_(False)
 
@@ -667,6 +667,11 @@ def training_state_bytes(model, world: int) -> int:
     return sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters()) // world
 
 
+def ranks_sharing_experts(place: str) -> int:
+    """Over how many ranks a generation copy at `place` spreads each MoE layer's experts."""
+    return rank_and_world()[1] if place == "experts" else 1
+
+
 def experts_split(model, world: int) -> bool:
     """Whether every MoE layer's experts split evenly over `world` > 1 ranks."""
     blocks = moe.moe_blocks(model)
@@ -704,8 +709,7 @@ def full_update_bytes(model, low, sharded: bool, place: str = "copy") -> int:
     `sharded` (FSDP) the whole model gathered (in `low`, FSDP's parameter dtype, else fp32) and the
     trainable weights' fp32 gradient, accumulated unreduced. (The 8b preset as RL trains it: 21 +
     18 + 33 GB.)"""
-    expert_ranks = rank_and_world()[1] if place == "experts" else 1
-    held = copy_bytes(model, low, expert_ranks) if (sharded or low is not None) and place != "model" else 0
+    held = copy_bytes(model, low, ranks_sharing_experts(place)) if (sharded or low is not None) and place != "model" else 0
     if sharded:
         held += modeling.count_params(model) * (low.itemsize if low is not None else 4)
         held += sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
@@ -1496,8 +1500,9 @@ def generation_and_update_memory(cfg: RLConfig, model, log) -> tuple:
     --update_memory resolved for this model and machine, and said in the log."""
     place, sharded, world = generation_place(cfg, model), modeling.is_sharded(model), rank_and_world()[1]
     if place == "experts" and not experts_split(model, world):
+        experts = sorted({b.cfg.num_experts for b in moe.moe_blocks(model)}) or "no MoE layer"
         raise train_stage.UsageError(f"--generate_on=experts: needs several processes and an MoE model whose experts "
-                                     f"split evenly over them ({world} processes, preset {cfg.preset})")
+                                     f"split evenly over them ({world} processes, experts per layer: {experts})")
     in_step = place == "experts" or place == "model" and sharded
     if in_step and cfg.compile in ("true", "graphs"):
         raise train_stage.UsageError(f"--compile={cfg.compile}: generation on the experts spread over the ranks or on "

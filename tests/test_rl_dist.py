@@ -38,17 +38,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, synth):
-    root = tmp_path_factory.mktemp("rldist")
-    modeling.save_checkpoint(str(root / "out" / "longcot"), modeling.build_model("tiny", seed=0), {"stage": "longcot"},
-                             0, 1, extra_files=train_stage.tokenizer_files(str(synth)))
-    return root
+    return longcot_start(tmp_path_factory.mktemp("rldist"), synth, "tiny")
 
 
 @pytest.fixture(scope="module")
 def moe_ckpt(tmp_path_factory, synth):
-    root = tmp_path_factory.mktemp("rldist_moe")
-    modeling.save_checkpoint(str(root / "out" / "longcot"), modeling.build_model("tiny-moe", seed=0),
-                             {"stage": "longcot"}, 0, 1, extra_files=train_stage.tokenizer_files(str(synth)))
+    return longcot_start(tmp_path_factory.mktemp("rldist_moe"), synth, "tiny-moe")
+
+
+def longcot_start(root, synth, preset: str):
+    """`root`, whose out/longcot holds a random `preset` model with the synthetic tokenizer: where RL starts."""
+    modeling.save_checkpoint(str(root / "out" / "longcot"), modeling.build_model(preset, seed=0), {"stage": "longcot"},
+                             0, 1, extra_files=train_stage.tokenizer_files(str(synth)))
     return root
 
 
@@ -213,8 +214,8 @@ def _experts_worker(rank, world, init_file, out_dir, root, synth):
 def test_generation_on_experts_spread_over_the_ranks_gives_the_copys_rollouts(moe_ckpt, synth, tmp_path):
     """--generate_on=experts: each rank's copy holds half of every MoE layer's 8 experts, and its
     rollouts equal the full copy's, token for token and log-probs within 1e-5, with ranks holding
-    different numbers of prompts (2 calls of 2 prompts against 1 of 1, one of 2 against none) and rows of very different
-    lengths (every MoE layer is a collective: the ranks step together, no hang)."""
+    different numbers of prompts (2 calls of 2 prompts against 1 of 1, one of 2 against none) and
+    rows of very different lengths (every MoE layer is a collective: the ranks step together, no hang)."""
     mp.spawn(_experts_worker, args=(2, str(tmp_path / "init"), str(tmp_path), moe_ckpt, synth), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"experts{r}.pt", weights_only=True) for r in range(2)]
     for rank, out in enumerate(ranks):
