@@ -413,7 +413,7 @@ def test_two_ranks_with_uneven_packs_give_the_one_process_step(synth, tmp_path, 
     opt = torch.optim.SGD(params, lr=1.0)
     ref = train_stage.train_step(model, opt, packs[:4], params, 1e9, 1, CPU, NOCAST)
     (tmp_path / "step.py").write_text(FSDP_STEP)
-    res = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "step.py")],
+    res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "step.py")],
               env_extra={"REPO": ROOT, "SYNTH": synth, "OUT": str(tmp_path / "out.pt"), "RANK1": rank1}, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -695,7 +695,7 @@ def test_two_ranks_decode_only_their_own_samples_and_equal_the_one_process_split
     steps = 4
     write_salted(synth, tmp_path)
     (tmp_path / "step.py").write_text(TWO_RANK_DATA)
-    res = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "step.py")],
+    res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "step.py")],
               env_extra={"REPO": ROOT, "SYNTH": synth, "OUT": str(tmp_path), "STEPS": str(steps)})
     assert res.returncode == 0, res.stderr[:4000] + "\n...\n" + res.stderr[-2000:]     # the first rank's error first
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -1010,7 +1010,7 @@ def test_step_checkpoints_reshard_from_one_process_to_two_and_back(synth, tmp_pa
             "--init-from=random"]
     one = run([*args, f"--out_dir={tmp_path}/one", "--packing.micro_batches=2"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", *args, f"--out_dir={tmp_path}/two",
+    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args, f"--out_dir={tmp_path}/two",
                "--packing.micro_batches=1", f"--resume={tmp_path}/one/vit3.run/step-000001"])
     assert two.returncode == 0, two.stderr[-3000:]
     ck = f"{tmp_path}/two/vit3.run/step-000002"
@@ -1099,7 +1099,7 @@ def test_fsdp_two_processes_match_one_process(synth, tmp_path):
               "--init-from=random", f"--data_dir={synth}"]
     one = run(["train_stage.py", "--stage", "vit3", f"--out_dir={tmp_path}/one", "--packing.micro_batches=2", *common])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "train_stage.py", "--stage", "vit3",
+    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_stage.py", "--stage", "vit3",
                f"--out_dir={tmp_path}/two", "--packing.micro_batches=1", "--ac=block", *common])   # FSDP2 + AC
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses_of(f"{tmp_path}/one/vit3"), losses_of(f"{tmp_path}/two/vit3")
@@ -1296,7 +1296,7 @@ def test_fsdp_on_one_process_without_torchrun(synth, tmp_path):
 
 
 def test_usage_error_under_torchrun_names_the_problem(tmp_path):
-    res = run(["-m", "torch.distributed.run", "--nproc_per_node", "1", "train_stage.py", "--stage", "nosuch"],
+    res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train_stage.py", "--stage", "nosuch"],
               timeout=120)
     assert res.returncode != 0
     assert res.stderr.count("train_stage.py: error: unknown stage 'nosuch'") == 1 and "Traceback (most recent call last)" \
