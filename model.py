@@ -671,7 +671,7 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
             done |= torch.isin(out_ids[step + 1 - SYNC_EVERY:step + 1], stop).any(0)
             live = ~done[rows]
             n_live = int(live.sum())
-            if (max_over_ranks(n_live, device) if in_step else n_live) == 0:   # in step: the ranks leave together
+            if (all_reduce([n_live], device, "max")[0] if in_step else n_live) == 0:   # in step: the ranks leave together
                 break
             idle = n_live == 0
             keep = max(1, rows_to_keep(n_live, rows.shape[0]))        # in step, an idle rank keeps one row
@@ -680,13 +680,6 @@ def generate_from_embeds(lm: Qwen3LM, embeds, max_new_tokens, temperature=0.0, t
                 cache.keep(order)
                 rows, ids, pos = rows[order], ids[order], pos[order]
     return collect(out_ids, out_lp, stop, logprobs)
-
-
-def max_over_ranks(n: int, device) -> int:
-    """The largest `n` of all ranks (a collective)."""
-    t = torch.tensor(n, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
 
 
 def collect(out_ids, out_lp, stop, logprobs=None) -> list:
@@ -1461,6 +1454,15 @@ def all_gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_reduce(values, device, op: str = "sum") -> list:
+    """Numbers (a list) summed, or maxed with op="max", over the ranks, element-wise (a collective;
+    float64 on the model's device, as NCCL needs; as they are on one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def verify_checkpoint(path: str, resumable: bool = False) -> dict:

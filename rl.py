@@ -442,7 +442,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
         chunks = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
         n_mine = len(chunks)
         if in_step:               # each forward is a collective with the other ranks: as many calls everywhere
-            n_calls = int(all_reduce([n_mine], device, "max")[0])
+            n_calls = int(modeling.all_reduce([n_mine], device, "max")[0])
             chunks += [[Prompt([min(stop)], None, None, "", "padding")]] * (n_calls - n_mine)
         for c, chunk in enumerate(tqdm(chunks, desc="rollouts", disable=not progress, leave=False)):
             if call_seed is not None:
@@ -576,13 +576,6 @@ def gather_shares(mine: list) -> list:
     parts = [None] * world
     dist.all_gather_object(parts, list(mine))
     return [parts[i % world][i // world] for i in range(sum(len(p) for p in parts))]
-
-
-def all_reduce(values, device, op: str = "sum") -> list:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def generation_policy(model, replica=None, place: str = "copy"):
@@ -860,7 +853,7 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
     rank, world = rank_and_world()
     kept, seen, all_rolls = [], 0, []
     for _ in range(cfg.max_sampling_rounds):
-        need = int(all_reduce([quota(cfg) - len(kept) // cfg.group_size], device, "max")[0])
+        need = int(modeling.all_reduce([quota(cfg) - len(kept) // cfg.group_size], device, "max")[0])
         if need <= 0:
             break
         prompts = pool.take(need * world)                            # the same list on every rank
@@ -871,7 +864,7 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
         seen += len(mine)
         kept += kept_groups(rolls, cfg)
     set_advantages(kept, cfg, cfg.seed + len(all_rolls))
-    sums = all_reduce([len(all_rolls), sum(r.reward for r in all_rolls), sum(r.answer_r for r in all_rolls),
+    sums = modeling.all_reduce([len(all_rolls), sum(r.reward for r in all_rolls), sum(r.answer_r for r in all_rolls),
                        sum(r.format_r for r in all_rolls), sum(r.think_r for r in all_rolls),
                        sum(len(r.completion) for r in all_rolls), sum(r.truncated for r in all_rolls),
                        len(kept) // cfg.group_size, seen], device)
@@ -1002,7 +995,7 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     agg = cfg.agg or AGG_DEFAULTS[cfg.algo]
     mbs = split_mini_batches(rolls, cfg)
     packs = [micro_batches([rolls[i] for i in mb], cfg.max_tokens, img_id) for mb in mbs]
-    n_packs = all_reduce([len(p) for p in packs], device, "max")
+    n_packs = modeling.all_reduce([len(p) for p in packs], device, "max")
     pad = (micro_batches([filler], cfg.max_tokens, img_id)[0][0], [])      # a pack holding no rollout of ours
     packs = [p + [pad] * (int(n) - len(p)) for p, n in zip(packs, n_packs)]   # as many on every rank
     old = old_logprobs(model, mbs, packs, cfg, tok)
@@ -1011,7 +1004,7 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
     for epoch in range(cfg.epochs):
         for k, mb in enumerate(mbs):
             n_local = sum(len(rolls[i].completion) if agg == "token-mean" else bool(rolls[i].completion) for i in mb)
-            n_global = all_reduce([n_local], device)[0]
+            n_global = modeling.all_reduce([n_local], device)[0]
             if n_global == 0:         # no rank holds a rollout of it (fewer kept groups than mini-batches): no
                 continue              # update, which Adam's moments would still move the weights in
             if lr_at is not None:
@@ -1032,8 +1025,8 @@ def update_episode(model, opt, params, rolls: list, cfg, tok, filler: Rollout, l
             opt.zero_grad(set_to_none=True)
             stats["updates"] += 1
             names = [*SUM_STATS, "entropy", "loss", "tokens"]
-            total = dict(zip(names, all_reduce([sums[key] for key in names], device)))
-            high = dict(zip(maxes, all_reduce(list(maxes.values()), device, "max")))
+            total = dict(zip(names, modeling.all_reduce([sums[key] for key in names], device)))
+            high = dict(zip(maxes, modeling.all_reduce(list(maxes.values()), device, "max")))
             for key in (*SUM_STATS, "entropy"):
                 stats[key] += total[key] / max(total["tokens"], 1.0)
             stats["loss"] += total["loss"]

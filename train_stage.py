@@ -559,13 +559,6 @@ def print0(rank, *a, **k):
         print(*a, **k, flush=True)
 
 
-def all_reduce_sum(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 # ==============================================================================================
 # model initialisation for a stage: its init rule (--init_modules changes it), then --init-from / --init-vit / --init-llm
 
@@ -891,7 +884,7 @@ def global_targets(packs: list, device) -> int:
     """Target tokens of the whole step (every micro-batch of every rank): labels[:, 1:] != -100,
     because logits[i] are scored against labels[i+1]."""
     n = sum(int((p["labels"][:, 1:] != -100).sum()) for p in packs)
-    return int(all_reduce_sum([n], device)[0])
+    return int(modeling.all_reduce([n], device)[0])
 
 
 def step_loss(out: modeling.Output, n_global: int, n_micro: int, world: int, aux_coef: float):
@@ -928,7 +921,7 @@ def train_step(model, opt, packs, params, grad_clip: float, world: int, device, 
         del out                          # nothing of this micro-batch (router logits) lives into the next one
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-    ce_tot, useful_tot = all_reduce_sum([ce_sum, useful], device)
+    ce_tot, useful_tot = modeling.all_reduce([ce_sum, useful], device)
     loss = ce_tot / max(n_global, 1)
     skipped = not (math.isfinite(loss) and math.isfinite(gnorm))
     if not skipped:
@@ -938,7 +931,7 @@ def train_step(model, opt, packs, params, grad_clip: float, world: int, device, 
     if loads:
         res.update(moe_entropy=sum(x["mean_entropy"] for x in loads) / len(loads),     # this rank's packs
                    moe_max_load=sum(x["max_over_mean"] for x in loads) / len(loads),
-                   moe_aux=all_reduce_sum([aux], device)[0])     # the ranks' shares add up to the loss
+                   moe_aux=modeling.all_reduce([aux], device)[0])     # the ranks' shares add up to the loss
     return res
 
 
@@ -957,7 +950,7 @@ def evaluate(model, batches_factory, n_packs: int, device, autocast) -> float:
                 out = forward_pack(model, pack)
             ce += float(out.ce_sum)
             n += float(out.n_targets)
-    ce, n = all_reduce_sum([ce, n], device)
+    ce, n = modeling.all_reduce([ce, n], device)
     model.train(was_training)
     return ce / max(n, 1)
 
@@ -1247,7 +1240,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
         last_loss = res["loss"]
         # -- one log line per step ----------------------------------------------------------------
         if peak:
-            seconds["ideal"] = all_reduce_sum([modeling.training_flops(model_cfg, weights, host_packs, trainable)],
+            seconds["ideal"] = modeling.all_reduce([modeling.training_flops(model_cfg, weights, host_packs, trainable)],
                                               device)[0] / peak
         rec, line = step_report(step, cfg, res, lr, seconds, world, device)
         log(line)
