@@ -523,6 +523,7 @@ class GraphedStep:
             self.inputs = [t.clone() for t in new]                         # the graph's input buffers
             args = (self.inputs + [None])[:3]
             start = cache.start.clone()          # the warm-up run advances it: the replay takes the step
+            self.replay = self.outputs = None    # the old graph's memory pool is freed before the new capture
             self.replay, self.outputs = cuda_graph(lambda: self.step_fn(lm, cache, *args, policy))
             cache.start.copy_(start)
             self.key = (ids.shape[0], cache.length)

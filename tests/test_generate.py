@@ -3,6 +3,7 @@ loop (the engine as it was before: left padding, one token per step for every ro
 forward over the whole sequence each step instead of a KV cache), HF transformers'
 Qwen3ForCausalLM on the same weights, and a full recompute of the sampled rows' log-probs."""
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -349,11 +350,19 @@ def test_graphed_steps_give_the_eager_tokens(monkeypatch):
     """compile="graphs": the decode step replayed from captures (CUDA graphs on a GPU; here the
     traced stand-in above, the eager step inside) gives eager's tokens and log-probs, through G rows
     per prompt, rows leaving the batch and the cache's read length crossing its GRAPH_SLOTS steps;
-    a new capture only for a new batch size or read length. The cache is NaN-filled as it comes."""
+    a new capture only for a new batch size or read length, after the old graph is let go (a graph
+    holds its memory pool while it or its outputs live). The cache is NaN-filled as it comes."""
     monkeypatch.setattr(modeling, "COMPILED", {fn: fn for fn in modeling.COMPILED})   # the eager step
     monkeypatch.setattr(modeling, "GRAPH_SLOTS", 8)
-    captures = []
-    monkeypatch.setattr(modeling, "cuda_graph", lambda fn: captures.append(1) or traced_capture(fn))
+    captures, outputs = [], []
+
+    def capture(fn):
+        assert all(o() is None for o in outputs), "a new capture while the old graph's outputs live"
+        replay, out = traced_capture(fn)
+        captures.append(1)
+        outputs.extend(weakref.ref(t) for t in out)
+        return replay, out
+    monkeypatch.setattr(modeling, "cuda_graph", capture)
     lm = tiny_lm(seed=7, layers=1, sharpen=4.0)
     kw = dict(temperature=1.0, stop_tokens=tuple(range(0, 96, 12)), repeats=4)
     run = lambda compile, lps: engine(lm, PROMPTS, 40, generator=torch.Generator().manual_seed(4),  # noqa: E731
