@@ -55,6 +55,7 @@ saved in <run>/config.json and in every checkpoint.
 """
 import copy
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import inspect
@@ -501,6 +502,13 @@ def command_for(row: Stage, cfg: StageConfig, from_output: bool = False) -> str:
 # ==============================================================================================
 # distributed set-up and FSDP2 (§5.2)
 
+# How long a rank waits in a collective before the run is aborted. NCCL's default is 10 minutes
+# (gloo's 30): ranks legitimately wait longer when rank 0 alone builds a large model from its
+# checkpoint before the others receive their shards, or when one RL rank generates longer rollouts
+# than the others between two collectives.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def setup_distributed(group: bool = False):
     """(rank, world_size, device) from torchrun's env; NCCL on CUDA, gloo on CPU. A process group
     exists when world > 1 or `group` (FSDP2 on one process): it is what "sharded" means below."""
@@ -513,7 +521,7 @@ def setup_distributed(group: bool = False):
     if (world > 1 or group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         else:                                # --fsdp=true with `python`, not torchrun: a group of one
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return rank, world, device
@@ -762,22 +770,28 @@ def stage_model_config(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> mo
 
 
 def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -> modeling.SAILVL:
-    """The model of `stage_model_config`: random init, then every module from its source (a whole
-    checkpoint when all modules share one), then --init-vit / --init-llm."""
+    """The model of `stage_model_config`: the checkpoint's own model when one checkpoint gives every
+    module in that config, else random init, then every module from its source; then --init-vit /
+    --init-llm."""
     model_cfg = stage_model_config(cfg, model_cfg)
-    torch.manual_seed(cfg.seed)
-    model = modeling.SAILVL(model_cfg)
-    model.init_weights()
     sources = init_sources(cfg)
     folders = sorted({s for s in sources.values() if s != "fresh"})
     loaded = {f: modeling.SAILVL.from_pretrained(f) for f in folders}
+    whole = len(folders) == 1 and all(s == folders[0] for s in sources.values())
+    if whole and loaded[folders[0]].cfg == model_cfg:     # the checkpoint's model itself: no random one beside
+        model = loaded.pop(folders[0])                     # it (host memory: once the weights, not twice)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = modeling.SAILVL(model_cfg)
+        model.init_weights()
     if not folders:
         fresh = [m for m in MODULES if not (m == "language_model" and cfg.init_llm)
                  and not (m == "vision_model" and cfg.init_vit)]
         log("init: random weights (the stage starts from scratch)" if len(fresh) == len(MODULES) else
             f"init: {', '.join(fresh)} from random weights")
-    elif len(folders) == 1 and all(s == folders[0] for s in sources.values()):
-        model.load_state_dict(loaded[folders[0]].state_dict())
+    elif whole:
+        if folders[0] in loaded:                           # --model.* options made another config
+            model.load_state_dict(loaded[folders[0]].state_dict())
         log(f"init: all weights from {folders[0]}, with its model config")
     else:
         for name, src in sources.items():

@@ -4,6 +4,7 @@ once, world size once) is invariant to packing / micro-batches / ranks through t
 the MoE path, AdaLRS, warm-up and clipping in the loop, data -> packing resume and rank splits,
 FSDP2 over 2 CPU processes, kill -9 + --resume, one checkpoint writer and reader, the soup, and
 the command line as a new user meets it."""
+import datetime
 import glob
 import hashlib
 import json
@@ -277,6 +278,28 @@ def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path):
                        (["--init_modules=mlp1:vit3", f"--init_from={tmp_path}"], "give one of them")):
         with pytest.raises(train_stage.UsageError, match=match):
             cfg_of("pretrain1", f"--out_dir={tmp_path}", *bad)
+
+
+def test_a_stage_from_one_checkpoint_is_that_checkpoints_model_without_a_random_one_beside(tmp_path, monkeypatch):
+    """A stage whose every module comes from one checkpoint (RL, SFT phases, --init-from): the
+    checkpoint's model itself, no random model built and overwritten beside it (host memory: each
+    rank holds the weights once, not twice); with a --model.* option that changes its config (RoPE
+    θ), a model of that config given the same weights."""
+    ck = modeling.build_model("tiny", seed=3)
+    modeling.save_checkpoint(str(tmp_path / "ck"), ck, {"stage": "sft4"}, 0, 1)
+    random_inits = []
+    init_weights = modeling.SAILVL.init_weights
+    monkeypatch.setattr(modeling.SAILVL, "init_weights", lambda self: random_inits.append(1) or init_weights(self))
+    for options, inits, theta in (([], 0, ck.cfg.llm_config.rope_theta), (["--model.llm_config.rope_theta=5e5"], 1, 5e5)):
+        logs = []
+        cfg, mcfg = cfg_of("sft1", f"--out_dir={tmp_path}/out", f"--init-from={tmp_path}/ck", *options)
+        m = train_stage.build_stage_model(cfg, mcfg, logs.append)
+        assert len(random_inits) == inits and m.cfg.llm_config.rope_theta == theta
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in ck.state_dict().items())
+        lm = m.language_model
+        assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == ck.cfg.llm_config.tie_word_embeddings
+        assert logs == [f"init: all weights from {tmp_path}/ck, with its model config"]
+        random_inits.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1286,6 +1309,19 @@ def test_usage_errors_are_one_line_with_exit_2(args, code, match, capsys, monkey
             train_stage.main(args)
         rc, err = e.value.code, capsys.readouterr().err
     assert rc == code and len(err.strip().splitlines()) == 1 and match in err, err
+
+
+def test_ranks_wait_half_an_hour_in_a_collective_not_nccls_ten_minutes(monkeypatch):
+    """Under torchrun the process group waits COLLECTIVE_TIMEOUT (30 min) for a late rank, not NCCL's
+    default 10 (rank 0 building a large model alone; an RL rank with longer rollouts); asked of both
+    backends, so gloo's tests run with the value a GPU run gets."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_stage.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_stage.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(os, "environ", {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert train_stage.setup_distributed()[:2] == (1, 2)
+    assert calls == [(("gloo",), {"timeout": datetime.timedelta(minutes=30)})]
 
 
 def test_fsdp_on_one_process_without_torchrun(synth, tmp_path):
