@@ -1241,7 +1241,9 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
         packs = [to_device(p, device) for p in host_packs]
         seconds = {"data": time.time() - t0}
         res = train_step(model, opt, packs, params, cfg.grad_clip, world, device, autocast)
-        seconds["step"] = time.time() - t0                  # train_step's float()s wait for the device
+        if device.type == "cuda":            # the optimizer's kernels, launched after train_step's last
+            torch.cuda.synchronize(device)   # float(), are this step's time (not the next step's data wait)
+        seconds["step"] = time.time() - t0
         step += 1
         if search is not None:      # every step's loss, a skipped one's too (in a trial: a rejection)
             search.observe(res["loss"])

@@ -19,10 +19,11 @@
 #   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
-#   6  tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate, in bf16 as
+#   6  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
+#      (a fresh machine compiles and autotunes every tile first: minutes)
+#   7  tests/bench.py rollout --device=cuda: eager, compiled and CUDA graphs vs HF generate, in bf16 as
 #      RL generates on a GPU (ours: bf16 matrices under autocast; HF: its model in bf16)
-#   7  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
-#   8  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
+#   8  tests/bench.py packing --real        stream packs vs pad-to-longest, useful tokens/s on the GPU
 #   9  tests/bench.py attention             packed attention: Triton vs SDPA / flex / torch varlen / FA2 (ratios)
 #   10 tests/bench.py moe                   MoE expert layer: Triton vs the HF loop / grouped_mm (ratios)
 #   11 tests/bench.py checkpoint --device=cuda   host memory of writing a step checkpoint from the GPU:
@@ -157,11 +158,12 @@ word = "identical" if same else "close (within 1e-3 relative: other autotuned ti
 print(f"resumed steps {steps}: losses {word}", [(first.get(s), again.get(s)) for s in (3, 4)])
 sys.exit(0 if close else 1)
 PY
-step bench-rollout 200 "graphs |compiled " "$PY" tests/bench.py rollout --device="$DEV" --episode-procs=0 --synth-dir "$WORK/synth"
-step bench-packing 75 "packed / padded" "$PY" tests/bench.py packing --real --device="$DEV" --synth-dir="$WORK/synth"
-step kernel-tests 150 "passed|failed" \
+# checks before benchmarks: the kernels' own tests, compiled for this GPU (every tile autotuned afresh)
+step kernel-tests 330 "passed|failed" \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_moe.py \
     tests/test_kernels_gpu.py
+step bench-rollout 200 "graphs |compiled " "$PY" tests/bench.py rollout --device="$DEV" --episode-procs=0 --synth-dir "$WORK/synth"
+step bench-packing 75 "packed / padded" "$PY" tests/bench.py packing --real --device="$DEV" --synth-dir="$WORK/synth"
 step bench-attn 90 "flex_attention doc mask|sdpa dense" "$PY" tests/bench.py attention   # their time / Triton's
 step bench-moe 90 "triton|skewed" "$PY" tests/bench.py moe
 step bench-ckpt 150 "ours |dcp " "$PY" tests/bench.py checkpoint --device="$DEV" --preset="$PRESET"
