@@ -581,10 +581,15 @@ def bench_packing_real(args):
     padded, packed = [to_dev(b) for b in padded], [to_dev(b) for b in packed]
     useful = sum(s["input_ids"].numel() for s in samples)
 
+    # on a GPU under bf16 autocast as the trainer runs there: both sides on their fast attention kernels
+    # (packed: the Triton varlen kernel; padded: SDPA's flash kernel, which fp32 would reduce to its math path)
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+
     def run(batches, is_packed):
         for b in batches:
-            out = net(b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
-                      position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"] if is_packed else None)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = net(b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
+                          position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"] if is_packed else None)
             out.ce_sum.backward()              # summed CE: the global token mean only rescales it
             net.zero_grad(set_to_none=True)
 
@@ -595,7 +600,7 @@ def bench_packing_real(args):
         t_pack.append(timed(lambda: run(packed, True)))
     med_pad, med_pack = sorted(t_pad)[args.repeats // 2], sorted(t_pack)[args.repeats // 2]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n[3] tiny SAILVL forward+backward, fp32 {where}, {len(samples)} "
+    print(f"\n[3] tiny SAILVL forward+backward, {precision}, {where}, {len(samples)} "
           f"samples, {useful} useful tokens, median of {args.repeats}")
     for name, batches, t in ((f"pad-to-longest, {args.tiny_batch_size} samples", padded, med_pad),
                              (f"stream packs, {args.tiny_max_tokens} tokens", packed, med_pack)):
