@@ -208,6 +208,9 @@ _BRACKET = re.compile(r"\\\{|\\\}|[()\[\]{},]")
 _NUMERIC_TEXT = re.compile(r"[^A-Za-z\\]*")          # wrapper content without words or commands
 _STRUCTURED_TEXT = re.compile(r"[=+,.;:]")            # words with an equation, a sum or a list: text for math-verify
 _PERCENT = re.compile(r"(0|[1-9]\d*)%")
+# No answer is a number spelled in more characters: model output may hold any run of digits, and
+# Python refuses to convert an integer of more than 4,300 digits to or from text (a ValueError).
+MAX_NUMBER_CHARS = 256
 
 
 def _unwrap(s: str) -> str:
@@ -258,7 +261,10 @@ def clean_answer(s: str) -> str:
 
 
 def parse_number(s: str):
-    """A cleaned answer as an exact Fraction (`-3`, `2.50`, `1/2`, `\\frac{1}{2}`, `\\frac12`), or None."""
+    """A cleaned answer as an exact Fraction (`-3`, `2.50`, `1/2`, `\\frac{1}{2}`, `\\frac12`), or None
+    (also for one longer than MAX_NUMBER_CHARS)."""
+    if len(s) > MAX_NUMBER_CHARS:
+        return None
     if _NUMBER.fullmatch(s):
         return Fraction(s)
     if (m := _RATIO.fullmatch(s) or _FRAC.fullmatch(s)) is None:
@@ -296,7 +302,7 @@ def _key(s: str, depth: int = 0):
     """Comparison key of a cleaned answer (see above); None for an empty one."""
     if not s:
         return None
-    if (m := _PERCENT.fullmatch(s)) is not None:
+    if len(s) <= MAX_NUMBER_CHARS and (m := _PERCENT.fullmatch(s)) is not None:
         return ("pct", int(m[1]))                      # equal to the same bare integer, see answers_match
     if (m := _CHOICE.fullmatch(s)) is not None:
         return ("choice", m[1] or m[2])

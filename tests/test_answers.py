@@ -259,6 +259,12 @@ HOSTILE = {
     "boxes_1M": "<think>t</think>" + "\\boxed{1}" * 110000,
     "long_thinking_numbers": "<think>" + " 1" * 500000 + "</think>\\boxed{1}",
     "nested_wrappers": "<think>t</think>\\boxed{" + "\\text{" * 140 + "(" * 100 + "1" + ")" * 100 + "}" * 140 + "}",
+    # Python refuses int <-> text past 4,300 digits: these raised ValueError, not scored 0
+    "digits_5000_thinking": "<think>" + "1" * 5000 + "</think>\\boxed{red}",
+    "thousands_8000_thinking": "<think>1" + ",111" * 2000 + "</think>\\boxed{red}",
+    "digits_5000_box": "<think>t</think>\\boxed{" + "1" * 5000 + "}",
+    "percent_5000_box": "<think>t</think>\\boxed{" + "1" * 5000 + "\\%}",
+    "ratio_8000_digits_box": "<think>t</think>\\boxed{" + "1" * 4000 + "/." + "0" * 4000 + "1}",
 }
 API = {"final_answer": sample.final_answer, "split_think": data.split_think, "last_number": sample.last_number,
        "match": lambda s: sample.answers_match(sample.final_answer(s) or "", "1"), "word_f1": lambda s: sample.word_f1(s, s),
