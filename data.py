@@ -325,6 +325,11 @@ def write_atomic(path, text: str):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)       # the rename itself, durable too (the folder's entries)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def write_json(path, obj):
@@ -824,8 +829,9 @@ class JsonlDataset:
             line = f.readline()
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:    # (nested past Python's limit)
-            raise DataError("json", self.where(i), f"malformed JSON: {type(e).__name__}: {e}") from None
+        except (ValueError, RecursionError) as e:   # malformed, not UTF-8, an integer of more than 4,300
+            raise DataError("json", self.where(i), f"malformed JSON: {type(e).__name__}: {e}") from None  # digits,
+                                                    # nested past Python's recursion limit
         base = Path(self.cfg.image_root).resolve() if self.cfg.image_root else self.path.parent
         return parse_record(obj, base, self.where(i), self.path.stem)
 
@@ -859,8 +865,10 @@ def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True
     """(where = 'file:line', obj, rec) for each usable line of a JSONL manifest, with a progress bar; a
     malformed line or a bad record is counted in `counts` as bad:json / bad:<reason>, never silently
     dropped. `prepare(obj, where)` rewrites an object before it is parsed; `check(rec, where)` may
-    refuse a parsed record by raising DataError. The offline data tools' one reader (tests/curate.py)."""
+    refuse a parsed record by raising DataError. The offline data tools' one reader (tests/curate.py);
+    the first bad lines are shown with file and line, as training shows them."""
     manifest = Path(manifest)
+    shown = BadData(max_fraction=1.0)                    # only reports: a tool reads every line
     lines = manifest.read_bytes().split(b"\n")      # as JsonlDataset reads it: lines end at \n only (JSON
     if lines[0].startswith(b"\xef\xbb\xbf"):          # strings may hold U+2028 or U+0085 raw), a BOM ignored
         lines[0] = lines[0][3:]
@@ -869,15 +877,17 @@ def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True
             continue
         where = f"{manifest}:{number}"
         try:
-            obj = json.loads(line.decode("utf-8"))
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError) as e:                       # as JsonlDataset.record
+                raise DataError("json", where, f"malformed JSON: {type(e).__name__}: {e}") from None
             obj = prepare(obj, where) if prepare else obj
             rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
             if check:
                 check(rec, where)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            counts["bad:json"] += 1
         except DataError as e:
             counts[f"bad:{e.reason}"] += 1
+            shown.bad(e)
         else:
             yield where, obj, rec
 
@@ -1017,12 +1027,22 @@ class Mixture:
         epoch, pos = divmod(int(k), self.epoch_size)
         return int(self.order(epoch)[pos])
 
+    def locate(self, k: int) -> tuple:
+        """(its dataset, its index there) of the sample at stream position k."""
+        g = self.sample_index(k)
+        s = int(np.searchsorted(self.offsets, g, side="right") - 1)
+        return self.datasets[s], g - int(self.offsets[s])
+
     def load(self, k: int, decode: bool = True) -> dict:
         """The sample at stream position k (raises DataError for a bad one); decode=False: without
         pixels (build_sample)."""
-        g = self.sample_index(k)
-        s = int(np.searchsorted(self.offsets, g, side="right") - 1)
-        return self.datasets[s].load(g - int(self.offsets[s]), np.random.default_rng([self.seed, k, 1]), decode)
+        ds, i = self.locate(k)
+        return ds.load(i, np.random.default_rng([self.seed, k, 1]), decode)
+
+    def where(self, k: int) -> str:
+        """'file:line' of the sample at stream position k."""
+        ds, i = self.locate(k)
+        return ds.where(i)
 
     def meta(self, k: int) -> tuple:
         """(k, tokens, visual tokens, tiles) of the sample at stream position k, what packing needs

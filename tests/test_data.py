@@ -652,7 +652,8 @@ def salted_manifest(tmp_path):
                                                             {"from": "gpt", "value": "red."}]}
     lines = [json.dumps(good(f"q{i}")) for i in range(12)]
     bad = {
-        "json": ['{"image": "ok.png", "conversations": [', "not json at all", "[" * 100_000],   # (nested too deep)
+        "json": ['{"image": "ok.png", "conversations": [', "not json at all", "[" * 100_000,    # (nested too deep)
+                 '{"image": "ok.png", "answer": ' + "1" * 5000 + "}"],    # past Python's 4,300-digit int limit
         "missing_file": [json.dumps({**good("m"), "image": "missing.png"})],
         "image": [json.dumps({**good("t"), "image": "trunc.png"})],
         "placeholder_mismatch": [json.dumps({**good("p"), "conversations": [
@@ -1062,6 +1063,23 @@ def test_prompt_inputs(tmp_path):
     assert tok.decode(pil["input_ids"].tolist()).endswith(
         f"user\n{block}\nA<|im_end|><|im_start|>assistant\nB<|im_end|><|im_start|>user\nC<|im_end|><|im_start|>assistant\n")
     assert (pil["labels"] == -100).all()
+
+
+def test_the_offline_tools_count_and_show_each_bad_line_with_file_and_line(tmp_path, capsys):
+    """manifest_records (tests/curate.py's reader) on the salted manifest: every malformed line (an
+    integer past 4,300 digits included) and every bad record counted, each shown with file and line."""
+    path, expected = salted_manifest(tmp_path)
+    counts = Counter()
+    assert len(list(data.manifest_records(path, "t", counts, progress=False))) >= 12
+    # (a record without a reply is a prompt to the offline tools; training refuses it: schema)
+    assert counts["bad:json"] == expected["json"] and counts["bad:schema"] == expected["schema"] - 1
+    shown = capsys.readouterr().err
+    for number, line in enumerate(path.read_text().split("\n"), start=1):
+        try:
+            json.loads(line)
+        except (ValueError, RecursionError):
+            if line:
+                assert f"(json): {path}:{number}: malformed JSON" in shown, number
 
 
 def test_the_offline_tools_read_manifests_as_training_does(tmp_path):
