@@ -102,7 +102,7 @@ def quality_filter(manifest, out, judge=heuristic_judge, min_vir: float = 0.05, 
             kept.append(json.dumps({**rebase_media(obj, rec, out.parent),
                                     "scores": {k: round(v, 4) for k, v in scores.items()}}, ensure_ascii=False))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    data.write_atomic(out, "".join(k + "\n" for k in kept))
     return stats
 
 
@@ -143,7 +143,7 @@ def caption_to_qa(manifest, out, generator=template_qa, pairs: int = 1, seed: in
                                ensure_ascii=False))
         stats["converted"] += 1
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    data.write_atomic(out, "".join(k + "\n" for k in kept))
     return stats
 
 
@@ -241,13 +241,17 @@ def class_names(X, labels, bucket_names: dict, top: int = 3) -> list:
     return [[bucket_names[b] for b in np.argsort(-d, kind="stable")[:top] if d[b] > 0] for d in lift]
 
 
+MAX_WORD_CHARS = 64         # a longer "word" (a hostile run of letters) is no word a truncation cut:
+                            # its prefixes would take memory quadratic in its length
+
+
 def class_stats(answers: list) -> dict:
     """What a class's answers look like, for the truncation rule. A word is seen whole when another
     word follows it or it ends an answer with final punctuation."""
     ws, ends = [words_of(a) for a in answers], [a.strip().endswith(TERMINAL) for a in answers]
     return {"median_chars": float(np.median([len(a.strip()) for a in answers])), "punct_rate": float(np.mean(ends)),
             "whole": {x for w, end in zip(ws, ends) for x in (w if end else w[:-1])},
-            "prefixes": {x[:i] for w in ws for x in w for i in range(1, len(x))}}
+            "prefixes": {x[:i] for w in ws for x in w if len(x) <= MAX_WORD_CHARS for i in range(1, len(x))}}
 
 
 def answer_rule(question: str, answer: str, stats: dict):
@@ -268,7 +272,8 @@ def answer_rule(question: str, answer: str, stats: dict):
         if top and top[0][1] >= 3 and top[0][1] * n >= 0.5 * len(w):
             return "repeated"
     qw, bigrams = words_of(question), list(zip(w, w[1:]))
-    if bigrams and sum(g in set(zip(qw, qw[1:])) for g in bigrams) >= 0.8 * len(bigrams):
+    question_bigrams = set(zip(qw, qw[1:]))
+    if bigrams and sum(g in question_bigrams for g in bigrams) >= 0.8 * len(bigrams):
         return "copies_question"
     mid_word = w and w[-1] not in stats["whole"] and w[-1] in stats["prefixes"]
     if not a.endswith(TERMINAL) and len(a) < stats["median_chars"] and (
@@ -520,7 +525,7 @@ def format_longcot(obj: dict, where: str) -> dict:
     gets "The answer is \\boxed{answer}." when the record has an "answer", else the record is bad
     ('format'); a boxed answer that disagrees with the record's "answer" (`answers_match`) is bad
     ('wrong_answer')."""
-    if "conversations" not in obj and "messages" not in obj and {"question", "cot"} <= obj.keys():
+    if isinstance(obj, dict) and "conversations" not in obj and "messages" not in obj and {"question", "cot"} <= obj.keys():
         fields = {k: v for k, v in obj.items() if k not in ("question", "cot")}
         obj = {**fields, "conversations": [{"from": "human", "value": str(obj["question"])},
                                            {"from": "gpt", "value": f"<think>{obj['cot']}</think>"}]}
@@ -587,7 +592,7 @@ def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True,
         stats[f"cot_len_2^{b}_after"] += 1
     stats["kept"] = len(kept)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(line + "\n" for _, line in kept), encoding="utf-8")
+    data.write_atomic(out, "".join(line + "\n" for _, line in kept))
     return stats
 
 

@@ -8,6 +8,7 @@ tools). Expected values are worked out by hand in the comments; inputs are a few
 tmp_path, text-only where the rule needs no media, and 64 x 64 videos of 16 frames where it does."""
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -265,6 +266,25 @@ def test_an_answer_with_exactly_80_percent_of_its_bigrams_in_the_question_copies
     """Bigrams of "the colour of the big box": 5, of which 4 are in the question (all but "big box")."""
     question = "what is the colour of the big ball"
     assert curate.answer_rule(question, "the colour of the big box.", NO_CLASS) == "copies_question"
+
+
+def test_the_answer_rules_are_linear_on_hostile_answers():
+    """An answer copying an 8,000-word question took 8 s (the question's bigrams rebuilt for each of
+    the answer's); a 100,000-letter word made 5 GB of prefixes. Both now take well under a second."""
+    words = " ".join(f"w{i}" for i in range(8000))
+    t = time.perf_counter()
+    assert curate.answer_rule(words, words + ".", NO_CLASS) == "copies_question"
+    stats = curate.class_stats(["a " + "x" * 100_000, "b."])
+    assert curate.answer_rule("q?", "a " + "x" * 100, stats) is None
+    assert time.perf_counter() - t < 1.0
+
+
+def test_clean_longcot_counts_lines_that_are_json_but_no_object(tmp_path):
+    """A line holding JSON that is no object (5, [1], "s") is a bad record, counted; it stopped the tool."""
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "<think>t</think>\\boxed{1}"}]}
+    (tmp_path / "m.jsonl").write_text("\n".join(["5", "[1]", '"s"', json.dumps(good)]) + "\n")
+    stats = curate.clean_longcot(tmp_path / "m.jsonl", tmp_path / "o.jsonl", balance=False, progress=False)
+    assert stats["kept"] == 1 and stats["bad:schema"] == 3
 
 
 def curate_text(tmp_path, pairs, **kw):
