@@ -182,11 +182,12 @@ class StreamPacker:
       "own_pack"  the sample is emitted whole, alone, in a pack of its own length (T > max_tokens;
                   counted in stats["own_pack"]).
     Samples are kept in stream order inside a pack. The plan's n_tokens is the length to use.
-    The packer knows nothing of files or models: `state_dict()` is its buffer and counters (JSON).
+    The packer knows nothing of files or models: `state_dict()` is its buffer and counters (JSON);
+    `name(index)` says which sample a warning is about (the stream's file:line where it has one).
     """
 
-    def __init__(self, cfg: PackingConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: PackingConfig, name=None):
+        self.cfg, self.name = cfg, name or (lambda index: f"sample {index}")
         self.seq = 0                      # arrival counter (tie-break; "oldest" = smallest seq)
         self.packs_emitted = 0
         self.seen_tokens = self.seen_visual = 0   # running totals: the stream's visual share
@@ -215,7 +216,7 @@ class StreamPacker:
         cap = self.cfg.max_tokens
         if meta.n_tokens <= cap:
             return meta
-        too_long = f"sample {meta.index} has {meta.n_tokens} > max_tokens={cap} tokens"
+        too_long = f"{self.name(meta.index)} has {meta.n_tokens} > max_tokens={cap} tokens"
         if self.cfg.overlong == "own_pack":
             self._count("own_pack", f"{too_long}: packed alone (overlong='own_pack')")
             return meta
@@ -489,7 +490,7 @@ class PackPlanner:
 
     def __init__(self, stream, cfg: PackingConfig, rank: int, world: int, hidden_size: int):
         self.stream, self.cfg, self.rank, self.world, self.hidden_size = stream, cfg, rank, world, hidden_size
-        self.packer, self.step, self.pending = StreamPacker(cfg), 0, {}
+        self.packer, self.step, self.pending = StreamPacker(cfg, getattr(stream, "where", None)), 0, {}
 
     def plan_step(self) -> list:
         found, plans = [], []

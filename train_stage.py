@@ -837,6 +837,12 @@ class StageBatches:
             self.mixture.record_decode_failure(k, err)
         return packs
 
+    def overlong(self) -> dict:
+        """The packer's over-long samples (> --packing.max_tokens) up to the last trained step: cut
+        (text), skipped (with images: --packing.overlong=truncate) or packed alone (own_pack)."""
+        stats = self.loader.position["packer"]["stats"]
+        return {"truncated": stats["truncated"], "skipped": stats["skipped_overlong"], "own_pack": stats["own_pack"]}
+
     def state_dict(self) -> dict:
         pos = self.loader.state_dict()
         return {"data": self.mixture.state_dict(pos["cursor"]), "packer": pos["packer"], "steps": pos["steps"]}
@@ -1167,10 +1173,11 @@ def save_stage_output(cfg: StageConfig, step: int, model, batches: StageBatches,
                       losses: dict, rank: int, world: int, files: dict, model_cfg: modeling.SAILVLConfig, log) -> str:
     """The stage output out/<stage>/: the weights, meta.json (`losses`: first, final and held-out;
     AdaLRS; the bad-data counts) and `files` (metrics.jsonl, the tokenizer); returns its folder."""
-    bad = batches.mixture.bad
-    log(f"data: {bad.report()}")
+    bad, overlong = batches.mixture.bad, batches.overlong()
+    log(f"data: {bad.report()}; over-long samples: " + ", ".join(f"{k} {n}" for k, n in overlong.items()))
     meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), **losses,
-            "adalrs": search.state_dict() if search else None, "bad_data": {"seen": bad.seen, "counts": dict(bad.counts)}}
+            "adalrs": search.state_dict() if search else None,
+            "bad_data": {"seen": bad.seen, "counts": dict(bad.counts), "overlong": overlong}}
     modeling.save_checkpoint(stage_dir(cfg), model, meta, rank, world, model_cfg=model_cfg, extra_files=files)
     return stage_dir(cfg)
 

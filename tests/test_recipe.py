@@ -146,6 +146,7 @@ def test_a_salted_manifest_trains_to_the_end_and_reports_exact_counts(synth, tmp
     assert res.returncode == 0, res.stderr[-3000:]
     meta = modeling.verify_checkpoint(f"{tmp_path}/out/vit3")
     assert meta["bad_data"]["counts"] == expected and meta["bad_data"]["seen"] == 46   # distinct samples
+    assert meta["bad_data"]["overlong"] == {"truncated": 0, "skipped": 0, "own_pack": 0}    # all fit a pack
     reported = [ln for ln in res.stderr.splitlines() if "skipping bad sample" in ln]
     assert len(reported) == 6 and all("salted.jsonl:" in ln for ln in reported)       # once each, file and line
 
