@@ -589,6 +589,16 @@ def hold_matrices_in(lm: Qwen3LM, dtype):
             m.to(dtype)
 
 
+def parse_device(text: str) -> torch.device:
+    """A command line's --device: cpu, or cuda[:N] for one of this machine's CUDA devices
+    (ValueError with the reason otherwise)."""
+    gpus, m = torch.cuda.device_count(), re.fullmatch(r"cpu|cuda(?::(\d+))?", text)
+    if not m or (text != "cpu" and (not gpus or (m[1] is not None and int(m[1]) >= gpus))):
+        here = f"{gpus} CUDA devices here: N < {gpus}" if gpus else "no CUDA device here"
+        raise ValueError(f"expected cpu or cuda[:N] ({here}), got {text!r}")
+    return torch.device(text)
+
+
 def for_generation(model, device):
     """`model` on `device` in eval mode, where the device computes in bf16 (CUDA: COMPUTE_DTYPE) its
     LLM's matrices held in bf16 as RL's generation copy holds them, cast before they move (a 30b-a3b

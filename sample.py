@@ -583,7 +583,8 @@ def concat_pixels(pixels: list):
 
 def generate_batch(model, tok, items: list) -> list:
     """Greedy replies to `items` in one `generate` call; each row is cut to its own budget and its first
-    stop (rows decode on after theirs), so the result does not depend on which rows share the batch."""
+    stop (rows decode on after theirs), so the result does not depend on which rows share the batch
+    (in fp32; in bf16 on a GPU other batch shapes round differently, and a near-tie can flip)."""
     stop, device = stop_ids(tok), modeling.model_device(model)
     with modeling.autocast(device):
         out = model.generate([it.ids for it in items], modeling.on_device(concat_pixels([it.pixels for it in items]), device),
@@ -1049,9 +1050,11 @@ def cli(argv):
         raise UsageError(f"--eval answers each record's own question and media, greedily: {ignored} do not apply")
     if not args.eval and (ignored := given("blank", "limit", "batch_size", "out")):
         raise UsageError(f"{ignored}: only with --eval")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or (args.device != "cpu" and not torch.cuda.is_available()):
-        raise UsageError(f"--device {args.device}: expected cpu or cuda[:N] (CUDA available: {torch.cuda.is_available()})")
-    if (device := torch.device(args.device)).index is not None:   # what CUDA makes on "cuda" (streams, graphs)
+    try:
+        device = modeling.parse_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+    if device.index is not None:               # what CUDA makes on "cuda" (streams, graphs)
         torch.cuda.set_device(device)          # goes to the current device (plain "cuda" is the current one)
     model, tok, dcfg = load(args.ckpt, args.device)
     if args.eval:

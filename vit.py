@@ -391,7 +391,8 @@ class Patchifier(nn.Module):
         self.proj = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=True)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x):                                    # (N, 3, H, W)
+    def forward(self, x):                                    # (N, 3, H, W), fp32 pixels
+        x = x.to(self.proj.weight.dtype)                     # a model held in bf16 without autocast
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))   # (N, h*w, D)
 
 

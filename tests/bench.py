@@ -1155,10 +1155,11 @@ def positive(text: str) -> int:
 
 
 def device(text: str) -> str:
-    """cpu or cuda[:N], the latter only where CUDA is (as sample.py's --device)."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text) or (text != "cpu" and not torch.cuda.is_available()):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N] (CUDA available: {torch.cuda.is_available()}), "
-                                         f"got {text!r}")
+    """cpu or cuda[:N], the latter only for a CUDA device here (model.parse_device, as sample.py's --device)."""
+    try:
+        modeling.parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

@@ -11,7 +11,6 @@ held-out samples and writes the calibrated checkpoint (model.save_checkpoint).
 """
 import math
 import os
-import re
 import sys
 
 import repo_path
@@ -87,9 +86,10 @@ def check_options(args):
     for name in ("rank", "steps", "max_tokens", "max_samples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or (args.device != "cpu" and not torch.cuda.is_available()):
-        raise UsageError(f"--device {args.device}: expected cpu or cuda[:N] (CUDA available: "
-                         f"{torch.cuda.is_available()})")
+    try:
+        modeling.parse_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
     if not os.path.isdir(args.ckpt):
         raise UsageError(f"--ckpt {args.ckpt}: no such folder")
     if not os.path.isfile(os.path.join(args.ckpt, "config.json")):

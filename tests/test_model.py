@@ -106,6 +106,20 @@ def test_packed_forward_under_bf16_autocast_with_fp32_weights():
             torch.testing.assert_close(packed[a:b], want, atol=0.05, rtol=0.05)
 
 
+def test_a_model_held_in_bf16_takes_fp32_pixels_without_autocast():
+    """tests/calibrate.py --dtype bfloat16 holds the whole model in bf16 and runs it without autocast:
+    the fp32 pixels (vit.to_pixels) meet the bf16 patch projection, whose dtype they take (the conv
+    refused the mix), and the logits follow the fp32 model's."""
+    torch.manual_seed(0)
+    model = modeling.build_model("tiny").eval()
+    ids = torch.tensor([[1, 2] + [model.cfg.img_context_token_id] * model.cfg.tokens_per_tile + [3]])
+    pixels = torch.rand(1, 3, model.cfg.vision_config.image_size, model.cfg.vision_config.image_size)
+    with torch.no_grad():
+        want = model(ids, pixels).logits
+        got = model.to(torch.bfloat16)(ids, pixels).logits.float()
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.1)
+
+
 def hf_aimv2(seed=0, image_size=56, hidden=32, heads=4):
     torch.manual_seed(seed)
     cfg = Aimv2VisionConfig(hidden_size=hidden, intermediate_size=72, num_hidden_layers=2, num_attention_heads=heads,

@@ -776,10 +776,12 @@ def test_cli_accepts_the_edges_of_the_sampling_ranges(tmp_path, tiny, monkeypatc
 def test_cli_makes_the_device_it_is_given_the_current_one(tmp_path, tiny, monkeypatch, capsys):
     """--device cuda:1: the kernels' Triton launches go to the current CUDA device, so it is made cuda:1
     before the model loads there (else they run on cuda:0 with cuda:1's pointers); plain --device cuda
-    is the current device already (set_device refuses a device without an index). (torch.cuda stubbed.)"""
+    is the current device already (set_device refuses a device without an index); --device cuda:2 on
+    two GPUs is one usage error, not CUDA's traceback. (torch.cuda stubbed: two devices.)"""
     _, tok, dcfg = tiny
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     def set_device(d):
         torch._utils._get_device_index(d, optional=False)          # torch's own check: an index is required
         calls.append(("set_device", str(d)))
@@ -790,6 +792,12 @@ def test_cli_makes_the_device_it_is_given_the_current_one(tmp_path, tiny, monkey
     for device in ("cuda:1", "cuda"):
         sample.main(["--ckpt", str(tmp_path), "--eval", str(tmp_path / "one.jsonl"), "--device", device])
     assert calls == [("set_device", "cuda:1"), ("load", "cuda:1"), ("load", "cuda")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path), "--eval", str(tmp_path / "one.jsonl"), "--device", "cuda:2"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(
+        "--device: expected cpu or cuda[:N] (2 CUDA devices here: N < 2), got 'cuda:2'")
+    assert len(calls) == 3                                           # refused before anything moved
 
 
 def test_cli_eval_of_a_file_with_no_usable_sample_is_one_error_line(tmp_path, tiny, monkeypatch, capsys):
