@@ -1103,8 +1103,9 @@ def fsync(path: str):
 def replace_dir(tmp: str, path: str):
     """Flush the finished folder `tmp` to disk, give it the permissions os.makedirs would, and rename
     it to `path`. An old `path` is moved aside to <path>.old-* first and removed after (moved back if
-    the rename fails); after a crash between the two renames restore_moved_aside, which every writer
-    and reader of `path` calls first, puts it back."""
+    the rename fails; renamed <path>.trash-* before its removal); after a crash between the two renames
+    restore_moved_aside, which every writer and reader of `path` calls first, puts it back. What a
+    crash left beside a `path` in place is removed here."""
     for root, _, names in os.walk(tmp):
         for name in names:
             fsync(os.path.join(root, name))
@@ -1115,6 +1116,8 @@ def replace_dir(tmp: str, path: str):
     parent = os.path.dirname(os.path.abspath(path))
     old = None
     if os.path.exists(path):
+        for stale in glob.glob(glob.escape(path) + ".old-*") + glob.glob(glob.escape(path) + ".trash-*"):
+            shutil.rmtree(stale, ignore_errors=True)   # what a crash left while `path` was in place: not needed
         old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
         os.rmdir(old)
         os.replace(path, old)
@@ -1125,8 +1128,10 @@ def replace_dir(tmp: str, path: str):
             os.replace(old, path)
         raise
     fsync(parent)                                       # the renames themselves survive a power loss
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    if old:                                             # renamed first: a removal cut short is never put back
+        trash = old.replace(os.path.basename(path) + ".old-", os.path.basename(path) + ".trash-", 1)
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def restore_moved_aside(path: str):
@@ -1550,8 +1555,14 @@ def find_resume_checkpoint(folder: str, log) -> Optional[str]:
     return None
 
 
-def prune_checkpoints(folder: str, keep: int):
-    for path in step_checkpoints(folder)[:-keep] if keep > 0 else []:
+def prune_checkpoints(folder: str, keep: int, step: int):
+    """After step checkpoint `step` is written: the newest `keep` (0: all) up to it stay. Later ones
+    are an abandoned run's (a --resume from an earlier step): they go, so that neither they count as
+    the newest nor a bare --resume takes them."""
+    paths = step_checkpoints(folder)
+    later = [p for p in paths if int(os.path.basename(p)[5:]) > step]
+    upto = [p for p in paths if p not in later]
+    for path in later + (upto[:-keep] if keep > 0 else []):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -1485,7 +1485,7 @@ def save_rl_checkpoint(cfg: RLConfig, episode: int, model, opt, gen, files: dict
                              {"rng": modeling.rng_state(), "generator": gen.get_state()},
                              extra_files=files, model_cfg=model.cfg, opt=opt)
     if rank == 0:
-        modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
+        modeling.prune_checkpoints(rdir, cfg.keep_checkpoints, episode)
 
 
 def generation_and_update_memory(cfg: RLConfig, model, log) -> tuple:

@@ -1166,7 +1166,7 @@ def save_step_checkpoint(cfg: StageConfig, step: int, model, opt, batches: Stage
     modeling.save_checkpoint(os.path.join(rdir, f"step-{step:06d}"), model, meta, rank, world, rank_state,
                              extra_files=tok_files, model_cfg=model_cfg, opt=opt)
     if rank == 0:
-        modeling.prune_checkpoints(rdir, cfg.keep_checkpoints)
+        modeling.prune_checkpoints(rdir, cfg.keep_checkpoints, step)
 
 
 def save_stage_output(cfg: StageConfig, step: int, model, batches: StageBatches, search: Optional[AdaLRS],
@@ -1443,8 +1443,11 @@ def resume_checkpoint(opts: dict, cfg: StageConfig, log) -> Optional[str]:
 
 
 def run_stage(stage: str, overrides: list = (), resume: Optional[str] = None) -> str:
-    """Programmatic entry (tests, benchmarks, the recipe): run `stage` with `--key=value` overrides."""
-    cfg, model_cfg, _ = parse_args(["--stage", stage, *overrides])
+    """Programmatic entry (tests, benchmarks, the recipe): run `stage` with `--key=value` overrides,
+    from the step checkpoint `resume` if given."""
+    cfg, model_cfg, given = parse_args(["--stage", stage, *overrides])
+    if "resume" in given:                    # else a fresh start, which removes the run's checkpoints
+        raise UsageError("run_stage: pass resume=STEP_CHECKPOINT, not a --resume override")
     return train(cfg, model_cfg, resume)
 
 

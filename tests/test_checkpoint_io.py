@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -134,6 +135,27 @@ def test_replace_dir_flushes_every_file_and_folder_then_the_renames(tmp_path, mo
     assert sorted(seen[:-1]) == sorted([tmp, os.path.join(tmp, "a.txt"), os.path.join(tmp, "sub"),
                                         os.path.join(tmp, "sub", "b.txt")])
     assert seen[-1] == os.path.realpath(tmp_path)
+
+
+def test_a_removal_cut_short_is_never_put_back(tmp_path, monkeypatch):
+    """A crash while replace_dir removed the old folder left a half-removed <path>.old-* whose removals
+    made it the newest; a later crash between the renames then put that one back, not the complete
+    folder. The old folder is now renamed <path>.trash-* before its removal, and the next write
+    removes what such crashes left while <path> was in place."""
+    target = tmp_path / "ck"
+    modeling.atomic_write_dir(str(target), writes("one"))
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda p, ignore_errors=False: None)     # the removal never ran
+    modeling.atomic_write_dir(str(target), writes("two"))
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert sorted(os.listdir(tmp_path))[0] == "ck" and sorted(os.listdir(tmp_path))[1].startswith("ck.trash-")
+    os.makedirs(tmp_path / "ck.old-half")                       # a half-removed one of an older version, newest
+    os.utime(tmp_path / "ck.old-half", (4_000_000_000, 4_000_000_000))
+    modeling.atomic_write_dir(str(target), writes("three"))
+    assert sorted(os.listdir(tmp_path)) == ["ck"]                # every leftover removed
+    os.replace(target, tmp_path / "ck.old-x1y2")                # a crash between the next write's renames
+    modeling.restore_moved_aside(str(target))
+    assert (target / "a.txt").read_text() == "three"
 
 
 def test_the_newest_moved_aside_folder_is_the_one_put_back(tmp_path):
@@ -359,7 +381,7 @@ def test_staging_and_moved_aside_folders_are_not_step_checkpoints(tmp_path):
     for n in names:
         os.makedirs(tmp_path / n)
     assert modeling.step_checkpoints(str(tmp_path)) == [str(tmp_path / "step-000002")]
-    modeling.prune_checkpoints(str(tmp_path), 1)
+    modeling.prune_checkpoints(str(tmp_path), 1, 2)
     assert sorted(os.listdir(tmp_path)) == names
 
 

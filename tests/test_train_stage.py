@@ -980,10 +980,24 @@ def test_a_fresh_start_removes_an_earlier_runs_checkpoints(synth, tmp_path):
     assert modeling.find_resume_checkpoint(f"{tmp_path}/lm0.run", lambda *a: None) == kept[-1]
 
 
+def test_a_resume_from_an_earlier_checkpoint_removes_the_abandoned_runs_later_ones(synth, tmp_path):
+    """--resume=<step-2> of a run that saved steps 2, 4 and 6: its steps 4 and 6 are another history.
+    Kept, they outranked the resumed run's own step-3 (pruned as soon as written, with
+    --keep_checkpoints=1) and a bare --resume would have continued the abandoned run."""
+    args = ["--init-from=random", f"--data_dir={synth}", f"--out_dir={tmp_path}", "--packing.max_tokens=256",
+            "--eval_every=0"]
+    train_stage.run_stage("lm0", [*args, "--steps=6", "--save_every=2", "--keep_checkpoints=3"])
+    run = f"{tmp_path}/lm0.run"
+    train_stage.run_stage("lm0", [*args, "--steps=5", "--save_every=3", "--keep_checkpoints=1"],
+                          resume=f"{run}/step-000002")
+    assert [os.path.basename(p) for p in modeling.step_checkpoints(run)] == ["step-000003"]
+    assert modeling.find_resume_checkpoint(run, lambda *a: None) == f"{run}/step-000003"
+
+
 def test_step_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
     for n in (999_998, 1_000_000, 999_999):
         os.makedirs(tmp_path / f"step-{n:06d}")
-    modeling.prune_checkpoints(str(tmp_path), 2)
+    modeling.prune_checkpoints(str(tmp_path), 2, 1_000_000)
     assert sorted(os.listdir(tmp_path)) == ["step-1000000", "step-999999"]
 
 
