@@ -246,4 +246,5 @@ def test_sample_device_option_moves_every_input_to_the_models_device(synth):
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run([sys.executable, "sample.py", "--ckpt", str(synth), "--device", "cuda"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--device cuda" in res.stderr
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--device: " in res.stderr \
+        and "got 'cuda'" in res.stderr
