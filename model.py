@@ -1376,6 +1376,9 @@ def load_sharded(folder: str, model, opt, saved: dict):
                              options=StateDictOptions(strict=False))   # strict would demand state for every param
 
 
+STAGING_MARK = ".rank0"         # a checkpoint's staging folder holds it until rank 0 renames the folder
+
+
 def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_state: dict = None,
                     extra_files: dict = None, model_cfg: SAILVLConfig = None, opt=None):
     """The one checkpoint writer (the layouts above): files go into a staging folder beside `path`,
@@ -1408,11 +1411,20 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
                                   + (f" (rank {failed[0]})" if world > 1 else "") + " (the previous checkpoint, if any, is kept)")
         return [x for x, _ in got]
 
+    token = os.urandom(8).hex() if rank == 0 else None   # rank 0's mark in the staging folder
+
     def make_staging():
         restore_moved_aside(os.path.abspath(path))
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
-    agree(on_rank0(make_staging))
+        Path(staging, STAGING_MARK).write_text(token)
+    token = agree(on_rank0(make_staging), token)[0]
+    # every rank writes into rank 0's folder: on several nodes it must be one file system they share
+    # (a node-local --out_dir gave each node its own folder, and rank 0 renamed a checkpoint missing theirs)
+    seen = Path(staging, STAGING_MARK).read_text() if os.path.isfile(os.path.join(staging, STAGING_MARK)) else None
+    agree(None if seen == token else RuntimeError(
+        f"{staging}, made by rank 0, is not there on this rank: the output folder must be on a file system "
+        "every node shares"))
     mine, optim, err = [], None, None                # the files this rank writes, hashed here
     if opt is not None:
         try:
@@ -1435,6 +1447,8 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
             for name, src in (extra_files or {}).items():
                 shutil.copyfile(src, os.path.join(staging, name))
                 mine.append(name)
+        for name in mine:                # each rank its own files: another node's fsync may not reach them
+            fsync(os.path.join(staging, name))
         files = {name: file_record(os.path.join(staging, name)) for name in mine}
     except OSError as e:
         files, err = {}, e
@@ -1444,6 +1458,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
         full = dict(meta, world_size=world, resumable=opt is not None, optimizer=optim,
                     files=dict(sorted(every.items())), kind="model" if model is not None else "data")
         Path(staging, "meta.json").write_text(json.dumps(full, indent=1))
+        os.remove(os.path.join(staging, STAGING_MARK))
         replace_dir(staging, path)
     agree(on_rank0(finish))
 

@@ -1520,6 +1520,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     train_stage.writable_dir(cfg.out_dir)
     rank, world, device = train_stage.setup_distributed()
     log = lambda *a: train_stage.print0(rank, *a)                       # noqa: E731
+    resume = modeling.all_gather(resume)[0]      # rank 0's choice: nodes may list the run folder differently
     modeling.seed_all(cfg.seed + rank)
     require_sources(cfg)
     model, model_cfg = train_stage.place_model(cfg, modeling.preset_config(cfg.preset), rank, world, device, log)

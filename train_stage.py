@@ -1195,6 +1195,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     """Run one stage; returns its output folder out/<stage>/."""
     rank, world, device = setup_distributed(cfg.fsdp)
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
+    resume = modeling.all_gather(resume)[0]      # rank 0's choice: nodes may list the run folder differently
     tok, tok_files, model_cfg = start_stage(cfg, model_cfg, rank, log)
 
     model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)

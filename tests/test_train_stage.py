@@ -846,6 +846,33 @@ def test_a_write_that_fails_on_one_rank_fails_on_every_rank_without_a_hang(tmp_p
     assert not os.path.exists(tmp_path / "ck") and not os.path.exists(tmp_path / "ck.staging")
 
 
+def _ranks_on_their_own_disks(rank, world, init_file, base):
+    import torch.distributed as dist
+    os.chdir(os.path.join(base, f"node{rank}"))       # a relative --out_dir: each "node" its own disk
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    m = modeling.build_model("tiny", seed=0)
+    try:
+        modeling.save_checkpoint("out/ck", m, {"stage": "x"}, rank, world, {}, opt=torch.optim.SGD(m.parameters(), lr=0.1))
+    except modeling.CheckpointError as e:
+        open(os.path.join(base, f"error{rank}"), "w").write(str(e))
+    train_stage.shutdown_distributed()
+    train_stage.exit_process()
+
+
+def test_a_step_checkpoint_on_node_local_disks_is_one_clear_error(tmp_path):
+    """Ranks on nodes that do not share the output folder: each wrote its shards into a folder of its
+    own node (torch.distributed.checkpoint makes it), and rank 0 renamed a checkpoint without them,
+    which every resume then refused. Now every rank first looks for rank 0's staging folder."""
+    import torch.multiprocessing as mp
+    for r in range(2):
+        os.makedirs(tmp_path / f"node{r}")
+    mp.spawn(_ranks_on_their_own_disks, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    errors = [open(tmp_path / f"error{r}").read() for r in range(2)]
+    assert errors[0] == errors[1] and "a file system every node shares (rank 1)" in errors[0]
+    assert not os.path.exists(tmp_path / "node0" / "out" / "ck") and os.listdir(tmp_path / "node0" / "out") == []
+    assert not os.path.exists(tmp_path / "node1" / "out")                      # rank 1 wrote nothing
+
+
 def test_a_full_disk_while_shards_are_written_keeps_the_previous_step_checkpoint(tmp_path, monkeypatch):
     m = modeling.build_model("tiny", seed=0)
     opt = torch.optim.AdamW(m.parameters())
@@ -1038,6 +1065,33 @@ def test_resume_in_the_middle_of_an_adalrs_trial_is_bit_identical(synth, tmp_pat
     wa = load_file(f"{tmp_path}/ref/pretrain1/model.safetensors")
     wb = load_file(f"{tmp_path}/again/pretrain1/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+RESUME_ON_RANK0_ONLY = r"""
+import os, sys
+sys.path.insert(0, os.environ["REPO"])
+import train_stage
+args = ["--init-from=random", "--data_dir=" + os.environ["SYNTH"], "--out_dir=" + os.environ["OUT"], "--steps=3",
+        "--save_every=1", "--packing.max_tokens=384", "--eval_every=0", "--warmup_steps=1"]
+mine = os.environ["CK"] if os.environ["RANK"] == "0" else None       # rank 1's file system lists no checkpoint
+train_stage.run_command(lambda: train_stage.run_stage("vit3", args, resume=mine))
+"""
+
+
+def test_every_rank_resumes_from_rank_0s_choice(synth, tmp_path):
+    """Each rank found its resume checkpoint in the run folder itself, before the process group
+    existed: nodes whose shared file system listed it differently loaded different steps (or one
+    started afresh) and met in mismatched collectives. Rank 0's choice now holds on every rank."""
+    one = run(["train_stage.py", "--stage", "vit3", f"--data_dir={synth}", "--steps=3", "--save_every=1",
+               "--packing.max_tokens=384", "--eval_every=0", "--warmup_steps=1", "--init-from=random",
+               f"--out_dir={tmp_path}/one"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    (tmp_path / "resume.py").write_text(RESUME_ON_RANK0_ONLY)
+    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "resume.py")],
+              env_extra={"REPO": ROOT, "SYNTH": str(synth), "OUT": str(tmp_path / "two"),
+                         "CK": f"{tmp_path}/one/vit3.run/step-000001"}, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "resume: continuing from" in two.stdout and "step 00001/" not in two.stdout and "step 00003/" in two.stdout
 
 
 def test_step_checkpoints_reshard_from_one_process_to_two_and_back(synth, tmp_path):
