@@ -1379,6 +1379,18 @@ def load_sharded(folder: str, model, opt, saved: dict):
 STAGING_MARK = ".rank0"         # a checkpoint's staging folder holds it until rank 0 renames the folder
 
 
+def unshared_staging(staging: str, token: str) -> Optional[Exception]:
+    """None when this rank sees the staging folder rank 0 made (its mark holds `token`), else the
+    error. Every rank writes into that folder: on several nodes it must be on a file system they
+    share (a node-local --out_dir gave each node its own folder, and rank 0 renamed a checkpoint
+    without the others' files)."""
+    mark = os.path.join(staging, STAGING_MARK)
+    if os.path.isfile(mark) and Path(mark).read_text() == token:
+        return None
+    return RuntimeError(f"{staging}, made by rank 0, is not there on this rank: the output folder must be on a "
+                        "file system every node shares")
+
+
 def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_state: dict = None,
                     extra_files: dict = None, model_cfg: SAILVLConfig = None, opt=None):
     """The one checkpoint writer (the layouts above): files go into a staging folder beside `path`,
@@ -1419,12 +1431,7 @@ def save_checkpoint(path: str, model, meta: dict, rank: int, world: int, rank_st
         os.makedirs(staging)
         Path(staging, STAGING_MARK).write_text(token)
     token = agree(on_rank0(make_staging), token)[0]
-    # every rank writes into rank 0's folder: on several nodes it must be one file system they share
-    # (a node-local --out_dir gave each node its own folder, and rank 0 renamed a checkpoint missing theirs)
-    seen = Path(staging, STAGING_MARK).read_text() if os.path.isfile(os.path.join(staging, STAGING_MARK)) else None
-    agree(None if seen == token else RuntimeError(
-        f"{staging}, made by rank 0, is not there on this rank: the output folder must be on a file system "
-        "every node shares"))
+    agree(unshared_staging(staging, token))
     mine, optim, err = [], None, None                # the files this rank writes, hashed here
     if opt is not None:
         try:
