@@ -798,6 +798,15 @@ class BadData:
         self.seen, self.counts = state["seen"], Counter(state["counts"])
 
 
+def json_line(line: bytes, where: str):
+    """One manifest line's JSON value, or DataError 'json' naming `where`: malformed, not UTF-8, an
+    integer of more than 4,300 digits (Python's limit), nested past Python's recursion limit."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError) as e:         # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError("json", where, f"malformed JSON: {type(e).__name__}: {e}") from None
+
+
 class JsonlDataset:
     """One JSONL manifest, indexed by line offsets; `load(i)` returns a sample or raises DataError."""
 
@@ -827,11 +836,7 @@ class JsonlDataset:
         with open(self.path, "rb") as f:
             f.seek(int(self.offsets[i]))
             line = f.readline()
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as e:   # malformed, not UTF-8, an integer of more than 4,300
-            raise DataError("json", self.where(i), f"malformed JSON: {type(e).__name__}: {e}") from None  # digits,
-                                                    # nested past Python's recursion limit
+        obj = json_line(line, self.where(i))
         base = Path(self.cfg.image_root).resolve() if self.cfg.image_root else self.path.parent
         return parse_record(obj, base, self.where(i), self.path.stem)
 
@@ -877,10 +882,7 @@ def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True
             continue
         where = f"{manifest}:{number}"
         try:
-            try:
-                obj = json.loads(line.decode("utf-8"))
-            except (ValueError, RecursionError) as e:                       # as JsonlDataset.record
-                raise DataError("json", where, f"malformed JSON: {type(e).__name__}: {e}") from None
+            obj = json_line(line, where)
             obj = prepare(obj, where) if prepare else obj
             rec = parse_record(obj, manifest.parent.resolve(), where, manifest.stem)
             if check:

@@ -1129,7 +1129,7 @@ def replace_dir(tmp: str, path: str):
         raise
     fsync(parent)                                       # the renames themselves survive a power loss
     if old:                                             # renamed first: a removal cut short is never put back
-        trash = old.replace(os.path.basename(path) + ".old-", os.path.basename(path) + ".trash-", 1)
+        trash = os.path.join(parent, os.path.basename(old).replace(".old-", ".trash-", 1))
         os.replace(old, trash)
         shutil.rmtree(trash, ignore_errors=True)
 

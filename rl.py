@@ -865,9 +865,9 @@ def sample_groups(policy, tok, pool: PromptPool, cfg, generator, judge=None) -> 
         kept += kept_groups(rolls, cfg)
     set_advantages(kept, cfg, cfg.seed + len(all_rolls))
     sums = modeling.all_reduce([len(all_rolls), sum(r.reward for r in all_rolls), sum(r.answer_r for r in all_rolls),
-                       sum(r.format_r for r in all_rolls), sum(r.think_r for r in all_rolls),
-                       sum(len(r.completion) for r in all_rolls), sum(r.truncated for r in all_rolls),
-                       len(kept) // cfg.group_size, seen], device)
+                                sum(r.format_r for r in all_rolls), sum(r.think_r for r in all_rolls),
+                                sum(len(r.completion) for r in all_rolls), sum(r.truncated for r in all_rolls),
+                                len(kept) // cfg.group_size, seen], device)
     n = max(1.0, sums[0])
     stats = {"reward": sums[1] / n, "acc": sums[2] / n, "fmt": sums[3] / n, "think": sums[4] / n,
              "len": sums[5] / n, "trunc": sums[6] / n, "kept": int(sums[7]), "groups": int(sums[8])}

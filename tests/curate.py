@@ -101,7 +101,6 @@ def quality_filter(manifest, out, judge=heuristic_judge, min_vir: float = 0.05, 
             stats["kept"] += 1
             kept.append(json.dumps({**rebase_media(obj, rec, out.parent),
                                     "scores": {k: round(v, 4) for k, v in scores.items()}}, ensure_ascii=False))
-    out.parent.mkdir(parents=True, exist_ok=True)
     data.write_atomic(out, "".join(k + "\n" for k in kept))
     return stats
 
@@ -142,7 +141,6 @@ def caption_to_qa(manifest, out, generator=template_qa, pairs: int = 1, seed: in
         kept.append(json.dumps({**rebase_media({}, rec, out.parent), "conversations": conv, "task": "caption_qa"},
                                ensure_ascii=False))
         stats["converted"] += 1
-    out.parent.mkdir(parents=True, exist_ok=True)
     data.write_atomic(out, "".join(k + "\n" for k in kept))
     return stats
 
@@ -591,7 +589,6 @@ def clean_longcot(manifest, out, max_overlap: float = 0.8, balance: bool = True,
     for b, _ in kept:
         stats[f"cot_len_2^{b}_after"] += 1
     stats["kept"] = len(kept)
-    out.parent.mkdir(parents=True, exist_ok=True)
     data.write_atomic(out, "".join(line + "\n" for _, line in kept))
     return stats
 
