@@ -663,16 +663,16 @@ def record_item(tok, dcfg, rec, think, blank: bool, max_new_tokens):
     return Item(s["input_ids"].tolist(), pixels, budget, expect), (rec.task, rec.turns[-1][1], t)
 
 
-def read_records(path, limit=None, bad=None) -> list:
-    """The first `limit` records of a manifest (all when None); bad lines are counted in `bad`."""
+def read_records(path, limit, bad: data.BadData) -> list:
+    """The first `limit` records of a manifest (all when None); bad lines are counted in `bad`, which
+    shows the first ones with file and line."""
     ds = data.JsonlDataset(path, None, None)
     recs = []
     for i in range(len(ds))[:limit]:
         try:
             recs.append(ds.record(i))
         except data.DataError as e:
-            if bad is not None:
-                bad.bad(e)
+            bad.bad(e)
     return recs
 
 
@@ -744,10 +744,11 @@ def chance_key(rec):
 
 def chance(synth_dir, families=None, split="eval", limit=EVAL_LIMIT) -> dict:
     """{family: share of the most common answer}: what always giving that answer scores. For caption
-    the "answer" is the set of objects (colour, shape, position), so the share is near 0."""
-    out = {}
+    the "answer" is the set of objects (colour, shape, position), so the share is near 0. Bad lines
+    are shown (file and line) and left out, as `evaluate_families` leaves them out."""
+    out, bad = {}, data.BadData(max_fraction=1.0)
     for f in families or synth_families(synth_dir, split):
-        keys = Counter(chance_key(r) for r in read_records(Path(synth_dir) / f / f"{split}.jsonl", limit))
+        keys = Counter(chance_key(r) for r in read_records(Path(synth_dir) / f / f"{split}.jsonl", limit, bad))
         out[f] = max(keys.values()) / sum(keys.values()) if keys else 0.0
     return out
 

@@ -383,17 +383,21 @@ def test_blank_mode_shows_white_images_of_the_same_shapes(tiny, synth):
                               atol=1e-6)
 
 
-def test_chance_is_the_majority_share(tmp_path):
+def test_chance_is_the_majority_share(tmp_path, capsys):
     def write(family, lines):
         (tmp_path / family).mkdir()
-        (tmp_path / family / "eval.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (tmp_path / family / "eval.jsonl").write_text("".join(x if isinstance(x, str) else json.dumps(x) + "\n"
+                                                              for x in lines))
     conv = lambda a: {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": a}]}
-    write("count", [{**conv("x"), "answer": a} for a in ("2", "2.0", "3", "4", "2", "5")])
+    # a bad line is shown with its file and line, and left out as the evaluation leaves it out
+    write("count", [{**conv("x"), "answer": a} for a in ("2", "2.0")] + ["{not json\n"] +
+          [{**conv("x"), "answer": a} for a in ("3", "4", "2")])
     write("caption", [conv("a red circle at the top left."), conv("A red circle at the top left"),
                       conv("a blue circle at the top left.")])
     write("text", [{"text": t} for t in ("the word is kite.", "a b kite.", "x water.", "y z.")])
-    got = sample.chance(tmp_path, limit=5)
+    got = sample.chance(tmp_path, limit=6)
     assert got == {"caption": 2 / 3, "text": 2 / 4, "count": 3 / 5}
+    assert "count/eval.jsonl:3" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
