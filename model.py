@@ -1580,11 +1580,14 @@ def find_resume_checkpoint(folder: str, log) -> Optional[str]:
 def prune_checkpoints(folder: str, keep: int, step: int):
     """After step checkpoint `step` is written: the newest `keep` (0: all) up to it stay. Later ones
     are an abandoned run's (a --resume from an earlier step): they go, so that neither they count as
-    the newest nor a bare --resume takes them."""
+    the newest nor a bare --resume takes them. So do the half-written folders a crash left
+    (step-N.staging, step-N.tmp-*: as large as a checkpoint), now that this rank's writing is done;
+    a moved-aside step-N.old-* stays for restore_moved_aside."""
     paths = step_checkpoints(folder)
     later = [p for p in paths if int(os.path.basename(p)[5:]) > step]
     upto = [p for p in paths if p not in later]
-    for path in later + (upto[:-keep] if keep > 0 else []):
+    leftovers = [os.path.join(folder, d) for d in os.listdir(folder) if re.fullmatch(r"step-\d+\.(staging|tmp-.*)", d)]
+    for path in later + (upto[:-keep] if keep > 0 else []) + leftovers:
         shutil.rmtree(path, ignore_errors=True)
 
 

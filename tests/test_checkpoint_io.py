@@ -374,15 +374,16 @@ def test_a_step_checkpoint_with_a_torn_meta_json_is_skipped_for_the_previous_one
     assert not modeling.is_finished_stage(str(run / "step-000004"))
 
 
-def test_staging_and_moved_aside_folders_are_not_step_checkpoints(tmp_path):
-    """Beside step-N the run folder may hold what a crash left (step-N.staging, step-N.old-*,
-    step-N.tmp-*): they are neither resume candidates nor pruned as checkpoints."""
-    names = ["step-000002", "step-000003.old-ab12", "step-000004.staging", "step-000005.tmp-cd34"]
+def test_what_a_crash_left_is_no_step_checkpoint_and_pruning_clears_the_half_written_ones(tmp_path):
+    """Beside step-N the run folder may hold what a crash left (step-N.staging, step-N.tmp-*,
+    step-N.old-*): none is a resume candidate. The half-written ones, each as large as a checkpoint,
+    go when the next checkpoint is pruned; a moved-aside folder stays for restore_moved_aside."""
+    names = ["step-000002", "step-000003.old-ab12", "step-000004.staging", "step-000005.tmp-cd34", "notes.staging"]
     for n in names:
         os.makedirs(tmp_path / n)
     assert modeling.step_checkpoints(str(tmp_path)) == [str(tmp_path / "step-000002")]
     modeling.prune_checkpoints(str(tmp_path), 1, 2)
-    assert sorted(os.listdir(tmp_path)) == names
+    assert sorted(os.listdir(tmp_path)) == ["notes.staging", "step-000002", "step-000003.old-ab12"]
 
 
 def test_resume_skips_a_step_folder_that_holds_no_optimizer_state(tmp_path):
