@@ -1147,8 +1147,9 @@ def restore_moved_aside(path: str):
 
 def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
     """Bring LLM tensors to our layout: strip `_orig_mod.` (torch.compile), drop a tied lm_head,
-    stack per-expert MoE weights (hub layout `mlp.experts.N.{gate,up,down}_proj.weight`) or split
-    the fused transformers-v5 layout (`experts.gate_up_proj` (E, 2I, H)) into (E, I, H) tensors."""
+    list per-expert MoE weights (hub layout `mlp.experts.N.{gate,up,down}_proj.weight`) as the
+    rows of our (E, I, H) tensors (load_state_dict_strict copies each into its rows) or split the
+    fused transformers-v5 layout (`experts.gate_up_proj` (E, 2I, H)) into two (E, I, H) views."""
     sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
     if cfg.tie_word_embeddings:
         sd.pop(prefix + "lm_head.weight", None)
@@ -1162,13 +1163,13 @@ def normalize_state_dict(sd: dict, cfg: LLMConfig, prefix: str = "") -> dict:
                 continue
             if parts[i + 1] == "gate_up_proj":                           # fused (E, 2I, H): gate first
                 base = ".".join(parts[:i + 1])
-                out[base + ".gate_proj"], out[base + ".up_proj"] = (t.contiguous() for t in v.chunk(2, dim=1))
+                out[base + ".gate_proj"], out[base + ".up_proj"] = v.chunk(2, dim=1)
                 continue
         out[k] = v
     for (base, proj), per in experts.items():
         if sorted(per) != list(range(cfg.num_experts)):
             raise ValueError(f"{base}: expected experts 0..{cfg.num_experts - 1} for {proj}, found {sorted(per)[:8]}...")
-        out[f"{base}.{proj}"] = torch.stack([per[e] for e in range(cfg.num_experts)])
+        out[f"{base}.{proj}"] = [per[e][None] for e in range(cfg.num_experts)]   # (1, I, H) views, not a stack
     return out
 
 

@@ -547,10 +547,9 @@ def hf_aimv2_to_sail(sd: dict) -> dict:
             _, _, i, rest = k.split(".", 3)
             module, kind = rest.rsplit(".", 1)
             if module in ("attention.q_proj", "attention.k_proj", "attention.v_proj"):
-                if module == "attention.q_proj":
+                if module == "attention.q_proj":       # the rows of qkv, in that order (load_state_dict_strict)
                     a = f"encoder.layers.{i}.attention."
-                    out[f"trunk.blocks.{i}.attn.qkv.{kind}"] = torch.cat(
-                        [sd[f"{a}{n}_proj.{kind}"] for n in "qkv"], 0)
+                    out[f"trunk.blocks.{i}.attn.qkv.{kind}"] = [sd[f"{a}{n}_proj.{kind}"] for n in "qkv"]
             else:  # unknown names pass through unchanged so strict loading reports them
                 out[f"trunk.blocks.{i}.{per_layer[module]}.{kind}" if module in per_layer else k] = v
         else:
@@ -560,7 +559,10 @@ def hf_aimv2_to_sail(sd: dict) -> dict:
 
 def load_state_dict_strict(module: nn.Module, sd: dict, what: str):
     """Load `sd` into `module`, refusing (with the first offending keys named) any missing,
-    unexpected or wrongly shaped tensor: never a silent partial load."""
+    unexpected or wrongly shaped tensor: never a silent partial load. A value may be a list of
+    tensors, the parameter's consecutive blocks of rows (what torch.cat would make of them, never
+    made): a checkpoint's per-expert or q/k/v tensors, each copied into its rows straight from the
+    memory-mapped file, where a stacked copy of a 30B MoE's experts would take tens of GB of host memory."""
     own = module.state_dict()
     # tied parameters (lm_head = embed_tokens) appear under two names: one of them suffices
     ptr = {}
@@ -570,16 +572,31 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str):
     own = {k: t for k, t in own.items() if k not in aliases}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    shapes = [f"{k}: checkpoint {stacked_shape(sd[k]) or 'row blocks that do not stack'} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and stacked_shape(sd[k]) != tuple(own[k].shape)]
     problems = [(missing, 5, "missing keys"), (unexpected, 5, "unexpected keys"),
                 (shapes, 3, "shape mismatches")]
     if missing or unexpected or shapes:
         raise ValueError("\n".join([f"cannot load {what}:"] + [f"  {len(keys)} {name}, e.g. {keys[:n]}"
                                                               for keys, n, name in problems if keys]))
     with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(sd[k].to(t.dtype))
+        for k, t in own.items():                   # copy_ converts the dtype as it copies: no converted copy
+            row = 0
+            for block in sd[k] if isinstance(sd[k], (list, tuple)) else [sd[k]]:
+                if block.dim() == 0:
+                    t.copy_(block)
+                    continue
+                t[row:row + block.shape[0]].copy_(block)
+                row += block.shape[0]
+
+
+def stacked_shape(value) -> tuple:
+    """The shape of a tensor, or of a list of row blocks concatenated (None when they do not fit)."""
+    if not isinstance(value, (list, tuple)):
+        return tuple(value.shape)
+    if not value or any(b.dim() == 0 or b.shape[1:] != value[0].shape[1:] for b in value):
+        return None
+    return (sum(b.shape[0] for b in value), *value[0].shape[1:])
 
 
 def read_safetensors_folder(path: str) -> dict:

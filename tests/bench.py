@@ -18,6 +18,8 @@
                                       compiled; one RL episode with 1 vs 2 processes and its generation share
     python tests/bench.py checkpoint  host memory and time of writing a step checkpoint (weights + AdamW state):
                                       our one-tensor-at-a-time shard writer vs torch.distributed.checkpoint's own
+    python tests/bench.py load        host memory of reading an MoE checkpoint stored expert by expert: each
+                                      expert copied into its rows vs the experts stacked first
 
 `python tests/bench.py NAME --help` lists a bench's options; defaults depend on the device (GPU: the
 sizes of the paper's models, CPU: small ones). One timer serves every bench (`timed`). Correctness is
@@ -1093,7 +1095,6 @@ def bench_checkpoint(args):
 
 def checkpoint_worker(args):
     """(run by bench_checkpoint) one step checkpoint with one writer; prints JSON."""
-    import threading
     cfg = modeling.preset_config(args.preset)
     cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, num_hidden_layers=args.layers),
                               vision_config=dataclasses.replace(cfg.vision_config, num_hidden_layers=args.layers))
@@ -1115,9 +1116,87 @@ def checkpoint_worker(args):
                 self.written = sorted({os.path.basename(r.storage_data.relative_path) for r in future.wait()})
                 return future
         modeling.shard_writer = lambda: DCPWriter
+    d = tempfile.mkdtemp()
+    (_, seconds), before, peak = with_peak_memory(lambda: modeling.save_checkpoint(
+        os.path.join(d, "ck"), model, {"stage": "bench", "step": 1}, 0, 1, {}, opt=opt))
+    shutil.rmtree(d)
+    state = sum(t.numel() * t.element_size() for t in [*model.parameters(),
+                *(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))])
+    gib = 2 ** 30
+    print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "state_gib": state / gib,
+                      "before_gib": before / gib, "peak_gib": peak / gib, "seconds": seconds}))
+
+
+def bench_load(args):
+    """Reading a checkpoint whose MoE experts are stored one by one (the hub layout, bf16, as the
+    official Qwen3-MoE and SAIL-VL2 folders are) into the fp32 model: host memory added beyond the
+    model's own, ours (model.from_pretrained: each expert copied into its rows of the (E, I, H)
+    tensor straight from the memory-mapped file) vs the loader before 2026-12-07 (each layer's
+    experts first stacked into a new tensor). Each loader in its own process (one thread); the
+    anonymous resident memory (RssAnon: not the file's mapped pages, which the kernel can drop)
+    sampled every 5 ms. The preset's widths with --layers LLM and ViT layers."""
+    cfg = modeling.preset_config(args.preset)
+    if not cfg.llm_config.num_experts:
+        raise SystemExit(f"bench load: --preset {args.preset} has no MoE experts")
+    cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, num_hidden_layers=args.layers),
+                              vision_config=dataclasses.replace(cfg.vision_config, num_hidden_layers=args.layers))
+    d = tempfile.mkdtemp()
+    try:
+        with torch.device("meta"):
+            model = modeling.SAILVL(cfg)
+        model.to_empty(device="cpu").to(torch.bfloat16).save_pretrained(os.path.join(d, "ck"))   # values unused
+        del model
+        runs = {"ours": [], "stacked": []}
+        for _ in range(args.repeats):
+            for loader in runs:
+                cmd = [sys.executable, os.path.abspath(__file__), "load-worker", "--loader", loader,
+                       "--path", os.path.join(d, "ck")]
+                runs[loader].append(worker_result(cmd, dict(os.environ, OMP_NUM_THREADS="1")))
+    finally:
+        shutil.rmtree(d)
+    first = runs["ours"][0]
+    print(f"from_pretrained of '{args.preset}' with {args.layers} LLM and ViT layers (experts one by one, bf16) into "
+          f"fp32: {first['params'] / 1e6:.0f}M parameters, the model {first['model_gib']:.2f} GiB, {args.repeats} run(s) each")
+    for loader, rs in runs.items():
+        extra = [r["peak_gib"] - r["before_gib"] - r["model_gib"] for r in rs]
+        print(f"  {loader:7s} host memory added beyond the model {min(extra):5.2f} GiB "
+              f"(runs: {', '.join(f'{x:.2f}' for x in extra)}) | {min(r['seconds'] for r in rs):5.1f} s")
+
+
+def stacked_from_pretrained(path: str) -> modeling.SAILVL:
+    """Baseline: from_pretrained as it was before 2026-12-07, each layer's experts stacked first."""
+    cfg = modeling.SAILVLConfig.from_dict(json.loads(open(os.path.join(path, "config.json")).read()))
+    with torch.device("meta"):
+        model = modeling.SAILVL(cfg)
+    model = model.to_empty(device="cpu")
+    if cfg.llm_config.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    sd = modeling.normalize_state_dict(vit.read_safetensors_folder(path), cfg.llm_config, "language_model.")
+    sd = {k: torch.cat(v) if isinstance(v, list) else v for k, v in sd.items()}    # every stack made, then loaded
+    vit.load_state_dict_strict(model, sd, path)
+    return model
+
+
+def load_worker(args):
+    """(run by bench_load) one from_pretrained with one loader; prints JSON."""
+    def load():
+        return modeling.SAILVL.from_pretrained(args.path) if args.loader == "ours" else stacked_from_pretrained(args.path)
+    (model, seconds), before, peak = with_peak_memory(load, anonymous=True)
+    print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "before_gib": before / 2 ** 30,
+                      "peak_gib": peak / 2 ** 30, "seconds": seconds,
+                      "model_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30}))
+
+
+def with_peak_memory(fn, anonymous: bool = False) -> tuple:
+    """((fn(), seconds), resident bytes before, peak resident bytes during), sampled every 5 ms by a
+    thread. `anonymous`: RssAnon only (memory-mapped file pages left out)."""
+    import threading
     page = os.sysconf("SC_PAGE_SIZE")
 
     def rss() -> int:
+        if anonymous:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * page
     peak, done = [0], threading.Event()
@@ -1129,18 +1208,14 @@ def checkpoint_worker(args):
     before = rss()
     sampler = threading.Thread(target=sample_rss)
     sampler.start()
-    d = tempfile.mkdtemp()
     t0 = time.perf_counter()
-    modeling.save_checkpoint(os.path.join(d, "ck"), model, {"stage": "bench", "step": 1}, 0, 1, {}, opt=opt)
-    seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    shutil.rmtree(d)
-    state = sum(t.numel() * t.element_size() for t in [*model.parameters(),
-                *(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))])
-    gib = 2 ** 30
-    print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "state_gib": state / gib,
-                      "before_gib": before / gib, "peak_gib": max(peak[0], rss()) / gib, "seconds": seconds}))
+    try:
+        out = fn()
+    finally:
+        seconds = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+    return (out, seconds), before, max(peak[0], rss())
 
 
 def positive(text: str) -> int:
@@ -1302,6 +1377,15 @@ def add_model_benches(sub):
     p.add_argument("--layers", type=positive, default=4)
     p.add_argument("--device", type=device, default="cpu")
     p.set_defaults(func=checkpoint_worker)
+    p = sub.add_parser("load", help=summary(bench_load), description=bench_load.__doc__)
+    p.add_argument("--preset", default="30b-a3b", choices=[n for n in modeling.PRESETS if "moe" in n or "a3b" in n])
+    p.add_argument("--layers", type=positive, default=1, help="LLM and ViT layers (the preset's widths)")
+    p.add_argument("--repeats", type=positive, default=1, help="runs per loader, alternating")
+    p.set_defaults(func=bench_load)
+    p = sub.add_parser("load-worker", help="(internal: one from_pretrained, for load)")
+    p.add_argument("--loader", choices=("ours", "stacked"), required=True)
+    p.add_argument("--path", required=True)
+    p.set_defaults(func=load_worker)
     p = sub.add_parser("rl-episode", help="(internal: one RL episode under torchrun, for rollout)")
     p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)
     p.add_argument("--prompts", type=positive, default=32)

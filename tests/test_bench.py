@@ -87,3 +87,16 @@ def test_checkpoint_bench_writes_with_both_writers(capsys):
     assert "step checkpoint of 'tiny' with 1 LLM and ViT layers" in out, out
     for writer in ("ours", "dcp"):
         assert re.search(rf"^  {writer} +resident memory added while writing +[\d.]+ GiB .* \| +[\d.]+ s$", out, re.M), out
+
+
+def test_load_bench_reads_with_both_loaders_and_its_baseline_loads_the_same_weights(capsys, tmp_path):
+    out = run_bench(capsys, "load", "--preset", "tiny-moe", "--layers", "1")
+    assert "from_pretrained of 'tiny-moe' with 1 LLM and ViT layers" in out, out
+    for loader in ("ours", "stacked"):
+        assert re.search(rf"^  {loader} +host memory added beyond the model +-?[\d.]+ GiB .* \| +[\d.]+ s$", out, re.M), out
+    import model as modeling
+    torch.manual_seed(0)
+    modeling.SAILVL(modeling.preset_config("tiny-moe")).save_pretrained(str(tmp_path / "ck"))
+    ours = modeling.SAILVL.from_pretrained(str(tmp_path / "ck")).state_dict()
+    base = bench.stacked_from_pretrained(str(tmp_path / "ck")).state_dict()
+    assert ours.keys() == base.keys() and all(torch.equal(ours[k], base[k]) for k in ours)

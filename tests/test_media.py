@@ -240,3 +240,18 @@ def test_load_state_dict_strict_refuses_an_unexpected_key_alone():
     with pytest.raises(ValueError, match=r"1 unexpected keys, e\.g\. \['scale'\]"):
         vit.load_state_dict_strict(m, sd, "a linear layer")
     assert torch.equal(m.weight, before)
+
+
+def test_load_state_dict_strict_copies_row_blocks_into_their_rows():
+    """A list value is the parameter's consecutive row blocks (a checkpoint's experts one by one,
+    HF's q, k and v), each copied into its own rows in order, in the parameter's dtype; blocks that
+    do not add up to the parameter, or do not stack, are refused before anything is copied."""
+    m = nn.Linear(3, 4)
+    w = torch.arange(12.0).reshape(4, 3)
+    vit.load_state_dict_strict(m, {"weight": [w[:1].bfloat16(), w[1:3], w[3:]], "bias": torch.ones(4)}, "blocks")
+    assert torch.equal(m.weight, w) and m.weight.dtype == torch.float32
+    before = m.weight.detach().clone()
+    for blocks, shown in (([w[:1], w[1:3]], r"\(3, 3\)"), ([w[:2], w[2:, :2]], "row blocks that do not stack")):
+        with pytest.raises(ValueError, match=rf"1 shape mismatches.*weight: checkpoint {shown} vs model \(4, 3\)"):
+            vit.load_state_dict_strict(m, {"weight": blocks, "bias": torch.zeros(4)}, "blocks")
+        assert torch.equal(m.weight, before) and torch.equal(m.bias, torch.ones(4))
