@@ -580,8 +580,8 @@ def hold_matrices_in(lm: Qwen3LM, dtype):
     weight at every use: every matrix in every decode step (4 bytes read, 2 written, 2 read again
     where 2 suffice), every expert of an MoE layer, routed or not. Cast once, the products are the
     same (the same rounding). A tied lm_head gets a copy of its own; the embedding lookup stays
-    fp32, as autocast leaves it."""
-    if lm.cfg.tie_word_embeddings:
+    fp32, as autocast leaves it. A second call changes nothing."""
+    if lm.cfg.tie_word_embeddings and lm.lm_head.weight is lm.model.embed_tokens.weight:
         lm.lm_head.weight = nn.Parameter(lm.model.embed_tokens.weight.detach().to(dtype, copy=True),
                                          requires_grad=False)
     for m in lm.modules():
@@ -932,18 +932,27 @@ class SAILVL(nn.Module):
         atomic_write_dir(path, lambda tmp: write_weights(tmp, sd, self.cfg))
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu") -> "SAILVL":
-        """Our own folder or an official SAIL-VL2 HF folder (sharded safetensors, with index)."""
+    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", matrices_dtype=None) -> "SAILVL":
+        """Our own folder or an official SAIL-VL2 HF folder (sharded safetensors, with index), made
+        on `device` in `dtype`; `matrices_dtype`: its LLM's matrices held in that dtype instead
+        (hold_matrices_in, as for_generation holds them), so a model for generation on a GPU is read
+        straight into its bf16 matrices there, never whole in fp32 on the host (30b-a3b: 122 GB)."""
         raw = json.loads(Path(path, "config.json").read_text())
         if "vision_config" not in raw or "llm_config" not in raw:
             raise ValueError(f"{path}/config.json is not a SAIL-VL2 config (no vision_config / llm_config)")
         cfg = SAILVLConfig.from_dict(raw)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model = model.to_empty(device=device).to(dtype)
-        if cfg.llm_config.tie_word_embeddings:
-            model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+        with torch.device("meta"):                        # sized and cast before anything is allocated
+            model = cls(cfg).to(dtype)
+            if matrices_dtype is not None:
+                hold_matrices_in(model.language_model, matrices_dtype)
+        model = model.to_empty(device=device)
+        lm = model.language_model
+        if cfg.llm_config.tie_word_embeddings and matrices_dtype is None:
+            lm.lm_head.weight = lm.model.embed_tokens.weight
         sd = normalize_state_dict(read_safetensors_folder(path), cfg.llm_config, prefix="language_model.")
+        embed = sd.get("language_model.model.embed_tokens.weight")
+        if lm.lm_head.weight is not lm.model.embed_tokens.weight and embed is not None:
+            sd.setdefault("language_model.lm_head.weight", embed)          # tied, held apart: its own copy
         load_state_dict_strict(model, sd, f"SAIL-VL2 weights from {path}")
         return model
 

@@ -1656,9 +1656,12 @@ def as_manifest_line(rec, reply: Optional[str], out_dir: str) -> dict:
 
 def inference_model(cfg, device, log):
     """The stage's starting checkpoint, whole on every rank (inference only: no sharding), held for
-    generation (model.for_generation: on a GPU its LLM's matrices in bf16)."""
+    generation (model.for_generation: on a GPU its LLM's matrices in bf16, read straight into them
+    there, not first whole in fp32 on every rank's host)."""
     require_sources(cfg)
-    model = modeling.for_generation(train_stage.build_stage_model(cfg, modeling.preset_config(cfg.preset), log), device)
+    model = train_stage.build_stage_model(cfg, modeling.preset_config(cfg.preset), log, device,
+                                          modeling.compute_dtype(device))
+    model = modeling.for_generation(model, device)
     tok = data.load_tokenizer(train_stage.tokenizer_dir(cfg))
     return model, tok, prompt_data_config(cfg, model.cfg)
 

@@ -59,13 +59,14 @@ def default_device() -> str:
 def load(ckpt: str, device="cpu"):
     """(model, tokenizer, DataConfig) for a checkpoint folder; the model on `device`, fp32, except
     where the device computes in bf16 (CUDA, model.COMPUTE_DTYPE): there the LLM's matrices are held
-    in bf16 (model.for_generation), as RL's rollouts hold them, and generation runs under autocast."""
+    in bf16 (model.for_generation), as RL's rollouts hold them, read straight into them on the device,
+    and generation runs under autocast."""
     if not os.path.isdir(ckpt):
         raise UsageError(f"--ckpt {ckpt}: no such folder")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         raise InputError(f"--ckpt {ckpt}: not a checkpoint folder (no config.json)")
     try:
-        model = modeling.SAILVL.from_pretrained(ckpt)
+        model = modeling.SAILVL.from_pretrained(ckpt, device=device, matrices_dtype=modeling.compute_dtype(device))
     except Exception as e:      # any reason (bad JSON, missing or corrupt weights): one line, not a traceback
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"--ckpt {ckpt}: cannot load the checkpoint: {why}") from None

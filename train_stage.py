@@ -769,16 +769,20 @@ def stage_model_config(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> mo
     return apply_model_options(base, cfg.model_options, source, keep)
 
 
-def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -> modeling.SAILVL:
+def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, device="cpu",
+                      matrices_dtype=None) -> modeling.SAILVL:
     """The model of `stage_model_config`: the checkpoint's own model when one checkpoint gives every
-    module in that config, else random init, then every module from its source; then --init-vit /
-    --init-llm."""
+    module in that config (made on `device`, its LLM's matrices in `matrices_dtype` when given:
+    SAILVL.from_pretrained), else random init on the host in fp32, then every module from its
+    source; then --init-vit / --init-llm."""
     model_cfg = stage_model_config(cfg, model_cfg)
     sources = init_sources(cfg)
     folders = sorted({s for s in sources.values() if s != "fresh"})
-    loaded = {f: modeling.SAILVL.from_pretrained(f) for f in folders}
     whole = len(folders) == 1 and all(s == folders[0] for s in sources.values())
-    if whole and loaded[folders[0]].cfg == model_cfg:     # the checkpoint's model itself: no random one beside
+    own = whole and modeling.SAILVLConfig.from_dict(json.load(open(os.path.join(folders[0], "config.json")))) == model_cfg
+    where = dict(device=device, matrices_dtype=matrices_dtype) if own else {}
+    loaded = {f: modeling.SAILVL.from_pretrained(f, **where) for f in folders}
+    if own:                                                # the checkpoint's model itself: no random one beside
         model = loaded.pop(folders[0])                     # it (host memory: once the weights, not twice)
     else:
         torch.manual_seed(cfg.seed)

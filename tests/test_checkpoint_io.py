@@ -419,3 +419,22 @@ def test_weights_reach_the_host_one_at_a_time_inside_the_writer(tmp_path, monkey
     for k, v in modeling.hub_layout(m.state_dict()).items():
         if k in got:
             assert torch.equal(got[k], v)
+
+
+@pytest.mark.parametrize("preset,tied", [("tiny", True), ("tiny", False), ("tiny-moe", True)])
+def test_from_pretrained_reads_straight_into_bf16_matrices_what_for_generation_would_hold(tmp_path, preset, tied):
+    """from_pretrained(matrices_dtype=bf16), as sample.load and RL's harvest read a model for a GPU:
+    the same tensors and dtypes as the fp32 model then model.for_generation's cast (a tied lm_head
+    its own bf16 copy of the embedding; the MoE experts too), with no fp32 model made first."""
+    cfg = modeling.preset_config(preset)
+    cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, tie_word_embeddings=tied))
+    torch.manual_seed(0)
+    modeling.SAILVL(cfg).save_pretrained(str(tmp_path / "ck"))
+    want = modeling.SAILVL.from_pretrained(str(tmp_path / "ck"))
+    modeling.hold_matrices_in(want.language_model, torch.bfloat16)
+    got = modeling.SAILVL.from_pretrained(str(tmp_path / "ck"), matrices_dtype=torch.bfloat16)
+    w, g = want.state_dict(), got.state_dict()
+    assert w.keys() == g.keys() and all(torch.equal(w[k], g[k]) and w[k].dtype == g[k].dtype for k in w)
+    assert {t.dtype for t in g.values()} == {torch.float32, torch.bfloat16}
+    lm = got.language_model
+    assert lm.lm_head.weight is not lm.model.embed_tokens.weight and lm.lm_head.weight.dtype == torch.bfloat16

@@ -955,13 +955,18 @@ def test_rl_and_harvest_read_prompts_under_the_runs_image_root(setup, tmp_path, 
 
 def test_the_harvests_model_holds_its_llms_matrices_in_bf16_where_autocast_computes_in_it(setup, monkeypatch):
     """inference_model (harvest, `rl.py filter`) where the device computes in bf16 (CUDA; here the
-    CPU made to): the LLM's matrices held in bf16, the dtypes of RL's generation copy, and the same
-    rollouts as the fp32 model under autocast."""
+    CPU made to): the LLM's matrices held in bf16 (read straight into them: never the fp32 model on
+    every rank's host first), the dtypes of RL's generation copy, and the same rollouts as the fp32
+    model under autocast."""
     root, _, m, tok, cfg, prompts = setup
     run_cfg = replace(cfg, stage="harvest", init_from=str(root / "out" / "longcot"), max_new_tokens=16)
     fp32, _, _ = rl.inference_model(run_cfg, torch.device("cpu"), lambda *a: None)
     monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)
+    read, from_pretrained = [], modeling.SAILVL.from_pretrained.__func__      # the head's dtype as read
+    monkeypatch.setattr(modeling.SAILVL, "from_pretrained", classmethod(lambda cls, *a, **k: (
+        out := from_pretrained(cls, *a, **k), read.append(out.language_model.lm_head.weight.dtype))[0]))
     held, _, _ = rl.inference_model(run_cfg, torch.device("cpu"), lambda *a: None)
+    assert read == [torch.bfloat16]       # read straight into bf16 matrices: never the fp32 model first
     dtypes = lambda model: {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}   # noqa: E731
     assert dtypes(held) == dtypes(rl.generation_copy(fp32, torch.bfloat16, "meta")) != dtypes(fp32)
     assert torch.bfloat16 in dtypes(held).values()

@@ -268,9 +268,14 @@ def test_where_the_device_computes_in_bf16_the_loaded_model_holds_the_llms_matri
     moved, to = [], modeling.SAILVL.to                   # the dtype the matrices move in (a GPU holds that)
     monkeypatch.setattr(modeling.SAILVL, "to", lambda self, *a, **k: moved.append(
         self.language_model.lm_head.weight.dtype) or to(self, *a, **k))
+    read, from_pretrained = [], modeling.SAILVL.from_pretrained.__func__      # the head, its dtype as read
+    monkeypatch.setattr(modeling.SAILVL, "from_pretrained", classmethod(lambda cls, *a, **k: (
+        out := from_pretrained(cls, *a, **k), read.append((h := out.language_model.lm_head.weight, h.dtype)))[0]))
     held, _, _ = sample.load(str(tmp_path / "ck"))
-    assert moved[-1] == torch.bfloat16                 # (from_pretrained casts to fp32 before)
+    assert moved[-1] == torch.bfloat16
     lm = held.language_model
+    (head, dtype), = read                     # read straight into bf16 (no fp32 model first), and kept: no second copy
+    assert dtype == torch.bfloat16 and head is lm.lm_head.weight
     matrices = {f"language_model.{name}.weight" for name, mod in lm.named_modules() if isinstance(mod, torch.nn.Linear)}
     assert {n for n, p in held.named_parameters() if p.dtype == torch.bfloat16} == matrices
     assert lm.lm_head.weight is not lm.model.embed_tokens.weight
