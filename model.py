@@ -940,21 +940,36 @@ class SAILVL(nn.Module):
         raw = json.loads(Path(path, "config.json").read_text())
         if "vision_config" not in raw or "llm_config" not in raw:
             raise ValueError(f"{path}/config.json is not a SAIL-VL2 config (no vision_config / llm_config)")
-        cfg = SAILVLConfig.from_dict(raw)
-        with torch.device("meta"):                        # sized and cast before anything is allocated
-            model = cls(cfg).to(dtype)
-            if matrices_dtype is not None:
-                hold_matrices_in(model.language_model, matrices_dtype)
-        model = model.to_empty(device=device)
-        lm = model.language_model
-        if cfg.llm_config.tie_word_embeddings and matrices_dtype is None:
-            lm.lm_head.weight = lm.model.embed_tokens.weight
-        sd = normalize_state_dict(read_safetensors_folder(path), cfg.llm_config, prefix="language_model.")
-        embed = sd.get("language_model.model.embed_tokens.weight")
-        if lm.lm_head.weight is not lm.model.embed_tokens.weight and embed is not None:
-            sd.setdefault("language_model.lm_head.weight", embed)          # tied, held apart: its own copy
-        load_state_dict_strict(model, sd, f"SAIL-VL2 weights from {path}")
+        model = empty_model(SAILVLConfig.from_dict(raw), device, dtype, matrices_dtype)
+        load_state_dict_strict(model, checkpoint_tensors(path, model), f"SAIL-VL2 weights from {path}")
         return model
+
+
+def empty_model(cfg: SAILVLConfig, device="cpu", dtype=torch.float32, matrices_dtype=None) -> SAILVL:
+    """A SAILVL of `cfg` with unset weights on `device`, in `dtype`, its LLM's matrices in
+    `matrices_dtype` when given (hold_matrices_in): sized and cast on the meta device first, so
+    nothing else is ever allocated. A tied lm_head is the embedding itself, or its own copy when the
+    matrices are held apart (checkpoint_tensors fills it)."""
+    with torch.device("meta"):
+        model = SAILVL(cfg).to(dtype)
+        if matrices_dtype is not None:
+            hold_matrices_in(model.language_model, matrices_dtype)
+    model = model.to_empty(device=device)
+    lm = model.language_model
+    if cfg.llm_config.tie_word_embeddings and matrices_dtype is None:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    return model
+
+
+def checkpoint_tensors(path: str, model: SAILVL) -> dict:
+    """A SAIL-VL2 folder's tensors in our names, memory-mapped (normalize_state_dict: MoE experts
+    as row blocks), for load_state_dict_strict into `model` (empty_model): a tied lm_head held
+    apart from the embedding is given the embedding's tensor."""
+    sd = normalize_state_dict(read_safetensors_folder(path), model.cfg.llm_config, prefix="language_model.")
+    lm, embed = model.language_model, sd.get("language_model.model.embed_tokens.weight")
+    if lm.lm_head.weight is not lm.model.embed_tokens.weight and embed is not None:
+        sd.setdefault("language_model.lm_head.weight", embed)          # tied, held apart: its own copy
+    return sd
 
 
 def set_activation_checkpointing(model: SAILVL, on: bool):
@@ -1245,10 +1260,10 @@ def file_record(path: str) -> dict:
 
 
 def full_state_dict(model) -> dict:
-    """Consolidated weights: under FSDP gathered to rank 0's host ({} on other ranks); in one process
-    the model's own tensors, wherever they are (write_safetensors copies one at a time to the host,
-    not the whole model at once)."""
-    if dist.is_initialized():
+    """Consolidated weights: under FSDP gathered to rank 0's host ({} on other ranks); of a model
+    that is not sharded its own tensors, wherever they are (write_safetensors copies one at a time
+    to the host, not the whole model at once)."""
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach() for k, v in model.state_dict().items()}

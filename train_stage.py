@@ -1280,40 +1280,78 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
 
 def soup(cfg: StageConfig, ckpts: list) -> str:
     """Average the weights of checkpoints with the same architecture (refuses mismatched configs),
-    evaluate every input and the soup on the same held-out samples and packs, write out/soup/."""
+    evaluate every input and the soup on the same held-out samples and packs, write out/soup/.
+    Memory: the mean, in fp32, on rank 0's host alone (mean_weights); for its evaluation each model
+    in turn on the device, its LLM's matrices in the device's compute dtype (evaluation_model)."""
     if len(ckpts) < 2:
         raise UsageError("soup: give at least two checkpoints: --ckpts A B [C ...]")
     rank, world, device = setup_distributed()
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
+    configs = []
     for c in ckpts:
-        if not modeling.is_finished_stage(c) and not os.path.exists(os.path.join(c, "config.json")):
+        if not os.path.isfile(os.path.join(c, "config.json")):
             raise UsageError(f"soup: {c} is not a checkpoint folder")
-    models = [modeling.SAILVL.from_pretrained(c) for c in ckpts]
-    ref = models[0].cfg.to_dict()
-    for c, m in zip(ckpts[1:], models[1:]):
-        if m.cfg.to_dict() != ref:
-            diff = sorted(k for k in set(ref) | set(m.cfg.to_dict()) if ref.get(k) != m.cfg.to_dict().get(k))
+        configs.append(modeling.SAILVLConfig.from_dict(json.load(open(os.path.join(c, "config.json")))).to_dict())
+    for c, other in zip(ckpts[1:], configs[1:]):
+        if other != configs[0]:
+            diff = sorted(k for k in set(configs[0]) | set(other) if configs[0].get(k) != other.get(k))
             raise UsageError(f"soup: {c} has a different architecture from {ckpts[0]} (config differs in {diff}); "
                              f"the paper's soup averages homogeneous checkpoints only (§4.2.1)")
-    sds = [m.state_dict() for m in models]
-    avg = {k: (sum(sd[k].double() for sd in sds) / len(sds)).to(sds[0][k].dtype) if sds[0][k].is_floating_point()
-           else sds[0][k] for k in sds[0]}
-    souped = modeling.SAILVL(models[0].cfg)
-    souped.load_state_dict(avg)
+    model_cfg = modeling.SAILVLConfig.from_dict(configs[0])
+    souped = mean_weights(ckpts, model_cfg) if rank == 0 else None
     tok_dir = cfg.tokenizer or next((c for c in ckpts if tokenizer_files(c)), None)
     tok = data.load_tokenizer(tok_dir)
     if not cfg.eval_manifests:
         data.ensure_synth(cfg.data_dir)
-    factory = lambda: build_batches(cfg, souped.cfg, tok, "eval", rank, world, verbose=False)  # noqa: E731
+    factory = lambda: build_batches(cfg, model_cfg, tok, "eval", rank, world, verbose=False)  # noqa: E731
     cast = lambda: modeling.autocast(device)            # noqa: E731   (bf16 on CUDA, as a stage evaluates)
     results = {}
-    for name, m in list(zip(ckpts, models)) + [("soup", souped)]:
-        results[name] = evaluate(m.to(device), factory, cfg.eval_packs, device, cast)
-        m.to("cpu")                                     # one model on the device at a time
+    for name in [*ckpts, "soup"]:
+        model = evaluation_model(name, souped, model_cfg, device, rank, world)
+        results[name] = evaluate(model, factory, cfg.eval_packs, device, cast)
+        del model                                       # one model on the device at a time
         log(f"soup eval | {name}: held-out loss {results[name]:.4f}")
     meta = {"stage": cfg.stage, "inputs": ckpts, "eval_loss": results, "config": asdict(cfg)}
-    modeling.save_checkpoint(stage_dir(cfg), souped, meta, rank, world, extra_files=tokenizer_files(tok_dir))
+    modeling.save_checkpoint(stage_dir(cfg), souped, meta, rank, world, extra_files=tokenizer_files(tok_dir),
+                             model_cfg=model_cfg)
     return stage_dir(cfg)
+
+
+MEAN_CHUNK = 1 << 24     # elements averaged at once: 128 MiB of float64 per input, whatever the tensor
+
+
+def mean_weights(folders: list, model_cfg: modeling.SAILVLConfig) -> modeling.SAILVL:
+    """The element-wise mean of the checkpoints' weights, an fp32 model on the host: summed in
+    float64 (exact for any number of inputs) a slice of rows at a time, straight from their
+    memory-mapped files. The one model held is the mean; loading every input first held N + 1."""
+    model = modeling.empty_model(model_cfg)
+    sds = [modeling.checkpoint_tensors(f, model) for f in folders]
+    own = [modeling.vit.loadable(model, sd, f"the soup's input {f}") for f, sd in zip(folders, sds)][0]
+    with torch.no_grad():
+        for k, t in own.items():
+            if t.dim() == 0 or not t.is_floating_point():
+                t.copy_(sum(sd[k].double() for sd in sds) / len(sds) if t.is_floating_point() else sds[0][k])
+                continue
+            step = max(1, MEAN_CHUNK // max(1, t[0].numel()))
+            for r in range(0, t.shape[0], step):          # (step, ...) rows of every input, summed in float64
+                t[r:r + step].copy_(sum(modeling.vit.rows_of(sd[k], r, r + step).double() for sd in sds) / len(sds))
+    return model
+
+
+def evaluation_model(source: str, souped, model_cfg: modeling.SAILVLConfig, device, rank: int, world: int):
+    """A model to evaluate on `device`, its LLM's matrices in the device's compute dtype (bf16 on
+    CUDA: the products autocast makes, and half the memory; 30b-a3b in fp32 does not fit an H100):
+    a soup input read from its folder, or ("soup") rank 0's mean, sent to every rank."""
+    low = modeling.compute_dtype(device)
+    if source != "soup":
+        return modeling.SAILVL.from_pretrained(source, device=device, matrices_dtype=low)
+    model = modeling.empty_model(model_cfg, device, matrices_dtype=low)
+    if rank == 0:
+        modeling.vit.load_state_dict_strict(model, souped.state_dict(), "the soup")
+    if world > 1:
+        for t in model.state_dict().values():          # a tied head and embedding: one tensor, sent twice
+            dist.broadcast(t, 0)
+    return model
 
 
 # ==============================================================================================

@@ -563,6 +563,20 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str):
     tensors, the parameter's consecutive blocks of rows (what torch.cat would make of them, never
     made): a checkpoint's per-expert or q/k/v tensors, each copied into its rows straight from the
     memory-mapped file, where a stacked copy of a 30B MoE's experts would take tens of GB of host memory."""
+    with torch.no_grad():
+        for k, t in loadable(module, sd, what).items():   # copy_ converts the dtype as it copies: no converted copy
+            row = 0
+            for block in sd[k] if isinstance(sd[k], (list, tuple)) else [sd[k]]:
+                if block.dim() == 0:
+                    t.copy_(block)
+                    continue
+                t[row:row + block.shape[0]].copy_(block)
+                row += block.shape[0]
+
+
+def loadable(module: nn.Module, sd: dict, what: str) -> dict:
+    """{name: tensor} of `module`'s state that `sd` gives, each once, or a ValueError naming the
+    first missing, unexpected or wrongly shaped keys (see load_state_dict_strict)."""
     own = module.state_dict()
     # tied parameters (lm_head = embed_tokens) appear under two names: one of them suffices
     ptr = {}
@@ -579,15 +593,20 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str):
     if missing or unexpected or shapes:
         raise ValueError("\n".join([f"cannot load {what}:"] + [f"  {len(keys)} {name}, e.g. {keys[:n]}"
                                                               for keys, n, name in problems if keys]))
-    with torch.no_grad():
-        for k, t in own.items():                   # copy_ converts the dtype as it copies: no converted copy
-            row = 0
-            for block in sd[k] if isinstance(sd[k], (list, tuple)) else [sd[k]]:
-                if block.dim() == 0:
-                    t.copy_(block)
-                    continue
-                t[row:row + block.shape[0]].copy_(block)
-                row += block.shape[0]
+    return own
+
+
+def rows_of(value, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a tensor or of a list of row blocks (joined only where the range spans two)."""
+    if not isinstance(value, (list, tuple)):
+        return value[start:stop]
+    pieces, row = [], 0
+    for block in value:
+        lo, hi = max(start, row), min(stop, row + block.shape[0])
+        if lo < hi:
+            pieces.append(block[lo - row:hi - row])
+        row += block.shape[0]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def stacked_shape(value) -> tuple:

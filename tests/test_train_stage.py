@@ -5,6 +5,7 @@ the MoE path, AdaLRS, warm-up and clipping in the loop, data -> packing resume a
 FSDP2 over 2 CPU processes, kill -9 + --resume, one checkpoint writer and reader, the soup, and
 the command line as a new user meets it."""
 import datetime
+import gc
 import glob
 import hashlib
 import json
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -1272,25 +1274,71 @@ def test_soup_of_identical_checkpoints_is_identity_and_mismatch_refused(synth, t
 
 
 def test_the_soup_evaluates_one_model_on_the_device_at_a_time_in_its_compute_dtype(synth, tmp_path, monkeypatch):
-    """Each input and the soup go to the device for their evaluation and back (N + 1 8B models on
-    one GPU at once do not fit), evaluated under the device's autocast as a stage's evaluation."""
-    for name, seed in (("a", 3), ("b", 4)):
-        modeling.build_model("tiny", seed=seed).save_pretrained(f"{tmp_path}/{name}")
-    moves, casts, to = [], [], modeling.SAILVL.to
-    monkeypatch.setattr(modeling.SAILVL, "to", lambda self, where: (isinstance(where, (str, torch.device)) and moves.append(
-        (id(self), str(where)))) or to(self, where))                                # the device moves, not dtype casts
+    """Each input and the soup are evaluated in turn, one model alive at a time (N + 1 8B models on
+    one GPU at once do not fit), each made on the device with its LLM's matrices in the device's
+    compute dtype (30b-a3b in fp32 does not fit an H100), under the device's autocast as a stage's
+    evaluation; the inputs are never loaded whole on the host: the mean is summed from their files."""
+    models = [modeling.build_model("tiny", seed=seed) for seed in (3, 4)]
+    for name, m in zip("ab", models):
+        m.save_pretrained(f"{tmp_path}/{name}")
+    evaluated, casts = [], []
 
     def evaluate(m, factory, n, device, autocast):
+        gc.collect()
+        assert all(ref() is None for ref in evaluated), "an earlier model is still alive"
+        evaluated.append(weakref.ref(m))
         with autocast():
-            casts.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+            casts.append((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                          m.language_model.lm_head.weight.dtype, m.mlp1[1].weight.dtype))
         return 1.0
     monkeypatch.setattr(train_stage, "evaluate", evaluate)
     monkeypatch.setitem(modeling.COMPUTE_DTYPE, "cpu", torch.bfloat16)         # the CPU standing in for CUDA
+    read = []
+    from_pretrained = modeling.SAILVL.from_pretrained.__func__
+    monkeypatch.setattr(modeling.SAILVL, "from_pretrained", classmethod(
+        lambda cls, *a, **k: read.append(k.get("matrices_dtype")) or from_pretrained(cls, *a, **k)))
     cfg, _ = cfg_of("soup", f"--data_dir={synth}", f"--out_dir={tmp_path}/out", "--eval_packs=1")
-    train_stage.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/b"])
-    assert [w for _, w in moves] == ["cpu"] * 6 and len({m for m, _ in moves}) == 3      # to the device, back: each
-    assert [m for m, _ in moves[::2]] == [m for m, _ in moves[1::2]]
-    assert casts == [torch.bfloat16] * 3
+    out = train_stage.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/b"])
+    assert casts == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 3 and len(evaluated) == 3
+    assert read == [torch.bfloat16] * 2                          # read for evaluation only, into bf16 matrices
+    got = load_file(f"{out}/model.safetensors")                                     # the mean itself stays fp32
+    assert got["mlp1.1.weight"].dtype == torch.float32
+    want = (models[0].mlp1[1].weight.double() + models[1].mlp1[1].weight.double()) / 2
+    assert torch.equal(got["mlp1.1.weight"], want.float())
+
+
+def test_the_soup_under_torchrun_matches_one_process(synth, tmp_path):
+    """`torchrun --nproc_per_node 2 train_stage.py --stage soup`: rank 0 alone computes the mean, sends
+    it to rank 1 for its share of the evaluation, and writes it: the same weights as one process, and
+    the same held-out losses as one process evaluating both ranks' packs (2 steps of 2 ranks' packs
+    are the first 4 packs of the held-out stream)."""
+    for name, seed in (("a", 3), ("b", 4)):
+        modeling.build_model("tiny-moe", seed=seed).save_pretrained(f"{tmp_path}/{name}")
+    args = ["train_stage.py", "--stage", "soup", "--ckpts", f"{tmp_path}/a", f"{tmp_path}/b", f"--data_dir={synth}"]
+    one = run([*args, f"--out_dir={tmp_path}/one", "--eval_packs=4"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args, f"--out_dir={tmp_path}/two",
+               "--eval_packs=2"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    wa, wb = load_file(f"{tmp_path}/one/soup/model.safetensors"), load_file(f"{tmp_path}/two/soup/model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    la, lb = (modeling.verify_checkpoint(f"{tmp_path}/{d}/soup")["eval_loss"] for d in ("one", "two"))
+    assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) <= 1e-5 * abs(la[k]) for k in la), (la, lb)
+    assert la["soup"] != la[f"{tmp_path}/a"]
+
+
+def test_the_soup_of_moe_checkpoints_is_their_mean_expert_by_expert(tmp_path, monkeypatch):
+    """Experts stored one by one (the hub layout) are averaged in slices of rows that span several
+    of them: every tensor is the float64 mean of the inputs', rounded once."""
+    monkeypatch.setattr(train_stage, "MEAN_CHUNK", 5000)          # a few experts' rows per slice, not whole ones
+    models = [modeling.build_model("tiny-moe", seed=s) for s in (3, 4, 5)]
+    for i, m in enumerate(models):
+        m.save_pretrained(f"{tmp_path}/{i}")
+    got = train_stage.mean_weights([f"{tmp_path}/{i}" for i in range(3)], models[0].cfg).state_dict()
+    sds = [m.state_dict() for m in models]
+    assert got.keys() == sds[0].keys()
+    for k, v in got.items():
+        assert torch.equal(v, (sum(sd[k].double() for sd in sds) / 3).float()), k
 
 
 def test_init_from_hf_qwen3_and_aimv2_folders(tmp_path):
