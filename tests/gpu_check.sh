@@ -16,7 +16,8 @@
 #      share of the groups; the episode in both update memories: lean gathers FSDP units per
 #      micro-batch; generating on the sharded model, its units gathered per decode step; and, for
 #      tiny-moe, on copies holding each rank's half of the experts, tokens gathered per MoE layer)
-#   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path)
+#   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path); the soup of two of those
+#      checkpoints, evaluated on the GPU (on 2 processes with 2 GPUs)
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
 #   6  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
@@ -135,6 +136,12 @@ if [ "$NGPU" -ge 2 ]; then
 fi
 step eval-cuda 90 "accuracy|ocr" "$PY" sample.py --ckpt "$WORK/out/rl-verifiable" --eval "$WORK/synth" --limit 8 \
     --device "$DEV" --out "$WORK/eval.json"
+# the soup: the mean on the host, each model in turn evaluated on the device with bf16-held matrices; with 2
+# GPUs on 2 processes (rank 0's mean sent to rank 1 over NCCL)
+SOUP_PROCS=1; [ "$NGPU" -ge 2 ] && SOUP_PROCS=2
+step soup 90 "soup eval" "$PY" -m torch.distributed.run --standalone --nproc_per_node=$SOUP_PROCS train_stage.py \
+    --stage=soup --ckpts "$WORK/out/rl-verifiable" "$WORK/out-lm0/lm0" --data_dir="$WORK/synth" \
+    --out_dir="$WORK/out-soup" --eval_packs=2
 # 2b width (Qwen3-1.7B's hidden size, heads and 151,936-row vocabulary; SAIL-ViT-Huge's width at 448 px),
 # 4 LLM and 4 ViT layers so it builds and checkpoints in seconds; random weights, bf16 under FSDP2's
 # mixed precision, block activation checkpointing and the chunked loss as --scale=paper runs them
