@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import kernels
 import moe
 import vit
-from vit import RMSNorm, ViTConfig, load_state_dict_strict, maybe_checkpoint, read_safetensors_folder
+from vit import RMSNorm, ViTConfig, load_state_dict_strict, loadable, maybe_checkpoint, read_safetensors_folder
 
 
 # ==============================================================================================
@@ -1276,6 +1276,39 @@ def set_full_state_dict(model, sd: dict):
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         load_state_dict_strict(model, sd, "checkpoint")
+
+
+def load_sharded_weights(model, path: str, rank: int, device):
+    """The weights of the SAIL-VL2 folder `path` into the FSDP2-sharded `model` (its config, empty),
+    a tensor at a time: rank 0 reads it from the memory-mapped file (an MoE layer's experts joined:
+    one tensor's worth), and DTensor's distribute_tensor scatters each rank its shard. Where
+    set_full_state_dict needs rank 0 to hold the whole model first (30b-a3b in fp32: 122 GB of
+    host memory), this holds one tensor. A missing or misshaped tensor: one error on every rank."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    state = model.state_dict(keep_vars=True)             # the parameters themselves: a tied head is the embedding
+    sd, box = None, [None, None]
+    if rank == 0:
+        try:
+            sd = checkpoint_tensors(path, model)
+            box = [list(loadable(model, sd, f"SAIL-VL2 weights from {path}")), None]
+        except (OSError, ValueError) as e:
+            box = [None, str(e)]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ValueError(box[1])
+    with torch.no_grad():
+        for name in box[0]:
+            t = state[name]
+            if rank == 0:
+                value = sd[name]
+                full = (torch.cat(value) if isinstance(value, (list, tuple)) else value).to(device, t.dtype)
+            else:
+                full = torch.empty(t.shape, dtype=t.dtype, device=device)
+            if isinstance(t, DTensor):                   # (dim 0 sharded): each rank keeps its rows
+                t.copy_(distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=0))
+            else:
+                dist.broadcast(full, 0)
+                t.copy_(full)
 
 
 def seed_all(seed: int):

@@ -769,6 +769,20 @@ def stage_model_config(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> mo
     return apply_model_options(base, cfg.model_options, source, keep)
 
 
+def folder_config(folder: str) -> modeling.SAILVLConfig:
+    return modeling.SAILVLConfig.from_dict(json.load(open(os.path.join(folder, "config.json"))))
+
+
+def whole_checkpoint(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> Optional[str]:
+    """The checkpoint folder that gives the stage's whole model as it is (every module, its own
+    config, no --init-llm / --init-vit on top: RL, the SFT phases, --init-from), else None."""
+    sources = set(init_sources(cfg).values())
+    if len(sources) != 1 or sources == {"fresh"} or cfg.init_llm or cfg.init_vit:
+        return None
+    folder = sources.pop()
+    return folder if folder_config(folder) == stage_model_config(cfg, model_cfg) else None
+
+
 def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, device="cpu",
                       matrices_dtype=None) -> modeling.SAILVL:
     """The model of `stage_model_config`: the checkpoint's own model when one checkpoint gives every
@@ -779,7 +793,7 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
     sources = init_sources(cfg)
     folders = sorted({s for s in sources.values() if s != "fresh"})
     whole = len(folders) == 1 and all(s == folders[0] for s in sources.values())
-    own = whole and modeling.SAILVLConfig.from_dict(json.load(open(os.path.join(folders[0], "config.json")))) == model_cfg
+    own = whole and folder_config(folders[0]) == model_cfg
     where = dict(device=device, matrices_dtype=matrices_dtype) if own else {}
     loaded = {f: modeling.SAILVL.from_pretrained(f, **where) for f in folders}
     if own:                                                # the checkpoint's model itself: no random one beside
@@ -1020,7 +1034,8 @@ def step_report(step: int, cfg: StageConfig, res: dict, lr: float, seconds: dict
 def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, world: int, device, log) -> tuple:
     """(model, its config) on the device, frozen but for the stage's modules; sharded with FSDP2
     when world > 1 or --fsdp (torchtitan's recipe: build on the meta device, shard, allocate only this rank's
-    shards, then load the full weights that rank 0 alone builds from the stage's sources)."""
+    shards, then load the full weights that rank 0 alone builds from the stage's sources; from one
+    checkpoint, its whole model: a tensor at a time from its files, model.load_sharded_weights)."""
     trainable = modules_of(cfg.trainable)
     if not dist.is_initialized():
         model = build_stage_model(cfg, model_cfg, log)
@@ -1028,16 +1043,21 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
         model.to(device)
     else:
-        full = build_stage_model(cfg, model_cfg, log) if rank == 0 else None
+        folder = whole_checkpoint(cfg, model_cfg)          # read a tensor at a time into the shards
+        full = build_stage_model(cfg, model_cfg, log) if rank == 0 and folder is None else None
         box = [full.cfg if full is not None else None]
         dist.broadcast_object_list(box, src=0)
         with torch.device("meta"):
-            model = modeling.SAILVL(box[0])
+            model = modeling.SAILVL(box[0] or folder_config(folder))
         modeling.freeze(model, trainable)
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
         modeling.parallelize(model, device, mixed_precision=device.type == "cuda")
         model.to_empty(device=device)
-        modeling.set_full_state_dict(model, full.state_dict() if full is not None else {})
+        if folder is None:
+            modeling.set_full_state_dict(model, full.state_dict() if full is not None else {})
+        else:
+            modeling.load_sharded_weights(model, folder, rank, device)
+            log(f"init: all weights from {folder}, with its model config")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {modeling.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
     return model, model.cfg

@@ -577,12 +577,12 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str):
 def loadable(module: nn.Module, sd: dict, what: str) -> dict:
     """{name: tensor} of `module`'s state that `sd` gives, each once, or a ValueError naming the
     first missing, unexpected or wrongly shaped keys (see load_state_dict_strict)."""
-    own = module.state_dict()
+    own = module.state_dict(keep_vars=True)        # the tensors themselves (a sharded model's DTensors too)
     # tied parameters (lm_head = embed_tokens) appear under two names: one of them suffices
-    ptr = {}
+    same = {}
     for k, t in own.items():
-        ptr.setdefault(t.data_ptr(), []).append(k)
-    aliases = {k for ks in ptr.values() if any(x in sd for x in ks) for k in ks if k not in sd}
+        same.setdefault(id(t), []).append(k)
+    aliases = {k for ks in same.values() if any(x in sd for x in ks) for k in ks if k not in sd}
     own = {k: t for k, t in own.items() if k not in aliases}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

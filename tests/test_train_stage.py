@@ -420,6 +420,61 @@ train_stage.exit_process()
 """
 
 
+SHARDED_LOAD = r"""
+import os, sys, torch
+sys.path.insert(0, os.environ["REPO"])
+sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))
+import model as modeling, train_stage, test_train_stage as helpers
+rank, world, device = train_stage.setup_distributed()
+def no_full_model(*a, **k):
+    raise AssertionError("a whole model was built on a rank")
+modeling.SAILVL.from_pretrained = classmethod(no_full_model)
+cfg, mcfg = helpers.cfg_of("sft1", "--out_dir=" + os.environ["OUT_DIR"], "--init-from=" + os.environ["CK"])
+logs = []
+model, _ = train_stage.place_model(cfg, mcfg, rank, world, device, logs.append)
+sd = modeling.full_state_dict(model)
+if rank == 0:
+    torch.save({"sd": sd, "logs": logs}, os.environ["OUT"])
+train_stage.shutdown_distributed()
+train_stage.exit_process()
+"""
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_two_ranks_read_a_checkpoint_into_their_shards_a_tensor_at_a_time(tmp_path, preset):
+    """A stage from one checkpoint under FSDP2 on 2 gloo processes (place_model, as every sharded
+    stage starts): each rank's shards come straight from the checkpoint's files, a tensor at a time
+    (experts stored one by one joined per tensor), with no whole model built on any rank (rank 0
+    held one in fp32 before: 122 GB for 30b-a3b), and the gathered weights are the checkpoint's."""
+    ck = modeling.build_model(preset, seed=3)
+    modeling.save_checkpoint(str(tmp_path / "ck"), ck, {"stage": "sft4"}, 0, 1)
+    (tmp_path / "load.py").write_text(SHARDED_LOAD)
+    res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "load.py")],
+              env_extra={"REPO": ROOT, "CK": str(tmp_path / "ck"), "OUT_DIR": str(tmp_path / "out"),
+                         "OUT": str(tmp_path / "out.pt")}, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    want = ck.state_dict()
+    assert got["sd"].keys() == want.keys() and all(torch.equal(got["sd"][k], want[k]) for k in want)
+    assert f"init: all weights from {tmp_path}/ck, with its model config" in got["logs"]
+
+
+def test_a_checkpoint_missing_a_tensor_stops_both_ranks_with_one_error(tmp_path):
+    """Rank 0 alone reads the files: a tensor missing there is its error on every rank, not a
+    rank 1 left waiting for a tensor that never comes."""
+    from safetensors.torch import save_file
+    modeling.save_checkpoint(str(tmp_path / "ck"), modeling.build_model("tiny", seed=3), {"stage": "sft4"}, 0, 1)
+    sd = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    del sd["mlp1.1.weight"]
+    save_file(sd, str(tmp_path / "ck" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "load.py").write_text(SHARDED_LOAD)
+    res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "load.py")],
+              env_extra={"REPO": ROOT, "CK": str(tmp_path / "ck"), "OUT_DIR": str(tmp_path / "out"),
+                         "OUT": str(tmp_path / "out.pt")}, timeout=240)
+    assert res.returncode != 0
+    assert res.stderr.count("1 missing keys, e.g. ['mlp1.1.weight']") >= 2, res.stderr[-3000:]   # on both ranks
+
+
 @pytest.mark.parametrize("rank1", ["images", "text"])
 def test_two_ranks_with_uneven_packs_give_the_one_process_step(synth, tmp_path, rank1):
     """2 gloo processes under FSDP2, each with 2 packs of different sizes, take the same step
