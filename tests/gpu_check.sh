@@ -17,7 +17,8 @@
 #      micro-batch; generating on the sharded model, its units gathered per decode step; and, for
 #      tiny-moe, on copies holding each rank's half of the experts, tokens gathered per MoE layer)
 #   4  sample.py --eval on the GPU (the recipe's per-stage evaluation path); the soup of two of those
-#      checkpoints, evaluated on the GPU (on 2 processes with 2 GPUs)
+#      checkpoints, evaluated on the GPU, and a sharded stage from one of them (its shards read a tensor
+#      at a time); both on 2 processes with 2 GPUs
 #   5  a 2b-wide model (4 layers), random weights, through the real training loop: bf16, FSDP2 on
 #      1 GPU, --ac=block, 8k packs, a sharded step checkpoint and a resume whose losses must match
 #   6  kernel tests natively (no TRITON_INTERPRET): tests/test_kernels_*.py, incl. the large GPU cases
@@ -142,6 +143,10 @@ SOUP_PROCS=1; [ "$NGPU" -ge 2 ] && SOUP_PROCS=2
 step soup 90 "soup eval" "$PY" -m torch.distributed.run --standalone --nproc_per_node=$SOUP_PROCS train_stage.py \
     --stage=soup --ckpts "$WORK/out/rl-verifiable" "$WORK/out-lm0/lm0" --data_dir="$WORK/synth" \
     --out_dir="$WORK/out-soup" --eval_packs=2
+# a sharded stage from one checkpoint: each rank's shards read a tensor at a time (NCCL scatters from rank 0)
+step from-ckpt-fsdp 90 "^step " "$PY" -m torch.distributed.run --standalone --nproc_per_node=$SOUP_PROCS train_stage.py \
+    --stage=sft1 --init-from="$WORK/out/rl-verifiable" --fsdp=true --steps=2 --eval_every=0 --save_every=0 \
+    --data_dir="$WORK/synth" --out_dir="$WORK/out-from-ckpt"
 # 2b width (Qwen3-1.7B's hidden size, heads and 151,936-row vocabulary; SAIL-ViT-Huge's width at 448 px),
 # 4 LLM and 4 ViT layers so it builds and checkpoints in seconds; random weights, bf16 under FSDP2's
 # mixed precision, block activation checkpointing and the chunked loss as --scale=paper runs them
