@@ -961,14 +961,18 @@ def empty_model(cfg: SAILVLConfig, device="cpu", dtype=torch.float32, matrices_d
     return model
 
 
-def checkpoint_tensors(path: str, model: SAILVL) -> dict:
+def checkpoint_tensors(path: str, model: SAILVL, module: str = "") -> dict:
     """A SAIL-VL2 folder's tensors in our names, memory-mapped (normalize_state_dict: MoE experts
     as row blocks), for load_state_dict_strict into `model` (empty_model): a tied lm_head held
-    apart from the embedding is given the embedding's tensor."""
-    sd = normalize_state_dict(read_safetensors_folder(path), model.cfg.llm_config, prefix="language_model.")
+    apart from the embedding is given the embedding's tensor. `module` (e.g. "vision_model"):
+    only that module's tensors, named within it, for `getattr(model, module)`."""
+    folder = SAILVLConfig.from_dict(json.loads(Path(path, "config.json").read_text()))
+    sd = normalize_state_dict(read_safetensors_folder(path), folder.llm_config, prefix="language_model.")
     lm, embed = model.language_model, sd.get("language_model.model.embed_tokens.weight")
     if lm.lm_head.weight is not lm.model.embed_tokens.weight and embed is not None:
         sd.setdefault("language_model.lm_head.weight", embed)          # tied, held apart: its own copy
+    if module:
+        sd = {k[len(module) + 1:]: v for k, v in sd.items() if k.startswith(module + ".")}
     return sd
 
 
@@ -1213,12 +1217,16 @@ def load_hf_llm(path: str, dtype=torch.float32, device="cpu") -> Qwen3LM:
     lm = lm.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         lm.lm_head.weight = lm.model.embed_tokens.weight
+    load_llm_weights(lm, path)
+    return lm
+
+
+def load_llm_weights(lm: Qwen3LM, path: str):
+    """The tensors of such a folder into `lm` (its config), each copied straight from the memory-mapped file."""
     sd = read_safetensors_folder(path)
     if any(k.startswith("language_model.") for k in sd):                 # a whole SAIL-VL2 folder: its LLM
         sd = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
-    sd = normalize_state_dict(sd, cfg)
-    load_state_dict_strict(lm, sd, f"Qwen3 weights from {path}")
-    return lm
+    load_state_dict_strict(lm, normalize_state_dict(sd, lm.cfg), f"Qwen3 weights from {path}")
 
 
 def save_hf_llm(lm: Qwen3LM, path: str):

@@ -788,16 +788,15 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
     """The model of `stage_model_config`: the checkpoint's own model when one checkpoint gives every
     module in that config (made on `device`, its LLM's matrices in `matrices_dtype` when given:
     SAILVL.from_pretrained), else random init on the host in fp32, then every module from its
-    source; then --init-vit / --init-llm."""
+    source; then --init-vit / --init-llm. Each source's tensors are copied into the model straight
+    from its memory-mapped files: no second model on the host beside it."""
     model_cfg = stage_model_config(cfg, model_cfg)
     sources = init_sources(cfg)
     folders = sorted({s for s in sources.values() if s != "fresh"})
     whole = len(folders) == 1 and all(s == folders[0] for s in sources.values())
     own = whole and folder_config(folders[0]) == model_cfg
-    where = dict(device=device, matrices_dtype=matrices_dtype) if own else {}
-    loaded = {f: modeling.SAILVL.from_pretrained(f, **where) for f in folders}
     if own:                                                # the checkpoint's model itself: no random one beside
-        model = loaded.pop(folders[0])                     # it (host memory: once the weights, not twice)
+        model = modeling.SAILVL.from_pretrained(folders[0], device=device, matrices_dtype=matrices_dtype)
     else:
         torch.manual_seed(cfg.seed)
         model = modeling.SAILVL(model_cfg)
@@ -808,8 +807,8 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
         log("init: random weights (the stage starts from scratch)" if len(fresh) == len(MODULES) else
             f"init: {', '.join(fresh)} from random weights")
     elif whole:
-        if folders[0] in loaded:                           # --model.* options made another config
-            model.load_state_dict(loaded[folders[0]].state_dict())
+        if not own:                                        # --model.* options made another config
+            modeling.vit.load_state_dict_strict(model, modeling.checkpoint_tensors(folders[0], model), folders[0])
         log(f"init: all weights from {folders[0]}, with its model config")
     else:
         for name, src in sources.items():
@@ -817,15 +816,16 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
                 modeling.reinit_module(getattr(model, name), cfg.seed + 1)
                 log(f"init: {name} freshly initialised (random), as the stage starts it")
             else:
-                getattr(model, name).load_state_dict(getattr(loaded[src], name).state_dict())
+                modeling.vit.load_state_dict_strict(getattr(model, name), modeling.checkpoint_tensors(src, model, name),
+                                                    f"{name} from {src}")
                 log(f"init: {name} from {src}")
     if cfg.init_vit:
-        model.vision_model.load_state_dict(modeling.vit.load_hf_vit(cfg.init_vit).state_dict())
+        modeling.vit.load_vit_weights(model.vision_model, cfg.init_vit)
         v = model_cfg.vision_config
         log(f"init: vision encoder from {cfg.init_vit} ({v.num_hidden_layers} layers, hidden {v.hidden_size}, "
             f"{v.image_size}-px tiles, from its config.json)")
     if cfg.init_llm:
-        model.language_model.load_state_dict(modeling.load_hf_llm(cfg.init_llm).state_dict())
+        modeling.load_llm_weights(model.language_model, cfg.init_llm)
         c = model_cfg.llm_config
         log(f"init: language model from {cfg.init_llm} ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
             f"vocab {c.vocab_size}{f', {c.num_experts} experts' if c.num_experts else ''}, from its config.json)")

@@ -652,12 +652,16 @@ def read_vit_config(path: str) -> ViTConfig:
 def load_hf_vit(path: str) -> SAILViT:
     """A folder saved by HF `Aimv2VisionModel`, or with apple/SAIL naming (`preprocessor.patchifier…`,
     `trunk.blocks.N…`, optionally under a `vision_model.` prefix as in SAIL-VL2 checkpoints)."""
-    cfg = read_vit_config(path)
+    model = SAILViT(read_vit_config(path))
+    load_vit_weights(model, path)
+    return model
+
+
+def load_vit_weights(model: SAILViT, path: str):
+    """The tensors of such a folder into `model`, each copied straight from the memory-mapped file."""
     sd = read_safetensors_folder(path)
     if any(k.startswith("vision_model.") for k in sd):       # a whole SAIL-VL2 folder: keep the ViT part
         sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
     if any(".layers." in k and "encoder" in k for k in sd):
         sd = hf_aimv2_to_sail(sd)
-    model = SAILViT(cfg)
     load_state_dict_strict(model, sd, f"ViT weights from {path}")
-    return model

@@ -242,7 +242,17 @@ def test_the_sharded_step_trains_under_fsdp2s_bf16_mixed_precision(stage, preset
     assert losses[2] < losses[0] - 0.1, losses
 
 
-def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path):
+def no_second_model(monkeypatch):
+    """Make building a whole model (or an LLM / ViT) from a folder an error: a stage composed from
+    several sources copies each one's tensors into its model straight from the files."""
+    def refuse(*a, **k):
+        raise AssertionError("a second model was built beside the stage's")
+    monkeypatch.setattr(modeling.SAILVL, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(modeling, "load_hf_llm", refuse)
+    monkeypatch.setattr(modeling.vit, "load_hf_vit", refuse)
+
+
+def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path, monkeypatch):
     def trained(seed):                    # a checkpoint whose every module is far from a fresh init
         m = modeling.build_model("tiny", seed=seed)
         with torch.no_grad():
@@ -252,6 +262,7 @@ def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path):
     vit3, lm0 = trained(1), trained(2)
     modeling.save_checkpoint(str(tmp_path / "vit3"), vit3, {"stage": "vit3"}, 0, 1)
     modeling.save_checkpoint(str(tmp_path / "lm0"), lm0, {"stage": "lm0"}, 0, 1)
+    no_second_model(monkeypatch)
     cfg, mcfg = cfg_of("pretrain1", f"--out_dir={tmp_path}")
     logs = []
     m = train_stage.build_stage_model(cfg, mcfg, logs.append)
@@ -1396,7 +1407,7 @@ def test_the_soup_of_moe_checkpoints_is_their_mean_expert_by_expert(tmp_path, mo
         assert torch.equal(v, (sum(sd[k].double() for sd in sds) / 3).float()), k
 
 
-def test_init_from_hf_qwen3_and_aimv2_folders(tmp_path):
+def test_init_from_hf_qwen3_and_aimv2_folders(tmp_path, monkeypatch):
     from transformers import Aimv2VisionConfig, Aimv2VisionModel, Qwen3Config, Qwen3ForCausalLM
     mcfg = modeling.preset_config("tiny")
     L, V = mcfg.llm_config, mcfg.vision_config
@@ -1413,6 +1424,7 @@ def test_init_from_hf_qwen3_and_aimv2_folders(tmp_path):
     vis.save_pretrained(tmp_path / "vit")
     cfg, _ = cfg_of("vit1", f"--out_dir={tmp_path}/out", f"--init-llm={tmp_path}/llm", f"--init-vit={tmp_path}/vit",
                     "--init-from=random")
+    no_second_model(monkeypatch)
     model = train_stage.build_stage_model(cfg, mcfg, lambda *a: None).eval()
     ids = torch.randint(0, 256, (1, 12))
     pix = torch.randn(2, 3, 112, 112)
