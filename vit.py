@@ -240,6 +240,14 @@ def frame_times(container, stream):
     return sorted(pts), sorted(keys), edited
 
 
+def one_thread(stream):
+    """Decode and convert on the calling thread alone (FFmpeg's own thread pools off; `to_image`
+    takes threads=1): a data-loader worker is a fork of a process with threads, where FFmpeg's
+    worker threads have been seen to wait forever. Workers, not FFmpeg, decode in parallel."""
+    stream.thread_count = 1
+    return stream
+
+
 def _seek_frames(container, stream, times, wanted) -> dict:
     """{frame number: PIL} of the `wanted` frames: for each, seek to the last keyframe at or before
     it and decode forward to it (or go on decoding when no keyframe lies between the last frame
@@ -258,7 +266,7 @@ def _seek_frames(container, stream, times, wanted) -> dict:
                 break
         if last != t:
             return None
-        got[i] = frame.to_image()
+        got[i] = frame.to_image(threads=1)
     return got
 
 
@@ -268,9 +276,10 @@ def _decode_frames(path, wanted: set):
     got, n = {}, 0
     last = max(wanted) if wanted else -1
     with av.open(str(path)) as container:
+        one_thread(container.streams.video[0])
         for frame in container.decode(video=0):
             if n in wanted:
-                got[n] = frame.to_image()
+                got[n] = frame.to_image(threads=1)
             n += 1
             if n > last and wanted:
                 break
@@ -287,7 +296,7 @@ def video_frames(path, num_frames: int = 16, training: bool = False, rng=None, w
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError("video", where, f"{path} has no video stream")
-            stream = container.streams.video[0]
+            stream = one_thread(container.streams.video[0])
             times = frame_times(container, stream)
             # the container's frame count (0: not stated) against its packets; an edit list's counts hidden ones too
             if times and not times[2] and stream.frames > len(times[0]):

@@ -100,5 +100,13 @@ def launch_contexts(monkeypatch):
 LONGEST_FIRST = ("test_golden_a_shortened_chain_learns_to_see", "test_an_interrupted_recipe_continues_to_the_same_report")
 
 
+# No test takes 5 minutes, even on one core beside another: one that runs 15 is hung (a deadlock in a
+# forked data-loader worker once stalled the whole suite). pytest-timeout then fails it, with every
+# thread's stack, and the suite goes on.
+TEST_TIMEOUT_S = 900
+
+
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.name not in LONGEST_FIRST)        # stable: the rest keep their order
+    for item in items:
+        item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))

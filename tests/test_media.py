@@ -169,6 +169,23 @@ def test_a_seek_that_misses_falls_back_to_decoding_from_the_start(tmp_path, monk
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_videos_decode_on_the_calling_thread_alone(tmp_path, monkeypatch):
+    """Seeking and decoding from the start both turn FFmpeg's own decoder threads off: a data-loader
+    worker is a fork of a process with threads, where FFmpeg's thread pools have hung the suite."""
+    path = write_gop_video(tmp_path / "gop.mp4", 60)
+    real_open, opened, streams = av.open, [], []
+
+    def open_(*a, **k):                                        # its stream as vit sets it, before it is closed
+        opened.append(real_open(*a, **k))
+        streams.append(opened[-1].streams.video[0])
+        return opened[-1]
+    monkeypatch.setattr(vit.av, "open", open_)
+    vit.load_video(path, num_frames=4, image_size=32)                                   # seeks
+    monkeypatch.setattr(vit, "_seek_frames", lambda *a: None)                       # a miss: decode from the start
+    vit.load_video(path, num_frames=4, image_size=32)
+    assert len(streams) == 3 and all(s.thread_count == 1 for s in streams)
+
+
 def test_a_video_stream_without_frames_is_a_data_error(tmp_path):
     """An AVI whose video stream holds no frame: DataError('video', 'no decodable frames'), not an
     IndexError from sampling frames out of nothing."""
