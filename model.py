@@ -937,12 +937,17 @@ class SAILVL(nn.Module):
         on `device` in `dtype`; `matrices_dtype`: its LLM's matrices held in that dtype instead
         (hold_matrices_in, as for_generation holds them), so a model for generation on a GPU is read
         straight into its bf16 matrices there, never whole in fp32 on the host (30b-a3b: 122 GB)."""
-        raw = json.loads(Path(path, "config.json").read_text())
-        if "vision_config" not in raw or "llm_config" not in raw:
-            raise ValueError(f"{path}/config.json is not a SAIL-VL2 config (no vision_config / llm_config)")
-        model = empty_model(SAILVLConfig.from_dict(raw), device, dtype, matrices_dtype)
+        model = empty_model(read_config(path), device, dtype, matrices_dtype)
         load_state_dict_strict(model, checkpoint_tensors(path, model), f"SAIL-VL2 weights from {path}")
         return model
+
+
+def read_config(path: str) -> SAILVLConfig:
+    """The SAILVLConfig of a SAIL-VL2 folder's config.json (ours or the official one)."""
+    raw = json.loads(Path(path, "config.json").read_text())
+    if "vision_config" not in raw or "llm_config" not in raw:
+        raise ValueError(f"{path}/config.json is not a SAIL-VL2 config (no vision_config / llm_config)")
+    return SAILVLConfig.from_dict(raw)
 
 
 def empty_model(cfg: SAILVLConfig, device="cpu", dtype=torch.float32, matrices_dtype=None) -> SAILVL:
@@ -966,8 +971,7 @@ def checkpoint_tensors(path: str, model: SAILVL, module: str = "") -> dict:
     as row blocks), for load_state_dict_strict into `model` (empty_model): a tied lm_head held
     apart from the embedding is given the embedding's tensor. `module` (e.g. "vision_model"):
     only that module's tensors, named within it, for `getattr(model, module)`."""
-    folder = SAILVLConfig.from_dict(json.loads(Path(path, "config.json").read_text()))
-    sd = normalize_state_dict(read_safetensors_folder(path), folder.llm_config, prefix="language_model.")
+    sd = normalize_state_dict(read_safetensors_folder(path), read_config(path).llm_config, prefix="language_model.")
     lm, embed = model.language_model, sd.get("language_model.model.embed_tokens.weight")
     if lm.lm_head.weight is not lm.model.embed_tokens.weight and embed is not None:
         sd.setdefault("language_model.lm_head.weight", embed)          # tied, held apart: its own copy

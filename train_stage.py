@@ -755,7 +755,7 @@ def stage_model_config(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> mo
     if not folders and not cfg.init_llm and not cfg.init_vit:
         return model_cfg
     try:
-        base = modeling.SAILVLConfig.from_dict(json.load(open(os.path.join(folders[0], "config.json")))) if folders \
+        base = modeling.read_config(folders[0]) if folders \
             else model_cfg
         if cfg.init_llm:
             base = dataclasses.replace(base, llm_config=modeling.read_llm_config(cfg.init_llm))
@@ -769,18 +769,15 @@ def stage_model_config(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> mo
     return apply_model_options(base, cfg.model_options, source, keep)
 
 
-def folder_config(folder: str) -> modeling.SAILVLConfig:
-    return modeling.SAILVLConfig.from_dict(json.load(open(os.path.join(folder, "config.json"))))
-
-
 def whole_checkpoint(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> Optional[str]:
     """The checkpoint folder that gives the stage's whole model as it is (every module, its own
     config, no --init-llm / --init-vit on top: RL, the SFT phases, --init-from), else None."""
+    target = stage_model_config(cfg, model_cfg)           # (its checks first: a folder without config.json)
     sources = set(init_sources(cfg).values())
     if len(sources) != 1 or sources == {"fresh"} or cfg.init_llm or cfg.init_vit:
         return None
     folder = sources.pop()
-    return folder if folder_config(folder) == stage_model_config(cfg, model_cfg) else None
+    return folder if modeling.read_config(folder) == target else None
 
 
 def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, device="cpu",
@@ -790,11 +787,11 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
     SAILVL.from_pretrained), else random init on the host in fp32, then every module from its
     source; then --init-vit / --init-llm. Each source's tensors are copied into the model straight
     from its memory-mapped files: no second model on the host beside it."""
+    own = whole_checkpoint(cfg, model_cfg)
     model_cfg = stage_model_config(cfg, model_cfg)
     sources = init_sources(cfg)
     folders = sorted({s for s in sources.values() if s != "fresh"})
     whole = len(folders) == 1 and all(s == folders[0] for s in sources.values())
-    own = whole and folder_config(folders[0]) == model_cfg
     if own:                                                # the checkpoint's model itself: no random one beside
         model = modeling.SAILVL.from_pretrained(folders[0], device=device, matrices_dtype=matrices_dtype)
     else:
@@ -1048,7 +1045,7 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         box = [full.cfg if full is not None else None]
         dist.broadcast_object_list(box, src=0)
         with torch.device("meta"):
-            model = modeling.SAILVL(box[0] or folder_config(folder))
+            model = modeling.SAILVL(box[0] or modeling.read_config(folder))
         modeling.freeze(model, trainable)
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
         modeling.parallelize(model, device, mixed_precision=device.type == "cuda")
@@ -1311,7 +1308,7 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
     for c in ckpts:
         if not os.path.isfile(os.path.join(c, "config.json")):
             raise UsageError(f"soup: {c} is not a checkpoint folder")
-        configs.append(modeling.SAILVLConfig.from_dict(json.load(open(os.path.join(c, "config.json")))).to_dict())
+        configs.append(modeling.read_config(c).to_dict())
     for c, other in zip(ckpts[1:], configs[1:]):
         if other != configs[0]:
             diff = sorted(k for k in set(configs[0]) | set(other) if configs[0].get(k) != other.get(k))
@@ -1346,7 +1343,8 @@ def mean_weights(folders: list, model_cfg: modeling.SAILVLConfig) -> modeling.SA
     memory-mapped files. The one model held is the mean; loading every input first held N + 1."""
     model = modeling.empty_model(model_cfg)
     sds = [modeling.checkpoint_tensors(f, model) for f in folders]
-    own = [modeling.vit.loadable(model, sd, f"the soup's input {f}") for f, sd in zip(folders, sds)][0]
+    for f, sd in zip(folders, sds):                      # every input: the model's tensors, no others
+        own = modeling.vit.loadable(model, sd, f"the soup's input {f}")
     with torch.no_grad():
         for k, t in own.items():
             if t.dim() == 0 or not t.is_floating_point():
@@ -1368,8 +1366,8 @@ def evaluation_model(source: str, souped, model_cfg: modeling.SAILVLConfig, devi
     model = modeling.empty_model(model_cfg, device, matrices_dtype=low)
     if rank == 0:
         modeling.vit.load_state_dict_strict(model, souped.state_dict(), "the soup")
-    if world > 1:
-        for t in model.state_dict().values():          # a tied head and embedding: one tensor, sent twice
+    if world > 1:                                       # a tied head and embedding: one tensor, sent once
+        for t in {t.data_ptr(): t for t in model.state_dict().values()}.values():
             dist.broadcast(t, 0)
     return model
 
