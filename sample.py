@@ -743,11 +743,12 @@ def chance_key(rec):
     return caption_objects(ref) if rec.task == "caption" else normalize_answer(ref)
 
 
-def chance(synth_dir, families=None, split="eval", limit=EVAL_LIMIT) -> dict:
+def chance(synth_dir, families=None, split="eval", limit=EVAL_LIMIT, show_bad: bool = True) -> dict:
     """{family: share of the most common answer}: what always giving that answer scores. For caption
     the "answer" is the set of objects (colour, shape, position), so the share is near 0. Bad lines
-    are shown (file and line) and left out, as `evaluate_families` leaves them out."""
-    out, bad = {}, data.BadData(max_fraction=1.0)
+    are shown (file and line; `show_bad=False` where the evaluation of the same lines showed them)
+    and left out, as `evaluate_families` leaves them out."""
+    out, bad = {}, data.BadData(max_fraction=1.0, show=show_bad)
     for f in families or synth_families(synth_dir, split):
         keys = Counter(chance_key(r) for r in read_records(Path(synth_dir) / f / f"{split}.jsonl", limit, bad))
         out[f] = max(keys.values()) / sum(keys.values()) if keys else 0.0
@@ -989,7 +990,7 @@ def run_eval(args, model, tok, dcfg):
             raise InputError(f"--eval {path}: a folder must hold <family>/eval.jsonl manifests (synthetic data)")
         limit = EVAL_LIMIT if args.limit is None else args.limit
         rep = evaluate_families(model, tok, dcfg, path, limit=limit, mode=mode)
-        base = chance(path, list(rep["n"]), limit=limit)
+        base = chance(path, list(rep["n"]), limit=limit, show_bad=False)     # (the evaluation showed them)
     else:
         bad = data.BadData(max_fraction=1.0)
         rep, base = evaluate_records(model, tok, dcfg, read_records(path, args.limit, bad), mode, bad), {}

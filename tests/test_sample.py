@@ -631,6 +631,20 @@ def test_cli_generation_and_eval_reports(tmp_path, tiny, synth, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["n"] == {"count": 3}
 
 
+def test_cli_eval_shows_each_bad_line_once(tmp_path, tiny, synth, capsys):
+    """`--eval FOLDER` evaluates the families and then counts their chance level on the same lines:
+    a bad line is shown once, by the evaluation, not again by the chance count."""
+    m, tok, dcfg = tiny
+    m.save_pretrained(tmp_path / "ck")
+    (tmp_path / "set" / "count").mkdir(parents=True)
+    lines = (synth / "count" / "eval.jsonl").read_text().splitlines(keepends=True)[:2]
+    (tmp_path / "set" / "count" / "eval.jsonl").write_text(lines[0] + "{not json\n" + lines[1])
+    (tmp_path / "set" / "count" / "images").symlink_to(synth / "count" / "images")
+    sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(tmp_path / "set"), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert err.count("count/eval.jsonl:2") == 1, err
+
+
 def test_cli_refuses_options_it_would_ignore(tmp_path):
     (tmp_path / "ck").mkdir()
     for args, says in ((["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
