@@ -932,12 +932,14 @@ class SAILVL(nn.Module):
         atomic_write_dir(path, lambda tmp: write_weights(tmp, sd, self.cfg))
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", matrices_dtype=None) -> "SAILVL":
+    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu", matrices_dtype=None,
+                        cfg: Optional[SAILVLConfig] = None) -> "SAILVL":
         """Our own folder or an official SAIL-VL2 HF folder (sharded safetensors, with index), made
         on `device` in `dtype`; `matrices_dtype`: its LLM's matrices held in that dtype instead
         (hold_matrices_in, as for_generation holds them), so a model for generation on a GPU is read
-        straight into its bf16 matrices there, never whole in fp32 on the host (30b-a3b: 122 GB)."""
-        model = empty_model(read_config(path), device, dtype, matrices_dtype)
+        straight into its bf16 matrices there, never whole in fp32 on the host (30b-a3b: 122 GB).
+        `cfg`: the folder's config with settings changed (a stage's --model.* options; same shapes)."""
+        model = empty_model(cfg or read_config(path), device, dtype, matrices_dtype)
         load_state_dict_strict(model, checkpoint_tensors(path, model), f"SAIL-VL2 weights from {path}")
         return model
 
@@ -969,12 +971,17 @@ def empty_model(cfg: SAILVLConfig, device="cpu", dtype=torch.float32, matrices_d
 def checkpoint_tensors(path: str, model: SAILVL, module: str = "") -> dict:
     """A SAIL-VL2 folder's tensors in our names, memory-mapped (normalize_state_dict: MoE experts
     as row blocks), for load_state_dict_strict into `model` (empty_model): a tied lm_head held
-    apart from the embedding is given the embedding's tensor. `module` (e.g. "vision_model"):
-    only that module's tensors, named within it, for `getattr(model, module)`."""
-    sd = normalize_state_dict(read_safetensors_folder(path), read_config(path).llm_config, prefix="language_model.")
+    apart from the embedding, or untied in `model` only, is given the embedding's tensor (a tied
+    checkpoint's head). An untied checkpoint's own head into a model that ties it is refused: one of
+    the two trained tensors would be lost. `module` (e.g. "vision_model"): only that module's
+    tensors, named within it, for `getattr(model, module)`."""
+    saved = read_config(path).llm_config
+    sd = normalize_state_dict(read_safetensors_folder(path), saved, prefix="language_model.")
     lm, embed = model.language_model, sd.get("language_model.model.embed_tokens.weight")
-    if lm.lm_head.weight is not lm.model.embed_tokens.weight and embed is not None:
-        sd.setdefault("language_model.lm_head.weight", embed)          # tied, held apart: its own copy
+    if module in ("", "language_model"):
+        refuse_lost_head(path, saved, lm.cfg)
+    if saved.tie_word_embeddings and lm.lm_head.weight is not lm.model.embed_tokens.weight and embed is not None:
+        sd.setdefault("language_model.lm_head.weight", embed)          # the tied head, held apart: its own copy
     if module:
         sd = {k[len(module) + 1:]: v for k, v in sd.items() if k.startswith(module + ".")}
     return sd
@@ -1225,8 +1232,17 @@ def load_hf_llm(path: str, dtype=torch.float32, device="cpu") -> Qwen3LM:
     return lm
 
 
+def refuse_lost_head(path: str, saved: LLMConfig, cfg: LLMConfig):
+    """A checkpoint with its own lm_head (untied) cannot load into a model of `cfg` that ties the head
+    to the embedding: one of the two trained tensors would be lost (a ValueError)."""
+    if cfg.tie_word_embeddings and not saved.tie_word_embeddings:
+        raise ValueError(f"{path} has an lm_head of its own (tie_word_embeddings false) and this model ties it to the "
+                         "embedding: the checkpoint's head would be lost (keep tie_word_embeddings false)")
+
+
 def load_llm_weights(lm: Qwen3LM, path: str):
     """The tensors of such a folder into `lm` (its config), each copied straight from the memory-mapped file."""
+    refuse_lost_head(path, read_llm_config(path), lm.cfg)
     sd = read_safetensors_folder(path)
     if any(k.startswith("language_model.") for k in sd):                 # a whole SAIL-VL2 folder: its LLM
         sd = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
@@ -1298,14 +1314,16 @@ def load_sharded_weights(model, path: str, rank: int, device):
     host memory), this holds one tensor. A missing or misshaped tensor: one error on every rank."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     state = model.state_dict(keep_vars=True)             # the parameters themselves: a tied head is the embedding
-    sd, box = None, [None, None]
+    sd, box, failed = None, [None, None], None
     if rank == 0:
         try:
             sd = checkpoint_tensors(path, model)
             box = [list(loadable(model, sd, f"SAIL-VL2 weights from {path}")), None]
-        except (OSError, ValueError) as e:
-            box = [None, str(e)]
+        except Exception as e:          # any failure: told to every rank, which would otherwise wait for rank 0
+            failed, box = e, [None, str(e) if isinstance(e, (OSError, ValueError)) else f"rank 0 failed reading {path}: {type(e).__name__}: {e}"]
     dist.broadcast_object_list(box, src=0)
+    if failed is not None and not isinstance(failed, (OSError, ValueError)):
+        raise failed                    # (a bug's own traceback on rank 0)
     if box[1] is not None:
         raise ValueError(box[1])
     with torch.no_grad():

@@ -53,6 +53,7 @@ refused), nested configs as `--packing.max_tokens=2048`, `--adalrs_cfg.window=20
 as `--model.llm_config.hidden_size=256`. The main options are printed at start; all of them are
 saved in <run>/config.json and in every checkpoint.
 """
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -79,7 +80,7 @@ import model as modeling
 import moe
 import packing
 from adalrs import AdaLRS, AdaLRSConfig
-from data import UsageError
+from data import InputError, UsageError
 from packing import PackingConfig
 
 MODULES = modeling.MODULES
@@ -770,16 +771,35 @@ def stage_model_config(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> mo
 
 
 def whole_checkpoint(cfg: StageConfig, model_cfg: modeling.SAILVLConfig) -> Optional[str]:
-    """The checkpoint folder that gives the stage's whole model as it is (every module, its own
-    config, no --init-llm / --init-vit on top: RL, the SFT phases, --init-from), else None."""
-    target = stage_model_config(cfg, model_cfg)           # (its checks first: a folder without config.json)
+    """The checkpoint folder that gives every weight of the stage's model (every module, no
+    --init-llm / --init-vit on top: RL, the SFT phases, --init-from), else None. Its config with the
+    --model.* options applied (stage_model_config) has the same shapes, so its files load as they are."""
+    stage_model_config(cfg, model_cfg)                   # (its checks first: a folder without config.json)
     sources = set(init_sources(cfg).values())
     if len(sources) != 1 or sources == {"fresh"} or cfg.init_llm or cfg.init_vit:
         return None
-    folder = sources.pop()
-    return folder if modeling.read_config(folder) == target else None
+    return sources.pop()
 
 
+@contextlib.contextmanager
+def loading_weights():
+    """A checkpoint whose tensors do not fit the stage's model (missing, unexpected or misshaped, a
+    head that would be lost: load_state_dict_strict, checkpoint_tensors) is one line, not a traceback."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def config_origin(folder: str, model_cfg: modeling.SAILVLConfig) -> str:
+    """How the model config of a stage loaded whole from `folder` came about, for its init line."""
+    return "with its model config" if modeling.read_config(folder) == model_cfg else \
+        "with its model config and the --preset / --model.* options given (same shapes)"
+
+
+@loading_weights()
 def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, device="cpu",
                       matrices_dtype=None) -> modeling.SAILVL:
     """The model of `stage_model_config`: the checkpoint's own model when one checkpoint gives every
@@ -793,7 +813,7 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
     folders = sorted({s for s in sources.values() if s != "fresh"})
     whole = len(folders) == 1 and all(s == folders[0] for s in sources.values())
     if own:                                                # the checkpoint's model itself: no random one beside
-        model = modeling.SAILVL.from_pretrained(folders[0], device=device, matrices_dtype=matrices_dtype)
+        model = modeling.SAILVL.from_pretrained(own, device=device, matrices_dtype=matrices_dtype, cfg=model_cfg)
     else:
         torch.manual_seed(cfg.seed)
         model = modeling.SAILVL(model_cfg)
@@ -804,9 +824,9 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
         log("init: random weights (the stage starts from scratch)" if len(fresh) == len(MODULES) else
             f"init: {', '.join(fresh)} from random weights")
     elif whole:
-        if not own:                                        # --model.* options made another config
+        if not own:                                        # (--init-llm / --init-vit replace a module below)
             modeling.vit.load_state_dict_strict(model, modeling.checkpoint_tensors(folders[0], model), folders[0])
-        log(f"init: all weights from {folders[0]}, with its model config")
+        log(f"init: all weights from {folders[0]}, {config_origin(folders[0], model_cfg)}")
     else:
         for name, src in sources.items():
             if src == "fresh":
@@ -1045,7 +1065,7 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         box = [full.cfg if full is not None else None]
         dist.broadcast_object_list(box, src=0)
         with torch.device("meta"):
-            model = modeling.SAILVL(box[0] or modeling.read_config(folder))
+            model = modeling.SAILVL(box[0] or stage_model_config(cfg, model_cfg))
         modeling.freeze(model, trainable)
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
         modeling.parallelize(model, device, mixed_precision=device.type == "cuda")
@@ -1053,8 +1073,9 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         if folder is None:
             modeling.set_full_state_dict(model, full.state_dict() if full is not None else {})
         else:
-            modeling.load_sharded_weights(model, folder, rank, device)
-            log(f"init: all weights from {folder}, with its model config")
+            with loading_weights():
+                modeling.load_sharded_weights(model, folder, rank, device)
+            log(f"init: all weights from {folder}, {config_origin(folder, model.cfg)}")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {modeling.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
     return model, model.cfg
@@ -1308,14 +1329,18 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
     for c in ckpts:
         if not os.path.isfile(os.path.join(c, "config.json")):
             raise UsageError(f"soup: {c} is not a checkpoint folder")
-        configs.append(modeling.read_config(c).to_dict())
+        try:
+            configs.append(modeling.read_config(c).to_dict())
+        except ValueError as e:                       # not a SAIL-VL2 config, or not JSON
+            raise InputError(f"soup: {c}: {e}") from None
     for c, other in zip(ckpts[1:], configs[1:]):
         if other != configs[0]:
             diff = sorted(k for k in set(configs[0]) | set(other) if configs[0].get(k) != other.get(k))
             raise UsageError(f"soup: {c} has a different architecture from {ckpts[0]} (config differs in {diff}); "
                              f"the paper's soup averages homogeneous checkpoints only (§4.2.1)")
     model_cfg = modeling.SAILVLConfig.from_dict(configs[0])
-    souped = mean_weights(ckpts, model_cfg) if rank == 0 else None
+    with loading_weights():                             # (the other ranks are stopped by torchrun)
+        souped = mean_weights(ckpts, model_cfg) if rank == 0 else None
     tok_dir = cfg.tokenizer or next((c for c in ckpts if tokenizer_files(c)), None)
     tok = data.load_tokenizer(tok_dir)
     if not cfg.eval_manifests:
@@ -1340,11 +1365,24 @@ MEAN_CHUNK = 1 << 24     # elements averaged at once: 128 MiB of float64 per inp
 def mean_weights(folders: list, model_cfg: modeling.SAILVLConfig) -> modeling.SAILVL:
     """The element-wise mean of the checkpoints' weights, an fp32 model on the host: summed in
     float64 (exact for any number of inputs) a slice of rows at a time, straight from their
-    memory-mapped files. The one model held is the mean; loading every input first held N + 1."""
+    memory-mapped files. The one model held is the mean; loading every input first held N + 1.
+    Rank 0 averages while the other ranks wait: it uses every core of the machine (torchrun gives
+    each process one thread), or a 30b-a3b soup would take minutes per input."""
     model = modeling.empty_model(model_cfg)
     sds = [modeling.checkpoint_tensors(f, model) for f in folders]
     for f, sd in zip(folders, sds):                      # every input: the model's tensors, no others
         own = modeling.vit.loadable(model, sd, f"the soup's input {f}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, os.cpu_count() or 1))
+    try:
+        mean_into(own, sds)
+    finally:
+        torch.set_num_threads(threads)
+    return model
+
+
+def mean_into(own: dict, sds: list):
+    """Each tensor of `own` set to the mean of the inputs' `sds` (see mean_weights)."""
     with torch.no_grad():
         for k, t in own.items():
             if t.dim() == 0 or not t.is_floating_point():
@@ -1353,7 +1391,6 @@ def mean_weights(folders: list, model_cfg: modeling.SAILVLConfig) -> modeling.SA
             step = max(1, MEAN_CHUNK // max(1, t[0].numel()))
             for r in range(0, t.shape[0], step):          # (step, ...) rows of every input, summed in float64
                 t[r:r + step].copy_(sum(modeling.vit.rows_of(sd[k], r, r + step).double() for sd in sds) / len(sds))
-    return model
 
 
 def evaluation_model(source: str, souped, model_cfg: modeling.SAILVLConfig, device, rank: int, world: int):
@@ -1363,9 +1400,12 @@ def evaluation_model(source: str, souped, model_cfg: modeling.SAILVLConfig, devi
     low = modeling.compute_dtype(device)
     if source != "soup":
         return modeling.SAILVL.from_pretrained(source, device=device, matrices_dtype=low)
-    model = modeling.empty_model(model_cfg, device, matrices_dtype=low)
-    if rank == 0:
-        modeling.vit.load_state_dict_strict(model, souped.state_dict(), "the soup")
+    if rank == 0 and low is None and torch.device(device).type == "cpu":
+        model = souped                                  # the soup as it is evaluated: no second copy
+    else:
+        model = modeling.empty_model(model_cfg, device, matrices_dtype=low)
+        if rank == 0:
+            modeling.vit.load_state_dict_strict(model, souped.state_dict(), "the soup")
     if world > 1:                                       # a tied head and embedding: one tensor, sent once
         for t in {t.data_ptr(): t for t in model.state_dict().values()}.values():
             dist.broadcast(t, 0)

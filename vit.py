@@ -636,8 +636,11 @@ def read_safetensors_folder(path: str) -> dict:
     if os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     elif os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:   # not JSON, or no {"weight_map": {name: file}}
+            raise OSError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
     out = {}

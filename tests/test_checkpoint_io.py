@@ -440,3 +440,48 @@ def test_from_pretrained_reads_straight_into_bf16_matrices_what_for_generation_w
     assert {t.dtype for t in g.values()} == {torch.float32, torch.bfloat16}
     lm = got.language_model
     assert lm.lm_head.weight is not lm.model.embed_tokens.weight and lm.lm_head.weight.dtype == torch.bfloat16
+
+
+def tiny_with_head(tied: bool, seed: int = 0):
+    cfg = modeling.preset_config("tiny")
+    cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, tie_word_embeddings=tied))
+    torch.manual_seed(seed)
+    m = modeling.SAILVL(cfg)
+    m.init_weights()
+    return m
+
+
+def test_an_lm_head_is_never_made_up_or_lost_between_tied_and_untied(tmp_path):
+    """The embedding stands in for the head only where the checkpoint ties them: an untied checkpoint
+    that lacks its lm_head is refused (missing), not given the embedding; a tied checkpoint into an
+    untied model gives the head the embedding; an untied checkpoint into a model that ties them is
+    refused (its trained head would be lost), through SAIL-VL2 folders and Qwen3 ones alike."""
+    from safetensors.torch import save_file
+    untied = tiny_with_head(False)
+    untied.save_pretrained(str(tmp_path / "untied"))
+    sd = load_file(str(tmp_path / "untied" / "model.safetensors"))
+    del sd["language_model.lm_head.weight"]
+    save_file(sd, str(tmp_path / "untied" / "model.safetensors"))
+    for dtype in (None, torch.bfloat16):
+        with pytest.raises(ValueError, match="1 missing keys.*lm_head"):
+            modeling.SAILVL.from_pretrained(str(tmp_path / "untied"), matrices_dtype=dtype)
+    tied = tiny_with_head(True, seed=1)
+    tied.save_pretrained(str(tmp_path / "tied"))
+    got = modeling.SAILVL.from_pretrained(str(tmp_path / "tied"), cfg=untied.cfg).language_model
+    assert got.lm_head.weight is not got.model.embed_tokens.weight
+    assert torch.equal(got.lm_head.weight, tied.language_model.model.embed_tokens.weight)
+    untied.save_pretrained(str(tmp_path / "untied2"))
+    with pytest.raises(ValueError, match="lm_head of its own .* would be lost"):
+        modeling.SAILVL.from_pretrained(str(tmp_path / "untied2"), cfg=tied.cfg)
+    modeling.save_hf_llm(untied.language_model, str(tmp_path / "qwen"))
+    with pytest.raises(ValueError, match="lm_head of its own .* would be lost"):
+        modeling.load_llm_weights(tied.language_model, str(tmp_path / "qwen"))
+
+
+def test_a_safetensors_index_without_its_weight_map_is_an_oserror(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(OSError, match="not a safetensors index with a weight_map"):
+        modeling.vit.read_safetensors_folder(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(OSError, match="not a safetensors index"):
+        modeling.vit.read_safetensors_folder(str(tmp_path))

@@ -4,6 +4,7 @@ once, world size once) is invariant to packing / micro-batches / ranks through t
 the MoE path, AdaLRS, warm-up and clipping in the loop, data -> packing resume and rank splits,
 FSDP2 over 2 CPU processes, kill -9 + --resume, one checkpoint writer and reader, the soup, and
 the command line as a new user meets it."""
+import dataclasses
 import datetime
 import gc
 import glob
@@ -299,22 +300,27 @@ def test_a_stage_from_one_checkpoint_is_that_checkpoints_model_without_a_random_
     """A stage whose every module comes from one checkpoint (RL, SFT phases, --init-from): the
     checkpoint's model itself, no random model built and overwritten beside it (host memory: each
     rank holds the weights once, not twice); with a --model.* option that changes its config (RoPE
-    θ), a model of that config given the same weights."""
+    θ), a model of that config given the same weights, also without a random model (and, asked for
+    bf16 matrices on the device, read straight into them)."""
     ck = modeling.build_model("tiny", seed=3)
     modeling.save_checkpoint(str(tmp_path / "ck"), ck, {"stage": "sft4"}, 0, 1)
     random_inits = []
     init_weights = modeling.SAILVL.init_weights
     monkeypatch.setattr(modeling.SAILVL, "init_weights", lambda self: random_inits.append(1) or init_weights(self))
-    for options, inits, theta in (([], 0, ck.cfg.llm_config.rope_theta), (["--model.llm_config.rope_theta=5e5"], 1, 5e5)):
+    for options, theta, how in (([], ck.cfg.llm_config.rope_theta, "with its model config"),
+                                (["--model.llm_config.rope_theta=5e5"], 5e5,
+                                 "with its model config and the --preset / --model.* options given (same shapes)")):
         logs = []
         cfg, mcfg = cfg_of("sft1", f"--out_dir={tmp_path}/out", f"--init-from={tmp_path}/ck", *options)
         m = train_stage.build_stage_model(cfg, mcfg, logs.append)
-        assert len(random_inits) == inits and m.cfg.llm_config.rope_theta == theta
+        assert not random_inits and m.cfg.llm_config.rope_theta == theta
         assert all(torch.equal(m.state_dict()[k], v) for k, v in ck.state_dict().items())
         lm = m.language_model
         assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == ck.cfg.llm_config.tie_word_embeddings
-        assert logs == [f"init: all weights from {tmp_path}/ck, with its model config"]
-        random_inits.clear()
+        assert logs == [f"init: all weights from {tmp_path}/ck, {how}"]
+        m = train_stage.build_stage_model(cfg, mcfg, logs.append, matrices_dtype=torch.bfloat16)
+        assert not random_inits and m.language_model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert m.cfg.llm_config.rope_theta == theta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,50 +446,83 @@ rank, world, device = train_stage.setup_distributed()
 def no_full_model(*a, **k):
     raise AssertionError("a whole model was built on a rank")
 modeling.SAILVL.from_pretrained = classmethod(no_full_model)
-cfg, mcfg = helpers.cfg_of("sft1", "--out_dir=" + os.environ["OUT_DIR"], "--init-from=" + os.environ["CK"])
+modeling.SAILVL.init_weights = no_full_model                # nor a random one
+if os.environ.get("FAIL") and rank == 0:                    # a failure that is no OSError / ValueError
+    def fail(*a, **k):
+        raise KeyError(os.environ["FAIL"])
+    modeling.checkpoint_tensors = fail
+cfg, mcfg = helpers.cfg_of("sft1", "--out_dir=" + os.environ["OUT_DIR"], "--init-from=" + os.environ["CK"],
+                           *os.environ.get("OPTIONS", "").split())
 logs = []
 model, _ = train_stage.place_model(cfg, mcfg, rank, world, device, logs.append)
 sd = modeling.full_state_dict(model)
 if rank == 0:
-    torch.save({"sd": sd, "logs": logs}, os.environ["OUT"])
+    torch.save({"sd": sd, "logs": logs, "theta": model.cfg.llm_config.rope_theta}, os.environ["OUT"])
 train_stage.shutdown_distributed()
 train_stage.exit_process()
 """
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_two_ranks_read_a_checkpoint_into_their_shards_a_tensor_at_a_time(tmp_path, preset):
+def test_a_stage_that_would_tie_a_checkpoints_own_head_to_its_embedding_is_refused(tmp_path):
+    """--model.llm_config.tie_word_embeddings=true on an untied checkpoint keeps every shape, but one
+    tensor cannot hold both trained ones: refused in one line (InputError), where it loaded the
+    checkpoint's lm_head into the shared embedding without a word."""
+    cfg = modeling.preset_config("tiny")
+    cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, tie_word_embeddings=False))
+    torch.manual_seed(3)
+    ck = modeling.SAILVL(cfg)
+    ck.init_weights()
+    modeling.save_checkpoint(str(tmp_path / "ck"), ck, {"stage": "sft4"}, 0, 1)
+    cfg, mcfg = cfg_of("sft1", f"--out_dir={tmp_path}/out", f"--init-from={tmp_path}/ck",
+                       "--model.llm_config.tie_word_embeddings=true")
+    with pytest.raises(train_stage.InputError, match="lm_head of its own .* would be lost"):
+        train_stage.build_stage_model(cfg, mcfg, lambda *a: None)
+
+
+@pytest.mark.parametrize("preset,options", [("tiny", ""), ("tiny-moe", "--model.llm_config.rope_theta=5e5")])
+def test_two_ranks_read_a_checkpoint_into_their_shards_a_tensor_at_a_time(tmp_path, preset, options):
     """A stage from one checkpoint under FSDP2 on 2 gloo processes (place_model, as every sharded
     stage starts): each rank's shards come straight from the checkpoint's files, a tensor at a time
     (experts stored one by one joined per tensor), with no whole model built on any rank (rank 0
-    held one in fp32 before: 122 GB for 30b-a3b), and the gathered weights are the checkpoint's."""
+    held one in fp32 before: 122 GB for 30b-a3b), and the gathered weights are the checkpoint's;
+    so too with a --model.* option that changes a setting (RoPE θ), not a shape."""
     ck = modeling.build_model(preset, seed=3)
     modeling.save_checkpoint(str(tmp_path / "ck"), ck, {"stage": "sft4"}, 0, 1)
     (tmp_path / "load.py").write_text(SHARDED_LOAD)
     res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "load.py")],
               env_extra={"REPO": ROOT, "CK": str(tmp_path / "ck"), "OUT_DIR": str(tmp_path / "out"),
-                         "OUT": str(tmp_path / "out.pt")}, timeout=240)
+                         "OUT": str(tmp_path / "out.pt"), "OPTIONS": options}, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     want = ck.state_dict()
     assert got["sd"].keys() == want.keys() and all(torch.equal(got["sd"][k], want[k]) for k in want)
-    assert f"init: all weights from {tmp_path}/ck, with its model config" in got["logs"]
+    how = "with its model config" + " and the --preset / --model.* options given (same shapes)" * bool(options)
+    assert f"init: all weights from {tmp_path}/ck, {how}" in got["logs"]
+    assert got["theta"] == (5e5 if options else ck.cfg.llm_config.rope_theta)
 
 
-def test_a_checkpoint_missing_a_tensor_stops_both_ranks_with_one_error(tmp_path):
+@pytest.mark.parametrize("failure", ["missing", "other"])
+def test_a_checkpoint_missing_a_tensor_stops_both_ranks_with_one_error(tmp_path, failure):
     """Rank 0 alone reads the files: a tensor missing there is its error on every rank, not a
-    rank 1 left waiting for a tensor that never comes."""
+    rank 1 left waiting for a tensor that never comes; so is any other failure of rank 0's read
+    (rank 0 keeps its own traceback, rank 1 is told what it was)."""
     from safetensors.torch import save_file
     modeling.save_checkpoint(str(tmp_path / "ck"), modeling.build_model("tiny", seed=3), {"stage": "sft4"}, 0, 1)
-    sd = load_file(str(tmp_path / "ck" / "model.safetensors"))
-    del sd["mlp1.1.weight"]
-    save_file(sd, str(tmp_path / "ck" / "model.safetensors"), metadata={"format": "pt"})
+    if failure == "missing":
+        sd = load_file(str(tmp_path / "ck" / "model.safetensors"))
+        del sd["mlp1.1.weight"]
+        save_file(sd, str(tmp_path / "ck" / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "load.py").write_text(SHARDED_LOAD)
     res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "load.py")],
               env_extra={"REPO": ROOT, "CK": str(tmp_path / "ck"), "OUT_DIR": str(tmp_path / "out"),
-                         "OUT": str(tmp_path / "out.pt")}, timeout=240)
+                         "OUT": str(tmp_path / "out.pt"), "FAIL": "boom" * (failure == "other")}, timeout=240)
     assert res.returncode != 0
-    assert res.stderr.count("1 missing keys, e.g. ['mlp1.1.weight']") >= 2, res.stderr[-3000:]   # on both ranks
+    if failure == "missing":
+        assert res.stderr.count("1 missing keys, e.g. ['mlp1.1.weight']") >= 2, res.stderr[-3000:]   # on both ranks
+    else:
+        assert "[rank0]: KeyError: 'boom'" in res.stderr, res.stderr[-3000:]
+        assert f"[rank1]: data.InputError: rank 0 failed reading {tmp_path}/ck: KeyError: 'boom'" in res.stderr, \
+            res.stderr[-3000:]
 
 
 @pytest.mark.parametrize("rank1", ["images", "text"])
@@ -1391,6 +1430,39 @@ def test_the_soup_under_torchrun_matches_one_process(synth, tmp_path):
     la, lb = (modeling.verify_checkpoint(f"{tmp_path}/{d}/soup")["eval_loss"] for d in ("one", "two"))
     assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) <= 1e-5 * abs(la[k]) for k in la), (la, lb)
     assert la["soup"] != la[f"{tmp_path}/a"]
+
+
+def test_the_soup_refuses_unusable_inputs_in_one_line_and_averages_on_every_core(synth, tmp_path, monkeypatch):
+    """A soup input that is no SAIL-VL2 checkpoint or lacks a tensor is one line (InputError), not a
+    traceback; rank 0 averages on every core of the machine while the other ranks wait (torchrun
+    gives each process one thread), then goes back to its own; on a CPU the soup is evaluated as
+    it is, with no second copy."""
+    m = modeling.build_model("tiny", seed=3)
+    for name in "ab":
+        m.save_pretrained(f"{tmp_path}/{name}")
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps(m.cfg.llm_config.to_dict()))
+    sd = load_file(f"{tmp_path}/b/model.safetensors")
+    del sd["mlp1.1.weight"]
+    from safetensors.torch import save_file
+    save_file(sd, f"{tmp_path}/b/model.safetensors")
+    cfg, _ = cfg_of("soup", f"--data_dir={synth}", f"--out_dir={tmp_path}/out", "--eval_packs=1")
+    with pytest.raises(train_stage.InputError, match="soup: .*qwen: .*is not a SAIL-VL2 config"):
+        train_stage.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/qwen"])
+    with pytest.raises(train_stage.InputError, match="cannot load the soup's input .*/b:\n  1 missing keys"):
+        train_stage.soup(cfg, [f"{tmp_path}/a", f"{tmp_path}/b"])
+    m.save_pretrained(f"{tmp_path}/b")
+    monkeypatch.setattr(train_stage.os, "cpu_count", lambda: 3)
+    threads, rows_of = [], modeling.vit.rows_of
+    monkeypatch.setattr(modeling.vit, "rows_of", lambda *a: threads.append(torch.get_num_threads()) or rows_of(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        souped = train_stage.mean_weights([f"{tmp_path}/a", f"{tmp_path}/b"], m.cfg)
+        assert set(threads) == {3} and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert train_stage.evaluation_model("soup", souped, m.cfg, torch.device("cpu"), 0, 1) is souped
 
 
 def test_the_soup_of_moe_checkpoints_is_their_mean_expert_by_expert(tmp_path, monkeypatch):
