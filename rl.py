@@ -1242,7 +1242,7 @@ class RLConfig(train_stage.StageConfig):
     lr: float = 1e-4                      # peak LR (paper: 1e-6 for 2B-8B models); cosine over all updates. The tiny
                                           # model: 5e-5 moves it slowly, 3e-4 moves its greedy answer, 1e-3 breaks the format
     warmup_steps: int = 5                 # updates (not episodes) of linear warm-up
-    save_every: int = 10                  # resumable checkpoint every N episodes
+    save_every: int = 10                  # resumable checkpoint every N episodes; 0 = only the stage output
     eval_every: int = 0                   # held-out evaluation every N episodes (always at the start and end)
     algo: str = ""                        # dapo | gspo | gspo_token ("" = DAPO for dense, GSPO for MoE)
     reward: str = "verifiable"            # verifiable (answer, counted only when well-formed, + format) | mixed (answer + think + format)
@@ -1315,7 +1315,7 @@ def rl_config(argv: list) -> tuple:
             raise train_stage.UsageError(f"--{key} does not apply to an RL stage" + (f": {why}" if why else ""))
         train_stage.set_key({"": cfg}, key, value)
     train_stage.check_init_options(cfg)
-    train_stage.check_optimizer_options(cfg)
+    train_stage.check_run_options(cfg)
     if stage == "harvest" and (unused := [k for k in given if k.split(".")[0] in HARVEST_UNUSED]):
         raise train_stage.UsageError(f"--{unused[0]} does not apply to the harvest: it samples from a finished model")
     if not (math.isfinite(cfg.temperature) and cfg.temperature > 0 and 0 < cfg.top_p <= 1):
@@ -1533,7 +1533,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)       # each rank its own draws
     rdir = train_stage.run_dir(cfg)
     if rank == 0 and not resume:
-        train_stage.clear_earlier_run(rdir, log)
+        train_stage.clear_earlier_run(cfg, log)
     eval_set = read_prompts(cfg, tok, dcfg, "eval", cfg.eval_prompts)
     mixture, direct = prompt_mixture(cfg, tok, dcfg, "train"), direct_mixture(cfg, tok, dcfg, "train")
     judge = ModelJudge(cfg.judge, device) if cfg.judge else None

@@ -1019,11 +1019,11 @@ def cli(argv):
     ap = Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--ckpt", required=True, help="a checkpoint folder (ours or an official SAIL-VL2 one)")
-    ap.add_argument("--image", nargs="*", action="extend", default=[],
+    ap.add_argument("--image", nargs="+", action="extend", default=[],
                     help="image file(s); each gets an <image> placeholder (repeat the option to add more)")
-    ap.add_argument("--video", nargs="*", action="extend", default=[],
+    ap.add_argument("--video", nargs="+", action="extend", default=[],
                     help="video file(s), sampled to 16 frames (repeat the option to add more)")
-    ap.add_argument("--prompt", default="Describe the image.", help="the question")
+    ap.add_argument("--prompt", default="Describe the image.", help="the question (default: %(default)s)")
     ap.add_argument("--think", action="store_true", help="thinking mode: ask for <think>...</think> + \\boxed{}")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="default 256; eval: per family (DIRECT_NEW_TOKENS / THINK_NEW_TOKENS)")

@@ -132,7 +132,7 @@ class StageConfig:
     eval_every: int = 50                  # held-out loss every N steps (and at step 0 and the end); 0 = never
     eval_packs: int = 8                   # held-out steps per eval
     save_every: int = 50                  # step checkpoint every N steps; 0 = only the stage output
-    keep_checkpoints: int = 2             # step checkpoints kept in out/<stage>.run/
+    keep_checkpoints: int = 2             # step checkpoints kept in out/<stage>.run/ (0 = all)
     max_bad_fraction: float = 0.05        # stop when more of the distinct samples than this are bad
     seed: int = 1337                      # init, data order and sampling
     fsdp: bool = False                    # shard with FSDP2 even as one process (several always shard)
@@ -588,10 +588,15 @@ def module_overrides(spec: str) -> dict:
 
 
 def check_init_options(cfg: StageConfig):
-    """--init_modules with --init_from (which replaces the rule it changes) and bad pairs, refused."""
+    """--init_modules with --init_from (which replaces the rule it changes) and bad pairs, refused;
+    so is a folder option (--init-from, --init-llm, --init-vit, --tokenizer, --image_root) that names no folder."""
     if cfg.init_modules and cfg.init_from:
         raise UsageError("--init_modules changes the stage's init rule, which --init_from replaces: give one of them")
     module_overrides(cfg.init_modules)
+    for key in ("init_from", "init_llm", "init_vit", "tokenizer", "image_root"):
+        path = getattr(cfg, key)
+        if path and path != "random" and not os.path.isdir(path):
+            raise UsageError(f"--{key.replace('_', '-')}: {path} is not a folder")
 
 
 def module_sources(cfg: StageConfig) -> dict:
@@ -1134,9 +1139,15 @@ def set_optimizer_options(opt, cfg: StageConfig):
         group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2))
 
 
-def clear_earlier_run(rdir: str, log):
+def clear_earlier_run(cfg: StageConfig, log):
     """A fresh start removes the step checkpoints an earlier run left in its run folder: kept, they
-    would outrank this run's (pruned as soon as written) and a later --resume would pick them."""
+    would outrank this run's (pruned as soon as written) and a later --resume would pick them. A
+    finished output of the stage is replaced when this run ends: said now (a 3-step trial replaces
+    a 200-step stage)."""
+    if modeling.is_finished_stage(out := stage_dir(cfg)):
+        step = modeling.verify_checkpoint(out).get("step")
+        log(f"note: {out} holds an earlier {cfg.stage} output (step {step}); this run replaces it when it ends")
+    rdir = run_dir(cfg)
     if old := modeling.step_checkpoints(rdir):
         log(f"a fresh start: removing {len(old)} step checkpoint(s) of an earlier run in {rdir} "
             f"(newest {os.path.basename(old[-1])}; --resume continues such a run)")
@@ -1235,6 +1246,7 @@ def skipped_step(cfg: StageConfig, res: dict, step: int, bad_in_a_row: int, log)
 
 def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[str] = None) -> str:
     """Run one stage; returns its output folder out/<stage>/."""
+    started = time.time()
     rank, world, device = setup_distributed(cfg.fsdp)
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
     resume = modeling.all_gather(resume)[0]      # rank 0's choice: nodes may list the run folder differently
@@ -1257,7 +1269,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
 
     rdir = run_dir(cfg)
     if rank == 0 and not resume:
-        clear_earlier_run(rdir, log)
+        clear_earlier_run(cfg, log)
     log_config(cfg, model_cfg, rdir, rank, log)
     metrics_path = os.path.join(rdir, "metrics.jsonl")
     metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
@@ -1276,7 +1288,8 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
         if last_step:
             if metrics:
                 metrics.close()
-            losses = {"first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss}
+            losses = {"first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss,
+                      "seconds": round(time.time() - started, 1)}       # this process's (resumed: since the resume)
             return save_stage_output(cfg, step, model, batches, search, losses, rank, world,
                                      {"metrics.jsonl": metrics_path, **tok_files}, model_cfg, log)
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
@@ -1465,8 +1478,14 @@ TRAINING_ONLY = ("steps", "step_scale", "lr", "min_lr_ratio", "warmup_steps", "s
                  "resume", "ac", "auto_steps", "text_only", "label_mode")
 
 
-def check_optimizer_options(cfg: StageConfig):
-    """AdamW's options and the LR schedule's floor, refused here (one line) rather than by torch."""
+def check_run_options(cfg: StageConfig):
+    """AdamW's options and the LR schedule's floor, refused here (one line) rather than by torch; the
+    checkpoint and evaluation periods, whose 0 means never (all, for --keep_checkpoints) and whose
+    negative values acted as their absolute value (every -1 steps: every step) or as 0."""
+    for key in ("save_every", "eval_every", "keep_checkpoints"):
+        if getattr(cfg, key) < 0:
+            raise UsageError(f"--{key} must be >= 0 (0: {'keep all' if key == 'keep_checkpoints' else 'never'}), "
+                             f"got {getattr(cfg, key)}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and cfg.weight_decay >= 0 and 0 <= cfg.min_lr_ratio <= 1):
@@ -1497,7 +1516,7 @@ def parse_args(argv):
     cfg.model_options = tuple([f"preset={cfg.preset}"] * ("preset" in given) + [f"{k[6:]}={v}" for k, v in model_keys])
     modules_of(cfg.trainable)
     check_init_options(cfg)
-    check_optimizer_options(cfg)
+    check_run_options(cfg)
     row = stage_row(cfg.stage)
     if "ckpts" in given and row.runner != "soup":
         raise UsageError("--ckpts names the checkpoints the soup averages: it applies to --stage soup only")
@@ -1519,10 +1538,6 @@ def parse_args(argv):
     if cfg.num_workers < 0 or cfg.prefetch_factor < 1:
         raise UsageError(f"--num_workers must be >= 0 and --prefetch_factor >= 1, got {cfg.num_workers} and "
                          f"{cfg.prefetch_factor}")
-    for key in ("init_from", "init_llm", "init_vit", "tokenizer", "image_root"):
-        path = getattr(cfg, key)
-        if path and path != "random" and not os.path.isdir(path):
-            raise UsageError(f"--{key.replace('_', '-')}: {path} is not a folder")
     if "help" not in given:
         model_cfg = stage_model_config(cfg, model_cfg)   # what loads: every model option applies or is refused, now
     return cfg, model_cfg, given
@@ -1637,8 +1652,10 @@ def run_cli(argv: list):
         if not resume:
             ensure_sources(cfg, model_cfg, log)
         out = train(cfg, model_cfg, resume)
+    seconds = modeling.verify_checkpoint(out).get("seconds")
     log(f"done: {cfg.stage} checkpoint in {out}/ (config.json, model.safetensors, meta.json"
-        f"{', metrics.jsonl' if row.runner != 'soup' else ''})")
+        f"{', metrics.jsonl' if row.runner != 'soup' else ''}, the tokenizer)"
+        + (f" after {seconds:.0f} s" if seconds is not None else ""))
     if nxt := next_name(row):
         log(f"next: {command_for(STAGES[nxt], cfg, from_output=True)}")
     if hint := try_it(cfg, out):

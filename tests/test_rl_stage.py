@@ -1284,6 +1284,8 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-verifiable", "--clip_c=0.5"], "--clip_c, the dual-clip constant, must be > 1"),
                        (["--stage", "rl-verifiable", "--max_sampling_rounds=0"], "--max_sampling_rounds must be >= 1"),
                        (["--stage", "rl-verifiable", "--lr=-1"], "--lr must be a positive number"),
+                       (["--stage", "rl-verifiable", "--save_every=-1"], "--save_every must be >= 0 (0: never)"),
+                       (["--stage", "rl-verifiable", "--init-from=/no/such"], "--init-from: /no/such is not a folder"),
                        (["--stage", "rl-verifiable", "--top_p=0"], "--top_p in (0, 1]"),
                        (["--stage", "rl-verifiable", "--temperature=nan"], "--temperature must be above 0"),
                        (["--stage", "rl-verifiable", "--num_workers=2"], "--num_workers does not apply to an RL stage"),

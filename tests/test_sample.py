@@ -670,7 +670,9 @@ def test_cli_errors_are_one_line_and_an_exit_code(tmp_path, tiny, capsys):
              (["--ckpt", ck, "--image", str(tmp_path / "nope.png")], 2, "no such file"),
              (["--ckpt", ck, "--video", str(tmp_path / "bad.mp4")], 1, "cannot decode video"),
              (["--ckpt", ck, "--eval", str(tmp_path / "nope.jsonl")], 2, "no such file"),
-             (["--ckpt", ck, "--no-such-flag"], 2, "unrecognized arguments")]
+             (["--ckpt", ck, "--no-such-flag"], 2, "unrecognized arguments"),
+             (["--ckpt", ck, "--image", "--prompt", "Hi"], 2, "--image: expected at least one argument"),
+             (["--ckpt", ck, "--video"], 2, "--video: expected at least one argument")]
     out = run_cli(*cases[0][0])                                       # the real command line, once
     results = [(out.returncode, out.stderr)]
     for args, _, _ in cases[1:]:                                      # the rest through its main, in this process

@@ -1546,6 +1546,9 @@ def test_nested_and_range_options_are_checked_where_they_are_parsed():
     (["--stage", "all", "--compare=x", "--as=vit1", "--eval_limit=abc"], 2, "--eval_limit must be a whole number"),
     (["--stage", "all", "--compare=x", "--as=vit1", "--seeds=3"], 2, "--seeds runs the recipe again"),
     (["--num_workers=-1"], 2, "--num_workers must be >= 0"),
+    (["--save_every=-1"], 2, "--save_every must be >= 0 (0: never), got -1"),
+    (["--eval_every=-5"], 2, "--eval_every must be >= 0 (0: never), got -5"),
+    (["--keep_checkpoints=-2"], 2, "--keep_checkpoints must be >= 0 (0: keep all), got -2"),
     (["--lr=-1"], 2, "--lr must be a positive number, got -1.0"),
     (["--lr=nan"], 2, "--lr must be a positive number, got nan"),
     (["--beta2=1"], 2, "--beta1 and --beta2 must be in [0, 1)"),
@@ -1660,6 +1663,15 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert os.path.exists(img) and "/ocr/" in img                      # a held-out image of the stage's data
     ref = json.loads(open(os.path.join(synth, "ocr", "eval.jsonl")).readline())["conversations"][-1]["value"]
     assert hint.endswith(f"# reference: {ref}")
+    # the done line says how long the stage took (as its meta.json does) and that the tokenizer is there
+    seconds = modeling.verify_checkpoint(f"{tmp_path}/vit1")["seconds"]
+    assert f"done: vit1 checkpoint in {tmp_path}/vit1/ (config.json, model.safetensors, meta.json, metrics.jsonl, " \
+           f"the tokenizer) after {seconds:.0f} s\n" in res.stdout and 0 < seconds < 300
+    # a fresh start says it will replace the finished output (a short trial replaces a long stage)
+    logs = []
+    train_stage.clear_earlier_run(cfg_of("vit1", f"--data_dir={synth}", f"--out_dir={tmp_path}")[0], logs.append)
+    step = round(200 * 0.01)
+    assert logs == [f"note: {tmp_path}/vit1 holds an earlier vit1 output (step {step}); this run replaces it when it ends"]
 
 
 def test_the_try_it_hint_of_a_text_only_stage_is_none_and_media_options_are_apart(synth):
