@@ -752,6 +752,12 @@ def prompt_inputs(tok: tiktoken.Encoding, cfg: DataConfig, question, images=(), 
     return {**build_sample(rec, tok, replace(cfg, label_mode="rl", think="auto")), "answer": None}
 
 
+def no_bar(show: bool):
+    """tqdm's `disable` for a progress bar: off when not asked for, and where stderr is no terminal
+    (a log file, whose lines the bar's carriage returns would glue together)."""
+    return None if show else True
+
+
 class BadData:
     """Counts bad samples by reason, reports the first `show_first` (one line each, with file and
     line), and stops when too large a fraction is bad. Callers count each sample once."""
@@ -856,7 +862,7 @@ class JsonlDataset:
     def scan(self, bad: BadData = None, progress: bool = True):
         """Load every sample once, in order; yields the good ones and counts the bad ones in `bad`."""
         bad = bad or BadData(self.cfg.max_bad_fraction, self.cfg.bad_check_after)
-        for i in tqdm(range(len(self)), desc=f"check {self.path.name}", disable=not progress):
+        for i in tqdm(range(len(self)), desc=f"check {self.path.name}", disable=no_bar(progress)):
             try:
                 sample = self.load(i, np.random.default_rng(i))
             except DataError as e:
@@ -877,7 +883,7 @@ def manifest_records(manifest, desc: str, counts: Counter, progress: bool = True
     lines = manifest.read_bytes().split(b"\n")      # as JsonlDataset reads it: lines end at \n only (JSON
     if lines[0].startswith(b"\xef\xbb\xbf"):          # strings may hold U+2028 or U+0085 raw), a BOM ignored
         lines[0] = lines[0][3:]
-    for number, line in enumerate(tqdm(lines, desc=f"{desc} {manifest.name}", disable=not progress), start=1):
+    for number, line in enumerate(tqdm(lines, desc=f"{desc} {manifest.name}", disable=no_bar(progress)), start=1):
         if not line.strip():
             continue
         where = f"{manifest}:{number}"
@@ -995,7 +1001,7 @@ class Mixture:
 
     @staticmethod
     def _rebalance(ds: JsonlDataset, verbose: bool) -> np.ndarray:
-        texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc=f"n-grams {ds.path.name}", disable=not verbose)]
+        texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc=f"n-grams {ds.path.name}", disable=no_bar(verbose))]
         w = ngram_weights(texts)
         if verbose:
             before, after = diversity(texts), diversity(texts, w)
@@ -1239,7 +1245,7 @@ def check_cli(args):
 def rebalance_cli(args):
     """`python data.py rebalance MANIFEST`: the diversity before / after n-gram rebalancing."""
     ds = JsonlDataset(args.manifest, load_tokenizer(None))
-    texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc="read")]
+    texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc="read", disable=no_bar(True))]
     w = ngram_weights(texts, args.n, args.alpha)
     before, after = diversity(texts, n=args.n), diversity(texts, w, n=args.n)
     print(f"distinct-{args.n}: {before['distinct']:.4f} -> {after['distinct']:.4f}")

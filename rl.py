@@ -444,7 +444,7 @@ def rollouts(policy, tok, prompts: list, cfg, generator, group_size: Optional[in
         if in_step:               # each forward is a collective with the other ranks: as many calls everywhere
             n_calls = int(modeling.all_reduce([n_mine], device, "max")[0])
             chunks += [[Prompt([min(stop)], None, None, "", "padding")]] * (n_calls - n_mine)
-        for c, chunk in enumerate(tqdm(chunks, desc="rollouts", disable=not progress, leave=False)):
+        for c, chunk in enumerate(tqdm(chunks, desc="rollouts", disable=data.no_bar(progress), leave=False)):
             if call_seed is not None:
                 generator = torch.Generator(device).manual_seed(call_seed + c * 2 ** 20)
             flat = torch.tensor([t for p in chunk for t in p.ids], device=device)[None]
@@ -1145,15 +1145,28 @@ def mean_and_se(xs: list) -> tuple:
     return m, math.sqrt(var / max(n, 1))
 
 
+def mean_se_interval(xs: list) -> dict:
+    """{"mean", "se", "interval"}: the mean over prompts, its standard error and a 95% interval:
+    Wilson's where every value is 0 or 1 (greedy accuracy, maj@k, pass@k, format: 0 of 16 right is
+    [0, 0.19], where mean ± 1.96 SE says [0, 0]), else mean ± 1.96 SE (pass@1, reward)."""
+    m, se = mean_and_se(xs)
+    if all(x in (0.0, 1.0) for x in xs):
+        interval = sample.wilson_interval(round(sum(xs)), len(xs))
+    else:
+        interval = (m - sample.Z95 * se, m + sample.Z95 * se)
+    return {"mean": m, "se": se, "interval": list(interval)}
+
+
 def summarize(records: list) -> dict:
-    """{metric: {"mean", "se", "n"}} over prompts, plus greedy accuracy per family."""
+    """{metric: {"mean", "se", "interval"} (mean_se_interval)} over prompts, plus greedy accuracy per
+    family, and per mode with its "n"."""
     out = {"n": len(records), "k": len(records[0]["samples_acc"]) if records else 0}
     for name, f in EVAL_METRICS.items():
-        out[name] = dict(zip(("mean", "se"), mean_and_se([f(p) for p in records])))
+        out[name] = mean_se_interval([f(p) for p in records])
     out["greedy_acc_per_family"] = {f: mean_and_se([p["greedy_acc"] for p in records if p["family"] == f])[0]
                                     for f in sorted({p["family"] for p in records})}
     for mode, mine in by_mode(records).items():
-        out[f"{mode}_greedy_acc"] = dict(zip(("mean", "se"), mean_and_se([p["greedy_acc"] for p in mine])), n=len(mine))
+        out[f"{mode}_greedy_acc"] = {**mean_se_interval([p["greedy_acc"] for p in mine]), "n": len(mine)}
     return out
 
 
@@ -1199,8 +1212,9 @@ def evaluate_prompts(policy, tok, prompts: list, cfg, judge=None, progress: bool
 
 
 def eval_line(episode: int, s: dict) -> str:
-    f = lambda m: f"{s[m]['mean']:.3f}±{1.96 * s[m]['se']:.3f}"                       # noqa: E731
-    return (f"eval {episode:04d} | {s['n']} prompts x {s['k']} | greedy {f('greedy_acc')} | pass@1 {f('pass@1')} | "
+    """One log line of a held-out evaluation; ± is the larger side of each metric's 95% interval."""
+    f = lambda m: sample.plus_minus(s[m]["mean"], s[m]["interval"], digits=3)         # noqa: E731
+    return (f"eval {episode:04d} | {s['n']} prompts x {s['k']}, ± 95% | greedy {f('greedy_acc')} | pass@1 {f('pass@1')} | "
             f"maj@{s['k']} {f('maj@k')} | pass@{s['k']} {f('pass@k')} | reward {f('reward')} | fmt "
             f"{f('greedy_fmt')}" + "".join(f" | {m} greedy {f(m + '_greedy_acc')} ({s[m + '_greedy_acc']['n']})"
                                            for m in ("thinking", "direct") if m + "_greedy_acc" in s))

@@ -615,7 +615,7 @@ def answer_jobs(model, tok, jobs: list, make_item, bad, batch_size=32, progress=
     (DataError: a bad image, a truncated video) is counted in `bad` and gives (None, the error).
     Prompts are built 4 batches at a time, so only their pixels are held in memory."""
     results = []
-    with tqdm(total=len(jobs), desc="eval", disable=not progress) as bar, torch.inference_mode():
+    with tqdm(total=len(jobs), desc="eval", disable=data.no_bar(progress)) as bar, torch.inference_mode():
         for start in range(0, len(jobs), 4 * batch_size):
             built = []
             for job in jobs[start:start + 4 * batch_size]:
@@ -783,12 +783,12 @@ def accuracy_cell(correct: int, n: int) -> dict:
             "interval": [round(lo, 4), round(hi, 4)]}
 
 
-def plus_minus(accuracy: float, interval) -> str:
+def plus_minus(accuracy: float, interval, digits: int = 2) -> str:
     """"0.72 ±0.08". The Wilson interval is asymmetric: ± is its larger side, rounded up, so the
     printed range always contains the interval (report.json keeps both ends)."""
-    shown = round(accuracy, 2)                      # the centre printed: the ± is measured from it
+    shown, scale = round(accuracy, digits), 10 ** digits   # the centre printed: the ± is measured from it
     half = max(shown - interval[0], interval[1] - shown)
-    return f"{shown:.2f} ±{math.ceil(round(half * 100, 6)) / 100:.2f}"
+    return f"{shown:.{digits}f} ±{math.ceil(round(half * scale, 6)) / scale:.{digits}f}"
 
 
 def paired_difference(a: list, b: list, seed: int = 0) -> dict:

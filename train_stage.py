@@ -1122,7 +1122,8 @@ def resume_from(path: str, cfg: StageConfig, model, opt, batches: StageBatches, 
         raise UsageError(f"cannot resume from {path}: {e}") from None
     modeling.set_rng_state(rank_state["rng"])
     log(f"resume: continuing from {path} at step {meta['step']}")
-    return meta["step"], {"first_loss": meta.get("first_loss"), "bad_in_a_row": meta.get("bad_in_a_row", 0)}
+    return meta["step"], {"first_loss": meta.get("first_loss"), "bad_in_a_row": meta.get("bad_in_a_row", 0),
+                          "seconds": meta.get("seconds", 0.0)}
 
 
 def build_optimizer(cfg: StageConfig, params: list, cuda: bool):
@@ -1210,7 +1211,7 @@ def write_metrics(metrics, rec: dict):
 def save_step_checkpoint(cfg: StageConfig, step: int, model, opt, batches: StageBatches, search: Optional[AdaLRS],
                          progress: dict, rank: int, world: int, tok_files: dict, model_cfg: modeling.SAILVLConfig):
     """A resumable step checkpoint out/<stage>.run/step-NNNNNN/ (weights, optimizer, data position,
-    AdaLRS, every RNG, `progress`: the first loss, the non-finite steps in a row), then only the
+    AdaLRS, every RNG, `progress`: the first loss, the non-finite steps in a row, the stage's seconds), then only the
     newest --keep_checkpoints kept."""
     rdir = run_dir(cfg)
     meta = {"stage": cfg.stage, "step": step, "config": asdict(cfg), "loader": batches.state_dict(),
@@ -1266,6 +1267,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
 
     step, progress = resume_from(resume, cfg, model, opt, batches, search, rank, world, log) if resume else (0, {})
     first_loss, bad_in_a_row, start = progress.get("first_loss"), progress.get("bad_in_a_row", 0), step
+    started -= progress.get("seconds", 0.0)      # the stage's time: the runs before the resume, up to its checkpoint
 
     rdir = run_dir(cfg)
     if rank == 0 and not resume:
@@ -1289,12 +1291,12 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
             if metrics:
                 metrics.close()
             losses = {"first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss,
-                      "seconds": round(time.time() - started, 1)}       # this process's (resumed: since the resume)
+                      "seconds": round(time.time() - started, 1)}
             return save_stage_output(cfg, step, model, batches, search, losses, rank, world,
                                      {"metrics.jsonl": metrics_path, **tok_files}, model_cfg, log)
         if cfg.save_every and step % cfg.save_every == 0 and step > start:
-            save_step_checkpoint(cfg, step, model, opt, batches, search, {"first_loss": first_loss, "bad_in_a_row": bad_in_a_row},
-                                 rank, world, tok_files, model_cfg)
+            progress = {"first_loss": first_loss, "bad_in_a_row": bad_in_a_row, "seconds": round(time.time() - started, 1)}
+            save_step_checkpoint(cfg, step, model, opt, batches, search, progress, rank, world, tok_files, model_cfg)
         # -- one optimizer step over this rank's micro-batches (global token mean, §5.1) --------
         lr = cfg.lr * lr_multiplier(step, cfg) * (search.lr_scale if search else 1.0)
         for g in opt.param_groups:
@@ -1712,6 +1714,10 @@ def one_line_errors(run, prog: str = "train_stage.py"):
         fail(str(e), e.code, prog)           # 2; an InputError (an input that exists but is unusable) 1
     except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError, OSError) as e:
         fail(str(e), 1, prog)                # OSError: a missing or unreadable file named by an option
+    except KeyboardInterrupt:                # Ctrl-C: how to go on, not a traceback (128 + SIGINT)
+        fail("interrupted; " + ("run the same command again to go on: finished stages are skipped, a cut one "
+                                "resumes" if prog.endswith("recipe.py") else "the same command with --resume goes on "
+                                "from the newest step checkpoint (out/<stage>.run/)"), 130, prog)
 
 
 def main(argv=None):

@@ -220,15 +220,35 @@ def stage_losses(folder: str) -> tuple:
     return [r["loss"] for r in recs if "loss" in r], evals[0] if evals else None
 
 
+def refuse_if_trained_otherwise(row: Stage, cfg: StageConfig, passthrough: list, seed_offset: int):
+    """A finished output the recipe would keep must have been trained with the settings this run's
+    command for it gives (its meta.json's options against them), or the report would present another
+    run's stage (a stage run by hand, or the recipe at another --step_scale) as this run's."""
+    args = stage_command(row, 1, passthrough, seed_offset)[2:]            # after `python script`
+    now = rl.rl_config(args)[0] if row.runner == "rl.py" else parse_args(args)[0]
+    folder = stage_dir(cfg, row.name)
+    if changed := train_stage.changed_options(modeling.verify_checkpoint(folder).get("config", {}),
+                                              dataclasses.asdict(now)):
+        raise UsageError(f"{folder} was trained with other settings than this run gives it ({', '.join(changed[:3])}"
+                         f"{', ...' if len(changed) > 3 else ''}): use another --out_dir, or remove {folder} to train "
+                         "it again")
+
+
 def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> float:
-    """Run one row as its own process (unless its output verifies); its seconds."""
-    t0 = time.time()
-    if not modeling.is_finished_stage(stage_dir(cfg, row.name)):
-        res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough, seed_offset))
-        if res.returncode:
-            raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
-                             f"same command again: finished stages are skipped")
-    return time.time() - t0
+    """Run one row as its own process (unless its output verifies, trained as this run would); its
+    seconds: the process's wall clock, or where it resumed a cut run or had finished before (a run
+    killed before the recipe recorded it), the stage's own time, every attempt's (its meta.json)."""
+    t0, folder = time.time(), stage_dir(cfg, row.name)
+    if modeling.is_finished_stage(folder):
+        refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset)
+        return modeling.verify_checkpoint(folder).get("seconds", 0.0)
+    resumes = bool(modeling.step_checkpoints(folder + ".run"))
+    res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough, seed_offset))
+    if res.returncode:
+        raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
+                         f"same command again: finished stages are skipped")
+    seconds = time.time() - t0
+    return modeling.verify_checkpoint(folder).get("seconds", seconds) if resumes else seconds
 
 
 # rows that exist for one comparison: scored only on what the effects read of them
@@ -373,6 +393,7 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
     trained = False
     for row in rows:
         if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
+            refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset)
             print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped",
                   flush=True)
         else:
@@ -390,8 +411,9 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
         report["effects"] = recipe_effect_results(rdir, cfg)
         write_report(rdir, report, cfg)
     print_effects(report["effects"])
-    print(f"recipe done in {report.get('wall_seconds', 0) / 60:.1f} min ({report.get('total_seconds', 0) / 60:.1f} "
-          f"min of it training): {rdir}/report.md, report.png, report.json")
+    print(f"recipe done: {report.get('wall_seconds', 0) / 60:.1f} min of wall clock over its runs (this one "
+          f"{(time.time() - t_start) / 60:.1f} min), {report.get('total_seconds', 0) / 60:.1f} min of it training: "
+          f"{rdir}/report.md, report.png, report.json")
     return report
 
 
@@ -519,19 +541,29 @@ def report_markdown(report: dict) -> str:
                 "Greedy accuracy, sampled pass@1, maj@k and pass@k over the stage's own held-out prompts (k samples "
                 "each, the same draws before and after), in thinking mode (rl-mixed asks a share of them in direct "
                 "mode: `thinking_greedy_acc` and `direct_greedy_acc` split its greedy accuracy by mode; its "
-                "`greedy_fmt` is each mode's format); mean ± standard error, and the paired difference after − before "
-                "with its 95% bootstrap interval.", "",
+                "`greedy_fmt` is each mode's format); the mean ± the larger side of its 95% interval (Wilson's for the "
+                "0/1 metrics greedy, maj@k, pass@k and format; ± 1.96 standard errors for pass@1 and reward; "
+                "a stage run before the intervals were kept: ± its standard error, marked se), and the paired "
+                "difference after − before with its 95% bootstrap interval.", "",
                 "| stage | metric | n × k | before | after | after − before [95%] |", "|---|---|---|---|---|---|"]
         for n, ev in rl.items():
             b, a, d = ev["before"], ev["after"], ev["paired"]
             for m in d:
-                out.append(f"| {n} | {m} | {b[m].get('n', b['n'])} × {b['k']} | {b[m]['mean']:.3f} ± {b[m]['se']:.3f} | "
-                           f"{a[m]['mean']:.3f} ± {a[m]['se']:.3f} | {d[m]['difference']:+.3f} "
+                out.append(f"| {n} | {m} | {b[m].get('n', b['n'])} × {b['k']} | {rl_value(b[m])} | "
+                           f"{rl_value(a[m])} | {d[m]['difference']:+.3f} "
                            f"[{d[m]['interval'][0]:+.3f}, {d[m]['interval'][1]:+.3f}] |")
     if len(report.get("seeds", [])) > 1:
         out += ["", "### Effects in every run (`--seeds`)", "", "A − B [95% interval]; * excludes 0.", ""]
         out += seeds_table(report["seeds"])
     return "\n".join(out) + "\n"
+
+
+def rl_value(stat: dict) -> str:
+    """An RL held-out metric for report.md: mean ± the larger side of its 95% interval (rl.summarize);
+    of a report.json written before the intervals were kept, mean ± its standard error."""
+    if "interval" in stat:
+        return sample.plus_minus(stat["mean"], stat["interval"], digits=3)
+    return f"{stat['mean']:.3f} ± {stat['se']:.3f} se"
 
 
 # the picture: a stage x family heatmap of held-out accuracy, and the training loss of the recipe.

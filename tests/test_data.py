@@ -1247,3 +1247,21 @@ def test_drop_media_gives_the_text_only_view_of_a_media_record(tmp_path):
         assert tok.decode(s["input_ids"].tolist()) == (f"<|im_start|>system\n{SYS}<|im_end|><|im_start|>user\n{q}"
                                                        f"<|im_end|><|im_start|>assistant\n{a}<|im_end|>")
         assert s["pixel_values"] is None and s["tiles"] == [] and s["n_images"] == s["n_visual_tokens"] == 0
+
+
+def test_progress_bars_stay_out_of_log_files():
+    """A bar asked for draws on a terminal only: in a log file its carriage returns glued the log's
+    own lines (`grep '^eval' log` found none of rl.py's evaluation lines)."""
+    import io
+    from tqdm import tqdm
+    log = io.StringIO()                                  # no terminal
+    for show in (True, False):
+        list(tqdm(range(3), desc="rollouts", file=log, disable=data.no_bar(show)))
+    assert log.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    list(tqdm(range(3), desc="rollouts", file=term, disable=data.no_bar(True)))
+    assert "rollouts" in term.getvalue()

@@ -2,6 +2,7 @@
 the golden test (a shortened chain must see new renderings: accuracy above chance, above the model
 before alignment and above its own blank-image accuracy), an interrupted recipe continuing to the same report, a
 manifest salted with every kind of bad sample, and non-finite losses."""
+import dataclasses
 import json
 import math
 import os
@@ -404,10 +405,12 @@ def test_train_row_skips_a_verified_stage_and_stops_on_a_failed_one(tmp_path, mo
     cfg, row = train_stage.StageConfig(out_dir=str(tmp_path)), train_stage.STAGES["vit1"]
     finished, calls, rc = {str(tmp_path / "vit1"): True}, [], [0]
     monkeypatch.setattr(modeling, "is_finished_stage", lambda path: finished.get(path, False))
+    monkeypatch.setattr(recipe, "refuse_if_trained_otherwise", lambda *a: None)
+    monkeypatch.setattr(modeling, "verify_checkpoint", lambda path: {"seconds": 12.5})
     monkeypatch.setattr(recipe.subprocess, "run", lambda cmd, **k: calls.append(cmd) or
                         subprocess.CompletedProcess(cmd, rc[0]))
     own = {"nproc": "1"}
-    recipe.train_row(row, cfg, own, ["--out_dir=o"], 0)
+    assert recipe.train_row(row, cfg, own, ["--out_dir=o"], 0) == 12.5     # finished before: its own recorded time
     assert calls == []
     finished.clear()
     recipe.train_row(row, cfg, own, ["--out_dir=o"], 1000)
@@ -415,6 +418,27 @@ def test_train_row_skips_a_verified_stage_and_stops_on_a_failed_one(tmp_path, mo
     rc[0] = 3
     with pytest.raises(train_stage.UsageError, match="stopped at vit1 \\(exit 3\\)"):
         recipe.train_row(row, cfg, own, ["--out_dir=o"], 0)
+
+
+def test_the_recipe_keeps_a_finished_stage_only_if_this_run_would_train_it_so(synth, tmp_path):
+    """A finished output is kept (not trained again) only when its meta.json's options are those this
+    run's command gives the stage: a stage run by hand, or by the recipe at another --step_scale, is
+    refused in one line, where the report presented it as this run's."""
+    row, passthrough = train_stage.STAGES["vit2"], [f"--out_dir={tmp_path}", f"--data_dir={synth}", "--step_scale=0.02"]
+    cfg = train_stage.parse_args(["--stage", "vit2", *passthrough])[0]
+    modeling.save_checkpoint(str(tmp_path / "vit2"), modeling.build_model("tiny", seed=0),
+                             {"stage": "vit2", "config": dataclasses.asdict(cfg)}, 0, 1)
+    recipe.refuse_if_trained_otherwise(row, cfg, passthrough, 0)                  # as this run would: kept
+    for other, says in ((["--step_scale=0.5"], "step_scale 0.02 -> 0.5"), ([], "seed 1337 -> 2337")):
+        args = [a for a in passthrough if not a.startswith(tuple(o.split("=")[0] for o in other))] + other
+        with pytest.raises(train_stage.UsageError, match=f"vit2 was trained with other settings .*{says}"):
+            recipe.refuse_if_trained_otherwise(row, cfg, args, 1000 if not other else 0)
+    rl_row = train_stage.STAGES["rl-verifiable"]
+    rl_cfg = rl.rl_config(recipe.stage_command(rl_row, 1, passthrough)[2:])[0]
+    modeling.save_checkpoint(str(tmp_path / "rl-verifiable"), modeling.build_model("tiny", seed=0),
+                             {"stage": "rl-verifiable", "config": {**dataclasses.asdict(rl_cfg), "eval_prompts": 16}}, 0, 1)
+    with pytest.raises(train_stage.UsageError, match="eval_prompts 16 -> "):                 # run by hand
+        recipe.refuse_if_trained_otherwise(rl_row, cfg, passthrough, 0)
 
 
 def test_evaluate_row_modes_per_stage(tmp_path, monkeypatch):

@@ -1580,6 +1580,14 @@ def test_the_evaluation_summarizes_each_greedy_score_from_its_own_field():
     s = rl.summarize(recs)
     got = {m: s[m]["mean"] for m in ("greedy_acc", "greedy_fmt", "greedy_think", "reward")}
     assert got == pytest.approx({"greedy_acc": 0.5, "greedy_fmt": 1.0, "greedy_think": 0.25, "reward": 0.55})
+    # 95% intervals: Wilson's for 0/1 scores (1 of 2: [0.0945, 0.9055]; 2 of 2: [0.3424, 1], not the [1, 1]
+    # of mean ± 1.96 SE); mean ± 1.96 SE otherwise (reward: SE sqrt(0.125 / 2) = 0.25 -> [0.0600, 1.0400])
+    assert s["greedy_acc"]["interval"] == pytest.approx([0.094531, 0.905469], abs=1e-6)
+    assert s["greedy_fmt"]["interval"] == pytest.approx([0.342380, 1.0], abs=1e-6)
+    assert s["reward"]["interval"] == pytest.approx([0.060009, 1.039991], abs=1e-6)
+    line = rl.eval_line(3, s)        # the log prints each as the larger side of its interval, rounded up
+    assert " greedy 0.500 ±0.406 |" in line and " fmt 1.000 ±0.658" in line
+    assert " reward 0.550 ±0.490 |" in line and "2 prompts x 2, ± 95% |" in line
 
 
 def test_model_judge_scores_the_token_yes_not_no(setup):

@@ -469,8 +469,11 @@ def test_report_markdown_and_picture(tmp_path):
     stages["rl-verifiable"] = {"seconds": 30, "eval": {}, "rl_eval": {
         "before": {"n": 512, "k": 8, "pass@1": {"mean": 0.5, "se": 0.02}},
         "after": {"n": 512, "k": 8, "pass@1": {"mean": 0.55, "se": 0.02}}, "paired": {"pass@1": pass1}}}
-    md = recipe.report_markdown(report)
-    assert "| rl-verifiable | pass@1 | 512 × 8 | 0.500 ± 0.020 | 0.550 ± 0.020 | +0.050 [+0.010, +0.090] |" in md
+    md = recipe.report_markdown(report)           # a report.json written before the intervals: marked se
+    assert "| rl-verifiable | pass@1 | 512 × 8 | 0.500 ± 0.020 se | 0.550 ± 0.020 se | +0.050 [+0.010, +0.090] |" in md
+    stages["rl-verifiable"]["rl_eval"]["after"]["pass@1"]["interval"] = [0.5108, 0.5892]
+    md = recipe.report_markdown(report)           # now: the larger side of the 95% interval, rounded up
+    assert "| rl-verifiable | pass@1 | 512 × 8 | 0.500 ± 0.020 se | 0.550 ±0.040 | +0.050 [+0.010, +0.090] |" in md
     del stages["rl-verifiable"]
     md = recipe.report_markdown(report)
     # 30 of 128: Wilson [0.1694, 0.3148] around 0.2344, the larger side 0.0805 -> ±0.09

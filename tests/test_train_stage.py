@@ -1251,8 +1251,12 @@ def test_resume_restores_the_process_rngs(synth, tmp_path, monkeypatch):
     train_stage.run_stage("lm0", args)
     ref = list(draws)
     draws.clear()
+    before = modeling.verify_checkpoint(f"{tmp_path}/lm0.run/step-000002")["seconds"]
+    t0 = time.time()
     train_stage.run_stage("lm0", args, resume=f"{tmp_path}/lm0.run/step-000002")
     assert len(ref) == 4 and draws == ref[2:]
+    # the stage's time counts the run before the resume up to its checkpoint, and this one
+    assert before < modeling.verify_checkpoint(f"{tmp_path}/lm0")["seconds"] <= before + time.time() - t0 + 0.1
     # options changed since the checkpoint are said; turning AdaLRS on or off is refused (its state)
     logged = []
     monkeypatch.setattr(train_stage, "print0", lambda rank, *a: logged.append(" ".join(map(str, a))))
@@ -1570,6 +1574,25 @@ def test_usage_errors_are_one_line_with_exit_2(args, code, match, capsys, monkey
             train_stage.main(args)
         rc, err = e.value.code, capsys.readouterr().err
     assert rc == code and len(err.strip().splitlines()) == 1 and match in err, err
+
+
+def test_ctrl_c_is_one_line_saying_how_to_go_on(monkeypatch, capsys):
+    """Ctrl-C in a stage, an RL stage or the recipe: exit 130 with one line saying how the run goes on,
+    not a KeyboardInterrupt traceback (the recipe printed two, one per process)."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    import recipe
+    import rl
+    monkeypatch.setattr(train_stage, "run_cli", interrupted)
+    monkeypatch.setattr(rl, "run_cli", interrupted)
+    monkeypatch.setattr(recipe, "run_recipe", interrupted)
+    for main, says in ((train_stage.main, "train_stage.py: error: interrupted; the same command with --resume goes on"),
+                       (rl.main, "rl.py: error: interrupted; the same command with --resume goes on"),
+                       (recipe.main, "tests/recipe.py: error: interrupted; run the same command again to go on")):
+        with pytest.raises(SystemExit) as e:
+            main(["--stage", "all"] if main is recipe.main else [])
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and len(err.strip().splitlines()) == 1 and err.startswith(says), err
 
 
 def test_ranks_wait_half_an_hour_in_a_collective_not_nccls_ten_minutes(monkeypatch):
