@@ -1319,11 +1319,13 @@ def load_sharded_weights(model, path: str, rank: int, device):
         try:
             sd = checkpoint_tensors(path, model)
             box = [list(loadable(model, sd, f"SAIL-VL2 weights from {path}")), None]
-        except Exception as e:          # any failure: told to every rank, which would otherwise wait for rank 0
-            failed, box = e, [None, str(e) if isinstance(e, (OSError, ValueError)) else f"rank 0 failed reading {path}: {type(e).__name__}: {e}"]
+        except (OSError, ValueError) as e:
+            box = [None, str(e)]
+        except Exception as e:          # any other failure (a bug): told to every rank, which would wait for rank 0
+            failed, box = e, [None, f"rank 0 failed reading {path}: {type(e).__name__}: {e}"]
     dist.broadcast_object_list(box, src=0)
-    if failed is not None and not isinstance(failed, (OSError, ValueError)):
-        raise failed                    # (a bug's own traceback on rank 0)
+    if failed is not None:
+        raise failed                    # (the bug's own traceback on rank 0)
     if box[1] is not None:
         raise ValueError(box[1])
     with torch.no_grad():

@@ -1800,7 +1800,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:                                             # the benchmark lives with the tooling
         train_stage.run_tool("bench.py", ["rollout", *argv[1:]])
-    train_stage.one_line_errors(lambda: run_cli(argv), "rl.py")
+    train_stage.one_line_errors(lambda: run_cli(argv), "rl.py", on_interrupt=train_stage.RESUME_HINT)
     train_stage.shutdown_distributed()
 
 

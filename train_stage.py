@@ -1706,8 +1706,12 @@ def fail(message: str, code: int, prog: str = "train_stage.py"):
     raise SystemExit(code)
 
 
-def one_line_errors(run, prog: str = "train_stage.py"):
-    """run(); a usage error exits 2, bad data, a bad checkpoint or a non-finite loss 1, each as one line (fail)."""
+RESUME_HINT = "the same command with --resume goes on from the newest step checkpoint (out/<stage>.run/)"
+
+
+def one_line_errors(run, prog: str = "train_stage.py", on_interrupt: str = ""):
+    """run(); a usage error exits 2, bad data, a bad checkpoint or a non-finite loss 1, each as one line
+    (fail); Ctrl-C 130, with `on_interrupt`: how the command goes on."""
     try:
         return run()
     except UsageError as e:
@@ -1715,9 +1719,7 @@ def one_line_errors(run, prog: str = "train_stage.py"):
     except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError, OSError) as e:
         fail(str(e), 1, prog)                # OSError: a missing or unreadable file named by an option
     except KeyboardInterrupt:                # Ctrl-C: how to go on, not a traceback (128 + SIGINT)
-        fail("interrupted; " + ("run the same command again to go on: finished stages are skipped, a cut one "
-                                "resumes" if prog.endswith("recipe.py") else "the same command with --resume goes on "
-                                "from the newest step checkpoint (out/<stage>.run/)"), 130, prog)
+        fail("interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), 130, prog)
 
 
 def main(argv=None):
@@ -1726,7 +1728,7 @@ def main(argv=None):
         run_tool("calibrate.py", argv[1:])
     if one_line_errors(lambda: dict(split_options(argv))).get("stage") == "all":
         run_tool("recipe.py", argv)
-    one_line_errors(lambda: run_cli(argv))
+    one_line_errors(lambda: run_cli(argv), on_interrupt=RESUME_HINT)
     shutdown_distributed()
 
 

@@ -711,7 +711,8 @@ def main(argv=None):
         train_stage.fail(f"the recipe runs every stage (--stage all); for one stage: python train_stage.py --stage "
                          f"{opts['stage']}", 2, "tests/recipe.py")
     else:
-        train_stage.one_line_errors(lambda: run_recipe(argv), "tests/recipe.py")
+        train_stage.one_line_errors(lambda: run_recipe(argv), "tests/recipe.py", on_interrupt="run the same "
+                                    "command again to go on: finished stages are skipped, a cut one resumes")
 
 
 if __name__ == "__main__":
