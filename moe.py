@@ -416,7 +416,8 @@ def calibrate(model, probe_batches, anchor_batches, cfg: CalibConfig = CalibConf
     if not blocks:
         raise ValueError("calibrate: the model has no MoE layer")
     deltas = {}
-    for i, block in enumerate(tqdm(blocks, desc="calibrate MoE layers", disable=not progress)):
+    hide = None if progress else True                 # tqdm's None: no bar where stderr is no terminal (a log file)
+    for i, block in enumerate(tqdm(blocks, desc="calibrate MoE layers", disable=hide)):
         probe_h = capture_gate_inputs(model, block, probe_batches, "probe_mask", cfg.max_tokens, seed=i)
         anchor_h = capture_gate_inputs(model, block, anchor_batches, "text_mask", cfg.max_tokens, seed=i)
         W = block.gate.weight

@@ -1531,6 +1531,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     """One RL stage: held-out evaluation, then per episode dynamic sampling, advantages and the
     updates, then the evaluation again on the same prompts and draws; checkpoints through
     train_stage's one writer; returns out/<stage>/."""
+    started = time.time()
     train_stage.writable_dir(cfg.out_dir)
     rank, world, device = train_stage.setup_distributed()
     log = lambda *a: train_stage.print0(rank, *a)                       # noqa: E731
@@ -1554,6 +1555,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     place, policy, lean = generation_and_update_memory(cfg, model, log)
     meta = resume_rl(resume, cfg, model, opt, gen, rank, world, log) if resume else {}
     episode = meta.get("episode", 0)
+    started -= meta.get("seconds", 0.0)          # the stage's time: the runs before the resume, up to its checkpoint
     if resume:
         policy = generation_policy(model, policy, place)
         positions, filter_counts = meta["pool"]["positions"], meta["filter"]
@@ -1579,11 +1581,13 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
         last = episode == cfg.episodes
         if cfg.save_every and episode % cfg.save_every == 0 and episode > start and not last:
             save_rl_checkpoint(cfg, episode, model, opt, gen, tok_files, {"filter": filter_counts, "before": before,
-                               "pool": {"positions": positions, "pos": pool.pos, "bad": mixture.bad.state_dict()}})
+                               "pool": {"positions": positions, "pos": pool.pos, "bad": mixture.bad.state_dict()},
+                               "seconds": round(time.time() - started, 1)})
         if last:
             after = evaluate_prompts(policy, tok, eval_set, cfg, judge, progress=rank == 0)
             log(f"data: {mixture.bad.report()}")
-            counts = {"filter": filter_counts, "bad_data": mixture.bad.state_dict()}
+            counts = {"filter": filter_counts, "bad_data": mixture.bad.state_dict(),
+                      "seconds": round(time.time() - started, 1)}
             return finish(cfg, model, before, after, counts, metrics, tok_files, log)
         t0, episode_cfg = time.time(), dataclasses.replace(cfg, clip_high=clip_high_at(cfg, episode))
         kept, st = sample_groups(policy, tok, pool, episode_cfg, gen, judge)
@@ -1619,7 +1623,7 @@ def finish(cfg, model, before: list, after: list, counts: dict, metrics, tok_fil
     """The paired differences of the evaluations before and after training (the same prompts and
     draws), and the stage output (weights; heldout_predictions.jsonl: every prompt before and after,
     its greedy answer's correctness as the recipe's effects read it, and every metric; `counts`:
-    the pool filter's and the bad prompts', into meta.json)."""
+    the pool filter's and the bad prompts', and the stage's seconds, into meta.json)."""
     rank, world = rank_and_world()
     s_before, s_after, diff = summarize(before), summarize(after), paired(before, after)
     log(eval_line(cfg.episodes, s_after))
@@ -1685,6 +1689,7 @@ def harvest(cfg: RLConfig) -> str:
     harvest mix (each rank samples its share); those with answer = format = 1 are kept,
     deduplicated, as LongCoT records in out/harvest/cot.jsonl, which the thinkfusion stage reads
     (its mix's `out:harvest/cot.jsonl`)."""
+    started = time.time()
     rank, world, device = train_stage.setup_distributed()
     log = lambda *a: train_stage.print0(rank, *a)                       # noqa: E731
     model, tok, dcfg = inference_model(cfg, device, log)
@@ -1712,7 +1717,8 @@ def harvest(cfg: RLConfig) -> str:
     solved = len({w for w, _ in seen})
     meta = {"stage": "harvest", "source": train_stage.init_sources(cfg)["language_model"],
             "samples": len(prompts) * k, "kept": len(lines), "prompts": len(prompts),
-            "prompts_with_a_kept_chain": solved, "counts": dict(counts)}
+            "prompts_with_a_kept_chain": solved, "counts": dict(counts), "config": asdict(cfg),
+            "seconds": round(time.time() - started, 1)}
     log(f"harvest: {len(lines)} chains kept of {meta['samples']} samples ({solved}/{len(prompts)} prompts): "
         f"{dict(counts)}")
     if not lines:
@@ -1791,7 +1797,7 @@ def run_cli(argv: list):
         out = harvest(cfg)
     else:
         out = train_rl(cfg, train_stage.resume_checkpoint(opts, cfg, log))
-    log(f"done: {cfg.stage} in {out}/")
+    log(f"done: {cfg.stage} in {out}/ ({', '.join(train_stage.output_files(out))}){train_stage.took(out)}")
     if nxt := train_stage.next_name(row):
         log(f"next: {train_stage.command_for(train_stage.STAGES[nxt], cfg)}")
 
@@ -1800,7 +1806,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:                                             # the benchmark lives with the tooling
         train_stage.run_tool("bench.py", ["rollout", *argv[1:]])
-    train_stage.one_line_errors(lambda: run_cli(argv), "rl.py", on_interrupt=train_stage.RESUME_HINT)
+    stage = "filter" if argv[:1] == ["filter"] else \
+        train_stage.one_line_errors(lambda: dict(train_stage.split_options(argv)), "rl.py").get("stage", RLConfig.stage)
+    train_stage.one_line_errors(lambda: run_cli(argv), "rl.py", on_interrupt=train_stage.interrupt_hint(stage))
     train_stage.shutdown_distributed()
 
 

@@ -1338,6 +1338,7 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
     in turn on the device, its LLM's matrices in the device's compute dtype (evaluation_model)."""
     if len(ckpts) < 2:
         raise UsageError("soup: give at least two checkpoints: --ckpts A B [C ...]")
+    started = time.time()
     rank, world, device = setup_distributed()
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
     configs = []
@@ -1368,7 +1369,8 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
         results[name] = evaluate(model, factory, cfg.eval_packs, device, cast)
         del model                                       # one model on the device at a time
         log(f"soup eval | {name}: held-out loss {results[name]:.4f}")
-    meta = {"stage": cfg.stage, "inputs": ckpts, "eval_loss": results, "config": asdict(cfg)}
+    meta = {"stage": cfg.stage, "inputs": ckpts, "eval_loss": results, "config": asdict(cfg),
+            "seconds": round(time.time() - started, 1)}
     modeling.save_checkpoint(stage_dir(cfg), souped, meta, rank, world, extra_files=tokenizer_files(tok_dir),
                              model_cfg=model_cfg)
     return stage_dir(cfg)
@@ -1486,8 +1488,7 @@ def check_run_options(cfg: StageConfig):
     negative values acted as their absolute value (every -1 steps: every step) or as 0."""
     for key in ("save_every", "eval_every", "keep_checkpoints"):
         if getattr(cfg, key) < 0:
-            raise UsageError(f"--{key} must be >= 0 (0: {'keep all' if key == 'keep_checkpoints' else 'never'}), "
-                             f"got {getattr(cfg, key)}")
+            raise UsageError(f"--{key} must be >= 0 ({field_help(type(cfg)).get(key) or field_help(StageConfig)[key]}), got {getattr(cfg, key)}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and cfg.weight_decay >= 0 and 0 <= cfg.min_lr_ratio <= 1):
@@ -1558,6 +1559,19 @@ def resume_checkpoint(opts: dict, cfg: StageConfig, log) -> Optional[str]:
             raise UsageError(f"--resume {resume}: no such folder (a step checkpoint out/<stage>.run/step-N)")
         modeling.verify_checkpoint(resume, resumable=True)
     return resume
+
+
+def output_files(out: str) -> list:
+    """What a stage output holds, for its done line (the tokenizer's files as one)."""
+    files = sorted(modeling.verify_checkpoint(out).get("files", {}))
+    tokenizer = [f for f in files if f in data.TOKENIZER_FILES]
+    return sorted([f for f in files if f not in tokenizer and "/" not in f] + ["meta.json"]) + ["the tokenizer"] * bool(tokenizer)
+
+
+def took(out: str) -> str:
+    """" after N s": a stage output's time, every attempt's (meta.json "seconds"), if it records it."""
+    seconds = modeling.verify_checkpoint(out).get("seconds")
+    return "" if seconds is None else f" after {seconds:.0f} s"
 
 
 def run_stage(stage: str, overrides: list = (), resume: Optional[str] = None) -> str:
@@ -1654,10 +1668,7 @@ def run_cli(argv: list):
         if not resume:
             ensure_sources(cfg, model_cfg, log)
         out = train(cfg, model_cfg, resume)
-    seconds = modeling.verify_checkpoint(out).get("seconds")
-    log(f"done: {cfg.stage} checkpoint in {out}/ (config.json, model.safetensors, meta.json"
-        f"{', metrics.jsonl' if row.runner != 'soup' else ''}, the tokenizer)"
-        + (f" after {seconds:.0f} s" if seconds is not None else ""))
+    log(f"done: {cfg.stage} checkpoint in {out}/ ({', '.join(output_files(out))}){took(out)}")
     if nxt := next_name(row):
         log(f"next: {command_for(STAGES[nxt], cfg, from_output=True)}")
     if hint := try_it(cfg, out):
@@ -1707,11 +1718,20 @@ def fail(message: str, code: int, prog: str = "train_stage.py"):
 
 
 RESUME_HINT = "the same command with --resume goes on from the newest step checkpoint (out/<stage>.run/)"
+RECIPE_CHILD = "SAILVL_RECIPE_CHILD"     # set in a stage the recipe runs: the recipe says how to go on, not the stage
+
+
+def interrupt_hint(stage: str) -> str:
+    """How a command Ctrl-C stopped goes on: a training stage resumes from its step checkpoint; the
+    soup, the harvest and `rl.py filter`, which keep none, start over."""
+    row = STAGES.get(stage)
+    return RESUME_HINT if row is not None and row.trainable else "run the same command again: it starts over"
 
 
 def one_line_errors(run, prog: str = "train_stage.py", on_interrupt: str = ""):
     """run(); a usage error exits 2, bad data, a bad checkpoint or a non-finite loss 1, each as one line
-    (fail); Ctrl-C 130, with `on_interrupt`: how the command goes on."""
+    (fail); Ctrl-C 130, with `on_interrupt`: how the command goes on (silently in a stage the recipe
+    runs, which says it: RECIPE_CHILD)."""
     try:
         return run()
     except UsageError as e:
@@ -1719,6 +1739,8 @@ def one_line_errors(run, prog: str = "train_stage.py", on_interrupt: str = ""):
     except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError, OSError) as e:
         fail(str(e), 1, prog)                # OSError: a missing or unreadable file named by an option
     except KeyboardInterrupt:                # Ctrl-C: how to go on, not a traceback (128 + SIGINT)
+        if os.environ.get(RECIPE_CHILD):
+            raise SystemExit(130) from None
         fail("interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), 130, prog)
 
 
@@ -1726,9 +1748,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
         run_tool("calibrate.py", argv[1:])
-    if one_line_errors(lambda: dict(split_options(argv))).get("stage") == "all":
+    stage = one_line_errors(lambda: dict(split_options(argv))).get("stage", StageConfig.stage)
+    if stage == "all":
         run_tool("recipe.py", argv)
-    one_line_errors(lambda: run_cli(argv), on_interrupt=RESUME_HINT)
+    one_line_errors(lambda: run_cli(argv), on_interrupt=interrupt_hint(stage))
     shutdown_distributed()
 
 

@@ -329,7 +329,7 @@ def score_in_classes(items: list, members: list, rule: list, scorer, reannotate_
     nothing is."""
     n = len(items)
     raw, z, fate, low = [None] * n, [None] * n, {}, set()     # fate: index -> why dropped
-    for i in tqdm(range(n) if scorer else [], desc="score", disable=not progress):
+    for i in tqdm(range(n) if scorer else [], desc="score", disable=data.no_bar(progress)):
         try:
             raw[i] = None if rule[i] else float(scorer(items[i][1]))
         except DataError as e:
@@ -387,7 +387,7 @@ def curate_instructions(manifests, out_dir, classes: int = 8, scorer=None, annot
     raw, z, fate, low = score_in_classes(items, members, rule, scorer, reannotate_frac, progress)
     audit, counts["low_score"] = {}, len(low)
     for i in tqdm([i for i in range(n) if (rule[i] or i in low) and i not in fate], desc="re-annotate",
-                  disable=not progress or annotator is None):
+                  disable=data.no_bar(progress and annotator is not None)):
         if annotator is None:
             fate[i] = f"rule:{rule[i]}" if rule[i] else "low_score"
             continue

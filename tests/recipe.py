@@ -220,18 +220,28 @@ def stage_losses(folder: str) -> tuple:
     return [r["loss"] for r in recs if "loss" in r], evals[0] if evals else None
 
 
-def refuse_if_trained_otherwise(row: Stage, cfg: StageConfig, passthrough: list, seed_offset: int):
-    """A finished output the recipe would keep must have been trained with the settings this run's
-    command for it gives (its meta.json's options against them), or the report would present another
-    run's stage (a stage run by hand, or the recipe at another --step_scale) as this run's."""
+# options that decide where a stage's files go and how often it saves, not what it trains
+RUN_ONLY = ("out_dir", "save_every", "keep_checkpoints", "num_workers", "prefetch_factor")
+
+
+def refuse_if_trained_otherwise(row: Stage, cfg: StageConfig, passthrough: list, seed_offset: int, path: str = ""):
+    """A finished output the recipe would keep, or the step checkpoint (`path`) it would resume, must
+    have been trained with the settings this run's command for the stage gives (its meta.json's
+    options against them, RUN_ONLY aside; an RL row's algorithm and clips filled in as rl.py fills
+    them), or the report would present another run's stage (a stage run by hand, or the recipe at
+    another --step_scale) as this run's."""
     args = stage_command(row, 1, passthrough, seed_offset)[2:]            # after `python script`
-    now = rl.rl_config(args)[0] if row.runner == "rl.py" else parse_args(args)[0]
     folder = stage_dir(cfg, row.name)
-    if changed := train_stage.changed_options(modeling.verify_checkpoint(folder).get("config", {}),
-                                              dataclasses.asdict(now)):
-        raise UsageError(f"{folder} was trained with other settings than this run gives it ({', '.join(changed[:3])}"
-                         f"{', ...' if len(changed) > 3 else ''}): use another --out_dir, or remove {folder} to train "
-                         "it again")
+    path = path or folder
+    now = rl.rl_config(args)[0] if row.runner == "rl.py" else parse_args(args)[0]
+    if row.runner == "rl.py" and row.name != "harvest":
+        now = rl.resolve_algo(now, modeling.read_config(path))
+    saved = modeling.verify_checkpoint(path).get("config", {})
+    changed = [c for c in train_stage.changed_options(saved, dataclasses.asdict(now)) if c.split(" ")[0] not in RUN_ONLY]
+    if changed:
+        raise UsageError(f"{path} was trained with other settings than this run gives {row.name} ({', '.join(changed[:3])}"
+                         f"{', ...' if len(changed) > 3 else ''}): use another --out_dir, or remove {folder} and "
+                         f"{folder}.run to train it again")
 
 
 def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> float:
@@ -241,9 +251,12 @@ def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_o
     t0, folder = time.time(), stage_dir(cfg, row.name)
     if modeling.is_finished_stage(folder):
         refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset)
-        return modeling.verify_checkpoint(folder).get("seconds", 0.0)
-    resumes = bool(modeling.step_checkpoints(folder + ".run"))
-    res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough, seed_offset))
+        return modeling.verify_checkpoint(folder).get("seconds")
+    resumes = row.trainable and modeling.find_resume_checkpoint(folder + ".run", lambda *a: None)
+    if resumes:                                        # the run the stage's --resume would continue
+        refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset, resumes)
+    res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough, seed_offset),
+                         env={**os.environ, train_stage.RECIPE_CHILD: "1"})      # Ctrl-C: the recipe says how to go on
     if res.returncode:
         raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
                          f"same command again: finished stages are skipped")
@@ -331,7 +344,7 @@ def stage_entry(row: Stage, cfg: StageConfig, seconds: float, evals: dict, preds
     out = stage_dir(cfg, row.name)
     meta = modeling.verify_checkpoint(out)
     losses, start = stage_losses(out)
-    entry = {"seconds": round(seconds, 1), "first_loss": meta.get("first_loss"), "final_loss": meta.get("final_loss"),
+    entry = {"seconds": None if seconds is None else round(seconds, 1), "first_loss": meta.get("first_loss"), "final_loss": meta.get("final_loss"),
              "eval_loss_start": start, "eval_loss": meta.get("eval_loss"), "eval": evals}
     for key in ("reward", "kept", "rl_eval"):         # RL: held-out greedy / pass@1 / maj@k / pass@k, paired
         if key in meta:
@@ -359,7 +372,13 @@ def print_stage_line(name: str, entry: dict, meta: dict):
     seen += f" (blank {mean(blank):.3f})" if seen and blank else ""
     accs = seen + " | " + " ".join(f"{f} {sample.plus_minus(c['accuracy'], c['interval'])}"
                                    for f, c in real.items()) if real else ""
-    print(f"recipe | {name:13s} {entry['seconds']:6.0f} s | {what}{accs}", flush=True)
+    print(f"recipe | {name:13s} {seconds_text(entry['seconds']):>6s} s | {what}{accs}", flush=True)
+
+
+def seconds_text(seconds: Optional[float]) -> str:
+    """A stage's seconds as the report shows them; "?" for an output that does not record its time
+    (written before outputs did)."""
+    return "?" if seconds is None else f"{seconds:.0f}"
 
 
 def write_report(rdir: str, report: dict, cfg: StageConfig):
@@ -391,22 +410,26 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
                   chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
     rows = RECIPE[:[r.name for r in RECIPE].index(own["until"]) + 1] if own["until"] else RECIPE
     trained = False
-    for row in rows:
-        if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
-            refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset)
-            print(f"recipe | {row.name:13s} done before ({report['stages'][row.name]['seconds']:.0f} s): skipped",
-                  flush=True)
-        else:
-            seconds = train_row(row, cfg, own, passthrough, seed_offset)
-            t_eval = time.time()
-            report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluate_row(row, cfg, own), rdir)
-            report["stages"][row.name]["eval_seconds"] = round(time.time() - t_eval, 1)
-            report["total_seconds"] = round(sum(st["seconds"] for st in report["stages"].values()), 1)
-            report["eval_seconds"] = round(sum(st.get("eval_seconds", 0) for st in report["stages"].values()), 1)
-            report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
-            report["effects"] = recipe_effect_results(rdir, cfg)
-            write_report(rdir, report, cfg)                  # written after every stage: a cut run keeps it
-            trained = True
+    try:
+        for row in rows:
+            if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
+                refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset)
+                print(f"recipe | {row.name:13s} done before ({seconds_text(report['stages'][row.name]['seconds'])} s): skipped",
+                      flush=True)
+            else:
+                seconds = train_row(row, cfg, own, passthrough, seed_offset)
+                t_eval = time.time()
+                report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluate_row(row, cfg, own), rdir)
+                report["stages"][row.name]["eval_seconds"] = round(time.time() - t_eval, 1)
+                report["total_seconds"] = round(sum(st["seconds"] or 0 for st in report["stages"].values()), 1)
+                report["eval_seconds"] = round(sum(st.get("eval_seconds", 0) for st in report["stages"].values()), 1)
+                report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
+                report["effects"] = recipe_effect_results(rdir, cfg)
+                write_report(rdir, report, cfg)                  # written after every stage: a cut run keeps it
+                trained = True
+    finally:             # an interrupted or failed run's time counts too (a killed one's last stage does not)
+        report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
+        data.write_json(path, report)
     if not trained:                                          # every stage skipped: the report still refreshed
         report["effects"] = recipe_effect_results(rdir, cfg)
         write_report(rdir, report, cfg)
@@ -479,7 +502,7 @@ def accuracy_table(report: dict, mode: str) -> list:
         if not cells:
             continue
         loss = lambda k: "—" if st.get(k) is None else f"{st[k]:.3f}"                      # noqa: E731
-        row = [name] + ([f"{st.get('seconds', 0):.0f}", f"{loss('eval_loss_start')} → {loss('eval_loss')}"
+        row = [name] + ([seconds_text(st.get("seconds")), f"{loss('eval_loss_start')} → {loss('eval_loss')}"
                          if st.get("eval_loss") is not None else "—"] if mode == "real" else [])
         row += [sample.plus_minus(cells[f]["accuracy"], cells[f]["interval"]) if f in cells else "" for f in fams]
         lines.append("| " + " | ".join(row) + " |")
@@ -541,8 +564,9 @@ def report_markdown(report: dict) -> str:
                 "Greedy accuracy, sampled pass@1, maj@k and pass@k over the stage's own held-out prompts (k samples "
                 "each, the same draws before and after), in thinking mode (rl-mixed asks a share of them in direct "
                 "mode: `thinking_greedy_acc` and `direct_greedy_acc` split its greedy accuracy by mode; its "
-                "`greedy_fmt` is each mode's format); the mean ± the larger side of its 95% interval (Wilson's for the "
-                "0/1 metrics greedy, maj@k, pass@k and format; ± 1.96 standard errors for pass@1 and reward; "
+                "`greedy_fmt` is each mode's format); the mean ± the larger side of its 95% interval (Wilson's where "
+                "every prompt's value is 0 or 1, as greedy, maj@k, pass@k and format always are; else ± 1.96 "
+                "standard errors, as for pass@1 and reward unless each prompt's k samples agree; "
                 "a stage run before the intervals were kept: ± its standard error, marked se), and the paired "
                 "difference after − before with its 95% bootstrap interval.", "",
                 "| stage | metric | n × k | before | after | after − before [95%] |", "|---|---|---|---|---|---|"]

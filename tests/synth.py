@@ -196,7 +196,7 @@ def make_charts(out_dir, n: int, seed: int = 0, size: int = 224, progress: bool 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng, lines = random.Random(seed), []
-    for i in tqdm(range(n), desc="charts", disable=not progress):
+    for i in tqdm(range(n), desc="charts", disable=data.no_bar(progress)):
         kind = CHART_KINDS[i % len(CHART_KINDS)]
         labels, values = chart_values(rng, rng.randint(3, 5))
         name = f"images/chart_{i:05d}.png"
@@ -464,7 +464,7 @@ def make_synth(out, seed: int = 0, size: int = DEFAULT_SYNTH_SIZE, progress: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     counts = synth_counts(size)
     try:
-        for family, gen in tqdm(SYNTH_FAMILIES.items(), desc="synth", disable=not progress):
+        for family, gen in tqdm(SYNTH_FAMILIES.items(), desc="synth", disable=data.no_bar(progress)):
             media = tmp / family / ("videos" if family == "video" else "images")
             media.mkdir(parents=True)
             seen = set()                     # every sample of the family drawn so far (sample_key)

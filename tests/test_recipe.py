@@ -115,6 +115,26 @@ def test_an_interrupted_recipe_continues_to_the_same_report(synth, tmp_path):
             assert a["stages"][stage][key] == b["stages"][stage][key], (stage, key)
 
 
+def test_ctrl_c_in_the_recipe_is_its_one_line_and_its_time_counts(synth, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group: the recipe and its stage) mid-stage: exit 130
+    with the recipe's one line (the stage, told by RECIPE_CHILD, adds none: its "--resume" advice was
+    wrong for the recipe's user), and the run's time is kept in report.json for the next run's total."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.Popen([sys.executable, "train_stage.py", "--stage", "all", f"--data_dir={synth}", "--until=lm0",
+                          f"--out_dir={tmp_path}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in p.stdout:                                               # the stage is training
+        if line.startswith("step "):
+            break
+    os.killpg(p.pid, signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and err.splitlines() == [
+        "tests/recipe.py: error: interrupted; run the same command again to go on: finished stages are skipped, "
+        "a cut one resumes"], err[-3000:]
+    assert report_of(tmp_path)["wall_seconds"] > 0 and report_of(tmp_path)["stages"] == {}
+
+
 # ----------------------------------------------------------------------------------------------
 # bad data of every kind, counted exactly; non-finite losses
 
@@ -423,22 +443,54 @@ def test_train_row_skips_a_verified_stage_and_stops_on_a_failed_one(tmp_path, mo
 def test_the_recipe_keeps_a_finished_stage_only_if_this_run_would_train_it_so(synth, tmp_path):
     """A finished output is kept (not trained again) only when its meta.json's options are those this
     run's command gives the stage: a stage run by hand, or by the recipe at another --step_scale, is
-    refused in one line, where the report presented it as this run's."""
+    refused in one line, where the report presented it as this run's. Where its files go and how often
+    it saved (recipe.RUN_ONLY, a path spelt with a slash) are no other training."""
     row, passthrough = train_stage.STAGES["vit2"], [f"--out_dir={tmp_path}", f"--data_dir={synth}", "--step_scale=0.02"]
     cfg = train_stage.parse_args(["--stage", "vit2", *passthrough])[0]
     modeling.save_checkpoint(str(tmp_path / "vit2"), modeling.build_model("tiny", seed=0),
                              {"stage": "vit2", "config": dataclasses.asdict(cfg)}, 0, 1)
     recipe.refuse_if_trained_otherwise(row, cfg, passthrough, 0)                  # as this run would: kept
+    recipe.refuse_if_trained_otherwise(row, cfg, [f"--out_dir={tmp_path}/", *passthrough[1:], "--save_every=3",
+                                                  "--keep_checkpoints=5"], 0)
     for other, says in ((["--step_scale=0.5"], "step_scale 0.02 -> 0.5"), ([], "seed 1337 -> 2337")):
         args = [a for a in passthrough if not a.startswith(tuple(o.split("=")[0] for o in other))] + other
-        with pytest.raises(train_stage.UsageError, match=f"vit2 was trained with other settings .*{says}"):
+        with pytest.raises(train_stage.UsageError, match=f"vit2 was trained with other settings .*{says}.* remove "
+                                                         f"{tmp_path}/vit2 and {tmp_path}/vit2.run to train it again"):
             recipe.refuse_if_trained_otherwise(row, cfg, args, 1000 if not other else 0)
-    rl_row = train_stage.STAGES["rl-verifiable"]
-    rl_cfg = rl.rl_config(recipe.stage_command(rl_row, 1, passthrough)[2:])[0]
-    modeling.save_checkpoint(str(tmp_path / "rl-verifiable"), modeling.build_model("tiny", seed=0),
-                             {"stage": "rl-verifiable", "config": {**dataclasses.asdict(rl_cfg), "eval_prompts": 16}}, 0, 1)
-    with pytest.raises(train_stage.UsageError, match="eval_prompts 16 -> "):                 # run by hand
-        recipe.refuse_if_trained_otherwise(rl_row, cfg, passthrough, 0)
+
+
+def test_the_recipe_keeps_the_rl_stage_it_trained(synth, tmp_path):
+    """rl.py saves its options with the algorithm and clips filled in (dapo, 0.2, 0.28 for a dense
+    model): the recipe's check fills them in alike, so a rerun keeps the RL stage it trained (it
+    refused every finished RL stage), and still refuses one trained otherwise. Run through rl.py on
+    the recipe's own command for the row."""
+    modeling.save_checkpoint(str(tmp_path / "longcot"), modeling.build_model("tiny", seed=0), {"stage": "longcot"}, 0, 1,
+                             extra_files=train_stage.tokenizer_files(str(synth)))
+    row, cfg = train_stage.STAGES["rl-verifiable"], train_stage.StageConfig(out_dir=str(tmp_path))
+    passthrough = [f"--out_dir={tmp_path}", f"--data_dir={synth}", "--step_scale=0.02", "--eval_prompts=2",
+                   "--eval_samples=2", "--max_new_tokens=8", "--prompts_per_episode=2", "--group_size=2", "--pool_size=8"]
+    rl.run_cli(recipe.stage_command(row, 1, passthrough)[2:])
+    assert modeling.verify_checkpoint(str(tmp_path / "rl-verifiable"))["config"]["algo"] == "dapo"
+    recipe.refuse_if_trained_otherwise(row, cfg, passthrough, 0)
+    with pytest.raises(train_stage.UsageError, match="rl-verifiable was trained with other settings .*lr 0.0001 -> 0.0002"):
+        recipe.refuse_if_trained_otherwise(row, cfg, [*passthrough, "--lr=2e-4"], 0)
+
+
+def test_the_recipe_refuses_to_resume_a_run_trained_otherwise(synth, tmp_path, monkeypatch):
+    """A cut stage's step checkpoint is resumed only if this run's command would have trained it so: a
+    stage run by hand, its output then removed, left its run folder, which the recipe's --resume
+    continued (the other run's state under this run's name) or stopped on (past this run's steps)."""
+    row = train_stage.STAGES["lm0"]
+    train_stage.run_stage("lm0", [f"--out_dir={tmp_path}", f"--data_dir={synth}", "--steps=4", "--save_every=2",
+                                  "--eval_every=0"])
+    shutil.rmtree(tmp_path / "lm0")
+    calls = []
+    monkeypatch.setattr(recipe.subprocess, "run", lambda cmd, **k: calls.append(cmd))
+    with pytest.raises(train_stage.UsageError, match=f"{tmp_path}/lm0.run/step-000002 was trained with other settings "
+                                                     "than this run gives lm0 \\(steps 4 -> 10, "):
+        recipe.train_row(row, train_stage.StageConfig(out_dir=str(tmp_path)), {"nproc": "1"},
+                         [f"--out_dir={tmp_path}", f"--data_dir={synth}", "--step_scale=0.02"], 0)
+    assert calls == []
 
 
 def test_evaluate_row_modes_per_stage(tmp_path, monkeypatch):

@@ -5,11 +5,13 @@ harvest, the model judge, an end-to-end wiring test on a contextual bandit, and 
 stage end to end with an exact resume. (The pure losses and rewards are tested against
 hand-computed values and math-verify in test_rl.py; several ranks in test_rl_dist.py.)"""
 import copy
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -920,6 +922,7 @@ def test_harvest_keeps_only_correct_well_formed_chains_once(setup, monkeypatch, 
     lines = [json.loads(x) for x in open(os.path.join(out, "cot.jsonl"))]
     assert meta["kept"] == len(lines) == 6 and meta["counts"]["duplicate"] == 6
     assert meta["counts"]["rejected"] == 12 and meta["samples"] == 24
+    assert not train_stage.changed_options(meta["config"], dataclasses.asdict(hcfg)) and meta["seconds"] >= 0   # (the recipe checks)
     ds = data.JsonlDataset(os.path.join(out, "cot.jsonl"), tok,
                            data.DataConfig.from_model(m.cfg, label_mode="thinkfusion", max_len=2048))
     assert all(ds[i]["labels"].ne(-100).sum() > 0 for i in range(len(ds)))   # loads as Think-Fusion data
@@ -1173,10 +1176,19 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path, monkey
     for d in ("b", "c"):
         os.makedirs(tmp_path / d / "rl-verifiable.run")
         os.symlink(tmp_path / "a" / "rl-verifiable.run" / "step-000002", tmp_path / d / "rl-verifiable.run" / "step-000002")
+    earlier = modeling.verify_checkpoint(f"{tmp_path}/a/rl-verifiable.run/step-000002")["seconds"]
+    assert 0 < earlier < meta["seconds"]                       # the stage's time, kept in its checkpoints
+    b_step = tmp_path / "b" / "rl-verifiable.run" / "step-000002"           # as if the cut run had taken 1,000 s more
+    os.unlink(b_step)
+    shutil.copytree(tmp_path / "a" / "rl-verifiable.run" / "step-000002", b_step)
+    data.write_json(str(b_step / "meta.json"), {**json.load(open(b_step / "meta.json")), "seconds": earlier + 1000})
     shutil.copy(tmp_path / "a" / "rl-verifiable.run" / "metrics.jsonl", tmp_path / "b" / "rl-verifiable.run")  # episodes 1-4
+    t0 = time.time()
     res = run([str(tmp_path / "driver.py"), *stage_args(synth, tmp_path / "b"), "--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resume: continuing from" in res.stdout
+    took = modeling.verify_checkpoint(f"{tmp_path}/b/rl-verifiable")["seconds"]   # both runs': up to the checkpoint, then this one
+    assert earlier + 1000 < took < earlier + 1000 + time.time() - t0 and f"after {took:.0f} s" in res.stdout
     wb = load_file(f"{tmp_path}/b/rl-verifiable/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     again = [json.loads(x) for x in open(tmp_path / "b" / "rl-verifiable.run" / "metrics.jsonl")]
@@ -1284,7 +1296,8 @@ def test_rl_usage_errors_are_one_line(capsys):
                        (["--stage", "rl-verifiable", "--clip_c=0.5"], "--clip_c, the dual-clip constant, must be > 1"),
                        (["--stage", "rl-verifiable", "--max_sampling_rounds=0"], "--max_sampling_rounds must be >= 1"),
                        (["--stage", "rl-verifiable", "--lr=-1"], "--lr must be a positive number"),
-                       (["--stage", "rl-verifiable", "--save_every=-1"], "--save_every must be >= 0 (0: never)"),
+                       (["--stage", "rl-verifiable", "--save_every=-1"], "--save_every must be >= 0 (resumable checkpoint every N episodes; 0 = only"),
+                       (["--stage", "rl-verifiable", "--eval_every=-1"], "--eval_every must be >= 0 (held-out evaluation every N episodes (always at the start"),
                        (["--stage", "rl-verifiable", "--init-from=/no/such"], "--init-from: /no/such is not a folder"),
                        (["--stage", "rl-verifiable", "--top_p=0"], "--top_p in (0, 1]"),
                        (["--stage", "rl-verifiable", "--temperature=nan"], "--temperature must be above 0"),

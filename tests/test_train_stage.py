@@ -1550,9 +1550,9 @@ def test_nested_and_range_options_are_checked_where_they_are_parsed():
     (["--stage", "all", "--compare=x", "--as=vit1", "--eval_limit=abc"], 2, "--eval_limit must be a whole number"),
     (["--stage", "all", "--compare=x", "--as=vit1", "--seeds=3"], 2, "--seeds runs the recipe again"),
     (["--num_workers=-1"], 2, "--num_workers must be >= 0"),
-    (["--save_every=-1"], 2, "--save_every must be >= 0 (0: never), got -1"),
-    (["--eval_every=-5"], 2, "--eval_every must be >= 0 (0: never), got -5"),
-    (["--keep_checkpoints=-2"], 2, "--keep_checkpoints must be >= 0 (0: keep all), got -2"),
+    (["--save_every=-1"], 2, "--save_every must be >= 0 (step checkpoint every N steps; 0 = only the stage output), got -1"),
+    (["--eval_every=-5"], 2, "--eval_every must be >= 0 (held-out loss every N steps (and at step 0 and the end); 0 = never), got -5"),
+    (["--keep_checkpoints=-2"], 2, "--keep_checkpoints must be >= 0 (step checkpoints kept in out/<stage>.run/ (0 = all)), got -2"),
     (["--lr=-1"], 2, "--lr must be a positive number, got -1.0"),
     (["--lr=nan"], 2, "--lr must be a positive number, got nan"),
     (["--beta2=1"], 2, "--beta1 and --beta2 must be in [0, 1)"),
@@ -1586,13 +1586,16 @@ def test_ctrl_c_is_one_line_saying_how_to_go_on(monkeypatch, capsys):
     monkeypatch.setattr(train_stage, "run_cli", interrupted)
     monkeypatch.setattr(rl, "run_cli", interrupted)
     monkeypatch.setattr(recipe, "run_recipe", interrupted)
-    for main, says in ((train_stage.main, "train_stage.py: error: interrupted; the same command with --resume goes on"),
-                       (rl.main, "rl.py: error: interrupted; the same command with --resume goes on"),
-                       (recipe.main, "tests/recipe.py: error: interrupted; run the same command again to go on")):
+    over = "error: interrupted; run the same command again: it starts over"      # nothing to resume from
+    for main, argv, says in ((train_stage.main, [], "train_stage.py: error: interrupted; the same command with --resume goes on"),
+                             (rl.main, [], "rl.py: error: interrupted; the same command with --resume goes on"),
+                             (recipe.main, ["--stage", "all"], "tests/recipe.py: error: interrupted; run the same command again to go on"),
+                             (train_stage.main, ["--stage", "soup"], f"train_stage.py: {over}"),
+                             (rl.main, ["--stage", "harvest"], f"rl.py: {over}"), (rl.main, ["filter"], f"rl.py: {over}")):
         with pytest.raises(SystemExit) as e:
-            main(["--stage", "all"] if main is recipe.main else [])
+            main(argv)
         err = capsys.readouterr().err
-        assert e.value.code == 130 and len(err.strip().splitlines()) == 1 and err.startswith(says), err
+        assert e.value.code == 130 and len(err.strip().splitlines()) == 1 and err.startswith(says), (argv, err)
 
 
 def test_ranks_wait_half_an_hour_in_a_collective_not_nccls_ten_minutes(monkeypatch):
@@ -1688,13 +1691,26 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert hint.endswith(f"# reference: {ref}")
     # the done line says how long the stage took (as its meta.json does) and that the tokenizer is there
     seconds = modeling.verify_checkpoint(f"{tmp_path}/vit1")["seconds"]
-    assert f"done: vit1 checkpoint in {tmp_path}/vit1/ (config.json, model.safetensors, meta.json, metrics.jsonl, " \
+    assert f"done: vit1 checkpoint in {tmp_path}/vit1/ (config.json, meta.json, metrics.jsonl, model.safetensors, " \
            f"the tokenizer) after {seconds:.0f} s\n" in res.stdout and 0 < seconds < 300
     # a fresh start says it will replace the finished output (a short trial replaces a long stage)
     logs = []
     train_stage.clear_earlier_run(cfg_of("vit1", f"--data_dir={synth}", f"--out_dir={tmp_path}")[0], logs.append)
     step = round(200 * 0.01)
     assert logs == [f"note: {tmp_path}/vit1 holds an earlier vit1 output (step {step}); this run replaces it when it ends"]
+
+
+def test_the_done_line_names_the_tokenizer_only_where_the_output_holds_one(synth, tmp_path):
+    """A stage on the built-in byte tokenizer saves none (its own data from a random start; a soup of
+    outputs without one): its done line does not claim one. Its time, where meta.json records it."""
+    m = modeling.build_model("tiny", seed=0)
+    modeling.save_checkpoint(str(tmp_path / "bare"), m, {"stage": "sft1", "seconds": 12.4}, 0, 1)
+    modeling.save_checkpoint(str(tmp_path / "tok"), m, {"stage": "sft1"}, 0, 1,
+                             extra_files=train_stage.tokenizer_files(str(synth)))
+    assert train_stage.output_files(str(tmp_path / "bare")) == ["config.json", "meta.json", "model.safetensors"]
+    assert train_stage.output_files(str(tmp_path / "tok")) == ["config.json", "meta.json", "model.safetensors",
+                                                                "the tokenizer"]
+    assert (train_stage.took(str(tmp_path / "bare")), train_stage.took(str(tmp_path / "tok"))) == (" after 12 s", "")
 
 
 def test_the_try_it_hint_of_a_text_only_stage_is_none_and_media_options_are_apart(synth):
