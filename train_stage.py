@@ -1565,7 +1565,9 @@ def output_files(out: str) -> list:
     """What a stage output holds, for its done line (the tokenizer's files as one)."""
     files = sorted(modeling.verify_checkpoint(out).get("files", {}))
     tokenizer = [f for f in files if f in data.TOKENIZER_FILES]
-    return sorted([f for f in files if f not in tokenizer and "/" not in f] + ["meta.json"]) + ["the tokenizer"] * bool(tokenizer)
+    first = {"config.json": 0, "model.safetensors": 1, "meta.json": 2}              # then the others, by name
+    names = sorted([f for f in files if f not in tokenizer and "/" not in f] + ["meta.json"], key=lambda f: (first.get(f, 3), f))
+    return names + ["the tokenizer"] * bool(tokenizer)
 
 
 def took(out: str) -> str:

@@ -1691,7 +1691,7 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert hint.endswith(f"# reference: {ref}")
     # the done line says how long the stage took (as its meta.json does) and that the tokenizer is there
     seconds = modeling.verify_checkpoint(f"{tmp_path}/vit1")["seconds"]
-    assert f"done: vit1 checkpoint in {tmp_path}/vit1/ (config.json, meta.json, metrics.jsonl, model.safetensors, " \
+    assert f"done: vit1 checkpoint in {tmp_path}/vit1/ (config.json, model.safetensors, meta.json, metrics.jsonl, " \
            f"the tokenizer) after {seconds:.0f} s\n" in res.stdout and 0 < seconds < 300
     # a fresh start says it will replace the finished output (a short trial replaces a long stage)
     logs = []
@@ -1707,8 +1707,8 @@ def test_the_done_line_names_the_tokenizer_only_where_the_output_holds_one(synth
     modeling.save_checkpoint(str(tmp_path / "bare"), m, {"stage": "sft1", "seconds": 12.4}, 0, 1)
     modeling.save_checkpoint(str(tmp_path / "tok"), m, {"stage": "sft1"}, 0, 1,
                              extra_files=train_stage.tokenizer_files(str(synth)))
-    assert train_stage.output_files(str(tmp_path / "bare")) == ["config.json", "meta.json", "model.safetensors"]
-    assert train_stage.output_files(str(tmp_path / "tok")) == ["config.json", "meta.json", "model.safetensors",
+    assert train_stage.output_files(str(tmp_path / "bare")) == ["config.json", "model.safetensors", "meta.json"]
+    assert train_stage.output_files(str(tmp_path / "tok")) == ["config.json", "model.safetensors", "meta.json",
                                                                 "the tokenizer"]
     assert (train_stage.took(str(tmp_path / "bare")), train_stage.took(str(tmp_path / "tok"))) == (" after 12 s", "")
 
