@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 import moe
@@ -1240,13 +1241,18 @@ def refuse_lost_head(path: str, saved: LLMConfig, cfg: LLMConfig):
                          "embedding: the checkpoint's head would be lost (keep tie_word_embeddings false)")
 
 
-def load_llm_weights(lm: Qwen3LM, path: str):
-    """The tensors of such a folder into `lm` (its config), each copied straight from the memory-mapped file."""
-    refuse_lost_head(path, read_llm_config(path), lm.cfg)
+def llm_tensors(path: str, cfg: LLMConfig) -> dict:
+    """The tensors of such a folder for a Qwen3LM of `cfg`, in our names, memory-mapped."""
+    refuse_lost_head(path, read_llm_config(path), cfg)
     sd = read_safetensors_folder(path)
     if any(k.startswith("language_model.") for k in sd):                 # a whole SAIL-VL2 folder: its LLM
         sd = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
-    load_state_dict_strict(lm, normalize_state_dict(sd, lm.cfg), f"Qwen3 weights from {path}")
+    return normalize_state_dict(sd, cfg)
+
+
+def load_llm_weights(lm: Qwen3LM, path: str):
+    """The tensors of such a folder into `lm` (its config), each copied straight from the memory-mapped file."""
+    load_state_dict_strict(lm, llm_tensors(path, lm.cfg), f"Qwen3 weights from {path}")
 
 
 def save_hf_llm(lm: Qwen3LM, path: str):
@@ -1297,32 +1303,30 @@ def full_state_dict(model) -> dict:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def set_full_state_dict(model, sd: dict):
-    """Full weights into the model; under FSDP only rank 0 holds them and they are broadcast."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        load_state_dict_strict(model, sd, "checkpoint")
-
-
 def load_sharded_weights(model, path: str, rank: int, device):
     """The weights of the SAIL-VL2 folder `path` into the FSDP2-sharded `model` (its config, empty),
-    a tensor at a time: rank 0 reads it from the memory-mapped file (an MoE layer's experts joined:
-    one tensor's worth), and DTensor's distribute_tensor scatters each rank its shard. Where
-    set_full_state_dict needs rank 0 to hold the whole model first (30b-a3b in fp32: 122 GB of
-    host memory), this holds one tensor. A missing or misshaped tensor: one error on every rank."""
+    a tensor at a time (scatter_weights)."""
+    scatter_weights(model, lambda: checkpoint_tensors(path, model), rank, device, path, f"SAIL-VL2 weights from {path}")
+
+
+def scatter_weights(model, read, rank: int, device, source: str, what: str):
+    """Full tensors into the FSDP2-sharded `model` (empty), a tensor at a time: on rank 0, read()
+    gives them by name (memory-mapped from their files: checkpoint_tensors, an MoE layer's experts
+    as row blocks joined here, one tensor's worth; or a module's own tensors), and DTensor's
+    distribute_tensor scatters each rank its shard. Where torch's set_model_state_dict needs rank 0
+    to hold the whole model first (30b-a3b in fp32: 122 GB of host memory), this holds one tensor. A missing
+    or misshaped tensor, or any failure of rank 0's read (of `source`): one error on every rank."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     state = model.state_dict(keep_vars=True)             # the parameters themselves: a tied head is the embedding
     sd, box, failed = None, [None, None], None
     if rank == 0:
         try:
-            sd = checkpoint_tensors(path, model)
-            box = [list(loadable(model, sd, f"SAIL-VL2 weights from {path}")), None]
+            sd = read()
+            box = [list(loadable(model, sd, what)), None]
         except (OSError, ValueError) as e:
             box = [None, str(e)]
         except Exception as e:          # any other failure (a bug): told to every rank, which would wait for rank 0
-            failed, box = e, [None, f"rank 0 failed reading {path}: {type(e).__name__}: {e}"]
+            failed, box = e, [None, f"rank 0 failed reading {source}: {type(e).__name__}: {e}"]
     dist.broadcast_object_list(box, src=0)
     if failed is not None:
         raise failed                    # (the bug's own traceback on rank 0)
@@ -1741,6 +1745,54 @@ def reinit_module(module, seed: int):
     for m in module.modules():
         if hasattr(m, "reset_parameters") and m is not module:
             m.reset_parameters()
+
+
+class HostDraws(TorchDispatchMode):
+    """Inside it, a random fill of a meta tensor (nn.init's uniform_ / normal_ on a module built on
+    the meta device) is also made on a scratch tensor of its shape and dtype on the host, then
+    dropped: the host generator advances exactly as if the tensor were real, holding one tensor at a
+    time. So the modules of a model that are read from files stay on the meta device while the
+    others get the very values a whole build gives them (initialised). Any other random op on a
+    meta tensor is refused rather than skipped: its draws would go missing."""
+    FILLS = (torch.ops.aten.uniform_.default, torch.ops.aten.normal_.default)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded in func.tags and any(isinstance(a, torch.Tensor) and a.is_meta
+                                                                   for a in args):
+            if func not in self.FILLS:
+                raise NotImplementedError(f"HostDraws: {func} on the meta device (its draws are not replayed)")
+            t = args[0]
+            func(torch.empty(t.shape, dtype=t.dtype, device="cpu"), *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+def initialised(cfg: SAILVLConfig, seed: int, real, fresh_seed: Optional[int] = None, fresh=()) -> SAILVL:
+    """The model's own initialisation (torch.manual_seed(seed), SAILVL(cfg), init_weights(), then
+    reinit_module(m, fresh_seed) for each module in `fresh`) with only the modules named in `real`
+    made, in fp32 on the host; the others stay on the meta device, their draws made on scratch
+    (HostDraws). The real modules' values, and the generator's state after, are those of the whole
+    build, while a module that is read from files next never takes the host memory (30b-a3b's LLM:
+    122 GB in fp32)."""
+    torch.manual_seed(seed)
+    with torch.device("meta"), HostDraws():
+        model = SAILVL(cfg)
+    make_real(model, real)
+    with HostDraws():
+        model.init_weights()
+        for name in fresh:
+            reinit_module(getattr(model, name), fresh_seed)
+    return model
+
+
+def make_real(model: SAILVL, names, device="cpu"):
+    """The named modules of a model on the meta device given memory (unset) on `device`, a tied head
+    tied again (to_empty makes two tensors of the one)."""
+    for name in names:
+        getattr(model, name).to_empty(device=device)
+    lm = model.language_model
+    if "language_model" in names and lm.cfg.tie_word_embeddings:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
 
 
 def config_leaves(obj, prefix: str = ""):

@@ -809,49 +809,81 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
                       matrices_dtype=None) -> modeling.SAILVL:
     """The model of `stage_model_config`: the checkpoint's own model when one checkpoint gives every
     module in that config (made on `device`, its LLM's matrices in `matrices_dtype` when given:
-    SAILVL.from_pretrained), else random init on the host in fp32, then every module from its
-    source; then --init-vit / --init-llm. Each source's tensors are copied into the model straight
-    from its memory-mapped files: no second model on the host beside it."""
+    SAILVL.from_pretrained), else, on the host in fp32, each module from its source's files or from
+    the model's own initialisation (stage_start). Tensors are copied straight from the memory-mapped
+    files: no second model on the host beside it."""
     own = whole_checkpoint(cfg, model_cfg)
     model_cfg = stage_model_config(cfg, model_cfg)
+    if own:                                                # the checkpoint's model itself: no random one beside
+        model = modeling.SAILVL.from_pretrained(own, device=device, matrices_dtype=matrices_dtype, cfg=model_cfg)
+        log(f"init: all weights from {own}, {config_origin(own, model_cfg)}")
+        return model
+    model, tensors = stage_start(cfg, model_cfg, log)
+    modeling.make_real(model, list(tensors))
+    for name, sd in tensors.items():
+        modeling.vit.load_state_dict_strict(getattr(model, name), sd, name)
+    return model
+
+
+def stage_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -> tuple:
+    """(the model with only the modules no file gives made, on the host, the others on the meta
+    device; {module: its tensors, named within it, memory-mapped from its source's files}) for a
+    stage that does not start from one checkpoint's whole model. A module comes from its source (a
+    stage's output; --init-vit's AIMv2 / SAIL-ViT folder, --init-llm's Qwen3 folder over it), else
+    from the model's own initialisation, as a whole random build gives it, and re-initialised
+    (reinit_module, seed + 1) when the stage's rule starts it fresh beside modules from checkpoints
+    (model.initialised: the modules read from files are never made, only their draws). Each
+    module's tensors are checked against it here (one line naming the module and its source)."""
     sources = init_sources(cfg)
     folders = sorted({s for s in sources.values() if s != "fresh"})
     whole = len(folders) == 1 and all(s == folders[0] for s in sources.values())
-    if own:                                                # the checkpoint's model itself: no random one beside
-        model = modeling.SAILVL.from_pretrained(own, device=device, matrices_dtype=matrices_dtype, cfg=model_cfg)
-    else:
-        torch.manual_seed(cfg.seed)
-        model = modeling.SAILVL(model_cfg)
-        model.init_weights()
+    over = {m: path for m, path in (("vision_model", cfg.init_vit), ("language_model", cfg.init_llm)) if path}
+    real = [m for m in MODULES if sources[m] == "fresh" and m not in over]
+    reinit = [m for m, src in sources.items() if src == "fresh"] if folders and not whole else []
+    model = modeling.initialised(model_cfg, cfg.seed, real, cfg.seed + 1, reinit)
+    tensors, whats = {}, {}
+    for name, src in sources.items():
+        if src != "fresh" and name not in over:
+            tensors[name], whats[name] = modeling.checkpoint_tensors(src, model, name), f"{name} from {src}"
+    if "vision_model" in over:
+        tensors["vision_model"], whats["vision_model"] = modeling.vit.vit_tensors(cfg.init_vit), \
+            f"ViT weights from {cfg.init_vit}"
+    if "language_model" in over:
+        tensors["language_model"], whats["language_model"] = modeling.llm_tensors(cfg.init_llm, model_cfg.llm_config), \
+            f"Qwen3 weights from {cfg.init_llm}"
+    for name, sd in tensors.items():
+        modeling.vit.loadable(getattr(model, name), sd, whats[name])          # (shapes on the meta device)
+    log_start(cfg, model_cfg, sources, folders, whole, log)
+    return model, tensors
+
+
+def log_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, sources: dict, folders: list, whole: bool, log):
+    """The init lines: where each module of the stage's model comes from."""
     if not folders:
         fresh = [m for m in MODULES if not (m == "language_model" and cfg.init_llm)
                  and not (m == "vision_model" and cfg.init_vit)]
         log("init: random weights (the stage starts from scratch)" if len(fresh) == len(MODULES) else
             f"init: {', '.join(fresh)} from random weights")
     elif whole:
-        if not own:                                        # (--init-llm / --init-vit replace a module below)
-            modeling.vit.load_state_dict_strict(model, modeling.checkpoint_tensors(folders[0], model), folders[0])
         log(f"init: all weights from {folders[0]}, {config_origin(folders[0], model_cfg)}")
     else:
         for name, src in sources.items():
-            if src == "fresh":
-                modeling.reinit_module(getattr(model, name), cfg.seed + 1)
-                log(f"init: {name} freshly initialised (random), as the stage starts it")
-            else:
-                modeling.vit.load_state_dict_strict(getattr(model, name), modeling.checkpoint_tensors(src, model, name),
-                                                    f"{name} from {src}")
-                log(f"init: {name} from {src}")
+            log(f"init: {name} freshly initialised (random), as the stage starts it" if src == "fresh" else
+                f"init: {name} from {src}")
     if cfg.init_vit:
-        modeling.vit.load_vit_weights(model.vision_model, cfg.init_vit)
         v = model_cfg.vision_config
         log(f"init: vision encoder from {cfg.init_vit} ({v.num_hidden_layers} layers, hidden {v.hidden_size}, "
             f"{v.image_size}-px tiles, from its config.json)")
     if cfg.init_llm:
-        modeling.load_llm_weights(model.language_model, cfg.init_llm)
         c = model_cfg.llm_config
         log(f"init: language model from {cfg.init_llm} ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
             f"vocab {c.vocab_size}{f', {c.num_experts} experts' if c.num_experts else ''}, from its config.json)")
-    return model
+
+
+def start_tensors(model: modeling.SAILVL, tensors: dict) -> dict:
+    """stage_start's answer as one {name: tensor} of the whole model (the made modules' own tensors)."""
+    return {f"{name}.{k}": v for name in MODULES
+            for k, v in (tensors[name] if name in tensors else getattr(model, name).state_dict()).items()}
 
 
 # ==============================================================================================
@@ -1056,8 +1088,9 @@ def step_report(step: int, cfg: StageConfig, res: dict, lr: float, seconds: dict
 def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, world: int, device, log) -> tuple:
     """(model, its config) on the device, frozen but for the stage's modules; sharded with FSDP2
     when world > 1 or --fsdp (torchtitan's recipe: build on the meta device, shard, allocate only this rank's
-    shards, then load the full weights that rank 0 alone builds from the stage's sources; from one
-    checkpoint, its whole model: a tensor at a time from its files, model.load_sharded_weights)."""
+    shards, then fill them a tensor at a time from rank 0: from one checkpoint, its whole model read
+    from its files (model.load_sharded_weights); from several sources, each module from its files and
+    only the modules none gives made on rank 0's host (stage_start, model.scatter_weights))."""
     trainable = modules_of(cfg.trainable)
     if not dist.is_initialized():
         model = build_stage_model(cfg, model_cfg, log)
@@ -1066,20 +1099,21 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         model.to(device)
     else:
         folder = whole_checkpoint(cfg, model_cfg)          # read a tensor at a time into the shards
-        full = build_stage_model(cfg, model_cfg, log) if rank == 0 and folder is None else None
-        box = [full.cfg if full is not None else None]
-        dist.broadcast_object_list(box, src=0)
+        box = [stage_model_config(cfg, model_cfg) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)             # rank 0's reading of the sources' configs
         with torch.device("meta"):
-            model = modeling.SAILVL(box[0] or stage_model_config(cfg, model_cfg))
+            model = modeling.SAILVL(box[0])
         modeling.freeze(model, trainable)
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
         modeling.parallelize(model, device, mixed_precision=device.type == "cuda")
         model.to_empty(device=device)
-        if folder is None:
-            modeling.set_full_state_dict(model, full.state_dict() if full is not None else {})
-        else:
-            with loading_weights():
+        with loading_weights():
+            if folder is None:                             # rank 0 makes only the modules no file gives
+                modeling.scatter_weights(model, lambda: start_tensors(*stage_start(cfg, box[0], log)), rank, device,
+                                         "the stage's sources", "the stage's starting weights")
+            else:
                 modeling.load_sharded_weights(model, folder, rank, device)
+        if folder is not None:
             log(f"init: all weights from {folder}, {config_origin(folder, model.cfg)}")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {modeling.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")

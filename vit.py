@@ -669,11 +669,16 @@ def load_hf_vit(path: str) -> SAILViT:
     return model
 
 
-def load_vit_weights(model: SAILViT, path: str):
-    """The tensors of such a folder into `model`, each copied straight from the memory-mapped file."""
+def vit_tensors(path: str) -> dict:
+    """The ViT tensors of such a folder in SAIL-ViT names, memory-mapped (q/k/v of an HF folder fused)."""
     sd = read_safetensors_folder(path)
     if any(k.startswith("vision_model.") for k in sd):       # a whole SAIL-VL2 folder: keep the ViT part
         sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
     if any(".layers." in k and "encoder" in k for k in sd):
         sd = hf_aimv2_to_sail(sd)
-    load_state_dict_strict(model, sd, f"ViT weights from {path}")
+    return sd
+
+
+def load_vit_weights(model: SAILViT, path: str):
+    """The tensors of such a folder into `model`, each copied straight from the memory-mapped file."""
+    load_state_dict_strict(model, vit_tensors(path), f"ViT weights from {path}")

@@ -420,7 +420,7 @@ model.to_empty(device=device)
 torch.manual_seed(0)                                       # the same weights as the one-process reference
 full = modeling.SAILVL(mcfg)
 full.init_weights()
-modeling.set_full_state_dict(model, full.state_dict() if rank == 0 else {})
+modeling.scatter_weights(model, full.state_dict, rank, device, "the reference", "the reference weights")
 packs = helpers.packs_of(samples, 300)
 text_packs = helpers.packs_of([s for s in samples if s.get("pixel_values") is None], 300)
 rank1 = text_packs if os.environ.get("RANK1") == "text" else packs[2:4]    # text only: no ViT work on rank 1
@@ -499,6 +499,113 @@ def test_two_ranks_read_a_checkpoint_into_their_shards_a_tensor_at_a_time(tmp_pa
     how = "with its model config" + " and the --preset / --model.* options given (same shapes)" * bool(options)
     assert f"init: all weights from {tmp_path}/ck, {how}" in got["logs"]
     assert got["theta"] == (5e5 if options else ck.cfg.llm_config.rope_theta)
+
+
+def whole_build(cfg, mcfg):
+    """The reference for a stage's starting model from several sources: built whole and random on
+    the host (seed, SAILVL, init_weights), the rule's fresh modules re-initialised beside modules
+    from checkpoints, then every module from a file loaded over it; and the generator's state after."""
+    sources = train_stage.init_sources(cfg)
+    folders = sorted({s for s in sources.values() if s != "fresh"})
+    whole = len(folders) == 1 and all(s == folders[0] for s in sources.values())
+    torch.manual_seed(cfg.seed)
+    model = modeling.SAILVL(mcfg)
+    model.init_weights()
+    for name, src in sources.items():
+        if src == "fresh" and folders and not whole:
+            modeling.reinit_module(getattr(model, name), cfg.seed + 1)
+        elif src != "fresh":
+            modeling.vit.load_state_dict_strict(getattr(model, name), modeling.checkpoint_tensors(src, model, name), name)
+    if cfg.init_vit:
+        modeling.vit.load_vit_weights(model.vision_model, cfg.init_vit)
+    if cfg.init_llm:
+        modeling.load_llm_weights(model.language_model, cfg.init_llm)
+    return model, torch.get_rng_state()
+
+
+def composed_sources(tmp_path, preset="tiny"):
+    """Stage outputs lm0, vit1 and vit3, and two other checkpoints standing in for --init-llm / --init-vit folders
+    (a SAIL-VL2 folder gives its LLM or its ViT), each of other random weights."""
+    for i, name in enumerate(("lm0", "vit1", "vit3", "ck", "llm", "vit")):
+        modeling.save_checkpoint(str(tmp_path / name), modeling.build_model(preset, seed=10 + i), {"stage": name}, 0, 1)
+
+
+LM, VIT = "language_model", "vision_model"
+COMPOSED = [("vit2", ["--init_modules=mlp1:fresh"], {LM, VIT}),          # vit1's LLM and ViT, a fresh adapter
+            ("pretrain1", [], {LM, VIT}),                                 # ViT from vit3, LLM from lm0, adapter fresh
+            ("vit1", ["--init-llm={d}/llm", "--init-vit={d}/vit"], {LM, VIT}),   # the replication's start
+            ("pretrain1", ["--init-llm={d}/llm"], {LM, VIT}),             # ViT from vit3, LLM from Qwen3
+            ("sft1", ["--init-from={d}/ck", "--init-llm={d}/llm"], {LM, VIT, "mlp1"}),   # one checkpoint, its LLM replaced
+            ("lm0", [], set())]                                           # all random: made whole
+
+
+@pytest.mark.parametrize("stage,options,read", COMPOSED)
+def test_a_stage_from_several_sources_is_the_whole_builds_model_without_making_the_read_modules(tmp_path, stage,
+                                                                                                options, read):
+    """build_stage_model (one process) gives the model a whole random build with its modules loaded
+    over it gives, bit for bit, and leaves the generator in the same state, while the modules that
+    come from files are never made before their files are read (stage_start leaves them on the meta
+    device; their random draws are made on scratch, model.HostDraws)."""
+    composed_sources(tmp_path)
+    cfg, mcfg = cfg_of(stage, f"--out_dir={tmp_path}", *[o.format(d=tmp_path) for o in options])
+    want, rng = whole_build(cfg, train_stage.stage_model_config(cfg, mcfg))
+    model = train_stage.build_stage_model(cfg, mcfg, lambda *a: None)
+    assert torch.equal(torch.get_rng_state(), rng)
+    got, ref = model.state_dict(), want.state_dict()
+    assert got.keys() == ref.keys() and [k for k in ref if not torch.equal(got[k], ref[k])] == []
+    start, files = train_stage.stage_start(cfg, train_stage.stage_model_config(cfg, mcfg), lambda *a: None)
+    assert set(files) == read
+    for name in train_stage.MODULES:
+        made = [not p.is_meta for p in getattr(start, name).parameters()]
+        assert all(made) if name not in read else not any(made), name
+
+
+SHARDED_COMPOSED = r"""
+import os, sys, torch
+sys.path.insert(0, os.environ["REPO"])
+sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))
+import model as modeling, train_stage, test_train_stage as helpers
+rank, world, device = train_stage.setup_distributed()
+made, initialised = [], modeling.initialised
+def noting(cfg, seed, real, *a, **k):                       # which modules a rank makes
+    made.append(sorted(real))
+    return initialised(cfg, seed, real, *a, **k)
+modeling.initialised = noting
+cfg, mcfg = helpers.cfg_of(os.environ["STAGE"], *os.environ["OPTIONS"].split())
+logs = []
+model, _ = train_stage.place_model(cfg, mcfg, rank, world, device, logs.append)
+sd = modeling.full_state_dict(model)
+if rank == 0:
+    torch.save({"sd": sd, "logs": logs, "made": made}, os.environ["OUT"])
+else:
+    assert made == [], made                                 # rank 1 makes no module and reads no file
+train_stage.shutdown_distributed()
+train_stage.exit_process()
+"""
+
+
+@pytest.mark.parametrize("preset,stage,options", [("tiny-moe", "vit1", ["--init-llm={d}/llm", "--init-vit={d}/vit"]),
+                                                  ("tiny", "pretrain1", [])])
+def test_two_ranks_start_a_stage_from_several_sources_with_only_rank_0_making_the_fresh_modules(tmp_path, preset,
+                                                                                                stage, options):
+    """A stage from several sources under FSDP2 on 2 gloo processes (place_model): its gathered weights
+    are the one-process build's, bit for bit, while rank 0 makes only the modules no file gives (the
+    adapter: of the replication's first stage, from Qwen3 and AIMv2 folders, an MoE LLM's experts
+    stored one by one) and scatters every tensor, read a tensor at a time from its files; it built
+    the whole model in fp32 first (30b-a3b: 125 GB of host memory)."""
+    composed_sources(tmp_path, preset)
+    options = [f"--out_dir={tmp_path}", *[o.format(d=tmp_path) for o in options]]
+    cfg, mcfg = cfg_of(stage, *options)
+    want = whole_build(cfg, train_stage.stage_model_config(cfg, mcfg))[0].state_dict()
+    (tmp_path / "load.py").write_text(SHARDED_COMPOSED)
+    res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "load.py")],
+              env_extra={"REPO": ROOT, "STAGE": stage, "OPTIONS": " ".join(options), "OUT": str(tmp_path / "out.pt")},
+              timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["sd"].keys() == want.keys() and [k for k in want if not torch.equal(got["sd"][k], want[k])] == []
+    assert got["made"] == [["mlp1"]]
+    assert any(ln.startswith("init: language model from" if options[1:] else "init: mlp1 freshly") for ln in got["logs"])
 
 
 @pytest.mark.parametrize("failure", ["missing", "other"])
