@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import kernels
 import moe
@@ -1752,19 +1753,22 @@ class HostDraws(TorchDispatchMode):
     the meta device) is also made on a scratch tensor of its shape and dtype on the host, then
     dropped: the host generator advances exactly as if the tensor were real, holding one tensor at a
     time. So the modules of a model that are read from files stay on the meta device while the
-    others get the very values a whole build gives them (initialised). Any other random op on a
-    meta tensor is refused rather than skipped: its draws would go missing."""
+    others get the very values a whole build gives them (initialised). Any other random op that
+    meets or makes a meta tensor (torch.randn under the meta device) is refused rather than skipped:
+    its draws would go missing. (nn.init's trunc_normal_, orthogonal_, sparse_ and dirac_ return
+    before any op on a meta tensor in recent torch: never use them in a constructor or init_weights.)"""
     FILLS = (torch.ops.aten.uniform_.default, torch.ops.aten.normal_.default)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded in func.tags and any(isinstance(a, torch.Tensor) and a.is_meta
-                                                                   for a in args):
+        out = func(*args, **kwargs)
+        if torch.Tag.nondeterministic_seeded in func.tags and any(
+                isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves((args, kwargs, out))):
             if func not in self.FILLS:
                 raise NotImplementedError(f"HostDraws: {func} on the meta device (its draws are not replayed)")
             t = args[0]
             func(torch.empty(t.shape, dtype=t.dtype, device="cpu"), *args[1:], **kwargs)
-        return func(*args, **kwargs)
+        return out
 
 
 def initialised(cfg: SAILVLConfig, seed: int, real, fresh_seed: Optional[int] = None, fresh=()) -> SAILVL:

@@ -820,7 +820,7 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
         return model
     model, tensors = stage_start(cfg, model_cfg, log)
     modeling.make_real(model, list(tensors))
-    for name, sd in tensors.items():
+    for name, sd in tensors.items():                      # (checked against the module in stage_start)
         modeling.vit.load_state_dict_strict(getattr(model, name), sd, name)
     return model
 
@@ -853,23 +853,25 @@ def stage_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -> tupl
             f"Qwen3 weights from {cfg.init_llm}"
     for name, sd in tensors.items():
         modeling.vit.loadable(getattr(model, name), sd, whats[name])          # (shapes on the meta device)
-    log_start(cfg, model_cfg, sources, folders, whole, log)
+    log_start(cfg, model_cfg, sources, folders, whole, over, log)
     return model, tensors
 
 
-def log_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, sources: dict, folders: list, whole: bool, log):
-    """The init lines: where each module of the stage's model comes from."""
+def log_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, sources: dict, folders: list, whole: bool,
+              over: dict, log):
+    """The init lines: where each module of the stage's model comes from (`over`: the modules
+    --init-vit / --init-llm give, in place of their source by the stage's rule)."""
     if not folders:
-        fresh = [m for m in MODULES if not (m == "language_model" and cfg.init_llm)
-                 and not (m == "vision_model" and cfg.init_vit)]
+        fresh = [m for m in MODULES if m not in over]
         log("init: random weights (the stage starts from scratch)" if len(fresh) == len(MODULES) else
             f"init: {', '.join(fresh)} from random weights")
-    elif whole:
+    elif whole and not over:
         log(f"init: all weights from {folders[0]}, {config_origin(folders[0], model_cfg)}")
     else:
         for name, src in sources.items():
-            log(f"init: {name} freshly initialised (random), as the stage starts it" if src == "fresh" else
-                f"init: {name} from {src}")
+            if name not in over:
+                log(f"init: {name} freshly initialised (random), as the stage starts it" if src == "fresh" else
+                    f"init: {name} from {src}")
     if cfg.init_vit:
         v = model_cfg.vision_config
         log(f"init: vision encoder from {cfg.init_vit} ({v.num_hidden_layers} layers, hidden {v.hidden_size}, "

@@ -531,22 +531,24 @@ def composed_sources(tmp_path, preset="tiny"):
 
 
 LM, VIT = "language_model", "vision_model"
-COMPOSED = [("vit2", ["--init_modules=mlp1:fresh"], {LM, VIT}),          # vit1's LLM and ViT, a fresh adapter
-            ("pretrain1", [], {LM, VIT}),                                 # ViT from vit3, LLM from lm0, adapter fresh
-            ("vit1", ["--init-llm={d}/llm", "--init-vit={d}/vit"], {LM, VIT}),   # the replication's start
-            ("pretrain1", ["--init-llm={d}/llm"], {LM, VIT}),             # ViT from vit3, LLM from Qwen3
-            ("sft1", ["--init-from={d}/ck", "--init-llm={d}/llm"], {LM, VIT, "mlp1"}),   # one checkpoint, its LLM replaced
-            ("lm0", [], set())]                                           # all random: made whole
+COMPOSED = [("tiny", "vit2", ["--init_modules=mlp1:fresh"], {LM, VIT}),  # vit1's LLM and ViT, a fresh adapter
+            ("tiny", "pretrain1", [], {LM, VIT}),                         # ViT from vit3, LLM from lm0, adapter fresh
+            ("tiny", "vit1", ["--init-llm={d}/llm", "--init-vit={d}/vit"], {LM, VIT}),   # the replication's start
+            ("tiny-moe", "pretrain1", ["--init-llm={d}/llm"], {LM, VIT}),  # ViT from vit3, an MoE LLM from Qwen3
+            ("tiny", "sft1", ["--init-from={d}/ck", "--init-llm={d}/llm"], {LM, VIT, "mlp1"}),   # its LLM replaced
+            ("tiny", "pretrain1", ["--init_modules=language_model:fresh",  # an untied LLM made, re-initialised
+                                   "--model.llm_config.tie_word_embeddings=false"], {VIT}),
+            ("tiny", "lm0", [], set())]                                   # all random: made whole
 
 
-@pytest.mark.parametrize("stage,options,read", COMPOSED)
-def test_a_stage_from_several_sources_is_the_whole_builds_model_without_making_the_read_modules(tmp_path, stage,
+@pytest.mark.parametrize("preset,stage,options,read", COMPOSED)
+def test_a_stage_from_several_sources_is_the_whole_builds_model_without_making_the_read_modules(tmp_path, preset, stage,
                                                                                                 options, read):
     """build_stage_model (one process) gives the model a whole random build with its modules loaded
     over it gives, bit for bit, and leaves the generator in the same state, while the modules that
     come from files are never made before their files are read (stage_start leaves them on the meta
     device; their random draws are made on scratch, model.HostDraws)."""
-    composed_sources(tmp_path)
+    composed_sources(tmp_path, preset)
     cfg, mcfg = cfg_of(stage, f"--out_dir={tmp_path}", *[o.format(d=tmp_path) for o in options])
     want, rng = whole_build(cfg, train_stage.stage_model_config(cfg, mcfg))
     model = train_stage.build_stage_model(cfg, mcfg, lambda *a: None)
@@ -558,6 +560,23 @@ def test_a_stage_from_several_sources_is_the_whole_builds_model_without_making_t
     for name in train_stage.MODULES:
         made = [not p.is_meta for p in getattr(start, name).parameters()]
         assert all(made) if name not in read else not any(made), name
+
+
+def test_host_draws_refuses_a_random_op_whose_draws_it_cannot_make_and_logs_name_what_is_read(tmp_path):
+    """model.HostDraws replays uniform_ / normal_ fills of meta tensors; another random op that meets or
+    makes one (torch.randn under the meta device) is refused, not skipped (its draws would go missing
+    and every later module's values with them). A module --init-vit gives is not said to come from its
+    rule's folder, which is never read (pretrain1 with --init-vit and no vit3)."""
+    with torch.device("meta"), modeling.HostDraws(), pytest.raises(NotImplementedError, match="randn"):
+        torch.randn(3)
+    composed_sources(tmp_path)
+    shutil.rmtree(tmp_path / "vit3")
+    logs = []
+    cfg, mcfg = cfg_of("pretrain1", f"--out_dir={tmp_path}", f"--init-vit={tmp_path}/vit")
+    train_stage.build_stage_model(cfg, mcfg, logs.append)
+    assert logs[:2] == ["init: mlp1 freshly initialised (random), as the stage starts it",
+                        f"init: language_model from {tmp_path}/lm0"]
+    assert len(logs) == 3 and logs[2].startswith(f"init: vision encoder from {tmp_path}/vit (")
 
 
 SHARDED_COMPOSED = r"""
