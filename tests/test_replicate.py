@@ -253,6 +253,26 @@ def test_vit1_from_qwen3_and_aimv2_folders_and_a_llava_jsonl(folders, tmp_path, 
     assert hf.decode(ids, skip_special_tokens=False).startswith(f"<|im_start|>system\n{data.DEFAULT_SYSTEM}<|im_end|>")
 
 
+def test_vit1_from_the_folders_on_two_processes_starts_where_one_process_does(folders, tmp_path):
+    """The replication's first stage under torchrun on 2 processes (FSDP2, gloo): rank 0 makes only the
+    adapter and scatters the Qwen3 and AIMv2 tensors from their bf16 shards (AIMv2's q/k/v fused on
+    the way); at an LR too small to move a weight (1e-30: one step changes none but those at 0, by
+    1e-30) its output is the one-process run's: the same adapter drawn, the same files read."""
+    qwen, aim = folders
+    manifest, root = llava_manifest(tmp_path)
+    args = ["train_stage.py", "--stage", "vit1", f"--init-llm={qwen}", f"--init-vit={aim}", f"--manifests={manifest}",
+            f"--image_root={root}", "--steps=1", "--lr=1e-30", "--eval_every=0", "--save_every=0",
+            "--packing.max_tokens=256"]
+    one = cli([*args, f"--out_dir={tmp_path}/one"], timeout=240)
+    two = cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, f"--out_dir={tmp_path}/two"],
+              timeout=240)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    a, b = (load_file(str(tmp_path / d / "vit1" / "model.safetensors")) for d in ("one", "two"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.allclose(a[k], b[k], rtol=0, atol=1e-20)] == []
+    assert a["mlp1.1.weight"].abs().max() > 1e-3                        # (a drawn adapter, not zeros)
+    assert two.stdout.count("init: mlp1 from random weights") == 1
+
+
 @pytest.mark.parametrize("case", ["no_tokenizer", "other_tokenizer", "ids_beyond_embedding"])
 def test_a_model_tokenizer_mismatch_is_one_error_line(folders, tmp_path, capsys, case):
     qwen, aim = folders
