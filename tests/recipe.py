@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -220,24 +221,30 @@ def stage_losses(folder: str) -> tuple:
     return [r["loss"] for r in recs if "loss" in r], evals[0] if evals else None
 
 
-# options that decide where a stage's files go and how often it saves, not what it trains
-RUN_ONLY = ("out_dir", "save_every", "keep_checkpoints", "num_workers", "prefetch_factor")
+# options that decide how often a stage saves and how it reads its data, not what it trains
+RUN_ONLY = ("save_every", "keep_checkpoints", "num_workers", "prefetch_factor")
 
 
 def refuse_if_trained_otherwise(row: Stage, cfg: StageConfig, passthrough: list, seed_offset: int, path: str = ""):
     """A finished output the recipe would keep, or the step checkpoint (`path`) it would resume, must
     have been trained with the settings this run's command for the stage gives (its meta.json's
-    options against them, RUN_ONLY aside; an RL row's algorithm and clips filled in as rl.py fills
-    them), or the report would present another run's stage (a stage run by hand, or the recipe at
-    another --step_scale) as this run's."""
+    options against them, RUN_ONLY aside, --out_dir as the folder it names; an RL row's algorithm and
+    clips filled in as rl.py fills them), or the report would present another run's stage (a stage
+    run by hand, or the recipe at another --step_scale) as this run's. One that records no options
+    (written before the harvest saved them) is refused too."""
     args = stage_command(row, 1, passthrough, seed_offset)[2:]            # after `python script`
     folder = stage_dir(cfg, row.name)
     path = path or folder
     now = rl.rl_config(args)[0] if row.runner == "rl.py" else parse_args(args)[0]
     if row.runner == "rl.py" and row.name != "harvest":
         now = rl.resolve_algo(now, modeling.read_config(path))
-    saved = modeling.verify_checkpoint(path).get("config", {})
-    changed = [c for c in train_stage.changed_options(saved, dataclasses.asdict(now)) if c.split(" ")[0] not in RUN_ONLY]
+    saved = modeling.verify_checkpoint(path).get("config")
+    if saved is None:
+        raise UsageError(f"{path} records no options to check against this run's (an output of an older version): "
+                         f"remove {folder} and {folder}.run to train it again, or use another --out_dir")
+    folder_of = lambda c: {**c, "out_dir": os.path.abspath(c.get("out_dir", ""))}             # noqa: E731
+    changed = [c for c in train_stage.changed_options(folder_of(saved), folder_of(dataclasses.asdict(now)))
+               if c.split(" ")[0] not in RUN_ONLY]
     if changed:
         raise UsageError(f"{path} was trained with other settings than this run gives {row.name} ({', '.join(changed[:3])}"
                          f"{', ...' if len(changed) > 3 else ''}): use another --out_dir, or remove {folder} and "
@@ -247,7 +254,8 @@ def refuse_if_trained_otherwise(row: Stage, cfg: StageConfig, passthrough: list,
 def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> float:
     """Run one row as its own process (unless its output verifies, trained as this run would); its
     seconds: the process's wall clock, or where it resumed a cut run or had finished before (a run
-    killed before the recipe recorded it), the stage's own time, every attempt's (its meta.json)."""
+    killed before the recipe recorded it), the stage's own time, every attempt's up to its last checkpoint
+    (its meta.json)."""
     t0, folder = time.time(), stage_dir(cfg, row.name)
     if modeling.is_finished_stage(folder):
         refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset)
@@ -255,13 +263,32 @@ def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_o
     resumes = row.trainable and modeling.find_resume_checkpoint(folder + ".run", lambda *a: None)
     if resumes:                                        # the run the stage's --resume would continue
         refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset, resumes)
-    res = subprocess.run(stage_command(row, int(own["nproc"]), passthrough, seed_offset),
-                         env={**os.environ, train_stage.RECIPE_CHILD: "1"})      # Ctrl-C: the recipe says how to go on
-    if res.returncode:
-        raise UsageError(f"the recipe stopped at {row.name} (exit {res.returncode}); fix it and run the "
+    code = run_stage_process(stage_command(row, int(own["nproc"]), passthrough, seed_offset))
+    if code:
+        raise UsageError(f"the recipe stopped at {row.name} (exit {code}); fix it and run the "
                          f"same command again: finished stages are skipped")
     seconds = time.time() - t0
     return modeling.verify_checkpoint(folder).get("seconds", seconds) if resumes else seconds
+
+
+def run_stage_process(cmd: list) -> int:
+    """Run a stage's command; its exit code. On Ctrl-C the stage, quiet (the recipe says how to go on:
+    RECIPE_CHILD), is given time to leave: a terminal's Ctrl-C reaches it too, a SIGINT to the recipe
+    alone is passed on, and only a stage still there after a minute is killed (subprocess.run killed
+    it after 0.25 s: torchrun's workers were left running on their own)."""
+    p = subprocess.Popen(cmd, env={**os.environ, train_stage.RECIPE_CHILD: "1"})
+    try:
+        return p.wait()
+    except KeyboardInterrupt:
+        for nudge, wait in ((None, 2), (signal.SIGINT, 60), (signal.SIGKILL, None)):
+            if nudge is not None:
+                p.send_signal(nudge)
+            try:
+                p.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise
 
 
 # rows that exist for one comparison: scored only on what the effects read of them
@@ -728,6 +755,7 @@ def help_text() -> str:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    os.environ.pop(train_stage.RECIPE_CHILD, None)     # the recipe is no stage of another's: it says how to go on
     opts = train_stage.one_line_errors(lambda: dict(split_options(argv)), "tests/recipe.py")
     if "help" in opts:
         print(help_text())

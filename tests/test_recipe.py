@@ -2,7 +2,9 @@
 the golden test (a shortened chain must see new renderings: accuracy above chance, above the model
 before alignment and above its own blank-image accuracy), an interrupted recipe continuing to the same report, a
 manifest salted with every kind of bad sample, and non-finite losses."""
+import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -115,24 +117,43 @@ def test_an_interrupted_recipe_continues_to_the_same_report(synth, tmp_path):
             assert a["stages"][stage][key] == b["stages"][stage][key], (stage, key)
 
 
-def test_ctrl_c_in_the_recipe_is_its_one_line_and_its_time_counts(synth, tmp_path):
+@pytest.mark.parametrize("to", ["group", "recipe"])
+def test_ctrl_c_in_the_recipe_is_its_one_line_and_its_time_counts(synth, tmp_path, to):
     """Ctrl-C (SIGINT to the terminal's process group: the recipe and its stage) mid-stage: exit 130
     with the recipe's one line (the stage, told by RECIPE_CHILD, adds none: its "--resume" advice was
-    wrong for the recipe's user), and the run's time is kept in report.json for the next run's total."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    wrong for the recipe's user), and the run's time is kept in report.json for the next run's total.
+    A SIGINT to the recipe alone (kill -INT, a scheduler) with the stage under torchrun (--nproc=2) is
+    passed on to torchrun, which stops its workers before the recipe leaves (subprocess.run killed
+    torchrun after 0.25 s and its workers trained on, orphaned; torchrun logs lines of its own). A
+    RECIPE_CHILD in the recipe's own environment does not silence it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{train_stage.RECIPE_CHILD: "1"})
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.Popen([sys.executable, "train_stage.py", "--stage", "all", f"--data_dir={synth}", "--until=lm0",
-                          f"--out_dir={tmp_path}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+                          f"--out_dir={tmp_path}", f"--nproc={1 if to == 'group' else 2}"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     for line in p.stdout:                                               # the stage is training
         if line.startswith("step "):
             break
-    os.killpg(p.pid, signal.SIGINT)
-    err = p.communicate(timeout=120)[1]
-    assert p.returncode == 130 and err.splitlines() == [
-        "tests/recipe.py: error: interrupted; run the same command again to go on: finished stages are skipped, "
-        "a cut one resumes"], err[-3000:]
+    os.killpg(p.pid, signal.SIGINT) if to == "group" else p.send_signal(signal.SIGINT)
+    p.wait(timeout=120)
+    left = [c for c in glob.glob("/proc/[0-9]*/cmdline") if str(tmp_path).encode() in open_or_empty(c)]
+    for c in left:                                                      # (they hold the pipes: gone before reading)
+        with contextlib.suppress(OSError):
+            os.kill(int(c.split("/")[2]), signal.SIGKILL)
+    assert left == [], left                                             # no stage runs on without the recipe
+    err = p.stderr.read()
+    said = "tests/recipe.py: error: interrupted; run the same command again to go on: finished stages are skipped, " \
+           "a cut one resumes"
+    assert p.returncode == 130 and (err.splitlines() if to == "group" else err.splitlines()[-1:]) == [said], err[-3000:]
     assert report_of(tmp_path)["wall_seconds"] > 0 and report_of(tmp_path)["stages"] == {}
+
+
+def open_or_empty(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:                                                     # a process that ended meanwhile
+        return b""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,8 +448,7 @@ def test_train_row_skips_a_verified_stage_and_stops_on_a_failed_one(tmp_path, mo
     monkeypatch.setattr(modeling, "is_finished_stage", lambda path: finished.get(path, False))
     monkeypatch.setattr(recipe, "refuse_if_trained_otherwise", lambda *a: None)
     monkeypatch.setattr(modeling, "verify_checkpoint", lambda path: {"seconds": 12.5})
-    monkeypatch.setattr(recipe.subprocess, "run", lambda cmd, **k: calls.append(cmd) or
-                        subprocess.CompletedProcess(cmd, rc[0]))
+    monkeypatch.setattr(recipe, "run_stage_process", lambda cmd: calls.append(cmd) or rc[0])
     own = {"nproc": "1"}
     assert recipe.train_row(row, cfg, own, ["--out_dir=o"], 0) == 12.5     # finished before: its own recorded time
     assert calls == []
@@ -457,6 +477,12 @@ def test_the_recipe_keeps_a_finished_stage_only_if_this_run_would_train_it_so(sy
         with pytest.raises(train_stage.UsageError, match=f"vit2 was trained with other settings .*{says}.* remove "
                                                          f"{tmp_path}/vit2 and {tmp_path}/vit2.run to train it again"):
             recipe.refuse_if_trained_otherwise(row, cfg, args, 1000 if not other else 0)
+    for meta, says in (({"stage": "vit2", "config": {**dataclasses.asdict(cfg), "out_dir": "/elsewhere"}},
+                        "trained with other settings than this run gives vit2 \\(out_dir '/elsewhere' -> "),
+                       ({"stage": "vit2"}, "records no options to check against this run's")):   # copied in; older
+        modeling.save_checkpoint(str(tmp_path / "vit2"), modeling.build_model("tiny", seed=0), meta, 0, 1)
+        with pytest.raises(train_stage.UsageError, match=says):
+            recipe.refuse_if_trained_otherwise(row, cfg, passthrough, 0)
 
 
 def test_the_recipe_keeps_the_rl_stage_it_trained(synth, tmp_path):
@@ -485,7 +511,7 @@ def test_the_recipe_refuses_to_resume_a_run_trained_otherwise(synth, tmp_path, m
                                   "--eval_every=0"])
     shutil.rmtree(tmp_path / "lm0")
     calls = []
-    monkeypatch.setattr(recipe.subprocess, "run", lambda cmd, **k: calls.append(cmd))
+    monkeypatch.setattr(recipe, "run_stage_process", lambda cmd: calls.append(cmd))
     with pytest.raises(train_stage.UsageError, match=f"{tmp_path}/lm0.run/step-000002 was trained with other settings "
                                                      "than this run gives lm0 \\(steps 4 -> 10, "):
         recipe.train_row(row, train_stage.StageConfig(out_dir=str(tmp_path)), {"nproc": "1"},
