@@ -841,18 +841,18 @@ def stage_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -> tupl
     real = [m for m in MODULES if sources[m] == "fresh" and m not in over]
     reinit = [m for m, src in sources.items() if src == "fresh"] if folders and not whole else []
     model = modeling.initialised(model_cfg, cfg.seed, real, cfg.seed + 1, reinit)
-    tensors, whats = {}, {}
+    tensors = {}
+
+    def read(name: str, sd: dict, what: str):
+        modeling.vit.loadable(getattr(model, name), sd, what)                # (shapes on the meta device)
+        tensors[name] = sd
     for name, src in sources.items():
         if src != "fresh" and name not in over:
-            tensors[name], whats[name] = modeling.checkpoint_tensors(src, model, name), f"{name} from {src}"
-    if "vision_model" in over:
-        tensors["vision_model"], whats["vision_model"] = modeling.vit.vit_tensors(cfg.init_vit), \
-            f"ViT weights from {cfg.init_vit}"
-    if "language_model" in over:
-        tensors["language_model"], whats["language_model"] = modeling.llm_tensors(cfg.init_llm, model_cfg.llm_config), \
-            f"Qwen3 weights from {cfg.init_llm}"
-    for name, sd in tensors.items():
-        modeling.vit.loadable(getattr(model, name), sd, whats[name])          # (shapes on the meta device)
+            read(name, modeling.checkpoint_tensors(src, model, name), f"{name} from {src}")
+    if cfg.init_vit:
+        read("vision_model", modeling.vit.vit_tensors(cfg.init_vit), f"ViT weights from {cfg.init_vit}")
+    if cfg.init_llm:
+        read("language_model", modeling.llm_tensors(cfg.init_llm, model_cfg.llm_config), f"Qwen3 weights from {cfg.init_llm}")
     log_start(cfg, model_cfg, sources, folders, whole, over, log)
     return model, tensors
 
@@ -1115,8 +1115,7 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
                                          "the stage's sources", "the stage's starting weights")
             else:
                 modeling.load_sharded_weights(model, folder, rank, device)
-        if folder is not None:
-            log(f"init: all weights from {folder}, {config_origin(folder, model.cfg)}")
+                log(f"init: all weights from {folder}, {config_origin(folder, model.cfg)}")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {modeling.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
     return model, model.cfg
@@ -1524,7 +1523,8 @@ def check_run_options(cfg: StageConfig):
     negative values acted as their absolute value (every -1 steps: every step) or as 0."""
     for key in ("save_every", "eval_every", "keep_checkpoints"):
         if getattr(cfg, key) < 0:
-            raise UsageError(f"--{key} must be >= 0 ({field_help(type(cfg)).get(key) or field_help(StageConfig)[key]}), got {getattr(cfg, key)}")
+            means = field_help(type(cfg)).get(key) or field_help(StageConfig)[key]     # (RLConfig's own, else ours)
+            raise UsageError(f"--{key} must be >= 0 ({means}), got {getattr(cfg, key)}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and cfg.weight_decay >= 0 and 0 <= cfg.min_lr_ratio <= 1):
@@ -1602,7 +1602,8 @@ def output_files(out: str) -> list:
     files = sorted(modeling.verify_checkpoint(out).get("files", {}))
     tokenizer = [f for f in files if f in data.TOKENIZER_FILES]
     first = {"config.json": 0, "model.safetensors": 1, "meta.json": 2}              # then the others, by name
-    names = sorted([f for f in files if f not in tokenizer and "/" not in f] + ["meta.json"], key=lambda f: (first.get(f, 3), f))
+    names = sorted([f for f in files if f not in tokenizer and "/" not in f] + ["meta.json"],
+                   key=lambda f: (first.get(f, 3), f))
     return names + ["the tokenizer"] * bool(tokenizer)
 
 

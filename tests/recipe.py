@@ -371,8 +371,8 @@ def stage_entry(row: Stage, cfg: StageConfig, seconds: float, evals: dict, preds
     out = stage_dir(cfg, row.name)
     meta = modeling.verify_checkpoint(out)
     losses, start = stage_losses(out)
-    entry = {"seconds": None if seconds is None else round(seconds, 1), "first_loss": meta.get("first_loss"), "final_loss": meta.get("final_loss"),
-             "eval_loss_start": start, "eval_loss": meta.get("eval_loss"), "eval": evals}
+    entry = {"seconds": None if seconds is None else round(seconds, 1), "first_loss": meta.get("first_loss"),
+             "final_loss": meta.get("final_loss"), "eval_loss_start": start, "eval_loss": meta.get("eval_loss"), "eval": evals}
     for key in ("reward", "kept", "rl_eval"):         # RL: held-out greedy / pass@1 / maj@k / pass@k, paired
         if key in meta:
             entry[key] = meta[key]
@@ -441,8 +441,8 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
         for row in rows:
             if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
                 refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset)
-                print(f"recipe | {row.name:13s} done before ({seconds_text(report['stages'][row.name]['seconds'])} s): skipped",
-                      flush=True)
+                took = seconds_text(report["stages"][row.name]["seconds"])
+                print(f"recipe | {row.name:13s} done before ({took} s): skipped", flush=True)
             else:
                 seconds = train_row(row, cfg, own, passthrough, seed_offset)
                 t_eval = time.time()
