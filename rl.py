@@ -1317,7 +1317,7 @@ def rl_config(argv: list) -> tuple:
     """(RLConfig, options) from the command line, in train_stage's one option style."""
     opts = train_stage.split_options(argv)
     given = dict(opts)
-    stage = given.get("stage") or "rl-verifiable"
+    stage = given.get("stage", RLConfig.stage)
     row = train_stage.stage_row(stage)
     if row.runner != "rl.py":
         raise train_stage.UsageError(f"{stage} is not an RL stage: `{train_stage.command_for(row, RLConfig())}`")

@@ -1536,7 +1536,7 @@ def parse_args(argv):
     """(cfg, model_cfg, options) from the command line (one option style; see split_options)."""
     opts = split_options(argv)
     given = dict(opts)
-    cfg = stage_config(given.get("stage") or "vit1", given.get("scale") or "tiny",
+    cfg = stage_config(given.get("stage", StageConfig.stage), given.get("scale", "tiny"),
                        log=lambda *a: print0(int(os.environ.get("RANK", "0")), *a))
     if "model_options" in given:
         raise UsageError("--model_options is recorded from the --preset and --model.KEY=VALUE options: give those")

@@ -1283,6 +1283,7 @@ def test_rl_usage_errors_are_one_line(capsys):
     res = run(["rl.py", "--stage", "vit1"], timeout=60)                  # the real command line, once
     assert res.returncode == 2 and "not an RL stage" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     for args, says in ((["--stage", "rl-verifiable", "--reward_weights=0.5,0.5,0.5"], "sum"),
+                       (["--stage="], "unknown stage ''"),                # empty: not the default stage
                        (["--stage", "rl-verifiable", "--steps=5"], "--episodes"),
                        (["--stage", "rl-mixed", "--direct_share=1.5"], "--direct_share must be in [0, 1]"),
                        (["--stage", "rl-verifiable", "--kl_coef=0.1"], "unknown option --kl_coef"),

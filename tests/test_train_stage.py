@@ -1657,6 +1657,8 @@ def test_nested_and_range_options_are_checked_where_they_are_parsed():
 
 @pytest.mark.parametrize("args,code,match", [
     (["--stage", "nosuch"], 2, "unknown stage 'nosuch'"),
+    (["--stage="], 2, "unknown stage ''"),               # empty: not the default stage
+    (["--scale="], 2, "--scale must be tiny or paper, got ''"),
     (["--stage", "vit1", "--lr=abc"], 2, "--lr: expected a number, got 'abc'"),
     (["--nosuchkey=1"], 2, "unknown option --nosuchkey"),
     (["--stepz=3"], 2, "did you mean --steps"),
