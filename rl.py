@@ -1797,7 +1797,7 @@ def run_cli(argv: list):
         out = harvest(cfg)
     else:
         out = train_rl(cfg, train_stage.resume_checkpoint(opts, cfg, log))
-    log(f"done: {cfg.stage} in {out}/ ({', '.join(train_stage.output_files(out))}){train_stage.took(out)}")
+    train_stage.log_done(log, cfg.stage, out)
     if nxt := train_stage.next_name(row):
         log(f"next: {train_stage.command_for(train_stage.STAGES[nxt], cfg)}")
 

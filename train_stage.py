@@ -1613,6 +1613,13 @@ def took(out: str) -> str:
     return "" if seconds is None else f" after {seconds:.0f} s"
 
 
+def log_done(log, what: str, out: str):
+    """A stage's done line: what its output holds and how long it took. On rank 0 only: it reads the
+    output's meta.json, which a node other than rank 0's may see late on a shared file system."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(f"done: {what} in {out}/ ({', '.join(output_files(out))}){took(out)}")
+
+
 def run_stage(stage: str, overrides: list = (), resume: Optional[str] = None) -> str:
     """Programmatic entry (tests, benchmarks, the recipe): run `stage` with `--key=value` overrides,
     from the step checkpoint `resume` if given."""
@@ -1707,7 +1714,7 @@ def run_cli(argv: list):
         if not resume:
             ensure_sources(cfg, model_cfg, log)
         out = train(cfg, model_cfg, resume)
-    log(f"done: {cfg.stage} checkpoint in {out}/ ({', '.join(output_files(out))}){took(out)}")
+    log_done(log, f"{cfg.stage} checkpoint", out)
     if nxt := next_name(row):
         log(f"next: {command_for(STAGES[nxt], cfg, from_output=True)}")
     if hint := try_it(cfg, out):

@@ -1839,6 +1839,19 @@ def test_the_done_line_names_the_tokenizer_only_where_the_output_holds_one(synth
     assert train_stage.output_files(str(tmp_path / "tok")) == ["config.json", "model.safetensors", "meta.json",
                                                                 "the tokenizer"]
     assert (train_stage.took(str(tmp_path / "bare")), train_stage.took(str(tmp_path / "tok"))) == (" after 12 s", "")
+    logs = []
+    train_stage.log_done(logs.append, "sft1 checkpoint", str(tmp_path / "bare"))
+    assert logs == [f"done: sft1 checkpoint in {tmp_path}/bare/ (config.json, model.safetensors, meta.json) after 12 s"]
+
+
+def test_the_done_line_reads_the_output_on_rank_0_only(tmp_path, monkeypatch):
+    """Another node may see a finished output late on a shared file system: a rank other than 0, which
+    prints nothing, does not read it (a good stage would fail there)."""
+    monkeypatch.setenv("RANK", "1")
+    train_stage.log_done(print, "sft1 checkpoint", str(tmp_path / "not-yet-visible"))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(modeling.CheckpointError, match="does not exist"):
+        train_stage.log_done(print, "sft1 checkpoint", str(tmp_path / "not-yet-visible"))
 
 
 def test_the_try_it_hint_of_a_text_only_stage_is_none_and_media_options_are_apart(synth):
