@@ -595,7 +595,7 @@ logs = []
 model, _ = train_stage.place_model(cfg, mcfg, rank, world, device, logs.append)
 sd = modeling.full_state_dict(model)
 if rank == 0:
-    torch.save({"sd": sd, "logs": logs, "made": made}, os.environ["OUT"])
+    torch.save({"sd": sd, "logs": logs, "made": made, "rng": torch.get_rng_state()}, os.environ["OUT"])
 else:
     assert made == [], made                                 # rank 1 makes no module and reads no file
 train_stage.shutdown_distributed()
@@ -608,14 +608,15 @@ train_stage.exit_process()
 def test_two_ranks_start_a_stage_from_several_sources_with_only_rank_0_making_the_fresh_modules(tmp_path, preset,
                                                                                                 stage, options):
     """A stage from several sources under FSDP2 on 2 gloo processes (place_model): its gathered weights
-    are the one-process build's, bit for bit, while rank 0 makes only the modules no file gives (the
+    are the one-process build's, bit for bit, and so is rank 0's generator state after, while rank 0 makes only the modules no file gives (the
     adapter: of the replication's first stage, from Qwen3 and AIMv2 folders, an MoE LLM's experts
     stored one by one) and scatters every tensor, read a tensor at a time from its files; it built
     the whole model in fp32 first (30b-a3b: 125 GB of host memory)."""
     composed_sources(tmp_path, preset)
     options = [f"--out_dir={tmp_path}", *[o.format(d=tmp_path) for o in options]]
     cfg, mcfg = cfg_of(stage, *options)
-    want = whole_build(cfg, train_stage.stage_model_config(cfg, mcfg))[0].state_dict()
+    want, rng = whole_build(cfg, train_stage.stage_model_config(cfg, mcfg))
+    want = want.state_dict()
     (tmp_path / "load.py").write_text(SHARDED_COMPOSED)
     res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "load.py")],
               env_extra={"REPO": ROOT, "STAGE": stage, "OPTIONS": " ".join(options), "OUT": str(tmp_path / "out.pt")},
@@ -623,7 +624,7 @@ def test_two_ranks_start_a_stage_from_several_sources_with_only_rank_0_making_th
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got["sd"].keys() == want.keys() and [k for k in want if not torch.equal(got["sd"][k], want[k])] == []
-    assert got["made"] == [["mlp1"]]
+    assert got["made"] == [["mlp1"]] and torch.equal(got["rng"], rng)    # rank 0's generator as after the whole build
     assert any(ln.startswith("init: language model from" if options[1:] else "init: mlp1 freshly") for ln in got["logs"])
 
 
