@@ -1313,7 +1313,8 @@ def load_sharded_weights(model, path: str, rank: int, device):
 def scatter_weights(model, read, rank: int, device, source: str, what: str):
     """Full tensors into the FSDP2-sharded `model` (empty), a tensor at a time: on rank 0, read()
     gives them by name (memory-mapped from their files: checkpoint_tensors, an MoE layer's experts
-    as row blocks joined here, one tensor's worth; or a module's own tensors), and DTensor's
+    as row blocks joined here, one tensor's worth; or a module's own tensors, those on the meta
+    device made here: remade), and DTensor's
     distribute_tensor scatters each rank its shard. Where torch's set_model_state_dict needs rank 0
     to hold the whole model first (30b-a3b in fp32: 122 GB of host memory), this holds one tensor. A missing
     or misshaped tensor, or any failure of rank 0's read (of `source`): one error on every rank."""
@@ -1338,7 +1339,8 @@ def scatter_weights(model, read, rank: int, device, source: str, what: str):
             t = state[name]
             if rank == 0:
                 value = sd[name]
-                full = (torch.cat(value) if isinstance(value, (list, tuple)) else value).to(device, t.dtype)
+                value = torch.cat(value) if isinstance(value, (list, tuple)) else value
+                full = (remade(value) if value.is_meta else value).to(device, t.dtype)
             else:
                 full = torch.empty(t.shape, dtype=t.dtype, device=device)
             if isinstance(t, DTensor):                   # (dim 0 sharded): each rank keeps its rows
@@ -1753,31 +1755,53 @@ class HostDraws(TorchDispatchMode):
     the meta device) is also made on a scratch tensor of its shape and dtype on the host, then
     dropped: the host generator advances exactly as if the tensor were real, holding one tensor at a
     time. So the modules of a model that are read from files stay on the meta device while the
-    others get the very values a whole build gives them (initialised). Any other random op that
-    meets or makes a meta tensor (torch.randn under the meta device) is refused rather than skipped:
-    its draws would go missing. (nn.init's trunc_normal_, orthogonal_, sparse_ and dirac_ return
-    before any op on a meta tensor in recent torch: never use them in a constructor or init_weights.)"""
+    others get the very values a whole build gives them (initialised). Each meta tensor also keeps
+    its last fill, with the generator's state before it, so `remade` can make its values again,
+    alone, later (a fill that reads the tensor or writes part of it leaves nothing to remake). Any
+    other random op that meets or makes a meta tensor (torch.randn under the meta device) is refused
+    rather than skipped: its draws would go missing. (nn.init's trunc_normal_, orthogonal_, sparse_
+    and dirac_ return before any op on a meta tensor in recent torch: never use them in a
+    constructor or init_weights.)"""
     FILLS = (torch.ops.aten.uniform_.default, torch.ops.aten.normal_.default)
+    REMADE = FILLS + (torch.ops.aten.fill_.Scalar, torch.ops.aten.zero_.default)    # nn.init's ones_, zeros_
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out, t, state = func(*args, **kwargs), args[0] if args else None, None
         if torch.Tag.nondeterministic_seeded in func.tags and any(
-                isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves((args, kwargs, out))):
+                isinstance(x, torch.Tensor) and x.is_meta for x in tree_leaves((args, kwargs, out))):
             if func not in self.FILLS:
                 raise NotImplementedError(f"HostDraws: {func} on the meta device (its draws are not replayed)")
-            t = args[0]
+            state = torch.get_rng_state()
             func(torch.empty(t.shape, dtype=t.dtype, device="cpu"), *args[1:], **kwargs)
+        written = func._schema.arguments[0].alias_info if func._schema.arguments else None
+        if isinstance(t, torch.Tensor) and t.is_meta and written is not None and written.is_write:  # in place on it
+            whole = func in self.REMADE and t._base is None
+            (t if t._base is None else t._base).remake = (state, func, args[1:], kwargs) if whole else None
         return out
+
+
+def remade(t: torch.Tensor) -> torch.Tensor:
+    """The values of a meta tensor a HostDraws build left unmade, made now on the host from its last
+    fill (with the generator's state before that fill; the generator itself is left as it is)."""
+    if getattr(t, "remake", None) is None:
+        raise RuntimeError(f"no fill of this meta tensor {tuple(t.shape)} to make again (HostDraws)")
+    state, func, args, kwargs = t.remake
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        if state is not None:
+            torch.set_rng_state(state)
+        func(out, *args, **kwargs)
+    return out
 
 
 def initialised(cfg: SAILVLConfig, seed: int, real, fresh_seed: Optional[int] = None, fresh=()) -> SAILVL:
     """The model's own initialisation (torch.manual_seed(seed), SAILVL(cfg), init_weights(), then
     reinit_module(m, fresh_seed) for each module in `fresh`) with only the modules named in `real`
     made, in fp32 on the host; the others stay on the meta device, their draws made on scratch
-    (HostDraws). The real modules' values, and the generator's state after, are those of the whole
-    build, while a module that is read from files next never takes the host memory (30b-a3b's LLM:
-    122 GB in fp32)."""
+    (HostDraws; `remade` gives each one's whole-build values later, a tensor at a time). The real
+    modules' values, and the generator's state after, are those of the whole build, while a module
+    that is read from files next never takes the host memory (30b-a3b's LLM: 122 GB in fp32)."""
     torch.manual_seed(seed)
     with torch.device("meta"), HostDraws():
         model = SAILVL(cfg)

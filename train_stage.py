@@ -825,9 +825,10 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
     return model
 
 
-def stage_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -> tuple:
+def stage_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, make: bool = True) -> tuple:
     """(the model with only the modules no file gives made, on the host, the others on the meta
-    device; {module: its tensors, named within it, memory-mapped from its source's files}) for a
+    device (with make=False none made: each of their tensors is made when it is needed, model.remade);
+    {module: its tensors, named within it, memory-mapped from its source's files}) for a
     stage that does not start from one checkpoint's whole model. A module comes from its source (a
     stage's output; --init-vit's AIMv2 / SAIL-ViT folder, --init-llm's Qwen3 folder over it), else
     from the model's own initialisation, as a whole random build gives it, and re-initialised
@@ -840,7 +841,7 @@ def stage_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -> tupl
     over = {m: path for m, path in (("vision_model", cfg.init_vit), ("language_model", cfg.init_llm)) if path}
     real = [m for m in MODULES if sources[m] == "fresh" and m not in over]
     reinit = [m for m, src in sources.items() if src == "fresh"] if folders and not whole else []
-    model = modeling.initialised(model_cfg, cfg.seed, real, cfg.seed + 1, reinit)
+    model = modeling.initialised(model_cfg, cfg.seed, real if make else [], cfg.seed + 1, reinit)
     tensors = {}
 
     def read(name: str, sd: dict, what: str):
@@ -883,9 +884,10 @@ def log_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, sources: dict,
 
 
 def start_tensors(model: modeling.SAILVL, tensors: dict) -> dict:
-    """stage_start's answer as one {name: tensor} of the whole model (the made modules' own tensors)."""
+    """stage_start's answer as one {name: tensor} of the whole model (the other modules' own
+    tensors, on the meta device where they are still to be made)."""
     return {f"{name}.{k}": v for name in MODULES
-            for k, v in (tensors[name] if name in tensors else getattr(model, name).state_dict()).items()}
+            for k, v in (tensors[name] if name in tensors else getattr(model, name).state_dict(keep_vars=True)).items()}
 
 
 # ==============================================================================================
@@ -1091,8 +1093,9 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
     """(model, its config) on the device, frozen but for the stage's modules; sharded with FSDP2
     when world > 1 or --fsdp (torchtitan's recipe: build on the meta device, shard, allocate only this rank's
     shards, then fill them a tensor at a time from rank 0: from one checkpoint, its whole model read
-    from its files (model.load_sharded_weights); from several sources, each module from its files and
-    only the modules none gives made on rank 0's host (stage_start, model.scatter_weights))."""
+    from its files (model.load_sharded_weights); from several sources or random weights, each module
+    from its files, the tensors no file gives made one at a time on rank 0's host, as a whole build
+    makes them (stage_start, model.remade, model.scatter_weights))."""
     trainable = modules_of(cfg.trainable)
     if not dist.is_initialized():
         model = build_stage_model(cfg, model_cfg, log)
@@ -1110,9 +1113,9 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         modeling.parallelize(model, device, mixed_precision=device.type == "cuda")
         model.to_empty(device=device)
         with loading_weights():
-            if folder is None:                             # rank 0 makes only the modules no file gives
-                modeling.scatter_weights(model, lambda: start_tensors(*stage_start(cfg, box[0], log)), rank, device,
-                                         "the stage's sources", "the stage's starting weights")
+            if folder is None:                             # rank 0 makes the tensors no file gives, one at a time
+                start = lambda: start_tensors(*stage_start(cfg, box[0], log, make=False))     # noqa: E731
+                modeling.scatter_weights(model, start, rank, device, "the stage's sources", "the stage's starting weights")
             else:
                 modeling.load_sharded_weights(model, folder, rank, device)
                 log(f"init: all weights from {folder}, {config_origin(folder, model.cfg)}")

@@ -20,6 +20,8 @@
                                       our one-tensor-at-a-time shard writer vs torch.distributed.checkpoint's own
     python tests/bench.py load        host memory of reading an MoE checkpoint stored expert by expert: each
                                       expert copied into its rows vs the experts stacked first
+    python tests/bench.py start       rank 0's host memory of a random start under FSDP2: each tensor made alone
+                                      as it is scattered vs the whole model made first
 
 `python tests/bench.py NAME --help` lists a bench's options; defaults depend on the device (GPU: the
 sizes of the paper's models, CPU: small ones). One timer serves every bench (`timed`). Correctness is
@@ -1163,6 +1165,50 @@ def bench_load(args):
               f"(runs: {', '.join(f'{x:.2f}' for x in extra)}) | {min(r['seconds'] for r in rs):5.1f} s")
 
 
+def bench_start(args):
+    """A random start under FSDP2 (lm0, 2 gloo processes, one thread each): rank 0's resident host
+    memory added while the sharded model is placed (train_stage.place_model), beyond its own shards,
+    with each tensor made alone as it is scattered (model.remade, since 2026-12-08) vs the whole
+    model made on rank 0's host first (stage_start(make=True), as before). The preset's widths
+    with --layers LLM and ViT layers; the two alternate --repeats times."""
+    runs = {"tensors": [], "whole": []}
+    for _ in range(args.repeats):
+        for made in runs:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   os.path.abspath(__file__), "start-worker", "--made", made, "--preset", args.preset,
+                   "--layers", str(args.layers)]
+            runs[made].append(worker_result(cmd, dict(os.environ, OMP_NUM_THREADS="1")))
+    first = runs["tensors"][0]
+    print(f"random start of '{args.preset}' with {args.layers} LLM and ViT layers on 2 processes: "
+          f"{first['params'] / 1e6:.0f}M parameters, the model {first['model_gib']:.2f} GiB in fp32, rank 0's "
+          f"shards {first['shards_gib']:.2f} GiB, its largest tensor {first['largest_gib']:.2f} GiB")
+    for made, rs in runs.items():
+        extra = [r["peak_gib"] - r["before_gib"] - r["shards_gib"] for r in rs]
+        print(f"  made {made:7s} rank 0's host memory added beyond its shards {min(extra):5.2f} GiB "
+              f"(runs: {', '.join(f'{x:.2f}' for x in extra)}) | {min(r['seconds'] for r in rs):5.1f} s")
+
+
+def start_worker(args):
+    """(run by bench_start under torchrun) place one random lm0 model; rank 0 prints JSON."""
+    rank, world, device = train_stage.setup_distributed()
+    layers = [f"--model.llm_config.num_hidden_layers={args.layers}", f"--model.vision_config.num_hidden_layers={args.layers}"]
+    cfg, model_cfg, _ = train_stage.parse_args(["--stage", "lm0", f"--preset={args.preset}", *layers])
+    if args.made == "whole":                                  # the start before: rank 0 made the whole model
+        start = train_stage.stage_start
+        train_stage.stage_start = lambda *a, make=True: start(*a, make=True)
+    (model, seconds), before, peak = with_peak_memory(
+        lambda: train_stage.place_model(cfg, model_cfg, rank, world, device, lambda *a: None)[0])
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    gib = 2 ** 30
+    if rank == 0:
+        print(json.dumps({"params": modeling.count_params(model), "before_gib": before / gib, "peak_gib": peak / gib,
+                          "model_gib": modeling.count_params(model) * 4 / gib, "seconds": seconds,
+                          "shards_gib": sum(t.numel() * t.element_size() for t in local) / gib,
+                          "largest_gib": max(p.numel() for p in model.parameters()) * 4 / gib}), flush=True)
+    train_stage.shutdown_distributed()
+    train_stage.exit_process()
+
+
 def stacked_from_pretrained(path: str) -> modeling.SAILVL:
     """Baseline: from_pretrained as it was before 2026-12-07, each layer's experts stacked first."""
     cfg = modeling.SAILVLConfig.from_dict(json.loads(open(os.path.join(path, "config.json")).read()))
@@ -1382,6 +1428,16 @@ def add_model_benches(sub):
     p.add_argument("--layers", type=positive, default=1, help="LLM and ViT layers (the preset's widths)")
     p.add_argument("--repeats", type=positive, default=1, help="runs per loader, alternating")
     p.set_defaults(func=bench_load)
+    p = sub.add_parser("start", help=summary(bench_start), description=bench_start.__doc__)
+    p.add_argument("--preset", default="8b", choices=modeling.PRESETS)
+    p.add_argument("--layers", type=positive, default=4, help="LLM and ViT layers (the preset's widths)")
+    p.add_argument("--repeats", type=positive, default=1, help="runs per way, alternating")
+    p.set_defaults(func=bench_start)
+    p = sub.add_parser("start-worker", help="(internal: one random start under torchrun, for start)")
+    p.add_argument("--made", choices=("tensors", "whole"), required=True)
+    p.add_argument("--preset", default="8b", choices=modeling.PRESETS)
+    p.add_argument("--layers", type=positive, default=4)
+    p.set_defaults(func=start_worker)
     p = sub.add_parser("load-worker", help="(internal: one from_pretrained, for load)")
     p.add_argument("--loader", choices=("ours", "stacked"), required=True)
     p.add_argument("--path", required=True)

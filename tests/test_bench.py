@@ -100,3 +100,12 @@ def test_load_bench_reads_with_both_loaders_and_its_baseline_loads_the_same_weig
     ours = modeling.SAILVL.from_pretrained(str(tmp_path / "ck")).state_dict()
     base = bench.stacked_from_pretrained(str(tmp_path / "ck")).state_dict()
     assert ours.keys() == base.keys() and all(torch.equal(ours[k], base[k]) for k in ours)
+
+
+def test_start_bench_places_a_random_model_both_ways(capsys):
+    """(Both ways give the whole build's weights: tests/test_train_stage.py's composed-start tests.)"""
+    out = run_bench(capsys, "start", "--preset", "tiny", "--layers", "1")
+    assert "random start of 'tiny' with 1 LLM and ViT layers on 2 processes" in out, out
+    for made in ("tensors", "whole"):
+        assert re.search(rf"^  made {made} +rank 0's host memory added beyond its shards +-?[\d.]+ GiB .* \| +[\d.]+ s$",
+                         out, re.M), out

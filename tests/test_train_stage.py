@@ -560,15 +560,28 @@ def test_a_stage_from_several_sources_is_the_whole_builds_model_without_making_t
     for name in train_stage.MODULES:
         made = [not p.is_meta for p in getattr(start, name).parameters()]
         assert all(made) if name not in read else not any(made), name
+    # the sharded start makes none: each tensor is made alone when it is scattered, with the whole build's values
+    start, _ = train_stage.stage_start(cfg, train_stage.stage_model_config(cfg, mcfg), lambda *a: None, make=False)
+    rng = torch.get_rng_state()
+    tensors = {k: v for k, v in train_stage.start_tensors(start, {m: {} for m in read}).items() if v.is_meta}
+    assert tensors.keys() == {k for k in ref if k.split(".")[0] not in read}
+    assert [k for k, v in tensors.items() if not torch.equal(modeling.remade(v), ref[k])] == []
+    assert torch.equal(torch.get_rng_state(), rng)                  # (making them draws nothing from the generator)
 
 
 def test_host_draws_refuses_a_random_op_whose_draws_it_cannot_make_and_logs_name_what_is_read(tmp_path):
     """model.HostDraws replays uniform_ / normal_ fills of meta tensors; another random op that meets or
     makes one (torch.randn under the meta device) is refused, not skipped (its draws would go missing
-    and every later module's values with them). A module --init-vit gives is not said to come from its
+    and every later module's values with them). A tensor whose last fill wrote only part of it is not
+    made again (model.remade) from an earlier fill. A module --init-vit gives is not said to come from its
     rule's folder, which is never read (pretrain1 with --init-vit and no vit3)."""
     with torch.device("meta"), modeling.HostDraws(), pytest.raises(NotImplementedError, match="randn"):
         torch.randn(3)
+    with torch.device("meta"), modeling.HostDraws():                # drawn whole, then a row zeroed: a part
+        emb, norm = torch.nn.Embedding(4, 2, padding_idx=0), torch.nn.LayerNorm(2)
+    with pytest.raises(RuntimeError, match="no fill of this meta tensor"):
+        modeling.remade(emb.weight)                                 # (not the whole draw without its zero row)
+    assert torch.equal(modeling.remade(norm.weight), torch.ones(2)) and torch.equal(modeling.remade(norm.bias), torch.zeros(2))
     composed_sources(tmp_path)
     shutil.rmtree(tmp_path / "vit3")
     logs = []
@@ -603,15 +616,18 @@ train_stage.exit_process()
 """
 
 
-@pytest.mark.parametrize("preset,stage,options", [("tiny-moe", "vit1", ["--init-llm={d}/llm", "--init-vit={d}/vit"]),
-                                                  ("tiny", "pretrain1", [])])
-def test_two_ranks_start_a_stage_from_several_sources_with_only_rank_0_making_the_fresh_modules(tmp_path, preset,
-                                                                                                stage, options):
-    """A stage from several sources under FSDP2 on 2 gloo processes (place_model): its gathered weights
-    are the one-process build's, bit for bit, and so is rank 0's generator state after, while rank 0 makes only the modules no file gives (the
-    adapter: of the replication's first stage, from Qwen3 and AIMv2 folders, an MoE LLM's experts
-    stored one by one) and scatters every tensor, read a tensor at a time from its files; it built
-    the whole model in fp32 first (30b-a3b: 125 GB of host memory)."""
+@pytest.mark.parametrize("preset,stage,options,says", [
+    ("tiny-moe", "vit1", ["--init-llm={d}/llm", "--init-vit={d}/vit"], "init: language model from"),
+    ("tiny", "pretrain1", [], "init: mlp1 freshly"),
+    ("tiny", "lm0", ["--model.llm_config.tie_word_embeddings=false"], "init: random weights")])     # all random
+def test_two_ranks_start_a_stage_from_several_sources_with_rank_0_making_no_module_whole(tmp_path, preset, stage,
+                                                                                          options, says):
+    """A stage from several sources, or from random weights, under FSDP2 on 2 gloo processes
+    (place_model): its gathered weights are the one-process build's, bit for bit, and so is rank 0's
+    generator state after, while rank 0 makes no module whole: it scatters every tensor, read a
+    tensor at a time from its files (of the replication's first stage, from Qwen3 and AIMv2 folders,
+    an MoE LLM's experts stored one by one) or made alone (model.remade: the adapter, a random
+    start's every tensor). It built the whole model in fp32 first (30b-a3b: 125 GB of host memory)."""
     composed_sources(tmp_path, preset)
     options = [f"--out_dir={tmp_path}", *[o.format(d=tmp_path) for o in options]]
     cfg, mcfg = cfg_of(stage, *options)
@@ -624,8 +640,8 @@ def test_two_ranks_start_a_stage_from_several_sources_with_only_rank_0_making_th
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got["sd"].keys() == want.keys() and [k for k in want if not torch.equal(got["sd"][k], want[k])] == []
-    assert got["made"] == [["mlp1"]] and torch.equal(got["rng"], rng)    # rank 0's generator as after the whole build
-    assert any(ln.startswith("init: language model from" if options[1:] else "init: mlp1 freshly") for ln in got["logs"])
+    assert got["made"] == [[]] and torch.equal(got["rng"], rng)          # rank 0's generator as after the whole build
+    assert any(ln.startswith(says) for ln in got["logs"])
 
 
 @pytest.mark.parametrize("failure", ["missing", "other"])
