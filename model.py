@@ -1310,6 +1310,21 @@ def load_sharded_weights(model, path: str, rank: int, device):
     scatter_weights(model, lambda: checkpoint_tensors(path, model), rank, device, path, f"SAIL-VL2 weights from {path}")
 
 
+def full_tensor(value) -> torch.Tensor:
+    """A tensor as a start gives it: memory-mapped from its file, an MoE layer's experts as row blocks
+    (joined here: one tensor's worth), or a meta tensor still to be made (remade)."""
+    value = torch.cat(value) if isinstance(value, (list, tuple)) else value
+    return remade(value) if value.is_meta else value
+
+
+def fill_weights(model, sd: dict, what: str):
+    """`sd`'s tensors into `model`'s own (made, unsharded), one at a time (full_tensor); a missing,
+    unexpected or misshaped one is a ValueError naming `what` (loadable)."""
+    with torch.no_grad():
+        for name, t in loadable(model, sd, what).items():
+            t.copy_(full_tensor(sd[name]))
+
+
 def scatter_weights(model, read, rank: int, device, source: str, what: str):
     """Full tensors into the FSDP2-sharded `model` (empty), a tensor at a time: on rank 0, read()
     gives them by name (memory-mapped from their files: checkpoint_tensors, an MoE layer's experts
@@ -1338,9 +1353,7 @@ def scatter_weights(model, read, rank: int, device, source: str, what: str):
         for name in box[0]:
             t = state[name]
             if rank == 0:
-                value = sd[name]
-                value = torch.cat(value) if isinstance(value, (list, tuple)) else value
-                full = (remade(value) if value.is_meta else value).to(device, t.dtype)
+                full = full_tensor(sd[name]).to(device, t.dtype)
             else:
                 full = torch.empty(t.shape, dtype=t.dtype, device=device)
             if isinstance(t, DTensor):                   # (dim 0 sharded): each rank keeps its rows
@@ -1795,32 +1808,20 @@ def remade(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def initialised(cfg: SAILVLConfig, seed: int, real, fresh_seed: Optional[int] = None, fresh=()) -> SAILVL:
+def initialised(cfg: SAILVLConfig, seed: int, fresh_seed: Optional[int] = None, fresh=()) -> SAILVL:
     """The model's own initialisation (torch.manual_seed(seed), SAILVL(cfg), init_weights(), then
-    reinit_module(m, fresh_seed) for each module in `fresh`) with only the modules named in `real`
-    made, in fp32 on the host; the others stay on the meta device, their draws made on scratch
-    (HostDraws; `remade` gives each one's whole-build values later, a tensor at a time). The real
-    modules' values, and the generator's state after, are those of the whole build, while a module
-    that is read from files next never takes the host memory (30b-a3b's LLM: 122 GB in fp32)."""
+    reinit_module(m, fresh_seed) for each module in `fresh`) on the meta device, its draws made on
+    scratch (HostDraws): the generator's state after is the whole build's, and `remade` gives each
+    tensor's whole-build values later, one at a time; a module that is read from files never takes
+    the host memory (30b-a3b's LLM: 122 GB in fp32)."""
     torch.manual_seed(seed)
     with torch.device("meta"), HostDraws():
         model = SAILVL(cfg)
-    make_real(model, real)
     with HostDraws():
         model.init_weights()
         for name in fresh:
             reinit_module(getattr(model, name), fresh_seed)
     return model
-
-
-def make_real(model: SAILVL, names, device="cpu"):
-    """The named modules of a model on the meta device given memory (unset) on `device`, a tied head
-    tied again (to_empty makes two tensors of the one)."""
-    for name in names:
-        getattr(model, name).to_empty(device=device)
-    lm = model.language_model
-    if "language_model" in names and lm.cfg.tie_word_embeddings:
-        lm.lm_head.weight = lm.model.embed_tokens.weight
 
 
 def config_leaves(obj, prefix: str = ""):

@@ -807,41 +807,40 @@ def config_origin(folder: str, model_cfg: modeling.SAILVLConfig) -> str:
 @loading_weights()
 def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, device="cpu",
                       matrices_dtype=None) -> modeling.SAILVL:
-    """The model of `stage_model_config`: the checkpoint's own model when one checkpoint gives every
-    module in that config (made on `device`, its LLM's matrices in `matrices_dtype` when given:
-    SAILVL.from_pretrained), else, on the host in fp32, each module from its source's files or from
-    the model's own initialisation (stage_start). Tensors are copied straight from the memory-mapped
-    files: no second model on the host beside it."""
+    """The model of `stage_model_config`, made on `device`, its LLM's matrices in `matrices_dtype` when
+    given (hold_matrices_in): the checkpoint's own model when one checkpoint gives every module in that
+    config (SAILVL.from_pretrained), else each module from its source's files or from the model's own
+    initialisation (stage_start). Its tensors are filled one at a time, straight from the memory-mapped
+    files or made alone (model.remade): no second model on the host beside it."""
     own = whole_checkpoint(cfg, model_cfg)
     model_cfg = stage_model_config(cfg, model_cfg)
     if own:                                                # the checkpoint's model itself: no random one beside
         model = modeling.SAILVL.from_pretrained(own, device=device, matrices_dtype=matrices_dtype, cfg=model_cfg)
         log(f"init: all weights from {own}, {config_origin(own, model_cfg)}")
         return model
-    model, tensors = stage_start(cfg, model_cfg, log)
-    modeling.make_real(model, list(tensors))
-    for name, sd in tensors.items():                      # (checked against the module in stage_start)
-        modeling.vit.load_state_dict_strict(getattr(model, name), sd, name)
+    start = start_tensors(*stage_start(cfg, model_cfg, log))
+    head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+    start.setdefault(head, start[embed])           # a tied head held apart (matrices_dtype) gets its own copy
+    model = modeling.empty_model(model_cfg, device, matrices_dtype=matrices_dtype)
+    modeling.fill_weights(model, start, "the stage's starting weights")
     return model
 
 
-def stage_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, make: bool = True) -> tuple:
-    """(the model with only the modules no file gives made, on the host, the others on the meta
-    device (with make=False none made: each of their tensors is made when it is needed, model.remade);
-    {module: its tensors, named within it, memory-mapped from its source's files}) for a
+def stage_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log) -> tuple:
+    """(the model on the meta device, each tensor no file gives to be made when it is needed, alone
+    (model.remade); {module: its tensors, named within it, memory-mapped from its source's files}) for a
     stage that does not start from one checkpoint's whole model. A module comes from its source (a
     stage's output; --init-vit's AIMv2 / SAIL-ViT folder, --init-llm's Qwen3 folder over it), else
     from the model's own initialisation, as a whole random build gives it, and re-initialised
     (reinit_module, seed + 1) when the stage's rule starts it fresh beside modules from checkpoints
-    (model.initialised: the modules read from files are never made, only their draws). Each
+    (model.initialised: nothing is made there, only the draws). Each
     module's tensors are checked against it here (one line naming the module and its source)."""
     sources = init_sources(cfg)
     folders = sorted({s for s in sources.values() if s != "fresh"})
     whole = len(folders) == 1 and all(s == folders[0] for s in sources.values())
     over = {m: path for m, path in (("vision_model", cfg.init_vit), ("language_model", cfg.init_llm)) if path}
-    real = [m for m in MODULES if sources[m] == "fresh" and m not in over]
     reinit = [m for m, src in sources.items() if src == "fresh"] if folders and not whole else []
-    model = modeling.initialised(model_cfg, cfg.seed, real if make else [], cfg.seed + 1, reinit)
+    model = modeling.initialised(model_cfg, cfg.seed, cfg.seed + 1, reinit)
     tensors = {}
 
     def read(name: str, sd: dict, what: str):
@@ -1098,10 +1097,9 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
     makes them (stage_start, model.remade, model.scatter_weights))."""
     trainable = modules_of(cfg.trainable)
     if not dist.is_initialized():
-        model = build_stage_model(cfg, model_cfg, log)
+        model = build_stage_model(cfg, model_cfg, log, device)       # made on the device, a tensor at a time
         modeling.freeze(model, trainable)
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
-        model.to(device)
     else:
         folder = whole_checkpoint(cfg, model_cfg)          # read a tensor at a time into the shards
         box = [stage_model_config(cfg, model_cfg) if rank == 0 else None]
@@ -1114,8 +1112,8 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         model.to_empty(device=device)
         with loading_weights():
             if folder is None:                             # rank 0 makes the tensors no file gives, one at a time
-                start = lambda: start_tensors(*stage_start(cfg, box[0], log, make=False))     # noqa: E731
-                modeling.scatter_weights(model, start, rank, device, "the stage's sources", "the stage's starting weights")
+                modeling.scatter_weights(model, lambda: start_tensors(*stage_start(cfg, box[0], log)), rank, device,
+                                         "the stage's sources", "the stage's starting weights")
             else:
                 modeling.load_sharded_weights(model, folder, rank, device)
                 log(f"init: all weights from {folder}, {config_origin(folder, model.cfg)}")

@@ -1169,7 +1169,7 @@ def bench_start(args):
     """A random start under FSDP2 (lm0, 2 gloo processes, one thread each): rank 0's resident host
     memory added while the sharded model is placed (train_stage.place_model), beyond its own shards,
     with each tensor made alone as it is scattered (model.remade, since 2026-12-08) vs the whole
-    model made on rank 0's host first (stage_start(make=True), as before). The preset's widths
+    model made on rank 0's host first, as before. The preset's widths
     with --layers LLM and ViT layers; the two alternate --repeats times."""
     runs = {"tensors": [], "whole": []}
     for _ in range(args.repeats):
@@ -1195,7 +1195,16 @@ def start_worker(args):
     cfg, model_cfg, _ = train_stage.parse_args(["--stage", "lm0", f"--preset={args.preset}", *layers])
     if args.made == "whole":                                  # the start before: rank 0 made the whole model
         start = train_stage.stage_start
-        train_stage.stage_start = lambda *a, make=True: start(*a, make=True)
+
+        def made_whole(*a):
+            model, tensors = start(*a)
+            made = {}                                         # (a tied head is the embedding: made once)
+            for m in train_stage.MODULES:
+                if m not in tensors:
+                    tensors[m] = {k: made[id(v)] if id(v) in made else made.setdefault(id(v), modeling.remade(v))
+                                  for k, v in getattr(model, m).state_dict(keep_vars=True).items()}
+            return model, tensors
+        train_stage.stage_start = made_whole
     (model, seconds), before, peak = with_peak_memory(
         lambda: train_stage.place_model(cfg, model_cfg, rank, world, device, lambda *a: None)[0])
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]

@@ -547,7 +547,8 @@ def test_a_stage_from_several_sources_is_the_whole_builds_model_without_making_t
     """build_stage_model (one process) gives the model a whole random build with its modules loaded
     over it gives, bit for bit, and leaves the generator in the same state, while the modules that
     come from files are never made before their files are read (stage_start leaves them on the meta
-    device; their random draws are made on scratch, model.HostDraws)."""
+    device; their random draws are made on scratch, model.HostDraws). Made for generation, its LLM's
+    matrices held in bf16, it is the whole build's cast."""
     composed_sources(tmp_path, preset)
     cfg, mcfg = cfg_of(stage, f"--out_dir={tmp_path}", *[o.format(d=tmp_path) for o in options])
     want, rng = whole_build(cfg, train_stage.stage_model_config(cfg, mcfg))
@@ -556,17 +557,18 @@ def test_a_stage_from_several_sources_is_the_whole_builds_model_without_making_t
     got, ref = model.state_dict(), want.state_dict()
     assert got.keys() == ref.keys() and [k for k in ref if not torch.equal(got[k], ref[k])] == []
     start, files = train_stage.stage_start(cfg, train_stage.stage_model_config(cfg, mcfg), lambda *a: None)
-    assert set(files) == read
-    for name in train_stage.MODULES:
-        made = [not p.is_meta for p in getattr(start, name).parameters()]
-        assert all(made) if name not in read else not any(made), name
-    # the sharded start makes none: each tensor is made alone when it is scattered, with the whole build's values
-    start, _ = train_stage.stage_start(cfg, train_stage.stage_model_config(cfg, mcfg), lambda *a: None, make=False)
+    assert set(files) == read and all(p.is_meta for p in start.parameters())    # nothing made whole
     rng = torch.get_rng_state()
     tensors = {k: v for k, v in train_stage.start_tensors(start, {m: {} for m in read}).items() if v.is_meta}
     assert tensors.keys() == {k for k in ref if k.split(".")[0] not in read}
-    assert [k for k, v in tensors.items() if not torch.equal(modeling.remade(v), ref[k])] == []
+    assert [k for k, v in tensors.items() if not torch.equal(modeling.remade(v), ref[k])] == []   # each made alone
     assert torch.equal(torch.get_rng_state(), rng)                  # (making them draws nothing from the generator)
+    # for generation (harvest, rl.py filter): made with its LLM's matrices in bf16, as for_generation holds them
+    low = train_stage.build_stage_model(cfg, mcfg, lambda *a: None, matrices_dtype=torch.bfloat16).state_dict()
+    modeling.hold_matrices_in(want.language_model, torch.bfloat16)
+    ref = want.state_dict()
+    assert low.keys() == ref.keys() and [k for k in ref if not (low[k].dtype == ref[k].dtype and torch.equal(low[k], ref[k]))] == []
+    assert low["language_model.lm_head.weight"].dtype == torch.bfloat16
 
 
 def test_host_draws_refuses_a_random_op_whose_draws_it_cannot_make_and_logs_name_what_is_read(tmp_path):
@@ -599,9 +601,10 @@ sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))
 import model as modeling, train_stage, test_train_stage as helpers
 rank, world, device = train_stage.setup_distributed()
 made, initialised = [], modeling.initialised
-def noting(cfg, seed, real, *a, **k):                       # which modules a rank makes
-    made.append(sorted(real))
-    return initialised(cfg, seed, real, *a, **k)
+def noting(*a, **k):                                        # how many tensors a rank makes whole at the start
+    model = initialised(*a, **k)
+    made.append(sum(not p.is_meta for p in model.parameters()))
+    return model
 modeling.initialised = noting
 cfg, mcfg = helpers.cfg_of(os.environ["STAGE"], *os.environ["OPTIONS"].split())
 logs = []
@@ -640,7 +643,7 @@ def test_two_ranks_start_a_stage_from_several_sources_with_rank_0_making_no_modu
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got["sd"].keys() == want.keys() and [k for k in want if not torch.equal(got["sd"][k], want[k])] == []
-    assert got["made"] == [[]] and torch.equal(got["rng"], rng)          # rank 0's generator as after the whole build
+    assert got["made"] == [0] and torch.equal(got["rng"], rng)           # rank 0's generator as after the whole build
     assert any(ln.startswith(says) for ln in got["logs"])
 
 
