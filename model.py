@@ -404,14 +404,6 @@ def sampling_cdf(logp):
     return logp.double().exp().cumsum(-1)
 
 
-def sample_next(logits, temperature: float, top_p: float, generator=None):
-    """logits (B, V) -> next ids (B,): greedy at temperature 0, else temperature + nucleus sampling
-    (`generator`: any device, see device_generator)."""
-    gen = device_generator(generator, logits.device)
-    u = torch.rand(logits.shape[0], 1, generator=gen, device=logits.device) if temperature > 0 else None
-    return sample_tokens(policy_logits(logits, temperature, top_p), temperature, u)[0]
-
-
 def prompt_logits(lm: Qwen3LM, x, position_ids, cache: KVCache):
     """The prefill's forward: prompts x (P, L, H) into the cache -> logits at the last position (P, V)."""
     h, _ = lm.run(inputs_embeds=x, position_ids=position_ids, cache=cache)
@@ -1765,16 +1757,12 @@ def reinit_module(module, seed: int):
 
 class HostDraws(TorchDispatchMode):
     """Inside it, a random fill of a meta tensor (nn.init's uniform_ / normal_ on a module built on
-    the meta device) is also made on a scratch tensor of its shape and dtype on the host, then
-    dropped: the host generator advances exactly as if the tensor were real, holding one tensor at a
-    time. So the modules of a model that are read from files stay on the meta device while the
-    others get the very values a whole build gives them (initialised). Each meta tensor also keeps
-    its last fill, with the generator's state before it, so `remade` can make its values again,
-    alone, later (a fill that reads the tensor or writes part of it leaves nothing to remake). Any
-    other random op that meets or makes a meta tensor (torch.randn under the meta device) is refused
-    rather than skipped: its draws would go missing. (nn.init's trunc_normal_, orthogonal_, sparse_
-    and dirac_ return before any op on a meta tensor in recent torch: never use them in a
-    constructor or init_weights.)"""
+    the meta device) is also made on a host scratch tensor, then dropped: the generator advances as
+    if the tensor were real. Each meta tensor keeps its last fill, with the generator's state before
+    it, so `remade` makes its whole-build values later, alone (a fill of part of it leaves nothing to
+    remake). Any other random op on a meta tensor (torch.randn under the meta device) is refused: its
+    draws would go missing. (nn.init's trunc_normal_, orthogonal_, sparse_ and dirac_ skip meta
+    tensors in recent torch: never use them in a constructor or init_weights.)"""
     FILLS = (torch.ops.aten.uniform_.default, torch.ops.aten.normal_.default)
     REMADE = FILLS + (torch.ops.aten.fill_.Scalar, torch.ops.aten.zero_.default)    # nn.init's ones_, zeros_
 

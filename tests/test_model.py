@@ -429,16 +429,23 @@ def test_kv_cache_generation_equals_full_recompute(tmp_path):
     assert stopped == first[:first.index(first[3]) + 1]
 
 
+def sample_next(logits, temperature: float, top_p: float, generator):
+    """logits (B, V) -> next ids (B,), as a generation step samples them: one draw per row, the
+    policy's logits (temperature, nucleus), inverse-CDF sampling."""
+    u = torch.rand(logits.shape[0], 1, generator=generator) if temperature > 0 else None
+    return modeling.sample_tokens(modeling.policy_logits(logits, temperature, top_p), temperature, u)[0]
+
+
 def test_sampling_is_seeded_and_top_p_restricts_support():
     torch.manual_seed(0)
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]])
     g = torch.Generator().manual_seed(1)
-    draws = {modeling.sample_next(logits, 1.0, 0.5, g).item() for _ in range(200)}
+    draws = {sample_next(logits, 1.0, 0.5, g).item() for _ in range(200)}
     assert draws == {0}                                           # p(0) = 0.70 > 0.5: nucleus is {0}
-    draws = {modeling.sample_next(logits, 1.0, 0.9, g).item() for _ in range(400)}
+    draws = {sample_next(logits, 1.0, 0.9, g).item() for _ in range(400)}
     assert draws == {0, 1}                                        # 0.70 + 0.26 reaches 0.9
-    a = [modeling.sample_next(logits, 2.0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
-    b = [modeling.sample_next(logits, 2.0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
+    a = [sample_next(logits, 2.0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
+    b = [sample_next(logits, 2.0, 1.0, torch.Generator().manual_seed(5)).item() for _ in range(3)]
     assert a == b
 
 @pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
@@ -448,7 +455,7 @@ def test_sampling_temperature_divides_the_logits(T):
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     n = 20_000
     g = torch.Generator().manual_seed(0)
-    draws = modeling.sample_next(logits.expand(n, 4), T, 1.0, g)
+    draws = sample_next(logits.expand(n, 4), T, 1.0, g)
     freq = np.bincount(draws.numpy(), minlength=4) / n
     e = np.exp(np.array([2.0, 1.0, 0.0, -1.0]) / T)
     want = e / e.sum()
