@@ -1302,11 +1302,11 @@ def load_sharded_weights(model, path: str, rank: int, device):
     scatter_weights(model, lambda: checkpoint_tensors(path, model), rank, device, path, f"SAIL-VL2 weights from {path}")
 
 
-def full_tensor(value) -> torch.Tensor:
+def full_tensor(value, name: str) -> torch.Tensor:
     """A tensor as a start gives it: memory-mapped from its file, an MoE layer's experts as row blocks
     (joined here: one tensor's worth), or a meta tensor still to be made (remade)."""
     value = torch.cat(value) if isinstance(value, (list, tuple)) else value
-    return remade(value) if value.is_meta else value
+    return remade(value, name) if value.is_meta else value
 
 
 def fill_weights(model, sd: dict, what: str):
@@ -1314,17 +1314,17 @@ def fill_weights(model, sd: dict, what: str):
     unexpected or misshaped one is a ValueError naming `what` (loadable)."""
     with torch.no_grad():
         for name, t in loadable(model, sd, what).items():
-            t.copy_(full_tensor(sd[name]))
+            t.copy_(full_tensor(sd[name], name))
 
 
 def scatter_weights(model, read, rank: int, device, source: str, what: str):
     """Full tensors into the FSDP2-sharded `model` (empty), a tensor at a time: on rank 0, read()
     gives them by name (memory-mapped from their files: checkpoint_tensors, an MoE layer's experts
     as row blocks joined here, one tensor's worth; or a module's own tensors, those on the meta
-    device made here: remade), and DTensor's
-    distribute_tensor scatters each rank its shard. Where torch's set_model_state_dict needs rank 0
-    to hold the whole model first (30b-a3b in fp32: 122 GB of host memory), this holds one tensor. A missing
-    or misshaped tensor, or any failure of rank 0's read (of `source`): one error on every rank."""
+    device made here: remade), and DTensor's distribute_tensor scatters each rank its shard. Where
+    torch's set_model_state_dict needs rank 0 to hold the whole model first (30b-a3b in fp32: 122 GB
+    of host memory), this holds one tensor. A missing or misshaped tensor, one that cannot be made,
+    or any other failure of rank 0's read (of `source`): one error on every rank."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     state = model.state_dict(keep_vars=True)             # the parameters themselves: a tied head is the embedding
     sd, box, failed = None, [None, None], None
@@ -1332,6 +1332,9 @@ def scatter_weights(model, read, rank: int, device, source: str, what: str):
         try:
             sd = read()
             box = [list(loadable(model, sd, what)), None]
+            for name in box[0]:                          # each tensor to be made can be, before any is sent
+                if isinstance(sd[name], torch.Tensor) and sd[name].is_meta:
+                    fill_of(sd[name], name)
         except (OSError, ValueError) as e:
             box = [None, str(e)]
         except Exception as e:          # any other failure (a bug): told to every rank, which would wait for rank 0
@@ -1345,7 +1348,7 @@ def scatter_weights(model, read, rank: int, device, source: str, what: str):
         for name in box[0]:
             t = state[name]
             if rank == 0:
-                full = full_tensor(sd[name]).to(device, t.dtype)
+                full = full_tensor(sd[name], name).to(device, t.dtype)
             else:
                 full = torch.empty(t.shape, dtype=t.dtype, device=device)
             if isinstance(t, DTensor):                   # (dim 0 sharded): each rank keeps its rows
@@ -1758,36 +1761,64 @@ def reinit_module(module, seed: int):
 class HostDraws(TorchDispatchMode):
     """Inside it, a random fill of a meta tensor (nn.init's uniform_ / normal_ on a module built on
     the meta device) is also made on a host scratch tensor, then dropped: the generator advances as
-    if the tensor were real. Each meta tensor keeps its last fill, with the generator's state before
-    it, so `remade` makes its whole-build values later, alone (a fill of part of it leaves nothing to
-    remake). Any other random op on a meta tensor (torch.randn under the meta device) is refused: its
-    draws would go missing. (nn.init's trunc_normal_, orthogonal_, sparse_ and dirac_ skip meta
-    tensors in recent torch: never use them in a constructor or init_weights.)"""
+    if the tensor were real. The last write to each meta storage, through any alias, is kept: a fill
+    of the whole of it with the generator's state before it, or nothing (a write to part of it, any
+    other op), and keep_fills hands it to the module's tensors, so `remade` makes their whole-build
+    values later, alone. Any other random op on a meta tensor (torch.randn under the meta device) is
+    refused: its draws would go missing. (nn.init's trunc_normal_, orthogonal_, sparse_ and dirac_
+    skip meta tensors in recent torch: never use them in a constructor or init_weights.)"""
     FILLS = (torch.ops.aten.uniform_.default, torch.ops.aten.normal_.default)
     REMADE = FILLS + (torch.ops.aten.fill_.Scalar, torch.ops.aten.zero_.default)    # nn.init's ones_, zeros_
 
+    def __init__(self):
+        super().__init__()
+        self.fills = {}          # meta storage -> (the storage, kept alive: its id is not reused; its last fill)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out, t, state = func(*args, **kwargs), args[0] if args else None, None
+        out, state = func(*args, **kwargs), None
         if torch.Tag.nondeterministic_seeded in func.tags and any(
                 isinstance(x, torch.Tensor) and x.is_meta for x in tree_leaves((args, kwargs, out))):
             if func not in self.FILLS:
                 raise NotImplementedError(f"HostDraws: {func} on the meta device (its draws are not replayed)")
             state = torch.get_rng_state()
-            func(torch.empty(t.shape, dtype=t.dtype, device="cpu"), *args[1:], **kwargs)
-        written = func._schema.arguments[0].alias_info if func._schema.arguments else None
-        if isinstance(t, torch.Tensor) and t.is_meta and written is not None and written.is_write:  # in place on it
-            whole = func in self.REMADE and t._base is None
-            (t if t._base is None else t._base).remake = (state, func, args[1:], kwargs) if whole else None
+            func(torch.empty(args[0].shape, dtype=args[0].dtype, device="cpu"), *args[1:], **kwargs)
+        for x in written_tensors(func, args, kwargs):
+            if x.is_meta:
+                whole = func in self.REMADE and x is args[0] and x.storage_offset() == 0 \
+                    and x.numel() * x.element_size() == x.untyped_storage().nbytes()
+                storage = x.untyped_storage()
+                self.fills[storage._cdata] = (storage, (state, func, args[1:], kwargs) if whole else None)
         return out
 
+    def keep_fills(self, module: nn.Module):
+        """Each meta parameter of `module` given the last fill of its storage (remade reads it)."""
+        for p in module.parameters():
+            if p.is_meta:
+                p.remake = self.fills.get(p.untyped_storage()._cdata, (None, None))[1]
 
-def remade(t: torch.Tensor) -> torch.Tensor:
+
+def written_tensors(func, args, kwargs) -> list:
+    """The tensors an op writes into (in place, out=, each of a _foreach_ list)."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(a.name)
+            out += [x for x in tree_leaves(value) if isinstance(x, torch.Tensor)]
+    return out
+
+
+def fill_of(t: torch.Tensor, name: str) -> tuple:
+    """The fill `remade` repeats for a meta tensor, or a RuntimeError naming it."""
+    if getattr(t, "remake", None) is None:
+        raise RuntimeError(f"{name} {tuple(t.shape)}: no fill of the whole of it to make again (HostDraws)")
+    return t.remake
+
+
+def remade(t: torch.Tensor, name: str = "a meta tensor") -> torch.Tensor:
     """The values of a meta tensor a HostDraws build left unmade, made now on the host from its last
     fill (with the generator's state before that fill; the generator itself is left as it is)."""
-    if getattr(t, "remake", None) is None:
-        raise RuntimeError(f"no fill of this meta tensor {tuple(t.shape)} to make again (HostDraws)")
-    state, func, args, kwargs = t.remake
+    state, func, args, kwargs = fill_of(t, name)
     out = torch.empty(t.shape, dtype=t.dtype, device="cpu")
     with torch.random.fork_rng(devices=[]):
         if state is not None:
@@ -1803,12 +1834,14 @@ def initialised(cfg: SAILVLConfig, seed: int, fresh_seed: Optional[int] = None, 
     tensor's whole-build values later, one at a time; a module that is read from files never takes
     the host memory (30b-a3b's LLM: 122 GB in fp32)."""
     torch.manual_seed(seed)
-    with torch.device("meta"), HostDraws():
+    draws = HostDraws()
+    with torch.device("meta"), draws:
         model = SAILVL(cfg)
-    with HostDraws():
+    with draws:
         model.init_weights()
         for name in fresh:
             reinit_module(getattr(model, name), fresh_seed)
+    draws.keep_fills(model)
     return model
 
 

@@ -819,9 +819,10 @@ def build_stage_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log, d
         log(f"init: all weights from {own}, {config_origin(own, model_cfg)}")
         return model
     start = start_tensors(*stage_start(cfg, model_cfg, log))
-    head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
-    start.setdefault(head, start[embed])           # a tied head held apart (matrices_dtype) gets its own copy
     model = modeling.empty_model(model_cfg, device, matrices_dtype=matrices_dtype)
+    lm = model.language_model
+    if lm.lm_head.weight is not lm.model.embed_tokens.weight:        # a tied head held apart: its own copy
+        start.setdefault("language_model.lm_head.weight", start["language_model.model.embed_tokens.weight"])
     modeling.fill_weights(model, start, "the stage's starting weights")
     return model
 
@@ -883,10 +884,15 @@ def log_start(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, sources: dict,
 
 
 def start_tensors(model: modeling.SAILVL, tensors: dict) -> dict:
-    """stage_start's answer as one {name: tensor} of the whole model (the other modules' own
-    tensors, on the meta device where they are still to be made)."""
-    return {f"{name}.{k}": v for name in MODULES
-            for k, v in (tensors[name] if name in tensors else getattr(model, name).state_dict(keep_vars=True)).items()}
+    """stage_start's answer as one {name: tensor} of the whole model: the files' tensors, and the
+    other modules' own, on the meta device, still to be made (a tied head once, as the embedding)."""
+    out, seen = {}, set()
+    for name in MODULES:
+        for k, v in (tensors[name] if name in tensors else getattr(model, name).state_dict(keep_vars=True)).items():
+            if id(v) not in seen:
+                out[f"{name}.{k}"] = v
+                seen.add(id(v))
+    return out
 
 
 # ==============================================================================================

@@ -103,7 +103,8 @@ def test_load_bench_reads_with_both_loaders_and_its_baseline_loads_the_same_weig
 
 
 def test_start_bench_places_a_random_model_both_ways(capsys):
-    """(Both ways give the whole build's weights: tests/test_train_stage.py's composed-start tests.)"""
+    """(The way the stages take gives the whole build's weights, a tensor at a time: the composed-start
+    tests in tests/test_train_stage.py; the baseline makes the same tensors, all before the first is sent.)"""
     out = run_bench(capsys, "start", "--preset", "tiny", "--layers", "1")
     assert "random start of 'tiny' with 1 LLM and ViT layers on 2 processes" in out, out
     for made in ("tensors", "whole"):

@@ -447,7 +447,12 @@ def no_full_model(*a, **k):
     raise AssertionError("a whole model was built on a rank")
 modeling.SAILVL.from_pretrained = classmethod(no_full_model)
 modeling.SAILVL.init_weights = no_full_model                # nor a random one
-if os.environ.get("FAIL") and rank == 0:                    # a failure that is no OSError / ValueError
+read = modeling.checkpoint_tensors
+if os.environ.get("FAIL") == "unmade" and rank == 0:        # a meta tensor with no fill to make it from
+    def unmade(*a, **k):
+        return {**read(*a, **k), "mlp1.1.weight": torch.empty(read(*a, **k)["mlp1.1.weight"].shape, device="meta")}
+    modeling.checkpoint_tensors = unmade
+elif os.environ.get("FAIL") and rank == 0:                  # a failure that is no OSError / ValueError
     def fail(*a, **k):
         raise KeyError(os.environ["FAIL"])
     modeling.checkpoint_tensors = fail
@@ -538,31 +543,50 @@ COMPOSED = [("tiny", "vit2", ["--init_modules=mlp1:fresh"], {LM, VIT}),  # vit1'
             ("tiny", "sft1", ["--init-from={d}/ck", "--init-llm={d}/llm"], {LM, VIT, "mlp1"}),   # its LLM replaced
             ("tiny", "pretrain1", ["--init_modules=language_model:fresh",  # an untied LLM made, re-initialised
                                    "--model.llm_config.tie_word_embeddings=false"], {VIT}),
-            ("tiny", "lm0", [], set())]                                   # all random: made whole
+            ("tiny", "lm0", [], set())]                                   # all random
+
+
+def counting_remade(monkeypatch) -> dict:
+    """model.remade, counting the tensors it makes and the most alive at once (weak references)."""
+    made, remade = {"names": [], "alive": 0, "most": 0}, modeling.remade
+
+    def gone():
+        made["alive"] -= 1
+
+    def counting(t, name="a meta tensor"):
+        out = remade(t, name)
+        made["names"].append(name)
+        made["alive"] += 1
+        made["most"] = max(made["most"], made["alive"])
+        weakref.finalize(out, gone)
+        return out
+    monkeypatch.setattr(modeling, "remade", counting)
+    return made
 
 
 @pytest.mark.parametrize("preset,stage,options,read", COMPOSED)
 def test_a_stage_from_several_sources_is_the_whole_builds_model_without_making_the_read_modules(tmp_path, preset, stage,
-                                                                                                options, read):
+                                                                                                options, read,
+                                                                                                monkeypatch):
     """build_stage_model (one process) gives the model a whole random build with its modules loaded
-    over it gives, bit for bit, and leaves the generator in the same state, while the modules that
-    come from files are never made before their files are read (stage_start leaves them on the meta
-    device; their random draws are made on scratch, model.HostDraws). Made for generation, its LLM's
-    matrices held in bf16, it is the whole build's cast."""
+    over it gives, bit for bit, and leaves the generator in the same state, while nothing is made
+    whole: stage_start leaves the model on the meta device (its random draws made on scratch,
+    model.HostDraws), and each tensor no file gives is made alone as it is filled (model.remade; a
+    tied head once). Made for generation, its LLM's matrices held in bf16, it is the whole build's cast."""
     composed_sources(tmp_path, preset)
     cfg, mcfg = cfg_of(stage, f"--out_dir={tmp_path}", *[o.format(d=tmp_path) for o in options])
     want, rng = whole_build(cfg, train_stage.stage_model_config(cfg, mcfg))
+    made = counting_remade(monkeypatch)
     model = train_stage.build_stage_model(cfg, mcfg, lambda *a: None)
     assert torch.equal(torch.get_rng_state(), rng)
     got, ref = model.state_dict(), want.state_dict()
     assert got.keys() == ref.keys() and [k for k in ref if not torch.equal(got[k], ref[k])] == []
+    tied = mcfg.llm_config.tie_word_embeddings and LM not in read      # (the head is the embedding: made once)
+    assert sorted(made["names"]) == sorted({k for k in ref if k.split(".")[0] not in read}
+                                           - ({"language_model.lm_head.weight"} if tied else set()))
+    assert made["most"] <= 1                                        # one at a time
     start, files = train_stage.stage_start(cfg, train_stage.stage_model_config(cfg, mcfg), lambda *a: None)
-    assert set(files) == read and all(p.is_meta for p in start.parameters())    # nothing made whole
-    rng = torch.get_rng_state()
-    tensors = {k: v for k, v in train_stage.start_tensors(start, {m: {} for m in read}).items() if v.is_meta}
-    assert tensors.keys() == {k for k in ref if k.split(".")[0] not in read}
-    assert [k for k, v in tensors.items() if not torch.equal(modeling.remade(v), ref[k])] == []   # each made alone
-    assert torch.equal(torch.get_rng_state(), rng)                  # (making them draws nothing from the generator)
+    assert set(files) == read
     # for generation (harvest, rl.py filter): made with its LLM's matrices in bf16, as for_generation holds them
     low = train_stage.build_stage_model(cfg, mcfg, lambda *a: None, matrices_dtype=torch.bfloat16).state_dict()
     modeling.hold_matrices_in(want.language_model, torch.bfloat16)
@@ -579,11 +603,19 @@ def test_host_draws_refuses_a_random_op_whose_draws_it_cannot_make_and_logs_name
     rule's folder, which is never read (pretrain1 with --init-vit and no vit3)."""
     with torch.device("meta"), modeling.HostDraws(), pytest.raises(NotImplementedError, match="randn"):
         torch.randn(3)
-    with torch.device("meta"), modeling.HostDraws():                # drawn whole, then a row zeroed: a part
-        emb, norm = torch.nn.Embedding(4, 2, padding_idx=0), torch.nn.LayerNorm(2)
-    with pytest.raises(RuntimeError, match="no fill of this meta tensor"):
-        modeling.remade(emb.weight)                                 # (not the whole draw without its zero row)
+    draws = modeling.HostDraws()
+    with torch.device("meta"), draws:
+        emb = torch.nn.Embedding(4, 2, padding_idx=0)               # drawn whole, then a row zeroed: a part
+        norm, lin = torch.nn.LayerNorm(2), torch.nn.Linear(2, 2)
+        lin.weight.data.mul_(2)                                     # written through aliases: reads itself,
+        lin.bias.detach().zero_()                                   # or fills the whole
+    for m in (emb, norm, lin):
+        draws.keep_fills(m)
+    for t in (emb.weight, lin.weight):                              # (not the earlier whole draw)
+        with pytest.raises(RuntimeError, match="x.weight \\(.*no fill of the whole of it"):
+            modeling.remade(t, "x.weight")
     assert torch.equal(modeling.remade(norm.weight), torch.ones(2)) and torch.equal(modeling.remade(norm.bias), torch.zeros(2))
+    assert torch.equal(modeling.remade(lin.bias), torch.zeros(2))
     composed_sources(tmp_path)
     shutil.rmtree(tmp_path / "vit3")
     logs = []
@@ -600,12 +632,8 @@ sys.path.insert(0, os.environ["REPO"])
 sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))
 import model as modeling, train_stage, test_train_stage as helpers
 rank, world, device = train_stage.setup_distributed()
-made, initialised = [], modeling.initialised
-def noting(*a, **k):                                        # how many tensors a rank makes whole at the start
-    model = initialised(*a, **k)
-    made.append(sum(not p.is_meta for p in model.parameters()))
-    return model
-modeling.initialised = noting
+import pytest
+made = helpers.counting_remade(pytest.MonkeyPatch())       # which tensors a rank makes, and how many at once
 cfg, mcfg = helpers.cfg_of(os.environ["STAGE"], *os.environ["OPTIONS"].split())
 logs = []
 model, _ = train_stage.place_model(cfg, mcfg, rank, world, device, logs.append)
@@ -613,7 +641,7 @@ sd = modeling.full_state_dict(model)
 if rank == 0:
     torch.save({"sd": sd, "logs": logs, "made": made, "rng": torch.get_rng_state()}, os.environ["OUT"])
 else:
-    assert made == [], made                                 # rank 1 makes no module and reads no file
+    assert made["names"] == [], made                        # rank 1 makes no tensor and reads no file
 train_stage.shutdown_distributed()
 train_stage.exit_process()
 """
@@ -622,7 +650,8 @@ train_stage.exit_process()
 @pytest.mark.parametrize("preset,stage,options,says", [
     ("tiny-moe", "vit1", ["--init-llm={d}/llm", "--init-vit={d}/vit"], "init: language model from"),
     ("tiny", "pretrain1", [], "init: mlp1 freshly"),
-    ("tiny", "lm0", ["--model.llm_config.tie_word_embeddings=false"], "init: random weights")])     # all random
+    ("tiny", "lm0", [], "init: random weights"),                                                # all random
+    ("tiny", "lm0", ["--model.llm_config.tie_word_embeddings=false"], "init: random weights")])
 def test_two_ranks_start_a_stage_from_several_sources_with_rank_0_making_no_module_whole(tmp_path, preset, stage,
                                                                                           options, says):
     """A stage from several sources, or from random weights, under FSDP2 on 2 gloo processes
@@ -630,7 +659,8 @@ def test_two_ranks_start_a_stage_from_several_sources_with_rank_0_making_no_modu
     generator state after, while rank 0 makes no module whole: it scatters every tensor, read a
     tensor at a time from its files (of the replication's first stage, from Qwen3 and AIMv2 folders,
     an MoE LLM's experts stored one by one) or made alone (model.remade: the adapter, a random
-    start's every tensor). It built the whole model in fp32 first (30b-a3b: 125 GB of host memory)."""
+    start's every tensor; at most two alive at once). It built the whole model in fp32 first (30b-a3b:
+    125 GB of host memory)."""
     composed_sources(tmp_path, preset)
     options = [f"--out_dir={tmp_path}", *[o.format(d=tmp_path) for o in options]]
     cfg, mcfg = cfg_of(stage, *options)
@@ -643,15 +673,21 @@ def test_two_ranks_start_a_stage_from_several_sources_with_rank_0_making_no_modu
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got["sd"].keys() == want.keys() and [k for k in want if not torch.equal(got["sd"][k], want[k])] == []
-    assert got["made"] == [0] and torch.equal(got["rng"], rng)           # rank 0's generator as after the whole build
+    assert torch.equal(got["rng"], rng)                                 # rank 0's generator as after the whole build
+    files = {"vit1": {LM, VIT}, "pretrain1": {LM, VIT}, "lm0": set()}[stage]
+    tied = mcfg.llm_config.tie_word_embeddings and LM not in files     # (the head is the embedding: made once)
+    assert sorted(got["made"]["names"]) == sorted({k for k in want if k.split(".")[0] not in files}
+                                                  - ({"language_model.lm_head.weight"} if tied else set()))
+    assert got["made"]["most"] <= 2                                     # (the one being sent, the last one sent)
     assert any(ln.startswith(says) for ln in got["logs"])
 
 
-@pytest.mark.parametrize("failure", ["missing", "other"])
+@pytest.mark.parametrize("failure", ["missing", "other", "unmade"])
 def test_a_checkpoint_missing_a_tensor_stops_both_ranks_with_one_error(tmp_path, failure):
     """Rank 0 alone reads the files: a tensor missing there is its error on every rank, not a
     rank 1 left waiting for a tensor that never comes; so is any other failure of rank 0's read
-    (rank 0 keeps its own traceback, rank 1 is told what it was)."""
+    (rank 0 keeps its own traceback, rank 1 is told what it was), and a tensor to be made that
+    cannot be (checked before any is sent)."""
     from safetensors.torch import save_file
     modeling.save_checkpoint(str(tmp_path / "ck"), modeling.build_model("tiny", seed=3), {"stage": "sft4"}, 0, 1)
     if failure == "missing":
@@ -661,10 +697,16 @@ def test_a_checkpoint_missing_a_tensor_stops_both_ranks_with_one_error(tmp_path,
     (tmp_path / "load.py").write_text(SHARDED_LOAD)
     res = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "load.py")],
               env_extra={"REPO": ROOT, "CK": str(tmp_path / "ck"), "OUT_DIR": str(tmp_path / "out"),
-                         "OUT": str(tmp_path / "out.pt"), "FAIL": "boom" * (failure == "other")}, timeout=240)
+                         "OUT": str(tmp_path / "out.pt"),
+                         "FAIL": {"missing": "", "other": "boom", "unmade": "unmade"}[failure]}, timeout=240)
     assert res.returncode != 0
     if failure == "missing":
         assert res.stderr.count("1 missing keys, e.g. ['mlp1.1.weight']") >= 2, res.stderr[-3000:]   # on both ranks
+    elif failure == "unmade":
+        says = "mlp1.1.weight (128, 384): no fill of the whole of it to make again (HostDraws)"
+        assert f"[rank0]: RuntimeError: {says}" in res.stderr, res.stderr[-3000:]
+        assert f"[rank1]: data.InputError: rank 0 failed reading {tmp_path}/ck: RuntimeError: {says}" in res.stderr, \
+            res.stderr[-3000:]
     else:
         assert "[rank0]: KeyError: 'boom'" in res.stderr, res.stderr[-3000:]
         assert f"[rank1]: data.InputError: rank 0 failed reading {tmp_path}/ck: KeyError: 'boom'" in res.stderr, \
