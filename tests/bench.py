@@ -1089,10 +1089,17 @@ def bench_checkpoint(args):
     print(f"step checkpoint of '{args.preset}' with {args.layers} LLM and ViT layers on {args.device}: "
           f"{first['params'] / 1e6:.0f}M parameters, weights + AdamW state {first['state_gib']:.2f} GiB, "
           f"{args.repeats} run(s) per writer")
-    for writer, rs in runs.items():
-        extra = [r["peak_gib"] - r["before_gib"] for r in rs]
-        print(f"  {writer:5s} resident memory added while writing {min(extra):5.2f} GiB (runs: {', '.join(f'{x:.2f}' for x in extra)})"
-              f" | {min(r['seconds'] for r in rs):5.1f} s")
+    print_memory_runs(runs, "resident memory added while writing", lambda r: r["peak_gib"] - r["before_gib"])
+
+
+def print_memory_runs(runs: dict, what: str, extra):
+    """One line per way of the memory benches: the least of `extra(run)` in GiB over its runs (each
+    listed), and its fastest run."""
+    width = max(map(len, runs))
+    for name, rs in runs.items():
+        xs = [extra(r) for r in rs]
+        print(f"  {name:{width}s} {what} {min(xs):5.2f} GiB (runs: {', '.join(f'{x:.2f}' for x in xs)}) | "
+              f"{min(r['seconds'] for r in rs):5.1f} s")
 
 
 def checkpoint_worker(args):
@@ -1159,10 +1166,7 @@ def bench_load(args):
     first = runs["ours"][0]
     print(f"from_pretrained of '{args.preset}' with {args.layers} LLM and ViT layers (experts one by one, bf16) into "
           f"fp32: {first['params'] / 1e6:.0f}M parameters, the model {first['model_gib']:.2f} GiB, {args.repeats} run(s) each")
-    for loader, rs in runs.items():
-        extra = [r["peak_gib"] - r["before_gib"] - r["model_gib"] for r in rs]
-        print(f"  {loader:7s} host memory added beyond the model {min(extra):5.2f} GiB "
-              f"(runs: {', '.join(f'{x:.2f}' for x in extra)}) | {min(r['seconds'] for r in rs):5.1f} s")
+    print_memory_runs(runs, "host memory added beyond the model", lambda r: r["peak_gib"] - r["before_gib"] - r["model_gib"])
 
 
 def bench_start(args):
@@ -1182,10 +1186,8 @@ def bench_start(args):
     print(f"random start of '{args.preset}' with {args.layers} LLM and ViT layers on 2 processes: "
           f"{first['params'] / 1e6:.0f}M parameters, the model {first['model_gib']:.2f} GiB in fp32, rank 0's "
           f"shards {first['shards_gib']:.2f} GiB, its largest tensor {first['largest_gib']:.2f} GiB")
-    for made, rs in runs.items():
-        extra = [r["peak_gib"] - r["before_gib"] - r["shards_gib"] for r in rs]
-        print(f"  made {made:7s} rank 0's host memory added beyond its shards {min(extra):5.2f} GiB "
-              f"(runs: {', '.join(f'{x:.2f}' for x in extra)}) | {min(r['seconds'] for r in rs):5.1f} s")
+    print_memory_runs(runs, "rank 0's host memory added beyond its shards",
+                      lambda r: r["peak_gib"] - r["before_gib"] - r["shards_gib"])
 
 
 def start_worker(args):
