@@ -504,9 +504,9 @@ def command_for(row: Stage, cfg: StageConfig, from_output: bool = False) -> str:
 # distributed set-up and FSDP2 (§5.2)
 
 # How long a rank waits in a collective before the run is aborted. NCCL's default is 10 minutes
-# (gloo's 30): ranks legitimately wait longer when rank 0 alone builds a large model from its
-# checkpoint before the others receive their shards, or when one RL rank generates longer rollouts
-# than the others between two collectives.
+# (gloo's 30): ranks legitimately wait longer when rank 0 alone makes a large model's random draws
+# (stage_start) before the others receive their first shard, or when one RL rank generates longer
+# rollouts than the others between two collectives.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
