@@ -255,6 +255,7 @@ class Stage:
     runner: str = "train_stage.py"   # the script that runs it (RL stages: rl.py)
     auto: bool = False          # a stand-in: run automatically when a later stage needs its output
     inputs: tuple = ()          # soup: the stages whose outputs are averaged
+    control: bool = False       # a comparison trained beside the paper's path (a next: line skips it)
 
     @property
     def paper_values(self) -> dict:
@@ -287,7 +288,7 @@ RECIPE = (
           paper=(("lr", 1e-5), ("batch", 512), ("seq", 8192), ("samples", 36_500_000))),
     Stage("vit3-direct", "§2.1.1", "a control, not a paper stage: stage III straight from lm0 (the ViT and adapter "
           "untrained, as vit1 starts), the baseline progressive alignment is measured against",
-          init="lm0", mix=VIT3_MIX, tiny=VIT3_TINY),
+          init="lm0", mix=VIT3_MIX, tiny=VIT3_TINY, control=True),
     Stage("pretrain1", "§3.2.1, §3.2.3", "basic pre-training: SAIL-ViT + the original LLM + a freshly initialised "
           "adapter, adapter only, AdaLRS from 2e-4 (ended at 6.75e-4); captions, chart captions, OCR",
           trainable=("mlp1",), init=(("vision_model", "vit3"), ("mlp1", "fresh"), ("language_model", "lm0")),
@@ -365,8 +366,9 @@ def previous_name(row: Stage) -> Optional[str]:
 
 
 def next_name(row: Stage) -> Optional[str]:
-    i = RECIPE.index(row)
-    return RECIPE[i + 1].name if i + 1 < len(RECIPE) else None
+    """The paper's next stage (the recipe's next row, a control skipped)."""
+    later = [r for r in RECIPE[RECIPE.index(row) + 1:] if not r.control]
+    return later[0].name if later else None
 
 
 def init_rule(row: Stage) -> dict:
@@ -1658,9 +1660,10 @@ def ensure_sources(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log):
 
 
 def try_it(cfg: StageConfig, out: str) -> Optional[str]:
-    """A sample.py command on a held-out sample of the stage's own data, with the reference reply:
-    the stage's first visual family with short answers (ocr, count, ...), else its first visual one;
-    none for a text-only stage (lm0: it never saw the media its data's questions are about)."""
+    """A sample.py command on a held-out sample of the stage's own data, with the reference reply on
+    one line (of a thinking-mode sample, asked with --think, its answer): the stage's first visual
+    family with short answers (ocr, count, ...), else its first visual one; none for a text-only
+    stage (lm0: it never saw the media its data's questions are about)."""
     if cfg.text_only:
         return None
     short = ("ocr", "count", "multi", "chart", "video", "caption_qa")
@@ -1674,8 +1677,9 @@ def try_it(cfg: StageConfig, out: str) -> Optional[str]:
             continue
         media = [f"--image {shlex_quote(p)}" for p in rec.images] + [f"--video {shlex_quote(p)}" for p in rec.videos]
         question = data.PLACEHOLDER_RE.sub("", rec.turns[0][1]).strip()
+        reference = rec.answer or rec.turns[-1][1].rsplit("</think>", 1)[-1]     # a thinking reply: its answer
         return " ".join(["python sample.py --ckpt", out, *media, "--prompt", shlex_quote(question),
-                         f"  # reference: {rec.turns[-1][1]}"])
+                         *["--think"] * bool(rec.think), f"  # reference: {' '.join(reference.split())}"])
     return None
 
 

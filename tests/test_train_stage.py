@@ -100,6 +100,8 @@ def test_recipe_table_follows_the_paper():
     for row in train_stage.RECIPE:                                                           # every mix names real data
         assert all(k.startswith("out:") or k in data.SYNTH_FAMILIES for k, _ in row.mix), row.name
     assert train_stage.next_name(train_stage.STAGES["vit1"]) == "vit2" and train_stage.previous_name(train_stage.STAGES["vit1"]) == "lm0"
+    assert [train_stage.next_name(train_stage.STAGES[n]) for n in ("vit3", "vit3-direct", "sft4", "rl-mixed")] == \
+        ["pretrain1", "pretrain1", "sft4-twin", None]              # (vit3-direct, a control, is no next stage)
 
 
 def test_scale_paper_applies_the_paper_values_and_says_what_changed():
@@ -1920,6 +1922,9 @@ def test_the_try_it_hint_of_a_text_only_stage_is_none_and_media_options_are_apar
     assert train_stage.try_it(cfg_of("lm0", f"--data_dir={synth}")[0], "o/lm0") is None    # it never saw the media
     hint = train_stage.try_it(cfg_of("sft4", f"--data_dir={synth}", "--init-from=random")[0], "o/sft4")
     assert " --image " in hint and "--prompt" in hint and not re.search(r"\S--(image|video)", hint)
+    # a thinking-mode sample (longcot's): asked with --think, its answer as the reference, on one line to paste
+    hint = train_stage.try_it(cfg_of("longcot", f"--data_dir={synth}", "--init-from=random")[0], "o/longcot")
+    assert " --think " in hint and "\n" not in hint and "</think>" not in hint.split("# reference:")[1], hint
 
 
 def test_stage_all_calibrate_and_rl_bench_run_the_tools_in_tests(monkeypatch, capsys):
