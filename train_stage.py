@@ -484,7 +484,12 @@ def stage_sources(cfg: StageConfig, split: str) -> list:
                                  f"`{command_for(producer, cfg)}` first, or pass --manifests=...")
             sources.append((path, weight))
         else:
-            sources.append((os.path.join(cfg.data_dir, name, f"{split}.jsonl"), weight))
+            path = os.path.join(cfg.data_dir, name, f"{split}.jsonl")
+            if split == "eval" and not os.path.exists(path):
+                raise UsageError(f"held-out data: {path} is missing (without --eval_manifests, the held-out loss is "
+                                 f"measured on the stage's synthetic families in --data_dir): pass "
+                                 f"--eval_manifests=FILE, or --eval_every=0")
+            sources.append((path, weight))
     return sources
 
 
@@ -1296,6 +1301,10 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
     resume = modeling.all_gather(resume)[0]      # rank 0's choice: nodes may list the run folder differently
     tok, tok_files, model_cfg = start_stage(cfg, model_cfg, rank, log)
+    if cfg.eval_every and cfg.manifests and not cfg.eval_manifests:
+        families = [m for m, _ in stage_sources(cfg, "eval")]              # (checked now, not at step 0's eval)
+        log(f"note: the held-out loss is measured on the stage's synthetic families ({len(families)} eval splits "
+            f"in {cfg.data_dir}), not on --manifests' data: --eval_manifests=FILE measures your own")
 
     model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)
     cuda = device.type == "cuda"

@@ -1854,6 +1854,21 @@ def test_an_empty_manifest_or_one_of_only_bad_lines_is_one_line_naming_why(tmp_p
     assert "bad.jsonl:1" in err
 
 
+def test_own_data_without_eval_manifests_says_whose_held_out_loss_it_measures(synth, tmp_path, capsys):
+    """--manifests without --eval_manifests: the held-out loss is the stage's synthetic families'
+    (said in a note), and where --data_dir lacks them, one usage error naming the way out at start-up
+    (it was a bare "manifest not found" after the model was built)."""
+    own = [f"--manifests={synth}/ocr/train.jsonl", f"--out_dir={tmp_path}", "--steps=1", "--init-from=random",
+           "--packing.max_tokens=512"]
+    with pytest.raises(SystemExit) as e:
+        train_stage.main(["--stage", "sft1", *own, f"--data_dir={tmp_path}/none", "--eval_every=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"held-out data: {tmp_path}/none/" in err and "--eval_manifests=FILE" in err, err
+    train_stage.main(["--stage", "sft1", *own, f"--data_dir={synth}", "--eval_every=1", "--save_every=0"])
+    out = capsys.readouterr().out
+    assert "note: the held-out loss is measured on the stage's synthetic families" in out, out
+
+
 def test_an_unreadable_weights_file_is_one_line_naming_it(tmp_path, capsys):
     m = modeling.build_model("tiny", seed=0)
     m.save_pretrained(str(tmp_path / "cut"))
