@@ -1550,6 +1550,21 @@ def check_run_options(cfg: StageConfig):
                          f"got {cfg.beta1}, {cfg.beta2}, {cfg.weight_decay} and {cfg.min_lr_ratio}")
 
 
+def preset_beside_llm(path: str) -> str:
+    """The preset of a stage whose LLM --init-llm gives (the ViT's shape, the tiling, the system
+    prompt): for a Qwen3 folder, a real LLM, 2b (the paper's 448-px tiles; shapes from the folders);
+    for a SAIL-VL2 folder (a stage output: lm0's), the preset whose ViT it has, as a stage from it
+    would (not a 0.7B random SAIL-ViT-Huge beside a tiny LLM)."""
+    try:
+        saved = modeling.read_config(path).to_dict()
+    except (OSError, ValueError, KeyError, TypeError):    # a Qwen3 folder (or none: refused later, clearly)
+        return "2b"
+    beside = lambda c: {k: v for k, v in c.items() if k != "llm_config"}     # noqa: E731   (ViT, tiling, prompt)
+    same = [n for n in modeling.PRESETS if beside(modeling.preset_config(n).to_dict()) == beside(saved)]
+    return (same or [n for n in modeling.PRESETS if modeling.preset_config(n).to_dict()["vision_config"]
+                     == saved["vision_config"]] or ["2b"])[0]
+
+
 def parse_args(argv):
     """(cfg, model_cfg, options) from the command line (one option style; see split_options)."""
     opts = split_options(argv)
@@ -1563,7 +1578,7 @@ def parse_args(argv):
         if key not in ("stage", "scale", "resume", "ckpts", "help") and not key.startswith("model."):
             set_key({"": cfg}, key, value)
     if cfg.init_llm and "preset" not in given:
-        cfg.preset = "2b"                    # a real LLM: the paper's tiling and system prompt; shapes from folders
+        cfg.preset = preset_beside_llm(cfg.init_llm)
     try:
         model_cfg = modeling.preset_config(cfg.preset)
     except ValueError as e:

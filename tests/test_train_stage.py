@@ -1854,6 +1854,18 @@ def test_an_empty_manifest_or_one_of_only_bad_lines_is_one_line_naming_why(tmp_p
     assert "bad.jsonl:1" in err
 
 
+def test_init_llm_from_a_stage_output_keeps_its_presets_vit(tmp_path):
+    """--init-llm names a Qwen3 folder (then the 2b preset: the paper's ViT and tiles; test_replicate)
+    or one of our outputs, lm0's: then the preset whose ViT that output has, not a random 0.7B
+    SAIL-ViT-Huge beside a tiny LLM (a new user's first try took 4.6 GB and 30 s a step)."""
+    for preset in ("tiny", "tiny-anyres"):
+        modeling.save_checkpoint(str(tmp_path / preset), modeling.build_model(preset, seed=0), {"stage": "lm0"}, 0, 1)
+        cfg, mcfg = cfg_of("vit1", f"--out_dir={tmp_path}", f"--init-llm={tmp_path}/{preset}")
+        assert cfg.preset == preset and mcfg.vision_config == modeling.preset_config(preset).vision_config
+    cfg, _ = cfg_of("vit1", f"--out_dir={tmp_path}", f"--init-llm={tmp_path}/tiny", "--preset=tiny-anyres")
+    assert cfg.preset == "tiny-anyres"                               # (a --preset given is kept)
+
+
 def test_own_data_without_eval_manifests_says_whose_held_out_loss_it_measures(synth, tmp_path, capsys):
     """--manifests without --eval_manifests: the held-out loss is the stage's synthetic families'
     (said in a note), and where --data_dir lacks them, one usage error naming the way out at start-up
