@@ -381,28 +381,34 @@ def init_rule(row: Stage) -> dict:
     return {m: src for m in MODULES}
 
 
-def stage_config(name: str, scale: str = "tiny", log=None) -> StageConfig:
+def stage_config(name: str, scale: str = "tiny", log=None, given=()) -> StageConfig:
     """The stage's config: StageConfig defaults, then the row's tiny defaults, then (scale='paper')
-    the paper's values as far as the paper gives them."""
+    the paper's values as far as the paper gives them, but for the options `given` on the command
+    line, which win."""
     row = stage_row(name)
     cfg = StageConfig(stage=name, trainable=",".join(row.trainable), label_mode=row.label_mode)
     for key, value in row.tiny if row.runner != "rl.py" else ():    # RL rows: rl.rl_config applies them
         set_key({"": cfg}, key, str(value))
     if scale == "paper":
-        apply_paper_scale(cfg, row, log or print)
+        apply_paper_scale(cfg, row, log or print, given)
     elif scale != "tiny":
         raise UsageError(f"--scale must be tiny or paper, got {scale!r}")
     cfg.scale = scale
     return cfg
 
 
-def apply_paper_scale(cfg: StageConfig, row: Stage, log) -> None:
+def apply_paper_scale(cfg: StageConfig, row: Stage, log, given=()) -> None:
     """The paper's values for a real run: LR, sequence length (pack length) and steps (samples /
-    batch, or tokens / (batch x seq)); values the paper does not state are kept and named."""
+    batch, or tokens / (batch x seq)); values the paper does not state are kept and named, and so
+    are those given on the command line (`given`), which win."""
     p, changed = row.paper_values, []
 
     def change(key, value):
-        changed.append(f"{key} {getattr_path(cfg, key)} -> {value}")
+        if key in given:
+            changed.append(f"{key} {value} not applied (--{key} given)")
+            return
+        note = " (for the modules no checkpoint gives: a starting checkpoint keeps its shapes)" * (key == "preset")
+        changed.append(f"{key} {getattr_path(cfg, key)} -> {value}{note}")
         set_key({"": cfg}, key, str(value))
     if "lr" in p:
         change("lr", p["lr"])
@@ -1570,7 +1576,7 @@ def parse_args(argv):
     opts = split_options(argv)
     given = dict(opts)
     cfg = stage_config(given.get("stage", StageConfig.stage), given.get("scale", "tiny"),
-                       log=lambda *a: print0(int(os.environ.get("RANK", "0")), *a))
+                       log=lambda *a: print0(int(os.environ.get("RANK", "0")), *a), given=set(given))
     if "model_options" in given:
         raise UsageError("--model_options is recorded from the --preset and --model.KEY=VALUE options: give those")
     model_keys = [(k, v) for k, v in opts if k.startswith("model.")]

@@ -104,7 +104,7 @@ def test_recipe_table_follows_the_paper():
         ["pretrain1", "pretrain1", "sft4-twin", None]              # (vit3-direct, a control, is no next stage)
 
 
-def test_scale_paper_applies_the_paper_values_and_says_what_changed():
+def test_scale_paper_applies_the_paper_values_and_says_what_changed(capsys):
     lines = []
     cfg = train_stage.stage_config("vit1", "paper", log=lines.append)
     assert (cfg.lr, cfg.packing.max_tokens, cfg.steps, cfg.preset) == (2e-4, 8192, 8_000_000 // 1920, "2b")
@@ -116,6 +116,11 @@ def test_scale_paper_applies_the_paper_values_and_says_what_changed():
     lines.clear()                                        # vit2: a batch, but neither samples nor tokens to count steps
     train_stage.stage_config("vit2", "paper", log=lines.append)
     assert f"does not state samples or tokens: kept {train_stage.stage_config('vit2').steps} steps" in lines[0]
+    capsys.readouterr()                                  # an option given on the command line wins, and is said to
+    cfg, _ = cfg_of("vit1", "--scale=paper", "--steps=3", "--ac=none")
+    said = capsys.readouterr().out
+    assert (cfg.steps, cfg.ac, cfg.lr) == (3, "none", 2e-4) and "steps 4166 not applied (--steps given)" in said
+    assert "ac block not applied (--ac given)" in said and "a starting checkpoint keeps its shapes" in said
 
 
 # ----------------------------------------------------------------------------------------------
