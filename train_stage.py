@@ -602,7 +602,8 @@ def module_overrides(spec: str) -> dict:
 
 def check_init_options(cfg: StageConfig):
     """--init_modules with --init_from (which replaces the rule it changes) and bad pairs, refused;
-    so is a folder option (--init-from, --init-llm, --init-vit, --tokenizer, --image_root) that names no folder."""
+    so is a folder option (--init-from, --init-llm, --init-vit, --tokenizer, --image_root) that names no folder,
+    and a --tokenizer folder without one."""
     if cfg.init_modules and cfg.init_from:
         raise UsageError("--init_modules changes the stage's init rule, which --init_from replaces: give one of them")
     module_overrides(cfg.init_modules)
@@ -610,6 +611,8 @@ def check_init_options(cfg: StageConfig):
         path = getattr(cfg, key)
         if path and path != "random" and not os.path.isdir(path):
             raise UsageError(f"--{key.replace('_', '-')}: {path} is not a folder")
+    if cfg.tokenizer and not data.has_tokenizer(cfg.tokenizer):
+        raise UsageError(f"--tokenizer: {cfg.tokenizer} holds no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
 
 
 def module_sources(cfg: StageConfig) -> dict:

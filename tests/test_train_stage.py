@@ -1734,6 +1734,7 @@ def test_nested_and_range_options_are_checked_where_they_are_parsed():
     (["--packing.max_tokenz=3"], 2, "did you mean --packing.max_tokens"),
     (["--stage", "rl-verifiable"], 2, "runs in rl.py"),
     (["--init-from", "/no/such/folder"], 2, "is not a folder"),
+    (["--tokenizer=tests"], 2, "--tokenizer: tests holds no tokenizer (tokenizer.json, or vocab.json + merges.txt)"),
     (["--ac=sometimes"], 2, "--ac must be none or block, got 'sometimes'"),
     (["--steps=0"], 2, "--steps must be at least 1"),
     (["--steps=-5"], 2, "--steps must be at least 1"),
