@@ -500,17 +500,22 @@ def stage_sources(cfg: StageConfig, split: str) -> list:
 
 
 def command_for(row: Stage, cfg: StageConfig, from_output: bool = False) -> str:
-    """The command that runs `row` with the user's folders (for hints). A stage to run first also gets
+    """The command that runs `row` with the user's folders (for hints), on as many processes as this
+    one, at its --scale and --step_scale (for train_stage.py's stages). A stage to run first also gets
     the model options (--preset, --init-llm, --init-vit, --tokenizer); the next stage (`from_output`)
     starts from this stage's output, which carries the model config and tokenizer, so it gets none:
     a preset there could not apply, and --init-llm would replace the trained language model."""
     tool = "train_stage.py" if row.runner == "soup" else row.runner
     keys = ("out_dir", "data_dir") + (() if from_output else ("preset",))
-    extra = [f"--{k}={getattr(cfg, k)}" for k in keys if getattr(cfg, k) != getattr(StageConfig, k)]
+    if row.runner == "train_stage.py":                   # how the run is sized carries over (rl.py, the soup: no)
+        keys += ("scale", "step_scale")
+    extra = [f"--{k}={getattr(cfg, k)}" for k in keys if getattr(cfg, k, None) not in (None, getattr(StageConfig, k))]
     if not from_output:
         extra += [f"--{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("init_llm", "init_vit", "tokenizer")
                   if getattr(cfg, k, "")]
-    return " ".join([f"torchrun {tool} --stage {row.name}", *extra])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = f"torchrun --nproc_per_node {world}" if world > 1 else "torchrun"
+    return " ".join([f"{launch} {tool} --stage {row.name}", *extra])
 
 
 # ==============================================================================================

@@ -1907,7 +1907,8 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     assert f"init: all weights from {tmp_path}/lm0" in res.stdout
     modeling.verify_checkpoint(f"{tmp_path}/lm0")
     modeling.verify_checkpoint(f"{tmp_path}/vit1")
-    assert f"next: torchrun train_stage.py --stage vit2 --out_dir={tmp_path} --data_dir={synth}" in res.stdout
+    assert f"next: torchrun train_stage.py --stage vit2 --out_dir={tmp_path} --data_dir={synth} --step_scale=0.01\n" \
+        in res.stdout                                        # (how the run is sized carries over)
     hint = next(ln for ln in res.stdout.splitlines() if ln.startswith("try it: "))[len("try it: "):]
     assert hint.startswith(f"python sample.py --ckpt {tmp_path}/vit1 --image ")
     img = hint.split("--image ")[1].split(" --prompt")[0].strip("'")
@@ -1949,6 +1950,19 @@ def test_the_done_line_reads_the_output_on_rank_0_only(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(modeling.CheckpointError, match="does not exist"):
         train_stage.log_done(print, "sft1 checkpoint", str(tmp_path / "not-yet-visible"))
+
+
+def test_a_hint_runs_the_stage_as_this_run_is_run(monkeypatch, tmp_path):
+    """The next: line keeps the processes, --scale and --step_scale of the run it follows (a user on 8
+    GPUs at --scale=paper was sent to tiny defaults on one process); rl.py, which has neither option, and
+    the soup get only the processes."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    cfg, _ = cfg_of("vit3", "--scale=paper", "--step_scale=0.5", f"--out_dir={tmp_path}")
+    assert train_stage.command_for(train_stage.STAGES["pretrain1"], cfg, from_output=True) == \
+        f"torchrun --nproc_per_node 8 train_stage.py --stage pretrain1 --out_dir={tmp_path} --scale=paper --step_scale=0.5"
+    for name, tool in (("rl-verifiable", "rl.py"), ("soup", "train_stage.py")):
+        assert train_stage.command_for(train_stage.STAGES[name], cfg, from_output=True) == \
+            f"torchrun --nproc_per_node 8 {tool} --stage {name} --out_dir={tmp_path}"
 
 
 def test_the_try_it_hint_of_a_text_only_stage_is_none_and_media_options_are_apart(synth):
