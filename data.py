@@ -1001,11 +1001,11 @@ class Mixture:
 
     @staticmethod
     def _rebalance(ds: JsonlDataset, verbose: bool) -> np.ndarray:
-        texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc=f"n-grams {ds.path.name}", disable=no_bar(verbose))]
+        texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc=f"n-grams {ds.path.parent.name}/{ds.path.name}", disable=no_bar(verbose))]
         w = ngram_weights(texts)
         if verbose:
             before, after = diversity(texts), diversity(texts, w)
-            print(f"[data] n-gram rebalancing {ds.path.name}: distinct-3 {before['distinct']:.3f} -> "
+            print(f"[data] n-gram rebalancing {ds.path.parent.name}/{ds.path.name}: distinct-3 {before['distinct']:.3f} -> "
                   f"{after['distinct']:.3f}, 3-gram entropy {before['entropy']:.2f} -> {after['entropy']:.2f} bits")
         return w / w.sum()
 

@@ -1749,7 +1749,7 @@ def run_cli(argv: list):
     row = stage_row(cfg.stage)
     if row.runner == "rl.py":
         raise UsageError(f"{row.name} runs in rl.py: `{command_for(row, cfg)}`")
-    log(f"stage {cfg.stage} ({row.section or 'not a paper stage'}): {row.note}")
+    log(f"stage {cfg.stage}" + f" ({row.section})" * bool(row.section) + f": {row.note}")   # (a stand-in's note says so)
     writable_dir(cfg.out_dir)
     if row.runner == "soup":
         inputs = opts["ckpts"].split(",") if opts.get("ckpts") else [stage_dir(cfg, s) for s in row.inputs]

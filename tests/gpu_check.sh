@@ -2,7 +2,7 @@
 # The GPU check: on one CUDA machine, in about 10 minutes, what the CPU suite cannot show.
 #
 #   bash tests/gpu_check.sh                 # logs in $LOG_DIR (default /tmp/gpu_check), one table at the end
-#   REHEARSE=1 bash tests/gpu_check.sh      # the same steps on the CPU, tiny width (~5 min): the script,
+#   REHEARSE=1 bash tests/gpu_check.sh      # the same steps on the CPU, tiny width (~4 min; 7 with a cold inductor cache): the script,
 #                                           # its flags and paths, before a GPU's minutes are spent on them
 #
 #   In this order, checks before benchmarks (so a short BUDGET covers the checks), what has never run on a GPU:
