@@ -761,8 +761,9 @@ def apply_model_options(base: modeling.SAILVLConfig, options: tuple, source: str
         diff = next((k for k in {**shapes, **new} if new.get(k) != shapes.get(k)), None)
         if diff:
             flag = f"--preset={value}" if key == "preset" else f"--model.{option}"
-            raise UsageError(f"{flag} changes the shape of weights loaded from {source} ({diff}: {shapes.get(diff)} -> "
-                             f"{new.get(diff)}), so it cannot apply; shapes come from what the stage loads (presets and "
+            shape = lambda sd: sd.get(diff, "no such weight")     # noqa: E731   (an MoE preset drops the MLPs)
+            raise UsageError(f"{flag} changes the shape of weights loaded from {source} ({diff}: {shape(shapes)} -> "
+                             f"{shape(new)}), so it cannot apply; shapes come from what the stage loads (presets and "
                              "shape options shape random weights: --init-from=random)")
         cfg = trial
     return cfg
