@@ -732,7 +732,7 @@ def match_tokenizer(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, tok, log
         raise UsageError(f"--model.img_context_token_id={model_cfg.img_context_token_id}, but <IMG_CONTEXT> is token "
                          f"{ids.img_context} in the stage's tokenizer: drop the option (the id is the tokenizer's)")
     log(f"init: <IMG_CONTEXT> is token {ids.img_context} in this tokenizer (the preset says "
-        f"{model_cfg.img_context_token_id}): the model, not loaded from a checkpoint, uses the tokenizer's")
+        f"{model_cfg.img_context_token_id}): the model, not loaded from a checkpoint, uses the tokenizer's id")
     return dataclasses.replace(model_cfg, img_context_token_id=ids.img_context)
 
 
