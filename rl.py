@@ -1411,7 +1411,7 @@ def require_sources(cfg: RLConfig):
     if missing:
         raise train_stage.UsageError(
             f"{cfg.stage} starts from {train_stage.stage_dir(cfg, missing[0])}, which is missing: run "
-            f"`{train_stage.command_for(train_stage.STAGES[missing[0]], cfg)}` first, or pass --init_from=DIR")
+            f"`{train_stage.command_for(train_stage.STAGES[missing[0]], cfg)}` first, or pass --init-from=DIR")
 
 
 FILTER_CHUNK = 256       # pool prompts the pass@k filter decodes at a time (a whole 70k pool's pixels: terabytes)
