@@ -1309,6 +1309,15 @@ def skipped_step(cfg: StageConfig, res: dict, step: int, bad_in_a_row: int, log)
                                  f"lower --lr or check the data (the last checkpoint is in {run_dir(cfg)})")
 
 
+def check_held_out_data(cfg: StageConfig, log):
+    """Your own data (--manifests) without --eval_manifests is evaluated on the stage's synthetic
+    families: said here, and where --data_dir lacks them refused now, not at step 0's evaluation."""
+    if cfg.eval_every and cfg.manifests and not cfg.eval_manifests:
+        splits = stage_sources(cfg, "eval")
+        log(f"note: the held-out loss is measured on the stage's synthetic families ({len(splits)} eval splits "
+            f"in {cfg.data_dir}), not on --manifests' data: --eval_manifests=FILE measures your own")
+
+
 def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[str] = None) -> str:
     """Run one stage; returns its output folder out/<stage>/."""
     started = time.time()
@@ -1316,10 +1325,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
     resume = modeling.all_gather(resume)[0]      # rank 0's choice: nodes may list the run folder differently
     tok, tok_files, model_cfg = start_stage(cfg, model_cfg, rank, log)
-    if cfg.eval_every and cfg.manifests and not cfg.eval_manifests:
-        families = [m for m, _ in stage_sources(cfg, "eval")]              # (checked now, not at step 0's eval)
-        log(f"note: the held-out loss is measured on the stage's synthetic families ({len(families)} eval splits "
-            f"in {cfg.data_dir}), not on --manifests' data: --eval_manifests=FILE measures your own")
+    check_held_out_data(cfg, log)
 
     model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)
     cuda = device.type == "cuda"
