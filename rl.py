@@ -1532,12 +1532,12 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     updates, then the evaluation again on the same prompts and draws; checkpoints through
     train_stage's one writer; returns out/<stage>/."""
     started = time.time()
-    train_stage.writable_dir(cfg.out_dir)
     rank, world, device = train_stage.setup_distributed()
     log = lambda *a: train_stage.print0(rank, *a)                       # noqa: E731
     resume = modeling.all_gather(resume)[0]      # rank 0's choice: nodes may list the run folder differently
     modeling.seed_all(cfg.seed + rank)
     require_sources(cfg)
+    train_stage.writable_dir(cfg.out_dir)                # (after the refusals: a refused run makes no folder)
     model, model_cfg = train_stage.place_model(cfg, modeling.preset_config(cfg.preset), rank, world, device, log)
     cfg = resolve_algo(cfg, model_cfg)
     tok_dir = train_stage.tokenizer_dir(cfg)

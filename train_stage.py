@@ -1683,15 +1683,21 @@ def run_stage(stage: str, overrides: list = (), resume: Optional[str] = None) ->
     return train(cfg, model_cfg, resume)
 
 
+def refuse_missing_sources(cfg: StageConfig):
+    """A paper stage's output this stage starts from is missing: what to run (a stand-in is run instead)."""
+    for name in missing_sources(cfg):
+        if not STAGES[name].auto:
+            raise UsageError(f"{cfg.stage} starts from {stage_dir(cfg, name)}, which is missing or incomplete: run "
+                             f"`{command_for(STAGES[name], cfg)}` first, or pass --init-from=DIR (--init-from=random "
+                             f"starts from random weights)")
+
+
 def ensure_sources(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log):
     """Run the stand-in stages this stage starts from when their output is missing; refuse, with
     what to run, when a paper stage's output is missing."""
+    refuse_missing_sources(cfg)
     for name in missing_sources(cfg):
         row = STAGES[name]
-        if not row.auto:
-            raise UsageError(f"{cfg.stage} starts from {stage_dir(cfg, name)}, which is missing or incomplete: run "
-                             f"`{command_for(row, cfg)}` first, or pass --init-from=DIR (--init-from=random "
-                             f"starts from random weights)")
         sub = stage_config(name)
         for key in ("out_dir", "data_dir", "seed", "preset", "tokenizer", "fsdp", "ac", "num_workers"):
             setattr(sub, key, getattr(cfg, key))
@@ -1757,16 +1763,19 @@ def run_cli(argv: list):
     if row.runner == "rl.py":
         raise UsageError(f"{row.name} runs in rl.py: `{command_for(row, cfg)}`")
     log(f"stage {cfg.stage}" + f" ({row.section})" * bool(row.section) + f": {row.note}")   # (a stand-in's note says so)
-    writable_dir(cfg.out_dir)
     if row.runner == "soup":
         inputs = opts["ckpts"].split(",") if opts.get("ckpts") else [stage_dir(cfg, s) for s in row.inputs]
         for path, name in zip(inputs, row.inputs if not opts.get("ckpts") else inputs):
             if not modeling.is_finished_stage(path) and not os.path.exists(os.path.join(path, "config.json")):
                 hint = f"run `{command_for(STAGES[name], cfg)}` first, or " if name in STAGES else ""
                 raise UsageError(f"soup: {path} is missing: {hint}pass --ckpts A B")
+        writable_dir(cfg.out_dir)                        # (after the refusals: a refused command makes no folder)
         out = soup(cfg, inputs)
     else:
         resume = resume_checkpoint(opts, cfg, log)
+        if not resume:
+            refuse_missing_sources(cfg)
+        writable_dir(cfg.out_dir)
         if not resume:
             ensure_sources(cfg, model_cfg, log)
         out = train(cfg, model_cfg, resume)

@@ -1860,6 +1860,22 @@ def test_an_empty_manifest_or_one_of_only_bad_lines_is_one_line_naming_why(tmp_p
     assert "bad.jsonl:1" in err
 
 
+def test_a_refused_command_makes_no_output_folder_and_an_unwritable_one_is_one_line(synth, tmp_path, capsys):
+    """A stage, an RL stage or the soup refused for a missing source leaves no empty --out_dir behind
+    (the folder was made first); an --out_dir that cannot be written is one line naming the option."""
+    import rl
+    for main, args in ((train_stage.main, ["--stage", "pretrain1"]), (rl.main, ["--stage", "rl-verifiable"]),
+                       (train_stage.main, ["--stage", "soup"])):
+        with pytest.raises(SystemExit) as e:
+            main([*args, f"--out_dir={tmp_path}/new", f"--data_dir={synth}"])
+        assert e.value.code == 2 and "missing" in capsys.readouterr().err and not (tmp_path / "new").exists(), args
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        train_stage.main(["--stage", "sft1", "--init-from=random", f"--out_dir={tmp_path}/file/out", f"--data_dir={synth}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"cannot write to the output folder {tmp_path}/file/out" in err and "--out_dir" in err
+
+
 def test_init_llm_from_a_stage_output_keeps_its_presets_vit(tmp_path):
     """--init-llm names a Qwen3 folder (then the 2b preset: the paper's ViT and tiles; test_replicate)
     or one of our outputs, lm0's: then the preset whose ViT that output has, not a random 0.7B
