@@ -1310,11 +1310,12 @@ def full_tensor(value, name: str) -> torch.Tensor:
 
 
 def fill_weights(model, sd: dict, what: str):
-    """`sd`'s tensors into `model`'s own (made, unsharded), one at a time (full_tensor); a missing,
-    unexpected or misshaped one is a ValueError naming `what` (loadable)."""
+    """`sd`'s tensors into `model`'s own (made, unsharded), one at a time: as load_state_dict_strict
+    copies them (row blocks into their rows), a meta tensor made first (remade)."""
     with torch.no_grad():
         for name, t in loadable(model, sd, what).items():
-            t.copy_(full_tensor(sd[name], name))
+            value = sd[name]
+            vit.copy_into(t, remade(value, name) if isinstance(value, torch.Tensor) and value.is_meta else value)
 
 
 def scatter_weights(model, read, rank: int, device, source: str, what: str):

@@ -573,14 +573,20 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str):
     made): a checkpoint's per-expert or q/k/v tensors, each copied into its rows straight from the
     memory-mapped file, where a stacked copy of a 30B MoE's experts would take tens of GB of host memory."""
     with torch.no_grad():
-        for k, t in loadable(module, sd, what).items():   # copy_ converts the dtype as it copies: no converted copy
-            row = 0
-            for block in sd[k] if isinstance(sd[k], (list, tuple)) else [sd[k]]:
-                if block.dim() == 0:
-                    t.copy_(block)
-                    continue
-                t[row:row + block.shape[0]].copy_(block)
-                row += block.shape[0]
+        for k, t in loadable(module, sd, what).items():
+            copy_into(t, sd[k])
+
+
+def copy_into(t: torch.Tensor, value):
+    """`value` into the tensor `t`: a tensor, or consecutive row blocks, each copied into its rows
+    (never stacked first); copy_ converts the dtype as it copies (no converted copy)."""
+    row = 0
+    for block in value if isinstance(value, (list, tuple)) else [value]:
+        if block.dim() == 0:
+            t.copy_(block)
+            continue
+        t[row:row + block.shape[0]].copy_(block)
+        row += block.shape[0]
 
 
 def loadable(module: nn.Module, sd: dict, what: str) -> dict:
