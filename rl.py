@@ -1310,6 +1310,7 @@ HARVEST_UNUSED = ("episodes", "prompts_per_episode", "mini_batches", "epochs", "
                   "eval_prompts", "eval_samples", "format_gate", "update_memory", "generate_on", *train_stage.TRAINING_ONLY)
 
 
+RL_STAGES = tuple(s.name for s in train_stage.RECIPE if s.runner == "rl.py")   # what --stage takes here
 COMPILE = {"auto": "auto", "true": True, "false": False, "graphs": "graphs"}   # --compile -> generate_from_embeds's
 
 
@@ -1318,7 +1319,7 @@ def rl_config(argv: list) -> tuple:
     opts = train_stage.split_options(argv)
     given = dict(opts)
     stage = given.get("stage", RLConfig.stage)
-    row = train_stage.stage_row(stage)
+    row = train_stage.stage_row(stage, RL_STAGES)
     if row.runner != "rl.py":
         raise train_stage.UsageError(f"{stage} is not an RL stage: `{train_stage.command_for(row, RLConfig())}`")
     cfg = RLConfig(stage=stage, trainable=",".join(row.trainable))

@@ -352,11 +352,13 @@ RECIPE = (
 STAGES = {s.name: s for s in RECIPE}
 
 
-def stage_row(name: str) -> Stage:
+def stage_row(name: str, offered: tuple = (*STAGES, "all")) -> Stage:
+    """The recipe row of a stage name; an unknown name is a usage error listing the names the
+    command takes (`offered`: train_stage.py's stages and `all`, the recipe; rl.py's RL stages)."""
     if name not in STAGES:
-        near = difflib.get_close_matches(name, list(STAGES), n=1)
+        near = difflib.get_close_matches(name, offered, n=1)
         raise UsageError(f"unknown stage {name!r}" + (f" (did you mean {near[0]}?)" if near else "")
-                         + f"; stages: {', '.join(STAGES)}")
+                         + f"; stages: {', '.join(offered)}")
     return STAGES[name]
 
 
@@ -601,7 +603,7 @@ def module_overrides(spec: str) -> dict:
         raise UsageError(f"--init_modules: a module named twice in {spec!r}")
     for _, src in pairs:
         if src != "fresh":
-            stage_row(src)
+            stage_row(src, (*STAGES, "fresh"))
     return dict(pairs)
 
 

@@ -1284,6 +1284,7 @@ def test_rl_usage_errors_are_one_line(capsys):
     assert res.returncode == 2 and "not an RL stage" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     for args, says in ((["--stage", "rl-verifiable", "--reward_weights=0.5,0.5,0.5"], "sum"),
                        (["--stage="], "unknown stage ''"),                # empty: not the default stage
+                       (["--stage=rl-verifable"], "(did you mean rl-verifiable?); stages: rl-verifiable, harvest, rl-mixed\n"),
                        (["--stage", "rl-verifiable", "--steps=5"], "--episodes"),
                        (["--stage", "rl-mixed", "--direct_share=1.5"], "--direct_share must be in [0, 1]"),
                        (["--stage", "rl-verifiable", "--kl_coef=0.1"], "unknown option --kl_coef"),

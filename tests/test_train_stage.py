@@ -295,7 +295,7 @@ def test_pretrain1_starts_from_vit3s_vit_lm0s_llm_and_a_fresh_adapter(tmp_path, 
     assert all(torch.equal(m.state_dict()[k], v) for k, v in want.items())
     for bad, match in ((["--init_modules=mlp1=vit3"], "module:stage pairs"),
                        (["--init_modules=adapter:vit3"], "unknown module"),
-                       (["--init_modules=mlp1:vit9"], "unknown stage 'vit9' \\(did you mean vit"),
+                       (["--init_modules=mlp1:vit9"], "unknown stage 'vit9' \\(did you mean vit.*, rl-mixed, fresh$"),
                        (["--init_modules=:vit3"], "a pair without its module"),
                        (["--init_modules=mlp1:vit3,mlp1:fresh"], "named twice"),
                        (["--init_modules=mlp1:vit3", f"--init_from={tmp_path}"], "give one of them")):
@@ -1725,7 +1725,9 @@ def test_nested_and_range_options_are_checked_where_they_are_parsed():
 
 
 @pytest.mark.parametrize("args,code,match", [
-    (["--stage", "nosuch"], 2, "unknown stage 'nosuch'"),
+    (["--stage", "nosuch"], 2, "; stages: lm0, vit1, vit2, vit3, vit3-direct, pretrain1, pretrain2, sft1, sft2, sft3, sft4, sft4-twin, soup, "
+     "longcot, rl-verifiable, harvest, thinkfusion, rl-mixed, all\n"),   # all: the recipe
+    (["--stage", "al"], 2, "unknown stage 'al' (did you mean all?)"),
     (["--stage="], 2, "unknown stage ''"),               # empty: not the default stage
     (["--scale="], 2, "--scale must be tiny or paper, got ''"),
     (["--stage", "vit1", "--lr=abc"], 2, "--lr: expected a number, got 'abc'"),
