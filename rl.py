@@ -1539,7 +1539,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
     modeling.seed_all(cfg.seed + rank)
     require_sources(cfg)
     train_stage.writable_dir(cfg.out_dir)                # (after the refusals: a refused run makes no folder)
-    model, model_cfg = train_stage.place_model(cfg, modeling.preset_config(cfg.preset), rank, world, device, log)
+    model, model_cfg = train_stage.place_model(cfg, modeling.preset_config(cfg.preset), rank, world, device, log, resume)
     cfg = resolve_algo(cfg, model_cfg)
     tok_dir = train_stage.tokenizer_dir(cfg)
     tok, tok_files = data.load_tokenizer(tok_dir), train_stage.tokenizer_files(tok_dir)

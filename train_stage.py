@@ -1118,20 +1118,25 @@ def step_report(step: int, cfg: StageConfig, res: dict, lr: float, seconds: dict
 # ==============================================================================================
 # the training loop
 
-def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, world: int, device, log) -> tuple:
+def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, world: int, device, log,
+                resume: Optional[str] = None) -> tuple:
     """(model, its config) on the device, frozen but for the stage's modules; sharded with FSDP2
     when world > 1 or --fsdp (torchtitan's recipe: build on the meta device, shard, allocate only this rank's
     shards, then fill them a tensor at a time from rank 0: from one checkpoint, its whole model read
     from its files (model.load_sharded_weights); from several sources or random weights, each module
     from its files, the tensors no file gives made one at a time on rank 0's host, as a whole build
-    makes them (stage_start, model.remade, model.scatter_weights))."""
+    makes them (stage_start, model.remade, model.scatter_weights)). A run that resumes reads no starting
+    weights: its step checkpoint gives every one (resume_from, resume_rl), so they are left unset here."""
     trainable = modules_of(cfg.trainable)
+    if resume:
+        log(f"init: no starting weights read: the step checkpoint {resume} gives them all")
     if not dist.is_initialized():
-        model = build_stage_model(cfg, model_cfg, log, device)       # made on the device, a tensor at a time
+        model = modeling.empty_model(stage_model_config(cfg, model_cfg), device) if resume else \
+            build_stage_model(cfg, model_cfg, log, device)           # made on the device, a tensor at a time
         modeling.freeze(model, trainable)
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
     else:
-        folder = whole_checkpoint(cfg, model_cfg)          # read a tensor at a time into the shards
+        folder = None if resume else whole_checkpoint(cfg, model_cfg)   # read a tensor at a time into the shards
         box = [stage_model_config(cfg, model_cfg) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)             # rank 0's reading of the sources' configs
         with torch.device("meta"):
@@ -1140,13 +1145,14 @@ def place_model(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, rank: int, w
         modeling.set_activation_checkpointing(model, cfg.ac == "block")
         modeling.parallelize(model, device, mixed_precision=device.type == "cuda")
         model.to_empty(device=device)
-        with loading_weights():
-            if folder is None:                             # rank 0 makes the tensors no file gives, one at a time
+        if folder is not None:
+            with loading_weights():
+                modeling.load_sharded_weights(model, folder, rank, device)
+            log(f"init: all weights from {folder}, {config_origin(folder, model.cfg)}")
+        elif not resume:                                   # rank 0 makes the tensors no file gives, one at a time
+            with loading_weights():
                 modeling.scatter_weights(model, lambda: start_tensors(*stage_start(cfg, box[0], log)), rank, device,
                                          "the stage's sources", "the stage's starting weights")
-            else:
-                modeling.load_sharded_weights(model, folder, rank, device)
-                log(f"init: all weights from {folder}, {config_origin(folder, model.cfg)}")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {modeling.count_params(model) / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable ({', '.join(trainable)})")
     return model, model.cfg
@@ -1329,7 +1335,7 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     tok, tok_files, model_cfg = start_stage(cfg, model_cfg, rank, log)
     check_held_out_data(cfg, log)
 
-    model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log)
+    model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log, resume)
     cuda = device.type == "cuda"
     autocast = (lambda: modeling.autocast(device)) if not dist.is_initialized() else \
         (lambda: torch.autocast("cpu", enabled=False))            # FSDP2's mixed precision casts instead

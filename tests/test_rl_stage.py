@@ -1187,6 +1187,7 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path, monkey
     res = run([str(tmp_path / "driver.py"), *stage_args(synth, tmp_path / "b"), "--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resume: continuing from" in res.stdout
+    assert "init: no starting weights read" in res.stdout and "init: all weights from" not in res.stdout
     took = modeling.verify_checkpoint(f"{tmp_path}/b/rl-verifiable")["seconds"]   # both runs': up to the checkpoint, then this one
     assert earlier + 1000 < took < earlier + 1000 + time.time() - t0 and f"after {took:.0f} s" in res.stdout
     wb = load_file(f"{tmp_path}/b/rl-verifiable/model.safetensors")

@@ -1409,6 +1409,7 @@ def test_step_checkpoints_reshard_from_one_process_to_two_and_back(synth, tmp_pa
     two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args, f"--out_dir={tmp_path}/two",
                "--packing.micro_batches=1", f"--resume={tmp_path}/one/vit3.run/step-000001"])
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "init: no starting weights read" in two.stdout and "init: random weights" not in two.stdout   # (not made)
     ck = f"{tmp_path}/two/vit3.run/step-000002"
     meta = modeling.verify_checkpoint(ck, resumable=True)
     shards = sorted(n for n in meta["files"] if n.startswith("state/"))
@@ -1448,7 +1449,12 @@ def test_resume_restores_the_process_rngs(synth, tmp_path, monkeypatch):
     draws.clear()
     before = modeling.verify_checkpoint(f"{tmp_path}/lm0.run/step-000002")["seconds"]
     t0 = time.time()
-    train_stage.run_stage("lm0", args, resume=f"{tmp_path}/lm0.run/step-000002")
+
+    def starting_weights(*a, **k):
+        raise AssertionError("a resumed run made its starting weights, which its step checkpoint replaces")
+    with monkeypatch.context() as m:
+        m.setattr(train_stage, "build_stage_model", starting_weights)
+        train_stage.run_stage("lm0", args, resume=f"{tmp_path}/lm0.run/step-000002")
     assert len(ref) == 4 and draws == ref[2:]
     # the stage's time counts the run before the resume up to its checkpoint, and this one
     assert before < modeling.verify_checkpoint(f"{tmp_path}/lm0")["seconds"] <= before + time.time() - t0 + 0.1
