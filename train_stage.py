@@ -1328,11 +1328,11 @@ def check_held_out_data(cfg: StageConfig, log):
 
 def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[str] = None) -> str:
     """Run one stage; returns its output folder out/<stage>/."""
-    started = time.time()
     rank, world, device = setup_distributed(cfg.fsdp)
     log = lambda *a: print0(rank, *a)                                    # noqa: E731
     resume = modeling.all_gather(resume)[0]      # rank 0's choice: nodes may list the run folder differently
     tok, tok_files, model_cfg = start_stage(cfg, model_cfg, rank, log)
+    started = time.time()                        # the stage's time: not the synthetic data's one-off generation
     check_held_out_data(cfg, log)
 
     model, model_cfg = place_model(cfg, model_cfg, rank, world, device, log, resume)

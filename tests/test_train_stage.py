@@ -1428,6 +1428,19 @@ def test_step_checkpoints_reshard_from_one_process_to_two_and_back(synth, tmp_pa
         assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, folder
 
 
+def test_a_stages_time_leaves_out_the_synthetic_datas_generation(synth, tmp_path, monkeypatch):
+    """The first stage run on a machine generates the synthetic data (ensure_synth, minutes at the
+    default size): the stage's time (meta.json "seconds", the recipe report's) is the stage's own.
+    Here the generation is a stand-in that moves the clock 1000 s on."""
+    later = [0.0]
+    clock = time.time
+    monkeypatch.setattr(time, "time", lambda: clock() + later[0])
+    monkeypatch.setattr(data, "ensure_synth", lambda *a, **k: later.__setitem__(0, 1000.0))
+    out = train_stage.run_stage("lm0", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=1", "--eval_every=0",
+                                        "--packing.max_tokens=256"])
+    assert later[0] == 1000.0 and 0 < modeling.verify_checkpoint(out)["seconds"] < 1000
+
+
 def test_resume_restores_the_process_rngs(synth, tmp_path, monkeypatch):
     """No stage draws from the process RNGs after start-up (data order, frame jitter and AdaLRS are
     seeded by the config and the stream position), so a stand-in step draws from torch, random and
