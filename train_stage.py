@@ -1437,6 +1437,7 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
             raise UsageError(f"soup: {c} has a different architecture from {ckpts[0]} (config differs in {diff}); "
                              f"the paper's soup averages homogeneous checkpoints only (§4.2.1)")
     model_cfg = modeling.SAILVLConfig.from_dict(configs[0])
+    say_how_the_inputs_were_trained(ckpts, log)
     with loading_weights():                             # (the other ranks are stopped by torchrun)
         souped = mean_weights(ckpts, model_cfg) if rank == 0 else None
     tok_dir = cfg.tokenizer or next((c for c in ckpts if tokenizer_files(c)), None)
@@ -1456,6 +1457,38 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
     modeling.save_checkpoint(stage_dir(cfg), souped, meta, rank, world, extra_files=tokenizer_files(tok_dir),
                              model_cfg=model_cfg)
     return stage_dir(cfg)
+
+
+# the options in which homogeneous checkpoints (§4.2.1: the same recipe) may differ: the seed, the
+# stage's name (sft4 and its twin) and how the run was kept, placed and evaluated
+SOUP_MAY_DIFFER = ("stage", "seed", "out_dir", "data_dir", "image_root", "tokenizer", "eval_manifests", "eval_every",
+                   "eval_packs", "save_every", "keep_checkpoints", "num_workers", "prefetch_factor", "fsdp", "ac",
+                   "max_bad_steps", "max_bad_fraction")
+
+
+def say_how_the_inputs_were_trained(ckpts: list, log):
+    """Log each input's stage and step (meta.json) and, where the inputs' recipes differ (their
+    options but SOUP_MAY_DIFFER, their stage's data mix and start), a note naming how: the paper's
+    homogeneous soups gain, its heterogeneous merge collapsed (Table 5). A note, not a refusal."""
+    recipes, origins = [], []
+    for c in ckpts:
+        if not os.path.exists(os.path.join(c, "meta.json")):       # an export (HF layout): its recipe is unknown
+            origins.append(f"{c} (no meta.json)")
+            continue
+        meta = modeling.verify_checkpoint(c)
+        origins.append(f"{c} ({meta.get('stage', '?')}, step {meta.get('step', '?')})")
+        recipe = {k: v for k, v in meta.get("config", {}).items() if k not in SOUP_MAY_DIFFER}
+        if (row := STAGES.get(meta.get("stage"))) is not None:
+            start = set(init_rule(row).values())
+            recipe.update(data_mix=",".join(f"{name}:{w:g}" for name, w in row.mix),
+                          start=start.pop() if len(start) == 1 else init_rule(row))
+        recipes.append((c, recipe))
+    log(f"soup: averaging {', '.join(origins)}")
+    differs = [f"{c}: {', '.join(d)}" for c, r in recipes[1:] if (d := changed_options(recipes[0][1], r))]
+    if differs:
+        log(f"note: the inputs were trained differently from {recipes[0][0]} ({'; '.join(differs)}); the paper "
+            "averages homogeneous checkpoints (the same recipe, another seed or data order): its heterogeneous "
+            "merge collapsed (§4.2.1, Table 5)")
 
 
 MEAN_CHUNK = 1 << 24     # elements averaged at once: 128 MiB of float64 per input, whatever the tensor

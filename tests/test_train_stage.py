@@ -2267,6 +2267,32 @@ def test_step_scale_rounds_the_steps_to_the_nearest_and_keeps_at_least_one():
     assert cfg_of("vit1", "--steps=10", "--step_scale=3")[0].steps == 30
 
 
+def test_the_soup_names_its_inputs_and_how_their_recipes_differ(synth, tmp_path, monkeypatch):
+    """The soup logs each input's stage and step; inputs trained differently (their options but the
+    seed and the run's bookkeeping, their stage's data and start) get one note naming how (the
+    paper: heterogeneous merges collapse), homogeneous ones (sft4 and its twin, another seed) none."""
+    monkeypatch.setattr(train_stage, "evaluate", lambda *a, **k: 0.0)        # the log is the subject here
+    m = modeling.build_model("tiny", seed=3)
+    for name, stage, *args in (("a", "sft4"), ("twin", "sft4-twin", "--num_workers=2"), ("b", "sft4", "--lr=0.001"),
+                               ("c", "sft2")):
+        run_cfg, _ = cfg_of(stage, *args)
+        modeling.save_checkpoint(f"{tmp_path}/{name}", m, {"stage": stage, "step": 5, "config": dataclasses.asdict(run_cfg)},
+                                 0, 1)
+    m.save_pretrained(f"{tmp_path}/hf")                                      # no meta.json: an export
+    cfg, _ = cfg_of("soup", f"--data_dir={synth}", f"--out_dir={tmp_path}/out", "--eval_packs=1")
+    logs = []
+    monkeypatch.setattr(train_stage, "print0", lambda rank, *a: logs.append(" ".join(map(str, a))))
+    a, twin, b, c, hf = (f"{tmp_path}/{n}" for n in ("a", "twin", "b", "c", "hf"))
+    train_stage.soup(cfg, [a, twin, hf])
+    assert f"soup: averaging {a} (sft4, step 5), {twin} (sft4-twin, step 5), {hf} (no meta.json)" in logs
+    assert not any(line.startswith("note:") for line in logs), logs
+    logs.clear()
+    train_stage.soup(cfg, [a, b, c])
+    notes = [line for line in logs if line.startswith("note: the inputs were trained differently")]
+    assert len(notes) == 1 and f"{b}: lr 0.0003 -> 0.001; {c}: " in notes[0] and "data_mix" in notes[0] \
+        and "start 'sft3' -> 'sft1'" in notes[0] and "heterogeneous" in notes[0], notes
+
+
 def test_the_soup_of_three_checkpoints_is_their_mean(synth, tmp_path, monkeypatch):
     monkeypatch.setattr(train_stage, "evaluate", lambda *a, **k: 0.0)        # the weights are the subject here
     models = [modeling.build_model("tiny", seed=s) for s in (3, 4, 5)]
