@@ -251,11 +251,12 @@ def refuse_if_trained_otherwise(row: Stage, cfg: StageConfig, passthrough: list,
                          f"{folder}.run to train it again")
 
 
-def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int) -> float:
-    """Run one row as its own process (unless its output verifies, trained as this run would); its
-    seconds: the process's wall clock, or where it resumed a cut run or had finished before (a run
-    killed before the recipe recorded it), the stage's own time, every attempt's up to its last checkpoint
-    (its meta.json)."""
+def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_offset: int,
+              while_running=lambda: None) -> float:
+    """Run one row as its own process (unless its output verifies, trained as this run would), calling
+    while_running() every minute it runs; its seconds: the process's wall clock, or where it resumed a
+    cut run or had finished before (a run killed before the recipe recorded it), the stage's own time,
+    every attempt's up to its last checkpoint (its meta.json)."""
     t0, folder = time.time(), stage_dir(cfg, row.name)
     if modeling.is_finished_stage(folder):
         refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset)
@@ -263,7 +264,7 @@ def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_o
     resumes = row.trainable and modeling.find_resume_checkpoint(folder + ".run", lambda *a: None)
     if resumes:                                        # the run the stage's --resume would continue
         refuse_if_trained_otherwise(row, cfg, passthrough, seed_offset, resumes)
-    code = run_stage_process(stage_command(row, int(own["nproc"]), passthrough, seed_offset))
+    code = run_stage_process(stage_command(row, int(own["nproc"]), passthrough, seed_offset), while_running)
     if code:
         raise UsageError(f"the recipe stopped at {row.name} (exit {code}); fix it and run the "
                          f"same command again: finished stages are skipped")
@@ -271,14 +272,19 @@ def train_row(row: Stage, cfg: StageConfig, own: dict, passthrough: list, seed_o
     return modeling.verify_checkpoint(folder).get("seconds", seconds) if resumes else seconds
 
 
-def run_stage_process(cmd: list) -> int:
-    """Run a stage's command; its exit code. On Ctrl-C the stage, quiet (the recipe says how to go on:
-    RECIPE_CHILD), is given time to leave: a terminal's Ctrl-C reaches it too, a SIGINT to the recipe
-    alone is passed on, and only a stage still there after a minute is killed (subprocess.run killed
-    it after 0.25 s: torchrun's workers were left running on their own)."""
+def run_stage_process(cmd: list, while_running=lambda: None, every: float = 60.0) -> int:
+    """Run a stage's command, calling while_running() every `every` seconds until it ends; its exit
+    code. On Ctrl-C the stage, quiet (the recipe says how to go on: RECIPE_CHILD), is given time to
+    leave: a terminal's Ctrl-C reaches it too, a SIGINT to the recipe alone is passed on, and only a
+    stage still there after a minute is killed (subprocess.run killed it after 0.25 s: torchrun's
+    workers were left running on their own)."""
     p = subprocess.Popen(cmd, env={**os.environ, train_stage.RECIPE_CHILD: "1"})
     try:
-        return p.wait()
+        while True:
+            try:
+                return p.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                while_running()
     except KeyboardInterrupt:
         for nudge, wait in ((None, 2), (signal.SIGINT, 60), (signal.SIGKILL, None)):
             if nudge is not None:
@@ -437,6 +443,10 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
                   chance={f: round(c, 4) for f, c in sample.chance(cfg.data_dir, families, limit=int(own["eval_limit"])).items()})
     rows = RECIPE[:[r.name for r in RECIPE].index(own["until"]) + 1] if own["until"] else RECIPE
     trained = False
+
+    def keep_wall_clock():           # every minute of a stage: a killed recipe (kill -9) loses at most that
+        report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
+        data.write_json(path, report)
     try:
         for row in rows:
             if row.name in report["stages"] and modeling.is_finished_stage(stage_dir(cfg, row.name)):
@@ -444,7 +454,7 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
                 took = seconds_text(report["stages"][row.name]["seconds"])
                 print(f"recipe | {row.name:13s} done before ({took} s): skipped", flush=True)
             else:
-                seconds = train_row(row, cfg, own, passthrough, seed_offset)
+                seconds = train_row(row, cfg, own, passthrough, seed_offset, keep_wall_clock)
                 t_eval = time.time()
                 report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluate_row(row, cfg, own), rdir)
                 report["stages"][row.name]["eval_seconds"] = round(time.time() - t_eval, 1)
@@ -454,9 +464,8 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
                 report["effects"] = recipe_effect_results(rdir, cfg)
                 write_report(rdir, report, cfg)                  # written after every stage: a cut run keeps it
                 trained = True
-    finally:             # an interrupted or failed run's time counts too (a killed one's last stage does not)
-        report["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
-        data.write_json(path, report)
+    finally:             # an interrupted or failed run's time counts too (a killed one's, up to its last minute)
+        keep_wall_clock()
     if not trained:                                          # every stage skipped: the report still refreshed
         report["effects"] = recipe_effect_results(rdir, cfg)
         write_report(rdir, report, cfg)

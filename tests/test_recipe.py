@@ -440,6 +440,28 @@ def test_stage_entry_takes_the_first_held_out_loss_and_the_soups_own(tmp_path, m
     assert "recipe | vit1" in capsys.readouterr().out
 
 
+def test_a_recipe_killed_mid_stage_keeps_its_wall_clock_up_to_the_last_minute(synth, tmp_path, monkeypatch):
+    """report.json's wall clock was written after each stage and when the recipe left: a recipe killed
+    (kill -9) in a stage lost that stage's time. run_stage_process calls back every minute while a
+    stage runs (here a child that sleeps, every 0.2 s), and the recipe writes its wall clock then."""
+    beats = []
+    assert recipe.run_stage_process([sys.executable, "-c", "import time; time.sleep(1.5)"],
+                                    lambda: beats.append(1), every=0.2) == 0 and len(beats) >= 4
+    later, clock, seen = [0.0], time.time, []
+    monkeypatch.setattr(time, "time", lambda: clock() + later[0])
+
+    def stage_killed_after_an_hour(row, cfg, own, passthrough, seed_offset, while_running):
+        later[0] = 3600.0
+        while_running()
+        seen.append(report_of(tmp_path)["wall_seconds"])          # on disk now: what a kill -9 leaves
+        raise SystemExit(137)
+    monkeypatch.setattr(recipe, "train_row", stage_killed_after_an_hour)
+    cfg = train_stage.StageConfig(out_dir=str(tmp_path), data_dir=str(synth))
+    with pytest.raises(SystemExit):
+        recipe.run_recipe_once(cfg, {**recipe.RECIPE_OPTIONS, "until": "lm0", "eval_limit": "4"}, [], 0)
+    assert len(seen) == 1 and 3600 <= seen[0] < 3660
+
+
 def test_train_row_skips_a_verified_stage_and_stops_on_a_failed_one(tmp_path, monkeypatch):
     """A stage whose output verifies is not run again; otherwise its stage_command runs, and a
     non-zero exit stops the recipe with a usage error naming the stage and the exit code."""
@@ -448,7 +470,7 @@ def test_train_row_skips_a_verified_stage_and_stops_on_a_failed_one(tmp_path, mo
     monkeypatch.setattr(modeling, "is_finished_stage", lambda path: finished.get(path, False))
     monkeypatch.setattr(recipe, "refuse_if_trained_otherwise", lambda *a: None)
     monkeypatch.setattr(modeling, "verify_checkpoint", lambda path: {"seconds": 12.5})
-    monkeypatch.setattr(recipe, "run_stage_process", lambda cmd: calls.append(cmd) or rc[0])
+    monkeypatch.setattr(recipe, "run_stage_process", lambda cmd, while_running: calls.append(cmd) or rc[0])
     own = {"nproc": "1"}
     assert recipe.train_row(row, cfg, own, ["--out_dir=o"], 0) == 12.5     # finished before: its own recorded time
     assert calls == []
@@ -511,7 +533,7 @@ def test_the_recipe_refuses_to_resume_a_run_trained_otherwise(synth, tmp_path, m
                                   "--eval_every=0"])
     shutil.rmtree(tmp_path / "lm0")
     calls = []
-    monkeypatch.setattr(recipe, "run_stage_process", lambda cmd: calls.append(cmd))
+    monkeypatch.setattr(recipe, "run_stage_process", lambda cmd, while_running: calls.append(cmd))
     with pytest.raises(train_stage.UsageError, match=f"{tmp_path}/lm0.run/step-000002 was trained with other settings "
                                                      "than this run gives lm0 \\(steps 4 -> 10, "):
         recipe.train_row(row, train_stage.StageConfig(out_dir=str(tmp_path)), {"nproc": "1"},
