@@ -851,12 +851,17 @@ class JsonlDataset:
 
     __getitem__ = load
 
-    def text_of(self, i: int) -> str:
-        """The record's words (all turns, placeholders removed) for n-gram statistics; '' if bad."""
+    def text_of(self, i: int, bad: "BadData" = None) -> str:
+        """The record's words (all turns, placeholders removed) for n-gram statistics; '' if bad
+        (counted and reported in `bad` when given)."""
         try:
             rec = self.record(i)
-        except DataError:
+        except DataError as e:
+            if bad is not None:
+                bad.bad(e)
             return ""
+        if bad is not None:
+            bad.good()
         return PLACEHOLDER_RE.sub(" ", " ".join(c for _, c in rec.turns)) if rec.text is None else rec.text
 
     def scan(self, bad: BadData = None, progress: bool = True):
@@ -1225,10 +1230,16 @@ def add_image_tokens_cli(src: str, out: str):
 def check_cli(args):
     """`python data.py check MANIFEST`: bad lines by reason, token counts; exit 1 when training would refuse it."""
     import model                            # the command line only: the geometry a model was built for
-    mcfg = model.SAILVLConfig.from_dict(json.loads(Path(args.ckpt, "config.json").read_text())) if args.ckpt \
-        else model.preset_config(args.preset)
+    if args.ckpt and not os.path.isfile(os.path.join(args.ckpt, "config.json")):
+        raise FileNotFoundError(f"--ckpt {args.ckpt}: not a checkpoint folder (no config.json)")
+    mcfg = model.read_config(args.ckpt) if args.ckpt else model.preset_config(args.preset)
     cfg = DataConfig.from_model(mcfg, max_len=args.max_len, label_mode=args.label_mode, image_root=args.image_root)
-    ds = JsonlDataset(args.manifest, load_tokenizer(args.tokenizer), cfg)
+    # the tokenizer training reads: --ckpt's own (it travels with the weights), else the embedded default
+    tok = args.tokenizer or (args.ckpt if args.ckpt and has_tokenizer(args.ckpt) else None)
+    ds = JsonlDataset(args.manifest, load_tokenizer(tok), cfg)
+    if not len(ds):
+        print(f"training would refuse {args.manifest}: it holds no samples", file=sys.stderr)
+        raise SystemExit(1)
     bad = BadData(max_fraction=1.0, show_first=len(ds))
     lengths = [len(s["input_ids"]) for s in ds.scan(bad)]
     print(bad.report())
@@ -1245,7 +1256,11 @@ def check_cli(args):
 def rebalance_cli(args):
     """`python data.py rebalance MANIFEST`: the diversity before / after n-gram rebalancing."""
     ds = JsonlDataset(args.manifest, load_tokenizer(None))
-    texts = [ds.text_of(i) for i in tqdm(range(len(ds)), desc="read", disable=no_bar(True))]
+    if not len(ds):
+        raise ValueError(f"manifest {args.manifest} holds no samples")
+    bad = BadData(max_fraction=1.0, show_first=len(ds))          # each bad line named, as training and check do
+    texts = [ds.text_of(i, bad) for i in tqdm(range(len(ds)), desc="read", disable=no_bar(True))]
+    print(bad.report() + ("; bad lines weigh as empty texts" if bad.counts else ""))
     w = ngram_weights(texts, args.n, args.alpha)
     before, after = diversity(texts, n=args.n), diversity(texts, w, n=args.n)
     print(f"distinct-{args.n}: {before['distinct']:.4f} -> {after['distinct']:.4f}")
@@ -1272,7 +1287,8 @@ COMMANDS = (
          ("manifest", dict(help="a JSONL manifest (conversations / messages / text per line)")),
          ("--image-root", dict(default="", help="folder the manifest's image/video paths are relative to; "
                                "empty: the manifest's folder")),
-         ("--tokenizer", dict(default=None, help="Qwen tokenizer folder (None: the embedded byte tokenizer)")),
+         ("--tokenizer", dict(default=None, help="Qwen tokenizer folder (None: --ckpt's own, else the embedded byte "
+                              "tokenizer, which a random start on your --manifests reads)")),
          ("--preset", dict(default="tiny", help="the model preset whose image geometry to use (model.py)")),
          ("--ckpt", dict(default=None, help="a checkpoint folder whose geometry to use (instead of --preset)")),
          ("--max-len", dict(type=int, default=8192, help="longer samples are reported as too_long")),

@@ -1040,9 +1040,44 @@ def test_cli_help_and_check(tmp_path, capsys):
     assert "112-px tiles, 16 tokens each" in out.out                  # the tiny preset's geometry, not 448 px
 
 
+def test_check_counts_tokens_with_the_checkpoints_tokenizer_and_refuses_what_training_refuses(synth_dir, tmp_path,
+                                                                                                   capsys):
+    """`data.py check --ckpt DIR` counts with DIR's tokenizer (it travels with the weights; training
+    from DIR reads it), not the embedded byte one (2x the tokens of the synthetic BPE); an empty
+    manifest, which training refuses, exits 1; `rebalance` names each bad line as check does and
+    refuses an empty manifest in one line."""
+    import model
+    import shutil
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(model.preset_config("tiny").to_dict()))
+    shutil.copy(synth_dir / "tokenizer.json", tmp_path / "ck")
+    manifest = str(synth_dir / "text" / "train.jsonl")
+
+    def checked(*argv):
+        data.main(["check", manifest, *argv])
+        return capsys.readouterr().out.splitlines()[-1]
+    own, given, embedded = checked("--ckpt", str(tmp_path / "ck")), checked("--tokenizer", str(synth_dir)), checked()
+    assert own == given != embedded and "tokens per sample" in own
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:
+        data.main(["check", str(tmp_path / "empty.jsonl")])
+    assert e.value.code == 1 and "training would refuse" in capsys.readouterr().err
+    path, expected = salted_manifest(tmp_path)
+    data.main(["rebalance", str(path)])
+    out = capsys.readouterr()
+    import ast
+    counts = ast.literal_eval(out.out.split("bad samples by reason: ")[1].split(" of ")[0])   # what a parse refuses
+    assert counts["json"] == expected["json"] and "bad lines weigh as empty texts" in out.out
+    assert out.err.count(f"[data] skipping bad sample (") == out.err.count(f": {path}:") == sum(counts.values())
+
+
 def test_cli_usage_errors_are_one_line_with_exit_2(tmp_path, capsys):
     (tmp_path / "m.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
     for argv, match in ((["check", str(tmp_path / "nosuch.jsonl")], "manifest not found"),
+                        (["check", "--ckpt", str(tmp_path / "nosuch"), str(tmp_path / "m.jsonl")],
+                         f"--ckpt {tmp_path / 'nosuch'}: not a checkpoint folder (no config.json)"),
+                        (["rebalance", str(tmp_path / "empty.jsonl")], "holds no samples"),
                         (["check", "--preset", "nosuch", str(tmp_path / "m.jsonl")], "unknown model preset 'nosuch'")):
         with pytest.raises(SystemExit) as e:
             data.main(argv)
