@@ -454,9 +454,11 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
                 took = seconds_text(report["stages"][row.name]["seconds"])
                 print(f"recipe | {row.name:13s} done before ({took} s): skipped", flush=True)
             else:
+                found = modeling.is_finished_stage(stage_dir(cfg, row.name))     # trained outside the recipe
                 seconds = train_row(row, cfg, own, passthrough, seed_offset, keep_wall_clock)
                 t_eval = time.time()
                 report["stages"][row.name] = stage_entry(row, cfg, seconds, *evaluate_row(row, cfg, own), rdir)
+                report["stages"][row.name]["found_trained"] = found
                 report["stages"][row.name]["eval_seconds"] = round(time.time() - t_eval, 1)
                 report["total_seconds"] = round(sum(st["seconds"] or 0 for st in report["stages"].values()), 1)
                 report["eval_seconds"] = round(sum(st.get("eval_seconds", 0) for st in report["stages"].values()), 1)
@@ -471,7 +473,7 @@ def run_recipe_once(cfg: StageConfig, own: dict, passthrough: list, seed_offset:
         write_report(rdir, report, cfg)
     print_effects(report["effects"])
     print(f"recipe done: {report.get('wall_seconds', 0) / 60:.1f} min of wall clock over its runs (this one "
-          f"{(time.time() - t_start) / 60:.1f} min), {report.get('total_seconds', 0) / 60:.1f} min of it training: "
+          f"{(time.time() - t_start) / 60:.1f} min), {stage_time_text(report)}: "
           f"{rdir}/report.md, report.png, report.json")
     return report
 
@@ -577,12 +579,20 @@ def seeds_table(runs: list) -> list:
     return lines
 
 
+def stage_time_text(report: dict) -> str:
+    """The stages' time as the report states it: the part within the recipe's wall clock, and apart
+    from it the stages the recipe found trained (by hand, before it ran: their time is not its own)."""
+    found = {name: st["seconds"] or 0 for name, st in report["stages"].items() if st.get("found_trained")}
+    text = f"{(report.get('total_seconds', 0) - sum(found.values())) / 60:.1f} min of it in the stages"
+    return text + (f" (and {sum(found.values()) / 60:.1f} min in stages it found trained: {', '.join(found)})"
+                   if found else "")
+
+
 def report_markdown(report: dict) -> str:
     """report.md: per mode a table of every stage's accuracy per family (± its Wilson interval),
     then the effects (paired differences), the RL rewards and, with several seeds, every run's effects."""
     out = [f"Machine: {report.get('machine', '?')}; {report.get('wall_seconds', 0) / 60:.1f} min wall clock, "
-           f"{report.get('total_seconds', 0) / 60:.1f} min of it in the stages, {report.get('eval_seconds', 0) / 60:.1f} min "
-           f"evaluating them.", "",
+           f"{stage_time_text(report)}, {report.get('eval_seconds', 0) / 60:.1f} min evaluating them.", "",
            f"Accuracy on the first {report.get('eval_limit', '?')} held-out samples of each synthetic family (greedy). "
            "± is the larger side of the Wilson 95% interval (report.json holds both ends); `chance`: always "
            "giving the most common answer."]

@@ -462,6 +462,24 @@ def test_a_recipe_killed_mid_stage_keeps_its_wall_clock_up_to_the_last_minute(sy
     assert len(seen) == 1 and 3600 <= seen[0] < 3660
 
 
+def test_stages_found_trained_are_timed_apart_from_the_recipes_wall_clock(synth, tmp_path, monkeypatch, capsys):
+    """The quick start, then the recipe: it takes lm0 and vit1 as trained (their outputs verify),
+    whose time was not the recipe's. The report said "0.0 min of wall clock, 2.0 min of it training";
+    it now counts them apart, by name."""
+    finished = {str(tmp_path / "lm0"), str(tmp_path / "vit1")}               # the quick start's outputs
+    monkeypatch.setattr(modeling, "is_finished_stage", lambda path: str(path) in finished)
+    monkeypatch.setattr(recipe, "train_row", lambda row, *a: {"lm0": 40.0, "vit1": 80.0, "vit2": 30.0}[row.name])
+    monkeypatch.setattr(recipe, "evaluate_row", lambda *a: ({}, []))
+    monkeypatch.setattr(recipe, "stage_entry", lambda row, cfg, seconds, *a: {"seconds": seconds})
+    monkeypatch.setattr(recipe, "recipe_effect_results", lambda *a: [])
+    written = []
+    monkeypatch.setattr(recipe, "write_report", lambda rdir, report, cfg: written.append(recipe.report_markdown(report)))
+    cfg = train_stage.StageConfig(out_dir=str(tmp_path), data_dir=str(synth))
+    recipe.run_recipe_once(cfg, {**recipe.RECIPE_OPTIONS, "until": "vit2", "eval_limit": "4"}, [], 0)
+    said = "0.5 min of it in the stages (and 2.0 min in stages it found trained: lm0, vit1)"
+    assert said in written[-1].splitlines()[0] and f"min), {said}: " in capsys.readouterr().out
+
+
 def test_train_row_skips_a_verified_stage_and_stops_on_a_failed_one(tmp_path, monkeypatch):
     """A stage whose output verifies is not run again; otherwise its stage_command runs, and a
     non-zero exit stops the recipe with a usage error naming the stage and the exit code."""
