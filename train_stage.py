@@ -1703,7 +1703,10 @@ def output_files(out: str) -> list:
 
 
 def took(out: str) -> str:
-    """" after N s": a stage output's time, every attempt's (meta.json "seconds"), if it records it."""
+    """" after N s": a stage output's time, every attempt's (meta.json "seconds"), if it records it.
+    Read on rank 0 alone (the one that logs): another node may see meta.json late on a shared file system."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return ""
     seconds = modeling.verify_checkpoint(out).get("seconds")
     return "" if seconds is None else f" after {seconds:.0f} s"
 
@@ -1748,7 +1751,7 @@ def ensure_sources(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log):
             f"for, or --init-from=DIR ({row.note})")
         ensure_sources(sub, model_cfg, log)
         train(sub, dataclasses.replace(model_cfg), None)
-        log(f"{name} done: {stage_dir(cfg, name)}; now {cfg.stage}")
+        log(f"{name} done: {stage_dir(cfg, name)}{took(stage_dir(cfg, name))}; now {cfg.stage}")
 
 
 def try_it(cfg: StageConfig, out: str) -> Optional[str]:

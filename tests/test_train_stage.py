@@ -1942,7 +1942,8 @@ def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synt
     lm0_steps = round(train_stage.stage_config("lm0").steps * 0.01)
     assert f"running the stand-in stage lm0 first ({lm0_steps} steps" in res.stdout and "skip it with --init-llm=" in res.stdout
     assert f"init: all weights from {tmp_path}/lm0" in res.stdout
-    modeling.verify_checkpoint(f"{tmp_path}/lm0")
+    took = modeling.verify_checkpoint(f"{tmp_path}/lm0")["seconds"]
+    assert f"lm0 done: {tmp_path}/lm0 after {took:.0f} s; now vit1\n" in res.stdout         # the stand-in's time too
     modeling.verify_checkpoint(f"{tmp_path}/vit1")
     assert f"next: torchrun train_stage.py --stage vit2 --out_dir={tmp_path} --data_dir={synth} --step_scale=0.01\n" \
         in res.stdout                                        # (how the run is sized carries over)
