@@ -1807,9 +1807,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:                                             # the benchmark lives with the tooling
         train_stage.run_tool("bench.py", ["rollout", *argv[1:]])
-    stage = "filter" if argv[:1] == ["filter"] else \
-        train_stage.one_line_errors(lambda: dict(train_stage.split_options(argv)), "rl.py").get("stage", RLConfig.stage)
-    train_stage.one_line_errors(lambda: run_cli(argv), "rl.py", on_interrupt=train_stage.interrupt_hint(stage))
+    opts = {"stage": "filter"} if argv[:1] == ["filter"] else \
+        train_stage.one_line_errors(lambda: dict(train_stage.split_options(argv)), "rl.py")
+    train_stage.one_line_errors(lambda: run_cli(argv), "rl.py", on_interrupt=train_stage.interrupt_hint(opts, RLConfig.stage))
     train_stage.shutdown_distributed()
 
 

@@ -1872,15 +1872,19 @@ def fail(message: str, code: int, prog: str = "train_stage.py"):
     raise SystemExit(code)
 
 
-RESUME_HINT = "the same command with --resume goes on from the newest step checkpoint (out/<stage>.run/)"
 RECIPE_CHILD = "SAILVL_RECIPE_CHILD"     # set in a stage the recipe runs: the recipe says how to go on, not the stage
 
 
-def interrupt_hint(stage: str) -> str:
-    """How a command Ctrl-C stopped goes on: a training stage resumes from its step checkpoint; the
-    soup, the harvest and `rl.py filter`, which keep none, start over."""
+def interrupt_hint(opts: dict, default_stage: str) -> str:
+    """How a command Ctrl-C stopped goes on (`opts`: its options): a training stage resumes from its
+    step checkpoint, in its own --out_dir; the soup, the harvest and `rl.py filter`, which keep none,
+    start over."""
+    stage = opts.get("stage", default_stage)
     row = STAGES.get(stage)
-    return RESUME_HINT if row is not None and row.trainable else "run the same command again: it starts over"
+    if row is None or not row.trainable:
+        return "run the same command again: it starts over"
+    return (f"the same command with --resume goes on from the newest step checkpoint in "
+            f"{os.path.join(opts.get('out_dir') or StageConfig.out_dir, stage)}.run/")
 
 
 def one_line_errors(run, prog: str = "train_stage.py", on_interrupt: str = ""):
@@ -1903,10 +1907,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
         run_tool("calibrate.py", argv[1:])
-    stage = one_line_errors(lambda: dict(split_options(argv))).get("stage", StageConfig.stage)
-    if stage == "all":
+    opts = one_line_errors(lambda: dict(split_options(argv)))
+    if opts.get("stage") == "all":
         run_tool("recipe.py", argv)
-    one_line_errors(lambda: run_cli(argv), on_interrupt=interrupt_hint(stage))
+    one_line_errors(lambda: run_cli(argv), on_interrupt=interrupt_hint(opts, StageConfig.stage))
     shutdown_distributed()
 
 

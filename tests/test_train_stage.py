@@ -1806,8 +1806,10 @@ def test_ctrl_c_is_one_line_saying_how_to_go_on(monkeypatch, capsys):
     monkeypatch.setattr(rl, "run_cli", interrupted)
     monkeypatch.setattr(recipe, "run_recipe", interrupted)
     over = "error: interrupted; run the same command again: it starts over"      # nothing to resume from
-    for main, argv, says in ((train_stage.main, [], "train_stage.py: error: interrupted; the same command with --resume goes on"),
-                             (rl.main, [], "rl.py: error: interrupted; the same command with --resume goes on"),
+    resume = "error: interrupted; the same command with --resume goes on from the newest step checkpoint in"
+    for main, argv, says in ((train_stage.main, [], f"train_stage.py: {resume} out/vit1.run/\n"),
+                             (train_stage.main, ["--stage", "vit2", "--out-dir", "/tmp/o3"], f"train_stage.py: {resume} /tmp/o3/vit2.run/\n"),
+                             (rl.main, ["--out_dir=o"], f"rl.py: {resume} o/rl-verifiable.run/\n"),
                              (recipe.main, ["--stage", "all"], "tests/recipe.py: error: interrupted; run the same command again to go on"),
                              (train_stage.main, ["--stage", "soup"], f"train_stage.py: {over}"),
                              (rl.main, ["--stage", "harvest"], f"rl.py: {over}"), (rl.main, ["filter"], f"rl.py: {over}")):
