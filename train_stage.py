@@ -427,10 +427,14 @@ def apply_paper_scale(cfg: StageConfig, row: Stage, log, given=()) -> None:
     missing = [k for k in ("lr", "seq") if k not in p]
     if not any(c.startswith("steps ") for c in changed):     # no batch, or a batch without samples or tokens
         missing.append("batch" if not batch else "samples or tokens")
-    kept = {"lr": f"lr {cfg.lr:g}", "seq": f"packs of {cfg.packing.max_tokens}"}
+    option = {"lr": "lr", "seq": "packing.max_tokens"}                   # (batch, samples or tokens: the steps)
+    value = {"lr": f"lr {cfg.lr:g}", "seq": f"packs of {cfg.packing.max_tokens}"}
+    kept = [value.get(k, f"{cfg.steps} steps") for k in missing if option.get(k, "steps") not in given]
+    as_given = [f"--{option.get(k, 'steps')}" for k in missing if option.get(k, "steps") in given]
     log(f"--scale=paper ({row.name}, {row.section or 'not a paper stage'}): " + ("; ".join(changed) or "nothing")
-        + (f"; the paper does not state {', '.join(missing)}: kept " + ", ".join(
-            kept.get(k, f"{cfg.steps} steps") for k in missing) if missing else "")
+        + (f"; the paper does not state {', '.join(missing)}: " + ", ".join(
+            ["kept " + ", ".join(kept)] * bool(kept) + [", ".join(as_given) + " as given"] * bool(as_given))
+           if missing else "")
         + "; the global batch is micro_batches x ranks x packs of max_tokens")
 
 

@@ -121,6 +121,9 @@ def test_scale_paper_applies_the_paper_values_and_says_what_changed(capsys):
     said = capsys.readouterr().out
     assert (cfg.steps, cfg.ac, cfg.lr) == (3, "none", 2e-4) and "steps 4166 not applied (--steps given)" in said
     assert "ac block not applied (--ac given)" in said and "a starting checkpoint keeps its shapes" in said
+    cfg, _ = cfg_of("vit2", "--scale=paper", "--steps=2")               # no steps from the paper: those given
+    said = capsys.readouterr().out
+    assert cfg.steps == 2 and "does not state samples or tokens: --steps as given;" in said and "kept" not in said
 
 
 # ----------------------------------------------------------------------------------------------
