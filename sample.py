@@ -15,7 +15,7 @@ Works on our checkpoints and on official SAIL-VL2 folders (the folder's tokenize
 else the embedded default). Images are tiled as the checkpoint was trained (tiles + thumbnail, or
 AnyRes), videos give one tile per frame; a single answer streams to stdout token by token.
 Evaluation is greedy and batched (many prompts per `generate` call, KV cache, left padding; a row
-ends at <|im_end|> / <|endoftext|>); reports go to `<ckpt>/eval/<family>[-think][-blank].json` and a
+ends at <|im_end|> / <|endoftext|>); reports go to `<ckpt>/eval/[<manifest>.]<family>[-think][-blank].json` and a
 table is printed, every accuracy with its n and (synthetic families and manifests) its Wilson 95%
 interval. Replies are read with the grading API here (the one the RL rewards and the LongCoT filter
 use: a reply's answer region, its last \\boxed{}, when two answers agree, word-F1, ROUGE-L); scoring
@@ -1006,12 +1006,15 @@ def run_eval(args, model, tok, dcfg):
         data.write_json(args.out, {**settings, **rep, "chance": base})
         print(f"report: {args.out}")
         return rep
+    # a manifest's reports carry its name: eval/ocr.json stays the synthetic family's
+    source = "" if os.path.isdir(path) else Path(path).stem + "."
+    written = []
     for f in rep["n"]:
-        out = os.path.join(out_dir, report_name(f, args.think, args.blank) + ".json")
-        data.write_json(out, {**settings, "family": f, "n": rep["n"][f], "accuracy": rep["accuracy"][f],
-                         "interval": rep["interval"][f], "word_f1": rep["word_f1"][f], "chance": base.get(f), "bad": rep["bad"],
-                         "predictions": [p for p in rep["predictions"] if p["family"] == f]})
-    print(f"reports: {out_dir}/<family>{report_name('', args.think, args.blank)}.json")
+        written.append(os.path.join(out_dir, report_name(source + f, args.think, args.blank) + ".json"))
+        data.write_json(written[-1], {**settings, "family": f, "n": rep["n"][f], "accuracy": rep["accuracy"][f],
+                                      "interval": rep["interval"][f], "word_f1": rep["word_f1"][f], "chance": base.get(f),
+                                      "bad": rep["bad"], "predictions": [p for p in rep["predictions"] if p["family"] == f]})
+    print(f"reports: {', '.join(written)}")
     return rep
 
 

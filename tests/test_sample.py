@@ -629,6 +629,7 @@ def test_cli_generation_and_eval_reports(tmp_path, tiny, synth, capsys):
             assert rep["family"] == family and rep["n"] == 2 and len(rep["predictions"]) == 2
             assert rep["think"] == bool(flags) and rep["blank"] == bool(flags)
             assert f"\n{family:14s}    2" in table
+        assert f"reports: {tmp_path}/ck/eval/{data.SYNTH_FAMILIES[0]}{suffix}.json, " in table
     sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(synth / "count" / "eval.jsonl"), "--limit", "3",
             "--max-new-tokens", "3", "--out", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["n"] == {"count": 3}
@@ -856,7 +857,8 @@ def test_cli_eval_of_a_file_with_no_usable_sample_is_one_error_line(tmp_path, ti
     write_manifest(tmp_path / "one.jsonl", good_count=1, good_ocr=0)          # one usable sample is enough
     monkeypatch.setattr(sample, "load", lambda path, device="cpu": (QuestionModel(tok, {0: "3"}), tok, dcfg))
     sample.main(["--ckpt", str(tmp_path / "ck"), "--eval", str(tmp_path / "one.jsonl")])
-    assert json.loads((tmp_path / "ck" / "eval" / "count.json").read_text())["accuracy"] == 1.0
+    report = tmp_path / "ck" / "eval" / "one.count.json"              # the manifest's name: not the family's report
+    assert json.loads(report.read_text())["accuracy"] == 1.0 and f"reports: {report}\n" in capsys.readouterr().out
 
 
 def test_cli_repeated_image_options_accumulate(tmp_path, tiny, synth, monkeypatch):
