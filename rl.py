@@ -1611,7 +1611,7 @@ def train_rl(cfg: RLConfig, resume: Optional[str] = None) -> str:
 
 
 def episode_line(episode: int, cfg, rec: dict) -> str:
-    line = (f"update {episode:04d}/{cfg.episodes:04d} | reward {rec['reward']:.3f} | acc {rec['acc']:.3f} | fmt "
+    line = (f"episode {episode:04d}/{cfg.episodes:04d} | reward {rec['reward']:.3f} | acc {rec['acc']:.3f} | fmt "
             f"{rec['fmt']:.3f} | kept {rec['kept']}/{rec['groups']} groups | lr {rec['lr']:.2e} | len {rec['len']:.0f} "
             f"| trunc {100 * rec['trunc']:.0f}%")
     if not rec["updates"]:

@@ -278,7 +278,7 @@ def test_two_process_stage_with_uneven_rows_finishes_and_resumes_after_kill(ckpt
     ref = torchrun(driver, args, tmp_path / "a")
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out[-3000:]
-    assert "update 0004/0004" in out
+    assert "episode 0004/0004" in out
     assert " | thinking greedy " in out and " | direct greedy " in out        # both modes held out
     assert "rank 1: 2 models during the update" in out                        # full: the copy kept
     cut = torchrun(driver, args, tmp_path / "b")                 # killed once its episode-2 checkpoint exists
@@ -315,7 +315,7 @@ def test_lean_two_process_stages_free_the_copy_or_generate_on_the_sharded_model(
         run = torchrun(driver, [*args, f"--generate_on={where}"], tmp_path / d)
         out, _ = run.communicate(timeout=600)
         assert run.returncode == 0, out[-3000:]
-        assert "update memory: lean" in out and "update 0001/0001" in out
+        assert "update memory: lean" in out and "episode 0001/0001" in out
         assert out.count(": 1 models during the update") == 2 and "2 models during" not in out     # 2 ranks
         outs[d] = out
     assert "generation: on the sharded model" in outs["model"] and "generation: on" not in outs["copy"]
@@ -341,7 +341,7 @@ def test_a_two_process_moe_stage_generating_on_the_ranks_experts_ends_with_the_c
         os.symlink(moe_ckpt / "out" / "longcot", tmp_path / where / "longcot")
         run = torchrun(driver, [*args, f"--generate_on={where}"], tmp_path / where)
         outs[where], _ = run.communicate(timeout=600)
-        assert run.returncode == 0 and "update 0001/0001" in outs[where], outs[where][-3000:]
+        assert run.returncode == 0 and "episode 0001/0001" in outs[where], outs[where][-3000:]
     assert "generation: on a copy holding 1/2 of each MoE layer's experts" in outs["experts"]
     assert "generation: on" not in outs["copy"]
     wa, wb = (load_file(str(tmp_path / d / "rl-verifiable" / "model.safetensors")) for d in ("copy", "experts"))

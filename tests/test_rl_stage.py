@@ -1159,7 +1159,7 @@ def test_rl_stage_end_to_end_and_resume_is_bit_identical(setup, tmp_path, monkey
         os.symlink(root / "out" / "longcot", tmp_path / d / "longcot")
     ref = run([str(tmp_path / "driver.py"), *stage_args(synth, tmp_path / "a")])
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "update 0004/0004 | reward" in ref.stdout
+    assert "episode 0004/0004 | reward" in ref.stdout
     recs = [json.loads(x) for x in open(tmp_path / "a" / "rl-verifiable.run" / "metrics.jsonl")]
     eps = [r for r in recs if "updates" in r]
     assert [r["updates"] for r in eps] == [2, 2, 2, 2]
