@@ -103,6 +103,8 @@ def hf_twin(lm: modeling.Qwen3LM, dtype=torch.float32):
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise SystemExit("this bench compares against HF transformers: pip install -r tests/requirements.txt")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()                   # (its "Loading weights" bar between the bench's lines)
     with tempfile.TemporaryDirectory() as d:
         modeling.save_hf_llm(lm, d)
         return AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(lm.lm_head.weight.device)
@@ -1453,7 +1455,9 @@ def add_model_benches(sub):
     p.add_argument("--loader", choices=("ours", "stacked"), required=True)
     p.add_argument("--path", required=True)
     p.set_defaults(func=load_worker)
-    p = sub.add_parser("rl-episode", help="(internal: one RL episode under torchrun, for rollout)")
+    p = sub.add_parser("rl-episode", help="one RL episode (rollouts, then the updates) under torchrun: its time "
+                       "and rank 0's peak memory per --update-memory / --generate-on (rollout runs it with 1 and 2 "
+                       "processes)")
     p.add_argument("--preset", default="tiny", choices=modeling.PRESETS)
     p.add_argument("--prompts", type=positive, default=32)
     p.add_argument("--group", type=positive, default=8)
