@@ -1799,7 +1799,7 @@ def run_cli(argv: list):
     else:
         out = train_rl(cfg, train_stage.resume_checkpoint(opts, cfg, log))
     train_stage.log_done(log, cfg.stage, out)
-    if nxt := train_stage.next_name(row):
+    if (nxt := train_stage.next_name(row)) and not train_stage.in_recipe():
         log(f"next: {train_stage.command_for(train_stage.STAGES[nxt], cfg)}")
 
 

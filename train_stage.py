@@ -1687,7 +1687,7 @@ def resume_checkpoint(opts: dict, cfg: StageConfig, log) -> Optional[str]:
     resume = opts.get("resume") or None
     if "resume" in opts and resume is None:
         resume = modeling.find_resume_checkpoint(run_dir(cfg), log)
-        if resume is None:
+        if resume is None and not in_recipe():          # (the recipe resumes every stage it runs)
             log(f"resume: no usable checkpoint under {run_dir(cfg)}; starting from the beginning")
     elif resume:
         if not os.path.isdir(resume):
@@ -1828,7 +1828,7 @@ def run_cli(argv: list):
             ensure_sources(cfg, model_cfg, log)
         out = train(cfg, model_cfg, resume)
     log_done(log, f"{cfg.stage} checkpoint", out)
-    if nxt := next_name(row):
+    if (nxt := next_name(row)) and not in_recipe():
         log(f"next: {command_for(STAGES[nxt], cfg, from_output=True)}")
     if hint := try_it(cfg, out):
         log(f"try it: {hint}")
@@ -1879,6 +1879,11 @@ def fail(message: str, code: int, prog: str = "train_stage.py"):
 RECIPE_CHILD = "SAILVL_RECIPE_CHILD"     # set in a stage the recipe runs: the recipe says how to go on, not the stage
 
 
+def in_recipe() -> bool:
+    """A stage the recipe runs (RECIPE_CHILD): it says neither what comes next nor how to go on."""
+    return bool(os.environ.get(RECIPE_CHILD))
+
+
 def interrupt_hint(opts: dict, default_stage: str) -> str:
     """How a command Ctrl-C stopped goes on (`opts`: its options): a training stage resumes from its
     step checkpoint, in its own --out_dir; the soup, the harvest and `rl.py filter`, which keep none,
@@ -1902,7 +1907,7 @@ def one_line_errors(run, prog: str = "train_stage.py", on_interrupt: str = ""):
     except (data.TooMuchBadData, data.DataError, modeling.CheckpointError, FloatingPointError, OSError) as e:
         fail(str(e), 1, prog)                # OSError: a missing or unreadable file named by an option
     except KeyboardInterrupt:                # Ctrl-C: how to go on, not a traceback (128 + SIGINT)
-        if os.environ.get(RECIPE_CHILD):
+        if in_recipe():
             raise SystemExit(130) from None
         fail("interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), 130, prog)
 

@@ -27,8 +27,8 @@ import train_stage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, timeout=900, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run(args, timeout=900, env_extra=None, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           **kw)
@@ -91,6 +91,7 @@ def test_an_interrupted_recipe_continues_to_the_same_report(synth, tmp_path):
     assert rep["total_seconds"] == pytest.approx(sum(st["seconds"] for st in rep["stages"].values()), abs=0.2)
     assert rep["wall_seconds"] >= rep["total_seconds"]                 # the stages train one after another
     assert sum(ln.startswith("recipe | ") for ln in ref.stdout.splitlines()) == 2          # one line per stage
+    assert "next: " not in ref.stdout and "no usable checkpoint" not in ref.stdout          # the recipe runs them
     assert "| vit1 |" in open(f"{tmp_path}/ref/recipe/report.md").read()
     assert "effect | vit1 sees (OCR)" in ref.stdout                     # the summary prints the effects
     assert os.path.getsize(f"{tmp_path}/ref/recipe/report.png") > 10_000
@@ -231,6 +232,7 @@ def test_rl_stage_killed_at_a_random_point_resumes_to_the_same_weights(synth, tm
             "--save_every=1", "--keep_checkpoints=10", "--temperature=1.5"]
     ref = run([*args, f"--out_dir={tmp_path}/ref"], timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "next: torchrun rl.py --stage harvest" in ref.stdout
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path}/cut"], cwd=ROOT, env=env,
@@ -241,8 +243,9 @@ def test_rl_stage_killed_at_a_random_point_resumes_to_the_same_weights(synth, tm
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not modeling.is_finished_stage(f"{tmp_path}/cut/rl-verifiable"), "killed too late"
-    res = run([*args, f"--out_dir={tmp_path}/cut", "--resume"], timeout=300)
+    res = run([*args, f"--out_dir={tmp_path}/cut", "--resume"], timeout=300, env_extra={train_stage.RECIPE_CHILD: "1"})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "next: " not in res.stdout                                   # (as the recipe runs it: it goes on itself)
     from safetensors.torch import load_file
     wa = load_file(f"{tmp_path}/ref/rl-verifiable/model.safetensors")
     wb = load_file(f"{tmp_path}/cut/rl-verifiable/model.safetensors")
