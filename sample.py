@@ -1045,6 +1045,8 @@ def cli(argv):
         for p in paths:
             if not os.path.exists(p):
                 raise UsageError(f"{flag} {p}: no such file or folder")
+    if pictures := [v for v in args.video if Path(v).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")]:
+        raise UsageError(f"--video {pictures[0]}: a picture (one frame, read as a still video): give it as --image")
     if any(v is not None and v < 1 for v in (args.limit, args.batch_size, args.max_new_tokens)):
         raise UsageError("--limit, --batch-size and --max-new-tokens must be at least 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):

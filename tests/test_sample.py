@@ -791,6 +791,20 @@ def test_cli_refuses_sampling_settings_outside_their_range(tmp_path, capsys, mon
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("sample.py: error: ") and says in lines[0]
 
 
+def test_cli_refuses_a_picture_given_as_a_video(tmp_path, capsys, monkeypatch):
+    """--video a.png was read as a one-frame video (PyAV opens pictures) and answered from it without
+    a word: a usage error naming --image."""
+    (tmp_path / "ck").mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.PNG", format="PNG")
+    monkeypatch.setattr(sample, "load", lambda *a, **k: pytest.fail("loaded a checkpoint"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "ck"), "--prompt", "Hi", "--video", str(tmp_path / "a.PNG")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and lines == [f"sample.py: error: --video {tmp_path}/a.PNG: a picture (one frame, read as a "
+                                           "still video): give it as --image"]
+
+
 def test_cli_accepts_the_edges_of_the_sampling_ranges(tmp_path, tiny, monkeypatch):
     m, tok, dcfg = tiny
     (tmp_path / "ck").mkdir()
