@@ -1323,11 +1323,17 @@ def skipped_step(cfg: StageConfig, res: dict, step: int, bad_in_a_row: int, log)
 
 def check_held_out_data(cfg: StageConfig, log):
     """Your own data (--manifests) without --eval_manifests is evaluated on the stage's synthetic
-    families: said here, and where --data_dir lacks them refused now, not at step 0's evaluation."""
+    families: said here, and where --data_dir lacks them refused now, not at step 0's evaluation. A
+    held-out file that is also a training file is said too: its loss is not a held-out one."""
     if cfg.eval_every and cfg.manifests and not cfg.eval_manifests:
         splits = stage_sources(cfg, "eval")
         log(f"note: the held-out loss is measured on the stage's synthetic families ({len(splits)} eval splits "
             f"in {cfg.data_dir}), not on --manifests' data: --eval_manifests=FILE measures your own")
+    if cfg.eval_every and cfg.manifests and cfg.eval_manifests:
+        trained = {os.path.realpath(p) for p, _ in stage_sources(cfg, "train")}
+        if both := [p for p, _ in stage_sources(cfg, "eval") if os.path.realpath(p) in trained]:
+            log(f"note: {', '.join(both)} is in --manifests and --eval_manifests: its held-out loss is measured "
+                "on training samples (and a bad line in it is reported by both readers)")
 
 
 def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[str] = None) -> str:

@@ -1927,6 +1927,12 @@ def test_own_data_without_eval_manifests_says_whose_held_out_loss_it_measures(sy
     train_stage.main(["--stage", "sft1", *own, f"--data_dir={synth}", "--eval_every=1", "--save_every=0"])
     out = capsys.readouterr().out
     assert "note: the held-out loss is measured on the stage's synthetic families" in out, out
+    for held_out, says in ((f"{synth}/ocr/../ocr/train.jsonl:2", 1), (f"{synth}/ocr/eval.jsonl", 0)):
+        logs = []                                      # a held-out file that is a training file, however spelled
+        cfg, _ = cfg_of("sft1", *own, f"--eval_manifests={held_out}")
+        train_stage.check_held_out_data(cfg, logs.append)
+        assert len(logs) == says and all("is in --manifests and --eval_manifests: its held-out loss is measured on "
+                                         "training samples" in line for line in logs), logs
 
 
 def test_an_unreadable_weights_file_is_one_line_naming_it(tmp_path, capsys):
