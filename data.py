@@ -283,6 +283,14 @@ def special_ids(tok: tiktoken.Encoding) -> Tokens:
                   think_end=get("</think>"), eos=im_end, pad=endoftext, endoftext=endoftext)
 
 
+def undecodable_ids(tok: tiktoken.Encoding) -> tuple:
+    """Ids below the tokenizer's size that it cannot decode: vocab entries that no merge makes (bpe_ranks
+    keeps what tiktoken can rank; Qwen3's vocab has none, a cut-down test vocab many). Never generated:
+    a sampled one would stop the decoding of its reply."""
+    known = set(tok._mergeable_ranks.values()) | set(tok._special_tokens.values())
+    return tuple(i for i in range(tok.n_vocab) if i not in known)
+
+
 # A Qwen3 tokenizer folder has no <img>, </img>, <IMG_CONTEXT>. SAIL-VL2's own folder
 # (BytedanceDouyinContent/SAIL-VL2-2B, tokenizer_config.json `added_tokens_decoder`) keeps Qwen3's added
 # tokens (<|endoftext|> 151643 ... </think> 151668) and appends its image and grounding tokens right after

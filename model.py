@@ -909,15 +909,15 @@ class SAILVL(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, pixel_values=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
-                 stop_tokens=(), generator=None, on_token=None, n_valid_tokens=None):
+                 stop_tokens=(), generator=None, on_token=None, n_valid_tokens=None, banned=()):
         """`prompts`: list of token-id lists whose `<IMG_CONTEXT>` slots (over all prompts, in order)
-        take the visual tokens of `pixel_values`. Returns the generated id lists."""
+        take the visual tokens of `pixel_values`; `banned`: ids never generated. Returns the generated id lists."""
         device = self.language_model.lm_head.weight.device
         lens = [len(p) for p in prompts]
         flat = torch.tensor([t for p in prompts for t in p], device=device)[None]
         embeds = list(self.embed(flat, pixel_values)[0].split(lens, 0))  # (L_i, H) each
         return generate_from_embeds(self.language_model, embeds, max_new_tokens, temperature, top_p,
-                                    stop_tokens, generator, on_token, n_valid_tokens)
+                                    stop_tokens, generator, on_token, n_valid_tokens, banned=banned)
 
     # -- checkpoint I/O (the official model.safetensors key names) ---------------------------------------------------------
     def save_pretrained(self, path: str):

@@ -377,9 +377,9 @@ class Rollout:
 
 
 def banned_ids(tok) -> tuple:
-    """Tokens the policy never emits: the image tokens."""
+    """Tokens the policy never emits: the image tokens, and the ids the tokenizer cannot decode."""
     ids = data.special_ids(tok)
-    return ids.img_context, ids.img_start, ids.img_end
+    return ids.img_context, ids.img_start, ids.img_end, *data.undecodable_ids(tok)
 
 
 def policy_logprobs(logits, targets, cfg, n_valid: int, banned) -> tuple:

@@ -115,7 +115,8 @@ def answer(model, tok, dcfg, question, images=(), videos=(), think=False, max_ne
     with modeling.autocast(device):
         out = model.generate([sample["input_ids"].tolist()], modeling.on_device(sample["pixel_values"], device),
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop,
-                             generator=gen, on_token=Streamer(tok, stop) if stream else None, n_valid_tokens=tok.n_vocab)[0]
+                             generator=gen, on_token=Streamer(tok, stop) if stream else None, n_valid_tokens=tok.n_vocab,
+                             banned=data.undecodable_ids(tok))[0]
     return decode_reply(tok, out, stop)
 
 
@@ -590,7 +591,7 @@ def generate_batch(model, tok, items: list) -> list:
     with modeling.autocast(device):
         out = model.generate([it.ids for it in items], modeling.on_device(concat_pixels([it.pixels for it in items]), device),
                              max_new_tokens=max(it.max_new for it in items), temperature=0.0, stop_tokens=stop,
-                             n_valid_tokens=tok.n_vocab)
+                             n_valid_tokens=tok.n_vocab, banned=data.undecodable_ids(tok))
     return [decode_reply(tok, list(itertools.takewhile(lambda t: t not in stop, ids[:it.max_new])), stop)
             for it, ids in zip(items, out)]
 

@@ -307,7 +307,8 @@ class CheckpointScorer:
         pv = [p["pixel_values"] for p in ps if p["pixel_values"] is not None]
         pv = None if not pv else [t for p in pv for t in p] if self.cfg.anyres else torch.cat(pv)
         out = self.model.generate([p["input_ids"].tolist() for p in ps], pv, max_new_tokens=max_new_tokens,
-                                  stop_tokens=self.stop, n_valid_tokens=self.tok.n_vocab)
+                                  stop_tokens=self.stop, n_valid_tokens=self.tok.n_vocab,
+                                  banned=data.undecodable_ids(self.tok))
         return [self.tok.decode_bytes(o[:-1]).decode("utf-8", "replace") if o and o[-1] in self.stop else None
                 for o in out]
 

@@ -299,7 +299,7 @@ class TableModel:
         self.img, self.end = data.special_ids(tok).img_context, data.special_ids(tok).im_end
 
     def generate(self, prompts, pixel_values=None, max_new_tokens=32, temperature=0.0, top_p=1.0, stop_tokens=(),
-                 generator=None, on_token=None, n_valid_tokens=None):
+                 generator=None, on_token=None, n_valid_tokens=None, banned=()):
         assert temperature == 0.0 and self.end in stop_tokens
         self.calls.append({"n": len(prompts), "max_new_tokens": max_new_tokens, "pixels": pixel_values})
         out, at = [], 0
@@ -789,6 +789,41 @@ def test_cli_refuses_sampling_settings_outside_their_range(tmp_path, capsys, mon
         sample.main(["--ckpt", str(tmp_path / "ck"), "--prompt", "Hi", *args])
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("sample.py: error: ") and says in lines[0]
+
+
+def test_generation_never_emits_an_id_its_tokenizer_cannot_decode(tmp_path):
+    """A vocab whose entries no merge makes (the replication test's cut-down Qwen vocab: 151,643 ids,
+    ~500 reachable) has ids tiktoken cannot decode; sampled, one stopped sample.py, the evaluation,
+    rl.py and its filter with a KeyError. data.undecodable_ids lists exactly the ids decode refuses,
+    and generation (sample.answer, generate_batch, RL's banned_ids) never emits them: here the
+    head makes two of them the only non-zero logits, one of them the largest whatever the state."""
+    from test_replicate import write_qwen_tokenizer
+    data.add_image_tokens(write_qwen_tokenizer(tmp_path / "qwen"), tmp_path / "sail")
+    tok = data.load_tokenizer(tmp_path / "sail")
+    holes = data.undecodable_ids(tok)
+
+    def decodes(i):
+        try:
+            tok.decode_bytes([i])
+            return True
+        except KeyError:
+            return False
+    assert 150_000 < len(holes) < tok.n_vocab and [i for i in range(tok.n_vocab) if not decodes(i)] == list(holes)
+    cfg = modeling.preset_config("tiny")
+    cfg.llm_config.vocab_size, cfg.llm_config.tie_word_embeddings = 151_936, False      # (the head alone zeroed)
+    m = modeling.SAILVL(cfg)
+    m.init_weights()
+    with torch.no_grad():
+        head = m.language_model.lm_head.weight
+        head.zero_()
+        head[holes[0]], head[holes[1]] = 1e3, -1e3                           # (h . 1) > 0 or < 0: a hole wins
+    dcfg = data.DataConfig.from_model(m.cfg)
+    first = tok.decode([0]) * 3                                              # id 0: the top of the rest (all 0)
+    assert sample.answer(m.eval(), tok, dcfg, "Hi", max_new_tokens=3) == first
+    item = sample.Item(data.prompt_inputs(tok, dcfg, "Hi")["input_ids"].tolist(), None, 3)
+    assert sample.generate_batch(m, tok, [item]) == [first]
+    import rl
+    assert set(holes) <= set(rl.banned_ids(tok))
 
 
 def test_cli_refuses_a_picture_given_as_a_video(tmp_path, capsys, monkeypatch):
