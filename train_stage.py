@@ -506,19 +506,22 @@ def stage_sources(cfg: StageConfig, split: str) -> list:
 
 
 def command_for(row: Stage, cfg: StageConfig, from_output: bool = False) -> str:
-    """The command that runs `row` with the user's folders (for hints), on as many processes as this
-    one, at its --scale and --step_scale (for train_stage.py's stages). A stage to run first also gets
-    the model options (--preset, --init-llm, --init-vit, --tokenizer); the next stage (`from_output`)
-    starts from this stage's output, which carries the model config and tokenizer, so it gets none:
-    a preset there could not apply, and --init-llm would replace the trained language model."""
+    """The command that runs `row` with the user's folders and data (for hints), on as many processes
+    as this one, at its --scale and --step_scale (for train_stage.py's stages). A stage to run first
+    also gets the model options (--preset, --init-llm, --init-vit, --tokenizer); the next stage
+    (`from_output`) starts from this stage's output, which carries the model config and tokenizer, so
+    it gets none (a preset there could not apply, and --init-llm would replace the trained language
+    model), but where its rule takes a module from a stand-in again (pretrain1's LLM: lm0, or Qwen3)
+    it gets the folder this run gave for it."""
     tool = "train_stage.py" if row.runner == "soup" else row.runner
-    keys = ("out_dir", "data_dir") + (() if from_output else ("preset",))
+    keys = ("out_dir", "data_dir", "manifests", "eval_manifests", "image_root") + (() if from_output else ("preset",))
     if row.runner == "train_stage.py":                   # how the run is sized carries over (rl.py, the soup: no)
         keys += ("scale", "step_scale")
     extra = [f"--{k}={getattr(cfg, k)}" for k in keys if getattr(cfg, k, None) not in (None, getattr(StageConfig, k))]
-    if not from_output:
-        extra += [f"--{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("init_llm", "init_vit", "tokenizer")
-                  if getattr(cfg, k, "")]
+    again = {m for m, src in init_rule(row).items() if src != "fresh" and STAGES[src].auto}   # (from a stand-in)
+    for key, module in (("init_llm", "language_model"), ("init_vit", "vision_model"), ("tokenizer", "language_model")):
+        if getattr(cfg, key, "") and (not from_output or module in again):
+            extra.append(f"--{key.replace('_', '-')}={getattr(cfg, key)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launch = f"torchrun --nproc_per_node {world}" if world > 1 else "torchrun"
     return " ".join([f"{launch} {tool} --stage {row.name}", *extra])
@@ -1738,12 +1741,38 @@ def run_stage(stage: str, overrides: list = (), resume: Optional[str] = None) ->
 
 
 def refuse_missing_sources(cfg: StageConfig):
-    """A paper stage's output this stage starts from is missing: what to run (a stand-in is run instead)."""
+    """A paper stage's output this stage starts from is missing: what to run (a stand-in is run instead,
+    unless another source was trained with another tokenizer: refuse_stand_in)."""
     for name in missing_sources(cfg):
         if not STAGES[name].auto:
             raise UsageError(f"{cfg.stage} starts from {stage_dir(cfg, name)}, which is missing or incomplete: run "
                              f"`{command_for(STAGES[name], cfg)}` first, or pass --init-from=DIR (--init-from=random "
                              f"starts from random weights)")
+        refuse_stand_in(cfg, name)
+
+
+def refuse_stand_in(cfg: StageConfig, name: str):
+    """The stand-in `name` (lm0: Qwen3's own pre-training in miniature) is run only beside sources
+    trained with its tokenizer: beside one trained with a real LLM's (--init-llm, e.g. vit3 before
+    pretrain1, which names Qwen3 again) it would pair that source's modules with a small LLM trained on
+    synthetic text, whose token ids are another tokenizer's, without a word."""
+    def tokenizer_bytes(folder):
+        return {n: open(p, "rb").read() for n, p in tokenizer_files(folder).items()}
+    own = tokenizer_bytes(tokenizer_source(stand_in_config(cfg, name)))
+    for src in sorted({s for s in init_sources(cfg).values() if s != "fresh" and modeling.is_finished_stage(s)}):
+        if tokenizer_bytes(src) != own:
+            raise UsageError(f"{cfg.stage} would run the stand-in {name} (a small LLM trained on synthetic text) beside "
+                             f"{src}, trained with another tokenizer (a real LLM's, from --init-llm?): pass "
+                             f"--init-llm=DIR, that LLM's folder, as its first stage had")
+
+
+def stand_in_config(cfg: StageConfig, name: str) -> StageConfig:
+    """The config a stand-in stage runs with before `cfg`'s stage: its own, in this run's folders."""
+    sub = stage_config(name)
+    for key in ("out_dir", "data_dir", "seed", "preset", "tokenizer", "fsdp", "ac", "num_workers"):
+        setattr(sub, key, getattr(cfg, key))
+    sub.steps = cfg.auto_steps or max(1, round(sub.steps * cfg.step_scale))
+    return sub
 
 
 def ensure_sources(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log):
@@ -1751,11 +1780,7 @@ def ensure_sources(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, log):
     what to run, when a paper stage's output is missing."""
     refuse_missing_sources(cfg)
     for name in missing_sources(cfg):
-        row = STAGES[name]
-        sub = stage_config(name)
-        for key in ("out_dir", "data_dir", "seed", "preset", "tokenizer", "fsdp", "ac", "num_workers"):
-            setattr(sub, key, getattr(cfg, key))
-        sub.steps = cfg.auto_steps or max(1, round(sub.steps * cfg.step_scale))
+        row, sub = STAGES[name], stand_in_config(cfg, name)
         log(f"{stage_dir(cfg, name)} is missing: running the stand-in stage {name} first ({sub.steps} steps; "
             f"--auto_steps=N changes that); skip it with --init-llm=QWEN3_DIR, the real weights {name} stands in "
             f"for, or --init-from=DIR ({row.note})")

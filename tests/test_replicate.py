@@ -231,7 +231,8 @@ def test_vit1_from_qwen3_and_aimv2_folders_and_a_llava_jsonl(folders, tmp_path, 
     assert "stand-in" not in log and not (out / "lm0").exists()                     # Qwen3 is what lm0 stands in for
     assert "init: mlp1 from random weights" in log
     assert log.count("lacks SAIL-VL2's image tokens: added <img> 151669") == 1
-    assert f"next: torchrun train_stage.py --stage vit2 --out_dir={out}\n" in log   # no preset, no --init-llm
+    assert f"next: torchrun train_stage.py --stage vit2 --out_dir={out} --manifests={manifest} --image_root={root}\n" \
+        in log                                               # no preset, no --init-llm; the data carried over
     ck = out / "vit1"
     modeling.verify_checkpoint(str(ck))
     cfg = modeling.SAILVLConfig.from_dict(json.loads((ck / "config.json").read_text()))

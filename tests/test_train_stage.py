@@ -1946,6 +1946,37 @@ def test_an_unreadable_weights_file_is_one_line_naming_it(tmp_path, capsys):
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and f"{weights}: not a readable safetensors" in err, err
 
 
+def test_the_next_line_carries_the_data_and_the_llm_a_stand_in_would_replace(synth, tmp_path, capsys):
+    """A replication on its own data (README: vit1 from Qwen3 and AIMv2 on a LLaVA manifest): the next:
+    line dropped --manifests, --eval_manifests and --image_root (the next stage trained on the synthetic
+    data without a word) and, after vit3, --init-llm, so pretrain1 ran the stand-in lm0 (a tiny LLM on
+    synthetic text, its tokenizer) beside vit3's Qwen-aligned ViT. The line now carries them; a
+    pretrain1 whose stand-in would meet another LLM's shape is refused."""
+    data_opts = ["--manifests=/d/train.jsonl", "--eval_manifests=/d/heldout.jsonl", "--image_root=/d"]
+    cfg, _ = cfg_of("vit1", f"--out_dir={tmp_path}")
+    cfg = dataclasses.replace(cfg, init_llm="/models/Qwen3", init_vit="/models/aimv2", manifests="/d/train.jsonl",
+                              eval_manifests="/d/heldout.jsonl", image_root="/d")        # (no file read here)
+    after_vit1 = train_stage.command_for(train_stage.STAGES["vit2"], cfg, from_output=True)
+    assert after_vit1 == f"torchrun train_stage.py --stage vit2 --out_dir={tmp_path} {' '.join(data_opts)}"
+    after_vit3 = train_stage.command_for(train_stage.STAGES["pretrain1"], dataclasses.replace(cfg, stage="vit3"), True)
+    assert after_vit3 == f"{after_vit1.replace('vit2', 'pretrain1')} --init-llm=/models/Qwen3"   # its LLM again
+    from test_replicate import write_qwen_tokenizer
+    qwen = tmp_path / "qwen-sail"
+    data.add_image_tokens(write_qwen_tokenizer(tmp_path / "qwen"), qwen)
+    for name, tok_dir in (("vit3", qwen), ("ours", synth)):           # a vit3 beside Qwen3, one of the miniature's
+        modeling.save_checkpoint(str(tmp_path / name / "vit3"), modeling.build_model("tiny", seed=0), {"stage": "vit3"}, 0,
+                                 1, extra_files=train_stage.tokenizer_files(str(tok_dir)))
+    args = ["--stage", "pretrain1", f"--data_dir={synth}", "--steps=1", "--auto_steps=1", "--eval_every=0"]
+    with pytest.raises(SystemExit) as e:
+        train_stage.main([*args, f"--out_dir={tmp_path}/vit3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"pretrain1 would run the stand-in lm0 (a small LLM trained on synthetic text) " \
+        f"beside {tmp_path}/vit3/vit3, trained with another tokenizer" in err and "pass --init-llm=DIR" in err, err
+    assert not os.path.exists(tmp_path / "vit3" / "lm0")
+    train_stage.main([*args, f"--out_dir={tmp_path}/ours", "--packing.max_tokens=256"])     # the stand-in runs
+    assert modeling.is_finished_stage(str(tmp_path / "ours" / "lm0"))
+
+
 def test_vit1_on_a_fresh_machine_runs_lm0_first_and_hints_carry_the_options(synth, tmp_path):
     res = run(["train_stage.py", "--stage", "vit1", f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps", "200",
                "--step_scale=0.01", "--packing.max_tokens=256", "--eval_every=0"])    # the stand-in's steps scale too
@@ -2112,7 +2143,8 @@ def test_anyres_on_a_fixed_resolution_checkpoint_takes_effect(synth, tmp_path, c
     assert cfg["anyres"] is True and cfg["anyres_max_patches"] == modeling.preset_config("tiny-anyres").anyres_max_patches
     assert json.load(open(f"{tmp_path}/fixed/vit2/config.json"))["anyres"] is False
     assert losses_of(f"{tmp_path}/anyres/vit2") != losses_of(f"{tmp_path}/fixed/vit2")   # it changed what trained
-    assert f"next: torchrun train_stage.py --stage vit3 --out_dir={tmp_path}/anyres --data_dir={synth}\n" in log
+    assert f"next: torchrun train_stage.py --stage vit3 --out_dir={tmp_path}/anyres --data_dir={synth} " \
+        f"--manifests={synth}/chart/train.jsonl\n" in log                    # (no preset: the output carries it)
 
 
 @pytest.mark.parametrize("option,flag", [("--preset=tiny-moe", "--preset=tiny-moe"),
