@@ -1244,6 +1244,9 @@ def check_cli(args):
     cfg = DataConfig.from_model(mcfg, max_len=args.max_len, label_mode=args.label_mode, image_root=args.image_root)
     # the tokenizer training reads: --ckpt's own (it travels with the weights), else the embedded default
     tok = args.tokenizer or (args.ckpt if args.ckpt and has_tokenizer(args.ckpt) else None)
+    if tok and (missing := missing_sail_tokens(tok)):     # <IMG_CONTEXT> would count as ~13 text tokens a slot
+        raise ValueError(f"--tokenizer {tok} lacks SAIL-VL2's {', '.join(missing)} (a Qwen3 folder; training adds "
+                         f"them in a copy): check with the copy `python data.py add-image-tokens {tok} OUT` writes")
     ds = JsonlDataset(args.manifest, load_tokenizer(tok), cfg)
     if not len(ds):
         print(f"training would refuse {args.manifest}: it holds no samples", file=sys.stderr)

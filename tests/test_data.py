@@ -1072,12 +1072,16 @@ def test_check_counts_tokens_with_the_checkpoints_tokenizer_and_refuses_what_tra
 
 
 def test_cli_usage_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    from test_replicate import write_qwen_tokenizer
+    qwen = write_qwen_tokenizer(tmp_path / "qwen")                     # Qwen3's added tokens, not SAIL-VL2's
     (tmp_path / "m.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
     (tmp_path / "empty.jsonl").write_text("")
     for argv, match in ((["check", str(tmp_path / "nosuch.jsonl")], "manifest not found"),
                         (["check", "--ckpt", str(tmp_path / "nosuch"), str(tmp_path / "m.jsonl")],
                          f"--ckpt {tmp_path / 'nosuch'}: not a checkpoint folder (no config.json)"),
                         (["rebalance", str(tmp_path / "empty.jsonl")], "holds no samples"),
+                        (["check", "--tokenizer", str(qwen), str(tmp_path / "m.jsonl")],
+                         f"--tokenizer {qwen} lacks SAIL-VL2's <img>, </img>, <IMG_CONTEXT>"),
                         (["check", "--preset", "nosuch", str(tmp_path / "m.jsonl")], "unknown model preset 'nosuch'")):
         with pytest.raises(SystemExit) as e:
             data.main(argv)
