@@ -1450,7 +1450,7 @@ def soup(cfg: StageConfig, ckpts: list) -> str:
             raise UsageError(f"soup: {c} has a different architecture from {ckpts[0]} (config differs in {diff}); "
                              f"the paper's soup averages homogeneous checkpoints only (§4.2.1)")
     model_cfg = modeling.SAILVLConfig.from_dict(configs[0])
-    say_how_the_inputs_were_trained(ckpts, log)
+    say_how_the_inputs_were_trained(cfg, ckpts, log)
     with loading_weights():                             # (the other ranks are stopped by torchrun)
         souped = mean_weights(ckpts, model_cfg) if rank == 0 else None
     tok_dir = cfg.tokenizer or next((c for c in ckpts if tokenizer_files(c)), None)
@@ -1479,17 +1479,19 @@ SOUP_MAY_DIFFER = ("stage", "seed", "out_dir", "data_dir", "image_root", "tokeni
                    "max_bad_steps", "max_bad_fraction")
 
 
-def say_how_the_inputs_were_trained(ckpts: list, log):
+def say_how_the_inputs_were_trained(cfg: StageConfig, ckpts: list, log):
     """Log each input's stage and step (meta.json) and, where the inputs' recipes differ (their
     options but SOUP_MAY_DIFFER, their stage's data mix and start), a note naming how: the paper's
-    homogeneous soups gain, its heterogeneous merge collapsed (Table 5). A note, not a refusal."""
-    recipes, origins = [], []
+    homogeneous soups gain, its heterogeneous merge collapsed (Table 5). A note, not a refusal; so is
+    one where the inputs were evaluated on --eval_manifests the soup is not given."""
+    recipes, origins, held_out = [], [], set()
     for c in ckpts:
         if not os.path.exists(os.path.join(c, "meta.json")):       # an export (HF layout): its recipe is unknown
             origins.append(f"{c} (no meta.json)")
             continue
         meta = modeling.verify_checkpoint(c)
         origins.append(f"{c} ({meta.get('stage', '?')}, step {meta.get('step', '?')})")
+        held_out.add(meta.get("config", {}).get("eval_manifests") or "")
         recipe = {k: v for k, v in meta.get("config", {}).items() if k not in SOUP_MAY_DIFFER}
         if (row := STAGES.get(meta.get("stage"))) is not None:
             start = set(init_rule(row).values())
@@ -1497,6 +1499,9 @@ def say_how_the_inputs_were_trained(ckpts: list, log):
                           start=start.pop() if len(start) == 1 else init_rule(row))
         recipes.append((c, recipe))
     log(f"soup: averaging {', '.join(origins)}")
+    if not cfg.eval_manifests and (theirs := sorted(h for h in held_out if h)):
+        log(f"note: the soup's held-out loss is measured on the synthetic families' eval splits in {cfg.data_dir}; its "
+            f"inputs were evaluated on {' and '.join(theirs)}: --eval_manifests={theirs[0]} measures that")
     differs = [f"{c}: {', '.join(d)}" for c, r in recipes[1:] if (d := changed_options(recipes[0][1], r))]
     if differs:
         log(f"note: the inputs were trained differently from {recipes[0][0]} ({'; '.join(differs)}); the paper "

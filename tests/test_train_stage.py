@@ -2335,6 +2335,15 @@ def test_the_soup_names_its_inputs_and_how_their_recipes_differ(synth, tmp_path,
     notes = [line for line in logs if line.startswith("note: the inputs were trained differently")]
     assert len(notes) == 1 and f"{b}: lr 0.0003 -> 0.001; {c}: " in notes[0] and "data_mix" in notes[0] \
         and "start 'sft3' -> 'sft1'" in notes[0] and "heterogeneous" in notes[0], notes
+    assert not any("soup's held-out loss" in line for line in logs)
+    run_cfg, _ = cfg_of("sft4")                                             # inputs evaluated on your held-out data
+    modeling.save_checkpoint(f"{tmp_path}/own", m, {"stage": "sft4", "step": 5, "config": dataclasses.asdict(
+        dataclasses.replace(run_cfg, eval_manifests="/d/heldout.jsonl"))}, 0, 1)
+    logs.clear()
+    train_stage.soup(cfg, [a, f"{tmp_path}/own"])
+    assert [line for line in logs if "soup's held-out loss" in line] == [
+        f"note: the soup's held-out loss is measured on the synthetic families' eval splits in {synth}; its inputs "
+        "were evaluated on /d/heldout.jsonl: --eval_manifests=/d/heldout.jsonl measures that"]
 
 
 def test_the_soup_of_three_checkpoints_is_their_mean(synth, tmp_path, monkeypatch):
