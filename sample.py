@@ -665,10 +665,11 @@ def record_item(tok, dcfg, rec, think, blank: bool, max_new_tokens):
     return Item(s["input_ids"].tolist(), pixels, budget, expect), (rec.task, rec.turns[-1][1], t)
 
 
-def read_records(path, limit, bad: data.BadData) -> list:
-    """The first `limit` records of a manifest (all when None); bad lines are counted in `bad`, which
-    shows the first ones with file and line."""
-    ds = data.JsonlDataset(path, None, None)
+def read_records(path, limit, bad: data.BadData, image_root: str = "") -> list:
+    """The first `limit` records of a manifest (all when None), media paths relative to `image_root`
+    (empty: the manifest's folder); bad lines are counted in `bad`, which shows the first ones with
+    file and line."""
+    ds = data.JsonlDataset(path, None, data.DataConfig(image_root=image_root))
     recs = []
     for i in range(len(ds))[:limit]:
         try:
@@ -994,7 +995,7 @@ def run_eval(args, model, tok, dcfg):
         base = chance(path, list(rep["n"]), limit=limit, show_bad=False)     # (the evaluation showed them)
     else:
         bad = data.BadData(max_fraction=1.0)
-        rep, base = evaluate_records(model, tok, dcfg, read_records(path, args.limit, bad), mode, bad), {}
+        rep, base = evaluate_records(model, tok, dcfg, read_records(path, args.limit, bad, args.image_root), mode, bad), {}
     refuse_if_nothing_scored(path, len(rep["predictions"]), rep["bad"])
     print(f"{'family':14s} {'n':>4s}  {'accuracy':>10s}  {'Wilson 95%':>14s}  {'word-F1':>7s}  {'chance':>6s}")
     for f, n in rep["n"].items():
@@ -1040,6 +1041,8 @@ def cli(argv):
                                                             "synthetic folder, all of a manifest or TSV)")
     ap.add_argument("--batch-size", type=int, default=32, help="eval: prompts per generate call")
     ap.add_argument("--out", default=None, help="eval: one combined JSON report here instead of <ckpt>/eval/")
+    ap.add_argument("--image-root", default="", help="eval of a manifest: the folder its image and video paths are "
+                    "relative to (the training option --image_root; default: the manifest's folder)")
     ap.add_argument("--device", default=default_device(), help="cuda | cpu (default: cuda when present)")
     args = ap.parse_args(data.dashed_options(sys.argv[1:] if argv is None else argv))
     for flag, paths in (("--image", args.image), ("--video", args.video), ("--eval", [args.eval] if args.eval else [])):
@@ -1057,7 +1060,10 @@ def cli(argv):
     given = lambda *keys: ", ".join(f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) != ap.get_default(k))  # noqa: E731
     if args.eval and (ignored := given("image", "video", "prompt", "temperature", "top_p", "seed")):
         raise UsageError(f"--eval answers each record's own question and media, greedily: {ignored} do not apply")
-    if not args.eval and (ignored := given("blank", "limit", "batch_size", "out")):
+    if args.image_root and (not os.path.isdir(args.image_root) or args.eval and (os.path.isdir(args.eval)
+                                                                              or args.eval.endswith(".tsv"))):
+        raise UsageError(f"--image-root {args.image_root}: a folder, for --eval of a manifest (.jsonl) only")
+    if not args.eval and (ignored := given("blank", "limit", "batch_size", "out", "image_root")):
         raise UsageError(f"{ignored}: only with --eval")
     try:
         device = modeling.parse_device(args.device)

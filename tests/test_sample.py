@@ -729,6 +729,30 @@ class QuestionModel:
         return out
 
 
+def test_cli_eval_of_a_manifest_reads_its_media_under_image_root(tmp_path, tiny, monkeypatch, capsys):
+    """A LLaVA-style manifest's image paths are relative to the dataset folder (training's --image_root):
+    --eval could not score one (every image "not found" beside the manifest); --image-root reads them."""
+    _, tok, dcfg = tiny
+    (tmp_path / "data" / "coco").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "data" / "coco" / "a.png")
+    rec = {"task": "count", "image": "coco/a.png", "answer": "3",
+           "conversations": [{"from": "human", "value": "<image>\nquestion q0 ?"}, {"from": "gpt", "value": "3"}]}
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "m.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "ck").mkdir()
+    monkeypatch.setattr(sample, "load", lambda path, device="cpu": (QuestionModel(tok, {0: "3"}), tok, dcfg))
+    argv = ["--ckpt", str(tmp_path / "ck"), "--eval", str(tmp_path / "ann" / "m.jsonl")]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 1 and "missing_file" in capsys.readouterr().err
+    sample.main([*argv, "--image-root", str(tmp_path / "data")])
+    assert json.loads((tmp_path / "ck" / "eval" / "m.count.json").read_text())["accuracy"] == 1.0
+    for wrong in (["--eval", str(tmp_path / "ann"), "--image-root", str(tmp_path)], [*argv, "--image-root", "/no/such"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(tmp_path / "ck"), *wrong[wrong.index("--eval"):]] if wrong[0] == "--eval" else wrong)
+        assert e.value.code == 2 and "for --eval of a manifest (.jsonl) only" in capsys.readouterr().err
+
+
 def write_manifest(path, good_count=10, good_ocr=4, extra=()):
     """count: 10 records (q0-q9, answer 3), ocr: 4 records (q10-q13, answer queen); then `extra` lines."""
     conv = lambda q, a: [{"from": "human", "value": f"question q{q} ?"}, {"from": "gpt", "value": a}]  # noqa: E731
