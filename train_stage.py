@@ -435,7 +435,8 @@ def apply_paper_scale(cfg: StageConfig, row: Stage, log, given=()) -> None:
         + (f"; the paper does not state {', '.join(missing)}: " + ", ".join(
             ["kept " + ", ".join(kept)] * bool(kept) + [", ".join(as_given) + " as given"] * bool(as_given))
            if missing else "")
-        + "; the global batch is micro_batches x ranks x packs of max_tokens")
+        + "; the global batch is micro_batches x ranks x packs of max_tokens"
+        + (f" (the paper's: {batch:,} samples; --packing.micro_batches sets it)" if batch else ""))
 
 
 def getattr_path(obj, dotted: str):
@@ -1798,8 +1799,9 @@ def try_it(cfg: StageConfig, out: str) -> Optional[str]:
     """A sample.py command on a held-out sample of the stage's own data, with the reference reply on
     one line (of a thinking-mode sample, asked with --think, its answer): the stage's first visual
     family with short answers (ocr, count, ...), else its first visual one; none for a text-only
-    stage (lm0: it never saw the media its data's questions are about)."""
-    if cfg.text_only:
+    stage (lm0: it never saw the media its data's questions are about) or one trained on --manifests
+    (a synthetic sample would say nothing of what it learnt)."""
+    if cfg.text_only or cfg.manifests:
         return None
     short = ("ocr", "count", "multi", "chart", "video", "caption_qa")
     mix = sorted((name for name, _ in stage_row(cfg.stage).mix), key=lambda n: short.index(n) if n in short else 99)

@@ -109,6 +109,7 @@ def test_scale_paper_applies_the_paper_values_and_says_what_changed(capsys):
     cfg = train_stage.stage_config("vit1", "paper", log=lines.append)
     assert (cfg.lr, cfg.packing.max_tokens, cfg.steps, cfg.preset) == (2e-4, 8192, 8_000_000 // 1920, "2b")
     assert cfg.ac == "block" and "ac none -> block" in lines[0]         # 2b at 8k packs does not fit without
+    assert "packs of max_tokens (the paper's: 1,920 samples; --packing.micro_batches sets it)" in lines[0]
     assert "lr 0.003 -> 0.0002" in lines[0] and f"steps {train_stage.stage_config('vit1').steps} -> 4166" in lines[0]
     lines.clear()
     train_stage.stage_config("pretrain2", "paper", log=lines.append)
@@ -1927,6 +1928,7 @@ def test_own_data_without_eval_manifests_says_whose_held_out_loss_it_measures(sy
     train_stage.main(["--stage", "sft1", *own, f"--data_dir={synth}", "--eval_every=1", "--save_every=0"])
     out = capsys.readouterr().out
     assert "note: the held-out loss is measured on the stage's synthetic families" in out, out
+    assert "try it: " not in out                       # (your data trained: a synthetic sample says nothing of it)
     for held_out, says in ((f"{synth}/ocr/../ocr/train.jsonl:2", 1), (f"{synth}/ocr/eval.jsonl", 0)):
         logs = []                                      # a held-out file that is a training file, however spelled
         cfg, _ = cfg_of("sft1", *own, f"--eval_manifests={held_out}")
