@@ -1369,6 +1369,9 @@ def train(cfg: StageConfig, model_cfg: modeling.SAILVLConfig, resume: Optional[s
     if rank == 0 and not resume:
         clear_earlier_run(cfg, log)
     log_config(cfg, model_cfg, rdir, rank, log)
+    if cfg.steps < cfg.warmup_steps:             # (a short trial run: its LR is not the one asked for)
+        log(f"note: --steps {cfg.steps} is under --warmup_steps {cfg.warmup_steps}: the LR rises to "
+            f"{cfg.steps}/{cfg.warmup_steps} of --lr {cfg.lr:g} and never reaches it")
     metrics_path = os.path.join(rdir, "metrics.jsonl")
     metrics = open_metrics(metrics_path, step if resume else 0) if rank == 0 else None
     model.train()

@@ -1432,7 +1432,7 @@ def test_step_checkpoints_reshard_from_one_process_to_two_and_back(synth, tmp_pa
         assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, folder
 
 
-def test_a_stages_time_leaves_out_the_synthetic_datas_generation(synth, tmp_path, monkeypatch):
+def test_a_stages_time_leaves_out_the_synthetic_datas_generation(synth, tmp_path, monkeypatch, capsys):
     """The first stage run on a machine generates the synthetic data (ensure_synth, minutes at the
     default size): the stage's time (meta.json "seconds", the recipe report's) is the stage's own.
     Here the generation is a stand-in that moves the clock 1000 s on."""
@@ -1443,6 +1443,9 @@ def test_a_stages_time_leaves_out_the_synthetic_datas_generation(synth, tmp_path
     out = train_stage.run_stage("lm0", [f"--data_dir={synth}", f"--out_dir={tmp_path}", "--steps=1", "--eval_every=0",
                                         "--packing.max_tokens=256"])
     assert later[0] == 1000.0 and 0 < modeling.verify_checkpoint(out)["seconds"] < 1000
+    # (and a run shorter than its warm-up says its LR never reaches --lr: lm0's is 10 steps)
+    assert "note: --steps 1 is under --warmup_steps 10: the LR rises to 1/10 of --lr 0.003 and never reaches it" \
+        in capsys.readouterr().out
 
 
 def test_resume_restores_the_process_rngs(synth, tmp_path, monkeypatch):
