@@ -28,6 +28,7 @@ count such samples and stop when too many are bad. Nothing here downloads anythi
 """
 import argparse
 import base64
+import functools
 import json
 import os
 import re
@@ -283,10 +284,11 @@ def special_ids(tok: tiktoken.Encoding) -> Tokens:
                   think_end=get("</think>"), eos=im_end, pad=endoftext, endoftext=endoftext)
 
 
+@functools.lru_cache(maxsize=8)
 def undecodable_ids(tok: tiktoken.Encoding) -> tuple:
     """Ids below the tokenizer's size that it cannot decode: vocab entries that no merge makes (bpe_ranks
     keeps what tiktoken can rank; Qwen3's vocab has none, a cut-down test vocab many). Never generated:
-    a sampled one would stop the decoding of its reply."""
+    a sampled one would stop the decoding of its reply. Once per tokenizer: RL asks per micro-batch."""
     known = set(tok._mergeable_ranks.values()) | set(tok._special_tokens.values())
     return tuple(i for i in range(tok.n_vocab) if i not in known)
 

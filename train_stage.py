@@ -685,8 +685,7 @@ def tokenizer_dir(cfg: StageConfig, log=None) -> Optional[str]:
     added = data.missing_sail_tokens(src) if src is not None else {}
     if not added:
         return src
-    digest = hashlib.sha256(b"".join(open(path, "rb").read() for path in tokenizer_files(src).values()))
-    out = os.path.join(cfg.out_dir, "tokenizers", f"{os.path.basename(os.path.abspath(src))}-{digest.hexdigest()[:10]}")
+    out = os.path.join(cfg.out_dir, "tokenizers", f"{os.path.basename(os.path.abspath(src))}-{tokenizer_digest(src)[:10]}")
     if not os.path.isdir(out) or data.missing_sail_tokens(out):
         try:
             data.add_image_tokens(src, out)                   # the same bytes on every rank: no race
@@ -696,6 +695,15 @@ def tokenizer_dir(cfg: StageConfig, log=None) -> Optional[str]:
         f"tokenizer: {src} lacks SAIL-VL2's image tokens: added {', '.join(f'{t} {i}' for t, i in added.items())} "
         f"(the official ids) in {out} (what `python data.py add-image-tokens` does)")
     return out
+
+
+def tokenizer_digest(folder: Optional[str]) -> str:
+    """sha256 of the tokenizer files in `folder` (none: the embedded default's, of nothing)."""
+    digest = hashlib.sha256()
+    for path in tokenizer_files(folder).values():
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
 def tokenizer_files(folder: Optional[str]) -> dict:
@@ -1765,11 +1773,9 @@ def refuse_stand_in(cfg: StageConfig, name: str):
     trained with its tokenizer: beside one trained with a real LLM's (--init-llm, e.g. vit3 before
     pretrain1, which names Qwen3 again) it would pair that source's modules with a small LLM trained on
     synthetic text, whose token ids are another tokenizer's, without a word."""
-    def tokenizer_bytes(folder):
-        return {n: open(p, "rb").read() for n, p in tokenizer_files(folder).items()}
-    own = tokenizer_bytes(tokenizer_source(stand_in_config(cfg, name)))
+    own = tokenizer_digest(tokenizer_source(stand_in_config(cfg, name)))
     for src in sorted({s for s in init_sources(cfg).values() if s != "fresh" and modeling.is_finished_stage(s)}):
-        if tokenizer_bytes(src) != own:
+        if tokenizer_digest(src) != own:
             raise UsageError(f"{cfg.stage} would run the stand-in {name} (a small LLM trained on synthetic text) beside "
                              f"{src}, trained with another tokenizer (a real LLM's, from --init-llm?): pass "
                              f"--init-llm=DIR, that LLM's folder, as its first stage had")
@@ -1934,7 +1940,7 @@ def interrupt_hint(opts: dict, default_stage: str) -> str:
     if row is None or not row.trainable:
         return "run the same command again: it starts over"
     return (f"the same command with --resume goes on from the newest step checkpoint in "
-            f"{os.path.join(opts.get('out_dir') or StageConfig.out_dir, stage)}.run/")
+            f"{run_dir(StageConfig(stage=stage, out_dir=opts.get('out_dir') or StageConfig.out_dir))}/")
 
 
 def one_line_errors(run, prog: str = "train_stage.py", on_interrupt: str = ""):
